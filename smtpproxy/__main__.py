@@ -1,0 +1,3 @@
+from smtpproxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,74 @@
+"""The embedded default backend: a Maildir that needs no mail server to try the proxy out."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+from smtpproxy.blocking import run_blocking
+from smtpproxy.delivery import Delivered, DeliveryError
+from smtpproxy.session import Session, Transaction
+from smtpproxy.verdicts import Reply
+
+__all__ = ["MaildirDelivery"]
+
+
+class MaildirDelivery:
+    """Writes each message once, with ``Return-Path`` and one ``Delivered-To`` per recipient.
+
+    The file is written to ``tmp/``, fsynced, renamed into ``new/`` and the directory is
+    fsynced (the Maildir protocol), so the 250 the client gets means the bytes are on disk.
+    """
+
+    name = "maildir"
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
+        self._counter = 0
+
+    async def start(self) -> None:
+        await run_blocking(self._make_dirs)
+
+    def _make_dirs(self) -> None:
+        for sub in ("tmp", "new", "cur"):
+            (self.path / sub).mkdir(parents=True, exist_ok=True)
+
+    async def deliver(self, session: Session, transaction: Transaction, content: bytes) -> Delivered:
+        envelope = transaction.envelope
+        trace = [f"Return-Path: <{envelope.sender.text}>\r\n".encode()]
+        trace += [f"Delivered-To: {r.address.text}\r\n".encode() for r in envelope.recipients]
+        self._counter += 1
+        name = f"{time.time_ns()}.P{os.getpid()}Q{self._counter}M{transaction.id}.{self._host}"
+        try:
+            await run_blocking(self._write, name, b"".join(trace), content)
+        except OSError as exc:
+            raise DeliveryError(
+                Reply(451, "4.3.0", "Local delivery failed, try again later"), str(exc)
+            ) from exc
+        return Delivered(Reply(250, "2.0.0", f"Ok: delivered as {transaction.id}"), f"maildir:{name}")
+
+    def _write(self, name: str, trace: bytes, content: bytes) -> None:
+        tmp = self.path / "tmp" / name
+        final = self.path / "new" / name
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(trace)
+                fh.write(content)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.rename(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        dir_fd = os.open(self.path / "new", os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,717 @@
+"""The inbound SMTP server: aiosmtpd's protocol, hardened, driving the plugin chain.
+
+We subclass :class:`aiosmtpd.smtp.SMTP` and keep what it does well (transport and
+STARTTLS plumbing, including discarding plaintext pipelined behind STARTTLS, and the
+idle timer). We replace the parts a filtering proxy cannot live with:
+
+- the command loop, so a bare LF never ends a command line, the ``connect`` hook runs
+  before the greeting, a client that talks before the greeting is refused, and every
+  session has caps on commands, errors and total lifetime;
+- EHLO, MAIL, RCPT and DATA, so addresses are validated strictly and forwarded exactly,
+  every reply carries an enhanced status code, and DATA is read by
+  :class:`~smtpproxy.datareader.DataReader` (no smuggling) with the limits enforced;
+- timeouts answer ``421`` before closing instead of dropping the connection silently.
+
+The state machine in order: connect → greeting → HELO/EHLO → (MAIL → RCPT+ → DATA)* →
+QUIT. Every verdict a plugin returns is translated into a reply here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiosmtpd.smtp import SMTP, TLSSetupException
+
+from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
+from smtpproxy.chain import Chain
+from smtpproxy.datareader import DataReader
+from smtpproxy.delivery import Delivery, DeliveryError
+from smtpproxy.eventlog import current_session, event
+from smtpproxy.limits import ConnectionLimiter
+from smtpproxy.message import Message
+from smtpproxy.quarantine import QuarantineStore
+from smtpproxy.relay import RelayPolicy
+from smtpproxy.session import (
+    Client,
+    Decision,
+    Envelope,
+    Recipient,
+    Session,
+    TLSInfo,
+    Transaction,
+)
+from smtpproxy.verdicts import Action, Reply, Verdict
+
+__all__ = ["InboundSMTP", "ListenerPolicy", "Services"]
+
+log = logging.getLogger("smtpproxy.inbound")
+
+# aiosmtpd replies we do not override, given the enhanced status codes we advertise.
+_ENHANCED_REPLIES = {
+    "220 Ready to start TLS": "220 2.0.0 Ready to start TLS",
+    "454 TLS not available": "454 4.7.0 TLS not available",
+    "501 Syntax: STARTTLS": "501 5.5.4 Syntax: STARTTLS",
+    "554 Command refused due to lack of security": "554 5.7.0 Command refused due to lack of security",
+    "530 Must issue a STARTTLS command first": "530 5.7.0 Must issue a STARTTLS command first",
+}
+_ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT", "RSET"})
+_MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
+# RFC 5321 4.5.3.1.4 allows extensions to lengthen MAIL and RCPT lines.
+_PARAM_ALLOWANCE = 512
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerPolicy:
+    """Everything one listener needs to know about limits and protocol behaviour."""
+
+    hostname: str
+    banner: str = "ESMTP smtpproxy"
+    max_message_size: int = 26_214_400
+    max_recipients: int = 100
+    max_line_length: int = 1000
+    max_command_line: int = 512
+    max_commands: int = 10_000
+    max_errors: int = 20
+    idle_timeout: float = 300.0
+    data_timeout: float = 600.0
+    session_timeout: float = 3600.0
+    normalize_bare_newlines: bool = False
+    smtputf8: bool = True
+    pipelining: bool = True
+    require_starttls: bool = False
+
+
+@dataclass(slots=True)
+class Services:
+    """The shared parts every session of a proxy uses."""
+
+    chain: Chain
+    delivery: Delivery
+    quarantine: QuarantineStore
+    relay: RelayPolicy
+    limiter: ConnectionLimiter
+    sessions: set[InboundSMTP]
+    background: set[asyncio.Task[None]]
+    drained: asyncio.Event
+    """Set whenever no session is open (graceful shutdown waits on it)."""
+
+
+class _NoHandler:
+    """aiosmtpd wants an event handler; every decision here goes through the chain instead."""
+
+
+class InboundSMTP(SMTP):  # type: ignore[misc]
+    """One client connection."""
+
+    def __init__(
+        self,
+        services: Services,
+        policy: ListenerPolicy,
+        tls_context: ssl.SSLContext | None = None,
+    ):
+        self.services = services
+        self.policy = policy
+        # The stream buffer must hold the longest line we accept, plus CRLF.
+        self.line_length_limit = max(
+            policy.max_line_length + 3, policy.max_command_line + _PARAM_ALLOWANCE + 2
+        )
+        super().__init__(
+            _NoHandler(),
+            data_size_limit=policy.max_message_size,
+            enable_SMTPUTF8=policy.smtputf8,
+            hostname=policy.hostname,
+            ident=policy.banner,
+            tls_context=tls_context,
+            require_starttls=policy.require_starttls,
+            timeout=policy.idle_timeout,
+        )
+        self.sp: Session | None = None  # the plugin-facing session
+        self._errors = 0
+        self._commands = 0
+        self._busy = False
+        self._closing = False
+        self._pending_notifications: list[asyncio.Task[Any]] = []
+
+    # -- connection lifecycle -------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        starttls_done = self._original_transport is not None
+        super().connection_made(transport)
+        if starttls_done and self.sp is not None:
+            # RFC 3207 4.2: forget everything learned before TLS.
+            self.sp.helo = None
+            self.sp.esmtp = False
+            self.sp.end_transaction()
+            ssl_object = transport.get_extra_info("ssl_object")
+            if ssl_object is not None:
+                name, _, bits = ssl_object.cipher() or ("", "", None)
+                self.sp.tls = TLSInfo(ssl_object.version() or "", name, bits)
+                event("starttls", version=self.sp.tls.version, cipher=name)
+
+    def _timeout_cb(self) -> None:
+        """Idle or DATA timeout: say so with 421 before closing (aiosmtpd closes silently)."""
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(
+                f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode("ascii")
+            )
+            event("timeout", level=logging.INFO)
+        super()._timeout_cb()
+
+    def request_close(self) -> None:
+        """Graceful shutdown: idle sessions get 421 now, busy ones after their command."""
+        self._closing = True
+        if not self._busy and self.transport is not None and not self.transport.is_closing():
+            self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+            self.transport.close()
+
+    def force_close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
+            self.transport.close()
+
+    async def push(self, status: str | bytes) -> None:
+        if isinstance(status, str):
+            status = _ENHANCED_REPLIES.get(status, status)
+        await super().push(status)
+
+    async def reply(self, reply: Reply) -> None:
+        for line in reply.lines():
+            self._writer.write(line.encode("utf-8" if self.enable_SMTPUTF8 else "ascii",
+                                           "replace") + b"\r\n")
+        await self._writer.drain()
+
+    async def _error(self, reply: Reply) -> None:
+        """Reply to a protocol error and count it; too many close the session."""
+        self._errors += 1
+        await self.reply(reply)
+        if self._errors >= self.policy.max_errors:
+            await self.reply(Reply(421, "4.7.0", "Too many errors, closing connection"))
+            event("too_many_errors", errors=self._errors)
+            self._close()
+
+    def _close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    # -- the command loop -----------------------------------------------------
+
+    async def _handle_client(self) -> None:
+        peer = self._transport_peer()
+        local = self.transport.get_extra_info("sockname") if self.transport else None
+        self.sp = Session(
+            Client(peer[0], peer[1]),
+            local_ip=local[0] if local else "",
+            local_port=local[1] if local else 0,
+        )
+        current_session.set(self.sp.id)
+        services = self.services
+        refusal = services.limiter.acquire(self.sp.client.ip)
+        if refusal is not None:
+            event("connect_refused", client=self.sp.client.ip, reply=refusal.code,
+                  reason=refusal.text)
+            await self.reply(refusal)
+            self._close()
+            return
+        services.sessions.add(self)
+        services.drained.clear()
+        event("connect", client=self.sp.client.ip, port=self.sp.client.port,
+              listener=f"{self.sp.local_ip}:{self.sp.local_port}")
+        try:
+            async with asyncio.timeout(self.policy.session_timeout):
+                await self._converse()
+        except TimeoutError:
+            event("session_timeout", seconds=self.policy.session_timeout)
+            with contextlib.suppress(Exception):
+                await self.reply(Reply(421, "4.4.2", "Session time limit exceeded"))
+            self._close()
+        finally:
+            services.limiter.release(self.sp.client.ip)
+            services.sessions.discard(self)
+            if not services.sessions:
+                services.drained.set()
+            self._close()
+            task = asyncio.get_running_loop().create_task(self._finish_session())
+            services.background.add(task)
+            task.add_done_callback(services.background.discard)
+
+    def _transport_peer(self) -> tuple[str, int]:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        if not peer:
+            return ("unknown", 0)
+        return (str(peer[0]), int(peer[1]))
+
+    async def _finish_session(self) -> None:
+        """Runs after the connection is gone: pending notifications, then ``disconnect``."""
+        assert self.sp is not None
+        current_session.set(self.sp.id)
+        if self._pending_notifications:
+            await asyncio.gather(*self._pending_notifications, return_exceptions=True)
+        await self.services.chain.notify("disconnect", session=self.sp)
+        event("disconnect", transactions=self.sp.transaction_count,
+              seconds=round(time.time() - self.sp.started, 3), errors=self._errors)
+
+    async def _notify(self, hook: str, **kwargs: Any) -> None:
+        """Run a notification so that a client hanging up cannot cut it short."""
+        task = asyncio.get_running_loop().create_task(self.services.chain.notify(hook, **kwargs))
+        self._pending_notifications.append(task)
+        await asyncio.shield(task)
+
+    def _buffered(self) -> int:
+        """Bytes the client sent that we have not read yet (to catch improper pipelining)."""
+        return len(getattr(self._reader, "_buffer", b""))
+
+    async def _converse(self) -> None:
+        assert self.sp is not None
+        verdict = await self.services.chain.run("connect", self.sp.results, session=self.sp)
+        if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            reply = _connect_reply(verdict)
+            event("connect_rejected", reply=reply.code, reason=verdict.reason)
+            await self.reply(reply)
+            self._close()
+            return
+        self._apply_session_disposition(verdict)
+        if self._buffered():
+            event("pregreet", bytes=self._buffered())
+            await self.reply(
+                Reply(554, "5.5.0", "SMTP protocol error: client spoke before the greeting")
+            )
+            self._close()
+            return
+        await self.reply(Reply(220, None, f"{self.hostname} {self.__ident__}"))
+
+        while self.transport is not None and not self.transport.is_closing():
+            line = await self._read_command_line()
+            if line is None:
+                continue
+            self._commands += 1
+            if self._commands > self.policy.max_commands:
+                await self.reply(Reply(421, "4.7.0", "Too many commands, closing connection"))
+                self._close()
+                return
+            verb, _, arg_bytes = line.partition(b" ")
+            try:
+                command = verb.upper().decode("ascii")
+            except UnicodeDecodeError:
+                await self._error(Reply(500, "5.5.2", "Syntax error, command unrecognized"))
+                continue
+            arg = self._decode_argument(arg_bytes.strip())
+            if arg is None:
+                await self._error(Reply(500, "5.5.2", "Non-ASCII characters in command; use SMTPUTF8"))
+                continue
+            limit = self.policy.max_command_line
+            if command in ("MAIL", "RCPT") and self.session.extended_smtp:
+                limit += _PARAM_ALLOWANCE
+            if len(line) + 2 > limit:
+                await self._error(Reply(500, "5.5.2", f"Command line too long (limit {limit} octets)"))
+                continue
+            if not self._tls_handshake_okay and command != "QUIT":
+                await self.push("554 Command refused due to lack of security")
+                continue
+            if (self.require_starttls and not self._tls_protocol
+                    and command not in _ALLOWED_BEFORE_STARTTLS):
+                await self.push("530 Must issue a STARTTLS command first")
+                continue
+            method: Callable[[str | None], Any] | None = self._smtp_methods.get(command)
+            if method is None:
+                await self._error(Reply(500, "5.5.1", f"Command unrecognized: {command[:20]}"))
+                continue
+            self._reset_timeout()
+            self._busy = True
+            try:
+                await method(arg or None)
+            except TLSSetupException:
+                event("tls_failed")
+                self._close()
+                return
+            except (asyncio.CancelledError, ConnectionError):
+                raise
+            except Exception:
+                log.exception("event=internal_error command=%s", command)
+                await self.reply(Reply(451, "4.3.0", "Internal error, try again later"))
+                if self.sp.transaction is not None:
+                    self.sp.end_transaction()
+            finally:
+                self._busy = False
+            if self._closing:
+                await self.reply(Reply(421, "4.3.2", "Service shutting down, try again later"))
+                self._close()
+                return
+
+    async def _read_command_line(self) -> bytes | None:
+        """One command line without its CRLF, or None after answering a bad line."""
+        try:
+            line: bytes = await self._reader.readuntil(b"\n")
+        except asyncio.LimitOverrunError as exc:
+            await self._discard_long_line(exc.consumed)
+            await self._error(Reply(500, "5.5.2", "Command line too long"))
+            return None
+        except asyncio.IncompleteReadError:
+            self._close()
+            return None
+        if not line.endswith(b"\r\n"):
+            await self._error(Reply(500, "5.5.2", "Bare LF in command; SMTP lines end with CRLF"))
+            return None
+        line = line[:-2]
+        if any(b < 0x20 or b == 0x7F for b in line):
+            await self._error(Reply(500, "5.5.2", "Control character in command"))
+            return None
+        if not line:
+            await self._error(Reply(500, "5.5.2", "Empty command"))
+            return None
+        return line
+
+    async def _discard_long_line(self, consumed: int) -> None:
+        await self._reader.read(consumed)
+        while True:
+            try:
+                await self._reader.readuntil(b"\n")
+                return
+            except asyncio.LimitOverrunError as exc:
+                await self._reader.read(exc.consumed)
+
+    def _decode_argument(self, arg: bytes) -> str | None:
+        if self.enable_SMTPUTF8:
+            return arg.decode("utf-8", "surrogateescape")
+        try:
+            return arg.decode("ascii")
+        except UnicodeDecodeError:
+            return None
+
+    def _apply_session_disposition(self, verdict: Verdict | None) -> None:
+        assert self.sp is not None
+        if verdict is not None and verdict.action in (Action.DISCARD, Action.QUARANTINE):
+            self.sp.disposition = verdict.action
+            self.sp.disposition_reason = verdict.reason
+            event("session_disposition", action=verdict.action.value, reason=verdict.reason)
+
+    # -- commands ----------------------------------------------------------------
+
+    async def _need_helo(self) -> bool:
+        if not self.session.host_name:
+            await self._error(Reply(503, "5.5.1", "Send HELO/EHLO first"))
+            return True
+        return False
+
+    async def smtp_HELO(self, arg: str | None) -> None:
+        await self._greet(arg, esmtp=False)
+
+    async def smtp_EHLO(self, arg: str | None) -> None:
+        await self._greet(arg, esmtp=True)
+
+    async def _greet(self, hostname: str | None, *, esmtp: bool) -> None:
+        assert self.sp is not None
+        verb = "EHLO" if esmtp else "HELO"
+        if not hostname:
+            await self._error(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
+            return
+        self._set_rset_state()
+        self.sp.end_transaction()
+        self.session.host_name = None
+        verdict = await self.services.chain.run(
+            "helo", self.sp.results, session=self.sp, hostname=hostname
+        )
+        event("helo", verb=verb, hostname=hostname, verdict=_action(verdict))
+        if verdict is not None and verdict.reply is not None:
+            await self.reply(verdict.reply)
+            return
+        self._apply_session_disposition(verdict)
+        self.session.host_name = hostname
+        self.session.extended_smtp = esmtp
+        self.sp.helo = hostname
+        self.sp.esmtp = esmtp
+        if not esmtp:
+            await self.reply(Reply(250, None, self.hostname))
+            return
+        lines = [self.hostname]
+        if self.policy.pipelining:
+            lines.append("PIPELINING")
+        lines.append(f"SIZE {self.policy.max_message_size}")
+        lines.append("8BITMIME")
+        if self.enable_SMTPUTF8:
+            lines.append("SMTPUTF8")
+        lines.append("ENHANCEDSTATUSCODES")
+        if self.tls_context and not self._tls_protocol:
+            lines.append("STARTTLS")
+        await self.reply(Reply(250, None, "\n".join(lines)))
+
+    async def smtp_MAIL(self, arg: str | None) -> None:
+        assert self.sp is not None
+        if await self._need_helo():
+            return
+        if self.sp.transaction is not None:
+            await self._error(Reply(503, "5.5.1", "Nested MAIL command"))
+            return
+        try:
+            path = parse_mail_from(arg or "", smtputf8_enabled=self.enable_SMTPUTF8)
+        except AddressError as exc:
+            await self._error(Reply(exc.code, exc.enhanced, exc.text))
+            return
+        params = path.params
+        if params and not self.sp.esmtp:
+            await self._error(Reply(501, "5.5.4", "MAIL parameters need EHLO"))
+            return
+        unknown = sorted(set(params) - _MAIL_PARAMS)
+        if "SMTPUTF8" in params and not self.enable_SMTPUTF8:
+            unknown.append("SMTPUTF8")
+        if unknown:
+            await self._error(Reply(555, "5.5.4", f"MAIL parameter {unknown[0]} not supported"))
+            return
+        size = params.get("SIZE")
+        if size is not None and int(size) > self.policy.max_message_size:
+            await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
+            return
+        transaction = self.sp.begin_transaction(Envelope(path.address, params))
+        verdict = await self.services.chain.run(
+            "mail_from", transaction.results,
+            session=self.sp, transaction=transaction, sender=path.address,
+        )
+        event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
+              verdict=_action(verdict))
+        if verdict is not None and verdict.reply is not None:
+            self.sp.end_transaction()
+            await self.reply(verdict.reply)
+            return
+        _apply_disposition(transaction, verdict)
+        self.envelope.mail_from = path.address.text
+        await self.reply(Reply(250, "2.1.0", "Sender OK"))
+
+    async def smtp_RCPT(self, arg: str | None) -> None:
+        assert self.sp is not None
+        if await self._need_helo():
+            return
+        transaction = self.sp.transaction
+        if transaction is None:
+            await self._error(Reply(503, "5.5.1", "Need MAIL command first"))
+            return
+        if len(transaction.envelope.recipients) >= self.policy.max_recipients:
+            await self.reply(Reply(452, "4.5.3", "Too many recipients"))
+            return
+        try:
+            path = parse_rcpt_to(
+                arg or "", smtputf8_enabled=self.enable_SMTPUTF8 and transaction.envelope.smtputf8
+            )
+        except AddressError as exc:
+            await self._error(Reply(exc.code, exc.enhanced, exc.text))
+            return
+        if path.params:
+            first = next(iter(path.params))
+            await self._error(Reply(555, "5.5.4", f"RCPT parameter {first} not supported"))
+            return
+        address = path.address
+        if not self.services.relay.permits(address, self.sp.client.ip, self.sp.auth_user):
+            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="relay_denied")
+            await self.reply(Reply(554, "5.7.1", f"<{address.text}>: Relay access denied"))
+            return
+        recipient = Recipient(address, dict(path.params))
+        verdict = await self.services.chain.run(
+            "rcpt_to", transaction.results,
+            session=self.sp, transaction=transaction, recipient=recipient,
+        )
+        event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=_action(verdict))
+        if verdict is not None and verdict.reply is not None:
+            await self.reply(verdict.reply)
+            return
+        _apply_disposition(transaction, verdict)
+        transaction.envelope.recipients.append(recipient)
+        self.envelope.rcpt_tos.append(address.text)
+        await self.reply(Reply(250, "2.1.5", "Recipient OK"))
+
+    async def smtp_DATA(self, arg: str | None) -> None:
+        assert self.sp is not None
+        if await self._need_helo():
+            return
+        transaction = self.sp.transaction
+        if transaction is None:
+            await self._error(Reply(503, "5.5.1", "Need MAIL command first"))
+            return
+        if not transaction.envelope.recipients:
+            await self._error(Reply(554, "5.5.1", "No valid recipients"))
+            return
+        if arg:
+            await self._error(Reply(501, "5.5.4", "Syntax: DATA"))
+            return
+        if self._buffered():
+            # RFC 2920 3.1: the client must wait for 354. Data already here would be read
+            # as message content by us and as commands by anyone who waited: refuse.
+            event("improper_pipelining", tx=transaction.id, bytes=self._buffered())
+            await self.reply(Reply(554, "5.5.0", "Improper pipelining: message data sent before 354"))
+            self._close()
+            return
+        await self.reply(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+        reader = DataReader(
+            self.policy.max_message_size, self.policy.max_line_length,
+            normalize_bare_newlines=self.policy.normalize_bare_newlines,
+        )
+        started = time.perf_counter()
+        while True:
+            self._reset_timeout(self.policy.data_timeout)
+            try:
+                chunk = await self._reader.readuntil(b"\r\n")
+                complete = True
+            except asyncio.LimitOverrunError as exc:
+                chunk = await self._reader.read(exc.consumed)
+                complete = False
+            except asyncio.IncompleteReadError:
+                self._close()
+                return
+            if reader.feed(chunk, complete=complete):
+                break
+        self._reset_timeout()
+        if reader.problem is not None:
+            reply = reader.problem.reply(self.policy.max_message_size, self.policy.max_line_length)
+            event("data_refused", tx=transaction.id, problem=reader.problem.value,
+                  bytes=reader.size, reply=reply.code)
+            self.sp.end_transaction()
+            self._set_post_data_state()
+            await self._error(reply)
+            return
+        if reader.bare_newlines_seen:
+            event("bare_newlines_normalized", tx=transaction.id, lines=reader.bare_newlines_seen)
+        transaction.message = Message(reader.content())
+        try:
+            await self._finish_message(transaction, started)
+        finally:
+            self.sp.end_transaction()
+            self._set_post_data_state()
+
+    async def _finish_message(self, transaction: Transaction, started: float) -> None:
+        """Run the data chain, then deliver, quarantine, discard or refuse; reply last."""
+        assert self.sp is not None and transaction.message is not None
+        decision: Decision
+        if transaction.disposition is Action.DISCARD:
+            decision = Decision("discarded", _queued(transaction), "earlier phase",
+                                transaction.disposition_reason)
+        else:
+            verdict = await self.services.chain.run(
+                "data", transaction.results,
+                session=self.sp, transaction=transaction, message=transaction.message,
+            )
+            decided_by = transaction.results.outcomes[-1].plugin if verdict else "proxy"
+            decision = await self._decide(transaction, verdict, decided_by)
+        await self.reply(decision.reply)
+        envelope = transaction.envelope
+        event(
+            "message", tx=transaction.id, sender=envelope.sender.text or "<>",
+            recipients=[r.address.text for r in envelope.recipients],
+            size=transaction.message.size, decision=decision.disposition,
+            reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
+            by=decision.decided_by, reason=decision.reason, score=transaction.results.score,
+            ms=round((time.perf_counter() - started) * 1000, 1),
+        )
+        await self._notify("after_message", session=self.sp, transaction=transaction,
+                           decision=decision)
+
+    async def _decide(
+        self, transaction: Transaction, verdict: Verdict | None, decided_by: str
+    ) -> Decision:
+        assert self.sp is not None and transaction.message is not None
+        if verdict is not None and verdict.reply is not None:
+            kind = "rejected" if verdict.action is Action.REJECT else "tempfailed"
+            return Decision(kind, verdict.reply, decided_by, verdict.reason)
+        action = verdict.action if verdict is not None else None
+        if action is Action.DISCARD:
+            reason = verdict.reason if verdict else ""
+            return Decision("discarded", _queued(transaction), decided_by, reason)
+        if action is Action.QUARANTINE or transaction.disposition is Action.QUARANTINE:
+            if action is Action.QUARANTINE and verdict is not None:
+                reason = verdict.reason
+            else:
+                reason = transaction.disposition_reason
+            try:
+                qid = await self.services.quarantine.store(
+                    self.sp, transaction, transaction.message.raw, reason
+                )
+            except OSError as exc:
+                log.error("event=quarantine_failed error=%r", exc)
+                return Decision("tempfailed", Reply(451, "4.3.0", "Local error, try again later"),
+                                "proxy", f"quarantine failed: {exc}")
+            return Decision("quarantined", _queued(transaction), decided_by, f"{reason} (id {qid})")
+        try:
+            delivered = await self.services.delivery.deliver(
+                self.sp, transaction, transaction.message.raw
+            )
+        except DeliveryError as exc:
+            kind = "tempfailed" if exc.reply.is_temporary else "rejected"
+            event("delivery_failed", level=logging.WARNING, tx=transaction.id,
+                  reply=exc.reply.code, detail=exc.detail)
+            return Decision(kind, exc.reply, "delivery", exc.detail)
+        except (asyncio.CancelledError, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            log.exception("event=delivery_crashed tx=%s", transaction.id)
+            return Decision("tempfailed", Reply(451, "4.3.0", "Local error, try again later"),
+                            "delivery", f"{type(exc).__name__}: {exc}")
+        event("delivered", tx=transaction.id, destination=delivered.destination,
+              tls=delivered.tls, reply=delivered.reply.code)
+        return Decision("delivered", delivered.reply, "delivery", delivered.destination)
+
+    async def smtp_RSET(self, arg: str | None) -> None:
+        if arg:
+            await self._error(Reply(501, "5.5.4", "Syntax: RSET"))
+            return
+        self._set_rset_state()
+        if self.sp is not None:
+            self.sp.end_transaction()
+        await self.reply(Reply(250, "2.0.0", "OK"))
+
+    async def smtp_NOOP(self, arg: str | None) -> None:
+        await self.reply(Reply(250, "2.0.0", "OK"))
+
+    async def smtp_QUIT(self, arg: str | None) -> None:
+        if arg:
+            await self._error(Reply(501, "5.5.4", "Syntax: QUIT"))
+            return
+        await self.reply(Reply(221, "2.0.0", "Bye"))
+        self._close()
+
+    async def smtp_VRFY(self, arg: str | None) -> None:
+        await self.reply(
+            Reply(252, "2.5.0", "Cannot VRFY user, but will accept message and attempt delivery")
+        )
+
+    async def smtp_EXPN(self, arg: str | None) -> None:
+        await self.reply(Reply(502, "5.5.1", "EXPN not available"))
+
+    async def smtp_HELP(self, arg: str | None) -> None:
+        await self.reply(
+            Reply(214, "2.0.0", "Commands: HELO EHLO MAIL RCPT DATA RSET NOOP QUIT VRFY HELP")
+        )
+
+    async def smtp_AUTH(self, arg: str | None) -> None:
+        await self._error(Reply(502, "5.5.1", "AUTH not available on this listener"))
+
+
+def _action(verdict: Verdict | None) -> str:
+    return verdict.action.value if verdict is not None else "continue"
+
+
+def _apply_disposition(transaction: Transaction, verdict: Verdict | None) -> None:
+    if verdict is None:
+        return
+    if verdict.action is Action.DISCARD or (
+        verdict.action is Action.QUARANTINE and transaction.disposition is not Action.DISCARD
+    ):
+        transaction.disposition = verdict.action
+        transaction.disposition_reason = verdict.reason
+        event("disposition", tx=transaction.id, action=verdict.action.value, reason=verdict.reason)
+
+
+def _connect_reply(verdict: Verdict) -> Reply:
+    """At connect, RFC 5321 3.1: 554 refuses the session, 421 defers it."""
+    assert verdict.reply is not None
+    if verdict.action is Action.TEMPFAIL:
+        enhanced = verdict.reply.enhanced
+        return Reply(421, enhanced if enhanced else "4.7.0", verdict.reply.text)
+    enhanced = verdict.reply.enhanced
+    return Reply(554, enhanced if enhanced else "5.7.1", verdict.reply.text)
+
+
+def _queued(transaction: Transaction) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {transaction.id}")

@@ -1,0 +1,453 @@
+"""The message as plugins see it at the DATA phase.
+
+:class:`Message` wraps the exact bytes received from the client and lets
+plugins read and edit header fields and replace the body, with two
+guarantees the rest of the proxy depends on:
+
+* **Lossless.**  Header fields a plugin did not touch are re-emitted
+  byte-for-byte (original folding and odd whitespace included), and so is
+  an untouched body, because DKIM signatures and other integrity checks
+  covering them must still verify downstream.
+* **Lazy.**  Nothing is parsed until a plugin asks for header information,
+  and the body is never scanned or copied just to forward it: an
+  unmodified message serialises to the very ``bytes`` object it was built
+  from.
+
+Every write is validated so that a plugin can never put a bare CR or LF,
+a NUL or another control character on the wire; the serialisation always
+keeps the "CRLF line endings only" invariant the SMTP layer relies on to
+prevent header and message smuggling.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from email.message import EmailMessage
+from email.parser import BytesParser
+from email.policy import default as _default_policy
+from typing import Literal
+
+__all__ = ["Change", "HeaderError", "Message"]
+
+CRLF = b"\r\n"
+_WSP = b" \t"
+
+#: RFC 5322 section 2.1.1: lines must not exceed 998 octets excluding CRLF.
+MAX_LINE_OCTETS = 998
+#: Longest field name accepted from plugins; keeps "Name: " well inside a line.
+MAX_NAME_LENGTH = 76
+
+# A header field line: ftext name (printable ASCII except ":"), then ":".
+_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+_VALID_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
+# C0 controls except HTAB, DEL and C1 controls (Unicode category Cc minus HTAB).
+_BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_NON_WSP = re.compile(rb"[^ \t]")
+
+
+class HeaderError(ValueError):
+    """A header name or value a plugin tried to write is not safe to put on the wire."""
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One modification, recorded in order so a dry-run tracer can show what would change."""
+
+    op: Literal["add", "remove", "replace", "replace_body"]
+    name: str | None  # header name (None for replace_body)
+    value: str | None  # new value for add/replace, None otherwise
+
+
+@dataclass(frozen=True, slots=True)
+class _Field:
+    """One header field: its exact wire bytes plus the decoded view plugins read."""
+
+    name: str  # as written
+    key: str  # lower-cased name, for case-insensitive lookups
+    value: str  # unfolded, stripped, decoded for display
+    raw: bytes  # the whole field including folds and the final CRLF
+
+
+def _field_from_raw(raw: bytes, colon: int) -> _Field:
+    """Build a field from its wire bytes; ``colon`` is the index of the name's colon."""
+    name = raw[:colon].decode("ascii")
+    # Within a field every CRLF is either a fold (followed by WSP) or the
+    # terminator, so dropping all of them is exactly RFC 5322 unfolding.
+    value = raw[colon + 1 :].replace(CRLF, b"").strip(_WSP)
+    return _Field(name, name.lower(), value.decode("utf-8", errors="replace"), raw)
+
+
+def _key(name: str) -> str | None:
+    """Case-fold a lookup name; non-ASCII never matches (avoids e.g. KELVIN SIGN == 'k')."""
+    return name.lower() if name.isascii() else None
+
+
+def _check_crlf_only(data: bytes, what: str) -> None:
+    """Raise ValueError unless every CR and LF in ``data`` is part of a CRLF pair."""
+    cr = data.count(b"\r")
+    lf = data.count(b"\n")
+    # Each CRLF accounts for one CR and one LF, so the counts agree iff none is bare.
+    if cr != lf or cr != data.count(CRLF):
+        raise ValueError(f"{what} contains a bare CR or LF; only CRLF line endings are allowed")
+
+
+def _validate_name(name: str) -> None:
+    """Refuse names that are not RFC 5322 ftext, so a name cannot smuggle anything."""
+    if not isinstance(name, str):
+        raise TypeError(f"header name must be str, not {type(name).__name__}")
+    if not name:
+        raise HeaderError("header name is empty")
+    if len(name) > MAX_NAME_LENGTH:
+        raise HeaderError(f"header name is longer than {MAX_NAME_LENGTH} characters: {name!r}")
+    if not _VALID_NAME.fullmatch(name):
+        raise HeaderError(
+            "header name may only contain printable ASCII other than ':' "
+            f"(no spaces, colons, controls or non-ASCII): {name!r}"
+        )
+
+
+def _validate_value(name: str, value: str) -> bytes:
+    """Refuse values that could fold, break or inject lines; return them UTF-8 encoded."""
+    if not isinstance(value, str):
+        raise TypeError(f"header value must be str, not {type(value).__name__}")
+    bad = _BAD_VALUE_CHAR.search(value)
+    if bad is not None:
+        raise HeaderError(
+            f"value of header {name!r} contains control character {bad.group()!r} at "
+            f"position {bad.start()}; CR, LF, NUL and other controls (except TAB) are not "
+            "allowed, and folding is done by Message itself"
+        )
+    try:
+        return value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise HeaderError(
+            f"value of header {name!r} is not encodable as UTF-8 ({exc.reason})"
+        ) from None
+
+
+def _fold(line: bytes, first_min: int) -> bytes:
+    """Fold a generated field line (without CRLF) at whitespace so lines fit in 998 octets.
+
+    Each fold inserts CRLF before an existing SP/HTAB, so unfolding gives back
+    ``line`` exactly.  No line is made whitespace-only, and the first line
+    keeps at least ``first_min`` octets (the name, colon and start of the
+    value).  A run of more than 998 octets without whitespace cannot be
+    folded and is left over-long.
+    """
+    if len(line) <= MAX_LINE_OCTETS:
+        return line + CRLF
+    parts: list[bytes] = []
+    start = 0
+    while len(line) - start > MAX_LINE_OCTETS:
+        first = _NON_WSP.search(line, start)
+        if first is None:  # only whitespace left; cannot fold without a blank line
+            break
+        earliest = first.start() + 1  # the line must keep at least one non-WSP octet
+        if start == 0:
+            earliest = max(earliest, first_min)
+        limit = start + MAX_LINE_OCTETS  # fold point p leaves line[start:p], p - start <= 998
+        fold = max(line.rfind(b" ", earliest, limit + 1), line.rfind(b"\t", earliest, limit + 1))
+        if fold == -1:  # no whitespace early enough: fold at the first opportunity
+            after = max(earliest, limit + 1)
+            candidates = [p for p in (line.find(b" ", after), line.find(b"\t", after)) if p != -1]
+            if not candidates:
+                break
+            fold = min(candidates)
+        parts.append(line[start:fold])
+        start = fold
+    parts.append(line[start:])
+    return CRLF.join(parts) + CRLF
+
+
+def _make_field(name: str, value: str) -> _Field:
+    """Validate and generate a new field; leading/trailing SP/HTAB of the value are dropped."""
+    _validate_name(name)
+    encoded = _validate_value(name, value).strip(_WSP)
+    prefix = name.encode("ascii") + b":"
+    # The first line keeps "Name: " and the value's first octet: no empty-looking first line.
+    raw = _fold(prefix + b" " + encoded, len(prefix) + 2) if encoded else prefix + CRLF
+    return _Field(name, name.lower(), encoded.decode("utf-8"), raw)
+
+
+class Message:
+    """A received message: exact bytes, lazily parsed headers, validated edits.
+
+    The input must use CRLF line endings only (the SMTP layer guarantees it)
+    and every edit keeps it that way.  Header parsing follows RFC 5322
+    loosely but losslessly: the header block ends at the first empty line,
+    or just before the first line that is neither a ``name:`` field line nor
+    a continuation of one (that line and everything after it is the body,
+    with no separator line).  A final line without CRLF is never part of the
+    header block.
+    """
+
+    __slots__ = (
+        "_body_cache",
+        "_body_start",
+        "_changes",
+        "_email",
+        "_fields",
+        "_header_end",
+        "_headers_dirty",
+        "_orig",
+        "_raw_cache",
+        "_sep",
+    )
+
+    def __init__(self, raw: bytes) -> None:
+        """Wrap ``raw`` (after dot-unstuffing) without parsing it."""
+        raw = bytes(raw)  # no copy for bytes; freezes bytearray/memoryview input
+        _check_crlf_only(raw, "message")
+        self._orig: bytes = raw
+        self._raw_cache: bytes | None = None
+        self._fields: list[_Field] | None = None
+        self._header_end = 0  # end of the original header fields
+        self._sep = b""  # the original blank separator line, if any
+        self._body_start = 0  # start of the original body
+        self._headers_dirty = False
+        self._body_cache: bytes | None = None
+        self._changes: list[Change] = []
+        self._email: EmailMessage | None = None
+
+    def __repr__(self) -> str:
+        return f"<Message size={self.size} modified={self.modified}>"
+
+    # -- parsing ---------------------------------------------------------
+
+    def _parse(self) -> list[_Field]:
+        """Split the original header block into fields, once, on first use."""
+        if self._fields is not None:
+            return self._fields
+        raw = self._orig
+        fields: list[_Field] = []
+        field_start = -1  # start of the field being collected, -1 if none
+        colon = 0  # colon offset of that field, relative to its start
+        pos = 0
+        sep = b""
+        while True:
+            eol = raw.find(CRLF, pos)
+            if eol == -1:  # end of data, or an unterminated final line (body)
+                break
+            if eol == pos:  # empty line: the separator
+                sep = CRLF
+                break
+            first = raw[pos : pos + 1]
+            if first in (b" ", b"\t"):
+                if field_start == -1:  # continuation with nothing to continue
+                    break
+            else:
+                match = _FIELD_START.match(raw, pos, eol)
+                if match is None:  # not a field line: the header block ends here
+                    break
+                if field_start != -1:
+                    fields.append(_field_from_raw(raw[field_start:pos], colon))
+                field_start = pos
+                colon = match.end() - 1 - pos
+            pos = eol + 2
+        if field_start != -1:
+            fields.append(_field_from_raw(raw[field_start:pos], colon))
+        self._header_end = pos
+        self._sep = sep
+        self._body_start = pos + len(sep)
+        self._fields = fields
+        return fields
+
+    # -- serialisation ---------------------------------------------------
+
+    def _body_view(self) -> bytes | memoryview:
+        """The current body without copying the original."""
+        if self._body_cache is not None:  # replaced, or already copied out
+            return self._body_cache
+        return memoryview(self._orig)[self._body_start :]
+
+    def _separator(self, fields: list[_Field], body: bytes | memoryview) -> bytes:
+        """The separator to emit between header block and body.
+
+        The original had no blank line if its header block ended at an
+        invalid line or an unterminated one; if that line starts with
+        whitespace and fields now precede it, it would be read back as a
+        continuation of the last field, so a blank line is inserted.
+        """
+        if self._sep or not self._changes or not fields:
+            return self._sep
+        return CRLF if bytes(body[:1]) in (b" ", b"\t") else b""
+
+    def _head(self, fields: list[_Field]) -> bytes | memoryview:
+        if self._headers_dirty:
+            return b"".join(f.raw for f in fields)
+        return memoryview(self._orig)[: self._header_end]
+
+    @property
+    def raw(self) -> bytes:
+        """The bytes to send upstream; the input object itself while unmodified."""
+        if not self._changes:
+            return self._orig
+        if self._raw_cache is None:
+            fields = self._parse()
+            body = self._body_view()
+            self._raw_cache = b"".join((self._head(fields), self._separator(fields, body), body))
+        return self._raw_cache
+
+    @property
+    def size(self) -> int:
+        """Length of :attr:`raw`, computed without serialising a modified message."""
+        if not self._changes:
+            return len(self._orig)
+        if self._raw_cache is not None:
+            return len(self._raw_cache)
+        fields = self._parse()
+        body = self._body_view()
+        head = sum(len(f.raw) for f in fields) if self._headers_dirty else self._header_end
+        return head + len(self._separator(fields, body)) + len(body)
+
+    @property
+    def modified(self) -> bool:
+        """Whether any plugin changed the message (else it is forwarded byte-identical)."""
+        return bool(self._changes)
+
+    @property
+    def changes(self) -> tuple[Change, ...]:
+        """Every modification in the order it was made."""
+        return tuple(self._changes)
+
+    @property
+    def header_bytes(self) -> bytes:
+        """The header block as it will be serialised, without the blank separator line."""
+        return bytes(self._head(self._parse()))
+
+    @property
+    def body(self) -> bytes:
+        """Everything after the header block and separator (``b""`` if none).
+
+        Copies the original body on first access (then cached), so prefer
+        :attr:`raw` for forwarding.
+        """
+        if self._body_cache is None:
+            self._parse()
+            start = self._body_start
+            self._body_cache = self._orig if start == 0 else self._orig[start:]
+        return self._body_cache
+
+    # -- reading headers -------------------------------------------------
+
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """All fields as ``(name as written, unfolded value)``, in order.
+
+        Values are decoded as UTF-8 with replacement characters for display
+        only; the wire bytes are never altered by reading.
+        """
+        return [(f.name, f.value) for f in self._parse()]
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The value of the first field called ``name`` (case-insensitive)."""
+        key = _key(name)
+        for f in self._parse():
+            if f.key == key:
+                return f.value
+        return default
+
+    def get_all(self, name: str) -> list[str]:
+        """The values of every field called ``name`` (case-insensitive), in order."""
+        key = _key(name)
+        return [f.value for f in self._parse() if f.key == key]
+
+    def __contains__(self, name: object) -> bool:
+        """Whether a field called ``name`` is present (case-insensitive)."""
+        if not isinstance(name, str):
+            return False
+        key = _key(name)
+        return any(f.key == key for f in self._parse())
+
+    # -- editing ---------------------------------------------------------
+
+    def _record(self, change: Change, *, headers: bool) -> None:
+        self._changes.append(change)
+        if headers:
+            self._headers_dirty = True
+        self._raw_cache = None
+        self._email = None
+
+    def add_header(self, name: str, value: str, *, prepend: bool = True) -> None:
+        """Add a field at the top (trace-style, the default) or after the last field.
+
+        Leading and trailing SP/HTAB of ``value`` are dropped; lines longer
+        than 998 octets are folded at whitespace.  Raises :class:`HeaderError`
+        for an unsafe name or value.
+        """
+        field = _make_field(name, value)
+        fields = self._parse()
+        if prepend:
+            fields.insert(0, field)
+        else:
+            fields.append(field)
+        self._record(Change("add", name, field.value), headers=True)
+
+    def remove_header(self, name: str) -> int:
+        """Remove every field called ``name`` (case-insensitive); return how many.
+
+        Removing nothing is not a modification and is not recorded.
+        """
+        key = _key(name)
+        fields = self._parse()
+        kept = [f for f in fields if f.key != key]
+        removed = len(fields) - len(kept)
+        if removed:
+            fields[:] = kept
+            self._record(Change("remove", name, None), headers=True)
+        return removed
+
+    def replace_header(self, name: str, value: str) -> None:
+        """Replace the first field called ``name`` in place and drop the others.
+
+        If there is none, the field is added at the top.  Recorded as a
+        ``replace`` change either way.  Raises :class:`HeaderError` for an
+        unsafe name or value.
+        """
+        field = _make_field(name, value)
+        key = field.key
+        fields = self._parse()
+        new: list[_Field] = []
+        placed = False
+        for f in fields:
+            if f.key != key:
+                new.append(f)
+            elif not placed:
+                new.append(field)
+                placed = True
+        if not placed:
+            new.insert(0, field)
+        fields[:] = new
+        self._record(Change("replace", name, field.value), headers=True)
+
+    def replace_body(self, body: bytes) -> None:
+        """Replace everything after the header block.
+
+        ``body`` must use CRLF line endings only (else ValueError); a
+        non-empty body not ending in CRLF gets one.  A blank separator line
+        is always emitted before the new body so it can never be read as
+        header fields.
+        """
+        body = bytes(body)
+        _check_crlf_only(body, "body")
+        if body and not body.endswith(CRLF):
+            body += CRLF
+        self._parse()
+        self._body_cache = body
+        self._sep = CRLF
+        self._record(Change("replace_body", None, None), headers=False)
+
+    # -- MIME view -------------------------------------------------------
+
+    @property
+    def email(self) -> EmailMessage:
+        """A parsed :mod:`email` view of :attr:`raw`, for plugins that walk MIME parts.
+
+        Built lazily and cached until the next modification.  It is a
+        read-only view: changes made to it are NOT sent; use the methods
+        of :class:`Message` to modify the message.
+        """
+        if self._email is None:
+            self._email = BytesParser(policy=_default_policy).parsebytes(self.raw)
+        return self._email

@@ -1,0 +1,192 @@
+"""Finding, building and registering plugins.
+
+A plugin is named in the configuration either by its entry point name (group
+``smtpproxy.plugins``, how installed packages announce themselves, first-party ones
+included) or by a dotted path ``package.module:Class``. A class may declare a nested
+pydantic model ``Settings``; the ``settings:`` block of its configuration entry is
+validated against it (errors point at the YAML line) and passed to the constructor.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+import pluggy
+import pydantic
+
+from smtpproxy import hookspecs
+from smtpproxy.chain import Chain, ChainStep
+from smtpproxy.config import ConfigError, ConfigSource, PluginSpec, Problem, format_key
+
+__all__ = ["ENTRY_POINT_GROUP", "InstalledPlugin", "build_chain", "installed_plugins"]
+
+ENTRY_POINT_GROUP = "smtpproxy.plugins"
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledPlugin:
+    """A plugin an installed distribution announces, for ``smtpproxy plugins``."""
+
+    name: str
+    target: str
+    distribution: str | None
+    hooks: tuple[str, ...]
+    error: str | None = None
+
+
+def new_plugin_manager() -> pluggy.PluginManager:
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    return pm
+
+
+def installed_plugins() -> list[InstalledPlugin]:
+    """Every entry point in the plugin group, with the hooks each implements."""
+    found = []
+    for ep in sorted(entry_points(group=ENTRY_POINT_GROUP), key=lambda e: e.name):
+        dist = ep.dist.name if ep.dist is not None else None
+        try:
+            target = ep.load()
+            hooks = _implemented_hooks(target)
+            found.append(InstalledPlugin(ep.name, ep.value, dist, hooks))
+        except Exception as exc:
+            found.append(InstalledPlugin(ep.name, ep.value, dist, (), f"{type(exc).__name__}: {exc}"))
+    return found
+
+
+def _implemented_hooks(target: object) -> tuple[str, ...]:
+    names = []
+    for hook in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS):
+        attr = getattr(target, hook, None)
+        if attr is not None and hasattr(attr, f"{hookspecs.PROJECT}_impl"):
+            names.append(hook)
+    return tuple(names)
+
+
+def resolve(use: str) -> object:
+    """Turn an entry point name or ``package.module:Attr`` into the class or module it names.
+
+    Raises LookupError with a message that says what to check.
+    """
+    if ":" in use or "." in use:
+        module_name, _, attr = use.partition(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise LookupError(f"cannot import {module_name!r}: {exc}") from exc
+        if not attr:
+            return module
+        try:
+            obj: object = module
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except AttributeError:
+            raise LookupError(f"module {module_name!r} has no attribute {attr!r}") from None
+        return obj
+    matches: list[EntryPoint] = list(entry_points(group=ENTRY_POINT_GROUP, name=use))
+    if not matches:
+        known = sorted(ep.name for ep in entry_points(group=ENTRY_POINT_GROUP))
+        raise LookupError(
+            f"no installed plugin named {use!r} (installed: {', '.join(known) or 'none'}); "
+            "install its package or give a dotted path like 'package.module:Class'"
+        )
+    try:
+        loaded: object = matches[0].load()
+    except Exception as exc:
+        raise LookupError(f"plugin {use!r} ({matches[0].value}) failed to import: {exc}") from exc
+    return loaded
+
+
+def instantiate(
+    target: object, settings: dict[str, Any], source: ConfigSource | None, index: int
+) -> object:
+    """Build the plugin object from a class (with validated settings) or use a module as is."""
+    where = ("plugins", index, "settings")
+    if isinstance(target, types.ModuleType):
+        if settings:
+            raise ConfigError([_problem(source, where, "this plugin is a module and takes no settings")])
+        return target
+    if not inspect.isclass(target):
+        return target  # an already-built object (a dotted path to an instance)
+    settings_model = getattr(target, "Settings", None)
+    if settings_model is None:
+        if settings:
+            raise ConfigError([_problem(source, where, f"{target.__name__} takes no settings")])
+        return target()
+    if not (inspect.isclass(settings_model) and issubclass(settings_model, pydantic.BaseModel)):
+        raise ConfigError([_problem(source, where, f"{target.__name__}.Settings is not a pydantic model")])
+    try:
+        validated = settings_model.model_validate(settings)
+    except pydantic.ValidationError as exc:
+        if source is None:
+            raise ConfigError(
+                [Problem("<config>", None, None, "plugins", str(exc))]
+            ) from None
+        raise ConfigError(source.problems_from_validation_error(exc, base=where)) from None
+    return target(validated)
+
+
+def build_chain(specs: Sequence[PluginSpec], source: ConfigSource | None) -> Chain:
+    """Load every enabled plugin in order and return the chain; ConfigError names the entry."""
+    pm = new_plugin_manager()
+    steps: list[ChainStep] = []
+    problems: list[Problem] = []
+    for index, spec in enumerate(specs):
+        if not spec.enabled:
+            continue
+        try:
+            target = resolve(spec.use or spec.name)
+            plugin = instantiate(target, dict(spec.settings), source, index)
+            _register(pm, plugin, spec.name)
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+            continue
+        except LookupError as exc:
+            problems.append(_problem(source, ("plugins", index, "use" if spec.use else "name"), str(exc)))
+            continue
+        except (pluggy.PluginValidationError, TypeError, ValueError) as exc:
+            problems.append(_problem(source, ("plugins", index), f"plugin {spec.name!r}: {exc}"))
+            continue
+        steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error))
+    if problems:
+        raise ConfigError(problems)
+    return Chain(pm, steps)
+
+
+def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
+    pm.register(plugin, name=name)
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError:
+        pm.unregister(plugin)
+        unknown = [
+            attr for attr in dir(plugin)
+            if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT}_impl")
+            and attr not in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS)
+        ]
+        raise pluggy.PluginValidationError(
+            plugin,
+            f"unknown hook(s) {', '.join(unknown)}; known hooks are "
+            f"{', '.join((*hookspecs.PHASES, *hookspecs.NOTIFICATIONS))}",
+        ) from None
+    for caller in pm.get_hookcallers(plugin) or []:
+        for impl in caller.get_hookimpls():
+            if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper):
+                pm.unregister(plugin)
+                raise pluggy.PluginValidationError(
+                    plugin, f"hook wrappers are not supported ({caller.name}); return a Verdict"
+                )
+
+
+def _problem(source: ConfigSource | None, path: Sequence[str | int], message: str) -> Problem:
+    if source is None:
+        return Problem("<config>", None, None, format_key(path), message)
+    line_col = source.locate(path)
+    line, col = line_col if line_col else (None, None)
+    return Problem(source.file, line, col, format_key(path), message)

@@ -1,0 +1,145 @@
+"""Verdicts: what a hook tells the proxy to do next.
+
+A hook returns ``None`` to let the chain continue, or a :class:`Verdict`. Verdicts are
+plain immutable values so that any transport (the SMTP proxy, a milter) can turn them
+into its own replies. Every verdict that reaches an SMTP client carries a code, an
+enhanced status code (RFC 3463) and a text; the constructors fill sensible defaults so a
+plugin usually only says *why*.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+from dataclasses import dataclass, field, replace
+
+__all__ = ["Action", "Reply", "Verdict"]
+
+_ENHANCED = re.compile(r"^[245]\.\d{1,3}\.\d{1,3}$")
+_CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")  # \n separates lines of a multi-line reply
+
+
+class Action(enum.Enum):
+    """What happens after a verdict."""
+
+    CONTINUE = "continue"
+    """Go on with the next plugin (a verdict may still carry a score or a reason)."""
+    ACCEPT = "accept"
+    """Skip the rest of this phase's chain; the phase succeeds."""
+    REJECT = "reject"
+    """Refuse with a permanent (5xx) reply."""
+    TEMPFAIL = "tempfail"
+    """Refuse with a temporary (4xx) reply; the client retries later."""
+    DISCARD = "discard"
+    """Tell the client 250 but drop the message; always logged."""
+    QUARANTINE = "quarantine"
+    """Tell the client 250 and store the message in quarantine instead of delivering it."""
+
+    @property
+    def is_final(self) -> bool:
+        """True when the chain stops at this verdict."""
+        return self is not Action.CONTINUE
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """An SMTP reply: ``code enhanced text``, e.g. ``550 5.7.1 Relaying denied``."""
+
+    code: int
+    enhanced: str | None
+    text: str
+
+    def __post_init__(self) -> None:
+        if not 200 <= self.code <= 599:
+            raise ValueError(f"SMTP reply code must be 200..599, got {self.code}")
+        if self.enhanced is not None:
+            if not _ENHANCED.match(self.enhanced):
+                raise ValueError(f"enhanced status code must look like 5.7.1, got {self.enhanced!r}")
+            if self.enhanced[0] != str(self.code)[0]:
+                raise ValueError(
+                    f"enhanced status {self.enhanced} does not match the class of {self.code}"
+                )
+        if _CONTROL.search(self.text):
+            raise ValueError("reply text must not contain control characters (CR, NUL, ...)")
+
+    @property
+    def is_positive(self) -> bool:
+        return self.code < 400
+
+    @property
+    def is_temporary(self) -> bool:
+        return 400 <= self.code < 500
+
+    @property
+    def is_permanent(self) -> bool:
+        return self.code >= 500
+
+    def lines(self) -> list[str]:
+        """The reply as wire lines without CRLF (multi-line when the text has several lines)."""
+        texts = self.text.split("\n") if self.text else [""]
+        prefix = f"{self.enhanced} " if self.enhanced else ""
+        out = []
+        for i, text in enumerate(texts):
+            sep = " " if i == len(texts) - 1 else "-"
+            out.append(f"{self.code}{sep}{prefix}{text}".rstrip())
+        return out
+
+    def __str__(self) -> str:
+        return "\r\n".join(self.lines())
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """A hook's decision. Build one with the class methods, e.g. ``Verdict.reject("no")``."""
+
+    action: Action
+    reply: Reply | None = None
+    reason: str = ""
+    """Why, for logs and traces (not sent to the client unless it is also the reply text)."""
+    score: float = 0.0
+    """Points added to the transaction's score (spam scoring); any action may carry a score."""
+    tags: tuple[str, ...] = field(default=())
+    """Short machine-readable labels for other plugins and logs, e.g. ``("spf:fail",)``."""
+
+    @classmethod
+    def cont(cls, *, score: float = 0.0, reason: str = "", tags: tuple[str, ...] = ()) -> Verdict:
+        """Continue the chain, recording a score, a reason or tags."""
+        return cls(Action.CONTINUE, None, reason, score, tags)
+
+    @classmethod
+    def accept(cls, reason: str = "") -> Verdict:
+        """Stop this phase's chain here and let the phase succeed."""
+        return cls(Action.ACCEPT, None, reason)
+
+    @classmethod
+    def reject(
+        cls, text: str = "Message rejected", *, code: int = 550, enhanced: str | None = "5.7.1",
+        reason: str = "",
+    ) -> Verdict:
+        """Refuse permanently (5xx)."""
+        if not 500 <= code <= 599:
+            raise ValueError("reject needs a 5xx code; use tempfail() for 4xx")
+        return cls(Action.REJECT, Reply(code, enhanced, text), reason or text)
+
+    @classmethod
+    def tempfail(
+        cls, text: str = "Try again later", *, code: int = 451, enhanced: str | None = "4.7.1",
+        reason: str = "",
+    ) -> Verdict:
+        """Refuse temporarily (4xx); a well-behaved client retries."""
+        if not 400 <= code <= 499:
+            raise ValueError("tempfail needs a 4xx code; use reject() for 5xx")
+        return cls(Action.TEMPFAIL, Reply(code, enhanced, text), reason or text)
+
+    @classmethod
+    def discard(cls, reason: str) -> Verdict:
+        """Answer 250 and silently drop the message. The reason is logged; use sparingly."""
+        return cls(Action.DISCARD, None, reason)
+
+    @classmethod
+    def quarantine(cls, reason: str) -> Verdict:
+        """Answer 250 and keep the message in the quarantine store instead of delivering it."""
+        return cls(Action.QUARANTINE, None, reason)
+
+    def with_score(self, score: float) -> Verdict:
+        return replace(self, score=score)

@@ -1,0 +1,241 @@
+"""Shared test parts: real sockets on 127.0.0.1, a capturing upstream, a raw SMTP client.
+
+Nothing here mocks the network: the proxy listens on a free loopback port, the upstream is a
+real aiosmtpd server on another, and clients speak SMTP over TCP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+from aiosmtpd.smtp import Envelope as AiosmtpdEnvelope
+from aiosmtpd.smtp import Session as AiosmtpdSession
+
+from smtpproxy.chain import Chain, ChainStep
+from smtpproxy.config import Config
+from smtpproxy.registry import new_plugin_manager
+from smtpproxy.server import ProxyServer
+
+TIMEOUT = 10.0
+
+
+# -- a raw SMTP client -------------------------------------------------------------
+
+
+class Talk:
+    """A line-level SMTP client: send exact bytes, read exact replies."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter):
+        self.reader = reader
+        self.writer = writer
+
+    @classmethod
+    async def open(cls, port: int, host: str = "127.0.0.1") -> Talk:
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer)
+
+    async def reply(self) -> tuple[int, str]:
+        """Read one (possibly multi-line) reply; returns (code, text lines joined by \\n)."""
+        lines = []
+        while True:
+            raw = await asyncio.wait_for(self.reader.readline(), TIMEOUT)
+            if not raw:
+                raise ConnectionError(f"connection closed; got so far {lines!r}")
+            assert raw.endswith(b"\r\n"), f"reply line without CRLF: {raw!r}"
+            line = raw[:-2].decode()
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                return int(line[:3]), "\n".join(lines)
+
+    def send(self, data: bytes | str) -> None:
+        self.writer.write(data.encode() if isinstance(data, str) else data)
+
+    async def cmd(self, line: str | bytes) -> tuple[int, str]:
+        self.send((line.encode() if isinstance(line, str) else line) + b"\r\n")
+        return await self.reply()
+
+    async def greeting(self) -> tuple[int, str]:
+        return await self.reply()
+
+    async def hello(self, name: str = "client.test") -> tuple[int, str]:
+        code, text = await self.greeting()
+        assert code == 220, text
+        return await self.cmd(f"EHLO {name}")
+
+    async def send_message(self, sender: str, rcpts: list[str], body: bytes) -> tuple[int, str]:
+        code, text = await self.cmd(f"MAIL FROM:<{sender}>")
+        assert code == 250, text
+        for rcpt in rcpts:
+            code, text = await self.cmd(f"RCPT TO:<{rcpt}>")
+            assert code == 250, text
+        code, text = await self.cmd("DATA")
+        assert code == 354, text
+        self.send(body + b".\r\n")
+        return await self.reply()
+
+    async def closed(self) -> bool:
+        """True when the server closed the connection (EOF) within the timeout."""
+        try:
+            data = await asyncio.wait_for(self.reader.read(), TIMEOUT)
+        except (ConnectionError, TimeoutError):
+            return True
+        return data == b"" or self.reader.at_eof()
+
+    async def close(self) -> None:
+        self.writer.close()
+        try:
+            await self.writer.wait_closed()
+        except (ConnectionError, OSError):
+            pass
+
+
+# -- a capturing upstream ------------------------------------------------------------
+
+
+@dataclass
+class Received:
+    sender: str
+    recipients: list[str]
+    content: bytes
+    mail_options: list[str]
+
+
+@dataclass
+class SinkHandler:
+    """An aiosmtpd handler recording messages; replies are configurable per test."""
+
+    messages: list[Received] = field(default_factory=list)
+    rcpt_replies: dict[str, str] = field(default_factory=dict)
+    data_reply: str = "250 2.0.0 Ok: queued as SINK1"
+    helo_names: list[str] = field(default_factory=list)
+
+    async def handle_EHLO(self, server: Any, session: AiosmtpdSession, envelope: AiosmtpdEnvelope,
+                          hostname: str, responses: list[str]) -> list[str]:
+        self.helo_names.append(hostname)
+        session.host_name = hostname
+        return responses
+
+    async def handle_RCPT(self, server: Any, session: AiosmtpdSession, envelope: AiosmtpdEnvelope,
+                          address: str, rcpt_options: list[str]) -> str:
+        reply = self.rcpt_replies.get(address)
+        if reply is not None:
+            return reply
+        envelope.rcpt_tos.append(address)
+        return "250 2.1.5 OK"
+
+    async def handle_DATA(self, server: Any, session: AiosmtpdSession,
+                          envelope: AiosmtpdEnvelope) -> str:
+        if self.data_reply.startswith("250"):
+            self.messages.append(Received(
+                envelope.mail_from, list(envelope.rcpt_tos),
+                bytes(envelope.original_content or b""), list(envelope.mail_options),
+            ))
+        return self.data_reply
+
+
+@dataclass
+class Sink:
+    handler: SinkHandler
+    server: asyncio.Server
+    port: int
+
+    @property
+    def messages(self) -> list[Received]:
+        return self.handler.messages
+
+
+async def start_sink(handler: SinkHandler | None = None, **smtp_kwargs: Any) -> Sink:
+    handler = handler or SinkHandler()
+    smtp_kwargs.setdefault("enable_SMTPUTF8", True)
+    server = await asyncio.get_running_loop().create_server(
+        lambda: AiosmtpdSMTP(handler, hostname="sink.test", **smtp_kwargs), "127.0.0.1", 0
+    )
+    return Sink(handler, server, server.sockets[0].getsockname()[1])
+
+
+@pytest.fixture
+async def sink() -> AsyncIterator[Sink]:
+    s = await start_sink()
+    yield s
+    s.server.close()
+
+
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- the proxy -------------------------------------------------------------------------
+
+
+def chain_of(*plugins: object, timeout: float = 2.0, on_error: str = "tempfail") -> Chain:
+    """A chain of plugin objects, in order, named p0, p1, ... (or by their ``name`` attribute)."""
+    pm = new_plugin_manager()
+    steps = []
+    for i, plugin in enumerate(plugins):
+        name = getattr(plugin, "name", f"p{i}")
+        if pm.has_plugin(name):
+            name = f"{name}-{i}"
+        pm.register(plugin, name=name)
+        steps.append(ChainStep(name, plugin, getattr(plugin, "timeout", timeout),
+                               getattr(plugin, "on_error", on_error)))  # type: ignore[arg-type]
+    return Chain(pm, steps)
+
+
+def make_config(tmp_path: Path, **sections: Any) -> Config:
+    """A Config for tests: listen on a free port, Maildir under tmp_path unless overridden."""
+    data: dict[str, Any] = {
+        "listeners": [{"address": "127.0.0.1", "port": 0}],
+        "delivery": {"type": "maildir", "path": str(tmp_path / "mail")},
+        "quarantine": {"path": str(tmp_path / "quarantine")},
+        "hostname": "proxy.test",
+    }
+    for key, value in sections.items():
+        if key != "delivery" and isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+    return Config.model_validate(data)
+
+
+ProxyFactory = Callable[..., Awaitable[ProxyServer]]
+
+
+@pytest.fixture
+async def proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
+    """Start proxies for a test (plugins given as objects) and stop them afterwards."""
+    started: list[ProxyServer] = []
+
+    async def factory(*plugins: object, upstream: int | None = None, **sections: Any) -> ProxyServer:
+        if upstream is not None:
+            delivery = {"type": "smtp", "host": "127.0.0.1", "port": upstream, "tls": "none",
+                        "connect_timeout": 2, "command_timeout": 2, "data_timeout": 5}
+            delivery.update(sections.pop("delivery", {}))
+            sections["delivery"] = delivery
+        config = make_config(tmp_path, **sections)
+        server = ProxyServer(config, chain=chain_of(*plugins))
+        await server.start()
+        started.append(server)
+        return server
+
+    yield factory
+    for server in started:
+        await server.stop(grace=1)
+
+
+def port_of(server: ProxyServer) -> int:
+    return server.addresses[0][1]
+
+
+def maildir_messages(path: Path) -> list[bytes]:
+    new = path / "new"
+    return [p.read_bytes() for p in sorted(new.iterdir())] if new.exists() else []

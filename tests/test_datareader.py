@@ -1,0 +1,99 @@
+"""The DATA reader: exact end of data, dot-unstuffing, limits, bare CR/LF — by property."""
+
+from __future__ import annotations
+
+import re
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from smtpproxy.datareader import DataProblem, DataReader
+
+
+def feed_stream(reader: DataReader, stream: bytes) -> tuple[bool, bytes]:
+    """Split a byte stream the way the proxy's StreamReader does: at CRLF only."""
+    pos = 0
+    while True:
+        end = stream.find(b"\r\n", pos)
+        if end < 0:
+            return False, stream[pos:]
+        if reader.feed(stream[pos:end + 2]):
+            return True, stream[end + 2:]
+        pos = end + 2
+
+
+def dot_stuff(content: bytes) -> bytes:
+    return re.sub(rb"(?m)^\.", b"..", content)
+
+
+crlf_lines = st.lists(
+    st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=30
+)
+
+
+@given(crlf_lines)
+def test_round_trip_of_clean_messages(lines: list[bytes]) -> None:
+    content = b"".join(line + b"\r\n" for line in lines)
+    reader = DataReader(10**7, 1000)
+    done, rest = feed_stream(reader, dot_stuff(content) + b".\r\nQUIT\r\n")
+    assert done and rest == b"QUIT\r\n"
+    assert reader.problem is None
+    assert reader.content() == content
+
+
+@given(st.binary(max_size=400))
+def test_arbitrary_bytes_never_end_early_or_leak_bare_newlines(data: bytes) -> None:
+    for normalize in (False, True):
+        reader = DataReader(10**7, 1000, normalize_bare_newlines=normalize)
+        done, _ = feed_stream(reader, data)
+        if done:
+            # only a real CRLF.CRLF (or a leading .CRLF) can end the data
+            assert data.startswith(b".\r\n") or b"\r\n.\r\n" in data
+        if reader.problem is None:
+            content = reader.content()
+            assert content.count(b"\n") == content.count(b"\r\n") == content.count(b"\r")
+        else:
+            assert not normalize or reader.problem is not DataProblem.BARE_NEWLINE
+
+
+def test_bare_newlines_rejected_by_default_and_data_drained() -> None:
+    reader = DataReader(10**7, 1000)
+    done, rest = feed_stream(reader, b"a\n.\nMAIL FROM:<x@y>\r\nmore\r\n.\r\nNOOP\r\n")
+    assert done and rest == b"NOOP\r\n"
+    assert reader.problem is DataProblem.BARE_NEWLINE
+    assert reader.problem.reply(1, 1).code == 550
+
+
+def test_normalize_turns_bare_cr_and_lf_into_crlf() -> None:
+    reader = DataReader(10**7, 1000, normalize_bare_newlines=True)
+    done, _ = feed_stream(reader, b"a\rb\nc\r\n.\r\n")
+    assert done
+    assert reader.content() == b"a\r\nb\r\nc\r\n"
+    assert reader.bare_newlines_seen == 1
+
+
+def test_size_limit_counts_unstuffed_bytes_and_keeps_draining() -> None:
+    reader = DataReader(10, 1000)
+    done, rest = feed_stream(reader, b"12345678\r\n12345678\r\n.\r\nX")
+    assert done and rest == b"X"
+    assert reader.problem is DataProblem.TOO_BIG
+
+
+def test_line_limit_allows_a_transparency_dot() -> None:
+    reader = DataReader(10**7, 10)
+    feed_stream(reader, b".12345678\r\n")  # 11 bytes with CRLF: 10 + the stuffing dot
+    assert reader.problem is None
+    reader = DataReader(10**7, 10)
+    feed_stream(reader, b"123456789\r\n")  # 11 bytes, no dot
+    assert reader.problem is None
+    feed_stream(reader, b"1234567890\r\n")  # 12 bytes
+    assert reader.problem is DataProblem.LINE_TOO_LONG
+
+
+def test_fragments_of_an_overlong_line() -> None:
+    reader = DataReader(10**7, 1000)
+    assert not reader.feed(b"x" * 600, complete=False)
+    assert not reader.feed(b"x" * 600, complete=False)
+    assert not reader.feed(b"\r\n")
+    assert reader.feed(b".\r\n")  # the end of data is still recognised after the fragments
+    assert reader.problem is DataProblem.LINE_TOO_LONG
