@@ -107,7 +107,7 @@ class _NoHandler:
     """aiosmtpd wants an event handler; every decision here goes through the chain instead."""
 
 
-class InboundSMTP(SMTP):  # type: ignore[misc]
+class InboundSMTP(SMTP):
     """One client connection."""
 
     def __init__(
@@ -162,7 +162,7 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
                 f"421 4.4.2 {self.hostname} Error: timeout exceeded\r\n".encode("ascii")
             )
             event("timeout", level=logging.INFO)
-        super()._timeout_cb()
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def request_close(self) -> None:
         """Graceful shutdown: idle sessions get 421 now, busy ones after their command."""
@@ -176,10 +176,9 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
             self._writer.write(b"421 4.3.2 Service shutting down, try again later\r\n")
             self.transport.close()
 
-    async def push(self, status: str | bytes) -> None:
-        if isinstance(status, str):
-            status = _ENHANCED_REPLIES.get(status, status)
-        await super().push(status)
+    async def push(self, status: str) -> None:  # type: ignore[override]  # we only push str
+        """aiosmtpd's own replies (STARTTLS), given enhanced status codes."""
+        await super().push(_ENHANCED_REPLIES.get(status, status))
 
     async def reply(self, reply: Reply) -> None:
         for line in reply.lines():
@@ -306,7 +305,7 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
                 await self._error(Reply(500, "5.5.2", "Non-ASCII characters in command; use SMTPUTF8"))
                 continue
             limit = self.policy.max_command_line
-            if command in ("MAIL", "RCPT") and self.session.extended_smtp:
+            if command in ("MAIL", "RCPT") and self.sp.esmtp:
                 limit += _PARAM_ALLOWANCE
             if len(line) + 2 > limit:
                 await self._error(Reply(500, "5.5.2", f"Command line too long (limit {limit} octets)"))
@@ -394,7 +393,8 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
     # -- commands ----------------------------------------------------------------
 
     async def _need_helo(self) -> bool:
-        if not self.session.host_name:
+        assert self.sp is not None
+        if not self.sp.helo:
             await self._error(Reply(503, "5.5.1", "Send HELO/EHLO first"))
             return True
         return False
@@ -411,9 +411,8 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
         if not hostname:
             await self._error(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
-        self._set_rset_state()
         self.sp.end_transaction()
-        self.session.host_name = None
+        self.sp.helo = None
         verdict = await self.services.chain.run(
             "helo", self.sp.results, session=self.sp, hostname=hostname
         )
@@ -422,8 +421,6 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
             await self.reply(verdict.reply)
             return
         self._apply_session_disposition(verdict)
-        self.session.host_name = hostname
-        self.session.extended_smtp = esmtp
         self.sp.helo = hostname
         self.sp.esmtp = esmtp
         if not esmtp:
@@ -479,7 +476,6 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
             await self.reply(verdict.reply)
             return
         _apply_disposition(transaction, verdict)
-        self.envelope.mail_from = path.address.text
         await self.reply(Reply(250, "2.1.0", "Sender OK"))
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -520,7 +516,6 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
             return
         _apply_disposition(transaction, verdict)
         transaction.envelope.recipients.append(recipient)
-        self.envelope.rcpt_tos.append(address.text)
         await self.reply(Reply(250, "2.1.5", "Recipient OK"))
 
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -569,7 +564,6 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
             event("data_refused", tx=transaction.id, problem=reader.problem.value,
                   bytes=reader.size, reply=reply.code)
             self.sp.end_transaction()
-            self._set_post_data_state()
             await self._error(reply)
             return
         if reader.bare_newlines_seen:
@@ -579,7 +573,6 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
             await self._finish_message(transaction, started)
         finally:
             self.sp.end_transaction()
-            self._set_post_data_state()
 
     async def _finish_message(self, transaction: Transaction, started: float) -> None:
         """Run the data chain, then deliver, quarantine, discard or refuse; reply last."""
@@ -656,7 +649,6 @@ class InboundSMTP(SMTP):  # type: ignore[misc]
         if arg:
             await self._error(Reply(501, "5.5.4", "Syntax: RSET"))
             return
-        self._set_rset_state()
         if self.sp is not None:
             self.sp.end_transaction()
         await self.reply(Reply(250, "2.0.0", "OK"))

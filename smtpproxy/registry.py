@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import types
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
@@ -114,11 +114,12 @@ def instantiate(
         return target
     if not inspect.isclass(target):
         return target  # an already-built object (a dotted path to an instance)
+    factory: Callable[..., object] = target
     settings_model = getattr(target, "Settings", None)
     if settings_model is None:
         if settings:
             raise ConfigError([_problem(source, where, f"{target.__name__} takes no settings")])
-        return target()
+        return factory()
     if not (inspect.isclass(settings_model) and issubclass(settings_model, pydantic.BaseModel)):
         raise ConfigError([_problem(source, where, f"{target.__name__}.Settings is not a pydantic model")])
     try:
@@ -129,7 +130,7 @@ def instantiate(
                 [Problem("<config>", None, None, "plugins", str(exc))]
             ) from None
         raise ConfigError(source.problems_from_validation_error(exc, base=where)) from None
-    return target(validated)
+    return factory(validated)
 
 
 def build_chain(specs: Sequence[PluginSpec], source: ConfigSource | None) -> Chain:

@@ -7,6 +7,7 @@ real aiosmtpd server on another, and clients speak SMTP over TCP.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -90,10 +91,8 @@ class Talk:
 
     async def close(self) -> None:
         self.writer.close()
-        try:
+        with contextlib.suppress(ConnectionError, OSError):
             await self.writer.wait_closed()
-        except (ConnectionError, OSError):
-            pass
 
 
 # -- a capturing upstream ------------------------------------------------------------

@@ -100,10 +100,10 @@ class Decide:
         return self._maybe("data")
 
 
-async def wait_for(predicate: Any, timeout: float = 5.0) -> None:
+async def wait_for(predicate: Any) -> None:
     """Poll a condition (after-the-fact hooks run once the client has its answer)."""
     loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
+    deadline = loop.time() + 5.0
     while not predicate():
         assert loop.time() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)

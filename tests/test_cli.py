@@ -1,0 +1,173 @@
+"""The ``smtpproxy`` command as a user runs it: a real process, real sockets, real signals."""
+
+from __future__ import annotations
+
+import os
+import re
+import selectors
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+EXE = [sys.executable, "-m", "smtpproxy"]
+MESSAGE = b"From: a@sender.test\r\nTo: bob@localhost\r\nSubject: cli\r\n\r\nHello from the CLI test.\r\n"
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*EXE, *args], capture_output=True, text=True, timeout=60, cwd=cwd)
+
+
+class Running:
+    """A proxy process; ``port`` comes from its own 'listening' log line."""
+
+    def __init__(self, proc: subprocess.Popen[str]):
+        self.proc = proc
+        self.log: list[str] = []
+        self.port = self._wait_listening()
+
+    def _wait_listening(self) -> int:
+        assert self.proc.stderr is not None
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stderr, selectors.EVENT_READ)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if not sel.select(timeout=deadline - time.monotonic()):
+                break
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.log.append(line)
+            match = re.search(r"event=listening address=\S+ port=(\d+)", line)
+            if match:
+                return int(match.group(1))
+        raise AssertionError("proxy did not start:\n" + "".join(self.log))
+
+    def stop(self) -> str:
+        self.proc.send_signal(signal.SIGTERM)
+        _, err = self.proc.communicate(timeout=30)
+        self.log.append(err)
+        return "".join(self.log)
+
+
+@pytest.fixture
+def running(tmp_path: Path) -> Iterator[Running]:
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text(
+        "listeners:\n  - address: 127.0.0.1\n    port: 0\n"
+        "hostname: cli.test\n"
+        "delivery:\n  type: maildir\n  path: mail\n"
+    )
+    proc = subprocess.Popen([*EXE, "run", "-c", str(config)], stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        yield Running(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_run_delivers_to_maildir_and_stops_on_sigterm(running: Running, tmp_path: Path) -> None:
+    with smtplib.SMTP("127.0.0.1", running.port, timeout=10) as client:
+        code, banner = client.ehlo("client.test")
+        assert code == 250 and banner.startswith(b"cli.test")
+        refused = client.sendmail("a@sender.test", ["bob@localhost"], MESSAGE)
+        assert refused == {}
+    delivered = list((tmp_path / "mail" / "new").iterdir())  # paths relative to the config file
+    assert len(delivered) == 1
+    assert delivered[0].read_bytes().endswith(MESSAGE)
+    log = running.stop()
+    assert running.proc.returncode == 0
+    # one structured line per session event, each with the session id
+    sids = set(re.findall(r"event=(?:connect|helo|mail_from|rcpt_to|message|disconnect) sid=(\w+)", log))
+    assert len(sids) == 1, log
+    assert re.search(r"event=message sid=\w+ tx=\S+ sender=a@sender.test recipients=bob@localhost "
+                     r"size=\d+ decision=delivered reply=\"250 2.0.0\"", log), log
+    assert "event=shutdown" in log
+
+
+def test_embedded_default_quick_start(tmp_path: Path) -> None:
+    """``smtpproxy run`` with no config: 127.0.0.1:2525 into ./mail, as the README says."""
+    with socket.socket() as probe:
+        if probe.connect_ex(("127.0.0.1", 2525)) == 0:
+            pytest.skip("port 2525 is in use on this machine")
+    proc = subprocess.Popen([*EXE, "run"], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    try:
+        running = Running(proc)
+        assert running.port == 2525
+        with smtplib.SMTP("127.0.0.1", 2525, timeout=10) as client:
+            assert client.sendmail("a@sender.test", ["bob@localhost"], MESSAGE) == {}
+            with pytest.raises(smtplib.SMTPRecipientsRefused):
+                client.sendmail("a@sender.test", ["victim@example.com"], MESSAGE)  # not an open relay
+        assert len(list((tmp_path / "mail" / "new").iterdir())) == 1
+        running.stop()
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_version() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0
+    assert re.fullmatch(r"smtpproxy \d+\.\d+\.\d+\n", result.stdout)
+
+
+def test_plugins_lists_first_party_plugins_with_their_hooks() -> None:
+    result = run_cli("plugins")
+    assert result.returncode == 0
+    assert re.search(r"^headers\s+smtpproxy_plugins\.headers:AddHeaders \[smtpproxy\]$", result.stdout, re.M)
+    assert re.search(r"^\s+hooks: data$", result.stdout, re.M)
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "broken.yaml"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("listeners:\n  - address: 127.0.0.1\n     port: 25\n", r"broken\.yaml:3:\d+: YAML syntax error"),
+        ("limits:\n  max_sesions: 5\n", r"broken\.yaml:2:3: limits\.max_sesions: unknown key \(did you mean 'max_sessions'\?\)"),
+        ("listeners:\n  - port: lots\n", r"broken\.yaml:2:\d+: listeners\[0\]\.port: "),
+        ("plugins:\n  - name: nosuchplugin\n", r"broken\.yaml:2:\d+: plugins\[0\]\.name: no installed plugin named 'nosuchplugin'"),
+        ("plugins:\n  - name: x\n    use: nosuchmodule.sub:Thing\n", r"broken\.yaml:3:\d+: plugins\[0\]\.use: cannot import 'nosuchmodule\.sub'"),
+        ("plugins:\n  - name: headers\n    settings:\n      add: {X-A: b}\n      typo: 1\n", r"broken\.yaml:5:7: plugins\[0\]\.settings\.typo: unknown key"),
+        ("plugins:\n  - name: headers\n    settings:\n      add: [1, 2]\n", r"broken\.yaml:4:\d+: plugins\[0\]\.settings\.add: "),
+    ],
+)
+def test_check_config_names_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
+    result = run_cli("check-config", "-c", str(write(tmp_path, text)))
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert re.search(expected, result.stderr), result.stderr
+
+
+def test_check_config_accepts_the_shipped_example() -> None:
+    example = Path(__file__).parent.parent / "config" / "smtpproxy.yaml"
+    env = dict(os.environ, UPSTREAM_HOST="127.0.0.1")
+    result = subprocess.run([*EXE, "check-config", "-c", str(example)], capture_output=True,
+                            text=True, timeout=60, env=env)
+    assert result.returncode == 0, result.stderr
+    assert "OK" in result.stdout
+
+
+def test_run_refuses_a_port_in_use(tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = write(tmp_path, f"listeners:\n  - address: 127.0.0.1\n    port: {port}\n")
+        result = run_cli("run", "-c", str(config), cwd=tmp_path)
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
