@@ -86,7 +86,8 @@ def render() -> str:
                 "| --- | --- | --- | --- |"]
         for name, field in model.model_fields.items():
             description = (field.description or "").replace("|", "\\|")
-            out.append(f"| `{name}` | {type_name(field.annotation)} | {default_text(field)} | {description} |")
+            kind, default = type_name(field.annotation), default_text(field)
+            out.append(f"| `{name}` | {kind} | {default} | {description} |")
         out.append("")
     return "\n".join(out)
 

@@ -1200,7 +1200,10 @@ class Config(_Model):
     logging: Logging = Field(default=Logging(), description="Log level and format.")
     hostname: HeloName | None = Field(
         default=None,
-        description="This host's name for the banner, EHLO and Received headers; defaults to the machine's host name (set it to the public FQDN).",
+        description=(
+            "This host's name for the banner, EHLO and Received headers; "
+            "defaults to the machine's host name (set it to the public FQDN)."
+        ),
     )
 
     @field_validator("listeners")
