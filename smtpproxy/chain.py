@@ -63,12 +63,12 @@ class Chain:
         self.steps = tuple(steps)
         self._calls: dict[str, tuple[_Call, ...]] = {}
         for hook_name in (*PHASES, *NOTIFICATIONS):
-            caller = getattr(pm.hook, hook_name)
-            impls = {id(impl.plugin): impl for impl in caller.get_hookimpls()}
+            impls = getattr(pm.hook, hook_name).get_hookimpls()
             self._calls[hook_name] = tuple(
-                _Call(step, impls[id(step.plugin)])
+                _Call(step, impl)
                 for step in self.steps
-                if id(step.plugin) in impls
+                for impl in impls
+                if impl.plugin is step.plugin
             )
 
     def implementers(self, hook_name: str) -> list[str]:
