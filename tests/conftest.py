@@ -114,6 +114,7 @@ class SinkHandler:
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str = "250 2.0.0 Ok: queued as SINK1"
     helo_names: list[str] = field(default_factory=list)
+    tls_versions: list[str | None] = field(default_factory=list)
 
     async def handle_EHLO(self, server: Any, session: AiosmtpdSession, envelope: AiosmtpdEnvelope,
                           hostname: str, responses: list[str]) -> list[str]:
@@ -132,6 +133,8 @@ class SinkHandler:
     async def handle_DATA(self, server: Any, session: AiosmtpdSession,
                           envelope: AiosmtpdEnvelope) -> str:
         if self.data_reply.startswith("250"):
+            ssl_object = session.ssl and server.transport.get_extra_info("ssl_object")
+            self.tls_versions.append(ssl_object.version() if ssl_object else None)
             self.messages.append(Received(
                 envelope.mail_from, list(envelope.rcpt_tos),
                 bytes(envelope.original_content or b""), list(envelope.mail_options),

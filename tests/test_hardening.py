@@ -334,3 +334,13 @@ async def test_graceful_shutdown_lets_data_finish(proxy_factory: ProxyFactory, s
     assert await busy.reply() == (421, "4.3.2 Service shutting down, try again later")
     await stopping
     assert len(sink.messages) == 1
+
+
+async def test_command_cap_per_session(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(limits={"max_commands": 5})
+    client = await Talk.open(port_of(proxy))
+    await client.greeting()
+    for _ in range(5):
+        assert (await client.cmd("NOOP"))[0] == 250
+    assert await client.cmd("NOOP") == (421, "4.7.0 Too many commands, closing connection")
+    assert await client.closed()

@@ -169,6 +169,12 @@ class SmtpDelivery:
         if response.code != 220:
             raise DeliveryError(upstream_reply(_as_temp(response.code), response.message),
                                 f"{self.destination}: STARTTLS refused")
+        # RFC 3207 4.2: the server forgot everything; greet again (and learn the extensions
+        # it offers under TLS). execute_command, which we use for MAIL, will not do it for us.
+        ehlo = await client.ehlo()
+        if ehlo.code != 250:
+            raise DeliveryError(upstream_reply(_as_temp(ehlo.code), ehlo.message),
+                                f"{self.destination}: EHLO after STARTTLS refused")
         return _tls_version(client)
 
     async def _transfer(

@@ -1,0 +1,98 @@
+"""TLS to the upstream: opportunistic by default, and when required it is verified, never
+silently downgraded to plaintext."""
+
+from __future__ import annotations
+
+import ssl
+from pathlib import Path
+
+import pytest
+import trustme
+
+from tests.conftest import ProxyFactory, Sink, Talk, port_of, start_sink
+
+RELAY = {"domains": ["dest.test"], "networks": []}
+BODY = b"Subject: tls\r\n\r\nbody\r\n"
+
+
+@pytest.fixture(scope="module")
+def ca() -> trustme.CA:
+    return trustme.CA()
+
+
+def server_context(ca: trustme.CA, name: str = "upstream.test") -> ssl.SSLContext:
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert(name).configure_cert(ctx)
+    return ctx
+
+
+async def send_one(proxy_port: int) -> tuple[int, str]:
+    client = await Talk.open(proxy_port)
+    await client.hello()
+    reply = await client.send_message("a@sender.test", ["b@dest.test"], BODY)
+    await client.close()
+    return reply
+
+
+@pytest.fixture
+async def tls_sink(ca: trustme.CA) -> Sink:
+    sink = await start_sink(tls_context=server_context(ca))
+    yield sink
+    sink.server.close()
+
+
+async def test_required_starttls_verified_against_ca(
+    proxy_factory: ProxyFactory, tls_sink: Sink, ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    proxy = await proxy_factory(upstream=tls_sink.port, relay=RELAY, delivery={
+        "tls": "starttls", "ca_file": str(tmp_path / "ca.pem"), "tls_hostname": "upstream.test"})
+    assert (await send_one(port_of(proxy)))[0] == 250
+    assert tls_sink.handler.tls_versions == ["TLSv1.3"]
+
+
+async def test_required_starttls_refuses_an_untrusted_certificate(
+    proxy_factory: ProxyFactory, tls_sink: Sink, tmp_path: Path
+) -> None:
+    other = trustme.CA()
+    other.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    proxy = await proxy_factory(upstream=tls_sink.port, relay=RELAY, delivery={
+        "tls": "starttls", "ca_file": str(tmp_path / "other-ca.pem"), "tls_hostname": "upstream.test"})
+    code, text = await send_one(port_of(proxy))
+    assert (code, text) == (451, "4.7.5 TLS with the upstream mail server failed, try again later")
+    assert tls_sink.messages == []
+
+
+async def test_required_starttls_refuses_the_wrong_hostname(
+    proxy_factory: ProxyFactory, tls_sink: Sink, ca: trustme.CA, tmp_path: Path
+) -> None:
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    proxy = await proxy_factory(upstream=tls_sink.port, relay=RELAY, delivery={
+        "tls": "starttls", "ca_file": str(tmp_path / "ca.pem"), "tls_hostname": "impostor.test"})
+    assert (await send_one(port_of(proxy)))[0] == 451
+    assert tls_sink.messages == []
+
+
+async def test_required_starttls_never_falls_back_to_plaintext(
+    proxy_factory: ProxyFactory, sink: Sink
+) -> None:
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, delivery={"tls": "starttls"})
+    assert await send_one(port_of(proxy)) == (
+        451, "4.7.5 Upstream does not offer STARTTLS, which is required")
+    assert sink.messages == []
+
+
+async def test_opportunistic_uses_tls_when_offered_without_verifying(
+    proxy_factory: ProxyFactory, tls_sink: Sink
+) -> None:
+    proxy = await proxy_factory(upstream=tls_sink.port, relay=RELAY, delivery={"tls": "opportunistic"})
+    assert (await send_one(port_of(proxy)))[0] == 250
+    assert tls_sink.handler.tls_versions == ["TLSv1.3"]
+
+
+async def test_opportunistic_sends_plaintext_when_not_offered(
+    proxy_factory: ProxyFactory, sink: Sink
+) -> None:
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, delivery={"tls": "opportunistic"})
+    assert (await send_one(port_of(proxy)))[0] == 250
+    assert sink.handler.tls_versions == [None]
