@@ -269,9 +269,7 @@ def proxy_config(sink_port: int, workdir: str) -> Config:
         "listeners": [{"address": HOST, "port": 0}],
         "delivery": {"type": "smtp", "host": HOST, "port": sink_port, "tls": "none"},
         "relay": {"domains": ["bench.test"], "networks": []},
-        # max_commands: one session sends 3 commands per message, more than the default allows
-        # at --concurrency 1 with a few thousand messages.
-        "limits": {"max_sessions_per_ip": 1000, "max_sessions": 1000, "max_commands": 10_000_000},
+        "limits": {"max_sessions_per_ip": 1000, "max_sessions": 1000},
         "hostname": "proxy.bench",
         "quarantine": {"path": workdir + "/q"},
     })

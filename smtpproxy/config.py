@@ -963,7 +963,11 @@ class Limits(_Model):
         description="Longest SMTP command line in bytes including CRLF (RFC 5321 minimum is 512).",
     )
     max_commands: int = Field(
-        default=10000, strict=True, gt=0, description="Most commands accepted in one session."
+        default=10000, strict=True, gt=0,
+        description=(
+            "Most commands accepted in one session since its last accepted message "
+            "(then 421); a session that keeps delivering mail is never cut off."
+        ),
     )
     max_errors: int = Field(
         default=20,

@@ -589,6 +589,8 @@ class InboundSMTP(SMTP):
             decided_by = transaction.results.outcomes[-1].plugin if verdict else "proxy"
             decision = await self._decide(transaction, verdict, decided_by)
         await self.reply(decision.reply)
+        if decision.reply.is_positive:
+            self._commands = 0  # the command cap is for junk, not for productive sessions
         envelope = transaction.envelope
         event(
             "message", tx=transaction.id, sender=envelope.sender.text or "<>",

@@ -344,3 +344,12 @@ async def test_command_cap_per_session(proxy_factory: ProxyFactory) -> None:
         assert (await client.cmd("NOOP"))[0] == 250
     assert await client.cmd("NOOP") == (421, "4.7.0 Too many commands, closing connection")
     assert await client.closed()
+
+
+async def test_command_cap_does_not_cut_off_a_productive_session(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(relay=RELAY, limits={"max_commands": 5})
+    client = await Talk.open(port_of(proxy))
+    await client.hello()  # 1 command
+    for _ in range(4):  # 4 commands per message, far past the cap in total
+        assert (await client.send_message("a@sender.test", ["b@dest.test"], HEAD + b"x\r\n"))[0] == 250
+    await client.close()
