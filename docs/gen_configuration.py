@@ -19,7 +19,9 @@ from smtpproxy import config as c
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("(top level)", c.Config, "The whole file."),
     ("listeners[]", c.Listener, "Each entry opens one listening socket."),
-    ("listeners[].tls", c.ListenerTLS, "STARTTLS for clients of that listener."),
+    ("listeners[].tls", c.ListenerTLS, "STARTTLS (or implicit TLS) for clients of that listener."),
+    ("listeners[].auth", c.ListenerAuth,
+     "SMTP AUTH (PLAIN, LOGIN) on a submission listener; offered only once the connection is encrypted."),
     ("limits", c.Limits, "Protocol limits and timeouts; each is enforced with a clear SMTP reply."),
     ("smtp", c.SmtpPolicy, "Protocol behaviour."),
     ("relay", c.Relay, "Which recipients are accepted from whom; the guard against open relaying."),

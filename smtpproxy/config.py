@@ -53,6 +53,7 @@ __all__ = [
     "ConfigSource",
     "Limits",
     "Listener",
+    "ListenerAuth",
     "ListenerTLS",
     "Logging",
     "MaildirDelivery",
@@ -877,7 +878,7 @@ class _Model(BaseModel):
 
 
 class ListenerTLS(_Model):
-    """TLS material for STARTTLS on a listener."""
+    """TLS material for STARTTLS (or implicit TLS) on a listener."""
 
     cert: ExistingFile = Field(
         description="PEM file with the server certificate chain; relative to the config file."
@@ -888,6 +889,35 @@ class ListenerTLS(_Model):
     min_version: Literal["TLSv1.2", "TLSv1.3"] = Field(
         default="TLSv1.2", description="Oldest TLS protocol version clients may negotiate."
     )
+
+
+class ListenerAuth(_Model):
+    """SMTP AUTH (PLAIN and LOGIN) on a submission listener; offered only over TLS."""
+
+    users_file: ExistingFile = Field(
+        description=(
+            "File of 'user:hash' lines (bcrypt '$2b$...' or Argon2 '$argon2id$...'; '#' starts a "
+            "comment line), read at startup; relative to the config file."
+        )
+    )
+    require: bool = Field(
+        default=True,
+        strict=True,
+        description="Refuse MAIL FROM with 530 5.7.0 until the client has authenticated.",
+    )
+
+    @field_validator("users_file")
+    @classmethod
+    def _users_file_loads(cls, value: Path, info: ValidationInfo) -> Path:
+        from smtpproxy.auth import PasswordFile, PasswordFileError
+
+        base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+        target = value if value.is_absolute() or base is None else Path(base) / value
+        try:
+            PasswordFile.load(target)
+        except PasswordFileError as exc:
+            raise _error("users_file", str(exc)) from None
+        return target
 
 
 class Listener(_Model):
@@ -907,12 +937,40 @@ class Listener(_Model):
         description="Text after the host name in the 220 greeting (printable ASCII).",
     )
     tls: ListenerTLS | None = Field(
-        default=None, description="Certificate and key; when set, STARTTLS is offered on this listener."
+        default=None,
+        description="Certificate and key; when set, STARTTLS is offered (or TLS is implicit: implicit_tls).",
     )
     require_starttls: bool = Field(
         default=False,
         strict=True,
         description="Refuse mail transactions until the client has issued STARTTLS (needs tls).",
+    )
+    implicit_tls: bool = Field(
+        default=False,
+        strict=True,
+        description="Speak TLS from the first byte (port 465 style; needs tls); STARTTLS is not offered.",
+    )
+    proxy_protocol: bool = Field(
+        default=False,
+        strict=True,
+        description=(
+            "Expect a PROXY protocol v1/v2 header (HAProxy, load balancers) before SMTP and treat "
+            "the client it names as the real client."
+        ),
+    )
+    proxy_protocol_from: list[Network] = Field(
+        default=[],
+        description=(
+            "Networks of the proxies allowed to send a PROXY header (required with proxy_protocol); "
+            "other peers are disconnected without a banner."
+        ),
+    )
+    proxy_protocol_timeout: float = _seconds(
+        5, "Seconds the PROXY header may take to arrive before the connection is closed."
+    )
+    auth: ListenerAuth | None = Field(
+        default=None,
+        description="SMTP AUTH for a submission listener (port 587/465 style); needs tls.",
     )
 
     @field_validator("banner")
@@ -934,6 +992,51 @@ class Listener(_Model):
                 "require_starttls needs a 'tls' section (cert and key) on this listener",
             )
         return value
+
+    @field_validator("implicit_tls")
+    @classmethod
+    def _implicit_tls_needs_tls(cls, value: bool, info: ValidationInfo) -> bool:
+        if value and "tls" in info.data and info.data["tls"] is None:
+            raise _error(
+                "implicit_tls_without_tls",
+                "implicit_tls needs a 'tls' section (cert and key) on this listener",
+            )
+        if value and info.data.get("require_starttls"):
+            raise _error(
+                "implicit_tls_with_starttls",
+                "implicit_tls and require_starttls exclude each other: with implicit_tls every "
+                "connection is encrypted from the start",
+            )
+        return value
+
+    @field_validator("auth")
+    @classmethod
+    def _auth_needs_tls(cls, value: ListenerAuth | None, info: ValidationInfo) -> ListenerAuth | None:
+        if value is not None and "tls" in info.data and info.data["tls"] is None:
+            raise _error(
+                "auth_without_tls",
+                "auth needs a 'tls' section (cert and key) on this listener: "
+                "AUTH is only offered over TLS",
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _proxy_protocol_consistent(self) -> "Listener":
+        if self.proxy_protocol and not self.proxy_protocol_from:
+            raise _error(
+                "proxy_protocol_from_missing",
+                "proxy_protocol needs proxy_protocol_from: the networks of the proxies allowed "
+                "to send a PROXY header (e.g. ['10.0.0.5/32'])",
+                loc_suffix=("proxy_protocol_from",),
+            )
+        if self.proxy_protocol and self.implicit_tls:
+            raise _error(
+                "proxy_protocol_with_implicit_tls",
+                "proxy_protocol cannot be combined with implicit_tls (the PROXY header comes before "
+                "the TLS handshake); use STARTTLS on this listener or terminate TLS at the proxy",
+                loc_suffix=("proxy_protocol",),
+            )
+        return self
 
 
 class Limits(_Model):
@@ -1063,12 +1166,90 @@ class MaildirDelivery(_Model):
     )
 
 
+class Upstream(_Model):
+    """One next-hop SMTP server."""
+
+    host: Host = Field(description="Host name or IP address of the server.")
+    port: int = Field(default=25, strict=True, ge=1, le=65535, description="TCP port of the server.")
+    priority: int = Field(
+        default=10, strict=True, ge=0,
+        description="Lower is tried first; servers of equal priority share the load by weight.",
+    )
+    weight: int = Field(
+        default=1, strict=True, ge=1, description="Share of messages among servers of equal priority."
+    )
+
+
+class Route(_Model):
+    """Recipients of these domains go to their own upstream servers."""
+
+    domains: list[RelayDomain] = Field(
+        min_length=1, description="Recipient domains ('example.com' or '*.example.com') for this route."
+    )
+    upstreams: list[Upstream] = Field(min_length=1, description="The servers for this route.")
+
+
+class UpstreamAuth(_Model):
+    """Credentials for a smarthost that requires SMTP AUTH (sent only over TLS)."""
+
+    username: str = Field(min_length=1, description="User name; use ${ENV_VAR} to keep it out of the file.")
+    password: str = Field(min_length=1, description="Password; use ${ENV_VAR} to keep it out of the file.")
+
+
+class UpstreamPool(_Model):
+    """Reuse of idle upstream connections."""
+
+    max_idle: int = Field(
+        default=4, strict=True, ge=0, description="Idle connections kept per server; 0 turns reuse off."
+    )
+    idle_timeout: float = Field(
+        default=30, strict=True, gt=0, allow_inf_nan=False,
+        description="Seconds an idle connection is kept before it is closed.",
+    )
+    max_messages: int = Field(
+        default=100, strict=True, ge=1, description="Messages sent over one connection before it is closed."
+    )
+
+
 class SmtpDelivery(_Model):
-    """Forward accepted mail to another SMTP server."""
+    """Forward accepted mail to other SMTP servers (Postfix, Exchange, a smarthost)."""
 
     type: Literal["smtp"] = Field(description="Selects SMTP forwarding.")
-    host: Host = Field(description="Host name or IP address of the next-hop SMTP server.")
-    port: int = Field(default=25, strict=True, ge=1, le=65535, description="TCP port of the next-hop server.")
+    host: Host | None = Field(
+        default=None, description="Host name or IP address of the single next-hop server (or use upstreams)."
+    )
+    port: int = Field(default=25, strict=True, ge=1, le=65535, description="TCP port of `host`.")
+    upstreams: list[Upstream] = Field(
+        default_factory=list,
+        description="Several next-hop servers with priority and weight, tried in order on failure.",
+    )
+    routes: list[Route] = Field(
+        default_factory=list,
+        description=(
+            "Per-domain routes; recipients of other domains use the default upstreams. A transaction "
+            "goes to one route: recipients of another route get 452 4.5.3 and are sent again by the client."
+        ),
+    )
+    rcpt_mode: Literal["at_data", "relay"] = Field(
+        default="at_data",
+        description=(
+            "'relay': each RCPT is asked of the upstream at once and its answer relayed; 'at_data': "
+            "the upstream is contacted only after the plugins accepted the whole message."
+        ),
+    )
+    client_identity: Literal["auto", "xclient", "xforward", "none"] = Field(
+        default="auto",
+        description=(
+            "Pass the original client to the upstream: XCLIENT (Postfix), XFORWARD, or 'auto' "
+            "(XCLIENT when offered, else XFORWARD when offered)."
+        ),
+    )
+    auth: UpstreamAuth | None = Field(default=None, description="SMTP AUTH to the upstream (smarthost).")
+    pool: UpstreamPool = Field(default=UpstreamPool(), description="Connection reuse.")
+    down_backoff: float = Field(
+        default=30, strict=True, gt=0, allow_inf_nan=False,
+        description="Seconds a server that failed to connect or greet is skipped before it is tried again.",
+    )
     tls: Literal["none", "opportunistic", "starttls", "implicit"] = Field(
         default="opportunistic",
         description=(
@@ -1089,6 +1270,11 @@ class SmtpDelivery(_Model):
     tls_hostname: Host | None = Field(
         default=None, description="Name expected in the server certificate; defaults to host."
     )
+    client_cert: ExistingFile | None = Field(
+        default=None,
+        description="PEM client certificate (with key, or see client_key) for TLS to the upstream.",
+    )
+    client_key: ExistingFile | None = Field(default=None, description="PEM key for client_cert.")
     helo_name: HeloName | None = Field(
         default=None, description="Name sent in EHLO/HELO; defaults to the top-level hostname."
     )
@@ -1113,6 +1299,29 @@ class SmtpDelivery(_Model):
         allow_inf_nan=False,
         description="Seconds allowed to send the message and get the reply.",
     )
+
+    @model_validator(mode="after")
+    def _one_destination(self) -> "SmtpDelivery":
+        if (self.host is None) == (not self.upstreams):
+            both = self.host is not None
+            raise PydanticCustomError(
+                "delivery_destination",
+                "give either 'host' (one server) or 'upstreams' (several)" + (", not both" if both else ""),
+                {"loc_suffix": ("upstreams" if both else "host",), "show_input": False},
+            )
+        if self.auth is not None and self.tls == "none":
+            raise PydanticCustomError(
+                "auth_needs_tls",
+                "upstream auth needs tls other than 'none' (passwords never go in plaintext)",
+                {"loc_suffix": ("auth",), "show_input": False},
+            )
+        return self
+
+    def default_upstreams(self) -> list[Upstream]:
+        """The servers for recipients no route claims."""
+        if self.host is not None:
+            return [Upstream(host=self.host, port=self.port)]
+        return list(self.upstreams)
 
 
 class Quarantine(_Model):

@@ -30,12 +30,14 @@ from typing import Any
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
+from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
 from smtpproxy.chain import Chain
 from smtpproxy.datareader import DataReader
-from smtpproxy.delivery import Delivery, DeliveryError
+from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.message import Message
+from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.session import (
@@ -86,6 +88,12 @@ class ListenerPolicy:
     smtputf8: bool = True
     pipelining: bool = True
     require_starttls: bool = False
+    auth: PasswordFile | None = None
+    """Users for SMTP AUTH; None: AUTH is not offered."""
+    auth_required: bool = False
+    """MAIL FROM needs a successful AUTH first."""
+    proxy_protocol: ProxyProtocolSettings | None = None
+    """Read a PROXY protocol header before anything else; None: no header expected."""
 
 
 @dataclass(slots=True)
@@ -138,6 +146,8 @@ class InboundSMTP(SMTP):
         self._busy = False
         self._closing = False
         self._pending_notifications: list[asyncio.Task[Any]] = []
+        self._route: str | None = None  # the upstream route of the current transaction
+        self._upstream: UpstreamTransaction | None = None  # rcpt_mode relay only
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -148,7 +158,7 @@ class InboundSMTP(SMTP):
             # RFC 3207 4.2: forget everything learned before TLS.
             self.sp.helo = None
             self.sp.esmtp = False
-            self.sp.end_transaction()
+            self._end_transaction()
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 name, _, bits = ssl_object.cipher() or ("", "", None)
@@ -195,6 +205,17 @@ class InboundSMTP(SMTP):
             event("too_many_errors", errors=self._errors)
             self._close()
 
+    def _end_transaction(self) -> None:
+        """Forget the current transaction; an upstream one that followed it is aborted."""
+        if self.sp is not None:
+            self.sp.end_transaction()
+        self._route = None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None and upstream.started:
+            task = asyncio.get_running_loop().create_task(upstream.abort())
+            self.services.background.add(task)
+            task.add_done_callback(self.services.background.discard)
+
     def _close(self) -> None:
         if self.transport is not None:
             self.transport.close()
@@ -210,6 +231,16 @@ class InboundSMTP(SMTP):
             local_port=local[1] if local else 0,
         )
         current_session.set(self.sp.id)
+        self.sp.tls = _tls_info(self.transport)  # implicit TLS: encrypted from the start
+        if self.sp.tls is not None:
+            event("implicit_tls", version=self.sp.tls.version, cipher=self.sp.tls.cipher)
+        if self.policy.proxy_protocol is not None:
+            # Before the limiter, so the per-IP cap counts the real client.
+            real = await read_proxy_header(self._reader, self.sp.client, self.policy.proxy_protocol)
+            if real is None:
+                self._close()
+                return
+            self.sp.client = real
         services = self.services
         refusal = services.limiter.acquire(self.sp.client.ip)
         if refusal is not None:
@@ -231,6 +262,7 @@ class InboundSMTP(SMTP):
                 await self.reply(Reply(421, "4.4.2", "Session time limit exceeded"))
             self._close()
         finally:
+            self._end_transaction()
             services.limiter.release(self.sp.client.ip)
             services.sessions.discard(self)
             if not services.sessions:
@@ -335,7 +367,7 @@ class InboundSMTP(SMTP):
                 log.exception("event=internal_error command=%s", command)
                 await self.reply(Reply(451, "4.3.0", "Internal error, try again later"))
                 if self.sp.transaction is not None:
-                    self.sp.end_transaction()
+                    self._end_transaction()
             finally:
                 self._busy = False
             if self._closing:
@@ -411,7 +443,7 @@ class InboundSMTP(SMTP):
         if not hostname:
             await self._error(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
-        self.sp.end_transaction()
+        self._end_transaction()
         self.sp.helo = None
         verdict = await self.services.chain.run(
             "helo", self.sp.results, session=self.sp, hostname=hostname
@@ -436,11 +468,16 @@ class InboundSMTP(SMTP):
         lines.append("ENHANCEDSTATUSCODES")
         if self.tls_context and not self._tls_protocol:
             lines.append("STARTTLS")
+        if self.policy.auth is not None and self.sp.tls is not None:
+            lines.append("AUTH PLAIN LOGIN")
         await self.reply(Reply(250, None, "\n".join(lines)))
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         assert self.sp is not None
         if await self._need_helo():
+            return
+        if self.policy.auth_required and self.sp.auth_user is None:
+            await self._error(Reply(530, "5.7.0", "Authentication required"))
             return
         if self.sp.transaction is not None:
             await self._error(Reply(503, "5.5.1", "Nested MAIL command"))
@@ -472,7 +509,7 @@ class InboundSMTP(SMTP):
         event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
               verdict=_action(verdict))
         if verdict is not None and verdict.reply is not None:
-            self.sp.end_transaction()
+            self._end_transaction()
             await self.reply(verdict.reply)
             return
         _apply_disposition(transaction, verdict)
@@ -505,6 +542,15 @@ class InboundSMTP(SMTP):
             event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="relay_denied")
             await self.reply(Reply(554, "5.7.1", f"<{address.text}>: Relay access denied"))
             return
+        route = self.services.delivery.route_key(address)
+        if self._route is not None and route != self._route:
+            # One transaction goes to one upstream route; the client sends these again in a
+            # new transaction (RFC 5321 4.5.3.1.10), so every route answers for itself.
+            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="other_route")
+            await self.reply(
+                Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
+            )
+            return
         recipient = Recipient(address, dict(path.params))
         verdict = await self.services.chain.run(
             "rcpt_to", transaction.results,
@@ -515,8 +561,18 @@ class InboundSMTP(SMTP):
             await self.reply(verdict.reply)
             return
         _apply_disposition(transaction, verdict)
+        reply = Reply(250, "2.1.5", "Recipient OK")
+        if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
+            if self._upstream is None:
+                self._upstream = self.services.delivery.open_transaction(self.sp, transaction)
+            reply = await self._upstream.rcpt(address)  # the real server's answer, relayed
+            event("upstream_rcpt", tx=transaction.id, recipient=address.text, reply=reply.code)
+            if not reply.is_positive:
+                await self.reply(reply)
+                return
+        self._route = route
         transaction.envelope.recipients.append(recipient)
-        await self.reply(Reply(250, "2.1.5", "Recipient OK"))
+        await self.reply(reply)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         assert self.sp is not None
@@ -563,7 +619,7 @@ class InboundSMTP(SMTP):
             reply = reader.problem.reply(self.policy.max_message_size, self.policy.max_line_length)
             event("data_refused", tx=transaction.id, problem=reader.problem.value,
                   bytes=reader.size, reply=reply.code)
-            self.sp.end_transaction()
+            self._end_transaction()
             await self._error(reply)
             return
         if reader.bare_newlines_seen:
@@ -572,7 +628,7 @@ class InboundSMTP(SMTP):
         try:
             await self._finish_message(transaction, started)
         finally:
-            self.sp.end_transaction()
+            self._end_transaction()
 
     async def _finish_message(self, transaction: Transaction, started: float) -> None:
         """Run the data chain, then deliver, quarantine, discard or refuse; reply last."""
@@ -629,9 +685,7 @@ class InboundSMTP(SMTP):
                                 "proxy", f"quarantine failed: {exc}")
             return Decision("quarantined", _queued(transaction), decided_by, f"{reason} (id {qid})")
         try:
-            delivered = await self.services.delivery.deliver(
-                self.sp, transaction, transaction.message.raw
-            )
+            delivered = await self._deliver(transaction, transaction.message.raw)
         except DeliveryError as exc:
             kind = "tempfailed" if exc.reply.is_temporary else "rejected"
             event("delivery_failed", level=logging.WARNING, tx=transaction.id,
@@ -647,12 +701,23 @@ class InboundSMTP(SMTP):
               tls=delivered.tls, reply=delivered.reply.code)
         return Decision("delivered", delivered.reply, "delivery", delivered.destination)
 
+    async def _deliver(self, transaction: Transaction, content: bytes) -> Delivered:
+        """Hand the message over: on the upstream transaction that followed the client's
+        (rcpt_mode relay), unless plugins edited the envelope; else in one go."""
+        assert self.sp is not None
+        upstream, self._upstream = self._upstream, None
+        if upstream is not None and upstream.started:
+            if not transaction.envelope.changes:
+                return await upstream.data(content)
+            await upstream.abort()  # the upstream must see the envelope the plugins left
+        return await self.services.delivery.deliver(self.sp, transaction, content)
+
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
             await self._error(Reply(501, "5.5.4", "Syntax: RSET"))
             return
         if self.sp is not None:
-            self.sp.end_transaction()
+            self._end_transaction()
         await self.reply(Reply(250, "2.0.0", "OK"))
 
     async def smtp_NOOP(self, arg: str | None) -> None:
@@ -679,7 +744,112 @@ class InboundSMTP(SMTP):
         )
 
     async def smtp_AUTH(self, arg: str | None) -> None:
-        await self._error(Reply(502, "5.5.1", "AUTH not available on this listener"))
+        """RFC 4954 AUTH, mechanisms PLAIN and LOGIN, only over TLS; failures count as errors."""
+        assert self.sp is not None
+        users = self.policy.auth
+        if users is None:
+            await self._error(Reply(502, "5.5.1", "AUTH not available on this listener"))
+            return
+        if await self._need_helo():
+            return
+        if self.sp.tls is None:
+            await self._error(
+                Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+            )
+            return
+        if self.sp.auth_user is not None:
+            await self._error(Reply(503, "5.5.1", "Already authenticated"))
+            return
+        if self.sp.transaction is not None:
+            await self._error(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"))
+            return
+        mechanism, _, initial = (arg or "").partition(" ")
+        mechanism, initial = mechanism.upper(), initial.strip()
+        if not mechanism or " " in initial:
+            await self._error(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+            return
+        if mechanism not in ("PLAIN", "LOGIN"):
+            await self._error(Reply(504, "5.5.4", "Unrecognized authentication type"))
+            return
+        if mechanism == "PLAIN":
+            credentials = await self._sasl_plain(initial)
+        else:
+            credentials = await self._sasl_login(initial)
+        if credentials is None:
+            return  # cancelled or malformed, and answered
+        login, password = credentials
+        try:
+            user = login.decode("utf-8")
+        except UnicodeDecodeError:
+            user = None  # no such user can exist
+        ok = user is not None and await users.verify(user, password)
+        if not ok or user is None:
+            await self._auth_failed(mechanism, login)
+            return
+        self.sp.auth_user = user
+        event("auth", mechanism=mechanism, user=user)
+        await self.reply(Reply(235, "2.7.0", "Authentication successful"))
+
+    async def _sasl_response(self, initial: str | None, challenge: bytes) -> bytes | None:
+        """The client's decoded SASL response: *initial*, or its answer to a 334 challenge.
+
+        None when the exchange ends here (cancelled with ``*``, not base64, connection
+        gone); the client has then had its reply.
+        """
+        if initial is None:
+            self._writer.write(challenge_line(challenge))
+            await self._writer.drain()
+            self._reset_timeout()
+            line = await self._read_command_line()
+            if line is None:
+                return None
+            initial = line.decode("ascii", "replace").strip()
+            if initial == "*":
+                await self.reply(Reply(501, "5.7.0", "Authentication cancelled"))
+                return None
+        decoded = decode_response(initial)
+        if decoded is None:
+            await self._error(Reply(501, "5.5.2", "Cannot decode base64 response"))
+        return decoded
+
+    async def _sasl_plain(self, initial: str) -> tuple[bytes, bytes] | None:
+        """RFC 4616 PLAIN: ``authzid NUL authcid NUL password``; authzid empty or authcid."""
+        blob = await self._sasl_response(initial or None, b"")
+        if blob is None:
+            return None
+        fields = decode_plain(blob)
+        if fields is None:
+            await self._error(Reply(501, "5.5.2", "Malformed PLAIN response"))
+            return None
+        authzid, login, password = fields
+        if authzid and authzid != login:  # acting as another user is not supported
+            await self._auth_failed("PLAIN", login)
+            return None
+        return login, password
+
+    async def _auth_failed(self, mechanism: str, login: bytes) -> None:
+        event("auth_failed", level=logging.WARNING, mechanism=mechanism,
+              user=login.decode("utf-8", "backslashreplace"))
+        await self._error(Reply(535, "5.7.8", "Authentication credentials invalid"))
+
+    async def _sasl_login(self, initial: str) -> tuple[bytes, bytes] | None:
+        """The LOGIN mechanism: user name, then password, each base64 after a 334 prompt."""
+        login = await self._sasl_response(initial or None, b"Username:")
+        if login is None:
+            return None
+        password = await self._sasl_response(None, b"Password:")
+        if password is None:
+            return None
+        return login, password
+
+
+def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
+    """What TLS the transport speaks, or None for plaintext."""
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is None:
+        return None
+    name, _, bits = ssl_object.cipher() or ("", "", None)
+    return TLSInfo(ssl_object.version() or "", name, bits)
 
 
 def _action(verdict: Verdict | None) -> str:

@@ -16,14 +16,16 @@ import socket
 import ssl
 from pathlib import Path
 
+from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource, ListenerTLS, MaildirDelivery
 from smtpproxy.delivery import Delivery
 from smtpproxy.delivery.maildir import MaildirDelivery as MaildirBackend
-from smtpproxy.delivery.smtp import SmtpDelivery, UpstreamSettings
+from smtpproxy.delivery.smtp import SmtpDelivery
 from smtpproxy.eventlog import event
 from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
 from smtpproxy.limits import ConnectionLimiter
+from smtpproxy.proxyprotocol import ProxyProtocolSettings
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
@@ -41,13 +43,7 @@ def make_delivery(config: Config) -> Delivery:
     d = config.delivery
     if isinstance(d, MaildirDelivery):
         return MaildirBackend(Path(d.path))
-    return SmtpDelivery(UpstreamSettings(
-        host=d.host, port=d.port, tls=d.tls, tls_verify=d.tls_verify,
-        ca_file=d.ca_file, tls_hostname=d.tls_hostname,
-        helo_name=d.helo_name or config_hostname(config),
-        connect_timeout=d.connect_timeout, command_timeout=d.command_timeout,
-        data_timeout=d.data_timeout,
-    ))
+    return SmtpDelivery.from_config(d, config_hostname(config))
 
 
 def config_hostname(config: Config) -> str:
@@ -112,6 +108,11 @@ class ProxyServer:
             normalize_bare_newlines=c.smtp.bare_newlines == "normalize",
             smtputf8=c.smtp.smtputf8, pipelining=c.smtp.pipelining,
             require_starttls=listener.require_starttls,
+            auth=PasswordFile.load(listener.auth.users_file) if listener.auth else None,
+            auth_required=listener.auth is not None and listener.auth.require,
+            proxy_protocol=ProxyProtocolSettings(
+                tuple(listener.proxy_protocol_from), listener.proxy_protocol_timeout
+            ) if listener.proxy_protocol else None,
         )
 
     async def start(self) -> None:
@@ -126,21 +127,29 @@ class ProxyServer:
             raise StartupError(f"delivery backend {services.delivery.name}: {exc}") from exc
         loop = asyncio.get_running_loop()
         for index, listener in enumerate(self.config.listeners):
-            policy = self._policy(index)
+            try:
+                policy = self._policy(index)
+            except PasswordFileError as exc:
+                await self._close_servers()
+                raise StartupError(f"listeners[{index}].auth.users_file: {exc}") from exc
             try:
                 tls = server_tls_context(listener.tls) if listener.tls else None
             except (OSError, ssl.SSLError) as exc:
                 await self._close_servers()
                 raise StartupError(f"listeners[{index}].tls: cannot load certificate: {exc}") from exc
+            # Implicit TLS: asyncio does the handshake before the protocol sees the connection,
+            # and the protocol gets no STARTTLS context (so STARTTLS is not offered).
+            implicit = tls if listener.implicit_tls else None
 
             def factory(policy: ListenerPolicy = policy,
-                        tls: ssl.SSLContext | None = tls) -> InboundSMTP:
+                        tls: ssl.SSLContext | None = None if implicit else tls) -> InboundSMTP:
                 return InboundSMTP(services, policy, tls)
 
             try:
                 server = await loop.create_server(
                     factory, host=listener.address, port=listener.port, reuse_address=True,
-                    backlog=1024,
+                    backlog=1024, ssl=implicit,
+                    ssl_handshake_timeout=10.0 if implicit else None,  # a silent client is cut off
                 )
             except OSError as exc:
                 await self._close_servers()

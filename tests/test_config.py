@@ -577,7 +577,9 @@ def test_wrong_values(tmp_path: Path, text: str, where: str, message: str) -> No
 
 def test_missing_required_key(tmp_path: Path) -> None:
     path = write(tmp_path, "logging: {}\ndelivery:\n  type: smtp\n  port: 25\n")
-    assert str(load_error(path)) == f"{path}:2:1: delivery.host: Field required"
+    assert str(load_error(path)) == (
+        f"{path}:2:1: delivery.host: give either 'host' (one server) or 'upstreams' (several)"
+    )
 
 
 def test_bad_delivery_type(tmp_path: Path) -> None:
@@ -717,7 +719,7 @@ def test_multiple_problems_all_reported(tmp_path: Path) -> None:
         f"{path}:2:5: listeners[0].prot: unknown key (did you mean 'port'?)",
         f"{path}:3:5: listeners[1].port: Input should be a valid integer (got 'abc')",
         f"{path}:5:3: limits.max_sessions: Input should be a valid integer (got 'lots')",
-        f"{path}:6:1: delivery.host: Field required",
+        f"{path}:6:1: delivery.host: give either 'host' (one server) or 'upstreams' (several)",
         f"{path}:10:5: plugins[1].name: plugin name 'a' is already used by plugins[0]",
         f"{path}:11:1: loging: unknown key (did you mean 'logging'?)",
         f"{path}:14:3: relay.limits: duplicate key (first defined at line 13)",

@@ -11,10 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
+from smtpproxy.addresses import Address
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdicts import Reply
 
-__all__ = ["Delivered", "Delivery", "DeliveryError"]
+__all__ = ["Delivered", "Delivery", "DeliveryError", "UpstreamTransaction"]
 
 
 class DeliveryError(Exception):
@@ -35,10 +36,40 @@ class Delivered:
     tls: str | None = None
 
 
+class UpstreamTransaction(Protocol):
+    """An upstream transaction that follows the client's (``rcpt_mode: relay``)."""
+
+    @property
+    def started(self) -> bool:
+        """True once the upstream has been contacted for this transaction."""
+        ...
+
+    async def rcpt(self, address: Address) -> Reply:
+        """Ask the upstream about one recipient; its answer is relayed to the client."""
+        ...
+
+    async def data(self, content: bytes) -> Delivered:
+        """Send the message; raises DeliveryError when the upstream does not take it."""
+        ...
+
+    async def abort(self) -> None:
+        """End the upstream transaction without a message (client RSET, QUIT, refusal)."""
+
+
 class Delivery(Protocol):
     """What the proxy needs of a backend."""
 
     name: str
+    rcpt_mode: str
+    """``at_data``, or ``relay`` when RCPTs are asked of the upstream as they come."""
+
+    def route_key(self, address: Address) -> str:
+        """Recipients with different keys cannot share a transaction (452 4.5.3 for the others)."""
+        ...
+
+    def open_transaction(self, session: Session, transaction: Transaction) -> UpstreamTransaction:
+        """Only called when ``rcpt_mode`` is ``relay``."""
+        ...
 
     async def start(self) -> None:
         """Prepare (create directories, check reachability); raise to refuse to start."""

@@ -7,8 +7,9 @@ import socket
 import time
 from pathlib import Path
 
+from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
-from smtpproxy.delivery import Delivered, DeliveryError
+from smtpproxy.delivery import Delivered, DeliveryError, UpstreamTransaction
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdicts import Reply
 
@@ -23,11 +24,18 @@ class MaildirDelivery:
     """
 
     name = "maildir"
+    rcpt_mode = "at_data"
 
     def __init__(self, path: Path):
         self.path = Path(path)
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._counter = 0
+
+    def route_key(self, address: Address) -> str:
+        return "maildir"
+
+    def open_transaction(self, session: Session, transaction: Transaction) -> UpstreamTransaction:
+        raise NotImplementedError("a Maildir has no upstream transaction")
 
     async def start(self) -> None:
         await run_blocking(self._make_dirs)

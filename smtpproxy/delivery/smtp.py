@@ -1,8 +1,19 @@
-"""Forwarding to an upstream MTA (Postfix, Exchange, ...) with aiosmtplib.
+"""Forwarding to upstream MTAs (Postfix, Exchange, a smarthost) with aiosmtplib.
 
 Transparency rules: the upstream's reply to the end of DATA (code, enhanced code, text)
 is what the client gets; a refusal at MAIL, RCPT or DATA is relayed with the upstream's
 code; an unreachable or silent upstream becomes ``451 4.4.x`` so the client retries.
+
+Two ways to meet the upstream (``rcpt_mode``):
+
+- ``at_data`` (default, simpler): the upstream is contacted once the plugins accepted the
+  whole message. If it then refuses some recipients, the client gets ``451`` for the
+  message (delivering to the others after the client heard 250 for all would lose mail
+  silently); if it refuses all of them permanently, its refusal is relayed.
+- ``relay``: the upstream transaction runs alongside the client's. Each RCPT that the
+  plugins accept is asked of the upstream at once and its exact answer relayed, so unknown
+  users are refused at RCPT by the real server. Costs an upstream connection per open
+  client transaction.
 
 Addresses are sent with ``execute_command`` exactly as the inbound parser validated them:
 aiosmtplib's ``mail()``/``rcpt()`` would run them through ``email.utils.parseaddr``, which
@@ -11,179 +22,212 @@ silently rewrites some addresses.
 
 from __future__ import annotations
 
-import re
-import ssl
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import aiosmtplib
 
+from smtpproxy import config as cfg
+from smtpproxy.addresses import Address
 from smtpproxy.delivery import Delivered, DeliveryError
-from smtpproxy.session import Session, Transaction
+from smtpproxy.delivery.upstream import (
+    Connection,
+    Connector,
+    ConnectorSettings,
+    UpstreamServer,
+    upstream_reply,
+)
+from smtpproxy.relay import RelayPolicy
+from smtpproxy.session import Envelope, Session, Transaction
 from smtpproxy.verdicts import Reply
 
-__all__ = ["SmtpDelivery", "UpstreamSettings"]
+__all__ = ["RelayTransaction", "SmtpDelivery", "upstream_reply"]
 
-_ENHANCED_PREFIX = re.compile(r"^([245]\.\d{1,3}\.\d{1,3})\s+")
-_UNSAFE_TEXT = re.compile(r"[\x00-\x09\x0b-\x1f\x7f]")
-
-TlsMode = Literal["none", "opportunistic", "starttls", "implicit"]
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamSettings:
-    host: str
-    port: int = 25
-    tls: TlsMode = "opportunistic"
-    tls_verify: bool = True
-    ca_file: Path | None = None
-    tls_hostname: str | None = None
-    helo_name: str = "localhost"
-    connect_timeout: float = 30.0
-    command_timeout: float = 60.0
-    data_timeout: float = 600.0
-
-
-def upstream_reply(code: int, message: str) -> Reply:
-    """Turn an upstream response into a Reply, keeping its enhanced code and text."""
-    text = _UNSAFE_TEXT.sub(" ", message)
-    lines = text.split("\n")
-    enhanced = None
-    match = _ENHANCED_PREFIX.match(lines[0])
-    if match and match.group(1)[0] == str(code)[0]:
-        enhanced = match.group(1)
-        lines = [_ENHANCED_PREFIX.sub("", line, count=1) for line in lines]
-    if code == 421:
-        # 421 means "I am closing"; passed through it would make the client drop *us*.
-        code, enhanced = 451, enhanced and "4" + enhanced[1:]
-    if not 200 <= code <= 599:
-        return Reply(451, "4.4.0", f"Upstream sent an invalid reply code {code}")
-    return Reply(code, enhanced, "\n".join(lines))
+DEFAULT_ROUTE = "default"
 
 
 class SmtpDelivery:
-    """One upstream host; a fresh connection per message (pooling comes with failover)."""
+    """Upstream pools per route, with failover and connection reuse."""
 
     name = "smtp"
 
-    def __init__(self, settings: UpstreamSettings):
-        self.settings = settings
-        self._verify_context: ssl.SSLContext | None = None
-        if settings.tls in ("starttls", "implicit"):
-            self._verify_context = self._make_context(verify=settings.tls_verify)
-        self._opportunistic_context = self._make_context(verify=False)
+    def __init__(
+        self,
+        connector: Connector,
+        default: Sequence[UpstreamServer],
+        routes: Sequence[tuple[RelayPolicy, Sequence[UpstreamServer]]] = (),
+        *,
+        rcpt_mode: str = "at_data",
+    ):
+        self.connector = connector
+        self.rcpt_mode = rcpt_mode
+        self._routes: dict[str, list[UpstreamServer]] = {DEFAULT_ROUTE: list(default)}
+        self._matchers: list[tuple[str, RelayPolicy]] = []
+        for index, (matcher, servers) in enumerate(routes):
+            key = f"route{index}"
+            self._routes[key] = list(servers)
+            self._matchers.append((key, matcher))
 
-    def _make_context(self, *, verify: bool) -> ssl.SSLContext:
-        ctx = ssl.create_default_context(
-            cafile=str(self.settings.ca_file) if self.settings.ca_file else None
+    @classmethod
+    def from_config(cls, c: cfg.SmtpDelivery, helo_name: str) -> SmtpDelivery:
+        settings = ConnectorSettings(
+            tls=c.tls, tls_verify=c.tls_verify, ca_file=_path(c.ca_file),
+            tls_hostname=c.tls_hostname, client_cert=_path(c.client_cert),
+            client_key=_path(c.client_key), helo_name=c.helo_name or helo_name,
+            identity=c.client_identity,
+            username=c.auth.username if c.auth else None,
+            password=c.auth.password if c.auth else None,
+            connect_timeout=c.connect_timeout, command_timeout=c.command_timeout,
+            data_timeout=c.data_timeout, max_idle=c.pool.max_idle,
+            idle_timeout=c.pool.idle_timeout, max_messages=c.pool.max_messages,
+            down_backoff=c.down_backoff,
         )
-        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
-        if not verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        return ctx
+        routes = [
+            (RelayPolicy.from_config(route.domains, (), False), _servers(route.upstreams))
+            for route in c.routes
+        ]
+        return cls(Connector(settings), _servers(c.default_upstreams()), routes, rcpt_mode=c.rcpt_mode)
 
     @property
-    def destination(self) -> str:
-        return f"{self.settings.host}:{self.settings.port}"
+    def servers(self) -> list[UpstreamServer]:
+        return [s for servers in self._routes.values() for s in servers]
+
+    def route_key(self, address: Address) -> str:
+        """Which upstream pool a recipient goes to (one transaction goes to one pool)."""
+        for key, matcher in self._matchers:
+            if address.domain and matcher.is_local_domain(address.domain):
+                return key
+        return DEFAULT_ROUTE
 
     async def start(self) -> None:
         return None
 
     async def close(self) -> None:
-        return None
+        await self.connector.close_idle(self.servers)
 
     async def deliver(self, session: Session, transaction: Transaction, content: bytes) -> Delivered:
-        s = self.settings
-        client = aiosmtplib.SMTP(
-            hostname=s.host,
-            port=s.port,
-            local_hostname=s.helo_name,
-            timeout=s.command_timeout,
-            use_tls=s.tls == "implicit",
-            start_tls=False,
-            tls_context=self._verify_context if s.tls == "implicit" else None,
-        )
-        try:
-            tls = await self._open(client)
-            reply = await self._transfer(client, transaction, content)
-            return Delivered(reply, self.destination, tls)
-        except aiosmtplib.SMTPConnectTimeoutError as exc:
-            raise DeliveryError(
-                Reply(451, "4.4.1", "Upstream mail server not reachable, try again later"),
-                f"{self.destination}: connect timeout: {exc}",
-            ) from exc
-        except aiosmtplib.SMTPTimeoutError as exc:
-            raise DeliveryError(
-                Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
-                f"{self.destination}: {exc}",
-            ) from exc
-        except (aiosmtplib.SMTPConnectError, aiosmtplib.SMTPServerDisconnected, OSError) as exc:
-            raise DeliveryError(
-                Reply(451, "4.4.1", "Upstream mail server not reachable, try again later"),
-                f"{self.destination}: {exc}",
-            ) from exc
-        except aiosmtplib.SMTPException as exc:
-            raise DeliveryError(
-                Reply(451, "4.4.0", "Upstream delivery failed, try again later"),
-                f"{self.destination}: {type(exc).__name__}: {exc}",
-            ) from exc
-        finally:
-            await _quit(client)
+        """Send the message to every route its recipients belong to; 250 only if all took it."""
+        groups: dict[str, list[Address]] = {}
+        for rcpt in transaction.envelope.recipients:
+            groups.setdefault(self.route_key(rcpt.address), []).append(rcpt.address)
+        delivered: Delivered | None = None
+        for key, recipients in groups.items():
+            conn = await self.connector.acquire(self._routes[key], session)
+            async with _Transfer(self.connector, conn) as transfer:
+                await transfer.mail(transaction.envelope, len(content))
+                refused = []
+                for address in recipients:
+                    reply = await transfer.rcpt(address, transaction.envelope.smtputf8)
+                    if not reply.is_positive:
+                        refused.append((address.text, reply))
+                if refused:
+                    await transfer.reset()
+                    raise DeliveryError(_refusal_reply(refused, len(recipients)),
+                                        f"{conn.destination}: recipients refused: "
+                                        + ", ".join(f"{a} {r.code}" for a, r in refused))
+                reply = await transfer.data(content)
+                delivered = Delivered(reply, conn.destination, conn.tls)
+        assert delivered is not None, "a transaction always has recipients"
+        return delivered
 
-    async def _open(self, client: aiosmtplib.SMTP) -> str | None:
-        """Connect, EHLO and apply the TLS policy. Returns the TLS version or None."""
-        s = self.settings
-        greeting = await client.connect(timeout=s.connect_timeout)
-        if greeting.code != 220:
-            raise DeliveryError(upstream_reply(_as_temp(greeting.code), greeting.message),
-                                f"{self.destination}: greeting {greeting.code}")
-        ehlo = await client.ehlo()
-        if ehlo.code != 250:
-            helo = await client.helo()
-            if helo.code != 250:
-                raise DeliveryError(upstream_reply(_as_temp(helo.code), helo.message),
-                                    f"{self.destination}: HELO refused")
-        if s.tls == "implicit":
-            return _tls_version(client)
-        if s.tls == "none":
-            return None
-        if not client.supports_extension("starttls"):
-            if s.tls == "starttls":
-                raise DeliveryError(
-                    Reply(451, "4.7.5", "Upstream does not offer STARTTLS, which is required"),
-                    f"{self.destination}: no STARTTLS; refusing to send in plaintext",
+    def open_transaction(self, session: Session, transaction: Transaction) -> RelayTransaction:
+        """For rcpt_mode relay: an upstream transaction that follows the client's."""
+        return RelayTransaction(self, session, transaction)
+
+    def _servers_for(self, key: str) -> list[UpstreamServer]:
+        return self._routes[key]
+
+
+class RelayTransaction:
+    """The upstream half of a client transaction in ``rcpt_mode: relay``."""
+
+    def __init__(self, delivery: SmtpDelivery, session: Session, transaction: Transaction):
+        self._delivery = delivery
+        self._session = session
+        self._transaction = transaction
+        self._transfer: _Transfer | None = None
+        self._failed: Reply | None = None
+
+    @property
+    def started(self) -> bool:
+        return self._transfer is not None
+
+    async def rcpt(self, address: Address) -> Reply:
+        """Ask the upstream about one recipient; its answer is the client's answer."""
+        if self._failed is not None:
+            return self._failed
+        if self._transfer is None:
+            try:
+                conn = await self._delivery.connector.acquire(
+                    self._delivery._servers_for(self._delivery.route_key(address)), self._session
                 )
-            return None
-        context = self._verify_context if s.tls == "starttls" else self._opportunistic_context
+                self._transfer = _Transfer(self._delivery.connector, conn)
+                await self._transfer.mail(self._transaction.envelope, _declared_size(self._transaction))
+            except DeliveryError as exc:
+                self._failed = exc.reply
+                await self.abort()
+                return exc.reply
         try:
-            response = await client.starttls(
-                tls_context=context, server_hostname=s.tls_hostname or s.host
-            )
-        except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
-            raise DeliveryError(
-                Reply(451, "4.7.5", "TLS with the upstream mail server failed, try again later"),
-                f"{self.destination}: STARTTLS failed: {exc}",
-            ) from exc
-        if response.code != 220:
-            raise DeliveryError(upstream_reply(_as_temp(response.code), response.message),
-                                f"{self.destination}: STARTTLS refused")
-        # RFC 3207 4.2: the server forgot everything; greet again (and learn the extensions
-        # it offers under TLS). execute_command, which we use for MAIL, will not do it for us.
-        ehlo = await client.ehlo()
-        if ehlo.code != 250:
-            raise DeliveryError(upstream_reply(_as_temp(ehlo.code), ehlo.message),
-                                f"{self.destination}: EHLO after STARTTLS refused")
-        return _tls_version(client)
+            return await self._transfer.rcpt(address, self._transaction.envelope.smtputf8)
+        except DeliveryError as exc:
+            self._failed = exc.reply
+            await self.abort()
+            return exc.reply
 
-    async def _transfer(
-        self, client: aiosmtplib.SMTP, transaction: Transaction, content: bytes
-    ) -> Reply:
-        envelope = transaction.envelope
+    async def data(self, content: bytes) -> Delivered:
+        if self._transfer is None:
+            raise DeliveryError(self._failed or Reply(451, "4.4.0", "No upstream transaction"))
+        transfer, self._transfer = self._transfer, None
+        async with transfer:
+            reply = await transfer.data(content)
+            return Delivered(reply, transfer.conn.destination, transfer.conn.tls)
+
+    async def abort(self) -> None:
+        """The client gave up (RSET, QUIT, refusal): end the upstream transaction too."""
+        transfer, self._transfer = self._transfer, None
+        if transfer is not None:
+            async with transfer:
+                await transfer.reset()
+
+
+class _Transfer:
+    """One message on one connection; turns every failure into a DeliveryError.
+
+    As a context manager it returns the connection to the pool when the transaction ended
+    cleanly, and closes it otherwise (a connection in an unknown state is never reused).
+    """
+
+    def __init__(self, connector: Connector, conn: Connection):
+        self.connector = connector
+        self.conn = conn
+        self.clean = False
+
+    async def __aenter__(self) -> _Transfer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self.clean:
+            self.connector.release(self.conn)
+        else:
+            await self.connector.discard(self.conn)
+
+    async def _command(self, *args: bytes) -> Reply:
+        try:
+            response = await self.conn.client.execute_command(*args)
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise DeliveryError(Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
+                                f"{self.conn.destination}: {exc}") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise DeliveryError(Reply(451, "4.4.2", "Upstream connection lost, try again later"),
+                                f"{self.conn.destination}: {type(exc).__name__}: {exc}") from exc
+        return upstream_reply(response.code, response.message)
+
+    async def mail(self, envelope: Envelope, size: int | None) -> None:
+        self.clean = False
+        client = self.conn.client
         options = []
-        if client.supports_extension("size"):
-            options.append(b"SIZE=%d" % len(content))
+        if size is not None and client.supports_extension("size"):
+            options.append(b"SIZE=%d" % size)
         body = envelope.sender_params.get("BODY")
         if body and client.supports_extension("8bitmime"):
             options.append(b"BODY=" + body.upper().encode("ascii"))
@@ -191,47 +235,47 @@ class SmtpDelivery:
             if not client.supports_extension("smtputf8"):
                 raise DeliveryError(
                     Reply(550, "5.6.7", "Upstream mail server does not support SMTPUTF8"),
-                    f"{self.destination}: no SMTPUTF8",
+                    f"{self.conn.destination}: no SMTPUTF8",
                 )
             options.append(b"SMTPUTF8")
         encoding = "utf-8" if envelope.smtputf8 else "ascii"
-        mail = await client.execute_command(
-            b"MAIL", b"FROM:<" + envelope.sender.text.encode(encoding) + b">", *options
-        )
-        if mail.code != 250:
-            raise DeliveryError(upstream_reply(mail.code, mail.message),
-                                f"{self.destination}: MAIL refused")
-        refused: list[tuple[str, Reply]] = []
-        for rcpt in envelope.recipients:
-            response = await client.execute_command(
-                b"RCPT", b"TO:<" + rcpt.address.text.encode(encoding) + b">"
-            )
-            if response.code not in (250, 251):
-                refused.append((rcpt.address.text, upstream_reply(response.code, response.message)))
-        if refused:
-            await client.rset()
-            raise DeliveryError(_refusal_reply(refused, len(envelope.recipients)),
-                                f"{self.destination}: recipients refused: "
-                                + ", ".join(f"{a} {r.code}" for a, r in refused))
+        sender = envelope.sender.text.encode(encoding)
+        reply = await self._command(b"MAIL", b"FROM:<" + sender + b">", *options)
+        if reply.code != 250:
+            raise DeliveryError(reply, f"{self.conn.destination}: MAIL refused: {reply.code}")
+
+    async def rcpt(self, address: Address, smtputf8: bool) -> Reply:
+        encoding = "utf-8" if smtputf8 else "ascii"
+        return await self._command(b"RCPT", b"TO:<" + address.text.encode(encoding) + b">")
+
+    async def data(self, content: bytes) -> Reply:
         try:
-            response = await client.data(content, timeout=self.settings.data_timeout)
+            response = await self.conn.client.data(content, timeout=self.connector.settings.data_timeout)
         except aiosmtplib.SMTPDataError as exc:
+            self.clean = True  # a refusal of the message leaves the session usable
             raise DeliveryError(upstream_reply(exc.code, exc.message),
-                                f"{self.destination}: DATA refused") from exc
-        if response.code != 250:
-            raise DeliveryError(upstream_reply(response.code, response.message),
-                                f"{self.destination}: DATA {response.code}")
-        return upstream_reply(250, response.message)
+                                f"{self.conn.destination}: DATA refused: {exc.code}") from exc
+        except aiosmtplib.SMTPTimeoutError as exc:
+            raise DeliveryError(Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
+                                f"{self.conn.destination}: {exc}") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            raise DeliveryError(Reply(451, "4.4.2", "Upstream connection lost, try again later"),
+                                f"{self.conn.destination}: {type(exc).__name__}: {exc}") from exc
+        reply = upstream_reply(response.code, response.message)
+        self.clean = True
+        if reply.code != 250:
+            raise DeliveryError(reply, f"{self.conn.destination}: DATA {reply.code}")
+        return reply
+
+    async def reset(self) -> None:
+        try:
+            self.clean = (await self._command(b"RSET")).code == 250
+        except DeliveryError:
+            self.clean = False
 
 
 def _refusal_reply(refused: list[tuple[str, Reply]], total: int) -> Reply:
-    """One reply for a message whose recipients the upstream refused at delivery time.
-
-    All refused and all permanently: relay the first refusal (the client bounces). Otherwise
-    answer 4xx: delivering to part of the recipients after the client heard 250 for all of
-    them would lose mail silently. (``rcpt_mode: relay`` avoids this by asking the upstream
-    at RCPT time.)
-    """
+    """One reply for a message whose recipients the upstream refused at delivery time."""
     first = refused[0][1]
     if len(refused) == total and all(r.is_permanent for _, r in refused):
         return first
@@ -239,19 +283,14 @@ def _refusal_reply(refused: list[tuple[str, Reply]], total: int) -> Reply:
     return Reply(451, "4.5.0", f"Upstream refused recipient {addr}: {reply.code} {reply.text}"[:400])
 
 
-def _as_temp(code: int) -> int:
-    """An upstream that refuses us before MAIL is our problem, not the sender's: retry later."""
-    return code if 400 <= code < 500 else 451
+def _declared_size(transaction: Transaction) -> int | None:
+    size = transaction.envelope.sender_params.get("SIZE")
+    return int(size) if size else None
 
 
-def _tls_version(client: aiosmtplib.SMTP) -> str | None:
-    ssl_object = client.get_transport_info("ssl_object")
-    return ssl_object.version() if ssl_object is not None else None
+def _servers(upstreams: Sequence[cfg.Upstream]) -> list[UpstreamServer]:
+    return [UpstreamServer(u.host, u.port, u.priority, u.weight) for u in upstreams]
 
 
-async def _quit(client: aiosmtplib.SMTP) -> None:
-    if client.is_connected:
-        try:
-            await client.quit(timeout=5)
-        except (aiosmtplib.SMTPException, OSError, TimeoutError):
-            client.close()
+def _path(value: Path | None) -> Path | None:
+    return Path(value) if value is not None else None

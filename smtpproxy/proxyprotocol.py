@@ -1,0 +1,88 @@
+"""PROXY protocol v1/v2 on a listener: learn the real client behind HAProxy or a load balancer.
+
+The header is the first thing on the connection, before our greeting. Only peers in
+``proxy_protocol_from`` may send one; anything else (another source, a missing, invalid or
+late header) closes the connection without a banner and logs one ``proxy_refused`` line.
+Parsing is aiosmtpd's :func:`~aiosmtpd.proxy_protocol.get_proxy` (v1 text and v2 binary).
+
+A ``LOCAL`` (v2) or ``UNKNOWN`` (v1) header, which load balancers send for health checks,
+is valid and keeps the connection's own addresses, as the specification says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+from dataclasses import dataclass
+
+from aiosmtpd.proxy_protocol import PROTO, V2_CMD, get_proxy
+
+from smtpproxy.eventlog import event
+from smtpproxy.session import Client
+
+__all__ = ["ProxyProtocolSettings", "read_proxy_header"]
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# aiosmtpd's parser warns on its own logger for every bad header; our proxy_refused event
+# carries the same reason, so one refused connection stays one log line.
+logging.getLogger("mail.debug").setLevel(logging.ERROR)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyProtocolSettings:
+    """Who may send a PROXY header on a listener, and how long it may take."""
+
+    trusted: tuple[IPNetwork, ...]
+    timeout: float = 5.0
+
+    def trusts(self, ip: str) -> bool:
+        try:
+            addr = ipaddress.ip_address(ip)
+        except ValueError:
+            return False
+        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+            addr = addr.ipv4_mapped
+        return any(addr in net for net in self.trusted)
+
+
+def _refuse(peer: Client, reason: str) -> None:
+    event("proxy_refused", level=logging.WARNING, client=peer.ip, port=peer.port, reason=reason)
+
+
+async def read_proxy_header(
+    reader: asyncio.StreamReader, peer: Client, settings: ProxyProtocolSettings
+) -> Client | None:
+    """The client the PROXY header names (or *peer* for LOCAL/UNKNOWN headers).
+
+    None means the connection must be closed without a word; the reason is logged.
+    """
+    if not settings.trusts(peer.ip):
+        _refuse(peer, "source not in proxy_protocol_from")
+        return None
+    try:
+        async with asyncio.timeout(settings.timeout):
+            data = await get_proxy(reader)
+    except TimeoutError:
+        _refuse(peer, f"no PROXY header within {settings.timeout:g}s")
+        return None
+    except (asyncio.IncompleteReadError, ConnectionError):
+        _refuse(peer, "connection closed before the PROXY header")
+        return None
+    if not data.valid:
+        _refuse(peer, data.error or "invalid PROXY header")
+        return None
+    if data.protocol not in (PROTO.STREAM, PROTO.UNSPEC):
+        _refuse(peer, "PROXY header is not for a TCP connection")
+        return None
+    src = data.src_addr
+    if (data.version == 2 and data.command == V2_CMD.LOCAL) or not isinstance(
+        src, ipaddress.IPv4Address | ipaddress.IPv6Address
+    ):
+        event("proxy_header", logging.DEBUG, version=data.version, client=peer.ip, local=True)
+        return peer
+    client = Client(str(src), int(data.src_port or 0))
+    event("proxy_header", logging.DEBUG, version=data.version, client=client.ip, port=client.port,
+          proxy=peer.ip)
+    return client

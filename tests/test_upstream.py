@@ -1,0 +1,241 @@
+"""Upstream delivery: failover and back-off, priority, connection reuse, routing, relay mode,
+and the client's identity passed on with XCLIENT/XFORWARD — against real loopback servers."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpproxy import Session, hookimpl
+from tests.conftest import ProxyFactory, SinkHandler, Talk, closed_port, port_of, start_sink
+
+RELAY = {"domains": ["dest.test", "other.test"], "networks": []}
+BODY = b"Subject: up\r\n\r\nbody\r\n"
+
+
+def smtp(**delivery: Any) -> dict[str, Any]:
+    base: dict[str, Any] = {"type": "smtp", "tls": "none", "connect_timeout": 2,
+                            "command_timeout": 2, "data_timeout": 5}
+    base.update(delivery)
+    return base
+
+
+async def send(port: int, rcpts: list[str], sender: str = "a@sender.test") -> tuple[int, str]:
+    client = await Talk.open(port)
+    await client.hello()
+    reply = await client.send_message(sender, rcpts, BODY)
+    await client.close()
+    return reply
+
+
+class CountingServer:
+    """Counts connections; greets with a fixed reply (e.g. 421) and closes."""
+
+    def __init__(self, greeting: bytes):
+        self.greeting = greeting
+        self.connections = 0
+        self.server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            writer.write(self.greeting)
+            await writer.drain()
+            writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        return int(self.server.sockets[0].getsockname()[1])
+
+
+async def test_failover_to_the_next_upstream_and_back_off(proxy_factory: ProxyFactory) -> None:
+    busy = CountingServer(b"421 4.3.2 busy.test overloaded\r\n")
+    busy_port = await busy.start()
+    good = await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(upstreams=[
+        {"host": "127.0.0.1", "port": busy_port, "priority": 1},
+        {"host": "127.0.0.1", "port": closed_port(), "priority": 2},
+        {"host": "127.0.0.1", "port": good.port, "priority": 3},
+    ], down_backoff=60))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert len(good.messages) == 2
+    assert busy.connections == 1  # in back-off for the second message: not tried again
+    good.server.close()
+
+
+async def test_all_upstreams_down_is_a_temporary_failure(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(upstreams=[
+        {"host": "127.0.0.1", "port": closed_port()}, {"host": "127.0.0.1", "port": closed_port()}]))
+    code, text = await send(port_of(proxy), ["b@dest.test"])
+    assert code == 451 and text.startswith("4.4.")
+
+
+async def test_priority_decides_and_weight_shares(proxy_factory: ProxyFactory) -> None:
+    first, second, backup = await start_sink(), await start_sink(), await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(upstreams=[
+        {"host": "127.0.0.1", "port": backup.port, "priority": 20},
+        {"host": "127.0.0.1", "port": first.port, "priority": 10, "weight": 1},
+        {"host": "127.0.0.1", "port": second.port, "priority": 10, "weight": 1},
+    ], pool={"max_idle": 0}))
+    for _ in range(20):
+        assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert backup.messages == []
+    assert len(first.messages) + len(second.messages) == 20
+    assert first.messages and second.messages  # 2**-19 chance of a false failure
+    for sink in (first, second, backup):
+        sink.server.close()
+
+
+async def test_idle_connections_are_reused(proxy_factory: ProxyFactory) -> None:
+    reused = await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=reused.port))
+    for _ in range(3):
+        assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert len(reused.messages) == 3
+    assert len(reused.handler.helo_names) == 1  # one upstream connection for three messages
+    fresh = await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=fresh.port,
+                                                            pool={"max_idle": 0}))
+    for _ in range(3):
+        assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert len(fresh.handler.helo_names) == 3
+    reused.server.close()
+    fresh.server.close()
+
+
+async def test_a_dead_pooled_connection_is_replaced(proxy_factory: ProxyFactory) -> None:
+    sink = await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=sink.port))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    for server in proxy.services.delivery.servers:  # type: ignore[attr-defined]
+        for conn in server.idle:
+            conn.client.close()  # the upstream went away while the connection sat idle
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert len(sink.messages) == 2
+    sink.server.close()
+
+
+async def test_routes_split_transactions_by_domain(proxy_factory: ProxyFactory) -> None:
+    default, other = await start_sink(), await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=default.port,
+        routes=[{"domains": ["other.test"], "upstreams": [{"host": "127.0.0.1", "port": other.port}]}]))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+    assert await client.cmd("RCPT TO:<c@other.test>") == (
+        452, "4.5.3 Recipients for other domains must be sent in a new transaction")
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(BODY + b".\r\n")
+    assert (await client.reply())[0] == 250
+    # the client sends the deferred recipient again, in its own transaction
+    assert (await client.send_message("a@sender.test", ["c@other.test"], BODY))[0] == 250
+    await client.close()
+    assert [m.recipients for m in default.messages] == [["b@dest.test"]]
+    assert [m.recipients for m in other.messages] == [["c@other.test"]]
+    default.server.close()
+    other.server.close()
+
+
+async def test_relay_mode_relays_each_rcpt_answer(proxy_factory: ProxyFactory) -> None:
+    handler = SinkHandler(rcpt_replies={"gone@dest.test": "550 5.1.1 <gone@dest.test>: User unknown",
+                                        "full@dest.test": "452 4.2.2 Mailbox full"})
+    sink = await start_sink(handler)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=sink.port,
+                                                            rcpt_mode="relay"))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert await client.cmd("RCPT TO:<b@dest.test>") == (250, "2.1.5 OK")  # the upstream's words
+    assert await client.cmd("RCPT TO:<gone@dest.test>") == (550, "5.1.1 <gone@dest.test>: User unknown")
+    assert await client.cmd("RCPT TO:<full@dest.test>") == (452, "4.2.2 Mailbox full")
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(BODY + b".\r\n")
+    assert await client.reply() == (250, "2.0.0 Ok: queued as SINK1")
+    # an abandoned transaction leaves nothing behind upstream
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+    assert (await client.cmd("RSET"))[0] == 250
+    await client.close()
+    assert [m.recipients for m in sink.messages] == [["b@dest.test"]]
+    sink.server.close()
+
+
+@dataclass
+class IdentityUpstream:
+    """A raw upstream that offers XCLIENT or XFORWARD and records what it is told."""
+
+    extension: bytes
+    lines: list[bytes] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 id.test ESMTP\r\n")
+        in_data = False
+        while line := await reader.readline():
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+                continue
+            self.lines.append(line.rstrip(b"\r\n"))
+            verb = line.split(b" ")[0].strip().upper()
+            if verb == b"EHLO":
+                writer.write(b"250-id.test\r\n250-" + self.extension + b"\r\n250 8BITMIME\r\n")
+            elif verb == b"XCLIENT":
+                writer.write(b"220 id.test ESMTP\r\n")
+            elif verb == b"DATA":
+                in_data = True
+                writer.write(b"354 go\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+        writer.close()
+
+
+class SetsName:
+    name = "rdns"
+
+    @hookimpl
+    def connect(self, session: Session) -> None:
+        session.client.hostname = "client.example"
+
+
+async def test_xclient_passes_the_client_identity(proxy_factory: ProxyFactory) -> None:
+    upstream = IdentityUpstream(b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN")
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(SetsName(), relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    verbs = [line.split(b" ")[0] for line in upstream.lines]
+    assert verbs[:4] == [b"EHLO", b"XCLIENT", b"EHLO", b"MAIL"]  # new EHLO after XCLIENT
+    xclient = upstream.lines[1].decode()
+    assert re.fullmatch(r"XCLIENT ADDR=127\.0\.0\.1 PORT=\d+ NAME=client\.example HELO=client\.test "
+                        r"PROTO=ESMTP LOGIN=\[UNAVAILABLE\]", xclient), xclient
+    server.close()
+
+
+async def test_xforward_when_xclient_is_not_offered(proxy_factory: ProxyFactory) -> None:
+    upstream = IdentityUpstream(b"XFORWARD NAME ADDR PROTO HELO SOURCE")
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert upstream.lines[1] == (
+        b"XFORWARD ADDR=127.0.0.1 NAME=[UNAVAILABLE] HELO=client.test PROTO=ESMTP SOURCE=REMOTE")
+    assert upstream.lines[2].startswith(b"MAIL FROM:<a@sender.test>")
+    server.close()
+
+
+async def test_required_identity_not_offered_is_a_temporary_failure(proxy_factory: ProxyFactory) -> None:
+    sink = await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=sink.port,
+                                                            client_identity="xclient"))
+    assert await send(port_of(proxy), ["b@dest.test"]) == (
+        451, "4.7.0 Upstream mail server does not accept the client identity")
+    assert sink.messages == []
+    sink.server.close()
