@@ -96,3 +96,29 @@ async def test_opportunistic_sends_plaintext_when_not_offered(
     proxy = await proxy_factory(upstream=sink.port, relay=RELAY, delivery={"tls": "opportunistic"})
     assert (await send_one(port_of(proxy)))[0] == 250
     assert sink.handler.tls_versions == [None]
+
+
+async def test_smarthost_auth_over_tls(proxy_factory: ProxyFactory, ca: trustme.CA, tmp_path: Path) -> None:
+    from aiosmtpd.smtp import AuthResult, LoginPassword
+
+    logins: list[tuple[bytes, bytes]] = []
+
+    def authenticator(server: object, session: object, envelope: object, mechanism: str,
+                      auth_data: LoginPassword) -> AuthResult:
+        logins.append((auth_data.login, auth_data.password))
+        return AuthResult(success=auth_data.password == b"s3cret", handled=False)
+
+    sink = await start_sink(tls_context=server_context(ca), authenticator=authenticator,
+                            auth_required=True, auth_require_tls=True, auth_exclude_mechanism=["LOGIN"])
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    delivery = {"tls": "starttls", "ca_file": str(tmp_path / "ca.pem"), "tls_hostname": "upstream.test",
+                "auth": {"username": "relayuser", "password": "s3cret"}}
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, delivery=delivery)
+    assert (await send_one(port_of(proxy)))[0] == 250
+    assert logins == [(b"relayuser", b"s3cret")]
+    assert sink.handler.tls_versions == ["TLSv1.3"]
+    delivery["auth"] = {"username": "relayuser", "password": "wrong"}
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, delivery=delivery)
+    assert await send_one(port_of(proxy)) == (451, "4.7.0 Upstream authentication failed, try again later")
+    assert len(sink.messages) == 1
+    sink.server.close()
