@@ -1424,6 +1424,8 @@ class Config(_Model):
     def _listeners_unique(cls, value: list[Listener]) -> list[Listener]:
         seen: dict[tuple[str, int], int] = {}
         for index, listener in enumerate(value):
+            if listener.port == 0:
+                continue  # each port-0 listener gets its own free port
             first = seen.setdefault((listener.address, listener.port), index)
             if first != index:
                 raise _error(

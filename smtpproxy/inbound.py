@@ -109,6 +109,8 @@ class Services:
     background: set[asyncio.Task[None]]
     drained: asyncio.Event
     """Set whenever no session is open (graceful shutdown waits on it)."""
+    stopping: bool = False
+    """Set when shutdown begins; sessions still setting up are turned away with 421."""
 
 
 class _NoHandler:
@@ -247,6 +249,12 @@ class InboundSMTP(SMTP):
             event("connect_refused", client=self.sp.client.ip, reply=refusal.code,
                   reason=refusal.text)
             await self.reply(refusal)
+            self._close()
+            return
+        if services.stopping:
+            # Still in PROXY/TLS set-up when shutdown began: not counted by the drain, so no banner.
+            await self.reply(Reply(421, "4.3.2", "Service shutting down, try again later"))
+            services.limiter.release(self.sp.client.ip)
             self._close()
             return
         services.sessions.add(self)

@@ -174,6 +174,7 @@ class ProxyServer:
             await self._stopped.wait()
             return
         self._stopping = True
+        self.services.stopping = True
         grace = self.config.limits.shutdown_grace if grace is None else grace
         event("shutdown", sessions=len(self.services.sessions), grace=grace)
         for server in self._servers:

@@ -103,6 +103,13 @@ class Connection:
     tls: str | None
     messages: int = 0
     idle_since: float = 0.0
+    xclient_offered: frozenset[str] | None = None
+    """XCLIENT attributes the server offered to *us*, before any identity was applied (after
+    XCLIENT the server speaks to the original client and stops offering it)."""
+    identity: tuple[str, ...] | None = None
+    """The XCLIENT attributes this connection carries. Postfix accepts XCLIENT only from an
+    authorized client, and after one the client *is* the original one, so a connection can
+    never be re-identified: it is reused only for the same identity."""
 
     @property
     def destination(self) -> str:
@@ -181,6 +188,9 @@ class Connector:
             if time.monotonic() - conn.idle_since > self.settings.idle_timeout:
                 await self.discard(conn)
                 continue
+            if conn.identity is not None and conn.identity != self._xclient_identity(conn, session):
+                await self.discard(conn)  # it speaks for another client now
+                continue
             try:
                 response = await conn.client.rset()
                 if response.code != 250:
@@ -228,7 +238,10 @@ class Connector:
             tls = await self._handshake(client, server)
             if s.username is not None and s.password is not None:
                 await client.login(s.username, s.password)
-            return Connection(client, server, tls)
+            offered = None
+            if client.supports_extension("xclient"):
+                offered = frozenset(client.esmtp_extensions.get("xclient", "").upper().split())
+            return Connection(client, server, tls, xclient_offered=offered)
         except DeliveryError:
             client.close()
             raise
@@ -289,29 +302,39 @@ class Connector:
         await self._ehlo(client, server)
         return _tls_version(client)
 
-    async def _ehlo(self, client: aiosmtplib.SMTP, server: UpstreamServer) -> None:
-        ehlo = await client.ehlo()
+    async def _ehlo(self, client: aiosmtplib.SMTP, server: UpstreamServer, name: str | None = None) -> None:
+        ehlo = await client.ehlo(hostname=name)
         if ehlo.code == 250:
             return
-        helo = await client.helo()
+        helo = await client.helo(hostname=name)
         if helo.code != 250:
             raise DeliveryError(upstream_reply(_as_temp(helo.code), helo.message),
                                 f"{server.name}: HELO refused")
+
+    def _xclient_identity(self, conn: Connection, session: Session) -> tuple[str, ...] | None:
+        """The XCLIENT attributes for this session, or None when XCLIENT is not used here."""
+        if self.settings.identity not in ("auto", "xclient") or conn.xclient_offered is None:
+            return None
+        return tuple(_xclient_attributes(session, conn.xclient_offered))
 
     async def _identify(self, conn: Connection, session: Session) -> None:
         """Tell the upstream who the real client is (per message: pooled connections move on)."""
         mode = self.settings.identity
         client = conn.client
-        if mode in ("auto", "xclient") and client.supports_extension("xclient"):
-            offered = set(client.esmtp_extensions.get("xclient", "").upper().split())
-            attrs = _xclient_attributes(session, offered)
-            response = await client.execute_command(b"XCLIENT", *[a.encode() for a in attrs])
+        identity = self._xclient_identity(conn, session)
+        if identity is not None:
+            if conn.identity == identity:
+                return  # a reused connection already speaking for this client
+            response = await client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
             if response.code != 220:
                 raise DeliveryError(
                     upstream_reply(_as_temp(response.code), response.message),
                     f"{conn.destination}: XCLIENT refused: {response.code} {response.message}",
                 )
-            await self._ehlo(client, conn.server)  # XCLIENT resets the session like a new greeting
+            # XCLIENT resets the session like a new greeting; greet with the client's own name,
+            # or that EHLO would replace the HELO= just sent (Postfix logs and Received show it).
+            await self._ehlo(client, conn.server, session.helo)
+            conn.identity = identity
         elif mode in ("auto", "xforward") and client.supports_extension("xforward"):
             offered = set(client.esmtp_extensions.get("xforward", "").upper().split())
             attrs = _xforward_attributes(session, offered)
@@ -332,7 +355,7 @@ def _addr(ip: str) -> str:
     return f"IPV6:{ip}" if ":" in ip else ip
 
 
-def _xclient_attributes(session: Session, offered: set[str]) -> list[str]:
+def _xclient_attributes(session: Session, offered: frozenset[str]) -> list[str]:
     values = {
         "ADDR": _addr(session.client.ip),
         "PORT": str(session.client.port),
