@@ -239,3 +239,37 @@ async def test_required_identity_not_offered_is_a_temporary_failure(proxy_factor
         451, "4.7.0 Upstream mail server does not accept the client identity")
     assert sink.messages == []
     sink.server.close()
+
+
+async def test_pool_limits_messages_per_connection_and_idle_time(proxy_factory: ProxyFactory) -> None:
+    sink = await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=sink.port, pool={"max_idle": 4, "max_messages": 2, "idle_timeout": 60}))
+    for _ in range(4):
+        assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert len(sink.handler.helo_names) == 2  # a connection retires after two messages
+    stale = await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=stale.port, pool={"idle_timeout": 0.05}))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    server = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    server.idle[0].idle_since -= 1.0  # as if it had sat idle for a second
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert len(stale.handler.helo_names) == 2  # the stale connection was not reused
+    sink.server.close()
+    stale.server.close()
+
+
+async def test_idle_connections_are_closed_after_their_idle_time(proxy_factory: ProxyFactory) -> None:
+    sink = await start_sink()
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=sink.port, pool={"idle_timeout": 0.1}))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    server = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    assert len(server.idle) == 1
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while server.idle:  # the sweeper closes it without any new traffic
+        assert loop.time() < deadline, "idle connection never swept"
+        await asyncio.sleep(0.02)
+    sink.server.close()

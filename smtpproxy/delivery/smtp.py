@@ -22,6 +22,8 @@ silently rewrites some addresses.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +63,7 @@ class SmtpDelivery:
     ):
         self.connector = connector
         self.rcpt_mode = rcpt_mode
+        self._sweeper: asyncio.Task[None] | None = None
         self._routes: dict[str, list[UpstreamServer]] = {DEFAULT_ROUTE: list(default)}
         self._matchers: list[tuple[str, RelayPolicy]] = []
         for index, (matcher, servers) in enumerate(routes):
@@ -100,9 +103,14 @@ class SmtpDelivery:
         return DEFAULT_ROUTE
 
     async def start(self) -> None:
-        return None
+        if self.connector.settings.max_idle > 0:
+            self._sweeper = asyncio.get_running_loop().create_task(self.connector.sweep(self.servers))
 
     async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         await self.connector.close_idle(self.servers)
 
     async def deliver(self, session: Session, transaction: Transaction, content: bytes) -> Delivered:

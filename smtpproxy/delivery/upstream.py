@@ -226,6 +226,17 @@ class Connector:
             while server.idle:
                 await self.discard(server.idle.popleft())
 
+    async def sweep(self, servers: Sequence[UpstreamServer]) -> None:
+        """Close idle connections past their idle time, forever (run as a task)."""
+        while True:
+            await asyncio.sleep(self.settings.idle_timeout / 2)
+            limit = time.monotonic() - self.settings.idle_timeout
+            for server in servers:
+                stale = [c for c in server.idle if c.idle_since < limit]
+                for conn in stale:
+                    server.idle.remove(conn)
+                    await self.discard(conn)
+
     async def _open(self, server: UpstreamServer) -> Connection:
         """Connect, greet, apply TLS and AUTH. Raises DeliveryError (temporary) on any failure."""
         s = self.settings
