@@ -29,6 +29,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("delivery (type: smtp)", c.SmtpDelivery, "Forward to an upstream MTA with aiosmtplib."),
     ("quarantine", c.Quarantine, "Where quarantined messages are kept."),
     ("plugins[]", c.PluginSpec, "The plugin chain, in the order it runs."),
+    ("dns", c.DNS, "The resolver every plugin shares."),
     ("logging", c.Logging, "Log format and level (logs go to stderr)."),
 ]
 

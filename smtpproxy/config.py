@@ -1381,6 +1381,22 @@ class PluginSpec(_Model):
         return value
 
 
+class DNS(_Model):
+    """The resolver every plugin shares (SPF, DKIM, DMARC, DNSBL, reverse DNS)."""
+
+    nameservers: list[IPAddress] | None = Field(
+        default=None, description="Resolver addresses; default: those in /etc/resolv.conf."
+    )
+    port: int = Field(default=53, strict=True, ge=1, le=65535, description="Resolver port.")
+    timeout: float = Field(
+        default=5, strict=True, gt=0, allow_inf_nan=False,
+        description="Seconds a lookup may take before it counts as a temporary error.",
+    )
+    cache_size: int = Field(
+        default=10000, strict=True, ge=0, description="Answers cached (by their TTL); 0 turns the cache off."
+    )
+
+
 class Logging(_Model):
     """Log output."""
 
@@ -1410,6 +1426,7 @@ class Config(_Model):
     plugins: list[PluginSpec] = Field(
         default=[], description="Filter plugins, called in this order for every message."
     )
+    dns: DNS = Field(default=DNS(), description="DNS resolver settings shared by all plugins.")
     logging: Logging = Field(default=Logging(), description="Log level and format.")
     hostname: HeloName | None = Field(
         default=None,

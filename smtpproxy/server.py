@@ -16,6 +16,7 @@ import socket
 import ssl
 from pathlib import Path
 
+from smtpproxy import dns
 from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource, ListenerTLS, MaildirDelivery
@@ -118,6 +119,8 @@ class ProxyServer:
     async def start(self) -> None:
         """Run startup hooks, prepare delivery, open every listener; StartupError if any fails."""
         services = self.services
+        d = self.config.dns
+        dns.configure(dns.Resolver(d.nameservers, port=d.port, timeout=d.timeout, cache_size=d.cache_size))
         failures = await services.chain.notify("startup")
         if failures:
             raise StartupError("; ".join(f"plugin {name}: startup failed: {err}" for name, err in failures))
@@ -188,7 +191,12 @@ class ProxyServer:
         if self.services.background:
             await asyncio.wait(set(self.services.background), timeout=max(1.0, grace))
         for server in self._servers:
-            await server.wait_closed()
+            # On Python 3.11 wait_closed also waits for connections still setting up (PROXY
+            # header, TLS handshake); those time out on their own, but never wait forever.
+            try:
+                await asyncio.wait_for(server.wait_closed(), timeout=max(1.0, grace))
+            except TimeoutError:
+                log.warning("event=shutdown_slow note=%s", "listener connections still open")
         await self.services.chain.notify("shutdown")
         await self.services.delivery.close()
         self._stopped.set()
