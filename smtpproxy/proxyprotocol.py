@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from aiosmtpd.proxy_protocol import PROTO, V2_CMD, get_proxy
 
 from smtpproxy.eventlog import event
+from smtpproxy.networks import ip_in_networks
 from smtpproxy.session import Client
 
 __all__ = ["ProxyProtocolSettings", "read_proxy_header"]
@@ -38,13 +39,7 @@ class ProxyProtocolSettings:
     timeout: float = 5.0
 
     def trusts(self, ip: str) -> bool:
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.trusted)
+        return ip_in_networks(ip, self.trusted)
 
 
 def _refuse(peer: Client, reason: str) -> None:

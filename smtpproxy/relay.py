@@ -7,15 +7,13 @@ requires ``postmaster`` without a domain to be accepted from anyone.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from smtpproxy.addresses import Address
+from smtpproxy.networks import IPNetwork, ip_in_networks
 
 __all__ = ["RelayPolicy"]
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,13 +44,7 @@ class RelayPolicy:
     def is_trusted_client(self, ip: str, auth_user: str | None) -> bool:
         if auth_user is not None and self.allow_authenticated:
             return True
-        try:
-            addr = ipaddress.ip_address(ip)
-        except ValueError:
-            return False
-        if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
-            addr = addr.ipv4_mapped
-        return any(addr in net for net in self.networks)
+        return ip_in_networks(ip, self.networks)
 
     def permits(self, recipient: Address, client_ip: str, auth_user: str | None) -> bool:
         if recipient.domain == "" and recipient.local.lower() == "postmaster":

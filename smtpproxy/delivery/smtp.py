@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import aiosmtplib
@@ -219,15 +219,21 @@ class _Transfer:
         else:
             await self.connector.discard(self.conn)
 
-    async def _command(self, *args: bytes) -> Reply:
+    @contextlib.contextmanager
+    def _lost_upstream_is_temporary(self) -> Iterator[None]:
+        """A timeout or lost connection mid-transaction: 451, the client retries."""
         try:
-            response = await self.conn.client.execute_command(*args)
+            yield
         except aiosmtplib.SMTPTimeoutError as exc:
             raise DeliveryError(Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
                                 f"{self.conn.destination}: {exc}") from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             raise DeliveryError(Reply(451, "4.4.2", "Upstream connection lost, try again later"),
                                 f"{self.conn.destination}: {type(exc).__name__}: {exc}") from exc
+
+    async def _command(self, *args: bytes) -> Reply:
+        with self._lost_upstream_is_temporary():
+            response = await self.conn.client.execute_command(*args)
         return upstream_reply(response.code, response.message)
 
     async def mail(self, envelope: Envelope, size: int | None) -> None:
@@ -257,18 +263,13 @@ class _Transfer:
         return await self._command(b"RCPT", b"TO:<" + address.text.encode(encoding) + b">")
 
     async def data(self, content: bytes) -> Reply:
-        try:
-            response = await self.conn.client.data(content, timeout=self.connector.settings.data_timeout)
-        except aiosmtplib.SMTPDataError as exc:
-            self.clean = True  # a refusal of the message leaves the session usable
-            raise DeliveryError(upstream_reply(exc.code, exc.message),
-                                f"{self.conn.destination}: DATA refused: {exc.code}") from exc
-        except aiosmtplib.SMTPTimeoutError as exc:
-            raise DeliveryError(Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
-                                f"{self.conn.destination}: {exc}") from exc
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise DeliveryError(Reply(451, "4.4.2", "Upstream connection lost, try again later"),
-                                f"{self.conn.destination}: {type(exc).__name__}: {exc}") from exc
+        with self._lost_upstream_is_temporary():
+            try:
+                response = await self.conn.client.data(content, timeout=self.connector.settings.data_timeout)
+            except aiosmtplib.SMTPDataError as exc:
+                self.clean = True  # a refusal of the message leaves the session usable
+                raise DeliveryError(upstream_reply(exc.code, exc.message),
+                                    f"{self.conn.destination}: DATA refused: {exc.code}") from exc
         reply = upstream_reply(response.code, response.message)
         self.clean = True
         if reply.code != 250:

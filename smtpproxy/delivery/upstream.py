@@ -17,7 +17,7 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -366,30 +366,33 @@ def _addr(ip: str) -> str:
     return f"IPV6:{ip}" if ":" in ip else ip
 
 
-def _xclient_attributes(session: Session, offered: frozenset[str]) -> list[str]:
-    values = {
+def _client_values(session: Session) -> dict[str, str]:
+    """What XCLIENT and XFORWARD both say about the original client."""
+    return {
         "ADDR": _addr(session.client.ip),
         "PORT": str(session.client.port),
         "NAME": session.client.hostname or "[UNAVAILABLE]",
         "HELO": session.helo or "[UNAVAILABLE]",
         "PROTO": "ESMTP" if session.esmtp else "SMTP",
+    }
+
+
+def _encode(values: dict[str, str], offered: Collection[str]) -> list[str]:
+    """``NAME=xtext`` for the attributes the server offers and we know."""
+    return [f"{k}={xtext(v)}" for k, v in values.items() if k in offered and v]
+
+
+def _xclient_attributes(session: Session, offered: frozenset[str]) -> list[str]:
+    return _encode({
+        **_client_values(session),
         "LOGIN": session.auth_user or "[UNAVAILABLE]",
         "DESTADDR": _addr(session.local_ip) if session.local_ip else "",
         "DESTPORT": str(session.local_port) if session.local_port else "",
-    }
-    return [f"{k}={xtext(v)}" for k, v in values.items() if k in offered and v]
+    }, offered)
 
 
 def _xforward_attributes(session: Session, offered: set[str]) -> list[str]:
-    values = {
-        "ADDR": _addr(session.client.ip),
-        "PORT": str(session.client.port),
-        "NAME": session.client.hostname or "[UNAVAILABLE]",
-        "HELO": session.helo or "[UNAVAILABLE]",
-        "PROTO": "ESMTP" if session.esmtp else "SMTP",
-        "SOURCE": "REMOTE",
-    }
-    return [f"{k}={xtext(v)}" for k, v in values.items() if k in offered and v]
+    return _encode({**_client_values(session), "SOURCE": "REMOTE"}, offered)
 
 
 def _as_temp(code: int) -> int:
