@@ -1,0 +1,38 @@
+"""What an admin may ask a plugin to do with a result: the shared ``actions:`` vocabulary.
+
+Every first-party plugin that classifies mail (SPF, DKIM, DMARC, DNSBL, ...) maps each of
+its results to one action, configured like ``fail: reject``, ``softfail: 3.5`` (a score) or
+``temperror: tempfail``. One helper turns that into a Verdict, so all plugins behave alike.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from smtpproxy import Verdict
+
+ActionName = Literal["continue", "reject", "tempfail", "quarantine"]
+ActionSpec = ActionName | float
+"""A named action, or a number: continue and add that many points to the score."""
+
+
+def verdict_for(
+    action: ActionSpec,
+    *,
+    reject_text: str,
+    tempfail_text: str,
+    reason: str,
+    tags: tuple[str, ...] = (),
+    reject_enhanced: str = "5.7.1",
+    tempfail_enhanced: str = "4.7.1",
+) -> Verdict | None:
+    """The verdict for one configured action; None only for a plain continue without tags."""
+    if isinstance(action, int | float) and not isinstance(action, bool):
+        return Verdict.cont(score=float(action), reason=reason, tags=tags)
+    if action == "reject":
+        return Verdict.reject(reject_text, code=550, enhanced=reject_enhanced, reason=reason)
+    if action == "tempfail":
+        return Verdict.tempfail(tempfail_text, code=451, enhanced=tempfail_enhanced, reason=reason)
+    if action == "quarantine":
+        return Verdict.quarantine(reason)
+    return Verdict.cont(reason=reason, tags=tags) if tags else None
