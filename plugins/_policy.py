@@ -7,6 +7,7 @@ its results to one action, configured like ``fail: reject``, ``softfail: 3.5`` (
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Literal
 
 from smtpproxy import Verdict
@@ -26,13 +27,16 @@ def verdict_for(
     reject_enhanced: str = "5.7.1",
     tempfail_enhanced: str = "4.7.1",
 ) -> Verdict | None:
-    """The verdict for one configured action; None only for a plain continue without tags."""
+    """The verdict for one configured action, carrying the tags whatever the action;
+    None only for a plain continue without tags."""
     if isinstance(action, int | float) and not isinstance(action, bool):
         return Verdict.cont(score=float(action), reason=reason, tags=tags)
     if action == "reject":
-        return Verdict.reject(reject_text, code=550, enhanced=reject_enhanced, reason=reason)
-    if action == "tempfail":
-        return Verdict.tempfail(tempfail_text, code=451, enhanced=tempfail_enhanced, reason=reason)
-    if action == "quarantine":
-        return Verdict.quarantine(reason)
-    return Verdict.cont(reason=reason, tags=tags) if tags else None
+        verdict = Verdict.reject(reject_text, code=550, enhanced=reject_enhanced, reason=reason)
+    elif action == "tempfail":
+        verdict = Verdict.tempfail(tempfail_text, code=451, enhanced=tempfail_enhanced, reason=reason)
+    elif action == "quarantine":
+        verdict = Verdict.quarantine(reason)
+    else:
+        return Verdict.cont(reason=reason, tags=tags) if tags else None
+    return replace(verdict, tags=tags)

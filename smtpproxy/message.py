@@ -22,6 +22,7 @@ prevent header and message smuggling.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
@@ -384,14 +385,16 @@ class Message:
             fields.append(field)
         self._record(Change("add", name, field.value), headers=True)
 
-    def remove_header(self, name: str) -> int:
+    def remove_header(self, name: str, *, matching: Callable[[str], bool] | None = None) -> int:
         """Remove every field called ``name`` (case-insensitive); return how many.
 
-        Removing nothing is not a modification and is not recorded.
+        With ``matching``, only the fields whose (unfolded) value it accepts go; the others
+        stay exactly where and as they were. Removing nothing is not a modification and is
+        not recorded.
         """
         key = _key(name)
         fields = self._parse()
-        kept = [f for f in fields if f.key != key]
+        kept = [f for f in fields if f.key != key or (matching is not None and not matching(f.value))]
         removed = len(fields) - len(kept)
         if removed:
             fields[:] = kept

@@ -15,6 +15,7 @@ import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
+from pathlib import Path
 from typing import Any
 
 import pluggy
@@ -123,7 +124,9 @@ def instantiate(
     if not (inspect.isclass(settings_model) and issubclass(settings_model, pydantic.BaseModel)):
         raise ConfigError([_problem(source, where, f"{target.__name__}.Settings is not a pydantic model")])
     try:
-        validated = settings_model.model_validate(settings)
+        # Relative paths in a plugin's settings are relative to the configuration file.
+        base_dir = Path(source.file).absolute().parent if source is not None else Path.cwd()
+        validated = settings_model.model_validate(settings, context={"base_dir": base_dir})
     except pydantic.ValidationError as exc:
         if source is None:
             raise ConfigError(

@@ -24,6 +24,7 @@ from smtpproxy.config import Config
 from smtpproxy.registry import new_plugin_manager
 from smtpproxy.server import ProxyServer
 from tests.dns_server import dns_server as dns_server  # noqa: PLC0414 - re-exported fixture
+from tests.dns_server import module_dns_server as module_dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.postfix_instance import postfix_factory as postfix_factory  # noqa: PLC0414 - re-exported fixture
 
 TIMEOUT = 10.0

@@ -9,6 +9,7 @@ unknown names, NODATA for known names without the asked type.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import pytest
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 from dnslib.server import BaseResolver, DNSHandler, DNSServer
 
-__all__ = ["ZoneServer", "dns_server"]
+__all__ = ["ZoneServer", "dns_server", "module_dns_server", "running_zone_server"]
 
 
 @dataclass
@@ -140,9 +141,9 @@ def _free_port_for_udp_and_tcp() -> int:
     raise RuntimeError("no port free for both UDP and TCP")
 
 
-@pytest.fixture
-def dns_server() -> Iterator[ZoneServer]:
-    """A running authoritative server; point the resolver at ``127.0.0.1:dns_server.port``."""
+@contextlib.contextmanager
+def running_zone_server() -> Iterator[ZoneServer]:
+    """Start a server (UDP and TCP on one free port) for the duration of the block."""
     data = ZoneServer()
     resolver = _Resolver(data)
     port = _free_port_for_udp_and_tcp()
@@ -152,9 +153,29 @@ def dns_server() -> Iterator[ZoneServer]:
         for tcp in (False, True)
     ]
     for server in servers:
-        server.start_thread()
+        # dnslib's start_thread polls for shutdown every 0.5 s; 0.05 s keeps teardown quick.
+        thread = threading.Thread(target=server.server.serve_forever, kwargs={"poll_interval": 0.05},
+                                  daemon=True)
+        server.thread = thread
+        thread.start()
     data.port = port
-    yield data
-    for server in servers:
-        server.stop()
-        server.server.server_close()
+    try:
+        yield data
+    finally:
+        for server in servers:
+            server.stop()
+            server.server.server_close()
+
+
+@pytest.fixture
+def dns_server() -> Iterator[ZoneServer]:
+    """A running authoritative server; point the resolver at ``127.0.0.1:dns_server.port``."""
+    with running_zone_server() as data:
+        yield data
+
+
+@pytest.fixture(scope="module")
+def module_dns_server() -> Iterator[ZoneServer]:
+    """One server for a whole test module (clear() it between tests)."""
+    with running_zone_server() as data:
+        yield data

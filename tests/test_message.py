@@ -604,3 +604,14 @@ def test_property_edits_stay_safe_and_reparse(
     for field in FIELD_RE.findall(original_fields):
         if field.split(b":", 1)[0].decode().lower() not in touched:
             pos = out.index(field, pos) + len(field)
+
+
+def test_remove_header_matching_keeps_the_others_byte_for_byte() -> None:
+    raw = (b"Authentication-Results: mx.ours.test; spf=pass\r\n"
+           b"Authentication-Results: other.test;\r\n\tdkim=pass header.d=a.test\r\n"
+           b"Subject: s\r\n\r\nbody\r\n")
+    message = Message(raw)
+    assert message.remove_header("authentication-results", matching=lambda v: v.startswith("mx.ours.test")) == 1
+    assert message.raw == raw.replace(b"Authentication-Results: mx.ours.test; spf=pass\r\n", b"")
+    assert message.remove_header("Subject", matching=lambda v: False) == 0
+    assert not [c for c in message.changes if c.name == "Subject"]

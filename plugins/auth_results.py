@@ -1,0 +1,186 @@
+"""auth_results: one RFC 8601 ``Authentication-Results:`` header from every recorded check.
+
+    plugins:
+      - name: spf
+      - name: dkim_verify
+      - name: arc
+      - name: dmarc
+      - name: auth_results          # last of the checking plugins
+        settings:
+          authserv_id: mx.example.com
+
+At ``data`` the plugin first removes every ``Authentication-Results:`` field that claims to
+come from this host (its authserv-id equals ``authserv_id``, compared case-insensitively):
+a sender could have forged one, or the message passed here before (RFC 8601 section 5).
+Fields from other hosts are kept, in their order. Then it prepends exactly one field built
+with the ``authres`` package from the checks the earlier plugins recorded
+(``smtpproxy.authresults``): SPF, DKIM (one clause per signature), DMARC and ARC, in that
+order, then any other method in the order recorded. With nothing recorded the field says
+``<authserv_id>; none`` (RFC 8601 section 2.2)::
+
+    Authentication-Results: mx.example.com; spf=pass smtp.mailfrom=a@example.org;
+     dkim=pass header.d=example.org header.s=sel header.b=AbCdEf12; dmarc=pass ...
+
+The field is written as one logical line; ``Message`` folds it only past 998 octets.
+Removing a forged field has to remove all ``Authentication-Results:`` fields and put the
+foreign ones back at the top (``Message`` has no way to drop a single field), so when that
+happens the foreign fields move above the other header fields and are re-encoded unfolded.
+A message with no field of ours is left exactly as it came, apart from the new field.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from authres import AuthenticationResultsHeader
+from authres.core import AuthenticationResult, AuthenticationResultProperty
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from smtpproxy import Message, Transaction, hookimpl
+from smtpproxy.authresults import AuthCheck, checks
+
+__all__ = ["AuthResults", "authserv_id_of", "header_value"]
+
+log = logging.getLogger(__name__)
+
+HEADER = "Authentication-Results"
+_ORDER = {"spf": 0, "dkim": 1, "dmarc": 2, "arc": 3}
+_SIGNATURE_PREFIX = 8  # RFC 6008 section 4: header.b carries at least 8 characters of b=
+# RFC 2045 token: printable ASCII except SPACE and tspecials ()<>@,;:\"/[]?=
+_TOKEN = re.compile(r"[!#$%&'*+\-.0-9A-Z^_`a-z{|}~]+")
+_KEYWORD = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?")  # RFC 8601 method/result/ptype
+_PROPERTY = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
+# An RFC 8601 pvalue written as [local-part] "@" domain: dot-atom or quoted-string local part
+# (UTF-8 allowed, RFC 6532), dot-atom domain.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u00a0-\U0010ffff]"
+_DOT_ATOM = rf"{_ATEXT}+(?:\.{_ATEXT}+)*"
+_QUOTED = r'"(?:[^"\\]|\\.)*"'
+_MAILBOX = re.compile(rf"(?:{_DOT_ATOM}|{_QUOTED})?@{_DOT_ATOM}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+
+
+class _Value(str):
+    """A pvalue or reason that quotes itself as RFC 8601 requires.
+
+    ``authres`` leaves anything containing ``@`` unquoted, which is wrong for a reason text
+    such as ``"no key for a@b"``; this writes a token or a mailbox as is and everything else
+    as a quoted-string.
+    """
+
+    __slots__ = ()
+
+    def __new__(cls, text: str) -> _Value:
+        return super().__new__(cls, _CONTROL.sub("?", text))
+
+    def quote_if_needed(self) -> str:
+        if _TOKEN.fullmatch(self) or _MAILBOX.fullmatch(self):
+            return str(self)
+        return '"' + self.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class _Reason(_Value):
+    __slots__ = ()
+
+    def quote_if_needed(self) -> str:
+        if _TOKEN.fullmatch(self):
+            return str(self)
+        return '"' + self.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def _clause(check: AuthCheck) -> AuthenticationResult | None:
+    """One resinfo clause, or None for a check that cannot be written (logged)."""
+    if not _KEYWORD.fullmatch(check.method) or not _KEYWORD.fullmatch(check.result):
+        log.warning("auth_results: cannot write method %r result %r", check.method, check.result)
+        return None
+    properties = []
+    for key, text in check.properties.items():
+        ptype, _, name = key.partition(".")
+        if not _KEYWORD.fullmatch(ptype) or not _PROPERTY.fullmatch(name) or not text:
+            continue
+        prop = AuthenticationResultProperty(ptype, name)
+        prop.value = _Value(text[:_SIGNATURE_PREFIX] if key == "header.b" else text)
+        properties.append(prop)
+    clause = AuthenticationResult(check.method, result=check.result, properties=properties)
+    if check.reason:
+        clause.reason = _Reason(check.reason)
+    return clause
+
+
+def header_value(authserv_id: str, recorded: list[AuthCheck]) -> str:
+    """The field value: ``authserv-id; method=result ...; ...`` or ``authserv-id; none``."""
+    ordered = sorted(recorded, key=lambda c: _ORDER.get(c.method, len(_ORDER)))
+    clauses = [c for c in map(_clause, ordered) if c is not None]
+    header = AuthenticationResultsHeader(authserv_id=authserv_id, results=clauses)
+    value: str = header.header_value()  # one line: every part is free of controls
+    return value
+
+
+def _skip_cfws(text: str, pos: int) -> int:
+    """Skip whitespace and (nested) comments from ``pos``."""
+    depth = 0
+    while pos < len(text):
+        ch = text[pos]
+        if depth and ch == "\\":
+            pos += 2
+            continue
+        if ch == "(":
+            depth += 1
+        elif ch == ")" and depth:
+            depth -= 1
+        elif not depth and ch not in " \t":
+            break
+        pos += 1
+    return pos
+
+
+def authserv_id_of(value: str) -> str | None:
+    """The authserv-id an ``Authentication-Results`` value starts with, or None if unreadable."""
+    pos = _skip_cfws(value, 0)
+    if value[pos : pos + 1] == '"':
+        match = re.compile(_QUOTED).match(value, pos)
+        if match is None:
+            return None
+        return re.sub(r"\\(.)", r"\1", match.group()[1:-1])
+    match = _TOKEN.match(value, pos)
+    return match.group() if match else None
+
+
+class AuthResults:
+    """Write ``Authentication-Results:`` at ``data``; place it after every checking plugin."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+        authserv_id: str = Field(
+            description="This host's name as written in the header (the authserv-id), "
+            "e.g. mx.example.com. Fields carrying it that arrive with the message are removed.",
+        )
+        remove_forged: bool = Field(
+            default=True,
+            description="Remove Authentication-Results fields that arrive with our authserv-id "
+            "(forged, or from an earlier pass through this host); fields of other hosts are kept.",
+        )
+
+        @field_validator("authserv_id")
+        @classmethod
+        def _token(cls, value: str) -> str:
+            if not _TOKEN.fullmatch(value):
+                raise ValueError("must be a host name (letters, digits, '.', '-'; no spaces or ';')")
+            return value
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def remove_ours(self, message: Message) -> int:
+        """Remove fields whose authserv-id is ours; others stay byte for byte where they are."""
+        ours = self.settings.authserv_id.lower()
+        return message.remove_header(HEADER, matching=lambda v: (authserv_id_of(v) or "").lower() == ours)
+
+    @hookimpl
+    def data(self, transaction: Transaction, message: Message) -> None:
+        if self.settings.remove_forged:
+            removed = self.remove_ours(message)
+            if removed:
+                log.info("auth_results: removed %d %s field(s) claiming to be %s",
+                         removed, HEADER, self.settings.authserv_id)
+        message.add_header(HEADER, header_value(self.settings.authserv_id, checks(transaction)))

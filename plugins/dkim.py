@@ -1,0 +1,821 @@
+"""dkim_verify and dkim_sign: DKIM (RFC 6376, RSA and RFC 8463 Ed25519) at ``data``.
+
+    plugins:
+      - name: dkim_verify          # early: DMARC and auth_results read what it records
+        settings:
+          require_valid_for: [bank.example]
+          actions: {fail: 1.0, permerror: 0.5}
+      - name: dkim_sign            # last: anything a later plugin changes is not covered
+        settings:
+          relay_networks: [192.0.2.0/24]
+          keys:
+            - {domain: example.com, selector: rsa2024, key_file: keys/example.com.rsa.pem}
+            - {domain: example.com, selector: ed2024, key_file: keys/example.com.ed.pem,
+               algorithm: ed25519-sha256}
+
+**Verifying.** Every DKIM-Signature (up to ``max_signatures``) is verified and recorded as an
+:class:`~smtpproxy.authresults.AuthCheck` (``dkim``, with ``header.d``, ``header.s``,
+``header.i``, ``header.a`` and ``header.b``) for DMARC and the Authentication-Results writer;
+a message without any is recorded once as ``none``. The overall result (the best of the
+signatures' results) picks the configured action. Policy belongs to DMARC, so by default a
+failed signature only adds a point and nothing is refused (RFC 6376 section 6.3: a broken
+signature must be treated like none at all); ``require_valid_for`` is the exception for
+domains known to sign all their mail.
+
+**Sync and async.** The key lookups run on the event loop through the shared resolver
+(:func:`smtpproxy.dns.get_resolver`), all concurrently, before dkimpy runs: a lookup that
+times out or fails gives ``temperror``. dkimpy itself (canonicalization, hashing, RSA/Ed25519)
+is CPU work on the whole message, so it runs in ``run_blocking`` with a ``dnsfunc`` that
+answers from those prefetched lookups. (dkimpy's own async mode needs aiodns and would hash
+large bodies on the event loop.)
+
+**Signing.** Mail from authenticated clients or from ``relay_networks`` whose From: (or
+envelope sender) domain has keys gets one signature per key, relaxed/relaxed, prepended. RSA
+signatures end up above Ed25519 ones, so a verifier that only checks the first signature (or
+cannot do Ed25519) sees RSA. Ed25519 needs the PyNaCl package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import email.utils
+import importlib
+import logging
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import dkim
+import dkim.crypto
+import dkim.util
+import dns.exception
+import dns.name
+import dns.resolver
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+
+from smtpproxy import Action, Message, Session, Transaction, Verdict, hookimpl, run_blocking
+from smtpproxy.authresults import AuthCheck, record
+from smtpproxy.config import Network
+from smtpproxy.dns import DNSTemporaryError, get_resolver
+from smtpproxy.networks import ip_in_networks
+
+from ._policy import ActionSpec, verdict_for
+
+__all__ = [
+    "DEFAULT_SIGN_HEADERS",
+    "DKIMResult",
+    "DKIMSign",
+    "DKIMVerify",
+    "KeyLookup",
+    "SignatureResult",
+    "SigningKey",
+    "fetch_keys",
+    "load_private_key",
+]
+
+log = logging.getLogger(__name__)
+
+DKIMResult = Literal["pass", "fail", "neutral", "policy", "temperror", "permerror", "none"]
+
+DEFAULT_ACTIONS: dict[DKIMResult, ActionSpec] = {
+    "fail": 1.0,
+    "none": "continue",
+    "temperror": "continue",
+}
+
+#: The overall result is the first of these that any signature has: one good signature is
+#: enough, a temporary error may still turn into a pass, and so on down.
+_PRECEDENCE: tuple[DKIMResult, ...] = (
+    "pass", "temperror", "fail", "policy", "permerror", "neutral", "none",
+)
+
+# RFC 7372 enhanced status codes.
+NO_PASSING = ("5.7.20", "No passing DKIM signature found")
+NO_ACCEPTABLE = ("5.7.21", "No acceptable DKIM signature found")
+NO_AUTHOR_MATCHED = ("5.7.22", "No valid author-matched DKIM signature found")
+# RFC 3463 X.7.5 "Cryptographic failure": the key was not available (here: not yet).
+TEMPORARY = ("4.7.5", "DKIM key lookup failed temporarily, try again later")
+TEMPFAIL_OTHER = ("4.7.1", "DKIM check failed, try again later")
+
+DEFAULT_SIGN_HEADERS: tuple[str, ...] = (
+    "from", "sender", "reply-to", "to", "cc", "subject", "date", "message-id",
+    "in-reply-to", "references", "mime-version", "content-type", "content-transfer-encoding",
+    "list-id", "list-unsubscribe", "list-unsubscribe-post",
+)
+#: RFC 6376 section 5.4: fields that must not be signed (dkimpy refuses them too).
+_NEVER_SIGN = frozenset(x.decode() for x in dkim.DKIM.SHOULD_NOT)
+
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)\Z")
+_FIELD_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+\Z")
+# PKCS#8 Ed25519 private key: AlgorithmIdentifier OID 1.3.101.112, then OCTET STRING(OCTET STRING(32)).
+_ED25519_PKCS8 = re.compile(rb"\x06\x03\x2b\x65\x70\x04\x22\x04\x20(.{32})", re.S)
+_PEM = re.compile(rb"-----BEGIN ([A-Z0-9 ]+)-----(.*?)-----END \1-----", re.S)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def normalize_domain(value: str, what: str = "domain") -> str:
+    """Lower-case A-label form without a trailing dot; ValueError if it is not a domain name."""
+    text = value.strip().rstrip(".").lower()
+    try:
+        ascii_form = text.encode("idna").decode("ascii") if text else ""
+    except UnicodeError:
+        raise ValueError(f"not a valid {what}: {value!r}") from None
+    labels = ascii_form.split(".")
+    if not ascii_form or len(ascii_form) > 253 or not all(_LABEL.match(label) for label in labels):
+        raise ValueError(f"not a valid {what}: {value!r}")
+    return ascii_form
+
+
+def _domain_of(address: str) -> str | None:
+    """The normalized domain of an address, or None when there is none to use."""
+    local, at, domain = address.rpartition("@")
+    if not at or not local or not domain:
+        return None
+    try:
+        return normalize_domain(domain)
+    except ValueError:
+        return None
+
+
+def author_domains(message: Message) -> list[str]:
+    """The RFC5322.From domains, in order, without duplicates (usually exactly one)."""
+    found: list[str] = []
+    for _, address in email.utils.getaddresses(message.get_all("From")):
+        domain = _domain_of(address)
+        if domain is not None and domain not in found:
+            found.append(domain)
+    return found
+
+
+class _DebugOnly(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """dkimpy logs problems with attacker-controlled input at ERROR; they are results here."""
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        super().log(logging.DEBUG, msg, *args, **kwargs)
+
+
+_dkimpy_log = _DebugOnly(logging.getLogger(f"{__name__}.dkimpy"), {})
+
+
+# --------------------------------------------------------------------------- key lookups
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLookup:
+    """What DNS said for one ``<selector>._domainkey.<domain>`` name."""
+
+    status: Literal["found", "missing", "temperror", "invalid"]
+    record: bytes | None = None
+    detail: str = ""
+
+
+def _key_name(selector: bytes | str, domain: bytes | str) -> str:
+    s = selector.decode("ascii", "replace") if isinstance(selector, bytes) else selector
+    d = domain.decode("ascii", "replace") if isinstance(domain, bytes) else domain
+    return f"{s}._domainkey.{d}".rstrip(".").lower()
+
+
+def _check_name(name: str) -> KeyLookup | None:
+    if not name.isascii():
+        return KeyLookup("invalid", detail=f"key name {name!r} is not ASCII")
+    try:
+        dns.name.from_text(name)
+    except dns.exception.DNSException as exc:
+        return KeyLookup("invalid", detail=f"key name {name!r} is not a valid DNS name ({exc})")
+    return None
+
+
+async def fetch_key(name: str) -> KeyLookup:
+    """Look up one key record with the shared resolver (the first TXT record, as dkimpy does)."""
+    invalid = _check_name(name)
+    if invalid is not None:
+        return invalid
+    try:
+        records = await get_resolver().txt(name)
+    except DNSTemporaryError as exc:
+        return KeyLookup("temperror", detail=f"key lookup failed: {exc}")
+    if not records:
+        return KeyLookup("missing", detail=f"no key published at {name}")
+    return KeyLookup("found", records[0])
+
+
+async def fetch_keys(names: Iterable[str]) -> dict[str, KeyLookup]:
+    """Look up every distinct name concurrently."""
+    unique = list(dict.fromkeys(names))
+    found = await asyncio.gather(*(fetch_key(name) for name in unique))
+    return dict(zip(unique, found, strict=True))
+
+
+def _fetch_key_blocking(name: str) -> KeyLookup:
+    """The same lookup from a worker thread (only for a name that was not prefetched)."""
+    invalid = _check_name(name)
+    if invalid is not None:
+        return invalid
+    try:
+        answer = get_resolver().sync_resolver().resolve(name, "TXT", search=False)
+    except (dns.resolver.NXDOMAIN, dns.resolver.NoAnswer):
+        return KeyLookup("missing", detail=f"no key published at {name}")
+    except dns.exception.DNSException as exc:
+        return KeyLookup("temperror", detail=f"key lookup failed: TXT {name}: {exc}")
+    records = [b"".join(r.strings) for r in answer]
+    return KeyLookup("found", records[0]) if records else KeyLookup("missing", detail=f"no key at {name}")
+
+
+class KeySource:
+    """A dkimpy ``dnsfunc`` answering from prefetched lookups; remembers what it was asked."""
+
+    def __init__(self, lookups: MutableMapping[str, KeyLookup]):
+        self.lookups = lookups
+        self.asked: list[str] = []
+
+    def __call__(self, name: bytes, timeout: float = 5) -> bytes | None:
+        key = _plain(name)
+        self.asked.append(key)
+        lookup = self.lookups.get(key)
+        if lookup is None:
+            lookup = self.lookups[key] = _fetch_key_blocking(key)
+        if lookup.status == "temperror":
+            raise dkim.DnsTimeoutError(lookup.detail)
+        return lookup.record if lookup.status == "found" else None
+
+    def temporary_failures(self) -> list[str]:
+        return [self.lookups[n].detail for n in dict.fromkeys(self.asked)
+                if self.lookups[n].status == "temperror"]
+
+
+def _plain(name: bytes) -> str:
+    return name.decode("ascii", "replace").rstrip(".").lower()
+
+
+# --------------------------------------------------------------------------- verifying
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureResult:
+    """The outcome for one DKIM-Signature header field."""
+
+    result: DKIMResult
+    reason: str = ""
+    domain: str = ""
+    selector: str = ""
+    properties: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class _Signature:
+    """What the event-loop side parsed out of one DKIM-Signature header field."""
+
+    tags: dict[bytes, bytes] | None
+    key_name: str | None
+
+    @property
+    def properties(self) -> dict[str, str]:
+        tags = self.tags or {}
+        props: dict[str, str] = {}
+        for tag, prop in ((b"d", "header.d"), (b"s", "header.s"), (b"i", "header.i"), (b"a", "header.a")):
+            if tags.get(tag):
+                props[prop] = tags[tag].decode("ascii", "replace")
+        b = re.sub(rb"\s+", b"", tags.get(b"b", b""))
+        if b:
+            props["header.b"] = b[:8].decode("ascii", "replace")
+        return props
+
+
+def _parse_signature(value: str) -> _Signature:
+    try:
+        tags = dkim.util.parse_tag_value(value.encode("utf-8", "replace"))
+    except dkim.util.InvalidTagValueList:
+        return _Signature(None, None)
+    if not tags.get(b"s") or not tags.get(b"d"):
+        return _Signature(tags, None)
+    return _Signature(tags, _key_name(tags[b"s"], tags[b"d"]))
+
+
+def _key_problem(name: str, key_record: bytes, sig: Mapping[bytes, bytes],
+                 ) -> tuple[DKIMResult, str, int | None]:
+    """Check a key record against a signature: (result, reason, RSA bits); result "pass" if usable."""
+    try:
+        tags = dkim.util.parse_tag_value(key_record)
+    except dkim.util.InvalidTagValueList as exc:
+        return "permerror", f"key record at {name} has a syntax error ({exc})", None
+    if b"p" not in tags:
+        return "permerror", f"key record at {name} has no p= tag", None
+    if not tags[b"p"]:
+        return "permerror", f"key revoked (empty p= at {name})", None
+    if tags.get(b"v", b"DKIM1") != b"DKIM1":
+        return "permerror", f"key record at {name} is not v=DKIM1", None
+    ktype = tags.get(b"k", b"rsa").lower()
+    algorithm = sig.get(b"a", b"").lower()
+    if ktype not in (b"rsa", b"ed25519"):
+        return "permerror", f"unknown key type k={ktype.decode('ascii', 'replace')}", None
+    if algorithm.partition(b"-")[0] != ktype:
+        return ("permerror", f"key type k={ktype.decode()} does not fit "
+                f"a={algorithm.decode('ascii', 'replace')}", None)
+    if b"h" in tags:
+        hashes = [h.strip().lower() for h in tags[b"h"].split(b":")]
+        if algorithm.partition(b"-")[2] not in hashes:
+            return "permerror", f"key at {name} does not allow {algorithm.decode()}", None
+    services = [s.strip().lower() for s in tags.get(b"s", b"*").split(b":")]
+    if b"*" not in services and b"email" not in services:
+        return "permerror", f"key at {name} is not for email (s={tags[b's'].decode()})", None
+    flags = [t.strip().lower() for t in tags.get(b"t", b"").split(b":")]
+    if b"s" in flags and b"i" in sig:
+        identity = sig[b"i"].rpartition(b"@")[2].lower()
+        if identity != sig.get(b"d", b"").lower():
+            return "permerror", "key has t=s but i= is a subdomain of d=", None
+    try:
+        _, bits, _, _ = dkim.evaluate_pk(name.encode(), key_record)
+    except dkim.NaClNotFoundError:
+        return "neutral", "Ed25519 signature, but PyNaCl is not installed", None
+    except (dkim.KeyFormatError, binascii.Error, ValueError) as exc:
+        return "permerror", f"unusable key at {name}: {exc}", None
+    return "pass", "", bits if ktype == b"rsa" else None
+
+
+def _verify_blocking(raw: bytes, signatures: Sequence[_Signature], lookups: MutableMapping[str, KeyLookup],
+                     min_key_bits: int) -> list[tuple[DKIMResult, str]]:
+    """Verify signature 0..n-1 with dkimpy (in a worker thread)."""
+    try:
+        verifier = dkim.DKIM(raw, logger=_dkimpy_log, minkey=0)
+    except dkim.DKIMException as exc:
+        return [("permerror", f"message cannot be parsed for DKIM: {exc}")] * len(signatures)
+    return [_verify_one(verifier, idx, sig, lookups, min_key_bits) for idx, sig in enumerate(signatures)]
+
+
+def _verify_one(verifier: dkim.DKIM, idx: int, sig: _Signature, lookups: MutableMapping[str, KeyLookup],
+                min_key_bits: int) -> tuple[DKIMResult, str]:
+    if sig.tags is None:
+        return "permerror", "signature has a syntax error (not a tag=value list)"
+    source = KeySource(lookups)
+    verifier.signature_fields = {}
+    error: tuple[DKIMResult, str] | None = None
+    ok = False
+    try:
+        ok = bool(verifier.verify(idx=idx, dnsfunc=source))
+    except dkim.ValidationError as exc:
+        text = str(exc)
+        if text.startswith("body hash mismatch"):
+            error = ("fail", "body hash did not verify")
+        else:
+            error = ("permerror", f"invalid signature: {text}")
+    except dkim.NaClNotFoundError:
+        error = ("neutral", "Ed25519 signature, but PyNaCl is not installed")
+    except dkim.DKIMException as exc:
+        error = ("permerror", f"invalid signature: {exc or type(exc).__name__}")
+    except Exception as exc:  # dkimpy on hostile input: a result, never a crash
+        log.info("dkim: signature %d could not be processed: %s: %s", idx, type(exc).__name__, exc)
+        error = ("permerror", f"signature could not be processed ({type(exc).__name__})")
+    if not source.asked:  # the signature itself is broken: never got as far as the key
+        return error or ("permerror", "signature could not be processed")
+    name = source.asked[-1]
+    lookup = lookups[name]
+    if lookup.status == "temperror":
+        return "temperror", lookup.detail
+    if lookup.status != "found" or lookup.record is None:
+        return "permerror", lookup.detail
+    sig_fields = verifier.signature_fields or sig.tags
+    problem, reason, bits = _key_problem(name, lookup.record, sig_fields)
+    if problem != "pass":
+        return problem, reason
+    if error is not None:
+        return error
+    if not ok:
+        return "fail", "signature did not verify"
+    if sig_fields.get(b"a", b"").lower() == b"rsa-sha1":
+        return "policy", "rsa-sha1 signatures are not accepted (RFC 8301)"
+    if bits is not None and bits < min_key_bits:
+        return "policy", f"key too short ({bits} bits, at least {min_key_bits} required)"
+    return "pass", ""
+
+
+def overall_result(results: Iterable[SignatureResult]) -> DKIMResult:
+    """The best result of all signatures (see the precedence above); ``none`` without any."""
+    seen = {r.result for r in results}
+    return next((r for r in _PRECEDENCE if r in seen), "none")
+
+
+def _combine(verdicts: Iterable[Verdict | None]) -> Verdict | None:
+    """The first final verdict, else one continue carrying every score, tag and reason."""
+    present = [v for v in verdicts if v is not None]
+    for verdict in present:
+        if verdict.action is not Action.CONTINUE:
+            return verdict
+    if not present:
+        return None
+    if len(present) == 1:
+        return present[0]
+    return Verdict.cont(
+        score=sum(v.score for v in present),
+        reason="; ".join(v.reason for v in present if v.reason),
+        tags=tuple(dict.fromkeys(t for v in present for t in v.tags)),
+    )
+
+
+def _finite(value: ActionSpec, what: str) -> ActionSpec:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"{what}: a score must be a finite number")
+    return value
+
+
+class DKIMVerify:
+    """Verify every DKIM-Signature at ``data``; place it before ``dmarc`` and ``auth_results``."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        actions: dict[DKIMResult, ActionSpec] = Field(
+            default_factory=lambda: dict(DEFAULT_ACTIONS),
+            description=(
+                "What to do for the overall result (the best of all signatures: pass, then "
+                "temperror, fail, policy, permerror, neutral, none): continue, reject, tempfail, "
+                "quarantine, or a number (continue and add that score). Results not given keep "
+                "their defaults: fail: 1.0, every other result continues. Refusing is DMARC's job."
+            ),
+        )
+        require_valid_for: list[str] = Field(
+            default=[],
+            description=(
+                "Author domains that sign all their mail: a message whose From: domain is one of "
+                "these must carry a passing signature with exactly that d=, else missing_required."
+            ),
+        )
+        missing_required: ActionSpec = Field(
+            default="reject",
+            description=(
+                "What to do when require_valid_for is not met. A reject answers 550 5.7.20 (no "
+                "passing signature at all), 5.7.21 (the domain's signature was not acceptable) or "
+                "5.7.22 (only other domains' signatures passed); if the domain's key lookup failed "
+                "temporarily, a reject becomes 451 4.7.5 instead."
+            ),
+        )
+        max_signatures: int = Field(
+            default=10, strict=True, ge=1, le=100,
+            description="Signatures verified per message, from the top; more are ignored (DoS guard).",
+        )
+        min_key_bits: int = Field(
+            default=1024, strict=True, ge=1024, le=16384,
+            description=(
+                "Shortest RSA key accepted; a signature with a shorter key that verifies is "
+                "recorded as policy (RFC 8301 forbids less than 1024)."
+            ),
+        )
+
+        @field_validator("actions")
+        @classmethod
+        def _with_defaults(cls, value: dict[DKIMResult, ActionSpec]) -> dict[DKIMResult, ActionSpec]:
+            for result, action in value.items():
+                _finite(action, result)
+            return {**DEFAULT_ACTIONS, **value}
+
+        @field_validator("missing_required")
+        @classmethod
+        def _finite_score(cls, value: ActionSpec) -> ActionSpec:
+            return _finite(value, "missing_required")
+
+        @field_validator("require_valid_for")
+        @classmethod
+        def _domains(cls, value: list[str]) -> list[str]:
+            return list(dict.fromkeys(normalize_domain(d) for d in value))
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or self.Settings()
+        self.required = frozenset(self.settings.require_valid_for)
+
+    async def verify(self, message: Message) -> list[SignatureResult]:
+        """Verify the message's signatures (up to max_signatures); [] when it has none."""
+        values = message.get_all("DKIM-Signature")
+        if not values:
+            return []
+        limit = self.settings.max_signatures
+        if len(values) > limit:
+            log.info("dkim: %d signatures, verifying the first %d", len(values), limit)
+        signatures = [_parse_signature(v) for v in values[:limit]]
+        lookups = await fetch_keys(s.key_name for s in signatures if s.key_name is not None)
+        outcomes = await run_blocking(
+            _verify_blocking, message.raw, signatures, lookups, self.settings.min_key_bits
+        )
+        results = []
+        for sig, (result, reason) in zip(signatures, outcomes, strict=True):
+            props = sig.properties
+            results.append(SignatureResult(
+                result, reason, props.get("header.d", "").lower(), props.get("header.s", ""), props
+            ))
+        return results
+
+    @hookimpl
+    async def data(self, session: Session, transaction: Transaction, message: Message) -> Verdict | None:
+        results = await self.verify(message)
+        if not results:
+            record(transaction, AuthCheck("dkim", "none", "message not signed"))
+            log.info("event=dkim result=none")
+        for r in results:
+            record(transaction, AuthCheck("dkim", r.result, r.reason, dict(r.properties)))
+            log.info("event=dkim result=%s d=%s s=%s reason=%r", r.result, r.domain or "-",
+                     r.selector or "-", r.reason)
+        overall = overall_result(results)
+        detail = next((r.reason for r in results if r.result == overall and r.reason), "")
+        reason = f"dkim={overall}" + (f" ({detail})" if detail else "")
+        code, text = NO_ACCEPTABLE if overall == "policy" else NO_PASSING
+        temp_code, temp_text = TEMPORARY if overall == "temperror" else TEMPFAIL_OTHER
+        verdict = verdict_for(
+            self.settings.actions.get(overall, "continue"),
+            reject_text=text, reject_enhanced=code,
+            tempfail_text=temp_text, tempfail_enhanced=temp_code,
+            reason=reason, tags=(f"dkim:{overall}",),
+        )
+        return _combine([self._required(message, results), verdict])
+
+    def _required(self, message: Message, results: Sequence[SignatureResult]) -> Verdict | None:
+        """The missing_required verdict when a required author domain lacks a passing signature."""
+        if not self.required:
+            return None
+        for domain in author_domains(message):
+            if domain not in self.required:
+                continue
+            own = [r for r in results if r.domain == domain]
+            if any(r.result == "pass" for r in own):
+                continue
+            action = self.settings.missing_required
+            temporary = any(r.result == "temperror" for r in own)
+            if temporary and action == "reject":
+                action = "tempfail"
+            temp_code, temp_text = TEMPORARY if temporary else TEMPFAIL_OTHER
+            if any(r.result == "policy" for r in own):
+                code, text = NO_ACCEPTABLE
+            elif not any(r.result == "pass" for r in results):
+                code, text = NO_PASSING
+            else:
+                code, text = NO_AUTHOR_MATCHED
+            found = ", ".join(f"{r.result}" for r in own) or "none"
+            return verdict_for(
+                action, reject_text=text, reject_enhanced=code,
+                tempfail_text=temp_text, tempfail_enhanced=temp_code,
+                reason=f"no passing DKIM signature with d={domain} (required; its signatures: {found})",
+                tags=("dkim:missing-required",),
+            )
+        return None
+
+
+# --------------------------------------------------------------------------- signing
+
+
+def _resolve_path(value: Path, info: ValidationInfo) -> Path:
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    return value if value.is_absolute() or base is None else Path(base) / value
+
+
+def _ed25519_seed(data: bytes) -> bytes | None:
+    """The 32-byte seed from a PKCS#8 PEM (openssl genpkey -algorithm ed25519) or bare base64."""
+    pem = _PEM.search(data)
+    if pem is not None:
+        try:
+            der = base64.b64decode(b"".join(pem.group(2).split()), validate=True)
+        except binascii.Error:
+            return None
+        match = _ED25519_PKCS8.search(der)
+        return match.group(1) if match else None
+    try:
+        raw = base64.b64decode(b"".join(data.split()), validate=True)
+    except binascii.Error:
+        return None
+    return raw if len(raw) == 32 else None
+
+
+def load_private_key(path: Path, algorithm: str) -> bytes:
+    """Read and check a private key file; return it in the form dkimpy signs with.
+
+    Raises ValueError naming the file when it is missing, unreadable or not a usable key.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ValueError(f"DKIM key file {path}: cannot read it ({exc.strerror or exc})") from None
+    if algorithm == "ed25519-sha256":
+        seed = _ed25519_seed(data)
+        if seed is None:
+            raise ValueError(
+                f"DKIM key file {path}: not an Ed25519 private key (expected a PKCS#8 PEM "
+                "'BEGIN PRIVATE KEY' as written by 'openssl genpkey -algorithm ed25519', or the "
+                "base64 seed dknewkey writes)"
+            )
+        try:
+            signing = importlib.import_module("nacl.signing")
+        except ImportError:
+            raise ValueError(
+                f"DKIM key file {path}: Ed25519 signing needs the PyNaCl package (pip install pynacl)"
+            ) from None
+        signing.SigningKey(seed)  # what dkimpy will build from it
+        return base64.b64encode(seed)
+    pem = data.replace(b"\r\n", b"\n")
+    try:
+        parsed = dkim.crypto.parse_pem_private_key(pem)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(
+            f"DKIM key file {path}: not an unencrypted RSA private key in PEM format "
+            f"(PKCS#1 or PKCS#8): {first}"
+        ) from None
+    bits = int(parsed["modulus"]).bit_length()
+    if bits < 1024:
+        raise ValueError(
+            f"DKIM key file {path}: the RSA key has {bits} bits; use at least 1024 (2048 recommended)"
+        )
+    return pem
+
+
+@dataclass(frozen=True, slots=True)
+class SigningKey:
+    domain: str
+    selector: str
+    algorithm: str
+    private: bytes
+    file: Path
+
+
+def header_from_dkimpy(line: bytes) -> tuple[str, str]:
+    """Turn a folded ``Name: value CRLF`` field from dkimpy into (name, unfolded value).
+
+    Unfolding removes each CRLF (RFC 5322 3.2.2) and nothing else; the signatures are made
+    with relaxed header canonicalization, so :class:`Message` may refold it as it likes.
+    """
+    name, colon, value = line.partition(b":")
+    if not colon:
+        raise ValueError(f"dkimpy returned a header without a colon: {line[:40]!r}")
+    unfolded = value.replace(b"\r\n", b"")
+    if b"\r" in unfolded or b"\n" in unfolded:
+        raise ValueError(f"dkimpy returned {name!r} with a bare CR or LF")
+    return name.decode("ascii"), unfolded.decode("ascii").strip(" \t")
+
+
+def _sign_blocking(raw: bytes, keys: Sequence[SigningKey], include: Sequence[str]) -> list[tuple[str, str]]:
+    fields = []
+    for key in keys:
+        signer = dkim.DKIM(raw, logger=_dkimpy_log, signature_algorithm=key.algorithm.encode())
+        line = signer.sign(
+            key.selector.encode(), key.domain.encode(), key.private,
+            canonicalize=(b"relaxed", b"relaxed"), include_headers=[h.encode() for h in include],
+        )
+        fields.append(header_from_dkimpy(line))
+    return fields
+
+
+def _header_list(value: list[str], what: str) -> list[str]:
+    names = []
+    for name in value:
+        lowered = name.strip().lower()
+        if not _FIELD_NAME.match(lowered):
+            raise ValueError(f"{name!r} is not a header field name")
+        if lowered in _NEVER_SIGN:
+            raise ValueError(f"{lowered} must not be {what} (RFC 6376 5.4): it changes in transit")
+        names.append(lowered)
+    return list(dict.fromkeys(names))
+
+
+class SigningKeySettings(BaseModel):
+    """One signing key of ``dkim_sign``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    domain: str = Field(description="Signing domain (d=); mail from exactly this domain is signed.")
+    selector: str = Field(
+        description="Selector (s=): the public key is published as TXT at <selector>._domainkey.<domain>."
+    )
+    key_file: Path = Field(
+        description=(
+            "Private key file, read at startup; relative to the config file. RSA: PEM, PKCS#1 or "
+            "PKCS#8, at least 1024 bits (2048 recommended). Ed25519: PKCS#8 PEM."
+        )
+    )
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = Field(
+        default="rsa-sha256", description="Signature algorithm (a=); must fit the key."
+    )
+
+    @field_validator("domain")
+    @classmethod
+    def _domain(cls, value: str) -> str:
+        return normalize_domain(value)
+
+    @field_validator("selector")
+    @classmethod
+    def _selector(cls, value: str) -> str:
+        return normalize_domain(value, "selector")
+
+    @field_validator("key_file")
+    @classmethod
+    def _path(cls, value: Path, info: ValidationInfo) -> Path:
+        return _resolve_path(value, info)
+
+
+class DKIMSign:
+    """Sign outgoing mail for configured domains at ``data``; place it last in the plugin list."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        keys: list[SigningKeySettings] = Field(
+            min_length=1,
+            description=(
+                "Signing keys: {domain, selector, key_file, algorithm}. A domain may have several "
+                "(e.g. rsa-sha256 and ed25519-sha256); the message gets one signature per key."
+            ),
+        )
+        headers: list[str] = Field(
+            default=list(DEFAULT_SIGN_HEADERS),
+            description=(
+                "Header fields to sign, those present in the message (each occurrence); must "
+                "include from. Received, Return-Path, Bcc and the like are refused."
+            ),
+        )
+        oversign: list[str] = Field(
+            default=["from"],
+            description=(
+                "Fields signed once more than they occur, so that none can be added later "
+                "without breaking the signature (RFC 6376 8.15)."
+            ),
+        )
+        relay_networks: list[Network] = Field(
+            default=[],
+            description=(
+                "Client networks whose mail is signed (besides authenticated clients, which "
+                "always are); e.g. your own submission servers."
+            ),
+        )
+        match: Literal["from", "sender"] = Field(
+            default="from",
+            description=(
+                "Which domain selects the keys: the From: header's (the one DMARC aligns with) "
+                "or the envelope sender's."
+            ),
+        )
+
+        @field_validator("headers")
+        @classmethod
+        def _headers(cls, value: list[str]) -> list[str]:
+            names = _header_list(value, "signed")
+            if "from" not in names:
+                raise ValueError("must include from (RFC 6376 5.4: From is always signed)")
+            return names
+
+        @field_validator("oversign")
+        @classmethod
+        def _oversign(cls, value: list[str]) -> list[str]:
+            return _header_list(value, "signed")
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.keys: dict[str, list[SigningKey]] = {}
+        for spec in settings.keys:
+            private = load_private_key(spec.key_file, spec.algorithm)
+            key = SigningKey(spec.domain, spec.selector, spec.algorithm, private, spec.key_file)
+            self.keys.setdefault(spec.domain, []).append(key)
+        for domain, keys in self.keys.items():
+            # Prepended one after another: Ed25519 first, so RSA ends up on top.
+            keys.sort(key=lambda k: k.algorithm != "ed25519-sha256")
+            self.keys[domain] = keys
+
+    def _may_sign(self, session: Session) -> bool:
+        return session.auth_user is not None or ip_in_networks(
+            session.client.ip, self.settings.relay_networks
+        )
+
+    def _domain(self, transaction: Transaction, message: Message) -> str | None:
+        if self.settings.match == "sender":
+            sender = transaction.envelope.sender
+            return None if sender.is_null else _domain_of(sender.text)
+        domains = author_domains(message)
+        return domains[0] if len(domains) == 1 else None
+
+    def include_headers(self, message: Message) -> list[str]:
+        """The h= list for this message: configured fields as often as present, plus oversigning."""
+        counts = Counter(name.lower() for name, _ in message.headers)
+        include = [name for name in self.settings.headers for _ in range(counts[name])]
+        return include + list(self.settings.oversign)
+
+    @hookimpl
+    async def data(self, session: Session, transaction: Transaction, message: Message) -> Verdict | None:
+        if not self._may_sign(session):
+            return None
+        domain = self._domain(transaction, message)
+        keys = self.keys.get(domain) if domain else None
+        if not keys or domain is None:
+            return None
+        if "From" not in message:
+            return Verdict.cont(reason="not DKIM signed: the message has no From: header")
+        try:
+            fields = await run_blocking(_sign_blocking, message.raw, keys, self.include_headers(message))
+        except (dkim.DKIMException, ValueError) as exc:
+            log.warning("dkim_sign: signing for %s failed: %s", domain, exc)
+            return Verdict.cont(reason=f"not DKIM signed: {exc}", tags=("dkim:sign-error",))
+        for name, value in fields:
+            message.add_header(name, value)
+        selectors = ", ".join(f"s={k.selector} a={k.algorithm}" for k in reversed(keys))
+        log.info("event=dkim_sign d=%s %s", domain, selectors)
+        return Verdict.cont(reason=f"DKIM signed d={domain} ({selectors})", tags=("dkim:signed",))

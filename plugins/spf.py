@@ -1,0 +1,369 @@
+"""spf: check the envelope sender against the client IP with SPF (RFC 7208), at MAIL FROM.
+
+    plugins:
+      - name: spf
+        timeout: 25              # above the SPF time limit below, so SPF's own limit answers
+        settings:
+          actions: {fail: reject, softfail: 2.0, temperror: tempfail}
+          skip_networks: [10.0.0.0/8]
+
+The MAIL FROM identity is checked; for the null sender (``MAIL FROM:<>``, bounces) the HELO
+identity is checked instead (RFC 7208 section 2.4), and ``check_helo`` checks HELO as well for
+every message. Each result is recorded as an :class:`~smtpproxy.authresults.AuthCheck`
+(``spf``, with ``smtp.mailfrom`` or ``smtp.helo``) for DMARC and the Authentication-Results
+writer, and turned into a verdict by the configured ``actions`` (tags ``spf:<result>``).
+
+The evaluation is pyspf's (blocking, so it runs in ``run_blocking``). Its DNS goes through the
+shared resolver's servers, timeout and cache: a lookup that times out or fails (SERVFAIL)
+makes the result ``temperror``, as does the whole check running past ``timeout`` seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import math
+import threading
+from dataclasses import dataclass, replace
+from typing import Any, Literal, cast, get_args
+
+import dns.exception
+import dns.message
+import dns.name
+import dns.resolver
+import spf as pyspf
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from smtpproxy import Action, Address, Session, Transaction, Verdict, hookimpl, run_blocking
+from smtpproxy.authresults import AuthCheck, record
+from smtpproxy.config import Network
+from smtpproxy.dns import Resolver, get_resolver
+from smtpproxy.networks import ip_in_networks
+
+from ._policy import ActionSpec, verdict_for
+
+__all__ = ["SPF", "SPFOutcome", "SPFResult"]
+
+log = logging.getLogger(__name__)
+
+SPFResult = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
+RESULTS: tuple[str, ...] = get_args(SPFResult)
+
+DEFAULT_ACTIONS: dict[SPFResult, ActionSpec] = {
+    "fail": "reject",
+    "softfail": 2.0,
+    "neutral": "continue",
+    "none": "continue",
+    "pass": "continue",
+    "temperror": "tempfail",
+    "permerror": "continue",
+}
+
+# RFC 7372: X.7.23 "SPF validation failed", X.7.24 "SPF validation error" (temperror/permerror).
+_ENHANCED_DETAIL: dict[str, str] = {"temperror": "7.24", "permerror": "7.24", "pass": "7.1"}
+_DEFAULT_DETAIL = "7.23"
+
+_PLACEHOLDERS = {
+    "explanation": "SPF fail - not authorized",
+    "result": "fail",
+    "identity": "user@example.com",
+    "domain": "example.com",
+    "ip": "192.0.2.1",
+}
+_MAX_EXPLANATION = 200  # the reply line must stay well under 512 octets (RFC 5321 4.5.3.1.5)
+
+
+def _check_template(value: str) -> str:
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters (it becomes an SMTP reply line)")
+    try:
+        value.format_map(_PLACEHOLDERS)
+    except KeyError as exc:
+        names = ", ".join("{" + k + "}" for k in _PLACEHOLDERS)
+        raise ValueError(f"unknown placeholder {{{exc.args[0]}}}; available: {names}") from None
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    return value
+
+
+class SPF:
+    """RFC 7208 SPF check of the MAIL FROM (or HELO) identity against the client IP."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid", frozen=True)
+
+        actions: dict[SPFResult, ActionSpec] = Field(
+            default_factory=lambda: dict(DEFAULT_ACTIONS),
+            description=(
+                "What to do for each SPF result: continue, reject, tempfail, quarantine, or a number "
+                "(continue and add that score). Results not given keep their defaults: "
+                "fail: reject, softfail: 2.0, temperror: tempfail, the others continue."
+            ),
+        )
+        reject_text: str = Field(
+            default="SPF check failed: {explanation}",
+            description=(
+                "Reply text for a reject (550 5.7.23, or 5.7.24 for permerror). Placeholders: "
+                "{explanation} (the domain's exp= text or pyspf's), {result}, {identity}, {domain}, {ip}."
+            ),
+        )
+        tempfail_text: str = Field(
+            default="SPF check failed temporarily: {explanation}",
+            description="Reply text for a tempfail (451 4.7.24 for temperror); same placeholders.",
+        )
+        check_helo: bool = Field(
+            default=False,
+            strict=True,
+            description=(
+                "Also check the HELO identity for every message (recorded as a separate spf check "
+                "with smtp.helo, tagged spf:helo:<result>, and given the same actions)."
+            ),
+        )
+        skip_networks: list[Network] = Field(
+            default=[],
+            description="Client networks never checked (internal relays, your own submission hosts).",
+        )
+        skip_authenticated: bool = Field(
+            default=True, strict=True, description="Do not check clients that authenticated (SMTP AUTH)."
+        )
+        timeout: float = Field(
+            default=8,
+            strict=True,
+            gt=0,
+            allow_inf_nan=False,
+            description=(
+                "Seconds one SPF evaluation may take in all; past it the result is temperror. "
+                "Stays below the chain's default plugin timeout (10 s) so SPF answers for itself; "
+                "RFC 7208 4.6.4 suggests 20: raise both together."
+            ),
+        )
+
+        @field_validator("actions")
+        @classmethod
+        def _with_defaults(cls, value: dict[SPFResult, ActionSpec]) -> dict[SPFResult, ActionSpec]:
+            for result, action in value.items():
+                if isinstance(action, float) and not math.isfinite(action):
+                    raise ValueError(f"{result}: a score must be a finite number")
+            return {**DEFAULT_ACTIONS, **value}
+
+        @field_validator("reject_text", "tempfail_text")
+        @classmethod
+        def _valid_template(cls, value: str) -> str:
+            return _check_template(value)
+
+    def __init__(self, settings: Settings | None = None):
+        self.settings = settings or self.Settings()
+
+    # -- the check ---------------------------------------------------------------------
+
+    async def check_host(self, ip: str, sender: str, helo: str) -> SPFOutcome:
+        """RFC 7208 check_host() for ``sender`` (``""``: the HELO identity) sent from ``ip``.
+
+        ``helo`` is the HELO/EHLO name (the identity for a null sender, and ``%{h}`` in macros).
+        Never raises for DNS trouble: that is ``temperror``. This is what the hook uses.
+        """
+        limit = self.settings.timeout
+        resolver = get_resolver()
+        try:
+            async with asyncio.timeout(limit):
+                result, explanation = await run_blocking(
+                    _check_blocking, resolver, ip, _spf_identity(sender), helo, limit
+                )
+        except TimeoutError:
+            return SPFOutcome("temperror", f"SPF Temporary Error: no result within {limit:g} seconds")
+        if result not in RESULTS:  # pyspf's check2 returns only RFC 7208 results; be sure
+            return SPFOutcome("permerror", f"SPF Permanent Error: unexpected result {result!r}")
+        return SPFOutcome(cast(SPFResult, result), explanation)
+
+    # -- the hook ----------------------------------------------------------------------
+
+    @hookimpl
+    async def mail_from(self, session: Session, transaction: Transaction, sender: Address) -> Verdict | None:
+        ip = session.client.ip
+        skip = self._skip_reason(session)
+        if skip is not None:
+            return Verdict.cont(reason=f"SPF not checked: {skip}")
+        helo = session.helo or ""
+        # (tag prefix, RFC 8601 property, identity shown, sender argument for check_host)
+        checks: list[tuple[str, str, str, str]] = []
+        if sender.is_null:
+            checks.append(("spf", "smtp.helo", helo, ""))
+        else:
+            checks.append(("spf", "smtp.mailfrom", sender.text, sender.text))
+            if self.settings.check_helo and helo:
+                checks.append(("spf:helo", "smtp.helo", helo, ""))
+        outcomes = await asyncio.gather(*(self.check_host(ip, arg, helo) for *_, arg in checks))
+        verdicts = []
+        for (prefix, prop, identity, _), outcome in zip(checks, outcomes, strict=True):
+            record(transaction, AuthCheck("spf", outcome.result, outcome.explanation, {prop: identity}))
+            log.info(
+                "event=spf result=%s %s=%s ip=%s explanation=%r",
+                outcome.result, prop, identity, ip, outcome.explanation,
+            )
+            verdicts.append(self._verdict(outcome, prefix, identity, ip))
+        return _combine(verdicts)
+
+    def _skip_reason(self, session: Session) -> str | None:
+        if self.settings.skip_authenticated and session.auth_user is not None:
+            return "authenticated client"
+        ip = session.client.ip
+        if self.settings.skip_networks and ip_in_networks(ip, self.settings.skip_networks):
+            return f"client {ip} is in skip_networks"
+        try:
+            ipaddress.ip_address(ip)
+        except ValueError:
+            return f"client address {ip!r} is not an IP address"
+        return None
+
+    def _verdict(self, outcome: SPFOutcome, prefix: str, identity: str, ip: str) -> Verdict:
+        result = outcome.result
+        action = self.settings.actions[result]
+        values = {
+            "explanation": _printable(outcome.explanation) or f"SPF {result}",
+            "result": result,
+            "identity": _printable(identity) or "<>",
+            "domain": _printable(identity.rpartition("@")[2]),
+            "ip": ip,
+        }
+        detail = _ENHANCED_DETAIL.get(result, _DEFAULT_DETAIL)
+        tag = f"{prefix}:{result}"
+        reason = f"SPF {result} for {values['identity']} from {ip}"
+        if outcome.explanation:
+            reason += f": {values['explanation']}"
+        verdict = verdict_for(
+            action,
+            reject_text=self.settings.reject_text.format_map(values),
+            tempfail_text=self.settings.tempfail_text.format_map(values),
+            reason=reason,
+            tags=(tag,),
+            reject_enhanced=f"5.{detail}",
+            tempfail_enhanced=f"4.{detail}",
+        )
+        assert verdict is not None, "verdict_for always answers when tags are given"
+        return verdict
+
+
+@dataclass(frozen=True, slots=True)
+class SPFOutcome:
+    """What check_host() found: an RFC 7208 result and pyspf's explanation for it."""
+
+    result: SPFResult
+    explanation: str
+
+
+_SEVERITY = {Action.REJECT: 3, Action.TEMPFAIL: 2, Action.QUARANTINE: 1}
+
+
+def _combine(verdicts: list[Verdict]) -> Verdict:
+    """One verdict for the MAIL FROM and HELO checks: the most severe, with all scores and tags."""
+    if len(verdicts) == 1:
+        return verdicts[0]
+    worst = max(verdicts, key=lambda v: _SEVERITY.get(v.action, 0))
+    return replace(
+        worst,
+        score=sum(v.score for v in verdicts),
+        tags=tuple(t for v in verdicts for t in v.tags),
+        reason="; ".join(v.reason for v in verdicts if v.reason),
+    )
+
+
+def _printable(text: str) -> str:
+    """Text safe for an SMTP reply: printable ASCII on one line, bounded in length."""
+    cleaned = "".join(c if " " <= c <= "~" else "?" for c in " ".join(text.split()))
+    return cleaned if len(cleaned) <= _MAX_EXPLANATION else cleaned[: _MAX_EXPLANATION - 3] + "..."
+
+
+def _spf_identity(sender: str) -> str:
+    """The sender as pyspf wants it: an internationalized domain as A-labels (RFC 7208 4.3)."""
+    local, at, domain = sender.rpartition("@")
+    if not at or domain.isascii():
+        return sender
+    try:
+        ascii_domain = dns.name.from_unicode(domain).to_text(omit_final_dot=True)
+    except (dns.exception.DNSException, UnicodeError):
+        return sender  # malformed: pyspf finds no record for it ("none")
+    return f"{local}@{ascii_domain}"
+
+
+# -- pyspf's DNS, through the shared resolver ---------------------------------------------
+#
+# pyspf looks names up through its module-level ``DNSLookup(name, qtype, strict, timeout)``
+# function, which returns ``[((name, type), value), ...]`` and raises ``spf.TempError`` when
+# DNS cannot answer. We install one that uses the resolver the check was started with (a
+# dnspython resolver from smtpproxy.dns.get_resolver().sync_resolver(): same servers, timeout
+# and cache), kept per worker thread.
+
+_thread = threading.local()
+
+_NO_SUCH_NAME = (
+    dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.BadEscape,
+    dns.name.IDNAException,
+)
+
+
+def _check_blocking(shared: Resolver, ip: str, sender: str, helo: str, limit: float) -> tuple[str, str]:
+    """pyspf's RFC 7208 check, in a worker thread, with DNS through the shared resolver's settings."""
+    _thread.resolver = shared.sync_resolver()  # built here: it may read /etc/resolv.conf
+    try:
+        result, explanation = pyspf.check2(i=ip, s=sender, h=helo, timeout=limit, querytime=limit)
+    finally:
+        _thread.resolver = None
+    return str(result), str(explanation)
+
+
+def _dns_lookup(name: str, qtype: str, strict: object = True, timeout: float | None = None) -> list[Any]:
+    """pyspf's DNSLookup contract on top of the shared resolver's settings."""
+    resolver: dns.resolver.Resolver = getattr(_thread, "resolver", None) or get_resolver().sync_resolver()
+    lifetime = float(resolver.lifetime)
+    if timeout is not None and timeout > 0:
+        lifetime = max(min(lifetime, float(timeout)), 0.01)
+    try:
+        answer = resolver.resolve(name, qtype, search=False, raise_on_no_answer=False, lifetime=lifetime)
+    except dns.resolver.NXDOMAIN:
+        return []
+    except _NO_SUCH_NAME:
+        return []  # a name DNS cannot even carry does not exist
+    except dns.exception.Timeout:
+        raise pyspf.TempError(f"DNS timeout looking up {qtype} {name}") from None
+    except dns.resolver.NoNameservers as exc:
+        if _cname_loop(exc):
+            return []  # permanent: as pyspf treats a loop it finds itself (RFC 7208 5.5/7 case)
+        raise pyspf.TempError(f"DNS server failure looking up {qtype} {name}") from None
+    except dns.exception.DNSException as exc:
+        raise pyspf.TempError(f"DNS error looking up {qtype} {name}: {type(exc).__name__}") from None
+    if answer.rrset is None:
+        # No records of the type. If the name is an alias, tell pyspf, which follows CNAMEs
+        # itself (with its loop and chain-length limits) when the server did not.
+        if answer.canonical_name != answer.qname:
+            return [((name, "CNAME"), _host(answer.canonical_name))]
+        return []
+    found: list[Any] = []
+    for rdata in answer:
+        value: Any
+        if qtype in ("A", "AAAA"):
+            value = rdata.address
+        elif qtype == "MX":
+            value = (rdata.preference, _host(rdata.exchange))
+        elif qtype == "PTR":
+            value = _host(rdata.target)
+        elif qtype in ("TXT", "SPF"):
+            value = tuple(rdata.strings)
+        else:
+            continue
+        found.append(((name, qtype), value))
+    return found
+
+
+def _cname_loop(exc: dns.resolver.NoNameservers) -> bool:
+    """True when every server answered, but with a CNAME chain that loops (or is too long)."""
+    errors = exc.kwargs.get("errors") or []
+    return bool(errors) and all(isinstance(e[3], dns.message.ChainTooLong) for e in errors)
+
+
+def _host(name: dns.name.Name) -> str:
+    """A domain name as pyspf wants it: no final dot; the root (null MX, RFC 7505) as ''."""
+    return "" if name == dns.name.root else name.to_text(omit_final_dot=True)
+
+
+pyspf.DNSLookup = _dns_lookup
