@@ -39,21 +39,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dkim
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smtpproxy import Message, Session, Transaction, Verdict, hookimpl, run_blocking
 from smtpproxy.authresults import AuthCheck, record
 
+from .auth_results import valid_authserv_id
 from .dkim import (
+    KeyLocation,
     KeyLookup,
     KeySource,
     _dkimpy_log,
     _parse_signature,
-    _resolve_path,
     fetch_keys,
     header_from_dkimpy,
     load_private_key,
-    normalize_domain,
 )
 
 __all__ = ["ARC", "ARCOutcome", "ARCSealSettings"]
@@ -113,13 +113,10 @@ def _authserv_id(value: str) -> str:
     return head.split()[0].lower() if head else ""
 
 
-class ARCSealSettings(BaseModel):
+class ARCSealSettings(KeyLocation):
     """Where and how this hop seals (``arc`` plugin, ``seal:``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
     domain: str = Field(description="Sealing domain (d= of ARC-Seal and ARC-Message-Signature).")
-    selector: str = Field(description="Selector (s=): the public key is at <selector>._domainkey.<domain>.")
     key_file: Path = Field(
         description="RSA private key (PEM, PKCS#1 or PKCS#8), read at startup; relative to the config file."
     )
@@ -130,29 +127,10 @@ class ARCSealSettings(BaseModel):
         )
     )
 
-    @field_validator("domain")
-    @classmethod
-    def _domain(cls, value: str) -> str:
-        return normalize_domain(value)
-
-    @field_validator("selector")
-    @classmethod
-    def _selector(cls, value: str) -> str:
-        return normalize_domain(value, "selector")
-
     @field_validator("authserv_id")
     @classmethod
     def _authserv(cls, value: str) -> str:
-        value = value.strip()
-        bad = any(c in value for c in " \t;()\"\\") or not (value.isascii() and value.isprintable())
-        if not value or bad:
-            raise ValueError(f"not a valid authserv-id (a host name, no spaces or ';'): {value!r}")
-        return value
-
-    @field_validator("key_file")
-    @classmethod
-    def _path(cls, value: Path, info: ValidationInfo) -> Path:
-        return _resolve_path(value, info)
+        return valid_authserv_id(value.strip())
 
 
 class ARC:

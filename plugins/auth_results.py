@@ -146,6 +146,15 @@ def authserv_id_of(value: str) -> str | None:
     return match.group() if match else None
 
 
+def valid_authserv_id(value: str) -> str:
+    """An authserv-id as RFC 8601 wants it here: this host's name (shared with ARC sealing)."""
+    if not _TOKEN.fullmatch(value):
+        raise ValueError(
+            "not a valid authserv-id: must be a host name (letters, digits, '.', '-'; no spaces or ';')"
+        )
+    return value
+
+
 class AuthResults:
     """Write ``Authentication-Results:`` at ``data``; place it after every checking plugin."""
 
@@ -164,9 +173,7 @@ class AuthResults:
         @field_validator("authserv_id")
         @classmethod
         def _token(cls, value: str) -> str:
-            if not _TOKEN.fullmatch(value):
-                raise ValueError("must be a host name (letters, digits, '.', '-'; no spaces or ';')")
-            return value
+            return valid_authserv_id(value)
 
     def __init__(self, settings: Settings):
         self.settings = settings

@@ -679,23 +679,17 @@ def _header_list(value: list[str], what: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-class SigningKeySettings(BaseModel):
-    """One signing key of ``dkim_sign``."""
+class KeyLocation(BaseModel):
+    """A domain, a selector and a private key file: what DKIM signing and ARC sealing share."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    domain: str = Field(description="Signing domain (d=); mail from exactly this domain is signed.")
+    domain: str = Field(description="Signing domain (d=).")
     selector: str = Field(
         description="Selector (s=): the public key is published as TXT at <selector>._domainkey.<domain>."
     )
     key_file: Path = Field(
-        description=(
-            "Private key file, read at startup; relative to the config file. RSA: PEM, PKCS#1 or "
-            "PKCS#8, at least 1024 bits (2048 recommended). Ed25519: PKCS#8 PEM."
-        )
-    )
-    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = Field(
-        default="rsa-sha256", description="Signature algorithm (a=); must fit the key."
+        description="Private key file (PEM), read at startup; relative to the config file."
     )
 
     @field_validator("domain")
@@ -712,6 +706,21 @@ class SigningKeySettings(BaseModel):
     @classmethod
     def _path(cls, value: Path, info: ValidationInfo) -> Path:
         return _resolve_path(value, info)
+
+
+class SigningKeySettings(KeyLocation):
+    """One signing key of ``dkim_sign``."""
+
+    domain: str = Field(description="Signing domain (d=); mail from exactly this domain is signed.")
+    key_file: Path = Field(
+        description=(
+            "Private key file, read at startup; relative to the config file. RSA: PEM, PKCS#1 or "
+            "PKCS#8, at least 1024 bits (2048 recommended). Ed25519: PKCS#8 PEM."
+        )
+    )
+    algorithm: Literal["rsa-sha256", "ed25519-sha256"] = Field(
+        default="rsa-sha256", description="Signature algorithm (a=); must fit the key."
+    )
 
 
 class DKIMSign:
