@@ -8,13 +8,15 @@ its results to one action, configured like ``fail: reject``, ``softfail: 3.5`` (
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Literal
+from typing import Annotated, Literal
+
+from pydantic import Field
 
 from smtpproxy import Verdict
 
 ActionName = Literal["continue", "reject", "tempfail", "quarantine"]
-ActionSpec = ActionName | float
-"""A named action, or a number: continue and add that many points to the score."""
+ActionSpec = ActionName | Annotated[float, Field(allow_inf_nan=False)]
+"""A named action, or a (finite) number: continue and add that many points to the score."""
 
 
 def verdict_for(

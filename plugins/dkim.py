@@ -43,7 +43,6 @@ import binascii
 import email.utils
 import importlib
 import logging
-import math
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, MutableMapping, Sequence
@@ -419,12 +418,6 @@ def _combine(verdicts: Iterable[Verdict | None]) -> Verdict | None:
     )
 
 
-def _finite(value: ActionSpec, what: str) -> ActionSpec:
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{what}: a score must be a finite number")
-    return value
-
-
 class DKIMVerify:
     """Verify every DKIM-Signature at ``data``; place it before ``dmarc`` and ``auth_results``."""
 
@@ -471,14 +464,7 @@ class DKIMVerify:
         @field_validator("actions")
         @classmethod
         def _with_defaults(cls, value: dict[DKIMResult, ActionSpec]) -> dict[DKIMResult, ActionSpec]:
-            for result, action in value.items():
-                _finite(action, result)
             return {**DEFAULT_ACTIONS, **value}
-
-        @field_validator("missing_required")
-        @classmethod
-        def _finite_score(cls, value: ActionSpec) -> ActionSpec:
-            return _finite(value, "missing_required")
 
         @field_validator("require_valid_for")
         @classmethod

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import logging
-import math
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast, get_args
@@ -142,9 +141,6 @@ class SPF:
         @field_validator("actions")
         @classmethod
         def _with_defaults(cls, value: dict[SPFResult, ActionSpec]) -> dict[SPFResult, ActionSpec]:
-            for result, action in value.items():
-                if isinstance(action, float) and not math.isfinite(action):
-                    raise ValueError(f"{result}: a score must be a finite number")
             return {**DEFAULT_ACTIONS, **value}
 
         @field_validator("reject_text", "tempfail_text")
