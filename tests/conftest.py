@@ -172,6 +172,50 @@ async def sink() -> AsyncIterator[Sink]:
     s.server.close()
 
 
+@dataclass
+class RawUpstream:
+    """A minimal upstream that records every command line exactly as received.
+
+    aiosmtpd would re-parse addresses itself; this one shows what went over the wire.
+    ``extensions`` are offered in EHLO (e.g. ``b"XCLIENT NAME ADDR"``); XCLIENT answers 220.
+    """
+
+    extensions: tuple[bytes, ...] = (b"8BITMIME", b"SMTPUTF8", b"SIZE 100000000")
+    lines: list[bytes] = field(default_factory=list)
+
+    def commands(self, verb: bytes) -> list[bytes]:
+        return [line for line in self.lines if line.split(b" ")[0].upper() == verb]
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 raw.test ESMTP\r\n")
+        in_data = False
+        while line := await reader.readline():
+            if in_data:
+                if line == b".\r\n":
+                    in_data = False
+                    writer.write(b"250 2.0.0 Ok: queued\r\n")
+                continue
+            self.lines.append(line.rstrip(b"\r\n"))
+            verb = line.split(b" ")[0].strip().upper()
+            if verb == b"EHLO":
+                offered = [b"raw.test", *self.extensions]
+                writer.write(b"".join(
+                    b"250" + (b" " if i == len(offered) - 1 else b"-") + ext + b"\r\n"
+                    for i, ext in enumerate(offered)
+                ))
+            elif verb == b"XCLIENT":
+                writer.write(b"220 raw.test ESMTP\r\n")
+            elif verb == b"DATA":
+                in_data = True
+                writer.write(b"354 go\r\n")
+            elif verb == b"QUIT":
+                writer.write(b"221 bye\r\n")
+                break
+            else:
+                writer.write(b"250 2.0.0 Ok\r\n")
+        writer.close()
+
+
 def closed_port() -> int:
     """A loopback port nothing listens on (bound, then released)."""
     with socket.socket() as sock:

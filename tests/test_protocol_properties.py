@@ -12,7 +12,7 @@ import re
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,41 +21,9 @@ from hypothesis import strategies as st
 
 from smtpproxy.addresses import AddressError, parse_mail_from
 from smtpproxy.server import ProxyServer
-from tests.conftest import chain_of, make_config
+from tests.conftest import RawUpstream, chain_of, make_config
 
 REPLY = re.compile(rb"^[2-5]\d\d[ -]")
-
-
-@dataclass
-class RawUpstream:
-    """Records the exact MAIL/RCPT lines it receives; accepts everything."""
-
-    lines: list[bytes] = field(default_factory=list)
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 raw.test ESMTP\r\n")
-        in_data = False
-        while line := await reader.readline():
-            if in_data:
-                if line == b".\r\n":
-                    in_data = False
-                    writer.write(b"250 2.0.0 Ok: queued\r\n")
-                continue
-            verb = line[:4].upper()
-            if verb == b"EHLO":
-                writer.write(b"250-raw.test\r\n250-8BITMIME\r\n250-SMTPUTF8\r\n250 SIZE 100000000\r\n")
-            elif verb in (b"MAIL", b"RCPT"):
-                self.lines.append(line)
-                writer.write(b"250 2.0.0 Ok\r\n")
-            elif verb == b"DATA":
-                in_data = True
-                writer.write(b"354 go\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                break
-            else:
-                writer.write(b"250 Ok\r\n")
-        writer.close()
 
 
 @dataclass
@@ -174,10 +142,10 @@ def test_accepted_sender_reaches_upstream_exactly(live: Live, local: str, domain
         assert code == 250, (line, expected)
         assert conn.cmd(b"RCPT TO:<rcpt@dest.test>")[0] == 250
         assert conn.cmd(b"DATA")[0] == 354
-        before = len(live.upstream.lines)
+        before = len(live.upstream.commands(b"MAIL"))
         code, _ = conn.cmd(b"Subject: p\r\n\r\nbody\r\n.")
         assert code == 250
-        sent = live.upstream.lines[before]
+        sent = live.upstream.commands(b"MAIL")[before]
         assert sent.startswith(b"MAIL FROM:<" + expected.encode("utf-8") + b">"), sent
         assert expected == path  # no source route here: the text is exactly what the client sent
     finally:

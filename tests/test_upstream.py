@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import asyncio
 import re
-from dataclasses import dataclass, field
 from typing import Any
 
 from smtpproxy import Session, hookimpl
-from tests.conftest import ProxyFactory, SinkHandler, Talk, closed_port, port_of, start_sink
+from tests.conftest import ProxyFactory, RawUpstream, SinkHandler, Talk, closed_port, port_of, start_sink
 
 RELAY = {"domains": ["dest.test", "other.test"], "networks": []}
 BODY = b"Subject: up\r\n\r\nbody\r\n"
@@ -164,39 +163,6 @@ async def test_relay_mode_relays_each_rcpt_answer(proxy_factory: ProxyFactory) -
     sink.server.close()
 
 
-@dataclass
-class IdentityUpstream:
-    """A raw upstream that offers XCLIENT or XFORWARD and records what it is told."""
-
-    extension: bytes
-    lines: list[bytes] = field(default_factory=list)
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 id.test ESMTP\r\n")
-        in_data = False
-        while line := await reader.readline():
-            if in_data:
-                if line == b".\r\n":
-                    in_data = False
-                    writer.write(b"250 2.0.0 Ok: queued\r\n")
-                continue
-            self.lines.append(line.rstrip(b"\r\n"))
-            verb = line.split(b" ")[0].strip().upper()
-            if verb == b"EHLO":
-                writer.write(b"250-id.test\r\n250-" + self.extension + b"\r\n250 8BITMIME\r\n")
-            elif verb == b"XCLIENT":
-                writer.write(b"220 id.test ESMTP\r\n")
-            elif verb == b"DATA":
-                in_data = True
-                writer.write(b"354 go\r\n")
-            elif verb == b"QUIT":
-                writer.write(b"221 bye\r\n")
-                break
-            else:
-                writer.write(b"250 2.0.0 Ok\r\n")
-        writer.close()
-
-
 class SetsName:
     name = "rdns"
 
@@ -206,7 +172,7 @@ class SetsName:
 
 
 async def test_xclient_passes_the_client_identity(proxy_factory: ProxyFactory) -> None:
-    upstream = IdentityUpstream(b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN")
+    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"))
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     proxy = await proxy_factory(SetsName(), relay=RELAY, delivery=smtp(
         host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
@@ -220,7 +186,7 @@ async def test_xclient_passes_the_client_identity(proxy_factory: ProxyFactory) -
 
 
 async def test_xforward_when_xclient_is_not_offered(proxy_factory: ProxyFactory) -> None:
-    upstream = IdentityUpstream(b"XFORWARD NAME ADDR PROTO HELO SOURCE")
+    upstream = RawUpstream((b"XFORWARD NAME ADDR PROTO HELO SOURCE", b"8BITMIME"))
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     proxy = await proxy_factory(relay=RELAY, delivery=smtp(
         host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
