@@ -26,6 +26,7 @@ from smtpproxy.server import ProxyServer
 from tests.dns_server import dns_server as dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.dns_server import module_dns_server as module_dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.postfix_instance import postfix_factory as postfix_factory  # noqa: PLC0414 - re-exported fixture
+from tests.redis_server import redis_server as redis_server  # noqa: PLC0414 - re-exported fixture
 
 TIMEOUT = 10.0
 
