@@ -1,4 +1,4 @@
-"""The ``smtpproxy`` command: run, check-config, plugins, --version.
+"""The ``smtpproxy`` command: run, check-config, plugins, quarantine, --version.
 
 Exit codes: 0 success, 1 runtime failure (cannot listen, a plugin failed to start),
 2 configuration error (the message names file, line and key).
@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration and its plugins")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     sub.add_parser("plugins", help="list installed plugins and the hooks each implements")
+    quarantine = sub.add_parser("quarantine", help="list, show, release or delete quarantined messages")
+    quarantine.add_argument("action", choices=["list", "show", "release", "delete"])
+    quarantine.add_argument("ids", nargs="*", metavar="ID", help="quarantine id(s)")
+    quarantine.add_argument("-c", "--config", required=True, help="YAML configuration file")
     return parser
 
 
@@ -53,6 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"smtpproxy: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
+    if args.command == "quarantine":
+        from smtpproxy.quarantine import admin_command
+
+        return admin_command(config, args.action, args.ids)
     if args.command == "check-config":
         plugins = ", ".join(p.name for p in config.plugins if p.enabled) or "none"
         print(f"{args.config}: OK ({len(config.listeners)} listener(s), "

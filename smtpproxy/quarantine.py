@@ -3,20 +3,43 @@
 Each message is two files named by its id: ``ID.eml`` (the message as the plugins left it)
 and ``ID.json`` (envelope, client, reasons, plugin outcomes). Both are fsynced before the
 client hears 250, exactly like a delivery.
+
+An admin lists, shows, releases and deletes them (``smtpproxy quarantine``). A release hands
+the message to the configured delivery backend with its original envelope; once the backend
+took it, both files move to ``released/`` (with the release recorded in the JSON), so a
+message cannot be released twice. A release the backend refuses leaves it where it was.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import fcntl
 import json
 import os
+import re
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
-from smtpproxy.session import Session, Transaction
+from smtpproxy.session import Client, Envelope, Session, Transaction
 
-__all__ = ["QuarantineStore"]
+if TYPE_CHECKING:
+    from smtpproxy.config import Config
+    from smtpproxy.delivery import Delivered, Delivery
+
+__all__ = ["QuarantineError", "QuarantineStore", "admin_command"]
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
+Record = dict[str, Any]
+
+
+class QuarantineError(Exception):
+    """No such quarantined message, it was already released, or it is being released."""
 
 
 class QuarantineStore:
@@ -63,3 +86,238 @@ class QuarantineStore:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
+
+    # -- administration -------------------------------------------------------------------
+
+    @property
+    def released_path(self) -> Path:
+        return self.path / "released"
+
+    def _file(self, qid: str, suffix: str) -> Path:
+        if not _ID.match(qid) or ".." in qid:
+            raise QuarantineError(f"{qid!r} is not a quarantine id")
+        return self.path / f"{qid}{suffix}"
+
+    def list(self) -> list[Record]:
+        """Every quarantined (not released) message's record, oldest first."""
+        records: list[Record] = []
+        if not self.path.is_dir():
+            return records
+        for meta in self.path.glob("*.json"):
+            try:
+                record = json.loads(meta.read_text())
+            except (OSError, ValueError):
+                continue  # removed meanwhile, or not ours
+            if isinstance(record, dict):
+                record.setdefault("id", meta.stem)
+                records.append(record)
+        return sorted(records, key=lambda r: (r.get("time") or 0, str(r["id"])))
+
+    def show(self, qid: str) -> tuple[Record, bytes]:
+        """A message's record and its content; QuarantineError if there is none by that id."""
+        meta, eml = self._file(qid, ".json"), self._file(qid, ".eml")
+        try:
+            return json.loads(meta.read_text()), eml.read_bytes()
+        except FileNotFoundError:
+            raise QuarantineError(self._missing(qid)) from None
+
+    def _missing(self, qid: str) -> str:
+        if (self.released_path / f"{qid}.json").exists():
+            return f"{qid} was already released"
+        return f"no quarantined message {qid}"
+
+    def delete(self, qid: str) -> None:
+        """Remove a quarantined message for good."""
+        meta, eml = self._file(qid, ".json"), self._file(qid, ".eml")
+        if not meta.exists():
+            raise QuarantineError(self._missing(qid))
+        with self._claim(meta):
+            eml.unlink(missing_ok=True)
+            meta.unlink(missing_ok=True)
+
+    async def release(self, qid: str, delivery: Delivery) -> Delivered:
+        """Deliver with the original envelope; on success move the files to ``released/``.
+
+        Raises QuarantineError (unknown id, already released, busy) or the backend's
+        DeliveryError (the message then stays in quarantine).
+        """
+        meta, eml = self._file(qid, ".json"), self._file(qid, ".eml")
+        if not meta.exists():
+            raise QuarantineError(self._missing(qid))
+        with self._claim(meta):
+            if not meta.exists():  # released or deleted between the check and the lock
+                raise QuarantineError(self._missing(qid))
+            record = json.loads(meta.read_text())
+            content = eml.read_bytes()
+            session, transaction = _rebuild(record)
+            delivered = await delivery.deliver(session, transaction, content)
+            record["released"] = {
+                "time": time.time(),
+                "destination": delivered.destination,
+                "reply": str(delivered.reply),
+            }
+            await run_blocking(self._move_released, qid, json.dumps(record, indent=2).encode())
+        return delivered
+
+    @contextlib.contextmanager
+    def _claim(self, meta: Path) -> Iterator[None]:
+        """An exclusive lock on the record, so two admins cannot release one message twice."""
+        try:
+            fd = os.open(meta, os.O_RDONLY)
+        except FileNotFoundError:
+            raise QuarantineError(self._missing(meta.stem)) from None
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise QuarantineError(f"{meta.stem} is being released or deleted right now") from None
+            yield
+        finally:
+            os.close(fd)
+
+    def _move_released(self, qid: str, meta: bytes) -> None:
+        target = self.released_path
+        target.mkdir(parents=True, exist_ok=True)
+        tmp = target / f"{qid}.json.tmp"
+        with open(tmp, "wb") as fh:
+            fh.write(meta)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(self.path / f"{qid}.eml", target / f"{qid}.eml")
+        os.rename(tmp, target / f"{qid}.json")
+        os.unlink(self.path / f"{qid}.json")
+        for directory in (target, self.path):
+            dir_fd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+
+
+def _address(text: str) -> Address:
+    """An address from the record: it was validated when the message came in."""
+    local, _, domain = text.rpartition("@") if "@" in text else (text, "", "")
+    return Address(text, local, domain)
+
+
+def _rebuild(record: Record) -> tuple[Session, Transaction]:
+    """The session and transaction a delivery backend needs, from a quarantine record."""
+    client = record.get("client") or {}
+    session = Session(
+        Client(str(client.get("ip") or "127.0.0.1"), int(client.get("port") or 0), client.get("hostname")),
+        session_id=str(record.get("session") or "quarantine"),
+        transport="offline",
+    )
+    session.helo = client.get("helo")
+    envelope = Envelope(_address(str(record.get("sender") or "")), record.get("sender_params") or {})
+    for rcpt in record.get("recipients") or []:
+        envelope.add_recipient(_address(str(rcpt)))
+    transaction = Transaction(f"{session.id}.q", envelope)
+    return session, transaction
+
+
+# -- ``smtpproxy quarantine list|show|release|delete`` ------------------------------------------
+
+
+def admin_command(config: Config, action: str, ids: list[str]) -> int:
+    """The CLI: 0 when everything asked for succeeded, 1 when anything failed, 2 bad usage."""
+    store = QuarantineStore(Path(config.quarantine.path))
+    if action == "list":
+        if ids:
+            return _usage("quarantine list takes no ids")
+        return _print_list(store)
+    if not ids:
+        return _usage(f"quarantine {action} needs at least one id")
+    if action == "show":
+        if len(ids) != 1:
+            return _usage("quarantine show takes exactly one id")
+        return _print_show(store, ids[0])
+    if action == "delete":
+        failed = 0
+        for qid in ids:
+            try:
+                store.delete(qid)
+                print(f"{qid}: deleted")
+            except QuarantineError as exc:
+                failed += 1
+                print(f"{qid}: FAILED: {exc}")
+        return 1 if failed else 0
+    return asyncio.run(_release_all(config, store, ids))
+
+
+def _usage(text: str) -> int:
+    print(f"smtpproxy: {text}", file=sys.stderr)
+    return 2
+
+
+def _print_list(store: QuarantineStore) -> int:
+    records = store.list()
+    if not records:
+        print(f"quarantine is empty ({store.path})")
+        return 0
+    rows = [("ID", "TIME (UTC)", "SENDER", "RCPTS", "SCORE", "REASON")]
+    for r in records:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(float(r.get("time") or 0)))
+        score = r.get("score")
+        reason = " ".join(str(r.get("reason") or "").split())
+        rows.append((
+            str(r["id"]), when, str(r.get("sender") or "<>"), str(len(r.get("recipients") or [])),
+            f"{score:.1f}" if isinstance(score, int | float) else "-",
+            reason if len(reason) <= 80 else reason[:77] + "...",
+        ))
+    widths = [max(len(row[i]) for row in rows) for i in range(5)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:5], widths, strict=True)) + "  " + row[5])
+    print(f"{len(records)} message(s)")
+    return 0
+
+
+def _print_show(store: QuarantineStore, qid: str) -> int:
+    try:
+        record, content = store.show(qid)
+    except QuarantineError as exc:
+        print(f"smtpproxy: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(record, indent=2, ensure_ascii=False))
+    end = content.find(b"\r\n\r\n")
+    head = content if end < 0 else content[: end + 2]
+    print()
+    print(head.decode("utf-8", errors="replace").replace("\r\n", "\n"), end="")
+    return 0
+
+
+async def _release_all(config: Config, store: QuarantineStore, ids: list[str]) -> int:
+    from smtpproxy.delivery import DeliveryError
+    from smtpproxy.server import make_delivery
+
+    delivery = make_delivery(config)
+    failed = 0
+    try:
+        try:
+            await delivery.start()
+        except Exception as exc:
+            print(f"smtpproxy: cannot start the {delivery.name} delivery: {exc}", file=sys.stderr)
+            return 1
+        for n, qid in enumerate(ids, 1):
+            progress = f"[{n}/{len(ids)}] " if len(ids) > 1 else ""
+            try:
+                delivered = await store.release(qid, delivery)
+            except QuarantineError as exc:
+                failed += 1
+                print(f"{progress}{qid}: FAILED: {exc}", flush=True)
+            except DeliveryError as exc:
+                failed += 1
+                detail = f" ({exc.detail})" if exc.detail else ""
+                print(f"{progress}{qid}: FAILED: delivery refused it: {exc.reply}{detail}; "
+                      "it stays in quarantine", flush=True)
+            except Exception as exc:
+                failed += 1
+                print(f"{progress}{qid}: FAILED: {type(exc).__name__}: {exc}", flush=True)
+            else:
+                print(f"{progress}{qid}: released to {delivered.destination}: {delivered.reply}",
+                      flush=True)
+    finally:
+        await delivery.close()
+    if len(ids) > 1:
+        print(f"{len(ids) - failed} released, {failed} failed")
+    return 1 if failed else 0
