@@ -7,6 +7,7 @@ its results to one action, configured like ``fail: reject``, ``softfail: 3.5`` (
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import replace
 from typing import Annotated, Literal
 
@@ -42,3 +43,20 @@ def verdict_for(
     else:
         return Verdict.cont(reason=reason, tags=tags) if tags else None
     return replace(verdict, tags=tags)
+
+
+def check_reply_template(value: str, placeholders: Mapping[str, str]) -> str:
+    """Validate an admin's reply text at load time: one line, only the known placeholders.
+
+    ``placeholders`` maps each name to a sample value, so formatting is tried for real.
+    """
+    if any(ord(c) < 32 or ord(c) == 127 for c in value):
+        raise ValueError("must not contain control characters (it becomes an SMTP reply line)")
+    try:
+        value.format_map(placeholders)
+    except KeyError as exc:
+        names = ", ".join("{" + k + "}" for k in placeholders)
+        raise ValueError(f"unknown placeholder {{{exc.args[0]}}}; available: {names}") from None
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
+    return value

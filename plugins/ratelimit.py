@@ -39,7 +39,7 @@ from smtpproxy import Message, Recipient, Session, Transaction, Verdict, hookimp
 from smtpproxy.config import Network
 from smtpproxy.networks import ip_in_networks
 
-from ._policy import ActionSpec, verdict_for
+from ._policy import ActionSpec, check_reply_template, verdict_for
 
 __all__ = ["MemoryBackend", "RateLimit", "RedisBackend", "Rule"]
 
@@ -56,16 +56,7 @@ _MAX_KEY_IN_REPLY = 100
 
 
 def _check_template(value: str) -> str:
-    if any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError("must not contain control characters (it becomes an SMTP reply line)")
-    try:
-        value.format_map(_PLACEHOLDERS)
-    except KeyError as exc:
-        names = ", ".join("{" + k + "}" for k in _PLACEHOLDERS)
-        raise ValueError(f"unknown placeholder {{{exc.args[0]}}}; available: {names}") from None
-    except (ValueError, IndexError) as exc:
-        raise ValueError(f"not a valid template ({exc}); write a literal brace as {{{{ or }}}}") from None
-    return value
+    return check_reply_template(value, _PLACEHOLDERS)
 
 
 class Rule(BaseModel):
