@@ -29,23 +29,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from smtpproxy import Message, Session, Transaction, Verdict, hookimpl
 from smtpproxy.eventlog import event
 
-from ._policy import ActionSpec, verdict_for
+from ._scanner import ScannerSettings, ask_scanner, no_control, symbol_list
 
 __all__ = ["Rspamd", "RspamdError", "RspamdResult", "check"]
 
-log = logging.getLogger(__name__)
 
 HEADER_SCORE = "X-Rspamd-Score"
 HEADER_SYMBOLS = "X-Rspamd-Symbols"
@@ -177,12 +175,6 @@ def parse_result(body: bytes) -> RspamdResult:
     return RspamdResult(float(score), float(required), action, symbols)
 
 
-def _no_control(value: str | None) -> str | None:
-    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError("must not contain control characters")
-    return value
-
-
 def _header_value(value: str) -> str:
     """An informational header value: one line, whatever the client sent."""
     return "".join(c for c in value if c >= " " and c != "\x7f")[:255]
@@ -191,9 +183,7 @@ def _header_value(value: str) -> str:
 class Rspamd:
     """Score messages with rspamd; the ``score`` plugin after it decides (unless honour_action)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(ScannerSettings):
         url: str | None = Field(
             default=None,
             description=(
@@ -203,13 +193,6 @@ class Rspamd:
         )
         host: str = Field(default="127.0.0.1", min_length=1, description="rspamd's address or host name.")
         port: int = Field(default=11333, ge=1, le=65535, description="The normal worker's TCP port.")
-        timeout: float = Field(
-            default=8, strict=True, gt=0, allow_inf_nan=False,
-            description=(
-                "Seconds for the whole exchange (connect, send, answer); past it on_error applies. "
-                "Stays below the chain's default plugin timeout (10 s) so this plugin answers for itself."
-            ),
-        )
         max_size: int = Field(
             default=20 * 1024 * 1024, gt=0,
             description=(
@@ -220,10 +203,6 @@ class Rspamd:
         password: str | None = Field(
             default=None, min_length=1, max_length=255,
             description="Sent as the Password header (only needed if you point url at the controller).",
-        )
-        score_factor: float = Field(
-            default=1.0, allow_inf_nan=False,
-            description="rspamd's score is multiplied by this to give this plugin's score.",
         )
         add_headers: bool = Field(
             default=False, strict=True,
@@ -245,34 +224,18 @@ class Rspamd:
         soft_reject_text: str = Field(
             default="Try again later", description="Reply text when honour_action tempfails."
         )
-        on_error: ActionSpec = Field(
-            default="continue",
-            description=(
-                "When rspamd is unreachable, times out or answers an error: continue (logged), "
-                "tempfail (451 4.7.1), reject, quarantine, or a number (continue with that score)."
-            ),
-        )
-        tempfail_text: str = Field(
-            default="Spam check temporarily unavailable, try again later",
-            description="Reply text when on_error is tempfail.",
-        )
-        reject_text: str = Field(
-            default="Spam check failed", description="Reply text when on_error is reject."
-        )
 
-        @field_validator(
-            "host", "password", "spam_text", "soft_reject_text", "tempfail_text", "reject_text"
-        )
+        @field_validator("host", "password", "spam_text", "soft_reject_text")
         @classmethod
-        def _one_line(cls, value: str | None) -> str | None:
-            return _no_control(value)
+        def _no_control(cls, value: str | None) -> str | None:
+            return no_control(value)
 
         @field_validator("url")
         @classmethod
         def _http_url(cls, value: str | None) -> str | None:
             if value is None:
                 return None
-            _no_control(value)
+            no_control(value)
             parts = urlsplit(value)
             if parts.scheme != "http" or not parts.hostname or parts.query or parts.fragment:
                 raise ValueError("must be http://HOST[:PORT][/PATH] (plain HTTP, no query)")
@@ -311,29 +274,18 @@ class Rspamd:
     @hookimpl
     async def data(self, session: Session, transaction: Transaction, message: Message) -> Verdict | None:
         s = self.settings
-        for name in (HEADER_SCORE, HEADER_SYMBOLS):
-            message.remove_header(name)  # a client's own verdict must not reach the mailbox
-        raw = message.raw
-        if len(raw) > s.max_size:
-            reason = f"rspamd skipped: message of {len(raw)} bytes is over max_size {s.max_size}"
-            event("rspamd", tx=transaction.id, result="skipped", size=len(raw))
-            return Verdict.cont(reason=reason, tags=("rspamd:skipped",))
         host, port, path = s.endpoint()
-        try:
-            async with asyncio.timeout(s.timeout):
-                result = await check(host, port, raw, path=path,
-                                     headers=self.request_headers(session, transaction))
-        except (RspamdError, TimeoutError) as exc:
-            detail = str(exc) or f"no answer from rspamd at {host}:{port} within {s.timeout} s"
-            log.warning("event=rspamd result=error tx=%s error=%r action=%s",
-                        transaction.id, detail, s.on_error)
-            return verdict_for(
-                s.on_error, reject_text=s.reject_text, tempfail_text=s.tempfail_text,
-                reason=f"rspamd error: {detail}", tags=("rspamd:error",),
-            )
+        headers = self.request_headers(session, transaction)
+        result = await ask_scanner(
+            "rspamd", transaction, message, settings=s, max_size=s.max_size,
+            headers=(HEADER_SCORE, HEADER_SYMBOLS), errors=(RspamdError,), where=f"{host}:{port}",
+            ask=lambda raw: check(host, port, raw, path=path, headers=headers),
+        )
+        if isinstance(result, Verdict):
+            return result
         points = result.score * s.score_factor
         ranked = result.ranked()
-        shown = ", ".join(ranked[:_REASON_SYMBOLS]) + (", ..." if len(ranked) > _REASON_SYMBOLS else "")
+        shown = symbol_list(ranked, _REASON_SYMBOLS)
         reason = f"rspamd score {result.score:g} action={result.action_slug}"
         reason += f" ({shown})" if shown else ""
         event("rspamd", tx=transaction.id, result=result.action_slug, score=result.score,

@@ -25,20 +25,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import re
 from dataclasses import dataclass
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from smtpproxy import Message, Transaction, Verdict, hookimpl
 from smtpproxy.eventlog import event
 
-from ._policy import ActionSpec, verdict_for
+from ._scanner import ScannerSettings, ask_scanner, no_control, symbol_list
 
 __all__ = ["Spamd", "SpamdError", "SpamdResult", "check"]
 
-log = logging.getLogger(__name__)
 
 PROTOCOL = "SPAMC/1.5"
 HEADER_SCORE = "X-Spam-Spamd-Score"
@@ -123,27 +121,12 @@ async def _read_response(reader: asyncio.StreamReader) -> SpamdResult:
     )
 
 
-def _no_control(value: str | None) -> str | None:
-    if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
-        raise ValueError("must not contain control characters")
-    return value
-
-
 class Spamd:
     """Score messages with SpamAssassin's spamd; the ``score`` plugin after it decides."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(ScannerSettings):
         host: str = Field(default="127.0.0.1", min_length=1, description="spamd's address or host name.")
         port: int = Field(default=783, ge=1, le=65535, description="spamd's TCP port.")
-        timeout: float = Field(
-            default=8, strict=True, gt=0, allow_inf_nan=False,
-            description=(
-                "Seconds for the whole exchange (connect, send, answer); past it on_error applies. "
-                "Stays below the chain's default plugin timeout (10 s) so this plugin answers for itself."
-            ),
-        )
         max_size: int = Field(
             default=512000, gt=0,
             description=(
@@ -155,10 +138,6 @@ class Spamd:
             default=None, min_length=1, max_length=255,
             description="Sent as the User header: whose preferences spamd uses (spamc -u).",
         )
-        score_factor: float = Field(
-            default=1.0, allow_inf_nan=False,
-            description="spamd's score is multiplied by this to give this plugin's score.",
-        )
         add_headers: bool = Field(
             default=False, strict=True,
             description=(
@@ -166,25 +145,11 @@ class Spamd:
                 "Incoming ones are removed either way."
             ),
         )
-        on_error: ActionSpec = Field(
-            default="continue",
-            description=(
-                "When spamd is unreachable, times out or answers an error: continue (logged), "
-                "tempfail (451 4.7.1), reject, quarantine, or a number (continue with that score)."
-            ),
-        )
-        tempfail_text: str = Field(
-            default="Spam check temporarily unavailable, try again later",
-            description="Reply text when on_error is tempfail.",
-        )
-        reject_text: str = Field(
-            default="Spam check failed", description="Reply text when on_error is reject."
-        )
 
-        @field_validator("user", "host", "tempfail_text", "reject_text")
+        @field_validator("user", "host")
         @classmethod
-        def _one_line(cls, value: str | None) -> str | None:
-            return _no_control(value)
+        def _no_control(cls, value: str | None) -> str | None:
+            return no_control(value)
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or self.Settings()
@@ -192,28 +157,15 @@ class Spamd:
     @hookimpl
     async def data(self, transaction: Transaction, message: Message) -> Verdict | None:
         s = self.settings
-        for name in (HEADER_SCORE, HEADER_SYMBOLS):
-            message.remove_header(name)  # a client's own verdict must not reach the mailbox
-        raw = message.raw
-        if len(raw) > s.max_size:
-            reason = f"spamd skipped: message of {len(raw)} bytes is over max_size {s.max_size}"
-            event("spamd", tx=transaction.id, result="skipped", size=len(raw))
-            return Verdict.cont(reason=reason, tags=("spamd:skipped",))
-        try:
-            async with asyncio.timeout(s.timeout):
-                result = await check(s.host, s.port, raw, user=s.user)
-        except (SpamdError, TimeoutError) as exc:
-            detail = str(exc) or f"no answer from spamd at {s.host}:{s.port} within {s.timeout} s"
-            log.warning("event=spamd result=error tx=%s error=%r action=%s",
-                        transaction.id, detail, s.on_error)
-            return verdict_for(
-                s.on_error, reject_text=s.reject_text, tempfail_text=s.tempfail_text,
-                reason=f"spamd error: {detail}", tags=("spamd:error",),
-            )
+        result = await ask_scanner(
+            "spamd", transaction, message, settings=s, max_size=s.max_size,
+            headers=(HEADER_SCORE, HEADER_SYMBOLS), errors=(SpamdError,), where=f"{s.host}:{s.port}",
+            ask=lambda raw: check(s.host, s.port, raw, user=s.user),
+        )
+        if isinstance(result, Verdict):
+            return result
         points = result.score * s.score_factor
-        shown = ", ".join(result.symbols[:_REASON_SYMBOLS])
-        if len(result.symbols) > _REASON_SYMBOLS:
-            shown += ", ..."
+        shown = symbol_list(result.symbols, _REASON_SYMBOLS)
         reason = f"spamd score {result.score:g}" + (f" ({shown})" if shown else "")
         event("spamd", tx=transaction.id, result="spam" if result.is_spam else "ham",
               score=result.score, required=result.threshold, points=round(points, 2),
