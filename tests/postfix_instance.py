@@ -40,6 +40,8 @@ from typing import Protocol, TypeVar
 
 import pytest
 
+from tests.daemons import free_port
+
 #: Where Debian puts the administrative commands; also searched when PATH lacks the sbin dirs
 #: (a non-login root shell, some CI runners).
 _SBIN_PATH = "/usr/sbin:/sbin:/usr/local/sbin"
@@ -116,14 +118,6 @@ def require_postfix() -> None:
     """
     if postfix_commands() is None:
         pytest.skip(_SKIP_REASON)
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def _traversable(path: Path) -> bool:

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.daemons import free_port, stop_process
+
 __all__ = ["RedisServer", "redis_server"]
 
 
@@ -39,26 +41,14 @@ class RedisServer:
 
     def stop(self) -> None:
         """Stop it (e.g. to test fail-open/closed); idempotent."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        stop_process(self.process)
 
 
 def start_redis(workdir: Path) -> RedisServer:
     binary = shutil.which("redis-server")
     if binary is None:
         pytest.skip("redis-server is not installed: apt-get install redis-server")
-    port = _free_port()
+    port = free_port()
     process = subprocess.Popen(
         [binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
          "--dir", str(workdir), "--protected-mode", "yes"],

@@ -38,6 +38,7 @@ from smtpproxy_plugins.score import Score
 
 from smtpproxy import Transaction, hookimpl
 from tests.conftest import ProxyFactory, Sink, Talk, closed_port, port_of
+from tests.daemons import free_port, stop_process
 
 MARKER = "smtpproxy-spam-marker"
 
@@ -77,19 +78,7 @@ class RspamdServer:
             return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        stop_process(self.process)
 
 
 def _local_config(local: Path, normal: int, controller: int, tld: Path) -> None:
@@ -99,7 +88,7 @@ def _local_config(local: Path, normal: int, controller: int, tld: Path) -> None:
     (override / "worker-normal.inc").write_text(f'bind_socket = "127.0.0.1:{normal}";\ncount = 1;\n')
     (override / "worker-controller.inc").write_text(f'bind_socket = "127.0.0.1:{controller}";\ncount = 1;\n')
     (override / "worker-proxy.inc").write_text(
-        f'enabled = false;\ncount = 0;\nbind_socket = "127.0.0.1:{_free_port()}";\n'
+        f'enabled = false;\ncount = 0;\nbind_socket = "127.0.0.1:{free_port()}";\n'
     )
     (override / "logging.inc").write_text('type = "console";\nlevel = "notice";\n')
     (localdir / "options.inc").write_text(
@@ -132,8 +121,8 @@ def rspamd_server() -> Iterator[RspamdServer]:
     dbdir.mkdir(mode=0o755)
     tld = workdir / "tld.dat"
     tld.write_text("com\nnet\norg\ntest\nexample\n")
-    port = _free_port()
-    _local_config(workdir, port, _free_port(), tld)
+    port = free_port()
+    _local_config(workdir, port, free_port(), tld)
     command = [binary, "-f", "-c", str(confdir / "rspamd.conf"),
                "--var", f"CONFDIR={confdir}", "--var", f"LOCAL_CONFDIR={workdir}",
                "--var", f"DBDIR={dbdir}", "--var", f"RUNDIR={workdir}", "--var", f"LOGDIR={workdir}"]

@@ -32,6 +32,7 @@ from smtpproxy_plugins.spamd import Spamd, SpamdError, check
 
 from smtpproxy import Transaction, hookimpl
 from tests.conftest import ProxyFactory, Sink, Talk, closed_port, port_of
+from tests.daemons import free_port, stop_process
 
 MARKER = "smtpproxy-spam-marker"
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -78,19 +79,7 @@ class SpamdServer:
             return False
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+        stop_process(self.process)
 
 
 @pytest.fixture(scope="module")
@@ -113,7 +102,7 @@ def spamd_server() -> Iterator[SpamdServer]:
     if not any(site.glob("*.pre")):
         (site / "init.pre").write_text("loadplugin Mail::SpamAssassin::Plugin::Check\n")
     (site / "local.cf").write_text(SITE_CONFIG)
-    port = _free_port()
+    port = free_port()
     command = [
         binary, f"--listen=127.0.0.1:{port}", "--allowed-ips=127.0.0.1", f"--siteconfigpath={site}",
         "--nouser-config", "--max-children=2", "--syslog=stderr", f"--helper-home-dir={workdir}",
