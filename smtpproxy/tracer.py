@@ -1,0 +1,726 @@
+"""The offline tracer: one message through the plugin chain, without a network or a delivery.
+
+``smtpproxy test-message`` and the pytest plugin drive the chain through connect → helo →
+mail_from → rcpt_to (each recipient) → data exactly as the SMTP front end does
+(:mod:`smtpproxy.inbound`): the same relay rule, per-transaction route rule and DATA limits,
+the same reading of verdicts per phase, discard/quarantine dispositions carried from earlier
+phases, refused recipients left out of the envelope. Nothing is delivered or quarantined;
+the result is a :class:`Trace` that says who did what, how long it took, what changed in
+the message and envelope, and what the client would have been told.
+
+Plugins run for real: a plugin that asks DNS, Redis or an HTTP service still does. The
+session's ``transport`` is ``"offline"`` so a plugin can tell (and, say, not count a trace
+against a rate limit). ``after_message`` is told ``delivered`` for a message that would be.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from smtpproxy import dns
+from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
+from smtpproxy.chain import Chain
+from smtpproxy.config import Config, ConfigSource, MaildirDelivery
+from smtpproxy.datareader import END_OF_DATA, DataReader
+from smtpproxy.eventlog import current_session
+from smtpproxy.message import Message
+from smtpproxy.registry import build_chain
+from smtpproxy.relay import RelayPolicy
+from smtpproxy.session import (
+    Client,
+    Decision,
+    Envelope,
+    Outcome,
+    Recipient,
+    Results,
+    Session,
+    TLSInfo,
+    Transaction,
+)
+from smtpproxy.verdicts import Action, Reply, Verdict
+
+__all__ = [
+    "DISPOSITIONS",
+    "PHASE_ORDER",
+    "PhaseTrace",
+    "Route",
+    "Step",
+    "Trace",
+    "TraceInputError",
+    "TracePolicy",
+    "Tracer",
+    "TracerStartupError",
+]
+
+PHASE_ORDER = ("connect", "helo", "mail_from", "rcpt_to", "data")
+DISPOSITIONS = ("accepted", "rejected", "tempfailed", "discarded", "quarantined")
+"""A trace's decision: ``accepted`` means the proxy would hand the message to delivery."""
+
+PROXY = "proxy"
+"""The name steps and decisions carry when a rule of the proxy itself (not a plugin) decided."""
+
+
+class TraceInputError(ValueError):
+    """The message or envelope given to the tracer is unusable (says what to fix)."""
+
+
+class TracerStartupError(RuntimeError):
+    """A plugin's ``startup`` hook failed, as it would stop the proxy from starting."""
+
+
+# -- what a trace records ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    """One plugin's hook call (or one rule of the proxy) in one phase."""
+
+    plugin: str
+    phase: str
+    action: str
+    """``continue``, ``accept``, ``reject``, ``tempfail``, ``discard`` or ``quarantine``."""
+    reply: str | None = None
+    """The SMTP reply the verdict carries, e.g. ``550 5.7.1 No``."""
+    score: float = 0.0
+    reason: str = ""
+    tags: tuple[str, ...] = ()
+    duration_ms: float = 0.0
+    error: str | None = None
+    """The exception or timeout, when the hook failed (the action is then its on_error policy)."""
+    changes: tuple[str, ...] = ()
+    """Edits this call made: ``+ Name: value``, ``- Name``, ``= Name: value``, ``body replaced``,
+    ``sender <a>``, ``+rcpt <a>``, ``-rcpt <a>``."""
+
+
+@dataclass(slots=True)
+class PhaseTrace:
+    """One phase: its subject (HELO name, sender or recipient), steps, and what the client heard."""
+
+    phase: str
+    subject: str
+    steps: list[Step] = field(default_factory=list)
+    outcome: str = "continue"
+    """What the phase ended with: the final verdict's action, or ``continue``."""
+    reply: str | None = None
+    """The reply the client would get (None where the proxy's normal reply applies)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """Where the accepted recipients would go: a Maildir, or a route's upstream servers."""
+
+    name: str
+    destination: str
+    recipients: tuple[str, ...]
+
+
+@dataclass(slots=True)
+class Trace:
+    """Everything one offline run found out about one message."""
+
+    sender: str
+    recipients: list[str]
+    """The recipients asked for, in order."""
+    client_ip: str
+    client_port: int
+    helo: str
+    auth_user: str | None
+    tls: bool
+    size: int
+    phases: list[PhaseTrace] = field(default_factory=list)
+    accepted_recipients: list[str] = field(default_factory=list)
+    """The envelope's recipients after every phase (plugin edits included)."""
+    refused_recipients: list[tuple[str, str, str]] = field(default_factory=list)
+    """(recipient, reply, by) for every recipient refused at RCPT."""
+    headers_added: list[tuple[str, str]] = field(default_factory=list)
+    headers_removed: list[tuple[str, str]] = field(default_factory=list)
+    body_replaced: bool = False
+    envelope_changes: list[tuple[str, str, str]] = field(default_factory=list)
+    """(op, address, plugin): ``sender``, ``add_recipient`` or ``remove_recipient``."""
+    routes: list[Route] = field(default_factory=list)
+    decision: str = "rejected"
+    """One of :data:`DISPOSITIONS`."""
+    reply: str = ""
+    """What the client would have been told last (the end-of-data reply if DATA was reached)."""
+    decided_by: str = PROXY
+    reason: str = ""
+    score: float = 0.0
+    """The sum of every score contribution (session and transaction)."""
+    tags: list[str] = field(default_factory=list)
+    duration_ms: float = 0.0
+    notes: list[str] = field(default_factory=list)
+    """Things the tracer did or could not do that a reader should know (line endings, relay mode)."""
+    message: Message | None = field(default=None, repr=False)
+    """The message as the plugins left it (None when DATA was not reached)."""
+
+    @property
+    def steps(self) -> list[Step]:
+        """Every step of every phase, in order."""
+        return [s for p in self.phases for s in p.steps]
+
+    def steps_for(self, plugin: str) -> list[Step]:
+        return [s for s in self.steps if s.plugin == plugin]
+
+    def phase(self, name: str) -> list[PhaseTrace]:
+        """The traces of one phase (``rcpt_to`` has one per recipient)."""
+        return [p for p in self.phases if p.phase == name]
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the message itself is left out; its changes are in)."""
+        return {
+            "decision": self.decision,
+            "reply": self.reply,
+            "decided_by": self.decided_by,
+            "reason": self.reason,
+            "score": self.score,
+            "tags": list(self.tags),
+            "envelope": {
+                "sender": self.sender,
+                "recipients": list(self.recipients),
+                "accepted_recipients": list(self.accepted_recipients),
+                "refused_recipients": [
+                    {"recipient": r, "reply": reply, "by": by} for r, reply, by in self.refused_recipients
+                ],
+                "changes": [{"op": op, "address": a, "plugin": p} for op, a, p in self.envelope_changes],
+            },
+            "client": {
+                "ip": self.client_ip, "port": self.client_port, "helo": self.helo,
+                "auth_user": self.auth_user, "tls": self.tls,
+            },
+            "size": self.size,
+            "phases": [
+                {
+                    "phase": p.phase, "subject": p.subject, "outcome": p.outcome, "reply": p.reply,
+                    "steps": [
+                        {
+                            "plugin": s.plugin, "action": s.action, "reply": s.reply, "score": s.score,
+                            "reason": s.reason, "tags": list(s.tags),
+                            "duration_ms": round(s.duration_ms, 3), "error": s.error,
+                            "changes": list(s.changes),
+                        }
+                        for s in p.steps
+                    ],
+                }
+                for p in self.phases
+            ],
+            "headers_added": [{"name": n, "value": v} for n, v in self.headers_added],
+            "headers_removed": [{"name": n, "value": v} for n, v in self.headers_removed],
+            "body_replaced": self.body_replaced,
+            "routes": [
+                {"route": r.name, "destination": r.destination, "recipients": list(r.recipients)}
+                for r in self.routes
+            ],
+            "duration_ms": round(self.duration_ms, 3),
+            "notes": list(self.notes),
+        }
+
+
+# -- the proxy's rules, as the tracer needs them ----------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _RouteRule:
+    name: str
+    matcher: RelayPolicy
+    destination: str
+
+
+@dataclass(frozen=True, slots=True)
+class TracePolicy:
+    """The proxy rules a trace applies besides the plugins (taken from a Config)."""
+
+    relay: RelayPolicy | None = None
+    """None: every recipient passes the relay rule (handy when testing one plugin)."""
+    max_message_size: int = 26_214_400
+    max_line_length: int = 1000
+    max_recipients: int = 100
+    normalize_bare_newlines: bool = False
+    smtputf8: bool = True
+    routes: tuple[_RouteRule, ...] = ()
+    default_destination: str = "delivery"
+    rcpt_mode: str = "at_data"
+    local_ip: str = "127.0.0.1"
+    local_port: int = 25
+
+    @classmethod
+    def from_config(cls, config: Config) -> TracePolicy:
+        d = config.delivery
+        routes: list[_RouteRule] = []
+        rcpt_mode = "at_data"
+        if isinstance(d, MaildirDelivery):
+            default = f"maildir {d.path}"
+        else:
+            default = ", ".join(f"{u.host}:{u.port}" for u in d.default_upstreams())
+            rcpt_mode = d.rcpt_mode
+            for index, route in enumerate(d.routes):
+                # The same matching as SmtpDelivery.route_key: in order, first match wins.
+                routes.append(_RouteRule(
+                    f"route{index} ({', '.join(route.domains)})",
+                    RelayPolicy.from_config(route.domains, (), False),
+                    ", ".join(f"{u.host}:{u.port}" for u in route.upstreams),
+                ))
+        lim, listener = config.limits, config.listeners[0]
+        return cls(
+            relay=RelayPolicy.from_config(
+                config.relay.domains, config.relay.networks, config.relay.allow_authenticated
+            ),
+            max_message_size=lim.max_message_size,
+            max_line_length=lim.max_line_length,
+            max_recipients=lim.max_recipients,
+            normalize_bare_newlines=config.smtp.bare_newlines == "normalize",
+            smtputf8=config.smtp.smtputf8,
+            routes=tuple(routes),
+            default_destination=default,
+            rcpt_mode=rcpt_mode,
+            local_ip=listener.address,
+            local_port=listener.port,
+        )
+
+    def route_of(self, address: Address) -> tuple[str, str]:
+        """(route name, destination) for a recipient, as the SMTP delivery picks it."""
+        for rule in self.routes:
+            if address.domain and rule.matcher.is_local_domain(address.domain):
+                return rule.name, rule.destination
+        return "default", self.default_destination
+
+
+# -- the driver --------------------------------------------------------------------------------
+
+
+class _RecordingResults(Results):
+    """Results that tell the tracer about each outcome the moment the chain records it.
+
+    The chain adds an outcome right after each plugin's call, so whatever changed in the
+    message or envelope since the previous outcome is that plugin's doing.
+    """
+
+    __slots__ = ("_on_add",)
+
+    def __init__(self, on_add: Callable[[Outcome], None]):
+        super().__init__()
+        self._on_add = on_add
+
+    def add(self, outcome: Outcome) -> None:
+        super().add(outcome)
+        self._on_add(outcome)
+
+
+class _Run:
+    """The state of one traced message."""
+
+    def __init__(self, trace: Trace):
+        self.trace = trace
+        self.current: PhaseTrace | None = None
+        self.message: Message | None = None
+        self.envelope: Envelope | None = None
+        self.message_mark = 0
+        self.envelope_mark = 0
+        self.disposition_by = ""
+        self.reply: Reply | None = None
+
+    def begin(self, phase: str, subject: str) -> PhaseTrace:
+        self.current = PhaseTrace(phase, subject)
+        self.trace.phases.append(self.current)
+        return self.current
+
+    def record(self, outcome: Outcome) -> None:
+        assert self.current is not None
+        changes = []
+        if self.message is not None:
+            for change in self.message.changes[self.message_mark:]:
+                if change.op == "add":
+                    changes.append(f"+ {change.name}: {change.value}")
+                elif change.op == "remove":
+                    changes.append(f"- {change.name}")
+                elif change.op == "replace":
+                    changes.append(f"= {change.name}: {change.value}")
+                else:
+                    changes.append("body replaced")
+            self.message_mark = len(self.message.changes)
+        if self.envelope is not None:
+            for env_change in self.envelope.changes[self.envelope_mark:]:
+                label = {"sender": "sender", "add_recipient": "+rcpt", "remove_recipient": "-rcpt"}
+                changes.append(f"{label.get(env_change.op, env_change.op)} <{env_change.address.text}>")
+                self.trace.envelope_changes.append(
+                    (env_change.op, env_change.address.text, outcome.plugin)
+                )
+            self.envelope_mark = len(self.envelope.changes)
+        self.current.steps.append(Step(
+            plugin=outcome.plugin, phase=outcome.phase, action=outcome.action.value,
+            reply=_text(outcome.reply) if outcome.reply is not None else None,
+            score=outcome.score, reason=outcome.reason, tags=outcome.tags,
+            duration_ms=outcome.duration * 1000, error=outcome.error, changes=tuple(changes),
+        ))
+
+    def proxy_step(self, action: str, reply: Reply, reason: str) -> None:
+        assert self.current is not None
+        self.current.steps.append(Step(PROXY, self.current.phase, action, _text(reply), reason=reason))
+        self.current.outcome = action
+        self.current.reply = _text(reply)
+
+    def finish_phase(
+        self, verdict: Verdict | None, reply: Reply | None = None, outcome: str | None = None
+    ) -> None:
+        assert self.current is not None
+        self.current.outcome = outcome or (verdict.action.value if verdict is not None else "continue")
+        if reply is not None:
+            self.current.reply = _text(reply)
+
+    def decide(self, kind: str, reply: Reply, by: str, reason: str = "") -> None:
+        self.reply = reply
+        self.trace.decision = kind
+        self.trace.reply = _text(reply)
+        self.trace.decided_by = by
+        self.trace.reason = reason
+
+
+def _last_plugin(results: Results) -> str:
+    return results.outcomes[-1].plugin if results.outcomes else PROXY
+
+
+def _refusal_kind(verdict: Verdict) -> str:
+    return "rejected" if verdict.action is Action.REJECT else "tempfailed"
+
+
+def _wire_bytes(raw: bytes) -> tuple[bytes, list[str]]:
+    """The DATA section a client would send for a message file: CRLF lines, dot-stuffed.
+
+    A file with LF line endings only (how most tools store ``.eml``) is converted to CRLF.
+    A file that mixes them is sent as it is, so the proxy's bare-newline rule applies.
+    """
+    notes = []
+    if b"\n" in raw and b"\r" not in raw:
+        raw = raw.replace(b"\n", b"\r\n")
+        notes.append("the file has LF line endings; sent with CRLF as an SMTP client would")
+    if raw and not raw.endswith(b"\r\n"):
+        raw += b"\r\n"
+    lines = raw.split(b"\r\n")[:-1]
+    stuffed = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    return stuffed, notes
+
+
+class Tracer:
+    """Runs messages through one chain offline. Use as ``async with`` (startup/shutdown hooks).
+
+    Build it with :meth:`from_config` to get exactly what ``smtpproxy run`` would load, or
+    from a :class:`~smtpproxy.chain.Chain` and a :class:`TracePolicy` (the pytest plugin does).
+    """
+
+    def __init__(self, chain: Chain, policy: TracePolicy | None = None, *, config: Config | None = None):
+        self.chain = chain
+        self.policy = policy or TracePolicy()
+        self.config = config
+        self._started = False
+
+    @classmethod
+    def from_config(cls, config: Config, source: ConfigSource | None = None) -> Tracer:
+        """The chain and rules of a configuration (ConfigError when a plugin cannot load)."""
+        return cls(build_chain(config.plugins, source), TracePolicy.from_config(config), config=config)
+
+    async def start(self) -> None:
+        """Configure the shared resolver (from a config) and run every ``startup`` hook."""
+        if self._started:
+            return
+        if self.config is not None:
+            d = self.config.dns
+            dns.configure(dns.Resolver(d.nameservers, port=d.port, timeout=d.timeout,
+                                       cache_size=d.cache_size))
+        failures = await self.chain.notify("startup")
+        if failures:
+            await self.chain.notify("shutdown")
+            raise TracerStartupError(
+                "; ".join(f"plugin {name}: startup failed: {err}" for name, err in failures)
+            )
+        self._started = True
+
+    async def close(self) -> None:
+        """Run every ``shutdown`` hook (once)."""
+        if self._started:
+            self._started = False
+            await self.chain.notify("shutdown")
+
+    async def __aenter__(self) -> Tracer:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def trace(
+        self,
+        message: bytes,
+        *,
+        sender: str,
+        recipients: Sequence[str],
+        client_ip: str = "192.0.2.1",
+        client_port: int = 0,
+        helo: str = "client.example",
+        auth_user: str | None = None,
+        tls: bool = False,
+        client_hostname: str | None = None,
+    ) -> Trace:
+        """Run one message through every phase; TraceInputError for a bad sender or recipient."""
+        if not recipients:
+            raise TraceInputError("at least one recipient is needed (--rcpt)")
+        if not helo or any(c.isspace() for c in helo):
+            raise TraceInputError(f"HELO name {helo!r} must be one word")
+        started = time.perf_counter()
+        p = self.policy
+        utf8 = p.smtputf8 and not all(a.isascii() for a in (sender, *recipients))
+        params = " SMTPUTF8" if utf8 else ""
+        try:
+            mail = parse_mail_from(f"FROM:<{sender}>{params}", smtputf8_enabled=p.smtputf8)
+        except AddressError as exc:
+            raise TraceInputError(f"sender {sender!r}: {exc.text}") from None
+        rcpts = []
+        for text in recipients:
+            try:
+                rcpts.append(parse_rcpt_to(f"TO:<{text}>", smtputf8_enabled=utf8).address)
+            except AddressError as exc:
+                raise TraceInputError(f"recipient {text!r}: {exc.text}") from None
+        wire, notes = _wire_bytes(bytes(message))
+
+        trace = Trace(sender=mail.address.text, recipients=[a.text for a in rcpts], client_ip=client_ip,
+                      client_port=client_port, helo=helo, auth_user=auth_user, tls=tls, size=0,
+                      notes=notes)
+        run = _Run(trace)
+        session = Session(Client(client_ip, client_port, client_hostname), local_ip=p.local_ip,
+                          local_port=p.local_port, transport="offline")
+        session.results = _RecordingResults(run.record)
+        if tls:
+            session.tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
+        token = current_session.set(session.id)
+        try:
+            transaction = await self._session(
+                run, session, helo=helo, auth_user=auth_user, sender=mail.address,
+                sender_params=mail.params, rcpts=rcpts, wire=wire,
+            )
+            if transaction is not None and transaction.message is not None and run.reply is not None:
+                decision = Decision(
+                    "delivered" if trace.decision == "accepted" else trace.decision,
+                    run.reply, trace.decided_by, trace.reason,
+                )
+                await self.chain.notify("after_message", session=session, transaction=transaction,
+                                        decision=decision)
+            await self.chain.notify("disconnect", session=session)
+        finally:
+            current_session.reset(token)
+        trace.score = session.results.score + (
+            transaction.results.score if transaction is not None else 0.0
+        )
+        trace.tags = sorted(session.results.tags | (transaction.results.tags if transaction else set()))
+        trace.duration_ms = (time.perf_counter() - started) * 1000
+        return trace
+
+    async def _session(
+        self, run: _Run, session: Session, *, helo: str, auth_user: str | None,
+        sender: Address, sender_params: dict[str, str | None], rcpts: list[Address], wire: bytes,
+    ) -> Transaction | None:
+        """connect → helo → mail → rcpt* → data; returns the transaction if MAIL was accepted."""
+        p, chain, trace = self.policy, self.chain, run.trace
+        # connect
+        run.begin("connect", session.client.ip)
+        verdict = await chain.run("connect", session.results, session=session)
+        if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
+            reply = _connect_reply(verdict)
+            run.finish_phase(verdict, reply)
+            run.decide(_refusal_kind(verdict), reply, _last_plugin(session.results), verdict.reason)
+            return None
+        run.finish_phase(verdict)
+        self._session_disposition(run, session, verdict)
+        # helo
+        run.begin("helo", helo)
+        verdict = await chain.run("helo", session.results, session=session, hostname=helo)
+        if verdict is not None and verdict.reply is not None:
+            run.finish_phase(verdict, verdict.reply)
+            run.decide(_refusal_kind(verdict), verdict.reply, _last_plugin(session.results),
+                       verdict.reason)
+            return None
+        run.finish_phase(verdict)
+        self._session_disposition(run, session, verdict)
+        session.helo = helo
+        session.esmtp = True
+        session.auth_user = auth_user  # AUTH comes after EHLO
+        # mail_from
+        run.begin("mail_from", sender.text or "<>")
+        transaction = session.begin_transaction(Envelope(sender, sender_params))
+        transaction.results = _RecordingResults(run.record)
+        run.envelope = transaction.envelope
+        verdict = await chain.run("mail_from", transaction.results, session=session,
+                                  transaction=transaction, sender=sender)
+        if verdict is not None and verdict.reply is not None:
+            run.finish_phase(verdict, verdict.reply)
+            run.decide(_refusal_kind(verdict), verdict.reply, _last_plugin(transaction.results),
+                       verdict.reason)
+            session.end_transaction()
+            return None
+        run.finish_phase(verdict)
+        self._disposition(run, transaction, verdict)
+        # rcpt_to, each
+        route: str | None = None
+        refusals: list[tuple[Verdict | None, Reply, str, str]] = []
+        if p.rcpt_mode == "relay":
+            trace.notes.append("rcpt_mode relay: the upstream's answer to each RCPT is not asked offline")
+        for address in rcpts:
+            phase = run.begin("rcpt_to", address.text)
+            refusal = self._rcpt_rule(session, transaction, address, route)
+            if refusal is not None:
+                run.proxy_step("reject" if refusal.is_permanent else "tempfail", refusal,
+                               _RULE_REASONS.get(refusal.enhanced or "", "proxy rule"))
+                refusals.append((None, refusal, PROXY, phase.steps[-1].reason))
+                trace.refused_recipients.append((address.text, _text(refusal), PROXY))
+                continue
+            recipient = Recipient(address, {})
+            verdict = await chain.run("rcpt_to", transaction.results, session=session,
+                                      transaction=transaction, recipient=recipient)
+            if verdict is not None and verdict.reply is not None:
+                run.finish_phase(verdict, verdict.reply)
+                by = _last_plugin(transaction.results)
+                refusals.append((verdict, verdict.reply, by, verdict.reason))
+                trace.refused_recipients.append((address.text, _text(verdict.reply), by))
+                continue
+            run.finish_phase(verdict)
+            self._disposition(run, transaction, verdict)
+            route = p.route_of(address)[0]
+            transaction.envelope.recipients.append(recipient)
+        if not transaction.envelope.recipients:
+            # The client gets no further than RCPT; its refusals are the answer.
+            permanent = [r for r in refusals if r[1].is_permanent]
+            _, reply, by, reason = (permanent or refusals)[0]
+            run.decide("rejected" if permanent and len(permanent) == len(refusals) else "tempfailed",
+                       reply, by, reason)
+            return transaction
+        # data
+        phase = run.begin("data", "")
+        refused = self._read_data(wire)
+        if isinstance(refused, Reply):
+            run.proxy_step("reject", refused, "the proxy's DATA rules (size, line length, bare CR/LF)")
+            run.decide("rejected", refused, PROXY, "DATA refused while reading")
+            return transaction
+        message = transaction.message = run.message = Message(refused)
+        trace.size = message.size
+        phase.subject = f"{message.size} bytes"
+        original = message.headers
+        if transaction.disposition is Action.DISCARD:
+            run.decide("discarded", _queued(transaction), run.disposition_by or PROXY,
+                       transaction.disposition_reason)
+            run.finish_phase(None, run.reply, outcome="discard")  # the data chain is skipped
+        else:
+            verdict = await chain.run("data", transaction.results, session=session,
+                                      transaction=transaction, message=message)
+            by = _last_plugin(transaction.results) if verdict else PROXY
+            self._decide(run, transaction, verdict, by)
+            run.finish_phase(verdict, run.reply)
+        trace.message = message
+        final = message.headers
+        trace.headers_added = _minus(final, original)
+        trace.headers_removed = _minus(original, final)
+        trace.body_replaced = any(c.op == "replace_body" for c in message.changes)
+        trace.accepted_recipients = [r.address.text for r in transaction.envelope.recipients]
+        if trace.decision == "accepted":
+            groups: dict[str, tuple[str, list[str]]] = {}
+            for rcpt in transaction.envelope.recipients:
+                name, destination = p.route_of(rcpt.address)
+                groups.setdefault(name, (destination, []))[1].append(rcpt.address.text)
+            trace.routes = [Route(n, d, tuple(r)) for n, (d, r) in groups.items()]
+        return transaction
+
+    def _session_disposition(self, run: _Run, session: Session, verdict: Verdict | None) -> None:
+        if verdict is not None and verdict.action in (Action.DISCARD, Action.QUARANTINE):
+            session.disposition = verdict.action
+            session.disposition_reason = verdict.reason
+            run.disposition_by = _last_plugin(session.results)
+
+    def _disposition(self, run: _Run, transaction: Transaction, verdict: Verdict | None) -> None:
+        if verdict is None:
+            return
+        if verdict.action is Action.DISCARD or (
+            verdict.action is Action.QUARANTINE and transaction.disposition is not Action.DISCARD
+        ):
+            transaction.disposition = verdict.action
+            transaction.disposition_reason = verdict.reason
+            run.disposition_by = _last_plugin(transaction.results)
+
+    def _rcpt_rule(
+        self, session: Session, transaction: Transaction, address: Address, route: str | None
+    ) -> Reply | None:
+        """The proxy's own RCPT rules, in the front end's order; None when they pass."""
+        p = self.policy
+        if len(transaction.envelope.recipients) >= p.max_recipients:
+            return Reply(452, "4.5.3", "Too many recipients")
+        if p.relay is not None and not p.relay.permits(address, session.client.ip, session.auth_user):
+            return Reply(554, "5.7.1", f"<{address.text}>: Relay access denied")
+        if route is not None and p.route_of(address)[0] != route:
+            return Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
+        return None
+
+    def _read_data(self, wire: bytes) -> bytes | Reply:
+        """The message as the proxy's DATA reader would take it, or the reply refusing it."""
+        p = self.policy
+        reader = DataReader(p.max_message_size, p.max_line_length,
+                            normalize_bare_newlines=p.normalize_bare_newlines)
+        # The front end reads up to each CRLF, so a bare CR or LF stays inside a "line".
+        for line in wire.split(b"\r\n")[:-1]:
+            reader.feed(line + b"\r\n")
+        reader.feed(END_OF_DATA)
+        if reader.problem is not None:
+            return reader.problem.reply(p.max_message_size, p.max_line_length)
+        return reader.content()
+
+    def _decide(self, run: _Run, transaction: Transaction, verdict: Verdict | None, by: str) -> None:
+        """The front end's end-of-data decision, with delivery and quarantine left out."""
+        if verdict is not None and verdict.reply is not None:
+            run.decide(_refusal_kind(verdict), verdict.reply, by, verdict.reason)
+            return
+        action = verdict.action if verdict is not None else None
+        if action is Action.DISCARD:
+            run.decide("discarded", _queued(transaction), by, verdict.reason if verdict else "")
+            return
+        if action is Action.QUARANTINE or transaction.disposition is Action.QUARANTINE:
+            if action is Action.QUARANTINE and verdict is not None:
+                run.decide("quarantined", _queued(transaction), by, verdict.reason)
+            else:
+                run.decide("quarantined", _queued(transaction), run.disposition_by or PROXY,
+                           transaction.disposition_reason)
+            return
+        run.decide("accepted", Reply(250, "2.0.0", "Ok: would be delivered"), by,
+                   verdict.reason if verdict is not None else "")
+
+
+_RULE_REASONS = {
+    "5.7.1": "relay rule: the domain is not in relay.domains and the client is not trusted",
+    "4.5.3": "one transaction per route, or limits.max_recipients",
+}
+
+
+def _minus(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The header fields of *a* not in *b* (as a multiset, in *a*'s order)."""
+    remaining = list(b)
+    out = []
+    for item in a:
+        if item in remaining:
+            remaining.remove(item)
+        else:
+            out.append(item)
+    return out
+
+
+def _text(reply: Reply) -> str:
+    """A reply as one string: its wire lines joined by newlines (no CR)."""
+    return "\n".join(reply.lines())
+
+
+def _connect_reply(verdict: Verdict) -> Reply:
+    """As the front end answers at connect: 554 refuses the session, 421 defers it."""
+    assert verdict.reply is not None
+    enhanced = verdict.reply.enhanced
+    if verdict.action is Action.TEMPFAIL:
+        return Reply(421, enhanced or "4.7.0", verdict.reply.text)
+    return Reply(554, enhanced or "5.7.1", verdict.reply.text)
+
+
+def _queued(transaction: Transaction) -> Reply:
+    return Reply(250, "2.0.0", f"Ok: queued as {transaction.id}")
