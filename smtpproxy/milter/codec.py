@@ -1,0 +1,669 @@
+"""The milter wire format (Sendmail 8 protocol version 6, as Postfix speaks it): pure, no I/O.
+
+A packet is a 4-byte big-endian length, one command byte, then ``length - 1`` payload
+bytes. Strings inside a payload are NUL-terminated. The MTA sends *commands* (SMFIC_*),
+the filter answers with *responses* (SMFIR_*). Both directions are typed here so the
+server decodes what Postfix sends and the tests' fake MTA decodes what we answer.
+
+Decoding is strict: a length of 0 or above the limit, a missing NUL, a short integer,
+trailing bytes or an unknown command byte raise :class:`MilterProtocolError`, and the
+caller closes the connection. Strings are decoded as UTF-8 with ``surrogateescape`` so
+any octets (8-bit headers) survive a decode/encode round trip unchanged.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+
+__all__ = [
+    "ACTIONS",
+    "Abort",
+    "Accept",
+    "AddHeader",
+    "AddRecipient",
+    "Body",
+    "ChangeFrom",
+    "ChangeHeader",
+    "Command",
+    "Connect",
+    "Continue",
+    "Data",
+    "DeleteRecipient",
+    "Discard",
+    "EndOfBody",
+    "EndOfHeaders",
+    "FrameDecoder",
+    "Header",
+    "Helo",
+    "InsertHeader",
+    "Macro",
+    "Mail",
+    "MilterProtocolError",
+    "OptNeg",
+    "Progress",
+    "Quarantine",
+    "Quit",
+    "QuitNewConnection",
+    "Rcpt",
+    "Reject",
+    "ReplaceBody",
+    "ReplyCode",
+    "Response",
+    "Tempfail",
+    "Unknown",
+    "decode_command",
+    "decode_response",
+    "encode_command",
+    "encode_packet",
+    "encode_response",
+]
+
+PROTOCOL_VERSION = 6
+MAX_BODY_CHUNK = 65535
+"""Largest body chunk either side sends (libmilter's MILTER_CHUNK_SIZE)."""
+
+# Actions a filter may ask for (SMFIF_*), announced in option negotiation.
+SMFIF_ADDHDRS = 0x01
+SMFIF_CHGBODY = 0x02
+SMFIF_ADDRCPT = 0x04
+SMFIF_DELRCPT = 0x08
+SMFIF_CHGHDRS = 0x10
+SMFIF_QUARANTINE = 0x20
+SMFIF_CHGFROM = 0x40
+SMFIF_ADDRCPT_PAR = 0x80
+SMFIF_SETSYMLIST = 0x100
+ACTIONS = (SMFIF_ADDHDRS | SMFIF_CHGBODY | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS
+           | SMFIF_QUARANTINE | SMFIF_CHGFROM | SMFIF_ADDRCPT_PAR)
+"""Everything we may use; negotiation keeps the part the MTA offers."""
+
+# Protocol steps (SMFIP_*): "do not send" and "no reply" bits plus extensions.
+SMFIP_NOCONNECT = 1 << 0
+SMFIP_NOHELO = 1 << 1
+SMFIP_NOMAIL = 1 << 2
+SMFIP_NORCPT = 1 << 3
+SMFIP_NOBODY = 1 << 4
+SMFIP_NOHDRS = 1 << 5
+SMFIP_NOEOH = 1 << 6
+SMFIP_NR_HDR = 1 << 7
+SMFIP_NOUNKNOWN = 1 << 8
+SMFIP_NODATA = 1 << 9
+SMFIP_SKIP = 1 << 10
+SMFIP_RCPT_REJ = 1 << 11
+SMFIP_NR_CONN = 1 << 12
+SMFIP_NR_HELO = 1 << 13
+SMFIP_NR_MAIL = 1 << 14
+SMFIP_NR_RCPT = 1 << 15
+SMFIP_NR_DATA = 1 << 16
+SMFIP_NR_UNKN = 1 << 17
+SMFIP_NR_EOH = 1 << 18
+SMFIP_NR_BODY = 1 << 19
+SMFIP_HDR_LEADSPC = 1 << 20
+
+# Address families in SMFIC_CONNECT.
+FAMILY_UNKNOWN = "U"
+FAMILY_UNIX = "L"
+FAMILY_INET = "4"
+FAMILY_INET6 = "6"
+
+_U32 = struct.Struct(">I")
+_U16 = struct.Struct(">H")
+
+
+class MilterProtocolError(Exception):
+    """The peer sent something that is not valid milter protocol; close the connection."""
+
+
+# -- framing ----------------------------------------------------------------------
+
+
+def encode_packet(code: bytes, payload: bytes = b"") -> bytes:
+    """Frame one packet: length (command byte included), command byte, payload."""
+    if len(code) != 1:
+        raise ValueError(f"a milter command code is one byte, got {code!r}")
+    return _U32.pack(len(payload) + 1) + code + payload
+
+
+class FrameDecoder:
+    """Split a byte stream into ``(code, payload)`` packets, however it was chunked."""
+
+    def __init__(self, max_packet: int) -> None:
+        if max_packet < 1:
+            raise ValueError("max_packet must be at least 1")
+        self.max_packet = max_packet
+        self._buffer = bytearray()
+
+    @property
+    def pending(self) -> int:
+        """Bytes received that do not yet form a whole packet."""
+        return len(self._buffer)
+
+    def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
+        """Add received bytes; return every packet now complete, in order."""
+        self._buffer += data
+        packets = []
+        while len(self._buffer) >= 4:
+            length = check_length(bytes(self._buffer[:4]), self.max_packet)
+            if len(self._buffer) < 4 + length:
+                break
+            packet = bytes(self._buffer[4 : 4 + length])
+            del self._buffer[: 4 + length]
+            packets.append((packet[:1], packet[1:]))
+        return packets
+
+
+def check_length(header: bytes, max_packet: int) -> int:
+    """The packet length a 4-byte header announces; refuse 0 and anything above the limit."""
+    length = int(_U32.unpack(header)[0])
+    if length == 0:
+        raise MilterProtocolError("packet length 0 (a packet holds at least its command byte)")
+    if length > max_packet:
+        raise MilterProtocolError(f"packet length {length} exceeds the limit of {max_packet}")
+    return length
+
+
+# -- payload helpers --------------------------------------------------------------
+
+
+def _text(value: bytes) -> str:
+    return value.decode("utf-8", "surrogateescape")
+
+
+def _octets(value: str) -> bytes:
+    data = value.encode("utf-8", "surrogateescape")
+    if b"\0" in data:
+        raise ValueError(f"a milter string cannot contain NUL: {value!r}")
+    return data
+
+
+def _cstr(value: str) -> bytes:
+    return _octets(value) + b"\0"
+
+
+class _Reader:
+    """Consume a payload field by field; every shortfall is a protocol error."""
+
+    def __init__(self, what: str, payload: bytes) -> None:
+        self.what = what
+        self.data = payload
+        self.pos = 0
+
+    def u32(self) -> int:
+        if len(self.data) - self.pos < 4:
+            raise MilterProtocolError(f"{self.what}: payload too short for a 32-bit integer")
+        (value,) = _U32.unpack_from(self.data, self.pos)
+        self.pos += 4
+        return int(value)
+
+    def u16(self) -> int:
+        if len(self.data) - self.pos < 2:
+            raise MilterProtocolError(f"{self.what}: payload too short for a 16-bit integer")
+        (value,) = _U16.unpack_from(self.data, self.pos)
+        self.pos += 2
+        return int(value)
+
+    def byte(self) -> str:
+        if self.pos >= len(self.data):
+            raise MilterProtocolError(f"{self.what}: payload too short")
+        value = self.data[self.pos : self.pos + 1]
+        self.pos += 1
+        return value.decode("latin-1")
+
+    def string(self) -> str:
+        end = self.data.find(b"\0", self.pos)
+        if end == -1:
+            raise MilterProtocolError(f"{self.what}: string without its NUL terminator")
+        value = self.data[self.pos : end]
+        self.pos = end + 1
+        return _text(value)
+
+    def strings(self) -> tuple[str, ...]:
+        """NUL-terminated strings up to the end of the payload."""
+        out = []
+        while not self.done:
+            out.append(self.string())
+        return tuple(out)
+
+    def rest(self) -> bytes:
+        value = self.data[self.pos :]
+        self.pos = len(self.data)
+        return value
+
+    @property
+    def done(self) -> bool:
+        return self.pos >= len(self.data)
+
+    def end(self) -> None:
+        if not self.done:
+            raise MilterProtocolError(
+                f"{self.what}: {len(self.data) - self.pos} unexpected trailing byte(s)"
+            )
+
+
+# -- commands (MTA -> filter) -------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OptNeg:
+    """SMFIC_OPTNEG / its reply: version, action flags (SMFIF_*), protocol flags (SMFIP_*).
+
+    A filter's reply may add macro lists (stage number, space-separated names) to ask
+    for other macros; we never send any but decode them.
+    """
+
+    version: int
+    actions: int
+    protocol: int
+    macro_lists: tuple[tuple[int, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Macro:
+    """SMFIC_MACRO: name/value pairs for the command (``for_command``) that follows."""
+
+    for_command: str
+    pairs: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Connect:
+    """SMFIC_CONNECT: the SMTP client. ``port`` and ``address`` are absent for family U."""
+
+    hostname: str
+    family: str
+    port: int = 0
+    address: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Helo:
+    hostname: str
+
+
+@dataclass(frozen=True, slots=True)
+class Mail:
+    """SMFIC_MAIL: ``args[0]`` is the reverse-path (``<a@b>``), the rest ESMTP parameters."""
+
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Rcpt:
+    """SMFIC_RCPT: ``args[0]`` is the forward-path, the rest ESMTP parameters."""
+
+    args: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """SMFIC_HEADER: one field; folded values contain ``\\n`` between lines."""
+
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfHeaders:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Body:
+    chunk: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class EndOfBody:
+    """SMFIC_BODYEOB; old MTAs may attach a last body chunk."""
+
+    chunk: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    """SMFIC_ABORT: forget the current message; the connection goes on. No reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class Quit:
+    """SMFIC_QUIT: the connection ends. No reply."""
+
+
+@dataclass(frozen=True, slots=True)
+class QuitNewConnection:
+    """SMFIC_QUIT_NC: this SMTP connection ended, another follows on the same socket."""
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    """SMFIC_DATA: the client sent DATA (we ask the MTA not to send it)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unknown:
+    """SMFIC_UNKNOWN: an SMTP command the MTA did not recognise (we ask not to get it)."""
+
+    command: str
+
+
+Command = (OptNeg | Macro | Connect | Helo | Mail | Rcpt | Header | EndOfHeaders | Body
+           | EndOfBody | Abort | Quit | QuitNewConnection | Data | Unknown)
+
+_EMPTY_COMMANDS: dict[bytes, Command] = {
+    b"N": EndOfHeaders(), b"A": Abort(), b"Q": Quit(), b"K": QuitNewConnection(), b"T": Data(),
+}
+
+
+def _decode_optneg(what: str, payload: bytes) -> OptNeg:
+    r = _Reader(what, payload)
+    version, actions, protocol = r.u32(), r.u32(), r.u32()
+    lists = []
+    while not r.done:
+        stage = r.u32()
+        lists.append((stage, r.string()))
+    return OptNeg(version, actions, protocol, tuple(lists))
+
+
+def _encode_optneg(o: OptNeg) -> bytes:
+    payload = _U32.pack(o.version) + _U32.pack(o.actions) + _U32.pack(o.protocol)
+    for stage, names in o.macro_lists:
+        payload += _U32.pack(stage) + _cstr(names)
+    return encode_packet(b"O", payload)
+
+
+def decode_command(code: bytes, payload: bytes) -> Command:
+    """Turn one packet from the MTA into a typed command; MilterProtocolError if malformed."""
+    empty = _EMPTY_COMMANDS.get(code)
+    if empty is not None:
+        if payload:
+            raise MilterProtocolError(f"command {code!r} takes no payload, got {len(payload)} bytes")
+        return empty
+    what = f"command {code!r}"
+    r = _Reader(what, payload)
+    command: Command
+    if code == b"O":
+        return _decode_optneg(what, payload)
+    if code == b"D":
+        for_command = r.byte()
+        values = r.strings()
+        if len(values) % 2:
+            raise MilterProtocolError(f"{what}: macro names and values do not pair up")
+        pairs = tuple(zip(values[::2], values[1::2], strict=True))
+        return Macro(for_command, pairs)
+    if code == b"C":
+        hostname = r.string()
+        family = r.byte()
+        if family == FAMILY_UNKNOWN:
+            command = Connect(hostname, family)
+        elif family in (FAMILY_INET, FAMILY_INET6, FAMILY_UNIX):
+            port = r.u16()
+            command = Connect(hostname, family, port, r.string())
+        else:
+            raise MilterProtocolError(f"{what}: unknown address family {family!r}")
+    elif code == b"H":
+        command = Helo(r.string())
+    elif code in (b"M", b"R"):
+        args = r.strings()
+        if not args:
+            raise MilterProtocolError(f"{what}: no address")
+        command = Mail(args) if code == b"M" else Rcpt(args)
+    elif code == b"L":
+        name = r.string()
+        command = Header(name, r.string())
+    elif code == b"B":
+        return Body(r.rest())
+    elif code == b"E":
+        return EndOfBody(r.rest())
+    elif code == b"U":
+        command = Unknown(r.string())
+    else:
+        raise MilterProtocolError(f"unknown command code {code!r}")
+    r.end()
+    return command
+
+
+def encode_command(command: Command) -> bytes:
+    """Frame a command as an MTA would send it (the tests' fake MTA uses this)."""
+    match command:
+        case OptNeg():
+            return _encode_optneg(command)
+        case Macro(for_command, pairs):
+            if len(for_command) != 1:
+                raise ValueError("a macro's command code is one character")
+            payload = for_command.encode("latin-1") + b"".join(
+                _cstr(name) + _cstr(value) for name, value in pairs
+            )
+            return encode_packet(b"D", payload)
+        case Connect(hostname, family, port, address):
+            payload = _cstr(hostname) + family.encode("latin-1")
+            if family != FAMILY_UNKNOWN:
+                payload += _U16.pack(port) + _cstr(address)
+            return encode_packet(b"C", payload)
+        case Helo(hostname):
+            return encode_packet(b"H", _cstr(hostname))
+        case Mail(args):
+            return encode_packet(b"M", b"".join(_cstr(a) for a in args))
+        case Rcpt(args):
+            return encode_packet(b"R", b"".join(_cstr(a) for a in args))
+        case Header(name, value):
+            return encode_packet(b"L", _cstr(name) + _cstr(value))
+        case Body(chunk):
+            return encode_packet(b"B", chunk)
+        case EndOfBody(chunk):
+            return encode_packet(b"E", chunk)
+        case Unknown(text):
+            return encode_packet(b"U", _cstr(text))
+    for code, empty in _EMPTY_COMMANDS.items():
+        if command == empty:
+            return encode_packet(code)
+    raise TypeError(f"not a milter command: {command!r}")
+
+
+# -- responses (filter -> MTA) ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Continue:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Accept:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Tempfail:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Discard:
+    pass
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """SMFIR_PROGRESS: still working; the MTA restarts its timer."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReplyCode:
+    """SMFIR_REPLYCODE: ``"550 5.7.1 text"``; lines of a multi-line reply joined by CRLF."""
+
+    text: str
+
+
+@dataclass(frozen=True, slots=True)
+class Quarantine:
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class AddHeader:
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class InsertHeader:
+    """Insert before position ``index`` (0: the very top)."""
+
+    index: int
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeHeader:
+    """Replace the ``index``-th (1-based) field called ``name``; an empty value deletes it."""
+
+    index: int
+    name: str
+    value: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReplaceBody:
+    chunk: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class ChangeFrom:
+    address: str
+    args: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class AddRecipient:
+    """SMFIR_ADDRCPT, or SMFIR_ADDRCPT_PAR when ``args`` is not None."""
+
+    address: str
+    args: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteRecipient:
+    address: str
+
+
+Response = (OptNeg | Continue | Accept | Reject | Tempfail | Discard | Progress | ReplyCode
+            | Quarantine | AddHeader | InsertHeader | ChangeHeader | ReplaceBody | ChangeFrom
+            | AddRecipient | DeleteRecipient)
+
+_EMPTY_RESPONSES: dict[bytes, Response] = {
+    b"c": Continue(), b"a": Accept(), b"r": Reject(), b"t": Tempfail(), b"d": Discard(),
+    b"p": Progress(),
+}
+
+
+def _u32(value: int) -> bytes:
+    if not 0 <= value <= 0xFFFFFFFF:
+        raise ValueError(f"{value} does not fit a 32-bit unsigned integer")
+    return _U32.pack(value)
+
+
+def encode_response(response: Response) -> bytes:
+    """Frame one response for the MTA."""
+    match response:
+        case OptNeg():
+            return _encode_optneg(response)
+        case ReplyCode(text):
+            return encode_packet(b"y", _cstr(text))
+        case Quarantine(reason):
+            return encode_packet(b"q", _cstr(reason))
+        case AddHeader(name, value):
+            return encode_packet(b"h", _cstr(name) + _cstr(value))
+        case InsertHeader(index, name, value):
+            return encode_packet(b"i", _u32(index) + _cstr(name) + _cstr(value))
+        case ChangeHeader(index, name, value):
+            return encode_packet(b"m", _u32(index) + _cstr(name) + _cstr(value))
+        case ReplaceBody(chunk):
+            return encode_packet(b"b", chunk)
+        case ChangeFrom(address, args):
+            return encode_packet(b"e", _cstr(address) + (b"" if args is None else _cstr(args)))
+        case AddRecipient(address, None):
+            return encode_packet(b"+", _cstr(address))
+        case AddRecipient(address, args):
+            return encode_packet(b"2", _cstr(address) + _cstr(args or ""))
+        case DeleteRecipient(address):
+            return encode_packet(b"-", _cstr(address))
+    for code, empty in _EMPTY_RESPONSES.items():
+        if response == empty:
+            return encode_packet(code)
+    raise TypeError(f"not a milter response: {response!r}")
+
+
+def decode_response(code: bytes, payload: bytes) -> Response:
+    """Turn one packet from a filter into a typed response (for the tests' fake MTA)."""
+    empty = _EMPTY_RESPONSES.get(code)
+    if empty is not None:
+        if payload:
+            raise MilterProtocolError(f"response {code!r} takes no payload")
+        return empty
+    what = f"response {code!r}"
+    if code == b"O":
+        return _decode_optneg(what, payload)
+    if code == b"b":
+        return ReplaceBody(payload)
+    r = _Reader(what, payload)
+    response: Response
+    if code == b"y":
+        response = ReplyCode(r.string())
+    elif code == b"q":
+        response = Quarantine(r.string())
+    elif code == b"h":
+        name = r.string()
+        response = AddHeader(name, r.string())
+    elif code in (b"i", b"m"):
+        index = r.u32()
+        name = r.string()
+        value = r.string()
+        response = InsertHeader(index, name, value) if code == b"i" else ChangeHeader(index, name, value)
+    elif code == b"e":
+        address = r.string()
+        response = ChangeFrom(address, None if r.done else r.string())
+    elif code == b"+":
+        response = AddRecipient(r.string())
+    elif code == b"2":
+        address = r.string()
+        response = AddRecipient(address, r.string())
+    elif code == b"-":
+        response = DeleteRecipient(r.string())
+    else:
+        raise MilterProtocolError(f"unknown response code {code!r}")
+    r.end()
+    return response
+
+
+# -- macros -------------------------------------------------------------------------
+
+
+def macro_key(name: str) -> str:
+    """Canonical macro name: ``{auth_authen}`` and ``auth_authen`` are the same macro."""
+    if len(name) > 2 and name.startswith("{") and name.endswith("}"):
+        return name[1:-1]
+    return name
+
+
+@dataclass(slots=True)
+class Macros:
+    """The macro values the MTA has sent so far on this connection (latest wins)."""
+
+    values: dict[str, str] = field(default_factory=dict)
+
+    def update(self, macro: Macro) -> None:
+        for name, value in macro.pairs:
+            self.values[macro_key(name)] = value
+
+    def get(self, name: str) -> str | None:
+        """A macro's value by name, with or without braces; None when never sent or empty."""
+        return self.values.get(macro_key(name)) or None
+
+    def clear(self) -> None:
+        self.values.clear()
