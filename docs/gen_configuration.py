@@ -31,6 +31,7 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("plugins[]", c.PluginSpec, "The plugin chain, in the order it runs."),
     ("dns", c.DNS, "The resolver every plugin shares."),
     ("logging", c.Logging, "Log format and level (logs go to stderr)."),
+    ("metrics", c.Metrics, "Prometheus /metrics, /healthz and /readyz over HTTP (docs/operations.md)."),
 ]
 
 

@@ -24,7 +24,7 @@ import logging
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
@@ -37,14 +37,17 @@ from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTrans
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.message import Message
+from smtpproxy.metrics import NullRecorder
 from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.relay import RelayPolicy
+from smtpproxy.reload import ChainLeases
 from smtpproxy.session import (
     Client,
     Decision,
     Envelope,
     Recipient,
+    Results,
     Session,
     TLSInfo,
     Transaction,
@@ -111,6 +114,10 @@ class Services:
     """Set whenever no session is open (graceful shutdown waits on it)."""
     stopping: bool = False
     """Set when shutdown begins; sessions still setting up are turned away with 421."""
+    metrics: NullRecorder = field(default_factory=NullRecorder)
+    """Metrics recorder; the no-op one unless metrics are enabled."""
+    leases: ChainLeases = field(default_factory=ChainLeases)
+    """Which chain each session runs on; a reload swaps ``chain`` for new sessions only."""
 
 
 class _NoHandler:
@@ -127,6 +134,7 @@ class InboundSMTP(SMTP):
         tls_context: ssl.SSLContext | None = None,
     ):
         self.services = services
+        self.chain = services.chain  # replaced by a lease when the session starts
         self.policy = policy
         # The stream buffer must hold the longest line we accept, plus CRLF.
         self.line_length_limit = max(
@@ -210,6 +218,8 @@ class InboundSMTP(SMTP):
     def _end_transaction(self) -> None:
         """Forget the current transaction; an upstream one that followed it is aborted."""
         if self.sp is not None:
+            if self.sp.transaction is not None:
+                self.services.metrics.outcomes(self.sp.transaction.results)
             self.sp.end_transaction()
         self._route = None
         upstream, self._upstream = self._upstream, None
@@ -246,6 +256,10 @@ class InboundSMTP(SMTP):
         services = self.services
         refusal = services.limiter.acquire(self.sp.client.ip)
         if refusal is not None:
+            services.metrics.connection_refused(
+                "max_sessions" if services.limiter.active >= services.limiter.max_sessions
+                else "max_sessions_per_ip"
+            )
             event("connect_refused", client=self.sp.client.ip, reply=refusal.code,
                   reason=refusal.text)
             await self.reply(refusal)
@@ -253,12 +267,16 @@ class InboundSMTP(SMTP):
             return
         if services.stopping:
             # Still in PROXY/TLS set-up when shutdown began: not counted by the drain, so no banner.
+            services.metrics.connection_refused("shutting_down")
             await self.reply(Reply(421, "4.3.2", "Service shutting down, try again later"))
             services.limiter.release(self.sp.client.ip)
             self._close()
             return
         services.sessions.add(self)
         services.drained.clear()
+        # The chain is fixed for the whole session: a reload affects new sessions only.
+        self.chain = services.leases.acquire(services.chain)
+        services.metrics.session_started()
         event("connect", client=self.sp.client.ip, port=self.sp.client.port,
               listener=f"{self.sp.local_ip}:{self.sp.local_port}")
         try:
@@ -290,15 +308,19 @@ class InboundSMTP(SMTP):
         """Runs after the connection is gone: pending notifications, then ``disconnect``."""
         assert self.sp is not None
         current_session.set(self.sp.id)
-        if self._pending_notifications:
-            await asyncio.gather(*self._pending_notifications, return_exceptions=True)
-        await self.services.chain.notify("disconnect", session=self.sp)
+        try:
+            if self._pending_notifications:
+                await asyncio.gather(*self._pending_notifications, return_exceptions=True)
+            await self.chain.notify("disconnect", session=self.sp)
+        finally:
+            self.services.metrics.outcomes(self.sp.results)
+            self.services.leases.release(self.chain)
         event("disconnect", transactions=self.sp.transaction_count,
               seconds=round(time.time() - self.sp.started, 3), errors=self._errors)
 
     async def _notify(self, hook: str, **kwargs: Any) -> None:
         """Run a notification so that a client hanging up cannot cut it short."""
-        task = asyncio.get_running_loop().create_task(self.services.chain.notify(hook, **kwargs))
+        task = asyncio.get_running_loop().create_task(self.chain.notify(hook, **kwargs))
         self._pending_notifications.append(task)
         await asyncio.shield(task)
 
@@ -308,10 +330,11 @@ class InboundSMTP(SMTP):
 
     async def _converse(self) -> None:
         assert self.sp is not None
-        verdict = await self.services.chain.run("connect", self.sp.results, session=self.sp)
+        verdict = await self.chain.run("connect", self.sp.results, session=self.sp)
         if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
             reply = _connect_reply(verdict)
-            event("connect_rejected", reply=reply.code, reason=verdict.reason)
+            event("connect_rejected", reply=reply.code, by=self.sp.results.outcomes[-1].plugin,
+                  reason=verdict.reason)
             await self.reply(reply)
             self._close()
             return
@@ -453,10 +476,10 @@ class InboundSMTP(SMTP):
             return
         self._end_transaction()
         self.sp.helo = None
-        verdict = await self.services.chain.run(
+        verdict = await self.chain.run(
             "helo", self.sp.results, session=self.sp, hostname=hostname
         )
-        event("helo", verb=verb, hostname=hostname, verdict=_action(verdict))
+        event("helo", verb=verb, hostname=hostname, **_verdict_fields(verdict, self.sp.results))
         if verdict is not None and verdict.reply is not None:
             await self.reply(verdict.reply)
             return
@@ -510,12 +533,12 @@ class InboundSMTP(SMTP):
             await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
             return
         transaction = self.sp.begin_transaction(Envelope(path.address, params))
-        verdict = await self.services.chain.run(
+        verdict = await self.chain.run(
             "mail_from", transaction.results,
             session=self.sp, transaction=transaction, sender=path.address,
         )
         event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
-              verdict=_action(verdict))
+              **_verdict_fields(verdict, transaction.results))
         if verdict is not None and verdict.reply is not None:
             self._end_transaction()
             await self.reply(verdict.reply)
@@ -560,11 +583,12 @@ class InboundSMTP(SMTP):
             )
             return
         recipient = Recipient(address, dict(path.params))
-        verdict = await self.services.chain.run(
+        verdict = await self.chain.run(
             "rcpt_to", transaction.results,
             session=self.sp, transaction=transaction, recipient=recipient,
         )
-        event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=_action(verdict))
+        event("rcpt_to", tx=transaction.id, recipient=address.text,
+              **_verdict_fields(verdict, transaction.results))
         if verdict is not None and verdict.reply is not None:
             await self.reply(verdict.reply)
             return
@@ -646,7 +670,7 @@ class InboundSMTP(SMTP):
             decision = Decision("discarded", _queued(transaction), "earlier phase",
                                 transaction.disposition_reason)
         else:
-            verdict = await self.services.chain.run(
+            verdict = await self.chain.run(
                 "data", transaction.results,
                 session=self.sp, transaction=transaction, message=transaction.message,
             )
@@ -656,13 +680,15 @@ class InboundSMTP(SMTP):
         if decision.reply.is_positive:
             self._commands = 0  # the command cap is for junk, not for productive sessions
         envelope = transaction.envelope
+        seconds = time.perf_counter() - started
+        self.services.metrics.message(decision.disposition, seconds)
         event(
             "message", tx=transaction.id, sender=envelope.sender.text or "<>",
             recipients=[r.address.text for r in envelope.recipients],
             size=transaction.message.size, decision=decision.disposition,
             reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
             by=decision.decided_by, reason=decision.reason, score=transaction.results.score,
-            ms=round((time.perf_counter() - started) * 1000, 1),
+            ms=round(seconds * 1000, 1), client=self.sp.client.ip, helo=self.sp.helo,
         )
         await self._notify("after_message", session=self.sp, transaction=transaction,
                            decision=decision)
@@ -692,10 +718,15 @@ class InboundSMTP(SMTP):
                 return Decision("tempfailed", Reply(451, "4.3.0", "Local error, try again later"),
                                 "proxy", f"quarantine failed: {exc}")
             return Decision("quarantined", _queued(transaction), decided_by, f"{reason} (id {qid})")
+        metrics = self.services.metrics
+        metrics.delivery_started()
+        result, delivery_started = "error", time.perf_counter()
         try:
             delivered = await self._deliver(transaction, transaction.message.raw)
+            result = "ok"
         except DeliveryError as exc:
             kind = "tempfailed" if exc.reply.is_temporary else "rejected"
+            result = "tempfail" if exc.reply.is_temporary else "reject"
             event("delivery_failed", level=logging.WARNING, tx=transaction.id,
                   reply=exc.reply.code, detail=exc.detail)
             return Decision(kind, exc.reply, "delivery", exc.detail)
@@ -705,6 +736,9 @@ class InboundSMTP(SMTP):
             log.exception("event=delivery_crashed tx=%s", transaction.id)
             return Decision("tempfailed", Reply(451, "4.3.0", "Local error, try again later"),
                             "delivery", f"{type(exc).__name__}: {exc}")
+        finally:
+            metrics.delivery_finished(self.services.delivery.name, result,
+                                      time.perf_counter() - delivery_started)
         event("delivered", tx=transaction.id, destination=delivered.destination,
               tls=delivered.tls, reply=delivered.reply.code)
         return Decision("delivered", delivered.reply, "delivery", delivered.destination)
@@ -860,8 +894,16 @@ def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
     return TLSInfo(ssl_object.version() or "", name, bits)
 
 
-def _action(verdict: Verdict | None) -> str:
-    return verdict.action.value if verdict is not None else "continue"
+def _verdict_fields(verdict: Verdict | None, results: Results) -> dict[str, Any]:
+    """For a phase's log line: the verdict, and when a plugin decided, who, why and the reply."""
+    if verdict is None:
+        return {"verdict": "continue"}
+    fields: dict[str, Any] = {"verdict": verdict.action.value, "by": results.outcomes[-1].plugin}
+    if verdict.reply is not None:
+        fields["reply"] = verdict.reply.code
+    if verdict.reason:
+        fields["reason"] = verdict.reason
+    return fields
 
 
 def _apply_disposition(transaction: Transaction, verdict: Verdict | None) -> None:

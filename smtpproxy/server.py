@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -19,17 +20,21 @@ from pathlib import Path
 from smtpproxy import dns
 from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
-from smtpproxy.config import Config, ConfigSource, ListenerTLS, MaildirDelivery
+from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, MaildirDelivery, load_config
 from smtpproxy.delivery import Delivery
 from smtpproxy.delivery.maildir import MaildirDelivery as MaildirBackend
 from smtpproxy.delivery.smtp import SmtpDelivery
 from smtpproxy.eventlog import event
+from smtpproxy.health import HealthServer, Readiness
 from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
 from smtpproxy.limits import ConnectionLimiter
+from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
 from smtpproxy.proxyprotocol import ProxyProtocolSettings
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
+from smtpproxy.reload import restart_only_changes, without_restart_only_changes
+from smtpproxy.sdnotify import monotonic_usec, notify
 
 __all__ = ["ProxyServer", "StartupError"]
 
@@ -82,7 +87,17 @@ class ProxyServer:
             drained=asyncio.Event(),
         )
         self.services.drained.set()
+        self.source = source
+        self.health: HealthServer | None = None
+        """The /metrics, /healthz and /readyz endpoint (None unless metrics are enabled)."""
         self._servers: list[asyncio.Server] = []
+        # Per listener: the policy and STARTTLS context new sessions get (a reload replaces
+        # them), and the implicit-TLS context bound to the socket (a reload reloads its cert).
+        self._listener_state: list[tuple[ListenerPolicy, ssl.SSLContext | None]] = []
+        self._implicit_tls: dict[int, ssl.SSLContext] = {}
+        self._reload_lock = asyncio.Lock()
+        self._reloads: set[asyncio.Task[bool]] = set()
+        self._started = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
 
@@ -96,8 +111,9 @@ class ProxyServer:
                 out.append((host, port))
         return out
 
-    def _policy(self, index: int) -> ListenerPolicy:
-        c, listener = self.config, self.config.listeners[index]
+    def _policy(self, index: int, config: Config | None = None) -> ListenerPolicy:
+        c = config or self.config
+        listener = c.listeners[index]
         lim = c.limits
         return ListenerPolicy(
             hostname=config_hostname(c), banner=listener.banner,
@@ -121,6 +137,12 @@ class ProxyServer:
         services = self.services
         d = self.config.dns
         dns.configure(dns.Resolver(d.nameservers, port=d.port, timeout=d.timeout, cache_size=d.cache_size))
+        try:
+            services.metrics = make_recorder(
+                self.config.metrics.enabled, lambda: len(services.sessions), services.leases.on_retired
+            )
+        except MetricsUnavailable as exc:
+            raise StartupError(str(exc)) from exc
         failures = await services.chain.notify("startup")
         if failures:
             raise StartupError("; ".join(f"plugin {name}: startup failed: {err}" for name, err in failures))
@@ -143,10 +165,13 @@ class ProxyServer:
             # Implicit TLS: asyncio does the handshake before the protocol sees the connection,
             # and the protocol gets no STARTTLS context (so STARTTLS is not offered).
             implicit = tls if listener.implicit_tls else None
+            self._listener_state.append((policy, None if implicit else tls))
+            if implicit is not None:
+                self._implicit_tls[index] = implicit
 
-            def factory(policy: ListenerPolicy = policy,
-                        tls: ssl.SSLContext | None = None if implicit else tls) -> InboundSMTP:
-                return InboundSMTP(services, policy, tls)
+            def factory(index: int = index) -> InboundSMTP:
+                policy, starttls = self._listener_state[index]  # looked up per connection: reload
+                return InboundSMTP(services, policy, starttls)
 
             try:
                 server = await loop.create_server(
@@ -164,6 +189,111 @@ class ProxyServer:
         for host, port in self.addresses:
             event("listening", address=host, port=port, delivery=services.delivery.name,
                   plugins=[s.name for s in services.chain.steps])
+        if isinstance(services.metrics, PrometheusRecorder):
+            await self._start_health(services.metrics)
+        self._started.set()
+
+    async def _start_health(self, metrics: PrometheusRecorder) -> None:
+        delivery, m = self.services.delivery, self.config.metrics
+        if isinstance(delivery, SmtpDelivery):
+            delivery.connector.on_down = metrics.upstream_down
+        readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache)
+        self.health = HealthServer(m.address, m.port, readiness, metrics)
+        try:
+            await self.health.start()
+        except OSError as exc:
+            self.health = None
+            await self._close_servers()
+            raise StartupError(
+                f"metrics: cannot listen on {m.address}:{m.port}: {exc.strerror or exc}"
+            ) from exc
+        host, port = self.health.bound
+        event("metrics_listening", address=host, port=port, paths="/metrics,/healthz,/readyz")
+
+    async def reload(self) -> bool:
+        """Re-read the configuration file and apply it to new sessions; True if it was applied.
+
+        Sessions already running finish on the chain they started with; the replaced chain
+        gets its ``shutdown`` notification after its last session. An invalid file, or a
+        plugin whose ``startup`` hook fails, changes nothing. Sections that need a restart
+        (listeners, delivery, dns, logging, metrics, pid_file) keep their running values.
+        Every outcome is logged as ``event=reload``. Concurrent reloads run one at a time.
+        """
+        async with self._reload_lock:
+            if self.source is None:
+                event("reload", level=logging.WARNING, result="skipped",
+                      reason="no configuration file (running on the embedded default)")
+                return False
+            if self._stopping:
+                event("reload", result="skipped", reason="shutting down")
+                return False
+            notify("RELOADING=1", monotonic_usec())
+            try:
+                return await self._reload(self.source.file)
+            finally:
+                notify("READY=1")
+
+    async def _reload(self, file: str) -> bool:
+        try:
+            new, source = load_config(file)
+            chain = build_chain(new.plugins, source)
+        except ConfigError as exc:
+            return self._reload_failed(file, str(exc))
+        applied = without_restart_only_changes(self.config, new)
+        try:
+            state = []
+            for index, listener in enumerate(applied.listeners):
+                tls = server_tls_context(listener.tls) if listener.tls else None
+                state.append((self._policy(index, applied), None if listener.implicit_tls else tls))
+        except PasswordFileError as exc:
+            return self._reload_failed(file, f"listeners[{index}].auth.users_file: {exc}")
+        except (OSError, ssl.SSLError) as exc:
+            return self._reload_failed(file, f"listeners[{index}].tls: cannot load certificate: {exc}")
+        failures = await chain.notify("startup")
+        if failures or self._stopping:
+            await chain.notify("shutdown")  # undo what the plugins that did start set up
+            if failures:
+                return self._reload_failed(file, "; ".join(
+                    f"plugin {name}: startup failed: {err}" for name, err in failures))
+            return False
+        for index, ctx in self._implicit_tls.items():
+            tls_files = applied.listeners[index].tls
+            assert tls_files is not None
+            ctx.load_cert_chain(str(tls_files.cert), str(tls_files.key))  # checked above
+        services, restart = self.services, restart_only_changes(self.config, new)
+        old_chain, services.chain = services.chain, chain
+        services.relay = RelayPolicy.from_config(
+            applied.relay.domains, applied.relay.networks, applied.relay.allow_authenticated
+        )
+        if applied.quarantine != self.config.quarantine:
+            services.quarantine = QuarantineStore(Path(applied.quarantine.path))
+        services.limiter.max_sessions = applied.limits.max_sessions
+        services.limiter.max_per_ip = applied.limits.max_sessions_per_ip
+        self._listener_state = state
+        self.config, self.source = applied, source
+        services.leases.retire(old_chain)
+        services.metrics.reloaded(True)
+        event("reload", level=logging.WARNING if restart else logging.INFO, result="ok", file=file,
+              plugins=[s.name for s in chain.steps], previous_chain_sessions=services.leases.users(old_chain),
+              restart_needed=restart or None,
+              note="changes to these sections apply at the next restart" if restart else None)
+        return True
+
+    def _reload_failed(self, file: str, error: str) -> bool:
+        self.services.metrics.reloaded(False)
+        event("reload", level=logging.ERROR, result="failed", file=file, error=error,
+              note="still running on the previous configuration")
+        return False
+
+    def request_reload(self) -> None:
+        """Reload soon (the SIGHUP handler); waits for startup to finish first."""
+        async def run() -> bool:
+            await self._started.wait()
+            return await self.reload()
+
+        task = asyncio.get_running_loop().create_task(run())
+        self._reloads.add(task)
+        task.add_done_callback(self._reloads.discard)
 
     async def _close_servers(self) -> None:
         for server in self._servers:
@@ -178,6 +308,7 @@ class ProxyServer:
             return
         self._stopping = True
         self.services.stopping = True
+        notify("STOPPING=1")
         grace = self.config.limits.shutdown_grace if grace is None else grace
         event("shutdown", sessions=len(self.services.sessions), grace=grace)
         for server in self._servers:
@@ -197,20 +328,52 @@ class ProxyServer:
                 await asyncio.wait_for(server.wait_closed(), timeout=max(1.0, grace))
             except TimeoutError:
                 log.warning("event=shutdown_slow note=%s", "listener connections still open")
-        await self.services.chain.notify("shutdown")
+        async with self._reload_lock:  # a reload in progress finishes (or backs out) first
+            await self.services.chain.notify("shutdown")
+        await self.services.leases.close()
         await self.services.delivery.close()
+        if self.health is not None:
+            await self.health.close()
         self._stopped.set()
 
     async def serve_forever(self) -> None:
-        """Start, then run until SIGTERM or SIGINT, then stop gracefully."""
-        await self.start()
+        """Start, then run until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads."""
         loop = asyncio.get_running_loop()
+        # Before start(): SIGHUP's default action would kill a proxy that is still starting.
+        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        try:
+            await self.start()
+        except BaseException:
+            loop.remove_signal_handler(signal.SIGHUP)
+            raise
         stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_requested.set)
+        pid_file = self.config.pid_file
+        if pid_file is not None:
+            write_pid_file(Path(pid_file))
+        notify("READY=1", f"MAINPID={os.getpid()}")
         try:
             await stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                 loop.remove_signal_handler(sig)
+            for task in self._reloads:
+                task.cancel()
             await self.stop()
+            if pid_file is not None:
+                remove_pid_file(Path(pid_file))
+
+
+def write_pid_file(path: Path) -> None:
+    """Our pid, written atomically (``smtpproxy reload`` never reads half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(f"{os.getpid()}\n")
+    tmp.replace(path)
+
+
+def remove_pid_file(path: Path) -> None:
+    """Remove the pid file if it is still ours (a newer process may have replaced it)."""
+    with contextlib.suppress(OSError, ValueError):
+        if int(path.read_text().strip()) == os.getpid():
+            path.unlink()

@@ -95,6 +95,11 @@ class SmtpDelivery:
     def servers(self) -> list[UpstreamServer]:
         return [s for servers in self._routes.values() for s in servers]
 
+    @property
+    def route_servers(self) -> dict[str, list[UpstreamServer]]:
+        """The servers of each route (``default`` first); readiness wants one alive per route."""
+        return {key: list(servers) for key, servers in self._routes.items()}
+
     def route_key(self, address: Address) -> str:
         """Which upstream pool a recipient goes to (one transaction goes to one pool)."""
         for key, matcher in self._matchers:

@@ -17,7 +17,7 @@ import re
 import ssl
 import time
 from collections import deque
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -141,6 +141,8 @@ class Connector:
 
     def __init__(self, settings: ConnectorSettings):
         self.settings = settings
+        self.on_down: Callable[[str], None] | None = None
+        """Told the name of each server that failed to connect or greet (metrics)."""
         self._verify_context = self._context(verify=settings.tls_verify)
         self._opportunistic_context = self._context(verify=False)
 
@@ -169,6 +171,8 @@ class Connector:
                 server.down_until = time.monotonic() + self.settings.down_backoff
                 event("upstream_down", upstream=server.name, detail=exc.detail,
                       backoff=self.settings.down_backoff)
+                if self.on_down is not None:
+                    self.on_down(server.name)
                 last_error = exc
                 continue
             server.down_until = 0.0

@@ -1,0 +1,216 @@
+"""Prometheus metrics: what the proxy counts, and a recorder that costs nothing when off.
+
+The front end calls a :class:`Recorder` at a handful of points per session and message.
+With metrics disabled (the default) that is :class:`NullRecorder`, whose methods do
+nothing, so the per-message overhead is a few empty method calls. With metrics enabled,
+:class:`PrometheusRecorder` keeps its instruments in a :class:`CollectorRegistry` of its
+own (not prometheus_client's global one), so several proxies in one process never clash.
+
+prometheus_client is imported only when metrics are enabled: the core runs without it
+(``pip install 'smtpproxy[metrics]'`` adds it).
+
+Plugin verdicts and latencies are read from the :class:`~smtpproxy.session.Results` a
+session or transaction accumulated, once when it ends, so the chain itself stays
+metrics-agnostic.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+from smtpproxy import __version__
+from smtpproxy.session import Outcome
+
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+
+__all__ = [
+    "MetricsUnavailable",
+    "NullRecorder",
+    "PrometheusRecorder",
+    "Recorder",
+    "make_recorder",
+]
+
+PLUGIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Seconds; most hooks take well under a millisecond, DNS-bound ones tens of milliseconds."""
+UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+MESSAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+
+
+class MetricsUnavailable(Exception):
+    """metrics.enabled is true but prometheus_client is not installed."""
+
+
+class NullRecorder:
+    """Metrics off: every observation is a no-op."""
+
+    enabled = False
+
+    def session_started(self) -> None:
+        pass
+
+    def connection_refused(self, reason: str) -> None:
+        pass
+
+    def outcomes(self, outcomes: Iterable[Outcome]) -> None:
+        pass
+
+    def message(self, decision: str, seconds: float) -> None:
+        pass
+
+    def delivery_started(self) -> None:
+        pass
+
+    def delivery_finished(self, backend: str, result: str, seconds: float) -> None:
+        pass
+
+    def upstream_down(self, upstream: str) -> None:
+        pass
+
+    def reloaded(self, ok: bool) -> None:
+        pass
+
+
+Recorder = NullRecorder
+"""The interface the front end calls (PrometheusRecorder implements the same methods)."""
+
+
+class PrometheusRecorder(NullRecorder):
+    """Metrics on: counters, gauges and histograms in a registry of this proxy's own."""
+
+    enabled = True
+
+    def __init__(self, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int]):
+        try:
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+        except ImportError as exc:
+            raise MetricsUnavailable(
+                "metrics.enabled is true but prometheus_client is not installed: "
+                "pip install 'smtpproxy[metrics]' (or set metrics.enabled: false)"
+            ) from exc
+        self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        Gauge("smtpproxy_info", "Version of the running proxy (always 1).", ["version"],
+              registry=r).labels(__version__).set(1)
+        self.sessions = Counter("smtpproxy_sessions", "SMTP sessions accepted (past the session caps).",
+                                registry=r)
+        self.refused = Counter(
+            "smtpproxy_connections_refused",
+            "Connections turned away before the greeting, by reason "
+            "(max_sessions, max_sessions_per_ip, shutting_down).",
+            ["reason"], registry=r,
+        )
+        active = Gauge("smtpproxy_active_sessions", "SMTP sessions open now.", registry=r)
+        active.set_function(active_sessions)
+        old = Gauge(
+            "smtpproxy_sessions_on_previous_chain",
+            "Sessions still running on a plugin chain replaced by a reload.", registry=r,
+        )
+        old.set_function(old_chain_sessions)
+        self.messages = Counter(
+            "smtpproxy_messages", "Messages (end of DATA) by final decision "
+            "(delivered, quarantined, discarded, rejected, tempfailed).", ["decision"], registry=r,
+        )
+        self.message_seconds = Histogram(
+            "smtpproxy_message_processing_seconds",
+            "From the end of DATA to the reply: data-phase plugins plus delivery.",
+            buckets=MESSAGE_BUCKETS, registry=r,
+        )
+        self.verdicts = Counter(
+            "smtpproxy_plugin_verdicts", "Plugin hook results by plugin, phase and action.",
+            ["plugin", "phase", "action"], registry=r,
+        )
+        self.plugin_errors = Counter(
+            "smtpproxy_plugin_errors", "Plugin hooks that raised or timed out.",
+            ["plugin", "phase"], registry=r,
+        )
+        self.plugin_seconds = Histogram(
+            "smtpproxy_plugin_duration_seconds", "Time one plugin hook took.",
+            ["plugin", "phase"], buckets=PLUGIN_BUCKETS, registry=r,
+        )
+        self.delivering = Gauge(
+            "smtpproxy_deliveries_in_progress",
+            "Sessions waiting on the delivery backend (upstream) for a message right now.",
+            registry=r,
+        )
+        self.delivery_seconds = Histogram(
+            "smtpproxy_upstream_duration_seconds",
+            "Time to hand one message to the delivery backend (connect or reuse, "
+            "MAIL, RCPT, DATA), by backend and result (ok, tempfail, reject, error).",
+            ["backend", "result"], buckets=UPSTREAM_BUCKETS, registry=r,
+        )
+        self.delivery_failures = Counter(
+            "smtpproxy_upstream_errors", "Messages the delivery backend did not take, "
+            "by backend and result (tempfail, reject, error).", ["backend", "result"], registry=r,
+        )
+        self.down = Counter(
+            "smtpproxy_upstream_connect_failures",
+            "Upstream servers that failed to connect or greet (each starts a back-off).",
+            ["upstream"], registry=r,
+        )
+        self.reloads = Counter("smtpproxy_config_reloads", "Configuration reloads by result (ok, failed).",
+                               ["result"], registry=r)
+        self.last_reload_ok = Gauge(
+            "smtpproxy_config_last_reload_successful", "1 if the last reload succeeded (or none yet).",
+            registry=r,
+        )
+        self.last_reload_ok.set(1)
+        # labels() takes a lock and hashes the label tuple; cache the children we use per message.
+        self._children: dict[tuple[Any, ...], Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = metric.labels(*labels)
+        return child
+
+    def session_started(self) -> None:
+        self.sessions.inc()
+
+    def connection_refused(self, reason: str) -> None:
+        self._child(self.refused, reason).inc()
+
+    def outcomes(self, outcomes: Iterable[Outcome]) -> None:
+        for o in outcomes:
+            self._child(self.verdicts, o.plugin, o.phase, o.action.value).inc()
+            self._child(self.plugin_seconds, o.plugin, o.phase).observe(o.duration)
+            if o.error is not None:
+                self._child(self.plugin_errors, o.plugin, o.phase).inc()
+
+    def message(self, decision: str, seconds: float) -> None:
+        self._child(self.messages, decision).inc()
+        self.message_seconds.observe(seconds)
+
+    def delivery_started(self) -> None:
+        self.delivering.inc()
+
+    def delivery_finished(self, backend: str, result: str, seconds: float) -> None:
+        self.delivering.dec()
+        self._child(self.delivery_seconds, backend, result).observe(seconds)
+        if result != "ok":
+            self._child(self.delivery_failures, backend, result).inc()
+
+    def upstream_down(self, upstream: str) -> None:
+        self._child(self.down, upstream).inc()
+
+    def reloaded(self, ok: bool) -> None:
+        self._child(self.reloads, "ok" if ok else "failed").inc()
+        self.last_reload_ok.set(1 if ok else 0)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The text exposition of every metric, and its content type."""
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def make_recorder(
+    enabled: bool, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int]
+) -> NullRecorder:
+    """The recorder for a proxy; MetricsUnavailable when enabled without prometheus_client."""
+    if not enabled:
+        return NullRecorder()
+    return PrometheusRecorder(active_sessions, old_chain_sessions)
