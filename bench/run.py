@@ -1,0 +1,633 @@
+"""The benchmark of issue 7: smtp-source -> system under test -> smtp-sink, one command.
+
+    python bench/run.py [--quick] [--scenario NAME ...] [--systems NAME ...] [--repeat N]
+    python bench/run.py --profile            # py-spy on smtpproxy (no plugins) under load
+
+Each system under test is a separate process tree forwarding to the same Postfix smtp-sink on
+loopback. Throughput comes from Postfix's smtp-source (a new connection per message, and with
+``-d`` one reused connection per session); per-message latency, idle sessions and the huge
+message come from bench/loadgen.py. CPU seconds and peak RSS are those of the system's whole
+process tree (psutil). Tables are printed as Markdown and written to bench/results/latest.json
+and latest.png. See bench/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench import loadgen, systems
+from bench.systems import DnsZone, Redis, Services, Sink, System
+from bench.throughput import build_message
+
+RESULTS = systems.BENCH / "results"
+SMTP_SOURCE = shutil.which("smtp-source") or "/usr/sbin/smtp-source"
+SELECTOR, DOMAIN = "bench", "sender.test"
+
+
+# --------------------------------------------------------------------------- measuring a process tree
+
+
+def _tree(pid: int) -> list[psutil.Process]:
+    try:
+        root = psutil.Process(pid)
+        return [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+class Meter:
+    """CPU seconds and resident memory of one process tree, sampled every 10 ms in a thread."""
+
+    def __init__(self, pid: int | None) -> None:
+        self.pid = pid
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def cpu(self) -> float:
+        total = 0.0
+        for proc in _tree(self.pid) if self.pid else []:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def rss(self) -> int:
+        total = 0
+        for proc in _tree(self.pid) if self.pid else []:
+            try:
+                total += proc.memory_info().rss
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def hwm(self) -> int:
+        """Sum of each process's own high-water mark (VmHWM): exact for a one-process system."""
+        total = 0
+        for proc in _tree(self.pid) if self.pid else []:
+            try:
+                for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) * 1024
+            except (OSError, psutil.NoSuchProcess):
+                pass
+        return total
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.01):
+            self.peak = max(self.peak, self.rss())
+
+    def __enter__(self) -> Meter:
+        self.peak = self.rss()
+        if self.pid:
+            self._thread = threading.Thread(target=self._sample, daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join()
+        self.peak = max(self.peak, self.rss())
+
+
+MiB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------- the message and DNS
+
+
+@dataclass
+class Signed:
+    """A DKIM key and the zone that publishes it, SPF and DMARC for the sender domain."""
+
+    private_pem: bytes
+    zone: list[str]
+
+    @classmethod
+    def create(cls) -> Signed:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import rsa
+
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.TraditionalOpenSSL,
+                                serialization.NoEncryption())
+        der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        import base64
+
+        value = "v=DKIM1; k=rsa; p=" + base64.b64encode(der).decode("ascii")
+        chunks = " ".join(f'"{value[i:i + 255]}"' for i in range(0, len(value), 255))
+        zone = [
+            f'{DOMAIN}. 3600 IN TXT "v=spf1 ip4:127.0.0.0/8 -all"',
+            f"{DOMAIN}. 3600 IN A 127.0.0.1",
+            f"{DOMAIN}. 3600 IN MX 10 mx.{DOMAIN}.",
+            f"mx.{DOMAIN}. 3600 IN A 127.0.0.1",
+            f"{SELECTOR}._domainkey.{DOMAIN}. 3600 IN TXT {chunks}",
+            f'_dmarc.{DOMAIN}. 3600 IN TXT "v=DMARC1; p=reject"',
+            "bench.test. 3600 IN MX 10 mx.sender.test.",
+        ]
+        return cls(pem, zone)
+
+    def message(self, size: int) -> bytes:
+        """A DKIM-signed (relaxed/relaxed, rsa-sha256) message of about *size* bytes."""
+        import dkim
+
+        body = build_message(max(size - 520, 400))
+        signature = dkim.sign(body, SELECTOR.encode(), DOMAIN.encode(), self.private_pem,
+                              canonicalize=(b"relaxed", b"relaxed"),
+                              include_headers=[b"From", b"To", b"Subject", b"Date", b"Message-ID"])
+        return bytes(signature) + body
+
+
+# --------------------------------------------------------------------------- the loads
+
+
+def smtp_source(port: int, sessions: int, messages: int, msgfile: Path, reuse: bool) -> float:
+    """Run Postfix's smtp-source; wall seconds. It exits non-zero on any refused message."""
+    argv = [SMTP_SOURCE, "-s", str(sessions), "-m", str(messages), "-F", str(msgfile),
+            "-f", loadgen.SENDER, "-t", loadgen.RECIPIENT, "-M", "client.bench"]
+    if reuse:
+        argv.append("-d")
+    started = time.perf_counter()
+    done = subprocess.run([*argv, f"{loadgen.HOST}:{port}"], capture_output=True, text=True, timeout=900)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise RuntimeError(f"smtp-source failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+    return seconds
+
+
+def run_async(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+# --------------------------------------------------------------------------- scenarios
+
+
+@dataclass
+class Scenario:
+    name: str
+    kind: str  # throughput | idle | huge
+    size: int = 0
+    concurrency: int = 0
+    messages: int = 0
+    latency_messages: int = 0
+    sessions: int = 0
+
+
+def scenarios(quick: bool) -> dict[str, Scenario]:
+    out: dict[str, Scenario] = {}
+    for size, label in ((1024, "1k"), (100 * 1024, "100k")):
+        for conc in (1, 10, 100):
+            if quick:
+                messages, lat = 200, 100
+            elif size == 1024:
+                messages, lat = (600, 300) if conc == 1 else (2000, 1000)
+            else:
+                messages, lat = (150, 100) if conc == 1 else (400, 300)
+            out[f"{label}-c{conc}"] = Scenario(f"{label}-c{conc}", "throughput", size, conc,
+                                               max(messages, conc), max(lat, conc))
+    out["idle"] = Scenario("idle", "idle", sessions=1000 if quick else 10_000)
+    out["huge"] = Scenario("huge", "huge", size=(5 if quick else 50) * MiB)
+    return out
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def throughput(system: System, sc: Scenario, msgfile: Path, message: bytes, repeat: int) -> dict[str, Any]:
+    meter = Meter(system.pid)
+    # Warm-up (also fills the DNS caches): not measured.
+    smtp_source(system.port, sc.concurrency, max(2 * sc.concurrency, 20), msgfile, reuse=True)
+    new_rates, reuse_rates, cpu_new, cpu_reuse, p50s, p99s, lat_rates = [], [], [], [], [], [], []
+    with meter:
+        for _ in range(repeat):
+            for reuse, rates, cpus in ((False, new_rates, cpu_new), (True, reuse_rates, cpu_reuse)):
+                cpu0 = meter.cpu()
+                seconds = smtp_source(system.port, sc.concurrency, sc.messages, msgfile, reuse)
+                rates.append(sc.messages / seconds)
+                cpus.append((meter.cpu() - cpu0) / sc.messages * 1000)
+            lat = run_async(loadgen.latency(system.port, message, sc.latency_messages, sc.concurrency))
+            p50s.append(lat.p50_ms)
+            p99s.append(lat.p99_ms)
+            lat_rates.append(lat.msgs_per_s)
+    measured = system.pid is not None
+    return {
+        "msgs_per_s_new_conn": median(new_rates),
+        "msgs_per_s_reused": median(reuse_rates),
+        "p50_ms": median(p50s),
+        "p99_ms": median(p99s),
+        "loadgen_msgs_per_s": median(lat_rates),
+        "cpu_s_per_1k_new_conn": median(cpu_new) if measured else None,
+        "cpu_s_per_1k_reused": median(cpu_reuse) if measured else None,
+        "peak_rss_mib": meter.peak / MiB if measured else None,
+        "runs": {"new_conn": new_rates, "reused": reuse_rates, "p50": p50s, "p99": p99s},
+    }
+
+
+def idle(system: System, sc: Scenario) -> dict[str, Any]:
+    meter = Meter(system.pid)
+    # One real message first, so that lazily built state (pools, plugins) is in the baseline.
+    run_async(loadgen.latency(system.port, build_message(1024), 5, 1))
+    before = meter.rss()
+
+    async def hold() -> tuple[int, float]:
+        started = time.perf_counter()
+        async with loadgen.IdleSessions(system.port, sc.sessions):
+            seconds = time.perf_counter() - started
+            await asyncio.sleep(0.5)  # let the server finish settling each session before sampling
+            return meter.rss(), seconds
+
+    with meter:
+        after, seconds = run_async(hold())
+    grown = after - before
+    return {
+        "sessions": sc.sessions,
+        "open_seconds": seconds,
+        "rss_before_mib": before / MiB,
+        "rss_with_sessions_mib": after / MiB,
+        "peak_rss_mib": meter.peak / MiB,
+        "kib_per_session": grown / sc.sessions / 1024,
+    }
+
+
+def huge(system: System, sc: Scenario) -> dict[str, Any]:
+    meter = Meter(system.pid)
+    run_async(loadgen.latency(system.port, build_message(1024), 5, 1))
+    before = meter.rss()
+    with meter:
+        seconds = run_async(loadgen.huge_message(system.port, sc.size))
+    hwm = meter.hwm()
+    peak = max(meter.peak, hwm) if system.pid and len(_tree(system.pid)) == 1 else meter.peak
+    return {
+        "message_mib": sc.size / MiB,
+        "seconds": seconds,
+        "rss_idle_mib": before / MiB,
+        "peak_rss_mib": peak / MiB,
+        "peak_above_idle_mib": (peak - before) / MiB,
+        "peak_above_idle_over_size": (peak - before) / sc.size,
+    }
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+@contextmanager
+def services(workdir: Path, need_redis: bool, signed: Signed) -> Iterator[Services]:
+    sink = Sink(workdir)
+    dns = DnsZone(workdir, signed.zone)
+    redis = Redis(workdir) if need_redis else None
+    started: list[Any] = []
+    try:
+        for service in (sink, dns, redis):
+            if service is not None:
+                service.start()
+                started.append(service)
+        yield Services(sink, dns, redis, workdir)
+    finally:
+        for service in reversed(started):
+            service.stop()
+
+
+def raise_fd_limit(wanted: int) -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else wanted
+    target = max(soft, min(target, max(wanted, soft)))
+    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return target
+
+
+def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
+    all_scenarios = scenarios(args.quick)
+    chosen = [all_scenarios[name] for name in args.scenario]
+    signed = Signed.create()
+    fd_limit = raise_fd_limit(max(s.sessions for s in chosen) * 2 + 1024)
+    results: dict[str, dict[str, Any]] = {s.name: {} for s in chosen}
+    descriptions: dict[str, str] = {}
+    with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp:
+        workdir = Path(tmp)
+        need_redis = any(name.endswith("chain") for name in args.systems)
+        with services(workdir, need_redis, signed) as svc:
+            files: dict[int, tuple[Path, bytes]] = {}
+            for sc in chosen:
+                if sc.kind == "throughput" and sc.size not in files:
+                    message = signed.message(sc.size)
+                    path = workdir / f"message-{sc.size}.eml"
+                    # smtp-source -F appends CRLF to each line itself: give it LF lines.
+                    path.write_bytes(message.replace(b"\r\n", b"\n"))
+                    files[sc.size] = (path, message)
+            for sc in chosen:
+                for name in args.systems:
+                    if sc.kind != "throughput" and name == "direct":
+                        continue
+                    system = systems.make_system(name, svc, haraka_nodes=args.haraka_nodes)
+                    descriptions[name] = system.description
+                    print(f"[{time.strftime('%H:%M:%S')}] {sc.name:<9} {name} ...", flush=True)
+                    try:
+                        system.start()
+                        if sc.kind == "throughput":
+                            path, message = files[sc.size]
+                            figures = throughput(system, sc, path, message, args.repeat)
+                        elif sc.kind == "idle":
+                            figures = idle(system, sc)
+                        else:
+                            figures = huge(system, sc)
+                    except Exception as exc:  # one failing system must not lose the others' figures
+                        tail = system.log_tail().strip()
+                        figures = {"error": f"{type(exc).__name__}: {exc}"}
+                        print(f"    FAILED: {figures['error']}\n    log tail: {tail[-800:]}", flush=True)
+                    finally:
+                        system.stop()
+                    results[sc.name][name] = figures
+    return {
+        "benchmark": "bench/run.py",
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "quick": args.quick,
+        "repeat": args.repeat,
+        "environment": environment(fd_limit),
+        "systems": descriptions,
+        "scenarios": {sc.name: sc.__dict__ for sc in chosen},
+        "results": results,
+    }
+
+
+def environment(fd_limit: int) -> dict[str, Any]:
+    def version(argv: list[str]) -> str:
+        try:
+            return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
+        except OSError:
+            return "n/a"
+
+    return {
+        "python": platform.python_version(),
+        "node": version(["node", "--version"]),
+        "haraka": systems.HARAKA_VERSION,
+        "cpus": os.cpu_count(),
+        "platform": platform.platform(),
+        "loadavg_at_start": os.getloadavg(),
+        "fd_limit": fd_limit,
+        "sink": "Postfix smtp-sink",
+        "load": "Postfix smtp-source (throughput), bench/loadgen.py (latency, idle, huge)",
+    }
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def fmt(value: Any, digits: int = 0) -> str:
+    if value is None:
+        return "-"
+    return f"{value:,.{digits}f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "-"
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines: list[str] = []
+    for name, rows in report["results"].items():
+        sc = report["scenarios"][name]
+        lines.append("")
+        if sc["kind"] == "throughput":
+            lines.append(f"### {name}: {sc['size'] // 1024} KB messages, concurrency {sc['concurrency']}")
+            lines.append("")
+            lines.append("| system | msg/s new conn | msg/s reused | p50 ms | p99 ms | CPU s/1k (new) "
+                         "| CPU s/1k (reused) | peak RSS MiB |")
+            lines.append("|---|--:|--:|--:|--:|--:|--:|--:|")
+            for system, r in rows.items():
+                if "error" in r:
+                    lines.append(f"| {system} | failed: {r['error'][:80]} |||||||")
+                    continue
+                lines.append(f"| {system} | {fmt(r['msgs_per_s_new_conn'])} | {fmt(r['msgs_per_s_reused'])} "
+                             f"| {fmt(r['p50_ms'], 2)} | {fmt(r['p99_ms'], 2)} "
+                             f"| {fmt(r['cpu_s_per_1k_new_conn'], 2)} | {fmt(r['cpu_s_per_1k_reused'], 2)} "
+                             f"| {fmt(r['peak_rss_mib'], 1)} |")
+            lines.extend(ratios(rows))
+        elif sc["kind"] == "idle":
+            lines.append(f"### idle: {sc['sessions']:,} concurrent idle sessions (after EHLO)")
+            lines.append("")
+            lines.append("| system | RSS before MiB | RSS with sessions MiB | KiB per session | open time s |")
+            lines.append("|---|--:|--:|--:|--:|")
+            for system, r in rows.items():
+                if "error" in r:
+                    lines.append(f"| {system} | failed: {r['error'][:80]} ||||")
+                    continue
+                lines.append(f"| {system} | {fmt(r['rss_before_mib'], 1)} | {fmt(r['rss_with_sessions_mib'], 1)} "
+                             f"| {fmt(r['kib_per_session'], 1)} | {fmt(r['open_seconds'], 1)} |")
+        else:
+            lines.append(f"### huge: one {sc['size'] // MiB} MB message")
+            lines.append("")
+            lines.append("| system | seconds | idle RSS MiB | peak RSS MiB | peak above idle MiB | above idle / size |")
+            lines.append("|---|--:|--:|--:|--:|--:|")
+            for system, r in rows.items():
+                if "error" in r:
+                    lines.append(f"| {system} | failed: {r['error'][:80]} |||||")
+                    continue
+                lines.append(f"| {system} | {fmt(r['seconds'], 2)} | {fmt(r['rss_idle_mib'], 1)} "
+                             f"| {fmt(r['peak_rss_mib'], 1)} | {fmt(r['peak_above_idle_mib'], 1)} "
+                             f"| {fmt(r['peak_above_idle_over_size'], 2)} |")
+    return "\n".join(lines)
+
+
+def ratios(rows: dict[str, Any]) -> list[str]:
+    def get(system: str, key: str) -> float | None:
+        r = rows.get(system)
+        return None if r is None or "error" in r else r.get(key)
+
+    parts = []
+    for ours, theirs in (("smtpproxy", "haraka"), ("smtpproxy-chain", "haraka-chain"),
+                         ("smtpproxy", "direct")):
+        if get(ours, "msgs_per_s_reused") and get(theirs, "msgs_per_s_reused"):
+            parts.append(f"{ours}/{theirs} msg/s: {ratio(get(ours, 'msgs_per_s_new_conn'), get(theirs, 'msgs_per_s_new_conn'))} "
+                         f"new conn, {ratio(get(ours, 'msgs_per_s_reused'), get(theirs, 'msgs_per_s_reused'))} reused")
+    if get("smtpproxy", "cpu_s_per_1k_reused") and get("baseline", "cpu_s_per_1k_reused"):
+        parts.append(f"smtpproxy/baseline CPU per message: "
+                     f"{ratio(get('smtpproxy', 'cpu_s_per_1k_new_conn'), get('baseline', 'cpu_s_per_1k_new_conn'))} new conn, "
+                     f"{ratio(get('smtpproxy', 'cpu_s_per_1k_reused'), get('baseline', 'cpu_s_per_1k_reused'))} reused")
+    if get("smtpproxy", "p50_ms") and get("direct", "p50_ms"):
+        parts.append(f"smtpproxy added p50: {get('smtpproxy', 'p50_ms') - get('direct', 'p50_ms'):+.2f} ms")  # type: ignore[operator]
+    if get("smtpproxy", "peak_rss_mib") and get("haraka", "peak_rss_mib"):
+        parts.append(f"smtpproxy/haraka peak RSS: {ratio(get('smtpproxy', 'peak_rss_mib'), get('haraka', 'peak_rss_mib'))}")
+    return ["", "; ".join(parts)] if parts else []
+
+
+def chart(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tput = [n for n, sc in report["scenarios"].items() if sc["kind"] == "throughput"]
+    names = list(report["systems"])
+    fig, axes = plt.subplots(1, 2, figsize=(15, 5.5), gridspec_kw={"width_ratios": [3, 1]})
+    ax = axes[0]
+    width = 0.8 / max(len(names), 1)
+    for i, system in enumerate(names):
+        values = [report["results"][sc].get(system, {}).get("msgs_per_s_reused") or 0 for sc in tput]
+        ax.bar([x + i * width for x in range(len(tput))], values, width, label=system)
+    ax.set_xticks([x + width * (len(names) - 1) / 2 for x in range(len(tput))], tput)
+    ax.set_yscale("log")
+    ax.set_ylabel("messages/s (smtp-source -d, log scale)")
+    ax.set_title("Throughput, reused sessions")
+    ax.legend(fontsize=8)
+    ax = axes[1]
+    idle_rows = report["results"].get("idle", {})
+    huge_rows = report["results"].get("huge", {})
+    shown = [s for s in names if s != "direct"]
+    ax.barh([f"{s} idle" for s in shown], [idle_rows.get(s, {}).get("rss_with_sessions_mib") or 0 for s in shown])
+    ax.barh([f"{s} huge" for s in shown], [huge_rows.get(s, {}).get("peak_rss_mib") or 0 for s in shown])
+    ax.set_xlabel("MiB (idle: RSS with all idle sessions; huge: peak RSS)")
+    ax.set_title("Memory")
+    ax.tick_params(axis="y", labelsize=7)
+    fig.suptitle(f"smtpproxy benchmark {report['timestamp']} ({report['environment']['cpus']} CPUs"
+                 f"{', quick' if report['quick'] else ''})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+
+
+# --------------------------------------------------------------------------- profiling
+
+
+def profile(args: argparse.Namespace) -> int:
+    """py-spy on smtpproxy (no plugins) while smtp-source -d loads it; top frames by own time."""
+    pyspy = shutil.which("py-spy")
+    if pyspy is None:
+        print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
+        return 1
+    signed = Signed.create()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp, \
+            services(Path(tmp), False, signed) as svc:
+        msgfile = Path(tmp) / "message.eml"
+        msgfile.write_bytes(signed.message(1024).replace(b"\r\n", b"\n"))
+        system = systems.make_system("smtpproxy-uvloop" if args.uvloop else "smtpproxy", svc)
+        system.start()
+        try:
+            smtp_source(system.port, 10, 200, msgfile, reuse=True)
+            outputs = []
+            for fmt_, out in (("raw", RESULTS / "profile.txt"), ("flamegraph", RESULTS / "profile.svg")):
+                spy = subprocess.Popen([pyspy, "record", "--pid", str(system.pid), "--format", fmt_,
+                                        "--rate", "200", "--output", str(out), "--nonblocking"],
+                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                time.sleep(1.0)  # py-spy attaches
+                seconds = smtp_source(system.port, 10, args.profile_messages, msgfile, reuse=True)
+                spy.send_signal(2)
+                log = spy.communicate(timeout=60)[0]
+                if not out.exists():
+                    print(f"error: py-spy wrote nothing: {log[-800:]}", file=sys.stderr)
+                    return 1
+                outputs.append(out)
+                print(f"{fmt_}: {args.profile_messages / seconds:.0f} msg/s while profiled -> {out}")
+        finally:
+            system.stop()
+    print(top_frames(RESULTS / "profile.txt", 25))
+    return 0
+
+
+def top_frames(raw: Path, n: int) -> str:
+    """Own ("self") and inclusive sample shares per frame from py-spy's collapsed stacks."""
+    own: dict[str, int] = {}
+    incl: dict[str, int] = {}
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack:
+            continue
+        count = int(count_text)
+        total += count
+        frames = [f.replace(str(systems.ROOT) + "/", "").replace(sys.prefix, "~") for f in stack.split(";")]
+        own[frames[-1]] = own.get(frames[-1], 0) + count
+        for frame in set(frames):
+            incl[frame] = incl.get(frame, 0) + count
+    out = [f"{total} samples", "", "own%   frame"]
+    out += [f"{100 * c / total:5.1f}  {f}" for f, c in sorted(own.items(), key=lambda kv: -kv[1])[:n]]
+    out += ["", "incl%  frame (smtpproxy code only)"]
+    ours = [(f, c) for f, c in incl.items() if "smtpproxy/" in f]
+    out += [f"{100 * c / total:5.1f}  {f}" for f, c in sorted(ours, key=lambda kv: -kv[1])[:n]]
+    return "\n".join(out)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    names = list(scenarios(False))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true",
+                        help="small counts (200 messages, 1,000 idle sessions, 5 MB), one repeat")
+    parser.add_argument("--scenario", nargs="+", choices=names, default=None,
+                        help=f"scenarios to run (default all: {' '.join(names)})")
+    parser.add_argument("--systems", nargs="+", default=None, metavar="SYSTEM",
+                        help=f"systems (default all: {' '.join(systems.SYSTEM_NAMES)})")
+    parser.add_argument("--repeat", type=int, default=None,
+                        help="runs per throughput figure, the median is shown (default 3; 1 with --quick)")
+    parser.add_argument("--haraka-nodes", default="", help="Haraka smtp.ini nodes= (default unset: one process)")
+    parser.add_argument("--output", default=str(RESULTS / "latest"),
+                        help="path prefix for .json, .png and .md (default bench/results/latest)")
+    parser.add_argument("--profile", action="store_true", help="profile smtpproxy (no plugins) with py-spy instead")
+    parser.add_argument("--profile-messages", type=int, default=6000)
+    parser.add_argument("--uvloop", action="store_true", help="with --profile: profile the uvloop variant")
+    args = parser.parse_args(argv)
+    args.scenario = args.scenario or names
+    args.systems = args.systems or list(systems.SYSTEM_NAMES)
+    for name in args.systems:
+        if name not in systems.SYSTEM_NAMES:
+            parser.error(f"unknown system {name!r}; choose from {', '.join(systems.SYSTEM_NAMES)}")
+    args.repeat = args.repeat or (1 if args.quick else 3)
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if not Path(SMTP_SOURCE).exists():
+        print("error: smtp-source not found (apt-get install postfix)", file=sys.stderr)
+        return 1
+    if args.profile:
+        return profile(args)
+    started = time.perf_counter()
+    report = run_matrix(args)
+    report["wall_seconds"] = time.perf_counter() - started
+    text = markdown(report)
+    print(text)
+    prefix = Path(args.output)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    prefix.with_suffix(".md").write_text(text.lstrip() + "\n")
+    chart(report, prefix.with_suffix(".png"))
+    print(f"\nwritten: {prefix}.json, {prefix}.md, {prefix}.png ({report['wall_seconds']:.0f} s)")
+    failed = [f"{sc}/{s}" for sc, rows in report["results"].items() for s, r in rows.items() if "error" in r]
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
