@@ -53,6 +53,7 @@ __all__ = [
     "TracePolicy",
     "Tracer",
     "TracerStartupError",
+    "data_section",
 ]
 
 PHASE_ORDER = ("connect", "helo", "mail_from", "rcpt_to", "data")
@@ -385,7 +386,7 @@ def _refusal_kind(verdict: Verdict) -> str:
     return "rejected" if verdict.action is Action.REJECT else "tempfailed"
 
 
-def _wire_bytes(raw: bytes) -> tuple[bytes, list[str]]:
+def data_section(raw: bytes) -> tuple[bytes, list[str]]:
     """The DATA section a client would send for a message file: CRLF lines, dot-stuffed.
 
     A file with LF line endings only (how most tools store ``.eml``) is converted to CRLF.
@@ -481,7 +482,7 @@ class Tracer:
                 rcpts.append(parse_rcpt_to(f"TO:<{text}>", smtputf8_enabled=utf8).address)
             except AddressError as exc:
                 raise TraceInputError(f"recipient {text!r}: {exc.text}") from None
-        wire, notes = _wire_bytes(bytes(message))
+        wire, notes = data_section(bytes(message))
 
         trace = Trace(sender=mail.address.text, recipients=[a.text for a in rcpts], client_ip=client_ip,
                       client_port=client_port, helo=helo, auth_user=auth_user, tls=tls, size=0,
