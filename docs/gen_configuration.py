@@ -82,7 +82,7 @@ def render() -> str:
         "it, and every error names the file, line, column and key. `${NAME}` and `${NAME:-default}`",
         "in values are replaced from the environment, and `$$` is a literal `$`. Relative paths",
         "are resolved against the directory of the configuration file. Unknown keys are errors.",
-        "An annotated example is in [`config/smtpproxy.yaml`](../config/smtpproxy.yaml).",
+        "An annotated example is in [`config/smtpproxy.yaml`](example-config.md).",
         "",
     ]
     for title, model, intro in SECTIONS:
