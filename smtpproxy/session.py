@@ -184,11 +184,15 @@ class Transaction:
 
     def __init__(self, tx_id: str, envelope: Envelope):
         self.id = tx_id
+        """``<session id>.<n>``: the n-th transaction of the session; in every log line about it."""
         self.envelope = envelope
+        """MAIL FROM and the recipients accepted so far."""
         self.message: Message | None = None
+        """The message, once DATA is complete (None before the ``data`` phase)."""
         self.notes: dict[str, Any] = {}
         """Scratch space for plugins, cleared with each new transaction. Key by plugin name."""
         self.results = Results()
+        """Outcomes of the mail_from, rcpt_to and data phases of this transaction."""
         self.disposition: Action | None = None
         """Set to DISCARD or QUARANTINE by an earlier phase; applied when the message is complete."""
         self.disposition_reason = ""
@@ -207,22 +211,33 @@ class Session:
         transport: str = "smtp",
     ):
         self.id = session_id or new_id()
+        """A short random id, carried by every log line of the session (``sid=``)."""
         self.client = client
+        """The remote end: the real client, also behind a PROXY header or a milter's MTA."""
         self.local_ip = local_ip
+        """The address the client connected to."""
         self.local_port = local_port
+        """The port the client connected to (25, 465, 587, ...)."""
         self.transport = transport
         """Which front end drives the chain: ``smtp`` (the proxy), ``milter`` or ``offline``."""
         self.started = time.time()
+        """When the connection was accepted (Unix time)."""
         self.helo: str | None = None
+        """The accepted HELO/EHLO name; None before one was accepted."""
         self.esmtp = False
+        """True when the client greeted with EHLO."""
         self.tls: TLSInfo | None = None
+        """The TLS layer (STARTTLS or implicit); None on a plaintext connection."""
         self.auth_user: str | None = None
+        """The SMTP AUTH login, once authenticated; None otherwise."""
         self.notes: dict[str, Any] = {}
         """Scratch space for plugins that lives as long as the connection. Key by plugin name."""
         self.results = Results()
         """Outcomes of the connect and helo phases."""
         self.transaction: Transaction | None = None
+        """The transaction in progress (after MAIL FROM), or None."""
         self.transaction_count = 0
+        """How many transactions (MAIL FROM commands accepted) this session had."""
         self.disposition: Action | None = None
         """DISCARD/QUARANTINE decided at connect or helo applies to every transaction."""
         self.disposition_reason = ""
