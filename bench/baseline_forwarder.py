@@ -23,7 +23,7 @@ class Forward:
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         try:
-            await aiosmtplib.send(envelope.original_content, sender=envelope.mail_from,
+            await aiosmtplib.send(envelope.original_content or b"", sender=envelope.mail_from,
                                   recipients=envelope.rcpt_tos, hostname=HOST,
                                   port=self.upstream_port, start_tls=False, use_tls=False)
         except aiosmtplib.SMTPException as exc:

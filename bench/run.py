@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
 import platform
+import re
 import resource
 import shutil
 import statistics
@@ -69,20 +71,16 @@ class Meter:
     def cpu(self) -> float:
         total = 0.0
         for proc in _tree(self.pid) if self.pid else []:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 times = proc.cpu_times()
                 total += times.user + times.system
-            except psutil.NoSuchProcess:
-                pass
         return total
 
     def rss(self) -> int:
         total = 0
         for proc in _tree(self.pid) if self.pid else []:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 total += proc.memory_info().rss
-            except psutil.NoSuchProcess:
-                pass
         return total
 
     def hwm(self) -> int:
@@ -177,7 +175,8 @@ def smtp_source(port: int, sessions: int, messages: int, msgfile: Path, reuse: b
     done = subprocess.run([*argv, f"{loadgen.HOST}:{port}"], capture_output=True, text=True, timeout=900)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
-        raise RuntimeError(f"smtp-source failed ({done.returncode}): {(done.stderr or done.stdout).strip()[-500:]}")
+        said = (done.stderr or done.stdout).strip()[-500:]
+        raise RuntimeError(f"smtp-source failed ({done.returncode}): {said}")
     return seconds
 
 
@@ -206,9 +205,9 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
             if quick:
                 messages, lat = 200, 100
             elif size == 1024:
-                messages, lat = (600, 300) if conc == 1 else (2000, 1000)
+                messages, lat = (300, 200) if conc == 1 else (1000, 500)
             else:
-                messages, lat = (150, 100) if conc == 1 else (400, 300)
+                messages, lat = (100, 50) if conc == 1 else (200, 100)
             out[f"{label}-c{conc}"] = Scenario(f"{label}-c{conc}", "throughput", size, conc,
                                                max(messages, conc), max(lat, conc))
     out["idle"] = Scenario("idle", "idle", sessions=1000 if quick else 10_000)
@@ -224,7 +223,13 @@ def throughput(system: System, sc: Scenario, msgfile: Path, message: bytes, repe
     meter = Meter(system.pid)
     # Warm-up (also fills the DNS caches): not measured.
     smtp_source(system.port, sc.concurrency, max(2 * sc.concurrency, 20), msgfile, reuse=True)
-    new_rates, reuse_rates, cpu_new, cpu_reuse, p50s, p99s, lat_rates = [], [], [], [], [], [], []
+    new_rates: list[float] = []
+    reuse_rates: list[float] = []
+    cpu_new: list[float] = []
+    cpu_reuse: list[float] = []
+    p50s: list[float] = []
+    p99s: list[float] = []
+    lat_rates: list[float] = []
     with meter:
         for _ in range(repeat):
             for reuse, rates, cpus in ((False, new_rates, cpu_new), (True, reuse_rates, cpu_reuse)):
@@ -432,18 +437,21 @@ def markdown(report: dict[str, Any]) -> str:
         elif sc["kind"] == "idle":
             lines.append(f"### idle: {sc['sessions']:,} concurrent idle sessions (after EHLO)")
             lines.append("")
-            lines.append("| system | RSS before MiB | RSS with sessions MiB | KiB per session | open time s |")
+            lines.append("| system | RSS before MiB | RSS with sessions MiB | KiB per session "
+                         "| open time s |")
             lines.append("|---|--:|--:|--:|--:|")
             for system, r in rows.items():
                 if "error" in r:
                     lines.append(f"| {system} | failed: {r['error'][:80]} ||||")
                     continue
-                lines.append(f"| {system} | {fmt(r['rss_before_mib'], 1)} | {fmt(r['rss_with_sessions_mib'], 1)} "
+                lines.append(f"| {system} | {fmt(r['rss_before_mib'], 1)} "
+                             f"| {fmt(r['rss_with_sessions_mib'], 1)} "
                              f"| {fmt(r['kib_per_session'], 1)} | {fmt(r['open_seconds'], 1)} |")
         else:
             lines.append(f"### huge: one {sc['size'] // MiB} MB message")
             lines.append("")
-            lines.append("| system | seconds | idle RSS MiB | peak RSS MiB | peak above idle MiB | above idle / size |")
+            lines.append("| system | seconds | idle RSS MiB | peak RSS MiB | peak above idle MiB "
+                         "| above idle / size |")
             lines.append("|---|--:|--:|--:|--:|--:|")
             for system, r in rows.items():
                 if "error" in r:
@@ -456,24 +464,29 @@ def markdown(report: dict[str, Any]) -> str:
 
 
 def ratios(rows: dict[str, Any]) -> list[str]:
+    """The ratios the targets are stated in, for the systems that ran."""
+
     def get(system: str, key: str) -> float | None:
         r = rows.get(system)
         return None if r is None or "error" in r else r.get(key)
+
+    def both(ours: str, theirs: str, stem: str) -> str:
+        return (f"{ratio(get(ours, stem + '_new_conn'), get(theirs, stem + '_new_conn'))} new conn, "
+                f"{ratio(get(ours, stem + '_reused'), get(theirs, stem + '_reused'))} reused")
 
     parts = []
     for ours, theirs in (("smtpproxy", "haraka"), ("smtpproxy-chain", "haraka-chain"),
                          ("smtpproxy", "direct")):
         if get(ours, "msgs_per_s_reused") and get(theirs, "msgs_per_s_reused"):
-            parts.append(f"{ours}/{theirs} msg/s: {ratio(get(ours, 'msgs_per_s_new_conn'), get(theirs, 'msgs_per_s_new_conn'))} "
-                         f"new conn, {ratio(get(ours, 'msgs_per_s_reused'), get(theirs, 'msgs_per_s_reused'))} reused")
+            parts.append(f"{ours}/{theirs} msg/s: {both(ours, theirs, 'msgs_per_s')}")
     if get("smtpproxy", "cpu_s_per_1k_reused") and get("baseline", "cpu_s_per_1k_reused"):
-        parts.append(f"smtpproxy/baseline CPU per message: "
-                     f"{ratio(get('smtpproxy', 'cpu_s_per_1k_new_conn'), get('baseline', 'cpu_s_per_1k_new_conn'))} new conn, "
-                     f"{ratio(get('smtpproxy', 'cpu_s_per_1k_reused'), get('baseline', 'cpu_s_per_1k_reused'))} reused")
-    if get("smtpproxy", "p50_ms") and get("direct", "p50_ms"):
-        parts.append(f"smtpproxy added p50: {get('smtpproxy', 'p50_ms') - get('direct', 'p50_ms'):+.2f} ms")  # type: ignore[operator]
+        parts.append(f"smtpproxy/baseline CPU per message: {both('smtpproxy', 'baseline', 'cpu_s_per_1k')}")
+    ours_p50, direct_p50 = get("smtpproxy", "p50_ms"), get("direct", "p50_ms")
+    if ours_p50 is not None and direct_p50 is not None:
+        parts.append(f"smtpproxy added p50: {ours_p50 - direct_p50:+.2f} ms")
     if get("smtpproxy", "peak_rss_mib") and get("haraka", "peak_rss_mib"):
-        parts.append(f"smtpproxy/haraka peak RSS: {ratio(get('smtpproxy', 'peak_rss_mib'), get('haraka', 'peak_rss_mib'))}")
+        parts.append(f"smtpproxy/haraka peak RSS: "
+                     f"{ratio(get('smtpproxy', 'peak_rss_mib'), get('haraka', 'peak_rss_mib'))}")
     return ["", "; ".join(parts)] if parts else []
 
 
@@ -500,7 +513,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
     idle_rows = report["results"].get("idle", {})
     huge_rows = report["results"].get("huge", {})
     shown = [s for s in names if s != "direct"]
-    ax.barh([f"{s} idle" for s in shown], [idle_rows.get(s, {}).get("rss_with_sessions_mib") or 0 for s in shown])
+    ax.barh([f"{s} idle" for s in shown],
+            [idle_rows.get(s, {}).get("rss_with_sessions_mib") or 0 for s in shown])
     ax.barh([f"{s} huge" for s in shown], [huge_rows.get(s, {}).get("peak_rss_mib") or 0 for s in shown])
     ax.set_xlabel("MiB (idle: RSS with all idle sessions; huge: peak RSS)")
     ax.set_title("Memory")
@@ -552,7 +566,7 @@ def profile(args: argparse.Namespace) -> int:
 
 
 def top_frames(raw: Path, n: int) -> str:
-    """Own ("self") and inclusive sample shares per frame from py-spy's collapsed stacks."""
+    """Own ("self") and inclusive sample shares per function from py-spy's collapsed stacks."""
     own: dict[str, int] = {}
     incl: dict[str, int] = {}
     total = 0
@@ -562,7 +576,9 @@ def top_frames(raw: Path, n: int) -> str:
             continue
         count = int(count_text)
         total += count
-        frames = [f.replace(str(systems.ROOT) + "/", "").replace(sys.prefix, "~") for f in stack.split(";")]
+        # Per function, not per line: "name (path:line)" -> "name (path)".
+        frames = [re.sub(r":\d+\)$", ")", f.replace(str(systems.ROOT) + "/", "").replace(sys.prefix, "~"))
+                  for f in stack.split(";")]
         own[frames[-1]] = own.get(frames[-1], 0) + count
         for frame in set(frames):
             incl[frame] = incl.get(frame, 0) + count
@@ -588,10 +604,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help=f"systems (default all: {' '.join(systems.SYSTEM_NAMES)})")
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs per throughput figure, the median is shown (default 3; 1 with --quick)")
-    parser.add_argument("--haraka-nodes", default="", help="Haraka smtp.ini nodes= (default unset: one process)")
+    parser.add_argument("--haraka-nodes", default="",
+                        help="Haraka smtp.ini nodes= (default unset: one process)")
     parser.add_argument("--output", default=str(RESULTS / "latest"),
                         help="path prefix for .json, .png and .md (default bench/results/latest)")
-    parser.add_argument("--profile", action="store_true", help="profile smtpproxy (no plugins) with py-spy instead")
+    parser.add_argument("--profile", action="store_true",
+                        help="profile smtpproxy (no plugins) with py-spy instead")
     parser.add_argument("--profile-messages", type=int, default=6000)
     parser.add_argument("--uvloop", action="store_true", help="with --profile: profile the uvloop variant")
     args = parser.parse_args(argv)

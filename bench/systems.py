@@ -244,7 +244,8 @@ class SmtpProxy(System):
         super().__init__(name, services)
         self.chain = chain
         self.uvloop = uvloop
-        self.description = ("smtpproxy, default chain (spf, dkim_verify, dmarc, ratelimit/redis, score)"
+        self.description = ("smtpproxy, default chain (spf, dkim_verify, dmarc, auth_results, "
+                            "ratelimit/redis, score)"
                             if chain else "smtpproxy, no plugins") + (", uvloop" if uvloop else "")
 
     def config(self) -> dict[str, Any]:
@@ -265,6 +266,8 @@ class SmtpProxy(System):
                 {"name": "spf"},
                 {"name": "dkim_verify"},
                 {"name": "dmarc"},
+                # Haraka writes Authentication-Results by default; so does this chain.
+                {"name": "auth_results", "settings": {"authserv_id": "proxy.bench"}},
                 {"name": "ratelimit", "settings": {
                     "backend": "redis", "redis_url": f"redis://{HOST}:{self.services.redis.port}/0",
                     "rules": [
@@ -303,7 +306,8 @@ def install_haraka(version: str = HARAKA_VERSION) -> Path:
     done = subprocess.run(["npm", "install", "--no-audit", "--no-fund", f"Haraka@{version}"],
                           cwd=home, capture_output=True, text=True)
     if done.returncode != 0 or not script.exists():
-        raise SystemError_(f"npm install Haraka@{version} failed:\n{done.stdout[-2000:]}{done.stderr[-2000:]}")
+        said = done.stdout[-2000:] + done.stderr[-2000:]
+        raise SystemError_(f"npm install Haraka@{version} failed:\n{said}")
     return script
 
 
@@ -355,7 +359,8 @@ class Haraka(System):
         (config / "smtp_forward.ini").write_text(
             f"host={HOST}\nport={self.services.sink.port}\nenable_outbound=false\n")
         connection_ini = (config / "connection.ini").read_text()
-        (config / "connection.ini").write_text(connection_ini.replace("bytes=26214400", f"bytes={HUGE_LIMIT}"))
+        (config / "connection.ini").write_text(
+            connection_ini.replace("bytes=26214400", f"bytes={HUGE_LIMIT}"))
         plugins = ["bench_setup"]
         if self.chain:
             assert self.services.redis is not None
