@@ -1,4 +1,4 @@
-"""The ``smtpproxy`` command: run, check-config, plugins, quarantine, test-message, --version.
+"""The ``smtpproxy`` command: run, milter, check-config, plugins, quarantine, test-message, --version.
 
 Exit codes: 0 success, 1 runtime failure (cannot listen, a plugin failed to start),
 2 configuration error (the message names file, line and key).
@@ -9,8 +9,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from smtpproxy import __version__
 from smtpproxy.config import Config, ConfigError, ConfigSource, load_config
@@ -32,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the proxy (without -c: the embedded default)")
     run.add_argument("-c", "--config", help="YAML configuration file")
+    milter = sub.add_parser(
+        "milter", help="serve the plugin chain to Postfix/Sendmail over the milter protocol"
+    )
+    milter.add_argument("-c", "--config", help="YAML configuration file (milter: section)")
     check = sub.add_parser("check-config", help="validate a configuration and its plugins")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     sub.add_parser("plugins", help="list installed plugins and the hooks each implements")
@@ -56,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--tls", action="store_true", help="treat the session as TLS-protected")
     trace.add_argument("--json", action="store_true", help="print JSON instead of the text report")
     trace.add_argument("-c", "--config", help="YAML configuration file (default: the embedded one)")
+    reload = sub.add_parser(
+        "reload", help="validate the configuration, then tell the running proxy to reload it (SIGHUP)",
+        description="Exit codes: 0 signal sent, 2 configuration error (nothing is signalled), "
+        "1 no running proxy found.",
+    )
+    reload.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    reload.add_argument("--pid", type=int, help="process id of the proxy (default: read pid_file)")
     return parser
 
 
@@ -78,6 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from smtpproxy.quarantine import admin_command
 
         return admin_command(config, args.action, args.ids)
+    if args.command == "reload":
+        return _signal_reload(config, args.config, args.pid)
     if args.command == "test-message":
         from smtpproxy.trace_report import TraceRequest, trace_command
 
@@ -91,9 +107,25 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"delivery {config.delivery.type}, plugins: {plugins})")
         return 0
     configure_logging(config.logging.level, config.logging.format)
+    if args.command == "milter":
+        return _run_milter(config, source)
     try:
         asyncio.run(ProxyServer(config, source).serve_forever())
     except StartupError as exc:
+        logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
+        print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
+        return EXIT_RUNTIME
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
+def _run_milter(config: Config, source: ConfigSource | None) -> int:
+    from smtpproxy.milter.server import MilterServer, MilterStartupError
+
+    try:
+        asyncio.run(MilterServer(config, source).serve_forever())
+    except MilterStartupError as exc:
         logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
         print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -114,4 +146,31 @@ def _list_plugins() -> int:
             print(f"{p.name:<{width}}  {where}\n{'':<{width}}  BROKEN: {p.error}")
         else:
             print(f"{p.name:<{width}}  {where}\n{'':<{width}}  hooks: {', '.join(p.hooks) or 'none'}")
+    return 0
+
+
+def _signal_reload(config: Config, path: str, pid: int | None) -> int:
+    """Send SIGHUP to the running proxy; the configuration was validated by the caller."""
+    if pid is None:
+        if config.pid_file is None:
+            print(f"smtpproxy: {path} sets no pid_file; give the process id with --pid",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        try:
+            pid = int(Path(config.pid_file).read_text().strip())
+        except (OSError, ValueError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not a process id"
+            print(f"smtpproxy: cannot read pid file {config.pid_file}: {reason}; "
+                  "is the proxy running with this configuration?", file=sys.stderr)
+            return EXIT_RUNTIME
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"smtpproxy: no process {pid}; is the proxy running? (stale pid file?)", file=sys.stderr)
+        return EXIT_RUNTIME
+    except PermissionError:
+        print(f"smtpproxy: not allowed to signal process {pid}; run as its user or root",
+              file=sys.stderr)
+        return EXIT_RUNTIME
+    print(f"{path}: OK; sent SIGHUP to process {pid}. The proxy logs event=reload with the result.")
     return 0

@@ -57,6 +57,7 @@ __all__ = [
     "ListenerTLS",
     "Logging",
     "MaildirDelivery",
+    "Milter",
     "Metrics",
     "PluginSpec",
     "Problem",
@@ -1426,6 +1427,46 @@ class Metrics(_Model):
     )
 
 
+def _check_milter_listen(value: str) -> str:
+    from smtpproxy.milter.endpoint import parse_listen  # the one parser, shared with the server
+
+    try:
+        parse_listen(value)
+    except ValueError as exc:
+        raise _error("milter_listen", str(exc)) from None
+    return value
+
+
+class Milter(_Model):
+    """Milter mode (`smtpproxy milter`): the plugin chain served to Postfix or Sendmail."""
+
+    listen: Annotated[str, AfterValidator(_check_milter_listen)] = Field(
+        default="inet:127.0.0.1:8890",
+        description="Where the MTA connects: `inet:HOST:PORT` (`inet:[::1]:PORT`) or `unix:/PATH`.",
+    )
+    socket_mode: str = Field(
+        default="0660", pattern=r"^0?[0-7]{3}$",
+        description="Permissions of the Unix socket (octal); the MTA's user must be able to write it.",
+    )
+    default_action: Literal["tempfail", "accept", "reject"] = Field(
+        default="tempfail",
+        description=(
+            "What a plugin error (exception, timeout) becomes: tempfail (451), reject (550) "
+            "or accept (the message passes unfiltered), like Postfix's milter_default_action."
+        ),
+    )
+    max_packet_size: int = Field(
+        default=262144, strict=True, ge=65536, le=16777216,
+        description="Largest packet accepted from the MTA (bytes); bigger ones close the connection.",
+    )
+    timeout: float = _seconds(
+        300, "Seconds to wait for the MTA's next command before closing the connection."
+    )
+    progress_interval: float = _seconds(
+        10, "While plugins work, tell the MTA every this many seconds that we are alive."
+    )
+
+
 class Config(_Model):
     """The complete smtpproxy configuration."""
 
@@ -1445,6 +1486,7 @@ class Config(_Model):
         default=[], description="Filter plugins, called in this order for every message."
     )
     dns: DNS = Field(default=DNS(), description="DNS resolver settings shared by all plugins.")
+    milter: Milter = Field(default=Milter(), description="Milter mode (`smtpproxy milter`).")
     logging: Logging = Field(default=Logging(), description="Log level and format.")
     metrics: Metrics = Field(default=Metrics(), description="Metrics and health endpoints.")
     pid_file: ConfigPath | None = Field(

@@ -1,0 +1,217 @@
+"""The milter listener: ``inet:host:port`` or ``unix:/path``, one task per MTA connection.
+
+Each connection reads packets (length checked before the payload is read), decodes them
+strictly and hands them to a :class:`~smtpproxy.milter.session.MilterSession`. Anything
+that is not valid protocol (a bad length, a truncated packet, an unknown command, a
+malformed payload) or an MTA that stays silent past ``milter.timeout`` ends the
+connection with one log line; the MTA then applies its own ``milter_default_action``.
+
+Stopping (SIGTERM/SIGINT): no new connections; the MTA's open connections may finish
+their SMTP sessions within ``limits.shutdown_grace``, then the rest are closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+from pathlib import Path
+
+from smtpproxy import dns
+from smtpproxy.chain import Chain
+from smtpproxy.config import Config, ConfigSource
+from smtpproxy.eventlog import current_session, event
+from smtpproxy.milter import codec
+from smtpproxy.milter.codec import MilterProtocolError
+from smtpproxy.milter.endpoint import parse_listen
+from smtpproxy.milter.session import MilterPolicy, MilterSession
+from smtpproxy.registry import build_chain
+
+__all__ = ["MilterServer", "MilterStartupError"]
+
+log = logging.getLogger("smtpproxy.milter")
+
+
+class MilterStartupError(Exception):
+    """The milter could not start (address in use, a plugin's startup hook failed, ...)."""
+
+
+class MilterServer:
+    """One milter process: the plugin chain behind one listening socket."""
+
+    def __init__(self, config: Config, source: ConfigSource | None = None, *,
+                 chain: Chain | None = None) -> None:
+        self.config = config
+        self.settings = config.milter
+        self.chain = chain if chain is not None else build_chain(config.plugins, source)
+        self.listen = parse_listen(self.settings.listen)
+        self.policy = MilterPolicy(
+            default_action=self.settings.default_action,
+            max_message_size=config.limits.max_message_size,
+            max_recipients=config.limits.max_recipients,
+            progress_interval=self.settings.progress_interval,
+        )
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._stopped = asyncio.Event()
+        self._stopping = False
+
+    @property
+    def address(self) -> tuple[str, int] | str:
+        """The bound TCP (host, port) (port 0 in the config picks a free one) or socket path."""
+        if self.listen.path:
+            return self.listen.path
+        assert self._server is not None
+        host, port = self._server.sockets[0].getsockname()[:2]
+        return host, port
+
+    async def start(self) -> None:
+        d = self.config.dns
+        dns.configure(dns.Resolver(d.nameservers, port=d.port, timeout=d.timeout, cache_size=d.cache_size))
+        failures = await self.chain.notify("startup")
+        if failures:
+            raise MilterStartupError(
+                "; ".join(f"plugin {name}: startup failed: {err}" for name, err in failures)
+            )
+        try:
+            if self.listen.path:
+                self._server = await self._start_unix(self.listen.path)
+            else:
+                self._server = await asyncio.start_server(
+                    self._serve, host=self.listen.host, port=self.listen.port,
+                    reuse_address=True, backlog=1024,
+                )
+        except OSError as exc:
+            raise MilterStartupError(
+                f"milter.listen: cannot listen on {self.settings.listen}: {exc.strerror or exc}"
+            ) from exc
+        event("listening", milter=self.settings.listen, address=str(self.address),
+              plugins=[s.name for s in self.chain.steps])
+
+    async def _start_unix(self, path: str) -> asyncio.Server:
+        _clear_stale_socket(path)
+        server = await asyncio.start_unix_server(self._serve, path=path, backlog=1024)
+        os.chmod(path, int(self.settings.socket_mode, 8))
+        return server
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
+        current_session.set(None)
+
+        async def send(response: codec.Response) -> None:
+            writer.write(codec.encode_response(response))
+            await writer.drain()
+
+        session = MilterSession(self.chain, self.policy, send, peer_text)
+        try:
+            while True:
+                packet = await self._read_packet(reader, peer_text)
+                if packet is None:
+                    break
+                if not await session.handle(codec.decode_command(*packet)):
+                    break
+        except MilterProtocolError as exc:
+            event("milter_protocol_error", level=logging.WARNING, peer=peer_text, error=str(exc))
+        except TimeoutError:
+            event("milter_timeout", level=logging.INFO, peer=peer_text,
+                  seconds=self.settings.timeout)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except asyncio.CancelledError:
+            event("milter_closed", peer=peer_text, reason="shutdown")
+        except Exception:
+            log.exception("event=milter_internal_error peer=%s", peer_text)
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await session.finish()
+            self._connections.discard(task)
+
+    async def _read_packet(self, reader: asyncio.StreamReader, peer: str) -> tuple[bytes, bytes] | None:
+        """The next (code, payload), or None at a clean end of stream between packets."""
+        async with asyncio.timeout(self.settings.timeout):
+            try:
+                header = await reader.readexactly(4)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise MilterProtocolError("connection closed inside a packet header") from None
+                return None
+            length = codec.check_length(header, self.settings.max_packet_size)
+            try:
+                packet = await reader.readexactly(length)
+            except asyncio.IncompleteReadError as exc:
+                raise MilterProtocolError(
+                    f"truncated packet: {len(exc.partial)} of {length} bytes before the end"
+                ) from None
+        return packet[:1], packet[1:]
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop listening, give open connections ``grace`` seconds, then close them."""
+        if self._stopping:
+            await self._stopped.wait()
+            return
+        self._stopping = True
+        grace = self.config.limits.shutdown_grace if grace is None else grace
+        event("shutdown", connections=len(self._connections), grace=grace)
+        if self._server is not None:
+            self._server.close()
+        if self._connections:
+            _, pending = await asyncio.wait(set(self._connections), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=5)
+        if self._server is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._server.wait_closed(), timeout=5)
+        if self.listen.path:
+            _remove_socket(self.listen.path)
+        await self.chain.notify("shutdown")
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        """Start, run until SIGTERM or SIGINT, then stop gracefully."""
+        await self.start()
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        try:
+            await stop_requested.wait()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await self.stop()
+
+
+def _clear_stale_socket(path: str) -> None:
+    """Remove a socket file a previous run left behind; refuse if something still answers."""
+    target = Path(path)
+    try:
+        mode = target.lstat().st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise OSError(f"{path} exists and is not a socket")
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        target.unlink()
+    else:
+        raise OSError(f"another process is listening on {path}")
+    finally:
+        probe.close()
+
+
+def _remove_socket(path: str) -> None:
+    with contextlib.suppress(OSError):
+        Path(path).unlink()

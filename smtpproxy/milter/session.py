@@ -1,0 +1,507 @@
+"""One milter connection: the MTA's events driving the plugin chain, verdicts going back.
+
+The MTA (Postfix) owns the SMTP conversation and the message; this state machine builds
+the same :class:`~smtpproxy.session.Session` the SMTP front end builds, runs the same
+hooks at the same moments, and answers each event:
+
+* connect, helo, mail, rcpt: the phase's verdict. Reject/tempfail become SMFIR_REPLYCODE
+  with the plugin's reply (at connect 554/421, as the proxy answers). Continue and accept
+  become SMFIR_CONTINUE: our ACCEPT ends a *phase*, while SMFIR_ACCEPT would take the
+  rest of the message (or connection) away from the filter. Discard and quarantine are
+  remembered and applied at the end of the message, as in the proxy.
+* headers, body: collected (CRLF line ends) into the raw message; over
+  ``limits.max_message_size`` the message is refused with 552.
+* end of message: the ``data`` chain on a :class:`~smtpproxy.message.Message`, then the
+  edits (see :mod:`smtpproxy.milter.edits`) and the final SMFIR_ACCEPT, or SMFIR_DISCARD,
+  or the reply code. ``after_message`` follows, with a :class:`~smtpproxy.session.Decision`.
+* a plugin that raised or timed out (with ``on_error: tempfail``) gives
+  ``milter.default_action`` instead: tempfail (451), reject (550) or accept (SMFIR_ACCEPT,
+  the message passes unfiltered), like Postfix's ``milter_default_action``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
+from smtpproxy.chain import ERROR_TEMPFAIL, Chain
+from smtpproxy.eventlog import current_session, event
+from smtpproxy.message import Message
+from smtpproxy.milter import codec
+from smtpproxy.milter.codec import MilterProtocolError, Response
+from smtpproxy.milter.edits import body_edits, envelope_edits, header_edits, split_fields
+from smtpproxy.session import (
+    Client,
+    Decision,
+    Envelope,
+    Recipient,
+    Results,
+    Session,
+    TLSInfo,
+    Transaction,
+)
+from smtpproxy.verdicts import Action, Reply, Verdict
+
+__all__ = ["MilterPolicy", "MilterSession"]
+
+log = logging.getLogger("smtpproxy.milter")
+
+Send = Callable[[Response], Awaitable[None]]
+
+# What we ask the MTA not to send: DATA and unknown SMTP commands mean nothing to plugins.
+_NOT_WANTED = codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN
+# Extensions we use when offered: no reply per header, exact leading whitespace in values.
+_EXTENSIONS = codec.SMFIP_NR_HDR | codec.SMFIP_HDR_LEADSPC
+_BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+ERROR_REJECT = Reply(550, "5.3.0", "Message refused because of a local problem")
+TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+
+
+@dataclass(frozen=True, slots=True)
+class MilterPolicy:
+    """What a milter connection needs from the configuration."""
+
+    default_action: Literal["tempfail", "accept", "reject"] = "tempfail"
+    max_message_size: int = 26_214_400
+    max_recipients: int = 100
+    progress_interval: float = 10.0
+    """Send SMFIR_PROGRESS this often while plugins work, so the MTA keeps waiting."""
+
+
+def reply_text(reply: Reply) -> str:
+    """An SMTP reply in SMFIR_REPLYCODE form: CRLF between lines, ``%`` doubled."""
+    return "\r\n".join(reply.lines()).replace("%", "%%")
+
+
+def _connect_reply(reply: Reply, action: Action) -> Reply:
+    """At connect, RFC 5321 3.1: 554 refuses the session, 421 defers it (as the proxy says)."""
+    if action is Action.TEMPFAIL:
+        return Reply(421, reply.enhanced or "4.7.0", reply.text)
+    return Reply(554, reply.enhanced if reply.is_permanent and reply.enhanced else "5.7.1",
+                 reply.text)
+
+
+class MilterSession:
+    """The protocol state of one MTA connection (several SMTP sessions with SMFIC_QUIT_NC)."""
+
+    def __init__(self, chain: Chain, policy: MilterPolicy, send: Send, peer: str = "") -> None:
+        self.chain = chain
+        self.policy = policy
+        self.send = send
+        self.peer = peer
+        self.negotiated: codec.OptNeg | None = None
+        self.macros = codec.Macros()
+        self.session: Session | None = None
+        self._reset_message()
+
+    # -- helpers ------------------------------------------------------------------------
+
+    def _reset_message(self) -> None:
+        self._headers = bytearray()
+        self._header_count = 0
+        self._body = bytearray()
+        self._size = 0
+        self._refused: Reply | None = None
+        self._started = time.perf_counter()
+        self._mta_sender: Address | None = None
+        self._mta_recipients: list[Address] = []
+
+    @property
+    def _leading_space(self) -> bool:
+        return self.negotiated is not None and bool(self.negotiated.protocol & codec.SMFIP_HDR_LEADSPC)
+
+    @property
+    def _header_replies(self) -> bool:
+        return self.negotiated is None or not self.negotiated.protocol & codec.SMFIP_NR_HDR
+
+    def _require_session(self, what: str) -> Session:
+        if self.session is None:
+            raise MilterProtocolError(f"{what} before CONNECT")
+        return self.session
+
+    def _require_transaction(self, what: str) -> tuple[Session, Transaction]:
+        session = self._require_session(what)
+        if session.transaction is None:
+            raise MilterProtocolError(f"{what} without MAIL")
+        return session, session.transaction
+
+    async def _run(self, phase: str, results: Results, **kwargs: Any) -> Verdict | None:
+        """Run a phase, telling the MTA we are alive while slow plugins work."""
+        task = asyncio.ensure_future(self.chain.run(phase, results, **kwargs))
+        try:
+            while True:
+                done, _ = await asyncio.wait({task}, timeout=self.policy.progress_interval)
+                if done:
+                    return task.result()
+                await self.send(codec.Progress())
+        finally:
+            if not task.done():
+                task.cancel()
+
+    def _failed(self, verdict: Verdict | None, results: Results) -> bool:
+        """Whether this verdict is the chain's stand-in for a plugin that failed."""
+        return verdict is ERROR_TEMPFAIL and bool(results.outcomes) and results.outcomes[-1].error is not None
+
+    def _default_action(self, phase: str, results: Results) -> Response:
+        action = self.policy.default_action
+        event("milter_default_action", level=logging.WARNING, phase=phase, action=action,
+              plugin=results.outcomes[-1].plugin, error=results.outcomes[-1].error)
+        if action == "accept":
+            return codec.Accept()
+        reply = ERROR_REJECT if action == "reject" else ERROR_TEMPFAIL.reply
+        assert reply is not None
+        if phase == "connect":
+            reply = _connect_reply(reply, Action.REJECT if action == "reject" else Action.TEMPFAIL)
+        return codec.ReplyCode(reply_text(reply))
+
+    def _update_identity(self, session: Session) -> None:
+        """TLS and SMTP AUTH as the MTA's macros tell them (sent with HELO and MAIL)."""
+        version = self.macros.get("tls_version")
+        if version is not None:
+            bits = self.macros.get("cipher_bits")
+            session.tls = TLSInfo(version, self.macros.get("cipher") or "",
+                                  int(bits) if bits and bits.isdigit() else None)
+        user = self.macros.get("auth_authen")
+        if user is not None:
+            session.auth_user = user
+
+    # -- dispatch -----------------------------------------------------------------------
+
+    async def handle(self, command: codec.Command) -> bool:
+        """Act on one command and answer it; False when the connection is to be closed."""
+        match command:
+            case codec.OptNeg():
+                await self._negotiate(command)
+            case codec.Macro():
+                self.macros.update(command)
+            case codec.Connect():
+                await self._connect(command)
+            case codec.Helo(hostname):
+                await self._helo(hostname)
+            case codec.Mail(args):
+                await self._mail(args)
+            case codec.Rcpt(args):
+                await self._rcpt(args)
+            case codec.Header(name, value):
+                await self._header(name, value)
+            case codec.EndOfHeaders():
+                self._require_transaction("end of headers")
+                await self.send(self._content_reply())
+            case codec.Body(chunk):
+                self._require_transaction("body")
+                self._add_body(chunk)
+                await self.send(self._content_reply())
+            case codec.EndOfBody(chunk):
+                self._require_transaction("end of message")
+                self._add_body(chunk)
+                await self._end_of_message()
+            case codec.Abort():
+                if self.session is not None and self.session.transaction is not None:
+                    event("abort", tx=self.session.transaction.id)
+                    self.session.end_transaction()
+                self._reset_message()
+            case codec.Quit():
+                return False
+            case codec.QuitNewConnection():
+                await self.finish()
+                self.macros.clear()
+            case codec.Data() | codec.Unknown():
+                await self.send(codec.Continue())
+        return True
+
+    async def _negotiate(self, offer: codec.OptNeg) -> None:
+        if self.negotiated is not None:
+            raise MilterProtocolError("second option negotiation on one connection")
+        if offer.version < 2:
+            raise MilterProtocolError(f"milter protocol version {offer.version} is too old")
+        self.negotiated = codec.OptNeg(
+            min(offer.version, codec.PROTOCOL_VERSION),
+            codec.ACTIONS & offer.actions,
+            (_NOT_WANTED | _EXTENSIONS) & offer.protocol,
+        )
+        event("milter_negotiated", peer=self.peer, version=self.negotiated.version,
+              actions=hex(self.negotiated.actions), protocol=hex(self.negotiated.protocol))
+        await self.send(self.negotiated)
+
+    async def _connect(self, info: codec.Connect) -> None:
+        if self.negotiated is None:
+            raise MilterProtocolError("CONNECT before option negotiation")
+        if self.session is not None:
+            raise MilterProtocolError("second CONNECT on one connection (QUIT_NC expected first)")
+        if info.family in (codec.FAMILY_INET, codec.FAMILY_INET6):
+            ip = info.address.removeprefix("IPv6:").removeprefix("ipv6:")
+            port = info.port
+        else:
+            ip, port = "unknown", 0
+        hostname = info.hostname if info.hostname and not info.hostname.startswith("[") else None
+        if hostname == "unknown":
+            hostname = None
+        session = Session(Client(ip, port, hostname), transport="milter",
+                          local_ip=self.macros.get("daemon_addr") or "",
+                          local_port=int(self.macros.get("daemon_port") or 0)
+                          if (self.macros.get("daemon_port") or "").isdigit() else 0)
+        self.session = session
+        current_session.set(session.id)
+        event("connect", client=ip, port=port, transport="milter", mta=self.macros.get("j"))
+        verdict = await self._run("connect", session.results, session=session)
+        if self._failed(verdict, session.results):
+            await self.send(self._default_action("connect", session.results))
+            return
+        if verdict is not None and verdict.reply is not None:
+            reply = _connect_reply(verdict.reply, verdict.action)
+            event("connect_rejected", reply=reply.code, reason=verdict.reason)
+            await self.send(codec.ReplyCode(reply_text(reply)))
+            return
+        if verdict is not None and verdict.action in (Action.DISCARD, Action.QUARANTINE):
+            session.disposition = verdict.action
+            session.disposition_reason = verdict.reason
+            event("session_disposition", action=verdict.action.value, reason=verdict.reason)
+        await self.send(codec.Continue())
+
+    async def _helo(self, hostname: str) -> None:
+        session = self._require_session("HELO")
+        self._update_identity(session)
+        verdict = await self._run("helo", session.results, session=session, hostname=hostname)
+        event("helo", hostname=hostname, verdict=_action(verdict))
+        if self._failed(verdict, session.results):
+            await self.send(self._default_action("helo", session.results))
+            return
+        if verdict is not None and verdict.reply is not None:
+            await self.send(codec.ReplyCode(reply_text(verdict.reply)))
+            return
+        if verdict is not None and verdict.action in (Action.DISCARD, Action.QUARANTINE):
+            session.disposition = verdict.action
+            session.disposition_reason = verdict.reason
+            event("session_disposition", action=verdict.action.value, reason=verdict.reason)
+        session.helo = hostname
+        await self.send(codec.Continue())
+
+    async def _mail(self, args: tuple[str, ...]) -> None:
+        session = self._require_session("MAIL")
+        if session.transaction is not None:  # no ABORT came: start afresh, like RSET
+            session.end_transaction()
+        self._reset_message()
+        self._update_identity(session)
+        try:
+            path = parse_mail_from("FROM:" + " ".join(args), smtputf8_enabled=True)
+        except AddressError as exc:
+            event("mail_from", sender=args[0], verdict="syntax", reply=exc.code)
+            await self.send(codec.ReplyCode(reply_text(Reply(exc.code, exc.enhanced, exc.text))))
+            return
+        transaction = session.begin_transaction(Envelope(path.address, path.params))
+        verdict = await self._run("mail_from", transaction.results, session=session,
+                                  transaction=transaction, sender=path.address)
+        event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
+              verdict=_action(verdict), queue_id=self.macros.get("i"))
+        if self._failed(verdict, transaction.results):
+            response = self._default_action("mail_from", transaction.results)
+            if not isinstance(response, codec.Accept):
+                session.end_transaction()
+            await self.send(response)
+            return
+        if verdict is not None and verdict.reply is not None:
+            session.end_transaction()
+            await self.send(codec.ReplyCode(reply_text(verdict.reply)))
+            return
+        _apply_disposition(transaction, verdict)
+        self._mta_sender = path.address
+        await self.send(codec.Continue())
+
+    async def _rcpt(self, args: tuple[str, ...]) -> None:
+        session, transaction = self._require_transaction("RCPT")
+        try:
+            path = parse_rcpt_to("TO:" + " ".join(args), smtputf8_enabled=True)
+        except AddressError as exc:
+            event("rcpt_to", tx=transaction.id, recipient=args[0], verdict="syntax", reply=exc.code)
+            await self.send(codec.ReplyCode(reply_text(Reply(exc.code, exc.enhanced, exc.text))))
+            return
+        if len(transaction.envelope.recipients) >= self.policy.max_recipients:
+            await self.send(codec.ReplyCode(reply_text(Reply(452, "4.5.3", "Too many recipients"))))
+            return
+        recipient = Recipient(path.address, dict(path.params))
+        verdict = await self._run("rcpt_to", transaction.results, session=session,
+                                  transaction=transaction, recipient=recipient)
+        event("rcpt_to", tx=transaction.id, recipient=path.address.text, verdict=_action(verdict))
+        if self._failed(verdict, transaction.results):
+            response = self._default_action("rcpt_to", transaction.results)
+            if isinstance(response, codec.Accept):
+                transaction.envelope.recipients.append(recipient)
+                self._mta_recipients.append(path.address)
+            await self.send(response)
+            return
+        if verdict is not None and verdict.reply is not None:
+            await self.send(codec.ReplyCode(reply_text(verdict.reply)))
+            return
+        _apply_disposition(transaction, verdict)
+        transaction.envelope.recipients.append(recipient)
+        self._mta_recipients.append(path.address)
+        await self.send(codec.Continue())
+
+    # -- content ------------------------------------------------------------------------
+
+    async def _header(self, name: str, value: str) -> None:
+        self._require_transaction("header")
+        # Folded values arrive with bare \n between lines; the message keeps CRLF.
+        text = value.replace("\r\n", "\n").replace("\n", "\r\n")
+        if not self._leading_space:
+            text = " " + text  # the MTA ate the space after the colon
+        field = (name + ":" + text).encode("utf-8", "surrogateescape") + b"\r\n"
+        self._headers += field
+        self._header_count += 1
+        self._count(len(field))
+        if self._header_replies:
+            await self.send(self._content_reply())
+
+    def _add_body(self, chunk: bytes) -> None:
+        if self._refused is None:
+            self._body += chunk
+        self._count(len(chunk))
+
+    def _count(self, octets: int) -> None:
+        self._size += octets
+        if self._refused is None and self._size > self.policy.max_message_size:
+            self._refused = TOO_BIG
+            self._body.clear()
+            event("data_refused", problem="too_big", bytes=self._size, reply=TOO_BIG.code)
+
+    def _content_reply(self) -> Response:
+        if self._refused is not None:
+            return codec.ReplyCode(reply_text(self._refused))
+        return codec.Continue()
+
+    def _message(self) -> Message:
+        raw = bytes(self._headers) + b"\r\n" + bytes(self._body)
+        try:
+            return Message(raw)
+        except ValueError:
+            # A bare CR or LF inside a line (the MTA passes them through): plugins see CRLF.
+            event("bare_newlines_normalized", level=logging.INFO)
+            return Message(_BARE_NEWLINE.sub(b"\r\n", raw))
+
+    async def _end_of_message(self) -> None:
+        session, transaction = self._require_transaction("end of message")
+        if self._refused is not None:
+            await self.send(codec.ReplyCode(reply_text(self._refused)))
+            session.end_transaction()
+            self._reset_message()
+            return
+        message = self._message()
+        transaction.message = message
+        original = split_fields(message.header_bytes)
+        if len(original) != self._header_count:
+            event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
+                  parsed=len(original))
+        responses: list[Response]
+        decision: Decision
+        queued = Reply(250, "2.0.0", f"Ok: queued as {self.macros.get('i') or transaction.id}")
+        if transaction.disposition is Action.DISCARD:
+            responses = [codec.Discard()]
+            decision = Decision("discarded", queued, "earlier phase", transaction.disposition_reason)
+        else:
+            verdict = await self._run("data", transaction.results, session=session,
+                                      transaction=transaction, message=message)
+            decided_by = transaction.results.outcomes[-1].plugin if verdict else "milter"
+            if self._failed(verdict, transaction.results):
+                response = self._default_action("data", transaction.results)
+                responses = [response]
+                if isinstance(response, codec.ReplyCode):
+                    reply = ERROR_REJECT if self.policy.default_action == "reject" else ERROR_TEMPFAIL.reply
+                    assert reply is not None
+                    kind = "rejected" if reply.is_permanent else "tempfailed"
+                    decision = Decision(kind, reply, decided_by, "plugin error")
+                else:
+                    decision = Decision("delivered", queued, "milter", "plugin error; default action")
+            elif verdict is not None and verdict.reply is not None:
+                responses = [codec.ReplyCode(reply_text(verdict.reply))]
+                kind = "rejected" if verdict.action is Action.REJECT else "tempfailed"
+                decision = Decision(kind, verdict.reply, decided_by, verdict.reason)
+            elif verdict is not None and verdict.action is Action.DISCARD:
+                responses = [codec.Discard()]
+                decision = Decision("discarded", queued, decided_by, verdict.reason)
+            else:
+                responses = self._edits(transaction, message, original)
+                held = verdict is not None and verdict.action is Action.QUARANTINE
+                if held or transaction.disposition is Action.QUARANTINE:
+                    if held and verdict is not None:
+                        reason = verdict.reason
+                    else:
+                        reason, decided_by = transaction.disposition_reason, "earlier phase"
+                    # Postfix puts the message on hold (postsuper -H releases it).
+                    responses.append(codec.Quarantine(reason or "quarantined by smtpproxy"))
+                    decision = Decision("quarantined", queued, decided_by, reason)
+                else:
+                    decision = Decision("delivered", queued, decided_by, "")
+                responses.append(codec.Accept())
+        for response in responses:
+            await self.send(response)
+        envelope = transaction.envelope
+        event(
+            "message", tx=transaction.id, queue_id=self.macros.get("i"),
+            sender=envelope.sender.text or "<>",
+            recipients=[r.address.text for r in envelope.recipients], size=message.size,
+            decision=decision.disposition,
+            reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
+            by=decision.decided_by, reason=decision.reason, score=transaction.results.score,
+            edits=len(responses) - 1, ms=round((time.perf_counter() - self._started) * 1000, 1),
+        )
+        await self.chain.notify("after_message", session=session, transaction=transaction,
+                                decision=decision)
+        session.end_transaction()
+        self._reset_message()
+
+    def _edits(self, transaction: Transaction, message: Message, original: list[bytes]) -> list[Response]:
+        """The modification actions for what the plugins changed, headers first."""
+        responses: list[Response] = []
+        changes = message.changes
+        if any(c.op != "replace_body" for c in changes):
+            v = self.macros.get("v") or ""
+            responses += header_edits(
+                original, split_fields(message.header_bytes), leading_space=self._leading_space,
+                hidden_top=not v or v.startswith("Postfix"),
+            )
+        if any(c.op == "replace_body" for c in changes):
+            responses += body_edits(message.body)
+        if self._mta_sender is not None:
+            actions = self.negotiated.actions if self.negotiated else 0
+            responses += envelope_edits(
+                self._mta_sender, self._mta_recipients, transaction.envelope,
+                with_params=bool(actions & codec.SMFIF_ADDRCPT_PAR),
+            )
+        return responses
+
+    # -- end ----------------------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """The SMTP session is over (QUIT, QUIT_NC or the MTA went away): ``disconnect``."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        current_session.set(session.id)
+        session.end_transaction()
+        self._reset_message()
+        await self.chain.notify("disconnect", session=session)
+        event("disconnect", transactions=session.transaction_count,
+              seconds=round(time.time() - session.started, 3))
+
+
+def _action(verdict: Verdict | None) -> str:
+    return verdict.action.value if verdict is not None else "continue"
+
+
+def _apply_disposition(transaction: Transaction, verdict: Verdict | None) -> None:
+    """Discard or quarantine decided before the message: applied at its end (as the proxy)."""
+    if verdict is None:
+        return
+    if verdict.action is Action.DISCARD or (
+        verdict.action is Action.QUARANTINE and transaction.disposition is not Action.DISCARD
+    ):
+        transaction.disposition = verdict.action
+        transaction.disposition_reason = verdict.reason
+        event("disposition", tx=transaction.id, action=verdict.action.value, reason=verdict.reason)

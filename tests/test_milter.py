@@ -1,0 +1,532 @@
+"""Milter mode at the protocol level: a small fake MTA speaks to the real server over loopback.
+
+The fake MTA sends exactly the packets Postfix sends (macros before each event, header
+values with their leading space once SMFIP_HDR_LEADSPC is agreed, body lines with CRLF)
+and reads the replies, so each test checks the bytes an MTA would act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpproxy import Decision, Message, Recipient, Session, Transaction, Verdict, hookimpl
+from smtpproxy.addresses import parse_mailbox
+from smtpproxy.milter import codec
+from smtpproxy.milter.server import MilterServer
+from tests.conftest import chain_of, make_config
+
+TIMEOUT = 5.0
+POSTFIX_ACTIONS = 0x1FF
+POSTFIX_PROTOCOL = 0x1FFFFF  # everything protocol 6 defines, as Postfix offers it
+
+
+class FakeMTA:
+    """The MTA side of the milter protocol, on a real socket."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader = reader
+        self.writer = writer
+        self.decoder = codec.FrameDecoder(1 << 24)
+        self.queue: list[tuple[bytes, bytes]] = []
+
+    @classmethod
+    async def open(cls, server: MilterServer) -> FakeMTA:
+        address = server.address
+        if isinstance(address, str):
+            reader, writer = await asyncio.open_unix_connection(address)
+        else:
+            reader, writer = await asyncio.open_connection(*address)
+        return cls(reader, writer)
+
+    def send(self, *commands: codec.Command) -> None:
+        for command in commands:
+            self.writer.write(codec.encode_command(command))
+
+    def send_raw(self, data: bytes) -> None:
+        self.writer.write(data)
+
+    async def recv(self) -> codec.Response:
+        while not self.queue:
+            data = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+            if not data:
+                raise ConnectionError("the milter closed the connection")
+            self.queue += self.decoder.feed(data)
+        return codec.decode_response(*self.queue.pop(0))
+
+    async def until_final(self) -> list[codec.Response]:
+        """Responses up to and including the final one (what Postfix reads after an event)."""
+        out = []
+        while True:
+            response = await self.recv()
+            if isinstance(response, codec.Progress):
+                continue
+            out.append(response)
+            if isinstance(response, codec.Continue | codec.Accept | codec.Reject | codec.Tempfail
+                          | codec.Discard | codec.ReplyCode):
+                return out
+
+    async def event(self, command: codec.Command, **macros: str) -> list[codec.Response]:
+        code = codec.encode_command(command)[4:5].decode()
+        if macros:
+            self.send(codec.Macro(code, tuple(macros.items())))
+        self.send(command)
+        return await self.until_final()
+
+    async def negotiate(self, actions: int = POSTFIX_ACTIONS, protocol: int = POSTFIX_PROTOCOL) -> codec.OptNeg:
+        self.send(codec.OptNeg(6, actions, protocol))
+        reply = await self.recv()
+        assert isinstance(reply, codec.OptNeg)
+        return reply
+
+    async def start(self, client: str = "192.0.2.7", **macros: str) -> list[codec.Response]:
+        """Negotiate and connect, like Postfix at the start of an SMTP session."""
+        await self.negotiate()
+        return await self.event(codec.Connect("[" + client + "]", "4", 40000, client),
+                                j="mx.test", v="Postfix 3.7.11", **macros)
+
+    async def envelope(self, sender: str = "<alice@sender.test>", *rcpts: str) -> None:
+        assert await self.event(codec.Helo("client.test")) == [codec.Continue()]
+        assert await self.event(codec.Mail((sender,)), i="4ABC") == [codec.Continue()]
+        for rcpt in rcpts or ("<bob@dest.test>",):
+            assert await self.event(codec.Rcpt((rcpt,))) == [codec.Continue()]
+
+    async def content(self, headers: list[tuple[str, str]], body: bytes) -> list[codec.Response]:
+        """Headers (values with their leading space), EOH, body, EOM; the EOM responses."""
+        for name, value in headers:
+            self.send(codec.Header(name, value))  # SMFIP_NR_HDR: no reply per header
+        assert await self.event(codec.EndOfHeaders()) == [codec.Continue()]
+        if body:
+            assert await self.event(codec.Body(body)) == [codec.Continue()]
+        return await self.event(codec.EndOfBody())
+
+    async def closed(self) -> bool:
+        try:
+            while True:
+                data = await asyncio.wait_for(self.reader.read(65536), TIMEOUT)
+                if not data:
+                    return True
+        except ConnectionError:
+            return True
+
+    async def close(self) -> None:
+        self.writer.close()
+        with contextlib.suppress(ConnectionError):
+            await self.writer.wait_closed()
+
+
+Factory = Callable[..., Awaitable[MilterServer]]
+
+
+@pytest.fixture
+async def milter(tmp_path: Path) -> AsyncIterator[Factory]:
+    started: list[MilterServer] = []
+
+    async def start(*plugins: object, **settings: Any) -> MilterServer:
+        limits = settings.pop("limits", {})
+        config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0", **settings},
+                             limits=limits)
+        server = MilterServer(config, chain=chain_of(*plugins, timeout=1.0))
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop(grace=1)
+
+
+HEADERS = [("From", " Alice <alice@sender.test>"), ("To", " bob@dest.test"),
+           ("Subject", " hello\n\tfolded"), ("Received", " from a by b"), ("Received", " from c by d")]
+BODY = b"Line one.\r\nLine two.\r\n"
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.sessions: list[Session] = []
+        self.messages: list[bytes] = []
+        self.decisions: list[Decision] = []
+        self.disconnects = 0
+
+    @hookimpl
+    def connect(self, session: Session) -> None:
+        self.sessions.append(session)
+
+    @hookimpl
+    def data(self, message: Message) -> None:
+        self.messages.append(message.raw)
+
+    @hookimpl
+    def after_message(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+
+    @hookimpl
+    def disconnect(self) -> None:
+        self.disconnects += 1
+
+
+# -- negotiation -----------------------------------------------------------------
+
+
+async def test_negotiation_asks_only_for_what_it_uses(milter: Factory) -> None:
+    mta = await FakeMTA.open(await milter())
+    reply = await mta.negotiate()
+    assert reply.version == 6
+    assert reply.actions == codec.ACTIONS  # no SMFIF_SETSYMLIST: the default macros suffice
+    assert reply.protocol == (codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN | codec.SMFIP_NR_HDR
+                              | codec.SMFIP_HDR_LEADSPC)
+    await mta.close()
+
+
+async def test_negotiation_keeps_within_the_offer(milter: Factory) -> None:
+    mta = await FakeMTA.open(await milter())
+    reply = await mta.negotiate(actions=codec.SMFIF_ADDHDRS, protocol=codec.SMFIP_NODATA)
+    assert (reply.actions, reply.protocol) == (codec.SMFIF_ADDHDRS, codec.SMFIP_NODATA)
+    await mta.close()
+
+
+# -- a whole session -----------------------------------------------------------
+
+
+async def test_session_from_events_and_macros(milter: Factory) -> None:
+    recorder = Recorder()
+    seen: dict[str, Any] = {}
+
+    class Inspect:
+        @hookimpl
+        def mail_from(self, session: Session, transaction: Transaction) -> None:
+            seen.update(helo=session.helo, tls=session.tls, user=session.auth_user,
+                        transport=session.transport, client=session.client,
+                        params=transaction.envelope.sender_params)
+
+        @hookimpl
+        def rcpt_to(self, recipient: Recipient) -> None:
+            seen["rcpt_params"] = recipient.params
+
+    mta = await FakeMTA.open(await milter(recorder, Inspect()))
+    assert await mta.start(client="192.0.2.7") == [codec.Continue()]
+    assert await mta.event(codec.Helo("client.test"), **{
+        "{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384", "{cipher_bits}": "256",
+    }) == [codec.Continue()]
+    assert await mta.event(codec.Mail(("<alice@sender.test>", "SIZE=123", "BODY=8BITMIME")),
+                           **{"{auth_authen}": "alice", "i": "4ABC"}) == [codec.Continue()]
+    assert await mta.event(codec.Rcpt(("<bob@dest.test>", "NOTIFY=NEVER"))) == [codec.Continue()]
+    assert await mta.content(HEADERS, BODY) == [codec.Accept()]
+    assert seen["helo"] == "client.test"
+    assert seen["tls"].version == "TLSv1.3" and seen["tls"].bits == 256
+    assert seen["user"] == "alice"
+    assert seen["transport"] == "milter"
+    assert (seen["client"].ip, seen["client"].port, seen["client"].hostname) == ("192.0.2.7", 40000, None)
+    assert seen["params"] == {"SIZE": "123", "BODY": "8BITMIME"}
+    assert seen["rcpt_params"] == {"NOTIFY": "NEVER"}
+    # The message as plugins see it: the MTA's headers, exactly, with CRLF folds.
+    assert recorder.messages == [
+        b"From: Alice <alice@sender.test>\r\nTo: bob@dest.test\r\nSubject: hello\r\n\tfolded\r\n"
+        b"Received: from a by b\r\nReceived: from c by d\r\n\r\n" + BODY
+    ]
+    assert [d.disposition for d in recorder.decisions] == ["delivered"]
+    assert "4ABC" in recorder.decisions[0].reply.text
+    mta.send(codec.Quit())
+    assert await mta.closed()
+    await asyncio.sleep(0)
+    for _ in range(50):
+        if recorder.disconnects:
+            break
+        await asyncio.sleep(0.01)
+    assert recorder.disconnects == 1
+
+
+async def test_several_messages_and_abort_on_one_connection(milter: Factory) -> None:
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(recorder))
+    await mta.start()
+    await mta.envelope()
+    assert await mta.content(HEADERS[:1], b"first\r\n") == [codec.Accept()]
+    # Second transaction aborted after the envelope (the client sent RSET).
+    assert await mta.event(codec.Mail(("<carol@sender.test>",))) == [codec.Continue()]
+    mta.send(codec.Abort())
+    assert await mta.event(codec.Mail(("<>",))) == [codec.Continue()]
+    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [codec.Continue()]
+    assert await mta.content(HEADERS[:1], b"third\r\n") == [codec.Accept()]
+    assert [m.split(b"\r\n\r\n")[1] for m in recorder.messages] == [b"first\r\n", b"third\r\n"]
+    assert len(recorder.decisions) == 2  # no after_message for the aborted one
+    await mta.close()
+
+
+async def test_quit_new_connection_starts_a_new_session(milter: Factory) -> None:
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(recorder))
+    await mta.start(client="192.0.2.1")
+    mta.send(codec.QuitNewConnection())
+    assert await mta.event(codec.Connect("[192.0.2.2]", "4", 1, "192.0.2.2")) == [codec.Continue()]
+    assert [s.client.ip for s in recorder.sessions] == ["192.0.2.1", "192.0.2.2"]
+    assert recorder.sessions[0].id != recorder.sessions[1].id
+    assert recorder.disconnects == 1
+    await mta.close()
+
+
+# -- verdicts ------------------------------------------------------------------
+
+
+def Refuse(phase: str, verdict: Verdict) -> object:
+    """A plugin that answers ``verdict`` in ``phase``."""
+
+    def hook(self: object) -> Verdict:
+        return verdict
+
+    return type(f"Refuse_{phase}", (), {phase: hookimpl(hook)})()
+
+
+async def test_reject_at_rcpt_is_a_reply_code_with_escaped_percent(milter: Factory) -> None:
+    mta = await FakeMTA.open(await milter(Refuse("rcpt_to", Verdict.reject("100% unknown\nsecond line"))))
+    await mta.start()
+    assert await mta.event(codec.Helo("client.test")) == [codec.Continue()]
+    assert await mta.event(codec.Mail(("<a@b.test>",))) == [codec.Continue()]
+    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [
+        codec.ReplyCode("550-5.7.1 100%% unknown\r\n550 5.7.1 second line")
+    ]
+    await mta.close()
+
+
+@pytest.mark.parametrize(
+    ("verdict", "expected"),
+    [
+        (Verdict.reject("Go away"), "554 5.7.1 Go away"),
+        (Verdict.tempfail("Later", enhanced="4.7.0"), "421 4.7.0 Later"),
+    ],
+)
+async def test_connect_refusal_uses_session_codes(milter: Factory, verdict: Verdict, expected: str) -> None:
+    mta = await FakeMTA.open(await milter(Refuse("connect", verdict)))
+    assert await mta.start() == [codec.ReplyCode(expected)]
+    await mta.close()
+
+
+async def test_reject_at_data_and_accept_is_not_a_message_accept(milter: Factory) -> None:
+    class AcceptAtMail:
+        @hookimpl
+        def mail_from(self) -> Verdict:
+            return Verdict.accept()
+
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(AcceptAtMail(), Refuse("data", Verdict.tempfail("Scanner busy")),
+                                          recorder))
+    await mta.start()
+    await mta.envelope()  # ACCEPT at MAIL is SMFIR_CONTINUE: the message still comes to us
+    assert await mta.content(HEADERS, BODY) == [codec.ReplyCode("451 4.7.1 Scanner busy")]
+    assert recorder.messages == []  # the data chain stopped at the refusal...
+    assert [d.disposition for d in recorder.decisions] == ["tempfailed"]  # ...after_message did not
+    await mta.close()
+
+
+async def test_discard_at_rcpt_applies_at_end_of_message(milter: Factory) -> None:
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(Refuse("rcpt_to", Verdict.discard("spam trap")), recorder))
+    await mta.start()
+    await mta.envelope()
+    assert await mta.content(HEADERS, BODY) == [codec.Discard()]
+    assert recorder.messages == []  # the data chain does not run for a discarded message
+    assert [d.disposition for d in recorder.decisions] == ["discarded"]
+    await mta.close()
+
+
+async def test_quarantine_holds_the_message_with_the_reason(milter: Factory) -> None:
+    mta = await FakeMTA.open(await milter(Refuse("data", Verdict.quarantine("looks phishy"))))
+    await mta.start()
+    await mta.envelope()
+    assert await mta.content(HEADERS, BODY) == [codec.Quarantine("looks phishy"), codec.Accept()]
+    await mta.close()
+
+
+# -- modifications -------------------------------------------------------------
+
+
+class Edit:
+    def __init__(self, edit: Callable[[Message, Transaction], None]) -> None:
+        self.edit = edit
+
+    @hookimpl
+    def data(self, message: Message, transaction: Transaction) -> None:
+        self.edit(message, transaction)
+
+
+async def edits_for(milter: Factory, edit: Callable[[Message, Transaction], None],
+                    headers: list[tuple[str, str]] = HEADERS) -> list[codec.Response]:
+    mta = await FakeMTA.open(await milter(Edit(edit)))
+    await mta.start()
+    await mta.envelope("<alice@sender.test>", "<bob@dest.test>", "<carol@dest.test>")
+    responses = await mta.content(headers, BODY)
+    await mta.close()
+    return responses
+
+
+async def test_added_headers_go_to_the_top_and_the_end(milter: Factory) -> None:
+    def edit(message: Message, _: Transaction) -> None:
+        message.add_header("X-First", "1")
+        message.add_header("X-Top", "2")  # prepended: above X-First
+        message.add_header("X-Last", "3", prepend=False)
+
+    assert await edits_for(milter, edit) == [
+        codec.InsertHeader(0, "X-Top", " 2"),
+        codec.InsertHeader(1, "X-First", " 1"),
+        codec.AddHeader("X-Last", " 3"),
+        codec.Accept(),
+    ]
+
+
+async def test_replace_and_remove_use_per_name_indexes(milter: Factory) -> None:
+    def edit(message: Message, _: Transaction) -> None:
+        message.replace_header("Subject", "new subject")
+        message.remove_header("Received", matching=lambda v: v.startswith("from c"))
+        message.remove_header("To")
+
+    assert await edits_for(milter, edit) == [
+        codec.ChangeHeader(1, "Subject", " new subject"),
+        codec.ChangeHeader(2, "Received", ""),
+        codec.ChangeHeader(1, "To", ""),
+        codec.Accept(),
+    ]
+
+
+async def test_removing_every_occurrence_goes_last_first(milter: Factory) -> None:
+    def edit(message: Message, _: Transaction) -> None:
+        message.remove_header("Received")
+
+    assert await edits_for(milter, edit) == [
+        codec.ChangeHeader(2, "Received", ""), codec.ChangeHeader(1, "Received", ""), codec.Accept(),
+    ]
+
+
+async def test_body_and_envelope_changes(milter: Factory) -> None:
+    big = b"x" * 100 + b"\r\n"
+    new_body = big * 1000  # 102 000 bytes: two SMFIR_REPLBODY chunks
+
+    def edit(message: Message, transaction: Transaction) -> None:
+        message.replace_body(new_body)
+        transaction.envelope.set_sender(parse_mailbox("bounces@sender.test", allow_utf8=False))
+        transaction.envelope.remove_recipient(parse_mailbox("carol@dest.test", allow_utf8=False))
+        transaction.envelope.add_recipient(parse_mailbox("archive@dest.test", allow_utf8=False),
+                                           {"NOTIFY": "NEVER"})
+
+    responses = await edits_for(milter, edit)
+    chunks = [r for r in responses if isinstance(r, codec.ReplaceBody)]
+    assert b"".join(c.chunk for c in chunks) == new_body
+    assert [len(c.chunk) for c in chunks] == [codec.MAX_BODY_CHUNK, len(new_body) - codec.MAX_BODY_CHUNK]
+    assert [r for r in responses if not isinstance(r, codec.ReplaceBody)] == [
+        codec.ChangeFrom("<bounces@sender.test>"),
+        codec.DeleteRecipient("<carol@dest.test>"),
+        codec.AddRecipient("<archive@dest.test>", "NOTIFY=NEVER"),
+        codec.Accept(),
+    ]
+
+
+async def test_without_leading_space_extension_values_are_bare(milter: Factory) -> None:
+    recorder = Recorder()
+
+    def edit(message: Message, _: Transaction) -> None:
+        message.add_header("X-Tag", "yes")
+
+    mta = await FakeMTA.open(await milter(recorder, Edit(edit)))
+    offer = POSTFIX_PROTOCOL & ~codec.SMFIP_HDR_LEADSPC & ~codec.SMFIP_NR_HDR
+    await mta.negotiate(protocol=offer)
+    await mta.event(codec.Connect("[192.0.2.7]", "4", 1, "192.0.2.7"))
+    await mta.envelope()
+    assert await mta.event(codec.Header("Subject", "hi")) == [codec.Continue()]  # replies per header
+    assert await mta.event(codec.EndOfHeaders()) == [codec.Continue()]
+    assert await mta.event(codec.EndOfBody()) == [codec.InsertHeader(0, "X-Tag", "yes"), codec.Accept()]
+    assert recorder.messages == [b"Subject: hi\r\n\r\n"]
+    await mta.close()
+
+
+# -- limits and failures -------------------------------------------------------
+
+
+async def test_message_over_the_size_limit_is_refused_with_552(milter: Factory) -> None:
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(recorder, limits={"max_message_size": 1000}))
+    await mta.start()
+    await mta.envelope()
+    assert await mta.event(codec.EndOfHeaders()) == [codec.Continue()]
+    assert await mta.event(codec.Body(b"y" * 2000)) == [
+        codec.ReplyCode("552 5.3.4 Message size exceeds fixed maximum message size")
+    ]
+    assert recorder.messages == []
+    await mta.close()
+
+
+class Broken:
+    name = "broken"
+
+    @hookimpl
+    def rcpt_to(self) -> None:
+        raise RuntimeError("database down")
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        ("tempfail", codec.ReplyCode("451 4.3.0 Temporary local problem, please try again later")),
+        ("reject", codec.ReplyCode("550 5.3.0 Message refused because of a local problem")),
+        ("accept", codec.Accept()),
+    ],
+)
+async def test_plugin_error_becomes_the_default_action(
+    milter: Factory, caplog: pytest.LogCaptureFixture, action: str, expected: codec.Response
+) -> None:
+    caplog.set_level(logging.INFO)
+    mta = await FakeMTA.open(await milter(Broken(), default_action=action))
+    await mta.start()
+    assert await mta.event(codec.Helo("client.test")) == [codec.Continue()]
+    assert await mta.event(codec.Mail(("<a@b.test>",))) == [codec.Continue()]
+    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [expected]
+    assert any(r.getMessage() == "milter_default_action" for r in caplog.records)
+    await mta.close()
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"\0\0\0\0", "length 0"),
+        (struct.pack(">I", 10_000_000) + b"O", "exceeds the limit"),
+        (codec.encode_packet(b"Z", b"junk"), "unknown command"),
+        (codec.encode_packet(b"H", b"no terminator"), "NUL"),
+        (codec.encode_packet(b"E"), "without MAIL"),
+        (codec.encode_packet(b"H", b"x\0")[:-1], "truncated packet"),
+    ],
+)
+async def test_protocol_errors_close_cleanly_with_a_log_line(
+    milter: Factory, caplog: pytest.LogCaptureFixture, raw: bytes, problem: str
+) -> None:
+    caplog.set_level(logging.INFO)
+    mta = await FakeMTA.open(await milter())
+    await mta.start()
+    mta.send_raw(raw)
+    if problem == "truncated packet":
+        mta.writer.write_eof()
+    assert await mta.closed()
+    errors = [r for r in caplog.records if r.getMessage() == "milter_protocol_error"]
+    assert len(errors) == 1
+    assert problem in errors[0].smtpproxy_fields["error"]  # type: ignore[attr-defined]
+
+
+async def test_unix_socket_listener(tmp_path: Path) -> None:
+    path = tmp_path / "milter.sock"
+    config = make_config(tmp_path, milter={"listen": f"unix:{path}", "socket_mode": "0600"})
+    server = MilterServer(config, chain=chain_of())
+    await server.start()
+    try:
+        assert oct(path.stat().st_mode & 0o777) == "0o600"
+        mta = await FakeMTA.open(server)
+        assert await mta.start() == [codec.Continue()]
+        await mta.close()
+    finally:
+        await server.stop(grace=1)
+    assert not path.exists()
