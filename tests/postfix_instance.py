@@ -221,6 +221,8 @@ class PostfixInstance:
     users: tuple[str, ...] = ("bob", "alice", "carol")
     tls_cert: Path | None = None
     xclient_hosts: str = "127.0.0.0/8"
+    extra_main_cf: dict[str, str] = field(default_factory=dict)
+    """More main.cf settings (e.g. ``smtpd_milters``); they override the defaults above."""
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _master_pid: int | None = field(default=None, init=False, repr=False)
 
@@ -327,7 +329,8 @@ class PostfixInstance:
                 ("smtpd_tls_security_level", "may"),
                 ("smtpd_tls_chain_files", str(self.config_dir / "smtpd.pem")),
             ]
-        return "".join(f"{name} = {value}\n" for name, value in settings)
+        merged = dict(settings) | self.extra_main_cf  # a name given twice: the extra one, in place
+        return "".join(f"{name} = {value}\n" for name, value in merged.items())
 
     def _master_cf(self) -> str:
         """master.cf: one loopback smtpd on our port, plus the internal services."""
@@ -564,6 +567,7 @@ class PostfixFactory(Protocol):
         xclient_hosts: str = ...,
         port: int | None = ...,
         start: bool = ...,
+        main_cf: dict[str, str] | None = ...,
     ) -> PostfixInstance: ...
 
 
@@ -587,6 +591,7 @@ def postfix_factory() -> Iterator[PostfixFactory]:
         xclient_hosts: str = "127.0.0.0/8",
         port: int | None = None,
         start: bool = True,
+        main_cf: dict[str, str] | None = None,
     ) -> PostfixInstance:
         if port is None:
             port = free_port()
@@ -599,6 +604,7 @@ def postfix_factory() -> Iterator[PostfixFactory]:
             users=users,
             tls_cert=tls_cert,
             xclient_hosts=xclient_hosts,
+            extra_main_cf=dict(main_cf or {}),
         )
         instances.append(instance)
         if start:
