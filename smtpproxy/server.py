@@ -341,17 +341,22 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         # Before start(): SIGHUP's default action would kill a proxy that is still starting.
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        pid_file = self.config.pid_file
         try:
+            if pid_file is not None:  # after the SIGHUP handler: `smtpproxy reload` may use it now
+                try:
+                    write_pid_file(Path(pid_file))
+                except OSError as exc:
+                    raise StartupError(f"pid_file: cannot write {pid_file}: {exc.strerror or exc}") from exc
             await self.start()
         except BaseException:
             loop.remove_signal_handler(signal.SIGHUP)
+            if pid_file is not None:
+                remove_pid_file(Path(pid_file))
             raise
         stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_requested.set)
-        pid_file = self.config.pid_file
-        if pid_file is not None:
-            write_pid_file(Path(pid_file))
         notify("READY=1", f"MAINPID={os.getpid()}")
         try:
             await stop_requested.wait()

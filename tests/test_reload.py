@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import selectors
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -200,9 +202,10 @@ async def test_concurrent_reloads_run_one_at_a_time(start: Starter, tmp_path: Pa
 class Proxy:
     """A ``smtpproxy run`` process whose log lines we read as they come."""
 
-    def __init__(self, config: Path):
+    def __init__(self, config: Path, env: dict[str, str] | None = None):
         self.proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "run", "-c", str(config)],
-                                     stderr=subprocess.PIPE, text=True, cwd=config.parent)
+                                     stderr=subprocess.PIPE, text=True, cwd=config.parent,
+                                     env={**os.environ, **(env or {})})
         self.log: list[str] = []
         assert self.proc.stderr is not None
         self._sel = selectors.DefaultSelector()
@@ -234,14 +237,14 @@ def test_reload_command_signals_the_running_proxy(tmp_path: Path, capsys: pytest
     base = ("listeners:\n  - address: 127.0.0.1\n    port: 0\nhostname: cli.test\n"
             "delivery:\n  type: maildir\n  path: mail\npid_file: run/smtpproxy.pid\n")
     config.write_text(base)
-    proxy = Proxy(config)
+    systemd = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)  # stands in for systemd's notify socket
+    systemd.bind(str(tmp_path / "notify"))
+    systemd.settimeout(30)
+    proxy = Proxy(config, env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
     try:
         proxy.wait_line(r"event=listening ")
-        for _ in range(500):  # written after the listeners and the SIGHUP handler are up
-            if pid_file.exists():
-                break
-            time.sleep(0.01)
-        assert int(pid_file.read_text()) == proxy.proc.pid
+        assert systemd.recv(4096) == f"READY=1\nMAINPID={proxy.proc.pid}".encode()
+        assert int(pid_file.read_text()) == proxy.proc.pid  # written before the listeners opened
 
         config.write_text(base + "plugins:\n  - name: headers\n    settings: {add: {X-Reloaded: \"1\"}}\n")
         assert cli_main(["reload", "-c", str(config)]) == 0
@@ -250,6 +253,8 @@ def test_reload_command_signals_the_running_proxy(tmp_path: Path, capsys: pytest
             "The proxy logs event=reload with the result.\n")
         line = proxy.wait_line(r"event=reload ")
         assert "result=ok" in line and "plugins=headers" in line
+        assert re.fullmatch(rb"RELOADING=1\nMONOTONIC_USEC=\d+", systemd.recv(4096))
+        assert systemd.recv(4096) == b"READY=1"
 
         config.write_text(base + "limits:\n  max_sessions: lots\n")
         assert cli_main(["reload", "-c", str(config)]) == 2  # invalid: nothing is signalled
@@ -262,6 +267,8 @@ def test_reload_command_signals_the_running_proxy(tmp_path: Path, capsys: pytest
         assert "result=ok" in line and 'plugins=""' in line
     finally:
         log = proxy.stop()
+    assert [systemd.recv(4096) for _ in range(3)][1:] == [b"READY=1", b"STOPPING=1"]  # 2nd reload, stop
+    systemd.close()
     assert proxy.proc.returncode == 0, log
     assert log.count("event=reload ") == 2
     assert not pid_file.exists()  # removed on exit
@@ -278,3 +285,14 @@ def test_reload_command_without_a_running_proxy(tmp_path: Path, capsys: pytest.C
     config.write_text("hostname: x.test\n")
     assert cli_main(["reload", "-c", str(config)]) == 2
     assert "sets no pid_file; give the process id with --pid" in capsys.readouterr().err
+
+
+def test_unwritable_pid_file_is_a_startup_error(tmp_path: Path) -> None:
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text("listeners:\n  - address: 127.0.0.1\n    port: 0\n"
+                      "delivery:\n  type: maildir\n  path: mail\npid_file: missing/dir/smtpproxy.pid\n")
+    done = subprocess.run([sys.executable, "-m", "smtpproxy", "run", "-c", str(config)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1
+    assert (f"smtpproxy: cannot start: pid_file: cannot write {tmp_path / 'missing/dir/smtpproxy.pid'}: "
+            "No such file or directory") in done.stderr
