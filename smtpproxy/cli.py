@@ -1,4 +1,4 @@
-"""The ``smtpproxy`` command: run, milter, check-config, plugins, quarantine, test-message, --version.
+"""The ``smtpproxy`` command: run, milter, check-config, reload, plugins, quarantine, test-message.
 
 Exit codes: 0 success, 1 runtime failure (cannot listen, a plugin failed to start),
 2 configuration error (the message names file, line and key).
