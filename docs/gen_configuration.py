@@ -30,9 +30,11 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("quarantine", c.Quarantine, "Where quarantined messages are kept."),
     ("plugins[]", c.PluginSpec, "The plugin chain, in the order it runs."),
     ("dns", c.DNS, "The resolver every plugin shares."),
-    ("milter", c.Milter, "Milter mode: `smtpproxy milter` serves the chain to Postfix (docs/deploy-milter.md)."),
+    ("milter", c.Milter,
+     "Milter mode: `smtpproxy milter` serves the chain to Postfix (docs/deploy-milter.md)."),
     ("logging", c.Logging, "Log format and level (logs go to stderr)."),
-    ("metrics", c.Metrics, "Prometheus /metrics, /healthz and /readyz over HTTP (docs/operations.md)."),
+    ("metrics", c.Metrics,
+     "Prometheus /metrics, /healthz and /readyz over HTTP (docs/operations.md)."),
 ]
 
 
