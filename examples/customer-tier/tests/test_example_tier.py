@@ -17,6 +17,13 @@ from smtpproxy.pytest_plugin import make_plugin
 TIERS = {"gold.example": "gold", "evil.example": "gold; rm -rf"}
 
 
+class QuietServer(ThreadingHTTPServer):
+    """The slow path's client gives up on purpose: its broken pipe is expected, not news."""
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass
+
+
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         url = urlparse(self.path)
@@ -45,7 +52,7 @@ class Handler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def service() -> Iterator[ThreadingHTTPServer]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server = QuietServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
     server.requests = []  # type: ignore[attr-defined]
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
