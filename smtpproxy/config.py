@@ -1117,6 +1117,19 @@ class Limits(_Model):
         allow_inf_nan=False,
         description="Seconds open sessions get to finish after SIGTERM before they are closed.",
     )
+    spool_threshold: int = Field(
+        default=1048576,
+        strict=True,
+        ge=0,
+        description=(
+            "Messages larger than this many bytes are spooled to an unlinked temporary file "
+            "while they are received and filtered, instead of held in memory (0: always)."
+        ),
+    )
+    spool_directory: Path | None = Field(
+        default=None,
+        description="Where spool files go; the system temporary directory (TMPDIR) by default.",
+    )
 
     @field_validator("max_sessions_per_ip")
     @classmethod
@@ -1562,8 +1575,11 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         delivery = config.delivery
     quarantine = config.quarantine.model_copy(update={"path": resolve(config.quarantine.path)})
     pid_file = resolve(config.pid_file) if config.pid_file is not None else None
+    limits = config.limits
+    if limits.spool_directory is not None:
+        limits = limits.model_copy(update={"spool_directory": resolve(limits.spool_directory)})
     return config.model_copy(update={"listeners": listeners, "delivery": delivery, "quarantine": quarantine,
-                                     "pid_file": pid_file})
+                                     "pid_file": pid_file, "limits": limits})
 
 
 def _read_text(file: str) -> str:

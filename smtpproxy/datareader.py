@@ -12,8 +12,10 @@ of data so the reply lands where the client expects it (RFC 5321 4.2.5).
 from __future__ import annotations
 
 import enum
+import mmap
 import re
 
+from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD, Spool
 from smtpproxy.verdicts import Reply
 
 __all__ = ["DataProblem", "DataReader"]
@@ -49,6 +51,7 @@ class DataReader:
 
     Feed it what the stream gives: each complete line *including* its CRLF, or a fragment
     of an over-long line with ``complete=False``. ``feed`` returns True at end of data.
+    Big messages are spooled to a temporary file (see :mod:`smtpproxy.spool`).
     """
 
     __slots__ = (
@@ -56,11 +59,12 @@ class DataReader:
         "problem", "size",
     )
 
-    def __init__(self, max_size: int, max_line: int, *, normalize_bare_newlines: bool = False):
+    def __init__(self, max_size: int, max_line: int, *, normalize_bare_newlines: bool = False,
+                 spool_threshold: int = DEFAULT_SPOOL_THRESHOLD, spool_dir: str | None = None):
         self.max_size = max_size
         self.max_line = max_line
         self._normalize = normalize_bare_newlines
-        self._buffer = bytearray()
+        self._buffer = Spool(spool_threshold, spool_dir)
         self._line_len = 0  # bytes seen so far of the current (unfinished) line
         self.size = 0
         self.problem: DataProblem | None = None
@@ -95,16 +99,20 @@ class DataReader:
         if self.size > self.max_size:
             self._fail(DataProblem.TOO_BIG)
             return False
-        self._buffer += line
+        self._buffer.write(line)
         return False
 
     def _fail(self, problem: DataProblem) -> None:
         if self.problem is None:
             self.problem = problem
-            self._buffer = bytearray()  # free the memory now; we only drain from here on
+            self._buffer.discard()  # free the memory now; we only drain from here on
 
-    def content(self) -> bytes:
-        """The message as received (dot-unstuffed, CRLF only). Only valid without a problem."""
+    def content(self) -> bytes | mmap.mmap:
+        """The message as received (dot-unstuffed, CRLF only). Only valid without a problem.
+
+        Small messages come back as ``bytes``; spooled ones as a read-only memory map of the
+        spool file, which :class:`~smtpproxy.message.Message` accepts without copying.
+        """
         if self.problem is not None:
             raise RuntimeError(f"message was refused: {self.problem.value}")
-        return bytes(self._buffer)
+        return self._buffer.finish()

@@ -52,6 +52,7 @@ from smtpproxy.session import (
     TLSInfo,
     Transaction,
 )
+from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD
 from smtpproxy.verdicts import Action, Reply, Verdict
 
 __all__ = ["InboundSMTP", "ListenerPolicy", "Services"]
@@ -88,6 +89,9 @@ class ListenerPolicy:
     data_timeout: float = 600.0
     session_timeout: float = 3600.0
     normalize_bare_newlines: bool = False
+    spool_threshold: int = DEFAULT_SPOOL_THRESHOLD
+    """Messages above this size are spooled to a temporary file (see smtpproxy.spool)."""
+    spool_directory: str | None = None
     smtputf8: bool = True
     pipelining: bool = True
     require_starttls: bool = False
@@ -631,6 +635,7 @@ class InboundSMTP(SMTP):
         reader = DataReader(
             self.policy.max_message_size, self.policy.max_line_length,
             normalize_bare_newlines=self.policy.normalize_bare_newlines,
+            spool_threshold=self.policy.spool_threshold, spool_dir=self.policy.spool_directory,
         )
         started = time.perf_counter()
         while True:
@@ -711,7 +716,7 @@ class InboundSMTP(SMTP):
                 reason = transaction.disposition_reason
             try:
                 qid = await self.services.quarantine.store(
-                    self.sp, transaction, transaction.message.raw, reason
+                    self.sp, transaction, transaction.message, reason
                 )
             except OSError as exc:
                 log.error("event=quarantine_failed error=%r", exc)
@@ -722,7 +727,7 @@ class InboundSMTP(SMTP):
         metrics.delivery_started()
         result, delivery_started = "error", time.perf_counter()
         try:
-            delivered = await self._deliver(transaction, transaction.message.raw)
+            delivered = await self._deliver(transaction, transaction.message)
             result = "ok"
         except DeliveryError as exc:
             kind = "tempfailed" if exc.reply.is_temporary else "rejected"
@@ -743,7 +748,7 @@ class InboundSMTP(SMTP):
               tls=delivered.tls, reply=delivered.reply.code)
         return Decision("delivered", delivered.reply, "delivery", delivered.destination)
 
-    async def _deliver(self, transaction: Transaction, content: bytes) -> Delivered:
+    async def _deliver(self, transaction: Transaction, content: Message) -> Delivered:
         """Hand the message over: on the upstream transaction that followed the client's
         (rcpt_mode relay), unless plugins edited the envelope; else in one go."""
         assert self.sp is not None

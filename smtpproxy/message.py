@@ -11,7 +11,9 @@ guarantees the rest of the proxy depends on:
 * **Lazy.**  Nothing is parsed until a plugin asks for header information,
   and the body is never scanned or copied just to forward it: an
   unmodified message serialises to the very ``bytes`` object it was built
-  from.
+  from.  A big message arrives as a read-only memory map of its spool file
+  (:mod:`smtpproxy.spool`); it is parsed in place, and :meth:`Message.parts`
+  streams it out without ever holding a second copy.
 
 Every write is validated so that a plugin can never put a bare CR or LF,
 a NUL or another control character on the wire; the serialisation always
@@ -21,6 +23,7 @@ prevent header and message smuggling.
 
 from __future__ import annotations
 
+import mmap
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -45,6 +48,10 @@ _VALID_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # C0 controls except HTAB, DEL and C1 controls (Unicode category Cc minus HTAB).
 _BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _NON_WSP = re.compile(rb"[^ \t]")
+_BARE_CR_OR_LF = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+
+Buffer = bytes | memoryview | mmap.mmap
+"""What :meth:`Message.parts` yields: byte buffers to write out, in order, without copying."""
 
 
 class HeaderError(ValueError):
@@ -196,11 +203,19 @@ class Message:
         "_sep",
     )
 
-    def __init__(self, raw: bytes) -> None:
-        """Wrap ``raw`` (after dot-unstuffing) without parsing it."""
-        raw = bytes(raw)  # no copy for bytes; freezes bytearray/memoryview input
-        _check_crlf_only(raw, "message")
-        self._orig: bytes = raw
+    def __init__(self, raw: bytes | mmap.mmap) -> None:
+        """Wrap ``raw`` (after dot-unstuffing) without parsing it.
+
+        A (read-only) :class:`mmap.mmap` is used in place: it is how spooled big messages
+        arrive, and copying it would defeat the spool.
+        """
+        if isinstance(raw, mmap.mmap):
+            if _BARE_CR_OR_LF.search(raw):
+                raise ValueError("message contains a bare CR or LF; only CRLF line endings are allowed")
+        else:
+            raw = bytes(raw)  # no copy for bytes; freezes bytearray/memoryview input
+            _check_crlf_only(raw, "message")
+        self._orig: bytes | mmap.mmap = raw
         self._raw_cache: bytes | None = None
         self._fields: list[_Field] | None = None
         self._header_end = 0  # end of the original header fields
@@ -283,7 +298,11 @@ class Message:
     def raw(self) -> bytes:
         """The bytes to send upstream; the input object itself while unmodified."""
         if not self._changes:
-            return self._orig
+            if isinstance(self._orig, bytes):
+                return self._orig
+            if self._raw_cache is None:  # a spooled message, asked for as bytes: copy once
+                self._raw_cache = bytes(self._orig)
+            return self._raw_cache
         if self._raw_cache is None:
             fields = self._parse()
             body = self._body_view()
@@ -301,6 +320,20 @@ class Message:
         body = self._body_view()
         head = sum(len(f.raw) for f in fields) if self._headers_dirty else self._header_end
         return head + len(self._separator(fields, body)) + len(body)
+
+    def parts(self) -> tuple[Buffer, ...]:
+        """The bytes of :attr:`raw` as a few buffers, for writing out without a copy.
+
+        Deliveries stream these; a 50 MB message is never duplicated on its way out,
+        even after a plugin edited its headers.
+        """
+        if not self._changes:
+            return (self._orig,)
+        if self._raw_cache is not None:
+            return (self._raw_cache,)
+        fields = self._parse()
+        body = self._body_view()
+        return (self._head(fields), self._separator(fields, body), body)
 
     @property
     def modified(self) -> bool:
@@ -327,7 +360,7 @@ class Message:
         if self._body_cache is None:
             self._parse()
             start = self._body_start
-            self._body_cache = self._orig if start == 0 else self._orig[start:]
+            self._body_cache = bytes(self._orig) if start == 0 else self._orig[start:]
         return self._body_cache
 
     # -- reading headers -------------------------------------------------

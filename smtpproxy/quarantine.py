@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
+from smtpproxy.message import Buffer, Message
 from smtpproxy.session import Client, Envelope, Session, Transaction
 
 if TYPE_CHECKING:
@@ -47,9 +48,12 @@ class QuarantineStore:
         self.path = Path(path)
 
     async def store(
-        self, session: Session, transaction: Transaction, content: bytes, reason: str
+        self, session: Session, transaction: Transaction, content: bytes | Message, reason: str
     ) -> str:
-        """Keep the message; return its quarantine id. Raises OSError when it could not."""
+        """Keep the message; return its quarantine id. Raises OSError when it could not.
+
+        A :class:`Message` is written out part by part (a spooled one is never copied whole).
+        """
         qid = f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{transaction.id}"
         record: dict[str, Any] = {
             "id": qid,
@@ -68,16 +72,18 @@ class QuarantineStore:
                 for o in (*session.results, *transaction.results)
             ],
         }
-        await run_blocking(self._write, qid, content, json.dumps(record, indent=2).encode())
+        parts = content.parts() if isinstance(content, Message) else (content,)
+        await run_blocking(self._write, qid, parts, json.dumps(record, indent=2).encode())
         return qid
 
-    def _write(self, qid: str, content: bytes, meta: bytes) -> None:
+    def _write(self, qid: str, content: tuple[Buffer, ...], meta: bytes) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
-        for suffix, data in ((".eml", content), (".json", meta)):
+        for suffix, data in ((".eml", content), (".json", (meta,))):
             target = self.path / f"{qid}{suffix}"
             tmp = target.with_suffix(suffix + ".tmp")
             with open(tmp, "wb") as fh:
-                fh.write(data)
+                for part in data:
+                    fh.write(part)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.rename(tmp, target)
@@ -150,7 +156,7 @@ class QuarantineStore:
             record = json.loads(meta.read_text())
             content = eml.read_bytes()
             session, transaction = _rebuild(record)
-            delivered = await delivery.deliver(session, transaction, content)
+            delivered = await delivery.deliver(session, transaction, Message(content))
             record["released"] = {
                 "time": time.time(),
                 "destination": delivered.destination,

@@ -123,6 +123,8 @@ class ProxyServer:
             idle_timeout=lim.idle_timeout, data_timeout=lim.data_timeout,
             session_timeout=lim.session_timeout,
             normalize_bare_newlines=c.smtp.bare_newlines == "normalize",
+            spool_threshold=lim.spool_threshold,
+            spool_directory=str(lim.spool_directory) if lim.spool_directory else None,
             smtputf8=c.smtp.smtputf8, pipelining=c.smtp.pipelining,
             require_starttls=listener.require_starttls,
             auth=PasswordFile.load(listener.auth.users_file) if listener.auth else None,

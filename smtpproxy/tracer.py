@@ -15,6 +15,7 @@ against a rate limit). ``after_message`` is told ``delivered`` for a message tha
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -658,7 +659,7 @@ class Tracer:
             return Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
         return None
 
-    def _read_data(self, wire: bytes) -> bytes | Reply:
+    def _read_data(self, wire: bytes) -> bytes | mmap.mmap | Reply:
         """The message as the proxy's DATA reader would take it, or the reply refusing it."""
         p = self.policy
         reader = DataReader(p.max_message_size, p.max_line_length,

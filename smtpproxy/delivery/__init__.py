@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from smtpproxy.addresses import Address
+from smtpproxy.message import Message
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdicts import Reply
 
@@ -48,7 +49,7 @@ class UpstreamTransaction(Protocol):
         """Ask the upstream about one recipient; its answer is relayed to the client."""
         ...
 
-    async def data(self, content: bytes) -> Delivered:
+    async def data(self, content: Message) -> Delivered:
         """Send the message; raises DeliveryError when the upstream does not take it."""
         ...
 
@@ -74,8 +75,12 @@ class Delivery(Protocol):
     async def start(self) -> None:
         """Prepare (create directories, check reachability); raise to refuse to start."""
 
-    async def deliver(self, session: Session, transaction: Transaction, content: bytes) -> Delivered:
-        """Hand over one message for ``transaction.envelope``'s recipients, or raise DeliveryError."""
+    async def deliver(self, session: Session, transaction: Transaction, content: Message) -> Delivered:
+        """Hand over one message for ``transaction.envelope``'s recipients, or raise DeliveryError.
+
+        Write ``content.parts()`` out rather than ``content.raw``: a big message is spooled
+        and must not be copied into memory whole.
+        """
         ...
 
     async def close(self) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
 from smtpproxy.delivery import Delivered, DeliveryError, UpstreamTransaction
+from smtpproxy.message import Buffer, Message
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdicts import Reply
 
@@ -44,28 +45,29 @@ class MaildirDelivery:
         for sub in ("tmp", "new", "cur"):
             (self.path / sub).mkdir(parents=True, exist_ok=True)
 
-    async def deliver(self, session: Session, transaction: Transaction, content: bytes) -> Delivered:
+    async def deliver(self, session: Session, transaction: Transaction, content: Message) -> Delivered:
         envelope = transaction.envelope
         trace = [f"Return-Path: <{envelope.sender.text}>\r\n".encode()]
         trace += [f"Delivered-To: {r.address.text}\r\n".encode() for r in envelope.recipients]
         self._counter += 1
         name = f"{time.time_ns()}.P{os.getpid()}Q{self._counter}M{transaction.id}.{self._host}"
         try:
-            await run_blocking(self._write, name, b"".join(trace), content)
+            await run_blocking(self._write, name, b"".join(trace), content.parts())
         except OSError as exc:
             raise DeliveryError(
                 Reply(451, "4.3.0", "Local delivery failed, try again later"), str(exc)
             ) from exc
         return Delivered(Reply(250, "2.0.0", f"Ok: delivered as {transaction.id}"), f"maildir:{name}")
 
-    def _write(self, name: str, trace: bytes, content: bytes) -> None:
+    def _write(self, name: str, trace: bytes, parts: tuple[Buffer, ...]) -> None:
         tmp = self.path / "tmp" / name
         final = self.path / "new" / name
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(trace)
-                fh.write(content)
+                for part in parts:
+                    fh.write(part)
                 fh.flush()
                 os.fsync(fh.fileno())
             os.rename(tmp, final)

@@ -32,6 +32,7 @@ import aiosmtplib
 from smtpproxy import config as cfg
 from smtpproxy.addresses import Address
 from smtpproxy.delivery import Delivered, DeliveryError
+from smtpproxy.delivery.stream import send_data
 from smtpproxy.delivery.upstream import (
     Connection,
     Connector,
@@ -39,6 +40,7 @@ from smtpproxy.delivery.upstream import (
     UpstreamServer,
     upstream_reply,
 )
+from smtpproxy.message import Message
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.session import Envelope, Session, Transaction
 from smtpproxy.verdicts import Reply
@@ -118,7 +120,7 @@ class SmtpDelivery:
                 await self._sweeper
         await self.connector.close_idle(self.servers)
 
-    async def deliver(self, session: Session, transaction: Transaction, content: bytes) -> Delivered:
+    async def deliver(self, session: Session, transaction: Transaction, content: Message) -> Delivered:
         """Send the message to every route its recipients belong to; 250 only if all took it."""
         groups: dict[str, list[Address]] = {}
         for rcpt in transaction.envelope.recipients:
@@ -127,7 +129,7 @@ class SmtpDelivery:
         for key, recipients in groups.items():
             conn = await self.connector.acquire(self._routes[key], session)
             async with _Transfer(self.connector, conn) as transfer:
-                await transfer.mail(transaction.envelope, len(content))
+                await transfer.mail(transaction.envelope, content.size)
                 refused = []
                 for address in recipients:
                     reply = await transfer.rcpt(address, transaction.envelope.smtputf8)
@@ -187,7 +189,7 @@ class RelayTransaction:
             await self.abort()
             return exc.reply
 
-    async def data(self, content: bytes) -> Delivered:
+    async def data(self, content: Message) -> Delivered:
         if self._transfer is None:
             raise DeliveryError(self._failed or Reply(451, "4.4.0", "No upstream transaction"))
         transfer, self._transfer = self._transfer, None
@@ -267,10 +269,12 @@ class _Transfer:
         encoding = "utf-8" if smtputf8 else "ascii"
         return await self._command(b"RCPT", b"TO:<" + address.text.encode(encoding) + b">")
 
-    async def data(self, content: bytes) -> Reply:
+    async def data(self, content: Message) -> Reply:
         with self._lost_upstream_is_temporary():
             try:
-                response = await self.conn.client.data(content, timeout=self.connector.settings.data_timeout)
+                response = await send_data(
+                    self.conn.client, content.parts(), self.connector.settings.data_timeout
+                )
             except aiosmtplib.SMTPDataError as exc:
                 self.clean = True  # a refusal of the message leaves the session usable
                 raise DeliveryError(upstream_reply(exc.code, exc.message),

@@ -1,0 +1,85 @@
+"""Sending DATA to the upstream block by block, so a big message is never copied whole.
+
+aiosmtplib's ``SMTP.data()`` takes the message as one ``bytes`` and, before writing it,
+normalises line endings, dot-stuffs and appends the terminator: three full copies next to
+the original, so a 50 MB message costs 200 MB. Our messages are already CRLF-only (the
+DATA reader guarantees it), so all that is left is dot-stuffing, which we do on blocks of
+256 KiB cut at line ends, writing each with flow control.
+
+This uses three internals of aiosmtplib's ``SMTPProtocol`` (``write``, ``_drain_helper``
+and ``_response_pending``); they are exercised by every delivery test, and
+``pyproject.toml`` pins aiosmtplib below its next major version.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable, Iterator
+
+import aiosmtplib
+from aiosmtplib.response import SMTPResponse
+
+from smtpproxy.message import Buffer
+
+__all__ = ["BLOCK_SIZE", "dot_stuffed", "send_data"]
+
+BLOCK_SIZE = 256 * 1024
+TERMINATOR = b".\r\n"
+
+
+def _stuff(block: bytes) -> bytes:
+    """Dot-stuff a run of whole lines (RFC 5321 4.5.2)."""
+    out = block.replace(b"\r\n.", b"\r\n..")
+    return b"." + out if out[:1] == b"." else out
+
+
+def dot_stuffed(parts: Iterable[Buffer], block_size: int = BLOCK_SIZE) -> Iterator[bytes]:
+    """The DATA payload of a CRLF-only message, terminator included, in blocks of whole lines.
+
+    A final line without CRLF gets one, as the terminator must start a line.
+    """
+    carry = b""
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, len(view), block_size):
+            block = carry + view[start : start + block_size]
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:  # no line end yet: keep collecting
+                carry = block
+                continue
+            carry = block[cut:]
+            yield _stuff(block[:cut])
+    if carry:
+        yield _stuff(carry) + b"\r\n"
+    yield TERMINATOR
+
+
+async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: float) -> SMTPResponse:
+    """DATA, the message, and the upstream's final reply, all within ``limit`` seconds.
+
+    Raises what ``SMTP.data()`` raises: SMTPDataError for a refusal (354 or the final reply),
+    SMTPTimeoutError, SMTPServerDisconnected.
+    """
+    protocol = client.protocol
+    if protocol is None:
+        raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    try:
+        async with asyncio.timeout(limit):
+            start = await client.execute_command(b"DATA")
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            # A reply that arrives while we are still writing (a 552 mid-transfer) is kept.
+            protocol._response_pending = True
+            for block in dot_stuffed(parts):
+                protocol.write(block)
+                await protocol._drain_helper()
+            response = await protocol.read_response(timeout=None)
+    except TimeoutError as exc:
+        client.close()
+        raise aiosmtplib.SMTPTimeoutError(f"Timed out sending the message after {limit:g}s") from exc
+    except ConnectionError as exc:
+        client.close()
+        raise aiosmtplib.SMTPServerDisconnected(f"Connection lost while sending the message: {exc}") from exc
+    if response.code != 250:
+        raise aiosmtplib.SMTPDataError(response.code, response.message)
+    return response
