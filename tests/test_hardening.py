@@ -202,6 +202,34 @@ async def test_silent_client_gets_421_on_idle_timeout(proxy_factory: ProxyFactor
     assert await client.closed()
 
 
+async def test_idle_timer_counts_from_the_last_command_not_the_first(proxy_factory: ProxyFactory) -> None:
+    """The idle timer is re-armed lazily; each command must still push the deadline back."""
+    proxy = await proxy_factory(limits={"idle_timeout": 0.4})
+    client = await Talk.open(port_of(proxy))
+    await client.greeting()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    while loop.time() - started < 1.0:  # well past one idle period, never idle for one
+        assert await client.cmd("NOOP") == (250, "2.0.0 OK")
+        await asyncio.sleep(0.1)
+    silent_from = loop.time()
+    code, text = await client.reply()
+    assert code == 421 and "timeout" in text
+    assert 0.3 < loop.time() - silent_from < 2.0
+    assert await client.closed()
+
+
+async def test_pipelined_replies_come_back_complete_and_in_order(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(relay={"domains": ["dest.test"]})
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    client.send(b"MAIL FROM:<a@example.org>\r\nRCPT TO:<b@dest.test>\r\nRCPT TO:<c@elsewhere.example>\r\n"
+                b"RCPT TO:<d@dest.test>\r\nRSET\r\nNOOP\r\n")
+    codes = [(await client.reply())[0] for _ in range(6)]
+    assert codes == [250, 250, 554, 250, 250, 250]
+    await client.close()
+
+
 async def test_slow_client_hits_session_deadline(proxy_factory: ProxyFactory) -> None:
     proxy = await proxy_factory(limits={"session_timeout": 0.5, "idle_timeout": 10})
     client = await Talk.open(port_of(proxy))
