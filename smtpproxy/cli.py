@@ -7,7 +7,6 @@ Exit codes: 0 success, 1 runtime failure (cannot listen, a plugin failed to star
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -15,7 +14,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from smtpproxy import __version__
+from smtpproxy import __version__, eventloop
 from smtpproxy.config import Config, ConfigError, ConfigSource, load_config
 from smtpproxy.eventlog import configure_logging
 from smtpproxy.registry import build_chain, installed_plugins
@@ -110,8 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "milter":
         return _run_milter(config, source)
     try:
-        asyncio.run(ProxyServer(config, source).serve_forever())
-    except StartupError as exc:
+        eventloop.run(ProxyServer(config, source).serve_forever(), config.event_loop)
+    except (StartupError, eventloop.EventLoopError) as exc:
         logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
         print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
@@ -124,8 +123,8 @@ def _run_milter(config: Config, source: ConfigSource | None) -> int:
     from smtpproxy.milter.server import MilterServer, MilterStartupError
 
     try:
-        asyncio.run(MilterServer(config, source).serve_forever())
-    except MilterStartupError as exc:
+        eventloop.run(MilterServer(config, source).serve_forever(), config.event_loop)
+    except (MilterStartupError, eventloop.EventLoopError) as exc:
         logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
         print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

@@ -1501,6 +1501,13 @@ class Config(_Model):
     dns: DNS = Field(default=DNS(), description="DNS resolver settings shared by all plugins.")
     milter: Milter = Field(default=Milter(), description="Milter mode (`smtpproxy milter`).")
     logging: Logging = Field(default=Logging(), description="Log level and format.")
+    event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
+        default="auto",
+        description=(
+            "The asyncio event loop: 'uvloop' (faster; pip install 'smtpproxy[uvloop]'), "
+            "'asyncio' (the standard one), or 'auto' (uvloop when it is installed)."
+        ),
+    )
     metrics: Metrics = Field(default=Metrics(), description="Metrics and health endpoints.")
     pid_file: ConfigPath | None = Field(
         default=None,

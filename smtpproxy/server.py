@@ -190,7 +190,8 @@ class ProxyServer:
             self._servers.append(server)
         for host, port in self.addresses:
             event("listening", address=host, port=port, delivery=services.delivery.name,
-                  plugins=[s.name for s in services.chain.steps])
+                  plugins=[s.name for s in services.chain.steps],
+                  loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
         if isinstance(services.metrics, PrometheusRecorder):
             await self._start_health(services.metrics)
         self._started.set()

@@ -171,3 +171,51 @@ def test_run_refuses_a_port_in_use(tmp_path: Path) -> None:
         result = run_cli("run", "-c", str(config), cwd=tmp_path)
     assert result.returncode == 1
     assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
+async def test_run_on_the_configured_event_loop_forwards_upstream(tmp_path: Path, choice: str) -> None:
+    """Both loops carry a message to a real upstream (the streamed DATA path included)."""
+    import asyncio
+
+    from tests.conftest import start_sink
+
+    pytest.importorskip(choice)
+    sink = await start_sink()
+    config = write(tmp_path, (
+        "listeners:\n  - address: 127.0.0.1\n    port: 0\n"
+        f"event_loop: {choice}\nhostname: cli.test\n"
+        f"delivery:\n  type: smtp\n  host: 127.0.0.1\n  port: {sink.port}\n  tls: none\n"
+    ))
+    proc = subprocess.Popen([*EXE, "run", "-c", str(config)], stderr=subprocess.PIPE, text=True,  # noqa: ASYNC220 - Popen returns at once
+                            cwd=tmp_path)
+    try:
+        running = await asyncio.to_thread(Running, proc)
+        assert f"loop={choice}" in "".join(running.log)
+        big = MESSAGE + b"x" * 998 + b"\r\n" + b".leading dot\r\n" * 2000
+
+        def send() -> dict[str, tuple[int, bytes]]:
+            with smtplib.SMTP("127.0.0.1", running.port, timeout=10) as client:
+                return client.sendmail("a@sender.test", ["bob@localhost"], big)
+
+        assert await asyncio.to_thread(send) == {}
+        assert sink.messages[0].content == big
+        await asyncio.to_thread(running.stop)
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        sink.server.close()
+
+
+def test_run_refuses_uvloop_when_it_is_not_installed(tmp_path: Path) -> None:
+    config = write(tmp_path, "listeners:\n  - address: 127.0.0.1\n    port: 0\nevent_loop: uvloop\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path / "no-uvloop")}
+    hide = tmp_path / "no-uvloop" / "uvloop"
+    hide.mkdir(parents=True)
+    (hide / "__init__.py").write_text("raise ImportError('hidden by the test')\n")
+    result = subprocess.run([*EXE, "run", "-c", str(config)], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path, env=env)
+    assert result.returncode == 1
+    assert "pip install 'smtpproxy[uvloop]'" in result.stderr

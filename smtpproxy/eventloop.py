@@ -1,0 +1,48 @@
+"""Running the proxy on asyncio's own event loop or on uvloop.
+
+uvloop (libuv under asyncio's API) makes the socket and timer work that dominates a
+proxy's CPU profile cheaper. It is optional: ``pip install 'smtpproxy[uvloop]'`` and
+``event_loop: uvloop`` (or ``auto``, which takes it when installed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Any, Literal, TypeVar
+
+__all__ = ["EventLoopError", "loop_factory", "run"]
+
+T = TypeVar("T")
+Choice = Literal["auto", "asyncio", "uvloop"]
+
+
+class EventLoopError(Exception):
+    """The configured event loop cannot be used (uvloop asked for but not installed)."""
+
+
+def loop_factory(choice: Choice) -> tuple[str, Callable[[], asyncio.AbstractEventLoop] | None]:
+    """(name, factory) for the configured loop; factory None means asyncio's default."""
+    if choice == "asyncio":
+        return "asyncio", None
+    try:
+        import uvloop
+    except ImportError as exc:
+        if choice == "uvloop":
+            raise EventLoopError(
+                f"event_loop: uvloop, but uvloop cannot be imported ({exc}): "
+                "pip install 'smtpproxy[uvloop]' (or set event_loop: auto)"
+            ) from exc
+        return "asyncio", None
+    return "uvloop", uvloop.new_event_loop
+
+
+def run(main: Coroutine[Any, Any, T], choice: Choice = "auto") -> T:
+    """``asyncio.run`` on the chosen loop."""
+    try:
+        _, factory = loop_factory(choice)
+    except EventLoopError:
+        main.close()
+        raise
+    with asyncio.Runner(loop_factory=factory) as runner:
+        return runner.run(main)
