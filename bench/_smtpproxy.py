@@ -1,17 +1,15 @@
-"""Start ``smtpproxy`` for the benchmark: the CLI, from this checkout, optionally on uvloop.
+"""Start ``smtpproxy`` for the benchmark: the CLI, from this checkout.
 
-    python bench/_smtpproxy.py run -c CONFIG        (BENCH_UVLOOP=1 to run on uvloop)
+    python bench/_smtpproxy.py run -c CONFIG     (the config's event_loop picks uvloop or asyncio)
 
 Runs the code in this working tree whatever is installed: the repository root goes first on
 ``sys.path`` and, when the installed ``smtpproxy_plugins`` does not import (an editable
-install of another checkout), the package is loaded from ``plugins/`` here. uvloop is a
-benchmark-only switch until the core supports it.
+install of another checkout), the package is loaded from ``plugins/`` here.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -34,10 +32,6 @@ def _use_this_checkout() -> None:
 
 if __name__ == "__main__":
     _use_this_checkout()
-    if os.environ.get("BENCH_UVLOOP") == "1":
-        import uvloop
-
-        uvloop.install()
     from smtpproxy.cli import main
 
     sys.exit(main(sys.argv[1:]))

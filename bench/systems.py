@@ -258,6 +258,7 @@ class SmtpProxy(System):
                        "max_message_size": HUGE_LIMIT},
             "quarantine": {"path": str(self.dir / "quarantine")},
             "logging": {"level": "warning"},
+            "event_loop": "uvloop" if self.uvloop else "asyncio",
         }
         if self.chain:
             assert self.services.redis is not None
@@ -287,9 +288,8 @@ class SmtpProxy(System):
     def launch(self) -> subprocess.Popen[bytes]:
         path = self.dir / "smtpproxy.yaml"
         path.write_text(yaml.safe_dump(self.config(), sort_keys=False), encoding="utf-8")
-        env = dict(os.environ, BENCH_UVLOOP="1" if self.uvloop else "0")
         return spawn([sys.executable, str(BENCH / "_smtpproxy.py"), "run", "-c", str(path)],
-                     self.dir / "log", env=env)
+                     self.dir / "log")
 
 
 def install_haraka(version: str = HARAKA_VERSION) -> Path:
