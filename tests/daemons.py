@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+import re
+import selectors
 import socket
 import subprocess
+import time
+from typing import IO, Any
 
-__all__ = ["free_port", "stop_process"]
+__all__ = ["LogLines", "free_port", "stop_process"]
 
 
 def free_port() -> int:
@@ -24,3 +29,37 @@ def stop_process(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+class LogLines:
+    """Read a child's log pipe line by line as it comes, with a deadline.
+
+    Reads the file descriptor directly: a buffered ``readline()`` after ``select()`` can
+    leave a complete line in Python's buffer while select() waits on an empty pipe.
+    """
+
+    def __init__(self, pipe: IO[Any]):
+        self._fd = pipe.fileno()
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(self._fd, selectors.EVENT_READ)
+        self._pending = b""
+        self.lines: list[str] = []
+
+    def wait_line(self, pattern: str, timeout: float = 30) -> str:
+        """The next line matching ``pattern`` (every line read is kept in ``lines``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            while b"\n" in self._pending:
+                raw, self._pending = self._pending.split(b"\n", 1)
+                line = raw.decode("utf-8", "replace") + "\n"
+                self.lines.append(line)
+                if re.search(pattern, line):
+                    return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not self._sel.select(timeout=remaining):
+                break
+            chunk = os.read(self._fd, 65536)
+            if not chunk:
+                break
+            self._pending += chunk
+        raise AssertionError(f"no log line matching {pattern!r}:\n" + "".join(self.lines))

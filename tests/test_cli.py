@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import os
 import re
-import selectors
 import signal
 import smtplib
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.daemons import LogLines
 
 EXE = [sys.executable, "-m", "smtpproxy"]
 MESSAGE = b"From: a@sender.test\r\nTo: bob@localhost\r\nSubject: cli\r\n\r\nHello from the CLI test.\r\n"
@@ -29,25 +29,13 @@ class Running:
 
     def __init__(self, proc: subprocess.Popen[str]):
         self.proc = proc
-        self.log: list[str] = []
-        self.port = self._wait_listening()
-
-    def _wait_listening(self) -> int:
-        assert self.proc.stderr is not None
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.stderr, selectors.EVENT_READ)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if not sel.select(timeout=deadline - time.monotonic()):
-                break
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            match = re.search(r"event=listening address=\S+ port=(\d+)", line)
-            if match:
-                return int(match.group(1))
-        raise AssertionError("proxy did not start:\n" + "".join(self.log))
+        assert proc.stderr is not None
+        self._lines = LogLines(proc.stderr)
+        self.log = self._lines.lines
+        line = self._lines.wait_line(r"event=listening address=\S+ port=(\d+)")
+        match = re.search(r"port=(\d+)", line)
+        assert match is not None
+        self.port = int(match.group(1))
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGTERM)

@@ -6,12 +6,10 @@ import asyncio
 import logging
 import os
 import re
-import selectors
 import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from smtpproxy.cli import main as cli_main
 from smtpproxy.config import load_config
 from smtpproxy.server import ProxyServer
 from tests.conftest import Talk, port_of
+from tests.daemons import LogLines
 from tests.reload_plugin import recorded
 
 Starter = Callable[..., Awaitable[ProxyServer]]
@@ -206,24 +205,12 @@ class Proxy:
         self.proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "run", "-c", str(config)],
                                      stderr=subprocess.PIPE, text=True, cwd=config.parent,
                                      env={**os.environ, **(env or {})})
-        self.log: list[str] = []
         assert self.proc.stderr is not None
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(self.proc.stderr, selectors.EVENT_READ)
+        self._lines = LogLines(self.proc.stderr)
+        self.log = self._lines.lines
 
     def wait_line(self, pattern: str, timeout: float = 30) -> str:
-        assert self.proc.stderr is not None
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self._sel.select(timeout=deadline - time.monotonic()):
-                break
-            line = self.proc.stderr.readline()
-            if not line:
-                break
-            self.log.append(line)
-            if re.search(pattern, line):
-                return line
-        raise AssertionError(f"no log line matching {pattern!r}:\n" + "".join(self.log))
+        return self._lines.wait_line(pattern, timeout)
 
     def stop(self) -> str:
         self.proc.send_signal(signal.SIGTERM)
