@@ -239,3 +239,32 @@ async def test_idle_connections_are_closed_after_their_idle_time(proxy_factory: 
         assert loop.time() < deadline, "idle connection never swept"
         await asyncio.sleep(0.02)
     sink.server.close()
+
+
+async def test_a_reused_connection_is_probed_by_xforward_or_else_by_rset(proxy_factory: ProxyFactory) -> None:
+    """Postfix-style: an idle connection is checked before reuse; XFORWARD is that check when sent."""
+    xforward = RawUpstream((b"XFORWARD NAME ADDR PROTO HELO SOURCE", b"8BITMIME"))
+    plain = RawUpstream((b"8BITMIME",))
+    for upstream in (xforward, plain):
+        server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+        proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+            host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+        for _ in range(2):
+            assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+        server.close()
+    verbs = [[line.split(b" ")[0] for line in u.lines] for u in (xforward, plain)]
+    assert verbs[0] == [b"EHLO", b"XFORWARD", b"MAIL", b"RCPT", b"DATA", b"XFORWARD", b"MAIL", b"RCPT", b"DATA"]
+    assert verbs[1] == [b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"MAIL", b"RCPT", b"DATA"]
+
+
+async def test_a_dead_pooled_connection_is_replaced_when_xforward_is_the_probe(proxy_factory: ProxyFactory) -> None:
+    upstream = RawUpstream((b"XFORWARD NAME ADDR PROTO HELO SOURCE", b"8BITMIME"))
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    for pool in proxy.services.delivery.servers:  # type: ignore[attr-defined]
+        for conn in pool.idle:
+            conn.client.close()  # the upstream went away while the connection sat idle
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert upstream.commands(b"EHLO") and len(upstream.commands(b"EHLO")) == 2  # a new connection
+    server.close()

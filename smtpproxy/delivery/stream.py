@@ -36,9 +36,11 @@ def _stuff(block: bytes) -> bytes:
 def dot_stuffed(parts: Iterable[Buffer], block_size: int = BLOCK_SIZE) -> Iterator[bytes]:
     """The DATA payload of a CRLF-only message, terminator included, in blocks of whole lines.
 
-    A final line without CRLF gets one, as the terminator must start a line.
+    A final line without CRLF gets one, as the terminator must start a line. The terminator
+    rides on the last block, so a small message goes out in one write.
     """
     carry = b""
+    ready: bytes | None = None  # held back one round, to attach the terminator to the last
     for part in parts:
         view = memoryview(part)
         for start in range(0, len(view), block_size):
@@ -48,10 +50,11 @@ def dot_stuffed(parts: Iterable[Buffer], block_size: int = BLOCK_SIZE) -> Iterat
                 carry = block
                 continue
             carry = block[cut:]
-            yield _stuff(block[:cut])
-    if carry:
-        yield _stuff(carry) + b"\r\n"
-    yield TERMINATOR
+            if ready is not None:
+                yield ready
+            ready = _stuff(block[:cut])
+    tail = _stuff(carry) + b"\r\n" + TERMINATOR if carry else TERMINATOR
+    yield ready + tail if ready is not None else tail
 
 
 async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: float) -> SMTPResponse:

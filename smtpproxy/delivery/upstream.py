@@ -118,6 +118,8 @@ class Connection:
 
 def order_servers(servers: Sequence[UpstreamServer], now: float) -> list[UpstreamServer]:
     """Priority order, weighted-random within a priority; servers in back-off go last."""
+    if len(servers) == 1:
+        return list(servers)
     ordered: list[UpstreamServer] = []
     for priority in sorted({s.priority for s in servers}):
         group = [s for s in servers if s.priority == priority]
@@ -196,9 +198,12 @@ class Connector:
                 await self.discard(conn)  # it speaks for another client now
                 continue
             try:
-                response = await conn.client.rset()
-                if response.code != 250:
-                    raise aiosmtplib.SMTPResponseException(response.code, response.message)
+                if not self._identifies_with_a_command(conn, session):
+                    # Probe that the idle connection still answers (as Postfix's connection
+                    # cache does). XCLIENT or XFORWARD, when sent, is that probe already.
+                    response = await conn.client.rset()
+                    if response.code != 250:
+                        raise aiosmtplib.SMTPResponseException(response.code, response.message)
                 await self._identify(conn, session)
             except (aiosmtplib.SMTPException, OSError, DeliveryError):
                 await self.discard(conn)
@@ -331,6 +336,13 @@ class Connector:
         if self.settings.identity not in ("auto", "xclient") or conn.xclient_offered is None:
             return None
         return tuple(_xclient_attributes(session, conn.xclient_offered))
+
+    def _identifies_with_a_command(self, conn: Connection, session: Session) -> bool:
+        """Whether :meth:`_identify` will send XCLIENT or XFORWARD on this connection now."""
+        identity = self._xclient_identity(conn, session)
+        if identity is not None:
+            return conn.identity != identity
+        return self.settings.identity in ("auto", "xforward") and conn.client.supports_extension("xforward")
 
     async def _identify(self, conn: Connection, session: Session) -> None:
         """Tell the upstream who the real client is (per message: pooled connections move on)."""
