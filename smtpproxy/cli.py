@@ -34,6 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the proxy (without -c: the embedded default)")
     run.add_argument("-c", "--config", help="YAML configuration file")
+    run.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the workers supervisor
     milter = sub.add_parser(
         "milter", help="serve the plugin chain to Postfix/Sendmail over the milter protocol"
     )
@@ -108,8 +109,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.logging.level, config.logging.format)
     if args.command == "milter":
         return _run_milter(config, source)
+    if config.workers > 1 and args.worker is None:
+        from smtpproxy.workers import supervise
+
+        return supervise(config, args.config)
     try:
-        eventloop.run(ProxyServer(config, source).serve_forever(), config.event_loop)
+        eventloop.run(ProxyServer(config, source, worker=args.worker).serve_forever(), config.event_loop)
     except (StartupError, eventloop.EventLoopError) as exc:
         logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
         print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)

@@ -1501,6 +1501,13 @@ class Config(_Model):
     dns: DNS = Field(default=DNS(), description="DNS resolver settings shared by all plugins.")
     milter: Milter = Field(default=Milter(), description="Milter mode (`smtpproxy milter`).")
     logging: Logging = Field(default=Logging(), description="Log level and format.")
+    workers: int = Field(
+        default=1, strict=True, ge=1, le=64,
+        description=(
+            "Proxy processes sharing each listening port (SO_REUSEPORT), one per core is a "
+            "good start; each has its own metrics port (metrics.port + worker index)."
+        ),
+    )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto",
         description=(
@@ -1535,6 +1542,19 @@ class Config(_Model):
                     f"{listener.address} port {listener.port} is already used by listeners[{first}]",
                     loc_suffix=(index, "port"),
                 )
+        return value
+
+    @field_validator("workers")
+    @classmethod
+    def _workers_need_fixed_ports(cls, value: int, info: ValidationInfo) -> int:
+        if value > 1:
+            for index, listener in enumerate(info.data.get("listeners") or []):
+                if listener.port == 0:
+                    raise _error(
+                        "workers_need_fixed_ports",
+                        f"workers: {value} needs a fixed port on every listener, but "
+                        f"listeners[{index}] has port 0 (each worker would pick its own free port)",
+                    )
         return value
 
     @field_validator("plugins")

@@ -35,6 +35,7 @@ from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import restart_only_changes, without_restart_only_changes
 from smtpproxy.sdnotify import monotonic_usec, notify
+from smtpproxy.workers import tell_supervisor_ready
 
 __all__ = ["ProxyServer", "StartupError"]
 
@@ -71,8 +72,11 @@ class ProxyServer:
     """One proxy process: listeners, the plugin chain and a delivery backend."""
 
     def __init__(self, config: Config, source: ConfigSource | None = None, *,
-                 chain: Chain | None = None, delivery: Delivery | None = None):
+                 chain: Chain | None = None, delivery: Delivery | None = None,
+                 worker: int | None = None):
         self.config = config
+        self.worker = worker
+        """This process's index under a ``workers: N`` supervisor (None: a single process)."""
         limits = config.limits
         self.services = Services(
             chain=chain if chain is not None else build_chain(config.plugins, source),
@@ -178,6 +182,7 @@ class ProxyServer:
             try:
                 server = await loop.create_server(
                     factory, host=listener.address, port=listener.port, reuse_address=True,
+                    reuse_port=self.worker is not None,  # workers share each port (SO_REUSEPORT)
                     backlog=1024, ssl=implicit,
                     ssl_handshake_timeout=10.0 if implicit else None,  # a silent client is cut off
                 )
@@ -191,7 +196,8 @@ class ProxyServer:
         for host, port in self.addresses:
             event("listening", address=host, port=port, delivery=services.delivery.name,
                   plugins=[s.name for s in services.chain.steps],
-                  loop=type(asyncio.get_running_loop()).__module__.split(".")[0])
+                  loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
+                  worker=self.worker, pid=os.getpid())
         if isinstance(services.metrics, PrometheusRecorder):
             await self._start_health(services.metrics)
         self._started.set()
@@ -201,7 +207,8 @@ class ProxyServer:
         if isinstance(delivery, SmtpDelivery):
             delivery.connector.on_down = metrics.upstream_down
         readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache)
-        self.health = HealthServer(m.address, m.port, readiness, metrics)
+        port = m.port + self.worker if self.worker is not None and m.port else m.port
+        self.health = HealthServer(m.address, port, readiness, metrics)
         try:
             await self.health.start()
         except OSError as exc:
@@ -344,7 +351,7 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         # Before start(): SIGHUP's default action would kill a proxy that is still starting.
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
-        pid_file = self.config.pid_file
+        pid_file = self.config.pid_file if self.worker is None else None  # the supervisor's
         try:
             if pid_file is not None:  # after the SIGHUP handler: `smtpproxy reload` may use it now
                 try:
@@ -361,6 +368,7 @@ class ProxyServer:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_requested.set)
         notify("READY=1", f"MAINPID={os.getpid()}")
+        tell_supervisor_ready()
         try:
             await stop_requested.wait()
         finally:

@@ -1,0 +1,105 @@
+"""``workers: N``: a supervisor and N proxy processes sharing one port, as a user runs it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from smtpproxy.config import ConfigError, load_config
+from tests.daemons import LogLines, free_port
+
+MESSAGE = b"From: a@sender.test\r\nSubject: workers\r\n\r\nHello.\r\n"
+
+
+class Supervisor:
+    def __init__(self, config: Path):
+        self.proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "run", "-c", str(config)],
+                                     stderr=subprocess.PIPE, cwd=config.parent)
+        assert self.proc.stderr is not None
+        self.log = LogLines(self.proc.stderr)
+
+    def worker_pids(self, count: int) -> dict[int, int]:
+        """worker index -> pid, from the next ``count`` listening lines."""
+        pids = {}
+        for _ in range(count):
+            line = self.log.wait_line(r"event=listening ")
+            match = re.search(r"worker=(\d+) pid=(\d+)", line)
+            assert match, line
+            pids[int(match.group(1))] = int(match.group(2))
+        return pids
+
+
+@pytest.fixture
+def supervisor(tmp_path: Path) -> Iterator[tuple[Supervisor, int]]:
+    port = free_port()
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text(
+        f"listeners:\n  - address: 127.0.0.1\n    port: {port}\n"
+        "workers: 2\nhostname: workers.test\npid_file: smtpproxy.pid\n"
+        "delivery:\n  type: maildir\n  path: mail\n"
+    )
+    sup = Supervisor(config)
+    try:
+        yield sup, port
+    finally:
+        if sup.proc.poll() is None:
+            sup.proc.kill()
+            sup.proc.wait()
+
+
+def send(port: int, count: int) -> None:
+    for _ in range(count):  # a new connection each time: the kernel spreads them
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+            assert client.sendmail("a@sender.test", ["bob@localhost"], MESSAGE) == {}
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+def test_workers_share_the_port_reload_restart_and_stop_together(
+    supervisor: tuple[Supervisor, int], tmp_path: Path
+) -> None:
+    sup, port = supervisor
+    pids = sup.worker_pids(2)
+    assert sorted(pids) == [0, 1] and sup.proc.pid not in pids.values()
+    sup.log.wait_line(r"event=workers_ready workers=2")
+    assert int((tmp_path / "smtpproxy.pid").read_text()) == sup.proc.pid  # the supervisor's
+
+    send(port, 20)
+    assert len(list((tmp_path / "mail" / "new").iterdir())) == 20
+
+    sup.proc.send_signal(signal.SIGHUP)  # forwarded: every worker reloads
+    reloaded = {sup.log.wait_line(r"event=reload ") for _ in range(2)}
+    assert len(reloaded) == 2 and all("result=ok" in line for line in reloaded)
+
+    os.kill(pids[1], signal.SIGKILL)  # a worker dies: the supervisor starts another
+    sup.log.wait_line(r"event=worker_died .*worker=1")
+    new_pids = sup.worker_pids(1)
+    assert list(new_pids) == [1] and new_pids[1] != pids[1]
+    send(port, 4)
+
+    sup.proc.send_signal(signal.SIGTERM)
+    assert sup.proc.wait(timeout=30) == 0
+    assert not alive(pids[0]) and not alive(new_pids[1])
+    assert not (tmp_path / "smtpproxy.pid").exists()
+
+
+def test_workers_need_fixed_ports(tmp_path: Path) -> None:
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text("listeners:\n  - address: 127.0.0.1\n    port: 0\nworkers: 4\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(config))
+    assert "workers" in str(error.value) and "listeners[0] has port 0" in str(error.value)
