@@ -240,13 +240,16 @@ class Baseline(System):
 class SmtpProxy(System):
     """smtpproxy from this checkout via its CLI, SMTP delivery to the sink, ``tls: none``."""
 
-    def __init__(self, name: str, services: Services, chain: bool = False, uvloop: bool = False) -> None:
+    def __init__(self, name: str, services: Services, chain: bool = False, uvloop: bool = False,
+                 workers: int = 1) -> None:
         super().__init__(name, services)
         self.chain = chain
         self.uvloop = uvloop
+        self.workers = workers
         self.description = ("smtpproxy, default chain (spf, dkim_verify, dmarc, auth_results, "
                             "ratelimit/redis, score)"
-                            if chain else "smtpproxy, no plugins") + (", uvloop" if uvloop else "")
+                            if chain else "smtpproxy, no plugins") + (", uvloop" if uvloop else "") + (
+                            f", workers: {workers}" if workers > 1 else "")
 
     def config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -259,6 +262,7 @@ class SmtpProxy(System):
             "quarantine": {"path": str(self.dir / "quarantine")},
             "logging": {"level": "warning"},
             "event_loop": "uvloop" if self.uvloop else "asyncio",
+            "workers": self.workers,
         }
         if self.chain:
             assert self.services.redis is not None
@@ -376,7 +380,7 @@ class Haraka(System):
 
 
 SYSTEM_NAMES = ["direct", "baseline", "baseline-uvloop", "smtpproxy", "smtpproxy-uvloop",
-                "smtpproxy-chain", "haraka", "haraka-chain"]
+                "smtpproxy-workers", "smtpproxy-chain", "haraka", "haraka-chain"]
 
 
 def make_system(name: str, services: Services, haraka_nodes: str = "") -> System:
@@ -385,7 +389,9 @@ def make_system(name: str, services: Services, haraka_nodes: str = "") -> System
     if name.startswith("baseline"):
         return Baseline(name, services, uvloop=name.endswith("uvloop"))
     if name.startswith("smtpproxy"):
-        return SmtpProxy(name, services, chain=name.endswith("chain"), uvloop=name.endswith("uvloop"))
+        return SmtpProxy(name, services, chain=name.endswith("chain"),
+                         uvloop=name.endswith(("uvloop", "workers")),
+                         workers=2 if name.endswith("workers") else 1)
     if name.startswith("haraka"):
         return Haraka(name, services, chain=name.endswith("chain"), nodes=haraka_nodes)
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEM_NAMES)}")
