@@ -530,7 +530,7 @@ def chart(report: dict[str, Any], path: Path) -> None:
 
 
 def profile(args: argparse.Namespace) -> int:
-    """py-spy on smtpproxy (no plugins) while smtp-source -d loads it; top frames by own time."""
+    """py-spy on smtpproxy (no plugins) while smtp-source (-d) loads it; top frames by own time."""
     pyspy = shutil.which("py-spy")
     if pyspy is None:
         print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
@@ -551,7 +551,8 @@ def profile(args: argparse.Namespace) -> int:
                                         "--rate", "200", "--output", str(out), "--nonblocking"],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 time.sleep(1.0)  # py-spy attaches
-                seconds = smtp_source(system.port, 10, args.profile_messages, msgfile, reuse=True)
+                seconds = smtp_source(system.port, 10, args.profile_messages, msgfile,
+                                      reuse=not args.new_connections)
                 spy.send_signal(2)
                 log = spy.communicate(timeout=60)[0]
                 if not out.exists():
@@ -612,6 +613,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="profile smtpproxy (no plugins) with py-spy instead")
     parser.add_argument("--profile-messages", type=int, default=6000)
     parser.add_argument("--uvloop", action="store_true", help="with --profile: profile the uvloop variant")
+    parser.add_argument("--new-connections", action="store_true",
+                        help="with --profile: a new client connection per message (smtp-source without -d)")
     args = parser.parse_args(argv)
     args.scenario = args.scenario or names
     args.systems = args.systems or list(systems.SYSTEM_NAMES)
