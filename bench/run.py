@@ -538,10 +538,11 @@ def profile(args: argparse.Namespace) -> int:
     signed = Signed.create()
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp, \
-            services(Path(tmp), False, signed) as svc:
+            services(Path(tmp), "chain" in (args.profile_system or ""), signed) as svc:
         msgfile = Path(tmp) / "message.eml"
         msgfile.write_bytes(signed.message(1024).replace(b"\r\n", b"\n"))
-        system = systems.make_system("smtpproxy-uvloop" if args.uvloop else "smtpproxy", svc)
+        name = args.profile_system or ("smtpproxy-uvloop" if args.uvloop else "smtpproxy")
+        system = systems.make_system(name, svc)
         system.start()
         try:
             smtp_source(system.port, 10, 200, msgfile, reuse=True)
@@ -613,6 +614,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="profile smtpproxy (no plugins) with py-spy instead")
     parser.add_argument("--profile-messages", type=int, default=6000)
     parser.add_argument("--uvloop", action="store_true", help="with --profile: profile the uvloop variant")
+    parser.add_argument("--profile-system", choices=[n for n in systems.SYSTEM_NAMES if "smtpproxy" in n],
+                        help="with --profile: which smtpproxy row to profile (default smtpproxy)")
     parser.add_argument("--new-connections", action="store_true",
                         help="with --profile: a new client connection per message (smtp-source without -d)")
     args = parser.parse_args(argv)
