@@ -183,6 +183,7 @@ class RawUpstream:
 
     extensions: tuple[bytes, ...] = (b"8BITMIME", b"SMTPUTF8", b"SIZE 100000000")
     lines: list[bytes] = field(default_factory=list)
+    xclient_reply: bytes = b"220 raw.test ESMTP"  # Postfix >= 2.3; older ones (and smtp-sink) say 250
 
     def commands(self, verb: bytes) -> list[bytes]:
         return [line for line in self.lines if line.split(b" ")[0].upper() == verb]
@@ -205,7 +206,7 @@ class RawUpstream:
                     for i, ext in enumerate(offered)
                 ))
             elif verb == b"XCLIENT":
-                writer.write(b"220 raw.test ESMTP\r\n")
+                writer.write(self.xclient_reply + b"\r\n")
             elif verb == b"DATA":
                 in_data = True
                 writer.write(b"354 go\r\n")

@@ -185,6 +185,16 @@ async def test_xclient_passes_the_client_identity(proxy_factory: ProxyFactory) -
     server.close()
 
 
+async def test_xclient_answered_with_250_is_accepted(proxy_factory: ProxyFactory) -> None:
+    """Postfix before 2.3 (and smtp-sink) answer XCLIENT with 250 rather than a 220 greeting."""
+    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"), xclient_reply=b"250 2.0.0 Ok")
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert [line.split(b" ")[0] for line in upstream.lines][:4] == [b"EHLO", b"XCLIENT", b"EHLO", b"MAIL"]
+    server.close()
+
+
 async def test_xforward_when_xclient_is_not_offered(proxy_factory: ProxyFactory) -> None:
     upstream = RawUpstream((b"XFORWARD NAME ADDR PROTO HELO SOURCE", b"8BITMIME"))
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)

@@ -353,7 +353,7 @@ class Connector:
             if conn.identity == identity:
                 return  # a reused connection already speaking for this client
             response = await client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
-            if response.code != 220:
+            if response.code not in (220, 250):  # 220 greeting (Postfix >= 2.3); 250 before that
                 raise DeliveryError(
                     upstream_reply(_as_temp(response.code), response.message),
                     f"{conn.destination}: XCLIENT refused: {response.code} {response.message}",
