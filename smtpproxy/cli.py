@@ -11,8 +11,9 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from pathlib import Path
+from typing import Any
 
 from smtpproxy import __version__, eventloop
 from smtpproxy.config import Config, ConfigError, ConfigSource, load_config
@@ -113,23 +114,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from smtpproxy.workers import supervise
 
         return supervise(config, args.config)
-    try:
-        eventloop.run(ProxyServer(config, source, worker=args.worker).serve_forever(), config.event_loop)
-    except (StartupError, eventloop.EventLoopError) as exc:
-        logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
-        print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
-        return EXIT_RUNTIME
-    except KeyboardInterrupt:
-        pass
-    return 0
+    return _serve(ProxyServer(config, source, worker=args.worker).serve_forever(), config, StartupError)
 
 
 def _run_milter(config: Config, source: ConfigSource | None) -> int:
     from smtpproxy.milter.server import MilterServer, MilterStartupError
 
+    return _serve(MilterServer(config, source).serve_forever(), config, MilterStartupError)
+
+
+def _serve(main: Coroutine[Any, Any, None], config: Config, startup_error: type[Exception]) -> int:
+    """Run a front end until it stops; a startup failure is exit code 1 with the reason."""
     try:
-        eventloop.run(MilterServer(config, source).serve_forever(), config.event_loop)
-    except (MilterStartupError, eventloop.EventLoopError) as exc:
+        eventloop.run(main, config.event_loop)
+    except (startup_error, eventloop.EventLoopError) as exc:
         logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
         print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

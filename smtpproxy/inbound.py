@@ -517,9 +517,8 @@ class InboundSMTP(SMTP):
 
     def _apply_session_disposition(self, verdict: Verdict | None) -> None:
         assert self.sp is not None
-        if verdict is not None and verdict.action in (Action.DISCARD, Action.QUARANTINE):
-            self.sp.disposition = verdict.action
-            self.sp.disposition_reason = verdict.reason
+        if self.sp.set_disposition(verdict):
+            assert verdict is not None
             event("session_disposition", action=verdict.action.value, reason=verdict.reason)
 
     # -- commands ----------------------------------------------------------------
@@ -978,13 +977,8 @@ def _verdict_fields(verdict: Verdict | None, results: Results) -> dict[str, Any]
 
 
 def _apply_disposition(transaction: Transaction, verdict: Verdict | None) -> None:
-    if verdict is None:
-        return
-    if verdict.action is Action.DISCARD or (
-        verdict.action is Action.QUARANTINE and transaction.disposition is not Action.DISCARD
-    ):
-        transaction.disposition = verdict.action
-        transaction.disposition_reason = verdict.reason
+    if transaction.set_disposition(verdict):
+        assert verdict is not None
         event("disposition", tx=transaction.id, action=verdict.action.value, reason=verdict.reason)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from smtpproxy.addresses import Address
 from smtpproxy.message import Message
-from smtpproxy.verdicts import Action, Reply
+from smtpproxy.verdicts import Action, Reply, Verdict
 
 __all__ = [
     "Client",
@@ -175,6 +175,15 @@ class Results:
         return [o for o in self.outcomes if o.plugin == name]
 
 
+def _takes_disposition(current: Action | None, verdict: Verdict | None) -> bool:
+    """DISCARD always; QUARANTINE unless a DISCARD is already pending (dropping beats keeping)."""
+    if verdict is None:
+        return False
+    return verdict.action is Action.DISCARD or (
+        verdict.action is Action.QUARANTINE and current is not Action.DISCARD
+    )
+
+
 class Transaction:
     """One MAIL FROM ... DATA exchange. A session may hold several, one after another."""
 
@@ -196,6 +205,17 @@ class Transaction:
         self.disposition: Action | None = None
         """Set to DISCARD or QUARANTINE by an earlier phase; applied when the message is complete."""
         self.disposition_reason = ""
+
+    def set_disposition(self, verdict: Verdict | None) -> bool:
+        """Remember a DISCARD or QUARANTINE decided before the message is complete.
+
+        Every front end applies it when the message ends. True when it took effect.
+        """
+        if not _takes_disposition(self.disposition, verdict):
+            return False
+        assert verdict is not None
+        self.disposition, self.disposition_reason = verdict.action, verdict.reason
+        return True
 
 
 class Session:
@@ -241,6 +261,17 @@ class Session:
         self.disposition: Action | None = None
         """DISCARD/QUARANTINE decided at connect or helo applies to every transaction."""
         self.disposition_reason = ""
+
+    def set_disposition(self, verdict: Verdict | None) -> bool:
+        """Remember a DISCARD or QUARANTINE decided at connect or helo, for every message.
+
+        True when it took effect (see :meth:`Transaction.set_disposition`).
+        """
+        if not _takes_disposition(self.disposition, verdict):
+            return False
+        assert verdict is not None
+        self.disposition, self.disposition_reason = verdict.action, verdict.reason
+        return True
 
     def begin_transaction(self, envelope: Envelope) -> Transaction:
         self.transaction_count += 1

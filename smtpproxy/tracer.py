@@ -631,19 +631,11 @@ class Tracer:
         return transaction
 
     def _session_disposition(self, run: _Run, session: Session, verdict: Verdict | None) -> None:
-        if verdict is not None and verdict.action in (Action.DISCARD, Action.QUARANTINE):
-            session.disposition = verdict.action
-            session.disposition_reason = verdict.reason
+        if session.set_disposition(verdict):
             run.disposition_by = _last_plugin(session.results)
 
     def _disposition(self, run: _Run, transaction: Transaction, verdict: Verdict | None) -> None:
-        if verdict is None:
-            return
-        if verdict.action is Action.DISCARD or (
-            verdict.action is Action.QUARANTINE and transaction.disposition is not Action.DISCARD
-        ):
-            transaction.disposition = verdict.action
-            transaction.disposition_reason = verdict.reason
+        if transaction.set_disposition(verdict):
             run.disposition_by = _last_plugin(transaction.results)
 
     def _rcpt_rule(

@@ -259,10 +259,7 @@ class MilterSession:
             event("connect_rejected", reply=reply.code, reason=verdict.reason)
             await self.send(codec.ReplyCode(reply_text(reply)))
             return
-        if verdict is not None and verdict.action in (Action.DISCARD, Action.QUARANTINE):
-            session.disposition = verdict.action
-            session.disposition_reason = verdict.reason
-            event("session_disposition", action=verdict.action.value, reason=verdict.reason)
+        _apply_session_disposition(session, verdict)
         await self.send(codec.Continue())
 
     async def _helo(self, hostname: str) -> None:
@@ -276,10 +273,7 @@ class MilterSession:
         if verdict is not None and verdict.reply is not None:
             await self.send(codec.ReplyCode(reply_text(verdict.reply)))
             return
-        if verdict is not None and verdict.action in (Action.DISCARD, Action.QUARANTINE):
-            session.disposition = verdict.action
-            session.disposition_reason = verdict.reason
-            event("session_disposition", action=verdict.action.value, reason=verdict.reason)
+        _apply_session_disposition(session, verdict)
         session.helo = hostname
         await self.send(codec.Continue())
 
@@ -495,13 +489,15 @@ def _action(verdict: Verdict | None) -> str:
     return verdict.action.value if verdict is not None else "continue"
 
 
+def _apply_session_disposition(session: Session, verdict: Verdict | None) -> None:
+    """Discard or quarantine decided at connect or helo: every message of the session."""
+    if session.set_disposition(verdict):
+        assert verdict is not None
+        event("session_disposition", action=verdict.action.value, reason=verdict.reason)
+
+
 def _apply_disposition(transaction: Transaction, verdict: Verdict | None) -> None:
     """Discard or quarantine decided before the message: applied at its end (as the proxy)."""
-    if verdict is None:
-        return
-    if verdict.action is Action.DISCARD or (
-        verdict.action is Action.QUARANTINE and transaction.disposition is not Action.DISCARD
-    ):
-        transaction.disposition = verdict.action
-        transaction.disposition_reason = verdict.reason
+    if transaction.set_disposition(verdict):
+        assert verdict is not None
         event("disposition", tx=transaction.id, action=verdict.action.value, reason=verdict.reason)
