@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from smtpproxy import Address, Client, Envelope, Session, Verdict
+from smtpproxy import Address, Client, Envelope, Session, Transaction, Verdict
 from smtpproxy.verdicts import Action
 
 NULL = Address("", "", "")
 
 
-def holders() -> list[Session | object]:
+def holders() -> list[Session | Transaction]:
     session = Session(Client("192.0.2.1", 25))
     transaction = session.begin_transaction(Envelope(NULL))
     return [session, transaction]
@@ -19,13 +19,13 @@ def holders() -> list[Session | object]:
 @pytest.mark.parametrize("index", [0, 1], ids=["session", "transaction"])
 def test_a_pending_discard_is_never_weakened_to_quarantine(index: int) -> None:
     holder = holders()[index]
-    assert not holder.set_disposition(None)  # type: ignore[attr-defined]
-    assert not holder.set_disposition(Verdict.cont(score=3))  # type: ignore[attr-defined]
-    assert holder.set_disposition(Verdict.quarantine("looks like spam"))  # type: ignore[attr-defined]
-    assert holder.disposition is Action.QUARANTINE  # type: ignore[attr-defined]
-    assert holder.set_disposition(Verdict.discard("known bad sender"))  # type: ignore[attr-defined]
-    assert not holder.set_disposition(Verdict.quarantine("still spam"))  # type: ignore[attr-defined]
-    assert (holder.disposition, holder.disposition_reason) == (Action.DISCARD, "known bad sender")  # type: ignore[attr-defined]
+    assert not holder.set_disposition(None)
+    assert not holder.set_disposition(Verdict.cont(score=3))
+    assert holder.set_disposition(Verdict.quarantine("looks like spam"))
+    assert holder.disposition is Action.QUARANTINE
+    assert holder.set_disposition(Verdict.discard("known bad sender"))
+    assert not holder.set_disposition(Verdict.quarantine("still spam"))
+    assert (holder.disposition, holder.disposition_reason) == (Action.DISCARD, "known bad sender")
 
 
 def test_a_session_disposition_is_inherited_by_each_transaction() -> None:
