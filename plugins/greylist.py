@@ -23,19 +23,20 @@ recipient through, ``closed`` answers ``451 4.3.0``.
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from smtpproxy import Recipient, Session, Transaction, Verdict, hookimpl
 from smtpproxy.config import Network
 from smtpproxy.networks import ip_in_networks
+
+from ._redis import RedisScript, RedisUnavailable, StateStore
 
 __all__ = ["Backend", "Greylist", "MemoryBackend", "RedisBackend", "Status"]
 
@@ -117,30 +118,18 @@ class RedisBackend:
     """Triplets in Redis hashes (first, passed; milliseconds of Redis's clock), with expiry."""
 
     def __init__(self, url: str, timeout: float, prefix: str):
-        import redis.asyncio
-
-        self.timeout = timeout
-        self.prefix = prefix
-        self.client: redis.asyncio.Redis = redis.asyncio.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-        self.script: Any = self.client.register_script(_LUA)
+        self.redis = RedisScript(url, timeout, prefix, _LUA)
 
     async def check(self, key: str, delay: float, retry_window: float, expire: float) -> tuple[Status, float]:
         args = [max(0, round(delay * 1000)), max(1, round(retry_window * 1000)), max(1, round(expire * 1000))]
-        async with asyncio.timeout(self.timeout):
-            status, elapsed_ms = await self.script(keys=[self.prefix + key], args=args)
+        status, elapsed_ms = await self.redis.run(key, args)
         text = status.decode() if isinstance(status, bytes) else str(status)
         if text not in ("new", "early", "passed", "known"):
             raise ValueError(f"unexpected answer from the greylist script: {status!r}")
         return text, int(elapsed_ms) / 1000  # type: ignore[return-value]
 
     async def close(self) -> None:
-        await self.client.aclose()
-
-
-class RedisUnavailable(Exception):
-    """Redis did not answer (down, timed out, refused)."""
+        await self.redis.close()
 
 
 def _check_pattern(value: str) -> str:
@@ -239,31 +228,22 @@ class Greylist:
 
     def __init__(self, settings: Settings | None = None, *, backend: Backend | None = None):
         self.settings = settings or self.Settings()
-        self.backend: Backend | None = backend
-        self._redis: RedisBackend | None = None
+        self.store: StateStore[Backend] = StateStore(backend, self._make_backend)
 
-    def _backend(self) -> Backend:
-        if self.backend is None:
-            if self.settings.backend == "redis":
-                assert self.settings.redis_url is not None
-                self._redis = RedisBackend(
-                    self.settings.redis_url, self.settings.redis_timeout, self.settings.redis_prefix
-                )
-                self.backend = self._redis
-            else:
-                self.backend = MemoryBackend()
-        return self.backend
+    def _make_backend(self) -> Backend:
+        s = self.settings
+        if s.backend == "redis":
+            assert s.redis_url is not None
+            return RedisBackend(s.redis_url, s.redis_timeout, s.redis_prefix)
+        return MemoryBackend()
 
     @hookimpl
     async def startup(self) -> None:
-        self._backend()
+        self.store.get()
 
     @hookimpl
     async def shutdown(self) -> None:
-        if self._redis is not None:
-            await self._redis.close()
-            self._redis = None
-            self.backend = None
+        await self.store.close()
 
     @hookimpl
     async def rcpt_to(
@@ -277,9 +257,8 @@ class Greylist:
             return None
         key = f"{network}|{sender_text or '<>'}|{rcpt_text}"
         s = self.settings
-        backend = self._backend()
         try:
-            status, age = await self._check(backend, key)
+            status, age = await self.store.get().check(key, s.delay, s.retry_window, s.expire)
         except RedisUnavailable as exc:
             if s.redis_failure == "open":
                 log.warning("event=greylist_redis_down policy=open error=%s", exc)
@@ -299,17 +278,6 @@ class Greylist:
             )
             return replace(verdict, tags=(f"greylist:{status}",))
         return Verdict.cont(reason=f"greylist {status} after {age:.0f}s", tags=(f"greylist:{status}",))
-
-    async def _check(self, backend: Backend, key: str) -> tuple[Status, float]:
-        s = self.settings
-        if not isinstance(backend, RedisBackend):
-            return await backend.check(key, s.delay, s.retry_window, s.expire)
-        import redis.exceptions
-
-        try:
-            return await backend.check(key, s.delay, s.retry_window, s.expire)
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def _network(self, session: Session) -> str | None:
         try:

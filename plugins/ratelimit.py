@@ -22,7 +22,6 @@ atomically; Redis's own clock (``TIME``) is used, so the proxies' clocks do not 
 
 from __future__ import annotations
 
-import asyncio
 import ipaddress
 import logging
 import math
@@ -31,7 +30,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -40,6 +39,7 @@ from smtpproxy.config import Network
 from smtpproxy.networks import ip_in_networks
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
+from ._redis import RedisScript, RedisUnavailable, StateStore
 
 __all__ = ["MemoryBackend", "RateLimit", "RedisBackend", "Rule"]
 
@@ -205,30 +205,16 @@ class RedisBackend:
     """Sliding window logs in Redis sorted sets, shared by every proxy using the same Redis."""
 
     def __init__(self, url: str, timeout: float, prefix: str):
-        import redis.asyncio
-
-        self.timeout = timeout
-        self.prefix = prefix
-        self.client: redis.asyncio.Redis = redis.asyncio.from_url(
-            url, socket_timeout=timeout, socket_connect_timeout=timeout
-        )
-        self.script: Any = self.client.register_script(_LUA)
+        self.redis = RedisScript(url, timeout, prefix, _LUA)
 
     async def hit(self, key: str, window: float, limit: int, amount: int) -> tuple[bool, int]:
         window_us = max(1, math.ceil(window * 1_000_000))
         weighted = "1" if key.startswith("bytes:") else "0"  # byte logs store sizes: sum them
-        async with asyncio.timeout(self.timeout):
-            allowed, total = await self.script(
-                keys=[self.prefix + key], args=[window_us, limit, amount, uuid.uuid4().hex, weighted]
-            )
+        allowed, total = await self.redis.run(key, [window_us, limit, amount, uuid.uuid4().hex, weighted])
         return bool(allowed), int(total)
 
     async def close(self) -> None:
-        await self.client.aclose()
-
-
-class RedisUnavailable(Exception):
-    """Redis did not answer (down, timed out, refused)."""
+        await self.redis.close()
 
 
 # -- the plugin ----------------------------------------------------------------------
@@ -287,33 +273,24 @@ class RateLimit:
 
     def __init__(self, settings: Settings, *, backend: Backend | None = None):
         self.settings = settings
-        self.backend: Backend | None = backend
-        self._redis: RedisBackend | None = None
+        self.store: StateStore[Backend] = StateStore(backend, self._make_backend)
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def _backend(self) -> Backend:
-        if self.backend is None:
-            if self.settings.backend == "redis":
-                assert self.settings.redis_url is not None
-                self._redis = RedisBackend(
-                    self.settings.redis_url, self.settings.redis_timeout, self.settings.redis_prefix
-                )
-                self.backend = self._redis
-            else:
-                self.backend = MemoryBackend()
-        return self.backend
+    def _make_backend(self) -> Backend:
+        s = self.settings
+        if s.backend == "redis":
+            assert s.redis_url is not None
+            return RedisBackend(s.redis_url, s.redis_timeout, s.redis_prefix)
+        return MemoryBackend()
 
     @hookimpl
     async def startup(self) -> None:
-        self._backend()
+        self.store.get()
 
     @hookimpl
     async def shutdown(self) -> None:
-        if self._redis is not None:
-            await self._redis.close()
-            self._redis = None
-            self.backend = None
+        await self.store.close()
 
     # -- the hooks ---------------------------------------------------------------------
 
@@ -345,13 +322,13 @@ class RateLimit:
         rules = [rule for rule in self.settings.rules if rule.what == what]
         if not rules or self._skipped(session):
             return None
-        backend = self._backend()
+        backend = self.store.get()
         verdicts: list[Verdict] = []
         for rule in rules:
             for value in self._values(rule, session, transaction, recipients):
                 store_key = f"{what}:{rule.name}:{value}"
                 try:
-                    allowed, total = await self._hit(backend, store_key, rule, amount)
+                    allowed, total = await backend.hit(store_key, rule.window, rule.limit, amount)
                 except RedisUnavailable as exc:
                     if self.settings.redis_failure == "open":
                         log.warning("event=ratelimit_redis_down rule=%s policy=open error=%s", rule.name, exc)
@@ -380,16 +357,6 @@ class RateLimit:
             tags=tuple(t for v in verdicts for t in v.tags),
             reason="; ".join(v.reason for v in verdicts),
         )
-
-    async def _hit(self, backend: Backend, key: str, rule: Rule, amount: int) -> tuple[bool, int]:
-        if not isinstance(backend, RedisBackend):
-            return await backend.hit(key, rule.window, rule.limit, amount)
-        import redis.exceptions
-
-        try:
-            return await backend.hit(key, rule.window, rule.limit, amount)
-        except (redis.exceptions.RedisError, OSError, TimeoutError) as exc:
-            raise RedisUnavailable(f"{type(exc).__name__}: {exc}") from exc
 
     def _skipped(self, session: Session) -> bool:
         if self.settings.skip_authenticated and session.auth_user is not None:
