@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import grp
 import importlib.metadata
-import logging
 import os
 import pwd
 import re
@@ -36,26 +35,9 @@ from pydantic import ValidationError
 from smtpproxy_plugins.rspamd import Rspamd, RspamdError, check, parse_result
 from smtpproxy_plugins.score import Score
 
-from smtpproxy import Transaction, hookimpl
-from tests.conftest import ProxyFactory, Sink, Talk, closed_port, port_of
+from tests.conftest import ProxyFactory, Sink, closed_port, port_of
 from tests.daemons import free_port, stop_process
-
-MARKER = "smtpproxy-spam-marker"
-
-
-def mail(body: str, subject: str = "Lunch on Friday") -> bytes:
-    return (
-        "From: Alice <alice@sender.test>\r\nTo: Bob <bob@dest.test>\r\n"
-        f"Subject: {subject}\r\nDate: Mon, 2 Jan 2023 10:00:00 +0000\r\n"
-        "Message-ID: <20230102100000.1@sender.test>\r\nMIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
-        f"{body}\r\n"
-    ).encode()
-
-
-CLEAN = mail("Hi Bob,\r\n\r\nshall we meet at noon at the usual place?\r\n\r\nAlice")
-SPAM = mail(f"Hi Bob,\r\n\r\nthis one carries the {MARKER} text.\r\n\r\nAlice")
-
+from tests.scanner_parts import CLEAN, MARKER, SPAM, Probe, header, scanner, score, send
 
 # -- the private rspamd -----------------------------------------------------------------------
 
@@ -163,46 +145,7 @@ def _has_user(name: str) -> bool:
 
 
 def rspamd(server_port: int, **settings: Any) -> Rspamd:
-    plugin = Rspamd(Rspamd.Settings.model_validate({"port": server_port, **settings}))
-    plugin.name = "rspamd"  # type: ignore[attr-defined]
-    plugin.timeout = 10  # type: ignore[attr-defined]  # the chain's time limit for the hook
-    return plugin
-
-
-def score(**settings: Any) -> Score:
-    plugin = Score(Score.Settings.model_validate(settings))
-    plugin.name = "score"  # type: ignore[attr-defined]
-    return plugin
-
-
-class Probe:
-    """Records what the chain knows when it runs (after rspamd)."""
-
-    name = "probe"
-
-    def __init__(self) -> None:
-        self.tags: set[str] = set()
-        self.score = 0.0
-        self.reasons: list[str] = []
-
-    @hookimpl
-    def data(self, transaction: Transaction) -> None:
-        self.tags = set(transaction.results.tags)
-        self.score = transaction.results.score
-        self.reasons = [o.reason for o in transaction.results.for_plugin("rspamd")]
-
-
-async def send(proxy_port: int, body: bytes, rcpts: tuple[str, ...] = ("bob@dest.test",)) -> tuple[int, str]:
-    client = await Talk.open(proxy_port)
-    await client.hello("mail.sender.test")
-    reply = await client.send_message("alice@sender.test", list(rcpts), body)
-    await client.cmd("QUIT")
-    await client.close()
-    return reply
-
-
-def header(content: bytes, name: str) -> list[str]:
-    return re.findall(rf"^{name}: (.*)\r$", content.decode(), re.M | re.I)
+    return scanner(Rspamd, "rspamd", server_port, **settings)
 
 
 # -- the exchange, against the real rspamd ---------------------------------------------------
@@ -234,7 +177,7 @@ async def test_nothing_listening_is_an_rspamd_error() -> None:
 async def test_marker_scores_tags_and_score_plugin_rejects(
     rspamd_server: RspamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("rspamd")
     proxy = await proxy_factory(rspamd(rspamd_server.port), probe, score(reject=15), upstream=sink.port)
     code, text = await send(port_of(proxy), SPAM, ("bob@dest.test", "carol@dest.test"))
     assert code == 550
@@ -248,7 +191,7 @@ async def test_marker_scores_tags_and_score_plugin_rejects(
 async def test_clean_message_is_delivered_with_optional_headers_and_no_spoofed_ones(
     rspamd_server: RspamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("rspamd")
     plugin = rspamd(rspamd_server.port, add_headers=True)
     proxy = await proxy_factory(plugin, probe, score(reject=15), upstream=sink.port)
     spoofed = b"X-Rspamd-Score: -100/15\r\nX-Rspamd-Symbols: NONE\r\n" + CLEAN
@@ -265,7 +208,7 @@ async def test_clean_message_is_delivered_with_optional_headers_and_no_spoofed_o
 async def test_honour_action_rejects_on_rspamds_reject(
     rspamd_server: RspamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("rspamd")
     proxy = await proxy_factory(rspamd(rspamd_server.port, honour_action=True), probe, upstream=sink.port)
     assert await send(port_of(proxy), SPAM) == (550, "5.7.1 Message rejected as spam")
     assert sink.messages == []
@@ -275,7 +218,7 @@ async def test_honour_action_rejects_on_rspamds_reject(
 async def test_score_factor_scales_rspamds_score(
     rspamd_server: RspamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("rspamd")
     proxy = await proxy_factory(rspamd(rspamd_server.port, score_factor=0.1), probe, score(reject=15),
                                 upstream=sink.port)
     assert (await send(port_of(proxy), SPAM))[0] == 250  # about 2 points: under the threshold
@@ -286,7 +229,7 @@ async def test_score_factor_scales_rspamds_score(
 async def test_oversize_message_is_not_sent(
     rspamd_server: RspamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("rspamd")
     proxy = await proxy_factory(rspamd(rspamd_server.port, max_size=200), probe, score(reject=15),
                                 upstream=sink.port)
     assert len(SPAM) > 200
@@ -326,7 +269,7 @@ async def test_envelope_is_sent_as_informational_headers(proxy_factory: ProxyFac
     seen: list[bytes] = []
     server = await fake_rspamd(http("200 OK", SOFT, chunked=True), seen)
     try:
-        probe = Probe()
+        probe = Probe("rspamd")
         proxy = await proxy_factory(rspamd(server.sockets[0].getsockname()[1]), probe, upstream=sink.port)
         assert (await send(port_of(proxy), CLEAN, ("bob@dest.test", "carol@dest.test")))[0] == 250
     finally:
@@ -381,47 +324,7 @@ def test_parse_result_tolerates_missing_fields() -> None:
 # -- failures ---------------------------------------------------------------------------------
 
 
-async def test_rspamd_stopped_continues_and_logs_by_default(
-    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
-) -> None:
-    probe = Probe()
-    proxy = await proxy_factory(rspamd(closed_port()), probe, score(reject=15), upstream=sink.port)
-    with caplog.at_level(logging.WARNING, logger="smtpproxy_plugins.rspamd"):
-        assert await send(port_of(proxy), SPAM) == (250, "2.0.0 Ok: queued as SINK1")
-    assert len(sink.messages) == 1
-    assert probe.tags == {"rspamd:error"}
-    assert any("event=rspamd result=error" in r.getMessage() and "cannot connect" in r.getMessage()
-               for r in caplog.records)
-
-
-async def test_rspamd_stopped_tempfails_when_configured(proxy_factory: ProxyFactory, sink: Sink) -> None:
-    proxy = await proxy_factory(rspamd(closed_port(), on_error="tempfail"), upstream=sink.port)
-    code, text = await send(port_of(proxy), CLEAN)
-    assert (code, text) == (451, "4.7.1 Spam check temporarily unavailable, try again later")
-    assert sink.messages == []
-
-
-async def test_rspamd_that_never_answers_times_out_into_on_error(
-    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
-) -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # reads the request, never answers
-        await asyncio.sleep(5)
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        probe = Probe()
-        proxy = await proxy_factory(rspamd(port, timeout=0.3, on_error=3.0), probe, upstream=sink.port)
-        with caplog.at_level(logging.WARNING, logger="smtpproxy_plugins.rspamd"):
-            started = time.monotonic()
-            assert (await send(port_of(proxy), CLEAN))[0] == 250
-            assert time.monotonic() - started < 3
-        assert probe.tags == {"rspamd:error"} and probe.score == 3.0
-        assert any("within 0.3 s" in r.getMessage() for r in caplog.records)
-    finally:
-        server.close()
+# (stopped and silent rspamd: tests/test_scanner_failures.py, shared with the other bridge)
 
 
 # -- settings and registration ----------------------------------------------------------------

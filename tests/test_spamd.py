@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import importlib.metadata
-import logging
 import os
 import re
 import shutil
@@ -30,11 +29,10 @@ from pydantic import ValidationError
 from smtpproxy_plugins.score import Score
 from smtpproxy_plugins.spamd import Spamd, SpamdError, check
 
-from smtpproxy import Transaction, hookimpl
-from tests.conftest import ProxyFactory, Sink, Talk, closed_port, port_of
+from tests.conftest import ProxyFactory, Sink, closed_port, port_of
 from tests.daemons import free_port, stop_process
+from tests.scanner_parts import CLEAN, MARKER, SPAM, Probe, header, mail, scanner, score, send
 
-MARKER = "smtpproxy-spam-marker"
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 SITE_CONFIG = f"""\
 use_bayes 0
@@ -46,19 +44,6 @@ describe SMTPPROXY_TEST smtpproxy test marker
 score SMTPPROXY_TEST 20.0
 """
 
-
-def mail(body: str, subject: str = "Lunch on Friday") -> bytes:
-    return (
-        "From: Alice <alice@sender.test>\r\nTo: Bob <bob@dest.test>\r\n"
-        f"Subject: {subject}\r\nDate: Mon, 2 Jan 2023 10:00:00 +0000\r\n"
-        "Message-ID: <20230102100000.1@sender.test>\r\nMIME-Version: 1.0\r\n"
-        "Content-Type: text/plain; charset=us-ascii\r\n\r\n"
-        f"{body}\r\n"
-    ).encode()
-
-
-CLEAN = mail("Hi Bob,\r\n\r\nshall we meet at noon at the usual place?\r\n\r\nAlice")
-SPAM = mail(f"Hi Bob,\r\n\r\nthis one carries the {MARKER} text.\r\n\r\nAlice")
 
 
 # -- the private spamd ------------------------------------------------------------------------
@@ -130,46 +115,7 @@ def spamd_server() -> Iterator[SpamdServer]:
 
 
 def spamd(server_port: int, **settings: Any) -> Spamd:
-    plugin = Spamd(Spamd.Settings.model_validate({"port": server_port, **settings}))
-    plugin.name = "spamd"  # type: ignore[attr-defined]
-    plugin.timeout = 10  # type: ignore[attr-defined]  # the chain's time limit for the hook
-    return plugin
-
-
-def score(**settings: Any) -> Score:
-    plugin = Score(Score.Settings.model_validate(settings))
-    plugin.name = "score"  # type: ignore[attr-defined]
-    return plugin
-
-
-class Probe:
-    """Records what the chain knows when it runs (after spamd)."""
-
-    name = "probe"
-
-    def __init__(self) -> None:
-        self.tags: set[str] = set()
-        self.score = 0.0
-        self.reasons: list[str] = []
-
-    @hookimpl
-    def data(self, transaction: Transaction) -> None:
-        self.tags = set(transaction.results.tags)
-        self.score = transaction.results.score
-        self.reasons = [o.reason for o in transaction.results.for_plugin("spamd")]
-
-
-async def send(proxy_port: int, body: bytes) -> tuple[int, str]:
-    client = await Talk.open(proxy_port)
-    await client.hello("mail.sender.test")
-    reply = await client.send_message("alice@sender.test", ["bob@dest.test"], body)
-    await client.cmd("QUIT")
-    await client.close()
-    return reply
-
-
-def header(content: bytes, name: str) -> list[str]:
-    return re.findall(rf"^{name}: (.*)\r$", content.decode(), re.M | re.I)
+    return scanner(Spamd, "spamd", server_port, **settings)
 
 
 # -- the protocol, against the real spamd ----------------------------------------------------
@@ -197,7 +143,7 @@ async def test_nothing_listening_is_a_spamd_error() -> None:
 async def test_marker_scores_tags_and_score_plugin_rejects(
     spamd_server: SpamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("spamd")
     proxy = await proxy_factory(spamd(spamd_server.port), probe, score(reject=15), upstream=sink.port)
     code, text = await send(port_of(proxy), SPAM)
     assert code == 550
@@ -212,7 +158,7 @@ async def test_marker_scores_tags_and_score_plugin_rejects(
 async def test_clean_message_is_delivered_with_optional_headers_and_no_spoofed_ones(
     spamd_server: SpamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("spamd")
     plugin = spamd(spamd_server.port, add_headers=True)
     proxy = await proxy_factory(plugin, probe, score(reject=15), upstream=sink.port)
     spoofed = b"X-Spam-Spamd-Score: -100/5\r\n" + CLEAN
@@ -228,7 +174,7 @@ async def test_clean_message_is_delivered_with_optional_headers_and_no_spoofed_o
 async def test_score_factor_scales_spamds_score(
     spamd_server: SpamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("spamd")
     proxy = await proxy_factory(spamd(spamd_server.port, score_factor=0.1), probe, score(reject=15),
                                 upstream=sink.port)
     assert (await send(port_of(proxy), SPAM))[0] == 250  # about 2 points: under the threshold
@@ -237,7 +183,7 @@ async def test_score_factor_scales_spamds_score(
 
 
 async def test_gtube_is_recognised(spamd_server: SpamdServer, proxy_factory: ProxyFactory, sink: Sink) -> None:
-    probe = Probe()
+    probe = Probe("spamd")
     proxy = await proxy_factory(spamd(spamd_server.port), probe, upstream=sink.port)
     assert (await send(port_of(proxy), mail(GTUBE)))[0] == 250  # no score plugin: only scored
     assert {"spamd:spam", "spamd:GTUBE"} <= probe.tags
@@ -247,7 +193,7 @@ async def test_gtube_is_recognised(spamd_server: SpamdServer, proxy_factory: Pro
 async def test_oversize_message_is_not_sent(
     spamd_server: SpamdServer, proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
-    probe = Probe()
+    probe = Probe("spamd")
     proxy = await proxy_factory(spamd(spamd_server.port, max_size=200), probe, score(reject=15),
                                 upstream=sink.port)
     assert len(SPAM) > 200
@@ -259,47 +205,7 @@ async def test_oversize_message_is_not_sent(
 # -- failures ---------------------------------------------------------------------------------
 
 
-async def test_spamd_stopped_continues_and_logs_by_default(
-    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
-) -> None:
-    probe = Probe()
-    proxy = await proxy_factory(spamd(closed_port()), probe, score(reject=15), upstream=sink.port)
-    with caplog.at_level(logging.WARNING, logger="smtpproxy_plugins.spamd"):
-        assert await send(port_of(proxy), SPAM) == (250, "2.0.0 Ok: queued as SINK1")
-    assert len(sink.messages) == 1
-    assert probe.tags == {"spamd:error"}
-    assert any("event=spamd result=error" in r.getMessage() and "cannot connect" in r.getMessage()
-               for r in caplog.records)
-
-
-async def test_spamd_stopped_tempfails_when_configured(proxy_factory: ProxyFactory, sink: Sink) -> None:
-    proxy = await proxy_factory(spamd(closed_port(), on_error="tempfail"), upstream=sink.port)
-    code, text = await send(port_of(proxy), CLEAN)
-    assert (code, text) == (451, "4.7.1 Spam check temporarily unavailable, try again later")
-    assert sink.messages == []
-
-
-async def test_spamd_that_never_answers_times_out_into_on_error(
-    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
-) -> None:
-    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read()  # reads the request, never answers
-        await asyncio.sleep(5)
-        writer.close()
-
-    server = await asyncio.start_server(silent, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    try:
-        probe = Probe()
-        proxy = await proxy_factory(spamd(port, timeout=0.3, on_error=3.0), probe, upstream=sink.port)
-        with caplog.at_level(logging.WARNING, logger="smtpproxy_plugins.spamd"):
-            started = time.monotonic()
-            assert (await send(port_of(proxy), CLEAN))[0] == 250
-            assert time.monotonic() - started < 3
-        assert probe.tags == {"spamd:error"} and probe.score == 3.0
-        assert any("within 0.3 s" in r.getMessage() for r in caplog.records)
-    finally:
-        server.close()
+# (stopped and silent spamd: tests/test_scanner_failures.py, shared with the other bridge)
 
 
 async def test_spamd_error_status_is_an_error(proxy_factory: ProxyFactory, sink: Sink) -> None:
