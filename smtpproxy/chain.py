@@ -5,6 +5,22 @@ offline tracer) calls :meth:`Chain.run` for a phase and turns the returned verdi
 its own reply. pluggy gives us hook validation and argument matching; we iterate the
 implementations ourselves because pluggy's call loop cannot await coroutines, stop on a
 final verdict, or time-box one plugin ("await me maybe", as datasette does it).
+
+The chain is where "a plugin cannot break mail flow" is enforced, once for every front end:
+
+- ``async def`` hooks run on the event loop under the plugin's ``timeout``; one that
+  overran it (even by blocking the loop, which no timer can interrupt) has timed out, and
+  whatever it returned late is ignored;
+- plain hooks run on the plugin's own thread (:mod:`smtpproxy.hookthread`), so a blocking
+  one cannot stall other sessions, and the same timeout holds;
+- anything a hook raises, ``BaseException`` included (``KeyboardInterrupt``,
+  ``SystemExit``, a ``CancelledError`` of its own), is that plugin's error; only the
+  server's own cancellation of the session passes through;
+- a return value that is not a valid :class:`~smtpproxy.Verdict` is the plugin's error too.
+
+A plugin's error becomes its ``on_error`` policy: ``tempfail`` (a 451 4.3.0 verdict, marked
+as failed) or ``continue``. What the front ends make of the result is decided in
+:mod:`smtpproxy.outcome`.
 """
 
 from __future__ import annotations
@@ -19,11 +35,13 @@ from typing import Any, Literal
 
 import pluggy
 
+from smtpproxy.eventlog import event
 from smtpproxy.hookspecs import NOTIFICATIONS, PHASES
+from smtpproxy.hookthread import HookThread
 from smtpproxy.session import Outcome, Results
 from smtpproxy.verdicts import Action, Verdict
 
-__all__ = ["Chain", "ChainStep", "PluginError"]
+__all__ = ["Chain", "ChainStep", "PhaseResult", "PluginError"]
 
 log = logging.getLogger("smtpproxy.chain")
 
@@ -47,9 +65,38 @@ class ChainStep:
 
 
 @dataclass(frozen=True, slots=True)
+class PhaseResult:
+    """What one phase of the chain came to: the verdict that stopped it, and whose it was."""
+
+    verdict: Verdict | None = None
+    """The final verdict (accept, reject, tempfail, discard, quarantine); None when every
+    plugin continued."""
+    decided_by: str | None = None
+    """The plugin whose verdict (or whose error) stopped the phase."""
+    failed: bool = False
+    """True when :attr:`verdict` stands in for that plugin's error (``on_error: tempfail``)."""
+    error: str | None = None
+    """The error, when :attr:`failed`."""
+
+    def __post_init__(self) -> None:
+        if (self.verdict is None) != (self.decided_by is None):
+            raise ValueError("a phase result names who decided exactly when it has a verdict")
+        if self.verdict is not None and not self.verdict.action.is_final:
+            raise ValueError("a phase result holds a final verdict only")
+        if self.failed and (self.verdict is None or self.verdict.action is not Action.TEMPFAIL):
+            raise ValueError("a failed plugin's phase result is a tempfail")
+
+
+CONTINUED = PhaseResult()
+"""Every plugin of the phase continued."""
+
+
+@dataclass(frozen=True, slots=True)
 class _Call:
     step: ChainStep
     impl: pluggy.HookImpl
+    thread: HookThread | None
+    """Where a plain hook runs; None for ``async def`` hooks (they run on the loop)."""
 
 
 class Chain:
@@ -62,36 +109,38 @@ class Chain:
         self.pm = pm
         self.steps = tuple(steps)
         self._calls: dict[str, tuple[_Call, ...]] = {}
+        threads: dict[str, HookThread] = {}
         for hook_name in (*PHASES, *NOTIFICATIONS):
             impls = getattr(pm.hook, hook_name).get_hookimpls()
-            self._calls[hook_name] = tuple(
-                _Call(step, impl)
-                for step in self.steps
-                for impl in impls
-                if impl.plugin is step.plugin
-            )
+            calls = []
+            for step in self.steps:
+                for impl in impls:
+                    if impl.plugin is not step.plugin:
+                        continue
+                    thread = None
+                    if not _is_async(impl.function):
+                        thread = threads.setdefault(step.name, HookThread(step.name))
+                    calls.append(_Call(step, impl, thread))
+            self._calls[hook_name] = tuple(calls)
 
     def implementers(self, hook_name: str) -> list[str]:
         """Names of the plugins implementing a hook, in call order."""
         return [c.step.name for c in self._calls[hook_name]]
 
-    async def run(self, phase: str, results: Results, **kwargs: Any) -> Verdict | None:
-        """Run one phase; return the first final verdict, or None when everyone continued.
-
-        Every call is recorded in ``results`` with its duration, including failures.
-        """
+    async def run(self, phase: str, results: Results, **kwargs: Any) -> PhaseResult:
+        """Run one phase until a final verdict; every call is recorded in ``results``."""
         for call in self._calls[phase]:
             verdict, error, duration = await self._invoke(call, phase, kwargs)
+            failed = False
             if error is not None:
-                verdict = ERROR_TEMPFAIL if call.step.on_error == "tempfail" else None
-                log.warning(
-                    "event=plugin_error plugin=%s phase=%s error=%r action=%s",
-                    call.step.name, phase, error, call.step.on_error,
-                )
+                failed = call.step.on_error == "tempfail"
+                verdict = ERROR_TEMPFAIL if failed else None
+                event("plugin_error", level=logging.WARNING, plugin=call.step.name, phase=phase,
+                      error=error, action=call.step.on_error)
             results.add(_outcome(call.step.name, phase, verdict, duration, error))
             if verdict is not None and verdict.action.is_final:
-                return verdict
-        return None
+                return PhaseResult(verdict, call.step.name, failed, error if failed else None)
+        return CONTINUED
 
     async def notify(self, hook_name: str, **kwargs: Any) -> list[tuple[str, str]]:
         """Call a notification hook on every implementer; return (plugin, error) for failures."""
@@ -99,47 +148,63 @@ class Chain:
         for call in self._calls[hook_name]:
             _, error, _ = await self._invoke(call, hook_name, kwargs)
             if error is not None:
-                log.warning(
-                    "event=plugin_error plugin=%s phase=%s error=%r",
-                    call.step.name, hook_name, error,
-                )
+                event("plugin_error", level=logging.WARNING, plugin=call.step.name,
+                      phase=hook_name, error=error)
                 failures.append((call.step.name, error))
         return failures
 
     async def _invoke(
         self, call: _Call, phase: str, kwargs: Mapping[str, Any]
     ) -> tuple[Verdict | None, str | None, float]:
-        """Call one hook implementation; never raises (except cancellation)."""
+        """Call one hook implementation: (verdict, error, seconds). Never raises, except
+        when the server itself cancels the session."""
+        step = call.step
         started = time.perf_counter()
         try:
-            result = call.impl.function(*[kwargs[name] for name in call.impl.argnames])
-            if inspect.isawaitable(result):
-                deadline = asyncio.timeout(call.step.timeout)
-                try:
-                    async with deadline:
-                        result = await result
-                except TimeoutError:
-                    if not deadline.expired():
-                        raise  # the plugin's own timeout, reported as its error below
-                    duration = time.perf_counter() - started
-                    return None, f"timed out after {call.step.timeout:g}s", duration
-            elif time.perf_counter() - started > call.step.timeout:
-                log.warning(
-                    "event=plugin_slow plugin=%s phase=%s seconds=%.3f note=%s",
-                    call.step.name, phase, time.perf_counter() - started,
-                    "a plain hook blocked the event loop; make it async",
-                )
-            if result is not None and not isinstance(result, Verdict):
-                raise PluginError(
-                    f"{phase} hook returned {type(result).__name__}; return None or a Verdict"
-                )
-            if result is not None and phase in NOTIFICATIONS:
-                result = None
-            return result, None, time.perf_counter() - started
+            args = [kwargs[name] for name in call.impl.argnames]
+            async with asyncio.timeout(step.timeout) as deadline:
+                if call.thread is not None:
+                    result, raised = await call.thread.call(call.impl.function, args)
+                    if raised is not None:
+                        raise raised
+                else:
+                    result = call.impl.function(*args)
+                if inspect.isawaitable(result):
+                    result = await result
+            duration = time.perf_counter() - started
+            if duration > step.timeout:
+                # Only an async hook that blocked the event loop gets here: no timer could fire.
+                return None, (f"blocked the event loop for {duration:.3f}s (timeout "
+                              f"{step.timeout:g}s); its verdict is ignored"), duration
+            if result is None or phase in NOTIFICATIONS:
+                return None, None, duration
+            try:
+                return Verdict.checked(result), None, duration
+            except (TypeError, ValueError) as exc:
+                return None, f"invalid verdict: {exc}", duration
+        except TimeoutError as exc:
+            if not deadline.expired():  # the plugin's own TimeoutError
+                return None, _describe(exc), time.perf_counter() - started
+            return None, f"timed out after {step.timeout:g}s", time.perf_counter() - started
         except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            return None, f"{type(exc).__name__}: {exc}", time.perf_counter() - started
+            task = asyncio.current_task()
+            if task is not None and task.cancelling():
+                raise  # the server's own cancellation (shutdown, the client went away)
+            return None, "raised CancelledError", time.perf_counter() - started
+        except BaseException as exc:  # KeyboardInterrupt, SystemExit too: a plugin cannot stop the server
+            return None, _describe(exc), time.perf_counter() - started
+
+
+def _is_async(function: object) -> bool:
+    """True for ``async def`` hooks (also a callable object with an ``async def __call__``)."""
+    return inspect.iscoroutinefunction(function) or inspect.iscoroutinefunction(
+        getattr(function, "__call__", None)  # noqa: B004 - the callable's own __call__
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
 def _outcome(

@@ -31,13 +31,14 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
-from smtpproxy.chain import Chain
+from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.datareader import DataReader
 from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
+from smtpproxy.outcome import PROXY, Deliver, Refusal, before_message, end_of_message, skips_data_chain
 from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.relay import RelayPolicy
@@ -47,13 +48,12 @@ from smtpproxy.session import (
     Decision,
     Envelope,
     Recipient,
-    Results,
     Session,
     TLSInfo,
     Transaction,
 )
 from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD
-from smtpproxy.verdicts import Action, Reply, Verdict
+from smtpproxy.verdicts import Reply
 
 __all__ = ["InboundSMTP", "ListenerPolicy", "Services"]
 
@@ -399,15 +399,16 @@ class InboundSMTP(SMTP):
 
     async def _converse(self) -> None:
         assert self.sp is not None
-        verdict = await self.chain.run("connect", self.sp.results, session=self.sp)
-        if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            reply = _connect_reply(verdict)
-            event("connect_rejected", reply=reply.code, by=self.sp.results.outcomes[-1].plugin,
-                  reason=verdict.reason)
-            await self.reply(reply)
+        result = await self.chain.run("connect", self.sp.results, session=self.sp)
+        refusal = before_message("connect", self.sp, result)
+        if refusal is not None:
+            event("connect_rejected", reply=refusal.reply.code, by=refusal.decided_by,
+                  reason=refusal.reason)
+            await self.reply(refusal.reply)
             self._close()
             return
-        self._apply_session_disposition(verdict)
+        if result.verdict is not None:
+            event("connect_verdict", **_verdict_fields(result))
         if self._buffered():
             event("pregreet", bytes=self._buffered())
             await self.reply(
@@ -515,12 +516,6 @@ class InboundSMTP(SMTP):
         except UnicodeDecodeError:
             return None
 
-    def _apply_session_disposition(self, verdict: Verdict | None) -> None:
-        assert self.sp is not None
-        if self.sp.set_disposition(verdict):
-            assert verdict is not None
-            event("session_disposition", action=verdict.action.value, reason=verdict.reason)
-
     # -- commands ----------------------------------------------------------------
 
     async def _need_helo(self) -> bool:
@@ -544,14 +539,14 @@ class InboundSMTP(SMTP):
             return
         self._end_transaction()
         self.sp.helo = None
-        verdict = await self.chain.run(
+        result = await self.chain.run(
             "helo", self.sp.results, session=self.sp, hostname=hostname
         )
-        event("helo", verb=verb, hostname=hostname, **_verdict_fields(verdict, self.sp.results))
-        if verdict is not None and verdict.reply is not None:
-            await self.reply(verdict.reply)
+        event("helo", verb=verb, hostname=hostname, **_verdict_fields(result))
+        refusal = before_message("helo", self.sp, result)
+        if refusal is not None:
+            await self.reply(refusal.reply)
             return
-        self._apply_session_disposition(verdict)
         self.sp.helo = hostname
         self.sp.esmtp = esmtp
         if not esmtp:
@@ -601,17 +596,17 @@ class InboundSMTP(SMTP):
             await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
             return
         transaction = self.sp.begin_transaction(Envelope(path.address, params))
-        verdict = await self.chain.run(
+        result = await self.chain.run(
             "mail_from", transaction.results,
             session=self.sp, transaction=transaction, sender=path.address,
         )
         event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
-              **_verdict_fields(verdict, transaction.results))
-        if verdict is not None and verdict.reply is not None:
+              **_verdict_fields(result))
+        refusal = before_message("mail_from", transaction, result)
+        if refusal is not None:
             self._end_transaction()
-            await self.reply(verdict.reply)
+            await self.reply(refusal.reply)
             return
-        _apply_disposition(transaction, verdict)
         await self.reply(Reply(250, "2.1.0", "Sender OK"))
 
     async def smtp_RCPT(self, arg: str | None) -> None:
@@ -651,16 +646,15 @@ class InboundSMTP(SMTP):
             )
             return
         recipient = Recipient(address, dict(path.params))
-        verdict = await self.chain.run(
+        result = await self.chain.run(
             "rcpt_to", transaction.results,
             session=self.sp, transaction=transaction, recipient=recipient,
         )
-        event("rcpt_to", tx=transaction.id, recipient=address.text,
-              **_verdict_fields(verdict, transaction.results))
-        if verdict is not None and verdict.reply is not None:
-            await self.reply(verdict.reply)
+        event("rcpt_to", tx=transaction.id, recipient=address.text, **_verdict_fields(result))
+        refusal = before_message("rcpt_to", transaction, result)
+        if refusal is not None:
+            await self.reply(refusal.reply)
             return
-        _apply_disposition(transaction, verdict)
         reply = Reply(250, "2.1.5", "Recipient OK")
         if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
             if self._upstream is None:
@@ -671,7 +665,7 @@ class InboundSMTP(SMTP):
                 await self.reply(reply)
                 return
         self._route = route
-        transaction.envelope.recipients.append(recipient)
+        transaction.envelope._accept_recipient(recipient)
         await self.reply(reply)
 
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -734,17 +728,13 @@ class InboundSMTP(SMTP):
     async def _finish_message(self, transaction: Transaction, started: float) -> None:
         """Run the data chain, then deliver, quarantine, discard or refuse; reply last."""
         assert self.sp is not None and transaction.message is not None
-        decision: Decision
-        if transaction.disposition is Action.DISCARD:
-            decision = Decision("discarded", _queued(transaction), "earlier phase",
-                                transaction.disposition_reason)
-        else:
-            verdict = await self.chain.run(
+        result: PhaseResult | None = None
+        if not skips_data_chain(transaction):
+            result = await self.chain.run(
                 "data", transaction.results,
                 session=self.sp, transaction=transaction, message=transaction.message,
             )
-            decided_by = transaction.results.outcomes[-1].plugin if verdict else "proxy"
-            decision = await self._decide(transaction, verdict, decided_by)
+        decision = await self._carry_out(transaction, end_of_message(transaction, result))
         await self.reply(decision.reply)
         if decision.reply.is_positive:
             self._commands = 0  # the command cap is for junk, not for productive sessions
@@ -756,37 +746,30 @@ class InboundSMTP(SMTP):
             recipients=[r.address.text for r in envelope.recipients],
             size=transaction.message.size, decision=decision.disposition,
             reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
-            by=decision.decided_by, reason=decision.reason, score=transaction.results.score,
+            by=decision.decided_by, reason=decision.reason, score=decision.score,
             ms=round(seconds * 1000, 1), client=self.sp.client.ip, helo=self.sp.helo,
         )
         await self._notify("after_message", session=self.sp, transaction=transaction,
                            decision=decision)
 
-    async def _decide(
-        self, transaction: Transaction, verdict: Verdict | None, decided_by: str
-    ) -> Decision:
+    async def _carry_out(self, transaction: Transaction, outcome: Refusal | Deliver) -> Decision:
+        """Do what :func:`smtpproxy.outcome.end_of_message` decided; the Decision says what
+        the client is told (250 only once the message is delivered, kept or dropped)."""
         assert self.sp is not None and transaction.message is not None
-        if verdict is not None and verdict.reply is not None:
-            kind = "rejected" if verdict.action is Action.REJECT else "tempfailed"
-            return Decision(kind, verdict.reply, decided_by, verdict.reason)
-        action = verdict.action if verdict is not None else None
-        if action is Action.DISCARD:
-            reason = verdict.reason if verdict else ""
-            return Decision("discarded", _queued(transaction), decided_by, reason)
-        if action is Action.QUARANTINE or transaction.disposition is Action.QUARANTINE:
-            if action is Action.QUARANTINE and verdict is not None:
-                reason = verdict.reason
-            else:
-                reason = transaction.disposition_reason
+        score = transaction.score
+        if isinstance(outcome, Refusal):
+            return outcome.decision(score)
+        if outcome.action == "discard":
+            return outcome.decision(_queued(transaction), score)
+        if outcome.action == "quarantine":
             try:
                 qid = await self.services.quarantine.store(
-                    self.sp, transaction, transaction.message, reason
+                    self.sp, transaction, transaction.message, outcome.reason
                 )
             except OSError as exc:
                 log.error("event=quarantine_failed error=%r", exc)
-                return Decision("tempfailed", Reply(451, "4.3.0", "Local error, try again later"),
-                                "proxy", f"quarantine failed: {exc}")
-            return Decision("quarantined", _queued(transaction), decided_by, f"{reason} (id {qid})")
+                return Refusal(LOCAL_ERROR, PROXY, f"quarantine failed: {exc}").decision(score)
+            return outcome.decision(_queued(transaction), score, f"{outcome.reason} (id {qid})")
         metrics = self.services.metrics
         metrics.delivery_started()
         result, delivery_started = "error", time.perf_counter()
@@ -794,23 +777,21 @@ class InboundSMTP(SMTP):
             delivered = await self._deliver(transaction, transaction.message)
             result = "ok"
         except DeliveryError as exc:
-            kind = "tempfailed" if exc.reply.is_temporary else "rejected"
             result = "tempfail" if exc.reply.is_temporary else "reject"
             event("delivery_failed", level=logging.WARNING, tx=transaction.id,
                   reply=exc.reply.code, detail=exc.detail)
-            return Decision(kind, exc.reply, "delivery", exc.detail)
-        except (asyncio.CancelledError, KeyboardInterrupt):
+            return Refusal(exc.reply, "delivery", exc.detail).decision(score)
+        except asyncio.CancelledError:
             raise
         except Exception as exc:
             log.exception("event=delivery_crashed tx=%s", transaction.id)
-            return Decision("tempfailed", Reply(451, "4.3.0", "Local error, try again later"),
-                            "delivery", f"{type(exc).__name__}: {exc}")
+            return Refusal(LOCAL_ERROR, "delivery", f"{type(exc).__name__}: {exc}").decision(score)
         finally:
             metrics.delivery_finished(self.services.delivery.name, result,
                                       time.perf_counter() - delivery_started)
         event("delivered", tx=transaction.id, destination=delivered.destination,
               tls=delivered.tls, reply=delivered.reply.code)
-        return Decision("delivered", delivered.reply, "delivery", delivered.destination)
+        return outcome.decision(delivered.reply, score, delivered.destination)
 
     async def _deliver(self, transaction: Transaction, content: Message) -> Delivered:
         """Hand the message over: on the upstream transaction that followed the client's
@@ -964,11 +945,12 @@ def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
     return TLSInfo(ssl_object.version() or "", name, bits)
 
 
-def _verdict_fields(verdict: Verdict | None, results: Results) -> dict[str, Any]:
+def _verdict_fields(result: PhaseResult) -> dict[str, Any]:
     """For a phase's log line: the verdict, and when a plugin decided, who, why and the reply."""
+    verdict = result.verdict
     if verdict is None:
         return {"verdict": "continue"}
-    fields: dict[str, Any] = {"verdict": verdict.action.value, "by": results.outcomes[-1].plugin}
+    fields: dict[str, Any] = {"verdict": verdict.action.value, "by": result.decided_by}
     if verdict.reply is not None:
         fields["reply"] = verdict.reply.code
     if verdict.reason:
@@ -976,20 +958,7 @@ def _verdict_fields(verdict: Verdict | None, results: Results) -> dict[str, Any]
     return fields
 
 
-def _apply_disposition(transaction: Transaction, verdict: Verdict | None) -> None:
-    if transaction.set_disposition(verdict):
-        assert verdict is not None
-        event("disposition", tx=transaction.id, action=verdict.action.value, reason=verdict.reason)
-
-
-def _connect_reply(verdict: Verdict) -> Reply:
-    """At connect, RFC 5321 3.1: 554 refuses the session, 421 defers it."""
-    assert verdict.reply is not None
-    if verdict.action is Action.TEMPFAIL:
-        enhanced = verdict.reply.enhanced
-        return Reply(421, enhanced if enhanced else "4.7.0", verdict.reply.text)
-    enhanced = verdict.reply.enhanced
-    return Reply(554, enhanced if enhanced else "5.7.1", verdict.reply.text)
+LOCAL_ERROR = Reply(451, "4.3.0", "Local error, try again later")
 
 
 def _queued(transaction: Transaction) -> Reply:

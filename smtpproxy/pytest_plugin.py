@@ -168,7 +168,7 @@ def make_session(
         sender_address = parse_mailbox(sender, allow_utf8=True) if sender else Address("", "", "")
         transaction = session.begin_transaction(Envelope(sender_address))
         for rcpt in recipients:
-            transaction.envelope.recipients.append(recipient(rcpt))
+            transaction.envelope._accept_recipient(recipient(rcpt))
     return session
 
 

@@ -63,9 +63,9 @@ class QuarantineStore:
             "client": {"ip": session.client.ip, "port": session.client.port,
                        "hostname": session.client.hostname, "helo": session.helo},
             "sender": transaction.envelope.sender.text,
-            "sender_params": transaction.envelope.sender_params,
+            "sender_params": dict(transaction.envelope.sender_params),
             "recipients": [r.address.text for r in transaction.envelope.recipients],
-            "score": transaction.results.score,
+            "score": transaction.score,
             "outcomes": [
                 {"plugin": o.plugin, "phase": o.phase, "action": o.action.value,
                  "reason": o.reason, "score": o.score, "error": o.error}

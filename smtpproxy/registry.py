@@ -181,11 +181,27 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
         ) from None
     for caller in pm.get_hookcallers(plugin) or []:
         for impl in caller.get_hookimpls():
-            if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper):
+            if impl.plugin is not plugin:
+                continue
+            refused = _refused_option(impl)
+            if refused is not None:
                 pm.unregister(plugin)
                 raise pluggy.PluginValidationError(
-                    plugin, f"hook wrappers are not supported ({caller.name}); return a Verdict"
+                    plugin, f"plugin {name!r}: hook {caller.name}: {refused}"
                 )
+
+
+def _refused_option(impl: pluggy.HookImpl) -> str | None:
+    """Why a hookimpl option cannot be honoured, or None. Silently ignoring one would let a
+    plugin author believe, say, that ``tryfirst`` runs their check before the others."""
+    if impl.hookwrapper or impl.wrapper:
+        return "hook wrappers are not supported; return a Verdict"
+    if impl.tryfirst or impl.trylast:
+        return ("tryfirst/trylast are not supported: plugins run in the order of the "
+                "configuration's plugins: list")
+    if impl.optionalhook:
+        return "optionalhook is not supported: every hook must be one smtpproxy calls"
+    return None
 
 
 def _problem(source: ConfigSource | None, path: Sequence[str | int], message: str) -> Problem:

@@ -8,10 +8,12 @@ through methods that record every change (so a milter can replay them as actions
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 from smtpproxy.addresses import Address
@@ -33,7 +35,10 @@ __all__ = [
 ]
 
 Phase = str
-"""One of ``connect``, ``helo``, ``mail_from``, ``rcpt_to``, ``data``, ``delivered``, ``disconnect``."""
+"""The hook an outcome was recorded for: ``connect``, ``helo``, ``mail_from``, ``rcpt_to`` or ``data``."""
+
+_ESMTP_KEYWORD = re.compile(r"[A-Za-z0-9][A-Za-z0-9-]*")
+_ESMTP_VALUE = re.compile(r"[\x21-\x3c\x3e-\x7e\x80-\U0010ffff]+")  # RFC 5321 esmtp-value (+ UTF-8, RFC 6531)
 
 
 def new_id() -> str:
@@ -60,12 +65,30 @@ class Client:
     """Reverse DNS name, when it was resolved and confirmed; None otherwise."""
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class Recipient:
-    """One accepted recipient with its ESMTP parameters (e.g. NOTIFY, ORCPT)."""
+    """One recipient with its ESMTP parameters (e.g. NOTIFY, ORCPT). Immutable: plugins change
+    the envelope through :class:`Envelope`'s methods, never by editing a recipient."""
 
     address: Address
-    params: dict[str, str | None] = field(default_factory=dict)
+    params: Mapping[str, str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.address, Address):
+            raise TypeError(f"a recipient's address must be an Address, got {type(self.address).__name__}")
+        object.__setattr__(self, "params", MappingProxyType(_checked_params(self.params)))
+
+
+def _checked_params(params: Mapping[str, str | None] | None) -> dict[str, str | None]:
+    """A copy of ESMTP parameters; keyword/value checked so nothing odd reaches the wire."""
+    checked: dict[str, str | None] = {}
+    for key, value in (params or {}).items():
+        if not isinstance(key, str) or not _ESMTP_KEYWORD.fullmatch(key):
+            raise ValueError(f"ESMTP parameter name {key!r} is not a keyword (RFC 5321 4.1.2)")
+        if value is not None and (not isinstance(value, str) or not _ESMTP_VALUE.fullmatch(value)):
+            raise ValueError(f"ESMTP parameter {key}={value!r} has characters not allowed in a value")
+        checked[key] = value
+    return checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,15 +100,36 @@ class EnvelopeChange:
 
 
 class Envelope:
-    """MAIL FROM and the accepted RCPT TOs of one transaction."""
+    """MAIL FROM and the accepted RCPT TOs of one transaction.
 
-    __slots__ = ("_changes", "recipients", "sender", "sender_params")
+    Read-only to plugins except through :meth:`set_sender`, :meth:`add_recipient` and
+    :meth:`remove_recipient`, which record every change (the SMTP front end then opens a
+    fresh upstream transaction, a milter replays them as actions). ``sender`` and
+    ``recipients`` cannot be assigned: an edit that bypassed the record would be lost.
+    """
 
-    def __init__(self, sender: Address, sender_params: dict[str, str | None] | None = None):
-        self.sender = sender
-        self.sender_params: dict[str, str | None] = dict(sender_params or {})
-        self.recipients: list[Recipient] = []
+    __slots__ = ("_changes", "_recipients", "_sender", "_sender_params")
+
+    def __init__(self, sender: Address, sender_params: Mapping[str, str | None] | None = None):
+        self._sender = _address(sender)
+        self._sender_params = MappingProxyType(_checked_params(sender_params))
+        self._recipients: list[Recipient] = []
         self._changes: list[EnvelopeChange] = []
+
+    @property
+    def sender(self) -> Address:
+        """The envelope sender (its ``is_null`` is True for the null reverse-path ``<>``)."""
+        return self._sender
+
+    @property
+    def sender_params(self) -> Mapping[str, str | None]:
+        """MAIL FROM's ESMTP parameters (read-only)."""
+        return self._sender_params
+
+    @property
+    def recipients(self) -> tuple[Recipient, ...]:
+        """The recipients accepted so far, in order (read-only; edit with the methods)."""
+        return tuple(self._recipients)
 
     @property
     def changes(self) -> tuple[EnvelopeChange, ...]:
@@ -94,26 +138,36 @@ class Envelope:
     @property
     def smtputf8(self) -> bool:
         """True when the client asked for SMTPUTF8 on MAIL FROM."""
-        return "SMTPUTF8" in self.sender_params
+        return "SMTPUTF8" in self._sender_params
 
     def set_sender(self, address: Address) -> None:
         """Rewrite the envelope sender (the upstream sees the new one)."""
-        self.sender = address
+        self._sender = _address(address)
         self._changes.append(EnvelopeChange("sender", address))
 
-    def add_recipient(self, address: Address, params: dict[str, str | None] | None = None) -> None:
+    def add_recipient(self, address: Address, params: Mapping[str, str | None] | None = None) -> None:
         """Add a recipient (e.g. a BCC archive address)."""
-        self.recipients.append(Recipient(address, dict(params or {})))
+        self._recipients.append(Recipient(_address(address), dict(params or {})))
         self._changes.append(EnvelopeChange("add_recipient", address))
 
     def remove_recipient(self, address: Address) -> bool:
         """Drop a recipient; returns False when it was not there."""
-        for i, rcpt in enumerate(self.recipients):
+        for i, rcpt in enumerate(self._recipients):
             if rcpt.address == address:
-                del self.recipients[i]
+                del self._recipients[i]
                 self._changes.append(EnvelopeChange("remove_recipient", address))
                 return True
         return False
+
+    def _accept_recipient(self, recipient: Recipient) -> None:
+        """For front ends only: a recipient the client gave and the chain accepted (no change)."""
+        self._recipients.append(recipient)
+
+
+def _address(address: object) -> Address:
+    if not isinstance(address, Address):
+        raise TypeError(f"expected an Address (use Address.parse(text)), got {type(address).__name__}")
+    return address
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,8 +195,25 @@ class Decision:
     reply: Reply
     """The reply the client received for the end of DATA."""
     decided_by: str
-    """A plugin name, ``delivery`` (the upstream's answer) or ``proxy`` (a protocol rule)."""
+    """A plugin name, ``delivery`` (the message was handed on: the upstream's or the MTA's
+    answer) or ``proxy`` (a rule of smtpproxy itself)."""
     reason: str = ""
+    score: float = 0.0
+    """The message's score: every contribution of the session and the transaction."""
+
+    def __post_init__(self) -> None:
+        # The client hears 2xx only for a message that was delivered, quarantined or dropped
+        # as a plugin said, and a refusal is never positive: checked here, for every front end.
+        expected = _DISPOSITION_CLASS.get(self.disposition)
+        if expected is None:
+            raise ValueError(f"unknown disposition {self.disposition!r}")
+        if self.reply.code // 100 != expected:
+            raise ValueError(f"a {self.disposition} message cannot be answered {self.reply}")
+
+
+_DISPOSITION_CLASS = {
+    "delivered": 2, "quarantined": 2, "discarded": 2, "rejected": 5, "tempfailed": 4,
+}
 
 
 class Results:
@@ -184,14 +255,40 @@ def _takes_disposition(current: Action | None, verdict: Verdict | None) -> bool:
     )
 
 
-class Transaction:
+class _Disposition:
+    """A DISCARD or QUARANTINE decided before the message is complete, and who decided it."""
+
+    __slots__ = ("disposition", "disposition_by", "disposition_reason")
+
+    def __init__(self) -> None:
+        self.disposition: Action | None = None
+        """DISCARD or QUARANTINE, applied when the message is complete; None otherwise."""
+        self.disposition_reason = ""
+        self.disposition_by = ""
+        """The plugin whose verdict set :attr:`disposition`."""
+
+    def set_disposition(self, verdict: Verdict | None, by: str = "") -> bool:
+        """Remember a DISCARD or QUARANTINE for the end of the message. True when it took effect.
+
+        Every front end calls this (through :mod:`smtpproxy.outcome`) and applies it when the
+        message ends, so the rule lives once.
+        """
+        if not _takes_disposition(self.disposition, verdict):
+            return False
+        assert verdict is not None
+        self.disposition, self.disposition_reason, self.disposition_by = (
+            verdict.action, verdict.reason, by
+        )
+        return True
+
+
+class Transaction(_Disposition):
     """One MAIL FROM ... DATA exchange. A session may hold several, one after another."""
 
-    __slots__ = (
-        "disposition", "disposition_reason", "envelope", "id", "message", "notes", "results",
-    )
+    __slots__ = ("_session_results", "envelope", "id", "message", "notes", "results")
 
-    def __init__(self, tx_id: str, envelope: Envelope):
+    def __init__(self, tx_id: str, envelope: Envelope, session_results: Results | None = None):
+        super().__init__()
         self.id = tx_id
         """``<session id>.<n>``: the n-th transaction of the session; in every log line about it."""
         self.envelope = envelope
@@ -202,23 +299,19 @@ class Transaction:
         """Scratch space for plugins, cleared with each new transaction. Key by plugin name."""
         self.results = Results()
         """Outcomes of the mail_from, rcpt_to and data phases of this transaction."""
-        self.disposition: Action | None = None
-        """Set to DISCARD or QUARANTINE by an earlier phase; applied when the message is complete."""
-        self.disposition_reason = ""
+        self._session_results = session_results
 
-    def set_disposition(self, verdict: Verdict | None) -> bool:
-        """Remember a DISCARD or QUARANTINE decided before the message is complete.
+    @property
+    def score(self) -> float:
+        """The message's one score: the session's (connect, helo) plus this transaction's.
 
-        Every front end applies it when the message ends. True when it took effect.
+        Logs, metrics, the quarantine record, the tracer and the score plugin all use it.
         """
-        if not _takes_disposition(self.disposition, verdict):
-            return False
-        assert verdict is not None
-        self.disposition, self.disposition_reason = verdict.action, verdict.reason
-        return True
+        earlier = self._session_results.score if self._session_results is not None else 0.0
+        return earlier + self.results.score
 
 
-class Session:
+class Session(_Disposition):
     """One client connection, from connect to disconnect."""
 
     def __init__(
@@ -230,6 +323,7 @@ class Session:
         session_id: str | None = None,
         transport: str = "smtp",
     ):
+        super().__init__()
         self.id = session_id or new_id()
         """A short random id, carried by every log line of the session (``sid=``)."""
         self.client = client
@@ -258,28 +352,16 @@ class Session:
         """The transaction in progress (after MAIL FROM), or None."""
         self.transaction_count = 0
         """How many transactions (MAIL FROM commands accepted) this session had."""
-        self.disposition: Action | None = None
-        """DISCARD/QUARANTINE decided at connect or helo applies to every transaction."""
-        self.disposition_reason = ""
-
-    def set_disposition(self, verdict: Verdict | None) -> bool:
-        """Remember a DISCARD or QUARANTINE decided at connect or helo, for every message.
-
-        True when it took effect (see :meth:`Transaction.set_disposition`).
-        """
-        if not _takes_disposition(self.disposition, verdict):
-            return False
-        assert verdict is not None
-        self.disposition, self.disposition_reason = verdict.action, verdict.reason
-        return True
 
     def begin_transaction(self, envelope: Envelope) -> Transaction:
+        """Start a transaction; a DISCARD/QUARANTINE decided at connect or helo carries over."""
         self.transaction_count += 1
-        self.transaction = Transaction(f"{self.id}.{self.transaction_count}", envelope)
-        if self.disposition is not None:
-            self.transaction.disposition = self.disposition
-            self.transaction.disposition_reason = self.disposition_reason
-        return self.transaction
+        transaction = Transaction(f"{self.id}.{self.transaction_count}", envelope, self.results)
+        transaction.disposition = self.disposition
+        transaction.disposition_reason = self.disposition_reason
+        transaction.disposition_by = self.disposition_by
+        self.transaction = transaction
+        return transaction
 
     def end_transaction(self) -> None:
         self.transaction = None

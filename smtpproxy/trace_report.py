@@ -3,7 +3,7 @@
 Kept apart from :mod:`smtpproxy.tracer` so the driver stays about SMTP semantics and this
 module about files, layout and exit codes.
 
-Exit codes for one message: 0 accepted (would be delivered), 3 rejected, 4 tempfailed,
+Exit codes for one message: 0 delivered (would be handed to delivery), 3 rejected, 4 tempfailed,
 5 discarded, 6 quarantined; 2 bad usage (unreadable file, bad address, no .eml in a
 directory) or configuration; 1 a plugin's ``startup`` failed. For a directory: 0 when
 every file was traced (whatever the decisions), 1 when a file could not be read.
@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from smtpproxy.config import Config, ConfigSource
-from smtpproxy.tracer import DISPOSITIONS, PROXY, Trace, TraceInputError, Tracer, TracerStartupError
+from smtpproxy.outcome import PROXY
+from smtpproxy.tracer import DISPOSITIONS, Trace, TraceInputError, Tracer, TracerStartupError
 
 __all__ = [
     "EXIT_CODES",
@@ -33,7 +34,7 @@ __all__ = [
     "trace_command",
 ]
 
-EXIT_CODES = {"accepted": 0, "rejected": 3, "tempfailed": 4, "discarded": 5, "quarantined": 6}
+EXIT_CODES = {"delivered": 0, "rejected": 3, "tempfailed": 4, "discarded": 5, "quarantined": 6}
 EXIT_RUNTIME = 1
 EXIT_USAGE = 2
 
@@ -142,8 +143,8 @@ def render_text(trace: Trace, label: str = "") -> str:
 
     out.append("")
     by = trace.decided_by
-    if by == PROXY and trace.decision == "accepted":
-        by = "proxy (no plugin objected)"
+    if trace.decision == "delivered":
+        by = f"{by} (no plugin objected; the upstream's answer would decide)"
     out.append(f"decision  {trace.decision.upper()}  {_one_line(trace.reply)}")
     details = [f"by {by}"]
     if trace.reason:

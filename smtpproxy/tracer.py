@@ -23,11 +23,12 @@ from typing import Any
 
 from smtpproxy import dns
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
-from smtpproxy.chain import Chain
+from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.config import Config, ConfigSource, MaildirDelivery
 from smtpproxy.datareader import END_OF_DATA, DataReader
 from smtpproxy.eventlog import current_session
 from smtpproxy.message import Message
+from smtpproxy.outcome import PROXY, Refusal, before_message, end_of_message, skips_data_chain
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.session import (
@@ -41,7 +42,7 @@ from smtpproxy.session import (
     TLSInfo,
     Transaction,
 )
-from smtpproxy.verdicts import Action, Reply, Verdict
+from smtpproxy.verdicts import Reply
 
 __all__ = [
     "DISPOSITIONS",
@@ -58,11 +59,9 @@ __all__ = [
 ]
 
 PHASE_ORDER = ("connect", "helo", "mail_from", "rcpt_to", "data")
-DISPOSITIONS = ("accepted", "rejected", "tempfailed", "discarded", "quarantined")
-"""A trace's decision: ``accepted`` means the proxy would hand the message to delivery."""
-
-PROXY = "proxy"
-"""The name steps and decisions carry when a rule of the proxy itself (not a plugin) decided."""
+DISPOSITIONS = ("delivered", "rejected", "tempfailed", "discarded", "quarantined")
+"""A trace's decision, as :class:`~smtpproxy.session.Decision` says it: ``delivered`` means
+the proxy would hand the message to delivery (whose answer the client would then hear)."""
 
 
 class TraceInputError(ValueError):
@@ -320,7 +319,6 @@ class _Run:
         self.envelope: Envelope | None = None
         self.message_mark = 0
         self.envelope_mark = 0
-        self.disposition_by = ""
         self.reply: Reply | None = None
 
     def begin(self, phase: str, subject: str) -> PhaseTrace:
@@ -364,12 +362,18 @@ class _Run:
         self.current.reply = _text(reply)
 
     def finish_phase(
-        self, verdict: Verdict | None, reply: Reply | None = None, outcome: str | None = None
+        self, result: PhaseResult | None, reply: Reply | None = None, outcome: str | None = None
     ) -> None:
         assert self.current is not None
+        verdict = result.verdict if result is not None else None
         self.current.outcome = outcome or (verdict.action.value if verdict is not None else "continue")
         if reply is not None:
             self.current.reply = _text(reply)
+
+    def refuse(self, result: PhaseResult, refusal: Refusal) -> None:
+        """The phase ended the conversation with *refusal* (the client's last answer)."""
+        self.finish_phase(result, refusal.reply)
+        self.decide(refusal.disposition, refusal.reply, refusal.decided_by, refusal.reason)
 
     def decide(self, kind: str, reply: Reply, by: str, reason: str = "") -> None:
         self.reply = reply
@@ -377,14 +381,6 @@ class _Run:
         self.trace.reply = _text(reply)
         self.trace.decided_by = by
         self.trace.reason = reason
-
-
-def _last_plugin(results: Results) -> str:
-    return results.outcomes[-1].plugin if results.outcomes else PROXY
-
-
-def _refusal_kind(verdict: Verdict) -> str:
-    return "rejected" if verdict.action is Action.REJECT else "tempfailed"
 
 
 def data_section(raw: bytes) -> tuple[bytes, list[str]]:
@@ -501,18 +497,14 @@ class Tracer:
                 sender_params=mail.params, rcpts=rcpts, wire=wire,
             )
             if transaction is not None and transaction.message is not None and run.reply is not None:
-                decision = Decision(
-                    "delivered" if trace.decision == "accepted" else trace.decision,
-                    run.reply, trace.decided_by, trace.reason,
-                )
+                decision = Decision(trace.decision, run.reply, trace.decided_by, trace.reason,
+                                    transaction.score)
                 await self.chain.notify("after_message", session=session, transaction=transaction,
                                         decision=decision)
             await self.chain.notify("disconnect", session=session)
         finally:
             current_session.reset(token)
-        trace.score = session.results.score + (
-            transaction.results.score if transaction is not None else 0.0
-        )
+        trace.score = transaction.score if transaction is not None else session.results.score
         trace.tags = sorted(session.results.tags | (transaction.results.tags if transaction else set()))
         trace.duration_ms = (time.perf_counter() - started) * 1000
         return trace
@@ -525,24 +517,20 @@ class Tracer:
         p, chain, trace = self.policy, self.chain, run.trace
         # connect
         run.begin("connect", session.client.ip)
-        verdict = await chain.run("connect", session.results, session=session)
-        if verdict is not None and verdict.action in (Action.REJECT, Action.TEMPFAIL):
-            reply = _connect_reply(verdict)
-            run.finish_phase(verdict, reply)
-            run.decide(_refusal_kind(verdict), reply, _last_plugin(session.results), verdict.reason)
+        result = await chain.run("connect", session.results, session=session)
+        refusal = before_message("connect", session, result)
+        if refusal is not None:
+            run.refuse(result, refusal)
             return None
-        run.finish_phase(verdict)
-        self._session_disposition(run, session, verdict)
+        run.finish_phase(result)
         # helo
         run.begin("helo", helo)
-        verdict = await chain.run("helo", session.results, session=session, hostname=helo)
-        if verdict is not None and verdict.reply is not None:
-            run.finish_phase(verdict, verdict.reply)
-            run.decide(_refusal_kind(verdict), verdict.reply, _last_plugin(session.results),
-                       verdict.reason)
+        result = await chain.run("helo", session.results, session=session, hostname=helo)
+        refusal = before_message("helo", session, result)
+        if refusal is not None:
+            run.refuse(result, refusal)
             return None
-        run.finish_phase(verdict)
-        self._session_disposition(run, session, verdict)
+        run.finish_phase(result)
         session.helo = helo
         session.esmtp = True
         session.auth_user = auth_user  # AUTH comes after EHLO
@@ -551,49 +539,49 @@ class Tracer:
         transaction = session.begin_transaction(Envelope(sender, sender_params))
         transaction.results = _RecordingResults(run.record)
         run.envelope = transaction.envelope
-        verdict = await chain.run("mail_from", transaction.results, session=session,
-                                  transaction=transaction, sender=sender)
-        if verdict is not None and verdict.reply is not None:
-            run.finish_phase(verdict, verdict.reply)
-            run.decide(_refusal_kind(verdict), verdict.reply, _last_plugin(transaction.results),
-                       verdict.reason)
+        result = await chain.run("mail_from", transaction.results, session=session,
+                                 transaction=transaction, sender=sender)
+        refusal = before_message("mail_from", transaction, result)
+        if refusal is not None:
+            run.refuse(result, refusal)
             session.end_transaction()
             return None
-        run.finish_phase(verdict)
-        self._disposition(run, transaction, verdict)
+        run.finish_phase(result)
         # rcpt_to, each
         route: str | None = None
-        refusals: list[tuple[Verdict | None, Reply, str, str]] = []
+        refusals: list[Refusal] = []
         if p.rcpt_mode == "relay":
             trace.notes.append("rcpt_mode relay: the upstream's answer to each RCPT is not asked offline")
         for address in rcpts:
             phase = run.begin("rcpt_to", address.text)
-            refusal = self._rcpt_rule(session, transaction, address, route)
-            if refusal is not None:
-                run.proxy_step("reject" if refusal.is_permanent else "tempfail", refusal,
-                               _RULE_REASONS.get(refusal.enhanced or "", "proxy rule"))
-                refusals.append((None, refusal, PROXY, phase.steps[-1].reason))
-                trace.refused_recipients.append((address.text, _text(refusal), PROXY))
+            rule = self._rcpt_rule(session, transaction, address, route)
+            if rule is not None:
+                reason = _RULE_REASONS.get(rule.enhanced or "", "proxy rule")
+                run.proxy_step("reject" if rule.is_permanent else "tempfail", rule, reason)
+                refusals.append(Refusal(rule, PROXY, reason))
+                trace.refused_recipients.append((address.text, _text(rule), PROXY))
                 continue
             recipient = Recipient(address, {})
-            verdict = await chain.run("rcpt_to", transaction.results, session=session,
-                                      transaction=transaction, recipient=recipient)
-            if verdict is not None and verdict.reply is not None:
-                run.finish_phase(verdict, verdict.reply)
-                by = _last_plugin(transaction.results)
-                refusals.append((verdict, verdict.reply, by, verdict.reason))
-                trace.refused_recipients.append((address.text, _text(verdict.reply), by))
+            result = await chain.run("rcpt_to", transaction.results, session=session,
+                                     transaction=transaction, recipient=recipient)
+            plugin_refusal = before_message("rcpt_to", transaction, result)
+            if plugin_refusal is not None:
+                run.finish_phase(result, plugin_refusal.reply)
+                refusals.append(plugin_refusal)
+                trace.refused_recipients.append(
+                    (address.text, _text(plugin_refusal.reply), plugin_refusal.decided_by)
+                )
                 continue
-            run.finish_phase(verdict)
-            self._disposition(run, transaction, verdict)
+            run.finish_phase(result)
             route = p.route_of(address)[0]
-            transaction.envelope.recipients.append(recipient)
+            transaction.envelope._accept_recipient(recipient)
         if not transaction.envelope.recipients:
-            # The client gets no further than RCPT; its refusals are the answer.
-            permanent = [r for r in refusals if r[1].is_permanent]
-            _, reply, by, reason = (permanent or refusals)[0]
-            run.decide("rejected" if permanent and len(permanent) == len(refusals) else "tempfailed",
-                       reply, by, reason)
+            # The client gets no further than RCPT; its refusals are the answer: the first
+            # permanent one when all are permanent (the client gives up), else a temporary one.
+            permanent = [r for r in refusals if r.reply.is_permanent]
+            last = permanent[0] if permanent and len(permanent) == len(refusals) else next(
+                r for r in refusals if r.reply.is_temporary)
+            run.decide(last.disposition, last.reply, last.decided_by, last.reason)
             return transaction
         # data
         phase = run.begin("data", "")
@@ -606,37 +594,32 @@ class Tracer:
         trace.size = message.size
         phase.subject = f"{message.size} bytes"
         original = message.headers
-        if transaction.disposition is Action.DISCARD:
-            run.decide("discarded", _queued(transaction), run.disposition_by or PROXY,
-                       transaction.disposition_reason)
-            run.finish_phase(None, run.reply, outcome="discard")  # the data chain is skipped
+        data_result: PhaseResult | None = None
+        if not skips_data_chain(transaction):
+            data_result = await chain.run("data", transaction.results, session=session,
+                                          transaction=transaction, message=message)
+        outcome = end_of_message(transaction, data_result)
+        if isinstance(outcome, Refusal):
+            run.decide(outcome.disposition, outcome.reply, outcome.decided_by, outcome.reason)
         else:
-            verdict = await chain.run("data", transaction.results, session=session,
-                                      transaction=transaction, message=message)
-            by = _last_plugin(transaction.results) if verdict else PROXY
-            self._decide(run, transaction, verdict, by)
-            run.finish_phase(verdict, run.reply)
+            reply = WOULD_DELIVER if outcome.action == "deliver" else _queued(transaction)
+            decision = outcome.decision(reply, transaction.score)
+            run.decide(decision.disposition, reply, decision.decided_by, decision.reason)
+        # the data chain is skipped for a discard decided earlier
+        run.finish_phase(data_result, run.reply, outcome=None if data_result is not None else "discard")
         trace.message = message
         final = message.headers
         trace.headers_added = _minus(final, original)
         trace.headers_removed = _minus(original, final)
         trace.body_replaced = any(c.op == "replace_body" for c in message.changes)
         trace.accepted_recipients = [r.address.text for r in transaction.envelope.recipients]
-        if trace.decision == "accepted":
+        if trace.decision == "delivered":
             groups: dict[str, tuple[str, list[str]]] = {}
             for rcpt in transaction.envelope.recipients:
                 name, destination = p.route_of(rcpt.address)
                 groups.setdefault(name, (destination, []))[1].append(rcpt.address.text)
             trace.routes = [Route(n, d, tuple(r)) for n, (d, r) in groups.items()]
         return transaction
-
-    def _session_disposition(self, run: _Run, session: Session, verdict: Verdict | None) -> None:
-        if session.set_disposition(verdict):
-            run.disposition_by = _last_plugin(session.results)
-
-    def _disposition(self, run: _Run, transaction: Transaction, verdict: Verdict | None) -> None:
-        if transaction.set_disposition(verdict):
-            run.disposition_by = _last_plugin(transaction.results)
 
     def _rcpt_rule(
         self, session: Session, transaction: Transaction, address: Address, route: str | None
@@ -664,25 +647,6 @@ class Tracer:
             return reader.problem.reply(p.max_message_size, p.max_line_length)
         return reader.content()
 
-    def _decide(self, run: _Run, transaction: Transaction, verdict: Verdict | None, by: str) -> None:
-        """The front end's end-of-data decision, with delivery and quarantine left out."""
-        if verdict is not None and verdict.reply is not None:
-            run.decide(_refusal_kind(verdict), verdict.reply, by, verdict.reason)
-            return
-        action = verdict.action if verdict is not None else None
-        if action is Action.DISCARD:
-            run.decide("discarded", _queued(transaction), by, verdict.reason if verdict else "")
-            return
-        if action is Action.QUARANTINE or transaction.disposition is Action.QUARANTINE:
-            if action is Action.QUARANTINE and verdict is not None:
-                run.decide("quarantined", _queued(transaction), by, verdict.reason)
-            else:
-                run.decide("quarantined", _queued(transaction), run.disposition_by or PROXY,
-                           transaction.disposition_reason)
-            return
-        run.decide("accepted", Reply(250, "2.0.0", "Ok: would be delivered"), by,
-                   verdict.reason if verdict is not None else "")
-
 
 _RULE_REASONS = {
     "5.7.1": "relay rule: the domain is not in relay.domains and the client is not trusted",
@@ -707,14 +671,9 @@ def _text(reply: Reply) -> str:
     return "\n".join(reply.lines())
 
 
-def _connect_reply(verdict: Verdict) -> Reply:
-    """As the front end answers at connect: 554 refuses the session, 421 defers it."""
-    assert verdict.reply is not None
-    enhanced = verdict.reply.enhanced
-    if verdict.action is Action.TEMPFAIL:
-        return Reply(421, enhanced or "4.7.0", verdict.reply.text)
-    return Reply(554, enhanced or "5.7.1", verdict.reply.text)
-
-
 def _queued(transaction: Transaction) -> Reply:
     return Reply(250, "2.0.0", f"Ok: queued as {transaction.id}")
+
+
+WOULD_DELIVER = Reply(250, "2.0.0", "Ok: would be delivered")
+"""The tracer's stand-in for the upstream's answer (nothing is delivered offline)."""

@@ -5,11 +5,28 @@ plain immutable values so that any transport (the SMTP proxy, a milter) can turn
 into its own replies. Every verdict that reaches an SMTP client carries a code, an
 enhanced status code (RFC 3463) and a text; the constructors fill sensible defaults so a
 plugin usually only says *why*.
+
+**A verdict cannot say something impossible.** It is checked when it is built:
+
+- ``reject`` carries a 5xx reply and ``tempfail`` a 4xx reply (a refusal without a reply,
+  or with a reply of the other class, does not exist);
+- ``continue``, ``accept``, ``discard`` and ``quarantine`` carry no reply: the client's
+  positive answer is the proxy's to give (``250`` only once the message is delivered,
+  quarantined or dropped as the verdict says), never a plugin's;
+- the score is a finite number, the reason a string, the tags a tuple of strings.
+
+Anything else raises :class:`ValueError` (or :class:`TypeError`) in the plugin that built
+it. Whatever a plugin still returns that is not a valid ``Verdict`` (another type, an
+object altered after construction) is that plugin's error, handled by its ``on_error``
+policy: by default the client is told ``451 4.3.0`` and retries. A refusal can never
+become an acceptance, and no plugin can make the client hear ``250`` for a message that
+was not delivered, quarantined or explicitly discarded.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 import re
 from dataclasses import dataclass, field, replace
 
@@ -50,6 +67,12 @@ class Reply:
     text: str
 
     def __post_init__(self) -> None:
+        if type(self.code) is not int:
+            raise TypeError(f"SMTP reply code must be an int, got {type(self.code).__name__}")
+        if self.enhanced is not None and not isinstance(self.enhanced, str):
+            raise TypeError(f"enhanced status code must be a str or None, got {type(self.enhanced).__name__}")
+        if not isinstance(self.text, str):
+            raise TypeError(f"reply text must be a str, got {type(self.text).__name__}")
         if not 200 <= self.code <= 599:
             raise ValueError(f"SMTP reply code must be 200..599, got {self.code}")
         if self.enhanced is not None:
@@ -87,6 +110,17 @@ class Reply:
     def __str__(self) -> str:
         return "\r\n".join(self.lines())
 
+    @classmethod
+    def checked(cls, reply: object) -> Reply:
+        """A fresh, validated copy of *reply*; ValueError/TypeError if it is not a valid Reply.
+
+        The chain uses it on what plugins hand back, so a reply altered after construction
+        (``object.__setattr__``) or a look-alike subclass cannot slip through.
+        """
+        if not isinstance(reply, Reply):
+            raise TypeError(f"a reply must be a Reply, got {type(reply).__name__}")
+        return cls(reply.code, reply.enhanced, reply.text)
+
 
 @dataclass(frozen=True, slots=True)
 class Verdict:
@@ -100,6 +134,52 @@ class Verdict:
     """Points added to the transaction's score (spam scoring); any action may carry a score."""
     tags: tuple[str, ...] = field(default=())
     """Short machine-readable labels for other plugins and logs, e.g. ``("spf:fail",)``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.action, Action):
+            raise TypeError(f"action must be an Action, got {self.action!r}")
+        if self.reply is not None and not isinstance(self.reply, Reply):
+            raise TypeError(f"reply must be a Reply or None, got {type(self.reply).__name__}")
+        if self.action is Action.REJECT:
+            if self.reply is None or not self.reply.is_permanent:
+                raise ValueError(
+                    f"a reject verdict needs a 5xx reply, got {self.reply}; use Verdict.reject(...)"
+                )
+        elif self.action is Action.TEMPFAIL:
+            if self.reply is None or not self.reply.is_temporary:
+                raise ValueError(
+                    f"a tempfail verdict needs a 4xx reply, got {self.reply}; use Verdict.tempfail(...)"
+                )
+        elif self.reply is not None:
+            raise ValueError(
+                f"verdict {self.action.value!r} carries no reply (got {self.reply}): only the proxy "
+                "answers 2xx, once the message is delivered, quarantined or dropped"
+            )
+        if not isinstance(self.reason, str):
+            raise TypeError(f"reason must be a str, got {type(self.reason).__name__}")
+        if isinstance(self.score, bool) or not isinstance(self.score, int | float):
+            raise TypeError(f"score must be a number, got {type(self.score).__name__}")
+        if not math.isfinite(self.score):
+            raise ValueError(f"score must be a finite number, got {self.score}")
+        if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
+            raise TypeError(f"tags must be a tuple of str, got {self.tags!r}")
+
+    @classmethod
+    def checked(cls, verdict: object) -> Verdict:
+        """A fresh, validated copy of what a hook returned; raises if it is not a valid Verdict.
+
+        Building anew re-runs every rule above, so an object changed after construction or
+        a subclass that overrides them fails here, in the plugin's name, not later.
+        """
+        if not isinstance(verdict, Verdict):
+            raise TypeError(f"a hook returned {type(verdict).__name__}; return None or a Verdict")
+        reply = Reply.checked(verdict.reply) if verdict.reply is not None else None
+        return cls(verdict.action, reply, verdict.reason, verdict.score, verdict.tags)
+
+    @property
+    def is_refusal(self) -> bool:
+        """True for reject and tempfail: the client is refused with :attr:`reply`."""
+        return self.action in (Action.REJECT, Action.TEMPFAIL)
 
     @classmethod
     def cont(cls, *, score: float = 0.0, reason: str = "", tags: tuple[str, ...] = ()) -> Verdict:

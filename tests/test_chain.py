@@ -50,7 +50,8 @@ async def test_runs_in_configured_order_not_registration_order() -> None:
     pm.register(a, name="a")
     chain = Chain(pm, [ChainStep("a", a), ChainStep("b", b)])
     results = Results()
-    assert await chain.run("helo", results, session=session(), hostname="h") is None
+    result = await chain.run("helo", results, session=session(), hostname="h")
+    assert result.verdict is None and result.decided_by is None and not result.failed
     assert log == ["a:h", "b:h"]
     assert [o.plugin for o in results] == ["a", "b"]
     assert all(o.action is Action.CONTINUE and o.duration >= 0 for o in results)
@@ -64,8 +65,9 @@ async def test_final_verdict_stops_the_phase_and_scores_accumulate() -> None:
         ChainStep("never", Says(log, "never")),
     )
     results = Results()
-    verdict = await chain.run("helo", results, session=session(), hostname="h")
-    assert verdict is not None and verdict.action is Action.REJECT
+    result = await chain.run("helo", results, session=session(), hostname="h")
+    assert result.verdict is not None and result.verdict.action is Action.REJECT
+    assert result.decided_by == "r" and not result.failed
     assert log == ["s:h", "r:h"]
     assert results.score == 2.5 and results.tags == {"helo:odd"}
     assert results.outcomes[-1].reply is not None and results.outcomes[-1].reply.code == 550
@@ -100,8 +102,10 @@ async def test_errors_are_isolated_per_policy(plugin: object, error: str) -> Non
         chain = build(ChainStep("bad", plugin, timeout=0.05, on_error=on_error),  # type: ignore[arg-type]
                       ChainStep("next", Says(log, "next")))
         results = Results()
-        verdict = await chain.run("helo", results, session=session(), hostname="h")
-        assert (verdict.action if verdict else None) is expected
+        result = await chain.run("helo", results, session=session(), hostname="h")
+        assert (result.verdict.action if result.verdict else None) is expected
+        assert result.failed is (on_error == "tempfail")
+        assert result.decided_by == ("bad" if on_error == "tempfail" else None)
         assert results.outcomes[0].error == error
     assert log == ["next:h"]  # reached only with on_error: continue
 

@@ -491,7 +491,7 @@ async def test_only_configured_domains_are_signed_by_from_or_sender(tmp_path: Pa
         message = Message(raw)
         session, transaction = hook_args(sender) if sender else hook_args()
         if not sender:
-            transaction.envelope.sender = Address("", "", "")
+            transaction.envelope.set_sender(Address("", "", ""))
         await plugin.data(session, transaction, message)
         assert ("DKIM-Signature" in message) is signed, (raw[:40], sender)
         if signed:

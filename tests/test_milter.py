@@ -149,6 +149,9 @@ BODY = b"Line one.\r\nLine two.\r\n"
 
 
 class Recorder:
+    """Records on the event loop (async hooks), so a test sees each record as soon as the
+    milter has answered."""
+
     name = "recorder"
 
     def __init__(self) -> None:
@@ -158,19 +161,19 @@ class Recorder:
         self.disconnects = 0
 
     @hookimpl
-    def connect(self, session: Session) -> None:
+    async def connect(self, session: Session) -> None:
         self.sessions.append(session)
 
     @hookimpl
-    def data(self, message: Message) -> None:
+    async def data(self, message: Message) -> None:
         self.messages.append(message.raw)
 
     @hookimpl
-    def after_message(self, decision: Decision) -> None:
+    async def after_message(self, decision: Decision) -> None:
         self.decisions.append(decision)
 
     @hookimpl
-    def disconnect(self) -> None:
+    async def disconnect(self) -> None:
         self.disconnects += 1
 
 

@@ -194,7 +194,8 @@ def transaction_for(sender: str = "a@old.example", rcpts: tuple[str, ...] | list
         return Address(text, local, domain)
 
     envelope = Envelope(addr(sender))
-    envelope.recipients.extend(Recipient(addr(r)) for r in rcpts)
+    for r in rcpts:
+        envelope._accept_recipient(Recipient(addr(r)))
     return Transaction("s.1", envelope)
 
 

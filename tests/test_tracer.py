@@ -102,7 +102,7 @@ async def trace(tmp_path: Path, *plugins: object, message: bytes = MESSAGE, **kw
 
 async def test_edits_are_attributed_to_the_plugin_that_made_them(tmp_path: Path) -> None:
     t = await trace(tmp_path, Tagger(), Archive())
-    assert t.decision == "accepted"
+    assert t.decision == "delivered"
     assert t.reply.startswith("250 2.0.0")
     tagger, archive = t.phase("data")[0].steps
     assert tagger.plugin == "tagger" and tagger.score == 2.5 and tagger.tags == ("tagged",)
@@ -131,14 +131,14 @@ async def test_relay_rule_is_a_proxy_step_and_refused_recipients_stay_out(tmp_pa
         ("abuse@localhost", "550 5.7.1 Role address takes no outside mail", "roles"),
     ]
     assert t.accepted_recipients == ["bob@localhost"]
-    assert t.decision == "accepted"
+    assert t.decision == "delivered"
 
 
 async def test_trusted_client_may_relay(tmp_path: Path) -> None:
     async with Tracer(chain_of(Roles()), policy(tmp_path, relay={"networks": ["10.0.0.0/8"]})) as tracer:
         t = await tracer.trace(MESSAGE, sender="a@sender.test", recipients=["x@elsewhere.org"],
                                client_ip="10.1.2.3")
-    assert t.decision == "accepted" and t.accepted_recipients == ["x@elsewhere.org"]
+    assert t.decision == "delivered" and t.accepted_recipients == ["x@elsewhere.org"]
 
 
 async def test_every_recipient_refused_ends_at_rcpt(tmp_path: Path) -> None:
@@ -152,7 +152,7 @@ async def test_every_recipient_refused_ends_at_rcpt(tmp_path: Path) -> None:
 
 async def test_authenticated_user_passes_the_role_rule(tmp_path: Path) -> None:
     t = await trace(tmp_path, Roles(), recipients=["abuse@localhost"], auth_user="alice")
-    assert t.decision == "accepted"
+    assert t.decision == "delivered"
 
 
 async def test_connect_reject_is_answered_554_and_nothing_else_runs(tmp_path: Path) -> None:
@@ -250,7 +250,7 @@ async def test_text_report_columns_line_up(tmp_path: Path) -> None:
     # The action column starts at the same offset in every phase's table.
     assert len({row.index(row.split()[1]) for row in rows}) == 1
     assert "+ X-Tagged: yes" in text and "- X-Internal: secret" in text
-    assert any(line.startswith("decision  ACCEPTED  250 2.0.0") for line in lines)
+    assert any(line.startswith("decision  DELIVERED  250 2.0.0") for line in lines)
     assert "score 2.5" in text
 
 
@@ -326,7 +326,7 @@ def test_command_text_report(tmp_path: Path) -> None:
     assert "default -> 127.0.0.1:2525: <bob@localhost>" in out
     fixed = next(line for line in out.splitlines() if line.split()[:2] == ["fixed", "continue"])
     assert "+1.5" in fixed
-    assert "decision  ACCEPTED" in out
+    assert "decision  DELIVERED" in out
 
 
 @pytest.mark.parametrize(("action", "code", "decision"), [
@@ -354,16 +354,16 @@ def test_command_directory_summary(tmp_path: Path) -> None:
     (mail / "notes.txt").write_text("not a message")
     result = test_message(tmp_path, str(mail), "--from", "a@sender.test", "--rcpt", "bob@localhost")
     assert result.returncode == 0, result.stderr
-    assert "[1/3] a.eml: accepted" in result.stderr and "[3/3] c.eml: rejected" in result.stderr
+    assert "[1/3] a.eml: delivered" in result.stderr and "[3/3] c.eml: rejected" in result.stderr
     rows = {Path(line.split()[0]).name: line.split() for line in result.stdout.splitlines()
             if line.endswith(".eml") or ".eml " in line}
-    assert rows["a.eml"][1:4] == ["accepted", "1.5", "proxy"]
+    assert rows["a.eml"][1:4] == ["delivered", "1.5", "delivery"]
     assert rows["c.eml"][1:5] == ["rejected", "0", "proxy", "550"]
     assert "notes.txt" not in result.stdout
-    assert "3 message(s): 2 accepted, 1 rejected" in result.stdout
+    assert "3 message(s): 2 delivered, 1 rejected" in result.stdout
     as_json = test_message(tmp_path, str(mail), "--from", "a@sender.test", "--rcpt", "bob@localhost", "--json")
     assert [(Path(d["file"]).name, d["decision"]) for d in json.loads(as_json.stdout)] == [
-        ("a.eml", "accepted"), ("b.eml", "accepted"), ("c.eml", "rejected")]
+        ("a.eml", "delivered"), ("b.eml", "delivered"), ("c.eml", "rejected")]
 
 
 def test_command_usage_errors(tmp_path: Path) -> None:

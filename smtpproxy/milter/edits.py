@@ -20,7 +20,7 @@ so that headers a plugin placed after an existing field land exactly there.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from smtpproxy.addresses import Address
 from smtpproxy.milter.codec import (
@@ -144,7 +144,7 @@ def body_edits(body: bytes) -> list[Response]:
     return [ReplaceBody(body[i : i + MAX_BODY_CHUNK]) for i in range(0, len(body), MAX_BODY_CHUNK)]
 
 
-def _esmtp_args(params: dict[str, str | None]) -> str:
+def _esmtp_args(params: Mapping[str, str | None]) -> str:
     return " ".join(key if value is None else f"{key}={value}" for key, value in params.items())
 
 

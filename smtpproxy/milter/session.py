@@ -30,12 +30,20 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
-from smtpproxy.chain import ERROR_TEMPFAIL, Chain
+from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.message import Message
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError, Response
 from smtpproxy.milter.edits import body_edits, envelope_edits, header_edits, split_fields
+from smtpproxy.outcome import (
+    Deliver,
+    Refusal,
+    before_message,
+    connect_reply,
+    end_of_message,
+    skips_data_chain,
+)
 from smtpproxy.session import (
     Client,
     Decision,
@@ -46,7 +54,7 @@ from smtpproxy.session import (
     TLSInfo,
     Transaction,
 )
-from smtpproxy.verdicts import Action, Reply, Verdict
+from smtpproxy.verdicts import Reply
 
 __all__ = ["MilterPolicy", "MilterSession"]
 
@@ -78,14 +86,6 @@ class MilterPolicy:
 def reply_text(reply: Reply) -> str:
     """An SMTP reply in SMFIR_REPLYCODE form: CRLF between lines, ``%`` doubled."""
     return "\r\n".join(reply.lines()).replace("%", "%%")
-
-
-def _connect_reply(reply: Reply, action: Action) -> Reply:
-    """At connect, RFC 5321 3.1: 554 refuses the session, 421 defers it (as the proxy says)."""
-    if action is Action.TEMPFAIL:
-        return Reply(421, reply.enhanced or "4.7.0", reply.text)
-    return Reply(554, reply.enhanced if reply.is_permanent and reply.enhanced else "5.7.1",
-                 reply.text)
 
 
 class MilterSession:
@@ -132,7 +132,7 @@ class MilterSession:
             raise MilterProtocolError(f"{what} without MAIL")
         return session, session.transaction
 
-    async def _run(self, phase: str, results: Results, **kwargs: Any) -> Verdict | None:
+    async def _run(self, phase: str, results: Results, **kwargs: Any) -> PhaseResult:
         """Run a phase, telling the MTA we are alive while slow plugins work."""
         task = asyncio.ensure_future(self.chain.run(phase, results, **kwargs))
         try:
@@ -145,21 +145,25 @@ class MilterSession:
             if not task.done():
                 task.cancel()
 
-    def _failed(self, verdict: Verdict | None, results: Results) -> bool:
-        """Whether this verdict is the chain's stand-in for a plugin that failed."""
-        return verdict is ERROR_TEMPFAIL and bool(results.outcomes) and results.outcomes[-1].error is not None
-
-    def _default_action(self, phase: str, results: Results) -> Response:
+    def _failure_policy(self, phase: str, refusal: Refusal) -> Refusal | None:
+        """A plugin's failure goes by ``milter.default_action``: the refusal to send (a
+        tempfail as the chain made it, or a reject), or None to accept (SMFIR_ACCEPT)."""
+        if not refusal.failed:
+            return refusal
         action = self.policy.default_action
         event("milter_default_action", level=logging.WARNING, phase=phase, action=action,
-              plugin=results.outcomes[-1].plugin, error=results.outcomes[-1].error)
+              plugin=refusal.decided_by, reason=refusal.reason)
+        if action == "tempfail":
+            return refusal
         if action == "accept":
-            return codec.Accept()
-        reply = ERROR_REJECT if action == "reject" else ERROR_TEMPFAIL.reply
-        assert reply is not None
-        if phase == "connect":
-            reply = _connect_reply(reply, Action.REJECT if action == "reject" else Action.TEMPFAIL)
-        return codec.ReplyCode(reply_text(reply))
+            return None
+        reply = connect_reply(ERROR_REJECT) if phase == "connect" else ERROR_REJECT
+        return Refusal(reply, refusal.decided_by, refusal.reason, failed=True)
+
+    def _refuse(self, phase: str, refusal: Refusal) -> Response:
+        """A refusal as the MTA's reply (SMFIR_REPLYCODE), or SMFIR_ACCEPT by default_action."""
+        final = self._failure_policy(phase, refusal)
+        return codec.Accept() if final is None else codec.ReplyCode(reply_text(final.reply))
 
     def _update_identity(self, session: Session) -> None:
         """TLS and SMTP AUTH as the MTA's macros tell them (sent with HELO and MAIL)."""
@@ -250,30 +254,24 @@ class MilterSession:
         self.session = session
         current_session.set(session.id)
         event("connect", client=ip, port=port, transport="milter", mta=self.macros.get("j"))
-        verdict = await self._run("connect", session.results, session=session)
-        if self._failed(verdict, session.results):
-            await self.send(self._default_action("connect", session.results))
+        result = await self._run("connect", session.results, session=session)
+        refusal = before_message("connect", session, result)
+        if refusal is not None:
+            event("connect_rejected", reply=refusal.reply.code, by=refusal.decided_by,
+                  reason=refusal.reason)
+            await self.send(self._refuse("connect", refusal))
             return
-        if verdict is not None and verdict.reply is not None:
-            reply = _connect_reply(verdict.reply, verdict.action)
-            event("connect_rejected", reply=reply.code, reason=verdict.reason)
-            await self.send(codec.ReplyCode(reply_text(reply)))
-            return
-        _apply_session_disposition(session, verdict)
         await self.send(codec.Continue())
 
     async def _helo(self, hostname: str) -> None:
         session = self._require_session("HELO")
         self._update_identity(session)
-        verdict = await self._run("helo", session.results, session=session, hostname=hostname)
-        event("helo", hostname=hostname, verdict=_action(verdict))
-        if self._failed(verdict, session.results):
-            await self.send(self._default_action("helo", session.results))
+        result = await self._run("helo", session.results, session=session, hostname=hostname)
+        event("helo", hostname=hostname, verdict=_action(result), by=result.decided_by)
+        refusal = before_message("helo", session, result)
+        if refusal is not None:
+            await self.send(self._refuse("helo", refusal))
             return
-        if verdict is not None and verdict.reply is not None:
-            await self.send(codec.ReplyCode(reply_text(verdict.reply)))
-            return
-        _apply_session_disposition(session, verdict)
         session.helo = hostname
         await self.send(codec.Continue())
 
@@ -290,21 +288,17 @@ class MilterSession:
             await self.send(codec.ReplyCode(reply_text(Reply(exc.code, exc.enhanced, exc.text))))
             return
         transaction = session.begin_transaction(Envelope(path.address, path.params))
-        verdict = await self._run("mail_from", transaction.results, session=session,
-                                  transaction=transaction, sender=path.address)
+        result = await self._run("mail_from", transaction.results, session=session,
+                                 transaction=transaction, sender=path.address)
         event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
-              verdict=_action(verdict), queue_id=self.macros.get("i"))
-        if self._failed(verdict, transaction.results):
-            response = self._default_action("mail_from", transaction.results)
+              verdict=_action(result), by=result.decided_by, queue_id=self.macros.get("i"))
+        refusal = before_message("mail_from", transaction, result)
+        if refusal is not None:
+            response = self._refuse("mail_from", refusal)
             if not isinstance(response, codec.Accept):
                 session.end_transaction()
             await self.send(response)
             return
-        if verdict is not None and verdict.reply is not None:
-            session.end_transaction()
-            await self.send(codec.ReplyCode(reply_text(verdict.reply)))
-            return
-        _apply_disposition(transaction, verdict)
         self._mta_sender = path.address
         await self.send(codec.Continue())
 
@@ -320,21 +314,19 @@ class MilterSession:
             await self.send(codec.ReplyCode(reply_text(Reply(452, "4.5.3", "Too many recipients"))))
             return
         recipient = Recipient(path.address, dict(path.params))
-        verdict = await self._run("rcpt_to", transaction.results, session=session,
-                                  transaction=transaction, recipient=recipient)
-        event("rcpt_to", tx=transaction.id, recipient=path.address.text, verdict=_action(verdict))
-        if self._failed(verdict, transaction.results):
-            response = self._default_action("rcpt_to", transaction.results)
+        result = await self._run("rcpt_to", transaction.results, session=session,
+                                 transaction=transaction, recipient=recipient)
+        event("rcpt_to", tx=transaction.id, recipient=path.address.text, verdict=_action(result),
+              by=result.decided_by)
+        refusal = before_message("rcpt_to", transaction, result)
+        if refusal is not None:
+            response = self._refuse("rcpt_to", refusal)
             if isinstance(response, codec.Accept):
-                transaction.envelope.recipients.append(recipient)
+                transaction.envelope._accept_recipient(recipient)
                 self._mta_recipients.append(path.address)
             await self.send(response)
             return
-        if verdict is not None and verdict.reply is not None:
-            await self.send(codec.ReplyCode(reply_text(verdict.reply)))
-            return
-        _apply_disposition(transaction, verdict)
-        transaction.envelope.recipients.append(recipient)
+        transaction.envelope._accept_recipient(recipient)
         self._mta_recipients.append(path.address)
         await self.send(codec.Continue())
 
@@ -392,47 +384,34 @@ class MilterSession:
         if len(original) != self._header_count:
             event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
                   parsed=len(original))
+        queued = Reply(250, "2.0.0", f"Ok: queued as {self.macros.get('i') or transaction.id}")
+        result: PhaseResult | None = None
+        if not skips_data_chain(transaction):
+            result = await self._run("data", transaction.results, session=session,
+                                     transaction=transaction, message=message)
+        outcome = end_of_message(transaction, result)
         responses: list[Response]
         decision: Decision
-        queued = Reply(250, "2.0.0", f"Ok: queued as {self.macros.get('i') or transaction.id}")
-        if transaction.disposition is Action.DISCARD:
-            responses = [codec.Discard()]
-            decision = Decision("discarded", queued, "earlier phase", transaction.disposition_reason)
-        else:
-            verdict = await self._run("data", transaction.results, session=session,
-                                      transaction=transaction, message=message)
-            decided_by = transaction.results.outcomes[-1].plugin if verdict else "milter"
-            if self._failed(verdict, transaction.results):
-                response = self._default_action("data", transaction.results)
-                responses = [response]
-                if isinstance(response, codec.ReplyCode):
-                    reply = ERROR_REJECT if self.policy.default_action == "reject" else ERROR_TEMPFAIL.reply
-                    assert reply is not None
-                    kind = "rejected" if reply.is_permanent else "tempfailed"
-                    decision = Decision(kind, reply, decided_by, "plugin error")
-                else:
-                    decision = Decision("delivered", queued, "milter", "plugin error; default action")
-            elif verdict is not None and verdict.reply is not None:
-                responses = [codec.ReplyCode(reply_text(verdict.reply))]
-                kind = "rejected" if verdict.action is Action.REJECT else "tempfailed"
-                decision = Decision(kind, verdict.reply, decided_by, verdict.reason)
-            elif verdict is not None and verdict.action is Action.DISCARD:
-                responses = [codec.Discard()]
-                decision = Decision("discarded", queued, decided_by, verdict.reason)
+        if isinstance(outcome, Refusal):
+            final = self._failure_policy("data", outcome)
+            if final is None:  # milter.default_action: accept, the message passes unfiltered
+                responses = [codec.Accept()]
+                decision = Deliver("deliver", outcome.decided_by).decision(
+                    queued, transaction.score, f"plugin error; milter.default_action accept: {outcome.reason}"
+                )
             else:
-                responses = self._edits(transaction, message, original)
-                held = verdict is not None and verdict.action is Action.QUARANTINE
-                if held or transaction.disposition is Action.QUARANTINE:
-                    if held and verdict is not None:
-                        reason = verdict.reason
-                    else:
-                        reason, decided_by = transaction.disposition_reason, "earlier phase"
-                    # Postfix puts the message on hold (postsuper -H releases it).
-                    responses.append(codec.Quarantine(reason or "quarantined by smtpproxy"))
-                    decision = Decision("quarantined", queued, decided_by, reason)
-                else:
-                    decision = Decision("delivered", queued, decided_by, "")
-                responses.append(codec.Accept())
+                responses = [codec.ReplyCode(reply_text(final.reply))]
+                decision = final.decision(transaction.score)
+        elif outcome.action == "discard":
+            responses = [codec.Discard()]
+            decision = outcome.decision(queued, transaction.score)
+        else:
+            responses = self._edits(transaction, message, original)
+            if outcome.action == "quarantine":
+                # Postfix puts the message on hold (postsuper -H releases it).
+                responses.append(codec.Quarantine(outcome.reason or "quarantined by smtpproxy"))
+            responses.append(codec.Accept())
+            decision = outcome.decision(queued, transaction.score)
         for response in responses:
             await self.send(response)
         envelope = transaction.envelope
@@ -442,7 +421,7 @@ class MilterSession:
             recipients=[r.address.text for r in envelope.recipients], size=message.size,
             decision=decision.disposition,
             reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
-            by=decision.decided_by, reason=decision.reason, score=transaction.results.score,
+            by=decision.decided_by, reason=decision.reason, score=decision.score,
             edits=len(responses) - 1, ms=round((time.perf_counter() - self._started) * 1000, 1),
         )
         await self.chain.notify("after_message", session=session, transaction=transaction,
@@ -485,19 +464,5 @@ class MilterSession:
               seconds=round(time.time() - session.started, 3))
 
 
-def _action(verdict: Verdict | None) -> str:
-    return verdict.action.value if verdict is not None else "continue"
-
-
-def _apply_session_disposition(session: Session, verdict: Verdict | None) -> None:
-    """Discard or quarantine decided at connect or helo: every message of the session."""
-    if session.set_disposition(verdict):
-        assert verdict is not None
-        event("session_disposition", action=verdict.action.value, reason=verdict.reason)
-
-
-def _apply_disposition(transaction: Transaction, verdict: Verdict | None) -> None:
-    """Discard or quarantine decided before the message: applied at its end (as the proxy)."""
-    if transaction.set_disposition(verdict):
-        assert verdict is not None
-        event("disposition", tx=transaction.id, action=verdict.action.value, reason=verdict.reason)
+def _action(result: PhaseResult) -> str:
+    return result.verdict.action.value if result.verdict is not None else "continue"

@@ -33,7 +33,7 @@ async def test_through_the_phases(smtpproxy_run, smtpproxy_message) -> None:
     trace = await smtpproxy_run(plugin(), smtpproxy_message(), sender="x@outside.example",
                                 recipients=["noc@corp.example", "alice@corp.example"],
                                 client_ip="198.51.100.1")
-    assert trace.decision == "accepted"
+    assert trace.decision == "delivered"
     assert trace.accepted_recipients == ["alice@corp.example"]
     assert trace.refused_recipients == [
         ("noc@corp.example", "550 5.7.1 This address takes no mail from outside", "roles_inside_only")]

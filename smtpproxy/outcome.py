@@ -1,0 +1,133 @@
+"""The decision rules: what a phase's result means for the client, once for every front end.
+
+The SMTP proxy (:mod:`smtpproxy.inbound`), the milter (:mod:`smtpproxy.milter.session`) and
+the offline tracer (:mod:`smtpproxy.tracer`) all call these pure functions and only map
+what they return onto their own medium: SMTP replies, milter actions, a trace. So the rules
+cannot drift apart, and the tracer decides exactly as the proxy does.
+
+- **Before the message** (connect, helo, mail_from, rcpt_to): a reject or tempfail refuses
+  the command with the verdict's reply (at connect: ``554``/``421``, RFC 5321 3.1); a
+  discard or quarantine is remembered for the end of the message; anything else proceeds.
+- **At the end of the message**: a refusal at ``data`` refuses the message; a discard or
+  quarantine at ``data``, or one remembered from before, drops or keeps it; otherwise the
+  message is to be delivered, and only the delivery's own answer tells the client ``250``.
+- A plugin's error is a tempfail in its name (its ``on_error: tempfail``) everywhere.
+
+:class:`Decision` checks on construction that no refusal carries a positive reply and no
+positive reply goes with a message that was not delivered, quarantined or discarded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from smtpproxy.chain import PhaseResult
+from smtpproxy.session import Decision, Session, Transaction
+from smtpproxy.verdicts import Action, Reply
+
+__all__ = [
+    "DELIVERY",
+    "PROXY",
+    "Deliver",
+    "Refusal",
+    "before_message",
+    "connect_reply",
+    "end_of_message",
+    "skips_data_chain",
+]
+
+PROXY = "proxy"
+"""``decided_by`` for a rule of smtpproxy itself (relay, limits, DATA syntax, local errors)."""
+DELIVERY = "delivery"
+"""``decided_by`` for a message that was handed on: the upstream's (or MTA's) answer counts."""
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The client is refused: with this reply, by this plugin (or rule), for this reason."""
+
+    reply: Reply
+    decided_by: str
+    reason: str = ""
+    failed: bool = False
+    """True when the refusal stands in for a plugin's error (the milter may map it otherwise)."""
+
+    def __post_init__(self) -> None:
+        if self.reply.is_positive:
+            raise ValueError(f"a refusal needs a 4xx or 5xx reply, got {self.reply}")
+
+    @property
+    def disposition(self) -> Literal["rejected", "tempfailed"]:
+        return "tempfailed" if self.reply.is_temporary else "rejected"
+
+    def decision(self, score: float) -> Decision:
+        return Decision(self.disposition, self.reply, self.decided_by, self.reason, score)
+
+
+@dataclass(frozen=True, slots=True)
+class Deliver:
+    """The message ends well for the client: hand it on, keep it, or drop it as decided."""
+
+    action: Literal["deliver", "discard", "quarantine"]
+    decided_by: str
+    reason: str = ""
+
+    def decision(self, reply: Reply, score: float, reason: str | None = None) -> Decision:
+        """The Decision once the front end has done :attr:`action` and got *reply* (2xx)."""
+        disposition = {"deliver": "delivered", "discard": "discarded", "quarantine": "quarantined"}
+        by = DELIVERY if self.action == "deliver" else self.decided_by
+        return Decision(disposition[self.action], reply, by,
+                        self.reason if reason is None else reason, score)
+
+
+def connect_reply(reply: Reply) -> Reply:
+    """At connect, RFC 5321 3.1: ``554`` refuses the session, ``421`` defers it."""
+    if reply.is_temporary:
+        return Reply(421, reply.enhanced or "4.7.0", reply.text)
+    return Reply(554, reply.enhanced or "5.7.1", reply.text)
+
+
+def before_message(phase: str, holder: Session | Transaction, result: PhaseResult) -> Refusal | None:
+    """connect, helo, mail_from or rcpt_to: the refusal, or None to proceed.
+
+    Proceeding records a discard or quarantine on *holder* (the session at connect and helo,
+    so it applies to every message; else the transaction) in the deciding plugin's name.
+    """
+    verdict = result.verdict
+    if verdict is None or result.decided_by is None:
+        return None
+    if verdict.is_refusal:
+        assert verdict.reply is not None  # a refusal always has one (Verdict checks it)
+        reply = connect_reply(verdict.reply) if phase == "connect" else verdict.reply
+        return Refusal(reply, result.decided_by, verdict.reason, result.failed)
+    holder.set_disposition(verdict, result.decided_by)
+    return None
+
+
+def skips_data_chain(transaction: Transaction) -> bool:
+    """A discard decided before the message: the ``data`` chain is not run (nothing to decide)."""
+    return transaction.disposition is Action.DISCARD
+
+
+def end_of_message(transaction: Transaction, result: PhaseResult | None) -> Refusal | Deliver:
+    """The end of DATA: refuse, or deliver / discard / quarantine.
+
+    *result* is the ``data`` phase's result, or None when it was skipped
+    (:func:`skips_data_chain`). A discard beats a quarantine, and both beat delivery; a
+    refusal at ``data`` beats a disposition remembered from an earlier phase.
+    """
+    verdict = result.verdict if result is not None else None
+    if verdict is not None and result is not None and result.decided_by is not None:
+        if verdict.is_refusal:
+            assert verdict.reply is not None
+            return Refusal(verdict.reply, result.decided_by, verdict.reason, result.failed)
+        if verdict.action is Action.DISCARD:
+            return Deliver("discard", result.decided_by, verdict.reason)
+        if verdict.action is Action.QUARANTINE and transaction.disposition is not Action.DISCARD:
+            return Deliver("quarantine", result.decided_by, verdict.reason)
+    if transaction.disposition is Action.DISCARD:
+        return Deliver("discard", transaction.disposition_by or PROXY, transaction.disposition_reason)
+    if transaction.disposition is Action.QUARANTINE:
+        return Deliver("quarantine", transaction.disposition_by or PROXY, transaction.disposition_reason)
+    return Deliver("deliver", DELIVERY)
