@@ -273,7 +273,7 @@ class Score:
 
     @hookimpl
     async def data(self, session: Session, transaction: Transaction, message: Message) -> Verdict:
-        earlier = session.results.score + transaction.results.score
+        earlier = transaction.score  # the session's and the transaction's, so far
         facts = await run_blocking(self._facts, session, transaction, message)
         hits = [(c.rule.name, c.rule.score) for c in self.rules if self._matches(c, facts)]
         points = sum(score for _, score in hits)

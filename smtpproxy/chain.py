@@ -11,8 +11,8 @@ The chain is where "a plugin cannot break mail flow" is enforced, once for every
 - ``async def`` hooks run on the event loop under the plugin's ``timeout``; one that
   overran it (even by blocking the loop, which no timer can interrupt) has timed out, and
   whatever it returned late is ignored;
-- plain hooks run on the plugin's own thread (:mod:`smtpproxy.hookthread`), so a blocking
-  one cannot stall other sessions, and the same timeout holds;
+- plain hooks run in a bounded pool of threads (:mod:`smtpproxy.hookthread`), so a
+  blocking one cannot stall other sessions, and the same timeout holds;
 - anything a hook raises, ``BaseException`` included (``KeyboardInterrupt``,
   ``SystemExit``, a ``CancelledError`` of its own), is that plugin's error; only the
   server's own cancellation of the session passes through;
@@ -37,7 +37,7 @@ import pluggy
 
 from smtpproxy.eventlog import event
 from smtpproxy.hookspecs import NOTIFICATIONS, PHASES
-from smtpproxy.hookthread import HookThread
+from smtpproxy.hookthread import HookPool, hook_pool
 from smtpproxy.session import Outcome, Results
 from smtpproxy.verdicts import Action, Verdict
 
@@ -95,7 +95,7 @@ CONTINUED = PhaseResult()
 class _Call:
     step: ChainStep
     impl: pluggy.HookImpl
-    thread: HookThread | None
+    thread: HookPool | None
     """Where a plain hook runs; None for ``async def`` hooks (they run on the loop)."""
 
 
@@ -109,7 +109,6 @@ class Chain:
         self.pm = pm
         self.steps = tuple(steps)
         self._calls: dict[str, tuple[_Call, ...]] = {}
-        threads: dict[str, HookThread] = {}
         for hook_name in (*PHASES, *NOTIFICATIONS):
             impls = getattr(pm.hook, hook_name).get_hookimpls()
             calls = []
@@ -117,10 +116,7 @@ class Chain:
                 for impl in impls:
                     if impl.plugin is not step.plugin:
                         continue
-                    thread = None
-                    if not _is_async(impl.function):
-                        thread = threads.setdefault(step.name, HookThread(step.name))
-                    calls.append(_Call(step, impl, thread))
+                    calls.append(_Call(step, impl, None if _is_async(impl.function) else hook_pool()))
             self._calls[hook_name] = tuple(calls)
 
     def implementers(self, hook_name: str) -> list[str]:

@@ -17,12 +17,13 @@ the configuration gives. Returning ``None`` (or nothing) lets the next plugin ru
 a final :class:`~smtpproxy.Verdict` (accept, reject, tempfail, discard, quarantine) stops
 the phase; ``Verdict.cont(score=...)`` records a score and continues.
 
-**Isolation.** Every call is time-boxed by the plugin's ``timeout`` and every exception is
-caught. A plugin that raises or times out gets its ``on_error`` policy: ``tempfail``
-(default: the client is told 4xx and retries) or ``continue`` (logged, chain goes on). An
-error never silently accepts a message. Plain (non-async) hooks run on the event loop and
-cannot be interrupted: keep them fast, and move blocking work to ``await
-smtpproxy.run_blocking(...)``.
+**Isolation.** Every call is time-boxed by the plugin's ``timeout``, and everything a hook
+raises is caught (``KeyboardInterrupt``, ``SystemExit`` and its own ``CancelledError``
+too). A plugin that raises, times out or returns something that is not a valid verdict
+gets its ``on_error`` policy: ``tempfail`` (default: the client is told 4xx and retries) or
+``continue`` (logged, chain goes on). An error never accepts a message. ``async def`` hooks
+run on the event loop and must not block it (use ``await smtpproxy.run_blocking(...)``);
+plain hooks run in a bounded pool of threads, so they may block, under the same timeout.
 
 **Notifications.** ``after_message``, ``disconnect``, ``startup`` and ``shutdown`` are
 notifications: every plugin that implements them runs, whatever an earlier plugin decided,

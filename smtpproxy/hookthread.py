@@ -1,13 +1,14 @@
-"""The thread a plugin's plain (non-async) hooks run on, off the event loop.
+"""The threads plain (non-async) hooks run on, off the event loop.
 
 A plain hook may block (a synchronous library, a file, ``time.sleep``): on the event loop
-that would freeze every other session and no timeout could interrupt it. So each plugin
-with plain hooks gets one daemon thread, and its calls run there one at a time, in order,
-as they did on the loop, so a plain plugin needs no locks of its own. The chain waits for a
-call with the plugin's ``timeout``; a call that overruns is abandoned (its result, and any
-later one of the same call, is ignored) and the plugin's ``on_error`` policy applies. A
-plugin stuck for good only ever delays its own later calls, which time out in turn: the
-proxy fails closed, never open, and never waits on it to exit (the thread is a daemon).
+that would freeze every other session and no timeout could interrupt it. So plain hooks run
+in one bounded pool of daemon threads (:data:`POOL_SIZE`), calls of different sessions side
+by side, as ``loop.run_in_executor`` would run them. The chain waits for a call with the
+plugin's ``timeout``; a call that overruns is abandoned (what it returns later is ignored)
+and the plugin's ``on_error`` policy applies. A call stuck for good holds one thread; if
+stuck calls ever hold them all, later plain hooks wait, time out and tempfail: the proxy
+fails closed, never open, and never waits on them to exit (the threads are daemons, unlike
+``concurrent.futures``' workers, which the interpreter joins at exit).
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import contextlib
 import contextvars
 import queue
 import threading
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["HookThread"]
+__all__ = ["POOL_SIZE", "HookPool", "hook_pool"]
+
+POOL_SIZE = 32
+"""Threads for plain hooks, all plugins together."""
 
 
 @dataclass(slots=True)
@@ -35,57 +38,71 @@ class _Job:
     abandoned: bool = field(default=False)
 
 
-class HookThread:
-    """Runs one plugin's plain hooks in its own daemon thread, one call at a time."""
+class HookPool:
+    """Daemon threads, started as calls need them, up to ``size``; one queue of calls."""
 
-    def __init__(self, name: str):
-        self.name = name
-        self._queue: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
+    def __init__(self, size: int = POOL_SIZE):
+        self.size = size
+        self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
-        # Stop the thread when the chain that owns this object is gone (after a reload).
-        weakref.finalize(self, self._queue.put, None)
+        self._threads = 0
+        self._idle = 0
 
     async def call(
         self, function: Callable[..., Any], args: Sequence[Any]
     ) -> tuple[Any, BaseException | None]:
-        """``function(*args)`` on the thread: (result, None) or (None, what it raised).
+        """``function(*args)`` on a pool thread: (result, None) or (None, what it raised).
 
         Whatever the function raises, ``BaseException`` included, comes back as a value;
         cancelling the await (the chain's timeout) abandons a call that has not finished.
         """
         loop = asyncio.get_running_loop()
         job = _Job(function, args, contextvars.copy_context(), loop, loop.create_future())
-        self._start()
+        with self._lock:
+            if self._idle == 0 and self._threads < self.size:
+                self._threads += 1
+                self._idle += 1
+                threading.Thread(target=self._work, name=f"smtpproxy-hook-{self._threads}",
+                                 daemon=True).start()
         self._queue.put(job)
         try:
             return await job.future
         finally:
             job.abandoned = True
 
-    def _start(self) -> None:
-        with self._lock:
-            if self._thread is None:
-                self._thread = threading.Thread(
-                    target=_work, args=(self._queue,), name=f"smtpproxy-hook-{self.name}", daemon=True
-                )
-                self._thread.start()
+    def _work(self) -> None:
+        while True:
+            job = self._queue.get()
+            with self._lock:
+                self._idle -= 1
+            try:
+                if not job.abandoned:
+                    _run(job)
+            finally:
+                with self._lock:
+                    self._idle += 1
 
 
-def _work(jobs: queue.SimpleQueue[_Job | None]) -> None:
-    """The thread's loop; it holds the queue, not the HookThread, so that can be collected."""
-    while (job := jobs.get()) is not None:
-        if job.abandoned:
-            continue
-        result: Any = None
-        error: BaseException | None = None
-        try:
-            result = job.context.run(job.function, *job.args)
-        except BaseException as exc:  # handed back to the chain as the plugin's error
-            error = exc
-        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
-            job.loop.call_soon_threadsafe(_settle, job.future, result, error)
-        del job, result, error
+def _run(job: _Job) -> None:
+    result: Any = None
+    error: BaseException | None = None
+    try:
+        result = job.context.run(job.function, *job.args)
+    except BaseException as exc:  # handed back to the chain as the plugin's error
+        error = exc
+    with contextlib.suppress(RuntimeError):  # the loop closed meanwhile
+        job.loop.call_soon_threadsafe(_settle, job.future, result, error)
+
+
+_pool: HookPool | None = None
+
+
+def hook_pool() -> HookPool:
+    """The process-wide pool (created on first use)."""
+    global _pool  # noqa: PLW0603 - one pool per process, like smtpproxy.blocking's
+    if _pool is None:
+        _pool = HookPool()
+    return _pool
 
 
 def _settle(

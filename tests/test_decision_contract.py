@@ -1,0 +1,277 @@
+"""One contract, three front ends: the live proxy, the milter and the offline tracer decide alike.
+
+Every scenario (each action in each phase, each way a plugin can fail, session-level
+dispositions) runs through:
+
+- the SMTP proxy on a real socket, delivering to a real capturing upstream (aiosmtpd);
+- the milter, driven by the protocol-level fake MTA of tests/test_milter.py over loopback;
+- ``Tracer`` (what ``smtpproxy test-message`` and the pytest fixtures use).
+
+All three must give the same disposition, reply class, ``decided_by`` and score, and the
+proxy must have delivered (or quarantined) exactly what it said. The expected values come
+from the rules stated in docs/verdicts.md, not from any front end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpproxy import Decision, Verdict, hookimpl
+from smtpproxy.milter import codec
+from smtpproxy.tracer import Tracer
+from smtpproxy.verdicts import Action, Reply
+from tests.conftest import ProxyFactory, Sink, Talk, chain_of, port_of
+from tests.test_milter import BODY, HEADERS, FakeMTA
+from tests.test_milter import Factory as MilterFactory
+from tests.test_milter import milter as milter  # noqa: PLC0414 - the fixture
+
+PHASES = ("connect", "helo", "mail_from", "rcpt_to", "data")
+TIMEOUT = 0.3  # the judge's timeout; blocking scenarios overrun it by 0.3 s
+MESSAGE = b"From: Alice <alice@sender.test>\r\nTo: bob@dest.test\r\nSubject: hello\r\n\r\n" + BODY
+
+
+def _tampered() -> Verdict:
+    verdict = Verdict.reject("no")
+    object.__setattr__(verdict, "reply", Reply(250, None, "fake ok"))  # after construction
+    return verdict
+
+
+async def _hang() -> None:
+    await asyncio.sleep(30)
+
+
+def _raise(exc: BaseException) -> Callable[[], Any]:
+    def hook() -> Any:
+        raise exc
+    return hook
+
+
+# name -> (is async, body returning the hook's result)
+BEHAVIOURS: dict[str, tuple[bool, Callable[[], Any]]] = {
+    "reject": (True, lambda: Verdict.reject("No thanks", code=550, enhanced="5.7.1")),
+    "tempfail": (True, lambda: Verdict.tempfail("Later", code=450, enhanced="4.7.1")),
+    "discard": (True, lambda: Verdict.discard("trap")),
+    "quarantine": (True, lambda: Verdict.quarantine("suspicious")),
+    "accept": (True, lambda: Verdict.accept("known good")),
+    "continue": (True, lambda: Verdict.cont(score=0.5, reason="meh")),
+    "plain-reject": (False, lambda: Verdict.reject("No thanks")),
+    "raises": (True, _raise(ValueError("boom"))),
+    "keyboard-interrupt": (True, _raise(KeyboardInterrupt())),
+    "system-exit": (False, _raise(SystemExit(3))),
+    "cancelled": (True, _raise(asyncio.CancelledError())),
+    "hangs": (True, _hang),
+    "blocks-thread": (False, lambda: time.sleep(2 * TIMEOUT)),
+    "blocks-loop": (True, lambda: time.sleep(2 * TIMEOUT) or Verdict.accept()),
+    "returns-junk": (True, lambda: "250 ok"),
+    "tampered-verdict": (True, _tampered),
+}
+ERRORS = {"raises", "keyboard-interrupt", "system-exit", "cancelled", "hangs", "blocks-thread",
+          "blocks-loop", "returns-junk", "tampered-verdict"}
+
+
+@dataclass(frozen=True)
+class Expected:
+    disposition: str
+    reply_class: int
+    decided_by: str
+    score: float | None  # None: the message never reached its end (no Decision to compare)
+
+
+def expected(phase: str, behaviour: str) -> Expected:
+    """The rules of docs/verdicts.md, written out independently of smtpproxy.outcome."""
+    before_message = phase != "data"
+    score = 3.5  # the scorer: 1.5 at connect (session) + 2.0 at mail_from (transaction)
+    if behaviour in ERRORS or behaviour == "tempfail":
+        return Expected("tempfailed", 4, "judge", None if before_message else score)
+    if behaviour in ("reject", "plain-reject"):
+        return Expected("rejected", 5, "judge", None if before_message else score)
+    if behaviour == "discard":
+        return Expected("discarded", 2, "judge", score)
+    if behaviour == "quarantine":
+        return Expected("quarantined", 2, "judge", score)
+    if behaviour == "continue":
+        return Expected("delivered", 2, "delivery", score + 0.5)
+    return Expected("delivered", 2, "delivery", score)
+
+
+SCENARIOS = [(phase, b) for phase in PHASES for b in ("reject", "tempfail", "discard", "quarantine",
+                                                       "accept", "continue")]
+SCENARIOS += [(phase, b) for phase in ("connect", "rcpt_to", "data") for b in sorted(ERRORS)]
+SCENARIOS += [("rcpt_to", "plain-reject"), ("data", "plain-reject")]
+
+
+class Scorer:
+    name = "scorer"
+
+    @hookimpl
+    async def connect(self) -> Verdict:
+        return Verdict.cont(score=1.5)
+
+    @hookimpl
+    async def mail_from(self) -> Verdict:
+        return Verdict.cont(score=2.0)
+
+
+class Recorder:
+    name = "recorder"
+
+    def __init__(self) -> None:
+        self.decisions: list[Decision] = []
+        self.decided = asyncio.Event()
+
+    @hookimpl
+    async def after_message(self, decision: Decision) -> None:
+        self.decisions.append(decision)
+        self.decided.set()
+
+
+def judge(phase: str, behaviour: str) -> object:
+    is_async, body = BEHAVIOURS[behaviour]
+    if is_async:
+        async def hook(self: object) -> Any:
+            result = body()
+            if asyncio.iscoroutine(result):
+                return await result
+            return result
+    else:
+        def hook(self: object) -> Any:  # type: ignore[misc]
+            return body()
+    cls = type("Judge", (), {"name": "judge", "timeout": TIMEOUT, phase: hookimpl(hook)})
+    return cls()
+
+
+@dataclass
+class Seen:
+    disposition: str
+    reply_class: int
+    decided_by: str
+    score: float | None
+
+    def matches(self, want: Expected) -> bool:
+        return (self.disposition, self.reply_class, self.decided_by, self.score) == (
+            want.disposition, want.reply_class, want.decided_by, want.score)
+
+
+def _refused(code: int) -> str:
+    return "tempfailed" if code // 100 == 4 else "rejected"
+
+
+def _by(caplog: pytest.LogCaptureFixture, events: tuple[str, ...]) -> str:
+    for record in reversed(caplog.records):
+        fields = getattr(record, "smtpproxy_fields", {})
+        if record.getMessage() in events and fields.get("by"):
+            return str(fields["by"])
+    return "?"
+
+
+async def through_proxy(
+    phase: str, behaviour: str, *, proxy_factory: ProxyFactory, sink: Sink,
+    caplog: pytest.LogCaptureFixture,
+) -> Seen:
+    recorder = Recorder()
+    server = await proxy_factory(Scorer(), judge(phase, behaviour), recorder, upstream=sink.port)
+    talk = await Talk.open(port_of(server))
+    try:
+        code, _ = await talk.greeting()
+        if code != 220:
+            return Seen(_refused(code), code // 100, _by(caplog, ("connect_rejected",)), None)
+        for line, events in (("EHLO client.test", ("helo",)),
+                             ("MAIL FROM:<alice@sender.test>", ("mail_from",)),
+                             ("RCPT TO:<bob@dest.test>", ("rcpt_to",))):
+            code, _ = await talk.cmd(line)
+            if code != 250:
+                return Seen(_refused(code), code // 100, _by(caplog, events), None)
+        code, _ = await talk.cmd("DATA")
+        assert code == 354
+        talk.send(MESSAGE + b".\r\n")
+        code, _ = await talk.reply()
+        await asyncio.wait_for(recorder.decided.wait(), 5)
+        d = recorder.decisions[0]
+        assert d.reply.code == code
+        return Seen(d.disposition, code // 100, d.decided_by, d.score)
+    finally:
+        await talk.close()
+
+
+async def through_milter(phase: str, behaviour: str, milter: MilterFactory,
+                         caplog: pytest.LogCaptureFixture) -> Seen:
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(Scorer(), judge(phase, behaviour), recorder))
+    try:
+        steps: list[tuple[codec.Command, dict[str, str], tuple[str, ...]]] = [
+            (codec.Helo("client.test"), {}, ("helo",)),
+            (codec.Mail(("<alice@sender.test>",)), {"i": "4ABC"}, ("mail_from",)),
+            (codec.Rcpt(("<bob@dest.test>",)), {}, ("rcpt_to",)),
+        ]
+        answer = await mta.start()
+        events: tuple[str, ...] = ("connect_rejected",)
+        for command, macros, names in steps:
+            if answer != [codec.Continue()]:
+                break
+            events = names
+            answer = await mta.event(command, **macros)
+        if answer == [codec.Continue()]:
+            answer = await mta.content(HEADERS, BODY)
+            await asyncio.wait_for(recorder.decided.wait(), 5)
+            d = recorder.decisions[0]
+            final = answer[-1]
+            if isinstance(final, codec.ReplyCode):
+                assert final.text.startswith(str(d.reply.code))
+            else:
+                assert isinstance(final, codec.Accept | codec.Discard)
+                assert (codec.Quarantine in {type(a) for a in answer}) is (d.disposition == "quarantined")
+            return Seen(d.disposition, d.reply.code // 100, d.decided_by, d.score)
+        assert len(answer) == 1 and isinstance(answer[0], codec.ReplyCode), answer
+        code = int(answer[0].text[:3])
+        return Seen(_refused(code), code // 100, _by(caplog, events), None)
+    finally:
+        await mta.close()
+
+
+async def through_tracer(phase: str, behaviour: str) -> Seen:
+    recorder = Recorder()
+    async with Tracer(chain_of(Scorer(), judge(phase, behaviour), recorder)) as tracer:
+        trace = await tracer.trace(MESSAGE, sender="alice@sender.test", recipients=["bob@dest.test"],
+                                   helo="client.test")
+    code = int(trace.reply[:3])
+    score = recorder.decisions[0].score if recorder.decisions else None
+    if recorder.decisions:
+        assert recorder.decisions[0].score == trace.score
+    return Seen(trace.decision, code // 100, trace.decided_by, score)
+
+
+@pytest.mark.parametrize(("phase", "behaviour"), SCENARIOS, ids=[f"{p}-{b}" for p, b in SCENARIOS])
+async def test_three_front_ends_decide_alike(  # noqa: PLR0917 - pytest fixtures
+    phase: str, behaviour: str, proxy_factory: ProxyFactory, sink: Sink, milter: MilterFactory,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    want = expected(phase, behaviour)
+    seen = {
+        "proxy": await through_proxy(phase, behaviour, proxy_factory=proxy_factory, sink=sink,
+                                     caplog=caplog),
+        "milter": await through_milter(phase, behaviour, milter, caplog),
+        "tracer": await through_tracer(phase, behaviour),
+    }
+    assert {name: s for name, s in seen.items() if not s.matches(want)} == {}, want
+    # What the proxy said is what it did: one message upstream exactly when delivered.
+    assert len(sink.messages) == (1 if want.disposition == "delivered" else 0)
+    held = list((tmp_path / "quarantine").rglob("*.eml")) if (tmp_path / "quarantine").exists() else []
+    assert bool(held) is (want.disposition == "quarantined")
+
+
+def test_the_oracle_never_answers_2xx_for_a_lost_message() -> None:
+    for phase, behaviour in SCENARIOS:
+        want = expected(phase, behaviour)
+        assert (want.reply_class == 2) is (want.disposition in ("delivered", "quarantined", "discarded"))
+        if behaviour in ERRORS:
+            assert want.disposition == "tempfailed"
+    assert Action.DISCARD.is_final
