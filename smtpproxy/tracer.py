@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import mmap
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,7 @@ from smtpproxy.message import Message
 from smtpproxy.outcome import PROXY, Refusal, before_message, end_of_message, skips_data_chain
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
+from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
 from smtpproxy.session import (
     Client,
     Decision,
@@ -223,9 +224,10 @@ class Trace:
 
 
 @dataclass(frozen=True, slots=True)
-class _RouteRule:
+class _Route:
+    """How the trace names a route, and where its mail would go."""
+
     name: str
-    matcher: RelayPolicy
     destination: str
 
 
@@ -240,7 +242,10 @@ class TracePolicy:
     max_recipients: int = 100
     normalize_bare_newlines: bool = False
     smtputf8: bool = True
-    routes: tuple[_RouteRule, ...] = ()
+    route_table: RouteTable = field(default_factory=RouteTable)
+    """The delivery's own route rule (:mod:`smtpproxy.routing`)."""
+    routes: Mapping[str, _Route] = field(default_factory=dict)
+    """The configured routes by key, for the report."""
     default_destination: str = "delivery"
     rcpt_mode: str = "at_data"
     local_ip: str = "127.0.0.1"
@@ -249,20 +254,18 @@ class TracePolicy:
     @classmethod
     def from_config(cls, config: Config) -> TracePolicy:
         d = config.delivery
-        routes: list[_RouteRule] = []
+        routes: dict[str, _Route] = {}
+        table = RouteTable()
         rcpt_mode = "at_data"
         if isinstance(d, MaildirDelivery):
             default = f"maildir {d.path}"
         else:
             default = ", ".join(f"{u.host}:{u.port}" for u in d.default_upstreams())
             rcpt_mode = d.rcpt_mode
-            for index, route in enumerate(d.routes):
-                # The same matching as SmtpDelivery.route_key: in order, first match wins.
-                routes.append(_RouteRule(
-                    f"route{index} ({', '.join(route.domains)})",
-                    RelayPolicy.from_config(route.domains, (), False),
-                    ", ".join(f"{u.host}:{u.port}" for u in route.upstreams),
-                ))
+            table = RouteTable([route.domains for route in d.routes])
+            for key, route in zip(table.keys, d.routes, strict=True):
+                routes[key] = _Route(f"{key} ({', '.join(route.domains)})",
+                                     ", ".join(f"{u.host}:{u.port}" for u in route.upstreams))
         lim, listener = config.limits, config.listeners[0]
         return cls(
             relay=RelayPolicy.from_config(
@@ -273,7 +276,8 @@ class TracePolicy:
             max_recipients=lim.max_recipients,
             normalize_bare_newlines=config.smtp.bare_newlines == "normalize",
             smtputf8=config.smtp.smtputf8,
-            routes=tuple(routes),
+            route_table=table,
+            routes=routes,
             default_destination=default,
             rcpt_mode=rcpt_mode,
             local_ip=listener.address,
@@ -282,10 +286,10 @@ class TracePolicy:
 
     def route_of(self, address: Address) -> tuple[str, str]:
         """(route name, destination) for a recipient, as the SMTP delivery picks it."""
-        for rule in self.routes:
-            if address.domain and rule.matcher.is_local_domain(address.domain):
-                return rule.name, rule.destination
-        return "default", self.default_destination
+        route = self.routes.get(self.route_table.key_of(address))
+        if route is None:
+            return DEFAULT_ROUTE, self.default_destination
+        return route.name, route.destination
 
 
 # -- the driver --------------------------------------------------------------------------------

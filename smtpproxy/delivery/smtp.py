@@ -41,14 +41,11 @@ from smtpproxy.delivery.upstream import (
     upstream_reply,
 )
 from smtpproxy.message import Message
-from smtpproxy.relay import RelayPolicy
+from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
 from smtpproxy.session import Envelope, Session, Transaction
 from smtpproxy.verdicts import Reply
 
 __all__ = ["RelayTransaction", "SmtpDelivery", "upstream_reply"]
-
-DEFAULT_ROUTE = "default"
-
 
 class SmtpDelivery:
     """Upstream pools per route, with failover and connection reuse."""
@@ -59,19 +56,17 @@ class SmtpDelivery:
         self,
         connector: Connector,
         default: Sequence[UpstreamServer],
-        routes: Sequence[tuple[RelayPolicy, Sequence[UpstreamServer]]] = (),
+        routes: Sequence[tuple[Sequence[str], Sequence[UpstreamServer]]] = (),
         *,
         rcpt_mode: str = "at_data",
     ):
         self.connector = connector
         self.rcpt_mode = rcpt_mode
         self._sweeper: asyncio.Task[None] | None = None
+        self._table = RouteTable([domains for domains, _ in routes])
         self._routes: dict[str, list[UpstreamServer]] = {DEFAULT_ROUTE: list(default)}
-        self._matchers: list[tuple[str, RelayPolicy]] = []
-        for index, (matcher, servers) in enumerate(routes):
-            key = f"route{index}"
+        for key, (_, servers) in zip(self._table.keys, routes, strict=True):
             self._routes[key] = list(servers)
-            self._matchers.append((key, matcher))
 
     @classmethod
     def from_config(cls, c: cfg.SmtpDelivery, helo_name: str) -> SmtpDelivery:
@@ -87,10 +82,7 @@ class SmtpDelivery:
             idle_timeout=c.pool.idle_timeout, max_messages=c.pool.max_messages,
             down_backoff=c.down_backoff,
         )
-        routes = [
-            (RelayPolicy.from_config(route.domains, (), False), _servers(route.upstreams))
-            for route in c.routes
-        ]
+        routes = [(route.domains, _servers(route.upstreams)) for route in c.routes]
         return cls(Connector(settings), _servers(c.default_upstreams()), routes, rcpt_mode=c.rcpt_mode)
 
     @property
@@ -104,10 +96,7 @@ class SmtpDelivery:
 
     def route_key(self, address: Address) -> str:
         """Which upstream pool a recipient goes to (one transaction goes to one pool)."""
-        for key, matcher in self._matchers:
-            if address.domain and matcher.is_local_domain(address.domain):
-                return key
-        return DEFAULT_ROUTE
+        return self._table.key_of(address)
 
     async def start(self) -> None:
         if self.connector.settings.max_idle > 0:
