@@ -75,7 +75,9 @@ __all__ = [
     "SignatureResult",
     "SigningKey",
     "fetch_keys",
+    "ignored_for_from",
     "load_private_key",
+    "signed_fields",
 ]
 
 log = logging.getLogger(__name__)
@@ -349,10 +351,33 @@ def _verify_blocking(raw: bytes, signatures: Sequence[_Signature], lookups: Muta
     return [_verify_one(verifier, idx, sig, lookups, min_key_bits) for idx, sig in enumerate(signatures)]
 
 
+def signed_fields(tags: Mapping[bytes, bytes]) -> list[str]:
+    """The lower-cased field names of a signature's ``h=`` tag, in order ([] without one)."""
+    return [name.strip().lower().decode("ascii", "replace")
+            for name in tags.get(b"h", b"").split(b":") if name.strip()]
+
+
+def ignored_for_from(tags: Mapping[bytes, bytes]) -> str:
+    """Why a signature must be ignored because it does not sign From, or "" if it does.
+
+    RFC 6376 section 6.1.1: "If the "h=" tag does not include the From header field, the
+    Verifier MUST ignore the DKIM-Signature header field". dkimpy enforces this only when it
+    signs, not when it verifies, so this plugin checks it before dkimpy runs: such a signature
+    would otherwise pass while the author (the field DMARC aligns with) can be anything.
+    A signature without any ``h=`` is left to dkimpy (a permerror: the tag is required).
+    """
+    if b"h" not in tags or "from" in signed_fields(tags):
+        return ""
+    return "signature does not cover the From field (h= lacks from, RFC 6376 6.1.1): ignored"
+
+
 def _verify_one(verifier: dkim.DKIM, idx: int, sig: _Signature, lookups: MutableMapping[str, KeyLookup],
                 min_key_bits: int) -> tuple[DKIMResult, str]:
     if sig.tags is None:
         return "permerror", "signature has a syntax error (not a tag=value list)"
+    without_from = ignored_for_from(sig.tags)
+    if without_from:
+        return "policy", without_from
     source = KeySource(lookups)
     verifier.signature_fields = {}
     error: tuple[DKIMResult, str] | None = None
@@ -484,7 +509,9 @@ class DKIMVerify:
         if len(values) > limit:
             log.info("dkim: %d signatures, verifying the first %d", len(values), limit)
         signatures = [_parse_signature(v) for v in values[:limit]]
-        lookups = await fetch_keys(s.key_name for s in signatures if s.key_name is not None)
+        lookups = await fetch_keys(s.key_name for s in signatures
+                                   if s.key_name is not None and s.tags is not None
+                                   and not ignored_for_from(s.tags))
         outcomes = await run_blocking(
             _verify_blocking, message.raw, signatures, lookups, self.settings.min_key_bits
         )

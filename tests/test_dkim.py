@@ -7,6 +7,7 @@ the test server; the end-to-end ones speak SMTP to a running proxy that forwards
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from smtpproxy_plugins.dkim import DKIMSign, DKIMVerify, header_from_dkimpy, load_private_key
+from smtpproxy_plugins.dmarc import DMARC
 from smtpproxy_plugins.headers import AddHeaders
 
 import smtpproxy.dns
@@ -560,3 +562,82 @@ def test_sign_settings_are_checked(tmp_path: Path) -> None:
     # Relative key files are relative to the config file when the loader says where that is.
     settings = DKIMSign.Settings.model_validate({"keys": [key]}, context={"base_dir": tmp_path})
     assert settings.keys[0].key_file == tmp_path / "k.pem"
+
+
+# -- signatures that must not count (issue 14) --------------------------------------------------
+
+
+def craft_signature(key: Key, message: bytes, domain: str, selector: str, headers: list[bytes], *,
+                    length: int | None = None, body_for_hash: bytes | None = None) -> bytes:
+    """``message`` with an RSA DKIM-Signature built field by field through dkimpy's own
+    ``gen_header``: dkimpy's ``sign`` refuses an ``h=`` without from, and an attacker's does not.
+
+    ``length`` adds ``l=``; the body hash covers the first ``length`` octets of the canonical
+    body of ``body_for_hash`` (default: of ``message``)."""
+    signer = dkim.DKIM(message, signature_algorithm=b"rsa-sha256")
+    canon = dkim.canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    source = dkim.DKIM(body_for_hash).body if body_for_hash is not None else signer.body
+    body = canon.canonicalize_body(source)
+    if length is not None:
+        body = body[:length]
+    signer.hasher = dkim.HASH_ALGORITHMS[b"rsa-sha256"]
+    fields = [(b"v", b"1"), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"), (b"d", domain.encode()),
+              (b"i", b"@" + domain.encode())]
+    if length is not None:
+        fields.append((b"l", str(length).encode()))
+    fields += [(b"q", b"dns/txt"), (b"s", selector.encode()), (b"t", b"1700000000"),
+               (b"h", b" : ".join(headers)),
+               (b"bh", base64.b64encode(hashlib.sha256(body).digest())), (b"b", b"0" * 60)]
+    private = dkim.crypto.parse_pem_private_key(key.pem)
+    value = signer.gen_header(fields, tuple(headers), canon, b"DKIM-Signature", private)
+    return b"DKIM-Signature: " + value + message
+
+
+CEO_MESSAGE = MESSAGE.replace(b"Alice <alice@example.test>", b"Mallory <mallory@example.org>")
+
+
+async def test_signature_without_from_in_h_is_ignored_and_never_aligns_dmarc(
+    zone: ZoneServer, rsa2048: Key
+) -> None:
+    """RFC 6376 6.1.1: h= without From must be ignored. Before the fix: dkim=pass, dmarc=pass."""
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    zone.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    signed = craft_signature(rsa2048, CEO_MESSAGE, "example.org", "sel1",
+                             [b"subject", b"to", b"date", b"message-id"])
+    forged = signed.replace(b"Mallory <mallory@example.org>", b"CEO <ceo@example.org>")
+    session, transaction = hook_args("bounce@attacker.test")
+    verdict = await DKIMVerify().data(session, transaction, Message(forged))
+    (found,) = checks(transaction, "dkim")
+    assert found.result == "policy"
+    assert "does not cover the From field" in found.reason
+    assert verdict is not None and verdict.tags == ("dkim:policy",)
+    dmarc_verdict = await DMARC().data(session, transaction, Message(forged))
+    assert [c.result for c in checks(transaction, "dmarc")] == ["fail"]
+    assert dmarc_verdict is not None and dmarc_verdict.action is Action.REJECT
+
+
+async def test_the_same_signature_with_from_in_h_still_passes(zone: ZoneServer, rsa2048: Key) -> None:
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    signed = craft_signature(rsa2048, CEO_MESSAGE, "example.org", "sel1",
+                             [b"from", b"subject", b"to", b"date", b"message-id"])
+    found, _ = await verify(signed)
+    assert [(c.result, c.reason) for c in found] == [("pass", "")]
+    forged = signed.replace(b"Mallory <mallory@example.org>", b"CEO <ceo@example.org>")
+    found, _ = await verify(forged)
+    assert [c.result for c in found] == ["fail"]
+
+
+async def test_required_domain_with_a_signature_lacking_from_is_not_acceptable(
+    proxy_factory: ProxyFactory, sink: Sink, zone: ZoneServer, rsa2048: Key,
+) -> None:
+    """End to end: the signature that skips From is 5.7.21 for a require_valid_for domain."""
+    zone.txt("sel._domainkey.bank.test", rsa2048.txt)
+    plugin = DKIMVerify(DKIMVerify.Settings(require_valid_for=["bank.test"]))
+    proxy = await proxy_factory(plugin, upstream=sink.port, dns=dns_section(zone, timeout=0.5))
+    talk = await Talk.open(port_of(proxy))
+    await talk.hello()
+    signed = craft_signature(rsa2048, bank_message("no from"), "bank.test", "sel", [b"subject", b"to"])
+    assert await talk.send_message("alice@bank.test", ["bob@dest.test"], signed) == (
+        550, "5.7.21 No acceptable DKIM signature found")
+    await talk.close()
+    assert sink.messages == []
