@@ -64,6 +64,7 @@ from smtpproxy.authresults import AuthCheck, checks, record
 from smtpproxy.dns import DNSTemporaryError, get_resolver
 
 from ._policy import ActionSpec, verdict_for
+from .dkim import partial_body_checks
 
 __all__ = ["DMARC", "DMARCRecord", "Evaluation", "organizational_domain", "parse_record"]
 
@@ -262,9 +263,15 @@ def _identity_domain(value: str) -> str:
 
 
 async def evaluate(
-    transaction: Transaction, message: Message, rng: Callable[[], float] = random.random
+    transaction: Transaction, message: Message, rng: Callable[[], float] = random.random,
+    *, align_partial_body: bool = False,
 ) -> Evaluation:
-    """Run DMARC on a message with the SPF and DKIM checks recorded on the transaction."""
+    """Run DMARC on a message with the SPF and DKIM checks recorded on the transaction.
+
+    A DKIM pass whose ``l=`` leaves part of the body unsigned (``dkim_verify`` with
+    ``partial_body: pass``) does not align unless ``align_partial_body``: the author domain
+    must not vouch for text an attacker appended.
+    """
     domain, why = from_domain(message)
     if domain is None:
         return Evaluation("permerror", detail=why)
@@ -296,7 +303,10 @@ async def evaluate(
         if identity and aligned(_identity_domain(identity), domain, rec.aspf):
             spf_pass |= check.result == "pass"
             spf_temp |= check.result == "temperror"
+    partial = partial_body_checks(transaction)
     for check in checks(transaction, "dkim"):
+        if not align_partial_body and any(check is p for p in partial):
+            continue
         d = check.properties.get("header.d")
         if d and aligned(d, domain, rec.adkim):
             dkim_pass |= check.result == "pass"
@@ -383,6 +393,11 @@ class DMARC:
             default="Message must have exactly one From address with a valid domain",
             description="Reply text (550 5.7.1) when invalid_from is set to reject.",
         )
+        align_partial_body: bool = Field(
+            default=False,
+            description="Let a DKIM pass align although its l= leaves part of the body unsigned "
+            "(only possible with dkim_verify's partial_body: pass).",
+        )
         skip_authenticated: bool = Field(
             default=True, description="Do not check messages from clients that authenticated (submission)."
         )
@@ -410,7 +425,8 @@ class DMARC:
             self._warned_order = True  # dkim_verify records every message, even unsigned ones
             log.warning("dmarc: no DKIM result recorded; dkim_verify (and spf) must come before dmarc "
                         "in the plugins list, or DMARC cannot pass")
-        ev = await evaluate(transaction, message, self.rng)
+        ev = await evaluate(transaction, message, self.rng,
+                            align_partial_body=self.settings.align_partial_body)
         properties = {"header.from": ev.domain} if ev.domain else {}
         record(transaction, AuthCheck("dmarc", ev.result, reason=ev.reason, properties=properties))
         log_reason = f"dmarc={ev.result} header.from={ev.domain or '-'} {ev.reason}".rstrip()

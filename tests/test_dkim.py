@@ -641,3 +641,56 @@ async def test_required_domain_with_a_signature_lacking_from_is_not_acceptable(
         550, "5.7.21 No acceptable DKIM signature found")
     await talk.close()
     assert sink.messages == []
+
+
+async def dkim_then_dmarc(raw: bytes, dkim_settings: DKIMVerify.Settings | None = None,
+                          dmarc_settings: DMARC.Settings | None = None) -> tuple[list[AuthCheck], str, Any]:
+    session, transaction = hook_args("bounce@attacker.test")
+    await DKIMVerify(dkim_settings).data(session, transaction, Message(raw))
+    verdict = await DMARC(dmarc_settings).data(session, transaction, Message(raw))
+    (dmarc_check,) = checks(transaction, "dmarc")
+    return checks(transaction, "dkim"), dmarc_check.result, verdict
+
+
+APPENDED = b"\r\nP.S. Wire the money to account 666 today.\r\n"
+
+
+async def test_l_tag_with_appended_text_is_policy_and_never_aligns_dmarc(zone: ZoneServer, rsa2048: Key) -> None:
+    """Before the fix: dkim=pass, dmarc=pass for text appended after the signed l= octets."""
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    zone.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    signed = rsa2048.sign(CEO_MESSAGE, "example.org", "sel1", length=True)
+    assert signature_tags(signed)[0][b"l"] == str(len(CEO_MESSAGE.split(b"\r\n\r\n", 1)[1])).encode()
+    found, _ = await verify(signed)
+    assert [(c.result, c.reason) for c in found] == [("pass", "")]  # l= covering the whole body is fine
+    found, dmarc_result, verdict = await dkim_then_dmarc(signed + APPENDED)
+    assert [c.result for c in found] == ["policy"]
+    assert found[0].reason.startswith("body partly unsigned: l=")
+    assert dmarc_result == "fail" and verdict.action is Action.REJECT
+
+
+async def test_l_zero_with_an_attackers_body_is_policy(zone: ZoneServer, rsa2048: Key) -> None:
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    zone.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    signed = craft_signature(rsa2048, CEO_MESSAGE, "example.org", "sel1", SIGNED, length=0)
+    head, _, _ = signed.partition(b"\r\n\r\n")
+    forged = head + b"\r\n\r\nAttacker's body entirely.\r\n"
+    found, dmarc_result, _ = await dkim_then_dmarc(forged)
+    assert [(c.result, c.reason) for c in found] == [
+        ("policy", "body partly unsigned: l=0 signs 0 of 27 body octets "
+                   "(RFC 6376 8.2: content may have been appended)")]
+    assert dmarc_result == "fail"
+
+
+async def test_partial_body_leniency_passes_but_dmarc_aligns_only_when_told(
+    zone: ZoneServer, rsa2048: Key
+) -> None:
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    zone.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    appended = rsa2048.sign(CEO_MESSAGE, "example.org", "sel1", length=True) + APPENDED
+    lenient = DKIMVerify.Settings(partial_body="pass")
+    found, dmarc_result, _ = await dkim_then_dmarc(appended, lenient)
+    assert [c.result for c in found] == ["pass"] and "partly unsigned" in found[0].reason
+    assert dmarc_result == "fail"
+    found, dmarc_result, _ = await dkim_then_dmarc(appended, lenient, DMARC.Settings(align_partial_body=True))
+    assert dmarc_result == "pass"
