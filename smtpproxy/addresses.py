@@ -15,6 +15,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+import idna
+
 __all__ = [
     "Address",
     "AddressError",
@@ -311,20 +313,69 @@ def _check_domain(domain: str, role: _Role) -> None:
         return
     if _DOMAIN_RE.fullmatch(domain) is None:
         raise _syntax(role, _domain_problem(domain))
-    if len(domain) <= MAX_LABEL_OCTETS and domain.isascii():
+    if len(domain) <= MAX_LABEL_OCTETS and domain.isascii() and "xn--" not in domain.lower():
         return
     for label in domain.split("."):
         if label.isascii():
             if len(label) > MAX_LABEL_OCTETS:
                 raise _syntax(role, f"domain label longer than {MAX_LABEL_OCTETS} characters")
+            if label[:4].lower() == "xn--":
+                _check_a_label(label, role)
             continue
         for ch in label:
-            # U-labels: letters, marks and digits only; this also refuses the
-            # ideographic full stops (U+3002...) that IDNA would turn into dots.
+            # Letters, marks and digits only; this also refuses the ideographic full
+            # stops (U+3002...) that UTS #46 would turn into dots.
             if ch >= "\x80" and unicodedata.category(ch)[0] not in "LMN":
                 raise _syntax(role, f"invalid character {_show(ch)} in domain")
         if 4 + len(label.encode("punycode")) > MAX_LABEL_OCTETS:
             raise _syntax(role, f"domain label longer than {MAX_LABEL_OCTETS} octets as IDNA")
+        _check_u_label(label, role)
+
+
+def _idna_error(role: _Role, label: str, why: str) -> AddressError:
+    """553 with the role's enhanced code: the mailbox name is not allowed (RFC 5321 4.2.2)."""
+    return AddressError(f"{role.syntax}: domain label {_snippet(label)} is not valid IDNA2008 ({why})",
+                        code=553, enhanced=role.enhanced)
+
+
+def _check_u_label(label: str, role: _Role) -> None:
+    """A non-ASCII label must be an IDNA2008 U-label exactly as sent (RFC 6531 section 3.3).
+
+    The ``idna`` package implements IDNA2008 (RFC 5891-5893: PVALID code points, CONTEXTJ/O,
+    the bidi rule, NFC, no leading combining mark). No UTS #46 mapping is applied: the
+    address is forwarded byte for byte as validated, so a label that would need mapping
+    (fullwidth letters, upper case, compatibility characters such as U+216B or U+FB01) is
+    refused, and the reply names the mapped form when there is one.
+    """
+    try:
+        idna.alabel(label)
+    except (idna.IDNAError, UnicodeError) as exc:
+        why = _idna_reason(exc)
+        try:
+            mapped = idna.uts46_remap(label, std3_rules=True, transitional=False)
+            if mapped != label:
+                idna.alabel(mapped)
+                why += f"; UTS #46 would map it to {_snippet(mapped)}: send that"
+        except (idna.IDNAError, UnicodeError, ValueError):
+            pass
+        raise _idna_error(role, label, why) from None
+
+
+def _check_a_label(label: str, role: _Role) -> None:
+    """An ``xn--`` label must decode to a valid U-label and encode back to itself (RFC 5891 5.4)."""
+    try:
+        u_label = idna.ulabel(label.lower())
+        if idna.alabel(u_label).decode("ascii") != label.lower():
+            raise idna.IDNAError("not the canonical A-label of its U-label")
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise _idna_error(role, label, _idna_reason(exc)) from None
+
+
+def _idna_reason(exc: Exception) -> str:
+    """idna's message, printable ASCII (it quotes the label, which the reply shows already)."""
+    text = str(exc) or type(exc).__name__
+    text = re.sub(r" of '[^']*'| in '[^']*'| \('[^']*'\)", "", text)
+    return "".join(c if " " <= c <= "~" else f"<U+{ord(c):04X}>" for c in text)
 
 
 def _check_route(route: str, role: _Role) -> None:
