@@ -88,11 +88,38 @@ class AddressError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A validated mailbox; ``text`` is exactly what was checked and is what gets forwarded."""
+    """A validated mailbox; ``text`` is exactly what was checked and is what gets forwarded.
+
+    Every instance is valid: the constructor checks that ``text`` is ``local@domain`` (or
+    ``""``, the null path, with empty parts; or a bare ``postmaster`` with an empty domain)
+    and that the parts pass the same strict rules as ``MAIL FROM``/``RCPT TO`` on the wire
+    (no CR, LF, NUL or other control character, RFC 5321 syntax, local part and domain
+    lengths, IDNA2008 domains), else it raises ValueError. So no plugin can put an address on the wire, in a
+    Maildir file or in a quarantine record that would break a line. Plugins build addresses
+    from text with :meth:`Address.parse`.
+    """
 
     text: str
     local: str
     domain: str
+
+    def __post_init__(self) -> None:
+        problem = _address_problem(self.text, self.local, self.domain)
+        if problem:
+            raise ValueError(f"invalid Address {self.text[:80]!r}: {problem} "
+                             "(build addresses from text with Address.parse)")
+
+    @classmethod
+    def parse(cls, text: str, *, allow_utf8: bool = True) -> Address:
+        """Parse ``local@domain`` (without angle brackets) with the strict wire parser.
+
+        ``""`` gives the null path ``<>``. Raises :class:`AddressError` (a ValueError whose
+        text says what is wrong) for anything the proxy would refuse on the wire; non-ASCII
+        needs ``allow_utf8`` (the transaction's SMTPUTF8, when the address goes upstream).
+        """
+        if text == "":
+            return _NULL
+        return parse_mailbox(text, allow_utf8=allow_utf8)
 
     @property
     def is_null(self) -> bool:
@@ -155,7 +182,6 @@ _BARE: Final = _Role(
     ctrl_code=553,
     ctrl_enhanced="5.1.3",
 )
-_NULL: Final = Address("", "", "")
 
 
 def _show(ch: str) -> str:
@@ -378,6 +404,31 @@ def _idna_reason(exc: Exception) -> str:
     return "".join(c if " " <= c <= "~" else f"<U+{ord(c):04X}>" for c in text)
 
 
+def _address_problem(text: object, local: object, domain: object) -> str:
+    """Why these are not the parts of a valid :class:`Address`, or ""."""
+    if not (isinstance(text, str) and isinstance(local, str) and isinstance(domain, str)):
+        return "text, local and domain must be str"
+    for part in (text, local, domain):
+        bad = _CTRL_RE.search(part)
+        if bad is not None:
+            what = _show(bad.group())
+            return f"control character {what} (CR, LF, NUL and other controls are never allowed)"
+    if not text:
+        return "" if not local and not domain else "the null path has empty local and domain"
+    if not domain:
+        ok = text == local and text.isascii() and text.lower() == "postmaster"
+        return "" if ok else "missing domain (expected local-part@domain)"
+    if text != f"{local}@{domain}":
+        return "text is not local@domain"
+    try:
+        _check_characters(text, _BARE)
+        _check_local(local, _BARE)
+        _check_domain(domain, _BARE)
+    except AddressError as err:
+        return err.text.removeprefix(f"{_BARE.syntax}: ")
+    return ""  # the whole path's limit is the parsers' (and the MTA's) to enforce
+
+
 def _check_route(route: str, role: _Role) -> None:
     """Validate (then drop) an RFC 5321 source route such as ``@a.example,@b.example:``."""
     for hop in route[:-1].split(","):
@@ -399,6 +450,9 @@ def _mailbox(local: str, domain: str | None, role: _Role, *, allow_postmaster: b
     _check_local(local, role)
     _check_domain(domain, role)
     return Address(f"{local}@{domain}", local, domain)
+
+
+_NULL: Final = Address("", "", "")
 
 
 def _parse_params(tail: str, role: _Role) -> dict[str, str | None]:

@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smtpproxy import Transaction, hookimpl
 from smtpproxy.addresses import (
     Address,
     AddressError,
@@ -18,7 +20,7 @@ from smtpproxy.addresses import (
     parse_mailbox,
     parse_rcpt_to,
 )
-from tests.conftest import ProxyFactory, Sink, Talk, port_of
+from tests.conftest import ProxyFactory, Sink, Talk, maildir_messages, port_of
 
 Parser = Callable[..., PathArgument]
 MAIL = parse_mail_from
@@ -656,3 +658,99 @@ async def test_the_proxy_refuses_a_fullwidth_domain_on_the_wire(proxy_factory: P
     code, text = await talk.cmd("RCPT TO:<bob@\u2460.example>")
     assert code == 553 and text.startswith("5.1.3 ") and "map it to 1" in text
     await talk.close()
+
+
+# --------------------------------------------------------------------------- Address is valid by construction
+
+
+INJECTION = "x@y\r\nX-Injected: yes"
+
+
+@pytest.mark.parametrize(
+    ("text", "local", "domain", "says"),
+    [
+        (INJECTION, "x", "y\r\nX-Injected: yes", "control character U+000D"),
+        ("x@y", "x", "y\nX-Injected: yes", "control character U+000A"),
+        ("x\x00@y.example", "x\x00", "y.example", "control character U+0000"),
+        ("x@y.example", "x", "z.example", "text is not local@domain"),
+        ("a b@y.example", "a b", "y.example", "invalid character space in local part"),
+        ("x@\uff45xample.com", "x", "\uff45xample.com", "is not valid IDNA2008"),
+        ("x", "x", "", "missing domain"),
+        ("", "x", "", "the null path has empty local and domain"),
+        ("x@-y.example", "x", "-y.example", "domain label starts with a hyphen"),
+    ],
+)
+def test_address_refuses_invalid_parts_on_construction(text: str, local: str, domain: str, says: str) -> None:
+    """Before: Address took anything, and a CR LF in it reached the Maildir file as a header line."""
+    with pytest.raises(ValueError, match="invalid Address") as caught:
+        Address(text, local, domain)
+    assert says in str(caught.value) and "Address.parse" in str(caught.value)
+    assert "\r" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_valid_addresses_still_construct_and_replace_is_checked_too() -> None:
+    import dataclasses
+
+    assert Address("", "", "").is_null
+    assert Address("postmaster", "postmaster", "").text == "postmaster"
+    assert Address('"a b"@[192.0.2.1]', '"a b"', "[192.0.2.1]").domain == "[192.0.2.1]"
+    ok = Address("a@b.example", "a", "b.example")
+    with pytest.raises(ValueError, match="control character"):
+        dataclasses.replace(ok, text=INJECTION, domain="y\r\nX-Injected: yes")
+
+
+def test_address_parse_builds_from_text_with_the_wire_parser() -> None:
+    assert Address.parse("Alice@Example.COM") == Address("Alice@Example.COM", "Alice", "Example.COM")
+    assert Address.parse("").is_null
+    assert Address.parse("b\u00fccher@b\u00fccher.example").needs_smtputf8
+    with pytest.raises(AddressError, match="non-ASCII address requires SMTPUTF8"):
+        Address.parse("b\u00fccher@b\u00fccher.example", allow_utf8=False)
+    with pytest.raises(AddressError, match="control character"):
+        Address.parse(INJECTION)
+    with pytest.raises(AddressError, match="missing domain"):
+        Address.parse("postmaster")
+
+
+class HostileBcc:
+    """A plugin that tries to write a header line through an envelope recipient."""
+
+    name = "hostile_bcc"
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+    def _inject(self, transaction: Transaction) -> None:
+        transaction.envelope.add_recipient(Address(INJECTION, "x", "y\r\nX-Injected: yes"))
+
+    @hookimpl
+    def rcpt_to(self, transaction: Transaction) -> None:
+        if self.phase == "rcpt_to":
+            self._inject(transaction)
+
+    @hookimpl
+    def data(self, transaction: Transaction) -> None:
+        if self.phase == "data":
+            self._inject(transaction)
+
+
+@pytest.mark.parametrize("phase", ["rcpt_to", "data"])
+async def test_a_hostile_plugin_cannot_inject_a_header_into_a_maildir_file(
+    proxy_factory: ProxyFactory, tmp_path: Path, phase: str
+) -> None:
+    proxy = await proxy_factory(HostileBcc(phase))
+    talk = await Talk.open(port_of(proxy))
+    await talk.hello()
+    assert (await talk.cmd("MAIL FROM:<alice@sender.example>"))[0] == 250
+    code, text = await talk.cmd("RCPT TO:<bob@dest.example>")
+    if phase == "rcpt_to":
+        assert code == 451, text  # the plugin's error: tempfail (on_error default)
+    else:
+        assert code == 250, text
+        assert (await talk.cmd("DATA"))[0] == 354
+        talk.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        code, text = await talk.reply()
+        assert code == 451, text
+    await talk.close()
+    stored = maildir_messages(tmp_path / "mail")
+    assert stored == []
+    assert not any(b"X-Injected" in m for m in stored)
