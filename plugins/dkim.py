@@ -69,17 +69,20 @@ from ._policy import ActionSpec, verdict_for
 
 __all__ = [
     "DEFAULT_SIGN_HEADERS",
+    "DKIMPY_LOG",
     "PARTIAL_BODY_NOTE",
     "DKIMResult",
     "DKIMSign",
     "DKIMVerify",
     "KeyLookup",
+    "KeySource",
     "SignatureResult",
     "SigningKey",
     "fetch_keys",
     "ignored_for_from",
     "load_private_key",
     "partial_body_checks",
+    "signature_key_name",
     "signed_fields",
 ]
 
@@ -177,7 +180,9 @@ class _DebugOnly(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(logging.DEBUG, msg, *args, **kwargs)
 
 
-_dkimpy_log = _DebugOnly(logging.getLogger(f"{__name__}.dkimpy"), {})
+#: The logger to hand dkimpy (``logger=``): its messages about hostile input go out at DEBUG.
+#: Public because ``arc`` drives dkimpy too; DKIM-specific, so it lives here, not in smtpproxy.
+DKIMPY_LOG = _DebugOnly(logging.getLogger(f"{__name__}.dkimpy"), {})
 
 
 # --------------------------------------------------------------------------- key lookups
@@ -316,6 +321,15 @@ def _parse_signature(value: str) -> _Signature:
     return _Signature(tags, _key_name(tags[b"s"], tags[b"d"]))
 
 
+def signature_key_name(value: str) -> str | None:
+    """The ``<s=>._domainkey.<d=>`` name whose key verifies a DKIM-Signature or ARC field
+    value (lower case), or None when its tags cannot be parsed or lack ``s=``/``d=``.
+
+    What ``dkim_verify`` and ``arc`` prefetch through the shared resolver before dkimpy runs.
+    """
+    return _parse_signature(value).key_name
+
+
 def _key_problem(name: str, key_record: bytes, sig: Mapping[bytes, bytes],
                  ) -> tuple[DKIMResult, str, int | None]:
     """Check a key record against a signature: (result, reason, RSA bits); result "pass" if usable."""
@@ -367,7 +381,7 @@ def _verify_blocking(raw: bytes, signatures: Sequence[_Signature], lookups: Muta
                      options: _Options) -> list[tuple[DKIMResult, str, bool]]:
     """Verify signature 0..n-1 with dkimpy (in a worker thread): (result, reason, partial body)."""
     try:
-        verifier = dkim.DKIM(raw, logger=_dkimpy_log, minkey=0)
+        verifier = dkim.DKIM(raw, logger=DKIMPY_LOG, minkey=0)
     except dkim.DKIMException as exc:
         return [("permerror", f"message cannot be parsed for DKIM: {exc}", False)] * len(signatures)
     results: list[tuple[DKIMResult, str, bool]] = []
@@ -734,7 +748,7 @@ def header_from_dkimpy(line: bytes) -> tuple[str, str]:
 def _sign_blocking(raw: bytes, keys: Sequence[SigningKey], include: Sequence[str]) -> list[tuple[str, str]]:
     fields = []
     for key in keys:
-        signer = dkim.DKIM(raw, logger=_dkimpy_log, signature_algorithm=key.algorithm.encode())
+        signer = dkim.DKIM(raw, logger=DKIMPY_LOG, signature_algorithm=key.algorithm.encode())
         line = signer.sign(
             key.selector.encode(), key.domain.encode(), key.private,
             canonicalize=(b"relaxed", b"relaxed"), include_headers=[h.encode() for h in include],
