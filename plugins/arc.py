@@ -46,14 +46,14 @@ from smtpproxy.authresults import AuthCheck, record
 
 from .auth_results import valid_authserv_id
 from .dkim import (
+    DKIMPY_LOG,
     KeyLocation,
     KeyLookup,
     KeySource,
-    _dkimpy_log,
-    _parse_signature,
     fetch_keys,
     header_from_dkimpy,
     load_private_key,
+    signature_key_name,
 )
 
 __all__ = ["ARC", "ARCOutcome", "ARCSealSettings"]
@@ -88,7 +88,7 @@ def _arc_blocking(raw: bytes, lookups: MutableMapping[str, KeyLookup], min_key_b
     """dkimpy's ARC verification in a worker thread: (cv, per-instance data, reason, temp failures)."""
     source = KeySource(lookups)
     try:
-        verifier = dkim.ARC(raw, logger=_dkimpy_log, minkey=min_key_bits)
+        verifier = dkim.ARC(raw, logger=DKIMPY_LOG, minkey=min_key_bits)
         cv, data, reason = verifier.verify(dnsfunc=source)
     except dkim.DKIMException as exc:
         cv, data, reason = dkim.CV_Fail, [], str(exc) or type(exc).__name__
@@ -171,8 +171,8 @@ class ARC:
         instances = [int(m.group(1)) for _, v in fields if (m := _INSTANCE.search(v))]
         if any(i < 1 or i > MAX_INSTANCE for i in instances) or len(fields) > 3 * MAX_INSTANCE:
             return ARCOutcome("fail", f"more than {MAX_INSTANCE} ARC sets", properties=props)
-        signatures = [_parse_signature(v) for name, v in fields if name != "arc-authentication-results"]
-        lookups = await fetch_keys(s.key_name for s in signatures if s.key_name is not None)
+        names = [signature_key_name(v) for name, v in fields if name != "arc-authentication-results"]
+        lookups = await fetch_keys(n for n in names if n is not None)
         cv, data, reason, temporary = await run_blocking(
             _arc_blocking, message.raw, lookups, self.settings.min_key_bits
         )
@@ -262,6 +262,6 @@ class ARC:
 
 def _seal_blocking(raw: bytes, selector: str, domain: str, key: bytes, authserv_id: str,
                    ) -> list[tuple[str, str]]:
-    signer = dkim.ARC(raw, logger=_dkimpy_log, signature_algorithm=b"rsa-sha256")
+    signer = dkim.ARC(raw, logger=DKIMPY_LOG, signature_algorithm=b"rsa-sha256")
     lines = signer.sign(selector.encode(), domain.encode(), key, authserv_id.encode())
     return [header_from_dkimpy(line) for line in lines]

@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dkim
+import dkim.canonicalization
 import dkim.crypto
 import dkim.util
 import dns.exception
@@ -68,14 +69,21 @@ from ._policy import ActionSpec, verdict_for
 
 __all__ = [
     "DEFAULT_SIGN_HEADERS",
+    "DKIMPY_LOG",
+    "PARTIAL_BODY_NOTE",
     "DKIMResult",
     "DKIMSign",
     "DKIMVerify",
     "KeyLookup",
+    "KeySource",
     "SignatureResult",
     "SigningKey",
     "fetch_keys",
+    "ignored_for_from",
     "load_private_key",
+    "partial_body_checks",
+    "signature_key_name",
+    "signed_fields",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,6 +95,17 @@ DEFAULT_ACTIONS: dict[DKIMResult, ActionSpec] = {
     "none": "continue",
     "temperror": "continue",
 }
+
+#: ``transaction.notes`` key: the AuthChecks recorded as pass although their ``l=`` leaves part
+#: of the body unsigned (``partial_body: pass``); dmarc does not align on them by default.
+PARTIAL_BODY_NOTE = "dkim.partial_body"
+
+
+def partial_body_checks(transaction: Transaction) -> list[AuthCheck]:
+    """The dkim passes recorded on ``transaction`` that sign only part of the body."""
+    found: list[AuthCheck] = transaction.notes.get(PARTIAL_BODY_NOTE, [])
+    return found
+
 
 #: The overall result is the first of these that any signature has: one good signature is
 #: enough, a temporary error may still turn into a pass, and so on down.
@@ -161,7 +180,9 @@ class _DebugOnly(logging.LoggerAdapter):  # type: ignore[type-arg]
         super().log(logging.DEBUG, msg, *args, **kwargs)
 
 
-_dkimpy_log = _DebugOnly(logging.getLogger(f"{__name__}.dkimpy"), {})
+#: The logger to hand dkimpy (``logger=``): its messages about hostile input go out at DEBUG.
+#: Public because ``arc`` drives dkimpy too; DKIM-specific, so it lives here, not in smtpproxy.
+DKIMPY_LOG = _DebugOnly(logging.getLogger(f"{__name__}.dkimpy"), {})
 
 
 # --------------------------------------------------------------------------- key lookups
@@ -266,6 +287,8 @@ class SignatureResult:
     domain: str = ""
     selector: str = ""
     properties: dict[str, str] = field(default_factory=dict)
+    partial_body: bool = False
+    """A pass whose ``l=`` leaves part of the body unsigned (only with ``partial_body: pass``)."""
 
 
 @dataclass(slots=True)
@@ -296,6 +319,15 @@ def _parse_signature(value: str) -> _Signature:
     if not tags.get(b"s") or not tags.get(b"d"):
         return _Signature(tags, None)
     return _Signature(tags, _key_name(tags[b"s"], tags[b"d"]))
+
+
+def signature_key_name(value: str) -> str | None:
+    """The ``<s=>._domainkey.<d=>`` name whose key verifies a DKIM-Signature or ARC field
+    value (lower case), or None when its tags cannot be parsed or lack ``s=``/``d=``.
+
+    What ``dkim_verify`` and ``arc`` prefetch through the shared resolver before dkimpy runs.
+    """
+    return _parse_signature(value).key_name
 
 
 def _key_problem(name: str, key_record: bytes, sig: Mapping[bytes, bytes],
@@ -339,20 +371,78 @@ def _key_problem(name: str, key_record: bytes, sig: Mapping[bytes, bytes],
     return "pass", "", bits if ktype == b"rsa" else None
 
 
+@dataclass(frozen=True, slots=True)
+class _Options:
+    min_key_bits: int
+    partial_body: Literal["policy", "pass"]
+
+
 def _verify_blocking(raw: bytes, signatures: Sequence[_Signature], lookups: MutableMapping[str, KeyLookup],
-                     min_key_bits: int) -> list[tuple[DKIMResult, str]]:
-    """Verify signature 0..n-1 with dkimpy (in a worker thread)."""
+                     options: _Options) -> list[tuple[DKIMResult, str, bool]]:
+    """Verify signature 0..n-1 with dkimpy (in a worker thread): (result, reason, partial body)."""
     try:
-        verifier = dkim.DKIM(raw, logger=_dkimpy_log, minkey=0)
+        verifier = dkim.DKIM(raw, logger=DKIMPY_LOG, minkey=0)
     except dkim.DKIMException as exc:
-        return [("permerror", f"message cannot be parsed for DKIM: {exc}")] * len(signatures)
-    return [_verify_one(verifier, idx, sig, lookups, min_key_bits) for idx, sig in enumerate(signatures)]
+        return [("permerror", f"message cannot be parsed for DKIM: {exc}", False)] * len(signatures)
+    results: list[tuple[DKIMResult, str, bool]] = []
+    for idx, sig in enumerate(signatures):
+        result, reason = _verify_one(verifier, idx, sig, lookups, options.min_key_bits)
+        unsigned = _unsigned_body(verifier, sig.tags) if result == "pass" and sig.tags else None
+        if unsigned is not None and options.partial_body == "policy":
+            results.append(("policy", unsigned, False))
+        else:
+            results.append((result, unsigned or reason, unsigned is not None))
+    return results
+
+
+def _unsigned_body(verifier: dkim.DKIM, tags: Mapping[bytes, bytes]) -> str | None:
+    """Why a verified signature does not cover the whole body (its l= is shorter), or None.
+
+    dkimpy hashes only the first l= octets of the canonical body and says nothing about the
+    rest (RFC 6376 section 6.1.3 allows that), so anything appended after the signed part, or
+    a whole body under l=0, verifies. This measures the canonical body the same way dkimpy does.
+    """
+    if b"l" not in tags:
+        return None
+    try:
+        policy = dkim.canonicalization.CanonicalizationPolicy.from_c_value(tags.get(b"c", b"simple/simple"))
+        length = int(tags[b"l"])
+    except (dkim.canonicalization.InvalidCanonicalizationPolicyError, ValueError):
+        return None  # dkimpy refused these already
+    total = len(policy.canonicalize_body(verifier.body))
+    if length >= total:
+        return None
+    return (f"body partly unsigned: l={length} signs {length} of {total} body octets "
+            "(RFC 6376 8.2: content may have been appended)")
+
+
+def signed_fields(tags: Mapping[bytes, bytes]) -> list[str]:
+    """The lower-cased field names of a signature's ``h=`` tag, in order ([] without one)."""
+    return [name.strip().lower().decode("ascii", "replace")
+            for name in tags.get(b"h", b"").split(b":") if name.strip()]
+
+
+def ignored_for_from(tags: Mapping[bytes, bytes]) -> str:
+    """Why a signature must be ignored because it does not sign From, or "" if it does.
+
+    RFC 6376 section 6.1.1: "If the "h=" tag does not include the From header field, the
+    Verifier MUST ignore the DKIM-Signature header field". dkimpy enforces this only when it
+    signs, not when it verifies, so this plugin checks it before dkimpy runs: such a signature
+    would otherwise pass while the author (the field DMARC aligns with) can be anything.
+    A signature without any ``h=`` is left to dkimpy (a permerror: the tag is required).
+    """
+    if b"h" not in tags or "from" in signed_fields(tags):
+        return ""
+    return "signature does not cover the From field (h= lacks from, RFC 6376 6.1.1): ignored"
 
 
 def _verify_one(verifier: dkim.DKIM, idx: int, sig: _Signature, lookups: MutableMapping[str, KeyLookup],
                 min_key_bits: int) -> tuple[DKIMResult, str]:
     if sig.tags is None:
         return "permerror", "signature has a syntax error (not a tag=value list)"
+    without_from = ignored_for_from(sig.tags)
+    if without_from:
+        return "policy", without_from
     source = KeySource(lookups)
     verifier.signature_fields = {}
     error: tuple[DKIMResult, str] | None = None
@@ -453,6 +543,15 @@ class DKIMVerify:
             default=10, strict=True, ge=1, le=100,
             description="Signatures verified per message, from the top; more are ignored (DoS guard).",
         )
+        partial_body: Literal["policy", "pass"] = Field(
+            default="policy",
+            description=(
+                "A signature that verifies but whose l= leaves part of the body unsigned (text "
+                "appended after the signed part, or any body under l=0): policy (the default, "
+                "not a pass) or pass (the leniency RFC 6376 6.1.3 allows; dmarc still does not "
+                "align on it unless its align_partial_body is set)."
+            ),
+        )
         min_key_bits: int = Field(
             default=1024, strict=True, ge=1024, le=16384,
             description=(
@@ -484,15 +583,17 @@ class DKIMVerify:
         if len(values) > limit:
             log.info("dkim: %d signatures, verifying the first %d", len(values), limit)
         signatures = [_parse_signature(v) for v in values[:limit]]
-        lookups = await fetch_keys(s.key_name for s in signatures if s.key_name is not None)
-        outcomes = await run_blocking(
-            _verify_blocking, message.raw, signatures, lookups, self.settings.min_key_bits
-        )
+        lookups = await fetch_keys(s.key_name for s in signatures
+                                   if s.key_name is not None and s.tags is not None
+                                   and not ignored_for_from(s.tags))
+        options = _Options(self.settings.min_key_bits, self.settings.partial_body)
+        outcomes = await run_blocking(_verify_blocking, message.raw, signatures, lookups, options)
         results = []
-        for sig, (result, reason) in zip(signatures, outcomes, strict=True):
+        for sig, (result, reason, partial) in zip(signatures, outcomes, strict=True):
             props = sig.properties
             results.append(SignatureResult(
-                result, reason, props.get("header.d", "").lower(), props.get("header.s", ""), props
+                result, reason, props.get("header.d", "").lower(), props.get("header.s", ""), props,
+                partial,
             ))
         return results
 
@@ -503,7 +604,10 @@ class DKIMVerify:
             record(transaction, AuthCheck("dkim", "none", "message not signed"))
             log.info("event=dkim result=none")
         for r in results:
-            record(transaction, AuthCheck("dkim", r.result, r.reason, dict(r.properties)))
+            check = AuthCheck("dkim", r.result, r.reason, dict(r.properties))
+            record(transaction, check)
+            if r.partial_body:
+                transaction.notes.setdefault(PARTIAL_BODY_NOTE, []).append(check)
             log.info("event=dkim result=%s d=%s s=%s reason=%r", r.result, r.domain or "-",
                      r.selector or "-", r.reason)
         overall = overall_result(results)
@@ -644,7 +748,7 @@ def header_from_dkimpy(line: bytes) -> tuple[str, str]:
 def _sign_blocking(raw: bytes, keys: Sequence[SigningKey], include: Sequence[str]) -> list[tuple[str, str]]:
     fields = []
     for key in keys:
-        signer = dkim.DKIM(raw, logger=_dkimpy_log, signature_algorithm=key.algorithm.encode())
+        signer = dkim.DKIM(raw, logger=DKIMPY_LOG, signature_algorithm=key.algorithm.encode())
         line = signer.sign(
             key.selector.encode(), key.domain.encode(), key.private,
             canonicalize=(b"relaxed", b"relaxed"), include_headers=[h.encode() for h in include],

@@ -16,9 +16,17 @@ The plugin does no SPF or DKIM checking of its own. At ``data`` it reads the che
 so it must come after them in the plugin list. Anything earlier in the list that records an
 ``spf`` or ``dkim`` check counts the same way.
 
-1. The message must have exactly one ``From:`` field holding exactly one address with a
-   domain name. Otherwise the result is ``permerror`` and the ``invalid_from`` action
-   applies (RFC 7489 section 6.6.1: such messages are typically rejected).
+1. The author domains: every address of every ``From:`` field, each with a domain name.
+   RFC 7489 section 6.6.1: "The case of a syntactically valid multi-valued RFC5322.From
+   field presents a particular challenge. The process in this case is to apply the DMARC
+   check using each of those domains found in the RFC5322.From field as the Author Domain
+   and apply the most strict policy selected among the checks that fail." Steps 2 to 4 run
+   for each domain (at most ``max_authors``) and the strictest outcome is the result: a
+   failure whose policy rejects, then a temperror, a quarantining failure, a permerror, a
+   failure under p=none, none, and pass only if every domain passes. With
+   ``multiple_authors: refuse`` more than one address is ``permerror`` instead. No From field,
+   an unparsable one, an empty one or an address without a valid domain is ``permerror``;
+   those take the ``invalid_from`` action.
 2. Policy discovery (section 6.6.3): the TXT records at ``_dmarc.<From domain>``; if there is
    none, those at ``_dmarc.<organizational domain>``. The organizational domain comes from
    the Public Suffix List of the ``publicsuffixlist`` package. Records that do not start with
@@ -64,6 +72,7 @@ from smtpproxy.authresults import AuthCheck, checks, record
 from smtpproxy.dns import DNSTemporaryError, get_resolver
 
 from ._policy import ActionSpec, verdict_for
+from .dkim import partial_body_checks
 
 __all__ = ["DMARC", "DMARCRecord", "Evaluation", "organizational_domain", "parse_record"]
 
@@ -207,6 +216,8 @@ class Evaluation:
     """True when pct= exempted this message and the next weaker policy applied."""
     detail: str = ""
     """Human-readable explanation for logs."""
+    authors: tuple[str, ...] = ()
+    """Every author domain when the From field(s) named more than one; () for one."""
 
     @property
     def reason(self) -> str:
@@ -216,24 +227,46 @@ class Evaluation:
         return f"p={self.policy} dis={self.disposition}"
 
 
+def author_domains(message: Message, *, several: bool = True) -> tuple[list[str], str]:
+    """The RFC5322.From domains (A-labels, in order, without duplicates), or ([], why).
+
+    Every address of every From field counts: RFC 5322 allows one field with several
+    addresses, and a second From field is what Postfix delivers too, so ignoring it would let
+    a forged author hide. ``several=False`` refuses more than one field or address.
+    """
+    values = message.get_all("From")
+    if not values:
+        return [], "no From field"
+    if not several and len(values) > 1:
+        return [], f"{len(values)} From fields"
+    domains: list[str] = []
+    count = 0
+    for value in values:
+        try:
+            header = HeaderRegistry()("From", value)
+            addresses = header.addresses  # type: ignore[attr-defined]
+        except Exception as exc:  # the stdlib parser raises assorted errors on garbage
+            return [], f"unparsable From field ({type(exc).__name__})"
+        if any(isinstance(d, InvalidHeaderDefect) for d in header.defects):
+            return [], "invalid From field"
+        if not addresses:
+            return [], "0 addresses in the From field"
+        count += len(addresses)
+        for address in addresses:
+            domain = normalize_domain(address.domain or "")
+            if domain is None or not address.username:
+                return [], "From address without a valid domain"
+            if domain not in domains:
+                domains.append(domain)
+    if not several and count > 1:
+        return [], f"{count} addresses in the From field"
+    return domains, ""
+
+
 def from_domain(message: Message) -> tuple[str | None, str]:
     """The RFC5322.From domain, or (None, why) unless there is exactly one From address."""
-    values = message.get_all("From")
-    if len(values) != 1:
-        return None, f"{len(values)} From fields"
-    try:
-        header = HeaderRegistry()("From", values[0])
-        addresses = header.addresses  # type: ignore[attr-defined]
-    except Exception as exc:  # the stdlib parser raises assorted errors on garbage
-        return None, f"unparsable From field ({type(exc).__name__})"
-    if any(isinstance(d, InvalidHeaderDefect) for d in header.defects):
-        return None, "invalid From field"
-    if len(addresses) != 1:
-        return None, f"{len(addresses)} addresses in the From field"
-    domain = normalize_domain(addresses[0].domain or "")
-    if domain is None or not addresses[0].username:
-        return None, "From address without a valid domain"
-    return domain, ""
+    domains, why = author_domains(message, several=False)
+    return (domains[0], "") if domains else (None, why)
 
 
 async def _dmarc_records(domain: str) -> list[DMARCRecord]:
@@ -261,13 +294,49 @@ def _identity_domain(value: str) -> str:
     return value.rpartition("@")[2].strip().rstrip(".").lower()
 
 
+#: How strict an evaluation's outcome is, for choosing among several author domains: a
+#: failure whose policy rejects, then a temperror (which may hide one), then the rest.
+def _strictness(ev: Evaluation) -> int:
+    if ev.result == "fail":
+        return {"reject": 6, "quarantine": 4, "none": 2}[ev.disposition]
+    return {"temperror": 5, "permerror": 3, "none": 1, "pass": 0}[ev.result]
+
+
 async def evaluate(
-    transaction: Transaction, message: Message, rng: Callable[[], float] = random.random
+    transaction: Transaction, message: Message, rng: Callable[[], float] = random.random,
+    *, align_partial_body: bool = False, several_authors: bool = True, max_authors: int = 5,
 ) -> Evaluation:
-    """Run DMARC on a message with the SPF and DKIM checks recorded on the transaction."""
-    domain, why = from_domain(message)
-    if domain is None:
+    """Run DMARC on a message with the SPF and DKIM checks recorded on the transaction.
+
+    With several author domains (RFC 7489 section 6.6.1: "apply the DMARC check using each
+    of those domains found in the RFC5322.From field as the Author Domain and apply the most
+    strict policy selected among the checks that fail") each is evaluated and the strictest
+    outcome is returned (see ``_strictness``); its ``authors`` names them all.
+    ``several_authors=False`` makes more than one From address a permerror instead, and more
+    than ``max_authors`` domains is always one (a DoS guard, as DMARCbis advises).
+
+    A DKIM pass whose ``l=`` leaves part of the body unsigned (``dkim_verify`` with
+    ``partial_body: pass``) does not align unless ``align_partial_body``: the author domain
+    must not vouch for text an attacker appended.
+    """
+    domains, why = author_domains(message, several=several_authors)
+    if not domains:
         return Evaluation("permerror", detail=why)
+    if len(domains) > max_authors:
+        return Evaluation("permerror",
+                          detail=f"{len(domains)} author domains (at most {max_authors} evaluated)")
+    results = [await _evaluate_domain(transaction, d, rng, align_partial_body) for d in domains]
+    strictest = max(results, key=_strictness)  # the first of equals: From order
+    if len(domains) == 1:
+        return strictest
+    return replace(strictest, authors=tuple(domains),
+                   detail=f"{strictest.detail}; strictest of {len(domains)} author domains")
+
+
+async def _evaluate_domain(
+    transaction: Transaction, domain: str, rng: Callable[[], float], align_partial_body: bool
+) -> Evaluation:
+    """DMARC for one author domain."""
     try:
         records = await _dmarc_records(domain)
         record_domain = domain
@@ -296,7 +365,10 @@ async def evaluate(
         if identity and aligned(_identity_domain(identity), domain, rec.aspf):
             spf_pass |= check.result == "pass"
             spf_temp |= check.result == "temperror"
+    partial = partial_body_checks(transaction)
     for check in checks(transaction, "dkim"):
+        if not align_partial_body and any(check is p for p in partial):
+            continue
         d = check.properties.get("header.d")
         if d and aligned(d, domain, rec.adkim):
             dkim_pass |= check.result == "pass"
@@ -363,8 +435,19 @@ class DMARC:
         )
         invalid_from: ActionSpec = Field(
             default="reject",
-            description="Action when the message has no From field, several, or one with other than "
-            "exactly one address with a domain (result permerror).",
+            description="Action when the message has no From field, one that cannot be parsed or "
+            "holds no address, an address without a valid domain, more than max_authors author "
+            "domains, or (with multiple_authors: refuse) more than one From address (result permerror).",
+        )
+        multiple_authors: Literal["evaluate", "refuse"] = Field(
+            default="evaluate",
+            description="Several From addresses (in one field or several): evaluate each author "
+            "domain and apply the strictest result (RFC 7489 section 6.6.1), or refuse them as "
+            "invalid_from.",
+        )
+        max_authors: int = Field(
+            default=5, strict=True, ge=1, le=50,
+            description="Most author domains evaluated; a message with more is invalid_from (DoS guard).",
         )
         reject_text: str = Field(
             default="DMARC policy of {domain} rejects this message (p={policy})",
@@ -380,8 +463,13 @@ class DMARC:
             description="Reply text (550 5.7.1) when permerror is set to reject.",
         )
         invalid_from_text: str = Field(
-            default="Message must have exactly one From address with a valid domain",
+            default="Message must have a From field with valid author addresses",
             description="Reply text (550 5.7.1) when invalid_from is set to reject.",
+        )
+        align_partial_body: bool = Field(
+            default=False,
+            description="Let a DKIM pass align although its l= leaves part of the body unsigned "
+            "(only possible with dkim_verify's partial_body: pass).",
         )
         skip_authenticated: bool = Field(
             default=True, description="Do not check messages from clients that authenticated (submission)."
@@ -410,10 +498,15 @@ class DMARC:
             self._warned_order = True  # dkim_verify records every message, even unsigned ones
             log.warning("dmarc: no DKIM result recorded; dkim_verify (and spf) must come before dmarc "
                         "in the plugins list, or DMARC cannot pass")
-        ev = await evaluate(transaction, message, self.rng)
+        ev = await evaluate(transaction, message, self.rng,
+                            align_partial_body=self.settings.align_partial_body,
+                            several_authors=self.settings.multiple_authors == "evaluate",
+                            max_authors=self.settings.max_authors)
         properties = {"header.from": ev.domain} if ev.domain else {}
         record(transaction, AuthCheck("dmarc", ev.result, reason=ev.reason, properties=properties))
         log_reason = f"dmarc={ev.result} header.from={ev.domain or '-'} {ev.reason}".rstrip()
+        if ev.authors:
+            log_reason += f" authors={','.join(ev.authors)}"
         if ev.detail and ev.detail != ev.reason:
             log_reason += f" ({ev.detail})"
         tags: tuple[str, ...] = (f"dmarc:{ev.result}",)

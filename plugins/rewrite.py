@@ -15,7 +15,7 @@ Order of work: strip headers, replace headers, add headers, tag the subject, the
 envelope sender and recipients (with ``Envelope.set_sender``/``remove_recipient``/
 ``add_recipient``, so every change is recorded) and, with ``rewrite_headers``, the same
 addresses in From (sender rules) and To/Cc (recipient rules). Every rewritten address is
-validated with ``parse_mailbox``; one that is not valid is not used (logged, address kept).
+validated with ``Address.parse``; one that is not valid is not used (logged, address kept).
 Supersedes ``headers`` for templated headers.
 """
 
@@ -30,7 +30,6 @@ from email.utils import getaddresses
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from smtpproxy import Address, HeaderError, Message, Session, Transaction, hookimpl
-from smtpproxy.addresses import AddressError, parse_mailbox
 from smtpproxy.config import Network
 from smtpproxy.networks import ip_in_networks
 
@@ -129,9 +128,9 @@ class AddressRules(BaseModel):
             if "*" in target and not (domain_target and key.startswith("*@")):
                 raise ValueError(f"{target!r}: '*@domain' can only replace a '*@domain' entry")
             try:
-                parse_mailbox(target.replace("*@", "postmaster.x@", 1), allow_utf8=True)
-            except AddressError as exc:
-                raise ValueError(f"{target!r} is not a valid address: {exc.text}") from None
+                Address.parse(target.replace("*@", "postmaster.x@", 1), allow_utf8=True)
+            except ValueError as exc:
+                raise ValueError(f"{target!r} is not a valid address: {exc}") from None
         return {k.lower(): v for k, v in value.items()}
 
     def apply(self, address: str) -> str | None:
@@ -291,9 +290,9 @@ class Rewrite:
         if text is None or text == old:
             return None
         try:
-            return parse_mailbox(text, allow_utf8=utf8)
-        except AddressError as exc:
-            log.warning("event=rewrite_skipped %s=%s result=%r error=%s", what, old, text, exc.text)
+            return Address.parse(text, allow_utf8=utf8)
+        except ValueError as exc:
+            log.warning("event=rewrite_skipped %s=%s result=%r error=%s", what, old, text, exc)
             return None
 
     def _rewrite_header(self, message: Message, name: str, rules: AddressRules, utf8: bool) -> None:

@@ -15,6 +15,8 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Final, NamedTuple
 
+import idna
+
 __all__ = [
     "Address",
     "AddressError",
@@ -86,11 +88,38 @@ class AddressError(ValueError):
 
 @dataclass(frozen=True, slots=True)
 class Address:
-    """A validated mailbox; ``text`` is exactly what was checked and is what gets forwarded."""
+    """A validated mailbox; ``text`` is exactly what was checked and is what gets forwarded.
+
+    Every instance is valid: the constructor checks that ``text`` is ``local@domain`` (or
+    ``""``, the null path, with empty parts; or a bare ``postmaster`` with an empty domain)
+    and that the parts pass the same strict rules as ``MAIL FROM``/``RCPT TO`` on the wire
+    (no CR, LF, NUL or other control character, RFC 5321 syntax, local part and domain
+    lengths, IDNA2008 domains), else it raises ValueError. So no plugin can put an address on the wire, in a
+    Maildir file or in a quarantine record that would break a line. Plugins build addresses
+    from text with :meth:`Address.parse`.
+    """
 
     text: str
     local: str
     domain: str
+
+    def __post_init__(self) -> None:
+        problem = _address_problem(self.text, self.local, self.domain)
+        if problem:
+            raise ValueError(f"invalid Address {self.text[:80]!r}: {problem} "
+                             "(build addresses from text with Address.parse)")
+
+    @classmethod
+    def parse(cls, text: str, *, allow_utf8: bool = True) -> Address:
+        """Parse ``local@domain`` (without angle brackets) with the strict wire parser.
+
+        ``""`` gives the null path ``<>``. Raises :class:`AddressError` (a ValueError whose
+        text says what is wrong) for anything the proxy would refuse on the wire; non-ASCII
+        needs ``allow_utf8`` (the transaction's SMTPUTF8, when the address goes upstream).
+        """
+        if text == "":
+            return _NULL
+        return parse_mailbox(text, allow_utf8=allow_utf8)
 
     @property
     def is_null(self) -> bool:
@@ -153,7 +182,6 @@ _BARE: Final = _Role(
     ctrl_code=553,
     ctrl_enhanced="5.1.3",
 )
-_NULL: Final = Address("", "", "")
 
 
 def _show(ch: str) -> str:
@@ -311,20 +339,94 @@ def _check_domain(domain: str, role: _Role) -> None:
         return
     if _DOMAIN_RE.fullmatch(domain) is None:
         raise _syntax(role, _domain_problem(domain))
-    if len(domain) <= MAX_LABEL_OCTETS and domain.isascii():
+    if len(domain) <= MAX_LABEL_OCTETS and domain.isascii() and "xn--" not in domain.lower():
         return
     for label in domain.split("."):
         if label.isascii():
             if len(label) > MAX_LABEL_OCTETS:
                 raise _syntax(role, f"domain label longer than {MAX_LABEL_OCTETS} characters")
+            if label[:4].lower() == "xn--":
+                _check_a_label(label, role)
             continue
         for ch in label:
-            # U-labels: letters, marks and digits only; this also refuses the
-            # ideographic full stops (U+3002...) that IDNA would turn into dots.
+            # Letters, marks and digits only; this also refuses the ideographic full
+            # stops (U+3002...) that UTS #46 would turn into dots.
             if ch >= "\x80" and unicodedata.category(ch)[0] not in "LMN":
                 raise _syntax(role, f"invalid character {_show(ch)} in domain")
         if 4 + len(label.encode("punycode")) > MAX_LABEL_OCTETS:
             raise _syntax(role, f"domain label longer than {MAX_LABEL_OCTETS} octets as IDNA")
+        _check_u_label(label, role)
+
+
+def _idna_error(role: _Role, label: str, why: str) -> AddressError:
+    """553 with the role's enhanced code: the mailbox name is not allowed (RFC 5321 4.2.2)."""
+    return AddressError(f"{role.syntax}: domain label {_snippet(label)} is not valid IDNA2008 ({why})",
+                        code=553, enhanced=role.enhanced)
+
+
+def _check_u_label(label: str, role: _Role) -> None:
+    """A non-ASCII label must be an IDNA2008 U-label exactly as sent (RFC 6531 section 3.3).
+
+    The ``idna`` package implements IDNA2008 (RFC 5891-5893: PVALID code points, CONTEXTJ/O,
+    the bidi rule, NFC, no leading combining mark). No UTS #46 mapping is applied: the
+    address is forwarded byte for byte as validated, so a label that would need mapping
+    (fullwidth letters, upper case, compatibility characters such as U+216B or U+FB01) is
+    refused, and the reply names the mapped form when there is one.
+    """
+    try:
+        idna.alabel(label)
+    except (idna.IDNAError, UnicodeError) as exc:
+        why = _idna_reason(exc)
+        try:
+            mapped = idna.uts46_remap(label, std3_rules=True, transitional=False)
+            if mapped != label:
+                idna.alabel(mapped)
+                why += f"; UTS #46 would map it to {_snippet(mapped)}: send that"
+        except (idna.IDNAError, UnicodeError, ValueError):
+            pass
+        raise _idna_error(role, label, why) from None
+
+
+def _check_a_label(label: str, role: _Role) -> None:
+    """An ``xn--`` label must decode to a valid U-label and encode back to itself (RFC 5891 5.4)."""
+    try:
+        u_label = idna.ulabel(label.lower())
+        if idna.alabel(u_label).decode("ascii") != label.lower():
+            raise idna.IDNAError("not the canonical A-label of its U-label")
+    except (idna.IDNAError, UnicodeError) as exc:
+        raise _idna_error(role, label, _idna_reason(exc)) from None
+
+
+def _idna_reason(exc: Exception) -> str:
+    """idna's message, printable ASCII (it quotes the label, which the reply shows already)."""
+    text = str(exc) or type(exc).__name__
+    text = re.sub(r" of '[^']*'| in '[^']*'| \('[^']*'\)", "", text)
+    return "".join(c if " " <= c <= "~" else f"<U+{ord(c):04X}>" for c in text)
+
+
+def _address_problem(text: object, local: object, domain: object) -> str:
+    """Why these are not the parts of a valid :class:`Address`, or ""."""
+    if not (isinstance(text, str) and isinstance(local, str) and isinstance(domain, str)):
+        return "text, local and domain must be str"
+    for part in (text, local, domain):
+        bad = _CTRL_RE.search(part)
+        if bad is not None:
+            what = _show(bad.group())
+            return f"control character {what} (CR, LF, NUL and other controls are never allowed)"
+    if not text:
+        return "" if not local and not domain else "the null path has empty local and domain"
+    if not domain:
+        ok = text == local and text.isascii() and text.lower() == "postmaster"
+        return "" if ok else "missing domain (expected local-part@domain)"
+    if text != f"{local}@{domain}":
+        return "text is not local@domain"
+    try:
+        _check_characters(text, _BARE)
+        _check_local(local, _BARE)
+        _check_domain(domain, _BARE)
+    except AddressError as err:
+        return err.text.removeprefix(f"{_BARE.syntax}: ")
+    return ""  # the whole path's limit is the parsers' (and the MTA's) to enforce
 
 
 def _check_route(route: str, role: _Role) -> None:
@@ -348,6 +450,9 @@ def _mailbox(local: str, domain: str | None, role: _Role, *, allow_postmaster: b
     _check_local(local, role)
     _check_domain(domain, role)
     return Address(f"{local}@{domain}", local, domain)
+
+
+_NULL: Final = Address("", "", "")
 
 
 def _parse_params(tail: str, role: _Role) -> dict[str, str | None]:

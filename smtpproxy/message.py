@@ -32,7 +32,7 @@ from email.parser import BytesParser
 from email.policy import default as _default_policy
 from typing import Literal
 
-__all__ = ["Change", "HeaderError", "Message"]
+__all__ = ["MAILBOX_LINE", "POSTFIX_LINE_LIMIT", "Change", "HeaderError", "Message"]
 
 CRLF = b"\r\n"
 _WSP = b" \t"
@@ -42,8 +42,17 @@ MAX_LINE_OCTETS = 998
 #: Longest field name accepted from plugins; keeps "Name: " well inside a line.
 MAX_NAME_LENGTH = 76
 
-# A header field line: ftext name (printable ASCII except ":"), then ":".
-_FIELD_START = re.compile(rb"[\x21-\x39\x3b-\x7e]+:")
+# A header field line as Postfix's is_header() sees one: a name of printable ASCII except ":",
+# then optional SP/HTAB (RFC 5322 section 4.5 obsolete syntax), then ":". Group 1 is the name.
+_FIELD_START = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+#: Postfix's ``line_length_limit`` default: smtpd hands cleanup a longer line in pieces of this
+#: many octets, and is_header() sees only the first one, so a name and colon not inside it do
+#: not make a header field.
+POSTFIX_LINE_LIMIT = 2048
+#: The field name Postfix's smtpd puts before a first line that starts with ``From `` (after
+#: any ``>``), turning an mbox separator line into a header field (smtpd.c receive_data_message()).
+MAILBOX_LINE = "X-Mailbox-Line"
+_MBOX_FROM = re.compile(rb">*From ")
 _VALID_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # C0 controls except HTAB, DEL and C1 controls (Unicode category Cc minus HTAB).
 _BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
@@ -75,15 +84,29 @@ class _Field:
     key: str  # lower-cased name, for case-insensitive lookups
     value: str  # unfolded, stripped, decoded for display
     raw: bytes  # the whole field including folds and the final CRLF
+    prefix: bytes = b""  # what Postfix puts before raw (an mbox "From " line: X-Mailbox-Line)
+
+    @property
+    def wire(self) -> bytes:
+        """The field as re-emitted once the header block was edited."""
+        return self.prefix + self.raw
 
 
-def _field_from_raw(raw: bytes, colon: int) -> _Field:
-    """Build a field from its wire bytes; ``colon`` is the index of the name's colon."""
-    name = raw[:colon].decode("ascii")
+def _field_from_raw(raw: bytes, name_end: int, colon: int) -> _Field:
+    """Build a field from its wire bytes: the name is ``raw[:name_end]``, ``colon`` the index
+    of its colon (after any obsolete whitespace)."""
+    name = raw[:name_end].decode("ascii")
     # Within a field every CRLF is either a fold (followed by WSP) or the
     # terminator, so dropping all of them is exactly RFC 5322 unfolding.
     value = raw[colon + 1 :].replace(CRLF, b"").strip(_WSP)
     return _Field(name, name.lower(), value.decode("utf-8", errors="replace"), raw)
+
+
+def _mailbox_line(raw: bytes) -> _Field:
+    """An mbox ``From `` first line, as the field Postfix makes of it (see :class:`Message`)."""
+    value = raw.replace(CRLF, b"").strip(_WSP)
+    return _Field(MAILBOX_LINE, MAILBOX_LINE.lower(), value.decode("utf-8", errors="replace"), raw,
+                  MAILBOX_LINE.encode("ascii") + b": ")
 
 
 def _key(name: str) -> str | None:
@@ -182,12 +205,39 @@ class Message:
     """A received message: exact bytes, lazily parsed headers, validated edits.
 
     The input must use CRLF line endings only (the SMTP layer guarantees it)
-    and every edit keeps it that way.  Header parsing follows RFC 5322
-    loosely but losslessly: the header block ends at the first empty line,
-    or just before the first line that is neither a ``name:`` field line nor
-    a continuation of one (that line and everything after it is the body,
-    with no separator line).  A final line without CRLF is never part of the
-    header block.
+    and every edit keeps it that way.  Where the header block ends and what
+    each field is are decided exactly as Postfix decides them, so that plugins
+    and the MTA behind never disagree (a field Postfix delivers is a field
+    every plugin sees):
+
+    * A field line is a name of printable ASCII other than ``:`` (no space,
+      control or 8-bit octet), optional SP/HTAB, then ``:`` -- Postfix
+      ``src/global/is_header.c`` ``is_header_buf()``, which accepts the
+      obsolete ``Name : value`` of RFC 5322 section 4.5.  The name is the
+      part before the whitespace; the bytes stay as received.
+    * A line starting with SP/HTAB continues the field above
+      (``src/global/mime_state.c`` ``mime_state_update()``, primary header
+      state); as the first line it continues nothing and starts the body,
+      as ``src/smtpd/smtpd.c`` ``smtpd_data()`` arranges by inserting an
+      empty record before it.
+    * The header block ends at the first empty line, or just before the
+      first other line (that line and everything after it is the body, with
+      no separator line; Postfix inserts an empty line there).  A final line
+      without CRLF is never part of the header block.
+    * A first line starting with ``From `` (after any ``>``), an mbox
+      separator, is a field named ``X-Mailbox-Line`` whose value is the
+      whole line: ``src/smtpd/smtpd.c`` ``receive_data_message()`` writes
+      ``X-Mailbox-Line: `` before it (Postfix 3.7.11 as tested does too).
+      The bytes are forwarded unchanged while the header block is; once it
+      is edited, the field is written out with that prefix, so that a field
+      prepended above it cannot turn ``From : x`` into a From field behind.
+    * smtpd hands cleanup lines longer than ``line_length_limit`` (2048) in
+      pieces and is_header_buf() sees only the first piece, so a line whose
+      name and colon do not lie within its first :data:`POSTFIX_LINE_LIMIT`
+      octets is not a field line.
+
+    ``tests/test_postfix_headers.py`` checks this against a real Postfix
+    over a generated corpus of odd header lines.
     """
 
     __slots__ = (
@@ -239,8 +289,15 @@ class Message:
         fields: list[_Field] = []
         field_start = -1  # start of the field being collected, -1 if none
         colon = 0  # colon offset of that field, relative to its start
+        name_end = 0  # end of its name (before obsolete whitespace), relative to its start
+        mbox = False  # the field being collected is an mbox "From " first line
         pos = 0
         sep = b""
+
+        def collected(end: int) -> _Field:
+            chunk = raw[field_start:end]
+            return _mailbox_line(chunk) if mbox else _field_from_raw(chunk, name_end, colon)
+
         while True:
             eol = raw.find(CRLF, pos)
             if eol == -1:  # end of data, or an unterminated final line (body)
@@ -252,17 +309,20 @@ class Message:
             if first in (b" ", b"\t"):
                 if field_start == -1:  # continuation with nothing to continue
                     break
+            elif pos == 0 and _MBOX_FROM.match(raw, 0, eol):
+                field_start, mbox = 0, True
             else:
-                match = _FIELD_START.match(raw, pos, eol)
+                match = _FIELD_START.match(raw, pos, min(eol, pos + POSTFIX_LINE_LIMIT))
                 if match is None:  # not a field line: the header block ends here
                     break
                 if field_start != -1:
-                    fields.append(_field_from_raw(raw[field_start:pos], colon))
-                field_start = pos
+                    fields.append(collected(pos))
+                field_start, mbox = pos, False
+                name_end = match.end(1) - pos
                 colon = match.end() - 1 - pos
             pos = eol + 2
         if field_start != -1:
-            fields.append(_field_from_raw(raw[field_start:pos], colon))
+            fields.append(collected(pos))
         self._header_end = pos
         self._sep = sep
         self._body_start = pos + len(sep)
@@ -291,7 +351,7 @@ class Message:
 
     def _head(self, fields: list[_Field]) -> bytes | memoryview:
         if self._headers_dirty:
-            return b"".join(f.raw for f in fields)
+            return b"".join(f.wire for f in fields)
         return memoryview(self._orig)[: self._header_end]
 
     @property
@@ -318,7 +378,7 @@ class Message:
             return len(self._raw_cache)
         fields = self._parse()
         body = self._body_view()
-        head = sum(len(f.raw) for f in fields) if self._headers_dirty else self._header_end
+        head = sum(len(f.wire) for f in fields) if self._headers_dirty else self._header_end
         return head + len(self._separator(fields, body)) + len(body)
 
     def parts(self) -> tuple[Buffer, ...]:

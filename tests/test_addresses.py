@@ -5,11 +5,13 @@ from __future__ import annotations
 import re
 import string
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from smtpproxy import Transaction, hookimpl
 from smtpproxy.addresses import (
     Address,
     AddressError,
@@ -18,6 +20,7 @@ from smtpproxy.addresses import (
     parse_mailbox,
     parse_rcpt_to,
 )
+from tests.conftest import ProxyFactory, Sink, Talk, maildir_messages, port_of
 
 Parser = Callable[..., PathArgument]
 MAIL = parse_mail_from
@@ -406,8 +409,10 @@ _u_local = (
     .map(".".join)
     .filter(lambda s: len(s.encode("utf-8")) <= 64)
 )
-_u_label = st.text(st.one_of(st.sampled_from(string.ascii_lowercase), _letters), min_size=1,
-                   max_size=6)  # fmt: skip
+# IDNA2008 PVALID letters of left-to-right scripts (no bidi rule, no CONTEXTJ/O).
+_PVALID = "äöüßéèçñøåœæğışčřžłąęёжщдяあいうアイ中文한국αβγ"
+_u_label = st.text(st.sampled_from(string.ascii_lowercase + _PVALID), min_size=1,
+                   max_size=6).filter(lambda s: not s.isascii())  # fmt: skip
 _u_domain = st.lists(_u_label, min_size=1, max_size=4).map(".".join)
 
 _quoted = st.text(
@@ -583,3 +588,169 @@ def test_valid_quoted_local_parts_are_kept_exactly(local: str, domain: str) -> N
     result = parse_mail_from(f"FROM:<{local}@{domain}> SIZE=1", smtputf8_enabled=False)
     assert result == PathArgument(expected, {"SIZE": "1"})
     assert parse_mailbox(f"{local}@{domain}", allow_utf8=False) == expected
+
+
+# --------------------------------------------------------------------------- IDNA2008 (issue 14)
+
+NOT_IDNA2008 = [
+    # domain, what the reply must say
+    ("\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com", "map it to example"),  # fullwidth
+    ("\u216b.example", "map it to xii"),  # ROMAN NUMERAL TWELVE
+    ("\u2460.example", "map it to 1"),  # CIRCLED DIGIT ONE
+    ("x\u00b2.example", "map it to x2"),  # SUPERSCRIPT TWO
+    ("\ufb01le.example", "map it to file"),  # LATIN SMALL LIGATURE FI
+    ("B\u00dcCHER.example", "map it to b<U+00FC>cher"),  # upper case is not a U-label
+    ("\u0301abc.example", "illegal combining character"),  # leading combining mark
+    ("xn--abc.example", "is not valid IDNA2008"),  # an A-label that decodes to nothing valid
+]
+
+
+@pytest.mark.parametrize(("domain", "says"), NOT_IDNA2008)
+@pytest.mark.parametrize(("parser", "keyword", "enhanced"), [(MAIL, "FROM:", "5.1.7"), (RCPT, "TO:", "5.1.3")])
+def test_domains_that_are_not_idna2008_are_refused_with_553(
+    parser: Parser, keyword: str, enhanced: str, domain: str, says: str
+) -> None:
+    """Before the fix every one of these was accepted and forwarded."""
+    with pytest.raises(AddressError) as caught:
+        parser(f"{keyword}<user@{domain}> SMTPUTF8" if parser is MAIL else f"{keyword}<user@{domain}>",
+               smtputf8_enabled=True)
+    err = caught.value
+    assert (err.code, err.enhanced) == (553, enhanced)
+    assert "is not valid IDNA2008" in err.text and says in err.text, err.text
+    _assert_good_error(err)
+    with pytest.raises(AddressError):
+        parse_mailbox(f"user@{domain}", allow_utf8=True)
+
+
+@pytest.mark.parametrize("domain", ["b\u00fccher.example", "xn--bcher-kva.example", "\u4f8b\u3048.\u30c6\u30b9\u30c8",
+                                    "stra\u00dfe.de", "XN--BCHER-KVA.example"])
+def test_idna2008_domains_are_kept_exactly(domain: str) -> None:
+    address = RCPT(f"TO:<user@{domain}>", smtputf8_enabled=True).address
+    assert address.domain == domain
+
+
+@settings(deadline=None, max_examples=300)
+@given(label=st.text(st.characters(categories=["L", "M", "N"]), min_size=1, max_size=5))
+def test_a_unicode_label_is_accepted_exactly_when_idna_says_it_is_a_u_label(label: str) -> None:
+    import idna
+
+    try:
+        idna.alabel(label)
+        valid = not label.isascii() or label.isalnum()
+    except (idna.IDNAError, UnicodeError):
+        valid = False
+    try:
+        address = RCPT(f"TO:<u@{label}.example>", smtputf8_enabled=True).address
+    except AddressError as err:
+        _assert_good_error(err)
+        assert not valid or err.text.endswith("octets as IDNA"), err.text
+        return
+    assert valid and address.domain == f"{label}.example"
+
+
+async def test_the_proxy_refuses_a_fullwidth_domain_on_the_wire(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    proxy = await proxy_factory(upstream=sink.port)
+    talk = await Talk.open(port_of(proxy))
+    await talk.hello()
+    code, text = await talk.cmd("MAIL FROM:<alice@\uff45\uff58\uff41\uff4d\uff50\uff4c\uff45.com> SMTPUTF8")
+    assert code == 553 and text.startswith("5.1.7 ") and "IDNA2008" in text
+    assert (await talk.cmd("MAIL FROM:<alice@b\u00fccher.example> SMTPUTF8"))[0] == 250
+    code, text = await talk.cmd("RCPT TO:<bob@\u2460.example>")
+    assert code == 553 and text.startswith("5.1.3 ") and "map it to 1" in text
+    await talk.close()
+
+
+# --------------------------------------------------------------------------- Address is valid by construction
+
+
+INJECTION = "x@y\r\nX-Injected: yes"
+
+
+@pytest.mark.parametrize(
+    ("text", "local", "domain", "says"),
+    [
+        (INJECTION, "x", "y\r\nX-Injected: yes", "control character U+000D"),
+        ("x@y", "x", "y\nX-Injected: yes", "control character U+000A"),
+        ("x\x00@y.example", "x\x00", "y.example", "control character U+0000"),
+        ("x@y.example", "x", "z.example", "text is not local@domain"),
+        ("a b@y.example", "a b", "y.example", "invalid character space in local part"),
+        ("x@\uff45xample.com", "x", "\uff45xample.com", "is not valid IDNA2008"),
+        ("x", "x", "", "missing domain"),
+        ("", "x", "", "the null path has empty local and domain"),
+        ("x@-y.example", "x", "-y.example", "domain label starts with a hyphen"),
+    ],
+)
+def test_address_refuses_invalid_parts_on_construction(text: str, local: str, domain: str, says: str) -> None:
+    """Before: Address took anything, and a CR LF in it reached the Maildir file as a header line."""
+    with pytest.raises(ValueError, match="invalid Address") as caught:
+        Address(text, local, domain)
+    assert says in str(caught.value) and "Address.parse" in str(caught.value)
+    assert "\r" not in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_valid_addresses_still_construct_and_replace_is_checked_too() -> None:
+    import dataclasses
+
+    assert Address("", "", "").is_null
+    assert Address("postmaster", "postmaster", "").text == "postmaster"
+    assert Address('"a b"@[192.0.2.1]', '"a b"', "[192.0.2.1]").domain == "[192.0.2.1]"
+    ok = Address("a@b.example", "a", "b.example")
+    with pytest.raises(ValueError, match="control character"):
+        dataclasses.replace(ok, text=INJECTION, domain="y\r\nX-Injected: yes")
+
+
+def test_address_parse_builds_from_text_with_the_wire_parser() -> None:
+    assert Address.parse("Alice@Example.COM") == Address("Alice@Example.COM", "Alice", "Example.COM")
+    assert Address.parse("").is_null
+    assert Address.parse("b\u00fccher@b\u00fccher.example").needs_smtputf8
+    with pytest.raises(AddressError, match="non-ASCII address requires SMTPUTF8"):
+        Address.parse("b\u00fccher@b\u00fccher.example", allow_utf8=False)
+    with pytest.raises(AddressError, match="control character"):
+        Address.parse(INJECTION)
+    with pytest.raises(AddressError, match="missing domain"):
+        Address.parse("postmaster")
+
+
+class HostileBcc:
+    """A plugin that tries to write a header line through an envelope recipient."""
+
+    name = "hostile_bcc"
+
+    def __init__(self, phase: str) -> None:
+        self.phase = phase
+
+    def _inject(self, transaction: Transaction) -> None:
+        transaction.envelope.add_recipient(Address(INJECTION, "x", "y\r\nX-Injected: yes"))
+
+    @hookimpl
+    def rcpt_to(self, transaction: Transaction) -> None:
+        if self.phase == "rcpt_to":
+            self._inject(transaction)
+
+    @hookimpl
+    def data(self, transaction: Transaction) -> None:
+        if self.phase == "data":
+            self._inject(transaction)
+
+
+@pytest.mark.parametrize("phase", ["rcpt_to", "data"])
+async def test_a_hostile_plugin_cannot_inject_a_header_into_a_maildir_file(
+    proxy_factory: ProxyFactory, tmp_path: Path, phase: str
+) -> None:
+    proxy = await proxy_factory(HostileBcc(phase))
+    talk = await Talk.open(port_of(proxy))
+    await talk.hello()
+    assert (await talk.cmd("MAIL FROM:<alice@sender.example>"))[0] == 250
+    code, text = await talk.cmd("RCPT TO:<bob@dest.example>")
+    if phase == "rcpt_to":
+        assert code == 451, text  # the plugin's error: tempfail (on_error default)
+    else:
+        assert code == 250, text
+        assert (await talk.cmd("DATA"))[0] == 354
+        talk.send(b"Subject: hi\r\n\r\nbody\r\n.\r\n")
+        code, text = await talk.reply()
+        assert code == 451, text
+    await talk.close()
+    stored = maildir_messages(tmp_path / "mail")
+    assert stored == []
+    assert not any(b"X-Injected" in m for m in stored)

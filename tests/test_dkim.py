@@ -7,6 +7,7 @@ the test server; the end-to-end ones speak SMTP to a running proxy that forwards
 from __future__ import annotations
 
 import base64
+import hashlib
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, rsa
 from smtpproxy_plugins.dkim import DKIMSign, DKIMVerify, header_from_dkimpy, load_private_key
+from smtpproxy_plugins.dmarc import DMARC
 from smtpproxy_plugins.headers import AddHeaders
 
 import smtpproxy.dns
@@ -560,3 +562,135 @@ def test_sign_settings_are_checked(tmp_path: Path) -> None:
     # Relative key files are relative to the config file when the loader says where that is.
     settings = DKIMSign.Settings.model_validate({"keys": [key]}, context={"base_dir": tmp_path})
     assert settings.keys[0].key_file == tmp_path / "k.pem"
+
+
+# -- signatures that must not count (issue 14) --------------------------------------------------
+
+
+def craft_signature(key: Key, message: bytes, domain: str, selector: str, headers: list[bytes], *,
+                    length: int | None = None, body_for_hash: bytes | None = None) -> bytes:
+    """``message`` with an RSA DKIM-Signature built field by field through dkimpy's own
+    ``gen_header``: dkimpy's ``sign`` refuses an ``h=`` without from, and an attacker's does not.
+
+    ``length`` adds ``l=``; the body hash covers the first ``length`` octets of the canonical
+    body of ``body_for_hash`` (default: of ``message``)."""
+    signer = dkim.DKIM(message, signature_algorithm=b"rsa-sha256")
+    canon = dkim.canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/relaxed")
+    source = dkim.DKIM(body_for_hash).body if body_for_hash is not None else signer.body
+    body = canon.canonicalize_body(source)
+    if length is not None:
+        body = body[:length]
+    signer.hasher = dkim.HASH_ALGORITHMS[b"rsa-sha256"]
+    fields = [(b"v", b"1"), (b"a", b"rsa-sha256"), (b"c", b"relaxed/relaxed"), (b"d", domain.encode()),
+              (b"i", b"@" + domain.encode())]
+    if length is not None:
+        fields.append((b"l", str(length).encode()))
+    fields += [(b"q", b"dns/txt"), (b"s", selector.encode()), (b"t", b"1700000000"),
+               (b"h", b" : ".join(headers)),
+               (b"bh", base64.b64encode(hashlib.sha256(body).digest())), (b"b", b"0" * 60)]
+    private = dkim.crypto.parse_pem_private_key(key.pem)
+    value = signer.gen_header(fields, tuple(headers), canon, b"DKIM-Signature", private)
+    return b"DKIM-Signature: " + value + message
+
+
+CEO_MESSAGE = MESSAGE.replace(b"Alice <alice@example.test>", b"Mallory <mallory@example.org>")
+
+
+async def test_signature_without_from_in_h_is_ignored_and_never_aligns_dmarc(
+    zone: ZoneServer, rsa2048: Key
+) -> None:
+    """RFC 6376 6.1.1: h= without From must be ignored. Before the fix: dkim=pass, dmarc=pass."""
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    zone.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    signed = craft_signature(rsa2048, CEO_MESSAGE, "example.org", "sel1",
+                             [b"subject", b"to", b"date", b"message-id"])
+    forged = signed.replace(b"Mallory <mallory@example.org>", b"CEO <ceo@example.org>")
+    session, transaction = hook_args("bounce@attacker.test")
+    verdict = await DKIMVerify().data(session, transaction, Message(forged))
+    (found,) = checks(transaction, "dkim")
+    assert found.result == "policy"
+    assert "does not cover the From field" in found.reason
+    assert verdict is not None and verdict.tags == ("dkim:policy",)
+    dmarc_verdict = await DMARC().data(session, transaction, Message(forged))
+    assert [c.result for c in checks(transaction, "dmarc")] == ["fail"]
+    assert dmarc_verdict is not None and dmarc_verdict.action is Action.REJECT
+
+
+async def test_the_same_signature_with_from_in_h_still_passes(zone: ZoneServer, rsa2048: Key) -> None:
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    signed = craft_signature(rsa2048, CEO_MESSAGE, "example.org", "sel1",
+                             [b"from", b"subject", b"to", b"date", b"message-id"])
+    found, _ = await verify(signed)
+    assert [(c.result, c.reason) for c in found] == [("pass", "")]
+    forged = signed.replace(b"Mallory <mallory@example.org>", b"CEO <ceo@example.org>")
+    found, _ = await verify(forged)
+    assert [c.result for c in found] == ["fail"]
+
+
+async def test_required_domain_with_a_signature_lacking_from_is_not_acceptable(
+    proxy_factory: ProxyFactory, sink: Sink, zone: ZoneServer, rsa2048: Key,
+) -> None:
+    """End to end: the signature that skips From is 5.7.21 for a require_valid_for domain."""
+    zone.txt("sel._domainkey.bank.test", rsa2048.txt)
+    plugin = DKIMVerify(DKIMVerify.Settings(require_valid_for=["bank.test"]))
+    proxy = await proxy_factory(plugin, upstream=sink.port, dns=dns_section(zone, timeout=0.5))
+    talk = await Talk.open(port_of(proxy))
+    await talk.hello()
+    signed = craft_signature(rsa2048, bank_message("no from"), "bank.test", "sel", [b"subject", b"to"])
+    assert await talk.send_message("alice@bank.test", ["bob@dest.test"], signed) == (
+        550, "5.7.21 No acceptable DKIM signature found")
+    await talk.close()
+    assert sink.messages == []
+
+
+async def dkim_then_dmarc(raw: bytes, dkim_settings: DKIMVerify.Settings | None = None,
+                          dmarc_settings: DMARC.Settings | None = None) -> tuple[list[AuthCheck], str, Any]:
+    session, transaction = hook_args("bounce@attacker.test")
+    await DKIMVerify(dkim_settings).data(session, transaction, Message(raw))
+    verdict = await DMARC(dmarc_settings).data(session, transaction, Message(raw))
+    (dmarc_check,) = checks(transaction, "dmarc")
+    return checks(transaction, "dkim"), dmarc_check.result, verdict
+
+
+APPENDED = b"\r\nP.S. Wire the money to account 666 today.\r\n"
+
+
+async def test_l_tag_with_appended_text_is_policy_and_never_aligns_dmarc(zone: ZoneServer, rsa2048: Key) -> None:
+    """Before the fix: dkim=pass, dmarc=pass for text appended after the signed l= octets."""
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    zone.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    signed = rsa2048.sign(CEO_MESSAGE, "example.org", "sel1", length=True)
+    assert signature_tags(signed)[0][b"l"] == str(len(CEO_MESSAGE.split(b"\r\n\r\n", 1)[1])).encode()
+    found, _ = await verify(signed)
+    assert [(c.result, c.reason) for c in found] == [("pass", "")]  # l= covering the whole body is fine
+    found, dmarc_result, verdict = await dkim_then_dmarc(signed + APPENDED)
+    assert [c.result for c in found] == ["policy"]
+    assert found[0].reason.startswith("body partly unsigned: l=")
+    assert dmarc_result == "fail" and verdict.action is Action.REJECT
+
+
+async def test_l_zero_with_an_attackers_body_is_policy(zone: ZoneServer, rsa2048: Key) -> None:
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    zone.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    signed = craft_signature(rsa2048, CEO_MESSAGE, "example.org", "sel1", SIGNED, length=0)
+    head, _, _ = signed.partition(b"\r\n\r\n")
+    forged = head + b"\r\n\r\nAttacker's body entirely.\r\n"
+    found, dmarc_result, _ = await dkim_then_dmarc(forged)
+    assert [(c.result, c.reason) for c in found] == [
+        ("policy", "body partly unsigned: l=0 signs 0 of 27 body octets "
+                   "(RFC 6376 8.2: content may have been appended)")]
+    assert dmarc_result == "fail"
+
+
+async def test_partial_body_leniency_passes_but_dmarc_aligns_only_when_told(
+    zone: ZoneServer, rsa2048: Key
+) -> None:
+    zone.txt("sel1._domainkey.example.org", rsa2048.txt)
+    zone.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    appended = rsa2048.sign(CEO_MESSAGE, "example.org", "sel1", length=True) + APPENDED
+    lenient = DKIMVerify.Settings(partial_body="pass")
+    found, dmarc_result, _ = await dkim_then_dmarc(appended, lenient)
+    assert [c.result for c in found] == ["pass"] and "partly unsigned" in found[0].reason
+    assert dmarc_result == "fail"
+    found, dmarc_result, _ = await dkim_then_dmarc(appended, lenient, DMARC.Settings(align_partial_body=True))
+    assert dmarc_result == "pass"

@@ -326,19 +326,17 @@ async def test_dns_failure_is_temperror_and_tempfails(zones: ZoneServer, failure
     "froms",
     [
         (),
-        ("a@example.org", "b@example.org"),
-        ("a@example.org, b@example.net",),
         ("undisclosed-recipients:;",),
         ("alice@example.org)<bob@evil.test>",),
         ("<a@[192.0.2.1]>",),
         ("not an address",),
     ],
-    ids=["none", "two-fields", "two-addresses", "empty-group", "malformed", "literal", "garbage"],
+    ids=["none", "empty-group", "malformed", "literal", "garbage"],
 )
-async def test_from_must_hold_exactly_one_address(zones: ZoneServer, froms: tuple[str, ...]) -> None:
+async def test_from_must_hold_valid_author_addresses(zones: ZoneServer, froms: tuple[str, ...]) -> None:
     verdict, result = await run(transaction("a@example.org"), message(*froms))
     assert result.result == "permerror" and result.properties == {}
-    assert verdict is not None and str(verdict.reply) == "550 5.7.1 Message must have exactly one From address with a valid domain"
+    assert verdict is not None and str(verdict.reply) == "550 5.7.1 Message must have a From field with valid author addresses"
     assert zones.queries == []
     lenient = DMARC(DMARC.Settings(invalid_from="continue"))
     verdict, _ = await run(transaction("a@example.org"), message(*froms), lenient)
@@ -447,3 +445,57 @@ def test_the_documented_configuration_is_valid() -> None:
     assert seen == {"dmarc", "auth_results"}
     assert [p.name for p in Config.model_validate({"plugins": blocks[0]["plugins"]}).plugins] == [
         "spf", "dkim_verify", "arc", "dmarc", "auth_results"]
+
+
+# -- several authors (RFC 7489 section 6.6.1) ------------------------------------------------
+
+
+async def test_several_authors_that_all_pass_are_accepted(zones: ZoneServer) -> None:
+    """Before: refused outright as an invalid From (550), though RFC 5322 allows several authors."""
+    zones.txt("_dmarc.example.org", "v=DMARC1; p=reject")
+    zones.txt("_dmarc.example.net", "v=DMARC1; p=reject")
+    tx = transaction("bounce@example.org")
+    spf(tx[1], "pass", "bounce@example.org")
+    dkim(tx[1], "pass", "example.net")
+    verdict, result = await run(tx, message("Alice <alice@example.org>, Bob <bob@example.net>"))
+    assert (result.result, result.properties) == ("pass", {"header.from": "example.org"})
+    assert action(verdict) is Action.CONTINUE
+
+
+@pytest.mark.parametrize("froms", [("alice@example.org, CEO <ceo@bank.test>",),
+                                   ("alice@example.org", "CEO <ceo@bank.test>")],
+                         ids=["one-field", "two-fields"])
+async def test_the_strictest_author_decides(zones: ZoneServer, froms: tuple[str, ...]) -> None:
+    zones.txt("_dmarc.example.org", "v=DMARC1; p=none")
+    zones.txt("_dmarc.bank.test", "v=DMARC1; p=reject")
+    tx = transaction("bounce@example.org")
+    spf(tx[1], "pass", "bounce@example.org")  # aligns with example.org only
+    verdict, result = await run(tx, message(*froms))
+    assert result == AuthCheck("dmarc", "fail", "p=reject dis=reject", {"header.from": "bank.test"})
+    assert verdict is not None and str(verdict.reply) == "550 5.7.1 DMARC policy of bank.test rejects this message (p=reject)"
+    assert "authors=example.org,bank.test" in verdict.reason
+
+
+async def test_a_temperror_outranks_a_quarantine_and_a_pass(zones: ZoneServer) -> None:
+    zones.txt("_dmarc.example.org", "v=DMARC1; p=quarantine")
+    zones.timeout_names.add("_dmarc.slow.test")
+    smtpproxy.dns.configure(Resolver(["127.0.0.1"], port=zones.port, timeout=0.3))
+    tx = transaction("bounce@other.test")
+    verdict, result = await run(tx, message("a@example.org, b@slow.test, c@nodmarc.test"))
+    assert (result.result, result.properties) == ("temperror", {"header.from": "slow.test"})
+    assert action(verdict) is Action.TEMPFAIL
+
+
+async def test_multiple_authors_can_be_refused_and_are_bounded(zones: ZoneServer) -> None:
+    refuse = DMARC(DMARC.Settings(multiple_authors="refuse"))
+    for froms in (("a@example.org, b@example.net",), ("a@example.org", "b@example.org")):
+        verdict, result = await run(transaction("a@example.org"), message(*froms), refuse)
+        assert result.result == "permerror" and action(verdict) is Action.REJECT
+    many = ", ".join(f"a@d{i}.example" for i in range(6))
+    verdict, result = await run(transaction("a@example.org"), message(many))
+    assert result.result == "permerror" and action(verdict) is Action.REJECT
+    assert zones.queries == []  # nothing looked up for a refused From
+    same_domain_twice = ("a@example.org", "b@EXAMPLE.org")  # one author domain
+    zones.txt("_dmarc.example.org", "v=DMARC1; p=none")
+    _, result = await run(transaction("a@example.org"), message(*same_domain_twice))
+    assert result.result == "fail" and result.properties == {"header.from": "example.org"}

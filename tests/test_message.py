@@ -615,3 +615,95 @@ def test_remove_header_matching_keeps_the_others_byte_for_byte() -> None:
     assert message.raw == raw.replace(b"Authentication-Results: mx.ours.test; spf=pass\r\n", b"")
     assert message.remove_header("Subject", matching=lambda v: False) == 0
     assert not [c for c in message.changes if c.name == "Subject"]
+
+
+# -- the header block as Postfix parses it (issue 14) -----------------------------------------
+
+
+def postfix_is_header(line: bytes) -> int:
+    """A transliteration of Postfix is_header_buf() (src/global/is_header.c): name length, or 0."""
+    length, state = 0, "init"
+    for c in line[:2048]:
+        if c in (0x20, 0x09):
+            if state == "init":
+                return 0
+            state = "space"
+        elif c == 0x3A:
+            return length if state != "init" else 0
+        elif c == 0 or c > 0x7E or c < 0x20 or c == 0x7F or state == "space":
+            return 0
+        else:
+            state = "char"
+            length += 1
+    return 0
+
+
+def postfix_model(raw: bytes) -> list[str]:
+    """Field names the way Postfix's smtpd and cleanup (mime_state_update) would see them."""
+    names: list[str] = []
+    lines = raw.split(b"\r\n")[:-1]  # the last piece has no CRLF: never a header line
+    for index, line in enumerate(lines):
+        if line == b"":
+            break
+        if index == 0 and line.lstrip(b">").startswith(b"From "):
+            names.append("X-Mailbox-Line")
+        elif line[:1] in (b" ", b"\t"):
+            if not names:
+                break
+        elif (n := postfix_is_header(line)) > 0:
+            names.append(line[:n].decode())
+        else:
+            break
+    return names
+
+
+ODD_LINE = st.one_of(
+    st.sampled_from([b"X-A: v", b"X-A : v", b"X-A\t:v", b" cont", b"\tcont", b"", b": v", b"A B: v",
+                     b"From x", b">From : x", b"From : x", b"X-\xc3\xa9: v", b"X\x01: v", b"no colon"]),
+    st.binary(max_size=12).filter(lambda b: b"\r" not in b and b"\n" not in b),
+    st.builds(lambda n, s, v: n + s + b":" + v,
+              st.text("AZaz09-_!~", min_size=0, max_size=6).map(str.encode),
+              st.sampled_from([b"", b" ", b"\t", b" \t "]), st.binary(max_size=5).filter(
+                  lambda b: b"\r" not in b and b"\n" not in b)),
+)
+
+
+@given(st.lists(ODD_LINE, max_size=8))
+@settings(max_examples=400, deadline=None)
+def test_field_names_are_those_of_the_postfix_model(lines: list[bytes]) -> None:
+    raw = b"".join(line + b"\r\n" for line in lines) + b"\r\nbody\r\n"
+    message = Message(raw)
+    assert [name for name, _ in message.headers] == postfix_model(raw)
+    assert message.raw is raw  # reading never changes a byte
+
+
+def test_obsolete_space_before_the_colon_is_a_field_and_the_block_goes_on() -> None:
+    raw = (b"From: Mallory <m@attacker.test>\r\nX-Obs : y\r\n"
+           b"Authentication-Results: mx.test; dkim=pass\r\nFrom\t: CEO <ceo@bank.test>\r\n\r\nbody\r\n")
+    message = Message(raw)
+    assert message.headers == [
+        ("From", "Mallory <m@attacker.test>"), ("X-Obs", "y"),
+        ("Authentication-Results", "mx.test; dkim=pass"), ("From", "CEO <ceo@bank.test>")]
+    assert message.body == b"body\r\n"
+    assert message.remove_header("Authentication-Results") == 1
+    assert message.raw == raw.replace(b"Authentication-Results: mx.test; dkim=pass\r\n", b"")
+
+
+def test_mbox_first_line_is_x_mailbox_line_and_keeps_its_prefix_once_edited() -> None:
+    raw = b"From : CEO <ceo@bank.test>\r\nFrom: m@attacker.test\r\n\r\nbody\r\n"
+    message = Message(raw)
+    assert message.headers == [("X-Mailbox-Line", "From : CEO <ceo@bank.test>"), ("From", "m@attacker.test")]
+    assert message.get_all("From") == ["m@attacker.test"]
+    assert message.raw is raw  # unedited: forwarded as received (Postfix adds the prefix itself)
+    message.add_header("Received", "by proxy")
+    # Not first any more, the line would be a From field to Postfix: it goes out as Postfix saw it.
+    assert message.raw == (b"Received: by proxy\r\nX-Mailbox-Line: From : CEO <ceo@bank.test>\r\n"
+                           b"From: m@attacker.test\r\n\r\nbody\r\n")
+    assert message.size == len(message.raw)
+
+
+def test_a_name_and_colon_past_postfix_line_limit_end_the_header_block() -> None:
+    inside = b"X" * 2047 + b": v\r\nX-After: 1\r\n\r\n"
+    assert [n for n, _ in Message(inside).headers][-1] == "X-After"
+    outside = b"X" * 2048 + b": v\r\nX-After: 1\r\n\r\n"
+    assert Message(outside).headers == []

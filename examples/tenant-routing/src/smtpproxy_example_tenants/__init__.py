@@ -37,7 +37,6 @@ import re
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from smtpproxy import Address, Transaction, Verdict, hookimpl
-from smtpproxy.addresses import AddressError, parse_mailbox
 
 __all__ = ["TenantRouting"]
 
@@ -73,13 +72,13 @@ class TenantRouting:
     def tenant_address(self, address: Address) -> Address | None:
         """The tenant-internal address for a recipient, or None when no tenant owns it.
 
-        Raises AddressError when the result would not be a valid address (too long).
+        Raises ValueError when the result would not be a valid address (too long).
         """
         domain = address.domain.lower()
         tenant = self._tenant_of.get(domain)
         if tenant is None:
             return None
-        return parse_mailbox(f"{address.local}@{domain}.{tenant}.{self.settings.suffix}", allow_utf8=True)
+        return Address.parse(f"{address.local}@{domain}.{tenant}.{self.settings.suffix}", allow_utf8=True)
 
     @hookimpl
     def data(self, transaction: Transaction) -> Verdict | None:
@@ -88,8 +87,8 @@ class TenantRouting:
         for rcpt in list(envelope.recipients):
             try:
                 target = self.tenant_address(rcpt.address)
-            except AddressError as exc:
-                return Verdict.reject(f"<{rcpt.address.text}>: cannot route to its tenant ({exc.text})",
+            except ValueError as exc:
+                return Verdict.reject(f"<{rcpt.address.text}>: cannot route to its tenant ({exc})",
                                       code=550, enhanced="5.1.3")
             if target is None:
                 continue
