@@ -19,7 +19,8 @@ from smtpproxy import __version__, eventloop
 from smtpproxy.config import Config, ConfigError, ConfigSource, load_config
 from smtpproxy.eventlog import configure_logging
 from smtpproxy.registry import build_chain, installed_plugins
-from smtpproxy.server import ProxyServer, StartupError
+from smtpproxy.server import ProxyServer
+from smtpproxy.startup import StartupError
 
 __all__ = ["main"]
 
@@ -114,20 +115,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         from smtpproxy.workers import supervise
 
         return supervise(config, args.config)
-    return _serve(ProxyServer(config, source, worker=args.worker).serve_forever(), config, StartupError)
+    return _serve(ProxyServer(config, source, worker=args.worker).serve_forever(), config)
 
 
 def _run_milter(config: Config, source: ConfigSource | None) -> int:
-    from smtpproxy.milter.server import MilterServer, MilterStartupError
+    from smtpproxy.milter.server import MilterServer
 
-    return _serve(MilterServer(config, source).serve_forever(), config, MilterStartupError)
+    return _serve(MilterServer(config, source).serve_forever(), config)
 
 
-def _serve(main: Coroutine[Any, Any, None], config: Config, startup_error: type[Exception]) -> int:
+def _serve(main: Coroutine[Any, Any, None], config: Config) -> int:
     """Run a front end until it stops; a startup failure is exit code 1 with the reason."""
     try:
         eventloop.run(main, config.event_loop)
-    except (startup_error, eventloop.EventLoopError) as exc:
+    except (StartupError, eventloop.EventLoopError) as exc:
         logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
         print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME

@@ -17,7 +17,6 @@ import socket
 import ssl
 from pathlib import Path
 
-from smtpproxy import dns
 from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, MaildirDelivery, load_config
@@ -35,15 +34,12 @@ from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import restart_only_changes, without_restart_only_changes
 from smtpproxy.sdnotify import monotonic_usec, notify
+from smtpproxy.startup import StartupError, configure_dns, start_chain
 from smtpproxy.workers import tell_supervisor_ready
 
 __all__ = ["ProxyServer", "StartupError"]
 
 log = logging.getLogger("smtpproxy.server")
-
-
-class StartupError(Exception):
-    """The proxy could not start (a port in use, a plugin's startup hook failed, ...)."""
 
 
 def make_delivery(config: Config) -> Delivery:
@@ -141,17 +137,14 @@ class ProxyServer:
     async def start(self) -> None:
         """Run startup hooks, prepare delivery, open every listener; StartupError if any fails."""
         services = self.services
-        d = self.config.dns
-        dns.configure(dns.Resolver(d.nameservers, port=d.port, timeout=d.timeout, cache_size=d.cache_size))
+        configure_dns(self.config.dns)
         try:
             services.metrics = make_recorder(
                 self.config.metrics.enabled, lambda: len(services.sessions), services.leases.on_retired
             )
         except MetricsUnavailable as exc:
             raise StartupError(str(exc)) from exc
-        failures = await services.chain.notify("startup")
-        if failures:
-            raise StartupError("; ".join(f"plugin {name}: startup failed: {err}" for name, err in failures))
+        await start_chain(services.chain)
         try:
             await services.delivery.start()
         except Exception as exc:
@@ -259,12 +252,12 @@ class ProxyServer:
             return self._reload_failed(file, f"listeners[{index}].auth.users_file: {exc}")
         except (OSError, ssl.SSLError) as exc:
             return self._reload_failed(file, f"listeners[{index}].tls: cannot load certificate: {exc}")
-        failures = await chain.notify("startup")
-        if failures or self._stopping:
-            await chain.notify("shutdown")  # undo what the plugins that did start set up
-            if failures:
-                return self._reload_failed(file, "; ".join(
-                    f"plugin {name}: startup failed: {err}" for name, err in failures))
+        try:
+            await start_chain(chain)
+        except StartupError as exc:
+            return self._reload_failed(file, str(exc))
+        if self._stopping:
+            await chain.notify("shutdown")  # started for nothing: the proxy is stopping
             return False
         for index, ctx in self._implicit_tls.items():
             tls_files = applied.listeners[index].tls

@@ -21,7 +21,8 @@ from pathlib import Path
 
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.outcome import PROXY
-from smtpproxy.tracer import DISPOSITIONS, Trace, TraceInputError, Tracer, TracerStartupError
+from smtpproxy.startup import StartupError
+from smtpproxy.tracer import DISPOSITIONS, Trace, TraceInputError, Tracer
 
 __all__ = [
     "EXIT_CODES",
@@ -234,7 +235,7 @@ def trace_command(config: Config, source: ConfigSource | None, path: str, envelo
     except TraceInputError as exc:
         print(f"smtpproxy: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except TracerStartupError as exc:
+    except StartupError as exc:
         print(f"smtpproxy: cannot start the plugins: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
 

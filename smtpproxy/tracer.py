@@ -21,7 +21,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from smtpproxy import dns
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.config import Config, ConfigSource, MaildirDelivery
@@ -43,6 +42,7 @@ from smtpproxy.session import (
     TLSInfo,
     Transaction,
 )
+from smtpproxy.startup import start_chain
 from smtpproxy.verdicts import Reply
 
 __all__ = [
@@ -55,7 +55,6 @@ __all__ = [
     "TraceInputError",
     "TracePolicy",
     "Tracer",
-    "TracerStartupError",
     "data_section",
 ]
 
@@ -67,10 +66,6 @@ the proxy would hand the message to delivery (whose answer the client would then
 
 class TraceInputError(ValueError):
     """The message or envelope given to the tracer is unusable (says what to fix)."""
-
-
-class TracerStartupError(RuntimeError):
-    """A plugin's ``startup`` hook failed, as it would stop the proxy from starting."""
 
 
 # -- what a trace records ------------------------------------------------------------------
@@ -423,19 +418,11 @@ class Tracer:
         return cls(build_chain(config.plugins, source), TracePolicy.from_config(config), config=config)
 
     async def start(self) -> None:
-        """Configure the shared resolver (from a config) and run every ``startup`` hook."""
+        """Configure the shared resolver (from a config) and run every ``startup`` hook;
+        :class:`~smtpproxy.startup.StartupError` as the proxy would stop on."""
         if self._started:
             return
-        if self.config is not None:
-            d = self.config.dns
-            dns.configure(dns.Resolver(d.nameservers, port=d.port, timeout=d.timeout,
-                                       cache_size=d.cache_size))
-        failures = await self.chain.notify("startup")
-        if failures:
-            await self.chain.notify("shutdown")
-            raise TracerStartupError(
-                "; ".join(f"plugin {name}: startup failed: {err}" for name, err in failures)
-            )
+        await start_chain(self.chain, self.config.dns if self.config is not None else None)
         self._started = True
 
     async def close(self) -> None:

@@ -17,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from smtpproxy import Message, Recipient, Session, Transaction, Verdict, hookimpl
+from smtpproxy.startup import StartupError
 from smtpproxy.trace_report import render_text
-from smtpproxy.tracer import TraceInputError, TracePolicy, Tracer, TracerStartupError
+from smtpproxy.tracer import TraceInputError, TracePolicy, Tracer
 from tests.conftest import chain_of, make_config
 
 MESSAGE = b"From: a@sender.test\nTo: bob@localhost\nX-Internal: secret\nSubject: hi\n\nHello.\n.line with a dot\n"
@@ -229,7 +230,7 @@ async def test_notifications_and_startup_failure(tmp_path: Path) -> None:
         assert life.events == ["startup", "after_message:offline:delivered", "disconnect"]
     assert life.events[-1] == "shutdown"
     failing = Lifecycle(fail=True)
-    with pytest.raises(TracerStartupError, match="lifecycle: startup failed: RuntimeError: cannot open"):
+    with pytest.raises(StartupError, match="lifecycle: startup failed: RuntimeError: cannot open"):
         async with Tracer(chain_of(failing), policy(tmp_path)):
             pass
 

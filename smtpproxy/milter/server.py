@@ -21,7 +21,6 @@ import socket
 import stat
 from pathlib import Path
 
-from smtpproxy import dns
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.eventlog import current_session, event
@@ -30,14 +29,11 @@ from smtpproxy.milter.codec import MilterProtocolError
 from smtpproxy.milter.endpoint import parse_listen
 from smtpproxy.milter.session import MilterPolicy, MilterSession
 from smtpproxy.registry import build_chain
+from smtpproxy.startup import StartupError, start_chain
 
-__all__ = ["MilterServer", "MilterStartupError"]
+__all__ = ["MilterServer"]
 
 log = logging.getLogger("smtpproxy.milter")
-
-
-class MilterStartupError(Exception):
-    """The milter could not start (address in use, a plugin's startup hook failed, ...)."""
 
 
 class MilterServer:
@@ -70,13 +66,7 @@ class MilterServer:
         return host, port
 
     async def start(self) -> None:
-        d = self.config.dns
-        dns.configure(dns.Resolver(d.nameservers, port=d.port, timeout=d.timeout, cache_size=d.cache_size))
-        failures = await self.chain.notify("startup")
-        if failures:
-            raise MilterStartupError(
-                "; ".join(f"plugin {name}: startup failed: {err}" for name, err in failures)
-            )
+        await start_chain(self.chain, self.config.dns)
         try:
             if self.listen.path:
                 self._server = await self._start_unix(self.listen.path)
@@ -86,7 +76,7 @@ class MilterServer:
                     reuse_address=True, backlog=1024,
                 )
         except OSError as exc:
-            raise MilterStartupError(
+            raise StartupError(
                 f"milter.listen: cannot listen on {self.settings.listen}: {exc.strerror or exc}"
             ) from exc
         event("listening", milter=self.settings.listen, address=str(self.address),
