@@ -47,7 +47,6 @@ from smtpproxy.verdicts import Reply
 
 __all__ = [
     "DISPOSITIONS",
-    "PHASE_ORDER",
     "PhaseTrace",
     "Route",
     "Step",
@@ -58,7 +57,6 @@ __all__ = [
     "data_section",
 ]
 
-PHASE_ORDER = ("connect", "helo", "mail_from", "rcpt_to", "data")
 DISPOSITIONS = ("delivered", "rejected", "tempfailed", "discarded", "quarantined")
 """A trace's decision, as :class:`~smtpproxy.session.Decision` says it: ``delivered`` means
 the proxy would hand the message to delivery (whose answer the client would then hear)."""

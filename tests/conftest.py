@@ -12,16 +12,16 @@ import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import pytest
 from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
 from aiosmtpd.smtp import Envelope as AiosmtpdEnvelope
 from aiosmtpd.smtp import Session as AiosmtpdSession
 
-from smtpproxy.chain import Chain, ChainStep
+from smtpproxy import pytest_plugin
+from smtpproxy.chain import Chain
 from smtpproxy.config import Config
-from smtpproxy.registry import new_plugin_manager
 from smtpproxy.server import ProxyServer
 from tests.dns_server import dns_server as dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.dns_server import module_dns_server as module_dns_server  # noqa: PLC0414 - re-exported fixture
@@ -228,18 +228,12 @@ def closed_port() -> int:
 # -- the proxy -------------------------------------------------------------------------
 
 
-def chain_of(*plugins: object, timeout: float = 2.0, on_error: str = "tempfail") -> Chain:
-    """A chain of plugin objects, in order, named p0, p1, ... (or by their ``name`` attribute)."""
-    pm = new_plugin_manager()
-    steps = []
-    for i, plugin in enumerate(plugins):
-        name = getattr(plugin, "name", f"p{i}")
-        if pm.has_plugin(name):
-            name = f"{name}-{i}"
-        pm.register(plugin, name=name)
-        steps.append(ChainStep(name, plugin, getattr(plugin, "timeout", timeout),
-                               getattr(plugin, "on_error", on_error)))  # type: ignore[arg-type]
-    return Chain(pm, steps)
+def chain_of(
+    *plugins: object, timeout: float = 2.0, on_error: Literal["tempfail", "continue"] = "tempfail"
+) -> Chain:
+    """The shipped fixture helper (:func:`smtpproxy.pytest_plugin.chain_of`) with the suite's
+    shorter default timeout: plugins in order, named by ``name`` or their class."""
+    return pytest_plugin.chain_of(list(plugins), timeout=timeout, on_error=on_error)
 
 
 def make_config(tmp_path: Path, **sections: Any) -> Config:

@@ -1,0 +1,54 @@
+"""The private members of our dependencies that smtpproxy relies on are still there.
+
+``smtpproxy/inbound.py`` subclasses aiosmtpd's ``SMTP`` and uses some of its private
+attributes and methods, and reads ``asyncio.StreamReader._buffer`` to catch improper
+pipelining; ``smtpproxy/delivery/stream.py`` uses aiosmtplib's protocol internals. The
+versions are pinned in pyproject.toml for that reason; when a new release is allowed in,
+this test says exactly which member went missing instead of a proxy failing at run time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+
+import aiosmtpd
+import aiosmtpd.smtp
+
+# Members smtpproxy.inbound.InboundSMTP reads, assigns or overrides.
+AIOSMTPD_METHODS = ("_handle_client", "_reset_timeout", "_timeout_cb", "push", "connection_made",
+                    "connection_lost")
+AIOSMTPD_ATTRIBUTES = ("_timeout_handle", "_original_transport", "_tls_handshake_okay",
+                       "_tls_protocol", "_smtp_methods", "_reader", "_writer", "_timeout_duration",
+                       "__ident__")
+
+
+def test_aiosmtpd_still_has_what_inbound_relies_on() -> None:
+    source = inspect.getsource(aiosmtpd.smtp.SMTP)
+    missing = [m for m in AIOSMTPD_METHODS if not callable(getattr(aiosmtpd.smtp.SMTP, m, None))]
+    missing += [a for a in AIOSMTPD_ATTRIBUTES if f"self.{a}" not in source]
+    assert missing == [], (
+        f"aiosmtpd {aiosmtpd.__version__} no longer has {missing}: smtpproxy/inbound.py relies on them; "
+        "adapt InboundSMTP before widening the aiosmtpd pin in pyproject.toml"
+    )
+
+
+def test_inbound_uses_no_other_private_aiosmtpd_member() -> None:
+    """A new private member used in inbound.py must be added to the lists above (and the pin)."""
+    import re
+
+    from smtpproxy import inbound
+
+    source = inspect.getsource(inbound)
+    own = set(re.findall(r"self\.(_\w+)\s*(?::[^=\n]*)?=", source)) | set(re.findall(r"def (_\w+)", source))
+    used = set(re.findall(r"self\.(_\w+)", source)) - own
+    known = set(AIOSMTPD_ATTRIBUTES) | set(AIOSMTPD_METHODS)
+    assert used - known == set(), f"inbound.py uses aiosmtpd members not listed here: {used - known}"
+
+
+async def test_streamreader_buffer_is_still_readable() -> None:
+    reader = asyncio.StreamReader()
+    reader.feed_data(b"RCPT TO:<a@b>\r\n")
+    assert bytes(reader._buffer) == b"RCPT TO:<a@b>\r\n", (
+        "asyncio.StreamReader._buffer changed: smtpproxy/inbound.py _buffered() must be adapted"
+    )
