@@ -8,7 +8,9 @@ dispositions) runs through:
 - ``Tracer`` (what ``smtpproxy test-message`` and the pytest fixtures use).
 
 All three must give the same disposition, reply class, ``decided_by`` and score, and the
-proxy must have delivered (or quarantined) exactly what it said. The expected values come
+proxy must have delivered (or quarantined) exactly what it said. The milter's answers are
+also checked where a real MTA acts on them: 24 of the scenarios go through a real Postfix
+with ``smtpd_milters``, whose replies, hold queue and mailbox must agree. The expected values come
 from the rules stated in docs/verdicts.md, not from any front end.
 """
 
@@ -275,3 +277,83 @@ def test_the_oracle_never_answers_2xx_for_a_lost_message() -> None:
         if behaviour in ERRORS:
             assert want.disposition == "tempfailed"
     assert Action.DISCARD.is_final
+
+
+# -- the milter behind a real Postfix ----------------------------------------------------
+
+POSTFIX_SCENARIOS = [(phase, b) for phase in ("mail_from", "rcpt_to", "data")
+                     for b in ("reject", "tempfail", "discard", "quarantine", "accept", "raises",
+                               "hangs", "returns-junk")]
+
+
+class SwitchingJudge:
+    """One judge for many scenarios: the sender's local part says ``phase--behaviour``."""
+
+    name = "judge"
+    timeout = TIMEOUT
+
+    async def _act(self, phase: str, sender: str) -> Any:
+        wanted, _, behaviour = sender.partition("--")
+        if wanted != phase:
+            return None
+        result = BEHAVIOURS[behaviour][1]()
+        return await result if asyncio.iscoroutine(result) else result
+
+    @hookimpl
+    async def mail_from(self, transaction: Any) -> Any:
+        return await self._act("mail_from", transaction.envelope.sender.local)
+
+    @hookimpl
+    async def rcpt_to(self, transaction: Any) -> Any:
+        return await self._act("rcpt_to", transaction.envelope.sender.local)
+
+    @hookimpl
+    async def data(self, transaction: Any) -> Any:
+        return await self._act("data", transaction.envelope.sender.local)
+
+
+async def test_the_milter_behind_a_real_postfix_decides_alike(
+    tmp_path: Path, postfix_factory: Any
+) -> None:
+    from smtpproxy.milter.server import MilterServer
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0"})
+    server = MilterServer(config, chain=chain_of(Scorer(), SwitchingJudge(), timeout=TIMEOUT))
+    await server.start()
+    try:
+        address = server.address
+        assert isinstance(address, tuple)
+        postfix = await asyncio.to_thread(postfix_factory, main_cf={
+            "smtpd_milters": f"inet:127.0.0.1:{address[1]}", "milter_protocol": "6",
+            "milter_default_action": "tempfail", "milter_command_timeout": "10s",
+        })
+        wrong: dict[str, tuple[int, int]] = {}
+        delivered: list[str] = []
+        for phase, behaviour in POSTFIX_SCENARIOS:
+            want = expected(phase, behaviour)
+            sender = f"{phase}--{behaviour}@sender.test"
+            talk = await Talk.open(postfix.port)
+            await talk.hello()
+            code, _ = await talk.cmd(f"MAIL FROM:<{sender}>")
+            if code == 250:
+                code, _ = await talk.cmd("RCPT TO:<bob@dest.test>")
+            if code == 250:
+                assert (await talk.cmd("DATA"))[0] == 354
+                talk.send(b"Subject: " + sender.encode() + b"\r\n\r\n" + BODY + b".\r\n")
+                code, _ = await talk.reply()
+            await talk.cmd("QUIT")
+            await talk.close()
+            if code // 100 != want.reply_class:
+                wrong[sender] = (code, want.reply_class)
+            if want.disposition == "delivered":
+                delivered.append(sender)
+            elif want.disposition == "quarantined":
+                await asyncio.to_thread(postfix.wait_for_log, rf"milter-hold: .*from=<{sender}>")
+        assert wrong == {}
+        stored = await asyncio.to_thread(postfix.wait_for_messages, "bob", len(delivered))
+        subjects = sorted(line.split(b": ", 1)[1].decode().strip() for m in stored
+                          for line in m.splitlines() if line.startswith(b"Subject: "))
+        assert subjects == sorted(delivered)  # discarded, held and refused ones never arrive
+    finally:
+        await server.stop(grace=1)
