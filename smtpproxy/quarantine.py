@@ -294,7 +294,7 @@ def _print_show(store: QuarantineStore, qid: str) -> int:
 
 async def _release_all(config: Config, store: QuarantineStore, ids: list[str]) -> int:
     from smtpproxy.delivery import DeliveryError
-    from smtpproxy.server import make_delivery
+    from smtpproxy.delivery.factory import make_delivery
 
     delivery = make_delivery(config)
     failed = 0

@@ -13,21 +13,21 @@ import contextlib
 import logging
 import os
 import signal
-import socket
 import ssl
 from pathlib import Path
 
 from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
-from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, MaildirDelivery, load_config
+from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, load_config
 from smtpproxy.delivery import Delivery
-from smtpproxy.delivery.maildir import MaildirDelivery as MaildirBackend
+from smtpproxy.delivery.factory import config_hostname, make_delivery
 from smtpproxy.delivery.smtp import SmtpDelivery
 from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
 from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
+from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.proxyprotocol import ProxyProtocolSettings
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.registry import build_chain
@@ -40,18 +40,6 @@ from smtpproxy.workers import tell_supervisor_ready
 __all__ = ["ProxyServer", "StartupError"]
 
 log = logging.getLogger("smtpproxy.server")
-
-
-def make_delivery(config: Config) -> Delivery:
-    d = config.delivery
-    if isinstance(d, MaildirDelivery):
-        return MaildirBackend(Path(d.path))
-    return SmtpDelivery.from_config(d, config_hostname(config))
-
-
-def config_hostname(config: Config) -> str:
-    # gethostname, not getfqdn: getfqdn asks DNS and can hang a machine without it.
-    return config.hostname or socket.gethostname()
 
 
 def server_tls_context(tls: ListenerTLS) -> ssl.SSLContext:
@@ -372,17 +360,3 @@ class ProxyServer:
             await self.stop()
             if pid_file is not None:
                 remove_pid_file(Path(pid_file))
-
-
-def write_pid_file(path: Path) -> None:
-    """Our pid, written atomically (``smtpproxy reload`` never reads half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(f"{os.getpid()}\n")
-    tmp.replace(path)
-
-
-def remove_pid_file(path: Path) -> None:
-    """Remove the pid file if it is still ours (a newer process may have replaced it)."""
-    with contextlib.suppress(OSError, ValueError):
-        if int(path.read_text().strip()) == os.getpid():
-            path.unlink()

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from smtpproxy.config import Config
 from smtpproxy.eventlog import event
+from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.sdnotify import notify
 
 __all__ = ["READY_FD_VARIABLE", "supervise", "tell_supervisor_ready"]
@@ -148,7 +149,6 @@ async def _wait(worker: _Worker) -> int:
 
 def supervise(config: Config, config_path: str | None) -> int:
     """Run ``config.workers`` proxy processes until SIGTERM; the exit code of ``smtpproxy run``."""
-    from smtpproxy.server import remove_pid_file, write_pid_file
 
     argv = [sys.executable, "-m", "smtpproxy", "run"]
     if config_path is not None:
