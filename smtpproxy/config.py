@@ -1058,7 +1058,10 @@ class Limits(_Model):
         strict=True,
         ge=1000,
         le=1_000_000,
-        description="Longest message text line in bytes including CRLF (RFC 5321 minimum is 1000).",
+        description=(
+            "Longest message text line in bytes including CRLF (RFC 5321 minimum is 1000); "
+            "a line the client dot-stuffed may carry that one extra dot (500 5.5.2 beyond)."
+        ),
     )
     max_command_line: int = Field(
         default=512,
@@ -1148,7 +1151,12 @@ class SmtpPolicy(_Model):
 
     bare_newlines: Literal["reject", "normalize"] = Field(
         default="reject",
-        description="What to do with a bare CR or LF in message data: reject it or convert it to CRLF.",
+        description=(
+            "What to do with a bare CR or LF in message data: reject it (550 5.5.2) or convert "
+            "it to CRLF. A NUL octet is refused either way (550 5.6.0): it has no meaning to "
+            "normalise to, and an upstream that strips NULs would see a '\\0.' line as the end "
+            "of data."
+        ),
     )
     smtputf8: bool = Field(
         default=True, strict=True, description="Advertise SMTPUTF8 and accept internationalized addresses."

@@ -80,6 +80,44 @@ async def test_smuggling_payloads_normalized_arrive_as_one_message(
         assert raw.count(b"\n") == raw.count(b"\r\n") == raw.count(b"\r")
 
 
+NUL_PAYLOADS = {
+    "nul-dot": b"Hello\r\n\x00.\r\n" + SMUGGLED,
+    "dot-nul": b"Hello\r\n.\x00\r\n" + SMUGGLED,
+    "nul-in-header": b"X-A: \x00b\r\n",
+    "nul-in-body": b"Hello\x00world\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUL_PAYLOADS))
+@pytest.mark.parametrize("bare_newlines", ["reject", "normalize"])
+async def test_nul_in_data_is_refused_never_forwarded(
+    proxy_factory: ProxyFactory, sink: Sink, name: str, bare_newlines: str
+) -> None:
+    seen = Seen()
+    proxy = await proxy_factory(seen, upstream=sink.port, relay=RELAY,
+                                smtp={"bare_newlines": bare_newlines})
+    code, text = await send_raw_message(port_of(proxy), NUL_PAYLOADS[name])
+    assert (code, text) == (550, "5.6.0 NUL characters in message data are not allowed")
+    assert seen.raw == []  # refused before any plugin ran
+    assert sink.messages == []
+
+
+async def test_line_length_limit_is_exact_over_the_wire(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY)
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    fits = HEAD + b"a" * 998 + b"\r\n"  # 1000 octets with CRLF
+    dotted = HEAD + b".." + b"b" * 997 + b"\r\n"  # the text line ".bbb" is 1000 octets
+    over = HEAD + b"c" * 999 + b"\r\n"  # 1001 octets
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], fits))[0] == 250
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], dotted))[0] == 250
+    code, text = await client.send_message("a@sender.test", ["b@dest.test"], over)
+    assert code == 500 and text.startswith("5.5.2 Line too long")
+    assert [m.content.count(b"\n") for m in sink.messages] == [5, 5]
+    assert sink.messages[1].content.endswith(b"\r\n." + b"b" * 997 + b"\r\n")
+    await client.close()
+
+
 async def test_bare_lf_in_header_cannot_become_a_second_header(
     proxy_factory: ProxyFactory, sink: Sink
 ) -> None:
