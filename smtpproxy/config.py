@@ -1178,6 +1178,15 @@ class Relay(_Model):
     allow_authenticated: bool = Field(
         default=True, strict=True, description="Let authenticated clients relay to any domain."
     )
+    allow_routing_local_parts: bool = Field(
+        default=False,
+        strict=True,
+        description=(
+            "Accept recipients whose local part routes elsewhere ('u%other.example@', "
+            "'other.example!u@', '\"u@other.example\"@') from untrusted clients. Off: they get "
+            "554 5.7.1, because an upstream that trusts the proxy would relay them on."
+        ),
+    )
 
 
 class MaildirDelivery(_Model):
@@ -1264,7 +1273,9 @@ class SmtpDelivery(_Model):
         default="auto",
         description=(
             "Pass the original client to the upstream: XCLIENT (Postfix), XFORWARD, or 'auto' "
-            "(XCLIENT when offered, else XFORWARD when offered)."
+            "(XCLIENT when offered, else XFORWARD when offered; when neither is offered a warning "
+            "is logged and /readyz and a metric say so). With 'xclient' or 'xforward' a missing "
+            "or refused command is a 451 for the client and a warning with the reason."
         ),
     )
     auth: UpstreamAuth | None = Field(default=None, description="SMTP AUTH to the upstream (smarthost).")

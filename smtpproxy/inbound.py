@@ -637,9 +637,11 @@ class InboundSMTP(SMTP):
             await self._error(Reply(555, "5.5.4", f"RCPT parameter {first} not supported"))
             return
         address = path.address
-        if not self.services.relay.permits(address, self.sp.client.ip, self.sp.auth_user):
-            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="relay_denied")
-            await self.reply(Reply(554, "5.7.1", f"<{address.text}>: Relay access denied"))
+        refusal = self.services.relay.refusal(address, self.sp.client.ip, self.sp.auth_user)
+        if refusal is not None:
+            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=refusal)
+            detail = "" if refusal == "relay_denied" else " (the local part routes elsewhere)"
+            await self.reply(Reply(554, "5.7.1", f"<{address.text}>: Relay access denied{detail}"))
             return
         route = self.services.delivery.route_key(address)
         if self._route is not None and route != self._route:

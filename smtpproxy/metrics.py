@@ -69,6 +69,9 @@ class NullRecorder:
     def upstream_down(self, upstream: str) -> None:
         pass
 
+    def upstream_identity(self, upstream: str, mechanism: str) -> None:
+        pass
+
     def reloaded(self, ok: bool) -> None:
         pass
 
@@ -150,6 +153,12 @@ class PrometheusRecorder(NullRecorder):
             "Upstream servers that failed to connect or greet (each starts a back-off).",
             ["upstream"], registry=r,
         )
+        self.identity = Gauge(
+            "smtpproxy_upstream_client_identity",
+            "1 for how each upstream was last told the original client (xclient, xforward, "
+            "none); none means the upstream sees the proxy as the client.",
+            ["upstream", "mechanism"], registry=r,
+        )
         self.reloads = Counter("smtpproxy_config_reloads", "Configuration reloads by result (ok, failed).",
                                ["result"], registry=r)
         self.last_reload_ok = Gauge(
@@ -195,6 +204,10 @@ class PrometheusRecorder(NullRecorder):
 
     def upstream_down(self, upstream: str) -> None:
         self._child(self.down, upstream).inc()
+
+    def upstream_identity(self, upstream: str, mechanism: str) -> None:
+        for name in ("xclient", "xforward", "none"):
+            self._child(self.identity, upstream, name).set(1 if name == mechanism else 0)
 
     def reloaded(self, ok: bool) -> None:
         self._child(self.reloads, "ok" if ok else "failed").inc()

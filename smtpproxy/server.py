@@ -83,7 +83,8 @@ class ProxyServer:
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=QuarantineStore(Path(config.quarantine.path)),
             relay=RelayPolicy.from_config(
-                config.relay.domains, config.relay.networks, config.relay.allow_authenticated
+                config.relay.domains, config.relay.networks, config.relay.allow_authenticated,
+                config.relay.allow_routing_local_parts,
             ),
             limiter=ConnectionLimiter(limits.max_sessions, limits.max_sessions_per_ip),
             sessions=set(),
@@ -206,6 +207,7 @@ class ProxyServer:
         delivery, m = self.services.delivery, self.config.metrics
         if isinstance(delivery, SmtpDelivery):
             delivery.connector.on_down = metrics.upstream_down
+            delivery.connector.on_identity = metrics.upstream_identity
         readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache)
         port = m.port + self.worker if self.worker is not None and m.port else m.port
         self.health = HealthServer(m.address, port, readiness, metrics)
@@ -273,7 +275,8 @@ class ProxyServer:
         services, restart = self.services, restart_only_changes(self.config, new)
         old_chain, services.chain = services.chain, chain
         services.relay = RelayPolicy.from_config(
-            applied.relay.domains, applied.relay.networks, applied.relay.allow_authenticated
+            applied.relay.domains, applied.relay.networks, applied.relay.allow_authenticated,
+            applied.relay.allow_routing_local_parts,
         )
         if applied.quarantine != self.config.quarantine:
             services.quarantine = QuarantineStore(Path(applied.quarantine.path))

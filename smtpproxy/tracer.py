@@ -267,7 +267,8 @@ class TracePolicy:
         lim, listener = config.limits, config.listeners[0]
         return cls(
             relay=RelayPolicy.from_config(
-                config.relay.domains, config.relay.networks, config.relay.allow_authenticated
+                config.relay.domains, config.relay.networks, config.relay.allow_authenticated,
+                config.relay.allow_routing_local_parts,
             ),
             max_message_size=lim.max_message_size,
             max_line_length=lim.max_line_length,

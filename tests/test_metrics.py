@@ -212,7 +212,8 @@ async def test_readyz_follows_the_upstream(proxy_factory: ProxyFactory, sink: Si
     up = await proxy_factory(upstream=sink.port, metrics={"enabled": True, "port": 0, "ready_cache": 0.01})
     status, _, body = await http(health_port(up), "/readyz")
     assert status == 200, body
-    assert body.decode() == f"ready\nupstream 127.0.0.1:{sink.port}: ok\n"
+    assert body.decode() == (f"ready\nupstream 127.0.0.1:{sink.port}: ok; "
+                             "client identity: not known yet (no message sent)\n")
 
     dead = closed_port()
     down = await proxy_factory(upstream=dead, **METRICS)

@@ -12,6 +12,7 @@ RSET first.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import ssl
@@ -85,6 +86,11 @@ class UpstreamServer:
     weight: int = 1
     down_until: float = 0.0
     idle: deque[Connection] = field(default_factory=deque)
+    identity: str | None = None
+    """How the last connection told this server the original client: ``xclient``,
+    ``xforward`` or ``none``; None until a connection was made."""
+    identity_reason: str = ""
+    """Why, when ``identity`` is ``none``."""
 
     @property
     def name(self) -> str:
@@ -145,6 +151,8 @@ class Connector:
         self.settings = settings
         self.on_down: Callable[[str], None] | None = None
         """Told the name of each server that failed to connect or greet (metrics)."""
+        self.on_identity: Callable[[str, str], None] | None = None
+        """Told a server's name and how it learns the client (xclient, xforward, none)."""
         self._verify_context = self._context(verify=settings.tls_verify)
         self._opportunistic_context = self._context(verify=False)
 
@@ -344,6 +352,27 @@ class Connector:
             return conn.identity != identity
         return self.settings.identity in ("auto", "xforward") and conn.client.supports_extension("xforward")
 
+    def _note_identity(self, server: UpstreamServer, mechanism: str, reason: str = "") -> None:
+        """Remember how *server* learns the client; a change to "not told" is a warning."""
+        if server.identity == mechanism and server.identity_reason == reason:
+            return
+        server.identity, server.identity_reason = mechanism, reason
+        if mechanism == "none" and self.settings.identity != "none":
+            # The upstream now sees the proxy as the client: its own client restrictions,
+            # permit_mynetworks included, apply to the proxy's address (docs/deploy-postfix.md).
+            event("upstream_identity_missing", level=logging.WARNING, upstream=server.name,
+                  mode=self.settings.identity, reason=reason)
+        else:
+            event("upstream_identity", upstream=server.name, mechanism=mechanism)
+        if self.on_identity is not None:
+            self.on_identity(server.name, mechanism)
+
+    def _identity_refused(self, conn: Connection, reply: Reply, detail: str) -> DeliveryError:
+        """A 4xx for the client, and a warning that says why (it is the proxy's problem)."""
+        event("upstream_identity_refused", level=logging.WARNING, upstream=conn.destination,
+              mode=self.settings.identity, reply=reply.code, reason=detail)
+        return DeliveryError(reply, f"{conn.destination}: {detail}")
+
     async def _identify(self, conn: Connection, session: Session) -> None:
         """Tell the upstream who the real client is (per message: pooled connections move on)."""
         mode = self.settings.identity
@@ -354,28 +383,36 @@ class Connector:
                 return  # a reused connection already speaking for this client
             response = await client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
             if response.code not in (220, 250):  # 220 greeting (Postfix >= 2.3); 250 before that
-                raise DeliveryError(
-                    upstream_reply(_as_temp(response.code), response.message),
-                    f"{conn.destination}: XCLIENT refused: {response.code} {response.message}",
+                raise self._identity_refused(
+                    conn, upstream_reply(_as_temp(response.code), response.message),
+                    f"XCLIENT refused: {response.code} {response.message}",
                 )
             # XCLIENT resets the session like a new greeting; greet with the client's own name,
             # or that EHLO would replace the HELO= just sent (Postfix logs and Received show it).
             await self._ehlo(client, conn.server, session.helo)
             conn.identity = identity
+            self._note_identity(conn.server, "xclient")
         elif mode in ("auto", "xforward") and client.supports_extension("xforward"):
             offered = set(client.esmtp_extensions.get("xforward", "").upper().split())
             attrs = _xforward_attributes(session, offered)
             response = await client.execute_command(b"XFORWARD", *[a.encode() for a in attrs])
             if response.code != 250:
-                raise DeliveryError(
-                    upstream_reply(_as_temp(response.code), response.message),
-                    f"{conn.destination}: XFORWARD refused: {response.code} {response.message}",
+                raise self._identity_refused(
+                    conn, upstream_reply(_as_temp(response.code), response.message),
+                    f"XFORWARD refused: {response.code} {response.message}",
                 )
+            self._note_identity(conn.server, "xforward")
         elif mode in ("xclient", "xforward"):
-            raise DeliveryError(
-                Reply(451, "4.7.0", "Upstream mail server does not accept the client identity"),
-                f"{conn.destination}: {mode.upper()} required by configuration but not offered",
+            self._note_identity(conn.server, "none", f"{mode.upper()} not offered")
+            raise self._identity_refused(
+                conn, Reply(451, "4.7.0", "Upstream mail server does not accept the client identity"),
+                f"{mode.upper()} required by configuration but not offered "
+                f"(is the proxy's address in smtpd_authorized_{mode}_hosts?)",
             )
+        elif mode == "auto":
+            self._note_identity(conn.server, "none", "upstream offers neither XCLIENT nor XFORWARD")
+        else:
+            self._note_identity(conn.server, "none", "client_identity: none")
 
 
 def _addr(ip: str) -> str:

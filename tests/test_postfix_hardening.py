@@ -1,0 +1,133 @@
+"""Protocol hardening against the real Postfix behind the proxy (issue 13).
+
+Each test drives the hole the hostile way through a real socket into the proxy and a private
+Postfix behind it, and checks what Postfix itself saw, logged or delivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import pytest
+
+from tests.conftest import ProxyFactory, Talk, port_of
+from tests.postfix_instance import PostfixFactory, PostfixInstance
+from tests.test_metrics import health_port, http, scrape, value
+
+RELAY = {"domains": ["dest.test", "postfix.test"], "networks": []}
+BODY = b"From: a@sender.test\r\nTo: bob@dest.test\r\nSubject: hardening\r\n\r\nHello.\r\n"
+METRICS = {"enabled": True, "port": 0, "ready_cache": 0.01}
+
+# A Postfix that trusts the proxy by address (it is in mynetworks), is told nothing about the
+# client (no XCLIENT for the proxy), and delivers its own hostname locally: the percent hack,
+# bang paths and quoted @ then route a postfix.test recipient to another host. Mail for other
+# hosts is discarded (logged as sent) instead of leaving the machine.
+TRUSTING = {
+    "smtpd_relay_restrictions": "permit_mynetworks, reject_unauth_destination",
+    "mydestination": "$myhostname",
+    "default_transport": "discard:would have left for another host",
+}
+ROUTING = [
+    "u%evil.test@postfix.test",
+    "evil.test!u@postfix.test",
+    '"u@evil.test"@postfix.test',
+    '"u%evil.test"@postfix.test',
+    "u%evil.test%postfix.test@postfix.test",
+]
+
+
+def upstream(instance: PostfixInstance, **extra: Any) -> dict[str, Any]:
+    return {"type": "smtp", "host": "127.0.0.1", "port": instance.port, "tls": "none",
+            "connect_timeout": 5, "command_timeout": 10, "data_timeout": 30, **extra}
+
+
+def events(caplog: pytest.LogCaptureFixture, name: str) -> list[tuple[int, dict[str, Any]]]:
+    return [(r.levelno, r.smtpproxy_fields) for r in caplog.records  # type: ignore[attr-defined]
+            if r.msg == name and hasattr(r, "smtpproxy_fields")]
+
+
+# -- item 2: relaying through an upstream that trusts the proxy ------------------------------
+
+
+async def test_routing_local_parts_never_reach_a_trusting_postfix(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    postfix = postfix_factory(xclient_hosts="", main_cf=TRUSTING)
+    proxy = await proxy_factory(relay=RELAY, metrics=METRICS,
+                                delivery=upstream(postfix, rcpt_mode="relay"))
+    caplog.set_level(logging.INFO)
+    client = await Talk.open(port_of(proxy))
+    await client.hello("mail.client.example")
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<bob@dest.test>"))[0] == 250  # asked of Postfix: 250
+    for rcpt in ROUTING:
+        assert await client.cmd(f"RCPT TO:<{rcpt}>") == (
+            554, f"5.7.1 <{rcpt}>: Relay access denied (the local part routes elsewhere)"), rcpt
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(BODY + b".\r\n")
+    assert (await client.reply())[0] == 250
+    await client.close()
+    await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)
+    assert "evil.test" not in postfix.log()
+    # auto found neither XCLIENT nor XFORWARD: a warning, /readyz and a metric say so
+    [(level, fields)] = events(caplog, "upstream_identity_missing")
+    assert level == logging.WARNING
+    assert fields == {"upstream": f"127.0.0.1:{postfix.port}", "mode": "auto",
+                      "reason": "upstream offers neither XCLIENT nor XFORWARD"}
+    status, _, body = await http(health_port(proxy), "/readyz")
+    assert status == 200
+    assert (f"upstream 127.0.0.1:{postfix.port}: ok; client identity: none "
+            "(upstream offers neither XCLIENT nor XFORWARD)") in body.decode()
+    samples = await scrape(proxy)
+    labels = {"upstream": f"127.0.0.1:{postfix.port}"}
+    assert value(samples, "smtpproxy_upstream_client_identity", mechanism="none", **labels) == 1
+    assert value(samples, "smtpproxy_upstream_client_identity", mechanism="xclient", **labels) == 0
+
+
+async def test_routing_local_parts_when_allowed_really_route_elsewhere(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory
+) -> None:
+    """Why the default is to refuse: with the option on, Postfix takes them for evil.test."""
+    postfix = postfix_factory(xclient_hosts="", main_cf=TRUSTING)
+    proxy = await proxy_factory(relay={**RELAY, "allow_routing_local_parts": True},
+                                delivery=upstream(postfix, rcpt_mode="relay"))
+    client = await Talk.open(port_of(proxy))
+    await client.hello("mail.client.example")
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd(f"RCPT TO:<{ROUTING[0]}>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(BODY + b".\r\n")
+    assert (await client.reply())[0] == 250
+    await client.close()
+    await asyncio.to_thread(
+        postfix.wait_for_log, r"to=<u@evil\.test>.*status=sent \(would have left for another host\)")
+
+
+async def test_trusted_clients_may_still_use_routing_local_parts(proxy_factory: ProxyFactory) -> None:
+    proxy = await proxy_factory(relay={"domains": ["dest.test"], "networks": ["127.0.0.0/8"]})
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<u%elsewhere.test@dest.test>"))[0] == 250
+    await client.close()
+
+
+async def test_explicit_xclient_refused_says_why_in_a_warning(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    postfix = postfix_factory(xclient_hosts="")
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix, rcpt_mode="relay",
+                                                               client_identity="xclient"))
+    caplog.set_level(logging.INFO)
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    code, text = await client.cmd("RCPT TO:<bob@dest.test>")
+    assert (code, text) == (451, "4.7.0 Upstream mail server does not accept the client identity")
+    await client.close()
+    [(level, fields)] = events(caplog, "upstream_identity_refused")
+    assert level == logging.WARNING
+    assert fields["mode"] == "xclient" and fields["reply"] == 451
+    assert fields["reason"].startswith("XCLIENT required by configuration but not offered")
