@@ -565,7 +565,7 @@ class InboundSMTP(SMTP):
         if self.enable_SMTPUTF8:
             lines.append("SMTPUTF8")
         lines.append("ENHANCEDSTATUSCODES")
-        if self.tls_context and not self._tls_protocol:
+        if self.tls_context and self.sp.tls is None:
             lines.append("STARTTLS")
         if self.policy.auth is not None and self.sp.tls is not None:
             lines.append("AUTH PLAIN LOGIN")
@@ -824,6 +824,18 @@ class InboundSMTP(SMTP):
                 return await upstream.data(content)
             await upstream.abort()  # the upstream must see the envelope the plugins left
         return await self.services.delivery.deliver(self.sp, transaction, content)
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:  # type: ignore[override]
+        """RFC 3207: once the session is encrypted (STARTTLS or implicit TLS), no second TLS.
+
+        aiosmtpd would answer 220 and layer a new TLS session on the encrypted one, which
+        fails with an internal error; Postfix says "554 5.5.1 Error: TLS already active".
+        """
+        assert self.sp is not None
+        if self.sp.tls is not None:
+            await self._error(Reply(503, "5.5.1", "TLS already active"))
+            return
+        await super().smtp_STARTTLS(arg or "")
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:

@@ -358,6 +358,52 @@ async def test_starttls_discards_pipelined_plaintext(
     await client.close()
 
 
+def _proxy_pem(tls_ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    tls_ca.issue_cert("proxy.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "p.pem"))
+    return {"cert": str(tmp_path / "p.pem"), "key": str(tmp_path / "p.pem")}
+
+
+async def test_starttls_twice_is_refused_inside_tls(
+    proxy_factory: ProxyFactory, sink: Sink, tls_ca: trustme.CA, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, listeners=[
+        {"address": "127.0.0.1", "port": 0, "tls": _proxy_pem(tls_ca, tmp_path)}])
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("STARTTLS"))[0] == 220
+    ctx = ssl.create_default_context()
+    tls_ca.configure_trust(ctx)
+    await client.writer.start_tls(ctx, server_hostname="proxy.test")
+    code, ehlo = await client.cmd("EHLO client.test")
+    assert code == 250 and "STARTTLS" not in ehlo.split("\n")
+    # a second STARTTLS, with a command pipelined behind it: refused, the session goes on in TLS
+    client.send(b"STARTTLS\r\nNOOP\r\n")
+    assert await client.reply() == (503, "5.5.1 TLS already active")
+    assert await client.reply() == (250, "2.0.0 OK")
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], HEAD + b"x\r\n"))[0] == 250
+    assert len(sink.messages) == 1
+    await client.close()
+    assert "Traceback" not in caplog.text and "internal_error" not in caplog.text
+
+
+async def test_starttls_on_an_implicit_tls_listener(
+    proxy_factory: ProxyFactory, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    proxy = await proxy_factory(relay=RELAY, listeners=[
+        {"address": "127.0.0.1", "port": 0, "implicit_tls": True, "tls": _proxy_pem(tls_ca, tmp_path)}])
+    ctx = ssl.create_default_context()
+    tls_ca.configure_trust(ctx)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port_of(proxy), ssl=ctx, server_hostname="proxy.test")
+    client = Talk(reader, writer)
+    code, ehlo = await client.hello()
+    assert code == 250 and "STARTTLS" not in ehlo.split("\n")
+    assert await client.cmd("STARTTLS") == (503, "5.5.1 TLS already active")
+    assert await client.cmd("NOOP") == (250, "2.0.0 OK")
+    await client.close()
+
+
 async def test_require_starttls(proxy_factory: ProxyFactory, tls_ca: trustme.CA, tmp_path: Path) -> None:
     cert = tls_ca.issue_cert("proxy.test")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "proxy.pem"))
