@@ -1097,14 +1097,18 @@ class Limits(_Model):
         strict=True,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds to wait for the next command before closing.",
+        description=(
+            "Seconds to wait for the next command from the client before 421 and closing. "
+            "Runs only while the proxy waits for the client, never while it waits on plugins "
+            "or the upstream (their own timeouts bound those)."
+        ),
     )
     data_timeout: float = Field(
         default=600,
         strict=True,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds of silence allowed while receiving message data.",
+        description="Seconds of client silence allowed while receiving message data.",
     )
     session_timeout: float = Field(
         default=3600,
@@ -1327,11 +1331,16 @@ class SmtpDelivery(_Model):
         description="Seconds allowed for each SMTP command's reply.",
     )
     data_timeout: float = Field(
-        default=600,
+        default=300,
         strict=True,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds allowed to send the message and get the reply.",
+        description=(
+            "Seconds allowed to send the message and get the reply. The client waits 10 "
+            "minutes for its reply to the end of data (RFC 5321 4.5.3.2.6) and that includes "
+            "the data-phase plugins: keep their timeouts plus this well below 600, or a client "
+            "that gives up retries a message the upstream accepted (a duplicate)."
+        ),
     )
 
     @model_validator(mode="after")

@@ -10,7 +10,10 @@ idle timer). We replace the parts a filtering proxy cannot live with:
 - EHLO, MAIL, RCPT and DATA, so addresses are validated strictly and forwarded exactly,
   every reply carries an enhanced status code, and DATA is read by
   :class:`~smtpproxy.datareader.DataReader` (no smuggling) with the limits enforced;
-- timeouts answer ``421`` before closing instead of dropping the connection silently.
+- timeouts answer ``421`` before closing instead of dropping the connection silently, and
+  the client's timers (idle, DATA) run only while the proxy waits for the client: while it
+  waits on plugins or the upstream, their own timeouts bound the wait, so a slow upstream
+  never turns into a 421 for a message the upstream then accepts (a duplicate on retry).
 
 The state machine in order: connect → greeting → HELO/EHLO → (MAIL → RCPT+ → DATA)* →
 QUIT. Every verdict a plugin returns is translated into a reply here and nowhere else.
@@ -171,6 +174,7 @@ class InboundSMTP(SMTP):
         self._upstream: UpstreamTransaction | None = None  # rcpt_mode relay only
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)
+        self._timer_paused = False  # the proxy is working, not waiting for the client
 
     def __dir__(self) -> list[str]:
         """Only the ``smtp_*`` and ``auth_*`` names, which is all aiosmtpd looks for.
@@ -209,6 +213,7 @@ class InboundSMTP(SMTP):
         per session re-arms itself when it finds the deadline moved. aiosmtpd cancels and
         schedules a new timer each time, which cost about a tenth of the CPU under load.
         """
+        self._timer_paused = False
         deadline = self.loop.time() + (duration or self._timeout_duration)
         self._deadline = deadline
         handle = self._timeout_handle
@@ -216,6 +221,17 @@ class InboundSMTP(SMTP):
             if handle is not None:
                 handle.cancel()
             self._timeout_handle = self.loop.call_at(deadline, self._deadline_reached)
+
+    def _pause_timeout(self) -> None:
+        """Stop the client's clock: the proxy itself is busy (plugins, upstream).
+
+        Those waits have their own bounds (plugin and delivery timeouts, session_timeout);
+        the next ``_reset_timeout`` (waiting for the client again) restarts the clock.
+        """
+        self._timer_paused = True
+        handle, self._timeout_handle = self._timeout_handle, None
+        if handle is not None:
+            handle.cancel()
 
     def _deadline_reached(self) -> None:
         if self._deadline > self.loop.time():
@@ -265,7 +281,13 @@ class InboundSMTP(SMTP):
         if b"\n" in getattr(self._reader, "_buffer", b""):
             return
         self._flush_replies()
-        await self._writer.drain()
+        if self._timer_paused:
+            # A client that does not read its replies is a client we wait for.
+            self._reset_timeout()
+            await self._writer.drain()
+            self._pause_timeout()
+        else:
+            await self._writer.drain()
 
     def _flush_replies(self) -> None:
         if self._held_replies:
@@ -345,6 +367,7 @@ class InboundSMTP(SMTP):
         services.drained.clear()
         # The chain is fixed for the whole session: a reload affects new sessions only.
         self.chain = services.leases.acquire(services.chain)
+        self._pause_timeout()  # the connect hook runs on the proxy's time, not the client's
         services.metrics.session_started()
         event("connect", client=self.sp.client.ip, port=self.sp.client.port,
               listener=f"{self.sp.local_ip}:{self.sp.local_port}")
@@ -418,6 +441,7 @@ class InboundSMTP(SMTP):
         await self.reply(Reply(220, None, f"{self.hostname} {self.__ident__}"))
 
         while self.transport is not None and not self.transport.is_closing():
+            self._reset_timeout()  # waiting for the client from here
             line = await self._read_command_line()
             if line is None:
                 continue
@@ -453,7 +477,7 @@ class InboundSMTP(SMTP):
             if method is None:
                 await self._error(Reply(500, "5.5.1", f"Command unrecognized: {command[:20]}"))
                 continue
-            self._reset_timeout()
+            self._pause_timeout()  # the proxy's own waits are bounded by their own timeouts
             self._busy = True
             try:
                 await method(arg or None)
@@ -717,7 +741,7 @@ class InboundSMTP(SMTP):
                 return
             if reader.feed(chunk, complete=complete):
                 break
-        self._reset_timeout()
+        self._pause_timeout()
         if reader.problem is not None:
             reply = reader.problem.reply(self.policy.max_message_size, self.policy.max_line_length)
             event("data_refused", tx=transaction.id, problem=reader.problem.value,
@@ -927,6 +951,7 @@ class InboundSMTP(SMTP):
             await self._writer.drain()
             self._reset_timeout()
             line = await self._read_command_line()
+            self._pause_timeout()
             if line is None:
                 return None
             initial = line.decode("ascii", "replace").strip()

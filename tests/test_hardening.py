@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 from smtpproxy import Message, hookimpl
-from tests.conftest import ProxyFactory, Sink, Talk, port_of
+from tests.conftest import ProxyFactory, Sink, SinkHandler, Talk, port_of, start_sink
 
 RELAY = {"domains": ["dest.test"], "networks": []}
 HEAD = b"From: a@sender.test\r\nTo: b@dest.test\r\nSubject: s\r\n\r\n"
@@ -238,6 +239,67 @@ async def test_silent_client_gets_421_on_idle_timeout(proxy_factory: ProxyFactor
     code, text = await client.reply()
     assert code == 421 and "timeout" in text
     assert await client.closed()
+
+
+class SlowSink(SinkHandler):
+    """An upstream that takes *delay* seconds to answer RCPT and the end of DATA."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def handle_RCPT(self, *args: Any) -> str:
+        await asyncio.sleep(self.delay)
+        return await super().handle_RCPT(*args)
+
+    async def handle_DATA(self, *args: Any) -> str:
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(*args)
+
+
+class SlowHook:
+    name = "slowhook"
+    timeout = 5.0
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    @hookimpl
+    async def connect(self) -> None:
+        await asyncio.sleep(self.delay)
+
+    @hookimpl
+    async def data(self) -> None:
+        await asyncio.sleep(self.delay)
+
+
+@pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
+async def test_idle_timer_does_not_run_while_the_proxy_waits_on_upstream_or_plugins(
+    proxy_factory: ProxyFactory, rcpt_mode: str
+) -> None:
+    slow = await start_sink(SlowSink(delay=0.9))
+    try:
+        proxy = await proxy_factory(
+            SlowHook(delay=0.9), upstream=slow.port, relay=RELAY,
+            limits={"idle_timeout": 0.4, "data_timeout": 0.4},
+            delivery={"rcpt_mode": rcpt_mode, "command_timeout": 5, "data_timeout": 5},
+        )
+        client = await Talk.open(port_of(proxy))
+        code, _ = await client.hello()  # the connect hook took 0.9 s: still a greeting, no 421
+        assert code == 250
+        assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+        assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+        assert (await client.cmd("DATA"))[0] == 354
+        client.send(HEAD + b"slow\r\n.\r\n")
+        code, text = await client.reply()  # plugin 0.9 s + upstream 0.9 s, idle 0.4 s
+        assert code == 250 and "SINK1" in text, text
+        assert len(slow.messages) == 1
+        # waiting for the client again: the idle timer is back
+        code, text = await client.reply()
+        assert code == 421 and "timeout" in text
+        assert await client.closed()
+    finally:
+        slow.server.close()
 
 
 async def test_idle_timer_counts_from_the_last_command_not_the_first(proxy_factory: ProxyFactory) -> None:
