@@ -849,7 +849,7 @@ class InboundSMTP(SMTP):
             await upstream.abort()  # the upstream must see the envelope the plugins left
         return await self.services.delivery.deliver(self.sp, transaction, content)
 
-    async def smtp_STARTTLS(self, arg: str | None) -> None:  # type: ignore[override]
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
         """RFC 3207: once the session is encrypted (STARTTLS or implicit TLS), no second TLS.
 
         aiosmtpd would answer 220 and layer a new TLS session on the encrypted one, which
