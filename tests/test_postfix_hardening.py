@@ -131,3 +131,37 @@ async def test_explicit_xclient_refused_says_why_in_a_warning(
     assert level == logging.WARNING
     assert fields["mode"] == "xclient" and fields["reply"] == 451
     assert fields["reason"].startswith("XCLIENT required by configuration but not offered")
+
+
+# -- item 6: odd HELO arguments reach Postfix encoded, never a 451 per message -----------------
+
+# The command, and the HELO in Postfix's Received: header with XCLIENT (Postfix shows odd
+# octets and spaces as '?'); longer than Postfix accepts: [UNAVAILABLE], then the proxy's EHLO.
+ODD_HELOS = {
+    "utf8": ("EHLO héllo.test".encode(), "héllo.test"),
+    "invalid-utf8": (b"EHLO \xff\xfe.test", "??.test"),
+    "words": (b"EHLO a b c", "a?b?c"),
+    "long": (b"EHLO " + b"h" * 300, "proxy.test"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(ODD_HELOS))
+@pytest.mark.parametrize("identity", ["xclient", "xforward"])
+async def test_odd_helo_reaches_postfix_and_the_mail_is_delivered(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, name: str, identity: str
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, limits={"max_command_line": 1000},
+                                delivery=upstream(postfix, client_identity=identity))
+    command, expected = ODD_HELOS[name]
+    client = await Talk.open(port_of(proxy))
+    assert (await client.greeting())[0] == 220
+    assert (await client.cmd(command))[0] == 250
+    for _ in range(2):  # every message, not just the first
+        code, text = await client.send_message("a@sender.test", ["bob@dest.test"], BODY)
+        assert code == 250, text
+    await client.close()
+    stored = await asyncio.to_thread(postfix.wait_for_messages, "bob", 2)
+    received = stored[0].split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    if identity == "xclient":  # XCLIENT HELO= (and the EHLO after it) become Received: from
+        assert f"Received: from {expected} (" in received, received

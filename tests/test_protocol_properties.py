@@ -20,6 +20,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from smtpproxy.addresses import AddressError, parse_mail_from
+from smtpproxy.delivery.upstream import xtext
 from smtpproxy.server import ProxyServer
 from tests.conftest import RawUpstream, chain_of, make_config
 
@@ -150,3 +151,26 @@ def test_accepted_sender_reaches_upstream_exactly(live: Live, local: str, domain
         assert expected == path  # no source route here: the text is exactly what the client sent
     finally:
         conn.close()
+
+
+def _xtext_decode(text: str) -> bytes:
+    out, i = bytearray(), 0
+    while i < len(text):
+        if text[i] == "+":
+            out.append(int(text[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(text[i]))
+            i += 1
+    return bytes(out)
+
+
+@given(st.binary(max_size=300))
+def test_xtext_of_any_client_octets_is_safe_and_exact(octets: bytes) -> None:
+    """Whatever a client sent as HELO (decoded with surrogateescape, as the inbound side
+    does) encodes as xtext that the upstream decodes back to the same octets."""
+    value = octets.decode("utf-8", "surrogateescape")
+    encoded = xtext(value)
+    assert encoded.isascii() and all(33 <= ord(c) <= 126 for c in encoded)
+    assert "=" not in encoded
+    assert _xtext_decode(encoded) == octets

@@ -137,11 +137,28 @@ def order_servers(servers: Sequence[UpstreamServer], now: float) -> list[Upstrea
 
 
 def xtext(value: str) -> str:
-    """RFC 3461 xtext, the encoding XCLIENT and XFORWARD attribute values use."""
+    """RFC 3461 xtext, the encoding XCLIENT and XFORWARD attribute values use.
+
+    Encodes the value's octets: UTF-8, and octets that were not valid UTF-8 (kept as
+    surrogate escapes by the inbound side) exactly as the client sent them.
+    """
     return "".join(
-        c if 33 <= ord(c) <= 126 and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
-        for c in value
+        chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else f"+{b:02X}"
+        for b in value.encode("utf-8", "surrogateescape")
     )
+
+
+_SURROGATES = re.compile("[\udc80-\udcff]")
+"""Octets of a HELO that were not valid UTF-8, as the inbound side keeps them."""
+
+_MAX_HELO = 255
+"""Postfix refuses a longer XCLIENT/XFORWARD HELO= (501, VALID_HOSTNAME_LEN)."""
+
+
+def helo_octets(helo: str) -> bytes:
+    """The client's HELO argument as it came over the wire (no CR, LF or controls: the
+    inbound command reader refused those)."""
+    return helo.encode("utf-8", "surrogateescape")
 
 
 class Connector:
@@ -339,6 +356,22 @@ class Connector:
             raise DeliveryError(upstream_reply(_as_temp(helo.code), helo.message),
                                 f"{server.name}: HELO refused")
 
+    async def _greet_as_client(self, conn: Connection, helo: str | None) -> None:
+        """EHLO with the client's own HELO argument: words and UTF-8 as they came (Postfix
+        joins the words), octets that are not UTF-8 as '?' (Postfix refuses them with 500).
+        If the upstream will not take it, or it is longer than an upstream accepts, greet as
+        the proxy: the message still goes, only the upstream's idea of the HELO is ours."""
+        client = conn.client
+        if helo:
+            octets = _SURROGATES.sub("?", helo).encode("utf-8")
+            if len(octets) <= _MAX_HELO:
+                response = await client.execute_command(b"EHLO", octets)
+                if response.code == 250:
+                    client.last_ehlo_response = response  # learn the extensions, as ehlo() does
+                    return
+                event("upstream_helo_refused", upstream=conn.destination, reply=response.code)
+        await self._ehlo(client, conn.server)
+
     def _xclient_identity(self, conn: Connection, session: Session) -> tuple[str, ...] | None:
         """The XCLIENT attributes for this session, or None when XCLIENT is not used here."""
         if self.settings.identity not in ("auto", "xclient") or conn.xclient_offered is None:
@@ -389,7 +422,7 @@ class Connector:
                 )
             # XCLIENT resets the session like a new greeting; greet with the client's own name,
             # or that EHLO would replace the HELO= just sent (Postfix logs and Received show it).
-            await self._ehlo(client, conn.server, session.helo)
+            await self._greet_as_client(conn, session.helo)
             conn.identity = identity
             self._note_identity(conn.server, "xclient")
         elif mode in ("auto", "xforward") and client.supports_extension("xforward"):
@@ -425,9 +458,17 @@ def _client_values(session: Session) -> dict[str, str]:
         "ADDR": _addr(session.client.ip),
         "PORT": str(session.client.port),
         "NAME": session.client.hostname or "[UNAVAILABLE]",
-        "HELO": session.helo or "[UNAVAILABLE]",
+        "HELO": _helo_value(session.helo),
         "PROTO": "ESMTP" if session.esmtp else "SMTP",
     }
+
+
+def _helo_value(helo: str | None) -> str:
+    """HELO= for XCLIENT/XFORWARD: the client's argument (xtext-encoded by _encode), or
+    ``[UNAVAILABLE]`` when there is none or it is longer than the upstream accepts."""
+    if not helo or len(helo_octets(helo)) > _MAX_HELO:
+        return "[UNAVAILABLE]"
+    return helo
 
 
 def _encode(values: dict[str, str], offered: Collection[str]) -> list[str]:
