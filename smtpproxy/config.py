@@ -1122,7 +1122,11 @@ class Limits(_Model):
         strict=True,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds open sessions get to finish after SIGTERM before they are closed.",
+        description=(
+            "Seconds open sessions get to finish after SIGTERM before they are closed (a "
+            "second SIGTERM ends it at once); a message already with the upstream still waits "
+            "for the upstream's reply (docs/operations.md, Stopping)."
+        ),
     )
     spool_threshold: int = Field(
         default=1048576,

@@ -175,6 +175,8 @@ class InboundSMTP(SMTP):
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)
         self._timer_paused = False  # the proxy is working, not waiting for the client
+        self.delivering: asyncio.Event | None = None
+        """Set while a message is with the delivery backend; shutdown waits for its reply."""
 
     def __dir__(self) -> list[str]:
         """Only the ``smtp_*`` and ``auth_*`` names, which is all aiosmtpd looks for.
@@ -843,11 +845,16 @@ class InboundSMTP(SMTP):
         (rcpt_mode relay), unless plugins edited the envelope; else in one go."""
         assert self.sp is not None
         upstream, self._upstream = self._upstream, None
-        if upstream is not None and upstream.started:
-            if not transaction.envelope.changes:
-                return await upstream.data(content)
-            await upstream.abort()  # the upstream must see the envelope the plugins left
-        return await self.services.delivery.deliver(self.sp, transaction, content)
+        done = self.delivering = asyncio.Event()
+        try:
+            if upstream is not None and upstream.started:
+                if not transaction.envelope.changes:
+                    return await upstream.data(content)
+                await upstream.abort()  # the upstream must see the envelope the plugins left
+            return await self.services.delivery.deliver(self.sp, transaction, content)
+        finally:
+            self.delivering = None
+            done.set()
 
     async def smtp_STARTTLS(self, arg: str | None) -> None:
         """RFC 3207: once the session is encrypted (STARTTLS or implicit TLS), no second TLS.
