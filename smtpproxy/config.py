@@ -1271,10 +1271,25 @@ class SmtpDelivery(_Model):
         ),
     )
     rcpt_mode: Literal["at_data", "relay"] = Field(
-        default="at_data",
+        default="relay",
         description=(
-            "'relay': each RCPT is asked of the upstream at once and its answer relayed; 'at_data': "
-            "the upstream is contacted only after the plugins accepted the whole message."
+            "'relay' (default, as Postfix's own before-queue proxy): each RCPT is asked of the "
+            "upstream at once and its answer relayed. 'at_data': the upstream is contacted only "
+            "after the plugins accepted the whole message; if it then refuses some recipients "
+            "the client gets 451 for the message, and when it sends again those recipients get "
+            "the upstream's refusal at RCPT (remembered for refusal_memory seconds) and the "
+            "others are delivered."
+        ),
+    )
+    refusal_memory: float = Field(
+        default=3600,
+        strict=True,
+        ge=0,
+        allow_inf_nan=False,
+        description=(
+            "Seconds an upstream's refusal of one recipient at delivery time (per route, sender "
+            "and recipient) is remembered and given at RCPT when the client sends again, so the "
+            "other recipients are not deferred with it forever (0: never)."
         ),
     )
     client_identity: Literal["auto", "xclient", "xforward", "none"] = Field(

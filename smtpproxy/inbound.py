@@ -698,6 +698,13 @@ class InboundSMTP(SMTP):
             if not reply.is_positive:
                 await self.reply(reply)
                 return
+        elif (known := self.services.delivery.remembered_refusal(
+                transaction.envelope.sender, address)) is not None:
+            # at_data: the upstream refused this recipient when the client last sent the message
+            event("rcpt_to", tx=transaction.id, recipient=address.text,
+                  verdict="upstream_refused_before", reply=known.code)
+            await self.reply(known)
+            return
         self._route = route
         transaction.envelope.recipients.append(recipient)
         await self.reply(reply)

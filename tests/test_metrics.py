@@ -141,7 +141,7 @@ async def test_counters_and_histograms_after_real_sessions(proxy_factory: ProxyF
 
 async def test_upstream_errors_are_counted(proxy_factory: ProxyFactory) -> None:
     dead = closed_port()
-    server = await proxy_factory(upstream=dead, **METRICS)
+    server = await proxy_factory(upstream=dead, delivery={"rcpt_mode": "at_data"}, **METRICS)
     client = await Talk.open(port_of(server))
     await client.hello()
     code, _ = await client.send_message("a@src.test", ["ok@dest.test"], b"Subject: hi\r\n\r\nhello\r\n")

@@ -165,3 +165,43 @@ async def test_odd_helo_reaches_postfix_and_the_mail_is_delivered(
     received = stored[0].split(b"\n\n", 1)[0].decode("utf-8", "replace")
     if identity == "xclient":  # XCLIENT HELO= (and the EHLO after it) become Received: from
         assert f"Received: from {expected} (" in received, received
+
+
+# -- item 7: rcpt_mode at_data and a partial refusal by the upstream ---------------------------
+
+UNKNOWN_DAVE = (550, "5.1.1 <dave@dest.test>: Recipient address rejected: "
+                "User unknown in virtual mailbox table")
+
+
+async def test_at_data_partial_refusal_is_not_deferred_forever(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix, rcpt_mode="at_data"))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    # first attempt: Postfix refuses dave at delivery time; nothing is delivered, 451 for all
+    code, text = await client.send_message("a@sender.test", ["bob@dest.test", "dave@dest.test"], BODY)
+    assert code == 451 and text.startswith("4.5.0 Upstream refused recipient dave@dest.test: 550")
+    assert postfix.messages("bob") == []
+    # the client's retry: dave hears Postfix's own refusal at RCPT, bob gets the message
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<bob@dest.test>"))[0] == 250
+    assert await client.cmd("RCPT TO:<dave@dest.test>") == UNKNOWN_DAVE
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(BODY + b".\r\n")
+    assert (await client.reply())[0] == 250
+    await client.close()
+    assert len(await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)) == 1
+
+
+async def test_relay_is_the_default_rcpt_mode(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert await client.cmd("RCPT TO:<dave@dest.test>") == UNKNOWN_DAVE  # asked of Postfix at RCPT
+    await client.close()

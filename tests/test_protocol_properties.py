@@ -47,7 +47,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         config = make_config(
             tmp, relay={"domains": ["dest.test"], "networks": []},
             delivery={"type": "smtp", "host": "127.0.0.1", "port": raw.sockets[0].getsockname()[1],
-                      "tls": "none"},
+                      "tls": "none", "rcpt_mode": "at_data"},  # one MAIL per message upstream
             limits={"max_sessions_per_ip": 1000, "max_errors": 1000},
         )
         proxy = ProxyServer(config, chain=chain_of())

@@ -72,6 +72,14 @@ class Delivery(Protocol):
         """Only called when ``rcpt_mode`` is ``relay``."""
         ...
 
+    def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
+        """The refusal the backend gave *recipient* at an earlier delivery, if it still applies.
+
+        With ``rcpt_mode: at_data`` the client hears it at RCPT when it sends again, so one
+        refused recipient does not defer the others on every retry.
+        """
+        ...
+
     async def start(self) -> None:
         """Prepare (create directories, check reachability); raise to refuse to start."""
 

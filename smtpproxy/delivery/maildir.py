@@ -38,6 +38,9 @@ class MaildirDelivery:
     def open_transaction(self, session: Session, transaction: Transaction) -> UpstreamTransaction:
         raise NotImplementedError("a Maildir has no upstream transaction")
 
+    def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
+        return None  # a Maildir refuses no recipient
+
     async def start(self) -> None:
         await run_blocking(self._make_dirs)
 

@@ -6,14 +6,17 @@ code; an unreachable or silent upstream becomes ``451 4.4.x`` so the client retr
 
 Two ways to meet the upstream (``rcpt_mode``):
 
-- ``at_data`` (default, simpler): the upstream is contacted once the plugins accepted the
-  whole message. If it then refuses some recipients, the client gets ``451`` for the
-  message (delivering to the others after the client heard 250 for all would lose mail
-  silently); if it refuses all of them permanently, its refusal is relayed.
-- ``relay``: the upstream transaction runs alongside the client's. Each RCPT that the
-  plugins accept is asked of the upstream at once and its exact answer relayed, so unknown
-  users are refused at RCPT by the real server. Costs an upstream connection per open
-  client transaction.
+- ``relay`` (default): the upstream transaction runs alongside the client's. Each RCPT that
+  the plugins accept is asked of the upstream at once and its exact answer relayed, so
+  unknown users are refused at RCPT by the real server. Costs an upstream connection per
+  open client transaction.
+- ``at_data``: the upstream is contacted once the plugins accepted the whole message. If it
+  then refuses some recipients, the client gets ``451`` for the message (delivering to the
+  others after the client heard 250 for all would lose mail silently); if it refuses all of
+  them permanently, its refusal is relayed. Either way each refusal is remembered (per
+  route, sender and recipient, for ``refusal_memory`` seconds) and given at RCPT when the
+  client sends again, so the other recipients go through on that retry instead of being
+  deferred with the refused one until the message bounces.
 
 Addresses are sent with ``execute_command`` exactly as the inbound parser validated them:
 aiosmtplib's ``mail()``/``rcpt()`` would run them through ``email.utils.parseaddr``, which
@@ -24,6 +27,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -61,10 +66,13 @@ class SmtpDelivery:
         default: Sequence[UpstreamServer],
         routes: Sequence[tuple[RelayPolicy, Sequence[UpstreamServer]]] = (),
         *,
-        rcpt_mode: str = "at_data",
+        rcpt_mode: str = "relay",
+        refusal_memory: float = 3600.0,
     ):
         self.connector = connector
         self.rcpt_mode = rcpt_mode
+        self.refusal_memory = refusal_memory
+        self._refusals: OrderedDict[tuple[str, str, str], tuple[Reply, float]] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
         self._routes: dict[str, list[UpstreamServer]] = {DEFAULT_ROUTE: list(default)}
         self._matchers: list[tuple[str, RelayPolicy]] = []
@@ -91,7 +99,8 @@ class SmtpDelivery:
             (RelayPolicy.from_config(route.domains, (), False), _servers(route.upstreams))
             for route in c.routes
         ]
-        return cls(Connector(settings), _servers(c.default_upstreams()), routes, rcpt_mode=c.rcpt_mode)
+        return cls(Connector(settings), _servers(c.default_upstreams()), routes,
+                   rcpt_mode=c.rcpt_mode, refusal_memory=c.refusal_memory)
 
     @property
     def servers(self) -> list[UpstreamServer]:
@@ -137,6 +146,8 @@ class SmtpDelivery:
                         refused.append((address.text, reply))
                 if refused:
                     await transfer.reset()
+                    for address_text, reply in refused:
+                        self._remember(key, transaction.envelope.sender.text, address_text, reply)
                     raise DeliveryError(_refusal_reply(refused, len(recipients)),
                                         f"{conn.destination}: recipients refused: "
                                         + ", ".join(f"{a} {r.code}" for a, r in refused))
@@ -144,6 +155,29 @@ class SmtpDelivery:
                 delivered = Delivered(reply, conn.destination, conn.tls)
         assert delivered is not None, "a transaction always has recipients"
         return delivered
+
+    def _remember(self, route: str, sender: str, recipient: str, reply: Reply) -> None:
+        if self.refusal_memory <= 0:
+            return
+        key = (route, sender.lower(), recipient.lower())
+        self._refusals.pop(key, None)
+        self._refusals[key] = (reply, time.monotonic() + self.refusal_memory)
+        while len(self._refusals) > _MAX_REMEMBERED:
+            self._refusals.popitem(last=False)
+
+    def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
+        """The upstream's refusal of *recipient* at an earlier delivery from *sender*."""
+        if not self._refusals:
+            return None
+        key = (self.route_key(recipient), sender.text.lower(), recipient.text.lower())
+        entry = self._refusals.get(key)
+        if entry is None:
+            return None
+        reply, expires = entry
+        if time.monotonic() >= expires:
+            del self._refusals[key]
+            return None
+        return reply
 
     def open_transaction(self, session: Session, transaction: Transaction) -> RelayTransaction:
         """For rcpt_mode relay: an upstream transaction that follows the client's."""
@@ -292,13 +326,20 @@ class _Transfer:
             self.clean = False
 
 
+_MAX_REMEMBERED = 10_000
+"""Remembered recipient refusals (the oldest go first): bounded memory under any load."""
+
+
 def _refusal_reply(refused: list[tuple[str, Reply]], total: int) -> Reply:
     """One reply for a message whose recipients the upstream refused at delivery time."""
     first = refused[0][1]
     if len(refused) == total and all(r.is_permanent for _, r in refused):
         return first
     addr, reply = refused[0]
-    return Reply(451, "4.5.0", f"Upstream refused recipient {addr}: {reply.code} {reply.text}"[:400])
+    more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+    return Reply(451, "4.5.0", (
+        f"Upstream refused recipient {addr}{more}: {reply.code} {reply.text}; "
+        "send again and it is refused at RCPT, the others accepted")[:400])
 
 
 def _declared_size(transaction: Transaction) -> int | None:
