@@ -32,6 +32,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
+from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
 from smtpproxy.chain import Chain
@@ -175,6 +176,7 @@ class InboundSMTP(SMTP):
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)
         self._timer_paused = False  # the proxy is working, not waiting for the client
+        self._dsn = False  # DSN was offered in the last EHLO
         self.delivering: asyncio.Event | None = None
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
 
@@ -591,6 +593,9 @@ class InboundSMTP(SMTP):
         if self.enable_SMTPUTF8:
             lines.append("SMTPUTF8")
         lines.append("ENHANCEDSTATUSCODES")
+        self._dsn = self.services.delivery.offers_dsn()
+        if self._dsn:
+            lines.append("DSN")
         if self.tls_context and self.sp.tls is None:
             lines.append("STARTTLS")
         if self.policy.auth is not None and self.sp.tls is not None:
@@ -616,11 +621,15 @@ class InboundSMTP(SMTP):
         if params and not self.sp.esmtp:
             await self._error(Reply(501, "5.5.4", "MAIL parameters need EHLO"))
             return
-        unknown = sorted(set(params) - _MAIL_PARAMS)
+        unknown = sorted(set(params) - _MAIL_PARAMS - (dsn.MAIL_PARAMS if self._dsn else set()))
         if "SMTPUTF8" in params and not self.enable_SMTPUTF8:
             unknown.append("SMTPUTF8")
         if unknown:
             await self._error(Reply(555, "5.5.4", f"MAIL parameter {unknown[0]} not supported"))
+            return
+        problem = dsn.check_mail_params(params)
+        if problem is not None:
+            await self._error(Reply(501, "5.5.4", f"Syntax error in MAIL parameters: {problem}"))
             return
         size = params.get("SIZE")
         if size is not None and int(size) > self.policy.max_message_size:
@@ -658,9 +667,13 @@ class InboundSMTP(SMTP):
         except AddressError as exc:
             await self._error(Reply(exc.code, exc.enhanced, exc.text))
             return
-        if path.params:
-            first = next(iter(path.params))
-            await self._error(Reply(555, "5.5.4", f"RCPT parameter {first} not supported"))
+        unknown = [k for k in path.params if not (self._dsn and k in dsn.RCPT_PARAMS)]
+        if unknown:
+            await self._error(Reply(555, "5.5.4", f"RCPT parameter {unknown[0]} not supported"))
+            return
+        problem = dsn.check_rcpt_params(path.params)
+        if problem is not None:
+            await self._error(Reply(501, "5.5.4", f"Syntax error in RCPT parameters: {problem}"))
             return
         address = path.address
         refusal = self.services.relay.refusal(address, self.sp.client.ip, self.sp.auth_user)
@@ -693,7 +706,7 @@ class InboundSMTP(SMTP):
         if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
             if self._upstream is None:
                 self._upstream = self.services.delivery.open_transaction(self.sp, transaction)
-            reply = await self._upstream.rcpt(address)  # the real server's answer, relayed
+            reply = await self._upstream.rcpt(address, recipient.params)  # the real server's answer
             event("upstream_rcpt", tx=transaction.id, recipient=address.text, reply=reply.code)
             if not reply.is_positive:
                 await self.reply(reply)

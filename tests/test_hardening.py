@@ -11,7 +11,7 @@ import pytest
 import trustme
 
 from smtpproxy import Message, hookimpl
-from tests.conftest import ProxyFactory, Sink, SinkHandler, Talk, port_of, start_sink
+from tests.conftest import ProxyFactory, RawUpstream, Sink, SinkHandler, Talk, port_of, start_sink
 
 RELAY = {"domains": ["dest.test"], "networks": []}
 HEAD = b"From: a@sender.test\r\nTo: b@dest.test\r\nSubject: s\r\n\r\n"
@@ -527,3 +527,30 @@ async def test_command_cap_does_not_cut_off_a_productive_session(proxy_factory: 
     for _ in range(4):  # 4 commands per message, far past the cap in total
         assert (await client.send_message("a@sender.test", ["b@dest.test"], HEAD + b"x\r\n"))[0] == 250
     await client.close()
+
+
+async def test_dsn_is_not_offered_once_the_upstream_is_seen_without_it(
+    proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = RawUpstream()  # no DSN in its EHLO
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery={
+        "type": "smtp", "host": "127.0.0.1", "port": server.sockets[0].getsockname()[1], "tls": "none"})
+    client = await Talk.open(port_of(proxy))
+    code, ehlo = await client.hello()
+    assert "DSN" in ehlo.split("\n")  # not known yet: a Postfix-like upstream is assumed
+    assert (await client.cmd("MAIL FROM:<a@sender.test> RET=HDRS"))[0] == 250
+    assert (await client.cmd("RCPT TO:<b@dest.test> NOTIFY=SUCCESS"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(HEAD + b"x\r\n.\r\n")
+    assert (await client.reply())[0] == 250
+    assert upstream.commands(b"MAIL")[0] == b"MAIL FROM:<a@sender.test>"  # never sent unoffered
+    assert upstream.commands(b"RCPT")[0] == b"RCPT TO:<b@dest.test>"
+    assert "dsn_not_offered" in caplog.text
+    code, ehlo = await client.cmd("EHLO client.test")
+    assert code == 250
+    assert "DSN" not in ehlo.split("\n")
+    assert await client.cmd("MAIL FROM:<a@sender.test> RET=HDRS") == (
+        555, "5.5.4 MAIL parameter RET not supported")
+    await client.close()
+    server.close()

@@ -205,3 +205,54 @@ async def test_relay_is_the_default_rcpt_mode(
     assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
     assert await client.cmd("RCPT TO:<dave@dest.test>") == UNKNOWN_DAVE  # asked of Postfix at RCPT
     await client.close()
+
+
+# -- item 8: DSN passes through to an upstream that offers it ---------------------------------
+
+
+async def test_dsn_notify_success_yields_postfixs_success_dsn(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix))
+    client = await Talk.open(port_of(proxy))
+    code, ehlo = await client.hello()
+    assert code == 250 and "DSN" in ehlo.split("\n")
+    assert (await client.cmd("MAIL FROM:<alice@dest.test> RET=HDRS ENVID=env+2B42"))[0] == 250
+    assert (await client.cmd("RCPT TO:<bob@dest.test> NOTIFY=SUCCESS ORCPT=rfc822;bob+40dest.test"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(BODY + b".\r\n")
+    assert (await client.reply())[0] == 250
+    await client.close()
+    assert len(await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)) == 1
+    [report] = await asyncio.to_thread(postfix.wait_for_messages, "alice", 1)  # to the sender
+    text = report.decode("utf-8", "replace")
+    assert "report-type=delivery-status" in text
+    assert "Original-Envelope-Id: env+42" in text  # xtext decoded by Postfix
+    assert "Original-Recipient: rfc822;bob@dest.test" in text
+    assert "Action: delivered" in text
+    assert "Subject: hardening" in text and "Hello." not in text  # RET=HDRS: headers only
+
+
+@pytest.mark.parametrize("command", [
+    "MAIL FROM:<alice@dest.test> RET=BODY",
+    "MAIL FROM:<alice@dest.test> ENVID=a=b",
+    "MAIL FROM:<alice@dest.test> ENVID=" + "x" * 101,
+    "RCPT TO:<bob@dest.test> NOTIFY=NEVER,SUCCESS",
+    "RCPT TO:<bob@dest.test> NOTIFY=SOMETIMES",
+    "RCPT TO:<bob@dest.test> ORCPT=bob@dest.test",
+    "RCPT TO:<bob@dest.test> ORCPT=rfc822;bob+4",
+])
+async def test_bad_dsn_parameters_are_refused_before_postfix(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, command: str
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    if command.startswith("RCPT"):
+        assert (await client.cmd("MAIL FROM:<alice@dest.test>"))[0] == 250
+    code, text = await client.cmd(command)
+    assert code == 501 and text.startswith("5.5.4 "), text
+    await client.close()
+    assert "RET=BODY" not in postfix.log() and "SOMETIMES" not in postfix.log()

@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from smtpproxy.addresses import AddressError, parse_mail_from
 from smtpproxy.delivery.upstream import xtext
+from smtpproxy.dsn import check_mail_params, check_rcpt_params
 from smtpproxy.server import ProxyServer
 from tests.conftest import RawUpstream, chain_of, make_config
 
@@ -174,3 +175,24 @@ def test_xtext_of_any_client_octets_is_safe_and_exact(octets: bytes) -> None:
     assert encoded.isascii() and all(33 <= ord(c) <= 126 for c in encoded)
     assert "=" not in encoded
     assert _xtext_decode(encoded) == octets
+
+
+@given(st.binary(min_size=1, max_size=100))
+def test_dsn_xtext_values_are_checked_exactly(octets: bytes) -> None:
+    """An xtext-encoded ENVID/ORCPT passes; the raw value passes only if it is xtext itself."""
+    encoded = xtext(octets.decode("utf-8", "surrogateescape"))
+    assume(len(encoded) <= 100)
+    assert check_mail_params({"ENVID": encoded}) is None
+    assert check_rcpt_params({"ORCPT": "rfc822;" + encoded}) is None
+    raw = octets.decode("latin-1")
+    is_xtext = re.fullmatch(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+", raw) is not None
+    assert (check_mail_params({"ENVID": raw}) is None) == is_xtext
+
+
+@given(st.lists(st.sampled_from(["SUCCESS", "FAILURE", "DELAY", "NEVER", "success", "x", ""]),
+                min_size=1, max_size=4))
+def test_dsn_notify_values(words: list[str]) -> None:
+    upper = [w.upper() for w in words]
+    valid = upper == ["NEVER"] or (
+        set(upper) <= {"SUCCESS", "FAILURE", "DELAY"} and len(set(upper)) == len(upper))
+    assert (check_rcpt_params({"NOTIFY": ",".join(words)}) is None) == valid

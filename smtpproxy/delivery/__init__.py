@@ -8,6 +8,7 @@ reply for the client, so the proxy never acknowledges a message it could lose.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,8 +46,9 @@ class UpstreamTransaction(Protocol):
         """True once the upstream has been contacted for this transaction."""
         ...
 
-    async def rcpt(self, address: Address) -> Reply:
-        """Ask the upstream about one recipient; its answer is relayed to the client."""
+    async def rcpt(self, address: Address, params: Mapping[str, str | None] | None = None) -> Reply:
+        """Ask the upstream about one recipient (with its DSN parameters); its answer is
+        relayed to the client."""
         ...
 
     async def data(self, content: Message) -> Delivered:
@@ -70,6 +72,10 @@ class Delivery(Protocol):
 
     def open_transaction(self, session: Session, transaction: Transaction) -> UpstreamTransaction:
         """Only called when ``rcpt_mode`` is ``relay``."""
+        ...
+
+    def offers_dsn(self) -> bool:
+        """Whether the client may ask for DSNs (RFC 3461): the backend passes them on."""
         ...
 
     def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:

@@ -41,6 +41,9 @@ class MaildirDelivery:
     def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
         return None  # a Maildir refuses no recipient
 
+    def offers_dsn(self) -> bool:
+        return False  # a success DSN would have to come from us; the proxy sends no mail
+
     async def start(self) -> None:
         await run_blocking(self._make_dirs)
 

@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import aiosmtplib
@@ -45,9 +46,11 @@ from smtpproxy.delivery.upstream import (
     UpstreamServer,
     upstream_reply,
 )
+from smtpproxy.dsn import MAIL_PARAMS, RCPT_PARAMS
+from smtpproxy.eventlog import event
 from smtpproxy.message import Message
 from smtpproxy.relay import RelayPolicy
-from smtpproxy.session import Envelope, Session, Transaction
+from smtpproxy.session import Envelope, Recipient, Session, Transaction
 from smtpproxy.verdicts import Reply
 
 __all__ = ["RelayTransaction", "SmtpDelivery", "upstream_reply"]
@@ -131,19 +134,19 @@ class SmtpDelivery:
 
     async def deliver(self, session: Session, transaction: Transaction, content: Message) -> Delivered:
         """Send the message to every route its recipients belong to; 250 only if all took it."""
-        groups: dict[str, list[Address]] = {}
+        groups: dict[str, list[Recipient]] = {}
         for rcpt in transaction.envelope.recipients:
-            groups.setdefault(self.route_key(rcpt.address), []).append(rcpt.address)
+            groups.setdefault(self.route_key(rcpt.address), []).append(rcpt)
         delivered: Delivered | None = None
         for key, recipients in groups.items():
             conn = await self.connector.acquire(self._routes[key], session)
             async with _Transfer(self.connector, conn) as transfer:
                 await transfer.mail(transaction.envelope, content.size)
                 refused = []
-                for address in recipients:
-                    reply = await transfer.rcpt(address, transaction.envelope.smtputf8)
+                for rcpt in recipients:
+                    reply = await transfer.rcpt(rcpt.address, transaction.envelope.smtputf8, rcpt.params)
                     if not reply.is_positive:
-                        refused.append((address.text, reply))
+                        refused.append((rcpt.address.text, reply))
                 if refused:
                     await transfer.reset()
                     for address_text, reply in refused:
@@ -179,6 +182,11 @@ class SmtpDelivery:
             return None
         return reply
 
+    def offers_dsn(self) -> bool:
+        """DSN is offered to clients unless a server of the default route was seen without
+        it (until the first connection, a Postfix-like upstream is assumed to offer it)."""
+        return all(s.offers_dsn is not False for s in self._routes[DEFAULT_ROUTE])
+
     def open_transaction(self, session: Session, transaction: Transaction) -> RelayTransaction:
         """For rcpt_mode relay: an upstream transaction that follows the client's."""
         return RelayTransaction(self, session, transaction)
@@ -201,7 +209,7 @@ class RelayTransaction:
     def started(self) -> bool:
         return self._transfer is not None
 
-    async def rcpt(self, address: Address) -> Reply:
+    async def rcpt(self, address: Address, params: Mapping[str, str | None] | None = None) -> Reply:
         """Ask the upstream about one recipient; its answer is the client's answer."""
         if self._failed is not None:
             return self._failed
@@ -217,7 +225,7 @@ class RelayTransaction:
                 await self.abort()
                 return exc.reply
         try:
-            return await self._transfer.rcpt(address, self._transaction.envelope.smtputf8)
+            return await self._transfer.rcpt(address, self._transaction.envelope.smtputf8, params)
         except DeliveryError as exc:
             self._failed = exc.reply
             await self.abort()
@@ -293,15 +301,29 @@ class _Transfer:
                     f"{self.conn.destination}: no SMTPUTF8",
                 )
             options.append(b"SMTPUTF8")
+        options += self._dsn_options(envelope.sender_params, MAIL_PARAMS)
         encoding = "utf-8" if envelope.smtputf8 else "ascii"
         sender = envelope.sender.text.encode(encoding)
         reply = await self._command(b"MAIL", b"FROM:<" + sender + b">", *options)
         if reply.code != 250:
             raise DeliveryError(reply, f"{self.conn.destination}: MAIL refused: {reply.code}")
 
-    async def rcpt(self, address: Address, smtputf8: bool) -> Reply:
+    async def rcpt(self, address: Address, smtputf8: bool,
+                   params: Mapping[str, str | None] | None = None) -> Reply:
         encoding = "utf-8" if smtputf8 else "ascii"
-        return await self._command(b"RCPT", b"TO:<" + address.text.encode(encoding) + b">")
+        options = self._dsn_options(params or {}, RCPT_PARAMS)
+        return await self._command(b"RCPT", b"TO:<" + address.text.encode(encoding) + b">", *options)
+
+    def _dsn_options(self, params: Mapping[str, str | None], names: frozenset[str]) -> list[bytes]:
+        """The client's DSN parameters (validated inbound) for an upstream that offers DSN."""
+        wanted = [(k, v) for k, v in params.items() if k in names and v is not None]
+        if not wanted:
+            return []
+        if not self.conn.client.supports_extension("dsn"):
+            event("dsn_not_offered", level=logging.WARNING, upstream=self.conn.destination,
+                  dropped=[k for k, _ in wanted])
+            return []
+        return [f"{k}={v}".encode("ascii") for k, v in wanted]
 
     async def data(self, content: Message) -> Reply:
         with self._lost_upstream_is_temporary():

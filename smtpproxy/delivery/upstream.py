@@ -91,6 +91,8 @@ class UpstreamServer:
     ``xforward`` or ``none``; None until a connection was made."""
     identity_reason: str = ""
     """Why, when ``identity`` is ``none``."""
+    offers_dsn: bool | None = None
+    """Whether its last EHLO offered DSN (RFC 3461); None until a connection was made."""
 
     @property
     def name(self) -> str:
@@ -283,6 +285,7 @@ class Connector:
             tls = await self._handshake(client, server)
             if s.username is not None and s.password is not None:
                 await client.login(s.username, s.password)
+            server.offers_dsn = client.supports_extension("dsn")
             offered = None
             if client.supports_extension("xclient"):
                 offered = frozenset(client.esmtp_extensions.get("xclient", "").upper().split())
