@@ -233,9 +233,8 @@ class InboundSMTP(SMTP):
         the next ``_reset_timeout`` (waiting for the client again) restarts the clock.
         """
         self._timer_paused = True
-        handle, self._timeout_handle = self._timeout_handle, None
-        if handle is not None:
-            handle.cancel()
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()  # kept: aiosmtpd's connection_lost expects a handle
 
     def _deadline_reached(self) -> None:
         if self._deadline > self.loop.time():

@@ -302,6 +302,34 @@ async def test_idle_timer_does_not_run_while_the_proxy_waits_on_upstream_or_plug
         slow.server.close()
 
 
+async def test_client_leaving_while_the_proxy_works_is_quiet(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's clock is paused while plugins run; a client that hangs up meanwhile must
+    not trip aiosmtpd's connection_lost (it expects a timer handle)."""
+    entered = asyncio.Event()
+
+    class Slow:
+        name = "slow"
+
+        @hookimpl
+        async def data(self) -> None:
+            entered.set()
+            await asyncio.sleep(0.3)
+
+    proxy = await proxy_factory(Slow(), upstream=sink.port, relay=RELAY)
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    await client.cmd("MAIL FROM:<a@sender.test>")
+    await client.cmd("RCPT TO:<b@dest.test>")
+    await client.cmd("DATA")
+    client.send(HEAD + b"x\r\n.\r\n")
+    await asyncio.wait_for(entered.wait(), 5)
+    await client.close()
+    await asyncio.wait_for(proxy.services.drained.wait(), 5)  # the session has ended
+    assert "Exception in callback" not in caplog.text and "AssertionError" not in caplog.text
+
+
 async def test_idle_timer_counts_from_the_last_command_not_the_first(proxy_factory: ProxyFactory) -> None:
     """The idle timer is re-armed lazily; each command must still push the deadline back."""
     proxy = await proxy_factory(limits={"idle_timeout": 0.4})
