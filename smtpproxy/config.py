@@ -1574,6 +1574,15 @@ class Config(_Model):
             "defaults to the machine's host name (set it to the public FQDN)."
         ),
     )
+    received_header: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description=(
+            "Write the proxy's own Received: trace field (RFC 5321 4.4: client HELO, name and "
+            "address, TLS, transaction id) when a message leaves: 'auto' when the next hop is "
+            "not told the client (no XCLIENT/XFORWARD, e.g. client_identity: none, or Maildir), "
+            "'always', or 'never'. Added at delivery, so plugins do not see it."
+        ),
+    )
 
     @field_validator("listeners")
     @classmethod

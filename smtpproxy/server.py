@@ -49,8 +49,9 @@ class StartupError(Exception):
 def make_delivery(config: Config) -> Delivery:
     d = config.delivery
     if isinstance(d, MaildirDelivery):
-        return MaildirBackend(Path(d.path))
-    return SmtpDelivery.from_config(d, config_hostname(config))
+        return MaildirBackend(Path(d.path), received=config.received_header,
+                              hostname=config_hostname(config))
+    return SmtpDelivery.from_config(d, config_hostname(config), received=config.received_header)
 
 
 def config_hostname(config: Config) -> str:

@@ -7,12 +7,17 @@ Postfix behind it, and checks what Postfix itself saw, logged or delivered.
 from __future__ import annotations
 
 import asyncio
+import email
 import logging
+import re
+import ssl
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
-from tests.conftest import ProxyFactory, Talk, port_of
+from tests.conftest import ProxyFactory, Talk, maildir_messages, port_of
 from tests.postfix_instance import PostfixFactory, PostfixInstance
 from tests.test_metrics import health_port, http, scrape, value
 
@@ -256,3 +261,73 @@ async def test_bad_dsn_parameters_are_refused_before_postfix(
     assert code == 501 and text.startswith("5.5.4 "), text
     await client.close()
     assert "RET=BODY" not in postfix.log() and "SOMETIMES" not in postfix.log()
+
+
+# -- item 9: the proxy's own Received: field ---------------------------------------------------
+
+
+async def _one_message(port: int, helo: str = "mail.client.example") -> None:
+    client = await Talk.open(port)
+    await client.hello(helo)
+    code, text = await client.send_message("a@sender.test", ["bob@dest.test"], BODY)
+    assert code == 250, text
+    await client.close()
+
+
+def _received_fields(stored: bytes) -> list[str]:
+    head = stored.split(b"\n\n", 1)[0].decode("utf-8", "replace")
+    return [" ".join(f.split()) for f in re.split(r"\n(?=\S)", head) if f.startswith("Received:")]
+
+
+@pytest.mark.parametrize(("identity", "mode", "ours"), [
+    ("none", "auto", True),      # Postfix is told nothing: the proxy records the client
+    ("xclient", "auto", False),  # Postfix's own Received: already names the client
+    ("xclient", "always", True),
+    ("none", "never", False),
+])
+async def test_received_field_reaches_postfix_when_it_is_not_told_the_client(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, identity: str, mode: str,
+    ours: bool,
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, received_header=mode,
+                                delivery=upstream(postfix, client_identity=identity))
+    await _one_message(port_of(proxy))
+    [stored] = await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)
+    fields = _received_fields(stored)
+    mine = [f for f in fields if "(smtpproxy)" in f]
+    if not ours:
+        assert mine == [], fields
+        return
+    assert len(fields) == 2 and fields[1] == mine[0], fields  # below Postfix's own
+    assert re.fullmatch(
+        r"Received: from mail\.client\.example \(unknown \[127\.0\.0\.1\]\) by proxy\.test "
+        r"\(smtpproxy\) with ESMTP id [0-9a-f]{12}\.1 for <bob@dest\.test>; .+", mine[0]), mine[0]
+
+
+async def test_received_field_names_tls_and_a_hostile_helo_safely(
+    proxy_factory: ProxyFactory, tmp_path: Path
+) -> None:
+    ca = trustme.CA()
+    ca.issue_cert("proxy.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "p.pem"))
+    proxy = await proxy_factory(relay=RELAY, received_header="auto", listeners=[
+        {"address": "127.0.0.1", "port": 0,
+         "tls": {"cert": str(tmp_path / "p.pem"), "key": str(tmp_path / "p.pem")}}])
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("STARTTLS"))[0] == 220
+    ctx = ssl.create_default_context()
+    ca.configure_trust(ctx)
+    await client.writer.start_tls(ctx, server_hostname="proxy.test")
+    assert (await client.cmd("EHLO h(é) [x];y\\z".encode()))[0] == 250
+    code, _ = await client.send_message("a@sender.test", ["bob@dest.test", "carol@dest.test"], BODY)
+    assert code == 250
+    await client.close()
+    [stored] = maildir_messages(tmp_path / "mail")  # Maildir: never told the client, so auto writes it
+    fields = _received_fields(stored.replace(b"\r\n", b"\n"))
+    assert len(fields) == 1
+    assert re.fullmatch(
+        r"Received: from h\?\?\?\?\?x\?\?y\?z \(unknown \[127\.0\.0\.1\]\) "
+        r"\(using TLSv1\.[23] with cipher [A-Z0-9_-]+ \(\d+ bits\)\) by proxy\.test \(smtpproxy\) "
+        r"with ESMTPS id [0-9a-f]{12}\.1; .+", fields[0]), fields[0]
+    assert email.message_from_bytes(stored)["Subject"] == "hardening"

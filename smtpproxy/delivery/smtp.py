@@ -49,6 +49,7 @@ from smtpproxy.delivery.upstream import (
 from smtpproxy.dsn import MAIL_PARAMS, RCPT_PARAMS
 from smtpproxy.eventlog import event
 from smtpproxy.message import Message
+from smtpproxy.received import received_field, wants_received
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.session import Envelope, Recipient, Session, Transaction
 from smtpproxy.verdicts import Reply
@@ -71,8 +72,12 @@ class SmtpDelivery:
         *,
         rcpt_mode: str = "relay",
         refusal_memory: float = 3600.0,
+        received: str = "auto",
+        hostname: str = "localhost",
     ):
         self.connector = connector
+        self.received = received
+        self.hostname = hostname
         self.rcpt_mode = rcpt_mode
         self.refusal_memory = refusal_memory
         self._refusals: OrderedDict[tuple[str, str, str], tuple[Reply, float]] = OrderedDict()
@@ -85,7 +90,7 @@ class SmtpDelivery:
             self._matchers.append((key, matcher))
 
     @classmethod
-    def from_config(cls, c: cfg.SmtpDelivery, helo_name: str) -> SmtpDelivery:
+    def from_config(cls, c: cfg.SmtpDelivery, helo_name: str, *, received: str = "auto") -> SmtpDelivery:
         settings = ConnectorSettings(
             tls=c.tls, tls_verify=c.tls_verify, ca_file=_path(c.ca_file),
             tls_hostname=c.tls_hostname, client_cert=_path(c.client_cert),
@@ -103,7 +108,8 @@ class SmtpDelivery:
             for route in c.routes
         ]
         return cls(Connector(settings), _servers(c.default_upstreams()), routes,
-                   rcpt_mode=c.rcpt_mode, refusal_memory=c.refusal_memory)
+                   rcpt_mode=c.rcpt_mode, refusal_memory=c.refusal_memory,
+                   received=received, hostname=helo_name)
 
     @property
     def servers(self) -> list[UpstreamServer]:
@@ -154,7 +160,7 @@ class SmtpDelivery:
                     raise DeliveryError(_refusal_reply(refused, len(recipients)),
                                         f"{conn.destination}: recipients refused: "
                                         + ", ".join(f"{a} {r.code}" for a, r in refused))
-                reply = await transfer.data(content)
+                reply = await transfer.data(content, self._trace(conn, session, transaction))
                 delivered = Delivered(reply, conn.destination, conn.tls)
         assert delivered is not None, "a transaction always has recipients"
         return delivered
@@ -181,6 +187,13 @@ class SmtpDelivery:
             del self._refusals[key]
             return None
         return reply
+
+    def _trace(self, conn: Connection, session: Session, transaction: Transaction) -> bytes:
+        """Our Received: field for this hop, or nothing (``received_header``)."""
+        told = conn.server.identity in ("xclient", "xforward")
+        if wants_received(self.received, client_told=told):
+            return received_field(session, transaction, self.hostname)
+        return b""
 
     def offers_dsn(self) -> bool:
         """DSN is offered to clients unless a server of the default route was seen without
@@ -236,7 +249,8 @@ class RelayTransaction:
             raise DeliveryError(self._failed or Reply(451, "4.4.0", "No upstream transaction"))
         transfer, self._transfer = self._transfer, None
         async with transfer:
-            reply = await transfer.data(content)
+            trace = self._delivery._trace(transfer.conn, self._session, self._transaction)
+            reply = await transfer.data(content, trace)
             return Delivered(reply, transfer.conn.destination, transfer.conn.tls)
 
     async def abort(self) -> None:
@@ -325,11 +339,13 @@ class _Transfer:
             return []
         return [f"{k}={v}".encode("ascii") for k, v in wanted]
 
-    async def data(self, content: Message) -> Reply:
+    async def data(self, content: Message, trace: bytes = b"") -> Reply:
+        """Send the message, with *trace* (our Received: field) on top when given."""
+        parts = (trace, *content.parts()) if trace else content.parts()
         with self._lost_upstream_is_temporary():
             try:
                 response = await send_data(
-                    self.conn.client, content.parts(), self.connector.settings.data_timeout
+                    self.conn.client, parts, self.connector.settings.data_timeout
                 )
             except aiosmtplib.SMTPDataError as exc:
                 self.clean = True  # a refusal of the message leaves the session usable
