@@ -66,7 +66,7 @@ class NullRecorder:
     def delivery_finished(self, backend: str, result: str, seconds: float) -> None:
         pass
 
-    def upstream_down(self, upstream: str) -> None:
+    def upstream_down(self, upstream: str, reason: str = "connect") -> None:
         pass
 
     def upstream_identity(self, upstream: str, mechanism: str) -> None:
@@ -150,8 +150,9 @@ class PrometheusRecorder(NullRecorder):
         )
         self.down = Counter(
             "smtpproxy_upstream_connect_failures",
-            "Upstream servers that failed to connect or greet (each starts a back-off).",
-            ["upstream"], registry=r,
+            "Upstream servers that failed to connect or greet (each starts a back-off), by "
+            "reason (connect, timeout, tls, tls_verify, auth).",
+            ["upstream", "reason"], registry=r,
         )
         self.identity = Gauge(
             "smtpproxy_upstream_client_identity",
@@ -202,8 +203,8 @@ class PrometheusRecorder(NullRecorder):
         if result != "ok":
             self._child(self.delivery_failures, backend, result).inc()
 
-    def upstream_down(self, upstream: str) -> None:
-        self._child(self.down, upstream).inc()
+    def upstream_down(self, upstream: str, reason: str = "connect") -> None:
+        self._child(self.down, upstream, reason).inc()
 
     def upstream_identity(self, upstream: str, mechanism: str) -> None:
         for name in ("xclient", "xforward", "none"):

@@ -151,7 +151,8 @@ async def test_upstream_errors_are_counted(proxy_factory: ProxyFactory) -> None:
     assert value(s, "smtpproxy_messages_total", decision="tempfailed") == 1
     assert value(s, "smtpproxy_upstream_errors_total", backend="smtp", result="tempfail") == 1
     assert value(s, "smtpproxy_upstream_duration_seconds_count", backend="smtp", result="tempfail") == 1
-    assert value(s, "smtpproxy_upstream_connect_failures_total", upstream=f"127.0.0.1:{dead}") == 1
+    assert value(s, "smtpproxy_upstream_connect_failures_total", upstream=f"127.0.0.1:{dead}",
+                 reason="connect") == 1
 
 
 async def test_refused_connections_by_reason(proxy_factory: ProxyFactory, sink: Sink) -> None:

@@ -23,10 +23,13 @@ __all__ = ["Delivered", "Delivery", "DeliveryError", "UpstreamTransaction"]
 class DeliveryError(Exception):
     """The backend did not take the message; ``reply`` is what the client should hear."""
 
-    def __init__(self, reply: Reply, detail: str = ""):
+    def __init__(self, reply: Reply, detail: str = "", reason: str = ""):
         super().__init__(f"{reply.code} {reply.enhanced or ''} {reply.text} {detail}".strip())
         self.reply = reply
         self.detail = detail
+        self.reason = reason
+        """Why a server could not be used (``connect``, ``timeout``, ``greeting``, ``tls``,
+        ``tls_verify``, ``auth``); empty for replies about one message."""
 
 
 @dataclass(frozen=True, slots=True)

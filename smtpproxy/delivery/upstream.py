@@ -91,6 +91,10 @@ class UpstreamServer:
     ``xforward`` or ``none``; None until a connection was made."""
     identity_reason: str = ""
     """Why, when ``identity`` is ``none``."""
+    down_reason: str | None = None
+    """Why the last attempt to use it failed (``tls_verify`` for a certificate that did not
+    verify, ``connect``, ``timeout``, ...); None once a connection succeeded."""
+    down_detail: str = ""
     offers_dsn: bool | None = None
     """Whether its last EHLO offered DSN (RFC 3461); None until a connection was made."""
 
@@ -168,8 +172,8 @@ class Connector:
 
     def __init__(self, settings: ConnectorSettings):
         self.settings = settings
-        self.on_down: Callable[[str], None] | None = None
-        """Told the name of each server that failed to connect or greet (metrics)."""
+        self.on_down: Callable[[str, str], None] | None = None
+        """Told the name of each server that failed to connect or greet, and why (metrics)."""
         self.on_identity: Callable[[str, str], None] | None = None
         """Told a server's name and how it learns the client (xclient, xforward, none)."""
         self._verify_context = self._context(verify=settings.tls_verify)
@@ -197,14 +201,20 @@ class Connector:
             try:
                 conn = await self._open(server)
             except DeliveryError as exc:
+                reason = exc.reason or "connect"
                 server.down_until = time.monotonic() + self.settings.down_backoff
-                event("upstream_down", upstream=server.name, detail=exc.detail,
+                server.down_reason, server.down_detail = reason, exc.detail
+                # A certificate that does not verify is a configuration problem (CA file,
+                # tls_hostname), not an outage: say so, loudly.
+                event("upstream_down", level=logging.WARNING if reason == "tls_verify" else logging.INFO,
+                      upstream=server.name, reason=reason, detail=exc.detail,
                       backoff=self.settings.down_backoff)
                 if self.on_down is not None:
-                    self.on_down(server.name)
+                    self.on_down(server.name, reason)
                 last_error = exc
                 continue
             server.down_until = 0.0
+            server.down_reason, server.down_detail = None, ""
             try:
                 await self._identify(conn, session)
             except DeliveryError:
@@ -293,23 +303,27 @@ class Connector:
         except DeliveryError:
             client.close()
             raise
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            client.close()
-            raise DeliveryError(
-                Reply(451, "4.7.0", "Upstream authentication failed, try again later"),
-                f"{server.name}: AUTH failed: {exc.code} {exc.message}",
-            ) from exc
         except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
             client.close()
             raise DeliveryError(
                 Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
-                f"{server.name}: timeout: {exc}",
+                f"{server.name}: timeout: {exc}", "timeout",
+            ) from exc
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            raise DeliveryError(
+                Reply(451, "4.7.0", "Upstream authentication failed, try again later"),
+                f"{server.name}: AUTH failed: {exc.code} {exc.message}", "auth",
             ) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()
+            verify = _cert_error(exc)
+            if verify is None:
+                raise _unreachable(server, exc) from exc
             raise DeliveryError(
-                Reply(451, "4.4.1", "Upstream mail server not reachable, try again later"),
-                f"{server.name}: {type(exc).__name__}: {exc}",
+                Reply(451, "4.7.5", "TLS with the upstream mail server failed, try again later"),
+                f"{server.name}: TLS certificate verification failed: {verify.verify_message}",
+                "tls_verify",
             ) from exc
 
     async def _handshake(self, client: aiosmtplib.SMTP, server: UpstreamServer) -> str | None:
@@ -338,9 +352,12 @@ class Connector:
                 tls_context=context, server_hostname=s.tls_hostname or server.host
             )
         except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+            verify = _cert_error(exc)
+            detail = (f"TLS certificate verification failed: {verify.verify_message}"
+                      if verify is not None else f"STARTTLS failed: {exc}")
             raise DeliveryError(
                 Reply(451, "4.7.5", "TLS with the upstream mail server failed, try again later"),
-                f"{server.name}: STARTTLS failed: {exc}",
+                f"{server.name}: {detail}", "tls_verify" if verify is not None else "tls",
             ) from exc
         if response.code != 220:
             raise DeliveryError(upstream_reply(_as_temp(response.code), response.message),
@@ -490,6 +507,25 @@ def _xclient_attributes(session: Session, offered: frozenset[str]) -> list[str]:
 
 def _xforward_attributes(session: Session, offered: set[str]) -> list[str]:
     return _encode({**_client_values(session), "SOURCE": "REMOTE"}, offered)
+
+
+def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind *exc* (aiosmtplib wraps it), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _unreachable(server: UpstreamServer, exc: BaseException) -> DeliveryError:
+    return DeliveryError(
+        Reply(451, "4.4.1", "Upstream mail server not reachable, try again later"),
+        f"{server.name}: {type(exc).__name__}: {exc}", "connect",
+    )
 
 
 def _as_temp(code: int) -> int:
