@@ -331,3 +331,24 @@ async def test_received_field_names_tls_and_a_hostile_helo_safely(
         r"\(using TLSv1\.[23] with cipher [A-Z0-9_-]+ \(\d+ bits\)\) by proxy\.test \(smtpproxy\) "
         r"with ESMTPS id [0-9a-f]{12}\.1; .+", fields[0]), fields[0]
     assert email.message_from_bytes(stored)["Subject"] == "hardening"
+
+
+# -- item 1: NUL smuggling through the whole chain ---------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["reject", "normalize"])
+async def test_nul_dot_line_never_reaches_postfix(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, mode: str
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix), smtp={"bare_newlines": mode})
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    smuggled = (b"Hello\r\n\x00.\r\nMAIL FROM:<admin@dest.test>\r\nRCPT TO:<carol@dest.test>\r\n"
+                b"DATA\r\nSpoofed!\r\n")
+    code, text = await client.send_message("a@sender.test", ["bob@dest.test"], BODY + smuggled)
+    assert (code, text) == (550, "5.6.0 NUL characters in message data are not allowed")
+    assert await client.cmd("NOOP") == (250, "2.0.0 OK")  # still in step: one reply for it all
+    await client.close()
+    assert postfix.messages("bob") == [] and postfix.messages("carol") == []
+    assert "admin@dest.test" not in postfix.log()
