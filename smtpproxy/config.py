@@ -1058,7 +1058,10 @@ class Limits(_Model):
         strict=True,
         ge=1000,
         le=1_000_000,
-        description="Longest message text line in bytes including CRLF (RFC 5321 minimum is 1000).",
+        description=(
+            "Longest message text line in bytes including CRLF (RFC 5321 minimum is 1000); "
+            "a line the client dot-stuffed may carry that one extra dot (500 5.5.2 beyond)."
+        ),
     )
     max_command_line: int = Field(
         default=512,
@@ -1094,14 +1097,18 @@ class Limits(_Model):
         strict=True,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds to wait for the next command before closing.",
+        description=(
+            "Seconds to wait for the next command from the client before 421 and closing. "
+            "Runs only while the proxy waits for the client, never while it waits on plugins "
+            "or the upstream (their own timeouts bound those)."
+        ),
     )
     data_timeout: float = Field(
         default=600,
         strict=True,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds of silence allowed while receiving message data.",
+        description="Seconds of client silence allowed while receiving message data.",
     )
     session_timeout: float = Field(
         default=3600,
@@ -1115,7 +1122,11 @@ class Limits(_Model):
         strict=True,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds open sessions get to finish after SIGTERM before they are closed.",
+        description=(
+            "Seconds open sessions get to finish after SIGTERM before they are closed (a "
+            "second SIGTERM ends it at once); a message already with the upstream still waits "
+            "for the upstream's reply (docs/operations.md, Stopping)."
+        ),
     )
     spool_threshold: int = Field(
         default=1048576,
@@ -1148,7 +1159,12 @@ class SmtpPolicy(_Model):
 
     bare_newlines: Literal["reject", "normalize"] = Field(
         default="reject",
-        description="What to do with a bare CR or LF in message data: reject it or convert it to CRLF.",
+        description=(
+            "What to do with a bare CR or LF in message data: reject it (550 5.5.2) or convert "
+            "it to CRLF. A NUL octet is refused either way (550 5.6.0): it has no meaning to "
+            "normalise to, and an upstream that strips NULs would see a '\\0.' line as the end "
+            "of data."
+        ),
     )
     smtputf8: bool = Field(
         default=True, strict=True, description="Advertise SMTPUTF8 and accept internationalized addresses."
@@ -1169,6 +1185,15 @@ class Relay(_Model):
     )
     allow_authenticated: bool = Field(
         default=True, strict=True, description="Let authenticated clients relay to any domain."
+    )
+    allow_routing_local_parts: bool = Field(
+        default=False,
+        strict=True,
+        description=(
+            "Accept recipients whose local part routes elsewhere ('u%other.example@', "
+            "'other.example!u@', '\"u@other.example\"@') from untrusted clients. Off: they get "
+            "554 5.7.1, because an upstream that trusts the proxy would relay them on."
+        ),
     )
 
 
@@ -1246,17 +1271,34 @@ class SmtpDelivery(_Model):
         ),
     )
     rcpt_mode: Literal["at_data", "relay"] = Field(
-        default="at_data",
+        default="relay",
         description=(
-            "'relay': each RCPT is asked of the upstream at once and its answer relayed; 'at_data': "
-            "the upstream is contacted only after the plugins accepted the whole message."
+            "'relay' (default, as Postfix's own before-queue proxy): each RCPT is asked of the "
+            "upstream at once and its answer relayed. 'at_data': the upstream is contacted only "
+            "after the plugins accepted the whole message; if it then refuses some recipients "
+            "the client gets 451 for the message, and when it sends again those recipients get "
+            "the upstream's refusal at RCPT (remembered for refusal_memory seconds) and the "
+            "others are delivered."
+        ),
+    )
+    refusal_memory: float = Field(
+        default=3600,
+        strict=True,
+        ge=0,
+        allow_inf_nan=False,
+        description=(
+            "Seconds an upstream's refusal of one recipient at delivery time (per route, sender "
+            "and recipient) is remembered and given at RCPT when the client sends again, so the "
+            "other recipients are not deferred with it forever (0: never)."
         ),
     )
     client_identity: Literal["auto", "xclient", "xforward", "none"] = Field(
         default="auto",
         description=(
             "Pass the original client to the upstream: XCLIENT (Postfix), XFORWARD, or 'auto' "
-            "(XCLIENT when offered, else XFORWARD when offered)."
+            "(XCLIENT when offered, else XFORWARD when offered; when neither is offered a warning "
+            "is logged and /readyz and a metric say so). With 'xclient' or 'xforward' a missing "
+            "or refused command is a 451 for the client and a warning with the reason."
         ),
     )
     auth: UpstreamAuth | None = Field(default=None, description="SMTP AUTH to the upstream (smarthost).")
@@ -1308,11 +1350,16 @@ class SmtpDelivery(_Model):
         description="Seconds allowed for each SMTP command's reply.",
     )
     data_timeout: float = Field(
-        default=600,
+        default=300,
         strict=True,
         gt=0,
         allow_inf_nan=False,
-        description="Seconds allowed to send the message and get the reply.",
+        description=(
+            "Seconds allowed to send the message and get the reply. The client waits 10 "
+            "minutes for its reply to the end of data (RFC 5321 4.5.3.2.6) and that includes "
+            "the data-phase plugins: keep their timeouts plus this well below 600, or a client "
+            "that gives up retries a message the upstream accepted (a duplicate)."
+        ),
     )
 
     @model_validator(mode="after")
@@ -1525,6 +1572,15 @@ class Config(_Model):
         description=(
             "This host's name for the banner, EHLO and Received headers; "
             "defaults to the machine's host name (set it to the public FQDN)."
+        ),
+    )
+    received_header: Literal["auto", "always", "never"] = Field(
+        default="auto",
+        description=(
+            "Write the proxy's own Received: trace field (RFC 5321 4.4: client HELO, name and "
+            "address, TLS, transaction id) when a message leaves: 'auto' when the next hop is "
+            "not told the client (no XCLIENT/XFORWARD, e.g. client_identity: none, or Maildir), "
+            "'always', or 'never'. Added at delivery, so plugins do not see it."
         ),
     )
 

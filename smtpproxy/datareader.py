@@ -4,9 +4,13 @@ The end of data is exactly ``CRLF . CRLF``; nothing else ends it. A bare LF or b
 anywhere is either rejected (default) or normalised to CRLF here, *before any plugin runs*,
 so plugins, DKIM and the upstream all see the same bytes, and no ``\\n.\\n`` or ``\\r.\\r``
 can ever turn one message into two further down the line (aiosmtplib and many MTAs treat a
-bare LF as a line end). Lines are dot-unstuffed (RFC 5321 4.5.2). Limits on the total size
-and the line length are enforced while reading; the reader keeps consuming to the real end
-of data so the reply lands where the client expects it (RFC 5321 4.2.5).
+bare LF as a line end). A NUL octet is always refused, whatever ``bare_newlines`` says: it
+has no place in SMTP text (RFC 5321 2.3.8, RFC 5322 2.3), no canonical replacement, and an
+upstream that strips NULs would read a ``\\x00.`` line as the end of data. Lines are
+dot-unstuffed (RFC 5321 4.5.2). Limits on the total size and the line length are enforced
+while reading; the line length includes the CRLF, and only a line that starts with a dot
+gets one octet more (the transparency dot the client added). The reader keeps consuming to
+the real end of data so the reply lands where the client expects it (RFC 5321 4.2.5).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class DataProblem(enum.Enum):
     TOO_BIG = "too_big"
     LINE_TOO_LONG = "line_too_long"
     BARE_NEWLINE = "bare_newline"
+    NUL = "nul"
 
     def reply(self, max_size: int, max_line: int) -> Reply:
         if self is DataProblem.TOO_BIG:
@@ -39,6 +44,8 @@ class DataProblem(enum.Enum):
                 500, "5.5.2",
                 f"Line too long: text lines are limited to {max_line} bytes (RFC 5321 4.5.3.1.6)",
             )
+        if self is DataProblem.NUL:
+            return Reply(550, "5.6.0", "NUL characters in message data are not allowed")
         return Reply(
             550, "5.5.2",
             "Bare CR or LF in message data is not allowed; lines must end with CRLF "
@@ -55,7 +62,7 @@ class DataReader:
     """
 
     __slots__ = (
-        "_buffer", "_line_len", "_normalize", "bare_newlines_seen", "max_line", "max_size",
+        "_buffer", "_line_len", "_line_limit", "_normalize", "bare_newlines_seen", "max_line", "max_size",
         "problem", "size",
     )
 
@@ -66,6 +73,7 @@ class DataReader:
         self._normalize = normalize_bare_newlines
         self._buffer = Spool(spool_threshold, spool_dir)
         self._line_len = 0  # bytes seen so far of the current (unfinished) line
+        self._line_limit = max_line  # for the current line: one more when it starts with a dot
         self.size = 0
         self.problem: DataProblem | None = None
         self.bare_newlines_seen = 0
@@ -74,9 +82,11 @@ class DataReader:
         """Take one line (or a fragment of a long one). Returns True at end of data."""
         if complete and self._line_len == 0 and chunk == END_OF_DATA:
             return True
+        if self._line_len == 0:
+            # The limit counts the CRLF; a stuffed leading dot is the client's, not the text's.
+            self._line_limit = self.max_line + (chunk[:1] == b".")
         self._line_len += len(chunk)
-        # +1: a line may carry one transparency dot on top of the RFC limit.
-        if self._line_len > self.max_line + 1:
+        if self._line_len > self._line_limit:
             self._fail(DataProblem.LINE_TOO_LONG)
         if complete:
             self._line_len = 0
@@ -88,6 +98,9 @@ class DataReader:
             self._fail(DataProblem.LINE_TOO_LONG)
             return False
         line = chunk[1:] if chunk[:1] == b"." else chunk
+        if b"\x00" in line:
+            self._fail(DataProblem.NUL)
+            return False
         text = line[:-2]
         if b"\n" in text or b"\r" in text:
             self.bare_newlines_seen += 1

@@ -11,7 +11,10 @@ size and time), answers, and closes the connection.
 - ``/readyz``: 200 when the proxy can take mail: not shutting down, and the delivery
   backend is usable (SMTP: every route has an upstream that answers ``220`` to a TCP
   connect, probed at most once per ``cache_seconds``; Maildir: the directory is writable).
-  503 otherwise, with the reason in the body.
+  503 otherwise, with the reason in the body. An upstream whose certificate failed to
+  verify on the last delivery attempt counts as down with that reason (its TCP probe would
+  succeed). Each upstream's line also says how it is told
+  the original client (XCLIENT, XFORWARD, or none and why), as the last connection found.
 - ``/metrics``: the Prometheus text exposition of this proxy's registry (404 when
   metrics are disabled).
 """
@@ -83,8 +86,8 @@ class Readiness:
         servers = list({id(s): s for servers in routes.values() for s in servers}.values())
         implicit = d.connector.settings.tls == "implicit"
         errors = await asyncio.gather(*(self._greets(s, implicit) for s in servers))
-        status = {id(s): err for s, err in zip(servers, errors, strict=True)}
-        lines = [f"upstream {s.name}: {status[id(s)] or 'ok'}" for s in servers]
+        status = {id(s): _verify_failure(s) or err for s, err in zip(servers, errors, strict=True)}
+        lines = [f"upstream {s.name}: {status[id(s)] or 'ok'}; {_identity(s)}" for s in servers]
         dead = [key for key, members in routes.items() if all(status[id(s)] for s in members)]
         if dead:
             return ReadyState(False, "no reachable upstream for route(s) " + ", ".join(dead)
@@ -117,6 +120,23 @@ class Readiness:
             return f"no greeting within {self.timeout:g}s"
         except OSError as exc:
             return exc.strerror or type(exc).__name__
+
+
+def _verify_failure(server: UpstreamServer) -> str | None:
+    """A certificate that did not verify on the last delivery attempt: the upstream answers
+    a TCP probe, but no mail can reach it until the CA or tls_hostname is fixed."""
+    if server.down_reason != "tls_verify":
+        return None
+    return f"TLS certificate verification failed ({server.down_detail})"
+
+
+def _identity(server: UpstreamServer) -> str:
+    """How the upstream learns the original client, as the last connection found out."""
+    if server.identity is None:
+        return "client identity: not known yet (no message sent)"
+    if server.identity == "none":
+        return f"client identity: none ({server.identity_reason})"
+    return f"client identity: {server.identity}"
 
 
 class HealthServer:

@@ -10,7 +10,10 @@ idle timer). We replace the parts a filtering proxy cannot live with:
 - EHLO, MAIL, RCPT and DATA, so addresses are validated strictly and forwarded exactly,
   every reply carries an enhanced status code, and DATA is read by
   :class:`~smtpproxy.datareader.DataReader` (no smuggling) with the limits enforced;
-- timeouts answer ``421`` before closing instead of dropping the connection silently.
+- timeouts answer ``421`` before closing instead of dropping the connection silently, and
+  the client's timers (idle, DATA) run only while the proxy waits for the client: while it
+  waits on plugins or the upstream, their own timeouts bound the wait, so a slow upstream
+  never turns into a 421 for a message the upstream then accepts (a duplicate on retry).
 
 The state machine in order: connect → greeting → HELO/EHLO → (MAIL → RCPT+ → DATA)* →
 QUIT. Every verdict a plugin returns is translated into a reply here and nowhere else.
@@ -29,6 +32,7 @@ from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
+from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
 from smtpproxy.chain import Chain, PhaseResult
@@ -41,7 +45,7 @@ from smtpproxy.metrics import NullRecorder
 from smtpproxy.outcome import PROXY, Deliver, Refusal, before_message, end_of_message, skips_data_chain
 from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
 from smtpproxy.quarantine import QuarantineStore
-from smtpproxy.relay import RelayPolicy
+from smtpproxy.relay import RelayPolicy, refusal_reply
 from smtpproxy.reload import ChainLeases
 from smtpproxy.session import (
     Client,
@@ -171,6 +175,10 @@ class InboundSMTP(SMTP):
         self._upstream: UpstreamTransaction | None = None  # rcpt_mode relay only
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)
+        self._timer_paused = False  # the proxy is working, not waiting for the client
+        self._dsn = False  # DSN was offered in the last EHLO
+        self.delivering: asyncio.Event | None = None
+        """Set while a message is with the delivery backend; shutdown waits for its reply."""
 
     def __dir__(self) -> list[str]:
         """Only the ``smtp_*`` and ``auth_*`` names, which is all aiosmtpd looks for.
@@ -209,6 +217,7 @@ class InboundSMTP(SMTP):
         per session re-arms itself when it finds the deadline moved. aiosmtpd cancels and
         schedules a new timer each time, which cost about a tenth of the CPU under load.
         """
+        self._timer_paused = False
         deadline = self.loop.time() + (duration or self._timeout_duration)
         self._deadline = deadline
         handle = self._timeout_handle
@@ -216,6 +225,16 @@ class InboundSMTP(SMTP):
             if handle is not None:
                 handle.cancel()
             self._timeout_handle = self.loop.call_at(deadline, self._deadline_reached)
+
+    def _pause_timeout(self) -> None:
+        """Stop the client's clock: the proxy itself is busy (plugins, upstream).
+
+        Those waits have their own bounds (plugin and delivery timeouts, session_timeout);
+        the next ``_reset_timeout`` (waiting for the client again) restarts the clock.
+        """
+        self._timer_paused = True
+        if self._timeout_handle is not None:
+            self._timeout_handle.cancel()  # kept: aiosmtpd's connection_lost expects a handle
 
     def _deadline_reached(self) -> None:
         if self._deadline > self.loop.time():
@@ -265,7 +284,13 @@ class InboundSMTP(SMTP):
         if b"\n" in getattr(self._reader, "_buffer", b""):
             return
         self._flush_replies()
-        await self._writer.drain()
+        if self._timer_paused:
+            # A client that does not read its replies is a client we wait for.
+            self._reset_timeout()
+            await self._writer.drain()
+            self._pause_timeout()
+        else:
+            await self._writer.drain()
 
     def _flush_replies(self) -> None:
         if self._held_replies:
@@ -345,6 +370,7 @@ class InboundSMTP(SMTP):
         services.drained.clear()
         # The chain is fixed for the whole session: a reload affects new sessions only.
         self.chain = services.leases.acquire(services.chain)
+        self._pause_timeout()  # the connect hook runs on the proxy's time, not the client's
         services.metrics.session_started()
         event("connect", client=self.sp.client.ip, port=self.sp.client.port,
               listener=f"{self.sp.local_ip}:{self.sp.local_port}")
@@ -419,6 +445,7 @@ class InboundSMTP(SMTP):
         await self.reply(Reply(220, None, f"{self.hostname} {self.__ident__}"))
 
         while self.transport is not None and not self.transport.is_closing():
+            self._reset_timeout()  # waiting for the client from here
             line = await self._read_command_line()
             if line is None:
                 continue
@@ -454,7 +481,7 @@ class InboundSMTP(SMTP):
             if method is None:
                 await self._error(Reply(500, "5.5.1", f"Command unrecognized: {command[:20]}"))
                 continue
-            self._reset_timeout()
+            self._pause_timeout()  # the proxy's own waits are bounded by their own timeouts
             self._busy = True
             try:
                 await method(arg or None)
@@ -560,7 +587,10 @@ class InboundSMTP(SMTP):
         if self.enable_SMTPUTF8:
             lines.append("SMTPUTF8")
         lines.append("ENHANCEDSTATUSCODES")
-        if self.tls_context and not self._tls_protocol:
+        self._dsn = self.services.delivery.offers_dsn()
+        if self._dsn:
+            lines.append("DSN")
+        if self.tls_context and self.sp.tls is None:
             lines.append("STARTTLS")
         if self.policy.auth is not None and self.sp.tls is not None:
             lines.append("AUTH PLAIN LOGIN")
@@ -585,11 +615,15 @@ class InboundSMTP(SMTP):
         if params and not self.sp.esmtp:
             await self._error(Reply(501, "5.5.4", "MAIL parameters need EHLO"))
             return
-        unknown = sorted(set(params) - _MAIL_PARAMS)
+        unknown = sorted(set(params) - _MAIL_PARAMS - (dsn.MAIL_PARAMS if self._dsn else set()))
         if "SMTPUTF8" in params and not self.enable_SMTPUTF8:
             unknown.append("SMTPUTF8")
         if unknown:
             await self._error(Reply(555, "5.5.4", f"MAIL parameter {unknown[0]} not supported"))
+            return
+        problem = dsn.check_mail_params(params)
+        if problem is not None:
+            await self._error(Reply(501, "5.5.4", f"Syntax error in MAIL parameters: {problem}"))
             return
         size = params.get("SIZE")
         if size is not None and int(size) > self.policy.max_message_size:
@@ -627,14 +661,19 @@ class InboundSMTP(SMTP):
         except AddressError as exc:
             await self._error(Reply(exc.code, exc.enhanced, exc.text))
             return
-        if path.params:
-            first = next(iter(path.params))
-            await self._error(Reply(555, "5.5.4", f"RCPT parameter {first} not supported"))
+        unknown = [k for k in path.params if not (self._dsn and k in dsn.RCPT_PARAMS)]
+        if unknown:
+            await self._error(Reply(555, "5.5.4", f"RCPT parameter {unknown[0]} not supported"))
+            return
+        problem = dsn.check_rcpt_params(path.params)
+        if problem is not None:
+            await self._error(Reply(501, "5.5.4", f"Syntax error in RCPT parameters: {problem}"))
             return
         address = path.address
-        if not self.services.relay.permits(address, self.sp.client.ip, self.sp.auth_user):
-            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="relay_denied")
-            await self.reply(Reply(554, "5.7.1", f"<{address.text}>: Relay access denied"))
+        relay_refusal = self.services.relay.refusal(address, self.sp.client.ip, self.sp.auth_user)
+        if relay_refusal is not None:
+            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=relay_refusal)
+            await self.reply(refusal_reply(address, relay_refusal))
             return
         route = self.services.delivery.route_key(address)
         if self._route is not None and route != self._route:
@@ -659,11 +698,18 @@ class InboundSMTP(SMTP):
         if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
             if self._upstream is None:
                 self._upstream = self.services.delivery.open_transaction(self.sp, transaction)
-            reply = await self._upstream.rcpt(address)  # the real server's answer, relayed
+            reply = await self._upstream.rcpt(address, recipient.params)  # the real server's answer
             event("upstream_rcpt", tx=transaction.id, recipient=address.text, reply=reply.code)
             if not reply.is_positive:
                 await self.reply(reply)
                 return
+        elif (known := self.services.delivery.remembered_refusal(
+                transaction.envelope.sender, address)) is not None:
+            # at_data: the upstream refused this recipient when the client last sent the message
+            event("rcpt_to", tx=transaction.id, recipient=address.text,
+                  verdict="upstream_refused_before", reply=known.code)
+            await self.reply(known)
+            return
         self._route = route
         transaction.envelope._accept_recipient(recipient)
         await self.reply(reply)
@@ -709,7 +755,7 @@ class InboundSMTP(SMTP):
                 return
             if reader.feed(chunk, complete=complete):
                 break
-        self._reset_timeout()
+        self._pause_timeout()
         if reader.problem is not None:
             reply = reader.problem.reply(self.policy.max_message_size, self.policy.max_line_length)
             event("data_refused", tx=transaction.id, problem=reader.problem.value,
@@ -798,11 +844,28 @@ class InboundSMTP(SMTP):
         (rcpt_mode relay), unless plugins edited the envelope; else in one go."""
         assert self.sp is not None
         upstream, self._upstream = self._upstream, None
-        if upstream is not None and upstream.started:
-            if not transaction.envelope.changes:
-                return await upstream.data(content)
-            await upstream.abort()  # the upstream must see the envelope the plugins left
-        return await self.services.delivery.deliver(self.sp, transaction, content)
+        done = self.delivering = asyncio.Event()
+        try:
+            if upstream is not None and upstream.started:
+                if not transaction.envelope.changes:
+                    return await upstream.data(content)
+                await upstream.abort()  # the upstream must see the envelope the plugins left
+            return await self.services.delivery.deliver(self.sp, transaction, content)
+        finally:
+            self.delivering = None
+            done.set()
+
+    async def smtp_STARTTLS(self, arg: str | None) -> None:
+        """RFC 3207: once the session is encrypted (STARTTLS or implicit TLS), no second TLS.
+
+        aiosmtpd would answer 220 and layer a new TLS session on the encrypted one, which
+        fails with an internal error; Postfix says "554 5.5.1 Error: TLS already active".
+        """
+        assert self.sp is not None
+        if self.sp.tls is not None:
+            await self._error(Reply(503, "5.5.1", "TLS already active"))
+            return
+        await super().smtp_STARTTLS(arg or "")
 
     async def smtp_RSET(self, arg: str | None) -> None:
         if arg:
@@ -894,6 +957,7 @@ class InboundSMTP(SMTP):
             await self._writer.drain()
             self._reset_timeout()
             line = await self._read_command_line()
+            self._pause_timeout()
             if line is None:
                 return None
             initial = line.decode("ascii", "replace").strip()

@@ -66,7 +66,10 @@ class NullRecorder:
     def delivery_finished(self, backend: str, result: str, seconds: float) -> None:
         pass
 
-    def upstream_down(self, upstream: str) -> None:
+    def upstream_down(self, upstream: str, reason: str = "connect") -> None:
+        pass
+
+    def upstream_identity(self, upstream: str, mechanism: str) -> None:
         pass
 
     def reloaded(self, ok: bool) -> None:
@@ -147,8 +150,15 @@ class PrometheusRecorder(NullRecorder):
         )
         self.down = Counter(
             "smtpproxy_upstream_connect_failures",
-            "Upstream servers that failed to connect or greet (each starts a back-off).",
-            ["upstream"], registry=r,
+            "Upstream servers that failed to connect or greet (each starts a back-off), by "
+            "reason (connect, timeout, tls, tls_verify, auth).",
+            ["upstream", "reason"], registry=r,
+        )
+        self.identity = Gauge(
+            "smtpproxy_upstream_client_identity",
+            "1 for how each upstream was last told the original client (xclient, xforward, "
+            "none); none means the upstream sees the proxy as the client.",
+            ["upstream", "mechanism"], registry=r,
         )
         self.reloads = Counter("smtpproxy_config_reloads", "Configuration reloads by result (ok, failed).",
                                ["result"], registry=r)
@@ -193,8 +203,12 @@ class PrometheusRecorder(NullRecorder):
         if result != "ok":
             self._child(self.delivery_failures, backend, result).inc()
 
-    def upstream_down(self, upstream: str) -> None:
-        self._child(self.down, upstream).inc()
+    def upstream_down(self, upstream: str, reason: str = "connect") -> None:
+        self._child(self.down, upstream, reason).inc()
+
+    def upstream_identity(self, upstream: str, mechanism: str) -> None:
+        for name in ("xclient", "xforward", "none"):
+            self._child(self.identity, upstream, name).set(1 if name == mechanism else 0)
 
     def reloaded(self, ok: bool) -> None:
         self._child(self.reloads, "ok" if ok else "failed").inc()

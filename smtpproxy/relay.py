@@ -3,6 +3,12 @@
 A recipient is accepted when its domain is one we receive mail for (``relay.domains``),
 or the client is trusted (``relay.networks``, or authenticated when allowed). RFC 5321
 requires ``postmaster`` without a domain to be accepted from anyone.
+
+A local part can route mail elsewhere: ``u%evil.com@example.com`` (the "percent hack"),
+``evil.com!u@example.com`` (UUCP bang paths) and ``"u@evil.com"@example.com`` all name
+example.com, but an upstream that trusts the proxy (Postfix with the proxy in
+``mynetworks`` and no XCLIENT) rewrites them and relays to evil.com. For untrusted clients
+such recipients are refused unless ``relay.allow_routing_local_parts`` is set.
 """
 
 from __future__ import annotations
@@ -12,8 +18,9 @@ from dataclasses import dataclass
 
 from smtpproxy.addresses import Address
 from smtpproxy.networks import IPNetwork, ip_in_networks
+from smtpproxy.verdicts import Reply
 
-__all__ = ["RelayPolicy"]
+__all__ = ["RelayPolicy", "routes_elsewhere"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,10 +31,12 @@ class RelayPolicy:
     """From ``*.example.com`` entries: ``.example.com`` (subdomains only)."""
     networks: tuple[IPNetwork, ...]
     allow_authenticated: bool = True
+    allow_routing_local_parts: bool = False
 
     @classmethod
     def from_config(
-        cls, domains: Iterable[str], networks: Iterable[IPNetwork], allow_authenticated: bool
+        cls, domains: Iterable[str], networks: Iterable[IPNetwork], allow_authenticated: bool,
+        allow_routing_local_parts: bool = False,
     ) -> RelayPolicy:
         exact, suffixes = set(), []
         for entry in (d.lower() for d in domains):
@@ -35,7 +44,8 @@ class RelayPolicy:
                 suffixes.append(entry[1:])
             else:
                 exact.add(entry)
-        return cls(frozenset(exact), tuple(suffixes), tuple(networks), allow_authenticated)
+        return cls(frozenset(exact), tuple(suffixes), tuple(networks), allow_authenticated,
+                   allow_routing_local_parts)
 
     def is_local_domain(self, domain: str) -> bool:
         domain = domain.lower()
@@ -47,6 +57,30 @@ class RelayPolicy:
         return ip_in_networks(ip, self.networks)
 
     def permits(self, recipient: Address, client_ip: str, auth_user: str | None) -> bool:
+        return self.refusal(recipient, client_ip, auth_user) is None
+
+    def refusal(self, recipient: Address, client_ip: str, auth_user: str | None) -> str | None:
+        """Why *recipient* may not be sent to by this client, or None when it may."""
         if recipient.domain == "" and recipient.local.lower() == "postmaster":
-            return True
-        return self.is_local_domain(recipient.domain) or self.is_trusted_client(client_ip, auth_user)
+            return None
+        if self.is_trusted_client(client_ip, auth_user):
+            return None
+        if not self.is_local_domain(recipient.domain):
+            return "relay_denied"
+        if not self.allow_routing_local_parts and routes_elsewhere(recipient.local):
+            return "routing_local_part"
+        return None
+
+
+def refusal_reply(address: Address, why: str) -> Reply:
+    """What the client hears for a :meth:`RelayPolicy.refusal` (the proxy and the tracer)."""
+    detail = "" if why == "relay_denied" else " (the local part routes elsewhere)"
+    return Reply(554, "5.7.1", f"<{address.text}>: Relay access denied{detail}")
+
+
+_ROUTING_CHARACTERS = frozenset("%!@")
+
+
+def routes_elsewhere(local: str) -> bool:
+    """True when a local part carries a route (``%``, ``!``, or an ``@`` inside quotes)."""
+    return not _ROUTING_CHARACTERS.isdisjoint(local)

@@ -9,7 +9,6 @@ A client that never heard 250 retries, so nothing acknowledged is lost.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import signal
@@ -67,7 +66,8 @@ class ProxyServer:
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=QuarantineStore(Path(config.quarantine.path)),
             relay=RelayPolicy.from_config(
-                config.relay.domains, config.relay.networks, config.relay.allow_authenticated
+                config.relay.domains, config.relay.networks, config.relay.allow_authenticated,
+                config.relay.allow_routing_local_parts,
             ),
             limiter=ConnectionLimiter(limits.max_sessions, limits.max_sessions_per_ip),
             sessions=set(),
@@ -88,6 +88,7 @@ class ProxyServer:
         self._started = asyncio.Event()
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._hurry = asyncio.Event()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -187,6 +188,7 @@ class ProxyServer:
         delivery, m = self.services.delivery, self.config.metrics
         if isinstance(delivery, SmtpDelivery):
             delivery.connector.on_down = metrics.upstream_down
+            delivery.connector.on_identity = metrics.upstream_identity
         readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache)
         port = m.port + self.worker if self.worker is not None and m.port else m.port
         self.health = HealthServer(m.address, port, readiness, metrics)
@@ -254,7 +256,8 @@ class ProxyServer:
         services, restart = self.services, restart_only_changes(self.config, new)
         old_chain, services.chain = services.chain, chain
         services.relay = RelayPolicy.from_config(
-            applied.relay.domains, applied.relay.networks, applied.relay.allow_authenticated
+            applied.relay.domains, applied.relay.networks, applied.relay.allow_authenticated,
+            applied.relay.allow_routing_local_parts,
         )
         if applied.quarantine != self.config.quarantine:
             services.quarantine = QuarantineStore(Path(applied.quarantine.path))
@@ -292,8 +295,36 @@ class ProxyServer:
         for server in self._servers:
             await server.wait_closed()
 
+    def hurry(self, signum: int = signal.SIGTERM) -> None:
+        """A second SIGTERM/SIGINT during the drain: end the grace period now.
+
+        Sessions still get 421 and messages already handed to the upstream still get its
+        reply (see :meth:`stop`); only the wait for the others is cut short.
+        """
+        event("shutdown_hurried", level=logging.WARNING, signal=signal.Signals(signum).name,
+              note="grace period ends now; upstream replies already due are still awaited")
+        self._hurry.set()
+
+    def _ignore_reload(self) -> None:
+        event("signal_ignored", level=logging.WARNING, signal="SIGHUP",
+              note="shutting down; no reload")
+
+    def _delivery_bound(self) -> float:
+        """How long a message already handed to the backend may still take to be answered."""
+        delivery = self.services.delivery
+        if isinstance(delivery, SmtpDelivery):
+            s = delivery.connector.settings
+            return s.data_timeout + s.command_timeout
+        return 30.0
+
     async def stop(self, grace: float | None = None) -> None:
-        """Stop accepting, let busy sessions finish within the grace period, then close all."""
+        """Stop accepting, let busy sessions finish within the grace period, then close all.
+
+        When the grace period ends (or :meth:`hurry` ends it), a session whose message is
+        with the upstream waits for the upstream's reply (bounded by the delivery timeouts),
+        so the client hears the upstream's answer and the proxy never delivers a message the
+        client was told to retry. Every other session gets 421 and is closed.
+        """
         if self._stopping:
             await self._stopped.wait()
             return
@@ -306,8 +337,16 @@ class ProxyServer:
             server.close()
         for session in list(self.services.sessions):
             session.request_close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.services.drained.wait(), grace)
+        drained = asyncio.ensure_future(self.services.drained.wait())
+        hurried = asyncio.ensure_future(self._hurry.wait())
+        await asyncio.wait({drained, hurried}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+        drained.cancel()
+        hurried.cancel()
+        due = [s.delivering for s in self.services.sessions if s.delivering is not None]
+        if due:
+            bound = self._delivery_bound()
+            event("shutdown_awaiting_upstream", sessions=len(due), seconds=bound)
+            await asyncio.wait([asyncio.ensure_future(d.wait()) for d in due], timeout=bound)
         for session in list(self.services.sessions):
             session.force_close()
         if self.services.background:
@@ -353,10 +392,18 @@ class ProxyServer:
         try:
             await stop_requested.wait()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-                loop.remove_signal_handler(sig)
+            # Keep handling signals while draining: without a handler a second SIGTERM, or
+            # the SIGHUP of a logrotate or `systemctl reload`, would kill the process with
+            # messages in flight (delivered upstream, the client never hearing 250).
+            loop.add_signal_handler(signal.SIGHUP, self._ignore_reload)
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.hurry, sig)
             for task in self._reloads:
                 task.cancel()
-            await self.stop()
+            try:
+                await self.stop()
+            finally:
+                for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                    loop.remove_signal_handler(sig)
             if pid_file is not None:
                 remove_pid_file(Path(pid_file))

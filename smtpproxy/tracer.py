@@ -29,7 +29,7 @@ from smtpproxy.eventlog import current_session
 from smtpproxy.message import Message
 from smtpproxy.outcome import PROXY, Refusal, before_message, end_of_message, skips_data_chain
 from smtpproxy.registry import build_chain
-from smtpproxy.relay import RelayPolicy
+from smtpproxy.relay import RelayPolicy, refusal_reply
 from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
 from smtpproxy.session import (
     Client,
@@ -262,7 +262,8 @@ class TracePolicy:
         lim, listener = config.limits, config.listeners[0]
         return cls(
             relay=RelayPolicy.from_config(
-                config.relay.domains, config.relay.networks, config.relay.allow_authenticated
+                config.relay.domains, config.relay.networks, config.relay.allow_authenticated,
+                config.relay.allow_routing_local_parts,
             ),
             max_message_size=lim.max_message_size,
             max_line_length=lim.max_line_length,
@@ -617,8 +618,9 @@ class Tracer:
         p = self.policy
         if len(transaction.envelope.recipients) >= p.max_recipients:
             return Reply(452, "4.5.3", "Too many recipients")
-        if p.relay is not None and not p.relay.permits(address, session.client.ip, session.auth_user):
-            return Reply(554, "5.7.1", f"<{address.text}>: Relay access denied")
+        why = p.relay.refusal(address, session.client.ip, session.auth_user) if p.relay else None
+        if why is not None:
+            return refusal_reply(address, why)
         if route is not None and p.route_of(address)[0] != route:
             return Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
         return None

@@ -4,7 +4,9 @@ One Python process uses one core. With ``workers: N`` the ``smtpproxy run`` proc
 a small supervisor: it starts N copies of itself (``--worker 0..N-1``), each a complete proxy
 binding the same ports with SO_REUSEPORT, so the kernel spreads new connections across them.
 The supervisor forwards SIGHUP (reload) and SIGTERM/SIGINT (graceful stop) to every worker,
-restarts a worker that dies, writes the pid file and talks to systemd; the workers don't.
+and during the stop a second SIGTERM/SIGINT too (each worker then cuts its grace short); a
+SIGHUP during the stop is logged and ignored. It restarts a worker that dies, writes the pid
+file and talks to systemd; the workers don't.
 
 Each worker has its own upstream pool, rate-limit memory (use the Redis backend to share
 limits) and metrics endpoint (``metrics.port`` + worker index).
@@ -131,6 +133,19 @@ async def _supervise(config: Config, argv: list[str]) -> int:
                 watchers[asyncio.ensure_future(_wait(worker))] = worker
         notify("STOPPING=1")
         event("workers_stopping", workers=len(workers))
+
+        def hurry_all(signum: int) -> None:  # a second SIGTERM/SIGINT: each worker hurries
+            event("shutdown_hurried", level=logging.WARNING, signal=signal.Signals(signum).name)
+            for worker in workers:
+                worker.signal(signum)
+
+        def ignore_reload() -> None:  # draining workers would only log that they ignore it
+            event("signal_ignored", level=logging.WARNING, signal="SIGHUP",
+                  note="shutting down; no reload")
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, hurry_all, signum)
+        loop.add_signal_handler(signal.SIGHUP, ignore_reload)
         for worker in workers:
             worker.signal(signal.SIGTERM)  # each finishes its sessions within shutdown_grace
         for task in watchers:

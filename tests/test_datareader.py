@@ -27,7 +27,10 @@ def dot_stuff(content: bytes) -> bytes:
 
 
 crlf_lines = st.lists(
-    st.binary(max_size=80).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")), max_size=30
+    st.binary(max_size=80).map(
+        lambda b: b.replace(b"\r", b"").replace(b"\n", b"").replace(b"\x00", b"")
+    ),
+    max_size=30,
 )
 
 
@@ -79,15 +82,55 @@ def test_size_limit_counts_unstuffed_bytes_and_keeps_draining() -> None:
     assert reader.problem is DataProblem.TOO_BIG
 
 
-def test_line_limit_allows_a_transparency_dot() -> None:
+def test_line_limit_allows_a_transparency_dot_only_on_dot_lines() -> None:
     reader = DataReader(10**7, 10)
     feed_stream(reader, b".12345678\r\n")  # 11 bytes with CRLF: 10 + the stuffing dot
     assert reader.problem is None
     reader = DataReader(10**7, 10)
-    feed_stream(reader, b"123456789\r\n")  # 11 bytes, no dot
+    feed_stream(reader, b"12345678\r\n")  # 10 bytes with CRLF: the limit exactly
     assert reader.problem is None
-    feed_stream(reader, b"1234567890\r\n")  # 12 bytes
+    feed_stream(reader, b"123456789\r\n")  # 11 bytes, no dot: one too many
     assert reader.problem is DataProblem.LINE_TOO_LONG
+
+
+@given(st.integers(min_value=1, max_value=1100), st.booleans())
+def test_line_limit_is_exact(length: int, dotted: bool) -> None:
+    """A text line of *length* octets plus CRLF fits exactly when length + 2 <= max_line."""
+    line = (b"." if dotted else b"") + b"x" * length + b"\r\n"
+    wire = (b"." if line[:1] == b"." else b"") + line  # dot-stuffed as a client sends it
+    reader = DataReader(10**7, 1000)
+    done, _ = feed_stream(reader, wire + b".\r\n")
+    assert done
+    text_octets = len(line)
+    if text_octets <= 1000:
+        assert reader.problem is None
+        assert reader.content() == line
+    else:
+        assert reader.problem is DataProblem.LINE_TOO_LONG
+
+
+nul_payloads = st.tuples(crlf_lines, crlf_lines, st.binary(max_size=20)).map(
+    lambda t: b"".join(x + b"\r\n" for x in t[0])
+    + t[2].replace(b"\r", b"").replace(b"\n", b"") + b"\x00"
+    + b"".join(x + b"\r\n" for x in t[1])
+)
+
+
+@given(nul_payloads, st.booleans())
+def test_nul_is_always_refused_and_the_data_drained(payload: bytes, normalize: bool) -> None:
+    reader = DataReader(10**7, 10**6, normalize_bare_newlines=normalize)
+    stream = re.sub(rb"(?m)^\.", b"..", payload) + b"\r\n.\r\nNOOP\r\n"
+    done, rest = feed_stream(reader, stream)
+    assert done and rest == b"NOOP\r\n"
+    assert reader.problem is DataProblem.NUL
+    assert reader.problem.reply(1, 1).code == 550
+
+
+def test_nul_dot_line_does_not_end_the_data() -> None:
+    reader = DataReader(10**7, 1000)
+    done, rest = feed_stream(reader, b"Hi\r\n\x00.\r\nMAIL FROM:<x@y>\r\n.\r\nQUIT\r\n")
+    assert done and rest == b"QUIT\r\n"
+    assert reader.problem is DataProblem.NUL
 
 
 def test_fragments_of_an_overlong_line() -> None:

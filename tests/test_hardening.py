@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
 
 from smtpproxy import Message, hookimpl
-from tests.conftest import ProxyFactory, Sink, Talk, port_of
+from tests.conftest import ProxyFactory, RawUpstream, Sink, SinkHandler, Talk, port_of, start_sink
 
 RELAY = {"domains": ["dest.test"], "networks": []}
 HEAD = b"From: a@sender.test\r\nTo: b@dest.test\r\nSubject: s\r\n\r\n"
@@ -78,6 +79,44 @@ async def test_smuggling_payloads_normalized_arrive_as_one_message(
     assert b"\r\nSpoofed!\r\n" in seen.raw[0]  # the smuggled text is just body text
     for raw in seen.raw:
         assert raw.count(b"\n") == raw.count(b"\r\n") == raw.count(b"\r")
+
+
+NUL_PAYLOADS = {
+    "nul-dot": b"Hello\r\n\x00.\r\n" + SMUGGLED,
+    "dot-nul": b"Hello\r\n.\x00\r\n" + SMUGGLED,
+    "nul-in-header": b"X-A: \x00b\r\n",
+    "nul-in-body": b"Hello\x00world\r\n",
+}
+
+
+@pytest.mark.parametrize("name", sorted(NUL_PAYLOADS))
+@pytest.mark.parametrize("bare_newlines", ["reject", "normalize"])
+async def test_nul_in_data_is_refused_never_forwarded(
+    proxy_factory: ProxyFactory, sink: Sink, name: str, bare_newlines: str
+) -> None:
+    seen = Seen()
+    proxy = await proxy_factory(seen, upstream=sink.port, relay=RELAY,
+                                smtp={"bare_newlines": bare_newlines})
+    code, text = await send_raw_message(port_of(proxy), NUL_PAYLOADS[name])
+    assert (code, text) == (550, "5.6.0 NUL characters in message data are not allowed")
+    assert seen.raw == []  # refused before any plugin ran
+    assert sink.messages == []
+
+
+async def test_line_length_limit_is_exact_over_the_wire(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY)
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    fits = HEAD + b"a" * 998 + b"\r\n"  # 1000 octets with CRLF
+    dotted = HEAD + b".." + b"b" * 997 + b"\r\n"  # the text line ".bbb" is 1000 octets
+    over = HEAD + b"c" * 999 + b"\r\n"  # 1001 octets
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], fits))[0] == 250
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], dotted))[0] == 250
+    code, text = await client.send_message("a@sender.test", ["b@dest.test"], over)
+    assert code == 500 and text.startswith("5.5.2 Line too long")
+    assert [m.content.count(b"\n") for m in sink.messages] == [5, 5]
+    assert sink.messages[1].content.endswith(b"\r\n." + b"b" * 997 + b"\r\n")
+    await client.close()
 
 
 async def test_bare_lf_in_header_cannot_become_a_second_header(
@@ -202,6 +241,95 @@ async def test_silent_client_gets_421_on_idle_timeout(proxy_factory: ProxyFactor
     assert await client.closed()
 
 
+class SlowSink(SinkHandler):
+    """An upstream that takes *delay* seconds to answer RCPT and the end of DATA."""
+
+    def __init__(self, delay: float) -> None:
+        super().__init__()
+        self.delay = delay
+
+    async def handle_RCPT(self, *args: Any) -> str:
+        await asyncio.sleep(self.delay)
+        return await super().handle_RCPT(*args)
+
+    async def handle_DATA(self, *args: Any) -> str:
+        await asyncio.sleep(self.delay)
+        return await super().handle_DATA(*args)
+
+
+class SlowHook:
+    name = "slowhook"
+    timeout = 5.0
+
+    def __init__(self, delay: float) -> None:
+        self.delay = delay
+
+    @hookimpl
+    async def connect(self) -> None:
+        await asyncio.sleep(self.delay)
+
+    @hookimpl
+    async def data(self) -> None:
+        await asyncio.sleep(self.delay)
+
+
+@pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
+async def test_idle_timer_does_not_run_while_the_proxy_waits_on_upstream_or_plugins(
+    proxy_factory: ProxyFactory, rcpt_mode: str
+) -> None:
+    slow = await start_sink(SlowSink(delay=0.9))
+    try:
+        proxy = await proxy_factory(
+            SlowHook(delay=0.9), upstream=slow.port, relay=RELAY,
+            limits={"idle_timeout": 0.4, "data_timeout": 0.4},
+            delivery={"rcpt_mode": rcpt_mode, "command_timeout": 5, "data_timeout": 5},
+        )
+        client = await Talk.open(port_of(proxy))
+        code, _ = await client.hello()  # the connect hook took 0.9 s: still a greeting, no 421
+        assert code == 250
+        assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+        assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+        assert (await client.cmd("DATA"))[0] == 354
+        client.send(HEAD + b"slow\r\n.\r\n")
+        code, text = await client.reply()  # plugin 0.9 s + upstream 0.9 s, idle 0.4 s
+        assert code == 250 and "SINK1" in text, text
+        assert len(slow.messages) == 1
+        # waiting for the client again: the idle timer is back
+        code, text = await client.reply()
+        assert code == 421 and "timeout" in text
+        assert await client.closed()
+    finally:
+        slow.server.close()
+
+
+async def test_client_leaving_while_the_proxy_works_is_quiet(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The client's clock is paused while plugins run; a client that hangs up meanwhile must
+    not trip aiosmtpd's connection_lost (it expects a timer handle)."""
+    entered = asyncio.Event()
+
+    class Slow:
+        name = "slow"
+
+        @hookimpl
+        async def data(self) -> None:
+            entered.set()
+            await asyncio.sleep(0.3)
+
+    proxy = await proxy_factory(Slow(), upstream=sink.port, relay=RELAY)
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    await client.cmd("MAIL FROM:<a@sender.test>")
+    await client.cmd("RCPT TO:<b@dest.test>")
+    await client.cmd("DATA")
+    client.send(HEAD + b"x\r\n.\r\n")
+    await asyncio.wait_for(entered.wait(), 5)
+    await client.close()
+    await asyncio.wait_for(proxy.services.drained.wait(), 5)  # the session has ended
+    assert "Exception in callback" not in caplog.text and "AssertionError" not in caplog.text
+
+
 async def test_idle_timer_counts_from_the_last_command_not_the_first(proxy_factory: ProxyFactory) -> None:
     """The idle timer is re-armed lazily; each command must still push the deadline back."""
     proxy = await proxy_factory(limits={"idle_timeout": 0.4})
@@ -320,6 +448,52 @@ async def test_starttls_discards_pipelined_plaintext(
     await client.close()
 
 
+def _proxy_pem(tls_ca: trustme.CA, tmp_path: Path) -> dict[str, str]:
+    tls_ca.issue_cert("proxy.test").private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "p.pem"))
+    return {"cert": str(tmp_path / "p.pem"), "key": str(tmp_path / "p.pem")}
+
+
+async def test_starttls_twice_is_refused_inside_tls(
+    proxy_factory: ProxyFactory, sink: Sink, tls_ca: trustme.CA, tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, listeners=[
+        {"address": "127.0.0.1", "port": 0, "tls": _proxy_pem(tls_ca, tmp_path)}])
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("STARTTLS"))[0] == 220
+    ctx = ssl.create_default_context()
+    tls_ca.configure_trust(ctx)
+    await client.writer.start_tls(ctx, server_hostname="proxy.test")
+    code, ehlo = await client.cmd("EHLO client.test")
+    assert code == 250 and "STARTTLS" not in ehlo.split("\n")
+    # a second STARTTLS, with a command pipelined behind it: refused, the session goes on in TLS
+    client.send(b"STARTTLS\r\nNOOP\r\n")
+    assert await client.reply() == (503, "5.5.1 TLS already active")
+    assert await client.reply() == (250, "2.0.0 OK")
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], HEAD + b"x\r\n"))[0] == 250
+    assert len(sink.messages) == 1
+    await client.close()
+    assert "Traceback" not in caplog.text and "internal_error" not in caplog.text
+
+
+async def test_starttls_on_an_implicit_tls_listener(
+    proxy_factory: ProxyFactory, tls_ca: trustme.CA, tmp_path: Path
+) -> None:
+    proxy = await proxy_factory(relay=RELAY, listeners=[
+        {"address": "127.0.0.1", "port": 0, "implicit_tls": True, "tls": _proxy_pem(tls_ca, tmp_path)}])
+    ctx = ssl.create_default_context()
+    tls_ca.configure_trust(ctx)
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", port_of(proxy), ssl=ctx, server_hostname="proxy.test")
+    client = Talk(reader, writer)
+    code, ehlo = await client.hello()
+    assert code == 250 and "STARTTLS" not in ehlo.split("\n")
+    assert await client.cmd("STARTTLS") == (503, "5.5.1 TLS already active")
+    assert await client.cmd("NOOP") == (250, "2.0.0 OK")
+    await client.close()
+
+
 async def test_require_starttls(proxy_factory: ProxyFactory, tls_ca: trustme.CA, tmp_path: Path) -> None:
     cert = tls_ca.issue_cert("proxy.test")
     cert.private_key_and_cert_chain_pem.write_to_path(str(tmp_path / "proxy.pem"))
@@ -381,3 +555,30 @@ async def test_command_cap_does_not_cut_off_a_productive_session(proxy_factory: 
     for _ in range(4):  # 4 commands per message, far past the cap in total
         assert (await client.send_message("a@sender.test", ["b@dest.test"], HEAD + b"x\r\n"))[0] == 250
     await client.close()
+
+
+async def test_dsn_is_not_offered_once_the_upstream_is_seen_without_it(
+    proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    upstream = RawUpstream()  # no DSN in its EHLO
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery={
+        "type": "smtp", "host": "127.0.0.1", "port": server.sockets[0].getsockname()[1], "tls": "none"})
+    client = await Talk.open(port_of(proxy))
+    code, ehlo = await client.hello()
+    assert "DSN" in ehlo.split("\n")  # not known yet: a Postfix-like upstream is assumed
+    assert (await client.cmd("MAIL FROM:<a@sender.test> RET=HDRS"))[0] == 250
+    assert (await client.cmd("RCPT TO:<b@dest.test> NOTIFY=SUCCESS"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(HEAD + b"x\r\n.\r\n")
+    assert (await client.reply())[0] == 250
+    assert upstream.commands(b"MAIL")[0] == b"MAIL FROM:<a@sender.test>"  # never sent unoffered
+    assert upstream.commands(b"RCPT")[0] == b"RCPT TO:<b@dest.test>"
+    assert "dsn_not_offered" in caplog.text
+    code, ehlo = await client.cmd("EHLO client.test")
+    assert code == 250
+    assert "DSN" not in ehlo.split("\n")
+    assert await client.cmd("MAIL FROM:<a@sender.test> RET=HDRS") == (
+        555, "5.5.4 MAIL parameter RET not supported")
+    await client.close()
+    server.close()

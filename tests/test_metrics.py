@@ -141,7 +141,7 @@ async def test_counters_and_histograms_after_real_sessions(proxy_factory: ProxyF
 
 async def test_upstream_errors_are_counted(proxy_factory: ProxyFactory) -> None:
     dead = closed_port()
-    server = await proxy_factory(upstream=dead, **METRICS)
+    server = await proxy_factory(upstream=dead, delivery={"rcpt_mode": "at_data"}, **METRICS)
     client = await Talk.open(port_of(server))
     await client.hello()
     code, _ = await client.send_message("a@src.test", ["ok@dest.test"], b"Subject: hi\r\n\r\nhello\r\n")
@@ -151,7 +151,8 @@ async def test_upstream_errors_are_counted(proxy_factory: ProxyFactory) -> None:
     assert value(s, "smtpproxy_messages_total", decision="tempfailed") == 1
     assert value(s, "smtpproxy_upstream_errors_total", backend="smtp", result="tempfail") == 1
     assert value(s, "smtpproxy_upstream_duration_seconds_count", backend="smtp", result="tempfail") == 1
-    assert value(s, "smtpproxy_upstream_connect_failures_total", upstream=f"127.0.0.1:{dead}") == 1
+    assert value(s, "smtpproxy_upstream_connect_failures_total", upstream=f"127.0.0.1:{dead}",
+                 reason="connect") == 1
 
 
 async def test_refused_connections_by_reason(proxy_factory: ProxyFactory, sink: Sink) -> None:
@@ -212,7 +213,8 @@ async def test_readyz_follows_the_upstream(proxy_factory: ProxyFactory, sink: Si
     up = await proxy_factory(upstream=sink.port, metrics={"enabled": True, "port": 0, "ready_cache": 0.01})
     status, _, body = await http(health_port(up), "/readyz")
     assert status == 200, body
-    assert body.decode() == f"ready\nupstream 127.0.0.1:{sink.port}: ok\n"
+    assert body.decode() == (f"ready\nupstream 127.0.0.1:{sink.port}: ok; "
+                             "client identity: not known yet (no message sent)\n")
 
     dead = closed_port()
     down = await proxy_factory(upstream=dead, **METRICS)

@@ -20,6 +20,8 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from smtpproxy.addresses import AddressError, parse_mail_from
+from smtpproxy.delivery.upstream import xtext
+from smtpproxy.dsn import check_mail_params, check_rcpt_params
 from smtpproxy.server import ProxyServer
 from tests.conftest import RawUpstream, chain_of, make_config
 
@@ -46,7 +48,7 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         config = make_config(
             tmp, relay={"domains": ["dest.test"], "networks": []},
             delivery={"type": "smtp", "host": "127.0.0.1", "port": raw.sockets[0].getsockname()[1],
-                      "tls": "none"},
+                      "tls": "none", "rcpt_mode": "at_data"},  # one MAIL per message upstream
             limits={"max_sessions_per_ip": 1000, "max_errors": 1000},
         )
         proxy = ProxyServer(config, chain=chain_of())
@@ -150,3 +152,47 @@ def test_accepted_sender_reaches_upstream_exactly(live: Live, local: str, domain
         assert expected == path  # no source route here: the text is exactly what the client sent
     finally:
         conn.close()
+
+
+def _xtext_decode(text: str) -> bytes:
+    out, i = bytearray(), 0
+    while i < len(text):
+        if text[i] == "+":
+            out.append(int(text[i + 1:i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(text[i]))
+            i += 1
+    return bytes(out)
+
+
+@given(st.binary(max_size=300))
+def test_xtext_of_any_client_octets_is_safe_and_exact(octets: bytes) -> None:
+    """Whatever a client sent as HELO (decoded with surrogateescape, as the inbound side
+    does) encodes as xtext that the upstream decodes back to the same octets."""
+    value = octets.decode("utf-8", "surrogateescape")
+    encoded = xtext(value)
+    assert encoded.isascii() and all(33 <= ord(c) <= 126 for c in encoded)
+    assert "=" not in encoded
+    assert _xtext_decode(encoded) == octets
+
+
+@given(st.binary(min_size=1, max_size=100))
+def test_dsn_xtext_values_are_checked_exactly(octets: bytes) -> None:
+    """An xtext-encoded ENVID/ORCPT passes; the raw value passes only if it is xtext itself."""
+    encoded = xtext(octets.decode("utf-8", "surrogateescape"))
+    assume(len(encoded) <= 100)
+    assert check_mail_params({"ENVID": encoded}) is None
+    assert check_rcpt_params({"ORCPT": "rfc822;" + encoded}) is None
+    raw = octets.decode("latin-1")
+    is_xtext = re.fullmatch(r"(?:[!-*,-<>-~]|\+[0-9A-F]{2})+", raw) is not None
+    assert (check_mail_params({"ENVID": raw}) is None) == is_xtext
+
+
+@given(st.lists(st.sampled_from(["SUCCESS", "FAILURE", "DELAY", "NEVER", "success", "x", ""]),
+                min_size=1, max_size=4))
+def test_dsn_notify_values(words: list[str]) -> None:
+    upper = [w.upper() for w in words]
+    valid = upper == ["NEVER"] or (
+        set(upper) <= {"SUCCESS", "FAILURE", "DELAY"} and len(set(upper)) == len(upper))
+    assert (check_rcpt_params({"NOTIFY": ",".join(words)}) is None) == valid

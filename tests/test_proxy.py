@@ -413,7 +413,8 @@ async def test_upstream_refusals_are_relayed_faithfully(proxy_factory: ProxyFact
 async def test_upstream_recipient_refusal_at_data_time(proxy_factory: ProxyFactory) -> None:
     handler = SinkHandler(rcpt_replies={"gone@dest.test": "550 5.1.1 User unknown"})
     upstream = await start_sink(handler)
-    proxy = await proxy_factory(upstream=upstream.port, relay=RELAY)
+    proxy = await proxy_factory(upstream=upstream.port, relay=RELAY,
+                                delivery={"rcpt_mode": "at_data", "refusal_memory": 0})
     client = await Talk.open(port_of(proxy))
     await client.hello()
     # every recipient refused permanently: the refusal is relayed

@@ -3,6 +3,8 @@ silently downgraded to plaintext."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import ssl
 from pathlib import Path
 
@@ -122,3 +124,46 @@ async def test_smarthost_auth_over_tls(proxy_factory: ProxyFactory, ca: trustme.
     assert await send_one(port_of(proxy)) == (451, "4.7.0 Upstream authentication failed, try again later")
     assert len(sink.messages) == 1
     sink.server.close()
+
+
+@pytest.mark.parametrize("mode", ["starttls", "implicit"])
+async def test_wrong_upstream_ca_is_reported_as_a_certificate_problem(
+    proxy_factory: ProxyFactory, ca: trustme.CA, tmp_path: Path, mode: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from aiosmtpd.smtp import SMTP as AiosmtpdSMTP
+
+    from tests.conftest import SinkHandler
+    from tests.test_metrics import health_port, http, scrape, value
+
+    handler = SinkHandler()
+    if mode == "starttls":
+        sink = await start_sink(handler, tls_context=server_context(ca))
+        server, port = sink.server, sink.port
+    else:  # TLS from the first byte, as on port 465
+        server = await asyncio.get_running_loop().create_server(
+            lambda: AiosmtpdSMTP(handler, hostname="upstream.test"), "127.0.0.1", 0,
+            ssl=server_context(ca))
+        port = server.sockets[0].getsockname()[1]
+    other = trustme.CA()  # the proxy trusts the wrong CA
+    other.cert_pem.write_to_path(str(tmp_path / "other-ca.pem"))
+    proxy = await proxy_factory(
+        upstream=port, relay=RELAY, metrics={"enabled": True, "port": 0, "ready_cache": 0.01},
+        delivery={"tls": mode, "ca_file": str(tmp_path / "other-ca.pem"), "tls_hostname": "upstream.test"},
+    )
+    try:
+        assert await send_one(port_of(proxy)) == (
+            451, "4.7.5 TLS with the upstream mail server failed, try again later")
+        [record] = [r for r in caplog.records if r.msg == "upstream_down"]
+        fields = record.smtpproxy_fields  # type: ignore[attr-defined]
+        assert record.levelno == logging.WARNING and fields["reason"] == "tls_verify"
+        assert "TLS certificate verification failed: unable to get local issuer certificate" in fields["detail"]
+        samples = await scrape(proxy)
+        assert value(samples, "smtpproxy_upstream_connect_failures_total",
+                     upstream=f"127.0.0.1:{port}", reason="tls_verify") == 1
+        status, _, body = await http(health_port(proxy), "/readyz")
+        assert status == 503
+        assert f"upstream 127.0.0.1:{port}: TLS certificate verification failed (" in body.decode()
+        assert handler.messages == []
+    finally:
+        server.close()

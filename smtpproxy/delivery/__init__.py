@@ -8,6 +8,7 @@ reply for the client, so the proxy never acknowledges a message it could lose.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -22,10 +23,13 @@ __all__ = ["Delivered", "Delivery", "DeliveryError", "UpstreamTransaction"]
 class DeliveryError(Exception):
     """The backend did not take the message; ``reply`` is what the client should hear."""
 
-    def __init__(self, reply: Reply, detail: str = ""):
+    def __init__(self, reply: Reply, detail: str = "", reason: str = ""):
         super().__init__(f"{reply.code} {reply.enhanced or ''} {reply.text} {detail}".strip())
         self.reply = reply
         self.detail = detail
+        self.reason = reason
+        """Why a server could not be used (``connect``, ``timeout``, ``greeting``, ``tls``,
+        ``tls_verify``, ``auth``); empty for replies about one message."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +49,9 @@ class UpstreamTransaction(Protocol):
         """True once the upstream has been contacted for this transaction."""
         ...
 
-    async def rcpt(self, address: Address) -> Reply:
-        """Ask the upstream about one recipient; its answer is relayed to the client."""
+    async def rcpt(self, address: Address, params: Mapping[str, str | None] | None = None) -> Reply:
+        """Ask the upstream about one recipient (with its DSN parameters); its answer is
+        relayed to the client."""
         ...
 
     async def data(self, content: Message) -> Delivered:
@@ -70,6 +75,18 @@ class Delivery(Protocol):
 
     def open_transaction(self, session: Session, transaction: Transaction) -> UpstreamTransaction:
         """Only called when ``rcpt_mode`` is ``relay``."""
+        ...
+
+    def offers_dsn(self) -> bool:
+        """Whether the client may ask for DSNs (RFC 3461): the backend passes them on."""
+        ...
+
+    def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
+        """The refusal the backend gave *recipient* at an earlier delivery, if it still applies.
+
+        With ``rcpt_mode: at_data`` the client hears it at RCPT when it sends again, so one
+        refused recipient does not defer the others on every retry.
+        """
         ...
 
     async def start(self) -> None:

@@ -20,8 +20,9 @@ def make_delivery(config: Config) -> Delivery:
     """A Maildir or an SMTP delivery (with its routes and connection pool), as configured."""
     d = config.delivery
     if isinstance(d, MaildirDelivery):
-        return MaildirBackend(Path(d.path))
-    return SmtpDelivery.from_config(d, config_hostname(config))
+        return MaildirBackend(Path(d.path), received=config.received_header,
+                              hostname=config_hostname(config))
+    return SmtpDelivery.from_config(d, config_hostname(config), received=config.received_header)
 
 
 def config_hostname(config: Config) -> str:

@@ -11,6 +11,7 @@ from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
 from smtpproxy.delivery import Delivered, DeliveryError, UpstreamTransaction
 from smtpproxy.message import Buffer, Message
+from smtpproxy.received import received_field, wants_received
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdicts import Reply
 
@@ -27,8 +28,11 @@ class MaildirDelivery:
     name = "maildir"
     rcpt_mode = "at_data"
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, received: str = "auto", hostname: str = "localhost"):
         self.path = Path(path)
+        self.received = received
+        """``received_header``: a Maildir is never told the client, so ``auto`` writes it."""
+        self.hostname = hostname
         self._host = socket.gethostname().replace("/", "\\057").replace(":", "\\072")
         self._counter = 0
 
@@ -37,6 +41,12 @@ class MaildirDelivery:
 
     def open_transaction(self, session: Session, transaction: Transaction) -> UpstreamTransaction:
         raise NotImplementedError("a Maildir has no upstream transaction")
+
+    def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
+        return None  # a Maildir refuses no recipient
+
+    def offers_dsn(self) -> bool:
+        return False  # a success DSN would have to come from us; the proxy sends no mail
 
     async def start(self) -> None:
         await run_blocking(self._make_dirs)
@@ -49,6 +59,8 @@ class MaildirDelivery:
         envelope = transaction.envelope
         trace = [f"Return-Path: <{envelope.sender.text}>\r\n".encode()]
         trace += [f"Delivered-To: {r.address.text}\r\n".encode() for r in envelope.recipients]
+        if wants_received(self.received, client_told=False):
+            trace.append(received_field(session, transaction, self.hostname))
         self._counter += 1
         name = f"{time.time_ns()}.P{os.getpid()}Q{self._counter}M{transaction.id}.{self._host}"
         try:

@@ -6,14 +6,17 @@ code; an unreachable or silent upstream becomes ``451 4.4.x`` so the client retr
 
 Two ways to meet the upstream (``rcpt_mode``):
 
-- ``at_data`` (default, simpler): the upstream is contacted once the plugins accepted the
-  whole message. If it then refuses some recipients, the client gets ``451`` for the
-  message (delivering to the others after the client heard 250 for all would lose mail
-  silently); if it refuses all of them permanently, its refusal is relayed.
-- ``relay``: the upstream transaction runs alongside the client's. Each RCPT that the
-  plugins accept is asked of the upstream at once and its exact answer relayed, so unknown
-  users are refused at RCPT by the real server. Costs an upstream connection per open
-  client transaction.
+- ``relay`` (default): the upstream transaction runs alongside the client's. Each RCPT that
+  the plugins accept is asked of the upstream at once and its exact answer relayed, so
+  unknown users are refused at RCPT by the real server. Costs an upstream connection per
+  open client transaction.
+- ``at_data``: the upstream is contacted once the plugins accepted the whole message. If it
+  then refuses some recipients, the client gets ``451`` for the message (delivering to the
+  others after the client heard 250 for all would lose mail silently); if it refuses all of
+  them permanently, its refusal is relayed. Either way each refusal is remembered (per
+  route, sender and recipient, for ``refusal_memory`` seconds) and given at RCPT when the
+  client sends again, so the other recipients go through on that retry instead of being
+  deferred with the refused one until the message bounces.
 
 Addresses are sent with ``execute_command`` exactly as the inbound parser validated them:
 aiosmtplib's ``mail()``/``rcpt()`` would run them through ``email.utils.parseaddr``, which
@@ -24,7 +27,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterator, Sequence
+import logging
+import time
+from collections import OrderedDict
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import aiosmtplib
@@ -40,9 +46,12 @@ from smtpproxy.delivery.upstream import (
     UpstreamServer,
     upstream_reply,
 )
+from smtpproxy.dsn import MAIL_PARAMS, RCPT_PARAMS
+from smtpproxy.eventlog import event
 from smtpproxy.message import Message
+from smtpproxy.received import received_field, wants_received
 from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
-from smtpproxy.session import Envelope, Session, Transaction
+from smtpproxy.session import Envelope, Recipient, Session, Transaction
 from smtpproxy.verdicts import Reply
 
 __all__ = ["RelayTransaction", "SmtpDelivery", "upstream_reply"]
@@ -58,10 +67,17 @@ class SmtpDelivery:
         default: Sequence[UpstreamServer],
         routes: Sequence[tuple[Sequence[str], Sequence[UpstreamServer]]] = (),
         *,
-        rcpt_mode: str = "at_data",
+        rcpt_mode: str = "relay",
+        refusal_memory: float = 3600.0,
+        received: str = "auto",
+        hostname: str = "localhost",
     ):
         self.connector = connector
+        self.received = received
+        self.hostname = hostname
         self.rcpt_mode = rcpt_mode
+        self.refusal_memory = refusal_memory
+        self._refusals: OrderedDict[tuple[str, str, str], tuple[Reply, float]] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
         self._table = RouteTable([domains for domains, _ in routes])
         self._routes: dict[str, list[UpstreamServer]] = {DEFAULT_ROUTE: list(default)}
@@ -69,7 +85,7 @@ class SmtpDelivery:
             self._routes[key] = list(servers)
 
     @classmethod
-    def from_config(cls, c: cfg.SmtpDelivery, helo_name: str) -> SmtpDelivery:
+    def from_config(cls, c: cfg.SmtpDelivery, helo_name: str, *, received: str = "auto") -> SmtpDelivery:
         settings = ConnectorSettings(
             tls=c.tls, tls_verify=c.tls_verify, ca_file=_path(c.ca_file),
             tls_hostname=c.tls_hostname, client_cert=_path(c.client_cert),
@@ -83,7 +99,9 @@ class SmtpDelivery:
             down_backoff=c.down_backoff,
         )
         routes = [(route.domains, _servers(route.upstreams)) for route in c.routes]
-        return cls(Connector(settings), _servers(c.default_upstreams()), routes, rcpt_mode=c.rcpt_mode)
+        return cls(Connector(settings), _servers(c.default_upstreams()), routes,
+                   rcpt_mode=c.rcpt_mode, refusal_memory=c.refusal_memory,
+                   received=received, hostname=helo_name)
 
     @property
     def servers(self) -> list[UpstreamServer]:
@@ -111,28 +129,65 @@ class SmtpDelivery:
 
     async def deliver(self, session: Session, transaction: Transaction, content: Message) -> Delivered:
         """Send the message to every route its recipients belong to; 250 only if all took it."""
-        groups: dict[str, list[Address]] = {}
+        groups: dict[str, list[Recipient]] = {}
         for rcpt in transaction.envelope.recipients:
-            groups.setdefault(self.route_key(rcpt.address), []).append(rcpt.address)
+            groups.setdefault(self.route_key(rcpt.address), []).append(rcpt)
         delivered: Delivered | None = None
         for key, recipients in groups.items():
             conn = await self.connector.acquire(self._routes[key], session)
             async with _Transfer(self.connector, conn) as transfer:
                 await transfer.mail(transaction.envelope, content.size)
                 refused = []
-                for address in recipients:
-                    reply = await transfer.rcpt(address, transaction.envelope.smtputf8)
+                for rcpt in recipients:
+                    reply = await transfer.rcpt(rcpt.address, transaction.envelope.smtputf8, rcpt.params)
                     if not reply.is_positive:
-                        refused.append((address.text, reply))
+                        refused.append((rcpt.address.text, reply))
                 if refused:
                     await transfer.reset()
+                    for address_text, reply in refused:
+                        self._remember(key, transaction.envelope.sender.text, address_text, reply)
                     raise DeliveryError(_refusal_reply(refused, len(recipients)),
                                         f"{conn.destination}: recipients refused: "
                                         + ", ".join(f"{a} {r.code}" for a, r in refused))
-                reply = await transfer.data(content)
+                reply = await transfer.data(content, self._trace(conn, session, transaction))
                 delivered = Delivered(reply, conn.destination, conn.tls)
         assert delivered is not None, "a transaction always has recipients"
         return delivered
+
+    def _remember(self, route: str, sender: str, recipient: str, reply: Reply) -> None:
+        if self.refusal_memory <= 0:
+            return
+        key = (route, sender.lower(), recipient.lower())
+        self._refusals.pop(key, None)
+        self._refusals[key] = (reply, time.monotonic() + self.refusal_memory)
+        while len(self._refusals) > _MAX_REMEMBERED:
+            self._refusals.popitem(last=False)
+
+    def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
+        """The upstream's refusal of *recipient* at an earlier delivery from *sender*."""
+        if not self._refusals:
+            return None
+        key = (self.route_key(recipient), sender.text.lower(), recipient.text.lower())
+        entry = self._refusals.get(key)
+        if entry is None:
+            return None
+        reply, expires = entry
+        if time.monotonic() >= expires:
+            del self._refusals[key]
+            return None
+        return reply
+
+    def _trace(self, conn: Connection, session: Session, transaction: Transaction) -> bytes:
+        """Our Received: field for this hop, or nothing (``received_header``)."""
+        told = conn.server.identity in ("xclient", "xforward")
+        if wants_received(self.received, client_told=told):
+            return received_field(session, transaction, self.hostname)
+        return b""
+
+    def offers_dsn(self) -> bool:
+        """DSN is offered to clients unless a server of the default route was seen without
+        it (until the first connection, a Postfix-like upstream is assumed to offer it)."""
+        return all(s.offers_dsn is not False for s in self._routes[DEFAULT_ROUTE])
 
     def open_transaction(self, session: Session, transaction: Transaction) -> RelayTransaction:
         """For rcpt_mode relay: an upstream transaction that follows the client's."""
@@ -156,7 +211,7 @@ class RelayTransaction:
     def started(self) -> bool:
         return self._transfer is not None
 
-    async def rcpt(self, address: Address) -> Reply:
+    async def rcpt(self, address: Address, params: Mapping[str, str | None] | None = None) -> Reply:
         """Ask the upstream about one recipient; its answer is the client's answer."""
         if self._failed is not None:
             return self._failed
@@ -172,7 +227,7 @@ class RelayTransaction:
                 await self.abort()
                 return exc.reply
         try:
-            return await self._transfer.rcpt(address, self._transaction.envelope.smtputf8)
+            return await self._transfer.rcpt(address, self._transaction.envelope.smtputf8, params)
         except DeliveryError as exc:
             self._failed = exc.reply
             await self.abort()
@@ -183,7 +238,8 @@ class RelayTransaction:
             raise DeliveryError(self._failed or Reply(451, "4.4.0", "No upstream transaction"))
         transfer, self._transfer = self._transfer, None
         async with transfer:
-            reply = await transfer.data(content)
+            trace = self._delivery._trace(transfer.conn, self._session, self._transaction)
+            reply = await transfer.data(content, trace)
             return Delivered(reply, transfer.conn.destination, transfer.conn.tls)
 
     async def abort(self) -> None:
@@ -248,21 +304,37 @@ class _Transfer:
                     f"{self.conn.destination}: no SMTPUTF8",
                 )
             options.append(b"SMTPUTF8")
+        options += self._dsn_options(envelope.sender_params, MAIL_PARAMS)
         encoding = "utf-8" if envelope.smtputf8 else "ascii"
         sender = envelope.sender.text.encode(encoding)
         reply = await self._command(b"MAIL", b"FROM:<" + sender + b">", *options)
         if reply.code != 250:
             raise DeliveryError(reply, f"{self.conn.destination}: MAIL refused: {reply.code}")
 
-    async def rcpt(self, address: Address, smtputf8: bool) -> Reply:
+    async def rcpt(self, address: Address, smtputf8: bool,
+                   params: Mapping[str, str | None] | None = None) -> Reply:
         encoding = "utf-8" if smtputf8 else "ascii"
-        return await self._command(b"RCPT", b"TO:<" + address.text.encode(encoding) + b">")
+        options = self._dsn_options(params or {}, RCPT_PARAMS)
+        return await self._command(b"RCPT", b"TO:<" + address.text.encode(encoding) + b">", *options)
 
-    async def data(self, content: Message) -> Reply:
+    def _dsn_options(self, params: Mapping[str, str | None], names: frozenset[str]) -> list[bytes]:
+        """The client's DSN parameters (validated inbound) for an upstream that offers DSN."""
+        wanted = [(k, v) for k, v in params.items() if k in names and v is not None]
+        if not wanted:
+            return []
+        if not self.conn.client.supports_extension("dsn"):
+            event("dsn_not_offered", level=logging.WARNING, upstream=self.conn.destination,
+                  dropped=[k for k, _ in wanted])
+            return []
+        return [f"{k}={v}".encode("ascii") for k, v in wanted]
+
+    async def data(self, content: Message, trace: bytes = b"") -> Reply:
+        """Send the message, with *trace* (our Received: field) on top when given."""
+        parts = (trace, *content.parts()) if trace else content.parts()
         with self._lost_upstream_is_temporary():
             try:
                 response = await send_data(
-                    self.conn.client, content.parts(), self.connector.settings.data_timeout
+                    self.conn.client, parts, self.connector.settings.data_timeout
                 )
             except aiosmtplib.SMTPDataError as exc:
                 self.clean = True  # a refusal of the message leaves the session usable
@@ -281,13 +353,20 @@ class _Transfer:
             self.clean = False
 
 
+_MAX_REMEMBERED = 10_000
+"""Remembered recipient refusals (the oldest go first): bounded memory under any load."""
+
+
 def _refusal_reply(refused: list[tuple[str, Reply]], total: int) -> Reply:
     """One reply for a message whose recipients the upstream refused at delivery time."""
     first = refused[0][1]
     if len(refused) == total and all(r.is_permanent for _, r in refused):
         return first
     addr, reply = refused[0]
-    return Reply(451, "4.5.0", f"Upstream refused recipient {addr}: {reply.code} {reply.text}"[:400])
+    more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+    return Reply(451, "4.5.0", (
+        f"Upstream refused recipient {addr}{more}: {reply.code} {reply.text}; "
+        "send again and it is refused at RCPT, the others accepted")[:400])
 
 
 def _declared_size(transaction: Transaction) -> int | None:

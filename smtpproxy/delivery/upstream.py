@@ -12,6 +12,7 @@ RSET first.
 from __future__ import annotations
 
 import asyncio
+import logging
 import random
 import re
 import ssl
@@ -85,6 +86,17 @@ class UpstreamServer:
     weight: int = 1
     down_until: float = 0.0
     idle: deque[Connection] = field(default_factory=deque)
+    identity: str | None = None
+    """How the last connection told this server the original client: ``xclient``,
+    ``xforward`` or ``none``; None until a connection was made."""
+    identity_reason: str = ""
+    """Why, when ``identity`` is ``none``."""
+    down_reason: str | None = None
+    """Why the last attempt to use it failed (``tls_verify`` for a certificate that did not
+    verify, ``connect``, ``timeout``, ...); None once a connection succeeded."""
+    down_detail: str = ""
+    offers_dsn: bool | None = None
+    """Whether its last EHLO offered DSN (RFC 3461); None until a connection was made."""
 
     @property
     def name(self) -> str:
@@ -131,11 +143,28 @@ def order_servers(servers: Sequence[UpstreamServer], now: float) -> list[Upstrea
 
 
 def xtext(value: str) -> str:
-    """RFC 3461 xtext, the encoding XCLIENT and XFORWARD attribute values use."""
+    """RFC 3461 xtext, the encoding XCLIENT and XFORWARD attribute values use.
+
+    Encodes the value's octets: UTF-8, and octets that were not valid UTF-8 (kept as
+    surrogate escapes by the inbound side) exactly as the client sent them.
+    """
     return "".join(
-        c if 33 <= ord(c) <= 126 and c not in "+=" else "".join(f"+{b:02X}" for b in c.encode())
-        for c in value
+        chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else f"+{b:02X}"
+        for b in value.encode("utf-8", "surrogateescape")
     )
+
+
+_SURROGATES = re.compile("[\udc80-\udcff]")
+"""Octets of a HELO that were not valid UTF-8, as the inbound side keeps them."""
+
+_MAX_HELO = 255
+"""Postfix refuses a longer XCLIENT/XFORWARD HELO= (501, VALID_HOSTNAME_LEN)."""
+
+
+def helo_octets(helo: str) -> bytes:
+    """The client's HELO argument as it came over the wire (no CR, LF or controls: the
+    inbound command reader refused those)."""
+    return helo.encode("utf-8", "surrogateescape")
 
 
 class Connector:
@@ -143,8 +172,10 @@ class Connector:
 
     def __init__(self, settings: ConnectorSettings):
         self.settings = settings
-        self.on_down: Callable[[str], None] | None = None
-        """Told the name of each server that failed to connect or greet (metrics)."""
+        self.on_down: Callable[[str, str], None] | None = None
+        """Told the name of each server that failed to connect or greet, and why (metrics)."""
+        self.on_identity: Callable[[str, str], None] | None = None
+        """Told a server's name and how it learns the client (xclient, xforward, none)."""
         self._verify_context = self._context(verify=settings.tls_verify)
         self._opportunistic_context = self._context(verify=False)
 
@@ -170,14 +201,20 @@ class Connector:
             try:
                 conn = await self._open(server)
             except DeliveryError as exc:
+                reason = exc.reason or "connect"
                 server.down_until = time.monotonic() + self.settings.down_backoff
-                event("upstream_down", upstream=server.name, detail=exc.detail,
+                server.down_reason, server.down_detail = reason, exc.detail
+                # A certificate that does not verify is a configuration problem (CA file,
+                # tls_hostname), not an outage: say so, loudly.
+                event("upstream_down", level=logging.WARNING if reason == "tls_verify" else logging.INFO,
+                      upstream=server.name, reason=reason, detail=exc.detail,
                       backoff=self.settings.down_backoff)
                 if self.on_down is not None:
-                    self.on_down(server.name)
+                    self.on_down(server.name, reason)
                 last_error = exc
                 continue
             server.down_until = 0.0
+            server.down_reason, server.down_detail = None, ""
             try:
                 await self._identify(conn, session)
             except DeliveryError:
@@ -258,6 +295,7 @@ class Connector:
             tls = await self._handshake(client, server)
             if s.username is not None and s.password is not None:
                 await client.login(s.username, s.password)
+            server.offers_dsn = client.supports_extension("dsn")
             offered = None
             if client.supports_extension("xclient"):
                 offered = frozenset(client.esmtp_extensions.get("xclient", "").upper().split())
@@ -265,23 +303,27 @@ class Connector:
         except DeliveryError:
             client.close()
             raise
-        except aiosmtplib.SMTPAuthenticationError as exc:
-            client.close()
-            raise DeliveryError(
-                Reply(451, "4.7.0", "Upstream authentication failed, try again later"),
-                f"{server.name}: AUTH failed: {exc.code} {exc.message}",
-            ) from exc
         except (aiosmtplib.SMTPConnectTimeoutError, aiosmtplib.SMTPTimeoutError, TimeoutError) as exc:
             client.close()
             raise DeliveryError(
                 Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
-                f"{server.name}: timeout: {exc}",
+                f"{server.name}: timeout: {exc}", "timeout",
+            ) from exc
+        except aiosmtplib.SMTPAuthenticationError as exc:
+            client.close()
+            raise DeliveryError(
+                Reply(451, "4.7.0", "Upstream authentication failed, try again later"),
+                f"{server.name}: AUTH failed: {exc.code} {exc.message}", "auth",
             ) from exc
         except (aiosmtplib.SMTPException, OSError) as exc:
             client.close()
+            verify = _cert_error(exc)
+            if verify is None:
+                raise _unreachable(server, exc) from exc
             raise DeliveryError(
-                Reply(451, "4.4.1", "Upstream mail server not reachable, try again later"),
-                f"{server.name}: {type(exc).__name__}: {exc}",
+                Reply(451, "4.7.5", "TLS with the upstream mail server failed, try again later"),
+                f"{server.name}: TLS certificate verification failed: {verify.verify_message}",
+                "tls_verify",
             ) from exc
 
     async def _handshake(self, client: aiosmtplib.SMTP, server: UpstreamServer) -> str | None:
@@ -310,9 +352,12 @@ class Connector:
                 tls_context=context, server_hostname=s.tls_hostname or server.host
             )
         except (ssl.SSLError, aiosmtplib.SMTPException, OSError) as exc:
+            verify = _cert_error(exc)
+            detail = (f"TLS certificate verification failed: {verify.verify_message}"
+                      if verify is not None else f"STARTTLS failed: {exc}")
             raise DeliveryError(
                 Reply(451, "4.7.5", "TLS with the upstream mail server failed, try again later"),
-                f"{server.name}: STARTTLS failed: {exc}",
+                f"{server.name}: {detail}", "tls_verify" if verify is not None else "tls",
             ) from exc
         if response.code != 220:
             raise DeliveryError(upstream_reply(_as_temp(response.code), response.message),
@@ -331,6 +376,22 @@ class Connector:
             raise DeliveryError(upstream_reply(_as_temp(helo.code), helo.message),
                                 f"{server.name}: HELO refused")
 
+    async def _greet_as_client(self, conn: Connection, helo: str | None) -> None:
+        """EHLO with the client's own HELO argument: words and UTF-8 as they came (Postfix
+        joins the words), octets that are not UTF-8 as '?' (Postfix refuses them with 500).
+        If the upstream will not take it, or it is longer than an upstream accepts, greet as
+        the proxy: the message still goes, only the upstream's idea of the HELO is ours."""
+        client = conn.client
+        if helo:
+            octets = _SURROGATES.sub("?", helo).encode("utf-8")
+            if len(octets) <= _MAX_HELO:
+                response = await client.execute_command(b"EHLO", octets)
+                if response.code == 250:
+                    client.last_ehlo_response = response  # learn the extensions, as ehlo() does
+                    return
+                event("upstream_helo_refused", upstream=conn.destination, reply=response.code)
+        await self._ehlo(client, conn.server)
+
     def _xclient_identity(self, conn: Connection, session: Session) -> tuple[str, ...] | None:
         """The XCLIENT attributes for this session, or None when XCLIENT is not used here."""
         if self.settings.identity not in ("auto", "xclient") or conn.xclient_offered is None:
@@ -344,6 +405,27 @@ class Connector:
             return conn.identity != identity
         return self.settings.identity in ("auto", "xforward") and conn.client.supports_extension("xforward")
 
+    def _note_identity(self, server: UpstreamServer, mechanism: str, reason: str = "") -> None:
+        """Remember how *server* learns the client; a change to "not told" is a warning."""
+        if server.identity == mechanism and server.identity_reason == reason:
+            return
+        server.identity, server.identity_reason = mechanism, reason
+        if mechanism == "none" and self.settings.identity != "none":
+            # The upstream now sees the proxy as the client: its own client restrictions,
+            # permit_mynetworks included, apply to the proxy's address (docs/deploy-postfix.md).
+            event("upstream_identity_missing", level=logging.WARNING, upstream=server.name,
+                  mode=self.settings.identity, reason=reason)
+        else:
+            event("upstream_identity", upstream=server.name, mechanism=mechanism)
+        if self.on_identity is not None:
+            self.on_identity(server.name, mechanism)
+
+    def _identity_refused(self, conn: Connection, reply: Reply, detail: str) -> DeliveryError:
+        """A 4xx for the client, and a warning that says why (it is the proxy's problem)."""
+        event("upstream_identity_refused", level=logging.WARNING, upstream=conn.destination,
+              mode=self.settings.identity, reply=reply.code, reason=detail)
+        return DeliveryError(reply, f"{conn.destination}: {detail}")
+
     async def _identify(self, conn: Connection, session: Session) -> None:
         """Tell the upstream who the real client is (per message: pooled connections move on)."""
         mode = self.settings.identity
@@ -354,28 +436,36 @@ class Connector:
                 return  # a reused connection already speaking for this client
             response = await client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
             if response.code not in (220, 250):  # 220 greeting (Postfix >= 2.3); 250 before that
-                raise DeliveryError(
-                    upstream_reply(_as_temp(response.code), response.message),
-                    f"{conn.destination}: XCLIENT refused: {response.code} {response.message}",
+                raise self._identity_refused(
+                    conn, upstream_reply(_as_temp(response.code), response.message),
+                    f"XCLIENT refused: {response.code} {response.message}",
                 )
             # XCLIENT resets the session like a new greeting; greet with the client's own name,
             # or that EHLO would replace the HELO= just sent (Postfix logs and Received show it).
-            await self._ehlo(client, conn.server, session.helo)
+            await self._greet_as_client(conn, session.helo)
             conn.identity = identity
+            self._note_identity(conn.server, "xclient")
         elif mode in ("auto", "xforward") and client.supports_extension("xforward"):
             offered = set(client.esmtp_extensions.get("xforward", "").upper().split())
             attrs = _xforward_attributes(session, offered)
             response = await client.execute_command(b"XFORWARD", *[a.encode() for a in attrs])
             if response.code != 250:
-                raise DeliveryError(
-                    upstream_reply(_as_temp(response.code), response.message),
-                    f"{conn.destination}: XFORWARD refused: {response.code} {response.message}",
+                raise self._identity_refused(
+                    conn, upstream_reply(_as_temp(response.code), response.message),
+                    f"XFORWARD refused: {response.code} {response.message}",
                 )
+            self._note_identity(conn.server, "xforward")
         elif mode in ("xclient", "xforward"):
-            raise DeliveryError(
-                Reply(451, "4.7.0", "Upstream mail server does not accept the client identity"),
-                f"{conn.destination}: {mode.upper()} required by configuration but not offered",
+            self._note_identity(conn.server, "none", f"{mode.upper()} not offered")
+            raise self._identity_refused(
+                conn, Reply(451, "4.7.0", "Upstream mail server does not accept the client identity"),
+                f"{mode.upper()} required by configuration but not offered "
+                f"(is the proxy's address in smtpd_authorized_{mode}_hosts?)",
             )
+        elif mode == "auto":
+            self._note_identity(conn.server, "none", "upstream offers neither XCLIENT nor XFORWARD")
+        else:
+            self._note_identity(conn.server, "none", "client_identity: none")
 
 
 def _addr(ip: str) -> str:
@@ -388,9 +478,17 @@ def _client_values(session: Session) -> dict[str, str]:
         "ADDR": _addr(session.client.ip),
         "PORT": str(session.client.port),
         "NAME": session.client.hostname or "[UNAVAILABLE]",
-        "HELO": session.helo or "[UNAVAILABLE]",
+        "HELO": _helo_value(session.helo),
         "PROTO": "ESMTP" if session.esmtp else "SMTP",
     }
+
+
+def _helo_value(helo: str | None) -> str:
+    """HELO= for XCLIENT/XFORWARD: the client's argument (xtext-encoded by _encode), or
+    ``[UNAVAILABLE]`` when there is none or it is longer than the upstream accepts."""
+    if not helo or len(helo_octets(helo)) > _MAX_HELO:
+        return "[UNAVAILABLE]"
+    return helo
 
 
 def _encode(values: dict[str, str], offered: Collection[str]) -> list[str]:
@@ -409,6 +507,25 @@ def _xclient_attributes(session: Session, offered: frozenset[str]) -> list[str]:
 
 def _xforward_attributes(session: Session, offered: set[str]) -> list[str]:
     return _encode({**_client_values(session), "SOURCE": "REMOTE"}, offered)
+
+
+def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind *exc* (aiosmtplib wraps it), if any."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _unreachable(server: UpstreamServer, exc: BaseException) -> DeliveryError:
+    return DeliveryError(
+        Reply(451, "4.4.1", "Upstream mail server not reachable, try again later"),
+        f"{server.name}: {type(exc).__name__}: {exc}", "connect",
+    )
 
 
 def _as_temp(code: int) -> int:
