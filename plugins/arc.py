@@ -41,7 +41,7 @@ from typing import Any, Literal
 import dkim
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import Message, Session, Transaction, Verdict, hookimpl, run_blocking
+from smtpproxy import Message, Session, SettingsError, Transaction, Verdict, hookimpl, run_blocking
 from smtpproxy.authresults import AuthCheck, record
 
 from .auth_results import valid_authserv_id
@@ -158,7 +158,10 @@ class ARC:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or self.Settings()
         seal = self.settings.seal
-        self.seal_key = load_private_key(seal.key_file, "rsa-sha256") if seal is not None else None
+        try:
+            self.seal_key = load_private_key(seal.key_file, "rsa-sha256") if seal is not None else None
+        except ValueError as exc:
+            raise SettingsError(str(exc), key=("seal", "key_file")) from None
 
     # -- verifying ---------------------------------------------------------------------
 

@@ -58,7 +58,16 @@ import dns.name
 import dns.resolver
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from smtpproxy import Action, Message, Session, Transaction, Verdict, hookimpl, run_blocking
+from smtpproxy import (
+    Action,
+    Message,
+    Session,
+    SettingsError,
+    Transaction,
+    Verdict,
+    hookimpl,
+    run_blocking,
+)
 from smtpproxy.authresults import AuthCheck, record
 from smtpproxy.config import Network
 from smtpproxy.dns import DNSTemporaryError, get_resolver
@@ -767,8 +776,11 @@ class DKIMSign:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.keys: dict[str, list[SigningKey]] = {}
-        for spec in settings.keys:
-            private = load_private_key(spec.key_file, spec.algorithm)
+        for index, spec in enumerate(settings.keys):
+            try:
+                private = load_private_key(spec.key_file, spec.algorithm)
+            except ValueError as exc:
+                raise SettingsError(str(exc), key=("keys", index, "key_file")) from None
             key = SigningKey(spec.domain, spec.selector, spec.algorithm, private, spec.key_file)
             self.keys.setdefault(spec.domain, []).append(key)
         for domain, keys in self.keys.items():

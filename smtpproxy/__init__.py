@@ -7,7 +7,7 @@ internal and may change.
 from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
 from smtpproxy.hookspecs import hookimpl
-from smtpproxy.message import HeaderError, Message
+from smtpproxy.message import HeaderError, Message, validate_header
 from smtpproxy.session import (
     Client,
     Decision,
@@ -19,6 +19,7 @@ from smtpproxy.session import (
     TLSInfo,
     Transaction,
 )
+from smtpproxy.settings import SettingsError
 from smtpproxy.verdicts import Action, Reply, Verdict
 
 __version__ = "0.1.0"
@@ -36,10 +37,12 @@ __all__ = [
     "Reply",
     "Results",
     "Session",
+    "SettingsError",
     "TLSInfo",
     "Transaction",
     "Verdict",
     "__version__",
     "hookimpl",
     "run_blocking",
+    "validate_header",
 ]

@@ -76,7 +76,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _load(path: str | None) -> tuple[Config, ConfigSource | None]:
     config, source = load_config(path)
-    build_chain(config.plugins, source)  # plugin settings are part of a valid config
+    # plugin settings are part of a valid config
+    build_chain(config.plugins, source, plugin_paths=config.plugin_paths)
     return config, source
 
 

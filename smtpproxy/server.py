@@ -79,7 +79,8 @@ class ProxyServer:
         """This process's index under a ``workers: N`` supervisor (None: a single process)."""
         limits = config.limits
         self.services = Services(
-            chain=chain if chain is not None else build_chain(config.plugins, source),
+            chain=chain if chain is not None
+            else build_chain(config.plugins, source, plugin_paths=config.plugin_paths),
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=QuarantineStore(Path(config.quarantine.path)),
             relay=RelayPolicy.from_config(
@@ -246,7 +247,7 @@ class ProxyServer:
     async def _reload(self, file: str) -> bool:
         try:
             new, source = load_config(file)
-            chain = build_chain(new.plugins, source)
+            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths)
         except ConfigError as exc:
             return self._reload_failed(file, str(exc))
         applied = without_restart_only_changes(self.config, new)
