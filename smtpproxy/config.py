@@ -1439,7 +1439,7 @@ class Metrics(_Model):
 
     enabled: bool = Field(
         default=False, strict=True,
-        description="Serve /metrics, /healthz and /readyz; needs `pip install 'smtpproxy[metrics]'`.",
+        description="Serve /metrics, /healthz and /readyz; needs prometheus-client (the [metrics] extra).",
     )
     address: IPAddress = Field(
         default="127.0.0.1", description="Address to serve on; keep it private (no authentication)."
@@ -1529,7 +1529,7 @@ class Config(_Model):
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto",
         description=(
-            "The asyncio event loop: 'uvloop' (faster; pip install 'smtpproxy[uvloop]'), "
+            "The asyncio event loop: 'uvloop' (faster; needs uvloop, the [uvloop] extra), "
             "'asyncio' (the standard one), or 'auto' (uvloop when it is installed)."
         ),
     )
