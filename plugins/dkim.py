@@ -60,6 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from smtpproxy import (
     Action,
+    EventLog,
     Message,
     Session,
     SettingsError,
@@ -87,7 +88,7 @@ __all__ = [
     "load_private_key",
 ]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 DKIMResult = Literal["pass", "fail", "neutral", "policy", "temperror", "permerror", "none"]
 
@@ -379,7 +380,7 @@ def _verify_one(verifier: dkim.DKIM, idx: int, sig: _Signature, lookups: Mutable
     except dkim.DKIMException as exc:
         error = ("permerror", f"invalid signature: {exc or type(exc).__name__}")
     except Exception as exc:  # dkimpy on hostile input: a result, never a crash
-        log.info("dkim: signature %d could not be processed: %s: %s", idx, type(exc).__name__, exc)
+        log.info("dkim_unprocessable", signature=idx, error=f"{type(exc).__name__}: {exc}")
         error = ("permerror", f"signature could not be processed ({type(exc).__name__})")
     if not source.asked:  # the signature itself is broken: never got as far as the key
         return error or ("permerror", "signature could not be processed")
@@ -491,7 +492,7 @@ class DKIMVerify:
             return []
         limit = self.settings.max_signatures
         if len(values) > limit:
-            log.info("dkim: %d signatures, verifying the first %d", len(values), limit)
+            log.info("dkim_too_many", signatures=len(values), verified=limit)
         signatures = [_parse_signature(v) for v in values[:limit]]
         lookups = await fetch_keys(s.key_name for s in signatures if s.key_name is not None)
         outcomes = await run_blocking(
@@ -510,11 +511,10 @@ class DKIMVerify:
         results = await self.verify(message)
         if not results:
             record(transaction, AuthCheck("dkim", "none", "message not signed"))
-            log.info("event=dkim result=none")
+            log.info("dkim", result="none")
         for r in results:
             record(transaction, AuthCheck("dkim", r.result, r.reason, dict(r.properties)))
-            log.info("event=dkim result=%s d=%s s=%s reason=%r", r.result, r.domain or "-",
-                     r.selector or "-", r.reason)
+            log.info("dkim", result=r.result, d=r.domain or None, s=r.selector or None, reason=r.reason)
         overall = overall_result(results)
         detail = next((r.reason for r in results if r.result == overall and r.reason), "")
         reason = f"dkim={overall}" + (f" ({detail})" if detail else "")
@@ -819,10 +819,11 @@ class DKIMSign:
         try:
             fields = await run_blocking(_sign_blocking, message.raw, keys, self.include_headers(message))
         except (dkim.DKIMException, ValueError) as exc:
-            log.warning("dkim_sign: signing for %s failed: %s", domain, exc)
+            log.warning("dkim_sign", result="error", d=domain, error=str(exc))
             return Verdict.cont(reason=f"not DKIM signed: {exc}", tags=("dkim:sign-error",))
         for name, value in fields:
             message.add_header(name, value)
         selectors = ", ".join(f"s={k.selector} a={k.algorithm}" for k in reversed(keys))
-        log.info("event=dkim_sign d=%s %s", domain, selectors)
+        log.info("dkim_sign", result="signed", d=domain, s=[k.selector for k in reversed(keys)],
+                 a=[k.algorithm for k in reversed(keys)])
         return Verdict.cont(reason=f"DKIM signed d={domain} ({selectors})", tags=("dkim:signed",))

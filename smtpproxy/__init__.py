@@ -6,6 +6,7 @@ internal and may change.
 
 from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
+from smtpproxy.eventlog import EventLog
 from smtpproxy.hookspecs import hookimpl
 from smtpproxy.message import HeaderError, Message, validate_header
 from smtpproxy.session import (
@@ -30,6 +31,7 @@ __all__ = [
     "Client",
     "Decision",
     "Envelope",
+    "EventLog",
     "HeaderError",
     "Message",
     "Outcome",

@@ -19,13 +19,13 @@ from typing import Any, Literal
 
 import pluggy
 
+from smtpproxy.eventlog import event
 from smtpproxy.hookspecs import NOTIFICATIONS, PHASES
 from smtpproxy.session import Outcome, Results
 from smtpproxy.verdicts import Action, Verdict
 
 __all__ = ["Chain", "ChainStep", "PluginError"]
 
-log = logging.getLogger("smtpproxy.chain")
 
 ERROR_TEMPFAIL = Verdict.tempfail(
     "Temporary local problem, please try again later", code=451, enhanced="4.3.0"
@@ -84,10 +84,8 @@ class Chain:
             verdict, error, duration = await self._invoke(call, phase, kwargs)
             if error is not None:
                 verdict = ERROR_TEMPFAIL if call.step.on_error == "tempfail" else None
-                log.warning(
-                    "event=plugin_error plugin=%s phase=%s error=%r action=%s",
-                    call.step.name, phase, error, call.step.on_error,
-                )
+                event("plugin_error", logging.WARNING, plugin=call.step.name, phase=phase, error=error,
+                      action=call.step.on_error)
             results.add(_outcome(call.step.name, phase, verdict, duration, error))
             if verdict is not None and verdict.action.is_final:
                 return verdict
@@ -99,10 +97,7 @@ class Chain:
         for call in self._calls[hook_name]:
             _, error, _ = await self._invoke(call, hook_name, kwargs)
             if error is not None:
-                log.warning(
-                    "event=plugin_error plugin=%s phase=%s error=%r",
-                    call.step.name, hook_name, error,
-                )
+                event("plugin_error", logging.WARNING, plugin=call.step.name, phase=hook_name, error=error)
                 failures.append((call.step.name, error))
         return failures
 
@@ -124,11 +119,9 @@ class Chain:
                     duration = time.perf_counter() - started
                     return None, f"timed out after {call.step.timeout:g}s", duration
             elif time.perf_counter() - started > call.step.timeout:
-                log.warning(
-                    "event=plugin_slow plugin=%s phase=%s seconds=%.3f note=%s",
-                    call.step.name, phase, time.perf_counter() - started,
-                    "a plain hook blocked the event loop; make it async",
-                )
+                event("plugin_slow", logging.WARNING, plugin=call.step.name, phase=phase,
+                      seconds=round(time.perf_counter() - started, 3),
+                      note="a plain hook blocked the event loop; make it async")
             if result is not None and not isinstance(result, Verdict):
                 raise PluginError(
                     f"{phase} hook returned {type(result).__name__}; return None or a Verdict"

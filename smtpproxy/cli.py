@@ -17,7 +17,7 @@ from typing import Any
 
 from smtpproxy import __version__, eventloop
 from smtpproxy.config import Config, ConfigError, ConfigSource, load_config
-from smtpproxy.eventlog import configure_logging
+from smtpproxy.eventlog import configure_logging, event
 from smtpproxy.registry import build_chain, installed_plugins
 from smtpproxy.server import ProxyServer, StartupError
 
@@ -150,7 +150,7 @@ def _serve(main: Coroutine[Any, Any, None], config: Config, startup_error: type[
     try:
         eventloop.run(main, config.event_loop)
     except (startup_error, eventloop.EventLoopError) as exc:
-        logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
+        event("startup_failed", logging.ERROR, error=str(exc))
         print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

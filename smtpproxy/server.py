@@ -338,7 +338,7 @@ class ProxyServer:
             try:
                 await asyncio.wait_for(server.wait_closed(), timeout=max(1.0, grace))
             except TimeoutError:
-                log.warning("event=shutdown_slow note=%s", "listener connections still open")
+                event("shutdown_slow", logging.WARNING, note="listener connections still open")
         async with self._reload_lock:  # a reload in progress finishes (or backs out) first
             await self.services.chain.notify("shutdown")
         await self.services.leases.close()
