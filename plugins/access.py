@@ -35,8 +35,7 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from smtpproxy import Address, EventLog, Recipient, Session, Verdict, hookimpl
-from smtpproxy.networks import IPNetwork, ip_in_networks
+from smtpproxy import Address, EventLog, IPNetwork, Recipient, Session, Verdict, hookimpl, ip_in_networks
 
 from ._policy import ActionSpec, verdict_for
 

@@ -40,8 +40,18 @@ from typing import Any, Literal
 import dkim
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import EventLog, Message, Session, SettingsError, Transaction, Verdict, hookimpl, run_blocking
-from smtpproxy.authresults import AuthCheck, record
+from smtpproxy import (
+    AuthCheck,
+    EventLog,
+    Message,
+    Session,
+    SettingsError,
+    Transaction,
+    Verdict,
+    hookimpl,
+    run_blocking,
+)
+from smtpproxy import record_auth_check as record
 
 from .auth_results import valid_authserv_id
 from .dkim import (

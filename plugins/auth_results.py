@@ -36,8 +36,7 @@ from authres import AuthenticationResultsHeader
 from authres.core import AuthenticationResult, AuthenticationResultProperty
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import EventLog, Message, Transaction, hookimpl
-from smtpproxy.authresults import AuthCheck, checks
+from smtpproxy import AuthCheck, EventLog, Message, Transaction, auth_checks, hookimpl
 
 __all__ = ["AuthResults", "authserv_id_of", "header_value"]
 
@@ -189,4 +188,4 @@ class AuthResults:
             removed = self.remove_ours(message)
             if removed:
                 log.info("auth_results_removed", fields=removed, authserv_id=self.settings.authserv_id)
-        message.add_header(HEADER, header_value(self.settings.authserv_id, checks(transaction)))
+        message.add_header(HEADER, header_value(self.settings.authserv_id, auth_checks(transaction)))

@@ -60,19 +60,21 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from smtpproxy import (
     Action,
+    AuthCheck,
+    DNSTemporaryError,
     EventLog,
     Message,
+    Network,
     Session,
     SettingsError,
     Transaction,
     Verdict,
+    get_resolver,
     hookimpl,
+    ip_in_networks,
     run_blocking,
 )
-from smtpproxy.authresults import AuthCheck, record
-from smtpproxy.config import Network
-from smtpproxy.dns import DNSTemporaryError, get_resolver
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import record_auth_check as record
 
 from ._policy import ActionSpec, verdict_for
 

@@ -58,9 +58,19 @@ import dns.name
 from publicsuffixlist import PublicSuffixList
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import EventLog, Message, Session, Transaction, Verdict, hookimpl
-from smtpproxy.authresults import AuthCheck, checks, record
-from smtpproxy.dns import DNSTemporaryError, get_resolver
+from smtpproxy import (
+    AuthCheck,
+    DNSTemporaryError,
+    EventLog,
+    Message,
+    Session,
+    Transaction,
+    Verdict,
+    get_resolver,
+    hookimpl,
+)
+from smtpproxy import auth_checks as checks
+from smtpproxy import record_auth_check as record
 
 from ._policy import ActionSpec, verdict_for
 

@@ -34,10 +34,20 @@ import dns.exception
 import dns.name
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import Action, Address, EventLog, Message, Recipient, Session, Verdict, hookimpl
-from smtpproxy.config import Network
-from smtpproxy.dns import DNSTemporaryError, get_resolver
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import (
+    Action,
+    Address,
+    DNSTemporaryError,
+    EventLog,
+    Message,
+    Network,
+    Recipient,
+    Session,
+    Verdict,
+    get_resolver,
+    hookimpl,
+    ip_in_networks,
+)
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
 

@@ -31,9 +31,7 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import EventLog, Recipient, Session, Transaction, Verdict, hookimpl
-from smtpproxy.config import Network
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import EventLog, Network, Recipient, Session, Transaction, Verdict, hookimpl, ip_in_networks
 
 from ._redis import RedisScript, RedisUnavailable, StateStore
 

@@ -33,9 +33,17 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import EventLog, Message, Recipient, Session, Transaction, Verdict, hookimpl
-from smtpproxy.config import Network
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import (
+    EventLog,
+    Message,
+    Network,
+    Recipient,
+    Session,
+    Transaction,
+    Verdict,
+    hookimpl,
+    ip_in_networks,
+)
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
 from ._redis import RedisScript, RedisUnavailable, StateStore

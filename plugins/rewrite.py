@@ -28,10 +28,19 @@ from email.utils import getaddresses
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import Address, EventLog, HeaderError, Message, Session, Transaction, hookimpl
-from smtpproxy.addresses import AddressError, parse_mailbox
-from smtpproxy.config import Network
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import (
+    Address,
+    AddressError,
+    EventLog,
+    HeaderError,
+    Message,
+    Network,
+    Session,
+    Transaction,
+    hookimpl,
+    ip_in_networks,
+)
+from smtpproxy.addresses import parse_mailbox  # until the public Address.parse() lands
 
 __all__ = ["AddressRules", "RegexRule", "Rewrite", "template_values"]
 

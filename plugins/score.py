@@ -35,8 +35,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import EventLog, Message, Session, Transaction, Verdict, hookimpl, run_blocking
-from smtpproxy.authresults import checks
+from smtpproxy import EventLog, Message, Session, Transaction, Verdict, auth_checks, hookimpl, run_blocking
 
 __all__ = ["Score"]
 
@@ -330,7 +329,7 @@ class Score:
             helo=session.helo or "",
             client_ip=session.client.ip,
             tags=frozenset(session.results.tags | transaction.results.tags),
-            auth=frozenset((c.method, c.result) for c in checks(transaction)),
+            auth=frozenset((c.method, c.result) for c in auth_checks(transaction)),
         )
 
     def _matches(self, compiled: _Compiled, facts: _Facts) -> bool:

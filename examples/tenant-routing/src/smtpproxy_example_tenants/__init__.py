@@ -36,8 +36,8 @@ import re
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import Address, Transaction, Verdict, hookimpl
-from smtpproxy.addresses import AddressError, parse_mailbox
+from smtpproxy import Address, AddressError, Transaction, Verdict, hookimpl
+from smtpproxy.addresses import parse_mailbox  # until the public Address.parse() lands
 
 __all__ = ["TenantRouting"]
 
