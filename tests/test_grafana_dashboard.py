@@ -44,7 +44,7 @@ def test_the_dashboard_is_importable_grafana_json() -> None:
     assert dashboard["__inputs"][0]["pluginId"] == "prometheus"
     for panel in dashboard["panels"]:
         grid = panel["gridPos"]
-        assert 0 <= grid["x"] and grid["x"] + grid["w"] <= 24
+        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24
         if panel["type"] != "row":
             assert panel["targets"] and panel["datasource"]["uid"] == "${DS_PROMETHEUS}"
     assert len(expressions(dashboard)) >= 15
