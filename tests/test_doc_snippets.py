@@ -190,3 +190,13 @@ def test_every_config_snippet_passes_check_config(
     missing = [re.search(r"(?:cannot import|no installed plugin named) '(\w+)", p) for p in problems]
     invented = [p for p, m in zip(problems, missing, strict=True) if m is not None and m.group(1) in INVENTED]
     assert code == 0 or (code == 2 and problems and problems == invented), f"{where}:\n{err}"
+
+
+def test_every_first_party_plugin_is_named_in_the_readme_and_has_a_docs_page() -> None:
+    from importlib.metadata import entry_points
+
+    names = {ep.name for ep in entry_points(group="smtpproxy.plugins") if ep.value.startswith("smtpproxy_plugins.")}
+    pages = "\n".join(p.read_text() for p in (ROOT / "docs" / "plugins").glob("*.md"))
+    readme = (ROOT / "README.md").read_text()
+    assert sorted(n for n in names if not re.search(rf"- name: {n}\b", pages)) == []
+    assert sorted(n for n in names if f"`{n}`" not in readme) == []
