@@ -169,6 +169,10 @@ def build_chain(
         except (pluggy.PluginValidationError, TypeError, ValueError) as exc:
             problems.append(_problem(source, ("plugins", index), f"plugin {spec.name!r}: {exc}"))
             continue
+        except Exception as exc:  # a constructor that fails otherwise (a file it reads, ...)
+            problems.append(_problem(source, ("plugins", index),
+                                     f"plugin {spec.name!r} could not be built: {type(exc).__name__}: {exc}"))
+            continue
         steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error))
     if problems:
         raise ConfigError(problems)

@@ -127,6 +127,24 @@ def test_a_constructor_settings_error_is_located_at_its_key(tmp_path: Path) -> N
     assert "fully qualified" in problem.message
 
 
+class Crashing:
+    """A constructor that fails with something other than a settings error."""
+
+    def __init__(self) -> None:
+        raise OSError(13, "Permission denied", "/etc/site/table.db")
+
+
+def test_any_constructor_failure_is_a_located_config_error(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("plugins:\n  - name: headers\n  - name: crashing\n    use: test_plugin_settings:Crashing\n")
+    config, source = load_config(path)
+    with pytest.raises(ConfigError) as caught:
+        build_chain(config.plugins, source)
+    [problem] = caught.value.problems
+    assert (problem.line, problem.key) == (3, "plugins[1]")
+    assert "could not be built: PermissionError: [Errno 13] Permission denied: '/etc/site/table.db'" in problem.message
+
+
 MODULE = '''
 from smtpproxy import Verdict, hookimpl
 
