@@ -9,6 +9,7 @@ neither HAProxy nor the proxies use, so the original client is visible at each h
 from __future__ import annotations
 
 import asyncio
+import email
 import os
 import re
 import signal
@@ -23,6 +24,7 @@ import pytest
 
 from tests.conftest import Sink, Talk
 from tests.haproxy import HAProxy, start_haproxy
+from tests.postfix_instance import PostfixFactory
 from tests.redis_server import RedisServer
 
 EXE = [sys.executable, "-m", "smtpproxy"]
@@ -75,14 +77,14 @@ class Cluster:
         return Talk(reader, writer)
 
 
-def node_config(tmp_path: Path, name: str, sink_port: int, plugins: str) -> Path:
+def node_config(tmp_path: Path, name: str, delivery: str, plugins: str) -> Path:
     path = tmp_path / f"{name}.yaml"
     path.write_text(
         "listeners:\n  - address: 127.0.0.1\n    port: 0\n    proxy_protocol: true\n"
         "    proxy_protocol_from: [127.0.0.1/32]\n"
         f"hostname: {name}.cluster.test\n"
         "relay:\n  domains: [dest.test]\n"
-        f"delivery:\n  type: smtp\n  host: 127.0.0.1\n  port: {sink_port}\n"
+        + delivery +
         "quarantine:\n  path: quarantine\n"
         "metrics:\n  enabled: true\n  address: 127.0.0.1\n  port: 0\n"
         "plugins:\n"
@@ -93,14 +95,18 @@ def node_config(tmp_path: Path, name: str, sink_port: int, plugins: str) -> Path
 
 
 @pytest.fixture
-async def cluster_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[[str], Cluster]]:
+async def cluster_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[..., Cluster]]:
     started: list[Node] = []
     balancers: list[HAProxy] = []
 
-    def start(plugins: str = "") -> Cluster:
+    def start(plugins: str = "", delivery: str | None = None) -> Cluster:
+        """Two proxies (node1, node2) with ``plugins`` after a headers stamp, HAProxy in front;
+        they deliver to the capturing ``sink`` unless ``delivery`` (a YAML section) says otherwise."""
+        if delivery is None:
+            delivery = f"delivery:\n  type: smtp\n  host: 127.0.0.1\n  port: {sink.port}\n"
         nodes = []
         for name in ("node1", "node2"):
-            config = node_config(tmp_path, name, sink.port, plugins)
+            config = node_config(tmp_path, name, delivery, plugins)
             log_path = tmp_path / f"{name}.log"
             with log_path.open("wb") as log:
                 process = subprocess.Popen([*EXE, "run", "-c", str(config)], stderr=log, cwd=tmp_path,
@@ -130,7 +136,7 @@ def seen_by(content: bytes) -> str:
 
 
 async def test_the_client_address_reaches_plugins_logs_and_upstream_through_both_hops(
-    cluster_factory: Callable[[str], Cluster],
+    cluster_factory: Callable[..., Cluster],
 ) -> None:
     cluster = cluster_factory("")
     for n in range(2):
@@ -150,7 +156,7 @@ async def test_the_client_address_reaches_plugins_logs_and_upstream_through_both
 
 
 async def test_a_proxy_header_from_anyone_but_the_balancer_is_refused(
-    cluster_factory: Callable[[str], Cluster],
+    cluster_factory: Callable[..., Cluster],
 ) -> None:
     cluster = cluster_factory("")
     node = cluster.nodes[0]
@@ -194,7 +200,7 @@ async def _burst(cluster: Cluster, count: int) -> list[int]:
 
 
 async def test_a_shared_redis_rate_limit_holds_at_n_across_both_proxies(
-    cluster_factory: Callable[[str], Cluster], redis_server: RedisServer,
+    cluster_factory: Callable[..., Cluster], redis_server: RedisServer,
 ) -> None:
     cluster = cluster_factory(RATELIMIT.format(backend="redis", url=redis_server.url))
     codes = await _burst(cluster, 16)
@@ -203,7 +209,7 @@ async def test_a_shared_redis_rate_limit_holds_at_n_across_both_proxies(
     assert all(len(node.events("connect")) == 8 for node in cluster.nodes)  # both took their share
 
 
-async def test_without_redis_each_proxy_counts_alone(cluster_factory: Callable[[str], Cluster]) -> None:
+async def test_without_redis_each_proxy_counts_alone(cluster_factory: Callable[..., Cluster]) -> None:
     """Why the shared backend matters: with memory counters the limit is N per proxy."""
     cluster = cluster_factory(RATELIMIT.format(backend="memory", url="null"))
     codes = await _burst(cluster, 16)
@@ -220,7 +226,7 @@ GREYLIST = """\
 
 
 async def test_a_greylist_triplet_seen_by_one_proxy_is_honoured_by_the_other(
-    cluster_factory: Callable[[str], Cluster], redis_server: RedisServer,
+    cluster_factory: Callable[..., Cluster], redis_server: RedisServer,
 ) -> None:
     cluster = cluster_factory(GREYLIST.format(url=redis_server.url))
     replies = []
@@ -238,7 +244,7 @@ async def test_a_greylist_triplet_seen_by_one_proxy_is_honoured_by_the_other(
 
 
 async def test_sigkill_of_one_proxy_under_load_loses_no_acknowledged_message(
-    cluster_factory: Callable[[str], Cluster],
+    cluster_factory: Callable[..., Cluster],
 ) -> None:
     cluster = cluster_factory("")
     total, clients = 40, 4
@@ -300,7 +306,7 @@ async def _cli(*args: str) -> tuple[int, str]:
 
 
 async def test_the_shared_quarantine_is_listed_and_released_from_any_instance(
-    cluster_factory: Callable[[str], Cluster], tmp_path: Path,
+    cluster_factory: Callable[..., Cluster], tmp_path: Path,
 ) -> None:
     cluster = cluster_factory(QUARANTINE)
     for n in range(2):  # one through each proxy
@@ -318,3 +324,26 @@ async def test_the_shared_quarantine_is_listed_and_released_from_any_instance(
     assert sorted(seen_by(m.content) for m in cluster.sink.messages) == ["node1", "node2"]
     code, listing = await _cli("quarantine", "list", "-c", str(tmp_path / "node1.yaml"))
     assert listing.startswith("quarantine is empty")
+
+
+async def test_the_upstream_sees_the_original_client_through_xclient(
+    cluster_factory: Callable[..., Cluster], postfix_factory: PostfixFactory,
+) -> None:
+    """A real Postfix behind both hops: XCLIENT carries the client HAProxy saw, not a proxy's."""
+    postfix = postfix_factory()
+    cluster = cluster_factory("", delivery=(
+        f"delivery:\n  type: smtp\n  host: 127.0.0.1\n  port: {postfix.port}\n  tls: none\n"
+        "  client_identity: xclient\n"))
+    for n in range(2):
+        client = await cluster.connect()
+        await client.hello("mail.client.example")
+        code, text = await client.send_message("a@src.test", ["bob@dest.test"], MESSAGE % (b"x%d" % n, b"x"))
+        assert code == 250 and "queued as" in text, text
+        await client.close()
+    stored = await asyncio.to_thread(postfix.wait_for_messages, "bob", 2)
+    parsed = [email.message_from_bytes(m) for m in stored]
+    assert sorted(p["X-Seen-By"] for p in parsed) == ["node1", "node2"]
+    for p in parsed:
+        received = p.get_all("Received")[0]
+        assert "[127.0.0.5]" in received and "mail.client.example" in received, received
+    await asyncio.to_thread(postfix.wait_for_log, r"client=\S*\[127\.0\.0\.5\]")
