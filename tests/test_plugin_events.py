@@ -8,6 +8,7 @@ and a plugin that raises (the core's plugin_error line).
 from __future__ import annotations
 
 import json
+import logging
 import re
 import signal
 import smtplib
@@ -16,7 +17,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from smtpproxy.eventlog import EventLog, JsonFormatter, KeyValueFormatter, current_session
 from tests.daemons import LogLines
 
 EXE = [sys.executable, "-m", "smtpproxy"]
@@ -124,3 +128,53 @@ def test_operations_lists_every_event_the_code_logs() -> None:
     assert {"spf", "dkim", "dkim_sign", "plugin_error", "upstream_rcpt"} <= names
     documented = set(re.findall(r"`(?:event=)?(\w+)", (root / "docs" / "operations.md").read_text()))
     assert sorted(names - documented) == []
+
+
+# -- the line format, whatever a plugin puts in its fields ------------------------------
+
+
+def _format(formatter: logging.Formatter, name: str, fields: dict[str, str]) -> str:
+    records: list[logging.LogRecord] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    log = EventLog("test.hostile.fields")
+    handler = Keep()
+    log.logger.addHandler(handler)
+    log.logger.setLevel(logging.INFO)
+    token = current_session.set("0123456789ab")
+    try:
+        log.info(name, **fields)
+    finally:
+        current_session.reset(token)
+        log.logger.removeHandler(handler)
+    [record] = records
+    current_session.set("0123456789ab")
+    try:
+        return formatter.format(record)
+    finally:
+        current_session.set(None)
+
+
+@given(st.text(min_size=1, max_size=20), st.dictionaries(st.text(max_size=12), st.text(max_size=40), max_size=6))
+def test_any_fields_make_one_kv_line_that_parses_back(name: str, fields: dict[str, str]) -> None:
+    line = _format(KeyValueFormatter(), name, fields)
+    assert "\n" not in line and "\r" not in line
+    parsed = _kv(line)
+    assert parsed["event"] == name and parsed["sid"] == "0123456789ab" and parsed["level"] == "info"
+    assert len(parsed) == 4 + len({_safe(k) for k in fields})
+
+
+@given(st.dictionaries(st.text(max_size=12), st.text(max_size=40), max_size=6))
+def test_any_fields_make_one_json_object(fields: dict[str, str]) -> None:
+    line = _format(JsonFormatter(), "plugin_event", fields)
+    assert "\n" not in line
+    parsed = json.loads(line)
+    assert (parsed["event"], parsed["sid"], parsed["level"]) == ("plugin_event", "0123456789ab", "info")
+
+
+def _safe(key: str) -> str:
+    name = re.sub(r"[^A-Za-z0-9_.:-]", "_", key) or "_"
+    return name + "_" if name in {"ts", "level", "event", "sid", "logger", "msg", "exc"} else name
