@@ -79,8 +79,8 @@ class _EventName(str):
         self.fields = fields
         return self
 
-    def __getnewargs__(self) -> tuple[str, dict[str, Any]]:  # copy and pickle keep the fields
-        return str.__str__(self), self.fields
+    def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle keep the fields
+        return _EventName, (str.__str__(self), self.fields)
 
     def __str__(self) -> str:
         pairs = {"event": str.__str__(self), **_own_fields(self.fields)}
