@@ -9,14 +9,12 @@ or answers an error gets the configured ``on_error`` action, never a silent acce
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import Message, Transaction, Verdict
-from smtpproxy.eventlog import event
+from smtpproxy import EventLog, Message, Transaction, Verdict
 
 from ._policy import ActionSpec, verdict_for
 
@@ -89,7 +87,7 @@ async def ask_scanner(
         message.remove_header(header)  # a client's own verdict must not reach the mailbox
     raw = message.raw
     if len(raw) > max_size:
-        event(name, tx=transaction.id, result="skipped", size=len(raw))
+        EventLog(f"smtpproxy_plugins.{name}").info(name, tx=transaction.id, result="skipped", size=len(raw))
         return Verdict.cont(
             reason=f"{name} skipped: message of {len(raw)} bytes is over max_size {max_size}",
             tags=(f"{name}:skipped",),
@@ -100,8 +98,8 @@ async def ask_scanner(
             return await ask(raw)
     except failures as exc:
         detail = str(exc) or f"no answer from {name} at {where} within {settings.timeout} s"
-        logging.getLogger(f"smtpproxy_plugins.{name}").warning(
-            "event=%s result=error tx=%s error=%r action=%s", name, transaction.id, detail, settings.on_error
+        EventLog(f"smtpproxy_plugins.{name}").warning(
+            name, result="error", tx=transaction.id, error=detail, action=settings.on_error
         )
         verdict = verdict_for(
             settings.on_error, reject_text=settings.reject_text, tempfail_text=settings.tempfail_text,

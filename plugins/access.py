@@ -26,7 +26,6 @@ previous good list, and the error is logged.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import os
 import re
 import time
@@ -36,14 +35,13 @@ from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from smtpproxy import Address, Recipient, Session, Verdict, hookimpl
-from smtpproxy.networks import IPNetwork, ip_in_networks
+from smtpproxy import Address, EventLog, IPNetwork, Recipient, Session, Verdict, hookimpl, ip_in_networks
 
 from ._policy import ActionSpec, verdict_for
 
 __all__ = ["Access", "Matcher", "compile_entries"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 Kind = Literal["client", "helo", "sender", "recipient"]
 
@@ -144,7 +142,7 @@ class ListFile:
         try:
             stamp = _stamp(self.path)
         except OSError as exc:
-            log.error("event=access_file_error file=%s error=%r (keeping the previous list)", self.path, exc)
+            log.error("access_file_error", file=self.path, error=repr(exc), note="keeping the previous list")
             return self.matcher
         if stamp == self._stamp:
             return self.matcher
@@ -152,9 +150,9 @@ class ListFile:
         try:
             self.matcher = compile_entries(read_entries(self.path), self.kind, f"{self.path}: ")
         except (OSError, UnicodeError, ValueError) as exc:
-            log.error("event=access_file_error file=%s error=%s (keeping the previous list)", self.path, exc)
+            log.error("access_file_error", file=self.path, error=str(exc), note="keeping the previous list")
         else:
-            log.info("event=access_file_reloaded file=%s entries=%d", self.path, len(self.matcher))
+            log.info("access_file_reloaded", file=self.path, entries=len(self.matcher))
         return self.matcher
 
 
@@ -305,12 +303,12 @@ class Access:
         """The verdict for ``value`` against the ``kind`` lists (what the hooks return)."""
         entry = self._match(kind, "allow", value)
         if entry is not None:
-            log.info("event=access kind=%s value=%r allow=%r", kind, value, entry)
+            log.info("access", kind=kind, value=value, allow=entry)
             return Verdict.accept(reason=f"{kind} {value!r} allowed by {entry!r}")
         entry = self._match(kind, "deny", value)
         if entry is None:
             return None
-        log.info("event=access kind=%s value=%r deny=%r", kind, value, entry)
+        log.info("access", kind=kind, value=value, deny=entry)
         lists: KindSettings = getattr(self.settings, kind)
         text = lists.reply or DEFAULT_TEXTS[kind]
         return verdict_for(

@@ -31,7 +31,6 @@ the Authentication-Results header itself lacks the arc result: use two entries a
 
 from __future__ import annotations
 
-import logging
 import re
 from collections.abc import MutableMapping
 from dataclasses import dataclass, field
@@ -41,8 +40,18 @@ from typing import Any, Literal
 import dkim
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import Message, Session, Transaction, Verdict, hookimpl, run_blocking
-from smtpproxy.authresults import AuthCheck, record
+from smtpproxy import (
+    AuthCheck,
+    EventLog,
+    Message,
+    Session,
+    SettingsError,
+    Transaction,
+    Verdict,
+    hookimpl,
+    run_blocking,
+)
+from smtpproxy import record_auth_check as record
 
 from .auth_results import valid_authserv_id
 from .dkim import (
@@ -58,7 +67,7 @@ from .dkim import (
 
 __all__ = ["ARC", "ARCOutcome", "ARCSealSettings"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 ARC_FIELDS = ("arc-seal", "arc-message-signature", "arc-authentication-results")
 MAX_INSTANCE = 50  # RFC 8617 4.2.1: i= is 1 to 50
@@ -93,7 +102,7 @@ def _arc_blocking(raw: bytes, lookups: MutableMapping[str, KeyLookup], min_key_b
     except dkim.DKIMException as exc:
         cv, data, reason = dkim.CV_Fail, [], str(exc) or type(exc).__name__
     except Exception as exc:  # dkimpy on hostile input: a result, never a crash
-        log.info("arc: chain could not be processed: %s: %s", type(exc).__name__, exc)
+        log.info("arc_unprocessable", error=f"{type(exc).__name__}: {exc}")
         cv, data, reason = dkim.CV_Fail, [], f"ARC chain could not be processed ({type(exc).__name__})"
     return cv, list(data), str(reason), source.temporary_failures()
 
@@ -158,7 +167,10 @@ class ARC:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or self.Settings()
         seal = self.settings.seal
-        self.seal_key = load_private_key(seal.key_file, "rsa-sha256") if seal is not None else None
+        try:
+            self.seal_key = load_private_key(seal.key_file, "rsa-sha256") if seal is not None else None
+        except ValueError as exc:
+            raise SettingsError(str(exc), key=("seal", "key_file")) from None
 
     # -- verifying ---------------------------------------------------------------------
 
@@ -200,8 +212,7 @@ class ARC:
             outcome = await self.verify(message, session.client.ip)
             transaction.notes[_NOTE] = outcome
             record(transaction, AuthCheck("arc", outcome.result, outcome.reason, dict(outcome.properties)))
-            log.info("event=arc result=%s instances=%d reason=%r", outcome.result, outcome.instances,
-                     outcome.reason)
+            log.info("arc", result=outcome.result, instances=outcome.instances, reason=outcome.reason)
         verdicts = [Verdict.cont(reason=f"arc={outcome.result} ({outcome.reason})",
                                  tags=(f"arc:{outcome.result}",))] if outcome else []
         if self.settings.seal is not None:
@@ -221,15 +232,15 @@ class ARC:
         assert seal is not None and self.seal_key is not None
         ours = [v for v in message.get_all(_AR) if _authserv_id(v) == seal.authserv_id.lower()]
         if not ours:
-            log.warning("arc: not sealed: no %s header from %s (place the sealing arc entry after "
-                        "auth_results, with the same authserv-id)", _AR, seal.authserv_id)
+            log.warning("arc_not_sealed", reason=f"no {_AR} header from {seal.authserv_id}",
+                        note="place the sealing arc entry after auth_results, with the same authserv-id")
             return Verdict.cont(reason=f"not ARC sealed: no {_AR} from {seal.authserv_id}",
                                 tags=("arc:not-sealed",))
         if outcome is None:
             known = transaction.notes.get(_NOTE)
             outcome = known if isinstance(known, ARCOutcome) else await self.verify(message)
         if outcome.temporary:
-            log.warning("arc: not sealed: the chain could not be verified now (%s)", outcome.reason)
+            log.warning("arc_not_sealed", reason=f"the chain could not be verified now ({outcome.reason})")
             return Verdict.cont(reason="not ARC sealed: chain verification failed temporarily",
                                 tags=("arc:not-sealed",))
         # dkimpy seals from the Authentication-Results fields with exactly our authserv-id; it
@@ -246,16 +257,16 @@ class ARC:
                 _seal_blocking, copy.raw, seal.selector, seal.domain, self.seal_key, seal.authserv_id
             )
         except (dkim.DKIMException, ValueError) as exc:
-            log.warning("arc: sealing failed: %s", exc)
+            log.warning("arc_not_sealed", reason=f"sealing failed: {exc}")
             return Verdict.cont(reason=f"not ARC sealed: {exc}", tags=("arc:not-sealed",))
         if not fields:
-            log.warning("arc: not sealed: dkimpy found no chain status to seal")
+            log.warning("arc_not_sealed", reason="dkimpy found no chain status to seal")
             return Verdict.cont(reason="not ARC sealed: no chain status", tags=("arc:not-sealed",))
         for name, value in reversed(fields):  # ARC-Seal ends up on top
             message.add_header(name, value)
         instance = _INSTANCE.search(fields[0][1])
         number = instance.group(1) if instance else "?"
-        log.info("event=arc_seal i=%s d=%s cv=%s", number, seal.domain, outcome.result)
+        log.info("arc_seal", i=number, d=seal.domain, cv=outcome.result)
         return Verdict.cont(reason=f"ARC sealed i={number} d={seal.domain} cv={outcome.result}",
                             tags=("arc:sealed",))
 

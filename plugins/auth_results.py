@@ -30,19 +30,17 @@ A message with no field of ours is left exactly as it came, apart from the new f
 
 from __future__ import annotations
 
-import logging
 import re
 
 from authres import AuthenticationResultsHeader
 from authres.core import AuthenticationResult, AuthenticationResultProperty
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import Message, Transaction, hookimpl
-from smtpproxy.authresults import AuthCheck, checks
+from smtpproxy import AuthCheck, EventLog, Message, Transaction, auth_checks, hookimpl
 
 __all__ = ["AuthResults", "authserv_id_of", "header_value"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 HEADER = "Authentication-Results"
 _ORDER = {"spf": 0, "dkim": 1, "dmarc": 2, "arc": 3}
@@ -91,7 +89,8 @@ class _Reason(_Value):
 def _clause(check: AuthCheck) -> AuthenticationResult | None:
     """One resinfo clause, or None for a check that cannot be written (logged)."""
     if not _KEYWORD.fullmatch(check.method) or not _KEYWORD.fullmatch(check.result):
-        log.warning("auth_results: cannot write method %r result %r", check.method, check.result)
+        log.warning("auth_results_skipped", method=check.method, result=check.result,
+                    reason="not a valid RFC 8601 method or result")
         return None
     properties = []
     for key, text in check.properties.items():
@@ -188,6 +187,5 @@ class AuthResults:
         if self.settings.remove_forged:
             removed = self.remove_ours(message)
             if removed:
-                log.info("auth_results: removed %d %s field(s) claiming to be %s",
-                         removed, HEADER, self.settings.authserv_id)
-        message.add_header(HEADER, header_value(self.settings.authserv_id, checks(transaction)))
+                log.info("auth_results_removed", fields=removed, authserv_id=self.settings.authserv_id)
+        message.add_header(HEADER, header_value(self.settings.authserv_id, auth_checks(transaction)))

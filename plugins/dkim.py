@@ -59,11 +59,23 @@ import dns.name
 import dns.resolver
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from smtpproxy import Action, Message, Session, Transaction, Verdict, hookimpl, run_blocking
-from smtpproxy.authresults import AuthCheck, record
-from smtpproxy.config import Network
-from smtpproxy.dns import DNSTemporaryError, get_resolver
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import (
+    Action,
+    AuthCheck,
+    DNSTemporaryError,
+    EventLog,
+    Message,
+    Network,
+    Session,
+    SettingsError,
+    Transaction,
+    Verdict,
+    get_resolver,
+    hookimpl,
+    ip_in_networks,
+    run_blocking,
+)
+from smtpproxy import record_auth_check as record
 
 from ._policy import ActionSpec, verdict_for
 
@@ -86,7 +98,7 @@ __all__ = [
     "signed_fields",
 ]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 DKIMResult = Literal["pass", "fail", "neutral", "policy", "temperror", "permerror", "none"]
 
@@ -460,7 +472,7 @@ def _verify_one(verifier: dkim.DKIM, idx: int, sig: _Signature, lookups: Mutable
     except dkim.DKIMException as exc:
         error = ("permerror", f"invalid signature: {exc or type(exc).__name__}")
     except Exception as exc:  # dkimpy on hostile input: a result, never a crash
-        log.info("dkim: signature %d could not be processed: %s: %s", idx, type(exc).__name__, exc)
+        log.info("dkim_unprocessable", signature=idx, error=f"{type(exc).__name__}: {exc}")
         error = ("permerror", f"signature could not be processed ({type(exc).__name__})")
     if not source.asked:  # the signature itself is broken: never got as far as the key
         return error or ("permerror", "signature could not be processed")
@@ -581,7 +593,7 @@ class DKIMVerify:
             return []
         limit = self.settings.max_signatures
         if len(values) > limit:
-            log.info("dkim: %d signatures, verifying the first %d", len(values), limit)
+            log.info("dkim_too_many", signatures=len(values), verified=limit)
         signatures = [_parse_signature(v) for v in values[:limit]]
         lookups = await fetch_keys(s.key_name for s in signatures
                                    if s.key_name is not None and s.tags is not None
@@ -602,14 +614,13 @@ class DKIMVerify:
         results = await self.verify(message)
         if not results:
             record(transaction, AuthCheck("dkim", "none", "message not signed"))
-            log.info("event=dkim result=none")
+            log.info("dkim", result="none")
         for r in results:
             check = AuthCheck("dkim", r.result, r.reason, dict(r.properties))
             record(transaction, check)
             if r.partial_body:
                 transaction.notes.setdefault(PARTIAL_BODY_NOTE, []).append(check)
-            log.info("event=dkim result=%s d=%s s=%s reason=%r", r.result, r.domain or "-",
-                     r.selector or "-", r.reason)
+            log.info("dkim", result=r.result, d=r.domain or None, s=r.selector or None, reason=r.reason)
         overall = overall_result(results)
         detail = next((r.reason for r in results if r.result == overall and r.reason), "")
         reason = f"dkim={overall}" + (f" ({detail})" if detail else "")
@@ -871,8 +882,11 @@ class DKIMSign:
     def __init__(self, settings: Settings):
         self.settings = settings
         self.keys: dict[str, list[SigningKey]] = {}
-        for spec in settings.keys:
-            private = load_private_key(spec.key_file, spec.algorithm)
+        for index, spec in enumerate(settings.keys):
+            try:
+                private = load_private_key(spec.key_file, spec.algorithm)
+            except ValueError as exc:
+                raise SettingsError(str(exc), key=("keys", index, "key_file")) from None
             key = SigningKey(spec.domain, spec.selector, spec.algorithm, private, spec.key_file)
             self.keys.setdefault(spec.domain, []).append(key)
         for domain, keys in self.keys.items():
@@ -911,10 +925,11 @@ class DKIMSign:
         try:
             fields = await run_blocking(_sign_blocking, message.raw, keys, self.include_headers(message))
         except (dkim.DKIMException, ValueError) as exc:
-            log.warning("dkim_sign: signing for %s failed: %s", domain, exc)
+            log.warning("dkim_sign", result="error", d=domain, error=str(exc))
             return Verdict.cont(reason=f"not DKIM signed: {exc}", tags=("dkim:sign-error",))
         for name, value in fields:
             message.add_header(name, value)
         selectors = ", ".join(f"s={k.selector} a={k.algorithm}" for k in reversed(keys))
-        log.info("event=dkim_sign d=%s %s", domain, selectors)
+        log.info("dkim_sign", result="signed", d=domain, s=[k.selector for k in reversed(keys)],
+                 a=[k.algorithm for k in reversed(keys)])
         return Verdict.cont(reason=f"DKIM signed d={domain} ({selectors})", tags=("dkim:signed",))

@@ -52,7 +52,6 @@ this proxy does (so a domain's ``p=reject`` can be quarantined or scored instead
 
 from __future__ import annotations
 
-import logging
 import random
 import re
 from collections.abc import Callable
@@ -67,16 +66,26 @@ import dns.name
 from publicsuffixlist import PublicSuffixList
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import Message, Session, Transaction, Verdict, hookimpl
-from smtpproxy.authresults import AuthCheck, checks, record
-from smtpproxy.dns import DNSTemporaryError, get_resolver
+from smtpproxy import (
+    AuthCheck,
+    DNSTemporaryError,
+    EventLog,
+    Message,
+    Session,
+    Transaction,
+    Verdict,
+    get_resolver,
+    hookimpl,
+)
+from smtpproxy import auth_checks as checks
+from smtpproxy import record_auth_check as record
 
 from ._policy import ActionSpec, verdict_for
 from .dkim import partial_body_checks
 
 __all__ = ["DMARC", "DMARCRecord", "Evaluation", "organizational_domain", "parse_record"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 Policy = Literal["none", "quarantine", "reject"]
 Result = Literal["pass", "fail", "none", "temperror", "permerror"]
@@ -383,7 +392,7 @@ async def _evaluate_domain(
             if not await _exists(domain):
                 policy = rec.np
         except DNSTemporaryError as exc:
-            log.info("dmarc: cannot tell whether %s exists (%s); using sp=/p=", domain, exc)
+            log.info("dmarc_np_unknown", domain=domain, error=str(exc), note="using sp=/p=")
     if policy != "none" and (spf_temp or dkim_temp):
         return Evaluation("temperror", domain, policy, "none", record_domain,
                           detail="no aligned pass, and an aligned SPF or DKIM check had a temperror")
@@ -496,8 +505,8 @@ class DMARC:
             return None
         if not checks(transaction, "dkim") and not self._warned_order:
             self._warned_order = True  # dkim_verify records every message, even unsigned ones
-            log.warning("dmarc: no DKIM result recorded; dkim_verify (and spf) must come before dmarc "
-                        "in the plugins list, or DMARC cannot pass")
+            log.warning("dmarc_misordered", reason="no DKIM result recorded",
+                        note="dkim_verify (and spf) must come before dmarc in the plugins list")
         ev = await evaluate(transaction, message, self.rng,
                             align_partial_body=self.settings.align_partial_body,
                             several_authors=self.settings.multiple_authors == "evaluate",

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import re
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -35,16 +34,26 @@ import dns.exception
 import dns.name
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import Action, Address, Message, Recipient, Session, Verdict, hookimpl
-from smtpproxy.config import Network
-from smtpproxy.dns import DNSTemporaryError, get_resolver
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import (
+    Action,
+    Address,
+    DNSTemporaryError,
+    EventLog,
+    Message,
+    Network,
+    Recipient,
+    Session,
+    Verdict,
+    get_resolver,
+    hookimpl,
+    ip_in_networks,
+)
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
 
 __all__ = ["DNSBL", "DomainList", "IPList", "ReturnCode", "query_name"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 _LISTED = ipaddress.IPv4Network("127.0.0.0/8")
 _REFUSED = ipaddress.IPv4Network("127.255.255.0/24")  # Spamhaus: public resolver, over quota, ...
@@ -367,9 +376,9 @@ class DNSBL:
         )
         for entry, answer in zip(allow, answers[: len(allow)], strict=True):
             if answer.error is not None:
-                log.warning("event=dnswl_error zone=%s ip=%s error=%s", entry.zone, ip, answer.error)
+                log.warning("dnswl_error", zone=entry.zone, ip=ip, error=answer.error)
             elif answer.codes:
-                log.info("event=dnswl zone=%s ip=%s codes=%s", entry.zone, ip, ",".join(answer.codes))
+                log.info("dnswl", zone=entry.zone, ip=ip, codes=answer.codes)
                 self._state(session)["allowed"] = entry.zone
                 return Verdict.accept(f"client {ip} allow-listed in {entry.zone}")
         verdicts = []
@@ -393,8 +402,9 @@ class DNSBL:
     def _verdict(self, entry: IPList | DomainList, answer: _Answer, values: dict[str, str],
                  what: str) -> Verdict | None:
         tag = f"dnsbl:{entry.zone}"
+        kind, _, subject = what.partition(" ")  # "ip 192.0.2.1" or "domain example.com": a field
         if answer.error is not None:
-            log.warning("event=dnsbl_error zone=%s %s error=%s", entry.zone, what, answer.error)
+            log.warning("dnsbl_error", zone=entry.zone, **{kind: subject}, error=answer.error)
             return verdict_for(
                 self.settings.temperror,
                 reject_text=self.settings.tempfail_text.format_map(values),
@@ -411,7 +421,7 @@ class DNSBL:
             text = rc.text if rc is not None and rc.text is not None else entry.text
             shown = {**values, "name": name, "code": code}
             tags = (tag, f"{tag}:{rc.name}") if rc is not None else (tag,)
-            log.info("event=dnsbl zone=%s %s code=%s name=%s", entry.zone, what, code, name)
+            log.info("dnsbl", zone=entry.zone, **{kind: subject}, code=code, name=name)
             verdict = verdict_for(
                 action,
                 reject_text=text.format_map(shown),

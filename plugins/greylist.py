@@ -24,7 +24,6 @@ recipient through, ``closed`` answers ``451 4.3.0``.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import time
 from collections.abc import Callable
 from dataclasses import replace
@@ -32,15 +31,13 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import Recipient, Session, Transaction, Verdict, hookimpl
-from smtpproxy.config import Network
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import EventLog, Network, Recipient, Session, Transaction, Verdict, hookimpl, ip_in_networks
 
 from ._redis import RedisScript, RedisUnavailable, StateStore
 
 __all__ = ["Backend", "Greylist", "MemoryBackend", "RedisBackend", "Status"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 Status = Literal["new", "early", "passed", "known"]
 """new: first seen (or its retry window passed); early: retried before the delay;
@@ -261,16 +258,16 @@ class Greylist:
             status, age = await self.store.get().check(key, s.delay, s.retry_window, s.expire)
         except RedisUnavailable as exc:
             if s.redis_failure == "open":
-                log.warning("event=greylist_redis_down policy=open error=%s", exc)
+                log.warning("greylist_redis_down", policy="open", error=str(exc))
                 return Verdict.cont(
                     reason=f"greylist skipped: Redis unavailable ({exc})", tags=("greylist:error",)
                 )
-            log.warning("event=greylist_redis_down policy=closed error=%s", exc)
+            log.warning("greylist_redis_down", policy="closed", error=str(exc))
             return Verdict.tempfail(
                 "Greylisting unavailable, try again later", code=451, enhanced="4.3.0",
                 reason=f"Redis unavailable ({exc}), redis_failure closed",
             )
-        log.info("event=greylist status=%s triplet=%s age=%.1f", status, key, age)
+        log.info("greylist", status=status, triplet=key, age=round(age, 1))
         if status in ("new", "early"):
             verdict = Verdict.tempfail(
                 s.text, code=451, enhanced="4.7.1",

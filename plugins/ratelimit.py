@@ -23,7 +23,6 @@ atomically; Redis's own clock (``TIME``) is used, so the proxies' clocks do not 
 from __future__ import annotations
 
 import ipaddress
-import logging
 import math
 import time
 import uuid
@@ -34,16 +33,24 @@ from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import Message, Recipient, Session, Transaction, Verdict, hookimpl
-from smtpproxy.config import Network
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import (
+    EventLog,
+    Message,
+    Network,
+    Recipient,
+    Session,
+    Transaction,
+    Verdict,
+    hookimpl,
+    ip_in_networks,
+)
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
 from ._redis import RedisScript, RedisUnavailable, StateStore
 
 __all__ = ["MemoryBackend", "RateLimit", "RedisBackend", "Rule"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 KeyKind = Literal["client_ip", "client_network", "sender", "sender_domain", "recipient", "auth_user"]
 What = Literal["connections", "messages", "recipients", "bytes"]
@@ -331,19 +338,17 @@ class RateLimit:
                     allowed, total = await backend.hit(store_key, rule.window, rule.limit, amount)
                 except RedisUnavailable as exc:
                     if self.settings.redis_failure == "open":
-                        log.warning("event=ratelimit_redis_down rule=%s policy=open error=%s", rule.name, exc)
+                        log.warning("ratelimit_redis_down", rule=rule.name, policy="open", error=str(exc))
                         continue
-                    log.warning("event=ratelimit_redis_down rule=%s policy=closed error=%s", rule.name, exc)
+                    log.warning("ratelimit_redis_down", rule=rule.name, policy="closed", error=str(exc))
                     return Verdict.tempfail(
                         "Rate limit check unavailable, try again later", code=451, enhanced="4.3.0",
                         reason=f"rule {rule.name}: Redis unavailable ({exc}), redis_failure closed",
                     )
                 if allowed:
                     continue
-                log.info(
-                    "event=ratelimit rule=%s key=%s=%s count=%d limit=%d what=%s window=%g",
-                    rule.name, rule.key, value, total, rule.limit, what, rule.window,
-                )
+                log.info("ratelimit", rule=rule.name, key=rule.key, value=value, count=total,
+                         limit=rule.limit, what=what, window=rule.window)
                 verdict = self._verdict(rule, value, total, amount)
                 if verdict is not None:
                     if verdict.reply is not None:

@@ -22,20 +22,27 @@ Supersedes ``headers`` for templated headers.
 from __future__ import annotations
 
 import fnmatch
-import logging
 import re
 import string
 from email.utils import getaddresses
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import Address, HeaderError, Message, Session, Transaction, hookimpl
-from smtpproxy.config import Network
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import (
+    Address,
+    EventLog,
+    HeaderError,
+    Message,
+    Network,
+    Session,
+    Transaction,
+    hookimpl,
+    ip_in_networks,
+)
 
 __all__ = ["AddressRules", "RegexRule", "Rewrite", "template_values"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 PLACEHOLDERS = ("client_ip", "client_name", "helo", "sender", "session_id", "transaction_id", "tls_version")
 _HEADER_NAME = re.compile(r"[!-9;-~]+\Z")
@@ -257,7 +264,7 @@ class Rewrite:
             else:
                 message.add_header(name, value)
         except HeaderError as exc:
-            log.warning("event=rewrite_header_skipped header=%s error=%s", name, exc)
+            log.warning("rewrite_header_skipped", header=name, error=str(exc))
 
     # -- addresses -----------------------------------------------------------------------
 
@@ -268,13 +275,13 @@ class Rewrite:
         if not envelope.sender.is_null:
             new = self._new_address(s.sender, envelope.sender.text, utf8, "sender")
             if new is not None:
-                log.info("event=rewrite sender=%s new=%s", envelope.sender.text, new.text)
+                log.info("rewrite", sender=envelope.sender.text, new=new.text)
                 envelope.set_sender(new)
         for rcpt in list(envelope.recipients):
             new = self._new_address(s.recipients, rcpt.address.text, utf8, "recipient")
             if new is None:
                 continue
-            log.info("event=rewrite recipient=%s new=%s", rcpt.address.text, new.text)
+            log.info("rewrite", recipient=rcpt.address.text, new=new.text)
             envelope.remove_recipient(rcpt.address)
             if all(r.address.text.lower() != new.text.lower() for r in envelope.recipients):
                 envelope.add_recipient(new, rcpt.params)
@@ -292,7 +299,7 @@ class Rewrite:
         try:
             return Address.parse(text, allow_utf8=utf8)
         except ValueError as exc:
-            log.warning("event=rewrite_skipped %s=%s result=%r error=%s", what, old, text, exc)
+            log.warning("rewrite_skipped", **{what: old}, result=text, error=str(exc))
             return None
 
     def _rewrite_header(self, message: Message, name: str, rules: AddressRules, utf8: bool) -> None:
@@ -300,7 +307,7 @@ class Rewrite:
         if not values:
             return
         if len(values) > 1:
-            log.warning("event=rewrite_header_skipped header=%s reason='%d fields'", name, len(values))
+            log.warning("rewrite_header_skipped", header=name, reason=f"{len(values)} fields")
             return
         value = new_value = values[0]
         for _, addr in getaddresses([value]):

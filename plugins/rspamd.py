@@ -37,12 +37,13 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 
-from smtpproxy import Message, Session, Transaction, Verdict, hookimpl
-from smtpproxy.eventlog import event
+from smtpproxy import EventLog, Message, Session, Transaction, Verdict, hookimpl
 
 from ._scanner import ScannerSettings, ask_scanner, no_control, symbol_list
 
 __all__ = ["Rspamd", "RspamdError", "RspamdResult", "check"]
+
+log = EventLog(__name__)
 
 
 HEADER_SCORE = "X-Rspamd-Score"
@@ -288,7 +289,7 @@ class Rspamd:
         shown = symbol_list(ranked, _REASON_SYMBOLS)
         reason = f"rspamd score {result.score:g} action={result.action_slug}"
         reason += f" ({shown})" if shown else ""
-        event("rspamd", tx=transaction.id, result=result.action_slug, score=result.score,
+        log.info("rspamd", tx=transaction.id, result=result.action_slug, score=result.score,
               required=result.required_score, points=round(points, 2), symbols=ranked)
         if s.add_headers:
             message.add_header(HEADER_SCORE, f"{result.score:g}/{result.required_score:g}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import logging
 import re
 from dataclasses import dataclass, replace
 from email.header import decode_header, make_header
@@ -36,13 +35,11 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from smtpproxy import Message, Session, Transaction, Verdict, hookimpl, run_blocking
-from smtpproxy.authresults import checks
-from smtpproxy.eventlog import event
+from smtpproxy import EventLog, Message, Session, Transaction, Verdict, auth_checks, hookimpl, run_blocking
 
 __all__ = ["Score"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 Points = Annotated[float, Field(allow_inf_nan=False)]
 Threshold = Annotated[float, Field(allow_inf_nan=False)] | None
@@ -290,7 +287,7 @@ class Score:
             f"score {_fmt(total)} ({action}; plugins {_fmt(earlier)}, rules {_fmt(points)}): "
             + (" ".join(trace) or "no rule hits")
         )
-        event("score", tx=transaction.id, score=round(total, 2), earlier=round(earlier, 2),
+        log.info("score", tx=transaction.id, score=round(total, 2), earlier=round(earlier, 2),
               rules=trace, spam=is_spam, action=action)
         tags = ("score:spam",) if is_spam else ()
         if action == "reject":
@@ -332,7 +329,7 @@ class Score:
             helo=session.helo or "",
             client_ip=session.client.ip,
             tags=frozenset(session.results.tags | transaction.results.tags),
-            auth=frozenset((c.method, c.result) for c in checks(transaction)),
+            auth=frozenset((c.method, c.result) for c in auth_checks(transaction)),
         )
 
     def _matches(self, compiled: _Compiled, facts: _Facts) -> bool:

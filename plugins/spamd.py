@@ -30,12 +30,13 @@ from dataclasses import dataclass
 
 from pydantic import Field, field_validator
 
-from smtpproxy import Message, Transaction, Verdict, hookimpl
-from smtpproxy.eventlog import event
+from smtpproxy import EventLog, Message, Transaction, Verdict, hookimpl
 
 from ._scanner import ScannerSettings, ask_scanner, no_control, symbol_list
 
 __all__ = ["Spamd", "SpamdError", "SpamdResult", "check"]
+
+log = EventLog(__name__)
 
 
 PROTOCOL = "SPAMC/1.5"
@@ -167,7 +168,7 @@ class Spamd:
         points = result.score * s.score_factor
         shown = symbol_list(result.symbols, _REASON_SYMBOLS)
         reason = f"spamd score {result.score:g}" + (f" ({shown})" if shown else "")
-        event("spamd", tx=transaction.id, result="spam" if result.is_spam else "ham",
+        log.info("spamd", tx=transaction.id, result="spam" if result.is_spam else "ham",
               score=result.score, required=result.threshold, points=round(points, 2),
               symbols=list(result.symbols))
         if s.add_headers:

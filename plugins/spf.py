@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
-import logging
 import threading
 from dataclasses import dataclass, replace
 from typing import Any, Literal, cast, get_args
@@ -34,17 +33,28 @@ import dns.resolver
 import spf as pyspf
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from smtpproxy import Action, Address, Session, Transaction, Verdict, hookimpl, run_blocking
-from smtpproxy.authresults import AuthCheck, record
-from smtpproxy.config import Network
-from smtpproxy.dns import Resolver, get_resolver
-from smtpproxy.networks import ip_in_networks
+from smtpproxy import (
+    Action,
+    Address,
+    AuthCheck,
+    EventLog,
+    Network,
+    Resolver,
+    Session,
+    Transaction,
+    Verdict,
+    get_resolver,
+    hookimpl,
+    ip_in_networks,
+    record_auth_check,
+    run_blocking,
+)
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
 
 __all__ = ["SPF", "SPFOutcome", "SPFResult"]
 
-log = logging.getLogger(__name__)
+log = EventLog(__name__)
 
 SPFResult = Literal["pass", "fail", "softfail", "neutral", "none", "temperror", "permerror"]
 RESULTS: tuple[str, ...] = get_args(SPFResult)
@@ -183,11 +193,9 @@ class SPF:
         outcomes = await asyncio.gather(*(self.check_host(ip, arg, helo) for *_, arg in checks))
         verdicts = []
         for (prefix, prop, identity, _), outcome in zip(checks, outcomes, strict=True):
-            record(transaction, AuthCheck("spf", outcome.result, outcome.explanation, {prop: identity}))
-            log.info(
-                "event=spf result=%s %s=%s ip=%s explanation=%r",
-                outcome.result, prop, identity, ip, outcome.explanation,
-            )
+            check = AuthCheck("spf", outcome.result, outcome.explanation, {prop: identity})
+            record_auth_check(transaction, check)
+            log.info("spf", result=outcome.result, **{prop: identity}, ip=ip, explanation=outcome.explanation)
             verdicts.append(self._verdict(outcome, prefix, identity, ip))
         return _combine(verdicts)
 

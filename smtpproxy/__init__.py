@@ -4,10 +4,17 @@ The public API for plugin authors is what this module exports; everything else i
 internal and may change.
 """
 
-from smtpproxy.addresses import Address
+from smtpproxy.addresses import Address, AddressError
+from smtpproxy.authresults import AuthCheck
+from smtpproxy.authresults import checks as auth_checks
+from smtpproxy.authresults import record as record_auth_check
 from smtpproxy.blocking import run_blocking
+from smtpproxy.config import Config, ConfigError, Network
+from smtpproxy.dns import DNSTemporaryError, Resolver, get_resolver
+from smtpproxy.eventlog import EventLog
 from smtpproxy.hookspecs import hookimpl
-from smtpproxy.message import HeaderError, Message
+from smtpproxy.message import HeaderError, Message, validate_header
+from smtpproxy.networks import IPNetwork, ip_in_networks
 from smtpproxy.session import (
     Client,
     Decision,
@@ -19,6 +26,7 @@ from smtpproxy.session import (
     TLSInfo,
     Transaction,
 )
+from smtpproxy.settings import SettingsError
 from smtpproxy.verdicts import Action, Reply, Verdict
 
 __version__ = "0.1.0"
@@ -26,20 +34,35 @@ __version__ = "0.1.0"
 __all__ = [
     "Action",
     "Address",
+    "AddressError",
+    "AuthCheck",
     "Client",
+    "Config",
+    "ConfigError",
+    "DNSTemporaryError",
     "Decision",
     "Envelope",
+    "EventLog",
     "HeaderError",
+    "IPNetwork",
     "Message",
+    "Network",
     "Outcome",
     "Recipient",
     "Reply",
+    "Resolver",
     "Results",
     "Session",
+    "SettingsError",
     "TLSInfo",
     "Transaction",
     "Verdict",
     "__version__",
+    "auth_checks",
+    "get_resolver",
     "hookimpl",
+    "ip_in_networks",
+    "record_auth_check",
     "run_blocking",
+    "validate_header",
 ]

@@ -43,7 +43,6 @@ from smtpproxy.verdicts import Action, Verdict
 
 __all__ = ["Chain", "ChainStep", "PhaseResult", "PluginError"]
 
-log = logging.getLogger("smtpproxy.chain")
 
 ERROR_TEMPFAIL = Verdict.tempfail(
     "Temporary local problem, please try again later", code=451, enhanced="4.3.0"

@@ -17,7 +17,7 @@ from typing import Any
 
 from smtpproxy import __version__, eventloop
 from smtpproxy.config import Config, ConfigError, ConfigSource, load_config
-from smtpproxy.eventlog import configure_logging
+from smtpproxy.eventlog import configure_logging, event
 from smtpproxy.registry import build_chain, installed_plugins
 from smtpproxy.server import ProxyServer
 from smtpproxy.startup import StartupError
@@ -44,10 +44,19 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a configuration and its plugins")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     sub.add_parser("plugins", help="list installed plugins and the hooks each implements")
-    quarantine = sub.add_parser("quarantine", help="list, show, release or delete quarantined messages")
-    quarantine.add_argument("action", choices=["list", "show", "release", "delete"])
-    quarantine.add_argument("ids", nargs="*", metavar="ID", help="quarantine id(s)")
-    quarantine.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    quarantine = sub.add_parser(
+        "quarantine", help="list, show, release or delete quarantined messages",
+        description="Options and ids may come in any order. The plugins are not loaded.",
+    )
+    actions = quarantine.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("list", "list the quarantined messages"),
+                         ("show", "print one message's record and headers"),
+                         ("release", "deliver messages upstream and remove them from the quarantine"),
+                         ("delete", "remove messages from the quarantine")):
+        one = actions.add_parser(action, help=text)
+        if action != "list":
+            one.add_argument("ids", nargs="*", metavar="ID", help="quarantine id(s)")
+        one.add_argument("-c", "--config", required=True, help="YAML configuration file")
     trace = sub.add_parser(
         "test-message",
         help="run the plugin chain offline over a message (or a directory of *.eml) and explain it",
@@ -75,25 +84,38 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(path: str | None) -> tuple[Config, ConfigSource | None]:
+def _load(path: str | None, *, plugins: bool = True) -> tuple[Config, ConfigSource | None]:
     config, source = load_config(path)
-    build_chain(config.plugins, source)  # plugin settings are part of a valid config
+    if plugins:  # plugin settings are part of a valid config
+        build_chain(config.plugins, source, plugin_paths=config.plugin_paths)
     return config, source
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse; ``quarantine release A -c FILE B`` gets both ids (argparse stops at the option)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and getattr(args, "ids", None) is not None and not any(x.startswith("-") for x in extra):
+        args.ids.extend(extra)
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parse(argv)
     if args.command == "plugins":
         return _list_plugins()
     try:
-        config, source = _load(args.config)
+        # The quarantine commands never run plugins, so they work where those cannot be imported.
+        config, source = _load(args.config, plugins=args.command != "quarantine")
     except ConfigError as exc:
         print(f"smtpproxy: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "quarantine":
         from smtpproxy.quarantine import admin_command
 
-        return admin_command(config, args.action, args.ids)
+        return admin_command(config, args.action, getattr(args, "ids", []))
     if args.command == "reload":
         return _signal_reload(config, args.config, args.pid)
     if args.command == "test-message":
@@ -129,7 +151,7 @@ def _serve(main: Coroutine[Any, Any, None], config: Config) -> int:
     try:
         eventloop.run(main, config.event_loop)
     except (StartupError, eventloop.EventLoopError) as exc:
-        logging.getLogger("smtpproxy").error("event=startup_failed error=%s", exc)
+        event("startup_failed", logging.ERROR, error=str(exc))
         print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
         return EXIT_RUNTIME
     except KeyboardInterrupt:

@@ -842,7 +842,18 @@ _USE_SPEC = re.compile(
 )
 _PLUGIN_NAME = re.compile(r"[a-z0-9_.-]+\Z")
 
+def _check_directory(value: Path, info: ValidationInfo) -> Path:
+    """The directory must exist; relative paths are checked against context['base_dir']."""
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    target = (value if value.is_absolute() or base is None else Path(base) / value).absolute()
+    if not target.is_dir():
+        what = "not a directory" if target.exists() else "directory not found"
+        raise _error("directory_not_found", f"{what}: {target}")
+    return value
+
+
 ConfigPath = Annotated[Path, BeforeValidator(_check_path_input)]
+ExistingDirectory = Annotated[Path, BeforeValidator(_check_path_input), AfterValidator(_check_directory)]
 ExistingFile = Annotated[Path, BeforeValidator(_check_path_input), AfterValidator(_check_file)]
 IPAddress = Annotated[str, AfterValidator(_check_ip_address)]
 Host = Annotated[str, AfterValidator(_check_host)]
@@ -1475,7 +1486,7 @@ class Metrics(_Model):
 
     enabled: bool = Field(
         default=False, strict=True,
-        description="Serve /metrics, /healthz and /readyz; needs `pip install 'smtpproxy[metrics]'`.",
+        description="Serve /metrics, /healthz and /readyz; needs prometheus-client (the [metrics] extra).",
     )
     address: IPAddress = Field(
         default="127.0.0.1", description="Address to serve on; keep it private (no authentication)."
@@ -1545,6 +1556,13 @@ class Config(_Model):
     plugins: list[PluginSpec] = Field(
         default=[], description="Filter plugins, called in this order for every message."
     )
+    plugin_paths: list[ExistingDirectory] = Field(
+        default=[],
+        description=(
+            "Directories (relative to this file) searched first for the modules that "
+            "'use: module:Class' names, for plugins that are not installed as packages."
+        ),
+    )
     dns: DNS = Field(default=DNS(), description="DNS resolver settings shared by all plugins.")
     milter: Milter = Field(default=Milter(), description="Milter mode (`smtpproxy milter`).")
     logging: Logging = Field(default=Logging(), description="Log level and format.")
@@ -1558,7 +1576,7 @@ class Config(_Model):
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto",
         description=(
-            "The asyncio event loop: 'uvloop' (faster; pip install 'smtpproxy[uvloop]'), "
+            "The asyncio event loop: 'uvloop' (faster; needs uvloop, the [uvloop] extra), "
             "'asyncio' (the standard one), or 'auto' (uvloop when it is installed)."
         ),
     )
@@ -1662,7 +1680,8 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     if limits.spool_directory is not None:
         limits = limits.model_copy(update={"spool_directory": resolve(limits.spool_directory)})
     return config.model_copy(update={"listeners": listeners, "delivery": delivery, "quarantine": quarantine,
-                                     "pid_file": pid_file, "limits": limits})
+                                     "pid_file": pid_file, "limits": limits,
+                                     "plugin_paths": [resolve(p) for p in config.plugin_paths]})
 
 
 def _read_text(file: str) -> str:

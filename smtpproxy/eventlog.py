@@ -4,7 +4,9 @@
 (key=value) or one JSON object per line. The session id comes from a context variable set
 by the front end, so lines that plugins log through the standard ``logging`` module in a
 session's task carry it too. Values are escaped, so a hostile HELO name cannot forge a
-log line.
+log line. Plugins emit their events the same way through :class:`EventLog`; a field may
+not overwrite ``ts``, ``level``, ``event``, ``sid`` and the other fields of the line itself
+(such a field is written with a trailing ``_``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import re
 import sys
 import time
 from typing import Any
 
-__all__ = ["configure_logging", "current_session", "event"]
+__all__ = ["EventLog", "configure_logging", "current_session", "event"]
 
 current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "smtpproxy_session", default=None
@@ -25,10 +28,76 @@ current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _log = logging.getLogger("smtpproxy.session")
 
 
-def event(name: str, level: int = logging.INFO, **fields: Any) -> None:
+def event(name: str, /, level: int = logging.INFO, **fields: Any) -> None:
     """Log one structured session event."""
     if _log.isEnabledFor(level):
         _log.log(level, name, extra={"smtpproxy_fields": fields})
+
+
+class EventLog:
+    """A plugin's structured events, in the same line format as the proxy's own.
+
+    ``log = EventLog(__name__)`` then ``log.info("spf", result="fail", ip=ip)`` writes
+    ``ts=... level=info event=spf sid=... result=fail ip=...`` (or the JSON equivalent).
+    The logger is ``logging.getLogger(name)``, so its level can be set per plugin.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.logger = logging.getLogger(name)
+
+    def event(self, name: str, /, level: int = logging.INFO, **fields: Any) -> None:
+        """Log event ``name`` with ``fields`` (values are escaped; None is written as -)."""
+        self._emit(name, level, fields)
+
+    def debug(self, name: str, /, **fields: Any) -> None:
+        self._emit(name, logging.DEBUG, fields)
+
+    def info(self, name: str, /, **fields: Any) -> None:
+        self._emit(name, logging.INFO, fields)
+
+    def warning(self, name: str, /, **fields: Any) -> None:
+        self._emit(name, logging.WARNING, fields)
+
+    def error(self, name: str, /, **fields: Any) -> None:
+        self._emit(name, logging.ERROR, fields)
+
+    def _emit(self, name: str, level: int, fields: dict[str, Any]) -> None:
+        if self.logger.isEnabledFor(level):
+            # stacklevel: the record names the plugin's line, not this one.
+            self.logger.log(level, _EventName(name, fields), stacklevel=3,
+                            extra={"smtpproxy_fields": fields})
+
+
+class _EventName(str):
+    """The event name as a record's ``msg``; printed by a foreign formatter (``caplog``, a
+    handler the embedding application installed) it is the whole ``event=... key=...`` line."""
+
+    fields: dict[str, Any]
+
+    def __new__(cls, name: str, fields: dict[str, Any]) -> _EventName:
+        self = super().__new__(cls, name)
+        self.fields = fields
+        return self
+
+    def __reduce__(self) -> tuple[Any, ...]:  # copy and pickle keep the fields
+        return _EventName, (str.__str__(self), self.fields)
+
+    def __str__(self) -> str:
+        pairs = {"event": str.__str__(self), **_own_fields(self.fields)}
+        return " ".join(f"{k}={_kv_value(v)}" for k, v in pairs.items())
+
+
+# The fields every line has; an event's own field of the same name gets a trailing "_".
+_RESERVED = frozenset({"ts", "level", "event", "sid", "logger", "msg", "exc"})
+_BAD_KEY_CHAR = re.compile(r"[^A-Za-z0-9_.:-]")
+
+
+def _own_fields(fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        name = _BAD_KEY_CHAR.sub("_", str(key)) or "_"
+        out[name + "_" if name in _RESERVED else name] = value
+    return out
 
 
 def _kv_value(value: Any) -> str:
@@ -56,10 +125,10 @@ class KeyValueFormatter(logging.Formatter):
         structured = getattr(record, "smtpproxy_fields", None)
         sid = current_session.get()
         if structured is not None:
-            fields["event"] = record.msg
+            fields["event"] = _name(record)
             if sid:
                 fields["sid"] = sid
-            fields.update(structured)
+            fields.update(_own_fields(structured))
         else:
             fields["logger"] = record.name
             if sid:
@@ -78,17 +147,21 @@ class JsonFormatter(logging.Formatter):
         structured = getattr(record, "smtpproxy_fields", None)
         sid = current_session.get()
         if structured is not None:
-            out["event"] = record.msg
+            out["event"] = _name(record)
         else:
             out["logger"] = record.name
             out["msg"] = record.getMessage()
         if sid:
             out["sid"] = sid
         if structured is not None:
-            out.update(structured)
+            out.update(_own_fields(structured))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return json.dumps(out, default=str, ensure_ascii=False)
+
+
+def _name(record: logging.LogRecord) -> str:
+    return str.__str__(record.msg) if isinstance(record.msg, str) else str(record.msg)
 
 
 def _timestamp(created: float) -> str:

@@ -1,7 +1,7 @@
 """Running the proxy on asyncio's own event loop or on uvloop.
 
 uvloop (libuv under asyncio's API) makes the socket and timer work that dominates a
-proxy's CPU profile cheaper. It is optional: ``pip install 'smtpproxy[uvloop]'`` and
+proxy's CPU profile cheaper. It is optional: ``pip install uvloop`` (the ``[uvloop]`` extra) and
 ``event_loop: uvloop`` (or ``auto``, which takes it when installed).
 """
 
@@ -31,7 +31,7 @@ def loop_factory(choice: Choice) -> tuple[str, Callable[[], asyncio.AbstractEven
         if choice == "uvloop":
             raise EventLoopError(
                 f"event_loop: uvloop, but uvloop cannot be imported ({exc}): "
-                "pip install 'smtpproxy[uvloop]' (or set event_loop: auto)"
+                "pip install uvloop (the [uvloop] extra) or set event_loop: auto"
             ) from exc
         return "asyncio", None
     return "uvloop", uvloop.new_event_loop

@@ -32,7 +32,7 @@ from email.parser import BytesParser
 from email.policy import default as _default_policy
 from typing import Literal
 
-__all__ = ["MAILBOX_LINE", "POSTFIX_LINE_LIMIT", "Change", "HeaderError", "Message"]
+__all__ = ["MAILBOX_LINE", "POSTFIX_LINE_LIMIT", "Change", "HeaderError", "Message", "validate_header"]
 
 CRLF = b"\r\n"
 _WSP = b" \t"
@@ -155,6 +155,15 @@ def _validate_value(name: str, value: str) -> bytes:
         raise HeaderError(
             f"value of header {name!r} is not encodable as UTF-8 ({exc.reason})"
         ) from None
+
+
+def validate_header(name: str, value: str = "") -> None:
+    """Raise :class:`HeaderError` unless ``add_header(name, value)`` would accept them.
+
+    For plugins that check header names and templates in their settings at load time.
+    """
+    _validate_name(name)
+    _validate_value(name, value)
 
 
 def _fold(line: bytes, first_min: int) -> bytes:

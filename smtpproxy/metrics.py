@@ -7,7 +7,7 @@ nothing, so the per-message overhead is a few empty method calls. With metrics e
 own (not prometheus_client's global one), so several proxies in one process never clash.
 
 prometheus_client is imported only when metrics are enabled: the core runs without it
-(``pip install 'smtpproxy[metrics]'`` adds it).
+(``pip install prometheus-client``, or the ``[metrics]`` extra, adds it).
 
 Plugin verdicts and latencies are read from the :class:`~smtpproxy.session.Results` a
 session or transaction accumulated, once when it ends, so the chain itself stays
@@ -91,7 +91,7 @@ class PrometheusRecorder(NullRecorder):
         except ImportError as exc:
             raise MetricsUnavailable(
                 "metrics.enabled is true but prometheus_client is not installed: "
-                "pip install 'smtpproxy[metrics]' (or set metrics.enabled: false)"
+                "pip install prometheus-client (the [metrics] extra) or set metrics.enabled: false"
             ) from exc
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
         r = self.registry

@@ -431,7 +431,8 @@ async def _proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
                                 "tls": "none", "connect_timeout": 5, "command_timeout": 5,
                                 "data_timeout": 10, "pool": {"max_idle": 0}}
         config = Config.model_validate(_merge(data, sections))
-        chain = chain_of(list(plugins)) if plugins else build_chain(config.plugins, None)
+        chain = (chain_of(list(plugins)) if plugins
+                 else build_chain(config.plugins, None, plugin_paths=config.plugin_paths))
         server = ProxyServer(config, chain=chain)
         started.append((server, upstream))
         await server.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import sys
 import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ import pydantic
 from smtpproxy import hookspecs
 from smtpproxy.chain import Chain, ChainStep
 from smtpproxy.config import ConfigError, ConfigSource, PluginSpec, Problem, format_key
+from smtpproxy.settings import SettingsError
 
 __all__ = ["ENTRY_POINT_GROUP", "InstalledPlugin", "build_chain", "installed_plugins"]
 
@@ -133,11 +135,21 @@ def instantiate(
                 [Problem("<config>", None, None, "plugins", str(exc))]
             ) from None
         raise ConfigError(source.problems_from_validation_error(exc, base=where)) from None
-    return factory(validated)
+    try:
+        return factory(validated)
+    except SettingsError as exc:
+        raise ConfigError([_problem(source, (*where, *exc.key), exc.message)]) from None
 
 
-def build_chain(specs: Sequence[PluginSpec], source: ConfigSource | None) -> Chain:
-    """Load every enabled plugin in order and return the chain; ConfigError names the entry."""
+def build_chain(
+    specs: Sequence[PluginSpec], source: ConfigSource | None, *, plugin_paths: Sequence[Path] = ()
+) -> Chain:
+    """Load every enabled plugin in order and return the chain; ConfigError names the entry.
+
+    ``plugin_paths`` (the configuration's ``plugin_paths:``, absolute) are put at the front
+    of ``sys.path`` first, so ``use: module:Class`` finds a module kept next to the config.
+    """
+    _add_import_paths(plugin_paths)
     pm = new_plugin_manager()
     steps: list[ChainStep] = []
     problems: list[Problem] = []
@@ -157,10 +169,23 @@ def build_chain(specs: Sequence[PluginSpec], source: ConfigSource | None) -> Cha
         except (pluggy.PluginValidationError, TypeError, ValueError) as exc:
             problems.append(_problem(source, ("plugins", index), f"plugin {spec.name!r}: {exc}"))
             continue
+        except Exception as exc:  # a constructor that fails otherwise (a file it reads, ...)
+            problems.append(_problem(source, ("plugins", index),
+                                     f"plugin {spec.name!r} could not be built: {type(exc).__name__}: {exc}"))
+            continue
         steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error))
     if problems:
         raise ConfigError(problems)
     return Chain(pm, steps)
+
+
+def _add_import_paths(paths: Sequence[Path]) -> None:
+    for path in reversed(paths):
+        entry = str(path)
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    if paths:
+        importlib.invalidate_caches()
 
 
 def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:

@@ -62,7 +62,8 @@ class ProxyServer:
         """This process's index under a ``workers: N`` supervisor (None: a single process)."""
         limits = config.limits
         self.services = Services(
-            chain=chain if chain is not None else build_chain(config.plugins, source),
+            chain=chain if chain is not None
+            else build_chain(config.plugins, source, plugin_paths=config.plugin_paths),
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=QuarantineStore(Path(config.quarantine.path)),
             relay=RelayPolicy.from_config(
@@ -229,7 +230,7 @@ class ProxyServer:
     async def _reload(self, file: str) -> bool:
         try:
             new, source = load_config(file)
-            chain = build_chain(new.plugins, source)
+            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths)
         except ConfigError as exc:
             return self._reload_failed(file, str(exc))
         applied = without_restart_only_changes(self.config, new)
@@ -357,7 +358,7 @@ class ProxyServer:
             try:
                 await asyncio.wait_for(server.wait_closed(), timeout=max(1.0, grace))
             except TimeoutError:
-                log.warning("event=shutdown_slow note=%s", "listener connections still open")
+                event("shutdown_slow", logging.WARNING, note="listener connections still open")
         async with self._reload_lock:  # a reload in progress finishes (or backs out) first
             await self.services.chain.notify("shutdown")
         await self.services.leases.close()

@@ -414,7 +414,8 @@ class Tracer:
     @classmethod
     def from_config(cls, config: Config, source: ConfigSource | None = None) -> Tracer:
         """The chain and rules of a configuration (ConfigError when a plugin cannot load)."""
-        return cls(build_chain(config.plugins, source), TracePolicy.from_config(config), config=config)
+        chain = build_chain(config.plugins, source, plugin_paths=config.plugin_paths)
+        return cls(chain, TracePolicy.from_config(config), config=config)
 
     async def start(self) -> None:
         """Configure the shared resolver (from a config) and run every ``startup`` hook;

@@ -129,7 +129,7 @@ async def _supervise(config: Config, argv: list[str]) -> int:
                 try:
                     await worker.start()
                 except RuntimeError as exc:
-                    log.error("event=worker_restart_failed worker=%s error=%s", worker.index, exc)
+                    event("worker_restart_failed", logging.ERROR, worker=worker.index, error=str(exc))
                 watchers[asyncio.ensure_future(_wait(worker))] = worker
         notify("STOPPING=1")
         event("workers_stopping", workers=len(workers))

@@ -535,13 +535,13 @@ def test_key_files_are_checked_at_construction(tmp_path: Path, rsa2048: Key, ed:
     assert load_private_key(seed_file, "ed25519-sha256") == ed.dkimpy_private
 
 
-def test_the_loader_reports_a_bad_key_file_with_the_plugin_name(tmp_path: Path) -> None:
+def test_the_loader_reports_a_bad_key_file_at_its_key(tmp_path: Path) -> None:
     spec = PluginSpec.model_validate({"name": "dkim_sign", "settings": {
         "keys": [{"domain": "example.test", "selector": "s", "key_file": str(tmp_path / "nope.pem")}],
     }})
     with pytest.raises(ConfigError) as caught:
         build_chain([spec], None)
-    assert "plugin 'dkim_sign': DKIM key file" in str(caught.value)
+    assert "plugins[0].settings.keys[0].key_file: DKIM key file" in str(caught.value)
     assert str(tmp_path / "nope.pem") in str(caught.value)
 
 

@@ -312,7 +312,7 @@ async def test_enabled_without_prometheus_client_says_what_to_install(
 ) -> None:
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # import now raises ImportError
     server = ProxyServer(make_config(tmp_path, **METRICS), chain=chain_of())
-    with pytest.raises(StartupError, match=r"pip install 'smtpproxy\[metrics\]'"):
+    with pytest.raises(StartupError, match=r"pip install prometheus-client"):
         await server.start()
 
 

@@ -149,3 +149,58 @@ def test_ids_cannot_escape_the_store(store: QuarantineStore) -> None:
     for bad in ("../etc/passwd", "a/b", "..", ""):
         with pytest.raises(QuarantineError):
             store.show(bad)
+
+
+@pytest.mark.parametrize("order", ["options-first", "id-first", "split"])
+def test_options_and_ids_in_either_order(tmp_path: Path, store: QuarantineStore, order: str) -> None:
+    cfg = config(tmp_path)
+    first, second = quarantine(store, 1), quarantine(store, 2)
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*EXE, "quarantine", *args], capture_output=True, text=True, timeout=60)
+
+    if order == "options-first":
+        show = run("show", "-c", str(cfg), first)
+        delete = run("delete", "-c", str(cfg), first, second)
+    elif order == "id-first":
+        show = run("show", first, "-c", str(cfg))
+        delete = run("delete", first, second, "--config", str(cfg))
+    else:
+        show = run("show", "--config", str(cfg), first)
+        delete = run("delete", first, "-c", str(cfg), second)
+    assert show.returncode == 0, show.stderr
+    assert "Subject: quarantined 1" in show.stdout
+    assert delete.returncode == 0, delete.stderr
+    assert delete.stdout.splitlines() == [f"{first}: deleted", f"{second}: deleted"]
+    assert store.list() == []
+
+
+def test_release_takes_the_config_before_the_id(tmp_path: Path, store: QuarantineStore) -> None:
+    cfg = config(tmp_path)
+    qid = quarantine(store)
+    result = subprocess.run([*EXE, "quarantine", "release", "-c", str(cfg), qid], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert len(maildir(tmp_path)) == 1
+
+
+def test_an_unknown_option_is_still_refused(tmp_path: Path) -> None:
+    result = subprocess.run([*EXE, "quarantine", "show", "-c", str(config(tmp_path)), "x", "--bogus"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "unrecognized arguments: --bogus" in result.stderr
+
+
+def test_list_and_show_do_not_import_the_plugins(tmp_path: Path, store: QuarantineStore) -> None:
+    """A plugin that only imports on the proxy's PYTHONPATH must not stop the admin commands."""
+    cfg = config(tmp_path)
+    cfg.write_text(cfg.read_text() + "plugins:\n  - name: site\n    use: not_on_this_path:Filter\n")
+    qid = quarantine(store)
+    assert subprocess.run([*EXE, "check-config", "-c", str(cfg)], capture_output=True, text=True,
+                          timeout=60).returncode == 2
+    listed = cli(cfg, "list")
+    assert listed.returncode == 0, listed.stderr
+    assert qid in listed.stdout
+    shown = cli(cfg, "show", qid)
+    assert shown.returncode == 0, shown.stderr
+    assert "Subject: quarantined 1" in shown.stdout

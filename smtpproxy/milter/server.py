@@ -43,7 +43,8 @@ class MilterServer:
                  chain: Chain | None = None) -> None:
         self.config = config
         self.settings = config.milter
-        self.chain = chain if chain is not None else build_chain(config.plugins, source)
+        self.chain = (chain if chain is not None
+                      else build_chain(config.plugins, source, plugin_paths=config.plugin_paths))
         self.listen = parse_listen(self.settings.listen)
         self.policy = MilterPolicy(
             default_action=self.settings.default_action,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from smtpproxy_example_roles import RolesInsideOnly
 
-from smtpproxy.config import ConfigError
+from smtpproxy import ConfigError
 from smtpproxy.pytest_plugin import make_plugin, recipient
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from smtpproxy_example_tenants import TenantRouting
 
-from smtpproxy.config import Config, ConfigError
+from smtpproxy import Config, ConfigError
 from smtpproxy.pytest_plugin import make_plugin
 
 TENANTS = {"acme": ["acme.example", "acme.co.example"], "globex": ["globex.example"]}

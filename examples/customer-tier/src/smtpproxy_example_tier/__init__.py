@@ -18,17 +18,16 @@ mail. A header the sender wrote is always removed first, so nobody can claim a t
 
 from __future__ import annotations
 
-import logging
 import re
 
 import httpx
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 
-from smtpproxy import Message, Transaction, Verdict, hookimpl
+from smtpproxy import EventLog, Message, Transaction, Verdict, hookimpl
 
 __all__ = ["CustomerTier"]
 
-log = logging.getLogger("smtpproxy_example_tier")
+log = EventLog("smtpproxy_example_tier")
 _TIER = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 
@@ -78,7 +77,7 @@ class CustomerTier:
         try:
             tier = await self.lookup(domain.lower())
         except (httpx.HTTPError, ValueError) as exc:
-            log.warning("event=tier_lookup_failed domain=%s error=%r", domain, exc)
+            log.warning("tier_lookup_failed", domain=domain, error=repr(exc))
             return Verdict.cont(reason=f"lookup failed: {type(exc).__name__}", tags=("tier:unavailable",))
         if tier is None:
             return Verdict.cont(reason=f"{domain}: no tier", tags=("tier:none",))

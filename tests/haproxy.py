@@ -1,0 +1,110 @@
+"""A private HAProxy for tests: Debian's ``haproxy`` in TCP mode on a free loopback port.
+
+It balances SMTP over several smtpproxy processes, sending each a PROXY v2 header, and
+health-checks them with HTTP GET /readyz on their metrics ports. Readiness (every server up)
+is polled over HAProxy's admin socket, never slept on. Tests skip with the reason only where
+haproxy is not installed (CI installs it).
+"""
+
+from __future__ import annotations
+
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import free_port, stop_process
+
+__all__ = ["HAProxy", "start_haproxy"]
+
+CONFIG = """\
+global
+    stats socket {socket} level admin
+    maxconn 500
+
+defaults
+    mode tcp
+    timeout connect 2s
+    timeout client 60s
+    timeout server 60s
+    retries 3
+    option redispatch
+
+listen smtp
+    bind 127.0.0.1:{port}
+    balance roundrobin
+    option httpchk GET /readyz
+    http-check expect status 200
+    default-server inter 200ms fall 1 rise 1 send-proxy-v2
+{servers}
+"""
+
+
+@dataclass
+class HAProxy:
+    port: int
+    socket_path: Path
+    config: str
+    process: subprocess.Popen[bytes]
+
+    def admin(self, command: str) -> str:
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(5)
+            sock.connect(str(self.socket_path))
+            sock.sendall(command.encode() + b"\n")
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode()
+
+    def server_status(self) -> dict[str, str]:
+        """{server name: UP/DOWN/...} from ``show stat``."""
+        lines = self.admin("show stat").splitlines()
+        header = lines[0].lstrip("# ").split(",")
+        rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
+        return {r["svname"]: r["status"] for r in rows if r["svname"] not in ("FRONTEND", "BACKEND")}
+
+    def wait_status(self, wanted: dict[str, str], timeout: float = 20) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                status = self.server_status()
+            except OSError:
+                status = {}
+            if all(status.get(name, "").startswith(state) for name, state in wanted.items()):
+                return
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"haproxy servers never reached {wanted}: {status}")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        stop_process(self.process)
+
+
+def start_haproxy(workdir: Path, servers: dict[str, tuple[int, int]]) -> HAProxy:
+    """HAProxy in front of ``servers`` ({name: (smtp port, health port)}), all up."""
+    binary = shutil.which("haproxy") or ("/usr/sbin/haproxy" if Path("/usr/sbin/haproxy").exists() else None)
+    if binary is None:
+        pytest.skip("haproxy is not installed: apt-get install haproxy")
+    port = free_port()
+    socket_path = workdir / "haproxy.sock"
+    lines = "\n".join(f"    server {name} 127.0.0.1:{smtp} check port {health}"
+                      for name, (smtp, health) in servers.items())
+    config = CONFIG.format(socket=socket_path, port=port, servers=lines)
+    path = workdir / "haproxy.cfg"
+    path.write_text(config)
+    check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    process = subprocess.Popen([binary, "-db", "-f", str(path)], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    proxy = HAProxy(port, socket_path, config, process)
+    try:
+        proxy.wait_status(dict.fromkeys(servers, "UP"))
+    except Exception:
+        proxy.stop()
+        raise
+    return proxy
