@@ -23,7 +23,7 @@ from typing import Any
 
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.chain import Chain, PhaseResult
-from smtpproxy.config import Config, ConfigSource, MaildirDelivery
+from smtpproxy.config import Config, ConfigSource, MaildirDeliveryConfig
 from smtpproxy.datareader import END_OF_DATA, DataReader
 from smtpproxy.eventlog import current_session
 from smtpproxy.message import Message
@@ -250,7 +250,7 @@ class TracePolicy:
         routes: dict[str, _Route] = {}
         table = RouteTable()
         rcpt_mode = "at_data"
-        if isinstance(d, MaildirDelivery):
+        if isinstance(d, MaildirDeliveryConfig):
             default = f"maildir {d.path}"
         else:
             default = ", ".join(f"{u.host}:{u.port}" for u in d.default_upstreams())

@@ -20,12 +20,12 @@ from smtpproxy.config import (
     Listener,
     ListenerTLS,
     Logging,
-    MaildirDelivery,
+    MaildirDeliveryConfig,
     PluginSpec,
     Problem,
     Quarantine,
     Relay,
-    SmtpDelivery,
+    SmtpDeliveryConfig,
     SmtpPolicy,
     format_key,
     load_config,
@@ -83,7 +83,7 @@ def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert config.relay.domains == ["localhost", "*.localhost", "*.test", "*.example", "*.invalid"]
     assert config.relay.networks == []
     assert config.relay.allow_authenticated is True
-    assert isinstance(config.delivery, MaildirDelivery)
+    assert isinstance(config.delivery, MaildirDeliveryConfig)
     # Relative paths of the embedded default are resolved against the current directory.
     assert config.delivery.path == tmp_path / "mail"
     assert config.quarantine.path == tmp_path / "quarantine"
@@ -96,7 +96,7 @@ def test_models_are_frozen_and_strict() -> None:
     config = Config()
     with pytest.raises(ValidationError):
         config.hostname = "x"
-    assert Config().delivery == MaildirDelivery(path=Path("mail"))  # unresolved without loading
+    assert Config().delivery == MaildirDeliveryConfig(path=Path("mail"))  # unresolved without loading
     with pytest.raises(ValidationError):
         Listener(port="25")  # type: ignore[arg-type]
     with pytest.raises(ValidationError):
@@ -110,8 +110,8 @@ ALL_MODELS: list[type[BaseModel]] = [
     Limits,
     SmtpPolicy,
     Relay,
-    MaildirDelivery,
-    SmtpDelivery,
+    MaildirDeliveryConfig,
+    SmtpDeliveryConfig,
     Quarantine,
     PluginSpec,
     Logging,
@@ -235,7 +235,7 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     ]
     assert config.relay.allow_authenticated is False
     delivery = config.delivery
-    assert isinstance(delivery, SmtpDelivery)
+    assert isinstance(delivery, SmtpDeliveryConfig)
     assert (delivery.host, delivery.port, delivery.tls) == ("mail.internal.example", 10025, "starttls")
     assert delivery.tls_verify is False
     assert delivery.ca_file == confdir / "ca.pem"
@@ -265,14 +265,14 @@ def test_full_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 def test_maildir_and_quarantine_paths_resolved_against_file(tmp_path: Path) -> None:
     path = write(tmp_path, "delivery:\n  type: maildir\n  path: spool/mail\nquarantine:\n  path: /abs/q\n")
     config, _ = load_config(path, environ={})
-    assert config.delivery == MaildirDelivery(path=tmp_path / "spool" / "mail")
+    assert config.delivery == MaildirDeliveryConfig(path=tmp_path / "spool" / "mail")
     assert config.quarantine.path == Path("/abs/q")
 
 
 def test_defaults_resolved_against_file_directory(tmp_path: Path) -> None:
     path = write(tmp_path, "logging: {level: warning}\n")
     config, _ = load_config(path, environ={})
-    assert isinstance(config.delivery, MaildirDelivery)
+    assert isinstance(config.delivery, MaildirDeliveryConfig)
     assert config.delivery.path == tmp_path / "mail"
     assert config.quarantine.path == tmp_path / "quarantine"
 
@@ -761,7 +761,7 @@ def test_environment_values_and_defaults(tmp_path: Path) -> None:
     assert config.hostname == "mx.default.example"  # set but empty -> default
     assert config.listeners[0].port == 2626  # unquoted: typed like YAML would type "2626"
     assert config.listeners[0].banner == "ESMTP proxy costs $5, $HOME stays"
-    assert isinstance(config.delivery, SmtpDelivery)
+    assert isinstance(config.delivery, SmtpDeliveryConfig)
     assert config.delivery.host == "relay.example"
     assert config.delivery.tls_verify is False
     assert config.plugins[0].settings == {"password": "s3cr$t", "number": "2626"}

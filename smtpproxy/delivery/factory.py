@@ -8,9 +8,9 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from smtpproxy.config import Config, MaildirDelivery
+from smtpproxy.config import Config, MaildirDeliveryConfig
 from smtpproxy.delivery import Delivery
-from smtpproxy.delivery.maildir import MaildirDelivery as MaildirBackend
+from smtpproxy.delivery.maildir import MaildirDelivery
 from smtpproxy.delivery.smtp import SmtpDelivery
 
 __all__ = ["config_hostname", "make_delivery"]
@@ -19,8 +19,8 @@ __all__ = ["config_hostname", "make_delivery"]
 def make_delivery(config: Config) -> Delivery:
     """A Maildir or an SMTP delivery (with its routes and connection pool), as configured."""
     d = config.delivery
-    if isinstance(d, MaildirDelivery):
-        return MaildirBackend(Path(d.path), received=config.received_header,
+    if isinstance(d, MaildirDeliveryConfig):
+        return MaildirDelivery(Path(d.path), received=config.received_header,
                               hostname=config_hostname(config))
     return SmtpDelivery.from_config(d, config_hostname(config), received=config.received_header)
 

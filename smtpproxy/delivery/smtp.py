@@ -85,7 +85,9 @@ class SmtpDelivery:
             self._routes[key] = list(servers)
 
     @classmethod
-    def from_config(cls, c: cfg.SmtpDelivery, helo_name: str, *, received: str = "auto") -> SmtpDelivery:
+    def from_config(
+        cls, c: cfg.SmtpDeliveryConfig, helo_name: str, *, received: str = "auto"
+    ) -> SmtpDelivery:
         settings = ConnectorSettings(
             tls=c.tls, tls_verify=c.tls_verify, ca_file=_path(c.ca_file),
             tls_hostname=c.tls_hostname, client_cert=_path(c.client_cert),
