@@ -113,7 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"smtpproxy: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "quarantine":
-        from smtpproxy.quarantine import admin_command
+        from smtpproxy.quarantine_cli import admin_command
 
         return admin_command(config, args.action, getattr(args, "ids", []))
     if args.command == "reload":

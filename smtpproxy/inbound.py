@@ -165,7 +165,8 @@ class InboundSMTP(SMTP):
             require_starttls=policy.require_starttls,
             timeout=policy.idle_timeout,
         )
-        self.sp: Session | None = None  # the plugin-facing session
+        self.plugin_session: Session | None = None
+        """The session plugins see (smtpproxy's model), beside aiosmtpd's own ``self.session``."""
         self._errors = 0
         self._commands = 0
         self._busy = False
@@ -199,16 +200,16 @@ class InboundSMTP(SMTP):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls_done = self._original_transport is not None
         super().connection_made(transport)
-        if starttls_done and self.sp is not None:
+        if starttls_done and self.plugin_session is not None:
             # RFC 3207 4.2: forget everything learned before TLS.
-            self.sp.helo = None
-            self.sp.esmtp = False
+            self.plugin_session.helo = None
+            self.plugin_session.esmtp = False
             self._end_transaction()
             ssl_object = transport.get_extra_info("ssl_object")
             if ssl_object is not None:
                 name, _, bits = ssl_object.cipher() or ("", "", None)
-                self.sp.tls = TLSInfo(ssl_object.version() or "", name, bits)
-                event("starttls", version=self.sp.tls.version, cipher=name)
+                self.plugin_session.tls = TLSInfo(ssl_object.version() or "", name, bits)
+                event("starttls", version=self.plugin_session.tls.version, cipher=name)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Push the idle (or DATA) deadline back.
@@ -310,10 +311,10 @@ class InboundSMTP(SMTP):
 
     def _end_transaction(self) -> None:
         """Forget the current transaction; an upstream one that followed it is aborted."""
-        if self.sp is not None:
-            if self.sp.transaction is not None:
-                self.services.metrics.outcomes(self.sp.transaction.results)
-            self.sp.end_transaction()
+        if self.plugin_session is not None:
+            if self.plugin_session.transaction is not None:
+                self.services.metrics.outcomes(self.plugin_session.transaction.results)
+            self.plugin_session.end_transaction()
         self._route = None
         upstream, self._upstream = self._upstream, None
         if upstream is not None and upstream.started:
@@ -331,30 +332,33 @@ class InboundSMTP(SMTP):
     async def _handle_client(self) -> None:
         peer = self._transport_peer()
         local = self.transport.get_extra_info("sockname") if self.transport else None
-        self.sp = Session(
+        self.plugin_session = Session(
             Client(peer[0], peer[1]),
             local_ip=local[0] if local else "",
             local_port=local[1] if local else 0,
         )
-        current_session.set(self.sp.id)
-        self.sp.tls = _tls_info(self.transport)  # implicit TLS: encrypted from the start
-        if self.sp.tls is not None:
-            event("implicit_tls", version=self.sp.tls.version, cipher=self.sp.tls.cipher)
+        current_session.set(self.plugin_session.id)
+        self.plugin_session.tls = _tls_info(self.transport)  # implicit TLS: encrypted from the start
+        if self.plugin_session.tls is not None:
+            tls = self.plugin_session.tls
+            event("implicit_tls", version=tls.version, cipher=tls.cipher)
         if self.policy.proxy_protocol is not None:
             # Before the limiter, so the per-IP cap counts the real client.
-            real = await read_proxy_header(self._reader, self.sp.client, self.policy.proxy_protocol)
+            real = await read_proxy_header(
+                self._reader, self.plugin_session.client, self.policy.proxy_protocol
+            )
             if real is None:
                 self._close()
                 return
-            self.sp.client = real
+            self.plugin_session.client = real
         services = self.services
-        refusal = services.limiter.acquire(self.sp.client.ip)
+        refusal = services.limiter.acquire(self.plugin_session.client.ip)
         if refusal is not None:
             services.metrics.connection_refused(
                 "max_sessions" if services.limiter.active >= services.limiter.max_sessions
                 else "max_sessions_per_ip"
             )
-            event("connect_refused", client=self.sp.client.ip, reply=refusal.code,
+            event("connect_refused", client=self.plugin_session.client.ip, reply=refusal.code,
                   reason=refusal.text)
             await self.reply(refusal)
             self._close()
@@ -363,7 +367,7 @@ class InboundSMTP(SMTP):
             # Still in PROXY/TLS set-up when shutdown began: not counted by the drain, so no banner.
             services.metrics.connection_refused("shutting_down")
             await self.reply(Reply(421, "4.3.2", "Service shutting down, try again later"))
-            services.limiter.release(self.sp.client.ip)
+            services.limiter.release(self.plugin_session.client.ip)
             self._close()
             return
         services.sessions.add(self)
@@ -372,8 +376,8 @@ class InboundSMTP(SMTP):
         self.chain = services.leases.acquire(services.chain)
         self._pause_timeout()  # the connect hook runs on the proxy's time, not the client's
         services.metrics.session_started()
-        event("connect", client=self.sp.client.ip, port=self.sp.client.port,
-              listener=f"{self.sp.local_ip}:{self.sp.local_port}")
+        event("connect", client=self.plugin_session.client.ip, port=self.plugin_session.client.port,
+              listener=f"{self.plugin_session.local_ip}:{self.plugin_session.local_port}")
         try:
             async with asyncio.timeout(self.policy.session_timeout):
                 await self._converse()
@@ -384,7 +388,7 @@ class InboundSMTP(SMTP):
             self._close()
         finally:
             self._end_transaction()
-            services.limiter.release(self.sp.client.ip)
+            services.limiter.release(self.plugin_session.client.ip)
             services.sessions.discard(self)
             if not services.sessions:
                 services.drained.set()
@@ -401,17 +405,17 @@ class InboundSMTP(SMTP):
 
     async def _finish_session(self) -> None:
         """Runs after the connection is gone: pending notifications, then ``disconnect``."""
-        assert self.sp is not None
-        current_session.set(self.sp.id)
+        assert self.plugin_session is not None
+        current_session.set(self.plugin_session.id)
         try:
             if self._pending_notifications:
                 await asyncio.gather(*self._pending_notifications, return_exceptions=True)
-            await self.chain.notify("disconnect", session=self.sp)
+            await self.chain.notify("disconnect", session=self.plugin_session)
         finally:
-            self.services.metrics.outcomes(self.sp.results)
+            self.services.metrics.outcomes(self.plugin_session.results)
             self.services.leases.release(self.chain)
-        event("disconnect", transactions=self.sp.transaction_count,
-              seconds=round(time.time() - self.sp.started, 3), errors=self._errors)
+        event("disconnect", transactions=self.plugin_session.transaction_count,
+              seconds=round(time.time() - self.plugin_session.started, 3), errors=self._errors)
 
     async def _notify(self, hook: str, **kwargs: Any) -> None:
         """Run a notification so that a client hanging up cannot cut it short."""
@@ -424,9 +428,9 @@ class InboundSMTP(SMTP):
         return len(getattr(self._reader, "_buffer", b""))
 
     async def _converse(self) -> None:
-        assert self.sp is not None
-        result = await self.chain.run("connect", self.sp.results, session=self.sp)
-        refusal = before_message("connect", self.sp, result)
+        assert self.plugin_session is not None
+        result = await self.chain.run("connect", self.plugin_session.results, session=self.plugin_session)
+        refusal = before_message("connect", self.plugin_session, result)
         if refusal is not None:
             event("connect_rejected", reply=refusal.reply.code, by=refusal.decided_by,
                   reason=refusal.reason)
@@ -465,7 +469,7 @@ class InboundSMTP(SMTP):
                 await self._error(Reply(500, "5.5.2", "Non-ASCII characters in command; use SMTPUTF8"))
                 continue
             limit = self.policy.max_command_line
-            if command in ("MAIL", "RCPT") and self.sp.esmtp:
+            if command in ("MAIL", "RCPT") and self.plugin_session.esmtp:
                 limit += _PARAM_ALLOWANCE
             if len(line) + 2 > limit:
                 await self._error(Reply(500, "5.5.2", f"Command line too long (limit {limit} octets)"))
@@ -494,7 +498,7 @@ class InboundSMTP(SMTP):
             except Exception:
                 log.exception("event=internal_error command=%s", command)
                 await self.reply(Reply(451, "4.3.0", "Internal error, try again later"))
-                if self.sp.transaction is not None:
+                if self.plugin_session.transaction is not None:
                     self._end_transaction()
             finally:
                 self._busy = False
@@ -546,8 +550,8 @@ class InboundSMTP(SMTP):
     # -- commands ----------------------------------------------------------------
 
     async def _need_helo(self) -> bool:
-        assert self.sp is not None
-        if not self.sp.helo:
+        assert self.plugin_session is not None
+        if not self.plugin_session.helo:
             await self._error(Reply(503, "5.5.1", "Send HELO/EHLO first"))
             return True
         return False
@@ -559,23 +563,23 @@ class InboundSMTP(SMTP):
         await self._greet(arg, esmtp=True)
 
     async def _greet(self, hostname: str | None, *, esmtp: bool) -> None:
-        assert self.sp is not None
+        assert self.plugin_session is not None
         verb = "EHLO" if esmtp else "HELO"
         if not hostname:
             await self._error(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
         self._end_transaction()
-        self.sp.helo = None
+        self.plugin_session.helo = None
         result = await self.chain.run(
-            "helo", self.sp.results, session=self.sp, hostname=hostname
+            "helo", self.plugin_session.results, session=self.plugin_session, hostname=hostname
         )
         event("helo", verb=verb, hostname=hostname, **_verdict_fields(result))
-        refusal = before_message("helo", self.sp, result)
+        refusal = before_message("helo", self.plugin_session, result)
         if refusal is not None:
             await self.reply(refusal.reply)
             return
-        self.sp.helo = hostname
-        self.sp.esmtp = esmtp
+        self.plugin_session.helo = hostname
+        self.plugin_session.esmtp = esmtp
         if not esmtp:
             await self.reply(Reply(250, None, self.hostname))
             return
@@ -590,20 +594,20 @@ class InboundSMTP(SMTP):
         self._dsn = self.services.delivery.offers_dsn()
         if self._dsn:
             lines.append("DSN")
-        if self.tls_context and self.sp.tls is None:
+        if self.tls_context and self.plugin_session.tls is None:
             lines.append("STARTTLS")
-        if self.policy.auth is not None and self.sp.tls is not None:
+        if self.policy.auth is not None and self.plugin_session.tls is not None:
             lines.append("AUTH PLAIN LOGIN")
         await self.reply(Reply(250, None, "\n".join(lines)))
 
     async def smtp_MAIL(self, arg: str | None) -> None:
-        assert self.sp is not None
+        assert self.plugin_session is not None
         if await self._need_helo():
             return
-        if self.policy.auth_required and self.sp.auth_user is None:
+        if self.policy.auth_required and self.plugin_session.auth_user is None:
             await self._error(Reply(530, "5.7.0", "Authentication required"))
             return
-        if self.sp.transaction is not None:
+        if self.plugin_session.transaction is not None:
             await self._error(Reply(503, "5.5.1", "Nested MAIL command"))
             return
         try:
@@ -612,7 +616,7 @@ class InboundSMTP(SMTP):
             await self._error(Reply(exc.code, exc.enhanced, exc.text))
             return
         params = path.params
-        if params and not self.sp.esmtp:
+        if params and not self.plugin_session.esmtp:
             await self._error(Reply(501, "5.5.4", "MAIL parameters need EHLO"))
             return
         unknown = sorted(set(params) - _MAIL_PARAMS - (dsn.MAIL_PARAMS if self._dsn else set()))
@@ -629,10 +633,10 @@ class InboundSMTP(SMTP):
         if size is not None and int(size) > self.policy.max_message_size:
             await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
             return
-        transaction = self.sp.begin_transaction(Envelope(path.address, params))
+        transaction = self.plugin_session.begin_transaction(Envelope(path.address, params))
         result = await self.chain.run(
             "mail_from", transaction.results,
-            session=self.sp, transaction=transaction, sender=path.address,
+            session=self.plugin_session, transaction=transaction, sender=path.address,
         )
         event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
               **_verdict_fields(result))
@@ -644,10 +648,10 @@ class InboundSMTP(SMTP):
         await self.reply(Reply(250, "2.1.0", "Sender OK"))
 
     async def smtp_RCPT(self, arg: str | None) -> None:
-        assert self.sp is not None
+        assert self.plugin_session is not None
         if await self._need_helo():
             return
-        transaction = self.sp.transaction
+        transaction = self.plugin_session.transaction
         if transaction is None:
             await self._error(Reply(503, "5.5.1", "Need MAIL command first"))
             return
@@ -670,7 +674,8 @@ class InboundSMTP(SMTP):
             await self._error(Reply(501, "5.5.4", f"Syntax error in RCPT parameters: {problem}"))
             return
         address = path.address
-        relay_refusal = self.services.relay.refusal(address, self.sp.client.ip, self.sp.auth_user)
+        session = self.plugin_session
+        relay_refusal = self.services.relay.refusal(address, session.client.ip, session.auth_user)
         if relay_refusal is not None:
             event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=relay_refusal)
             await self.reply(refusal_reply(address, relay_refusal))
@@ -687,7 +692,7 @@ class InboundSMTP(SMTP):
         recipient = Recipient(address, dict(path.params))
         result = await self.chain.run(
             "rcpt_to", transaction.results,
-            session=self.sp, transaction=transaction, recipient=recipient,
+            session=self.plugin_session, transaction=transaction, recipient=recipient,
         )
         event("rcpt_to", tx=transaction.id, recipient=address.text, **_verdict_fields(result))
         refusal = before_message("rcpt_to", transaction, result)
@@ -697,7 +702,7 @@ class InboundSMTP(SMTP):
         reply = Reply(250, "2.1.5", "Recipient OK")
         if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
             if self._upstream is None:
-                self._upstream = self.services.delivery.open_transaction(self.sp, transaction)
+                self._upstream = self.services.delivery.open_transaction(self.plugin_session, transaction)
             reply = await self._upstream.rcpt(address, recipient.params)  # the real server's answer
             event("upstream_rcpt", tx=transaction.id, recipient=address.text, reply=reply.code)
             if not reply.is_positive:
@@ -715,10 +720,10 @@ class InboundSMTP(SMTP):
         await self.reply(reply)
 
     async def smtp_DATA(self, arg: str | None) -> None:
-        assert self.sp is not None
+        assert self.plugin_session is not None
         if await self._need_helo():
             return
-        transaction = self.sp.transaction
+        transaction = self.plugin_session.transaction
         if transaction is None:
             await self._error(Reply(503, "5.5.1", "Need MAIL command first"))
             return
@@ -773,12 +778,12 @@ class InboundSMTP(SMTP):
 
     async def _finish_message(self, transaction: Transaction, started: float) -> None:
         """Run the data chain, then deliver, quarantine, discard or refuse; reply last."""
-        assert self.sp is not None and transaction.message is not None
+        assert self.plugin_session is not None and transaction.message is not None
         result: PhaseResult | None = None
         if not skips_data_chain(transaction):
             result = await self.chain.run(
                 "data", transaction.results,
-                session=self.sp, transaction=transaction, message=transaction.message,
+                session=self.plugin_session, transaction=transaction, message=transaction.message,
             )
         decision = await self._carry_out(transaction, end_of_message(transaction, result))
         await self.reply(decision.reply)
@@ -793,15 +798,15 @@ class InboundSMTP(SMTP):
             size=transaction.message.size, decision=decision.disposition,
             reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
             by=decision.decided_by, reason=decision.reason, score=decision.score,
-            ms=round(seconds * 1000, 1), client=self.sp.client.ip, helo=self.sp.helo,
+            ms=round(seconds * 1000, 1), client=self.plugin_session.client.ip, helo=self.plugin_session.helo,
         )
-        await self._notify("after_message", session=self.sp, transaction=transaction,
+        await self._notify("after_message", session=self.plugin_session, transaction=transaction,
                            decision=decision)
 
     async def _carry_out(self, transaction: Transaction, outcome: Refusal | Deliver) -> Decision:
         """Do what :func:`smtpproxy.outcome.end_of_message` decided; the Decision says what
         the client is told (250 only once the message is delivered, kept or dropped)."""
-        assert self.sp is not None and transaction.message is not None
+        assert self.plugin_session is not None and transaction.message is not None
         score = transaction.score
         if isinstance(outcome, Refusal):
             return outcome.decision(score)
@@ -810,7 +815,7 @@ class InboundSMTP(SMTP):
         if outcome.action == "quarantine":
             try:
                 qid = await self.services.quarantine.store(
-                    self.sp, transaction, transaction.message, outcome.reason
+                    self.plugin_session, transaction, transaction.message, outcome.reason
                 )
             except OSError as exc:
                 log.error("event=quarantine_failed error=%r", exc)
@@ -842,7 +847,7 @@ class InboundSMTP(SMTP):
     async def _deliver(self, transaction: Transaction, content: Message) -> Delivered:
         """Hand the message over: on the upstream transaction that followed the client's
         (rcpt_mode relay), unless plugins edited the envelope; else in one go."""
-        assert self.sp is not None
+        assert self.plugin_session is not None
         upstream, self._upstream = self._upstream, None
         done = self.delivering = asyncio.Event()
         try:
@@ -850,7 +855,7 @@ class InboundSMTP(SMTP):
                 if not transaction.envelope.changes:
                     return await upstream.data(content)
                 await upstream.abort()  # the upstream must see the envelope the plugins left
-            return await self.services.delivery.deliver(self.sp, transaction, content)
+            return await self.services.delivery.deliver(self.plugin_session, transaction, content)
         finally:
             self.delivering = None
             done.set()
@@ -861,8 +866,8 @@ class InboundSMTP(SMTP):
         aiosmtpd would answer 220 and layer a new TLS session on the encrypted one, which
         fails with an internal error; Postfix says "554 5.5.1 Error: TLS already active".
         """
-        assert self.sp is not None
-        if self.sp.tls is not None:
+        assert self.plugin_session is not None
+        if self.plugin_session.tls is not None:
             await self._error(Reply(503, "5.5.1", "TLS already active"))
             return
         await super().smtp_STARTTLS(arg or "")
@@ -871,7 +876,7 @@ class InboundSMTP(SMTP):
         if arg:
             await self._error(Reply(501, "5.5.4", "Syntax: RSET"))
             return
-        if self.sp is not None:
+        if self.plugin_session is not None:
             self._end_transaction()
         await self.reply(Reply(250, "2.0.0", "OK"))
 
@@ -900,22 +905,22 @@ class InboundSMTP(SMTP):
 
     async def smtp_AUTH(self, arg: str | None) -> None:
         """RFC 4954 AUTH, mechanisms PLAIN and LOGIN, only over TLS; failures count as errors."""
-        assert self.sp is not None
+        assert self.plugin_session is not None
         users = self.policy.auth
         if users is None:
             await self._error(Reply(502, "5.5.1", "AUTH not available on this listener"))
             return
         if await self._need_helo():
             return
-        if self.sp.tls is None:
+        if self.plugin_session.tls is None:
             await self._error(
                 Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
             )
             return
-        if self.sp.auth_user is not None:
+        if self.plugin_session.auth_user is not None:
             await self._error(Reply(503, "5.5.1", "Already authenticated"))
             return
-        if self.sp.transaction is not None:
+        if self.plugin_session.transaction is not None:
             await self._error(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"))
             return
         mechanism, _, initial = (arg or "").partition(" ")
@@ -941,7 +946,7 @@ class InboundSMTP(SMTP):
         if not ok or user is None:
             await self._auth_failed(mechanism, login)
             return
-        self.sp.auth_user = user
+        self.plugin_session.auth_user = user
         event("auth", mechanism=mechanism, user=user)
         await self.reply(Reply(235, "2.7.0", "Authentication successful"))
 
