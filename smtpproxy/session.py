@@ -62,7 +62,8 @@ class Client:
     ip: str
     port: int
     hostname: str | None = None
-    """Reverse DNS name, when it was resolved and confirmed; None otherwise."""
+    """The client's forward-confirmed reverse DNS name; None when unknown. Set by the ``iprev``
+    plugin in the proxy and the tracer, and from the MTA's verified name in milter mode."""
 
 
 @dataclass(frozen=True, slots=True)

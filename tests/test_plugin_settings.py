@@ -61,6 +61,8 @@ BAD_SETTINGS = [
      r":4:\d+: plugins\[0\]\.settings\.port: "),
     ("rspamd", 'url: "ftp://127.0.0.1/"',
      r":4:\d+: plugins\[0\]\.settings\.url: "),
+    ("iprev", "on_fail: drop",
+     r":4:\d+: plugins\[0\]\.settings\.on_fail: "),
 ]
 
 
