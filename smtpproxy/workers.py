@@ -1,8 +1,12 @@
-"""``workers: N``: several proxy processes sharing each listening port (SO_REUSEPORT).
+"""``workers: N``: several proxy processes sharing each listening socket.
 
 One Python process uses one core. With ``workers: N`` the ``smtpproxy run`` process becomes
-a small supervisor: it starts N copies of itself (``--worker 0..N-1``), each a complete proxy
-binding the same ports with SO_REUSEPORT, so the kernel spreads new connections across them.
+a small supervisor: it opens every listening socket once and starts N copies of itself
+(``--worker 0..N-1``), each a complete proxy that inherits those sockets and accepts from
+them. One shared accept queue, not one SO_REUSEPORT socket per worker: the kernel resets the
+connections waiting in a socket whose process dies, so with per-worker sockets a killed or
+crashing worker took its queued clients with it; a shared queue is drained by the workers
+that are still alive, and it stays open while a dead worker is restarted.
 The supervisor forwards SIGHUP (reload) and SIGTERM/SIGINT (graceful stop) to every worker,
 restarts a worker that dies, writes the pid file and talks to systemd; the workers don't.
 
@@ -13,9 +17,11 @@ limits) and metrics endpoint (``metrics.port`` + worker index).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 
@@ -23,10 +29,13 @@ from smtpproxy.config import Config
 from smtpproxy.eventlog import event
 from smtpproxy.sdnotify import notify
 
-__all__ = ["READY_FD_VARIABLE", "supervise", "tell_supervisor_ready"]
+__all__ = ["LISTEN_FDS_VARIABLE", "READY_FD_VARIABLE", "inherited_listener", "supervise",
+           "tell_supervisor_ready"]
 
 READY_FD_VARIABLE = "SMTPPROXY_READY_FD"
 """A worker writes one byte to this inherited pipe once it listens."""
+LISTEN_FDS_VARIABLE = "SMTPPROXY_LISTEN_FDS"
+"""The supervisor's listening sockets, one file descriptor per listener, comma-separated."""
 RESTART_DELAY = 1.0
 """Seconds before a dead worker is started again (a crash loop must not spin)."""
 STARTUP_TIMEOUT = 60.0
@@ -46,10 +55,48 @@ def tell_supervisor_ready() -> None:
         pass  # the supervisor is gone; nothing to tell
 
 
+@functools.cache
+def _inherited_fds() -> tuple[int, ...]:
+    fds = os.environ.pop(LISTEN_FDS_VARIABLE, "")  # read once; not for the plugins' children
+    return tuple(int(fd) for fd in fds.split(",") if fd)
+
+
+def inherited_listener(index: int) -> socket.socket | None:
+    """In a worker: the supervisor's listening socket for listener *index* (None: bind one)."""
+    fds = _inherited_fds()
+    return socket.socket(fileno=fds[index]) if index < len(fds) else None
+
+
+def open_listeners(config: Config) -> list[socket.socket]:
+    """The supervisor's listening sockets, bound once; every worker accepts from them."""
+    opened: list[socket.socket] = []
+    try:
+        for index, listener in enumerate(config.listeners):
+            family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            opened.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+            try:
+                sock.bind((listener.address, listener.port))
+            except OSError as exc:
+                raise OSError(f"listeners[{index}]: cannot listen on {listener.address}:"
+                              f"{listener.port}: {exc.strerror or exc}") from exc
+            sock.listen(1024)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in opened:
+            sock.close()
+        raise
+    return opened
+
+
 class _Worker:
-    def __init__(self, index: int, argv: list[str]):
+    def __init__(self, index: int, argv: list[str], listeners: list[socket.socket]):
         self.index = index
         self.argv = argv
+        self.listeners = listeners
         self.process: asyncio.subprocess.Process | None = None
 
     async def start(self) -> None:
@@ -57,9 +104,11 @@ class _Worker:
         read_fd, write_fd = os.pipe()
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd is ours
         env[READY_FD_VARIABLE] = str(write_fd)
+        listen_fds = [sock.fileno() for sock in self.listeners]
+        env[LISTEN_FDS_VARIABLE] = ",".join(map(str, listen_fds))
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self.argv, "--worker", str(self.index), env=env, pass_fds=(write_fd,)
+                *self.argv, "--worker", str(self.index), env=env, pass_fds=(write_fd, *listen_fds)
             )
         finally:
             os.close(write_fd)
@@ -90,8 +139,8 @@ class _Worker:
         return await self.process.wait()
 
 
-async def _supervise(config: Config, argv: list[str]) -> int:
-    workers = [_Worker(i, argv) for i in range(config.workers)]
+async def _supervise(config: Config, argv: list[str], listeners: list[socket.socket]) -> int:
+    workers = [_Worker(i, argv, listeners) for i in range(config.workers)]
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -132,6 +181,8 @@ async def _supervise(config: Config, argv: list[str]) -> int:
         event("workers_stopping", workers=len(workers))
         for worker in workers:
             worker.signal(signal.SIGTERM)  # each finishes its sessions within shutdown_grace
+        for sock in listeners:  # the port closes once every worker has closed its copy
+            sock.close()
         for task in watchers:
             task.cancel()
         await asyncio.gather(*(w.process.wait() for w in workers if w.process is not None))
@@ -153,11 +204,18 @@ def supervise(config: Config, config_path: str | None) -> int:
     argv = [sys.executable, "-m", "smtpproxy", "run"]
     if config_path is not None:
         argv += ["-c", config_path]
+    try:
+        listeners = open_listeners(config)
+    except OSError as exc:
+        print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
     pid_file = Path(config.pid_file) if config.pid_file is not None else None
     if pid_file is not None:
         write_pid_file(pid_file)
     try:
-        return asyncio.run(_supervise(config, argv))
+        return asyncio.run(_supervise(config, argv, listeners))
     finally:
+        for sock in listeners:
+            sock.close()
         if pid_file is not None:
             remove_pid_file(pid_file)

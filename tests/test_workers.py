@@ -6,6 +6,7 @@ import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -103,3 +104,38 @@ def test_workers_need_fixed_ports(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(str(config))
     assert "workers" in str(error.value) and "listeners[0] has port 0" in str(error.value)
+
+
+def test_connections_queued_while_a_worker_dies_are_all_greeted(
+    supervisor: tuple[Supervisor, int],
+) -> None:
+    """A burst of connections while one worker is stuck and then SIGKILLed: none is lost.
+
+    With one SO_REUSEPORT socket per worker the kernel hashes about half of the burst onto
+    the stuck worker's own accept queue, and resets them when that process dies. With the
+    listening socket opened once by the supervisor and shared, the live worker accepts them.
+    """
+    sup, port = supervisor
+    pids = sup.worker_pids(2)
+    sup.log.wait_line(r"event=workers_ready workers=2")
+    os.kill(pids[1], signal.SIGSTOP)  # busy or dying: accepts nothing from now on
+    try:
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+    finally:
+        os.kill(pids[1], signal.SIGKILL)
+    greeted, lost = 0, []
+    for client in clients:
+        with client:
+            try:
+                banner = client.makefile("rb").readline()
+            except OSError as exc:
+                lost.append(repr(exc))
+                continue
+            if banner.startswith(b"220"):
+                greeted += 1
+            else:
+                lost.append(repr(banner))
+    assert lost == [] and greeted == 40
+    sup.log.wait_line(r"event=worker_died .*worker=1")
+    assert list(sup.worker_pids(1)) == [1]  # and the supervisor restarted it
+    send(port, 4)
