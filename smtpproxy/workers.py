@@ -17,12 +17,14 @@ limits) and metrics endpoint (``metrics.port`` + worker index).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import logging
 import os
 import signal
 import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from smtpproxy.config import Config
@@ -92,12 +94,35 @@ def open_listeners(config: Config) -> list[socket.socket]:
     return opened
 
 
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec function that makes the child get SIGTERM when we die (Linux), or None.
+
+    A supervisor that is SIGKILLed (or crashes) cannot stop its workers, and they would go on
+    holding the inherited listening socket, so a new supervisor could not bind the port.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after fork
+    except (OSError, AttributeError):
+        return None
+
+    def set_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return set_signal
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 class _Worker:
     def __init__(self, index: int, argv: list[str], listeners: list[socket.socket]):
         self.index = index
         self.argv = argv
         self.listeners = listeners
         self.process: asyncio.subprocess.Process | None = None
+        self.ready = False
+        """It listens (and has its SIGHUP handler): before that, SIGHUP would end it."""
+        self.reload_pending = False
 
     async def start(self) -> None:
         """Start the process and wait until it listens; RuntimeError when it cannot start."""
@@ -106,9 +131,11 @@ class _Worker:
         env[READY_FD_VARIABLE] = str(write_fd)
         listen_fds = [sock.fileno() for sock in self.listeners]
         env[LISTEN_FDS_VARIABLE] = ",".join(map(str, listen_fds))
+        self.ready = False
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self.argv, "--worker", str(self.index), env=env, pass_fds=(write_fd, *listen_fds)
+                *self.argv, "--worker", str(self.index), env=env, pass_fds=(write_fd, *listen_fds),
+                preexec_fn=_parent_death_signal(),
             )
         finally:
             os.close(write_fd)
@@ -125,7 +152,18 @@ class _Worker:
             os.close(read_fd)
             raise RuntimeError(f"worker {self.index} did not start (exit code {code})")
         os.close(read_fd)
+        self.ready = True
         event("worker_started", worker=self.index, pid=self.process.pid)
+        if self.reload_pending:  # a SIGHUP came while it started: it may have read the old file
+            self.reload_pending = False
+            self.signal(signal.SIGHUP)
+
+    def reload(self) -> None:
+        """Forward a SIGHUP now, or once the worker is ready."""
+        if self.ready:
+            self.signal(signal.SIGHUP)
+        else:
+            self.reload_pending = True
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -148,7 +186,7 @@ async def _supervise(config: Config, argv: list[str], listeners: list[socket.soc
 
     def reload_all() -> None:  # each worker validates and reloads the file itself
         for worker in workers:
-            worker.signal(signal.SIGHUP)
+            worker.reload()
 
     loop.add_signal_handler(signal.SIGHUP, reload_all)
     try:
@@ -167,6 +205,7 @@ async def _supervise(config: Config, argv: list[str], listeners: list[socket.soc
             done, _ = await asyncio.wait({stop_task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
             for task in done - {stop_task}:
                 worker = watchers.pop(task)
+                worker.ready = False
                 if stopping.is_set():
                     break
                 event("worker_died", level=logging.ERROR, worker=worker.index,
