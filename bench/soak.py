@@ -1208,11 +1208,13 @@ def report(soak: Soak, load: Load, acc: dict[str, Any], out: Path, wall: float) 
     segs = segments(soak)
     conns = Counter(c.result for c in load.conns)
     kills = [f for f in soak.faults if f.kind == "worker-kill" and f.started]
-    kill_windows = Counter()
-    for c in load.conns:
+    restart = next((f for f in soak.faults if f.kind == "proxy-restart" and f.started), None)
+    kill_windows: Counter[str] = Counter()
+    for c in load.conns:  # (not while the whole proxy restarts: those are refused, and said above)
+        if restart and (restart.started or 0) - 1 <= c.t <= (restart.ended or 0) + 1:
+            continue
         if any(k.started is not None and k.started - 1 <= c.t <= k.started + 10 for k in kills):
             kill_windows[c.result] += 1
-    restart = next((f for f in soak.faults if f.kind == "proxy-restart" and f.started), None)
     reloads = [f for f in soak.faults if f.kind == "reload" and f.started]
     reload_ok = sum(1 for f in reloads if f.params.get("valid") and f.params.get("results") and
                     all(r == "ok" for r in f.params["results"]))
@@ -1299,7 +1301,8 @@ def report(soak: Soak, load: Load, acc: dict[str, Any], out: Path, wall: float) 
         lines.append("")
     if args.workers > 1:
         lines += [f"**Workers**: {len(kills)} worker SIGKILLs under load; client connections opened from 1 s "
-                  f"before to 10 s after each kill: {', '.join(f'{k} {v}' for k, v in kill_windows.most_common()) or 'none'} "
+                  f"before to 10 s after each kill (outside the proxy's restart): "
+                  f"{', '.join(f'{k} {v}' for k, v in kill_windows.most_common()) or 'none'} "
                   "(`reset-before-greeting`/`no-greeting` are connections lost by the kill; `cut` are sessions "
                   "that were running on the killed worker).", ""]
     lines += [
