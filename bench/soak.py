@@ -20,6 +20,7 @@ what the quarantine holds. Output: ``bench/results/soak-<name>.md`` (one page), 
 the proxy does not stop cleanly. See bench/README.md.
 """
 
+# ruff: noqa: E501  (the report is long Markdown lines built from f-strings; wrapping them hides them)
 from __future__ import annotations
 
 import argparse
@@ -31,7 +32,6 @@ import itertools
 import json
 import math
 import os
-import threading
 import platform
 import random
 import re
@@ -42,6 +42,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from collections import Counter, defaultdict
@@ -133,7 +134,7 @@ class Bodies:
         return self.block[start * LINE:(start + n) * LINE]
 
 
-def build(msg_id: str, sender: str, rcpts: list[str], action: str, body: bytes,
+def build(msg_id: str, sender: str, rcpts: list[str], action: str, body: bytes, *,
           extra: bytes = b"") -> bytes:
     head = (f"From: <{sender}>\r\nTo: {', '.join(f'<{r}>' for r in rcpts)}\r\n"
             f"Subject: soak {msg_id}\r\nDate: {time.strftime('%a, %d %b %Y %H:%M:%S +0000', time.gmtime())}\r\n"
@@ -186,10 +187,10 @@ class Client:
             return None
         return client
 
-    async def reply(self, timeout: float = REPLY_TIMEOUT) -> tuple[int, str]:
+    async def reply(self, seconds: float = REPLY_TIMEOUT) -> tuple[int, str]:
         lines = []
         while True:
-            line = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), timeout)
+            line = await asyncio.wait_for(self.reader.readuntil(b"\r\n"), seconds)
             if len(line) < 5 or not line[:3].isdigit():
                 raise SmtpError(f"malformed reply {line[:80]!r}")
             lines.append(line[4:].decode("utf-8", "replace").strip())
@@ -216,7 +217,7 @@ class Client:
         self.writer.close()
 
 
-async def transaction(client: Client, msg: Msg, data: bytes, pipelined: bool,
+async def transaction(client: Client, msg: Msg, data: bytes, pipelined: bool, *,
                       abort_after: int | None = None, abort_rst: bool = True) -> bool:
     """Send one message; fills *msg*. False when the connection is no longer usable."""
     msg.t0 = time.time()
@@ -262,9 +263,7 @@ async def transaction(client: Client, msg: Msg, data: bytes, pipelined: bool,
         if data_code != 354:
             msg.final_code, msg.final_text = data_code, data_text
             msg.outcome = classify(data_code)
-            if data_code == 421:
-                return False
-            return True
+            return data_code != 421
         if abort_after is not None:
             client.writer.write(data[:abort_after])
             await client.writer.drain()
@@ -610,7 +609,8 @@ class Load:
         for _ in range(count):
             msg, data = self.new_message(rng, kind)
             abort_after = rng.randrange(1, len(data) - 3) if kind == "abort" else None
-            usable = await transaction(client, msg, data, kind == "pipelined", abort_after, rng.random() < 0.5)
+            usable = await transaction(client, msg, data, kind == "pipelined",
+                                       abort_after=abort_after, abort_rst=rng.random() < 0.5)
             if not usable:
                 if msg.outcome == "lost":
                     conn.result, conn.error = "cut", msg.error
@@ -685,7 +685,7 @@ class Fault:
     note: str = ""
 
 
-def fault_plan(rng: random.Random, duration: float, quick: bool, workers: int, postfix: bool,
+def fault_plan(rng: random.Random, duration: float, *, quick: bool, workers: int, postfix: bool,
                reload_every: float) -> list[Fault]:
     warm = min(60.0, duration * 0.1)
     tail = max(20.0, duration * 0.08)
@@ -951,8 +951,8 @@ class Soak:
             rate = min(args.max_rate, self.capacity / 2)
         self.rate = rate
         print(f"capacity {self.capacity or 0:.1f} msg/s -> load {rate:.1f} msg/s for {args.duration:g} s", flush=True)
-        plan = fault_plan(random.Random(args.seed + 2), args.duration, args.quick, args.workers,
-                          self.postfix is not None, args.reload_every)
+        plan = fault_plan(random.Random(args.seed + 2), args.duration, quick=args.quick, workers=args.workers,
+                          postfix=self.postfix is not None, reload_every=args.reload_every)
         self.faults = plan
         self.started = time.time()
         self.load_started = self.started
@@ -1243,7 +1243,7 @@ def report(soak: Soak, load: Load, acc: dict[str, Any], out: Path, wall: float) 
         f"seed {args.seed}; Python {platform.python_version()}, {os.cpu_count()} cores shared with other work; "
         f"`workers: {args.workers}`, `rcpt_mode: {args.rcpt_mode}`, asyncio loop. "
         f"Capacity (closed loop, 6 reused sessions, no faults): "
-        f"{'%.1f msg/s' % soak.capacity if soak.capacity else 'not measured (--rate)'}; offered load {soak.rate:.1f} msg/s "
+        f"{f'{soak.capacity:.1f} msg/s' if soak.capacity else 'not measured (--rate)'}; offered load {soak.rate:.1f} msg/s "
         f"(Poisson arrivals; new connections, reused sessions of 2-5, pipelined, mid-DATA disconnects, invalid input; "
         f"1 KB-5 MB, 1-5 recipients). Upstreams: the capturing sink"
         + (", and Postfix for dest.test" if soak.postfix else " (Postfix left out)") + ".",

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict
 from smtpproxy import Message, Session, Transaction, Verdict, hookimpl
 
 HEADER = "X-Soak-Plugin"
-_stats_task: asyncio.Task[None] | None = None  # one writer per process, whatever reloads do
+_stats_tasks: list[asyncio.Task[None]] = []  # one writer per process, whatever reloads do
 
 
 class SoakAsync:
@@ -42,10 +42,9 @@ class SoakAsync:
 
     @hookimpl
     async def startup(self) -> None:
-        global _stats_task
-        if self.settings.stats and (_stats_task is None or _stats_task.done()):
-            _stats_task = asyncio.get_running_loop().create_task(
-                _write_stats(Path(self.settings.stats), self.settings.every))
+        if self.settings.stats and not any(not t.done() for t in _stats_tasks):
+            _stats_tasks[:] = [asyncio.get_running_loop().create_task(
+                _write_stats(Path(self.settings.stats), self.settings.every))]
 
     @hookimpl
     async def data(self, session: Session, transaction: Transaction, message: Message) -> Verdict | None:

@@ -115,7 +115,8 @@ class Sink:
             else:
                 await self._reply(writer, "502 5.5.2 not implemented")
 
-    async def _data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, rcpts: list[str]) -> None:
+    async def _data(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                    rcpts: list[str]) -> None:
         raw = await reader.readuntil(b"\r\n.\r\n")  # the limit is set at 64 MiB in main()
         content = raw[:-3]
         if content.startswith(b"."):
@@ -131,12 +132,13 @@ class Sink:
         delay = float(self.mode.get("delay", 0.0)) if self.mode["mode"] in ("stall", "slow") else 0.0
         self.record({"id": soak_id, "rcpts": rcpts, "sha": hashlib.sha256(body).hexdigest(),
                      "size": len(content), "t": time.time(), "delay": delay})
-        await self._reply(writer, f"250 2.0.0 ok queued as {soak_id}", delay if self.mode["mode"] == "stall" else 0.0)
+        stall = delay if self.mode["mode"] == "stall" else 0.0  # (slow: _reply adds it)
+        await self._reply(writer, f"250 2.0.0 ok queued as {soak_id}", stall)
         self.record({"replied": soak_id, "t": time.time()})
 
 
 async def main(port: int, path: str) -> None:
-    with open(path, "a", encoding="utf-8") as records:
+    with open(path, "a", encoding="utf-8") as records:  # noqa: ASYNC230 (before serving)
         sink = Sink(records)
         server = await asyncio.start_server(sink.handle, "127.0.0.1", port, reuse_address=True,
                                             limit=64 * 1024 * 1024, backlog=512)

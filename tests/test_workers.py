@@ -184,3 +184,18 @@ def test_workers_end_when_the_supervisor_is_killed(supervisor: tuple[Supervisor,
     with socket.socket() as again:  # and the port is free again
         again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         again.bind(("127.0.0.1", port))
+
+
+def test_a_busy_port_is_a_clear_startup_error(tmp_path: Path) -> None:
+    """The supervisor binds the listening sockets itself now, so it reports a busy port."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "smtpproxy.yaml"
+        config.write_text(f"listeners:\n  - address: 127.0.0.1\n    port: {port}\nworkers: 2\n"
+                          "delivery:\n  type: maildir\n  path: mail\n")
+        done = subprocess.run([sys.executable, "-m", "smtpproxy", "run", "-c", str(config)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1
+    assert f"cannot start: listeners[0]: cannot listen on 127.0.0.1:{port}" in done.stderr
