@@ -14,6 +14,7 @@ import os
 import signal
 import ssl
 from pathlib import Path
+from typing import Any
 
 from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
@@ -34,7 +35,7 @@ from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import restart_only_changes, without_restart_only_changes
 from smtpproxy.sdnotify import monotonic_usec, notify
 from smtpproxy.startup import StartupError, configure_dns, start_chain
-from smtpproxy.workers import tell_supervisor_ready
+from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
 __all__ = ["ProxyServer", "StartupError"]
 
@@ -162,11 +163,14 @@ class ProxyServer:
                 policy, starttls = self._listener_state[index]  # looked up per connection: reload
                 return InboundSMTP(services, policy, starttls)
 
+            # A worker accepts from the socket its supervisor opened (one queue for all).
+            inherited = inherited_listener(index) if self.worker is not None else None
+            where: dict[str, Any] = ({"sock": inherited} if inherited is not None else
+                                     {"host": listener.address, "port": listener.port, "reuse_address": True,
+                                      "reuse_port": self.worker is not None})
             try:
                 server = await loop.create_server(
-                    factory, host=listener.address, port=listener.port, reuse_address=True,
-                    reuse_port=self.worker is not None,  # workers share each port (SO_REUSEPORT)
-                    backlog=1024, ssl=implicit,
+                    factory, **where, backlog=1024, ssl=implicit,
                     ssl_handshake_timeout=10.0 if implicit else None,  # a silent client is cut off
                 )
             except OSError as exc:

@@ -1,8 +1,12 @@
-"""``workers: N``: several proxy processes sharing each listening port (SO_REUSEPORT).
+"""``workers: N``: several proxy processes sharing each listening socket.
 
 One Python process uses one core. With ``workers: N`` the ``smtpproxy run`` process becomes
-a small supervisor: it starts N copies of itself (``--worker 0..N-1``), each a complete proxy
-binding the same ports with SO_REUSEPORT, so the kernel spreads new connections across them.
+a small supervisor: it opens every listening socket once and starts N copies of itself
+(``--worker 0..N-1``), each a complete proxy that inherits those sockets and accepts from
+them. One shared accept queue, not one SO_REUSEPORT socket per worker: the kernel resets the
+connections waiting in a socket whose process dies, so with per-worker sockets a killed or
+crashing worker took its queued clients with it; a shared queue is drained by the workers
+that are still alive, and it stays open while a dead worker is restarted.
 The supervisor forwards SIGHUP (reload) and SIGTERM/SIGINT (graceful stop) to every worker,
 and during the stop a second SIGTERM/SIGINT too (each worker then cuts its grace short); a
 SIGHUP during the stop is logged and ignored. It restarts a worker that dies, writes the pid
@@ -15,10 +19,14 @@ limits) and metrics endpoint (``metrics.port`` + worker index).
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import functools
 import logging
 import os
 import signal
+import socket
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 from smtpproxy.config import Config
@@ -26,10 +34,13 @@ from smtpproxy.eventlog import event
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.sdnotify import notify
 
-__all__ = ["READY_FD_VARIABLE", "supervise", "tell_supervisor_ready"]
+__all__ = ["LISTEN_FDS_VARIABLE", "READY_FD_VARIABLE", "inherited_listener", "supervise",
+           "tell_supervisor_ready"]
 
 READY_FD_VARIABLE = "SMTPPROXY_READY_FD"
 """A worker writes one byte to this inherited pipe once it listens."""
+LISTEN_FDS_VARIABLE = "SMTPPROXY_LISTEN_FDS"
+"""The supervisor's listening sockets, one file descriptor per listener, comma-separated."""
 RESTART_DELAY = 1.0
 """Seconds before a dead worker is started again (a crash loop must not spin)."""
 STARTUP_TIMEOUT = 60.0
@@ -49,20 +60,85 @@ def tell_supervisor_ready() -> None:
         pass  # the supervisor is gone; nothing to tell
 
 
+@functools.cache
+def _inherited_fds() -> tuple[int, ...]:
+    fds = os.environ.pop(LISTEN_FDS_VARIABLE, "")  # read once; not for the plugins' children
+    return tuple(int(fd) for fd in fds.split(",") if fd)
+
+
+def inherited_listener(index: int) -> socket.socket | None:
+    """In a worker: the supervisor's listening socket for listener *index* (None: bind one)."""
+    fds = _inherited_fds()
+    return socket.socket(fileno=fds[index]) if index < len(fds) else None
+
+
+def open_listeners(config: Config) -> list[socket.socket]:
+    """The supervisor's listening sockets, bound once; every worker accepts from them."""
+    opened: list[socket.socket] = []
+    try:
+        for index, listener in enumerate(config.listeners):
+            family = socket.AF_INET6 if ":" in listener.address else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            opened.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # as asyncio does
+            try:
+                sock.bind((listener.address, listener.port))
+            except OSError as exc:
+                raise OSError(f"listeners[{index}]: cannot listen on {listener.address}:"
+                              f"{listener.port}: {exc.strerror or exc}") from exc
+            sock.listen(1024)
+            sock.set_inheritable(True)
+    except OSError:
+        for sock in opened:
+            sock.close()
+        raise
+    return opened
+
+
+def _parent_death_signal() -> Callable[[], None] | None:
+    """A pre-exec function that makes the child get SIGTERM when we die (Linux), or None.
+
+    A supervisor that is SIGKILLed (or crashes) cannot stop its workers, and they would go on
+    holding the inherited listening socket, so a new supervisor could not bind the port.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl  # looked up here, not after fork
+    except (OSError, AttributeError):
+        return None
+
+    def set_signal() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+
+    return set_signal
+
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
 class _Worker:
-    def __init__(self, index: int, argv: list[str]):
+    def __init__(self, index: int, argv: list[str], listeners: list[socket.socket]):
         self.index = index
         self.argv = argv
+        self.listeners = listeners
         self.process: asyncio.subprocess.Process | None = None
+        self.ready = False
+        """It listens (and has its SIGHUP handler): before that, SIGHUP would end it."""
+        self.reload_pending = False
 
     async def start(self) -> None:
         """Start the process and wait until it listens; RuntimeError when it cannot start."""
         read_fd, write_fd = os.pipe()
         env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd is ours
         env[READY_FD_VARIABLE] = str(write_fd)
+        listen_fds = [sock.fileno() for sock in self.listeners]
+        env[LISTEN_FDS_VARIABLE] = ",".join(map(str, listen_fds))
+        self.ready = False
         try:
             self.process = await asyncio.create_subprocess_exec(
-                *self.argv, "--worker", str(self.index), env=env, pass_fds=(write_fd,)
+                *self.argv, "--worker", str(self.index), env=env, pass_fds=(write_fd, *listen_fds),
+                preexec_fn=_parent_death_signal(),
             )
         finally:
             os.close(write_fd)
@@ -79,7 +155,18 @@ class _Worker:
             os.close(read_fd)
             raise RuntimeError(f"worker {self.index} did not start (exit code {code})")
         os.close(read_fd)
+        self.ready = True
         event("worker_started", worker=self.index, pid=self.process.pid)
+        if self.reload_pending:  # a SIGHUP came while it started: it may have read the old file
+            self.reload_pending = False
+            self.signal(signal.SIGHUP)
+
+    def reload(self) -> None:
+        """Forward a SIGHUP now, or once the worker is ready."""
+        if self.ready:
+            self.signal(signal.SIGHUP)
+        else:
+            self.reload_pending = True
 
     def signal(self, signum: int) -> None:
         if self.process is not None and self.process.returncode is None:
@@ -93,8 +180,8 @@ class _Worker:
         return await self.process.wait()
 
 
-async def _supervise(config: Config, argv: list[str]) -> int:
-    workers = [_Worker(i, argv) for i in range(config.workers)]
+async def _supervise(config: Config, argv: list[str], listeners: list[socket.socket]) -> int:
+    workers = [_Worker(i, argv, listeners) for i in range(config.workers)]
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -102,7 +189,7 @@ async def _supervise(config: Config, argv: list[str]) -> int:
 
     def reload_all() -> None:  # each worker validates and reloads the file itself
         for worker in workers:
-            worker.signal(signal.SIGHUP)
+            worker.reload()
 
     loop.add_signal_handler(signal.SIGHUP, reload_all)
     try:
@@ -121,6 +208,7 @@ async def _supervise(config: Config, argv: list[str]) -> int:
             done, _ = await asyncio.wait({stop_task, *watchers}, return_when=asyncio.FIRST_COMPLETED)
             for task in done - {stop_task}:
                 worker = watchers.pop(task)
+                worker.ready = False
                 if stopping.is_set():
                     break
                 event("worker_died", level=logging.ERROR, worker=worker.index,
@@ -148,6 +236,8 @@ async def _supervise(config: Config, argv: list[str]) -> int:
         loop.add_signal_handler(signal.SIGHUP, ignore_reload)
         for worker in workers:
             worker.signal(signal.SIGTERM)  # each finishes its sessions within shutdown_grace
+        for sock in listeners:  # the port closes once every worker has closed its copy
+            sock.close()
         for task in watchers:
             task.cancel()
         await asyncio.gather(*(w.process.wait() for w in workers if w.process is not None))
@@ -168,11 +258,18 @@ def supervise(config: Config, config_path: str | None) -> int:
     argv = [sys.executable, "-m", "smtpproxy", "run"]
     if config_path is not None:
         argv += ["-c", config_path]
+    try:
+        listeners = open_listeners(config)
+    except OSError as exc:
+        print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
+        return 1
     pid_file = Path(config.pid_file) if config.pid_file is not None else None
     if pid_file is not None:
         write_pid_file(pid_file)
     try:
-        return asyncio.run(_supervise(config, argv))
+        return asyncio.run(_supervise(config, argv, listeners))
     finally:
+        for sock in listeners:
+            sock.close()
         if pid_file is not None:
             remove_pid_file(pid_file)

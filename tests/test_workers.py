@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
 import smtplib
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -45,6 +48,7 @@ def supervisor(tmp_path: Path) -> Iterator[tuple[Supervisor, int]]:
         f"listeners:\n  - address: 127.0.0.1\n    port: {port}\n"
         "workers: 2\nhostname: workers.test\npid_file: smtpproxy.pid\n"
         "delivery:\n  type: maildir\n  path: mail\n"
+        "limits:\n  max_sessions_per_ip: 100\n"  # the burst below is 40 connections from one address
     )
     sup = Supervisor(config)
     try:
@@ -103,3 +107,95 @@ def test_workers_need_fixed_ports(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as error:
         load_config(str(config))
     assert "workers" in str(error.value) and "listeners[0] has port 0" in str(error.value)
+
+
+def test_connections_queued_while_a_worker_dies_are_all_greeted(
+    supervisor: tuple[Supervisor, int],
+) -> None:
+    """A burst of connections while one worker is stuck and then SIGKILLed: none is lost.
+
+    With one SO_REUSEPORT socket per worker the kernel hashes about half of the burst onto
+    the stuck worker's own accept queue, and resets them when that process dies. With the
+    listening socket opened once by the supervisor and shared, the live worker accepts them.
+    """
+    sup, port = supervisor
+    pids = sup.worker_pids(2)
+    sup.log.wait_line(r"event=workers_ready workers=2")
+    os.kill(pids[1], signal.SIGSTOP)  # busy or dying: accepts nothing from now on
+    deadline = time.monotonic() + 10
+    while Path(f"/proc/{pids[1]}/stat").read_text().split()[2] != "T" and time.monotonic() < deadline:
+        time.sleep(0.01)  # until it is really stopped (not mid-accept on the other core)
+    try:
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(40)]
+    finally:
+        os.kill(pids[1], signal.SIGKILL)
+    greeted, lost = 0, []
+    for client in clients:
+        with client:
+            try:
+                banner = client.makefile("rb").readline()
+            except OSError as exc:
+                lost.append(repr(exc))
+                continue
+            if banner.startswith(b"220"):
+                greeted += 1
+            else:
+                lost.append(repr(banner))
+    assert lost == [] and greeted == 40
+    sup.log.wait_line(r"event=worker_died .*worker=1")
+    assert list(sup.worker_pids(1)) == [1]  # and the supervisor restarted it
+    send(port, 4)
+
+
+def test_a_reload_while_a_worker_restarts_does_not_kill_it(supervisor: tuple[Supervisor, int]) -> None:
+    """SIGHUP forwarded to a worker still starting (no handler yet) would end it (default action).
+
+    The supervisor holds the reload until the worker says it listens, then passes it on.
+    """
+    sup, port = supervisor
+    pids = sup.worker_pids(2)
+    sup.log.wait_line(r"event=workers_ready workers=2")
+    os.kill(pids[1], signal.SIGKILL)
+    sup.log.wait_line(r"event=worker_died .*worker=1")
+    since = len(sup.log.lines)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # reloads all through the restart delay and the start
+        sup.proc.send_signal(signal.SIGHUP)
+        with contextlib.suppress(AssertionError):  # keep reading: a full pipe would stall them
+            sup.log.wait_line(r"event=worker_started worker=1", timeout=0.02)
+            break
+    restart = "".join(sup.log.lines[since:])
+    assert "worker_restart_failed" not in restart and "event=worker_started worker=1" in restart
+    send(port, 4)
+
+
+def test_workers_end_when_the_supervisor_is_killed(supervisor: tuple[Supervisor, int]) -> None:
+    """A SIGKILLed supervisor cannot stop its workers: they get SIGTERM from the kernel and
+    exit, instead of holding the inherited listening socket so that no new supervisor can bind."""
+    sup, port = supervisor
+    pids = sup.worker_pids(2)
+    sup.log.wait_line(r"event=workers_ready workers=2")
+    sup.proc.kill()
+    sup.proc.wait()
+    deadline = time.monotonic() + 20
+    while any(alive(pid) for pid in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.05)  # poll until they exited
+    assert not any(alive(pid) for pid in pids.values())
+    with socket.socket() as again:  # and the port is free again
+        again.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        again.bind(("127.0.0.1", port))
+
+
+def test_a_busy_port_is_a_clear_startup_error(tmp_path: Path) -> None:
+    """The supervisor binds the listening sockets itself now, so it reports a busy port."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        config = tmp_path / "smtpproxy.yaml"
+        config.write_text(f"listeners:\n  - address: 127.0.0.1\n    port: {port}\nworkers: 2\n"
+                          "delivery:\n  type: maildir\n  path: mail\n")
+        done = subprocess.run([sys.executable, "-m", "smtpproxy", "run", "-c", str(config)],
+                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert done.returncode == 1
+    assert f"cannot start: listeners[0]: cannot listen on 127.0.0.1:{port}" in done.stderr

@@ -733,8 +733,8 @@ class Config(_Model):
     workers: int = Field(
         default=1, strict=True, ge=1, le=64,
         description=(
-            "Proxy processes sharing each listening port (SO_REUSEPORT), one per core is a "
-            "good start; each has its own metrics port (metrics.port + worker index)."
+            "Proxy processes accepting from each listening socket (opened once by a supervisor), "
+            "one per core is a good start; each has its own metrics port (metrics.port + worker index)."
         ),
     )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(

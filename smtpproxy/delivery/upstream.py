@@ -176,6 +176,8 @@ class Connector:
         """Told the name of each server that failed to connect or greet, and why (metrics)."""
         self.on_identity: Callable[[str, str], None] | None = None
         """Told a server's name and how it learns the client (xclient, xforward, none)."""
+        self._retiring: set[asyncio.Task[None]] = set()
+        """Connections saying QUIT after their last message (see release)."""
         self._verify_context = self._context(verify=settings.tls_verify)
         self._opportunistic_context = self._context(verify=False)
 
@@ -255,10 +257,16 @@ class Connector:
         if (not conn.client.is_connected or conn.messages >= s.max_messages
                 or len(conn.server.idle) >= s.max_idle):
             task = asyncio.get_running_loop().create_task(self.discard(conn))
-            task.add_done_callback(lambda t: t.exception())
+            self._retiring.add(task)  # a reference, so the task is not collected mid-QUIT
+            task.add_done_callback(self._retired)
             return
         conn.idle_since = time.monotonic()
         conn.server.idle.append(conn)
+
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled():  # cancelled at shutdown: nothing to report, and no exception
+            task.exception()  # discard() catches what a QUIT can raise; mark anything else seen
 
     async def discard(self, conn: Connection) -> None:
         if conn.client.is_connected:
@@ -266,11 +274,19 @@ class Connector:
                 await conn.client.quit(timeout=5)
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 conn.client.close()
+            except asyncio.CancelledError:
+                conn.client.close()
+                raise
 
     async def close_idle(self, servers: Sequence[UpstreamServer]) -> None:
+        """Say QUIT to every idle connection; at shutdown, stop waiting for retired ones' QUIT."""
         for server in servers:
             while server.idle:
                 await self.discard(server.idle.popleft())
+        for task in list(self._retiring):
+            task.cancel()
+        if self._retiring:
+            await asyncio.wait(set(self._retiring))
 
     async def sweep(self, servers: Sequence[UpstreamServer]) -> None:
         """Close idle connections past their idle time, forever (run as a task)."""
