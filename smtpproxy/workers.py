@@ -91,7 +91,7 @@ class _Worker:
 
 
 async def _supervise(config: Config, argv: list[str]) -> int:
-    workers = [_Worker(i, argv) for i in range(config.workers)]
+    workers = [_Worker(i, argv) for i in range(config.worker_count)]
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -147,7 +147,7 @@ async def _wait(worker: _Worker) -> int:
 
 
 def supervise(config: Config, config_path: str | None) -> int:
-    """Run ``config.workers`` proxy processes until SIGTERM; the exit code of ``smtpproxy run``."""
+    """Run ``config.worker_count`` proxy processes until SIGTERM; the exit code of ``smtpproxy run``."""
     from smtpproxy.server import remove_pid_file, write_pid_file
 
     argv = [sys.executable, "-m", "smtpproxy", "run"]
