@@ -531,7 +531,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
 
 def profile(args: argparse.Namespace) -> int:
     """py-spy on smtpproxy (no plugins) while smtp-source (-d) loads it; top frames by own time."""
-    pyspy = shutil.which("py-spy")
+    # The bench extra installs py-spy next to this interpreter, which need not be on PATH.
+    pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if pyspy is None:
         print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 1
@@ -542,12 +543,15 @@ def profile(args: argparse.Namespace) -> int:
         msgfile = Path(tmp) / "message.eml"
         msgfile.write_bytes(signed.message(1024).replace(b"\r\n", b"\n"))
         name = args.profile_system or ("smtpproxy-uvloop" if args.uvloop else "smtpproxy")
+        # bench/results/profile.* is the no-plugin row's; the chain's is profile-chain.*.
+        stem = "profile" if name in ("smtpproxy", "smtpproxy-uvloop") else \
+            "profile-" + name.removeprefix("smtpproxy-")
         system = systems.make_system(name, svc)
         system.start()
         try:
             smtp_source(system.port, 10, 200, msgfile, reuse=True)
             outputs = []
-            for fmt_, out in (("raw", RESULTS / "profile.txt"), ("flamegraph", RESULTS / "profile.svg")):
+            for fmt_, out in (("raw", RESULTS / f"{stem}.txt"), ("flamegraph", RESULTS / f"{stem}.svg")):
                 spy = subprocess.Popen([pyspy, "record", "--pid", str(system.pid), "--format", fmt_,
                                         "--rate", "200", "--output", str(out), "--nonblocking"],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -563,7 +567,9 @@ def profile(args: argparse.Namespace) -> int:
                 print(f"{fmt_}: {args.profile_messages / seconds:.0f} msg/s while profiled -> {out}")
         finally:
             system.stop()
-    print(top_frames(RESULTS / "profile.txt", 25))
+    top = top_frames(RESULTS / f"{stem}.txt", 25)
+    (RESULTS / f"{stem}-top.txt").write_text(top + "\n")
+    print(top)
     return 0
 
 

@@ -80,6 +80,11 @@ class Resolver:
             raise DNSTemporaryError(f"{rdtype} {name}: {type(exc).__name__}: {exc}") from exc
         return list(answer)
 
+    async def answer(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        """dnspython's answer itself (no records of the type: one without ``rrset``), for a
+        caller that needs its expiration or CNAME chain; raises dnspython's exceptions."""
+        return await self._async.resolve(name, rdtype, search=False, raise_on_no_answer=False)
+
     async def txt(self, name: str) -> list[bytes]:
         """TXT records, each with its character-strings joined (as SPF, DKIM and DMARC want)."""
         return [b"".join(r.strings) for r in await self.query(name, "TXT")]  # type: ignore[attr-defined]
