@@ -25,7 +25,7 @@ domains known to sign all their mail.
 **Sync and async.** The key lookups run on the event loop through the shared resolver
 (:func:`smtpproxy.dns.get_resolver`), all concurrently, before dkimpy runs: a lookup that
 times out or fails gives ``temperror``. Found keys are kept for their DNS TTL
-(:class:`KeyCache`) and parsed once per distinct record. dkimpy checks the header hash and the
+(:func:`key_cache`) and parsed once per distinct record. dkimpy checks the header hash and the
 signature with a ``dnsfunc`` that answers from those lookups; the body hash is computed here,
 streamed over the message's buffers in blocks of lines (a spooled message is never copied),
 with dkimpy's canonicalization. Messages up to :data:`INLINE_LIMIT` are verified on the
@@ -47,10 +47,7 @@ import functools
 import importlib
 import logging
 import re
-import threading
-import time
-import weakref
-from collections import Counter, OrderedDict
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -68,7 +65,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from smtpproxy import Action, Message, Session, Transaction, Verdict, hookimpl, run_blocking
 from smtpproxy.authresults import AuthCheck, record
 from smtpproxy.config import Network
-from smtpproxy.dns import Resolver, get_resolver
+from smtpproxy.dns import Resolver, TTLCache, get_resolver
 from smtpproxy.message import Buffer
 from smtpproxy.networks import ip_in_networks
 
@@ -82,7 +79,6 @@ __all__ = [
     "DKIMResult",
     "DKIMSign",
     "DKIMVerify",
-    "KeyCache",
     "KeyLookup",
     "KeySource",
     "SignatureResult",
@@ -225,56 +221,15 @@ def _check_name(name: str) -> KeyLookup | None:
     return None
 
 
-KEY_CACHE_SIZE = 10_000
+KEY_CACHE = "dkim-keys"
+"""The resolver's derived cache of found key records by ``<selector>._domainkey.<domain>``,
+each until its DNS TTL runs out: a hit costs no DNS round at all. A missing key or a failed
+lookup is never kept, so a key published or a server recovered counts at once."""
 
 
-class KeyCache:
-    """Found key records by ``<selector>._domainkey.<domain>``, each until its DNS TTL runs out.
-
-    A hit costs no DNS round at all (not even the resolver's cache); a missing key or a
-    failed lookup is never kept, so a key published or a server recovered counts at once.
-    Thread-safe: ARC and big messages look keys up from worker threads too.
-    """
-
-    def __init__(self, size: int = KEY_CACHE_SIZE):
-        self.size = size
-        self._entries: OrderedDict[str, tuple[float, KeyLookup]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> KeyLookup | None:
-        with self._lock:
-            entry = self._entries.get(name)
-            if entry is None:
-                return None
-            if entry[0] <= time.time():
-                del self._entries[name]
-                return None
-            self._entries.move_to_end(name)
-            return entry[1]
-
-    def put(self, name: str, lookup: KeyLookup, expiration: float) -> None:
-        if lookup.status != "found" or expiration <= time.time():
-            return
-        with self._lock:
-            self._entries[name] = (expiration, lookup)
-            self._entries.move_to_end(name)
-            while len(self._entries) > self.size:
-                self._entries.popitem(last=False)
-
-
-#: One key cache per resolver: a reconfigured resolver (other servers) starts empty.
-_key_caches: weakref.WeakKeyDictionary[Resolver, KeyCache] = weakref.WeakKeyDictionary()
-_key_caches_lock = threading.Lock()
-
-
-def key_cache(resolver: Resolver | None = None) -> KeyCache:
+def key_cache(resolver: Resolver | None = None) -> TTLCache[str, KeyLookup]:
     """The key cache that goes with ``resolver`` (default: the shared one)."""
-    resolver = resolver or get_resolver()
-    with _key_caches_lock:
-        cache = _key_caches.get(resolver)
-        if cache is None:
-            cache = _key_caches[resolver] = KeyCache()
-        return cache
+    return (resolver or get_resolver()).derived_cache(KEY_CACHE)
 
 
 async def fetch_key(name: str) -> KeyLookup:

@@ -27,9 +27,6 @@ import asyncio
 import contextvars
 import ipaddress
 import logging
-import time
-import weakref
-from collections import OrderedDict
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast, get_args
 
@@ -43,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from smtpproxy import Action, Address, Session, Transaction, Verdict, hookimpl
 from smtpproxy.authresults import AuthCheck, record
 from smtpproxy.config import Network
-from smtpproxy.dns import Resolver, get_resolver
+from smtpproxy.dns import Resolver, TTLCache, get_resolver
 from smtpproxy.networks import ip_in_networks
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
@@ -291,7 +288,6 @@ def _spf_identity(sender: str) -> str:
 MAX_ROUNDS = 200
 """pyspf runs per check at most: above what RFC 7208's limits allow (10 mechanisms that
 look up, 10 MX/PTR hosts each, 2 void lookups, the exp= text), so only a bug ends here."""
-ANSWER_CACHE_SIZE = 10_000
 
 
 class _Miss(BaseException):
@@ -306,53 +302,17 @@ class _Miss(BaseException):
 Answer = list[Any] | str
 """What one lookup gave pyspf: its records (``[]``: none), or the text of a TempError."""
 
-
-class _AnswerCache:
-    """pyspf-ready answers per (name, type) until the DNS answer's expiration (its TTL).
-
-    Only real answers (records, or no records of that type) are kept; a name that does not
-    exist is left to the resolver's own cache, and a failure (timeout, SERVFAIL) is never kept.
-    """
-
-    def __init__(self, size: int = ANSWER_CACHE_SIZE):
-        self.size = size
-        self._entries: OrderedDict[tuple[str, str], tuple[float, list[Any]]] = OrderedDict()
-
-    def get(self, key: tuple[str, str]) -> list[Any] | None:
-        entry = self._entries.get(key)
-        if entry is None:
-            return None
-        if entry[0] <= time.time():
-            del self._entries[key]
-            return None
-        self._entries.move_to_end(key)
-        return entry[1]
-
-    def put(self, key: tuple[str, str], records: list[Any], expiration: float) -> None:
-        if expiration <= time.time():
-            return
-        self._entries[key] = (expiration, records)
-        self._entries.move_to_end(key)
-        while len(self._entries) > self.size:
-            self._entries.popitem(last=False)
-
-
-#: One answer cache per resolver: a reconfigured resolver (new servers) starts empty.
-_caches: weakref.WeakKeyDictionary[Resolver, _AnswerCache] = weakref.WeakKeyDictionary()
-
-
-def _answer_cache(resolver: Resolver) -> _AnswerCache:
-    cache = _caches.get(resolver)
-    if cache is None:
-        cache = _caches[resolver] = _AnswerCache()
-    return cache
+_CACHE = "spf"
+"""The resolver's derived cache of pyspf-ready answers, per (name, type), until the DNS
+answer expires. Only real answers (records, or none of that type) are kept; a name that does
+not exist is left to the resolver's own cache, and a failure (timeout, SERVFAIL) never is."""
 
 
 @dataclass(slots=True)
 class _Replay:
     """The answers of one check_host(), and the names the current round still needs."""
 
-    cache: _AnswerCache
+    cache: TTLCache[tuple[str, str], list[Any]]
     known: dict[tuple[str, str], Answer] = field(default_factory=dict)
     missing: list[tuple[str, str]] = field(default_factory=list)
 
@@ -376,7 +336,7 @@ _replay: contextvars.ContextVar[_Replay | None] = contextvars.ContextVar("spf_re
 
 async def _check_async(resolver: Resolver, ip: str, sender: str, helo: str, limit: float) -> tuple[str, str]:
     """pyspf's RFC 7208 check on the loop, its DNS answered by the shared async resolver."""
-    replay = _Replay(_answer_cache(resolver))
+    replay = _Replay(resolver.derived_cache(_CACHE))
     for _ in range(MAX_ROUNDS):
         token = _replay.set(replay)
         try:
@@ -402,7 +362,7 @@ async def _fetch(resolver: Resolver, name: str, qtype: str) -> Answer:
         failure = _failure(name, qtype, exc)
         return [] if failure is None else failure
     records = _records(name, qtype, answer)
-    _answer_cache(resolver).put((name, qtype), records, float(answer.expiration))
+    resolver.derived_cache(_CACHE).put((name, qtype), records, float(answer.expiration))
     return records
 
 

@@ -20,7 +20,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from smtpproxy_plugins import dkim as plugin_dkim
-from smtpproxy_plugins.dkim import DKIMVerify, KeyCache, KeyLookup, canonical_body, split_at_blank_line
+from smtpproxy_plugins.dkim import DKIMVerify, KeyLookup, canonical_body, split_at_blank_line
 
 from smtpproxy import Message
 from tests.dns_server import ZoneServer
@@ -148,21 +148,6 @@ async def test_found_keys_are_kept_for_their_ttl_and_nothing_else(zone: ZoneServ
     zone.timeout_names.discard("slow._domainkey.example.test")
     zone.txt("slow._domainkey.example.test", rsa2048.txt)
     assert (await verify(slow))[0][0].result == "pass"  # the failure was not kept
-
-
-def test_key_cache_expires_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    now = [1_000_000.0]
-    monkeypatch.setattr(plugin_dkim.time, "time", lambda: now[0])
-    cache = KeyCache(size=2)
-    found = KeyLookup("found", b"v=DKIM1; p=AAAA")
-    cache.put("a", found, now[0] + 5)
-    cache.put("b", KeyLookup("temperror", detail="x"), now[0] + 5)  # never kept
-    assert cache.get("a") is found and cache.get("b") is None
-    now[0] += 5
-    assert cache.get("a") is None
-    for name in ("c", "d", "e"):
-        cache.put(name, found, now[0] + 60)
-    assert cache.get("c") is None and cache.get("e") is found
 
 
 async def test_small_messages_never_go_to_a_thread(published: tuple[ZoneServer, Key],

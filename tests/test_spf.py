@@ -568,22 +568,6 @@ async def test_answers_are_cached_for_their_ttl_only(shared_resolver: Resolver, 
     assert zone.queries.count(("ttl300.test", "TXT")) == 1
 
 
-def test_answer_cache_expires_entries_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    from smtpproxy_plugins import spf as spf_module
-
-    now = [1_000_000.0]
-    monkeypatch.setattr(spf_module.time, "time", lambda: now[0])
-    cache = spf_module._AnswerCache(size=2)
-    cache.put(("a.test", "TXT"), [(("a.test", "TXT"), (b"v=spf1 -all",))], now[0] + 10)
-    cache.put(("gone.test", "TXT"), [], now[0])  # already expired: not kept
-    assert cache.get(("a.test", "TXT")) is not None and cache.get(("gone.test", "TXT")) is None
-    now[0] += 10
-    assert cache.get(("a.test", "TXT")) is None  # its TTL is over
-    for name in ("b", "c", "d"):
-        cache.put((name, "A"), [], now[0] + 60)
-    assert cache.get(("b", "A")) is None and cache.get(("d", "A")) == []  # least recently used went
-
-
 async def test_temporary_failures_are_not_cached(shared_resolver: Resolver, zone: ZoneServer) -> None:
     for _ in range(2):
         assert (await check(plugin(), "a@broken.test")).result == "temperror"
