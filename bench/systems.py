@@ -240,7 +240,7 @@ class SmtpProxy(System):
     """smtpproxy via its CLI, SMTP delivery to the sink, ``tls: none``: this checkout, or with
     ``root`` another one (``--before DIR``: the ``@before`` rows)."""
 
-    def __init__(self, name: str, services: Services, chain: bool = False, loop: str = "default",
+    def __init__(self, name: str, services: Services, *, chain: bool = False, loop: str = "default",
                  workers: int | str = 1, root: Path = ROOT) -> None:
         super().__init__(name, services)
         self.chain = chain
