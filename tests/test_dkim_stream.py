@@ -8,6 +8,8 @@ nothing else is kept; small messages never go to a thread.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import itertools
 import mmap
 import tempfile
@@ -203,3 +205,24 @@ def test_streamed_verification_agrees_with_dkimpy_alone(rsa2048: Key, body: byte
     for candidate in (signed, signed + b"tail\r\n", signed + b"\r\n\r\n", signed + b" \r\n"):
         head, rest = split_at_blank_line([candidate])
         assert outcome(plugin_dkim._Verifier(head, rest)) == outcome(dkim.DKIM(candidate))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(min_value=0, max_value=1 << 4200), length=st.integers(-1, 530),
+       raw=st.binary(max_size=600))
+def test_fast_rsa_conversions_equal_dkimpys(n: int, length: int, raw: bytes) -> None:
+    """The int<->octets conversions installed in dkim.crypto answer exactly what dkimpy's do."""
+    original = _unpatched_crypto()
+    assert plugin_dkim._int2str(n, length) == original.int2str(n, length)
+    assert plugin_dkim._str2int(raw) == original.str2int(raw)
+    assert dkim.crypto.int2str is plugin_dkim._int2str
+
+
+@functools.cache
+def _unpatched_crypto() -> Any:
+    """A fresh copy of dkim.crypto, as dkimpy ships it (the plugin patched the imported one)."""
+    spec = importlib.util.find_spec("dkim.crypto")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
