@@ -578,7 +578,7 @@ def profile(args: argparse.Namespace) -> int:
                                         "--rate", "200", "--output", str(out), "--nonblocking"],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 time.sleep(1.0)  # py-spy attaches
-                seconds = smtp_source(system.port, 10, args.profile_messages, msgfile,
+                seconds = smtp_source(system.port, args.profile_concurrency, args.profile_messages, msgfile,
                                       reuse=not args.new_connections)
                 spy.send_signal(2)
                 log = spy.communicate(timeout=60)[0]
@@ -645,6 +645,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="profile smtpproxy (no plugins) with py-spy instead")
     parser.add_argument("--profile-messages", type=int, default=6000)
+    parser.add_argument("--profile-concurrency", type=int, default=10,
+                        help="with --profile: parallel smtp-source sessions (default 10)")
     parser.add_argument("--uvloop", action="store_true", help="with --profile: profile the uvloop variant")
     parser.add_argument("--profile-system",
                         help="with --profile: which smtpproxy row to profile (default smtpproxy)")
