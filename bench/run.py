@@ -313,8 +313,9 @@ def huge(system: System, sc: Scenario, content: bytes) -> dict[str, Any]:
 
 
 @contextmanager
-def services(workdir: Path, need_redis: bool, signed: Signed) -> Iterator[Services]:
-    sink = Sink(workdir)
+def services(workdir: Path, need_redis: bool, signed: Signed, upstream: str = "sink") -> Iterator[Services]:
+    sink: Sink | systems.PostfixUpstream = systems.PostfixUpstream(workdir) if upstream == "postfix" \
+        else Sink(workdir)
     dns = DnsZone(workdir, signed.zone)
     redis = Redis(workdir) if need_redis else None
     started: list[Any] = []
@@ -347,7 +348,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp:
         workdir = Path(tmp)
         need_redis = any("chain" in name for name in args.systems)
-        with services(workdir, need_redis, signed) as svc:
+        with services(workdir, need_redis, signed, args.upstream) as svc:
             files: dict[int, tuple[Path, bytes]] = {}
             huge_messages: dict[int, bytes] = {}
             for sc in chosen:
@@ -388,14 +389,14 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "repeat": args.repeat,
-        "environment": environment(fd_limit),
+        "environment": environment(fd_limit, args.upstream),
         "systems": descriptions,
         "scenarios": {sc.name: sc.__dict__ for sc in chosen},
         "results": results,
     }
 
 
-def environment(fd_limit: int) -> dict[str, Any]:
+def environment(fd_limit: int, upstream: str = "sink") -> dict[str, Any]:
     def version(argv: list[str]) -> str:
         try:
             return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -410,7 +411,7 @@ def environment(fd_limit: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg_at_start": os.getloadavg(),
         "fd_limit": fd_limit,
-        "sink": "Postfix smtp-sink",
+        "sink": "Postfix smtp-sink" if upstream == "sink" else "a private Postfix, queueing to discard:",
         "load": "Postfix smtp-source (throughput), bench/loadgen.py (latency, idle, huge)",
     }
 
@@ -633,6 +634,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--systems", nargs="+", default=None, metavar="SYSTEM",
                         help=f"systems (default: {' '.join(systems.DEFAULT_SYSTEMS)}; all: "
                              f"{' '.join(systems.SYSTEM_NAMES)}; smtpproxy ones also NAME@before)")
+    parser.add_argument("--upstream", choices=["sink", "postfix"], default="sink",
+                        help="what every system forwards to: smtp-sink (default) or a private "
+                             "Postfix queueing to discard: (then 'direct' is Postfix alone)")
     parser.add_argument("--before", type=Path, default=None, metavar="DIR",
                         help="another checkout (e.g. git archive of an older commit) for the "
                              "NAME@before rows, measured in the same run")

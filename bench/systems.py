@@ -108,6 +108,44 @@ class Sink:
 
 
 @dataclass
+class PostfixUpstream:
+    """A private, real Postfix (tests/postfix_instance.py) in the sink's place: it queues every
+    message (cleanup writes and syncs a queue file) and delivers it to ``discard:``.
+
+    With ``--upstream postfix`` the ``direct`` row is "Postfix alone" and the smtpproxy rows
+    are "smtpproxy in front of that Postfix" (XCLIENT passes the client on): what the proxy
+    costs a Postfix site, as seen by the sending client.
+    """
+
+    workdir: Path
+    port: int = 0
+    instance: Any = None
+
+    def start(self) -> None:
+        sys.path.insert(0, str(ROOT))
+        from tests.postfix_instance import PostfixInstance, _make_root, require_postfix
+
+        require_postfix()
+        self.port = free_port()
+        self.instance = PostfixInstance(
+            root=_make_root(), port=self.port, domain="bench.test", users=("rcpt",),
+            extra_main_cf={
+                "virtual_transport": "discard:bench",  # accepted, queued, then dropped
+                "smtpd_client_connection_count_limit": "0",  # smtp-source -s 100 is one client
+                "smtpd_client_connection_rate_limit": "0",
+                "smtpd_client_message_rate_limit": "0",
+                "default_process_limit": "200",  # room for 100 sessions plus the proxy's pool
+                "message_size_limit": str(HUGE_LIMIT),
+            })
+        self.instance.start()
+
+    def stop(self) -> None:
+        if self.instance is not None:
+            self.instance.stop()
+            shutil.rmtree(self.instance.root, ignore_errors=True)
+
+
+@dataclass
 class DnsZone:
     """tests/dns_server.py's authoritative server in a child process (see dnszone.py)."""
 
@@ -167,7 +205,7 @@ class Redis:
 
 @dataclass
 class Services:
-    sink: Sink
+    sink: Sink | PostfixUpstream
     dns: DnsZone
     redis: Redis | None
     workdir: Path
