@@ -187,8 +187,14 @@ def _huge_chunks(size: int, chunk: int = 1 << 20) -> Iterator[bytes]:
     yield b".\r\n"
 
 
-async def huge_message(port: int, size: int) -> float:
-    """Send one message of about *size* bytes over a new session; seconds until the final 250."""
+def huge_content(size: int) -> bytes:
+    """The text of _huge_chunks as one bytes object (CRLF lines, no dot-stuffing needed)."""
+    return b"".join(_huge_chunks(size))[: -len(b".\r\n")]
+
+
+async def huge_message(port: int, size: int, content: bytes | None = None) -> float:
+    """Send one message of about *size* bytes (or *content*, e.g. a DKIM-signed huge_content)
+    over a new session; seconds until the final 250."""
     reader, writer = await asyncio.open_connection(HOST, port)
     started = time.perf_counter()
     try:
@@ -201,7 +207,9 @@ async def huge_message(port: int, size: int) -> float:
         await expect(reader, 250, "RCPT TO")
         writer.write(b"DATA\r\n")
         await expect(reader, 354, "DATA")
-        for chunk in _huge_chunks(size):
+        chunks = _huge_chunks(size) if content is None else (
+            *(content[i:i + (1 << 20)] for i in range(0, len(content), 1 << 20)), b".\r\n")
+        for chunk in chunks:
             writer.write(chunk)
             await writer.drain()
         await expect(reader, 250, "end of data")

@@ -151,6 +151,16 @@ class Signed:
         ]
         return cls(pem, zone)
 
+    def huge(self, size: int) -> bytes:
+        """loadgen's huge message, DKIM-signed like the others, so the chain verifies it whole."""
+        import dkim
+
+        body = loadgen.huge_content(size)
+        signature = dkim.sign(body, SELECTOR.encode(), DOMAIN.encode(), self.private_pem,
+                              canonicalize=(b"relaxed", b"relaxed"),
+                              include_headers=[b"From", b"To", b"Subject", b"Message-ID"])
+        return bytes(signature) + body
+
     def message(self, size: int) -> bytes:
         """A DKIM-signed (relaxed/relaxed, rsa-sha256) message of about *size* bytes."""
         import dkim
@@ -281,12 +291,12 @@ def idle(system: System, sc: Scenario) -> dict[str, Any]:
     }
 
 
-def huge(system: System, sc: Scenario) -> dict[str, Any]:
+def huge(system: System, sc: Scenario, content: bytes) -> dict[str, Any]:
     meter = Meter(system.pid)
     run_async(loadgen.latency(system.port, build_message(1024), 5, 1))
     before = meter.rss()
     with meter:
-        seconds = run_async(loadgen.huge_message(system.port, sc.size))
+        seconds = run_async(loadgen.huge_message(system.port, sc.size, content))
     hwm = meter.hwm()
     peak = max(meter.peak, hwm) if system.pid and len(_tree(system.pid)) == 1 else meter.peak
     return {
@@ -303,8 +313,9 @@ def huge(system: System, sc: Scenario) -> dict[str, Any]:
 
 
 @contextmanager
-def services(workdir: Path, need_redis: bool, signed: Signed) -> Iterator[Services]:
-    sink = Sink(workdir)
+def services(workdir: Path, need_redis: bool, signed: Signed, upstream: str = "sink") -> Iterator[Services]:
+    sink: Sink | systems.PostfixUpstream = systems.PostfixUpstream(workdir) if upstream == "postfix" \
+        else Sink(workdir)
     dns = DnsZone(workdir, signed.zone)
     redis = Redis(workdir) if need_redis else None
     started: list[Any] = []
@@ -336,9 +347,10 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     descriptions: dict[str, str] = {}
     with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp:
         workdir = Path(tmp)
-        need_redis = any(name.endswith("chain") for name in args.systems)
-        with services(workdir, need_redis, signed) as svc:
+        need_redis = any("chain" in name for name in args.systems)
+        with services(workdir, need_redis, signed, args.upstream) as svc:
             files: dict[int, tuple[Path, bytes]] = {}
+            huge_messages: dict[int, bytes] = {}
             for sc in chosen:
                 if sc.kind == "throughput" and sc.size not in files:
                     message = signed.message(sc.size)
@@ -350,7 +362,8 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 for name in args.systems:
                     if sc.kind != "throughput" and name == "direct":
                         continue
-                    system = systems.make_system(name, svc, haraka_nodes=args.haraka_nodes)
+                    system = systems.make_system(name, svc, haraka_nodes=args.haraka_nodes,
+                                                 before=args.before)
                     descriptions[name] = system.description
                     print(f"[{time.strftime('%H:%M:%S')}] {sc.name:<9} {name} ...", flush=True)
                     try:
@@ -361,7 +374,9 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                         elif sc.kind == "idle":
                             figures = idle(system, sc)
                         else:
-                            figures = huge(system, sc)
+                            if sc.size not in huge_messages:  # signed once, outside any measurement
+                                huge_messages[sc.size] = signed.huge(sc.size)
+                            figures = huge(system, sc, huge_messages[sc.size])
                     except Exception as exc:  # one failing system must not lose the others' figures
                         tail = system.log_tail().strip()
                         figures = {"error": f"{type(exc).__name__}: {exc}"}
@@ -374,14 +389,14 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "repeat": args.repeat,
-        "environment": environment(fd_limit),
+        "environment": environment(fd_limit, args.upstream),
         "systems": descriptions,
         "scenarios": {sc.name: sc.__dict__ for sc in chosen},
         "results": results,
     }
 
 
-def environment(fd_limit: int) -> dict[str, Any]:
+def environment(fd_limit: int, upstream: str = "sink") -> dict[str, Any]:
     def version(argv: list[str]) -> str:
         try:
             return subprocess.run(argv, capture_output=True, text=True, timeout=10).stdout.strip()
@@ -396,7 +411,7 @@ def environment(fd_limit: int) -> dict[str, Any]:
         "platform": platform.platform(),
         "loadavg_at_start": os.getloadavg(),
         "fd_limit": fd_limit,
-        "sink": "Postfix smtp-sink",
+        "sink": "Postfix smtp-sink" if upstream == "sink" else "a private Postfix, queueing to discard:",
         "load": "Postfix smtp-source (throughput), bench/loadgen.py (latency, idle, huge)",
     }
 
@@ -479,6 +494,14 @@ def ratios(rows: dict[str, Any]) -> list[str]:
                          ("smtpproxy", "direct")):
         if get(ours, "msgs_per_s_reused") and get(theirs, "msgs_per_s_reused"):
             parts.append(f"{ours}/{theirs} msg/s: {both(ours, theirs, 'msgs_per_s')}")
+    for ours, theirs in (("smtpproxy", "haraka"), ("smtpproxy-chain", "haraka-chain")):
+        if get(ours, "cpu_s_per_1k_reused") and get(theirs, "cpu_s_per_1k_reused"):
+            parts.append(f"{ours}/{theirs} CPU per message: {both(ours, theirs, 'cpu_s_per_1k')}")
+    for name in [n for n in rows if n.endswith("@before")]:
+        now = name.removesuffix("@before")
+        if get(now, "cpu_s_per_1k_reused") and get(name, "cpu_s_per_1k_reused"):
+            parts.append(f"{now} now/before: msg/s {both(now, name, 'msgs_per_s')}; "
+                         f"CPU per message {both(now, name, 'cpu_s_per_1k')}")
     if get("smtpproxy", "cpu_s_per_1k_reused") and get("baseline", "cpu_s_per_1k_reused"):
         parts.append(f"smtpproxy/baseline CPU per message: {both('smtpproxy', 'baseline', 'cpu_s_per_1k')}")
     ours_p50, direct_p50 = get("smtpproxy", "p50_ms"), get("direct", "p50_ms")
@@ -531,7 +554,8 @@ def chart(report: dict[str, Any], path: Path) -> None:
 
 def profile(args: argparse.Namespace) -> int:
     """py-spy on smtpproxy (no plugins) while smtp-source (-d) loads it; top frames by own time."""
-    pyspy = shutil.which("py-spy")
+    # The bench extra installs py-spy next to this interpreter, which need not be on PATH.
+    pyspy = shutil.which("py-spy", path=str(Path(sys.executable).parent)) or shutil.which("py-spy")
     if pyspy is None:
         print("error: py-spy is not installed (pip install py-spy)", file=sys.stderr)
         return 1
@@ -542,17 +566,20 @@ def profile(args: argparse.Namespace) -> int:
         msgfile = Path(tmp) / "message.eml"
         msgfile.write_bytes(signed.message(1024).replace(b"\r\n", b"\n"))
         name = args.profile_system or ("smtpproxy-uvloop" if args.uvloop else "smtpproxy")
-        system = systems.make_system(name, svc)
+        # bench/results/profile.* is the no-plugin row's; the chain's is profile-chain.*.
+        stem = "profile" if name in ("smtpproxy", "smtpproxy-uvloop") else \
+            "profile-" + name.removeprefix("smtpproxy-")
+        system = systems.make_system(name, svc, before=args.before)
         system.start()
         try:
             smtp_source(system.port, 10, 200, msgfile, reuse=True)
             outputs = []
-            for fmt_, out in (("raw", RESULTS / "profile.txt"), ("flamegraph", RESULTS / "profile.svg")):
+            for fmt_, out in (("raw", RESULTS / f"{stem}.txt"), ("flamegraph", RESULTS / f"{stem}.svg")):
                 spy = subprocess.Popen([pyspy, "record", "--pid", str(system.pid), "--format", fmt_,
                                         "--rate", "200", "--output", str(out), "--nonblocking"],
                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
                 time.sleep(1.0)  # py-spy attaches
-                seconds = smtp_source(system.port, 10, args.profile_messages, msgfile,
+                seconds = smtp_source(system.port, args.profile_concurrency, args.profile_messages, msgfile,
                                       reuse=not args.new_connections)
                 spy.send_signal(2)
                 log = spy.communicate(timeout=60)[0]
@@ -563,7 +590,9 @@ def profile(args: argparse.Namespace) -> int:
                 print(f"{fmt_}: {args.profile_messages / seconds:.0f} msg/s while profiled -> {out}")
         finally:
             system.stop()
-    print(top_frames(RESULTS / "profile.txt", 25))
+    top = top_frames(RESULTS / f"{stem}.txt", 25)
+    (RESULTS / f"{stem}-top.txt").write_text(top + "\n")
+    print(top)
     return 0
 
 
@@ -603,7 +632,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--scenario", nargs="+", choices=names, default=None,
                         help=f"scenarios to run (default all: {' '.join(names)})")
     parser.add_argument("--systems", nargs="+", default=None, metavar="SYSTEM",
-                        help=f"systems (default all: {' '.join(systems.SYSTEM_NAMES)})")
+                        help=f"systems (default: {' '.join(systems.DEFAULT_SYSTEMS)}; all: "
+                             f"{' '.join(systems.SYSTEM_NAMES)}; smtpproxy ones also NAME@before)")
+    parser.add_argument("--upstream", choices=["sink", "postfix"], default="sink",
+                        help="what every system forwards to: smtp-sink (default) or a private "
+                             "Postfix queueing to discard: (then 'direct' is Postfix alone)")
+    parser.add_argument("--before", type=Path, default=None, metavar="DIR",
+                        help="another checkout (e.g. git archive of an older commit) for the "
+                             "NAME@before rows, measured in the same run")
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs per throughput figure, the median is shown (default 3; 1 with --quick)")
     parser.add_argument("--haraka-nodes", default="",
@@ -613,17 +649,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="profile smtpproxy (no plugins) with py-spy instead")
     parser.add_argument("--profile-messages", type=int, default=6000)
+    parser.add_argument("--profile-concurrency", type=int, default=10,
+                        help="with --profile: parallel smtp-source sessions (default 10)")
     parser.add_argument("--uvloop", action="store_true", help="with --profile: profile the uvloop variant")
-    parser.add_argument("--profile-system", choices=[n for n in systems.SYSTEM_NAMES if "smtpproxy" in n],
+    parser.add_argument("--profile-system",
                         help="with --profile: which smtpproxy row to profile (default smtpproxy)")
     parser.add_argument("--new-connections", action="store_true",
                         help="with --profile: a new client connection per message (smtp-source without -d)")
     args = parser.parse_args(argv)
     args.scenario = args.scenario or names
-    args.systems = args.systems or list(systems.SYSTEM_NAMES)
-    for name in args.systems:
-        if name not in systems.SYSTEM_NAMES:
+    args.systems = args.systems or list(systems.DEFAULT_SYSTEMS)
+    for name in [*args.systems, *([args.profile_system] if args.profile_system else [])]:
+        base, at, tag = name.partition("@")
+        if base not in systems.SYSTEM_NAMES:
             parser.error(f"unknown system {name!r}; choose from {', '.join(systems.SYSTEM_NAMES)}")
+        if at and (tag != "before" or not base.startswith("smtpproxy") or args.before is None):
+            parser.error(f"{name!r}: only smtpproxy rows take @before, and only with --before DIR")
+    if args.before is not None and not (args.before / "bench" / "_smtpproxy.py").exists():
+        parser.error(f"--before {args.before}: no bench/_smtpproxy.py there")
     args.repeat = args.repeat or (1 if args.quick else 3)
     return args
 

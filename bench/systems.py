@@ -108,6 +108,44 @@ class Sink:
 
 
 @dataclass
+class PostfixUpstream:
+    """A private, real Postfix (tests/postfix_instance.py) in the sink's place: it queues every
+    message (cleanup writes and syncs a queue file) and delivers it to ``discard:``.
+
+    With ``--upstream postfix`` the ``direct`` row is "Postfix alone" and the smtpproxy rows
+    are "smtpproxy in front of that Postfix" (XCLIENT passes the client on): what the proxy
+    costs a Postfix site, as seen by the sending client.
+    """
+
+    workdir: Path
+    port: int = 0
+    instance: Any = None
+
+    def start(self) -> None:
+        sys.path.insert(0, str(ROOT))
+        from tests.postfix_instance import PostfixInstance, _make_root, require_postfix
+
+        require_postfix()
+        self.port = free_port()
+        self.instance = PostfixInstance(
+            root=_make_root(), port=self.port, domain="bench.test", users=("rcpt",),
+            extra_main_cf={
+                "virtual_transport": "discard:bench",  # accepted, queued, then dropped
+                "smtpd_client_connection_count_limit": "0",  # smtp-source -s 100 is one client
+                "smtpd_client_connection_rate_limit": "0",
+                "smtpd_client_message_rate_limit": "0",
+                "default_process_limit": "200",  # room for 100 sessions plus the proxy's pool
+                "message_size_limit": str(HUGE_LIMIT),
+            })
+        self.instance.start()
+
+    def stop(self) -> None:
+        if self.instance is not None:
+            self.instance.stop()
+            shutil.rmtree(self.instance.root, ignore_errors=True)
+
+
+@dataclass
 class DnsZone:
     """tests/dns_server.py's authoritative server in a child process (see dnszone.py)."""
 
@@ -167,7 +205,7 @@ class Redis:
 
 @dataclass
 class Services:
-    sink: Sink
+    sink: Sink | PostfixUpstream
     dns: DnsZone
     redis: Redis | None
     workdir: Path
@@ -237,18 +275,26 @@ class Baseline(System):
 
 
 class SmtpProxy(System):
-    """smtpproxy from this checkout via its CLI, SMTP delivery to the sink, ``tls: none``."""
+    """smtpproxy via its CLI, SMTP delivery to the sink, ``tls: none``: this checkout, or with
+    ``root`` another one (``--before DIR``: the ``@before`` rows)."""
 
-    def __init__(self, name: str, services: Services, chain: bool = False, uvloop: bool = False,
-                 workers: int = 1) -> None:
+    def __init__(self, name: str, services: Services, *, chain: bool = False, loop: str = "default",
+                 workers: int | str = 1, root: Path = ROOT) -> None:
         super().__init__(name, services)
         self.chain = chain
-        self.uvloop = uvloop
+        self.loop = loop
         self.workers = workers
+        self.root = root
+        self.before = root != ROOT
+        loop_text = {"default": ", default event loop", "asyncio": ", asyncio",
+                     "uvloop": ", uvloop"}[loop]
+        if self.before and loop == "default":
+            loop_text = ", asyncio (the default install had no uvloop)"
         self.description = ("smtpproxy, default chain (spf, dkim_verify, dmarc, auth_results, "
                             "ratelimit/redis, score)"
-                            if chain else "smtpproxy, no plugins") + (", uvloop" if uvloop else "") + (
-                            f", workers: {workers}" if workers > 1 else "")
+                            if chain else "smtpproxy, no plugins") + loop_text + (
+                            f", workers: {workers}" if workers != 1 else "") + (
+                            f", checkout {root}" if self.before else "")
 
     def config(self) -> dict[str, Any]:
         config: dict[str, Any] = {
@@ -260,9 +306,16 @@ class SmtpProxy(System):
                        "max_message_size": HUGE_LIMIT},
             "quarantine": {"path": str(self.dir / "quarantine")},
             "logging": {"level": "warning"},
-            "event_loop": "uvloop" if self.uvloop else "asyncio",
-            "workers": self.workers,
         }
+        if self.loop != "default":
+            config["event_loop"] = self.loop
+        elif self.before:  # uvloop was not a dependency before issue 15: the default install
+            config["event_loop"] = "asyncio"  # ran on asyncio's loop
+        workers = self.workers
+        if workers == "auto" and self.before:  # not a valid setting there yet
+            workers = os.cpu_count() or 1
+        if workers != 1:
+            config["workers"] = workers
         if self.chain:
             assert self.services.redis is not None
             config["dns"] = {"nameservers": [HOST], "port": self.services.dns.port, "timeout": 5}
@@ -289,9 +342,14 @@ class SmtpProxy(System):
         return config
 
     def launch(self) -> subprocess.Popen[bytes]:
+        plugins = self.root / "smtpproxy_plugins"
+        if self.before and not plugins.exists():
+            # The other checkout's plugins must win over the installed (editable) ones: its
+            # bench/_smtpproxy.py puts its root first on sys.path, so a link there does it.
+            plugins.symlink_to("plugins")
         path = self.dir / "smtpproxy.yaml"
         path.write_text(yaml.safe_dump(self.config(), sort_keys=False), encoding="utf-8")
-        return spawn([sys.executable, str(BENCH / "_smtpproxy.py"), "run", "-c", str(path)],
+        return spawn([sys.executable, str(self.root / "bench" / "_smtpproxy.py"), "run", "-c", str(path)],
                      self.dir / "log")
 
 
@@ -378,19 +436,29 @@ class Haraka(System):
         return spawn(["node", str(script), "-c", str(home)], self.dir / "log", cwd=home)
 
 
-SYSTEM_NAMES = ["direct", "baseline", "baseline-uvloop", "smtpproxy", "smtpproxy-uvloop",
-                "smtpproxy-workers", "smtpproxy-chain", "haraka", "haraka-chain"]
+SYSTEM_NAMES = ["direct", "baseline", "baseline-uvloop", "smtpproxy", "smtpproxy-asyncio",
+                "smtpproxy-uvloop", "smtpproxy-workers", "smtpproxy-chain", "smtpproxy-chain-asyncio",
+                "haraka", "haraka-chain"]
+"""Every system; ``smtpproxy*`` ones also as ``NAME@before`` (the checkout given by --before)."""
+DEFAULT_SYSTEMS = ["direct", "baseline", "smtpproxy", "smtpproxy-asyncio", "smtpproxy-workers",
+                   "smtpproxy-chain", "haraka", "haraka-chain"]
+"""What runs without --systems. ``smtpproxy`` is the default install (event_loop: auto, which is
+uvloop where it installs); ``-asyncio`` forces asyncio's loop; ``-workers`` is ``workers: auto``."""
 
 
-def make_system(name: str, services: Services, haraka_nodes: str = "") -> System:
-    if name == "direct":
+def make_system(name: str, services: Services, haraka_nodes: str = "", before: Path | None = None) -> System:
+    base, _, tag = name.partition("@")
+    if tag and (tag != "before" or before is None or not base.startswith("smtpproxy")):
+        raise ValueError(f"{name!r}: only smtpproxy rows take @before, and only with --before DIR")
+    if base == "direct":
         return Direct(name, services)
-    if name.startswith("baseline"):
-        return Baseline(name, services, uvloop=name.endswith("uvloop"))
-    if name.startswith("smtpproxy"):
-        return SmtpProxy(name, services, chain=name.endswith("chain"),
-                         uvloop=name.endswith(("uvloop", "workers")),
-                         workers=2 if name.endswith("workers") else 1)
+    if base.startswith("baseline"):
+        return Baseline(name, services, uvloop=base.endswith("uvloop"))
+    if base.startswith("smtpproxy"):
+        loop = "asyncio" if base.endswith("asyncio") else "uvloop" if base.endswith("uvloop") else "default"
+        return SmtpProxy(name, services, chain="-chain" in base, loop=loop,
+                         workers="auto" if base.endswith("workers") else 1,
+                         root=before if tag else ROOT)
     if name.startswith("haraka"):
         return Haraka(name, services, chain=name.endswith("chain"), nodes=haraka_nodes)
     raise ValueError(f"unknown system {name!r}; choose from {', '.join(SYSTEM_NAMES)}")

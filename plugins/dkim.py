@@ -24,10 +24,12 @@ domains known to sign all their mail.
 
 **Sync and async.** The key lookups run on the event loop through the shared resolver
 (:func:`smtpproxy.dns.get_resolver`), all concurrently, before dkimpy runs: a lookup that
-times out or fails gives ``temperror``. dkimpy itself (canonicalization, hashing, RSA/Ed25519)
-is CPU work on the whole message, so it runs in ``run_blocking`` with a ``dnsfunc`` that
-answers from those prefetched lookups. (dkimpy's own async mode needs aiodns and would hash
-large bodies on the event loop.)
+times out or fails gives ``temperror``. Found keys are kept for their DNS TTL
+(:func:`key_cache`) and parsed once per distinct record. dkimpy checks the header hash and the
+signature with a ``dnsfunc`` that answers from those lookups; the body hash is computed here,
+streamed over the message's buffers in blocks of lines (a spooled message is never copied),
+with dkimpy's canonicalization. Messages up to :data:`INLINE_LIMIT` are verified on the
+event loop (cheaper than a thread hand-off); larger ones in ``run_blocking``.
 
 **Signing.** Mail from authenticated clients or from ``relay_networks`` whose From: (or
 envelope sender) domain has keys gets one signature per key, relaxed/relaxed, prepended. RSA
@@ -41,11 +43,12 @@ import asyncio
 import base64
 import binascii
 import email.utils
+import functools
 import importlib
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -62,13 +65,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from smtpproxy import (
     Action,
     AuthCheck,
-    DNSTemporaryError,
+    Buffer,
     EventLog,
     Message,
     Network,
+    Resolver,
     Session,
     SettingsError,
     Transaction,
+    TTLCache,
     Verdict,
     get_resolver,
     hookimpl,
@@ -82,6 +87,7 @@ from ._policy import ActionSpec, verdict_for
 __all__ = [
     "DEFAULT_SIGN_HEADERS",
     "DKIMPY_LOG",
+    "INLINE_LIMIT",
     "PARTIAL_BODY_NOTE",
     "DKIMResult",
     "DKIMSign",
@@ -90,12 +96,15 @@ __all__ = [
     "KeySource",
     "SignatureResult",
     "SigningKey",
+    "canonical_body",
     "fetch_keys",
     "ignored_for_from",
+    "key_cache",
     "load_private_key",
     "partial_body_checks",
     "signature_key_name",
     "signed_fields",
+    "split_at_blank_line",
 ]
 
 log = EventLog(__name__)
@@ -225,18 +234,42 @@ def _check_name(name: str) -> KeyLookup | None:
     return None
 
 
+KEY_CACHE = "dkim-keys"
+"""The resolver's derived cache of found key records by ``<selector>._domainkey.<domain>``,
+each until its DNS TTL runs out: a hit costs no DNS round at all. A missing key or a failed
+lookup is never kept, so a key published or a server recovered counts at once."""
+
+
+def key_cache(resolver: Resolver | None = None) -> TTLCache[str, KeyLookup]:
+    """The key cache that goes with ``resolver`` (default: the shared one)."""
+    return (resolver or get_resolver()).derived_cache(KEY_CACHE)
+
+
 async def fetch_key(name: str) -> KeyLookup:
-    """Look up one key record with the shared resolver (the first TXT record, as dkimpy does)."""
+    """Look up one key record with the shared resolver (the first TXT record, as dkimpy does).
+
+    Found records are kept in :func:`key_cache` for their TTL.
+    """
     invalid = _check_name(name)
     if invalid is not None:
         return invalid
+    resolver = get_resolver()
+    cache = key_cache(resolver)
+    cached = cache.get(name)
+    if cached is not None:
+        return cached
     try:
-        records = await get_resolver().txt(name)
-    except DNSTemporaryError as exc:
-        return KeyLookup("temperror", detail=f"key lookup failed: {exc}")
+        answer = await resolver.answer(name, "TXT")
+    except (dns.resolver.NXDOMAIN, dns.name.EmptyLabel):
+        return KeyLookup("missing", detail=f"no key published at {name}")
+    except dns.exception.DNSException as exc:
+        return KeyLookup("temperror", detail=f"key lookup failed: TXT {name}: {exc}")
+    records = [b"".join(r.strings) for r in answer.rrset] if answer.rrset is not None else []
     if not records:
         return KeyLookup("missing", detail=f"no key published at {name}")
-    return KeyLookup("found", records[0])
+    lookup = KeyLookup("found", records[0])
+    cache.put(name, lookup, float(answer.expiration))
+    return lookup
 
 
 async def fetch_keys(names: Iterable[str]) -> dict[str, KeyLookup]:
@@ -264,8 +297,9 @@ def _fetch_key_blocking(name: str) -> KeyLookup:
 class KeySource:
     """A dkimpy ``dnsfunc`` answering from prefetched lookups; remembers what it was asked."""
 
-    def __init__(self, lookups: MutableMapping[str, KeyLookup]):
+    def __init__(self, lookups: MutableMapping[str, KeyLookup], blocking: bool = True):
         self.lookups = lookups
+        self.blocking = blocking
         self.asked: list[str] = []
 
     def __call__(self, name: bytes, timeout: float = 5) -> bytes | None:
@@ -273,6 +307,8 @@ class KeySource:
         self.asked.append(key)
         lookup = self.lookups.get(key)
         if lookup is None:
+            if not self.blocking:
+                raise _NotPrefetched(key)
             lookup = self.lookups[key] = _fetch_key_blocking(key)
         if lookup.status == "temperror":
             raise dkim.DnsTimeoutError(lookup.detail)
@@ -346,7 +382,7 @@ def _key_problem(name: str, key_record: bytes, sig: Mapping[bytes, bytes],
                  ) -> tuple[DKIMResult, str, int | None]:
     """Check a key record against a signature: (result, reason, RSA bits); result "pass" if usable."""
     try:
-        tags = dkim.util.parse_tag_value(key_record)
+        tags = _key_tags(key_record)
     except dkim.util.InvalidTagValueList as exc:
         return "permerror", f"key record at {name} has a syntax error ({exc})", None
     if b"p" not in tags:
@@ -375,7 +411,7 @@ def _key_problem(name: str, key_record: bytes, sig: Mapping[bytes, bytes],
         if identity != sig.get(b"d", b"").lower():
             return "permerror", "key has t=s but i= is a subdomain of d=", None
     try:
-        _, bits, _, _ = dkim.evaluate_pk(name.encode(), key_record)
+        _, bits, _, _ = _public_key(key_record)
     except dkim.NaClNotFoundError:
         return "neutral", "Ed25519 signature, but PyNaCl is not installed", None
     except (dkim.KeyFormatError, binascii.Error, ValueError) as exc:
@@ -389,16 +425,221 @@ class _Options:
     partial_body: Literal["policy", "pass"]
 
 
-def _verify_blocking(raw: bytes, signatures: Sequence[_Signature], lookups: MutableMapping[str, KeyLookup],
-                     options: _Options) -> list[tuple[DKIMResult, str, bool]]:
-    """Verify signature 0..n-1 with dkimpy (in a worker thread): (result, reason, partial body)."""
+#: Messages up to this size are verified on the event loop: their canonicalization, hashing and
+#: RSA check take well under a millisecond, less than handing them to a thread (which, under
+#: the GIL, also competes with the loop). Larger ones go to ``run_blocking``.
+INLINE_LIMIT = 128 * 1024
+
+
+class _NotPrefetched(BaseException):
+    """dkimpy asked, on the event loop, for a key that was not prefetched: verify in a thread."""
+
+
+# --------------------------------------------------------------------------- streamed body hash
+#
+# dkimpy wants the whole message as one bytes object, splits it into lines and canonicalizes
+# the body with whole-body regular expressions: several copies of a spooled 50 MB message. The
+# verifier below hands dkimpy only the header block and checks the body hash itself, streaming
+# the body in blocks of whole lines with exactly dkimpy's canonicalization (RFC 6376 3.4.3 and
+# 3.4.4 as dkimpy 1.1 implements them; tests/test_dkim.py compares the two on odd bodies).
+
+BODY_BLOCK = 1024 * 1024
+_WSP_RUN = re.compile(rb"[\t ]{2,}|\t")  # every WSP run but a lone SP (which stays as it is)
+_BLANK_LINE = re.compile(rb"\r\n\r\n")
+_CRLFS = b"\r\n" * 32768
+
+
+def _line_blocks(views: Sequence[Buffer], size: int = BODY_BLOCK) -> Iterator[bytes]:
+    """The concatenated buffers in blocks that end at a line end (the last one may not)."""
+    carry = b""
+    for part in views:
+        view = memoryview(part)
+        for start in range(0, len(view), size):
+            block = carry + bytes(view[start:start + size])
+            cut = block.rfind(b"\n") + 1
+            if cut == 0:
+                carry = block  # one line longer than a block: keep collecting it
+                continue
+            carry = block[cut:]
+            yield block[:cut]
+    if carry:
+        yield carry
+
+
+def canonical_body(views: Sequence[Buffer], relaxed: bool, block_size: int = BODY_BLOCK) -> Iterator[bytes]:
+    """The canonicalized body (simple or relaxed), in pieces, as dkimpy computes it whole.
+
+    Both drop trailing empty lines and end a non-empty body with exactly one CRLF; simple
+    makes an empty body one CRLF, relaxed leaves it empty.
+    """
+    held = 0  # CRLFs at the end of what was read so far: emitted only if content follows
+    emitted = False
+    for lines in _line_blocks(views, block_size):
+        block = lines
+        if relaxed:
+            if b"\t" in block or b"  " in block:  # C-speed tests; the regex costs per space
+                block = _WSP_RUN.sub(b" ", block)
+            block = block.replace(b" \r\n", b"\r\n")
+        content = block.rstrip(b"\r\n")
+        if not content:
+            held += len(block) // 2
+            continue
+        while held:
+            count = min(held, len(_CRLFS) // 2)
+            yield _CRLFS[:2 * count]
+            held -= count
+        yield content
+        emitted = True
+        held = (len(block) - len(content)) // 2
+    if emitted or not relaxed:
+        yield b"\r\n"
+
+
+def split_at_blank_line(parts: Sequence[Buffer]) -> tuple[bytes, list[Buffer]]:
+    """(the lines up to and including the first empty one, the rest) of the concatenated
+    buffers, without copying the rest: where dkimpy's parser ends the header block.
+
+    Without an empty line everything is header block (dkimpy's view too).
+    """
+    views: list[Buffer] = [memoryview(p) for p in parts if len(p)]
+    if b"".join(bytes(v[:2]) for v in views[:2])[:2] == b"\r\n":  # the first line is empty
+        skip = 2
+        while skip:
+            taken = min(skip, len(views[0]))
+            views[0] = views[0][taken:]
+            skip -= taken
+            if not len(views[0]):
+                views.pop(0)
+        return b"\r\n", views
+    head = b""
+    for index, view in enumerate(views):
+        tail = head[-3:]
+        edge = _BLANK_LINE.search(tail + bytes(view[:3]))
+        if edge is not None and edge.start() < len(tail):  # an empty line across the boundary
+            cut = edge.end() - len(tail)
+        else:
+            found = _BLANK_LINE.search(view)
+            if found is None:
+                head += bytes(view)
+                continue
+            cut = found.end()
+        return head + bytes(view[:cut]), [view[cut:], *views[index + 1:]]
+    return head, []
+
+
+# dkimpy's RSA converts between integers and octet strings one octet at a time in Python
+# (dkim.crypto.int2str/str2int): more CPU per verification than the modular exponentiation
+# itself. These give exactly the same results with int's own conversions; dkim.crypto's RSA
+# functions look them up as module globals, so installing them there is enough.
+
+
+def _str2int(s: bytes | bytearray) -> int:
+    return int.from_bytes(s, "big")
+
+
+def _int2str(n: int, length: int = -1) -> bytearray:
+    assert n >= 0
+    if length < 0:
+        return bytearray(n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big"))
+    return bytearray((n & ((1 << (8 * length)) - 1)).to_bytes(length, "big"))  # the low octets, as dkimpy
+
+
+dkim.crypto.str2int = _str2int
+dkim.crypto.int2str = _int2str
+
+
+@functools.lru_cache(maxsize=1024)
+def _public_key(record: bytes) -> tuple[Any, int, bytes, bool]:
+    """dkimpy's evaluate_pk of a key record, parsed once per distinct record."""
+    return dkim.evaluate_pk(b"", record)  # type: ignore[no-any-return]
+
+
+@functools.lru_cache(maxsize=1024)
+def _key_tags(record: bytes) -> dict[bytes, bytes]:
+    return dkim.util.parse_tag_value(record)  # type: ignore[no-any-return]
+
+
+class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
+    """dkimpy's DKIM verification over the header block, with the body hash streamed here.
+
+    Overrides two dkimpy 1.1 methods (tests/test_dependency_internals.py names them):
+    ``verify_sig`` takes the parsed public key from a cache, ``verify_sig_process`` checks
+    ``bh=`` against :func:`canonical_body` and lets dkimpy do the rest with the tag removed.
+    """
+
+    def __init__(self, head: bytes, body: Sequence[Buffer]):
+        super().__init__(head, logger=DKIMPY_LOG, minkey=0)
+        self._body_parts = body
+        self._digests: dict[tuple[bool, bytes, int | None], bytes] = {}
+        self._lengths: dict[bool, int] = {}
+
+    def body_digest(self, relaxed: bool, algorithm: bytes, limit: int | None) -> bytes:
+        key = (relaxed, algorithm, limit)
+        if key not in self._digests:
+            hasher = dkim.HASH_ALGORITHMS[algorithm]()
+            total = 0
+            for piece in canonical_body(self._body_parts, relaxed):
+                if limit is None or total < limit:
+                    hasher.update(piece if limit is None else piece[:limit - total])
+                total += len(piece)
+            self._lengths[relaxed] = total
+            self._digests[key] = hasher.digest()
+        return self._digests[key]
+
+    def body_length(self, relaxed: bool) -> int:
+        """Octets of the canonical body (computed along with a digest, or now)."""
+        if relaxed not in self._lengths:
+            self._lengths[relaxed] = sum(len(p) for p in canonical_body(self._body_parts, relaxed))
+        return self._lengths[relaxed]
+
+    def verify_sig(self, sig: dict[bytes, bytes], include_headers: list[bytes],
+                   sig_header: tuple[bytes, bytes], dnsfunc: Callable[..., bytes | None]) -> bool:
+        name = sig[b"s"] + b"._domainkey." + sig[b"d"] + b"."
+        try:
+            record = dnsfunc(name, timeout=self.timeout)
+            if not record:
+                dkim.evaluate_pk(name, record)  # raises dkimpy's "missing public key"
+            self.pk, self.keysize, self.ktag, self.seqtlsrpt = _public_key(bytes(record))  # type: ignore[arg-type]
+        except (dkim.KeyFormatError, binascii.Error, dkim.DnsTimeoutError) as exc:
+            self.logger.error("%s", exc)
+            return False
+        return bool(self.verify_sig_process(sig, include_headers, sig_header, dnsfunc))
+
+    def verify_sig_process(self, sig: dict[bytes, bytes], include_headers: list[bytes],
+                           sig_header: tuple[bytes, bytes], dnsfunc: Callable[..., bytes | None]) -> bool:
+        if b"bh" in sig and (self.tlsrpt or not self.seqtlsrpt):  # dkimpy's own checks come first
+            canonicalization = dkim.canonicalization
+            try:
+                policy = canonicalization.CanonicalizationPolicy.from_c_value(sig.get(b"c", b"simple/simple"))
+            except canonicalization.InvalidCanonicalizationPolicyError as exc:
+                raise dkim.MessageFormatError(f"invalid c= value: {exc.args[0]}") from None
+            relaxed = policy.body_algorithm is canonicalization.Relaxed
+            limit = int(sig[b"l"]) if b"l" in sig and not self.tlsrpt else None
+            digest = self.body_digest(relaxed, sig[b"a"], limit)
+            expected = base64.b64decode(re.sub(rb"\s+", b"", sig[b"bh"]))
+            if digest != expected:
+                raise dkim.ValidationError(
+                    f"body hash mismatch (got {base64.b64encode(digest)!r}, expected {sig[b'bh']!r})")
+            sig = {tag: value for tag, value in sig.items() if tag != b"bh"}
+        return bool(super().verify_sig_process(sig, include_headers, sig_header, dnsfunc))
+
+
+def _verify_blocking(parts: Sequence[Buffer], signatures: Sequence[_Signature],
+                     lookups: MutableMapping[str, KeyLookup], options: _Options,
+                     inline: bool = False) -> list[tuple[DKIMResult, str, bool]]:
+    """Verify signature 0..n-1 with dkimpy: (result, reason, partial body).
+
+    In a worker thread, or with ``inline`` on the event loop (then a key that was not
+    prefetched raises :class:`_NotPrefetched` instead of being looked up blocking).
+    """
+    head, body = split_at_blank_line(parts)
     try:
-        verifier = dkim.DKIM(raw, logger=DKIMPY_LOG, minkey=0)
+        verifier = _Verifier(head, body)
     except dkim.DKIMException as exc:
         return [("permerror", f"message cannot be parsed for DKIM: {exc}", False)] * len(signatures)
     results: list[tuple[DKIMResult, str, bool]] = []
     for idx, sig in enumerate(signatures):
-        result, reason = _verify_one(verifier, idx, sig, lookups, options.min_key_bits)
+        result, reason = _verify_one(verifier, idx, sig, lookups, options.min_key_bits, inline=inline)
         unsigned = _unsigned_body(verifier, sig.tags) if result == "pass" and sig.tags else None
         if unsigned is not None and options.partial_body == "policy":
             results.append(("policy", unsigned, False))
@@ -407,7 +648,7 @@ def _verify_blocking(raw: bytes, signatures: Sequence[_Signature], lookups: Muta
     return results
 
 
-def _unsigned_body(verifier: dkim.DKIM, tags: Mapping[bytes, bytes]) -> str | None:
+def _unsigned_body(verifier: _Verifier, tags: Mapping[bytes, bytes]) -> str | None:
     """Why a verified signature does not cover the whole body (its l= is shorter), or None.
 
     dkimpy hashes only the first l= octets of the canonical body and says nothing about the
@@ -421,7 +662,7 @@ def _unsigned_body(verifier: dkim.DKIM, tags: Mapping[bytes, bytes]) -> str | No
         length = int(tags[b"l"])
     except (dkim.canonicalization.InvalidCanonicalizationPolicyError, ValueError):
         return None  # dkimpy refused these already
-    total = len(policy.canonicalize_body(verifier.body))
+    total = verifier.body_length(policy.body_algorithm is dkim.canonicalization.Relaxed)
     if length >= total:
         return None
     return (f"body partly unsigned: l={length} signs {length} of {total} body octets "
@@ -448,14 +689,14 @@ def ignored_for_from(tags: Mapping[bytes, bytes]) -> str:
     return "signature does not cover the From field (h= lacks from, RFC 6376 6.1.1): ignored"
 
 
-def _verify_one(verifier: dkim.DKIM, idx: int, sig: _Signature, lookups: MutableMapping[str, KeyLookup],
-                min_key_bits: int) -> tuple[DKIMResult, str]:
+def _verify_one(verifier: _Verifier, idx: int, sig: _Signature, lookups: MutableMapping[str, KeyLookup],
+                min_key_bits: int, *, inline: bool = False) -> tuple[DKIMResult, str]:
     if sig.tags is None:
         return "permerror", "signature has a syntax error (not a tag=value list)"
     without_from = ignored_for_from(sig.tags)
     if without_from:
         return "policy", without_from
-    source = KeySource(lookups)
+    source = KeySource(lookups, blocking=not inline)
     verifier.signature_fields = {}
     error: tuple[DKIMResult, str] | None = None
     ok = False
@@ -599,7 +840,15 @@ class DKIMVerify:
                                    if s.key_name is not None and s.tags is not None
                                    and not ignored_for_from(s.tags))
         options = _Options(self.settings.min_key_bits, self.settings.partial_body)
-        outcomes = await run_blocking(_verify_blocking, message.raw, signatures, lookups, options)
+        parts = message.parts()  # no copy, also of a spooled message
+        outcomes = None
+        if message.size <= INLINE_LIMIT:
+            try:
+                outcomes = _verify_blocking(parts, signatures, lookups, options, inline=True)
+            except _NotPrefetched:
+                outcomes = None  # dkimpy wants a key we do not have: look it up from a thread
+        if outcomes is None:
+            outcomes = await run_blocking(_verify_blocking, parts, signatures, lookups, options)
         results = []
         for sig, (result, reason, partial) in zip(signatures, outcomes, strict=True):
             props = sig.properties

@@ -58,11 +58,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from email.errors import InvalidHeaderDefect
 from email.headerregistry import HeaderRegistry
-from functools import cache
+from functools import cache, lru_cache
 from typing import Literal
 
 import dns.exception
 import dns.name
+import dns.resolver
 from publicsuffixlist import PublicSuffixList
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -118,6 +119,7 @@ def normalize_domain(domain: str) -> str | None:
     return ascii_name if _ASCII_DOMAIN.fullmatch(ascii_name) else None
 
 
+@lru_cache(maxsize=4096)  # a pure function of a name of at most 253 octets
 def organizational_domain(domain: str) -> str:
     """RFC 7489 section 3.2 with the Public Suffix List: one label below the public suffix.
 
@@ -251,25 +253,43 @@ def author_domains(message: Message, *, several: bool = True) -> tuple[list[str]
     domains: list[str] = []
     count = 0
     for value in values:
-        try:
-            header = HeaderRegistry()("From", value)
-            addresses = header.addresses  # type: ignore[attr-defined]
-        except Exception as exc:  # the stdlib parser raises assorted errors on garbage
-            return [], f"unparsable From field ({type(exc).__name__})"
-        if any(isinstance(d, InvalidHeaderDefect) for d in header.defects):
-            return [], "invalid From field"
-        if not addresses:
-            return [], "0 addresses in the From field"
-        count += len(addresses)
-        for address in addresses:
-            domain = normalize_domain(address.domain or "")
-            if domain is None or not address.username:
-                return [], "From address without a valid domain"
+        parse = _from_field if len(value) <= _CACHED_FROM_LENGTH else _from_field.__wrapped__
+        found, why = parse(value)
+        if why:
+            return [], why
+        count += len(found)
+        for domain in found:
             if domain not in domains:
                 domains.append(domain)
     if not several and count > 1:
         return [], f"{count} addresses in the From field"
     return domains, ""
+
+
+_CACHED_FROM_LENGTH = 998
+"""From values up to one line long are parsed once per distinct value (bounded memory)."""
+
+
+@lru_cache(maxsize=4096)
+def _from_field(value: str) -> tuple[tuple[str, ...], str]:
+    """The domain of each address of one From field value, or ((), why): the stdlib parser
+    costs more than the rest of DMARC together, and the same authors write again and again."""
+    try:
+        header = HeaderRegistry()("From", value)
+        addresses = header.addresses  # type: ignore[attr-defined]
+    except Exception as exc:  # the stdlib parser raises assorted errors on garbage
+        return (), f"unparsable From field ({type(exc).__name__})"
+    if any(isinstance(d, InvalidHeaderDefect) for d in header.defects):
+        return (), "invalid From field"
+    if not addresses:
+        return (), "0 addresses in the From field"
+    found = []
+    for address in addresses:
+        domain = normalize_domain(address.domain or "")
+        if domain is None or not address.username:
+            return (), "From address without a valid domain"
+        found.append(domain)
+    return tuple(found), ""
 
 
 def from_domain(message: Message) -> tuple[str | None, str]:
@@ -278,15 +298,32 @@ def from_domain(message: Message) -> tuple[str | None, str]:
     return (domains[0], "") if domains else (None, why)
 
 
+_RECORDS = "dmarc"
+"""The resolver's derived cache of parsed DMARC records by ``_dmarc.<domain>``, until the DNS
+answer expires (a name without TXT records too; NXDOMAIN is the resolver cache's business)."""
+
+
 async def _dmarc_records(domain: str) -> list[DMARCRecord]:
     name = f"_dmarc.{domain}"
     if len(name) > 253:
         return []
+    resolver = get_resolver()
+    cache = resolver.derived_cache(_RECORDS)
+    cached: list[DMARCRecord] | None = cache.get(name)
+    if cached is not None:
+        return cached
+    try:
+        answer = await resolver.answer(name, "TXT")
+    except (dns.resolver.NXDOMAIN, dns.name.EmptyLabel):
+        return []
+    except dns.exception.DNSException as exc:
+        raise DNSTemporaryError(f"TXT {name}: {type(exc).__name__}: {exc}") from exc
     found = []
-    for txt in await get_resolver().txt(name):
-        parsed = parse_record(txt.decode("utf-8", errors="replace"))
+    for rdata in answer.rrset or ():
+        parsed = parse_record(b"".join(rdata.strings).decode("utf-8", errors="replace"))
         if parsed is not None:
             found.append(parsed)
+    cache.put(name, found, float(answer.expiration))
     return found
 
 

@@ -317,7 +317,8 @@ class RateLimit:
         verdict = await self._check(session, transaction, "messages", recipients, 1)
         if verdict is not None and verdict.reply is not None:
             return verdict
-        size_verdict = await self._check(session, transaction, "bytes", recipients, len(message.raw))
+        # message.size, not len(message.raw): raw would copy a spooled message whole.
+        size_verdict = await self._check(session, transaction, "bytes", recipients, message.size)
         return size_verdict or verdict
 
     # -- counting ----------------------------------------------------------------------

@@ -271,7 +271,10 @@ class Score:
     @hookimpl
     async def data(self, session: Session, transaction: Transaction, message: Message) -> Verdict:
         earlier = transaction.score  # the session's and the transaction's, so far
-        facts = await run_blocking(self._facts, session, transaction, message)
+        if self._needs_body:  # MIME parsing and decoding: CPU work for a worker thread
+            facts = await run_blocking(self._facts, session, transaction, message)
+        else:  # headers and envelope only: cheaper here than a thread hand-off
+            facts = self._facts(session, transaction, message)
         hits = [(c.rule.name, c.rule.score) for c in self.rules if self._matches(c, facts)]
         points = sum(score for _, score in hits)
         total = earlier + points
@@ -317,13 +320,16 @@ class Score:
 
     # -- matching ----------------------------------------------------------------------
 
+    @property
+    def _needs_body(self) -> bool:
+        return any("body" in c.patterns for c in self.rules)
+
     def _facts(self, session: Session, transaction: Transaction, message: Message) -> _Facts:
-        """Gathered in a worker thread: parsing MIME and decoding parts is CPU work."""
-        needs_body = any("body" in c.patterns for c in self.rules)
+        """Gathered in a worker thread when a body rule needs MIME parsing and decoding."""
         env = transaction.envelope
         return _Facts(
             headers=[(name.lower(), value) for name, value in message.headers],
-            texts=_body_texts(message.email, self.settings.body_max_kb * 1024) if needs_body else [],
+            texts=_body_texts(message.email, self.settings.body_max_kb * 1024) if self._needs_body else [],
             sender=env.sender.text,
             recipients=[r.address.text for r in env.recipients],
             helo=session.helo or "",

@@ -13,17 +13,20 @@ every message. Each result is recorded as an :class:`~smtpproxy.authresults.Auth
 (``spf``, with ``smtp.mailfrom`` or ``smtp.helo``) for DMARC and the Authentication-Results
 writer, and turned into a verdict by the configured ``actions`` (tags ``spf:<result>``).
 
-The evaluation is pyspf's (blocking, so it runs in ``run_blocking``). Its DNS goes through the
-shared resolver's servers, timeout and cache: a lookup that times out or fails (SERVFAIL)
-makes the result ``temperror``, as does the whole check running past ``timeout`` seconds.
+The evaluation is pyspf's, run on the event loop against answers the shared async resolver
+fetched (its servers, timeout and TTL cache): pyspf is replayed from the start each time it
+asks for a name not looked up yet, after that name has been awaited (all names a round asked
+for concurrently). A lookup that times out or fails (SERVFAIL) makes the result
+``temperror``, as does the whole check running past ``timeout`` seconds. No thread, no
+blocking DNS: one SPF record the cache holds costs one pyspf evaluation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ipaddress
-import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast, get_args
 
 import dns.exception
@@ -42,12 +45,12 @@ from smtpproxy import (
     Resolver,
     Session,
     Transaction,
+    TTLCache,
     Verdict,
     get_resolver,
     hookimpl,
     ip_in_networks,
     record_auth_check,
-    run_blocking,
 )
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
@@ -164,9 +167,7 @@ class SPF:
         resolver = get_resolver()
         try:
             async with asyncio.timeout(limit):
-                result, explanation = await run_blocking(
-                    _check_blocking, resolver, ip, _spf_identity(sender), helo, limit
-                )
+                result, explanation = await _check_async(resolver, ip, _spf_identity(sender), helo, limit)
         except TimeoutError:
             return SPFOutcome("temperror", f"SPF Temporary Error: no result within {limit:g} seconds")
         if result not in RESULTS:  # pyspf's check2 returns only RFC 7208 results; be sure
@@ -285,11 +286,106 @@ def _spf_identity(sender: str) -> str:
 #
 # pyspf looks names up through its module-level ``DNSLookup(name, qtype, strict, timeout)``
 # function, which returns ``[((name, type), value), ...]`` and raises ``spf.TempError`` when
-# DNS cannot answer. We install one that uses the resolver the check was started with (a
-# dnspython resolver from smtpproxy.dns.get_resolver().sync_resolver(): same servers, timeout
-# and cache), kept per worker thread.
+# DNS cannot answer. We install one that, inside a check_host() of this plugin (a _Replay in
+# the context), answers from what the async resolver already fetched and otherwise records
+# the name and stops pyspf with _Miss; _check_async() then awaits the recorded names and runs
+# pyspf again. pyspf's evaluation is deterministic given the answers, so every round repeats
+# the previous one up to the next unknown name. Outside a check (pyspf called directly, from
+# a thread) it looks up with a blocking dnspython resolver with the shared one's settings.
 
-_thread = threading.local()
+MAX_ROUNDS = 200
+"""pyspf runs per check at most: above what RFC 7208's limits allow (10 mechanisms that
+look up, 10 MX/PTR hosts each, 2 void lookups, the exp= text), so only a bug ends here."""
+
+
+class _Miss(BaseException):
+    """Raised inside pyspf for a name whose answer is not at hand yet.
+
+    A BaseException so that pyspf's ``except TempError/PermError/Exception`` clauses let it
+    through. Its two bare ``except:`` clauses (the exp= lookup, ptr validation) can swallow
+    it; that is harmless because the name was recorded first and the round is replayed.
+    """
+
+
+Answer = list[Any] | str
+"""What one lookup gave pyspf: its records (``[]``: none), or the text of a TempError."""
+
+_CACHE = "spf"
+"""The resolver's derived cache of pyspf-ready answers, per (name, type), until the DNS
+answer expires. Only real answers (records, or none of that type) are kept; a name that does
+not exist is left to the resolver's own cache, and a failure (timeout, SERVFAIL) never is."""
+
+
+@dataclass(slots=True)
+class _Replay:
+    """The answers of one check_host(), and the names the current round still needs."""
+
+    cache: TTLCache[tuple[str, str], list[Any]]
+    known: dict[tuple[str, str], Answer] = field(default_factory=dict)
+    missing: list[tuple[str, str]] = field(default_factory=list)
+
+    def lookup(self, name: str, qtype: str) -> list[Any]:
+        key = (name.lower().rstrip("."), qtype)
+        answer = self.known.get(key)
+        if answer is None:
+            answer = self.cache.get(key)
+            if answer is None:
+                self.missing.append(key)
+                raise _Miss(key)
+            self.known[key] = answer
+        if isinstance(answer, str):
+            raise pyspf.TempError(answer)
+        # pyspf keys its own per-check cache by the name it asked for.
+        return [((name, rtype), value) for (_, rtype), value in answer]
+
+
+_replay: contextvars.ContextVar[_Replay | None] = contextvars.ContextVar("spf_replay", default=None)
+
+
+async def _check_async(resolver: Resolver, ip: str, sender: str, helo: str, limit: float) -> tuple[str, str]:
+    """pyspf's RFC 7208 check on the loop, its DNS answered by the shared async resolver."""
+    replay = _Replay(resolver.derived_cache(_CACHE))
+    for _ in range(MAX_ROUNDS):
+        token = _replay.set(replay)
+        try:
+            result, explanation = pyspf.check2(i=ip, s=sender, h=helo, timeout=limit, querytime=limit)
+        except _Miss:
+            result = explanation = ""
+        finally:
+            _replay.reset(token)
+        if not replay.missing:
+            return str(result), str(explanation)
+        wanted = list(dict.fromkeys(replay.missing))
+        replay.missing.clear()
+        answers = await asyncio.gather(*(_fetch(resolver, name, qtype) for name, qtype in wanted))
+        replay.known.update(zip(wanted, answers, strict=True))
+    return "temperror", f"SPF Temporary Error: more than {MAX_ROUNDS} rounds of DNS lookups"
+
+
+async def _fetch(resolver: Resolver, name: str, qtype: str) -> Answer:
+    """One lookup for pyspf through the async resolver; cached until the answer expires."""
+    try:
+        answer = await resolver.answer(name, qtype)
+    except dns.exception.DNSException as exc:
+        failure = _failure(name, qtype, exc)
+        return [] if failure is None else failure
+    records = _records(name, qtype, answer)
+    resolver.derived_cache(_CACHE).put((name, qtype), records, float(answer.expiration))
+    return records
+
+
+def _failure(name: str, qtype: str, exc: dns.exception.DNSException) -> str | None:
+    """What a failed lookup is to pyspf: None for no records, else the TempError text."""
+    if isinstance(exc, (dns.resolver.NXDOMAIN, *_NO_SUCH_NAME)):
+        return None  # a name DNS cannot even carry does not exist
+    if isinstance(exc, dns.exception.Timeout):
+        return f"DNS timeout looking up {qtype} {name}"
+    if isinstance(exc, dns.resolver.NoNameservers):
+        if _cname_loop(exc):
+            return None  # permanent: as pyspf treats a loop it finds itself (RFC 7208 5.5/7 case)
+        return f"DNS server failure looking up {qtype} {name}"
+    return f"DNS error looking up {qtype} {name}: {type(exc).__name__}"
+
 
 _NO_SUCH_NAME = (
     dns.name.NameTooLong, dns.name.LabelTooLong, dns.name.EmptyLabel, dns.name.BadEscape,
@@ -297,36 +393,27 @@ _NO_SUCH_NAME = (
 )
 
 
-def _check_blocking(shared: Resolver, ip: str, sender: str, helo: str, limit: float) -> tuple[str, str]:
-    """pyspf's RFC 7208 check, in a worker thread, with DNS through the shared resolver's settings."""
-    _thread.resolver = shared.sync_resolver()  # built here: it may read /etc/resolv.conf
-    try:
-        result, explanation = pyspf.check2(i=ip, s=sender, h=helo, timeout=limit, querytime=limit)
-    finally:
-        _thread.resolver = None
-    return str(result), str(explanation)
-
-
 def _dns_lookup(name: str, qtype: str, strict: object = True, timeout: float | None = None) -> list[Any]:
-    """pyspf's DNSLookup contract on top of the shared resolver's settings."""
-    resolver: dns.resolver.Resolver = getattr(_thread, "resolver", None) or get_resolver().sync_resolver()
+    """pyspf's DNSLookup: from the replay of a check_host(), else blocking (see above)."""
+    replay = _replay.get()
+    if replay is not None:
+        return replay.lookup(name, qtype)
+    resolver = get_resolver().sync_resolver()
     lifetime = float(resolver.lifetime)
     if timeout is not None and timeout > 0:
         lifetime = max(min(lifetime, float(timeout)), 0.01)
     try:
         answer = resolver.resolve(name, qtype, search=False, raise_on_no_answer=False, lifetime=lifetime)
-    except dns.resolver.NXDOMAIN:
-        return []
-    except _NO_SUCH_NAME:
-        return []  # a name DNS cannot even carry does not exist
-    except dns.exception.Timeout:
-        raise pyspf.TempError(f"DNS timeout looking up {qtype} {name}") from None
-    except dns.resolver.NoNameservers as exc:
-        if _cname_loop(exc):
-            return []  # permanent: as pyspf treats a loop it finds itself (RFC 7208 5.5/7 case)
-        raise pyspf.TempError(f"DNS server failure looking up {qtype} {name}") from None
     except dns.exception.DNSException as exc:
-        raise pyspf.TempError(f"DNS error looking up {qtype} {name}: {type(exc).__name__}") from None
+        failure = _failure(name, qtype, exc)
+        if failure is None:
+            return []
+        raise pyspf.TempError(failure) from None
+    return _records(name, qtype, answer)
+
+
+def _records(name: str, qtype: str, answer: dns.resolver.Answer) -> list[Any]:
+    """A dnspython answer as pyspf's DNSLookup returns it."""
     if answer.rrset is None:
         # No records of the type. If the name is an alias, tell pyspf, which follows CNAMEs
         # itself (with its loop and chain-length limits) when the server did not.

@@ -10,10 +10,10 @@ from smtpproxy.authresults import checks as auth_checks
 from smtpproxy.authresults import record as record_auth_check
 from smtpproxy.blocking import run_blocking
 from smtpproxy.config import Config, ConfigError, Network
-from smtpproxy.dns import DNSTemporaryError, Resolver, get_resolver
+from smtpproxy.dns import DNSTemporaryError, Resolver, TTLCache, get_resolver
 from smtpproxy.eventlog import EventLog
 from smtpproxy.hookspecs import hookimpl
-from smtpproxy.message import HeaderError, Message, validate_header
+from smtpproxy.message import Buffer, HeaderError, Message, validate_header
 from smtpproxy.networks import IPNetwork, ip_in_networks
 from smtpproxy.session import (
     Client,
@@ -36,6 +36,7 @@ __all__ = [
     "Address",
     "AddressError",
     "AuthCheck",
+    "Buffer",
     "Client",
     "Config",
     "ConfigError",
@@ -55,6 +56,7 @@ __all__ = [
     "Session",
     "SettingsError",
     "TLSInfo",
+    "TTLCache",
     "Transaction",
     "Verdict",
     "__version__",

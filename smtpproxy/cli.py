@@ -133,7 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(config.logging.level, config.logging.format)
     if args.command == "milter":
         return _run_milter(config, source)
-    if config.workers > 1 and args.worker is None:
+    if config.worker_count > 1 and args.worker is None:
         from smtpproxy.workers import supervise
 
         return supervise(config, args.config)

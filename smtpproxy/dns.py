@@ -8,14 +8,19 @@ gives an empty list; a lookup that could not be answered (timeout, SERVFAIL, ref
 raises :class:`DNSTemporaryError`, which the plugins turn into their ``temperror`` action.
 
 Blocking libraries (pyspf, dkimpy) get :meth:`Resolver.sync_resolver`, a dnspython resolver
-with the same settings and cache, for use inside ``run_blocking``.
+with the same settings and cache, for use inside ``run_blocking``. What plugins make of
+answers (pyspf-ready records, parsed DKIM keys, DMARC records) can be kept in the resolver's
+:meth:`Resolver.derived_cache`, each entry no longer than the DNS answer it came from.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
-from typing import TypeVar
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Hashable, Sequence
+from typing import Any, Generic, TypeVar
 
 import dns.asyncresolver
 import dns.exception
@@ -25,9 +30,45 @@ import dns.rdatatype
 import dns.resolver
 import dns.reversename
 
-__all__ = ["DNSTemporaryError", "Resolver", "configure", "get_resolver"]
+__all__ = ["DNSTemporaryError", "Resolver", "TTLCache", "configure", "get_resolver"]
 
 R = TypeVar("R", bound=dns.resolver.BaseResolver)
+K = TypeVar("K", bound=Hashable)
+V = TypeVar("V")
+
+
+class TTLCache(Generic[K, V]):
+    """Values until their expiration (a ``time.time()`` instant, e.g. a DNS answer's), the least
+    recently used going first when full. Thread-safe: plugins' worker threads read it too."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._entries: OrderedDict[K, tuple[float, V]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: K) -> V | None:
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None:
+                return None
+            if entry[0] <= time.time():
+                del self._entries[key]
+                return None
+            self._entries.move_to_end(key)
+            return entry[1]
+
+    def put(self, key: K, value: V, expiration: float) -> None:
+        """Keep ``value`` until ``expiration``; one already expired (TTL 0) is not kept."""
+        if self.size <= 0 or expiration <= time.time():
+            return
+        with self._lock:
+            self._entries[key] = (expiration, value)
+            self._entries.move_to_end(key)
+            while len(self._entries) > self.size:
+                self._entries.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
 
 class DNSTemporaryError(Exception):
@@ -48,7 +89,10 @@ class Resolver:
         self.nameservers = list(nameservers) if nameservers else None
         self.port = port
         self.timeout = timeout
+        self.cache_size = cache_size
         self._cache = dns.resolver.LRUCache(cache_size) if cache_size > 0 else None
+        self._derived: dict[str, TTLCache[Any, Any]] = {}
+        self._derived_lock = threading.Lock()
         self._async: dns.asyncresolver.Resolver = self._configure(
             dns.asyncresolver.Resolver(configure=self.nameservers is None)
         )
@@ -79,6 +123,21 @@ class Resolver:
         except dns.exception.DNSException as exc:
             raise DNSTemporaryError(f"{rdtype} {name}: {type(exc).__name__}: {exc}") from exc
         return list(answer)
+
+    def derived_cache(self, kind: str) -> TTLCache[Any, Any]:
+        """A cache for what a plugin derives from this resolver's answers (``kind`` names it),
+        as big as the answer cache (``cache_size: 0`` keeps nothing). A resolver configured
+        anew (other servers, a reload) starts with empty ones."""
+        with self._derived_lock:
+            cache = self._derived.get(kind)
+            if cache is None:
+                cache = self._derived[kind] = TTLCache(self.cache_size)
+            return cache
+
+    async def answer(self, name: str, rdtype: str) -> dns.resolver.Answer:
+        """dnspython's answer itself (no records of the type: one without ``rrset``), for a
+        caller that needs its expiration or CNAME chain; raises dnspython's exceptions."""
+        return await self._async.resolve(name, rdtype, search=False, raise_on_no_answer=False)
 
     async def txt(self, name: str) -> list[bytes]:
         """TXT records, each with its character-strings joined (as SPF, DKIM and DMARC want)."""

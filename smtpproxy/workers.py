@@ -181,7 +181,7 @@ class _Worker:
 
 
 async def _supervise(config: Config, argv: list[str], listeners: list[socket.socket]) -> int:
-    workers = [_Worker(i, argv, listeners) for i in range(config.workers)]
+    workers = [_Worker(i, argv, listeners) for i in range(config.worker_count)]
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -253,7 +253,7 @@ async def _wait(worker: _Worker) -> int:
 
 
 def supervise(config: Config, config_path: str | None) -> int:
-    """Run ``config.workers`` proxy processes until SIGTERM; the exit code of ``smtpproxy run``."""
+    """Run ``config.worker_count`` proxy processes until SIGTERM; the exit code of ``smtpproxy run``."""
 
     argv = [sys.executable, "-m", "smtpproxy", "run"]
     if config_path is not None:

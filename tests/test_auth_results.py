@@ -46,10 +46,10 @@ DMARC_PASS = AuthCheck("dmarc", "pass", "p=reject dis=none", {"header.from": "ex
 ARC_NONE = AuthCheck("arc", "none")
 
 
-def test_one_header_with_every_check_in_rfc_order() -> None:
+async def test_one_header_with_every_check_in_rfc_order() -> None:
     tx = transaction(DMARC_PASS, ARC_NONE, DKIM_PASS, SPF_PASS, DKIM_FAIL)
     msg = message()
-    plugin().data(tx, msg)
+    await plugin().data(tx, msg)
     assert written(msg) == [
         "mx.example.com; spf=pass smtp.mailfrom=a@example.org;"
         " dkim=pass header.d=example.org header.s=sel header.b=AbCdEf12;"
@@ -64,12 +64,12 @@ def test_one_header_with_every_check_in_rfc_order() -> None:
     assert [str(p.value) for p in parsed.results[1].properties] == ["example.org", "sel", "AbCdEf12"]
 
 
-def test_nothing_recorded_says_none_and_none_results_are_written() -> None:
+async def test_nothing_recorded_says_none_and_none_results_are_written() -> None:
     msg = message()
-    plugin().data(transaction(), msg)
+    await plugin().data(transaction(), msg)
     assert written(msg) == ["mx.example.com; none"]
     msg = message()
-    plugin().data(transaction(AuthCheck("spf", "none", properties={"smtp.mailfrom": "a@example.org"})), msg)
+    await plugin().data(transaction(AuthCheck("spf", "none", properties={"smtp.mailfrom": "a@example.org"})), msg)
     assert written(msg) == ["mx.example.com; spf=none smtp.mailfrom=a@example.org"]
 
 
@@ -91,16 +91,16 @@ def test_values_are_quoted_and_made_safe() -> None:
     msg.add_header("Authentication-Results", value)  # no CR/LF: Message accepts it
 
 
-def test_long_values_are_folded_by_the_message() -> None:
+async def test_long_values_are_folded_by_the_message() -> None:
     many = [AuthCheck("dkim", "pass", properties={"header.d": f"d{i}.example.org", "header.s": "s" * 40})
             for i in range(40)]
     msg = message()
-    plugin().data(transaction(*many), msg)
+    await plugin().data(transaction(*many), msg)
     assert all(len(line) <= 998 for line in msg.raw.split(b"\r\n"))
     assert len(authres.AuthenticationResultsHeader.parse_value(written(msg)[0]).results) == 40
 
 
-def test_our_forged_fields_go_and_foreign_ones_stay() -> None:
+async def test_our_forged_fields_go_and_foreign_ones_stay() -> None:
     head = (
         "Authentication-Results: MX.Example.COM; spf=pass smtp.mailfrom=ceo@example.org\r\n"
         "Received: from somewhere\r\n"
@@ -112,7 +112,7 @@ def test_our_forged_fields_go_and_foreign_ones_stay() -> None:
     )
     msg = message(head)
     p = plugin()
-    p.data(transaction(SPF_PASS), msg)
+    await p.data(transaction(SPF_PASS), msg)
     assert written(msg) == [
         "mx.example.com; spf=pass smtp.mailfrom=a@example.org",
         "relay.example.net; dkim=pass header.d=example.net",
@@ -127,14 +127,14 @@ def test_our_forged_fields_go_and_foreign_ones_stay() -> None:
     assert b"Received: from somewhere\r\nAuthentication-Results: relay.example.net;\r\n dkim=pass" in msg.raw
 
 
-def test_keeping_forged_fields_when_told_and_untouched_messages_stay_byte_identical() -> None:
+async def test_keeping_forged_fields_when_told_and_untouched_messages_stay_byte_identical() -> None:
     head = "Authentication-Results: mx.example.com; spf=pass smtp.mailfrom=x@example.org\r\n"
     msg = message(head)
-    plugin(remove_forged=False).data(transaction(), msg)
+    await plugin(remove_forged=False).data(transaction(), msg)
     assert len(written(msg)) == 2
     original = message("Authentication-Results: elsewhere.test;\r\n  dkim=pass header.d=x.test\r\n")
     before = original.raw
-    plugin().data(transaction(), original)
+    await plugin().data(transaction(), original)
     assert original.raw == b"Authentication-Results: mx.example.com; none\r\n" + before
 
 

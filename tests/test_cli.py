@@ -209,3 +209,42 @@ def test_run_refuses_uvloop_when_it_is_not_installed(tmp_path: Path) -> None:
                             timeout=60, cwd=tmp_path, env=env)
     assert result.returncode == 1
     assert "pip install uvloop" in result.stderr
+
+
+def test_uvloop_is_a_default_dependency_where_it_installs() -> None:
+    """``pip install smtpproxy`` brings uvloop on CPython/Linux/macOS, without any extra."""
+    import tomllib
+
+    from packaging.markers import default_environment
+    from packaging.requirements import Requirement
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    uvloop = [Requirement(r) for r in project["dependencies"] if Requirement(r).name == "uvloop"]
+    assert len(uvloop) == 1 and uvloop[0].marker is not None
+    marker = uvloop[0].marker
+    env = default_environment()
+    for platform_name, implementation, wanted in [
+        ("linux", "CPython", True), ("darwin", "CPython", True),
+        ("win32", "CPython", False), ("linux", "PyPy", False),
+    ]:
+        here = {**env, "sys_platform": platform_name, "platform_python_implementation": implementation,
+                "extra": ""}
+        assert marker.evaluate(here) is wanted, (platform_name, implementation)
+
+
+def test_run_takes_uvloop_by_default(tmp_path: Path) -> None:
+    """No event_loop in the file: ``auto``, which runs on uvloop where it is installed."""
+    pytest.importorskip("uvloop")
+    config = write(tmp_path, "listeners:\n  - address: 127.0.0.1\n    port: 0\nhostname: cli.test\n")
+    proc = subprocess.Popen([*EXE, "run", "-c", str(config)], stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    try:
+        running = Running(proc)
+        assert any("loop=uvloop" in line for line in running.log), running.log
+        running.stop()
+        assert proc.returncode == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

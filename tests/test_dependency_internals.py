@@ -52,3 +52,26 @@ async def test_streamreader_buffer_is_still_readable() -> None:
     assert bytes(reader._buffer) == b"RCPT TO:<a@b>\r\n", (
         "asyncio.StreamReader._buffer changed: smtpproxy/inbound.py _buffered() must be adapted"
     )
+
+
+def test_dkimpy_still_has_what_the_streamed_verifier_relies_on() -> None:
+    """plugins/dkim.py _Verifier overrides two DomainSigner methods and reads their state."""
+    import dkim
+    import dkim.canonicalization
+    import dkim.crypto
+
+    source = inspect.getsource(dkim.DomainSigner)
+    missing = [m for m in ("verify_sig", "verify_sig_process") if not callable(getattr(dkim.DKIM, m, None))]
+    missing += [a for a in ("self.pk", "self.keysize", "self.ktag", "self.seqtlsrpt", "self.tlsrpt",
+                            "self.timeout", "canonicalize_body(self.body)")
+                if a not in source]
+    missing += [n for n in ("evaluate_pk", "HASH_ALGORITHMS", "DnsTimeoutError") if not hasattr(dkim, n)]
+    missing += [n for n in ("int2str", "str2int") if not callable(getattr(dkim.crypto, n, None))]
+    assert inspect.signature(dkim.DKIM.verify_sig).parameters.keys() == {
+        "self", "sig", "include_headers", "sig_header", "dnsfunc"}
+    assert dkim.canonicalization.CanonicalizationPolicy.from_c_value(b"relaxed/simple").body_algorithm \
+        is dkim.canonicalization.Simple
+    assert missing == [], (
+        f"dkimpy no longer has {missing}: plugins/dkim.py _Verifier relies on them (it checks the "
+        "body hash itself and hands dkimpy only the header block)"
+    )

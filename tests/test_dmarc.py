@@ -499,3 +499,41 @@ async def test_multiple_authors_can_be_refused_and_are_bounded(zones: ZoneServer
     zones.txt("_dmarc.example.org", "v=DMARC1; p=none")
     _, result = await run(transaction("a@example.org"), message(*same_domain_twice))
     assert result.result == "fail" and result.properties == {"header.from": "example.org"}
+
+
+# -- caches (issue 15) ------------------------------------------------------------------------
+
+
+async def test_dmarc_records_are_kept_for_their_ttl_and_failures_never(zones: ZoneServer) -> None:
+    zones.txt("_dmarc.example.org", "v=DMARC1; p=reject", ttl=300)
+    for _ in range(3):
+        _, result = await run(transaction("a@example.org"), message("a@example.org"))
+        assert result.result == "fail" and result.reason == "p=reject dis=reject"
+    assert zones.queries.count(("_dmarc.example.org", "TXT")) == 1
+    zones.txt("_dmarc.zero.example", "v=DMARC1; p=none", ttl=0)
+    for _ in range(2):
+        await run(transaction("a@zero.example"), message("a@zero.example"))
+    assert zones.queries.count(("_dmarc.zero.example", "TXT")) == 2  # TTL 0: asked every time
+
+    smtpproxy.dns.configure(Resolver(["127.0.0.1"], port=zones.port, timeout=0.3))
+    zones.servfail_names.add("_dmarc.flaky.example")
+    _, result = await run(transaction("a@flaky.example"), message("a@flaky.example"))
+    assert result.result == "temperror"
+    zones.servfail_names.discard("_dmarc.flaky.example")
+    zones.txt("_dmarc.flaky.example", "v=DMARC1; p=quarantine")
+    _, result = await run(transaction("a@flaky.example"), message("a@flaky.example"))
+    assert result.result == "fail" and result.reason == "p=quarantine dis=quarantine"  # not remembered
+
+
+async def test_from_fields_parse_the_same_from_the_cache(zones: ZoneServer) -> None:
+    """The per-value parse cache answers exactly what a fresh parse does, good or bad."""
+    from smtpproxy_plugins import dmarc as dmarc_module
+
+    values = ["Alice <a@example.org>", "a@example.org, b@other.example", "not an address",
+              "<a@[192.0.2.1]>", "x" * 1200 + " <a@example.org>"]
+    for value in values:
+        fresh = dmarc_module._from_field.__wrapped__(value)
+        for _ in range(2):
+            assert dmarc_module.author_domains(message(value)) == (
+                (list(dict.fromkeys(fresh[0])), "") if not fresh[1] else ([], fresh[1]))
+    assert dmarc_module._from_field.cache_info().currsize >= 4

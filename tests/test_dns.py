@@ -47,3 +47,32 @@ async def test_answers_are_cached_by_ttl(dns_server: ZoneServer) -> None:
     sync = r.sync_resolver()  # the blocking twin shares the cache
     assert [b"".join(x.strings) for x in sync.resolve("cached.example.test", "TXT")] == [b"one"]
     assert dns_server.queries.count(("cached.example.test", "TXT")) == 1
+
+
+def test_ttl_cache_expires_entries_and_stays_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    import smtpproxy.dns as dns_module
+    from smtpproxy.dns import TTLCache
+
+    now = [1_000_000.0]
+    monkeypatch.setattr(dns_module.time, "time", lambda: now[0])
+    cache: TTLCache[str, int] = TTLCache(size=2)
+    cache.put("a", 1, now[0] + 10)
+    cache.put("gone", 2, now[0])  # already expired (TTL 0): not kept
+    assert cache.get("a") == 1 and cache.get("gone") is None
+    now[0] += 10
+    assert cache.get("a") is None  # its TTL is over
+    for key in ("b", "c", "d"):
+        cache.put(key, 3, now[0] + 60)
+    assert cache.get("b") is None and cache.get("d") == 3 and len(cache) == 2  # least recently used went
+    nothing: TTLCache[str, int] = TTLCache(size=0)
+    nothing.put("a", 1, now[0] + 60)
+    assert nothing.get("a") is None  # cache_size: 0 keeps nothing
+
+
+def test_derived_caches_belong_to_their_resolver() -> None:
+    from smtpproxy.dns import Resolver
+
+    first, second = Resolver(["127.0.0.1"]), Resolver(["127.0.0.1"])
+    assert first.derived_cache("x") is first.derived_cache("x")
+    assert first.derived_cache("x") is not first.derived_cache("y")
+    assert first.derived_cache("x") is not second.derived_cache("x")  # a reconfigured resolver starts empty

@@ -15,7 +15,7 @@ import yaml
 from pydantic import ValidationError
 from smtpproxy_plugins.score import Score
 
-from smtpproxy import Address, Transaction, Verdict, hookimpl
+from smtpproxy import Address, Client, Envelope, Message, Session, Transaction, Verdict, hookimpl
 from smtpproxy.authresults import AuthCheck, record
 from tests.conftest import ProxyFactory, Sink, Talk, port_of
 
@@ -292,3 +292,29 @@ def test_the_documented_configuration_is_valid() -> None:
                 Score(Score.Settings.model_validate(spec.get("settings", {})))
                 checked += 1
     assert checked >= 2
+
+
+async def test_header_only_rules_need_no_thread_body_rules_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: a thread hand-off only when a body rule makes MIME parsing necessary."""
+    from smtpproxy_plugins import score as score_module
+
+    calls: list[object] = []
+    real = score_module.run_blocking
+
+    async def spy(function: Any, *args: Any) -> Any:
+        calls.append(function)
+        return await real(function, *args)
+
+    monkeypatch.setattr(score_module, "run_blocking", spy)
+    raw = b"From: a@example.org\r\nSubject: cheap pills\r\n\r\nbuy now\r\n"
+    headers_only = Score(Score.Settings.model_validate({"rules": [
+        {"name": "PILLS", "score": 3.0, "match": {"header": {"name": "Subject", "regex": "pills"}}}]}))
+    session = Session(Client("192.0.2.1", 4000))
+    tx = session.begin_transaction(Envelope(Address("a@example.org", "a", "example.org")))
+    verdict = await headers_only.data(session, tx, Message(raw))
+    assert verdict.score == 3.0 and calls == []
+    with_body = Score(Score.Settings.model_validate({"rules": [
+        {"name": "BUY", "score": 2.0, "match": {"body": {"regex": "buy now"}}}]}))
+    tx = session.begin_transaction(Envelope(Address("a@example.org", "a", "example.org")))
+    verdict = await with_body.data(session, tx, Message(raw))
+    assert verdict.score == 2.0 and len(calls) == 1

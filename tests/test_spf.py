@@ -18,6 +18,7 @@ from typing import Any
 import bcrypt
 import pydantic
 import pytest
+import spf as pyspf
 import trustme
 from smtpproxy_plugins.spf import SPF, SPFOutcome
 
@@ -531,3 +532,65 @@ def test_entry_point_and_configuration_file(tmp_path: Path) -> None:
     assert isinstance(step.plugin, SPF) and step.timeout == 25
     assert step.plugin.settings.actions["softfail"] == 3.5
     assert chain.implementers("mail_from") == ["spf"]
+
+
+# -- the async evaluation: pyspf replayed on the loop against the shared resolver -------------
+
+
+async def test_pyspf_runs_on_the_event_loop_thread(shared_resolver: Resolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No worker thread: every pyspf evaluation (one per DNS round) runs on the loop's thread."""
+    import threading
+
+    threads: list[int] = []
+    real_check2 = pyspf.check2
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real_check2(*args, **kwargs)
+
+    monkeypatch.setattr(pyspf, "check2", spy)
+    assert (await check(plugin(), "a@pass-include.test")).result == "pass"
+    # pass-include.test TXT, then pass-ip4.test TXT: three evaluations, the last one complete
+    assert threads == [threading.get_ident()] * 3
+    threads.clear()
+    assert (await check(plugin(), "a@pass-include.test")).result == "pass"
+    assert len(threads) == 1  # both answers at hand: one evaluation, no DNS round
+
+
+async def test_answers_are_cached_for_their_ttl_only(shared_resolver: Resolver, zone: ZoneServer) -> None:
+    zone.txt("ttl0.test", "v=spf1 ip4:192.0.2.7 -all", ttl=0)
+    for _ in range(2):
+        assert (await check(plugin(), "a@ttl0.test")).result == "pass"
+    assert zone.queries.count(("ttl0.test", "TXT")) == 2  # TTL 0: never served from a cache
+    zone.txt("ttl300.test", "v=spf1 ip4:192.0.2.7 -all", ttl=300)
+    for _ in range(2):
+        assert (await check(plugin(), "a@ttl300.test")).result == "pass"
+    assert zone.queries.count(("ttl300.test", "TXT")) == 1
+
+
+async def test_temporary_failures_are_not_cached(shared_resolver: Resolver, zone: ZoneServer) -> None:
+    for _ in range(2):
+        assert (await check(plugin(), "a@broken.test")).result == "temperror"
+    first = zone.queries.count(("broken.test", "TXT"))
+    assert (await check(plugin(), "a@broken.test")).result == "temperror"
+    assert zone.queries.count(("broken.test", "TXT")) > first  # asked again, not remembered
+    zone.servfail_names.discard("broken.test")
+    zone.txt("broken.test", "v=spf1 ip4:192.0.2.7 -all")
+    assert (await check(plugin(), "a@broken.test")).result == "pass"  # recovered at once
+
+
+async def test_a_miss_swallowed_by_pyspf_is_still_looked_up(shared_resolver: Resolver, zone: ZoneServer) -> None:
+    """pyspf fetches the exp= text inside a bare ``except:``; the replay must still fetch it."""
+    zone.txt("explained.test", "v=spf1 -all exp=why.explained.test")
+    zone.txt("why.explained.test", "You are not %{d}'s server")
+    outcome = await check(plugin(), "a@explained.test")
+    assert outcome.result == "fail"
+    assert outcome.explanation == "You are not explained.test's server"
+
+
+async def test_rounds_are_bounded(shared_resolver: Resolver, monkeypatch: pytest.MonkeyPatch) -> None:
+    from smtpproxy_plugins import spf as spf_module
+
+    monkeypatch.setattr(spf_module, "MAX_ROUNDS", 1)  # pass-include.test needs three
+    outcome = await check(plugin(), "a@pass-include.test")
+    assert outcome.result == "temperror" and "rounds of DNS lookups" in outcome.explanation

@@ -199,3 +199,59 @@ def test_a_busy_port_is_a_clear_startup_error(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 1
     assert f"cannot start: listeners[0]: cannot listen on 127.0.0.1:{port}" in done.stderr
+
+
+def test_workers_auto_is_one_per_usable_core(tmp_path: Path) -> None:
+    """``workers: auto`` follows the process's CPU affinity (what a cgroup/taskset leaves it)."""
+    from smtpproxy.config import MAX_WORKERS, cpu_count
+
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text("listeners:\n  - address: 127.0.0.1\n    port: 2525\nworkers: auto\n")
+    loaded, _ = load_config(str(config))
+    assert loaded.workers == "auto"
+    assert loaded.worker_count == cpu_count() == min(len(os.sched_getaffinity(0)), MAX_WORKERS)
+
+
+@pytest.mark.parametrize("value", ["0", "65", "auto2", "'2'", "2.5"])
+def test_workers_refuses_what_is_neither_a_count_nor_auto(tmp_path: Path, value: str) -> None:
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text(f"listeners:\n  - address: 127.0.0.1\n    port: 2525\nworkers: {value}\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(config))
+    assert "workers" in str(error.value) and "'auto'" in str(error.value)
+
+
+def test_workers_auto_needs_fixed_ports_whatever_the_core_count(tmp_path: Path) -> None:
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text("listeners:\n  - address: 127.0.0.1\n    port: 0\nworkers: auto\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(str(config))
+    assert "workers: auto needs a fixed port" in str(error.value)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_workers_auto_starts_one_worker_per_core_of_its_affinity(tmp_path: Path) -> None:
+    """Pinned to two cores, ``smtpproxy run`` with ``workers: auto`` supervises two workers."""
+    port = free_port()
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text(
+        f"listeners:\n  - address: 127.0.0.1\n    port: {port}\n"
+        "workers: auto\nhostname: workers.test\ndelivery:\n  type: maildir\n  path: mail\n"
+    )
+    two = sorted(os.sched_getaffinity(0))[:2]
+    pinned = (f"import os, runpy, sys; os.sched_setaffinity(0, {two!r}); "
+              f"sys.argv = ['smtpproxy', 'run', '-c', {str(config)!r}]; "
+              "runpy.run_module('smtpproxy', run_name='__main__')")
+    proc = subprocess.Popen([sys.executable, "-c", pinned], stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stderr is not None
+    log = LogLines(proc.stderr)
+    try:
+        log.wait_line(r"event=workers_ready workers=2")
+        send(port, 2)
+        assert len(list((tmp_path / "mail" / "new").iterdir())) == 2
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -40,6 +40,7 @@ from smtpproxy.config.loading import load_config
 from smtpproxy.config.problems import ConfigError, PathElement, Problem, format_key
 from smtpproxy.config.schema import (
     DNS,
+    MAX_WORKERS,
     Config,
     Limits,
     Listener,
@@ -58,11 +59,13 @@ from smtpproxy.config.schema import (
     Upstream,
     UpstreamAuth,
     UpstreamPool,
+    cpu_count,
 )
 from smtpproxy.config.source import ConfigSource
 
 __all__ = [
     "DNS",
+    "MAX_WORKERS",
     "Config",
     "ConfigError",
     "ConfigPath",
@@ -93,6 +96,7 @@ __all__ = [
     "Upstream",
     "UpstreamAuth",
     "UpstreamPool",
+    "cpu_count",
     "format_key",
     "load_config",
 ]

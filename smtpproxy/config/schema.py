@@ -3,6 +3,7 @@
 docs/configuration.md is generated from these models (docs/gen_configuration.py).
 """
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -32,6 +33,18 @@ from smtpproxy.config.fields import (
     seconds,
 )
 from smtpproxy.config.problems import describe_value
+
+MAX_WORKERS = 64
+"""Most proxy processes ``workers`` may ask for (and what ``auto`` is capped at)."""
+
+
+def cpu_count() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's), 1..MAX_WORKERS."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        usable = os.cpu_count() or 1
+    return max(1, min(usable, MAX_WORKERS))
 
 # --------------------------------------------------------------------------- schema
 
@@ -730,18 +743,21 @@ class Config(_Model):
     dns: DNS = Field(default=DNS(), description="DNS resolver settings shared by all plugins.")
     milter: Milter = Field(default=Milter(), description="Milter mode (`smtpproxy milter`).")
     logging: Logging = Field(default=Logging(), description="Log level and format.")
-    workers: int = Field(
-        default=1, strict=True, ge=1, le=64,
+    workers: Annotated[int, Field(strict=True, ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
+        default=1,
         description=(
-            "Proxy processes accepting from each listening socket (opened once by a supervisor), "
-            "one per core is a good start; each has its own metrics port (metrics.port + worker index)."
+            "Proxy processes accepting from each listening socket (opened once by a supervisor): "
+            f"a number, or 'auto' for one per core this process may run on (at most {MAX_WORKERS}). "
+            "More than one (and 'auto' always) needs a fixed port on every listener; each worker "
+            "has its own metrics port (metrics.port + worker index)."
         ),
     )
     event_loop: Literal["auto", "asyncio", "uvloop"] = Field(
         default="auto",
         description=(
-            "The asyncio event loop: 'uvloop' (faster; needs uvloop, the [uvloop] extra), "
-            "'asyncio' (the standard one), or 'auto' (uvloop when it is installed)."
+            "The asyncio event loop: 'uvloop' (faster; installed with smtpproxy on CPython on "
+            "Linux and macOS), 'asyncio' (the standard one), or 'auto' (uvloop when it can be "
+            "imported, else asyncio's)."
         ),
     )
     metrics: Metrics = Field(default=Metrics(), description="Metrics and health endpoints.")
@@ -782,10 +798,19 @@ class Config(_Model):
                 )
         return value
 
+    @property
+    def worker_count(self) -> int:
+        """How many proxy processes ``workers`` asks for here ('auto': the usable cores)."""
+        if self.workers == "auto":
+            return cpu_count()
+        return self.workers
+
     @field_validator("workers")
     @classmethod
-    def _workers_need_fixed_ports(cls, value: int, info: ValidationInfo) -> int:
-        if value > 1:
+    def _workers_need_fixed_ports(
+        cls, value: int | Literal["auto"], info: ValidationInfo
+    ) -> int | Literal["auto"]:
+        if value == "auto" or value > 1:
             for index, listener in enumerate(info.data.get("listeners") or []):
                 if listener.port == 0:
                     raise field_error(

@@ -1,0 +1,228 @@
+"""dkim_verify's fast paths (issue 15): the streamed body hash, the key cache, verifying inline.
+
+The streamed canonicalization must give exactly dkimpy's canonical body for any body and any
+way the message is cut into buffers and blocks (Hypothesis against dkimpy itself); a spooled
+message must verify without ever being copied whole; found keys are kept for their TTL and
+nothing else is kept; small messages never go to a thread.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+import itertools
+import mmap
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+import dkim
+import dkim.canonicalization
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from smtpproxy_plugins import dkim as plugin_dkim
+from smtpproxy_plugins.dkim import DKIMVerify, KeyLookup, canonical_body, split_at_blank_line
+
+from smtpproxy import Message
+from tests.dns_server import ZoneServer
+from tests.test_dkim import MESSAGE, Key, verify
+from tests.test_dkim import rsa2048 as rsa2048  # noqa: PLC0414 - the module-scoped key fixture
+from tests.test_dkim import zone as zone  # noqa: PLC0414 - the DNS fixture
+
+# Lines of text with the whitespace canonicalization cares about: runs of SP and HTAB
+# anywhere, whitespace-only lines, empty lines (also at the end), a last line without CRLF.
+_line = st.lists(st.sampled_from([b"a", b"b", b" ", b"\t", b"  ", b" \t "]), max_size=8).map(b"".join)
+bodies = st.builds(
+    lambda lines, last: b"".join(line + b"\r\n" for line in lines) + last,
+    st.lists(_line, max_size=12),
+    st.sampled_from([b"", b"", b"x", b"x ", b" "]),
+)
+
+
+def _cut(data: bytes, points: list[int]) -> list[bytes]:
+    """``data`` cut at the given offsets (each mod len+1): how Message.parts() may hand it over."""
+    offsets = sorted({p % (len(data) + 1) for p in points})
+    edges = [0, *offsets, len(data)]
+    return [data[a:b] for a, b in itertools.pairwise(edges)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(body=bodies, points=st.lists(st.integers(0, 200), max_size=4), block=st.integers(1, 40),
+       relaxed=st.booleans())
+def test_streamed_canonical_body_is_dkimpys(body: bytes, points: list[int], block: int, relaxed: bool) -> None:
+    algorithm = dkim.canonicalization.Relaxed if relaxed else dkim.canonicalization.Simple
+    expected = algorithm.canonicalize_body(body)
+    views = _cut(body, points)
+    pieces = b"".join(plugin_dkim.canonical_body(views, relaxed, block))
+    assert pieces == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(head_lines=st.lists(st.sampled_from([b"A: 1", b"B:2", b" folded", b"From x", b"", b"C: \t3"]),
+                           max_size=6),
+       body=bodies, points=st.lists(st.integers(0, 200), max_size=4))
+def test_split_at_blank_line_matches_dkimpys_parser(head_lines: list[bytes], body: bytes,
+                                                   points: list[int]) -> None:
+    message = b"".join(line + b"\r\n" for line in head_lines) + body
+    head, rest = split_at_blank_line(_cut(message, points))
+    assert head + b"".join(bytes(r) for r in rest) == message
+    try:
+        headers, expected_body = dkim.rfc822_parse(message)
+    except Exception as exc:  # dkimpy refuses odd header blocks (MessageFormatError, IndexError)
+        with pytest.raises(type(exc)):
+            dkim.rfc822_parse(head)
+        return
+    assert dkim.rfc822_parse(head) == (headers, b"")
+    if head.endswith(b"\r\n\r\n") or head == b"\r\n":
+        assert b"".join(bytes(r) for r in rest) == expected_body
+    else:  # no empty line at all: everything is header block, as dkimpy sees it
+        assert rest == [] and expected_body == b""
+
+
+def test_canonical_body_of_empty_and_blank_bodies() -> None:
+    for body in (b"", b"\r\n", b"\r\n\r\n", b" \r\n\t\r\n"):
+        for relaxed, algorithm in ((True, dkim.canonicalization.Relaxed), (False, dkim.canonicalization.Simple)):
+            assert b"".join(canonical_body([body], relaxed)) == algorithm.canonicalize_body(body), body
+
+
+@pytest.fixture
+def published(zone: ZoneServer, rsa2048: Key) -> Iterator[tuple[ZoneServer, Key]]:
+    zone.txt("sel._domainkey.example.test", rsa2048.txt)
+    yield zone, rsa2048
+
+
+def _spooled(content: bytes) -> mmap.mmap:
+    with tempfile.TemporaryFile() as file:
+        file.write(content)
+        file.flush()
+        return mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+@pytest.mark.parametrize("canonicalize", [(b"relaxed", b"relaxed"), (b"simple", b"simple")])
+async def test_a_spooled_message_verifies_without_being_copied(
+    published: tuple[ZoneServer, Key], monkeypatch: pytest.MonkeyPatch, canonicalize: tuple[bytes, bytes],
+) -> None:
+    _, key = published
+    body = b"".join(b"line %d with  two spaces\tand a tab \r\n" % i for i in range(120_000))  # ~4 MB
+    signed = key.sign(MESSAGE + body + b"\r\n\r\n", "example.test", "sel", canonicalize=canonicalize)
+    message = Message(_spooled(signed))
+
+    def no_copy(self: Message) -> bytes:
+        raise AssertionError("message.raw was asked for: the whole message would be copied")
+
+    monkeypatch.setattr(Message, "raw", property(no_copy))
+    results = await DKIMVerify().verify(message)
+    assert [r.result for r in results] == ["pass"]
+    tampered = Message(_spooled(signed[:-200] + b"X" + signed[-199:]))
+    assert [r.result for r in await DKIMVerify().verify(tampered)] == ["fail"]
+
+
+async def test_length_tag_is_measured_on_the_streamed_body(published: tuple[ZoneServer, Key]) -> None:
+    _, key = published
+    signed = key.sign(MESSAGE, "example.test", "sel", length=True)
+    found, _ = await verify(signed + b"appended  after\r\n")
+    assert found[0].result == "policy" and "body partly unsigned" in found[0].reason
+
+
+async def test_found_keys_are_kept_for_their_ttl_and_nothing_else(zone: ZoneServer, rsa2048: Key) -> None:
+    signed = rsa2048.sign(MESSAGE, "example.test", "sel")
+    zone.txt("sel._domainkey.example.test", rsa2048.txt, ttl=300)
+    for _ in range(3):
+        assert (await verify(signed))[0][0].result == "pass"
+    assert zone.queries.count(("sel._domainkey.example.test", "TXT")) == 1
+    assert plugin_dkim.key_cache().get("sel._domainkey.example.test") is not None
+
+    zone.txt("zero._domainkey.example.test", rsa2048.txt, ttl=0)
+    zero = rsa2048.sign(MESSAGE, "example.test", "zero")
+    for _ in range(2):
+        assert (await verify(zero))[0][0].result == "pass"
+    assert zone.queries.count(("zero._domainkey.example.test", "TXT")) == 2
+
+    missing = rsa2048.sign(MESSAGE, "example.test", "nokey")
+    assert (await verify(missing))[0][0].result == "permerror"
+    assert plugin_dkim.key_cache().get("nokey._domainkey.example.test") is None  # (the resolver's
+    # own cache may keep the NXDOMAIN for the zone's negative TTL, RFC 2308; that is its business)
+
+    zone.timeout_names.add("slow._domainkey.example.test")
+    slow = rsa2048.sign(MESSAGE, "example.test", "slow")
+    assert (await verify(slow))[0][0].result == "temperror"
+    zone.timeout_names.discard("slow._domainkey.example.test")
+    zone.txt("slow._domainkey.example.test", rsa2048.txt)
+    assert (await verify(slow))[0][0].result == "pass"  # the failure was not kept
+
+
+async def test_small_messages_never_go_to_a_thread(published: tuple[ZoneServer, Key],
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    _, key = published
+    calls: list[Any] = []
+    real = plugin_dkim.run_blocking
+
+    async def spy(function: Any, *args: Any) -> Any:
+        calls.append(function)
+        return await real(function, *args)
+
+    monkeypatch.setattr(plugin_dkim, "run_blocking", spy)
+    assert (await verify(key.sign(MESSAGE, "example.test", "sel")))[0][0].result == "pass"
+    assert calls == []
+    big = key.sign(MESSAGE + (b"y" * 76 + b"\r\n") * 2000, "example.test", "sel")
+    assert len(big) > plugin_dkim.INLINE_LIMIT
+    assert (await verify(big))[0][0].result == "pass"
+    assert len(calls) == 1
+
+
+async def test_a_key_not_prefetched_is_looked_up_from_a_thread(published: tuple[ZoneServer, Key],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """If dkimpy asks for a key the event-loop side did not fetch, verification moves to a thread
+    (where the blocking lookup is allowed) instead of blocking the loop or failing."""
+    _, key = published
+
+    async def nothing(names: Any) -> dict[str, KeyLookup]:
+        list(names)
+        return {}
+
+    monkeypatch.setattr(plugin_dkim, "fetch_keys", nothing)
+    assert (await verify(key.sign(MESSAGE, "example.test", "sel")))[0][0].result == "pass"
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(body=bodies, relaxed=st.booleans())
+def test_streamed_verification_agrees_with_dkimpy_alone(rsa2048: Key, body: bytes, relaxed: bool) -> None:
+    """Sign with dkimpy, damage or not, and compare our verifier's answer with dkimpy's own."""
+    canon = (b"relaxed", b"relaxed") if relaxed else (b"simple", b"simple")
+    signed = rsa2048.sign(MESSAGE + body, "example.test", "sel", canonicalize=canon)
+    record = rsa2048.txt.encode()
+
+    def dnsfunc(name: bytes, timeout: float = 5) -> bytes:
+        return record
+
+    def outcome(verifier: dkim.DKIM) -> tuple[str, str]:
+        try:
+            return "verified", str(verifier.verify(dnsfunc=dnsfunc))
+        except dkim.DKIMException as exc:  # e.g. "body hash mismatch (got ..., expected ...)"
+            return type(exc).__name__, str(exc)
+
+    for candidate in (signed, signed + b"tail\r\n", signed + b"\r\n\r\n", signed + b" \r\n"):
+        head, rest = split_at_blank_line([candidate])
+        assert outcome(plugin_dkim._Verifier(head, rest)) == outcome(dkim.DKIM(candidate))
+
+
+@settings(max_examples=300, deadline=None)
+@given(n=st.integers(min_value=0, max_value=1 << 4200), length=st.integers(-1, 530),
+       raw=st.binary(max_size=600))
+def test_fast_rsa_conversions_equal_dkimpys(n: int, length: int, raw: bytes) -> None:
+    """The int<->octets conversions installed in dkim.crypto answer exactly what dkimpy's do."""
+    original = _unpatched_crypto()
+    assert plugin_dkim._int2str(n, length) == original.int2str(n, length)
+    assert plugin_dkim._str2int(raw) == original.str2int(raw)
+    assert dkim.crypto.int2str is plugin_dkim._int2str
+
+
+@functools.cache
+def _unpatched_crypto() -> Any:
+    """A fresh copy of dkim.crypto, as dkimpy ships it (the plugin patched the imported one)."""
+    spec = importlib.util.find_spec("dkim.crypto")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
