@@ -374,8 +374,13 @@ class ProxyServer:
     async def serve_forever(self) -> None:
         """Start, then run until SIGTERM or SIGINT, then stop gracefully; SIGHUP reloads."""
         loop = asyncio.get_running_loop()
-        # Before start(): SIGHUP's default action would kill a proxy that is still starting.
+        # Before start(): a signal's default action would kill a proxy that is still starting,
+        # or that has just opened its listeners (a SIGTERM right after the `listening` line
+        # ended the process with -15 instead of a graceful stop).
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
         pid_file = self.config.pid_file if self.worker is None else None  # the supervisor's
         try:
             if pid_file is not None:  # after the SIGHUP handler: `smtpproxy reload` may use it now
@@ -385,13 +390,11 @@ class ProxyServer:
                     raise StartupError(f"pid_file: cannot write {pid_file}: {exc.strerror or exc}") from exc
             await self.start()
         except BaseException:
-            loop.remove_signal_handler(signal.SIGHUP)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
             if pid_file is not None:
                 remove_pid_file(Path(pid_file))
             raise
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
         notify("READY=1", f"MAINPID={os.getpid()}")
         tell_supervisor_ready()
         try:

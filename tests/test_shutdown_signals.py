@@ -90,3 +90,37 @@ async def test_sighup_and_second_sigterm_during_the_drain(tmp_path: Path, worker
     rest = proc.stderr.read().decode("utf-8", "replace")
     text = "".join(log.lines) + rest
     assert "Traceback" not in text
+
+
+async def test_milter_survives_sighup_and_a_second_sigterm_ends_its_drain(tmp_path: Path) -> None:
+    """The milter's sibling of the drain fix: handlers before the listener opens and during
+    the drain. SIGHUP (it does not reload) is logged, never fatal; with an MTA connection
+    still open, a second SIGTERM ends the grace period and the process exits 0."""
+    from smtpproxy.milter import codec
+    from tests.test_milter import POSTFIX_ACTIONS, POSTFIX_PROTOCOL
+
+    port = free_port()
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text(f"milter: {{listen: 'inet:127.0.0.1:{port}'}}\nlimits: {{shutdown_grace: 60}}\n")
+    proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "milter", "-c", str(config)],  # noqa: ASYNC220 - returns at once
+                            stderr=subprocess.PIPE, cwd=tmp_path)
+    assert proc.stderr is not None
+    log = LogLines(proc.stderr)
+    try:
+        await asyncio.to_thread(log.wait_line, r"event=listening ")
+        proc.send_signal(signal.SIGHUP)  # systemctl reload, logrotate: not a reason to die
+        await asyncio.to_thread(log.wait_line, r"event=signal_ignored .*signal=SIGHUP")
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)  # an MTA, mid-session
+        writer.write(codec.encode_command(codec.OptNeg(6, POSTFIX_ACTIONS, POSTFIX_PROTOCOL)))
+        await asyncio.wait_for(reader.read(4), 10)
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(log.wait_line, r"event=shutdown ")
+        proc.send_signal(signal.SIGHUP)
+        proc.send_signal(signal.SIGTERM)  # the grace is 60 s: this one ends it
+        await asyncio.to_thread(log.wait_line, r"event=shutdown_hurried ")
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+        writer.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

@@ -56,6 +56,7 @@ class MilterServer:
         self._connections: set[asyncio.Task[None]] = set()
         self._stopped = asyncio.Event()
         self._stopping = False
+        self._hurry = asyncio.Event()
 
     @property
     def address(self) -> tuple[str, int] | str:
@@ -155,9 +156,15 @@ class MilterServer:
         if self._server is not None:
             self._server.close()
         if self._connections:
-            _, pending = await asyncio.wait(set(self._connections), timeout=grace)
+            connections = set(self._connections)
+            everyone = asyncio.ensure_future(asyncio.wait(connections))
+            hurried = asyncio.ensure_future(self._hurry.wait())
+            await asyncio.wait({everyone, hurried}, timeout=grace, return_when=asyncio.FIRST_COMPLETED)
+            for waiter in (everyone, hurried):
+                waiter.cancel()
+            pending = {task for task in connections if not task.done()}
             for task in pending:
-                task.cancel()
+                task.cancel()  # the MTA applies its milter_default_action to these
             if pending:
                 await asyncio.wait(pending, timeout=5)
         if self._server is not None:
@@ -169,18 +176,39 @@ class MilterServer:
         self._stopped.set()
 
     async def serve_forever(self) -> None:
-        """Start, run until SIGTERM or SIGINT, then stop gracefully."""
-        await self.start()
+        """Start, run until SIGTERM or SIGINT, then stop gracefully.
+
+        The handlers are in place before the listener opens and stay during the drain, as in
+        the proxy: a signal's default action would kill the process with MTA connections
+        open. SIGHUP (``systemctl reload``, logrotate) is logged and ignored: the milter
+        does not reload (restart it to change its configuration). A second SIGTERM or SIGINT
+        during the drain ends the grace period.
+        """
         loop = asyncio.get_running_loop()
         stop_requested = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop_requested.set)
+        loop.add_signal_handler(signal.SIGHUP, _ignore_reload)
         try:
+            await self.start()
             await stop_requested.wait()
-        finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+                loop.add_signal_handler(sig, self.hurry, sig)
             await self.stop()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+
+    def hurry(self, signum: int = signal.SIGTERM) -> None:
+        """A second SIGTERM/SIGINT during the drain: close the remaining connections now."""
+        event("shutdown_hurried", level=logging.WARNING, signal=signal.Signals(signum).name,
+              note="grace period ends now")
+        self._hurry.set()
+
+
+def _ignore_reload() -> None:
+    event("signal_ignored", level=logging.WARNING, signal="SIGHUP",
+          note="the milter does not reload; restart it to apply a new configuration")
 
 
 def _clear_stale_socket(path: str) -> None:
