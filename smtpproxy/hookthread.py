@@ -46,7 +46,8 @@ class HookPool:
         self._queue: queue.SimpleQueue[_Job] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads = 0
-        self._idle = 0
+        self._idle = 0  # threads waiting for a call
+        self._queued = 0  # calls no thread has taken yet
 
     async def call(
         self, function: Callable[..., Any], args: Sequence[Any]
@@ -59,7 +60,8 @@ class HookPool:
         loop = asyncio.get_running_loop()
         job = _Job(function, args, contextvars.copy_context(), loop, loop.create_future())
         with self._lock:
-            if self._idle == 0 and self._threads < self.size:
+            self._queued += 1
+            if self._queued > self._idle and self._threads < self.size:  # a burst gets a thread each
                 self._threads += 1
                 self._idle += 1
                 threading.Thread(target=self._work, name=f"smtpproxy-hook-{self._threads}",
@@ -74,6 +76,7 @@ class HookPool:
         while True:
             job = self._queue.get()
             with self._lock:
+                self._queued -= 1
                 self._idle -= 1
             try:
                 if not job.abandoned:

@@ -291,3 +291,18 @@ async def test_no_sequence_of_hook_results_answers_2xx_for_a_lost_message(plans:
 def test_chainstep_is_plain_data() -> None:
     step = ChainStep("x", object())
     assert step.timeout == 10.0 and step.on_error == "tempfail"
+
+
+async def test_a_burst_of_plain_calls_gets_a_thread_each_up_to_the_pool_size() -> None:
+    """Calls that arrive together do not queue behind each other's blocking work."""
+    from smtpproxy.hookthread import HookPool
+
+    pool = HookPool(size=4)
+    inside = threading.Barrier(4, timeout=10)  # passes only if 4 calls run at the same time
+
+    def blocking() -> str:
+        inside.wait()
+        return "ok"
+
+    results = await asyncio.gather(*(pool.call(blocking, ()) for _ in range(4)))
+    assert results == [("ok", None)] * 4
