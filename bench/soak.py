@@ -1001,6 +1001,7 @@ def account(soak: Soak, load: Load) -> dict[str, Any]:
     postfix_at = soak.postfix.delivered() if soak.postfix else {}
     quarantine = quarantined(soak.workdir / "quarantine")
     stalls = [f for f in soak.faults if f.kind == "postfix-stop" and f.started]
+    restarts = [f for f in soak.faults if f.kind == "proxy-restart" and f.started]
     explained: Counter[str] = Counter()
     unexplained: list[dict[str, Any]] = []
     ok: Counter[str] = Counter()
@@ -1055,6 +1056,12 @@ def account(soak: Soak, load: Load) -> dict[str, Any]:
             elif msg.outcome == "lost":
                 explained["lost: the connection broke before the client heard the final reply; "
                           "the upstream had it (a retry would duplicate it)"] += 1
+            elif (msg.final_code == 421 and "shutting down" in msg.final_text
+                  and any(f.started and f.started <= msg.t1 <= f.started + 3 * SHUTDOWN_GRACE + 5 for f in restarts)
+                  and (c.get("postfix") or c["t"] <= msg.t1)):
+                explained["SIGTERM: the shutdown grace ran out while the proxy waited for the upstream's "
+                          "end-of-data reply; the upstream had committed the message before the client "
+                          "was told 421"] += 1
             elif not c.get("postfix") and c.get("delay", 0) >= UPSTREAM_DATA_TIMEOUT:
                 explained["RFC 1047: the sink committed it but answered after the proxy's "
                           "upstream data_timeout; the client was told 4xx"] += 1
