@@ -41,16 +41,12 @@ from smtpproxy.hookthread import HookPool, hook_pool
 from smtpproxy.session import Outcome, Results
 from smtpproxy.verdicts import Action, Verdict
 
-__all__ = ["Chain", "ChainStep", "PhaseResult", "PluginError"]
+__all__ = ["Chain", "ChainStep", "PhaseResult"]
 
 
 ERROR_TEMPFAIL = Verdict.tempfail(
     "Temporary local problem, please try again later", code=451, enhanced="4.3.0"
 )
-
-
-class PluginError(Exception):
-    """A plugin broke its contract (for example returned something that is not a Verdict)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,9 +56,6 @@ class RelayPolicy:
             return True
         return ip_in_networks(ip, self.networks)
 
-    def permits(self, recipient: Address, client_ip: str, auth_user: str | None) -> bool:
-        return self.refusal(recipient, client_ip, auth_user) is None
-
     def refusal(self, recipient: Address, client_ip: str, auth_user: str | None) -> str | None:
         """Why *recipient* may not be sent to by this client, or None when it may."""
         if recipient.domain == "" and recipient.local.lower() == "postmaster":
