@@ -2,7 +2,8 @@
 
 ``smtpproxy/inbound.py`` subclasses aiosmtpd's ``SMTP`` and uses some of its private
 attributes and methods, and reads ``asyncio.StreamReader._buffer`` to catch improper
-pipelining; ``smtpproxy/delivery/stream.py`` uses aiosmtplib's protocol internals. The
+pipelining; ``smtpproxy/delivery/stream.py`` and ``pipelining.py`` use aiosmtplib's protocol
+internals. The
 versions are pinned in pyproject.toml for that reason; when a new release is allowed in,
 this test says exactly which member went missing instead of a proxy failing at run time.
 """
@@ -75,3 +76,25 @@ def test_dkimpy_still_has_what_the_streamed_verifier_relies_on() -> None:
         f"dkimpy no longer has {missing}: plugins/dkim.py _Verifier relies on them (it checks the "
         "body hash itself and hands dkimpy only the header block)"
     )
+
+
+def test_aiosmtplib_still_has_what_streaming_and_pipelining_rely_on() -> None:
+    """stream.py writes the message through the protocol; pipelining.py adopts the protocol
+    object into a subclass that keeps replies due to a pipelined group."""
+    import aiosmtplib.protocol
+    import aiosmtplib.smtp
+
+    protocol = aiosmtplib.protocol.SMTPProtocol
+    source = inspect.getsource(protocol)
+    missing = [m for m in ("_read_response_from_buffer", "_set_response_exception", "_drain_helper",
+                           "write", "read_response", "data_received") if not callable(getattr(protocol, m, None))]
+    missing += [a for a in ("_buffer", "_response_waiter", "_response_pending", "_command_lock")
+                if f"self.{a}" not in source]
+    missing += [c for c in ("COMMAND_INJECTION_REGEX", "MAX_RESPONSE_LENGTH")
+                if not hasattr(aiosmtplib.protocol, c)]
+    assert "__slots__" not in vars(protocol), "a protocol with __slots__ cannot be adopted by a subclass"
+    assert missing == [], f"aiosmtplib {aiosmtplib.__version__} no longer has {missing}"
+    # The protocol object is made per connection and kept through STARTTLS (so adopting it
+    # once, after connect, holds for the connection's life).
+    assert "SMTPProtocol(" in inspect.getsource(aiosmtplib.smtp.SMTP._create_connection)
+    assert "self,\n" in inspect.getsource(protocol.start_tls)

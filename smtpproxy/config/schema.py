@@ -489,6 +489,16 @@ class SmtpDeliveryConfig(_Model):
             "or refused command is a 451 for the client and a warning with the reason."
         ),
     )
+    pipelining: bool = Field(
+        default=True,
+        strict=True,
+        description=(
+            "Pipeline commands (RFC 2920) when the upstream offers PIPELINING: XFORWARD or the "
+            "reuse probe, MAIL, the RCPTs and (rcpt_mode at_data) DATA go in one write, so a "
+            "message costs one round trip plus the data. 'false' sends one command at a time "
+            "(Postfix: smtp_discard_ehlo_keywords = pipelining)."
+        ),
+    )
     auth: UpstreamAuth | None = Field(default=None, description="SMTP AUTH to the upstream (smarthost).")
     pool: UpstreamPool = Field(default=UpstreamPool(), description="Connection reuse.")
     down_backoff: float = Field(

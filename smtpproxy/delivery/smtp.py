@@ -38,6 +38,7 @@ import aiosmtplib
 from smtpproxy import config as cfg
 from smtpproxy.addresses import Address
 from smtpproxy.delivery import Delivered, DeliveryError
+from smtpproxy.delivery.pipelining import pipeline
 from smtpproxy.delivery.stream import send_data
 from smtpproxy.delivery.upstream import (
     Connection,
@@ -98,7 +99,7 @@ class SmtpDelivery:
             connect_timeout=c.connect_timeout, command_timeout=c.command_timeout,
             data_timeout=c.data_timeout, max_idle=c.pool.max_idle,
             idle_timeout=c.pool.idle_timeout, max_messages=c.pool.max_messages,
-            down_backoff=c.down_backoff,
+            down_backoff=c.down_backoff, pipelining=c.pipelining,
         )
         routes = [(route.domains, _servers(route.upstreams)) for route in c.routes]
         return cls(Connector(settings), _servers(c.default_upstreams()), routes,
@@ -136,14 +137,14 @@ class SmtpDelivery:
             groups.setdefault(self.route_key(rcpt.address), []).append(rcpt)
         delivered: Delivered | None = None
         for key, recipients in groups.items():
-            conn = await self.connector.acquire(self._routes[key], session)
-            async with _Transfer(self.connector, conn) as transfer:
-                await transfer.mail(transaction.envelope, content.size)
-                refused = []
-                for rcpt in recipients:
-                    reply = await transfer.rcpt(rcpt.address, transaction.envelope.smtputf8, rcpt.params)
-                    if not reply.is_positive:
-                        refused.append((rcpt.address.text, reply))
+            transfer, replies = await _Transfer.start(
+                self.connector, self._routes[key], session, transaction.envelope, size=content.size,
+                recipients=[(rcpt.address, rcpt.params) for rcpt in recipients], data=True,
+            )
+            async with transfer:
+                conn = transfer.conn
+                refused = [(rcpt.address.text, reply) for rcpt, reply in zip(recipients, replies, strict=True)
+                           if not reply.is_positive]
                 if refused:
                     await transfer.reset()
                     for address_text, reply in refused:
@@ -218,16 +219,16 @@ class RelayTransaction:
         if self._failed is not None:
             return self._failed
         if self._transfer is None:
-            try:
-                conn = await self._delivery.connector.acquire(
-                    self._delivery._servers_for(self._delivery.route_key(address)), self._session
+            try:  # the first recipient opens the upstream transaction, in one write if it pipelines
+                self._transfer, (reply,) = await _Transfer.start(
+                    self._delivery.connector, self._delivery._servers_for(self._delivery.route_key(address)),
+                    self._session, self._transaction.envelope, size=_declared_size(self._transaction),
+                    recipients=[(address, params)], data=False,
                 )
-                self._transfer = _Transfer(self._delivery.connector, conn)
-                await self._transfer.mail(self._transaction.envelope, _declared_size(self._transaction))
             except DeliveryError as exc:
                 self._failed = exc.reply
-                await self.abort()
                 return exc.reply
+            return reply
         try:
             return await self._transfer.rcpt(address, self._transaction.envelope.smtputf8, params)
         except DeliveryError as exc:
@@ -263,6 +264,33 @@ class _Transfer:
         self.connector = connector
         self.conn = conn
         self.clean = False
+        self.in_data = False
+        """The upstream answered a pipelined DATA with 354: it takes the message now, and
+        the only way to end the transaction without sending one is to close the connection."""
+
+    @classmethod
+    async def start(
+        cls, connector: Connector, servers: Sequence[UpstreamServer], session: Session,
+        envelope: Envelope, *, size: int | None,
+        recipients: Sequence[tuple[Address, Mapping[str, str | None] | None]], data: bool,
+    ) -> tuple[_Transfer, list[Reply]]:
+        """A connection with MAIL and *recipients* sent, and the replies to the RCPTs.
+
+        On a server that pipelines, the connection's prelude (XFORWARD, or RSET probing a
+        reused connection), MAIL, the RCPTs and, with *data*, DATA go in one write (RFC 2920);
+        a reused connection that turns out dead is dropped and the next one tried, as a
+        failed probe would be: no message data has been sent on it. Raises DeliveryError
+        (a MAIL refusal, an unreachable upstream); the connection is then closed.
+        """
+        while True:
+            transfer = cls(connector, await connector.acquire(servers, session))
+            try:
+                return transfer, await transfer._begin(envelope, size, recipients, data=data)
+            except _DeadConnection:
+                await transfer.close()
+            except BaseException:
+                await transfer.__aexit__()  # a refused DATA leaves it clean, for the pool
+                raise
 
     async def __aenter__(self) -> _Transfer:
         return self
@@ -271,7 +299,14 @@ class _Transfer:
         if self.clean:
             self.connector.release(self.conn)
         else:
-            await self.connector.discard(self.conn)
+            await self.close()
+
+    async def close(self) -> None:
+        """Close the connection: QUIT, or at once while the upstream expects message data
+        (a QUIT there would be a line of the message)."""
+        if self.in_data:
+            self.conn.client.close()
+        await self.connector.discard(self.conn)
 
     @contextlib.contextmanager
     def _lost_upstream_is_temporary(self) -> Iterator[None]:
@@ -285,13 +320,45 @@ class _Transfer:
             raise DeliveryError(Reply(451, "4.4.2", "Upstream connection lost, try again later"),
                                 f"{self.conn.destination}: {type(exc).__name__}: {exc}") from exc
 
-    async def _command(self, *args: bytes) -> Reply:
+    async def _command(self, command: bytes) -> Reply:
         with self._lost_upstream_is_temporary():
-            response = await self.conn.client.execute_command(*args)
+            response = await self.conn.client.execute_command(command)
         return upstream_reply(response.code, response.message)
 
-    async def mail(self, envelope: Envelope, size: int | None) -> None:
-        self.clean = False
+    async def _begin(self, envelope: Envelope, size: int | None,
+                     recipients: Sequence[tuple[Address, Mapping[str, str | None] | None]],
+                     *, data: bool) -> list[Reply]:
+        mail = self._mail_command(envelope, size)
+        rcpts = [self._rcpt_command(address, envelope.smtputf8, params) for address, params in recipients]
+        prelude, self.conn.prelude = self.conn.prelude, None
+        if not self.connector.pipelines(self.conn):
+            self._check_mail(await self._command(mail))
+            return [await self._command(rcpt) for rcpt in rcpts]
+        group = [*([prelude] if prelude else []), mail, *rcpts, *([b"DATA"] if data else [])]
+        try:
+            with self._lost_upstream_is_temporary():
+                responses = await pipeline(self.conn.client, group, self.connector.settings.command_timeout)
+        except DeliveryError:
+            if self.conn.reused:
+                raise _DeadConnection from None
+            raise
+        if prelude is not None:
+            first = responses.pop(0)
+            if not self.connector.accept_prelude(self.conn, prelude, first):
+                raise _DeadConnection
+        replies = [upstream_reply(r.code, r.message) for r in responses]
+        if data:
+            data_reply = replies.pop()
+            self.in_data = data_reply.code == 354
+        self._check_mail(replies[0])
+        rcpt_replies = replies[1:]
+        if data and not self.in_data and any(r.is_positive for r in rcpt_replies):
+            # DATA refused although recipients were taken: the upstream's answer to the message
+            self.clean = True
+            raise DeliveryError(data_reply, f"{self.conn.destination}: DATA refused: {data_reply.code}")
+        return rcpt_replies
+
+    def _mail_command(self, envelope: Envelope, size: int | None) -> bytes:
         client = self.conn.client
         options = []
         if size is not None and client.supports_extension("size"):
@@ -308,16 +375,22 @@ class _Transfer:
             options.append(b"SMTPUTF8")
         options += self._dsn_options(envelope.sender_params, MAIL_PARAMS)
         encoding = "utf-8" if envelope.smtputf8 else "ascii"
-        sender = envelope.sender.text.encode(encoding)
-        reply = await self._command(b"MAIL", b"FROM:<" + sender + b">", *options)
+        return b" ".join([b"MAIL FROM:<" + envelope.sender.text.encode(encoding) + b">", *options])
+
+    def _check_mail(self, reply: Reply) -> None:
         if reply.code != 250:
             raise DeliveryError(reply, f"{self.conn.destination}: MAIL refused: {reply.code}")
 
-    async def rcpt(self, address: Address, smtputf8: bool,
-                   params: Mapping[str, str | None] | None = None) -> Reply:
+    def _rcpt_command(self, address: Address, smtputf8: bool,
+                      params: Mapping[str, str | None] | None) -> bytes:
         encoding = "utf-8" if smtputf8 else "ascii"
         options = self._dsn_options(params or {}, RCPT_PARAMS)
-        return await self._command(b"RCPT", b"TO:<" + address.text.encode(encoding) + b">", *options)
+        return b" ".join([b"RCPT TO:<" + address.text.encode(encoding) + b">", *options])
+
+    async def rcpt(self, address: Address, smtputf8: bool,
+                   params: Mapping[str, str | None] | None = None) -> Reply:
+        """One more recipient in an open transaction (rcpt_mode relay)."""
+        return await self._command(self._rcpt_command(address, smtputf8, params))
 
     def _dsn_options(self, params: Mapping[str, str | None], names: frozenset[str]) -> list[bytes]:
         """The client's DSN parameters (validated inbound) for an upstream that offers DSN."""
@@ -336,12 +409,15 @@ class _Transfer:
         with self._lost_upstream_is_temporary():
             try:
                 response = await send_data(
-                    self.conn.client, parts, self.connector.settings.data_timeout
+                    self.conn.client, parts, self.connector.settings.data_timeout, started=self.in_data
                 )
             except aiosmtplib.SMTPDataError as exc:
+                self.in_data = False
                 self.clean = True  # a refusal of the message leaves the session usable
                 raise DeliveryError(upstream_reply(exc.code, exc.message),
                                     f"{self.conn.destination}: DATA refused: {exc.code}") from exc
+            finally:
+                self.in_data = False
         reply = upstream_reply(response.code, response.message)
         self.clean = True
         if reply.code != 250:
@@ -349,10 +425,19 @@ class _Transfer:
         return reply
 
     async def reset(self) -> None:
+        """End the transaction without a message: RSET, or close the connection when the
+        upstream already waits for message data."""
+        if self.in_data:
+            self.clean = False
+            return
         try:
             self.clean = (await self._command(b"RSET")).code == 250
         except DeliveryError:
             self.clean = False
+
+
+class _DeadConnection(Exception):
+    """A reused connection that no longer works: try another (no message data was sent)."""
 
 
 _MAX_REMEMBERED = 10_000

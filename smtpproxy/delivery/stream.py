@@ -57,8 +57,11 @@ def dot_stuffed(parts: Iterable[Buffer], block_size: int = BLOCK_SIZE) -> Iterat
     yield ready + tail if ready is not None else tail
 
 
-async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: float) -> SMTPResponse:
+async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: float,
+                    *, started: bool = False) -> SMTPResponse:
     """DATA, the message, and the upstream's final reply, all within ``limit`` seconds.
+
+    *started*: DATA was sent already (pipelined) and answered 354; only the message follows.
 
     Raises what ``SMTP.data()`` raises: SMTPDataError for a refusal (354 or the final reply),
     SMTPTimeoutError, SMTPServerDisconnected.
@@ -68,9 +71,10 @@ async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: flo
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
         async with asyncio.timeout(limit):
-            start = await client.execute_command(b"DATA")
-            if start.code != 354:
-                raise aiosmtplib.SMTPDataError(start.code, start.message)
+            if not started:
+                start = await client.execute_command(b"DATA")
+                if start.code != 354:
+                    raise aiosmtplib.SMTPDataError(start.code, start.message)
             # A reply that arrives while we are still writing (a 552 mid-transfer) is kept.
             protocol._response_pending = True
             for block in dot_stuffed(parts):

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Literal
 
 import aiosmtplib
+from aiosmtplib.response import SMTPResponse
 
 from smtpproxy.delivery import DeliveryError
 from smtpproxy.eventlog import event
@@ -74,6 +75,7 @@ class ConnectorSettings:
     idle_timeout: float = 30.0
     max_messages: int = 100
     down_backoff: float = 30.0
+    pipelining: bool = True
 
 
 @dataclass(eq=False)
@@ -122,6 +124,12 @@ class Connection:
     """The XCLIENT attributes this connection carries. Postfix accepts XCLIENT only from an
     authorized client, and after one the client *is* the original one, so a connection can
     never be re-identified: it is reused only for the same identity."""
+    reused: bool = False
+    """Taken from the idle pool for this message (it may have died while idle)."""
+    prelude: bytes | None = None
+    """A command :meth:`Connector.acquire` left for the message's first write, on a server
+    that pipelines: XFORWARD, or RSET to probe a reused connection. Its reply goes to
+    :meth:`Connector.accept_prelude`."""
 
     @property
     def destination(self) -> str:
@@ -236,10 +244,15 @@ class Connector:
             if conn.identity is not None and conn.identity != self._xclient_identity(conn, session):
                 await self.discard(conn)  # it speaks for another client now
                 continue
+            conn.reused = True
+            if self.pipelines(conn) and self._xclient_identity(conn, session) is None:
+                # Probe that the idle connection still answers (as Postfix's connection cache
+                # does) in the message's first write: XFORWARD when it is sent, else RSET.
+                conn.prelude = self._xforward_command(conn, session) or b"RSET"
+                return conn
             try:
                 if not self._identifies_with_a_command(conn, session):
-                    # Probe that the idle connection still answers (as Postfix's connection
-                    # cache does). XCLIENT or XFORWARD, when sent, is that probe already.
+                    # The probe on its own. XCLIENT or XFORWARD, when sent, is that probe already.
                     response = await conn.client.rset()
                     if response.code != 250:
                         raise aiosmtplib.SMTPResponseException(response.code, response.message)
@@ -249,6 +262,27 @@ class Connector:
                 continue
             return conn
         return None
+
+    def pipelines(self, conn: Connection) -> bool:
+        """Whether commands go to this connection in groups (RFC 2920): it offered PIPELINING
+        in its last EHLO and the configuration allows it."""
+        return self.settings.pipelining and conn.client.supports_extension("pipelining")
+
+    def accept_prelude(self, conn: Connection, command: bytes, reply: SMTPResponse) -> bool:
+        """Check the reply to the command :meth:`acquire` left in ``conn.prelude``.
+
+        False: a reused connection that no longer works (the caller drops it and acquires
+        another, as a failed probe would have). A new connection's refused XFORWARD raises
+        DeliveryError, as it would when sent on its own.
+        """
+        if reply.code == 250:
+            if command != b"RSET":
+                self._note_identity(conn.server, "xforward")
+            return True
+        if conn.reused:
+            return False
+        raise self._identity_refused(conn, upstream_reply(_as_temp(reply.code), reply.message),
+                                     f"XFORWARD refused: {reply.code} {reply.message}")
 
     def release(self, conn: Connection) -> None:
         """Give back a connection after a completed (or cleanly aborted) transaction."""
@@ -461,16 +495,13 @@ class Connector:
             await self._greet_as_client(conn, session.helo)
             conn.identity = identity
             self._note_identity(conn.server, "xclient")
-        elif mode in ("auto", "xforward") and client.supports_extension("xforward"):
-            offered = set(client.esmtp_extensions.get("xforward", "").upper().split())
-            attrs = _xforward_attributes(session, offered)
-            response = await client.execute_command(b"XFORWARD", *[a.encode() for a in attrs])
-            if response.code != 250:
-                raise self._identity_refused(
-                    conn, upstream_reply(_as_temp(response.code), response.message),
-                    f"XFORWARD refused: {response.code} {response.message}",
-                )
-            self._note_identity(conn.server, "xforward")
+        elif (command := self._xforward_command(conn, session)) is not None:
+            if self.pipelines(conn):
+                conn.prelude = command  # sent with MAIL, its reply to accept_prelude
+                return
+            response = await client.execute_command(command)
+            if not self.accept_prelude(conn, command, response):
+                raise aiosmtplib.SMTPResponseException(response.code, response.message)
         elif mode in ("xclient", "xforward"):
             self._note_identity(conn.server, "none", f"{mode.upper()} not offered")
             raise self._identity_refused(
@@ -482,6 +513,16 @@ class Connector:
             self._note_identity(conn.server, "none", "upstream offers neither XCLIENT nor XFORWARD")
         else:
             self._note_identity(conn.server, "none", "client_identity: none")
+
+
+    def _xforward_command(self, conn: Connection, session: Session) -> bytes | None:
+        """XFORWARD with the client's attributes, when the mode and the server allow it."""
+        if self.settings.identity not in ("auto", "xforward"):
+            return None
+        if not conn.client.supports_extension("xforward"):
+            return None
+        offered = set(conn.client.esmtp_extensions.get("xforward", "").upper().split())
+        return b" ".join([b"XFORWARD", *[a.encode() for a in _xforward_attributes(session, offered)]])
 
 
 def _addr(ip: str) -> str:

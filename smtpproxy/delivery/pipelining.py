@@ -1,0 +1,108 @@
+"""Command pipelining with the upstream (RFC 2920) on aiosmtplib's connection.
+
+aiosmtplib sends one command and waits for its reply. Its protocol parses one reply at a time
+and drops bytes that arrive while a parsed reply waits to be picked up, so the replies to a
+group of pipelined commands, which an MTA sends together, would be lost. :func:`pipeline`
+adopts the connection's protocol object into :class:`PipeliningProtocol` (its class changes
+once; aiosmtplib creates the object itself and STARTTLS keeps it), which keeps every byte of
+a reply that is due and hands the replies out in order.
+
+This relies on aiosmtplib's protocol internals (``_buffer``, ``_response_waiter``,
+``_response_pending``, ``_command_lock``, ``_read_response_from_buffer``); they are checked
+by tests/test_dependency_internals.py and ``pyproject.toml`` pins aiosmtplib below its next
+major version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import aiosmtplib
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
+from aiosmtplib.response import SMTPResponse
+
+__all__ = ["PipeliningProtocol", "pipeline"]
+
+
+class PipeliningProtocol(SMTPProtocol):
+    """aiosmtplib's protocol, keeping the replies still due to a pipelined group."""
+
+    _due: int
+    """Replies the current group still waits for; bytes for them are never dropped."""
+
+    def data_received(self, data: bytes) -> None:
+        waiter = self._response_waiter
+        if waiter is None:
+            return  # connection lost; a late callback
+        if not (self._response_pending or self._due):
+            return  # unsolicited: never paired with a later command (as aiosmtplib does)
+        self._buffer.extend(data)
+        if len(self._buffer) > MAX_RESPONSE_LENGTH * max(1, self._due):
+            del self._buffer[:]
+            if not waiter.done():
+                self._set_response_exception(waiter, aiosmtplib.SMTPResponseException(
+                    aiosmtplib.SMTPStatus.invalid_response.value, "Response too long"))
+            return
+        self._hand_out()
+
+    def _hand_out(self) -> None:
+        """Parse the next complete reply in the buffer into the waiter, if it is free."""
+        waiter = self._response_waiter
+        if waiter is None or waiter.done() or not self._buffer:
+            return
+        try:
+            response = self._read_response_from_buffer()
+        except Exception as exc:  # a malformed reply: the reader gets aiosmtplib's exception
+            self._set_response_exception(waiter, exc)
+            return
+        if response is not None:
+            waiter.set_result(response)
+
+    async def read_response(self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109 (aiosmtplib's signature)
+        self._hand_out()  # a reply that came in the same packet as the previous one
+        return await super().read_response(timeout)
+
+
+def _adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
+    if not isinstance(protocol, PipeliningProtocol):
+        protocol.__class__ = PipeliningProtocol
+        assert isinstance(protocol, PipeliningProtocol)
+        protocol._due = 0
+    return protocol
+
+
+async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
+                   reply_timeout: float | None) -> list[SMTPResponse]:
+    """Send *commands* (each without CRLF) in one write and return their replies in order.
+
+    Only for a server that offered PIPELINING, and only a group RFC 2920 allows: any
+    command that must wait for its reply (EHLO, DATA, QUIT, ...) goes last. *reply_timeout*
+    bounds each reply. Raises what ``SMTP.execute_command`` raises; on a lost connection
+    or a timeout the connection is closed, as it is out of step with the server.
+    """
+    protocol = client.protocol
+    if protocol is None or protocol._command_lock is None:
+        raise aiosmtplib.SMTPServerDisconnected("Server not connected")
+    for command in commands:
+        if COMMAND_INJECTION_REGEX.search(command):
+            raise ValueError("Command contains a prohibited control character")
+    protocol = _adopt(protocol)
+    assert protocol._command_lock is not None
+    replies: list[SMTPResponse] = []
+    try:
+        async with protocol._command_lock:
+            protocol._response_pending = True
+            protocol._due = len(commands)
+            try:
+                protocol.write(b"".join(command + b"\r\n" for command in commands))
+                for _ in commands:
+                    replies.append(await protocol.read_response(timeout=reply_timeout))
+                    protocol._due -= 1
+            finally:
+                protocol._due = 0
+    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+        client.close()
+        raise
+    if any(reply.code == 421 for reply in replies):
+        client.close()  # the server is closing: as aiosmtplib does for one command
+    return replies

@@ -1,0 +1,326 @@
+"""Upstream PIPELINING (RFC 2920): what goes over the wire in one write, and that every reply
+is matched to its command in order, however the server's replies are cut into packets.
+
+The upstream here is a raw loopback server that records each read (one read is one write of
+the proxy's on loopback) and answers a group with one write, or byte by byte."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiosmtplib
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from smtpproxy.delivery.pipelining import pipeline
+from tests.conftest import ProxyFactory, Talk, port_of
+
+RELAY = {"domains": ["dest.test"], "networks": []}
+BODY = b"Subject: piped\r\n\r\nbody\r\n"
+XFORWARD = b"XFORWARD NAME ADDR PROTO HELO SOURCE"
+
+
+@dataclass
+class PipeliningUpstream:
+    """Offers PIPELINING; records every read per connection; answers each read in one write.
+
+    ``refuse``: recipients answered 550. ``xforward_code``: the reply to XFORWARD.
+    ``bytewise``: replies written one byte at a time (each its own packet). ``die_on_reuse``:
+    a connection that already took a message closes, without a word, when the next one starts
+    (an upstream that timed out an idle connection the proxy has not noticed yet).
+    """
+
+    extensions: tuple[bytes, ...] = (b"PIPELINING", b"8BITMIME", XFORWARD)
+    refuse: frozenset[bytes] = frozenset()
+    xforward_code: int = 250
+    bytewise: bool = False
+    die_on_reuse: bool = False
+    connections: list[list[list[bytes]]] = field(default_factory=list)
+    """Per connection, per read: the command lines (message data shown as b"<data>")."""
+    messages: list[bytes] = field(default_factory=list)
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        reads: list[list[bytes]] = []
+        self.connections.append(reads)
+        writer.write(b"220 pipe.test ESMTP\r\n")
+        buffer, data, delivered, in_data = b"", b"", 0, False
+        try:
+            while chunk := await reader.read(65536):
+                buffer += chunk
+                lines, replies = [], []
+                while b"\n" in buffer:
+                    line, buffer = buffer.split(b"\n", 1)
+                    if in_data:
+                        if line == b".\r":
+                            self.messages.append(data)
+                            data, in_data, delivered = b"", False, delivered + 1
+                            lines.append(b"<data>")
+                            replies.append(b"250 2.0.0 Ok: queued")
+                        else:
+                            data += line + b"\n"
+                        continue
+                    line = line.rstrip(b"\r")
+                    lines.append(line)
+                    verb = line.split(b" ")[0].upper()
+                    if self.die_on_reuse and delivered and verb in (b"RSET", b"XFORWARD", b"MAIL"):
+                        reads.append(lines)
+                        return
+                    replies.append(self._reply(verb, line))
+                    in_data = replies[-1].startswith(b"354")
+                    if verb == b"QUIT":
+                        break
+                reads.append(lines)
+                out = b"".join(reply + b"\r\n" for reply in replies)
+                if self.bytewise:
+                    for i in range(len(out)):
+                        writer.write(out[i : i + 1])
+                        await writer.drain()
+                        await asyncio.sleep(0)
+                else:
+                    writer.write(out)
+                if lines and lines[-1] == b"QUIT":
+                    break
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    def _reply(self, verb: bytes, line: bytes) -> bytes:
+        if verb == b"EHLO":
+            offered = [b"pipe.test", *self.extensions]
+            return b"\r\n".join(b"250" + (b" " if i == len(offered) - 1 else b"-") + e
+                                for i, e in enumerate(offered))
+        if verb == b"XFORWARD":
+            return b"%d 5.7.0 not for you" % self.xforward_code if self.xforward_code != 250 else b"250 2.0.0 Ok"
+        if verb == b"RCPT" and line[len(b"RCPT TO:<"):].split(b">")[0] in self.refuse:
+            return b"550 5.1.1 <" + line[len(b"RCPT TO:<"):].split(b">")[0] + b">: no such user"
+        if verb == b"DATA":
+            return b"354 go ahead"
+        if verb == b"QUIT":
+            return b"221 bye"
+        return b"250 2.0.0 Ok"
+
+    def reads(self, connection: int = 0) -> list[list[bytes]]:
+        return self.connections[connection]
+
+
+def verbs(read: list[bytes]) -> list[bytes]:
+    return [line.split(b" ")[0] for line in read]
+
+
+async def start(upstream: PipeliningUpstream) -> tuple[asyncio.Server, int]:
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+def smtp(port: int, **extra: Any) -> dict[str, Any]:
+    return {"type": "smtp", "host": "127.0.0.1", "port": port, "tls": "none", "connect_timeout": 2,
+            "command_timeout": 2, "data_timeout": 5, **extra}
+
+
+async def send(port: int, rcpts: list[str]) -> tuple[int, str]:
+    client = await Talk.open(port)
+    await client.hello("client.example")
+    code, text = await client.cmd("MAIL FROM:<a@sender.test>")
+    assert code == 250, text
+    answers = [await client.cmd(f"RCPT TO:<{rcpt}>") for rcpt in rcpts]
+    if not any(code == 250 for code, _ in answers):
+        await client.close()
+        return answers[0]
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(BODY + b".\r\n")
+    reply = await client.reply()
+    await client.close()
+    return reply
+
+
+async def test_at_data_sends_xforward_mail_rcpts_and_data_in_one_write(proxy_factory: ProxyFactory) -> None:
+    upstream = PipeliningUpstream()
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="at_data"))
+    for _ in range(2):
+        assert (await send(port_of(proxy), ["b@dest.test", "c@dest.test"]))[0] == 250
+    server.close()
+    assert len(upstream.connections) == 1  # the second message reused the connection
+    groups = [verbs(read) for read in upstream.reads()]
+    group = [b"XFORWARD", b"MAIL", b"RCPT", b"RCPT", b"DATA"]
+    assert groups == [[b"EHLO"], group, [b"<data>"], group, [b"<data>"]]
+    assert len(upstream.messages) == 2
+
+
+async def test_relay_mode_opens_the_transaction_in_one_write(proxy_factory: ProxyFactory) -> None:
+    upstream = PipeliningUpstream(refuse=frozenset({b"nobody@dest.test"}))
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="relay"))
+    client = await Talk.open(port_of(proxy))
+    await client.hello("client.example")
+    for _ in range(2):
+        assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+        assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+        assert await client.cmd("RCPT TO:<nobody@dest.test>") == (550, "5.1.1 <nobody@dest.test>: no such user")
+        assert (await client.cmd("DATA"))[0] == 354
+        client.send(BODY + b".\r\n")
+        assert (await client.reply())[0] == 250
+    await client.close()
+    server.close()
+    groups = [verbs(read) for read in upstream.reads()]
+    opening = [[b"XFORWARD", b"MAIL", b"RCPT"], [b"RCPT"], [b"DATA"], [b"<data>"]]
+    assert groups == [[b"EHLO"], *opening, *opening]
+
+
+async def test_replies_cut_into_single_bytes_are_matched_in_order(proxy_factory: ProxyFactory) -> None:
+    """aiosmtplib alone drops a reply that arrives while the previous one waits to be read."""
+    upstream = PipeliningUpstream(bytewise=True, refuse=frozenset({b"x2@dest.test"}))
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="at_data", refusal_memory=0))
+    code, text = await send(port_of(proxy), ["x1@dest.test", "x2@dest.test", "x3@dest.test"])
+    assert code == 451 and "x2@dest.test" in text and "x1@" not in text and "x3@" not in text
+    assert (await send(port_of(proxy), ["x1@dest.test", "x3@dest.test"]))[0] == 250
+    server.close()
+    assert len(upstream.messages) == 1
+
+
+async def test_partial_refusal_after_a_pipelined_data_closes_without_sending_the_message(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """DATA was answered 354 for the recipient the upstream took; the client must hear 451
+    and nobody may get the message: the only way out is closing the connection."""
+    upstream = PipeliningUpstream(refuse=frozenset({b"gone@dest.test"}))
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="at_data"))
+    code, _ = await send(port_of(proxy), ["b@dest.test", "gone@dest.test"])
+    assert code == 451
+    assert upstream.messages == []
+    assert [verbs(read) for read in upstream.reads(0)][-1] == [b"XFORWARD", b"MAIL", b"RCPT", b"RCPT", b"DATA"]
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250  # on a new connection
+    server.close()
+    assert len(upstream.connections) == 2 and len(upstream.messages) == 1
+
+
+async def test_a_reused_connection_found_dead_by_the_group_is_replaced(proxy_factory: ProxyFactory) -> None:
+    for rcpt_mode in ("at_data", "relay"):
+        upstream = PipeliningUpstream(die_on_reuse=True)
+        server, port = await start(upstream)
+        proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode=rcpt_mode))
+        for _ in range(3):
+            assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250, rcpt_mode
+        server.close()
+        assert len(upstream.messages) == 3 and len(upstream.connections) == 3, rcpt_mode
+
+
+async def test_xforward_refused_in_the_group_is_a_tempfail_and_no_message(proxy_factory: ProxyFactory) -> None:
+    upstream = PipeliningUpstream(xforward_code=550)
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="at_data", client_identity="xforward"))
+    code, _ = await send(port_of(proxy), ["b@dest.test"])
+    server.close()
+    assert code == 451  # the upstream's 550 to XFORWARD is the proxy's problem, not the sender's
+    assert upstream.messages == []
+
+
+async def test_pipelining_false_sends_one_command_at_a_time(proxy_factory: ProxyFactory) -> None:
+    upstream = PipeliningUpstream()
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="at_data", pipelining=False))
+    assert (await send(port_of(proxy), ["b@dest.test", "c@dest.test"]))[0] == 250
+    server.close()
+    assert all(len(read) == 1 for read in upstream.reads())
+    assert len(upstream.messages) == 1
+
+
+async def test_a_server_without_pipelining_gets_one_command_at_a_time(proxy_factory: ProxyFactory) -> None:
+    upstream = PipeliningUpstream(extensions=(b"8BITMIME", XFORWARD))
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="at_data"))
+    for _ in range(2):
+        assert (await send(port_of(proxy), ["b@dest.test", "c@dest.test"]))[0] == 250
+    server.close()
+    assert all(len(read) == 1 for read in upstream.reads())
+    assert len(upstream.messages) == 2
+
+
+# -- the protocol on its own: any cut of the reply stream -----------------------------------
+
+REPLIES = [b"250 2.0.0 Ok", b"250-one\r\n250-two\r\n250 three", b"550 5.1.1 no", b"250 2.1.5 Ok",
+           b"452 4.5.3 too many", b"354 go"]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(cuts=st.lists(st.integers(min_value=1, max_value=120), max_size=12))
+def test_any_cut_of_the_replies_gives_each_command_its_own(cuts: list[int]) -> None:
+    stream = b"".join(reply + b"\r\n" for reply in REPLIES)
+    points = sorted({c for c in cuts if c < len(stream)})
+    pieces = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 cut.test\r\n")
+        await reader.readline()  # the whole group is one write; wait for its first line
+        for piece in pieces:
+            writer.write(piece)
+            await writer.drain()
+            await asyncio.sleep(0.001)  # each piece its own packet
+        await reader.read()
+        writer.close()
+
+    async def main() -> list[tuple[int, str]]:
+        server = await asyncio.start_server(serve, "127.0.0.1", 0)
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
+                                  start_tls=False)
+        await client.connect()
+        commands = [b"RSET", b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"RCPT TO:<e@d.test>",
+                    b"RCPT TO:<f@d.test>", b"DATA"]
+        replies = await pipeline(client, commands, 5)
+        client.close()
+        server.close()
+        return [(r.code, r.message) for r in replies]
+
+    got = asyncio.run(main())
+    assert got == [(250, "2.0.0 Ok"), (250, "one\ntwo\nthree"), (550, "5.1.1 no"), (250, "2.1.5 Ok"),
+                   (452, "4.5.3 too many"), (354, "go")]
+
+
+async def test_a_reply_for_no_command_is_never_paired_with_a_later_one() -> None:
+    """Bytes the server sends when nothing is due are dropped (as aiosmtplib does), so they
+    cannot be taken as the answer to the next group."""
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 x\r\n")
+        await reader.readline()
+        writer.write(b"250 first\r\n")
+        await reader.readline()
+        await reader.readline()
+        writer.write(b"250 a\r\n250 b\r\n")
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
+                                  start_tls=False)
+    await client.connect()
+    assert [r.message for r in await pipeline(client, [b"NOOP"], 5)] == ["first"]
+    assert client.protocol is not None
+    client.protocol.data_received(b"250 unsolicited\r\n")
+    assert [r.message for r in await pipeline(client, [b"NOOP", b"NOOP"], 5)] == ["a", "b"]
+    client.close()
+    server.close()
+
+
+async def test_a_command_with_a_line_break_is_refused_before_anything_is_sent() -> None:
+    received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 x\r\n")
+        received.set_result(await reader.read())
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
+                                  start_tls=False)
+    await client.connect()
+    with pytest.raises(ValueError, match="prohibited"):
+        await pipeline(client, [b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>\r\nDATA"], 5)
+    client.close()
+    server.close()
+    assert await asyncio.wait_for(received, 5) == b""  # the connection closed with nothing sent
