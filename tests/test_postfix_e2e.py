@@ -227,3 +227,34 @@ async def test_pooled_connection_carries_each_clients_own_identity(
     await client.close()
     assert len(await asyncio.to_thread(postfix.wait_for_messages, "carol", 2)) == 2
     assert len(re.findall(r"smtpd\[\d+\]: connect from", postfix.log())) == 3
+
+
+@pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
+async def test_pipelined_commands_follow_postfixs_rules(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, rcpt_mode: str
+) -> None:
+    """The proxy pipelines to Postfix (it offers PIPELINING): the reuse probe or XFORWARD, MAIL,
+    the RCPTs and, in at_data, DATA in one write. A Postfix that drops clients breaking the
+    pipelining rules (smtpd_forbid_unauth_pipelining) takes every message over one pooled
+    connection, with an unknown recipient among them, and logs no improper pipelining."""
+    postfix = postfix_factory(main_cf={"smtpd_forbid_unauth_pipelining": "yes"})
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix, rcpt_mode=rcpt_mode))
+    client = await Talk.open(port_of(proxy))
+    await client.hello("mail.client.example")
+    for _ in range(3):
+        assert (await client.send_message("alice@sender.test", ["bob@dest.test", "carol@dest.test"], BODY))[0] == 250
+    if rcpt_mode == "relay":  # the upstream's refusal comes at RCPT, the others go
+        assert (await client.cmd("MAIL FROM:<alice@sender.test>"))[0] == 250
+        assert (await client.cmd("RCPT TO:<dave@dest.test>"))[0] == 550
+        assert (await client.cmd("RCPT TO:<bob@dest.test>"))[0] == 250
+        assert (await client.cmd("DATA"))[0] == 354
+        client.send(BODY + b".\r\n")
+        assert (await client.reply())[0] == 250
+    await client.close()
+    bobs = 4 if rcpt_mode == "relay" else 3
+    assert len(await asyncio.to_thread(postfix.wait_for_messages, "bob", bobs)) == bobs
+    assert len(await asyncio.to_thread(postfix.wait_for_messages, "carol", 3)) == 3
+    log = postfix.log()
+    assert "improper command pipelining" not in log
+    # the readiness probe, then one pooled connection (XCLIENT: one per client session)
+    assert len(re.findall(r"smtpd\[\d+\]: connect from", log)) == 2
