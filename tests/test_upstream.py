@@ -328,3 +328,39 @@ async def test_stopping_while_a_retired_connection_waits_for_quit_logs_no_error(
         loop.set_exception_handler(previous)
         server.close()
     assert [c.get("message") for c in errors] == []
+
+class GatedSink(SinkHandler):
+    """Holds every DATA reply until ``count`` deliveries are in flight at once."""
+
+    def __init__(self, count: int) -> None:
+        super().__init__()
+        self.count = count
+        self.waiting = 0
+        self.all_in = asyncio.Event()
+
+    async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+        self.waiting += 1
+        if self.waiting >= self.count:
+            self.all_in.set()
+        await asyncio.wait_for(self.all_in.wait(), 10)
+        return await super().handle_DATA(server, session, envelope)
+
+
+async def test_the_default_pool_keeps_the_connections_of_a_busy_moment(proxy_factory: ProxyFactory) -> None:
+    """Issue 15: 20 deliveries in flight at once leave 20 idle connections, and the next 20
+    messages reuse them: a busy MX does not reconnect upstream per message (with the old
+    default of 4 idle connections, 16 of them were closed and opened again)."""
+    handler = GatedSink(20)
+    sink = await start_sink(handler)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=sink.port))
+    port = port_of(proxy)
+    first = await asyncio.gather(*(send(port, ["b@dest.test"]) for _ in range(20)))
+    assert [code for code, _ in first] == [250] * 20
+    assert len(handler.helo_names) == 20  # the gate made all 20 deliveries overlap
+    server = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    assert len(server.idle) == 20
+    handler.waiting, handler.count = 0, 1  # the second wave passes the gate at once
+    for _ in range(20):
+        assert (await send(port, ["b@dest.test"]))[0] == 250
+    assert len(handler.helo_names) == 20  # all reused: no new upstream connection
+    sink.server.close()

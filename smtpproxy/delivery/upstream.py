@@ -71,7 +71,7 @@ class ConnectorSettings:
     connect_timeout: float = 30.0
     command_timeout: float = 60.0
     data_timeout: float = 600.0
-    max_idle: int = 4
+    max_idle: int = 32
     idle_timeout: float = 30.0
     max_messages: int = 100
     down_backoff: float = 30.0
