@@ -329,6 +329,7 @@ async def test_stopping_while_a_retired_connection_waits_for_quit_logs_no_error(
         server.close()
     assert [c.get("message") for c in errors] == []
 
+
 class GatedSink(SinkHandler):
     """Holds every DATA reply until ``count`` deliveries are in flight at once."""
 
