@@ -38,6 +38,8 @@ class PipeliningUpstream:
     xforward_code: int = 250
     bytewise: bool = False
     die_on_reuse: bool = False
+    stall_on: bytes | None = None
+    """A verb after which the server says nothing more (a hung upstream)."""
     connections: list[list[list[bytes]]] = field(default_factory=list)
     """Per connection, per read: the command lines (message data shown as b"<data>")."""
     messages: list[bytes] = field(default_factory=list)
@@ -67,6 +69,10 @@ class PipeliningUpstream:
                     verb = line.split(b" ")[0].upper()
                     if self.die_on_reuse and delivered and verb in (b"RSET", b"XFORWARD", b"MAIL"):
                         reads.append(lines)
+                        return
+                    if verb == self.stall_on:
+                        reads.append(lines)
+                        await reader.read()
                         return
                     replies.append(self._reply(verb, line))
                     in_data = replies[-1].startswith(b"354")
@@ -209,6 +215,22 @@ async def test_a_reused_connection_found_dead_by_the_group_is_replaced(proxy_fac
             assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250, rcpt_mode
         server.close()
         assert len(upstream.messages) == 3 and len(upstream.connections) == 3, rcpt_mode
+
+
+@pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
+async def test_an_upstream_that_stops_answering_mid_group_is_a_tempfail(
+    proxy_factory: ProxyFactory, rcpt_mode: str
+) -> None:
+    upstream = PipeliningUpstream(stall_on=b"RCPT")
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode=rcpt_mode, command_timeout=0.5))
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    code, text = await send(port_of(proxy), ["b@dest.test"])
+    server.close()
+    assert (code, text) == (451, "4.4.2 Upstream mail server timed out, try again later")
+    assert loop.time() - started < 5  # the command timeout, not the client's patience
+    assert upstream.messages == []
 
 
 async def test_xforward_refused_in_the_group_is_a_tempfail_and_no_message(proxy_factory: ProxyFactory) -> None:

@@ -15,13 +15,14 @@ major version.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 
 import aiosmtplib
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-__all__ = ["PipeliningProtocol", "pipeline"]
+__all__ = ["PipeliningProtocol", "adopt", "pipeline"]
 
 
 class PipeliningProtocol(SMTPProtocol):
@@ -60,7 +61,25 @@ class PipeliningProtocol(SMTPProtocol):
 
     async def read_response(self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109 (aiosmtplib's signature)
         self._hand_out()  # a reply that came in the same packet as the previous one
-        return await super().read_response(timeout)
+        if timeout is not None:
+            return await super().read_response(timeout)
+        # The caller keeps the time (pipeline(), send_data()): no wait_for and its timer per
+        # reply, which cost more than the rest of reading a reply. Otherwise as aiosmtplib.
+        waiter = self._response_waiter
+        if waiter is None:
+            raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+        self._response_pending = True
+        try:
+            return await waiter
+        finally:
+            self._response_pending = False
+            self._response_waiter = None if self.transport is None else self._loop.create_future()
+
+
+def adopt(client: aiosmtplib.SMTP) -> None:
+    """Give a freshly connected client the protocol :func:`pipeline` needs (done once)."""
+    if client.protocol is not None:
+        _adopt(client.protocol)
 
 
 def _adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
@@ -75,10 +94,12 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
                    reply_timeout: float | None) -> list[SMTPResponse]:
     """Send *commands* (each without CRLF) in one write and return their replies in order.
 
-    Only for a server that offered PIPELINING, and only a group RFC 2920 allows: any
-    command that must wait for its reply (EHLO, DATA, QUIT, ...) goes last. *reply_timeout*
-    bounds each reply. Raises what ``SMTP.execute_command`` raises; on a lost connection
-    or a timeout the connection is closed, as it is out of step with the server.
+    More than one command only for a server that offered PIPELINING, and only a group
+    RFC 2920 allows: any command that must wait for its reply (EHLO, DATA, QUIT, ...) goes
+    last. A group of one is an ordinary command, for any server. *reply_timeout* bounds the
+    wait for each reply (None: the caller keeps the time). Raises what
+    ``SMTP.execute_command`` raises; on a lost connection or a timeout the connection is
+    closed, as it is out of step with the server.
     """
     protocol = client.protocol
     if protocol is None or protocol._command_lock is None:
@@ -95,12 +116,18 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
             protocol._due = len(commands)
             try:
                 protocol.write(b"".join(command + b"\r\n" for command in commands))
-                for _ in commands:
-                    replies.append(await protocol.read_response(timeout=reply_timeout))
-                    protocol._due -= 1
+                async with asyncio.timeout(reply_timeout) as deadline:
+                    for _ in commands:
+                        replies.append(await protocol.read_response())
+                        protocol._due -= 1
+                        if reply_timeout is not None and protocol._due:
+                            deadline.reschedule(asyncio.get_running_loop().time() + reply_timeout)
             finally:
                 protocol._due = 0
-    except (aiosmtplib.SMTPServerDisconnected, aiosmtplib.SMTPTimeoutError):
+    except TimeoutError as exc:
+        client.close()
+        raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
+    except aiosmtplib.SMTPServerDisconnected:
         client.close()
         raise
     if any(reply.code == 421 for reply in replies):

@@ -322,7 +322,7 @@ class _Transfer:
 
     async def _command(self, command: bytes) -> Reply:
         with self._lost_upstream_is_temporary():
-            response = await self.conn.client.execute_command(command)
+            [response] = await pipeline(self.conn.client, [command], self.connector.settings.command_timeout)
         return upstream_reply(response.code, response.message)
 
     async def _begin(self, envelope: Envelope, size: int | None,

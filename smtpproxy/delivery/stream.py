@@ -19,6 +19,7 @@ from collections.abc import Iterable, Iterator
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
+from smtpproxy.delivery.pipelining import pipeline
 from smtpproxy.message import Buffer
 
 __all__ = ["BLOCK_SIZE", "dot_stuffed", "send_data"]
@@ -72,7 +73,7 @@ async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: flo
     try:
         async with asyncio.timeout(limit):
             if not started:
-                start = await client.execute_command(b"DATA")
+                [start] = await pipeline(client, [b"DATA"], None)  # a group of one; our time limit
                 if start.code != 354:
                     raise aiosmtplib.SMTPDataError(start.code, start.message)
             # A reply that arrives while we are still writing (a 552 mid-transfer) is kept.

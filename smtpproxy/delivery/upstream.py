@@ -12,6 +12,7 @@ RSET first.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
 import re
@@ -40,8 +41,11 @@ TlsMode = Literal["none", "opportunistic", "starttls", "implicit"]
 IdentityMode = Literal["auto", "xclient", "xforward", "none"]
 
 
+@functools.lru_cache(maxsize=1024)
 def upstream_reply(code: int, message: str) -> Reply:
-    """Turn an upstream response into a Reply, keeping its enhanced code and text."""
+    """Turn an upstream response into a Reply, keeping its enhanced code and text.
+
+    Cached: a busy upstream repeats the same few replies (Reply is immutable)."""
     lines = _UNSAFE_TEXT.sub(" ", message).split("\n")
     enhanced = None
     match = _ENHANCED_PREFIX.match(lines[0])
@@ -156,10 +160,16 @@ def xtext(value: str) -> str:
     Encodes the value's octets: UTF-8, and octets that were not valid UTF-8 (kept as
     surrogate escapes by the inbound side) exactly as the client sent them.
     """
+    if _XTEXT_PLAIN.fullmatch(value):
+        return value  # nothing to encode: the usual address, port or host name
     return "".join(
         chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else f"+{b:02X}"
         for b in value.encode("utf-8", "surrogateescape")
     )
+
+
+_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")
+"""Printable ASCII without '+' and '=': xtext as it is."""
 
 
 _SURROGATES = re.compile("[\udc80-\udcff]")
