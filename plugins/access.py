@@ -317,17 +317,17 @@ class Access:
         )
 
     @hookimpl
-    def connect(self, session: Session) -> Verdict | None:
+    async def connect(self, session: Session) -> Verdict | None:
         return self.check("client", session.client.ip)
 
     @hookimpl
-    def helo(self, hostname: str) -> Verdict | None:
+    async def helo(self, hostname: str) -> Verdict | None:
         return self.check("helo", hostname)
 
     @hookimpl
-    def mail_from(self, sender: Address) -> Verdict | None:
+    async def mail_from(self, sender: Address) -> Verdict | None:
         return self.check("sender", "<>" if sender.is_null else sender.text)
 
     @hookimpl
-    def rcpt_to(self, recipient: Recipient) -> Verdict | None:
+    async def rcpt_to(self, recipient: Recipient) -> Verdict | None:
         return self.check("recipient", recipient.address.text)

@@ -55,7 +55,7 @@ class AddHeaders:
         self.settings = settings
 
     @hookimpl
-    def data(self, session: Session, transaction: Transaction, message: Message) -> None:
+    async def data(self, session: Session, transaction: Transaction, message: Message) -> None:
         for name in self.settings.remove:
             message.remove_header(name)
         values = {

@@ -228,7 +228,7 @@ class Rewrite:
         self.settings = settings or self.Settings()
 
     @hookimpl
-    def data(self, session: Session, transaction: Transaction, message: Message) -> None:
+    async def data(self, session: Session, transaction: Transaction, message: Message) -> None:
         s = self.settings
         if s.strip_headers:
             self._strip(message)

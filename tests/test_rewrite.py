@@ -76,7 +76,7 @@ async def test_subject_tag_is_added_once(proxy_factory: ProxyFactory, sink: Sink
     assert msg["Subject"] == "[EXTERNAL] hello"
     rewrite = plugin(subject_tag="[EXTERNAL]")
     message = Message(body(subject="Re: [external] hello"))
-    rewrite.data(session_for("192.0.2.1"), transaction_for(), message)
+    await rewrite.data(session_for("192.0.2.1"), transaction_for(), message)
     assert message.get("Subject") == "Re: [external] hello"
 
 
@@ -85,7 +85,7 @@ async def test_subject_tag_only_from_outside(proxy_factory: ProxyFactory, sink: 
     msg = await send(proxy_factory, sink, plugin(**settings), ip="10.1.2.3")
     assert msg["Subject"] == "hello"
     message = Message(body())
-    plugin(**settings).data(session_for("192.0.2.1"), transaction_for(), message)
+    await plugin(**settings).data(session_for("192.0.2.1"), transaction_for(), message)
     assert message.get("Subject") == "[EXTERNAL] hello"
 
 
@@ -136,10 +136,10 @@ async def test_an_invalid_result_is_skipped_and_logged(
     assert "rewrite_skipped" in caplog.text and "alice.@new.example" in caplog.text
 
 
-def test_envelope_changes_are_recorded() -> None:
+async def test_envelope_changes_are_recorded() -> None:
     tx = transaction_for("a@old.example", ["b@old.example", "c@dest.example"])
-    plugin(sender={"map": {"*@old.example": "*@new.example"}},
-           recipients={"map": {"*@old.example": "*@new.example"}}).data(
+    await plugin(sender={"map": {"*@old.example": "*@new.example"}},
+                 recipients={"map": {"*@old.example": "*@new.example"}}).data(
         session_for("192.0.2.1"), tx, Message(body()))
     assert [(c.op, c.address.text) for c in tx.envelope.changes] == [
         ("sender", "a@new.example"), ("remove_recipient", "b@old.example"), ("add_recipient", "b@new.example"),
