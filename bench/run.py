@@ -564,7 +564,7 @@ def profile(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp, \
             services(Path(tmp), "chain" in (args.profile_system or ""), signed) as svc:
         msgfile = Path(tmp) / "message.eml"
-        msgfile.write_bytes(signed.message(1024).replace(b"\r\n", b"\n"))
+        msgfile.write_bytes(signed.message(args.profile_size).replace(b"\r\n", b"\n"))
         name = args.profile_system or ("smtpproxy-uvloop" if args.uvloop else "smtpproxy")
         # bench/results/profile.* is the no-plugin row's; the chain's is profile-chain.*.
         stem = "profile" if name in ("smtpproxy", "smtpproxy-uvloop") else \
@@ -649,6 +649,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true",
                         help="profile smtpproxy (no plugins) with py-spy instead")
     parser.add_argument("--profile-messages", type=int, default=6000)
+    parser.add_argument("--profile-size", type=int, default=1024,
+                        help="with --profile: message size in bytes (default 1024)")
     parser.add_argument("--profile-concurrency", type=int, default=10,
                         help="with --profile: parallel smtp-source sessions (default 10)")
     parser.add_argument("--uvloop", action="store_true", help="with --profile: profile the uvloop variant")

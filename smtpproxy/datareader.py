@@ -22,10 +22,12 @@ import re
 from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD, Spool
 from smtpproxy.verdicts import Reply
 
-__all__ = ["DataProblem", "DataReader"]
+__all__ = ["BLOCK_SEPARATOR", "DataProblem", "DataReader"]
 
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 END_OF_DATA = b".\r\n"
+BLOCK_SEPARATOR = END_OF_DATA
+"""What the front end reads blocks up to (``StreamReader.readuntil``), for :meth:`DataReader.feed_block`."""
 
 
 class DataProblem(enum.Enum):
@@ -62,8 +64,8 @@ class DataReader:
     """
 
     __slots__ = (
-        "_buffer", "_line_len", "_line_limit", "_normalize", "bare_newlines_seen", "max_line", "max_size",
-        "problem", "size",
+        "_buffer", "_last2", "_line_len", "_line_limit", "_long_text", "_normalize", "_partial",
+        "bare_newlines_seen", "max_line", "max_size", "problem", "size",
     )
 
     def __init__(self, max_size: int, max_line: int, *, normalize_bare_newlines: bool = False,
@@ -77,6 +79,12 @@ class DataReader:
         self.size = 0
         self.problem: DataProblem | None = None
         self.bare_newlines_seen = 0
+        # feed_block's state: the unfinished last line, and the last two octets seen (the
+        # DATA command's CRLF to begin with), which say whether a "." starts a line.
+        self._partial = b""
+        self._last2 = b"\r\n"
+        # A text line longer than any a line of max_line octets (CRLF included) may hold.
+        self._long_text = re.compile(rb"[^\r\n]{%d}" % max(1, max_line - 1))
 
     def feed(self, chunk: bytes, *, complete: bool = True) -> bool:
         """Take one line (or a fragment of a long one). Returns True at end of data."""
@@ -114,6 +122,59 @@ class DataReader:
             return False
         self._buffer.write(line)
         return False
+
+    def feed_block(self, chunk: bytes) -> bool:
+        """Take the next octets of the DATA section, any number of lines. True at end of data.
+
+        The stream is read up to each :data:`BLOCK_SEPARATOR` (``.CRLF``) or in slices that
+        stop short of one, so a chunk holds no end of data but at its very end; the result
+        is exactly what feeding the same octets line by line to :meth:`feed` gives, at a
+        fraction of the cost: a run of clean lines (no NUL, no bare CR or LF, none too
+        long) is checked, unstuffed and stored with a few whole-run operations, and only a
+        run with something wrong goes line by line to find and report it.
+        """
+        context = self._last2 + chunk
+        self._last2 = context[-2:]
+        if chunk.endswith(END_OF_DATA) and context[-5:-3] == b"\r\n":
+            data = self._partial + chunk[:-3]  # ends at a CRLF, or is empty
+            self._partial = b""
+            if data and self.problem is None:
+                self._lines(data)
+            return True
+        if self.problem is not None:
+            return False  # draining: only the end of data matters
+        data = self._partial + chunk
+        cut = data.rfind(b"\r\n") + 2 if b"\r\n" in data else 0
+        self._partial = data[cut:]
+        if cut:
+            self._lines(data[:cut])
+        if self.problem is None and len(self._partial) > self.max_line:
+            # No CRLF within the longest line allowed (a dotted one): too long, whatever follows.
+            self._partial = b""
+            self._fail(DataProblem.LINE_TOO_LONG)
+        return False
+
+    def _lines(self, run: bytes) -> None:
+        """A run of whole lines, each ending with CRLF, none of them the end of data."""
+        lines = run.count(b"\r\n")
+        if (b"\x00" in run or run.count(b"\r") != lines or run.count(b"\n") != lines
+                or self._long_text.search(run)):
+            self._line_by_line(run)
+            return
+        text = run[1:] if run[:1] == b"." else run
+        text = text.replace(b"\r\n.", b"\r\n")  # one transparency dot off each line
+        self.size += len(text)
+        if self.size > self.max_size:
+            self._fail(DataProblem.TOO_BIG)
+            return
+        self._buffer.write(text)
+
+    def _line_by_line(self, run: bytes) -> None:
+        start = 0
+        while start < len(run) and self.problem is None:
+            end = run.index(b"\r\n", start) + 2
+            self.feed(run[start:end])
+            start = end
 
     def _fail(self, problem: DataProblem) -> None:
         if self.problem is None:

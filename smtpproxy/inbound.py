@@ -36,7 +36,7 @@ from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
 from smtpproxy.chain import Chain, PhaseResult
-from smtpproxy.datareader import DataReader
+from smtpproxy.datareader import BLOCK_SEPARATOR, DataReader
 from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.limits import ConnectionLimiter
@@ -75,6 +75,10 @@ _ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT"
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 # RFC 5321 4.5.3.1.4 allows extensions to lengthen MAIL and RCPT lines.
 _PARAM_ALLOWANCE = 512
+
+_DATA_BUFFER = 64 * 1024
+"""The stream's buffer limit while a message comes in (asyncio pauses reading at twice it):
+big enough that a message is read in few, large blocks."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +181,7 @@ class InboundSMTP(SMTP):
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)
         self._timer_paused = False  # the proxy is working, not waiting for the client
+        self._reading_message = False  # between 354 and the end of data (see data_received)
         self._dsn = False  # DSN was offered in the last EHLO
         self.delivering: asyncio.Event | None = None
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
@@ -226,6 +231,13 @@ class InboundSMTP(SMTP):
             if handle is not None:
                 handle.cancel()
             self._timeout_handle = self.loop.call_at(deadline, self._deadline_reached)
+
+    def data_received(self, data: bytes) -> None:
+        if self._reading_message:
+            # The DATA timer runs from the last octets received, as Postfix's smtpd_timeout
+            # does, not from the last block smtp_DATA took: a slow link is not a silent client.
+            self._reset_timeout(self.policy.data_timeout)
+        super().data_received(data)
 
     def _pause_timeout(self) -> None:
         """Stop the client's clock: the proxy itself is busy (plugins, upstream).
@@ -747,19 +759,27 @@ class InboundSMTP(SMTP):
             spool_threshold=self.policy.spool_threshold, spool_dir=self.policy.spool_directory,
         )
         started = time.perf_counter()
-        while True:
-            self._reset_timeout(self.policy.data_timeout)
-            try:
-                chunk = await self._reader.readuntil(b"\r\n")
-                complete = True
-            except asyncio.LimitOverrunError as exc:
-                chunk = await self._reader.read(exc.consumed)
-                complete = False
-            except asyncio.IncompleteReadError:
-                self._close()
-                return
-            if reader.feed(chunk, complete=complete):
-                break
+        # Blocks, not lines: up to each ".CRLF" (where the end of data can be) or a slice of
+        # the stream's buffer, raised for the message from one line's worth (the command
+        # reader's bound on what a silent client can make us hold) to _DATA_BUFFER.
+        stream = self._reader
+        stream._limit = max(self.line_length_limit, _DATA_BUFFER)  # type: ignore[attr-defined]
+        self._reading_message = True
+        try:
+            while True:
+                self._reset_timeout(self.policy.data_timeout)
+                try:
+                    chunk = await stream.readuntil(BLOCK_SEPARATOR)
+                except asyncio.LimitOverrunError as exc:
+                    chunk = await stream.readexactly(exc.consumed)
+                except asyncio.IncompleteReadError:
+                    self._close()
+                    return
+                if reader.feed_block(chunk):
+                    break
+        finally:
+            self._reading_message = False
+            stream._limit = self.line_length_limit  # type: ignore[attr-defined]
         self._pause_timeout()
         if reader.problem is not None:
             reply = reader.problem.reply(self.policy.max_message_size, self.policy.max_line_length)

@@ -140,3 +140,83 @@ def test_fragments_of_an_overlong_line() -> None:
     assert not reader.feed(b"\r\n")
     assert reader.feed(b".\r\n")  # the end of data is still recognised after the fragments
     assert reader.problem is DataProblem.LINE_TOO_LONG
+
+
+# -- block reading: the same answers as line by line ------------------------------------------
+
+
+def readuntil_slices(stream: bytes, separator: bytes, limit: int) -> list[tuple[bytes, bool]]:
+    """What asyncio's StreamReader gives for ``readuntil(separator)`` with this ``limit`` (the
+    proxy reads the slice ``exc.consumed`` after a LimitOverrunError), all data available:
+    (chunk, ends_at_separator). Stops where the stream ends without a separator."""
+    out, pos = [], 0
+    while pos < len(stream):
+        buf = stream[pos:]
+        isep = buf.find(separator)
+        if isep >= 0 and isep <= limit:
+            out.append((buf[: isep + len(separator)], True))
+            pos += isep + len(separator)
+        elif isep > limit:
+            out.append((buf[:isep], False))
+            pos += isep
+        elif len(buf) + 1 - len(separator) > limit:
+            consumed = len(buf) + 1 - len(separator)
+            out.append((buf[:consumed], False))
+            pos += consumed
+        else:
+            break
+    return out
+
+
+def by_lines(stream: bytes, max_line: int, normalize: bool, max_size: int) -> tuple[DataReader, bool]:
+    reader = DataReader(max_size, max_line, normalize_bare_newlines=normalize)
+    for chunk, complete in readuntil_slices(stream, b"\r\n", max_line + 3):
+        if reader.feed(chunk, complete=complete):
+            return reader, True
+    return reader, False
+
+
+def by_blocks(stream: bytes, max_line: int, normalize: bool, max_size: int, limit: int) -> tuple[DataReader, bool]:
+    reader = DataReader(max_size, max_line, normalize_bare_newlines=normalize)
+    for chunk, _ in readuntil_slices(stream, b".\r\n", limit):
+        if reader.feed_block(chunk):
+            return reader, True
+    return reader, False
+
+
+pieces = st.lists(st.sampled_from([
+    b"a", b"text ", b".", b"..", b"\r\n", b"\r\n.", b"\r\n.\r\n", b"\r", b"\n", b"\x00", b"x" * 40,
+    b"=\r\n", b"\r\n..\r\n", b"Regards.\r\n", b"\n.\n", b"\r.\r", b"\xff",
+]), max_size=60)
+
+
+@given(pieces, st.integers(min_value=3, max_value=200), st.integers(min_value=8, max_value=120),
+       st.booleans(), st.integers(min_value=50, max_value=2000))
+def test_blocks_give_what_lines_give(parts: list[bytes], limit: int, max_line: int, normalize: bool,
+                                     max_size: int) -> None:
+    stream = b"".join(parts) + b"\r\n.\r\nQUIT\r\n"
+    lines, lines_done = by_lines(stream, max_line, normalize, max_size)
+    blocks, blocks_done = by_blocks(stream, max_line, normalize, max_size, limit)
+    assert blocks_done == lines_done
+    assert blocks.problem == lines.problem
+    if lines.problem is None:
+        assert blocks.content() == lines.content()
+        assert blocks.bare_newlines_seen == lines.bare_newlines_seen
+
+
+@given(crlf_lines, st.integers(min_value=3, max_value=5000))
+def test_blocks_round_trip_clean_messages(lines: list[bytes], limit: int) -> None:
+    content = b"".join(line + b"\r\n" for line in lines)
+    reader, done = by_blocks(dot_stuff(content) + b".\r\nQUIT\r\n", 1000, False, 10**7, limit)
+    assert done and reader.problem is None
+    assert reader.content() == content
+
+
+def test_an_empty_message_and_a_first_line_dot() -> None:
+    reader = DataReader(10**6, 1000)
+    assert reader.feed_block(b".\r\n")  # the DATA command's CRLF went before
+    assert reader.content() == b""
+    reader = DataReader(10**6, 1000)
+    assert not reader.feed_block(b"..\r\n")
+    assert reader.feed_block(b".\r\n")
+    assert reader.content() == b".\r\n"

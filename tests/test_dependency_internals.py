@@ -47,6 +47,20 @@ def test_inbound_uses_no_other_private_aiosmtpd_member() -> None:
     assert used - known == set(), f"inbound.py uses aiosmtpd members not listed here: {used - known}"
 
 
+async def test_streamreader_limit_still_bounds_readuntil_and_flow_control() -> None:
+    """inbound.py raises ``StreamReader._limit`` while a message comes in (smtp_DATA)."""
+    reader = asyncio.StreamReader(limit=8)
+    reader.feed_data(b"0123456789abcdef")
+    try:
+        await reader.readuntil(b".\r\n")
+        raise AssertionError("no LimitOverrunError at the limit")
+    except asyncio.LimitOverrunError as exc:
+        assert exc.consumed == 14  # what may be taken without splitting a separator
+    reader._limit = 64  # type: ignore[attr-defined]
+    reader.feed_data(b".\r\n")
+    assert await reader.readuntil(b".\r\n") == b"0123456789abcdef.\r\n"
+
+
 async def test_streamreader_buffer_is_still_readable() -> None:
     reader = asyncio.StreamReader()
     reader.feed_data(b"RCPT TO:<a@b>\r\n")

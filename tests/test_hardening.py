@@ -241,6 +241,33 @@ async def test_silent_client_gets_421_on_idle_timeout(proxy_factory: ProxyFactor
     assert await client.closed()
 
 
+async def test_a_slow_link_during_data_is_not_a_silent_client(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    """The message is read in blocks up to each ".CRLF"; the DATA timer must run from the
+    last octets received (as Postfix's), not from the start of a block: a client that
+    trickles a message in, never pausing as long as data_timeout, is served; one that goes
+    quiet mid-message gets 421."""
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, limits={"data_timeout": 0.5})
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(HEAD)
+    for piece in (b"no full stop on this line", b" and more", b"\r\n", b"another", b" line\r\n") * 2:
+        await asyncio.sleep(0.2)  # the client's pace: 2 s in all, 0.2 s between octets
+        client.send(piece)
+    client.send(b".\r\n")
+    assert (await client.reply())[0] == 250
+    assert len(sink.handler.messages) == 1
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(HEAD + b"and then silence")
+    code, text = await client.reply()
+    assert code == 421 and "timeout" in text
+    assert len(sink.handler.messages) == 1
+
+
 class SlowSink(SinkHandler):
     """An upstream that takes *delay* seconds to answer RCPT and the end of DATA."""
 
