@@ -83,8 +83,8 @@ class DataReader:
         # DATA command's CRLF to begin with), which say whether a "." starts a line.
         self._partial = b""
         self._last2 = b"\r\n"
-        # A text line longer than any a line of max_line octets (CRLF included) may hold.
-        self._long_text = re.compile(rb"[^\r\n]{%d}" % max(1, max_line - 1))
+        # The shortest text (without CRLF) that may be too long: a dotted line's longest.
+        self._long_text = max(1, max_line - 1)
 
     def feed(self, chunk: bytes, *, complete: bool = True) -> bool:
         """Take one line (or a fragment of a long one). Returns True at end of data."""
@@ -158,7 +158,7 @@ class DataReader:
         """A run of whole lines, each ending with CRLF, none of them the end of data."""
         lines = run.count(b"\r\n")
         if (b"\x00" in run or run.count(b"\r") != lines or run.count(b"\n") != lines
-                or self._long_text.search(run)):
+                or (len(run) >= self._long_text and max(map(len, run.split(b"\r\n"))) >= self._long_text)):
             self._line_by_line(run)
             return
         text = run[1:] if run[:1] == b"." else run
