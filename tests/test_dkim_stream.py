@@ -226,3 +226,49 @@ def _unpatched_crypto() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def _rsa_keys() -> list[Any]:
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    return [rsa.generate_private_key(public_exponent=e, key_size=bits) for bits, e in ((1024, 65537), (2048, 65537), (2048, 3))]
+
+
+@settings(max_examples=200, deadline=None)
+@given(key_index=st.integers(0, 2), algorithm=st.sampled_from(["sha256", "sha1"]), payload=st.binary(max_size=64),
+       damage=st.sampled_from(["none", "bit", "digest", "random", "short", "long", "zero"]), position=st.integers(0, 1000))
+def test_openssl_rsa_check_answers_what_dkimpys_does(key_index: int, algorithm: str, payload: bytes,
+                                                      damage: str, position: int) -> None:
+    """The RSA signature check installed in dkim gives dkimpy's answer for valid signatures and
+    every kind of damage (a signature not below the modulus is left out: OpenSSL refuses it,
+    as RFC 8017 says; dkimpy reduces it first)."""
+    import hashlib
+
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import padding
+
+    key = _rsa_keys()[key_index]
+    numbers = key.public_key().public_numbers()
+    public = {"modulus": numbers.n, "publicExponent": numbers.e}
+    signature = key.sign(payload, padding.PKCS1v15(), hashes.SHA256() if algorithm == "sha256" else hashes.SHA1())
+    digest = hashlib.new(algorithm, payload)
+    if damage == "bit":
+        i = position % len(signature)
+        signature = signature[:i] + bytes([signature[i] ^ (1 << (position % 8))]) + signature[i + 1:]
+    elif damage == "digest":
+        digest = hashlib.new(algorithm, payload + b"x")
+    elif damage == "random":
+        signature = hashlib.sha512(payload + bytes([position % 256])).digest() * (len(signature) // 64)
+    elif damage == "short":
+        signature = signature[1:]
+    elif damage == "long":
+        signature = b"\x00" + signature
+    elif damage == "zero":
+        signature = bytes(len(signature))
+    if int.from_bytes(signature, "big") >= numbers.n:
+        return
+    assert dkim.RSASSA_PKCS1_v1_5_verify is plugin_dkim._rsa_verify
+    assert plugin_dkim._rsa_verify(digest, signature, public) == _unpatched_crypto().RSASSA_PKCS1_v1_5_verify(
+        digest, signature, public)
+    # a leading zero octet leaves the number, and so dkimpy's answer, unchanged
+    assert plugin_dkim._rsa_verify(digest, signature, public) == (damage in ("none", "long"))
