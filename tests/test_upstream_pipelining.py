@@ -40,6 +40,9 @@ class PipeliningUpstream:
     die_on_reuse: bool = False
     stall_on: bytes | None = None
     """A verb after which the server says nothing more (a hung upstream)."""
+    refuse_xforward_on_reuse: bool = False
+    """XFORWARD on a connection that already took a message gets 550 (the rest is accepted)."""
+    """A verb after which the server says nothing more (a hung upstream)."""
     connections: list[list[list[bytes]]] = field(default_factory=list)
     """Per connection, per read: the command lines (message data shown as b"<data>")."""
     messages: list[bytes] = field(default_factory=list)
@@ -74,6 +77,9 @@ class PipeliningUpstream:
                         reads.append(lines)
                         await reader.read()
                         return
+                    if verb == b"XFORWARD" and delivered and self.refuse_xforward_on_reuse:
+                        replies.append(b"550 5.7.0 not any more")
+                        continue
                     replies.append(self._reply(verb, line))
                     in_data = replies[-1].startswith(b"354")
                     if verb == b"QUIT":
@@ -215,6 +221,24 @@ async def test_a_reused_connection_found_dead_by_the_group_is_replaced(proxy_fac
             assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250, rcpt_mode
         server.close()
         assert len(upstream.messages) == 3 and len(upstream.connections) == 3, rcpt_mode
+
+
+async def test_a_reused_connection_whose_probe_fails_after_a_pipelined_354_is_closed_at_once(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The probe (XFORWARD) is refused but MAIL, RCPT and DATA were taken: the upstream waits
+    for message data, so the connection is closed at once (a QUIT would be a line of the
+    message and wait for a reply that never comes) and the message goes on a new one."""
+    upstream = PipeliningUpstream(refuse_xforward_on_reuse=True)
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="at_data"))
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    assert loop.time() - started < 1.5  # no wait for a QUIT reply in DATA mode
+    server.close()
+    assert len(upstream.messages) == 2 and len(upstream.connections) == 2
 
 
 @pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])

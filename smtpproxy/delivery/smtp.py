@@ -342,14 +342,14 @@ class _Transfer:
             if self.conn.reused:
                 raise _DeadConnection from None
             raise
-        if prelude is not None:
-            first = responses.pop(0)
-            if not self.connector.accept_prelude(self.conn, prelude, first):
-                raise _DeadConnection
+        first = responses.pop(0) if prelude is not None else None
         replies = [upstream_reply(r.code, r.message) for r in responses]
         if data:
             data_reply = replies.pop()
-            self.in_data = data_reply.code == 354
+            self.in_data = data_reply.code == 354  # first: what closing the connection must do
+        if prelude is not None and first is not None \
+                and not self.connector.accept_prelude(self.conn, prelude, first):
+            raise _DeadConnection
         self._check_mail(replies[0])
         rcpt_replies = replies[1:]
         if data and not self.in_data and any(r.is_positive for r in rcpt_replies):
