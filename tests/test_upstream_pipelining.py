@@ -353,6 +353,26 @@ async def test_a_reply_for_no_command_is_never_paired_with_a_later_one() -> None
     server.close()
 
 
+async def test_extra_replies_in_the_same_packet_are_not_the_next_commands_answer() -> None:
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 x\r\n")
+        await reader.readline()
+        writer.write(b"250 asked\r\n250 not asked\r\n")  # one packet, one reply too many
+        await reader.readline()
+        writer.write(b"250 second\r\n")
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
+                             start_tls=False)
+    await client.connect()
+    assert [r.message for r in await pipeline(client, [b"NOOP"], 5)] == ["asked"]
+    assert [r.message for r in await pipeline(client, [b"NOOP"], 5)] == ["second"]
+    client.close()
+    server.close()
+
+
 async def test_a_command_with_a_line_break_is_refused_before_anything_is_sent() -> None:
     received: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
 

@@ -112,6 +112,9 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
     replies: list[SMTPResponse] = []
     try:
         async with protocol._command_lock:
+            # Octets left from the last group (a server that answered more than was asked)
+            # answer nothing of this one.
+            del protocol._buffer[:]
             protocol._response_pending = True
             protocol._due = len(commands)
             try:
