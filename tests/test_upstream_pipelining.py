@@ -41,6 +41,8 @@ class PipeliningUpstream:
     stall_on: bytes | None = None
     """A verb after which the server says nothing more (a hung upstream)."""
     refuse_xforward_on_reuse: bool = False
+    odd: dict[bytes, bytes] = field(default_factory=dict)
+    """Replies that make no sense for the verb (b"<data>": the end of data)."""
     """XFORWARD on a connection that already took a message gets 550 (the rest is accepted)."""
     """A verb after which the server says nothing more (a hung upstream)."""
     connections: list[list[list[bytes]]] = field(default_factory=list)
@@ -63,7 +65,7 @@ class PipeliningUpstream:
                             self.messages.append(data)
                             data, in_data, delivered = b"", False, delivered + 1
                             lines.append(b"<data>")
-                            replies.append(b"250 2.0.0 Ok: queued")
+                            replies.append(self.odd.get(b"<data>", b"250 2.0.0 Ok: queued"))
                         else:
                             data += line + b"\n"
                         continue
@@ -80,8 +82,8 @@ class PipeliningUpstream:
                     if verb == b"XFORWARD" and delivered and self.refuse_xforward_on_reuse:
                         replies.append(b"550 5.7.0 not any more")
                         continue
-                    replies.append(self._reply(verb, line))
-                    in_data = replies[-1].startswith(b"354")
+                    replies.append(self.odd.get(verb) or self._reply(verb, line))
+                    in_data = verb == b"DATA" and replies[-1].startswith(b"354")
                     if verb == b"QUIT":
                         break
                 reads.append(lines)
@@ -239,6 +241,27 @@ async def test_a_reused_connection_whose_probe_fails_after_a_pipelined_354_is_cl
     assert loop.time() - started < 1.5  # no wait for a QUIT reply in DATA mode
     server.close()
     assert len(upstream.messages) == 2 and len(upstream.connections) == 2
+
+
+@pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
+@pytest.mark.parametrize("odd", [{b"RCPT": b"354 go on"}, {b"MAIL": b"220 hello again"},
+                                 {b"DATA": b"250 fine"}, {b"<data>": b"251 sure"}])
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_reply_that_makes_no_sense_for_the_command_is_a_tempfail(
+    proxy_factory: ProxyFactory, rcpt_mode: str, odd: dict[bytes, bytes], pipelining: bool
+) -> None:
+    """Transparency is for answers: a positive reply no command may get (an upstream out of
+    step, or hostile) must never reach the client as a success. 451, and no reuse."""
+    extensions = (b"PIPELINING", b"8BITMIME", XFORWARD) if pipelining else (b"8BITMIME", XFORWARD)
+    upstream = PipeliningUpstream(odd=odd, extensions=extensions)
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode=rcpt_mode))
+    code, text = await send(port_of(proxy), ["b@dest.test"])
+    assert (code, text) == (451, f"4.4.0 Upstream sent an unexpected reply ({list(odd.values())[0][:3].decode()}), "
+                                 "try again later")
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 451
+    server.close()
+    assert len(upstream.connections) == 2  # never reused after it
 
 
 @pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])

@@ -264,6 +264,7 @@ class _Transfer:
         self.connector = connector
         self.conn = conn
         self.clean = False
+        self.out_of_step = False
         self.in_data = False
         """The upstream answered a pipelined DATA with 354: it takes the message now, and
         the only way to end the transaction without sending one is to close the connection."""
@@ -304,7 +305,7 @@ class _Transfer:
     async def close(self) -> None:
         """Close the connection: QUIT, or at once while the upstream expects message data
         (a QUIT there would be a line of the message)."""
-        if self.in_data:
+        if self.in_data or self.out_of_step:
             self.conn.client.close()
         await self.connector.discard(self.conn)
 
@@ -333,7 +334,7 @@ class _Transfer:
         prelude, self.conn.prelude = self.conn.prelude, None
         if not self.connector.pipelines(self.conn):
             self._check_mail(await self._command(mail))
-            return [await self._command(rcpt) for rcpt in rcpts]
+            return [self._in_step(await self._command(rcpt), _RCPT_OK) for rcpt in rcpts]
         group = [*([prelude] if prelude else []), mail, *rcpts, *([b"DATA"] if data else [])]
         try:
             with self._lost_upstream_is_temporary():
@@ -346,12 +347,13 @@ class _Transfer:
         replies = [upstream_reply(r.code, r.message) for r in responses]
         if data:
             data_reply = replies.pop()
-            self.in_data = data_reply.code == 354  # first: what closing the connection must do
+            self.in_data = data_reply.is_positive  # first: closing must not say QUIT (354, or out of step)
+            self._in_step(data_reply, _DATA_OK)
         if prelude is not None and first is not None \
                 and not self.connector.accept_prelude(self.conn, prelude, first):
             raise _DeadConnection
         self._check_mail(replies[0])
-        rcpt_replies = replies[1:]
+        rcpt_replies = [self._in_step(reply, _RCPT_OK) for reply in replies[1:]]
         if data and not self.in_data and any(r.is_positive for r in rcpt_replies):
             # DATA refused although recipients were taken: the upstream's answer to the message
             self.clean = True
@@ -378,7 +380,7 @@ class _Transfer:
         return b" ".join([b"MAIL FROM:<" + envelope.sender.text.encode(encoding) + b">", *options])
 
     def _check_mail(self, reply: Reply) -> None:
-        if reply.code != 250:
+        if self._in_step(reply, _MAIL_OK).code != 250:
             raise DeliveryError(reply, f"{self.conn.destination}: MAIL refused: {reply.code}")
 
     def _rcpt_command(self, address: Address, smtputf8: bool,
@@ -390,7 +392,7 @@ class _Transfer:
     async def rcpt(self, address: Address, smtputf8: bool,
                    params: Mapping[str, str | None] | None = None) -> Reply:
         """One more recipient in an open transaction (rcpt_mode relay)."""
-        return await self._command(self._rcpt_command(address, smtputf8, params))
+        return self._in_step(await self._command(self._rcpt_command(address, smtputf8, params)), _RCPT_OK)
 
     def _dsn_options(self, params: Mapping[str, str | None], names: frozenset[str]) -> list[bytes]:
         """The client's DSN parameters (validated inbound) for an upstream that offers DSN."""
@@ -413,27 +415,45 @@ class _Transfer:
                 )
             except aiosmtplib.SMTPDataError as exc:
                 self.in_data = False
+                refusal = self._in_step(upstream_reply(exc.code, exc.message), frozenset())
                 self.clean = True  # a refusal of the message leaves the session usable
-                raise DeliveryError(upstream_reply(exc.code, exc.message),
-                                    f"{self.conn.destination}: DATA refused: {exc.code}") from exc
+                raise DeliveryError(refusal, f"{self.conn.destination}: DATA refused: {exc.code}") from exc
             finally:
                 self.in_data = False
-        reply = upstream_reply(response.code, response.message)
+        reply = self._in_step(upstream_reply(response.code, response.message), _END_OK)
         self.clean = True
         if reply.code != 250:
             raise DeliveryError(reply, f"{self.conn.destination}: DATA {reply.code}")
         return reply
 
+    def _in_step(self, reply: Reply, success: frozenset[int]) -> Reply:
+        """The upstream's reply, if it is a success this command may get or a refusal (4xx,
+        5xx). Anything else (a 354 to RCPT, a 220 to MAIL, a 251 at the end of data) means the
+        upstream is out of step with us: DeliveryError 451, never a positive answer the client
+        would take for one, and the connection is not used again."""
+        if reply.code >= 400 or reply.code in success:
+            return reply
+        self.out_of_step = True
+        self.clean = False
+        text = f"Upstream sent an unexpected reply ({reply.code}), try again later"
+        raise DeliveryError(Reply(451, "4.4.0", text),
+                            f"{self.conn.destination}: unexpected reply {reply.code} {reply.text[:80]!r}")
+
     async def reset(self) -> None:
         """End the transaction without a message: RSET, or close the connection when the
-        upstream already waits for message data."""
-        if self.in_data:
+        upstream already waits for message data (or is out of step with us)."""
+        if self.in_data or self.out_of_step:
             self.clean = False
             return
         try:
             self.clean = (await self._command(b"RSET")).code == 250
         except DeliveryError:
             self.clean = False
+
+
+_MAIL_OK = _END_OK = frozenset({250})
+_RCPT_OK = frozenset({250, 251})
+_DATA_OK = frozenset({354})
 
 
 class _DeadConnection(Exception):
