@@ -226,3 +226,57 @@ def _unpatched_crypto() -> Any:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@functools.cache
+def _rsa_test_key() -> tuple[int, int, int]:
+    """(n, e, d) of a 1024-bit RSA key, for signing crafted blocks."""
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_numbers()
+    return numbers.public_numbers.n, numbers.public_numbers.e, numbers.d
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    algorithm=st.sampled_from(["sha256", "sha1"]),
+    data=st.binary(max_size=40),
+    shape=st.sampled_from(["valid", "few_ff", "bad_byte", "random", "wrong_hash", "plus_n",
+                           "short", "long"]),
+    where=st.integers(min_value=0, max_value=127),
+    noise=st.binary(min_size=128, max_size=128),
+)
+def test_openssl_rsa_verify_equals_dkimpys(algorithm: str, data: bytes, shape: str, where: int,
+                                           noise: bytes) -> None:
+    """The RSA verification installed in dkimpy (OpenSSL) answers exactly what dkimpy's pow() does,
+    also for blocks that are almost a valid PKCS#1 v1.5 encoding and for non-canonical signatures."""
+    import hashlib
+
+    n, e, d = _rsa_test_key()
+    modlen = (n.bit_length() + 7) // 8
+    original = _unpatched_crypto()
+    digest = hashlib.new(algorithm, data)
+    block = bytearray(original.EMSA_PKCS1_v1_5_encode(digest, modlen))
+    if shape == "few_ff":
+        block = bytearray(b"\x00\x01" + b"\xff" * 7 + b"\x00" + bytes(block[-(modlen - 10):]))
+    elif shape == "bad_byte":
+        block[max(1, where % modlen)] ^= 0x40
+    elif shape == "random":
+        block = bytearray(noise)
+    elif shape == "wrong_hash":
+        block = bytearray(original.EMSA_PKCS1_v1_5_encode(hashlib.new(algorithm, data + b"x"), modlen))
+    raw = int.from_bytes(block, "big") % n
+    signature_int = pow(raw, d, n)
+    if shape == "plus_n":
+        signature_int += n  # non-canonical: dkimpy reduces it mod n, OpenSSL would refuse it
+    signature = signature_int.to_bytes(max(modlen, (signature_int.bit_length() + 7) // 8), "big")
+    if shape == "short":
+        signature = signature.lstrip(b"\x00") or b"\x00"
+    elif shape == "long":
+        signature = b"\x00" + signature
+    public = {"modulus": n, "publicExponent": e}
+    expected = original.RSASSA_PKCS1_v1_5_verify(hashlib.new(algorithm, data), signature, public)
+    assert plugin_dkim._rsa_verify(hashlib.new(algorithm, data), signature, public) == expected
+    if shape == "valid":
+        assert expected is True
+    assert dkim.RSASSA_PKCS1_v1_5_verify is plugin_dkim._rsa_verify
