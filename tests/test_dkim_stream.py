@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import itertools
 import mmap
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -280,3 +281,26 @@ def test_openssl_rsa_verify_equals_dkimpys(algorithm: str, data: bytes, shape: s
     if shape == "valid":
         assert expected is True
     assert dkim.RSASSA_PKCS1_v1_5_verify is plugin_dkim._rsa_verify
+
+
+_DKIMPY_BTAG_PATTERN = rb"([;\s]b" + dkim.FWS + rb"=)(?:" + dkim.FWS + rb"[a-zA-Z0-9+/=])*(?:\r?\n\Z)?"
+
+
+_BTAG_PIECES = st.lists(st.sampled_from([b"b", b"=", b";", b" ", b"\t", b"\r", b"\n", b"\r\n", b"A", b"z",
+                                          b"0", b"+", b"/", b"h", b"bh=", b"-", b"\x0b", b"\xff"]),
+                         max_size=30).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=st.tuples(
+    _BTAG_PIECES,
+    st.sampled_from([b"", b" b=", b";b=", b"\tb =", b" b\r\n =", b"; bh=x; b="]),
+    _BTAG_PIECES,
+    st.sampled_from([b"", b"\r\n", b"\n", b"\r", b" \r\n", b"\r\n ", b";", b"; h=x", b"\r\n\r\n"]),
+).map(b"".join))
+def test_btag_regex_blanks_what_dkimpys_blanks(value: bytes) -> None:
+    """The b= blanking regex installed in dkimpy substitutes exactly what dkimpy's own does."""
+    original = re.compile(_DKIMPY_BTAG_PATTERN)
+    assert plugin_dkim._DKIMPY_BTAG.pattern == _DKIMPY_BTAG_PATTERN  # dkimpy's is still this one
+    assert dkim.RE_BTAG is plugin_dkim._BTAG
+    assert plugin_dkim._BTAG.sub(b"\\1", value) == original.sub(b"\\1", value)
