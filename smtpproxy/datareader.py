@@ -22,7 +22,7 @@ import re
 from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD, Spool
 from smtpproxy.verdicts import Reply
 
-__all__ = ["DataProblem", "DataReader"]
+__all__ = ["DataProblem", "DataReader", "complete_lines"]
 
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 END_OF_DATA = b".\r\n"
@@ -51,6 +51,18 @@ class DataProblem(enum.Enum):
             "Bare CR or LF in message data is not allowed; lines must end with CRLF "
             "(see https://www.postfix.org/smtp-smuggling.html)",
         )
+
+
+def complete_lines(buffer: bytes | bytearray) -> int:
+    """How many octets at the start of *buffer* (which starts where a line starts) are complete
+    lines before the end-of-data line, if any: what :meth:`DataReader.feed_lines` takes."""
+    if buffer.startswith(END_OF_DATA):
+        return 0
+    end = buffer.find(b"\r\n" + END_OF_DATA)
+    if end >= 0:
+        return end + 2
+    last = buffer.rfind(b"\r\n")
+    return last + 2 if last >= 0 else 0
 
 
 class DataReader:
@@ -114,6 +126,26 @@ class DataReader:
             return False
         self._buffer.write(line)
         return False
+
+    def feed_lines(self, block: bytes) -> None:
+        """Take several complete lines at once, with exactly the effect of feeding each.
+
+        *block* starts where a line starts, ends with CRLF and holds no end-of-data line
+        (see :func:`complete_lines`). Clean text (no NUL, no bare CR or LF, every line within
+        ``max_line``, the total within ``max_size``) is unstuffed and stored in one go; any
+        other block goes line by line through :meth:`feed`, so a problem is found and
+        reported exactly where the line-at-a-time reader finds it.
+        """
+        if (self._line_len == 0 and self.problem is None and b"\x00" not in block
+                and block.count(b"\r") == block.count(b"\n") == block.count(b"\r\n")
+                and max(map(len, block.split(b"\r\n"))) + 2 <= self.max_line):
+            text = (block[1:] if block[:1] == b"." else block).replace(b"\r\n.", b"\r\n")
+            if self.size + len(text) <= self.max_size:
+                self.size += len(text)
+                self._buffer.write(text)
+                return
+        for line in block.split(b"\r\n")[:-1]:
+            self.feed(line + b"\r\n")
 
     def _fail(self, problem: DataProblem) -> None:
         if self.problem is None:

@@ -36,7 +36,7 @@ from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
 from smtpproxy.chain import Chain, PhaseResult
-from smtpproxy.datareader import DataReader
+from smtpproxy.datareader import DataReader, complete_lines
 from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.limits import ConnectionLimiter
@@ -760,6 +760,9 @@ class InboundSMTP(SMTP):
                 return
             if reader.feed(chunk, complete=complete):
                 break
+            if complete and (ready := complete_lines(getattr(self._reader, "_buffer", b""))):
+                # The lines already received, in one go instead of one read each.
+                reader.feed_lines(await self._reader.readexactly(ready))
         self._pause_timeout()
         if reader.problem is not None:
             reply = reader.problem.reply(self.policy.max_message_size, self.policy.max_line_length)

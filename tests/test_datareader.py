@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smtpproxy.datareader import DataProblem, DataReader
+from smtpproxy.datareader import DataProblem, DataReader, complete_lines
 
 
 def feed_stream(reader: DataReader, stream: bytes) -> tuple[bool, bytes]:
@@ -140,3 +141,48 @@ def test_fragments_of_an_overlong_line() -> None:
     assert not reader.feed(b"\r\n")
     assert reader.feed(b".\r\n")  # the end of data is still recognised after the fragments
     assert reader.problem is DataProblem.LINE_TOO_LONG
+
+
+def feed_like_the_proxy(reader: DataReader, arrivals: list[bytes]) -> tuple[bool, bytes]:
+    """The proxy's DATA loop: one line read, then the complete lines already buffered in one
+    go (``complete_lines`` + ``feed_lines``); more data arrives only when no line is complete."""
+    buffer = bytearray()
+    pending = list(arrivals)
+    while True:
+        end = buffer.find(b"\r\n")
+        if end < 0:
+            if not pending:
+                return False, bytes(buffer)
+            buffer += pending.pop(0)
+            continue
+        line = bytes(buffer[:end + 2])
+        del buffer[:end + 2]
+        if reader.feed(line):
+            return True, bytes(buffer) + b"".join(pending)
+        if ready := complete_lines(buffer):
+            block = bytes(buffer[:ready])
+            del buffer[:ready]
+            reader.feed_lines(block)
+
+
+_PIECES = st.lists(st.sampled_from([b"a", b"xyz", b".", b"..", b"\r\n", b"\r", b"\n", b"\x00", b" ",
+                                    b"\r\n.\r\n", b"\r\n.", b"-" * 30]), max_size=60).map(b"".join)
+
+
+@settings(max_examples=500, deadline=None)
+@given(stream=_PIECES, cuts=st.lists(st.integers(0, 400), max_size=6), max_line=st.integers(3, 40),
+       max_size=st.integers(0, 300), normalize=st.booleans())
+def test_taking_buffered_lines_in_one_go_equals_one_line_at_a_time(
+    stream: bytes, cuts: list[int], max_line: int, max_size: int, normalize: bool,
+) -> None:
+    """Whatever the data and however it arrives, the block path ends, refuses, counts and
+    stores exactly what the line-at-a-time reader does (also what stays buffered after)."""
+    stream += b"\r\n.\r\nQUIT\r\n"
+    points = sorted({c for c in cuts if c < len(stream)} | {0, len(stream)})
+    arrivals = [stream[a:b] for a, b in itertools.pairwise(points)]
+    one, many = (DataReader(max_size, max_line, normalize_bare_newlines=normalize) for _ in range(2))
+    expected = feed_stream(one, stream)
+    assert feed_like_the_proxy(many, arrivals) == expected
+    assert (many.problem, many.size, many.bare_newlines_seen) == (one.problem, one.size, one.bare_newlines_seen)
+    if one.problem is None:
+        assert many.content() == one.content()
