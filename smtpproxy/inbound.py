@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -75,6 +76,7 @@ _ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT"
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 # RFC 5321 4.5.3.1.4 allows extensions to lengthen MAIL and RCPT lines.
 _PARAM_ALLOWANCE = 512
+_CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
 
 
 @dataclass(frozen=True, slots=True)
@@ -522,7 +524,7 @@ class InboundSMTP(SMTP):
             await self._error(Reply(500, "5.5.2", "Bare LF in command; SMTP lines end with CRLF"))
             return None
         line = line[:-2]
-        if any(b < 0x20 or b == 0x7F for b in line):
+        if _CONTROL_OCTET.search(line):
             await self._error(Reply(500, "5.5.2", "Control character in command"))
             return None
         if not line:
