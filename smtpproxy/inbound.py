@@ -281,8 +281,10 @@ class InboundSMTP(SMTP):
         per command (each write is a system call). A reply is only held while a complete
         command line is already buffered, so the next one is processed at once.
         """
-        encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"
-        data = "".join(f"{line}\r\n" for line in reply.lines()).encode(encoding, "replace")
+        data = _WIRE.get(reply)
+        if data is None:
+            encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"
+            data = _wire(reply, encoding)
         self._held_replies.append(data)
         if b"\n" in getattr(self._reader, "_buffer", b""):
             return
@@ -647,7 +649,7 @@ class InboundSMTP(SMTP):
             self._end_transaction()
             await self.reply(refusal.reply)
             return
-        await self.reply(Reply(250, "2.1.0", "Sender OK"))
+        await self.reply(_SENDER_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         assert self.plugin_session is not None
@@ -701,7 +703,7 @@ class InboundSMTP(SMTP):
         if refusal is not None:
             await self.reply(refusal.reply)
             return
-        reply = Reply(250, "2.1.5", "Recipient OK")
+        reply = _RECIPIENT_OK
         if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
             if self._upstream is None:
                 self._upstream = self.services.delivery.open_transaction(self.plugin_session, transaction)
@@ -742,7 +744,7 @@ class InboundSMTP(SMTP):
             await self.reply(Reply(554, "5.5.0", "Improper pipelining: message data sent before 354"))
             self._close()
             return
-        await self.reply(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+        await self.reply(_START_DATA)
         reader = DataReader(
             self.policy.max_message_size, self.policy.max_line_length,
             normalize_bare_newlines=self.policy.normalize_bare_newlines,
@@ -883,16 +885,16 @@ class InboundSMTP(SMTP):
             return
         if self.plugin_session is not None:
             self._end_transaction()
-        await self.reply(Reply(250, "2.0.0", "OK"))
+        await self.reply(_OK)
 
     async def smtp_NOOP(self, arg: str | None) -> None:
-        await self.reply(Reply(250, "2.0.0", "OK"))
+        await self.reply(_OK)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         if arg:
             await self._error(Reply(501, "5.5.4", "Syntax: QUIT"))
             return
-        await self.reply(Reply(221, "2.0.0", "Bye"))
+        await self.reply(_BYE)
         self._close()
 
     async def smtp_VRFY(self, arg: str | None) -> None:
@@ -1033,6 +1035,21 @@ def _verdict_fields(result: PhaseResult) -> dict[str, Any]:
 
 
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error, try again later")
+
+# The replies of every message, built (and checked) once, with their wire form.
+_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+_START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+_OK = Reply(250, "2.0.0", "OK")
+_BYE = Reply(221, "2.0.0", "Bye")
+
+
+def _wire(reply: Reply, encoding: str) -> bytes:
+    return "".join(f"{line}\r\n" for line in reply.lines()).encode(encoding, "replace")
+
+
+_WIRE = {r: _wire(r, "ascii") for r in (_SENDER_OK, _RECIPIENT_OK, _START_DATA, _OK, _BYE, LOCAL_ERROR)}
+"""Their bytes, the same in ASCII and UTF-8."""
 
 
 def _queued(transaction: Transaction) -> Reply:
