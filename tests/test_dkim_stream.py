@@ -304,3 +304,50 @@ def test_btag_regex_blanks_what_dkimpys_blanks(value: bytes) -> None:
     assert plugin_dkim._DKIMPY_BTAG.pattern == _DKIMPY_BTAG_PATTERN  # dkimpy's is still this one
     assert dkim.RE_BTAG is plugin_dkim._BTAG
     assert plugin_dkim._BTAG.sub(b"\\1", value) == original.sub(b"\\1", value)
+
+
+@functools.cache
+def _unpatched(name: str) -> Any:
+    """A fresh copy of a dkimpy module, as dkimpy ships it (the plugin patched the imported one)."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _outcome(function: Any, value: bytes) -> tuple[str, Any]:
+    try:
+        return "ok", function(value)
+    except Exception as exc:  # the exception dkimpy raises is part of the answer
+        return type(exc).__name__, exc.args
+
+
+_TAG_PIECES = st.lists(st.sampled_from([b"v", b"a", b"bh", b"b", b"=", b";", b" ", b"\t", b"\r\n", b"\n",
+                                        b"1", b"_", b"-", b"\xc3\xa9", b"x=y", b"A", b"9"]),
+                       max_size=30).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=_TAG_PIECES)
+def test_tag_value_parsing_equals_dkimpys(value: bytes) -> None:
+    """The parse_tag_value installed in dkimpy answers (or refuses) exactly as dkimpy's own."""
+    original = _unpatched("dkim.util")
+    ours = _outcome(plugin_dkim._parse_tag_value, value)
+    theirs = _outcome(original.parse_tag_value, value)
+    assert ours == theirs
+    assert dkim.util.parse_tag_value is dkim.parse_tag_value is plugin_dkim._parse_tag_value
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=st.lists(st.sampled_from([b" ", b"  ", b"\t", b"\r", b"\n", b"\r\n", b"a", b"\xff", b"\x0b"]),
+                      max_size=30).map(b"".join))
+def test_header_canonicalization_helpers_equal_dkimpys(value: bytes) -> None:
+    """compress_whitespace and unfold_header_value as installed give dkimpy's own results."""
+    original = _unpatched("dkim.canonicalization")
+    assert plugin_dkim._compress_whitespace(value) == original.compress_whitespace(value)
+    assert plugin_dkim._unfold_header_value(value) == original.unfold_header_value(value)
+    assert dkim.canonicalization.compress_whitespace is plugin_dkim._compress_whitespace
+    headers = [(b"Subject", value), (b"X-A ", b" x\r\n\ty  z")]
+    assert dkim.canonicalization.Relaxed.canonicalize_headers(headers) == \
+        original.Relaxed.canonicalize_headers(headers)
