@@ -227,6 +227,7 @@ def _key_name(selector: bytes | str, domain: bytes | str) -> str:
     return f"{s}._domainkey.{d}".rstrip(".").lower()
 
 
+@functools.lru_cache(maxsize=4096)
 def _check_name(name: str) -> KeyLookup | None:
     if not name.isascii():
         return KeyLookup("invalid", detail=f"key name {name!r} is not ASCII")
@@ -276,10 +277,23 @@ async def fetch_key(name: str) -> KeyLookup:
 
 
 async def fetch_keys(names: Iterable[str]) -> dict[str, KeyLookup]:
-    """Look up every distinct name concurrently."""
-    unique = list(dict.fromkeys(names))
-    found = await asyncio.gather(*(fetch_key(name) for name in unique))
-    return dict(zip(unique, found, strict=True))
+    """Look up every distinct name concurrently.
+
+    Invalid names and keys in :func:`key_cache` are answered at once; only the others are
+    looked up (one directly, several side by side), so a message whose keys are all cached
+    costs no task and no suspension.
+    """
+    cache = key_cache()
+    found: dict[str, KeyLookup | None] = {}
+    for name in names:
+        if name not in found:
+            found[name] = _check_name(name) or cache.get(name)
+    missing = [name for name, lookup in found.items() if lookup is None]
+    if len(missing) == 1:
+        found[missing[0]] = await fetch_key(missing[0])
+    elif missing:
+        found.update(zip(missing, await asyncio.gather(*(fetch_key(name) for name in missing)), strict=True))
+    return {name: lookup for name, lookup in found.items() if lookup is not None}
 
 
 def _fetch_key_blocking(name: str) -> KeyLookup:

@@ -351,3 +351,22 @@ def test_header_canonicalization_helpers_equal_dkimpys(value: bytes) -> None:
     headers = [(b"Subject", value), (b"X-A ", b" x\r\n\ty  z")]
     assert dkim.canonicalization.Relaxed.canonicalize_headers(headers) == \
         original.Relaxed.canonicalize_headers(headers)
+
+
+async def test_fetch_keys_answers_cached_and_invalid_names_and_looks_up_the_rest(
+    zone: ZoneServer, rsa2048: Key,
+) -> None:
+    """Cached keys and invalid names need no lookup; the others are looked up, in the given order."""
+    zone.txt("a._domainkey.example.test", rsa2048.txt, ttl=300)
+    zone.txt("b._domainkey.example.test", rsa2048.txt, ttl=300)
+    zone.txt("c._domainkey.example.test", rsa2048.txt, ttl=300)
+    await plugin_dkim.fetch_keys(["a._domainkey.example.test"])  # now in the key cache
+    names = ["b._domainkey.example.test", "a._domainkey.example.test", "bad..name",
+             "none._domainkey.example.test", "b._domainkey.example.test", "c._domainkey.example.test"]
+    found = await plugin_dkim.fetch_keys(names)
+    assert list(found) == [*dict.fromkeys(names)]
+    assert [found[n].status for n in found] == ["found", "found", "invalid", "missing", "found"]
+    assert zone.queries.count(("a._domainkey.example.test", "TXT")) == 1
+    assert zone.queries.count(("b._domainkey.example.test", "TXT")) == 1
+    one = await plugin_dkim.fetch_keys(["none._domainkey.example.test"])  # a single miss, awaited directly
+    assert one["none._domainkey.example.test"].status == "missing"
