@@ -130,8 +130,29 @@ class Services:
     """Which chain each session runs on; a reload swaps ``chain`` for new sessions only."""
 
 
-_METHOD_NAMES: dict[type, list[str]] = {}
-"""Per class, the command and AUTH method names (see InboundSMTP.__dir__)."""
+_COMMAND_NAMES: dict[type, dict[str, str]] = {}
+"""Per class, each SMTP verb and the name of the ``smtp_*`` method that handles it."""
+
+
+class _Commands:
+    """The session's command table, as aiosmtpd's ``_smtp_methods`` dict is used here
+    (``get(verb)``), without binding every ``smtp_*`` method of every new connection."""
+
+    __slots__ = ("_names", "_owner")
+
+    def __init__(self, owner: SMTP) -> None:
+        cls = type(owner)
+        names = _COMMAND_NAMES.get(cls)
+        if names is None:
+            names = _COMMAND_NAMES[cls] = {
+                n.removeprefix("smtp_"): n for n in object.__dir__(owner) if n.startswith("smtp_")
+            }
+        self._owner = owner
+        self._names = names
+
+    def get(self, verb: str) -> Callable[[str | None], Any] | None:
+        name = self._names.get(verb)
+        return None if name is None else getattr(self._owner, name)
 
 
 class _NoHandler:
@@ -167,6 +188,7 @@ class InboundSMTP(SMTP):
             require_starttls=policy.require_starttls,
             timeout=policy.idle_timeout,
         )
+        self._smtp_methods: _Commands = _Commands(self)  # type: ignore[assignment]
         self.plugin_session: Session | None = None
         """The session plugins see (smtpproxy's model), beside aiosmtpd's own ``self.session``."""
         self._errors = 0
@@ -184,18 +206,11 @@ class InboundSMTP(SMTP):
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
 
     def __dir__(self) -> list[str]:
-        """Only the ``smtp_*`` and ``auth_*`` names, which is all aiosmtpd looks for.
-
-        aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``) on every new
-        connection to find them: 0.25 ms of CPU per session, more than a whole message.
-        """
-        cls = type(self)
-        names = _METHOD_NAMES.get(cls)
-        if names is None:
-            names = _METHOD_NAMES[cls] = [
-                n for n in object.__dir__(self) if n.startswith(("smtp_", "auth_"))
-            ]
-        return list(names)
+        """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
+        on every new connection to bind each ``smtp_*`` and ``auth_*`` method. This class
+        answers every command itself, from :class:`_Commands` (``_smtp_methods``), and its
+        own AUTH (``smtp_AUTH``) uses none of aiosmtpd's ``auth_*`` mechanisms."""
+        return []
 
     # -- connection lifecycle -------------------------------------------------
 

@@ -436,3 +436,24 @@ async def test_aiosmtplib_client_end_to_end(proxy_factory: ProxyFactory, sink: S
     )
     assert errors == {} and response.startswith("2.0.0 Ok")
     assert sink.messages[0].content == BODY  # aiosmtplib stuffed the dots; we unstuffed them
+
+
+async def test_every_command_is_answered_by_its_own_handler(proxy_factory: ProxyFactory) -> None:
+    """The per-connection command table (built without binding every smtp_* method of every new
+    connection) finds each verb, case-insensitively, and nothing else."""
+    proxy = await proxy_factory()
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    for line, expected in [
+        ("NOOP", (250, "2.0.0 OK")), ("noop", (250, "2.0.0 OK")), ("RSET", (250, "2.0.0 OK")),
+        ("VRFY someone", (252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery")),
+        ("EXPN list", (502, "5.5.1 EXPN not available")),
+        ("AUTH PLAIN", (502, "5.5.1 AUTH not available on this listener")),
+        ("FOO", (500, "5.5.1 Command unrecognized: FOO")),
+        ("__INIT__", (500, "5.5.1 Command unrecognized: __INIT__")),
+        ("_COMMANDS", (500, "5.5.1 Command unrecognized: _COMMANDS")),
+    ]:
+        assert await client.cmd(line) == expected, line
+    assert (await client.cmd("HELP"))[0] == 214
+    assert (await client.cmd("QUIT"))[0] == 221
+    await client.close()
