@@ -115,6 +115,10 @@ class Chain:
                     calls.append(_Call(step, impl, None if _is_async(impl.function) else hook_pool()))
             self._calls[hook_name] = tuple(calls)
 
+    def implements(self, hook_name: str) -> bool:
+        """True when any plugin of the chain implements the hook."""
+        return bool(self._calls[hook_name])
+
     def implementers(self, hook_name: str) -> list[str]:
         """Names of the plugins implementing a hook, in call order."""
         return [c.step.name for c in self._calls[hook_name]]

@@ -412,9 +412,12 @@ class InboundSMTP(SMTP):
             if not services.sessions:
                 services.drained.set()
             self._close()
-            task = asyncio.get_running_loop().create_task(self._finish_session())
-            services.background.add(task)
-            task.add_done_callback(services.background.discard)
+            if self._pending_notifications or self.chain.implements("disconnect"):
+                task = asyncio.get_running_loop().create_task(self._finish_session())
+                services.background.add(task)
+                task.add_done_callback(services.background.discard)
+            else:  # nothing to wait for and no disconnect hook: no task needed
+                self._session_finished()
 
     def _transport_peer(self) -> tuple[str, int]:
         peer = self.transport.get_extra_info("peername") if self.transport else None
@@ -431,13 +434,31 @@ class InboundSMTP(SMTP):
                 await asyncio.gather(*self._pending_notifications, return_exceptions=True)
             await self.chain.notify("disconnect", session=self.plugin_session)
         finally:
+            self._release_session()
+        self._log_disconnect()
+
+    def _session_finished(self) -> None:
+        """``_finish_session`` without a task: nothing pending, no ``disconnect`` hook."""
+        self._release_session()
+        self._log_disconnect()
+
+    def _release_session(self) -> None:
+        assert self.plugin_session is not None
+        try:
             self.services.metrics.outcomes(self.plugin_session.results)
+        finally:
             self.services.leases.release(self.chain)
+
+    def _log_disconnect(self) -> None:
+        assert self.plugin_session is not None
         event("disconnect", transactions=self.plugin_session.transaction_count,
               seconds=round(time.time() - self.plugin_session.started, 3), errors=self._errors)
 
     async def _notify(self, hook: str, **kwargs: Any) -> None:
         """Run a notification so that a client hanging up cannot cut it short."""
+        if not self.chain.implements(hook):
+            return
+        self._pending_notifications = [t for t in self._pending_notifications if not t.done()]
         task = asyncio.get_running_loop().create_task(self.chain.notify(hook, **kwargs))
         self._pending_notifications.append(task)
         await asyncio.shield(task)

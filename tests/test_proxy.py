@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -457,3 +458,27 @@ async def test_every_command_is_answered_by_its_own_handler(proxy_factory: Proxy
     assert (await client.cmd("HELP"))[0] == 214
     assert (await client.cmd("QUIT"))[0] == 221
     await client.close()
+
+
+async def test_a_session_without_notification_hooks_still_ends_fully(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no after_message or disconnect implementers the session's end needs no task; it is
+    still logged, its chain lease returned and its notifications list kept empty."""
+    caplog.set_level(logging.INFO, logger="smtpproxy.session")
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY)
+    chain = proxy.services.chain
+    assert not chain.implements("after_message") and not chain.implements("disconnect")
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    for n in range(3):
+        code, _ = await client.send_message("a@sender.test", ["b@dest.test"], f"Subject: {n}\r\n\r\nx\r\n".encode())
+        assert code == 250
+    session = next(iter(proxy.services.sessions))
+    assert session._pending_notifications == []
+    assert proxy.services.leases.users(chain) == 1
+    await client.cmd("QUIT")
+    await client.close()
+    await asyncio.wait_for(proxy.services.drained.wait(), 5)
+    assert proxy.services.leases.users(chain) == 0
+    assert [r.getMessage() for r in caplog.records].count("disconnect") == 1
