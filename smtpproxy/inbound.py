@@ -248,13 +248,19 @@ class InboundSMTP(SMTP):
         """Stop the client's clock: the proxy itself is busy (plugins, upstream).
 
         Those waits have their own bounds (plugin and delivery timeouts, session_timeout);
-        the next ``_reset_timeout`` (waiting for the client again) restarts the clock.
+        the next ``_reset_timeout`` (waiting for the client again) restarts the clock. The
+        timer itself stays armed (cancelling it here made every command create a new one):
+        if it fires while the clock is stopped, it does nothing.
         """
         self._timer_paused = True
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()  # kept: aiosmtpd's connection_lost expects a handle
 
     def _deadline_reached(self) -> None:
+        if self._timer_paused:
+            # Not waiting for the client: no timeout. The handle has run; cancelled, it tells
+            # _reset_timeout to arm a new one (aiosmtpd's connection_lost expects a handle).
+            assert self._timeout_handle is not None
+            self._timeout_handle.cancel()
+            return
         if self._deadline > self.loop.time():
             self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
         else:
