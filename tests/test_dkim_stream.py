@@ -370,3 +370,14 @@ async def test_fetch_keys_answers_cached_and_invalid_names_and_looks_up_the_rest
     assert zone.queries.count(("b._domainkey.example.test", "TXT")) == 1
     one = await plugin_dkim.fetch_keys(["none._domainkey.example.test"])  # a single miss, awaited directly
     assert one["none._domainkey.example.test"].status == "missing"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=st.lists(st.sampled_from([b"From: a@b", b"Subject:", b"X-A : v", b"From x", b"bad line", b"\t",
+                                       b" cont", b"\r\n", b"\n", b"\r", b"a", b":", b"\x7f", b"\xc3\xa9"]),
+                      max_size=25).map(b"".join))
+def test_rfc822_parse_equals_dkimpys(value: bytes) -> None:
+    """The header-block parser installed in dkimpy answers (or refuses) exactly as dkimpy's own."""
+    original = _unpatched("dkim").rfc822_parse
+    assert _outcome(plugin_dkim._rfc822_parse, value) == _outcome(original, value)
+    assert dkim.rfc822_parse is plugin_dkim._rfc822_parse
