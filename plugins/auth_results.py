@@ -30,6 +30,7 @@ A message with no field of ours is left exactly as it came, apart from the new f
 
 from __future__ import annotations
 
+import functools
 import re
 
 from authres import AuthenticationResultsHeader
@@ -86,17 +87,33 @@ class _Reason(_Value):
         return '"' + self.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
+@functools.lru_cache(maxsize=512)
+def _is_keyword(text: str) -> bool:
+    """A valid RFC 8601 method, result or ptype (the same few names on every message)."""
+    return _KEYWORD.fullmatch(text) is not None
+
+
+@functools.lru_cache(maxsize=512)
+def _property_key(key: str) -> tuple[str, str] | None:
+    """``ptype.property`` split and checked, or None when it cannot be written."""
+    ptype, _, name = key.partition(".")
+    if not _KEYWORD.fullmatch(ptype) or not _PROPERTY.fullmatch(name):
+        return None
+    return ptype, name
+
+
 def _clause(check: AuthCheck) -> AuthenticationResult | None:
     """One resinfo clause, or None for a check that cannot be written (logged)."""
-    if not _KEYWORD.fullmatch(check.method) or not _KEYWORD.fullmatch(check.result):
+    if not _is_keyword(check.method) or not _is_keyword(check.result):
         log.warning("auth_results_skipped", method=check.method, result=check.result,
                     reason="not a valid RFC 8601 method or result")
         return None
     properties = []
     for key, text in check.properties.items():
-        ptype, _, name = key.partition(".")
-        if not _KEYWORD.fullmatch(ptype) or not _PROPERTY.fullmatch(name) or not text:
+        parts = _property_key(key)
+        if parts is None or not text:
             continue
+        ptype, name = parts
         prop = AuthenticationResultProperty(ptype, name)
         prop.value = _Value(text[:_SIGNATURE_PREFIX] if key == "header.b" else text)
         properties.append(prop)

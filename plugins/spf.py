@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import functools
 import ipaddress
+import re
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast, get_args
 
@@ -191,7 +193,10 @@ class SPF:
             checks.append(("spf", "smtp.mailfrom", sender.text, sender.text))
             if self.settings.check_helo and helo:
                 checks.append(("spf:helo", "smtp.helo", helo, ""))
-        outcomes = await asyncio.gather(*(self.check_host(ip, arg, helo) for *_, arg in checks))
+        if len(checks) == 1:  # the usual case: no task to gather
+            outcomes = [await self.check_host(ip, checks[0][3], helo)]
+        else:
+            outcomes = await asyncio.gather(*(self.check_host(ip, arg, helo) for *_, arg in checks))
         verdicts = []
         for (prefix, prop, identity, _), outcome in zip(checks, outcomes, strict=True):
             check = AuthCheck("spf", outcome.result, outcome.explanation, {prop: identity})
@@ -206,9 +211,7 @@ class SPF:
         ip = session.client.ip
         if self.settings.skip_networks and ip_in_networks(ip, self.settings.skip_networks):
             return f"client {ip} is in skip_networks"
-        try:
-            ipaddress.ip_address(ip)
-        except ValueError:
+        if not _is_ip(ip):
             return f"client address {ip!r} is not an IP address"
         return None
 
@@ -264,9 +267,21 @@ def _combine(verdicts: list[Verdict]) -> Verdict:
     )
 
 
+@functools.lru_cache(maxsize=4096)
+def _is_ip(ip: str) -> bool:
+    try:
+        ipaddress.ip_address(ip)
+    except ValueError:
+        return False
+    return True
+
+
+_NOT_PRINTABLE = re.compile(r"[^ -~]")
+
+
 def _printable(text: str) -> str:
     """Text safe for an SMTP reply: printable ASCII on one line, bounded in length."""
-    cleaned = "".join(c if " " <= c <= "~" else "?" for c in " ".join(text.split()))
+    cleaned = _NOT_PRINTABLE.sub("?", " ".join(text.split()))
     return cleaned if len(cleaned) <= _MAX_EXPLANATION else cleaned[: _MAX_EXPLANATION - 3] + "..."
 
 

@@ -29,7 +29,8 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Iterable, Mapping
+import types
+from collections.abc import Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -114,6 +115,10 @@ class Chain:
                     calls.append(_Call(step, impl, None if _is_async(impl.function) else hook_pool()))
             self._calls[hook_name] = tuple(calls)
 
+    def implements(self, hook_name: str) -> bool:
+        """True when any plugin of the chain implements the hook."""
+        return bool(self._calls[hook_name])
+
     def implementers(self, hook_name: str) -> list[str]:
         """Names of the plugins implementing a hook, in call order."""
         return [c.step.name for c in self._calls[hook_name]]
@@ -151,17 +156,34 @@ class Chain:
         when the server itself cancels the session."""
         step = call.step
         started = time.perf_counter()
+        deadline: asyncio.Timeout | None = None
         try:
             args = [kwargs[name] for name in call.impl.argnames]
-            async with asyncio.timeout(step.timeout) as deadline:
-                if call.thread is not None:
+            if call.thread is not None:
+                async with asyncio.timeout(step.timeout) as deadline:
                     result, raised = await call.thread.call(call.impl.function, args)
                     if raised is not None:
                         raise raised
-                else:
-                    result = call.impl.function(*args)
-                if inspect.isawaitable(result):
-                    result = await result
+                    if inspect.isawaitable(result):
+                        result = await result
+            else:
+                result = call.impl.function(*args)
+                if isinstance(result, types.CoroutineType):
+                    # Run it up to its first suspension here: most hooks finish without one
+                    # (cached lookups, header checks), and a timer could not interrupt that
+                    # part anyway (the blocked-loop check below covers it). Only a hook that
+                    # does suspend gets a timer, for what is left of its timeout.
+                    try:
+                        suspended = result.send(None)
+                    except StopIteration as finished:
+                        result = finished.value
+                    else:
+                        left = step.timeout - (time.perf_counter() - started)
+                        async with asyncio.timeout(left) as deadline:
+                            result = await _resume(result, suspended)
+                elif inspect.isawaitable(result):
+                    async with asyncio.timeout(step.timeout) as deadline:
+                        result = await result
             duration = time.perf_counter() - started
             if duration > step.timeout:
                 # Only an async hook that blocked the event loop gets here: no timer could fire.
@@ -174,7 +196,7 @@ class Chain:
             except (TypeError, ValueError) as exc:
                 return None, f"invalid verdict: {exc}", duration
         except TimeoutError as exc:
-            if not deadline.expired():  # the plugin's own TimeoutError
+            if deadline is None or not deadline.expired():  # the plugin's own TimeoutError
                 return None, _describe(exc), time.perf_counter() - started
             return None, f"timed out after {step.timeout:g}s", time.perf_counter() - started
         except asyncio.CancelledError:
@@ -184,6 +206,28 @@ class Chain:
             return None, "raised CancelledError", time.perf_counter() - started
         except BaseException as exc:  # KeyboardInterrupt, SystemExit too: a plugin cannot stop the server
             return None, _describe(exc), time.perf_counter() - started
+
+
+@types.coroutine
+def _resume(coroutine: Coroutine[Any, Any, Any], suspended: Any) -> Generator[Any, Any, Any]:
+    """Await *coroutine* from where it suspended, handing *suspended* (what it yielded) to the task.
+
+    After that it is ``yield from coroutine``, as ``await`` would have been all along: the task
+    resumes it with ``send(None)``, or throws in what cancels it (the timeout).
+    """
+    while True:
+        try:
+            yield suspended
+        except GeneratorExit:
+            coroutine.close()
+            raise
+        except BaseException as exc:  # a cancellation: the coroutine sees it where it waits
+            try:
+                suspended = coroutine.throw(exc)
+            except StopIteration as finished:
+                return finished.value
+        else:
+            return (yield from coroutine.__await__())
 
 
 def _is_async(function: object) -> bool:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -75,6 +76,7 @@ _ALLOWED_BEFORE_STARTTLS = frozenset({"NOOP", "EHLO", "HELO", "STARTTLS", "QUIT"
 _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 # RFC 5321 4.5.3.1.4 allows extensions to lengthen MAIL and RCPT lines.
 _PARAM_ALLOWANCE = 512
+_CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
 
 _DATA_BUFFER = 64 * 1024
 """The stream's buffer limit while a message comes in (asyncio pauses reading at twice it):
@@ -132,8 +134,29 @@ class Services:
     """Which chain each session runs on; a reload swaps ``chain`` for new sessions only."""
 
 
-_METHOD_NAMES: dict[type, list[str]] = {}
-"""Per class, the command and AUTH method names (see InboundSMTP.__dir__)."""
+_COMMAND_NAMES: dict[type, dict[str, str]] = {}
+"""Per class, each SMTP verb and the name of the ``smtp_*`` method that handles it."""
+
+
+class _Commands:
+    """The session's command table, as aiosmtpd's ``_smtp_methods`` dict is used here
+    (``get(verb)``), without binding every ``smtp_*`` method of every new connection."""
+
+    __slots__ = ("_names", "_owner")
+
+    def __init__(self, owner: SMTP) -> None:
+        cls = type(owner)
+        names = _COMMAND_NAMES.get(cls)
+        if names is None:
+            names = _COMMAND_NAMES[cls] = {
+                n.removeprefix("smtp_"): n for n in object.__dir__(owner) if n.startswith("smtp_")
+            }
+        self._owner = owner
+        self._names = names
+
+    def get(self, verb: str) -> Callable[[str | None], Any] | None:
+        name = self._names.get(verb)
+        return None if name is None else getattr(self._owner, name)
 
 
 class _NoHandler:
@@ -169,6 +192,7 @@ class InboundSMTP(SMTP):
             require_starttls=policy.require_starttls,
             timeout=policy.idle_timeout,
         )
+        self._smtp_methods: _Commands = _Commands(self)  # type: ignore[assignment]
         self.plugin_session: Session | None = None
         """The session plugins see (smtpproxy's model), beside aiosmtpd's own ``self.session``."""
         self._errors = 0
@@ -187,18 +211,11 @@ class InboundSMTP(SMTP):
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
 
     def __dir__(self) -> list[str]:
-        """Only the ``smtp_*`` and ``auth_*`` names, which is all aiosmtpd looks for.
-
-        aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``) on every new
-        connection to find them: 0.25 ms of CPU per session, more than a whole message.
-        """
-        cls = type(self)
-        names = _METHOD_NAMES.get(cls)
-        if names is None:
-            names = _METHOD_NAMES[cls] = [
-                n for n in object.__dir__(self) if n.startswith(("smtp_", "auth_"))
-            ]
-        return list(names)
+        """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
+        on every new connection to bind each ``smtp_*`` and ``auth_*`` method. This class
+        answers every command itself, from :class:`_Commands` (``_smtp_methods``), and its
+        own AUTH (``smtp_AUTH``) uses none of aiosmtpd's ``auth_*`` mechanisms."""
+        return []
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -243,13 +260,19 @@ class InboundSMTP(SMTP):
         """Stop the client's clock: the proxy itself is busy (plugins, upstream).
 
         Those waits have their own bounds (plugin and delivery timeouts, session_timeout);
-        the next ``_reset_timeout`` (waiting for the client again) restarts the clock.
+        the next ``_reset_timeout`` (waiting for the client again) restarts the clock. The
+        timer itself stays armed (cancelling it here made every command create a new one):
+        if it fires while the clock is stopped, it does nothing.
         """
         self._timer_paused = True
-        if self._timeout_handle is not None:
-            self._timeout_handle.cancel()  # kept: aiosmtpd's connection_lost expects a handle
 
     def _deadline_reached(self) -> None:
+        if self._timer_paused:
+            # Not waiting for the client: no timeout. The handle has run; cancelled, it tells
+            # _reset_timeout to arm a new one (aiosmtpd's connection_lost expects a handle).
+            assert self._timeout_handle is not None
+            self._timeout_handle.cancel()
+            return
         if self._deadline > self.loop.time():
             self._timeout_handle = self.loop.call_at(self._deadline, self._deadline_reached)
         else:
@@ -291,8 +314,10 @@ class InboundSMTP(SMTP):
         per command (each write is a system call). A reply is only held while a complete
         command line is already buffered, so the next one is processed at once.
         """
-        encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"
-        data = "".join(f"{line}\r\n" for line in reply.lines()).encode(encoding, "replace")
+        data = _WIRE.get(reply)
+        if data is None:
+            encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"
+            data = _wire(reply, encoding)
         self._held_replies.append(data)
         if b"\n" in getattr(self._reader, "_buffer", b""):
             return
@@ -405,9 +430,12 @@ class InboundSMTP(SMTP):
             if not services.sessions:
                 services.drained.set()
             self._close()
-            task = asyncio.get_running_loop().create_task(self._finish_session())
-            services.background.add(task)
-            task.add_done_callback(services.background.discard)
+            if self._pending_notifications or self.chain.implements("disconnect"):
+                task = asyncio.get_running_loop().create_task(self._finish_session())
+                services.background.add(task)
+                task.add_done_callback(services.background.discard)
+            else:  # nothing to wait for and no disconnect hook: no task needed
+                self._session_finished()
 
     def _transport_peer(self) -> tuple[str, int]:
         peer = self.transport.get_extra_info("peername") if self.transport else None
@@ -424,13 +452,31 @@ class InboundSMTP(SMTP):
                 await asyncio.gather(*self._pending_notifications, return_exceptions=True)
             await self.chain.notify("disconnect", session=self.plugin_session)
         finally:
+            self._release_session()
+        self._log_disconnect()
+
+    def _session_finished(self) -> None:
+        """``_finish_session`` without a task: nothing pending, no ``disconnect`` hook."""
+        self._release_session()
+        self._log_disconnect()
+
+    def _release_session(self) -> None:
+        assert self.plugin_session is not None
+        try:
             self.services.metrics.outcomes(self.plugin_session.results)
+        finally:
             self.services.leases.release(self.chain)
+
+    def _log_disconnect(self) -> None:
+        assert self.plugin_session is not None
         event("disconnect", transactions=self.plugin_session.transaction_count,
               seconds=round(time.time() - self.plugin_session.started, 3), errors=self._errors)
 
     async def _notify(self, hook: str, **kwargs: Any) -> None:
         """Run a notification so that a client hanging up cannot cut it short."""
+        if not self.chain.implements(hook):
+            return
+        self._pending_notifications = [t for t in self._pending_notifications if not t.done()]
         task = asyncio.get_running_loop().create_task(self.chain.notify(hook, **kwargs))
         self._pending_notifications.append(task)
         await asyncio.shield(task)
@@ -534,7 +580,7 @@ class InboundSMTP(SMTP):
             await self._error(Reply(500, "5.5.2", "Bare LF in command; SMTP lines end with CRLF"))
             return None
         line = line[:-2]
-        if any(b < 0x20 or b == 0x7F for b in line):
+        if _CONTROL_OCTET.search(line):
             await self._error(Reply(500, "5.5.2", "Control character in command"))
             return None
         if not line:
@@ -657,7 +703,7 @@ class InboundSMTP(SMTP):
             self._end_transaction()
             await self.reply(refusal.reply)
             return
-        await self.reply(Reply(250, "2.1.0", "Sender OK"))
+        await self.reply(_SENDER_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         assert self.plugin_session is not None
@@ -711,7 +757,7 @@ class InboundSMTP(SMTP):
         if refusal is not None:
             await self.reply(refusal.reply)
             return
-        reply = Reply(250, "2.1.5", "Recipient OK")
+        reply = _RECIPIENT_OK
         if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
             if self._upstream is None:
                 self._upstream = self.services.delivery.open_transaction(self.plugin_session, transaction)
@@ -752,7 +798,7 @@ class InboundSMTP(SMTP):
             await self.reply(Reply(554, "5.5.0", "Improper pipelining: message data sent before 354"))
             self._close()
             return
-        await self.reply(Reply(354, None, "End data with <CR><LF>.<CR><LF>"))
+        await self.reply(_START_DATA)
         reader = DataReader(
             self.policy.max_message_size, self.policy.max_line_length,
             normalize_bare_newlines=self.policy.normalize_bare_newlines,
@@ -898,16 +944,16 @@ class InboundSMTP(SMTP):
             return
         if self.plugin_session is not None:
             self._end_transaction()
-        await self.reply(Reply(250, "2.0.0", "OK"))
+        await self.reply(_OK)
 
     async def smtp_NOOP(self, arg: str | None) -> None:
-        await self.reply(Reply(250, "2.0.0", "OK"))
+        await self.reply(_OK)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         if arg:
             await self._error(Reply(501, "5.5.4", "Syntax: QUIT"))
             return
-        await self.reply(Reply(221, "2.0.0", "Bye"))
+        await self.reply(_BYE)
         self._close()
 
     async def smtp_VRFY(self, arg: str | None) -> None:
@@ -1048,6 +1094,21 @@ def _verdict_fields(result: PhaseResult) -> dict[str, Any]:
 
 
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error, try again later")
+
+# The replies of every message, built (and checked) once, with their wire form.
+_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
+_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
+_START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
+_OK = Reply(250, "2.0.0", "OK")
+_BYE = Reply(221, "2.0.0", "Bye")
+
+
+def _wire(reply: Reply, encoding: str) -> bytes:
+    return "".join(f"{line}\r\n" for line in reply.lines()).encode(encoding, "replace")
+
+
+_WIRE = {r: _wire(r, "ascii") for r in (_SENDER_OK, _RECIPIENT_OK, _START_DATA, _OK, _BYE, LOCAL_ERROR)}
+"""Their bytes, the same in ASCII and UTF-8."""
 
 
 def _queued(transaction: Transaction) -> Reply:

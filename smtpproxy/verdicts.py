@@ -157,12 +157,17 @@ class Verdict:
             )
         if not isinstance(self.reason, str):
             raise TypeError(f"reason must be a str, got {type(self.reason).__name__}")
-        if isinstance(self.score, bool) or not isinstance(self.score, int | float):
-            raise TypeError(f"score must be a number, got {type(self.score).__name__}")
-        if not math.isfinite(self.score):
-            raise ValueError(f"score must be a finite number, got {self.score}")
-        if not isinstance(self.tags, tuple) or not all(isinstance(t, str) for t in self.tags):
-            raise TypeError(f"tags must be a tuple of str, got {self.tags!r}")
+        score = self.score
+        if isinstance(score, bool) or not isinstance(score, int | float):
+            raise TypeError(f"score must be a number, got {type(score).__name__}")
+        if not math.isfinite(score):
+            raise ValueError(f"score must be a finite number, got {score}")
+        tags = self.tags
+        if not isinstance(tags, tuple):
+            raise TypeError(f"tags must be a tuple of str, got {tags!r}")
+        for tag in tags:  # a loop, not all(<generator>): this runs for every verdict, twice
+            if not isinstance(tag, str):
+                raise TypeError(f"tags must be a tuple of str, got {tags!r}")
 
     @classmethod
     def checked(cls, verdict: object) -> Verdict:

@@ -157,3 +157,64 @@ async def test_every_implementation_of_a_plugin_runs() -> None:
     await build(ChainStep("two", Two())).run("helo", results, session=session(), hostname="h")
     assert sorted(calls) == ["first", "second"]
     assert len(results) == 2
+
+
+class HangsAfterWork:
+    """Suspends a few times, then waits forever; records that its cancellation reached it."""
+
+    def __init__(self) -> None:
+        self.waiting = asyncio.Event()
+        self.cancelled = False
+
+    @hookimpl
+    async def helo(self) -> None:
+        for _ in range(3):
+            await asyncio.sleep(0)
+        try:
+            self.waiting.set()
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+
+
+async def test_a_hook_that_suspends_then_hangs_is_cancelled_at_its_timeout() -> None:
+    """The timer armed at a hook's first suspension cancels it where it waits, as a timeout."""
+    plugin = HangsAfterWork()
+    results = Results()
+    result = await build(ChainStep("slow", plugin, timeout=0.05)).run(
+        "helo", results, session=session(), hostname="h")
+    assert result.failed and result.decided_by == "slow"
+    assert results.outcomes[0].error == "timed out after 0.05s"
+    assert plugin.cancelled
+
+
+async def test_the_servers_cancellation_passes_through_a_suspended_hook() -> None:
+    """Cancelling the session while a hook waits cancels the hook and the session's task,
+    and is not recorded as the plugin's error."""
+    plugin = HangsAfterWork()
+    results = Results()
+    task = asyncio.create_task(build(ChainStep("slow", plugin, timeout=30)).run(
+        "helo", results, session=session(), hostname="h"))
+    await plugin.waiting.wait()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert plugin.cancelled and len(results) == 0
+
+
+async def test_a_hook_that_suspends_several_times_returns_its_verdict() -> None:
+    class Slowly:
+        @hookimpl
+        async def helo(self, hostname: str) -> Verdict:
+            for _ in range(3):
+                await asyncio.sleep(0)
+            await asyncio.get_running_loop().run_in_executor(None, lambda: None)
+            return Verdict.reject(f"no {hostname}")
+
+    results = Results()
+    result = await build(ChainStep("slowly", Slowly(), timeout=5)).run(
+        "helo", results, session=session(), hostname="h")
+    assert result.verdict is not None and result.verdict.action is Action.REJECT
+    assert result.verdict.reply is not None and result.verdict.reply.text == "no h"
+    assert not result.failed and results.outcomes[0].error is None

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import itertools
 import mmap
+import re
 import tempfile
 from collections.abc import Iterator
 from typing import Any
@@ -229,46 +230,154 @@ def _unpatched_crypto() -> Any:
 
 
 @functools.cache
-def _rsa_keys() -> list[Any]:
+def _rsa_test_key() -> tuple[int, int, int]:
+    """(n, e, d) of a 1024-bit RSA key, for signing crafted blocks."""
     from cryptography.hazmat.primitives.asymmetric import rsa
-    return [rsa.generate_private_key(public_exponent=e, key_size=bits) for bits, e in ((1024, 65537), (2048, 65537), (2048, 3))]
+
+    numbers = rsa.generate_private_key(public_exponent=65537, key_size=1024).private_numbers()
+    return numbers.public_numbers.n, numbers.public_numbers.e, numbers.d
 
 
-@settings(max_examples=200, deadline=None)
-@given(key_index=st.integers(0, 2), algorithm=st.sampled_from(["sha256", "sha1"]), payload=st.binary(max_size=64),
-       damage=st.sampled_from(["none", "bit", "digest", "random", "short", "long", "zero"]), position=st.integers(0, 1000))
-def test_openssl_rsa_check_answers_what_dkimpys_does(key_index: int, algorithm: str, payload: bytes,
-                                                      damage: str, position: int) -> None:
-    """The RSA signature check installed in dkim gives dkimpy's answer for valid signatures and
-    every kind of damage (a signature not below the modulus is left out: OpenSSL refuses it,
-    as RFC 8017 says; dkimpy reduces it first)."""
+@settings(max_examples=300, deadline=None)
+@given(
+    algorithm=st.sampled_from(["sha256", "sha1"]),
+    data=st.binary(max_size=40),
+    shape=st.sampled_from(["valid", "few_ff", "bad_byte", "random", "wrong_hash", "plus_n",
+                           "short", "long"]),
+    where=st.integers(min_value=0, max_value=127),
+    noise=st.binary(min_size=128, max_size=128),
+)
+def test_openssl_rsa_verify_equals_dkimpys(algorithm: str, data: bytes, shape: str, where: int,
+                                           noise: bytes) -> None:
+    """The RSA verification installed in dkimpy (OpenSSL) answers exactly what dkimpy's pow() does,
+    also for blocks that are almost a valid PKCS#1 v1.5 encoding and for non-canonical signatures."""
     import hashlib
 
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import padding
-
-    key = _rsa_keys()[key_index]
-    numbers = key.public_key().public_numbers()
-    public = {"modulus": numbers.n, "publicExponent": numbers.e}
-    signature = key.sign(payload, padding.PKCS1v15(), hashes.SHA256() if algorithm == "sha256" else hashes.SHA1())
-    digest = hashlib.new(algorithm, payload)
-    if damage == "bit":
-        i = position % len(signature)
-        signature = signature[:i] + bytes([signature[i] ^ (1 << (position % 8))]) + signature[i + 1:]
-    elif damage == "digest":
-        digest = hashlib.new(algorithm, payload + b"x")
-    elif damage == "random":
-        signature = hashlib.sha512(payload + bytes([position % 256])).digest() * (len(signature) // 64)
-    elif damage == "short":
-        signature = signature[1:]
-    elif damage == "long":
+    n, e, d = _rsa_test_key()
+    modlen = (n.bit_length() + 7) // 8
+    original = _unpatched_crypto()
+    digest = hashlib.new(algorithm, data)
+    block = bytearray(original.EMSA_PKCS1_v1_5_encode(digest, modlen))
+    if shape == "few_ff":
+        block = bytearray(b"\x00\x01" + b"\xff" * 7 + b"\x00" + bytes(block[-(modlen - 10):]))
+    elif shape == "bad_byte":
+        block[max(1, where % modlen)] ^= 0x40
+    elif shape == "random":
+        block = bytearray(noise)
+    elif shape == "wrong_hash":
+        block = bytearray(original.EMSA_PKCS1_v1_5_encode(hashlib.new(algorithm, data + b"x"), modlen))
+    raw = int.from_bytes(block, "big") % n
+    signature_int = pow(raw, d, n)
+    if shape == "plus_n":
+        signature_int += n  # non-canonical: dkimpy reduces it mod n, OpenSSL would refuse it
+    signature = signature_int.to_bytes(max(modlen, (signature_int.bit_length() + 7) // 8), "big")
+    if shape == "short":
+        signature = signature.lstrip(b"\x00") or b"\x00"
+    elif shape == "long":
         signature = b"\x00" + signature
-    elif damage == "zero":
-        signature = bytes(len(signature))
-    if int.from_bytes(signature, "big") >= numbers.n:
-        return
+    public = {"modulus": n, "publicExponent": e}
+    expected = original.RSASSA_PKCS1_v1_5_verify(hashlib.new(algorithm, data), signature, public)
+    assert plugin_dkim._rsa_verify(hashlib.new(algorithm, data), signature, public) == expected
+    if shape == "valid":
+        assert expected is True
     assert dkim.RSASSA_PKCS1_v1_5_verify is plugin_dkim._rsa_verify
-    assert plugin_dkim._rsa_verify(digest, signature, public) == _unpatched_crypto().RSASSA_PKCS1_v1_5_verify(
-        digest, signature, public)
-    # a leading zero octet leaves the number, and so dkimpy's answer, unchanged
-    assert plugin_dkim._rsa_verify(digest, signature, public) == (damage in ("none", "long"))
+
+
+_DKIMPY_BTAG_PATTERN = rb"([;\s]b" + dkim.FWS + rb"=)(?:" + dkim.FWS + rb"[a-zA-Z0-9+/=])*(?:\r?\n\Z)?"
+
+
+_BTAG_PIECES = st.lists(st.sampled_from([b"b", b"=", b";", b" ", b"\t", b"\r", b"\n", b"\r\n", b"A", b"z",
+                                          b"0", b"+", b"/", b"h", b"bh=", b"-", b"\x0b", b"\xff"]),
+                         max_size=30).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=st.tuples(
+    _BTAG_PIECES,
+    st.sampled_from([b"", b" b=", b";b=", b"\tb =", b" b\r\n =", b"; bh=x; b="]),
+    _BTAG_PIECES,
+    st.sampled_from([b"", b"\r\n", b"\n", b"\r", b" \r\n", b"\r\n ", b";", b"; h=x", b"\r\n\r\n"]),
+).map(b"".join))
+def test_btag_regex_blanks_what_dkimpys_blanks(value: bytes) -> None:
+    """The b= blanking regex installed in dkimpy substitutes exactly what dkimpy's own does."""
+    original = re.compile(_DKIMPY_BTAG_PATTERN)
+    assert plugin_dkim._DKIMPY_BTAG.pattern == _DKIMPY_BTAG_PATTERN  # dkimpy's is still this one
+    assert dkim.RE_BTAG is plugin_dkim._BTAG
+    assert plugin_dkim._BTAG.sub(b"\\1", value) == original.sub(b"\\1", value)
+
+
+@functools.cache
+def _unpatched(name: str) -> Any:
+    """A fresh copy of a dkimpy module, as dkimpy ships it (the plugin patched the imported one)."""
+    spec = importlib.util.find_spec(name)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _outcome(function: Any, value: bytes) -> tuple[str, Any]:
+    try:
+        return "ok", function(value)
+    except Exception as exc:  # the exception dkimpy raises is part of the answer
+        return type(exc).__name__, exc.args
+
+
+_TAG_PIECES = st.lists(st.sampled_from([b"v", b"a", b"bh", b"b", b"=", b";", b" ", b"\t", b"\r\n", b"\n",
+                                        b"1", b"_", b"-", b"\xc3\xa9", b"x=y", b"A", b"9"]),
+                       max_size=30).map(b"".join)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=_TAG_PIECES)
+def test_tag_value_parsing_equals_dkimpys(value: bytes) -> None:
+    """The parse_tag_value installed in dkimpy answers (or refuses) exactly as dkimpy's own."""
+    original = _unpatched("dkim.util")
+    ours = _outcome(plugin_dkim._parse_tag_value, value)
+    theirs = _outcome(original.parse_tag_value, value)
+    assert ours == theirs
+    assert dkim.util.parse_tag_value is dkim.parse_tag_value is plugin_dkim._parse_tag_value
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=st.lists(st.sampled_from([b" ", b"  ", b"\t", b"\r", b"\n", b"\r\n", b"a", b"\xff", b"\x0b"]),
+                      max_size=30).map(b"".join))
+def test_header_canonicalization_helpers_equal_dkimpys(value: bytes) -> None:
+    """compress_whitespace and unfold_header_value as installed give dkimpy's own results."""
+    original = _unpatched("dkim.canonicalization")
+    assert plugin_dkim._compress_whitespace(value) == original.compress_whitespace(value)
+    assert plugin_dkim._unfold_header_value(value) == original.unfold_header_value(value)
+    assert dkim.canonicalization.compress_whitespace is plugin_dkim._compress_whitespace
+    headers = [(b"Subject", value), (b"X-A ", b" x\r\n\ty  z")]
+    assert dkim.canonicalization.Relaxed.canonicalize_headers(headers) == \
+        original.Relaxed.canonicalize_headers(headers)
+
+
+async def test_fetch_keys_answers_cached_and_invalid_names_and_looks_up_the_rest(
+    zone: ZoneServer, rsa2048: Key,
+) -> None:
+    """Cached keys and invalid names need no lookup; the others are looked up, in the given order."""
+    zone.txt("a._domainkey.example.test", rsa2048.txt, ttl=300)
+    zone.txt("b._domainkey.example.test", rsa2048.txt, ttl=300)
+    zone.txt("c._domainkey.example.test", rsa2048.txt, ttl=300)
+    await plugin_dkim.fetch_keys(["a._domainkey.example.test"])  # now in the key cache
+    names = ["b._domainkey.example.test", "a._domainkey.example.test", "bad..name",
+             "none._domainkey.example.test", "b._domainkey.example.test", "c._domainkey.example.test"]
+    found = await plugin_dkim.fetch_keys(names)
+    assert list(found) == [*dict.fromkeys(names)]
+    assert [found[n].status for n in found] == ["found", "found", "invalid", "missing", "found"]
+    assert zone.queries.count(("a._domainkey.example.test", "TXT")) == 1
+    assert zone.queries.count(("b._domainkey.example.test", "TXT")) == 1
+    one = await plugin_dkim.fetch_keys(["none._domainkey.example.test"])  # a single miss, awaited directly
+    assert one["none._domainkey.example.test"].status == "missing"
+
+
+@settings(max_examples=1000, deadline=None)
+@given(value=st.lists(st.sampled_from([b"From: a@b", b"Subject:", b"X-A : v", b"From x", b"bad line", b"\t",
+                                       b" cont", b"\r\n", b"\n", b"\r", b"a", b":", b"\x7f", b"\xc3\xa9"]),
+                      max_size=25).map(b"".join))
+def test_rfc822_parse_equals_dkimpys(value: bytes) -> None:
+    """The header-block parser installed in dkimpy answers (or refuses) exactly as dkimpy's own."""
+    original = _unpatched("dkim").rfc822_parse
+    assert _outcome(plugin_dkim._rfc822_parse, value) == _outcome(original, value)
+    assert dkim.rfc822_parse is plugin_dkim._rfc822_parse

@@ -51,6 +51,9 @@ async def send(port: int, rcpt: str = "bob@dest.test") -> tuple[int, str]:
     lambda: Verdict(Action.REJECT, Reply(250, None, "fake ok")),       # a positive refusal
     lambda: Verdict(Action.DISCARD, Reply(250, None, "ok")),           # a plugin's own 2xx
     lambda: Verdict(Action.CONTINUE, score=float("nan")),
+    lambda: Verdict(Action.CONTINUE, score=True),                      # a bool is not a score
+    lambda: Verdict(Action.CONTINUE, tags=("ok", 3)),                  # a tag that is not a str
+    lambda: Verdict(Action.CONTINUE, tags=["spf:pass"]),               # tags that are not a tuple
 ])
 def test_impossible_verdicts_are_refused_on_construction(build: Any) -> None:
     with pytest.raises((ValueError, TypeError)):

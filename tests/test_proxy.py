@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -436,3 +437,48 @@ async def test_aiosmtplib_client_end_to_end(proxy_factory: ProxyFactory, sink: S
     )
     assert errors == {} and response.startswith("2.0.0 Ok")
     assert sink.messages[0].content == BODY  # aiosmtplib stuffed the dots; we unstuffed them
+
+
+async def test_every_command_is_answered_by_its_own_handler(proxy_factory: ProxyFactory) -> None:
+    """The per-connection command table (built without binding every smtp_* method of every new
+    connection) finds each verb, case-insensitively, and nothing else."""
+    proxy = await proxy_factory()
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    for line, expected in [
+        ("NOOP", (250, "2.0.0 OK")), ("noop", (250, "2.0.0 OK")), ("RSET", (250, "2.0.0 OK")),
+        ("VRFY someone", (252, "2.5.0 Cannot VRFY user, but will accept message and attempt delivery")),
+        ("EXPN list", (502, "5.5.1 EXPN not available")),
+        ("AUTH PLAIN", (502, "5.5.1 AUTH not available on this listener")),
+        ("FOO", (500, "5.5.1 Command unrecognized: FOO")),
+        ("__INIT__", (500, "5.5.1 Command unrecognized: __INIT__")),
+        ("_COMMANDS", (500, "5.5.1 Command unrecognized: _COMMANDS")),
+    ]:
+        assert await client.cmd(line) == expected, line
+    assert (await client.cmd("HELP"))[0] == 214
+    assert (await client.cmd("QUIT"))[0] == 221
+    await client.close()
+
+
+async def test_a_session_without_notification_hooks_still_ends_fully(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """With no after_message or disconnect implementers the session's end needs no task; it is
+    still logged, its chain lease returned and its notifications list kept empty."""
+    caplog.set_level(logging.INFO, logger="smtpproxy.session")
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY)
+    chain = proxy.services.chain
+    assert not chain.implements("after_message") and not chain.implements("disconnect")
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    for n in range(3):
+        code, _ = await client.send_message("a@sender.test", ["b@dest.test"], f"Subject: {n}\r\n\r\nx\r\n".encode())
+        assert code == 250
+    session = next(iter(proxy.services.sessions))
+    assert session._pending_notifications == []
+    assert proxy.services.leases.users(chain) == 1
+    await client.cmd("QUIT")
+    await client.close()
+    await asyncio.wait_for(proxy.services.drained.wait(), 5)
+    assert proxy.services.leases.users(chain) == 0
+    assert [r.getMessage() for r in caplog.records].count("disconnect") == 1

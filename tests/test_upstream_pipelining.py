@@ -257,8 +257,8 @@ async def test_a_reply_that_makes_no_sense_for_the_command_is_a_tempfail(
     server, port = await start(upstream)
     proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode=rcpt_mode))
     code, text = await send(port_of(proxy), ["b@dest.test"])
-    assert (code, text) == (451, f"4.4.0 Upstream sent an unexpected reply ({list(odd.values())[0][:3].decode()}), "
-                                 "try again later")
+    [sent] = odd.values()
+    assert (code, text) == (451, f"4.4.0 Upstream sent an unexpected reply ({sent[:3].decode()}), try again later")
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 451
     server.close()
     assert len(upstream.connections) == 2  # never reused after it
