@@ -7,6 +7,7 @@ the proxy's on loopback) and answers a group with one write, or byte by byte."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -313,6 +314,17 @@ async def test_a_server_without_pipelining_gets_one_command_at_a_time(proxy_fact
 
 # -- the protocol on its own: any cut of the reply stream -----------------------------------
 
+
+async def scripted(serve: Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]],
+                   ) -> tuple[asyncio.Server, aiosmtplib.SMTP]:
+    """A loopback server running *serve*, and an aiosmtplib client connected to it (greeted,
+    nothing else sent)."""
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
+                             start_tls=False)
+    await client.connect()
+    return server, client
+
 REPLIES = [b"250 2.0.0 Ok", b"250-one\r\n250-two\r\n250 three", b"550 5.1.1 no", b"250 2.1.5 Ok",
            b"452 4.5.3 too many", b"354 go"]
 
@@ -335,10 +347,7 @@ def test_any_cut_of_the_replies_gives_each_command_its_own(cuts: list[int]) -> N
         writer.close()
 
     async def main() -> list[tuple[int, str]]:
-        server = await asyncio.start_server(serve, "127.0.0.1", 0)
-        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
-                                  start_tls=False)
-        await client.connect()
+        server, client = await scripted(serve)
         commands = [b"RSET", b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>", b"RCPT TO:<e@d.test>",
                     b"RCPT TO:<f@d.test>", b"DATA"]
         replies = await pipeline(client, commands, 5)
@@ -364,10 +373,7 @@ async def test_a_reply_for_no_command_is_never_paired_with_a_later_one() -> None
         await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
-                                  start_tls=False)
-    await client.connect()
+    server, client = await scripted(serve)
     assert [r.message for r in await pipeline(client, [b"NOOP"], 5)] == ["first"]
     assert client.protocol is not None
     client.protocol.data_received(b"250 unsolicited\r\n")
@@ -386,10 +392,7 @@ async def test_extra_replies_in_the_same_packet_are_not_the_next_commands_answer
         await reader.read()
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
-                             start_tls=False)
-    await client.connect()
+    server, client = await scripted(serve)
     assert [r.message for r in await pipeline(client, [b"NOOP"], 5)] == ["asked"]
     assert [r.message for r in await pipeline(client, [b"NOOP"], 5)] == ["second"]
     client.close()
@@ -404,10 +407,7 @@ async def test_a_command_with_a_line_break_is_refused_before_anything_is_sent() 
         received.set_result(await reader.read())
         writer.close()
 
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
-                                  start_tls=False)
-    await client.connect()
+    server, client = await scripted(serve)
     with pytest.raises(ValueError, match="prohibited"):
         await pipeline(client, [b"MAIL FROM:<a@b.test>", b"RCPT TO:<c@d.test>\r\nDATA"], 5)
     client.close()
