@@ -41,6 +41,8 @@ class PipeliningUpstream:
     die_on_reuse: bool = False
     stall_on: bytes | None = None
     """A verb after which the server says nothing more (a hung upstream)."""
+    stall_on_reuse_only: bool = False
+    """``stall_on`` only on a connection that already took a message."""
     refuse_xforward_on_reuse: bool = False
     odd: dict[bytes, bytes] = field(default_factory=dict)
     """Replies that make no sense for the verb (b"<data>": the end of data)."""
@@ -76,7 +78,7 @@ class PipeliningUpstream:
                     if self.die_on_reuse and delivered and verb in (b"RSET", b"XFORWARD", b"MAIL"):
                         reads.append(lines)
                         return
-                    if verb == self.stall_on:
+                    if verb == self.stall_on and (delivered or not self.stall_on_reuse_only):
                         reads.append(lines)
                         await reader.read()
                         return
@@ -279,6 +281,32 @@ async def test_an_upstream_that_stops_answering_mid_group_is_a_tempfail(
     assert (code, text) == (451, "4.4.2 Upstream mail server timed out, try again later")
     assert loop.time() - started < 5  # the command timeout, not the client's patience
     assert upstream.messages == []
+
+
+async def test_a_reused_connection_that_times_out_gets_one_retry_on_a_new_one(proxy_factory: ProxyFactory) -> None:
+    """A reused connection that times out in the group may be wedged, or the upstream may be
+    slow (a slow recipient check): one more try on a new connection, never one command
+    timeout per idle connection in turn. Two idle connections here, both wedged."""
+    upstream = PipeliningUpstream(stall_on=b"RCPT", stall_on_reuse_only=True)
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="relay", command_timeout=0.5))
+    clients = [await Talk.open(port_of(proxy)) for _ in range(2)]
+    for client in clients:  # two transactions open at once: two upstream connections
+        await client.hello("client.example")
+        assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+        assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250
+    for client in clients:
+        assert (await client.cmd("DATA"))[0] == 354
+        client.send(BODY + b".\r\n")
+        assert (await client.reply())[0] == 250
+        await client.close()
+    assert len(upstream.connections) == 2
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250  # on a third, new connection
+    assert loop.time() - started < 0.95  # one timeout, not two
+    server.close()
+    assert len(upstream.connections) == 3 and len(upstream.messages) == 3
 
 
 async def test_xforward_refused_in_the_group_is_a_tempfail_and_no_message(proxy_factory: ProxyFactory) -> None:

@@ -283,12 +283,16 @@ class _Transfer:
         failed probe would be: no message data has been sent on it. Raises DeliveryError
         (a MAIL refusal, an unreachable upstream); the connection is then closed.
         """
+        reuse = True
         while True:
-            transfer = cls(connector, await connector.acquire(servers, session))
+            transfer = cls(connector, await connector.acquire(servers, session, reuse=reuse))
             try:
                 return transfer, await transfer._begin(envelope, size, recipients, data=data)
-            except _DeadConnection:
+            except _DeadConnection as dead:
                 await transfer.close()
+                # A timeout: the upstream may be slow rather than the connection dead, so one
+                # more try, on a new connection, instead of one timeout per idle connection.
+                reuse = reuse and not dead.timed_out
             except BaseException:
                 await transfer.__aexit__()  # a refused DATA leaves it clean, for the pool
                 raise
@@ -339,9 +343,10 @@ class _Transfer:
         try:
             with self._lost_upstream_is_temporary():
                 responses = await pipeline(self.conn.client, group, self.connector.settings.command_timeout)
-        except DeliveryError:
-            if self.conn.reused:
-                raise _DeadConnection from None
+        except DeliveryError as exc:
+            if self.conn.reused:  # it may have died while idle: start() tries another
+                timed_out = isinstance(exc.__cause__, aiosmtplib.SMTPTimeoutError)
+                raise _DeadConnection(timed_out=timed_out) from None
             raise
         first = responses.pop(0) if prelude is not None else None
         replies = [upstream_reply(r.code, r.message) for r in responses]
@@ -458,6 +463,10 @@ _DATA_OK = frozenset({354})
 
 class _DeadConnection(Exception):
     """A reused connection that no longer works: try another (no message data was sent)."""
+
+    def __init__(self, *, timed_out: bool = False):
+        super().__init__()
+        self.timed_out = timed_out
 
 
 _MAX_REMEMBERED = 10_000

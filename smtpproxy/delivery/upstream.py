@@ -210,12 +210,16 @@ class Connector:
             ctx.verify_mode = ssl.CERT_NONE
         return ctx
 
-    async def acquire(self, servers: Sequence[UpstreamServer], session: Session) -> Connection:
-        """A connection ready for MAIL FROM, from the first server that works; else DeliveryError."""
+    async def acquire(self, servers: Sequence[UpstreamServer], session: Session, *,
+                      reuse: bool = True) -> Connection:
+        """A connection ready for MAIL FROM, from the first server that works; else DeliveryError.
+
+        *reuse* False: a new connection, not an idle one.
+        """
         now = time.monotonic()
         last_error: DeliveryError | None = None
         for server in order_servers(servers, now):
-            conn = await self._reuse(server, session)
+            conn = await self._reuse(server, session) if reuse else None
             if conn is not None:
                 return conn
             try:
