@@ -283,11 +283,19 @@ async def test_an_upstream_that_stops_answering_mid_group_is_a_tempfail(
     assert upstream.messages == []
 
 
-async def test_a_reused_connection_that_times_out_gets_one_retry_on_a_new_one(proxy_factory: ProxyFactory) -> None:
-    """A reused connection that times out in the group may be wedged, or the upstream may be
-    slow (a slow recipient check): one more try on a new connection, never one command
-    timeout per idle connection in turn. Two idle connections here, both wedged."""
-    upstream = PipeliningUpstream(stall_on=b"RCPT", stall_on_reuse_only=True)
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_reused_connection_that_times_out_gets_one_retry_on_a_new_one(
+    proxy_factory: ProxyFactory, pipelining: bool
+) -> None:
+    """A reused connection that times out in the group (or, without pipelining, in its probe)
+    may be wedged, or the upstream may be slow (a slow recipient check): one more try on a
+    new connection, never one command timeout per idle connection in turn. Two idle
+    connections here, both wedged."""
+    if pipelining:
+        upstream = PipeliningUpstream(stall_on=b"RCPT", stall_on_reuse_only=True)
+    else:
+        upstream = PipeliningUpstream(extensions=(b"8BITMIME", XFORWARD), stall_on=b"XFORWARD",
+                                      stall_on_reuse_only=True)
     server, port = await start(upstream)
     proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="relay", command_timeout=0.5))
     clients = [await Talk.open(port_of(proxy)) for _ in range(2)]

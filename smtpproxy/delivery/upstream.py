@@ -271,8 +271,10 @@ class Connector:
                     if response.code != 250:
                         raise aiosmtplib.SMTPResponseException(response.code, response.message)
                 await self._identify(conn, session)
-            except (aiosmtplib.SMTPException, OSError, DeliveryError):
+            except (aiosmtplib.SMTPException, OSError, DeliveryError) as exc:
                 await self.discard(conn)
+                if isinstance(exc, aiosmtplib.SMTPTimeoutError):
+                    return None  # wedged or slow: a new connection, not one timeout per idle one
                 continue
             return conn
         return None
