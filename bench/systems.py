@@ -438,12 +438,13 @@ class Haraka(System):
 
 SYSTEM_NAMES = ["direct", "baseline", "baseline-uvloop", "smtpproxy", "smtpproxy-asyncio",
                 "smtpproxy-uvloop", "smtpproxy-workers", "smtpproxy-chain", "smtpproxy-chain-asyncio",
-                "haraka", "haraka-chain"]
+                "smtpproxy-chain-workers", "haraka", "haraka-chain"]
 """Every system; ``smtpproxy*`` ones also as ``NAME@before`` (the checkout given by --before)."""
 DEFAULT_SYSTEMS = ["direct", "baseline", "smtpproxy", "smtpproxy-asyncio", "smtpproxy-workers",
                    "smtpproxy-chain", "haraka", "haraka-chain"]
 """What runs without --systems. ``smtpproxy`` is the default install (event_loop: auto, which is
-uvloop where it installs); ``-asyncio`` forces asyncio's loop; ``-workers`` is ``workers: auto``."""
+uvloop where it installs); ``-asyncio`` forces asyncio's loop; ``-workers`` is ``workers: auto``
+(also with the chain: ``smtpproxy-chain-workers``)."""
 
 
 def make_system(name: str, services: Services, haraka_nodes: str = "", before: Path | None = None) -> System:
