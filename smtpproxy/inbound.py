@@ -43,7 +43,15 @@ from smtpproxy.eventlog import current_session, event
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
-from smtpproxy.outcome import PROXY, Deliver, Refusal, before_message, end_of_message, skips_data_chain
+from smtpproxy.outcome import (
+    PROXY,
+    Deliver,
+    Refusal,
+    before_message,
+    end_of_message,
+    queued_reply,
+    skips_data_chain,
+)
 from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.relay import RelayPolicy, refusal_reply
@@ -877,7 +885,7 @@ class InboundSMTP(SMTP):
         if isinstance(outcome, Refusal):
             return outcome.decision(score)
         if outcome.action == "discard":
-            return outcome.decision(_queued(transaction), score)
+            return outcome.decision(queued_reply(transaction), score)
         if outcome.action == "quarantine":
             try:
                 qid = await self.services.quarantine.store(
@@ -886,7 +894,7 @@ class InboundSMTP(SMTP):
             except OSError as exc:
                 log.error("event=quarantine_failed error=%r", exc)
                 return Refusal(LOCAL_ERROR, PROXY, f"quarantine failed: {exc}").decision(score)
-            return outcome.decision(_queued(transaction), score, f"{outcome.reason} (id {qid})")
+            return outcome.decision(queued_reply(transaction), score, f"{outcome.reason} (id {qid})")
         metrics = self.services.metrics
         metrics.delivery_started()
         result, delivery_started = "error", time.perf_counter()
@@ -1109,7 +1117,3 @@ def _wire(reply: Reply, encoding: str) -> bytes:
 
 _WIRE = {r: _wire(r, "ascii") for r in (_SENDER_OK, _RECIPIENT_OK, _START_DATA, _OK, _BYE, LOCAL_ERROR)}
 """Their bytes, the same in ASCII and UTF-8."""
-
-
-def _queued(transaction: Transaction) -> Reply:
-    return Reply(250, "2.0.0", f"Ok: queued as {transaction.id}")

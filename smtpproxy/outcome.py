@@ -34,6 +34,7 @@ __all__ = [
     "before_message",
     "connect_reply",
     "end_of_message",
+    "queued_reply",
     "skips_data_chain",
 ]
 
@@ -79,6 +80,12 @@ class Deliver:
         by = DELIVERY if self.action == "deliver" else self.decided_by
         return Decision(disposition[self.action], reply, by,
                         self.reason if reason is None else reason, score)
+
+
+def queued_reply(transaction: Transaction) -> Reply:
+    """The proxy's own ``250`` for a message it keeps or drops itself (quarantine, discard):
+    worded as an MTA's, so the client cannot tell it from a delivery."""
+    return Reply(250, "2.0.0", f"Ok: queued as {transaction.id}")
 
 
 def connect_reply(reply: Reply) -> Reply:

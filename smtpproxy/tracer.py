@@ -27,7 +27,7 @@ from smtpproxy.config import Config, ConfigSource, MaildirDeliveryConfig
 from smtpproxy.datareader import END_OF_DATA, DataReader
 from smtpproxy.eventlog import current_session
 from smtpproxy.message import Message
-from smtpproxy.outcome import PROXY, Refusal, before_message, end_of_message, skips_data_chain
+from smtpproxy.outcome import PROXY, Refusal, before_message, end_of_message, queued_reply, skips_data_chain
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy, refusal_reply
 from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
@@ -593,7 +593,7 @@ class Tracer:
         if isinstance(outcome, Refusal):
             run.decide(outcome.disposition, outcome.reply, outcome.decided_by, outcome.reason)
         else:
-            reply = WOULD_DELIVER if outcome.action == "deliver" else _queued(transaction)
+            reply = WOULD_DELIVER if outcome.action == "deliver" else queued_reply(transaction)
             decision = outcome.decision(reply, transaction.score)
             run.decide(decision.disposition, reply, decision.decided_by, decision.reason)
         # the data chain is skipped for a discard decided earlier
@@ -661,10 +661,6 @@ def _minus(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> list[tuple[str
 def _text(reply: Reply) -> str:
     """A reply as one string: its wire lines joined by newlines (no CR)."""
     return "\n".join(reply.lines())
-
-
-def _queued(transaction: Transaction) -> Reply:
-    return Reply(250, "2.0.0", f"Ok: queued as {transaction.id}")
 
 
 WOULD_DELIVER = Reply(250, "2.0.0", "Ok: would be delivered")
