@@ -438,7 +438,7 @@ class Haraka(System):
 
 SYSTEM_NAMES = ["direct", "baseline", "baseline-uvloop", "smtpproxy", "smtpproxy-asyncio",
                 "smtpproxy-uvloop", "smtpproxy-workers", "smtpproxy-chain", "smtpproxy-chain-asyncio",
-                "smtpproxy-chain-workers", "haraka", "haraka-chain"]
+                "smtpproxy-chain-uvloop", "smtpproxy-chain-workers", "haraka", "haraka-chain"]
 """Every system; ``smtpproxy*`` ones also as ``NAME@before`` (the checkout given by --before)."""
 DEFAULT_SYSTEMS = ["direct", "baseline", "smtpproxy", "smtpproxy-asyncio", "smtpproxy-workers",
                    "smtpproxy-chain", "haraka", "haraka-chain"]
