@@ -28,10 +28,10 @@ current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 _log = logging.getLogger("smtpproxy.session")
 
 
-def event(name: str, /, level: int = logging.INFO, **fields: Any) -> None:
-    """Log one structured session event."""
+def event(name: str, /, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any) -> None:
+    """Log one structured session event (*exc_info*: with the exception being handled)."""
     if _log.isEnabledFor(level):
-        _log.log(level, name, extra={"smtpproxy_fields": fields})
+        _log.log(level, name, exc_info=exc_info, extra={"smtpproxy_fields": fields})
 
 
 class EventLog:

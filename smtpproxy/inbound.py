@@ -70,7 +70,6 @@ from smtpproxy.verdicts import Reply
 
 __all__ = ["InboundSMTP", "ListenerPolicy", "Services"]
 
-log = logging.getLogger("smtpproxy.inbound")
 
 # aiosmtpd replies we do not override, given the enhanced status codes we advertise.
 _ENHANCED_REPLIES = {
@@ -562,7 +561,7 @@ class InboundSMTP(SMTP):
             except (asyncio.CancelledError, ConnectionError):
                 raise
             except Exception:
-                log.exception("event=internal_error command=%s", command)
+                event("internal_error", level=logging.ERROR, exc_info=True, command=command)
                 await self.reply(Reply(451, "4.3.0", "Internal error, try again later"))
                 if self.plugin_session.transaction is not None:
                     self._end_transaction()
@@ -892,7 +891,7 @@ class InboundSMTP(SMTP):
                     self.plugin_session, transaction, transaction.message, outcome.reason
                 )
             except OSError as exc:
-                log.error("event=quarantine_failed error=%r", exc)
+                event("quarantine_failed", level=logging.ERROR, error=repr(exc))
                 return Refusal(LOCAL_ERROR, PROXY, f"quarantine failed: {exc}").decision(score)
             return outcome.decision(queued_reply(transaction), score, f"{outcome.reason} (id {qid})")
         metrics = self.services.metrics
@@ -909,7 +908,7 @@ class InboundSMTP(SMTP):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            log.exception("event=delivery_crashed tx=%s", transaction.id)
+            event("delivery_crashed", level=logging.ERROR, exc_info=True, tx=transaction.id)
             return Refusal(LOCAL_ERROR, "delivery", f"{type(exc).__name__}: {exc}").decision(score)
         finally:
             metrics.delivery_finished(self.services.delivery.name, result,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import ssl
 from pathlib import Path
 from typing import Any
@@ -609,3 +610,28 @@ async def test_dsn_is_not_offered_once_the_upstream_is_seen_without_it(
         555, "5.5.4 MAIL parameter RET not supported")
     await client.close()
     server.close()
+
+
+async def test_a_crash_in_delivery_is_a_451_and_one_structured_line_with_the_traceback(
+    proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The proxy's own failures are session events like any other (event=..., sid=..., the
+    fields, exc=the traceback), not free text a log pipeline cannot match."""
+    from smtpproxy.eventlog import KeyValueFormatter
+
+    proxy = await proxy_factory(relay=RELAY)
+
+    async def crash(*args: Any) -> Any:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(proxy.services.delivery, "deliver", crash)
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    with caplog.at_level(logging.INFO):
+        code, _ = await client.send_message("a@sender.test", ["b@dest.test"], HEAD + b"body\r\n")
+    await client.close()
+    assert code == 451
+    [record] = [r for r in caplog.records if r.getMessage() == "delivery_crashed"]
+    line = KeyValueFormatter().format(record)
+    assert line.startswith("ts=") and " level=error event=delivery_crashed " in line
+    assert " tx=" in line and "RuntimeError: disk on fire" in line

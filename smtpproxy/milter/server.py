@@ -33,8 +33,6 @@ from smtpproxy.startup import StartupError, start_chain
 
 __all__ = ["MilterServer"]
 
-log = logging.getLogger("smtpproxy.milter")
-
 
 class MilterServer:
     """One milter process: the plugin chain behind one listening socket."""
@@ -120,7 +118,7 @@ class MilterServer:
         except asyncio.CancelledError:
             event("milter_closed", peer=peer_text, reason="shutdown")
         except Exception:
-            log.exception("event=milter_internal_error peer=%s", peer_text)
+            event("milter_internal_error", level=logging.ERROR, exc_info=True, peer=peer_text)
         finally:
             writer.close()
             with contextlib.suppress(Exception):
