@@ -22,7 +22,7 @@ import aiosmtplib
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-__all__ = ["PipeliningProtocol", "adopt", "pipeline"]
+__all__ = ["PipeliningProtocol", "pipeline"]
 
 
 class PipeliningProtocol(SMTPProtocol):
@@ -74,12 +74,6 @@ class PipeliningProtocol(SMTPProtocol):
         finally:
             self._response_pending = False
             self._response_waiter = None if self.transport is None else self._loop.create_future()
-
-
-def adopt(client: aiosmtplib.SMTP) -> None:
-    """Give a freshly connected client the protocol :func:`pipeline` needs (done once)."""
-    if client.protocol is not None:
-        _adopt(client.protocol)
 
 
 def _adopt(protocol: SMTPProtocol) -> PipeliningProtocol:

@@ -348,14 +348,13 @@ class _Transfer:
                 timed_out = isinstance(exc.__cause__, aiosmtplib.SMTPTimeoutError)
                 raise _DeadConnection(timed_out=timed_out) from None
             raise
-        first = responses.pop(0) if prelude is not None else None
+        probe = (prelude, responses.pop(0)) if prelude is not None else None
         replies = [upstream_reply(r.code, r.message) for r in responses]
         if data:
             data_reply = replies.pop()
             self.in_data = data_reply.is_positive  # first: closing must not say QUIT (354, or out of step)
             self._in_step(data_reply, _DATA_OK)
-        if prelude is not None and first is not None \
-                and not self.connector.accept_prelude(self.conn, prelude, first):
+        if probe is not None and not self.connector.accept_prelude(self.conn, *probe):
             raise _DeadConnection
         self._check_mail(replies[0])
         rcpt_replies = [self._in_step(reply, _RCPT_OK) for reply in replies[1:]]
@@ -419,7 +418,6 @@ class _Transfer:
                     self.conn.client, parts, self.connector.settings.data_timeout, started=self.in_data
                 )
             except aiosmtplib.SMTPDataError as exc:
-                self.in_data = False
                 refusal = self._in_step(upstream_reply(exc.code, exc.message), frozenset())
                 self.clean = True  # a refusal of the message leaves the session usable
                 raise DeliveryError(refusal, f"{self.conn.destination}: DATA refused: {exc.code}") from exc
