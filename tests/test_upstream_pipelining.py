@@ -168,6 +168,24 @@ async def test_at_data_sends_xforward_mail_rcpts_and_data_in_one_write(proxy_fac
     assert len(upstream.messages) == 2
 
 
+async def test_with_xclient_the_reuse_probe_goes_in_the_group_too(proxy_factory: ProxyFactory) -> None:
+    """Postfix's setup: XCLIENT (and the EHLO after it) once per connection, on their own; a
+    connection reused for the same client sends its RSET probe in the message's one write."""
+    upstream = PipeliningUpstream(extensions=(b"PIPELINING", b"8BITMIME", b"XCLIENT NAME ADDR PORT HELO PROTO"))
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode="at_data"))
+    client = await Talk.open(port_of(proxy))
+    await client.hello("client.example")
+    for _ in range(2):
+        assert (await client.send_message("a@sender.test", ["b@dest.test"], BODY))[0] == 250
+    await client.close()
+    server.close()
+    assert [verbs(read) for read in upstream.reads()] == [
+        [b"EHLO"], [b"XCLIENT"], [b"EHLO"], [b"MAIL", b"RCPT", b"DATA"], [b"<data>"],
+        [b"RSET", b"MAIL", b"RCPT", b"DATA"], [b"<data>"],
+    ]
+
+
 async def test_relay_mode_opens_the_transaction_in_one_write(proxy_factory: ProxyFactory) -> None:
     upstream = PipeliningUpstream(refuse=frozenset({b"nobody@dest.test"}))
     server, port = await start(upstream)

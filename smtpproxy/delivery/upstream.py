@@ -255,11 +255,12 @@ class Connector:
             if time.monotonic() - conn.idle_since > self.settings.idle_timeout:
                 await self.discard(conn)
                 continue
-            if conn.identity is not None and conn.identity != self._xclient_identity(conn, session):
+            identity = self._xclient_identity(conn, session)
+            if conn.identity is not None and conn.identity != identity:
                 await self.discard(conn)  # it speaks for another client now
                 continue
             conn.reused = True
-            if self.pipelines(conn) and self._xclient_identity(conn, session) is None:
+            if self.pipelines(conn) and identity == conn.identity:  # no XCLIENT to send
                 # Probe that the idle connection still answers (as Postfix's connection cache
                 # does) in the message's first write: XFORWARD when it is sent, else RSET.
                 conn.prelude = self._xforward_command(conn, session) or b"RSET"
