@@ -193,6 +193,8 @@ class RawUpstream:
     extensions: tuple[bytes, ...] = (b"8BITMIME", b"SMTPUTF8", b"SIZE 100000000")
     lines: list[bytes] = field(default_factory=list)
     xclient_reply: bytes = b"220 raw.test ESMTP"  # Postfix >= 2.3; older ones (and smtp-sink) say 250
+    answers_quit: bool = True
+    """False: QUIT is never answered (a hung or overloaded upstream); the client must hang up."""
 
     def commands(self, verb: bytes) -> list[bytes]:
         return [line for line in self.lines if line.split(b" ")[0].upper() == verb]
@@ -220,6 +222,8 @@ class RawUpstream:
                 in_data = True
                 writer.write(b"354 go\r\n")
             elif verb == b"QUIT":
+                if not self.answers_quit:
+                    continue  # silence
                 writer.write(b"221 bye\r\n")
                 break
             else:

@@ -280,33 +280,13 @@ async def test_a_dead_pooled_connection_is_replaced_when_xforward_is_the_probe(p
     server.close()
 
 
-class QuitNeverAnswered(RawUpstream):
-    """Takes mail, then never answers QUIT (a hung or overloaded upstream)."""
-
-    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        writer.write(b"220 raw.test ESMTP\r\n")
-        in_data = False
-        while line := await reader.readline():
-            if in_data:
-                if line == b".\r\n":
-                    in_data = False
-                    writer.write(b"250 2.0.0 Ok: queued\r\n")
-                continue
-            verb = line.split(b" ")[0].strip().upper()
-            if verb == b"QUIT":
-                continue  # silence
-            in_data = verb == b"DATA"
-            writer.write(b"354 go\r\n" if in_data else b"250-raw.test\r\n250 8BITMIME\r\n"
-                         if verb == b"EHLO" else b"250 2.0.0 Ok\r\n")
-
-
 async def test_stopping_while_a_retired_connection_waits_for_quit_logs_no_error(
     proxy_factory: ProxyFactory,
 ) -> None:
     """A connection retired after its last message says QUIT in a background task. Stopping the
     proxy (and asyncio.run cancelling what is left, as at process exit) must not make that task's
     done-callback raise: the soak run found 'Exception in callback Connector.release' tracebacks."""
-    upstream = QuitNeverAnswered()
+    upstream = RawUpstream(answers_quit=False)  # a hung upstream: QUIT never answered
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=port,
@@ -319,7 +299,7 @@ async def test_stopping_while_a_retired_connection_waits_for_quit_logs_no_error(
     try:
         await proxy.stop(grace=1)
         leftovers = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()
-                     and "QuitNeverAnswered" not in getattr(t.get_coro(), "__qualname__", "")]
+                     and "RawUpstream.serve" not in getattr(t.get_coro(), "__qualname__", "")]
         for task in leftovers:  # what asyncio.run does when the proxy's main() returns
             task.cancel()
         await asyncio.gather(*leftovers, return_exceptions=True)
