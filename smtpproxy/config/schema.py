@@ -500,7 +500,8 @@ class SmtpDeliveryConfig(_Model):
         description=(
             "Pipeline commands (RFC 2920) when the upstream offers PIPELINING: XFORWARD or the "
             "reuse probe, MAIL, the RCPTs and (rcpt_mode at_data) DATA go in one write, so a "
-            "message costs one round trip plus the data. 'false' sends one command at a time "
+            "message on a reused connection costs one round trip plus the data (three in relay "
+            "mode, where DATA waits for the client). 'false' sends one command at a time "
             "(Postfix: smtp_discard_ehlo_keywords = pipelining)."
         ),
     )
