@@ -21,17 +21,20 @@ applies: ``tempfail`` by default, never a silent pass.
 
 Each result has its own action (``reject``, ``quarantine``, ``tempfail``, ``continue`` or a
 score): ``infected`` (a signature), ``heuristic`` (``Heuristics.*`` and ``Broken.*``),
-``pua`` (``PUA.*``, with clamd's ``DetectPUA``), ``encrypted`` (``Heuristics.Encrypted.*``,
-with ``AlertEncrypted``) and ``unscanned``: clamd could not scan it all
+``phishing`` (``Heuristics.Phishing.*``), ``pua`` (``PUA.*``, with clamd's ``DetectPUA``),
+``encrypted`` (``Heuristics.Encrypted.*``, with ``AlertEncrypted``) and ``unscanned``:
+clamd could not scan it all
 (``Heuristics.Limits.Exceeded.*``, which clamd only reports with ``AlertExceedsMax yes``;
 without it an over-limit file is a plain ``OK``), or the stream was over clamd's
 ``StreamMaxLength``. Messages over ``max_size`` are not sent at all: the ``oversize``
-action. The sender is never notified: a refusal is an SMTP reply, a quarantine is silent.
+action. ``signatures`` overrides the action by signature name pattern. The sender is never
+notified: a refusal is an SMTP reply, a quarantine is silent.
 """
 
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import random
 import re
 import socket
@@ -59,7 +62,9 @@ _EXTENDED_INFO = re.compile(r"\([0-9a-f]{32,64}:\d+\)$")  # ExtendedDetectionInf
 _SIZE_LIMIT = "INSTREAM size limit exceeded. ERROR"
 _PLACEHOLDERS = {"signature": "Win.Test.EICAR_HDB-1"}
 
-Result = Literal["clean", "infected", "heuristic", "pua", "encrypted", "unscanned", "oversize", "error"]
+Result = Literal[
+    "clean", "infected", "heuristic", "phishing", "pua", "encrypted", "unscanned", "oversize", "error"
+]
 
 
 class ClamdError(Exception):
@@ -169,6 +174,8 @@ def classify(signature: str) -> Result:
         return "encrypted"
     if signature.startswith("PUA."):
         return "pua"
+    if signature.startswith("Heuristics.Phishing."):
+        return "phishing"
     if signature.startswith(("Heuristics.", "Broken.")):
         return "heuristic"
     return "infected"
@@ -276,6 +283,13 @@ class ClamAV:
             default="reject",
             description="A Heuristics.* or Broken.* detection (phishing, broken executables, ...).",
         )
+        phishing: ActionSpec = Field(
+            default=5.0,
+            description=(
+                "A Heuristics.Phishing.* detection (PhishingSignatures/PhishingScanURLs in clamd.conf): "
+                "ClamAV suggests these for scoring only, so the default is a score of 5."
+            ),
+        )
         pua: ActionSpec = Field(
             default="reject", description="A PUA.* detection (only with DetectPUA yes in clamd.conf).",
         )
@@ -295,6 +309,14 @@ class ClamAV:
         )
         oversize: ActionSpec = Field(
             default="quarantine", description="The message is over max_size and was not sent to clamd.",
+        )
+        signatures: dict[str, ActionSpec] = Field(
+            default={},
+            description=(
+                "Actions by signature name, shell-style patterns matched without regard to case, e.g. "
+                "{'*.UNOFFICIAL': 3.0, 'Heuristics.OLE2.ContainsMacros': quarantine}: the first pattern "
+                "that matches decides instead of the result's own action."
+            ),
         )
         on_error: ActionSpec = Field(
             default="tempfail",
@@ -336,6 +358,28 @@ class ClamAV:
             for text in value:
                 Server.parse(text)
             return value
+
+        @field_validator("signatures")
+        @classmethod
+        def _patterns(cls, value: dict[str, ActionSpec]) -> dict[str, ActionSpec]:
+            for pattern in value:
+                if not pattern or any(ord(c) < 32 or ord(c) == 127 for c in pattern):
+                    raise ValueError(f"{pattern!r}: a pattern is a non-empty line without control characters")
+            return value
+
+        def action_for(self, result: Result, signature: str | None) -> ActionSpec:
+            """The configured action: a matching signature pattern first, then the result's own."""
+            if result == "clean":
+                return "continue"
+            if result == "error":
+                return self.on_error
+            if signature is not None:
+                name = signature.lower()
+                for pattern, configured in self.signatures.items():
+                    if fnmatch.fnmatchcase(name, pattern.lower()):
+                        return configured
+            own: ActionSpec = getattr(self, result)
+            return own
 
         @field_validator("reject_text", "unscanned_text", "tempfail_text")
         @classmethod
@@ -407,8 +451,8 @@ class ClamAV:
         detail: str, *, size: int,
     ) -> Verdict | None:
         s = self.settings
-        action: ActionSpec = {"clean": "continue", "error": s.on_error}.get(result) or getattr(s, result)
-        reason = f"clamav {result}: {detail}"
+        action = s.action_for(result, signature)
+        reason = "clamav clean" if result == "clean" else f"clamav {result}: {detail}"
         tags = (f"clamav:{result}", *([f"clamav:{signature}"] if signature else []))
         level = log.info if result == "clean" else log.warning
         level("clamav", tx=transaction.id, result=result, signature=signature, size=size,

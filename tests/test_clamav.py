@@ -234,6 +234,14 @@ async def test_a_spooled_message_is_streamed_from_its_map_never_copied_whole(
     mapped.close()  # raises BufferError if a view of the map were still held
 
 
+def test_signature_kinds() -> None:
+    assert [classify(n) for n in (
+        "Win.Trojan.Agent-1", "Heuristics.Broken.Executable", "Heuristics.Phishing.Email.SpoofedDomain",
+        "PUA.Win.Packer.Upx-1", "Heuristics.Encrypted.PDF", "Heuristics.Limits.Exceeded.MaxScanSize",
+        "Broken.Executable",
+    )] == ["infected", "heuristic", "phishing", "pua", "encrypted", "unscanned", "heuristic"]
+
+
 # -- parsing, without clamd ----------------------------------------------------------------------
 
 
@@ -339,6 +347,17 @@ async def test_pua_and_encrypted_can_score_instead(
     assert header(sink.messages[0].content, "X-Virus-Scanned") == [f"pua (ClamAV: {PUA_SIG})"]
     assert (await send(port_of(proxy), multipart(zipped(PAYLOAD, encrypted=True), "a.zip")))[0] == 250
     assert probe.tags == {"clamav:encrypted", "clamav:Heuristics.Encrypted.Zip"} and probe.score == 2.0
+
+
+async def test_signature_patterns_override_the_results_action(
+    clamd: Clamd, proxy_factory: ProxyFactory, sink: Sink
+) -> None:
+    probe = Probe("clamav")
+    settings = {"signatures": {"smtpproxy.test.custom.*": "reject", "*.UNOFFICIAL": 2.5}}
+    proxy = await proxy_factory(clamav(clamd.unix, **settings), probe, upstream=sink.port)
+    assert (await send(port_of(proxy), INFECTED))[0] == 250  # first pattern misses, second matches
+    assert probe.score == 2.5 and probe.tags == {"clamav:infected", f"clamav:{EICAR_SIG}"}
+    assert await send(port_of(proxy), ZIP_IN_MULTIPART) == (554, f"5.7.1 Virus found: {CUSTOM_SIG}")
 
 
 async def test_not_fully_scanned_is_quarantined_by_default_or_as_configured(
@@ -472,11 +491,11 @@ async def test_through_postfix_clean_arrives_byte_identical_and_infected_is_refu
 def test_settings_defaults_and_validation() -> None:
     s = ClamAV.Settings()
     assert s.servers == ["unix:/run/clamav/clamd.ctl"] and s.on_error == "tempfail"
-    assert (s.infected, s.heuristic, s.pua, s.encrypted) == ("reject",) * 4
+    assert (s.infected, s.heuristic, s.pua, s.encrypted, s.phishing) == ("reject",) * 4 + (5.0,)
     assert (s.unscanned, s.oversize, s.max_size, s.reject_code) == ("quarantine", "quarantine", 26214400, 554)
     for bad in ({"servers": []}, {"servers": ["host:0"]}, {"on_error": "explode"}, {"timeout": 0},
                 {"reject_text": "Virus {name}"}, {"reject_text": "a\r\nb"}, {"header": "X Bad"},
-                {"remove_headers": ["X:y"]}, {"reject_code": 450}, {"infected": float("nan")}, {"hots": 1}):
+                {"remove_headers": ["X:y"]}, {"signatures": {"a\nb": 1.0}}, {"signatures": {"x": "maybe"}}, {"reject_code": 450}, {"infected": float("nan")}, {"hots": 1}):
         with pytest.raises(ValidationError):
             ClamAV.Settings.model_validate(bad)
     for name, field in ClamAV.Settings.model_fields.items():
