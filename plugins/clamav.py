@@ -10,7 +10,8 @@
 The message is streamed to clamd with ``zINSTREAM`` (clamd(8)): the command, then the
 message in chunks of ``<4-byte big-endian length><data>``, then a zero-length chunk; clamd
 answers one NUL-terminated line, ``stream: OK``, ``stream: <signature> FOUND`` or
-``... ERROR``, and closes. One INSTREAM per connection. The chunks are taken from
+``... ERROR``, and closes. One INSTREAM per connection. A ``Received:`` line goes first, so
+that clamd always takes the stream for mail and decodes its parts. The chunks are taken from
 :meth:`Message.parts`, so a spooled 50 MB message is read from its memory map a chunk at a
 time and never copied whole.
 
@@ -60,6 +61,11 @@ _MAX_REPLY = 4096  # "stream: <signature> FOUND": a signature name is far shorte
 _SIGNATURE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,198}[\x21-\x7e])?")
 _EXTENDED_INFO = re.compile(r"\([0-9a-f]{32,64}:\d+\)$")  # ExtendedDetectionInfo: (md5:size)
 _SIZE_LIMIT = "INSTREAM size limit exceeded. ERROR"
+MAIL_MARKER = b"Received: by smtpproxy (clamav plugin)\r\n"
+"""Sent to clamd before the message (not delivered). clamd decides from the first bytes whether
+a stream is mail; a header block it does not recognise (one that starts with Content-Type,
+say) would be scanned as plain text, its attachments never decoded. A Received field first
+always reads as mail (Haraka's clamd plugin does the same)."""
 _PLACEHOLDERS = {"signature": "Win.Test.EICAR_HDB-1"}
 
 Result = Literal[
@@ -215,7 +221,7 @@ async def instream(server: Server, parts: Sequence[Buffer], *, connect_timeout: 
 
 
 async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, parts: Sequence[Buffer]) -> None:
-    await loop.sock_sendall(sock, b"zINSTREAM\0")
+    await loop.sock_sendall(sock, b"zINSTREAM\0" + struct.pack("!I", len(MAIL_MARKER)) + MAIL_MARKER)
     for part in parts:
         with memoryview(part) as view:  # released before the spool may close its map
             for start in range(0, len(view), CHUNK):

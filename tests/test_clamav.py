@@ -189,6 +189,15 @@ async def test_custom_signature_in_a_zip_base64_encoded_in_a_multipart(clamd: Cl
     assert await scan(clamd.unix, CLEAN_ZIP) == ClamdResult(None)
 
 
+async def test_a_header_block_clamd_would_not_take_for_mail_is_still_decoded(clamd: Clamd) -> None:
+    # clamd types a stream by its first bytes: a message whose header block starts with
+    # Content-Type (no From, To, Subject, ...) is not mail to it, and the base64 zip is never
+    # opened. The plugin's Received line in front of the stream makes it mail.
+    bare = ZIP_IN_MULTIPART[ZIP_IN_MULTIPART.index(b"Content-Type: multipart"):]
+    assert await scan(clamd.unix, bare) == ClamdResult(CUSTOM_SIG)
+    assert await scan(clamd.unix, b"Comments: hi\r\n" + bare) == ClamdResult(CUSTOM_SIG)
+
+
 async def test_pua_encrypted_and_limit_results_are_told_apart(clamd: Clamd) -> None:
     pua = await scan(clamd.unix, mail(f"get the {PUA_MARKER.decode()} tool"))
     assert pua.signature == PUA_SIG and classify(PUA_SIG) == "pua"
