@@ -1,15 +1,12 @@
 """clamav: the zINSTREAM exchange against a real, private clamd (Debian's clamav-daemon), and
 the verdicts through a real proxy to a real sink and to the tests' real Postfix.
 
-clamd is started once for this module, on a private unix socket and a free loopback TCP port,
-with a config and a signature database written here (nothing downloaded, no freshclam): an
-.ndb body signature for the EICAR test string and one for a PUA marker, and an .hdb hash
-signature for a custom payload, which the tests hide in a zip, base64-encoded inside a
-multipart message. ClamAV names signatures from unofficial databases ``<name>.UNOFFICIAL``.
-The config sets ``AlertExceedsMax``, ``AlertEncrypted`` and ``DetectPUA`` (the settings the
-docs recommend) and small limits, so that "not fully scanned" and "over StreamMaxLength" are
-reachable with small messages. Readiness is polled with ``zPING`` (``PONG``), never slept on.
-The tests skip, with the reason, only where clamd is not installed (CI installs it).
+clamd is started once for this module (tests/clamd_server.py), on a private unix socket and a
+free loopback TCP port, with a config and a signature database written by the tests (nothing
+downloaded, no freshclam): EICAR and a PUA marker as .ndb body signatures, and a custom
+payload as an .hdb hash signature, which the tests hide in a zip, base64-encoded inside a
+multipart message. The tests skip, with the reason, only where clamd is not installed (CI
+installs it).
 """
 
 from __future__ import annotations
@@ -17,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import email
-import hashlib
 import importlib.metadata
 import io
 import json
@@ -25,14 +21,10 @@ import logging
 import mmap
 import re
 import shutil
-import socket
-import subprocess
 import tempfile
-import time
 import tracemalloc
 import zipfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,89 +35,25 @@ from pydantic import ValidationError
 from smtpproxy_plugins.clamav import ClamAV, ClamdError, ClamdResult, Server, classify, instream, parse_reply
 
 from smtpproxy import Message
+from tests.clamd_server import EICAR, MAX_FILE_SIZE, PAYLOAD, PUA_MARKER, STREAM_MAX, Clamd, start_clamd
 from tests.conftest import ProxyFactory, Sink, closed_port, port_of
-from tests.daemons import free_port, stop_process
 from tests.postfix_instance import PostfixFactory
 from tests.scanner_parts import CLEAN, Probe, header, mail, send
 
-EICAR = rb"X5O!P%@AP[4\PZX54(P^)7CC)7}$EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*"
-PUA_MARKER = b"smtpproxy-pua-marker-7f3a"
-PAYLOAD = b"smtpproxy custom test payload \x00\x01\x02, harmless but signed\n" * 4
 EICAR_SIG = "Smtpproxy.Test.EICAR.UNOFFICIAL"
 CUSTOM_SIG = "Smtpproxy.Test.Custom.UNOFFICIAL"
 PUA_SIG = "PUA.Win.Tool.SmtpproxyTest.UNOFFICIAL"
-MAX_FILE_SIZE = 200 * 1024
-STREAM_MAX = 4 * 1024 * 1024
-
-
-# -- the private clamd --------------------------------------------------------------------------
-
-
-@dataclass
-class Clamd:
-    socket_path: Path
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
-
-    @property
-    def unix(self) -> str:
-        return f"unix:{self.socket_path}"
-
-    @property
-    def tcp(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def ping(self) -> bool:
-        try:
-            with socket.socket(socket.AF_UNIX) as sock:
-                sock.settimeout(0.5)
-                sock.connect(str(self.socket_path))
-                sock.sendall(b"zPING\0")
-                return sock.recv(16) == b"PONG\0"
-        except OSError:
-            return False
 
 
 @pytest.fixture(scope="module")
 def clamd() -> Iterator[Clamd]:
-    binary = shutil.which("clamd") or next(
-        (p for p in ("/usr/sbin/clamd", "/usr/local/sbin/clamd") if Path(p).exists()), None
-    )
-    if binary is None:
-        pytest.skip("clamd is not installed: apt-get install clamav-daemon")
     workdir = Path(tempfile.mkdtemp(prefix="smtpproxy-clamd-"))  # short: a unix socket path
-    workdir.chmod(0o755)
-    db = workdir / "db"
-    db.mkdir()
-    (db / "smtpproxy.ndb").write_text(
-        f"Smtpproxy.Test.EICAR:0:*:{EICAR.hex()}\nPUA.Win.Tool.SmtpproxyTest:0:*:{PUA_MARKER.hex()}\n"
-    )
-    (db / "smtpproxy.hdb").write_text(f"{hashlib.md5(PAYLOAD).hexdigest()}:{len(PAYLOAD)}:Smtpproxy.Test.Custom\n")
-    port = free_port()
-    sock = workdir / "clamd.sock"
-    log = workdir / "clamd.log"
-    config = workdir / "clamd.conf"
-    config.write_text(
-        f"LocalSocket {sock}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nDatabaseDirectory {db}\n"
-        f"TemporaryDirectory {workdir}\nLogFile {log}\nForeground yes\nSelfCheck 0\n"
-        "AlertExceedsMax yes\nAlertEncrypted yes\nDetectPUA yes\n"
-        f"MaxFileSize {MAX_FILE_SIZE}\nStreamMaxLength {STREAM_MAX}\nMaxThreads 4\n"
-    )
-    process = subprocess.Popen([binary, "--config-file", str(config)], stdout=subprocess.DEVNULL,
-                               stderr=subprocess.STDOUT, cwd=workdir)
-    server = Clamd(sock, port, process, log)
-    deadline = time.monotonic() + 60
-    while not server.ping():
-        if process.poll() is not None or time.monotonic() > deadline:
-            stop_process(process)
-            text = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            shutil.rmtree(workdir, ignore_errors=True)
-            raise RuntimeError(f"clamd did not start:\n{text}")
-        time.sleep(0.05)
-    yield server
-    stop_process(process)
-    shutil.rmtree(workdir, ignore_errors=True)
+    try:
+        server = start_clamd(workdir)
+        yield server
+        server.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 # -- messages ------------------------------------------------------------------------------------
