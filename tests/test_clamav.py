@@ -21,6 +21,8 @@ import logging
 import mmap
 import re
 import shutil
+import subprocess
+import sys
 import tempfile
 import tracemalloc
 import zipfile
@@ -35,10 +37,14 @@ from pydantic import ValidationError
 from smtpproxy_plugins.clamav import ClamAV, ClamdError, ClamdResult, Server, classify, instream, parse_reply
 
 from smtpproxy import Message
+from smtpproxy.milter import codec
 from tests.clamd_server import EICAR, MAX_FILE_SIZE, PAYLOAD, PUA_MARKER, STREAM_MAX, Clamd, start_clamd
 from tests.conftest import ProxyFactory, Sink, closed_port, port_of
 from tests.postfix_instance import PostfixFactory
 from tests.scanner_parts import CLEAN, Probe, header, mail, send
+from tests.test_milter import Factory as MilterFactory
+from tests.test_milter import FakeMTA
+from tests.test_milter import milter as milter  # noqa: PLC0414 - the milter front end's fixture
 
 EICAR_SIG = "Smtpproxy.Test.EICAR.UNOFFICIAL"
 CUSTOM_SIG = "Smtpproxy.Test.Custom.UNOFFICIAL"
@@ -455,3 +461,41 @@ def test_docs_example_chain_is_valid(tmp_path: Path) -> None:
 def test_entry_point_is_registered() -> None:
     [ep] = [e for e in importlib.metadata.entry_points(group="smtpproxy.plugins") if e.name == "clamav"]
     assert ep.load() is ClamAV
+
+
+# -- the same plugin in the milter front end ------------------------------------------------------
+
+
+async def test_in_the_milter_an_infected_message_is_refused_and_a_clean_one_gets_the_header(
+    clamd: Clamd, milter: MilterFactory
+) -> None:
+    server = await milter(clamav(clamd.unix))
+    headers = [("From", " Alice <alice@sender.test>"), ("To", " bob@dest.test"), ("Subject", " files"),
+               ("X-Virus-Status", " Clean")]
+    mta = await FakeMTA.open(server)
+    await mta.start()
+    await mta.envelope()
+    assert await mta.content(headers, b"Hi,\r\n" + EICAR + b"\r\n") == [
+        codec.ReplyCode(f"554 5.7.1 Virus found: {EICAR_SIG}")]
+    await mta.envelope()
+    responses = await mta.content(headers, b"Hi Bob, lunch at noon?\r\n")
+    await mta.close()
+    assert responses[-1] == codec.Accept()
+    assert sorted(map(repr, responses[:-1])) == sorted(map(repr, [
+        codec.ChangeHeader(1, "X-Virus-Status", ""), codec.InsertHeader(0, "X-Virus-Scanned", " clean (ClamAV)")]))
+
+
+def test_the_offline_tracer_asks_clamd_too(clamd: Clamd, tmp_path: Path) -> None:
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text(
+        f"listeners: [{{port: 2525}}]\ndelivery: {{type: maildir, path: {tmp_path / 'mail'}}}\n"
+        f"plugins:\n  - name: clamav\n    settings: {{servers: ['{clamd.unix}']}}\n"
+    )
+    eml = tmp_path / "infected.eml"
+    eml.write_bytes(ZIP_IN_MULTIPART)
+    result = subprocess.run(
+        [sys.executable, "-m", "smtpproxy", "test-message", str(eml), "--from", "alice@sender.test",
+         "--rcpt", "bob@dest.test", "-c", str(config)], capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 3, result.stdout + result.stderr  # rejected
+    assert f"decision  REJECTED  554 5.7.1 Virus found: {CUSTOM_SIG}" in result.stdout
