@@ -63,6 +63,10 @@ BAD_SETTINGS = [
      r":4:\d+: plugins\[0\]\.settings\.url: "),
     ("iprev", "on_fail: drop",
      r":4:\d+: plugins\[0\]\.settings\.on_fail: "),
+    ("clamav", 'servers: ["unix:/run/clamav/clamd.ctl", "clamd.example:0"]',
+     r":4:\d+: plugins\[0\]\.settings\.servers: .*the port must be 1\.\.65535"),
+    ("clamav", 'reject_text: "Virus {virus}"',
+     r":4:\d+: plugins\[0\]\.settings\.reject_text: .*unknown placeholder \{virus\}"),
 ]
 
 
