@@ -35,11 +35,15 @@ notified: a refusal is an SMTP reply, a quarantine is silent.
 from __future__ import annotations
 
 import asyncio
+import base64
 import fnmatch
+import functools
+import io
 import random
 import re
 import socket
 import struct
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -67,6 +71,9 @@ a stream is mail; a header block it does not recognise (one that starts with Con
 say) would be scanned as plain text, its attachments never decoded. A Received field first
 always reads as mail (Haraka's clamd plugin does the same)."""
 _PLACEHOLDERS = {"signature": "Win.Test.EICAR_HDB-1"}
+PROBE_DEPTH = 256
+"""Zip levels in the startup probe: well past what any clamd scans (MaxRecursion is at most
+100, and clamd stops at about twice its MaxRecursion in nested stored zips)."""
 
 Result = Literal[
     "clean", "infected", "heuristic", "phishing", "pua", "encrypted", "unscanned", "oversize", "error"
@@ -185,6 +192,26 @@ def classify(signature: str) -> Result:
     if signature.startswith(("Heuristics.", "Broken.")):
         return "heuristic"
     return "infected"
+
+
+@functools.cache
+def limits_probe() -> bytes:
+    """A message carrying a harmless zip nested :data:`PROBE_DEPTH` deep (about 40 KB): clamd
+    cannot scan it all, so it answers ``Heuristics.Limits.Exceeded.MaxRecursion`` with
+    ``AlertExceedsMax yes`` and a plain ``OK`` without it. A mail, as every stream the plugin
+    sends is (a bare zip after the Received line takes clamd seconds instead of milliseconds)."""
+    data = b"smtpproxy clamav plugin: a probe of clamd's AlertExceedsMax\n"
+    for level in range(PROBE_DEPTH):
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            archive.writestr("probe.zip" if level else "probe.txt", data)
+        data = buffer.getvalue()
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    return (
+        b"From: smtpproxy <postmaster@localhost>\r\nSubject: clamd limits probe\r\nMIME-Version: 1.0\r\n"
+        b'Content-Type: application/zip; name="probe.zip"\r\nContent-Transfer-Encoding: base64\r\n\r\n'
+        + encoded
+    )
 
 
 async def instream(server: Server, parts: Sequence[Buffer], *, connect_timeout: float) -> ClamdResult:
@@ -346,6 +373,15 @@ class ClamAV:
             default="Virus scan temporarily unavailable, try again later",
             description="Reply text (451 4.7.1) when on_error or a result is tempfail.",
         )
+        probe_limits: Literal["warn", "refuse", "off"] = Field(
+            default="warn",
+            description=(
+                "At startup, send each server a zip nested too deep to scan: a server that answers OK "
+                "does not report what it could not scan (AlertExceedsMax no), so its OK can be a "
+                "silent pass. warn logs it (clamav_limits_unreported), refuse stops the proxy from "
+                "starting, off sends no probe. A server that cannot be reached is only logged."
+            ),
+        )
         header: str | None = Field(
             default="X-Virus-Scanned",
             description=(
@@ -412,6 +448,37 @@ class ClamAV:
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or self.Settings()
         self.servers = self.settings.parsed_servers()
+
+    @hookimpl
+    async def startup(self) -> None:
+        """Probe each server's AlertExceedsMax (see ``probe_limits``)."""
+        if self.settings.probe_limits == "off":
+            return
+        results = await asyncio.gather(*(self._probe(server) for server in self.servers))
+        pairs = zip(self.servers, results, strict=True)
+        silent = [str(server) for server, reported in pairs if reported is False]
+        if silent and self.settings.probe_limits == "refuse":
+            raise RuntimeError(
+                f"clamd at {', '.join(silent)} answered OK for a zip it cannot scan to the end: set "
+                "AlertExceedsMax yes in clamd.conf (or probe_limits: warn)"
+            )
+
+    async def _probe(self, server: Server) -> bool | None:
+        """Whether the server reports over-limit scans; None when it could not be asked."""
+        s = self.settings
+        try:
+            async with asyncio.timeout(s.timeout):
+                answer = await instream(server, (limits_probe(),), connect_timeout=s.connect_timeout)
+        except (ClamdError, TimeoutError) as exc:
+            log.warning("clamav_probe", server=str(server), result="error",
+                        error=str(exc) or f"no answer within {s.timeout} s")
+            return None
+        if answer.clean:
+            log.warning("clamav_limits_unreported", server=str(server), action=s.probe_limits,
+                        hint="set AlertExceedsMax yes in clamd.conf: OK can mean 'not scanned to the end'")
+            return False
+        log.info("clamav_probe", server=str(server), result="reported", signature=answer.signature)
+        return True
 
     async def scan(self, transaction: Transaction, message: Message) -> ClamdResult:
         """Ask the servers in turn; the first result wins. ClamdError when none gave one."""

@@ -69,8 +69,11 @@ def clamd_binary() -> str | None:
     )
 
 
-def start_clamd(workdir: Path) -> Clamd:
-    """Write the config and database into ``workdir`` (keep its path short) and start clamd."""
+def start_clamd(workdir: Path, *, alert_exceeds_max: bool = True) -> Clamd:
+    """Write the config and database into ``workdir`` (keep its path short) and start clamd.
+
+    ``alert_exceeds_max=False`` makes the clamd the docs warn about: over-limit scans are OK.
+    """
     binary = clamd_binary()
     if binary is None:
         pytest.skip("clamd is not installed: apt-get install clamav-daemon")
@@ -88,7 +91,7 @@ def start_clamd(workdir: Path) -> Clamd:
     config.write_text(
         f"LocalSocket {sock}\nTCPSocket {port}\nTCPAddr 127.0.0.1\nDatabaseDirectory {db}\n"
         f"TemporaryDirectory {workdir}\nLogFile {log}\nForeground yes\nSelfCheck 0\n"
-        "AlertExceedsMax yes\nAlertEncrypted yes\nDetectPUA yes\n"
+        f"AlertExceedsMax {'yes' if alert_exceeds_max else 'no'}\nAlertEncrypted yes\nDetectPUA yes\n"
         f"MaxFileSize {MAX_FILE_SIZE}\nStreamMaxLength {STREAM_MAX}\nMaxThreads 4\n"
     )
     process = subprocess.Popen([binary, "--config-file", str(config)], stdout=subprocess.DEVNULL,

@@ -38,6 +38,7 @@ from smtpproxy_plugins.clamav import ClamAV, ClamdError, ClamdResult, Server, cl
 
 from smtpproxy import Message
 from smtpproxy.milter import codec
+from smtpproxy.startup import StartupError
 from tests.clamd_server import EICAR, MAX_FILE_SIZE, PAYLOAD, PUA_MARKER, STREAM_MAX, Clamd, start_clamd
 from tests.conftest import ProxyFactory, Sink, closed_port, port_of
 from tests.postfix_instance import PostfixFactory
@@ -343,6 +344,50 @@ async def test_failover_to_the_next_server(
         assert len(failed) == 2 and "cannot connect" in failed[0] and "not a clamd" in failed[1]
     finally:
         nonsense.close()
+
+
+# -- the startup probe of AlertExceedsMax ---------------------------------------------------------
+
+
+async def test_startup_probe_finds_a_clamd_that_reports_its_limits(
+    clamd: Clamd, proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO, logger="smtpproxy_plugins.clamav"):
+        await proxy_factory(clamav(clamd.unix, clamd.tcp, probe_limits="refuse"), upstream=sink.port)
+    probes = [r.getMessage() for r in caplog.records if "event=clamav_probe " in r.getMessage()]
+    assert len(probes) == 2 and all(
+        "result=reported signature=Heuristics.Limits.Exceeded.MaxRecursion" in m for m in probes), probes
+
+
+async def test_startup_probe_finds_a_clamd_that_answers_ok_for_what_it_did_not_scan(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    workdir = Path(tempfile.mkdtemp(prefix="smtpproxy-clamd-"))
+    try:
+        lax = await asyncio.to_thread(start_clamd, workdir, alert_exceeds_max=False)
+        try:
+            # What the probe is for: over MaxFileSize, this clamd says OK and the message passes.
+            big = multipart(bytes(range(256)) * (MAX_FILE_SIZE // 256 + 100), "big.bin", "application/octet-stream")
+            assert await scan(lax.unix, big) == ClamdResult(None)
+            with caplog.at_level(logging.WARNING, logger="smtpproxy_plugins.clamav"):
+                await proxy_factory(clamav(lax.unix), upstream=sink.port)  # probe_limits: warn
+            assert any("event=clamav_limits_unreported" in r.getMessage() and lax.unix in r.getMessage()
+                       and "AlertExceedsMax yes" in r.getMessage() for r in caplog.records)
+            with pytest.raises(StartupError, match=r"answered OK for a zip it cannot scan.*AlertExceedsMax yes"):
+                await proxy_factory(clamav(lax.unix, probe_limits="refuse"), upstream=sink.port)
+        finally:
+            lax.stop()
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def test_startup_probe_of_an_unreachable_clamd_only_logs(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="smtpproxy_plugins.clamav"):
+        await proxy_factory(clamav(f"127.0.0.1:{closed_port()}", probe_limits="refuse"), upstream=sink.port)
+    assert any("event=clamav_probe " in r.getMessage() and "result=error" in r.getMessage()
+               for r in caplog.records)
 
 
 # -- failures: clamd down, slow, answering nonsense ------------------------------------------------
