@@ -27,7 +27,9 @@ score): ``infected`` (a signature), ``heuristic`` (``Heuristics.*`` and ``Broken
 clamd could not scan it all
 (``Heuristics.Limits.Exceeded.*``, which clamd only reports with ``AlertExceedsMax yes``;
 without it an over-limit file is a plain ``OK``), or the stream was over clamd's
-``StreamMaxLength``. Messages over ``max_size`` are not sent at all: the ``oversize``
+``StreamMaxLength``. At startup (``probe_limits``) each server gets a zip nested too deep to
+scan: one that answers ``OK`` has ``AlertExceedsMax`` off, which is logged (or refused).
+Messages over ``max_size`` are not sent at all: the ``oversize``
 action. ``signatures`` overrides the action by signature name pattern. The sender is never
 notified: a refusal is an SMTP reply, a quarantine is silent.
 """

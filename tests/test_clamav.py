@@ -373,8 +373,9 @@ async def test_startup_probe_finds_a_clamd_that_answers_ok_for_what_it_did_not_s
                 await proxy_factory(clamav(lax.unix), upstream=sink.port)  # probe_limits: warn
             assert any("event=clamav_limits_unreported" in r.getMessage() and lax.unix in r.getMessage()
                        and "AlertExceedsMax yes" in r.getMessage() for r in caplog.records)
-            with pytest.raises(StartupError, match=r"answered OK for a zip it cannot scan.*AlertExceedsMax yes"):
+            with pytest.raises(StartupError, match=r"answered OK for a zip it cannot scan.*AlertExceedsMax yes") as info:
                 await proxy_factory(clamav(lax.unix, probe_limits="refuse"), upstream=sink.port)
+            assert str(info.value).startswith("plugin clamav: startup failed: RuntimeError: clamd at unix:")
         finally:
             lax.stop()
     finally:
