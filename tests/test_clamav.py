@@ -346,6 +346,25 @@ async def test_failover_to_the_next_server(
         nonsense.close()
 
 
+async def test_randomize_shuffles_the_servers_for_each_message(
+    clamd: Clamd, proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    orders: list[list[str]] = []
+
+    def reverse(servers: list[Any]) -> None:  # a "shuffle" the test can predict
+        servers.reverse()
+        orders.append([str(s) for s in servers])
+
+    monkeypatch.setattr("smtpproxy_plugins.clamav.random.shuffle", reverse)
+    down = f"127.0.0.1:{closed_port()}"
+    proxy = await proxy_factory(clamav(clamd.unix, down, randomize=True, probe_limits="off"), upstream=sink.port)
+    with caplog.at_level(logging.WARNING, logger="smtpproxy_plugins.clamav"):
+        assert await send(port_of(proxy), INFECTED) == (554, f"5.7.1 Virus found: {EICAR_SIG}")
+    assert orders == [[down, clamd.unix]]  # the closed one first: it failed, clamd answered
+    assert [down in r.getMessage() for r in caplog.records if "clamav_server_failed" in r.getMessage()] == [True]
+
+
 # -- the startup probe of AlertExceedsMax ---------------------------------------------------------
 
 
