@@ -26,6 +26,7 @@ from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
 from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
 from smtpproxy.limits import ConnectionLimiter
+from smtpproxy.loginthrottle import LoginThrottle, RedisStore, settings_from
 from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.proxyprotocol import ProxyProtocolSettings
@@ -34,6 +35,7 @@ from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import restart_only_changes, without_restart_only_changes
 from smtpproxy.sdnotify import monotonic_usec, notify
+from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy, StaticTable
 from smtpproxy.startup import StartupError, configure_dns, start_chain
 from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
@@ -52,12 +54,43 @@ def server_tls_context(tls: ListenerTLS) -> ssl.SSLContext:
     return ctx
 
 
+def _login_throttle(config: Config) -> LoginThrottle | None:
+    """The login throttle of a proxy with submission listeners (None without AUTH or when off)."""
+    section = config.login_throttle
+    if not section.enabled or not any(listener.auth for listener in config.listeners):
+        return None
+    store = None
+    if section.redis_url is not None:
+        try:
+            store = RedisStore(section.redis_url, section.redis_timeout)
+        except ImportError as exc:
+            raise StartupError(
+                "login_throttle.redis_url is set but the redis package is not installed: "
+                "pip install 'smtpproxy[redis]'"
+            ) from exc
+    return LoginThrottle(settings_from(section), store)
+
+
+def _sender_login(config: Config) -> SenderLoginPolicy | None:
+    """The sender/login map (YAML map, then the file, read now: a reload reads it again)."""
+    section = config.sender_login
+    if section is None:
+        return None
+    entries = [(key, value, f"sender_login.map[{key!r}]") for key, value in section.map.items()]
+    table = StaticTable.build(entries)
+    if section.file is not None:
+        from_file = StaticTable.load(section.file)
+        table = StaticTable.merged(table, from_file)
+    return SenderLoginPolicy(table, recipient_delimiter=section.recipient_delimiter,
+                             unknown_senders=section.unknown_senders, headers=section.headers)
+
+
 class ProxyServer:
     """One proxy process: listeners, the plugin chain and a delivery backend."""
 
     def __init__(self, config: Config, source: ConfigSource | None = None, *,
                  chain: Chain | None = None, delivery: Delivery | None = None,
-                 worker: int | None = None):
+                 worker: int | None = None, login_throttle: LoginThrottle | None = None):
         self.config = config
         self.worker = worker
         """This process's index under a ``workers: N`` supervisor (None: a single process)."""
@@ -75,6 +108,7 @@ class ProxyServer:
             sessions=set(),
             background=set(),
             drained=asyncio.Event(),
+            login_throttle=login_throttle if login_throttle is not None else _login_throttle(config),
         )
         self.services.drained.set()
         self.source = source
@@ -123,6 +157,7 @@ class ProxyServer:
             proxy_protocol=ProxyProtocolSettings(
                 tuple(listener.proxy_protocol_from), listener.proxy_protocol_timeout
             ) if listener.proxy_protocol else None,
+            sender_login=_sender_login(c) if listener.auth and listener.auth.check_sender_login else None,
         )
 
     async def start(self) -> None:
@@ -135,6 +170,8 @@ class ProxyServer:
             )
         except MetricsUnavailable as exc:
             raise StartupError(str(exc)) from exc
+        if services.login_throttle is not None:
+            services.login_throttle.metrics = services.metrics
         await start_chain(services.chain)
         try:
             await services.delivery.start()
@@ -147,6 +184,9 @@ class ProxyServer:
             except PasswordFileError as exc:
                 await self._close_servers()
                 raise StartupError(f"listeners[{index}].auth.users_file: {exc}") from exc
+            except SenderLoginMapError as exc:
+                await self._close_servers()
+                raise StartupError(f"sender_login: {exc}") from exc
             try:
                 tls = server_tls_context(listener.tls) if listener.tls else None
             except (OSError, ssl.SSLError) as exc:
@@ -245,6 +285,8 @@ class ProxyServer:
                 state.append((self._policy(index, applied), None if listener.implicit_tls else tls))
         except PasswordFileError as exc:
             return self._reload_failed(file, f"listeners[{index}].auth.users_file: {exc}")
+        except SenderLoginMapError as exc:
+            return self._reload_failed(file, f"sender_login: {exc}")
         except (OSError, ssl.SSLError) as exc:
             return self._reload_failed(file, f"listeners[{index}].tls: cannot load certificate: {exc}")
         try:
@@ -367,6 +409,8 @@ class ProxyServer:
             await self.services.chain.notify("shutdown")
         await self.services.leases.close()
         await self.services.delivery.close()
+        if self.services.login_throttle is not None:
+            await self.services.login_throttle.close()
         if self.health is not None:
             await self.health.close()
         self._stopped.set()
