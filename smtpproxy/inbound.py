@@ -1088,8 +1088,8 @@ class InboundSMTP(SMTP):
         if throttle is not None:
             await throttle.failed(self.plugin_session.client.ip, user, password, mechanism=mechanism)
         else:
-            event("auth_failed", level=logging.WARNING, mechanism=mechanism, user=user,
-                  client=self.plugin_session.client.ip)
+            event("auth_failed", level=logging.WARNING, client=self.plugin_session.client.ip,
+                  mechanism=mechanism, user=user)
         await self._error(Reply(535, "5.7.8", "Authentication credentials invalid"))
 
     async def _sender_refused(self, sender: str) -> bool:

@@ -114,6 +114,8 @@ class Failure:
     """The same login and wrong password as a recent attempt: not counted again."""
     locked_until: float = 0.0
     """Set when this failure locked the address out."""
+    new_login: bool = False
+    """The first failure of this login from this address (within forget_after)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,6 +197,7 @@ class MemoryStore:
         tried = self.tried_logins.setdefault(address, {})
         for old in [n for n, t in tried.items() if now - t > s.forget_after]:
             del tried[old]
+        new_login = login not in tried
         tried[login] = now
         if not repeated:
             a.failures += 1
@@ -205,7 +208,7 @@ class MemoryStore:
         if failures >= s.lockout_after:
             locked_until = a.locked_until = now + s.lockout_seconds
             a.failures = 0  # after the lockout, counting starts over
-        return Failure(failures, l_.failures, len(tried), repeated, locked_until)
+        return Failure(failures, l_.failures, len(tried), repeated, locked_until, new_login)
 
     async def succeed(self, login: str) -> None:
         self.logins.pop(login, None)
@@ -261,7 +264,7 @@ redis.call('ZADD', KEYS[3], now, attempt)
 redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(keep + 1))
 redis.call('PEXPIRE', KEYS[3], ttl * 1000)
 redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - forget)
-redis.call('ZADD', KEYS[4], now, login)
+local new_login = redis.call('ZADD', KEYS[4], now, login)
 redis.call('PEXPIRE', KEYS[4], ttl * 1000)
 local tried = redis.call('ZCARD', KEYS[4])
 if not repeated then
@@ -279,7 +282,7 @@ if a >= limit then
 end
 redis.call('PEXPIRE', KEYS[1], ttl * 1000)
 redis.call('PEXPIRE', KEYS[2], ttl * 1000)
-return {a, l, tried, repeated and 1 or 0, tostring(locked)}
+return {a, l, tried, repeated and 1 or 0, tostring(locked), new_login}
 """
 
 
@@ -332,13 +335,13 @@ class RedisStore:
 
     async def fail(self, address: str, login: str, attempt: str, now: float,
                    s: ThrottleSettings) -> Failure:
-        a, l_, tried, repeated, locked = await self._call(self._fail(
+        a, l_, tried, repeated, locked, new_login = await self._call(self._fail(
             keys=[self._key("addr", address), self._key("login", login),
                   self._key("tries", f"{address}\0{login}"), self._key("logins", address)],
             args=[now, s.forget_after, s.lockout_after, s.lockout_seconds, attempt, login,
                   _RECENT_ATTEMPTS],
         ))
-        return Failure(int(a), int(l_), int(tried), bool(repeated), float(locked))
+        return Failure(int(a), int(l_), int(tried), bool(repeated), float(locked), bool(new_login))
 
     async def succeed(self, login: str) -> None:
         await self._call(self.client.delete(self._key("login", login)))
@@ -422,21 +425,20 @@ class LoginThrottle:
         *context* (the mechanism, say), and ``auth_locked``/``auth_spraying`` when due."""
         self.metrics.auth_event("auth_failed")
         if self.exempt(ip):
-            event("auth_failed", level=logging.WARNING, **context, user=login, client=ip,
-                  trusted=True)
+            event("auth_failed", level=logging.WARNING, client=ip, **context, user=login, trusted=True)
             return None
         s = self.settings
         address = self._address(ip)
         attempt = await self._attempt_hash(login, password)
         failure: Failure = await self._stored("fail", address, login, attempt, self.clock.now(), s)
-        event("auth_failed", level=logging.WARNING, **context, user=login, client=ip,
+        event("auth_failed", level=logging.WARNING, client=ip, **context, user=login,
               address_failures=failure.address_failures, login_failures=failure.login_failures,
               repeated=failure.repeated or None)
         if failure.locked_until:
             self.metrics.auth_event("auth_locked")
             event("auth_locked", level=logging.WARNING, client=ip, network=address,
                   failures=failure.address_failures, seconds=s.lockout_seconds, state="new")
-        if failure.distinct_logins == s.spraying_logins and not failure.repeated:
+        if failure.new_login and failure.distinct_logins == s.spraying_logins:
             self.metrics.auth_event("auth_spraying")
             event("auth_spraying", level=logging.WARNING, client=ip, network=address,
                   logins=failure.distinct_logins, seconds=s.forget_after)
