@@ -50,6 +50,8 @@ __all__ = [
 
 _RECENT_ATTEMPTS = 8
 """Distinct wrong passwords remembered per address and login (to spot repeats)."""
+_ATTEMPT_HASH_HEX = 8
+"""Hex digits kept of each attempt's HMAC (32 bits)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -398,7 +400,9 @@ class LoginThrottle:
             with contextlib.suppress(RedisUnavailable):  # then this process's own key
                 secret = await self.store.secret()
         mac = hmac.new(secret, login.encode("utf-8", "surrogateescape") + b"\0" + password, "sha256")
-        return mac.hexdigest()[:32]
+        # 32 bits: enough to tell a repeat among the last few attempts, far too few to confirm
+        # a password offline (every guess matches ~2^-32 of them), even with the key.
+        return mac.hexdigest()[:_ATTEMPT_HASH_HEX]
 
     async def admit(self, ip: str, login: str) -> Admission:
         """Before checking a login: refused while the address is locked out, else after

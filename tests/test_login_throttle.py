@@ -448,3 +448,31 @@ async def test_the_fail2ban_filter_matches_real_log_lines(
     assert re.search(r"^Lines: \d+ lines, 0 ignored, 5 matched", out, re.MULTILINE), out
     hits = out.split("Failregex:")[1].split("Ignoreregex:")[0]
     assert re.findall(r"^\|\s+(\S+)\s+\w{3} \w{3}", hits, re.MULTILINE) == ["127.0.0.9"] * 5, hits
+
+
+async def test_one_count_for_every_listener_with_auth(
+    tmp_path: Path, submission: dict[str, Any], client_tls: ssl.SSLContext
+) -> None:
+    """Failures on 587 (STARTTLS) delay and lock out on 465 (implicit TLS) too."""
+    clock = FakeClock()
+    implicit = {**submission, "implicit_tls": True}
+    config = make_config(tmp_path, listeners=[submission, implicit])
+    proxy = ProxyServer(config, chain=chain_of(),
+                        login_throttle=LoginThrottle(ThrottleSettings(lockout_after=3), clock=clock))
+    await proxy.start()
+    try:
+        starttls = Guesser(proxy.addresses[0][1], client_tls)
+        for n in range(2):
+            assert await starttls.guess("alice", f"g{n}") == INVALID
+        await starttls.close()
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", proxy.addresses[1][1], ssl=client_tls, server_hostname="proxy.test")
+        client = Talk(reader, writer)
+        await client.hello()
+        blob = base64.b64encode(b"\0alice\0g2").decode()
+        assert await client.cmd(f"AUTH PLAIN {blob}") == INVALID
+        assert clock.slept == [2, 4]  # the third guess, on 465, waited for the two on 587
+        assert await client.cmd(f"AUTH PLAIN {blob}") == LOCKED
+        await client.close()
+    finally:
+        await proxy.stop(grace=1)

@@ -14,6 +14,8 @@ from typing import Any
 import bcrypt
 import pytest
 import trustme
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from smtpproxy import Message
 from smtpproxy.config import ConfigError, load_config
@@ -293,3 +295,33 @@ async def test_the_map_file_is_read_again_at_reload(
     client = await session(proxy, client_tls, "alice")
     assert (await client.cmd("MAIL FROM:<help@example.com>"))[0] == 250
     await client.close()
+
+
+# -- hostile input -------------------------------------------------------------------------
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from("ab@.+/ \t\n#,$1()^*\\é\x00"), max_size=120))
+def test_any_map_file_loads_or_names_its_line(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
+    path = tmp_path_factory.mktemp("map") / "logins"
+    path.write_bytes(text.encode("utf-8"))
+    try:
+        loaded = StaticTable.load(path)
+    except SenderLoginMapError as exc:
+        assert str(exc).startswith(f"{path}:")
+        return
+    for key in ("a@b.a", "ab+a@b.a", "@b.a"):
+        found = asyncio.run(loaded.lookup(key))
+        assert found is None or (found and all(isinstance(v, str) for v in found))
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text(alphabet=st.sampled_from('ab@.<>",:;()\\ =?q_é'), max_size=80))
+def test_any_from_field_is_judged_never_crashes(value: str) -> None:
+    policy = SenderLoginPolicy(table(), headers=True)
+    try:
+        message = Message(f"From: {value}\r\n\r\nx\r\n".encode())
+    except ValueError:
+        return  # not a header the DATA reader would pass on either
+    found = asyncio.run(policy.header_refusal(message, "alice"))
+    assert found is None or (found[0].code, found[0].enhanced) == (550, "5.7.1")
