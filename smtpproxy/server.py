@@ -172,6 +172,9 @@ class ProxyServer:
             raise StartupError(str(exc)) from exc
         if services.login_throttle is not None:
             services.login_throttle.metrics = services.metrics
+            if self.worker is not None and not isinstance(services.login_throttle.store, RedisStore):
+                event("login_throttle_per_worker", level=logging.WARNING, worker=self.worker,
+                      note="each worker counts failed logins alone; set login_throttle.redis_url")
         await start_chain(services.chain)
         try:
             await services.delivery.start()

@@ -476,3 +476,23 @@ async def test_one_count_for_every_listener_with_auth(
         await client.close()
     finally:
         await proxy.stop(grace=1)
+
+
+async def test_the_throttle_is_there_only_with_auth_and_can_be_turned_off(
+    start_proxy: Start, client_tls: ssl.SSLContext, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert ProxyServer(make_config(tmp_path), chain=chain_of()).services.login_throttle is None
+    on = ProxyServer(make_config(tmp_path, listeners=[{"address": "127.0.0.1", "port": 0, "tls": {
+        "cert": str(tmp_path / "proxy.pem"), "key": str(tmp_path / "proxy.pem")},
+        "auth": {"users_file": str(tmp_path / "users")}}]), chain=chain_of())
+    assert on.services.login_throttle is not None
+    assert on.services.login_throttle.settings == DEFAULTS
+    proxy = await start_proxy(login_throttle={"enabled": False})
+    assert proxy.services.login_throttle is None
+    guesser = Guesser(port_of(proxy), client_tls)
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        for n in range(3):
+            assert await guesser.guess("alice", f"g{n}") == INVALID
+    await guesser.close()
+    assert [e["client"] for e in events(caplog, "auth_failed")] == ["127.0.0.1"] * 3
+    assert not events(caplog, "auth_delayed")
