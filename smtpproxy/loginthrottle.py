@@ -260,12 +260,12 @@ local function current(key)
   return n
 end
 local a, l = current(KEYS[1]), current(KEYS[2])
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - forget)
+redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', '(' .. (now - forget))
 local repeated = redis.call('ZSCORE', KEYS[3], attempt) ~= false
 redis.call('ZADD', KEYS[3], now, attempt)
 redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(keep + 1))
 redis.call('PEXPIRE', KEYS[3], ttl * 1000)
-redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', now - forget)
+redis.call('ZREMRANGEBYSCORE', KEYS[4], '-inf', '(' .. (now - forget))
 local new_login = redis.call('ZADD', KEYS[4], now, login)
 redis.call('PEXPIRE', KEYS[4], ttl * 1000)
 local tried = redis.call('ZCARD', KEYS[4])

@@ -496,3 +496,30 @@ async def test_the_throttle_is_there_only_with_auth_and_can_be_turned_off(
     await guesser.close()
     assert [e["client"] for e in events(caplog, "auth_failed")] == ["127.0.0.1"] * 3
     assert not events(caplog, "auth_delayed")
+
+
+async def test_redis_and_memory_count_alike(redis_server: RedisServer) -> None:
+    """The Lua scripts and the in-process store are one algorithm: the same steps, the same answers."""
+    import random
+
+    rng = random.Random(23)
+    settings = ThrottleSettings(lockout_after=6, lockout_seconds=50, forget_after=40)
+    memory, redis = MemoryStore(), RedisStore(redis_server.url)
+    try:
+        now = 1_000_000.0
+        for _ in range(400):
+            now += rng.choice([0, 0, 1, 5, 20, 45])
+            address = rng.choice(["192.0.2.1/32", "192.0.2.2/32", "2001:db8::/64"])
+            login = rng.choice(["alice", "bob", "ceo", "x"])
+            if rng.random() < 0.6:
+                attempt = rng.choice(["h1", "h2", "h3", "h4"])
+                assert await memory.fail(address, login, attempt, now, settings) == \
+                    await redis.fail(address, login, attempt, now, settings)
+            elif rng.random() < 0.8:
+                assert await memory.counts(address, login, now, settings) == \
+                    await redis.counts(address, login, now, settings)
+            else:
+                await memory.succeed(login)
+                await redis.succeed(login)
+    finally:
+        await redis.close()
