@@ -28,7 +28,6 @@ import ipaddress
 import logging
 import os
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -457,13 +456,3 @@ class LoginThrottle:
         if isinstance(self.store, RedisStore):
             await self.store.close()
 
-
-def settings_from(config: Any, trusted: Iterable[IPNetwork] = ()) -> ThrottleSettings:
-    """The settings of a ``login_throttle`` configuration section."""
-    return ThrottleSettings(
-        initial_delay=config.initial_delay, max_delay=config.max_delay,
-        lockout_after=config.lockout_after, lockout_seconds=config.lockout_seconds,
-        forget_after=config.forget_after, ipv4_prefix=config.ipv4_prefix,
-        ipv6_prefix=config.ipv6_prefix, spraying_logins=config.spraying_logins,
-        trusted_networks=tuple(config.trusted_networks) + tuple(trusted),
-    )

@@ -19,6 +19,7 @@ from typing import Any
 from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, load_config
+from smtpproxy.config import LoginThrottle as LoginThrottleConfig
 from smtpproxy.delivery import Delivery
 from smtpproxy.delivery.factory import config_hostname, make_delivery
 from smtpproxy.delivery.smtp import SmtpDelivery
@@ -26,7 +27,7 @@ from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
 from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
 from smtpproxy.limits import ConnectionLimiter
-from smtpproxy.loginthrottle import LoginThrottle, RedisStore, settings_from
+from smtpproxy.loginthrottle import LoginThrottle, RedisStore, ThrottleSettings
 from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.proxyprotocol import ProxyProtocolSettings
@@ -59,16 +60,19 @@ def _login_throttle(config: Config) -> LoginThrottle | None:
     section = config.login_throttle
     if not section.enabled or not any(listener.auth for listener in config.listeners):
         return None
-    store = None
-    if section.redis_url is not None:
-        try:
-            store = RedisStore(section.redis_url, section.redis_timeout)
-        except ImportError as exc:
-            raise StartupError(
-                "login_throttle.redis_url is set but the redis package is not installed: "
-                "pip install 'smtpproxy[redis]'"
-            ) from exc
-    return LoginThrottle(settings_from(section), store)
+    store = None if section.redis_url is None else RedisStore(section.redis_url, section.redis_timeout)
+    return LoginThrottle(throttle_settings(section), store)  # (the schema checked that redis imports)
+
+
+def throttle_settings(section: LoginThrottleConfig) -> ThrottleSettings:
+    """The throttle's settings from its configuration section."""
+    return ThrottleSettings(
+        initial_delay=section.initial_delay, max_delay=section.max_delay,
+        lockout_after=section.lockout_after, lockout_seconds=section.lockout_seconds,
+        forget_after=section.forget_after, ipv4_prefix=section.ipv4_prefix,
+        ipv6_prefix=section.ipv6_prefix, spraying_logins=section.spraying_logins,
+        trusted_networks=tuple(section.trusted_networks),
+    )
 
 
 def _sender_login(config: Config) -> SenderLoginPolicy | None:

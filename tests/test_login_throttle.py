@@ -523,3 +523,13 @@ async def test_redis_and_memory_count_alike(redis_server: RedisServer) -> None:
                 await redis.succeed(login)
     finally:
         await redis.close()
+
+
+def test_redis_url_is_checked_where_it_is_written(tmp_path: Path) -> None:
+    from smtpproxy.config import ConfigError, load_config
+
+    (tmp_path / "c.yaml").write_text("login_throttle:\n  redis_url: http://10.0.0.9/\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert "c.yaml:2:3: login_throttle.redis_url: must be a redis://, rediss:// or unix:// URL" in str(
+        info.value)

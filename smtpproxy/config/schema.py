@@ -172,6 +172,21 @@ class LoginThrottle(_Model):
         description="Seconds a Redis call may take before this process's counts are used.",
     )
 
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_usable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise field_error("redis_url", "must be a redis://, rediss:// or unix:// URL")
+        try:
+            import redis.asyncio  # noqa: F401 - only whether it is installed
+        except ImportError:
+            raise field_error(
+                "redis_missing", "needs the redis package: pip install 'smtpproxy[redis]'"
+            ) from None
+        return value
+
 
 class SenderLogin(_Model):
     """Which logins own which sender addresses (Postfix's smtpd_sender_login_maps with
