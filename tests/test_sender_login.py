@@ -187,8 +187,8 @@ async def start_proxy(tmp_path: Path, tls_ca: trustme.CA) -> AsyncIterator[Start
     (tmp_path / "users").write_text(users)
     started: list[ProxyServer] = []
 
-    async def start(postfix: PostfixInstance, sender_login: dict[str, Any], *, require: bool = True
-                    ) -> ProxyServer:
+    async def start(postfix: PostfixInstance, sender_login: dict[str, Any], *, require: bool = True,
+                    **delivery: Any) -> ProxyServer:
         import yaml
 
         config = {
@@ -196,7 +196,8 @@ async def start_proxy(tmp_path: Path, tls_ca: trustme.CA) -> AsyncIterator[Start
             "listeners": [{"address": "127.0.0.1", "port": 0, "tls": {"cert": str(pem), "key": str(pem)},
                            "auth": {"users_file": "users", "require": require}}],
             "relay": {"domains": ["dest.test"]},
-            "delivery": {"type": "smtp", "host": "127.0.0.1", "port": postfix.port, "tls": "none"},
+            "delivery": {"type": "smtp", "host": "127.0.0.1", "port": postfix.port, "tls": "none",
+                         **delivery},
             "quarantine": {"path": str(tmp_path / "quarantine")},
             "login_throttle": {"initial_delay": 0},
             "sender_login": sender_login,
@@ -259,6 +260,21 @@ async def test_forged_envelope_and_from_are_refused_shared_mailbox_and_tags_work
     assert authors == ["Alice <alice+lists@example.com>", "Mailer <bob@example.com>",
                        "Sales <sales@example.com>", "Sales <sales@example.com>"]
     assert not any(b"bigbank" in m for m in stored)
+
+
+async def test_a_forged_from_never_reaches_postfix_in_relay_mode(
+    start_proxy: Start, postfix_factory: PostfixFactory, client_tls: ssl.SSLContext,
+) -> None:
+    """rcpt_mode relay: Postfix has the transaction open from RCPT on; the refusal aborts it."""
+    postfix = postfix_factory()
+    proxy = await start_proxy(postfix, {"map": MAP, "headers": True}, rcpt_mode="relay")
+    alice = await session(proxy, client_tls, "alice")
+    assert (await submit(alice, "alice@example.com", "bob@example.com"))[0] == 550
+    assert (await submit(alice, "alice@example.com", "alice@example.com"))[0] == 250
+    await alice.close()
+    [stored] = await asyncio.to_thread(postfix.wait_for_messages, "carol", 1)
+    assert email.message_from_bytes(stored)["From"] == "alice@example.com"
+    assert b"bob@example.com" not in stored
 
 
 async def test_unauthenticated_client_may_not_use_an_owned_address(
