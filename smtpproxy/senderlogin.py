@@ -172,6 +172,18 @@ class SenderLoginPolicy:
         self.unknown_senders = unknown_senders
         self.headers = headers
 
+    @classmethod
+    def load(cls, entries: Mapping[str, str | list[str]], file: str | Path | None = None, *,
+             recipient_delimiter: str = "+", unknown_senders: Literal["reject", "allow"] = "reject",
+             headers: bool = False) -> SenderLoginPolicy:
+        """The policy of a ``sender_login`` section: its map, then its file (read now; a
+        reload calls this again). SenderLoginMapError says which entry is wrong, and where."""
+        table = StaticTable.build((k, v, f"sender_login.map[{k!r}]") for k, v in entries.items())
+        if file is not None:
+            table = StaticTable.merged(table, StaticTable.load(file))
+        return cls(table, recipient_delimiter=recipient_delimiter, unknown_senders=unknown_senders,
+                   headers=headers)
+
     async def owners(self, address: str) -> tuple[str, ...] | None:
         """The logins that own *address*, in Postfix's search order; None: not in the map."""
         local, at, domain = address.rpartition("@")

@@ -36,7 +36,7 @@ from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import restart_only_changes, without_restart_only_changes
 from smtpproxy.sdnotify import monotonic_usec, notify
-from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy, StaticTable
+from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy
 from smtpproxy.startup import StartupError, configure_dns, start_chain
 from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
@@ -80,13 +80,8 @@ def _sender_login(config: Config) -> SenderLoginPolicy | None:
     section = config.sender_login
     if section is None:
         return None
-    entries = [(key, value, f"sender_login.map[{key!r}]") for key, value in section.map.items()]
-    table = StaticTable.build(entries)
-    if section.file is not None:
-        from_file = StaticTable.load(section.file)
-        table = StaticTable.merged(table, from_file)
-    return SenderLoginPolicy(table, recipient_delimiter=section.recipient_delimiter,
-                             unknown_senders=section.unknown_senders, headers=section.headers)
+    return SenderLoginPolicy.load(section.map, section.file, recipient_delimiter=section.recipient_delimiter,
+                                  unknown_senders=section.unknown_senders, headers=section.headers)
 
 
 class ProxyServer:

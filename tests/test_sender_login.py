@@ -19,10 +19,13 @@ from hypothesis import strategies as st
 
 from smtpproxy import Message
 from smtpproxy.config import ConfigError, load_config
+from smtpproxy.milter import codec
+from smtpproxy.milter.server import MilterServer
 from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy, StaticTable
 from smtpproxy.server import ProxyServer
-from tests.conftest import Talk, chain_of, port_of
+from tests.conftest import Talk, chain_of, make_config, port_of
 from tests.postfix_instance import PostfixFactory, PostfixInstance
+from tests.test_milter import FakeMTA
 
 PASSWORDS = {"alice": "alice's secret", "bob": "bob's secret"}
 MAP = {
@@ -341,3 +344,47 @@ def test_any_from_field_is_judged_never_crashes(value: str) -> None:
         return  # not a header the DATA reader would pass on either
     found = asyncio.run(policy.header_refusal(message, "alice"))
     assert found is None or (found[0].code, found[0].enhanced) == (550, "5.7.1")
+
+
+# -- the milter front end ------------------------------------------------------------------
+
+
+async def test_milter_holds_authenticated_senders_to_the_map(tmp_path: Path) -> None:
+    """The sibling in milter mode: Postfix's own smtpd_sender_login_maps checks the envelope,
+    nothing in Postfix checks From:; milter.check_sender_login does both for {auth_authen}."""
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0", "check_sender_login": True},
+                         sender_login={"map": MAP, "headers": True})
+    server = MilterServer(config, chain=chain_of())
+    await server.start()
+    try:
+        mta = await FakeMTA.open(server)
+        assert await mta.start() == [codec.Continue()]
+        assert await mta.event(codec.Helo("client.test")) == [codec.Continue()]
+        alice = {"{auth_authen}": "alice", "i": "4ABC"}
+        assert await mta.event(codec.Mail(("<ceo@bigbank.test>",)), **alice) == [codec.ReplyCode(
+            "553 5.7.1 <ceo@bigbank.test>: Sender address rejected: not owned by user alice")]
+        assert await mta.event(codec.Mail(("<alice+x@example.com>",)), **alice) == [codec.Continue()]
+        assert await mta.event(codec.Rcpt(("<carol@dest.test>",))) == [codec.Continue()]
+        assert await mta.content([("From", " CEO <ceo@bigbank.test>")], b"x\r\n") == [codec.ReplyCode(
+            "550 5.7.1 From: <ceo@bigbank.test> rejected: not owned by user alice")]
+        assert await mta.event(codec.Mail(("<sales@example.com>",)), **alice) == [codec.Continue()]
+        assert await mta.event(codec.Rcpt(("<carol@dest.test>",))) == [codec.Continue()]
+        assert await mta.content([("From", " Sales <sales@example.com>")], b"x\r\n") == [codec.Accept()]
+        # Unauthenticated mail (port 25) is not the milter's to judge: inbound mail claiming
+        # the domain is for SPF/DMARC, and Postfix has reject_unauthenticated_sender_login_mismatch.
+        await mta.close()
+        inbound = await FakeMTA.open(server)
+        assert await inbound.start() == [codec.Continue()]
+        await inbound.envelope("<alice@example.com>", "<carol@dest.test>")
+        assert await inbound.content([("From", " alice@example.com")], b"x\r\n") == [codec.Accept()]
+        await inbound.close()
+    finally:
+        await server.stop(grace=1)
+
+
+def test_milter_check_sender_login_needs_a_map(tmp_path: Path) -> None:
+    (tmp_path / "c.yaml").write_text("milter:\n  check_sender_login: true\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "c.yaml")
+    assert "milter.check_sender_login: needs a sender_login section (map or file)" in str(
+        info.value)

@@ -880,6 +880,14 @@ class Milter(_Model):
     progress_interval: float = seconds(
         10, "While plugins work, tell the MTA every this many seconds that we are alive."
     )
+    check_sender_login: bool = Field(
+        default=False, strict=True,
+        description=(
+            "Hold the MAIL FROM and (with sender_login.headers) the From:/Sender: of sessions the "
+            "MTA reports as authenticated ({auth_authen}) to the sender_login map, read at start "
+            "(docs/submission.md): the header check Postfix's smtpd_sender_login_maps lacks."
+        ),
+    )
 
 
 class Config(_Model):
@@ -954,6 +962,16 @@ class Config(_Model):
             "'always', or 'never'. Added at delivery, so plugins do not see it."
         ),
     )
+
+    @model_validator(mode="after")
+    def _milter_sender_login_needs_a_map(self) -> "Config":
+        if self.milter.check_sender_login and self.sender_login is None:
+            raise field_error(
+                "sender_login_missing",
+                "needs a sender_login section (map or file)",
+                loc_suffix=("milter", "check_sender_login"),
+            )
+        return self
 
     @field_validator("listeners")
     @classmethod
