@@ -533,3 +533,34 @@ def test_redis_url_is_checked_where_it_is_written(tmp_path: Path) -> None:
         load_config(tmp_path / "c.yaml")
     assert "c.yaml:2:3: login_throttle.redis_url: must be a redis://, rediss:// or unix:// URL" in str(
         info.value)
+
+
+async def test_behind_a_load_balancer_the_real_client_is_counted(
+    tmp_path: Path, submission: dict[str, Any], client_tls: ssl.SSLContext
+) -> None:
+    """PROXY protocol: the address the balancer names is locked out, not the balancer."""
+    clock = FakeClock()
+    listener = {**submission, "proxy_protocol": True, "proxy_protocol_from": ["127.0.0.0/8"]}
+    proxy = ProxyServer(make_config(tmp_path, listeners=[listener]), chain=chain_of(),
+                        login_throttle=LoginThrottle(ThrottleSettings(lockout_after=2), clock=clock))
+    await proxy.start()
+
+    async def guess(client_ip: str, password: str) -> tuple[int, str]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port_of(proxy))
+        writer.write(f"PROXY TCP4 {client_ip} 192.0.2.25 40000 587\r\n".encode())
+        client = Talk(reader, writer)
+        await client.hello()
+        assert await client.cmd("STARTTLS") == (220, "2.0.0 Ready to start TLS")
+        await client.writer.start_tls(client_tls, server_hostname="proxy.test")
+        await client.cmd("EHLO client.test")
+        reply = await client.cmd("AUTH PLAIN " + base64.b64encode(f"\0alice\0{password}".encode()).decode())
+        await client.close()
+        return reply
+
+    try:
+        assert await guess("198.51.100.1", "a") == INVALID
+        assert await guess("198.51.100.1", "b") == INVALID
+        assert await guess("198.51.100.1", PASSWORD) == LOCKED
+        assert (await guess("198.51.100.2", PASSWORD))[0] == 235  # same balancer, another client
+    finally:
+        await proxy.stop(grace=1)
