@@ -23,6 +23,7 @@ from smtpproxy.milter import codec
 from smtpproxy.milter.server import MilterServer
 from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy, StaticTable
 from smtpproxy.server import ProxyServer
+from smtpproxy.tracer import Tracer
 from tests.conftest import Talk, chain_of, make_config, port_of
 from tests.postfix_instance import PostfixFactory, PostfixInstance
 from tests.test_milter import FakeMTA
@@ -388,3 +389,34 @@ def test_milter_check_sender_login_needs_a_map(tmp_path: Path) -> None:
         load_config(tmp_path / "c.yaml")
     assert "milter.check_sender_login: needs a sender_login section (map or file)" in str(
         info.value)
+
+
+# -- the tracer ----------------------------------------------------------------------------
+
+
+async def test_the_tracer_shows_the_listeners_sender_login_refusals(tmp_path: Path) -> None:
+    """`smtpproxy test-message --auth-user` answers as the first listener would."""
+    pem = tmp_path / "proxy.pem"
+    trustme.CA().issue_cert("proxy.test").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    (tmp_path / "users").write_text(f"alice:{bcrypt.hashpw(b'x', bcrypt.gensalt(rounds=4)).decode()}\n")
+    config = make_config(
+        tmp_path, sender_login={"map": MAP, "headers": True},
+        listeners=[{"address": "127.0.0.1", "port": 0, "tls": {"cert": str(pem), "key": str(pem)},
+                    "auth": {"users_file": str(tmp_path / "users")}}],
+    )
+    body = BODY.format(frm="alice@example.com").encode()
+    async with Tracer.from_config(config) as tracer:
+        forged = await tracer.trace(body, sender="ceo@bigbank.test", recipients=["carol@dest.test"],
+                                    auth_user="alice")
+        assert (forged.decision, forged.decided_by) == ("rejected", "proxy")
+        assert forged.reply == "553 5.7.1 <ceo@bigbank.test>: Sender address rejected: not owned by user alice"
+        header = await tracer.trace(BODY.format(frm="bob@example.com").encode(), sender="alice@example.com",
+                                    recipients=["carol@dest.test"], auth_user="alice")
+        assert header.reply == "550 5.7.1 From: <bob@example.com> rejected: not owned by user alice"
+        fine = await tracer.trace(body, sender="alice+x@example.com", recipients=["carol@dest.test"],
+                                  auth_user="alice")
+        assert fine.decision == "delivered"
+    no_auth = make_config(tmp_path, sender_login={"map": MAP})  # port 25 only: not checked
+    async with Tracer.from_config(no_auth) as tracer:
+        assert (await tracer.trace(body, sender="ceo@bigbank.test", recipients=["carol@dest.test"],
+                                   auth_user="alice")).decision == "delivered"
