@@ -35,6 +35,10 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("logging", c.Logging, "Log format and level (logs go to stderr)."),
     ("metrics", c.Metrics,
      "Prometheus /metrics, /healthz and /readyz over HTTP (docs/operations.md)."),
+    ("login_throttle", c.LoginThrottle,
+     "Brakes on password guessing at SMTP AUTH, for every listener with auth (docs/submission.md)."),
+    ("sender_login", c.SenderLogin,
+     "Which logins own which sender addresses, on listeners with auth (docs/submission.md)."),
 ]
 
 

@@ -41,6 +41,7 @@ from smtpproxy.datareader import BLOCK_SEPARATOR, DataReader
 from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.limits import ConnectionLimiter
+from smtpproxy.loginthrottle import LoginThrottle
 from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
 from smtpproxy.outcome import (
@@ -56,6 +57,7 @@ from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.relay import RelayPolicy, refusal_reply
 from smtpproxy.reload import ChainLeases
+from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import (
     Client,
     Decision,
@@ -118,6 +120,8 @@ class ListenerPolicy:
     """MAIL FROM needs a successful AUTH first."""
     proxy_protocol: ProxyProtocolSettings | None = None
     """Read a PROXY protocol header before anything else; None: no header expected."""
+    sender_login: SenderLoginPolicy | None = None
+    """Which logins may use which senders (smtpproxy.senderlogin); None: not checked."""
 
 
 @dataclass(slots=True)
@@ -139,6 +143,8 @@ class Services:
     """Metrics recorder; the no-op one unless metrics are enabled."""
     leases: ChainLeases = field(default_factory=ChainLeases)
     """Which chain each session runs on; a reload swaps ``chain`` for new sessions only."""
+    login_throttle: LoginThrottle | None = None
+    """Brakes on password guessing, shared by every listener (smtpproxy.loginthrottle)."""
 
 
 _COMMAND_NAMES: dict[type, dict[str, str]] = {}
@@ -698,6 +704,8 @@ class InboundSMTP(SMTP):
         if size is not None and int(size) > self.policy.max_message_size:
             await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
             return
+        if self.policy.sender_login is not None and await self._sender_refused(path.address.text):
+            return
         transaction = self.plugin_session.begin_transaction(Envelope(path.address, params))
         result = await self.chain.run(
             "mail_from", transaction.results,
@@ -844,6 +852,8 @@ class InboundSMTP(SMTP):
         if reader.bare_newlines_seen:
             event("bare_newlines_normalized", tx=transaction.id, lines=reader.bare_newlines_seen)
         transaction.message = Message(reader.content())
+        if self.policy.sender_login is not None and await self._headers_refused(transaction):
+            return
         try:
             await self._finish_message(transaction, started)
         finally:
@@ -1015,10 +1025,18 @@ class InboundSMTP(SMTP):
             user = login.decode("utf-8")
         except UnicodeDecodeError:
             user = None  # no such user can exist
+        throttle, ip = self.services.login_throttle, self.plugin_session.client.ip
+        shown = login.decode("utf-8", "backslashreplace")
+        if throttle is not None and (await throttle.admit(ip, shown)).locked:
+            await self.reply(Reply(421, "4.7.0", "Too many failed logins from your address, try again later"))
+            self._close()
+            return
         ok = user is not None and await users.verify(user, password)
         if not ok or user is None:
-            await self._auth_failed(mechanism, login)
+            await self._auth_failed(mechanism, login, password)
             return
+        if throttle is not None:
+            await throttle.succeeded(ip, user)
         self.plugin_session.auth_user = user
         event("auth", mechanism=mechanism, user=user)
         await self.reply(Reply(235, "2.7.0", "Authentication successful"))
@@ -1058,14 +1076,48 @@ class InboundSMTP(SMTP):
             return None
         authzid, login, password = fields
         if authzid and authzid != login:  # acting as another user is not supported
-            await self._auth_failed("PLAIN", login)
+            await self._auth_failed("PLAIN", login, password)
             return None
         return login, password
 
-    async def _auth_failed(self, mechanism: str, login: bytes) -> None:
-        event("auth_failed", level=logging.WARNING, mechanism=mechanism,
-              user=login.decode("utf-8", "backslashreplace"))
+    async def _auth_failed(self, mechanism: str, login: bytes, password: bytes) -> None:
+        """535, counted by the login throttle (which logs ``auth_failed``) when there is one."""
+        assert self.plugin_session is not None
+        user = login.decode("utf-8", "backslashreplace")
+        throttle = self.services.login_throttle
+        if throttle is not None:
+            await throttle.failed(self.plugin_session.client.ip, user, password, mechanism=mechanism)
+        else:
+            event("auth_failed", level=logging.WARNING, client=self.plugin_session.client.ip,
+                  mechanism=mechanism, user=user)
         await self._error(Reply(535, "5.7.8", "Authentication credentials invalid"))
+
+    async def _sender_refused(self, sender: str) -> bool:
+        """MAIL FROM a sender the login does not own (smtpproxy.senderlogin): refused."""
+        assert self.plugin_session is not None and self.policy.sender_login is not None
+        login = self.plugin_session.auth_user
+        refusal = await self.policy.sender_login.envelope_refusal(sender, login)
+        if refusal is None:
+            return False
+        event("sender_login_mismatch", level=logging.WARNING, field="envelope", sender=sender,
+              user=login, client=self.plugin_session.client.ip)
+        await self.reply(refusal)
+        return True
+
+    async def _headers_refused(self, transaction: Transaction) -> bool:
+        """From:/Sender: addresses the login does not own (sender_login.headers): refused."""
+        assert self.plugin_session is not None and self.policy.sender_login is not None
+        assert transaction.message is not None
+        login = self.plugin_session.auth_user
+        found = await self.policy.sender_login.header_refusal(transaction.message, login)
+        if found is None:
+            return False
+        refusal, shown = found
+        event("sender_login_mismatch", level=logging.WARNING, tx=transaction.id, field="header",
+              sender=shown, user=login, client=self.plugin_session.client.ip, reply=refusal.code)
+        self._end_transaction()
+        await self.reply(refusal)
+        return True
 
     async def _sasl_login(self, initial: str) -> tuple[bytes, bytes] | None:
         """The LOGIN mechanism: user name, then password, each base64 after a 334 prompt."""

@@ -75,6 +75,9 @@ class NullRecorder:
     def reloaded(self, ok: bool) -> None:
         pass
 
+    def auth_event(self, name: str) -> None:
+        pass
+
 
 Recorder = NullRecorder
 """The interface the front end calls (PrometheusRecorder implements the same methods)."""
@@ -167,6 +170,12 @@ class PrometheusRecorder(NullRecorder):
             registry=r,
         )
         self.last_reload_ok.set(1)
+        self.auth = Counter(
+            "smtpproxy_auth_throttle_events",
+            "Login throttle events (docs/submission.md): auth_failed, auth_delayed, auth_locked "
+            "(an address locked out), auth_locked_refused (a login refused during a lockout), "
+            "auth_spraying (one address trying many logins).", ["event"], registry=r,
+        )
         # labels() takes a lock and hashes the label tuple; cache the children we use per message.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -213,6 +222,9 @@ class PrometheusRecorder(NullRecorder):
     def reloaded(self, ok: bool) -> None:
         self._child(self.reloads, "ok" if ok else "failed").inc()
         self.last_reload_ok.set(1 if ok else 0)
+
+    def auth_event(self, name: str) -> None:
+        self._child(self.auth, name).inc()
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its content type."""

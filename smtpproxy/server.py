@@ -19,6 +19,7 @@ from typing import Any
 from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, load_config
+from smtpproxy.config import LoginThrottle as LoginThrottleConfig
 from smtpproxy.delivery import Delivery
 from smtpproxy.delivery.factory import config_hostname, make_delivery
 from smtpproxy.delivery.smtp import SmtpDelivery
@@ -26,6 +27,7 @@ from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
 from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
 from smtpproxy.limits import ConnectionLimiter
+from smtpproxy.loginthrottle import LoginThrottle, RedisStore, ThrottleSettings
 from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.proxyprotocol import ProxyProtocolSettings
@@ -34,6 +36,7 @@ from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import restart_only_changes, without_restart_only_changes
 from smtpproxy.sdnotify import monotonic_usec, notify
+from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy
 from smtpproxy.startup import StartupError, configure_dns, start_chain
 from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
@@ -52,12 +55,41 @@ def server_tls_context(tls: ListenerTLS) -> ssl.SSLContext:
     return ctx
 
 
+def _login_throttle(config: Config) -> LoginThrottle | None:
+    """The login throttle of a proxy with submission listeners (None without AUTH or when off)."""
+    section = config.login_throttle
+    if not section.enabled or not any(listener.auth for listener in config.listeners):
+        return None
+    store = None if section.redis_url is None else RedisStore(section.redis_url, section.redis_timeout)
+    return LoginThrottle(throttle_settings(section), store)  # (the schema checked that redis imports)
+
+
+def throttle_settings(section: LoginThrottleConfig) -> ThrottleSettings:
+    """The throttle's settings from its configuration section."""
+    return ThrottleSettings(
+        initial_delay=section.initial_delay, max_delay=section.max_delay,
+        lockout_after=section.lockout_after, lockout_seconds=section.lockout_seconds,
+        forget_after=section.forget_after, ipv4_prefix=section.ipv4_prefix,
+        ipv6_prefix=section.ipv6_prefix, spraying_logins=section.spraying_logins,
+        trusted_networks=tuple(section.trusted_networks),
+    )
+
+
+def _sender_login(config: Config) -> SenderLoginPolicy | None:
+    """The sender/login map (YAML map, then the file, read now: a reload reads it again)."""
+    section = config.sender_login
+    if section is None:
+        return None
+    return SenderLoginPolicy.load(section.map, section.file, recipient_delimiter=section.recipient_delimiter,
+                                  unknown_senders=section.unknown_senders, headers=section.headers)
+
+
 class ProxyServer:
     """One proxy process: listeners, the plugin chain and a delivery backend."""
 
     def __init__(self, config: Config, source: ConfigSource | None = None, *,
                  chain: Chain | None = None, delivery: Delivery | None = None,
-                 worker: int | None = None):
+                 worker: int | None = None, login_throttle: LoginThrottle | None = None):
         self.config = config
         self.worker = worker
         """This process's index under a ``workers: N`` supervisor (None: a single process)."""
@@ -75,6 +107,7 @@ class ProxyServer:
             sessions=set(),
             background=set(),
             drained=asyncio.Event(),
+            login_throttle=login_throttle if login_throttle is not None else _login_throttle(config),
         )
         self.services.drained.set()
         self.source = source
@@ -123,6 +156,7 @@ class ProxyServer:
             proxy_protocol=ProxyProtocolSettings(
                 tuple(listener.proxy_protocol_from), listener.proxy_protocol_timeout
             ) if listener.proxy_protocol else None,
+            sender_login=_sender_login(c) if listener.auth and listener.auth.check_sender_login else None,
         )
 
     async def start(self) -> None:
@@ -135,6 +169,11 @@ class ProxyServer:
             )
         except MetricsUnavailable as exc:
             raise StartupError(str(exc)) from exc
+        if services.login_throttle is not None:
+            services.login_throttle.metrics = services.metrics
+            if self.worker is not None and not isinstance(services.login_throttle.store, RedisStore):
+                event("login_throttle_per_worker", level=logging.WARNING, worker=self.worker,
+                      note="each worker counts failed logins alone; set login_throttle.redis_url")
         await start_chain(services.chain)
         try:
             await services.delivery.start()
@@ -147,6 +186,9 @@ class ProxyServer:
             except PasswordFileError as exc:
                 await self._close_servers()
                 raise StartupError(f"listeners[{index}].auth.users_file: {exc}") from exc
+            except SenderLoginMapError as exc:
+                await self._close_servers()
+                raise StartupError(f"sender_login: {exc}") from exc
             try:
                 tls = server_tls_context(listener.tls) if listener.tls else None
             except (OSError, ssl.SSLError) as exc:
@@ -214,7 +256,8 @@ class ProxyServer:
         Sessions already running finish on the chain they started with; the replaced chain
         gets its ``shutdown`` notification after its last session. An invalid file, or a
         plugin whose ``startup`` hook fails, changes nothing. Sections that need a restart
-        (listeners, delivery, dns, logging, metrics, pid_file) keep their running values.
+        (listeners, delivery, dns, logging, metrics, pid_file, login_throttle) keep their
+        running values.
         Every outcome is logged as ``event=reload``. Concurrent reloads run one at a time.
         """
         async with self._reload_lock:
@@ -245,6 +288,8 @@ class ProxyServer:
                 state.append((self._policy(index, applied), None if listener.implicit_tls else tls))
         except PasswordFileError as exc:
             return self._reload_failed(file, f"listeners[{index}].auth.users_file: {exc}")
+        except SenderLoginMapError as exc:
+            return self._reload_failed(file, f"sender_login: {exc}")
         except (OSError, ssl.SSLError) as exc:
             return self._reload_failed(file, f"listeners[{index}].tls: cannot load certificate: {exc}")
         try:
@@ -367,6 +412,8 @@ class ProxyServer:
             await self.services.chain.notify("shutdown")
         await self.services.leases.close()
         await self.services.delivery.close()
+        if self.services.login_throttle is not None:
+            await self.services.login_throttle.close()
         if self.health is not None:
             await self.health.close()
         self._stopped.set()

@@ -31,6 +31,7 @@ from smtpproxy.outcome import PROXY, Refusal, before_message, end_of_message, qu
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy, refusal_reply
 from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
+from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import (
     Client,
     Decision,
@@ -243,6 +244,8 @@ class TracePolicy:
     rcpt_mode: str = "at_data"
     local_ip: str = "127.0.0.1"
     local_port: int = 25
+    sender_login: SenderLoginPolicy | None = None
+    """The listener's sender/login binding (smtpproxy.senderlogin); None: not checked."""
 
     @classmethod
     def from_config(cls, config: Config) -> TracePolicy:
@@ -276,6 +279,12 @@ class TracePolicy:
             rcpt_mode=rcpt_mode,
             local_ip=listener.address,
             local_port=listener.port,
+            sender_login=SenderLoginPolicy.load(
+                config.sender_login.map, config.sender_login.file,
+                recipient_delimiter=config.sender_login.recipient_delimiter,
+                unknown_senders=config.sender_login.unknown_senders, headers=config.sender_login.headers,
+            ) if config.sender_login is not None and listener.auth and listener.auth.check_sender_login
+            else None,
         )
 
     def route_of(self, address: Address) -> tuple[str, str]:
@@ -527,6 +536,12 @@ class Tracer:
         session.auth_user = auth_user  # AUTH comes after EHLO
         # mail_from
         run.begin("mail_from", sender.text or "<>")
+        if p.sender_login is not None:
+            rule = await p.sender_login.envelope_refusal(sender.text, auth_user)
+            if rule is not None:
+                run.proxy_step("reject", rule, _SENDER_LOGIN)
+                run.decide("rejected", rule, PROXY, _SENDER_LOGIN)
+                return None
         transaction = session.begin_transaction(Envelope(sender, sender_params))
         transaction.results = _RecordingResults(run.record)
         run.envelope = transaction.envelope
@@ -585,6 +600,12 @@ class Tracer:
         trace.size = message.size
         phase.subject = f"{message.size} bytes"
         original = message.headers
+        if p.sender_login is not None:
+            found = await p.sender_login.header_refusal(message, auth_user)
+            if found is not None:
+                run.proxy_step("reject", found[0], _SENDER_LOGIN)
+                run.decide("rejected", found[0], PROXY, _SENDER_LOGIN)
+                return transaction
         data_result: PhaseResult | None = None
         if not skips_data_chain(transaction):
             data_result = await chain.run("data", transaction.results, session=session,
@@ -639,6 +660,8 @@ class Tracer:
             return reader.problem.reply(p.max_message_size, p.max_line_length)
         return reader.content()
 
+
+_SENDER_LOGIN = "sender_login: the login does not own this sender (docs/submission.md)"
 
 _RULE_REASONS = {
     "5.7.1": "relay rule: the domain is not in relay.domains and the client is not trusted",

@@ -17,6 +17,7 @@ import shlex
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 import trustme
 import yaml
@@ -145,7 +146,9 @@ def _materialise(data: Any, sandbox: Path, key: str = "", parent: dict[str, Any]
         for item in data:
             _materialise(item, sandbox, key, parent)
         return
-    if not isinstance(data, str) or key not in {"key_file", "file", "ca_file", "cert", "key", "plugin_paths"}:
+    if not isinstance(data, str) or key not in {
+        "key_file", "file", "ca_file", "cert", "key", "plugin_paths", "users_file",
+    }:
         return
     if key == "key" and not (parent and "cert" in parent):
         return  # "key:" of a ratelimit rule is not a file
@@ -161,6 +164,8 @@ def _materialise(data: Any, sandbox: Path, key: str = "", parent: dict[str, Any]
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     elif key == "ca_file":
         trustme.CA().cert_pem.write_to_path(str(path))
+    elif key == "users_file":
+        path.write_text(f"alice:{bcrypt.hashpw(b'x', bcrypt.gensalt(rounds=4)).decode()}\n")
     elif key in {"cert", "key"}:
         issued = trustme.CA().issue_cert("mx1.example.com")
         (issued.cert_chain_pems[0] if key == "cert" else issued.private_key_pem).write_to_path(str(path))

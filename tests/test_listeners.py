@@ -337,7 +337,8 @@ async def test_failed_auth_is_refused_logged_and_counted(
     proxy_factory: ProxyFactory, submission: dict[str, Any],
     client_tls: ssl.SSLContext, caplog: pytest.LogCaptureFixture,
 ) -> None:
-    proxy = await proxy_factory(listeners=[submission], limits={"max_errors": 3})
+    proxy = await proxy_factory(listeners=[submission], limits={"max_errors": 3},
+                                login_throttle={"initial_delay": 0.01})
     client = await Talk.open(port_of(proxy))
     await client.hello()
     await starttls(client, client_tls)

@@ -95,6 +95,14 @@ class ListenerAuth(_Model):
         strict=True,
         description="Refuse MAIL FROM with 530 5.7.0 until the client has authenticated.",
     )
+    check_sender_login: bool = Field(
+        default=True,
+        strict=True,
+        description=(
+            "Hold MAIL FROM (and with sender_login.headers, From:/Sender:) to the sender_login "
+            "map on this listener, when that section is set (docs/submission.md)."
+        ),
+    )
 
     @field_validator("users_file")
     @classmethod
@@ -108,6 +116,149 @@ class ListenerAuth(_Model):
         except PasswordFileError as exc:
             raise field_error("users_file", str(exc)) from None
         return target
+
+
+class LoginThrottle(_Model):
+    """Brakes on password guessing at SMTP AUTH (docs/submission.md): a growing delay per
+    address and per login, a lockout per address, shared through Redis when set."""
+
+    enabled: bool = Field(default=True, strict=True, description="Throttle failed logins.")
+    initial_delay: float = Field(
+        default=2, strict=True, ge=0, le=60, allow_inf_nan=False,
+        description=(
+            "Seconds a login waits (before its password is checked) after one failure of its "
+            "address or login; doubles with each further failure (0: no delays)."
+        ),
+    )
+    max_delay: float = Field(
+        default=15, strict=True, ge=0, le=300, allow_inf_nan=False,
+        description="The longest such wait (Dovecot's cap is 15 s).",
+    )
+    lockout_after: int = Field(
+        default=10, strict=True, ge=1,
+        description="Failures from one address (network, see ipv6_prefix) that lock it out.",
+    )
+    lockout_seconds: float = Field(
+        default=900, strict=True, gt=0, allow_inf_nan=False,
+        description="How long a locked-out address gets 421 4.7.0 at AUTH.",
+    )
+    forget_after: float = Field(
+        default=900, strict=True, gt=0, allow_inf_nan=False,
+        description="Seconds without a new failure after which an address's or login's count starts over.",
+    )
+    ipv4_prefix: int = Field(
+        default=32, strict=True, ge=8, le=32, description="IPv4 clients are counted per network of this size."
+    )
+    ipv6_prefix: int = Field(
+        default=64, strict=True, ge=16, le=128,
+        description="IPv6 clients are counted per network of this size (a /64 is one subscriber).",
+    )
+    spraying_logins: int = Field(
+        default=5, strict=True, ge=2,
+        description="Distinct logins failed from one address (within forget_after) that log auth_spraying.",
+    )
+    trusted_networks: list[Network] = Field(
+        default=[], description="Client networks never delayed, counted or locked out."
+    )
+    redis_url: str | None = Field(
+        default=None,
+        description=(
+            "Share the counts through this Redis (redis://host:port/db) so that proxies behind a "
+            "balancer count together; while it does not answer, each proxy counts alone."
+        ),
+    )
+    redis_timeout: float = Field(
+        default=0.5, strict=True, gt=0, allow_inf_nan=False,
+        description="Seconds a Redis call may take before this process's counts are used.",
+    )
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_usable(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise field_error("redis_url", "must be a redis://, rediss:// or unix:// URL")
+        try:
+            import redis.asyncio  # noqa: F401 - only whether it is installed
+        except ImportError:
+            raise field_error(
+                "redis_missing", "needs the redis package: pip install 'smtpproxy[redis]'"
+            ) from None
+        return value
+
+
+class SenderLogin(_Model):
+    """Which logins own which sender addresses (Postfix's smtpd_sender_login_maps with
+    reject_sender_login_mismatch), enforced on listeners with auth (docs/submission.md)."""
+
+    map: dict[str, list[str] | str] = Field(
+        default={},
+        description=(
+            "Sender ('user@domain', '@domain' or '/regex/') to the logins that own it "
+            "(a list, or one string of logins separated by commas)."
+        ),
+    )
+    file: ExistingFile | None = Field(
+        default=None,
+        description=(
+            "A map file of 'sender  login, login' lines, searched with map; re-read at reload "
+            "(SIGHUP); relative to the config file."
+        ),
+    )
+    recipient_delimiter: str = Field(
+        default="+", max_length=8,
+        description=(
+            "Characters that start an address extension (user+tag@ is looked up as user@ too); "
+            "'' for none."
+        ),
+    )
+    unknown_senders: Literal["reject", "allow"] = Field(
+        default="reject",
+        description=(
+            "An authenticated client using a sender not in the map: refused (Postfix's "
+            "reject_sender_login_mismatch) or allowed (reject_known_sender_login_mismatch)."
+        ),
+    )
+    headers: bool = Field(
+        default=False, strict=True,
+        description=(
+            "Hold every From: and Sender: address, and an address shown in their display names, "
+            "to the map too (550 5.7.1 at the end of DATA)."
+        ),
+    )
+
+    @field_validator("map")
+    @classmethod
+    def _map_valid(cls, value: dict[str, list[str] | str]) -> dict[str, list[str] | str]:
+        from smtpproxy.senderlogin import SenderLoginMapError, StaticTable
+
+        try:
+            StaticTable.build((k, v, f"map[{k!r}]") for k, v in value.items())
+        except SenderLoginMapError as exc:
+            raise field_error("sender_login_map", str(exc)) from None
+        return value
+
+    @field_validator("file")
+    @classmethod
+    def _file_loads(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        from smtpproxy.senderlogin import SenderLoginMapError, StaticTable
+
+        if value is None:
+            return None
+        base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+        target = value if value.is_absolute() or base is None else Path(base) / value
+        try:
+            StaticTable.load(target)
+        except SenderLoginMapError as exc:
+            raise field_error("sender_login_file", str(exc)) from None
+        return target
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> "SenderLogin":
+        if not self.map and self.file is None:
+            raise field_error("sender_login_empty", "needs 'map' or 'file' (or both)")
+        return self
 
 
 class Listener(_Model):
@@ -729,6 +880,14 @@ class Milter(_Model):
     progress_interval: float = seconds(
         10, "While plugins work, tell the MTA every this many seconds that we are alive."
     )
+    check_sender_login: bool = Field(
+        default=False, strict=True,
+        description=(
+            "Hold the MAIL FROM and (with sender_login.headers) the From:/Sender: of sessions the "
+            "MTA reports as authenticated ({auth_authen}) to the sender_login map, read at start "
+            "(docs/submission.md): the header check Postfix's smtpd_sender_login_maps lacks."
+        ),
+    )
 
 
 class Config(_Model):
@@ -777,6 +936,12 @@ class Config(_Model):
         ),
     )
     metrics: Metrics = Field(default=Metrics(), description="Metrics and health endpoints.")
+    login_throttle: LoginThrottle = Field(
+        default=LoginThrottle(), description="Brakes on password guessing at SMTP AUTH."
+    )
+    sender_login: SenderLogin | None = Field(
+        default=None, description="Which logins may use which sender addresses (submission listeners)."
+    )
     pid_file: ConfigPath | None = Field(
         default=None,
         description="Write the process id here while running; `smtpproxy reload` signals it.",
@@ -797,6 +962,16 @@ class Config(_Model):
             "'always', or 'never'. Added at delivery, so plugins do not see it."
         ),
     )
+
+    @model_validator(mode="after")
+    def _milter_sender_login_needs_a_map(self) -> "Config":
+        if self.milter.check_sender_login and self.sender_login is None:
+            raise field_error(
+                "sender_login_missing",
+                "needs a sender_login section (map or file)",
+                loc_suffix=("milter", "check_sender_login"),
+            )
+        return self
 
     @field_validator("listeners")
     @classmethod

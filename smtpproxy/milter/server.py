@@ -29,6 +29,7 @@ from smtpproxy.milter.codec import MilterProtocolError
 from smtpproxy.milter.endpoint import parse_listen
 from smtpproxy.milter.session import MilterPolicy, MilterSession
 from smtpproxy.registry import build_chain
+from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.startup import StartupError, start_chain
 
 __all__ = ["MilterServer"]
@@ -49,6 +50,7 @@ class MilterServer:
             max_message_size=config.limits.max_message_size,
             max_recipients=config.limits.max_recipients,
             progress_interval=self.settings.progress_interval,
+            sender_login=_sender_login(config) if self.settings.check_sender_login else None,
         )
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -202,6 +204,15 @@ class MilterServer:
         event("shutdown_hurried", level=logging.WARNING, signal=signal.Signals(signum).name,
               note="grace period ends now")
         self._hurry.set()
+
+
+def _sender_login(config: Config) -> SenderLoginPolicy | None:
+    """The sender_login map (read once: the milter does not reload)."""
+    section = config.sender_login
+    if section is None:
+        return None
+    return SenderLoginPolicy.load(section.map, section.file, recipient_delimiter=section.recipient_delimiter,
+                                  unknown_senders=section.unknown_senders, headers=section.headers)
 
 
 def _ignore_reload() -> None:

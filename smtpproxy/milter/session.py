@@ -44,6 +44,7 @@ from smtpproxy.outcome import (
     end_of_message,
     skips_data_chain,
 )
+from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import (
     Client,
     Decision,
@@ -81,6 +82,8 @@ class MilterPolicy:
     max_recipients: int = 100
     progress_interval: float = 10.0
     """Send SMFIR_PROGRESS this often while plugins work, so the MTA keeps waiting."""
+    sender_login: SenderLoginPolicy | None = None
+    """Hold authenticated sessions' senders to this map (milter.check_sender_login)."""
 
 
 def reply_text(reply: Reply) -> str:
@@ -287,6 +290,8 @@ class MilterSession:
             event("mail_from", sender=args[0], verdict="syntax", reply=exc.code)
             await self.send(codec.ReplyCode(reply_text(Reply(exc.code, exc.enhanced, exc.text))))
             return
+        if await self._sender_refused(session, path.address.text):
+            return
         transaction = session.begin_transaction(Envelope(path.address, path.params))
         result = await self._run("mail_from", transaction.results, session=session,
                                  transaction=transaction, sender=path.address)
@@ -384,6 +389,8 @@ class MilterSession:
         if len(original) != self._header_count:
             event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
                   parsed=len(original))
+        if await self._headers_refused(session, transaction, message):
+            return
         queued = Reply(250, "2.0.0", f"Ok: queued as {self.macros.get('i') or transaction.id}")
         result: PhaseResult | None = None
         if not skips_data_chain(transaction):
@@ -428,6 +435,37 @@ class MilterSession:
                                 decision=decision)
         session.end_transaction()
         self._reset_message()
+
+    async def _sender_refused(self, session: Session, sender: str) -> bool:
+        """An authenticated session's MAIL FROM its login does not own (check_sender_login);
+        unauthenticated mail is the MTA's to judge (reject_unauthenticated_sender_login_mismatch)."""
+        policy = self.policy.sender_login
+        if policy is None or session.auth_user is None:
+            return False
+        refusal = await policy.envelope_refusal(sender, session.auth_user)
+        if refusal is None:
+            return False
+        event("sender_login_mismatch", level=logging.WARNING, field="envelope", sender=sender,
+              user=session.auth_user, client=session.client.ip, queue_id=self.macros.get("i"))
+        await self.send(codec.ReplyCode(reply_text(refusal)))
+        return True
+
+    async def _headers_refused(self, session: Session, transaction: Transaction, message: Message) -> bool:
+        """From:/Sender: addresses an authenticated session's login does not own: refused."""
+        policy = self.policy.sender_login
+        if policy is None or session.auth_user is None:
+            return False
+        found = await policy.header_refusal(message, session.auth_user)
+        if found is None:
+            return False
+        refusal, shown = found
+        event("sender_login_mismatch", level=logging.WARNING, tx=transaction.id, field="header",
+              sender=shown, user=session.auth_user, client=session.client.ip,
+              queue_id=self.macros.get("i"), reply=refusal.code)
+        await self.send(codec.ReplyCode(reply_text(refusal)))
+        session.end_transaction()
+        self._reset_message()
+        return True
 
     def _edits(self, transaction: Transaction, message: Message, original: list[bytes]) -> list[Response]:
         """The modification actions for what the plugins changed, headers first."""
