@@ -13,10 +13,14 @@ from __future__ import annotations
 import io
 import logging
 import mimetypes
+import warnings
 
 import magic
 import msoffcrypto
-from oletools.olevba import VBA_Parser
+
+with warnings.catch_warnings():  # olevba builds its pyparsing grammar with deprecated names
+    warnings.simplefilter("ignore", DeprecationWarning)
+    from oletools.olevba import VBA_Parser
 
 __all__ = ["GENERIC", "OfficeCheck", "detect", "is_office", "office_check", "same_type", "type_of_name"]
 
@@ -34,6 +38,11 @@ _OFFICE_EXTENSIONS = frozenset({
 })
 _OLE = frozenset({
     "application/msword", "application/x-ole-storage", "application/cdfv2", "application/encrypted",
+})
+_ZIP_BASED = frozenset({
+    "office", "application/zip", "application/java-archive", "application/epub+zip",
+    "application/vnd.oasis.opendocument.text", "application/vnd.oasis.opendocument.spreadsheet",
+    "application/vnd.oasis.opendocument.presentation", "application/vnd.android.package-archive",
 })
 _ALIASES = {
     "application/x-zip-compressed": "application/zip",
@@ -79,6 +88,9 @@ def same_type(declared: str, detected: str) -> bool:
         return True
     if declared.startswith("text/") and detected.startswith("text/"):
         return True  # libmagic's text guesses are not a declaration's equal
+    if "application/zip" in (declared, detected) and (_family(declared) in _ZIP_BASED or
+                                                        _family(detected) in _ZIP_BASED):
+        return True  # libmagic names a zip-based format by its first entries, which are not always there
     return _family(declared) == _family(detected)
 
 

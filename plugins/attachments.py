@@ -24,9 +24,9 @@ import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from smtpproxy import EventLog, Message, Transaction, Verdict, hookimpl, run_blocking
 
@@ -89,9 +89,24 @@ def _rule(action: RuleAction, extensions: Iterable[str] = (), types_: Iterable[s
 
 
 class Rules(BaseModel):
-    """One entry per rule; a rule not written here keeps its default."""
+    """One entry per rule. A rule not written keeps its defaults, and so does each key of a
+    rule that is written without it (``html: {action: 3.0}`` keeps the HTML extensions)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _keep_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        merged = {}
+        for key, value in data.items():
+            known = cls.model_fields.get(key)
+            if known is not None and isinstance(value, dict) and isinstance(known.default, Rule):
+                merged[key] = {**known.default.model_dump(), **value}
+            else:
+                merged[key] = value
+        return merged
 
     executable: Rule = _rule("reject", (
         "exe", "com", "scr", "pif", "cpl", "bat", "cmd", "msi", "msp", "mst", "msc", "dll", "sys", "drv",
