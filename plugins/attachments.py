@@ -401,10 +401,11 @@ class Attachments:
 
     def _log(self, transaction: Transaction, action: str, report: Report, *, rules: list[str], score: float,
              stripped: int = 0) -> None:
-        files = sorted({f.label for f in report.findings if f.filename})
+        files = sorted({f.filename for f in report.findings if f.filename})
+        extra: dict[str, object] = {"stripped": stripped} if stripped else {}
         log.info("attachments", tx=transaction.id, result=action, rules=rules, files=files[:10],
-                 score=round(score, 3), parts=report.parts, stripped=stripped or None,
-                 detail=report.findings[0].detail)
+                 score=round(score, 3), parts=report.parts, **extra,
+                 detail=f"{report.findings[0].rule}: {report.findings[0].detail}")
 
 
 def _values(finding: Finding | None) -> dict[str, str]:

@@ -18,6 +18,9 @@ from tests import attachment_samples as samples
 from tests.attachment_samples import message
 from tests.conftest import ProxyFactory, Talk, port_of
 from tests.postfix_instance import PostfixFactory, PostfixInstance
+from tests.test_milter_postfix import Start as MilterStart
+from tests.test_milter_postfix import postfix_with_milter  # noqa: F401 - the fixture
+from tests.test_milter_postfix import send as milter_send
 
 RELAY = {"domains": ["dest.test"], "networks": []}
 
@@ -127,3 +130,24 @@ async def test_a_stripped_part_arrives_as_its_notice_and_the_rest_unchanged(
     assert base64.b64encode(samples.pe()[:48]) not in body.replace(b"\r\n", b"")
     assert body.endswith(raw[raw.rindex(b"\r\n--") :])  # the closing delimiter, as sent
     assert after  # the stripped part was there to begin with
+
+
+# -- the same rules as a milter behind Postfix (the sibling front end) ---------------------------
+
+
+async def test_as_a_milter_refuses_and_strips_the_same_way(
+    postfix_with_milter: MilterStart,  # noqa: F811 - the fixture imported above
+) -> None:
+    plugin = make_plugin(Attachments, rules={"html": {"action": "strip"}})
+    postfix = await postfix_with_milter(plugin)
+    refused = await milter_send(postfix, ["bob@dest.test"], message(("invoice.pdf.exe", samples.pe(),
+                                                                      "application/octet-stream")))
+    assert refused[-1] == (550, '5.7.1 Message refused: attachment "invoice.pdf.exe" is not allowed '
+                                '(executable file)')
+    raw = message(("report.pdf", b"%PDF-1.4\n", "application/pdf"),
+                  ("page.html", b"<html><body><script>x</script></body></html>", "text/html"))
+    assert (await milter_send(postfix, ["bob@dest.test"], raw))[-1][0] == 250
+    [stored] = await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)
+    body = body_of(stored)
+    assert b'The attachment "page.html" was removed by the mail filter: HTML file.' in body
+    assert b"<script>" not in body and b"report.pdf" in body

@@ -63,6 +63,10 @@ BAD_SETTINGS = [
      r":4:\d+: plugins\[0\]\.settings\.url: "),
     ("iprev", "on_fail: drop",
      r":4:\d+: plugins\[0\]\.settings\.on_fail: "),
+    ("attachments", "rules:\n  executable: {action: bounce}",
+     r":5:\d+: plugins\[0\]\.settings\.rules\.executable\.action: "),
+    ("attachments", 'reject_text: "{filename} refused ({nope})"',
+     r":4:\d+: plugins\[0\]\.settings\.reject_text: .*unknown placeholder \{nope\}"),
 ]
 
 
