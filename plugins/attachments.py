@@ -30,9 +30,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from smtpproxy import EventLog, Message, Transaction, Verdict, hookimpl, run_blocking
 
-from . import _archives as archives
-from . import _content_types as types
+from ._archives import ArchiveLimits, Budget, kind_of, listing
 from ._attachment_names import candidates, clean
+from ._content_types import detect, is_office, office_check, same_type, type_of_name
 from ._mime_tree import Limits, Part, ScanTimeout, walk
 from ._policy import check_reply_template, verdict_for
 
@@ -113,7 +113,7 @@ class Rules(BaseModel):
         "ocx", "jar", "js", "jse", "vbs", "vbe", "vb", "wsf", "wsh", "wsc", "ws", "hta", "ps1", "ps1xml",
         "psc1", "psd1", "psm1", "reg", "inf", "scf", "sct", "chm", "hlp", "appx", "appxbundle", "msix",
         "msixbundle", "application", "appref-ms", "gadget", "xll", "xbap", "iqy", "slk", "apk", "app",
-        "pkg", "sh", "command", "elf", "bin", "run",
+        "pkg", "sh", "command", "elf", "run",
     ), (
         "application/vnd.microsoft.portable-executable", "application/x-dosexec", "application/x-msdownload",
         "application/x-executable", "application/x-sharedlib", "application/x-pie-executable",
@@ -229,8 +229,8 @@ class _Scan:
         self.settings = settings
         self.rules = settings.rules
         self.limits = limits
-        self.archive_limits = archives.ArchiveLimits(**settings.archives.model_dump())
-        self.budget = archives.Budget(settings.archives.max_entries, settings.archives.max_size)
+        self.archive_limits = ArchiveLimits(**settings.archives.model_dump())
+        self.budget = Budget(settings.archives.max_entries, settings.archives.max_size)
         self.report = Report()
 
     def part(self, part: Part) -> None:
@@ -255,19 +255,19 @@ class _Scan:
                                  "double extension ." + ".".join(name.extensions[-2:]))
         if data is None:
             return
-        detected = types.detect(data)
+        detected = detect(data)
         for rule in ("executable", "disk_image", "shortcut", "onenote", "html", "svg"):
             if detected in getattr(self.rules, rule).types:
                 self.hit(rule, part, shown, f"content is {detected}")
-        if not types.same_type(declared, detected):
+        if not same_type(declared, detected):
             self.hit("type_mismatch", part, shown, f"declared {declared}, content is {detected}")
         for name in cleaned:
-            promised = types.type_of_name(name.extension)
-            if promised and not types.same_type(promised, detected):
+            promised = type_of_name(name.extension)
+            if promised and not same_type(promised, detected):
                 self.hit("type_mismatch", part, name.sent, f"name says {promised}, content is {detected}")
         extension = cleaned[0].extension if cleaned else ""
-        if types.is_office(detected, extension):
-            office = types.office_check(data, shown)
+        if is_office(detected, extension):
+            office = office_check(data, shown)
             if office.encrypted:
                 self.hit("encrypted_office", part, shown, "password-protected")
             if office.macros:
@@ -275,7 +275,7 @@ class _Scan:
             if office.unreadable:
                 self.hit("malformed", part, shown, office.unreadable)
             return
-        kind = archives.kind_of(detected)
+        kind = kind_of(detected)
         if kind is not None:
             self.archive(part, kind, data, shown, level + 1)
 
@@ -285,19 +285,18 @@ class _Scan:
                 self.hit("archive_bomb", part, shown,
                          f"archives nested more than {self.archive_limits.max_depth} deep")
             return
-        listing = archives.listing(kind, data, shown, limits=self.archive_limits, budget=self.budget,
-                                   scan=self.limits)
-        if listing.encrypted:
+        found = listing(kind, data, shown, limits=self.archive_limits, budget=self.budget, scan=self.limits)
+        if found.encrypted:
             self.hit("encrypted_archive", part, shown, f"{kind} with encrypted file names")
-        if listing.unreadable:
-            self.hit("malformed", part, shown, listing.unreadable)
-        for entry in listing.entries:
+        if found.unreadable:
+            self.hit("malformed", part, shown, found.unreadable)
+        for entry in found.entries:
             if entry.encrypted:
                 self.hit("encrypted_archive", part, shown, f"{kind} entry {entry.name!r} is encrypted")
             inside = f"{shown or 'archive'}/{entry.name}" if entry.name else ""
             self.item(part, [inside] if inside else [], entry.data, "", level)
-        if listing.bomb:
-            self.hit("archive_bomb", part, shown, listing.bomb)
+        if found.bomb:
+            self.hit("archive_bomb", part, shown, found.bomb)
 
     def hit(self, rule: str, part: Part | None, filename: str, detail: str) -> None:
         self.report.add(Finding(rule, part, filename, detail))
