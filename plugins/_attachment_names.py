@@ -72,16 +72,23 @@ def _param(headers: HeaderBlock, param: str, header: str) -> str | None:
 
 
 def candidates(headers: HeaderBlock) -> list[str]:
-    """Every file name a client might show for this part, decoded, without duplicates."""
+    """Every file name a client might show for this part, decoded, without duplicates.
+
+    Every field counts: with two ``Content-Type`` fields, some clients read the first and
+    others the last.
+    """
     found: list[str] = []
     for param, header in (("filename", "content-disposition"), ("name", "content-type")):
-        value = _param(headers, param, header)
-        if value is None:
-            continue
-        for decoded in (_decode_2047(value), value):
-            one = decoded[:MAX_NAME]
-            if one and one not in found:
-                found.append(one)
+        for field in headers.get_all(header, ()):
+            single = HeaderBlock()
+            single[header] = str(field)
+            value = _param(single, param, header)
+            if value is None:
+                continue
+            for decoded in (_decode_2047(value), value):
+                one = decoded[:MAX_NAME]
+                if one and one not in found:
+                    found.append(one)
     return found
 
 

@@ -28,6 +28,9 @@ from email.policy import compat32
 __all__ = ["Limits", "Part", "ScanTimeout", "Walk", "walk"]
 
 CRLF = b"\r\n"
+#: A part's header block is looked for this far; more is no header block any client shows.
+MAX_HEADER_BLOCK = 256 * 1024
+_SINGLE = ("content-type", "content-transfer-encoding", "content-disposition")
 _B64_JUNK = re.compile(rb"[^A-Za-z0-9+/=\s]")
 _HEADERS = BytesHeaderParser(policy=compat32)
 
@@ -84,14 +87,20 @@ class _Entity:
     boundaries: tuple[bytes, ...]  # of the enclosing multiparts
 
 
-def _split_headers(data: bytes, start: int, end: int) -> tuple[bytes, int]:
-    """The header block of the entity at [start, end) and where its body starts."""
+def _split_headers(data: bytes, start: int, end: int) -> tuple[bytes, int, bool]:
+    """The header block of the entity at [start, end), where its body starts, and whether
+    the block was cut at :data:`MAX_HEADER_BLOCK` (then the rest is taken as body)."""
     if data.startswith(CRLF, start):
-        return b"", start + 2
-    blank = data.find(b"\r\n\r\n", start, end)
-    if blank == -1:
-        return data[start:end], end
-    return data[start : blank + 2], blank + 4
+        return b"", start + 2, False
+    limit = min(end, start + MAX_HEADER_BLOCK)
+    blank = data.find(b"\r\n\r\n", start, limit)
+    if blank != -1:
+        return data[start : blank + 2], blank + 4, False
+    if limit == end:
+        return data[start:end], end, False
+    cut = data.rfind(CRLF, start, limit)
+    cut = limit if cut == -1 else cut + 2
+    return data[start:cut], cut, True
 
 
 def _content_type(headers: HeaderBlock) -> str:
@@ -99,10 +108,19 @@ def _content_type(headers: HeaderBlock) -> str:
     return value.lower()
 
 
-def _delimiters(data: bytes, start: int, end: int, boundary: bytes) -> tuple[list[tuple[int, int]], bool]:
-    """The [start, end) of each body part between delimiter lines, and whether it was closed."""
+@dataclass(slots=True)
+class _Split:
+    parts: list[tuple[int, int]] = field(default_factory=list)  # [start, end) of each body part
+    closed: bool = False
+    lookalike: bool = False  # a line starting with the delimiter that is not one
+
+
+def _delimiters(data: bytes, start: int, end: int, boundary: bytes) -> _Split:
+    """The body parts between delimiter lines, whether the multipart was closed, and whether
+    a line only looked like a delimiter (``--boundaryX``: some clients split there, RFC 2046
+    does not)."""
     dash = b"--" + boundary
-    parts: list[tuple[int, int]] = []
+    split = _Split()
     part_start: int | None = None
     pos = start
     while True:
@@ -116,15 +134,17 @@ def _delimiters(data: bytes, start: int, end: int, boundary: bytes) -> tuple[lis
         rest = data[pos : end if eol == -1 else eol]
         closing = rest.startswith(b"--")
         if not closing and rest.strip(b" \t"):
-            continue  # "--boundaryX": another boundary, not ours
+            split.lookalike = True
+            continue
         if part_start is not None:
-            parts.append((part_start, max(part_start, at - 2 if at != start else at)))
+            split.parts.append((part_start, max(part_start, at - 2 if at != start else at)))
         if closing:
-            return parts, True
+            split.closed = True
+            return split
         part_start = end if eol == -1 else eol + 2
     if part_start is not None:
-        parts.append((part_start, end))
-    return parts, False
+        split.parts.append((part_start, end))
+    return split
 
 
 def _decode(headers: HeaderBlock, body: bytes, walk: Walk, number: str) -> bytes:
@@ -169,29 +189,38 @@ def walk(message: bytes, limits: Limits) -> Walk:
             result.too_complex = f"MIME parts nested more than {limits.max_depth} deep"
             return result
         data = entity.data
-        raw_headers, body_start = _split_headers(data, entity.start, entity.end)
+        where = f"part {entity.number or 'body'}"
+        raw_headers, body_start, cut = _split_headers(data, entity.start, entity.end)
         headers = _HEADERS.parsebytes(raw_headers)
         ctype = _content_type(headers)
+        if cut:
+            result.malformed.append(f"{where}: header block over {MAX_HEADER_BLOCK} bytes")
         if headers.defects:
-            result.malformed.append(f"part {entity.number or 'body'}: bad header block")
+            result.malformed.append(f"{where}: bad header block")
+        for name in _SINGLE:  # clients disagree on which of two wins
+            if len(headers.get_all(name, ())) > 1:
+                result.malformed.append(f"{where}: more than one {name} field")
         if ctype.startswith("multipart/"):
             boundary = _boundary(headers)
             if boundary is None:
-                result.malformed.append(f"part {entity.number or 'body'}: multipart without a boundary")
+                result.malformed.append(f"{where}: multipart without a boundary")
                 # Clients show such a part as text or not at all; check its bytes as one part.
             elif boundary in entity.boundaries:
                 result.malformed.append(
-                    f"part {entity.number or 'body'}: nested multipart reuses its parent's boundary"
+                    f"{where}: nested multipart reuses its parent's boundary"
                 )
             if boundary is not None:
-                children, closed = _delimiters(data, body_start, entity.end, boundary)
+                split = _delimiters(data, body_start, entity.end, boundary)
+                children = split.parts
+                if split.lookalike:
+                    result.malformed.append(f"{where}: a line starts with the boundary but is no delimiter")
                 if not children:
                     result.malformed.append(
-                        f"part {entity.number or 'body'}: boundary never appears in the multipart"
+                        f"{where}: boundary never appears in the multipart"
                     )
                 else:
-                    if not closed:
-                        result.malformed.append(f"part {entity.number or 'body'}: multipart not closed")
+                    if not split.closed:
+                        result.malformed.append(f"{where}: multipart not closed")
                     prefix = f"{entity.number}." if entity.number else ""
                     for index in range(len(children), 0, -1):  # stack: first child popped first
                         start, end = children[index - 1]

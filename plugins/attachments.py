@@ -216,9 +216,13 @@ class Report:
     findings: list[Finding] = field(default_factory=list)
     parts: int = 0
     timed_out: bool = False
+    _seen: set[tuple[str, str, str, str]] = field(default_factory=set)
 
     def add(self, finding: Finding) -> None:
-        if len(self.findings) < MAX_FINDINGS and finding not in self.findings:
+        number = finding.part.number if finding.part is not None else "-"
+        key = (finding.rule, number, finding.filename, finding.detail)
+        if len(self.findings) < MAX_FINDINGS and key not in self._seen:
+            self._seen.add(key)
             self.findings.append(finding)
 
 

@@ -225,6 +225,24 @@ def test_malformed_structures_each_give_a_finding() -> None:
     assert "malformed" in rules(raw_message(MIXED, junk))
 
 
+def test_what_clients_read_differently_is_malformed() -> None:
+    # Some clients split at a line that merely starts with the delimiter; RFC 2046 does not.
+    lookalike = (b'--b\nContent-Type: text/plain\n\nhi\n--bX\nContent-Type: application/octet-stream; '
+                 b'name="a.exe"\n\nMZ\n--b--\n')
+    report = scan(raw_message(MIXED, lookalike), AttachmentSettings())
+    assert [f.detail for f in report.findings] == ["part body: a line starts with the boundary but is no delimiter"]
+    # Two Content-Type fields: the first for one client, the last for another.
+    double = (b'--b\nContent-Type: application/pdf; name="a.pdf"\nContent-Type: application/x-msdownload; '
+              b'name="a.exe"\n\nMZ\n--b--\n')
+    found = {(f.rule, f.detail) for f in scan(raw_message(MIXED, double), AttachmentSettings()).findings}
+    assert ("malformed", "part 1: more than one content-type field") in found
+    assert ("executable", "extension .exe") in found  # the second field's name is checked too
+    headers = b"X-Long: " + b"x" * 100 + b"\n"
+    huge = b"--b\n" + headers * 3000 + b"\nbody\n--b--\n"
+    details = [f.detail for f in scan(raw_message(MIXED, huge), AttachmentSettings()).findings]
+    assert "part 1: header block over 262144 bytes" in details
+
+
 def test_ten_thousand_parts_stop_at_the_limit() -> None:
     body = b"".join(b"--b\nContent-Type: text/plain\n\nx\n" for _ in range(10_000)) + b"--b--\n"
     report = scan(raw_message(MIXED, body), AttachmentSettings())
