@@ -31,7 +31,7 @@ CRLF = b"\r\n"
 #: A part's header block is looked for this far; more is no header block any client shows.
 MAX_HEADER_BLOCK = 256 * 1024
 _SINGLE = ("content-type", "content-transfer-encoding", "content-disposition")
-_B64_JUNK = re.compile(rb"[^A-Za-z0-9+/=\s]")
+_B64_TEXT = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n\t "
 _HEADERS = BytesHeaderParser(policy=compat32)
 
 
@@ -150,7 +150,7 @@ def _delimiters(data: bytes, start: int, end: int, boundary: bytes) -> _Split:
 def _decode(headers: HeaderBlock, body: bytes, walk: Walk, number: str) -> bytes:
     cte = str(headers.get("content-transfer-encoding", "")).strip().lower()
     if cte == "base64":
-        if _B64_JUNK.search(body):
+        if body.translate(None, _B64_TEXT):  # anything left is junk (C speed, unlike a regex)
             walk.malformed.append(f"part {number or 'body'}: junk in base64")
         try:
             return binascii.a2b_base64(body)
