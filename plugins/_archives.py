@@ -103,6 +103,9 @@ def _bomb(
 
 
 def _zip(data: bytes, limits: ArchiveLimits, budget: Budget, scan: Limits, listing: Listing) -> None:
+    if data.count(b"PK\x05\x06") > 1:
+        # Two archives in one file: Windows Explorer, 7-Zip and WinRAR do not list the same one.
+        listing.unreadable = "more than one zip archive in one file"
     with zipfile.ZipFile(io.BytesIO(data)) as archive:
         for info in archive.infolist():
             scan.check_time()

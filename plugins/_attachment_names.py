@@ -25,6 +25,10 @@ __all__ = ["Name", "candidates", "clean"]
 
 #: Longest name kept: file systems stop at 255, and a longer one is itself suspicious.
 MAX_NAME = 1024
+#: Where clients look, most common first: the standard places, then the swapped ones some
+#: clients (and some malware kits) use.
+_PLACES = (("filename", "content-disposition"), ("name", "content-type"),
+           ("name", "content-disposition"), ("filename", "content-type"))
 _BIDI = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
@@ -75,10 +79,11 @@ def candidates(headers: HeaderBlock) -> list[str]:
     """Every file name a client might show for this part, decoded, without duplicates.
 
     Every field counts: with two ``Content-Type`` fields, some clients read the first and
-    others the last.
+    others the last; and ``name`` in ``Content-Disposition`` or ``filename`` in ``Content-Type``
+    too, which some clients accept.
     """
     found: list[str] = []
-    for param, header in (("filename", "content-disposition"), ("name", "content-type")):
+    for param, header in _PLACES:
         for field in headers.get_all(header, ()):
             single = HeaderBlock()
             single[header] = str(field)

@@ -32,6 +32,8 @@ GENERIC = frozenset({
     "application/binary",
 })
 """Types that say nothing about content: never a mismatch either way."""
+ACTIVE_TEXT = frozenset({"text/html", "text/x-shellscript", "text/x-msdos-batch", "image/svg+xml"})
+"""Text that does something when opened: never a harmless kind of text."""
 _OFFICE_EXTENSIONS = frozenset({
     "doc", "dot", "docx", "docm", "dotx", "dotm", "xls", "xlt", "xlsx", "xlsm", "xltx", "xltm", "xlsb",
     "xlam", "ppt", "pot", "pps", "pptx", "pptm", "potx", "potm", "ppsx", "ppsm", "ppam", "sldm",
@@ -86,8 +88,8 @@ def same_type(declared: str, detected: str) -> bool:
     """Whether a declared type and libmagic's agree (generic types agree with anything)."""
     if declared in GENERIC or detected in GENERIC:
         return True
-    if declared.startswith("text/") and detected.startswith("text/"):
-        return True  # libmagic's text guesses are not a declaration's equal
+    if detected.startswith("text/") and detected not in ACTIVE_TEXT:
+        return True  # CSV sent as Excel, XML as text, RTF as .doc: text content is no disguise
     if "application/zip" in (declared, detected) and (_family(declared) in _ZIP_BASED or
                                                         _family(detected) in _ZIP_BASED):
         return True  # libmagic names a zip-based format by its first entries, which are not always there

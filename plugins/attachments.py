@@ -260,7 +260,10 @@ class _Scan:
         if data is None:
             return
         detected = detect(data)
+        named = any(name.extension for name in cleaned)
         for rule in ("executable", "disk_image", "shortcut", "onenote", "html", "svg"):
+            if rule in ("html", "svg") and named:
+                continue  # opened by its extension's program, not a browser (HTML saved as .xls)
             if detected in getattr(self.rules, rule).types:
                 self.hit(rule, part, shown, f"content is {detected}")
         if not same_type(declared, detected):

@@ -55,6 +55,12 @@ def test_names_come_from_disposition_and_content_type_alike() -> None:
     assert candidates(headers) == ["a.pdf", "b.exe"]
 
 
+def test_names_in_the_swapped_parameters_count_too() -> None:
+    headers = headers_of('Content-Type: application/pdf; filename="a.exe"\n'
+                         'Content-Disposition: attachment; name="b.scr"\n')
+    assert sorted(candidates(headers)) == ["a.exe", "b.scr"]
+
+
 def test_rfc2231_continuations_and_charset_are_joined_and_decoded() -> None:
     headers = headers_of("Content-Disposition: attachment;\n"
                          " filename*0*=utf-8''Rechnung%20%C3%BC;\n"
@@ -144,6 +150,21 @@ def test_clean_attachments_find_nothing() -> None:
                   ("notes.txt", b"plain words\n", "text/plain"),
                   ("data.zip", samples.zipped(("a.txt", b"hello"), ("b.csv", b"1,2\n")), "application/zip"))
     assert findings(raw) == set()
+
+
+def test_what_is_opened_by_its_name_is_judged_by_its_name() -> None:
+    # Web reports saved as .xls are HTML, CSV goes out as Excel: Excel opens both, no browser.
+    html = b"<html><body><table><tr><td>1</td></tr></table></body></html>"
+    assert rules(message(("report.xls", html, "application/vnd.ms-excel"))) == {"type_mismatch"}
+    assert findings(message(("table.xls", b"a,b\n1,2\n", "application/vnd.ms-excel"))) == set()
+    unnamed = raw_message(MIXED, b"--b\nContent-Type: text/html\nContent-Disposition: attachment\n\n"
+                                 + html + b"\n--b--\n")
+    assert rules(unnamed) == {"html"}  # no name: a client renders it by its type
+
+
+def test_two_zips_in_one_file_are_malformed() -> None:
+    twice = samples.zipped(("a.txt", b"x")) + samples.zipped(("setup.exe", samples.pe()))
+    assert rules(message(("a.zip", twice, "application/zip"))) == {"malformed", "executable"}
 
 
 def test_an_html_body_is_not_an_html_attachment() -> None:
