@@ -199,6 +199,13 @@ def test_encrypted_archives() -> None:
     assert rules(message(("names.7z", out.getvalue(), "application/x-7z-compressed"))) == {"encrypted_archive"}
 
 
+def test_rar_entries_are_listed_without_unrar() -> None:
+    rar = samples.rar5(("setup.exe", b"MZ" + bytes(100)), ("readme.txt", b"hi"))
+    assert findings(message(("x.rar", rar, "application/octet-stream"))) == {("executable", "x.rar/setup.exe")}
+    secret = samples.rar5(("a.txt", b"hello"), encrypted=True)
+    assert rules(message(("secret.rar", secret, "application/x-rar"))) == {"encrypted_archive"}
+
+
 def test_7z_entries_are_checked_by_name() -> None:
     out = io.BytesIO()
     with py7zr.SevenZipFile(out, "w") as archive:

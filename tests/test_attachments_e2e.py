@@ -77,6 +77,8 @@ async def test_clean_attachments_arrive_byte_identical(
      'Message refused: attachment "invoice?fdp.js" is not allowed (deceptive file name)'),
     (("docs.zip", samples.zipped(("setup.exe", samples.pe())), "application/zip"),
      'Message refused: attachment "docs.zip/setup.exe" is not allowed (executable file)'),
+    (("tools.rar", samples.rar5(("setup.exe", samples.pe())), "application/x-rar"),
+     'Message refused: attachment "tools.rar/setup.exe" is not allowed (executable file)'),
     (("cd.iso", samples.iso(), "application/octet-stream"),
      'Message refused: attachment "cd.iso" is not allowed (disk image)'),
     (("shortcut.lnk", samples.lnk(), "application/octet-stream"),
@@ -85,7 +87,7 @@ async def test_clean_attachments_arrive_byte_identical(
      'Message refused: attachment "report.docm" is not allowed (Office document with macros)'),
     (("bomb.zip", samples.zipped(("zeros.bin", bytes(4 * 1024 * 1024))), "application/zip"),
      'Message refused: attachment "bomb.zip" is not allowed (archive over the size limits)'),
-], ids=["double-extension", "renamed", "rtl-override", "zip", "iso", "lnk", "macros", "bomb"])
+], ids=["double-extension", "renamed", "rtl-override", "zip", "rar", "iso", "lnk", "macros", "bomb"])
 async def test_dangerous_attachments_are_refused_and_never_reach_postfix(
     proxy_factory: ProxyFactory, postfix: PostfixInstance, attachment: tuple[str, bytes, str], reply: str,
     caplog: pytest.LogCaptureFixture,
