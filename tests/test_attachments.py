@@ -352,6 +352,37 @@ def test_any_attachment_bytes_and_name_give_a_report(data: bytes, name: str) -> 
 
 
 @settings(max_examples=60, deadline=None)
+@given(name=st.text(max_size=60))
+def test_any_name_is_cleaned_to_something_without_invisible_characters(name: str) -> None:
+    import unicodedata
+
+    cleaned = clean(name)
+    assert not any(unicodedata.category(c) in ("Cf", "Cc") for c in cleaned.effective)
+    assert all(ext == ext.casefold() for ext in cleaned.extensions)
+    assert not cleaned.effective.endswith((".", " "))
+
+
+@settings(max_examples=40, deadline=None)
+@given(attachments=st.lists(st.tuples(
+    st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), min_size=1, max_size=20),
+    st.binary(max_size=300),
+    st.sampled_from(["application/octet-stream", "image/png", "text/plain", "application/pdf"])), max_size=5))
+def test_the_walk_finds_the_parts_the_stdlib_parser_finds(attachments: list[tuple[str, bytes, str]]) -> None:
+    import email
+    from email.policy import default
+
+    raw = message(*attachments)
+    leaves = [p for p in email.message_from_bytes(raw, policy=default).walk() if not p.is_multipart()]
+    tree = walk(raw, Limits())
+    assert len(tree.parts) == len(leaves) and tree.malformed == []
+    for part, leaf in zip(tree.parts, leaves, strict=True):
+        assert part.payload == leaf.get_payload(decode=True)
+        start, end = part.span or (0, 0)
+        assert raw[start:end].startswith(b"Content-Type: " if part.number else b"From: ")
+
+
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # zipfile normalises some names alike
+@settings(max_examples=60, deadline=None)
 @given(entries=st.lists(st.tuples(st.text(min_size=1, max_size=20), st.binary(max_size=200)), max_size=8,
                         unique_by=lambda entry: entry[0]),
        cut=st.integers(min_value=0, max_value=400))
