@@ -164,7 +164,29 @@ def _decode(headers: HeaderBlock, body: bytes, walk: Walk, number: str) -> bytes
                 return b""
     if cte == "quoted-printable":
         return binascii.a2b_qp(body)
+    if cte in ("x-uuencode", "uuencode", "x-uue"):  # not in RFC 2045, yet decoded by some clients
+        return _uudecode(body, walk, number)
     return body
+
+
+def _uudecode(body: bytes, walk: Walk, number: str) -> bytes:
+    """The lines between ``begin`` and ``end``, as uudecode reads them."""
+    out: list[bytes] = []
+    inside = False
+    for line in body.split(CRLF):
+        if not inside:
+            inside = line.startswith(b"begin ")
+            continue
+        if line.strip() in (b"end", b"`"):
+            if line.strip() == b"end":
+                break
+            continue
+        try:
+            out.append(binascii.a2b_uu(line))
+        except binascii.Error:
+            walk.malformed.append(f"part {number or 'body'}: uuencoded line that does not decode")
+            break
+    return b"".join(out)
 
 
 def _estimate(headers: HeaderBlock, size: int) -> int:
@@ -234,6 +256,8 @@ def walk(message: bytes, limits: Limits) -> Walk:
             return result
         payload = _decode(headers, body, result, entity.number)
         span = (entity.start, entity.end) if entity.original else None
+        if ctype == "message/partial":  # reassembled by some clients: no fragment shows the whole
+            result.malformed.append(f"{where}: message/partial fragment")
         if ctype in ("message/rfc822", "message/global"):
             original = entity.original and payload is body
             inner = payload if not original else data

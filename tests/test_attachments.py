@@ -271,6 +271,17 @@ def test_what_clients_read_differently_is_malformed() -> None:
     assert "part 1: header block over 262144 bytes" in details
 
 
+def test_uuencoded_parts_are_decoded_and_fragments_reported() -> None:
+    import binascii
+
+    encoded = b"".join(binascii.b2a_uu(samples.pe()[i : i + 45]) for i in range(0, len(samples.pe()), 45))
+    body = (b'--b\nContent-Type: application/octet-stream; name="a.dat"\nContent-Transfer-Encoding: x-uuencode'
+            b"\n\nbegin 644 a.dat\n" + encoded + b"`\nend\n--b--\n")
+    assert "executable" in rules(raw_message(MIXED, body))
+    partial = raw_message("MIME-Version: 1.0\nContent-Type: message/partial; id=x; number=1; total=2", b"TVqQ\n")
+    assert rules(partial) == {"malformed"}
+
+
 def test_ten_thousand_parts_stop_at_the_limit() -> None:
     body = b"".join(b"--b\nContent-Type: text/plain\n\nx\n" for _ in range(10_000)) + b"--b--\n"
     report = scan(raw_message(MIXED, body), AttachmentSettings())
