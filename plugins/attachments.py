@@ -358,7 +358,8 @@ class Attachments:
 
     def decide(self, transaction: Transaction, message: Message, report: Report) -> Verdict | None:
         s = self.settings
-        if report.timed_out:
+        refused = any(self.action(f.rule) == "reject" for f in report.findings)
+        if report.timed_out and not refused:  # what was found before time ran out may decide
             log.warning("attachments", tx=transaction.id, result="timeout", action=s.on_timeout,
                         seconds=s.timeout)
             verdict = verdict_for(

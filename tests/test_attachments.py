@@ -437,6 +437,22 @@ async def test_timeout_tempfails_by_default() -> None:
     assert result.reply == "451 4.7.1 Attachment check did not finish, try again later"
 
 
+async def test_a_reject_found_before_time_ran_out_still_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
+    from smtpproxy_plugins import attachments
+
+    def out_of_time(data: bytes) -> str:
+        raise attachments.ScanTimeout  # time runs out at the first content check
+
+    monkeypatch.setattr(attachments, "detect", out_of_time)
+    slow = message(("a.exe", b"MZ", "application/octet-stream"), ("b.pdf", b"%PDF-1.4\n", "application/pdf"))
+    report = scan(slow, AttachmentSettings())
+    assert report.timed_out and {f.rule for f in report.findings} == {"executable"}  # by its name
+    result = await trace(slow)
+    assert result.decision == "rejected" and '"a.exe"' in result.reply
+    unnamed = await trace(message(("b.pdf", b"%PDF-1.4\n", "application/pdf")))
+    assert unnamed.decision == "tempfailed"  # nothing found yet: on_timeout
+
+
 async def test_strip_replaces_only_the_part_and_keeps_every_other_byte() -> None:
     raw = message(("report.pdf", b"%PDF-1.4\n", "application/pdf"),
                   ("invoice.exe", samples.pe(), "application/octet-stream"),
