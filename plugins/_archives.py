@@ -158,9 +158,10 @@ def _stream(
         if inner.lower().endswith(suffix):
             inner = inner[: -len(suffix)] + (".tar" if suffix.startswith(".t") else "")
             break
-    # The cap is one byte past what may be read: reaching it means the content goes on.
+    # The cap is one byte past what may be read: reaching it means the content goes on. Past
+    # the message's budget that is a bomb; past max_read only, the file is checked by name.
     truncated = len(content) >= cap
-    size = len(content) if not truncated else max(budget.size, 0) + 1
+    size = max(budget.size, 0) + 1 if truncated and cap - 1 >= max(budget.size, 0) else len(content)
     if _bomb(listing, budget, limits, inner or "(compressed)", size=size, packed=len(data)):
         return
     listing.entries.append(Entry(inner, len(content), None if truncated else content, False))

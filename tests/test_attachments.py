@@ -11,6 +11,7 @@ import base64
 import bz2
 import gzip
 import io
+import os
 import threading
 from typing import Any
 
@@ -220,6 +221,11 @@ def test_archive_bombs_are_caught_before_they_are_inflated() -> None:
     assert rules(message(("m.zip", many, "application/zip")), archives={"max_entries": 20}) == {"archive_bomb"}
     gz = gzip.compress(bytes(8 * 1024 * 1024))
     assert rules(message(("z.gz", gz, "application/gzip")), archives={"max_size": 1024 * 1024}) == {"archive_bomb"}
+    # A big file that compresses like text is no bomb because it is longer than max_read.
+    log_lines = b"".join(b"%08d GET /index.html 200 %s\n" % (i, os.urandom(8).hex().encode())
+                         for i in range(40_000))
+    big = gzip.compress(log_lines)
+    assert rules(message(("access.log.gz", big, "application/gzip")), archives={"max_read": 1024 * 1024}) == set()
     deep = samples.zipped(("a.txt", b"x"))
     for level in range(5):
         deep = samples.zipped((f"level{level}.zip", deep))
