@@ -292,6 +292,8 @@ class _Scan:
                 self.hit("archive_bomb", part, shown,
                          f"archives nested more than {self.archive_limits.max_depth} deep")
             return
+        if self.budget.entries < 0 or self.budget.size < 0:
+            return  # the message's archive budget is spent and archive_bomb already found
         found = listing(kind, data, shown, limits=self.archive_limits, budget=self.budget, scan=self.limits)
         if found.encrypted:
             self.hit("encrypted_archive", part, shown, f"{kind} with encrypted file names")

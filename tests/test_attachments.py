@@ -219,6 +219,11 @@ def test_archive_bombs_are_caught_before_they_are_inflated() -> None:
     assert rules(message(("r.zip", ratio, "application/zip"))) == {"archive_bomb"}
     many = samples.zipped(*[(f"f{i}.txt", b"x") for i in range(30)])
     assert rules(message(("m.zip", many, "application/zip")), archives={"max_entries": 20}) == {"archive_bomb"}
+    # The budget is the message's: once spent, later archives are not opened at all.
+    spread = message(*[(f"m{i}.zip", samples.zipped(*[(f"f{j}.txt", b"x") for j in range(8)]), "application/zip")
+                       for i in range(4)], ("z.zip", samples.zipped(("setup.exe", b"MZ")), "application/zip"))
+    report = scan(spread, AttachmentSettings.model_validate({"archives": {"max_entries": 20}}))
+    assert [(f.rule, f.filename) for f in report.findings] == [("archive_bomb", "m2.zip")]
     gz = gzip.compress(bytes(8 * 1024 * 1024))
     assert rules(message(("z.gz", gz, "application/gzip")), archives={"max_size": 1024 * 1024}) == {"archive_bomb"}
     # A big file that compresses like text is no bomb because it is longer than max_read.
