@@ -67,6 +67,10 @@ BAD_SETTINGS = [
      r":4:\d+: plugins\[0\]\.settings\.servers: .*the port must be 1\.\.65535"),
     ("clamav", 'reject_text: "Virus {virus}"',
      r":4:\d+: plugins\[0\]\.settings\.reject_text: .*unknown placeholder \{virus\}"),
+    ("attachments", "rules:\n  executable: {action: bounce}",
+     r":5:\d+: plugins\[0\]\.settings\.rules\.executable\.action: "),
+    ("attachments", 'reject_text: "{filename} refused ({nope})"',
+     r":4:\d+: plugins\[0\]\.settings\.reject_text: .*unknown placeholder \{nope\}"),
 ]
 
 
