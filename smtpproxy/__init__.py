@@ -26,7 +26,7 @@ from smtpproxy.session import (
     TLSInfo,
     Transaction,
 )
-from smtpproxy.settings import SettingsError
+from smtpproxy.settings import PluginSettings, SettingsError
 from smtpproxy.verdicts import Action, Reply, Verdict
 
 __version__ = "0.1.0"
@@ -49,6 +49,7 @@ __all__ = [
     "Message",
     "Network",
     "Outcome",
+    "PluginSettings",
     "Recipient",
     "Reply",
     "Resolver",

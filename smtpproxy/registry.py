@@ -130,11 +130,9 @@ def instantiate(
         base_dir = Path(source.file).absolute().parent if source is not None else Path.cwd()
         validated = settings_model.model_validate(settings, context={"base_dir": base_dir})
     except pydantic.ValidationError as exc:
-        if source is None:
-            raise ConfigError(
-                [Problem("<config>", None, None, "plugins", str(exc))]
-            ) from None
-        raise ConfigError(source.problems_from_validation_error(exc, base=where)) from None
+        located = source if source is not None else ConfigSource.detached("<settings>")
+        problems = located.problems_from_validation_error(exc, base=where, model=settings_model)
+        raise ConfigError(problems) from None
     try:
         return factory(validated)
     except SettingsError as exc:
