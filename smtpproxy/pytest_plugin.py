@@ -50,11 +50,12 @@ import pytest
 from smtpproxy import dns
 from smtpproxy.addresses import Address, parse_mailbox
 from smtpproxy.chain import Chain, ChainStep
-from smtpproxy.config import Config
+from smtpproxy.config import Config, ConfigError, Problem
 from smtpproxy.message import Message
 from smtpproxy.registry import ENTRY_POINT_GROUP, build_chain, instantiate, new_plugin_manager
 from smtpproxy.session import Client, Envelope, Recipient, Session, TLSInfo
 from smtpproxy.tracer import Trace, TracePolicy, Tracer, data_section
+from smtpproxy.versions import PluginAPIError, check_plugin_api
 
 try:
     import pytest_asyncio
@@ -100,8 +101,12 @@ def make_plugin(cls: type, **settings: Any) -> object:
     trace's ``decided_by``, the results and the log lines carry that name. A class no
     installed entry point announces is named after the class (``NoRoles`` → ``no_roles``).
     """
-    plugin = instantiate(cls, settings, None, 0)
     name = entry_point_name(cls)
+    try:
+        check_plugin_api(cls, name or _class_name(cls))
+    except PluginAPIError as exc:
+        raise ConfigError([Problem("<settings>", None, None, "plugins[0]", str(exc))]) from None
+    plugin = instantiate(cls, settings, None, 0)
     if name is not None:
         with contextlib.suppress(TypeError):  # an object that cannot be weakly referenced
             _PRODUCTION_NAMES[plugin] = name
@@ -123,7 +128,10 @@ def _name_of(plugin: object) -> str:
     name = getattr(plugin, "name", None)
     if isinstance(name, str) and name:
         return name
-    cls = plugin if isinstance(plugin, type) else type(plugin)
+    return _class_name(plugin if isinstance(plugin, type) else type(plugin))
+
+
+def _class_name(cls: type) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
 

@@ -26,6 +26,7 @@ from smtpproxy import hookspecs
 from smtpproxy.chain import Chain, ChainStep
 from smtpproxy.config import ConfigError, ConfigSource, PluginSpec, Problem, format_key
 from smtpproxy.settings import SettingsError
+from smtpproxy.versions import PluginAPIError, check_plugin_api
 
 __all__ = ["ENTRY_POINT_GROUP", "InstalledPlugin", "build_chain", "installed_plugins"]
 
@@ -57,7 +58,10 @@ def installed_plugins() -> list[InstalledPlugin]:
         try:
             target = ep.load()
             hooks = _implemented_hooks(target)
+            check_plugin_api(target, ep.name)
             found.append(InstalledPlugin(ep.name, ep.value, dist, hooks))
+        except PluginAPIError as exc:
+            found.append(InstalledPlugin(ep.name, ep.value, dist, hooks, str(exc)))
         except Exception as exc:
             found.append(InstalledPlugin(ep.name, ep.value, dist, (), f"{type(exc).__name__}: {exc}"))
     return found
@@ -156,12 +160,13 @@ def build_chain(
             continue
         try:
             target = resolve(spec.use or spec.name)
+            check_plugin_api(target, spec.name)
             plugin = instantiate(target, dict(spec.settings), source, index)
             _register(pm, plugin, spec.name)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        except LookupError as exc:
+        except (LookupError, PluginAPIError) as exc:
             problems.append(_problem(source, ("plugins", index, "use" if spec.use else "name"), str(exc)))
             continue
         except (pluggy.PluginValidationError, TypeError, ValueError) as exc:

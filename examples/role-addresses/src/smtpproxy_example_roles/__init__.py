@@ -30,6 +30,8 @@ _MUST_ACCEPT = {"postmaster"}  # RFC 5321 4.5.1
 class RolesInsideOnly:
     """Refuse outside mail to internal role addresses."""
 
+    requires_plugin_api = "1.0"  # refused at load by an smtpproxy without API 1.x (x >= 0)
+
     class Settings(PluginSettings):
         roles: list[str] = Field(
             default=["noc", "hostmaster", "all-staff"],
