@@ -112,6 +112,25 @@ def test_make_plugin_refuses_it_too() -> None:
         make_plugin(Future)
 
 
+class FutureAPI:
+    """An installed plugin made for a plugin API this smtpproxy does not provide."""
+
+    requires_plugin_api = _next("major")
+
+
+def test_smtpproxy_plugins_shows_the_refusal(monkeypatch: pytest.MonkeyPatch) -> None:
+    from importlib.metadata import EntryPoint
+
+    from smtpproxy import registry
+
+    future = EntryPoint("future", "tests.test_compatibility:FutureAPI", registry.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(registry, "entry_points", lambda group: [future])
+    [listed] = registry.installed_plugins()
+    assert listed.name == "future" and listed.error is not None
+    assert listed.error.startswith(f"plugin 'future' (tests.test_compatibility:FutureAPI) requires plugin API "
+                                   f"{_next('major')}; smtpproxy {smtpproxy.__version__} provides")
+
+
 def test_the_docs_error_example_is_what_check_config_prints(tmp_path: Path) -> None:
     [shown] = re.findall(r"```text\n(smtpproxy\.yaml:\d+:\d+: plugins\[0\]\.use: plugin 'subjects'.*)\n```", PAGE)
     module = tmp_path / "mycompany" / "filters.py"
