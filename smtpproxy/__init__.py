@@ -76,7 +76,7 @@ __all__ = [
 
 _RENAMED: dict[str, Renamed] = {}
 """Old public names kept working after a rename: ``"Old": Renamed("New", since=, removed_in=)``
-(docs/compatibility.md: for at least one minor release, with a DeprecationWarning)."""
+(docs/compatibility.md#deprecation: with a DeprecationWarning, until a release that may break)."""
 
 if not TYPE_CHECKING:  # mypy would otherwise accept any name from smtpproxy
     __getattr__ = deprecated_names(__name__, _RENAMED)
