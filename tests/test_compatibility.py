@@ -13,6 +13,8 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 import smtpproxy
 from smtpproxy.config import ConfigError, load_config
@@ -94,6 +96,21 @@ def test_a_malformed_requirement_is_refused(requires: object) -> None:
     target = type("Odd", (), {"requires_plugin_api": requires})
     with pytest.raises(PluginAPIError, match=r"plugin 'odd' \(.*Odd\): requires_plugin_api must be"):
         check_plugin_api(target, "odd")
+
+
+@given(st.one_of(st.text(max_size=12), st.from_regex(r"\A[0-9]{1,3}\.[0-9]{1,3}\Z"), st.integers(), st.none()))
+def test_any_declaration_is_accepted_or_refused_with_the_plugin_named(requires: object) -> None:
+    target = type("Any", (), {"requires_plugin_api": requires})
+    try:
+        check_plugin_api(target, "any")
+    except PluginAPIError as exc:
+        assert str(exc).startswith("plugin 'any' (")
+    else:  # accepted: absent, or MAJOR.MINOR within the present API
+        if requires is not None:
+            assert isinstance(requires, str)
+            major, minor = (int(n) for n in requires.split("."))
+            present = [int(n) for n in PLUGIN_API_VERSION.split(".")]
+            assert major == present[0] and minor <= present[1]
 
 
 def test_check_config_refuses_it_too(tmp_path: Path) -> None:
