@@ -12,9 +12,9 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from smtpproxy import EventLog, Message, Transaction, Verdict
+from smtpproxy import EventLog, Message, PluginSettings, Transaction, Verdict
 
 from ._policy import ActionSpec, verdict_for
 
@@ -30,10 +30,8 @@ def no_control(value: str | None) -> str | None:
     return value
 
 
-class ScannerSettings(BaseModel):
+class ScannerSettings(PluginSettings):
     """The settings every scanner bridge has (each adds host, port, max_size and its own)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     timeout: float = Field(
         default=8, strict=True, gt=0, allow_inf_nan=False,

@@ -33,9 +33,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
-from smtpproxy import Address, EventLog, IPNetwork, Recipient, Session, Verdict, hookimpl, ip_in_networks
+from smtpproxy import (
+    Address,
+    EventLog,
+    IPNetwork,
+    PluginSettings,
+    Recipient,
+    Session,
+    Verdict,
+    hookimpl,
+    ip_in_networks,
+)
 
 from ._policy import ActionSpec, verdict_for
 
@@ -164,10 +174,9 @@ def _stamp(path: Path) -> tuple[int, int, int]:
 # -- settings ----------------------------------------------------------------------------
 
 
-class EntryList(BaseModel):
+class EntryList(PluginSettings):
     """One allow or deny list: entries from the YAML and/or from a file."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     KIND: ClassVar[Kind] = "sender"  # how entries are read: names (helo, sender, recipient)
 
     rules: list[str] = Field(
@@ -214,10 +223,8 @@ class NetworkList(EntryList):
     KIND: ClassVar[Kind] = "client"
 
 
-class KindSettings(BaseModel):
+class KindSettings(PluginSettings):
     """The allow and deny lists of one kind, and what a deny does."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     allow: EntryList = Field(
         default_factory=EntryList,
@@ -258,9 +265,7 @@ class ClientSettings(KindSettings):
 class Access:
     """Allow and deny lists by client IP/network, HELO name, sender and recipient."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         client: ClientSettings = Field(
             default_factory=ClientSettings,
             description="Lists of client IP addresses and CIDR networks, checked at connect.",

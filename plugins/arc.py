@@ -38,12 +38,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import dkim
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from smtpproxy import (
     AuthCheck,
     EventLog,
     Message,
+    PluginSettings,
     Session,
     SettingsError,
     Transaction,
@@ -145,9 +146,7 @@ class ARCSealSettings(KeyLocation):
 class ARC:
     """Verify ARC chains at ``data``; optionally seal (then place it after ``auth_results``)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         verify: bool = Field(
             default=True, strict=True,
             description="Verify the chain and record the arc result (turn off for a seal-only entry).",

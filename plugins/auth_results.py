@@ -35,9 +35,9 @@ import re
 
 from authres import AuthenticationResultsHeader
 from authres.core import AuthenticationResult, AuthenticationResultProperty
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from smtpproxy import AuthCheck, EventLog, Message, Transaction, auth_checks, hookimpl
+from smtpproxy import AuthCheck, EventLog, Message, PluginSettings, Transaction, auth_checks, hookimpl
 
 __all__ = ["AuthResults", "authserv_id_of", "header_value"]
 
@@ -174,8 +174,7 @@ def valid_authserv_id(value: str) -> str:
 class AuthResults:
     """Write ``Authentication-Results:`` at ``data``; place it after every checking plugin."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    class Settings(PluginSettings):
         authserv_id: str = Field(
             description="This host's name as written in the header (the authserv-id), "
             "e.g. mx.example.com. Fields carrying it that arrive with the message are removed.",

@@ -63,7 +63,7 @@ import dns.resolver
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding as _padding
 from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from smtpproxy import (
     Action,
@@ -72,6 +72,7 @@ from smtpproxy import (
     EventLog,
     Message,
     Network,
+    PluginSettings,
     Resolver,
     Session,
     SettingsError,
@@ -911,9 +912,7 @@ def _combine(verdicts: Iterable[Verdict | None]) -> Verdict | None:
 class DKIMVerify:
     """Verify every DKIM-Signature at ``data``; place it before ``dmarc`` and ``auth_results``."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         actions: dict[DKIMResult, ActionSpec] = Field(
             default_factory=lambda: dict(DEFAULT_ACTIONS),
             description=(
@@ -1176,10 +1175,8 @@ def _header_list(value: list[str], what: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-class KeyLocation(BaseModel):
+class KeyLocation(PluginSettings):
     """A domain, a selector and a private key file: what DKIM signing and ARC sealing share."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     domain: str = Field(description="Signing domain (d=).")
     selector: str = Field(
@@ -1223,9 +1220,7 @@ class SigningKeySettings(KeyLocation):
 class DKIMSign:
     """Sign outgoing mail for configured domains at ``data``; place it last in the plugin list."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         keys: list[SigningKeySettings] = Field(
             min_length=1,
             description=(

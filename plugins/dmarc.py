@@ -65,13 +65,14 @@ import dns.exception
 import dns.name
 import dns.resolver
 from publicsuffixlist import PublicSuffixList
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from smtpproxy import (
     AuthCheck,
     DNSTemporaryError,
     EventLog,
     Message,
+    PluginSettings,
     Session,
     Transaction,
     Verdict,
@@ -443,10 +444,9 @@ async def _evaluate_domain(
 # -- the plugin ----------------------------------------------------------------------------
 
 
-class PolicyActions(BaseModel):
+class PolicyActions(PluginSettings):
     """What this proxy does with a failing message, per policy the sender's domain publishes."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
     reject: ActionSpec = Field(
         default="reject", description="What to do with a failing message whose domain publishes p=reject."
     )
@@ -465,8 +465,7 @@ class DMARC:
 
     PolicyActions = PolicyActions
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    class Settings(PluginSettings):
         policy_actions: PolicyActions = Field(
             default_factory=PolicyActions,
             description="Action per published policy when DMARC fails: continue, reject, tempfail, "

@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import dns.exception
 import dns.name
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from smtpproxy import (
     Action,
@@ -41,6 +41,7 @@ from smtpproxy import (
     EventLog,
     Message,
     Network,
+    PluginSettings,
     Recipient,
     Session,
     Verdict,
@@ -82,10 +83,8 @@ def _check_zone(value: str) -> str:
     return zone
 
 
-class ReturnCode(BaseModel):
+class ReturnCode(PluginSettings):
     """What one return code (or range) of a list means; unset fields take the list's."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
                       description="Short name (e.g. SBL), shown as {name} and tagged dnsbl:<zone>:<name>.")
@@ -103,9 +102,7 @@ class ReturnCode(BaseModel):
         return None if value is None else _check_template(value)
 
 
-class _ListBase(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _ListBase(PluginSettings):
     zone: str = Field(description="The list's DNS zone, e.g. zen.spamhaus.org.")
     action: ActionSpec = Field(
         default="reject",
@@ -177,10 +174,8 @@ class DomainList(_ListBase):
         return _check_template(value)
 
 
-class AllowList(BaseModel):
+class AllowList(PluginSettings):
     """An allow-list (DNSWL) of client addresses."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     zone: str = Field(description="The allow-list's DNS zone, e.g. list.dnswl.org.")
 
@@ -235,9 +230,7 @@ def _ascii_domain(domain: str) -> str | None:
 class DNSBL:
     """DNS blocklists for the client IP (connect or RCPT), the sender domain (MAIL) and URLs (DATA)."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         lists: list[IPList] = Field(default=[], description="Blocklists of client IP addresses (DNSBL).")
         domain_lists: list[DomainList] = Field(
             default=[], description="Blocklists of domains (RHSBL), checked for the MAIL FROM domain."

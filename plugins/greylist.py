@@ -29,9 +29,19 @@ from collections.abc import Callable
 from dataclasses import replace
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from smtpproxy import EventLog, Network, Recipient, Session, Transaction, Verdict, hookimpl, ip_in_networks
+from smtpproxy import (
+    EventLog,
+    Network,
+    PluginSettings,
+    Recipient,
+    Session,
+    Transaction,
+    Verdict,
+    hookimpl,
+    ip_in_networks,
+)
 
 from ._redis import RedisScript, RedisUnavailable, StateStore
 
@@ -147,9 +157,7 @@ def _check_text(value: str) -> str:
 class Greylist:
     """Greylisting of (client network, sender, recipient) triplets at RCPT TO."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         delay: float = Field(
             default=300, ge=0, allow_inf_nan=False,
             description="Seconds a new triplet must wait before a retry is accepted.",

@@ -15,9 +15,18 @@ from __future__ import annotations
 
 import string
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from smtpproxy import HeaderError, Message, Session, SettingsError, Transaction, hookimpl, validate_header
+from smtpproxy import (
+    HeaderError,
+    Message,
+    PluginSettings,
+    Session,
+    SettingsError,
+    Transaction,
+    hookimpl,
+    validate_header,
+)
 
 # A sample value per placeholder, so templates are formatted for real at load time.
 PLACEHOLDERS = {
@@ -29,8 +38,7 @@ PLACEHOLDERS = {
 
 
 class AddHeaders:
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    class Settings(PluginSettings):
         add: dict[str, str] = Field(
             default_factory=dict,
             description="Headers to add at the top; values may use {client_ip}, {helo}, "

@@ -29,12 +29,13 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from smtpproxy import (
     AuthCheck,
     DNSTemporaryError,
     EventLog,
+    PluginSettings,
     Session,
     Transaction,
     Verdict,
@@ -62,8 +63,7 @@ class IPRevResult:
 class IPRev:
     """Forward-confirmed reverse DNS for the client; records ``iprev``."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    class Settings(PluginSettings):
         on_fail: Literal["continue", "reject", "tempfail"] = Field(
             default="continue", description="What to do with a client whose name is not confirmed: continue "
             "(record only), reject (550 5.7.25) or tempfail (450 4.7.25).",

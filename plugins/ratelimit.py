@@ -31,12 +31,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from smtpproxy import (
     EventLog,
     Message,
     Network,
+    PluginSettings,
     Recipient,
     Session,
     Transaction,
@@ -66,10 +67,8 @@ def _check_template(value: str) -> str:
     return check_reply_template(value, _PLACEHOLDERS)
 
 
-class Rule(BaseModel):
+class Rule(PluginSettings):
     """One limit: at most ``limit`` ``what`` per ``key`` in any ``window`` seconds."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(
         min_length=1, pattern=r"^[A-Za-z0-9_.-]+$",
@@ -230,9 +229,7 @@ class RedisBackend:
 class RateLimit:
     """Sliding-window rate limits on connections, messages, recipients and bytes."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         rules: list[Rule] = Field(
             min_length=1, description="The limits; every rule applies on its own (all must pass)."
         )

@@ -26,7 +26,7 @@ import re
 import string
 from email.utils import getaddresses
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from smtpproxy import (
     Address,
@@ -34,6 +34,7 @@ from smtpproxy import (
     HeaderError,
     Message,
     Network,
+    PluginSettings,
     Session,
     Transaction,
     hookimpl,
@@ -87,10 +88,8 @@ def template_values(session: Session, transaction: Transaction) -> dict[str, str
     }
 
 
-class RegexRule(BaseModel):
+class RegexRule(PluginSettings):
     """A regular-expression rewrite: the whole address must match ``pattern``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     pattern: re.Pattern[str] = Field(
         description="Python regular expression matched against the whole address (use (?i) to ignore case)."
@@ -108,10 +107,8 @@ class RegexRule(BaseModel):
         return self
 
 
-class AddressRules(BaseModel):
+class AddressRules(PluginSettings):
     """How one kind of address (sender or recipients) is rewritten; the first rule that matches wins."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     map: dict[str, str] = Field(
         default={},
@@ -159,9 +156,7 @@ class AddressRules(BaseModel):
 class Rewrite:
     """Templated header edits, subject tagging and sender/recipient address rewriting."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         strip_headers: list[str] = Field(
             default=[],
             description="Header fields removed from every message (case-insensitive; * wildcards: X-Int-*).",

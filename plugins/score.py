@@ -33,9 +33,19 @@ from html import unescape
 from html.parser import HTMLParser
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from smtpproxy import EventLog, Message, Session, Transaction, Verdict, auth_checks, hookimpl, run_blocking
+from smtpproxy import (
+    EventLog,
+    Message,
+    PluginSettings,
+    Session,
+    Transaction,
+    Verdict,
+    auth_checks,
+    hookimpl,
+    run_blocking,
+)
 
 __all__ = ["Score"]
 
@@ -55,8 +65,8 @@ def _check_regex(value: str) -> str:
     return value
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+class _Strict(PluginSettings):
+    """Unknown keys refused, values immutable (the plugin settings base)."""
 
 
 class HeaderMatch(_Strict):
@@ -181,9 +191,7 @@ class _Facts:
 class Score:
     """Sum the chain's scores and rule hits; mark, quarantine or reject by thresholds."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         rules: list[Rule] = Field(default=[], description="The rules; every one is tried for every message.")
         tag: Threshold = Field(
             default=5.0, description="From this total on, X-Spam-Status says Yes (and subject_tag applies)."

@@ -36,7 +36,7 @@ import dns.message
 import dns.name
 import dns.resolver
 import spf as pyspf
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
 from smtpproxy import (
     Action,
@@ -44,6 +44,7 @@ from smtpproxy import (
     AuthCheck,
     EventLog,
     Network,
+    PluginSettings,
     Resolver,
     Session,
     Transaction,
@@ -95,9 +96,7 @@ def _check_template(value: str) -> str:
 class SPF:
     """RFC 7208 SPF check of the MAIL FROM (or HELO) identity against the client IP."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         actions: dict[SPFResult, ActionSpec] = Field(
             default_factory=lambda: dict(DEFAULT_ACTIONS),
             description=(

@@ -1,8 +1,11 @@
 """smtpproxy: a transparent, before-queue SMTP filtering proxy with an async plugin chain.
 
 The public API for plugin authors is what this module exports; everything else is
-internal and may change.
+internal and may change. Its version is :data:`PLUGIN_API_VERSION` and what it promises is
+in docs/compatibility.md.
 """
+
+from typing import TYPE_CHECKING
 
 from smtpproxy.addresses import Address, AddressError
 from smtpproxy.authresults import AuthCheck
@@ -10,6 +13,7 @@ from smtpproxy.authresults import checks as auth_checks
 from smtpproxy.authresults import record as record_auth_check
 from smtpproxy.blocking import run_blocking
 from smtpproxy.config import Config, ConfigError, Network
+from smtpproxy.deprecation import Renamed, deprecated_names
 from smtpproxy.dns import DNSTemporaryError, Resolver, TTLCache, get_resolver
 from smtpproxy.eventlog import EventLog
 from smtpproxy.hookspecs import hookimpl
@@ -26,12 +30,12 @@ from smtpproxy.session import (
     TLSInfo,
     Transaction,
 )
-from smtpproxy.settings import SettingsError
+from smtpproxy.settings import PluginSettings, SettingsError
 from smtpproxy.verdicts import Action, Reply, Verdict
-
-__version__ = "0.1.0"
+from smtpproxy.versions import PLUGIN_API_VERSION, __version__  # written once, there
 
 __all__ = [
+    "PLUGIN_API_VERSION",
     "Action",
     "Address",
     "AddressError",
@@ -49,6 +53,7 @@ __all__ = [
     "Message",
     "Network",
     "Outcome",
+    "PluginSettings",
     "Recipient",
     "Reply",
     "Resolver",
@@ -68,3 +73,10 @@ __all__ = [
     "run_blocking",
     "validate_header",
 ]
+
+_RENAMED: dict[str, Renamed] = {}
+"""Old public names kept working after a rename: ``"Old": Renamed("New", since=, removed_in=)``
+(docs/compatibility.md#deprecation: with a DeprecationWarning, until a release that may break)."""
+
+if not TYPE_CHECKING:  # mypy would otherwise accept any name from smtpproxy
+    __getattr__ = deprecated_names(__name__, _RENAMED)

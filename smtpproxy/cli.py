@@ -21,6 +21,7 @@ from smtpproxy.eventlog import configure_logging, event
 from smtpproxy.registry import build_chain, installed_plugins
 from smtpproxy.server import ProxyServer
 from smtpproxy.startup import StartupError
+from smtpproxy.versions import LOG_FORMAT_VERSION, PLUGIN_API_VERSION
 
 __all__ = ["main"]
 
@@ -32,7 +33,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="smtpproxy", description="A transparent, before-queue SMTP filtering proxy."
     )
-    parser.add_argument("--version", action="version", version=f"smtpproxy {__version__}")
+    parser.add_argument("--version", action="version", version=(
+        f"smtpproxy {__version__} (plugin API {PLUGIN_API_VERSION}, log format {LOG_FORMAT_VERSION})"))
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = sub.add_parser("run", help="run the proxy (without -c: the embedded default)")
     run.add_argument("-c", "--config", help="YAML configuration file")

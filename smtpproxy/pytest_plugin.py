@@ -21,6 +21,11 @@ plugin author's tests can use, without any conftest:
     proxy on a free loopback port delivering to a capturing upstream. ``await
     proxy.send(sender, recipients, message)`` speaks SMTP to it and returns the final
     reply; ``proxy.received`` is what the upstream got.
+``smtpproxy_dns``
+    a :class:`~smtpproxy.zoneserver.ZoneServer`: an authoritative DNS server on loopback
+    serving the records the test adds (``smtpproxy_dns.add("bl.test. 300 IN A 127.0.0.2")``),
+    with the shared resolver (``smtpproxy.get_resolver()``) pointed at it for the test. Needs
+    dnslib (the ``plugin-test`` extra).
 
 The async fixtures are declared with ``pytest_asyncio.fixture``, so they work with
 pytest-asyncio in ``auto`` and in ``strict`` mode (in strict mode, mark your async tests
@@ -33,25 +38,32 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
+import weakref
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 
+from smtpproxy import dns
 from smtpproxy.addresses import Address, parse_mailbox
 from smtpproxy.chain import Chain, ChainStep
-from smtpproxy.config import Config
+from smtpproxy.config import Config, ConfigError, Problem
 from smtpproxy.message import Message
-from smtpproxy.registry import build_chain, instantiate, new_plugin_manager
+from smtpproxy.registry import ENTRY_POINT_GROUP, build_chain, instantiate, new_plugin_manager
 from smtpproxy.session import Client, Envelope, Recipient, Session, TLSInfo
 from smtpproxy.tracer import Trace, TracePolicy, Tracer, data_section
+from smtpproxy.versions import PluginAPIError, check_plugin_api
 
 try:
     import pytest_asyncio
 except ImportError:  # pragma: no cover - pytest-asyncio is in smtpproxy's test extra
     pytest_asyncio = None  # type: ignore[assignment]
+
+if TYPE_CHECKING:
+    from smtpproxy.zoneserver import ZoneServer
 
 __all__ = [
     "CapturingUpstream",
@@ -59,6 +71,7 @@ __all__ = [
     "ReceivedMessage",
     "RunningProxy",
     "chain_of",
+    "entry_point_name",
     "make_message",
     "make_plugin",
     "make_session",
@@ -75,24 +88,58 @@ Plugins = object | Sequence[object]
 # -- building blocks --------------------------------------------------------------------------
 
 
+_PRODUCTION_NAMES: weakref.WeakKeyDictionary[object, str] = weakref.WeakKeyDictionary()
+"""The name ``make_plugin`` gave each plugin object, for ``chain_of``."""
+
+
 def make_plugin(cls: type, **settings: Any) -> object:
     """Build a plugin class the way the configuration does: ``settings`` validated by its
-    nested pydantic ``Settings`` (a :class:`~smtpproxy.config.ConfigError` when invalid)."""
-    return instantiate(cls, settings, None, 0)
+    nested pydantic ``Settings`` (a :class:`~smtpproxy.config.ConfigError` when invalid).
+
+    The plugin is named as production names it when the configuration says ``- name: <entry
+    point>``: by the entry point (group ``smtpproxy.plugins``) that announces ``cls``, so the
+    trace's ``decided_by``, the results and the log lines carry that name. A class no
+    installed entry point announces is named after the class (``NoRoles`` → ``no_roles``).
+    """
+    name = entry_point_name(cls)
+    try:
+        check_plugin_api(cls, name or _class_name(cls))
+    except PluginAPIError as exc:
+        raise ConfigError([Problem("<settings>", None, None, "plugins[0]", str(exc))]) from None
+    plugin = instantiate(cls, settings, None, 0)
+    if name is not None:
+        with contextlib.suppress(TypeError):  # an object that cannot be weakly referenced
+            _PRODUCTION_NAMES[plugin] = name
+    return plugin
+
+
+def entry_point_name(cls: type) -> str | None:
+    """The name of the installed entry point that announces ``cls``, if exactly one does."""
+    target = f"{cls.__module__}:{cls.__qualname__}"
+    names = {ep.name for ep in entry_points(group=ENTRY_POINT_GROUP) if ep.value.replace(" ", "") == target}
+    return names.pop() if len(names) == 1 else None
 
 
 def _name_of(plugin: object) -> str:
+    with contextlib.suppress(TypeError):
+        production = _PRODUCTION_NAMES.get(plugin)
+        if production is not None:
+            return production
     name = getattr(plugin, "name", None)
     if isinstance(name, str) and name:
         return name
-    cls = plugin if isinstance(plugin, type) else type(plugin)
+    return _class_name(plugin if isinstance(plugin, type) else type(plugin))
+
+
+def _class_name(cls: type) -> str:
     return re.sub(r"(?<!^)(?=[A-Z])", "_", cls.__name__).lower()
 
 
 def chain_of(
     plugins: Plugins, *, timeout: float = 10.0, on_error: Literal["tempfail", "continue"] = "tempfail"
 ) -> Chain:
-    """A chain of plugin objects in order, named by their ``name`` attribute or class name.
+    """A chain of plugin objects in order, named as :func:`make_plugin` named them (the entry
+    point's name), else by their ``name`` attribute, else after their class.
 
     A plugin object may carry its own ``timeout`` and ``on_error`` attributes.
     """
@@ -458,6 +505,24 @@ def smtpproxy_message() -> Callable[..., Message]:
 def smtpproxy_session() -> Callable[..., Session]:
     """Factory: ``smtpproxy_session(client_ip=..., helo=..., auth_user=..., sender=..., recipients=...)``."""
     return make_session
+
+
+@pytest.fixture
+def smtpproxy_dns() -> Iterator[ZoneServer]:
+    """An authoritative DNS server on loopback with the shared resolver pointed at it (for
+    this test; the resolver before it is put back after). ``add(zone_text)``, ``txt(name,
+    value)``, ``timeout_names``, ``servfail_names``, ``queries``, ``dns_section()``."""
+    try:
+        from smtpproxy.zoneserver import running_zone_server
+    except ImportError as exc:  # pragma: no cover - dnslib is in the plugin-test extra
+        pytest.fail(f"smtpproxy_dns needs dnslib ({exc}): pip install 'smtpproxy[plugin-test]'")
+    previous = dns.get_resolver()
+    with running_zone_server() as zones:
+        dns.configure(dns.Resolver(["127.0.0.1"], port=zones.port, timeout=1.0))
+        try:
+            yield zones
+        finally:
+            dns.configure(previous)
 
 
 @pytest.fixture

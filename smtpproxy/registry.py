@@ -26,6 +26,7 @@ from smtpproxy import hookspecs
 from smtpproxy.chain import Chain, ChainStep
 from smtpproxy.config import ConfigError, ConfigSource, PluginSpec, Problem, format_key
 from smtpproxy.settings import SettingsError
+from smtpproxy.versions import PluginAPIError, check_plugin_api
 
 __all__ = ["ENTRY_POINT_GROUP", "InstalledPlugin", "build_chain", "installed_plugins"]
 
@@ -57,7 +58,10 @@ def installed_plugins() -> list[InstalledPlugin]:
         try:
             target = ep.load()
             hooks = _implemented_hooks(target)
+            check_plugin_api(target, ep.name)
             found.append(InstalledPlugin(ep.name, ep.value, dist, hooks))
+        except PluginAPIError as exc:
+            found.append(InstalledPlugin(ep.name, ep.value, dist, hooks, str(exc)))
         except Exception as exc:
             found.append(InstalledPlugin(ep.name, ep.value, dist, (), f"{type(exc).__name__}: {exc}"))
     return found
@@ -130,11 +134,9 @@ def instantiate(
         base_dir = Path(source.file).absolute().parent if source is not None else Path.cwd()
         validated = settings_model.model_validate(settings, context={"base_dir": base_dir})
     except pydantic.ValidationError as exc:
-        if source is None:
-            raise ConfigError(
-                [Problem("<config>", None, None, "plugins", str(exc))]
-            ) from None
-        raise ConfigError(source.problems_from_validation_error(exc, base=where)) from None
+        located = source if source is not None else ConfigSource.detached("<settings>")
+        problems = located.problems_from_validation_error(exc, base=where, model=settings_model)
+        raise ConfigError(problems) from None
     try:
         return factory(validated)
     except SettingsError as exc:
@@ -158,12 +160,13 @@ def build_chain(
             continue
         try:
             target = resolve(spec.use or spec.name)
+            check_plugin_api(target, spec.name)
             plugin = instantiate(target, dict(spec.settings), source, index)
             _register(pm, plugin, spec.name)
         except ConfigError as exc:
             problems.extend(exc.problems)
             continue
-        except LookupError as exc:
+        except (LookupError, PluginAPIError) as exc:
             problems.append(_problem(source, ("plugins", index, "use" if spec.use else "name"), str(exc)))
             continue
         except (pluggy.PluginValidationError, TypeError, ValueError) as exc:

@@ -16,6 +16,7 @@ import ssl
 from pathlib import Path
 from typing import Any
 
+from smtpproxy import __version__
 from smtpproxy.auth import PasswordFile, PasswordFileError
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, load_config
@@ -38,6 +39,7 @@ from smtpproxy.reload import restart_only_changes, without_restart_only_changes
 from smtpproxy.sdnotify import monotonic_usec, notify
 from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy
 from smtpproxy.startup import StartupError, configure_dns, start_chain
+from smtpproxy.versions import LOG_FORMAT_VERSION
 from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
 __all__ = ["ProxyServer", "StartupError"]
@@ -226,7 +228,7 @@ class ProxyServer:
             event("listening", address=host, port=port, delivery=services.delivery.name,
                   plugins=[s.name for s in services.chain.steps],
                   loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
-                  worker=self.worker, pid=os.getpid())
+                  worker=self.worker, pid=os.getpid(), version=__version__, log_format=LOG_FORMAT_VERSION)
         if isinstance(services.metrics, PrometheusRecorder):
             await self._start_health(services.metrics)
         self._started.set()

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+import smtpproxy
+from smtpproxy.versions import LOG_FORMAT_VERSION
 from tests.daemons import LogLines
 
 EXE = [sys.executable, "-m", "smtpproxy"]
@@ -79,6 +81,9 @@ def test_run_delivers_to_maildir_and_stops_on_sigterm(running: Running, tmp_path
     assert re.search(r"event=message sid=\w+ tx=\S+ sender=a@sender.test recipients=bob@localhost "
                      r"size=\d+ decision=delivered reply=\"250 2.0.0\"", log), log
     assert "event=shutdown" in log
+    # the listening line says which version wrote the log, and in which log format
+    assert re.search(rf"event=listening .* version={re.escape(smtpproxy.__version__)} "
+                     rf"log_format={re.escape(LOG_FORMAT_VERSION)}\n", log), log
 
 
 def test_embedded_default_quick_start(tmp_path: Path) -> None:
@@ -106,7 +111,9 @@ def test_embedded_default_quick_start(tmp_path: Path) -> None:
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0
-    assert re.fullmatch(r"smtpproxy \d+\.\d+\.\d+\n", result.stdout)
+    assert result.stdout == (f"smtpproxy {smtpproxy.__version__} (plugin API {smtpproxy.PLUGIN_API_VERSION}, "
+                             f"log format {LOG_FORMAT_VERSION})\n")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", smtpproxy.__version__)
 
 
 def test_plugins_lists_first_party_plugins_with_their_hooks() -> None:

@@ -83,6 +83,8 @@ def test_every_command_line_parses(where: str, argv: list[str]) -> None:
     try:
         args = cli._parse(argv)
     except SystemExit as exc:
+        if exc.code == 0 and argv in (["--version"], ["--help"]):
+            return  # argparse's own actions: they print and exit 0
         pytest.fail(f"{where}: smtpproxy {' '.join(argv)} does not parse (exit {exc.code})")
     assert args.command
 
@@ -122,6 +124,9 @@ def _inline_mentions() -> list[tuple[str, list[str]]]:
 @pytest.mark.parametrize(("where", "words"), _inline_mentions(), ids=lambda v: str(v)[:50])
 def test_every_inline_command_names_real_subcommands_and_options(where: str, words: list[str]) -> None:
     parser = cli._parser()
+    if words in (["--version"], ["--help"]):
+        assert words[0] in {opt for action in parser._actions for opt in action.option_strings}
+        return
     subcommands = _subparsers(parser)
     assert words and words[0] in subcommands, f"{where}: no subcommand {words[:1]}"
     sub = subcommands[words[0]]
@@ -205,3 +210,34 @@ def test_every_first_party_plugin_is_named_in_the_readme_and_has_a_docs_page() -
     readme = (ROOT / "README.md").read_text()
     assert sorted(n for n in names if not re.search(rf"- name: {n}\b", pages)) == []
     assert sorted(n for n in names if f"`{n}`" not in readme) == []
+
+
+def test_the_plugin_guides_settings_typo_example_prints_what_the_page_says(tmp_path: Path) -> None:
+    """docs/plugins.md's complete plugin, its configuration with ``phrase:`` for ``phrases:``,
+    and ``smtpproxy check-config``'s output: exactly the page's text block."""
+    import os
+    import subprocess
+    import sys
+
+    page = (ROOT / "docs" / "plugins.md").read_text()
+    section = page.split("## A complete plugin", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n# mycompany/filters\.py\n(.*?)^```", section, re.S | re.M)
+    config = re.search(r"```yaml\n(.*?)^```", section, re.S | re.M)
+    said = re.search(r"With `phrase:` written for\s+`phrases:` in the configuration above:\n+```text\n(.*?)^```",
+                     section, re.S | re.M)
+    assert code and config and said, "docs/plugins.md: the example's code, YAML or output block moved"
+    (tmp_path / "mycompany").mkdir()
+    (tmp_path / "mycompany" / "__init__.py").write_text("")
+    (tmp_path / "mycompany" / "filters.py").write_text(code.group(1))
+    assert "phrases:" in config.group(1)
+    (tmp_path / "smtpproxy.yaml").write_text(config.group(1).replace("phrases:", "phrase:"))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    run = subprocess.run([sys.executable, "-m", "smtpproxy", "check-config", "-c", "smtpproxy.yaml"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert run.returncode == 2
+    assert run.stderr == said.group(1)
+    # and as written (phrases:), it loads
+    (tmp_path / "smtpproxy.yaml").write_text(config.group(1))
+    run = subprocess.run([sys.executable, "-m", "smtpproxy", "check-config", "-c", "smtpproxy.yaml"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env)
+    assert run.returncode == 0, run.stderr

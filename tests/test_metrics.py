@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+import smtpproxy
 from smtpproxy import Message, Recipient, Session, Transaction, Verdict, hookimpl
 from smtpproxy.metrics import NullRecorder, PrometheusRecorder
 from smtpproxy.server import ProxyServer, StartupError
@@ -135,7 +136,7 @@ async def test_counters_and_histograms_after_real_sessions(proxy_factory: ProxyF
     assert value(s, "smtpproxy_upstream_duration_seconds_count", backend="smtp", result="ok") == 1
     assert 0 < value(s, "smtpproxy_upstream_duration_seconds_sum", backend="smtp", result="ok") < 10
     assert value(s, "smtpproxy_deliveries_in_progress") == 0
-    assert value(s, "smtpproxy_info", version="0.1.0") == 1
+    assert value(s, "smtpproxy_info", version=smtpproxy.__version__) == 1
     assert len(sink.messages) == 1
 
 

@@ -533,3 +533,16 @@ async def test_unix_socket_listener(tmp_path: Path) -> None:
     finally:
         await server.stop(grace=1)
     assert not path.exists()
+
+
+async def test_the_listening_line_carries_the_version_and_the_log_format(
+    milter: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    import smtpproxy
+    from smtpproxy.versions import LOG_FORMAT_VERSION
+
+    caplog.set_level(logging.INFO)
+    await milter(Broken())
+    [listening] = [r for r in caplog.records if r.getMessage() == "listening"]
+    fields = listening.smtpproxy_fields  # type: ignore[attr-defined]
+    assert (fields["version"], fields["log_format"]) == (smtpproxy.__version__, LOG_FORMAT_VERSION)

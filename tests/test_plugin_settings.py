@@ -11,12 +11,15 @@ import re
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel, ConfigDict, ValidationError
 
-from smtpproxy import SettingsError
+from smtpproxy import PluginSettings, SettingsError
 from smtpproxy.config import ConfigError, load_config
+from smtpproxy.pytest_plugin import make_plugin
 from smtpproxy.registry import build_chain
 
 EXE = [sys.executable, "-m", "smtpproxy"]
@@ -205,3 +208,126 @@ def test_plugin_paths_must_exist(tmp_path: Path) -> None:
                            timeout=60, cwd=tmp_path)
     assert check.returncode == 2
     assert re.search(r"smtpproxy\.yaml:1:\d+: plugin_paths\[0\]: directory not found", check.stderr), check.stderr
+
+
+# -- PluginSettings: unknown keys are refused, with the near miss ------------------------------
+
+
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+
+
+def _settings_models(root: type[BaseModel]) -> list[type[BaseModel]]:
+    """The model and every model reachable through its fields' annotations."""
+    seen: list[type[BaseModel]] = []
+    stack = [root]
+    while stack:
+        model = stack.pop()
+        if model in seen:
+            continue
+        seen.append(model)
+        for info in model.model_fields.values():
+            stack.extend(_models_in(info.annotation))
+    return seen
+
+
+def _first_party_and_example_plugins() -> list[tuple[str, type]]:
+    from importlib.metadata import entry_points
+
+    found = []
+    for ep in sorted(entry_points(group="smtpproxy.plugins"), key=lambda e: e.name):
+        if ep.value.startswith(("smtpproxy_plugins.", "smtpproxy_example_")):
+            found.append((ep.name, ep.load()))
+    return found
+
+
+PLUGIN_CLASSES = _first_party_and_example_plugins()
+
+
+@pytest.mark.parametrize(("name", "cls"), PLUGIN_CLASSES, ids=[n for n, _ in PLUGIN_CLASSES])
+def test_every_first_party_and_example_settings_model_derives_from_plugin_settings(name: str, cls: type) -> None:
+    settings = getattr(cls, "Settings", None)
+    if settings is None:
+        return
+    plain = [m.__qualname__ for m in _settings_models(settings) if not issubclass(m, PluginSettings)]
+    assert plain == [], f"{name}: settings models not derived from smtpproxy.PluginSettings"
+
+
+def test_the_walk_sees_the_examples_and_nested_models() -> None:
+    names = {name for name, _ in PLUGIN_CLASSES}
+    assert {"roles_inside_only", "tenant_routing", "dnsbl", "access"} <= names
+    dnsbl = dict(PLUGIN_CLASSES)["dnsbl"]
+    assert len(_settings_models(dnsbl.Settings)) >= 3  # Settings, the list entries, ReturnCode
+
+
+# (plugin, settings block with a misspelt key, "line:col: key: message" expected)
+MISSPELT = [
+    ("spamd", "prot: 1783", r":4:7: plugins\[0\]\.settings\.prot: unknown key \(did you mean 'port'\?\)"),
+    ("greylist", "dealy: 60", r":4:7: plugins\[0\]\.settings\.dealy: unknown key \(did you mean 'delay'\?\)"),
+    ("dnsbl", "lists:\n  - {zone: bl.test, actoin: reject}",
+     r":5:\d+: plugins\[0\]\.settings\.lists\[0\]\.actoin: unknown key \(did you mean 'action'\?\)"),
+    ("access", "client:\n  deny:\n    rule: [192.0.2.1]",
+     r":6:\d+: plugins\[0\]\.settings\.client\.deny\.rule: unknown key \(did you mean 'rules'\?\)"),
+]
+
+
+@pytest.mark.parametrize(("name", "settings", "expected"), MISSPELT, ids=[c[0] for c in MISSPELT])
+def test_a_misspelt_first_party_setting_is_refused_with_the_near_miss(
+    tmp_path: Path, name: str, settings: str, expected: str
+) -> None:
+    path = _config(tmp_path, name, settings)
+    config, source = load_config(path)
+    with pytest.raises(ConfigError) as caught:
+        build_chain(config.plugins, source)
+    lines = str(caught.value).splitlines()
+    assert len(lines) == 1, lines
+    assert re.fullmatch(re.escape(str(path)) + expected, lines[0]), lines
+
+
+class Scored:
+    """A third-party plugin on the public base, with a required key."""
+
+    class Settings(PluginSettings):
+        score: float
+        reply: str = "no"
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+class PlainForbid:
+    """A plugin written before PluginSettings: a plain BaseModel with extra="forbid"."""
+
+    class Settings(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        score: float = 1.0
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+
+
+@pytest.mark.parametrize("target", ["Scored", "PlainForbid"])
+def test_a_third_party_typo_names_the_near_miss_once(tmp_path: Path, target: str) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(f"plugins:\n  - name: mine\n    use: test_plugin_settings:{target}\n    settings:\n"
+                    "      scor: 5\n")
+    config, source = load_config(path)
+    with pytest.raises(ConfigError) as caught:
+        build_chain(config.plugins, source)
+    # Scored's missing required 'score' is the same mistake: not reported a second time.
+    assert str(caught.value) == f"{path}:5:7: plugins[0].settings.scor: unknown key (did you mean 'score'?)"
+
+
+def test_make_plugin_names_the_near_miss_too() -> None:
+    with pytest.raises(ConfigError) as caught:
+        make_plugin(Scored, scor=5)
+    assert str(caught.value) == "<settings>: plugins[0].settings.scor: unknown key (did you mean 'score'?)"
+    assert make_plugin(Scored, score=5).settings.score == 5  # type: ignore[attr-defined]
+
+
+def test_plugin_settings_are_immutable() -> None:
+    settings = Scored.Settings(score=1)
+    with pytest.raises(ValidationError):
+        settings.score = 2  # type: ignore[misc]

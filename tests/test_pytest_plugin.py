@@ -4,6 +4,8 @@ entry point providing the fixtures (no conftest)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 pytest_plugins = ["pytester"]
@@ -11,7 +13,7 @@ pytest_plugins = ["pytester"]
 AUTHOR_TESTS = '''
 import pytest
 from pydantic import BaseModel
-from smtpproxy import Verdict, hookimpl
+from smtpproxy import Verdict, get_resolver, hookimpl
 from smtpproxy.config import ConfigError
 from smtpproxy.pytest_plugin import make_plugin, recipient
 
@@ -96,6 +98,29 @@ async def test_proxy_with_config_and_own_upstream(smtpproxy_proxy, smtpproxy_ups
     assert reply.ok, reply
     assert proxy.received == []  # no default upstream: the config named its own
     assert other.received[0].message.get("X-Via") == "test"
+
+
+class Listed:
+    """A plugin that does DNS: refuses clients listed in bl.test, through the shared resolver."""
+
+    @hookimpl
+    async def connect(self, session):
+        name = ".".join(reversed(session.client.ip.split("."))) + ".bl.test"
+        if await get_resolver().a(name):
+            return Verdict.reject("listed", code=554, enhanced="5.7.1")
+
+
+@MARK
+async def test_dns_zones(smtpproxy_dns, smtpproxy_run, smtpproxy_proxy, smtpproxy_message):
+    smtpproxy_dns.add("9.113.0.203.bl.test. 300 IN A 127.0.0.2")
+    listed = await smtpproxy_run(Listed(), client_ip="203.0.113.9")
+    assert listed.decision == "rejected" and listed.decided_by == "listed"
+    clean = await smtpproxy_run(Listed(), client_ip="203.0.113.10")
+    assert clean.decision == "delivered"
+    assert ("10.113.0.203.bl.test", "A") in smtpproxy_dns.queries
+    proxy = await smtpproxy_proxy(Listed(), dns=smtpproxy_dns.dns_section())
+    refused = await proxy.send("a@sender.test", ["bob@rcpt.test"], smtpproxy_message(), client_ip="203.0.113.9")
+    assert refused.code == 554 and refused.stage == "connect", refused
 '''
 
 
@@ -109,7 +134,7 @@ def _run(pytester: pytest.Pytester, mode: str) -> pytest.RunResult:
 @pytest.mark.parametrize("mode", ["auto", "strict"])
 def test_fixtures_work_for_a_plugin_author(pytester: pytest.Pytester, mode: str) -> None:
     result = _run(pytester, mode)
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=7)
 
 
 def test_a_failing_author_assertion_fails(pytester: pytest.Pytester) -> None:
@@ -129,3 +154,76 @@ async def test_wrong(smtpproxy_run):
     result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["*assert 'rejected' == 'delivered'*"])
+
+
+async def test_make_plugin_names_a_plugin_by_its_entry_point_as_production_does() -> None:
+    from smtpproxy_plugins.dnsbl import DNSBL
+    from smtpproxy_plugins.headers import AddHeaders
+
+    from smtpproxy.pytest_plugin import entry_point_name, make_plugin, run_plugins
+
+    assert entry_point_name(DNSBL) == "dnsbl"  # the snake-cased class would be "d_n_s_b_l"
+    assert entry_point_name(AddHeaders) == "headers"
+    trace = await run_plugins(make_plugin(AddHeaders, add={"X-A": "1"}))
+    assert trace.steps_for("headers") and not trace.steps_for("add_headers")
+    assert entry_point_name(type(trace)) is None  # not a plugin: named after its class
+
+
+def test_the_dns_fixture_puts_the_previous_resolver_back(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(test_dns="""
+import smtpproxy
+
+before = smtpproxy.get_resolver()
+
+def test_uses_zones(smtpproxy_dns):
+    assert smtpproxy.get_resolver() is not before
+    assert smtpproxy.get_resolver().port == smtpproxy_dns.port
+
+def test_after():
+    assert smtpproxy.get_resolver() is before
+""")
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider", "-p", "no:randomly")
+    result.assert_outcomes(passed=2)
+
+
+def _requirement_names(requirements: list[str]) -> set[str]:
+    return {re.sub(r"[-_.]+", "-", re.match(r"[A-Za-z0-9._-]+", r).group(0)).lower()  # type: ignore[union-attr]
+            for r in requirements}
+
+
+def test_the_plugin_test_extra_is_exactly_what_the_fixtures_import_beyond_the_core() -> None:
+    import ast
+    import sys
+    import tomllib
+    from importlib.metadata import packages_distributions
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    core = _requirement_names(project["dependencies"])
+    extra = _requirement_names(project["optional-dependencies"]["plugin-test"])
+    modules: set[str] = set()
+    for name in ("pytest_plugin.py", "zoneserver.py"):
+        for node in ast.walk(ast.parse((root / "smtpproxy" / name).read_text())):
+            if isinstance(node, ast.Import):
+                modules.update(alias.name.split(".")[0] for alias in node.names)
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                modules.add(node.module.split(".")[0])
+    third_party = modules - set(sys.stdlib_module_names) - {"smtpproxy", "__future__"}
+    owners = packages_distributions()
+    needed = {re.sub(r"[-_.]+", "-", owners[m][0]).lower() for m in third_party}
+    assert needed - core == extra
+    assert extra <= _requirement_names(project["optional-dependencies"]["test"])
+
+
+def test_the_dns_example_of_the_testing_guide_passes(pytester: pytest.Pytester) -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "testing-plugins.md").read_text()
+    section = page.split("### A plugin that does DNS", 1)[1]
+    code = re.search(r"```python\n(.*?)^```", section, re.S | re.M)
+    assert code is not None
+    pytester.makepyfile(test_guide=code.group(1))
+    pytester.makeini("[pytest]\nasyncio_mode = strict\nasyncio_default_fixture_loop_scope = function\n")
+    result = pytester.runpytest_subprocess("-q", "-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)

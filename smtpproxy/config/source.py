@@ -61,9 +61,16 @@ class ConfigSource:
 
     file: str
 
-    def __init__(self, file: str, root: _Entry) -> None:
+    def __init__(self, file: str, root: _Entry, *, positions: bool = True) -> None:
         self.file = file
         self._root = root
+        self._positions = positions
+
+    @classmethod
+    def detached(cls, file: str) -> "ConfigSource":
+        """A source for data that came from no document (a test's keyword arguments): its
+        problems name the key and say what is wrong, without a line."""
+        return cls(file, _Entry(0, 0), positions=False)
 
     def __repr__(self) -> str:
         return f"ConfigSource({self.file!r})"
@@ -72,8 +79,10 @@ class ConfigSource:
         """(line, column), 1-based, of the key or list item at *path*.
 
         Falls back to the nearest ancestor that exists in the document (ultimately the
-        start of the document).
+        start of the document); None for a detached source.
         """
+        if not self._positions:
+            return None
         entry = self._root
         for element in path:
             child = _child(entry.sub, element)
@@ -136,8 +145,19 @@ class ConfigSource:
         base_t = tuple(base)
         problems: list[Problem] = []
         merged: dict[str, int] = {}
-        for err in error.errors(include_url=False):
+        errors = error.errors(include_url=False)
+        # A required key missing because it was misspelt is said once, by the misspelling's
+        # "unknown key (did you mean ...?)".
+        misspelt = {
+            (*err["loc"][:-1], guess)
+            for err in errors
+            if err["type"] == "extra_forbidden"
+            and (guess := _suggest_field(root_model, tuple(err["loc"]))) is not None
+        }
+        for err in errors:
             loc = tuple(err["loc"])
+            if err["type"] == "missing" and loc in misspelt:
+                continue
             ctx: Mapping[str, Any] = err.get("ctx") or {}
             suffix = ctx.get("loc_suffix")
             if isinstance(suffix, tuple | list):

@@ -21,6 +21,7 @@ import socket
 import stat
 from pathlib import Path
 
+from smtpproxy import __version__
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.eventlog import current_session, event
@@ -31,6 +32,7 @@ from smtpproxy.milter.session import MilterPolicy, MilterSession
 from smtpproxy.registry import build_chain
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.startup import StartupError, start_chain
+from smtpproxy.versions import LOG_FORMAT_VERSION
 
 __all__ = ["MilterServer"]
 
@@ -82,7 +84,8 @@ class MilterServer:
                 f"milter.listen: cannot listen on {self.settings.listen}: {exc.strerror or exc}"
             ) from exc
         event("listening", milter=self.settings.listen, address=str(self.address),
-              plugins=[s.name for s in self.chain.steps])
+              plugins=[s.name for s in self.chain.steps], version=__version__,
+              log_format=LOG_FORMAT_VERSION)
 
     async def _start_unix(self, path: str) -> asyncio.Server:
         _clear_stale_socket(path)

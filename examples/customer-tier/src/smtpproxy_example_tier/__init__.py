@@ -21,9 +21,9 @@ from __future__ import annotations
 import re
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import Field, HttpUrl
 
-from smtpproxy import EventLog, Message, Transaction, Verdict, hookimpl
+from smtpproxy import EventLog, Message, PluginSettings, Transaction, Verdict, hookimpl
 
 __all__ = ["CustomerTier"]
 
@@ -34,9 +34,7 @@ _TIER = re.compile(r"[A-Za-z0-9_-]{1,32}")
 class CustomerTier:
     """Look up the sender domain's tier and put it in a header; fail open."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         url: HttpUrl = Field(description="Lookup endpoint; the domain is sent as ?domain=.")
         header: str = Field(default="X-Customer-Tier", min_length=1)
         timeout: float = Field(default=0.5, gt=0, le=30, description="Seconds for the whole lookup.")

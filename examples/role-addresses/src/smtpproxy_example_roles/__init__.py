@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import ipaddress
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from smtpproxy import Recipient, Session, Verdict, hookimpl
+from smtpproxy import PluginSettings, Recipient, Session, Verdict, hookimpl
 
 __all__ = ["RolesInsideOnly"]
 
@@ -30,9 +30,9 @@ _MUST_ACCEPT = {"postmaster"}  # RFC 5321 4.5.1
 class RolesInsideOnly:
     """Refuse outside mail to internal role addresses."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
+    requires_plugin_api = "1.0"  # refused at load by an smtpproxy without API 1.x (x >= 0)
 
+    class Settings(PluginSettings):
         roles: list[str] = Field(
             default=["noc", "hostmaster", "all-staff"],
             description="Local parts (any domain) that take mail from inside only; case-insensitive.",

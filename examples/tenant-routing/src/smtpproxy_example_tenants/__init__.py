@@ -34,9 +34,9 @@ from __future__ import annotations
 
 import re
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from smtpproxy import Address, Transaction, Verdict, hookimpl
+from smtpproxy import Address, PluginSettings, Transaction, Verdict, hookimpl
 
 __all__ = ["TenantRouting"]
 
@@ -46,9 +46,7 @@ _LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 class TenantRouting:
     """Rewrite recipients of tenant domains into ``<local>@<domain>.<tenant>.<suffix>``."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         tenants: dict[str, list[str]] = Field(description="Tenant name → the recipient domains it owns.")
         suffix: str = Field(default="tenants.internal", description="Tenant-internal parent domain.")
 
