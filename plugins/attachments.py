@@ -26,9 +26,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from smtpproxy import EventLog, Message, Transaction, Verdict, hookimpl, run_blocking
+from smtpproxy import EventLog, Message, PluginSettings, Transaction, Verdict, hookimpl, run_blocking
 
 from ._archives import ArchiveLimits, Budget, kind_of, listing
 from ._attachment_names import candidates, clean
@@ -66,9 +66,7 @@ _PLACEHOLDERS = {"filename": '"invoice.pdf.exe"', "what": "executable file", "ru
 MAX_FINDINGS = 50  # kept per message: enough to explain, bounded for the log line
 
 
-class Rule(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class Rule(PluginSettings):
     action: RuleAction = Field(description="reject, tempfail, quarantine, strip, continue, or a score.")
     extensions: list[str] = Field(
         default=[], description="File name extensions (without the dot; compared case-folded)."
@@ -88,11 +86,9 @@ def _rule(action: RuleAction, extensions: Iterable[str] = (), types_: Iterable[s
     return Rule(action=action, extensions=list(extensions), types=list(types_))
 
 
-class Rules(BaseModel):
+class Rules(PluginSettings):
     """One entry per rule. A rule not written keeps its defaults, and so does each key of a
     rule that is written without it (``html: {action: 3.0}`` keeps the HTML extensions)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -140,9 +136,7 @@ class Rules(BaseModel):
     too_complex: Rule = _rule("reject")
 
 
-class ArchiveSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class ArchiveSettings(PluginSettings):
     max_depth: int = Field(default=3, strict=True, ge=0, le=10,
                            description="Archives inside archives are listed this deep (0: none is opened).")
     max_entries: int = Field(default=1000, strict=True, ge=1,
@@ -155,9 +149,7 @@ class ArchiveSettings(BaseModel):
                           description="Bytes of one entry read into memory to check it (larger: by name).")
 
 
-class AttachmentSettings(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class AttachmentSettings(PluginSettings):
     rules: Rules = Field(default=Rules(), description="The action (and extensions and types) of each rule.")
     archives: ArchiveSettings = Field(default=ArchiveSettings(), description="Limits for listing archives.")
     max_parts: int = Field(default=1000, strict=True, ge=1,

@@ -50,9 +50,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from smtpproxy import Buffer, EventLog, Message, Transaction, Verdict, hookimpl, validate_header
+from smtpproxy import (
+    Buffer,
+    EventLog,
+    Message,
+    PluginSettings,
+    Transaction,
+    Verdict,
+    hookimpl,
+    validate_header,
+)
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
 
@@ -277,9 +286,7 @@ async def _read_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, serv
 class ClamAV:
     """Antivirus through clamd: each result is refused, held, scored or passed as configured."""
 
-    class Settings(BaseModel):
-        model_config = ConfigDict(extra="forbid", frozen=True)
-
+    class Settings(PluginSettings):
         servers: list[str] = Field(
             default=["unix:/run/clamav/clamd.ctl"], min_length=1,
             description=(
