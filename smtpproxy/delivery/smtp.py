@@ -32,13 +32,14 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import aiosmtplib
 
 from smtpproxy import config as cfg
 from smtpproxy.addresses import Address
 from smtpproxy.delivery import Delivered, DeliveryError
-from smtpproxy.delivery.pipelining import pipeline
+from smtpproxy.delivery.pipelining import OutOfStep, pipeline
 from smtpproxy.delivery.stream import send_data
 from smtpproxy.delivery.upstream import (
     Connection,
@@ -318,6 +319,8 @@ class _Transfer:
         """A timeout or lost connection mid-transaction: 451, the client retries."""
         try:
             yield
+        except OutOfStep as exc:
+            self._out_of_step(exc.code, exc.message)
         except aiosmtplib.SMTPTimeoutError as exc:
             raise DeliveryError(Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
                                 f"{self.conn.destination}: {exc}") from exc
@@ -436,11 +439,14 @@ class _Transfer:
         would take for one, and the connection is not used again."""
         if reply.code >= 400 or reply.code in success:
             return reply
+        self._out_of_step(reply.code, reply.text)
+
+    def _out_of_step(self, code: int, text: str) -> NoReturn:
+        """451, and the connection is never used again."""
         self.out_of_step = True
         self.clean = False
-        text = f"Upstream sent an unexpected reply ({reply.code}), try again later"
-        raise DeliveryError(Reply(451, "4.4.0", text),
-                            f"{self.conn.destination}: unexpected reply {reply.code} {reply.text[:80]!r}")
+        reply = Reply(451, "4.4.0", f"Upstream sent an unexpected reply ({code}), try again later")
+        raise DeliveryError(reply, f"{self.conn.destination}: unexpected reply {code} {text[:80]!r}")
 
     async def reset(self) -> None:
         """End the transaction without a message: RSET, or close the connection when the
