@@ -305,6 +305,24 @@ async def test_received_field_reaches_postfix_when_it_is_not_told_the_client(
         r"\(smtpproxy\) with ESMTP id [0-9a-f]{12}\.1 for <bob@dest\.test>; .+", mine[0]), mine[0]
 
 
+@pytest.mark.parametrize(("helo", "written"), [
+    ("[127.0.0.1]", "[127.0.0.1]"),                      # an address literal stays one
+    ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
+    ("[999.0.0.1]", "?999.0.0.1?"),                      # not an address: just text
+])
+async def test_received_field_writes_a_helo_address_literal_as_one(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, helo: str, written: str
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, received_header="auto",
+                                delivery=upstream(postfix, client_identity="none"))
+    await _one_message(port_of(proxy), helo)
+    [stored] = await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)
+    [mine] = [f for f in _received_fields(stored) if "(smtpproxy)" in f]
+    assert mine.startswith(f"Received: from {written} (unknown [127.0.0.1]) by proxy.test "), mine
+    assert email.message_from_bytes(stored)["Received"] is not None  # and Postfix parsed it as a field
+
+
 async def test_received_field_names_tls_and_a_hostile_helo_safely(
     proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
