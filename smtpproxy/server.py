@@ -140,6 +140,10 @@ class ProxyServer:
             await services.delivery.start()
         except Exception as exc:
             raise StartupError(f"delivery backend {services.delivery.name}: {exc}") from exc
+        try:
+            await services.quarantine.start()
+        except OSError as exc:
+            raise StartupError(f"quarantine.path: {exc}") from exc
         loop = asyncio.get_running_loop()
         for index, listener in enumerate(self.config.listeners):
             try:
@@ -266,6 +270,10 @@ class ProxyServer:
         )
         if applied.quarantine != self.config.quarantine:
             services.quarantine = QuarantineStore(Path(applied.quarantine.path))
+            try:
+                await services.quarantine.start()
+            except OSError as exc:  # a store it cannot narrow still takes messages
+                event("file_modes_not_corrected", level=logging.WARNING, store="quarantine", error=str(exc))
         services.limiter.max_sessions = applied.limits.max_sessions
         services.limiter.max_per_ip = applied.limits.max_sessions_per_ip
         self._listener_state = state
