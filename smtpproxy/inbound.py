@@ -216,6 +216,8 @@ class InboundSMTP(SMTP):
         self._dsn = False  # DSN was offered in the last EHLO
         self.delivering: asyncio.Event | None = None
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
+        self.counted = False
+        """The session caps already counted this connection (implicit TLS: before the handshake)."""
 
     def __dir__(self) -> list[str]:
         """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
@@ -396,7 +398,7 @@ class InboundSMTP(SMTP):
                 return
             self.plugin_session.client = real
         services = self.services
-        refusal = services.limiter.acquire(self.plugin_session.client.ip)
+        refusal = None if self.counted else services.limiter.acquire(self.plugin_session.client.ip)
         if refusal is not None:
             services.metrics.connection_refused(
                 "max_sessions" if services.limiter.active >= services.limiter.max_sessions

@@ -132,6 +132,38 @@ async def test_implicit_tls_listener(
     assert len(maildir_messages(tmp_path / "mail")) == 1
 
 
+@pytest.mark.parametrize("limits", [{"max_sessions_per_ip": 2, "max_sessions": 50},
+                                    {"max_sessions_per_ip": 2, "max_sessions": 2}], ids=["per-ip", "total"])
+async def test_implicit_tls_counts_sessions_before_the_handshake(
+    proxy_factory: ProxyFactory, tls_files: dict[str, str], client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture, limits: dict[str, int],
+) -> None:
+    """Silent connections to the 465 port: past the cap each is closed at once, not held
+    for the handshake timeout (a plaintext 421 would mean nothing to a TLS client). Once
+    the silent ones go, a TLS client gets its session."""
+    proxy = await proxy_factory(limits=limits, listeners=[
+        {"address": "127.0.0.1", "port": 0, "implicit_tls": True, "tls": tls_files}])
+    silent = [await Talk.open(port_of(proxy)) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        for _ in range(5):
+            extra = await Talk.open(port_of(proxy))
+            assert await asyncio.wait_for(extra.reader.read(), 5) == b""  # closed before any TLS
+            await extra.close()
+    refused = events(caplog, "connect_refused")
+    assert len(refused) == 5 and all(r["before_tls"] is True for r in refused)
+    for client in silent:
+        await client.close()
+    for _ in range(50):  # the handshakes the silent clients never made end with their connections
+        try:
+            client = await open_tls(port_of(proxy), client_tls)
+        except (ConnectionError, ssl.SSLError):
+            await asyncio.sleep(0.05)
+            continue
+        break
+    assert (await client.greeting())[0] == 220
+    await client.close()
+
+
 async def test_implicit_tls_listener_drops_plaintext_clients(
     proxy_factory: ProxyFactory, tls_files: dict[str, str]
 ) -> None:
