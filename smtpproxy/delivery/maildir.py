@@ -49,6 +49,15 @@ class MaildirDelivery:
     def offers_dsn(self) -> bool:
         return False  # a success DSN would have to come from us; the proxy sends no mail
 
+    def offers_8bitmime(self) -> bool:
+        return True  # a file takes any octet
+
+    def offers_smtputf8(self) -> bool:
+        return True
+
+    def size_limit(self) -> int | None:
+        return None
+
     async def start(self) -> None:
         await run_blocking(self._make_dirs)
 
