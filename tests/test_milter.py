@@ -273,6 +273,20 @@ async def test_session_from_events_and_macros(milter: Factory) -> None:
     assert recorder.disconnects == 1
 
 
+@pytest.mark.parametrize(("name", "kept"), [("mx.sender.test", "mx.sender.test"), ("[192.0.2.7]", None),
+                                            ("unknown", None), ("evil\r\nX-Injected: 1", None),
+                                            ("bad name.test", None)])
+async def test_only_a_real_hostname_from_the_mta_becomes_the_clients(
+    milter: Factory, name: str, kept: str | None
+) -> None:
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(recorder))
+    await mta.negotiate()
+    assert await mta.event(codec.Connect(name, "4", 40000, "192.0.2.7")) == [codec.Continue()]
+    await mta.close()
+    assert [s.client.hostname for s in recorder.sessions] == [kept]
+
+
 async def test_several_messages_and_abort_on_one_connection(milter: Factory) -> None:
     recorder = Recorder()
     mta = await FakeMTA.open(await milter(recorder))

@@ -70,6 +70,8 @@ _NOT_WANTED = codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN
 # Extensions we use when offered: no reply per header, exact leading whitespace in values.
 _EXTENSIONS = codec.SMFIP_NR_HDR | codec.SMFIP_HDR_LEADSPC
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}", re.ASCII)
+"""What a verified client name may contain (Postfix's valid_hostname() characters)."""
 
 ERROR_REJECT = Reply(550, "5.3.0", "Message refused because of a local problem")
 ERROR_TEMPFAIL = Reply(451, "4.3.0", "Temporary local problem, please try again later")
@@ -258,8 +260,8 @@ class MilterSession:
         else:
             ip, port = "unknown", 0
         hostname = info.hostname if info.hostname and not info.hostname.startswith("[") else None
-        if hostname == "unknown":
-            hostname = None
+        if hostname == "unknown" or (hostname is not None and not _HOSTNAME.fullmatch(hostname)):
+            hostname = None  # not a name (control characters, spaces): never the client's hostname
         session = Session(Client(ip, port, hostname), transport="milter",
                           local_ip=self.macros.get("daemon_addr") or "",
                           local_port=int(self.macros.get("daemon_port") or 0)
