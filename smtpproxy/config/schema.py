@@ -423,7 +423,9 @@ class Limits(_Model):
         description="Protocol errors allowed per session before the proxy replies 421 and closes.",
     )
     max_sessions: int = Field(
-        default=1000, strict=True, gt=0, description="Most concurrent sessions across all listeners."
+        default=1000, strict=True, gt=0,
+        description=("Most concurrent sessions across all listeners, counted when a connection is "
+                     "accepted (before an implicit-TLS handshake); in milter mode, the MTA's connections."),
     )
     max_sessions_per_ip: int = Field(
         default=20,
@@ -868,6 +870,15 @@ class Milter(_Model):
         description=(
             "What a plugin error (exception, timeout) becomes: tempfail (451), reject (550) "
             "or accept (the message passes unfiltered), like Postfix's milter_default_action."
+        ),
+    )
+    not_granted_action: Literal["default_action", "tempfail", "accept", "reject"] = Field(
+        default="default_action",
+        description=(
+            "What a message becomes when the plugins changed it (headers, body, envelope) or "
+            "quarantined it and the MTA did not grant that action at negotiation: "
+            "default_action (as milter.default_action), tempfail (451), reject (550), or accept "
+            "(the message passes without the change). Logged as milter_not_granted."
         ),
     )
     max_packet_size: int = Field(

@@ -14,6 +14,9 @@ hooks at the same moments, and answers each event:
 * end of message: the ``data`` chain on a :class:`~smtpproxy.message.Message`, then the
   edits (see :mod:`smtpproxy.milter.edits`) and the final SMFIR_ACCEPT, or SMFIR_DISCARD,
   or the reply code. ``after_message`` follows, with a :class:`~smtpproxy.session.Decision`.
+* an edit or a quarantine that needs an action the MTA did not grant at negotiation
+  (SMFIF_*) is never sent: the message gets ``milter.not_granted_action`` (by default
+  ``milter.default_action``) and a ``milter_not_granted`` line.
 * a plugin that raised or timed out (with ``on_error: tempfail``) gives
   ``milter.default_action`` instead: tempfail (451), reject (550) or accept (SMFIR_ACCEPT,
   the message passes unfiltered), like Postfix's ``milter_default_action``.
@@ -68,8 +71,11 @@ _NOT_WANTED = codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN
 # Extensions we use when offered: no reply per header, exact leading whitespace in values.
 _EXTENSIONS = codec.SMFIP_NR_HDR | codec.SMFIP_HDR_LEADSPC
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}", re.ASCII)
+"""What a verified client name may contain (Postfix's valid_hostname() characters)."""
 
 ERROR_REJECT = Reply(550, "5.3.0", "Message refused because of a local problem")
+ERROR_TEMPFAIL = Reply(451, "4.3.0", "Temporary local problem, please try again later")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
 
@@ -78,6 +84,8 @@ class MilterPolicy:
     """What a milter connection needs from the configuration."""
 
     default_action: Literal["tempfail", "accept", "reject"] = "tempfail"
+    not_granted_action: Literal["default_action", "tempfail", "accept", "reject"] = "default_action"
+    """What a message becomes when its edits or quarantine need an action the MTA did not grant."""
     max_message_size: int = 26_214_400
     max_recipients: int = 100
     progress_interval: float = 10.0
@@ -105,6 +113,11 @@ class MilterSession:
         self._reset_message()
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _end_message(self) -> None:
+        """The transaction ended (end of message, abort): its content and macros are forgotten."""
+        self.macros.end_transaction()
+        self._reset_message()
 
     def _reset_message(self) -> None:
         self._headers = bytearray()
@@ -175,9 +188,9 @@ class MilterSession:
             bits = self.macros.get("cipher_bits")
             session.tls = TLSInfo(version, self.macros.get("cipher") or "",
                                   int(bits) if bits and bits.isdigit() else None)
-        user = self.macros.get("auth_authen")
-        if user is not None:
-            session.auth_user = user
+        # The MTA sends {auth_authen} with each MAIL of an authenticated client; a transaction
+        # without it is not authenticated, whatever an earlier one was.
+        session.auth_user = self.macros.get("auth_authen")
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -213,7 +226,7 @@ class MilterSession:
                 if self.session is not None and self.session.transaction is not None:
                     event("abort", tx=self.session.transaction.id)
                     self.session.end_transaction()
-                self._reset_message()
+                self._end_message()
             case codec.Quit():
                 return False
             case codec.QuitNewConnection():
@@ -234,7 +247,9 @@ class MilterSession:
             (_NOT_WANTED | _EXTENSIONS) & offer.protocol,
         )
         event("milter_negotiated", peer=self.peer, version=self.negotiated.version,
-              actions=hex(self.negotiated.actions), protocol=hex(self.negotiated.protocol))
+              actions=hex(self.negotiated.actions), protocol=hex(self.negotiated.protocol),
+              granted=codec.action_names(self.negotiated.actions),
+              not_granted=codec.action_names(codec.ACTIONS & ~offer.actions))
         await self.send(self.negotiated)
 
     async def _connect(self, info: codec.Connect) -> None:
@@ -248,8 +263,8 @@ class MilterSession:
         else:
             ip, port = "unknown", 0
         hostname = info.hostname if info.hostname and not info.hostname.startswith("[") else None
-        if hostname == "unknown":
-            hostname = None
+        if hostname == "unknown" or (hostname is not None and not _HOSTNAME.fullmatch(hostname)):
+            hostname = None  # not a name (control characters, spaces): never the client's hostname
         session = Session(Client(ip, port, hostname), transport="milter",
                           local_ip=self.macros.get("daemon_addr") or "",
                           local_port=int(self.macros.get("daemon_port") or 0)
@@ -381,7 +396,7 @@ class MilterSession:
         if self._refused is not None:
             await self.send(codec.ReplyCode(reply_text(self._refused)))
             session.end_transaction()
-            self._reset_message()
+            self._end_message()
             return
         message = self._message()
         transaction.message = message
@@ -419,6 +434,9 @@ class MilterSession:
                 responses.append(codec.Quarantine(outcome.reason or "quarantined by smtpproxy"))
             responses.append(codec.Accept())
             decision = outcome.decision(queued, transaction.score)
+            fallback = self._not_granted(responses, transaction, outcome, queued)
+            if fallback is not None:
+                responses, decision = fallback
         for response in responses:
             await self.send(response)
         envelope = transaction.envelope
@@ -434,7 +452,33 @@ class MilterSession:
         await self.chain.notify("after_message", session=session, transaction=transaction,
                                 decision=decision)
         session.end_transaction()
-        self._reset_message()
+        self._end_message()
+
+    def _not_granted(self, responses: list[Response], transaction: Transaction, outcome: Deliver,
+                     queued: Reply) -> tuple[list[Response], Decision] | None:
+        """When an edit or the quarantine needs an action the MTA did not grant (libmilter's
+        smfi_* calls fail for those, and Sendmail logs the filter as lying): the responses
+        and decision of ``milter.not_granted_action`` instead; None when all were granted."""
+        granted = self.negotiated.actions if self.negotiated else 0
+        needed = 0
+        for response in responses:
+            needed |= codec.needed_action(response)
+        missing = needed & ~granted
+        if not missing:
+            return None
+        action = self.policy.not_granted_action
+        if action == "default_action":
+            action = self.policy.default_action
+        names = codec.action_names(missing)
+        event("milter_not_granted", level=logging.WARNING, tx=transaction.id, missing=names,
+              granted=codec.action_names(granted), action=action, by=outcome.decided_by)
+        reason = f"the MTA did not grant {', '.join(names)} ({outcome.action} by {outcome.decided_by})"
+        if action == "accept":  # configured: the message passes as the MTA has it
+            return [codec.Accept()], Deliver("deliver", outcome.decided_by).decision(
+                queued, transaction.score, f"{reason}; milter.not_granted_action accept")
+        reply = ERROR_TEMPFAIL if action == "tempfail" else ERROR_REJECT
+        refusal = Refusal(reply, "milter", reason)
+        return [codec.ReplyCode(reply_text(reply))], refusal.decision(transaction.score)
 
     async def _sender_refused(self, session: Session, sender: str) -> bool:
         """An authenticated session's MAIL FROM its login does not own (check_sender_login);
@@ -496,7 +540,7 @@ class MilterSession:
             return
         current_session.set(session.id)
         session.end_transaction()
-        self._reset_message()
+        self._end_message()
         await self.chain.notify("disconnect", session=session)
         event("disconnect", transactions=session.transaction_count,
               seconds=round(time.time() - session.started, 3))
