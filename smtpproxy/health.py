@@ -12,7 +12,9 @@ size and time), answers, and closes the connection.
   The delivery backend is probed too (SMTP: every route has an upstream that answers
   ``220`` to a TCP connect, probed at most once per ``cache_seconds``; Maildir: the
   directory is writable) and its state is in the body, but an unusable backend makes the
-  proxy unready only with ``require_delivery`` (``metrics.ready_requires_delivery``): the
+  proxy unready only with ``require_delivery`` (``metrics.ready_requires_delivery``); without
+  it ``/readyz`` never waits for a probe after the first (a stale state is answered and
+  refreshed in the background), so a slow upstream cannot slow the balancer's checks. The
   upstream is usually shared by every proxy behind a balancer, and a proxy that answers
   ``451`` is more use to a client than a balancer with no server left. The separate
   signal for an outage is the ``smtpproxy_delivery_ready`` and ``smtpproxy_upstream_up``
@@ -77,12 +79,14 @@ class Readiness:
         self.on_probe = on_probe
         self._cached: DeliveryState | None = None
         self._expires = 0.0
-        self._lock = asyncio.Lock()
+        self._probing: asyncio.Task[None] | None = None
 
     async def check(self) -> ReadyState:
         if self.stopping():
             return ReadyState(False, "shutting down")
-        state = await self.delivery_state()
+        # Only a readiness that depends on the backend waits for its probe: a slow upstream
+        # must not make /readyz slow, or the balancer's check times out on every proxy.
+        state = await self.delivery_state(wait=self.require_delivery)
         if state.usable:
             return ReadyState(True, state.detail)
         if self.require_delivery:
@@ -90,15 +94,36 @@ class Readiness:
         return ReadyState(True, "delivery unusable: clients get 4xx "
                           "(metrics.ready_requires_delivery: false)\n" + state.detail)
 
-    async def delivery_state(self) -> DeliveryState:
-        """The backend's state, probed at most once per ``cache_seconds``."""
-        async with self._lock:  # concurrent scrapes share one probe
-            if self._cached is None or time.monotonic() >= self._expires:
-                self._cached = await self._probe()
-                self._expires = time.monotonic() + self.cache_seconds
-                if self.on_probe is not None:
-                    self.on_probe(self._cached.usable, self._cached.upstreams)
-            return self._cached
+    async def delivery_state(self, *, wait: bool = True) -> DeliveryState:
+        """The backend's state, probed at most once per ``cache_seconds`` by one probe that
+        concurrent callers share. With *wait* False a stale state is returned at once and
+        the probe runs in the background (only the first call always waits)."""
+        if self._cached is None or time.monotonic() >= self._expires:
+            if self._probing is None:
+                self._probing = asyncio.create_task(self._refresh())
+            if wait or self._cached is None:
+                await asyncio.shield(self._probing)
+        assert self._cached is not None
+        return self._cached
+
+    async def _refresh(self) -> None:
+        try:
+            try:
+                state = await self._probe()
+            except Exception as exc:  # a probe that crashes says so instead of killing /readyz
+                state = DeliveryState(False, f"delivery probe failed: {type(exc).__name__}: {exc}", {})
+            self._cached, self._expires = state, time.monotonic() + self.cache_seconds
+            if self.on_probe is not None:
+                self.on_probe(state.usable, state.upstreams)
+        finally:
+            self._probing = None
+
+    async def close(self) -> None:
+        """Cancel a probe still running in the background."""
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
 
     async def _probe(self) -> DeliveryState:
         d = self.delivery
@@ -198,6 +223,7 @@ class HealthServer:
             self._server.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        await self.readiness.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -231,7 +257,7 @@ class HealthServer:
         if path == "/metrics":
             if self.metrics is None:
                 return 404, b"metrics are disabled (metrics.enabled: false)\n", text
-            await self.readiness.delivery_state()  # the delivery gauges, from the shared cache
+            await self.readiness.delivery_state(wait=False)  # refresh the delivery gauges if stale
             exposition, ctype = self.metrics.exposition()
             return 200, exposition, ctype
         return 404, b"not found; try /metrics, /healthz or /readyz\n", text

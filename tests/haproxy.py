@@ -1,13 +1,15 @@
 """A private HAProxy for tests: Debian's ``haproxy`` in TCP mode on a free loopback port.
 
-It balances SMTP over several smtpproxy processes, sending each a PROXY v2 header, and
-health-checks them with HTTP GET /readyz on their metrics ports. Readiness (every server up)
+It runs the configuration docs/deploy-cluster.md shows (on loopback addresses, with faster
+health checks): SMTP balanced over several smtpproxy processes, each sent a PROXY v2 header
+and health-checked with HTTP GET /readyz on its metrics port. Readiness (every server up)
 is polled over HAProxy's admin socket, never slept on. Tests skip with the reason only where
 haproxy is not installed (CI installs it).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -19,29 +21,27 @@ import pytest
 
 from tests.daemons import free_port, stop_process
 
-__all__ = ["HAProxy", "start_haproxy"]
+__all__ = ["HAProxy", "documented_config", "start_haproxy"]
 
-CONFIG = """\
-global
-    stats socket {socket} level admin
-    maxconn 500
+DOC = Path(__file__).resolve().parent.parent / "docs" / "deploy-cluster.md"
 
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    retries 3
-    option redispatch
 
-listen smtp
-    bind 127.0.0.1:{port}
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 200ms fall 1 rise 1 send-proxy-v2
-{servers}
-"""
+def documented_config() -> str:
+    """The haproxy.cfg of docs/deploy-cluster.md, as written there."""
+    [config] = [b for b in re.findall(r"^```text\n(.*?)^```", DOC.read_text(), re.M | re.S) if "listen smtp" in b]
+    return str(config)
+
+
+def loopback_config(socket_path: Path, port: int, servers: str) -> str:
+    """The documented configuration on loopback: the test's socket, port and servers, and
+    health checks every 200 ms that change a server's state at the first answer."""
+    config = documented_config()
+    replaced = config.replace("/run/haproxy/admin.sock", str(socket_path))
+    replaced = replaced.replace("    bind :25\n", f"    bind 127.0.0.1:{port}\n")
+    replaced = replaced.replace("inter 2s fall 2 rise 2", "inter 200ms fall 1 rise 1")
+    replaced = re.sub(r"(?m)^    server mx-.*\n", "", replaced) + servers + "\n"
+    assert replaced.count(str(socket_path)) == 1 and f"127.0.0.1:{port}" in replaced, config
+    return replaced
 
 
 @dataclass
@@ -94,7 +94,7 @@ def start_haproxy(workdir: Path, servers: dict[str, tuple[int, int]]) -> HAProxy
     socket_path = workdir / "haproxy.sock"
     lines = "\n".join(f"    server {name} 127.0.0.1:{smtp} check port {health}"
                       for name, (smtp, health) in servers.items())
-    config = CONFIG.format(socket=socket_path, port=port, servers=lines)
+    config = loopback_config(socket_path, port, lines)
     path = workdir / "haproxy.cfg"
     path.write_text(config)
     check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)

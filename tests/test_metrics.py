@@ -236,6 +236,41 @@ async def test_readyz_reports_the_upstream_and_stays_ready_through_its_outage(
     assert (s[("smtpproxy_upstream_up", frozenset({("upstream", f"127.0.0.1:{dead}")}))]) == 0
 
 
+async def test_a_slow_upstream_does_not_slow_readyz(proxy_factory: ProxyFactory) -> None:
+    """A balancer's check has a timeout (HAProxy: its check interval): were /readyz to wait for
+    the probe of an upstream that connects but does not greet, every proxy would fail its
+    check at once. It answers from the last probe while the next one waits."""
+    held = asyncio.Event()
+    probes: list[asyncio.StreamWriter] = []
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        probes.append(writer)
+        if len(probes) > 1:
+            await held.wait()  # the second probe gets no greeting until the test says so
+        writer.write(b"220 slow.test ESMTP\r\n")
+        await reader.readline()
+        writer.close()
+
+    slow = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = slow.sockets[0].getsockname()[1]
+    try:
+        server = await proxy_factory(upstream=port, metrics={"enabled": True, "port": 0, "ready_cache": 0.01})
+        status, _, body = await http(health_port(server), "/readyz")  # the first probe is awaited
+        assert (status, len(probes)) == (200, 1), body
+        await asyncio.sleep(0.02)  # the probe result is stale now
+        status, _, body = await http(health_port(server), "/readyz")
+        # the last probe's answer, not "no greeting within 2s" after waiting for the new one
+        assert status == 200 and f"upstream 127.0.0.1:{port}: ok;" in body.decode(), body
+        for _ in range(500):  # and the new probe runs in the background
+            if len(probes) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(probes) == 2
+        held.set()
+    finally:
+        slow.close()
+
+
 async def test_readyz_requires_delivery_when_told(proxy_factory: ProxyFactory) -> None:
     dead = closed_port()
     down = await proxy_factory(upstream=dead, metrics={"enabled": True, "port": 0,
