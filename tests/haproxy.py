@@ -34,13 +34,19 @@ def documented_config() -> str:
 
 def loopback_config(socket_path: Path, port: int, servers: str) -> str:
     """The documented configuration on loopback: the test's socket, port and servers, and
-    health checks every 200 ms that change a server's state at the first answer."""
+    health checks every 200 ms (a server is up at the first good answer, down at the second
+    bad one)."""
     config = documented_config()
     replaced = config.replace("/run/haproxy/admin.sock", str(socket_path))
     replaced = replaced.replace("    bind :25\n", f"    bind 127.0.0.1:{port}\n")
-    replaced = replaced.replace("inter 2s fall 2 rise 2", "inter 200ms fall 1 rise 1")
+    replaced = replaced.replace("inter 2s fall 2 rise 2", "inter 200ms fall 2 rise 1")
+    # A check's whole timeout is ``inter`` unless ``timeout check`` is set: on a loaded test
+    # machine a /readyz answer can take longer than 200 ms, and two late answers would take
+    # a working proxy out (both, in a burst: HAProxy then closes the clients' connections).
+    replaced = replaced.replace("    timeout connect 5s\n", "    timeout connect 5s\n    timeout check 2s\n")
     replaced = re.sub(r"(?m)^    server mx-.*\n", "", replaced) + servers + "\n"
     assert replaced.count(str(socket_path)) == 1 and f"127.0.0.1:{port}" in replaced, config
+    assert "inter 200ms" in replaced and "timeout check 2s" in replaced, config
     return replaced
 
 
