@@ -74,14 +74,17 @@ class HAProxy:
         rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
         return {r["svname"]: r["status"] for r in rows if r["svname"] not in ("FRONTEND", "BACKEND")}
 
-    def wait_status(self, wanted: dict[str, str], timeout: float = 20) -> None:
+    def wait_status(self, wanted: dict[str, str], timeout: float = 20, *, exact: bool = False) -> None:
+        """Until each server's status starts with (*exact*: is) the wanted one; "UP 1/2" is
+        a server that is up but has failed a check, or has not been checked yet."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 status = self.server_status()
             except OSError:
                 status = {}
-            if all(status.get(name, "").startswith(state) for name, state in wanted.items()):
+            if all(status.get(name, "") == state if exact else status.get(name, "").startswith(state)
+                   for name, state in wanted.items()):
                 return
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"haproxy servers never reached {wanted}: {status}")
@@ -109,7 +112,7 @@ def start_haproxy(workdir: Path, servers: dict[str, tuple[int, int]]) -> HAProxy
                                stderr=subprocess.DEVNULL)
     proxy = HAProxy(port, socket_path, config, process)
     try:
-        proxy.wait_status(dict.fromkeys(servers, "UP"))
+        proxy.wait_status(dict.fromkeys(servers, "UP"), exact=True)  # checked, not just started
     except Exception:
         proxy.stop()
         raise
