@@ -792,6 +792,8 @@ class InboundSMTP(SMTP):
                 self._upstream = self.services.delivery.open_transaction(self.plugin_session, transaction)
             reply = await self._upstream.rcpt(address, recipient.params)  # the real server's answer
             event("upstream_rcpt", tx=transaction.id, recipient=address.text, reply=reply.code)
+            self.services.metrics.upstream_rcpt(
+                "ok" if reply.is_positive else "tempfail" if reply.is_temporary else "reject")
             if not reply.is_positive:
                 await self.reply(reply)
                 return

@@ -27,6 +27,7 @@ from smtpproxy.delivery.factory import config_hostname, make_delivery
 from smtpproxy.delivery.smtp import SmtpDelivery
 from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
+from smtpproxy.hookspecs import PHASES
 from smtpproxy.implicit_tls import ImplicitTLSGate
 from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
 from smtpproxy.limits import ConnectionLimiter
@@ -245,7 +246,12 @@ class ProxyServer:
         if isinstance(delivery, SmtpDelivery):
             delivery.connector.on_down = metrics.upstream_down
             delivery.connector.on_identity = metrics.upstream_identity
-        readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache)
+        upstreams = ({u.name: None for servers in delivery.route_servers.values() for u in servers}
+                     if isinstance(delivery, SmtpDelivery) else {})
+        metrics.prepare(delivery.name, upstreams, _plugin_phases(self.services.chain))
+        readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache,
+                              require_delivery=m.ready_requires_delivery,
+                              on_probe=metrics.delivery_probed)
         port = m.port + self.worker if self.worker is not None and m.port else m.port
         self.health = HealthServer(m.address, port, readiness, metrics)
         try:
@@ -329,6 +335,7 @@ class ProxyServer:
         self._listener_state = state
         self.config, self.source = applied, source
         services.leases.retire(old_chain)
+        services.metrics.prepare(services.delivery.name, (), _plugin_phases(chain))
         services.metrics.reloaded(True)
         event("reload", level=logging.WARNING if restart else logging.INFO, result="ok", file=file,
               plugins=[s.name for s in chain.steps], previous_chain_sessions=services.leases.users(old_chain),
@@ -475,3 +482,8 @@ class ProxyServer:
                     loop.remove_signal_handler(sig)
             if pid_file is not None:
                 remove_pid_file(Path(pid_file))
+
+
+def _plugin_phases(chain: Chain) -> list[tuple[str, str]]:
+    """(plugin, phase) for every phase hook of the chain: the plugin error series to create."""
+    return [(name, phase) for phase in PHASES for name in chain.implementers(phase)]

@@ -842,6 +842,15 @@ class Metrics(_Model):
         default=5, strict=True, gt=0, allow_inf_nan=False,
         description="Seconds a /readyz upstream probe is reused (so scrapers cannot hammer the upstream).",
     )
+    ready_requires_delivery: bool = Field(
+        default=False, strict=True,
+        description=(
+            "Make /readyz answer 503 while the delivery backend is unusable. Off: a proxy whose "
+            "upstream is down stays in the balancer and answers 4xx, since the upstream is "
+            "usually shared and draining every proxy would leave clients a closed connection. "
+            "On when each proxy has an upstream of its own (docs/deploy-cluster.md)."
+        ),
+    )
 
 
 def _check_milter_listen(value: str) -> str:

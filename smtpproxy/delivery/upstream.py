@@ -234,9 +234,10 @@ class Connector:
                 reason = exc.reason or "connect"
                 server.down_until = time.monotonic() + self.settings.down_backoff
                 server.down_reason, server.down_detail = reason, exc.detail
-                # A certificate that does not verify is a configuration problem (CA file,
-                # tls_hostname), not an outage: say so, loudly.
-                event("upstream_down", level=logging.WARNING if reason == "tls_verify" else logging.INFO,
+                # Warning, like greylist_redis_down: every client of this server hears 4xx
+                # until it is back (a certificate that does not verify is a configuration
+                # problem, which the reason says).
+                event("upstream_down", level=logging.WARNING,
                       upstream=server.name, reason=reason, detail=exc.detail,
                       backoff=self.settings.down_backoff)
                 if self.on_down is not None:
