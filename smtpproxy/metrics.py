@@ -75,6 +75,9 @@ class NullRecorder:
     def reloaded(self, ok: bool) -> None:
         pass
 
+    def history(self, result: str, count: int) -> None:
+        pass
+
 
 Recorder = NullRecorder
 """The interface the front end calls (PrometheusRecorder implements the same methods)."""
@@ -167,6 +170,12 @@ class PrometheusRecorder(NullRecorder):
             registry=r,
         )
         self.last_reload_ok.set(1)
+        self.history_entries = Counter(
+            "smtpproxy_history_entries",
+            "Decisions for the store's message history, by result (written, dropped: the store "
+            "was slow or down and the bounded queue full; the mail itself is never held).",
+            ["result"], registry=r,
+        )
         # labels() takes a lock and hashes the label tuple; cache the children we use per message.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -213,6 +222,9 @@ class PrometheusRecorder(NullRecorder):
     def reloaded(self, ok: bool) -> None:
         self._child(self.reloads, "ok" if ok else "failed").inc()
         self.last_reload_ok.set(1 if ok else 0)
+
+    def history(self, result: str, count: int) -> None:
+        self._child(self.history_entries, result).inc(count)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its content type."""

@@ -21,7 +21,8 @@ from smtpproxy.eventlog import event
 
 __all__ = ["RESTART_ONLY", "ChainLeases", "restart_only_changes", "without_restart_only_changes"]
 
-RESTART_ONLY = ("listeners", "delivery", "dns", "logging", "metrics", "pid_file", "workers", "event_loop")
+RESTART_ONLY = ("listeners", "delivery", "dns", "logging", "metrics", "pid_file", "workers", "event_loop",
+                "store", "history")
 """Top-level sections a reload does not apply (a restart does)."""
 
 

@@ -19,12 +19,17 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from smtpproxy.message import Buffer
 from smtpproxy.store.backends import Backend, PostgresBackend, SQLiteBackend, Statement, StoreError
 from smtpproxy.store.migrations import MIGRATIONS
 
-__all__ = ["CHUNK", "Held", "HistoryEntry", "Search", "Store", "StoreError", "open_store"]
+if TYPE_CHECKING:
+    from smtpproxy.config import Config
+
+__all__ = ["CHUNK", "Held", "HistoryEntry", "Search", "Store", "StoreError", "open_store",
+           "store_from_config"]
 
 CHUNK = 1 << 20
 """Bytes of a quarantined message per database row."""
@@ -244,7 +249,7 @@ class Store:
 
     # -- quarantine -----------------------------------------------------------------------
 
-    async def hold(self, held: Held, content: Sequence[bytes | memoryview]) -> None:
+    async def hold(self, held: Held, content: Sequence[Buffer]) -> None:
         """Keep a message: record, recipients and content in one transaction, so it is
         wholly there (and durable: the commit returned) or not at all."""
 
@@ -402,3 +407,11 @@ def open_store(*, sqlite: Path | None = None, postgresql: str | None = None, tim
         return Store(SQLiteBackend(sqlite, timeout))
     raise ValueError("a store needs an SQLite path or a PostgreSQL connection string")
 
+
+
+def store_from_config(config: Config) -> Store | None:
+    """The store ``config.store`` describes; None when none is configured."""
+    s = config.store
+    if not s.configured:
+        return None
+    return open_store(sqlite=s.sqlite, postgresql=s.postgresql, timeout=s.timeout, pool_size=s.pool_size)
