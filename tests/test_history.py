@@ -18,7 +18,7 @@ from smtpproxy.metrics import PrometheusRecorder
 from smtpproxy.store import HistoryEntry, Search, open_store
 from smtpproxy.store.quarantine import DatabaseQuarantine
 from tests.conftest import ProxyFactory, Talk, closed_port, maildir_messages, port_of
-from tests.postgres_server import PostgresServer, postgres_server  # noqa: F401  (fixture)
+from tests.postgres_server import PostgresServer
 
 BODY = (b"From: a@sender.test\r\nTo: b@dest.test\r\nMessage-ID: <m1@sender.test>\r\n"
         b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?= and\r\n more\r\n\r\nHello.\r\n")

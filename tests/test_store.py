@@ -13,7 +13,7 @@ from smtpproxy.store import CHUNK, Held, HistoryEntry, Search, Store, StoreError
 from smtpproxy.store.backends import PostgresBackend, SQLiteBackend
 from smtpproxy.store.migrations import MIGRATIONS, VERSION
 from tests.daemons import free_port
-from tests.postgres_server import PostgresServer, postgres_server  # noqa: F401  (fixture)
+from tests.postgres_server import PostgresServer
 
 pytestmark = pytest.mark.asyncio
 
