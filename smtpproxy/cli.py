@@ -1,5 +1,5 @@
 """The ``smtpproxy`` command: run, milter, check-config, reload, plugins, quarantine, history,
-test-message.
+digest, web, test-message.
 
 Exit codes: 0 success, 1 runtime failure (cannot listen, a plugin failed to start),
 2 configuration error (the message names file, line and key).
@@ -83,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
         "erase", help="remove every history entry and quarantined message naming ADDRESS (privacy request)")
     erase.add_argument("address", metavar="ADDRESS", help="the sender or recipient address, exactly")
     erase.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    digest = sub.add_parser(
+        "digest", help="mail each recipient a summary of their quarantined messages, with release links",
+        description="Exit codes: 0 every digest sent, 1 one failed or the store is unreachable, "
+        "2 not configured (store, digest.base_url, digest.keys, digest.domains).",
+    )
+    digest.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    digest.add_argument("--dry-run", action="store_true", help="print the digests instead of sending them")
+    web = sub.add_parser("web", help="serve the release-link pages (digest.address, digest.port)")
+    web.add_argument("-c", "--config", required=True, help="YAML configuration file")
     trace = sub.add_parser(
         "test-message",
         help="run the plugin chain offline over a message (or a directory of *.eml) and explain it",
@@ -141,7 +150,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _list_plugins()
     try:
         # The quarantine commands never run plugins, so they work where those cannot be imported.
-        config, source = _load(args.config, plugins=args.command not in ("quarantine", "history"))
+        config, source = _load(args.config,
+                               plugins=args.command not in ("quarantine", "history", "digest", "web"))
     except ConfigError as exc:
         print(f"smtpproxy: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -159,6 +169,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         from smtpproxy.quarantine_cli import admin_command
 
         return admin_command(config, args.action, getattr(args, "ids", []))
+    if args.command == "digest":
+        from smtpproxy.digest import digest_command
+
+        return digest_command(config, dry_run=args.dry_run)
+    if args.command == "web":
+        from smtpproxy.web.serve import web_command
+
+        configure_logging(config.logging.level, config.logging.format)
+        return web_command(config)
     if args.command == "reload":
         return _signal_reload(config, args.config, args.pid)
     if args.command == "test-message":

@@ -635,6 +635,55 @@ class History(_Model):
     flush_interval: float = seconds(1, "Seconds a decision waits at most before it is written.")
 
 
+class Digest(_Model):
+    """Quarantine digests (`smtpproxy digest`) and the release-link web app (`smtpproxy web`)."""
+
+    domains: list[str] = Field(
+        default=[],
+        description=(
+            "Recipient domains that get digests (opt-in; empty: nobody). Every recipient of "
+            "these domains with messages held gets one."
+        ),
+    )
+    base_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description=(
+            "Where recipients reach `smtpproxy web` (the links start with it), "
+            "e.g. https://quarantine.example.com."
+        ),
+    )
+    keys: list[ExistingFile] = Field(
+        default=[],
+        description=(
+            "Files with the HMAC keys for links (32+ bytes each, e.g. `openssl rand -hex 32`); "
+            "the first signs, all verify (rotation); relative to the config file."
+        ),
+    )
+    link_days: float = Field(
+        default=7, strict=False, gt=0, le=365, allow_inf_nan=False, description="Days a link works."
+    )
+    period_hours: float = Field(
+        default=24, strict=False, gt=0, allow_inf_nan=False,
+        description="A digest lists the messages held in this many hours before it (run it as often).",
+    )
+    sender: str | None = Field(
+        default=None, description="The digest's envelope and From: address; default postmaster@hostname."
+    )
+    subject: str = Field(
+        default="{count} message(s) held for you in quarantine",
+        description="Subject line; `{count}` and `{recipient}` are filled in (translate it here).",
+    )
+    template: ExistingFile | None = Field(
+        default=None,
+        description=(
+            "A text file for the body instead of the built-in English one, with `{recipient}`, "
+            "`{count}`, `{messages}` and `{days}` (docs/operations.md, \"Digests\")."
+        ),
+    )
+    address: IPAddress = Field(default="127.0.0.1", description="Where `smtpproxy web` listens.")
+    port: int = Field(default=8026, strict=True, ge=0, le=65535, description="Its TCP port.")
+
+
 class Store(_Model):
     """The store for history, quarantine and release links: an SQLite file on one machine, or
     one PostgreSQL database that several proxies share (docs/operations.md, "The store")."""
@@ -819,6 +868,7 @@ class Config(_Model):
     quarantine: Quarantine = Field(default=Quarantine(), description="Quarantine storage.")
     store: Store = Field(default=Store(), description="History and quarantine database (optional).")
     history: History = Field(default=History(), description="Message history (with a `store`).")
+    digest: Digest = Field(default=Digest(), description="Quarantine digests and release links.")
     plugins: list[PluginSpec] = Field(
         default=[], description="Filter plugins, called in this order for every message."
     )

@@ -397,6 +397,10 @@ class Store:
             (link_id, time.time(), expires))])
         return counts[0] == 1
 
+    async def forget_link(self, link_id: str) -> None:
+        """Undo :meth:`use_link` when the action behind it failed, so the link can be retried."""
+        await self._execute([("DELETE FROM link_use WHERE id = ?", (link_id,))])
+
 
 def open_store(*, sqlite: Path | None = None, postgresql: str | None = None, timeout: float = 10.0,
                pool_size: int = 5) -> Store:
