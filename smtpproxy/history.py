@@ -54,6 +54,9 @@ def entry_for(session: Session, transaction: Transaction, decision: Decision, *,
               quarantine_id: str | None = None) -> HistoryEntry:
     """The history entry for one message's decision."""
     message = transaction.message
+    reason = decision.reason
+    if quarantine_id is not None:  # the front end appends it for the log line; here it has a column
+        reason = reason.removesuffix(f" (id {quarantine_id})")
     return HistoryEntry(
         id=f"{node}.{transaction.id}.{time.time_ns()}",
         time=time.time(), node=node, session=session.id, client=session.client.ip, helo=session.helo,
@@ -63,7 +66,7 @@ def entry_for(session: Session, transaction: Transaction, decision: Decision, *,
         subject=decoded_header(message.get("Subject")) if message is not None else None,
         size=message.size if message is not None else None,
         decision=decision.disposition, decided_by=decision.decided_by, score=decision.score,
-        reason=decision.reason[:_MAX_TEXT] or None,
+        reason=reason[:_MAX_TEXT] or None,
         reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
         quarantine_id=quarantine_id,
     )

@@ -24,10 +24,10 @@ import pytest
 
 from tests.daemons import free_port, stop_process
 
-__all__ = ["PostgresServer", "postgres_server", "postgres_url"]
+__all__ = ["PostgresServer", "postgres_bindir", "postgres_server", "postgres_url"]
 
 
-def _bindir() -> Path | None:
+def postgres_bindir() -> Path | None:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
     if found:
         return Path(found[-1]).parent
@@ -58,7 +58,7 @@ class PostgresServer:
 
 
 def start_postgres() -> PostgresServer:
-    bindir = _bindir()
+    bindir = postgres_bindir()
     if bindir is None:
         pytest.skip("PostgreSQL server binaries are not installed: apt-get install postgresql")
     as_user: list[str] = []
