@@ -115,7 +115,7 @@ class ProxyServer:
             return QuarantineStore(Path(config.quarantine.path))
         return DatabaseQuarantine(self.store, node=node_name(config),
                                   retention_days=config.quarantine.retention_days,
-                                  admin_only=config.quarantine.admin_only)
+                                  admin_only=config.quarantine.admin_only, timeout=config.store.timeout)
 
     async def _start_store(self) -> None:
         """Upgrade the store's schema, start the history writer and the retention task.
@@ -144,8 +144,8 @@ class ProxyServer:
             try:
                 history = await self.store.expire_history(now - c.history.retention_days * 86400)
                 quarantine = await self.store.expire_quarantine(now)
-            except StoreError as exc:
-                event("store_retention_failed", level=logging.WARNING, error=str(exc))
+            except (StoreError, OSError) as exc:
+                event("store_retention_failed", level=logging.WARNING, error=str(exc) or repr(exc))
             else:
                 if history or quarantine:
                     event("store_retention", history_removed=history, quarantine_removed=quarantine)

@@ -11,6 +11,7 @@ quarantine if the delivery refused them. Messages held by a plugin listed in
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from smtpproxy.blocking import run_blocking
 from smtpproxy.history import decoded_header
 from smtpproxy.message import Message
 from smtpproxy.quarantine import QuarantineError, rebuild
-from smtpproxy.store import Held, Search, Store
+from smtpproxy.store import Held, Search, Store, StoreError
 
 if TYPE_CHECKING:
     from smtpproxy.delivery import Delivered, Delivery
@@ -45,11 +46,14 @@ class DatabaseQuarantine:
     """The quarantine in a :class:`~smtpproxy.store.Store` (see the module docstring)."""
 
     def __init__(self, store: Store, *, node: str, retention_days: float = 30,
-                 admin_only: Sequence[str] = ()) -> None:
+                 admin_only: Sequence[str] = (), timeout: float = 10.0) -> None:
         self.db = store
         self.node = node
         self.retention = retention_days * DAY
         self.admin_only = frozenset(admin_only)
+        self.timeout = timeout
+        """Seconds keeping a message may take, plus one per MiB of it (a hung connection
+        to the store must not hold the client forever: it then gets 451)."""
 
     @property
     def where(self) -> str:
@@ -84,7 +88,11 @@ class DatabaseQuarantine:
             subject=decoded_header(message.get("Subject")), reason=reason, decided_by=decided_by,
             score=transaction.score, admin_only=decided_by in self.admin_only,
         )
-        await self.db.hold(held, message.parts())
+        try:
+            seconds = self.timeout + message.size / (1 << 20)
+            await asyncio.wait_for(self.db.hold(held, message.parts()), seconds)
+        except TimeoutError:
+            raise StoreError(f"keeping {qid} took longer than the store timeout") from None
         return qid
 
     async def list(self, search: Search | None = None, *, include_done: bool = False) -> list[Held]:
