@@ -6,6 +6,7 @@ Starlette (routing, requests, responses) served by uvicorn, its own process, bou
 (a later issue) adds its own group (with its own login) beside :mod:`smtpproxy.web.links`.
 """
 
-from smtpproxy.web.app import WebContext, create_app
+from smtpproxy.web.app import create_app
+from smtpproxy.web.context import WebContext
 
 __all__ = ["WebContext", "create_app"]

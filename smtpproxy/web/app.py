@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
@@ -13,15 +12,11 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from smtpproxy.links import LinkSigner
-from smtpproxy.store import Store
-from smtpproxy.store.quarantine import DatabaseQuarantine
+from smtpproxy.web.context import WebContext
+from smtpproxy.web.links import routes as link_routes
 
 if TYPE_CHECKING:
     from starlette.requests import Request
-
-    from smtpproxy.config import Config
-    from smtpproxy.delivery import Delivery
 
 __all__ = ["WebContext", "create_app"]
 
@@ -55,25 +50,11 @@ class SecurityHeaders:
         await self.app(scope, receive, with_headers)
 
 
-@dataclass
-class WebContext:
-    """What the routes share: the configuration, the store, the quarantine, the link signer
-    and the delivery a release goes through (started and closed with the app)."""
-
-    config: Config
-    store: Store
-    quarantine: DatabaseQuarantine
-    signer: LinkSigner
-    delivery: Delivery
-
-
 async def _healthz(request: Request) -> PlainTextResponse:
     return PlainTextResponse("ok\n")
 
 
 def create_app(context: WebContext) -> Starlette:
-    from smtpproxy.web import links
-
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         await context.delivery.start()
@@ -84,7 +65,7 @@ def create_app(context: WebContext) -> Starlette:
             await context.store.close()
 
     app = Starlette(
-        routes=[Route("/healthz", _healthz), *links.routes()],
+        routes=[Route("/healthz", _healthz), *link_routes()],
         middleware=[Middleware(SecurityHeaders)],
         lifespan=lifespan,
     )

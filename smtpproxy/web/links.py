@@ -26,7 +26,7 @@ from smtpproxy.eventlog import event
 from smtpproxy.links import Link, LinkError
 from smtpproxy.quarantine import QuarantineError
 from smtpproxy.store import Held, StoreError
-from smtpproxy.web.app import WebContext
+from smtpproxy.web.context import WebContext
 from smtpproxy.web.pages import page
 
 __all__ = ["routes"]

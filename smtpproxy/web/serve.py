@@ -14,7 +14,8 @@ from smtpproxy.history import node_name
 from smtpproxy.links import LinkSigner, read_keys
 from smtpproxy.store import store_from_config
 from smtpproxy.store.quarantine import DatabaseQuarantine
-from smtpproxy.web.app import WebContext, create_app
+from smtpproxy.web.app import create_app
+from smtpproxy.web.context import WebContext
 
 __all__ = ["make_context", "make_server", "web_command"]
 
