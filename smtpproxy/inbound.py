@@ -40,6 +40,7 @@ from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.datareader import BLOCK_SEPARATOR, DataReader
 from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
 from smtpproxy.eventlog import current_session, event
+from smtpproxy.history import HistoryRecorder, entry_for
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.loginthrottle import LoginThrottle
 from smtpproxy.message import Message
@@ -68,6 +69,8 @@ from smtpproxy.session import (
     Transaction,
 )
 from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD
+from smtpproxy.store import StoreError
+from smtpproxy.store.quarantine import DatabaseQuarantine
 from smtpproxy.verdicts import Reply
 
 __all__ = ["InboundSMTP", "ListenerPolicy", "Services"]
@@ -130,7 +133,7 @@ class Services:
 
     chain: Chain
     delivery: Delivery
-    quarantine: QuarantineStore
+    quarantine: QuarantineStore | DatabaseQuarantine
     relay: RelayPolicy
     limiter: ConnectionLimiter
     sessions: set[InboundSMTP]
@@ -145,6 +148,10 @@ class Services:
     """Which chain each session runs on; a reload swaps ``chain`` for new sessions only."""
     login_throttle: LoginThrottle | None = None
     """Brakes on password guessing, shared by every listener (smtpproxy.loginthrottle)."""
+    history: HistoryRecorder | None = None
+    """Where each decision is queued for the store's history (None: no store, or history off)."""
+    node: str = ""
+    """This proxy's name in the store's records."""
 
 
 _COMMAND_NAMES: dict[type, dict[str, str]] = {}
@@ -227,6 +234,7 @@ class InboundSMTP(SMTP):
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
         self.counted = False
         """The session caps already counted this connection (implicit TLS: before the handshake)."""
+        self._quarantine_id: str | None = None  # the current message's, once it is kept
 
     def __dir__(self) -> list[str]:
         """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
@@ -884,6 +892,7 @@ class InboundSMTP(SMTP):
                 "data", transaction.results,
                 session=self.plugin_session, transaction=transaction, message=transaction.message,
             )
+        self._quarantine_id = None
         decision = await self._carry_out(transaction, end_of_message(transaction, result))
         await self.reply(decision.reply)
         if decision.reply.is_positive:
@@ -899,6 +908,10 @@ class InboundSMTP(SMTP):
             by=decision.decided_by, reason=decision.reason, score=decision.score,
             ms=round(seconds * 1000, 1), client=self.plugin_session.client.ip, helo=self.plugin_session.helo,
         )
+        if self.services.history is not None:
+            self.services.history.record(entry_for(
+                self.plugin_session, transaction, decision, node=self.services.node,
+                quarantine_id=self._quarantine_id))
         await self._notify("after_message", session=self.plugin_session, transaction=transaction,
                            decision=decision)
 
@@ -914,11 +927,13 @@ class InboundSMTP(SMTP):
         if outcome.action == "quarantine":
             try:
                 qid = await self.services.quarantine.store(
-                    self.plugin_session, transaction, transaction.message, outcome.reason
+                    self.plugin_session, transaction, transaction.message, outcome.reason,
+                    decided_by=outcome.decided_by,
                 )
-            except OSError as exc:
+            except (OSError, StoreError) as exc:  # not durable: the client must retry, never 250
                 event("quarantine_failed", level=logging.ERROR, error=repr(exc))
                 return Refusal(LOCAL_ERROR, PROXY, f"quarantine failed: {exc}").decision(score)
+            self._quarantine_id = qid
             return outcome.decision(queued_reply(transaction), score, f"{outcome.reason} (id {qid})")
         metrics = self.services.metrics
         metrics.delivery_started()

@@ -35,6 +35,7 @@ from typing import Any, Literal
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.eventlog import current_session, event
+from smtpproxy.history import HistoryRecorder, entry_for
 from smtpproxy.message import Message
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError, Response
@@ -92,6 +93,10 @@ class MilterPolicy:
     """Send SMFIR_PROGRESS this often while plugins work, so the MTA keeps waiting."""
     sender_login: SenderLoginPolicy | None = None
     """Hold authenticated sessions' senders to this map (milter.check_sender_login)."""
+    history: HistoryRecorder | None = None
+    """Where each decision is queued for the store's history (None: no store, or history off)."""
+    node: str = ""
+    """This milter's name in the store's history."""
 
 
 def reply_text(reply: Reply) -> str:
@@ -449,6 +454,8 @@ class MilterSession:
             by=decision.decided_by, reason=decision.reason, score=decision.score,
             edits=len(responses) - 1, ms=round((time.perf_counter() - self._started) * 1000, 1),
         )
+        if self.policy.history is not None:
+            self.policy.history.record(entry_for(session, transaction, decision, node=self.policy.node))
         await self.chain.notify("after_message", session=session, transaction=transaction,
                                 decision=decision)
         session.end_transaction()
