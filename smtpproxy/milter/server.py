@@ -33,6 +33,7 @@ from smtpproxy.milter.session import MilterPolicy, MilterSession
 from smtpproxy.registry import build_chain
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.startup import StartupError, start_chain
+from smtpproxy.tables import Tables, build_tables, install
 from smtpproxy.versions import LOG_FORMAT_VERSION
 
 __all__ = ["MilterServer"]
@@ -48,13 +49,15 @@ class MilterServer:
         self.chain = (chain if chain is not None
                       else build_chain(config.plugins, source, plugin_paths=config.plugin_paths))
         self.listen = parse_listen(self.settings.listen)
+        self.tables = build_tables(config.tables)  # read once, as the rest (no reload)
+        install(self.tables)
         self.policy = MilterPolicy(
             default_action=self.settings.default_action,
             not_granted_action=self.settings.not_granted_action,
             max_message_size=config.limits.max_message_size,
             max_recipients=config.limits.max_recipients,
             progress_interval=self.settings.progress_interval,
-            sender_login=_sender_login(config) if self.settings.check_sender_login else None,
+            sender_login=_sender_login(config, self.tables) if self.settings.check_sender_login else None,
         )
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -185,6 +188,7 @@ class MilterServer:
         if self.listen.path:
             _remove_socket(self.listen.path)
         await self.chain.notify("shutdown")
+        await self.tables.close()
         self._stopped.set()
 
     async def serve_forever(self) -> None:
@@ -218,13 +222,12 @@ class MilterServer:
         self._hurry.set()
 
 
-def _sender_login(config: Config) -> SenderLoginPolicy | None:
+def _sender_login(config: Config, tables: Tables) -> SenderLoginPolicy | None:
     """The sender_login map (read once: the milter does not reload)."""
     section = config.sender_login
     if section is None:
         return None
-    return SenderLoginPolicy.load(section.map, section.file, recipient_delimiter=section.recipient_delimiter,
-                                  unknown_senders=section.unknown_senders, headers=section.headers)
+    return SenderLoginPolicy.from_section(section, tables)
 
 
 def _ignore_reload() -> None:
