@@ -12,6 +12,7 @@ a key without ``@`` has no ``%d``, so a filter that needs one finds nothing (as 
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any, Literal
 
@@ -91,7 +92,8 @@ class LDAPBackend(Backend):
         scope = {"sub": ldap3.SUBTREE, "one": ldap3.LEVEL, "base": ldap3.BASE}[self.scope]
         server = ldap3.Server(self.url, connect_timeout=self.timeout, get_info=ldap3.NONE)
         conn: Any = ldap3.Connection(server, user=self.bind_dn, password=self.bind_password,
-                                     receive_timeout=self.timeout, raise_exceptions=False,
+                                     receive_timeout=math.ceil(self.timeout),  # an int: SO_RCVTIMEO
+                                     raise_exceptions=False,
                                      read_only=True)
         try:
             if not conn.bind():
