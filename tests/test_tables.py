@@ -33,7 +33,7 @@ from smtpproxy.tables import base as table_base
 from smtpproxy.tables.ldap import check_filter, expand_filter
 from smtpproxy.tables.memory import read_entries
 from smtpproxy.tables.sql import pyformat
-from tests.conftest import chain_of
+from tests.conftest import ProxyFactory, Talk, chain_of, port_of
 
 # -- the search order ----------------------------------------------------------------------
 
@@ -332,3 +332,107 @@ tables:
             get_table("nosuch")
     finally:
         await server.stop(grace=1)
+
+
+# -- the sender/login map from a table in the other front ends (the listener's test is in
+# -- tests/test_tables_backends.py, with LDAP) ----------------------------------------------
+
+
+def _owners_db(path: Path) -> Path:
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE owners (address TEXT, logins TEXT)")
+        conn.executemany("INSERT INTO owners VALUES (?, ?)",
+                         [("alice@example.com", "alice"), ("sales@example.com", "alice, bob")])
+    conn.close()
+    return path
+
+
+async def test_the_tracer_and_the_milter_use_the_sender_login_table(tmp_path: Path) -> None:
+    import bcrypt
+    import trustme
+
+    from smtpproxy.milter import codec
+    from smtpproxy.milter.server import MilterServer
+    from smtpproxy.tracer import Tracer
+    from tests.conftest import make_config
+    from tests.test_milter import FakeMTA
+
+    db = _owners_db(tmp_path / "owners.db")
+    pem = tmp_path / "proxy.pem"
+    trustme.CA().issue_cert("proxy.test").private_key_and_cert_chain_pem.write_to_path(str(pem))
+    (tmp_path / "users").write_text(f"alice:{bcrypt.hashpw(b'x', bcrypt.gensalt(rounds=4)).decode()}\n")
+    tables = {"owners": {"type": "sqlite", "path": str(db), "cache_size": 0,
+                         "query": "SELECT logins FROM owners WHERE address = :key"}}
+    config = make_config(
+        tmp_path, sender_login={"table": "owners"}, tables=tables,
+        milter={"listen": "inet:127.0.0.1:0", "check_sender_login": True},
+        listeners=[{"address": "127.0.0.1", "port": 0, "tls": {"cert": str(pem), "key": str(pem)},
+                    "auth": {"users_file": str(tmp_path / "users")}}],
+    )
+    body = b"From: alice@example.com\r\nSubject: s\r\n\r\nx\r\n"
+    async with Tracer.from_config(config) as tracer:
+        forged = await tracer.trace(body, sender="bob@example.com", recipients=["carol@dest.test"],
+                                    auth_user="alice")
+        assert forged.reply == "553 5.7.1 <bob@example.com>: Sender address rejected: not owned by user alice"
+        shared = await tracer.trace(body, sender="sales+x@example.com", recipients=["carol@dest.test"],
+                                    auth_user="alice")
+        assert shared.decision == "delivered"
+    server = MilterServer(config, chain=chain_of())
+    await server.start()
+    try:
+        mta = await FakeMTA.open(server)
+        assert await mta.start() == [codec.Continue()]
+        alice = {"{auth_authen}": "alice", "i": "4ABC"}
+        assert await mta.event(codec.Mail(("<bob@example.com>",)), **alice) == [codec.ReplyCode(
+            "553 5.7.1 <bob@example.com>: Sender address rejected: not owned by user alice")]
+        assert await mta.event(codec.Mail(("<sales@example.com>",)), **alice) == [codec.Continue()]
+        db.unlink()  # the table cannot answer: try again later, never a pass
+        assert await mta.event(codec.Mail(("<sales@example.com>",)), **alice) == [codec.ReplyCode(
+            "451 4.3.0 <sales@example.com>: Sender address rejected: temporary lookup failure")]
+        await mta.close()
+    finally:
+        await server.stop(grace=1)
+
+
+# -- a plugin uses a table by name, through the public API (docs/tables.md's example) --------
+
+
+class RecipientBlocks:
+    """docs/tables.md's example plugin, as a third party writes it."""
+
+    def __init__(self, table: str):
+        self.table = table
+
+    @smtpproxy.hookimpl
+    async def rcpt_to(self, session: smtpproxy.Session, transaction: smtpproxy.Transaction,
+                      recipient: smtpproxy.Recipient) -> smtpproxy.Verdict | None:
+        table = smtpproxy.get_table(self.table)
+        for key in smtpproxy.address_keys(recipient.address.text):
+            found = await table.lookup(key)
+            if found is not None:
+                return smtpproxy.Verdict.reject("Recipient blocked") if found[0] == "REJECT" else None
+        return None
+
+
+async def test_a_plugin_uses_a_table_by_name_and_a_table_down_tempfails(
+    tmp_path: Path, proxy_factory: ProxyFactory,
+) -> None:
+    db = tmp_path / "blocks.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE blocks (k TEXT, action TEXT)")
+        conn.executemany("INSERT INTO blocks VALUES (?, ?)",
+                         [(".spam.test", "REJECT"), ("boss@spam.test", "OK")])
+    conn.close()
+    tables = {"blocks": {"type": "sqlite", "path": str(db), "cache_size": 0,
+                         "query": "SELECT action FROM blocks WHERE k = :key"}}
+    proxy = await proxy_factory(RecipientBlocks("blocks"), tables=tables,
+                                relay={"domains": ["spam.test", "sub.spam.test", "ok.test"]})
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert await client.cmd("RCPT TO:<x@sub.spam.test>") == (550, "5.7.1 Recipient blocked")  # .parent
+    assert (await client.cmd("RCPT TO:<Boss+tag@SPAM.test>"))[0] == 250  # the address wins
+    assert (await client.cmd("RCPT TO:<y@ok.test>"))[0] == 250  # not there
+    db.unlink()
+    assert await client.cmd("RCPT TO:<z@ok.test>") == (451, "4.3.0 Temporary local problem, please try again later")
+    await client.close()
