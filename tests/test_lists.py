@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from smtpproxy_plugins.lists import Lists, ListsSettings, entry_matches
 
 from smtpproxy import AuthCheck, Message, Session, Transaction, Verdict, hookimpl, record_auth_check
 from smtpproxy.config import ConfigError, load_config
 from smtpproxy.server import ProxyServer
 from smtpproxy.startup import StartupError
-from smtpproxy_plugins.lists import Lists, ListsSettings, entry_matches
 from tests.conftest import ProxyFactory, Talk, chain_of, maildir_messages, port_of
 
 
@@ -123,7 +123,7 @@ async def test_block_entries_refuse_that_recipient_only(proxy_factory: ProxyFact
     ],
 )
 async def test_an_allow_entry_counts_only_for_an_authenticated_author(
-    proxy_factory: ProxyFactory, tmp_path: Path, auth: str | None, frm: str, recipients: list[str],
+    proxy_factory: ProxyFactory, tmp_path: Path, *, auth: str | None, frm: str, recipients: list[str],
     delivered: bool,
 ) -> None:
     proxy = await proxy_factory(Authenticate(), lists(allow="allow"), Spammy(), tables=TABLES,
