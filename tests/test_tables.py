@@ -436,3 +436,25 @@ async def test_a_plugin_uses_a_table_by_name_and_a_table_down_tempfails(
     db.unlink()
     assert await client.cmd("RCPT TO:<z@ok.test>") == (451, "4.3.0 Temporary local problem, please try again later")
     await client.close()
+
+
+async def test_sender_login_from_a_table_that_fails_never_passes() -> None:
+    """Envelope and From: checks alike: a temporary failure, not "unknown sender, allowed"."""
+    from smtpproxy import Message
+    from smtpproxy.senderlogin import SenderLoginPolicy
+    from smtpproxy.tables import Tables
+
+    backend = Counting({"alice@example.com": ("alice",)})
+    tables = Tables([Table("owners", backend)])
+    policy = SenderLoginPolicy.load({}, table="owners", tables=tables, headers=True,
+                                    unknown_senders="allow")
+    message = Message(b"From: alice@example.com\r\n\r\nx\r\n")
+    assert await policy.envelope_refusal("alice@example.com", "alice") is None
+    assert await policy.header_refusal(message, "alice") is None
+    backend.fail = True
+    refusal = await policy.envelope_refusal("alice@example.com", "alice")
+    assert refusal is not None and str(refusal) == (
+        "451 4.3.0 <alice@example.com>: Sender address rejected: temporary lookup failure")
+    found = await policy.header_refusal(message, "alice")
+    assert found is not None and str(found[0]) == "451 4.3.0 From:/Sender: check failed: temporary lookup failure"
+    assert await policy.envelope_refusal("", "alice") is None  # the null sender is not looked up
