@@ -2,7 +2,7 @@
 
     tables:
       allow: {type: redis, url: "redis://127.0.0.1:6379/0", prefix: "allow:", structure: set}
-      block: {type: file, path: blocklists}
+      block: {type: file, file: blocklists}
     plugins:
       - name: spf
       - name: dkim_verify

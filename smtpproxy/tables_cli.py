@@ -79,7 +79,7 @@ async def _run(config: Config, action: str, name: str, key: str | None, value: s
         folded = key.lower() if (key is not None and spec.fold_case) else key
         assert folded is not None
         if spec.type == "file":
-            return _edit_file(Path(spec.path), folded, value, add=action == "add")
+            return _edit_file(Path(spec.file), folded, value, add=action == "add")
         backend = table.backend
         assert isinstance(backend, RedisBackend)
         return await _edit_redis(backend, folded, value, add=action == "add")

@@ -211,7 +211,7 @@ async def test_inline_file_and_regexp_tables(tmp_path: Path) -> None:
     config, _ = load_config(write_config(tmp_path, """
 tables:
   roles: {type: inline, entries: {alice@example.test: [alice, admin], "@example.test": staff}}
-  domains: {type: file, path: domains}
+  domains: {type: file, file: domains}
   patterns:
     type: regexp
     patterns: [{'/^(bob)@/': 'is $1'}]
@@ -234,7 +234,7 @@ tables:
 
 
 async def test_sqlite_table_binds_the_key(tmp_path: Path) -> None:
-    db = tmp_path / "users.db"
+    db = tmp_path / "users db?#1.db"  # characters a file: URI would take for its own
     with sqlite3.connect(db) as conn:
         conn.execute("CREATE TABLE owners (address TEXT, login TEXT)")
         conn.executemany("INSERT INTO owners VALUES (?, ?)", [
@@ -245,7 +245,7 @@ async def test_sqlite_table_binds_the_key(tmp_path: Path) -> None:
 tables:
   owners:
     type: sqlite
-    path: users.db
+    path: "users db?#1.db"
     query: "SELECT login FROM owners WHERE address = :key ORDER BY login"
 """))
     table = build_tables(config.tables)["owners"]
@@ -276,8 +276,8 @@ tables:
         ("tables: {t: {type: regexp, patterns: [{'/a/': $1}]}}", "$1 but the pattern has 0 groups"),
         ("tables: {t: {type: regexp}}", "tables.t.patterns: needs 'patterns' or 'file'"),
         ("tables: {t: {type: inline, entries: {a: {b: c}}}}", "tables.t.entries.a.str: Input should be a valid string"),
-        ("tables: {t: {type: file, path: bad}}", "bad:2: 'K' is already on line 1"),
-        ("tables: {t: {type: file, path: novalue}}", "novalue:1: 'lonely' has no value"),
+        ("tables: {t: {type: file, file: bad}}", "bad:2: 'K' is already on line 1"),
+        ("tables: {t: {type: file, file: novalue}}", "novalue:1: 'lonely' has no value"),
         ("tables: {t: {type: redis, url: 'redis://x', timeout: 0}}", "tables.t.timeout: Input should be greater than 0"),
         ("tables: {Bad Name: {type: inline}}", "table name 'Bad Name'"),
         ("sender_login: {table: nosuch}\ntables: {t: {type: inline}}",
@@ -313,7 +313,7 @@ async def test_file_table_is_read_again_at_reload_and_plugins_find_tables_by_nam
 listeners: [{{address: 127.0.0.1, port: 0}}]
 quarantine: {{path: {tmp_path / 'q'}}}
 tables:
-  allow: {{type: file, path: allow}}
+  allow: {{type: file, file: allow}}
 """)
     config, source = load_config(path)
     server = ProxyServer(config, source, chain=chain_of())

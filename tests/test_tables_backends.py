@@ -99,6 +99,35 @@ tables:
             await table.close()
 
 
+async def test_a_postgresql_that_goes_down_mid_way_is_a_failure_not_a_default(tmp_path: Path) -> None:
+    """Its own server (the session's one must stay up): found, then stopped, then asked again."""
+    import psycopg
+
+    from tests.postgres_server import start_postgres
+
+    server = start_postgres()
+    try:
+        url = server.url()
+        async with await psycopg.AsyncConnection.connect(url, autocommit=True) as conn:
+            await conn.execute("CREATE TABLE owners (address text, login text)")
+            await conn.execute("INSERT INTO owners VALUES ('alice@example.test', 'alice')")
+        tables = tables_from(tmp_path, f"""
+tables:
+  owners: {{type: postgresql, url: '{url}', query: "SELECT login FROM owners WHERE address = :key",
+           timeout: 1, cache_size: 0}}
+""")
+        owners = tables["owners"]
+        assert await owners.lookup("alice@example.test") == ("alice",)  # a pooled connection now
+        server.stop()
+        with pytest.raises(TableUnavailable, match="table owners"):
+            await owners.lookup("alice@example.test")
+        with pytest.raises(TableUnavailable, match="table owners"):
+            await owners.lookup("bob@example.test")
+        await owners.close()
+    finally:
+        server.stop()  # idempotent; removes the data directory
+
+
 # -- LDAP ------------------------------------------------------------------------------------
 
 PEOPLE = "".join(

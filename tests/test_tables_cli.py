@@ -30,7 +30,7 @@ def config(tmp_path: Path, redis_url: str = "redis://127.0.0.1:1/0") -> str:
     path = tmp_path / "c.yaml"
     path.write_text(f"""
 tables:
-  allow: {{type: file, path: allow}}
+  allow: {{type: file, file: allow}}
   inline: {{type: inline, entries: {{a@b.test: [one, two]}}}}
   rset: {{type: redis, url: '{redis_url}', prefix: 'allow:', structure: set}}
   rstr: {{type: redis, url: '{redis_url}', prefix: 'str:'}}

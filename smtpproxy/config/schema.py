@@ -977,9 +977,9 @@ class FileTable(_Table):
     """A file of 'key value' lines (Postfix's table format), read at start and at each reload."""
 
     type: Literal["file"]
-    path: ExistingFile = Field(description="The file; relative to the config file.")
+    file: ExistingFile = Field(description="The file; relative to the config file.")
 
-    @field_validator("path")
+    @field_validator("file")
     @classmethod
     def _file_loads(cls, value: Path, info: ValidationInfo) -> Path:
         from smtpproxy.tables.errors import TableError

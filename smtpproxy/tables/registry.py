@@ -53,7 +53,7 @@ def build_table(name: str, spec: TableConfig) -> Table:
         backend = InlineBackend({k: inline_values(v, f"tables.{name}.{k}") for k, v in spec.entries.items()},
                                 fold_case=fold)
     elif spec.type == "file":
-        backend = InlineBackend({k: (v,) for k, v, _ in read_entries(spec.path)}, fold_case=fold, kind="file")
+        backend = InlineBackend({k: (v,) for k, v, _ in read_entries(spec.file)}, fold_case=fold, kind="file")
     elif spec.type == "regexp":
         patterns = []
         for item in spec.patterns:

@@ -11,6 +11,7 @@ import re
 import sqlite3
 from pathlib import Path
 from typing import Any
+from urllib.request import pathname2url
 
 from smtpproxy.blocking import run_blocking
 from smtpproxy.tables.base import Backend, Values
@@ -50,7 +51,7 @@ class SQLiteBackend(Backend):
     def _run(self, key: str) -> Values | None:
         # Read-only, and per lookup: sqlite3 connections belong to one thread, and opening
         # one is cheap next to a query; answers are cached by Table.
-        uri = f"file:{self.path}?mode=ro"
+        uri = f"file:{pathname2url(str(self.path))}?mode=ro"  # '?' or '#' in a path stay a path
         with sqlite3.connect(uri, uri=True, timeout=self.timeout) as conn:
             rows = conn.execute(self.query, {"key": key}).fetchall()
         conn.close()
