@@ -33,14 +33,29 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from email.headerregistry import HeaderRegistry
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from smtpproxy.message import Message
 from smtpproxy.tables import Table, TableUnavailable, address_keys, get_table
 from smtpproxy.verdicts import Reply
 
-if TYPE_CHECKING:
-    from smtpproxy.config.schema import SenderLogin
+
+class SenderLoginSection(Protocol):
+    """What a validated ``sender_login`` section gives (smtpproxy.config.schema.SenderLogin,
+    whose validators import this module)."""
+
+    @property
+    def map(self) -> Mapping[str, str | list[str]]: ...
+    @property
+    def file(self) -> Path | None: ...
+    @property
+    def table(self) -> str | None: ...
+    @property
+    def recipient_delimiter(self) -> str: ...
+    @property
+    def unknown_senders(self) -> Literal["reject", "allow"]: ...
+    @property
+    def headers(self) -> bool: ...
 
 __all__ = [
     "LoginLookup",
@@ -216,7 +231,7 @@ class SenderLoginPolicy:
                    headers=headers)
 
     @classmethod
-    def from_section(cls, section: SenderLogin,
+    def from_section(cls, section: SenderLoginSection,
                      tables: Mapping[str, Table] | None = None) -> SenderLoginPolicy:
         """The policy of a validated ``sender_login`` section (*tables*: where its table is)."""
         return cls.load(section.map, section.file, recipient_delimiter=section.recipient_delimiter,

@@ -9,14 +9,15 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING
+from typing import Any
 
 from smtpproxy.tables.base import Backend, Table, Values
 from smtpproxy.tables.errors import TableError
 from smtpproxy.tables.memory import InlineBackend, RegexpBackend, inline_values, parse_regexp, read_entries
 
-if TYPE_CHECKING:
-    from smtpproxy.config.schema import TableConfig
+TableConfig = Any
+"""A validated ``tables.NAME`` section (smtpproxy.config.schema.TableConfig; not imported here,
+since the schema's validators import this package)."""
 
 __all__ = ["Tables", "build_tables", "get_table", "install", "installed"]
 
@@ -75,8 +76,8 @@ def build_table(name: str, spec: TableConfig) -> Table:
         raise TableError(f"tables.{name}: unknown type")
     if not backend.remote:
         return Table(name, backend, timeout=5.0, fold_case=fold)
-    return Table(name, backend, timeout=spec.timeout, cache_size=spec.cache_size,  # type: ignore[union-attr]
-                 cache_ttl=spec.cache_ttl, negative_ttl=spec.negative_ttl, fold_case=fold)  # type: ignore[union-attr]
+    return Table(name, backend, timeout=spec.timeout, cache_size=spec.cache_size,
+                 cache_ttl=spec.cache_ttl, negative_ttl=spec.negative_ttl, fold_case=fold)
 
 
 def build_tables(specs: Mapping[str, TableConfig]) -> Tables:
