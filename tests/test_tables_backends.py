@@ -16,8 +16,6 @@ from smtpproxy.config import load_config
 from smtpproxy.tables import Table, TableUnavailable, build_tables
 from tests.daemons import free_port
 from tests.postfix_instance import PostfixFactory
-from tests.postgres_server import postgres_server as postgres_server  # noqa: PLC0414 - fixture
-from tests.postgres_server import postgres_url as postgres_url  # noqa: PLC0414 - fixture
 from tests.redis_server import RedisServer
 from tests.slapd_server import BASE, ROOT_DN, ROOT_PASSWORD, SlapdServer, start_slapd
 from tests.test_sender_login import Start, session, submit
