@@ -203,3 +203,20 @@ plugins:
 
 def test_chain_of_accepts_the_plugin() -> None:
     assert chain_of(lists(block="block")).steps[0].name
+
+
+async def test_the_tracer_loads_the_tables_and_explains_a_block(tmp_path: Path) -> None:
+    """`smtpproxy test-message` runs the same plugin on the same tables (the tracer installs them)."""
+    from smtpproxy.tracer import Tracer
+    from tests.conftest import make_config
+
+    config = make_config(tmp_path, tables=TABLES, relay={"domains": ["dest.test"]},
+                         plugins=[{"name": "lists", "settings": {"block": "block"}}])
+    async with Tracer.from_config(config) as tracer:
+        blocked = await tracer.trace(b"From: s@bad.test\r\n\r\nx\r\n", sender="spammer@bad.test",
+                                     recipients=["bob@dest.test"])
+        assert (blocked.decision, blocked.reply) == (
+            "rejected", "550 5.7.1 Sender blocked by the recipient's block list")
+        fine = await tracer.trace(b"From: s@bad.test\r\n\r\nx\r\n", sender="spammer@bad.test",
+                                  recipients=["carol@dest.test"])
+        assert fine.decision == "delivered"
