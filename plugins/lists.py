@@ -51,6 +51,7 @@ from smtpproxy import (
     PluginSettings,
     Recipient,
     Session,
+    TableName,
     Transaction,
     Verdict,
     address_keys,
@@ -67,8 +68,8 @@ _FROM = re.compile(r"<([^<>@\s]+@[^<>@\s]+)>|([^\s<>,;:\"()]+@[^\s<>,;:\"()]+)")
 
 
 class ListsSettings(PluginSettings):
-    allow: str | None = Field(default=None, description="The allow table (recipient key -> senders).")
-    block: str | None = Field(default=None, description="The block table (recipient key -> senders).")
+    allow: TableName | None = Field(default=None, description="The allow table (recipient key -> senders).")
+    block: TableName | None = Field(default=None, description="The block table (recipient key -> senders).")
     allow_score: float = Field(default=-20.0, allow_inf_nan=False,
                                description="Score an authenticated allow entry adds (action: score).")
     allow_action: Literal["score", "accept"] = Field(

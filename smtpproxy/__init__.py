@@ -31,7 +31,7 @@ from smtpproxy.session import (
     Transaction,
 )
 from smtpproxy.settings import PluginSettings, SettingsError
-from smtpproxy.tables import Table, TableUnavailable, address_keys, domain_keys, get_table
+from smtpproxy.tables import Table, TableName, TableUnavailable, address_keys, domain_keys, get_table
 from smtpproxy.verdicts import Action, Reply, Verdict
 from smtpproxy.versions import PLUGIN_API_VERSION, __version__  # written once, there
 
@@ -64,6 +64,7 @@ __all__ = [
     "TLSInfo",
     "TTLCache",
     "Table",
+    "TableName",
     "TableUnavailable",
     "Transaction",
     "Verdict",

@@ -105,7 +105,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str | None, *, plugins: bool = True) -> tuple[Config, ConfigSource | None]:
     config, source = load_config(path)
     if plugins:  # plugin settings are part of a valid config
-        build_chain(config.plugins, source, plugin_paths=config.plugin_paths)
+        build_chain(config.plugins, source, plugin_paths=config.plugin_paths, table_names=config.tables)
     return config, source
 
 

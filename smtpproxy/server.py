@@ -102,7 +102,8 @@ class ProxyServer:
         limits = config.limits
         self.services = Services(
             chain=chain if chain is not None
-            else build_chain(config.plugins, source, plugin_paths=config.plugin_paths),
+            else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
+                             table_names=config.tables),
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=QuarantineStore(Path(config.quarantine.path)),
             relay=RelayPolicy.from_config(
@@ -304,7 +305,7 @@ class ProxyServer:
     async def _reload(self, file: str) -> bool:
         try:
             new, source = load_config(file)
-            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths)
+            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths, table_names=new.tables)
             tables = build_tables(new.tables)
         except (ConfigError, TableError) as exc:
             return self._reload_failed(file, str(exc))

@@ -3,6 +3,7 @@ count only for an authenticated sender, from lookup tables, through the real lis
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -14,9 +15,10 @@ from smtpproxy_plugins.lists import Lists, ListsSettings, entry_matches
 
 from smtpproxy import AuthCheck, Message, Session, Transaction, Verdict, hookimpl, record_auth_check
 from smtpproxy.config import ConfigError, load_config
+from smtpproxy.registry import build_chain
 from smtpproxy.server import ProxyServer
 from smtpproxy.startup import StartupError
-from tests.conftest import ProxyFactory, Talk, chain_of, maildir_messages, port_of
+from tests.conftest import ProxyFactory, Talk, chain_of, maildir_messages, make_config, port_of
 
 
 def test_entries() -> None:
@@ -178,7 +180,11 @@ async def test_a_table_that_cannot_answer_tempfails(proxy_factory: ProxyFactory,
     assert await rcpt_replies(proxy, "a@b.test", "bob@dest.test") == [451]
 
 
-async def test_loaded_by_name_and_an_unknown_table_stops_the_start(tmp_path: Path) -> None:
+async def test_an_unknown_table_is_a_configuration_error_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from smtpproxy.cli import main
+
     path = tmp_path / "c.yaml"
     path.write_text(f"""
 listeners: [{{address: 127.0.0.1, port: 0}}]
@@ -188,17 +194,24 @@ plugins:
   - name: lists
     settings: {{allow: allow, block: nosuch}}
 """)
+    expected = f"{path}:7:30: plugins[0].settings.block: no table named 'nosuch' in tables (allow)"
+    assert main(["check-config", "-c", str(path)]) == 2  # before anything runs
+    assert expected in capsys.readouterr().err
     config, source = load_config(path)
-    server = ProxyServer(config, source)
-    with pytest.raises(StartupError, match="no lookup table named 'nosuch' \\(tables: allow\\)"):
-        await server.start()
-    await server.stop(grace=0)
+    with pytest.raises(ConfigError, match=re.escape(expected)):
+        ProxyServer(config, source)
     path.write_text("plugins:\n  - name: lists\n    settings: {}\n")
     with pytest.raises(ConfigError, match="needs 'allow' or 'block'"):
-        from smtpproxy.registry import build_chain
-
         config, source = load_config(path)
-        build_chain(config.plugins, source)
+        build_chain(config.plugins, source, table_names=config.tables)
+
+
+async def test_built_outside_a_configuration_the_start_still_checks_the_table(tmp_path: Path) -> None:
+    """chain_of (a plugin built by hand) knows no table names; the startup hook catches it."""
+    server = ProxyServer(make_config(tmp_path, tables=TABLES), chain=chain_of(lists(block="nosuch")))
+    with pytest.raises(StartupError, match="no lookup table named 'nosuch' \\(tables: allow, block\\)"):
+        await server.start()
+    await server.stop(grace=0)
 
 
 def test_chain_of_accepts_the_plugin() -> None:
@@ -208,7 +221,6 @@ def test_chain_of_accepts_the_plugin() -> None:
 async def test_the_tracer_loads_the_tables_and_explains_a_block(tmp_path: Path) -> None:
     """`smtpproxy test-message` runs the same plugin on the same tables (the tracer installs them)."""
     from smtpproxy.tracer import Tracer
-    from tests.conftest import make_config
 
     config = make_config(tmp_path, tables=TABLES, relay={"domains": ["dest.test"]},
                          plugins=[{"name": "lists", "settings": {"block": "block"}}])

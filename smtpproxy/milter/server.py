@@ -47,7 +47,8 @@ class MilterServer:
         self.config = config
         self.settings = config.milter
         self.chain = (chain if chain is not None
-                      else build_chain(config.plugins, source, plugin_paths=config.plugin_paths))
+                      else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
+                                      table_names=config.tables))
         self.listen = parse_listen(self.settings.listen)
         self.tables = build_tables(config.tables)  # read once, as the rest (no reload)
         install(self.tables)

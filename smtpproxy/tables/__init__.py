@@ -22,6 +22,7 @@ docs/tables.md has the configuration and the search order.
 
 from smtpproxy.tables.base import Backend, Table
 from smtpproxy.tables.errors import TableError, TableUnavailable
+from smtpproxy.tables.fields import TableName
 from smtpproxy.tables.keys import address_keys, domain_keys, strip_extension
 from smtpproxy.tables.ldap import escape_filter_value
 from smtpproxy.tables.registry import Tables, build_tables, get_table, install, installed
@@ -30,6 +31,7 @@ __all__ = [
     "Backend",
     "Table",
     "TableError",
+    "TableName",
     "TableUnavailable",
     "Tables",
     "address_keys",
