@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from smtpproxy import config as c
+from smtpproxy.config import schema
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("(top level)", c.Config, "The whole file."),
@@ -39,6 +40,15 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
      "Brakes on password guessing at SMTP AUTH, for every listener with auth (docs/submission.md)."),
     ("sender_login", c.SenderLogin,
      "Which logins own which sender addresses, on listeners with auth (docs/submission.md)."),
+    *[(f"tables.NAME (type: {kind})", model, intro) for kind, model, intro in [
+        ("inline", schema.InlineTable, "A [lookup table](tables.md) written in the configuration file."),
+        ("file", schema.FileTable, "A table file of 'key value' lines, re-read at reload."),
+        ("regexp", schema.RegexpTable, "Regular expressions tried in order; the first match answers."),
+        ("redis", schema.RedisTable, "A table in Redis."),
+        ("sqlite", schema.SQLiteTable, "A query on an SQLite database file."),
+        ("postgresql", schema.PostgresTable, "A query on PostgreSQL."),
+        ("ldap", schema.LDAPTable, "An LDAP search."),
+    ]],
 ]
 
 
