@@ -118,7 +118,7 @@ class MilterServer:
                 if packet is None:
                     break
                 command = codec.decode_command(*packet)
-                if isinstance(command, codec.Macro):
+                if isinstance(command, codec.Macro) and _nothing_follows(command, session.negotiated):
                     acks.now()
                 go_on = await session.handle(command)
                 await replies.flush()
@@ -246,9 +246,21 @@ class _Replies:
             await self._writer.drain()
 
 
+# Commands we ask the MTA not to send (SMFIP_NO*), by the code their macros name.
+_NOT_SENT = {"T": codec.SMFIP_NODATA, "U": codec.SMFIP_NOUNKNOWN}
+
+
+def _nothing_follows(macro: codec.Macro, negotiated: codec.OptNeg | None) -> bool:
+    """Whether these macros are for a command the MTA will not send (we negotiated it away):
+    then nothing follows them in the same write, and the MTA's next write comes later,
+    from its next step. Other macros arrive with their command, which we answer."""
+    step = _NOT_SENT.get(macro.for_command)
+    return step is not None and negotiated is not None and bool(negotiated.protocol & step)
+
+
 class _AckNow:
-    """Acknowledge a packet that gets no reply at once (Linux TCP_QUICKACK), so that the
-    MTA's next packet is not held back for our delayed ACK.
+    """Acknowledge macros that get no reply and no command at once (Linux TCP_QUICKACK), so
+    that the MTA's next packet is not held back for our delayed ACK.
 
     Postfix's smtpd writes the DATA-stage macros (SMFIC_MACRO, no reply) and returns; its
     cleanup server then writes the headers on the same socket. Postfix leaves Nagle's
