@@ -1,4 +1,4 @@
-"""The key=value line format after issue 31's cheaper formatting: the same text as the
+"""The key=value line format after issue 31's cheaper formatting (eventlog.py): the same text as the
 straightforward definition (every character printable and none of ``' "=\\'``: written
 bare, else JSON-quoted), for any value and any field name."""
 
