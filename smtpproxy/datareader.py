@@ -154,6 +154,19 @@ class DataReader:
             self._fail(DataProblem.LINE_TOO_LONG)
         return False
 
+    def feed_section(self, section: bytes) -> None:
+        """Take a whole DATA section ending with the end of data, cut into blocks exactly
+        as the SMTP front end reads them from its stream (the offline tracer uses this)."""
+        start = 0
+        while True:
+            end = section.find(BLOCK_SEPARATOR, start)
+            if end < 0:
+                raise ValueError("the DATA section has no end of data")
+            end += len(BLOCK_SEPARATOR)
+            if self.feed_block(section[start:end]):
+                return
+            start = end
+
     def _lines(self, run: bytes) -> None:
         """A run of whole lines, each ending with CRLF, none of them the end of data."""
         lines = run.count(b"\r\n")

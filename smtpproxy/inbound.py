@@ -36,7 +36,8 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
-from smtpproxy.chain import Chain, PhaseResult
+from smtpproxy.chain import Chain
+from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.datareader import BLOCK_SEPARATOR, DataReader
 from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
 from smtpproxy.eventlog import current_session, event
@@ -44,29 +45,13 @@ from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.loginthrottle import LoginThrottle
 from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
-from smtpproxy.outcome import (
-    PROXY,
-    Deliver,
-    Refusal,
-    before_message,
-    end_of_message,
-    queued_reply,
-    skips_data_chain,
-)
+from smtpproxy.outcome import PROXY, Deliver, Refusal, queued_reply
 from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
 from smtpproxy.quarantine import QuarantineStore
-from smtpproxy.relay import RelayPolicy, refusal_reply
+from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import ChainLeases
 from smtpproxy.senderlogin import SenderLoginPolicy
-from smtpproxy.session import (
-    Client,
-    Decision,
-    Envelope,
-    Recipient,
-    Session,
-    TLSInfo,
-    Transaction,
-)
+from smtpproxy.session import Client, Decision, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD
 from smtpproxy.verdicts import Reply
 
@@ -212,8 +197,7 @@ class InboundSMTP(SMTP):
         self._commands = 0
         self._busy = False
         self._closing = False
-        self._pending_notifications: list[asyncio.Task[Any]] = []
-        self._route: str | None = None  # the upstream route of the current transaction
+        self.conversation = self._conversation()
         self._upstream: UpstreamTransaction | None = None  # rcpt_mode relay only
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)
@@ -222,6 +206,13 @@ class InboundSMTP(SMTP):
         self._dsn = False  # DSN was offered in the last EHLO
         self.delivering: asyncio.Event | None = None
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
+
+    def _conversation(self) -> Conversation:
+        """The conversation on this session's chain, with the rules in force now."""
+        services, policy = self.services, self.policy
+        rules = Rules(max_recipients=policy.max_recipients, relay=services.relay,
+                      route_key=services.delivery.route_key, sender_login=policy.sender_login)
+        return Conversation(self.chain, rules, metrics=services.metrics)
 
     def __dir__(self) -> list[str]:
         """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
@@ -362,10 +353,7 @@ class InboundSMTP(SMTP):
     def _end_transaction(self) -> None:
         """Forget the current transaction; an upstream one that followed it is aborted."""
         if self.plugin_session is not None:
-            if self.plugin_session.transaction is not None:
-                self.services.metrics.outcomes(self.plugin_session.transaction.results)
-            self.plugin_session.end_transaction()
-        self._route = None
+            self.conversation.end_transaction(self.plugin_session)
         upstream, self._upstream = self._upstream, None
         if upstream is not None and upstream.started:
             task = asyncio.get_running_loop().create_task(upstream.abort())
@@ -424,6 +412,7 @@ class InboundSMTP(SMTP):
         services.drained.clear()
         # The chain is fixed for the whole session: a reload affects new sessions only.
         self.chain = services.leases.acquire(services.chain)
+        self.conversation = self._conversation()
         self._pause_timeout()  # the connect hook runs on the proxy's time, not the client's
         services.metrics.session_started()
         event("connect", client=self.plugin_session.client.ip, port=self.plugin_session.client.port,
@@ -443,7 +432,7 @@ class InboundSMTP(SMTP):
             if not services.sessions:
                 services.drained.set()
             self._close()
-            if self._pending_notifications or self.chain.implements("disconnect"):
+            if self.conversation.pending or self.chain.implements("disconnect"):
                 task = asyncio.get_running_loop().create_task(self._finish_session())
                 services.background.add(task)
                 task.add_done_callback(services.background.discard)
@@ -461,9 +450,7 @@ class InboundSMTP(SMTP):
         assert self.plugin_session is not None
         current_session.set(self.plugin_session.id)
         try:
-            if self._pending_notifications:
-                await asyncio.gather(*self._pending_notifications, return_exceptions=True)
-            await self.chain.notify("disconnect", session=self.plugin_session)
+            await self.conversation.disconnect(self.plugin_session)
         finally:
             self._release_session()
         self._log_disconnect()
@@ -485,31 +472,17 @@ class InboundSMTP(SMTP):
         event("disconnect", transactions=self.plugin_session.transaction_count,
               seconds=round(time.time() - self.plugin_session.started, 3), errors=self._errors)
 
-    async def _notify(self, hook: str, **kwargs: Any) -> None:
-        """Run a notification so that a client hanging up cannot cut it short."""
-        if not self.chain.implements(hook):
-            return
-        self._pending_notifications = [t for t in self._pending_notifications if not t.done()]
-        task = asyncio.get_running_loop().create_task(self.chain.notify(hook, **kwargs))
-        self._pending_notifications.append(task)
-        await asyncio.shield(task)
-
     def _buffered(self) -> int:
         """Bytes the client sent that we have not read yet (to catch improper pipelining)."""
         return len(getattr(self._reader, "_buffer", b""))
 
     async def _converse(self) -> None:
         assert self.plugin_session is not None
-        result = await self.chain.run("connect", self.plugin_session.results, session=self.plugin_session)
-        refusal = before_message("connect", self.plugin_session, result)
+        refusal = await self.conversation.connect(self.plugin_session)
         if refusal is not None:
-            event("connect_rejected", reply=refusal.reply.code, by=refusal.decided_by,
-                  reason=refusal.reason)
             await self.reply(refusal.reply)
             self._close()
             return
-        if result.verdict is not None:
-            event("connect_verdict", **_verdict_fields(result))
         if self._buffered():
             event("pregreet", bytes=self._buffered())
             await self.reply(
@@ -640,16 +613,10 @@ class InboundSMTP(SMTP):
             await self._error(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
         self._end_transaction()
-        self.plugin_session.helo = None
-        result = await self.chain.run(
-            "helo", self.plugin_session.results, session=self.plugin_session, hostname=hostname
-        )
-        event("helo", verb=verb, hostname=hostname, **_verdict_fields(result))
-        refusal = before_message("helo", self.plugin_session, result)
+        refusal = await self.conversation.greet(self.plugin_session, hostname, verb=verb)
         if refusal is not None:
             await self.reply(refusal.reply)
             return
-        self.plugin_session.helo = hostname
         self.plugin_session.esmtp = esmtp
         if not esmtp:
             await self.reply(Reply(250, None, self.hostname))
@@ -704,16 +671,7 @@ class InboundSMTP(SMTP):
         if size is not None and int(size) > self.policy.max_message_size:
             await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
             return
-        if self.policy.sender_login is not None and await self._sender_refused(path.address.text):
-            return
-        transaction = self.plugin_session.begin_transaction(Envelope(path.address, params))
-        result = await self.chain.run(
-            "mail_from", transaction.results,
-            session=self.plugin_session, transaction=transaction, sender=path.address,
-        )
-        event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
-              **_verdict_fields(result))
-        refusal = before_message("mail_from", transaction, result)
+        refusal = await self.conversation.mail(self.plugin_session, path.address, params)
         if refusal is not None:
             self._end_transaction()
             await self.reply(refusal.reply)
@@ -728,8 +686,9 @@ class InboundSMTP(SMTP):
         if transaction is None:
             await self._error(Reply(503, "5.5.1", "Need MAIL command first"))
             return
-        if len(transaction.envelope.recipients) >= self.policy.max_recipients:
-            await self.reply(Reply(452, "4.5.3", "Too many recipients"))
+        full = self.conversation.recipient_limit(transaction)
+        if full is not None:  # before the syntax: whatever the client sends, it gets no further
+            await self.reply(full.reply)
             return
         try:
             path = parse_rcpt_to(
@@ -747,28 +706,8 @@ class InboundSMTP(SMTP):
             await self._error(Reply(501, "5.5.4", f"Syntax error in RCPT parameters: {problem}"))
             return
         address = path.address
-        session = self.plugin_session
-        relay_refusal = self.services.relay.refusal(address, session.client.ip, session.auth_user)
-        if relay_refusal is not None:
-            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=relay_refusal)
-            await self.reply(refusal_reply(address, relay_refusal))
-            return
-        route = self.services.delivery.route_key(address)
-        if self._route is not None and route != self._route:
-            # One transaction goes to one upstream route; the client sends these again in a
-            # new transaction (RFC 5321 4.5.3.1.10), so every route answers for itself.
-            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="other_route")
-            await self.reply(
-                Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
-            )
-            return
         recipient = Recipient(address, dict(path.params))
-        result = await self.chain.run(
-            "rcpt_to", transaction.results,
-            session=self.plugin_session, transaction=transaction, recipient=recipient,
-        )
-        event("rcpt_to", tx=transaction.id, recipient=address.text, **_verdict_fields(result))
-        refusal = before_message("rcpt_to", transaction, result)
+        refusal = await self.conversation.rcpt(self.plugin_session, transaction, recipient)
         if refusal is not None:
             await self.reply(refusal.reply)
             return
@@ -788,8 +727,7 @@ class InboundSMTP(SMTP):
                   verdict="upstream_refused_before", reply=known.code)
             await self.reply(known)
             return
-        self._route = route
-        transaction.envelope._accept_recipient(recipient)
+        self.conversation.accept(transaction, recipient)
         await self.reply(reply)
 
     async def smtp_DATA(self, arg: str | None) -> None:
@@ -852,7 +790,10 @@ class InboundSMTP(SMTP):
         if reader.bare_newlines_seen:
             event("bare_newlines_normalized", tx=transaction.id, lines=reader.bare_newlines_seen)
         transaction.message = Message(reader.content())
-        if self.policy.sender_login is not None and await self._headers_refused(transaction):
+        refusal = await self.conversation.headers_refusal(self.plugin_session, transaction)
+        if refusal is not None:
+            self._end_transaction()
+            await self.reply(refusal.reply)
             return
         try:
             await self._finish_message(transaction, started)
@@ -861,30 +802,15 @@ class InboundSMTP(SMTP):
 
     async def _finish_message(self, transaction: Transaction, started: float) -> None:
         """Run the data chain, then deliver, quarantine, discard or refuse; reply last."""
-        assert self.plugin_session is not None and transaction.message is not None
-        result: PhaseResult | None = None
-        if not skips_data_chain(transaction):
-            result = await self.chain.run(
-                "data", transaction.results,
-                session=self.plugin_session, transaction=transaction, message=transaction.message,
-            )
-        decision = await self._carry_out(transaction, end_of_message(transaction, result))
+        session = self.plugin_session
+        assert session is not None and transaction.message is not None
+        outcome = await self.conversation.end_of_message(session, transaction)
+        decision = await self._carry_out(transaction, outcome)
         await self.reply(decision.reply)
         if decision.reply.is_positive:
             self._commands = 0  # the command cap is for junk, not for productive sessions
-        envelope = transaction.envelope
-        seconds = time.perf_counter() - started
-        self.services.metrics.message(decision.disposition, seconds)
-        event(
-            "message", tx=transaction.id, sender=envelope.sender.text or "<>",
-            recipients=[r.address.text for r in envelope.recipients],
-            size=transaction.message.size, decision=decision.disposition,
-            reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
-            by=decision.decided_by, reason=decision.reason, score=decision.score,
-            ms=round(seconds * 1000, 1), client=self.plugin_session.client.ip, helo=self.plugin_session.helo,
-        )
-        await self._notify("after_message", session=self.plugin_session, transaction=transaction,
-                           decision=decision)
+        await self.conversation.settle(session, transaction, decision, started,
+                                       client=session.client.ip, helo=session.helo)
 
     async def _carry_out(self, transaction: Transaction, outcome: Refusal | Deliver) -> Decision:
         """Do what :func:`smtpproxy.outcome.end_of_message` decided; the Decision says what
@@ -1092,33 +1018,6 @@ class InboundSMTP(SMTP):
                   mechanism=mechanism, user=user)
         await self._error(Reply(535, "5.7.8", "Authentication credentials invalid"))
 
-    async def _sender_refused(self, sender: str) -> bool:
-        """MAIL FROM a sender the login does not own (smtpproxy.senderlogin): refused."""
-        assert self.plugin_session is not None and self.policy.sender_login is not None
-        login = self.plugin_session.auth_user
-        refusal = await self.policy.sender_login.envelope_refusal(sender, login)
-        if refusal is None:
-            return False
-        event("sender_login_mismatch", level=logging.WARNING, field="envelope", sender=sender,
-              user=login, client=self.plugin_session.client.ip)
-        await self.reply(refusal)
-        return True
-
-    async def _headers_refused(self, transaction: Transaction) -> bool:
-        """From:/Sender: addresses the login does not own (sender_login.headers): refused."""
-        assert self.plugin_session is not None and self.policy.sender_login is not None
-        assert transaction.message is not None
-        login = self.plugin_session.auth_user
-        found = await self.policy.sender_login.header_refusal(transaction.message, login)
-        if found is None:
-            return False
-        refusal, shown = found
-        event("sender_login_mismatch", level=logging.WARNING, tx=transaction.id, field="header",
-              sender=shown, user=login, client=self.plugin_session.client.ip, reply=refusal.code)
-        self._end_transaction()
-        await self.reply(refusal)
-        return True
-
     async def _sasl_login(self, initial: str) -> tuple[bytes, bytes] | None:
         """The LOGIN mechanism: user name, then password, each base64 after a 334 prompt."""
         login = await self._sasl_response(initial or None, b"Username:")
@@ -1137,19 +1036,6 @@ def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
         return None
     name, _, bits = ssl_object.cipher() or ("", "", None)
     return TLSInfo(ssl_object.version() or "", name, bits)
-
-
-def _verdict_fields(result: PhaseResult) -> dict[str, Any]:
-    """For a phase's log line: the verdict, and when a plugin decided, who, why and the reply."""
-    verdict = result.verdict
-    if verdict is None:
-        return {"verdict": "continue"}
-    fields: dict[str, Any] = {"verdict": verdict.action.value, "by": result.decided_by}
-    if verdict.reply is not None:
-        fields["reply"] = verdict.reply.code
-    if verdict.reason:
-        fields["reason"] = verdict.reason
-    return fields
 
 
 LOCAL_ERROR = Reply(451, "4.3.0", "Local error, try again later")
