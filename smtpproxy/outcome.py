@@ -20,7 +20,7 @@ positive reply goes with a message that was not delivered, quarantined or discar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from smtpproxy.chain import PhaseResult
 from smtpproxy.session import Decision, Session, Transaction
@@ -28,18 +28,22 @@ from smtpproxy.verdicts import Action, Reply
 
 __all__ = [
     "DELIVERY",
+    "ERROR_REJECT",
     "PROXY",
     "Deliver",
     "Refusal",
     "before_message",
     "connect_reply",
     "end_of_message",
+    "on_plugin_failure",
     "queued_reply",
     "skips_data_chain",
 ]
 
 PROXY = "proxy"
 """``decided_by`` for a rule of smtpproxy itself (relay, limits, DATA syntax, local errors)."""
+ERROR_REJECT = Reply(550, "5.3.0", "Message refused because of a local problem")
+"""The refusal for a plugin's failure where the MTA's default action says ``reject``."""
 DELIVERY = "delivery"
 """``decided_by`` for a message that was handed on: the upstream's (or MTA's) answer counts."""
 
@@ -138,3 +142,23 @@ def end_of_message(transaction: Transaction, result: PhaseResult | None) -> Refu
     if transaction.disposition is Action.QUARANTINE:
         return Deliver("quarantine", transaction.disposition_by or PROXY, transaction.disposition_reason)
     return Deliver("deliver", DELIVERY)
+
+
+FailureAction: TypeAlias = Literal["tempfail", "accept", "reject"]
+
+
+def on_plugin_failure(phase: str, refusal: Refusal, action: FailureAction) -> Refusal | Deliver:
+    """A refusal under a default action for plugin failures (``milter.default_action``, as
+    Postfix's ``milter_default_action``).
+
+    A refusal that stands for no failure, or ``tempfail``, stays as it is; ``reject`` refuses
+    with :data:`ERROR_REJECT` (``554`` at connect); ``accept`` lets the message pass
+    unfiltered, in the failed plugin's name.
+    """
+    if not refusal.failed or action == "tempfail":
+        return refusal
+    if action == "accept":
+        return Deliver("deliver", refusal.decided_by,
+                       f"plugin error; milter.default_action accept: {refusal.reason}")
+    reply = connect_reply(ERROR_REJECT) if phase == "connect" else ERROR_REJECT
+    return Refusal(reply, refusal.decided_by, refusal.reason, failed=True)
