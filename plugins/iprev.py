@@ -14,7 +14,9 @@ recorded as an ``iprev`` authentication check on every transaction, so the ``aut
 plugin reports it and the ``score`` plugin can add points for it:
 
 - ``pass``: a name was confirmed;
-- ``fail``: no PTR, or no name points back to the address;
+- ``fail``: no PTR, no name points back to the address, or no PTR name is a hostname
+  (letters, digits, ``-`` and ``_`` in labels, as Postfix's ``valid_hostname``: a name with
+  control characters or spaces is never confirmed nor used);
 - ``temperror``: DNS did not answer (timeout, SERVFAIL);
 - loopback clients are not looked up (``none``, not recorded).
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import re
 from dataclasses import dataclass
 from typing import Literal
 
@@ -112,6 +115,13 @@ class IPRev:
             ))
 
 
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?=.{{1,253}}\Z)(?!\d+(?:\.\d+){{3}}\Z)(?:{_LABEL}\.)*{_LABEL}", re.ASCII)
+"""A name Postfix's valid_hostname() takes (letters, digits, hyphen, underscore; not a
+dotted quad): anything else in a PTR record (control characters, spaces, escapes) is not
+a hostname, is never confirmed and never becomes ``session.client.hostname``."""
+
+
 async def check(ip: str, max_names: int = 10) -> IPRevResult:
     """Forward-confirmed reverse DNS of *ip* through the shared resolver."""
     try:
@@ -127,6 +137,10 @@ async def check(ip: str, max_names: int = 10) -> IPRevResult:
         return IPRevResult("temperror", reason=f"PTR lookup: {exc}")
     if not names:
         return IPRevResult("fail", reason="no PTR record")
+    not_hostnames = [name for name in names if not _HOSTNAME.fullmatch(name)]
+    names = [name for name in names if _HOSTNAME.fullmatch(name)]
+    if not names:  # dnspython shows control characters as \DDD: the reason stays printable
+        return IPRevResult("fail", reason=f"PTR name is not a hostname ({', '.join(not_hostnames)})")
     lookup = resolver.aaaa if address.version == 6 else resolver.a
     answers = await asyncio.gather(*(lookup(name) for name in names), return_exceptions=True)
     temporary = False

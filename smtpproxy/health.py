@@ -8,13 +8,21 @@ with no bodies to parse. The responder reads one request line and its headers (b
 size and time), answers, and closes the connection.
 
 - ``/healthz``: 200 whenever the event loop answers.
-- ``/readyz``: 200 when the proxy can take mail: not shutting down, and the delivery
-  backend is usable (SMTP: every route has an upstream that answers ``220`` to a TCP
-  connect, probed at most once per ``cache_seconds``; Maildir: the directory is writable).
-  503 otherwise, with the reason in the body. An upstream whose certificate failed to
-  verify on the last delivery attempt counts as down with that reason (its TCP probe would
-  succeed). Each upstream's line also says how it is told
-  the original client (XCLIENT, XFORWARD, or none and why), as the last connection found.
+- ``/readyz``: 200 when this proxy should get new clients: it is not shutting down.
+  The delivery backend is probed too (SMTP: every route has an upstream that answers
+  ``220`` to a TCP connect, probed at most once per ``cache_seconds``; Maildir: the
+  directory is writable) and its state is in the body, but an unusable backend makes the
+  proxy unready only with ``require_delivery`` (``metrics.ready_requires_delivery``); without
+  it ``/readyz`` never waits for a probe after the first (a stale state is answered and
+  refreshed in the background), so a slow upstream cannot slow the balancer's checks. The
+  upstream is usually shared by every proxy behind a balancer, and a proxy that answers
+  ``451`` is more use to a client than a balancer with no server left. The separate
+  signal for an outage is the ``smtpproxy_delivery_ready`` and ``smtpproxy_upstream_up``
+  gauges, which every probe (and every ``/metrics`` scrape, through the same cache)
+  refreshes. An upstream whose certificate failed to verify on the last delivery attempt
+  counts as down with that reason (its TCP probe would succeed). Each upstream's line also
+  says how it is told the original client (XCLIENT, XFORWARD, or none and why), as the
+  last connection found.
 - ``/metrics``: the Prometheus text exposition of this proxy's registry (404 when
   metrics are disabled).
 """
@@ -34,7 +42,7 @@ from smtpproxy.delivery.smtp import SmtpDelivery
 from smtpproxy.delivery.upstream import UpstreamServer
 from smtpproxy.metrics import PrometheusRecorder
 
-__all__ = ["HealthServer", "Readiness"]
+__all__ = ["DeliveryState", "HealthServer", "Readiness"]
 
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
@@ -48,40 +56,87 @@ class ReadyState:
     detail: str
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryState:
+    """What the last probe found: the backend usable or not, and each upstream's state."""
+
+    usable: bool
+    detail: str
+    upstreams: dict[str, bool]
+
+
 class Readiness:
     """Whether the proxy can take mail now; upstream probes are cached so scrapes stay cheap."""
 
     def __init__(self, delivery: Delivery, stopping: Callable[[], bool], *,
-                 timeout: float = 2.0, cache_seconds: float = 5.0):
+                 timeout: float = 2.0, cache_seconds: float = 5.0, require_delivery: bool = False,
+                 on_probe: Callable[[bool, dict[str, bool]], None] | None = None):
         self.delivery = delivery
         self.stopping = stopping
         self.timeout = timeout
         self.cache_seconds = cache_seconds
-        self._cached: ReadyState | None = None
+        self.require_delivery = require_delivery
+        self.on_probe = on_probe
+        self._cached: DeliveryState | None = None
         self._expires = 0.0
-        self._lock = asyncio.Lock()
+        self._probing: asyncio.Task[None] | None = None
 
     async def check(self) -> ReadyState:
         if self.stopping():
             return ReadyState(False, "shutting down")
-        async with self._lock:  # concurrent scrapes share one probe
-            if self._cached is None or time.monotonic() >= self._expires:
-                self._cached = await self._probe()
-                self._expires = time.monotonic() + self.cache_seconds
-            return self._cached
+        # Only a readiness that depends on the backend waits for its probe: a slow upstream
+        # must not make /readyz slow, or the balancer's check times out on every proxy.
+        state = await self.delivery_state(wait=self.require_delivery)
+        if state.usable:
+            return ReadyState(True, state.detail)
+        if self.require_delivery:
+            return ReadyState(False, state.detail)
+        return ReadyState(True, "delivery unusable: clients get 4xx "
+                          "(metrics.ready_requires_delivery: false)\n" + state.detail)
 
-    async def _probe(self) -> ReadyState:
+    async def delivery_state(self, *, wait: bool = True) -> DeliveryState:
+        """The backend's state, probed at most once per ``cache_seconds`` by one probe that
+        concurrent callers share. With *wait* False a stale state is returned at once and
+        the probe runs in the background (only the first call always waits)."""
+        if self._cached is None or time.monotonic() >= self._expires:
+            if self._probing is None:
+                self._probing = asyncio.create_task(self._refresh())
+            if wait or self._cached is None:
+                await asyncio.shield(self._probing)
+        assert self._cached is not None
+        return self._cached
+
+    async def _refresh(self) -> None:
+        try:
+            try:
+                state = await self._probe()
+            except Exception as exc:  # a probe that crashes says so instead of killing /readyz
+                state = DeliveryState(False, f"delivery probe failed: {type(exc).__name__}: {exc}", {})
+            self._cached, self._expires = state, time.monotonic() + self.cache_seconds
+            if self.on_probe is not None:
+                self.on_probe(state.usable, state.upstreams)
+        finally:
+            self._probing = None
+
+    async def close(self) -> None:
+        """Cancel a probe still running in the background."""
+        if self._probing is not None:
+            self._probing.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probing
+
+    async def _probe(self) -> DeliveryState:
         d = self.delivery
         if isinstance(d, SmtpDelivery):
             return await self._probe_upstreams(d)
         if isinstance(d, MaildirDelivery):
             path = d.path / "new"
             if path.is_dir() and os.access(path, os.W_OK | os.X_OK):
-                return ReadyState(True, f"maildir {d.path}: writable")
-            return ReadyState(False, f"maildir {d.path}: not writable")
-        return ReadyState(True, f"delivery {d.name}: no probe")
+                return DeliveryState(True, f"maildir {d.path}: writable", {})
+            return DeliveryState(False, f"maildir {d.path}: not writable", {})
+        return DeliveryState(True, f"delivery {d.name}: no probe", {})
 
-    async def _probe_upstreams(self, d: SmtpDelivery) -> ReadyState:
+    async def _probe_upstreams(self, d: SmtpDelivery) -> DeliveryState:
         routes = d.route_servers
         servers = list({id(s): s for servers in routes.values() for s in servers}.values())
         implicit = d.connector.settings.tls == "implicit"
@@ -89,10 +144,11 @@ class Readiness:
         status = {id(s): _verify_failure(s) or err for s, err in zip(servers, errors, strict=True)}
         lines = [f"upstream {s.name}: {status[id(s)] or 'ok'}; {_identity(s)}" for s in servers]
         dead = [key for key, members in routes.items() if all(status[id(s)] for s in members)]
+        up = {s.name: status[id(s)] is None for s in servers}
         if dead:
-            return ReadyState(False, "no reachable upstream for route(s) " + ", ".join(dead)
-                              + "\n" + "\n".join(lines))
-        return ReadyState(True, "\n".join(lines))
+            return DeliveryState(False, "no reachable upstream for route(s) " + ", ".join(dead)
+                                 + "\n" + "\n".join(lines), up)
+        return DeliveryState(True, "\n".join(lines), up)
 
     async def _greets(self, server: UpstreamServer, implicit_tls: bool) -> str | None:
         """None when the server accepts a connection and greets with 220; else what went wrong."""
@@ -167,6 +223,7 @@ class HealthServer:
             self._server.close()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+        await self.readiness.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -200,6 +257,7 @@ class HealthServer:
         if path == "/metrics":
             if self.metrics is None:
                 return 404, b"metrics are disabled (metrics.enabled: false)\n", text
+            await self.readiness.delivery_state(wait=False)  # refresh the delivery gauges if stale
             exposition, ctype = self.metrics.exposition()
             return 200, exposition, ctype
         return 404, b"not found; try /metrics, /healthz or /readyz\n", text

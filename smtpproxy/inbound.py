@@ -204,8 +204,13 @@ class InboundSMTP(SMTP):
         self._timer_paused = False  # the proxy is working, not waiting for the client
         self._reading_message = False  # between 354 and the end of data (see data_received)
         self._dsn = False  # DSN was offered in the last EHLO
+        self._8bitmime = True  # 8BITMIME was offered in the last EHLO
+        self._smtputf8 = self.enable_SMTPUTF8  # SMTPUTF8 was offered in the last EHLO
+        self._size_limit = policy.max_message_size  # the SIZE announced in the last EHLO
         self.delivering: asyncio.Event | None = None
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
+        self.counted = False
+        """The session caps already counted this connection (implicit TLS: before the handshake)."""
 
     def _conversation(self) -> Conversation:
         """The conversation on this session's chain, with the rules in force now."""
@@ -390,7 +395,7 @@ class InboundSMTP(SMTP):
                 return
             self.plugin_session.client = real
         services = self.services
-        refusal = services.limiter.acquire(self.plugin_session.client.ip)
+        refusal = None if self.counted else services.limiter.acquire(self.plugin_session.client.ip)
         if refusal is not None:
             services.metrics.connection_refused(
                 "max_sessions" if services.limiter.active >= services.limiter.max_sessions
@@ -624,12 +629,19 @@ class InboundSMTP(SMTP):
         lines = [self.hostname]
         if self.policy.pipelining:
             lines.append("PIPELINING")
-        lines.append(f"SIZE {self.policy.max_message_size}")
-        lines.append("8BITMIME")
-        if self.enable_SMTPUTF8:
+        # Only what every upstream route offers: the route is not known before RCPT.
+        delivery = self.services.delivery
+        backend_size = delivery.size_limit()
+        self._size_limit = min(self.policy.max_message_size, backend_size or self.policy.max_message_size)
+        lines.append(f"SIZE {self._size_limit}")
+        self._8bitmime = delivery.offers_8bitmime()
+        if self._8bitmime:
+            lines.append("8BITMIME")
+        self._smtputf8 = self.enable_SMTPUTF8 and delivery.offers_smtputf8()
+        if self._smtputf8:
             lines.append("SMTPUTF8")
         lines.append("ENHANCEDSTATUSCODES")
-        self._dsn = self.services.delivery.offers_dsn()
+        self._dsn = delivery.offers_dsn()
         if self._dsn:
             lines.append("DSN")
         if self.tls_context and self.plugin_session.tls is None:
@@ -658,8 +670,10 @@ class InboundSMTP(SMTP):
             await self._error(Reply(501, "5.5.4", "MAIL parameters need EHLO"))
             return
         unknown = sorted(set(params) - _MAIL_PARAMS - (dsn.MAIL_PARAMS if self._dsn else set()))
-        if "SMTPUTF8" in params and not self.enable_SMTPUTF8:
+        if "SMTPUTF8" in params and not self._smtputf8:
             unknown.append("SMTPUTF8")
+        if (params.get("BODY") or "").upper() == "8BITMIME" and not self._8bitmime:
+            unknown.append("BODY=8BITMIME")  # not offered in the last EHLO (RFC 6152)
         if unknown:
             await self._error(Reply(555, "5.5.4", f"MAIL parameter {unknown[0]} not supported"))
             return
@@ -668,7 +682,7 @@ class InboundSMTP(SMTP):
             await self._error(Reply(501, "5.5.4", f"Syntax error in MAIL parameters: {problem}"))
             return
         size = params.get("SIZE")
-        if size is not None and int(size) > self.policy.max_message_size:
+        if size is not None and int(size) > self._size_limit:
             await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
             return
         refusal = await self.conversation.mail(self.plugin_session, path.address, params)
@@ -717,6 +731,8 @@ class InboundSMTP(SMTP):
                 self._upstream = self.services.delivery.open_transaction(self.plugin_session, transaction)
             reply = await self._upstream.rcpt(address, recipient.params)  # the real server's answer
             event("upstream_rcpt", tx=transaction.id, recipient=address.text, reply=reply.code)
+            self.services.metrics.upstream_rcpt(
+                "ok" if reply.is_positive else "tempfail" if reply.is_temporary else "reject")
             if not reply.is_positive:
                 await self.reply(reply)
                 return

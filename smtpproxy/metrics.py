@@ -38,6 +38,14 @@ PLUGIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 UPSTREAM_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MESSAGE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
+# The label values known before the first event. Their series start at 0 (see
+# PrometheusRecorder.prepare): a counter born at 1 hides its first increment from rate().
+DECISIONS = ("delivered", "quarantined", "discarded", "rejected", "tempfailed")
+REFUSAL_REASONS = ("max_sessions", "max_sessions_per_ip", "shutting_down")
+FAILURE_RESULTS = ("tempfail", "reject", "error")
+RCPT_RESULTS = ("ok", "tempfail", "reject")
+DOWN_REASONS = ("connect", "timeout", "tls", "tls_verify", "auth")
+
 
 class MetricsUnavailable(Exception):
     """metrics.enabled is true but prometheus_client is not installed."""
@@ -47,6 +55,9 @@ class NullRecorder:
     """Metrics off: every observation is a no-op."""
 
     enabled = False
+
+    def prepare(self, backend: str, upstreams: Iterable[str], plugins: Iterable[tuple[str, str]]) -> None:
+        pass
 
     def session_started(self) -> None:
         pass
@@ -67,6 +78,12 @@ class NullRecorder:
         pass
 
     def upstream_down(self, upstream: str, reason: str = "connect") -> None:
+        pass
+
+    def upstream_rcpt(self, result: str) -> None:
+        pass
+
+    def delivery_probed(self, ready: bool, upstreams: dict[str, bool]) -> None:
         pass
 
     def upstream_identity(self, upstream: str, mechanism: str) -> None:
@@ -151,6 +168,24 @@ class PrometheusRecorder(NullRecorder):
             "smtpproxy_upstream_errors", "Messages the delivery backend did not take, "
             "by backend and result (tempfail, reject, error).", ["backend", "result"], registry=r,
         )
+        self.rcpt_answers = Counter(
+            "smtpproxy_upstream_rcpt",
+            "Upstream answers to RCPT (rcpt_mode relay), by result (ok, tempfail, reject); "
+            "tempfail includes the proxy's own 451 when no upstream could be reached.",
+            ["result"], registry=r,
+        )
+        self.delivery_ready = Gauge(
+            "smtpproxy_delivery_ready",
+            "1 if the last delivery probe (/readyz, /metrics; at most once per "
+            "metrics.ready_cache) found every route reachable (Maildir: writable), else 0.",
+            registry=r,
+        )
+        self.delivery_ready.set(1)
+        self.upstream_up = Gauge(
+            "smtpproxy_upstream_up",
+            "1 if the upstream greeted the last probe with 220 (and its certificate verified on "
+            "the last delivery), else 0.", ["upstream"], registry=r,
+        )
         self.down = Counter(
             "smtpproxy_upstream_connect_failures",
             "Upstream servers that failed to connect or greet (each starts a back-off), by "
@@ -186,6 +221,25 @@ class PrometheusRecorder(NullRecorder):
             child = self._children[key] = metric.labels(*labels)
         return child
 
+    def prepare(self, backend: str, upstreams: Iterable[str], plugins: Iterable[tuple[str, str]]) -> None:
+        """Create every series whose labels are known now, at 0, so that the first event
+        is an increase rate() and increase() see (a series born at 1 shows none)."""
+        for decision in DECISIONS:
+            self._child(self.messages, decision)
+        for reason in REFUSAL_REASONS:
+            self._child(self.refused, reason)
+        for result in FAILURE_RESULTS:
+            self._child(self.delivery_failures, backend, result)
+        for result in RCPT_RESULTS:
+            self._child(self.rcpt_answers, result)
+        for upstream in upstreams:
+            for reason in DOWN_REASONS:
+                self._child(self.down, upstream, reason)
+        for plugin, phase in plugins:
+            self._child(self.plugin_errors, plugin, phase)
+        for result in ("ok", "failed"):
+            self._child(self.reloads, result)
+
     def session_started(self) -> None:
         self.sessions.inc()
 
@@ -214,6 +268,14 @@ class PrometheusRecorder(NullRecorder):
 
     def upstream_down(self, upstream: str, reason: str = "connect") -> None:
         self._child(self.down, upstream, reason).inc()
+
+    def upstream_rcpt(self, result: str) -> None:
+        self._child(self.rcpt_answers, result).inc()
+
+    def delivery_probed(self, ready: bool, upstreams: dict[str, bool]) -> None:
+        self.delivery_ready.set(1 if ready else 0)
+        for upstream, up in upstreams.items():
+            self._child(self.upstream_up, upstream).set(1 if up else 0)
 
     def upstream_identity(self, upstream: str, mechanism: str) -> None:
         for name in ("xclient", "xforward", "none"):

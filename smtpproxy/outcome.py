@@ -29,12 +29,15 @@ from smtpproxy.verdicts import Action, Reply
 __all__ = [
     "DELIVERY",
     "ERROR_REJECT",
+    "ERROR_TEMPFAIL",
+    "MILTER",
     "PROXY",
     "Deliver",
     "Refusal",
     "before_message",
     "connect_reply",
     "end_of_message",
+    "on_not_granted",
     "on_plugin_failure",
     "queued_reply",
     "skips_data_chain",
@@ -44,6 +47,10 @@ PROXY = "proxy"
 """``decided_by`` for a rule of smtpproxy itself (relay, limits, DATA syntax, local errors)."""
 ERROR_REJECT = Reply(550, "5.3.0", "Message refused because of a local problem")
 """The refusal for a plugin's failure where the MTA's default action says ``reject``."""
+ERROR_TEMPFAIL = Reply(451, "4.3.0", "Temporary local problem, please try again later")
+"""The milter's tempfail for a decision it cannot carry out (an action not granted)."""
+MILTER = "milter"
+"""``decided_by`` when the milter itself refuses: the MTA did not grant what a decision needs."""
 DELIVERY = "delivery"
 """``decided_by`` for a message that was handed on: the upstream's (or MTA's) answer counts."""
 
@@ -162,3 +169,13 @@ def on_plugin_failure(phase: str, refusal: Refusal, action: FailureAction) -> Re
                        f"plugin error; milter.default_action accept: {refusal.reason}")
     reply = connect_reply(ERROR_REJECT) if phase == "connect" else ERROR_REJECT
     return Refusal(reply, refusal.decided_by, refusal.reason, failed=True)
+
+
+def on_not_granted(outcome: Deliver, missing: list[str], action: FailureAction) -> Refusal | Deliver:
+    """A decision the milter cannot carry out: its edits or quarantine need actions the MTA
+    did not grant (*missing*). ``accept`` lets the message pass as the MTA has it; else a
+    refusal in the milter's name (``milter.not_granted_action``)."""
+    reason = f"the MTA did not grant {', '.join(missing)} ({outcome.action} by {outcome.decided_by})"
+    if action == "accept":
+        return Deliver("deliver", outcome.decided_by, f"{reason}; milter.not_granted_action accept")
+    return Refusal(ERROR_TEMPFAIL if action == "tempfail" else ERROR_REJECT, MILTER, reason)

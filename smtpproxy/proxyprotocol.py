@@ -5,7 +5,8 @@ The header is the first thing on the connection, before our greeting. Only peers
 late header) closes the connection without a banner and logs one ``proxy_refused`` line.
 Parsing is aiosmtpd's :func:`~aiosmtpd.proxy_protocol.get_proxy` (v1 text and v2 binary).
 
-A ``LOCAL`` (v2) or ``UNKNOWN`` (v1) header, which load balancers send for health checks,
+A v2 header whose TLVs do not fit it exactly (a length that overruns the header) is
+refused. A ``LOCAL`` (v2) or ``UNKNOWN`` (v1) header, which load balancers send for health checks,
 is valid and keeps the connection's own addresses, as the specification says.
 """
 
@@ -40,6 +41,26 @@ class ProxyProtocolSettings:
 
     def trusts(self, ip: str) -> bool:
         return ip_in_networks(ip, self.trusted)
+
+
+def _tlvs_fit(tlvs: bytes) -> bool:
+    """Whether the v2 header's TLVs (type, 16-bit length, value) end exactly where the header
+    does, those nested in PP2_TYPE_SSL too. aiosmtpd hands them over unparsed; one whose
+    length runs past the header is a forged or broken header, refused like any other."""
+    i = 0
+    while i < len(tlvs):
+        if i + 3 > len(tlvs):
+            return False
+        end = i + 3 + int.from_bytes(tlvs[i + 1 : i + 3], "big")
+        if end > len(tlvs):
+            return False
+        if tlvs[i] == _PP2_TYPE_SSL and (end - i - 3 < 5 or not _tlvs_fit(tlvs[i + 8 : end])):
+            return False  # client (1 octet), verify (4 octets), then sub-TLVs
+        i = end
+    return True
+
+
+_PP2_TYPE_SSL = 0x20
 
 
 def _refuse(peer: Client, reason: str) -> None:
@@ -77,6 +98,9 @@ async def read_proxy_header(
     ):
         event("proxy_header", logging.DEBUG, version=data.version, client=peer.ip, local=True)
         return peer
+    if not _tlvs_fit(bytes(data.rest or b"")):
+        _refuse(peer, "PROXYv2 TLV overruns the header")
+        return None
     client = Client(str(src), int(data.src_port or 0))
     event("proxy_header", logging.DEBUG, version=data.version, client=client.ip, port=client.port,
           proxy=peer.ip)

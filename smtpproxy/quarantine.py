@@ -2,7 +2,8 @@
 
 Each message is two files named by its id: ``ID.eml`` (the message as the plugins left it)
 and ``ID.json`` (envelope, client, reasons, plugin outcomes). Both are fsynced before the
-client hears 250, exactly like a delivery.
+client hears 250, exactly like a delivery. Files are created 0600 and directories 0700,
+whatever the umask (:mod:`smtpproxy.private_files`).
 
 An admin lists, shows, releases and deletes them (``smtpproxy quarantine``, in
 :mod:`smtpproxy.quarantine_cli`). A release hands
@@ -26,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
 from smtpproxy.message import Buffer, Message
+from smtpproxy.private_files import make_private_dirs, narrow_modes, open_private
 from smtpproxy.session import Client, Envelope, Session, Transaction
 
 if TYPE_CHECKING:
@@ -74,12 +76,17 @@ class QuarantineStore:
         await run_blocking(self._write, qid, parts, json.dumps(record, indent=2).encode())
         return qid
 
+    async def start(self) -> None:
+        """Narrow what an older version left readable to others (the store itself is made,
+        0700, when the first message is quarantined)."""
+        await run_blocking(narrow_modes, (self.path, self.released_path), store="quarantine")
+
     def _write(self, qid: str, content: tuple[Buffer, ...], meta: bytes) -> None:
-        self.path.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(self.path)
         for suffix, data in ((".eml", content), (".json", (meta,))):
             target = self.path / f"{qid}{suffix}"
             tmp = target.with_suffix(suffix + ".tmp")
-            with open(tmp, "wb") as fh:
+            with open_private(tmp) as fh:
                 for part in data:
                     fh.write(part)
                 fh.flush()
@@ -181,9 +188,9 @@ class QuarantineStore:
 
     def _move_released(self, qid: str, meta: bytes) -> None:
         target = self.released_path
-        target.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(target)
         tmp = target / f"{qid}.json.tmp"
-        with open(tmp, "wb") as fh:
+        with open_private(tmp) as fh:
             fh.write(meta)
             fh.flush()
             os.fsync(fh.fileno())

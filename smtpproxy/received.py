@@ -13,12 +13,14 @@ The field names the client's HELO, reverse name (or ``unknown``) and address, th
 hostname, the protocol (RFC 3848: ESMTP, ESMTPS, ESMTPA, ESMTPSA; UTF8SMTP... with SMTPUTF8),
 the TLS version and cipher, the transaction id (``<session id>.<n>``), the recipient when
 there is one, and the date. Whatever the client sent is reduced to printable ASCII (other
-characters become ``?``), so the field is always well formed.
+characters become ``?``), so the field is always well formed; a HELO address literal
+(``[192.0.2.1]``) is written as one.
 """
 
 from __future__ import annotations
 
 import email.utils
+import ipaddress
 import re
 from typing import Literal
 
@@ -36,6 +38,20 @@ def _safe(text: str) -> str:
     return _UNSAFE.sub("?", text)[:255]
 
 
+def _helo(helo: str) -> str:
+    """The client's HELO name; an address literal (``[192.0.2.1]``, ``[IPv6:2001:db8::1]``)
+    stays one, brackets and all, when it is a valid address (RFC 5321 4.1.3)."""
+    if helo.startswith("[") and helo.endswith("]"):
+        inner = helo[1:-1]
+        try:
+            if inner[:5].lower() == "ipv6:":
+                return f"[IPv6:{ipaddress.IPv6Address(inner[5:])}]"
+            return f"[{ipaddress.IPv4Address(inner)}]"
+        except ValueError:
+            pass
+    return _safe(helo)
+
+
 def wants_received(mode: str, client_told: bool) -> bool:
     """Whether to write the field: ``always``, or ``auto`` when the next hop is not told."""
     return mode == "always" or (mode == "auto" and not client_told)
@@ -43,7 +59,7 @@ def wants_received(mode: str, client_told: bool) -> bool:
 
 def received_field(session: Session, transaction: Transaction, hostname: str) -> bytes:
     """The whole field, folded, with CRLF."""
-    helo = _safe(session.helo) if session.helo else "unknown"
+    helo = _helo(session.helo) if session.helo else "unknown"
     name = _safe(session.client.hostname) if session.client.hostname else "unknown"
     address = f"IPv6:{session.client.ip}" if ":" in session.client.ip else session.client.ip
     proto = "UTF8SMTP" if transaction.envelope.smtputf8 else ("ESMTP" if session.esmtp else "SMTP")

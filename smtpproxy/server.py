@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import ssl
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,8 @@ from smtpproxy.delivery.factory import config_hostname, make_delivery
 from smtpproxy.delivery.smtp import SmtpDelivery
 from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
+from smtpproxy.hookspecs import PHASES
+from smtpproxy.implicit_tls import ImplicitTLSGate
 from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.loginthrottle import LoginThrottle, RedisStore, ThrottleSettings
@@ -181,6 +184,10 @@ class ProxyServer:
             await services.delivery.start()
         except Exception as exc:
             raise StartupError(f"delivery backend {services.delivery.name}: {exc}") from exc
+        try:
+            await services.quarantine.start()
+        except OSError as exc:
+            raise StartupError(f"quarantine.path: {exc}") from exc
         loop = asyncio.get_running_loop()
         for index, listener in enumerate(self.config.listeners):
             try:
@@ -196,27 +203,28 @@ class ProxyServer:
             except (OSError, ssl.SSLError) as exc:
                 await self._close_servers()
                 raise StartupError(f"listeners[{index}].tls: cannot load certificate: {exc}") from exc
-            # Implicit TLS: asyncio does the handshake before the protocol sees the connection,
-            # and the protocol gets no STARTTLS context (so STARTTLS is not offered).
+            # Implicit TLS: the gate counts the connection, then does the handshake; the
+            # protocol gets no STARTTLS context (so STARTTLS is not offered).
             implicit = tls if listener.implicit_tls else None
             self._listener_state.append((policy, None if implicit else tls))
             if implicit is not None:
                 self._implicit_tls[index] = implicit
 
-            def factory(index: int = index) -> InboundSMTP:
+            def inbound(index: int = index) -> InboundSMTP:
                 policy, starttls = self._listener_state[index]  # looked up per connection: reload
                 return InboundSMTP(services, policy, starttls)
 
+            def gate(index: int = index) -> ImplicitTLSGate:
+                return ImplicitTLSGate(services, lambda: inbound(index), lambda: self._implicit_tls[index])
+
+            factory: Callable[[], asyncio.Protocol] = gate if implicit is not None else inbound
             # A worker accepts from the socket its supervisor opened (one queue for all).
             inherited = inherited_listener(index) if self.worker is not None else None
             where: dict[str, Any] = ({"sock": inherited} if inherited is not None else
                                      {"host": listener.address, "port": listener.port, "reuse_address": True,
                                       "reuse_port": self.worker is not None})
             try:
-                server = await loop.create_server(
-                    factory, **where, backlog=1024, ssl=implicit,
-                    ssl_handshake_timeout=10.0 if implicit else None,  # a silent client is cut off
-                )
+                server = await loop.create_server(factory, **where, backlog=1024)
             except OSError as exc:
                 await self._close_servers()
                 raise StartupError(
@@ -238,7 +246,12 @@ class ProxyServer:
         if isinstance(delivery, SmtpDelivery):
             delivery.connector.on_down = metrics.upstream_down
             delivery.connector.on_identity = metrics.upstream_identity
-        readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache)
+        upstreams = ({u.name: None for servers in delivery.route_servers.values() for u in servers}
+                     if isinstance(delivery, SmtpDelivery) else {})
+        metrics.prepare(delivery.name, upstreams, _plugin_phases(self.services.chain))
+        readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache,
+                              require_delivery=m.ready_requires_delivery,
+                              on_probe=metrics.delivery_probed)
         port = m.port + self.worker if self.worker is not None and m.port else m.port
         self.health = HealthServer(m.address, port, readiness, metrics)
         try:
@@ -313,11 +326,16 @@ class ProxyServer:
         )
         if applied.quarantine != self.config.quarantine:
             services.quarantine = QuarantineStore(Path(applied.quarantine.path))
+            try:
+                await services.quarantine.start()
+            except OSError as exc:  # a store it cannot narrow still takes messages
+                event("file_modes_not_corrected", level=logging.WARNING, store="quarantine", error=str(exc))
         services.limiter.max_sessions = applied.limits.max_sessions
         services.limiter.max_per_ip = applied.limits.max_sessions_per_ip
         self._listener_state = state
         self.config, self.source = applied, source
         services.leases.retire(old_chain)
+        services.metrics.prepare(services.delivery.name, (), _plugin_phases(chain))
         services.metrics.reloaded(True)
         event("reload", level=logging.WARNING if restart else logging.INFO, result="ok", file=file,
               plugins=[s.name for s in chain.steps], previous_chain_sessions=services.leases.users(old_chain),
@@ -464,3 +482,8 @@ class ProxyServer:
                     loop.remove_signal_handler(sig)
             if pid_file is not None:
                 remove_pid_file(Path(pid_file))
+
+
+def _plugin_phases(chain: Chain) -> list[tuple[str, str]]:
+    """(plugin, phase) for every phase hook of the chain: the plugin error series to create."""
+    return [(name, phase) for phase in PHASES for name in chain.implementers(phase)]

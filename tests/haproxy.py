@@ -1,13 +1,15 @@
 """A private HAProxy for tests: Debian's ``haproxy`` in TCP mode on a free loopback port.
 
-It balances SMTP over several smtpproxy processes, sending each a PROXY v2 header, and
-health-checks them with HTTP GET /readyz on their metrics ports. Readiness (every server up)
+It runs the configuration docs/deploy-cluster.md shows (on loopback addresses, with faster
+health checks): SMTP balanced over several smtpproxy processes, each sent a PROXY v2 header
+and health-checked with HTTP GET /readyz on its metrics port. Readiness (every server up)
 is polled over HAProxy's admin socket, never slept on. Tests skip with the reason only where
 haproxy is not installed (CI installs it).
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import socket
 import subprocess
@@ -19,29 +21,33 @@ import pytest
 
 from tests.daemons import free_port, stop_process
 
-__all__ = ["HAProxy", "start_haproxy"]
+__all__ = ["HAProxy", "documented_config", "start_haproxy"]
 
-CONFIG = """\
-global
-    stats socket {socket} level admin
-    maxconn 500
+DOC = Path(__file__).resolve().parent.parent / "docs" / "deploy-cluster.md"
 
-defaults
-    mode tcp
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    retries 3
-    option redispatch
 
-listen smtp
-    bind 127.0.0.1:{port}
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server inter 200ms fall 1 rise 1 send-proxy-v2
-{servers}
-"""
+def documented_config() -> str:
+    """The haproxy.cfg of docs/deploy-cluster.md, as written there."""
+    [config] = [b for b in re.findall(r"^```text\n(.*?)^```", DOC.read_text(), re.M | re.S) if "listen smtp" in b]
+    return str(config)
+
+
+def loopback_config(socket_path: Path, port: int, servers: str) -> str:
+    """The documented configuration on loopback: the test's socket, port and servers, and
+    health checks every 200 ms (a server is up at the first good answer, down at the second
+    bad one)."""
+    config = documented_config()
+    replaced = config.replace("/run/haproxy/admin.sock", str(socket_path))
+    replaced = replaced.replace("    bind :25\n", f"    bind 127.0.0.1:{port}\n")
+    replaced = replaced.replace("inter 2s fall 2 rise 2", "inter 200ms fall 2 rise 1")
+    # A check's whole timeout is ``inter`` unless ``timeout check`` is set: on a loaded test
+    # machine a /readyz answer can take longer than 200 ms, and two late answers would take
+    # a working proxy out (both, in a burst: HAProxy then closes the clients' connections).
+    replaced = replaced.replace("    timeout connect 5s\n", "    timeout connect 5s\n    timeout check 2s\n")
+    replaced = re.sub(r"(?m)^    server mx-.*\n", "", replaced) + servers + "\n"
+    assert replaced.count(str(socket_path)) == 1 and f"127.0.0.1:{port}" in replaced, config
+    assert "inter 200ms" in replaced and "timeout check 2s" in replaced, config
+    return replaced
 
 
 @dataclass
@@ -68,14 +74,17 @@ class HAProxy:
         rows = [dict(zip(header, line.split(","), strict=False)) for line in lines[1:] if line]
         return {r["svname"]: r["status"] for r in rows if r["svname"] not in ("FRONTEND", "BACKEND")}
 
-    def wait_status(self, wanted: dict[str, str], timeout: float = 20) -> None:
+    def wait_status(self, wanted: dict[str, str], timeout: float = 20, *, exact: bool = False) -> None:
+        """Until each server's status starts with (*exact*: is) the wanted one; "UP 1/2" is
+        a server that is up but has failed a check, or has not been checked yet."""
         deadline = time.monotonic() + timeout
         while True:
             try:
                 status = self.server_status()
             except OSError:
                 status = {}
-            if all(status.get(name, "").startswith(state) for name, state in wanted.items()):
+            if all(status.get(name, "") == state if exact else status.get(name, "").startswith(state)
+                   for name, state in wanted.items()):
                 return
             if self.process.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"haproxy servers never reached {wanted}: {status}")
@@ -94,7 +103,7 @@ def start_haproxy(workdir: Path, servers: dict[str, tuple[int, int]]) -> HAProxy
     socket_path = workdir / "haproxy.sock"
     lines = "\n".join(f"    server {name} 127.0.0.1:{smtp} check port {health}"
                       for name, (smtp, health) in servers.items())
-    config = CONFIG.format(socket=socket_path, port=port, servers=lines)
+    config = loopback_config(socket_path, port, lines)
     path = workdir / "haproxy.cfg"
     path.write_text(config)
     check = subprocess.run([binary, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30)
@@ -103,7 +112,7 @@ def start_haproxy(workdir: Path, servers: dict[str, tuple[int, int]]) -> HAProxy
                                stderr=subprocess.DEVNULL)
     proxy = HAProxy(port, socket_path, config, process)
     try:
-        proxy.wait_status(dict.fromkeys(servers, "UP"))
+        proxy.wait_status(dict.fromkeys(servers, "UP"), exact=True)  # checked, not just started
     except Exception:
         proxy.stop()
         raise

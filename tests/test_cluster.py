@@ -12,9 +12,11 @@ import asyncio
 import email
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,7 +25,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Sink, Talk
-from tests.haproxy import HAProxy, start_haproxy
+from tests.haproxy import DOC, HAProxy, documented_config, start_haproxy
 from tests.postfix_instance import PostfixFactory
 from tests.redis_server import RedisServer
 
@@ -71,27 +73,59 @@ class Cluster:
     balancer: HAProxy
     nodes: list[Node]
     sink: Sink
+    workdir: Path
+    delivery: str
+    plugins: str
+    started: list[Node]
+
+    def replace(self, index: int, stamp: str) -> Node:
+        """A new process for a stopped node, on its ports, stamping its mail ``stamp``."""
+        old = self.nodes[index]
+        config = node_config(self.workdir, old.name, self.delivery, self.plugins, stamp=stamp,
+                             port=old.port, health_port=old.health_port)
+        node = start_node(self.workdir, old.name, config, log_name=stamp)
+        self.started.append(node)
+        self.nodes[index] = node
+        return node
 
     async def connect(self, source: str = CLIENT) -> Talk:
         reader, writer = await asyncio.open_connection("127.0.0.1", self.balancer.port, local_addr=(source, 0))
         return Talk(reader, writer)
 
 
-def node_config(tmp_path: Path, name: str, delivery: str, plugins: str) -> Path:
-    path = tmp_path / f"{name}.yaml"
+def node_config(tmp_path: Path, name: str, delivery: str, plugins: str, *, stamp: str | None = None,
+                port: int = 0, health_port: int = 0, ready_cache: float = 5) -> Path:
+    path = tmp_path / f"{stamp or name}.yaml"
     path.write_text(
-        "listeners:\n  - address: 127.0.0.1\n    port: 0\n    proxy_protocol: true\n"
+        f"listeners:\n  - address: 127.0.0.1\n    port: {port}\n    proxy_protocol: true\n"
         "    proxy_protocol_from: [127.0.0.1/32]\n"
         f"hostname: {name}.cluster.test\n"
         "relay:\n  domains: [dest.test]\n"
         + delivery +
         "quarantine:\n  path: quarantine\n"
-        "metrics:\n  enabled: true\n  address: 127.0.0.1\n  port: 0\n"
+        f"metrics:\n  enabled: true\n  address: 127.0.0.1\n  port: {health_port}\n  ready_cache: {ready_cache}\n"
         "plugins:\n"
-        f"  - name: headers\n    settings:\n      add: {{X-Seen-Client: '{{client_ip}}', X-Seen-By: {name}}}\n"
+        f"  - name: headers\n    settings:\n      add: {{X-Seen-Client: '{{client_ip}}', X-Seen-By: {stamp or name}}}\n"
         + plugins
     )
     return path
+
+
+def start_node(tmp_path: Path, name: str, config: Path, log_name: str | None = None) -> Node:
+    """``smtpproxy run`` with ``config``, once it listens (SMTP and metrics)."""
+    log_path = tmp_path / f"{log_name or name}.log"
+    with log_path.open("wb") as log:
+        process = subprocess.Popen([*EXE, "run", "-c", str(config)], stderr=log, cwd=tmp_path,
+                                   env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    node = Node(name, process, log_path)
+    try:
+        node.port = int(node.wait_for(r"event=listening address=\S+ port=(\d+)").group(1))
+        node.health_port = int(node.wait_for(r"event=metrics_listening address=\S+ port=(\d+)").group(1))
+    except Exception:
+        process.kill()
+        process.wait()
+        raise
+    return node
 
 
 @pytest.fixture
@@ -99,26 +133,20 @@ async def cluster_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[
     started: list[Node] = []
     balancers: list[HAProxy] = []
 
-    def start(plugins: str = "", delivery: str | None = None) -> Cluster:
+    def start(plugins: str = "", delivery: str | None = None, ready_cache: float = 5) -> Cluster:
         """Two proxies (node1, node2) with ``plugins`` after a headers stamp, HAProxy in front;
         they deliver to the capturing ``sink`` unless ``delivery`` (a YAML section) says otherwise."""
         if delivery is None:
             delivery = f"delivery:\n  type: smtp\n  host: 127.0.0.1\n  port: {sink.port}\n"
         nodes = []
         for name in ("node1", "node2"):
-            config = node_config(tmp_path, name, delivery, plugins)
-            log_path = tmp_path / f"{name}.log"
-            with log_path.open("wb") as log:
-                process = subprocess.Popen([*EXE, "run", "-c", str(config)], stderr=log, cwd=tmp_path,
-                                           env=dict(os.environ, PYTHONUNBUFFERED="1"))
-            node = Node(name, process, log_path)
+            node = start_node(tmp_path, name, node_config(tmp_path, name, delivery, plugins,
+                                                          ready_cache=ready_cache))
             started.append(node)
-            node.port = int(node.wait_for(r"event=listening address=\S+ port=(\d+)").group(1))
-            node.health_port = int(node.wait_for(r"event=metrics_listening address=\S+ port=(\d+)").group(1))
             nodes.append(node)
         balancer = start_haproxy(tmp_path, {n.name: (n.port, n.health_port) for n in nodes})
         balancers.append(balancer)
-        return Cluster(balancer, nodes, sink)
+        return Cluster(balancer, nodes, sink, tmp_path, delivery, plugins, started)
 
     yield start
     for balancer in balancers:
@@ -347,3 +375,152 @@ async def test_the_upstream_sees_the_original_client_through_xclient(
         received = p.get_all("Received")[0]
         assert "[127.0.0.5]" in received and "mail.client.example" in received, received
     await asyncio.to_thread(postfix.wait_for_log, r"client=\S*\[127\.0\.0\.5\]")
+
+
+def test_the_documented_haproxy_config_is_valid_and_outlasts_the_proxys_own_timeouts() -> None:
+    """HAProxy must not cut a working session: its inactivity timeouts are above every silence
+    the proxy allows a client (idle, inside DATA) and the 10 minutes a client waits for the
+    reply to the end of data (RFC 5321 4.5.3.2.6). The docs once said 5m "at least
+    limits.command_timeout", a key that does not exist."""
+    from smtpproxy.config.schema import Limits, SmtpDeliveryConfig
+
+    binary = shutil.which("haproxy")
+    if binary is None:
+        pytest.skip("haproxy is not installed: apt-get install haproxy")
+    config = documented_config()
+    with tempfile.NamedTemporaryFile("w", suffix=".cfg") as file:
+        file.write(config)
+        file.flush()
+        check = subprocess.run([binary, "-c", "-f", file.name], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    units = {"ms": 0.001, "s": 1, "m": 60, "h": 3600}
+    timeouts = {name: float(value) * units[unit] for name, value, unit
+                in re.findall(r"^\s*timeout (\w+) (\d+)(ms|s|m|h)\b", config, re.M)}
+    limits = Limits()
+    silences = [limits.idle_timeout, limits.data_timeout, 600.0,
+                SmtpDeliveryConfig.model_fields["data_timeout"].default]
+    assert timeouts["client"] > max(silences), timeouts
+    assert timeouts["server"] > max(silences), timeouts
+    assert "limits.data_timeout" in config and "command_timeout" not in config
+    assert re.search(r"^\s*stats socket /run/haproxy/admin\.sock .*level admin", config, re.M)
+
+
+async def test_an_upstream_outage_keeps_both_proxies_in_the_balancer_and_clients_hear_451(
+    cluster_factory: Callable[..., Cluster],
+) -> None:
+    """Readiness used to follow the shared upstream: one outage drained every proxy and
+    HAProxy closed the clients' connections without a word. Now both stay in and answer."""
+    cluster = cluster_factory("", ready_cache=0.2)
+    cluster.sink.server.close()  # the upstream both proxies share goes away
+    for node in cluster.nodes:  # each proxy's probe has seen it (ready_cache 0.2 s)
+        deadline = time.monotonic() + 30
+        while b"delivery unusable" not in (body := await _readyz(node))[1]:
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.05)
+        assert body[0] == 200
+    cluster.balancer.wait_status({"node1": "UP", "node2": "UP"}, exact=True)
+    for _ in range(2):  # both proxies (round robin) answer, and defer the mail
+        client = await cluster.connect()
+        code, text = await client.greeting()
+        assert code == 220, text
+        assert (await client.cmd("EHLO client.test"))[0] == 250
+        assert (await client.cmd("MAIL FROM:<a@src.test>"))[0] == 250
+        assert await client.cmd("RCPT TO:<x@dest.test>") == (
+            451, "4.4.1 Upstream mail server not reachable, try again later")
+        assert (await client.cmd("QUIT"))[0] == 221
+        await client.close()
+    assert cluster.balancer.server_status() == {"node1": "UP", "node2": "UP"}, cluster.balancer.admin("show stat")
+    assert all(node.events("upstream_down") for node in cluster.nodes)
+
+
+async def _readyz(node: Node) -> tuple[int, bytes]:
+    reader, writer = await asyncio.open_connection("127.0.0.1", node.health_port)
+    writer.write(b"GET /readyz HTTP/1.1\r\nHost: x\r\n\r\n")
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+async def _until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.05)
+
+
+def _rolling_upgrade_functions(socket_path: Path) -> str:
+    """The shell functions of docs/deploy-cluster.md's "Rolling upgrades", on the test's socket."""
+    [functions] = [b for b in re.findall(r"^```sh\n(.*?)^```", DOC.read_text(), re.M | re.S) if "drain()" in b]
+    assert functions.count("/run/haproxy/admin.sock") == 1
+    return str(functions).replace("/run/haproxy/admin.sock", str(socket_path))
+
+
+async def test_a_rolling_upgrade_as_documented_serves_every_client_and_loses_nothing(
+    cluster_factory: Callable[..., Cluster],
+) -> None:
+    """docs/deploy-cluster.md's procedure, its shell functions run as written (socat, curl):
+    drain a node, stop it (SIGTERM), start its new version, undrain it; then the other,
+    while four clients send mail throughout."""
+    if shutil.which("socat") is None or shutil.which("curl") is None:
+        pytest.skip("the documented procedure needs socat and curl: apt-get install socat curl")
+    cluster = cluster_factory("")
+    functions = _rolling_upgrade_functions(cluster.balancer.socket_path)
+    acknowledged: set[bytes] = set()
+    failures: list[tuple[bytes, str]] = []
+    done = asyncio.Event()
+    counter = iter(range(1_000_000))
+    phase = ["start"]
+
+    async def sender() -> None:
+        while not done.is_set():
+            key = b"u%d" % next(counter)
+            try:
+                client = await cluster.connect()
+                try:
+                    await client.hello()
+                    code, text = await client.send_message("a@src.test", ["x@dest.test"],
+                                                           MESSAGE % (key, b"upgrade"))
+                finally:
+                    await client.close()
+            except (ConnectionError, AssertionError, TimeoutError, OSError) as exc:
+                code, text = 0, repr(exc)
+            if code == 250:
+                acknowledged.add(key)
+            else:
+                failures.append((key, f"{code} {text} phase={phase[0]} status={cluster.balancer.server_status()}"))
+
+    async def shell(command: str) -> None:
+        process = await asyncio.create_subprocess_exec("bash", "-c", f"set -e\n{functions}\n{command}")
+        assert await asyncio.wait_for(process.wait(), 120) == 0, command
+
+    senders = [asyncio.create_task(sender()) for _ in range(4)]
+    try:
+        for index, name in enumerate(("node1", "node2")):
+            before = len(acknowledged)
+            phase[0] = f"draining {name}"
+            await shell(f"drain {name}")
+            phase[0] = f"drained {name}"
+            assert cluster.balancer.server_status()[name] == "DRAIN"
+            await cluster.nodes[index].stop()  # systemctl stop: SIGTERM, waited for
+            assert cluster.nodes[index].process.returncode == 0
+            phase[0] = f"stopped {name}"
+            node = await asyncio.to_thread(cluster.replace, index, f"{name}-v2")
+            phase[0] = f"restarted {name}"
+            await shell(f"undrain {name} http://127.0.0.1:{node.health_port}/readyz")
+            phase[0] = f"undrained {name}"
+            await asyncio.to_thread(cluster.balancer.wait_status, {name: "UP"})
+            phase[0] = f"up {name}"
+            await _until(lambda before=before: len(acknowledged) >= before + 10)  # mail flowed while it was out
+        stamped = len(cluster.sink.messages)
+        await _until(lambda: len(cluster.sink.messages) >= stamped + 8)  # and after
+    finally:
+        done.set()
+        await asyncio.gather(*senders)
+    delivered = [m.content for m in cluster.sink.messages]
+    keys = {re.search(rb"Message-ID: <(\w+)@", m).group(1) for m in delivered}  # type: ignore[union-attr]
+    assert acknowledged <= keys  # nothing acknowledged was lost
+    assert failures == []  # and no client saw an error: a drained node gets no new sessions
+    assert {seen_by(m) for m in delivered[stamped:]} == {"node1-v2", "node2-v2"}  # the new versions serve
+    assert {seen_by(m) for m in delivered} >= {"node1", "node2", "node1-v2", "node2-v2"}

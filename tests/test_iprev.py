@@ -10,6 +10,7 @@ import logging
 from typing import Any
 
 import pytest
+from dnslib import PTR, QTYPE, RR, A, DNSLabel
 from smtpproxy_plugins.iprev import IPRev
 
 from smtpproxy import Session, Transaction, auth_checks, hookimpl
@@ -34,6 +35,11 @@ six.good.test. 300 IN AAAA 2001:db8::1
 @pytest.fixture
 def zone(dns_server: ZoneServer) -> ZoneServer:
     dns_server.add(ZONE)
+    # A PTR name with control characters (CR LF: a header injection if it were written
+    # anywhere) whose A record does point back: still not a hostname.
+    evil = DNSLabel([b"evil\x07\r\nX-Injected: 1", b"good", b"test"])
+    dns_server.records += [RR("12.2.0.192.in-addr.arpa", QTYPE.PTR, rdata=PTR(evil), ttl=300),
+                           RR(evil, QTYPE.A, rdata=A("192.0.2.12"), ttl=300)]
     dns_server.timeout_names.add("11.2.0.192.in-addr.arpa")
     return dns_server
 
@@ -83,6 +89,7 @@ async def start(proxy_factory: ProxyFactory, zone: ZoneServer, *plugins: object,
     ("192.0.2.10", "pass", "second.test"),  # the second of two PTR names confirms
     ("192.0.2.11", "temperror", None),     # the PTR lookup times out
     ("2001:db8::1", "pass", "six.good.test"),
+    ("192.0.2.12", "fail", None),          # the PTR name is not a hostname, though it points back
 ])
 async def test_client_name_is_confirmed_forward(  # noqa: PLR0917 - parameters and fixtures
     ip: str, result: str, hostname: str | None, proxy_factory: ProxyFactory, zone: ZoneServer, sink: Sink,

@@ -132,6 +132,38 @@ async def test_implicit_tls_listener(
     assert len(maildir_messages(tmp_path / "mail")) == 1
 
 
+@pytest.mark.parametrize("limits", [{"max_sessions_per_ip": 2, "max_sessions": 50},
+                                    {"max_sessions_per_ip": 2, "max_sessions": 2}], ids=["per-ip", "total"])
+async def test_implicit_tls_counts_sessions_before_the_handshake(
+    proxy_factory: ProxyFactory, tls_files: dict[str, str], client_tls: ssl.SSLContext,
+    caplog: pytest.LogCaptureFixture, limits: dict[str, int],
+) -> None:
+    """Silent connections to the 465 port: past the cap each is closed at once, not held
+    for the handshake timeout (a plaintext 421 would mean nothing to a TLS client). Once
+    the silent ones go, a TLS client gets its session."""
+    proxy = await proxy_factory(limits=limits, listeners=[
+        {"address": "127.0.0.1", "port": 0, "implicit_tls": True, "tls": tls_files}])
+    silent = [await Talk.open(port_of(proxy)) for _ in range(2)]
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        for _ in range(5):
+            extra = await Talk.open(port_of(proxy))
+            assert await asyncio.wait_for(extra.reader.read(), 5) == b""  # closed before any TLS
+            await extra.close()
+    refused = events(caplog, "connect_refused")
+    assert len(refused) == 5 and all(r["before_tls"] is True for r in refused)
+    for client in silent:
+        await client.close()
+    for _ in range(50):  # the handshakes the silent clients never made end with their connections
+        try:
+            client = await open_tls(port_of(proxy), client_tls)
+        except (ConnectionError, ssl.SSLError):
+            await asyncio.sleep(0.05)
+            continue
+        break
+    assert (await client.greeting())[0] == 220
+    await client.close()
+
+
 async def test_implicit_tls_listener_drops_plaintext_clients(
     proxy_factory: ProxyFactory, tls_files: dict[str, str]
 ) -> None:
@@ -151,13 +183,13 @@ def proxy_v1(ip: str, port: int = 40000) -> bytes:
     return f"PROXY {family} {ip} {dst} {port} 25\r\n".encode()
 
 
-def proxy_v2(ip: str | None, port: int = 40000) -> bytes:
+def proxy_v2(ip: str | None, port: int = 40000, tlvs: bytes = b"") -> bytes:
     """A binary v2 header; ip=None makes a LOCAL one (a load balancer's health check)."""
     signature = b"\r\n\r\n\x00\r\nQUIT\n"
     if ip is None:
         return signature + struct.pack("!BBH", 0x20, 0x00, 0)
     addresses = ipaddress.ip_address(ip).packed + ipaddress.ip_address("127.0.0.1").packed
-    body = addresses + struct.pack("!HH", port, 25)
+    body = addresses + struct.pack("!HH", port, 25) + tlvs
     return signature + struct.pack("!BBH", 0x21, 0x11, len(body)) + body
 
 
@@ -194,6 +226,17 @@ async def test_proxy_header_names_the_real_client(
     assert recorder.clients == [("203.0.113.7", 41234), ("198.51.100.9", 40000)]
 
 
+async def test_proxy_v2_tlvs_that_fit_the_header_are_accepted(proxy_factory: ProxyFactory) -> None:
+    recorder = Recorder()
+    proxy = await proxy_factory(recorder, listeners=[proxied_listener()])
+    client = await Talk.open(port_of(proxy))
+    ssl_tlv = b"\x20\x00\x0d\x01\x00\x00\x00\x00" + b"\x21\x00\x05TLSv1"  # PP2_TYPE_SSL, a version inside
+    client.send(proxy_v2("203.0.113.7", 41000, tlvs=b"\x04\x00\x03abc" + ssl_tlv))
+    assert (await client.greeting())[0] == 220
+    await client.close()
+    assert recorder.clients == [("203.0.113.7", 41000)]
+
+
 async def test_proxy_v2_local_header_keeps_the_connection_address(proxy_factory: ProxyFactory) -> None:
     recorder = Recorder()
     proxy = await proxy_factory(recorder, listeners=[proxied_listener()])
@@ -222,8 +265,11 @@ async def test_proxy_header_from_an_untrusted_source_is_refused(
 @pytest.mark.parametrize(
     "garbage",
     [b"EHLO client.test\r\n", b"PROXY TCP4 999.1.1.1 127.0.0.1 1 25\r\n", b"PROXY TCP4 1.2.3.4\r\n",
-     b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x02ab"],
-    ids=["smtp", "bad-address", "short-v1", "short-v2"],
+     b"\r\n\r\n\x00\r\nQUIT\n\x21\x11\x00\x02ab",
+     proxy_v2("203.0.113.7", tlvs=b"\x04\x00\x10abc"),            # NOOP TLV: 16 octets said, 3 there
+     proxy_v2("203.0.113.7", tlvs=b"\x04\x00\x00\x05"),           # a TLV cut inside its length
+     proxy_v2("203.0.113.7", tlvs=b"\x20\x00\x08\x01\x00\x00\x00\x00\x21\x00\x09")],  # SSL sub-TLV
+    ids=["smtp", "bad-address", "short-v1", "short-v2", "tlv-overrun", "tlv-cut", "ssl-sub-tlv-overrun"],
 )
 async def test_invalid_proxy_header_closes_without_banner(
     proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture, garbage: bytes

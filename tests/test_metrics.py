@@ -210,19 +210,131 @@ async def test_healthz_and_http_errors(proxy_factory: ProxyFactory, sink: Sink) 
     assert (await http(port, "/healthz"))[0] == 200
 
 
-async def test_readyz_follows_the_upstream(proxy_factory: ProxyFactory, sink: Sink) -> None:
+async def test_readyz_reports_the_upstream_and_stays_ready_through_its_outage(
+    proxy_factory: ProxyFactory, sink: Sink
+) -> None:
+    """An upstream outage is every proxy's (they share it): readiness stays, clients hear 4xx,
+    and the outage shows in the body and the delivery gauges instead."""
     up = await proxy_factory(upstream=sink.port, metrics={"enabled": True, "port": 0, "ready_cache": 0.01})
     status, _, body = await http(health_port(up), "/readyz")
     assert status == 200, body
     assert body.decode() == (f"ready\nupstream 127.0.0.1:{sink.port}: ok; "
                              "client identity: not known yet (no message sent)\n")
+    s = await scrape(up)
+    assert value(s, "smtpproxy_delivery_ready") == 1
+    assert value(s, "smtpproxy_upstream_up", upstream=f"127.0.0.1:{sink.port}") == 1
 
     dead = closed_port()
     down = await proxy_factory(upstream=dead, **METRICS)
     status, _, body = await http(health_port(down), "/readyz")
+    assert status == 200, body
+    assert body.decode().startswith(
+        "ready\ndelivery unusable: clients get 4xx (metrics.ready_requires_delivery: false)\n"
+        "no reachable upstream for route(s) default\n")
+    assert f"upstream 127.0.0.1:{dead}: " in body.decode()
+    s = await scrape(down)
+    assert value(s, "smtpproxy_delivery_ready") == 0
+    assert (s[("smtpproxy_upstream_up", frozenset({("upstream", f"127.0.0.1:{dead}")}))]) == 0
+
+
+async def test_a_slow_upstream_does_not_slow_readyz(proxy_factory: ProxyFactory) -> None:
+    """A balancer's check has a timeout (HAProxy: its check interval): were /readyz to wait for
+    the probe of an upstream that connects but does not greet, every proxy would fail its
+    check at once. It answers from the last probe while the next one waits."""
+    held = asyncio.Event()
+    probes: list[asyncio.StreamWriter] = []
+
+    async def greet(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        probes.append(writer)
+        if len(probes) > 1:
+            await held.wait()  # the second probe gets no greeting until the test says so
+        writer.write(b"220 slow.test ESMTP\r\n")
+        await reader.readline()
+        writer.close()
+
+    slow = await asyncio.start_server(greet, "127.0.0.1", 0)
+    port = slow.sockets[0].getsockname()[1]
+    try:
+        server = await proxy_factory(upstream=port, metrics={"enabled": True, "port": 0, "ready_cache": 0.01})
+        status, _, body = await http(health_port(server), "/readyz")  # the first probe is awaited
+        assert (status, len(probes)) == (200, 1), body
+        await asyncio.sleep(0.02)  # the probe result is stale now
+        status, _, body = await http(health_port(server), "/readyz")
+        # the last probe's answer, not "no greeting within 2s" after waiting for the new one
+        assert status == 200 and f"upstream 127.0.0.1:{port}: ok;" in body.decode(), body
+        for _ in range(500):  # and the new probe runs in the background
+            if len(probes) == 2:
+                break
+            await asyncio.sleep(0.01)
+        assert len(probes) == 2
+        held.set()
+    finally:
+        slow.close()
+
+
+async def test_readyz_requires_delivery_when_told(proxy_factory: ProxyFactory) -> None:
+    dead = closed_port()
+    down = await proxy_factory(upstream=dead, metrics={"enabled": True, "port": 0,
+                                                       "ready_requires_delivery": True})
+    status, _, body = await http(health_port(down), "/readyz")
     assert status == 503
     assert body.decode().startswith("not ready\nno reachable upstream for route(s) default\n")
-    assert f"upstream 127.0.0.1:{dead}: " in body.decode()
+
+
+async def test_labelled_counters_start_at_zero(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    """Series born at 1 hide their first event from rate(): the known ones exist from the start."""
+    server = await proxy_factory(Gate(), upstream=sink.port, **METRICS)
+    s = await scrape(server)
+    upstream = f"127.0.0.1:{sink.port}"
+    for name, labels in [
+        ("smtpproxy_messages_total", {"decision": "tempfailed"}),
+        ("smtpproxy_messages_total", {"decision": "delivered"}),
+        ("smtpproxy_connections_refused_total", {"reason": "max_sessions_per_ip"}),
+        ("smtpproxy_upstream_errors_total", {"backend": "smtp", "result": "tempfail"}),
+        ("smtpproxy_upstream_rcpt_total", {"result": "tempfail"}),
+        ("smtpproxy_upstream_rcpt_total", {"result": "ok"}),
+        ("smtpproxy_upstream_connect_failures_total", {"upstream": upstream, "reason": "connect"}),
+        ("smtpproxy_upstream_connect_failures_total", {"upstream": upstream, "reason": "tls_verify"}),
+        ("smtpproxy_plugin_errors_total", {"plugin": "gate", "phase": "rcpt_to"}),
+        ("smtpproxy_plugin_errors_total", {"plugin": "gate", "phase": "data"}),
+        ("smtpproxy_config_reloads_total", {"result": "failed"}),
+    ]:
+        assert s.get((name, frozenset(labels.items()))) == 0, (name, labels)
+    assert ("smtpproxy_plugin_errors_total", frozenset({("plugin", "gate"), ("phase", "helo")})) not in s
+
+
+async def test_rcpt_time_upstream_answers_and_outages_are_counted(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    """rcpt_mode relay (the default) answers at RCPT: an outage never reaches DATA, so it is
+    counted there, and logged at warning."""
+    sink.handler.rcpt_replies["gone@dest.test"] = "550 5.1.1 No such user"
+    sink.handler.rcpt_replies["later@dest.test"] = "450 4.2.0 Try later"
+    server = await proxy_factory(upstream=sink.port, **METRICS)
+    client = await Talk.open(port_of(server))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@src.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<ok@dest.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<gone@dest.test>"))[0] == 550
+    assert (await client.cmd("RCPT TO:<later@dest.test>"))[0] == 450
+    await client.close()
+    s = await scrape(server)
+    assert [value(s, "smtpproxy_upstream_rcpt_total", result=r) for r in ("ok", "reject", "tempfail")] == [1, 1, 1]
+
+    dead = closed_port()
+    caplog.set_level(logging.INFO, logger="smtpproxy.session")
+    down = await proxy_factory(upstream=dead, **METRICS)
+    client = await Talk.open(port_of(down))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@src.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<ok@dest.test>"))[0] == 451
+    await client.close()
+    s = await scrape(down)
+    assert value(s, "smtpproxy_upstream_rcpt_total", result="tempfail") == 1
+    assert value(s, "smtpproxy_upstream_connect_failures_total", upstream=f"127.0.0.1:{dead}",
+                 reason="connect") == 1
+    [record] = [r for r in caplog.records if r.msg == "upstream_down"]
+    assert record.levelno == logging.WARNING
 
 
 async def test_readyz_probes_are_cached(proxy_factory: ProxyFactory) -> None:
@@ -276,13 +388,16 @@ async def test_readyz_maildir_and_shutdown(tmp_path: Path) -> None:
 
 
 async def test_readyz_maildir_not_writable(tmp_path: Path) -> None:
-    server = ProxyServer(make_config(tmp_path, **METRICS), chain=chain_of())
+    server = ProxyServer(make_config(tmp_path, metrics={"enabled": True, "port": 0,
+                                                        "ready_requires_delivery": True}),
+                         chain=chain_of())
     await server.start()
     try:
         (tmp_path / "mail" / "new").rmdir()
         status, _, body = await http(health_port(server), "/readyz")
         assert status == 503
         assert body.decode() == f"not ready\nmaildir {tmp_path / 'mail'}: not writable\n"
+        assert value(await scrape(server), "smtpproxy_delivery_ready") == 0
     finally:
         await server.stop(grace=1)
 

@@ -197,6 +197,31 @@ async def test_negotiation_keeps_within_the_offer(milter: Factory) -> None:
     await mta.close()
 
 
+async def test_connections_beyond_max_sessions_are_closed_at_once(
+    milter: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    server = await milter(limits={"max_sessions": 2, "max_sessions_per_ip": 2})
+    held = [await FakeMTA.open(server) for _ in range(2)]
+    for mta in held:
+        await mta.negotiate()  # both are being served
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        extra = await FakeMTA.open(server)
+        assert await extra.closed()  # before any packet: the MTA applies milter_default_action
+    assert [r.msg for r in caplog.records if r.msg == "milter_refused"] == ["milter_refused"]
+    await held[0].close()
+    for _ in range(50):  # its slot is free once the milter has seen it go
+        again = await FakeMTA.open(server)
+        try:
+            await again.negotiate()
+            break
+        except ConnectionError:
+            await asyncio.sleep(0.05)
+    else:
+        pytest.fail("the slot of the closed connection never came back")
+    await again.close()
+    await held[1].close()
+
+
 # -- a whole session -----------------------------------------------------------
 
 
@@ -246,6 +271,20 @@ async def test_session_from_events_and_macros(milter: Factory) -> None:
             break
         await asyncio.sleep(0.01)
     assert recorder.disconnects == 1
+
+
+@pytest.mark.parametrize(("name", "kept"), [("mx.sender.test", "mx.sender.test"), ("[192.0.2.7]", None),
+                                            ("unknown", None), ("evil\r\nX-Injected: 1", None),
+                                            ("bad name.test", None)])
+async def test_only_a_real_hostname_from_the_mta_becomes_the_clients(
+    milter: Factory, name: str, kept: str | None
+) -> None:
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(recorder))
+    await mta.negotiate()
+    assert await mta.event(codec.Connect(name, "4", 40000, "192.0.2.7")) == [codec.Continue()]
+    await mta.close()
+    assert [s.client.hostname for s in recorder.sessions] == [kept]
 
 
 async def test_several_messages_and_abort_on_one_connection(milter: Factory) -> None:
@@ -429,6 +468,88 @@ async def test_body_and_envelope_changes(milter: Factory) -> None:
         codec.AddRecipient("<archive@dest.test>", "NOTIFY=NEVER"),
         codec.Accept(),
     ]
+
+
+def _every_edit(message: Message, transaction: Transaction) -> None:
+    message.add_header("X-Tag", "yes")
+    message.replace_header("Subject", "new subject")
+    message.replace_body(b"new body\r\n")
+    transaction.envelope.add_recipient(parse_mailbox("archive@dest.test", allow_utf8=False))
+
+
+class EditAndQuarantine(Edit):
+    @hookimpl
+    def data(self, message: Message, transaction: Transaction) -> Verdict:
+        self.edit(message, transaction)
+        return Verdict.quarantine("looks phishy")
+
+
+@pytest.mark.parametrize(("settings", "final"), [
+    ({}, codec.ReplyCode("451 4.3.0 Temporary local problem, please try again later")),
+    ({"default_action": "reject"}, codec.ReplyCode("550 5.3.0 Message refused because of a local problem")),
+    ({"default_action": "accept", "not_granted_action": "tempfail"},
+     codec.ReplyCode("451 4.3.0 Temporary local problem, please try again later")),
+    ({"not_granted_action": "accept"}, codec.Accept()),
+])
+async def test_actions_the_mta_did_not_grant_are_never_sent(
+    milter: Factory, caplog: pytest.LogCaptureFixture, settings: dict[str, str], final: codec.Response
+) -> None:
+    """The MTA grants only SMFIF_ADDHDRS; the plugins changed a header, the body and the
+    recipients and quarantined the message. None of those is sent (a libmilter filter cannot,
+    and Sendmail calls it a liar): the message gets milter.not_granted_action (by default
+    milter.default_action), never a plain accept with the edits dropped unless so configured."""
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(recorder, EditAndQuarantine(_every_edit), **settings))
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        reply = await mta.negotiate(actions=codec.SMFIF_ADDHDRS)
+        assert reply.actions == codec.SMFIF_ADDHDRS
+        await mta.event(codec.Connect("[192.0.2.7]", "4", 1, "192.0.2.7"))
+        await mta.envelope()
+        assert await mta.content(HEADERS, BODY) == [final]
+    await mta.close()
+    fields = {r.msg: r.smtpproxy_fields for r in caplog.records  # type: ignore[attr-defined]
+              if r.msg in ("milter_negotiated", "milter_not_granted")}
+    assert fields["milter_negotiated"]["granted"] == ["ADDHDRS"]
+    assert "QUARANTINE" in fields["milter_negotiated"]["not_granted"]
+    assert fields["milter_not_granted"]["missing"] == ["CHGBODY", "ADDRCPT", "CHGHDRS", "QUARANTINE"]
+    [decision] = recorder.decisions
+    assert decision.disposition == ("delivered" if final == codec.Accept() else
+                                    "tempfailed" if "451" in str(final) else "rejected")
+    assert "did not grant CHGBODY, ADDRCPT, CHGHDRS, QUARANTINE" in decision.reason
+
+
+async def test_granted_edits_are_sent_when_only_those_are_granted(milter: Factory) -> None:
+    def edit(message: Message, _: Transaction) -> None:
+        message.add_header("X-Tag", "yes", prepend=False)
+
+    mta = await FakeMTA.open(await milter(Edit(edit)))
+    await mta.negotiate(actions=codec.SMFIF_ADDHDRS)
+    await mta.event(codec.Connect("[192.0.2.7]", "4", 1, "192.0.2.7"))
+    await mta.envelope()
+    assert await mta.content(HEADERS, BODY) == [codec.AddHeader("X-Tag", " yes"), codec.Accept()]
+    await mta.close()
+
+
+async def test_the_authenticated_user_does_not_carry_into_the_next_transaction(milter: Factory) -> None:
+    users: list[str | None] = []
+
+    class Inspect:
+        @hookimpl
+        def mail_from(self, session: Session) -> None:
+            users.append(session.auth_user)
+
+    mta = await FakeMTA.open(await milter(Inspect()))
+    await mta.start()
+    assert await mta.event(codec.Helo("client.test")) == [codec.Continue()]
+    for macros in ({"{auth_authen}": "alice", "{auth_type}": "PLAIN"}, {}, {"{auth_authen}": "bob"}):
+        assert await mta.event(codec.Mail(("<a@sender.test>",)), i="4ABC", **macros) == [codec.Continue()]
+        assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [codec.Continue()]
+        assert await mta.content(HEADERS[:1], b"x\r\n") == [codec.Accept()]
+    assert await mta.event(codec.Mail(("<a@sender.test>",)), **{"{auth_authen}": "carol"}) == [codec.Continue()]
+    mta.send(codec.Abort())  # an aborted one too
+    assert await mta.event(codec.Mail(("<a@sender.test>",))) == [codec.Continue()]
+    await mta.close()
+    assert users == ["alice", None, "bob", "carol", None]
 
 
 async def test_without_leading_space_extension_values_are_bare(milter: Factory) -> None:

@@ -305,6 +305,24 @@ async def test_received_field_reaches_postfix_when_it_is_not_told_the_client(
         r"\(smtpproxy\) with ESMTP id [0-9a-f]{12}\.1 for <bob@dest\.test>; .+", mine[0]), mine[0]
 
 
+@pytest.mark.parametrize(("helo", "written"), [
+    ("[127.0.0.1]", "[127.0.0.1]"),                      # an address literal stays one
+    ("[IPv6:2001:DB8::1]", "[IPv6:2001:db8::1]"),
+    ("[999.0.0.1]", "?999.0.0.1?"),                      # not an address: just text
+])
+async def test_received_field_writes_a_helo_address_literal_as_one(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, helo: str, written: str
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(relay=RELAY, received_header="auto",
+                                delivery=upstream(postfix, client_identity="none"))
+    await _one_message(port_of(proxy), helo)
+    [stored] = await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)
+    [mine] = [f for f in _received_fields(stored) if "(smtpproxy)" in f]
+    assert mine.startswith(f"Received: from {written} (unknown [127.0.0.1]) by proxy.test "), mine
+    assert email.message_from_bytes(stored)["Received"] is not None  # and Postfix parsed it as a field
+
+
 async def test_received_field_names_tls_and_a_hostile_helo_safely(
     proxy_factory: ProxyFactory, tmp_path: Path
 ) -> None:
@@ -352,3 +370,95 @@ async def test_nul_dot_line_never_reaches_postfix(
     await client.close()
     assert postfix.messages("bob") == [] and postfix.messages("carol") == []
     assert "admin@dest.test" not in postfix.log()
+
+
+# -- 8BITMIME, SIZE: what every route offers -------------------------------------------------
+
+EIGHT_BIT = "From: a@sender.test\r\nTo: bob@dest.test\r\nSubject: caf\u00e9\r\n\r\nCaf\u00e9.\r\n".encode()
+NO_8BITMIME = {"smtpd_discard_ehlo_keywords": "8bitmime"}
+
+
+async def _ehlo_keywords(port: int) -> list[str]:
+    client = await Talk.open(port)
+    code, text = await client.hello()
+    await client.close()
+    assert code == 250
+    return [line.split(" ")[0] for line in text.split("\n")[1:]]
+
+
+@pytest.mark.parametrize("rcpt_mode", ["relay", "at_data"])
+async def test_8bit_data_never_reaches_a_postfix_without_8bitmime(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, rcpt_mode: str
+) -> None:
+    """Before the first connection 8BITMIME is offered (a Postfix-like upstream is assumed).
+    BODY=8BITMIME with 8-bit octets for an upstream that discards 8BITMIME: 554 5.6.3, never
+    forwarded (nor converted, which would break a DKIM signature). From then on 8BITMIME is
+    not offered, and BODY=8BITMIME is refused at MAIL."""
+    postfix = postfix_factory(main_cf=NO_8BITMIME)
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix, rcpt_mode=rcpt_mode))
+    assert "8BITMIME" in await _ehlo_keywords(port_of(proxy))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test> BODY=8BITMIME"))[0] == 250
+    assert (await client.cmd("RCPT TO:<bob@dest.test>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(EIGHT_BIT + b".\r\n")
+    code, text = await client.reply()
+    assert (code, text[:5]) == (554, "5.6.3"), text
+    code, ehlo = await client.cmd("EHLO client.example")
+    assert "8BITMIME" not in [line.split(" ")[0] for line in ehlo.split("\n")]
+    assert await client.cmd("MAIL FROM:<a@sender.test> BODY=8BITMIME") == (
+        555, "5.5.4 MAIL parameter BODY=8BITMIME not supported")
+    assert (await client.send_message("a@sender.test", ["bob@dest.test"], BODY))[0] == 250  # 7-bit
+    await client.close()
+    [stored] = await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)
+    assert b"Subject: hardening" in stored  # only the 7-bit one
+
+
+async def test_body_8bitmime_with_7bit_data_goes_through_without_the_parameter(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory
+) -> None:
+    postfix = postfix_factory(main_cf=NO_8BITMIME)
+    proxy = await proxy_factory(relay=RELAY, delivery=upstream(postfix))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test> BODY=8BITMIME"))[0] == 250
+    assert (await client.cmd("RCPT TO:<bob@dest.test>"))[0] == 250
+    assert (await client.cmd("DATA"))[0] == 354
+    client.send(BODY + b".\r\n")
+    assert (await client.reply())[0] == 250  # nothing to convert
+    await client.close()
+    assert len(await asyncio.to_thread(postfix.wait_for_messages, "bob", 1)) == 1
+
+
+async def test_size_is_the_smallest_routes_less_what_the_proxy_adds(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory
+) -> None:
+    big, small = postfix_factory(main_cf={"message_size_limit": "5000000"}), postfix_factory(
+        domain="other.test", main_cf={"message_size_limit": "300000"})
+    proxy = await proxy_factory(
+        relay={"domains": ["dest.test", "other.test"], "networks": []},
+        delivery={**upstream(big), "routes": [{"domains": ["other.test"],
+                                               "upstreams": [{"host": "127.0.0.1", "port": small.port}]}]})
+    assert "SIZE 26214400" in await _ehlo_lines(port_of(proxy))  # nothing known yet: ours
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.send_message("a@sender.test", ["bob@dest.test"], BODY))[0] == 250
+    assert (await client.send_message("a@sender.test", ["bob@other.test"], BODY))[0] == 250
+    await client.close()
+    limit = 300000 - 32 * 1024
+    assert f"SIZE {limit}" in await _ehlo_lines(port_of(proxy))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert await client.cmd(f"MAIL FROM:<a@sender.test> SIZE={limit + 1}") == (
+        552, "5.3.4 Message size exceeds fixed maximum message size")
+    assert (await client.cmd(f"MAIL FROM:<a@sender.test> SIZE={limit}"))[0] == 250
+    await client.close()
+
+
+async def _ehlo_lines(port: int) -> list[str]:
+    client = await Talk.open(port)
+    code, text = await client.hello()
+    await client.close()
+    assert code == 250
+    return text.split("\n")

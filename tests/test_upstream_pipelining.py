@@ -7,6 +7,7 @@ the proxy's on loopback) and answers a group with one write, or byte by byte."""
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,7 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from smtpproxy.delivery.pipelining import pipeline
+from smtpproxy.delivery.pipelining import OutOfStep, pipeline
 from tests.conftest import ProxyFactory, Talk, port_of
 
 RELAY = {"domains": ["dest.test"], "networks": []}
@@ -46,6 +47,11 @@ class PipeliningUpstream:
     refuse_xforward_on_reuse: bool = False
     odd: dict[bytes, bytes] = field(default_factory=dict)
     """Replies that make no sense for the verb (b"<data>": the end of data)."""
+    extra: dict[bytes, bytes] = field(default_factory=dict)
+    """A second reply to the verb, in the same write (an upstream that answers more than asked)."""
+    early: bytes | None = None
+    """A reply to the first line of message data, before the rest is read; the server then
+    reads nothing for a second (as if it stopped to say so) and goes on."""
     """XFORWARD on a connection that already took a message gets 550 (the rest is accepted)."""
     """A verb after which the server says nothing more (a hung upstream)."""
     connections: list[list[list[bytes]]] = field(default_factory=list)
@@ -69,7 +75,11 @@ class PipeliningUpstream:
                             data, in_data, delivered = b"", False, delivered + 1
                             lines.append(b"<data>")
                             replies.append(self.odd.get(b"<data>", b"250 2.0.0 Ok: queued"))
+                            replies += [self.extra[b"<data>"]] if b"<data>" in self.extra else []
                         else:
+                            if self.early is not None and not data:
+                                writer.write(self.early + b"\r\n")
+                                await asyncio.sleep(1)
                             data += line + b"\n"
                         continue
                     line = line.rstrip(b"\r")
@@ -87,6 +97,7 @@ class PipeliningUpstream:
                         continue
                     replies.append(self.odd.get(verb) or self._reply(verb, line))
                     in_data = verb == b"DATA" and replies[-1].startswith(b"354")
+                    replies += [self.extra[verb]] if verb in self.extra else []
                     if verb == b"QUIT":
                         break
                 reads.append(lines)
@@ -128,8 +139,14 @@ def verbs(read: list[bytes]) -> list[bytes]:
     return [line.split(b" ")[0] for line in read]
 
 
-async def start(upstream: PipeliningUpstream) -> tuple[asyncio.Server, int]:
-    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+async def start(upstream: PipeliningUpstream, *, small_window: bool = False) -> tuple[asyncio.Server, int]:
+    """*small_window*: a small TCP receive buffer, so a big message fills it and the proxy's
+    writes wait for the upstream to read (the listening socket's buffer size is inherited)."""
+    sock = socket.socket()
+    if small_window:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.bind(("127.0.0.1", 0))
+    server = await asyncio.start_server(upstream.serve, sock=sock)
     return server, server.sockets[0].getsockname()[1]
 
 
@@ -286,6 +303,53 @@ async def test_a_reply_that_makes_no_sense_for_the_command_is_a_tempfail(
 
 
 @pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
+@pytest.mark.parametrize("pipelining", [True, False])
+async def test_a_positive_reply_before_the_end_of_the_message_is_never_the_answer(
+    proxy_factory: ProxyFactory, rcpt_mode: str, pipelining: bool
+) -> None:
+    """An upstream that says "250 queued" after the first line of message data and refuses
+    the message at its end: the 250 answered nothing (the message was not there yet). The
+    client gets 451, the rest of the message is not sent, and the connection is closed."""
+    extensions = (b"PIPELINING", b"8BITMIME", XFORWARD) if pipelining else (b"8BITMIME", XFORWARD)
+    upstream = PipeliningUpstream(extensions=extensions, early=b"250 2.0.0 Ok: queued as EARLY",
+                                  odd={b"<data>": b"554 5.6.0 that was not a message"})
+    server, port = await start(upstream, small_window=True)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode=rcpt_mode))
+    body = b"Subject: big\r\n\r\n" + b"x" * 998 + b"\r\n" + (b"y" * 78 + b"\r\n") * 120_000  # 9.6 MB
+    client = await Talk.open(port_of(proxy))
+    await client.hello("client.example")
+    code, text = await client.send_message("a@sender.test", ["b@dest.test"], body)
+    await client.close()
+    assert (code, text) == (451, "4.4.0 Upstream sent an unexpected reply (250), try again later")
+    server.close()
+    await asyncio.sleep(1.5)  # the upstream's pause ends: it reads the rest, then the end of the connection
+    assert upstream.messages == []  # the terminator was never sent
+    assert [verbs(read)[-1:] for read in upstream.reads()][-1] != [b"QUIT"]  # closed, no QUIT
+
+
+@pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
+@pytest.mark.parametrize("pipelining", [True, False])
+@pytest.mark.parametrize("extra", [{b"RCPT": b"250 2.1.5 Ok again"}, {b"DATA": b"250 2.0.0 Ok: queued"},
+                                   {b"MAIL": b"250 2.1.0 Ok again"}, {b"<data>": b"554 5.0.0 no"}])
+async def test_a_reply_where_none_is_due_is_a_tempfail(
+    proxy_factory: ProxyFactory, rcpt_mode: str, pipelining: bool, extra: dict[bytes, bytes]
+) -> None:
+    """A second reply to one command, in the same packet (a 250 right behind the 354 would
+    otherwise be read as the answer to the message): the upstream is out of step; 451, and
+    the connection is not used again."""
+    extensions = (b"PIPELINING", b"8BITMIME", XFORWARD) if pipelining else (b"8BITMIME", XFORWARD)
+    upstream = PipeliningUpstream(extensions=extensions, extra=extra)
+    server, port = await start(upstream)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(port, rcpt_mode=rcpt_mode))
+    code, text = await send(port_of(proxy), ["b@dest.test"])
+    # The code named is the reply left over (in a pipelined group, the last one).
+    assert code == 451 and text.startswith("4.4.0 Upstream sent an unexpected reply ("), text
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 451
+    server.close()
+    assert len(upstream.connections) == 2  # never reused after it
+
+
+@pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
 async def test_an_upstream_that_stops_answering_mid_group_is_a_tempfail(
     proxy_factory: ProxyFactory, rcpt_mode: str
 ) -> None:
@@ -436,20 +500,22 @@ async def test_a_reply_for_no_command_is_never_paired_with_a_later_one() -> None
     server.close()
 
 
-async def test_extra_replies_in_the_same_packet_are_not_the_next_commands_answer() -> None:
+async def test_extra_replies_in_the_same_packet_put_the_connection_out_of_step() -> None:
+    """One reply too many: which command did the server answer? Neither is trusted; the
+    connection is closed (it was: the next command's answer would have been the extra one,
+    had it come a packet later)."""
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         writer.write(b"220 x\r\n")
         await reader.readline()
-        writer.write(b"250 asked\r\n250 not asked\r\n")  # one packet, one reply too many
-        await reader.readline()
-        writer.write(b"250 second\r\n")
+        writer.write(b"250 asked\r\n354 not asked\r\n")  # one packet, one reply too many
         await reader.read()
         writer.close()
 
     server, client = await scripted(serve)
-    assert [r.message for r in await pipeline(client, [b"NOOP"], 5)] == ["asked"]
-    assert [r.message for r in await pipeline(client, [b"NOOP"], 5)] == ["second"]
-    client.close()
+    with pytest.raises(OutOfStep) as raised:
+        await pipeline(client, [b"NOOP"], 5)
+    assert raised.value.code == 354
+    assert not client.is_connected
     server.close()
 
 

@@ -162,8 +162,12 @@ async def test_wrong_upstream_ca_is_reported_as_a_certificate_problem(
         assert value(samples, "smtpproxy_upstream_connect_failures_total",
                      upstream=f"127.0.0.1:{port}", reason="tls_verify") == 1
         status, _, body = await http(health_port(proxy), "/readyz")
-        assert status == 503
+        assert status == 200  # every proxy shares the upstream: clients hear 451, not a closed port
+        assert "\ndelivery unusable: clients get 4xx" in body.decode()
         assert f"upstream 127.0.0.1:{port}: TLS certificate verification failed (" in body.decode()
+        samples = await scrape(proxy)
+        assert samples[("smtpproxy_upstream_up", frozenset({("upstream", f"127.0.0.1:{port}")}))] == 0
+        assert value(samples, "smtpproxy_delivery_ready") == 0
         assert handler.messages == []
     finally:
         server.close()

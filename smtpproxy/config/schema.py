@@ -423,7 +423,9 @@ class Limits(_Model):
         description="Protocol errors allowed per session before the proxy replies 421 and closes.",
     )
     max_sessions: int = Field(
-        default=1000, strict=True, gt=0, description="Most concurrent sessions across all listeners."
+        default=1000, strict=True, gt=0,
+        description=("Most concurrent sessions across all listeners, counted when a connection is "
+                     "accepted (before an implicit-TLS handshake); in milter mode, the MTA's connections."),
     )
     max_sessions_per_ip: int = Field(
         default=20,
@@ -840,6 +842,15 @@ class Metrics(_Model):
         default=5, strict=True, gt=0, allow_inf_nan=False,
         description="Seconds a /readyz upstream probe is reused (so scrapers cannot hammer the upstream).",
     )
+    ready_requires_delivery: bool = Field(
+        default=False, strict=True,
+        description=(
+            "Make /readyz answer 503 while the delivery backend is unusable. Off: a proxy whose "
+            "upstream is down stays in the balancer and answers 4xx, since the upstream is "
+            "usually shared and draining every proxy would leave clients a closed connection. "
+            "On when each proxy has an upstream of its own (docs/deploy-cluster.md)."
+        ),
+    )
 
 
 def _check_milter_listen(value: str) -> str:
@@ -868,6 +879,15 @@ class Milter(_Model):
         description=(
             "What a plugin error (exception, timeout) becomes: tempfail (451), reject (550) "
             "or accept (the message passes unfiltered), like Postfix's milter_default_action."
+        ),
+    )
+    not_granted_action: Literal["default_action", "tempfail", "accept", "reject"] = Field(
+        default="default_action",
+        description=(
+            "What a message becomes when the plugins changed it (headers, body, envelope) or "
+            "quarantined it and the MTA did not grant that action at negotiation: "
+            "default_action (as milter.default_action), tempfail (451), reject (550), or accept "
+            "(the message passes without the change). Logged as milter_not_granted."
         ),
     )
     max_packet_size: int = Field(

@@ -81,6 +81,19 @@ class Delivery(Protocol):
         """Whether the client may ask for DSNs (RFC 3461): the backend passes them on."""
         ...
 
+    def offers_8bitmime(self) -> bool:
+        """Whether the client may send 8-bit message data (RFC 6152): the backend takes it."""
+        ...
+
+    def offers_smtputf8(self) -> bool:
+        """Whether the client may use SMTPUTF8 (RFC 6531): the backend takes it."""
+        ...
+
+    def size_limit(self) -> int | None:
+        """The largest message the backend takes, less what the proxy adds; None: no limit
+        of its own (``limits.max_message_size`` applies)."""
+        ...
+
     def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
         """The refusal the backend gave *recipient* at an earlier delivery, if it still applies.
 

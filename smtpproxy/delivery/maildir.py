@@ -11,6 +11,7 @@ from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
 from smtpproxy.delivery import Delivered, DeliveryError, UpstreamTransaction
 from smtpproxy.message import Buffer, Message
+from smtpproxy.private_files import FILE_MODE, make_private_dirs, narrow_modes
 from smtpproxy.received import received_field, wants_received
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdicts import Reply
@@ -48,12 +49,24 @@ class MaildirDelivery:
     def offers_dsn(self) -> bool:
         return False  # a success DSN would have to come from us; the proxy sends no mail
 
+    def offers_8bitmime(self) -> bool:
+        return True  # a file takes any octet
+
+    def offers_smtputf8(self) -> bool:
+        return True
+
+    def size_limit(self) -> int | None:
+        return None
+
     async def start(self) -> None:
         await run_blocking(self._make_dirs)
 
     def _make_dirs(self) -> None:
-        for sub in ("tmp", "new", "cur"):
-            (self.path / sub).mkdir(parents=True, exist_ok=True)
+        """The Maildir, 0700 from its creation; an existing one is narrowed to its owner."""
+        subdirs = [self.path / sub for sub in ("tmp", "new", "cur")]
+        for sub in subdirs:
+            make_private_dirs(sub)
+        narrow_modes((self.path, *subdirs), store="maildir")
 
     async def deliver(self, session: Session, transaction: Transaction, content: Message) -> Delivered:
         envelope = transaction.envelope
@@ -74,7 +87,7 @@ class MaildirDelivery:
     def _write(self, name: str, trace: bytes, parts: tuple[Buffer, ...]) -> None:
         tmp = self.path / "tmp" / name
         final = self.path / "new" / name
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
         try:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(trace)

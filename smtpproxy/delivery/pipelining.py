@@ -22,7 +22,13 @@ import aiosmtplib
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-__all__ = ["PipeliningProtocol", "pipeline"]
+__all__ = ["OutOfStep", "PipeliningProtocol", "adopt", "pipeline"]
+
+
+class OutOfStep(aiosmtplib.SMTPResponseException):
+    """The upstream answered where no answer was due (more replies than commands, a reply
+    before the end of the message): nothing it says on this connection can be trusted to
+    answer what we sent. The connection is closed; the client gets 451."""
 
 
 class PipeliningProtocol(SMTPProtocol):
@@ -59,6 +65,14 @@ class PipeliningProtocol(SMTPProtocol):
         if response is not None:
             waiter.set_result(response)
 
+    def unsolicited_code(self) -> int:
+        """The code of the reply in the buffer that nothing asked for (-1: not a whole reply)."""
+        try:
+            response = self._read_response_from_buffer()
+        except Exception:
+            return -1
+        return response.code if response is not None else -1
+
     async def read_response(self, timeout: float | None = None) -> SMTPResponse:  # noqa: ASYNC109 (aiosmtplib's signature)
         self._hand_out()  # a reply that came in the same packet as the previous one
         if timeout is not None:
@@ -76,7 +90,8 @@ class PipeliningProtocol(SMTPProtocol):
             self._response_waiter = None if self.transport is None else self._loop.create_future()
 
 
-def _adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
+def adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
+    """The connection's protocol object, as a PipeliningProtocol (changed once, in place)."""
     if not isinstance(protocol, PipeliningProtocol):
         protocol.__class__ = PipeliningProtocol
         assert isinstance(protocol, PipeliningProtocol)
@@ -101,7 +116,7 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
     for command in commands:
         if COMMAND_INJECTION_REGEX.search(command):
             raise ValueError("Command contains a prohibited control character")
-    protocol = _adopt(protocol)
+    protocol = adopt(protocol)
     assert protocol._command_lock is not None
     replies: list[SMTPResponse] = []
     try:
@@ -119,12 +134,14 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
                         protocol._due -= 1
                         if reply_timeout is not None and protocol._due:
                             deadline.reschedule(asyncio.get_running_loop().time() + reply_timeout)
+                if protocol._buffer:  # more than was asked: whose answer is it?
+                    raise OutOfStep(protocol.unsolicited_code(), "Server answered more than was asked")
             finally:
                 protocol._due = 0
     except TimeoutError as exc:
         client.close()
         raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc
-    except aiosmtplib.SMTPServerDisconnected:
+    except (aiosmtplib.SMTPServerDisconnected, OutOfStep):
         client.close()
         raise
     if any(reply.code == 421 for reply in replies):

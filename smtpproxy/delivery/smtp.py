@@ -28,17 +28,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import aiosmtplib
 
 from smtpproxy import config as cfg
 from smtpproxy.addresses import Address
 from smtpproxy.delivery import Delivered, DeliveryError
-from smtpproxy.delivery.pipelining import pipeline
+from smtpproxy.delivery.pipelining import OutOfStep, pipeline
 from smtpproxy.delivery.stream import send_data
 from smtpproxy.delivery.upstream import (
     Connection,
@@ -187,10 +189,24 @@ class SmtpDelivery:
             return received_field(session, transaction, self.hostname)
         return b""
 
+    # What the client is offered is what every upstream of every route offers: the route is
+    # not known at EHLO. A server not connected to yet is assumed to offer what Postfix does
+    # (DSN, 8BITMIME, SMTPUTF8, no SIZE below ours); the checks at MAIL and at the end of
+    # data (_Transfer) cover a message sent before a server was seen without one.
+
     def offers_dsn(self) -> bool:
-        """DSN is offered to clients unless a server of the default route was seen without
-        it (until the first connection, a Postfix-like upstream is assumed to offer it)."""
-        return all(s.offers_dsn is not False for s in self._routes[DEFAULT_ROUTE])
+        return all(s.offers_dsn is not False for s in self.servers)
+
+    def offers_8bitmime(self) -> bool:
+        return all(s.offers_8bitmime is not False for s in self.servers)
+
+    def offers_smtputf8(self) -> bool:
+        return all(s.offers_smtputf8 is not False for s in self.servers)
+
+    def size_limit(self) -> int | None:
+        """The smallest SIZE any upstream announced, less SIZE_MARGIN (what the proxy adds)."""
+        sizes = [s.size for s in self.servers if s.size]
+        return max(min(sizes) - SIZE_MARGIN, 1) if sizes else None
 
     def open_transaction(self, session: Session, transaction: Transaction) -> RelayTransaction:
         """For rcpt_mode relay: an upstream transaction that follows the client's."""
@@ -265,6 +281,8 @@ class _Transfer:
         self.conn = conn
         self.clean = False
         self.out_of_step = False
+        self.seven_bit_only = False
+        """The client said BODY=8BITMIME and the upstream does not offer 8BITMIME."""
         self.in_data = False
         """The upstream answered a pipelined DATA with 354: it takes the message now, and
         the only way to end the transaction without sending one is to close the connection."""
@@ -318,6 +336,8 @@ class _Transfer:
         """A timeout or lost connection mid-transaction: 451, the client retries."""
         try:
             yield
+        except OutOfStep as exc:
+            self._out_of_step(exc.code, exc.message)
         except aiosmtplib.SMTPTimeoutError as exc:
             raise DeliveryError(Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
                                 f"{self.conn.destination}: {exc}") from exc
@@ -369,9 +389,13 @@ class _Transfer:
         options = []
         if size is not None and client.supports_extension("size"):
             options.append(b"SIZE=%d" % size)
-        body = envelope.sender_params.get("BODY")
+        body = (envelope.sender_params.get("BODY") or "").upper()
         if body and client.supports_extension("8bitmime"):
-            options.append(b"BODY=" + body.upper().encode("ascii"))
+            options.append(b"BODY=" + body.encode("ascii"))
+        elif body == "8BITMIME":
+            # Not passed on (the upstream would refuse it): the message goes only if it has
+            # no 8-bit octet after all (data()), never converted (that would break DKIM).
+            self.seven_bit_only = True
         if envelope.smtputf8:
             if not client.supports_extension("smtputf8"):
                 raise DeliveryError(
@@ -404,14 +428,21 @@ class _Transfer:
         if not wanted:
             return []
         if not self.conn.client.supports_extension("dsn"):
+            # Not dropped: the client asked for DSNs (or for none: NOTIFY=NEVER) and would
+            # not get what it asked. Its retry sees no DSN in our EHLO any more, and it
+            # handles the DSN itself (RFC 3461 "relayed").
             event("dsn_not_offered", level=logging.WARNING, upstream=self.conn.destination,
-                  dropped=[k for k, _ in wanted])
-            return []
+                  refused=[k for k, _ in wanted])
+            self.clean = True  # nothing was sent: the connection is as it was
+            raise DeliveryError(DSN_NOT_OFFERED, f"{self.conn.destination}: no DSN")
         return [f"{k}={v}".encode("ascii") for k, v in wanted]
 
     async def data(self, content: Message, trace: bytes = b"") -> Reply:
         """Send the message, with *trace* (our Received: field) on top when given."""
         parts = (trace, *content.parts()) if trace else content.parts()
+        if self.seven_bit_only and any(_EIGHT_BIT.search(part) for part in content.parts()):
+            await self.reset()
+            raise DeliveryError(NOT_8BIT_CLEAN, f"{self.conn.destination}: 8-bit data, no 8BITMIME")
         with self._lost_upstream_is_temporary():
             try:
                 response = await send_data(
@@ -436,11 +467,14 @@ class _Transfer:
         would take for one, and the connection is not used again."""
         if reply.code >= 400 or reply.code in success:
             return reply
+        self._out_of_step(reply.code, reply.text)
+
+    def _out_of_step(self, code: int, text: str) -> NoReturn:
+        """451, and the connection is never used again."""
         self.out_of_step = True
         self.clean = False
-        text = f"Upstream sent an unexpected reply ({reply.code}), try again later"
-        raise DeliveryError(Reply(451, "4.4.0", text),
-                            f"{self.conn.destination}: unexpected reply {reply.code} {reply.text[:80]!r}")
+        reply = Reply(451, "4.4.0", f"Upstream sent an unexpected reply ({code}), try again later")
+        raise DeliveryError(reply, f"{self.conn.destination}: unexpected reply {code} {text[:80]!r}")
 
     async def reset(self) -> None:
         """End the transaction without a message: RSET, or close the connection when the
@@ -454,6 +488,16 @@ class _Transfer:
             self.clean = False
 
 
+SIZE_MARGIN = 32 * 1024
+"""Octets kept free under an upstream's SIZE for what the proxy adds to a message: its
+Received: field and the header fields plugins add (Authentication-Results:, ARC and DKIM
+signatures, X-Spam-*)."""
+
+NOT_8BIT_CLEAN = Reply(554, "5.6.3", "Conversion required but not supported: the upstream mail server "
+                       "does not accept 8-bit data (no 8BITMIME)")
+DSN_NOT_OFFERED = Reply(451, "4.5.4", "The upstream mail server does not offer DSN: "
+                        "send again without DSN parameters")
+
 _MAIL_OK = _END_OK = frozenset({250})
 _RCPT_OK = frozenset({250, 251})
 _DATA_OK = frozenset({354})
@@ -466,6 +510,8 @@ class _DeadConnection(Exception):
         super().__init__()
         self.timed_out = timed_out
 
+
+_EIGHT_BIT = re.compile(rb"[\x80-\xff]")
 
 _MAX_REMEMBERED = 10_000
 """Remembered recipient refusals (the oldest go first): bounded memory under any load."""

@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
-from smtpproxy.delivery.pipelining import pipeline
+from smtpproxy.delivery.pipelining import OutOfStep, PipeliningProtocol, adopt, pipeline
 from smtpproxy.message import Buffer
 
 __all__ = ["BLOCK_SIZE", "dot_stuffed", "send_data"]
@@ -65,7 +65,9 @@ async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: flo
     *started*: DATA was sent already (pipelined) and answered 354; only the message follows.
 
     Raises what ``SMTP.data()`` raises: SMTPDataError for a refusal (354 or the final reply),
-    SMTPTimeoutError, SMTPServerDisconnected.
+    SMTPTimeoutError, SMTPServerDisconnected; and OutOfStep for a reply where none was due
+    (before the end of the message, or a second one after it). The connection is closed
+    whenever the message was not answered exactly once, at its end.
     """
     protocol = client.protocol
     if protocol is None:
@@ -76,18 +78,51 @@ async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: flo
                 [start] = await pipeline(client, [b"DATA"], None)  # a group of one; our time limit
                 if start.code != 354:
                     raise aiosmtplib.SMTPDataError(start.code, start.message)
-            # A reply that arrives while we are still writing (a 552 mid-transfer) is kept.
+            protocol = adopt(protocol)
+            # A reply before the terminator was written answers nothing we sent: the upstream
+            # is out of step (a "250 queued" there is for a message it has not seen).
             protocol._response_pending = True
+            waiter = protocol._response_waiter
             for block in dot_stuffed(parts):
+                if protocol._buffer or waiter is None or waiter.done():
+                    raise _early(client, await protocol.read_response(timeout=None))
                 protocol.write(block)
-                await protocol._drain_helper()
+                if protocol._paused and not await _drained_unless_answered(protocol, waiter):
+                    raise _early(client, await protocol.read_response(timeout=None))
             response = await protocol.read_response(timeout=None)
+            if protocol._buffer:  # a second answer to one message: which one was it?
+                raise OutOfStep(protocol.unsolicited_code(), "Server answered the message twice")
     except TimeoutError as exc:
         client.close()
         raise aiosmtplib.SMTPTimeoutError(f"Timed out sending the message after {limit:g}s") from exc
     except ConnectionError as exc:
         client.close()
         raise aiosmtplib.SMTPServerDisconnected(f"Connection lost while sending the message: {exc}") from exc
+    except OutOfStep:
+        client.close()
+        raise
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response
+
+
+async def _drained_unless_answered(protocol: PipeliningProtocol, reply: asyncio.Future[SMTPResponse]) -> bool:
+    """Wait until the upstream takes more of the message; False if it answered meanwhile
+    (it stopped reading to say so: waiting for the drain would wait for the time limit)."""
+    drain = asyncio.ensure_future(protocol._drain_helper())
+    await asyncio.wait((drain, reply), return_when=asyncio.FIRST_COMPLETED)
+    if drain.done():
+        drain.result()  # a lost connection raises here
+        return not reply.done()
+    drain.cancel()
+    return False
+
+
+def _early(client: aiosmtplib.SMTP, response: SMTPResponse) -> aiosmtplib.SMTPResponseException:
+    """A reply that came before the end of the message. A refusal (a 552 when the size limit
+    is passed) is the upstream's answer to the message, relayed; anything else is out of
+    step. Either way the connection is closed: the rest of the message was never sent."""
+    client.close()
+    if response.code >= 400:
+        return aiosmtplib.SMTPDataError(response.code, response.message)
+    return OutOfStep(response.code, "Server answered before the end of the message")

@@ -103,6 +103,12 @@ class UpstreamServer:
     down_detail: str = ""
     offers_dsn: bool | None = None
     """Whether its last EHLO offered DSN (RFC 3461); None until a connection was made."""
+    offers_8bitmime: bool | None = None
+    """Whether its last EHLO offered 8BITMIME (RFC 6152); None until a connection was made."""
+    offers_smtputf8: bool | None = None
+    """Whether its last EHLO offered SMTPUTF8 (RFC 6531); None until a connection was made."""
+    size: int = 0
+    """The SIZE its last EHLO announced (RFC 1870); 0: none announced, or not connected yet."""
 
     @property
     def name(self) -> str:
@@ -228,9 +234,10 @@ class Connector:
                 reason = exc.reason or "connect"
                 server.down_until = time.monotonic() + self.settings.down_backoff
                 server.down_reason, server.down_detail = reason, exc.detail
-                # A certificate that does not verify is a configuration problem (CA file,
-                # tls_hostname), not an outage: say so, loudly.
-                event("upstream_down", level=logging.WARNING if reason == "tls_verify" else logging.INFO,
+                # Warning, like greylist_redis_down: every client of this server hears 4xx
+                # until it is back (a certificate that does not verify is a configuration
+                # problem, which the reason says).
+                event("upstream_down", level=logging.WARNING,
                       upstream=server.name, reason=reason, detail=exc.detail,
                       backoff=self.settings.down_backoff)
                 if self.on_down is not None:
@@ -363,6 +370,9 @@ class Connector:
             if s.username is not None and s.password is not None:
                 await client.login(s.username, s.password)
             server.offers_dsn = client.supports_extension("dsn")
+            server.offers_8bitmime = client.supports_extension("8bitmime")
+            server.offers_smtputf8 = client.supports_extension("smtputf8")
+            server.size = _announced_size(client.esmtp_extensions.get("size", ""))
             offered = None
             if client.supports_extension("xclient"):
                 offered = frozenset(client.esmtp_extensions.get("xclient", "").upper().split())
@@ -611,3 +621,8 @@ def _tls_version(client: aiosmtplib.SMTP) -> str | None:
     ssl_object = client.get_transport_info("ssl_object")
     return ssl_object.version() if ssl_object is not None else None
 
+
+def _announced_size(value: str) -> int:
+    """The number of a ``SIZE`` EHLO keyword (``SIZE 10240000``); 0 for none or nonsense."""
+    text = value.strip()
+    return int(text) if text.isdigit() and len(text) <= 15 else 0

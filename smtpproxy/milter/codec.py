@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 __all__ = [
     "ACTIONS",
+    "ACTION_NAMES",
     "Abort",
     "Accept",
     "AddHeader",
@@ -52,11 +53,13 @@ __all__ = [
     "Response",
     "Tempfail",
     "Unknown",
+    "action_names",
     "decode_command",
     "decode_response",
     "encode_command",
     "encode_packet",
     "encode_response",
+    "needed_action",
 ]
 
 PROTOCOL_VERSION = 6
@@ -73,6 +76,16 @@ SMFIF_QUARANTINE = 0x20
 SMFIF_CHGFROM = 0x40
 SMFIF_ADDRCPT_PAR = 0x80
 SMFIF_SETSYMLIST = 0x100
+ACTION_NAMES = {SMFIF_ADDHDRS: "ADDHDRS", SMFIF_CHGBODY: "CHGBODY", SMFIF_ADDRCPT: "ADDRCPT",
+                SMFIF_DELRCPT: "DELRCPT", SMFIF_CHGHDRS: "CHGHDRS", SMFIF_QUARANTINE: "QUARANTINE",
+                SMFIF_CHGFROM: "CHGFROM", SMFIF_ADDRCPT_PAR: "ADDRCPT_PAR", SMFIF_SETSYMLIST: "SETSYMLIST"}
+
+
+def action_names(actions: int) -> list[str]:
+    """The SMFIF_* names of the flags set in *actions*, lowest first."""
+    return [name for flag, name in ACTION_NAMES.items() if actions & flag]
+
+
 ACTIONS = (SMFIF_ADDHDRS | SMFIF_CHGBODY | SMFIF_ADDRCPT | SMFIF_DELRCPT | SMFIF_CHGHDRS
            | SMFIF_QUARANTINE | SMFIF_CHGFROM | SMFIF_ADDRCPT_PAR)
 """Everything we may use; negotiation keeps the part the MTA offers."""
@@ -556,6 +569,28 @@ Response = (OptNeg | Continue | Accept | Reject | Tempfail | Discard | Progress 
             | Quarantine | AddHeader | InsertHeader | ChangeHeader | ReplaceBody | ChangeFrom
             | AddRecipient | DeleteRecipient)
 
+def needed_action(response: Response) -> int:
+    """The SMFIF_* flag the MTA must have granted for *response* (0: none is needed)."""
+    match response:
+        case AddHeader() | InsertHeader():
+            return SMFIF_ADDHDRS
+        case ChangeHeader():
+            return SMFIF_CHGHDRS
+        case ReplaceBody():
+            return SMFIF_CHGBODY
+        case ChangeFrom():
+            return SMFIF_CHGFROM
+        case AddRecipient(args=None):
+            return SMFIF_ADDRCPT
+        case AddRecipient():
+            return SMFIF_ADDRCPT_PAR
+        case DeleteRecipient():
+            return SMFIF_DELRCPT
+        case Quarantine():
+            return SMFIF_QUARANTINE
+    return 0
+
+
 _EMPTY_RESPONSES: dict[bytes, Response] = {
     b"c": Continue(), b"a": Accept(), b"r": Reject(), b"t": Tempfail(), b"d": Discard(),
     b"p": Progress(),
@@ -644,6 +679,10 @@ def decode_response(code: bytes, payload: bytes) -> Response:
 # -- macros -------------------------------------------------------------------------
 
 
+_TRANSACTION_STAGES = ("M", "R", "T", "L", "N", "B", "E")
+"""Command codes of the stages inside a transaction (SMFIC_MAIL ... SMFIC_BODYEOB)."""
+
+
 def macro_key(name: str) -> str:
     """Canonical macro name: ``{auth_authen}`` and ``auth_authen`` are the same macro."""
     if len(name) > 2 and name.startswith("{") and name.endswith("}"):
@@ -653,17 +692,29 @@ def macro_key(name: str) -> str:
 
 @dataclass(slots=True)
 class Macros:
-    """The macro values the MTA has sent so far on this connection (latest wins)."""
+    """The macro values the MTA has sent on this connection, kept per stage as libmilter
+    does: a stage's packet replaces that stage's values, and the values of a transaction's
+    stages (MAIL onwards) end with it (:meth:`end_transaction`), so ``{auth_authen}`` from
+    one transaction is never read in the next. A lookup takes the latest stage that has it."""
 
-    values: dict[str, str] = field(default_factory=dict)
+    stages: dict[str, dict[str, str]] = field(default_factory=dict)
 
     def update(self, macro: Macro) -> None:
-        for name, value in macro.pairs:
-            self.values[macro_key(name)] = value
+        self.stages.pop(macro.for_command, None)  # re-inserted last: the latest stage
+        self.stages[macro.for_command] = {macro_key(name): value for name, value in macro.pairs}
 
     def get(self, name: str) -> str | None:
-        """A macro's value by name, with or without braces; None when never sent or empty."""
-        return self.values.get(macro_key(name)) or None
+        """A macro's value by name, with or without braces; None when not sent or empty."""
+        key = macro_key(name)
+        for values in reversed(self.stages.values()):
+            if key in values:
+                return values[key] or None
+        return None
+
+    def end_transaction(self) -> None:
+        """Forget what MAIL, RCPT, DATA, the headers, the body and end of message set."""
+        for stage in _TRANSACTION_STAGES:
+            self.stages.pop(stage, None)
 
     def clear(self) -> None:
-        self.values.clear()
+        self.stages.clear()

@@ -5,6 +5,7 @@ strictly and hands them to a :class:`~smtpproxy.milter.session.MilterSession`. A
 that is not valid protocol (a bad length, a truncated packet, an unknown command, a
 malformed payload) or an MTA that stays silent past ``milter.timeout`` ends the
 connection with one log line; the MTA then applies its own ``milter_default_action``.
+A connection beyond ``limits.max_sessions`` open ones is closed at once, the same way.
 
 Stopping (SIGTERM/SIGINT): no new connections; the MTA's open connections may finish
 their SMTP sessions within ``limits.shutdown_grace``, then the rest are closed.
@@ -49,6 +50,7 @@ class MilterServer:
         self.listen = parse_listen(self.settings.listen)
         self.policy = MilterPolicy(
             default_action=self.settings.default_action,
+            not_granted_action=self.settings.not_granted_action,
             max_message_size=config.limits.max_message_size,
             max_recipients=config.limits.max_recipients,
             progress_interval=self.settings.progress_interval,
@@ -96,10 +98,17 @@ class MilterServer:
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._connections.add(task)
         peer = writer.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         current_session.set(None)
+        if len(self._connections) >= self.config.limits.max_sessions:
+            # Closed before a packet: the MTA applies its milter_default_action. (No per-IP
+            # cap: every connection comes from the MTA, one per SMTP session it holds.)
+            event("milter_refused", level=logging.WARNING, peer=peer_text, reason="max_sessions",
+                  max_sessions=self.config.limits.max_sessions)
+            writer.close()
+            return
+        self._connections.add(task)
 
         async def send(response: codec.Response) -> None:
             writer.write(codec.encode_response(response))

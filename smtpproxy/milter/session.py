@@ -14,6 +14,9 @@ hooks at the same moments, and answers each event:
 * end of message: the ``data`` chain on a :class:`~smtpproxy.message.Message`, then the
   edits (see :mod:`smtpproxy.milter.edits`) and the final SMFIR_ACCEPT, or SMFIR_DISCARD,
   or the reply code. ``after_message`` follows, with a :class:`~smtpproxy.session.Decision`.
+* an edit or a quarantine that needs an action the MTA did not grant at negotiation
+  (SMFIF_*) is never sent: the message gets ``milter.not_granted_action`` (by default
+  ``milter.default_action``) and a ``milter_not_granted`` line.
 * a plugin that raised or timed out (with ``on_error: tempfail``) gives
   ``milter.default_action`` instead: tempfail (451), reject (550) or accept (SMFIR_ACCEPT,
   the message passes unfiltered), like Postfix's ``milter_default_action``.
@@ -27,7 +30,7 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.chain import Chain
@@ -37,7 +40,14 @@ from smtpproxy.message import Message
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError, Response
 from smtpproxy.milter.edits import body_edits, envelope_edits, header_edits, split_fields
-from smtpproxy.outcome import ERROR_REJECT, Deliver, FailureAction, Refusal, on_plugin_failure
+from smtpproxy.outcome import (
+    ERROR_REJECT,
+    Deliver,
+    FailureAction,
+    Refusal,
+    on_not_granted,
+    on_plugin_failure,
+)
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import Client, Decision, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.verdicts import Reply
@@ -53,6 +63,8 @@ _NOT_WANTED = codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN
 # Extensions we use when offered: no reply per header, exact leading whitespace in values.
 _EXTENSIONS = codec.SMFIP_NR_HDR | codec.SMFIP_HDR_LEADSPC
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}", re.ASCII)
+"""What a verified client name may contain (Postfix's valid_hostname() characters)."""
 
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
@@ -62,6 +74,8 @@ class MilterPolicy:
     """What a milter connection needs from the configuration."""
 
     default_action: FailureAction = "tempfail"
+    not_granted_action: Literal["default_action", "tempfail", "accept", "reject"] = "default_action"
+    """What a message becomes when its edits or quarantine need an action the MTA did not grant."""
     max_message_size: int = 26_214_400
     max_recipients: int = 100
     progress_interval: float = 10.0
@@ -94,6 +108,11 @@ class MilterSession:
         self._reset_message()
 
     # -- helpers ------------------------------------------------------------------------
+
+    def _end_message(self) -> None:
+        """The transaction ended (end of message, abort): its content and macros are forgotten."""
+        self.macros.end_transaction()
+        self._reset_message()
 
     def _reset_message(self) -> None:
         self._headers = bytearray()
@@ -158,9 +177,9 @@ class MilterSession:
             bits = self.macros.get("cipher_bits")
             session.tls = TLSInfo(version, self.macros.get("cipher") or "",
                                   int(bits) if bits and bits.isdigit() else None)
-        user = self.macros.get("auth_authen")
-        if user is not None:
-            session.auth_user = user
+        # The MTA sends {auth_authen} with each MAIL of an authenticated client; a transaction
+        # without it is not authenticated, whatever an earlier one was.
+        session.auth_user = self.macros.get("auth_authen")
 
     # -- dispatch -----------------------------------------------------------------------
 
@@ -196,7 +215,7 @@ class MilterSession:
                 if self.session is not None and self.session.transaction is not None:
                     event("abort", tx=self.session.transaction.id)
                     self.conversation.end_transaction(self.session)
-                self._reset_message()
+                self._end_message()
             case codec.Quit():
                 return False
             case codec.QuitNewConnection():
@@ -217,7 +236,9 @@ class MilterSession:
             (_NOT_WANTED | _EXTENSIONS) & offer.protocol,
         )
         event("milter_negotiated", peer=self.peer, version=self.negotiated.version,
-              actions=hex(self.negotiated.actions), protocol=hex(self.negotiated.protocol))
+              actions=hex(self.negotiated.actions), protocol=hex(self.negotiated.protocol),
+              granted=codec.action_names(self.negotiated.actions),
+              not_granted=codec.action_names(codec.ACTIONS & ~offer.actions))
         await self.send(self.negotiated)
 
     async def _connect(self, info: codec.Connect) -> None:
@@ -231,8 +252,8 @@ class MilterSession:
         else:
             ip, port = "unknown", 0
         hostname = info.hostname if info.hostname and not info.hostname.startswith("[") else None
-        if hostname == "unknown":
-            hostname = None
+        if hostname == "unknown" or (hostname is not None and not _HOSTNAME.fullmatch(hostname)):
+            hostname = None  # not a name (control characters, spaces): never the client's hostname
         session = Session(Client(ip, port, hostname), transport="milter",
                           local_ip=self.macros.get("daemon_addr") or "",
                           local_port=int(self.macros.get("daemon_port") or 0)
@@ -346,7 +367,7 @@ class MilterSession:
         if self._refused is not None:
             await self.send(codec.ReplyCode(reply_text(self._refused)))
             self.conversation.end_transaction(session)
-            self._reset_message()
+            self._end_message()
             return
         message = self._message()
         transaction.message = message
@@ -383,12 +404,38 @@ class MilterSession:
                 responses.append(codec.Quarantine(outcome.reason or "quarantined by smtpproxy"))
             responses.append(codec.Accept())
             decision = outcome.decision(queued, transaction.score)
+            fallback = self._not_granted(responses, transaction, outcome, queued)
+            if fallback is not None:
+                responses, decision = fallback
         for response in responses:
             await self.send(response)
         await self.conversation.settle(session, transaction, decision, self._started,
                                        queue_id=queue_id, edits=len(responses) - 1)
         self.conversation.end_transaction(session)
-        self._reset_message()
+        self._end_message()
+
+    def _not_granted(self, responses: list[Response], transaction: Transaction, outcome: Deliver,
+                     queued: Reply) -> tuple[list[Response], Decision] | None:
+        """When an edit or the quarantine needs an action the MTA did not grant (libmilter's
+        smfi_* calls fail for those, and Sendmail logs the filter as lying): the responses
+        and decision of ``milter.not_granted_action`` instead; None when all were granted."""
+        granted = self.negotiated.actions if self.negotiated else 0
+        needed = 0
+        for response in responses:
+            needed |= codec.needed_action(response)
+        missing = needed & ~granted
+        if not missing:
+            return None
+        action = self.policy.not_granted_action
+        if action == "default_action":
+            action = self.policy.default_action
+        names = codec.action_names(missing)
+        event("milter_not_granted", level=logging.WARNING, tx=transaction.id, missing=names,
+              granted=codec.action_names(granted), action=action, by=outcome.decided_by)
+        final = on_not_granted(outcome, names, action)
+        if isinstance(final, Deliver):  # configured: the message passes as the MTA has it
+            return [codec.Accept()], final.decision(queued, transaction.score)
+        return [codec.ReplyCode(reply_text(final.reply))], final.decision(transaction.score)
 
     def _edits(self, transaction: Transaction, message: Message, original: list[bytes]) -> list[Response]:
         """The modification actions for what the plugins changed, headers first."""
@@ -419,7 +466,7 @@ class MilterSession:
             return
         current_session.set(session.id)
         self.conversation.end_transaction(session)
-        self._reset_message()
+        self._end_message()
         await self.conversation.disconnect(session)
         event("disconnect", transactions=session.transaction_count,
               seconds=round(time.time() - session.started, 3))

@@ -1,0 +1,162 @@
+"""What one log line costs: smtpproxy's event log against structlog doing the same job.
+
+Issue 30 asked whether smtpproxy/eventlog.py (stdlib ``logging`` plus two formatters) should
+move to structlog. This measures the cost per line of each way to write the proxy's two
+most common lines (an ``rcpt_to`` phase line, and the ``message`` summary with a dozen
+fields) to /dev/null, with the session id in a context variable, and the cost of a line
+whose level is off. It is a micro-benchmark, not a test: run it by hand (a few seconds)::
+
+    pip install structlog            # the [bench] extra has it
+    python bench/eventlog_cost.py    # --lines N per case (default 50000)
+
+The structlog rows are configured as smtpproxy would need them: ``stdlib`` is structlog in
+front of ``logging`` with ``ProcessorFormatter`` (what keeps plugins' plain ``logging``
+lines, per-logger levels and pytest's caplog working, as they do now); ``native`` is
+structlog's fastest set-up (``make_filtering_bound_logger`` writing straight to the file,
+no ``logging`` at all), which would lose those. Both render with structlog's own
+``LogfmtRenderer`` and ``JSONRenderer``; note that these do not write smtpproxy's
+documented format (None is ``n=`` not ``n=-``, a list is ``"[1, 2]"`` not ``1,2``), so a
+real migration would add processors that do what ``_kv_value`` does now.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextvars
+import io
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from smtpproxy.eventlog import JsonFormatter, KeyValueFormatter, current_session, event
+
+RCPT = {"tx": "9f2c4e1ab003.1", "recipient": "x@example.com", "verdict": "continue"}
+SUMMARY = {
+    "tx": "9f2c4e1ab003.1", "sender": "a@example.org", "recipients": ["bob@example.com"], "size": 2048,
+    "decision": "delivered", "reply": "250 2.0.0", "by": "delivery", "reason": "127.0.0.1:10025",
+    "score": 1.5, "ms": 38.2, "client": "192.0.2.7", "helo": "mail.example.org",
+}
+
+
+def _measure(emit: Callable[[], None], lines: int) -> float:
+    """Nanoseconds per call, the best of three rounds (the least disturbed by other load)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter_ns()
+        for _ in range(lines):
+            emit()
+        best = min(best, (time.perf_counter_ns() - started) / lines)
+    return best
+
+
+def _stdlib_handler(sink: io.TextIOBase, formatter: logging.Formatter) -> None:
+    handler = logging.StreamHandler(sink)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+
+
+def smtpproxy_cases(sink: io.TextIOBase) -> dict[str, Callable[[], None]]:
+    def kv_rcpt() -> None:
+        event("rcpt_to", **RCPT)
+
+    def kv_summary() -> None:
+        event("message", **SUMMARY)
+
+    def debug_off() -> None:
+        event("proxy_header", level=logging.DEBUG, **RCPT)
+
+    return {"rcpt_to": kv_rcpt, "message": kv_summary, "level off": debug_off}
+
+
+def structlog_cases(sink: io.TextIOBase, mode: str, renderer: str) -> dict[str, Callable[[], None]]:
+    import structlog
+
+    render = (structlog.processors.LogfmtRenderer() if renderer == "kv"
+              else structlog.processors.JSONRenderer())
+    shared = [structlog.contextvars.merge_contextvars, structlog.processors.add_log_level,
+              structlog.processors.TimeStamper(fmt="iso", utc=True)]
+    if mode == "stdlib":
+        handler = logging.StreamHandler(sink)
+        handler.setFormatter(structlog.stdlib.ProcessorFormatter(processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta, render], foreign_pre_chain=shared))
+        root = logging.getLogger()
+        for old in list(root.handlers):
+            root.removeHandler(old)
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        structlog.configure(
+            processors=[structlog.stdlib.filter_by_level, *shared,
+                        structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+            logger_factory=structlog.stdlib.LoggerFactory(),
+            wrapper_class=structlog.stdlib.BoundLogger, cache_logger_on_first_use=True,
+        )
+    else:
+        structlog.configure(
+            processors=[*shared, render],
+            logger_factory=structlog.WriteLoggerFactory(file=sink),
+            wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+            cache_logger_on_first_use=True,
+        )
+    log = structlog.get_logger("smtpproxy.session")
+
+    def rcpt() -> None:
+        log.info("rcpt_to", **RCPT)
+
+    def summary() -> None:
+        log.info("message", **SUMMARY)
+
+    def debug_off() -> None:
+        log.debug("proxy_header", **RCPT)
+
+    return {"rcpt_to": rcpt, "message": summary, "level off": debug_off}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--lines", type=int, default=50000, help="lines per case and round")
+    args = parser.parse_args()
+    sid = "9f2c4e1ab003"
+    rows: list[tuple[str, dict[str, float]]] = []
+    with open(os.devnull, "w") as sink:
+        def run(label: str, cases: dict[str, Callable[[], None]], bind: Callable[[], None]) -> None:
+            def measured() -> dict[str, float]:
+                bind()
+                return {case: _measure(emit, args.lines) for case, emit in cases.items()}
+            rows.append((label, contextvars.copy_context().run(measured)))
+
+        _stdlib_handler(sink, KeyValueFormatter())
+        run("smtpproxy kv", smtpproxy_cases(sink), lambda: current_session.set(sid) and None)
+        _stdlib_handler(sink, JsonFormatter())
+        run("smtpproxy json", smtpproxy_cases(sink), lambda: current_session.set(sid) and None)
+        try:
+            import structlog
+        except ImportError:
+            print("structlog is not installed (pip install structlog): smtpproxy rows only")
+        else:
+            for mode in ("stdlib", "native"):
+                for renderer in ("kv", "json"):
+                    cases = structlog_cases(sink, mode, renderer)
+                    run(f"structlog {mode} {renderer}", cases,
+                        lambda: structlog.contextvars.bind_contextvars(sid=sid) and None)
+                    structlog.reset_defaults()
+    print(f"ns per line, best of 3 x {args.lines} ({platform.python_implementation()} "
+          f"{platform.python_version()}, {platform.machine()})\n")
+    print("| writer | rcpt_to | message (12 fields) | level off |")
+    print("| --- | ---: | ---: | ---: |")
+    for label, figures in rows:
+        cells = " | ".join(f"{figures[c]:,.0f}" for c in ("rcpt_to", "message", "level off"))
+        print(f"| {label} | {cells} |")
+
+
+if __name__ == "__main__":
+    main()
