@@ -35,7 +35,7 @@ from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
-from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
+from smtpproxy.auth import PasswordFile
 from smtpproxy.chain import Chain
 from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.datareader import BLOCK_SEPARATOR, DataReader
@@ -50,6 +50,7 @@ from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import ChainLeases
+from smtpproxy.sasl import authenticate
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import Client, Decision, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD
@@ -948,101 +949,47 @@ class InboundSMTP(SMTP):
         if self.plugin_session.transaction is not None:
             await self._error(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"))
             return
-        mechanism, _, initial = (arg or "").partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip()
-        if not mechanism or " " in initial:
-            await self._error(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+        found = await authenticate(
+            _SaslWire(self), arg or "", users=users, throttle=self.services.login_throttle,
+            client_ip=self.plugin_session.client.ip,
+        )
+        if found is None:
             return
-        if mechanism not in ("PLAIN", "LOGIN"):
-            await self._error(Reply(504, "5.5.4", "Unrecognized authentication type"))
-            return
-        if mechanism == "PLAIN":
-            credentials = await self._sasl_plain(initial)
-        else:
-            credentials = await self._sasl_login(initial)
-        if credentials is None:
-            return  # cancelled or malformed, and answered
-        login, password = credentials
-        try:
-            user = login.decode("utf-8")
-        except UnicodeDecodeError:
-            user = None  # no such user can exist
-        throttle, ip = self.services.login_throttle, self.plugin_session.client.ip
-        shown = login.decode("utf-8", "backslashreplace")
-        if throttle is not None and (await throttle.admit(ip, shown)).locked:
-            await self.reply(Reply(421, "4.7.0", "Too many failed logins from your address, try again later"))
-            self._close()
-            return
-        ok = user is not None and await users.verify(user, password)
-        if not ok or user is None:
-            await self._auth_failed(mechanism, login, password)
-            return
-        if throttle is not None:
-            await throttle.succeeded(ip, user)
+        user, mechanism = found
         self.plugin_session.auth_user = user
         event("auth", mechanism=mechanism, user=user)
         await self.reply(Reply(235, "2.7.0", "Authentication successful"))
 
-    async def _sasl_response(self, initial: str | None, challenge: bytes) -> bytes | None:
-        """The client's decoded SASL response: *initial*, or its answer to a 334 challenge.
 
-        None when the exchange ends here (cancelled with ``*``, not base64, connection
-        gone); the client has then had its reply.
-        """
-        if initial is None:
-            self._flush_replies()
-            self._writer.write(challenge_line(challenge))
-            await self._writer.drain()
-            self._reset_timeout()
-            line = await self._read_command_line()
-            self._pause_timeout()
-            if line is None:
-                return None
-            initial = line.decode("ascii", "replace").strip()
-            if initial == "*":
-                await self.reply(Reply(501, "5.7.0", "Authentication cancelled"))
-                return None
-        decoded = decode_response(initial)
-        if decoded is None:
-            await self._error(Reply(501, "5.5.2", "Cannot decode base64 response"))
-        return decoded
+class _SaslWire:
+    """The connection as the SASL exchange sees it (:class:`smtpproxy.sasl.SaslPeer`)."""
 
-    async def _sasl_plain(self, initial: str) -> tuple[bytes, bytes] | None:
-        """RFC 4616 PLAIN: ``authzid NUL authcid NUL password``; authzid empty or authcid."""
-        blob = await self._sasl_response(initial or None, b"")
-        if blob is None:
-            return None
-        fields = decode_plain(blob)
-        if fields is None:
-            await self._error(Reply(501, "5.5.2", "Malformed PLAIN response"))
-            return None
-        authzid, login, password = fields
-        if authzid and authzid != login:  # acting as another user is not supported
-            await self._auth_failed("PLAIN", login, password)
-            return None
-        return login, password
+    __slots__ = ("_smtp",)
 
-    async def _auth_failed(self, mechanism: str, login: bytes, password: bytes) -> None:
-        """535, counted by the login throttle (which logs ``auth_failed``) when there is one."""
-        assert self.plugin_session is not None
-        user = login.decode("utf-8", "backslashreplace")
-        throttle = self.services.login_throttle
-        if throttle is not None:
-            await throttle.failed(self.plugin_session.client.ip, user, password, mechanism=mechanism)
-        else:
-            event("auth_failed", level=logging.WARNING, client=self.plugin_session.client.ip,
-                  mechanism=mechanism, user=user)
-        await self._error(Reply(535, "5.7.8", "Authentication credentials invalid"))
+    def __init__(self, smtp: InboundSMTP) -> None:
+        self._smtp = smtp
 
-    async def _sasl_login(self, initial: str) -> tuple[bytes, bytes] | None:
-        """The LOGIN mechanism: user name, then password, each base64 after a 334 prompt."""
-        login = await self._sasl_response(initial or None, b"Username:")
-        if login is None:
-            return None
-        password = await self._sasl_response(None, b"Password:")
-        if password is None:
-            return None
-        return login, password
+    async def write(self, data: bytes) -> None:
+        smtp = self._smtp
+        smtp._flush_replies()
+        smtp._writer.write(data)
+        await smtp._writer.drain()
+
+    async def read_line(self) -> bytes | None:
+        smtp = self._smtp
+        smtp._reset_timeout()  # waiting for the client
+        line = await smtp._read_command_line()
+        smtp._pause_timeout()
+        return line
+
+    async def reply(self, reply: Reply) -> None:
+        await self._smtp.reply(reply)
+
+    async def error(self, reply: Reply) -> None:
+        await self._smtp._error(reply)
+
+    def close(self) -> None:
+        self._smtp._close()
 
 
 def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
