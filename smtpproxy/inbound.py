@@ -39,7 +39,8 @@ from smtpproxy.auth import PasswordFile
 from smtpproxy.chain import Chain
 from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.datareader import BLOCK_SEPARATOR, DataReader
-from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
+from smtpproxy.delivery import Delivered, Delivery, DeliveryError
+from smtpproxy.delivery.handover import Handover
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.loginthrottle import LoginThrottle
@@ -199,7 +200,7 @@ class InboundSMTP(SMTP):
         self._busy = False
         self._closing = False
         self.conversation = self._conversation()
-        self._upstream: UpstreamTransaction | None = None  # rcpt_mode relay only
+        self._handover: Handover | None = None  # the current transaction's, from its first RCPT
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)
         self._timer_paused = False  # the proxy is working, not waiting for the client
@@ -360,9 +361,10 @@ class InboundSMTP(SMTP):
         """Forget the current transaction; an upstream one that followed it is aborted."""
         if self.plugin_session is not None:
             self.conversation.end_transaction(self.plugin_session)
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None and upstream.started:
-            task = asyncio.get_running_loop().create_task(upstream.abort())
+        handover, self._handover = self._handover, None
+        abort = handover.abort() if handover is not None else None
+        if abort is not None:
+            task = asyncio.get_running_loop().create_task(abort)
             self.services.background.add(task)
             task.add_done_callback(self.services.background.discard)
 
@@ -726,26 +728,16 @@ class InboundSMTP(SMTP):
         if refusal is not None:
             await self.reply(refusal.reply)
             return
-        reply = _RECIPIENT_OK
-        if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
-            if self._upstream is None:
-                self._upstream = self.services.delivery.open_transaction(self.plugin_session, transaction)
-            reply = await self._upstream.rcpt(address, recipient.params)  # the real server's answer
-            event("upstream_rcpt", tx=transaction.id, recipient=address.text, reply=reply.code)
-            self.services.metrics.upstream_rcpt(
-                "ok" if reply.is_positive else "tempfail" if reply.is_temporary else "reject")
-            if not reply.is_positive:
-                await self.reply(reply)
-                return
-        elif (known := self.services.delivery.remembered_refusal(
-                transaction.envelope.sender, address)) is not None:
-            # at_data: the upstream refused this recipient when the client last sent the message
-            event("rcpt_to", tx=transaction.id, recipient=address.text,
-                  verdict="upstream_refused_before", reply=known.code)
-            await self.reply(known)
+        if self._handover is None:
+            self._handover = Handover(self.services.delivery, self.plugin_session, transaction,
+                                      self.services.metrics)
+        # A message already to be discarded or quarantined does not go upstream as it is.
+        reply = await self._handover.rcpt(recipient, ask_upstream=transaction.disposition is None)
+        if reply is not None and not reply.is_positive:
+            await self.reply(reply)
             return
         self.conversation.accept(transaction, recipient)
-        await self.reply(reply)
+        await self.reply(reply or _RECIPIENT_OK)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         assert self.plugin_session is not None
@@ -871,17 +863,16 @@ class InboundSMTP(SMTP):
         return outcome.decision(delivered.reply, score, delivered.destination)
 
     async def _deliver(self, transaction: Transaction, content: Message) -> Delivered:
-        """Hand the message over: on the upstream transaction that followed the client's
-        (rcpt_mode relay), unless plugins edited the envelope; else in one go."""
+        """Hand the message over (:class:`~smtpproxy.delivery.handover.Handover`); shutdown
+        waits for the answer."""
         assert self.plugin_session is not None
-        upstream, self._upstream = self._upstream, None
+        handover, self._handover = self._handover, None
+        if handover is None:
+            handover = Handover(self.services.delivery, self.plugin_session, transaction,
+                                self.services.metrics)
         done = self.delivering = asyncio.Event()
         try:
-            if upstream is not None and upstream.started:
-                if not transaction.envelope.changes:
-                    return await upstream.data(content)
-                await upstream.abort()  # the upstream must see the envelope the plugins left
-            return await self.services.delivery.deliver(self.plugin_session, transaction, content)
+            return await handover.deliver(content)
         finally:
             self.delivering = None
             done.set()
