@@ -28,36 +28,26 @@ import re
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
-from smtpproxy.auth import PasswordFile
-from smtpproxy.chain import Chain
 from smtpproxy.conversation import Conversation, Rules
-from smtpproxy.datareader import BLOCK_SEPARATOR, DataReader
-from smtpproxy.delivery import Delivered, Delivery, DeliveryError
+from smtpproxy.datareader import DataReader, read_data
+from smtpproxy.delivery import Delivered
 from smtpproxy.delivery.handover import Handover
+from smtpproxy.disposal import LOCAL_ERROR, carry_out
 from smtpproxy.eventlog import current_session, event
-from smtpproxy.limits import ConnectionLimiter
-from smtpproxy.loginthrottle import LoginThrottle
+from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.message import Message
-from smtpproxy.metrics import NullRecorder
-from smtpproxy.outcome import PROXY, Deliver, Refusal, queued_reply
-from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
-from smtpproxy.quarantine import QuarantineStore
-from smtpproxy.relay import RelayPolicy
-from smtpproxy.reload import ChainLeases
+from smtpproxy.proxyprotocol import read_proxy_header
 from smtpproxy.sasl import authenticate
-from smtpproxy.senderlogin import SenderLoginPolicy
-from smtpproxy.session import Client, Decision, Recipient, Session, TLSInfo, Transaction
-from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD
+from smtpproxy.session import Client, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.verdicts import Reply
 
-__all__ = ["InboundSMTP", "ListenerPolicy", "Services"]
+__all__ = ["InboundSMTP", "ListenerPolicy", "Services"]  # the last two from smtpproxy.listener
 
 
 # aiosmtpd replies we do not override, given the enhanced status codes we advertise.
@@ -73,65 +63,6 @@ _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 # RFC 5321 4.5.3.1.4 allows extensions to lengthen MAIL and RCPT lines.
 _PARAM_ALLOWANCE = 512
 _CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
-
-_DATA_BUFFER = 64 * 1024
-"""The stream's buffer limit while a message comes in (asyncio pauses reading at twice it):
-big enough that a message is read in few, large blocks."""
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerPolicy:
-    """Everything one listener needs to know about limits and protocol behaviour."""
-
-    hostname: str
-    banner: str = "ESMTP smtpproxy"
-    max_message_size: int = 26_214_400
-    max_recipients: int = 100
-    max_line_length: int = 1000
-    max_command_line: int = 512
-    max_commands: int = 10_000
-    max_errors: int = 20
-    idle_timeout: float = 300.0
-    data_timeout: float = 600.0
-    session_timeout: float = 3600.0
-    normalize_bare_newlines: bool = False
-    spool_threshold: int = DEFAULT_SPOOL_THRESHOLD
-    """Messages above this size are spooled to a temporary file (see smtpproxy.spool)."""
-    spool_directory: str | None = None
-    smtputf8: bool = True
-    pipelining: bool = True
-    require_starttls: bool = False
-    auth: PasswordFile | None = None
-    """Users for SMTP AUTH; None: AUTH is not offered."""
-    auth_required: bool = False
-    """MAIL FROM needs a successful AUTH first."""
-    proxy_protocol: ProxyProtocolSettings | None = None
-    """Read a PROXY protocol header before anything else; None: no header expected."""
-    sender_login: SenderLoginPolicy | None = None
-    """Which logins may use which senders (smtpproxy.senderlogin); None: not checked."""
-
-
-@dataclass(slots=True)
-class Services:
-    """The shared parts every session of a proxy uses."""
-
-    chain: Chain
-    delivery: Delivery
-    quarantine: QuarantineStore
-    relay: RelayPolicy
-    limiter: ConnectionLimiter
-    sessions: set[InboundSMTP]
-    background: set[asyncio.Task[None]]
-    drained: asyncio.Event
-    """Set whenever no session is open (graceful shutdown waits on it)."""
-    stopping: bool = False
-    """Set when shutdown begins; sessions still setting up are turned away with 421."""
-    metrics: NullRecorder = field(default_factory=NullRecorder)
-    """Metrics recorder; the no-op one unless metrics are enabled."""
-    leases: ChainLeases = field(default_factory=ChainLeases)
-    """Which chain each session runs on; a reload swaps ``chain`` for new sessions only."""
-    login_throttle: LoginThrottle | None = None
-    """Brakes on password guessing, shared by every listener (smtpproxy.loginthrottle)."""
 
 
 _COMMAND_NAMES: dict[type, dict[str, str]] = {}
@@ -238,11 +169,9 @@ class InboundSMTP(SMTP):
             self.plugin_session.helo = None
             self.plugin_session.esmtp = False
             self._end_transaction()
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                name, _, bits = ssl_object.cipher() or ("", "", None)
-                self.plugin_session.tls = TLSInfo(ssl_object.version() or "", name, bits)
-                event("starttls", version=self.plugin_session.tls.version, cipher=name)
+            tls = self.plugin_session.tls = _tls_info(transport)
+            if tls is not None:
+                event("starttls", version=tls.version, cipher=tls.cipher)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Push the idle (or DATA) deadline back.
@@ -767,27 +696,15 @@ class InboundSMTP(SMTP):
             spool_threshold=self.policy.spool_threshold, spool_dir=self.policy.spool_directory,
         )
         started = time.perf_counter()
-        # Blocks, not lines: up to each ".CRLF" (where the end of data can be) or a slice of
-        # the stream's buffer, raised for the message from one line's worth (the command
-        # reader's bound on what a silent client can make us hold) to _DATA_BUFFER.
-        stream = self._reader
-        stream._limit = max(self.line_length_limit, _DATA_BUFFER)  # type: ignore[attr-defined]
         self._reading_message = True
         try:
-            while True:
-                self._reset_timeout(self.policy.data_timeout)
-                try:
-                    chunk = await stream.readuntil(BLOCK_SEPARATOR)
-                except asyncio.LimitOverrunError as exc:
-                    chunk = await stream.readexactly(exc.consumed)
-                except asyncio.IncompleteReadError:
-                    self._close()
-                    return
-                if reader.feed_block(chunk):
-                    break
+            complete = await read_data(self._reader, reader,
+                                       lambda: self._reset_timeout(self.policy.data_timeout))
         finally:
             self._reading_message = False
-            stream._limit = self.line_length_limit  # type: ignore[attr-defined]
+        if not complete:
+            self._close()
+            return
         self._pause_timeout()
         if reader.problem is not None:
             reply = reader.problem.reply(self.policy.max_message_size, self.policy.max_line_length)
@@ -814,53 +731,17 @@ class InboundSMTP(SMTP):
         session = self.plugin_session
         assert session is not None and transaction.message is not None
         outcome = await self.conversation.end_of_message(session, transaction)
-        decision = await self._carry_out(transaction, outcome)
+        message = transaction.message
+        services = self.services
+        decision = await carry_out(
+            session, transaction, outcome, deliver=lambda: self._deliver(transaction, message),
+            quarantine=services.quarantine, metrics=services.metrics, backend=services.delivery.name,
+        )
         await self.reply(decision.reply)
         if decision.reply.is_positive:
             self._commands = 0  # the command cap is for junk, not for productive sessions
         await self.conversation.settle(session, transaction, decision, started,
                                        client=session.client.ip, helo=session.helo)
-
-    async def _carry_out(self, transaction: Transaction, outcome: Refusal | Deliver) -> Decision:
-        """Do what :func:`smtpproxy.outcome.end_of_message` decided; the Decision says what
-        the client is told (250 only once the message is delivered, kept or dropped)."""
-        assert self.plugin_session is not None and transaction.message is not None
-        score = transaction.score
-        if isinstance(outcome, Refusal):
-            return outcome.decision(score)
-        if outcome.action == "discard":
-            return outcome.decision(queued_reply(transaction), score)
-        if outcome.action == "quarantine":
-            try:
-                qid = await self.services.quarantine.store(
-                    self.plugin_session, transaction, transaction.message, outcome.reason
-                )
-            except OSError as exc:
-                event("quarantine_failed", level=logging.ERROR, error=repr(exc))
-                return Refusal(LOCAL_ERROR, PROXY, f"quarantine failed: {exc}").decision(score)
-            return outcome.decision(queued_reply(transaction), score, f"{outcome.reason} (id {qid})")
-        metrics = self.services.metrics
-        metrics.delivery_started()
-        result, delivery_started = "error", time.perf_counter()
-        try:
-            delivered = await self._deliver(transaction, transaction.message)
-            result = "ok"
-        except DeliveryError as exc:
-            result = "tempfail" if exc.reply.is_temporary else "reject"
-            event("delivery_failed", level=logging.WARNING, tx=transaction.id,
-                  reply=exc.reply.code, detail=exc.detail)
-            return Refusal(exc.reply, "delivery", exc.detail).decision(score)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            event("delivery_crashed", level=logging.ERROR, exc_info=True, tx=transaction.id)
-            return Refusal(LOCAL_ERROR, "delivery", f"{type(exc).__name__}: {exc}").decision(score)
-        finally:
-            metrics.delivery_finished(self.services.delivery.name, result,
-                                      time.perf_counter() - delivery_started)
-        event("delivered", tx=transaction.id, destination=delivered.destination,
-              tls=delivered.tls, reply=delivered.reply.code)
-        return outcome.decision(delivered.reply, score, delivered.destination)
 
     async def _deliver(self, transaction: Transaction, content: Message) -> Delivered:
         """Hand the message over (:class:`~smtpproxy.delivery.handover.Handover`); shutdown
@@ -991,8 +872,6 @@ def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
     name, _, bits = ssl_object.cipher() or ("", "", None)
     return TLSInfo(ssl_object.version() or "", name, bits)
 
-
-LOCAL_ERROR = Reply(451, "4.3.0", "Local error, try again later")
 
 # The replies of every message, built (and checked) once, with their wire form.
 _SENDER_OK = Reply(250, "2.1.0", "Sender OK")

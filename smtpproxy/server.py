@@ -29,8 +29,9 @@ from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
 from smtpproxy.hookspecs import PHASES
 from smtpproxy.implicit_tls import ImplicitTLSGate
-from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
+from smtpproxy.inbound import InboundSMTP
 from smtpproxy.limits import ConnectionLimiter
+from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.loginthrottle import LoginThrottle, RedisStore, ThrottleSettings
 from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
