@@ -32,6 +32,7 @@ from smtpproxy.config.fields import (
     field_error,
     seconds,
 )
+from smtpproxy.config.listen import parse_listen  # the one parser, shared with the milter server
 from smtpproxy.config.problems import describe_value
 
 MAX_WORKERS = 64
@@ -854,8 +855,6 @@ class Metrics(_Model):
 
 
 def _check_milter_listen(value: str) -> str:
-    from smtpproxy.milter.endpoint import parse_listen  # the one parser, shared with the server
-
     try:
         parse_listen(value)
     except ValueError as exc:

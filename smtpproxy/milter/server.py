@@ -28,7 +28,7 @@ from smtpproxy.config import Config, ConfigSource
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError
-from smtpproxy.milter.endpoint import parse_listen
+from smtpproxy.config.listen import parse_listen
 from smtpproxy.milter.session import MilterPolicy, MilterSession
 from smtpproxy.registry import build_chain
 from smtpproxy.senderlogin import SenderLoginPolicy
