@@ -48,7 +48,6 @@ from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
 __all__ = ["ProxyServer", "StartupError"]
 
-log = logging.getLogger("smtpproxy.server")
 
 
 def server_tls_context(tls: ListenerTLS) -> ssl.SSLContext:
