@@ -24,7 +24,6 @@ from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, loa
 from smtpproxy.config import LoginThrottle as LoginThrottleConfig
 from smtpproxy.delivery import Delivery
 from smtpproxy.delivery.factory import config_hostname, make_delivery
-from smtpproxy.delivery.smtp import SmtpDelivery
 from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
 from smtpproxy.hookspecs import PHASES
@@ -243,12 +242,8 @@ class ProxyServer:
 
     async def _start_health(self, metrics: PrometheusRecorder) -> None:
         delivery, m = self.services.delivery, self.config.metrics
-        if isinstance(delivery, SmtpDelivery):
-            delivery.connector.on_down = metrics.upstream_down
-            delivery.connector.on_identity = metrics.upstream_identity
-        upstreams = ({u.name: None for servers in delivery.route_servers.values() for u in servers}
-                     if isinstance(delivery, SmtpDelivery) else {})
-        metrics.prepare(delivery.name, upstreams, _plugin_phases(self.services.chain))
+        delivery.report_to(metrics.upstream_down, metrics.upstream_identity)
+        metrics.prepare(delivery.name, delivery.upstream_names(), _plugin_phases(self.services.chain))
         readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache,
                               require_delivery=m.ready_requires_delivery,
                               on_probe=metrics.delivery_probed)
@@ -381,11 +376,7 @@ class ProxyServer:
 
     def _delivery_bound(self) -> float:
         """How long a message already handed to the backend may still take to be answered."""
-        delivery = self.services.delivery
-        if isinstance(delivery, SmtpDelivery):
-            s = delivery.connector.settings
-            return s.data_timeout + s.command_timeout
-        return 30.0
+        return self.services.delivery.reply_bound()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let busy sessions finish within the grace period, then close all.

@@ -31,7 +31,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -207,6 +207,19 @@ class SmtpDelivery:
         """The smallest SIZE any upstream announced, less SIZE_MARGIN (what the proxy adds)."""
         sizes = [s.size for s in self.servers if s.size]
         return max(min(sizes) - SIZE_MARGIN, 1) if sizes else None
+
+    def reply_bound(self) -> float:
+        """The end of DATA's timeout, and one command's (the pipelined group before it)."""
+        s = self.connector.settings
+        return s.data_timeout + s.command_timeout
+
+    def upstream_names(self) -> list[str]:
+        return list({u.name: None for servers in self.route_servers.values() for u in servers})
+
+    def report_to(self, on_down: Callable[[str, str], None],
+                  on_identity: Callable[[str, str], None]) -> None:
+        self.connector.on_down = on_down
+        self.connector.on_identity = on_identity
 
     def open_transaction(self, session: Session, transaction: Transaction) -> RelayTransaction:
         """For rcpt_mode relay: an upstream transaction that follows the client's."""
