@@ -308,7 +308,7 @@ class _Transfer:
     ) -> tuple[_Transfer, list[Reply]]:
         """A connection with MAIL and *recipients* sent, and the replies to the RCPTs.
 
-        On a server that pipelines, the connection's prelude (XFORWARD, or RSET probing a
+        On a server that pipelines, the command acquire returned (XFORWARD, or RSET probing a
         reused connection), MAIL, the RCPTs and, with *data*, DATA go in one write (RFC 2920);
         a reused connection that turns out dead is dropped and the next one tried, as a
         failed probe would be: no message data has been sent on it. Raises DeliveryError
@@ -316,9 +316,10 @@ class _Transfer:
         """
         reuse = True
         while True:
-            transfer = cls(connector, await connector.acquire(servers, session, reuse=reuse))
+            conn, prelude = await connector.acquire(servers, session, reuse=reuse)
+            transfer = cls(connector, conn)
             try:
-                return transfer, await transfer._begin(envelope, size, recipients, data=data)
+                return transfer, await transfer._begin(envelope, size, recipients, prelude, data=data)
             except _DeadConnection as dead:
                 await transfer.close()
                 # A timeout: the upstream may be slow rather than the connection dead, so one
@@ -365,10 +366,9 @@ class _Transfer:
 
     async def _begin(self, envelope: Envelope, size: int | None,
                      recipients: Sequence[tuple[Address, Mapping[str, str | None] | None]],
-                     *, data: bool) -> list[Reply]:
+                     prelude: bytes | None, *, data: bool) -> list[Reply]:
         mail = self._mail_command(envelope, size)
         rcpts = [self._rcpt_command(address, envelope.smtputf8, params) for address, params in recipients]
-        prelude, self.conn.prelude = self.conn.prelude, None
         if not self.connector.pipelines(self.conn):
             self._check_mail(await self._command(mail))
             return [self._in_step(await self._command(rcpt), _RCPT_OK) for rcpt in rcpts]
