@@ -103,10 +103,7 @@ class ProxyServer:
             else build_chain(config.plugins, source, plugin_paths=config.plugin_paths),
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=QuarantineStore(Path(config.quarantine.path)),
-            relay=RelayPolicy.from_config(
-                config.relay.domains, config.relay.networks, config.relay.allow_authenticated,
-                config.relay.allow_routing_local_parts,
-            ),
+            relay=RelayPolicy.of(config.relay),
             limiter=ConnectionLimiter(limits.max_sessions, limits.max_sessions_per_ip),
             sessions=set(),
             background=set(),
@@ -315,10 +312,7 @@ class ProxyServer:
             ctx.load_cert_chain(str(tls_files.cert), str(tls_files.key))  # checked above
         services, restart = self.services, restart_only_changes(self.config, new)
         old_chain, services.chain = services.chain, chain
-        services.relay = RelayPolicy.from_config(
-            applied.relay.domains, applied.relay.networks, applied.relay.allow_authenticated,
-            applied.relay.allow_routing_local_parts,
-        )
+        services.relay = RelayPolicy.of(applied.relay)
         if applied.quarantine != self.config.quarantine:
             services.quarantine = QuarantineStore(Path(applied.quarantine.path))
             try:

@@ -255,10 +255,7 @@ class TracePolicy:
                                      ", ".join(f"{u.host}:{u.port}" for u in route.upstreams))
         lim, listener = config.limits, config.listeners[0]
         return cls(
-            relay=RelayPolicy.from_config(
-                config.relay.domains, config.relay.networks, config.relay.allow_authenticated,
-                config.relay.allow_routing_local_parts,
-            ),
+            relay=RelayPolicy.of(config.relay),
             max_message_size=lim.max_message_size,
             max_line_length=lim.max_line_length,
             max_recipients=lim.max_recipients,
