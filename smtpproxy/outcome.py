@@ -1,9 +1,11 @@
 """The decision rules: what a phase's result means for the client, once for every front end.
 
 The SMTP proxy (:mod:`smtpproxy.inbound`), the milter (:mod:`smtpproxy.milter.session`) and
-the offline tracer (:mod:`smtpproxy.tracer`) all call these pure functions and only map
-what they return onto their own medium: SMTP replies, milter actions, a trace. So the rules
-cannot drift apart, and the tracer decides exactly as the proxy does.
+the offline tracer (:mod:`smtpproxy.tracer`) reach these pure functions through their
+:class:`~smtpproxy.conversation.Conversation` (the milter also through
+:func:`on_plugin_failure` and :func:`on_not_granted`, for what the MTA's settings decide) and
+only map what they return onto their own medium: SMTP replies, milter actions, a trace. So
+the rules cannot drift apart, and the tracer decides exactly as the proxy does.
 
 - **Before the message** (connect, helo, mail_from, rcpt_to): a reject or tempfail refuses
   the command with the verdict's reply (at connect: ``554``/``421``, RFC 5321 3.1); a

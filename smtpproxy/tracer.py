@@ -1,8 +1,10 @@
 """The offline tracer: one message through the plugin chain, without a network or a delivery.
 
 ``smtpproxy test-message`` and the pytest plugin drive the chain through connect → helo →
-mail_from → rcpt_to (each recipient) → data exactly as the SMTP front end does
-(:mod:`smtpproxy.inbound`): the same relay rule, per-transaction route rule and DATA limits,
+mail_from → rcpt_to (each recipient) → data on the same
+:class:`~smtpproxy.conversation.Conversation` as the SMTP front end (:mod:`smtpproxy.inbound`),
+observing it as it runs: the same relay rule, per-transaction route rule, DATA limits and
+block reader,
 the same reading of verdicts per phase, discard/quarantine dispositions carried from earlier
 phases, refused recipients left out of the envelope. Nothing is delivered or quarantined;
 the result is a :class:`Trace` that says who did what, how long it took, what changed in
