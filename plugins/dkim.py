@@ -83,7 +83,7 @@ from smtpproxy import (
 )
 from smtpproxy import record_auth_check as record
 
-from . import _dkimpy
+from ._dkimpy import install as install_dkimpy_replacements
 from ._policy import ActionSpec, verdict_for
 
 __all__ = [
@@ -543,7 +543,7 @@ def split_at_blank_line(parts: Sequence[Buffer]) -> tuple[bytes, list[Buffer]]:
     return head, []
 
 
-_dkimpy.install()  # faster, equivalent dkimpy internals: plugins/_dkimpy.py says which
+install_dkimpy_replacements()  # faster, equivalent dkimpy internals: plugins/_dkimpy.py says which
 
 
 @functools.lru_cache(maxsize=1024)
