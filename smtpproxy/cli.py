@@ -1,4 +1,5 @@
-"""The ``smtpproxy`` command: run, milter, check-config, reload, plugins, quarantine, test-message.
+"""The ``smtpproxy`` command: run, milter, check-config, reload, plugins, quarantine, history,
+digest, web, test-message.
 
 Exit codes: 0 success, 1 runtime failure (cannot listen, a plugin failed to start),
 2 configuration error (the message names file, line and key).
@@ -21,6 +22,7 @@ from smtpproxy.eventlog import configure_logging, event
 from smtpproxy.registry import build_chain, installed_plugins
 from smtpproxy.server import ProxyServer
 from smtpproxy.startup import StartupError
+from smtpproxy.store_cli import add_search_options
 from smtpproxy.versions import LOG_FORMAT_VERSION, PLUGIN_API_VERSION
 
 __all__ = ["main"]
@@ -47,18 +49,51 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     sub.add_parser("plugins", help="list installed plugins and the hooks each implements")
     quarantine = sub.add_parser(
-        "quarantine", help="list, show, release or delete quarantined messages",
-        description="Options and ids may come in any order. The plugins are not loaded.",
+        "quarantine", help="list, show, release, delete, purge or import quarantined messages",
+        description="Options and ids may come in any order. The plugins are not loaded. "
+        "Filters, --recipient, purge and import need a configured store.",
     )
     actions = quarantine.add_subparsers(dest="action", required=True, metavar="ACTION")
-    for action, text in (("list", "list the quarantined messages"),
+    for action, text in (("list", "list (and search) the quarantined messages"),
                          ("show", "print one message's record and headers"),
                          ("release", "deliver messages upstream and remove them from the quarantine"),
-                         ("delete", "remove messages from the quarantine")):
+                         ("delete", "remove messages from the quarantine"),
+                         ("purge", "remove the messages whose retention ran out (the proxy does it too)"),
+                         ("import", "move a quarantine directory (default quarantine.path) into the store")):
         one = actions.add_parser(action, help=text)
-        if action != "list":
-            one.add_argument("ids", nargs="*", metavar="ID", help="quarantine id(s)")
+        if action not in ("list", "purge"):
+            one.add_argument("ids", nargs="*", metavar="DIR" if action == "import" else "ID",
+                             help="the directory" if action == "import" else "quarantine id(s)")
+        if action == "list":
+            add_search_options(one, history=False)
+            one.add_argument("--all", action="store_true", help="released ones too")
+        if action == "release":
+            one.add_argument("--recipient", action="append",
+                             help="release for this recipient only (repeatable); the others stay held")
         one.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    history = sub.add_parser(
+        "history", help="search or export the message history, or erase one person's entries",
+        description="Needs a configured store. The plugins are not loaded.",
+    )
+    history_actions = history.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("search", "decisions matching the filters, newest first"),
+                         ("export", "the same as JSON lines (for a message: --message-id)")):
+        one = history_actions.add_parser(action, help=text)
+        add_search_options(one, history=True)
+        one.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    erase = history_actions.add_parser(
+        "erase", help="remove every history entry and quarantined message naming ADDRESS (privacy request)")
+    erase.add_argument("address", metavar="ADDRESS", help="the sender or recipient address, exactly")
+    erase.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    digest = sub.add_parser(
+        "digest", help="mail each recipient a summary of their quarantined messages, with release links",
+        description="Exit codes: 0 every digest sent, 1 one failed or the store is unreachable, "
+        "2 not configured (store, digest.base_url, digest.keys, digest.domains).",
+    )
+    digest.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    digest.add_argument("--dry-run", action="store_true", help="print the digests instead of sending them")
+    web = sub.add_parser("web", help="serve the release-link pages (digest.address, digest.port)")
+    web.add_argument("-c", "--config", required=True, help="YAML configuration file")
     trace = sub.add_parser(
         "test-message",
         help="run the plugin chain offline over a message (or a directory of *.eml) and explain it",
@@ -93,6 +128,13 @@ def _load(path: str | None, *, plugins: bool = True) -> tuple[Config, ConfigSour
     return config, source
 
 
+def _store_only(args: argparse.Namespace) -> bool:
+    """Whether a quarantine command uses options only the store's quarantine has."""
+    filters = ("sender", "recipient", "since", "until", "node", "subject", "reason", "message_id",
+               "decided_by", "all")
+    return any(getattr(args, name, None) for name in filters)
+
+
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
     """Parse; ``quarantine release A -c FILE B`` gets both ids (argparse stops at the option)."""
     parser = _parser()
@@ -110,14 +152,34 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _list_plugins()
     try:
         # The quarantine commands never run plugins, so they work where those cannot be imported.
-        config, source = _load(args.config, plugins=args.command != "quarantine")
+        config, source = _load(args.config,
+                               plugins=args.command not in ("quarantine", "history", "digest", "web"))
     except ConfigError as exc:
         print(f"smtpproxy: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
-    if args.command == "quarantine":
+    if args.command in ("quarantine", "history"):
+        from smtpproxy import store_cli
+
+        if config.store.configured:
+            if args.command == "history":
+                return store_cli.history_command(config, args)
+            return store_cli.quarantine_command(config, args)
+        if args.command == "history" or args.action in ("purge", "import") or _store_only(args):
+            print(f"smtpproxy: {args.config} configures no store (store.sqlite or store.postgresql); "
+                  f"`{args.command} {args.action}` with these options needs one", file=sys.stderr)
+            return EXIT_CONFIG
         from smtpproxy.quarantine_cli import admin_command
 
         return admin_command(config, args.action, getattr(args, "ids", []))
+    if args.command == "digest":
+        from smtpproxy.digest import digest_command
+
+        return digest_command(config, dry_run=args.dry_run)
+    if args.command == "web":
+        from smtpproxy.web.serve import web_command
+
+        configure_logging(config.logging.level, config.logging.format)
+        return web_command(config)
     if args.command == "reload":
         return _signal_reload(config, args.config, args.pid)
     if args.command == "test-message":

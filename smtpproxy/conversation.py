@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from smtpproxy.addresses import Address
 from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.eventlog import event
+from smtpproxy.history import HistoryRecorder, entry_for
 from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
 from smtpproxy.outcome import PROXY, Deliver, Refusal, before_message, end_of_message, skips_data_chain
@@ -103,16 +104,21 @@ def verdict_fields(result: PhaseResult) -> dict[str, Any]:
 class Conversation:
     """One session's conversation with the chain; see the module's docstring."""
 
-    __slots__ = ("_pending", "chain", "metrics", "observer", "route", "rules")
+    __slots__ = ("_pending", "chain", "history", "metrics", "node", "observer", "route", "rules")
 
     def __init__(
         self, chain: Chain, rules: Rules, *, metrics: NullRecorder | None = None,
-        observer: ConversationObserver | None = None,
+        observer: ConversationObserver | None = None, history: HistoryRecorder | None = None,
+        node: str = "",
     ) -> None:
         self.chain = chain
         self.rules = rules
         self.metrics = metrics if metrics is not None else NullRecorder()
         self.observer = observer
+        self.history = history
+        """Where each decision is queued for the store's history (None: not kept)."""
+        self.node = node
+        """This proxy's (or milter's) name in the history."""
         self.route: str | None = None
         """The route of the current transaction's recipients (set by the first accepted)."""
         self._pending: list[asyncio.Task[Any]] = []
@@ -265,12 +271,14 @@ class Conversation:
 
     async def settle(
         self, session: Session, transaction: Transaction, decision: Decision, started: float,
-        **log: Any,
+        quarantine_id: str | None = None, **log: Any,
     ) -> None:
-        """The message is over: its one ``message`` line, its metrics, ``after_message``.
+        """The message is over: its one ``message`` line, its metrics, its history entry,
+        ``after_message``.
 
         *started* is the ``time.perf_counter()`` at which the message began (DATA, or the
-        milter's MAIL); *log* adds front-end fields to the line.
+        milter's MAIL); *quarantine_id* the id of a message the proxy kept; *log* adds
+        front-end fields to the line.
         """
         envelope = transaction.envelope
         seconds = time.perf_counter() - started
@@ -284,6 +292,9 @@ class Conversation:
             by=decision.decided_by, reason=decision.reason, score=decision.score,
             ms=round(seconds * 1000, 1), **log,
         )
+        if self.history is not None:
+            self.history.record(entry_for(session, transaction, decision, node=self.node,
+                                          quarantine_id=quarantine_id))
         await self.notify("after_message", session=session, transaction=transaction, decision=decision)
 
     async def notify(self, hook: str, **kwargs: Any) -> None:

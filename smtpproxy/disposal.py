@@ -20,6 +20,8 @@ from smtpproxy.metrics import NullRecorder
 from smtpproxy.outcome import PROXY, Deliver, Refusal, queued_reply
 from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.session import Decision, Session, Transaction
+from smtpproxy.store import StoreError
+from smtpproxy.store.quarantine import DatabaseQuarantine
 from smtpproxy.verdicts import Reply
 
 __all__ = ["LOCAL_ERROR", "carry_out"]
@@ -29,23 +31,31 @@ LOCAL_ERROR = Reply(451, "4.3.0", "Local error, try again later")
 
 async def carry_out(
     session: Session, transaction: Transaction, outcome: Refusal | Deliver, *,
-    deliver: Callable[[], Awaitable[Delivered]], quarantine: QuarantineStore,
+    deliver: Callable[[], Awaitable[Delivered]], quarantine: QuarantineStore | DatabaseQuarantine,
     metrics: NullRecorder, backend: str,
-) -> Decision:
-    """Do what *outcome* says; *deliver* hands the message to the *backend* delivery."""
+) -> tuple[Decision, str | None]:
+    """Do what *outcome* says; *deliver* hands the message to the *backend* delivery. With
+    the decision, the quarantine id of a message kept (None otherwise)."""
     assert transaction.message is not None
     score = transaction.score
     if isinstance(outcome, Refusal):
-        return outcome.decision(score)
+        return outcome.decision(score), None
     if outcome.action == "discard":
-        return outcome.decision(queued_reply(transaction), score)
+        return outcome.decision(queued_reply(transaction), score), None
     if outcome.action == "quarantine":
         try:
-            qid = await quarantine.store(session, transaction, transaction.message, outcome.reason)
-        except OSError as exc:
+            qid = await quarantine.store(session, transaction, transaction.message, outcome.reason,
+                                         decided_by=outcome.decided_by)
+        except (OSError, StoreError) as exc:  # not durable: the client must retry, never 250
             event("quarantine_failed", level=logging.ERROR, error=repr(exc))
-            return Refusal(LOCAL_ERROR, PROXY, f"quarantine failed: {exc}").decision(score)
-        return outcome.decision(queued_reply(transaction), score, f"{outcome.reason} (id {qid})")
+            return Refusal(LOCAL_ERROR, PROXY, f"quarantine failed: {exc}").decision(score), None
+        return outcome.decision(queued_reply(transaction), score, f"{outcome.reason} (id {qid})"), qid
+    return await _deliver(transaction, outcome, deliver, metrics, backend), None
+
+
+async def _deliver(transaction: Transaction, outcome: Deliver, deliver: Callable[[], Awaitable[Delivered]],
+                   metrics: NullRecorder, backend: str) -> Decision:
+    score = transaction.score
     metrics.delivery_started()
     result, delivery_started = "error", time.perf_counter()
     try:

@@ -150,7 +150,8 @@ class InboundSMTP(SMTP):
         services, policy = self.services, self.policy
         rules = Rules(max_recipients=policy.max_recipients, relay=services.relay,
                       route_key=services.delivery.route_key, sender_login=policy.sender_login)
-        return Conversation(self.chain, rules, metrics=services.metrics)
+        return Conversation(self.chain, rules, metrics=services.metrics, history=services.history,
+                            node=services.node)
 
     def __dir__(self) -> list[str]:
         """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
@@ -733,14 +734,14 @@ class InboundSMTP(SMTP):
         outcome = await self.conversation.end_of_message(session, transaction)
         message = transaction.message
         services = self.services
-        decision = await carry_out(
+        decision, quarantine_id = await carry_out(
             session, transaction, outcome, deliver=lambda: self._deliver(transaction, message),
             quarantine=services.quarantine, metrics=services.metrics, backend=services.delivery.name,
         )
         await self.reply(decision.reply)
         if decision.reply.is_positive:
             self._commands = 0  # the command cap is for junk, not for productive sessions
-        await self.conversation.settle(session, transaction, decision, started,
+        await self.conversation.settle(session, transaction, decision, started, quarantine_id,
                                        client=session.client.ip, helo=session.helo)
 
     async def _deliver(self, transaction: Transaction, content: Message) -> Delivered:

@@ -13,6 +13,7 @@ from typing import Protocol
 from smtpproxy.auth import PasswordFile
 from smtpproxy.chain import Chain
 from smtpproxy.delivery import Delivery
+from smtpproxy.history import HistoryRecorder
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.loginthrottle import LoginThrottle
 from smtpproxy.metrics import NullRecorder
@@ -22,6 +23,7 @@ from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import ChainLeases
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD
+from smtpproxy.store.quarantine import DatabaseQuarantine
 
 __all__ = ["ListenerPolicy", "OpenSession", "Services"]
 
@@ -76,7 +78,7 @@ class Services:
 
     chain: Chain
     delivery: Delivery
-    quarantine: QuarantineStore
+    quarantine: QuarantineStore | DatabaseQuarantine
     relay: RelayPolicy
     limiter: ConnectionLimiter
     sessions: set[OpenSession]
@@ -91,3 +93,7 @@ class Services:
     """Which chain each session runs on; a reload swaps ``chain`` for new sessions only."""
     login_throttle: LoginThrottle | None = None
     """Brakes on password guessing, shared by every listener (smtpproxy.loginthrottle)."""
+    history: HistoryRecorder | None = None
+    """Where each decision is queued for the store's history (None: no store, or history off)."""
+    node: str = ""
+    """This proxy's name in the store's records."""

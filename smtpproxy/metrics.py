@@ -95,6 +95,9 @@ class NullRecorder:
     def auth_event(self, name: str) -> None:
         pass
 
+    def history(self, result: str, count: int) -> None:
+        pass
+
 
 Recorder = NullRecorder
 """The interface the front end calls (PrometheusRecorder implements the same methods)."""
@@ -211,6 +214,12 @@ class PrometheusRecorder(NullRecorder):
             "(an address locked out), auth_locked_refused (a login refused during a lockout), "
             "auth_spraying (one address trying many logins).", ["event"], registry=r,
         )
+        self.history_entries = Counter(
+            "smtpproxy_history_entries",
+            "Decisions for the store's message history, by result (written, dropped: the store "
+            "was slow or down and the bounded queue full; the mail itself is never held).",
+            ["result"], registry=r,
+        )
         # labels() takes a lock and hashes the label tuple; cache the children we use per message.
         self._children: dict[tuple[Any, ...], Any] = {}
 
@@ -287,6 +296,8 @@ class PrometheusRecorder(NullRecorder):
 
     def auth_event(self, name: str) -> None:
         self._child(self.auth, name).inc()
+    def history(self, result: str, count: int) -> None:
+        self._child(self.history_entries, result).inc(count)
 
     def exposition(self) -> tuple[bytes, str]:
         """The text exposition of every metric, and its content type."""

@@ -33,7 +33,7 @@ from smtpproxy.session import Client, Envelope, Session, Transaction
 if TYPE_CHECKING:
     from smtpproxy.delivery import Delivered, Delivery
 
-__all__ = ["QuarantineError", "QuarantineStore"]
+__all__ = ["QuarantineError", "QuarantineStore", "rebuild"]
 
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,200}$")
 Record = dict[str, Any]
@@ -48,7 +48,8 @@ class QuarantineStore:
         self.path = Path(path)
 
     async def store(
-        self, session: Session, transaction: Transaction, content: bytes | Message, reason: str
+        self, session: Session, transaction: Transaction, content: bytes | Message, reason: str,
+        *, decided_by: str | None = None,
     ) -> str:
         """Keep the message; return its quarantine id. Raises OSError when it could not.
 
@@ -59,6 +60,7 @@ class QuarantineStore:
             "id": qid,
             "time": time.time(),
             "reason": reason,
+            "decided_by": decided_by,
             "session": session.id,
             "client": {"ip": session.client.ip, "port": session.client.port,
                        "hostname": session.client.hostname, "helo": session.helo},
@@ -160,7 +162,7 @@ class QuarantineStore:
                 raise QuarantineError(self._missing(qid))
             record = json.loads(meta.read_text())
             content = eml.read_bytes()
-            session, transaction = _rebuild(record)
+            session, transaction = rebuild(record)
             delivered = await delivery.deliver(session, transaction, Message(content))
             record["released"] = {
                 "time": time.time(),
@@ -211,7 +213,7 @@ def _address(text: str) -> Address:
     return Address(text, local, domain)
 
 
-def _rebuild(record: Record) -> tuple[Session, Transaction]:
+def rebuild(record: Record) -> tuple[Session, Transaction]:
     """The session and transaction a delivery backend needs, from a quarantine record."""
     client = record.get("client") or {}
     session = Session(

@@ -23,6 +23,7 @@ __all__ = ["RESTART_ONLY", "ChainLeases", "restart_only_changes", "without_resta
 
 RESTART_ONLY = (
     "listeners", "delivery", "dns", "logging", "metrics", "pid_file", "workers", "event_loop",
+    "store", "history",
     "login_throttle",  # its counts live on; new settings with the next start
 )
 """Top-level sections a reload does not apply (a restart does)."""

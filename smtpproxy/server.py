@@ -9,10 +9,12 @@ A client that never heard 250 retries, so nothing acknowledged is lost.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import ssl
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,7 @@ from smtpproxy.delivery import Delivery
 from smtpproxy.delivery.factory import config_hostname, make_delivery
 from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
+from smtpproxy.history import HistoryRecorder, node_name
 from smtpproxy.hookspecs import PHASES
 from smtpproxy.implicit_tls import ImplicitTLSGate
 from smtpproxy.inbound import InboundSMTP
@@ -42,11 +45,16 @@ from smtpproxy.reload import restart_only_changes, without_restart_only_changes
 from smtpproxy.sdnotify import monotonic_usec, notify
 from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy
 from smtpproxy.startup import StartupError, configure_dns, start_chain
+from smtpproxy.store import Store, StoreError, store_from_config
+from smtpproxy.store.quarantine import DatabaseQuarantine
 from smtpproxy.versions import LOG_FORMAT_VERSION
 from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
 __all__ = ["ProxyServer", "StartupError"]
 
+
+HOUSEKEEPING_INTERVAL = 600.0
+"""Seconds between two runs of the store's retention (expired history and quarantine)."""
 
 
 def server_tls_context(tls: ListenerTLS) -> ssl.SSLContext:
@@ -98,11 +106,13 @@ class ProxyServer:
         self.worker = worker
         """This process's index under a ``workers: N`` supervisor (None: a single process)."""
         limits = config.limits
+        self.store: Store | None = store_from_config(config)
+        """The history and quarantine database (None: no ``store`` configured)."""
         self.services = Services(
             chain=chain if chain is not None
             else build_chain(config.plugins, source, plugin_paths=config.plugin_paths),
             delivery=delivery if delivery is not None else make_delivery(config),
-            quarantine=QuarantineStore(Path(config.quarantine.path)),
+            quarantine=self._quarantine(config),
             relay=RelayPolicy.of(config.relay),
             limiter=ConnectionLimiter(limits.max_sessions, limits.max_sessions_per_ip),
             sessions=set(),
@@ -111,6 +121,13 @@ class ProxyServer:
             login_throttle=login_throttle if login_throttle is not None else _login_throttle(config),
         )
         self.services.drained.set()
+        self.services.node = node_name(config)
+        if self.store is not None and config.history.enabled:
+            h = config.history
+            self.services.history = HistoryRecorder(
+                self.store, batch_size=h.batch_size, queue_limit=h.queue_limit,
+                flush_interval=h.flush_interval, timeout=config.store.timeout)
+        self._housekeeping: asyncio.Task[None] | None = None
         self.source = source
         self.health: HealthServer | None = None
         """The /metrics, /healthz and /readyz endpoint (None unless metrics are enabled)."""
@@ -125,6 +142,58 @@ class ProxyServer:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._hurry = asyncio.Event()
+
+    def _quarantine(self, config: Config) -> QuarantineStore | DatabaseQuarantine:
+        """The store's quarantine when there is a store; else the quarantine directory."""
+        if self.store is None:
+            return QuarantineStore(Path(config.quarantine.path))
+        return DatabaseQuarantine(self.store, node=node_name(config),
+                                  retention_days=config.quarantine.retention_days,
+                                  admin_only=config.quarantine.admin_only, timeout=config.store.timeout)
+
+    async def _start_store(self) -> None:
+        """Upgrade the store's schema, start the history writer and the retention task.
+        A store that is down now is no reason to stop the mail: it is retried on use."""
+        if self.store is None:
+            return
+        try:
+            found, now = await asyncio.wait_for(self.store.migrate(), self.config.store.timeout)
+        except (StoreError, TimeoutError) as exc:
+            event("store_unavailable", level=logging.WARNING, store=self.store.name,
+                  error=str(exc) or type(exc).__name__)
+        else:
+            if found != now:
+                event("store_upgraded", store=self.store.name, version_from=found, version=now)
+        if self.services.history is not None:
+            self.services.history.metrics = self.services.metrics
+            self.services.history.start()
+        self._housekeeping = asyncio.create_task(self._keep_store(), name="smtpproxy-store-retention")
+
+    async def _keep_store(self) -> None:
+        """Retention, run by itself: expired history entries and quarantined messages go."""
+        assert self.store is not None
+        while True:
+            c = self.config
+            now = time.time()
+            try:
+                history = await self.store.expire_history(now - c.history.retention_days * 86400)
+                quarantine = await self.store.expire_quarantine(now)
+            except (StoreError, OSError) as exc:
+                event("store_retention_failed", level=logging.WARNING, error=str(exc) or repr(exc))
+            else:
+                if history or quarantine:
+                    event("store_retention", history_removed=history, quarantine_removed=quarantine)
+            await asyncio.sleep(HOUSEKEEPING_INTERVAL)
+
+    async def _stop_store(self) -> None:
+        if self._housekeeping is not None:
+            self._housekeeping.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._housekeeping
+        if self.services.history is not None:
+            await self.services.history.close()
+        if self.store is not None:
+            await self.store.close()
 
     @property
     def addresses(self) -> list[tuple[str, int]]:
@@ -176,6 +245,7 @@ class ProxyServer:
                 event("login_throttle_per_worker", level=logging.WARNING, worker=self.worker,
                       note="each worker counts failed logins alone; set login_throttle.redis_url")
         await start_chain(services.chain)
+        await self._start_store()
         try:
             await services.delivery.start()
         except Exception as exc:
@@ -314,7 +384,7 @@ class ProxyServer:
         old_chain, services.chain = services.chain, chain
         services.relay = RelayPolicy.of(applied.relay)
         if applied.quarantine != self.config.quarantine:
-            services.quarantine = QuarantineStore(Path(applied.quarantine.path))
+            services.quarantine = self._quarantine(applied)
             try:
                 await services.quarantine.start()
             except OSError as exc:  # a store it cannot narrow still takes messages
@@ -419,6 +489,7 @@ class ProxyServer:
         await self.services.delivery.close()
         if self.services.login_throttle is not None:
             await self.services.login_throttle.close()
+        await self._stop_store()
         if self.health is not None:
             await self.health.close()
         self._stopped.set()

@@ -26,6 +26,8 @@ from smtpproxy.server import ProxyServer
 from tests.dns_server import dns_server as dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.dns_server import module_dns_server as module_dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.postfix_instance import postfix_factory as postfix_factory  # noqa: PLC0414 - re-exported fixture
+from tests.postgres_server import postgres_server as postgres_server  # noqa: PLC0414 - re-exported fixture
+from tests.postgres_server import postgres_url as postgres_url  # noqa: PLC0414 - re-exported fixture
 from tests.redis_server import redis_server as redis_server  # noqa: PLC0414 - re-exported fixture
 
 TIMEOUT = 10.0
@@ -274,6 +276,7 @@ ProxyFactory = Callable[..., Awaitable[ProxyServer]]
 DAEMON_FIXTURES = {
     "postfix_factory": "postfix",
     "redis_server": "redis",
+    "postgres_server": "postgres",
     "clamd": "clamd",
     "spamd_server": "spamd",
     "rspamd_server": "rspamd",

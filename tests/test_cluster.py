@@ -27,6 +27,7 @@ import pytest
 from tests.conftest import Sink, Talk
 from tests.haproxy import DOC, HAProxy, documented_config, start_haproxy
 from tests.postfix_instance import PostfixFactory
+from tests.postgres_server import PostgresServer
 from tests.redis_server import RedisServer
 
 EXE = [sys.executable, "-m", "smtpproxy"]
@@ -93,8 +94,9 @@ class Cluster:
         return Talk(reader, writer)
 
 
-def node_config(tmp_path: Path, name: str, delivery: str, plugins: str, *, stamp: str | None = None,
-                port: int = 0, health_port: int = 0, ready_cache: float = 5) -> Path:
+def node_config(tmp_path: Path, name: str, delivery: str, plugins: str, extra: str = "", *,
+                stamp: str | None = None, port: int = 0, health_port: int = 0,
+                ready_cache: float = 5) -> Path:
     path = tmp_path / f"{stamp or name}.yaml"
     path.write_text(
         f"listeners:\n  - address: 127.0.0.1\n    port: {port}\n    proxy_protocol: true\n"
@@ -103,6 +105,7 @@ def node_config(tmp_path: Path, name: str, delivery: str, plugins: str, *, stamp
         "relay:\n  domains: [dest.test]\n"
         + delivery +
         "quarantine:\n  path: quarantine\n"
+        + extra.replace("NODE", name) +
         f"metrics:\n  enabled: true\n  address: 127.0.0.1\n  port: {health_port}\n  ready_cache: {ready_cache}\n"
         "plugins:\n"
         f"  - name: headers\n    settings:\n      add: {{X-Seen-Client: '{{client_ip}}', X-Seen-By: {stamp or name}}}\n"
@@ -133,14 +136,16 @@ async def cluster_factory(tmp_path: Path, sink: Sink) -> AsyncIterator[Callable[
     started: list[Node] = []
     balancers: list[HAProxy] = []
 
-    def start(plugins: str = "", delivery: str | None = None, ready_cache: float = 5) -> Cluster:
+    def start(plugins: str = "", delivery: str | None = None, extra: str = "",
+              ready_cache: float = 5) -> Cluster:
         """Two proxies (node1, node2) with ``plugins`` after a headers stamp, HAProxy in front;
-        they deliver to the capturing ``sink`` unless ``delivery`` (a YAML section) says otherwise."""
+        they deliver to the capturing ``sink`` unless ``delivery`` (a YAML section) says otherwise.
+        ``extra``: more top-level YAML, NODE replaced by each node's name."""
         if delivery is None:
             delivery = f"delivery:\n  type: smtp\n  host: 127.0.0.1\n  port: {sink.port}\n"
         nodes = []
         for name in ("node1", "node2"):
-            node = start_node(tmp_path, name, node_config(tmp_path, name, delivery, plugins,
+            node = start_node(tmp_path, name, node_config(tmp_path, name, delivery, plugins, extra,
                                                           ready_cache=ready_cache))
             started.append(node)
             nodes.append(node)
@@ -352,6 +357,45 @@ async def test_the_shared_quarantine_is_listed_and_released_from_any_instance(
     assert sorted(seen_by(m.content) for m in cluster.sink.messages) == ["node1", "node2"]
     code, listing = await _cli("quarantine", "list", "-c", str(tmp_path / "node1.yaml"))
     assert listing.startswith("quarantine is empty")
+
+
+async def test_two_proxies_share_one_postgresql_store_and_release_per_recipient_from_the_other(
+    cluster_factory: Callable[..., Cluster], postfix_factory: PostfixFactory,
+    postgres_server: PostgresServer, tmp_path: Path,
+) -> None:
+    """The store in a cluster: each node keeps what it quarantines in the shared PostgreSQL;
+    the other node lists it, releases it for bob only (into the real Postfix's Maildir),
+    alice's copy stays held, and bob's cannot be released twice. Both record history."""
+    postfix = postfix_factory()
+    url = postgres_server.url(postgres_server.create_database())
+    cluster = cluster_factory(QUARANTINE, delivery=(
+        f"delivery:\n  type: smtp\n  host: 127.0.0.1\n  port: {postfix.port}\n  tls: none\n"),
+        extra=f"store:\n  postgresql: '{url}'\n  node: NODE\nhistory:\n  flush_interval: 0.1\n")
+    for n in range(2):  # one through each proxy
+        client = await cluster.connect()
+        await client.hello()
+        code, _ = await client.send_message("s@bad.example", ["bob@dest.test", "alice@dest.test"],
+                                            MESSAGE % (b"q%d" % n, b"held"))
+        assert code == 250
+        await client.close()
+    config = {n.name: str(tmp_path / f"{n.name}.yaml") for n in cluster.nodes}
+    code, listing = await _cli("quarantine", "list", "--sender", "s@bad.example", "-c", config["node1"])
+    assert code == 0, listing
+    kept = dict(re.findall(r"^(\d{8}T\d{6}-[\w.]+)\s+\S+ \S+\s+(node\d)\s", listing, re.M))
+    assert sorted(kept.values()) == ["node1", "node2"], listing
+    for qid, node in kept.items():
+        other = config["node2" if node == "node1" else "node1"]
+        code, out = await _cli("quarantine", "release", qid, "--recipient", "bob@dest.test", "-c", other)
+        assert code == 0 and f"{qid}: released for bob@dest.test to " in out, out
+        code, out = await _cli("quarantine", "release", qid, "--recipient", "bob@dest.test", "-c", other)
+        assert code == 1 and "already released for bob@dest.test" in out, out
+    stored = await asyncio.to_thread(postfix.wait_for_messages, "bob", 2)
+    assert sorted(email.message_from_bytes(m)["X-Seen-By"] for m in stored) == ["node1", "node2"]
+    assert postfix.messages("alice") == []
+    code, listing = await _cli("quarantine", "list", "--recipient", "alice@dest.test", "-c", config["node2"])
+    assert code == 0 and listing.count("alice@dest.test") == 2, listing
+    code, out = await _cli("history", "export", "--decision", "quarantined", "-c", config["node2"])
+    assert code == 0 and sorted(re.findall(r'"node": "(node\d)"', out)) == ["node1", "node2"], out
 
 
 async def test_the_upstream_sees_the_original_client_through_xclient(

@@ -151,9 +151,10 @@ def _materialise(data: Any, sandbox: Path, key: str = "", parent: dict[str, Any]
         for item in data:
             _materialise(item, sandbox, key, parent)
         return
-    if not isinstance(data, str) or key not in {
-        "key_file", "file", "ca_file", "cert", "key", "plugin_paths", "users_file",
-    }:
+    files = {"key_file", "file", "ca_file", "cert", "key", "plugin_paths", "users_file", "keys"}
+    if parent is not None and "base_url" in parent:
+        files.add("template")  # digest.template (elsewhere a template is text)
+    if not isinstance(data, str) or key not in files:
         return
     if key == "key" and not (parent and "cert" in parent):
         return  # "key:" of a ratelimit rule is not a file
@@ -174,6 +175,8 @@ def _materialise(data: Any, sandbox: Path, key: str = "", parent: dict[str, Any]
     elif key in {"cert", "key"}:
         issued = trustme.CA().issue_cert("mx1.example.com")
         (issued.cert_chain_pems[0] if key == "cert" else issued.private_key_pem).write_to_path(str(path))
+    elif key == "keys":
+        path.write_text("0" * 64)  # a digest link key
     else:
         path.write_text("# made by tests/test_doc_snippets.py\n")
 

@@ -46,12 +46,19 @@ def _resolve_paths(config: Config, base: Path) -> Config:
     else:
         delivery = config.delivery
     quarantine = config.quarantine.model_copy(update={"path": resolve(config.quarantine.path)})
+    store = config.store
+    if store.sqlite is not None:
+        store = store.model_copy(update={"sqlite": resolve(store.sqlite)})
+    digest = config.digest.model_copy(update={
+        "keys": [resolve(k) for k in config.digest.keys],
+        "template": resolve(config.digest.template) if config.digest.template is not None else None,
+    })
     pid_file = resolve(config.pid_file) if config.pid_file is not None else None
     limits = config.limits
     if limits.spool_directory is not None:
         limits = limits.model_copy(update={"spool_directory": resolve(limits.spool_directory)})
     return config.model_copy(update={"listeners": listeners, "delivery": delivery, "quarantine": quarantine,
-                                     "pid_file": pid_file, "limits": limits,
+                                     "store": store, "digest": digest, "pid_file": pid_file, "limits": limits,
                                      "plugin_paths": [resolve(p) for p in config.plugin_paths]})
 
 

@@ -16,6 +16,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from smtpproxy.config.delivery import (
     MaildirDeliveryConfig,
@@ -26,6 +27,7 @@ from smtpproxy.config.fields import (
     USE_SPEC,
     ConfigPath,
     ExistingDirectory,
+    ExistingFile,
     HeloName,
     IPAddress,
     Network,
@@ -216,11 +218,131 @@ class Relay(_Model):
 
 
 class Quarantine(_Model):
-    """Where messages that plugins quarantine are stored."""
+    """Where messages that plugins quarantine are stored, for how long, and who releases them."""
 
     path: ConfigPath = Field(
-        default=Path("quarantine"), description="Quarantine directory; relative to the config file."
+        default=Path("quarantine"),
+        description=(
+            "Quarantine directory, used when no `store` is configured (a store keeps the "
+            "quarantine itself; `smtpproxy quarantine import` moves a directory into it); "
+            "relative to the config file."
+        ),
     )
+    retention_days: float = Field(
+        default=30, strict=False, gt=0, allow_inf_nan=False,
+        description="Days a message stays in a store's quarantine; then it is purged by itself.",
+    )
+    admin_only: list[str] = Field(
+        default=[],
+        description=(
+            "Plugins (by name) whose quarantined messages only an admin may release (virus, "
+            "dangerous attachment); a recipient's release link is refused for them."
+        ),
+    )
+
+
+class History(_Model):
+    """The message history in the store: every decision, searchable (`smtpproxy history`)."""
+
+    enabled: bool = Field(default=True, strict=True, description="Record decisions (needs a `store`).")
+    retention_days: float = Field(
+        default=90, strict=False, gt=0, allow_inf_nan=False,
+        description="Days a decision is kept; older ones are removed by themselves.",
+    )
+    batch_size: int = Field(
+        default=200, strict=True, ge=1, le=10000, description="Decisions written in one transaction."
+    )
+    queue_limit: int = Field(
+        default=10000, strict=True, ge=1, le=1_000_000,
+        description=(
+            "Decisions waiting for the store at most; beyond it (store slow or down) new ones "
+            "are dropped and counted, never the mail."
+        ),
+    )
+    flush_interval: float = seconds(1, "Seconds a decision waits at most before it is written.")
+
+
+class Digest(_Model):
+    """Quarantine digests (`smtpproxy digest`) and the release-link web app (`smtpproxy web`)."""
+
+    domains: list[str] = Field(
+        default=[],
+        description=(
+            "Recipient domains that get digests (opt-in; empty: nobody). Every recipient of "
+            "these domains with messages held gets one."
+        ),
+    )
+    base_url: str | None = Field(
+        default=None, pattern=r"^https?://[^\s/]+(/[^\s]*)?$",
+        description=(
+            "Where recipients reach `smtpproxy web` (the links start with it), "
+            "e.g. https://quarantine.example.com."
+        ),
+    )
+    keys: list[ExistingFile] = Field(
+        default=[],
+        description=(
+            "Files with the HMAC keys for links (32+ bytes each, e.g. `openssl rand -hex 32`); "
+            "the first signs, all verify (rotation); relative to the config file."
+        ),
+    )
+    link_days: float = Field(
+        default=7, strict=False, gt=0, le=365, allow_inf_nan=False, description="Days a link works."
+    )
+    period_hours: float = Field(
+        default=24, strict=False, gt=0, allow_inf_nan=False,
+        description="A digest lists the messages held in this many hours before it (run it as often).",
+    )
+    sender: str | None = Field(
+        default=None, description="The digest's envelope and From: address; default postmaster@hostname."
+    )
+    subject: str = Field(
+        default="{count} message(s) held for you in quarantine",
+        description="Subject line; `{count}` and `{recipient}` are filled in (translate it here).",
+    )
+    template: ExistingFile | None = Field(
+        default=None,
+        description=(
+            "A text file for the body instead of the built-in English one, with `{recipient}`, "
+            "`{count}`, `{messages}` and `{days}` (docs/operations.md, \"Digests\")."
+        ),
+    )
+    address: IPAddress = Field(default="127.0.0.1", description="Where `smtpproxy web` listens.")
+    port: int = Field(default=8026, strict=True, ge=0, le=65535, description="Its TCP port.")
+
+
+class Store(_Model):
+    """The store for history, quarantine and release links: an SQLite file on one machine, or
+    one PostgreSQL database that several proxies share (docs/operations.md, "The store")."""
+
+    sqlite: ConfigPath | None = Field(
+        default=None, description="SQLite database file (one machine); relative to the config file."
+    )
+    postgresql: str | None = Field(
+        default=None,
+        description=(
+            "PostgreSQL connection string (`postgresql://user@host/db`) for a store the nodes "
+            "share; a password belongs in ~/.pgpass or PGPASSFILE, not here."
+        ),
+    )
+    node: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$",
+        description="This proxy's name in records (which node kept a message); default: the host name.",
+    )
+    timeout: float = seconds(10, "Seconds one store operation may take before it counts as failed.")
+    pool_size: int = Field(
+        default=5, strict=True, ge=1, le=100, description="PostgreSQL connections per proxy process at most."
+    )
+
+    @model_validator(mode="after")
+    def _one_backend(self) -> "Store":
+        if self.sqlite is not None and self.postgresql is not None:
+            raise PydanticCustomError("store", "set either sqlite or postgresql, not both")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return self.sqlite is not None or self.postgresql is not None
 
 
 class PluginSpec(_Model):
@@ -395,6 +517,9 @@ class Config(_Model):
         description="Where accepted mail goes: a local Maildir or another SMTP server.",
     )
     quarantine: Quarantine = Field(default=Quarantine(), description="Quarantine storage.")
+    store: Store = Field(default=Store(), description="History and quarantine database (optional).")
+    history: History = Field(default=History(), description="Message history (with a `store`).")
+    digest: Digest = Field(default=Digest(), description="Quarantine digests and release links.")
     plugins: list[PluginSpec] = Field(
         default=[], description="Filter plugins, called in this order for every message."
     )

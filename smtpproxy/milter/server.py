@@ -27,12 +27,14 @@ from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
+from smtpproxy.history import HistoryRecorder, node_name
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError
 from smtpproxy.milter.session import MilterPolicy, MilterSession
 from smtpproxy.registry import build_chain
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.startup import StartupError, start_chain
+from smtpproxy.store import store_from_config
 from smtpproxy.versions import LOG_FORMAT_VERSION
 
 __all__ = ["MilterServer"]
@@ -48,7 +50,15 @@ class MilterServer:
         self.chain = (chain if chain is not None
                       else build_chain(config.plugins, source, plugin_paths=config.plugin_paths))
         self.listen = parse_listen(self.settings.listen)
+        self.store = store_from_config(config)
+        """The store for the history (None: none configured); a milter's quarantine is the MTA's hold."""
+        history = None
+        if self.store is not None and config.history.enabled:
+            h = config.history
+            history = HistoryRecorder(self.store, batch_size=h.batch_size, queue_limit=h.queue_limit,
+                                      flush_interval=h.flush_interval, timeout=config.store.timeout)
         self.policy = MilterPolicy(
+            history=history, node=node_name(config),
             default_action=self.settings.default_action,
             not_granted_action=self.settings.not_granted_action,
             max_message_size=config.limits.max_message_size,
@@ -73,6 +83,8 @@ class MilterServer:
 
     async def start(self) -> None:
         await start_chain(self.chain, self.config.dns)
+        if self.policy.history is not None:
+            self.policy.history.start()
         try:
             if self.listen.path:
                 self._server = await self._start_unix(self.listen.path)
@@ -185,6 +197,10 @@ class MilterServer:
         if self.listen.path:
             _remove_socket(self.listen.path)
         await self.chain.notify("shutdown")
+        if self.policy.history is not None:
+            await self.policy.history.close()
+        if self.store is not None:
+            await self.store.close()
         self._stopped.set()
 
     async def serve_forever(self) -> None:

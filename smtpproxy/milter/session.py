@@ -36,6 +36,7 @@ from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rc
 from smtpproxy.chain import Chain
 from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.eventlog import current_session, event
+from smtpproxy.history import HistoryRecorder
 from smtpproxy.message import Message
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError, Response
@@ -82,6 +83,10 @@ class MilterPolicy:
     """Send SMFIR_PROGRESS this often while plugins work, so the MTA keeps waiting."""
     sender_login: SenderLoginPolicy | None = None
     """Hold authenticated sessions' senders to this map (milter.check_sender_login)."""
+    history: HistoryRecorder | None = None
+    """Where each decision is queued for the store's history (None: no store, or history off)."""
+    node: str = ""
+    """This milter's name in the store's history."""
 
 
 def reply_text(reply: Reply) -> str:
@@ -104,7 +109,7 @@ class MilterSession:
         self.conversation = Conversation(chain, Rules(
             max_recipients=policy.max_recipients, sender_login=policy.sender_login,
             unauthenticated_senders=False,
-        ))
+        ), history=policy.history, node=policy.node)
         self._reset_message()
 
     # -- helpers ------------------------------------------------------------------------

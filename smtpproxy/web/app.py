@@ -1,0 +1,73 @@
+"""The web app: shared state, security headers on every response, and the route groups."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from smtpproxy.web.context import WebContext
+from smtpproxy.web.links import routes as link_routes
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+
+__all__ = ["WebContext", "create_app"]
+
+_HEADERS = [
+    # No scripts, frames or outside resources; forms post only to this site.
+    (b"content-security-policy", b"default-src 'none'; style-src 'unsafe-inline'; form-action 'self'; "
+                                 b"frame-ancestors 'none'; base-uri 'none'"),
+    (b"x-frame-options", b"DENY"),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),  # a link's token never leaks in a Referer
+    (b"cache-control", b"no-store"),
+]
+
+
+class SecurityHeaders:
+    """Adds :data:`_HEADERS` to every response."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"] = [*message.get("headers", []), *_HEADERS]
+            await send(message)
+
+        await self.app(scope, receive, with_headers)
+
+
+async def _healthz(request: Request) -> PlainTextResponse:
+    return PlainTextResponse("ok\n")
+
+
+def create_app(context: WebContext) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await context.delivery.start()
+        try:
+            yield
+        finally:
+            await context.delivery.close()
+            await context.store.close()
+
+    app = Starlette(
+        routes=[Route("/healthz", _healthz), *link_routes()],
+        middleware=[Middleware(SecurityHeaders)],
+        lifespan=lifespan,
+    )
+    app.state.context = context
+    return app
