@@ -277,6 +277,7 @@ DAEMON_FIXTURES = {
     "postfix_factory": "postfix",
     "redis_server": "redis",
     "postgres_server": "postgres",
+    "slapd_server": "slapd",
     "clamd": "clamd",
     "spamd_server": "spamd",
     "rspamd_server": "rspamd",
