@@ -60,9 +60,6 @@ import dkim.util
 import dns.exception
 import dns.name
 import dns.resolver
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric import padding as _padding
-from cryptography.hazmat.primitives.asymmetric import rsa as _rsa
 from pydantic import Field, ValidationInfo, field_validator
 
 from smtpproxy import (
@@ -86,6 +83,7 @@ from smtpproxy import (
 )
 from smtpproxy import record_auth_check as record
 
+from ._dkimpy import install as install_dkimpy_replacements
 from ._policy import ActionSpec, verdict_for
 
 __all__ = [
@@ -545,155 +543,7 @@ def split_at_blank_line(parts: Sequence[Buffer]) -> tuple[bytes, list[Buffer]]:
     return head, []
 
 
-# dkimpy's RSA converts between integers and octet strings one octet at a time in Python
-# (dkim.crypto.int2str/str2int): more CPU per verification than the modular exponentiation
-# itself. These give exactly the same results with int's own conversions; dkim.crypto's RSA
-# functions look them up as module globals, so installing them there is enough.
-
-
-def _str2int(s: bytes | bytearray) -> int:
-    return int.from_bytes(s, "big")
-
-
-def _int2str(n: int, length: int = -1) -> bytearray:
-    assert n >= 0
-    if length < 0:
-        return bytearray(n.to_bytes(max(1, (n.bit_length() + 7) // 8), "big"))
-    return bytearray((n & ((1 << (8 * length)) - 1)).to_bytes(length, "big"))  # the low octets, as dkimpy
-
-
-dkim.crypto.str2int = _str2int
-dkim.crypto.int2str = _int2str
-
-# And the RSA public operation itself: Python's pow() on a 2048-bit modulus costs about 0.15 ms,
-# more than all the rest of a verification; OpenSSL (through ``cryptography``)
-# does it in a tenth of that. Same answers as dkimpy's RSASSA_PKCS1_v1_5_verify: OpenSSL
-# recovers the block under PKCS#1 v1.5 type 1 padding (00 01 FF.. 00, at least 8 FF, else it
-# fails, and then dkimpy's expected block, which has that form, cannot match either), and the
-# block rebuilt from what it recovered is compared with dkimpy's expected one. What OpenSSL
-# would refuse to compute (a signature not exactly as long as the modulus or not below it, a
-# key it does not take) goes to dkimpy's own function.
-_dkimpy_rsa_verify = dkim.crypto.RSASSA_PKCS1_v1_5_verify
-
-
-@functools.lru_cache(maxsize=1024)
-def _openssl_key(modulus: int, exponent: int) -> Any:
-    """The OpenSSL public key for (n, e), or None when OpenSSL does not take it."""
-    try:
-        return _rsa.RSAPublicNumbers(exponent, modulus).public_key()
-    except Exception:  # any refusal: dkimpy's own arithmetic decides
-        return None
-
-
-def _rsa_verify(hash: Any, signature: bytes, public_key: Mapping[str, int]) -> bool:
-    """dkimpy's ``RSASSA_PKCS1_v1_5_verify`` with the modular exponentiation in OpenSSL."""
-    modulus, exponent = public_key["modulus"], public_key["publicExponent"]
-    modlen = max(1, (modulus.bit_length() + 7) // 8)  # len(int2str(modulus))
-    key = _openssl_key(modulus, exponent) if modulus > 0 else None
-    if key is None or len(signature) != modlen or int.from_bytes(signature, "big") >= modulus:
-        return bool(_dkimpy_rsa_verify(hash, signature, public_key))
-    expected = dkim.crypto.EMSA_PKCS1_v1_5_encode(hash, modlen)  # raises as dkimpy's does
-    try:
-        recovered = key.recover_data_from_signature(signature, _padding.PKCS1v15(), None)
-    except InvalidSignature:
-        return False
-    except Exception:  # anything else OpenSSL says: dkimpy's arithmetic decides
-        return bool(_dkimpy_rsa_verify(hash, signature, public_key))
-    return bool(expected == b"\x00\x01" + b"\xff" * (modlen - len(recovered) - 3) + b"\x00" + recovered)
-
-
-dkim.crypto.RSASSA_PKCS1_v1_5_verify = _rsa_verify
-dkim.RSASSA_PKCS1_v1_5_verify = _rsa_verify  # dkim/__init__.py imported the name
-
-# dkimpy blanks the b= tag of the signature it hashes with RE_BTAG, whose folding-whitespace
-# group nested in a repetition makes the regex engine try every base64 octet several ways:
-# 40 us per signature. Its FWS, ``(?:(?:\s*\r?\n)?\s+)?``, matches exactly the runs ``\s*``
-# matches, so ``(?:FWS[b64])*`` is the longest run of whitespace and base64 octets that ends
-# in a base64 octet: the same matches, found in one pass (tests/test_dkim_stream.py compares
-# the two on hypothesis' strings).
-_DKIMPY_BTAG = dkim.RE_BTAG
-_BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")
-dkim.RE_BTAG = _BTAG
-
-# Two more dkimpy helpers that run for every header field or tag of every message, each
-# through a module-level ``re`` call: the same results with bytes methods (tests/
-# test_dkim_stream.py compares each with dkimpy's own on hypothesis' input).
-_dkimpy_parse_tag_value = dkim.util.parse_tag_value
-_dkimpy_compress_whitespace = dkim.canonicalization.compress_whitespace
-_dkimpy_unfold_header_value = dkim.canonicalization.unfold_header_value
-
-
-def _parse_tag_value(tag_list: bytes) -> dict[bytes, bytes]:
-    """dkimpy's ``parse_tag_value`` (RFC 6376 3.2). Its key regex (an ASCII letter, then
-    any word characters, not anchored at the end) only tests the first octet: ``isalpha``."""
-    if not isinstance(tag_list, bytes):
-        return _dkimpy_parse_tag_value(tag_list)
-    tags: dict[bytes, bytes] = {}
-    tag_specs = tag_list.strip().split(b";")
-    if not tag_specs[-1]:  # trailing semicolons are valid
-        tag_specs.pop()
-    for tag_spec in tag_specs:
-        key, equals, value = tag_spec.partition(b"=")
-        key = key.strip()
-        if not equals or not key[:1].isalpha():
-            raise dkim.util.InvalidTagSpec(tag_spec)
-        if key in tags:
-            raise dkim.util.DuplicateTag(key)
-        tags[key] = value.strip()
-    return tags
-
-
-def _compress_whitespace(content: bytes) -> bytes:
-    """dkimpy's: every run of SP/HTAB becomes one SP (nothing to do without a tab or two spaces)."""
-    if b"\t" in content or b"  " in content:
-        return _dkimpy_compress_whitespace(content)  # type: ignore[no-any-return]
-    return content
-
-
-def _unfold_header_value(content: bytes) -> bytes:
-    """dkimpy's ``re.sub(b"\\r?\\n", b"", content)``: every LF goes, with the CR just before it."""
-    return content.replace(b"\r\n", b"").replace(b"\n", b"")
-
-
-_dkimpy_rfc822_parse = dkim.rfc822_parse
-_HEADER_NAME = re.compile(rb"([\x21-\x7e]+?):")
-
-
-def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
-    """dkimpy's ``rfc822_parse`` (the header block of every message it verifies), with the
-    line split done by ``bytes.split`` (dropping the CR of a CRLF, as ``\r?\n`` does) and the
-    name pattern compiled once; the loop is dkimpy's, line for line."""
-    if not isinstance(message, bytes):
-        return _dkimpy_rfc822_parse(message)
-    headers: list[list[bytes]] = []
-    lines = message.split(b"\n")
-    for index in range(len(lines) - 1):  # the last piece ends the message, not a line
-        if lines[index].endswith(b"\r"):
-            lines[index] = lines[index][:-1]
-    i = 0
-    while i < len(lines):
-        if len(lines[i]) == 0:
-            i += 1
-            break
-        if lines[i][0] in (0x09, 0x20):
-            headers[-1][1] += lines[i] + b"\r\n"
-        else:
-            m = _HEADER_NAME.match(lines[i])
-            if m is not None:
-                headers.append([m.group(1), lines[i][m.end(0):] + b"\r\n"])
-            elif lines[i].startswith(b"From "):
-                pass
-            else:
-                raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {lines[i]!r}")
-        i += 1
-    return headers, b"\r\n".join(lines[i:])
-
-
-dkim.rfc822_parse = _rfc822_parse
-dkim.util.parse_tag_value = _parse_tag_value
-dkim.parse_tag_value = _parse_tag_value  # dkim/__init__.py imported the name
-dkim.canonicalization.compress_whitespace = _compress_whitespace
-dkim.canonicalization.unfold_header_value = _unfold_header_value
+install_dkimpy_replacements()  # faster, equivalent dkimpy internals: plugins/_dkimpy.py says which
 
 
 @functools.lru_cache(maxsize=1024)

@@ -30,7 +30,7 @@ import inspect
 import logging
 import time
 import types
-from collections.abc import Coroutine, Generator, Iterable, Mapping
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -123,8 +123,12 @@ class Chain:
         """Names of the plugins implementing a hook, in call order."""
         return [c.step.name for c in self._calls[hook_name]]
 
-    async def run(self, phase: str, results: Results, **kwargs: Any) -> PhaseResult:
-        """Run one phase until a final verdict; every call is recorded in ``results``."""
+    async def run(
+        self, phase: str, results: Results, *, on_outcome: Callable[[Outcome], None] | None = None,
+        **kwargs: Any,
+    ) -> PhaseResult:
+        """Run one phase until a final verdict; every call is recorded in ``results``, and
+        shown to *on_outcome* right after it (an observer such as the tracer's)."""
         for call in self._calls[phase]:
             verdict, error, duration = await self._invoke(call, phase, kwargs)
             failed = False
@@ -133,7 +137,10 @@ class Chain:
                 verdict = ERROR_TEMPFAIL if failed else None
                 event("plugin_error", level=logging.WARNING, plugin=call.step.name, phase=phase,
                       error=error, action=call.step.on_error)
-            results.add(_outcome(call.step.name, phase, verdict, duration, error))
+            outcome = _outcome(call.step.name, phase, verdict, duration, error)
+            results.add(outcome)
+            if on_outcome is not None:
+                on_outcome(outcome)
             if verdict is not None and verdict.action.is_final:
                 return PhaseResult(verdict, call.step.name, failed, error if failed else None)
         return CONTINUED

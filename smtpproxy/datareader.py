@@ -15,14 +15,16 @@ the real end of data so the reply lands where the client expects it (RFC 5321 4.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import mmap
 import re
+from collections.abc import Callable
 
 from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD, Spool
 from smtpproxy.verdicts import Reply
 
-__all__ = ["BLOCK_SEPARATOR", "DataProblem", "DataReader"]
+__all__ = ["BLOCK_SEPARATOR", "DATA_BUFFER", "DataProblem", "DataReader", "read_data"]
 
 _ANY_NEWLINE = re.compile(rb"\r\n|\r|\n")
 END_OF_DATA = b".\r\n"
@@ -154,6 +156,19 @@ class DataReader:
             self._fail(DataProblem.LINE_TOO_LONG)
         return False
 
+    def feed_section(self, section: bytes) -> None:
+        """Take a whole DATA section ending with the end of data, cut into blocks exactly
+        as the SMTP front end reads them from its stream (the offline tracer uses this)."""
+        start = 0
+        while True:
+            end = section.find(BLOCK_SEPARATOR, start)
+            if end < 0:
+                raise ValueError("the DATA section has no end of data")
+            end += len(BLOCK_SEPARATOR)
+            if self.feed_block(section[start:end]):
+                return
+            start = end
+
     def _lines(self, run: bytes) -> None:
         """A run of whole lines, each ending with CRLF, none of them the end of data."""
         lines = run.count(b"\r\n")
@@ -190,3 +205,34 @@ class DataReader:
         if self.problem is not None:
             raise RuntimeError(f"message was refused: {self.problem.value}")
         return self._buffer.finish()
+
+
+DATA_BUFFER = 64 * 1024
+"""The stream's buffer limit while a message comes in (asyncio pauses reading at twice it):
+big enough that a message is read in few, large blocks."""
+
+
+async def read_data(stream: asyncio.StreamReader, reader: DataReader,
+                    before_block: Callable[[], None]) -> bool:
+    """Read a DATA section from *stream* into *reader*; False when the client went away.
+
+    Blocks, not lines: up to each ".CRLF" (where the end of data can be) or a slice of the
+    stream's buffer, raised for the message from one line's worth (the command reader's
+    bound on what a silent client can make us hold) to :data:`DATA_BUFFER`, and put back
+    after. *before_block* runs before each read (the front end's DATA timer).
+    """
+    line_limit: int = stream._limit  # type: ignore[attr-defined]
+    stream._limit = max(line_limit, DATA_BUFFER)  # type: ignore[attr-defined]
+    try:
+        while True:
+            before_block()
+            try:
+                chunk = await stream.readuntil(BLOCK_SEPARATOR)
+            except asyncio.LimitOverrunError as exc:
+                chunk = await stream.readexactly(exc.consumed)
+            except asyncio.IncompleteReadError:
+                return False
+            if reader.feed_block(chunk):
+                return True
+    finally:
+        stream._limit = line_limit  # type: ignore[attr-defined]

@@ -39,7 +39,11 @@ V = TypeVar("V")
 
 class TTLCache(Generic[K, V]):
     """Values until their expiration (a ``time.time()`` instant, e.g. a DNS answer's), the least
-    recently used going first when full. Thread-safe: plugins' worker threads read it too."""
+    recently used going first when full. Thread-safe: plugins' worker threads read it too.
+
+    The time left is taken from the wall clock once, when a value is put, and then runs on
+    the monotonic clock: setting the system clock (NTP stepping it, an admin) neither keeps
+    answers past their TTL nor throws the whole cache away."""
 
     def __init__(self, size: int):
         self.size = size
@@ -51,7 +55,7 @@ class TTLCache(Generic[K, V]):
             entry = self._entries.get(key)
             if entry is None:
                 return None
-            if entry[0] <= time.time():
+            if entry[0] <= time.monotonic():
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
@@ -59,10 +63,11 @@ class TTLCache(Generic[K, V]):
 
     def put(self, key: K, value: V, expiration: float) -> None:
         """Keep ``value`` until ``expiration``; one already expired (TTL 0) is not kept."""
-        if self.size <= 0 or expiration <= time.time():
+        left = expiration - time.time()
+        if self.size <= 0 or left <= 0:
             return
         with self._lock:
-            self._entries[key] = (expiration, value)
+            self._entries[key] = (time.monotonic() + left, value)
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)

@@ -21,7 +21,8 @@ import ssl
 from collections.abc import Callable
 
 from smtpproxy.eventlog import event
-from smtpproxy.inbound import InboundSMTP, Services
+from smtpproxy.inbound import InboundSMTP
+from smtpproxy.listener import Services
 
 __all__ = ["HANDSHAKE_TIMEOUT", "ImplicitTLSGate"]
 

@@ -28,52 +28,26 @@ import re
 import ssl
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
 from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
-from smtpproxy.auth import PasswordFile, challenge_line, decode_plain, decode_response
-from smtpproxy.chain import Chain, PhaseResult
-from smtpproxy.datareader import BLOCK_SEPARATOR, DataReader
-from smtpproxy.delivery import Delivered, Delivery, DeliveryError, UpstreamTransaction
+from smtpproxy.conversation import Conversation, Rules
+from smtpproxy.datareader import DataReader, read_data
+from smtpproxy.delivery import Delivered
+from smtpproxy.delivery.handover import Handover
+from smtpproxy.disposal import LOCAL_ERROR, carry_out
 from smtpproxy.eventlog import current_session, event
-from smtpproxy.history import HistoryRecorder, entry_for
-from smtpproxy.limits import ConnectionLimiter
-from smtpproxy.loginthrottle import LoginThrottle
+from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.message import Message
-from smtpproxy.metrics import NullRecorder
-from smtpproxy.outcome import (
-    PROXY,
-    Deliver,
-    Refusal,
-    before_message,
-    end_of_message,
-    queued_reply,
-    skips_data_chain,
-)
-from smtpproxy.proxyprotocol import ProxyProtocolSettings, read_proxy_header
-from smtpproxy.quarantine import QuarantineStore
-from smtpproxy.relay import RelayPolicy, refusal_reply
-from smtpproxy.reload import ChainLeases
-from smtpproxy.senderlogin import SenderLoginPolicy
-from smtpproxy.session import (
-    Client,
-    Decision,
-    Envelope,
-    Recipient,
-    Session,
-    TLSInfo,
-    Transaction,
-)
-from smtpproxy.spool import DEFAULT_SPOOL_THRESHOLD
-from smtpproxy.store import StoreError
-from smtpproxy.store.quarantine import DatabaseQuarantine
+from smtpproxy.proxyprotocol import read_proxy_header
+from smtpproxy.sasl import authenticate
+from smtpproxy.session import Client, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.verdicts import Reply
 
-__all__ = ["InboundSMTP", "ListenerPolicy", "Services"]
+__all__ = ["InboundSMTP", "ListenerPolicy", "Services"]  # the last two from smtpproxy.listener
 
 
 # aiosmtpd replies we do not override, given the enhanced status codes we advertise.
@@ -89,69 +63,6 @@ _MAIL_PARAMS = frozenset({"SIZE", "BODY", "SMTPUTF8"})
 # RFC 5321 4.5.3.1.4 allows extensions to lengthen MAIL and RCPT lines.
 _PARAM_ALLOWANCE = 512
 _CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
-
-_DATA_BUFFER = 64 * 1024
-"""The stream's buffer limit while a message comes in (asyncio pauses reading at twice it):
-big enough that a message is read in few, large blocks."""
-
-
-@dataclass(frozen=True, slots=True)
-class ListenerPolicy:
-    """Everything one listener needs to know about limits and protocol behaviour."""
-
-    hostname: str
-    banner: str = "ESMTP smtpproxy"
-    max_message_size: int = 26_214_400
-    max_recipients: int = 100
-    max_line_length: int = 1000
-    max_command_line: int = 512
-    max_commands: int = 10_000
-    max_errors: int = 20
-    idle_timeout: float = 300.0
-    data_timeout: float = 600.0
-    session_timeout: float = 3600.0
-    normalize_bare_newlines: bool = False
-    spool_threshold: int = DEFAULT_SPOOL_THRESHOLD
-    """Messages above this size are spooled to a temporary file (see smtpproxy.spool)."""
-    spool_directory: str | None = None
-    smtputf8: bool = True
-    pipelining: bool = True
-    require_starttls: bool = False
-    auth: PasswordFile | None = None
-    """Users for SMTP AUTH; None: AUTH is not offered."""
-    auth_required: bool = False
-    """MAIL FROM needs a successful AUTH first."""
-    proxy_protocol: ProxyProtocolSettings | None = None
-    """Read a PROXY protocol header before anything else; None: no header expected."""
-    sender_login: SenderLoginPolicy | None = None
-    """Which logins may use which senders (smtpproxy.senderlogin); None: not checked."""
-
-
-@dataclass(slots=True)
-class Services:
-    """The shared parts every session of a proxy uses."""
-
-    chain: Chain
-    delivery: Delivery
-    quarantine: QuarantineStore | DatabaseQuarantine
-    relay: RelayPolicy
-    limiter: ConnectionLimiter
-    sessions: set[InboundSMTP]
-    background: set[asyncio.Task[None]]
-    drained: asyncio.Event
-    """Set whenever no session is open (graceful shutdown waits on it)."""
-    stopping: bool = False
-    """Set when shutdown begins; sessions still setting up are turned away with 421."""
-    metrics: NullRecorder = field(default_factory=NullRecorder)
-    """Metrics recorder; the no-op one unless metrics are enabled."""
-    leases: ChainLeases = field(default_factory=ChainLeases)
-    """Which chain each session runs on; a reload swaps ``chain`` for new sessions only."""
-    login_throttle: LoginThrottle | None = None
-    """Brakes on password guessing, shared by every listener (smtpproxy.loginthrottle)."""
-    history: HistoryRecorder | None = None
-    """Where each decision is queued for the store's history (None: no store, or history off)."""
-    node: str = ""
-    """This proxy's name in the store's records."""
 
 
 _COMMAND_NAMES: dict[type, dict[str, str]] = {}
@@ -219,9 +130,8 @@ class InboundSMTP(SMTP):
         self._commands = 0
         self._busy = False
         self._closing = False
-        self._pending_notifications: list[asyncio.Task[Any]] = []
-        self._route: str | None = None  # the upstream route of the current transaction
-        self._upstream: UpstreamTransaction | None = None  # rcpt_mode relay only
+        self.conversation = self._conversation()
+        self._handover: Handover | None = None  # the current transaction's, from its first RCPT
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)
         self._timer_paused = False  # the proxy is working, not waiting for the client
@@ -234,7 +144,14 @@ class InboundSMTP(SMTP):
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
         self.counted = False
         """The session caps already counted this connection (implicit TLS: before the handshake)."""
-        self._quarantine_id: str | None = None  # the current message's, once it is kept
+
+    def _conversation(self) -> Conversation:
+        """The conversation on this session's chain, with the rules in force now."""
+        services, policy = self.services, self.policy
+        rules = Rules(max_recipients=policy.max_recipients, relay=services.relay,
+                      route_key=services.delivery.route_key, sender_login=policy.sender_login)
+        return Conversation(self.chain, rules, metrics=services.metrics, history=services.history,
+                            node=services.node)
 
     def __dir__(self) -> list[str]:
         """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
@@ -253,11 +170,9 @@ class InboundSMTP(SMTP):
             self.plugin_session.helo = None
             self.plugin_session.esmtp = False
             self._end_transaction()
-            ssl_object = transport.get_extra_info("ssl_object")
-            if ssl_object is not None:
-                name, _, bits = ssl_object.cipher() or ("", "", None)
-                self.plugin_session.tls = TLSInfo(ssl_object.version() or "", name, bits)
-                event("starttls", version=self.plugin_session.tls.version, cipher=name)
+            tls = self.plugin_session.tls = _tls_info(transport)
+            if tls is not None:
+                event("starttls", version=tls.version, cipher=tls.cipher)
 
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Push the idle (or DATA) deadline back.
@@ -375,13 +290,11 @@ class InboundSMTP(SMTP):
     def _end_transaction(self) -> None:
         """Forget the current transaction; an upstream one that followed it is aborted."""
         if self.plugin_session is not None:
-            if self.plugin_session.transaction is not None:
-                self.services.metrics.outcomes(self.plugin_session.transaction.results)
-            self.plugin_session.end_transaction()
-        self._route = None
-        upstream, self._upstream = self._upstream, None
-        if upstream is not None and upstream.started:
-            task = asyncio.get_running_loop().create_task(upstream.abort())
+            self.conversation.end_transaction(self.plugin_session)
+        handover, self._handover = self._handover, None
+        abort = handover.abort() if handover is not None else None
+        if abort is not None:
+            task = asyncio.get_running_loop().create_task(abort)
             self.services.background.add(task)
             task.add_done_callback(self.services.background.discard)
 
@@ -437,6 +350,7 @@ class InboundSMTP(SMTP):
         services.drained.clear()
         # The chain is fixed for the whole session: a reload affects new sessions only.
         self.chain = services.leases.acquire(services.chain)
+        self.conversation = self._conversation()
         self._pause_timeout()  # the connect hook runs on the proxy's time, not the client's
         services.metrics.session_started()
         event("connect", client=self.plugin_session.client.ip, port=self.plugin_session.client.port,
@@ -456,7 +370,7 @@ class InboundSMTP(SMTP):
             if not services.sessions:
                 services.drained.set()
             self._close()
-            if self._pending_notifications or self.chain.implements("disconnect"):
+            if self.conversation.pending or self.chain.implements("disconnect"):
                 task = asyncio.get_running_loop().create_task(self._finish_session())
                 services.background.add(task)
                 task.add_done_callback(services.background.discard)
@@ -474,9 +388,7 @@ class InboundSMTP(SMTP):
         assert self.plugin_session is not None
         current_session.set(self.plugin_session.id)
         try:
-            if self._pending_notifications:
-                await asyncio.gather(*self._pending_notifications, return_exceptions=True)
-            await self.chain.notify("disconnect", session=self.plugin_session)
+            await self.conversation.disconnect(self.plugin_session)
         finally:
             self._release_session()
         self._log_disconnect()
@@ -498,31 +410,17 @@ class InboundSMTP(SMTP):
         event("disconnect", transactions=self.plugin_session.transaction_count,
               seconds=round(time.time() - self.plugin_session.started, 3), errors=self._errors)
 
-    async def _notify(self, hook: str, **kwargs: Any) -> None:
-        """Run a notification so that a client hanging up cannot cut it short."""
-        if not self.chain.implements(hook):
-            return
-        self._pending_notifications = [t for t in self._pending_notifications if not t.done()]
-        task = asyncio.get_running_loop().create_task(self.chain.notify(hook, **kwargs))
-        self._pending_notifications.append(task)
-        await asyncio.shield(task)
-
     def _buffered(self) -> int:
         """Bytes the client sent that we have not read yet (to catch improper pipelining)."""
         return len(getattr(self._reader, "_buffer", b""))
 
     async def _converse(self) -> None:
         assert self.plugin_session is not None
-        result = await self.chain.run("connect", self.plugin_session.results, session=self.plugin_session)
-        refusal = before_message("connect", self.plugin_session, result)
+        refusal = await self.conversation.connect(self.plugin_session)
         if refusal is not None:
-            event("connect_rejected", reply=refusal.reply.code, by=refusal.decided_by,
-                  reason=refusal.reason)
             await self.reply(refusal.reply)
             self._close()
             return
-        if result.verdict is not None:
-            event("connect_verdict", **_verdict_fields(result))
         if self._buffered():
             event("pregreet", bytes=self._buffered())
             await self.reply(
@@ -653,16 +551,10 @@ class InboundSMTP(SMTP):
             await self._error(Reply(501, "5.5.4", f"Syntax: {verb} hostname"))
             return
         self._end_transaction()
-        self.plugin_session.helo = None
-        result = await self.chain.run(
-            "helo", self.plugin_session.results, session=self.plugin_session, hostname=hostname
-        )
-        event("helo", verb=verb, hostname=hostname, **_verdict_fields(result))
-        refusal = before_message("helo", self.plugin_session, result)
+        refusal = await self.conversation.greet(self.plugin_session, hostname, verb=verb)
         if refusal is not None:
             await self.reply(refusal.reply)
             return
-        self.plugin_session.helo = hostname
         self.plugin_session.esmtp = esmtp
         if not esmtp:
             await self.reply(Reply(250, None, self.hostname))
@@ -726,16 +618,7 @@ class InboundSMTP(SMTP):
         if size is not None and int(size) > self._size_limit:
             await self.reply(Reply(552, "5.3.4", "Message size exceeds fixed maximum message size"))
             return
-        if self.policy.sender_login is not None and await self._sender_refused(path.address.text):
-            return
-        transaction = self.plugin_session.begin_transaction(Envelope(path.address, params))
-        result = await self.chain.run(
-            "mail_from", transaction.results,
-            session=self.plugin_session, transaction=transaction, sender=path.address,
-        )
-        event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
-              **_verdict_fields(result))
-        refusal = before_message("mail_from", transaction, result)
+        refusal = await self.conversation.mail(self.plugin_session, path.address, params)
         if refusal is not None:
             self._end_transaction()
             await self.reply(refusal.reply)
@@ -750,8 +633,9 @@ class InboundSMTP(SMTP):
         if transaction is None:
             await self._error(Reply(503, "5.5.1", "Need MAIL command first"))
             return
-        if len(transaction.envelope.recipients) >= self.policy.max_recipients:
-            await self.reply(Reply(452, "4.5.3", "Too many recipients"))
+        full = self.conversation.recipient_limit(transaction)
+        if full is not None:  # before the syntax: whatever the client sends, it gets no further
+            await self.reply(full.reply)
             return
         try:
             path = parse_rcpt_to(
@@ -769,52 +653,21 @@ class InboundSMTP(SMTP):
             await self._error(Reply(501, "5.5.4", f"Syntax error in RCPT parameters: {problem}"))
             return
         address = path.address
-        session = self.plugin_session
-        relay_refusal = self.services.relay.refusal(address, session.client.ip, session.auth_user)
-        if relay_refusal is not None:
-            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=relay_refusal)
-            await self.reply(refusal_reply(address, relay_refusal))
-            return
-        route = self.services.delivery.route_key(address)
-        if self._route is not None and route != self._route:
-            # One transaction goes to one upstream route; the client sends these again in a
-            # new transaction (RFC 5321 4.5.3.1.10), so every route answers for itself.
-            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="other_route")
-            await self.reply(
-                Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
-            )
-            return
         recipient = Recipient(address, dict(path.params))
-        result = await self.chain.run(
-            "rcpt_to", transaction.results,
-            session=self.plugin_session, transaction=transaction, recipient=recipient,
-        )
-        event("rcpt_to", tx=transaction.id, recipient=address.text, **_verdict_fields(result))
-        refusal = before_message("rcpt_to", transaction, result)
+        refusal = await self.conversation.rcpt(self.plugin_session, transaction, recipient)
         if refusal is not None:
             await self.reply(refusal.reply)
             return
-        reply = _RECIPIENT_OK
-        if self.services.delivery.rcpt_mode == "relay" and transaction.disposition is None:
-            if self._upstream is None:
-                self._upstream = self.services.delivery.open_transaction(self.plugin_session, transaction)
-            reply = await self._upstream.rcpt(address, recipient.params)  # the real server's answer
-            event("upstream_rcpt", tx=transaction.id, recipient=address.text, reply=reply.code)
-            self.services.metrics.upstream_rcpt(
-                "ok" if reply.is_positive else "tempfail" if reply.is_temporary else "reject")
-            if not reply.is_positive:
-                await self.reply(reply)
-                return
-        elif (known := self.services.delivery.remembered_refusal(
-                transaction.envelope.sender, address)) is not None:
-            # at_data: the upstream refused this recipient when the client last sent the message
-            event("rcpt_to", tx=transaction.id, recipient=address.text,
-                  verdict="upstream_refused_before", reply=known.code)
-            await self.reply(known)
+        if self._handover is None:
+            self._handover = Handover(self.services.delivery, self.plugin_session, transaction,
+                                      self.services.metrics)
+        # A message already to be discarded or quarantined does not go upstream as it is.
+        reply = await self._handover.rcpt(recipient, ask_upstream=transaction.disposition is None)
+        if reply is not None and not reply.is_positive:
+            await self.reply(reply)
             return
-        self._route = route
-        transaction.envelope._accept_recipient(recipient)
-        await self.reply(reply)
+        self.conversation.accept(transaction, recipient)
+        await self.reply(reply or _RECIPIENT_OK)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         assert self.plugin_session is not None
@@ -844,27 +697,15 @@ class InboundSMTP(SMTP):
             spool_threshold=self.policy.spool_threshold, spool_dir=self.policy.spool_directory,
         )
         started = time.perf_counter()
-        # Blocks, not lines: up to each ".CRLF" (where the end of data can be) or a slice of
-        # the stream's buffer, raised for the message from one line's worth (the command
-        # reader's bound on what a silent client can make us hold) to _DATA_BUFFER.
-        stream = self._reader
-        stream._limit = max(self.line_length_limit, _DATA_BUFFER)  # type: ignore[attr-defined]
         self._reading_message = True
         try:
-            while True:
-                self._reset_timeout(self.policy.data_timeout)
-                try:
-                    chunk = await stream.readuntil(BLOCK_SEPARATOR)
-                except asyncio.LimitOverrunError as exc:
-                    chunk = await stream.readexactly(exc.consumed)
-                except asyncio.IncompleteReadError:
-                    self._close()
-                    return
-                if reader.feed_block(chunk):
-                    break
+            complete = await read_data(self._reader, reader,
+                                       lambda: self._reset_timeout(self.policy.data_timeout))
         finally:
             self._reading_message = False
-            stream._limit = self.line_length_limit  # type: ignore[attr-defined]
+        if not complete:
+            self._close()
+            return
         self._pause_timeout()
         if reader.problem is not None:
             reply = reader.problem.reply(self.policy.max_message_size, self.policy.max_line_length)
@@ -876,7 +717,10 @@ class InboundSMTP(SMTP):
         if reader.bare_newlines_seen:
             event("bare_newlines_normalized", tx=transaction.id, lines=reader.bare_newlines_seen)
         transaction.message = Message(reader.content())
-        if self.policy.sender_login is not None and await self._headers_refused(transaction):
+        refusal = await self.conversation.headers_refusal(self.plugin_session, transaction)
+        if refusal is not None:
+            self._end_transaction()
+            await self.reply(refusal.reply)
             return
         try:
             await self._finish_message(transaction, started)
@@ -885,91 +729,32 @@ class InboundSMTP(SMTP):
 
     async def _finish_message(self, transaction: Transaction, started: float) -> None:
         """Run the data chain, then deliver, quarantine, discard or refuse; reply last."""
-        assert self.plugin_session is not None and transaction.message is not None
-        result: PhaseResult | None = None
-        if not skips_data_chain(transaction):
-            result = await self.chain.run(
-                "data", transaction.results,
-                session=self.plugin_session, transaction=transaction, message=transaction.message,
-            )
-        self._quarantine_id = None
-        decision = await self._carry_out(transaction, end_of_message(transaction, result))
+        session = self.plugin_session
+        assert session is not None and transaction.message is not None
+        outcome = await self.conversation.end_of_message(session, transaction)
+        message = transaction.message
+        services = self.services
+        decision, quarantine_id = await carry_out(
+            session, transaction, outcome, deliver=lambda: self._deliver(transaction, message),
+            quarantine=services.quarantine, metrics=services.metrics, backend=services.delivery.name,
+        )
         await self.reply(decision.reply)
         if decision.reply.is_positive:
             self._commands = 0  # the command cap is for junk, not for productive sessions
-        envelope = transaction.envelope
-        seconds = time.perf_counter() - started
-        self.services.metrics.message(decision.disposition, seconds)
-        event(
-            "message", tx=transaction.id, sender=envelope.sender.text or "<>",
-            recipients=[r.address.text for r in envelope.recipients],
-            size=transaction.message.size, decision=decision.disposition,
-            reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
-            by=decision.decided_by, reason=decision.reason, score=decision.score,
-            ms=round(seconds * 1000, 1), client=self.plugin_session.client.ip, helo=self.plugin_session.helo,
-        )
-        if self.services.history is not None:
-            self.services.history.record(entry_for(
-                self.plugin_session, transaction, decision, node=self.services.node,
-                quarantine_id=self._quarantine_id))
-        await self._notify("after_message", session=self.plugin_session, transaction=transaction,
-                           decision=decision)
-
-    async def _carry_out(self, transaction: Transaction, outcome: Refusal | Deliver) -> Decision:
-        """Do what :func:`smtpproxy.outcome.end_of_message` decided; the Decision says what
-        the client is told (250 only once the message is delivered, kept or dropped)."""
-        assert self.plugin_session is not None and transaction.message is not None
-        score = transaction.score
-        if isinstance(outcome, Refusal):
-            return outcome.decision(score)
-        if outcome.action == "discard":
-            return outcome.decision(queued_reply(transaction), score)
-        if outcome.action == "quarantine":
-            try:
-                qid = await self.services.quarantine.store(
-                    self.plugin_session, transaction, transaction.message, outcome.reason,
-                    decided_by=outcome.decided_by,
-                )
-            except (OSError, StoreError) as exc:  # not durable: the client must retry, never 250
-                event("quarantine_failed", level=logging.ERROR, error=repr(exc))
-                return Refusal(LOCAL_ERROR, PROXY, f"quarantine failed: {exc}").decision(score)
-            self._quarantine_id = qid
-            return outcome.decision(queued_reply(transaction), score, f"{outcome.reason} (id {qid})")
-        metrics = self.services.metrics
-        metrics.delivery_started()
-        result, delivery_started = "error", time.perf_counter()
-        try:
-            delivered = await self._deliver(transaction, transaction.message)
-            result = "ok"
-        except DeliveryError as exc:
-            result = "tempfail" if exc.reply.is_temporary else "reject"
-            event("delivery_failed", level=logging.WARNING, tx=transaction.id,
-                  reply=exc.reply.code, detail=exc.detail)
-            return Refusal(exc.reply, "delivery", exc.detail).decision(score)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            event("delivery_crashed", level=logging.ERROR, exc_info=True, tx=transaction.id)
-            return Refusal(LOCAL_ERROR, "delivery", f"{type(exc).__name__}: {exc}").decision(score)
-        finally:
-            metrics.delivery_finished(self.services.delivery.name, result,
-                                      time.perf_counter() - delivery_started)
-        event("delivered", tx=transaction.id, destination=delivered.destination,
-              tls=delivered.tls, reply=delivered.reply.code)
-        return outcome.decision(delivered.reply, score, delivered.destination)
+        await self.conversation.settle(session, transaction, decision, started, quarantine_id,
+                                       client=session.client.ip, helo=session.helo)
 
     async def _deliver(self, transaction: Transaction, content: Message) -> Delivered:
-        """Hand the message over: on the upstream transaction that followed the client's
-        (rcpt_mode relay), unless plugins edited the envelope; else in one go."""
+        """Hand the message over (:class:`~smtpproxy.delivery.handover.Handover`); shutdown
+        waits for the answer."""
         assert self.plugin_session is not None
-        upstream, self._upstream = self._upstream, None
+        handover, self._handover = self._handover, None
+        if handover is None:
+            handover = Handover(self.services.delivery, self.plugin_session, transaction,
+                                self.services.metrics)
         done = self.delivering = asyncio.Event()
         try:
-            if upstream is not None and upstream.started:
-                if not transaction.envelope.changes:
-                    return await upstream.data(content)
-                await upstream.abort()  # the upstream must see the envelope the plugins left
-            return await self.services.delivery.deliver(self.plugin_session, transaction, content)
+            return await handover.deliver(content)
         finally:
             self.delivering = None
             done.set()
@@ -1037,128 +822,47 @@ class InboundSMTP(SMTP):
         if self.plugin_session.transaction is not None:
             await self._error(Reply(503, "5.5.1", "AUTH not permitted during a mail transaction"))
             return
-        mechanism, _, initial = (arg or "").partition(" ")
-        mechanism, initial = mechanism.upper(), initial.strip()
-        if not mechanism or " " in initial:
-            await self._error(Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]"))
+        found = await authenticate(
+            _SaslWire(self), arg or "", users=users, throttle=self.services.login_throttle,
+            client_ip=self.plugin_session.client.ip,
+        )
+        if found is None:
             return
-        if mechanism not in ("PLAIN", "LOGIN"):
-            await self._error(Reply(504, "5.5.4", "Unrecognized authentication type"))
-            return
-        if mechanism == "PLAIN":
-            credentials = await self._sasl_plain(initial)
-        else:
-            credentials = await self._sasl_login(initial)
-        if credentials is None:
-            return  # cancelled or malformed, and answered
-        login, password = credentials
-        try:
-            user = login.decode("utf-8")
-        except UnicodeDecodeError:
-            user = None  # no such user can exist
-        throttle, ip = self.services.login_throttle, self.plugin_session.client.ip
-        shown = login.decode("utf-8", "backslashreplace")
-        if throttle is not None and (await throttle.admit(ip, shown)).locked:
-            await self.reply(Reply(421, "4.7.0", "Too many failed logins from your address, try again later"))
-            self._close()
-            return
-        ok = user is not None and await users.verify(user, password)
-        if not ok or user is None:
-            await self._auth_failed(mechanism, login, password)
-            return
-        if throttle is not None:
-            await throttle.succeeded(ip, user)
+        user, mechanism = found
         self.plugin_session.auth_user = user
         event("auth", mechanism=mechanism, user=user)
         await self.reply(Reply(235, "2.7.0", "Authentication successful"))
 
-    async def _sasl_response(self, initial: str | None, challenge: bytes) -> bytes | None:
-        """The client's decoded SASL response: *initial*, or its answer to a 334 challenge.
 
-        None when the exchange ends here (cancelled with ``*``, not base64, connection
-        gone); the client has then had its reply.
-        """
-        if initial is None:
-            self._flush_replies()
-            self._writer.write(challenge_line(challenge))
-            await self._writer.drain()
-            self._reset_timeout()
-            line = await self._read_command_line()
-            self._pause_timeout()
-            if line is None:
-                return None
-            initial = line.decode("ascii", "replace").strip()
-            if initial == "*":
-                await self.reply(Reply(501, "5.7.0", "Authentication cancelled"))
-                return None
-        decoded = decode_response(initial)
-        if decoded is None:
-            await self._error(Reply(501, "5.5.2", "Cannot decode base64 response"))
-        return decoded
+class _SaslWire:
+    """The connection as the SASL exchange sees it (:class:`smtpproxy.sasl.SaslPeer`)."""
 
-    async def _sasl_plain(self, initial: str) -> tuple[bytes, bytes] | None:
-        """RFC 4616 PLAIN: ``authzid NUL authcid NUL password``; authzid empty or authcid."""
-        blob = await self._sasl_response(initial or None, b"")
-        if blob is None:
-            return None
-        fields = decode_plain(blob)
-        if fields is None:
-            await self._error(Reply(501, "5.5.2", "Malformed PLAIN response"))
-            return None
-        authzid, login, password = fields
-        if authzid and authzid != login:  # acting as another user is not supported
-            await self._auth_failed("PLAIN", login, password)
-            return None
-        return login, password
+    __slots__ = ("_smtp",)
 
-    async def _auth_failed(self, mechanism: str, login: bytes, password: bytes) -> None:
-        """535, counted by the login throttle (which logs ``auth_failed``) when there is one."""
-        assert self.plugin_session is not None
-        user = login.decode("utf-8", "backslashreplace")
-        throttle = self.services.login_throttle
-        if throttle is not None:
-            await throttle.failed(self.plugin_session.client.ip, user, password, mechanism=mechanism)
-        else:
-            event("auth_failed", level=logging.WARNING, client=self.plugin_session.client.ip,
-                  mechanism=mechanism, user=user)
-        await self._error(Reply(535, "5.7.8", "Authentication credentials invalid"))
+    def __init__(self, smtp: InboundSMTP) -> None:
+        self._smtp = smtp
 
-    async def _sender_refused(self, sender: str) -> bool:
-        """MAIL FROM a sender the login does not own (smtpproxy.senderlogin): refused."""
-        assert self.plugin_session is not None and self.policy.sender_login is not None
-        login = self.plugin_session.auth_user
-        refusal = await self.policy.sender_login.envelope_refusal(sender, login)
-        if refusal is None:
-            return False
-        event("sender_login_mismatch", level=logging.WARNING, field="envelope", sender=sender,
-              user=login, client=self.plugin_session.client.ip)
-        await self.reply(refusal)
-        return True
+    async def write(self, data: bytes) -> None:
+        smtp = self._smtp
+        smtp._flush_replies()
+        smtp._writer.write(data)
+        await smtp._writer.drain()
 
-    async def _headers_refused(self, transaction: Transaction) -> bool:
-        """From:/Sender: addresses the login does not own (sender_login.headers): refused."""
-        assert self.plugin_session is not None and self.policy.sender_login is not None
-        assert transaction.message is not None
-        login = self.plugin_session.auth_user
-        found = await self.policy.sender_login.header_refusal(transaction.message, login)
-        if found is None:
-            return False
-        refusal, shown = found
-        event("sender_login_mismatch", level=logging.WARNING, tx=transaction.id, field="header",
-              sender=shown, user=login, client=self.plugin_session.client.ip, reply=refusal.code)
-        self._end_transaction()
-        await self.reply(refusal)
-        return True
+    async def read_line(self) -> bytes | None:
+        smtp = self._smtp
+        smtp._reset_timeout()  # waiting for the client
+        line = await smtp._read_command_line()
+        smtp._pause_timeout()
+        return line
 
-    async def _sasl_login(self, initial: str) -> tuple[bytes, bytes] | None:
-        """The LOGIN mechanism: user name, then password, each base64 after a 334 prompt."""
-        login = await self._sasl_response(initial or None, b"Username:")
-        if login is None:
-            return None
-        password = await self._sasl_response(None, b"Password:")
-        if password is None:
-            return None
-        return login, password
+    async def reply(self, reply: Reply) -> None:
+        await self._smtp.reply(reply)
+
+    async def error(self, reply: Reply) -> None:
+        await self._smtp._error(reply)
+
+    def close(self) -> None:
+        self._smtp._close()
 
 
 def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
@@ -1169,21 +873,6 @@ def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
     name, _, bits = ssl_object.cipher() or ("", "", None)
     return TLSInfo(ssl_object.version() or "", name, bits)
 
-
-def _verdict_fields(result: PhaseResult) -> dict[str, Any]:
-    """For a phase's log line: the verdict, and when a plugin decided, who, why and the reply."""
-    verdict = result.verdict
-    if verdict is None:
-        return {"verdict": "continue"}
-    fields: dict[str, Any] = {"verdict": verdict.action.value, "by": result.decided_by}
-    if verdict.reply is not None:
-        fields["reply"] = verdict.reply.code
-    if verdict.reason:
-        fields["reason"] = verdict.reason
-    return fields
-
-
-LOCAL_ERROR = Reply(451, "4.3.0", "Local error, try again later")
 
 # The replies of every message, built (and checked) once, with their wire form.
 _SENDER_OK = Reply(250, "2.1.0", "Sender OK")

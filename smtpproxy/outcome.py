@@ -1,9 +1,11 @@
 """The decision rules: what a phase's result means for the client, once for every front end.
 
 The SMTP proxy (:mod:`smtpproxy.inbound`), the milter (:mod:`smtpproxy.milter.session`) and
-the offline tracer (:mod:`smtpproxy.tracer`) all call these pure functions and only map
-what they return onto their own medium: SMTP replies, milter actions, a trace. So the rules
-cannot drift apart, and the tracer decides exactly as the proxy does.
+the offline tracer (:mod:`smtpproxy.tracer`) reach these pure functions through their
+:class:`~smtpproxy.conversation.Conversation` (the milter also through
+:func:`on_plugin_failure` and :func:`on_not_granted`, for what the MTA's settings decide) and
+only map what they return onto their own medium: SMTP replies, milter actions, a trace. So
+the rules cannot drift apart, and the tracer decides exactly as the proxy does.
 
 - **Before the message** (connect, helo, mail_from, rcpt_to): a reject or tempfail refuses
   the command with the verdict's reply (at connect: ``554``/``421``, RFC 5321 3.1); a
@@ -20,7 +22,7 @@ positive reply goes with a message that was not delivered, quarantined or discar
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeAlias
 
 from smtpproxy.chain import PhaseResult
 from smtpproxy.session import Decision, Session, Transaction
@@ -28,18 +30,29 @@ from smtpproxy.verdicts import Action, Reply
 
 __all__ = [
     "DELIVERY",
+    "ERROR_REJECT",
+    "ERROR_TEMPFAIL",
+    "MILTER",
     "PROXY",
     "Deliver",
     "Refusal",
     "before_message",
     "connect_reply",
     "end_of_message",
+    "on_not_granted",
+    "on_plugin_failure",
     "queued_reply",
     "skips_data_chain",
 ]
 
 PROXY = "proxy"
 """``decided_by`` for a rule of smtpproxy itself (relay, limits, DATA syntax, local errors)."""
+ERROR_REJECT = Reply(550, "5.3.0", "Message refused because of a local problem")
+"""The refusal for a plugin's failure where the MTA's default action says ``reject``."""
+ERROR_TEMPFAIL = Reply(451, "4.3.0", "Temporary local problem, please try again later")
+"""The milter's tempfail for a decision it cannot carry out (an action not granted)."""
+MILTER = "milter"
+"""``decided_by`` when the milter itself refuses: the MTA did not grant what a decision needs."""
 DELIVERY = "delivery"
 """``decided_by`` for a message that was handed on: the upstream's (or MTA's) answer counts."""
 
@@ -138,3 +151,33 @@ def end_of_message(transaction: Transaction, result: PhaseResult | None) -> Refu
     if transaction.disposition is Action.QUARANTINE:
         return Deliver("quarantine", transaction.disposition_by or PROXY, transaction.disposition_reason)
     return Deliver("deliver", DELIVERY)
+
+
+FailureAction: TypeAlias = Literal["tempfail", "accept", "reject"]
+
+
+def on_plugin_failure(phase: str, refusal: Refusal, action: FailureAction) -> Refusal | Deliver:
+    """A refusal under a default action for plugin failures (``milter.default_action``, as
+    Postfix's ``milter_default_action``).
+
+    A refusal that stands for no failure, or ``tempfail``, stays as it is; ``reject`` refuses
+    with :data:`ERROR_REJECT` (``554`` at connect); ``accept`` lets the message pass
+    unfiltered, in the failed plugin's name.
+    """
+    if not refusal.failed or action == "tempfail":
+        return refusal
+    if action == "accept":
+        return Deliver("deliver", refusal.decided_by,
+                       f"plugin error; milter.default_action accept: {refusal.reason}")
+    reply = connect_reply(ERROR_REJECT) if phase == "connect" else ERROR_REJECT
+    return Refusal(reply, refusal.decided_by, refusal.reason, failed=True)
+
+
+def on_not_granted(outcome: Deliver, missing: list[str], action: FailureAction) -> Refusal | Deliver:
+    """A decision the milter cannot carry out: its edits or quarantine need actions the MTA
+    did not grant (*missing*). ``accept`` lets the message pass as the MTA has it; else a
+    refusal in the milter's name (``milter.not_granted_action``)."""
+    reason = f"the MTA did not grant {', '.join(missing)} ({outcome.action} by {outcome.decided_by})"
+    if action == "accept":
+        return Deliver("deliver", outcome.decided_by, f"{reason}; milter.not_granted_action accept")
+    return Refusal(ERROR_TEMPFAIL if action == "tempfail" else ERROR_REJECT, MILTER, reason)

@@ -15,12 +15,26 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Protocol
 
 from smtpproxy.addresses import Address
 from smtpproxy.networks import IPNetwork, ip_in_networks
 from smtpproxy.verdicts import Reply
 
-__all__ = ["RelayPolicy", "routes_elsewhere"]
+__all__ = ["RelayPolicy", "RelaySettings", "routes_elsewhere"]
+
+
+class RelaySettings(Protocol):
+    """The ``relay`` section as the rule reads it (smtpproxy.config's ``Relay``)."""
+
+    @property
+    def domains(self) -> Iterable[str]: ...
+    @property
+    def networks(self) -> Iterable[IPNetwork]: ...
+    @property
+    def allow_authenticated(self) -> bool: ...
+    @property
+    def allow_routing_local_parts(self) -> bool: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,6 +60,12 @@ class RelayPolicy:
                 exact.add(entry)
         return cls(frozenset(exact), tuple(suffixes), tuple(networks), allow_authenticated,
                    allow_routing_local_parts)
+
+    @classmethod
+    def of(cls, settings: RelaySettings) -> RelayPolicy:
+        """The rule of a configuration's ``relay`` section (the proxy's and the tracer's)."""
+        return cls.from_config(settings.domains, settings.networks, settings.allow_authenticated,
+                               settings.allow_routing_local_parts)
 
     def is_local_domain(self, domain: str) -> bool:
         domain = domain.lower()

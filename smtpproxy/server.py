@@ -26,14 +26,14 @@ from smtpproxy.config import Config, ConfigError, ConfigSource, ListenerTLS, loa
 from smtpproxy.config import LoginThrottle as LoginThrottleConfig
 from smtpproxy.delivery import Delivery
 from smtpproxy.delivery.factory import config_hostname, make_delivery
-from smtpproxy.delivery.smtp import SmtpDelivery
 from smtpproxy.eventlog import event
 from smtpproxy.health import HealthServer, Readiness
 from smtpproxy.history import HistoryRecorder, node_name
 from smtpproxy.hookspecs import PHASES
 from smtpproxy.implicit_tls import ImplicitTLSGate
-from smtpproxy.inbound import InboundSMTP, ListenerPolicy, Services
+from smtpproxy.inbound import InboundSMTP
 from smtpproxy.limits import ConnectionLimiter
+from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.loginthrottle import LoginThrottle, RedisStore, ThrottleSettings
 from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
@@ -53,7 +53,6 @@ from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
 __all__ = ["ProxyServer", "StartupError"]
 
-log = logging.getLogger("smtpproxy.server")
 
 HOUSEKEEPING_INTERVAL = 600.0
 """Seconds between two runs of the store's retention (expired history and quarantine)."""
@@ -116,10 +115,7 @@ class ProxyServer:
                              table_names=config.tables),
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=self._quarantine(config),
-            relay=RelayPolicy.from_config(
-                config.relay.domains, config.relay.networks, config.relay.allow_authenticated,
-                config.relay.allow_routing_local_parts,
-            ),
+            relay=RelayPolicy.of(config.relay),
             limiter=ConnectionLimiter(limits.max_sessions, limits.max_sessions_per_ip),
             sessions=set(),
             background=set(),
@@ -326,12 +322,8 @@ class ProxyServer:
 
     async def _start_health(self, metrics: PrometheusRecorder) -> None:
         delivery, m = self.services.delivery, self.config.metrics
-        if isinstance(delivery, SmtpDelivery):
-            delivery.connector.on_down = metrics.upstream_down
-            delivery.connector.on_identity = metrics.upstream_identity
-        upstreams = ({u.name: None for servers in delivery.route_servers.values() for u in servers}
-                     if isinstance(delivery, SmtpDelivery) else {})
-        metrics.prepare(delivery.name, upstreams, _plugin_phases(self.services.chain))
+        delivery.report_to(metrics.upstream_down, metrics.upstream_identity)
+        metrics.prepare(delivery.name, delivery.upstream_names(), _plugin_phases(self.services.chain))
         readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache,
                               require_delivery=m.ready_requires_delivery,
                               on_probe=metrics.delivery_probed)
@@ -411,10 +403,7 @@ class ProxyServer:
             ctx.load_cert_chain(str(tls_files.cert), str(tls_files.key))  # checked above
         services, restart = self.services, restart_only_changes(self.config, new)
         old_chain, services.chain = services.chain, chain
-        services.relay = RelayPolicy.from_config(
-            applied.relay.domains, applied.relay.networks, applied.relay.allow_authenticated,
-            applied.relay.allow_routing_local_parts,
-        )
+        services.relay = RelayPolicy.of(applied.relay)
         if applied.quarantine != self.config.quarantine:
             services.quarantine = self._quarantine(applied)
             try:
@@ -482,11 +471,7 @@ class ProxyServer:
 
     def _delivery_bound(self) -> float:
         """How long a message already handed to the backend may still take to be answered."""
-        delivery = self.services.delivery
-        if isinstance(delivery, SmtpDelivery):
-            s = delivery.connector.settings
-            return s.data_timeout + s.command_timeout
-        return 30.0
+        return self.services.delivery.reply_bound()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let busy sessions finish within the grace period, then close all.

@@ -1,8 +1,10 @@
 """The offline tracer: one message through the plugin chain, without a network or a delivery.
 
 ``smtpproxy test-message`` and the pytest plugin drive the chain through connect → helo →
-mail_from → rcpt_to (each recipient) → data exactly as the SMTP front end does
-(:mod:`smtpproxy.inbound`): the same relay rule, per-transaction route rule and DATA limits,
+mail_from → rcpt_to (each recipient) → data on the same
+:class:`~smtpproxy.conversation.Conversation` as the SMTP front end (:mod:`smtpproxy.inbound`),
+observing it as it runs: the same relay rule, per-transaction route rule, DATA limits and
+block reader,
 the same reading of verdicts per phase, discard/quarantine dispositions carried from earlier
 phases, refused recipients left out of the envelope. Nothing is delivered or quarantined;
 the result is a :class:`Trace` that says who did what, how long it took, what changed in
@@ -17,32 +19,23 @@ from __future__ import annotations
 
 import mmap
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.config import Config, ConfigSource, MaildirDeliveryConfig
+from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.datareader import END_OF_DATA, DataReader
 from smtpproxy.eventlog import current_session
 from smtpproxy.message import Message
-from smtpproxy.outcome import PROXY, Refusal, before_message, end_of_message, queued_reply, skips_data_chain
+from smtpproxy.outcome import PROXY, Refusal, queued_reply, skips_data_chain
 from smtpproxy.registry import build_chain
-from smtpproxy.relay import RelayPolicy, refusal_reply
+from smtpproxy.relay import RelayPolicy
 from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
 from smtpproxy.senderlogin import SenderLoginPolicy
-from smtpproxy.session import (
-    Client,
-    Decision,
-    Envelope,
-    Outcome,
-    Recipient,
-    Results,
-    Session,
-    TLSInfo,
-    Transaction,
-)
+from smtpproxy.session import Client, Decision, Outcome, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.startup import start_chain
 from smtpproxy.tables import Tables, build_tables, install
 from smtpproxy.verdicts import Reply
@@ -265,10 +258,7 @@ class TracePolicy:
                                      ", ".join(f"{u.host}:{u.port}" for u in route.upstreams))
         lim, listener = config.limits, config.listeners[0]
         return cls(
-            relay=RelayPolicy.from_config(
-                config.relay.domains, config.relay.networks, config.relay.allow_authenticated,
-                config.relay.allow_routing_local_parts,
-            ),
+            relay=RelayPolicy.of(config.relay),
             max_message_size=lim.max_message_size,
             max_line_length=lim.max_line_length,
             max_recipients=lim.max_recipients,
@@ -285,6 +275,11 @@ class TracePolicy:
             else None,
         )
 
+    def rules(self) -> Rules:
+        """The rules a :class:`~smtpproxy.conversation.Conversation` applies for the trace."""
+        return Rules(max_recipients=self.max_recipients, relay=self.relay,
+                     route_key=self.route_table.key_of, sender_login=self.sender_login)
+
     def route_of(self, address: Address) -> tuple[str, str]:
         """(route name, destination) for a recipient, as the SMTP delivery picks it."""
         route = self.routes.get(self.route_table.key_of(address))
@@ -296,32 +291,14 @@ class TracePolicy:
 # -- the driver --------------------------------------------------------------------------------
 
 
-class _RecordingResults(Results):
-    """Results that tell the tracer about each outcome the moment the chain records it.
-
-    The chain adds an outcome right after each plugin's call, so whatever changed in the
-    message or envelope since the previous outcome is that plugin's doing.
-    """
-
-    __slots__ = ("_on_add",)
-
-    def __init__(self, on_add: Callable[[Outcome], None]):
-        super().__init__()
-        self._on_add = on_add
-
-    def add(self, outcome: Outcome) -> None:
-        super().add(outcome)
-        self._on_add(outcome)
-
-
 class _Run:
-    """The state of one traced message."""
+    """The state of one traced message; it observes the conversation (a
+    :class:`~smtpproxy.conversation.ConversationObserver`)."""
 
-    def __init__(self, trace: Trace):
+    def __init__(self, trace: Trace, session: Session):
         self.trace = trace
+        self.session = session
         self.current: PhaseTrace | None = None
-        self.message: Message | None = None
-        self.envelope: Envelope | None = None
         self.message_mark = 0
         self.envelope_mark = 0
         self.reply: Reply | None = None
@@ -331,11 +308,24 @@ class _Run:
         self.trace.phases.append(self.current)
         return self.current
 
-    def record(self, outcome: Outcome) -> None:
+    # -- the observer -------------------------------------------------------------------
+
+    def phase_started(self, phase: str, subject: str) -> None:
+        if phase == "data" and self.current is not None and self.current.phase == "data":
+            self.current.subject = subject  # begun by the tracer itself, to read the message
+            return
+        self.begin(phase, subject)
+
+    def outcome(self, outcome: Outcome) -> None:
+        """The chain adds an outcome right after each plugin's call, so whatever changed in
+        the message or envelope since the previous outcome is that plugin's doing."""
         assert self.current is not None
+        transaction = self.session.transaction
+        message = transaction.message if transaction is not None else None
+        envelope = transaction.envelope if transaction is not None else None
         changes = []
-        if self.message is not None:
-            for change in self.message.changes[self.message_mark:]:
+        if message is not None:
+            for change in message.changes[self.message_mark:]:
                 if change.op == "add":
                     changes.append(f"+ {change.name}: {change.value}")
                 elif change.op == "remove":
@@ -344,21 +334,28 @@ class _Run:
                     changes.append(f"= {change.name}: {change.value}")
                 else:
                     changes.append("body replaced")
-            self.message_mark = len(self.message.changes)
-        if self.envelope is not None:
-            for env_change in self.envelope.changes[self.envelope_mark:]:
+            self.message_mark = len(message.changes)
+        if envelope is not None:
+            for env_change in envelope.changes[self.envelope_mark:]:
                 label = {"sender": "sender", "add_recipient": "+rcpt", "remove_recipient": "-rcpt"}
                 changes.append(f"{label.get(env_change.op, env_change.op)} <{env_change.address.text}>")
                 self.trace.envelope_changes.append(
                     (env_change.op, env_change.address.text, outcome.plugin)
                 )
-            self.envelope_mark = len(self.envelope.changes)
+            self.envelope_mark = len(envelope.changes)
         self.current.steps.append(Step(
             plugin=outcome.plugin, phase=outcome.phase, action=outcome.action.value,
             reply=_text(outcome.reply) if outcome.reply is not None else None,
             score=outcome.score, reason=outcome.reason, tags=outcome.tags,
             duration_ms=outcome.duration * 1000, error=outcome.error, changes=tuple(changes),
         ))
+
+    def rule_refused(self, refusal: Refusal) -> None:
+        self.proxy_step("reject" if refusal.reply.is_permanent else "tempfail", refusal.reply,
+                        refusal.reason)
+
+    def phase_finished(self, result: PhaseResult, refusal: Refusal | None) -> None:
+        self.finish_phase(result, refusal.reply if refusal is not None else None)
 
     def proxy_step(self, action: str, reply: Reply, reason: str) -> None:
         assert self.current is not None
@@ -375,9 +372,8 @@ class _Run:
         if reply is not None:
             self.current.reply = _text(reply)
 
-    def refuse(self, result: PhaseResult, refusal: Refusal) -> None:
-        """The phase ended the conversation with *refusal* (the client's last answer)."""
-        self.finish_phase(result, refusal.reply)
+    def refuse(self, refusal: Refusal) -> None:
+        """The conversation ended with *refusal* (the client's last answer)."""
         self.decide(refusal.disposition, refusal.reply, refusal.decided_by, refusal.reason)
 
     def decide(self, kind: str, reply: Reply, by: str, reason: str = "") -> None:
@@ -494,24 +490,23 @@ class Tracer:
         trace = Trace(sender=mail.address.text, recipients=[a.text for a in rcpts], client_ip=client_ip,
                       client_port=client_port, helo=helo, auth_user=auth_user, tls=tls, size=0,
                       notes=notes)
-        run = _Run(trace)
         session = Session(Client(client_ip, client_port, client_hostname), local_ip=p.local_ip,
                           local_port=p.local_port, transport="offline")
-        session.results = _RecordingResults(run.record)
+        run = _Run(trace, session)
+        conversation = Conversation(self.chain, p.rules(), observer=run)
         if tls:
             session.tls = TLSInfo("TLSv1.3", "TLS_AES_256_GCM_SHA384", 256)
         token = current_session.set(session.id)
         try:
             transaction = await self._session(
-                run, session, helo=helo, auth_user=auth_user, sender=mail.address,
+                conversation, run, session, helo=helo, auth_user=auth_user, sender=mail.address,
                 sender_params=mail.params, rcpts=rcpts, wire=wire,
             )
             if transaction is not None and transaction.message is not None and run.reply is not None:
                 decision = Decision(trace.decision, run.reply, trace.decided_by, trace.reason,
                                     transaction.score)
-                await self.chain.notify("after_message", session=session, transaction=transaction,
-                                        decision=decision)
-            await self.chain.notify("disconnect", session=session)
+                await conversation.settle(session, transaction, decision, started)
+            await conversation.disconnect(session)
         finally:
             current_session.reset(token)
         trace.score = transaction.score if transaction is not None else session.results.score
@@ -520,84 +515,46 @@ class Tracer:
         return trace
 
     async def _session(
-        self, run: _Run, session: Session, *, helo: str, auth_user: str | None,
-        sender: Address, sender_params: dict[str, str | None], rcpts: list[Address], wire: bytes,
+        self, conversation: Conversation, run: _Run, session: Session, *, helo: str,
+        auth_user: str | None, sender: Address, sender_params: dict[str, str | None],
+        rcpts: list[Address], wire: bytes,
     ) -> Transaction | None:
         """connect → helo → mail → rcpt* → data; returns the transaction if MAIL was accepted."""
-        p, chain, trace = self.policy, self.chain, run.trace
-        # connect
-        run.begin("connect", session.client.ip)
-        result = await chain.run("connect", session.results, session=session)
-        refusal = before_message("connect", session, result)
+        p, trace = self.policy, run.trace
+        refusal = await conversation.connect(session)
+        if refusal is None:
+            refusal = await conversation.greet(session, helo)
         if refusal is not None:
-            run.refuse(result, refusal)
+            run.refuse(refusal)
             return None
-        run.finish_phase(result)
-        # helo
-        run.begin("helo", helo)
-        result = await chain.run("helo", session.results, session=session, hostname=helo)
-        refusal = before_message("helo", session, result)
-        if refusal is not None:
-            run.refuse(result, refusal)
-            return None
-        run.finish_phase(result)
-        session.helo = helo
         session.esmtp = True
         session.auth_user = auth_user  # AUTH comes after EHLO
-        # mail_from
-        run.begin("mail_from", sender.text or "<>")
-        if p.sender_login is not None:
-            rule = await p.sender_login.envelope_refusal(sender.text, auth_user)
-            if rule is not None:
-                run.proxy_step("reject", rule, _SENDER_LOGIN)
-                run.decide("rejected", rule, PROXY, _SENDER_LOGIN)
-                return None
-        transaction = session.begin_transaction(Envelope(sender, sender_params))
-        transaction.results = _RecordingResults(run.record)
-        run.envelope = transaction.envelope
-        result = await chain.run("mail_from", transaction.results, session=session,
-                                 transaction=transaction, sender=sender)
-        refusal = before_message("mail_from", transaction, result)
+        refusal = await conversation.mail(session, sender, sender_params)
         if refusal is not None:
-            run.refuse(result, refusal)
-            session.end_transaction()
+            run.refuse(refusal)
+            conversation.end_transaction(session)
             return None
-        run.finish_phase(result)
+        transaction = session.transaction
+        assert transaction is not None
         # rcpt_to, each
-        route: str | None = None
         refusals: list[Refusal] = []
         if p.rcpt_mode == "relay":
             trace.notes.append("rcpt_mode relay: the upstream's answer to each RCPT is not asked offline")
         for address in rcpts:
-            phase = run.begin("rcpt_to", address.text)
-            rule = self._rcpt_rule(session, transaction, address, route)
-            if rule is not None:
-                reason = _RULE_REASONS.get(rule.enhanced or "", "proxy rule")
-                run.proxy_step("reject" if rule.is_permanent else "tempfail", rule, reason)
-                refusals.append(Refusal(rule, PROXY, reason))
-                trace.refused_recipients.append((address.text, _text(rule), PROXY))
-                continue
             recipient = Recipient(address, {})
-            result = await chain.run("rcpt_to", transaction.results, session=session,
-                                     transaction=transaction, recipient=recipient)
-            plugin_refusal = before_message("rcpt_to", transaction, result)
-            if plugin_refusal is not None:
-                run.finish_phase(result, plugin_refusal.reply)
-                refusals.append(plugin_refusal)
-                trace.refused_recipients.append(
-                    (address.text, _text(plugin_refusal.reply), plugin_refusal.decided_by)
-                )
+            refusal = await conversation.rcpt(session, transaction, recipient)
+            if refusal is not None:
+                refusals.append(refusal)
+                trace.refused_recipients.append((address.text, _text(refusal.reply), refusal.decided_by))
                 continue
-            run.finish_phase(result)
-            route = p.route_of(address)[0]
-            transaction.envelope._accept_recipient(recipient)
+            conversation.accept(transaction, recipient)
         if not transaction.envelope.recipients:
             # The client gets no further than RCPT; its refusals are the answer: the first
             # permanent one when all are permanent (the client gives up), else a temporary one.
             permanent = [r for r in refusals if r.reply.is_permanent]
             last = permanent[0] if permanent and len(permanent) == len(refusals) else next(
                 r for r in refusals if r.reply.is_temporary)
-            run.decide(last.disposition, last.reply, last.decided_by, last.reason)
+            run.refuse(last)
             return transaction
         # data
         phase = run.begin("data", "")
@@ -606,29 +563,25 @@ class Tracer:
             run.proxy_step("reject", refused, "the proxy's DATA rules (size, line length, bare CR/LF)")
             run.decide("rejected", refused, PROXY, "DATA refused while reading")
             return transaction
-        message = transaction.message = run.message = Message(refused)
+        message = transaction.message = Message(refused)
         trace.size = message.size
         phase.subject = f"{message.size} bytes"
         original = message.headers
-        if p.sender_login is not None:
-            found = await p.sender_login.header_refusal(message, auth_user)
-            if found is not None:
-                run.proxy_step("reject", found[0], _SENDER_LOGIN)
-                run.decide("rejected", found[0], PROXY, _SENDER_LOGIN)
-                return transaction
-        data_result: PhaseResult | None = None
-        if not skips_data_chain(transaction):
-            data_result = await chain.run("data", transaction.results, session=session,
-                                          transaction=transaction, message=message)
-        outcome = end_of_message(transaction, data_result)
+        refusal = await conversation.headers_refusal(session, transaction)
+        if refusal is not None:
+            run.refuse(refusal)
+            return transaction
+        outcome = await conversation.end_of_message(session, transaction)
         if isinstance(outcome, Refusal):
-            run.decide(outcome.disposition, outcome.reply, outcome.decided_by, outcome.reason)
+            run.refuse(outcome)
         else:
             reply = WOULD_DELIVER if outcome.action == "deliver" else queued_reply(transaction)
             decision = outcome.decision(reply, transaction.score)
             run.decide(decision.disposition, reply, decision.decided_by, decision.reason)
-        # the data chain is skipped for a discard decided earlier
-        run.finish_phase(data_result, run.reply, outcome=None if data_result is not None else "discard")
+        assert run.reply is not None
+        phase.reply = _text(run.reply)
+        if skips_data_chain(transaction):  # as it is for a discard decided earlier
+            phase.outcome = "discard"
         trace.message = message
         final = message.headers
         trace.headers_added = _minus(final, original)
@@ -643,40 +596,15 @@ class Tracer:
             trace.routes = [Route(n, d, tuple(r)) for n, (d, r) in groups.items()]
         return transaction
 
-    def _rcpt_rule(
-        self, session: Session, transaction: Transaction, address: Address, route: str | None
-    ) -> Reply | None:
-        """The proxy's own RCPT rules, in the front end's order; None when they pass."""
-        p = self.policy
-        if len(transaction.envelope.recipients) >= p.max_recipients:
-            return Reply(452, "4.5.3", "Too many recipients")
-        why = p.relay.refusal(address, session.client.ip, session.auth_user) if p.relay else None
-        if why is not None:
-            return refusal_reply(address, why)
-        if route is not None and p.route_of(address)[0] != route:
-            return Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
-        return None
-
     def _read_data(self, wire: bytes) -> bytes | mmap.mmap | Reply:
         """The message as the proxy's DATA reader would take it, or the reply refusing it."""
         p = self.policy
         reader = DataReader(p.max_message_size, p.max_line_length,
                             normalize_bare_newlines=p.normalize_bare_newlines)
-        # The front end reads up to each CRLF, so a bare CR or LF stays inside a "line".
-        for line in wire.split(b"\r\n")[:-1]:
-            reader.feed(line + b"\r\n")
-        reader.feed(END_OF_DATA)
+        reader.feed_section(wire + END_OF_DATA)
         if reader.problem is not None:
             return reader.problem.reply(p.max_message_size, p.max_line_length)
         return reader.content()
-
-
-_SENDER_LOGIN = "sender_login: the login does not own this sender (docs/submission.md)"
-
-_RULE_REASONS = {
-    "5.7.1": "relay rule: the domain is not in relay.domains and the client is not trusted",
-    "4.5.3": "one transaction per route, or limits.max_recipients",
-}
 
 
 def _minus(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> list[tuple[str, str]]:

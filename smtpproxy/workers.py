@@ -45,7 +45,6 @@ RESTART_DELAY = 1.0
 """Seconds before a dead worker is started again (a crash loop must not spin)."""
 STARTUP_TIMEOUT = 60.0
 
-log = logging.getLogger("smtpproxy.workers")
 
 
 def tell_supervisor_ready() -> None:

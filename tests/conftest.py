@@ -273,6 +273,30 @@ def make_config(tmp_path: Path, **sections: Any) -> Config:
 ProxyFactory = Callable[..., Awaitable[ProxyServer]]
 
 
+DAEMON_FIXTURES = {
+    "postfix_factory": "postfix",
+    "redis_server": "redis",
+    "postgres_server": "postgres",
+    "slapd_server": "slapd",
+    "slapd": "slapd",  # tests/test_tables_backends.py's own, with its directory
+    "clamd": "clamd",
+    "spamd_server": "spamd",
+    "rspamd_server": "rspamd",
+    "cluster_factory": "haproxy",
+}
+"""Fixtures that start a Debian daemon privately, and the marker each test using one gets
+(registered in pyproject.toml): ``pytest -m postfix`` runs what starts Postfix,
+``-m "not postfix and not redis"`` what does not."""
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for fixture in getattr(item, "fixturenames", ()):
+            marker = DAEMON_FIXTURES.get(fixture)
+            if marker is not None:
+                item.add_marker(marker)
+
+
 @pytest.fixture
 async def proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     """Start proxies for a test (plugins given as objects) and stop them afterwards."""

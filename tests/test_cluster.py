@@ -426,7 +426,7 @@ def test_the_documented_haproxy_config_is_valid_and_outlasts_the_proxys_own_time
     the proxy allows a client (idle, inside DATA) and the 10 minutes a client waits for the
     reply to the end of data (RFC 5321 4.5.3.2.6). The docs once said 5m "at least
     limits.command_timeout", a key that does not exist."""
-    from smtpproxy.config.schema import Limits, SmtpDeliveryConfig
+    from smtpproxy.config import Limits, SmtpDeliveryConfig
 
     binary = shutil.which("haproxy")
     if binary is None:

@@ -1,7 +1,9 @@
-"""One contract, three front ends: the live proxy, the milter and the offline tracer decide alike.
+"""One contract, every front end: the live proxy, the milter and the offline tracer decide alike.
 
-Every scenario (each action in each phase, each way a plugin can fail, session-level
-dispositions) runs through:
+Each front end only does I/O around one :class:`~smtpproxy.conversation.Conversation`;
+every scenario (each action in each phase, each way a plugin can fail, session-level
+dispositions) runs through the bare Conversation (the seam a new front end builds on), and
+through each front end, checked to have run its phases through its Conversation:
 
 - the SMTP proxy on a real socket, delivering to a real capturing upstream (aiosmtpd);
 - the milter, driven by the protocol-level fake MTA of tests/test_milter.py over loopback;
@@ -27,7 +29,12 @@ from typing import Any
 import pytest
 
 from smtpproxy import Decision, Verdict, hookimpl
+from smtpproxy.addresses import Address
+from smtpproxy.conversation import Conversation, Rules
+from smtpproxy.message import Message
 from smtpproxy.milter import codec
+from smtpproxy.outcome import Refusal
+from smtpproxy.session import Client, Recipient, Session
 from smtpproxy.tracer import Tracer
 from smtpproxy.verdicts import Action, Reply
 from tests.conftest import ProxyFactory, Sink, Talk, chain_of, port_of
@@ -250,19 +257,72 @@ async def through_tracer(phase: str, behaviour: str) -> Seen:
     return Seen(trace.decision, code // 100, trace.decided_by, score)
 
 
+async def through_conversation(phase: str, behaviour: str) -> Seen:
+    """The bare Conversation, as a front end without a medium would drive it."""
+    recorder = Recorder()
+    conversation = Conversation(chain_of(Scorer(), judge(phase, behaviour), recorder, timeout=TIMEOUT),
+                                Rules())
+    session = Session(Client("192.0.2.1", 4567), transport="offline")
+
+    def refused(refusal: Refusal) -> Seen:
+        return Seen(refusal.disposition, refusal.reply.code // 100, refusal.decided_by, None)
+
+    try:
+        refusal = await conversation.connect(session)
+        if refusal is None:
+            refusal = await conversation.greet(session, "client.test")
+        if refusal is None:
+            refusal = await conversation.mail(session, Address("alice@sender.test", "alice", "sender.test"), {})
+        if refusal is not None:
+            return refused(refusal)
+        transaction = session.transaction
+        assert transaction is not None
+        recipient = Recipient(Address("bob@dest.test", "bob", "dest.test"), {})
+        refusal = await conversation.rcpt(session, transaction, recipient)
+        if refusal is not None:
+            return refused(refusal)
+        conversation.accept(transaction, recipient)
+        transaction.message = Message(MESSAGE)
+        outcome = await conversation.end_of_message(session, transaction)
+        if isinstance(outcome, Refusal):
+            decision = outcome.decision(transaction.score)
+        else:
+            decision = outcome.decision(Reply(250, "2.0.0", "Ok"), transaction.score)
+        await conversation.settle(session, transaction, decision, time.perf_counter())
+        assert recorder.decisions == [decision]
+        return Seen(decision.disposition, decision.reply.code // 100, decision.decided_by, decision.score)
+    finally:
+        await conversation.disconnect(session)
+
+
 @pytest.mark.parametrize(("phase", "behaviour"), SCENARIOS, ids=[f"{p}-{b}" for p, b in SCENARIOS])
-async def test_three_front_ends_decide_alike(  # noqa: PLR0917 - pytest fixtures
+async def test_every_front_end_decides_alike_through_the_conversation(  # noqa: PLR0917 - pytest fixtures
     phase: str, behaviour: str, proxy_factory: ProxyFactory, sink: Sink, milter: MilterFactory,
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     caplog.set_level(logging.INFO)
     want = expected(phase, behaviour)
-    seen = {
-        "proxy": await through_proxy(phase, behaviour, proxy_factory=proxy_factory, sink=sink,
-                                     caplog=caplog),
-        "milter": await through_milter(phase, behaviour, milter, caplog),
-        "tracer": await through_tracer(phase, behaviour),
+    phases_run: list[str] = []
+    run = Conversation._run
+
+    async def counted(self: Conversation, phase: str, *args: Any, **kwargs: Any) -> Any:
+        phases_run.append(phase)
+        return await run(self, phase, *args, **kwargs)
+
+    monkeypatch.setattr(Conversation, "_run", counted)
+    seen: dict[str, Seen] = {}
+    front_ends = {
+        "conversation": lambda: through_conversation(phase, behaviour),
+        "proxy": lambda: through_proxy(phase, behaviour, proxy_factory=proxy_factory, sink=sink,
+                                       caplog=caplog),
+        "milter": lambda: through_milter(phase, behaviour, milter, caplog),
+        "tracer": lambda: through_tracer(phase, behaviour),
     }
+    for name, drive in front_ends.items():
+        phases_run.clear()
+        seen[name] = await drive()
+        # Every front end ran its phases through its Conversation, the judged one included.
+        assert "connect" in phases_run and phase in phases_run, (name, phases_run)
     assert {name: s for name, s in seen.items() if not s.matches(want)} == {}, want
     # What the proxy said is what it did: one message upstream exactly when delivered.
     assert len(sink.messages) == (1 if want.disposition == "delivered" else 0)

@@ -97,6 +97,27 @@ def test_dkimpy_still_has_what_the_streamed_verifier_relies_on() -> None:
     )
 
 
+def test_dkimpy_still_has_every_name_install_replaces() -> None:
+    """plugins/_dkimpy.py's install() replaces these dkimpy names (its docstring lists them):
+    each must still exist before, and be ours after; a second install changes nothing."""
+    import importlib
+
+    from smtpproxy_plugins import _dkimpy
+
+    def lookup(dotted: str) -> object:
+        module, _, name = dotted.rpartition(".")
+        return getattr(importlib.import_module(module), name, None)
+
+    assert len(_dkimpy.REPLACED) == 10
+    assert [n for n in _dkimpy.REPLACED if lookup(n) is None] == []
+    _dkimpy.install()
+    installed = {n: lookup(n) for n in _dkimpy.REPLACED}
+    assert all(getattr(f, "__module__", "") == _dkimpy.__name__ or f in (_dkimpy._BTAG,)
+               for f in installed.values()), installed
+    _dkimpy.install()
+    assert {n: lookup(n) for n in _dkimpy.REPLACED} == installed
+
+
 def test_aiosmtplib_still_has_what_streaming_and_pipelining_rely_on() -> None:
     """stream.py writes the message through the protocol; pipelining.py adopts the protocol
     object into a subclass that keeps replies due to a pipelined group."""

@@ -22,6 +22,7 @@ import dkim.canonicalization
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from smtpproxy_plugins import _dkimpy as dkimpy_internals
 from smtpproxy_plugins import dkim as plugin_dkim
 from smtpproxy_plugins.dkim import DKIMVerify, KeyLookup, canonical_body, split_at_blank_line
 
@@ -214,9 +215,9 @@ def test_streamed_verification_agrees_with_dkimpy_alone(rsa2048: Key, body: byte
 def test_fast_rsa_conversions_equal_dkimpys(n: int, length: int, raw: bytes) -> None:
     """The int<->octets conversions installed in dkim.crypto answer exactly what dkimpy's do."""
     original = _unpatched_crypto()
-    assert plugin_dkim._int2str(n, length) == original.int2str(n, length)
-    assert plugin_dkim._str2int(raw) == original.str2int(raw)
-    assert dkim.crypto.int2str is plugin_dkim._int2str
+    assert dkimpy_internals._int2str(n, length) == original.int2str(n, length)
+    assert dkimpy_internals._str2int(raw) == original.str2int(raw)
+    assert dkim.crypto.int2str is dkimpy_internals._int2str
 
 
 @functools.cache
@@ -277,10 +278,10 @@ def test_openssl_rsa_verify_equals_dkimpys(algorithm: str, data: bytes, shape: s
         signature = b"\x00" + signature
     public = {"modulus": n, "publicExponent": e}
     expected = original.RSASSA_PKCS1_v1_5_verify(hashlib.new(algorithm, data), signature, public)
-    assert plugin_dkim._rsa_verify(hashlib.new(algorithm, data), signature, public) == expected
+    assert dkimpy_internals._rsa_verify(hashlib.new(algorithm, data), signature, public) == expected
     if shape == "valid":
         assert expected is True
-    assert dkim.RSASSA_PKCS1_v1_5_verify is plugin_dkim._rsa_verify
+    assert dkim.RSASSA_PKCS1_v1_5_verify is dkimpy_internals._rsa_verify
 
 
 _DKIMPY_BTAG_PATTERN = rb"([;\s]b" + dkim.FWS + rb"=)(?:" + dkim.FWS + rb"[a-zA-Z0-9+/=])*(?:\r?\n\Z)?"
@@ -301,9 +302,9 @@ _BTAG_PIECES = st.lists(st.sampled_from([b"b", b"=", b";", b" ", b"\t", b"\r", b
 def test_btag_regex_blanks_what_dkimpys_blanks(value: bytes) -> None:
     """The b= blanking regex installed in dkimpy substitutes exactly what dkimpy's own does."""
     original = re.compile(_DKIMPY_BTAG_PATTERN)
-    assert plugin_dkim._DKIMPY_BTAG.pattern == _DKIMPY_BTAG_PATTERN  # dkimpy's is still this one
-    assert dkim.RE_BTAG is plugin_dkim._BTAG
-    assert plugin_dkim._BTAG.sub(b"\\1", value) == original.sub(b"\\1", value)
+    assert dkimpy_internals._DKIMPY_BTAG.pattern == _DKIMPY_BTAG_PATTERN  # dkimpy's is still this one
+    assert dkim.RE_BTAG is dkimpy_internals._BTAG
+    assert dkimpy_internals._BTAG.sub(b"\\1", value) == original.sub(b"\\1", value)
 
 
 @functools.cache
@@ -333,10 +334,10 @@ _TAG_PIECES = st.lists(st.sampled_from([b"v", b"a", b"bh", b"b", b"=", b";", b" 
 def test_tag_value_parsing_equals_dkimpys(value: bytes) -> None:
     """The parse_tag_value installed in dkimpy answers (or refuses) exactly as dkimpy's own."""
     original = _unpatched("dkim.util")
-    ours = _outcome(plugin_dkim._parse_tag_value, value)
+    ours = _outcome(dkimpy_internals._parse_tag_value, value)
     theirs = _outcome(original.parse_tag_value, value)
     assert ours == theirs
-    assert dkim.util.parse_tag_value is dkim.parse_tag_value is plugin_dkim._parse_tag_value
+    assert dkim.util.parse_tag_value is dkim.parse_tag_value is dkimpy_internals._parse_tag_value
 
 
 @settings(max_examples=1000, deadline=None)
@@ -345,9 +346,9 @@ def test_tag_value_parsing_equals_dkimpys(value: bytes) -> None:
 def test_header_canonicalization_helpers_equal_dkimpys(value: bytes) -> None:
     """compress_whitespace and unfold_header_value as installed give dkimpy's own results."""
     original = _unpatched("dkim.canonicalization")
-    assert plugin_dkim._compress_whitespace(value) == original.compress_whitespace(value)
-    assert plugin_dkim._unfold_header_value(value) == original.unfold_header_value(value)
-    assert dkim.canonicalization.compress_whitespace is plugin_dkim._compress_whitespace
+    assert dkimpy_internals._compress_whitespace(value) == original.compress_whitespace(value)
+    assert dkimpy_internals._unfold_header_value(value) == original.unfold_header_value(value)
+    assert dkim.canonicalization.compress_whitespace is dkimpy_internals._compress_whitespace
     headers = [(b"Subject", value), (b"X-A ", b" x\r\n\ty  z")]
     assert dkim.canonicalization.Relaxed.canonicalize_headers(headers) == \
         original.Relaxed.canonicalize_headers(headers)
@@ -379,5 +380,5 @@ async def test_fetch_keys_answers_cached_and_invalid_names_and_looks_up_the_rest
 def test_rfc822_parse_equals_dkimpys(value: bytes) -> None:
     """The header-block parser installed in dkimpy answers (or refuses) exactly as dkimpy's own."""
     original = _unpatched("dkim").rfc822_parse
-    assert _outcome(plugin_dkim._rfc822_parse, value) == _outcome(original, value)
-    assert dkim.rfc822_parse is plugin_dkim._rfc822_parse
+    assert _outcome(dkimpy_internals._rfc822_parse, value) == _outcome(original, value)
+    assert dkim.rfc822_parse is dkimpy_internals._rfc822_parse

@@ -55,6 +55,7 @@ def test_ttl_cache_expires_entries_and_stays_bounded(monkeypatch: pytest.MonkeyP
 
     now = [1_000_000.0]
     monkeypatch.setattr(dns_module.time, "time", lambda: now[0])
+    monkeypatch.setattr(dns_module.time, "monotonic", lambda: now[0] - 999_000.0)  # both clocks run
     cache: TTLCache[str, int] = TTLCache(size=2)
     cache.put("a", 1, now[0] + 10)
     cache.put("gone", 2, now[0])  # already expired (TTL 0): not kept
@@ -67,6 +68,23 @@ def test_ttl_cache_expires_entries_and_stays_bounded(monkeypatch: pytest.MonkeyP
     nothing: TTLCache[str, int] = TTLCache(size=0)
     nothing.put("a", 1, now[0] + 60)
     assert nothing.get("a") is None  # cache_size: 0 keeps nothing
+
+
+def test_ttl_cache_expires_on_the_monotonic_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Setting the system clock after a value is put changes nothing; only time passing does."""
+    import smtpproxy.dns as dns_module
+    from smtpproxy.dns import TTLCache
+
+    wall, mono = [1_000_000.0], [50.0]
+    monkeypatch.setattr(dns_module.time, "time", lambda: wall[0])
+    monkeypatch.setattr(dns_module.time, "monotonic", lambda: mono[0])
+    cache: TTLCache[str, int] = TTLCache(size=4)
+    cache.put("a", 1, wall[0] + 10)
+    wall[0] += 3600  # the clock is stepped forward: the answer has 10 s left all the same
+    assert cache.get("a") == 1
+    wall[0] -= 7200  # and back: it does not live longer either
+    mono[0] += 10
+    assert cache.get("a") is None
 
 
 def test_derived_caches_belong_to_their_resolver() -> None:

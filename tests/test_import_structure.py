@@ -83,3 +83,44 @@ def test_no_import_cycle_inside_smtpproxy() -> None:
 
 def test_the_cycle_finder_finds_one() -> None:
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+MAX_MODULE_LINES = 900
+"""Above this a module holds more than one job (issue 24's structure review)."""
+
+
+def test_no_module_of_smtpproxy_is_over_900_lines() -> None:
+    long = {str(p.relative_to(ROOT)): n for p in PACKAGE.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > MAX_MODULE_LINES}
+    assert long == {}
+
+
+FRONT_ENDS = ("smtpproxy.inbound", "smtpproxy.milter", "smtpproxy.tracer", "smtpproxy.server",
+              "smtpproxy.cli")
+
+
+def _reaches(module: str, graph: dict[str, set[str]]) -> set[str]:
+    seen: set[str] = set()
+    todo = [module]
+    while todo:
+        for found in graph[todo.pop()] - seen:
+            seen.add(found)
+            todo.append(found)
+    return seen
+
+
+def test_no_import_runs_upward() -> None:
+    """The configuration and the conversation sit below every front end: neither reaches
+    one (the milter's endpoint parser once made config import smtpproxy.milter), and the
+    conversation knows no transport (no aiosmtpd, no milter packets)."""
+    graph = import_graph()
+    upward = {
+        low: sorted(m for m in _reaches(low, graph) if m.startswith(FRONT_ENDS))
+        for low in graph
+        if low.startswith(("smtpproxy.config", "smtpproxy.conversation", "smtpproxy.outcome"))
+    }
+    assert {low: found for low, found in upward.items() if found} == {}
+    conversation = ast.parse((PACKAGE / "conversation.py").read_text())
+    imported = {a.name for n in ast.walk(conversation) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module or "" for n in ast.walk(conversation) if isinstance(n, ast.ImportFrom)}
+    assert not {m for m in imported if m.startswith(("aiosmtpd", "smtpproxy.milter", "socket"))}

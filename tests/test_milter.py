@@ -21,6 +21,7 @@ from smtpproxy import Decision, Message, Recipient, Session, Transaction, Verdic
 from smtpproxy.addresses import parse_mailbox
 from smtpproxy.milter import codec
 from smtpproxy.milter.server import MilterServer
+from tests import milter_mta
 from tests.conftest import chain_of, make_config
 
 TIMEOUT = 5.0
@@ -48,7 +49,7 @@ class FakeMTA:
 
     def send(self, *commands: codec.Command) -> None:
         for command in commands:
-            self.writer.write(codec.encode_command(command))
+            self.writer.write(milter_mta.encode_command(command))
 
     def send_raw(self, data: bytes) -> None:
         self.writer.write(data)
@@ -59,7 +60,7 @@ class FakeMTA:
             if not data:
                 raise ConnectionError("the milter closed the connection")
             self.queue += self.decoder.feed(data)
-        return codec.decode_response(*self.queue.pop(0))
+        return milter_mta.decode_response(*self.queue.pop(0))
 
     async def until_final(self) -> list[codec.Response]:
         """Responses up to and including the final one (what Postfix reads after an event)."""
@@ -74,7 +75,7 @@ class FakeMTA:
                 return out
 
     async def event(self, command: codec.Command, **macros: str) -> list[codec.Response]:
-        code = codec.encode_command(command)[4:5].decode()
+        code = milter_mta.encode_command(command)[4:5].decode()
         if macros:
             self.send(codec.Macro(code, tuple(macros.items())))
         self.send(command)

@@ -475,7 +475,7 @@ async def test_a_session_without_notification_hooks_still_ends_fully(
         code, _ = await client.send_message("a@sender.test", ["b@dest.test"], f"Subject: {n}\r\n\r\nx\r\n".encode())
         assert code == 250
     session = next(iter(proxy.services.sessions))
-    assert session._pending_notifications == []
+    assert not session.conversation.pending
     assert proxy.services.leases.users(chain) == 1
     await client.cmd("QUIT")
     await client.close()

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 
+from tests import milter_mta
 from tests.conftest import SinkHandler, Talk, start_sink
 from tests.daemons import LogLines, free_port
 
@@ -111,7 +112,7 @@ async def test_milter_survives_sighup_and_a_second_sigterm_ends_its_drain(tmp_pa
         proc.send_signal(signal.SIGHUP)  # systemctl reload, logrotate: not a reason to die
         await asyncio.to_thread(log.wait_line, r"event=signal_ignored .*signal=SIGHUP")
         reader, writer = await asyncio.open_connection("127.0.0.1", port)  # an MTA, mid-session
-        writer.write(codec.encode_command(codec.OptNeg(6, POSTFIX_ACTIONS, POSTFIX_PROTOCOL)))
+        writer.write(milter_mta.encode_command(codec.OptNeg(6, POSTFIX_ACTIONS, POSTFIX_PROTOCOL)))
         await asyncio.wait_for(reader.read(4), 10)
         proc.send_signal(signal.SIGTERM)
         await asyncio.to_thread(log.wait_line, r"event=shutdown ")

@@ -23,9 +23,18 @@ Loading rules (see :func:`load_config`):
 The package is split along those seams: :mod:`.problems` (ConfigError and its located
 lines), :mod:`.source` (YAML with positions, environment interpolation, suggestions),
 :mod:`.fields` (validated field types, public for plugin settings), :mod:`.schema` (the
-sections and keys) and :mod:`.loading` (:func:`load_config`).
+sections and keys, with :mod:`.listeners` and :mod:`.delivery` for the two biggest, on
+:mod:`.section`'s base) and :mod:`.loading` (:func:`load_config`).
 """
 
+from smtpproxy.config.delivery import (
+    MaildirDeliveryConfig,
+    Route,
+    SmtpDeliveryConfig,
+    Upstream,
+    UpstreamAuth,
+    UpstreamPool,
+)
 from smtpproxy.config.fields import (
     ConfigPath,
     ExistingDirectory,
@@ -36,6 +45,7 @@ from smtpproxy.config.fields import (
     Network,
     RelayDomain,
 )
+from smtpproxy.config.listeners import Listener, ListenerAuth, ListenerTLS, LoginThrottle, SenderLogin
 from smtpproxy.config.loading import load_config
 from smtpproxy.config.problems import ConfigError, PathElement, Problem, format_key
 from smtpproxy.config.schema import (
@@ -43,24 +53,13 @@ from smtpproxy.config.schema import (
     MAX_WORKERS,
     Config,
     Limits,
-    Listener,
-    ListenerAuth,
-    ListenerTLS,
     Logging,
-    LoginThrottle,
-    MaildirDeliveryConfig,
     Metrics,
     Milter,
     PluginSpec,
     Quarantine,
     Relay,
-    Route,
-    SenderLogin,
-    SmtpDeliveryConfig,
     SmtpPolicy,
-    Upstream,
-    UpstreamAuth,
-    UpstreamPool,
     cpu_count,
 )
 from smtpproxy.config.source import ConfigSource

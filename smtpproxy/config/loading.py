@@ -12,8 +12,9 @@ from pydantic import (
     ValidationError,
 )
 
+from smtpproxy.config.delivery import MaildirDeliveryConfig, SmtpDeliveryConfig
 from smtpproxy.config.problems import ConfigError, Problem, format_key
-from smtpproxy.config.schema import Config, MaildirDeliveryConfig, SmtpDeliveryConfig
+from smtpproxy.config.schema import Config
 from smtpproxy.config.source import ConfigSource, parse_document, problem_order
 
 # --------------------------------------------------------------------------- loading

@@ -8,7 +8,7 @@ reply for the client, so the proxy never acknowledges a message it could lose.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -93,6 +93,21 @@ class Delivery(Protocol):
         """The largest message the backend takes, less what the proxy adds; None: no limit
         of its own (``limits.max_message_size`` applies)."""
         ...
+
+    def reply_bound(self) -> float:
+        """How long a message already handed over may still take to be answered (shutdown
+        waits this long for the answer the client is owed)."""
+        ...
+
+    def upstream_names(self) -> list[str]:
+        """The upstream servers by name, for metrics labels; empty for a local backend."""
+        ...
+
+    def report_to(self, on_down: Callable[[str, str], None],
+                  on_identity: Callable[[str, str], None]) -> None:
+        """Tell *on_down* (server, reason) when an upstream is found down and *on_identity*
+        (server, mechanism) how the client's identity was passed on; a local backend has
+        neither to tell."""
 
     def remembered_refusal(self, sender: Address, recipient: Address) -> Reply | None:
         """The refusal the backend gave *recipient* at an earlier delivery, if it still applies.

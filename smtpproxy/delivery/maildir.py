@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from smtpproxy.addresses import Address
@@ -57,6 +58,16 @@ class MaildirDelivery:
 
     def size_limit(self) -> int | None:
         return None
+
+    def reply_bound(self) -> float:
+        return 30.0  # a write and two fsyncs
+
+    def upstream_names(self) -> list[str]:
+        return []
+
+    def report_to(self, on_down: Callable[[str, str], None],
+                  on_identity: Callable[[str, str], None]) -> None:
+        return None  # no upstream to be down, no identity to pass on
 
     async def start(self) -> None:
         await run_blocking(self._make_dirs)

@@ -31,7 +31,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -208,6 +208,19 @@ class SmtpDelivery:
         sizes = [s.size for s in self.servers if s.size]
         return max(min(sizes) - SIZE_MARGIN, 1) if sizes else None
 
+    def reply_bound(self) -> float:
+        """The end of DATA's timeout, and one command's (the pipelined group before it)."""
+        s = self.connector.settings
+        return s.data_timeout + s.command_timeout
+
+    def upstream_names(self) -> list[str]:
+        return list({u.name: None for servers in self.route_servers.values() for u in servers})
+
+    def report_to(self, on_down: Callable[[str, str], None],
+                  on_identity: Callable[[str, str], None]) -> None:
+        self.connector.on_down = on_down
+        self.connector.on_identity = on_identity
+
     def open_transaction(self, session: Session, transaction: Transaction) -> RelayTransaction:
         """For rcpt_mode relay: an upstream transaction that follows the client's."""
         return RelayTransaction(self, session, transaction)
@@ -295,7 +308,7 @@ class _Transfer:
     ) -> tuple[_Transfer, list[Reply]]:
         """A connection with MAIL and *recipients* sent, and the replies to the RCPTs.
 
-        On a server that pipelines, the connection's prelude (XFORWARD, or RSET probing a
+        On a server that pipelines, the command acquire returned (XFORWARD, or RSET probing a
         reused connection), MAIL, the RCPTs and, with *data*, DATA go in one write (RFC 2920);
         a reused connection that turns out dead is dropped and the next one tried, as a
         failed probe would be: no message data has been sent on it. Raises DeliveryError
@@ -303,9 +316,10 @@ class _Transfer:
         """
         reuse = True
         while True:
-            transfer = cls(connector, await connector.acquire(servers, session, reuse=reuse))
+            conn, prelude = await connector.acquire(servers, session, reuse=reuse)
+            transfer = cls(connector, conn)
             try:
-                return transfer, await transfer._begin(envelope, size, recipients, data=data)
+                return transfer, await transfer._begin(envelope, size, recipients, prelude, data=data)
             except _DeadConnection as dead:
                 await transfer.close()
                 # A timeout: the upstream may be slow rather than the connection dead, so one
@@ -352,10 +366,9 @@ class _Transfer:
 
     async def _begin(self, envelope: Envelope, size: int | None,
                      recipients: Sequence[tuple[Address, Mapping[str, str | None] | None]],
-                     *, data: bool) -> list[Reply]:
+                     prelude: bytes | None, *, data: bool) -> list[Reply]:
         mail = self._mail_command(envelope, size)
         rcpts = [self._rcpt_command(address, envelope.smtputf8, params) for address, params in recipients]
-        prelude, self.conn.prelude = self.conn.prelude, None
         if not self.connector.pipelines(self.conn):
             self._check_mail(await self._command(mail))
             return [self._in_step(await self._command(rcpt), _RCPT_OK) for rcpt in rcpts]

@@ -136,10 +136,6 @@ class Connection:
     never be re-identified: it is reused only for the same identity."""
     reused: bool = False
     """Taken from the idle pool for this message (it may have died while idle)."""
-    prelude: bytes | None = None
-    """A command :meth:`Connector.acquire` left for the message's first write, on a server
-    that pipelines: XFORWARD, or RSET to probe a reused connection. Its reply goes to
-    :meth:`Connector.accept_prelude`."""
 
     @property
     def destination(self) -> str:
@@ -217,17 +213,20 @@ class Connector:
         return ctx
 
     async def acquire(self, servers: Sequence[UpstreamServer], session: Session, *,
-                      reuse: bool = True) -> Connection:
+                      reuse: bool = True) -> tuple[Connection, bytes | None]:
         """A connection ready for MAIL FROM, from the first server that works; else DeliveryError.
 
-        *reuse* False: a new connection, not an idle one.
+        With it, on a server that pipelines, the command still to go in the message's first
+        write, before MAIL: XFORWARD, or RSET to probe a reused connection (its reply goes
+        to :meth:`accept_prelude`); None when there is none. *reuse* False: a new
+        connection, not an idle one.
         """
         now = time.monotonic()
         last_error: DeliveryError | None = None
         for server in order_servers(servers, now):
-            conn = await self._reuse(server, session) if reuse else None
-            if conn is not None:
-                return conn
+            reused = await self._reuse(server, session) if reuse else None
+            if reused is not None:
+                return reused
             try:
                 conn = await self._open(server)
             except DeliveryError as exc:
@@ -247,16 +246,19 @@ class Connector:
             server.down_until = 0.0
             server.down_reason, server.down_detail = None, ""
             try:
-                await self._identify(conn, session)
+                prelude = await self._identify(conn, session)
             except DeliveryError:
                 await self.discard(conn)
                 raise
-            return conn
+            return conn, prelude
         assert last_error is not None, "no upstream servers configured"
         raise last_error
 
-    async def _reuse(self, server: UpstreamServer, session: Session) -> Connection | None:
-        """An idle connection to this server that still answers, with the new identity."""
+    async def _reuse(
+        self, server: UpstreamServer, session: Session
+    ) -> tuple[Connection, bytes | None] | None:
+        """An idle connection to this server that still answers, with the new identity (and
+        the command :meth:`acquire` returns with it)."""
         while server.idle:
             conn = server.idle.popleft()
             if time.monotonic() - conn.idle_since > self.settings.idle_timeout:
@@ -270,21 +272,20 @@ class Connector:
             if self.pipelines(conn) and identity == conn.identity:  # no XCLIENT to send
                 # Probe that the idle connection still answers (as Postfix's connection cache
                 # does) in the message's first write: XFORWARD when it is sent, else RSET.
-                conn.prelude = self._xforward_command(conn, session) or b"RSET"
-                return conn
+                return conn, self._xforward_command(conn, session) or b"RSET"
             try:
                 if not self._identifies_with_a_command(conn, session):
                     # The probe on its own. XCLIENT or XFORWARD, when sent, is that probe already.
                     response = await conn.client.rset()
                     if response.code != 250:
                         raise aiosmtplib.SMTPResponseException(response.code, response.message)
-                await self._identify(conn, session)
+                prelude = await self._identify(conn, session)
             except (aiosmtplib.SMTPException, OSError, DeliveryError) as exc:
                 await self.discard(conn)
                 if isinstance(exc, aiosmtplib.SMTPTimeoutError):
                     return None  # wedged or slow: a new connection, not one timeout per idle one
                 continue
-            return conn
+            return conn, prelude
         return None
 
     def pipelines(self, conn: Connection) -> bool:
@@ -293,7 +294,7 @@ class Connector:
         return self.settings.pipelining and conn.client.supports_extension("pipelining")
 
     def accept_prelude(self, conn: Connection, command: bytes, reply: SMTPResponse) -> bool:
-        """Check the reply to the command :meth:`acquire` left in ``conn.prelude``.
+        """Check the reply to the command :meth:`acquire` returned with the connection.
 
         False: a reused connection that no longer works (the caller drops it and acquires
         another, as a failed probe would have). A new connection's refused XFORWARD raises
@@ -503,14 +504,16 @@ class Connector:
               mode=self.settings.identity, reply=reply.code, reason=detail)
         return DeliveryError(reply, f"{conn.destination}: {detail}")
 
-    async def _identify(self, conn: Connection, session: Session) -> None:
-        """Tell the upstream who the real client is (per message: pooled connections move on)."""
+    async def _identify(self, conn: Connection, session: Session) -> bytes | None:
+        """Tell the upstream who the real client is (per message: pooled connections move on).
+
+        On a server that pipelines, XFORWARD is not sent here but returned, to go with MAIL."""
         mode = self.settings.identity
         client = conn.client
         identity = self._xclient_identity(conn, session)
         if identity is not None:
             if conn.identity == identity:
-                return  # a reused connection already speaking for this client
+                return None  # a reused connection already speaking for this client
             response = await client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
             if response.code not in (220, 250):  # 220 greeting (Postfix >= 2.3); 250 before that
                 raise self._identity_refused(
@@ -524,8 +527,7 @@ class Connector:
             self._note_identity(conn.server, "xclient")
         elif (command := self._xforward_command(conn, session)) is not None:
             if self.pipelines(conn):
-                conn.prelude = command  # sent with MAIL, its reply to accept_prelude
-                return
+                return command  # sent with MAIL, its reply to accept_prelude
             response = await client.execute_command(command)
             if not self.accept_prelude(conn, command, response):
                 raise aiosmtplib.SMTPResponseException(response.code, response.message)
@@ -540,7 +542,7 @@ class Connector:
             self._note_identity(conn.server, "none", "upstream offers neither XCLIENT nor XFORWARD")
         else:
             self._note_identity(conn.server, "none", "client_identity: none")
-
+        return None
 
     def _xforward_command(self, conn: Connection, session: Session) -> bytes | None:
         """XFORWARD with the client's attributes, when the mode and the server allow it."""

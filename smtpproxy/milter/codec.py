@@ -55,8 +55,6 @@ __all__ = [
     "Unknown",
     "action_names",
     "decode_command",
-    "decode_response",
-    "encode_command",
     "encode_packet",
     "encode_response",
     "needed_action",
@@ -435,43 +433,6 @@ def decode_command(code: bytes, payload: bytes) -> Command:
     return command
 
 
-def encode_command(command: Command) -> bytes:
-    """Frame a command as an MTA would send it (the tests' fake MTA uses this)."""
-    match command:
-        case OptNeg():
-            return _encode_optneg(command)
-        case Macro(for_command, pairs):
-            if len(for_command) != 1:
-                raise ValueError("a macro's command code is one character")
-            payload = for_command.encode("latin-1") + b"".join(
-                _cstr(name) + _cstr(value) for name, value in pairs
-            )
-            return encode_packet(b"D", payload)
-        case Connect(hostname, family, port, address):
-            payload = _cstr(hostname) + family.encode("latin-1")
-            if family != FAMILY_UNKNOWN:
-                payload += _U16.pack(port) + _cstr(address)
-            return encode_packet(b"C", payload)
-        case Helo(hostname):
-            return encode_packet(b"H", _cstr(hostname))
-        case Mail(args):
-            return encode_packet(b"M", b"".join(_cstr(a) for a in args))
-        case Rcpt(args):
-            return encode_packet(b"R", b"".join(_cstr(a) for a in args))
-        case Header(name, value):
-            return encode_packet(b"L", _cstr(name) + _cstr(value))
-        case Body(chunk):
-            return encode_packet(b"B", chunk)
-        case EndOfBody(chunk):
-            return encode_packet(b"E", chunk)
-        case Unknown(text):
-            return encode_packet(b"U", _cstr(text))
-    for code, empty in _EMPTY_COMMANDS.items():
-        if command == empty:
-            return encode_packet(code)
-    raise TypeError(f"not a milter command: {command!r}")
-
-
 # -- responses (filter -> MTA) ------------------------------------------------------
 
 
@@ -632,48 +593,6 @@ def encode_response(response: Response) -> bytes:
         if response == empty:
             return encode_packet(code)
     raise TypeError(f"not a milter response: {response!r}")
-
-
-def decode_response(code: bytes, payload: bytes) -> Response:
-    """Turn one packet from a filter into a typed response (for the tests' fake MTA)."""
-    empty = _EMPTY_RESPONSES.get(code)
-    if empty is not None:
-        if payload:
-            raise MilterProtocolError(f"response {code!r} takes no payload")
-        return empty
-    what = f"response {code!r}"
-    if code == b"O":
-        return _decode_optneg(what, payload)
-    if code == b"b":
-        return ReplaceBody(payload)
-    r = _Reader(what, payload)
-    response: Response
-    if code == b"y":
-        response = ReplyCode(r.string())
-    elif code == b"q":
-        response = Quarantine(r.string())
-    elif code == b"h":
-        name = r.string()
-        response = AddHeader(name, r.string())
-    elif code in (b"i", b"m"):
-        index = r.u32()
-        name = r.string()
-        value = r.string()
-        response = InsertHeader(index, name, value) if code == b"i" else ChangeHeader(index, name, value)
-    elif code == b"e":
-        address = r.string()
-        response = ChangeFrom(address, None if r.done else r.string())
-    elif code == b"+":
-        response = AddRecipient(r.string())
-    elif code == b"2":
-        address = r.string()
-        response = AddRecipient(address, r.string())
-    elif code == b"-":
-        response = DeleteRecipient(r.string())
-    else:
-        raise MilterProtocolError(f"unknown response code {code!r}")
-    r.end()
-    return response
 
 
 # -- macros -------------------------------------------------------------------------

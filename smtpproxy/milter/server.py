@@ -25,11 +25,11 @@ from pathlib import Path
 from smtpproxy import __version__
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
+from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.history import HistoryRecorder, node_name
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError
-from smtpproxy.milter.endpoint import parse_listen
 from smtpproxy.milter.session import MilterPolicy, MilterSession
 from smtpproxy.registry import build_chain
 from smtpproxy.senderlogin import SenderLoginPolicy

@@ -30,40 +30,32 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal, TypeVar
 
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
-from smtpproxy.chain import Chain, PhaseResult
+from smtpproxy.chain import Chain
+from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.eventlog import current_session, event
-from smtpproxy.history import HistoryRecorder, entry_for
+from smtpproxy.history import HistoryRecorder
 from smtpproxy.message import Message
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError, Response
 from smtpproxy.milter.edits import body_edits, envelope_edits, header_edits, split_fields
 from smtpproxy.outcome import (
+    ERROR_REJECT,
     Deliver,
+    FailureAction,
     Refusal,
-    before_message,
-    connect_reply,
-    end_of_message,
-    skips_data_chain,
+    on_not_granted,
+    on_plugin_failure,
 )
 from smtpproxy.senderlogin import SenderLoginPolicy
-from smtpproxy.session import (
-    Client,
-    Decision,
-    Envelope,
-    Recipient,
-    Results,
-    Session,
-    TLSInfo,
-    Transaction,
-)
+from smtpproxy.session import Client, Decision, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.verdicts import Reply
 
-__all__ = ["MilterPolicy", "MilterSession"]
+__all__ = ["ERROR_REJECT", "MilterPolicy", "MilterSession"]
 
-log = logging.getLogger("smtpproxy.milter")
+_T = TypeVar("_T")
 
 Send = Callable[[Response], Awaitable[None]]
 
@@ -75,8 +67,6 @@ _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}", re.ASCII)
 """What a verified client name may contain (Postfix's valid_hostname() characters)."""
 
-ERROR_REJECT = Reply(550, "5.3.0", "Message refused because of a local problem")
-ERROR_TEMPFAIL = Reply(451, "4.3.0", "Temporary local problem, please try again later")
 TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 
 
@@ -84,7 +74,7 @@ TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 class MilterPolicy:
     """What a milter connection needs from the configuration."""
 
-    default_action: Literal["tempfail", "accept", "reject"] = "tempfail"
+    default_action: FailureAction = "tempfail"
     not_granted_action: Literal["default_action", "tempfail", "accept", "reject"] = "default_action"
     """What a message becomes when its edits or quarantine need an action the MTA did not grant."""
     max_message_size: int = 26_214_400
@@ -115,6 +105,11 @@ class MilterSession:
         self.negotiated: codec.OptNeg | None = None
         self.macros = codec.Macros()
         self.session: Session | None = None
+        # The MTA judges unauthenticated senders itself (reject_unauthenticated_sender_login_mismatch).
+        self.conversation = Conversation(chain, Rules(
+            max_recipients=policy.max_recipients, sender_login=policy.sender_login,
+            unauthenticated_senders=False,
+        ), history=policy.history, node=policy.node)
         self._reset_message()
 
     # -- helpers ------------------------------------------------------------------------
@@ -153,9 +148,9 @@ class MilterSession:
             raise MilterProtocolError(f"{what} without MAIL")
         return session, session.transaction
 
-    async def _run(self, phase: str, results: Results, **kwargs: Any) -> PhaseResult:
-        """Run a phase, telling the MTA we are alive while slow plugins work."""
-        task = asyncio.ensure_future(self.chain.run(phase, results, **kwargs))
+    async def _progress(self, step: Awaitable[_T]) -> _T:
+        """Run a step of the conversation, telling the MTA we are alive while slow plugins work."""
+        task = asyncio.ensure_future(step)
         try:
             while True:
                 done, _ = await asyncio.wait({task}, timeout=self.policy.progress_interval)
@@ -166,25 +161,19 @@ class MilterSession:
             if not task.done():
                 task.cancel()
 
-    def _failure_policy(self, phase: str, refusal: Refusal) -> Refusal | None:
-        """A plugin's failure goes by ``milter.default_action``: the refusal to send (a
-        tempfail as the chain made it, or a reject), or None to accept (SMFIR_ACCEPT)."""
-        if not refusal.failed:
-            return refusal
-        action = self.policy.default_action
-        event("milter_default_action", level=logging.WARNING, phase=phase, action=action,
-              plugin=refusal.decided_by, reason=refusal.reason)
-        if action == "tempfail":
-            return refusal
-        if action == "accept":
-            return None
-        reply = connect_reply(ERROR_REJECT) if phase == "connect" else ERROR_REJECT
-        return Refusal(reply, refusal.decided_by, refusal.reason, failed=True)
+    def _failure_policy(self, phase: str, refusal: Refusal) -> Refusal | Deliver:
+        """A plugin's failure goes by ``milter.default_action`` (:func:`on_plugin_failure`)."""
+        if refusal.failed:
+            event("milter_default_action", level=logging.WARNING, phase=phase,
+                  action=self.policy.default_action, plugin=refusal.decided_by, reason=refusal.reason)
+        return on_plugin_failure(phase, refusal, self.policy.default_action)
 
     def _refuse(self, phase: str, refusal: Refusal) -> Response:
         """A refusal as the MTA's reply (SMFIR_REPLYCODE), or SMFIR_ACCEPT by default_action."""
         final = self._failure_policy(phase, refusal)
-        return codec.Accept() if final is None else codec.ReplyCode(reply_text(final.reply))
+        if isinstance(final, Deliver):
+            return codec.Accept()
+        return codec.ReplyCode(reply_text(final.reply))
 
     def _update_identity(self, session: Session) -> None:
         """TLS and SMTP AUTH as the MTA's macros tell them (sent with HELO and MAIL)."""
@@ -230,7 +219,7 @@ class MilterSession:
             case codec.Abort():
                 if self.session is not None and self.session.transaction is not None:
                     event("abort", tx=self.session.transaction.id)
-                    self.session.end_transaction()
+                    self.conversation.end_transaction(self.session)
                 self._end_message()
             case codec.Quit():
                 return False
@@ -277,11 +266,8 @@ class MilterSession:
         self.session = session
         current_session.set(session.id)
         event("connect", client=ip, port=port, transport="milter", mta=self.macros.get("j"))
-        result = await self._run("connect", session.results, session=session)
-        refusal = before_message("connect", session, result)
+        refusal = await self._progress(self.conversation.connect(session))
         if refusal is not None:
-            event("connect_rejected", reply=refusal.reply.code, by=refusal.decided_by,
-                  reason=refusal.reason)
             await self.send(self._refuse("connect", refusal))
             return
         await self.send(codec.Continue())
@@ -289,19 +275,16 @@ class MilterSession:
     async def _helo(self, hostname: str) -> None:
         session = self._require_session("HELO")
         self._update_identity(session)
-        result = await self._run("helo", session.results, session=session, hostname=hostname)
-        event("helo", hostname=hostname, verdict=_action(result), by=result.decided_by)
-        refusal = before_message("helo", session, result)
+        refusal = await self._progress(self.conversation.greet(session, hostname))
         if refusal is not None:
             await self.send(self._refuse("helo", refusal))
             return
-        session.helo = hostname
         await self.send(codec.Continue())
 
     async def _mail(self, args: tuple[str, ...]) -> None:
         session = self._require_session("MAIL")
         if session.transaction is not None:  # no ABORT came: start afresh, like RSET
-            session.end_transaction()
+            self.conversation.end_transaction(session)
         self._reset_message()
         self._update_identity(session)
         try:
@@ -310,18 +293,13 @@ class MilterSession:
             event("mail_from", sender=args[0], verdict="syntax", reply=exc.code)
             await self.send(codec.ReplyCode(reply_text(Reply(exc.code, exc.enhanced, exc.text))))
             return
-        if await self._sender_refused(session, path.address.text):
-            return
-        transaction = session.begin_transaction(Envelope(path.address, path.params))
-        result = await self._run("mail_from", transaction.results, session=session,
-                                 transaction=transaction, sender=path.address)
-        event("mail_from", tx=transaction.id, sender=path.address.text or "<>",
-              verdict=_action(result), by=result.decided_by, queue_id=self.macros.get("i"))
-        refusal = before_message("mail_from", transaction, result)
+        refusal = await self._progress(
+            self.conversation.mail(session, path.address, path.params, queue_id=self.macros.get("i"))
+        )
         if refusal is not None:
             response = self._refuse("mail_from", refusal)
             if not isinstance(response, codec.Accept):
-                session.end_transaction()
+                self.conversation.end_transaction(session)
             await self.send(response)
             return
         self._mta_sender = path.address
@@ -335,23 +313,16 @@ class MilterSession:
             event("rcpt_to", tx=transaction.id, recipient=args[0], verdict="syntax", reply=exc.code)
             await self.send(codec.ReplyCode(reply_text(Reply(exc.code, exc.enhanced, exc.text))))
             return
-        if len(transaction.envelope.recipients) >= self.policy.max_recipients:
-            await self.send(codec.ReplyCode(reply_text(Reply(452, "4.5.3", "Too many recipients"))))
-            return
         recipient = Recipient(path.address, dict(path.params))
-        result = await self._run("rcpt_to", transaction.results, session=session,
-                                 transaction=transaction, recipient=recipient)
-        event("rcpt_to", tx=transaction.id, recipient=path.address.text, verdict=_action(result),
-              by=result.decided_by)
-        refusal = before_message("rcpt_to", transaction, result)
+        refusal = await self._progress(self.conversation.rcpt(session, transaction, recipient))
         if refusal is not None:
             response = self._refuse("rcpt_to", refusal)
             if isinstance(response, codec.Accept):
-                transaction.envelope._accept_recipient(recipient)
+                self.conversation.accept(transaction, recipient)
                 self._mta_recipients.append(path.address)
             await self.send(response)
             return
-        transaction.envelope._accept_recipient(recipient)
+        self.conversation.accept(transaction, recipient)
         self._mta_recipients.append(path.address)
         await self.send(codec.Continue())
 
@@ -400,7 +371,7 @@ class MilterSession:
         session, transaction = self._require_transaction("end of message")
         if self._refused is not None:
             await self.send(codec.ReplyCode(reply_text(self._refused)))
-            session.end_transaction()
+            self.conversation.end_transaction(session)
             self._end_message()
             return
         message = self._message()
@@ -409,23 +380,22 @@ class MilterSession:
         if len(original) != self._header_count:
             event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
                   parsed=len(original))
-        if await self._headers_refused(session, transaction, message):
+        queue_id = self.macros.get("i")
+        refusal = await self.conversation.headers_refusal(session, transaction, queue_id=queue_id)
+        if refusal is not None:
+            await self.send(codec.ReplyCode(reply_text(refusal.reply)))
+            self.conversation.end_transaction(session)
+            self._reset_message()
             return
-        queued = Reply(250, "2.0.0", f"Ok: queued as {self.macros.get('i') or transaction.id}")
-        result: PhaseResult | None = None
-        if not skips_data_chain(transaction):
-            result = await self._run("data", transaction.results, session=session,
-                                     transaction=transaction, message=message)
-        outcome = end_of_message(transaction, result)
+        queued = Reply(250, "2.0.0", f"Ok: queued as {queue_id or transaction.id}")
+        outcome = await self._progress(self.conversation.end_of_message(session, transaction))
         responses: list[Response]
         decision: Decision
         if isinstance(outcome, Refusal):
             final = self._failure_policy("data", outcome)
-            if final is None:  # milter.default_action: accept, the message passes unfiltered
+            if isinstance(final, Deliver):  # milter.default_action: accept, the message passes unfiltered
                 responses = [codec.Accept()]
-                decision = Deliver("deliver", outcome.decided_by).decision(
-                    queued, transaction.score, f"plugin error; milter.default_action accept: {outcome.reason}"
-                )
+                decision = final.decision(queued, transaction.score)
             else:
                 responses = [codec.ReplyCode(reply_text(final.reply))]
                 decision = final.decision(transaction.score)
@@ -444,21 +414,9 @@ class MilterSession:
                 responses, decision = fallback
         for response in responses:
             await self.send(response)
-        envelope = transaction.envelope
-        event(
-            "message", tx=transaction.id, queue_id=self.macros.get("i"),
-            sender=envelope.sender.text or "<>",
-            recipients=[r.address.text for r in envelope.recipients], size=message.size,
-            decision=decision.disposition,
-            reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
-            by=decision.decided_by, reason=decision.reason, score=decision.score,
-            edits=len(responses) - 1, ms=round((time.perf_counter() - self._started) * 1000, 1),
-        )
-        if self.policy.history is not None:
-            self.policy.history.record(entry_for(session, transaction, decision, node=self.policy.node))
-        await self.chain.notify("after_message", session=session, transaction=transaction,
-                                decision=decision)
-        session.end_transaction()
+        await self.conversation.settle(session, transaction, decision, self._started,
+                                       queue_id=queue_id, edits=len(responses) - 1)
+        self.conversation.end_transaction(session)
         self._end_message()
 
     def _not_granted(self, responses: list[Response], transaction: Transaction, outcome: Deliver,
@@ -479,44 +437,10 @@ class MilterSession:
         names = codec.action_names(missing)
         event("milter_not_granted", level=logging.WARNING, tx=transaction.id, missing=names,
               granted=codec.action_names(granted), action=action, by=outcome.decided_by)
-        reason = f"the MTA did not grant {', '.join(names)} ({outcome.action} by {outcome.decided_by})"
-        if action == "accept":  # configured: the message passes as the MTA has it
-            return [codec.Accept()], Deliver("deliver", outcome.decided_by).decision(
-                queued, transaction.score, f"{reason}; milter.not_granted_action accept")
-        reply = ERROR_TEMPFAIL if action == "tempfail" else ERROR_REJECT
-        refusal = Refusal(reply, "milter", reason)
-        return [codec.ReplyCode(reply_text(reply))], refusal.decision(transaction.score)
-
-    async def _sender_refused(self, session: Session, sender: str) -> bool:
-        """An authenticated session's MAIL FROM its login does not own (check_sender_login);
-        unauthenticated mail is the MTA's to judge (reject_unauthenticated_sender_login_mismatch)."""
-        policy = self.policy.sender_login
-        if policy is None or session.auth_user is None:
-            return False
-        refusal = await policy.envelope_refusal(sender, session.auth_user)
-        if refusal is None:
-            return False
-        event("sender_login_mismatch", level=logging.WARNING, field="envelope", sender=sender,
-              user=session.auth_user, client=session.client.ip, queue_id=self.macros.get("i"))
-        await self.send(codec.ReplyCode(reply_text(refusal)))
-        return True
-
-    async def _headers_refused(self, session: Session, transaction: Transaction, message: Message) -> bool:
-        """From:/Sender: addresses an authenticated session's login does not own: refused."""
-        policy = self.policy.sender_login
-        if policy is None or session.auth_user is None:
-            return False
-        found = await policy.header_refusal(message, session.auth_user)
-        if found is None:
-            return False
-        refusal, shown = found
-        event("sender_login_mismatch", level=logging.WARNING, tx=transaction.id, field="header",
-              sender=shown, user=session.auth_user, client=session.client.ip,
-              queue_id=self.macros.get("i"), reply=refusal.code)
-        await self.send(codec.ReplyCode(reply_text(refusal)))
-        session.end_transaction()
-        self._reset_message()
-        return True
+        final = on_not_granted(outcome, names, action)
+        if isinstance(final, Deliver):  # configured: the message passes as the MTA has it
+            return [codec.Accept()], final.decision(queued, transaction.score)
+        return [codec.ReplyCode(reply_text(final.reply))], final.decision(transaction.score)
 
     def _edits(self, transaction: Transaction, message: Message, original: list[bytes]) -> list[Response]:
         """The modification actions for what the plugins changed, headers first."""
@@ -546,12 +470,9 @@ class MilterSession:
         if session is None:
             return
         current_session.set(session.id)
-        session.end_transaction()
+        self.conversation.end_transaction(session)
         self._end_message()
-        await self.chain.notify("disconnect", session=session)
+        await self.conversation.disconnect(session)
         event("disconnect", transactions=session.transaction_count,
               seconds=round(time.time() - session.started, 3))
 
-
-def _action(result: PhaseResult) -> str:
-    return result.verdict.action.value if result.verdict is not None else "continue"

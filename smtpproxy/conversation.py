@@ -1,0 +1,319 @@
+"""The conversation around the decisions, once for every front end, without any I/O.
+
+A front end (the SMTP proxy, the milter, the offline tracer) reads its medium, parses
+what it reads, and asks its :class:`Conversation` at each step of a session: ``connect``,
+``greet`` (HELO/EHLO), ``mail``, ``rcpt`` (then ``accept`` for a recipient the front end
+takes), ``end_of_message`` and ``settle``. The conversation runs the phase on the plugin
+chain, applies smtpproxy's own rules (the sender/login binding, the recipient limit, the
+relay rule, one route per transaction), writes the phase's log line, decides with
+:mod:`smtpproxy.outcome`, and at the end writes the one ``message`` line, records the
+metrics and tells ``after_message``. The front end only maps what comes back onto its
+medium: SMTP replies, milter actions, a trace.
+
+:class:`Rules` are built once from the configuration; a :class:`Conversation` is one
+session's, on the chain that session runs (a reload changes new sessions only). A
+:class:`ConversationObserver` sees every phase begin and end, every plugin call's outcome
+and every rule of the proxy that refused, as it happens (the tracer's report).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from smtpproxy.addresses import Address
+from smtpproxy.chain import Chain, PhaseResult
+from smtpproxy.eventlog import event
+from smtpproxy.history import HistoryRecorder, entry_for
+from smtpproxy.message import Message
+from smtpproxy.metrics import NullRecorder
+from smtpproxy.outcome import PROXY, Deliver, Refusal, before_message, end_of_message, skips_data_chain
+from smtpproxy.relay import RelayPolicy, refusal_reply
+from smtpproxy.senderlogin import SenderLoginPolicy
+from smtpproxy.session import Decision, Envelope, Outcome, Recipient, Session, Transaction
+from smtpproxy.verdicts import Reply
+
+__all__ = [
+    "OTHER_ROUTE",
+    "SENDER_LOGIN_REASON",
+    "TOO_MANY_RECIPIENTS",
+    "Conversation",
+    "ConversationObserver",
+    "Rules",
+    "verdict_fields",
+]
+
+TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
+OTHER_ROUTE = Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
+SENDER_LOGIN_REASON = "sender_login: the login does not own this sender (docs/submission.md)"
+_RECIPIENT_LIMIT_REASON = "one transaction per route, or limits.max_recipients"
+_RELAY_REASON = "relay rule: the domain is not in relay.domains and the client is not trusted"
+
+
+@dataclass(frozen=True, slots=True)
+class Rules:
+    """smtpproxy's own rules around the chain, as one front end applies them."""
+
+    max_recipients: int = 100
+    relay: RelayPolicy | None = None
+    """None: every recipient passes (the milter: the MTA applies its own relay rule)."""
+    route_key: Callable[[Address], str] | None = None
+    """The delivery's route rule; recipients of two routes never share a transaction.
+    None: no such rule (the MTA routes)."""
+    sender_login: SenderLoginPolicy | None = None
+    """Which logins may use which senders (smtpproxy.senderlogin); None: not checked."""
+    unauthenticated_senders: bool = True
+    """Whether :attr:`sender_login` also judges sessions without a login (the proxy does;
+    behind an MTA that is the MTA's to judge)."""
+
+
+class ConversationObserver(Protocol):
+    """Sees a conversation as it happens (the tracer's report is built this way)."""
+
+    def phase_started(self, phase: str, subject: str) -> None:
+        """A phase begins: its subject is the client, HELO name, sender, recipient or size."""
+
+    def outcome(self, outcome: Outcome) -> None:
+        """A plugin's call has been recorded (right after the call: its edits are its own)."""
+
+    def rule_refused(self, refusal: Refusal) -> None:
+        """One of smtpproxy's own rules refused in the current phase."""
+
+    def phase_finished(self, result: PhaseResult, refusal: Refusal | None) -> None:
+        """A phase ended, with the refusal it gave before the message, if any (at ``data``
+        None: what the message comes to is the front end's to say)."""
+
+
+def verdict_fields(result: PhaseResult) -> dict[str, Any]:
+    """For a phase's log line: the verdict, and when a plugin decided, who, why and the reply."""
+    verdict = result.verdict
+    if verdict is None:
+        return {"verdict": "continue"}
+    fields: dict[str, Any] = {"verdict": verdict.action.value, "by": result.decided_by}
+    if verdict.reply is not None:
+        fields["reply"] = verdict.reply.code
+    if verdict.reason:
+        fields["reason"] = verdict.reason
+    return fields
+
+
+class Conversation:
+    """One session's conversation with the chain; see the module's docstring."""
+
+    __slots__ = ("_pending", "chain", "history", "metrics", "node", "observer", "route", "rules")
+
+    def __init__(
+        self, chain: Chain, rules: Rules, *, metrics: NullRecorder | None = None,
+        observer: ConversationObserver | None = None, history: HistoryRecorder | None = None,
+        node: str = "",
+    ) -> None:
+        self.chain = chain
+        self.rules = rules
+        self.metrics = metrics if metrics is not None else NullRecorder()
+        self.observer = observer
+        self.history = history
+        """Where each decision is queued for the store's history (None: not kept)."""
+        self.node = node
+        """This proxy's (or milter's) name in the history."""
+        self.route: str | None = None
+        """The route of the current transaction's recipients (set by the first accepted)."""
+        self._pending: list[asyncio.Task[Any]] = []
+
+    # -- running the chain ----------------------------------------------------------------
+
+    async def _run(self, phase: str, subject: str, results: Any, **kwargs: Any) -> PhaseResult:
+        observer = self.observer
+        if observer is None:
+            return await self.chain.run(phase, results, **kwargs)
+        observer.phase_started(phase, subject)
+        return await self.chain.run(phase, results, on_outcome=observer.outcome, **kwargs)
+
+    def _finished(self, result: PhaseResult, refusal: Refusal | None) -> Refusal | None:
+        if self.observer is not None:
+            self.observer.phase_finished(result, refusal)
+        return refusal
+
+    def _rule(self, refusal: Refusal) -> Refusal:
+        if self.observer is not None:
+            self.observer.rule_refused(refusal)
+        return refusal
+
+    # -- the phases -------------------------------------------------------------------------
+
+    async def connect(self, session: Session) -> Refusal | None:
+        """The ``connect`` phase: the refusal that ends the session, or None to greet."""
+        result = await self._run("connect", session.client.ip, session.results, session=session)
+        refusal = before_message("connect", session, result)
+        if refusal is not None:
+            event("connect_rejected", reply=refusal.reply.code, by=refusal.decided_by,
+                  reason=refusal.reason)
+        elif result.verdict is not None:
+            event("connect_verdict", **verdict_fields(result))
+        return self._finished(result, refusal)
+
+    async def greet(self, session: Session, hostname: str, **log: Any) -> Refusal | None:
+        """HELO/EHLO: the ``helo`` phase; the session's ``helo`` is *hostname* once it passed."""
+        session.helo = None
+        result = await self._run("helo", hostname, session.results, session=session, hostname=hostname)
+        event("helo", **log, hostname=hostname, **verdict_fields(result))
+        refusal = before_message("helo", session, result)
+        if refusal is None:
+            session.helo = hostname
+        return self._finished(result, refusal)
+
+    async def mail(
+        self, session: Session, sender: Address, params: Mapping[str, str | None], **log: Any
+    ) -> Refusal | None:
+        """MAIL: the sender/login rule, then a new transaction and its ``mail_from`` phase.
+
+        On a plugin's refusal the transaction stays open for the front end to end (a milter
+        may let the message pass a plugin's failure).
+        """
+        rules = self.rules
+        if rules.sender_login is not None and (
+            rules.unauthenticated_senders or session.auth_user is not None
+        ):
+            reply = await rules.sender_login.envelope_refusal(sender.text, session.auth_user)
+            if reply is not None:
+                event("sender_login_mismatch", level=logging.WARNING, field="envelope",
+                      sender=sender.text, user=session.auth_user, client=session.client.ip, **log)
+                if self.observer is not None:
+                    self.observer.phase_started("mail_from", sender.text or "<>")
+                return self._rule(Refusal(reply, PROXY, SENDER_LOGIN_REASON))
+        self.route = None
+        transaction = session.begin_transaction(Envelope(sender, params))
+        result = await self._run("mail_from", sender.text or "<>", transaction.results,
+                                 session=session, transaction=transaction, sender=sender)
+        event("mail_from", tx=transaction.id, sender=sender.text or "<>",
+              **verdict_fields(result), **log)
+        return self._finished(result, before_message("mail_from", transaction, result))
+
+    def recipient_limit(self, transaction: Transaction) -> Refusal | None:
+        """``limits.max_recipients`` reached: the refusal for any further RCPT."""
+        if len(transaction.envelope.recipients) >= self.rules.max_recipients:
+            return Refusal(TOO_MANY_RECIPIENTS, PROXY, _RECIPIENT_LIMIT_REASON)
+        return None
+
+    async def rcpt(self, session: Session, transaction: Transaction, recipient: Recipient) -> Refusal | None:
+        """RCPT: the proxy's rules (limit, relay, route), then the ``rcpt_to`` phase.
+
+        None: the recipient may be accepted; the front end then calls :meth:`accept` (after
+        asking the upstream, where it does).
+        """
+        address, rules = recipient.address, self.rules
+        refusal = self.recipient_limit(transaction)
+        if refusal is not None:
+            self._rule_phase(address)
+            return self._rule(refusal)
+        why = rules.relay.refusal(address, session.client.ip, session.auth_user) if rules.relay else None
+        if why is not None:
+            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=why)
+            self._rule_phase(address)
+            return self._rule(Refusal(refusal_reply(address, why), PROXY, _RELAY_REASON))
+        if rules.route_key is not None and self.route is not None and rules.route_key(address) != self.route:
+            # One transaction goes to one upstream route; the client sends these again in a
+            # new transaction (RFC 5321 4.5.3.1.10), so every route answers for itself.
+            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="other_route")
+            self._rule_phase(address)
+            return self._rule(Refusal(OTHER_ROUTE, PROXY, _RECIPIENT_LIMIT_REASON))
+        result = await self._run("rcpt_to", address.text, transaction.results, session=session,
+                                 transaction=transaction, recipient=recipient)
+        event("rcpt_to", tx=transaction.id, recipient=address.text, **verdict_fields(result))
+        return self._finished(result, before_message("rcpt_to", transaction, result))
+
+    def _rule_phase(self, address: Address) -> None:
+        if self.observer is not None:
+            self.observer.phase_started("rcpt_to", address.text)
+
+    def accept(self, transaction: Transaction, recipient: Recipient) -> None:
+        """The recipient is in the envelope; the transaction keeps to its route from now on."""
+        if self.rules.route_key is not None and self.route is None:
+            self.route = self.rules.route_key(recipient.address)
+        transaction.envelope._accept_recipient(recipient)
+
+    def end_transaction(self, session: Session) -> None:
+        """Forget the current transaction (RSET, a new HELO, the end of a message), counting
+        its plugins' outcomes."""
+        if session.transaction is not None:
+            self.metrics.outcomes(session.transaction.results)
+        session.end_transaction()
+        self.route = None
+
+    async def headers_refusal(self, session: Session, transaction: Transaction, **log: Any) -> Refusal | None:
+        """From:/Sender: addresses the login does not own (sender_login.headers)."""
+        rules = self.rules
+        if rules.sender_login is None or transaction.message is None or (
+            session.auth_user is None and not rules.unauthenticated_senders
+        ):
+            return None
+        found = await rules.sender_login.header_refusal(transaction.message, session.auth_user)
+        if found is None:
+            return None
+        reply, shown = found
+        event("sender_login_mismatch", level=logging.WARNING, tx=transaction.id, field="header",
+              sender=shown, user=session.auth_user, client=session.client.ip, **log, reply=reply.code)
+        return self._rule(Refusal(reply, PROXY, SENDER_LOGIN_REASON))
+
+    async def end_of_message(self, session: Session, transaction: Transaction) -> Refusal | Deliver:
+        """The ``data`` phase (unless a discard was decided before) and what it decides."""
+        message = transaction.message
+        assert message is not None
+        result: PhaseResult | None = None
+        if not skips_data_chain(transaction):
+            result = await self._run("data", f"{message.size} bytes", transaction.results,
+                                     session=session, transaction=transaction, message=message)
+            self._finished(result, None)
+        return end_of_message(transaction, result)
+
+    async def settle(
+        self, session: Session, transaction: Transaction, decision: Decision, started: float,
+        quarantine_id: str | None = None, **log: Any,
+    ) -> None:
+        """The message is over: its one ``message`` line, its metrics, its history entry,
+        ``after_message``.
+
+        *started* is the ``time.perf_counter()`` at which the message began (DATA, or the
+        milter's MAIL); *quarantine_id* the id of a message the proxy kept; *log* adds
+        front-end fields to the line.
+        """
+        envelope = transaction.envelope
+        seconds = time.perf_counter() - started
+        self.metrics.message(decision.disposition, seconds)
+        message: Message | None = transaction.message
+        event(
+            "message", tx=transaction.id, sender=envelope.sender.text or "<>",
+            recipients=[r.address.text for r in envelope.recipients],
+            size=message.size if message is not None else 0, decision=decision.disposition,
+            reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
+            by=decision.decided_by, reason=decision.reason, score=decision.score,
+            ms=round(seconds * 1000, 1), **log,
+        )
+        if self.history is not None:
+            self.history.record(entry_for(session, transaction, decision, node=self.node,
+                                          quarantine_id=quarantine_id))
+        await self.notify("after_message", session=session, transaction=transaction, decision=decision)
+
+    async def notify(self, hook: str, **kwargs: Any) -> None:
+        """Run a notification so that a client hanging up cannot cut it short."""
+        if not self.chain.implements(hook):
+            return
+        self._pending = [t for t in self._pending if not t.done()]
+        task = asyncio.get_running_loop().create_task(self.chain.notify(hook, **kwargs))
+        self._pending.append(task)
+        await asyncio.shield(task)
+
+    @property
+    def pending(self) -> bool:
+        """Notifications still running (a client hung up while ``after_message`` ran)."""
+        return bool(self._pending)
+
+    async def disconnect(self, session: Session) -> None:
+        """The session is over: wait for pending notifications, then ``disconnect``."""
+        if self._pending:
+            await asyncio.gather(*self._pending, return_exceptions=True)
+            self._pending.clear()
+        await self.chain.notify("disconnect", session=session)
