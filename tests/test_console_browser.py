@@ -126,6 +126,17 @@ class Console:
 
         return asyncio.run(get())
 
+    def audit_text(self) -> str:
+        async def get() -> str:
+            store = open_store(sqlite=self.root / "store.db")
+            try:
+                return "\n".join(f"{a.actor} {a.action} {a.qid} {' '.join(a.recipients)}"
+                                 for a in await store.audit_log())
+            finally:
+                await store.close()
+
+        return asyncio.run(get())
+
     def shot(self, name: str) -> None:
         if os.environ.get("SMTPPROXY_SCREENSHOTS"):
             self.driver.save_screenshot(str(SHOTS / f"{name}.png"))
@@ -151,6 +162,7 @@ async def _fill(root: Path, trap: int) -> None:
     await hold("q-bob", plain("Bob's private", "bob@dest.test"), ["bob@dest.test"], subject="Bob's private")
     await hold("q-virus", plain("invoice", "alice@dest.test"), ["alice@dest.test"], by="clamav",
                subject="invoice", admin_only=True)
+    await hold("q-link", plain("by link", "carol@dest.test"), ["carol@dest.test"], subject="by link")
     await hold("q-forged", plain("keep me", "bob@dest.test"), ["bob@dest.test"], subject="keep me")
     entries = []
     for i, (decision, sender, by) in enumerate([("quarantine", "win@bad.example", "score"),
@@ -310,6 +322,19 @@ def test_a_recipient_signs_in_by_digest_link_and_sees_only_their_own_mail(consol
     assert console.title() == "Not allowed"
     assert console.held("q-virus") == {"alice@dest.test": "held"}
     assert console.postfix.messages("alice") == []
+
+
+def test_a_release_link_works_in_a_real_browser(console: Console) -> None:
+    """The release link's own POST passes its Origin check (this site's pages send their Origin)."""
+    driver = console.driver
+    driver.delete_all_cookies()
+    token = LinkSigner([KEY]).sign(Link("carol@dest.test", "q-link", "release", time.time() + 600))
+    driver.get(f"{console.base}/link/{token}")
+    console.click(By.XPATH, "//button[text()='Release']")
+    assert console.title() == "Done"
+    [delivered] = console.postfix.wait_for_messages("carol", 1)
+    assert b"Subject: by link" in delivered
+    assert "link:carol@dest.test release q-link" in console.audit_text()
 
 
 def test_a_forged_cross_site_post_is_refused_and_the_cookie_is_locked_down(console: Console) -> None:
