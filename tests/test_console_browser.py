@@ -37,6 +37,7 @@ pytestmark = pytest.mark.skipif(
     reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver)",
 )
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install selenium)")
+from selenium.common.exceptions import WebDriverException  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
@@ -110,7 +111,14 @@ class Console:
     def navigate(self, action: Any) -> None:
         old = self.driver.find_element(By.TAG_NAME, "html")
         action()
-        WebDriverWait(self.driver, 30).until(staleness_of(old))
+
+        def replaced(driver: Any) -> bool:
+            try:
+                return bool(staleness_of(old)(driver))
+            except WebDriverException:  # "Node ... does not belong to the document": replaced too
+                return True
+
+        WebDriverWait(self.driver, 30).until(replaced)
 
     def title(self) -> str:
         return str(self.driver.find_element(By.TAG_NAME, "h1").text)
