@@ -85,6 +85,9 @@ async def test_each_role_sees_its_own_scope_and_other_ids_are_404(console: str) 
         assert "eve@b.test" not in listed  # the other domain's recipient of a shared message is not shown
         assert (await domain.get("/console/quarantine/q-b")).status_code == 404
         assert (await domain.get("/console/audit")).status_code == 404
+        today = time.strftime("%Y-%m-%d", time.gmtime())
+        assert "subject q-b" in (await admin.get(f"/console/history?since={today}&until={today}")).text
+        assert "Nothing found" in (await admin.get("/console/history?until=2000-01-01")).text
         history = (await domain.get("/console/history")).text
         assert "subject q-a" in history and "subject q-b" not in history
         # A domain admin acts for their domain's recipients only: asking for another is a 404.

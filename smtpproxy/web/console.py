@@ -12,6 +12,7 @@ is written to the audit log in the store.
 
 from __future__ import annotations
 
+import calendar
 import hmac
 import html
 import logging
@@ -311,12 +312,14 @@ def _when(seconds: float) -> str:
 
 
 def _parse_day(text: str | None, end: bool = False) -> float | None:
+    """A YYYY-MM-DD day (UTC) as seconds: its start, or with *end* the next day's start."""
     if not text:
         return None
     try:
-        return time.mktime(time.strptime(text, "%Y-%m-%d")) - time.timezone + (86400 if end else 0)
+        day = calendar.timegm(time.strptime(text, "%Y-%m-%d"))
     except ValueError:
         return None
+    return float(day + (86400 if end else 0))
 
 
 def _table(head: list[str], rows: list[list[str]]) -> str:
