@@ -22,7 +22,8 @@ import bcrypt
 
 from smtpproxy.blocking import run_blocking
 
-__all__ = ["PasswordFile", "PasswordFileError", "challenge_line", "decode_plain", "decode_response"]
+__all__ = ["PasswordFile", "PasswordFileError", "challenge_line", "decode_plain", "decode_response",
+           "hash_problem"]
 
 _BCRYPT = re.compile(r"\$2[aby]\$(0[4-9]|[12][0-9]|3[01])\$[./A-Za-z0-9]{53}\Z")
 _ARGON2_PREFIXES = ("$argon2id$", "$argon2i$")
@@ -39,7 +40,7 @@ class PasswordFileError(ValueError):
         super().__init__(f"{file}:{line}: {problem}" if line is not None else f"{file}: {problem}")
 
 
-def _hash_problem(hashed: str) -> str | None:
+def hash_problem(hashed: str) -> str | None:
     """Why *hashed* is not a hash we can check, or None when it is fine."""
     if hashed.startswith("$2"):
         return None if _BCRYPT.match(hashed) else "malformed bcrypt hash"
@@ -102,7 +103,7 @@ class PasswordFile:
                 raise PasswordFileError(file, number, "expected 'user:hash'")
             if any(c.isspace() or not c.isprintable() for c in user):
                 raise PasswordFileError(file, number, "user name contains spaces or control characters")
-            problem = _hash_problem(hashed)
+            problem = hash_problem(hashed)
             if problem is not None:
                 raise PasswordFileError(file, number, f"user {user!r}: {problem}")
             if user in users:

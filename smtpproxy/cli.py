@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     digest.add_argument("-c", "--config", required=True, help="YAML configuration file")
     digest.add_argument("--dry-run", action="store_true", help="print the digests instead of sending them")
-    web = sub.add_parser("web", help="serve the release-link pages (digest.address, digest.port)")
+    web = sub.add_parser("web", help="serve the release-link pages and, with console.users, the web console "
+                                       "(digest.address, digest.port)")
     web.add_argument("-c", "--config", required=True, help="YAML configuration file")
     trace = sub.add_parser(
         "test-message",

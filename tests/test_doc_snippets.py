@@ -151,7 +151,7 @@ def _materialise(data: Any, sandbox: Path, key: str = "", parent: dict[str, Any]
         for item in data:
             _materialise(item, sandbox, key, parent)
         return
-    files = {"key_file", "file", "ca_file", "cert", "key", "plugin_paths", "users_file", "keys"}
+    files = {"key_file", "file", "ca_file", "cert", "key", "plugin_paths", "users_file", "keys", "users"}
     if parent is not None and "base_url" in parent:
         files.add("template")  # digest.template (elsewhere a template is text)
     if not isinstance(data, str) or key not in files:
@@ -170,6 +170,8 @@ def _materialise(data: Any, sandbox: Path, key: str = "", parent: dict[str, Any]
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
     elif key == "ca_file":
         trustme.CA().cert_pem.write_to_path(str(path))
+    elif key == "users":  # console.users: the web console's accounts
+        path.write_text(f"root:{bcrypt.hashpw(b'x', bcrypt.gensalt(rounds=4)).decode()}:admin\n")
     elif key == "users_file":
         path.write_text(f"alice:{bcrypt.hashpw(b'x', bcrypt.gensalt(rounds=4)).decode()}\n")
     elif key in {"cert", "key"}:

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from smtpproxy.store import Held, HistoryEntry, Search, Store, open_store
+from smtpproxy.store.migrations import VERSION
 from tests.postgres_server import PostgresServer, postgres_bindir
 
 pytestmark = pytest.mark.asyncio
@@ -65,5 +66,5 @@ async def test_postgresql_dump_and_restore(postgres_server: PostgresServer, tmp_
     await asyncio.to_thread(subprocess.run, [str(bindir / "pg_restore"), "--no-owner", f"--dbname={target}",
                                              str(dump)], check=True)
     restored = open_store(postgresql=target)
-    assert await restored.migrate() == (2, 2)  # nothing to upgrade: the schema came along
+    assert await restored.migrate() == (VERSION, VERSION)  # nothing to upgrade: the schema came along
     await check(restored)

@@ -53,12 +53,16 @@ def _resolve_paths(config: Config, base: Path) -> Config:
         "keys": [resolve(k) for k in config.digest.keys],
         "template": resolve(config.digest.template) if config.digest.template is not None else None,
     })
+    console = config.console
+    if console.users is not None:
+        console = console.model_copy(update={"users": resolve(console.users)})
     pid_file = resolve(config.pid_file) if config.pid_file is not None else None
     limits = config.limits
     if limits.spool_directory is not None:
         limits = limits.model_copy(update={"spool_directory": resolve(limits.spool_directory)})
     return config.model_copy(update={"listeners": listeners, "delivery": delivery, "quarantine": quarantine,
-                                     "store": store, "digest": digest, "pid_file": pid_file, "limits": limits,
+                                     "store": store, "digest": digest, "console": console,
+                                     "pid_file": pid_file, "limits": limits,
                                      "plugin_paths": [resolve(p) for p in config.plugin_paths]})
 
 

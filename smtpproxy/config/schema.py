@@ -314,6 +314,34 @@ class Digest(_Model):
     port: int = Field(default=8026, strict=True, ge=0, le=65535, description="Its TCP port.")
 
 
+class Console(_Model):
+    """The web console in `smtpproxy web` (docs/console.md): on when `users` is set."""
+
+    users: ExistingFile | None = Field(
+        default=None,
+        description=(
+            "Accounts file, one `name:hash:role[:domains]` line each (bcrypt or Argon2 hash as for "
+            "SMTP AUTH; role `admin`, `domain` with comma-separated domains, or `recipient` whose "
+            "name is the address); relative to the config file."
+        ),
+    )
+    secure_cookie: bool = Field(
+        default=True,
+        description="Send the session cookie over HTTPS only (false only to try it on plain HTTP).",
+    )
+    session_hours: float = Field(
+        default=8, strict=False, gt=0, le=720, allow_inf_nan=False,
+        description="Hours a console sign-in lasts.",
+    )
+    proxies: list[IPAddress] = Field(
+        default=[],
+        description=(
+            "Reverse proxies whose X-Forwarded-For / X-Forwarded-Proto are believed (the client "
+            "address the login throttle counts); empty: none."
+        ),
+    )
+
+
 class Store(_Model):
     """The store for history, quarantine and release links: an SQLite file on one machine, or
     one PostgreSQL database that several proxies share (docs/operations.md, "The store")."""
@@ -523,6 +551,7 @@ class Config(_Model):
     store: Store = Field(default=Store(), description="History and quarantine database (optional).")
     history: History = Field(default=History(), description="Message history (with a `store`).")
     digest: Digest = Field(default=Digest(), description="Quarantine digests and release links.")
+    console: Console = Field(default=Console(), description="The web console (in `smtpproxy web`).")
     plugins: list[PluginSpec] = Field(
         default=[], description="Filter plugins, called in this order for every message."
     )

@@ -28,8 +28,18 @@ from smtpproxy.store.migrations import MIGRATIONS
 if TYPE_CHECKING:
     from smtpproxy.config import Config
 
-__all__ = ["CHUNK", "Held", "HistoryEntry", "Search", "Store", "StoreError", "open_store",
-           "store_from_config"]
+__all__ = [
+    "CHUNK",
+    "AuditEntry",
+    "Held",
+    "HistoryEntry",
+    "Search",
+    "Store",
+    "StoreError",
+    "Summary",
+    "open_store",
+    "store_from_config",
+]
 
 CHUNK = 1 << 20
 """Bytes of a quarantined message per database row."""
@@ -82,7 +92,33 @@ class Search:
     """A substring, compared without case."""
     reason: str | None = None
     """A substring, compared without case."""
+    domains: tuple[str, ...] | None = None
+    """Only messages with a recipient in one of these domains (a domain admin's view)."""
     limit: int = 1000
+
+
+@dataclass(slots=True)
+class AuditEntry:
+    """One action in the web console: who did what to which message (and recipients), when."""
+
+    time: float
+    actor: str
+    action: str
+    qid: str | None = None
+    recipients: list[str] = field(default_factory=list)
+    detail: str | None = None
+
+
+@dataclass(slots=True)
+class Summary:
+    """What the console's overview shows: decisions per day and the most frequent senders,
+    reasons and deciding plugins (each a list of (value, count), most frequent first)."""
+
+    per_day: list[tuple[str, str, int]]
+    """(day as YYYY-MM-DD in UTC, decision, count)."""
+    senders: list[tuple[str, int]]
+    reasons: list[tuple[str, int]]
+    deciders: list[tuple[str, int]]
 
 
 @dataclass(slots=True)
@@ -147,6 +183,13 @@ def _where(search: Search, *, table: str, recipients: str, owner: str) -> tuple[
     if search.recipient is not None:
         clauses.append(f"{table}.id IN (SELECT {owner} FROM {recipients} WHERE address = ?)")
         params.append(search.recipient)
+    if search.domains is not None:
+        if not search.domains:
+            clauses.append("1 = 0")
+        else:
+            likes = " OR ".join("LOWER(address) LIKE ? ESCAPE '\\'" for _ in search.domains)
+            clauses.append(f"{table}.id IN (SELECT {owner} FROM {recipients} WHERE {likes})")
+            params += ["%" + _like("@" + d)[1:-1] for d in search.domains]  # ends with @domain
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
@@ -217,6 +260,48 @@ class Store:
             values["recipients"] = [r for r in str(values["recipients"] or "").split("\n") if r]
             entries.append(HistoryEntry(**values))
         return entries
+
+    async def summarize_history(self, search: Search, top: int = 10) -> Summary:
+        """Counts for the console's overview over the decisions *search* matches."""
+        where, params = _where(search, table="history", recipients="history_recipient", owner="entry")
+
+        async def top_of(column: str) -> list[tuple[str, int]]:
+            rows = await self._query(
+                f"SELECT {column}, COUNT(*) AS n FROM history{where} GROUP BY {column} "
+                f"ORDER BY n DESC, {column} LIMIT ?", [*params, top])
+            return [(str(value) if value is not None else "-", int(n)) for value, n in rows]
+
+        rows = await self._query(f"SELECT time, decision FROM history{where} ORDER BY time", params)
+        days: dict[tuple[str, str], int] = {}
+        for when, decision in rows:
+            key = (time.strftime("%Y-%m-%d", time.gmtime(float(when))), str(decision))
+            days[key] = days.get(key, 0) + 1
+        return Summary(per_day=[(d, dec, n) for (d, dec), n in days.items()],
+                       senders=await top_of("sender"), reasons=await top_of("reason"),
+                       deciders=await top_of("decided_by"))
+
+    # -- audit log ------------------------------------------------------------------------
+
+    async def audit(self, entry: AuditEntry) -> None:
+        """Record one console action (the audit log is only ever added to)."""
+        await self._execute([(
+            "INSERT INTO audit (time, actor, action, qid, recipients, detail) VALUES (?, ?, ?, ?, ?, ?)",
+            (entry.time, entry.actor, entry.action, entry.qid, "\n".join(entry.recipients), entry.detail))])
+
+    async def audit_log(self, *, qid: str | None = None, actor: str | None = None,
+                        limit: int = 500) -> list[AuditEntry]:
+        """Audit entries, newest first, optionally about one message or by one actor."""
+        clauses, params = [], []
+        for column, value in (("qid", qid), ("actor", actor)):
+            if value is not None:
+                clauses.append(f"{column} = ?")
+                params.append(value)
+        where = (" WHERE " + " AND ".join(clauses)) if clauses else ""
+        rows = await self._query(
+            f"SELECT time, actor, action, qid, recipients, detail FROM audit{where} "
+            "ORDER BY time DESC LIMIT ?", [*params, limit])
+        return [AuditEntry(float(t), a, act, q, [r for r in (rc or "").split("\n") if r], d)
+                for t, a, act, q, rc, d in rows]
 
     async def erase_address(self, address: str) -> tuple[int, int]:
         """Remove every history entry and quarantined message that names *address* as sender

@@ -80,7 +80,20 @@ _V2 = (
     "expires DOUBLE PRECISION NOT NULL)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2)
+_V3 = (
+    # The web console's audit log: who did what to which message, when (never updated).
+    """CREATE TABLE audit (
+        time DOUBLE PRECISION NOT NULL,
+        actor TEXT NOT NULL,
+        action TEXT NOT NULL,
+        qid TEXT,
+        recipients TEXT,
+        detail TEXT
+    )""",
+    "CREATE INDEX audit_time ON audit (time)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
 """Step *n* (1-based) brings a store from version n-1 to n."""
 
 VERSION = len(MIGRATIONS)

@@ -8,10 +8,12 @@ from typing import TYPE_CHECKING
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
+from starlette.middleware.sessions import SessionMiddleware
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from smtpproxy.web.console import routes as console_routes
 from smtpproxy.web.context import WebContext
 from smtpproxy.web.links import routes as link_routes
 
@@ -26,7 +28,10 @@ _HEADERS = [
                                  b"frame-ancestors 'none'; base-uri 'none'"),
     (b"x-frame-options", b"DENY"),
     (b"x-content-type-options", b"nosniff"),
-    (b"referrer-policy", b"no-referrer"),  # a link's token never leaks in a Referer
+    # A link's token never leaks to another site in a Referer; "same-origin", not "no-referrer",
+    # because under no-referrer browsers send "Origin: null" with this site's own form posts,
+    # which the Origin checks (rightly) refuse.
+    (b"referrer-policy", b"same-origin"),
     (b"cache-control", b"no-store"),
 ]
 
@@ -44,7 +49,8 @@ class SecurityHeaders:
 
         async def with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
-                message["headers"] = [*message.get("headers", []), *_HEADERS]
+                own = {name.lower() for name, _ in message.get("headers", [])}
+                message["headers"] = [*message.get("headers", []), *(h for h in _HEADERS if h[0] not in own)]
             await send(message)
 
         await self.app(scope, receive, with_headers)
@@ -63,11 +69,20 @@ def create_app(context: WebContext) -> Starlette:
         finally:
             await context.delivery.close()
             await context.store.close()
+            if context.throttle is not None:
+                await context.throttle.close()
 
-    app = Starlette(
-        routes=[Route("/healthz", _healthz), *link_routes()],
-        middleware=[Middleware(SecurityHeaders)],
-        lifespan=lifespan,
-    )
+    routes = [Route("/healthz", _healthz), *link_routes()]
+    middleware = [Middleware(SecurityHeaders)]
+    if context.accounts is not None:
+        routes += console_routes()
+        console = context.config.console
+        # A signed cookie (itsdangerous), HttpOnly always; Secure unless turned off for plain
+        # HTTP; SameSite=Strict, so no other site's page sends it along at all.
+        middleware.append(Middleware(
+            SessionMiddleware, secret_key=context.session_secret, session_cookie="smtpproxy_console",
+            max_age=round(console.session_hours * 3600), same_site="strict",
+            https_only=console.secure_cookie))
+    app = Starlette(routes=routes, middleware=middleware, lifespan=lifespan)
     app.state.context = context
     return app

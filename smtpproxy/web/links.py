@@ -25,7 +25,8 @@ from starlette.routing import Route
 from smtpproxy.eventlog import event
 from smtpproxy.links import Link, LinkError
 from smtpproxy.quarantine import QuarantineError
-from smtpproxy.store import Held, StoreError
+from smtpproxy.store import AuditEntry, Held, StoreError
+from smtpproxy.web.console import signin_form
 from smtpproxy.web.context import WebContext
 from smtpproxy.web.pages import page
 
@@ -87,7 +88,8 @@ async def confirm(request: Request) -> HTMLResponse:
                 + f"<p>For {html.escape(link.recipient)}.</p>"
                 + "<form method=\"post\" action=\"/link\">"
                 + f"<input type=\"hidden\" name=\"token\" value=\"{html.escape(token, quote=True)}\">"
-                + f"<button type=\"submit\">{verb}</button></form>")
+                + f"<button type=\"submit\">{verb}</button></form>"
+                + (signin_form(token) if context.accounts is not None else ""))
 
 
 def _same_origin(request: Request, base_url: str | None) -> bool:
@@ -128,6 +130,9 @@ async def act(request: Request) -> HTMLResponse:
         return page("Try again later", "<p>The message could not be delivered right now; "
                     "the link still works.</p>", 503)
     event("link_used", qid=link.qid, action=link.action, recipient=link.recipient)
+    with contextlib.suppress(StoreError):  # done already: a store hiccup must not report it failed
+        await context.store.audit(AuditEntry(time.time(), f"link:{link.recipient}", link.action, link.qid,
+                                             [link.recipient]))
     return page("Done", f"<p>The message was {_DONE[link.action]}.</p>" + _describe(held))
 
 

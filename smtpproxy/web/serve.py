@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import signal
 import sys
 
 import uvicorn
 
+from smtpproxy.auth import PasswordFileError
 from smtpproxy.config import Config
 from smtpproxy.eventlog import event
 from smtpproxy.history import node_name
 from smtpproxy.links import LinkSigner, read_keys
+from smtpproxy.loginthrottle import LoginThrottle, RedisStore
 from smtpproxy.store import store_from_config
 from smtpproxy.store.quarantine import DatabaseQuarantine
+from smtpproxy.web.accounts import Accounts
 from smtpproxy.web.app import create_app
 from smtpproxy.web.context import WebContext
 
@@ -33,13 +38,35 @@ def make_context(config: Config) -> WebContext:
     if not config.digest.keys:
         raise WebConfigError("smtpproxy web needs digest.keys (the keys its links are signed with)")
     try:
-        signer = LinkSigner(read_keys(config.digest.keys))
+        keys = read_keys(config.digest.keys)
+        signer = LinkSigner(keys)
     except (OSError, ValueError) as exc:
         raise WebConfigError(f"digest.keys: {exc}") from exc
     quarantine = DatabaseQuarantine(store, node=node_name(config),
                                     retention_days=config.quarantine.retention_days,
                                     admin_only=config.quarantine.admin_only)
-    return WebContext(config, store, quarantine, signer, make_delivery(config))
+    context = WebContext(config, store, quarantine, signer, make_delivery(config))
+    if config.console.users is not None:
+        try:
+            context.accounts = Accounts.load(config.console.users)
+        except PasswordFileError as exc:
+            raise WebConfigError(f"console.users: {exc}") from exc
+        context.throttle = _throttle(config)
+        # The session cookie's key, derived from the link key so there is one secret to keep.
+        context.session_secret = hmac.new(keys[0], b"smtpproxy.console.session.v1",
+                                          hashlib.sha256).hexdigest()
+    return context
+
+
+def _throttle(config: Config) -> LoginThrottle | None:
+    """The console's login throttle: login_throttle's settings (and Redis), as for SMTP AUTH."""
+    from smtpproxy.server import throttle_settings
+
+    section = config.login_throttle
+    if not section.enabled:
+        return None
+    store = None if section.redis_url is None else RedisStore(section.redis_url, section.redis_timeout)
+    return LoginThrottle(throttle_settings(section), store)
 
 
 def make_server(config: Config, *, port: int | None = None) -> uvicorn.Server:
@@ -47,7 +74,10 @@ def make_server(config: Config, *, port: int | None = None) -> uvicorn.Server:
     app = create_app(make_context(config))
     settings = uvicorn.Config(
         app, host=config.digest.address, port=config.digest.port if port is None else port,
-        log_config=None, access_log=False, server_header=False, proxy_headers=False, lifespan="on",
+        log_config=None, access_log=False, server_header=False, lifespan="on",
+        # X-Forwarded-For/-Proto believed from console.proxies only (the throttle counts clients).
+        proxy_headers=bool(config.console.proxies),
+        forwarded_allow_ips=[str(p) for p in config.console.proxies] or None,
     )
     return uvicorn.Server(settings)
 
@@ -58,7 +88,8 @@ def web_command(config: Config) -> int:
     except WebConfigError as exc:
         print(f"smtpproxy: {exc}", file=sys.stderr)
         return 2
-    event("web_listening", address=config.digest.address, port=config.digest.port)
+    event("web_listening", address=config.digest.address, port=config.digest.port,
+          console=config.console.users is not None)
     # uvicorn stops gracefully on SIGTERM/SIGINT, then re-raises the signal into the handlers it
     # found: a no-op one makes the stop an exit 0, as for the proxy itself.
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,0 +1,126 @@
+"""The console's accounts and what each may see.
+
+The accounts file has one ``name:hash:role[:domains]`` line per account, with the hashes of
+SMTP AUTH's users file (bcrypt or Argon2, checked by :class:`smtpproxy.auth.PasswordFile`):
+
+    root:$2b$12$...:admin
+    hostmaster:$argon2id$...:domain:example.com,example.org
+    bob@example.com:$2b$12$...:recipient
+
+An admin sees and does everything; a domain admin everything about messages with a
+recipient in their domains (and acts for those recipients only); a recipient only their own
+mail, for themselves. A recipient also signs in through any valid link of their digest.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from smtpproxy.auth import PasswordFile, PasswordFileError, hash_problem
+from smtpproxy.store import Held, Search
+
+__all__ = ["Accounts", "Viewer"]
+
+ROLES = ("admin", "domain", "recipient")
+
+
+@dataclass(frozen=True, slots=True)
+class Viewer:
+    """Who is signed in, and the scope that follows from their role."""
+
+    name: str
+    role: str
+    domains: tuple[str, ...] = field(default=())
+
+    @property
+    def is_admin(self) -> bool:
+        return self.role == "admin"
+
+    def scoped(self, search: Search) -> Search:
+        """*search* narrowed to what this viewer may see."""
+        if self.role == "domain":
+            search.domains = self.domains
+        elif self.role == "recipient":
+            search.recipient = self.name
+        return search
+
+    def may_act_for(self, address: str) -> bool:
+        if self.role == "admin":
+            return True
+        if self.role == "domain":
+            return address.rpartition("@")[2].lower() in self.domains
+        return address.lower() == self.name.lower()
+
+    def recipients(self, held: Held) -> list[str]:
+        """The recipients of *held* this viewer sees and acts for (none: not theirs at all)."""
+        return [address for address in held.recipients if self.may_act_for(address)]
+
+    def as_session(self) -> dict[str, object]:
+        return {"name": self.name, "role": self.role, "domains": list(self.domains)}
+
+    @classmethod
+    def from_session(cls, data: object) -> Viewer | None:
+        if not isinstance(data, dict):
+            return None
+        name, role, domains = data.get("name"), data.get("role"), data.get("domains")
+        if not isinstance(name, str) or role not in ROLES or not isinstance(domains, list):
+            return None
+        return cls(name, str(role), tuple(str(d) for d in domains))
+
+
+class Accounts:
+    """The accounts file, loaded once; :meth:`verify` runs off the event loop."""
+
+    def __init__(self, passwords: PasswordFile, viewers: dict[str, Viewer]) -> None:
+        self.passwords = passwords
+        self.viewers = viewers
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Accounts:
+        """Read and check the file; :class:`PasswordFileError` names the file and line."""
+        file = os.fspath(path)
+        try:
+            text = Path(file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PasswordFileError(file, None, f"cannot read accounts file: {exc}") from None
+        hashes: dict[str, str] = {}
+        viewers: dict[str, Viewer] = {}
+        for number, raw in enumerate(text.splitlines(), start=1):
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            parts = line.split(":")
+            if len(parts) not in (3, 4) or not parts[0]:
+                raise PasswordFileError(file, number, "expected 'name:hash:role[:domains]'")
+            name, hashed, role = parts[0], parts[1], parts[2]
+            domains = tuple(
+                d.strip().lower() for d in (parts[3] if len(parts) == 4 else "").split(",") if d.strip()
+            )
+            if any(c.isspace() or not c.isprintable() for c in name):
+                raise PasswordFileError(file, number, "name contains spaces or control characters")
+            problem = hash_problem(hashed)
+            if problem is not None:
+                raise PasswordFileError(file, number, f"account {name!r}: {problem}")
+            if role not in ROLES:
+                raise PasswordFileError(
+                    file, number, f"account {name!r}: role must be admin, domain or recipient"
+                )
+            if role == "domain" and not domains:
+                raise PasswordFileError(file, number, f"account {name!r}: a domain admin needs domains")
+            if role == "recipient" and "@" not in name:
+                raise PasswordFileError(
+                    file, number, f"account {name!r}: a recipient's name is their address"
+                )
+            if name in hashes:
+                raise PasswordFileError(file, number, f"account {name!r} is defined twice")
+            hashes[name] = hashed
+            viewers[name] = Viewer(name, role, domains)
+        return cls(PasswordFile(hashes, file), viewers)
+
+    async def verify(self, name: str, password: str) -> Viewer | None:
+        """The account when *password* is right (an unknown name costs as much time)."""
+        if await self.passwords.verify(name, password):
+            return self.viewers.get(name)
+        return None
