@@ -220,13 +220,14 @@ def _run_milter(config: Config, source: ConfigSource | None) -> int:
 
 def _policy_problem(config: Config, source: ConfigSource | None) -> int:
     """check-config of a file with a ``policy:`` section: name the plugins that need the
-    message (Postfix's policy protocol has none); with ``message_plugins: refuse`` that fails."""
+    message (Postfix's policy protocol has none); with ``message_plugins: refuse`` a plugin
+    that decides only on the message fails the check."""
     from smtpproxy.policy.applicability import message_plugins
 
     found = message_plugins(build_chain(config.plugins, source, plugin_paths=config.plugin_paths))
     if not found:
         return 0
-    refuse = config.policy.message_plugins == "refuse"
+    refuse = config.policy.message_plugins == "refuse" and bool(found.only_message)
     print(f"smtpproxy: policy: {'error' if refuse else 'warning'}: {found.describe()} "
           f"(policy.message_plugins: {config.policy.message_plugins})", file=sys.stderr)
     return EXIT_CONFIG if refuse else 0

@@ -533,7 +533,8 @@ class Policy(_Model):
         description=(
             "Plugins that decide on the header or body (their `data` hook) cannot run here: "
             "Postfix sends no message. refuse: check-config and `smtpproxy policy` stop and name "
-            "them; warn: they are named and their `data` part is not run."
+            "a plugin that decides only on the message; warn: it is named and not run. A plugin "
+            "with envelope hooks too (ratelimit, dnsbl) always runs those and is named in a warning."
         ),
     )
     max_instances: int = Field(

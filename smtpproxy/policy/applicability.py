@@ -2,8 +2,10 @@
 
 A plugin's ``data`` hook is where it sees the message (DKIM, DMARC, ARC, content rules,
 scoring, virus and attachment scans). Under ``smtpproxy policy`` that hook never runs;
-``policy.message_plugins`` says whether that refuses the configuration or is a warning.
-Either way the plugins are named, never skipped silently.
+For a plugin that has nothing else (``only_message``) ``policy.message_plugins`` says
+whether that refuses the configuration or is a warning; a plugin with envelope hooks too
+(``partly``: ratelimit's message and byte counts, dnsbl's body URIs) runs its envelope
+part and is named in a warning. Either way the plugins are named, never skipped silently.
 """
 
 from __future__ import annotations

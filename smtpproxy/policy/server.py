@@ -75,7 +75,7 @@ class PolicyServer:
 
     async def start(self) -> None:
         if self.message_plugins:
-            if self.settings.message_plugins == "refuse":
+            if self.settings.message_plugins == "refuse" and self.message_plugins.only_message:
                 raise StartupError(f"policy.message_plugins is refuse and plugins need the message: "
                                    f"{self.message_plugins.describe()}")
             event("policy_message_plugins", level=logging.WARNING,
