@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from smtpproxy import config as c
+from smtpproxy.config import tables as ts
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("(top level)", c.Config, "The whole file."),
@@ -39,6 +40,15 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
      "Brakes on password guessing at SMTP AUTH, for every listener with auth (docs/submission.md)."),
     ("sender_login", c.SenderLogin,
      "Which logins own which sender addresses, on listeners with auth (docs/submission.md)."),
+    *[(f"tables.NAME (type: {kind})", model, intro) for kind, model, intro in [
+        ("inline", ts.InlineTable, "A [lookup table](tables.md) written in the configuration file."),
+        ("file", ts.FileTable, "A table file of 'key value' lines, re-read at reload."),
+        ("regexp", ts.RegexpTable, "Regular expressions tried in order; the first match answers."),
+        ("redis", ts.RedisTable, "A table in Redis."),
+        ("sqlite", ts.SQLiteTable, "A query on an SQLite database file."),
+        ("postgresql", ts.PostgresTable, "A query on PostgreSQL."),
+        ("ldap", ts.LDAPTable, "An LDAP search."),
+    ]],
 ]
 
 

@@ -31,6 +31,7 @@ from smtpproxy.session import (
     Transaction,
 )
 from smtpproxy.settings import PluginSettings, SettingsError
+from smtpproxy.tables import Table, TableName, TableUnavailable, address_keys, domain_keys, get_table
 from smtpproxy.verdicts import Action, Reply, Verdict
 from smtpproxy.versions import PLUGIN_API_VERSION, __version__  # written once, there
 
@@ -62,11 +63,17 @@ __all__ = [
     "SettingsError",
     "TLSInfo",
     "TTLCache",
+    "Table",
+    "TableName",
+    "TableUnavailable",
     "Transaction",
     "Verdict",
     "__version__",
+    "address_keys",
     "auth_checks",
+    "domain_keys",
     "get_resolver",
+    "get_table",
     "hookimpl",
     "ip_in_networks",
     "record_auth_check",

@@ -115,6 +115,22 @@ def _parser() -> argparse.ArgumentParser:
     trace.add_argument("--tls", action="store_true", help="treat the session as TLS-protected")
     trace.add_argument("--json", action="store_true", help="print JSON instead of the text report")
     trace.add_argument("-c", "--config", help="YAML configuration file (default: the embedded one)")
+    tables = sub.add_parser(
+        "tables", help="look into lookup tables; add and remove entries of redis and file tables",
+        description="Exit codes: 0 done (query: found), 1 the backend failed, 2 usage or "
+        "configuration error, 3 query: not found (remove: nothing to remove). docs/tables.md",
+    )
+    table_actions = tables.add_subparsers(dest="action", required=True, metavar="ACTION")
+    for action, text in (("list", "print the entries (inline, file and redis tables)"),
+                         ("query", "look one key up as the proxy would"),
+                         ("add", "add an entry to a key's value"),
+                         ("remove", "remove an entry from a key's value (or, without one, the key)")):
+        one = table_actions.add_parser(action, help=text)
+        one.add_argument("-c", "--config", required=True, help="YAML configuration file")
+        one.add_argument("table", metavar="TABLE", help="a table name from tables:")
+        one.add_argument("key", metavar="KEY", nargs="?" if action in ("list",) else None)
+        if action in ("add", "remove"):
+            one.add_argument("value", metavar="VALUE", nargs=None if action == "add" else "?")
     reload = sub.add_parser(
         "reload", help="validate the configuration, then tell the running proxy to reload it (SIGHUP)",
         description="Exit codes: 0 signal sent, 2 configuration error (nothing is signalled), "
@@ -128,7 +144,7 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str | None, *, plugins: bool = True) -> tuple[Config, ConfigSource | None]:
     config, source = load_config(path)
     if plugins:  # plugin settings are part of a valid config
-        build_chain(config.plugins, source, plugin_paths=config.plugin_paths)
+        build_chain(config.plugins, source, plugin_paths=config.plugin_paths, table_names=config.tables)
     return config, source
 
 
@@ -156,8 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _list_plugins()
     try:
         # The quarantine commands never run plugins, so they work where those cannot be imported.
-        config, source = _load(args.config,
-                               plugins=args.command not in ("quarantine", "history", "digest", "web"))
+        config, source = _load(args.config, plugins=args.command not in (
+            "quarantine", "history", "digest", "web", "tables"))
     except ConfigError as exc:
         print(f"smtpproxy: configuration error:\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -184,6 +200,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         configure_logging(config.logging.level, config.logging.format)
         return web_command(config)
+    if args.command == "tables":
+        from smtpproxy.tables_cli import tables_command
+
+        return tables_command(config, args.action, args.table, args.key, getattr(args, "value", None))
     if args.command == "reload":
         return _signal_reload(config, args.config, args.pid)
     if args.command == "test-message":

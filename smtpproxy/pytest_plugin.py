@@ -479,7 +479,8 @@ async def _proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
                                 "data_timeout": 10, "pool": {"max_idle": 0}}
         config = Config.model_validate(_merge(data, sections))
         chain = (chain_of(list(plugins)) if plugins
-                 else build_chain(config.plugins, None, plugin_paths=config.plugin_paths))
+                 else build_chain(config.plugins, None, plugin_paths=config.plugin_paths,
+                                table_names=config.tables))
         server = ProxyServer(config, chain=chain)
         started.append((server, upstream))
         await server.start()

@@ -13,7 +13,7 @@ import importlib
 import inspect
 import sys
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
@@ -111,7 +111,8 @@ def resolve(use: str) -> object:
 
 
 def instantiate(
-    target: object, settings: dict[str, Any], source: ConfigSource | None, index: int
+    target: object, settings: dict[str, Any], source: ConfigSource | None, index: int,
+    table_names: Iterable[str] | None = None,
 ) -> object:
     """Build the plugin object from a class (with validated settings) or use a module as is."""
     where = ("plugins", index, "settings")
@@ -132,7 +133,11 @@ def instantiate(
     try:
         # Relative paths in a plugin's settings are relative to the configuration file.
         base_dir = Path(source.file).absolute().parent if source is not None else Path.cwd()
-        validated = settings_model.model_validate(settings, context={"base_dir": base_dir})
+        # The configuration's table names, for settings of type smtpproxy.TableName.
+        context: dict[str, Any] = {"base_dir": base_dir}
+        if table_names is not None:
+            context["tables"] = frozenset(table_names)
+        validated = settings_model.model_validate(settings, context=context)
     except pydantic.ValidationError as exc:
         located = source if source is not None else ConfigSource.detached("<settings>")
         problems = located.problems_from_validation_error(exc, base=where, model=settings_model)
@@ -144,7 +149,8 @@ def instantiate(
 
 
 def build_chain(
-    specs: Sequence[PluginSpec], source: ConfigSource | None, *, plugin_paths: Sequence[Path] = ()
+    specs: Sequence[PluginSpec], source: ConfigSource | None, *, plugin_paths: Sequence[Path] = (),
+    table_names: Iterable[str] | None = None,
 ) -> Chain:
     """Load every enabled plugin in order and return the chain; ConfigError names the entry.
 
@@ -161,7 +167,7 @@ def build_chain(
         try:
             target = resolve(spec.use or spec.name)
             check_plugin_api(target, spec.name)
-            plugin = instantiate(target, dict(spec.settings), source, index)
+            plugin = instantiate(target, dict(spec.settings), source, index, table_names)
             _register(pm, plugin, spec.name)
         except ConfigError as exc:
             problems.extend(exc.problems)

@@ -20,7 +20,10 @@ With ``headers: true`` every address in the ``From:`` and ``Sender:`` fields is 
 same rule, and so is an address-like text in a display name (``"ceo@bank.test" <me@my.test>``):
 what the reader sees must be owned too.
 
-The map is a :class:`LoginLookup` (key -> logins), so other tables can stand in for it.
+The map is a :class:`LoginLookup` (key -> logins), so other tables can stand in for it:
+``sender_login: {table: NAME}`` uses a lookup table (smtpproxy.tables) by name. A table that
+cannot answer gives ``451 4.3.0 <a@b>: Sender address rejected: temporary lookup failure``
+(Postfix's reply for a table that is down), never a pass.
 """
 
 from __future__ import annotations
@@ -33,10 +36,30 @@ from pathlib import Path
 from typing import Literal, Protocol
 
 from smtpproxy.message import Message
+from smtpproxy.tables import Table, TableUnavailable, address_keys, get_table
 from smtpproxy.verdicts import Reply
+
+
+class SenderLoginSection(Protocol):
+    """What a validated ``sender_login`` section gives (smtpproxy.config.schema.SenderLogin,
+    whose validators import this module)."""
+
+    @property
+    def map(self) -> Mapping[str, str | list[str]]: ...
+    @property
+    def file(self) -> Path | None: ...
+    @property
+    def table(self) -> str | None: ...
+    @property
+    def recipient_delimiter(self) -> str: ...
+    @property
+    def unknown_senders(self) -> Literal["reject", "allow"]: ...
+    @property
+    def headers(self) -> bool: ...
 
 __all__ = [
     "LoginLookup",
+    "NamedTableLogins",
     "SenderLoginMapError",
     "SenderLoginPolicy",
     "StaticTable",
@@ -152,6 +175,24 @@ class StaticTable:
         return cls.build(entries)
 
 
+class NamedTableLogins:
+    """The logins in a lookup table, found by name at each lookup (a reload's new table serves
+    the next one); a value may hold several logins, separated by commas or white space."""
+
+    def __init__(self, name: str, tables: Mapping[str, Table] | None = None):
+        self.name = name
+        self.tables = tables
+        """The tables to find it in (None: the process's current ones, smtpproxy.tables.install)."""
+
+    async def lookup(self, key: str) -> tuple[str, ...] | None:
+        table = get_table(self.name) if self.tables is None else self.tables[self.name]
+        found = await table.lookup(key)
+        if found is None:
+            return None
+        logins = tuple(dict.fromkeys(v for value in found for v in _SPLIT.split(value) if v))
+        return logins or None
+
+
 def _expand(match: re.Match[str], login: str) -> str:
     """*login* with ``$1`` (``${1}``) replaced by the pattern's group (lower case)."""
     return _GROUP.sub(lambda g: (match.group(int(g.group(1).strip("{}"))) or "").lower(), login)
@@ -175,26 +216,33 @@ class SenderLoginPolicy:
     @classmethod
     def load(cls, entries: Mapping[str, str | list[str]], file: str | Path | None = None, *,
              recipient_delimiter: str = "+", unknown_senders: Literal["reject", "allow"] = "reject",
-             headers: bool = False) -> SenderLoginPolicy:
+             headers: bool = False, table: str | None = None,
+             tables: Mapping[str, Table] | None = None) -> SenderLoginPolicy:
         """The policy of a ``sender_login`` section: its map, then its file (read now; a
-        reload calls this again). SenderLoginMapError says which entry is wrong, and where."""
-        table = StaticTable.build((k, v, f"sender_login.map[{k!r}]") for k, v in entries.items())
+        reload calls this again), or the lookup table named *table*. SenderLoginMapError says
+        which entry is wrong, and where."""
+        if table is not None:
+            return cls(NamedTableLogins(table, tables), recipient_delimiter=recipient_delimiter,
+                       unknown_senders=unknown_senders, headers=headers)
+        static = StaticTable.build((k, v, f"sender_login.map[{k!r}]") for k, v in entries.items())
         if file is not None:
-            table = StaticTable.merged(table, StaticTable.load(file))
-        return cls(table, recipient_delimiter=recipient_delimiter, unknown_senders=unknown_senders,
+            static = StaticTable.merged(static, StaticTable.load(file))
+        return cls(static, recipient_delimiter=recipient_delimiter, unknown_senders=unknown_senders,
                    headers=headers)
+
+    @classmethod
+    def from_section(cls, section: SenderLoginSection,
+                     tables: Mapping[str, Table] | None = None) -> SenderLoginPolicy:
+        """The policy of a validated ``sender_login`` section (*tables*: where its table is)."""
+        return cls.load(section.map, section.file, recipient_delimiter=section.recipient_delimiter,
+                        unknown_senders=section.unknown_senders, headers=section.headers,
+                        table=section.table, tables=tables)
 
     async def owners(self, address: str) -> tuple[str, ...] | None:
         """The logins that own *address*, in Postfix's search order; None: not in the map."""
-        local, at, domain = address.rpartition("@")
-        if not at:
+        if "@" not in address:
             return None
-        keys = [f"{local}@{domain}"]
-        cut = min((i for i in (local.find(c) for c in self.delimiter) if i > 0), default=-1)
-        if cut > 0:
-            keys.append(f"{local[:cut]}@{domain}")
-        keys.append(f"@{domain}")
-        for key in keys:
+        for key in address_keys(address, self.delimiter, domain=False):
             found = await self.table.lookup(key)
             if found is not None:
                 return found
@@ -213,7 +261,10 @@ class SenderLoginPolicy:
         """The ``553 5.7.1`` for a MAIL FROM *login* may not use; the null sender passes."""
         if not sender:
             return None
-        why = await self.mismatch(sender, login)
+        try:
+            why = await self.mismatch(sender, login)
+        except TableUnavailable:
+            return Reply(451, "4.3.0", f"<{sender}>: Sender address rejected: temporary lookup failure")
         if why is None:
             return None
         return Reply(553, "5.7.1", f"<{sender}>: Sender address rejected: {why}")
@@ -223,6 +274,12 @@ class SenderLoginPolicy:
         address in a display name, is not the login's; None when all are (or headers: off)."""
         if not self.headers:
             return None
+        try:
+            return await self._header_refusal(message, login)
+        except TableUnavailable as exc:
+            return Reply(451, "4.3.0", "From:/Sender: check failed: temporary lookup failure"), exc.table
+
+    async def _header_refusal(self, message: Message, login: str | None) -> tuple[Reply, str] | None:
         for name in ("From", "Sender"):
             for value in message.get_all(name):
                 addresses, problem = _field_addresses(name, value)

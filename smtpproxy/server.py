@@ -47,6 +47,7 @@ from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy
 from smtpproxy.startup import StartupError, configure_dns, start_chain
 from smtpproxy.store import Store, StoreError, store_from_config
 from smtpproxy.store.quarantine import DatabaseQuarantine
+from smtpproxy.tables import TableError, Tables, build_tables, install
 from smtpproxy.versions import LOG_FORMAT_VERSION
 from smtpproxy.workers import inherited_listener, tell_supervisor_ready
 
@@ -87,13 +88,13 @@ def throttle_settings(section: LoginThrottleConfig) -> ThrottleSettings:
     )
 
 
-def _sender_login(config: Config) -> SenderLoginPolicy | None:
-    """The sender/login map (YAML map, then the file, read now: a reload reads it again)."""
+def _sender_login(config: Config, tables: Tables) -> SenderLoginPolicy | None:
+    """The sender/login map (YAML map, then the file, read now: a reload reads it again; or
+    a lookup table of *tables*)."""
     section = config.sender_login
     if section is None:
         return None
-    return SenderLoginPolicy.load(section.map, section.file, recipient_delimiter=section.recipient_delimiter,
-                                  unknown_senders=section.unknown_senders, headers=section.headers)
+    return SenderLoginPolicy.from_section(section, tables)
 
 
 class ProxyServer:
@@ -110,7 +111,8 @@ class ProxyServer:
         """The history and quarantine database (None: no ``store`` configured)."""
         self.services = Services(
             chain=chain if chain is not None
-            else build_chain(config.plugins, source, plugin_paths=config.plugin_paths),
+            else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
+                             table_names=config.tables),
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=self._quarantine(config),
             relay=RelayPolicy.of(config.relay),
@@ -142,6 +144,9 @@ class ProxyServer:
         self._stopped = asyncio.Event()
         self._stopping = False
         self._hurry = asyncio.Event()
+        self.tables = Tables()
+        """The lookup tables (smtpproxy.tables), built at start and at each reload."""
+        self._retired_tables: list[tuple[Tables, asyncio.Task[None]]] = []
 
     def _quarantine(self, config: Config) -> QuarantineStore | DatabaseQuarantine:
         """The store's quarantine when there is a store; else the quarantine directory."""
@@ -205,8 +210,10 @@ class ProxyServer:
                 out.append((host, port))
         return out
 
-    def _policy(self, index: int, config: Config | None = None) -> ListenerPolicy:
+    def _policy(self, index: int, config: Config | None = None,
+                tables: Tables | None = None) -> ListenerPolicy:
         c = config or self.config
+        tables = self.tables if tables is None else tables
         listener = c.listeners[index]
         lim = c.limits
         return ListenerPolicy(
@@ -226,7 +233,8 @@ class ProxyServer:
             proxy_protocol=ProxyProtocolSettings(
                 tuple(listener.proxy_protocol_from), listener.proxy_protocol_timeout
             ) if listener.proxy_protocol else None,
-            sender_login=_sender_login(c) if listener.auth and listener.auth.check_sender_login else None,
+            sender_login=_sender_login(c, tables) if listener.auth and listener.auth.check_sender_login
+            else None,
         )
 
     async def start(self) -> None:
@@ -244,6 +252,11 @@ class ProxyServer:
             if self.worker is not None and not isinstance(services.login_throttle.store, RedisStore):
                 event("login_throttle_per_worker", level=logging.WARNING, worker=self.worker,
                       note="each worker counts failed logins alone; set login_throttle.redis_url")
+        try:
+            self.tables = build_tables(self.config.tables)
+        except TableError as exc:
+            raise StartupError(str(exc)) from exc
+        install(self.tables)
         await start_chain(services.chain)
         await self._start_store()
         try:
@@ -354,28 +367,36 @@ class ProxyServer:
     async def _reload(self, file: str) -> bool:
         try:
             new, source = load_config(file)
-            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths)
-        except ConfigError as exc:
+            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths, table_names=new.tables)
+            tables = build_tables(new.tables)
+        except (ConfigError, TableError) as exc:
             return self._reload_failed(file, str(exc))
         applied = without_restart_only_changes(self.config, new)
         try:
             state = []
             for index, listener in enumerate(applied.listeners):
                 tls = server_tls_context(listener.tls) if listener.tls else None
-                state.append((self._policy(index, applied), None if listener.implicit_tls else tls))
+                state.append((self._policy(index, applied, tables), None if listener.implicit_tls else tls))
         except PasswordFileError as exc:
             return self._reload_failed(file, f"listeners[{index}].auth.users_file: {exc}")
         except SenderLoginMapError as exc:
             return self._reload_failed(file, f"sender_login: {exc}")
         except (OSError, ssl.SSLError) as exc:
             return self._reload_failed(file, f"listeners[{index}].tls: cannot load certificate: {exc}")
+        old_tables = install(tables)  # before the startup hooks: plugins may look theirs up
         try:
             await start_chain(chain)
         except StartupError as exc:
+            install(old_tables)
+            await tables.close()
             return self._reload_failed(file, str(exc))
         if self._stopping:
+            install(old_tables)
+            await tables.close()
             await chain.notify("shutdown")  # started for nothing: the proxy is stopping
             return False
+        self.tables = tables
+        self._retire_tables(old_tables, applied.limits.session_timeout)
         for index, ctx in self._implicit_tls.items():
             tls_files = applied.listeners[index].tls
             assert tls_files is not None
@@ -401,6 +422,16 @@ class ProxyServer:
               restart_needed=restart or None,
               note="changes to these sections apply at the next restart" if restart else None)
         return True
+
+    def _retire_tables(self, tables: Tables, after: float) -> None:
+        """Close a reload's replaced tables once the sessions that may still use them are over
+        (a session lasts at most limits.session_timeout); at stop, at once."""
+        async def close_later() -> None:
+            await asyncio.sleep(after)
+            self._retired_tables[:] = [(t, task) for t, task in self._retired_tables if t is not tables]
+            await tables.close()
+
+        self._retired_tables.append((tables, asyncio.get_running_loop().create_task(close_later())))
 
     def _reload_failed(self, file: str, error: str) -> bool:
         self.services.metrics.reloaded(False)
@@ -486,6 +517,11 @@ class ProxyServer:
         async with self._reload_lock:  # a reload in progress finishes (or backs out) first
             await self.services.chain.notify("shutdown")
         await self.services.leases.close()
+        for tables, task in self._retired_tables:
+            task.cancel()
+            await tables.close()
+        self._retired_tables.clear()
+        await self.tables.close()
         await self.services.delivery.close()
         if self.services.login_throttle is not None:
             await self.services.login_throttle.close()

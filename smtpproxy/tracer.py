@@ -37,6 +37,7 @@ from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import Client, Decision, Outcome, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.startup import start_chain
+from smtpproxy.tables import Tables, build_tables, install
 from smtpproxy.verdicts import Reply
 
 __all__ = [
@@ -269,11 +270,8 @@ class TracePolicy:
             rcpt_mode=rcpt_mode,
             local_ip=listener.address,
             local_port=listener.port,
-            sender_login=SenderLoginPolicy.load(
-                config.sender_login.map, config.sender_login.file,
-                recipient_delimiter=config.sender_login.recipient_delimiter,
-                unknown_senders=config.sender_login.unknown_senders, headers=config.sender_login.headers,
-            ) if config.sender_login is not None and listener.auth and listener.auth.check_sender_login
+            sender_login=SenderLoginPolicy.from_section(config.sender_login)
+            if config.sender_login is not None and listener.auth and listener.auth.check_sender_login
             else None,
         )
 
@@ -415,18 +413,27 @@ class Tracer:
         self.policy = policy or TracePolicy()
         self.config = config
         self._started = False
+        self._tables: Tables | None = None
 
     @classmethod
     def from_config(cls, config: Config, source: ConfigSource | None = None) -> Tracer:
         """The chain and rules of a configuration (ConfigError when a plugin cannot load)."""
-        chain = build_chain(config.plugins, source, plugin_paths=config.plugin_paths)
+        chain = build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
+                            table_names=config.tables)
         return cls(chain, TracePolicy.from_config(config), config=config)
+
+    def _install_tables(self) -> None:
+        """The configuration's lookup tables become the process's (plugins find them by name)."""
+        if self.config is not None and self.config.tables:
+            self._tables = build_tables(self.config.tables)
+            install(self._tables)
 
     async def start(self) -> None:
         """Configure the shared resolver (from a config) and run every ``startup`` hook;
         :class:`~smtpproxy.startup.StartupError` as the proxy would stop on."""
         if self._started:
             return
+        self._install_tables()
         await start_chain(self.chain, self.config.dns if self.config is not None else None)
         self._started = True
 
@@ -435,6 +442,9 @@ class Tracer:
         if self._started:
             self._started = False
             await self.chain.notify("shutdown")
+            if self._tables is not None:
+                await self._tables.close()
+                self._tables = None
 
     async def __aenter__(self) -> Tracer:
         await self.start()

@@ -277,6 +277,8 @@ DAEMON_FIXTURES = {
     "postfix_factory": "postfix",
     "redis_server": "redis",
     "postgres_server": "postgres",
+    "slapd_server": "slapd",
+    "slapd": "slapd",  # tests/test_tables_backends.py's own, with its directory
     "clamd": "clamd",
     "spamd_server": "spamd",
     "rspamd_server": "rspamd",

@@ -38,7 +38,7 @@ INVENTED = {"mypackage", "mycompany", "smtpproxy_exchange", "block_executables",
 # YAML blocks that configure something else (Prometheus).
 FOREIGN = {"scrape_configs"}
 ENVIRONMENT = {"UPSTREAM_HOST": "127.0.0.1", "REDIS_URL": "redis://127.0.0.1:6379/0",
-               "RATELIMIT_REDIS_URL": "redis://127.0.0.1:6379/1"}
+               "RATELIMIT_REDIS_URL": "redis://127.0.0.1:6379/1", "LDAP_PASSWORD": "secret"}
 
 
 def _where(page: Path, text: str, pos: int) -> str:

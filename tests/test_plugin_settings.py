@@ -56,6 +56,8 @@ BAD_SETTINGS = [
      r":5:\d+: plugins\[0\]\.settings\.lists\[0\]\.zone: "),
     ("access", 'client:\n  deny:\n    rules: ["999.1.2.3"]',
      r":6:\d+: plugins\[0\]\.settings\.client\.deny\.rules: .*999\.1\.2\.3"),
+    ("lists", "allow_action: skip",
+     r":4:\d+: plugins\[0\]\.settings\.allow_action: "),
     ("rewrite", 'add_headers: {X-Tag: "{nope}"}',
      r":4:\d+: plugins\[0\]\.settings\.add_headers: .*\{nope\}"),
     ("score", 'rules:\n  - {name: r1, score: 1, match: {header: {name: Subject, regex: "(unclosed"}}}',

@@ -192,7 +192,7 @@ async def start_proxy(tmp_path: Path, tls_ca: trustme.CA) -> AsyncIterator[Start
     started: list[ProxyServer] = []
 
     async def start(postfix: PostfixInstance, sender_login: dict[str, Any], *, require: bool = True,
-                    **delivery: Any) -> ProxyServer:
+                    tables: dict[str, Any] | None = None, **delivery: Any) -> ProxyServer:
         import yaml
 
         config = {
@@ -205,6 +205,7 @@ async def start_proxy(tmp_path: Path, tls_ca: trustme.CA) -> AsyncIterator[Start
             "quarantine": {"path": str(tmp_path / "quarantine")},
             "login_throttle": {"initial_delay": 0},
             "sender_login": sender_login,
+            "tables": tables or {},
         }
         path = tmp_path / "smtpproxy.yaml"
         path.write_text(yaml.safe_dump(config))

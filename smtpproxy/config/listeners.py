@@ -163,6 +163,14 @@ class SenderLogin(_Model):
             "(SIGHUP); relative to the config file."
         ),
     )
+    table: str | None = Field(
+        default=None,
+        description=(
+            "Instead of map and file: the name of a lookup table (tables:) whose values for "
+            "'user@domain' and '@domain' are the logins (a value may list several, separated by "
+            "commas or spaces); a table that cannot answer makes MAIL FROM a 451 4.3.0."
+        ),
+    )
     recipient_delimiter: str = Field(
         default="+", max_length=8,
         description=(
@@ -213,8 +221,11 @@ class SenderLogin(_Model):
 
     @model_validator(mode="after")
     def _not_empty(self) -> "SenderLogin":
-        if not self.map and self.file is None:
-            raise field_error("sender_login_empty", "needs 'map' or 'file' (or both)")
+        if self.table is not None and (self.map or self.file is not None):
+            raise field_error("sender_login_table", "'table' replaces 'map' and 'file': use one or the other",
+                              loc_suffix=("table",))
+        if not self.map and self.file is None and self.table is None:
+            raise field_error("sender_login_empty", "needs 'map' or 'file' (or both), or 'table'")
         return self
 
 

@@ -1,11 +1,13 @@
 """The configuration schema: every section and key, its default and its description.
 
 The listeners' sections live in :mod:`smtpproxy.config.listeners`, the delivery's in
-:mod:`smtpproxy.config.delivery`; :class:`Config` assembles them with the rest, here.
+:mod:`smtpproxy.config.delivery`, the lookup tables' in :mod:`smtpproxy.config.tables`;
+:class:`Config` assembles them with the rest, here.
 docs/configuration.md is generated from these models (docs/gen_configuration.py).
 """
 
 import os
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -39,6 +41,7 @@ from smtpproxy.config.listen import parse_listen  # the one parser, shared with 
 from smtpproxy.config.listeners import Listener, LoginThrottle, SenderLogin
 from smtpproxy.config.problems import describe_value
 from smtpproxy.config.section import Section as _Model
+from smtpproxy.config.tables import TABLE_NAME, TableConfig
 
 MAX_WORKERS = 64
 """Most proxy processes ``workers`` may ask for (and what ``auto`` is capped at)."""
@@ -619,6 +622,13 @@ class Config(_Model):
     sender_login: SenderLogin | None = Field(
         default=None, description="Which logins may use which sender addresses (submission listeners)."
     )
+    tables: dict[str, TableConfig] = Field(
+        default={},
+        description=(
+            "Named lookup tables (docs/tables.md) that features and plugins use by name: "
+            "inline, file, regexp, redis, sqlite, postgresql or ldap."
+        ),
+    )
     pid_file: ConfigPath | None = Field(
         default=None,
         description="Write the process id here while running; `smtpproxy reload` signals it.",
@@ -648,6 +658,24 @@ class Config(_Model):
                 "needs a sender_login section (map or file)",
                 loc_suffix=("milter", "check_sender_login"),
             )
+        return self
+
+    @field_validator("tables")
+    @classmethod
+    def _table_names(cls, value: dict[str, Any]) -> dict[str, Any]:
+        for name in value:
+            if not re.fullmatch(TABLE_NAME, name):
+                raise field_error("table_name", f"table name {name!r}: use a-z, 0-9, '_', '.', '-'",
+                                  loc_suffix=(name,))
+        return value
+
+    @model_validator(mode="after")
+    def _sender_login_table_exists(self) -> "Config":
+        wanted = self.sender_login.table if self.sender_login is not None else None
+        if wanted is not None and wanted not in self.tables:
+            known = ", ".join(sorted(self.tables)) or "none are defined"
+            raise field_error("table_unknown", f"no table named {wanted!r} in tables ({known})",
+                              loc_suffix=("sender_login", "table"))
         return self
 
     @field_validator("listeners")

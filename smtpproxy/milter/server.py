@@ -35,6 +35,7 @@ from smtpproxy.registry import build_chain
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.startup import StartupError, start_chain
 from smtpproxy.store import store_from_config
+from smtpproxy.tables import Tables, build_tables, install
 from smtpproxy.versions import LOG_FORMAT_VERSION
 
 __all__ = ["MilterServer"]
@@ -48,7 +49,8 @@ class MilterServer:
         self.config = config
         self.settings = config.milter
         self.chain = (chain if chain is not None
-                      else build_chain(config.plugins, source, plugin_paths=config.plugin_paths))
+                      else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
+                                      table_names=config.tables))
         self.listen = parse_listen(self.settings.listen)
         self.store = store_from_config(config)
         """The store for the history (None: none configured); a milter's quarantine is the MTA's hold."""
@@ -57,6 +59,8 @@ class MilterServer:
             h = config.history
             history = HistoryRecorder(self.store, batch_size=h.batch_size, queue_limit=h.queue_limit,
                                       flush_interval=h.flush_interval, timeout=config.store.timeout)
+        self.tables = build_tables(config.tables)  # read once, as the rest (no reload)
+        install(self.tables)
         self.policy = MilterPolicy(
             history=history, node=node_name(config),
             default_action=self.settings.default_action,
@@ -64,7 +68,7 @@ class MilterServer:
             max_message_size=config.limits.max_message_size,
             max_recipients=config.limits.max_recipients,
             progress_interval=self.settings.progress_interval,
-            sender_login=_sender_login(config) if self.settings.check_sender_login else None,
+            sender_login=_sender_login(config, self.tables) if self.settings.check_sender_login else None,
         )
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
@@ -201,6 +205,7 @@ class MilterServer:
             await self.policy.history.close()
         if self.store is not None:
             await self.store.close()
+        await self.tables.close()
         self._stopped.set()
 
     async def serve_forever(self) -> None:
@@ -234,13 +239,12 @@ class MilterServer:
         self._hurry.set()
 
 
-def _sender_login(config: Config) -> SenderLoginPolicy | None:
+def _sender_login(config: Config, tables: Tables) -> SenderLoginPolicy | None:
     """The sender_login map (read once: the milter does not reload)."""
     section = config.sender_login
     if section is None:
         return None
-    return SenderLoginPolicy.load(section.map, section.file, recipient_delimiter=section.recipient_delimiter,
-                                  unknown_senders=section.unknown_senders, headers=section.headers)
+    return SenderLoginPolicy.from_section(section, tables)
 
 
 def _ignore_reload() -> None:

@@ -1,0 +1,115 @@
+"""``smtpproxy tables list|query|add|remove`` (smtpproxy/tables_cli.py) on file tables and a
+real Redis: what the proxy then reads, comments kept, exit codes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from smtpproxy.cli import main
+from smtpproxy.config import load_config
+from smtpproxy.tables import build_tables
+from smtpproxy.tables.memory import read_entries
+from tests.redis_server import RedisServer
+
+ALLOW = """# allow lists
+bob@example.com  partner.test,
+# a comment inside bob's entry
+   friend@other.test
+
+carol@example.com x.test
+"""
+
+
+def config(tmp_path: Path, redis_url: str = "redis://127.0.0.1:1/0") -> str:
+    (tmp_path / "allow").write_text(ALLOW)
+    os.chmod(tmp_path / "allow", 0o640)
+    path = tmp_path / "c.yaml"
+    path.write_text(f"""
+tables:
+  allow: {{type: file, file: allow}}
+  inline: {{type: inline, entries: {{a@b.test: [one, two]}}}}
+  rset: {{type: redis, url: '{redis_url}', prefix: 'allow:', structure: set}}
+  rstr: {{type: redis, url: '{redis_url}', prefix: 'str:'}}
+""")
+    return str(path)
+
+
+def run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    code = main(["tables", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_file_tables_are_edited_in_place(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    c = config(tmp_path)
+    assert run(capsys, "add", "-c", c, "allow", "Bob@Example.com", "new.test")[0] == 0
+    assert run(capsys, "remove", "-c", c, "allow", "bob@example.com", "partner.test")[0] == 0
+    assert run(capsys, "add", "-c", c, "allow", "dave@example.com", "d.test")[0] == 0
+    assert run(capsys, "remove", "-c", c, "allow", "carol@example.com")[0] == 0
+    text = (tmp_path / "allow").read_text()
+    assert text == ("# allow lists\nbob@example.com  friend@other.test, new.test\n"
+                    "# a comment inside bob's entry\n\ndave@example.com  d.test\n")
+    assert oct((tmp_path / "allow").stat().st_mode & 0o777) == "0o640"
+    assert [(k, v) for k, v, _ in read_entries(tmp_path / "allow")] == [
+        ("bob@example.com", "friend@other.test, new.test"), ("dave@example.com", "d.test")]
+    code, out, _ = run(capsys, "add", "-c", c, "allow", "dave@example.com", "D.test")
+    assert code == 0 and "already there" in out
+    assert run(capsys, "remove", "-c", c, "allow", "dave@example.com", "nothing.test")[0] == 3
+    code, out, _ = run(capsys, "list", "-c", c, "allow")
+    assert out == "bob@example.com   friend@other.test, new.test\ndave@example.com  d.test\n"
+    assert run(capsys, "query", "-c", c, "allow", "DAVE@example.com")[1:] == ("d.test\n", "")
+    assert run(capsys, "query", "-c", c, "allow", "eve@example.com")[0] == 3
+    assert run(capsys, "list", "-c", c, "inline")[1] == "a@b.test  one, two\n"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["add", "allow", "k", "two words"], "a value is one entry"),
+        (["add", "allow", "k", "a,b"], "a value is one entry"),
+        (["add", "inline", "k", "v"], "table inline (inline) is not writable here"),
+        (["add", "nosuch", "k", "v"], "no table named 'nosuch' in tables (allow, inline, rset, rstr)"),
+    ],
+)
+def test_usage_errors(tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str) -> None:
+    c = config(tmp_path)
+    code, _, err = run(capsys, argv[0], "-c", c, *argv[1:])
+    assert code == 2 and message in err, err
+    assert (tmp_path / "allow").read_text() == ALLOW
+    with pytest.raises(SystemExit) as info:  # argparse: the key is required
+        main(["tables", "query", "-c", c, "allow"])
+    assert info.value.code == 2
+
+
+def test_redis_tables_are_edited_live(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], redis_server: RedisServer,
+) -> None:
+    c = config(tmp_path, redis_server.url)
+    assert run(capsys, "add", "-c", c, "rset", "bob@example.com", "partner.test")[0] == 0
+    assert run(capsys, "add", "-c", c, "rset", "bob@example.com", "other.test")[0] == 0
+    assert run(capsys, "add", "-c", c, "rstr", "bob@example.com", "a.test")[0] == 0
+    assert run(capsys, "add", "-c", c, "rstr", "bob@example.com", "b.test")[0] == 0
+    assert run(capsys, "remove", "-c", c, "rstr", "bob@example.com", "a.test")[0] == 0
+    assert run(capsys, "list", "-c", c, "rset")[1] == "bob@example.com  other.test, partner.test\n"
+    assert run(capsys, "list", "-c", c, "rstr")[1] == "bob@example.com  b.test\n"
+    loaded, _ = load_config(c)
+    tables = build_tables(loaded.tables)
+
+    async def look() -> tuple[object, object]:
+        try:
+            return await tables["rset"].lookup("bob@example.com"), await tables["rstr"].lookup("bob@example.com")
+        finally:
+            await tables.close()
+
+    assert asyncio.run(look()) == (("other.test", "partner.test"), ("b.test",))
+    assert run(capsys, "remove", "-c", c, "rset", "bob@example.com")[0] == 0
+    assert run(capsys, "list", "-c", c, "rset")[1] == "table rset has no entries\n"
+    redis_server.stop()
+    code, _, err = run(capsys, "add", "-c", c, "rset", "bob@example.com", "x.test")
+    assert code == 1 and "ConnectionError" in err
+    code, _, err = run(capsys, "query", "-c", c, "rstr", "bob@example.com")
+    assert code == 1 and "table rstr:" in err
