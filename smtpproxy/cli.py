@@ -244,7 +244,8 @@ def _policy_problem(config: Config, source: ConfigSource | None) -> int:
     that decides only on the message fails the check."""
     from smtpproxy.policy.applicability import message_plugins
 
-    found = message_plugins(build_chain(config.plugins, source, plugin_paths=config.plugin_paths))
+    found = message_plugins(build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
+                                        table_names=config.tables))
     if not found:
         return 0
     refuse = config.policy.message_plugins == "refuse" and bool(found.only_message)

@@ -28,6 +28,7 @@ from smtpproxy.policy.service import PolicyService, PolicySettings
 from smtpproxy.registry import build_chain
 from smtpproxy.startup import StartupError, start_chain
 from smtpproxy.store import store_from_config
+from smtpproxy.tables import build_tables, install
 from smtpproxy.versions import LOG_FORMAT_VERSION
 
 __all__ = ["PolicyServer"]
@@ -41,11 +42,14 @@ class PolicyServer:
         self.config = config
         self.settings = config.policy
         self.chain = (chain if chain is not None
-                      else build_chain(config.plugins, source, plugin_paths=config.plugin_paths))
+                      else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
+                                       table_names=config.tables))
         self.listen = parse_listen(self.settings.listen)
         self.message_plugins = message_plugins(self.chain)
         self.limits = Limits(self.settings.max_line, self.settings.max_attributes,
                              self.settings.max_request)
+        self.tables = build_tables(config.tables)  # read once, as the milter (no reload)
+        install(self.tables)
         self.store = store_from_config(config)
         history = None
         if self.store is not None and config.history.enabled:
@@ -163,6 +167,7 @@ class PolicyServer:
             await self._history.close()
         if self.store is not None:
             await self.store.close()
+        await self.tables.close()
 
     async def serve_forever(self) -> None:
         """Start, run until SIGTERM or SIGINT, then stop (SIGHUP is ignored: restart to reload)."""
