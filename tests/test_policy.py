@@ -332,3 +332,50 @@ def test_parse_request_never_crashes(lines: list[bytes]) -> None:
 def test_an_action_is_always_one_line(text: str) -> None:
     out = format_action(text)
     assert out.endswith(b"\n\n") and out.count(b"\n") == 2 and out.startswith(b"action=")
+
+
+# -- plugins that need the message -------------------------------------------------------------
+
+
+def write_config(tmp_path: Path, policy: str, plugins: str) -> Path:
+    path = tmp_path / "policy.yaml"
+    path.write_text("listeners: [{port: 2525}]\ndelivery: {type: maildir, path: mail}\n"
+                    f"{policy}plugins:\n{plugins}")
+    return path
+
+
+DKIM_AND_RATELIMIT = (
+    "  - name: dkim_verify\n"
+    "  - name: ratelimit\n"
+    "    settings: {rules: [{name: r, key: sender, what: recipients, limit: 5, window: 60}]}\n"
+)
+
+
+def test_check_config_refuses_plugins_that_need_the_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    from smtpproxy.cli import main
+
+    path = write_config(tmp_path, "policy: {listen: 'inet:127.0.0.1:10040'}\n", DKIM_AND_RATELIMIT)
+    assert main(["check-config", "-c", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "policy: error: cannot run (they need the header or body): dkim_verify" in err
+    assert "run without their message checks (data hook): ratelimit" in err
+    path = write_config(tmp_path, "policy: {message_plugins: warn}\n", DKIM_AND_RATELIMIT)
+    assert main(["check-config", "-c", str(path)]) == 0
+    assert "policy: warning: cannot run (they need the header or body): dkim_verify" in capsys.readouterr().err
+    # Without a policy: section the file is a proxy's or a milter's: nothing to say.
+    path = write_config(tmp_path, "", DKIM_AND_RATELIMIT)
+    assert main(["check-config", "-c", str(path)]) == 0
+    assert "policy" not in capsys.readouterr().err
+
+
+async def test_the_service_refuses_to_start_with_a_message_only_plugin(tmp_path: Path) -> None:
+    from smtpproxy.config import load_config
+    from smtpproxy.startup import StartupError
+
+    path = write_config(tmp_path, "policy: {listen: 'inet:127.0.0.1:0'}\n", DKIM_AND_RATELIMIT)
+    config, source = load_config(path)
+    server = PolicyServer(config, source)
+    with pytest.raises(StartupError, match="need the message: cannot run .*: dkim_verify"):
+        await server.start()
