@@ -377,5 +377,5 @@ async def test_the_service_refuses_to_start_with_a_message_only_plugin(tmp_path:
     path = write_config(tmp_path, "policy: {listen: 'inet:127.0.0.1:0'}\n", DKIM_AND_RATELIMIT)
     config, source = load_config(path)
     server = PolicyServer(config, source)
-    with pytest.raises(StartupError, match="need the message: cannot run .*: dkim_verify"):
+    with pytest.raises(StartupError, match=r"need the message: cannot run .*: dkim_verify"):
         await server.start()
