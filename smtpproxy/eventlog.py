@@ -12,6 +12,7 @@ not overwrite ``ts``, ``level``, ``event``, ``sid`` and the other fields of the 
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 import re
@@ -93,11 +94,18 @@ _BAD_KEY_CHAR = re.compile(r"[^A-Za-z0-9_.:-]")
 
 
 def _own_fields(fields: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in fields.items():
-        name = _BAD_KEY_CHAR.sub("_", str(key)) or "_"
-        out[name + "_" if name in _RESERVED else name] = value
-    return out
+    return {_key(key): value for key, value in fields.items()}
+
+
+@functools.lru_cache(maxsize=1024)
+def _key(key: Any) -> str:
+    """A field name as written: unsafe characters replaced, reserved names suffixed.
+    Cached: the same few dozen names come with every line (issue 31's profile)."""
+    name = _BAD_KEY_CHAR.sub("_", str(key)) or "_"
+    return name + "_" if name in _RESERVED else name
+
+
+_QUOTED = re.compile(r'[ "=\\]')
 
 
 def _kv_value(value: Any) -> str:
@@ -109,7 +117,8 @@ def _kv_value(value: Any) -> str:
         text = ",".join(str(v) for v in value)
     else:
         text = str(value)
-    if text and all(c.isprintable() and c not in ' "=\\' for c in text):
+    # Plain when every character is printable and none is a space, quote, = or backslash.
+    if text.isprintable() and text and not _QUOTED.search(text):
         return text
     return json.dumps(text, ensure_ascii=True)
 
@@ -165,7 +174,13 @@ def _name(record: logging.LogRecord) -> str:
 
 
 def _timestamp(created: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)) + f".{int(created % 1 * 1000):03d}Z"
+    return _second(int(created)) + f".{int(created % 1 * 1000):03d}Z"
+
+
+@functools.lru_cache(maxsize=4)
+def _second(whole: int) -> str:
+    """The date and time to the second, formatted once per second rather than per line."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
 def configure_logging(level: str = "info", fmt: str = "kv") -> None:
@@ -177,5 +192,10 @@ def configure_logging(level: str = "info", fmt: str = "kv") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # Neither format writes the process, thread or task of a record: don't look them up for
+    # every line (os.getpid() and friends, a measurable share of each line's cost).
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
+        logging.logAsyncioTasks = False
     # aiosmtpd logs every command at INFO under its own names; our events replace those.
     logging.getLogger("mail.log").setLevel(logging.WARNING)
