@@ -379,3 +379,39 @@ async def test_the_service_refuses_to_start_with_a_message_only_plugin(tmp_path:
     server = PolicyServer(config, source)
     with pytest.raises(StartupError, match=r"need the message: cannot run .*: dkim_verify"):
         await server.start()
+
+
+@given(st.binary(max_size=3000), st.integers(min_value=1, max_value=64))
+async def test_read_request_ends_in_a_request_a_clean_end_or_a_clear_error(data: bytes, chunk: int) -> None:
+    from smtpproxy.policy.protocol import read_request
+
+    limits = Limits(max_line=512, max_attributes=40, max_request=4096)
+    reader = asyncio.StreamReader(limit=limits.max_line + 2)
+    for i in range(0, len(data), chunk):
+        reader.feed_data(data[i:i + chunk])
+    reader.feed_eof()
+    for _ in range(len(data) + 1):  # every request consumes at least one byte
+        try:
+            request = await read_request(reader, limits)
+        except PolicyProtocolError:
+            return
+        if request is None:
+            assert reader.at_eof()
+            return
+        assert len(request) <= limits.max_attributes
+    pytest.fail("read_request did not come to an end")
+
+
+async def test_a_unix_socket(tmp_path: Path) -> None:
+    path = tmp_path / "policy.sock"
+    config = make_config(tmp_path, policy={"listen": f"unix:{path}", "socket_mode": "0600"})
+    server = PolicyServer(config, chain=chain_of(Rules()))
+    await server.start()
+    try:
+        assert path.stat().st_mode & 0o777 == 0o600
+        client = Client(*await asyncio.open_unix_connection(str(path)))
+        assert await client.ask(request()) == "DUNNO"
+        client.close()
+    finally:
+        await server.stop(grace=1)
+    assert not path.exists()
