@@ -415,3 +415,14 @@ async def test_a_unix_socket(tmp_path: Path) -> None:
     finally:
         await server.stop(grace=1)
     assert not path.exists()
+
+
+async def test_one_instance_with_endless_recipients_stays_bounded(policy: Start) -> None:
+    server, connect = await policy(Rules())
+    client = await connect()
+    answers = {await client.ask(request(recipient=f"r{n}@dest.test")) for n in range(250)}
+    # limits.max_recipients (100) refuses the rest; what is remembered stays bounded.
+    assert answers == {"DUNNO", "452 4.5.3 Too many recipients"}
+    (instance,) = server.service._instances.values()
+    assert len(instance.recipients) <= 2 * server.service.settings.max_recipients
+    assert len(instance.session.transaction.envelope.recipients) == 100

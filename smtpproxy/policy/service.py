@@ -215,13 +215,18 @@ class PolicyService:
             return None
         recipient = Recipient(path.address, {})
         refusal = await instance.conversation.rcpt(instance.session, transaction, recipient)
+        # Remembered for a repeated question (END-OF-MESSAGE names the one recipient), as
+        # many as Postfix may send: a client that sends more only costs it the lookups.
+        remember = len(instance.recipients) < 2 * self.settings.max_recipients
         if refusal is not None:
             action = self._refused(instance, "RCPT", refusal, keep=False)
             if action != DUNNO:
-                instance.recipients[text] = action
+                if remember:
+                    instance.recipients[text] = action
                 return action
         instance.conversation.accept(transaction, recipient)
-        instance.recipients[text] = DUNNO
+        if remember:
+            instance.recipients[text] = DUNNO
         return None
 
     def _refused(self, instance: _Instance, state: str, refusal: Refusal, keep: bool = True) -> str:
