@@ -426,3 +426,16 @@ async def test_one_instance_with_endless_recipients_stays_bounded(policy: Start)
     (instance,) = server.service._instances.values()
     assert len(instance.recipients) <= 2 * server.service.settings.max_recipients
     assert len(instance.session.transaction.envelope.recipients) == 100
+
+
+async def test_a_failure_at_connect_under_reject_is_554_as_the_proxy_answers(policy: Start) -> None:
+    class BrokenAtConnect:
+        name = "broken"
+
+        @hookimpl
+        def connect(self) -> None:
+            raise RuntimeError("boom")
+
+    _, connect = await policy(BrokenAtConnect(), default_action="reject")
+    client = await connect()
+    assert (await client.ask(request())).startswith("554 5.3.0 ")

@@ -100,6 +100,8 @@ class _Instance:
     greeted: bool = False
     refusal: Refusal | None = None
     """A refusal at connect, HELO or MAIL: every later request of the instance gets it."""
+    refused_at: str = "connect"
+    """The phase of :attr:`refusal` (a plugin failure at connect rejects with 554)."""
     recipients: dict[str, str] = field(default_factory=dict)
     """Action already answered per recipient (Postfix may ask again, e.g. at both stages)."""
 
@@ -154,7 +156,7 @@ class PolicyService:
     async def _decide(self, instance: _Instance, state: str, request: dict[str, str]) -> str:
         refusal = await self._open(instance, state, request)
         if refusal is not None:
-            return self._refused(instance, state, refusal)
+            return self._refused(instance, instance.refused_at, refusal)
         transaction = instance.session.transaction
         if transaction is None:
             return DUNNO  # CONNECT or HELO stage: nothing more yet
@@ -181,6 +183,7 @@ class PolicyService:
                   instance=request.get("instance"), policy_context=request.get("policy_context"))
             refusal = await conversation.connect(session)
             if refusal is None and request.get("helo_name"):
+                instance.refused_at = "helo"
                 refusal = await conversation.greet(session, request["helo_name"])
             if refusal is not None:
                 instance.refusal = refusal
@@ -195,7 +198,7 @@ class PolicyService:
             refusal = await conversation.mail(session, path.address, params,
                                               queue_id=request.get("queue_id") or None)
             if refusal is not None:
-                instance.refusal = refusal
+                instance.refusal, instance.refused_at = refusal, "mail_from"
                 return refusal
         return None
 
@@ -219,7 +222,7 @@ class PolicyService:
         # many as Postfix may send: a client that sends more only costs it the lookups.
         remember = len(instance.recipients) < 2 * self.settings.max_recipients
         if refusal is not None:
-            action = self._refused(instance, "RCPT", refusal, keep=False)
+            action = self._refused(instance, "rcpt_to", refusal, keep=False)
             if action != DUNNO:
                 if remember:
                     instance.recipients[text] = action
@@ -229,9 +232,8 @@ class PolicyService:
             instance.recipients[text] = DUNNO
         return None
 
-    def _refused(self, instance: _Instance, state: str, refusal: Refusal, keep: bool = True) -> str:
+    def _refused(self, instance: _Instance, phase: str, refusal: Refusal, keep: bool = True) -> str:
         """A refusal under ``policy.default_action`` (a plugin's failure may pass or reject)."""
-        phase = "connect" if state == "CONNECT" else "rcpt_to"
         final = on_plugin_failure(phase, refusal, self.settings.default_action)
         if refusal.failed:
             event("policy_default_action", level=logging.WARNING, action=self.settings.default_action,
