@@ -45,13 +45,14 @@ async def postfix_with_policy(
     dns_server.add(ZONE)
     servers: list[PolicyServer] = []
 
-    async def start(plugins_yaml: str, **main_cf: str) -> PostfixInstance:
+    async def start(plugins_yaml: str, policy: str = "", **main_cf: str) -> PostfixInstance:
         path = tmp_path / f"policy{len(servers)}.yaml"
         path.write_text(
             "listeners: [{port: 2525}]\n"
             "delivery: {type: maildir, path: mail}\n"
             f"dns: {{nameservers: [127.0.0.1], port: {dns_server.port}, timeout: 1}}\n"
-            "policy: {listen: 'inet:127.0.0.1:0'}\n"
+            f"policy: {{listen: 'inet:127.0.0.1:0'{policy}}}\n"
+            f"plugin_paths: ['{tmp_path}']\n"
             "plugins:\n" + plugins_yaml
         )
         config, source = load_config(path)
@@ -195,3 +196,45 @@ async def test_several_recipients_keep_one_state_per_instance(
     (message,) = [f for n, f in zip(names, fields, strict=True) if n == "message"]
     assert message["recipients"] == ["bob@dest.test", "alice@dest.test"]
     assert message["decision"] == "delivered" and message["action"] == "DUNNO"
+
+
+DISCARDER = """
+from smtpproxy import Recipient, Verdict, hookimpl
+
+
+class Discarder:
+    @hookimpl
+    def rcpt_to(self, recipient: Recipient):
+        if recipient.address.local == "trap":
+            return Verdict.discard("spam trap")
+        return None
+"""
+
+
+async def test_a_discard_drops_the_whole_message(postfix_with_policy: Start, tmp_path: Path) -> None:
+    (tmp_path / "discarder.py").write_text(DISCARDER)
+    postfix = await postfix_with_policy("  - name: discarder\n    use: discarder:Discarder\n")
+    replies = await transaction(postfix, ["bob@dest.test", "trap@dest.test"])
+    assert [code for code, _ in replies] == [250, 250, 250]  # the client cannot tell
+    await asyncio.to_thread(postfix.wait_for_log,
+                            r"discard: RCPT from .*<trap@dest.test>: Recipient address spam trap")
+    for _ in range(100):
+        if postfix.queue_is_empty():
+            break
+        await asyncio.sleep(0.05)
+    assert postfix.queue_is_empty()
+    assert postfix.messages("bob") == []  # DISCARD is the whole message's, bob's copy too
+
+
+async def test_quarantine_as_postfix_hold_only_where_asked(postfix_with_policy: Start) -> None:
+    access = ("  - name: access\n    settings:\n"
+              "      sender: {deny: {rules: ['*@odd.test']}, action: quarantine}\n")
+    postfix = await postfix_with_policy(access)
+    (code, text), = await transaction(postfix, ["bob@dest.test"], sender="x@odd.test")
+    assert (code, text) == (451, "4.7.1 <bob@dest.test>: Recipient address rejected: "
+                                 "Message held for review, try again later")
+    held = await postfix_with_policy(access, policy=", quarantine_action: hold")
+    replies = await transaction(held, ["bob@dest.test"], sender="x@odd.test")
+    assert [code for code, _ in replies] == [250, 250]
+    await asyncio.to_thread(held.wait_for_log, r"hold: RCPT from .*<bob@dest.test>")
+    assert any((held.queue_dir / "hold").rglob("*"))  # Postfix's hold queue: postsuper -H releases it
