@@ -33,6 +33,9 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("dns", c.DNS, "The resolver every plugin shares."),
     ("milter", c.Milter,
      "Milter mode: `smtpproxy milter` serves the chain to Postfix (docs/deploy-milter.md)."),
+    ("policy", c.Policy,
+     "Policy mode: `smtpproxy policy` serves the chain to Postfix's check_policy_service "
+     "(docs/deploy-policy.md)."),
     ("logging", c.Logging, "Log format and level (logs go to stderr)."),
     ("metrics", c.Metrics,
      "Prometheus /metrics, /healthz and /readyz over HTTP (docs/operations.md)."),

@@ -45,6 +45,10 @@ def _parser() -> argparse.ArgumentParser:
         "milter", help="serve the plugin chain to Postfix/Sendmail over the milter protocol"
     )
     milter.add_argument("-c", "--config", help="YAML configuration file (milter: section)")
+    policy = sub.add_parser(
+        "policy", help="serve the plugin chain to Postfix as an SMTP access policy service"
+    )
+    policy.add_argument("-c", "--config", help="YAML configuration file (policy: section)")
     check = sub.add_parser("check-config", help="validate a configuration and its plugins")
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     sub.add_parser("plugins", help="list installed plugins and the hooks each implements")
@@ -212,12 +216,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         return trace_command(config, source, args.message, request, as_json=args.json)
     if args.command == "check-config":
         plugins = ", ".join(p.name for p in config.plugins if p.enabled) or "none"
+        if "policy" in config.model_fields_set and (problem := _policy_problem(config, source)):
+            return problem
         print(f"{args.config}: OK ({len(config.listeners)} listener(s), "
               f"delivery {config.delivery.type}, plugins: {plugins})")
         return 0
     configure_logging(config.logging.level, config.logging.format)
     if args.command == "milter":
         return _run_milter(config, source)
+    if args.command == "policy":
+        return _run_policy(config, source)
     if config.worker_count > 1 and args.worker is None:
         from smtpproxy.workers import supervise
 
@@ -229,6 +237,28 @@ def _run_milter(config: Config, source: ConfigSource | None) -> int:
     from smtpproxy.milter.server import MilterServer
 
     return _serve(MilterServer(config, source).serve_forever(), config)
+
+
+def _policy_problem(config: Config, source: ConfigSource | None) -> int:
+    """check-config of a file with a ``policy:`` section: name the plugins that need the
+    message (Postfix's policy protocol has none); with ``message_plugins: refuse`` a plugin
+    that decides only on the message fails the check."""
+    from smtpproxy.policy.applicability import message_plugins
+
+    found = message_plugins(build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
+                                        table_names=config.tables))
+    if not found:
+        return 0
+    refuse = config.policy.message_plugins == "refuse" and bool(found.only_message)
+    print(f"smtpproxy: policy: {'error' if refuse else 'warning'}: {found.describe()} "
+          f"(policy.message_plugins: {config.policy.message_plugins})", file=sys.stderr)
+    return EXIT_CONFIG if refuse else 0
+
+
+def _run_policy(config: Config, source: ConfigSource | None) -> int:
+    from smtpproxy.policy.server import PolicyServer
+
+    return _serve(PolicyServer(config, source).serve_forever(), config)
 
 
 def _serve(main: Coroutine[Any, Any, None], config: Config) -> int:

@@ -1,7 +1,8 @@
 """The decision rules: what a phase's result means for the client, once for every front end.
 
-The SMTP proxy (:mod:`smtpproxy.inbound`), the milter (:mod:`smtpproxy.milter.session`) and
-the offline tracer (:mod:`smtpproxy.tracer`) reach these pure functions through their
+The SMTP proxy (:mod:`smtpproxy.inbound`), the milter (:mod:`smtpproxy.milter.session`), the
+policy service (:mod:`smtpproxy.policy.service`) and the offline tracer
+(:mod:`smtpproxy.tracer`) reach these pure functions through their
 :class:`~smtpproxy.conversation.Conversation` (the milter also through
 :func:`on_plugin_failure` and :func:`on_not_granted`, for what the MTA's settings decide) and
 only map what they return onto their own medium: SMTP replies, milter actions, a trace. So

@@ -334,7 +334,7 @@ class Session(_Disposition):
         self.local_port = local_port
         """The port the client connected to (25, 465, 587, ...)."""
         self.transport = transport
-        """Which front end drives the chain: ``smtp`` (the proxy), ``milter`` or ``offline``."""
+        """Which front end drives the chain: ``smtp`` (the proxy), ``milter``, ``policy`` or ``offline``."""
         self.started = time.time()
         """When the connection was accepted (Unix time)."""
         self.helo: str | None = None

@@ -7,7 +7,11 @@ through each front end, checked to have run its phases through its Conversation:
 
 - the SMTP proxy on a real socket, delivering to a real capturing upstream (aiosmtpd);
 - the milter, driven by the protocol-level fake MTA of tests/test_milter.py over loopback;
-- ``Tracer`` (what ``smtpproxy test-message`` and the pytest fixtures use).
+- ``Tracer`` (what ``smtpproxy test-message`` and the pytest fixtures use);
+- the policy service (``smtpproxy policy``), asked as Postfix's check_policy_service asks at
+  RCPT and END-OF-MESSAGE, with ``policy.quarantine_action: hold``. Its ``data`` cells are
+  explicitly not applicable (:data:`NOT_APPLICABLE`): Postfix sends a policy service no
+  message, so a plugin's ``data`` hook cannot run there; it is named instead.
 
 All three must give the same disposition, reply class, ``decided_by`` and score, and the
 proxy must have delivered (or quarantined) exactly what it said. The milter's answers are
@@ -34,6 +38,8 @@ from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.message import Message
 from smtpproxy.milter import codec
 from smtpproxy.outcome import Refusal
+from smtpproxy.policy.applicability import message_plugins
+from smtpproxy.policy.service import DUNNO, PolicyService, PolicySettings
 from smtpproxy.session import Client, Recipient, Session
 from smtpproxy.tracer import Tracer
 from smtpproxy.verdicts import Action, Reply
@@ -295,6 +301,39 @@ async def through_conversation(phase: str, behaviour: str) -> Seen:
         await conversation.disconnect(session)
 
 
+NOT_APPLICABLE = {
+    ("policy", "data"): "Postfix sends a policy service no message: the data hook cannot run "
+                        "there (check-config and `smtpproxy policy` name the plugin)",
+}
+
+
+async def through_policy(phase: str, behaviour: str, caplog: pytest.LogCaptureFixture) -> Seen | None:
+    """Requests as Postfix sends them at RCPT and END-OF-MESSAGE; None: not applicable."""
+    recorder = Recorder()
+    chain = chain_of(Scorer(), judge(phase, behaviour), recorder, timeout=TIMEOUT)
+    if ("policy", phase) in NOT_APPLICABLE:
+        assert message_plugins(chain).only_message == ("judge",)  # named, never skipped silently
+        return None
+    service = PolicyService(chain, PolicySettings(quarantine_action="hold"))
+    request = {"request": "smtpd_access_policy", "protocol_state": "RCPT", "protocol_name": "ESMTP",
+               "client_address": "192.0.2.1", "client_name": "unknown", "helo_name": "client.test",
+               "sender": "alice@sender.test", "recipient": "bob@dest.test", "instance": "c0ffee.1"}
+    try:
+        action = await service.answer(request)
+        if action[:1] in ("4", "5"):
+            code = int(action[:3])
+            return Seen(_refused(code), code // 100,
+                        _by(caplog, ("connect_rejected", "helo", "mail_from", "rcpt_to")), None)
+        end = await service.answer(request | {"protocol_state": "END-OF-MESSAGE", "size": "120"})
+        await asyncio.wait_for(recorder.decided.wait(), 5)
+        d = recorder.decisions[0]
+        assert end.split(" ")[0] == {"delivered": DUNNO, "discarded": "DISCARD",
+                                     "quarantined": "HOLD"}[d.disposition], (end, d)
+        return Seen(d.disposition, d.reply.code // 100, d.decided_by, d.score)
+    finally:
+        await service.close()
+
+
 @pytest.mark.parametrize(("phase", "behaviour"), SCENARIOS, ids=[f"{p}-{b}" for p, b in SCENARIOS])
 async def test_every_front_end_decides_alike_through_the_conversation(  # noqa: PLR0917 - pytest fixtures
     phase: str, behaviour: str, proxy_factory: ProxyFactory, sink: Sink, milter: MilterFactory,
@@ -317,10 +356,15 @@ async def test_every_front_end_decides_alike_through_the_conversation(  # noqa: 
                                        caplog=caplog),
         "milter": lambda: through_milter(phase, behaviour, milter, caplog),
         "tracer": lambda: through_tracer(phase, behaviour),
+        "policy": lambda: through_policy(phase, behaviour, caplog),
     }
     for name, drive in front_ends.items():
         phases_run.clear()
-        seen[name] = await drive()
+        result = await drive()
+        if result is None:
+            assert (name, phase) in NOT_APPLICABLE
+            continue
+        seen[name] = result
         # Every front end ran its phases through its Conversation, the judged one included.
         assert "connect" in phases_run and phase in phases_run, (name, phases_run)
     assert {name: s for name, s in seen.items() if not s.matches(want)} == {}, want

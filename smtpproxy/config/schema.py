@@ -533,6 +533,67 @@ class Milter(_Model):
     )
 
 
+class Policy(_Model):
+    """Policy mode (`smtpproxy policy`): the plugin chain as a Postfix access policy service."""
+
+    listen: Annotated[str, AfterValidator(_check_milter_listen)] = Field(
+        default="inet:127.0.0.1:10040",
+        description="Where Postfix's check_policy_service connects: `inet:HOST:PORT` or `unix:/PATH`.",
+    )
+    socket_mode: str = Field(
+        default="0660", pattern=r"^0?[0-7]{3}$",
+        description="Permissions of the Unix socket (octal); Postfix's user must be able to write it.",
+    )
+    default_action: Literal["tempfail", "accept", "reject"] = Field(
+        default="tempfail",
+        description=(
+            "What a plugin error (exception, timeout) becomes: tempfail (its 4xx), reject (550) "
+            "or accept (DUNNO: the site's other restrictions decide)."
+        ),
+    )
+    quarantine_action: Literal["tempfail", "reject", "hold", "dunno"] = Field(
+        default="tempfail",
+        description=(
+            "What a plugin's quarantine verdict becomes (the policy service keeps no message): "
+            "tempfail (451), reject (550), hold (Postfix's HOLD: its hold queue, released with "
+            "postsuper -H; not smtpproxy's quarantine) or dunno (the message passes)."
+        ),
+    )
+    message_plugins: Literal["refuse", "warn"] = Field(
+        default="refuse",
+        description=(
+            "Plugins that decide on the header or body (their `data` hook) cannot run here: "
+            "Postfix sends no message. refuse: check-config and `smtpproxy policy` stop and name "
+            "a plugin that decides only on the message; warn: it is named and not run. A plugin "
+            "with envelope hooks too (ratelimit, dnsbl) always runs those and is named in a warning."
+        ),
+    )
+    max_instances: int = Field(
+        default=10000, strict=True, ge=10, le=10_000_000,
+        description=("Mail transactions (Postfix `instance`) remembered at once; "
+                     "the oldest is forgotten first."),
+    )
+    instance_timeout: float = seconds(
+        3600, "Seconds without a request after which a transaction's state is forgotten."
+    )
+    timeout: float = seconds(
+        1000, "Seconds to wait for Postfix's next request before closing the connection "
+        "(longer than smtpd_policy_service_max_idle)."
+    )
+    max_line: int = Field(
+        default=4096, strict=True, ge=512, le=1_048_576,
+        description="Longest `name=value` line (bytes); longer closes the connection.",
+    )
+    max_attributes: int = Field(
+        default=100, strict=True, ge=40, le=10000,
+        description="Most attribute lines in one request; more closes the connection.",
+    )
+    max_request: int = Field(
+        default=65536, strict=True, ge=4096, le=16_777_216,
+        description="Most bytes in one request; more closes the connection.",
+    )
+
+
 class Config(_Model):
     """The complete smtpproxy configuration."""
 
@@ -564,6 +625,7 @@ class Config(_Model):
     )
     dns: DNS = Field(default=DNS(), description="DNS resolver settings shared by all plugins.")
     milter: Milter = Field(default=Milter(), description="Milter mode (`smtpproxy milter`).")
+    policy: Policy = Field(default=Policy(), description="Policy mode (`smtpproxy policy`).")
     logging: Logging = Field(default=Logging(), description="Log level and format.")
     workers: Annotated[int, Field(strict=True, ge=1, le=MAX_WORKERS)] | Literal["auto"] = Field(
         default=1,

@@ -1,0 +1,1 @@
+"""Postfix SMTP access policy delegation (``check_policy_service``): the fourth front end."""
