@@ -37,6 +37,8 @@ from typing import Literal, Protocol
 
 from smtpproxy.message import Message
 from smtpproxy.tables import Table, TableUnavailable, address_keys, get_table
+from smtpproxy.tables.errors import TableError
+from smtpproxy.tables.memory import logical_lines
 from smtpproxy.verdicts import Reply
 
 
@@ -152,22 +154,9 @@ class StaticTable:
         a line starting with white space continues the one before)."""
         file = str(path)
         try:
-            text = Path(file).read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise SenderLoginMapError(f"{file}: not valid UTF-8 text") from None
-        except OSError as exc:
-            raise SenderLoginMapError(f"{file}: cannot read: {exc.strerror or exc}") from None
-        logical: list[tuple[int, str]] = []
-        for number, raw in enumerate(text.splitlines(), start=1):
-            if not raw.strip() or raw.lstrip().startswith("#"):
-                continue
-            if raw[0].isspace():
-                if not logical:
-                    raise SenderLoginMapError(f"{file}:{number}: continuation line without an entry")
-                first, previous = logical[-1]
-                logical[-1] = (first, previous + " " + raw.strip())
-            else:
-                logical.append((number, raw.strip()))
+            logical = logical_lines(file)
+        except TableError as exc:
+            raise SenderLoginMapError(str(exc)) from None
         entries = []
         for number, line in logical:
             key, _, value = line.partition(" ") if " " in line else line.partition("\t")

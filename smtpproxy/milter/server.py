@@ -19,8 +19,6 @@ import logging
 import os
 import signal
 import socket
-import stat
-from pathlib import Path
 
 from smtpproxy import __version__
 from smtpproxy.chain import Chain
@@ -36,6 +34,7 @@ from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.startup import StartupError, start_chain
 from smtpproxy.store import store_from_config
 from smtpproxy.tables import Tables, build_tables, install
+from smtpproxy.unixsocket import clear_stale_socket, remove_socket
 from smtpproxy.versions import LOG_FORMAT_VERSION
 
 __all__ = ["MilterServer"]
@@ -106,7 +105,7 @@ class MilterServer:
               log_format=LOG_FORMAT_VERSION)
 
     async def _start_unix(self, path: str) -> asyncio.Server:
-        _clear_stale_socket(path)
+        clear_stale_socket(path)
         server = await asyncio.start_unix_server(self._serve, path=path, backlog=1024)
         os.chmod(path, int(self.settings.socket_mode, 8))
         return server
@@ -201,7 +200,7 @@ class MilterServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=5)
         if self.listen.path:
-            _remove_socket(self.listen.path)
+            remove_socket(self.listen.path)
         await self.chain.notify("shutdown")
         if self.policy.history is not None:
             await self.policy.history.close()
@@ -317,26 +316,3 @@ def _ignore_reload() -> None:
           note="the milter does not reload; restart it to apply a new configuration")
 
 
-def _clear_stale_socket(path: str) -> None:
-    """Remove a socket file a previous run left behind; refuse if something still answers."""
-    target = Path(path)
-    try:
-        mode = target.lstat().st_mode
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(mode):
-        raise OSError(f"{path} exists and is not a socket")
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        target.unlink()
-    else:
-        raise OSError(f"another process is listening on {path}")
-    finally:
-        probe.close()
-
-
-def _remove_socket(path: str) -> None:
-    with contextlib.suppress(OSError):
-        Path(path).unlink()

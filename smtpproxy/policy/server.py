@@ -21,7 +21,6 @@ from smtpproxy.config import Config, ConfigSource
 from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.history import HistoryRecorder, node_name
-from smtpproxy.milter.server import _clear_stale_socket, _remove_socket
 from smtpproxy.policy.applicability import message_plugins
 from smtpproxy.policy.protocol import Limits, PolicyProtocolError, format_action, read_request
 from smtpproxy.policy.service import PolicyService, PolicySettings
@@ -29,6 +28,7 @@ from smtpproxy.registry import build_chain
 from smtpproxy.startup import StartupError, start_chain
 from smtpproxy.store import store_from_config
 from smtpproxy.tables import build_tables, install
+from smtpproxy.unixsocket import clear_stale_socket, remove_socket
 from smtpproxy.versions import LOG_FORMAT_VERSION
 
 __all__ = ["PolicyServer"]
@@ -92,7 +92,7 @@ class PolicyServer:
         limit = self.limits.max_line + 2  # the LF (and a CR) beyond the longest line
         try:
             if self.listen.path:
-                _clear_stale_socket(self.listen.path)
+                clear_stale_socket(self.listen.path)
                 self._server = await asyncio.start_unix_server(
                     self._serve, path=self.listen.path, backlog=1024, limit=limit)
                 os.chmod(self.listen.path, int(self.settings.socket_mode, 8))
@@ -160,7 +160,7 @@ class PolicyServer:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), timeout=5)
         if self.listen.path:
-            _remove_socket(self.listen.path)
+            remove_socket(self.listen.path)
         await self.service.close()
         await self.chain.notify("shutdown")
         if self._history is not None:

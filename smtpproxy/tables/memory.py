@@ -95,13 +95,11 @@ def parse_regexp(text: str, values: Values, where: str) -> tuple[re.Pattern[str]
     return regex, values
 
 
-def read_entries(path: str | Path, *, regexp: bool = False) -> list[tuple[str, str, str]]:
-    """The ``(key, value, "file:line")`` entries of a Postfix-style table file.
-
-    ``#`` starts a comment line, a line starting with white space continues the one before, and
-    the key ends at the first white space (for a regexp file: at the pattern's closing ``/`` and
-    its flags). A key without a value, or a key given twice, is an error naming both lines.
-    """
+def logical_lines(path: str | Path) -> list[tuple[int, str]]:
+    """The ``(first line number, text)`` entries of a Postfix-style map file: blank lines and
+    ``#`` comment lines skipped, a line starting with white space joined to the one before.
+    Every map file smtpproxy reads (file and regexp tables, the sender/login map) goes through
+    here, so they agree on what a line is; a problem raises TableError naming file:line."""
     file = str(path)
     try:
         text = Path(file).read_text(encoding="utf-8")
@@ -120,6 +118,18 @@ def read_entries(path: str | Path, *, regexp: bool = False) -> list[tuple[str, s
             logical[-1] = (first, previous + " " + raw.strip())
         else:
             logical.append((number, raw.strip()))
+    return logical
+
+
+def read_entries(path: str | Path, *, regexp: bool = False) -> list[tuple[str, str, str]]:
+    """The ``(key, value, "file:line")`` entries of a Postfix-style table file.
+
+    ``#`` starts a comment line, a line starting with white space continues the one before, and
+    the key ends at the first white space (for a regexp file: at the pattern's closing ``/`` and
+    its flags). A key without a value, or a key given twice, is an error naming both lines.
+    """
+    file = str(path)
+    logical = logical_lines(file)
     entries: list[tuple[str, str, str]] = []
     seen: dict[str, int] = {}
     for number, line in logical:
