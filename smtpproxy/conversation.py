@@ -1,8 +1,7 @@
 """The conversation around the decisions, once for every front end, without any I/O.
 
 A front end (the SMTP proxy, the milter, the Postfix policy service, the offline tracer)
-reads its medium, parses
-what it reads, and asks its :class:`Conversation` at each step of a session: ``connect``,
+reads its medium, parses what it reads, and asks its :class:`Conversation` at each step of a session: ``connect``,
 ``greet`` (HELO/EHLO), ``mail``, ``rcpt`` (then ``accept`` for a recipient the front end
 takes), ``end_of_message`` and ``settle``. The conversation runs the phase on the plugin
 chain, applies smtpproxy's own rules (the sender/login binding, the recipient limit, the
