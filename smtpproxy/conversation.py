@@ -1,14 +1,14 @@
 """The conversation around the decisions, once for every front end, without any I/O.
 
 A front end (the SMTP proxy, the milter, the Postfix policy service, the offline tracer)
-reads its medium, parses what it reads, and asks its :class:`Conversation` at each step of a session: ``connect``,
-``greet`` (HELO/EHLO), ``mail``, ``rcpt`` (then ``accept`` for a recipient the front end
-takes), ``end_of_message`` and ``settle``. The conversation runs the phase on the plugin
-chain, applies smtpproxy's own rules (the sender/login binding, the recipient limit, the
-relay rule, one route per transaction), writes the phase's log line, decides with
-:mod:`smtpproxy.outcome`, and at the end writes the one ``message`` line, records the
-metrics and tells ``after_message``. The front end only maps what comes back onto its
-medium: SMTP replies, milter actions, policy ``action=`` lines, a trace.
+reads its medium, parses what it reads, and asks its :class:`Conversation` at each step of a
+session: ``connect``, ``greet`` (HELO/EHLO), ``mail``, ``rcpt`` (then ``accept`` for a
+recipient the front end takes), ``end_of_message`` and ``settle``. The conversation runs the
+phase on the plugin chain, applies smtpproxy's own rules (the sender/login binding, the
+recipient limit, the relay rule, one route per transaction), writes the phase's log line,
+decides with :mod:`smtpproxy.outcome`, and at the end writes the one ``message`` line,
+records the metrics and tells ``after_message``. The front end only maps what comes back
+onto its medium: SMTP replies, milter actions, policy ``action=`` lines, a trace.
 
 :class:`Rules` are built once from the configuration; a :class:`Conversation` is one
 session's, on the chain that session runs (a reload changes new sessions only). A
