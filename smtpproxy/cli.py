@@ -168,6 +168,19 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The ``smtpproxy`` command. A listing piped into a reader that stops early
+    (``smtpproxy plugins | head``) ends quietly with status 1, as Python's signal docs
+    advise, instead of a BrokenPipeError traceback."""
+    try:
+        code = _command(argv)
+        sys.stdout.flush()  # inside the try: a failure at exit would escape it
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush
+        return EXIT_RUNTIME
+    return code
+
+
+def _command(argv: Sequence[str] | None) -> int:
     args = _parse(argv)
     if args.command == "plugins":
         return _list_plugins()

@@ -116,6 +116,18 @@ def test_version() -> None:
     assert re.fullmatch(r"\d+\.\d+\.\d+", smtpproxy.__version__)
 
 
+def test_a_listing_into_a_closed_pipe_ends_quietly() -> None:
+    """`smtpproxy plugins | head -1`: the reader has gone before the listing is written; the
+    command ends without a BrokenPipeError traceback (as a Unix tool does)."""
+    proc = subprocess.Popen([*EXE, "plugins"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the child has imported its plugins and written a line
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 1
+    assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr
+
+
 def test_plugins_lists_first_party_plugins_with_their_hooks() -> None:
     result = run_cli("plugins")
     assert result.returncode == 0
