@@ -144,11 +144,16 @@ def _check_path_input(value: object) -> object:
     return value
 
 
+def in_base_dir(value: Path, info: ValidationInfo) -> Path:
+    """A configured path as written, or relative to the config file's directory
+    (``context['base_dir']``, where the loader gives one)."""
+    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
+    return value if value.is_absolute() or base is None else Path(base) / value
+
+
 def _check_file(value: Path, info: ValidationInfo) -> Path:
     """The file must exist; relative paths are checked against context['base_dir']."""
-    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-    target = value if value.is_absolute() or base is None else Path(base) / value
-    target = target.absolute()
+    target = in_base_dir(value, info).absolute()
     if not target.is_file():
         what = "not a regular file" if target.exists() else "file not found"
         raise field_error("file_not_found", f"{what}: {target}")
@@ -164,8 +169,7 @@ PLUGIN_NAME = re.compile(r"[a-z0-9_.-]+\Z")
 
 def _check_directory(value: Path, info: ValidationInfo) -> Path:
     """The directory must exist; relative paths are checked against context['base_dir']."""
-    base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-    target = (value if value.is_absolute() or base is None else Path(base) / value).absolute()
+    target = in_base_dir(value, info).absolute()
     if not target.is_dir():
         what = "not a directory" if target.exists() else "directory not found"
         raise field_error("directory_not_found", f"{what}: {target}")

@@ -19,6 +19,7 @@ from smtpproxy.config.fields import (
     IPAddress,
     Network,
     field_error,
+    in_base_dir,
     seconds,
 )
 from smtpproxy.config.section import Section as _Model
@@ -66,8 +67,7 @@ class ListenerAuth(_Model):
     def _users_file_loads(cls, value: Path, info: ValidationInfo) -> Path:
         from smtpproxy.auth import PasswordFile, PasswordFileError
 
-        base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-        target = value if value.is_absolute() or base is None else Path(base) / value
+        target = in_base_dir(value, info)
         try:
             PasswordFile.load(target)
         except PasswordFileError as exc:
@@ -211,8 +211,7 @@ class SenderLogin(_Model):
 
         if value is None:
             return None
-        base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-        target = value if value.is_absolute() or base is None else Path(base) / value
+        target = in_base_dir(value, info)
         try:
             StaticTable.load(target)
         except SenderLoginMapError as exc:

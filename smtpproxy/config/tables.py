@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, Field, ValidationInfo, field_validator, model_validator
 
-from smtpproxy.config.fields import ExistingFile, field_error, seconds
+from smtpproxy.config.fields import ExistingFile, field_error, in_base_dir, seconds
 from smtpproxy.config.section import Section as _Model
 
 TABLE_NAME = r"[a-z0-9_.-]+"
@@ -73,8 +73,7 @@ class FileTable(_Table):
         from smtpproxy.tables.errors import TableError
         from smtpproxy.tables.memory import read_entries
 
-        base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-        target = value if value.is_absolute() or base is None else Path(base) / value
+        target = in_base_dir(value, info)
         try:
             read_entries(target)
         except TableError as exc:
@@ -120,8 +119,7 @@ class RegexpTable(_Table):
 
         if value is None:
             return None
-        base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-        target = value if value.is_absolute() or base is None else Path(base) / value
+        target = in_base_dir(value, info)
         try:
             for key, text, where in read_entries(target, regexp=True):
                 parse_regexp(key, (text,), where)
@@ -180,8 +178,7 @@ class SQLiteTable(_RemoteTable):
     @field_validator("path")
     @classmethod
     def _absolute(cls, value: Path, info: ValidationInfo) -> Path:
-        base = info.context.get("base_dir") if isinstance(info.context, dict) else None
-        return value if value.is_absolute() or base is None else Path(base) / value
+        return in_base_dir(value, info)
 
 
 class PostgresTable(_RemoteTable):
