@@ -171,7 +171,7 @@ def smtpproxy_proxy(name: str, workdir: Path, dns_port: int, upstream: int,
 
 def rspamd_milter(name: str, workdir: Path, dns_port: int) -> Filter:
     """Debian's rspamd from /etc/rspamd with a local config directory of its own (as
-    tests/test_rspamd.py starts it), the proxy worker in milter mode on a free port."""
+    tests/plugins/test_rspamd.py starts it), the proxy worker in milter mode on a free port."""
     binary = shutil.which("rspamd")
     if binary is None:
         raise systems.SystemError_("rspamd is not installed (apt-get install rspamd)")

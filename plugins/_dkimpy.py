@@ -2,7 +2,7 @@
 
 dkimpy spends most of a verification in a few Python helpers; :func:`install` replaces these
 ten names (each replacement is compared with dkimpy's own on hypothesis' input in
-tests/test_dkim_stream.py, and tests/test_dependency_internals.py checks they still exist):
+tests/unit/test_dkim_stream.py, and tests/unit/test_dependency_internals.py checks they still exist):
 
 - ``dkim.crypto.str2int``, ``dkim.crypto.int2str``: int's own conversions;
 - ``dkim.crypto.RSASSA_PKCS1_v1_5_verify`` and ``dkim.RSASSA_PKCS1_v1_5_verify``: the RSA
@@ -92,7 +92,7 @@ def _rsa_verify(hash: Any, signature: bytes, public_key: Mapping[str, int]) -> b
 # group nested in a repetition makes the regex engine try every base64 octet several ways:
 # 40 us per signature. Its FWS, ``(?:(?:\s*\r?\n)?\s+)?``, matches exactly the runs ``\s*``
 # matches, so ``(?:FWS[b64])*`` is the longest run of whitespace and base64 octets that ends
-# in a base64 octet: the same matches, found in one pass (tests/test_dkim_stream.py compares
+# in a base64 octet: the same matches, found in one pass (tests/unit/test_dkim_stream.py compares
 # the two on hypothesis' strings).
 _DKIMPY_BTAG = dkim.RE_BTAG
 _BTAG = re.compile(rb"([;\s]b\s*=)(?:[\sa-zA-Z0-9+/=]*[a-zA-Z0-9+/=])?(?:\r?\n\Z)?")

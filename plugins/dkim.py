@@ -457,7 +457,7 @@ class _NotPrefetched(BaseException):
 # the body with whole-body regular expressions: several copies of a spooled 50 MB message. The
 # verifier below hands dkimpy only the header block and checks the body hash itself, streaming
 # the body in blocks of whole lines with exactly dkimpy's canonicalization (RFC 6376 3.4.3 and
-# 3.4.4 as dkimpy 1.1 implements them; tests/test_dkim.py compares the two on odd bodies).
+# 3.4.4 as dkimpy 1.1 implements them; tests/plugins/test_dkim.py compares the two on odd bodies).
 
 BODY_BLOCK = 1024 * 1024
 _WSP_RUN = re.compile(rb"[\t ]{2,}|\t")  # every WSP run but a lone SP (which stays as it is)
@@ -560,7 +560,7 @@ def _key_tags(record: bytes) -> dict[bytes, bytes]:
 class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
     """dkimpy's DKIM verification over the header block, with the body hash streamed here.
 
-    Overrides two dkimpy 1.1 methods (tests/test_dependency_internals.py names them):
+    Overrides two dkimpy 1.1 methods (tests/unit/test_dependency_internals.py names them):
     ``verify_sig`` takes the parsed public key from a cache, ``verify_sig_process`` checks
     ``bh=`` against :func:`canonical_body` and lets dkimpy do the rest with the tag removed.
     """

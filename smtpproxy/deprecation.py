@@ -11,7 +11,7 @@ Two forms:
 
 The warning is a :class:`DeprecationWarning` naming the old and the new name, the version
 that deprecated it and the first version without it, attributed to the caller's line.
-Every alias is listed in CHANGELOG.md under "Deprecated" (tests/test_compatibility.py).
+Every alias is listed in CHANGELOG.md under "Deprecated" (tests/unit/test_compatibility.py).
 """
 
 from __future__ import annotations

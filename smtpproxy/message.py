@@ -245,7 +245,7 @@ class Message:
       name and colon do not lie within its first :data:`POSTFIX_LINE_LIMIT`
       octets is not a field line.
 
-    ``tests/test_postfix_headers.py`` checks this against a real Postfix
+    ``tests/postfix/test_postfix_headers.py`` checks this against a real Postfix
     over a generated corpus of odd header lines.
     """
 

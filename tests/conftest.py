@@ -278,7 +278,7 @@ DAEMON_FIXTURES = {
     "redis_server": "redis",
     "postgres_server": "postgres",
     "slapd_server": "slapd",
-    "slapd": "slapd",  # tests/test_tables_backends.py's own, with its directory
+    "slapd": "slapd",  # tests/store/test_tables_backends.py's own, with its directory
     "clamd": "clamd",
     "spamd_server": "spamd",
     "rspamd_server": "rspamd",

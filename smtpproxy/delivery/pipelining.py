@@ -9,7 +9,7 @@ a reply that is due and hands the replies out in order.
 
 This relies on aiosmtplib's protocol internals (``_buffer``, ``_response_waiter``,
 ``_response_pending``, ``_command_lock``, ``_read_response_from_buffer``); they are checked
-by tests/test_dependency_internals.py and ``pyproject.toml`` pins aiosmtplib below its next
+by tests/unit/test_dependency_internals.py and ``pyproject.toml`` pins aiosmtplib below its next
 major version.
 """
 

@@ -1,0 +1,111 @@
+"""config/prometheus/smtpproxy-alerts.yml: valid for promtool, and firing in a real Prometheus
+after a real outage.
+
+A private Prometheus (Debian's) scrapes a proxy that delivers to a private Postfix; the
+Postfix is stopped, a client is deferred at RCPT, and the outage alerts must fire. The test
+evaluates a copy of the shipped rules whose ``for:`` durations are cut to two seconds (the
+expressions are the shipped ones, unchanged): waiting two minutes is a soak, not a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ProxyFactory, Talk, port_of
+from tests.postfix_instance import PostfixFactory
+from tests.postfix_instance import postfix_factory as postfix_factory  # noqa: PLC0414
+from tests.prometheus_server import start_prometheus
+from tests.wire.test_metrics import health_port
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = ROOT / "config" / "prometheus" / "smtpproxy-alerts.yml"
+DASHBOARD = ROOT / "config" / "grafana-dashboard.json"
+MESSAGE = b"From: a@src.test\r\nTo: bob@dest.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+
+def test_promtool_accepts_the_rules() -> None:
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: apt-get install prometheus")
+    result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "SUCCESS: 7 rules found" in result.stdout
+
+
+def test_every_rule_queries_served_metrics_only() -> None:
+    """The names come from the proxy's own registry (test_grafana_dashboard checks the labels
+    of a real scrape); a typo here would be a rule that never fires."""
+    from smtpproxy.metrics import PrometheusRecorder
+
+    recorder = PrometheusRecorder(lambda: 0, lambda: 0)
+    served = {s.name for family in recorder.registry.collect() for s in family.samples}
+    served |= {f.name + "_total" for f in recorder.registry.collect() if f.type == "counter"}
+    rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
+    for rule in rules:
+        names = set(re.findall(r"\bsmtpproxy_\w+", rule["expr"]))
+        assert names <= served, (rule["alert"], names - served)
+
+
+async def test_the_outage_alerts_fire_in_prometheus_after_a_real_upstream_outage(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, tmp_path: Path
+) -> None:
+    postfix = postfix_factory()
+    proxy = await proxy_factory(upstream=postfix.port,
+                                metrics={"enabled": True, "port": 0, "ready_cache": 0.5})
+    fast = tmp_path / "alerts-fast.yml"
+    fast.write_text(re.sub(r"(?m)^(\s+for: )\S+$", r"\g<1>2s", RULES.read_text()))
+    prometheus = start_prometheus(tmp_path, [f"127.0.0.1:{health_port(proxy)}"], [fast])
+    try:
+        client = await Talk.open(port_of(proxy))
+        await client.hello()
+        assert (await client.send_message("a@src.test", ["bob@dest.test"], MESSAGE))[0] == 250
+        await client.close()
+
+        def scraped_healthy() -> bool:
+            # A few scrapes of the healthy proxy, so the outage is an increase from 0.
+            result = prometheus.api("query", query="count_over_time(smtpproxy_delivery_ready[1m])")["result"]
+            return bool(result) and float(result[0]["value"][1]) >= 3
+
+        await asyncio.to_thread(prometheus.wait, "scrapes", scraped_healthy)
+        assert await asyncio.to_thread(prometheus.alerts) == {}
+
+        await asyncio.to_thread(postfix.stop)
+        client = await Talk.open(port_of(proxy))
+        await client.hello()
+        assert (await client.cmd("MAIL FROM:<a@src.test>"))[0] == 250
+        code, text = await client.cmd("RCPT TO:<bob@dest.test>")
+        assert (code, text) == (451, "4.4.1 Upstream mail server not reachable, try again later")
+        await client.close()
+
+        wanted = {"SmtpproxyDeliveryDown", "SmtpproxyUpstreamConnectFailures", "SmtpproxyUpstreamTempfailing"}
+
+        def firing() -> dict[str, str]:
+            alerts = prometheus.alerts()
+            return alerts if all(alerts.get(name) == "firing" for name in wanted) else {}
+
+        alerts = await asyncio.to_thread(prometheus.wait, "the outage alerts firing", firing)
+        assert set(alerts) == wanted, alerts  # and nothing else
+
+        # The dashboard's "Delivery failures" panel shows the outage (it stayed empty when
+        # only end-of-DATA failures were counted): the RCPT-time tempfail, the failed connect.
+        [panel] = [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["title"] == "Delivery failures"]
+        shown = {}
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$instance", ".*").replace("$__rate_interval", "1m")
+            result = await asyncio.to_thread(prometheus.api, "query", query=expr)
+            shown[target["legendFormat"]] = sorted(
+                (r["metric"], float(r["value"][1])) for r in result["result"] if float(r["value"][1]) > 0)
+        assert [m for m, _ in shown["at RCPT: {{result}}"]] == [{"result": "tempfail"}], shown
+        assert [m for m, _ in shown["cannot connect: {{upstream}}"]] == [
+            {"upstream": f"127.0.0.1:{postfix.port}"}], shown
+        assert shown["at DATA: {{backend}} {{result}}"] == [], shown  # nothing reached DATA
+    finally:
+        prometheus.stop()
