@@ -13,15 +13,14 @@ failed, 2 usage or configuration error, 3 (``query``) not found.
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import sys
-import tempfile
 from pathlib import Path
 
 from smtpproxy.config import Config
 from smtpproxy.tables import TableUnavailable, build_tables
-from smtpproxy.tables.memory import InlineBackend, read_entries
+from smtpproxy.tables.edit import Edit, edit_file, edit_redis
+from smtpproxy.tables.memory import InlineBackend
 from smtpproxy.tables.redis import RedisBackend
 
 __all__ = ["tables_command"]
@@ -78,11 +77,15 @@ async def _run(config: Config, action: str, name: str, key: str | None, value: s
             return await _list(table.backend, name, spec.type, key)
         folded = key.lower() if (key is not None and spec.fold_case) else key
         assert folded is not None
+        add = action == "add"
         if spec.type == "file":
-            return _edit_file(Path(spec.file), folded, value, add=action == "add")
+            result = edit_file(Path(spec.file), folded, value, add=add)
+            note = f"{spec.file} rewritten; the proxy reads it at the next reload (smtpproxy reload)"
+            return _report(result, folded, value, add, note)
         backend = table.backend
         assert isinstance(backend, RedisBackend)
-        return await _edit_redis(backend, folded, value, add=action == "add")
+        result = await edit_redis(backend, folded, value, add=add)
+        return _report(result, folded, value, add, "live: proxies see it once their cached answer expires")
     finally:
         await tables.close()
 
@@ -110,95 +113,15 @@ async def _list(backend: object, name: str, kind: str, key: str | None) -> int:
     return 0
 
 
-async def _edit_redis(backend: RedisBackend, key: str, value: str | None, *, add: bool) -> int:
-    if backend.structure == "set":
-        if add:
-            assert value is not None
-            await backend.add(key, value)
-        elif not await backend.remove(key, value):
-            print(f"{key}: nothing to remove")
-            return EXIT_NOT_FOUND
-        _done(key, value, add, note="live: proxies see it once their cached answer expires")
+def _report(result: Edit, key: str, value: str | None, add: bool, note: str) -> int:
+    if result is Edit.DONE:
+        _done(key, value, add, note=note)
         return 0
-    current = await backend.lookup(key)
-    entries = [e for v in (current or ()) for e in _SPLIT.split(v) if e]
-    changed = _changed(entries, value, add)
-    if changed is None:
-        print(f"{key}: nothing to remove" if not add else f"{key}: {value} is already there")
-        return EXIT_NOT_FOUND if not add else 0
-    if changed:
-        await backend.add(key, ", ".join(changed))
-    else:
-        await backend.remove(key)
-    _done(key, value, add, note="live: proxies see it once their cached answer expires")
-    return 0
-
-
-def _changed(entries: list[str], value: str | None, add: bool) -> list[str] | None:
-    """The entries after the edit, or None when it changes nothing."""
-    if add:
-        assert value is not None
-        return None if any(e.lower() == value.lower() for e in entries) else [*entries, value]
-    if value is None:
-        return [] if entries else None
-    kept = [e for e in entries if e.lower() != value.lower()]
-    return None if len(kept) == len(entries) else kept
-
-
-def _edit_file(path: Path, key: str, value: str | None, *, add: bool) -> int:
-    """Rewrite the entry of *key* in a Postfix-style file; every other line stays as it is."""
-    read_entries(path)  # refuse to edit a file the proxy could not read either
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
-    start = end = -1  # the entry's first and last physical line (continuations may follow comments)
-    for index, raw in enumerate(lines):
-        if not raw.strip() or raw.lstrip().startswith("#"):
-            continue
-        if raw[0].isspace():
-            if start >= 0:
-                end = index
-            continue
-        if start >= 0:
-            break
-        if raw.split(None, 1)[0].lower() == key.lower():
-            start = end = index
-    entries: list[str] = []
-    if start >= 0:
-        logical = " ".join(line.strip() for line in lines[start:end + 1]
-                           if line.strip() and not line.lstrip().startswith("#"))
-        entries = [e for e in _SPLIT.split(logical.split(None, 1)[1] if " " in logical or "\t" in logical
-                                          else "") if e]
-    changed = _changed(entries, value, add)
-    if changed is None:
-        print(f"{key}: nothing to remove" if not add else f"{key}: {value} is already there")
-        return EXIT_NOT_FOUND if not add else 0
-    new = [f"{key}  {', '.join(changed)}\n"] if changed else []
-    if start >= 0:
-        # The entry's lines go (comment lines among them stay), its new line takes the first's place.
-        kept = [line for line in lines[start + 1:end + 1]
-                if not line.strip() or line.lstrip().startswith("#")]
-        lines[start:end + 1] = new + kept
-    else:
-        if lines and not lines[-1].endswith("\n"):
-            lines[-1] += "\n"
-        lines += new
-    _write_atomically(path, "".join(lines))
-    _done(key, value, add, note=f"{path} rewritten; the proxy reads it at the next reload (smtpproxy reload)")
-    return 0
-
-
-def _write_atomically(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o7777
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    if result is Edit.ALREADY_THERE:
+        print(f"{key}: {value} is already there")
+        return 0
+    print(f"{key}: nothing to remove")
+    return EXIT_NOT_FOUND
 
 
 def _done(key: str, value: str | None, add: bool, *, note: str) -> None:
