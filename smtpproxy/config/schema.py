@@ -20,6 +20,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from smtpproxy.config.console import ConsoleLDAP
 from smtpproxy.config.delivery import (
     MaildirDeliveryConfig,
     SmtpDeliveryConfig,
@@ -315,7 +316,7 @@ class Digest(_Model):
 
 
 class Console(_Model):
-    """The web console in `smtpproxy web` (docs/console.md): on when `users` is set."""
+    """The web console in `smtpproxy web` (docs/console.md): on when `users` or `accounts` is set."""
 
     users: ExistingFile | None = Field(
         default=None,
@@ -325,6 +326,16 @@ class Console(_Model):
             "name is the address); relative to the config file."
         ),
     )
+    accounts: str | None = Field(
+        default=None, pattern=r"^(table:[a-z0-9_.-]+|ldap)$",
+        description=(
+            "Accounts from elsewhere instead of `users`: `table:NAME`, a lookup table that answers "
+            "a sign-in name with `hash:role[:domains]`; or `ldap`, a bind as the person "
+            "(`console.ldap`)."
+        ),
+    )
+    ldap: ConsoleLDAP | None = Field(
+        default=None, description="The directory for `accounts: ldap` (docs/console.md).")
     secure_cookie: bool = Field(
         default=True,
         description="Send the session cookie over HTTPS only (false only to try it on plain HTTP).",
@@ -340,6 +351,20 @@ class Console(_Model):
             "address the login throttle counts); empty: none."
         ),
     )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "Console":
+        if self.users is not None and self.accounts is not None:
+            raise field_error("console_accounts", "set either users (a file) or accounts, not both",
+                              loc_suffix=("accounts",))
+        if self.accounts == "ldap" and self.ldap is None:
+            raise field_error("console_accounts", "accounts: ldap needs a console.ldap section",
+                              loc_suffix=("accounts",))
+        return self
+
+    @property
+    def enabled(self) -> bool:
+        return self.users is not None or self.accounts is not None
 
 
 class Store(_Model):
@@ -697,6 +722,15 @@ class Config(_Model):
                 raise field_error("table_name", f"table name {name!r}: use a-z, 0-9, '_', '.', '-'",
                                   loc_suffix=(name,))
         return value
+
+    @model_validator(mode="after")
+    def _console_table_exists(self) -> "Config":
+        source = self.console.accounts or ""
+        if source.startswith("table:") and source[6:] not in self.tables:
+            known = ", ".join(sorted(self.tables)) or "none are defined"
+            raise field_error("table_unknown", f"no table named {source[6:]!r} in tables ({known})",
+                              loc_suffix=("console", "accounts"))
+        return self
 
     @model_validator(mode="after")
     def _sender_login_table_exists(self) -> "Config":

@@ -7,6 +7,11 @@ SMTP AUTH's users file (bcrypt or Argon2, checked by :class:`smtpproxy.auth.Pass
     hostmaster:$argon2id$...:domain:example.com,example.org
     bob@example.com:$2b$12$...:recipient
 
+Instead of the file, ``console.accounts`` may name a lookup table (``table:NAME``) that answers
+a sign-in name with ``hash:role[:domains]`` (:class:`TableAccounts`), or ``ldap`` for a bind
+as the person (:mod:`smtpproxy.web.directory`). A source that cannot answer raises
+:class:`AccountsUnavailable`: the sign-in page then says "try again later", never signs in.
+
 An admin sees and does everything; a domain admin everything about messages with a
 recipient in their domains (and acts for those recipients only); a recipient only their own
 mail, for themselves. A recipient also signs in through any valid link of their digest.
@@ -14,14 +19,21 @@ mail, for themselves. A recipient also signs in through any valid link of their 
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
+
+import bcrypt
 
 from smtpproxy.auth import PasswordFile, PasswordFileError, hash_problem
+from smtpproxy.config.console import parse_role
+from smtpproxy.eventlog import event
 from smtpproxy.store import Held, Search
+from smtpproxy.tables import Table, TableUnavailable
 
-__all__ = ["Accounts", "Viewer"]
+__all__ = ["AccountSource", "Accounts", "AccountsUnavailable", "TableAccounts", "Viewer"]
 
 ROLES = ("admin", "domain", "recipient")
 
@@ -124,3 +136,65 @@ class Accounts:
         if await self.passwords.verify(name, password):
             return self.viewers.get(name)
         return None
+
+
+class AccountsUnavailable(Exception):
+    """The accounts' source (a table, the directory) cannot answer now: nobody signs in."""
+
+
+class AccountSource(Protocol):
+    """What the console signs in through: :class:`Accounts`, :class:`TableAccounts` or
+    :class:`smtpproxy.web.directory.DirectoryAccounts`. ``viewers`` holds the accounts a
+    session may still belong to (a session whose viewer is not there is signed out)."""
+
+    @property
+    def viewers(self) -> dict[str, Viewer]: ...
+
+    async def verify(self, name: str, password: str) -> Viewer | None: ...
+
+
+def parse_account(name: str, value: str) -> tuple[str, Viewer]:
+    """One ``hash:role[:domains]`` value for *name*: its hash and viewer; ValueError if unusable."""
+    if any(c.isspace() or not c.isprintable() for c in name):
+        raise ValueError("name contains spaces or control characters")
+    hashed, _, rest = value.strip().partition(":")
+    problem = hash_problem(hashed)
+    if problem is not None:
+        raise ValueError(problem)
+    role, domains = parse_role(rest)
+    if role == "recipient" and "@" not in name:
+        raise ValueError("a recipient's name is their address")
+    return hashed, Viewer(name, role, domains)
+
+
+class TableAccounts:
+    """Accounts in a lookup table (``console.accounts: table:NAME``): the sign-in name is the
+    key, the first value ``hash:role[:domains]``. ``viewers`` are the accounts signed in
+    through this process (an account changed in the table takes effect at its next sign-in)."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.viewers: dict[str, Viewer] = {}
+        # A real hash for names the table does not know, so a miss costs as much as a wrong password.
+        self._dummy = bcrypt.hashpw(b"no such account", bcrypt.gensalt(12)).decode()
+
+    async def verify(self, name: str, password: str) -> Viewer | None:
+        if self.table.fold_case:
+            name = name.lower()
+        try:
+            found = await self.table.lookup(name)
+        except TableUnavailable as exc:
+            raise AccountsUnavailable(str(exc)) from None
+        hashed, viewer = self._dummy, None
+        if found:
+            try:
+                hashed, viewer = parse_account(name, found[0])
+            except ValueError as exc:
+                event("console_account_invalid", level=logging.WARNING, table=self.table.name,
+                      account=name, error=str(exc))
+                hashed, viewer = self._dummy, None
+        ok = await PasswordFile({name: hashed}, f"table {self.table.name}").verify(name, password)
+        if not ok or viewer is None:
+            return None
+        self.viewers[viewer.name] = viewer
+        return viewer

@@ -16,6 +16,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from smtpproxy.web.console import routes as console_routes
 from smtpproxy.web.context import WebContext
 from smtpproxy.web.links import routes as link_routes
+from smtpproxy.web.lists import routes as list_routes
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -71,11 +72,12 @@ def create_app(context: WebContext) -> Starlette:
             await context.store.close()
             if context.throttle is not None:
                 await context.throttle.close()
+            await context.tables.close()
 
     routes = [Route("/healthz", _healthz), *link_routes()]
     middleware = [Middleware(SecurityHeaders)]
     if context.accounts is not None:
-        routes += console_routes()
+        routes += console_routes() + list_routes()
         console = context.config.console
         # A signed cookie (itsdangerous), HttpOnly always; Secure unless turned off for plain
         # HTTP; SameSite=Strict, so no other site's page sends it along at all.

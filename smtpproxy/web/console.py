@@ -30,7 +30,7 @@ from smtpproxy.eventlog import event
 from smtpproxy.links import LinkError
 from smtpproxy.quarantine import QuarantineError
 from smtpproxy.store import AuditEntry, Held, Search, StoreError
-from smtpproxy.web.accounts import Viewer
+from smtpproxy.web.accounts import AccountsUnavailable, Viewer
 from smtpproxy.web.context import WebContext
 from smtpproxy.web.preview import preview, render
 
@@ -46,7 +46,7 @@ _STYLE = (
     "iframe.html{width:100%;height:24em;border:1px solid #999;background:#fff}"
     "form.search{display:flex;flex-wrap:wrap;gap:.5em}form.search label{display:flex;flex-direction:column;"
     "font-size:.85em}.bar{background:#48c;height:1em;display:inline-block}.error{color:#a00}"
-    "button{padding:.3em 1em}"
+    "button{padding:.3em 1em}.done{color:#060}"
 )
 _DECISIONS = ("accept", "reject", "tempfail", "discard", "quarantine")
 _HISTORY_FIELDS = (
@@ -94,6 +94,8 @@ def _page(
             ("/console/history", "History"),
             ("/console/quarantine", "Quarantine"),
         ]
+        if _context(request).lists is not None:
+            links.append(("/console/lists", "Lists"))
         if viewer.is_admin:
             links.append(("/console/audit", "Audit log"))
         nav = (
@@ -263,7 +265,12 @@ async def login(request: Request) -> Response:
     ip = _client(request)
     if context.throttle is not None and (await context.throttle.admit(ip, name)).locked:
         return _login_page(request, "Too many failed sign-ins from your address; try again later.", 429)
-    viewer = await context.accounts.verify(name, password)
+    try:
+        viewer = await context.accounts.verify(name, password)
+    except AccountsUnavailable as exc:  # never a sign-in, and not a failure the throttle counts
+        event("console_accounts_unavailable", level=logging.WARNING, error=str(exc)[:300])
+        return _login_page(request, "Sign-in is not possible right now (the account directory "
+                           "does not answer); try again later.", 503)
     if viewer is None:
         if context.throttle is not None:
             await context.throttle.failed(

@@ -8,12 +8,14 @@ from typing import TYPE_CHECKING
 from smtpproxy.links import LinkSigner
 from smtpproxy.store import Store
 from smtpproxy.store.quarantine import DatabaseQuarantine
+from smtpproxy.tables import Tables
 
 if TYPE_CHECKING:
     from smtpproxy.config import Config
     from smtpproxy.delivery import Delivery
     from smtpproxy.loginthrottle import LoginThrottle
-    from smtpproxy.web.accounts import Accounts
+    from smtpproxy.web.accounts import AccountSource
+    from smtpproxy.web.listtables import ListTables
 
 __all__ = ["WebContext"]
 
@@ -22,13 +24,16 @@ __all__ = ["WebContext"]
 class WebContext:
     """What the routes share: the configuration, the store, the quarantine, the link signer
     and the delivery a release goes through (started and closed with the app); with the
-    console on, its accounts, login throttle and session-signing secret."""
+    console on, its accounts, login throttle and session-signing secret; the lookup tables it
+    uses (closed with the app) and the lists plugin's allow and block tables."""
 
     config: Config
     store: Store
     quarantine: DatabaseQuarantine
     signer: LinkSigner
     delivery: Delivery
-    accounts: Accounts | None = None
+    accounts: AccountSource | None = None
     throttle: LoginThrottle | None = None
     session_secret: str = field(default="", repr=False)
+    tables: Tables = field(default_factory=Tables)
+    lists: ListTables | None = None

@@ -18,9 +18,12 @@ from smtpproxy.links import LinkSigner, read_keys
 from smtpproxy.loginthrottle import LoginThrottle, RedisStore
 from smtpproxy.store import store_from_config
 from smtpproxy.store.quarantine import DatabaseQuarantine
-from smtpproxy.web.accounts import Accounts
+from smtpproxy.tables import build_tables
+from smtpproxy.web.accounts import Accounts, TableAccounts
 from smtpproxy.web.app import create_app
 from smtpproxy.web.context import WebContext
+from smtpproxy.web.directory import DirectoryAccounts
+from smtpproxy.web.listtables import list_tables, lists_plugin_tables
 
 __all__ = ["make_context", "make_server", "web_command"]
 
@@ -46,16 +49,32 @@ def make_context(config: Config) -> WebContext:
                                     retention_days=config.quarantine.retention_days,
                                     admin_only=config.quarantine.admin_only)
     context = WebContext(config, store, quarantine, signer, make_delivery(config))
-    if config.console.users is not None:
+    context.tables = build_tables({name: config.tables[name] for name in _table_names(config)})
+    context.lists = list_tables(config, context.tables)
+    console = config.console
+    if console.users is not None:
         try:
-            context.accounts = Accounts.load(config.console.users)
+            context.accounts = Accounts.load(console.users)
         except PasswordFileError as exc:
             raise WebConfigError(f"console.users: {exc}") from exc
+    elif console.accounts == "ldap" and console.ldap is not None:
+        context.accounts = DirectoryAccounts(console.ldap)
+    elif console.accounts is not None:
+        context.accounts = TableAccounts(context.tables[console.accounts.removeprefix("table:")])
+    if context.accounts is not None:
         context.throttle = _throttle(config)
         # The session cookie's key, derived from the link key so there is one secret to keep.
         context.session_secret = hmac.new(keys[0], b"smtpproxy.console.session.v1",
                                           hashlib.sha256).hexdigest()
     return context
+
+
+def _table_names(config: Config) -> set[str]:
+    """The tables the web app uses: the lists plugin's and a console accounts table."""
+    names = set(lists_plugin_tables(config).values())
+    if config.console.accounts is not None and config.console.accounts.startswith("table:"):
+        names.add(config.console.accounts.removeprefix("table:"))
+    return names
 
 
 def _throttle(config: Config) -> LoginThrottle | None:
@@ -89,7 +108,7 @@ def web_command(config: Config) -> int:
         print(f"smtpproxy: {exc}", file=sys.stderr)
         return 2
     event("web_listening", address=config.digest.address, port=config.digest.port,
-          console=config.console.users is not None)
+          console=config.console.enabled)
     # uvicorn stops gracefully on SIGTERM/SIGINT, then re-raises the signal into the handlers it
     # found: a no-op one makes the stop an exit 0, as for the proxy itself.
     for sig in (signal.SIGTERM, signal.SIGINT):
