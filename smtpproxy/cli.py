@@ -74,7 +74,8 @@ def _parser() -> argparse.ArgumentParser:
         if action == "release":
             one.add_argument("--recipient", action="append",
                              help="release for this recipient only (repeatable); the others stay held")
-        one.add_argument("-c", "--config", required=True, help="YAML configuration file")
+        one.add_argument("-c", "--config", help="YAML configuration file (default: the embedded one, "
+                         "whose store is ./smtpproxy.db)")
     history = sub.add_parser(
         "history", help="search or export the message history, or erase one person's entries",
         description="Needs a configured store. The plugins are not loaded.",
@@ -84,11 +85,12 @@ def _parser() -> argparse.ArgumentParser:
                          ("export", "the same as JSON lines (for a message: --message-id)")):
         one = history_actions.add_parser(action, help=text)
         add_search_options(one, history=True)
-        one.add_argument("-c", "--config", required=True, help="YAML configuration file")
+        one.add_argument("-c", "--config", help="YAML configuration file (default: the embedded one, "
+                         "whose store is ./smtpproxy.db)")
     erase = history_actions.add_parser(
         "erase", help="remove every history entry and quarantined message naming ADDRESS (privacy request)")
     erase.add_argument("address", metavar="ADDRESS", help="the sender or recipient address, exactly")
-    erase.add_argument("-c", "--config", required=True, help="YAML configuration file")
+    erase.add_argument("-c", "--config", help="YAML configuration file (default: the embedded one)")
     digest = sub.add_parser(
         "digest", help="mail each recipient a summary of their quarantined messages, with release links",
         description="Exit codes: 0 every digest sent, 1 one failed or the store is unreachable, "
@@ -239,11 +241,29 @@ def _command(argv: Sequence[str] | None) -> int:
         return _run_milter(config, source)
     if args.command == "policy":
         return _run_policy(config, source)
+    if args.config is None and (problem := embedded_default_problem(config)):
+        print(f"smtpproxy: cannot start: {problem}", file=sys.stderr)
+        return EXIT_RUNTIME
     if config.worker_count > 1 and args.worker is None:
         from smtpproxy.workers import supervise
 
         return supervise(config, args.config)
     return _serve(ProxyServer(config, source, worker=args.worker).serve_forever(), config)
+
+
+def embedded_default_problem(config: Config) -> str | None:
+    """Why the embedded default cannot keep its Maildir and store in the current directory
+    (it writes ./mail and ./smtpproxy.db there), or None: said before anything starts."""
+    store = config.store.sqlite
+    assert store is not None
+    try:
+        with open(store, "ab"):  # created empty if missing: SQLite takes it as a new database
+            pass
+    except OSError as exc:
+        return (f"the embedded default keeps its store in {store}, but {exc.strerror or exc}; run "
+                "smtpproxy from a directory you can write to (e.g. your home), or give a "
+                "configuration file with -c")
+    return None
 
 
 def _run_milter(config: Config, source: ConfigSource | None) -> int:

@@ -50,6 +50,7 @@ from smtpproxy.config.loading import load_config
 from smtpproxy.config.problems import ConfigError, PathElement, Problem, format_key
 from smtpproxy.config.schema import (
     DNS,
+    EMBEDDED_STORE,
     MAX_WORKERS,
     Config,
     Limits,
@@ -67,6 +68,7 @@ from smtpproxy.config.source import ConfigSource
 
 __all__ = [
     "DNS",
+    "EMBEDDED_STORE",
     "MAX_WORKERS",
     "Config",
     "ConfigError",

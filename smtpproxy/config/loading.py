@@ -14,7 +14,7 @@ from pydantic import (
 
 from smtpproxy.config.delivery import MaildirDeliveryConfig, SmtpDeliveryConfig
 from smtpproxy.config.problems import ConfigError, Problem, format_key
-from smtpproxy.config.schema import Config
+from smtpproxy.config.schema import EMBEDDED_STORE, Config, Store
 from smtpproxy.config.source import ConfigSource, parse_document, problem_order
 
 # --------------------------------------------------------------------------- loading
@@ -88,13 +88,14 @@ def load_config(
     """Load and validate a configuration file.
 
     ``path=None`` returns the embedded default :class:`Config` (relative paths resolved
-    against the current directory) and no source.  Otherwise the YAML file is read,
-    environment variables from *environ* (default ``os.environ``) are interpolated, and
-    the result is validated.  All problems found are raised together as a
-    :class:`ConfigError`; the returned config has absolute paths.
+    against the current directory): every default below, and an SQLite store in
+    :data:`EMBEDDED_STORE` (a file needs a ``store:`` section for one); and no source.
+    Otherwise the YAML file is read, environment variables from *environ* (default
+    ``os.environ``) are interpolated, and the result is validated.  All problems found are
+    raised together as a :class:`ConfigError`; the returned config has absolute paths.
     """
     if path is None:
-        return _resolve_paths(Config(), Path.cwd()), None
+        return _resolve_paths(Config(store=Store(sqlite=EMBEDDED_STORE)), Path.cwd()), None
     file = os.fspath(path)
     env: Mapping[str, str] = os.environ if environ is None else environ
     text = _read_text(file)

@@ -44,6 +44,9 @@ from smtpproxy.config.problems import describe_value
 from smtpproxy.config.section import Section as _Model
 from smtpproxy.config.tables import TABLE_NAME, TableConfig
 
+EMBEDDED_STORE = Path("smtpproxy.db")
+"""The embedded default's store (no configuration file): an SQLite file in the current directory."""
+
 MAX_WORKERS = 64
 """Most proxy processes ``workers`` may ask for (and what ``auto`` is capped at)."""
 
@@ -372,7 +375,11 @@ class Store(_Model):
     one PostgreSQL database that several proxies share (docs/operations.md, "The store")."""
 
     sqlite: ConfigPath | None = Field(
-        default=None, description="SQLite database file (one machine); relative to the config file."
+        default=None,
+        description=(
+            "SQLite database file (one machine); relative to the config file. Without a "
+            "configuration file (the embedded default) it is `./smtpproxy.db`."
+        ),
     )
     postgresql: str | None = Field(
         default=None,

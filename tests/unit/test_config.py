@@ -87,6 +87,8 @@ def test_embedded_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     # Relative paths of the embedded default are resolved against the current directory.
     assert config.delivery.path == tmp_path / "mail"
     assert config.quarantine.path == tmp_path / "quarantine"
+    assert config.store.sqlite == tmp_path / "smtpproxy.db"  # the embedded default's store: SQLite
+    assert not Config().store.configured  # a configuration file has one only when it says so
     assert config.plugins == []
     assert (config.logging.level, config.logging.format) == ("info", "kv")
     assert config.hostname is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -102,6 +103,13 @@ def test_embedded_default_quick_start(tmp_path: Path) -> None:
         assert len(list((tmp_path / "mail" / "new").iterdir())) == 1
         running.stop()
         assert proc.returncode == 0
+        # Its history is in ./smtpproxy.db, and the commands without -c read it.
+        history = subprocess.run([*EXE, "history", "export"], capture_output=True, text=True,
+                                 timeout=60, cwd=tmp_path)
+        assert history.returncode == 0, history.stderr
+        [entry] = [json.loads(line) for line in history.stdout.splitlines()]
+        assert (entry["sender"], entry["recipients"], entry["decision"]) == (
+            "a@sender.test", ["bob@localhost"], "delivered")
     finally:
         if proc.poll() is None:
             proc.kill()
