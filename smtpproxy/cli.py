@@ -241,8 +241,8 @@ def _command(argv: Sequence[str] | None) -> int:
         return _run_milter(config, source)
     if args.command == "policy":
         return _run_policy(config, source)
-    if args.config is None and (problem := embedded_default_problem(config)):
-        print(f"smtpproxy: cannot start: {problem}", file=sys.stderr)
+    if args.config is None and (unwritable := embedded_default_problem(config)):
+        print(f"smtpproxy: cannot start: {unwritable}", file=sys.stderr)
         return EXIT_RUNTIME
     if config.worker_count > 1 and args.worker is None:
         from smtpproxy.workers import supervise
