@@ -15,7 +15,9 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from smtpproxy import config as c
+from smtpproxy.config import schema
 from smtpproxy.config import tables as ts
+from smtpproxy.config.console import ConsoleLDAP
 
 SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("(top level)", c.Config, "The whole file."),
@@ -36,6 +38,10 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("policy", c.Policy,
      "Policy mode: `smtpproxy policy` serves the chain to Postfix's check_policy_service "
      "(docs/deploy-policy.md)."),
+    ("console", schema.Console,
+     "The web console in `smtpproxy web`: its accounts and its session cookie (docs/console.md)."),
+    ("console.ldap", ConsoleLDAP,
+     "Console sign-in against LDAP (`console.accounts: ldap`): a bind as the person, roles from groups."),
     ("logging", c.Logging, "Log format and level (logs go to stderr)."),
     ("metrics", c.Metrics,
      "Prometheus /metrics, /healthz and /readyz over HTTP (docs/operations.md)."),
@@ -100,7 +106,8 @@ def render() -> str:
         "Do not edit. -->",
         "",
         "smtpproxy reads one YAML file (`smtpproxy run -c FILE`; without `-c` it runs on the",
-        "embedded default, i.e. every default below). `smtpproxy check-config -c FILE` validates",
+        "embedded default, i.e. every default below and an SQLite store in `./smtpproxy.db`).",
+        "`smtpproxy check-config -c FILE` validates",
         "it, and every error names the file, line, column and key. `${NAME}` and `${NAME:-default}`",
         "in values are replaced from the environment, and `$$` is a literal `$`. Relative paths",
         "are resolved against the directory of the configuration file. Unknown keys are errors.",
@@ -112,7 +119,7 @@ def render() -> str:
                 "| --- | --- | --- | --- |"]
         for name, field in model.model_fields.items():
             description = (field.description or "").replace("|", "\\|")
-            kind, default = type_name(field.annotation), default_text(field)
+            kind, default = type_name(field.annotation), default_text(field).replace("|", "\\|")
             out.append(f"| `{name}` | {kind} | {default} | {description} |")
         out.append("")
     return "\n".join(out)
