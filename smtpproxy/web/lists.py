@@ -31,8 +31,8 @@ __all__ = ["routes"]
 
 _TITLES = {"block": "Block list", "allow": "Allow list"}
 _MEANING = {
-    "block": "mail from these senders is refused for the list's owner (550 at RCPT TO)",
-    "allow": "these senders' mail scores as not spam, when the sender is authenticated (SPF, DKIM, DMARC)",
+    "block": "Mail from these senders is refused for the list's owner (550 at RCPT TO)",
+    "allow": "These senders' mail scores as not spam, when the sender is authenticated (SPF, DKIM, DMARC)",
 }
 
 

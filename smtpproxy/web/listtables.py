@@ -128,8 +128,8 @@ class ListTable:
     def applies(self) -> str:
         """When a change reaches the proxies."""
         if self.spec.type == "file":
-            return "the proxy reads the file again at its next reload (smtpproxy reload)"
-        return "live: the proxies see it once their cached answer expires"
+            return "at the proxy's next reload (smtpproxy reload), when it reads the file again"
+        return "live, as soon as the proxies' cached answer expires"
 
     async def rows(self) -> list[tuple[str, list[str]]]:
         """Every key and its entries (a listable table), sorted; at most MAX_ROWS."""
