@@ -71,6 +71,10 @@ class ConsoleLDAP(_Model):
     def _url(cls, value: str) -> str:
         if not value.startswith(("ldap://", "ldaps://")):
             raise field_error("ldap_url", "must be an ldap:// or ldaps:// URL")
+        try:
+            import ldap3  # noqa: F401 - only whether it is installed
+        except ImportError:
+            raise field_error("ldap_missing", "needs ldap3: pip install 'smtpproxy[ldap]'") from None
         return value
 
     @field_validator("filter")
