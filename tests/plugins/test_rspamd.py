@@ -5,7 +5,7 @@ The rspamd is started once for this module (``rspamd -f``, as ``_rspamd`` when t
 root) from the shipped /etc/rspamd config, with a local config directory of its own
 (``--var LOCAL_CONFDIR=...``, databases, pid and control socket in a temporary directory): the
 normal worker and the controller on free loopback ports, the proxy worker disabled, DNS pointed
-at a closed loopback port with a short timeout, RBL/SURBL/fuzzy off, no Redis, a five-line TLD
+at a closed loopback port with a short timeout, RBL/SURBL/fuzzy off, Bayes on a private Redis, a controller password, a five-line TLD
 list (compiling the full public-suffix list takes rspamd ~14 s), and a regexp rule
 SMTPPROXY_TEST (20 points for the body text ``smtpproxy-spam-marker``). Readiness is polled with
 ``GET /ping`` (``pong``), never slept on. The tests skip, with the reason, only where rspamd is

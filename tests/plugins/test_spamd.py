@@ -2,8 +2,8 @@
 through a real proxy to a real sink, with the real ``score`` plugin after it.
 
 The spamd is started once for this module on a free loopback port with its own site config: a
-local rule SMTPPROXY_TEST (20 points for the body text ``smtpproxy-spam-marker``) and no
-network tests, Bayes or user configs, so results do not depend on the shipped rules or on DNS.
+local rule SMTPPROXY_TEST (20 points for the body text ``smtpproxy-spam-marker``), a Bayes database of its own (``--allow-tell``: learning) and no
+network tests or user configs, so results do not depend on the shipped rules or on DNS.
 Readiness is polled with ``PING`` (``SPAMD/1.5 0 PONG``), never slept on. The tests skip, with
 the reason, only where spamd is not installed (CI installs it).
 """
