@@ -545,7 +545,7 @@ async def message(request: Request, context: WebContext, viewer: Viewer) -> Resp
             f'<form method="post" action="/console/quarantine/{e(qid, quote=True)}/release">'
             f"{_csrf_field(request)}<ul>{boxes}</ul>"
             f'<button>Release</button> <button formaction="/console/quarantine/{e(qid, quote=True)}/delete">'
-            f"Delete</button>{allow_button(context, viewer, held, mine)}</form>"
+            f"Delete</button>{allow_button(context, viewer, held, mine, content)}</form>"
         )
     actions += report_form(_csrf_field(request), viewer, held, mine)
     return _page(

@@ -101,9 +101,12 @@ async def allow_sender(context: WebContext, viewer: Viewer, held: Held, *, wante
     return Done(200, lines)
 
 
-def allow_button(context: WebContext, viewer: Viewer, held: Held, mine: list[str]) -> str:
-    """"Release and allow sender", only where something is held and the allow table is writable."""
-    if not any(held.recipients[r] == "held" for r in mine) or not writable_allow_table(context).writable:
+def allow_button(context: WebContext, viewer: Viewer, held: Held, mine: list[str], content: bytes) -> str:
+    """"Release and allow sender", only where something is held for the viewer, the message has
+    one From: address and the allow table is writable; it says which address it adds."""
+    sender = author(content)
+    held_for_viewer = any(held.recipients[r] == "held" for r in mine)
+    if sender is None or not held_for_viewer or not writable_allow_table(context).writable:
         return ""
     scope = (
         ""
@@ -114,6 +117,7 @@ def allow_button(context: WebContext, viewer: Viewer, held: Held, mine: list[str
     return (
         f' <button formaction="/console/quarantine/{html.escape(held.id, quote=True)}/allow">'
         f"Release and allow sender</button>{scope}"
+        f' <small>(allows <b>{html.escape(sender)}</b>, the From: address)</small>'
     )
 
 
