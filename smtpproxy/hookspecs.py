@@ -37,7 +37,7 @@ text) or raises is shown to whoever asked, and never affects a message in flight
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import pluggy
 
@@ -138,7 +138,7 @@ def disconnect(session: Session) -> None:
 
 
 @hookspec
-def learn(message: Message, verdict: Literal["spam", "ham"], reporter: str,
+def learn(message: Message, verdict: str, reporter: str,
           recipients: list[str]) -> str | None:
     """Someone reported ``message`` as ``"spam"`` or ``"ham"`` (not spam): feed it to your engine.
 
