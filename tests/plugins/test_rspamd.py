@@ -8,8 +8,8 @@ normal worker and the controller on free loopback ports, the proxy worker disabl
 at a closed loopback port with a short timeout, RBL/SURBL/fuzzy off, Bayes on a private Redis, a controller password, a five-line TLD
 list (compiling the full public-suffix list takes rspamd ~14 s), and a regexp rule
 SMTPPROXY_TEST (20 points for the body text ``smtpproxy-spam-marker``). Readiness is polled with
-``GET /ping`` (``pong``), never slept on. The tests skip, with the reason, only where rspamd is
-not installed (CI installs it).
+``GET /ping`` (``pong``), never slept on. The tests skip, with the reason, only where rspamd (or
+redis-server) is not installed (CI installs both).
 """
 
 from __future__ import annotations

@@ -109,6 +109,10 @@ async def test_a_recipient_reports_and_allows_only_their_own_mail(start: Start, 
         reply = await bob.post("/console/quarantine/q-a/report", data={"csrf": csrf, "verdict": "ham-release"})
         assert reply.status_code == 200 and "q-a: released for bob@a.test" in reply.text
         assert len(maildir(tmp_path)) == 2 and notebook(tmp_path)[-1]["verdict"] == "ham"
+        # Released, the message (kept by the store) can still be reported, not released again.
+        page = (await bob.get("/console/quarantine/q-a")).text
+        assert "Report as spam" in page and "Not spam: release" not in page
+        assert "Release and allow sender" not in page
     finally:
         await bob.aclose()
     admin, _ = await _signed_in(await start(), "root")  # the same store: the audit log has it all
