@@ -37,12 +37,12 @@ from typing import Any, Literal
 import pluggy
 
 from smtpproxy.eventlog import event
-from smtpproxy.hookspecs import NOTIFICATIONS, PHASES
+from smtpproxy.hookspecs import NOTIFICATIONS, PHASES, REQUESTS
 from smtpproxy.hookthread import HookPool, hook_pool
 from smtpproxy.session import Outcome, Results
 from smtpproxy.verdicts import Action, Verdict
 
-__all__ = ["Chain", "ChainStep", "PhaseResult"]
+__all__ = ["Chain", "ChainStep", "PhaseResult", "RequestReply"]
 
 
 ERROR_TEMPFAIL = Verdict.tempfail(
@@ -95,6 +95,15 @@ class _Call:
     """Where a plain hook runs; None for ``async def`` hooks (they run on the loop)."""
 
 
+@dataclass(frozen=True, slots=True)
+class RequestReply:
+    """What one plugin made of a request hook: its text, or its error."""
+
+    plugin: str
+    text: str | None
+    error: str | None
+
+
 class Chain:
     """An ordered, immutable set of plugins, ready to run any phase.
 
@@ -105,7 +114,7 @@ class Chain:
         self.pm = pm
         self.steps = tuple(steps)
         self._calls: dict[str, tuple[_Call, ...]] = {}
-        for hook_name in (*PHASES, *NOTIFICATIONS):
+        for hook_name in (*PHASES, *NOTIFICATIONS, *REQUESTS):
             impls = getattr(pm.hook, hook_name).get_hookimpls()
             calls = []
             for step in self.steps:
@@ -156,11 +165,37 @@ class Chain:
                 failures.append((call.step.name, error))
         return failures
 
+    async def request(self, hook_name: str, **kwargs: Any) -> list[RequestReply]:
+        """Call a request hook (``learn``) on every implementer, in order: what each said or
+        why it failed. Never raises for a plugin's error."""
+        replies = []
+        for call in self._calls[hook_name]:
+            result, error, _ = await self._call(call, kwargs)
+            if error is None and result is not None and not isinstance(result, str):
+                error = f"returned {type(result).__name__}, not a text"
+            if error is not None:
+                event("plugin_error", level=logging.WARNING, plugin=call.step.name,
+                      phase=hook_name, error=error)
+                replies.append(RequestReply(call.step.name, None, error))
+            else:
+                replies.append(RequestReply(call.step.name, result, None))
+        return replies
+
     async def _invoke(
         self, call: _Call, phase: str, kwargs: Mapping[str, Any]
     ) -> tuple[Verdict | None, str | None, float]:
         """Call one hook implementation: (verdict, error, seconds). Never raises, except
         when the server itself cancels the session."""
+        result, error, duration = await self._call(call, kwargs)
+        if error is not None or result is None or phase in NOTIFICATIONS:
+            return None, error, duration
+        try:
+            return Verdict.checked(result), None, duration
+        except (TypeError, ValueError) as exc:
+            return None, f"invalid verdict: {exc}", duration
+
+    async def _call(self, call: _Call, kwargs: Mapping[str, Any]) -> tuple[Any, str | None, float]:
+        """Call one hook implementation: (what it returned, error, seconds)."""
         step = call.step
         started = time.perf_counter()
         deadline: asyncio.Timeout | None = None
@@ -196,12 +231,7 @@ class Chain:
                 # Only an async hook that blocked the event loop gets here: no timer could fire.
                 return None, (f"blocked the event loop for {duration:.3f}s (timeout "
                               f"{step.timeout:g}s); its verdict is ignored"), duration
-            if result is None or phase in NOTIFICATIONS:
-                return None, None, duration
-            try:
-                return Verdict.checked(result), None, duration
-            except (TypeError, ValueError) as exc:
-                return None, f"invalid verdict: {exc}", duration
+            return result, None, duration
         except TimeoutError as exc:
             if deadline is None or not deadline.expired():  # the plugin's own TimeoutError
                 return None, _describe(exc), time.perf_counter() - started

@@ -69,7 +69,7 @@ def installed_plugins() -> list[InstalledPlugin]:
 
 def _implemented_hooks(target: object) -> tuple[str, ...]:
     names = []
-    for hook in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS):
+    for hook in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS):
         attr = getattr(target, hook, None)
         if attr is not None and hasattr(attr, f"{hookspecs.PROJECT}_impl"):
             names.append(hook)
@@ -206,12 +206,12 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
         unknown = [
             attr for attr in dir(plugin)
             if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT}_impl")
-            and attr not in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS)
+            and attr not in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS)
         ]
         raise pluggy.PluginValidationError(
             plugin,
             f"unknown hook(s) {', '.join(unknown)}; known hooks are "
-            f"{', '.join((*hookspecs.PHASES, *hookspecs.NOTIFICATIONS))}",
+            f"{', '.join((*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS))}",
         ) from None
     for caller in pm.get_hookcallers(plugin) or []:
         for impl in caller.get_hookimpls():
