@@ -302,7 +302,6 @@ class Conversation:
             return {}
         enforced = self._ends[1] if self._ends is not None and self._ends[0] == transaction.id else None
         would = self.would(transaction)
-        self._ends = None
         fields: dict[str, Any] = {"shadow_score": transaction.shadow_score,
                                   "would": would_disposition(would, enforced, decision)}
         if would is not None and would != enforced:
