@@ -279,6 +279,14 @@ class Conversation:
             result = await self._run("data", f"{message.size} bytes", transaction.results,
                                      session=session, transaction=transaction, message=message)
             self._finished(result, None)
+        return self._end(transaction, result)
+
+    def end_without_data(self, transaction: Transaction) -> Refusal | Deliver:
+        """The end of a message whose body this front end never sees (the policy service):
+        no ``data`` phase; what was decided before stands."""
+        return self._end(transaction, None)
+
+    def _end(self, transaction: Transaction, result: PhaseResult | None) -> Refusal | Deliver:
         outcome = end_of_message(transaction, result)
         if self.chain.shadowed:
             self._ends = (transaction.id, outcome, would_end_of_message(transaction, result))
