@@ -7,7 +7,9 @@ milter, driven by the protocol-level fake MTA (no edit of a shadowed plugin reac
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -40,7 +42,7 @@ class Strict:
     @hookimpl
     async def data(self, message: Message) -> Verdict:
         message.add_header("X-Strict", "seen")
-        return Verdict.reject("Looks like spam", reason="pills", )
+        return Verdict.reject("Looks like spam", reason="pills")
 
 
 def logged(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
@@ -108,3 +110,32 @@ async def test_a_shadowed_reject_lets_the_message_through_the_milter(
         ("strict", "rcpt_to"), ("strict", "data")]
     [line] = logged(caplog, "message")
     assert (line["decision"], line["would"], line["would_by"]) == ("delivered", "rejected", "strict")
+
+
+class Hold:
+    name = "hold"
+
+    @hookimpl
+    async def data(self) -> Verdict:
+        return Verdict.quarantine("held for review")
+
+
+async def test_an_enforced_quarantine_still_applies_and_its_record_marks_shadow_outcomes(
+    proxy_factory: ProxyFactory, sink: Sink, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    server = await proxy_factory(Strict(), Hold(), upstream=sink.port)
+    talk = await Talk.open(port_of(server))
+    await talk.hello()
+    assert (await talk.send_message("a@src.test", ["carol@dest.test"], MESSAGE))[0] == 250
+    await talk.close()
+    assert sink.messages == []
+    [meta] = (tmp_path / "quarantine").rglob("*.json")
+    record = json.loads(meta.read_text())
+    shown = [(o["plugin"], o["action"], o.get("shadow", False)) for o in record["outcomes"]
+             if o["phase"] == "data"]
+    assert shown == [("strict", "reject", True), ("hold", "quarantine", False)]
+    assert b"X-Strict" not in next(iter((tmp_path / "quarantine").rglob("*.eml"))).read_bytes()
+    [line] = logged(caplog, "message")
+    assert (line["decision"], line["by"], line["would"], line["would_by"]) == (
+        "quarantined", "hold", "rejected", "strict")
