@@ -246,6 +246,7 @@ class Conversation:
         if self.rules.route_key is not None and self.route is None:
             self.route = self.rules.route_key(recipient.address)
         transaction.envelope._accept_recipient(recipient)
+        transaction.would.accepted()
 
     def end_transaction(self, session: Session) -> None:
         """Forget the current transaction (RSET, a new HELO, the end of a message), counting

@@ -151,14 +151,14 @@ def _before_message(phase: str, result: PhaseResult) -> Refusal | None:
 def _would_before_message(phase: str, would: WouldBe, result: PhaseResult, *, refused: bool) -> None:
     """The what-if state after a phase: the same rules as the enforced one, on ``result.would``."""
     refusal = _before_message(phase, result)
-    if refusal is not None:
-        entry = (refusal.reply, refusal.decided_by, refusal.reason)
-        if phase == "rcpt_to":
-            if not refused:  # a recipient refused for real is in neither envelope
-                would.refused_recipients.append(entry)
-        elif would.refusal is None:
-            would.refusal = entry
-    elif result.verdict is not None:
+    entry = (refusal.reply, refusal.decided_by, refusal.reason) if refusal is not None else None
+    if phase == "rcpt_to":
+        # Counted once the front end accepts the recipient (a recipient refused for real, or
+        # by the upstream, is in neither envelope).
+        would.recipient_refusal = None if refused else entry
+    elif entry is not None and would.refusal is None:
+        would.refusal = entry
+    if refusal is None and result.verdict is not None:
         would.set_disposition(result.verdict, result.decided_by or "")
 
 

@@ -328,7 +328,7 @@ class WouldBe(_Disposition):
     tracer report.
     """
 
-    __slots__ = ("refusal", "refused_recipients")
+    __slots__ = ("recipient_refusal", "refusal", "refused_recipients")
 
     def __init__(self) -> None:
         super().__init__()
@@ -336,7 +336,16 @@ class WouldBe(_Disposition):
         """(reply, by, reason) of the first refusal of the whole session or message (connect,
         helo, mail_from) that would have been given; None when none."""
         self.refused_recipients: list[tuple[Reply, str, str]] = []
-        """Recipients the enforced chain accepted that would have been refused."""
+        """Recipients in the envelope that would have been refused."""
+        self.recipient_refusal: tuple[Reply, str, str] | None = None
+        """The would-be refusal of the recipient being asked about; it counts in
+        :attr:`refused_recipients` once the front end accepts the recipient (:meth:`accepted`)."""
+
+    def accepted(self) -> None:
+        """The recipient just asked about is in the envelope."""
+        if self.recipient_refusal is not None:
+            self.refused_recipients.append(self.recipient_refusal)
+            self.recipient_refusal = None
 
     def inherit(self, other: WouldBe) -> None:
         """Start a transaction from the session's what-if state (as :meth:`Session.begin_transaction`)."""

@@ -214,6 +214,33 @@ async def test_a_recipient_only_a_shadowed_plugin_refuses_is_accepted(
     assert (line["decision"], line["would"], line["would_by"]) == ("delivered", "rejected", "picky")
 
 
+async def test_a_would_be_refused_recipient_the_front_end_then_refuses_does_not_count() -> None:
+    """b@ is refused by the shadowed plugin and then by the front end (say, the upstream at
+    RCPT): it is in neither envelope, so c@ alone decides what would have happened."""
+
+    class PicksOne:
+        name, enforce = "picky", False
+
+        @hookimpl
+        async def rcpt_to(self, recipient: Recipient) -> Verdict | None:
+            return Verdict.reject("no") if recipient.address.local == "b" else None
+
+    conversation = Conversation(chain_of([PicksOne()]), Rules())
+    session = Session(Client("192.0.2.1", 4567), transport="offline")
+    assert await conversation.connect(session) is None
+    assert await conversation.mail(session, address("a@src.test"), {}) is None
+    transaction = session.transaction
+    assert transaction is not None
+    assert await conversation.rcpt(session, transaction, Recipient(address("b@dest.test"), {})) is None
+    # the front end refuses b@ itself: no accept()
+    c = Recipient(address("c@dest.test"), {})
+    assert await conversation.rcpt(session, transaction, c) is None
+    conversation.accept(transaction, c)
+    transaction.message = Message(MESSAGE)
+    assert await conversation.end_of_message(session, transaction) == Deliver("deliver", "delivery")
+    assert conversation.would(transaction) == Deliver("deliver", "delivery")
+
+
 async def test_a_shadowed_plugins_edits_are_undone_and_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
     seen: list[Message] = []
