@@ -362,9 +362,10 @@ def _tx(kwargs: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def _reply(verdict: Verdict) -> str | None:
-    if verdict.reply is None:
+    reply = verdict.reply
+    if reply is None:
         return None
-    return f"{verdict.reply.code} {verdict.reply.enhanced or ''} {verdict.reply.text}".replace("  ", " ")
+    return " ".join(part for part in (str(reply.code), reply.enhanced, reply.text) if part)
 
 
 def _outcome(
