@@ -182,7 +182,7 @@ def build_chain(
             problems.append(_problem(source, ("plugins", index),
                                      f"plugin {spec.name!r} could not be built: {type(exc).__name__}: {exc}"))
             continue
-        steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error))
+        steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error, spec.enforce))
     if problems:
         raise ConfigError(problems)
     return Chain(pm, steps)
