@@ -31,7 +31,16 @@ from smtpproxy.eventlog import event
 from smtpproxy.history import HistoryRecorder, entry_for
 from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
-from smtpproxy.outcome import PROXY, Deliver, Refusal, before_message, end_of_message, skips_data_chain
+from smtpproxy.outcome import (
+    PROXY,
+    Deliver,
+    Refusal,
+    before_message,
+    end_of_message,
+    skips_data_chain,
+    would_disposition,
+    would_end_of_message,
+)
 from smtpproxy.relay import RelayPolicy, refusal_reply
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import Decision, Envelope, Outcome, Recipient, Session, Transaction
@@ -104,7 +113,7 @@ def verdict_fields(result: PhaseResult) -> dict[str, Any]:
 class Conversation:
     """One session's conversation with the chain; see the module's docstring."""
 
-    __slots__ = ("_pending", "chain", "history", "metrics", "node", "observer", "route", "rules")
+    __slots__ = ("_ends", "_pending", "chain", "history", "metrics", "node", "observer", "route", "rules")
 
     def __init__(
         self, chain: Chain, rules: Rules, *, metrics: NullRecorder | None = None,
@@ -122,6 +131,9 @@ class Conversation:
         self.route: str | None = None
         """The route of the current transaction's recipients (set by the first accepted)."""
         self._pending: list[asyncio.Task[Any]] = []
+        self._ends: tuple[str, Refusal | Deliver, Refusal | Deliver] | None = None
+        """(transaction id, enforced end, would-be end) of the last message, when the chain
+        has shadowed plugins."""
 
     # -- running the chain ----------------------------------------------------------------
 
@@ -234,6 +246,7 @@ class Conversation:
         if self.rules.route_key is not None and self.route is None:
             self.route = self.rules.route_key(recipient.address)
         transaction.envelope._accept_recipient(recipient)
+        transaction.would.accepted()
 
     def end_transaction(self, session: Session) -> None:
         """Forget the current transaction (RSET, a new HELO, the end of a message), counting
@@ -267,7 +280,42 @@ class Conversation:
             result = await self._run("data", f"{message.size} bytes", transaction.results,
                                      session=session, transaction=transaction, message=message)
             self._finished(result, None)
-        return end_of_message(transaction, result)
+        return self._end(transaction, result)
+
+    def end_without_data(self, transaction: Transaction) -> Refusal | Deliver:
+        """The end of a message whose body this front end never sees (the policy service):
+        no ``data`` phase; what was decided before stands."""
+        return self._end(transaction, None)
+
+    def _end(self, transaction: Transaction, result: PhaseResult | None) -> Refusal | Deliver:
+        outcome = end_of_message(transaction, result)
+        if self.chain.shadowed:
+            self._ends = (transaction.id, outcome, would_end_of_message(transaction, result))
+        return outcome
+
+    def would(self, transaction: Transaction) -> Refusal | Deliver | None:
+        """What the message would have come to had the chain's shadowed plugins (``enforce:
+        false``) enforced; None when the chain has none."""
+        if not self.chain.shadowed:
+            return None
+        if self._ends is not None and self._ends[0] == transaction.id:
+            return self._ends[2]
+        # The message did not reach the data phase's decision (a rule of the proxy refused
+        # it): only a refusal of the session or of MAIL would have come before.
+        early = transaction.would.refusal
+        return Refusal(*early) if early is not None else None
+
+    def _shadow_fields(self, transaction: Transaction, decision: Decision) -> dict[str, Any]:
+        """The ``message`` line's ``shadow_score`` and ``would=``, when there are shadowed plugins."""
+        if not self.chain.shadowed:
+            return {}
+        enforced = self._ends[1] if self._ends is not None and self._ends[0] == transaction.id else None
+        would = self.would(transaction)
+        fields: dict[str, Any] = {"shadow_score": transaction.shadow_score,
+                                  "would": would_disposition(would, enforced, decision)}
+        if would is not None and would != enforced:
+            fields["would_by"] = would.decided_by
+        return fields
 
     async def settle(
         self, session: Session, transaction: Transaction, decision: Decision, started: float,
@@ -290,7 +338,7 @@ class Conversation:
             size=message.size if message is not None else 0, decision=decision.disposition,
             reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
             by=decision.decided_by, reason=decision.reason, score=decision.score,
-            ms=round(seconds * 1000, 1), **log,
+            **self._shadow_fields(transaction, decision), ms=round(seconds * 1000, 1), **log,
         )
         if self.history is not None:
             self.history.record(entry_for(session, transaction, decision, node=self.node,

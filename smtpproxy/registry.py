@@ -69,7 +69,7 @@ def installed_plugins() -> list[InstalledPlugin]:
 
 def _implemented_hooks(target: object) -> tuple[str, ...]:
     names = []
-    for hook in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS):
+    for hook in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS):
         attr = getattr(target, hook, None)
         if attr is not None and hasattr(attr, f"{hookspecs.PROJECT}_impl"):
             names.append(hook)
@@ -182,7 +182,7 @@ def build_chain(
             problems.append(_problem(source, ("plugins", index),
                                      f"plugin {spec.name!r} could not be built: {type(exc).__name__}: {exc}"))
             continue
-        steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error))
+        steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error, spec.enforce))
     if problems:
         raise ConfigError(problems)
     return Chain(pm, steps)
@@ -206,12 +206,12 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
         unknown = [
             attr for attr in dir(plugin)
             if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT}_impl")
-            and attr not in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS)
+            and attr not in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS)
         ]
         raise pluggy.PluginValidationError(
             plugin,
             f"unknown hook(s) {', '.join(unknown)}; known hooks are "
-            f"{', '.join((*hookspecs.PHASES, *hookspecs.NOTIFICATIONS))}",
+            f"{', '.join((*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS))}",
         ) from None
     for caller in pm.get_hookcallers(plugin) or []:
         for impl in caller.get_hookimpls():

@@ -15,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import re
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from smtpproxy.config import Config
 from smtpproxy.tables import TableUnavailable, build_tables
@@ -23,7 +25,7 @@ from smtpproxy.tables.edit import Edit, edit_file, edit_redis
 from smtpproxy.tables.memory import InlineBackend
 from smtpproxy.tables.redis import RedisBackend
 
-__all__ = ["tables_command"]
+__all__ = ["edit_entry", "tables_command"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
 _SPLIT = re.compile(r"[,\s]+")
@@ -75,19 +77,42 @@ async def _run(config: Config, action: str, name: str, key: str | None, value: s
             return 0
         if action == "list":
             return await _list(table.backend, name, spec.type, key)
-        folded = key.lower() if (key is not None and spec.fold_case) else key
-        assert folded is not None
-        add = action == "add"
-        if spec.type == "file":
-            result = edit_file(Path(spec.file), folded, value, add=add)
-            note = f"{spec.file} rewritten; the proxy reads it at the next reload (smtpproxy reload)"
-            return _report(result, folded, value, add, note)
-        backend = table.backend
-        assert isinstance(backend, RedisBackend)
-        result = await edit_redis(backend, folded, value, add=add)
-        return _report(result, folded, value, add, "live: proxies see it once their cached answer expires")
+        assert key is not None
+        return await _edit(table.backend, spec, key, value, add=action == "add", say=print)
     finally:
         await tables.close()
+
+
+async def edit_entry(config: Config, name: str, key: str, value: str, *, add: bool,
+                     say: Callable[[str], None]) -> int:
+    """Add (or remove) one entry of a writable (file or redis) table, as ``tables add|remove``
+    does, telling *say* what happened; 0 done (or already there), 3 nothing to remove."""
+    spec = config.tables[name]
+    tables = build_tables({name: spec})
+    try:
+        return await _edit(tables[name].backend, spec, key, value, add=add, say=say)
+    finally:
+        await tables.close()
+
+
+async def _edit(backend: object, spec: Any, key: str, value: str | None, *, add: bool,
+                say: Callable[[str], None]) -> int:
+    folded = key.lower() if spec.fold_case else key
+    if spec.type == "file":
+        result = await asyncio.to_thread(edit_file, Path(spec.file), folded, value, add=add)
+        note = f"{spec.file} rewritten; the proxy reads it at the next reload (smtpproxy reload)"
+    else:
+        assert isinstance(backend, RedisBackend)
+        result = await edit_redis(backend, folded, value, add=add)
+        note = "live: proxies see it once their cached answer expires"
+    if result is Edit.DONE:
+        _done(say, folded, value, add, note=note)
+        return 0
+    if result is Edit.ALREADY_THERE:
+        say(f"{folded}: {value} is already there")
+        return 0
+    say(f"{folded}: nothing to remove")
+    return EXIT_NOT_FOUND
 
 
 async def _list(backend: object, name: str, kind: str, key: str | None) -> int:
@@ -113,17 +138,6 @@ async def _list(backend: object, name: str, kind: str, key: str | None) -> int:
     return 0
 
 
-def _report(result: Edit, key: str, value: str | None, add: bool, note: str) -> int:
-    if result is Edit.DONE:
-        _done(key, value, add, note=note)
-        return 0
-    if result is Edit.ALREADY_THERE:
-        print(f"{key}: {value} is already there")
-        return 0
-    print(f"{key}: nothing to remove")
-    return EXIT_NOT_FOUND
-
-
-def _done(key: str, value: str | None, add: bool, *, note: str) -> None:
+def _done(say: Callable[[str], None], key: str, value: str | None, add: bool, *, note: str) -> None:
     what = f"{value} added to" if add else (f"{value} removed from" if value else "removed:")
-    print(f"{what} {key} ({note})")
+    say(f"{what} {key} ({note})")

@@ -11,6 +11,7 @@ from smtpproxy.store.quarantine import DatabaseQuarantine
 from smtpproxy.tables import Tables
 
 if TYPE_CHECKING:
+    from smtpproxy.chain import Chain
     from smtpproxy.config import Config
     from smtpproxy.delivery import Delivery
     from smtpproxy.loginthrottle import LoginThrottle
@@ -37,3 +38,5 @@ class WebContext:
     session_secret: str = field(default="", repr=False)
     tables: Tables = field(default_factory=Tables)
     lists: ListTables | None = None
+    learners: Chain | None = None
+    """The configured plugin chain, for "report spam / not spam" (built on first use)."""
