@@ -145,7 +145,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str | None, *, plugins: bool = True) -> tuple[Config, ConfigSource | None]:
     config, source = load_config(path)
     if plugins:  # plugin settings are part of a valid config
-        build_chain(config.plugins, source, plugin_paths=config.plugin_paths, table_names=config.tables)
+        build_chain(config.plugins, source, plugin_paths=config.plugin_paths, table_names=config.tables,
+                    policies=config.policies)
     return config, source
 
 
@@ -259,7 +260,7 @@ def _policy_problem(config: Config, source: ConfigSource | None) -> int:
     from smtpproxy.policy.applicability import message_plugins
 
     found = message_plugins(build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
-                                        table_names=config.tables))
+                                        table_names=config.tables, policies=config.policies))
     if not found:
         return 0
     refuse = config.policy.message_plugins == "refuse" and bool(found.only_message)

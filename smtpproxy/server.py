@@ -112,7 +112,7 @@ class ProxyServer:
         self.services = Services(
             chain=chain if chain is not None
             else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
-                             table_names=config.tables),
+                             table_names=config.tables, policies=config.policies),
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=self._quarantine(config),
             relay=RelayPolicy.of(config.relay),
@@ -367,7 +367,8 @@ class ProxyServer:
     async def _reload(self, file: str) -> bool:
         try:
             new, source = load_config(file)
-            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths, table_names=new.tables)
+            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths, table_names=new.tables,
+                                policies=new.policies)
             tables = build_tables(new.tables)
         except (ConfigError, TableError) as exc:
             return self._reload_failed(file, str(exc))

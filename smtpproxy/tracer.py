@@ -419,7 +419,7 @@ class Tracer:
     def from_config(cls, config: Config, source: ConfigSource | None = None) -> Tracer:
         """The chain and rules of a configuration (ConfigError when a plugin cannot load)."""
         chain = build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
-                            table_names=config.tables)
+                            table_names=config.tables, policies=config.policies)
         return cls(chain, TracePolicy.from_config(config), config=config)
 
     def _install_tables(self) -> None:
