@@ -92,6 +92,9 @@ class ConversationObserver(Protocol):
     def rule_refused(self, refusal: Refusal) -> None:
         """One of smtpproxy's own rules refused in the current phase."""
 
+    # Optional: ``group_chosen(recipient, group, why)``, the policy group chosen for a
+    # recipient (with ``policies:``; the tracer's report names it).
+
     def phase_finished(self, result: PhaseResult, refusal: Refusal | None) -> None:
         """A phase ended, with the refusal it gave before the message, if any (at ``data``
         None: what the message comes to is the front end's to say)."""

@@ -131,6 +131,8 @@ class Trace:
     envelope_changes: list[tuple[str, str, str]] = field(default_factory=list)
     """(op, address, plugin): ``sender``, ``add_recipient`` or ``remove_recipient``."""
     routes: list[Route] = field(default_factory=list)
+    groups: list[tuple[str, str, str]] = field(default_factory=list)
+    """(recipient, policy group, why) for every recipient a group was chosen for (policies:)."""
     decision: str = "rejected"
     """One of :data:`DISPOSITIONS`."""
     reply: str = ""
@@ -175,6 +177,7 @@ class Trace:
                     {"recipient": r, "reply": reply, "by": by} for r, reply, by in self.refused_recipients
                 ],
                 "changes": [{"op": op, "address": a, "plugin": p} for op, a, p in self.envelope_changes],
+                "groups": [{"recipient": r, "group": g, "why": why} for r, g, why in self.groups],
             },
             "client": {
                 "ip": self.client_ip, "port": self.client_port, "helo": self.helo,
@@ -349,6 +352,10 @@ class _Run:
             score=outcome.score, reason=outcome.reason, tags=outcome.tags,
             duration_ms=outcome.duration * 1000, error=outcome.error, changes=tuple(changes),
         ))
+
+    def group_chosen(self, recipient: str, group: str, why: str) -> None:
+        """The policy group of a recipient, and why (docs/multi-domain.md)."""
+        self.trace.groups.append((recipient, group, why))
 
     def rule_refused(self, refusal: Refusal) -> None:
         self.proxy_step("reject" if refusal.reply.is_permanent else "tempfail", refusal.reply,

@@ -335,3 +335,23 @@ async def test_connect_helo_and_mail_run_on_the_default_chain(tmp_path: Path) ->
     conversation = Conversation(chain, Rules())
     await started(conversation)
     assert seen == ["mail_from"]
+
+
+async def test_the_tracer_names_each_recipients_group_and_why(tmp_path: Path) -> None:
+    from smtpproxy.trace_report import render_text
+    from smtpproxy.tracer import Tracer
+
+    path = write(tmp_path, BASE + "relay: {domains: [plain.test, gated.test, strict.test]}\n" + TENANTS)
+    config, source = load_config(path, environ={})
+    async with Tracer.from_config(config, source) as tracer:
+        trace = await tracer.trace(b"Subject: hi\r\n\r\nbody\r\n", sender="s@sender.test",
+                                   recipients=["a@gated.test", "b@plain.test", "c@strict.test"])
+    assert trace.groups == [("a@gated.test", "gated", "domain gated.test"),
+                            ("b@plain.test", "default", "no group selects it"),
+                            ("c@strict.test", "strict", "domain strict.test")]
+    assert trace.accepted_recipients == ["a@gated.test", "b@plain.test"]
+    assert [(r, reply[:9]) for r, reply, _ in trace.refused_recipients] == [("c@strict.test", "452 4.5.3")]
+    report = render_text(trace)
+    assert "policy groups\n    <a@gated.test>  gated  (domain gated.test)" in report
+    assert trace.to_dict()["envelope"]["groups"][2] == {"recipient": "c@strict.test", "group": "strict",
+                                                        "why": "domain strict.test"}
