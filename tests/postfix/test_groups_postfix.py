@@ -32,8 +32,8 @@ def events(caplog: pytest.LogCaptureFixture, name: str) -> list[dict[str, Any]]:
             if r.name == "smtpproxy.session" and r.msg == name]
 
 
-async def wait_until(check: Any, what: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_until(check: Any, what: str, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
     while not check():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         await asyncio.sleep(0.2)
