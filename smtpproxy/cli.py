@@ -232,8 +232,9 @@ def _command(argv: Sequence[str] | None) -> int:
         plugins = ", ".join(p.name for p in config.plugins if p.enabled) or "none"
         if "policy" in config.model_fields_set and (problem := _policy_problem(config, source)):
             return problem
+        groups = f", policy groups: {', '.join(g.name for g in config.policies)}" if config.policies else ""
         print(f"{args.config}: OK ({len(config.listeners)} listener(s), "
-              f"delivery {config.delivery.type}, plugins: {plugins})")
+              f"delivery {config.delivery.type}, plugins: {plugins}{groups})")
         return 0
     configure_logging(config.logging.level, config.logging.format)
     if args.command == "milter":

@@ -44,7 +44,7 @@ class PluginOverride(_Model):
 class PolicyGroup(_Model):
     """One policy group: who it is for (every selector given must match) and what it changes."""
 
-    name: str = Field(description="The group's name (in logs, metrics, history): a-z, 0-9, '_', '.', '-'.")
+    name: str = Field(description="The group's name (in logs and metrics): a-z, 0-9, '_', '.', '-'.")
     recipients: list[str] = Field(
         default=[],
         description=(

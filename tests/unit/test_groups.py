@@ -355,3 +355,40 @@ async def test_the_tracer_names_each_recipients_group_and_why(tmp_path: Path) ->
     assert "policy groups\n    <a@gated.test>  gated  (domain gated.test)" in report
     assert trace.to_dict()["envelope"]["groups"][2] == {"recipient": "c@strict.test", "group": "strict",
                                                         "why": "domain strict.test"}
+
+
+async def test_the_message_line_and_the_metrics_carry_the_groups(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    import logging
+    import time
+
+    from smtpproxy.message import Message
+    from smtpproxy.metrics import NullRecorder
+    from smtpproxy.session import Decision
+    from smtpproxy.verdicts import Reply
+
+    class Counted(NullRecorder):
+        def __init__(self) -> None:
+            self.groups: list[tuple[str, str]] = []
+
+        def group_message(self, group: str, decision: str) -> None:
+            self.groups.append((group, decision))
+
+    caplog.set_level(logging.INFO, logger="smtpproxy.session")
+    metrics = Counted()
+    policies = built(tmp_path, TENANTS)
+    conversation = Conversation(policies.default.chain, Rules(), metrics=metrics)
+    session, transaction = await started(conversation)
+    for text in ("b@gated.test", "a@plain.test"):
+        recipient = Recipient(address(text))
+        assert await conversation.rcpt(session, transaction, recipient) is None
+        conversation.accept(transaction, recipient)
+    transaction.message = Message(b"Subject: x\r\n\r\nbody\r\n")
+    decision = Decision("delivered", Reply(250, "2.0.0", "OK"), "delivery")
+    await conversation.settle(session, transaction, decision, time.perf_counter())
+    (line,) = [r.smtpproxy_fields for r in caplog.records if r.msg == "message"]  # type: ignore[attr-defined]
+    assert line["group"] == "default,gated"
+    assert metrics.groups == [("default", "delivered"), ("gated", "delivered")]
+    rcpt_lines = [r.smtpproxy_fields for r in caplog.records if r.msg == "rcpt_to"]  # type: ignore[attr-defined]
+    assert [f["group"] for f in rcpt_lines] == ["gated", "default"]
