@@ -34,6 +34,7 @@ from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
 from smtpproxy.outcome import PROXY, Deliver, Refusal, before_message, end_of_message, skips_data_chain
 from smtpproxy.relay import RelayPolicy, refusal_reply
+from smtpproxy.routing import ROUTES_NOTE
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import Decision, Envelope, Outcome, Recipient, Session, Transaction
 from smtpproxy.tables import TableUnavailable
@@ -265,14 +266,22 @@ class Conversation:
             self._rule_phase(address)
             return self._rule(Refusal(OTHER_ROUTE, PROXY, _RECIPIENT_LIMIT_REASON))
         self._choice = (recipient, choice) if choice is not None else None
+        if choice is not None and choice.group.route is not None and self.rules.route_key is not None:
+            # The delivery (and rcpt_mode relay's upstream transaction, opened before accept)
+            # takes the group's route for this recipient.
+            transaction.notes.setdefault(ROUTES_NOTE, {})[address.text] = choice.group.route
         result = await self._run("rcpt_to", address.text, transaction.results, chain=chain, session=session,
                                  transaction=transaction, recipient=recipient)
         event("rcpt_to", tx=transaction.id, recipient=address.text, **verdict_fields(result), **group_log)
         return self._finished(result, before_message("rcpt_to", transaction, result))
 
     def _key_of(self, address: Address, choice: Choice | None) -> tuple[Any, ...]:
-        """The transaction key of a recipient: its route, and its group's data-phase key."""
-        route = self.rules.route_key(address) if self.rules.route_key is not None else None
+        """The transaction key of a recipient: its route (its group's, or its domain's), and its
+        group's data-phase key."""
+        route = None
+        if self.rules.route_key is not None:  # None: the MTA routes (the milter, the policy service)
+            group_route = choice.group.route if choice is not None else None
+            route = group_route or self.rules.route_key(address)
         return (route, choice.group.key if choice is not None else None)
 
     def _forget_transaction(self) -> None:
@@ -287,12 +296,11 @@ class Conversation:
 
     def accept(self, transaction: Transaction, recipient: Recipient) -> None:
         """The recipient is in the envelope; the transaction keeps to its route from now on."""
-        if self.rules.route_key is not None and self.route is None:
-            self.route = self.rules.route_key(recipient.address)
         choice = self._choice[1] if self._choice is not None and self._choice[0] is recipient else None
         self._choice = None
         if self._key is None:
             self._key = self._key_of(recipient.address, choice)
+            self.route = self._key[0]
             self._tx_chain = choice.group.chain if choice is not None else None
         if choice is not None:
             group = choice.group

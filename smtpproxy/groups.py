@@ -49,6 +49,8 @@ class Group:
     name: str
     chain: Chain
     retention_days: float | None = None
+    route: str | None = None
+    """The route key this group's recipients are delivered by (None: their domain's)."""
     addresses: frozenset[str] = frozenset()
     domains: frozenset[str] = frozenset()
     suffixes: tuple[str, ...] = ()
@@ -70,7 +72,7 @@ class Group:
                 suffixes.append(entry[1:])
             else:
                 domains.add(entry)
-        return cls(config.name, chain, config.quarantine_retention_days, frozenset(addresses),
+        return cls(config.name, chain, config.quarantine_retention_days, config.route, frozenset(addresses),
                    frozenset(domains), tuple(suffixes), tuple(tables),
                    frozenset(u.lower() for u in config.auth_users), tuple(config.client_networks),
                    frozenset(config.listeners), transaction_key(chain))

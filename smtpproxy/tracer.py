@@ -33,7 +33,7 @@ from smtpproxy.message import Message
 from smtpproxy.outcome import PROXY, Refusal, queued_reply, skips_data_chain
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
-from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
+from smtpproxy.routing import DEFAULT_ROUTE, RouteTable, route_of
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import Client, Decision, Outcome, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.startup import start_chain
@@ -255,7 +255,7 @@ class TracePolicy:
         else:
             default = ", ".join(f"{u.host}:{u.port}" for u in d.default_upstreams())
             rcpt_mode = d.rcpt_mode
-            table = RouteTable([route.domains for route in d.routes])
+            table = RouteTable([route.domains for route in d.routes], [route.name for route in d.routes])
             for key, route in zip(table.keys, d.routes, strict=True):
                 routes[key] = _Route(f"{key} ({', '.join(route.domains)})",
                                      ", ".join(f"{u.host}:{u.port}" for u in route.upstreams))
@@ -283,9 +283,10 @@ class TracePolicy:
         return Rules(max_recipients=self.max_recipients, relay=self.relay,
                      route_key=self.route_table.key_of, sender_login=self.sender_login)
 
-    def route_of(self, address: Address) -> tuple[str, str]:
-        """(route name, destination) for a recipient, as the SMTP delivery picks it."""
-        route = self.routes.get(self.route_table.key_of(address))
+    def route_of(self, address: Address, notes: Mapping[str, Any] | None = None) -> tuple[str, str]:
+        """(route name, destination) for a recipient, as the SMTP delivery picks it (*notes*: the
+        transaction's, where a policy group may have given the recipient its route)."""
+        route = self.routes.get(route_of(notes or {}, address, self.route_table.key_of))
         if route is None:
             return DEFAULT_ROUTE, self.default_destination
         return route.name, route.destination
@@ -598,7 +599,7 @@ class Tracer:
         if trace.decision == "delivered":
             groups: dict[str, tuple[str, list[str]]] = {}
             for rcpt in transaction.envelope.recipients:
-                name, destination = p.route_of(rcpt.address)
+                name, destination = p.route_of(rcpt.address, transaction.notes)
                 groups.setdefault(name, (destination, []))[1].append(rcpt.address.text)
             trace.routes = [Route(n, d, tuple(r)) for n, (d, r) in groups.items()]
         return transaction

@@ -65,6 +65,13 @@ class PolicyGroup(_Model):
     plugins: dict[str, PluginOverride] = Field(
         default={}, description="Per plugin name (of plugins:): enabled and settings for this group."
     )
+    route: str | None = Field(
+        default=None,
+        description=(
+            "Deliver this group's recipients by this route of delivery.routes (its name), or "
+            "'default' (the default upstreams), instead of the route their domain gives."
+        ),
+    )
     quarantine_retention_days: float | None = Field(
         default=None, gt=0, allow_inf_nan=False,
         description=(
@@ -120,9 +127,11 @@ class PolicyGroup(_Model):
         return self
 
 
-def check_policies(groups: list[PolicyGroup], plugin_names: set[str], table_names: set[str]) -> None:
-    """The rules across groups (raises a located validation error): unique names, known plugins
-    and tables, and no group after one that takes every recipient (it could never match)."""
+def check_policies(groups: list[PolicyGroup], plugin_names: set[str], table_names: set[str],
+                   route_names: list[str] | None) -> None:
+    """The rules across groups (raises a located validation error): unique names, known plugins,
+    tables and routes (*route_names* None: the delivery has no routes, a Maildir), and no group
+    after one that takes every recipient (it could never match)."""
     seen: dict[str, int] = {}
     for index, group in enumerate(groups):
         first = seen.setdefault(group.name, index)
@@ -141,6 +150,10 @@ def check_policies(groups: list[PolicyGroup], plugin_names: set[str], table_name
                 known = ", ".join(sorted(plugin_names)) or "none are configured"
                 raise field_error("group_plugin_unknown", f"no plugin named {name!r} in plugins: ({known})",
                                   loc_suffix=(index, "plugins", name))
+        if group.route is not None and (route_names is None or group.route not in route_names):
+            known = ", ".join(route_names) if route_names is not None else "none: delivery is not smtp"
+            raise field_error("route_unknown", f"no route named {group.route!r} in delivery.routes ({known})",
+                              loc_suffix=(index, "route"))
         for position, selector in enumerate(group.recipients):
             if selector.startswith("table:") and selector[6:] not in table_names:
                 known = ", ".join(sorted(table_names)) or "none are defined"

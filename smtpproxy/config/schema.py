@@ -719,7 +719,8 @@ class Config(_Model):
     @model_validator(mode="after")
     def _policies_consistent(self) -> "Config":
         try:
-            check_policies(self.policies, {p.name for p in self.plugins}, set(self.tables))
+            routes = self.delivery.route_names if isinstance(self.delivery, SmtpDeliveryConfig) else None
+            check_policies(self.policies, {p.name for p in self.plugins}, set(self.tables), routes)
         except PydanticCustomError as exc:
             context = dict(exc.context or {})
             context["loc_suffix"] = ("policies", *context.get("loc_suffix", ()))
