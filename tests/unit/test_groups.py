@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import textwrap
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 from pydantic import BaseModel, Field
@@ -318,23 +318,45 @@ async def test_routes_and_groups_are_one_rule(tmp_path: Path) -> None:
     assert route is not None and route.reply == OTHER_ROUTE
 
 
+class Early:
+    """Refuses the sender bad@sender.test at MAIL; records the recipients it sees at RCPT."""
+
+    seen: ClassVar[list[str]] = []
+
+    @hookimpl
+    async def mail_from(self, sender: Address) -> Verdict | None:
+        if sender.text == "bad@sender.test":
+            return Verdict.reject("bad sender", code=550, enhanced="5.7.1")
+        return None
+
+    @hookimpl
+    async def rcpt_to(self, recipient: Any) -> None:
+        type(self).seen.append(recipient.address.text)
+
+
 async def test_connect_helo_and_mail_run_on_the_default_chain(tmp_path: Path) -> None:
     """The group is unknown before the first RCPT: a group that turns a plugin off does not
-    turn it off for those phases (docs/multi-domain.md, "Before RCPT")."""
-    seen: list[str] = []
-
-    class Early:
-        @hookimpl
-        async def mail_from(self) -> None:
-            seen.append("mail_from")
-
-    from tests.conftest import chain_of
-    chain = chain_of(Early())
-    policies = built(tmp_path, TENANTS)
-    chain.policies = policies
-    conversation = Conversation(chain, Rules())
-    await started(conversation)
-    assert seen == ["mail_from"]
+    turn it off for those phases (docs/multi-domain.md, "Before RCPT"), only from RCPT on."""
+    extra = '  - name: early\n    use: "tests.unit.test_groups:Early"\n'
+    policies = built(tmp_path, """policies:
+  - name: quiet
+    recipients: [quiet.test]
+    plugins: {early: {enabled: false}}
+""", extra)
+    early = resolve("tests.unit.test_groups:Early")
+    early.seen.clear()  # type: ignore[attr-defined]
+    conversation = Conversation(policies.default.chain, Rules())
+    session = Session(Client("192.0.2.9", 1), transport="offline")
+    assert await conversation.connect(session) is None
+    assert await conversation.greet(session, "client.test") is None
+    refusal = await conversation.mail(session, address("bad@sender.test"), {})
+    assert refusal is not None and refusal.decided_by == "early"  # applies at once, whatever the group
+    conversation.end_transaction(session)
+    assert await conversation.mail(session, address("good@sender.test"), {}) is None
+    assert session.transaction is not None
+    for text in ("a@quiet.test", "b@plain.test"):
+        assert await conversation.rcpt(session, session.transaction, Recipient(address(text))) is None
+    assert early.seen == ["b@plain.test"]  # type: ignore[attr-defined]  # off for the quiet group at RCPT
 
 
 async def test_the_tracer_names_each_recipients_group_and_why(tmp_path: Path) -> None:
