@@ -40,3 +40,14 @@ async def test_groups_in_the_policy_service(tmp_path: Path) -> None:
         client.close()
     finally:
         await server.stop(grace=1)
+
+
+def test_a_message_plugin_a_group_turns_on_is_named_by_check_config(tmp_path: Path) -> None:
+    from smtpproxy.policy.applicability import message_plugins
+    from smtpproxy.registry import build_chain
+
+    config = make_config(tmp_path, plugins=[{"name": "score", "enabled": False}, PLUGINS[1]],
+                         policies=[{"name": "spam", "recipients": ["spam.test"],
+                                    "plugins": {"score": {"enabled": True}}}])
+    found = message_plugins(build_chain(config.plugins, None, policies=config.policies))
+    assert found.only_message == ("score",)
