@@ -107,6 +107,8 @@ async def test_a_session_in_flight_finishes_on_the_groups_it_started_with(
     finally:
         await server.stop(grace=1)
     assert recorded(record).count("second shutdown") == 1
+    (reload,) = events(caplog, "reload")
+    assert reload["groups"] == ["tenant", "lab"]
     decisions = [(m["group"], m["decision"]) for m in events(caplog, "message")]
     assert decisions == [("tenant", "quarantined"), ("tenant", "delivered")]
 
