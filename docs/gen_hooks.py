@@ -21,10 +21,11 @@ def render() -> str:
         rest_to_markdown(inspect.cleandoc(hookspecs.__doc__ or "")),
         "",
     ]
-    for name in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS):
+    for name in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS):
         func = getattr(hookspecs, name)
         signature = str(inspect.signature(func)).replace("'", "")
-        kind = "phase: may return a Verdict" if name in hookspecs.PHASES else "notification"
+        kind = ("phase: may return a Verdict" if name in hookspecs.PHASES
+                else "notification" if name in hookspecs.NOTIFICATIONS else "request: returns a text")
         text = rest_to_markdown(inspect.cleandoc(func.__doc__ or ""))
         out += [f"## `{name}{signature}`", "", f"*{kind}*", "", text, ""]
     return "\n".join(out)

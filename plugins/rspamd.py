@@ -41,7 +41,7 @@ from smtpproxy import EventLog, Message, Session, Transaction, Verdict, hookimpl
 
 from ._scanner import ScannerSettings, ask_scanner, no_control, symbol_list
 
-__all__ = ["Rspamd", "RspamdError", "RspamdResult", "check"]
+__all__ = ["Rspamd", "RspamdError", "RspamdResult", "check", "learn"]
 
 log = EventLog(__name__)
 
@@ -81,6 +81,45 @@ async def check(
     headers: Mapping[str, str | list[str]] | None = None,
 ) -> RspamdResult:
     """One ``POST /checkv2`` to rspamd; raises RspamdError on any failure. The caller time-boxes it."""
+    code, detail, body = await _post(host, port, path, message, headers)
+    if code != 200:
+        raise RspamdError(f"rspamd answered HTTP {code} {_error_text(body, detail)}")
+    return parse_result(body)
+
+
+async def learn(host: str, port: int, message: bytes, verdict: str, *, password: str | None = None,
+                path: str = "") -> str:
+    """``POST /learnspam`` or ``/learnham`` to rspamd's controller: what it said, as a short text.
+
+    A message rspamd already learned in that class is answered HTTP 208, reported as such;
+    any other refusal (a wrong password, no Bayes classifier or its Redis unreachable) raises
+    RspamdError with rspamd's own error text."""
+    if verdict not in ("spam", "ham"):
+        raise RspamdError(f"can only learn spam or ham, not {verdict!r}")
+    headers = {"Password": password} if password else {}
+    code, detail, body = await _post(host, port, f"{path}/learn{verdict}", message, headers)
+    if code == 200:
+        try:
+            success = json.loads(body).get("success") is True
+        except (ValueError, AttributeError):
+            success = False
+        if success:
+            return f"rspamd learned it as {verdict}"
+        raise RspamdError(f"rspamd did not confirm learning: {body[:200]!r}")
+    if code == 208:
+        return f"rspamd had already learned it as {verdict}"
+    raise RspamdError(f"rspamd's controller answered HTTP {code} {_error_text(body, detail)}")
+
+
+def _error_text(body: bytes, detail: str) -> str:
+    with contextlib.suppress(ValueError, AttributeError):
+        detail = str(json.loads(body).get("error", detail))
+    return detail[:200]
+
+
+async def _post(host: str, port: int, path: str, message: bytes,
+                headers: Mapping[str, str | list[str]] | None) -> tuple[int, str, bytes]:
+    """One HTTP/1.1 POST: (status code, reason phrase, body); RspamdError on any failure."""
     try:
         reader, writer = await asyncio.open_connection(host, port, limit=65536)
     except OSError as exc:
@@ -102,7 +141,7 @@ async def check(
             await writer.wait_closed()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> RspamdResult:
+async def _read_response(reader: asyncio.StreamReader) -> tuple[int, str, bytes]:
     status = await reader.readline()
     if not status:
         raise RspamdError("rspamd closed the connection without an answer")
@@ -128,13 +167,7 @@ async def _read_response(reader: asyncio.StreamReader) -> RspamdResult:
         body = await reader.readexactly(int(length))
     else:
         body = await reader.read(_MAX_BODY)
-    code = int(m.group(1))
-    if code != 200:
-        detail = (m.group(2) or b"").decode("ascii", "replace")
-        with contextlib.suppress(ValueError, AttributeError):
-            detail = str(json.loads(body).get("error", detail))
-        raise RspamdError(f"rspamd answered HTTP {code} {detail[:200]}")
-    return parse_result(body)
+    return int(m.group(1)), (m.group(2) or b"").decode("ascii", "replace"), body
 
 
 async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
@@ -219,6 +252,20 @@ class Rspamd:
                 "(451 4.7.1). Off by default: the score plugin decides by its thresholds."
             ),
         )
+        controller_port: int = Field(
+            default=11334, ge=1, le=65535,
+            description=(
+                "The controller worker's TCP port (on host, or url's host): where reports of spam and "
+                "not spam are learned (POST /learnspam, /learnham)."
+            ),
+        )
+        controller_password: str | None = Field(
+            default=None, min_length=1, max_length=255,
+            description=(
+                "The controller's password (its 'enable_password'; learning needs the privileged one), "
+                "sent as the Password header."
+            ),
+        )
         spam_text: str = Field(
             default="Message rejected as spam", description="Reply text when honour_action refuses."
         )
@@ -226,7 +273,7 @@ class Rspamd:
             default="Try again later", description="Reply text when honour_action tempfails."
         )
 
-        @field_validator("host", "password", "spam_text", "soft_reject_text")
+        @field_validator("host", "password", "controller_password", "spam_text", "soft_reject_text")
         @classmethod
         def _no_control(cls, value: str | None) -> str | None:
             return no_control(value)
@@ -251,6 +298,12 @@ class Rspamd:
             assert parts.hostname is not None
             return parts.hostname, parts.port or 80, parts.path.rstrip("/") + "/checkv2"
 
+        def controller(self) -> tuple[str, int]:
+            """Host and port of the controller (learning)."""
+            host = self.host if self.url is None else urlsplit(self.url).hostname
+            assert host is not None
+            return host, self.controller_port
+
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or self.Settings()
 
@@ -271,6 +324,14 @@ class Rspamd:
         if self.settings.password:
             headers["Password"] = self.settings.password
         return headers
+
+    @hookimpl
+    async def learn(self, message: Message, verdict: str, reporter: str) -> str:
+        """A report of spam or not spam, learned by rspamd's Bayes classifier (its controller)."""
+        host, port = self.settings.controller()
+        text = await learn(host, port, message.raw, verdict, password=self.settings.controller_password)
+        log.info("rspamd_learn", verdict=verdict, reporter=reporter, result=text)
+        return text
 
     @hookimpl
     async def data(self, session: Session, transaction: Transaction, message: Message) -> Verdict | None:

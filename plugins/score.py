@@ -19,6 +19,12 @@ plugins before it gave (connect, HELO and transaction phases) plus the score of 
 matched. Every hit is recorded as ``RULE=score``: in the verdict's reason (so in the results
 record and the quarantine record), in the ``X-Spam-Status`` header and in one ``event=score``
 log line.
+
+Plugins in shadow mode (``enforce: false``) count apart: their points, and the rules that match
+only on their tags, make a **shadow total**, what the total would have been had they enforced.
+Thresholds apply to the enforced total only; the shadow total and what the thresholds would
+have made of it are reported (``shadow_score`` and ``shadow_action`` in the log line, the
+reason, and an ``X-Spam-Shadow-Score`` header) whenever a shadowed plugin ran.
 """
 
 from __future__ import annotations
@@ -289,35 +295,59 @@ class Score:
         s = self.settings
         is_spam = s.tag is not None and total >= s.tag
         trace = [f"{name}={score:g}" for name, score in hits]
-        action = "continue"
-        if s.reject is not None and total >= s.reject:
-            action = "reject"
-        elif s.quarantine is not None and total >= s.quarantine:
-            action = "quarantine"
+        action = self._action(total)
         reason = (
             f"score {_fmt(total)} ({action}; plugins {_fmt(earlier)}, rules {_fmt(points)}): "
             + (" ".join(trace) or "no rule hits")
         )
+        shadow: dict[str, object] = {}
+        shadow_total: float | None = None
+        if transaction.shadowed:
+            shadow_total = self._shadow_total(session, transaction, facts)
+            shadow_action = self._action(shadow_total)
+            shadow = {"shadow_score": round(shadow_total, 2), "shadow_action": shadow_action}
+            reason += f"; shadow {_fmt(shadow_total)} ({shadow_action})"
         log.info("score", tx=transaction.id, score=round(total, 2), earlier=round(earlier, 2),
-              rules=trace, spam=is_spam, action=action)
+                 rules=trace, spam=is_spam, action=action, **shadow)
         tags = ("score:spam",) if is_spam else ()
         if action == "reject":
             verdict = Verdict.reject(s.reject_text.format(score=_fmt(total)), code=550,
                                      enhanced="5.7.1", reason=reason)
             return replace(verdict, score=points, tags=tags)
-        self._mark(message, total, is_spam, [name for name, _ in hits])
+        self._mark(message, total, is_spam, [name for name, _ in hits], shadow_total)
         if action == "quarantine":
             return replace(Verdict.quarantine(reason), score=points, tags=tags)
         return Verdict.cont(score=points, reason=reason, tags=tags)
 
-    def _mark(self, message: Message, total: float, is_spam: bool, names: list[str]) -> None:
+    def _action(self, total: float) -> str:
+        """What the thresholds make of a total: reject, quarantine or continue."""
+        s = self.settings
+        if s.reject is not None and total >= s.reject:
+            return "reject"
+        if s.quarantine is not None and total >= s.quarantine:
+            return "quarantine"
+        return "continue"
+
+    def _shadow_total(self, session: Session, transaction: Transaction, facts: _Facts) -> float:
+        """The total had shadowed plugins enforced: their points too, and the rules their tags
+        would have matched."""
+        shadow_tags = session.results.shadow_tags | transaction.results.shadow_tags
+        seen = replace(facts, tags=facts.tags | shadow_tags)
+        points = sum(c.rule.score for c in self.rules if self._matches(c, seen))
+        return transaction.shadow_score + points
+
+    def _mark(self, message: Message, total: float, is_spam: bool, names: list[str],
+              shadow_total: float | None = None) -> None:
         # Whatever the settings, a client's own X-Spam-* verdict must not reach the mailbox.
         message.remove_header("X-Spam-Score")
         message.remove_header("X-Spam-Status")
+        message.remove_header("X-Spam-Shadow-Score")
         if self.settings.add_headers:
             status = f"{'Yes' if is_spam else 'No'}, score={_fmt(total)} tests={','.join(names) or 'none'}"
             message.add_header("X-Spam-Status", status)
             message.add_header("X-Spam-Score", _fmt(total))
+            if shadow_total is not None:
+                message.add_header("X-Spam-Shadow-Score", _fmt(shadow_total))
         prefix = self.settings.subject_tag
         if is_spam and prefix:
             subject = message.get("Subject")

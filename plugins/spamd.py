@@ -34,7 +34,7 @@ from smtpproxy import EventLog, Message, Transaction, Verdict, hookimpl
 
 from ._scanner import ScannerSettings, ask_scanner, no_control, symbol_list
 
-__all__ = ["Spamd", "SpamdError", "SpamdResult", "check"]
+__all__ = ["Spamd", "SpamdError", "SpamdResult", "check", "tell"]
 
 log = EventLog(__name__)
 
@@ -85,7 +85,38 @@ async def check(host: str, port: int, message: bytes, *, user: str | None = None
             await writer.wait_closed()
 
 
-async def _read_response(reader: asyncio.StreamReader) -> SpamdResult:
+async def tell(host: str, port: int, message: bytes, verdict: str, *, user: str | None = None) -> bool:
+    """Teach spamd's Bayes database *message* as ``spam`` or ``ham``, as ``spamc -L`` does: a
+    ``TELL`` request with ``Message-class`` and ``Set: local``. True when spamd learned it
+    (``DidSet: local``), False when it did nothing (already learned, or Bayes is off); raises
+    SpamdError when spamd refused (started without ``--allow-tell``) or could not be asked."""
+    if verdict not in ("spam", "ham"):
+        raise SpamdError(f"can only learn spam or ham, not {verdict!r}")
+    try:
+        reader, writer = await asyncio.open_connection(host, port, limit=8192)
+    except OSError as exc:
+        raise SpamdError(f"cannot connect to spamd at {host}:{port}: {exc}") from exc
+    try:
+        head = (f"TELL {PROTOCOL}\r\nContent-length: {len(message)}\r\nMessage-class: {verdict}\r\n"
+                "Set: local\r\n")
+        if user:
+            head += f"User: {user}\r\n"
+        writer.write(head.encode("ascii") + b"\r\n" + message)
+        await writer.drain()
+        if writer.can_write_eof():
+            writer.write_eof()
+        headers = await _read_head(reader)
+    except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
+        raise SpamdError(f"spamd at {host}:{port}: {exc or type(exc).__name__}") from exc
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return "local" in (v.strip() for v in headers.get("didset", "").split(","))
+
+
+async def _read_head(reader: asyncio.StreamReader) -> dict[str, str]:
+    """The status line (an error raises) and the headers of a spamd answer, names in lower case."""
     status = await reader.readline()
     if not status:
         raise SpamdError("spamd closed the connection without an answer")
@@ -105,6 +136,11 @@ async def _read_response(reader: asyncio.StreamReader) -> SpamdResult:
         headers[name.strip().lower()] = value.strip()
     else:
         raise SpamdError("too many header lines from spamd")
+    return headers
+
+
+async def _read_response(reader: asyncio.StreamReader) -> SpamdResult:
+    headers = await _read_head(reader)
     spam = _SPAM.match(headers.get("spam", ""))
     if spam is None:
         raise SpamdError(f"no valid Spam header from spamd: {headers.get('spam')!r}")
@@ -154,6 +190,16 @@ class Spamd:
 
     def __init__(self, settings: Settings | None = None):
         self.settings = settings or self.Settings()
+
+    @hookimpl
+    async def learn(self, message: Message, verdict: str, reporter: str) -> str:
+        """A report of spam or not spam, learned into spamd's Bayes database (TELL, as spamc -L)."""
+        s = self.settings
+        learned = await tell(s.host, s.port, message.raw, verdict, user=s.user)
+        text = (f"spamd learned it as {verdict}" if learned else
+                f"spamd did not learn it: already learned as {verdict}, or Bayes is off (use_bayes)")
+        log.info("spamd_learn", verdict=verdict, reporter=reporter, learned=learned)
+        return text
 
     @hookimpl
     async def data(self, transaction: Transaction, message: Message) -> Verdict | None:

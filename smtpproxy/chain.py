@@ -21,6 +21,13 @@ The chain is where "a plugin cannot break mail flow" is enforced, once for every
 A plugin's error becomes its ``on_error`` policy: ``tempfail`` (a 451 4.3.0 verdict, marked
 as failed) or ``continue``. What the front ends make of the result is decided in
 :mod:`smtpproxy.outcome`.
+
+A plugin in shadow mode (``enforce: false``) is also enforced here, once: it runs as any
+other, but its verdict never stops the phase (nor does its error: a shadowed plugin cannot
+tempfail mail), its edits of the message and envelope are undone, and its outcome is recorded
+as ``shadow`` (its score and tags count apart). What it would have done is logged
+(``would_reject``, ``would_tempfail``, ``would_quarantine``, ``would_discard``) and given to
+the front ends as :attr:`PhaseResult.would`, the phase as it would have ended.
 """
 
 from __future__ import annotations
@@ -37,12 +44,13 @@ from typing import Any, Literal
 import pluggy
 
 from smtpproxy.eventlog import event
-from smtpproxy.hookspecs import NOTIFICATIONS, PHASES
+from smtpproxy.hookspecs import NOTIFICATIONS, PHASES, REQUESTS
 from smtpproxy.hookthread import HookPool, hook_pool
-from smtpproxy.session import Outcome, Results
+from smtpproxy.message import Change, Message
+from smtpproxy.session import Envelope, EnvelopeChange, Outcome, Results
 from smtpproxy.verdicts import Action, Verdict
 
-__all__ = ["Chain", "ChainStep", "PhaseResult"]
+__all__ = ["Chain", "ChainStep", "PhaseResult", "RequestReply"]
 
 
 ERROR_TEMPFAIL = Verdict.tempfail(
@@ -58,6 +66,8 @@ class ChainStep:
     plugin: object
     timeout: float = 10.0
     on_error: Literal["tempfail", "continue"] = "tempfail"
+    enforce: bool = True
+    """False: shadow mode; its verdicts are logged and counted, never applied."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,6 +83,9 @@ class PhaseResult:
     """True when :attr:`verdict` stands in for that plugin's error (``on_error: tempfail``)."""
     error: str | None = None
     """The error, when :attr:`failed`."""
+    would: PhaseResult | None = None
+    """How the phase would have ended had its shadowed plugins enforced: the first final
+    verdict of any plugin, shadowed or not. None when that is this result."""
 
     def __post_init__(self) -> None:
         if (self.verdict is None) != (self.decided_by is None):
@@ -86,6 +99,13 @@ class PhaseResult:
 CONTINUED = PhaseResult()
 """Every plugin of the phase continued."""
 
+WOULD_EVENTS = {
+    Action.REJECT: "would_reject", Action.TEMPFAIL: "would_tempfail",
+    Action.QUARANTINE: "would_quarantine", Action.DISCARD: "would_discard",
+}
+"""The log event for what a shadowed plugin would have done (an ``accept`` only shows in the
+would-be outcome: it refuses nothing)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Call:
@@ -93,6 +113,15 @@ class _Call:
     impl: pluggy.HookImpl
     thread: HookPool | None
     """Where a plain hook runs; None for ``async def`` hooks (they run on the loop)."""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestReply:
+    """What one plugin made of a request hook: its text, or its error."""
+
+    plugin: str
+    text: str | None
+    error: str | None
 
 
 class Chain:
@@ -111,7 +140,7 @@ class Chain:
         """The groups' chains: their plugins that are not this chain's get ``startup`` and
         ``shutdown`` with it."""
         self._calls: dict[str, tuple[_Call, ...]] = {}
-        for hook_name in (*PHASES, *NOTIFICATIONS):
+        for hook_name in (*PHASES, *NOTIFICATIONS, *REQUESTS):
             impls = getattr(pm.hook, hook_name).get_hookimpls()
             calls = []
             for step in self.steps:
@@ -129,6 +158,11 @@ class Chain:
         """(name, plugin instance) of each implementer of a hook, in call order."""
         return tuple((c.step.name, c.step.plugin) for c in self._calls[hook_name])
 
+    @property
+    def shadowed(self) -> tuple[str, ...]:
+        """Names of the plugins in shadow mode (``enforce: false``), in order."""
+        return tuple(step.name for step in self.steps if not step.enforce)
+
     def implementers(self, hook_name: str) -> list[str]:
         """Names of the plugins implementing a hook, in call order."""
         return [c.step.name for c in self._calls[hook_name]]
@@ -139,21 +173,61 @@ class Chain:
     ) -> PhaseResult:
         """Run one phase until a final verdict; every call is recorded in ``results``, and
         shown to *on_outcome* right after it (an observer such as the tracer's)."""
+        would: PhaseResult | None = None
         for call in self._calls[phase]:
+            step = call.step
+            if not step.enforce:
+                shadowed = await self._shadow(call, phase, results, on_outcome, kwargs)
+                would = would or shadowed  # the first final verdict ends the would-be phase
+                continue
             verdict, error, duration = await self._invoke(call, phase, kwargs)
             failed = False
             if error is not None:
-                failed = call.step.on_error == "tempfail"
+                failed = step.on_error == "tempfail"
                 verdict = ERROR_TEMPFAIL if failed else None
-                event("plugin_error", level=logging.WARNING, plugin=call.step.name, phase=phase,
-                      error=error, action=call.step.on_error)
-            outcome = _outcome(call.step.name, phase, verdict, duration, error)
+                event("plugin_error", level=logging.WARNING, plugin=step.name, phase=phase,
+                      error=error, action=step.on_error)
+            outcome = _outcome(step.name, phase, verdict, duration, error)
             results.add(outcome)
             if on_outcome is not None:
                 on_outcome(outcome)
             if verdict is not None and verdict.action.is_final:
-                return PhaseResult(verdict, call.step.name, failed, error if failed else None)
-        return CONTINUED
+                return PhaseResult(verdict, step.name, failed, error if failed else None, would)
+        return CONTINUED if would is None else PhaseResult(would=would)
+
+    async def _shadow(
+        self, call: _Call, phase: str, results: Results,
+        on_outcome: Callable[[Outcome], None] | None, kwargs: Mapping[str, Any],
+    ) -> PhaseResult | None:
+        """Run a shadowed plugin: record and log what it did, undo its edits, apply nothing.
+
+        Returns the phase's would-be end when its verdict (or its error, under ``on_error:
+        tempfail``) is final, else None.
+        """
+        step = call.step
+        undo = _Undo(kwargs)
+        verdict, error, duration = await self._invoke(call, phase, kwargs)
+        undone = undo()
+        failed = False
+        if error is not None:
+            failed = step.on_error == "tempfail"
+            verdict = ERROR_TEMPFAIL if failed else None
+            event("plugin_error", level=logging.WARNING, plugin=step.name, phase=phase,
+                  error=error, action=step.on_error, shadow=True)
+        if undone:
+            event("shadow_edits_undone", plugin=step.name, phase=phase, changes=list(undone),
+                  **_tx(kwargs))
+        outcome = _outcome(step.name, phase, verdict, duration, error, shadow=True, undone=undone)
+        results.add(outcome)
+        if on_outcome is not None:
+            on_outcome(outcome)
+        if verdict is None or not verdict.action.is_final:
+            return None
+        name = WOULD_EVENTS.get(verdict.action)
+        if name is not None:
+            event(name, plugin=step.name, phase=phase, reply=_reply(verdict), reason=verdict.reason,
+                  **_tx(kwargs))
+        return PhaseResult(verdict, step.name, failed, error if failed else None)
 
     async def notify(self, hook_name: str, **kwargs: Any) -> list[tuple[str, str]]:
         """Call a notification hook on every implementer; return (plugin, error) for failures."""
@@ -181,11 +255,37 @@ class Chain:
                     extra.append(call)
         return (*calls, *extra)
 
+    async def request(self, hook_name: str, **kwargs: Any) -> list[RequestReply]:
+        """Call a request hook (``learn``) on every implementer, in order: what each said or
+        why it failed. Never raises for a plugin's error."""
+        replies = []
+        for call in self._calls[hook_name]:
+            result, error, _ = await self._call(call, kwargs)
+            if error is None and result is not None and not isinstance(result, str):
+                error = f"returned {type(result).__name__}, not a text"
+            if error is not None:
+                event("plugin_error", level=logging.WARNING, plugin=call.step.name,
+                      phase=hook_name, error=error)
+                replies.append(RequestReply(call.step.name, None, error))
+            else:
+                replies.append(RequestReply(call.step.name, result, None))
+        return replies
+
     async def _invoke(
         self, call: _Call, phase: str, kwargs: Mapping[str, Any]
     ) -> tuple[Verdict | None, str | None, float]:
         """Call one hook implementation: (verdict, error, seconds). Never raises, except
         when the server itself cancels the session."""
+        result, error, duration = await self._call(call, kwargs)
+        if error is not None or result is None or phase in NOTIFICATIONS:
+            return None, error, duration
+        try:
+            return Verdict.checked(result), None, duration
+        except (TypeError, ValueError) as exc:
+            return None, f"invalid verdict: {exc}", duration
+
+    async def _call(self, call: _Call, kwargs: Mapping[str, Any]) -> tuple[Any, str | None, float]:
+        """Call one hook implementation: (what it returned, error, seconds)."""
         step = call.step
         started = time.perf_counter()
         deadline: asyncio.Timeout | None = None
@@ -221,12 +321,7 @@ class Chain:
                 # Only an async hook that blocked the event loop gets here: no timer could fire.
                 return None, (f"blocked the event loop for {duration:.3f}s (timeout "
                               f"{step.timeout:g}s); its verdict is ignored"), duration
-            if result is None or phase in NOTIFICATIONS:
-                return None, None, duration
-            try:
-                return Verdict.checked(result), None, duration
-            except (TypeError, ValueError) as exc:
-                return None, f"invalid verdict: {exc}", duration
+            return result, None, duration
         except TimeoutError as exc:
             if deadline is None or not deadline.expired():  # the plugin's own TimeoutError
                 return None, _describe(exc), time.perf_counter() - started
@@ -274,11 +369,67 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
+class _Undo:
+    """Undoes what a shadowed plugin's call changes in the message and envelope it was given."""
+
+    __slots__ = ("_envelope", "_envelope_at", "_message", "_message_at")
+
+    def __init__(self, kwargs: Mapping[str, Any]) -> None:
+        transaction = kwargs.get("transaction")
+        message = kwargs.get("message")
+        self._envelope: Envelope | None = transaction.envelope if transaction is not None else None
+        self._envelope_at = self._envelope._savepoint() if self._envelope is not None else None
+        self._message: Message | None = message if isinstance(message, Message) else None
+        self._message_at = self._message._savepoint() if self._message is not None else None
+
+    def __call__(self) -> tuple[str, ...]:
+        """Undo; the edits undone, as the tracer shows changes."""
+        undone: list[str] = []
+        if self._message is not None and self._message_at is not None:
+            for change in self._message._rollback(self._message_at):
+                undone.append(describe_change(change))
+        if self._envelope is not None and self._envelope_at is not None:
+            for env_change in self._envelope._rollback(self._envelope_at):
+                undone.append(describe_envelope_change(env_change))
+        return tuple(undone)
+
+
+def describe_change(change: Change) -> str:
+    """One message edit as a line: ``+ Name: value``, ``- Name``, ``= Name: value``, ``body replaced``."""
+    if change.op == "add":
+        return f"+ {change.name}: {change.value}"
+    if change.op == "remove":
+        return f"- {change.name}"
+    if change.op == "replace":
+        return f"= {change.name}: {change.value}"
+    return "body replaced"
+
+
+def describe_envelope_change(change: EnvelopeChange) -> str:
+    """One envelope edit as a line: ``sender <a>``, ``+rcpt <a>``, ``-rcpt <a>``."""
+    label = {"sender": "sender", "add_recipient": "+rcpt", "remove_recipient": "-rcpt"}
+    return f"{label.get(change.op, change.op)} <{change.address.text}>"
+
+
+def _tx(kwargs: Mapping[str, Any]) -> dict[str, Any]:
+    transaction = kwargs.get("transaction")
+    return {"tx": transaction.id} if transaction is not None else {}
+
+
+def _reply(verdict: Verdict) -> str | None:
+    reply = verdict.reply
+    if reply is None:
+        return None
+    return " ".join(part for part in (str(reply.code), reply.enhanced, reply.text) if part)
+
+
 def _outcome(
-    plugin: str, phase: str, verdict: Verdict | None, duration: float, error: str | None
+    plugin: str, phase: str, verdict: Verdict | None, duration: float, error: str | None,
+    *, shadow: bool = False, undone: tuple[str, ...] = (),
 ) -> Outcome:
     if verdict is None:
-        return Outcome(plugin, phase, Action.CONTINUE, duration, error=error)
+        return Outcome(plugin, phase, Action.CONTINUE, duration, error=error, shadow=shadow,
+                       undone=undone)
     return Outcome(
         plugin,
         phase,
@@ -289,4 +440,6 @@ def _outcome(
         score=verdict.score,
         tags=verdict.tags,
         error=error,
+        shadow=shadow,
+        undone=undone,
     )

@@ -53,9 +53,10 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("-c", "--config", required=True, help="YAML configuration file")
     sub.add_parser("plugins", help="list installed plugins and the hooks each implements")
     quarantine = sub.add_parser(
-        "quarantine", help="list, show, release, delete, purge or import quarantined messages",
+        "quarantine", help="list, show, release, delete, purge, import or report quarantined messages",
         description="Options and ids may come in any order. The plugins are not loaded. "
-        "Filters, --recipient, purge and import need a configured store.",
+        "Filters, --recipient, --allow-sender, purge, import and report need a configured store "
+        "(report loads the plugins, for their learn hook).",
     )
     actions = quarantine.add_subparsers(dest="action", required=True, metavar="ACTION")
     for action, text in (("list", "list (and search) the quarantined messages"),
@@ -63,7 +64,9 @@ def _parser() -> argparse.ArgumentParser:
                          ("release", "deliver messages upstream and remove them from the quarantine"),
                          ("delete", "remove messages from the quarantine"),
                          ("purge", "remove the messages whose retention ran out (the proxy does it too)"),
-                         ("import", "move a quarantine directory (default quarantine.path) into the store")):
+                         ("import", "move a quarantine directory (default quarantine.path) into the store"),
+                         ("report", "report messages as spam or not spam: the plugins that learn (rspamd, "
+                                    "spamd) are taught")):
         one = actions.add_parser(action, help=text)
         if action not in ("list", "purge"):
             one.add_argument("ids", nargs="*", metavar="DIR" if action == "import" else "ID",
@@ -71,9 +74,21 @@ def _parser() -> argparse.ArgumentParser:
         if action == "list":
             add_search_options(one, history=False)
             one.add_argument("--all", action="store_true", help="released ones too")
-        if action == "release":
+        if action in ("release", "report"):
             one.add_argument("--recipient", action="append",
                              help="release for this recipient only (repeatable); the others stay held")
+        if action == "release":
+            one.add_argument("--allow-sender", action="store_true",
+                             help="also add the message's From: address to each released recipient's allow "
+                                  "list (the lists plugin's allow table; it must be a file or redis table)")
+        if action == "report":
+            verdict = one.add_mutually_exclusive_group(required=True)
+            verdict.add_argument("--spam", dest="verdict", action="store_const", const="spam",
+                                 help="it is spam")
+            verdict.add_argument("--ham", dest="verdict", action="store_const", const="ham",
+                                 help="it is not spam")
+            one.add_argument("--release", action="store_true",
+                             help="with --ham: release it too (for --recipient, or every one held)")
         one.add_argument("-c", "--config", required=True, help="YAML configuration file")
     history = sub.add_parser(
         "history", help="search or export the message history, or erase one person's entries",
@@ -153,7 +168,7 @@ def _load(path: str | None, *, plugins: bool = True) -> tuple[Config, ConfigSour
 def _store_only(args: argparse.Namespace) -> bool:
     """Whether a quarantine command uses options only the store's quarantine has."""
     filters = ("sender", "recipient", "since", "until", "node", "subject", "reason", "message_id",
-               "decided_by", "all")
+               "decided_by", "all", "allow_sender")
     return any(getattr(args, name, None) for name in filters)
 
 
@@ -199,7 +214,7 @@ def _command(argv: Sequence[str] | None) -> int:
             if args.command == "history":
                 return store_cli.history_command(config, args)
             return store_cli.quarantine_command(config, args)
-        if args.command == "history" or args.action in ("purge", "import") or _store_only(args):
+        if args.command == "history" or args.action in ("purge", "import", "report") or _store_only(args):
             print(f"smtpproxy: {args.config} configures no store (store.sqlite or store.postgresql); "
                   f"`{args.command} {args.action}` with these options needs one", file=sys.stderr)
             return EXIT_CONFIG

@@ -32,7 +32,16 @@ from smtpproxy.groups import Choice, Policies
 from smtpproxy.history import HistoryRecorder, entry_for
 from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
-from smtpproxy.outcome import PROXY, Deliver, Refusal, before_message, end_of_message, skips_data_chain
+from smtpproxy.outcome import (
+    PROXY,
+    Deliver,
+    Refusal,
+    before_message,
+    end_of_message,
+    skips_data_chain,
+    would_disposition,
+    would_end_of_message,
+)
 from smtpproxy.relay import RelayPolicy, refusal_reply
 from smtpproxy.routing import ROUTES_NOTE
 from smtpproxy.senderlogin import SenderLoginPolicy
@@ -117,8 +126,8 @@ def verdict_fields(result: PhaseResult) -> dict[str, Any]:
 class Conversation:
     """One session's conversation with the chain; see the module's docstring."""
 
-    __slots__ = ("_choice", "_key", "_pending", "_tx_chain", "chain", "history", "metrics", "node",
-                 "observer", "policies", "route", "rules")
+    __slots__ = ("_choice", "_ends", "_key", "_pending", "_tx_chain", "chain", "history", "metrics",
+                 "node", "observer", "policies", "route", "rules", "shadowed")
 
     def __init__(
         self, chain: Chain, rules: Rules, *, metrics: NullRecorder | None = None,
@@ -144,6 +153,12 @@ class Conversation:
         """The transaction's key (route and group key), set by its first accepted recipient."""
         self._tx_chain: Chain | None = None
         """The chain of the transaction's data and after_message phases (its first group's)."""
+        self._ends: tuple[str, Refusal | Deliver, Refusal | Deliver] | None = None
+        """(transaction id, enforced end, would-be end) of the last message, when the chain
+        has shadowed plugins."""
+        self.shadowed = tuple(dict.fromkeys(
+            name for c in (chain, *chain.companions) for name in c.shadowed))
+        """The plugins in shadow mode (``enforce: false``), globally or in a policy group."""
 
     # -- running the chain ----------------------------------------------------------------
 
@@ -309,6 +324,7 @@ class Conversation:
                 transaction.notes[RETENTION_NOTE] = max(group.retention_days,
                                                         transaction.notes.get(RETENTION_NOTE, 0.0))
         transaction.envelope._accept_recipient(recipient)
+        transaction.would.accepted()
 
     def end_transaction(self, session: Session) -> None:
         """Forget the current transaction (RSET, a new HELO, the end of a message), counting
@@ -343,7 +359,42 @@ class Conversation:
                                      chain=self._tx_chain, session=session, transaction=transaction,
                                      message=message)
             self._finished(result, None)
-        return end_of_message(transaction, result)
+        return self._end(transaction, result)
+
+    def end_without_data(self, transaction: Transaction) -> Refusal | Deliver:
+        """The end of a message whose body this front end never sees (the policy service):
+        no ``data`` phase; what was decided before stands."""
+        return self._end(transaction, None)
+
+    def _end(self, transaction: Transaction, result: PhaseResult | None) -> Refusal | Deliver:
+        outcome = end_of_message(transaction, result)
+        if self.shadowed:
+            self._ends = (transaction.id, outcome, would_end_of_message(transaction, result))
+        return outcome
+
+    def would(self, transaction: Transaction) -> Refusal | Deliver | None:
+        """What the message would have come to had the chain's shadowed plugins (``enforce:
+        false``) enforced; None when the chain has none."""
+        if not self.shadowed:
+            return None
+        if self._ends is not None and self._ends[0] == transaction.id:
+            return self._ends[2]
+        # The message did not reach the data phase's decision (a rule of the proxy refused
+        # it): only a refusal of the session or of MAIL would have come before.
+        early = transaction.would.refusal
+        return Refusal(*early) if early is not None else None
+
+    def _shadow_fields(self, transaction: Transaction, decision: Decision) -> dict[str, Any]:
+        """The ``message`` line's ``shadow_score`` and ``would=``, when there are shadowed plugins."""
+        if not self.shadowed:
+            return {}
+        enforced = self._ends[1] if self._ends is not None and self._ends[0] == transaction.id else None
+        would = self.would(transaction)
+        fields: dict[str, Any] = {"shadow_score": transaction.shadow_score,
+                                  "would": would_disposition(would, enforced, decision)}
+        if would is not None and would != enforced:
+            fields["would_by"] = would.decided_by
+        return fields
 
     async def settle(
         self, session: Session, transaction: Transaction, decision: Decision, started: float,
@@ -371,7 +422,7 @@ class Conversation:
             size=message.size if message is not None else 0, decision=decision.disposition,
             reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
             by=decision.decided_by, reason=decision.reason, score=decision.score,
-            ms=round(seconds * 1000, 1), **log,
+            **self._shadow_fields(transaction, decision), ms=round(seconds * 1000, 1), **log,
         )
         if self.history is not None:
             self.history.record(entry_for(session, transaction, decision, node=self.node,

@@ -32,13 +32,15 @@ from smtpproxy.tables import address_keys, get_table, strip_extension
 
 __all__ = ["DEFAULT_GROUP", "Choice", "Group", "Policies", "transaction_key"]
 
-TransactionKey = tuple[tuple[str, int], ...]
+TransactionKey = tuple[tuple[str, int, bool], ...]
 
 
 def transaction_key(chain: Chain) -> TransactionKey:
     """What must be equal for two recipients to share one DATA reply and one message body:
-    the plugins (and instances, so their settings) of the data and after_message phases."""
-    return tuple((name, id(plugin)) for hook in ("data", "after_message")
+    the plugins (and instances, so their settings) of the data and after_message phases, and
+    whether each is enforced (shadow mode)."""
+    enforced = {step.name: step.enforce for step in chain.steps}
+    return tuple((name, id(plugin), enforced[name]) for hook in ("data", "after_message")
                  for name, plugin in chain.phase_plugins(hook))
 
 

@@ -28,6 +28,11 @@ plain hooks run in a bounded pool of threads, so they may block, under the same 
 **Notifications.** ``after_message``, ``disconnect``, ``startup`` and ``shutdown`` are
 notifications: every plugin that implements them runs, whatever an earlier plugin decided,
 and their return value is ignored.
+
+**Requests.** ``learn`` is not part of mail flow: an administrator or a recipient asks for
+it (``smtpproxy quarantine report``, the console's "spam" / "not spam" buttons). Every plugin
+that implements it runs, under the same timeout and isolation; what each returns (a short
+text) or raises is shown to whoever asked, and never affects a message in flight.
 """
 
 from __future__ import annotations
@@ -50,6 +55,9 @@ PHASES = ("connect", "helo", "mail_from", "rcpt_to", "data")
 """The hooks that may return a verdict, in the order a session goes through them."""
 NOTIFICATIONS = ("after_message", "disconnect", "startup", "shutdown")
 """The hooks that are always called on every plugin and whose return value is ignored."""
+REQUESTS = ("learn",)
+"""The hooks called on request, outside mail flow: every implementer runs, and what each
+returns or raises goes back to whoever asked."""
 
 
 @hookspec
@@ -127,3 +135,17 @@ def after_message(session: Session, transaction: Transaction, decision: Decision
 @hookspec
 def disconnect(session: Session) -> None:
     """The connection closed, for whatever reason. Always called, once per session."""
+
+
+@hookspec
+def learn(message: Message, verdict: str, reporter: str,
+          recipients: list[str]) -> str | None:
+    """Someone reported ``message`` as ``"spam"`` or ``"ham"`` (not spam): feed it to your engine.
+
+    ``reporter`` says who (``admin:alice``, ``recipient:bob@example.com``, ``cli``) and
+    ``recipients`` for whom the message was held. A bridge to a learning filter teaches its
+    engine here (rspamd's controller ``/learnspam``, spamd's ``TELL``). Return a short text
+    for the person who asked (``"rspamd learned it as spam"``); raise with a clear message
+    when the engine refused or could not be reached: the error is shown to them, and the
+    other plugins still learn. Plugins without an engine simply do not implement it.
+    """

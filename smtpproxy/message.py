@@ -77,6 +77,19 @@ class Change:
 
 
 @dataclass(frozen=True, slots=True)
+class _Savepoint:
+    """A message's edit state at one moment (the chain undoes a shadowed plugin's edits)."""
+
+    fields: list[_Field] | None
+    headers_dirty: bool
+    body: bytes | None
+    sep: bytes
+    changes: int
+    raw: bytes | None
+    email: EmailMessage | None
+
+
+@dataclass(frozen=True, slots=True)
 class _Field:
     """One header field: its exact wire bytes plus the decoded view plugins read."""
 
@@ -542,6 +555,28 @@ class Message:
         self._body_cache = body
         self._sep = CRLF
         self._record(Change("replace_body", None, None), headers=False)
+
+    # -- undoing (the chain's, for shadowed plugins) -------------------------
+
+    def _savepoint(self) -> _Savepoint:
+        """The edit state now, for :meth:`_rollback`: a shadowed plugin's edits are undone."""
+        fields = list(self._fields) if self._fields is not None else None
+        return _Savepoint(fields, self._headers_dirty, self._body_cache, self._sep,
+                          len(self._changes), self._raw_cache, self._email)
+
+    def _rollback(self, savepoint: _Savepoint) -> tuple[Change, ...]:
+        """Back to *savepoint*; returns the changes made since, which are no longer applied."""
+        undone = tuple(self._changes[savepoint.changes:])
+        if not undone:
+            return ()
+        self._fields = savepoint.fields
+        self._headers_dirty = savepoint.headers_dirty
+        self._body_cache = savepoint.body
+        self._sep = savepoint.sep
+        del self._changes[savepoint.changes:]
+        self._raw_cache = savepoint.raw
+        self._email = savepoint.email
+        return undone
 
     # -- MIME view -------------------------------------------------------
 

@@ -45,6 +45,7 @@ REFUSAL_REASONS = ("max_sessions", "max_sessions_per_ip", "shutting_down")
 FAILURE_RESULTS = ("tempfail", "reject", "error")
 RCPT_RESULTS = ("ok", "tempfail", "reject")
 DOWN_REASONS = ("connect", "timeout", "tls", "tls_verify", "auth")
+SHADOW_ACTIONS = ("reject", "tempfail", "quarantine", "discard")
 
 
 class MetricsUnavailable(Exception):
@@ -66,6 +67,9 @@ class NullRecorder:
         pass
 
     def outcomes(self, outcomes: Iterable[Outcome]) -> None:
+        pass
+
+    def shadowed(self, plugins: Iterable[str]) -> None:
         pass
 
     def message(self, decision: str, seconds: float) -> None:
@@ -155,6 +159,11 @@ class PrometheusRecorder(NullRecorder):
         self.verdicts = Counter(
             "smtpproxy_plugin_verdicts", "Plugin hook results by plugin, phase and action.",
             ["plugin", "phase", "action"], registry=r,
+        )
+        self.shadow_verdicts = Counter(
+            "smtpproxy_shadow_verdicts",
+            "What plugins in shadow mode (enforce: false) would have done and did not, by plugin "
+            "and action (reject, tempfail, quarantine, discard).", ["plugin", "action"], registry=r,
         )
         self.plugin_errors = Counter(
             "smtpproxy_plugin_errors", "Plugin hooks that raised or timed out.",
@@ -263,9 +272,20 @@ class PrometheusRecorder(NullRecorder):
     def connection_refused(self, reason: str) -> None:
         self._child(self.refused, reason).inc()
 
+    def shadowed(self, plugins: Iterable[str]) -> None:
+        """The plugins in shadow mode: their would-be series start at 0."""
+        for plugin in plugins:
+            for action in SHADOW_ACTIONS:
+                self._child(self.shadow_verdicts, plugin, action)
+
     def outcomes(self, outcomes: Iterable[Outcome]) -> None:
         for o in outcomes:
-            self._child(self.verdicts, o.plugin, o.phase, o.action.value).inc()
+            action = o.action.value
+            if o.shadow:  # not applied: it continued; what it would have done is counted apart
+                if action in SHADOW_ACTIONS:
+                    self._child(self.shadow_verdicts, o.plugin, action).inc()
+                action = "continue"
+            self._child(self.verdicts, o.plugin, o.phase, action).inc()
             self._child(self.plugin_seconds, o.plugin, o.phase).observe(o.duration)
             if o.error is not None:
                 self._child(self.plugin_errors, o.plugin, o.phase).inc()

@@ -18,6 +18,15 @@ the rules cannot drift apart, and the tracer decides exactly as the proxy does.
 
 :class:`Decision` checks on construction that no refusal carries a positive reply and no
 positive reply goes with a message that was not delivered, quarantined or discarded.
+
+**Shadow mode.** Beside the enforced state, the same rules keep what the session and message
+would have come to had the shadowed plugins (``enforce: false``) enforced: each phase's
+:attr:`~smtpproxy.chain.PhaseResult.would` goes through :func:`before_message` into the
+holder's :class:`~smtpproxy.session.WouldBe`, and :func:`would_end_of_message` decides the
+message from it as :func:`end_of_message` decides the real one. A recipient that only shadowed
+plugins refuse is still accepted; the message would have been refused when every recipient
+would have been (:func:`recipients_refused`). That is the ``message`` line's ``would=``
+(:func:`would_disposition`) and the tracer's second outcome; it never changes the mail.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ from dataclasses import dataclass
 from typing import Literal, TypeAlias
 
 from smtpproxy.chain import PhaseResult
-from smtpproxy.session import Decision, Session, Transaction
+from smtpproxy.session import Decision, Session, Transaction, WouldBe
 from smtpproxy.verdicts import Action, Reply
 
 __all__ = [
@@ -43,7 +52,10 @@ __all__ = [
     "on_not_granted",
     "on_plugin_failure",
     "queued_reply",
+    "recipients_refused",
     "skips_data_chain",
+    "would_disposition",
+    "would_end_of_message",
 ]
 
 PROXY = "proxy"
@@ -88,12 +100,17 @@ class Deliver:
     decided_by: str
     reason: str = ""
 
+    @property
+    def disposition(self) -> Literal["delivered", "discarded", "quarantined"]:
+        """The Decision's disposition for :attr:`action`."""
+        if self.action == "deliver":
+            return "delivered"
+        return "discarded" if self.action == "discard" else "quarantined"
+
     def decision(self, reply: Reply, score: float, reason: str | None = None) -> Decision:
         """The Decision once the front end has done :attr:`action` and got *reply* (2xx)."""
-        disposition = {"deliver": "delivered", "discard": "discarded", "quarantine": "quarantined"}
         by = DELIVERY if self.action == "deliver" else self.decided_by
-        return Decision(disposition[self.action], reply, by,
-                        self.reason if reason is None else reason, score)
+        return Decision(self.disposition, reply, by, self.reason if reason is None else reason, score)
 
 
 def queued_reply(transaction: Transaction) -> Reply:
@@ -115,15 +132,44 @@ def before_message(phase: str, holder: Session | Transaction, result: PhaseResul
     Proceeding records a discard or quarantine on *holder* (the session at connect and helo,
     so it applies to every message; else the transaction) in the deciding plugin's name.
     """
+    refusal = _before_message(phase, result)
+    _would_before_message(phase, holder.would, result.would or result, refused=refusal is not None)
+    if refusal is None and result.verdict is not None:
+        holder.set_disposition(result.verdict, result.decided_by or "")
+    return refusal
+
+
+def _before_message(phase: str, result: PhaseResult) -> Refusal | None:
     verdict = result.verdict
-    if verdict is None or result.decided_by is None:
+    if verdict is None or result.decided_by is None or not verdict.is_refusal:
         return None
-    if verdict.is_refusal:
-        assert verdict.reply is not None  # a refusal always has one (Verdict checks it)
-        reply = connect_reply(verdict.reply) if phase == "connect" else verdict.reply
-        return Refusal(reply, result.decided_by, verdict.reason, result.failed)
-    holder.set_disposition(verdict, result.decided_by)
-    return None
+    assert verdict.reply is not None  # a refusal always has one (Verdict checks it)
+    reply = connect_reply(verdict.reply) if phase == "connect" else verdict.reply
+    return Refusal(reply, result.decided_by, verdict.reason, result.failed)
+
+
+def _would_before_message(phase: str, would: WouldBe, result: PhaseResult, *, refused: bool) -> None:
+    """The what-if state after a phase: the same rules as the enforced one, on ``result.would``."""
+    refusal = _before_message(phase, result)
+    entry = (refusal.reply, refusal.decided_by, refusal.reason) if refusal is not None else None
+    if phase == "rcpt_to":
+        # Counted once the front end accepts the recipient (a recipient refused for real, or
+        # by the upstream, is in neither envelope).
+        would.recipient_refusal = None if refused else entry
+    elif entry is not None and would.refusal is None:
+        would.refusal = entry
+    if refusal is None and result.verdict is not None:
+        would.set_disposition(result.verdict, result.decided_by or "")
+
+
+def recipients_refused(refusals: list[Refusal]) -> Refusal:
+    """The client's answer when every recipient was refused (it gets no further than RCPT):
+    the first permanent refusal when all are permanent (the client gives up), else the first
+    temporary one (it retries)."""
+    permanent = [r for r in refusals if r.reply.is_permanent]
+    if permanent and len(permanent) == len(refusals):
+        return permanent[0]
+    return next(r for r in refusals if r.reply.is_temporary)
 
 
 def skips_data_chain(transaction: Transaction) -> bool:
@@ -138,6 +184,10 @@ def end_of_message(transaction: Transaction, result: PhaseResult | None) -> Refu
     (:func:`skips_data_chain`). A discard beats a quarantine, and both beat delivery; a
     refusal at ``data`` beats a disposition remembered from an earlier phase.
     """
+    return _end_of_message(transaction, result)
+
+
+def _end_of_message(holder: Transaction | WouldBe, result: PhaseResult | None) -> Refusal | Deliver:
     verdict = result.verdict if result is not None else None
     if verdict is not None and result is not None and result.decided_by is not None:
         if verdict.is_refusal:
@@ -145,13 +195,41 @@ def end_of_message(transaction: Transaction, result: PhaseResult | None) -> Refu
             return Refusal(verdict.reply, result.decided_by, verdict.reason, result.failed)
         if verdict.action is Action.DISCARD:
             return Deliver("discard", result.decided_by, verdict.reason)
-        if verdict.action is Action.QUARANTINE and transaction.disposition is not Action.DISCARD:
+        if verdict.action is Action.QUARANTINE and holder.disposition is not Action.DISCARD:
             return Deliver("quarantine", result.decided_by, verdict.reason)
-    if transaction.disposition is Action.DISCARD:
-        return Deliver("discard", transaction.disposition_by or PROXY, transaction.disposition_reason)
-    if transaction.disposition is Action.QUARANTINE:
-        return Deliver("quarantine", transaction.disposition_by or PROXY, transaction.disposition_reason)
+    if holder.disposition is Action.DISCARD:
+        return Deliver("discard", holder.disposition_by or PROXY, holder.disposition_reason)
+    if holder.disposition is Action.QUARANTINE:
+        return Deliver("quarantine", holder.disposition_by or PROXY, holder.disposition_reason)
     return Deliver("deliver", DELIVERY)
+
+
+def would_end_of_message(transaction: Transaction, result: PhaseResult | None) -> Refusal | Deliver:
+    """What :func:`end_of_message` would have said had shadowed plugins enforced.
+
+    *result* is the ``data`` phase's (None when it was not run). A refusal of the session or
+    of MAIL beats all; then every accepted recipient refused; then the ``data`` phase's
+    would-be end and the would-be disposition, by the rules of :func:`end_of_message`.
+    """
+    would = transaction.would
+    if would.refusal is not None:
+        return Refusal(*would.refusal)
+    recipients = len(transaction.envelope.recipients)
+    if would.refused_recipients and len(would.refused_recipients) >= recipients:
+        return recipients_refused([Refusal(*entry) for entry in would.refused_recipients])
+    return _end_of_message(would, (result.would or result) if result is not None else None)
+
+
+def would_disposition(would: Refusal | Deliver | None, enforced: Refusal | Deliver | None,
+                      decision: Decision) -> str:
+    """The ``message`` line's ``would=``: the disposition the message would have had.
+
+    The same end as the enforced one (or None: no would-be end was worked out) had the same
+    fate, the delivery's answer included: the decision's disposition.
+    """
+    if would is None or would == enforced:
+        return decision.disposition
+    return would.disposition
 
 
 FailureAction: TypeAlias = Literal["tempfail", "accept", "reject"]

@@ -141,7 +141,8 @@ def chain_of(
     """A chain of plugin objects in order, named as :func:`make_plugin` named them (the entry
     point's name), else by their ``name`` attribute, else after their class.
 
-    A plugin object may carry its own ``timeout`` and ``on_error`` attributes.
+    A plugin object may carry its own ``timeout``, ``on_error`` and ``enforce`` attributes
+    (``enforce = False``: shadow mode).
     """
     items = list(plugins) if isinstance(plugins, list | tuple) else [plugins]
     pm = new_plugin_manager()
@@ -153,7 +154,7 @@ def chain_of(
         pm.register(plugin, name=name)
         steps.append(ChainStep(
             name, plugin, float(getattr(plugin, "timeout", timeout)),
-            getattr(plugin, "on_error", on_error),
+            getattr(plugin, "on_error", on_error), bool(getattr(plugin, "enforce", True)),
         ))
     return Chain(pm, steps)
 

@@ -70,7 +70,8 @@ class QuarantineStore:
             "score": transaction.score,
             "outcomes": [
                 {"plugin": o.plugin, "phase": o.phase, "action": o.action.value,
-                 "reason": o.reason, "score": o.score, "error": o.error}
+                 "reason": o.reason, "score": o.score, "error": o.error,
+                 **({"shadow": True} if o.shadow else {})}  # enforce: false: not applied
                 for o in (*session.results, *transaction.results)
             ],
         }

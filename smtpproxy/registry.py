@@ -72,7 +72,7 @@ def installed_plugins() -> list[InstalledPlugin]:
 
 def _implemented_hooks(target: object) -> tuple[str, ...]:
     names = []
-    for hook in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS):
+    for hook in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS):
         attr = getattr(target, hook, None)
         if attr is not None and hasattr(attr, f"{hookspecs.PROJECT}_impl"):
             names.append(hook)
@@ -210,7 +210,8 @@ class _Builder:
             except pluggy.PluginValidationError as exc:  # pragma: no cover - checked when built
                 self.problems.append(_problem(self.source, where, f"plugin {spec.name!r}: {exc}"))
                 continue
-            steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error))
+            enforce = spec.enforce if override is None or override.enforce is None else override.enforce
+            steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error, enforce))
         return Chain(pm, steps)
 
     def _plugin(self, spec: PluginSpec, settings: dict[str, Any], where: tuple[str | int, ...],
@@ -254,12 +255,12 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
         unknown = [
             attr for attr in dir(plugin)
             if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT}_impl")
-            and attr not in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS)
+            and attr not in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS)
         ]
         raise pluggy.PluginValidationError(
             plugin,
             f"unknown hook(s) {', '.join(unknown)}; known hooks are "
-            f"{', '.join((*hookspecs.PHASES, *hookspecs.NOTIFICATIONS))}",
+            f"{', '.join((*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS))}",
         ) from None
     for caller in pm.get_hookcallers(plugin) or []:
         for impl in caller.get_hookimpls():

@@ -324,6 +324,7 @@ class ProxyServer:
         delivery, m = self.services.delivery, self.config.metrics
         delivery.report_to(metrics.upstream_down, metrics.upstream_identity)
         metrics.prepare(delivery.name, delivery.upstream_names(), _plugin_phases(self.services.chain))
+        metrics.shadowed(self.services.chain.shadowed)
         readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache,
                               require_delivery=m.ready_requires_delivery,
                               on_probe=metrics.delivery_probed)
@@ -417,6 +418,7 @@ class ProxyServer:
         self.config, self.source = applied, source
         services.leases.retire(old_chain)
         services.metrics.prepare(services.delivery.name, (), _plugin_phases(chain))
+        services.metrics.shadowed(chain.shadowed)
         services.metrics.reloaded(True)
         event("reload", level=logging.WARNING if restart else logging.INFO, result="ok", file=file,
               plugins=[s.name for s in chain.steps], groups=_group_names(chain),

@@ -32,6 +32,7 @@ __all__ = [
     "Session",
     "TLSInfo",
     "Transaction",
+    "WouldBe",
 ]
 
 Phase = str
@@ -160,6 +161,19 @@ class Envelope:
                 return True
         return False
 
+    def _savepoint(self) -> tuple[Address, list[Recipient], int]:
+        """The envelope now, for :meth:`_rollback` (a shadowed plugin's edits are undone)."""
+        return self._sender, list(self._recipients), len(self._changes)
+
+    def _rollback(self, savepoint: tuple[Address, list[Recipient], int]) -> tuple[EnvelopeChange, ...]:
+        """Back to *savepoint*; returns the changes made since, which are no longer applied."""
+        sender, recipients, count = savepoint
+        undone = tuple(self._changes[count:])
+        if undone:
+            self._sender, self._recipients = sender, recipients
+            del self._changes[count:]
+        return undone
+
     def _accept_recipient(self, recipient: Recipient) -> None:
         """For front ends only: a recipient the client gave and the chain accepted (no change)."""
         self._recipients.append(recipient)
@@ -185,6 +199,13 @@ class Outcome:
     tags: tuple[str, ...] = ()
     error: str | None = None
     """Set when the hook raised or timed out; the action is then the plugin's on_error policy."""
+    shadow: bool = False
+    """The plugin runs in shadow mode (``enforce: false``): its action was not applied, its score
+    and tags count only towards the shadow total (:attr:`Results.shadow_score`)."""
+    undone: tuple[str, ...] = ()
+    """A shadowed plugin's edits of the message or envelope, undone after its call (as the
+    tracer shows changes: ``+ Name: value``, ``- Name``, ``= Name: value``, ``body replaced``,
+    ``sender <a>``, ``+rcpt <a>``, ``-rcpt <a>``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,12 +257,28 @@ class Results:
 
     @property
     def score(self) -> float:
-        """The sum of every score contribution so far."""
-        return sum(o.score for o in self.outcomes)
+        """The sum of every enforced score contribution so far (shadowed plugins' not)."""
+        return sum(o.score for o in self.outcomes if not o.shadow)
+
+    @property
+    def shadow_score(self) -> float:
+        """The sum of the shadowed plugins' score contributions (``enforce: false``)."""
+        return sum(o.score for o in self.outcomes if o.shadow)
 
     @property
     def tags(self) -> set[str]:
-        return {t for o in self.outcomes for t in o.tags}
+        """The tags enforced plugins set (a shadowed plugin's count in :attr:`shadow_tags`)."""
+        return {t for o in self.outcomes if not o.shadow for t in o.tags}
+
+    @property
+    def shadow_tags(self) -> set[str]:
+        """The tags shadowed plugins set."""
+        return {t for o in self.outcomes if o.shadow for t in o.tags}
+
+    @property
+    def shadowed(self) -> bool:
+        """True when a shadowed plugin ran here."""
+        return any(o.shadow for o in self.outcomes)
 
     def for_plugin(self, name: str) -> list[Outcome]:
         return [o for o in self.outcomes if o.plugin == name]
@@ -283,10 +320,45 @@ class _Disposition:
         return True
 
 
+class WouldBe(_Disposition):
+    """What the session or transaction would have come to had shadowed plugins enforced.
+
+    Kept beside the enforced state by :mod:`smtpproxy.outcome` with the same rules; it never
+    changes what happens to the mail, only what the ``message`` line's ``would=`` and the
+    tracer report.
+    """
+
+    __slots__ = ("recipient_refusal", "refusal", "refused_recipients")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.refusal: tuple[Reply, str, str] | None = None
+        """(reply, by, reason) of the first refusal of the whole session or message (connect,
+        helo, mail_from) that would have been given; None when none."""
+        self.refused_recipients: list[tuple[Reply, str, str]] = []
+        """Recipients in the envelope that would have been refused."""
+        self.recipient_refusal: tuple[Reply, str, str] | None = None
+        """The would-be refusal of the recipient being asked about; it counts in
+        :attr:`refused_recipients` once the front end accepts the recipient (:meth:`accepted`)."""
+
+    def accepted(self) -> None:
+        """The recipient just asked about is in the envelope."""
+        if self.recipient_refusal is not None:
+            self.refused_recipients.append(self.recipient_refusal)
+            self.recipient_refusal = None
+
+    def inherit(self, other: WouldBe) -> None:
+        """Start a transaction from the session's what-if state (as :meth:`Session.begin_transaction`)."""
+        self.disposition, self.disposition_reason, self.disposition_by = (
+            other.disposition, other.disposition_reason, other.disposition_by
+        )
+        self.refusal = other.refusal
+
+
 class Transaction(_Disposition):
     """One MAIL FROM ... DATA exchange. A session may hold several, one after another."""
 
-    __slots__ = ("_session_results", "envelope", "id", "message", "notes", "results")
+    __slots__ = ("_session_results", "envelope", "id", "message", "notes", "results", "would")
 
     def __init__(self, tx_id: str, envelope: Envelope, session_results: Results | None = None):
         super().__init__()
@@ -300,6 +372,8 @@ class Transaction(_Disposition):
         """Scratch space for plugins, cleared with each new transaction. Key by plugin name."""
         self.results = Results()
         """Outcomes of the mail_from, rcpt_to and data phases of this transaction."""
+        self.would = WouldBe()
+        """What it would have come to had shadowed plugins (``enforce: false``) enforced."""
         self._session_results = session_results
 
     @property
@@ -310,6 +384,20 @@ class Transaction(_Disposition):
         """
         earlier = self._session_results.score if self._session_results is not None else 0.0
         return earlier + self.results.score
+
+    @property
+    def shadow_score(self) -> float:
+        """The score had shadowed plugins (``enforce: false``) counted: :attr:`score` plus
+        their points, of the session and this transaction."""
+        earlier = self._session_results if self._session_results is not None else Results()
+        return self.score + earlier.shadow_score + self.results.shadow_score
+
+    @property
+    def shadowed(self) -> bool:
+        """True when a shadowed plugin ran in the session or this transaction."""
+        return self.results.shadowed or (
+            self._session_results is not None and self._session_results.shadowed
+        )
 
 
 class Session(_Disposition):
@@ -349,6 +437,8 @@ class Session(_Disposition):
         """Scratch space for plugins that lives as long as the connection. Key by plugin name."""
         self.results = Results()
         """Outcomes of the connect and helo phases."""
+        self.would = WouldBe()
+        """What the session would have come to had shadowed plugins (``enforce: false``) enforced."""
         self.transaction: Transaction | None = None
         """The transaction in progress (after MAIL FROM), or None."""
         self.transaction_count = 0
@@ -361,6 +451,7 @@ class Session(_Disposition):
         transaction.disposition = self.disposition
         transaction.disposition_reason = self.disposition_reason
         transaction.disposition_by = self.disposition_by
+        transaction.would.inherit(self.would)
         self.transaction = transaction
         return transaction
 

@@ -19,10 +19,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from smtpproxy.allowsender import AllowTable, allow_table, author
+from smtpproxy.chain import Chain
 from smtpproxy.config import Config
 from smtpproxy.history import node_name
+from smtpproxy.learning import Verdict
 from smtpproxy.quarantine import QuarantineError
-from smtpproxy.store import Held, Search, Store, StoreError, store_from_config
+from smtpproxy.store import AuditEntry, Held, Search, Store, StoreError, store_from_config
 from smtpproxy.store.quarantine import DatabaseQuarantine
 
 __all__ = ["add_search_options", "history_command", "parse_when", "quarantine_command"]
@@ -116,12 +119,28 @@ def quarantine_command(config: Config, args: argparse.Namespace) -> int:
     action, ids = args.action, list(getattr(args, "ids", None) or [])
     if action in ("list", "purge") and ids:
         return _fail(f"quarantine {action} takes no ids", 2)
-    if action in ("show", "release", "delete") and not ids:
+    if action in ("show", "release", "delete", "report") and not ids:
         return _fail(f"quarantine {action} needs at least one id", 2)
     if action == "show" and len(ids) != 1:
         return _fail("quarantine show takes exactly one id", 2)
     if action == "import" and len(ids) > 1:
         return _fail("quarantine import takes one directory at most", 2)
+    if action == "report" and args.release and args.verdict != "ham":
+        return _fail("quarantine report --release goes with --ham (not spam): spam stays held", 2)
+    allow = None
+    if getattr(args, "allow_sender", False):
+        allow = allow_table(config)
+        if not allow.writable:
+            return _fail(f"cannot allow the sender: {allow.problem}", 2)
+    chain = None
+    if action == "report":
+        from smtpproxy.config import ConfigError
+        from smtpproxy.learning import learners
+
+        try:
+            chain = learners(config)
+        except ConfigError as exc:
+            return _fail(f"the plugins cannot be built, so none can learn:\n{exc}", 2)
 
     async def work(store: Store) -> int:
         q = quarantine_of(store)
@@ -148,9 +167,42 @@ def quarantine_command(config: Config, args: argparse.Namespace) -> int:
             print(f"{imported} message(s) imported from {path} (files moved to {path / 'imported'}), "
                   f"{skipped} already in the store")
             return 0
-        return await _release(config, q, ids, args.recipient or [])
+        if chain is not None:
+            failed = await _report(q, chain, ids, args.verdict, args.recipient or [])
+            if args.release and not failed:
+                return await _release(config, q, ids, args.recipient or [], allow)
+            return 1 if failed else 0
+        return await _release(config, q, ids, args.recipient or [], allow)
 
     return _with_store(config, work)
+
+
+async def _report(q: DatabaseQuarantine, chain: Chain, ids: list[str], verdict: Verdict,
+                  recipients: list[str]) -> int:
+    """Teach the learning plugins each message; every report goes to the audit log. Failures."""
+    from smtpproxy.learning import report
+
+    failed = 0
+    for qid in ids:
+        try:
+            held, content = await q.show(qid)
+        except QuarantineError as exc:
+            failed += 1
+            print(f"{qid}: FAILED: {exc}")
+            continue
+        unknown = [r for r in recipients if r not in held.recipients]
+        if unknown:
+            failed += 1
+            print(f"{qid}: FAILED: no recipient {', '.join(unknown)}")
+            continue
+        learned = await report(chain, content, verdict, "cli", recipients or list(held.recipients))
+        lines = learned.lines()
+        await q.db.audit(AuditEntry(time.time(), "cli", f"report_{verdict}", qid,
+                                    recipients or list(held.recipients), "; ".join(lines)[:1000]))
+        for line in lines:
+            print(f"{qid}: reported as {verdict}: {line}")
+        failed += learned.failed
+    return failed
 
 
 def _print_held(found: list[Held], store: Store) -> int:
@@ -187,7 +239,8 @@ async def _show(q: DatabaseQuarantine, qid: str) -> int:
     return 0
 
 
-async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipients: list[str]) -> int:
+async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipients: list[str],
+                   allow: AllowTable | None = None) -> int:
     from smtpproxy.delivery import DeliveryError
     from smtpproxy.delivery.factory import make_delivery
 
@@ -218,11 +271,31 @@ async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipi
             else:
                 print(f"{progress}{qid}: released for {', '.join(done.recipients)} to "
                       f"{done.delivered.destination}: {done.delivered.reply}", flush=True)
+                if allow is not None:
+                    failed += not await _allow(config, q, allow, qid, done.recipients)
     finally:
         await delivery.close()
     if len(ids) > 1:
         print(f"{len(ids) - failed} released, {failed} failed")
     return 1 if failed else 0
+
+
+async def _allow(config: Config, q: DatabaseQuarantine, allow: AllowTable, qid: str,
+                 recipients: list[str]) -> bool:
+    """Add the message's From: address to each recipient's allow list; whether it could."""
+    sender = author(await q.db.content(qid))
+    if sender is None:
+        print(f"{qid}: FAILED to allow the sender: the message has no single From: address", flush=True)
+        return False
+    for recipient in recipients:
+        try:
+            said = await allow.add(config, recipient, sender)
+        except Exception as exc:  # the table's own errors (redis down, file not writable)
+            print(f"{qid}: FAILED to allow {sender} for {recipient}: {type(exc).__name__}: {exc}", flush=True)
+            return False
+        await q.db.audit(AuditEntry(time.time(), "cli", "allow_sender", qid, [recipient], said[:1000]))
+        print(f"{qid}: {said}", flush=True)
+    return True
 
 
 # -- history ---------------------------------------------------------------------------

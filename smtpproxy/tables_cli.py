@@ -17,14 +17,16 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from smtpproxy.config import Config
 from smtpproxy.tables import TableUnavailable, build_tables
 from smtpproxy.tables.memory import InlineBackend, read_entries
 from smtpproxy.tables.redis import RedisBackend
 
-__all__ = ["tables_command"]
+__all__ = ["edit_entry", "tables_command"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
 _SPLIT = re.compile(r"[,\s]+")
@@ -76,15 +78,31 @@ async def _run(config: Config, action: str, name: str, key: str | None, value: s
             return 0
         if action == "list":
             return await _list(table.backend, name, spec.type, key)
-        folded = key.lower() if (key is not None and spec.fold_case) else key
-        assert folded is not None
-        if spec.type == "file":
-            return _edit_file(Path(spec.file), folded, value, add=action == "add")
-        backend = table.backend
-        assert isinstance(backend, RedisBackend)
-        return await _edit_redis(backend, folded, value, add=action == "add")
+        assert key is not None
+        return await _edit(table.backend, spec, key, value, add=action == "add", say=print)
     finally:
         await tables.close()
+
+
+async def edit_entry(config: Config, name: str, key: str, value: str, *, add: bool,
+                     say: Callable[[str], None]) -> int:
+    """Add (or remove) one entry of a writable (file or redis) table, as ``tables add|remove``
+    does, telling *say* what happened; 0 done (or already there), 3 nothing to remove."""
+    spec = config.tables[name]
+    tables = build_tables({name: spec})
+    try:
+        return await _edit(tables[name].backend, spec, key, value, add=add, say=say)
+    finally:
+        await tables.close()
+
+
+async def _edit(backend: object, spec: Any, key: str, value: str | None, *, add: bool,
+                say: Callable[[str], None]) -> int:
+    folded = key.lower() if spec.fold_case else key
+    if spec.type == "file":
+        return await asyncio.to_thread(_edit_file, Path(spec.file), folded, value, add=add, say=say)
+    assert isinstance(backend, RedisBackend)
+    return await _edit_redis(backend, folded, value, add=add, say=say)
 
 
 async def _list(backend: object, name: str, kind: str, key: str | None) -> int:
@@ -110,27 +128,28 @@ async def _list(backend: object, name: str, kind: str, key: str | None) -> int:
     return 0
 
 
-async def _edit_redis(backend: RedisBackend, key: str, value: str | None, *, add: bool) -> int:
+async def _edit_redis(backend: RedisBackend, key: str, value: str | None, *, add: bool,
+                      say: Callable[[str], None]) -> int:
     if backend.structure == "set":
         if add:
             assert value is not None
             await backend.add(key, value)
         elif not await backend.remove(key, value):
-            print(f"{key}: nothing to remove")
+            say(f"{key}: nothing to remove")
             return EXIT_NOT_FOUND
-        _done(key, value, add, note="live: proxies see it once their cached answer expires")
+        _done(say, key, value, add, note="live: proxies see it once their cached answer expires")
         return 0
     current = await backend.lookup(key)
     entries = [e for v in (current or ()) for e in _SPLIT.split(v) if e]
     changed = _changed(entries, value, add)
     if changed is None:
-        print(f"{key}: nothing to remove" if not add else f"{key}: {value} is already there")
+        say(f"{key}: nothing to remove" if not add else f"{key}: {value} is already there")
         return EXIT_NOT_FOUND if not add else 0
     if changed:
         await backend.add(key, ", ".join(changed))
     else:
         await backend.remove(key)
-    _done(key, value, add, note="live: proxies see it once their cached answer expires")
+    _done(say, key, value, add, note="live: proxies see it once their cached answer expires")
     return 0
 
 
@@ -145,7 +164,7 @@ def _changed(entries: list[str], value: str | None, add: bool) -> list[str] | No
     return None if len(kept) == len(entries) else kept
 
 
-def _edit_file(path: Path, key: str, value: str | None, *, add: bool) -> int:
+def _edit_file(path: Path, key: str, value: str | None, *, add: bool, say: Callable[[str], None]) -> int:
     """Rewrite the entry of *key* in a Postfix-style file; every other line stays as it is."""
     read_entries(path)  # refuse to edit a file the proxy could not read either
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
@@ -169,7 +188,7 @@ def _edit_file(path: Path, key: str, value: str | None, *, add: bool) -> int:
                                           else "") if e]
     changed = _changed(entries, value, add)
     if changed is None:
-        print(f"{key}: nothing to remove" if not add else f"{key}: {value} is already there")
+        say(f"{key}: nothing to remove" if not add else f"{key}: {value} is already there")
         return EXIT_NOT_FOUND if not add else 0
     new = [f"{key}  {', '.join(changed)}\n"] if changed else []
     if start >= 0:
@@ -182,7 +201,8 @@ def _edit_file(path: Path, key: str, value: str | None, *, add: bool) -> int:
             lines[-1] += "\n"
         lines += new
     _write_atomically(path, "".join(lines))
-    _done(key, value, add, note=f"{path} rewritten; the proxy reads it at the next reload (smtpproxy reload)")
+    _done(say, key, value, add,
+          note=f"{path} rewritten; the proxy reads it at the next reload (smtpproxy reload)")
     return 0
 
 
@@ -201,6 +221,6 @@ def _write_atomically(path: Path, text: str) -> None:
         raise
 
 
-def _done(key: str, value: str | None, add: bool, *, note: str) -> None:
+def _done(say: Callable[[str], None], key: str, value: str | None, add: bool, *, note: str) -> None:
     what = f"{value} added to" if add else (f"{value} removed from" if value else "removed:")
-    print(f"{what} {key} ({note})")
+    say(f"{what} {key} ({note})")

@@ -71,7 +71,8 @@ def render_text(trace: Trace, label: str = "") -> str:
     out.append(f"envelope  <{trace.sender}> -> " + ", ".join(f"<{r}>" for r in trace.recipients))
 
     rows = [
-        (s.plugin, s.action, _score(s.score), f"{s.duration_ms:.1f}" if s.plugin != PROXY else "")
+        (s.plugin, _action(s.action, s.shadow), _score(s.score),
+         f"{s.duration_ms:.1f}" if s.plugin != PROXY else "")
         for s in trace.steps
     ]
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(_HEADINGS[:4])]
@@ -104,11 +105,11 @@ def render_text(trace: Trace, label: str = "") -> str:
             if step.error:
                 details.append(f"ERROR {step.error}")
             out.append(row(
-                (step.plugin, step.action, _score(step.score),
+                (step.plugin, _action(step.action, step.shadow), _score(step.score),
                  f"{step.duration_ms:.1f}" if step.plugin != PROXY else ""),
                 "; ".join(details),
             ))
-            indent = " " * (4 + sum(widths) + 8)
+            indent = " " * (4 + sum(widths) + 8) + ("undone: " if step.shadow else "")
             out.extend(f"{indent}{change}" for change in step.changes)
         last = phase.steps[-1]
         if phase.outcome != "continue" and (phase.reply != last.reply or phase.outcome != last.action):
@@ -159,7 +160,20 @@ def render_text(trace: Trace, label: str = "") -> str:
         details.append("tags " + ",".join(trace.tags))
     details.append(f"{trace.duration_ms:.1f} ms")
     out.append("          " + "; ".join(details))
+    if trace.shadowed:
+        out.append(f"shadow    would be {trace.would.upper()}  {_one_line(trace.would_reply or trace.reply)}")
+        details = [f"by {trace.would_by}"]
+        if trace.would_reason:
+            details.append(f"reason: {trace.would_reason}")
+        details.append(f"shadow score {trace.shadow_score:g}")
+        details.append("shadowed (enforce: false): " + ", ".join(trace.shadowed))
+        out.append("          " + "; ".join(details))
     return "\n".join(out) + "\n"
+
+
+def _action(action: str, shadow: bool) -> str:
+    """A step's action; a shadowed plugin's is what it would have done (``shadow:reject``)."""
+    return f"shadow:{action}" if shadow else action
 
 
 def render_json(trace: Trace, label: str = "") -> str:

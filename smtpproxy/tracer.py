@@ -24,13 +24,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
-from smtpproxy.chain import Chain, PhaseResult
+from smtpproxy.chain import Chain, PhaseResult, describe_change, describe_envelope_change
 from smtpproxy.config import Config, ConfigSource, MaildirDeliveryConfig
 from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.datareader import END_OF_DATA, DataReader
 from smtpproxy.eventlog import current_session
 from smtpproxy.message import Message
-from smtpproxy.outcome import PROXY, Refusal, queued_reply, skips_data_chain
+from smtpproxy.outcome import PROXY, Deliver, Refusal, queued_reply, recipients_refused, skips_data_chain
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.routing import DEFAULT_ROUTE, RouteTable, route_of
@@ -82,7 +82,11 @@ class Step:
     """The exception or timeout, when the hook failed (the action is then its on_error policy)."""
     changes: tuple[str, ...] = ()
     """Edits this call made: ``+ Name: value``, ``- Name``, ``= Name: value``, ``body replaced``,
-    ``sender <a>``, ``+rcpt <a>``, ``-rcpt <a>``."""
+    ``sender <a>``, ``+rcpt <a>``, ``-rcpt <a>``. For a shadowed plugin: the edits it made
+    that were undone."""
+    shadow: bool = False
+    """The plugin runs in shadow mode (``enforce: false``): :attr:`action` is what it would
+    have done; nothing of it was applied."""
 
 
 @dataclass(slots=True)
@@ -140,7 +144,18 @@ class Trace:
     decided_by: str = PROXY
     reason: str = ""
     score: float = 0.0
-    """The sum of every score contribution (session and transaction)."""
+    """The sum of every score contribution (session and transaction), shadowed plugins' not."""
+    shadowed: list[str] = field(default_factory=list)
+    """The chain's plugins in shadow mode (``enforce: false``); empty: the fields below are
+    the enforced ones."""
+    shadow_score: float = 0.0
+    """The score had shadowed plugins counted (:attr:`score` plus their points)."""
+    would: str = ""
+    """The decision had shadowed plugins enforced (one of :data:`DISPOSITIONS`)."""
+    would_reply: str = ""
+    """What the client would then have been told (empty: as :attr:`reply`)."""
+    would_by: str = ""
+    would_reason: str = ""
     tags: list[str] = field(default_factory=list)
     duration_ms: float = 0.0
     notes: list[str] = field(default_factory=list)
@@ -169,6 +184,10 @@ class Trace:
             "reason": self.reason,
             "score": self.score,
             "tags": list(self.tags),
+            **({"shadow": {"plugins": list(self.shadowed), "score": self.shadow_score,
+                           "decision": self.would, "reply": self.would_reply,
+                           "decided_by": self.would_by, "reason": self.would_reason}}
+               if self.shadowed else {}),
             "envelope": {
                 "sender": self.sender,
                 "recipients": list(self.recipients),
@@ -192,7 +211,7 @@ class Trace:
                             "plugin": s.plugin, "action": s.action, "reply": s.reply, "score": s.score,
                             "reason": s.reason, "tags": list(s.tags),
                             "duration_ms": round(s.duration_ms, 3), "error": s.error,
-                            "changes": list(s.changes),
+                            "changes": list(s.changes), **({"shadow": True} if s.shadow else {}),
                         }
                         for s in p.steps
                     ],
@@ -327,22 +346,13 @@ class _Run:
         transaction = self.session.transaction
         message = transaction.message if transaction is not None else None
         envelope = transaction.envelope if transaction is not None else None
-        changes = []
+        changes = list(outcome.undone)  # a shadowed plugin's: undone, shown as such
         if message is not None:
-            for change in message.changes[self.message_mark:]:
-                if change.op == "add":
-                    changes.append(f"+ {change.name}: {change.value}")
-                elif change.op == "remove":
-                    changes.append(f"- {change.name}")
-                elif change.op == "replace":
-                    changes.append(f"= {change.name}: {change.value}")
-                else:
-                    changes.append("body replaced")
+            changes.extend(describe_change(change) for change in message.changes[self.message_mark:])
             self.message_mark = len(message.changes)
         if envelope is not None:
             for env_change in envelope.changes[self.envelope_mark:]:
-                label = {"sender": "sender", "add_recipient": "+rcpt", "remove_recipient": "-rcpt"}
-                changes.append(f"{label.get(env_change.op, env_change.op)} <{env_change.address.text}>")
+                changes.append(describe_envelope_change(env_change))
                 self.trace.envelope_changes.append(
                     (env_change.op, env_change.address.text, outcome.plugin)
                 )
@@ -352,6 +362,7 @@ class _Run:
             reply=_text(outcome.reply) if outcome.reply is not None else None,
             score=outcome.score, reason=outcome.reason, tags=outcome.tags,
             duration_ms=outcome.duration * 1000, error=outcome.error, changes=tuple(changes),
+            shadow=outcome.shadow,
         ))
 
     def group_chosen(self, recipient: str, group: str, why: str) -> None:
@@ -519,6 +530,8 @@ class Tracer:
             current_session.reset(token)
         trace.score = transaction.score if transaction is not None else session.results.score
         trace.tags = sorted(session.results.tags | (transaction.results.tags if transaction else set()))
+        if conversation.shadowed:
+            _shadow(trace, conversation, session, transaction)
         trace.duration_ms = (time.perf_counter() - started) * 1000
         return trace
 
@@ -559,10 +572,7 @@ class Tracer:
         if not transaction.envelope.recipients:
             # The client gets no further than RCPT; its refusals are the answer: the first
             # permanent one when all are permanent (the client gives up), else a temporary one.
-            permanent = [r for r in refusals if r.reply.is_permanent]
-            last = permanent[0] if permanent and len(permanent) == len(refusals) else next(
-                r for r in refusals if r.reply.is_temporary)
-            run.refuse(last)
+            run.refuse(recipients_refused(refusals))
             return transaction
         # data
         phase = run.begin("data", "")
@@ -613,6 +623,26 @@ class Tracer:
         if reader.problem is not None:
             return reader.problem.reply(p.max_message_size, p.max_line_length)
         return reader.content()
+
+
+def _shadow(trace: Trace, conversation: Conversation, session: Session,
+            transaction: Transaction | None) -> None:
+    """The trace's second outcome: what shadowed plugins would have made of the message."""
+    trace.shadowed = list(conversation.shadowed)
+    if transaction is None:
+        results = session.results
+        trace.shadow_score = results.score + results.shadow_score
+        early = session.would.refusal
+        would: Refusal | Deliver | None = Refusal(*early) if early is not None else None
+    else:
+        trace.shadow_score = transaction.shadow_score
+        would = conversation.would(transaction)
+    if would is None:  # as it was
+        trace.would, trace.would_by, trace.would_reason = trace.decision, trace.decided_by, trace.reason
+    else:
+        trace.would, trace.would_by, trace.would_reason = would.disposition, would.decided_by, would.reason
+        if isinstance(would, Refusal):
+            trace.would_reply = _text(would.reply)
 
 
 def _minus(a: list[tuple[str, str]], b: list[tuple[str, str]]) -> list[tuple[str, str]]:

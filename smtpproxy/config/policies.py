@@ -32,6 +32,13 @@ class PluginOverride(_Model):
         default=None, strict=True,
         description="Turn the plugin on or off for this group (default: as in plugins:).",
     )
+    enforce: bool | None = Field(
+        default=None, strict=True,
+        description=(
+            "false: shadow mode for this group (the plugin's verdicts are only logged and counted, "
+            "as the global plugins' enforce: false); default: as in plugins:."
+        ),
+    )
     settings: dict[str, Any] = Field(
         default={},
         description=(

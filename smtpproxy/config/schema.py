@@ -401,6 +401,15 @@ class PluginSpec(_Model):
         default="tempfail",
         description="When the plugin fails or times out: answer with a temporary failure, or skip it.",
     )
+    enforce: bool = Field(
+        default=True,
+        strict=True,
+        description=(
+            "Set to false for shadow mode: the plugin runs, but its verdicts, edits and errors are "
+            "only logged (would_reject, ...) and counted, never applied; its score counts apart "
+            "(shadow_score)."
+        ),
+    )
     settings: dict[str, Any] = Field(
         default={}, description="Plugin-specific settings, validated by the plugin itself."
     )

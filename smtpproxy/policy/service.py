@@ -246,7 +246,7 @@ class PolicyService:
 
     async def _end(self, instance: _Instance, transaction: Transaction) -> str:
         """END-OF-MESSAGE: no body comes, so no ``data`` phase; what was decided stands."""
-        outcome = end_of_message(transaction, None)
+        outcome = instance.conversation.end_without_data(transaction)
         action = action_for(outcome, self.settings.quarantine_action)
         queued = Reply(250, "2.0.0", "Ok")
         if isinstance(outcome, Refusal):  # pragma: no cover - end_of_message(None) never refuses

@@ -33,6 +33,7 @@ from smtpproxy.store import AuditEntry, Held, Search, StoreError
 from smtpproxy.web.accounts import Viewer
 from smtpproxy.web.context import WebContext
 from smtpproxy.web.preview import preview, render
+from smtpproxy.web.reports import Done, allow_button, allow_sender, report_form, report_message
 
 __all__ = ["routes"]
 
@@ -544,10 +545,45 @@ async def message(request: Request, context: WebContext, viewer: Viewer) -> Resp
             f'<form method="post" action="/console/quarantine/{e(qid, quote=True)}/release">'
             f"{_csrf_field(request)}<ul>{boxes}</ul>"
             f'<button>Release</button> <button formaction="/console/quarantine/{e(qid, quote=True)}/delete">'
-            "Delete</button></form>"
+            f"Delete</button>{allow_button(context, viewer, held, mine, content)}</form>"
         )
+    actions += report_form(_csrf_field(request), viewer, held, mine)
     return _page(
         request, held.subject or "(no subject)", facts + actions + render(preview(content)), viewer=viewer
+    )
+
+
+async def _report_or_allow(
+    request: Request, context: WebContext, viewer: Viewer, held: Held, *, asked: list[str], form: FormData
+) -> Response:
+    """POST report (spam, ham, ham-release) or allow (release and allow sender)."""
+    mine = asked or viewer.recipients(held)
+    if request.path_params["action"] == "report":
+        verdict = form.get("verdict")
+        if verdict not in ("spam", "ham", "ham-release"):
+            return _page(request, "Nothing done", "<p>Choose spam or not spam.</p>", 400, viewer)
+        done = await report_message(context, viewer, held, recipients=mine,
+                                    verdict="spam" if verdict == "spam" else "ham", audit=_audit)
+        if verdict == "ham-release" and done.status not in (403, 503):
+            done = Done(done.status, [*done.lines, await _do(context, viewer, held, "release", mine)])
+    else:
+        held_now = [r for r in mine if held.recipients.get(r) == "held"]
+        outcome = await allow_sender(
+            context, viewer, held, wanted=held_now, scope=str(form.get("scope") or "address"),
+            release=lambda wanted: _do(context, viewer, held, "release", wanted), audit=_audit,
+        )
+        if outcome is None:
+            return _not_found(request, viewer)
+        done = outcome
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in done.lines)
+    qid = html.escape(held.id, quote=True)
+    return _page(
+        request,
+        "Done" if done.status == 200 else "Not done" if done.status in (403, 409) else "Partly done",
+        f'<ul>{items}</ul><p><a href="/console/quarantine/{qid}">Back to the message</a> · '
+        '<a href="/console/quarantine">Back to the quarantine</a></p>',
+        done.status,
+        viewer,
     )
 
 
@@ -582,12 +618,12 @@ async def _do(context: WebContext, viewer: Viewer, held: Held, action: str, want
 
 
 async def act(request: Request, context: WebContext, viewer: Viewer) -> Response:
-    """POST release/delete of one message for the recipients ticked (the viewer's only)."""
+    """POST release/delete/report/allow of one message for the recipients ticked (the viewer's only)."""
     form = await _checked_form(request)
     if form is None:
         return _refused(request)
     action = request.path_params["action"]
-    if action not in ("release", "delete"):
+    if action not in ("release", "delete", "report", "allow"):
         return _not_found(request, viewer)
     visible = await _visible(context, viewer, request.path_params["qid"])
     if visible is None:
@@ -596,6 +632,8 @@ async def act(request: Request, context: WebContext, viewer: Viewer) -> Response
     asked = [str(r) for r in form.getlist("recipient")]
     if any(r not in mine for r in asked):
         return _not_found(request, viewer)  # a recipient not theirs: as if the message were not there
+    if action in ("report", "allow"):
+        return await _report_or_allow(request, context, viewer, held, asked=asked, form=form)
     result = await _do(context, viewer, held, action, asked)
     status = 403 if "only an administrator" in result else 200
     return _page(

@@ -10,6 +10,7 @@ from smtpproxy.store import Store
 from smtpproxy.store.quarantine import DatabaseQuarantine
 
 if TYPE_CHECKING:
+    from smtpproxy.chain import Chain
     from smtpproxy.config import Config
     from smtpproxy.delivery import Delivery
     from smtpproxy.loginthrottle import LoginThrottle
@@ -32,3 +33,5 @@ class WebContext:
     accounts: Accounts | None = None
     throttle: LoginThrottle | None = None
     session_secret: str = field(default="", repr=False)
+    learners: Chain | None = None
+    """The configured plugin chain, for "report spam / not spam" (built on first use)."""

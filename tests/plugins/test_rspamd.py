@@ -5,11 +5,11 @@ The rspamd is started once for this module (``rspamd -f``, as ``_rspamd`` when t
 root) from the shipped /etc/rspamd config, with a local config directory of its own
 (``--var LOCAL_CONFDIR=...``, databases, pid and control socket in a temporary directory): the
 normal worker and the controller on free loopback ports, the proxy worker disabled, DNS pointed
-at a closed loopback port with a short timeout, RBL/SURBL/fuzzy off, no Redis, a five-line TLD
+at a closed loopback port with a short timeout, RBL/SURBL/fuzzy off, Bayes on a private Redis, a controller password, a five-line TLD
 list (compiling the full public-suffix list takes rspamd ~14 s), and a regexp rule
 SMTPPROXY_TEST (20 points for the body text ``smtpproxy-spam-marker``). Readiness is polled with
-``GET /ping`` (``pong``), never slept on. The tests skip, with the reason, only where rspamd is
-not installed (CI installs it).
+``GET /ping`` (``pong``), never slept on. The tests skip, with the reason, only where rspamd (or
+redis-server) is not installed (CI installs both).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import grp
 import importlib.metadata
+import json
 import os
 import pwd
 import re
@@ -32,11 +33,13 @@ from typing import Any
 
 import pytest
 from pydantic import ValidationError
-from smtpproxy_plugins.rspamd import Rspamd, RspamdError, check, parse_result
+from smtpproxy_plugins.rspamd import Rspamd, RspamdError, check, learn, parse_result
 from smtpproxy_plugins.score import Score
 
+from smtpproxy import Message
 from tests.conftest import ProxyFactory, Sink, closed_port, port_of
 from tests.daemons import free_port, stop_process
+from tests.redis_server import start_redis
 from tests.scanner_parts import CLEAN, MARKER, SPAM, Probe, header, scanner, score, send
 
 # -- the private rspamd -----------------------------------------------------------------------
@@ -47,6 +50,7 @@ class RspamdServer:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    controller: int = 0
 
     def ping(self) -> bool:
         try:
@@ -63,12 +67,21 @@ class RspamdServer:
         stop_process(self.process)
 
 
-def _local_config(local: Path, normal: int, controller: int, tld: Path) -> None:
+LEARN_PASSWORD = "learn-secret"
+"""The controller's enable_password in the tests' rspamd (no address is trusted without one)."""
+
+
+def _local_config(local: Path, normal: int, controller: int, tld: Path, redis_port: int) -> None:
     override, localdir = local / "override.d", local / "local.d"
     override.mkdir(mode=0o755)
     localdir.mkdir(mode=0o755)
     (override / "worker-normal.inc").write_text(f'bind_socket = "127.0.0.1:{normal}";\ncount = 1;\n')
-    (override / "worker-controller.inc").write_text(f'bind_socket = "127.0.0.1:{controller}";\ncount = 1;\n')
+    (override / "worker-controller.inc").write_text(
+        f'bind_socket = "127.0.0.1:{controller}";\ncount = 1;\nsecure_ip = "192.0.2.1";\n'
+        f'password = "read-secret";\nenable_password = "{LEARN_PASSWORD}";\n'
+    )
+    # Bayes (learning) keeps its statistics in a private Redis.
+    (localdir / "classifier-bayes.conf").write_text(f'servers = "127.0.0.1:{redis_port}";\nmin_tokens = 5;\n')
     (override / "worker-proxy.inc").write_text(
         f'enabled = false;\ncount = 0;\nbind_socket = "127.0.0.1:{free_port()}";\n'
     )
@@ -103,8 +116,9 @@ def rspamd_server() -> Iterator[RspamdServer]:
     dbdir.mkdir(mode=0o755)
     tld = workdir / "tld.dat"
     tld.write_text("com\nnet\norg\ntest\nexample\n")
-    port = free_port()
-    _local_config(workdir, port, free_port(), tld)
+    port, controller = free_port(), free_port()
+    redis = start_redis(workdir)
+    _local_config(workdir, port, controller, tld, redis.port)
     command = [binary, "-f", "-c", str(confdir / "rspamd.conf"),
                "--var", f"CONFDIR={confdir}", "--var", f"LOCAL_CONFDIR={workdir}",
                "--var", f"DBDIR={dbdir}", "--var", f"RUNDIR={workdir}", "--var", f"LOGDIR={workdir}"]
@@ -119,17 +133,19 @@ def rspamd_server() -> Iterator[RspamdServer]:
     log = workdir / "rspamd.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    server = RspamdServer(port, process, log)
+    server = RspamdServer(port, process, log, controller)
     deadline = time.monotonic() + 60
     while not server.ping():
         if process.poll() is not None or time.monotonic() > deadline:
             server.stop()
+            redis.stop()
             text = log.read_text(errors="replace")[-2000:]
             shutil.rmtree(workdir, ignore_errors=True)
             raise RuntimeError(f"rspamd did not start on port {port}:\n{text}")
         time.sleep(0.05)
     yield server
     server.stop()
+    redis.stop()
     shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -164,6 +180,60 @@ async def test_checkv2_gets_score_action_and_symbols(rspamd_server: RspamdServer
     clean = await check("127.0.0.1", rspamd_server.port, CLEAN, headers={"IP": "127.0.0.1"})
     assert clean.score < 6.0 and clean.action == "no action"
     assert "SMTPPROXY_TEST" not in clean.symbols
+
+
+def _learned(server: RspamdServer) -> int:
+    """How many messages rspamd has learned: ``learned`` of the controller's GET /stat."""
+    with socket.create_connection(("127.0.0.1", server.controller), timeout=5) as sock:
+        sock.sendall(f"GET /stat HTTP/1.1\r\nHost: x\r\nPassword: {LEARN_PASSWORD}\r\n"
+                     "Connection: close\r\n\r\n".encode())
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    learned = json.loads(answer.partition(b"\r\n\r\n")[2])["learned"]
+    assert isinstance(learned, int)
+    return learned
+
+
+def _letter(n: int, text: str) -> bytes:
+    return (
+        "From: Mallory <mallory@offers.test>\r\nTo: Bob <bob@dest.test>\r\n"
+        f"Subject: Letter {n}\r\nDate: Mon, 2 Jan 2023 10:00:00 +0000\r\n"
+        f"Message-ID: <letter.{n}@offers.test>\r\nMIME-Version: 1.0\r\n"
+        f"Content-Type: text/plain; charset=us-ascii\r\n\r\n{text}\r\n"
+    ).encode()
+
+
+PILLS = ("Cheap watches and pills, discount viagra casino bonus, claim your lottery prize "
+         "today, wire the fee to unlock your inheritance millions now")
+MINUTES = ("The minutes of the planning meeting are below: budget review moved to Thursday, "
+           "the printer on the second floor is fixed, lunch order is in the kitchen")
+
+
+async def test_learning_changes_what_rspamd_reports(rspamd_server: RspamdServer) -> None:
+    """/learnspam and /learnham through the controller: rspamd's learned count goes up once per
+    message, and a message learned before is answered 208 and reported as such."""
+    plugin = rspamd(rspamd_server.port, controller_port=rspamd_server.controller,
+                    controller_password=LEARN_PASSWORD)
+    before = _learned(rspamd_server)
+    spam = _letter(1, PILLS)
+    assert await plugin.learn(Message(spam), "spam", "admin:alice") == "rspamd learned it as spam"
+    assert await plugin.learn(Message(spam), "spam", "admin:alice") == "rspamd had already learned it as spam"
+    assert await plugin.learn(Message(_letter(2, MINUTES)), "ham", "cli") == "rspamd learned it as ham"
+    assert _learned(rspamd_server) == before + 2  # the second spam report learned nothing
+
+
+async def test_learning_refused_is_a_clear_error(rspamd_server: RspamdServer) -> None:
+    """A wrong controller password (or none) is rspamd's own refusal, never a crash."""
+    for password in ("wrong", None):
+        plugin = rspamd(rspamd_server.port, controller_port=rspamd_server.controller,
+                        controller_password=password)
+        with pytest.raises(RspamdError, match=r"controller answered HTTP 401 Unauthorized"):
+            await plugin.learn(Message(_letter(4, PILLS)), "spam", "cli")
+    with pytest.raises(RspamdError, match="cannot connect"):
+        await learn("127.0.0.1", closed_port(), SPAM, "spam")
+    with pytest.raises(RspamdError, match="spam or ham"):
+        await learn("127.0.0.1", rspamd_server.controller, SPAM, "maybe")
 
 
 async def test_nothing_listening_is_an_rspamd_error() -> None:

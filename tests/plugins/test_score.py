@@ -318,3 +318,58 @@ async def test_header_only_rules_need_no_thread_body_rules_do(monkeypatch: pytes
     tx = session.begin_transaction(Envelope(Address("a@example.org", "a", "example.org")))
     verdict = await with_body.data(session, tx, Message(raw))
     assert verdict.score == 2.0 and len(calls) == 1
+
+
+# -- shadow mode -----------------------------------------------------------------------------
+
+
+class ShadowSPF(FakeSPF):
+    """The fake SPF plugin on trial: ``enforce: false``."""
+
+    name = "shadowspf"
+    enforce = False
+
+
+async def test_a_shadowed_plugins_score_counts_in_the_shadow_total_only(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    plugin = score(**THRESHOLDS, rules=[rule("SPF_FAIL_TAG", 3.0, tag="spf:fail"),
+                                        rule("LOOPBACK", 0.2, envelope={"client_ip": "127.0.0.1"})])
+    proxy = await proxy_factory(ShadowSPF("fail", 20.0), plugin, upstream=sink.port)
+    with caplog.at_level(logging.INFO):
+        # 20 + 3 + 0.2 would be over reject (15): the thresholds see the enforced 0.2 only
+        assert await send(port_of(proxy), PLAIN) == (250, "2.0.0 Ok: queued as SINK1")
+    content = sink.messages[0].content
+    assert header(content, "X-Spam-Status") == ["No, score=0.2 tests=LOOPBACK"]
+    assert header(content, "X-Spam-Score") == ["0.2"]
+    assert header(content, "X-Spam-Shadow-Score") == ["23.2"]
+    assert header(content, "Subject") == ["Cheap PILLS today"]
+    [scored] = events(caplog, "score")
+    assert scored["score"] == pytest.approx(0.2) and scored["action"] == "continue"
+    assert scored["shadow_score"] == pytest.approx(23.2) and scored["shadow_action"] == "reject"
+    [message] = events(caplog, "message")
+    assert message["decision"] == "delivered" and message["score"] == pytest.approx(0.2)
+    assert message["shadow_score"] == pytest.approx(20.2)  # the plugins' points, enforced and not
+
+
+async def test_a_shadowed_score_plugin_reports_but_never_rejects(
+    proxy_factory: ProxyFactory, sink: Sink, caplog: pytest.LogCaptureFixture
+) -> None:
+    strict = score(tag=1.0, reject=1.0, rules=[rule("SUBJ_PILLS", 5.0, header={"name": "Subject", "regex": "pills"})])
+    strict.enforce = False  # type: ignore[attr-defined]
+    proxy = await proxy_factory(strict, upstream=sink.port)
+    with caplog.at_level(logging.INFO):
+        assert (await send(port_of(proxy), PLAIN))[0] == 250
+    assert len(sink.messages) == 1
+    [message] = events(caplog, "message")
+    assert (message["decision"], message["would"], message["would_by"]) == ("delivered", "rejected", "score")
+    assert (message["score"], message["shadow_score"]) == (0.0, 5.0)
+    assert [r.msg for r in caplog.records if r.msg == "would_reject"] == ["would_reject"]
+
+
+async def test_without_shadowed_plugins_no_shadow_header_and_forged_ones_go(
+    proxy_factory: ProxyFactory, sink: Sink
+) -> None:
+    proxy = await proxy_factory(FakeSPF(points=1.0), weighted(1.0), upstream=sink.port)
+    await send(port_of(proxy), b"X-Spam-Shadow-Score: -50\r\n" + PLAIN)
+    assert header(sink.messages[0].content, "X-Spam-Shadow-Score") == []

@@ -2,8 +2,8 @@
 through a real proxy to a real sink, with the real ``score`` plugin after it.
 
 The spamd is started once for this module on a free loopback port with its own site config: a
-local rule SMTPPROXY_TEST (20 points for the body text ``smtpproxy-spam-marker``) and no
-network tests, Bayes or user configs, so results do not depend on the shipped rules or on DNS.
+local rule SMTPPROXY_TEST (20 points for the body text ``smtpproxy-spam-marker``), a Bayes database of its own (``--allow-tell``: learning) and no
+network tests or user configs, so results do not depend on the shipped rules or on DNS.
 Readiness is polled with ``PING`` (``SPAMD/1.5 0 PONG``), never slept on. The tests skip, with
 the reason, only where spamd is not installed (CI installs it).
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import importlib.metadata
 import os
+import pwd
 import re
 import shutil
 import socket
@@ -27,16 +28,18 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 from smtpproxy_plugins.score import Score
-from smtpproxy_plugins.spamd import Spamd, SpamdError, check
+from smtpproxy_plugins.spamd import Spamd, SpamdError, check, tell
 
+from smtpproxy import Message
 from tests.conftest import ProxyFactory, Sink, closed_port, port_of
 from tests.daemons import free_port, stop_process
 from tests.scanner_parts import CLEAN, MARKER, SPAM, Probe, header, mail, scanner, score, send
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
 SITE_CONFIG = f"""\
-use_bayes 0
+use_bayes 1
 bayes_auto_learn 0
+bayes_path {{bayes}}/bayes
 skip_rbl_checks 1
 dns_available no
 body SMTPPROXY_TEST /{MARKER}/
@@ -54,6 +57,20 @@ class SpamdServer:
     port: int
     process: subprocess.Popen[bytes]
     log: Path
+    bayes: Path
+
+    def learned(self) -> dict[str, int]:
+        """nspam and nham of the Bayes database, as sa-learn --dump magic reports them."""
+        if not any(self.bayes.iterdir()):
+            return {}  # nothing learned yet: sa-learn --dump fails on a database not made
+        out = subprocess.run(["sa-learn", "--dbpath", str(self.bayes / "bayes"), "--dump", "magic"],
+                             capture_output=True, text=True, check=True).stdout
+        counts = {}
+        for line in out.splitlines():
+            parts = line.split()
+            if len(parts) >= 5 and parts[-1] in ("nspam", "nham"):  # 0.000 0 1 0 non-token data: nspam
+                counts[parts[-1]] = int(parts[2])
+        return counts
 
     def ping(self) -> bool:
         try:
@@ -86,18 +103,23 @@ def spamd_server() -> Iterator[SpamdServer]:
         shutil.copy(pre, site / pre.name)
     if not any(site.glob("*.pre")):
         (site / "init.pre").write_text("loadplugin Mail::SpamAssassin::Plugin::Check\n")
-    (site / "local.cf").write_text(SITE_CONFIG)
+    bayes = workdir / "bayes"  # learning (TELL) writes here, as the user spamd runs as
+    bayes.mkdir(mode=0o755)
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        os.chown(bayes, nobody.pw_uid, nobody.pw_gid)
+    (site / "local.cf").write_text(SITE_CONFIG.replace("{bayes}", str(bayes)))
     port = free_port()
     command = [
         binary, f"--listen=127.0.0.1:{port}", "--allowed-ips=127.0.0.1", f"--siteconfigpath={site}",
-        "--nouser-config", "--max-children=2", "--syslog=stderr", f"--helper-home-dir={workdir}",
+        "--nouser-config", "--max-children=2", "--allow-tell", "--syslog=stderr", f"--helper-home-dir={workdir}",
     ]
     if os.geteuid() == 0:
         command.append("--username=nobody")  # spamd refuses to keep running as root
     log = workdir / "spamd.log"
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, cwd=workdir)
-    server = SpamdServer(port, process, log)
+    server = SpamdServer(port, process, log, bayes)
     deadline = time.monotonic() + 60
     while not server.ping():
         if process.poll() is not None or time.monotonic() > deadline:
@@ -130,6 +152,43 @@ async def test_symbols_request_gets_score_threshold_and_rules(spamd_server: Spam
     clean = await check("127.0.0.1", spamd_server.port, CLEAN)
     assert not clean.is_spam and clean.score < 5.0
     assert "SMTPPROXY_TEST" not in clean.symbols
+
+
+def _mail(n: int, body: str) -> bytes:
+    return mail(body).replace(b"<20230102100000.1@sender.test>", f"<learn.{n}@sender.test>".encode())
+
+
+async def test_tell_learns_spam_and_ham_into_the_bayes_database(spamd_server: SpamdServer) -> None:
+    """What spamc -L spam|ham does: spamd says DidSet: local once, and the database counts it."""
+    spam = _mail(1, f"Cheap pills {MARKER} buy now at the best price in town today")
+    ham = _mail(2, "Hi Bob, the minutes of Tuesday's meeting are attached, see you Friday")
+    assert spamd_server.learned().get("nspam", 0) == 0
+    assert await tell("127.0.0.1", spamd_server.port, spam, "spam") is True
+    assert await tell("127.0.0.1", spamd_server.port, spam, "spam") is False  # already learned
+    plugin = spamd(spamd_server.port)
+    assert await plugin.learn(Message(ham), "ham", "admin:alice") == "spamd learned it as ham"
+    assert "already learned as ham" in await plugin.learn(Message(ham), "ham", "admin:alice")
+    assert spamd_server.learned() == {"nspam": 1, "nham": 1}
+
+
+async def test_tell_refused_by_spamd_is_a_clear_error() -> None:
+    """A spamd started without --allow-tell answers EX_UNAVAILABLE: an error naming it."""
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"SPAMD/1.0 69 EX_UNAVAILABLE TELL commands are not enabled, set the --allow-tell "
+                     b"switch.\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    async with server:
+        with pytest.raises(SpamdError, match="69 EX_UNAVAILABLE TELL commands are not enabled"):
+            await spamd(port).learn(Message(CLEAN), "spam", "cli")
+    with pytest.raises(SpamdError, match="cannot connect"):
+        await tell("127.0.0.1", closed_port(), CLEAN, "ham")
+    with pytest.raises(SpamdError, match="spam or ham"):
+        await tell("127.0.0.1", port, CLEAN, "forget")
 
 
 async def test_nothing_listening_is_a_spamd_error() -> None:

@@ -172,6 +172,9 @@ async def _fill(root: Path, trap: int) -> None:
                subject="invoice", admin_only=True)
     await hold("q-link", plain("by link", "carol@dest.test"), ["carol@dest.test"], subject="by link")
     await hold("q-forged", plain("keep me", "bob@dest.test"), ["bob@dest.test"], subject="keep me")
+    newsletter = (b"From: Partner News <news@partner.example>\r\nTo: dave@dest.test\r\n"
+                  b"Subject: Partner newsletter\r\n\r\nThis month at Partner.\r\n")
+    await hold("q-allow", newsletter, ["dave@dest.test"], subject="Partner newsletter")
     entries = []
     for i, (decision, sender, by) in enumerate([("quarantine", "win@bad.example", "score"),
                                                 ("accept", "news@good.example", None),
@@ -204,7 +207,7 @@ def _chromium(profile: str) -> Any:
 def console() -> Iterator[Console]:
     require_postfix()
     root = Path(tempfile.mkdtemp(prefix="console-"))
-    postfix = PostfixInstance(root=_make_root(), port=free_port())
+    postfix = PostfixInstance(root=_make_root(), port=free_port(), users=("bob", "alice", "carol", "dave"))
     postfix.start()
     trap_server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Trap)
     threading.Thread(target=trap_server.serve_forever, daemon=True).start()
@@ -212,13 +215,16 @@ def console() -> Iterator[Console]:
     port = free_port()
     (root / "link.key").write_bytes(KEY)
     hashed = bcrypt.hashpw(b"admin-pw", bcrypt.gensalt(4)).decode()
-    (root / "accounts").write_text(f"root:{hashed}:admin\nalice@dest.test:{hashed}:recipient\n")
+    (root / "accounts").write_text(
+        f"root:{hashed}:admin\nalice@dest.test:{hashed}:recipient\ndave@dest.test:{hashed}:recipient\n")
     (root / "cfg.yaml").write_text(
         f"delivery:\n  type: smtp\n  host: 127.0.0.1\n  port: {postfix.port}\n  tls: none\n"
         "quarantine:\n  admin_only: [clamav]\nstore:\n  sqlite: store.db\n  node: mx1\n"
         f"digest:\n  domains: [dest.test]\n  base_url: http://127.0.0.1:{port}\n  keys: [link.key]\n"
         f"  port: {port}\nconsole:\n  users: accounts\n"
-        "login_throttle:\n  initial_delay: 0.01\n  max_delay: 0.1\n  lockout_after: 10\n  lockout_seconds: 2.0\n")
+        "login_throttle:\n  initial_delay: 0.01\n  max_delay: 0.1\n  lockout_after: 10\n  lockout_seconds: 2.0\n"
+        "tables:\n  allow: {type: file, file: allow}\nplugins:\n  - {name: lists, settings: {allow: allow}}\n")
+    (root / "allow").write_text("# allow lists, written by the console\n")
     asyncio.run(_fill(root, trap))
     log = root / "web.log"
     with log.open("wb") as stderr:
@@ -330,6 +336,31 @@ def test_a_recipient_signs_in_by_digest_link_and_sees_only_their_own_mail(consol
     assert console.title() == "Not allowed"
     assert console.held("q-virus") == {"alice@dest.test": "held"}
     assert console.postfix.messages("alice") == []
+
+
+def test_a_recipient_releases_and_allows_the_sender(console: Console) -> None:
+    """"Release and allow sender": the copy arrives at Postfix, and the From: address is on the
+    recipient's allow list in the lists plugin's file table (what the proxy reads at reload)."""
+    driver = console.driver
+    console.sign_in("dave@dest.test", "admin-pw")
+    driver.get(f"{console.base}/console/quarantine/q-allow")
+    assert console.title() == "Partner newsletter"
+    assert driver.find_elements(By.NAME, "scope") == []  # a recipient allows for herself only
+    assert driver.find_elements(By.XPATH, "//button[text()='Not spam: release']")
+    console.shot("console-allow")
+    console.click(By.XPATH, "//button[text()='Release and allow sender']")
+    assert console.title() == "Done", driver.page_source
+    done = driver.find_element(By.TAG_NAME, "main").text
+    assert "q-allow: released for dave@dest.test" in done
+    assert "news@partner.example is now on the allow list of dave@dest.test." in done
+    [delivered] = console.postfix.wait_for_messages("dave", 1)
+    assert b"Subject: Partner newsletter" in delivered
+    assert console.held("q-allow") == {"dave@dest.test": "released"}
+    allow = (console.root / "allow").read_text()
+    assert allow == "# allow lists, written by the console\ndave@dest.test  news@partner.example\n"
+    audit = console.audit_text()
+    assert "recipient:dave@dest.test release q-allow dave@dest.test" in audit
+    assert "recipient:dave@dest.test allow_sender q-allow dave@dest.test" in audit
 
 
 def test_a_release_link_works_in_a_real_browser(console: Console) -> None:

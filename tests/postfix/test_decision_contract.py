@@ -148,7 +148,7 @@ class Recorder:
         self.decided.set()
 
 
-def judge(phase: str, behaviour: str) -> object:
+def judge(phase: str, behaviour: str, enforce: bool = True) -> object:
     is_async, body = BEHAVIOURS[behaviour]
     if is_async:
         async def hook(self: object) -> Any:
@@ -159,7 +159,7 @@ def judge(phase: str, behaviour: str) -> object:
     else:
         def hook(self: object) -> Any:  # type: ignore[misc]
             return body()
-    cls = type("Judge", (), {"name": "judge", "timeout": TIMEOUT, phase: hookimpl(hook)})
+    cls = type("Judge", (), {"name": "judge", "timeout": TIMEOUT, "enforce": enforce, phase: hookimpl(hook)})
     return cls()
 
 
@@ -189,10 +189,10 @@ def _by(caplog: pytest.LogCaptureFixture, events: tuple[str, ...]) -> str:
 
 async def through_proxy(
     phase: str, behaviour: str, *, proxy_factory: ProxyFactory, sink: Sink,
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, enforce: bool = True,
 ) -> Seen:
     recorder = Recorder()
-    server = await proxy_factory(Scorer(), judge(phase, behaviour), recorder, upstream=sink.port)
+    server = await proxy_factory(Scorer(), judge(phase, behaviour, enforce), recorder, upstream=sink.port)
     talk = await Talk.open(port_of(server))
     try:
         code, _ = await talk.greeting()
@@ -217,9 +217,9 @@ async def through_proxy(
 
 
 async def through_milter(phase: str, behaviour: str, milter: MilterFactory,
-                         caplog: pytest.LogCaptureFixture) -> Seen:
+                         caplog: pytest.LogCaptureFixture, enforce: bool = True) -> Seen:
     recorder = Recorder()
-    mta = await FakeMTA.open(await milter(Scorer(), judge(phase, behaviour), recorder))
+    mta = await FakeMTA.open(await milter(Scorer(), judge(phase, behaviour, enforce), recorder))
     try:
         steps: list[tuple[codec.Command, dict[str, str], tuple[str, ...]]] = [
             (codec.Helo("client.test"), {}, ("helo",)),
@@ -251,9 +251,9 @@ async def through_milter(phase: str, behaviour: str, milter: MilterFactory,
         await mta.close()
 
 
-async def through_tracer(phase: str, behaviour: str) -> Seen:
+async def through_tracer(phase: str, behaviour: str, enforce: bool = True) -> Seen:
     recorder = Recorder()
-    async with Tracer(chain_of(Scorer(), judge(phase, behaviour), recorder)) as tracer:
+    async with Tracer(chain_of(Scorer(), judge(phase, behaviour, enforce), recorder)) as tracer:
         trace = await tracer.trace(MESSAGE, sender="alice@sender.test", recipients=["bob@dest.test"],
                                    helo="client.test")
     code = int(trace.reply[:3])
@@ -263,11 +263,11 @@ async def through_tracer(phase: str, behaviour: str) -> Seen:
     return Seen(trace.decision, code // 100, trace.decided_by, score)
 
 
-async def through_conversation(phase: str, behaviour: str) -> Seen:
+async def through_conversation(phase: str, behaviour: str, enforce: bool = True) -> Seen:
     """The bare Conversation, as a front end without a medium would drive it."""
     recorder = Recorder()
-    conversation = Conversation(chain_of(Scorer(), judge(phase, behaviour), recorder, timeout=TIMEOUT),
-                                Rules())
+    conversation = Conversation(
+        chain_of(Scorer(), judge(phase, behaviour, enforce), recorder, timeout=TIMEOUT), Rules())
     session = Session(Client("192.0.2.1", 4567), transport="offline")
 
     def refused(refusal: Refusal) -> Seen:
@@ -307,10 +307,11 @@ NOT_APPLICABLE = {
 }
 
 
-async def through_policy(phase: str, behaviour: str, caplog: pytest.LogCaptureFixture) -> Seen | None:
+async def through_policy(phase: str, behaviour: str, caplog: pytest.LogCaptureFixture,
+                         enforce: bool = True) -> Seen | None:
     """Requests as Postfix sends them at RCPT and END-OF-MESSAGE; None: not applicable."""
     recorder = Recorder()
-    chain = chain_of(Scorer(), judge(phase, behaviour), recorder, timeout=TIMEOUT)
+    chain = chain_of(Scorer(), judge(phase, behaviour, enforce), recorder, timeout=TIMEOUT)
     if ("policy", phase) in NOT_APPLICABLE:
         assert message_plugins(chain).only_message == ("judge",)  # named, never skipped silently
         return None
@@ -372,6 +373,54 @@ async def test_every_front_end_decides_alike_through_the_conversation(  # noqa: 
     assert len(sink.messages) == (1 if want.disposition == "delivered" else 0)
     held = list((tmp_path / "quarantine").rglob("*.eml")) if (tmp_path / "quarantine").exists() else []
     assert bool(held) is (want.disposition == "quarantined")
+
+
+SHADOW_BEHAVIOURS = ("reject", "tempfail", "discard", "quarantine", "accept", "continue", "raises",
+                     "hangs")
+SHADOW_SCENARIOS = [(phase, b) for phase in PHASES for b in SHADOW_BEHAVIOURS]
+
+
+@pytest.mark.parametrize(("phase", "behaviour"), SHADOW_SCENARIOS,
+                         ids=[f"{p}-{b}" for p, b in SHADOW_SCENARIOS])
+async def test_a_shadowed_judge_changes_nothing_in_any_front_end(  # noqa: PLR0917 - pytest fixtures
+    phase: str, behaviour: str, proxy_factory: ProxyFactory, sink: Sink, milter: MilterFactory,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """``enforce: false``: every front end delivers, with the score of the enforced plugins only,
+    and its ``message`` line says what the message would have come to had the judge enforced
+    (``expected`` of the enforced judge) and the shadow total."""
+    caplog.set_level(logging.INFO)
+    enforced = expected(phase, behaviour)
+    want = Expected("delivered", 2, "delivery", 3.5)
+    shadow_score = 3.5 + (0.5 if behaviour == "continue" else 0.0)
+    front_ends = {
+        "conversation": lambda: through_conversation(phase, behaviour, enforce=False),
+        "proxy": lambda: through_proxy(phase, behaviour, proxy_factory=proxy_factory, sink=sink,
+                                       caplog=caplog, enforce=False),
+        "milter": lambda: through_milter(phase, behaviour, milter, caplog, enforce=False),
+        "tracer": lambda: through_tracer(phase, behaviour, enforce=False),
+        "policy": lambda: through_policy(phase, behaviour, caplog, enforce=False),
+    }
+    wrong: dict[str, Any] = {}
+    for name, drive in front_ends.items():
+        caplog.clear()
+        seen = await drive()
+        if seen is None:
+            assert (name, phase) in NOT_APPLICABLE
+            continue
+        lines = [dict(getattr(r, "smtpproxy_fields", {})) for r in caplog.records
+                 if r.getMessage() == "message"]
+        line = lines[-1] if lines else {}
+        got = (seen.matches(want), line.get("would"), line.get("shadow_score"))
+        if got != (True, enforced.disposition, shadow_score):
+            wrong[name] = (seen, got)
+        if behaviour in ("reject", "tempfail", "discard", "quarantine"):
+            events = [r for r in caplog.records if r.getMessage() == f"would_{behaviour}"]
+            if len(events) != 1:
+                wrong[f"{name} would_{behaviour}"] = len(events)
+    assert wrong == {}, (enforced, want)
+    assert len(sink.messages) == 1  # the proxy delivered it
+    assert not (tmp_path / "quarantine").exists() or not list((tmp_path / "quarantine").rglob("*.eml"))
 
 
 def test_the_oracle_never_answers_2xx_for_a_lost_message() -> None:

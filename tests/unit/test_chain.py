@@ -218,3 +218,34 @@ async def test_a_hook_that_suspends_several_times_returns_its_verdict() -> None:
     assert result.verdict is not None and result.verdict.action is Action.REJECT
     assert result.verdict.reply is not None and result.verdict.reply.text == "no h"
     assert not result.failed and results.outcomes[0].error is None
+
+
+class Learns:
+    def __init__(self, answer: object = None, *, raises: BaseException | None = None, sleeps: float = 0):
+        self.answer, self.raises, self.sleeps = answer, raises, sleeps
+
+    @hookimpl
+    async def learn(self, verdict: str) -> object:
+        await asyncio.sleep(self.sleeps)
+        if self.raises is not None:
+            raise self.raises
+        return self.answer if self.answer is not None else f"learned {verdict}"
+
+
+async def test_a_request_hook_asks_every_plugin_and_hands_back_each_answer_or_error() -> None:
+    """``learn``: every implementer runs, in order, whatever the one before it did; a raise, a
+    timeout, a KeyboardInterrupt or an answer that is not a text is that plugin's error."""
+    chain = build(ChainStep("a", Learns()), ChainStep("b", Learns(raises=ConnectionError("down"))),
+                  ChainStep("c", Learns(7)), ChainStep("d", Learns(sleeps=5), timeout=0.05),
+                  ChainStep("e", Learns(raises=KeyboardInterrupt())), ChainStep("f", Learns("ok")))
+    assert chain.implementers("learn") == ["a", "b", "c", "d", "e", "f"]
+    replies = await chain.request("learn", message=None, verdict="spam", reporter="cli", recipients=[])
+    assert [(r.plugin, r.text, r.error) for r in replies] == [
+        ("a", "learned spam", None),
+        ("b", None, "ConnectionError: down"),
+        ("c", None, "returned int, not a text"),
+        ("d", None, "timed out after 0.05s"),
+        ("e", None, "KeyboardInterrupt"),
+        ("f", "ok", None),
+    ]
+    assert await build(ChainStep("x", Says([], "x"))).request("learn", verdict="ham") == []

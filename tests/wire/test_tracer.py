@@ -283,7 +283,7 @@ class Fixed:
 '''
 
 
-def write_setup(tmp_path: Path, action: str) -> tuple[Path, dict[str, str]]:
+def write_setup(tmp_path: Path, action: str, enforce: bool = True) -> tuple[Path, dict[str, str]]:
     (tmp_path / "tracer_cli_plugins.py").write_text(PLUGINS_MODULE)
     config = tmp_path / "smtpproxy.yaml"
     config.write_text(textwrap.dedent(f"""\
@@ -299,13 +299,15 @@ def write_setup(tmp_path: Path, action: str) -> tuple[Path, dict[str, str]]:
           - name: fixed
             use: tracer_cli_plugins:Fixed
             settings: {{action: {action}}}
+            enforce: {"true" if enforce else "false"}
         """))
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
     return config, env
 
 
-def test_message(tmp_path: Path, *args: str, action: str = "continue") -> subprocess.CompletedProcess[str]:
-    config, env = write_setup(tmp_path, action)
+def test_message(tmp_path: Path, *args: str, action: str = "continue",
+                 enforce: bool = True) -> subprocess.CompletedProcess[str]:
+    config, env = write_setup(tmp_path, action, enforce)
     return subprocess.run([*EXE, "test-message", *args, "-c", str(config)], capture_output=True,
                           text=True, timeout=60, env=env)
 
@@ -374,3 +376,61 @@ def test_command_usage_errors(tmp_path: Path) -> None:
     eml.write_bytes(MESSAGE)
     bad = test_message(tmp_path, str(eml), "--from", "a@b.test", "--rcpt", "no spaces@localhost")
     assert bad.returncode == 2 and "recipient 'no spaces@localhost'" in bad.stderr
+
+
+# -- shadow mode: both outcomes -----------------------------------------------------------
+
+
+class Shadowed(At):
+    enforce = False
+
+
+class ShadowTagger(Tagger):
+    name = "shadow_tagger"
+    enforce = False
+
+
+async def test_the_trace_shows_what_shadowed_plugins_would_have_done(tmp_path: Path) -> None:
+    t = await trace(tmp_path, ShadowTagger(), Shadowed("data", Verdict.reject("Too spammy"), "strict"),
+                    At("data", Verdict.cont(score=1.0), "real"))
+    assert (t.decision, t.decided_by, t.score) == ("delivered", "delivery", 1.0)
+    assert (t.would, t.would_by, t.shadow_score) == ("rejected", "strict", 3.5)
+    assert t.would_reply == "550 5.7.1 Too spammy"
+    assert t.shadowed == ["shadow_tagger", "strict"]
+    tagger, strict, real = t.phase("data")[0].steps
+    assert (tagger.shadow, strict.shadow, real.shadow) == (True, True, False)
+    assert strict.action == "reject" and tagger.changes == ("+ X-Tagged: yes", "- X-Internal")
+    assert t.headers_added == [] and t.headers_removed == []  # undone: the message is as it came
+    text = render_text(t)
+    assert "shadow:reject" in text and "undone: + X-Tagged: yes" in text
+    assert "decision  DELIVERED" in text
+    assert "shadow    would be REJECTED  550 5.7.1 Too spammy" in text
+    assert "shadow score 3.5" in text and "shadowed (enforce: false): shadow_tagger, strict" in text
+    data = t.to_dict()
+    assert data["shadow"]["decision"] == "rejected" and data["shadow"]["score"] == 3.5
+    assert data["phases"][-1]["steps"][1]["shadow"] is True
+
+
+async def test_a_trace_without_shadowed_plugins_has_no_second_outcome(tmp_path: Path) -> None:
+    t = await trace(tmp_path, Tagger())
+    assert t.shadowed == [] and "shadow" not in t.to_dict() and "shadow " not in render_text(t)
+
+
+async def test_a_shadowed_refusal_before_data_is_the_would_be_outcome(tmp_path: Path) -> None:
+    t = await trace(tmp_path, Shadowed("mail_from", Verdict.tempfail("Greylisted"), "grey"))
+    assert (t.decision, t.would, t.would_by) == ("delivered", "tempfailed", "grey")
+    t = await trace(tmp_path, Shadowed("connect", Verdict.reject("Listed"), "rbl"),
+                    At("helo", Verdict.reject("Bad HELO"), "helo_check"))
+    assert (t.decision, t.decided_by) == ("rejected", "helo_check")
+    assert (t.would, t.would_by, t.would_reply) == ("rejected", "rbl", "554 5.7.1 Listed")
+
+
+def test_command_with_a_shadowed_plugin_reports_both_outcomes(tmp_path: Path) -> None:
+    eml = tmp_path / "one.eml"
+    eml.write_bytes(MESSAGE)
+    result = test_message(tmp_path, str(eml), "--from", "a@sender.test", "--rcpt", "bob@localhost",
+                          action="quarantine", enforce=False)
+    assert result.returncode == 0, result.stderr  # delivered: the shadowed quarantine is not applied
+    assert "decision  DELIVERED" in result.stdout
+    assert "shadow    would be QUARANTINED" in result.stdout
+    assert "by fixed; reason: held" in result.stdout

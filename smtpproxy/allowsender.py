@@ -1,0 +1,70 @@
+""""Release and allow this sender": an entry in the ``lists`` plugin's allow table.
+
+The ``lists`` plugin matches its allow entries against the message's ``From:`` address (what
+the reader sees, and what DMARC/SPF/DKIM authenticate), keyed by recipient. So the entry
+added is that address, under the recipient's own address (or ``@domain``, for a domain
+admin who allows it for the whole domain). Only a writable table (``file`` or ``redis``,
+as for ``smtpproxy tables add``) can take it; otherwise :func:`allow_table` says why not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from email.utils import getaddresses
+
+from smtpproxy.config import Config
+from smtpproxy.message import Message
+from smtpproxy.tables_cli import edit_entry
+
+__all__ = ["AllowTable", "allow_table", "author"]
+
+WRITABLE = ("file", "redis")
+
+
+@dataclass(frozen=True, slots=True)
+class AllowTable:
+    """The configured allow table, or why there is none to write to (``problem``)."""
+
+    name: str | None
+    problem: str | None = None
+
+    @property
+    def writable(self) -> bool:
+        return self.problem is None
+
+    async def add(self, config: Config, key: str, sender: str) -> str:
+        """Add *sender* to *key*'s allow list; what happened, as one line."""
+        assert self.name is not None and self.problem is None
+        said: list[str] = []
+        await edit_entry(config, self.name, key, sender, add=True, say=said.append)
+        return "; ".join(said) or f"{sender} added to {key}"
+
+
+def allow_table(config: Config) -> AllowTable:
+    """The allow table of the (first enabled) ``lists`` plugin, if it is writable."""
+    for spec in config.plugins:
+        if not spec.enabled or (spec.use or spec.name) != "lists":
+            continue
+        name = spec.settings.get("allow")
+        if not isinstance(name, str):
+            return AllowTable(None, f"the lists plugin ({spec.name}) has no allow table")
+        table = config.tables.get(name)
+        if table is None:
+            return AllowTable(None, f"the lists plugin's allow table {name!r} is not in tables:")
+        if table.type not in WRITABLE:
+            return AllowTable(None, f"the allow table {name} ({table.type}) is not writable here: "
+                                    f"only {' and '.join(WRITABLE)} tables are")
+        return AllowTable(name)
+    return AllowTable(None, "no lists plugin is configured: there is no allow list")
+
+
+def author(content: bytes) -> str | None:
+    """The single ``From:`` address of a message, as the lists plugin reads it (None: none or
+    several, which the lists plugin never allows)."""
+    values = Message(content).get_all("From")
+    if len(values) != 1:
+        return None
+    found = {a.lower() for _, a in getaddresses(values) if "@" in a and a.isprintable() and " " not in a}
+    if len(found) != 1:
+        return None
+    return next(iter(found))

@@ -1,0 +1,196 @@
+"""The console's "Report as spam" / "Not spam" and "Release and allow sender" over HTTP, as an
+attacker meets them: each role within its scope, another recipient's message by changing the id
+or the recipient, a GET, a missing CSRF token, a virus hold, a domain-wide entry only for domain
+admins, and no button where the allow table cannot be written. The learning plugin is a small
+module next to the configuration (tests/store/test_report_cli.py); the allow table a real file."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+
+import httpx
+import pytest
+
+from smtpproxy.config import load_config
+from smtpproxy.store import Held, open_store
+from smtpproxy.web.serve import make_server
+from tests.daemons import free_port
+from tests.store.test_report_cli import LEARNERS, notebook
+from tests.store.test_store_cli import maildir
+from tests.wire.test_console import HASH, _signed_in
+
+CONTENT = b"From: Sam <s@x.test>\r\nTo: bob@a.test\r\nSubject: %s\r\n\r\nHello.\r\n"
+ALLOW_LIST = "# allow lists\n"
+
+Start = Callable[..., Awaitable[str]]
+
+
+async def _fill(path: Path) -> None:
+    store = open_store(sqlite=path)
+    now = time.time()
+    for qid, recipients, admin_only in (("q-a", ["bob@a.test"], False), ("q-b", ["eve@b.test"], False),
+                                        ("q-ab", ["bob@a.test", "eve@b.test", "ann@a.test"], False),
+                                        ("q-virus", ["bob@a.test"], True)):
+        await store.hold(Held(id=qid, node="n", time=now, expires=now + 600, sender="s@x.test", size=3,
+                              record={"id": qid, "sender": "s@x.test", "recipients": recipients},
+                              recipients=dict.fromkeys(recipients, "held"), subject=f"subject {qid}",
+                              decided_by="clamav" if admin_only else "score", admin_only=admin_only),
+                         [CONTENT % qid.encode()])
+    await store.close()
+
+
+@pytest.fixture
+async def start(tmp_path: Path) -> AsyncIterator[Start]:
+    """Start the console with a learning plugin and the lists plugin on the allow table given."""
+    servers = []
+
+    async def start(allow_table: str = "{type: file, file: allow}") -> str:
+        port = free_port()
+        (tmp_path / "learners.py").write_text(LEARNERS)
+        sys.modules.pop("learners", None)  # this test's module (it writes next to itself), not an earlier one
+        if not (tmp_path / "allow").exists():
+            (tmp_path / "allow").write_text(ALLOW_LIST)
+        (tmp_path / "link.key").write_text("k" * 64)
+        (tmp_path / "accounts").write_text(
+            f"root:{HASH}:admin\nhost-a:{HASH}:domain:a.test\nbob@a.test:{HASH}:recipient\n")
+        (tmp_path / "cfg.yaml").write_text(
+            "delivery:\n  type: maildir\n  path: mail\nstore:\n  sqlite: store.db\nquarantine:\n  path: q\n"
+            f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
+            f"login_throttle:\n  initial_delay: 0\nplugin_paths: [{tmp_path}]\n"
+            f"tables:\n  allow: {allow_table}\n"
+            "plugins:\n  - {name: notebook, use: 'learners:Notebook'}\n  - {name: lists, settings: {allow: allow}}\n")
+        if not (tmp_path / "store.db").exists():
+            await _fill(tmp_path / "store.db")
+        config, _ = load_config(str(tmp_path / "cfg.yaml"))
+        server = make_server(config)
+        task = asyncio.create_task(server.serve())
+        servers.append((server, task))
+        while not server.started:
+            assert not task.done(), "the web app did not start"
+            await asyncio.sleep(0.02)
+        return f"http://127.0.0.1:{port}"
+
+    yield start
+    for server, task in servers:
+        server.should_exit = True
+        await task
+
+
+async def test_a_recipient_reports_and_allows_only_their_own_mail(start: Start, tmp_path: Path) -> None:
+    bob, csrf = await _signed_in(await start(), "bob@a.test")
+    try:
+        page = (await bob.get("/console/quarantine/q-a")).text
+        assert "Report as spam" in page and "Not spam: release" in page and "Release and allow sender" in page
+        assert 'name="scope"' not in page  # a recipient allows for themselves only
+        # Another recipient's message, by changing the id; another recipient of a shared one.
+        for qid, extra in (("q-b", {}), ("q-ab", {"recipient": "eve@b.test"}), ("nosuch", {})):
+            for action, form in (("report", {"verdict": "spam"}), ("allow", {})):
+                reply = await bob.post(f"/console/quarantine/{qid}/{action}", data={"csrf": csrf, **form, **extra})
+                assert reply.status_code == 404, (qid, action)
+        reply = await bob.post("/console/quarantine/q-a/allow", data={"csrf": csrf, "scope": "domain"})
+        assert reply.status_code == 404  # a domain-wide entry is not a recipient's to make
+        assert notebook(tmp_path) == [] and maildir(tmp_path) == []
+        assert (tmp_path / "allow").read_text() == ALLOW_LIST
+
+        reply = await bob.post("/console/quarantine/q-a/report", data={"csrf": csrf, "verdict": "spam"})
+        assert reply.status_code == 200 and "notebook: noted as spam" in reply.text
+        assert notebook(tmp_path) == [{"verdict": "spam", "subject": "q-a",
+                                       "reporter": "recipient:bob@a.test", "recipients": ["bob@a.test"]}]
+        reply = await bob.post("/console/quarantine/q-ab/allow", data={"csrf": csrf, "recipient": "bob@a.test"})
+        assert reply.status_code == 200, reply.text
+        assert "s@x.test is now on the allow list of bob@a.test" in reply.text
+        assert (tmp_path / "allow").read_text() == ALLOW_LIST + "bob@a.test  s@x.test\n"
+        [delivered] = maildir(tmp_path)
+        assert b"Subject: q-ab" in delivered
+        reply = await bob.post("/console/quarantine/q-a/report", data={"csrf": csrf, "verdict": "ham-release"})
+        assert reply.status_code == 200 and "q-a: released for bob@a.test" in reply.text
+        assert len(maildir(tmp_path)) == 2 and notebook(tmp_path)[-1]["verdict"] == "ham"
+        # Released, the message (kept by the store) can still be reported, not released again.
+        page = (await bob.get("/console/quarantine/q-a")).text
+        assert "Report as spam" in page and "Not spam: release" not in page
+        assert "Release and allow sender" not in page
+    finally:
+        await bob.aclose()
+    admin, _ = await _signed_in(await start(), "root")  # the same store: the audit log has it all
+    try:
+        audit = (await admin.get("/console/audit")).text
+        for action in ("report_spam", "report_ham", "allow_sender", "release"):
+            assert f"<td>{action}</td>" in audit, action
+    finally:
+        await admin.aclose()
+
+
+async def test_no_learning_or_allowing_by_get_or_without_csrf(start: Start, tmp_path: Path) -> None:
+    base = await start()
+    client, csrf = await _signed_in(base, "root")
+    try:
+        for action in ("report", "allow"):
+            assert (await client.get(f"/console/quarantine/q-a/{action}?verdict=spam")).status_code == 405
+            assert (await client.post(f"/console/quarantine/q-a/{action}", data={"verdict": "spam"})).status_code == 403
+            wrong = {"csrf": csrf + "x", "verdict": "spam"}
+            assert (await client.post(f"/console/quarantine/q-a/{action}", data=wrong)).status_code == 403
+            reply = await client.post(f"/console/quarantine/q-a/{action}", data={"csrf": csrf, "verdict": "spam"},
+                                      headers={"origin": "https://evil.example"})
+            assert reply.status_code == 403
+        reply = await client.post("/console/quarantine/q-a/report", data={"csrf": csrf, "verdict": "maybe"})
+        assert reply.status_code == 400
+    finally:
+        await client.aclose()
+    anonymous = httpx.AsyncClient(base_url=base)
+    try:
+        assert (await anonymous.post("/console/quarantine/q-a/report", data={"verdict": "spam"})).status_code == 403
+    finally:
+        await anonymous.aclose()
+    assert notebook(tmp_path) == [] and maildir(tmp_path) == []
+    assert (tmp_path / "allow").read_text() == ALLOW_LIST
+
+
+async def test_a_virus_hold_is_reported_as_spam_only_by_a_recipient(start: Start, tmp_path: Path) -> None:
+    base = await start()
+    bob, csrf = await _signed_in(base, "bob@a.test")
+    try:
+        page = (await bob.get("/console/quarantine/q-virus")).text
+        assert "Report as spam" in page and "Not spam" not in page and "Release and allow sender" not in page
+        for action, form in (("report", {"verdict": "ham"}), ("report", {"verdict": "ham-release"}),
+                             ("allow", {})):
+            reply = await bob.post(f"/console/quarantine/q-virus/{action}", data={"csrf": csrf, **form})
+            assert reply.status_code == 403 and "only an administrator" in reply.text, (action, form)
+        assert maildir(tmp_path) == [] and notebook(tmp_path) == []
+        assert (tmp_path / "allow").read_text() == ALLOW_LIST
+        reply = await bob.post("/console/quarantine/q-virus/report", data={"csrf": csrf, "verdict": "spam"})
+        assert reply.status_code == 200 and [n["verdict"] for n in notebook(tmp_path)] == ["spam"]
+    finally:
+        await bob.aclose()
+
+
+async def test_a_domain_admin_allows_for_their_domain_only(start: Start, tmp_path: Path) -> None:
+    host, csrf = await _signed_in(await start(), "host-a")
+    try:
+        page = (await host.get("/console/quarantine/q-ab")).text
+        assert 'name="scope"' in page and "eve@b.test" not in page
+        reply = await host.post("/console/quarantine/q-ab/allow", data={"csrf": csrf, "scope": "domain"})
+        assert reply.status_code == 200, reply.text
+        assert "s@x.test is now on the allow list of @a.test" in reply.text
+        # bob and ann (a.test) released, one entry for their domain; eve (b.test) untouched.
+        assert (tmp_path / "allow").read_text() == ALLOW_LIST + "@a.test  s@x.test\n"
+        assert len(maildir(tmp_path)) == 1
+        reply = await host.post("/console/quarantine/q-ab/allow", data={"csrf": csrf, "scope": "galaxy"})
+        assert reply.status_code == 404
+    finally:
+        await host.aclose()
+
+
+async def test_no_allow_button_where_the_table_cannot_be_written(start: Start, tmp_path: Path) -> None:
+    admin, csrf = await _signed_in(await start("{type: inline, entries: {x: y}}"), "root")
+    try:
+        page = (await admin.get("/console/quarantine/q-a")).text
+        assert "Release and allow sender" not in page and "Report as spam" in page
+        reply = await admin.post("/console/quarantine/q-a/allow", data={"csrf": csrf})
+        assert reply.status_code == 409 and "(inline) is not writable here" in reply.text
+        assert maildir(tmp_path) == []  # nothing released either
+    finally:
+        await admin.aclose()
