@@ -414,3 +414,32 @@ async def test_the_message_line_and_the_metrics_carry_the_groups(
     assert metrics.groups == [("default", "delivered"), ("gated", "delivered")]
     rcpt_lines = [r.smtpproxy_fields for r in caplog.records if r.msg == "rcpt_to"]  # type: ignore[attr-defined]
     assert [f["group"] for f in rcpt_lines] == ["gated", "default"]
+
+
+async def test_a_group_can_shadow_a_plugin_and_that_is_its_own_transaction(tmp_path: Path) -> None:
+    """enforce: false in a group's override: the group's verdicts are only would-be ones; a
+    shadowed data plugin makes another transaction key than the enforced one."""
+    from smtpproxy.tracer import Tracer
+
+    text = """plugins:
+  - name: score
+    settings:
+      tag: 5
+      reject: 100
+      rules: [{name: OFFER, score: 6, match: {header: {name: Subject, regex: offer}}}]
+relay: {domains: [trial.test, plain.test]}
+policies:
+  - name: trial
+    recipients: [trial.test]
+    plugins:
+      score: {enforce: false, settings: {reject: 5}}
+"""
+    config, source = load_config(write(tmp_path, text), environ={})
+    async with Tracer.from_config(config, source) as tracer:
+        trial = await tracer.trace(b"Subject: special offer\r\n\r\nbody\r\n", sender="s@sender.test",
+                                   recipients=["a@trial.test", "b@plain.test"])
+        plain = await tracer.trace(b"Subject: special offer\r\n\r\nbody\r\n", sender="s@sender.test",
+                                   recipients=["b@plain.test"])
+    assert trial.accepted_recipients == ["a@trial.test"]  # b@plain.test: 452, another key
+    assert trial.decision == "delivered" and trial.would == "rejected" and trial.shadowed == ["score"]
+    assert plain.decision == "delivered" and plain.score == 6  # the global threshold: 100
