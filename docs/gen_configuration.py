@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from smtpproxy import config as c
+from smtpproxy.config import policies as ps
 from smtpproxy.config import schema
 from smtpproxy.config import tables as ts
 from smtpproxy.config.console import ConsoleLDAP
@@ -32,6 +33,9 @@ SECTIONS: list[tuple[str, type[BaseModel], str]] = [
     ("delivery (type: smtp)", c.SmtpDeliveryConfig, "Forward to an upstream MTA with aiosmtplib."),
     ("quarantine", c.Quarantine, "Where quarantined messages are kept."),
     ("plugins[]", c.PluginSpec, "The plugin chain, in the order it runs."),
+    ("policies[]", ps.PolicyGroup,
+     "A policy group (docs/multi-domain.md): who it is for, and what it changes; first match wins."),
+    ("policies[].plugins.NAME", ps.PluginOverride, "What a group changes about one plugin."),
     ("dns", c.DNS, "The resolver every plugin shares."),
     ("milter", c.Milter,
      "Milter mode: `smtpproxy milter` serves the chain to Postfix (docs/deploy-milter.md)."),

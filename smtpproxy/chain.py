@@ -133,6 +133,12 @@ class Chain:
     def __init__(self, pm: pluggy.PluginManager, steps: Iterable[ChainStep]):
         self.pm = pm
         self.steps = tuple(steps)
+        self.policies: Any = None
+        """The policy groups (:class:`smtpproxy.groups.Policies`) whose default chain this is,
+        or None: no ``policies:``. They live and retire with this chain."""
+        self.companions: tuple[Chain, ...] = ()
+        """The groups' chains: their plugins that are not this chain's get ``startup`` and
+        ``shutdown`` with it."""
         self._calls: dict[str, tuple[_Call, ...]] = {}
         for hook_name in (*PHASES, *NOTIFICATIONS, *REQUESTS):
             impls = getattr(pm.hook, hook_name).get_hookimpls()
@@ -147,6 +153,10 @@ class Chain:
     def implements(self, hook_name: str) -> bool:
         """True when any plugin of the chain implements the hook."""
         return bool(self._calls[hook_name])
+
+    def phase_plugins(self, hook_name: str) -> tuple[tuple[str, object], ...]:
+        """(name, plugin instance) of each implementer of a hook, in call order."""
+        return tuple((c.step.name, c.step.plugin) for c in self._calls[hook_name])
 
     @property
     def shadowed(self) -> tuple[str, ...]:
@@ -222,13 +232,28 @@ class Chain:
     async def notify(self, hook_name: str, **kwargs: Any) -> list[tuple[str, str]]:
         """Call a notification hook on every implementer; return (plugin, error) for failures."""
         failures = []
-        for call in self._calls[hook_name]:
+        for call in self._lifecycle_calls(hook_name) if self.companions else self._calls[hook_name]:
             _, error, _ = await self._invoke(call, hook_name, kwargs)
             if error is not None:
                 event("plugin_error", level=logging.WARNING, plugin=call.step.name,
                       phase=hook_name, error=error)
                 failures.append((call.step.name, error))
         return failures
+
+    def _lifecycle_calls(self, hook_name: str) -> tuple[_Call, ...]:
+        """This chain's calls, and for ``startup``/``shutdown`` also the companions' calls
+        on plugins not already called (an instance shared between groups is called once)."""
+        calls = self._calls[hook_name]
+        if hook_name not in ("startup", "shutdown"):
+            return calls
+        seen = {id(c.step.plugin) for c in calls}
+        extra = []
+        for companion in self.companions:
+            for call in companion._calls[hook_name]:
+                if id(call.step.plugin) not in seen:
+                    seen.add(id(call.step.plugin))
+                    extra.append(call)
+        return (*calls, *extra)
 
     async def request(self, hook_name: str, **kwargs: Any) -> list[RequestReply]:
         """Call a request hook (``learn``) on every implementer, in order: what each said or

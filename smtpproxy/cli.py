@@ -162,7 +162,8 @@ def _parser() -> argparse.ArgumentParser:
 def _load(path: str | None, *, plugins: bool = True) -> tuple[Config, ConfigSource | None]:
     config, source = load_config(path)
     if plugins:  # plugin settings are part of a valid config
-        build_chain(config.plugins, source, plugin_paths=config.plugin_paths, table_names=config.tables)
+        build_chain(config.plugins, source, plugin_paths=config.plugin_paths, table_names=config.tables,
+                    policies=config.policies)
     return config, source
 
 
@@ -248,8 +249,9 @@ def _command(argv: Sequence[str] | None) -> int:
         plugins = ", ".join(p.name for p in config.plugins if p.enabled) or "none"
         if "policy" in config.model_fields_set and (problem := _policy_problem(config, source)):
             return problem
+        groups = f", policy groups: {', '.join(g.name for g in config.policies)}" if config.policies else ""
         print(f"{args.config}: OK ({len(config.listeners)} listener(s), "
-              f"delivery {config.delivery.type}, plugins: {plugins})")
+              f"delivery {config.delivery.type}, plugins: {plugins}{groups})")
         return 0
     configure_logging(config.logging.level, config.logging.format)
     if args.command == "milter":
@@ -294,7 +296,7 @@ def _policy_problem(config: Config, source: ConfigSource | None) -> int:
     from smtpproxy.policy.applicability import message_plugins
 
     found = message_plugins(build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
-                                        table_names=config.tables))
+                                        table_names=config.tables, policies=config.policies))
     if not found:
         return 0
     refuse = config.policy.message_plugins == "refuse" and bool(found.only_message)

@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from smtpproxy.addresses import Address
 from smtpproxy.chain import Chain, PhaseResult
 from smtpproxy.eventlog import event
+from smtpproxy.groups import Choice, Policies
 from smtpproxy.history import HistoryRecorder, entry_for
 from smtpproxy.message import Message
 from smtpproxy.metrics import NullRecorder
@@ -42,11 +43,15 @@ from smtpproxy.outcome import (
     would_end_of_message,
 )
 from smtpproxy.relay import RelayPolicy, refusal_reply
+from smtpproxy.routing import ROUTES_NOTE
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import Decision, Envelope, Outcome, Recipient, Session, Transaction
+from smtpproxy.tables import TableUnavailable
 from smtpproxy.verdicts import Reply
 
 __all__ = [
+    "GROUPS_NOTE",
+    "GROUP_LOOKUP_FAILED",
     "OTHER_ROUTE",
     "SENDER_LOGIN_REASON",
     "TOO_MANY_RECIPIENTS",
@@ -58,6 +63,11 @@ __all__ = [
 
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 OTHER_ROUTE = Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
+GROUP_LOOKUP_FAILED = Reply(451, "4.3.0", "Recipient policy lookup failed, please try again later")
+GROUPS_NOTE = "policy_groups"
+"""``transaction.notes[GROUPS_NOTE]``: each accepted recipient's policy group, by address."""
+RETENTION_NOTE = "quarantine_retention_days"
+"""``transaction.notes[RETENTION_NOTE]``: the longest retention the recipients' groups ask for."""
 SENDER_LOGIN_REASON = "sender_login: the login does not own this sender (docs/submission.md)"
 _RECIPIENT_LIMIT_REASON = "one transaction per route, or limits.max_recipients"
 _RELAY_REASON = "relay rule: the domain is not in relay.domains and the client is not trusted"
@@ -92,6 +102,9 @@ class ConversationObserver(Protocol):
     def rule_refused(self, refusal: Refusal) -> None:
         """One of smtpproxy's own rules refused in the current phase."""
 
+    # Optional: ``group_chosen(recipient, group, why)``, the policy group chosen for a
+    # recipient (with ``policies:``; the tracer's report names it).
+
     def phase_finished(self, result: PhaseResult, refusal: Refusal | None) -> None:
         """A phase ended, with the refusal it gave before the message, if any (at ``data``
         None: what the message comes to is the front end's to say)."""
@@ -113,7 +126,8 @@ def verdict_fields(result: PhaseResult) -> dict[str, Any]:
 class Conversation:
     """One session's conversation with the chain; see the module's docstring."""
 
-    __slots__ = ("_ends", "_pending", "chain", "history", "metrics", "node", "observer", "route", "rules")
+    __slots__ = ("_choice", "_ends", "_key", "_pending", "_tx_chain", "chain", "history", "metrics",
+                 "node", "observer", "policies", "route", "rules", "shadowed")
 
     def __init__(
         self, chain: Chain, rules: Rules, *, metrics: NullRecorder | None = None,
@@ -131,18 +145,32 @@ class Conversation:
         self.route: str | None = None
         """The route of the current transaction's recipients (set by the first accepted)."""
         self._pending: list[asyncio.Task[Any]] = []
+        self.policies: Policies | None = chain.policies
+        """The policy groups of this session's chain (None: no ``policies:``)."""
+        self._choice: tuple[Recipient, Choice] | None = None
+        """The group chosen at the last RCPT, until :meth:`accept` takes it."""
+        self._key: tuple[Any, ...] | None = None
+        """The transaction's key (route and group key), set by its first accepted recipient."""
+        self._tx_chain: Chain | None = None
+        """The chain of the transaction's data and after_message phases (its first group's)."""
         self._ends: tuple[str, Refusal | Deliver, Refusal | Deliver] | None = None
         """(transaction id, enforced end, would-be end) of the last message, when the chain
         has shadowed plugins."""
+        self.shadowed = tuple(dict.fromkeys(
+            name for c in (chain, *chain.companions) for name in c.shadowed))
+        """The plugins in shadow mode (``enforce: false``), globally or in a policy group."""
 
     # -- running the chain ----------------------------------------------------------------
 
-    async def _run(self, phase: str, subject: str, results: Any, **kwargs: Any) -> PhaseResult:
+    async def _run(self, phase: str, subject: str, results: Any, *, chain: Chain | None = None,
+                   **kwargs: Any) -> PhaseResult:
+        """Run *phase* on *chain* (a policy group's; default: the session's)."""
+        chain = chain or self.chain
         observer = self.observer
         if observer is None:
-            return await self.chain.run(phase, results, **kwargs)
+            return await chain.run(phase, results, **kwargs)
         observer.phase_started(phase, subject)
-        return await self.chain.run(phase, results, on_outcome=observer.outcome, **kwargs)
+        return await chain.run(phase, results, on_outcome=observer.outcome, **kwargs)
 
     def _finished(self, result: PhaseResult, refusal: Refusal | None) -> Refusal | None:
         if self.observer is not None:
@@ -196,7 +224,7 @@ class Conversation:
                 if self.observer is not None:
                     self.observer.phase_started("mail_from", sender.text or "<>")
                 return self._rule(Refusal(reply, PROXY, SENDER_LOGIN_REASON))
-        self.route = None
+        self._forget_transaction()
         transaction = session.begin_transaction(Envelope(sender, params))
         result = await self._run("mail_from", sender.text or "<>", transaction.results,
                                  session=session, transaction=transaction, sender=sender)
@@ -226,16 +254,56 @@ class Conversation:
             event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=why)
             self._rule_phase(address)
             return self._rule(Refusal(refusal_reply(address, why), PROXY, _RELAY_REASON))
-        if rules.route_key is not None and self.route is not None and rules.route_key(address) != self.route:
-            # One transaction goes to one upstream route; the client sends these again in a
-            # new transaction (RFC 5321 4.5.3.1.10), so every route answers for itself.
-            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict="other_route")
+        chain, choice = self.chain, None
+        if self.policies is not None:
+            try:
+                choice = await self.policies.choose(address.text, auth_user=session.auth_user,
+                                                    client_ip=session.client.ip,
+                                                    local_port=session.local_port)
+            except TableUnavailable as exc:
+                # Never the default group: a tenant's rules must not become another's.
+                event("rcpt_to", level=logging.WARNING, tx=transaction.id, recipient=address.text,
+                      verdict="group_lookup_failed", error=str(exc))
+                self._rule_phase(address)
+                return self._rule(Refusal(GROUP_LOOKUP_FAILED, PROXY, f"policy group lookup: {exc}"))
+            chain = choice.group.chain
+            group_chosen = getattr(self.observer, "group_chosen", None)
+            if group_chosen is not None:
+                group_chosen(address.text, choice.group.name, choice.why)
+        group_log: dict[str, Any] = {"group": choice.group.name} if choice is not None else {}
+        key = self._key_of(address, choice)
+        if self._key is not None and key != self._key:
+            # One transaction goes to one upstream route and gets one answer to DATA; the
+            # client sends these again in a new transaction (RFC 5321 4.5.3.1.10), so every
+            # route and every group's data-phase policy answers for itself.
+            other = "other_route" if key[0] != self._key[0] else "other_group"
+            event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=other, **group_log)
             self._rule_phase(address)
             return self._rule(Refusal(OTHER_ROUTE, PROXY, _RECIPIENT_LIMIT_REASON))
-        result = await self._run("rcpt_to", address.text, transaction.results, session=session,
+        self._choice = (recipient, choice) if choice is not None else None
+        if choice is not None and choice.group.route is not None and self.rules.route_key is not None:
+            # The delivery (and rcpt_mode relay's upstream transaction, opened before accept)
+            # takes the group's route for this recipient.
+            transaction.notes.setdefault(ROUTES_NOTE, {})[address.text] = choice.group.route
+        result = await self._run("rcpt_to", address.text, transaction.results, chain=chain, session=session,
                                  transaction=transaction, recipient=recipient)
-        event("rcpt_to", tx=transaction.id, recipient=address.text, **verdict_fields(result))
+        event("rcpt_to", tx=transaction.id, recipient=address.text, **verdict_fields(result), **group_log)
         return self._finished(result, before_message("rcpt_to", transaction, result))
+
+    def _key_of(self, address: Address, choice: Choice | None) -> tuple[Any, ...]:
+        """The transaction key of a recipient: its route (its group's, or its domain's), and its
+        group's data-phase key."""
+        route = None
+        if self.rules.route_key is not None:  # None: the MTA routes (the milter, the policy service)
+            group_route = choice.group.route if choice is not None else None
+            route = group_route or self.rules.route_key(address)
+        return (route, choice.group.key if choice is not None else None)
+
+    def _forget_transaction(self) -> None:
+        self.route = None
+        self._key = None
+        self._choice = None
+        self._tx_chain = None
 
     def _rule_phase(self, address: Address) -> None:
         if self.observer is not None:
@@ -243,8 +311,18 @@ class Conversation:
 
     def accept(self, transaction: Transaction, recipient: Recipient) -> None:
         """The recipient is in the envelope; the transaction keeps to its route from now on."""
-        if self.rules.route_key is not None and self.route is None:
-            self.route = self.rules.route_key(recipient.address)
+        choice = self._choice[1] if self._choice is not None and self._choice[0] is recipient else None
+        self._choice = None
+        if self._key is None:
+            self._key = self._key_of(recipient.address, choice)
+            self.route = self._key[0]
+            self._tx_chain = choice.group.chain if choice is not None else None
+        if choice is not None:
+            group = choice.group
+            transaction.notes.setdefault(GROUPS_NOTE, {})[recipient.address.text] = group.name
+            if group.retention_days is not None:
+                transaction.notes[RETENTION_NOTE] = max(group.retention_days,
+                                                        transaction.notes.get(RETENTION_NOTE, 0.0))
         transaction.envelope._accept_recipient(recipient)
         transaction.would.accepted()
 
@@ -254,7 +332,7 @@ class Conversation:
         if session.transaction is not None:
             self.metrics.outcomes(session.transaction.results)
         session.end_transaction()
-        self.route = None
+        self._forget_transaction()
 
     async def headers_refusal(self, session: Session, transaction: Transaction, **log: Any) -> Refusal | None:
         """From:/Sender: addresses the login does not own (sender_login.headers)."""
@@ -278,7 +356,8 @@ class Conversation:
         result: PhaseResult | None = None
         if not skips_data_chain(transaction):
             result = await self._run("data", f"{message.size} bytes", transaction.results,
-                                     session=session, transaction=transaction, message=message)
+                                     chain=self._tx_chain, session=session, transaction=transaction,
+                                     message=message)
             self._finished(result, None)
         return self._end(transaction, result)
 
@@ -289,14 +368,14 @@ class Conversation:
 
     def _end(self, transaction: Transaction, result: PhaseResult | None) -> Refusal | Deliver:
         outcome = end_of_message(transaction, result)
-        if self.chain.shadowed:
+        if self.shadowed:
             self._ends = (transaction.id, outcome, would_end_of_message(transaction, result))
         return outcome
 
     def would(self, transaction: Transaction) -> Refusal | Deliver | None:
         """What the message would have come to had the chain's shadowed plugins (``enforce:
         false``) enforced; None when the chain has none."""
-        if not self.chain.shadowed:
+        if not self.shadowed:
             return None
         if self._ends is not None and self._ends[0] == transaction.id:
             return self._ends[2]
@@ -307,7 +386,7 @@ class Conversation:
 
     def _shadow_fields(self, transaction: Transaction, decision: Decision) -> dict[str, Any]:
         """The ``message`` line's ``shadow_score`` and ``would=``, when there are shadowed plugins."""
-        if not self.chain.shadowed:
+        if not self.shadowed:
             return {}
         enforced = self._ends[1] if self._ends is not None and self._ends[0] == transaction.id else None
         would = self.would(transaction)
@@ -331,6 +410,11 @@ class Conversation:
         envelope = transaction.envelope
         seconds = time.perf_counter() - started
         self.metrics.message(decision.disposition, seconds)
+        groups = sorted(set(transaction.notes.get(GROUPS_NOTE, {}).values()))
+        if groups:
+            log["group"] = ",".join(groups)
+            for group in groups:
+                self.metrics.group_message(group, decision.disposition)
         message: Message | None = transaction.message
         event(
             "message", tx=transaction.id, sender=envelope.sender.text or "<>",
@@ -343,14 +427,17 @@ class Conversation:
         if self.history is not None:
             self.history.record(entry_for(session, transaction, decision, node=self.node,
                                           quarantine_id=quarantine_id))
-        await self.notify("after_message", session=session, transaction=transaction, decision=decision)
+        await self.notify("after_message", session=session, transaction=transaction, decision=decision,
+                          chain=self._tx_chain)
 
-    async def notify(self, hook: str, **kwargs: Any) -> None:
-        """Run a notification so that a client hanging up cannot cut it short."""
-        if not self.chain.implements(hook):
+    async def notify(self, hook: str, *, chain: Chain | None = None, **kwargs: Any) -> None:
+        """Run a notification (on *chain*, default: the session's) so that a client hanging
+        up cannot cut it short."""
+        chain = chain or self.chain
+        if not chain.implements(hook):
             return
         self._pending = [t for t in self._pending if not t.done()]
-        task = asyncio.get_running_loop().create_task(self.chain.notify(hook, **kwargs))
+        task = asyncio.get_running_loop().create_task(chain.notify(hook, **kwargs))
         self._pending.append(task)
         await asyncio.shield(task)
 

@@ -75,6 +75,9 @@ class NullRecorder:
     def message(self, decision: str, seconds: float) -> None:
         pass
 
+    def group_message(self, group: str, decision: str) -> None:
+        pass
+
     def delivery_started(self) -> None:
         pass
 
@@ -142,6 +145,11 @@ class PrometheusRecorder(NullRecorder):
         self.messages = Counter(
             "smtpproxy_messages", "Messages (end of DATA) by final decision "
             "(delivered, quarantined, discarded, rejected, tempfailed).", ["decision"], registry=r,
+        )
+        self.group_messages = Counter(
+            "smtpproxy_group_messages", "Messages by policy group (docs/multi-domain.md; a message "
+            "for recipients of two groups counts in each) and final decision.",
+            ["group", "decision"], registry=r,
         )
         self.message_seconds = Histogram(
             "smtpproxy_message_processing_seconds",
@@ -285,6 +293,9 @@ class PrometheusRecorder(NullRecorder):
     def message(self, decision: str, seconds: float) -> None:
         self._child(self.messages, decision).inc()
         self.message_seconds.observe(seconds)
+
+    def group_message(self, group: str, decision: str) -> None:
+        self._child(self.group_messages, group, decision).inc()
 
     def delivery_started(self) -> None:
         self.delivering.inc()

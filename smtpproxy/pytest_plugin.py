@@ -481,7 +481,7 @@ async def _proxy_factory(tmp_path: Path) -> AsyncIterator[ProxyFactory]:
         config = Config.model_validate(_merge(data, sections))
         chain = (chain_of(list(plugins)) if plugins
                  else build_chain(config.plugins, None, plugin_paths=config.plugin_paths,
-                                table_names=config.tables))
+                                table_names=config.tables, policies=config.policies))
         server = ProxyServer(config, chain=chain)
         started.append((server, upstream))
         await server.start()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import json
 import sys
 import types
 from collections.abc import Callable, Iterable, Sequence
@@ -25,6 +26,8 @@ import pydantic
 from smtpproxy import hookspecs
 from smtpproxy.chain import Chain, ChainStep
 from smtpproxy.config import ConfigError, ConfigSource, PluginSpec, Problem, format_key
+from smtpproxy.config.policies import PolicyGroup
+from smtpproxy.groups import Group, Policies
 from smtpproxy.settings import SettingsError
 from smtpproxy.versions import PluginAPIError, check_plugin_api
 
@@ -112,10 +115,11 @@ def resolve(use: str) -> object:
 
 def instantiate(
     target: object, settings: dict[str, Any], source: ConfigSource | None, index: int,
-    table_names: Iterable[str] | None = None,
+    table_names: Iterable[str] | None = None, *, where: tuple[str | int, ...] | None = None,
 ) -> object:
-    """Build the plugin object from a class (with validated settings) or use a module as is."""
-    where = ("plugins", index, "settings")
+    """Build the plugin object from a class (with validated settings) or use a module as is;
+    errors point at *where* (default: ``plugins[index].settings``)."""
+    where = where if where is not None else ("plugins", index, "settings")
     if isinstance(target, types.ModuleType):
         if settings:
             raise ConfigError([_problem(source, where, "this plugin is a module and takes no settings")])
@@ -150,42 +154,87 @@ def instantiate(
 
 def build_chain(
     specs: Sequence[PluginSpec], source: ConfigSource | None, *, plugin_paths: Sequence[Path] = (),
-    table_names: Iterable[str] | None = None,
+    table_names: Iterable[str] | None = None, policies: Sequence[PolicyGroup] = (),
 ) -> Chain:
     """Load every enabled plugin in order and return the chain; ConfigError names the entry.
 
     ``plugin_paths`` (the configuration's ``plugin_paths:``, absolute) are put at the front
     of ``sys.path`` first, so ``use: module:Class`` finds a module kept next to the config.
+    With *policies* (the configuration's ``policies:``), each group's chain is built too and
+    attached to the returned default chain (:attr:`Chain.policies`); a plugin with the same
+    effective settings in two groups is one instance.
     """
     _add_import_paths(plugin_paths)
-    pm = new_plugin_manager()
-    steps: list[ChainStep] = []
-    problems: list[Problem] = []
-    for index, spec in enumerate(specs):
-        if not spec.enabled:
-            continue
+    builder = _Builder(source, table_names)
+    chain = builder.chain(specs)
+    groups = [(group, builder.chain(specs, group, index)) for index, group in enumerate(policies)]
+    if builder.problems:
+        raise ConfigError(builder.problems)
+    if groups:
+        chain.policies = Policies(Group.default(chain), [Group.of(g, c) for g, c in groups])
+        chain.companions = tuple(c for _, c in groups)
+    return chain
+
+
+class _Builder:
+    """Builds chains from the plugin specs, one instance per (plugin, effective settings)."""
+
+    def __init__(self, source: ConfigSource | None, table_names: Iterable[str] | None):
+        self.source = source
+        self.table_names = None if table_names is None else tuple(table_names)
+        self.problems: list[Problem] = []
+        self.built: dict[tuple[str, str], object | None] = {}
+
+    def chain(self, specs: Sequence[PluginSpec], group: PolicyGroup | None = None,
+              group_index: int = 0) -> Chain:
+        pm = new_plugin_manager()
+        steps: list[ChainStep] = []
+        for index, spec in enumerate(specs):
+            override = group.plugins.get(spec.name) if group is not None else None
+            enabled = spec.enabled if override is None or override.enabled is None else override.enabled
+            if not enabled:
+                continue
+            settings = dict(spec.settings)
+            where: tuple[str | int, ...] = ("plugins", index)
+            if override is not None and override.settings:
+                settings.update(override.settings)
+                where = ("policies", group_index, "plugins", spec.name)
+            key = (spec.name, json.dumps(settings, sort_keys=True, default=repr))
+            if key not in self.built:
+                self.built[key] = self._plugin(spec, settings, where, index)
+            plugin = self.built[key]
+            if plugin is None:
+                continue
+            try:
+                _register(pm, plugin, spec.name)
+            except pluggy.PluginValidationError as exc:  # pragma: no cover - checked when built
+                self.problems.append(_problem(self.source, where, f"plugin {spec.name!r}: {exc}"))
+                continue
+            enforce = spec.enforce if override is None or override.enforce is None else override.enforce
+            steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error, enforce))
+        return Chain(pm, steps)
+
+    def _plugin(self, spec: PluginSpec, settings: dict[str, Any], where: tuple[str | int, ...],
+                index: int) -> object | None:
+        source = self.source
         try:
             target = resolve(spec.use or spec.name)
             check_plugin_api(target, spec.name)
-            plugin = instantiate(target, dict(spec.settings), source, index, table_names)
-            _register(pm, plugin, spec.name)
+            plugin = instantiate(target, settings, source, index, self.table_names,
+                                 where=(*where, "settings"))
+            _register(new_plugin_manager(), plugin, spec.name)  # its hooks are checked once, here
+            return plugin
         except ConfigError as exc:
-            problems.extend(exc.problems)
-            continue
+            self.problems.extend(exc.problems)
         except (LookupError, PluginAPIError) as exc:
-            problems.append(_problem(source, ("plugins", index, "use" if spec.use else "name"), str(exc)))
-            continue
+            key = "use" if spec.use else "name"
+            self.problems.append(_problem(source, ("plugins", index, key), str(exc)))
         except (pluggy.PluginValidationError, TypeError, ValueError) as exc:
-            problems.append(_problem(source, ("plugins", index), f"plugin {spec.name!r}: {exc}"))
-            continue
+            self.problems.append(_problem(source, where, f"plugin {spec.name!r}: {exc}"))
         except Exception as exc:  # a constructor that fails otherwise (a file it reads, ...)
-            problems.append(_problem(source, ("plugins", index),
-                                     f"plugin {spec.name!r} could not be built: {type(exc).__name__}: {exc}"))
-            continue
-        steps.append(ChainStep(spec.name, plugin, spec.timeout, spec.on_error, spec.enforce))
-    if problems:
-        raise ConfigError(problems)
-    return Chain(pm, steps)
+            why = f"plugin {spec.name!r} could not be built: {type(exc).__name__}: {exc}"
+            self.problems.append(_problem(source, where, why))
+        return None
 
 
 def _add_import_paths(paths: Sequence[Path]) -> None:

@@ -112,7 +112,7 @@ class ProxyServer:
         self.services = Services(
             chain=chain if chain is not None
             else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
-                             table_names=config.tables),
+                             table_names=config.tables, policies=config.policies),
             delivery=delivery if delivery is not None else make_delivery(config),
             quarantine=self._quarantine(config),
             relay=RelayPolicy.of(config.relay),
@@ -313,7 +313,7 @@ class ProxyServer:
             self._servers.append(server)
         for host, port in self.addresses:
             event("listening", address=host, port=port, delivery=services.delivery.name,
-                  plugins=[s.name for s in services.chain.steps],
+                  plugins=[s.name for s in services.chain.steps], groups=_group_names(services.chain),
                   loop=type(asyncio.get_running_loop()).__module__.split(".")[0],
                   worker=self.worker, pid=os.getpid(), version=__version__, log_format=LOG_FORMAT_VERSION)
         if isinstance(services.metrics, PrometheusRecorder):
@@ -368,7 +368,8 @@ class ProxyServer:
     async def _reload(self, file: str) -> bool:
         try:
             new, source = load_config(file)
-            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths, table_names=new.tables)
+            chain = build_chain(new.plugins, source, plugin_paths=new.plugin_paths, table_names=new.tables,
+                                policies=new.policies)
             tables = build_tables(new.tables)
         except (ConfigError, TableError) as exc:
             return self._reload_failed(file, str(exc))
@@ -420,7 +421,8 @@ class ProxyServer:
         services.metrics.shadowed(chain.shadowed)
         services.metrics.reloaded(True)
         event("reload", level=logging.WARNING if restart else logging.INFO, result="ok", file=file,
-              plugins=[s.name for s in chain.steps], previous_chain_sessions=services.leases.users(old_chain),
+              plugins=[s.name for s in chain.steps], groups=_group_names(chain),
+              previous_chain_sessions=services.leases.users(old_chain),
               restart_needed=restart or None,
               note="changes to these sections apply at the next restart" if restart else None)
         return True
@@ -576,6 +578,11 @@ class ProxyServer:
                     loop.remove_signal_handler(sig)
             if pid_file is not None:
                 remove_pid_file(Path(pid_file))
+
+
+def _group_names(chain: Chain) -> list[str] | None:
+    """The policy groups of a chain, for the listening and reload lines (None: no policies:)."""
+    return [g.name for g in chain.policies.groups] if chain.policies is not None else None
 
 
 def _plugin_phases(chain: Chain) -> list[tuple[str, str]]:

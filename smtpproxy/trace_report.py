@@ -128,6 +128,10 @@ def render_text(trace: Trace, label: str = "") -> str:
         labels = {"sender": "sender", "add_recipient": "+rcpt", "remove_recipient": "-rcpt"}
         out.extend(f"    {labels.get(op, op)} <{address}>  (by {plugin})"
                    for op, address, plugin in trace.envelope_changes)
+    if trace.groups:
+        out.append("")
+        out.append("policy groups")
+        out.extend(f"    <{rcpt}>  {group}  ({why})" for rcpt, group, why in trace.groups)
     if trace.refused_recipients:
         out.append("")
         out.append("refused recipients")

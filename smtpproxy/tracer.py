@@ -33,7 +33,7 @@ from smtpproxy.message import Message
 from smtpproxy.outcome import PROXY, Deliver, Refusal, queued_reply, recipients_refused, skips_data_chain
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
-from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
+from smtpproxy.routing import DEFAULT_ROUTE, RouteTable, route_of
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.session import Client, Decision, Outcome, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.startup import start_chain
@@ -135,6 +135,8 @@ class Trace:
     envelope_changes: list[tuple[str, str, str]] = field(default_factory=list)
     """(op, address, plugin): ``sender``, ``add_recipient`` or ``remove_recipient``."""
     routes: list[Route] = field(default_factory=list)
+    groups: list[tuple[str, str, str]] = field(default_factory=list)
+    """(recipient, policy group, why) for every recipient a group was chosen for (policies:)."""
     decision: str = "rejected"
     """One of :data:`DISPOSITIONS`."""
     reply: str = ""
@@ -194,6 +196,7 @@ class Trace:
                     {"recipient": r, "reply": reply, "by": by} for r, reply, by in self.refused_recipients
                 ],
                 "changes": [{"op": op, "address": a, "plugin": p} for op, a, p in self.envelope_changes],
+                "groups": [{"recipient": r, "group": g, "why": why} for r, g, why in self.groups],
             },
             "client": {
                 "ip": self.client_ip, "port": self.client_port, "helo": self.helo,
@@ -271,7 +274,7 @@ class TracePolicy:
         else:
             default = ", ".join(f"{u.host}:{u.port}" for u in d.default_upstreams())
             rcpt_mode = d.rcpt_mode
-            table = RouteTable([route.domains for route in d.routes])
+            table = RouteTable([route.domains for route in d.routes], [route.name for route in d.routes])
             for key, route in zip(table.keys, d.routes, strict=True):
                 routes[key] = _Route(f"{key} ({', '.join(route.domains)})",
                                      ", ".join(f"{u.host}:{u.port}" for u in route.upstreams))
@@ -299,9 +302,10 @@ class TracePolicy:
         return Rules(max_recipients=self.max_recipients, relay=self.relay,
                      route_key=self.route_table.key_of, sender_login=self.sender_login)
 
-    def route_of(self, address: Address) -> tuple[str, str]:
-        """(route name, destination) for a recipient, as the SMTP delivery picks it."""
-        route = self.routes.get(self.route_table.key_of(address))
+    def route_of(self, address: Address, notes: Mapping[str, Any] | None = None) -> tuple[str, str]:
+        """(route name, destination) for a recipient, as the SMTP delivery picks it (*notes*: the
+        transaction's, where a policy group may have given the recipient its route)."""
+        route = self.routes.get(route_of(notes or {}, address, self.route_table.key_of))
         if route is None:
             return DEFAULT_ROUTE, self.default_destination
         return route.name, route.destination
@@ -360,6 +364,10 @@ class _Run:
             duration_ms=outcome.duration * 1000, error=outcome.error, changes=tuple(changes),
             shadow=outcome.shadow,
         ))
+
+    def group_chosen(self, recipient: str, group: str, why: str) -> None:
+        """The policy group of a recipient, and why (docs/multi-domain.md)."""
+        self.trace.groups.append((recipient, group, why))
 
     def rule_refused(self, refusal: Refusal) -> None:
         self.proxy_step("reject" if refusal.reply.is_permanent else "tempfail", refusal.reply,
@@ -430,7 +438,7 @@ class Tracer:
     def from_config(cls, config: Config, source: ConfigSource | None = None) -> Tracer:
         """The chain and rules of a configuration (ConfigError when a plugin cannot load)."""
         chain = build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
-                            table_names=config.tables)
+                            table_names=config.tables, policies=config.policies)
         return cls(chain, TracePolicy.from_config(config), config=config)
 
     def _install_tables(self) -> None:
@@ -522,7 +530,7 @@ class Tracer:
             current_session.reset(token)
         trace.score = transaction.score if transaction is not None else session.results.score
         trace.tags = sorted(session.results.tags | (transaction.results.tags if transaction else set()))
-        if self.chain.shadowed:
+        if conversation.shadowed:
             _shadow(trace, conversation, session, transaction)
         trace.duration_ms = (time.perf_counter() - started) * 1000
         return trace
@@ -601,7 +609,7 @@ class Tracer:
         if trace.decision == "delivered":
             groups: dict[str, tuple[str, list[str]]] = {}
             for rcpt in transaction.envelope.recipients:
-                name, destination = p.route_of(rcpt.address)
+                name, destination = p.route_of(rcpt.address, transaction.notes)
                 groups.setdefault(name, (destination, []))[1].append(rcpt.address.text)
             trace.routes = [Route(n, d, tuple(r)) for n, (d, r) in groups.items()]
         return transaction
@@ -620,7 +628,7 @@ class Tracer:
 def _shadow(trace: Trace, conversation: Conversation, session: Session,
             transaction: Transaction | None) -> None:
     """The trace's second outcome: what shadowed plugins would have made of the message."""
-    trace.shadowed = list(conversation.chain.shadowed)
+    trace.shadowed = list(conversation.shadowed)
     if transaction is None:
         results = session.results
         trace.shadow_score = results.score + results.shadow_score

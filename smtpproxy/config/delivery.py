@@ -4,11 +4,13 @@ Part of the schema (:mod:`smtpproxy.config.schema` assembles it); docs/configura
 generated from these models.
 """
 
+import re
 from pathlib import Path
 from typing import Literal
 
 from pydantic import (
     Field,
+    field_validator,
     model_validator,
 )
 from pydantic_core import PydanticCustomError
@@ -19,6 +21,7 @@ from smtpproxy.config.fields import (
     HeloName,
     Host,
     RelayDomain,
+    field_error,
 )
 from smtpproxy.config.section import Section as _Model
 
@@ -49,10 +52,26 @@ class Upstream(_Model):
 class Route(_Model):
     """Recipients of these domains go to their own upstream servers."""
 
+    name: str | None = Field(
+        default=None,
+        description=(
+            "A name for the route (a-z, 0-9, '_', '.', '-'; not 'default' nor 'routeN'): in logs, "
+            "and for a policy group's `route:` (docs/multi-domain.md)."
+        ),
+    )
     domains: list[RelayDomain] = Field(
         min_length=1, description="Recipient domains ('example.com' or '*.example.com') for this route."
     )
     upstreams: list[Upstream] = Field(min_length=1, description="The servers for this route.")
+
+    @field_validator("name")
+    @classmethod
+    def _name_valid(cls, value: str | None) -> str | None:
+        if value is not None and (not re.fullmatch(r"[a-z0-9_.-]+", value) or value == "default"
+                                  or re.fullmatch(r"route[0-9]+", value)):
+            raise field_error("route_name", "a route name uses a-z, 0-9, '_', '.', '-' and is neither "
+                              f"'default' nor 'routeN' (the names of unnamed routes) (got {value!r})")
+        return value
 
 
 class UpstreamAuth(_Model):
@@ -203,6 +222,22 @@ class SmtpDeliveryConfig(_Model):
             "that gives up retries a message the upstream accepted (a duplicate)."
         ),
     )
+
+    @field_validator("routes")
+    @classmethod
+    def _route_names_unique(cls, routes: list[Route]) -> list[Route]:
+        seen: dict[str, int] = {}
+        for index, route in enumerate(routes):
+            if route.name is not None and seen.setdefault(route.name, index) != index:
+                raise field_error("duplicate_route",
+                                  f"route name {route.name!r} is already used by routes[{seen[route.name]}]",
+                                  loc_suffix=(index, "name"))
+        return routes
+
+    @property
+    def route_names(self) -> list[str]:
+        """The names policy groups may give as ``route:``: the named routes and ``default``."""
+        return ["default", *(r.name for r in self.routes if r.name is not None)]
 
     @model_validator(mode="after")
     def _one_destination(self) -> "SmtpDeliveryConfig":

@@ -40,6 +40,7 @@ from smtpproxy.config.fields import (
 )
 from smtpproxy.config.listen import parse_listen  # the one parser, shared with the milter server
 from smtpproxy.config.listeners import Listener, LoginThrottle, SenderLogin
+from smtpproxy.config.policies import PolicyGroup, check_policies
 from smtpproxy.config.problems import describe_value
 from smtpproxy.config.section import Section as _Model
 from smtpproxy.config.tables import TABLE_NAME, TableConfig
@@ -657,6 +658,14 @@ class Config(_Model):
     plugins: list[PluginSpec] = Field(
         default=[], description="Filter plugins, called in this order for every message."
     )
+    policies: list[PolicyGroup] = Field(
+        default=[],
+        description=(
+            "Policy groups (docs/multi-domain.md): per recipient, the first group whose selectors "
+            "match changes plugins and quarantine retention; other recipients get the global "
+            "configuration (the 'default' group)."
+        ),
+    )
     plugin_paths: list[ExistingDirectory] = Field(
         default=[],
         description=(
@@ -755,6 +764,17 @@ class Config(_Model):
             known = ", ".join(sorted(self.tables)) or "none are defined"
             raise field_error("table_unknown", f"no table named {wanted!r} in tables ({known})",
                               loc_suffix=("sender_login", "table"))
+        return self
+
+    @model_validator(mode="after")
+    def _policies_consistent(self) -> "Config":
+        try:
+            routes = self.delivery.route_names if isinstance(self.delivery, SmtpDeliveryConfig) else None
+            check_policies(self.policies, {p.name for p in self.plugins}, set(self.tables), routes)
+        except PydanticCustomError as exc:
+            context = dict(exc.context or {})
+            context["loc_suffix"] = ("policies", *context.get("loc_suffix", ()))
+            raise PydanticCustomError(exc.type, exc.message_template, context) from None
         return self
 
     @field_validator("listeners")

@@ -53,7 +53,7 @@ from smtpproxy.dsn import MAIL_PARAMS, RCPT_PARAMS
 from smtpproxy.eventlog import event
 from smtpproxy.message import Message
 from smtpproxy.received import received_field, wants_received
-from smtpproxy.routing import DEFAULT_ROUTE, RouteTable
+from smtpproxy.routing import DEFAULT_ROUTE, RouteTable, route_of
 from smtpproxy.session import Envelope, Recipient, Session, Transaction
 from smtpproxy.verdicts import Reply
 
@@ -74,6 +74,7 @@ class SmtpDelivery:
         refusal_memory: float = 3600.0,
         received: str = "auto",
         hostname: str = "localhost",
+        route_names: Sequence[str | None] = (),
     ):
         self.connector = connector
         self.received = received
@@ -82,7 +83,7 @@ class SmtpDelivery:
         self.refusal_memory = refusal_memory
         self._refusals: OrderedDict[tuple[str, str, str], tuple[Reply, float]] = OrderedDict()
         self._sweeper: asyncio.Task[None] | None = None
-        self._table = RouteTable([domains for domains, _ in routes])
+        self._table = RouteTable([domains for domains, _ in routes], route_names)
         self._routes: dict[str, list[UpstreamServer]] = {DEFAULT_ROUTE: list(default)}
         for key, (_, servers) in zip(self._table.keys, routes, strict=True):
             self._routes[key] = list(servers)
@@ -106,7 +107,7 @@ class SmtpDelivery:
         routes = [(route.domains, _servers(route.upstreams)) for route in c.routes]
         return cls(Connector(settings), _servers(c.default_upstreams()), routes,
                    rcpt_mode=c.rcpt_mode, refusal_memory=c.refusal_memory,
-                   received=received, hostname=helo_name)
+                   received=received, hostname=helo_name, route_names=[r.name for r in c.routes])
 
     @property
     def servers(self) -> list[UpstreamServer]:
@@ -136,7 +137,7 @@ class SmtpDelivery:
         """Send the message to every route its recipients belong to; 250 only if all took it."""
         groups: dict[str, list[Recipient]] = {}
         for rcpt in transaction.envelope.recipients:
-            groups.setdefault(self.route_key(rcpt.address), []).append(rcpt)
+            groups.setdefault(route_of(transaction.notes, rcpt.address, self.route_key), []).append(rcpt)
         delivered: Delivered | None = None
         for key, recipients in groups.items():
             transfer, replies = await _Transfer.start(
@@ -250,7 +251,9 @@ class RelayTransaction:
         if self._transfer is None:
             try:  # the first recipient opens the upstream transaction, in one write if it pipelines
                 self._transfer, (reply,) = await _Transfer.start(
-                    self._delivery.connector, self._delivery._servers_for(self._delivery.route_key(address)),
+                    self._delivery.connector,
+                    self._delivery._servers_for(route_of(self._transaction.notes, address,
+                                                         self._delivery.route_key)),
                     self._session, self._transaction.envelope, size=_declared_size(self._transaction),
                     recipients=[(address, params)], data=False,
                 )

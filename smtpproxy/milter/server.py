@@ -49,7 +49,7 @@ class MilterServer:
         self.settings = config.milter
         self.chain = (chain if chain is not None
                       else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
-                                      table_names=config.tables))
+                                      table_names=config.tables, policies=config.policies))
         self.listen = parse_listen(self.settings.listen)
         self.store = store_from_config(config)
         """The store for the history (None: none configured); a milter's quarantine is the MTA's hold."""

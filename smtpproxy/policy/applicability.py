@@ -39,8 +39,10 @@ class MessagePlugins:
 
 
 def message_plugins(chain: Chain) -> MessagePlugins:
-    """The chain's plugins with a ``data`` hook, split by whether anything else of theirs runs."""
-    envelope = {name for phase in _ENVELOPE_PHASES for name in chain.implementers(phase)}
-    data = chain.implementers("data")
+    """The chain's plugins with a ``data`` hook, split by whether anything else of theirs runs;
+    the policy groups' chains (a group may turn on a plugin the global chain has off) count too."""
+    chains = (chain, *chain.companions)
+    envelope = {name for c in chains for phase in _ENVELOPE_PHASES for name in c.implementers(phase)}
+    data = list(dict.fromkeys(name for c in chains for name in c.implementers("data")))
     return MessagePlugins(tuple(n for n in data if n not in envelope),
                           tuple(n for n in data if n in envelope))

@@ -43,7 +43,7 @@ class PolicyServer:
         self.settings = config.policy
         self.chain = (chain if chain is not None
                       else build_chain(config.plugins, source, plugin_paths=config.plugin_paths,
-                                       table_names=config.tables))
+                                       table_names=config.tables, policies=config.policies))
         self.listen = parse_listen(self.settings.listen)
         self.message_plugins = message_plugins(self.chain)
         self.limits = Limits(self.settings.max_line, self.settings.max_attributes,

@@ -85,7 +85,7 @@ class DatabaseQuarantine:
             ],
         }
         held = Held(
-            id=qid, node=self.node, time=now, expires=now + self.retention,
+            id=qid, node=self.node, time=now, expires=now + self._retention(transaction),
             sender=transaction.envelope.sender.text, size=message.size, record=record,
             recipients=dict.fromkeys(recipients, "held"),
             message_id=decoded_header(message.get("Message-ID")),
@@ -98,6 +98,12 @@ class DatabaseQuarantine:
         except TimeoutError:
             raise StoreError(f"keeping {qid} took longer than the store timeout") from None
         return qid
+
+    def _retention(self, transaction: Transaction) -> float:
+        """Seconds to keep: the recipients' policy groups may ask for longer or shorter
+        (``quarantine_retention_days``, set by the conversation in the transaction's notes)."""
+        days = transaction.notes.get("quarantine_retention_days")
+        return float(days) * DAY if days else self.retention
 
     async def list(self, search: Search | None = None, *, include_done: bool = False) -> list[Held]:
         return await self.db.held(search or Search(), include_done=include_done)

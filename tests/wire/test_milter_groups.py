@@ -1,0 +1,55 @@
+"""Policy groups in the milter: a recipient of another group's data policy is tempfailed at RCPT
+(452 4.5.3, the MTA's client sends it again), and its own transaction gets its own policy."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from smtpproxy.milter import codec
+from smtpproxy.milter.server import MilterServer
+from tests.conftest import make_config
+from tests.wire.test_milter import BODY, HEADERS, FakeMTA
+
+PLUGINS = [
+    {"name": "judge", "use": "tests.unit.test_groups:Judge", "settings": {"score": 6.0}},
+    {"name": "gate", "use": "tests.unit.test_groups:Gate"},  # rcpt_to only
+    {"name": "score", "settings": {"tag": 5.0, "reject": 100.0}},
+]
+POLICIES = [
+    {"name": "strict", "recipients": ["strict.test"], "plugins": {"score": {"settings": {"reject": 5.0}}}},
+    {"name": "lists", "recipients": ["lists.test"], "plugins": {"gate": {"settings": {"refuse": ["x@lists.test"]}}}},
+]
+
+
+@pytest.fixture
+async def server(tmp_path: Path) -> AsyncIterator[MilterServer]:
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0"}, plugins=PLUGINS, policies=POLICIES)
+    milter = MilterServer(config)  # the chains from the configuration, groups included
+    await milter.start()
+    yield milter
+    await milter.stop(grace=1)
+
+
+async def test_an_incompatible_group_is_tempfailed_per_recipient(server: MilterServer) -> None:
+    mta = await FakeMTA.open(server)
+    await mta.start()
+    assert await mta.event(codec.Helo("client.test")) == [codec.Continue()]
+    assert await mta.event(codec.Mail(("<alice@sender.test>",)), i="Q1") == [codec.Continue()]
+    assert await mta.event(codec.Rcpt(("<bob@plain.test>",))) == [codec.Continue()]
+    # Only the rcpt_to settings differ: same transaction; that group's own rcpt_to rule applies.
+    assert await mta.event(codec.Rcpt(("<y@lists.test>",))) == [codec.Continue()]
+    assert await mta.event(codec.Rcpt(("<x@lists.test>",))) == [codec.ReplyCode("550 5.7.1 gated")]
+    assert await mta.event(codec.Rcpt(("<carol@strict.test>",))) == [
+        codec.ReplyCode("452 4.5.3 Recipients for other domains must be sent in a new transaction")]
+    responses = await mta.content(HEADERS, BODY)
+    assert isinstance(responses[-1], codec.Accept | codec.Continue)  # score 6: under the global 100
+    # The MTA's client sends the deferred recipient again: its group's threshold (5) rejects.
+    assert await mta.event(codec.Mail(("<alice@sender.test>",)), i="Q2") == [codec.Continue()]
+    assert await mta.event(codec.Rcpt(("<carol@strict.test>",))) == [codec.Continue()]
+    responses = await mta.content(HEADERS, BODY)
+    final = responses[-1]
+    assert isinstance(final, codec.ReplyCode) and final.text.startswith("550 5.7.1 Message rejected as spam")
+    await mta.close()
