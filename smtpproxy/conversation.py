@@ -52,6 +52,7 @@ from smtpproxy.verdicts import Reply
 __all__ = [
     "GROUPS_NOTE",
     "GROUP_LOOKUP_FAILED",
+    "OTHER_GROUP",
     "OTHER_ROUTE",
     "SENDER_LOGIN_REASON",
     "TOO_MANY_RECIPIENTS",
@@ -63,6 +64,7 @@ __all__ = [
 
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 OTHER_ROUTE = Reply(452, "4.5.3", "Recipients for other domains must be sent in a new transaction")
+OTHER_GROUP = Reply(452, "4.5.3", "Recipients under another policy must be sent in a new transaction")
 GROUP_LOOKUP_FAILED = Reply(451, "4.3.0", "Recipient policy lookup failed, please try again later")
 GROUPS_NOTE = "policy_groups"
 """``transaction.notes[GROUPS_NOTE]``: each accepted recipient's policy group, by address."""
@@ -279,7 +281,8 @@ class Conversation:
             other = "other_route" if key[0] != self._key[0] else "other_group"
             event("rcpt_to", tx=transaction.id, recipient=address.text, verdict=other, **group_log)
             self._rule_phase(address)
-            return self._rule(Refusal(OTHER_ROUTE, PROXY, _RECIPIENT_LIMIT_REASON))
+            reply = OTHER_ROUTE if other == "other_route" else OTHER_GROUP
+            return self._rule(Refusal(reply, PROXY, _RECIPIENT_LIMIT_REASON))
         self._choice = (recipient, choice) if choice is not None else None
         if choice is not None and choice.group.route is not None and self.rules.route_key is not None:
             # The delivery (and rcpt_mode relay's upstream transaction, opened before accept)

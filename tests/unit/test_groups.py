@@ -13,7 +13,14 @@ from pydantic import BaseModel, Field
 from smtpproxy import Verdict, hookimpl
 from smtpproxy.addresses import Address
 from smtpproxy.config import ConfigError, load_config
-from smtpproxy.conversation import GROUP_LOOKUP_FAILED, GROUPS_NOTE, OTHER_ROUTE, Conversation, Rules
+from smtpproxy.conversation import (
+    GROUP_LOOKUP_FAILED,
+    GROUPS_NOTE,
+    OTHER_GROUP,
+    OTHER_ROUTE,
+    Conversation,
+    Rules,
+)
 from smtpproxy.groups import Policies
 from smtpproxy.outcome import PROXY, Refusal
 from smtpproxy.registry import build_chain, resolve
@@ -291,7 +298,7 @@ async def test_groups_that_differ_before_data_share_a_transaction_others_get_452
     gated = await rcpt("no@gated.test")  # the group's own rcpt_to settings decide
     assert gated is not None and gated.reply.code == 550 and gated.decided_by == "gate"
     other = await rcpt("c@strict.test")
-    assert other is not None and other.reply == OTHER_ROUTE
+    assert other is not None and other.reply == OTHER_GROUP
     assert transaction.notes[GROUPS_NOTE] == {"a@plain.test": "default", "b@gated.test": "gated"}
     # The next transaction starts with the deferred recipient, on its group's data chain.
     conversation.end_transaction(session)
@@ -299,7 +306,7 @@ async def test_groups_that_differ_before_data_share_a_transaction_others_get_452
     assert session.transaction is not None
     transaction = session.transaction
     assert await rcpt("c@strict.test") is None
-    assert (await rcpt("a@plain.test")) == Refusal(OTHER_ROUTE, PROXY, other.reason)
+    assert (await rcpt("a@plain.test")) == Refusal(OTHER_GROUP, PROXY, other.reason)
     from smtpproxy.message import Message
     transaction.message = Message(b"Subject: x\r\n\r\nbody\r\n")
     await conversation.end_of_message(session, transaction)

@@ -43,7 +43,7 @@ async def test_an_incompatible_group_is_tempfailed_per_recipient(server: MilterS
     assert await mta.event(codec.Rcpt(("<y@lists.test>",))) == [codec.Continue()]
     assert await mta.event(codec.Rcpt(("<x@lists.test>",))) == [codec.ReplyCode("550 5.7.1 gated")]
     assert await mta.event(codec.Rcpt(("<carol@strict.test>",))) == [
-        codec.ReplyCode("452 4.5.3 Recipients for other domains must be sent in a new transaction")]
+        codec.ReplyCode("452 4.5.3 Recipients under another policy must be sent in a new transaction")]
     responses = await mta.content(HEADERS, BODY)
     assert isinstance(responses[-1], codec.Accept | codec.Continue)  # score 6: under the global 100
     # The MTA's client sends the deferred recipient again: its group's threshold (5) rejects.

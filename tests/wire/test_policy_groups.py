@@ -34,7 +34,7 @@ async def test_groups_in_the_policy_service(tmp_path: Path) -> None:
         assert await client.ask(request(recipient="y@lists.test")) == "DUNNO"
         assert await client.ask(request(recipient="x@lists.test")) == "550 5.7.1 gated"
         assert await client.ask(request(recipient="carol@strict.test")) == (
-            "452 4.5.3 Recipients for other domains must be sent in a new transaction")
+            "452 4.5.3 Recipients under another policy must be sent in a new transaction")
         # Postfix's client sends carol again: a new transaction (another instance) takes her.
         assert await client.ask(request(recipient="carol@strict.test", instance="a2.1.1")) == "DUNNO"
         client.close()
