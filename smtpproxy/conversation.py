@@ -429,7 +429,8 @@ class Conversation:
         )
         if self.history is not None:
             self.history.record(entry_for(session, transaction, decision, node=self.node,
-                                          quarantine_id=quarantine_id))
+                                          quarantine_id=quarantine_id,
+                                          groups=transaction.notes.get(GROUPS_NOTE)))
         await self.notify("after_message", session=session, transaction=transaction, decision=decision,
                           chain=self._tx_chain)
 

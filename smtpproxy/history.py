@@ -18,6 +18,7 @@ import email.header
 import logging
 import socket
 import time
+from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 from smtpproxy.eventlog import event
@@ -51,17 +52,24 @@ def decoded_header(value: str | None) -> str | None:
 
 
 def entry_for(session: Session, transaction: Transaction, decision: Decision, *, node: str,
-              quarantine_id: str | None = None) -> HistoryEntry:
-    """The history entry for one message's decision."""
+              quarantine_id: str | None = None, groups: Mapping[str, str] | None = None) -> HistoryEntry:
+    """The history entry for one message's decision.
+
+    *groups* maps each recipient to its policy group (the conversation's ``GROUPS_NOTE``;
+    None without ``policies:``). The recipients of one transaction share a group key but may
+    be in different groups, so each recipient keeps its own, and ``policy_group`` has them all.
+    """
     message = transaction.message
     reason = decision.reason
     if quarantine_id is not None:  # the front end appends it for the log line; here it has a column
         reason = reason.removesuffix(f" (id {quarantine_id})")
+    recipients = [r.address.text for r in transaction.envelope.recipients]
+    chosen = {r: groups[r] for r in recipients if groups is not None and r in groups}
     return HistoryEntry(
         id=f"{node}.{transaction.id}.{time.time_ns()}",
         time=time.time(), node=node, session=session.id, client=session.client.ip, helo=session.helo,
         sender=transaction.envelope.sender.text,
-        recipients=[r.address.text for r in transaction.envelope.recipients],
+        recipients=recipients,
         message_id=decoded_header(message.get("Message-ID")) if message is not None else None,
         subject=decoded_header(message.get("Subject")) if message is not None else None,
         size=message.size if message is not None else None,
@@ -69,6 +77,7 @@ def entry_for(session: Session, transaction: Transaction, decision: Decision, *,
         reason=reason[:_MAX_TEXT] or None,
         reply=f"{decision.reply.code} {decision.reply.enhanced or ''}".strip(),
         quarantine_id=quarantine_id,
+        policy_group=",".join(sorted(set(chosen.values()))) or None, groups=chosen,
     )
 
 

@@ -66,6 +66,8 @@ def add_search_options(parser: argparse.ArgumentParser, *, history: bool) -> Non
         parser.add_argument("--decision", choices=["delivered", "quarantined", "discarded", "rejected",
                                                    "tempfailed"])
         parser.add_argument("--client", help="client IP address")
+        parser.add_argument("--group", dest="policy_group",
+                            help="messages with a recipient in this policy group (docs/multi-domain.md)")
         parser.add_argument("--json", action="store_true", help="one JSON object per line")
 
 
@@ -74,6 +76,7 @@ def _search(args: argparse.Namespace) -> Search:
         sender=args.sender, recipient=args.recipient, since=args.since, until=args.until, node=args.node,
         subject=args.subject, reason=args.reason, message_id=args.message_id, decided_by=args.decided_by,
         decision=getattr(args, "decision", None), client=getattr(args, "client", None), limit=args.limit,
+        policy_group=getattr(args, "policy_group", None),
     )
 
 
@@ -324,12 +327,14 @@ def _print_history(found: list[Any]) -> int:
     if not found:
         print("no history entries match")
         return 0
-    rows = [("TIME (UTC)", "NODE", "CLIENT", "SENDER", "RCPTS", "DECISION", "BY", "SUBJECT / REASON")]
+    rows = [("TIME (UTC)", "NODE", "CLIENT", "SENDER", "RCPTS", "GROUP", "DECISION", "BY",
+             "SUBJECT / REASON")]
     for e in found:
         rows.append((_when(e.time), e.node, e.client or "-", e.sender or "<>", str(len(e.recipients)),
-                     e.decision, e.decided_by or "-", _one_line(f"{e.subject or ''} / {e.reason or ''}", 70)))
-    widths = [max(len(row[i]) for row in rows) for i in range(7)]
+                     e.policy_group or "-", e.decision, e.decided_by or "-",
+                     _one_line(f"{e.subject or ''} / {e.reason or ''}", 70)))
+    widths = [max(len(row[i]) for row in rows) for i in range(8)]
     for row in rows:
-        print("  ".join(cell.ljust(w) for cell, w in zip(row[:7], widths, strict=True)) + "  " + row[7])
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:8], widths, strict=True)) + "  " + row[8])
     print(f"{len(found)} entr{'y' if len(found) == 1 else 'ies'} (newest first)")
     return 0

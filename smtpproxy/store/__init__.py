@@ -67,12 +67,19 @@ class HistoryEntry:
     reply: str | None = None
     quarantine_id: str | None = None
     policy_group: str | None = None
+    """The recipients' policy groups, sorted and joined by "," (the ``message`` line's
+    ``group``); None when no ``policies:`` are configured (or for entries recorded
+    before the history kept groups)."""
+    groups: dict[str, str] = field(default_factory=dict)
+    """Each recipient's policy group, by address (kept in ``history_recipient``)."""
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-_HISTORY_COLUMNS = tuple(f.name for f in fields(HistoryEntry))
+_HISTORY_COLUMNS = tuple(f.name for f in fields(HistoryEntry) if f.name != "groups")
+_IN_BATCH = 500
+"""History entries per query when their recipients' groups are read."""
 
 
 @dataclass(slots=True)
@@ -92,6 +99,9 @@ class Search:
     """A substring, compared without case."""
     reason: str | None = None
     """A substring, compared without case."""
+    policy_group: str | None = None
+    """Only messages with a recipient in this policy group; with ``recipient`` or ``domains``
+    set, that recipient (one in those domains) must be the one in it. History only."""
     domains: tuple[str, ...] | None = None
     """Only messages with a recipient in one of these domains (a domain admin's view)."""
     limit: int = 1000
@@ -183,13 +193,26 @@ def _where(search: Search, *, table: str, recipients: str, owner: str) -> tuple[
     if search.recipient is not None:
         clauses.append(f"{table}.id IN (SELECT {owner} FROM {recipients} WHERE address = ?)")
         params.append(search.recipient)
+    in_domains = " OR ".join("LOWER(address) LIKE ? ESCAPE '\\'" for _ in search.domains or ())
+    domain_params = ["%" + _like("@" + d)[1:-1] for d in search.domains or ()]  # ends with @domain
     if search.domains is not None:
         if not search.domains:
             clauses.append("1 = 0")
         else:
-            likes = " OR ".join("LOWER(address) LIKE ? ESCAPE '\\'" for _ in search.domains)
-            clauses.append(f"{table}.id IN (SELECT {owner} FROM {recipients} WHERE {likes})")
-            params += ["%" + _like("@" + d)[1:-1] for d in search.domains]  # ends with @domain
+            clauses.append(f"{table}.id IN (SELECT {owner} FROM {recipients} WHERE {in_domains})")
+            params += domain_params
+    if search.policy_group is not None and table == "history":
+        # The group of a recipient the search (and the viewer's scope) names: a domain admin
+        # finds a message by their recipients' group, never by another tenant's.
+        group = ["policy_group = ?"]
+        params.append(search.policy_group)
+        if search.recipient is not None:
+            group.append("address = ?")
+            params.append(search.recipient)
+        if search.domains:
+            group.append(f"({in_domains})")
+            params += domain_params
+        clauses.append(f"{table}.id IN (SELECT {owner} FROM {recipients} WHERE {' AND '.join(group)})")
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 
@@ -243,7 +266,8 @@ class Store:
                 values[_HISTORY_COLUMNS.index("recipients")] = "\n".join(e.recipients)
                 yield f"INSERT INTO history ({columns}) VALUES ({marks})", values
                 for address in dict.fromkeys(e.recipients):
-                    yield "INSERT INTO history_recipient (entry, address) VALUES (?, ?)", (e.id, address)
+                    yield ("INSERT INTO history_recipient (entry, address, policy_group) VALUES (?, ?, ?)",
+                           (e.id, address, e.groups.get(address)))
 
         await self._execute(statements())
 
@@ -259,7 +283,20 @@ class Store:
             values = dict(zip(_HISTORY_COLUMNS, row, strict=True))
             values["recipients"] = [r for r in str(values["recipients"] or "").split("\n") if r]
             entries.append(HistoryEntry(**values))
+        await self._groups(entries)
         return entries
+
+    async def _groups(self, entries: list[HistoryEntry]) -> None:
+        """Fill each entry's recipients' policy groups (none for entries recorded without)."""
+        by_id = {e.id: e for e in entries if e.policy_group is not None}
+        ids = list(by_id)
+        for start in range(0, len(ids), _IN_BATCH):
+            batch = ids[start:start + _IN_BATCH]
+            rows = await self._query(
+                f"SELECT entry, address, policy_group FROM history_recipient WHERE entry IN "
+                f"({', '.join('?' for _ in batch)}) AND policy_group IS NOT NULL", batch)
+            for entry, address, group in rows:
+                by_id[entry].groups[address] = group
 
     async def summarize_history(self, search: Search, top: int = 10) -> Summary:
         """Counts for the console's overview over the decisions *search* matches."""

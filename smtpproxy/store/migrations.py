@@ -93,7 +93,15 @@ _V3 = (
     "CREATE INDEX audit_time ON audit (time)",
 )
 
-MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3)
+_V4 = (
+    # Each recipient's policy group (docs/multi-domain.md). A transaction's recipients share
+    # a group *key*, not necessarily a group, so the group is kept per recipient (searched
+    # by index); history.policy_group (step 2) has the message's groups for display.
+    "ALTER TABLE history_recipient ADD COLUMN policy_group TEXT",
+    "CREATE INDEX history_recipient_group ON history_recipient (policy_group)",
+)
+
+MIGRATIONS: tuple[tuple[str, ...], ...] = (_V1, _V2, _V3, _V4)
 """Step *n* (1-based) brings a store from version n-1 to n."""
 
 VERSION = len(MIGRATIONS)

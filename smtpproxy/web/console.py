@@ -60,6 +60,7 @@ _HISTORY_FIELDS = (
     "message_id",
     "subject",
     "reason",
+    "policy_group",
 )
 
 Handler = Callable[[Request, WebContext, Viewer], Awaitable[Response]]
@@ -403,6 +404,7 @@ async def history(request: Request, context: WebContext, viewer: Viewer) -> Resp
     rows = []
     for entry in entries:
         recipients = [r for r in entry.recipients if viewer.may_act_for(r)]
+        groups = sorted({entry.groups[r] for r in recipients if r in entry.groups})  # only theirs
         qid = entry.quarantine_id
         held = f'<a href="/console/quarantine/{e(qid, quote=True)}">{e(qid)}</a>' if qid else ""
         rows.append(
@@ -411,6 +413,7 @@ async def history(request: Request, context: WebContext, viewer: Viewer) -> Resp
                 e(entry.decision),
                 e(entry.sender or "<>"),
                 e(", ".join(recipients)),
+                e(", ".join(groups)),
                 e(entry.subject or ""),
                 e(entry.decided_by or ""),
                 e("" if entry.score is None else str(entry.score)),
@@ -430,6 +433,7 @@ async def history(request: Request, context: WebContext, viewer: Viewer) -> Resp
         "Decision",
         "Sender",
         "Recipients",
+        "Group",
         "Subject",
         "Decided by",
         "Score",

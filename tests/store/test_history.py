@@ -202,3 +202,38 @@ async def test_the_milter_records_its_decisions_too(tmp_path: Path) -> None:
         assert (entry.reason, entry.subject, entry.quarantine_id) == ("looks phishy", "hello folded", None)
     finally:
         await server.stop(grace=1)
+
+
+async def test_each_recipients_policy_group_is_recorded_and_searchable(tmp_path: Path) -> None:
+    from smtpproxy.server import ProxyServer
+    from tests.conftest import make_config
+
+    # No plugin differs between the groups, so they share a group key: one transaction, three groups.
+    config = make_config(tmp_path, relay={"domains": ["one.test", "sales.test"], "networks": []},
+                         store={"sqlite": str(tmp_path / "s.db"), "node": "mx1"},
+                         history={"flush_interval": 0.05},
+                         policies=[{"name": "sales", "recipients": ["sales.test"]},
+                                   {"name": "legal", "recipients": ["legal@one.test"]}])
+    server = ProxyServer(config)
+    await server.start()
+    try:
+        client = await Talk.open(port_of(server))
+        await client.hello()
+        recipients = ["ann@sales.test", "legal@one.test", "bob@one.test"]
+        assert (await client.send_message("a@sender.test", recipients, BODY))[0] == 250
+        await client.close()
+        assert server.store is not None
+        store = server.store
+
+        async def recorded() -> bool:
+            return bool(await store.search_history(Search()))
+
+        await wait_for(recorded)
+        [entry] = await store.search_history(Search(policy_group="legal"))
+        assert entry.recipients == recipients
+        assert entry.groups == {"ann@sales.test": "sales", "legal@one.test": "legal", "bob@one.test": "default"}
+        assert entry.policy_group == "default,legal,sales"  # as the message line's group=
+        assert [e.id for e in await store.search_history(Search(policy_group="default"))] == [entry.id]
+        assert await store.search_history(Search(policy_group="sales", recipient="bob@one.test")) == []
+    finally:
+        await server.stop(grace=1)

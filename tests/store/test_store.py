@@ -157,6 +157,38 @@ async def test_an_upgrade_from_the_previous_schema_keeps_every_record(
     await upgraded.close()
 
 
+async def test_an_upgrade_to_policy_groups_keeps_old_rows_and_records_groups_per_recipient(
+        backend: SQLiteBackend | PostgresBackend) -> None:
+    assert await backend.migrate(MIGRATIONS[:3]) == (0, 3)  # the schema before groups were kept
+    await backend.execute([
+        ("INSERT INTO history (id, time, node, sender, recipients, decision) VALUES (?, ?, ?, ?, ?, ?)",
+         ("old", 5.0, "mx1", "a@a.test", "b@b.test\nc@c.test", "delivered")),
+        ("INSERT INTO history_recipient (entry, address) VALUES (?, ?)", ("old", "b@b.test")),
+        ("INSERT INTO history_recipient (entry, address) VALUES (?, ?)", ("old", "c@c.test")),
+    ])
+    upgraded = Store(backend)
+    assert await upgraded.migrate() == (3, VERSION)
+    new = entry(1, rcpts=("b@b.test", "c@c.test", "d@d.test"))
+    new.groups = {"b@b.test": "sales", "c@c.test": "legal", "d@d.test": "sales"}
+    new.policy_group = "legal,sales"
+    await upgraded.add_history([new])
+    found = {e.id: e for e in await upgraded.search_history(Search(recipient="b@b.test"))}
+    assert (found["old"].recipients, found["old"].policy_group, found["old"].groups) == (
+        ["b@b.test", "c@c.test"], None, {})
+    assert (found["e1"].policy_group, found["e1"].groups) == ("legal,sales", new.groups)
+    assert [e.id for e in await upgraded.search_history(Search(policy_group="legal"))] == ["e1"]
+    assert [e.id for e in await upgraded.search_history(Search(policy_group="sales",
+                                                                   recipient="d@d.test"))] == ["e1"]
+    assert await upgraded.search_history(Search(policy_group="legal,sales")) == []  # a group, not the list
+    # With a recipient or a domain scope, it is that recipient whose group counts.
+    assert await upgraded.search_history(Search(policy_group="legal", recipient="b@b.test")) == []
+    assert await upgraded.search_history(Search(policy_group="legal", domains=("b.test", "d.test"))) == []
+    assert [e.id for e in await upgraded.search_history(Search(policy_group="sales", domains=("b.test",)))] == ["e1"]
+    assert await upgraded.search_history(Search(policy_group="default")) == []
+    assert found["e1"].as_dict()["groups"] == new.groups  # what history export writes
+    await upgraded.close()
+
+
 async def test_an_unreachable_postgresql_is_a_store_error() -> None:
     store = open_store(postgresql=f"postgresql://postgres@127.0.0.1:{free_port()}/x", timeout=1)
     with pytest.raises(StoreError):

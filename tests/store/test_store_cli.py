@@ -162,6 +162,37 @@ def test_history_search_export_and_erase(tmp_path: Path) -> None:
     assert asyncio.run(left()) == ["c"]
 
 
+def test_history_search_and_export_by_policy_group(tmp_path: Path) -> None:
+    cfg = config(tmp_path)
+
+    async def fill() -> None:
+        store = open_store(sqlite=tmp_path / "store.db")
+        now = time.time()
+        await store.add_history([
+            HistoryEntry(id="g", time=now - 5, node="mx7", sender="ann@y.test",
+                         recipients=["bob@sales.test", "carol@dest.test"], decision="delivered",
+                         subject="Grouped", policy_group="default,sales",
+                         groups={"bob@sales.test": "sales", "carol@dest.test": "default"}),
+            HistoryEntry(id="n", time=now, node="mx7", sender="ann@y.test", recipients=["carol@dest.test"],
+                         decision="delivered", subject="Ungrouped"),
+        ])
+        await store.close()
+
+    asyncio.run(fill())
+    text = run(cfg, "history", "search", "--group", "sales")
+    assert text.returncode == 0 and text.stdout.endswith("1 entry (newest first)\n"), text.stdout
+    header, row = text.stdout.splitlines()[:2]
+    assert "GROUP" in header.split() and "default,sales" in row.split() and "Grouped" in row
+    listing = run(cfg, "history", "search").stdout.splitlines()
+    assert "-" in listing[1].split() and "Ungrouped" in listing[1]  # recorded without groups
+    assert "no history entries match" in run(cfg, "history", "search", "--group", "sales",
+                                             "--recipient", "carol@dest.test").stdout
+    [line] = run(cfg, "history", "export", "--group", "default").stdout.splitlines()
+    exported = json.loads(line)
+    assert (exported["id"], exported["policy_group"]) == ("g", "default,sales")
+    assert exported["groups"] == {"bob@sales.test": "sales", "carol@dest.test": "default"}
+
+
 def test_store_commands_need_a_store(tmp_path: Path) -> None:
     cfg = config(tmp_path, store=False)
     for args in (("history", "search"), ("quarantine", "purge"), ("quarantine", "import"),

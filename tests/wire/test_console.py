@@ -105,6 +105,31 @@ async def test_each_role_sees_its_own_scope_and_other_ids_are_404(console: str) 
             await client.aclose()
 
 
+async def test_history_is_searched_by_policy_group_within_the_viewers_scope(
+        console: str, tmp_path: Path) -> None:
+    store = open_store(sqlite=tmp_path / "store.db")
+    await store.add_history([HistoryEntry(
+        id="h-g", time=time.time(), node="n", sender="s@x.test", recipients=["bob@a.test", "eve@b.test"],
+        decision="delivered", subject="grouped", policy_group="tenant-a,tenant-b",
+        groups={"bob@a.test": "tenant-a", "eve@b.test": "tenant-b"})])
+    await store.close()
+    admin, _ = await _signed_in(console, "root")
+    domain, _ = await _signed_in(console, "host-a")
+    try:
+        page = (await admin.get("/console/history?policy_group=tenant-b")).text
+        assert "<th>Group</th>" in page and 'name="policy_group"' in page
+        assert "grouped" in page and "subject q-a" not in page and "<td>tenant-a, tenant-b</td>" in page
+        assert "Nothing found" in (await admin.get("/console/history?policy_group=tenant-c")).text
+        assert "<td></td>" in (await admin.get("/console/history")).text  # entries recorded without groups
+        mine = (await domain.get("/console/history?policy_group=tenant-a")).text
+        assert "grouped" in mine and "<td>tenant-a</td>" in mine and "tenant-b" not in mine
+        # Another tenant's group finds nothing for a domain admin, though eve's message is bob's too.
+        assert "Nothing found" in (await domain.get("/console/history?policy_group=tenant-b")).text
+    finally:
+        for client in (admin, domain):
+            await client.aclose()
+
+
 async def test_no_state_change_without_csrf_or_session_and_no_open_redirect(console: str) -> None:
     client, csrf = await _signed_in(console, "root")
     try:
