@@ -127,16 +127,21 @@ class MilterServer:
         replies = _Replies(writer)
         acks = _AckNow(writer)
         session = MilterSession(self.chain, self.policy, replies.send, peer_text)
+        decoder = codec.FrameDecoder(self.settings.max_packet_size)
         try:
             while True:
-                packet = await self._read_packet(reader, peer_text)
-                if packet is None:
+                packets = await self._read_packets(reader, decoder)
+                if packets is None:
                     break
-                command = codec.decode_command(*packet)
-                if isinstance(command, codec.Macro) and _nothing_follows(command, session.negotiated):
-                    acks.now()
-                go_on = await session.handle(command)
-                await replies.flush()
+                go_on = True
+                for code, payload in packets:
+                    command = codec.decode_command(code, payload)
+                    if isinstance(command, codec.Macro) and _nothing_follows(command, session.negotiated):
+                        acks.now()
+                    go_on = await session.handle(command)
+                    await replies.flush()
+                    if not go_on:
+                        break
                 if not go_on:
                     break
         except MilterProtocolError as exc:
@@ -156,23 +161,23 @@ class MilterServer:
                 await session.finish()
             self._connections.discard(task)
 
-    async def _read_packet(self, reader: asyncio.StreamReader, peer: str) -> tuple[bytes, bytes] | None:
-        """The next (code, payload), or None at a clean end of stream between packets."""
+    async def _read_packets(self, reader: asyncio.StreamReader,
+                            decoder: codec.FrameDecoder) -> list[tuple[bytes, bytes]] | None:
+        """The next whole packets, as many as have arrived (one read takes what the MTA wrote
+        in one go: connect to RCPT, or the headers to the end of the message); None at a
+        clean end of stream between packets. ``milter.timeout`` bounds the wait for a whole
+        packet, however it is split: a peer that stalls inside a packet times out too."""
         async with asyncio.timeout(self.settings.timeout):
-            try:
-                header = await reader.readexactly(4)
-            except asyncio.IncompleteReadError as exc:
-                if exc.partial:
-                    raise MilterProtocolError("connection closed inside a packet header") from None
-                return None
-            length = codec.check_length(header, self.settings.max_packet_size)
-            try:
-                packet = await reader.readexactly(length)
-            except asyncio.IncompleteReadError as exc:
-                raise MilterProtocolError(
-                    f"truncated packet: {len(exc.partial)} of {length} bytes before the end"
-                ) from None
-        return packet[:1], packet[1:]
+            while True:
+                data = await reader.read(_READ_SIZE)
+                if not data:
+                    if decoder.pending:
+                        raise MilterProtocolError(
+                            f"truncated packet: the connection closed after {decoder.pending} bytes of it")
+                    return None
+                packets = decoder.feed(data)
+                if packets:
+                    return packets
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, give open connections ``grace`` seconds, then close them."""
@@ -238,6 +243,10 @@ class MilterServer:
         event("shutdown_hurried", level=logging.WARNING, signal=signal.Signals(signum).name,
               note="grace period ends now")
         self._hurry.set()
+
+
+_READ_SIZE = 1 << 18
+"""At most this much per read: four of Postfix's 64 KiB body chunks."""
 
 
 class _Replies:
