@@ -22,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["BatchingHandler", "EventLog", "configure_logging", "current_session", "event"]
+__all__ = ["BatchingHandler", "EventLog", "configure_logging", "current_session", "event", "flush_logs"]
 
 current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "smtpproxy_session", default=None
@@ -234,6 +234,14 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
             if hasattr(self.stream, "flush"):
                 with contextlib.suppress(Exception):
                     self.stream.flush()
+
+
+def flush_logs() -> None:
+    """Write the lines the handlers still hold, before telling another process something
+    that they should come before (a worker's ``listening`` before its supervisor's
+    ``workers_ready``)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def configure_logging(level: str = "info", fmt: str = "kv") -> None:

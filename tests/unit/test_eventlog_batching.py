@@ -11,12 +11,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from smtpproxy.eventlog import BatchingHandler, KeyValueFormatter, event
+from smtpproxy.eventlog import BatchingHandler, KeyValueFormatter, event, flush_logs
 
 
 class Stream:
     def __init__(self) -> None:
         self.writes: list[str] = []
+        self.handler: logging.Handler | None = None
 
     def write(self, text: str) -> None:
         self.writes.append(text)
@@ -28,7 +29,7 @@ class Stream:
 @pytest.fixture
 def stream() -> Iterator[Stream]:
     out = Stream()
-    handler = BatchingHandler(out)
+    handler = out.handler = BatchingHandler(out)
     handler.setFormatter(KeyValueFormatter())
     logger = logging.getLogger("smtpproxy.session")
     old_level, old_propagate = logger.level, logger.propagate
@@ -107,3 +108,17 @@ def test_a_loop_closed_before_its_turn_loses_nothing(stream: Stream) -> None:
     finally:
         second.close()
     assert _events("".join(stream.writes)) == ["in_the_first_loop", "in_the_second_loop"]
+
+
+async def test_flush_logs_writes_what_the_handlers_hold(stream: Stream) -> None:
+    root = logging.getLogger()
+    handler = stream.handler
+    assert handler is not None
+    root.addHandler(handler)  # flush_logs() flushes the root's handlers, as configure_logging sets them
+    try:
+        event("listening", address="127.0.0.1")
+        assert stream.writes == []
+        flush_logs()
+        assert [_events(w) for w in stream.writes] == [["listening"]]
+    finally:
+        root.removeHandler(handler)
