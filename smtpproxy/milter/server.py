@@ -131,7 +131,7 @@ class MilterServer:
         decoder = codec.FrameDecoder(self.settings.max_packet_size)
         try:
             while True:
-                packets = await self._read_packets(reader, decoder)
+                packets = await self._read_packets(reader, decoder, task)
                 if packets is None:
                     break
                 go_on = True
@@ -164,15 +164,15 @@ class MilterServer:
                 await session.finish()
             self._connections.discard(task)
 
-    async def _read_packets(self, reader: asyncio.StreamReader,
-                            decoder: codec.FrameDecoder) -> list[tuple[bytes, bytes]] | None:
+    async def _read_packets(self, reader: asyncio.StreamReader, decoder: codec.FrameDecoder,
+                            task: asyncio.Task[None]) -> list[tuple[bytes, bytes]] | None:
         """The next whole packets, as many as have arrived (one read takes what the MTA wrote
         in one go: connect to RCPT, or the headers to the end of the message); None at a
         clean end of stream between packets. ``milter.timeout`` bounds the wait for a whole
         packet, however it is split (:class:`_Deadlines`): a peer that stalls inside a
         packet times out too."""
         deadlines = self._deadlines
-        deadlines.wait()
+        deadlines.wait(task)
         try:
             while True:
                 data = await reader.read(_READ_SIZE)
@@ -185,7 +185,7 @@ class MilterServer:
                 if packets:
                     return packets
         finally:
-            deadlines.done()
+            deadlines.done(task)
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, give open connections ``grace`` seconds, then close them."""
@@ -267,18 +267,16 @@ class _Deadlines:
         self._expired: set[asyncio.Task[None]] = set()
         self._check_handle: asyncio.TimerHandle | None = None
 
-    def wait(self) -> None:
-        """The current task starts waiting for the MTA's next packet."""
-        task = asyncio.current_task()
-        assert task is not None
+    def wait(self, task: asyncio.Task[None]) -> None:
+        """*task* starts waiting for the MTA's next packet."""
         loop = task.get_loop()
         self._waiting[task] = loop.time() + self.timeout
         if self._check_handle is None:
             self._check_handle = loop.call_later(self.interval, self._check, loop)
 
-    def done(self) -> None:
+    def done(self, task: asyncio.Task[None]) -> None:
         """The packet came (or the read ended otherwise)."""
-        self._waiting.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+        self._waiting.pop(task, None)
 
     def expired(self, task: asyncio.Task[None]) -> bool:
         """Whether *task* was cancelled for its deadline (once: the answer is forgotten)."""
