@@ -107,20 +107,23 @@ def _key(key: Any) -> str:
     return name + "_" if name in _RESERVED else name
 
 
-_QUOTED = re.compile(r'[ "=\\]')
-
-
 def _kv_value(value: Any) -> str:
-    if value is None:
+    # Strings and integers first: nearly every value of a line (issue 31's profile).
+    if type(value) is str:
+        text = value
+    elif type(value) is int:
+        return str(value)  # digits and a sign: always bare
+    elif value is None:
         return "-"
-    if isinstance(value, float):
+    elif isinstance(value, float):
         text = f"{value:.4g}"
     elif isinstance(value, list | tuple | set | frozenset):
         text = ",".join(str(v) for v in value)
     else:
         text = str(value)
     # Plain when every character is printable and none is a space, quote, = or backslash.
-    if text.isprintable() and text and not _QUOTED.search(text):
+    if (text and text.isprintable() and " " not in text and '"' not in text and "=" not in text
+            and "\\" not in text):
         return text
     return json.dumps(text, ensure_ascii=True)
 

@@ -39,7 +39,7 @@ def test_values_are_written_as_the_reference_says(text: str) -> None:
     assert eventlog._kv_value(text) == reference_value(text)
 
 
-@given(st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.lists(st.text(max_size=5))))
+@given(st.one_of(st.none(), st.integers(), st.booleans(), st.floats(allow_nan=True), st.lists(st.text(max_size=5))))
 def test_other_values_too(value: Any) -> None:
     assert eventlog._kv_value(value) == reference_value(value)
 
