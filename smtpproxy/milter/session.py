@@ -464,7 +464,9 @@ class MilterSession:
             self._reset_message()
             return
         queued = Reply(250, "2.0.0", f"Ok: queued as {queue_id or transaction.id}")
-        outcome = await self._progress(self.conversation.end_of_message(session, transaction))
+        step = self.conversation.end_of_message(session, transaction)
+        # Without a data plugin nothing in this step can keep the MTA waiting: no progress task.
+        outcome = await (self._progress(step) if self.chain.implements("data") else step)
         responses: list[Response]
         decision: Decision
         if isinstance(outcome, Refusal):

@@ -877,3 +877,27 @@ async def test_a_packet_trickling_in_is_bounded_by_one_timeout_not_one_per_read(
         await asyncio.sleep(0.1)
     assert await closed
     assert len(_timeouts(caplog)) == 1
+
+
+class SlowData:
+    name = "slow_data"
+
+    @hookimpl
+    async def data(self) -> None:
+        await asyncio.sleep(0.5)
+
+
+async def test_a_slow_data_plugin_keeps_the_mta_waiting_with_progress(milter: Factory) -> None:
+    mta = await FakeMTA.open(await milter(SlowData(), progress_interval=0.1))
+    await mta.start()
+    await mta.envelope()
+    for name, value in HEADERS:
+        await mta.passes(codec.Header(name, value))
+    await mta.passes(codec.EndOfHeaders())
+    mta.send(codec.EndOfBody())
+    responses = [await mta.recv()]
+    while isinstance(responses[-1], codec.Progress):
+        responses.append(await mta.recv())
+    assert responses[-1] == codec.Accept()
+    assert len(responses) >= 3 and set(responses[:-1]) == {codec.Progress()}
+    await mta.close()
