@@ -362,8 +362,6 @@ class MilterSession:
                 response = self._refuse("mail_from", refusal)
                 if not isinstance(response, codec.Accept):
                     self.conversation.end_transaction(session)
-                else:
-                    self._mta_sender = path.address
                 await self.send(response)
                 return
             self._defer("mail_from", refusal.reply)
