@@ -11,6 +11,8 @@ not overwrite ``ts``, ``level``, ``event``, ``sid`` and the other fields of the 
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import contextvars
 import functools
 import json
@@ -20,7 +22,7 @@ import sys
 import time
 from typing import Any
 
-__all__ = ["EventLog", "configure_logging", "current_session", "event"]
+__all__ = ["BatchingHandler", "EventLog", "configure_logging", "current_session", "event", "flush_logs"]
 
 current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
     "smtpproxy_session", default=None
@@ -105,20 +107,23 @@ def _key(key: Any) -> str:
     return name + "_" if name in _RESERVED else name
 
 
-_QUOTED = re.compile(r'[ "=\\]')
-
-
 def _kv_value(value: Any) -> str:
-    if value is None:
+    # Strings and integers first: nearly every value of a line (issue 31's profile).
+    if type(value) is str:
+        text = value
+    elif type(value) is int:
+        return str(value)  # digits and a sign: always bare
+    elif value is None:
         return "-"
-    if isinstance(value, float):
+    elif isinstance(value, float):
         text = f"{value:.4g}"
     elif isinstance(value, list | tuple | set | frozenset):
         text = ",".join(str(v) for v in value)
     else:
         text = str(value)
     # Plain when every character is printable and none is a space, quote, = or backslash.
-    if text.isprintable() and text and not _QUOTED.search(text):
+    if (text and text.isprintable() and " " not in text and '"' not in text and "=" not in text
+            and "\\" not in text):
         return text
     return json.dumps(text, ensure_ascii=True)
 
@@ -127,25 +132,29 @@ class KeyValueFormatter(logging.Formatter):
     """``ts=... level=info event=... sid=... key=value ...``; every value escaped."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields: dict[str, Any] = {
-            "ts": _timestamp(record.created),
-            "level": record.levelname.lower(),
-        }
+        # Parts joined once, no intermediate dict: a line is formatted for every event
+        # (tests/unit/test_eventlog_fastpath.py holds it to the plain definition).
+        head = f"ts={_timestamp(record.created)} level={_level(record.levelname)}"
         structured = getattr(record, "smtpproxy_fields", None)
         sid = current_session.get()
         if structured is not None:
-            fields["event"] = _name(record)
+            parts = [head, "event=" + _kv_value(_name(record))]
             if sid:
-                fields["sid"] = sid
-            fields.update(_own_fields(structured))
+                parts.append("sid=" + _kv_value(sid))
+            parts += [f"{k}={_kv_value(v)}" for k, v in _own_fields(structured).items()]
         else:
-            fields["logger"] = record.name
+            parts = [head, "logger=" + _kv_value(record.name)]
             if sid:
-                fields["sid"] = sid
-            fields["msg"] = record.getMessage()
+                parts.append("sid=" + _kv_value(sid))
+            parts.append("msg=" + _kv_value(record.getMessage()))
         if record.exc_info:
-            fields["exc"] = self.formatException(record.exc_info)
-        return " ".join(f"{k}={_kv_value(v)}" for k, v in fields.items())
+            parts.append("exc=" + _kv_value(self.formatException(record.exc_info)))
+        return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=64)
+def _level(levelname: str) -> str:
+    return _kv_value(levelname.lower())
 
 
 class JsonFormatter(logging.Formatter):
@@ -183,18 +192,82 @@ def _second(whole: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
 
 
+class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Write the lines of one event-loop iteration together, at its end: one ``write(2)``
+    for the several lines a message makes (``connect`` ... ``message``) and for those of
+    other sessions handled in the same iteration, instead of one per line.
+
+    Each line is formatted when it is logged (its ``ts`` is that moment); only the write
+    waits, for the loop's next turn. A line at level warning or above is written at once,
+    with the lines before it, and so is every line logged outside a running event loop
+    (start-up, a worker thread) and whatever is pending when the handler is flushed or
+    closed (``logging.shutdown`` at exit, a new :func:`configure_logging`).
+    """
+
+    def __init__(self, stream: Any = None) -> None:
+        super().__init__(stream)
+        self._pending: list[str] = []
+        self._scheduled: asyncio.AbstractEventLoop | None = None
+        """The loop whose next turn writes the pending lines."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:
+            self.handleError(record)
+            return
+        self._pending.append(line)
+        if record.levelno >= logging.WARNING:
+            self.flush()
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: nothing would come back to write it
+            self.flush()
+            return
+        if self._scheduled is not loop:  # (a loop closed before its turn came: schedule anew)
+            self._scheduled = loop
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        with self.lock or contextlib.nullcontext():
+            self._scheduled = None
+            if self._pending:
+                text = "\n".join(self._pending) + self.terminator
+                self._pending.clear()
+                # A closed or broken stderr loses the lines; logging itself never raises.
+                with contextlib.suppress(Exception):
+                    self.stream.write(text)
+            if hasattr(self.stream, "flush"):
+                with contextlib.suppress(Exception):
+                    self.stream.flush()
+
+
+def flush_logs() -> None:
+    """Write the lines the handlers still hold, before telling another process something
+    that they should come before (a worker's ``listening`` before its supervisor's
+    ``workers_ready``)."""
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+
+
 def configure_logging(level: str = "info", fmt: str = "kv") -> None:
-    """Send smtpproxy's (and its plugins') logs to stderr in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Send smtpproxy's (and its plugins') logs to stderr in the chosen format, one write
+    per event-loop iteration (:class:`BatchingHandler`)."""
+    handler = BatchingHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):
+        old.flush()
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
     # Neither format writes the process, thread or task of a record: don't look them up for
     # every line (os.getpid() and friends, a measurable share of each line's cost).
     logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
+    # Nor the file and line that logged it: no stack walk per line (the logging HOWTO's
+    # "Optimization" section names this switch).
+    logging._srcfile = None
     if hasattr(logging, "logAsyncioTasks"):  # Python 3.12+
         logging.logAsyncioTasks = False
     # aiosmtpd logs every command at INFO under its own names; our events replace those.

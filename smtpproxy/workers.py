@@ -30,7 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from smtpproxy.config import Config
-from smtpproxy.eventlog import event
+from smtpproxy.eventlog import event, flush_logs
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.sdnotify import notify
 
@@ -52,6 +52,7 @@ def tell_supervisor_ready() -> None:
     fd = os.environ.pop(READY_FD_VARIABLE, None)
     if fd is None:
         return
+    flush_logs()  # this worker's lines so far (its listening line) come before the supervisor's
     try:
         os.write(int(fd), b"R")
         os.close(int(fd))

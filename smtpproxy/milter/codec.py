@@ -389,6 +389,23 @@ def decode_command(code: bytes, payload: bytes) -> Command:
         if payload:
             raise MilterProtocolError(f"command {code!r} takes no payload, got {len(payload)} bytes")
         return empty
+    # The packets of every message (macros, headers, body), well formed, by a split instead
+    # of field by field; anything else takes the strict reader below, which says what is wrong.
+    if code == b"B":
+        return Body(payload)
+    if code == b"E":
+        return EndOfBody(payload)
+    if code == b"L":
+        parts = payload.split(b"\0")
+        if len(parts) == 3 and not parts[2]:
+            return Header(_text(parts[0]), _text(parts[1]))
+    elif code == b"D" and payload:
+        names = payload[1:]
+        if not names or names[-1] == 0:
+            fields = [_text(v) for v in names.split(b"\0")[:-1]] if names else []
+            if not len(fields) % 2:
+                return Macro(payload[:1].decode("latin-1"),
+                             tuple(zip(fields[::2], fields[1::2], strict=True)))
     what = f"command {code!r}"
     r = _Reader(what, payload)
     command: Command

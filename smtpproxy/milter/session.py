@@ -8,8 +8,10 @@ hooks at the same moments, and answers each event:
   with the plugin's reply (at connect 554/421, as the proxy answers). Continue and accept
   become SMFIR_CONTINUE: our ACCEPT ends a *phase*, while SMFIR_ACCEPT would take the
   rest of the message (or connection) away from the filter. Discard and quarantine are
-  remembered and applied at the end of the message, as in the proxy.
-* headers, body: collected (CRLF line ends) into the raw message; over
+  remembered and applied at the end of the message, as in the proxy. An event no plugin
+  answers gets no reply at all (SMFIP_NR_*, :func:`no_reply_steps`); a refusal of ours in
+  such a step refuses the message at its end.
+* headers, body: collected (CRLF line ends) into the raw message, without replies; over
   ``limits.max_message_size`` the message is refused with 552.
 * end of message: the ``data`` chain on a :class:`~smtpproxy.message.Message`, then the
   edits (see :mod:`smtpproxy.milter.edits`) and the final SMFIR_ACCEPT, or SMFIR_DISCARD,
@@ -43,6 +45,7 @@ from smtpproxy.milter.codec import MilterProtocolError, Response
 from smtpproxy.milter.edits import body_edits, envelope_edits, header_edits, split_fields
 from smtpproxy.outcome import (
     ERROR_REJECT,
+    PROXY,
     Deliver,
     FailureAction,
     Refusal,
@@ -61,8 +64,14 @@ Send = Callable[[Response], Awaitable[None]]
 
 # What we ask the MTA not to send: DATA and unknown SMTP commands mean nothing to plugins.
 _NOT_WANTED = codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN
-# Extensions we use when offered: no reply per header, exact leading whitespace in values.
-_EXTENSIONS = codec.SMFIP_NR_HDR | codec.SMFIP_HDR_LEADSPC
+# Extensions we use when offered: exact leading whitespace in header values.
+_EXTENSIONS = codec.SMFIP_HDR_LEADSPC
+# No reply per header, at the end of the headers or per body chunk: the content is judged at
+# the end of the message, and a message over limits.max_message_size is refused there.
+_CONTENT_NO_REPLY = codec.SMFIP_NR_HDR | codec.SMFIP_NR_EOH | codec.SMFIP_NR_BODY
+# The envelope events, by the hook that answers them.
+_ENVELOPE_NO_REPLY = {"connect": codec.SMFIP_NR_CONN, "helo": codec.SMFIP_NR_HELO,
+                      "mail_from": codec.SMFIP_NR_MAIL, "rcpt_to": codec.SMFIP_NR_RCPT}
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}", re.ASCII)
 """What a verified client name may contain (Postfix's valid_hostname() characters)."""
@@ -89,6 +98,29 @@ class MilterPolicy:
     """This milter's name in the store's history."""
 
 
+def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
+    """The SMFIP_NR_* steps we ask the MTA not to wait for: the content, and each envelope
+    event that no plugin of the chain answers (its hook) and no rule of ours needs at once.
+
+    Postfix then writes those events without waiting (milter8.c: ``skip_reply``) and sends
+    them with the next one that waits: connect to RCPT and the DATA macros arrive in one
+    write instead of four round trips. MAIL keeps its reply when the sender/login map is on
+    (``milter.check_sender_login``). RCPT is always answered: smtpproxy's own rules there (the
+    recipient limit, the policy groups' split, the address check) refuse one recipient, and
+    a refusal kept for the end of the message would refuse all of them, again at every
+    retry. A refusal that comes up in a step without reply (an address our parser refuses
+    at MAIL) refuses the message at its end.
+    """
+    steps = _CONTENT_NO_REPLY
+    for hook, step in _ENVELOPE_NO_REPLY.items():
+        if hook == "rcpt_to" or chain.implements(hook):
+            continue
+        if hook == "mail_from" and policy.sender_login is not None:
+            continue
+        steps |= step
+    return steps
+
+
 def reply_text(reply: Reply) -> str:
     """An SMTP reply in SMFIR_REPLYCODE form: CRLF between lines, ``%`` doubled."""
     return "\r\n".join(reply.lines()).replace("%", "%%")
@@ -103,8 +135,12 @@ class MilterSession:
         self.send = send
         self.peer = peer
         self.negotiated: codec.OptNeg | None = None
+        self.no_reply = no_reply_steps(chain, policy)
+        """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers)."""
         self.macros = codec.Macros()
         self.session: Session | None = None
+        self._session_refused: Reply | None = None
+        """A connect or HELO refusal in a step without reply: every message of the session gets it."""
         # The MTA judges unauthenticated senders itself (reject_unauthenticated_sender_login_mismatch).
         self.conversation = Conversation(chain, Rules(
             max_recipients=policy.max_recipients, sender_login=policy.sender_login,
@@ -124,7 +160,7 @@ class MilterSession:
         self._header_count = 0
         self._body = bytearray()
         self._size = 0
-        self._refused: Reply | None = None
+        self._refused: Reply | None = self._session_refused
         self._started = time.perf_counter()
         self._mta_sender: Address | None = None
         self._mta_recipients: list[Address] = []
@@ -133,14 +169,46 @@ class MilterSession:
     def _leading_space(self) -> bool:
         return self.negotiated is not None and bool(self.negotiated.protocol & codec.SMFIP_HDR_LEADSPC)
 
-    @property
-    def _header_replies(self) -> bool:
-        return self.negotiated is None or not self.negotiated.protocol & codec.SMFIP_NR_HDR
+    def _replies(self, step: int) -> bool:
+        """Whether the MTA waits for our answer to this step (it does unless SMFIP_NR_* was agreed)."""
+        return self.negotiated is None or not self.negotiated.protocol & step
+
+    async def _answer(self, step: int, phase: str, refusal: Refusal | None) -> None:
+        """A step's answer: the verdict where the MTA waits for it; where it does not
+        (SMFIP_NR_*), a refusal is kept for the end of the message and logged now."""
+        if self._replies(step):
+            await self.send(codec.Continue() if refusal is None else self._refuse(phase, refusal))
+        elif refusal is not None:
+            self._defer(phase, refusal.reply)
+
+    def _defer(self, phase: str, reply: Reply) -> None:
+        event("milter_refusal_deferred", level=logging.WARNING, phase=phase, reply=reply.code,
+              note="no reply was agreed for this step: the message is refused at its end")
+        if phase in ("connect", "helo"):
+            self._session_refused = reply
+        if self._refused is None:
+            self._refused = reply
+            self._body.clear()
+
+    async def _run(self, step: int, work: Awaitable[_T]) -> _T:
+        """A step's conversation; with SMFIR_PROGRESS only where the MTA waits for our answer
+        (a progress packet it does not expect would be read as the next event's reply)."""
+        if self._replies(step):
+            return await self._progress(work)
+        return await work
 
     def _require_session(self, what: str) -> Session:
         if self.session is None:
             raise MilterProtocolError(f"{what} before CONNECT")
         return self.session
+
+    def _open_transaction(self, what: str) -> tuple[Session, Transaction] | None:
+        """The transaction, or None when its MAIL was refused without a reply (the MTA went
+        on: its events are taken in until the end of the message refuses it)."""
+        session = self._require_session(what)
+        if session.transaction is None and self._refused is not None:
+            return None
+        return self._require_transaction(what)
 
     def _require_transaction(self, what: str) -> tuple[Session, Transaction]:
         session = self._require_session(what)
@@ -206,14 +274,16 @@ class MilterSession:
             case codec.Header(name, value):
                 await self._header(name, value)
             case codec.EndOfHeaders():
-                self._require_transaction("end of headers")
-                await self.send(self._content_reply())
+                self._open_transaction("end of headers")
+                if self._replies(codec.SMFIP_NR_EOH):
+                    await self.send(self._content_reply())
             case codec.Body(chunk):
-                self._require_transaction("body")
+                self._open_transaction("body")
                 self._add_body(chunk)
-                await self.send(self._content_reply())
+                if self._replies(codec.SMFIP_NR_BODY):
+                    await self.send(self._content_reply())
             case codec.EndOfBody(chunk):
-                self._require_transaction("end of message")
+                self._open_transaction("end of message")
                 self._add_body(chunk)
                 await self._end_of_message()
             case codec.Abort():
@@ -238,7 +308,7 @@ class MilterSession:
         self.negotiated = codec.OptNeg(
             min(offer.version, codec.PROTOCOL_VERSION),
             codec.ACTIONS & offer.actions,
-            (_NOT_WANTED | _EXTENSIONS) & offer.protocol,
+            (_NOT_WANTED | _EXTENSIONS | self.no_reply) & offer.protocol,
         )
         event("milter_negotiated", peer=self.peer, version=self.negotiated.version,
               actions=hex(self.negotiated.actions), protocol=hex(self.negotiated.protocol),
@@ -266,20 +336,14 @@ class MilterSession:
         self.session = session
         current_session.set(session.id)
         event("connect", client=ip, port=port, transport="milter", mta=self.macros.get("j"))
-        refusal = await self._progress(self.conversation.connect(session))
-        if refusal is not None:
-            await self.send(self._refuse("connect", refusal))
-            return
-        await self.send(codec.Continue())
+        refusal = await self._run(codec.SMFIP_NR_CONN, self.conversation.connect(session))
+        await self._answer(codec.SMFIP_NR_CONN, "connect", refusal)
 
     async def _helo(self, hostname: str) -> None:
         session = self._require_session("HELO")
         self._update_identity(session)
-        refusal = await self._progress(self.conversation.greet(session, hostname))
-        if refusal is not None:
-            await self.send(self._refuse("helo", refusal))
-            return
-        await self.send(codec.Continue())
+        refusal = await self._run(codec.SMFIP_NR_HELO, self.conversation.greet(session, hostname))
+        await self._answer(codec.SMFIP_NR_HELO, "helo", refusal)
 
     async def _mail(self, args: tuple[str, ...]) -> None:
         session = self._require_session("MAIL")
@@ -291,31 +355,43 @@ class MilterSession:
             path = parse_mail_from("FROM:" + " ".join(args), smtputf8_enabled=True)
         except AddressError as exc:
             event("mail_from", sender=args[0], verdict="syntax", reply=exc.code)
-            await self.send(codec.ReplyCode(reply_text(Reply(exc.code, exc.enhanced, exc.text))))
+            await self._answer(codec.SMFIP_NR_MAIL, "mail_from",
+                               Refusal(Reply(exc.code, exc.enhanced, exc.text), PROXY, "syntax"))
             return
-        refusal = await self._progress(
-            self.conversation.mail(session, path.address, path.params, queue_id=self.macros.get("i"))
-        )
+        refusal = await self._run(codec.SMFIP_NR_MAIL, self.conversation.mail(
+            session, path.address, path.params, queue_id=self.macros.get("i")))
         if refusal is not None:
-            response = self._refuse("mail_from", refusal)
-            if not isinstance(response, codec.Accept):
-                self.conversation.end_transaction(session)
-            await self.send(response)
-            return
+            if self._replies(codec.SMFIP_NR_MAIL):
+                response = self._refuse("mail_from", refusal)
+                if not isinstance(response, codec.Accept):
+                    self.conversation.end_transaction(session)
+                await self.send(response)
+                return
+            self._defer("mail_from", refusal.reply)
         self._mta_sender = path.address
-        await self.send(codec.Continue())
+        await self._answer(codec.SMFIP_NR_MAIL, "mail_from", None)
 
     async def _rcpt(self, args: tuple[str, ...]) -> None:
-        session, transaction = self._require_transaction("RCPT")
+        opened = self._open_transaction("RCPT")
+        if opened is None:  # MAIL was refused without a reply: so is every recipient
+            if self._replies(codec.SMFIP_NR_RCPT):
+                await self.send(self._content_reply())
+            return
+        session, transaction = opened
         try:
             path = parse_rcpt_to("TO:" + " ".join(args), smtputf8_enabled=True)
         except AddressError as exc:
             event("rcpt_to", tx=transaction.id, recipient=args[0], verdict="syntax", reply=exc.code)
-            await self.send(codec.ReplyCode(reply_text(Reply(exc.code, exc.enhanced, exc.text))))
+            await self._answer(codec.SMFIP_NR_RCPT, "rcpt_to",
+                               Refusal(Reply(exc.code, exc.enhanced, exc.text), PROXY, "syntax"))
             return
         recipient = Recipient(path.address, dict(path.params))
-        refusal = await self._progress(self.conversation.rcpt(session, transaction, recipient))
+        refusal = await self._run(codec.SMFIP_NR_RCPT,
+                                  self.conversation.rcpt(session, transaction, recipient))
         if refusal is not None:
+            if not self._replies(codec.SMFIP_NR_RCPT):
+                self._defer("rcpt_to", refusal.reply)
+                return
             response = self._refuse("rcpt_to", refusal)
             if isinstance(response, codec.Accept):
                 self.conversation.accept(transaction, recipient)
@@ -324,12 +400,12 @@ class MilterSession:
             return
         self.conversation.accept(transaction, recipient)
         self._mta_recipients.append(path.address)
-        await self.send(codec.Continue())
+        await self._answer(codec.SMFIP_NR_RCPT, "rcpt_to", None)
 
     # -- content ------------------------------------------------------------------------
 
     async def _header(self, name: str, value: str) -> None:
-        self._require_transaction("header")
+        self._open_transaction("header")
         # Folded values arrive with bare \n between lines; the message keeps CRLF.
         text = value.replace("\r\n", "\n").replace("\n", "\r\n")
         if not self._leading_space:
@@ -338,7 +414,7 @@ class MilterSession:
         self._headers += field
         self._header_count += 1
         self._count(len(field))
-        if self._header_replies:
+        if self._replies(codec.SMFIP_NR_HDR):
             await self.send(self._content_reply())
 
     def _add_body(self, chunk: bytes) -> None:
@@ -368,12 +444,13 @@ class MilterSession:
             return Message(_BARE_NEWLINE.sub(b"\r\n", raw))
 
     async def _end_of_message(self) -> None:
-        session, transaction = self._require_transaction("end of message")
         if self._refused is not None:
             await self.send(codec.ReplyCode(reply_text(self._refused)))
-            self.conversation.end_transaction(session)
+            if self.session is not None:
+                self.conversation.end_transaction(self.session)
             self._end_message()
             return
+        session, transaction = self._require_transaction("end of message")
         message = self._message()
         transaction.message = message
         original = split_fields(message.header_bytes)
@@ -388,7 +465,9 @@ class MilterSession:
             self._reset_message()
             return
         queued = Reply(250, "2.0.0", f"Ok: queued as {queue_id or transaction.id}")
-        outcome = await self._progress(self.conversation.end_of_message(session, transaction))
+        step = self.conversation.end_of_message(session, transaction)
+        # Without a data plugin nothing in this step can keep the MTA waiting: no progress task.
+        outcome = await (self._progress(step) if self.chain.implements("data") else step)
         responses: list[Response]
         decision: Decision
         if isinstance(outcome, Refusal):
@@ -471,6 +550,7 @@ class MilterSession:
             return
         current_session.set(session.id)
         self.conversation.end_transaction(session)
+        self._session_refused = None
         self._end_message()
         await self.conversation.disconnect(session)
         event("disconnect", transactions=session.transaction_count,

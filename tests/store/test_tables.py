@@ -381,11 +381,11 @@ async def test_the_tracer_and_the_milter_use_the_sender_login_table(tmp_path: Pa
     await server.start()
     try:
         mta = await FakeMTA.open(server)
-        assert await mta.start() == [codec.Continue()]
+        assert await mta.start() == mta.passed(codec.Connect("", "U"))
         alice = {"{auth_authen}": "alice", "i": "4ABC"}
         assert await mta.event(codec.Mail(("<bob@example.com>",)), **alice) == [codec.ReplyCode(
             "553 5.7.1 <bob@example.com>: Sender address rejected: not owned by user alice")]
-        assert await mta.event(codec.Mail(("<sales@example.com>",)), **alice) == [codec.Continue()]
+        await mta.passes(codec.Mail(("<sales@example.com>",)), **alice)
         db.unlink()  # the table cannot answer: try again later, never a pass
         assert await mta.event(codec.Mail(("<sales@example.com>",)), **alice) == [codec.ReplyCode(
             "451 4.3.0 <sales@example.com>: Sender address rejected: temporary lookup failure")]

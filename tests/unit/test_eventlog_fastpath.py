@@ -39,7 +39,7 @@ def test_values_are_written_as_the_reference_says(text: str) -> None:
     assert eventlog._kv_value(text) == reference_value(text)
 
 
-@given(st.one_of(st.none(), st.integers(), st.floats(allow_nan=True), st.lists(st.text(max_size=5))))
+@given(st.one_of(st.none(), st.integers(), st.booleans(), st.floats(allow_nan=True), st.lists(st.text(max_size=5))))
 def test_other_values_too(value: Any) -> None:
     assert eventlog._kv_value(value) == reference_value(value)
 
@@ -68,3 +68,36 @@ def test_a_line_is_unchanged() -> None:
         eventlog.current_session.reset(token)
     assert line == ('ts=2025-12-06T05:46:40.250Z level=info event=rcpt_to sid=abc123 '
                     'recipient=rcpt@bench.test by=- event_="x y" n=1.5')
+
+
+def reference_line(record: logging.LogRecord, sid: str | None) -> str:
+    """The key=value line as it was defined before the formatter built it part by part."""
+    fields: dict[str, Any] = {"ts": eventlog._timestamp(record.created), "level": record.levelname.lower()}
+    structured = getattr(record, "smtpproxy_fields", None)
+    if structured is not None:
+        fields["event"] = str(record.msg)
+        if sid:
+            fields["sid"] = sid
+        fields.update({reference_key(str(k)): v for k, v in structured.items()})
+    else:
+        fields["logger"] = record.name
+        if sid:
+            fields["sid"] = sid
+        fields["msg"] = record.getMessage()
+    return " ".join(f"{k}={reference_value(v)}" for k, v in fields.items())
+
+
+@given(st.dictionaries(st.text(max_size=8), st.one_of(st.none(), st.text(max_size=8), st.integers()), max_size=6),
+       st.sampled_from([None, "", "abc123"]), st.text(max_size=8), st.sampled_from([logging.INFO, 5, logging.WARNING]),
+       st.booleans())
+def test_whole_lines_as_the_reference_says(fields: dict[str, Any], sid: str | None, name: str, level: int,
+                                           structured: bool) -> None:
+    record = logging.LogRecord("smtpproxy.session", level, __file__, 1, name or "ev", None, None)
+    if structured:
+        record.smtpproxy_fields = fields
+    token = eventlog.current_session.set(sid)
+    try:
+        line = eventlog.KeyValueFormatter().format(record)
+    finally:
+        eventlog.current_session.reset(token)
+    assert line == reference_line(record, sid)

@@ -163,3 +163,35 @@ def test_postfix_connect_and_macro_layout() -> None:
 def test_strings_with_nul_cannot_be_encoded() -> None:
     with pytest.raises(ValueError, match="NUL"):
         codec.encode_response(codec.AddHeader("X-A", "a\0b"))
+
+
+def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
+    """Macros and headers decoded field by field, as the codec did before its split fast path."""
+    r = codec._Reader("ref", payload)
+    if code == b"D":
+        for_command = r.byte()
+        values = r.strings()
+        if len(values) % 2:
+            raise codec.MilterProtocolError("odd")
+        return codec.Macro(for_command, tuple(zip(values[::2], values[1::2], strict=True)))
+    name = r.string()
+    command = codec.Header(name, r.string())
+    r.end()
+    return command
+
+
+@given(st.one_of(st.binary(max_size=40), st.lists(st.binary(max_size=6).filter(lambda b: b"\0" not in b), max_size=6)
+                 .map(lambda parts: b"".join(p + b"\0" for p in parts))),
+       st.sampled_from([b"D", b"L"]), st.sampled_from([b"", b"C", b"\0"]))
+def test_the_fast_paths_decode_as_the_strict_reader(payload: bytes, code: bytes, prefix: bytes) -> None:
+    """Well-formed or not, a macro or header packet decodes to the same command (or is refused)."""
+    payload = prefix + payload
+    try:
+        expected: codec.Command | None = _strict_reference(code, payload)
+    except codec.MilterProtocolError:
+        expected = None
+    if expected is None:
+        with pytest.raises(codec.MilterProtocolError):
+            codec.decode_command(code, payload)
+    else:
+        assert codec.decode_command(code, payload) == expected

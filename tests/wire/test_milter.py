@@ -37,6 +37,8 @@ class FakeMTA:
         self.writer = writer
         self.decoder = codec.FrameDecoder(1 << 24)
         self.queue: list[tuple[bytes, bytes]] = []
+        self.protocol = 0
+        """The SMFIP_* steps the filter agreed to; like Postfix, no reply is read for SMFIP_NR_* ones."""
 
     @classmethod
     async def open(cls, server: MilterServer) -> FakeMTA:
@@ -74,17 +76,36 @@ class FakeMTA:
                           | codec.Discard | codec.ReplyCode):
                 return out
 
+    def waits(self, command: codec.Command) -> bool:
+        """Whether the MTA reads a reply to *command* (milter8.c: not when SMFIP_NR_* was agreed)."""
+        step = _NO_REPLY_STEPS.get(type(command), 0)
+        return not self.protocol & step
+
+    def passed(self, command: codec.Command) -> list[codec.Response]:
+        """What the MTA reads when the filter lets *command* pass: SMFIR_CONTINUE, or nothing
+        for a step without reply."""
+        return [codec.Continue()] if self.waits(command) else []
+
     async def event(self, command: codec.Command, **macros: str) -> list[codec.Response]:
+        """Send an event (with its macros first) and read its reply, unless none was agreed
+        (then []: a reply sent anyway would be read as the next event's, as by Postfix)."""
         code = milter_mta.encode_command(command)[4:5].decode()
         if macros:
             self.send(codec.Macro(code, tuple(macros.items())))
         self.send(command)
+        if not self.waits(command):
+            return []
         return await self.until_final()
+
+    async def passes(self, command: codec.Command, **macros: str) -> None:
+        """Send an event the filter is expected to let pass."""
+        assert await self.event(command, **macros) == self.passed(command)
 
     async def negotiate(self, actions: int = POSTFIX_ACTIONS, protocol: int = POSTFIX_PROTOCOL) -> codec.OptNeg:
         self.send(codec.OptNeg(6, actions, protocol))
         reply = await self.recv()
         assert isinstance(reply, codec.OptNeg)
+        self.protocol = reply.protocol
         return reply
 
     async def start(self, client: str = "192.0.2.7", **macros: str) -> list[codec.Response]:
@@ -94,18 +115,18 @@ class FakeMTA:
                                 j="mx.test", v="Postfix 3.7.11", **macros)
 
     async def envelope(self, sender: str = "<alice@sender.test>", *rcpts: str) -> None:
-        assert await self.event(codec.Helo("client.test")) == [codec.Continue()]
-        assert await self.event(codec.Mail((sender,)), i="4ABC") == [codec.Continue()]
+        await self.passes(codec.Helo("client.test"))
+        await self.passes(codec.Mail((sender,)), i="4ABC")
         for rcpt in rcpts or ("<bob@dest.test>",):
-            assert await self.event(codec.Rcpt((rcpt,))) == [codec.Continue()]
+            await self.passes(codec.Rcpt((rcpt,)))
 
     async def content(self, headers: list[tuple[str, str]], body: bytes) -> list[codec.Response]:
         """Headers (values with their leading space), EOH, body, EOM; the EOM responses."""
         for name, value in headers:
-            self.send(codec.Header(name, value))  # SMFIP_NR_HDR: no reply per header
-        assert await self.event(codec.EndOfHeaders()) == [codec.Continue()]
+            await self.passes(codec.Header(name, value))
+        await self.passes(codec.EndOfHeaders())
         if body:
-            assert await self.event(codec.Body(body)) == [codec.Continue()]
+            await self.passes(codec.Body(body))
         return await self.event(codec.EndOfBody())
 
     async def closed(self) -> bool:
@@ -122,6 +143,12 @@ class FakeMTA:
         with contextlib.suppress(ConnectionError):
             await self.writer.wait_closed()
 
+
+_NO_REPLY_STEPS: dict[type, int] = {
+    codec.Connect: codec.SMFIP_NR_CONN, codec.Helo: codec.SMFIP_NR_HELO, codec.Mail: codec.SMFIP_NR_MAIL,
+    codec.Rcpt: codec.SMFIP_NR_RCPT, codec.Header: codec.SMFIP_NR_HDR, codec.EndOfHeaders: codec.SMFIP_NR_EOH,
+    codec.Body: codec.SMFIP_NR_BODY, codec.Data: codec.SMFIP_NR_DATA, codec.Unknown: codec.SMFIP_NR_UNKN,
+}
 
 Factory = Callable[..., Awaitable[MilterServer]]
 
@@ -181,13 +208,129 @@ class Recorder:
 # -- negotiation -----------------------------------------------------------------
 
 
+CONTENT_NO_REPLY = codec.SMFIP_NR_HDR | codec.SMFIP_NR_EOH | codec.SMFIP_NR_BODY
+ENVELOPE_NO_REPLY = codec.SMFIP_NR_CONN | codec.SMFIP_NR_HELO | codec.SMFIP_NR_MAIL | codec.SMFIP_NR_RCPT
+
+
 async def test_negotiation_asks_only_for_what_it_uses(milter: Factory) -> None:
     mta = await FakeMTA.open(await milter())
     reply = await mta.negotiate()
     assert reply.version == 6
     assert reply.actions == codec.ACTIONS  # no SMFIF_SETSYMLIST: the default macros suffice
-    assert reply.protocol == (codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN | codec.SMFIP_NR_HDR
-                              | codec.SMFIP_HDR_LEADSPC)
+    # No plugin answers any event before the end of the message: no reply to any of them.
+    assert reply.protocol == (codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN | codec.SMFIP_HDR_LEADSPC
+                              | CONTENT_NO_REPLY | ENVELOPE_NO_REPLY)
+    await mta.close()
+
+
+class RcptJudge:
+    """Refuses one recipient at RCPT (a rcpt_to hook: the MTA must wait for that answer)."""
+
+    name = "rcpt_judge"
+
+    def __init__(self) -> None:
+        self.envelopes: list[list[str]] = []
+
+    @hookimpl
+    def rcpt_to(self, recipient: Recipient) -> Verdict | None:
+        if recipient.address.local == "nobody":
+            return Verdict.reject("no such user", code=550, enhanced="5.1.1")
+        return None
+
+    @hookimpl
+    def data(self, transaction: Transaction) -> None:
+        self.envelopes.append([r.address.text for r in transaction.envelope.recipients])
+
+
+class HeloJudge:
+    name = "helo_judge"
+
+    @hookimpl
+    def helo(self, hostname: str) -> None:
+        return None
+
+
+@pytest.mark.parametrize(
+    ("plugins", "replies"),
+    [
+        ((), 0),
+        ((RcptJudge(),), codec.SMFIP_NR_RCPT),
+        ((HeloJudge(),), codec.SMFIP_NR_HELO),
+        ((Recorder(),), codec.SMFIP_NR_CONN),  # implements connect (and data, after_message, disconnect)
+        ((RcptJudge(), HeloJudge(), Recorder()), codec.SMFIP_NR_CONN | codec.SMFIP_NR_HELO | codec.SMFIP_NR_RCPT),
+    ],
+)
+async def test_no_reply_is_asked_for_events_no_plugin_answers(
+    milter: Factory, plugins: tuple[object, ...], replies: int
+) -> None:
+    """SMFIP_NR_* for each envelope event without a hook in the chain; the content never
+    gets a reply before the end of the message."""
+    mta = await FakeMTA.open(await milter(*plugins))
+    reply = await mta.negotiate()
+    assert reply.protocol & (ENVELOPE_NO_REPLY | CONTENT_NO_REPLY) == (
+        ENVELOPE_NO_REPLY & ~replies | CONTENT_NO_REPLY)
+    await mta.close()
+
+
+async def test_mail_keeps_its_reply_when_the_sender_login_map_is_on(tmp_path: Path) -> None:
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0", "check_sender_login": True},
+                         sender_login={"map": {"alice@sender.test": "alice"}})
+    server = MilterServer(config, chain=chain_of())
+    await server.start()
+    try:
+        mta = await FakeMTA.open(server)
+        reply = await mta.negotiate()
+        assert not reply.protocol & codec.SMFIP_NR_MAIL  # the map may refuse the sender at MAIL
+        assert reply.protocol & codec.SMFIP_NR_RCPT
+        await mta.close()
+    finally:
+        await server.stop(grace=1)
+
+
+async def test_a_plugins_rcpt_reject_still_reaches_the_mta(milter: Factory) -> None:
+    judge = RcptJudge()
+    mta = await FakeMTA.open(await milter(judge))
+    await mta.start()
+    assert await mta.event(codec.Helo("client.test")) == []  # no reply agreed: none read
+    assert await mta.event(codec.Mail(("<a@sender.test>",))) == []
+    assert await mta.event(codec.Rcpt(("<nobody@dest.test>",))) == [
+        codec.ReplyCode("550 5.1.1 no such user")]
+    await mta.passes(codec.Rcpt(("<bob@dest.test>",)))
+    answer = await mta.content(HEADERS, BODY)
+    assert answer[-1] == codec.Accept()
+    assert judge.envelopes == [["bob@dest.test"]]
+    await mta.close()
+
+
+async def test_a_refusal_in_a_step_without_reply_refuses_the_message_at_its_end(
+    milter: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Over limits.max_recipients with no rcpt_to plugin: Postfix did not wait for the RCPT
+    answer, so the message is refused at its end with the reply the recipient would have had."""
+    caplog.set_level(logging.INFO)
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(recorder, limits={"max_recipients": 1}))
+    await mta.start()
+    await mta.envelope("<alice@sender.test>", "<bob@dest.test>", "<carol@dest.test>")
+    assert await mta.content(HEADERS, BODY) == [codec.ReplyCode("452 4.5.3 Too many recipients")]
+    assert recorder.messages == []  # the data chain never ran
+    deferred = [r for r in caplog.records if r.getMessage() == "milter_refusal_deferred"]
+    assert [r.smtpproxy_fields["phase"] for r in deferred] == ["rcpt_to"]  # type: ignore[attr-defined]
+    # The next message on the same connection is judged afresh.
+    await mta.envelope("<alice@sender.test>", "<bob@dest.test>")
+    assert (await mta.content(HEADERS, BODY))[-1] == codec.Accept()
+    await mta.close()
+
+
+async def test_a_sender_the_parser_refuses_without_reply_refuses_the_message(milter: Factory) -> None:
+    mta = await FakeMTA.open(await milter())
+    await mta.start()
+    assert await mta.event(codec.Helo("client.test")) == []
+    assert await mta.event(codec.Mail(("<no-at-sign>",))) == []
+    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == []
+    answer = await mta.content(HEADERS, BODY)
+    assert len(answer) == 1 and isinstance(answer[0], codec.ReplyCode)
+    assert answer[0].text.startswith("5")
     await mta.close()
 
 
@@ -242,13 +385,13 @@ async def test_session_from_events_and_macros(milter: Factory) -> None:
             seen["rcpt_params"] = recipient.params
 
     mta = await FakeMTA.open(await milter(recorder, Inspect()))
-    assert await mta.start(client="192.0.2.7") == [codec.Continue()]
-    assert await mta.event(codec.Helo("client.test"), **{
+    assert await mta.start(client="192.0.2.7") == mta.passed(codec.Connect("", "U"))
+    await mta.passes(codec.Helo("client.test"), **{
         "{tls_version}": "TLSv1.3", "{cipher}": "TLS_AES_256_GCM_SHA384", "{cipher_bits}": "256",
-    }) == [codec.Continue()]
-    assert await mta.event(codec.Mail(("<alice@sender.test>", "SIZE=123", "BODY=8BITMIME")),
-                           **{"{auth_authen}": "alice", "i": "4ABC"}) == [codec.Continue()]
-    assert await mta.event(codec.Rcpt(("<bob@dest.test>", "NOTIFY=NEVER"))) == [codec.Continue()]
+    })
+    await mta.passes(codec.Mail(("<alice@sender.test>", "SIZE=123", "BODY=8BITMIME")),
+                     **{"{auth_authen}": "alice", "i": "4ABC"})
+    await mta.passes(codec.Rcpt(("<bob@dest.test>", "NOTIFY=NEVER")))
     assert await mta.content(HEADERS, BODY) == [codec.Accept()]
     assert seen["helo"] == "client.test"
     assert seen["tls"].version == "TLSv1.3" and seen["tls"].bits == 256
@@ -283,7 +426,7 @@ async def test_only_a_real_hostname_from_the_mta_becomes_the_clients(
     recorder = Recorder()
     mta = await FakeMTA.open(await milter(recorder))
     await mta.negotiate()
-    assert await mta.event(codec.Connect(name, "4", 40000, "192.0.2.7")) == [codec.Continue()]
+    await mta.passes(codec.Connect(name, "4", 40000, "192.0.2.7"))
     await mta.close()
     assert [s.client.hostname for s in recorder.sessions] == [kept]
 
@@ -295,10 +438,10 @@ async def test_several_messages_and_abort_on_one_connection(milter: Factory) -> 
     await mta.envelope()
     assert await mta.content(HEADERS[:1], b"first\r\n") == [codec.Accept()]
     # Second transaction aborted after the envelope (the client sent RSET).
-    assert await mta.event(codec.Mail(("<carol@sender.test>",))) == [codec.Continue()]
+    await mta.passes(codec.Mail(("<carol@sender.test>",)))
     mta.send(codec.Abort())
-    assert await mta.event(codec.Mail(("<>",))) == [codec.Continue()]
-    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [codec.Continue()]
+    await mta.passes(codec.Mail(("<>",)))
+    await mta.passes(codec.Rcpt(("<bob@dest.test>",)))
     assert await mta.content(HEADERS[:1], b"third\r\n") == [codec.Accept()]
     assert [m.split(b"\r\n\r\n")[1] for m in recorder.messages] == [b"first\r\n", b"third\r\n"]
     assert len(recorder.decisions) == 2  # no after_message for the aborted one
@@ -310,7 +453,7 @@ async def test_quit_new_connection_starts_a_new_session(milter: Factory) -> None
     mta = await FakeMTA.open(await milter(recorder))
     await mta.start(client="192.0.2.1")
     mta.send(codec.QuitNewConnection())
-    assert await mta.event(codec.Connect("[192.0.2.2]", "4", 1, "192.0.2.2")) == [codec.Continue()]
+    await mta.passes(codec.Connect("[192.0.2.2]", "4", 1, "192.0.2.2"))
     assert [s.client.ip for s in recorder.sessions] == ["192.0.2.1", "192.0.2.2"]
     assert recorder.sessions[0].id != recorder.sessions[1].id
     assert recorder.disconnects == 1
@@ -332,8 +475,8 @@ def Refuse(phase: str, verdict: Verdict) -> object:
 async def test_reject_at_rcpt_is_a_reply_code_with_escaped_percent(milter: Factory) -> None:
     mta = await FakeMTA.open(await milter(Refuse("rcpt_to", Verdict.reject("100% unknown\nsecond line"))))
     await mta.start()
-    assert await mta.event(codec.Helo("client.test")) == [codec.Continue()]
-    assert await mta.event(codec.Mail(("<a@b.test>",))) == [codec.Continue()]
+    await mta.passes(codec.Helo("client.test"))
+    await mta.passes(codec.Mail(("<a@b.test>",)))
     assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [
         codec.ReplyCode("550-5.7.1 100%% unknown\r\n550 5.7.1 second line")
     ]
@@ -541,14 +684,14 @@ async def test_the_authenticated_user_does_not_carry_into_the_next_transaction(m
 
     mta = await FakeMTA.open(await milter(Inspect()))
     await mta.start()
-    assert await mta.event(codec.Helo("client.test")) == [codec.Continue()]
+    await mta.passes(codec.Helo("client.test"))
     for macros in ({"{auth_authen}": "alice", "{auth_type}": "PLAIN"}, {}, {"{auth_authen}": "bob"}):
-        assert await mta.event(codec.Mail(("<a@sender.test>",)), i="4ABC", **macros) == [codec.Continue()]
-        assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [codec.Continue()]
+        await mta.passes(codec.Mail(("<a@sender.test>",)), i="4ABC", **macros)
+        await mta.passes(codec.Rcpt(("<bob@dest.test>",)))
         assert await mta.content(HEADERS[:1], b"x\r\n") == [codec.Accept()]
-    assert await mta.event(codec.Mail(("<a@sender.test>",)), **{"{auth_authen}": "carol"}) == [codec.Continue()]
+    await mta.passes(codec.Mail(("<a@sender.test>",)), **{"{auth_authen}": "carol"})
     mta.send(codec.Abort())  # an aborted one too
-    assert await mta.event(codec.Mail(("<a@sender.test>",))) == [codec.Continue()]
+    await mta.passes(codec.Mail(("<a@sender.test>",)))
     await mta.close()
     assert users == ["alice", None, "bob", "carol", None]
 
@@ -564,8 +707,8 @@ async def test_without_leading_space_extension_values_are_bare(milter: Factory) 
     await mta.negotiate(protocol=offer)
     await mta.event(codec.Connect("[192.0.2.7]", "4", 1, "192.0.2.7"))
     await mta.envelope()
-    assert await mta.event(codec.Header("Subject", "hi")) == [codec.Continue()]  # replies per header
-    assert await mta.event(codec.EndOfHeaders()) == [codec.Continue()]
+    await mta.passes(codec.Header("Subject", "hi"))  # replies per header
+    await mta.passes(codec.EndOfHeaders())
     assert await mta.event(codec.EndOfBody()) == [codec.InsertHeader(0, "X-Tag", "yes"), codec.Accept()]
     assert recorder.messages == [b"Subject: hi\r\n\r\n"]
     await mta.close()
@@ -574,15 +717,32 @@ async def test_without_leading_space_extension_values_are_bare(milter: Factory) 
 # -- limits and failures -------------------------------------------------------
 
 
+TOO_BIG = codec.ReplyCode("552 5.3.4 Message size exceeds fixed maximum message size")
+
+
 async def test_message_over_the_size_limit_is_refused_with_552(milter: Factory) -> None:
+    """Body chunks get no reply (SMFIP_NR_BODY): the end of the message refuses it."""
     recorder = Recorder()
     mta = await FakeMTA.open(await milter(recorder, limits={"max_message_size": 1000}))
     await mta.start()
+    assert mta.protocol & codec.SMFIP_NR_BODY
     await mta.envelope()
-    assert await mta.event(codec.EndOfHeaders()) == [codec.Continue()]
-    assert await mta.event(codec.Body(b"y" * 2000)) == [
-        codec.ReplyCode("552 5.3.4 Message size exceeds fixed maximum message size")
-    ]
+    await mta.passes(codec.EndOfHeaders())
+    assert await mta.event(codec.Body(b"y" * 2000)) == []
+    assert await mta.event(codec.Body(b"y" * 2000)) == []
+    assert await mta.event(codec.EndOfBody()) == [TOO_BIG]
+    assert recorder.messages == []
+    await mta.close()
+
+
+async def test_without_no_reply_for_the_body_the_chunk_over_the_limit_gets_552(milter: Factory) -> None:
+    recorder = Recorder()
+    mta = await FakeMTA.open(await milter(recorder, limits={"max_message_size": 1000}))
+    await mta.negotiate(protocol=POSTFIX_PROTOCOL & ~codec.SMFIP_NR_BODY)
+    await mta.passes(codec.Connect("[192.0.2.7]", "4", 1, "192.0.2.7"))
+    await mta.envelope()
+    await mta.passes(codec.EndOfHeaders())
+    assert await mta.event(codec.Body(b"y" * 2000)) == [TOO_BIG]
     assert recorder.messages == []
     await mta.close()
 
@@ -609,8 +769,8 @@ async def test_plugin_error_becomes_the_default_action(
     caplog.set_level(logging.INFO)
     mta = await FakeMTA.open(await milter(Broken(), default_action=action))
     await mta.start()
-    assert await mta.event(codec.Helo("client.test")) == [codec.Continue()]
-    assert await mta.event(codec.Mail(("<a@b.test>",))) == [codec.Continue()]
+    await mta.passes(codec.Helo("client.test"))
+    await mta.passes(codec.Mail(("<a@b.test>",)))
     assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [expected]
     assert any(r.getMessage() == "milter_default_action" for r in caplog.records)
     await mta.close()
@@ -650,7 +810,7 @@ async def test_unix_socket_listener(tmp_path: Path) -> None:
     try:
         assert oct(path.stat().st_mode & 0o777) == "0o600"
         mta = await FakeMTA.open(server)
-        assert await mta.start() == [codec.Continue()]
+        assert await mta.start() == mta.passed(codec.Connect("", "U"))
         await mta.close()
     finally:
         await server.stop(grace=1)
@@ -668,3 +828,76 @@ async def test_the_listening_line_carries_the_version_and_the_log_format(
     [listening] = [r for r in caplog.records if r.getMessage() == "listening"]
     fields = listening.smtpproxy_fields  # type: ignore[attr-defined]
     assert (fields["version"], fields["log_format"]) == (smtpproxy.__version__, LOG_FORMAT_VERSION)
+
+
+# -- a peer that stalls ---------------------------------------------------------------
+# The server reads the socket in blocks, with one deadline (milter.timeout) for each whole
+# packet however it is split: these check that the hang protection stayed.
+
+
+def _timeouts(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.getMessage() == "milter_timeout"]
+
+
+async def test_an_mta_silent_between_packets_is_dropped_after_the_timeout(
+    milter: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    mta = await FakeMTA.open(await milter(timeout=0.3))
+    await mta.start()
+    assert await mta.closed()
+    assert len(_timeouts(caplog)) == 1
+
+
+async def test_an_mta_that_stops_inside_a_packet_is_dropped_after_the_timeout(
+    milter: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO)
+    mta = await FakeMTA.open(await milter(timeout=0.3))
+    await mta.start()
+    mta.send_raw(milter_mta.encode_command(codec.Helo("client.test"))[:7])  # header and 2 bytes
+    assert await mta.closed()
+    assert len(_timeouts(caplog)) == 1
+
+
+async def test_a_packet_trickling_in_is_bounded_by_one_timeout_not_one_per_read(
+    milter: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Each byte comes well within milter.timeout of the one before, but the packet as a
+    whole does not: the connection is dropped (a per-read deadline would wait forever)."""
+    caplog.set_level(logging.INFO)
+    mta = await FakeMTA.open(await milter(timeout=0.5))
+    await mta.start()
+    packet = milter_mta.encode_command(codec.Helo("a-long-hostname.client.test"))
+    closed = asyncio.ensure_future(mta.closed())
+    for byte in packet[:-1]:
+        if closed.done():
+            break
+        mta.send_raw(bytes([byte]))
+        await asyncio.sleep(0.1)
+    assert await closed
+    assert len(_timeouts(caplog)) == 1
+
+
+class SlowData:
+    name = "slow_data"
+
+    @hookimpl
+    async def data(self) -> None:
+        await asyncio.sleep(0.5)
+
+
+async def test_a_slow_data_plugin_keeps_the_mta_waiting_with_progress(milter: Factory) -> None:
+    mta = await FakeMTA.open(await milter(SlowData(), progress_interval=0.1))
+    await mta.start()
+    await mta.envelope()
+    for name, value in HEADERS:
+        await mta.passes(codec.Header(name, value))
+    await mta.passes(codec.EndOfHeaders())
+    mta.send(codec.EndOfBody())
+    responses = [await mta.recv()]
+    while isinstance(responses[-1], codec.Progress):
+        responses.append(await mta.recv())
+    assert responses[-1] == codec.Accept()
+    assert len(responses) >= 3 and set(responses[:-1]) == {codec.Progress()}
+    await mta.close()
