@@ -183,7 +183,7 @@ class MilterSession:
 
     def _defer(self, phase: str, reply: Reply) -> None:
         event("milter_refusal_deferred", level=logging.WARNING, phase=phase, reply=reply.code,
-              note="no reply was agreed for this step: the message is refused at its end")
+              note="no reply was agreed for this step: the next answer the MTA waits for refuses the message")
         if phase in ("connect", "helo"):
             self._session_refused = reply
         if self._refused is None:

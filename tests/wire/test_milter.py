@@ -209,7 +209,8 @@ class Recorder:
 
 
 CONTENT_NO_REPLY = codec.SMFIP_NR_HDR | codec.SMFIP_NR_EOH | codec.SMFIP_NR_BODY
-ENVELOPE_NO_REPLY = codec.SMFIP_NR_CONN | codec.SMFIP_NR_HELO | codec.SMFIP_NR_MAIL | codec.SMFIP_NR_RCPT
+ENVELOPE_NO_REPLY = codec.SMFIP_NR_CONN | codec.SMFIP_NR_HELO | codec.SMFIP_NR_MAIL
+"""RCPT is never among them: smtpproxy's own rules there refuse one recipient, not the message."""
 
 
 async def test_negotiation_asks_only_for_what_it_uses(milter: Factory) -> None:
@@ -217,9 +218,11 @@ async def test_negotiation_asks_only_for_what_it_uses(milter: Factory) -> None:
     reply = await mta.negotiate()
     assert reply.version == 6
     assert reply.actions == codec.ACTIONS  # no SMFIF_SETSYMLIST: the default macros suffice
-    # No plugin answers any event before the end of the message: no reply to any of them.
+    # No plugin answers any event before the end of the message: no reply to any of them
+    # but RCPT, where the recipient limit and the policy groups may refuse one recipient.
     assert reply.protocol == (codec.SMFIP_NODATA | codec.SMFIP_NOUNKNOWN | codec.SMFIP_HDR_LEADSPC
                               | CONTENT_NO_REPLY | ENVELOPE_NO_REPLY)
+    assert not reply.protocol & codec.SMFIP_NR_RCPT
     await mta.close()
 
 
@@ -254,20 +257,20 @@ class HeloJudge:
     ("plugins", "replies"),
     [
         ((), 0),
-        ((RcptJudge(),), codec.SMFIP_NR_RCPT),
+        ((RcptJudge(),), 0),
         ((HeloJudge(),), codec.SMFIP_NR_HELO),
         ((Recorder(),), codec.SMFIP_NR_CONN),  # implements connect (and data, after_message, disconnect)
-        ((RcptJudge(), HeloJudge(), Recorder()), codec.SMFIP_NR_CONN | codec.SMFIP_NR_HELO | codec.SMFIP_NR_RCPT),
+        ((RcptJudge(), HeloJudge(), Recorder()), codec.SMFIP_NR_CONN | codec.SMFIP_NR_HELO),
     ],
 )
 async def test_no_reply_is_asked_for_events_no_plugin_answers(
     milter: Factory, plugins: tuple[object, ...], replies: int
 ) -> None:
-    """SMFIP_NR_* for each envelope event without a hook in the chain; the content never
-    gets a reply before the end of the message."""
+    """SMFIP_NR_* for each envelope event before RCPT without a hook in the chain; the content
+    never gets a reply before the end of the message; RCPT always does."""
     mta = await FakeMTA.open(await milter(*plugins))
     reply = await mta.negotiate()
-    assert reply.protocol & (ENVELOPE_NO_REPLY | CONTENT_NO_REPLY) == (
+    assert reply.protocol & (ENVELOPE_NO_REPLY | CONTENT_NO_REPLY | codec.SMFIP_NR_RCPT) == (
         ENVELOPE_NO_REPLY & ~replies | CONTENT_NO_REPLY)
     await mta.close()
 
@@ -281,7 +284,7 @@ async def test_mail_keeps_its_reply_when_the_sender_login_map_is_on(tmp_path: Pa
         mta = await FakeMTA.open(server)
         reply = await mta.negotiate()
         assert not reply.protocol & codec.SMFIP_NR_MAIL  # the map may refuse the sender at MAIL
-        assert reply.protocol & codec.SMFIP_NR_RCPT
+        assert reply.protocol & codec.SMFIP_NR_HELO
         await mta.close()
     finally:
         await server.stop(grace=1)
@@ -302,23 +305,25 @@ async def test_a_plugins_rcpt_reject_still_reaches_the_mta(milter: Factory) -> N
     await mta.close()
 
 
-async def test_a_refusal_in_a_step_without_reply_refuses_the_message_at_its_end(
+async def test_a_recipient_over_the_limit_is_refused_alone_without_rcpt_plugins(
     milter: Factory, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Over limits.max_recipients with no rcpt_to plugin: Postfix did not wait for the RCPT
-    answer, so the message is refused at its end with the reply the recipient would have had."""
+    """Over limits.max_recipients with no rcpt_to plugin: RCPT is still answered (no
+    SMFIP_NR_RCPT), so the extra recipient hears 452 and the message goes to the others. A
+    refusal kept for the end of the message would refuse it for all of them, and again at
+    every retry of the same envelope."""
     caplog.set_level(logging.INFO)
     recorder = Recorder()
     mta = await FakeMTA.open(await milter(recorder, limits={"max_recipients": 1}))
     await mta.start()
-    await mta.envelope("<alice@sender.test>", "<bob@dest.test>", "<carol@dest.test>")
-    assert await mta.content(HEADERS, BODY) == [codec.ReplyCode("452 4.5.3 Too many recipients")]
-    assert recorder.messages == []  # the data chain never ran
-    deferred = [r for r in caplog.records if r.getMessage() == "milter_refusal_deferred"]
-    assert [r.smtpproxy_fields["phase"] for r in deferred] == ["rcpt_to"]  # type: ignore[attr-defined]
-    # The next message on the same connection is judged afresh.
-    await mta.envelope("<alice@sender.test>", "<bob@dest.test>")
+    await mta.passes(codec.Helo("client.test"))
+    await mta.passes(codec.Mail(("<alice@sender.test>",)), i="4ABC")
+    await mta.passes(codec.Rcpt(("<bob@dest.test>",)))
+    assert await mta.event(codec.Rcpt(("<carol@dest.test>",))) == [
+        codec.ReplyCode("452 4.5.3 Too many recipients")]
     assert (await mta.content(HEADERS, BODY))[-1] == codec.Accept()
+    assert len(recorder.messages) == 1  # the data chain ran, for bob
+    assert not [r for r in caplog.records if r.getMessage() == "milter_refusal_deferred"]
     await mta.close()
 
 
@@ -327,10 +332,10 @@ async def test_a_sender_the_parser_refuses_without_reply_refuses_the_message(mil
     await mta.start()
     assert await mta.event(codec.Helo("client.test")) == []
     assert await mta.event(codec.Mail(("<no-at-sign>",))) == []
-    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == []
-    answer = await mta.content(HEADERS, BODY)
+    # MAIL had no reply to carry the refusal: the first answer the MTA waits for, RCPT's, does.
+    answer = await mta.event(codec.Rcpt(("<bob@dest.test>",)))
     assert len(answer) == 1 and isinstance(answer[0], codec.ReplyCode)
-    assert answer[0].text.startswith("5")
+    assert answer[0].text.startswith("501 5.1.7 Bad sender address syntax")
     await mta.close()
 
 
