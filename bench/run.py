@@ -416,6 +416,9 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                                     "max_sessions_per_ip": args.max_sessions}
     if args.dns_cache_size is not None:
         proxy_settings["dns"] = {"cache_size": args.dns_cache_size}
+    for setting in args.set:
+        section, key, value = setting
+        proxy_settings.setdefault(section, {})[key] = value
     signed = Signed.create()
     fd_limit = raise_fd_limit(max(s.sessions for s in chosen) * 2 + 1024)
     results: dict[str, dict[str, Any]] = {s.name: {} for s in chosen}
@@ -748,6 +751,17 @@ def top_frames(raw: Path, n: int) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def _setting(text: str) -> tuple[str, str, Any]:
+    """``SECTION.KEY=VALUE`` (VALUE in YAML) for smtpproxy's configuration."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    section, dot, key = name.partition(".")
+    if not (sep and dot and section and key):
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE, got {text!r}")
+    return section, key, yaml.safe_load(value)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = list(scenarios(False))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -792,6 +806,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the huge scenario's message size (default 50, --quick 5)")
     parser.add_argument("--slow-clients", type=int, default=None, metavar="N",
                         help="the slow scenario's trickling clients (default 200)")
+    parser.add_argument("--set", type=_setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="one more smtpproxy setting (YAML value), e.g. delivery.rcpt_mode=at_data")
     parser.add_argument("--new-connections", action="store_true",
                         help="with --profile: a new client connection per message (smtp-source without -d)")
     args = parser.parse_args(argv)
