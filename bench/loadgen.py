@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import random
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -221,3 +222,167 @@ async def huge_message(port: int, size: int, content: bytes | None = None) -> fl
         writer.close()
         with contextlib.suppress(ConnectionError):
             await writer.wait_closed()
+
+
+# --------------------------------------------------------------------------- overload
+
+
+@dataclass
+class ArrivalResult:
+    """Open-loop arrivals at one offered rate: what each new connection was told."""
+
+    offered_per_s: float
+    seconds: float
+    delivered: int = 0
+    shed: int = 0
+    """Told 421 (at the greeting or later): the server shedding load."""
+    failed: int = 0
+    """Anything else: refused or reset connections, timeouts, other replies."""
+    latencies: list[float] | None = None
+    shed_at: list[float] | None = None
+    """Seconds from the phase start of each 421."""
+
+    def figures(self) -> dict[str, float | int]:
+        lat = sorted(self.latencies or [])
+        return {
+            "offered_per_s": round(self.offered_per_s, 1),
+            "arrived_per_s": round((self.delivered + self.shed + self.failed) / self.seconds, 1),
+            "delivered_per_s": round(self.delivered / self.seconds, 1),
+            "delivered": self.delivered, "shed_421": self.shed, "failed": self.failed,
+            "shed_pct": round(100 * self.shed / max(1, self.delivered + self.shed + self.failed), 1),
+            "p50_ms": round(percentile(lat, 50) * 1000, 1) if lat else 0.0,
+            "p99_ms": round(percentile(lat, 99) * 1000, 1) if lat else 0.0,
+        }
+
+
+async def _one_message(port: int, payload: bytes, give_up_after: float) -> tuple[str, float]:
+    """One new connection, one message: ("delivered" | "shed" | "failed", seconds)."""
+    started = time.perf_counter()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(give_up_after):
+            reader, writer = await asyncio.open_connection(HOST, port)
+            steps: list[tuple[bytes | None, int]] = [
+                (None, 220), (b"EHLO burst.bench\r\n", 250), (f"MAIL FROM:<{SENDER}>\r\n".encode(), 250),
+                (f"RCPT TO:<{RECIPIENT}>\r\n".encode(), 250), (b"DATA\r\n", 354), (payload, 250)]
+            for command, code in steps:
+                if command is not None:
+                    writer.write(command)
+                got, _ = await read_reply(reader)
+                if got == 421:
+                    return "shed", time.perf_counter() - started
+                if got != code:
+                    return "failed", time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            writer.write(b"QUIT\r\n")
+            await read_reply(reader)
+            return "delivered", seconds
+    except (OSError, TimeoutError, LoadError, asyncio.IncompleteReadError):
+        return "failed", time.perf_counter() - started
+    finally:
+        if writer is not None:
+            writer.transport.abort()
+
+
+async def arrivals(port: int, message: bytes, rate: float, seconds: float, *,
+                   give_up_after: float = 60.0, max_open: int = 3000) -> ArrivalResult:
+    """New connections arriving as a Poisson process at *rate* per second for *seconds*, one
+    message each, whatever the server's pace (open loop: what an MX sees in a burst). At most
+    *max_open* at once on the client side (descriptors); arrivals beyond it count as failed."""
+    payload = dot_stuff(message)
+    result = ArrivalResult(rate, seconds, latencies=[], shed_at=[])
+    assert result.latencies is not None and result.shed_at is not None
+    tasks: set[asyncio.Task[None]] = set()
+    start = time.perf_counter()
+
+    async def one(at: float) -> None:
+        outcome, took = await _one_message(port, payload, give_up_after)
+        if outcome == "delivered":
+            result.delivered += 1
+            result.latencies.append(took)  # type: ignore[union-attr]
+        elif outcome == "shed":
+            result.shed += 1
+            result.shed_at.append(at)  # type: ignore[union-attr]
+        else:
+            result.failed += 1
+
+    at = 0.0
+    while True:
+        at += random.expovariate(rate)
+        if at >= seconds:
+            break
+        delay = start + at - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        if len(tasks) >= max_open:
+            result.failed += 1
+            continue
+        task = asyncio.get_running_loop().create_task(one(at))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:
+        await asyncio.wait(set(tasks))
+    return result
+
+
+# --------------------------------------------------------------------------- slow clients
+
+
+class SlowClients:
+    """*count* sessions that reach DATA and then trickle the message, *step* bytes every
+    *interval* seconds (a slow or hostile sender); ``async with`` aborts them all."""
+
+    def __init__(self, port: int, count: int, step: int = 10, interval: float = 2.0) -> None:
+        self.port = port
+        self.count = count
+        self.step = step
+        self.interval = interval
+        self.open = 0
+        self.dropped = 0
+        """Sessions the server ended while they trickled."""
+        self._tasks: list[asyncio.Task[None]] = []
+        self._ready = 0
+
+    async def _one(self, gate: asyncio.Semaphore, ready: asyncio.Event) -> None:
+        writer: asyncio.StreamWriter | None = None
+        try:
+            async with gate:
+                reader, writer = await asyncio.open_connection(HOST, self.port)
+                await expect(reader, 220, "connect")
+                for command, code in ((b"EHLO slow.bench\r\n", 250),
+                                      (f"MAIL FROM:<{SENDER}>\r\n".encode(), 250),
+                                      (f"RCPT TO:<{RECIPIENT}>\r\n".encode(), 250), (b"DATA\r\n", 354)):
+                    writer.write(command)
+                    await expect(reader, code, command.decode().split()[0])
+            self.open += 1
+            self._ready += 1
+            if self._ready == self.count:
+                ready.set()
+            line = b"x" * (self.step - 2) + b"\r\n"
+            while True:
+                await asyncio.sleep(self.interval)
+                writer.write(line)
+                await writer.drain()
+                if reader.at_eof():
+                    raise ConnectionResetError
+        except (OSError, LoadError, asyncio.IncompleteReadError):
+            self.open -= 1
+            self.dropped += 1
+            self._ready += 1
+            if self._ready == self.count:
+                ready.set()
+        finally:
+            if writer is not None:
+                writer.transport.abort()
+
+    async def __aenter__(self) -> SlowClients:
+        gate, ready = asyncio.Semaphore(100), asyncio.Event()
+        loop = asyncio.get_running_loop()
+        self._tasks = [loop.create_task(self._one(gate, ready)) for _ in range(self.count)]
+        await asyncio.wait_for(ready.wait(), 120)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -13,7 +13,9 @@ Rows (each its own private Postfix, tests/postfix_instance.py, queueing to ``dis
   its normal worker (Debian's layout), with a settings rule enabling only the spf, dkim and
   dmarc groups / with its default modules (minus fuzzy_check, which needs the internet);
 * ``proxy`` / ``proxy-chain``: ``smtpproxy run`` in front of the same kind of Postfix, XCLIENT
-  on (client_identity: auto), no plugins / the same four plugins.
+  on (client_identity: auto), no plugins / the same four plugins;
+* ``proxy-history``: ``proxy`` with an SQLite ``store:``, so history records every decision
+  (in batches, its defaults): what history costs.
 
 Every filter logs at its default (info) level to a file, answers DNS from the same loopback
 server (bench/dnszone.py), and sees the same DKIM-signed message whose SPF and DMARC pass.
@@ -52,7 +54,8 @@ from bench.run import Signed, smtp_source
 from bench.systems import HOST, DnsZone, free_port, spawn, stop_process
 
 RESULTS = systems.BENCH / "results"
-SYSTEMS = ["postfix", "milter", "milter-chain", "rspamd-auth", "rspamd", "proxy", "proxy-chain"]
+SYSTEMS = ["postfix", "milter", "milter-chain", "rspamd-auth", "rspamd", "proxy", "proxy-chain",
+           "proxy-history"]
 SIZES = {"1k": 1024, "100k": 100 * 1024}
 CHAIN = [{"name": "spf"}, {"name": "dkim_verify"}, {"name": "dmarc"},
          {"name": "auth_results", "settings": {"authserv_id": "filter.bench"}}]
@@ -146,9 +149,11 @@ def smtpproxy_milter(name: str, workdir: Path, dns_port: int, root: Path | None 
 def smtpproxy_proxy(name: str, workdir: Path, dns_port: int, upstream: int,
                     root: Path | None = None) -> Filter:
     chain = name.partition("@")[0].endswith("-chain")
+    history = name.partition("@")[0].endswith("-history")
     f = Filter(name, workdir, dns_port, free_port(), kind="proxy",
                description="smtpproxy run -> Postfix (XCLIENT), " + (
-                   "spf + dkim_verify + dmarc + auth_results" if chain else "no plugins"))
+                   "spf + dkim_verify + dmarc + auth_results" if chain else "no plugins") + (
+                   ", history in an SQLite store" if history else ""))
     config: dict[str, Any] = {
         "hostname": "proxy.bench",
         "listeners": [{"address": HOST, "port": f.port}],
@@ -161,6 +166,8 @@ def smtpproxy_proxy(name: str, workdir: Path, dns_port: int, upstream: int,
     }
     if chain:
         config["plugins"] = CHAIN
+    if history:  # every decision recorded, in batches (history's defaults)
+        config["store"] = {"sqlite": str(workdir / "store.sqlite")}
     path = workdir / "smtpproxy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log = workdir / "log"

@@ -2,13 +2,17 @@
 
     python bench/run.py [--quick] [--scenario NAME ...] [--systems NAME ...] [--repeat N]
     python bench/run.py --profile            # py-spy on smtpproxy (no plugins) under load
+    python bench/run.py --scenario overload slow --systems smtpproxy --upstream postfix
 
 Each system under test is a separate process tree forwarding to the same Postfix smtp-sink on
 loopback. Throughput comes from Postfix's smtp-source (a new connection per message, and with
 ``-d`` one reused connection per session); per-message latency, idle sessions and the huge
-message come from bench/loadgen.py. CPU seconds and peak RSS are those of the system's whole
-process tree (psutil). Tables are printed as Markdown and written to bench/results/latest.json
-and latest.png. See bench/README.md.
+message come from bench/loadgen.py, and so do the two scenarios not run by default:
+``overload`` (open-loop bursts of new connections past capacity against a given
+``--max-sessions``: where 421s start, and the recovery) and ``slow`` (``--slow-clients``
+sessions trickling DATA while normal traffic is measured). CPU seconds and peak RSS are
+those of the system's whole process tree (psutil). Tables are printed as Markdown and
+written to bench/results/latest.json and latest.png. See bench/README.md.
 """
 
 from __future__ import annotations
@@ -200,7 +204,7 @@ def run_async(coro: Any) -> Any:
 @dataclass
 class Scenario:
     name: str
-    kind: str  # throughput | idle | huge
+    kind: str  # throughput | idle | huge | overload | slow
     size: int = 0
     concurrency: int = 0
     messages: int = 0
@@ -222,7 +226,19 @@ def scenarios(quick: bool) -> dict[str, Scenario]:
                                                max(messages, conc), max(lat, conc))
     out["idle"] = Scenario("idle", "idle", sessions=1000 if quick else 10_000)
     out["huge"] = Scenario("huge", "huge", size=(5 if quick else 50) * MiB)
+    # Not in the default run (minutes each, and meaningful only with their options):
+    out["overload"] = Scenario("overload", "overload", size=1024, concurrency=10,
+                               messages=200 if quick else 600)
+    out["slow"] = Scenario("slow", "slow", size=1024, concurrency=10,
+                           latency_messages=200 if quick else 1000, sessions=200)
     return out
+
+
+OPT_IN = ("overload", "slow")
+"""Scenarios run only when named with --scenario."""
+
+OVERLOAD_STEPS = (0.5, 1.0, 1.5, 2.0, 3.0)
+"""Offered rates of the overload scenario, as multiples of the measured capacity."""
 
 
 def median(values: list[float]) -> float:
@@ -309,14 +325,63 @@ def huge(system: System, sc: Scenario, content: bytes) -> dict[str, Any]:
     }
 
 
+def overload(system: System, sc: Scenario, msgfile: Path, message: bytes, *, phase_seconds: float,
+             max_sessions: int | None) -> dict[str, Any]:
+    """Capacity first (smtp-source, new connections, closed loop), then open-loop Poisson
+    arrivals of new connections at OVERLOAD_STEPS x capacity, then half capacity again
+    (recovery): per phase what the clients were told, 250 / 421 / anything else."""
+    meter = Meter(system.pid)
+    smtp_source(system.port, sc.concurrency, max(2 * sc.concurrency, 20), msgfile, reuse=False)
+    capacity = sc.messages / smtp_source(system.port, sc.concurrency, sc.messages, msgfile, reuse=False)
+    phases: list[dict[str, Any]] = []
+    with meter:
+        for step in (*OVERLOAD_STEPS, 0.5):
+            label = "recovery" if phases and step == 0.5 else f"{step:g}x"
+            result = run_async(loadgen.arrivals(system.port, message, capacity * step, phase_seconds))
+            figures = result.figures()
+            shed_at = result.shed_at or []
+            figures |= {"phase": label, "first_421_s": round(min(shed_at), 2) if shed_at else None,
+                        "last_421_s": round(max(shed_at), 2) if shed_at else None}
+            phases.append(figures)
+            print(f"    {label:>8}: {figures}", flush=True)
+    return {"capacity_per_s": capacity, "max_sessions": max_sessions, "phase_seconds": phase_seconds,
+            "peak_rss_mib": meter.peak / MiB if system.pid else None, "phases": phases}
+
+
+def slow(system: System, sc: Scenario, message: bytes) -> dict[str, Any]:
+    """Normal traffic (loadgen.latency) alone, then again while *sc.sessions* clients trickle
+    DATA at 5 bytes/s; and alone once more, after they went."""
+
+    async def with_slow() -> tuple[loadgen.LatencyResult, int, int]:
+        async with loadgen.SlowClients(system.port, sc.sessions) as trickling:
+            lat = await loadgen.latency(system.port, message, sc.latency_messages, sc.concurrency)
+            return lat, trickling.open, trickling.dropped
+
+    meter = Meter(system.pid)
+    run_async(loadgen.latency(system.port, message, 2 * sc.concurrency, sc.concurrency))  # warm-up
+    with meter:
+        alone = run_async(loadgen.latency(system.port, message, sc.latency_messages, sc.concurrency))
+        during, still_open, dropped = run_async(with_slow())
+        after = run_async(loadgen.latency(system.port, message, sc.latency_messages, sc.concurrency))
+
+    def row(r: loadgen.LatencyResult) -> dict[str, float]:
+        return {"msgs_per_s": r.msgs_per_s, "p50_ms": r.p50_ms, "p99_ms": r.p99_ms}
+
+    return {"slow_clients": sc.sessions, "slow_still_open": still_open, "slow_dropped": dropped,
+            "alone": row(alone), "with_slow": row(during), "after": row(after),
+            "peak_rss_mib": meter.peak / MiB if system.pid else None}
+
+
 # --------------------------------------------------------------------------- orchestration
 
 
 @contextmanager
-def services(workdir: Path, need_redis: bool, signed: Signed, upstream: str = "sink") -> Iterator[Services]:
+def services(workdir: Path, need_redis: bool, signed: Signed, upstream: str = "sink", *,
+             dns_delay: str | None = None,
+             proxy_settings: dict[str, dict[str, Any]] | None = None) -> Iterator[Services]:
     sink: Sink | systems.PostfixUpstream = systems.PostfixUpstream(workdir) if upstream == "postfix" \
         else Sink(workdir)
-    dns = DnsZone(workdir, signed.zone)
+    dns = DnsZone(workdir, signed.zone, delay=dns_delay)
     redis = Redis(workdir) if need_redis else None
     started: list[Any] = []
     try:
@@ -324,7 +389,7 @@ def services(workdir: Path, need_redis: bool, signed: Signed, upstream: str = "s
             if service is not None:
                 service.start()
                 started.append(service)
-        yield Services(sink, dns, redis, workdir)
+        yield Services(sink, dns, redis, workdir, proxy_settings or {})
     finally:
         for service in reversed(started):
             service.stop()
@@ -340,7 +405,20 @@ def raise_fd_limit(wanted: int) -> int:
 
 def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     all_scenarios = scenarios(args.quick)
+    if args.huge_mib is not None:
+        all_scenarios["huge"].size = args.huge_mib * MiB
+    if args.slow_clients is not None:
+        all_scenarios["slow"].sessions = args.slow_clients
     chosen = [all_scenarios[name] for name in args.scenario]
+    proxy_settings: dict[str, dict[str, Any]] = {}
+    if args.max_sessions is not None:
+        proxy_settings["limits"] = {"max_sessions": args.max_sessions,
+                                    "max_sessions_per_ip": args.max_sessions}
+    if args.dns_cache_size is not None:
+        proxy_settings["dns"] = {"cache_size": args.dns_cache_size}
+    for setting in args.set:
+        section, key, value = setting
+        proxy_settings.setdefault(section, {})[key] = value
     signed = Signed.create()
     fd_limit = raise_fd_limit(max(s.sessions for s in chosen) * 2 + 1024)
     results: dict[str, dict[str, Any]] = {s.name: {} for s in chosen}
@@ -348,11 +426,12 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="smtpproxy-bench-") as tmp:
         workdir = Path(tmp)
         need_redis = any("chain" in name for name in args.systems)
-        with services(workdir, need_redis, signed, args.upstream) as svc:
+        with services(workdir, need_redis, signed, args.upstream, dns_delay=args.dns_delay,
+                      proxy_settings=proxy_settings) as svc:
             files: dict[int, tuple[Path, bytes]] = {}
             huge_messages: dict[int, bytes] = {}
             for sc in chosen:
-                if sc.kind == "throughput" and sc.size not in files:
+                if sc.kind in ("throughput", "overload", "slow") and sc.size not in files:
                     message = signed.message(sc.size)
                     path = workdir / f"message-{sc.size}.eml"
                     # smtp-source -F appends CRLF to each line itself: give it LF lines.
@@ -362,6 +441,8 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                 for name in args.systems:
                     if sc.kind != "throughput" and name == "direct":
                         continue
+                    if sc.kind == "overload" and not name.startswith("smtpproxy"):
+                        continue  # --max-sessions is smtpproxy's setting
                     system = systems.make_system(name, svc, haraka_nodes=args.haraka_nodes,
                                                  before=args.before)
                     descriptions[name] = system.description
@@ -373,6 +454,12 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                             figures = throughput(system, sc, path, message, args.repeat)
                         elif sc.kind == "idle":
                             figures = idle(system, sc)
+                        elif sc.kind == "overload":
+                            path, message = files[sc.size]
+                            figures = overload(system, sc, path, message, phase_seconds=args.phase_seconds,
+                                               max_sessions=args.max_sessions)
+                        elif sc.kind == "slow":
+                            figures = slow(system, sc, files[sc.size][1])
                         else:
                             if sc.size not in huge_messages:  # signed once, outside any measurement
                                 huge_messages[sc.size] = signed.huge(sc.size)
@@ -389,7 +476,8 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "quick": args.quick,
         "repeat": args.repeat,
-        "environment": environment(fd_limit, args.upstream),
+        "environment": environment(fd_limit, args.upstream) | {
+            "dns_delay_ms": args.dns_delay, "proxy_settings": proxy_settings},
         "systems": descriptions,
         "scenarios": {sc.name: sc.__dict__ for sc in chosen},
         "results": results,
@@ -462,6 +550,24 @@ def markdown(report: dict[str, Any]) -> str:
                 lines.append(f"| {system} | {fmt(r['rss_before_mib'], 1)} "
                              f"| {fmt(r['rss_with_sessions_mib'], 1)} "
                              f"| {fmt(r['kib_per_session'], 1)} | {fmt(r['open_seconds'], 1)} |")
+        elif sc["kind"] == "overload":
+            lines.extend(_overload_markdown(rows))
+        elif sc["kind"] == "slow":
+            lines.append(f"### slow: normal traffic (1 KB, concurrency {sc['concurrency']}, reused "
+                         f"sessions) alone, while {sc['sessions']} clients trickle DATA at 5 bytes/s, after")
+            lines.append("")
+            lines.append("| system | phase | msg/s | p50 ms | p99 ms |")
+            lines.append("|---|---|--:|--:|--:|")
+            for system, r in rows.items():
+                if "error" in r:
+                    lines.append(f"| {system} | failed: {r['error'][:80]} ||||")
+                    continue
+                for phase in ("alone", "with_slow", "after"):
+                    f = r[phase]
+                    lines.append(f"| {system} | {phase.replace('_', ' ')} | {fmt(f['msgs_per_s'])} "
+                                 f"| {fmt(f['p50_ms'], 1)} | {fmt(f['p99_ms'], 1)} |")
+                lines.append(f"| {system} | slow clients still open at the end / dropped "
+                             f"| {r['slow_still_open']} / {r['slow_dropped']} |||")
         else:
             lines.append(f"### huge: one {sc['size'] // MiB} MB message")
             lines.append("")
@@ -476,6 +582,27 @@ def markdown(report: dict[str, Any]) -> str:
                              f"| {fmt(r['peak_rss_mib'], 1)} | {fmt(r['peak_above_idle_mib'], 1)} "
                              f"| {fmt(r['peak_above_idle_over_size'], 2)} |")
     return "\n".join(lines)
+
+
+def _overload_markdown(rows: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    for system, r in rows.items():
+        if "error" in r:
+            lines += [f"### overload: {system} failed: {r['error'][:200]}"]
+            continue
+        lines += [f"### overload: {system}, max_sessions {r['max_sessions']}, capacity "
+                  f"{fmt(r['capacity_per_s'])} msg/s (new connections, closed loop), "
+                  f"{fmt(r['phase_seconds'])} s per phase", "",
+                  "| offered | offered msg/s | arrived /s | delivered msg/s | 421 | other failures "
+                  "| 421 % | p50 ms | p99 ms | first / last 421 s |",
+                  "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for f in r["phases"]:
+            when = f"{f['first_421_s']} / {f['last_421_s']}" if f["first_421_s"] is not None else "-"
+            lines.append(f"| {f['phase']} | {fmt(f['offered_per_s'])} | {fmt(f['arrived_per_s'])} "
+                         f"| {fmt(f['delivered_per_s'])} "
+                         f"| {f['shed_421']} | {f['failed']} | {f['shed_pct']} | {fmt(f['p50_ms'], 1)} "
+                         f"| {fmt(f['p99_ms'], 1)} | {when} |")
+    return lines
 
 
 def ratios(rows: dict[str, Any]) -> list[str]:
@@ -624,6 +751,17 @@ def top_frames(raw: Path, n: int) -> str:
 # --------------------------------------------------------------------------- main
 
 
+def _setting(text: str) -> tuple[str, str, Any]:
+    """``SECTION.KEY=VALUE`` (VALUE in YAML) for smtpproxy's configuration."""
+    import yaml
+
+    name, sep, value = text.partition("=")
+    section, dot, key = name.partition(".")
+    if not (sep and dot and section and key):
+        raise argparse.ArgumentTypeError(f"expected SECTION.KEY=VALUE, got {text!r}")
+    return section, key, yaml.safe_load(value)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     names = list(scenarios(False))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
@@ -656,10 +794,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--uvloop", action="store_true", help="with --profile: profile the uvloop variant")
     parser.add_argument("--profile-system",
                         help="with --profile: which smtpproxy row to profile (default smtpproxy)")
+    parser.add_argument("--dns-delay", default=None, metavar="MIN-MAX",
+                        help="the loopback DNS answers after MIN to MAX ms (e.g. 20-80: a real network)")
+    parser.add_argument("--dns-cache-size", type=int, default=None, metavar="N",
+                        help="smtpproxy's dns.cache_size (0: every lookup goes to the DNS server)")
+    parser.add_argument("--max-sessions", type=int, default=None, metavar="N",
+                        help="smtpproxy's limits.max_sessions (and per IP); the overload scenario's subject")
+    parser.add_argument("--phase-seconds", type=float, default=10.0,
+                        help="overload: seconds of arrivals per offered rate (default 10)")
+    parser.add_argument("--huge-mib", type=int, default=None, metavar="MIB",
+                        help="the huge scenario's message size (default 50, --quick 5)")
+    parser.add_argument("--slow-clients", type=int, default=None, metavar="N",
+                        help="the slow scenario's trickling clients (default 200)")
+    parser.add_argument("--set", type=_setting, action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="one more smtpproxy setting (YAML value), e.g. delivery.rcpt_mode=at_data")
     parser.add_argument("--new-connections", action="store_true",
                         help="with --profile: a new client connection per message (smtp-source without -d)")
     args = parser.parse_args(argv)
-    args.scenario = args.scenario or names
+    args.scenario = args.scenario or [n for n in names if n not in OPT_IN]
+    if args.dns_delay is not None:
+        from bench.dnszone import delay_range
+
+        try:
+            delay_range(args.dns_delay)
+        except argparse.ArgumentTypeError as exc:
+            parser.error(f"--dns-delay: {exc}")
     args.systems = args.systems or list(systems.DEFAULT_SYSTEMS)
     for name in [*args.systems, *([args.profile_system] if args.profile_system else [])]:
         base, at, tag = name.partition("@")
@@ -689,8 +848,11 @@ def main(argv: list[str] | None = None) -> int:
     prefix.parent.mkdir(parents=True, exist_ok=True)
     prefix.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     prefix.with_suffix(".md").write_text(text.lstrip() + "\n")
-    chart(report, prefix.with_suffix(".png"))
-    print(f"\nwritten: {prefix}.json, {prefix}.md, {prefix}.png ({report['wall_seconds']:.0f} s)")
+    charted = any(sc["kind"] in ("throughput", "idle", "huge") for sc in report["scenarios"].values())
+    if charted:  # overload and slow are tables only
+        chart(report, prefix.with_suffix(".png"))
+    print(f"\nwritten: {prefix}.json, {prefix}.md{f', {prefix}.png' if charted else ''} "
+          f"({report['wall_seconds']:.0f} s)")
     failed = [f"{sc}/{s}" for sc, rows in report["results"].items() for s, r in rows.items() if "error" in r]
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

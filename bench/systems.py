@@ -153,11 +153,14 @@ class DnsZone:
     records: list[str]
     port: int = 0
     proc: subprocess.Popen[str] | None = None
+    delay: str | None = None
+    """``MIN-MAX`` ms before each answer (dnszone.py --delay), None: at once."""
 
     def start(self) -> None:
         zonefile = self.workdir / "bench.zone"
         zonefile.write_text("\n".join(self.records) + "\n", encoding="ascii")
-        self.proc = subprocess.Popen([sys.executable, str(BENCH / "dnszone.py"), str(zonefile)],
+        delay = ["--delay", self.delay] if self.delay else []
+        self.proc = subprocess.Popen([sys.executable, str(BENCH / "dnszone.py"), str(zonefile), *delay],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
                                      start_new_session=True)
         assert self.proc.stdout is not None
@@ -209,6 +212,9 @@ class Services:
     dns: DnsZone
     redis: Redis | None
     workdir: Path
+    proxy_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Merged into smtpproxy's sections (``{"limits": {"max_sessions": 50}}``): run.py's
+    --max-sessions and --dns-cache-size."""
 
 
 # --------------------------------------------------------------------------- systems under test
@@ -339,6 +345,8 @@ class SmtpProxy(System):
                      "match": {"header": {"name": "Subject", "regex": "cheap pills"}}},
                 ]}},
             ]
+        for section, values in self.services.proxy_settings.items():
+            config[section] = {**config.get(section, {}), **values}
         return config
 
     def launch(self) -> subprocess.Popen[bytes]:

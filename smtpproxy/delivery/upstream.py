@@ -109,6 +109,9 @@ class UpstreamServer:
     """Whether its last EHLO offered SMTPUTF8 (RFC 6531); None until a connection was made."""
     size: int = 0
     """The SIZE its last EHLO announced (RFC 1870); 0: none announced, or not connected yet."""
+    xclient_offered: frozenset[str] | None = None
+    """The XCLIENT attributes its last EHLO before an identity offered; None until then, or
+    since it refused XCLIENT. Known, a new connection sends XCLIENT without that EHLO."""
 
     @property
     def name(self) -> str:
@@ -132,8 +135,10 @@ class Connection:
     XCLIENT the server speaks to the original client and stops offering it)."""
     identity: tuple[str, ...] | None = None
     """The XCLIENT attributes this connection carries. Postfix accepts XCLIENT only from an
-    authorized client, and after one the client *is* the original one, so a connection can
-    never be re-identified: it is reused only for the same identity."""
+    authorized client, and after one the client *is* the original one (xclient_cmd() in
+    smtpd.c matches smtpd_authorized_xclient_hosts again against the new NAME and ADDR), so
+    a connection cannot be re-identified: it is reused only for the same identity, port
+    included (Postfix hands the port to policy servers, milters and the queue file)."""
     reused: bool = False
     """Taken from the idle pool for this message (it may have died while idle)."""
 
@@ -228,7 +233,7 @@ class Connector:
             if reused is not None:
                 return reused
             try:
-                conn = await self._open(server)
+                conn = await self._open(server, session)
             except DeliveryError as exc:
                 reason = exc.reason or "connect"
                 server.down_until = time.monotonic() + self.settings.down_backoff
@@ -262,11 +267,13 @@ class Connector:
         while server.idle:
             conn = server.idle.popleft()
             if time.monotonic() - conn.idle_since > self.settings.idle_timeout:
-                await self.discard(conn)
+                self._retire(conn)
                 continue
             identity = self._xclient_identity(conn, session)
             if conn.identity is not None and conn.identity != identity:
-                await self.discard(conn)  # it speaks for another client now
+                # It speaks for another client. Its QUIT is awaited: in the background it
+                # cost Postfix more per message (bench/README.md, 2026-12-07 03:40).
+                await self.discard(conn)
                 continue
             conn.reused = True
             if self.pipelines(conn) and identity == conn.identity:  # no XCLIENT to send
@@ -287,6 +294,12 @@ class Connector:
                 continue
             return conn, prelude
         return None
+
+    def _retire(self, conn: Connection) -> None:
+        """Close *conn* (QUIT) in a task of its own; close_idle waits for it at shutdown."""
+        task = asyncio.get_running_loop().create_task(self.discard(conn))
+        self._retiring.add(task)  # a reference, so the task is not collected mid-QUIT
+        task.add_done_callback(self._retired)
 
     def pipelines(self, conn: Connection) -> bool:
         """Whether commands go to this connection in groups (RFC 2920): it offered PIPELINING
@@ -315,9 +328,7 @@ class Connector:
         s = self.settings
         if (not conn.client.is_connected or conn.messages >= s.max_messages
                 or len(conn.server.idle) >= s.max_idle):
-            task = asyncio.get_running_loop().create_task(self.discard(conn))
-            self._retiring.add(task)  # a reference, so the task is not collected mid-QUIT
-            task.add_done_callback(self._retired)
+            self._retire(conn)
             return
         conn.idle_since = time.monotonic()
         conn.server.idle.append(conn)
@@ -358,26 +369,36 @@ class Connector:
                     server.idle.remove(conn)
                     await self.discard(conn)
 
-    async def _open(self, server: UpstreamServer) -> Connection:
-        """Connect, greet, apply TLS and AUTH. Raises DeliveryError (temporary) on any failure."""
+    async def _open(self, server: UpstreamServer, session: Session | None = None) -> Connection:
+        """Connect, greet, apply TLS and AUTH. Raises DeliveryError (temporary) on any failure.
+
+        With *session*, on a server known to take XCLIENT (and no AUTH to do), the client's
+        identity goes right after the greeting (or STARTTLS) instead of after an EHLO that
+        the XCLIENT would void: one round trip and one EHLO less per new connection."""
         s = self.settings
+        early = self._early_xclient(server, session)
         client = aiosmtplib.SMTP(
             hostname=server.host, port=server.port, local_hostname=s.helo_name,
             timeout=s.command_timeout, use_tls=s.tls == "implicit", start_tls=False,
             tls_context=self._verify_context if s.tls == "implicit" else None,
         )
         try:
-            tls = await self._handshake(client, server)
+            tls = await self._handshake(client, server, last_ehlo=early is None)
+            conn = Connection(client, server, tls, xclient_offered=early)
+            if early is not None and session is not None and not await self._xclient_first(conn, session):
+                await self._ehlo(client, server)  # it refused: learn what it offers now
+                early = None
             if s.username is not None and s.password is not None:
                 await client.login(s.username, s.password)
             server.offers_dsn = client.supports_extension("dsn")
             server.offers_8bitmime = client.supports_extension("8bitmime")
             server.offers_smtputf8 = client.supports_extension("smtputf8")
             server.size = _announced_size(client.esmtp_extensions.get("size", ""))
-            offered = None
-            if client.supports_extension("xclient"):
-                offered = frozenset(client.esmtp_extensions.get("xclient", "").upper().split())
-            return Connection(client, server, tls, xclient_offered=offered)
+            if early is None:  # what it offers before any identity
+                conn.xclient_offered = server.xclient_offered = (
+                    frozenset(client.esmtp_extensions.get("xclient", "").upper().split())
+                    if client.supports_extension("xclient") else None)
+            return conn
         except DeliveryError:
             client.close()
             raise
@@ -404,7 +425,10 @@ class Connector:
                 "tls_verify",
             ) from exc
 
-    async def _handshake(self, client: aiosmtplib.SMTP, server: UpstreamServer) -> str | None:
+    async def _handshake(self, client: aiosmtplib.SMTP, server: UpstreamServer, *,
+                         last_ehlo: bool = True) -> str | None:
+        """Greeting, EHLO and TLS. *last_ehlo* False: no EHLO after the last step (greeting
+        or STARTTLS), for an XCLIENT that goes there (an EHLO before STARTTLS still does)."""
         s = self.settings
         # Implicit TLS verifies the certificate against ``host`` (aiosmtplib has no separate
         # server name for it); tls_hostname applies to STARTTLS.
@@ -412,11 +436,11 @@ class Connector:
         if greeting.code != 220:
             raise DeliveryError(upstream_reply(_as_temp(greeting.code), greeting.message),
                                 f"{server.name}: greeting {greeting.code}")
+        if s.tls in ("implicit", "none"):
+            if last_ehlo:
+                await self._ehlo(client, server)
+            return _tls_version(client) if s.tls == "implicit" else None
         await self._ehlo(client, server)
-        if s.tls == "implicit":
-            return _tls_version(client)
-        if s.tls == "none":
-            return None
         if not client.supports_extension("starttls"):
             if s.tls == "starttls":
                 raise DeliveryError(
@@ -442,7 +466,8 @@ class Connector:
                                 f"{server.name}: STARTTLS refused")
         # RFC 3207 4.2: the server forgot everything; greet again (and learn the extensions it
         # offers under TLS). execute_command, which we use for MAIL, will not do it for us.
-        await self._ehlo(client, server)
+        if last_ehlo:
+            await self._ehlo(client, server)
         return _tls_version(client)
 
     async def _ehlo(self, client: aiosmtplib.SMTP, server: UpstreamServer, name: str | None = None) -> None:
@@ -469,6 +494,29 @@ class Connector:
                     return
                 event("upstream_helo_refused", upstream=conn.destination, reply=response.code)
         await self._ehlo(client, conn.server)
+
+    def _early_xclient(self, server: UpstreamServer, session: Session | None) -> frozenset[str] | None:
+        """The XCLIENT attributes a new connection to *server* can send before any EHLO
+        (Postfix takes XCLIENT in any state outside a transaction), or None: not known to be
+        offered, no session, another identity mode, or AUTH to do first (it needs EHLO)."""
+        s = self.settings
+        if session is None or s.identity not in ("auto", "xclient") or s.username is not None:
+            return None
+        return server.xclient_offered
+
+    async def _xclient_first(self, conn: Connection, session: Session) -> bool:
+        """XCLIENT on a new connection before any EHLO, then EHLO as the client; False when
+        the server refused it (the connection is still at its greeting: the caller greets)."""
+        identity = self._xclient_identity(conn, session)
+        assert identity is not None
+        response = await conn.client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
+        if response.code not in (220, 250):
+            conn.xclient_offered = conn.server.xclient_offered = None
+            return False
+        await self._greet_as_client(conn, session.helo)
+        conn.identity = identity
+        self._note_identity(conn.server, "xclient")
+        return True
 
     def _xclient_identity(self, conn: Connection, session: Session) -> tuple[str, ...] | None:
         """The XCLIENT attributes for this session, or None when XCLIENT is not used here."""

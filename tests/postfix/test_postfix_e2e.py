@@ -229,6 +229,45 @@ async def test_pooled_connection_carries_each_clients_own_identity(
     assert len(re.findall(r"smtpd\[\d+\]: connect from", postfix.log())) == 3
 
 
+async def test_each_new_client_is_told_to_postfix_before_any_ehlo_with_its_own_port(
+    proxy_factory: ProxyFactory, postfix_factory: PostfixFactory
+) -> None:
+    """From the second upstream connection on, XCLIENT goes right after Postfix's greeting
+    (Postfix takes it outside a transaction, HELO or not); each message is still Postfix's
+    from its own client: address in Received, address and port in its log."""
+    postfix = postfix_factory(main_cf={"smtpd_client_port_logging": "yes"})
+    proxy = await proxy_factory(
+        relay=RELAY,
+        listeners=[{"address": "127.0.0.1", "port": 0, "proxy_protocol": True,
+                    "proxy_protocol_from": ["127.0.0.0/8"]}],
+        delivery=upstream(postfix, client_identity="xclient"),
+    )
+    clients = [("192.0.2.10", 40001, "bob"), ("192.0.2.10", 40002, "alice"),
+               ("198.51.100.20", 40003, "carol")]
+    for ip, port, user in clients:
+        header = f"PROXY TCP4 {ip} 192.0.2.25 {port} 25\r\n".encode()
+        assert (await send(port_of(proxy), [f"{user}@dest.test"], proxy_header=header))[0] == 250
+    for ip, _port, user in clients:
+        [stored] = await asyncio.to_thread(postfix.wait_for_messages, user, 1)
+        assert f"[{ip}]".encode() in stored.split(b"\n\n")[0]
+    log = postfix.log()
+    # each queued message names its own client, port included (the queue file, policy
+    # servers and milters get the same)
+    assert re.findall(r": client=[^\s,]*\[([\d.]+)\]:(\d+)", log) == [
+        (ip, str(port)) for ip, port, _user in clients]
+    # a connection per client (after the readiness probe); the first two were retired when
+    # the next client came, the third is pooled. Postfix counts its XCLIENT as 0/1 (it
+    # restarts the session), and greeted the second only after it: one EHLO, as the client.
+    assert len(re.findall(r"smtpd\[\d+\]: connect from", log)) == 4
+    for _ in range(100):  # the second one's QUIT went in the background
+        disconnects = re.findall(r"disconnect from \S+ (.*)", postfix.log())[1:]
+        if len(disconnects) >= 2:
+            break
+        await asyncio.sleep(0.05)
+    assert disconnects == ["ehlo=2 xclient=0/1 mail=1 rcpt=1 data=1 quit=1 commands=6/7",
+                           "ehlo=1 xclient=0/1 mail=1 rcpt=1 data=1 quit=1 commands=5/6"], disconnects
+
+
 @pytest.mark.parametrize("rcpt_mode", ["at_data", "relay"])
 async def test_pipelined_commands_follow_postfixs_rules(
     proxy_factory: ProxyFactory, postfix_factory: PostfixFactory, rcpt_mode: str

@@ -195,6 +195,30 @@ async def test_xclient_answered_with_250_is_accepted(proxy_factory: ProxyFactory
     server.close()
 
 
+async def test_a_new_connection_sends_xclient_before_any_ehlo_once_it_is_known(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The first connection learns from EHLO that XCLIENT is offered; later ones (every new
+    client: the identity includes its port) send XCLIENT right after the greeting, then EHLO
+    as the client. A refusal there falls back to EHLO, and XCLIENT is not assumed again
+    until an EHLO offers it."""
+    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"))
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+    for _ in range(2):
+        assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+    verbs = [line.split(b" ")[0] for line in upstream.lines if line != b"QUIT"]  # QUIT: the first, retired
+    assert verbs == [b"EHLO", b"XCLIENT", b"EHLO", b"MAIL", b"RCPT", b"DATA",  # learns XCLIENT
+                     b"XCLIENT", b"EHLO", b"MAIL", b"RCPT", b"DATA"], verbs  # a new client: no EHLO first
+    ports = [re.search(rb"PORT=(\d+)", line)[1] for line in upstream.commands(b"XCLIENT")]  # type: ignore[index]
+    assert ports[0] != ports[1]  # each connection speaks for its own client
+    del upstream.lines[:]
+    upstream.xclient_reply = b"550 5.7.0 Error: insufficient authorization"
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 451
+    assert [line.split(b" ")[0] for line in upstream.lines if line != b"QUIT"] == [b"XCLIENT", b"EHLO", b"XCLIENT"]
+    server.close()
+
+
 async def test_xforward_when_xclient_is_not_offered(proxy_factory: ProxyFactory) -> None:
     upstream = RawUpstream((b"XFORWARD NAME ADDR PROTO HELO SOURCE", b"8BITMIME"))
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
