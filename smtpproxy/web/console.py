@@ -28,6 +28,7 @@ from starlette.routing import Route
 
 from smtpproxy.eventlog import event
 from smtpproxy.links import LinkError
+from smtpproxy.metrics import DECISIONS
 from smtpproxy.quarantine import QuarantineError
 from smtpproxy.store import AuditEntry, Held, Search, StoreError
 from smtpproxy.web.accounts import AccountsUnavailable, Viewer
@@ -49,7 +50,6 @@ _STYLE = (
     "font-size:.85em}.bar{background:#48c;height:1em;display:inline-block}.error{color:#a00}"
     "button{padding:.3em 1em}.done{color:#060}"
 )
-_DECISIONS = ("accept", "reject", "tempfail", "discard", "quarantine")
 _HISTORY_FIELDS = (
     "sender",
     "recipient",
@@ -354,11 +354,11 @@ async def overview(request: Request, context: WebContext, viewer: Viewer) -> Res
     rows = []
     for day in days:
         cells = [e(day)]
-        for decision in _DECISIONS:
+        for decision in DECISIONS:
             n = counts.get((day, decision), 0)
             cells.append(f'{n} <span class="bar" style="width:{round(6 * n / most, 2)}em"></span>')
         rows.append(cells)
-    body = "<h2>Messages per decision, last 14 days</h2>" + _table(["Day (UTC)", *_DECISIONS], rows)
+    body = "<h2>Messages per decision, last 14 days</h2>" + _table(["Day (UTC)", *DECISIONS], rows)
     for title, items in (
         ("Top senders", summary.senders),
         ("Top reasons", summary.reasons),

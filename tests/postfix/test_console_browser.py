@@ -176,16 +176,21 @@ async def _fill(root: Path, trap: int) -> None:
                   b"Subject: Partner newsletter\r\n\r\nThis month at Partner.\r\n")
     await hold("q-allow", newsletter, ["dave@dest.test"], subject="Partner newsletter")
     entries = []
-    for i, (decision, sender, by) in enumerate([("quarantine", "win@bad.example", "score"),
-                                                ("accept", "news@good.example", None),
-                                                ("reject", "spam@bad.example", "dnsbl"),
-                                                ("accept", "news@good.example", None),
-                                                ("quarantine", "virus@bad.example", "clamav")]):
+    # What the proxy records (Decision.disposition, its reply and reason), as a screenshot shows it.
+    for i, (decision, sender, by, reply, reason) in enumerate([
+        ("quarantined", "win@bad.example", "score", "250 2.0.0", "score 12.5 >= 10 (quarantine)"),
+        ("delivered", "news@good.example", None, "250 2.0.0", ""),
+        ("rejected", "spam@bad.example", "dnsbl", "554 5.7.1", "listed in zen.example (127.0.0.2)"),
+        ("delivered", "news@good.example", None, "250 2.0.0", ""),
+        ("quarantined", "virus@bad.example", "clamav", "250 2.0.0", "Eicar-Test-Signature"),
+    ]):
+        recipient = "bob@dest.test" if i % 2 else "alice@dest.test"
         entries.append(HistoryEntry(id=f"h{i}", time=now - 3600 * i * 10, node="mx1", sender=sender,
-                                    recipients=["bob@dest.test" if i % 2 else "alice@dest.test"],
-                                    decision=decision, decided_by=by, subject=f"message {i}",
-                                    client="192.0.2.7", helo="bad.example", reason=f"{decision} by {by}",
-                                    message_id=f"<m{i}@x>", size=1000 + i, session=f"S{i}", reply="250 2.0.0"))
+                                    recipients=[recipient], decision=decision, decided_by=by,
+                                    subject=f"message {i}", client="192.0.2.7", helo="bad.example",
+                                    reason=reason or None, message_id=f"<m{i}@x>", size=1000 + i,
+                                    session=f"S{i}", reply=reply, score=12.5 if by == "score" else None,
+                                    policy_group="default", groups={recipient: "default"}))
     await store.add_history(entries)
     await store.close()
 

@@ -36,7 +36,7 @@ async def _fill(path: Path) -> None:
                               recipients=dict.fromkeys(recipients, "held"), subject=f"subject {qid}"), [b"x\r\n"])
     await store.add_history([
         HistoryEntry(id=f"h-{qid}", time=now, node="n", sender="s@x.test", recipients=recipients,
-                     decision="quarantine", subject=f"subject {qid}", quarantine_id=qid)
+                     decision="quarantined", subject=f"subject {qid}", quarantine_id=qid)
         for qid, recipients in (("q-a", ["bob@a.test"]), ("q-b", ["eve@b.test"]))])
     await store.close()
 
@@ -103,6 +103,22 @@ async def test_each_role_sees_its_own_scope_and_other_ids_are_404(console: str) 
     finally:
         for client in (admin, domain, bob):
             await client.aclose()
+
+
+async def test_the_overview_counts_the_decisions_the_proxy_records(console: str) -> None:
+    """Its columns are the dispositions a Decision has (what the history keeps), not verdict names."""
+    admin, _ = await _signed_in(console, "root")
+    try:
+        page = (await admin.get("/console")).text
+    finally:
+        await admin.aclose()
+    head = re.findall(r"<th>([^<]*)</th>", page.split("</thead>")[0])
+    assert head == ["Day (UTC)", "delivered", "quarantined", "discarded", "rejected", "tempfailed"]
+    today = time.strftime("%Y-%m-%d", time.gmtime())
+    row = re.search(rf"<tr><td>{today}</td>(.*?)</tr>", page)
+    assert row is not None
+    counts = [int(n) for n in re.findall(r"<td>(\d+) <span", row.group(1))]
+    assert counts == [0, 2, 0, 0, 0]  # _fill's two quarantined messages
 
 
 async def test_history_is_searched_by_policy_group_within_the_viewers_scope(
