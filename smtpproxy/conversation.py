@@ -174,6 +174,12 @@ class Conversation:
         observer.phase_started(phase, subject)
         return await chain.run(phase, results, on_outcome=observer.outcome, **kwargs)
 
+    @property
+    def transaction_chain(self) -> Chain:
+        """The chain of the current transaction's ``data`` and ``after_message`` phases: its
+        first recipient's policy group's, else the session's."""
+        return self._tx_chain or self.chain
+
     def _finished(self, result: PhaseResult, refusal: Refusal | None) -> Refusal | None:
         if self.observer is not None:
             self.observer.phase_finished(result, refusal)

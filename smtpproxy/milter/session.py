@@ -466,8 +466,10 @@ class MilterSession:
             return
         queued = Reply(250, "2.0.0", f"Ok: queued as {queue_id or transaction.id}")
         step = self.conversation.end_of_message(session, transaction)
-        # Without a data plugin nothing in this step can keep the MTA waiting: no progress task.
-        outcome = await (self._progress(step) if self.chain.implements("data") else step)
+        # Without a data plugin (in the transaction's policy group) nothing in this step can
+        # keep the MTA waiting: no progress task.
+        data_plugins = self.conversation.transaction_chain.implements("data")
+        outcome = await (self._progress(step) if data_plugins else step)
         responses: list[Response]
         decision: Decision
         if isinstance(outcome, Refusal):

@@ -54,3 +54,32 @@ async def test_an_incompatible_group_is_tempfailed_per_recipient(server: MilterS
     final = responses[-1]
     assert isinstance(final, codec.ReplyCode) and final.text.startswith("550 5.7.1 Message rejected as spam")
     await mta.close()
+
+
+async def test_a_slow_group_only_data_plugin_keeps_the_mta_waiting_with_progress(tmp_path: Path) -> None:
+    # The default chain has no data plugin; the group's does, and is slow: SMFIR_PROGRESS must
+    # keep the MTA waiting as it does for a global data plugin.
+    plugins = [{"name": "slow_data", "use": "tests.wire.test_milter:SlowData", "enabled": False}]
+    policies = [{"name": "scanned", "recipients": ["scanned.test"], "plugins": {"slow_data": {"enabled": True}}}]
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0", "progress_interval": 0.1},
+                         plugins=plugins, policies=policies)
+    milter = MilterServer(config)
+    await milter.start()
+    try:
+        mta = await FakeMTA.open(milter)
+        await mta.start()
+        await mta.passes(codec.Helo("client.test"))
+        await mta.passes(codec.Mail(("<alice@sender.test>",)), i="Q1")
+        await mta.passes(codec.Rcpt(("<bob@scanned.test>",)))
+        for name, value in HEADERS:
+            await mta.passes(codec.Header(name, value))
+        await mta.passes(codec.EndOfHeaders())
+        mta.send(codec.EndOfBody())
+        responses = [await mta.recv()]
+        while isinstance(responses[-1], codec.Progress):
+            responses.append(await mta.recv())
+        assert responses[-1] == codec.Accept()
+        assert len(responses) >= 3 and set(responses[:-1]) == {codec.Progress()}
+        await mta.close()
+    finally:
+        await milter.stop(grace=1)
