@@ -14,12 +14,10 @@ from email.utils import getaddresses
 
 from smtpproxy.config import Config
 from smtpproxy.message import Message
+from smtpproxy.tables.edit import WRITABLE, one_entry
 from smtpproxy.tables_cli import edit_entry
 
 __all__ = ["AllowTable", "allow_table", "author"]
-
-WRITABLE = ("file", "redis")
-
 
 @dataclass(frozen=True, slots=True)
 class AllowTable:
@@ -60,11 +58,12 @@ def allow_table(config: Config) -> AllowTable:
 
 def author(content: bytes) -> str | None:
     """The single ``From:`` address of a message, as the lists plugin reads it (None: none or
-    several, which the lists plugin never allows)."""
+    several, which the lists plugin never allows, or one the allow table would not keep as
+    one entry: ``"x,gmail.com"@attacker.example`` would allow all of gmail.com)."""
     values = Message(content).get_all("From")
     if len(values) != 1:
         return None
-    found = {a.lower() for _, a in getaddresses(values) if "@" in a and a.isprintable() and " " not in a}
+    found = {a.lower() for _, a in getaddresses(values) if "@" in a and one_entry(a)}
     if len(found) != 1:
         return None
     return next(iter(found))

@@ -113,3 +113,15 @@ def test_redis_tables_are_edited_live(
     assert code == 1 and "ConnectionError" in err
     code, _, err = run(capsys, "query", "-c", c, "rstr", "bob@example.com")
     assert code == 1 and "table rstr:" in err
+
+
+@pytest.mark.parametrize("value", ["x,gmail.com", "a b", "tab\there", "nl\n"])
+def test_a_write_of_more_than_one_entry_is_refused_underneath(tmp_path: Path, value: str) -> None:
+    # Every writer (the CLI, the console's lists, "release and allow sender") goes through
+    # edit_file/edit_redis: a value the table would read back as several entries never lands.
+    from smtpproxy.tables.edit import edit_file
+
+    config(tmp_path)
+    with pytest.raises(ValueError, match="not one entry"):
+        edit_file(tmp_path / "allow", "bob@example.com", value, add=True)
+    assert (tmp_path / "allow").read_text() == ALLOW
