@@ -8,9 +8,10 @@ hooks at the same moments, and answers each event:
   with the plugin's reply (at connect 554/421, as the proxy answers). Continue and accept
   become SMFIR_CONTINUE: our ACCEPT ends a *phase*, while SMFIR_ACCEPT would take the
   rest of the message (or connection) away from the filter. Discard and quarantine are
-  remembered and applied at the end of the message, as in the proxy. An event no plugin
-  answers gets no reply at all (SMFIP_NR_*, :func:`no_reply_steps`); a refusal of ours in
-  such a step refuses the message at its end.
+  remembered and applied at the end of the message, as in the proxy. Connect, helo and
+  mail events no plugin answers get no reply at all (SMFIP_NR_*, :func:`no_reply_steps`;
+  RCPT always does); a refusal of ours in such a step reaches the MTA with the next answer
+  it waits for (every RCPT of that message, then its end).
 * headers, body: collected (CRLF line ends) into the raw message, without replies; over
   ``limits.max_message_size`` the message is refused with 552.
 * end of message: the ``data`` chain on a :class:`~smtpproxy.message.Message`, then the
@@ -109,7 +110,7 @@ def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
     recipient limit, the policy groups' split, the address check) refuse one recipient, and
     a refusal kept for the end of the message would refuse all of them, again at every
     retry. A refusal that comes up in a step without reply (an address our parser refuses
-    at MAIL) refuses the message at its end.
+    at MAIL) is the answer to every RCPT of that message and to its end.
     """
     steps = _CONTENT_NO_REPLY
     for hook, step in _ENVELOPE_NO_REPLY.items():
@@ -175,7 +176,7 @@ class MilterSession:
 
     async def _answer(self, step: int, phase: str, refusal: Refusal | None) -> None:
         """A step's answer: the verdict where the MTA waits for it; where it does not
-        (SMFIP_NR_*), a refusal is kept for the end of the message and logged now."""
+        (SMFIP_NR_*), a refusal is kept for the next answer it waits for and logged now."""
         if self._replies(step):
             await self.send(codec.Continue() if refusal is None else self._refuse(phase, refusal))
         elif refusal is not None:
