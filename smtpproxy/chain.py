@@ -163,6 +163,16 @@ class Chain:
         """Names of the plugins in shadow mode (``enforce: false``), in order."""
         return tuple(step.name for step in self.steps if not step.enforce)
 
+    @property
+    def family(self) -> tuple[Chain, ...]:
+        """This chain and its policy groups' chains (:attr:`companions`)."""
+        return (self, *self.companions)
+
+    @property
+    def shadowed_anywhere(self) -> tuple[str, ...]:
+        """The plugins in shadow mode here or in a policy group's chain, each once."""
+        return tuple(dict.fromkeys(name for chain in self.family for name in chain.shadowed))
+
     def implementers(self, hook_name: str) -> list[str]:
         """Names of the plugins implementing a hook, in call order."""
         return [c.step.name for c in self._calls[hook_name]]

@@ -158,8 +158,7 @@ class Conversation:
         self._ends: tuple[str, Refusal | Deliver, Refusal | Deliver] | None = None
         """(transaction id, enforced end, would-be end) of the last message, when the chain
         has shadowed plugins."""
-        self.shadowed = tuple(dict.fromkeys(
-            name for c in (chain, *chain.companions) for name in c.shadowed))
+        self.shadowed = chain.shadowed_anywhere
         """The plugins in shadow mode (``enforce: false``), globally or in a policy group."""
 
     # -- running the chain ----------------------------------------------------------------
