@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from enum import Enum
 from pathlib import Path
 
@@ -23,6 +24,8 @@ __all__ = ["WRITABLE", "Edit", "changed", "edit_file", "edit_redis", "file_rows"
 
 WRITABLE = ("redis", "file")
 _SPLIT = re.compile(r"[,\s]+")
+_FILE_LOCKS: dict[Path, threading.Lock] = {}
+_FILE_LOCKS_LOCK = threading.Lock()
 
 
 class Edit(Enum):
@@ -85,8 +88,16 @@ async def edit_redis(backend: RedisBackend, key: str, value: str | None, *, add:
 def edit_file(path: Path, key: str, value: str | None, *, add: bool) -> Edit:
     """Blocking: rewrite the entry of *key* in a Postfix-style file; every other line stays.
     A file the proxy could not read either is refused (TableError); ValueError when *value*
-    is not :func:`one_entry`."""
+    is not :func:`one_entry`. Edits of one file in this process take turns (each reads the
+    file and replaces it: two at once would lose one)."""
     _check(value)
+    with _FILE_LOCKS_LOCK:
+        lock = _FILE_LOCKS.setdefault(path.resolve(), threading.Lock())
+    with lock:
+        return _edit_file(path, key, value, add=add)
+
+
+def _edit_file(path: Path, key: str, value: str | None, *, add: bool) -> Edit:
     read_entries(path)
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     start = end = -1  # the entry's first and last physical line (continuations may follow comments)
