@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smtpproxy.allowsender import lists_plugin
 from smtpproxy.blocking import run_blocking
 from smtpproxy.tables import Table, TableError, Tables, TableUnavailable, address_keys
 from smtpproxy.tables.edit import WRITABLE, Edit, edit_file, edit_redis, file_rows, split_entries
@@ -194,30 +195,22 @@ class ListTables:
         return address_keys(address, self.delimiter)
 
 
-def _is_lists(use: str | None, name: str) -> bool:
-    target = use or name
-    return target == "lists" or target.endswith((".lists:Lists", "lists:Lists"))
-
-
 def lists_plugin_tables(config: Config) -> dict[str, str]:
     """``{"allow": NAME, "block": NAME}`` (those set) of the first enabled lists plugin."""
-    for spec in config.plugins:
-        if spec.enabled and _is_lists(spec.use, spec.name):
-            settings = spec.settings
-            return {kind: str(settings[kind]) for kind in KINDS
-                    if isinstance(settings.get(kind), str) and settings[kind] in config.tables}
-    return {}
+    spec = lists_plugin(config)
+    if spec is None:
+        return {}
+    settings = spec.settings
+    return {kind: str(settings[kind]) for kind in KINDS
+            if isinstance(settings.get(kind), str) and settings[kind] in config.tables}
 
 
 def list_tables(config: Config, tables: Tables) -> ListTables | None:
     """The lists plugin's tables, built (None when there is no lists plugin)."""
     names = lists_plugin_tables(config)
-    if not names:
+    spec = lists_plugin(config)
+    if not names or spec is None:
         return None
-    delimiter = "+"
-    for spec in config.plugins:
-        if spec.enabled and _is_lists(spec.use, spec.name):
-            delimiter = str(spec.settings.get("recipient_delimiter", "+"))
-            break
+    delimiter = str(spec.settings.get("recipient_delimiter", "+"))
     built = {kind: ListTable(kind, tables[name], config.tables[name]) for kind, name in names.items()}
     return ListTables(built, delimiter)
