@@ -44,7 +44,7 @@ from typing import Any, Literal
 import pluggy
 
 from smtpproxy.eventlog import event
-from smtpproxy.hookspecs import NOTIFICATIONS, PHASES, REQUESTS
+from smtpproxy.hookspecs import HOOKS, NOTIFICATIONS
 from smtpproxy.hookthread import HookPool, hook_pool
 from smtpproxy.message import Change, Message
 from smtpproxy.session import Envelope, EnvelopeChange, Outcome, Results
@@ -140,7 +140,7 @@ class Chain:
         """The groups' chains: their plugins that are not this chain's get ``startup`` and
         ``shutdown`` with it."""
         self._calls: dict[str, tuple[_Call, ...]] = {}
-        for hook_name in (*PHASES, *NOTIFICATIONS, *REQUESTS):
+        for hook_name in HOOKS:
             impls = getattr(pm.hook, hook_name).get_hookimpls()
             calls = []
             for step in self.steps:
