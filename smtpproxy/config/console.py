@@ -8,19 +8,14 @@ take the role from the groups the entry is a member of.
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from smtpproxy.config.fields import field_error, seconds
+from smtpproxy.config.fields import DOMAIN_NAME, field_error, seconds
 from smtpproxy.config.section import Section as _Model
 
 __all__ = ["ConsoleLDAP", "parse_role"]
-
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
-
 
 def parse_role(text: str) -> tuple[str, tuple[str, ...]]:
     """``admin``, ``recipient`` or ``domain:a.example,b.example`` as (role, domains);
@@ -32,7 +27,7 @@ def parse_role(text: str) -> tuple[str, tuple[str, ...]]:
     if role == "domain":
         if not domains:
             raise ValueError("a domain admin needs domains: 'domain:example.com,example.org'")
-        bad = [d for d in domains if not _DOMAIN.match(d)]
+        bad = [d for d in domains if not DOMAIN_NAME.match(d)]
         if bad:
             raise ValueError(f"not a domain: {bad[0]!r}")
         return role, domains

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from smtpproxy.allowsender import lists_plugin
 from smtpproxy.blocking import run_blocking
+from smtpproxy.config.fields import DOMAIN_NAME
 from smtpproxy.tables import Table, TableError, Tables, TableUnavailable, address_keys
 from smtpproxy.tables.edit import WRITABLE, Edit, edit_file, edit_redis, file_rows, split_entries
 from smtpproxy.tables.memory import InlineBackend
@@ -32,14 +33,12 @@ __all__ = ["ListTable", "ListTables", "check_entry", "check_key", "list_tables",
 
 KINDS = ("block", "allow")
 MAX_ROWS = 5000
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 _LOCAL = re.compile(r"[^\s@,;:<>()\[\]\\\"]{1,64}\Z")
 
 
 def _domain(text: str) -> str | None:
     text = text.lower().rstrip(".")
-    return text if _DOMAIN.match(text) else None
+    return text if DOMAIN_NAME.match(text) else None
 
 
 def check_entry(text: str) -> str:
