@@ -14,6 +14,7 @@ from pydantic import Field, field_validator
 
 from smtpproxy.config.fields import DOMAIN_NAME, field_error, seconds
 from smtpproxy.config.section import Section as _Model
+from smtpproxy.config.tables import check_ldap_filter, check_ldap_url
 
 __all__ = ["ConsoleLDAP", "parse_role"]
 
@@ -64,8 +65,7 @@ class ConsoleLDAP(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("ldap://", "ldaps://")):
-            raise field_error("ldap_url", "must be an ldap:// or ldaps:// URL")
+        check_ldap_url(value, "ldap_url")
         try:
             import ldap3  # noqa: F401 - only whether it is installed
         except ImportError:
@@ -75,13 +75,7 @@ class ConsoleLDAP(_Model):
     @field_validator("filter")
     @classmethod
     def _filter(cls, value: str) -> str:
-        from smtpproxy.tables.errors import TableError
-        from smtpproxy.tables.ldap import check_filter
-
-        try:
-            return check_filter(value)
-        except TableError as exc:
-            raise field_error("ldap_filter", str(exc)) from None
+        return check_ldap_filter(value, "ldap_filter")
 
     @field_validator("groups")
     @classmethod
