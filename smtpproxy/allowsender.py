@@ -61,7 +61,7 @@ def allow_table(config: Config) -> AllowTable:
         return AllowTable(None, f"the lists plugin's allow table {name!r} is not in tables:")
     if table.type not in WRITABLE:
         return AllowTable(None, f"the allow table {name} ({table.type}) is not writable here: "
-                                f"only {' and '.join(WRITABLE)} tables are")
+                                f"only {' and '.join(sorted(WRITABLE))} tables are")
     return AllowTable(name)
 
 

@@ -143,7 +143,7 @@ def test_release_and_allow_the_sender(tmp_path: Path, held: list[str]) -> None:
 
 @pytest.mark.parametrize(("plugins", "tables", "why"), [
     (NOTEBOOK, "", "no lists plugin is configured"),
-    (LISTS, "tables:\n  allow: {type: inline, entries: {a: b}}\n", "the allow table allow (inline) is not writable"),
+    (LISTS, "tables:\n  allow: {type: inline, entries: {a: b}}\n", "the allow table allow (inline) is not writable here: only file and redis tables are"),
 ])
 def test_allow_sender_needs_a_writable_allow_table(tmp_path: Path, held: list[str], plugins: str, tables: str,
                                                     why: str) -> None:
