@@ -31,6 +31,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -74,6 +75,8 @@ _CONTENT_NO_REPLY = codec.SMFIP_NR_HDR | codec.SMFIP_NR_EOH | codec.SMFIP_NR_BOD
 _ENVELOPE_NO_REPLY = {"connect": codec.SMFIP_NR_CONN, "helo": codec.SMFIP_NR_HELO,
                       "mail_from": codec.SMFIP_NR_MAIL, "rcpt_to": codec.SMFIP_NR_RCPT}
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_WARNED_NO_PORT: weakref.WeakSet[Chain] = weakref.WeakSet()
+"""Chains whose ``listeners`` groups were found without {daemon_port}: said once each."""
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}", re.ASCII)
 """What a verified client name may contain (Postfix's valid_hostname() characters)."""
 
@@ -337,8 +340,21 @@ class MilterSession:
         self.session = session
         current_session.set(session.id)
         event("connect", client=ip, port=port, transport="milter", mta=self.macros.get("j"))
+        if not session.local_port:
+            self._warn_no_port()
         refusal = await self._run(codec.SMFIP_NR_CONN, self.conversation.connect(session))
         await self._answer(codec.SMFIP_NR_CONN, "connect", refusal)
+
+    def _warn_no_port(self) -> None:
+        """A policy group selects by ``listeners`` but the MTA does not send the port."""
+        policies = self.chain.policies
+        if policies is None or self.chain in _WARNED_NO_PORT or not any(g.ports for g in policies.groups):
+            return
+        _WARNED_NO_PORT.add(self.chain)
+        event("milter_daemon_port_missing", level=logging.WARNING,
+              groups=[g.name for g in policies.groups if g.ports],
+              note="the MTA sends no {daemon_port}: no session matches these groups' listeners; "
+                   "Postfix: add {daemon_port} to milter_connect_macros (docs/multi-domain.md)")
 
     async def _helo(self, hostname: str) -> None:
         session = self._require_session("HELO")

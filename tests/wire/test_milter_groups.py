@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -83,3 +84,30 @@ async def test_a_slow_group_only_data_plugin_keeps_the_mta_waiting_with_progress
         await mta.close()
     finally:
         await milter.stop(grace=1)
+
+
+async def test_a_listeners_group_without_the_daemon_port_macro_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Postfix's default milter_connect_macros has {daemon_addr} but not {daemon_port}: without
+    # it no session matches a group's listeners, and the recipients silently get another
+    # group's rules. Said once, at the first connection that lacks it.
+    caplog.set_level(logging.INFO)
+    policies = [{"name": "submission", "listeners": [587], "plugins": {"score": {"settings": {"reject": 5.0}}}}]
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0"}, plugins=PLUGINS, policies=policies)
+    milter = MilterServer(config)
+    await milter.start()
+    try:
+        for _ in range(2):
+            mta = await FakeMTA.open(milter)
+            await mta.start()
+            await mta.passes(codec.Helo("client.test"))
+            await mta.close()
+        mta = await FakeMTA.open(milter)
+        await mta.start(daemon_port="587")
+        await mta.close()
+    finally:
+        await milter.stop(grace=1)
+    warned = [r for r in caplog.records if r.getMessage() == "milter_daemon_port_missing"]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "{daemon_port}" in warned[0].smtpproxy_fields["note"]  # type: ignore[attr-defined]
