@@ -113,7 +113,8 @@ def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
     recipient limit, the policy groups' split, the address check) refuse one recipient, and
     a refusal kept for the end of the message would refuse all of them, again at every
     retry. A refusal that comes up in a step without reply (an address our parser refuses
-    at MAIL) is the answer to every RCPT of that message and to its end.
+    at MAIL) is the answer to every RCPT of that message and to its end. (CONNECT and HELO
+    go without reply only when no plugin answers them: nothing there can refuse.)
     """
     steps = _CONTENT_NO_REPLY
     for hook, step in _ENVELOPE_NO_REPLY.items():
@@ -143,8 +144,6 @@ class MilterSession:
         """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers)."""
         self.macros = codec.Macros()
         self.session: Session | None = None
-        self._session_refused: Reply | None = None
-        """A connect or HELO refusal in a step without reply: every message of the session gets it."""
         # The MTA judges unauthenticated senders itself (reject_unauthenticated_sender_login_mismatch).
         self.conversation = Conversation(chain, Rules(
             max_recipients=policy.max_recipients, sender_login=policy.sender_login,
@@ -164,7 +163,7 @@ class MilterSession:
         self._header_count = 0
         self._body = bytearray()
         self._size = 0
-        self._refused: Reply | None = self._session_refused
+        self._refused: Reply | None = None
         self._started = time.perf_counter()
         self._mta_sender: Address | None = None
         self._mta_recipients: list[Address] = []
@@ -188,8 +187,6 @@ class MilterSession:
     def _defer(self, phase: str, reply: Reply) -> None:
         event("milter_refusal_deferred", level=logging.WARNING, phase=phase, reply=reply.code,
               note="no reply was agreed for this step: the next answer the MTA waits for refuses the message")
-        if phase in ("connect", "helo"):
-            self._session_refused = reply
         if self._refused is None:
             self._refused = reply
             self._body.clear()
@@ -569,7 +566,6 @@ class MilterSession:
             return
         current_session.set(session.id)
         self.conversation.end_transaction(session)
-        self._session_refused = None
         self._end_message()
         await self.conversation.disconnect(session)
         event("disconnect", transactions=session.transaction_count,
