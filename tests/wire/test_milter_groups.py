@@ -12,7 +12,7 @@ import pytest
 from smtpproxy.milter import codec
 from smtpproxy.milter.server import MilterServer
 from tests.conftest import make_config
-from tests.wire.test_milter import BODY, HEADERS, FakeMTA
+from tests.wire.test_milter import BODY, HEADERS, FakeMTA, accepted_after_progress
 
 PLUGINS = [
     {"name": "judge", "use": "tests.unit.test_groups:Judge", "settings": {"score": 6.0}},
@@ -69,18 +69,8 @@ async def test_a_slow_group_only_data_plugin_keeps_the_mta_waiting_with_progress
     try:
         mta = await FakeMTA.open(milter)
         await mta.start()
-        await mta.passes(codec.Helo("client.test"))
-        await mta.passes(codec.Mail(("<alice@sender.test>",)), i="Q1")
-        await mta.passes(codec.Rcpt(("<bob@scanned.test>",)))
-        for name, value in HEADERS:
-            await mta.passes(codec.Header(name, value))
-        await mta.passes(codec.EndOfHeaders())
-        mta.send(codec.EndOfBody())
-        responses = [await mta.recv()]
-        while isinstance(responses[-1], codec.Progress):
-            responses.append(await mta.recv())
-        assert responses[-1] == codec.Accept()
-        assert len(responses) >= 3 and set(responses[:-1]) == {codec.Progress()}
+        await mta.envelope("<alice@sender.test>", "<bob@scanned.test>")
+        await accepted_after_progress(mta)
         await mta.close()
     finally:
         await milter.stop(grace=1)
