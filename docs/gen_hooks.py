@@ -21,7 +21,7 @@ def render() -> str:
         rest_to_markdown(inspect.cleandoc(hookspecs.__doc__ or "")),
         "",
     ]
-    for name in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS):
+    for name in hookspecs.HOOKS:
         func = getattr(hookspecs, name)
         signature = str(inspect.signature(func)).replace("'", "")
         kind = ("phase: may return a Verdict" if name in hookspecs.PHASES

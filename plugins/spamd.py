@@ -26,7 +26,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from pydantic import Field, field_validator
 
@@ -42,6 +44,7 @@ log = EventLog(__name__)
 PROTOCOL = "SPAMC/1.5"
 HEADER_SCORE = "X-Spam-Spamd-Score"
 HEADER_SYMBOLS = "X-Spam-Spamd-Symbols"
+_T = TypeVar("_T")
 _STATUS = re.compile(rb"^SPAMD/(\d+\.\d+) +(\d+) +(.*?)\r?\n$")
 _SPAM = re.compile(r"^\s*(True|False|Yes|No)\s*;\s*(-?\d+(?:\.\d+)?)\s*/\s*(-?\d+(?:\.\d+)?)\s*$", re.I)
 _SYMBOL = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
@@ -64,25 +67,7 @@ class SpamdResult:
 
 async def check(host: str, port: int, message: bytes, *, user: str | None = None) -> SpamdResult:
     """One SYMBOLS request to spamd; raises SpamdError on any failure. The caller time-boxes it."""
-    try:
-        reader, writer = await asyncio.open_connection(host, port, limit=8192)
-    except OSError as exc:
-        raise SpamdError(f"cannot connect to spamd at {host}:{port}: {exc}") from exc
-    try:
-        head = f"SYMBOLS {PROTOCOL}\r\nContent-length: {len(message)}\r\n"
-        if user:
-            head += f"User: {user}\r\n"
-        writer.write(head.encode("ascii") + b"\r\n" + message)
-        await writer.drain()
-        if writer.can_write_eof():
-            writer.write_eof()
-        return await _read_response(reader)
-    except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-        raise SpamdError(f"spamd at {host}:{port}: {exc or type(exc).__name__}") from exc
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+    return await _exchange(host, port, "SYMBOLS", {}, message, user=user, read=_read_response)
 
 
 async def tell(host: str, port: int, message: bytes, verdict: str, *, user: str | None = None) -> bool:
@@ -92,27 +77,35 @@ async def tell(host: str, port: int, message: bytes, verdict: str, *, user: str 
     SpamdError when spamd refused (started without ``--allow-tell``) or could not be asked."""
     if verdict not in ("spam", "ham"):
         raise SpamdError(f"can only learn spam or ham, not {verdict!r}")
+    headers = await _exchange(host, port, "TELL", {"Message-class": verdict, "Set": "local"}, message,
+                              user=user, read=_read_head)
+    return "local" in (v.strip() for v in headers.get("didset", "").split(","))
+
+
+async def _exchange(host: str, port: int, method: str, fields: dict[str, str], message: bytes, *,
+                    user: str | None, read: Callable[[asyncio.StreamReader], Awaitable[_T]]) -> _T:
+    """One spamd request (*method* with *fields*, the message) and its answer as *read* reads
+    it; SpamdError when spamd cannot be asked or answers badly."""
     try:
         reader, writer = await asyncio.open_connection(host, port, limit=8192)
     except OSError as exc:
         raise SpamdError(f"cannot connect to spamd at {host}:{port}: {exc}") from exc
     try:
-        head = (f"TELL {PROTOCOL}\r\nContent-length: {len(message)}\r\nMessage-class: {verdict}\r\n"
-                "Set: local\r\n")
+        head = f"{method} {PROTOCOL}\r\nContent-length: {len(message)}\r\n"
+        head += "".join(f"{name}: {value}\r\n" for name, value in fields.items())
         if user:
             head += f"User: {user}\r\n"
         writer.write(head.encode("ascii") + b"\r\n" + message)
         await writer.drain()
         if writer.can_write_eof():
             writer.write_eof()
-        headers = await _read_head(reader)
+        return await read(reader)
     except (OSError, ValueError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
         raise SpamdError(f"spamd at {host}:{port}: {exc or type(exc).__name__}") from exc
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
-    return "local" in (v.strip() for v in headers.get("didset", "").split(","))
 
 
 async def _read_head(reader: asyncio.StreamReader) -> dict[str, str]:

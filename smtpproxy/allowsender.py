@@ -12,14 +12,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from email.utils import getaddresses
 
-from smtpproxy.config import Config
+from smtpproxy.config import Config, PluginSpec
 from smtpproxy.message import Message
+from smtpproxy.tables.edit import WRITABLE, one_entry
 from smtpproxy.tables_cli import edit_entry
 
-__all__ = ["AllowTable", "allow_table", "author"]
-
-WRITABLE = ("file", "redis")
-
+__all__ = ["AllowTable", "allow_table", "author", "lists_plugin"]
 
 @dataclass(frozen=True, slots=True)
 class AllowTable:
@@ -40,31 +38,41 @@ class AllowTable:
         return "; ".join(said) or f"{sender} added to {key}"
 
 
+def lists_plugin(config: Config) -> PluginSpec | None:
+    """The first enabled ``lists`` plugin of the configuration (by name, or ``use: lists``
+    or its class), whose tables the allow button and the console's list pages edit."""
+    for spec in config.plugins:
+        target = spec.use or spec.name
+        if spec.enabled and (target == "lists" or target.endswith("lists:Lists")):
+            return spec
+    return None
+
+
 def allow_table(config: Config) -> AllowTable:
     """The allow table of the (first enabled) ``lists`` plugin, if it is writable."""
-    for spec in config.plugins:
-        if not spec.enabled or (spec.use or spec.name) != "lists":
-            continue
-        name = spec.settings.get("allow")
-        if not isinstance(name, str):
-            return AllowTable(None, f"the lists plugin ({spec.name}) has no allow table")
-        table = config.tables.get(name)
-        if table is None:
-            return AllowTable(None, f"the lists plugin's allow table {name!r} is not in tables:")
-        if table.type not in WRITABLE:
-            return AllowTable(None, f"the allow table {name} ({table.type}) is not writable here: "
-                                    f"only {' and '.join(WRITABLE)} tables are")
-        return AllowTable(name)
-    return AllowTable(None, "no lists plugin is configured: there is no allow list")
+    spec = lists_plugin(config)
+    if spec is None:
+        return AllowTable(None, "no lists plugin is configured: there is no allow list")
+    name = spec.settings.get("allow")
+    if not isinstance(name, str):
+        return AllowTable(None, f"the lists plugin ({spec.name}) has no allow table")
+    table = config.tables.get(name)
+    if table is None:
+        return AllowTable(None, f"the lists plugin's allow table {name!r} is not in tables:")
+    if table.type not in WRITABLE:
+        return AllowTable(None, f"the allow table {name} ({table.type}) is not writable here: "
+                                f"only {' and '.join(sorted(WRITABLE))} tables are")
+    return AllowTable(name)
 
 
 def author(content: bytes) -> str | None:
     """The single ``From:`` address of a message, as the lists plugin reads it (None: none or
-    several, which the lists plugin never allows)."""
+    several, which the lists plugin never allows, or one the allow table would not keep as
+    one entry: ``"x,gmail.com"@attacker.example`` would allow all of gmail.com)."""
     values = Message(content).get_all("From")
     if len(values) != 1:
         return None
-    found = {a.lower() for _, a in getaddresses(values) if "@" in a and a.isprintable() and " " not in a}
+    found = {a.lower() for _, a in getaddresses(values) if "@" in a and one_entry(a)}
     if len(found) != 1:
         return None
     return next(iter(found))

@@ -44,7 +44,7 @@ from typing import Any, Literal
 import pluggy
 
 from smtpproxy.eventlog import event
-from smtpproxy.hookspecs import NOTIFICATIONS, PHASES, REQUESTS
+from smtpproxy.hookspecs import HOOKS, NOTIFICATIONS
 from smtpproxy.hookthread import HookPool, hook_pool
 from smtpproxy.message import Change, Message
 from smtpproxy.session import Envelope, EnvelopeChange, Outcome, Results
@@ -140,7 +140,7 @@ class Chain:
         """The groups' chains: their plugins that are not this chain's get ``startup`` and
         ``shutdown`` with it."""
         self._calls: dict[str, tuple[_Call, ...]] = {}
-        for hook_name in (*PHASES, *NOTIFICATIONS, *REQUESTS):
+        for hook_name in HOOKS:
             impls = getattr(pm.hook, hook_name).get_hookimpls()
             calls = []
             for step in self.steps:
@@ -162,6 +162,16 @@ class Chain:
     def shadowed(self) -> tuple[str, ...]:
         """Names of the plugins in shadow mode (``enforce: false``), in order."""
         return tuple(step.name for step in self.steps if not step.enforce)
+
+    @property
+    def family(self) -> tuple[Chain, ...]:
+        """This chain and its policy groups' chains (:attr:`companions`)."""
+        return (self, *self.companions)
+
+    @property
+    def shadowed_anywhere(self) -> tuple[str, ...]:
+        """The plugins in shadow mode here or in a policy group's chain, each once."""
+        return tuple(dict.fromkeys(name for chain in self.family for name in chain.shadowed))
 
     def implementers(self, hook_name: str) -> list[str]:
         """Names of the plugins implementing a hook, in call order."""

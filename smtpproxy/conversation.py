@@ -69,7 +69,8 @@ GROUP_LOOKUP_FAILED = Reply(451, "4.3.0", "Recipient policy lookup failed, pleas
 GROUPS_NOTE = "policy_groups"
 """``transaction.notes[GROUPS_NOTE]``: each accepted recipient's policy group, by address."""
 RETENTION_NOTE = "quarantine_retention_days"
-"""``transaction.notes[RETENTION_NOTE]``: the longest retention the recipients' groups ask for."""
+"""``transaction.notes[RETENTION_NOTE]``: each accepted recipient's group's quarantine retention
+in days, by address (None: the group sets none, quarantine.retention_days applies)."""
 SENDER_LOGIN_REASON = "sender_login: the login does not own this sender (docs/submission.md)"
 _RECIPIENT_LIMIT_REASON = "one transaction per route, or limits.max_recipients"
 _RELAY_REASON = "relay rule: the domain is not in relay.domains and the client is not trusted"
@@ -158,8 +159,7 @@ class Conversation:
         self._ends: tuple[str, Refusal | Deliver, Refusal | Deliver] | None = None
         """(transaction id, enforced end, would-be end) of the last message, when the chain
         has shadowed plugins."""
-        self.shadowed = tuple(dict.fromkeys(
-            name for c in (chain, *chain.companions) for name in c.shadowed))
+        self.shadowed = chain.shadowed_anywhere
         """The plugins in shadow mode (``enforce: false``), globally or in a policy group."""
 
     # -- running the chain ----------------------------------------------------------------
@@ -173,6 +173,12 @@ class Conversation:
             return await chain.run(phase, results, **kwargs)
         observer.phase_started(phase, subject)
         return await chain.run(phase, results, on_outcome=observer.outcome, **kwargs)
+
+    @property
+    def transaction_chain(self) -> Chain:
+        """The chain of the current transaction's ``data`` and ``after_message`` phases: its
+        first recipient's policy group's, else the session's."""
+        return self._tx_chain or self.chain
 
     def _finished(self, result: PhaseResult, refusal: Refusal | None) -> Refusal | None:
         if self.observer is not None:
@@ -323,9 +329,7 @@ class Conversation:
         if choice is not None:
             group = choice.group
             transaction.notes.setdefault(GROUPS_NOTE, {})[recipient.address.text] = group.name
-            if group.retention_days is not None:
-                transaction.notes[RETENTION_NOTE] = max(group.retention_days,
-                                                        transaction.notes.get(RETENTION_NOTE, 0.0))
+            transaction.notes.setdefault(RETENTION_NOTE, {})[recipient.address.text] = group.retention_days
         transaction.envelope._accept_recipient(recipient)
         transaction.would.accepted()
 

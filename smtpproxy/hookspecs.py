@@ -58,6 +58,8 @@ NOTIFICATIONS = ("after_message", "disconnect", "startup", "shutdown")
 REQUESTS = ("learn",)
 """The hooks called on request, outside mail flow: every implementer runs, and what each
 returns or raises goes back to whoever asked."""
+HOOKS = (*PHASES, *NOTIFICATIONS, *REQUESTS)
+"""Every hook a plugin may implement, in that order."""
 
 
 @hookspec

@@ -133,7 +133,10 @@ def before_message(phase: str, holder: Session | Transaction, result: PhaseResul
     so it applies to every message; else the transaction) in the deciding plugin's name.
     """
     refusal = _before_message(phase, result)
-    _would_before_message(phase, holder.would, result.would or result, refused=refusal is not None)
+    # No shadowed plugin changed how the phase would have ended: the what-if refusal is this one.
+    what_if = result if result.would is None else result.would
+    what_if_refusal = refusal if what_if is result else _before_message(phase, what_if)
+    _would_before_message(phase, holder.would, what_if, what_if_refusal, refused=refusal is not None)
     if refusal is None and result.verdict is not None:
         holder.set_disposition(result.verdict, result.decided_by or "")
     return refusal
@@ -148,9 +151,10 @@ def _before_message(phase: str, result: PhaseResult) -> Refusal | None:
     return Refusal(reply, result.decided_by, verdict.reason, result.failed)
 
 
-def _would_before_message(phase: str, would: WouldBe, result: PhaseResult, *, refused: bool) -> None:
-    """The what-if state after a phase: the same rules as the enforced one, on ``result.would``."""
-    refusal = _before_message(phase, result)
+def _would_before_message(phase: str, would: WouldBe, result: PhaseResult, refusal: Refusal | None, *,
+                          refused: bool) -> None:
+    """The what-if state after a phase: the same rules as the enforced one, on ``result.would``
+    (*refusal*: what :func:`_before_message` makes of it)."""
     entry = (refusal.reply, refusal.decided_by, refusal.reason) if refusal is not None else None
     if phase == "rcpt_to":
         # Counted once the front end accepts the recipient (a recipient refused for real, or

@@ -72,7 +72,7 @@ def installed_plugins() -> list[InstalledPlugin]:
 
 def _implemented_hooks(target: object) -> tuple[str, ...]:
     names = []
-    for hook in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS):
+    for hook in hookspecs.HOOKS:
         attr = getattr(target, hook, None)
         if attr is not None and hasattr(attr, f"{hookspecs.PROJECT}_impl"):
             names.append(hook)
@@ -255,12 +255,12 @@ def _register(pm: pluggy.PluginManager, plugin: object, name: str) -> None:
         unknown = [
             attr for attr in dir(plugin)
             if hasattr(getattr(plugin, attr, None), f"{hookspecs.PROJECT}_impl")
-            and attr not in (*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS)
+            and attr not in hookspecs.HOOKS
         ]
         raise pluggy.PluginValidationError(
             plugin,
             f"unknown hook(s) {', '.join(unknown)}; known hooks are "
-            f"{', '.join((*hookspecs.PHASES, *hookspecs.NOTIFICATIONS, *hookspecs.REQUESTS))}",
+            f"{', '.join(hookspecs.HOOKS)}",
         ) from None
     for caller in pm.get_hookcallers(plugin) or []:
         for impl in caller.get_hookimpls():

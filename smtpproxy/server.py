@@ -324,7 +324,7 @@ class ProxyServer:
         delivery, m = self.services.delivery, self.config.metrics
         delivery.report_to(metrics.upstream_down, metrics.upstream_identity)
         metrics.prepare(delivery.name, delivery.upstream_names(), _plugin_phases(self.services.chain))
-        metrics.shadowed(self.services.chain.shadowed)
+        metrics.shadowed(self.services.chain.shadowed_anywhere)
         readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache,
                               require_delivery=m.ready_requires_delivery,
                               on_probe=metrics.delivery_probed)
@@ -418,7 +418,7 @@ class ProxyServer:
         self.config, self.source = applied, source
         services.leases.retire(old_chain)
         services.metrics.prepare(services.delivery.name, (), _plugin_phases(chain))
-        services.metrics.shadowed(chain.shadowed)
+        services.metrics.shadowed(chain.shadowed_anywhere)
         services.metrics.reloaded(True)
         event("reload", level=logging.WARNING if restart else logging.INFO, result="ok", file=file,
               plugins=[s.name for s in chain.steps], groups=_group_names(chain),
@@ -586,5 +586,7 @@ def _group_names(chain: Chain) -> list[str] | None:
 
 
 def _plugin_phases(chain: Chain) -> list[tuple[str, str]]:
-    """(plugin, phase) for every phase hook of the chain: the plugin error series to create."""
-    return [(name, phase) for phase in PHASES for name in chain.implementers(phase)]
+    """(plugin, phase) for every phase hook of the chain and its policy groups' chains: the
+    plugin error series to create."""
+    return list(dict.fromkeys((name, phase) for c in chain.family for phase in PHASES
+                              for name in c.implementers(phase)))

@@ -13,7 +13,6 @@ failed, 2 usage or configuration error, 3 (``query``) not found.
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,14 +20,13 @@ from typing import Any
 
 from smtpproxy.config import Config
 from smtpproxy.tables import TableUnavailable, build_tables
-from smtpproxy.tables.edit import Edit, edit_file, edit_redis
+from smtpproxy.tables.edit import WRITABLE, Edit, edit_file, edit_redis, one_entry
 from smtpproxy.tables.memory import InlineBackend
 from smtpproxy.tables.redis import RedisBackend
 
 __all__ = ["edit_entry", "tables_command"]
 
 EXIT_FAILED, EXIT_USAGE, EXIT_NOT_FOUND = 1, 2, 3
-_SPLIT = re.compile(r"[,\s]+")
 
 
 def tables_command(config: Config, action: str, name: str, key: str | None, value: str | None) -> int:
@@ -40,11 +38,11 @@ def tables_command(config: Config, action: str, name: str, key: str | None, valu
         return _usage(f"tables {action} needs a key")
     if action == "add" and not value:
         return _usage("tables add needs a key and a value")
-    if value is not None and (not value.isprintable() or _SPLIT.search(value)):
+    if value and not one_entry(value):
         return _usage("a value is one entry: no spaces, commas or control characters")
     if key is not None and (not key.isprintable() or any(c.isspace() for c in key)):
         return _usage("a key has no spaces or control characters")
-    if action in ("add", "remove") and spec.type not in ("redis", "file"):
+    if action in ("add", "remove") and spec.type not in WRITABLE:
         return _usage(f"table {name} ({spec.type}) is not writable here: only redis and file tables are")
     try:
         return asyncio.run(_run(config, action, name, key, value))

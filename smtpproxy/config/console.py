@@ -8,19 +8,15 @@ take the role from the groups the entry is a member of.
 
 from __future__ import annotations
 
-import re
 from typing import Literal
 
 from pydantic import Field, field_validator
 
-from smtpproxy.config.fields import field_error, seconds
+from smtpproxy.config.fields import DOMAIN_NAME, field_error, seconds
 from smtpproxy.config.section import Section as _Model
+from smtpproxy.config.tables import check_ldap_filter, check_ldap_url
 
 __all__ = ["ConsoleLDAP", "parse_role"]
-
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
-
 
 def parse_role(text: str) -> tuple[str, tuple[str, ...]]:
     """``admin``, ``recipient`` or ``domain:a.example,b.example`` as (role, domains);
@@ -32,7 +28,7 @@ def parse_role(text: str) -> tuple[str, tuple[str, ...]]:
     if role == "domain":
         if not domains:
             raise ValueError("a domain admin needs domains: 'domain:example.com,example.org'")
-        bad = [d for d in domains if not _DOMAIN.match(d)]
+        bad = [d for d in domains if not DOMAIN_NAME.match(d)]
         if bad:
             raise ValueError(f"not a domain: {bad[0]!r}")
         return role, domains
@@ -69,8 +65,7 @@ class ConsoleLDAP(_Model):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("ldap://", "ldaps://")):
-            raise field_error("ldap_url", "must be an ldap:// or ldaps:// URL")
+        check_ldap_url(value, "ldap_url")
         try:
             import ldap3  # noqa: F401 - only whether it is installed
         except ImportError:
@@ -80,13 +75,7 @@ class ConsoleLDAP(_Model):
     @field_validator("filter")
     @classmethod
     def _filter(cls, value: str) -> str:
-        from smtpproxy.tables.errors import TableError
-        from smtpproxy.tables.ldap import check_filter
-
-        try:
-            return check_filter(value)
-        except TableError as exc:
-            raise field_error("ldap_filter", str(exc)) from None
+        return check_ldap_filter(value, "ldap_filter")
 
     @field_validator("groups")
     @classmethod

@@ -34,7 +34,11 @@ def field_error(kind: str, message: str, *, loc_suffix: tuple[PathElement, ...] 
     return PydanticCustomError(kind, "{message}", context)
 
 
-_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_LABEL_TEXT = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_LABEL = re.compile(_LABEL_TEXT + r"\Z")
+DOMAIN_NAME = re.compile(rf"(?=.{{1,253}}\Z){_LABEL_TEXT}(?:\.{_LABEL_TEXT})*\Z")
+"""A domain name as the console takes one (a domain admin's domains, a list's key or entry):
+lower-case ASCII labels, no trailing dot."""
 
 
 def _normalize_hostname(name: str) -> str | None:

@@ -202,6 +202,24 @@ class PostgresTable(_RemoteTable):
         return value
 
 
+def check_ldap_url(value: str, kind: str) -> str:
+    """An ldap:// or ldaps:// URL (a located *kind* error otherwise)."""
+    if not value.startswith(("ldap://", "ldaps://")):
+        raise field_error(kind, "must be an ldap:// or ldaps:// URL")
+    return value
+
+
+def check_ldap_filter(value: str, kind: str) -> str:
+    """A search filter with %s/%u/%d/%% placeholders, checked as the lookup expands it."""
+    from smtpproxy.tables.errors import TableError
+    from smtpproxy.tables.ldap import check_filter
+
+    try:
+        return check_filter(value)
+    except TableError as exc:
+        raise field_error(kind, str(exc)) from None
+
+
 class LDAPTable(_RemoteTable):
     """An LDAP search (Postfix's ldap_table); the values of the result attributes."""
 
@@ -219,20 +237,12 @@ class LDAPTable(_RemoteTable):
     @field_validator("url")
     @classmethod
     def _url(cls, value: str) -> str:
-        if not value.startswith(("ldap://", "ldaps://")):
-            raise field_error("table_url", "must be an ldap:// or ldaps:// URL")
-        return value
+        return check_ldap_url(value, "table_url")
 
     @field_validator("filter")
     @classmethod
     def _filter(cls, value: str) -> str:
-        from smtpproxy.tables.errors import TableError
-        from smtpproxy.tables.ldap import check_filter
-
-        try:
-            return check_filter(value)
-        except TableError as exc:
-            raise field_error("table_filter", str(exc)) from None
+        return check_ldap_filter(value, "table_filter")
 
 
 TableConfig = Annotated[

@@ -8,9 +8,10 @@ hooks at the same moments, and answers each event:
   with the plugin's reply (at connect 554/421, as the proxy answers). Continue and accept
   become SMFIR_CONTINUE: our ACCEPT ends a *phase*, while SMFIR_ACCEPT would take the
   rest of the message (or connection) away from the filter. Discard and quarantine are
-  remembered and applied at the end of the message, as in the proxy. An event no plugin
-  answers gets no reply at all (SMFIP_NR_*, :func:`no_reply_steps`); a refusal of ours in
-  such a step refuses the message at its end.
+  remembered and applied at the end of the message, as in the proxy. Connect, helo and
+  mail events no plugin answers get no reply at all (SMFIP_NR_*, :func:`no_reply_steps`;
+  RCPT always does); a refusal of ours in such a step reaches the MTA with the next answer
+  it waits for (every RCPT of that message, then its end).
 * headers, body: collected (CRLF line ends) into the raw message, without replies; over
   ``limits.max_message_size`` the message is refused with 552.
 * end of message: the ``data`` chain on a :class:`~smtpproxy.message.Message`, then the
@@ -30,6 +31,7 @@ import asyncio
 import logging
 import re
 import time
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar
@@ -73,6 +75,8 @@ _CONTENT_NO_REPLY = codec.SMFIP_NR_HDR | codec.SMFIP_NR_EOH | codec.SMFIP_NR_BOD
 _ENVELOPE_NO_REPLY = {"connect": codec.SMFIP_NR_CONN, "helo": codec.SMFIP_NR_HELO,
                       "mail_from": codec.SMFIP_NR_MAIL, "rcpt_to": codec.SMFIP_NR_RCPT}
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
+_WARNED_NO_PORT: weakref.WeakSet[Chain] = weakref.WeakSet()
+"""Chains whose ``listeners`` groups were found without {daemon_port}: said once each."""
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}", re.ASCII)
 """What a verified client name may contain (Postfix's valid_hostname() characters)."""
 
@@ -109,7 +113,8 @@ def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
     recipient limit, the policy groups' split, the address check) refuse one recipient, and
     a refusal kept for the end of the message would refuse all of them, again at every
     retry. A refusal that comes up in a step without reply (an address our parser refuses
-    at MAIL) refuses the message at its end.
+    at MAIL) is the answer to every RCPT of that message and to its end. (CONNECT and HELO
+    go without reply only when no plugin answers them: nothing there can refuse.)
     """
     steps = _CONTENT_NO_REPLY
     for hook, step in _ENVELOPE_NO_REPLY.items():
@@ -139,8 +144,6 @@ class MilterSession:
         """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers)."""
         self.macros = codec.Macros()
         self.session: Session | None = None
-        self._session_refused: Reply | None = None
-        """A connect or HELO refusal in a step without reply: every message of the session gets it."""
         # The MTA judges unauthenticated senders itself (reject_unauthenticated_sender_login_mismatch).
         self.conversation = Conversation(chain, Rules(
             max_recipients=policy.max_recipients, sender_login=policy.sender_login,
@@ -160,7 +163,7 @@ class MilterSession:
         self._header_count = 0
         self._body = bytearray()
         self._size = 0
-        self._refused: Reply | None = self._session_refused
+        self._refused: Reply | None = None
         self._started = time.perf_counter()
         self._mta_sender: Address | None = None
         self._mta_recipients: list[Address] = []
@@ -175,7 +178,7 @@ class MilterSession:
 
     async def _answer(self, step: int, phase: str, refusal: Refusal | None) -> None:
         """A step's answer: the verdict where the MTA waits for it; where it does not
-        (SMFIP_NR_*), a refusal is kept for the end of the message and logged now."""
+        (SMFIP_NR_*), a refusal is kept for the next answer it waits for and logged now."""
         if self._replies(step):
             await self.send(codec.Continue() if refusal is None else self._refuse(phase, refusal))
         elif refusal is not None:
@@ -184,8 +187,6 @@ class MilterSession:
     def _defer(self, phase: str, reply: Reply) -> None:
         event("milter_refusal_deferred", level=logging.WARNING, phase=phase, reply=reply.code,
               note="no reply was agreed for this step: the next answer the MTA waits for refuses the message")
-        if phase in ("connect", "helo"):
-            self._session_refused = reply
         if self._refused is None:
             self._refused = reply
             self._body.clear()
@@ -336,8 +337,21 @@ class MilterSession:
         self.session = session
         current_session.set(session.id)
         event("connect", client=ip, port=port, transport="milter", mta=self.macros.get("j"))
+        if not session.local_port:
+            self._warn_no_port()
         refusal = await self._run(codec.SMFIP_NR_CONN, self.conversation.connect(session))
         await self._answer(codec.SMFIP_NR_CONN, "connect", refusal)
+
+    def _warn_no_port(self) -> None:
+        """A policy group selects by ``listeners`` but the MTA does not send the port."""
+        policies = self.chain.policies
+        if policies is None or self.chain in _WARNED_NO_PORT or not any(g.ports for g in policies.groups):
+            return
+        _WARNED_NO_PORT.add(self.chain)
+        event("milter_daemon_port_missing", level=logging.WARNING,
+              groups=[g.name for g in policies.groups if g.ports],
+              note="the MTA sends no {daemon_port}: no session matches these groups' listeners; "
+                   "Postfix: add {daemon_port} to milter_connect_macros (docs/multi-domain.md)")
 
     async def _helo(self, hostname: str) -> None:
         session = self._require_session("HELO")
@@ -466,8 +480,10 @@ class MilterSession:
             return
         queued = Reply(250, "2.0.0", f"Ok: queued as {queue_id or transaction.id}")
         step = self.conversation.end_of_message(session, transaction)
-        # Without a data plugin nothing in this step can keep the MTA waiting: no progress task.
-        outcome = await (self._progress(step) if self.chain.implements("data") else step)
+        # Without a data plugin (in the transaction's policy group) nothing in this step can
+        # keep the MTA waiting: no progress task.
+        data_plugins = self.conversation.transaction_chain.implements("data")
+        outcome = await (self._progress(step) if data_plugins else step)
         responses: list[Response]
         decision: Decision
         if isinstance(outcome, Refusal):
@@ -550,7 +566,6 @@ class MilterSession:
             return
         current_session.set(session.id)
         self.conversation.end_transaction(session)
-        self._session_refused = None
         self._end_message()
         await self.conversation.disconnect(session)
         event("disconnect", transactions=session.transaction_count,

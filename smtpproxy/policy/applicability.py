@@ -41,7 +41,7 @@ class MessagePlugins:
 def message_plugins(chain: Chain) -> MessagePlugins:
     """The chain's plugins with a ``data`` hook, split by whether anything else of theirs runs;
     the policy groups' chains (a group may turn on a plugin the global chain has off) count too."""
-    chains = (chain, *chain.companions)
+    chains = chain.family
     envelope = {name for c in chains for phase in _ENVELOPE_PHASES for name in c.implementers(phase)}
     data = list(dict.fromkeys(name for c in chains for name in c.implementers("data")))
     return MessagePlugins(tuple(n for n in data if n not in envelope),

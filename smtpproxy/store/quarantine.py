@@ -100,10 +100,13 @@ class DatabaseQuarantine:
         return qid
 
     def _retention(self, transaction: Transaction) -> float:
-        """Seconds to keep: the recipients' policy groups may ask for longer or shorter
-        (``quarantine_retention_days``, set by the conversation in the transaction's notes)."""
-        days = transaction.notes.get("quarantine_retention_days")
-        return float(days) * DAY if days else self.retention
+        """Seconds to keep: the longest of the recipients' retentions, each its policy group's
+        ``quarantine_retention_days`` or, where the group sets none, ours (the conversation
+        notes them by recipient in ``transaction.notes["quarantine_retention_days"]``)."""
+        by_recipient = transaction.notes.get("quarantine_retention_days")
+        if not by_recipient:
+            return self.retention
+        return max(self.retention if days is None else float(days) * DAY for days in by_recipient.values())
 
     async def list(self, search: Search | None = None, *, include_done: bool = False) -> list[Held]:
         return await self.db.held(search or Search(), include_done=include_done)

@@ -12,16 +12,20 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+import threading
 from enum import Enum
 from pathlib import Path
 
 from smtpproxy.tables.memory import read_entries
 from smtpproxy.tables.redis import RedisBackend
 
-__all__ = ["WRITABLE", "Edit", "changed", "edit_file", "edit_redis", "file_rows", "split_entries"]
+__all__ = ["WRITABLE", "Edit", "changed", "edit_file", "edit_redis", "file_rows", "one_entry",
+           "split_entries"]
 
 WRITABLE = ("redis", "file")
 _SPLIT = re.compile(r"[,\s]+")
+_FILE_LOCKS: dict[Path, threading.Lock] = {}
+_FILE_LOCKS_LOCK = threading.Lock()
 
 
 class Edit(Enum):
@@ -37,6 +41,17 @@ def split_entries(values: tuple[str, ...] | list[str] | None) -> list[str]:
     return [e for v in (values or ()) for e in _SPLIT.split(v) if e]
 
 
+def one_entry(value: str) -> bool:
+    """Whether *value* reads back as exactly one entry (no commas, white space or control
+    characters): anything else would add several entries, or other ones, than the one meant."""
+    return bool(value) and value.isprintable() and not _SPLIT.search(value)
+
+
+def _check(value: str | None) -> None:
+    if value and not one_entry(value):
+        raise ValueError(f"{value!r} is not one entry: no commas, spaces or control characters")
+
+
 def changed(entries: list[str], value: str | None, add: bool) -> list[str] | None:
     """The entries after the edit, or None when it changes nothing (compared without case)."""
     if add:
@@ -49,7 +64,9 @@ def changed(entries: list[str], value: str | None, add: bool) -> list[str] | Non
 
 
 async def edit_redis(backend: RedisBackend, key: str, value: str | None, *, add: bool) -> Edit:
-    """Add *value* to (or remove it, or with None the whole key, from) *key* in Redis."""
+    """Add *value* to (or remove it, or with None the whole key, from) *key* in Redis;
+    ValueError when *value* is not :func:`one_entry`."""
+    _check(value)
     if backend.structure == "set":
         if add:
             assert value is not None
@@ -70,7 +87,17 @@ async def edit_redis(backend: RedisBackend, key: str, value: str | None, *, add:
 
 def edit_file(path: Path, key: str, value: str | None, *, add: bool) -> Edit:
     """Blocking: rewrite the entry of *key* in a Postfix-style file; every other line stays.
-    A file the proxy could not read either is refused (TableError)."""
+    A file the proxy could not read either is refused (TableError); ValueError when *value*
+    is not :func:`one_entry`. Edits of one file in this process take turns (each reads the
+    file and replaces it: two at once would lose one)."""
+    _check(value)
+    with _FILE_LOCKS_LOCK:
+        lock = _FILE_LOCKS.setdefault(path.resolve(), threading.Lock())
+    with lock:
+        return _edit_file(path, key, value, add=add)
+
+
+def _edit_file(path: Path, key: str, value: str | None, *, add: bool) -> Edit:
     read_entries(path)
     lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
     start = end = -1  # the entry's first and last physical line (continuations may follow comments)

@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from smtpproxy.allowsender import lists_plugin
 from smtpproxy.blocking import run_blocking
+from smtpproxy.config.fields import DOMAIN_NAME
 from smtpproxy.tables import Table, TableError, Tables, TableUnavailable, address_keys
 from smtpproxy.tables.edit import WRITABLE, Edit, edit_file, edit_redis, file_rows, split_entries
 from smtpproxy.tables.memory import InlineBackend
@@ -31,14 +33,12 @@ __all__ = ["ListTable", "ListTables", "check_entry", "check_key", "list_tables",
 
 KINDS = ("block", "allow")
 MAX_ROWS = 5000
-_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
-_DOMAIN = re.compile(rf"(?=.{{1,253}}\Z){_LABEL}(?:\.{_LABEL})*\Z")
 _LOCAL = re.compile(r"[^\s@,;:<>()\[\]\\\"]{1,64}\Z")
 
 
 def _domain(text: str) -> str | None:
     text = text.lower().rstrip(".")
-    return text if _DOMAIN.match(text) else None
+    return text if DOMAIN_NAME.match(text) else None
 
 
 def check_entry(text: str) -> str:
@@ -194,30 +194,22 @@ class ListTables:
         return address_keys(address, self.delimiter)
 
 
-def _is_lists(use: str | None, name: str) -> bool:
-    target = use or name
-    return target == "lists" or target.endswith((".lists:Lists", "lists:Lists"))
-
-
 def lists_plugin_tables(config: Config) -> dict[str, str]:
     """``{"allow": NAME, "block": NAME}`` (those set) of the first enabled lists plugin."""
-    for spec in config.plugins:
-        if spec.enabled and _is_lists(spec.use, spec.name):
-            settings = spec.settings
-            return {kind: str(settings[kind]) for kind in KINDS
-                    if isinstance(settings.get(kind), str) and settings[kind] in config.tables}
-    return {}
+    spec = lists_plugin(config)
+    if spec is None:
+        return {}
+    settings = spec.settings
+    return {kind: str(settings[kind]) for kind in KINDS
+            if isinstance(settings.get(kind), str) and settings[kind] in config.tables}
 
 
 def list_tables(config: Config, tables: Tables) -> ListTables | None:
     """The lists plugin's tables, built (None when there is no lists plugin)."""
     names = lists_plugin_tables(config)
-    if not names:
+    spec = lists_plugin(config)
+    if not names or spec is None:
         return None
-    delimiter = "+"
-    for spec in config.plugins:
-        if spec.enabled and _is_lists(spec.use, spec.name):
-            delimiter = str(spec.settings.get("recipient_delimiter", "+"))
-            break
+    delimiter = str(spec.settings.get("recipient_delimiter", "+"))
     built = {kind: ListTable(kind, tables[name], config.tables[name]) for kind, name in names.items()}
     return ListTables(built, delimiter)

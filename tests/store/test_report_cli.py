@@ -143,10 +143,24 @@ def test_release_and_allow_the_sender(tmp_path: Path, held: list[str]) -> None:
 
 @pytest.mark.parametrize(("plugins", "tables", "why"), [
     (NOTEBOOK, "", "no lists plugin is configured"),
-    (LISTS, "tables:\n  allow: {type: inline, entries: {a: b}}\n", "the allow table allow (inline) is not writable"),
+    (LISTS, "tables:\n  allow: {type: inline, entries: {a: b}}\n", "the allow table allow (inline) is not writable here: only file and redis tables are"),
 ])
 def test_allow_sender_needs_a_writable_allow_table(tmp_path: Path, held: list[str], plugins: str, tables: str,
                                                     why: str) -> None:
     result = run(config(tmp_path, plugins, tables), "quarantine", "release", held[0], "--allow-sender")
     assert result.returncode == 2 and f"cannot allow the sender: {why}" in result.stderr, result.stderr
     assert maildir(tmp_path) == []  # nothing released either
+
+
+@pytest.mark.parametrize("use", [None, "lists", "smtpproxy_plugins.lists:Lists"])
+def test_allow_sender_and_the_list_pages_find_the_same_lists_plugin(tmp_path: Path, use: str | None) -> None:
+    from smtpproxy.allowsender import allow_table
+    from smtpproxy.web.listtables import lists_plugin_tables
+    from tests.conftest import make_config
+
+    (tmp_path / "allow").write_text("")
+    config = make_config(tmp_path, tables={"allow": {"type": "file", "file": str(tmp_path / "allow")}},
+                         plugins=[{"name": "mylists" if use else "lists", "use": use,
+                                   "settings": {"allow": "allow"}}])
+    assert lists_plugin_tables(config) == {"allow": "allow"}
+    assert allow_table(config).name == "allow" and allow_table(config).writable

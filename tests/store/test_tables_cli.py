@@ -4,6 +4,7 @@ real Redis: what the proxy then reads, comments kept, exit codes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
@@ -113,3 +114,45 @@ def test_redis_tables_are_edited_live(
     assert code == 1 and "ConnectionError" in err
     code, _, err = run(capsys, "query", "-c", c, "rstr", "bob@example.com")
     assert code == 1 and "table rstr:" in err
+
+
+@pytest.mark.parametrize("value", ["x,gmail.com", "a b", "tab\there", "nl\n"])
+def test_a_write_of_more_than_one_entry_is_refused_underneath(tmp_path: Path, value: str) -> None:
+    # Every writer (the CLI, the console's lists, "release and allow sender") goes through
+    # edit_file/edit_redis: a value the table would read back as several entries never lands.
+    from smtpproxy.tables.edit import edit_file
+
+    config(tmp_path)
+    with pytest.raises(ValueError, match="not one entry"):
+        edit_file(tmp_path / "allow", "bob@example.com", value, add=True)
+    assert (tmp_path / "allow").read_text() == ALLOW
+
+
+def test_two_edits_of_one_file_at_once_both_land(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The console edits file tables in worker threads: "release and allow sender" for two
+    # messages, or a list page's edit beside it. Each edit reads the file, changes its key and
+    # replaces the file; two that overlap must not lose one of them.
+    import threading
+
+    from smtpproxy.tables import edit
+
+    config(tmp_path)
+    meet = threading.Barrier(2)
+    write = edit._write_atomically
+
+    def slow_write(path: Path, text: str) -> None:
+        # Both edits have read the file by now unless one waits for the other: then this
+        # wait gives up, and the edit goes on alone.
+        with contextlib.suppress(threading.BrokenBarrierError):
+            meet.wait(timeout=1)
+        write(path, text)
+
+    monkeypatch.setattr(edit, "_write_atomically", slow_write)
+    threads = [threading.Thread(target=edit.edit_file, args=(tmp_path / "allow", key, "new.test"),
+                                kwargs={"add": True}) for key in ("dave@example.com", "erin@example.com")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    rows = {key for key, _, _ in read_entries(tmp_path / "allow")}
+    assert {"dave@example.com", "erin@example.com"} <= rows

@@ -194,3 +194,29 @@ async def test_no_allow_button_where_the_table_cannot_be_written(start: Start, t
         assert maildir(tmp_path) == []  # nothing released either
     finally:
         await admin.aclose()
+
+
+@pytest.mark.parametrize("sender", ['"x,gmail.com,y"@attacker.test', '"x gmail.com"@attacker.test'])
+async def test_a_from_address_the_allow_table_would_split_is_not_allowed(
+    start: Start, tmp_path: Path, sender: str
+) -> None:
+    # The table's entries are split at commas and white space (as the lists plugin reads them):
+    # such a From: would put "gmail.com" itself on the recipient's allow list.
+    await _fill(tmp_path / "store.db")
+    store = open_store(sqlite=tmp_path / "store.db")
+    now = time.time()
+    await store.hold(Held(id="q-split", node="n", time=now, expires=now + 600, sender="s@x.test", size=3,
+                          record={"id": "q-split", "sender": "s@x.test", "recipients": ["bob@a.test"]},
+                          recipients={"bob@a.test": "held"}, subject="split", decided_by="score"),
+                     [f"From: <{sender}>\r\nTo: bob@a.test\r\nSubject: split\r\n\r\nHi.\r\n".encode()])
+    await store.close()
+    bob, csrf = await _signed_in(await start(), "bob@a.test")
+    try:
+        page = (await bob.get("/console/quarantine/q-split")).text
+        assert "Report as spam" in page and "Release and allow sender" not in page
+        reply = await bob.post("/console/quarantine/q-split/allow", data={"csrf": csrf})
+        assert reply.status_code == 409, reply.text
+        assert (tmp_path / "allow").read_text() == ALLOW_LIST
+        assert maildir(tmp_path) == []  # nothing released either
+    finally:
+        await bob.aclose()

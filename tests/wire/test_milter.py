@@ -892,10 +892,9 @@ class SlowData:
         await asyncio.sleep(0.5)
 
 
-async def test_a_slow_data_plugin_keeps_the_mta_waiting_with_progress(milter: Factory) -> None:
-    mta = await FakeMTA.open(await milter(SlowData(), progress_interval=0.1))
-    await mta.start()
-    await mta.envelope()
+async def accepted_after_progress(mta: FakeMTA) -> None:
+    """The headers and the end of the message; a slow data plugin (SlowData at a progress
+    interval of 0.1 s) must keep the MTA waiting: SMFIR_PROGRESS at least twice, then ACCEPT."""
     for name, value in HEADERS:
         await mta.passes(codec.Header(name, value))
     await mta.passes(codec.EndOfHeaders())
@@ -905,4 +904,11 @@ async def test_a_slow_data_plugin_keeps_the_mta_waiting_with_progress(milter: Fa
         responses.append(await mta.recv())
     assert responses[-1] == codec.Accept()
     assert len(responses) >= 3 and set(responses[:-1]) == {codec.Progress()}
+
+
+async def test_a_slow_data_plugin_keeps_the_mta_waiting_with_progress(milter: Factory) -> None:
+    mta = await FakeMTA.open(await milter(SlowData(), progress_interval=0.1))
+    await mta.start()
+    await mta.envelope()
+    await accepted_after_progress(mta)
     await mta.close()

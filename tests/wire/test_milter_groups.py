@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from smtpproxy.milter import codec
 from smtpproxy.milter.server import MilterServer
 from tests.conftest import make_config
-from tests.wire.test_milter import BODY, HEADERS, FakeMTA
+from tests.wire.test_milter import BODY, HEADERS, FakeMTA, accepted_after_progress
 
 PLUGINS = [
     {"name": "judge", "use": "tests.unit.test_groups:Judge", "settings": {"score": 6.0}},
@@ -54,3 +55,49 @@ async def test_an_incompatible_group_is_tempfailed_per_recipient(server: MilterS
     final = responses[-1]
     assert isinstance(final, codec.ReplyCode) and final.text.startswith("550 5.7.1 Message rejected as spam")
     await mta.close()
+
+
+async def test_a_slow_group_only_data_plugin_keeps_the_mta_waiting_with_progress(tmp_path: Path) -> None:
+    # The default chain has no data plugin; the group's does, and is slow: SMFIR_PROGRESS must
+    # keep the MTA waiting as it does for a global data plugin.
+    plugins = [{"name": "slow_data", "use": "tests.wire.test_milter:SlowData", "enabled": False}]
+    policies = [{"name": "scanned", "recipients": ["scanned.test"], "plugins": {"slow_data": {"enabled": True}}}]
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0", "progress_interval": 0.1},
+                         plugins=plugins, policies=policies)
+    milter = MilterServer(config)
+    await milter.start()
+    try:
+        mta = await FakeMTA.open(milter)
+        await mta.start()
+        await mta.envelope("<alice@sender.test>", "<bob@scanned.test>")
+        await accepted_after_progress(mta)
+        await mta.close()
+    finally:
+        await milter.stop(grace=1)
+
+
+async def test_a_listeners_group_without_the_daemon_port_macro_is_warned_about(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Postfix's default milter_connect_macros has {daemon_addr} but not {daemon_port}: without
+    # it no session matches a group's listeners, and the recipients silently get another
+    # group's rules. Said once, at the first connection that lacks it.
+    caplog.set_level(logging.INFO)
+    policies = [{"name": "submission", "listeners": [587], "plugins": {"score": {"settings": {"reject": 5.0}}}}]
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0"}, plugins=PLUGINS, policies=policies)
+    milter = MilterServer(config)
+    await milter.start()
+    try:
+        for _ in range(2):
+            mta = await FakeMTA.open(milter)
+            await mta.start()
+            await mta.passes(codec.Helo("client.test"))
+            await mta.close()
+        mta = await FakeMTA.open(milter)
+        await mta.start(daemon_port="587")
+        await mta.close()
+    finally:
+        await milter.stop(grace=1)
+    warned = [r for r in caplog.records if r.getMessage() == "milter_daemon_port_missing"]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "{daemon_port}" in warned[0].smtpproxy_fields["note"]  # type: ignore[attr-defined]

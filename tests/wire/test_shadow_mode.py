@@ -16,8 +16,9 @@ import pytest
 
 from smtpproxy import Message, Recipient, Verdict, hookimpl
 from smtpproxy.milter import codec
-from tests.conftest import ProxyFactory, Sink, Talk, port_of
-from tests.wire.test_metrics import METRICS, eventually, value
+from smtpproxy.server import ProxyServer
+from tests.conftest import ProxyFactory, Sink, Talk, make_config, port_of
+from tests.wire.test_metrics import METRICS, eventually, scrape, value
 from tests.wire.test_milter import BODY, HEADERS, FakeMTA
 from tests.wire.test_milter import Factory as MilterFactory
 from tests.wire.test_milter import milter as milter  # noqa: PLC0414 - the fixture
@@ -99,7 +100,7 @@ async def test_a_shadowed_reject_lets_the_message_through_the_milter(
     caplog.set_level(logging.INFO)
     mta = await FakeMTA.open(await milter(Strict()))
     try:
-        assert await mta.start() == []  # no plugin answers CONNECT: no reply agreed (SMFIP_NR_CONN)
+        assert await mta.start() == []  # no plugin answers connect: the MTA waits for no reply (NR_CONN)
         await mta.envelope("<alice@sender.test>", "<bob@dest.test>")
         answer = await mta.content(HEADERS, BODY)
     finally:
@@ -139,3 +140,23 @@ async def test_an_enforced_quarantine_still_applies_and_its_record_marks_shadow_
     [line] = logged(caplog, "message")
     assert (line["decision"], line["by"], line["would"], line["would_by"]) == (
         "quarantined", "hold", "rejected", "strict")
+
+
+async def test_a_group_only_shadowed_plugin_has_its_series_from_the_start(tmp_path: Path) -> None:
+    # On trial for one tenant only: its would-be and error series exist at 0 before any mail,
+    # as a global shadowed plugin's do (an alert on their rate must see them from the start).
+    config = make_config(
+        tmp_path, relay={"domains": ["dest.test", "lab.test"]}, **METRICS,
+        plugins=[{"name": "strict", "use": "tests.wire.test_shadow_mode:Strict", "enabled": False}],
+        policies=[{"name": "lab", "recipients": ["lab.test"],
+                   "plugins": {"strict": {"enabled": True, "enforce": False}}}])
+    server = ProxyServer(config)
+    await server.start()
+    try:
+        samples = await scrape(server)
+        assert ("smtpproxy_shadow_verdicts_total",
+                frozenset({"plugin": "strict", "action": "reject"}.items())) in samples
+        assert ("smtpproxy_plugin_errors_total",
+                frozenset({"plugin": "strict", "phase": "data"}.items())) in samples
+    finally:
+        await server.stop()
