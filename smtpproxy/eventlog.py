@@ -32,9 +32,44 @@ _log = logging.getLogger("smtpproxy.session")
 
 
 def event(name: str, /, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any) -> None:
-    """Log one structured session event (*exc_info*: with the exception being handled)."""
+    """Log one structured session event (*exc_info*: with the exception being handled).
+
+    The record goes to the logger's handlers as ``Logger.log`` would send it (level, the
+    loggers' filters and handlers, propagation), built as an :class:`_EventRecord`: seven
+    of these a milter message, and ``Logger.log`` with ``LogRecord`` cost about half of
+    each (issue 31's profile). An application's own record factory is honoured.
+    """
     if _log.isEnabledFor(level):
-        _log.log(level, name, exc_info=exc_info, extra={"smtpproxy_fields": fields})
+        if logging.getLogRecordFactory() is not logging.LogRecord:
+            _log.log(level, name, exc_info=exc_info, extra={"smtpproxy_fields": fields})
+            return
+        _log.handle(_EventRecord(name, level, sys.exc_info() if exc_info else None, fields))
+
+
+class _EventRecord(logging.LogRecord):
+    """A :class:`logging.LogRecord` with every attribute ``LogRecord`` has, made in one
+    dictionary update: the source-file fields are those of ``logging._srcfile = None``
+    (what :func:`configure_logging` sets), the thread and process ones those of its
+    ``logThreads``/``logProcesses`` switches being off, which no event line writes."""
+
+    def __init__(self, name: str, level: int, exc_info: Any, fields: dict[str, Any]) -> None:
+        created = time.time()
+        self.__dict__.update(
+            _RECORD_CONSTANTS, msg=name, levelname=logging.getLevelName(level), levelno=level,
+            exc_info=exc_info, created=created, msecs=int((created - int(created)) * 1000) + 0.0,
+            relativeCreated=(created - _START_TIME) * 1000, smtpproxy_fields=fields,
+        )
+
+
+_RECORD_CONSTANTS: dict[str, Any] = {
+    "name": _log.name, "args": (), "pathname": "(unknown file)", "filename": "(unknown file)",
+    "module": "(unknown file)", "exc_text": None, "stack_info": None, "lineno": 0,
+    "funcName": "(unknown function)", "thread": None, "threadName": None, "processName": None,
+    "process": None,
+}
+if sys.version_info >= (3, 12):
+    _RECORD_CONSTANTS["taskName"] = None
+_START_TIME: float = logging._startTime  # type: ignore[attr-defined]
 
 
 class EventLog:
@@ -99,6 +134,16 @@ def _own_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {_key(key): value for key, value in fields.items()}
 
 
+_PLAIN_KEYS: set[Any] = set()
+"""Field names seen that are written unchanged (most of them: ``tx``, ``sender``, ...); a
+line of only these needs no renaming, hence no check for two names becoming one."""
+
+
+def _learn_plain(fields: dict[str, Any]) -> None:
+    if len(_PLAIN_KEYS) < 4096:
+        _PLAIN_KEYS.update(k for k in fields if type(k) is str and _key(k) == k)
+
+
 @functools.lru_cache(maxsize=1024)
 def _key(key: Any) -> str:
     """A field name as written: unsafe characters replaced, reserved names suffixed.
@@ -141,7 +186,11 @@ class KeyValueFormatter(logging.Formatter):
             parts = [head, "event=" + _kv_value(_name(record))]
             if sid:
                 parts.append("sid=" + _kv_value(sid))
-            parts += [f"{k}={_kv_value(v)}" for k, v in _own_fields(structured).items()]
+            if _PLAIN_KEYS.issuperset(structured):  # written as they are: no two can collide
+                parts += [f"{k}={_kv_value(v)}" for k, v in structured.items()]
+            else:
+                parts += [f"{k}={_kv_value(v)}" for k, v in _own_fields(structured).items()]
+                _learn_plain(structured)
         else:
             parts = [head, "logger=" + _kv_value(record.name)]
             if sid:
@@ -183,13 +232,21 @@ def _name(record: logging.LogRecord) -> str:
 
 
 def _timestamp(created: float) -> str:
-    return _second(int(created)) + f".{int(created % 1 * 1000):03d}Z"
+    whole = int(created)
+    second = _last_second[1] if _last_second[0] == whole else _second(whole)
+    return second + _MILLISECONDS[int(created % 1 * 1000)]
 
 
-@functools.lru_cache(maxsize=4)
+_MILLISECONDS = tuple(f".{n:03d}Z" for n in range(1000))
+_last_second: tuple[int, str] = (-1, "")
+
+
 def _second(whole: int) -> str:
     """The date and time to the second, formatted once per second rather than per line."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    global _last_second
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    _last_second = (whole, text)
+    return text
 
 
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
