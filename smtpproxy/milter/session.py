@@ -121,6 +121,19 @@ def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
     return steps
 
 
+def slow_steps(chain: Chain, policy: MilterPolicy) -> int:
+    """The envelope steps (as their SMFIP_NR_* bits) whose work can keep the MTA waiting, and
+    so get SMFIR_PROGRESS while it runs: a plugin's hook, the sender/login map's lookup at
+    MAIL, the policy groups' lookup (and a group's own ``rcpt_to`` plugins) at RCPT. The
+    others are a few microseconds of smtpproxy's own rules."""
+    steps = 0
+    for hook, step in _ENVELOPE_NO_REPLY.items():
+        if (chain.implements(hook) or (hook == "mail_from" and policy.sender_login is not None)
+                or (hook == "rcpt_to" and chain.policies is not None)):
+            steps |= step
+    return steps
+
+
 def reply_text(reply: Reply) -> str:
     """An SMTP reply in SMFIR_REPLYCODE form: CRLF between lines, ``%`` doubled."""
     return "\r\n".join(reply.lines()).replace("%", "%%")
@@ -137,6 +150,8 @@ class MilterSession:
         self.negotiated: codec.OptNeg | None = None
         self.no_reply = no_reply_steps(chain, policy)
         """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers)."""
+        self._slow = slow_steps(chain, policy)
+        """The steps whose work can keep the MTA waiting: they get SMFIR_PROGRESS."""
         self.macros = codec.Macros()
         self.session: Session | None = None
         self._session_refused: Reply | None = None
@@ -192,8 +207,10 @@ class MilterSession:
 
     async def _run(self, step: int, work: Awaitable[_T]) -> _T:
         """A step's conversation; with SMFIR_PROGRESS only where the MTA waits for our answer
-        (a progress packet it does not expect would be read as the next event's reply)."""
-        if self._replies(step):
+        (a progress packet it does not expect would be read as the next event's reply) and
+        something in the step can take long (:func:`slow_steps`): a task and a timer per
+        event otherwise, for nothing."""
+        if step & self._slow and self._replies(step):
             return await self._progress(work)
         return await work
 
@@ -453,10 +470,6 @@ class MilterSession:
         session, transaction = self._require_transaction("end of message")
         message = self._message()
         transaction.message = message
-        original = split_fields(message.header_bytes)
-        if len(original) != self._header_count:
-            event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
-                  parsed=len(original))
         queue_id = self.macros.get("i")
         refusal = await self.conversation.headers_refusal(session, transaction, queue_id=queue_id)
         if refusal is not None:
@@ -482,7 +495,7 @@ class MilterSession:
             responses = [codec.Discard()]
             decision = outcome.decision(queued, transaction.score)
         else:
-            responses = self._edits(transaction, message, original)
+            responses = self._edits(transaction, message)
             if outcome.action == "quarantine":
                 # Postfix puts the message on hold (postsuper -H releases it).
                 responses.append(codec.Quarantine(outcome.reason or "quarantined by smtpproxy"))
@@ -521,11 +534,17 @@ class MilterSession:
             return [codec.Accept()], final.decision(queued, transaction.score)
         return [codec.ReplyCode(reply_text(final.reply))], final.decision(transaction.score)
 
-    def _edits(self, transaction: Transaction, message: Message, original: list[bytes]) -> list[Response]:
-        """The modification actions for what the plugins changed, headers first."""
+    def _edits(self, transaction: Transaction, message: Message) -> list[Response]:
+        """The modification actions for what the plugins changed, headers first (nothing to
+        compare, nothing parsed, for a message and envelope nobody changed)."""
         responses: list[Response] = []
         changes = message.changes
         if any(c.op != "replace_body" for c in changes):
+            original = split_fields(message.received_header_bytes)
+            if len(original) != self._header_count:
+                # The edits' header indexes count the fields the MTA sent.
+                event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
+                      parsed=len(original))
             v = self.macros.get("v") or ""
             responses += header_edits(
                 original, split_fields(message.header_bytes), leading_space=self._leading_space,
@@ -533,7 +552,7 @@ class MilterSession:
             )
         if any(c.op == "replace_body" for c in changes):
             responses += body_edits(message.body)
-        if self._mta_sender is not None:
+        if self._mta_sender is not None and transaction.envelope.changes:
             actions = self.negotiated.actions if self.negotiated else 0
             responses += envelope_edits(
                 self._mta_sender, self._mta_recipients, transaction.envelope,
