@@ -140,7 +140,8 @@ class MilterServer:
                     if isinstance(command, codec.Macro) and _nothing_follows(command, session.negotiated):
                         acks.now()
                     go_on = await session.handle(command)
-                    await replies.flush()
+                    if replies.pending:
+                        await replies.flush()
                     if not go_on:
                         break
                 if not go_on:
@@ -312,6 +313,11 @@ class _Replies:
     def __init__(self, writer: asyncio.StreamWriter) -> None:
         self._writer = writer
         self._pending: list[bytes] = []
+
+    @property
+    def pending(self) -> bool:
+        """Whether responses wait for :meth:`flush` (most packets of a message get none)."""
+        return bool(self._pending)
 
     async def send(self, response: codec.Response) -> None:
         self._pending.append(codec.encode_response(response))

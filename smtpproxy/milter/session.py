@@ -27,12 +27,13 @@ hooks at the same moments, and answers each event:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.chain import Chain
@@ -134,6 +135,30 @@ def slow_steps(chain: Chain, policy: MilterPolicy) -> int:
     return steps
 
 
+@functools.lru_cache(maxsize=64)
+def _negotiation(offer: codec.OptNeg, no_reply: int) -> tuple[codec.OptNeg, dict[str, Any]]:
+    """What we agree to for an offer, and the ``milter_negotiated`` line's fields: the MTA
+    makes the same offer on every connection (Postfix: one per SMTP session)."""
+    agreed = codec.OptNeg(
+        min(offer.version, codec.PROTOCOL_VERSION),
+        codec.ACTIONS & offer.actions,
+        (_NOT_WANTED | _EXTENSIONS | no_reply) & offer.protocol,
+    )
+    return agreed, {"version": agreed.version, "actions": hex(agreed.actions),
+                    "protocol": hex(agreed.protocol), "granted": codec.action_names(agreed.actions),
+                    "not_granted": codec.action_names(codec.ACTIONS & ~offer.actions)}
+
+
+@functools.lru_cache(maxsize=16)
+def _connection_plan(chain: Chain, policy: MilterPolicy) -> tuple[int, int, Rules]:
+    """(:func:`no_reply_steps`, :func:`slow_steps`, the conversation's rules) of a chain and
+    policy, worked out once rather than for every MTA connection."""
+    # The MTA judges unauthenticated senders itself (reject_unauthenticated_sender_login_mismatch).
+    rules = Rules(max_recipients=policy.max_recipients, sender_login=policy.sender_login,
+                  unauthenticated_senders=False)
+    return no_reply_steps(chain, policy), slow_steps(chain, policy), rules
+
+
 def reply_text(reply: Reply) -> str:
     """An SMTP reply in SMFIR_REPLYCODE form: CRLF between lines, ``%`` doubled."""
     return "\r\n".join(reply.lines()).replace("%", "%%")
@@ -148,19 +173,14 @@ class MilterSession:
         self.send = send
         self.peer = peer
         self.negotiated: codec.OptNeg | None = None
-        self.no_reply = no_reply_steps(chain, policy)
-        """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers)."""
-        self._slow = slow_steps(chain, policy)
-        """The steps whose work can keep the MTA waiting: they get SMFIR_PROGRESS."""
+        self.no_reply, self._slow, rules = _connection_plan(chain, policy)
+        """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers), and
+        the steps whose work can keep the MTA waiting (they get SMFIR_PROGRESS)."""
         self.macros = codec.Macros()
         self.session: Session | None = None
         self._session_refused: Reply | None = None
         """A connect or HELO refusal in a step without reply: every message of the session gets it."""
-        # The MTA judges unauthenticated senders itself (reject_unauthenticated_sender_login_mismatch).
-        self.conversation = Conversation(chain, Rules(
-            max_recipients=policy.max_recipients, sender_login=policy.sender_login,
-            unauthenticated_senders=False,
-        ), history=policy.history, node=policy.node)
+        self.conversation = Conversation(chain, rules, history=policy.history, node=policy.node)
         self._reset_message()
 
     # -- helpers ------------------------------------------------------------------------
@@ -275,11 +295,18 @@ class MilterSession:
 
     async def handle(self, command: codec.Command) -> bool:
         """Act on one command and answer it; False when the connection is to be closed."""
+        # The commands of every message first: macros, then one per header field.
         match command:
-            case codec.OptNeg():
-                await self._negotiate(command)
             case codec.Macro():
                 self.macros.update(command)
+            case codec.Header(name, value):
+                if self.session is None or self.session.transaction is None:
+                    self._open_transaction("header")
+                self._add_header(name, value)
+                if self._replies(codec.SMFIP_NR_HDR):
+                    await self.send(self._content_reply())
+            case codec.OptNeg():
+                await self._negotiate(command)
             case codec.Connect():
                 await self._connect(command)
             case codec.Helo(hostname):
@@ -288,8 +315,6 @@ class MilterSession:
                 await self._mail(args)
             case codec.Rcpt(args):
                 await self._rcpt(args)
-            case codec.Header(name, value):
-                await self._header(name, value)
             case codec.EndOfHeaders():
                 self._open_transaction("end of headers")
                 if self._replies(codec.SMFIP_NR_EOH):
@@ -322,15 +347,8 @@ class MilterSession:
             raise MilterProtocolError("second option negotiation on one connection")
         if offer.version < 2:
             raise MilterProtocolError(f"milter protocol version {offer.version} is too old")
-        self.negotiated = codec.OptNeg(
-            min(offer.version, codec.PROTOCOL_VERSION),
-            codec.ACTIONS & offer.actions,
-            (_NOT_WANTED | _EXTENSIONS | self.no_reply) & offer.protocol,
-        )
-        event("milter_negotiated", peer=self.peer, version=self.negotiated.version,
-              actions=hex(self.negotiated.actions), protocol=hex(self.negotiated.protocol),
-              granted=codec.action_names(self.negotiated.actions),
-              not_granted=codec.action_names(codec.ACTIONS & ~offer.actions))
+        self.negotiated, fields = _negotiation(offer, self.no_reply)
+        event("milter_negotiated", peer=self.peer, **fields)
         await self.send(self.negotiated)
 
     async def _connect(self, info: codec.Connect) -> None:
@@ -421,18 +439,15 @@ class MilterSession:
 
     # -- content ------------------------------------------------------------------------
 
-    async def _header(self, name: str, value: str) -> None:
-        self._open_transaction("header")
+    def _add_header(self, name: str, value: str) -> None:
         # Folded values arrive with bare \n between lines; the message keeps CRLF.
-        text = value.replace("\r\n", "\n").replace("\n", "\r\n")
+        text = value.replace("\r\n", "\n").replace("\n", "\r\n") if "\n" in value else value
         if not self._leading_space:
             text = " " + text  # the MTA ate the space after the colon
         field = (name + ":" + text).encode("utf-8", "surrogateescape") + b"\r\n"
         self._headers += field
         self._header_count += 1
         self._count(len(field))
-        if self._replies(codec.SMFIP_NR_HDR):
-            await self.send(self._content_reply())
 
     def _add_body(self, chunk: bytes) -> None:
         if self._refused is None:
