@@ -233,19 +233,20 @@ def _name(record: logging.LogRecord) -> str:
 
 def _timestamp(created: float) -> str:
     whole = int(created)
-    second = _last_second[1] if _last_second[0] == whole else _second(whole)
+    last_whole, last_text = _last_second[0]
+    second = last_text if last_whole == whole else _second(whole)
     return second + _MILLISECONDS[int(created % 1 * 1000)]
 
 
 _MILLISECONDS = tuple(f".{n:03d}Z" for n in range(1000))
-_last_second: tuple[int, str] = (-1, "")
+_last_second: list[tuple[int, str]] = [(-1, "")]
+"""The last second formatted, and its text (one tuple, replaced whole: threads log too)."""
 
 
 def _second(whole: int) -> str:
     """The date and time to the second, formatted once per second rather than per line."""
-    global _last_second
     text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-    _last_second = (whole, text)
+    _last_second[0] = (whole, text)
     return text
 
 
