@@ -456,4 +456,5 @@ class Conversation:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
             self._pending.clear()
-        await self.chain.notify("disconnect", session=session)
+        if self.chain.implements("disconnect"):
+            await self.chain.notify("disconnect", session=session)

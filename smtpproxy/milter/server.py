@@ -127,7 +127,7 @@ class MilterServer:
         self._connections.add(task)
         replies = _Replies(writer)
         acks = _AckNow(writer)
-        session = MilterSession(self.chain, self.policy, replies.send, peer_text)
+        session = MilterSession(self.chain, self.policy, replies.send, peer_text, replies.progress)
         decoder = codec.FrameDecoder(self.settings.max_packet_size)
         try:
             while True:
@@ -324,6 +324,13 @@ class _Replies:
         if isinstance(response, codec.Progress):
             await self.flush()
 
+    def progress(self) -> None:
+        """SMFIR_PROGRESS now, after anything pending (a timer's call while plugins work)."""
+        self._pending.append(_PROGRESS)
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._writer.write(data)
+
     async def flush(self) -> None:
         if self._pending:
             data = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
@@ -331,6 +338,8 @@ class _Replies:
             self._writer.write(data)
             await self._writer.drain()
 
+
+_PROGRESS = codec.encode_response(codec.Progress())
 
 # Commands we ask the MTA not to send (SMFIP_NO*), by the code their macros name.
 _NOT_SENT = {"T": codec.SMFIP_NODATA, "U": codec.SMFIP_NOUNKNOWN}
