@@ -413,14 +413,20 @@ def decode_command(code: bytes, payload: bytes) -> Command:
     if code == b"L":
         parts = payload.split(b"\0")
         if len(parts) == 3 and not parts[2]:
-            return Header(_text(parts[0]), _text(parts[1]))
+            return Header(parts[0].decode("utf-8", "surrogateescape"),
+                          parts[1].decode("utf-8", "surrogateescape"))
     elif code == b"D" and payload:
         names = payload[1:]
         if not names or names[-1] == 0:
-            fields = [_text(v) for v in names.split(b"\0")[:-1]] if names else []
+            fields = [v.decode("utf-8", "surrogateescape") for v in names.split(b"\0")[:-1]] if names else []
             if not len(fields) % 2:
                 return Macro(payload[:1].decode("latin-1"),
                              tuple(zip(fields[::2], fields[1::2], strict=True)))
+    elif code in (b"M", b"R") and payload.endswith(b"\0"):
+        args = tuple(v.decode("utf-8", "surrogateescape") for v in payload[:-1].split(b"\0"))
+        return Mail(args) if code == b"M" else Rcpt(args)
+    elif code == b"H" and payload.endswith(b"\0") and payload.count(b"\0") == 1:
+        return Helo(payload[:-1].decode("utf-8", "surrogateescape"))
     what = f"command {code!r}"
     r = _Reader(what, payload)
     command: Command
