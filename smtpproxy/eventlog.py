@@ -35,34 +35,44 @@ def event(name: str, /, level: int = logging.INFO, *, exc_info: bool = False, **
     """Log one structured session event (*exc_info*: with the exception being handled).
 
     The record goes to the logger's handlers as ``Logger.log`` would send it (level, the
-    loggers' filters and handlers, propagation), built as an :class:`_EventRecord`: seven
-    of these a milter message, and ``Logger.log`` with ``LogRecord`` cost about half of
-    each (issue 31's profile). An application's own record factory is honoured.
+    loggers' filters and handlers, propagation), built as an :class:`_EventRecord` where
+    :func:`configure_logging`'s switches are in force: seven of these a milter message, and
+    ``Logger.log`` with ``LogRecord`` cost about half of each (issue 31's profile).
     """
     if _log.isEnabledFor(level):
-        if logging.getLogRecordFactory() is not logging.LogRecord:
+        if _plain_records():
+            _log.handle(_EventRecord(_log.name, level, name, sys.exc_info() if exc_info else None, fields))
+        else:
             _log.log(level, name, exc_info=exc_info, extra={"smtpproxy_fields": fields})
-            return
-        _log.handle(_EventRecord(name, level, sys.exc_info() if exc_info else None, fields))
+
+
+def _plain_records() -> bool:
+    """Whether a record needs no more than :class:`_EventRecord` has: ``logging``'s own
+    record factory, and no source file, thread or process looked up (as
+    :func:`configure_logging` sets it; an embedding application may want them)."""
+    return (logging._srcfile is None
+            and not (logging.logThreads or logging.logProcesses or logging.logMultiprocessing)
+            and logging.getLogRecordFactory() is logging.LogRecord)
 
 
 class _EventRecord(logging.LogRecord):
     """A :class:`logging.LogRecord` with every attribute ``LogRecord`` has, made in one
-    dictionary update: the source-file fields are those of ``logging._srcfile = None``
-    (what :func:`configure_logging` sets), the thread and process ones those of its
-    ``logThreads``/``logProcesses`` switches being off, which no event line writes."""
+    dictionary update: the source-file fields are those of ``logging._srcfile = None``,
+    the thread and process ones those of ``logThreads``/``logProcesses`` being off
+    (:func:`_plain_records`)."""
 
-    def __init__(self, name: str, level: int, exc_info: Any, fields: dict[str, Any]) -> None:
+    def __init__(self, logger: str, level: int, msg: str, exc_info: Any, fields: dict[str, Any]) -> None:
         created = time.time()
         self.__dict__.update(
-            _RECORD_CONSTANTS, msg=name, levelname=logging.getLevelName(level), levelno=level,
-            exc_info=exc_info, created=created, msecs=int((created - int(created)) * 1000) + 0.0,
+            _RECORD_CONSTANTS, name=logger, msg=msg, levelname=logging.getLevelName(level),
+            levelno=level, exc_info=exc_info, created=created,
+            msecs=int((created - int(created)) * 1000) + 0.0,
             relativeCreated=(created - _START_TIME) * 1000, smtpproxy_fields=fields,
         )
 
 
 _RECORD_CONSTANTS: dict[str, Any] = {
-    "name": _log.name, "args": (), "pathname": "(unknown file)", "filename": "(unknown file)",
+    "args": (), "pathname": "(unknown file)", "filename": "(unknown file)",
     "module": "(unknown file)", "exc_text": None, "stack_info": None, "lineno": 0,
     "funcName": "(unknown function)", "thread": None, "threadName": None, "processName": None,
     "process": None,
@@ -100,10 +110,13 @@ class EventLog:
         self._emit(name, logging.ERROR, fields)
 
     def _emit(self, name: str, level: int, fields: dict[str, Any]) -> None:
-        if self.logger.isEnabledFor(level):
+        logger = self.logger
+        if logger.isEnabledFor(level):
+            if _plain_records():  # no source file to name: the record as event() makes it
+                logger.handle(_EventRecord(logger.name, level, _EventName(name, fields), None, fields))
+                return
             # stacklevel: the record names the plugin's line, not this one.
-            self.logger.log(level, _EventName(name, fields), stacklevel=3,
-                            extra={"smtpproxy_fields": fields})
+            logger.log(level, _EventName(name, fields), stacklevel=3, extra={"smtpproxy_fields": fields})
 
 
 class _EventName(str):
