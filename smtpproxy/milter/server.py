@@ -139,6 +139,8 @@ class MilterServer:
                     command = codec.decode_command(code, payload)
                     if isinstance(command, codec.Macro) and _nothing_follows(command, session.negotiated):
                         acks.now()
+                    if session.take(command):
+                        continue
                     go_on = await session.handle(command)
                     if replies.pending:
                         await replies.flush()

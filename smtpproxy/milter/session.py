@@ -269,15 +269,14 @@ class MilterSession:
             interval = self.policy.progress_interval
 
             def tick() -> None:
-                nonlocal timer
                 write()
-                timer = loop.call_later(interval, tick)
+                timer[0] = loop.call_later(interval, tick)
 
-            timer = loop.call_later(interval, tick)
+            timer = [loop.call_later(interval, tick)]
             try:
                 return await step
             finally:
-                timer.cancel()
+                timer[0].cancel()
         task = asyncio.ensure_future(step)
         try:
             while True:
@@ -315,6 +314,21 @@ class MilterSession:
         session.auth_user = self.macros.get("auth_authen")
 
     # -- dispatch -----------------------------------------------------------------------
+
+    def take(self, command: codec.Command) -> bool:
+        """Act on a command that needs no answer and nothing awaited (macros; a header field
+        when no reply per field was agreed): twelve of a message's twenty-odd packets, without
+        a coroutine each. False: :meth:`handle` it."""
+        kind = type(command)
+        if kind is codec.Macro:
+            self.macros.update(command)  # type: ignore[arg-type]
+            return True
+        if kind is codec.Header and not self._replies(codec.SMFIP_NR_HDR):
+            if self.session is None or self.session.transaction is None:
+                self._open_transaction("header")
+            self._add_header(command.name, command.value)  # type: ignore[union-attr]
+            return True
+        return False
 
     async def handle(self, command: codec.Command) -> bool:
         """Act on one command and answer it; False when the connection is to be closed."""
