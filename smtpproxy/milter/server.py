@@ -327,7 +327,11 @@ class _Replies:
             await self.flush()
 
     def progress(self) -> None:
-        """SMFIR_PROGRESS now, after anything pending (a timer's call while plugins work)."""
+        """SMFIR_PROGRESS now, after anything pending (a timer's call while plugins work);
+        nothing once the MTA went away (the connection's task finds that out at its next
+        read or write, and a timer has nobody to tell)."""
+        if self._writer.is_closing():
+            return
         self._pending.append(_PROGRESS)
         data = b"".join(self._pending)
         self._pending.clear()
