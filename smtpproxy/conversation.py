@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from smtpproxy.addresses import Address
-from smtpproxy.chain import Chain, PhaseResult
+from smtpproxy.chain import CONTINUED, Chain, PhaseResult
 from smtpproxy.eventlog import event
 from smtpproxy.groups import Choice, Policies
 from smtpproxy.history import HistoryRecorder, entry_for
@@ -170,7 +170,8 @@ class Conversation:
         chain = chain or self.chain
         observer = self.observer
         if observer is None:
-            return await chain.run(phase, results, **kwargs)
+            # A phase no plugin implements: nothing to run (most phases of a small chain).
+            return await chain.run(phase, results, **kwargs) if chain.implements(phase) else CONTINUED
         observer.phase_started(phase, subject)
         return await chain.run(phase, results, on_outcome=observer.outcome, **kwargs)
 
@@ -459,4 +460,5 @@ class Conversation:
         if self._pending:
             await asyncio.gather(*self._pending, return_exceptions=True)
             self._pending.clear()
-        await self.chain.notify("disconnect", session=session)
+        if self.chain.implements("disconnect"):
+            await self.chain.notify("disconnect", session=session)

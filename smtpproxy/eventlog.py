@@ -32,9 +32,54 @@ _log = logging.getLogger("smtpproxy.session")
 
 
 def event(name: str, /, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any) -> None:
-    """Log one structured session event (*exc_info*: with the exception being handled)."""
+    """Log one structured session event (*exc_info*: with the exception being handled).
+
+    The record goes to the logger's handlers as ``Logger.log`` would send it (level, the
+    loggers' filters and handlers, propagation), built as an :class:`_EventRecord` where
+    :func:`configure_logging`'s switches are in force: seven of these a milter message, and
+    ``Logger.log`` with ``LogRecord`` cost about half of each (issue 31's profile).
+    """
     if _log.isEnabledFor(level):
-        _log.log(level, name, exc_info=exc_info, extra={"smtpproxy_fields": fields})
+        if _plain_records():
+            _log.handle(_EventRecord(_log.name, level, name, sys.exc_info() if exc_info else None, fields))
+        else:
+            _log.log(level, name, exc_info=exc_info, extra={"smtpproxy_fields": fields})
+
+
+def _plain_records() -> bool:
+    """Whether a record needs no more than :class:`_EventRecord` has: ``logging``'s own
+    record factory, and no source file, thread or process looked up (as
+    :func:`configure_logging` sets it; an embedding application may want them)."""
+    return (logging._srcfile is None
+            and not (logging.logThreads or logging.logProcesses or logging.logMultiprocessing)
+            and logging.getLogRecordFactory() is logging.LogRecord)
+
+
+class _EventRecord(logging.LogRecord):
+    """A :class:`logging.LogRecord` with every attribute ``LogRecord`` has, made in one
+    dictionary update: the source-file fields are those of ``logging._srcfile = None``,
+    the thread and process ones those of ``logThreads``/``logProcesses`` being off
+    (:func:`_plain_records`)."""
+
+    def __init__(self, logger: str, level: int, msg: str, exc_info: Any, fields: dict[str, Any]) -> None:
+        created = time.time()
+        self.__dict__.update(
+            _RECORD_CONSTANTS, name=logger, msg=msg, levelname=logging.getLevelName(level),
+            levelno=level, exc_info=exc_info, created=created,
+            msecs=int((created - int(created)) * 1000) + 0.0,
+            relativeCreated=(created - _START_TIME) * 1000, smtpproxy_fields=fields,
+        )
+
+
+_RECORD_CONSTANTS: dict[str, Any] = {
+    "args": (), "pathname": "(unknown file)", "filename": "(unknown file)",
+    "module": "(unknown file)", "exc_text": None, "stack_info": None, "lineno": 0,
+    "funcName": "(unknown function)", "thread": None, "threadName": None, "processName": None,
+    "process": None,
+}
+if sys.version_info >= (3, 12):
+    _RECORD_CONSTANTS["taskName"] = None
+_START_TIME: float = logging._startTime  # type: ignore[attr-defined]
 
 
 class EventLog:
@@ -65,10 +110,13 @@ class EventLog:
         self._emit(name, logging.ERROR, fields)
 
     def _emit(self, name: str, level: int, fields: dict[str, Any]) -> None:
-        if self.logger.isEnabledFor(level):
+        logger = self.logger
+        if logger.isEnabledFor(level):
+            if _plain_records():  # no source file to name: the record as event() makes it
+                logger.handle(_EventRecord(logger.name, level, _EventName(name, fields), None, fields))
+                return
             # stacklevel: the record names the plugin's line, not this one.
-            self.logger.log(level, _EventName(name, fields), stacklevel=3,
-                            extra={"smtpproxy_fields": fields})
+            logger.log(level, _EventName(name, fields), stacklevel=3, extra={"smtpproxy_fields": fields})
 
 
 class _EventName(str):
@@ -97,6 +145,16 @@ _BAD_KEY_CHAR = re.compile(r"[^A-Za-z0-9_.:-]")
 
 def _own_fields(fields: dict[str, Any]) -> dict[str, Any]:
     return {_key(key): value for key, value in fields.items()}
+
+
+_PLAIN_KEYS: set[Any] = set()
+"""Field names seen that are written unchanged (most of them: ``tx``, ``sender``, ...); a
+line of only these needs no renaming, hence no check for two names becoming one."""
+
+
+def _learn_plain(fields: dict[str, Any]) -> None:
+    if len(_PLAIN_KEYS) < 4096:
+        _PLAIN_KEYS.update(k for k in fields if type(k) is str and _key(k) == k)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -141,7 +199,11 @@ class KeyValueFormatter(logging.Formatter):
             parts = [head, "event=" + _kv_value(_name(record))]
             if sid:
                 parts.append("sid=" + _kv_value(sid))
-            parts += [f"{k}={_kv_value(v)}" for k, v in _own_fields(structured).items()]
+            if _PLAIN_KEYS.issuperset(structured):  # written as they are: no two can collide
+                parts += [f"{k}={_kv_value(v)}" for k, v in structured.items()]
+            else:
+                parts += [f"{k}={_kv_value(v)}" for k, v in _own_fields(structured).items()]
+                _learn_plain(structured)
         else:
             parts = [head, "logger=" + _kv_value(record.name)]
             if sid:
@@ -183,13 +245,22 @@ def _name(record: logging.LogRecord) -> str:
 
 
 def _timestamp(created: float) -> str:
-    return _second(int(created)) + f".{int(created % 1 * 1000):03d}Z"
+    whole = int(created)
+    last_whole, last_text = _last_second[0]
+    second = last_text if last_whole == whole else _second(whole)
+    return second + _MILLISECONDS[int(created % 1 * 1000)]
 
 
-@functools.lru_cache(maxsize=4)
+_MILLISECONDS = tuple(f".{n:03d}Z" for n in range(1000))
+_last_second: list[tuple[int, str]] = [(-1, "")]
+"""The last second formatted, and its text (one tuple, replaced whole: threads log too)."""
+
+
 def _second(whole: int) -> str:
     """The date and time to the second, formatted once per second rather than per line."""
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    _last_second[0] = (whole, text)
+    return text
 
 
 class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -428,6 +428,13 @@ class Message:
         return tuple(self._changes)
 
     @property
+    def received_header_bytes(self) -> bytes:
+        """The header block as it arrived, without the blank separator line, whatever plugins
+        changed since (a milter turns the difference into header actions)."""
+        self._parse()
+        return bytes(memoryview(self._orig)[: self._header_end])
+
+    @property
     def header_bytes(self) -> bytes:
         """The header block as it will be serialised, without the blank separator line."""
         return bytes(self._head(self._parse()))

@@ -150,16 +150,31 @@ class FrameDecoder:
         return len(self._buffer)
 
     def feed(self, data: bytes) -> list[tuple[bytes, bytes]]:
-        """Add received bytes; return every packet now complete, in order."""
-        self._buffer += data
+        """Add received bytes; return every packet now complete, in order.
+
+        The packets are cut from the received block by offset, each payload copied once
+        (a read holds the twenty-odd packets of a message); only an incomplete packet at
+        the end is kept, and added to until it is whole.
+        """
+        buffer = self._buffer
+        if buffer:
+            buffer += data
+            if len(buffer) >= 4 and len(buffer) < 4 + check_length(bytes(buffer[:4]), self.max_packet):
+                return []  # still inside one packet: no copy of what came so far
+            block = bytes(buffer)
+            buffer.clear()
+        else:
+            block = data if type(data) is bytes else bytes(data)
         packets = []
-        while len(self._buffer) >= 4:
-            length = check_length(bytes(self._buffer[:4]), self.max_packet)
-            if len(self._buffer) < 4 + length:
+        pos, size = 0, len(block)
+        while size - pos >= 4:
+            end = pos + 4 + check_length(block[pos : pos + 4], self.max_packet)
+            if end > size:
                 break
-            packet = bytes(self._buffer[4 : 4 + length])
-            del self._buffer[: 4 + length]
-            packets.append((packet[:1], packet[1:]))
+            packets.append((block[pos + 4 : pos + 5], block[pos + 5 : end]))
+            pos = end
+        if pos < size:
+            buffer += block[pos:]
         return packets
 
 
@@ -398,14 +413,20 @@ def decode_command(code: bytes, payload: bytes) -> Command:
     if code == b"L":
         parts = payload.split(b"\0")
         if len(parts) == 3 and not parts[2]:
-            return Header(_text(parts[0]), _text(parts[1]))
+            return Header(parts[0].decode("utf-8", "surrogateescape"),
+                          parts[1].decode("utf-8", "surrogateescape"))
     elif code == b"D" and payload:
         names = payload[1:]
         if not names or names[-1] == 0:
-            fields = [_text(v) for v in names.split(b"\0")[:-1]] if names else []
+            fields = [v.decode("utf-8", "surrogateescape") for v in names.split(b"\0")[:-1]] if names else []
             if not len(fields) % 2:
                 return Macro(payload[:1].decode("latin-1"),
                              tuple(zip(fields[::2], fields[1::2], strict=True)))
+    elif code in (b"M", b"R") and payload.endswith(b"\0"):
+        args = tuple(v.decode("utf-8", "surrogateescape") for v in payload[:-1].split(b"\0"))
+        return Mail(args) if code == b"M" else Rcpt(args)
+    elif code == b"H" and payload.endswith(b"\0") and payload.count(b"\0") == 1:
+        return Helo(payload[:-1].decode("utf-8", "surrogateescape"))
     what = f"command {code!r}"
     r = _Reader(what, payload)
     command: Command

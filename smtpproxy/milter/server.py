@@ -127,7 +127,7 @@ class MilterServer:
         self._connections.add(task)
         replies = _Replies(writer)
         acks = _AckNow(writer)
-        session = MilterSession(self.chain, self.policy, replies.send, peer_text)
+        session = MilterSession(self.chain, self.policy, replies.send, peer_text, replies.progress)
         decoder = codec.FrameDecoder(self.settings.max_packet_size)
         try:
             while True:
@@ -139,8 +139,11 @@ class MilterServer:
                     command = codec.decode_command(code, payload)
                     if isinstance(command, codec.Macro) and _nothing_follows(command, session.negotiated):
                         acks.now()
+                    if session.take(command):
+                        continue
                     go_on = await session.handle(command)
-                    await replies.flush()
+                    if replies.pending:
+                        await replies.flush()
                     if not go_on:
                         break
                 if not go_on:
@@ -313,10 +316,26 @@ class _Replies:
         self._writer = writer
         self._pending: list[bytes] = []
 
+    @property
+    def pending(self) -> bool:
+        """Whether responses wait for :meth:`flush` (most packets of a message get none)."""
+        return bool(self._pending)
+
     async def send(self, response: codec.Response) -> None:
         self._pending.append(codec.encode_response(response))
         if isinstance(response, codec.Progress):
             await self.flush()
+
+    def progress(self) -> None:
+        """SMFIR_PROGRESS now, after anything pending (a timer's call while plugins work);
+        nothing once the MTA went away (the connection's task finds that out at its next
+        read or write, and a timer has nobody to tell)."""
+        if self._writer.is_closing():
+            return
+        self._pending.append(_PROGRESS)
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._writer.write(data)
 
     async def flush(self) -> None:
         if self._pending:
@@ -325,6 +344,8 @@ class _Replies:
             self._writer.write(data)
             await self._writer.drain()
 
+
+_PROGRESS = codec.encode_response(codec.Progress())
 
 # Commands we ask the MTA not to send (SMFIP_NO*), by the code their macros name.
 _NOT_SENT = {"T": codec.SMFIP_NODATA, "U": codec.SMFIP_NOUNKNOWN}

@@ -28,13 +28,14 @@ hooks at the same moments, and answers each event:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import re
 import time
 import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 from smtpproxy.addresses import Address, AddressError, parse_mail_from, parse_rcpt_to
 from smtpproxy.chain import Chain
@@ -126,6 +127,43 @@ def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
     return steps
 
 
+def slow_steps(chain: Chain, policy: MilterPolicy) -> int:
+    """The envelope steps (as their SMFIP_NR_* bits) whose work can keep the MTA waiting, and
+    so get SMFIR_PROGRESS while it runs: a plugin's hook, the sender/login map's lookup at
+    MAIL, the policy groups' lookup (and a group's own ``rcpt_to`` plugins) at RCPT. The
+    others are a few microseconds of smtpproxy's own rules."""
+    steps = 0
+    for hook, step in _ENVELOPE_NO_REPLY.items():
+        if (chain.implements(hook) or (hook == "mail_from" and policy.sender_login is not None)
+                or (hook == "rcpt_to" and chain.policies is not None)):
+            steps |= step
+    return steps
+
+
+@functools.lru_cache(maxsize=64)
+def _negotiation(offer: codec.OptNeg, no_reply: int) -> tuple[codec.OptNeg, dict[str, Any]]:
+    """What we agree to for an offer, and the ``milter_negotiated`` line's fields: the MTA
+    makes the same offer on every connection (Postfix: one per SMTP session)."""
+    agreed = codec.OptNeg(
+        min(offer.version, codec.PROTOCOL_VERSION),
+        codec.ACTIONS & offer.actions,
+        (_NOT_WANTED | _EXTENSIONS | no_reply) & offer.protocol,
+    )
+    return agreed, {"version": agreed.version, "actions": hex(agreed.actions),
+                    "protocol": hex(agreed.protocol), "granted": codec.action_names(agreed.actions),
+                    "not_granted": codec.action_names(codec.ACTIONS & ~offer.actions)}
+
+
+@functools.lru_cache(maxsize=16)
+def _connection_plan(chain: Chain, policy: MilterPolicy) -> tuple[int, int, Rules]:
+    """(:func:`no_reply_steps`, :func:`slow_steps`, the conversation's rules) of a chain and
+    policy, worked out once rather than for every MTA connection."""
+    # The MTA judges unauthenticated senders itself (reject_unauthenticated_sender_login_mismatch).
+    rules = Rules(max_recipients=policy.max_recipients, sender_login=policy.sender_login,
+                  unauthenticated_senders=False)
+    return no_reply_steps(chain, policy), slow_steps(chain, policy), rules
+
+
 def reply_text(reply: Reply) -> str:
     """An SMTP reply in SMFIR_REPLYCODE form: CRLF between lines, ``%`` doubled."""
     return "\r\n".join(reply.lines()).replace("%", "%%")
@@ -134,21 +172,22 @@ def reply_text(reply: Reply) -> str:
 class MilterSession:
     """The protocol state of one MTA connection (several SMTP sessions with SMFIC_QUIT_NC)."""
 
-    def __init__(self, chain: Chain, policy: MilterPolicy, send: Send, peer: str = "") -> None:
+    def __init__(self, chain: Chain, policy: MilterPolicy, send: Send, peer: str = "",
+                 progress: Callable[[], None] | None = None) -> None:
         self.chain = chain
         self.policy = policy
         self.send = send
         self.peer = peer
+        self.progress_now = progress
+        """Writes SMFIR_PROGRESS at once (from a timer while plugins work); None: it is sent
+        through :attr:`send` from a task that waits beside the step."""
         self.negotiated: codec.OptNeg | None = None
-        self.no_reply = no_reply_steps(chain, policy)
-        """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers)."""
+        self.no_reply, self._slow, rules = _connection_plan(chain, policy)
+        """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers), and
+        the steps whose work can keep the MTA waiting (they get SMFIR_PROGRESS)."""
         self.macros = codec.Macros()
         self.session: Session | None = None
-        # The MTA judges unauthenticated senders itself (reject_unauthenticated_sender_login_mismatch).
-        self.conversation = Conversation(chain, Rules(
-            max_recipients=policy.max_recipients, sender_login=policy.sender_login,
-            unauthenticated_senders=False,
-        ), history=policy.history, node=policy.node)
+        self.conversation = Conversation(chain, rules, history=policy.history, node=policy.node)
         self._reset_message()
 
     # -- helpers ------------------------------------------------------------------------
@@ -193,8 +232,10 @@ class MilterSession:
 
     async def _run(self, step: int, work: Awaitable[_T]) -> _T:
         """A step's conversation; with SMFIR_PROGRESS only where the MTA waits for our answer
-        (a progress packet it does not expect would be read as the next event's reply)."""
-        if self._replies(step):
+        (a progress packet it does not expect would be read as the next event's reply) and
+        something in the step can take long (:func:`slow_steps`): a task and a timer per
+        event otherwise, for nothing."""
+        if step & self._slow and self._replies(step):
             return await self._progress(work)
         return await work
 
@@ -218,7 +259,25 @@ class MilterSession:
         return session, session.transaction
 
     async def _progress(self, step: Awaitable[_T]) -> _T:
-        """Run a step of the conversation, telling the MTA we are alive while slow plugins work."""
+        """Run a step of the conversation, telling the MTA we are alive while slow plugins work.
+
+        With :attr:`progress_now` the step runs in this task and a timer writes the packets
+        (one timer per step, none of a task's and a wait's machinery: issue 31's profile).
+        """
+        write = self.progress_now
+        if write is not None:
+            loop = asyncio.get_running_loop()
+            interval = self.policy.progress_interval
+
+            def tick() -> None:
+                write()
+                timer[0] = loop.call_later(interval, tick)
+
+            timer = [loop.call_later(interval, tick)]
+            try:
+                return await step
+            finally:
+                timer[0].cancel()
         task = asyncio.ensure_future(step)
         try:
             while True:
@@ -257,13 +316,35 @@ class MilterSession:
 
     # -- dispatch -----------------------------------------------------------------------
 
+    def take(self, command: codec.Command) -> bool:
+        """Act on a command that needs no answer and nothing awaited (macros; a header field
+        when no reply per field was agreed): twelve of a message's twenty-odd packets, without
+        a coroutine each. False: :meth:`handle` it."""
+        kind = type(command)
+        if kind is codec.Macro:
+            self.macros.update(command)  # type: ignore[arg-type]
+            return True
+        if kind is codec.Header and not self._replies(codec.SMFIP_NR_HDR):
+            if self.session is None or self.session.transaction is None:
+                self._open_transaction("header")
+            self._add_header(command.name, command.value)  # type: ignore[union-attr]
+            return True
+        return False
+
     async def handle(self, command: codec.Command) -> bool:
         """Act on one command and answer it; False when the connection is to be closed."""
+        # The commands of every message first: macros, then one per header field.
         match command:
-            case codec.OptNeg():
-                await self._negotiate(command)
             case codec.Macro():
                 self.macros.update(command)
+            case codec.Header(name, value):
+                if self.session is None or self.session.transaction is None:
+                    self._open_transaction("header")
+                self._add_header(name, value)
+                if self._replies(codec.SMFIP_NR_HDR):
+                    await self.send(self._content_reply())
+            case codec.OptNeg():
+                await self._negotiate(command)
             case codec.Connect():
                 await self._connect(command)
             case codec.Helo(hostname):
@@ -272,8 +353,6 @@ class MilterSession:
                 await self._mail(args)
             case codec.Rcpt(args):
                 await self._rcpt(args)
-            case codec.Header(name, value):
-                await self._header(name, value)
             case codec.EndOfHeaders():
                 self._open_transaction("end of headers")
                 if self._replies(codec.SMFIP_NR_EOH):
@@ -306,15 +385,8 @@ class MilterSession:
             raise MilterProtocolError("second option negotiation on one connection")
         if offer.version < 2:
             raise MilterProtocolError(f"milter protocol version {offer.version} is too old")
-        self.negotiated = codec.OptNeg(
-            min(offer.version, codec.PROTOCOL_VERSION),
-            codec.ACTIONS & offer.actions,
-            (_NOT_WANTED | _EXTENSIONS | self.no_reply) & offer.protocol,
-        )
-        event("milter_negotiated", peer=self.peer, version=self.negotiated.version,
-              actions=hex(self.negotiated.actions), protocol=hex(self.negotiated.protocol),
-              granted=codec.action_names(self.negotiated.actions),
-              not_granted=codec.action_names(codec.ACTIONS & ~offer.actions))
+        self.negotiated, fields = _negotiation(offer, self.no_reply)
+        event("milter_negotiated", peer=self.peer, **fields)
         await self.send(self.negotiated)
 
     async def _connect(self, info: codec.Connect) -> None:
@@ -418,18 +490,15 @@ class MilterSession:
 
     # -- content ------------------------------------------------------------------------
 
-    async def _header(self, name: str, value: str) -> None:
-        self._open_transaction("header")
+    def _add_header(self, name: str, value: str) -> None:
         # Folded values arrive with bare \n between lines; the message keeps CRLF.
-        text = value.replace("\r\n", "\n").replace("\n", "\r\n")
+        text = value.replace("\r\n", "\n").replace("\n", "\r\n") if "\n" in value else value
         if not self._leading_space:
             text = " " + text  # the MTA ate the space after the colon
         field = (name + ":" + text).encode("utf-8", "surrogateescape") + b"\r\n"
         self._headers += field
         self._header_count += 1
         self._count(len(field))
-        if self._replies(codec.SMFIP_NR_HDR):
-            await self.send(self._content_reply())
 
     def _add_body(self, chunk: bytes) -> None:
         if self._refused is None:
@@ -467,10 +536,6 @@ class MilterSession:
         session, transaction = self._require_transaction("end of message")
         message = self._message()
         transaction.message = message
-        original = split_fields(message.header_bytes)
-        if len(original) != self._header_count:
-            event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
-                  parsed=len(original))
         queue_id = self.macros.get("i")
         refusal = await self.conversation.headers_refusal(session, transaction, queue_id=queue_id)
         if refusal is not None:
@@ -498,7 +563,7 @@ class MilterSession:
             responses = [codec.Discard()]
             decision = outcome.decision(queued, transaction.score)
         else:
-            responses = self._edits(transaction, message, original)
+            responses = self._edits(transaction, message)
             if outcome.action == "quarantine":
                 # Postfix puts the message on hold (postsuper -H releases it).
                 responses.append(codec.Quarantine(outcome.reason or "quarantined by smtpproxy"))
@@ -537,11 +602,17 @@ class MilterSession:
             return [codec.Accept()], final.decision(queued, transaction.score)
         return [codec.ReplyCode(reply_text(final.reply))], final.decision(transaction.score)
 
-    def _edits(self, transaction: Transaction, message: Message, original: list[bytes]) -> list[Response]:
-        """The modification actions for what the plugins changed, headers first."""
+    def _edits(self, transaction: Transaction, message: Message) -> list[Response]:
+        """The modification actions for what the plugins changed, headers first (nothing to
+        compare, nothing parsed, for a message and envelope nobody changed)."""
         responses: list[Response] = []
         changes = message.changes
         if any(c.op != "replace_body" for c in changes):
+            original = split_fields(message.received_header_bytes)
+            if len(original) != self._header_count:
+                # The edits' header indexes count the fields the MTA sent.
+                event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
+                      parsed=len(original))
             v = self.macros.get("v") or ""
             responses += header_edits(
                 original, split_fields(message.header_bytes), leading_space=self._leading_space,
@@ -549,7 +620,7 @@ class MilterSession:
             )
         if any(c.op == "replace_body" for c in changes):
             responses += body_edits(message.body)
-        if self._mta_sender is not None:
+        if self._mta_sender is not None and transaction.envelope.changes:
             actions = self.negotiated.actions if self.negotiated else 0
             responses += envelope_edits(
                 self._mta_sender, self._mta_recipients, transaction.envelope,

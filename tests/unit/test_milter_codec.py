@@ -174,6 +174,15 @@ def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
         if len(values) % 2:
             raise codec.MilterProtocolError("odd")
         return codec.Macro(for_command, tuple(zip(values[::2], values[1::2], strict=True)))
+    if code in (b"M", b"R"):
+        args = r.strings()
+        if not args:
+            raise codec.MilterProtocolError("no address")
+        return codec.Mail(args) if code == b"M" else codec.Rcpt(args)
+    if code == b"H":
+        helo = codec.Helo(r.string())
+        r.end()
+        return helo
     name = r.string()
     command = codec.Header(name, r.string())
     r.end()
@@ -182,9 +191,10 @@ def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
 
 @given(st.one_of(st.binary(max_size=40), st.lists(st.binary(max_size=6).filter(lambda b: b"\0" not in b), max_size=6)
                  .map(lambda parts: b"".join(p + b"\0" for p in parts))),
-       st.sampled_from([b"D", b"L"]), st.sampled_from([b"", b"C", b"\0"]))
+       st.sampled_from([b"D", b"L", b"M", b"R", b"H"]), st.sampled_from([b"", b"C", b"\0"]))
 def test_the_fast_paths_decode_as_the_strict_reader(payload: bytes, code: bytes, prefix: bytes) -> None:
-    """Well-formed or not, a macro or header packet decodes to the same command (or is refused)."""
+    """Well-formed or not, a macro, header, MAIL, RCPT or HELO packet decodes to the same
+    command (or is refused)."""
     payload = prefix + payload
     try:
         expected: codec.Command | None = _strict_reference(code, payload)
