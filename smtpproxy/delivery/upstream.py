@@ -12,7 +12,6 @@ RSET first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -202,6 +201,8 @@ class Connector:
         """Told the name of each server that failed to connect or greet, and why (metrics)."""
         self.on_identity: Callable[[str, str], None] | None = None
         """Told a server's name and how it learns the client (xclient, xforward, none)."""
+        self._retiring: set[asyncio.Task[None]] = set()
+        """Connections saying QUIT after their last message (see release)."""
         self._verify_context = self._context(verify=settings.tls_verify)
         self._opportunistic_context = self._context(verify=False)
 
@@ -270,9 +271,9 @@ class Connector:
                 continue
             identity = self._xclient_identity(conn, session)
             if conn.identity is not None and conn.identity != identity:
-                # It speaks for another client. Its QUIT goes before the new connection
-                # opens: after it, it cost Postfix more (bench/README.md, 2026-12-07 03:40).
-                self._retire(conn)
+                # It speaks for another client. Its QUIT is awaited: in the background it
+                # cost Postfix more per message (bench/README.md, 2026-12-07 03:40).
+                await self.discard(conn)
                 continue
             conn.reused = True
             if self.pipelines(conn) and identity == conn.identity:  # no XCLIENT to send
@@ -295,13 +296,10 @@ class Connector:
         return None
 
     def _retire(self, conn: Connection) -> None:
-        """Close *conn*: QUIT, without waiting for its answer (see :meth:`discard`)."""
-        client = conn.client
-        protocol = client.protocol
-        if client.is_connected and protocol is not None and protocol.transport is not None:
-            with contextlib.suppress(aiosmtplib.SMTPException, OSError):
-                protocol.write(b"QUIT\r\n")
-        client.close()
+        """Close *conn* (QUIT) in a task of its own; close_idle waits for it at shutdown."""
+        task = asyncio.get_running_loop().create_task(self.discard(conn))
+        self._retiring.add(task)  # a reference, so the task is not collected mid-QUIT
+        task.add_done_callback(self._retired)
 
     def pipelines(self, conn: Connection) -> bool:
         """Whether commands go to this connection in groups (RFC 2920): it offered PIPELINING
@@ -335,18 +333,30 @@ class Connector:
         conn.idle_since = time.monotonic()
         conn.server.idle.append(conn)
 
+    def _retired(self, task: asyncio.Task[None]) -> None:
+        self._retiring.discard(task)
+        if not task.cancelled():  # cancelled at shutdown: nothing to report, and no exception
+            task.exception()  # discard() catches what a QUIT can raise; mark anything else seen
+
     async def discard(self, conn: Connection) -> None:
-        """Say QUIT and close, without waiting for the 221 (as Postfix's own SMTP client
-        does, ``smtp_skip_quit_response = yes``): nothing in it changes what happens next,
-        and the wait cost a read and a timer per connection. A coroutine for its callers,
-        which awaited the 221 before."""
-        self._retire(conn)
+        if conn.client.is_connected:
+            try:
+                await conn.client.quit(timeout=5)
+            except (aiosmtplib.SMTPException, OSError, TimeoutError):
+                conn.client.close()
+            except asyncio.CancelledError:
+                conn.client.close()
+                raise
 
     async def close_idle(self, servers: Sequence[UpstreamServer]) -> None:
-        """Say QUIT to every idle connection."""
+        """Say QUIT to every idle connection; at shutdown, stop waiting for retired ones' QUIT."""
         for server in servers:
             while server.idle:
-                self._retire(server.idle.popleft())
+                await self.discard(server.idle.popleft())
+        for task in list(self._retiring):
+            task.cancel()
+        if self._retiring:
+            await asyncio.wait(set(self._retiring))
 
     async def sweep(self, servers: Sequence[UpstreamServer]) -> None:
         """Close idle connections past their idle time, forever (run as a task)."""

@@ -1,4 +1,4 @@
-"""CHUNKING (RFC 3030) to the upstream, and QUIT without waiting for its answer.
+"""CHUNKING (RFC 3030) to the upstream.
 
 To a server that offers CHUNKING the message goes as one ``BDAT <size> LAST`` chunk, the
 command in the message's first write (no 354 round trip, no dot-stuffing); the octets the
@@ -18,25 +18,21 @@ from tests.conftest import ProxyFactory, Talk, port_of
 
 RELAY = {"domains": ["dest.test"], "networks": []}
 XFORWARD = b"XFORWARD NAME ADDR PROTO HELO SOURCE"
-XCLIENT = b"XCLIENT NAME ADDR PORT HELO PROTO"
 
 
 @dataclass
 class ChunkingUpstream:
     """Offers PIPELINING and CHUNKING (and whatever *extensions* add); takes DATA and BDAT.
 
-    ``bdat_reply``: the answer to ``BDAT ... LAST``. ``silent_quit``: QUIT gets no answer
-    (the connection stays open until the other side closes it).
+    ``bdat_reply``: the answer to ``BDAT ... LAST``.
     """
 
     extensions: tuple[bytes, ...] = (b"PIPELINING", b"8BITMIME", b"CHUNKING", XFORWARD)
     bdat_reply: bytes = b"250 2.0.0 Ok: queued as BDAT"
-    silent_quit: bool = False
     connections: list[list[list[bytes]]] = field(default_factory=list)
     """Per connection, per read: the command lines (message octets shown as b"<chunk>" or
     b"<data>")."""
     messages: list[bytes] = field(default_factory=list)
-    quits: int = 0
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         reads: list[list[bytes]] = []
@@ -79,9 +75,7 @@ class ChunkingUpstream:
                         replies.append(self.bdat_reply)
                         continue
                     if verb == b"QUIT":
-                        self.quits += 1
-                        if not self.silent_quit:
-                            replies.append(b"221 bye")
+                        replies.append(b"221 bye")
                         continue
                     replies.append(self._reply(verb))
                     in_data = verb == b"DATA"
@@ -183,24 +177,6 @@ async def test_a_message_bigger_than_a_block_arrives_whole(proxy_factory: ProxyF
     server.close()
     assert upstream.messages == [body.replace(b"\r\n..", b"\r\n.")]
     assert len(upstream.messages[0]) > 1024 * 1024
-
-
-async def test_quit_is_not_waited_for(proxy_factory: ProxyFactory) -> None:
-    """With XCLIENT a new client's message never reuses the connection of the last one: that
-    one hears QUIT and is closed at once, as Postfix's client does (smtp_skip_quit_response).
-    An upstream that never answers the QUIT delays nothing."""
-    upstream = ChunkingUpstream(extensions=(b"PIPELINING", b"8BITMIME", b"CHUNKING", XCLIENT),
-                                silent_quit=True)
-    server, port = await start(upstream)
-    proxy = await proxy_factory(relay=RELAY, received_header="never", delivery=smtp(port, rcpt_mode="relay", command_timeout=10))
-    loop = asyncio.get_running_loop()
-    for _ in range(3):
-        started = loop.time()
-        assert (await send(port_of(proxy), STUFFED))[0] == 250
-        assert loop.time() - started < 4  # aiosmtplib's quit() waited 5 s for the 221
-    server.close()
-    assert len(upstream.connections) == 3 and upstream.quits == 2
-    assert upstream.messages == [MESSAGE] * 3
 
 
 CRLF_MESSAGES = st.tuples(
