@@ -122,6 +122,7 @@ class InboundSMTP(SMTP):
             tls_context=tls_context,
             require_starttls=policy.require_starttls,
             timeout=policy.idle_timeout,
+            loop=asyncio.get_running_loop(),  # aiosmtpd would look it up through the policy
         )
         self._smtp_methods: _Commands = _Commands(self)  # type: ignore[assignment]
         self.plugin_session: Session | None = None
@@ -130,7 +131,8 @@ class InboundSMTP(SMTP):
         self._commands = 0
         self._busy = False
         self._closing = False
-        self.conversation = self._conversation()
+        self.conversation: Conversation
+        """Made when the session starts (:meth:`_handle_client`), on the chain it leases."""
         self._handover: Handover | None = None  # the current transaction's, from its first RCPT
         self._held_replies: list[bytes] = []  # answers to pipelined commands, sent together
         self._deadline = 0.0  # loop time at which the idle/DATA timer fires (see _reset_timeout)

@@ -462,7 +462,8 @@ class _Transfer:
         with self._lost_upstream_is_temporary():
             try:
                 response = await send_data(
-                    self.conn.client, parts, self.connector.settings.data_timeout, started=self.in_data
+                    self.conn.client, parts, self.connector.settings.data_timeout, started=self.in_data,
+                    chunking=self.conn.client.supports_extension("chunking"),
                 )
             except aiosmtplib.SMTPDataError as exc:
                 refusal = self._in_step(upstream_reply(exc.code, exc.message), frozenset())

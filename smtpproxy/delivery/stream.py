@@ -1,10 +1,16 @@
-"""Sending DATA to the upstream block by block, so a big message is never copied whole.
+"""Sending the message to the upstream block by block, so a big message is never copied whole.
 
 aiosmtplib's ``SMTP.data()`` takes the message as one ``bytes`` and, before writing it,
 normalises line endings, dot-stuffs and appends the terminator: three full copies next to
 the original, so a 50 MB message costs 200 MB. Our messages are already CRLF-only (the
 DATA reader guarantees it), so all that is left is dot-stuffing, which we do on blocks of
 256 KiB cut at line ends, writing each with flow control.
+
+To a server that offers CHUNKING (RFC 3030; Postfix does since 3.4) the message goes as one
+``BDAT <size> LAST`` chunk instead, when the DATA command was not already sent (pipelined in
+``rcpt_mode: at_data``): the command rides on the message's first write, so there is no
+354 round trip (one write and one wait less per message) and no dot-stuffing. The octets
+the upstream receives are the same as with DATA: a final line without CRLF gets one.
 
 This uses three internals of aiosmtplib's ``SMTPProtocol`` (``write``, ``_drain_helper``
 and ``_response_pending``); they are exercised by every delivery test, and
@@ -14,7 +20,7 @@ and ``_response_pending``); they are exercised by every delivery test, and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 import aiosmtplib
 from aiosmtplib.response import SMTPResponse
@@ -22,7 +28,7 @@ from aiosmtplib.response import SMTPResponse
 from smtpproxy.delivery.pipelining import OutOfStep, PipeliningProtocol, adopt, pipeline
 from smtpproxy.message import Buffer
 
-__all__ = ["BLOCK_SIZE", "dot_stuffed", "send_data"]
+__all__ = ["BLOCK_SIZE", "bdat_chunk", "dot_stuffed", "send_data"]
 
 BLOCK_SIZE = 256 * 1024
 TERMINATOR = b".\r\n"
@@ -58,13 +64,41 @@ def dot_stuffed(parts: Iterable[Buffer], block_size: int = BLOCK_SIZE) -> Iterat
     yield ready + tail if ready is not None else tail
 
 
+def bdat_chunk(parts: Sequence[Buffer], block_size: int = BLOCK_SIZE) -> Iterator[bytes]:
+    """``BDAT <size> LAST`` and the message as one chunk (RFC 3030), in blocks of at most
+    *block_size* after the first; the command rides on the first block, so a small message
+    goes out in one write. A final line without CRLF gets one, as with DATA."""
+    parts = [part for part in parts if len(part)]
+    ends_with_crlf = not parts or b"".join(bytes(part[-2:]) for part in parts[-2:])[-2:] == b"\r\n"
+    tail = b"" if ends_with_crlf else b"\r\n"
+    size = sum(len(part) for part in parts) + len(tail)
+    command = b"BDAT %d LAST\r\n" % size
+    if size <= block_size:
+        yield b"".join([command, *parts, tail])
+        return
+    first = True
+    for part in parts:
+        view = memoryview(part)
+        for start in range(0, len(view), block_size):
+            block = view[start : start + block_size]
+            if first:
+                yield command + block
+                first = False
+            else:
+                yield bytes(block)
+    if tail:
+        yield tail
+
+
 async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: float,
-                    *, started: bool = False) -> SMTPResponse:
+                    *, started: bool = False, chunking: bool = False) -> SMTPResponse:
     """DATA, the message, and the upstream's final reply, all within ``limit`` seconds.
 
     *started*: DATA was sent already (pipelined) and answered 354; only the message follows.
+    *chunking*: the upstream offered CHUNKING; unless *started*, the message goes as
+    ``BDAT <size> LAST`` with the command in its first write (no 354 to wait for).
 
-    Raises what ``SMTP.data()`` raises: SMTPDataError for a refusal (354 or the final reply),
+    Raises what ``SMTP.data()`` raises: SMTPDataError for a refusal (DATA's, or the final reply),
     SMTPTimeoutError, SMTPServerDisconnected; and OutOfStep for a reply where none was due
     (before the end of the message, or a second one after it). The connection is closed
     whenever the message was not answered exactly once, at its end.
@@ -74,16 +108,18 @@ async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: flo
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
     try:
         async with asyncio.timeout(limit):
-            if not started:
+            bdat = chunking and not started
+            if not started and not bdat:
                 [start] = await pipeline(client, [b"DATA"], None)  # a group of one; our time limit
                 if start.code != 354:
                     raise aiosmtplib.SMTPDataError(start.code, start.message)
             protocol = adopt(protocol)
+            blocks = bdat_chunk(tuple(parts)) if bdat else dot_stuffed(parts)
             # A reply before the terminator was written answers nothing we sent: the upstream
             # is out of step (a "250 queued" there is for a message it has not seen).
             protocol._response_pending = True
             waiter = protocol._response_waiter
-            for block in dot_stuffed(parts):
+            for block in blocks:
                 if protocol._buffer or waiter is None or waiter.done():
                     raise _early(client, await protocol.read_response(timeout=None))
                 protocol.write(block)

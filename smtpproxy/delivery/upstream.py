@@ -182,6 +182,10 @@ _XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")
 _SURROGATES = re.compile("[\udc80-\udcff]")
 """Octets of a HELO that were not valid UTF-8, as the inbound side keeps them."""
 
+_MAX_IDENTITIES = 1024
+"""Encoded XCLIENT identities kept (about one per open client session); all are dropped
+when full, so memory stays bounded under any load."""
+
 _MAX_HELO = 255
 """Postfix refuses a longer XCLIENT/XFORWARD HELO= (501, VALID_HOSTNAME_LEN)."""
 
@@ -203,6 +207,8 @@ class Connector:
         """Told a server's name and how it learns the client (xclient, xforward, none)."""
         self._retiring: set[asyncio.Task[None]] = set()
         """Connections saying QUIT after their last message (see release)."""
+        self._identities: dict[tuple[object, ...], tuple[str, ...]] = {}
+        """Encoded XCLIENT attributes by what they encode (see _xclient_identity)."""
         self._verify_context = self._context(verify=settings.tls_verify)
         self._opportunistic_context = self._context(verify=False)
 
@@ -519,10 +525,23 @@ class Connector:
         return True
 
     def _xclient_identity(self, conn: Connection, session: Session) -> tuple[str, ...] | None:
-        """The XCLIENT attributes for this session, or None when XCLIENT is not used here."""
-        if self.settings.identity not in ("auto", "xclient") or conn.xclient_offered is None:
+        """The XCLIENT attributes for this session, or None when XCLIENT is not used here.
+
+        Asked up to three times per message (the idle connection's match, the new
+        connection's XCLIENT, the check after it): the encoded attributes are kept for the
+        values they were made from."""
+        offered = conn.xclient_offered
+        if self.settings.identity not in ("auto", "xclient") or offered is None:
             return None
-        return tuple(_xclient_attributes(session, conn.xclient_offered))
+        client = session.client
+        key = (offered, client.ip, client.port, client.hostname, session.helo, session.esmtp,
+               session.auth_user, session.local_ip, session.local_port)
+        identity = self._identities.get(key)
+        if identity is None:
+            if len(self._identities) >= _MAX_IDENTITIES:
+                self._identities.clear()
+            identity = self._identities[key] = tuple(_xclient_attributes(session, offered))
+        return identity
 
     def _identifies_with_a_command(self, conn: Connection, session: Session) -> bool:
         """Whether :meth:`_identify` will send XCLIENT or XFORWARD on this connection now."""
