@@ -158,7 +158,8 @@ class SmtpDeliveryConfig(_Model):
             "Pipeline commands (RFC 2920) when the upstream offers PIPELINING: XFORWARD or the "
             "reuse probe, MAIL, the RCPTs and (rcpt_mode at_data) DATA go in one write, so a "
             "message on a reused connection costs one round trip plus the data (three in relay "
-            "mode, where DATA waits for the client). 'false' sends one command at a time "
+            "mode, where DATA waits for the client; two where the upstream offers CHUNKING, whose "
+            "one BDAT carries the message without a 354). 'false' sends one command at a time "
             "(Postfix: smtp_discard_ehlo_keywords = pipelining)."
         ),
     )
