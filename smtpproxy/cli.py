@@ -212,6 +212,10 @@ def _command(argv: Sequence[str] | None) -> int:
     if args.command in ("quarantine", "history"):
         from smtpproxy import store_cli
 
+        missing = _embedded_store_missing(args, config)
+        if missing is not None:
+            print(f"smtpproxy: {missing}", file=sys.stderr)
+            return 1
         if config.store.configured:
             if args.command == "history":
                 return store_cli.history_command(config, args)
@@ -266,6 +270,18 @@ def _command(argv: Sequence[str] | None) -> int:
 
         return supervise(config, args.config)
     return _serve(ProxyServer(config, source, worker=args.worker).serve_forever(), config)
+
+
+def _embedded_store_missing(args: argparse.Namespace, config: Config) -> str | None:
+    """Without -c the store commands read the embedded default's ./smtpproxy.db; where there
+    is none, opening it would create an empty one and answer as if nothing were kept. Only
+    ``quarantine import`` (which fills a store) may start one."""
+    if args.config is not None or getattr(args, "action", None) == "import" or config.store.sqlite is None:
+        return None
+    if config.store.sqlite.exists():
+        return None
+    return (f"no store here: {config.store.sqlite} does not exist (the embedded default keeps it in "
+            "the directory `smtpproxy run` ran in); run this there, or pass -c with your configuration")
 
 
 def embedded_default_problem(config: Config) -> str | None:

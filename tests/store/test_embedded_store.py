@@ -79,3 +79,16 @@ def test_a_configuration_without_a_store_keeps_its_quarantine_directory(tmp_path
     proxy = ProxyServer(config, chain=chain_of())
     assert isinstance(proxy.services.quarantine, QuarantineStore)
     assert proxy.services.quarantine.path == tmp_path / "q"
+
+
+@pytest.mark.parametrize("argv", [("quarantine", "list"), ("history", "search"), ("quarantine", "show", "x")])
+def test_reading_the_embedded_store_where_there_is_none_says_so_and_creates_nothing(
+    tmp_path: Path, argv: tuple[str, ...]
+) -> None:
+    """Without -c the commands read ./smtpproxy.db; run elsewhere they must not leave an empty
+    store behind and report 'nothing quarantined' as if it were the real one."""
+    result = cli(tmp_path, *argv)
+    assert result.returncode == 1, result.stdout
+    assert "no store here" in result.stderr and "smtpproxy.db" in result.stderr and "-c" in result.stderr
+    assert not (tmp_path / "smtpproxy.db").exists()
+    assert "Traceback" not in result.stderr
