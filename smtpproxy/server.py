@@ -347,8 +347,7 @@ class ProxyServer:
         Sessions already running finish on the chain they started with; the replaced chain
         gets its ``shutdown`` notification after its last session. An invalid file, or a
         plugin whose ``startup`` hook fails, changes nothing. Sections that need a restart
-        (listeners, delivery, dns, logging, metrics, pid_file, login_throttle) keep their
-        running values.
+        (:data:`smtpproxy.reload.RESTART_ONLY`) keep their running values.
         Every outcome is logged as ``event=reload``. Concurrent reloads run one at a time.
         """
         async with self._reload_lock:
