@@ -74,15 +74,19 @@ async def edit_redis(backend: RedisBackend, key: str, value: str | None, *, add:
         elif not await backend.remove(key, value):
             return Edit.NOTHING_TO_REMOVE
         return Edit.DONE
-    current = await backend.lookup(key)
-    after = changed(split_entries(current), value, add)
-    if after is None:
-        return Edit.ALREADY_THERE if add else Edit.NOTHING_TO_REMOVE
-    if after:
-        await backend.add(key, ", ".join(after))
-    else:
-        await backend.remove(key)
-    return Edit.DONE
+    outcome = Edit.DONE
+
+    def change(current: str | None) -> str | None:
+        nonlocal outcome
+        after = changed(split_entries(None if current is None else (current,)), value, add)
+        if after is None:  # written back unchanged
+            outcome = Edit.ALREADY_THERE if add else Edit.NOTHING_TO_REMOVE
+            return current
+        outcome = Edit.DONE
+        return ", ".join(after) or None
+
+    await backend.update(key, change)
+    return outcome
 
 
 def edit_file(path: Path, key: str, value: str | None, *, add: bool) -> Edit:

@@ -6,6 +6,7 @@ table's timeout; a Redis that is down or slow raises TableUnavailable through :c
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 from smtpproxy.tables.base import Backend, Values
@@ -61,6 +62,30 @@ class RedisBackend(Backend):
         if self.structure == "set" and value is not None:
             return bool(await client.srem(self.prefix + key, value))
         return bool(await client.delete(self.prefix + key))
+
+    async def update(self, key: str, change: Callable[[str | None], str | None]) -> str | None:
+        """Replace a string key's value with ``change(value)`` as one step against every other
+        writer (WATCH, then MULTI/EXEC, again while another wrote in between): a read, change
+        and write of its own would lose an edit made at the same time. None from *change*
+        deletes the key; returns the value written."""
+        from redis.exceptions import WatchError
+
+        client = self._connect()
+        name = self.prefix + key
+        async with client.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(name)
+                    after = change(await pipe.get(name))
+                    pipe.multi()
+                    if after is None:
+                        pipe.delete(name)
+                    else:
+                        pipe.set(name, after)
+                    await pipe.execute()
+                    return after
+                except WatchError:
+                    continue
 
     async def keys(self) -> list[str]:
         client = self._connect()

@@ -156,3 +156,23 @@ def test_two_edits_of_one_file_at_once_both_land(tmp_path: Path, monkeypatch: py
         thread.join()
     rows = {key for key, _, _ in read_entries(tmp_path / "allow")}
     assert {"dave@example.com", "erin@example.com"} <= rows
+
+
+async def test_concurrent_edits_of_a_redis_string_entry_lose_nothing(redis_server: RedisServer) -> None:
+    """A string table keeps a key's entries as one value: each edit reads, changes and writes
+    it. Twenty writers at once (the console, allow sender, the CLI, on several nodes) each add
+    their own entry; every one must be there afterwards."""
+    from smtpproxy.tables.edit import Edit, edit_redis
+    from smtpproxy.tables.redis import RedisBackend
+
+    backends = [RedisBackend(redis_server.url, prefix="race:") for _ in range(20)]
+    try:
+        results = await asyncio.gather(*(edit_redis(b, "bob@dest.test", f"s{n}@src.test", add=True)
+                                         for n, b in enumerate(backends)))
+        assert results == [Edit.DONE] * 20
+        values = await backends[0].lookup("bob@dest.test")
+        assert values is not None
+        assert sorted(values[0].split(", ")) == sorted(f"s{n}@src.test" for n in range(20))
+    finally:
+        for b in backends:
+            await b.close()
