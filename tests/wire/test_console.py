@@ -4,7 +4,6 @@ redirect, the accounts file's errors, the audit log and the store's domain scope
 
 from __future__ import annotations
 
-import asyncio
 import re
 import time
 from collections.abc import AsyncIterator
@@ -17,11 +16,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from smtpproxy.auth import PasswordFileError
-from smtpproxy.config import load_config
 from smtpproxy.store import Held, HistoryEntry, Search, open_store
 from smtpproxy.web.accounts import Accounts, Viewer
 from smtpproxy.web.preview import preview, sanitise
-from smtpproxy.web.serve import make_server
+from tests.console_server import console_at
 from tests.daemons import free_port
 
 HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
@@ -52,15 +50,8 @@ async def console(tmp_path: Path) -> AsyncIterator[str]:
         f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
         "login_throttle:\n  initial_delay: 0\n")
     await _fill(tmp_path / "store.db")
-    config, _ = load_config(str(tmp_path / "cfg.yaml"))
-    server = make_server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "the web app did not start"
-        await asyncio.sleep(0.02)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    await task
+    async with console_at(tmp_path / "cfg.yaml", port) as base:
+        yield base
 
 
 async def _signed_in(base: str, name: str) -> tuple[httpx.AsyncClient, str]:

@@ -5,7 +5,6 @@ never a sign-in)."""
 
 from __future__ import annotations
 
-import asyncio
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -15,7 +14,7 @@ import httpx
 import pytest
 
 from smtpproxy.config import ConfigError, load_config
-from smtpproxy.web.serve import make_server
+from tests.console_server import console_at
 from tests.daemons import free_port
 from tests.slapd_server import BASE, SlapdServer
 from tests.slapd_server import slapd_server as slapd_server  # noqa: PLC0414 - re-exported fixture
@@ -32,17 +31,8 @@ async def _serve(tmp_path: Path, console: str, extra: str = "", lockout: int = 5
         "delivery:\n  type: maildir\n  path: mail\nstore:\n  sqlite: store.db\n"
         f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  secure_cookie: false\n{console}"
         f"login_throttle:\n  initial_delay: 0\n  lockout_after: {lockout}\n  lockout_seconds: 60\n{extra}")
-    config, _ = load_config(str(tmp_path / "cfg.yaml"))
-    server = make_server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "the web app did not start"
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with console_at(tmp_path / "cfg.yaml", port) as base:
+        yield base
 
 
 async def _sign_in(base: str, name: str, password: str) -> tuple[httpx.AsyncClient, httpx.Response]:

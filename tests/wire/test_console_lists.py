@@ -16,11 +16,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpproxy.config import load_config
 from smtpproxy.store import open_store
 from smtpproxy.web.accounts import Viewer
 from smtpproxy.web.listtables import check_entry, check_key, may_manage
-from smtpproxy.web.serve import make_server
+from tests.console_server import console_at
 from tests.daemons import free_port
 from tests.redis_server import RedisServer
 
@@ -46,17 +45,8 @@ async def _serve(tmp_path: Path, tables: str) -> AsyncIterator[str]:
         f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
         f"login_throttle:\n  initial_delay: 0\ntables:\n{tables}"
         "plugins:\n  - name: lists\n    settings: {allow: allow, block: block}\n")
-    config, _ = load_config(str(tmp_path / "cfg.yaml"))
-    server = make_server(config)
-    task = asyncio.create_task(server.serve())
-    while not server.started:
-        assert not task.done(), "the web app did not start"
-        await asyncio.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with console_at(tmp_path / "cfg.yaml", port) as base:
+        yield base
 
 
 @pytest.fixture

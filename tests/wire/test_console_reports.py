@@ -6,7 +6,7 @@ module next to the configuration (tests/store/test_report_cli.py); the allow tab
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -15,9 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from smtpproxy.config import load_config
 from smtpproxy.store import Held, open_store
-from smtpproxy.web.serve import make_server
+from tests.console_server import console_at
 from tests.daemons import free_port
 from tests.store.test_report_cli import LEARNERS, notebook
 from tests.store.test_store_cli import maildir
@@ -46,8 +45,6 @@ async def _fill(path: Path) -> None:
 @pytest.fixture
 async def start(tmp_path: Path) -> AsyncIterator[Start]:
     """Start the console with a learning plugin and the lists plugin on the allow table given."""
-    servers = []
-
     async def start(allow_table: str = "{type: file, file: allow}") -> str:
         port = free_port()
         (tmp_path / "learners.py").write_text(LEARNERS)
@@ -65,19 +62,10 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             "plugins:\n  - {name: notebook, use: 'learners:Notebook'}\n  - {name: lists, settings: {allow: allow}}\n")
         if not (tmp_path / "store.db").exists():
             await _fill(tmp_path / "store.db")
-        config, _ = load_config(str(tmp_path / "cfg.yaml"))
-        server = make_server(config)
-        task = asyncio.create_task(server.serve())
-        servers.append((server, task))
-        while not server.started:
-            assert not task.done(), "the web app did not start"
-            await asyncio.sleep(0.02)
-        return f"http://127.0.0.1:{port}"
+        return await servers.enter_async_context(console_at(tmp_path / "cfg.yaml", port))
 
-    yield start
-    for server, task in servers:
-        server.should_exit = True
-        await task
+    async with contextlib.AsyncExitStack() as servers:
+        yield start
 
 
 async def test_a_recipient_reports_and_allows_only_their_own_mail(start: Start, tmp_path: Path) -> None:
