@@ -31,15 +31,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from smtpproxy.delivery import Delivery
-from smtpproxy.delivery.maildir import MaildirDelivery
-from smtpproxy.delivery.smtp import SmtpDelivery
-from smtpproxy.delivery.upstream import UpstreamServer
+from smtpproxy.delivery import Delivery, DeliveryState
 from smtpproxy.metrics import PrometheusRecorder
 
 __all__ = ["DeliveryState", "HealthServer", "Readiness"]
@@ -54,15 +50,6 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 class ReadyState:
     ready: bool
     detail: str
-
-
-@dataclass(frozen=True, slots=True)
-class DeliveryState:
-    """What the last probe found: the backend usable or not, and each upstream's state."""
-
-    usable: bool
-    detail: str
-    upstreams: dict[str, bool]
 
 
 class Readiness:
@@ -109,7 +96,7 @@ class Readiness:
     async def _refresh(self) -> None:
         try:
             try:
-                state = await self._probe()
+                state = await self.delivery.probe(self.timeout)
             except Exception as exc:  # a probe that crashes says so instead of killing /readyz
                 state = DeliveryState(False, f"delivery probe failed: {type(exc).__name__}: {exc}", {})
             self._cached, self._expires = state, time.monotonic() + self.cache_seconds
@@ -124,76 +111,6 @@ class Readiness:
             self._probing.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probing
-
-    async def _probe(self) -> DeliveryState:
-        d = self.delivery
-        if isinstance(d, SmtpDelivery):
-            return await self._probe_upstreams(d)
-        if isinstance(d, MaildirDelivery):
-            path = d.path / "new"
-            if path.is_dir() and os.access(path, os.W_OK | os.X_OK):
-                return DeliveryState(True, f"maildir {d.path}: writable", {})
-            return DeliveryState(False, f"maildir {d.path}: not writable", {})
-        return DeliveryState(True, f"delivery {d.name}: no probe", {})
-
-    async def _probe_upstreams(self, d: SmtpDelivery) -> DeliveryState:
-        routes = d.route_servers
-        servers = list({id(s): s for servers in routes.values() for s in servers}.values())
-        implicit = d.connector.settings.tls == "implicit"
-        errors = await asyncio.gather(*(self._greets(s, implicit) for s in servers))
-        status = {id(s): _verify_failure(s) or err for s, err in zip(servers, errors, strict=True)}
-        lines = [f"upstream {s.name}: {status[id(s)] or 'ok'}; {_identity(s)}" for s in servers]
-        dead = [key for key, members in routes.items() if all(status[id(s)] for s in members)]
-        up = {s.name: status[id(s)] is None for s in servers}
-        if dead:
-            return DeliveryState(False, "no reachable upstream for route(s) " + ", ".join(dead)
-                                 + "\n" + "\n".join(lines), up)
-        return DeliveryState(True, "\n".join(lines), up)
-
-    async def _greets(self, server: UpstreamServer, implicit_tls: bool) -> str | None:
-        """None when the server accepts a connection and greets with 220; else what went wrong."""
-        try:
-            async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(server.host, server.port)
-                try:
-                    if implicit_tls:
-                        return None  # the greeting comes after a TLS handshake; the connect suffices
-                    line = await reader.readline()
-                    while line[3:4] == b"-":
-                        line = await reader.readline()
-                    if not line:
-                        return "closed the connection before greeting"
-                    if not line.startswith(b"220"):
-                        return "greeted with " + line[:60].decode("ascii", "replace").strip()
-                    writer.write(b"QUIT\r\n")  # polite: no "lost connection" line in its log
-                    await writer.drain()
-                    return None
-                finally:
-                    writer.close()
-                    with contextlib.suppress(OSError):
-                        await writer.wait_closed()
-        except TimeoutError:
-            return f"no greeting within {self.timeout:g}s"
-        except OSError as exc:
-            return exc.strerror or type(exc).__name__
-
-
-def _verify_failure(server: UpstreamServer) -> str | None:
-    """A certificate that did not verify on the last delivery attempt: the upstream answers
-    a TCP probe, but no mail can reach it until the CA or tls_hostname is fixed."""
-    if server.down_reason != "tls_verify":
-        return None
-    return f"TLS certificate verification failed ({server.down_detail})"
-
-
-def _identity(server: UpstreamServer) -> str:
-    """How the upstream learns the original client, as the last connection found out."""
-    if server.identity is None:
-        return "client identity: not known yet (no message sent)"
-    if server.identity == "none":
-        return f"client identity: none ({server.identity_reason})"
-    return f"client identity: {server.identity}"
-
 
 class HealthServer:
     """Serves /healthz, /readyz and /metrics on one address."""

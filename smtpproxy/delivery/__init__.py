@@ -17,7 +17,7 @@ from smtpproxy.message import Message
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdicts import Reply
 
-__all__ = ["Delivered", "Delivery", "DeliveryError", "UpstreamTransaction"]
+__all__ = ["Delivered", "Delivery", "DeliveryError", "DeliveryState", "UpstreamTransaction"]
 
 
 class DeliveryError(Exception):
@@ -62,6 +62,15 @@ class UpstreamTransaction(Protocol):
         """End the upstream transaction without a message (client RSET, QUIT, refusal)."""
 
 
+@dataclass(frozen=True, slots=True)
+class DeliveryState:
+    """What a readiness probe found: the backend usable or not, and each upstream's state."""
+
+    usable: bool
+    detail: str
+    upstreams: dict[str, bool]
+
+
 class Delivery(Protocol):
     """What the proxy needs of a backend."""
 
@@ -97,6 +106,11 @@ class Delivery(Protocol):
     def reply_bound(self) -> float:
         """How long a message already handed over may still take to be answered (shutdown
         waits this long for the answer the client is owed)."""
+        ...
+
+    async def probe(self, greeting_seconds: float) -> DeliveryState:
+        """Whether the backend can take mail now, for ``/readyz`` and the up gauges: each
+        upstream greeted within *greeting_seconds*, or a local directory writable."""
         ...
 
     def upstream_names(self) -> list[str]:

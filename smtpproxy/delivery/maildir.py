@@ -10,7 +10,7 @@ from pathlib import Path
 
 from smtpproxy.addresses import Address
 from smtpproxy.blocking import run_blocking
-from smtpproxy.delivery import Delivered, DeliveryError, UpstreamTransaction
+from smtpproxy.delivery import Delivered, DeliveryError, DeliveryState, UpstreamTransaction
 from smtpproxy.message import Buffer, Message
 from smtpproxy.private_files import FILE_MODE, make_private_dirs, narrow_modes
 from smtpproxy.received import received_field, wants_received
@@ -61,6 +61,13 @@ class MaildirDelivery:
 
     def reply_bound(self) -> float:
         return 30.0  # a write and two fsyncs
+
+    async def probe(self, greeting_seconds: float) -> DeliveryState:
+        """Usable while the Maildir's new/ can be written (no server to greet)."""
+        path = self.path / "new"
+        if path.is_dir() and os.access(path, os.W_OK | os.X_OK):
+            return DeliveryState(True, f"maildir {self.path}: writable", {})
+        return DeliveryState(False, f"maildir {self.path}: not writable", {})
 
     def upstream_names(self) -> list[str]:
         return []

@@ -39,8 +39,9 @@ import aiosmtplib
 
 from smtpproxy import config as cfg
 from smtpproxy.addresses import Address
-from smtpproxy.delivery import Delivered, DeliveryError
+from smtpproxy.delivery import Delivered, DeliveryError, DeliveryState
 from smtpproxy.delivery.pipelining import OutOfStep, pipeline
+from smtpproxy.delivery.probe import probe_upstreams
 from smtpproxy.delivery.stream import send_data
 from smtpproxy.delivery.upstream import (
     Connection,
@@ -213,6 +214,11 @@ class SmtpDelivery:
         """The end of DATA's timeout, and one command's (the pipelined group before it)."""
         s = self.connector.settings
         return s.data_timeout + s.command_timeout
+
+    async def probe(self, greeting_seconds: float) -> DeliveryState:
+        implicit = self.connector.settings.tls == "implicit"
+        return await probe_upstreams(self.route_servers, implicit_tls=implicit,
+                                     greeting_seconds=greeting_seconds)
 
     def upstream_names(self) -> list[str]:
         return list({u.name: None for servers in self.route_servers.values() for u in servers})
