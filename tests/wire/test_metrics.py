@@ -443,3 +443,21 @@ async def test_metrics_port_in_use_is_a_startup_error(tmp_path: Path) -> None:
         assert server.addresses == []  # the SMTP listeners were closed again
     finally:
         blocker.close()
+
+
+async def test_a_maildir_delivery_is_ready_while_its_new_directory_is_there(tmp_path: Path) -> None:
+    """The Maildir backend answers the readiness probe itself (Delivery.probe)."""
+    import shutil
+
+    from smtpproxy.delivery.maildir import MaildirDelivery
+    from smtpproxy.health import Readiness
+
+    delivery = MaildirDelivery(tmp_path / "mail")
+    await delivery.start()
+    state = await Readiness(delivery, lambda: False, cache_seconds=0).delivery_state()
+    assert (state.usable, state.detail) == (True, f"maildir {tmp_path / 'mail'}: writable")
+    shutil.rmtree(tmp_path / "mail" / "new")
+    readiness = Readiness(delivery, lambda: False, cache_seconds=0, require_delivery=True)
+    ready = await readiness.check()
+    assert (ready.ready, ready.detail) == (False, f"maildir {tmp_path / 'mail'}: not writable")
+    await delivery.close()
