@@ -415,10 +415,13 @@ def describe_change(change: Change) -> str:
     return "body replaced"
 
 
+ENVELOPE_CHANGE_LABELS = {"sender": "sender", "add_recipient": "+rcpt", "remove_recipient": "-rcpt"}
+"""How an envelope edit's operation is shown (log lines, the tracer's report)."""
+
+
 def describe_envelope_change(change: EnvelopeChange) -> str:
     """One envelope edit as a line: ``sender <a>``, ``+rcpt <a>``, ``-rcpt <a>``."""
-    label = {"sender": "sender", "add_recipient": "+rcpt", "remove_recipient": "-rcpt"}
-    return f"{label.get(change.op, change.op)} <{change.address.text}>"
+    return f"{ENVELOPE_CHANGE_LABELS.get(change.op, change.op)} <{change.address.text}>"
 
 
 def _tx(kwargs: Mapping[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from smtpproxy.chain import ENVELOPE_CHANGE_LABELS
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.outcome import PROXY
 from smtpproxy.startup import StartupError
@@ -125,8 +126,7 @@ def render_text(trace: Trace, label: str = "") -> str:
     if trace.envelope_changes:
         out.append("")
         out.append("envelope changes")
-        labels = {"sender": "sender", "add_recipient": "+rcpt", "remove_recipient": "-rcpt"}
-        out.extend(f"    {labels.get(op, op)} <{address}>  (by {plugin})"
+        out.extend(f"    {ENVELOPE_CHANGE_LABELS.get(op, op)} <{address}>  (by {plugin})"
                    for op, address, plugin in trace.envelope_changes)
     if trace.groups:
         out.append("")
