@@ -137,3 +137,12 @@ def test_lists_plugin_as_a_group_has_it(tmp_path: Path, group: str | None, expec
     assert table.name == expected
     if expected is None:
         assert table.problem == "no lists plugin is configured for policy group off: there is no allow list"
+
+
+def test_allow_sender_when_the_release_takes_every_recipient(tmp_path: Path, held: list[str]) -> None:  # noqa: F811
+    # Once every recipient is released the store drops the content: the From: address is read before.
+    (tmp_path / "allow").write_text("")
+    cfg = config(tmp_path, LISTS, "tables:\n  allow: {type: file, file: allow}\n")
+    result = run(cfg, "quarantine", "release", held[1], "--allow-sender")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "allow").read_text() == "bob@dest.test  a@sender.test\ncarol@dest.test  a@sender.test\n"
