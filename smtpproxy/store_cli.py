@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from smtpproxy.allowsender import allow_tables, any_allow_table, author
+from smtpproxy.allowsender import AllowTable, allow_tables, any_allow_table, author
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config
 from smtpproxy.history import node_name
@@ -263,8 +263,12 @@ async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipi
         for n, qid in enumerate(ids, 1):
             progress = f"[{n}/{len(ids)}] " if len(ids) > 1 else ""
             try:
-                # The message as held: once every recipient is released, its content is gone.
-                before = await q.show(qid) if allow is not None else None
+                plan = None
+                if allow is not None:  # read while kept: once all are released, the content is gone
+                    plan = await _allow_plan(config, q, allow, qid, recipients)
+                    if plan is None:
+                        failed += 1
+                        continue
                 done = await q.release(qid, delivery, recipients or None, actor="admin", admin=True)
             except QuarantineError as exc:
                 failed += 1
@@ -282,8 +286,8 @@ async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipi
             else:
                 print(f"{progress}{qid}: released for {', '.join(done.recipients)} to "
                       f"{done.delivered.destination}: {done.delivered.reply}", flush=True)
-                if allow is not None and before is not None:
-                    failed += not await _allow(config, q, allow, before, done.recipients)
+                if plan is not None:
+                    failed += not await _allow(config, q, qid, plan, done.recipients)
     finally:
         await delivery.close()
     if len(ids) > 1:
@@ -291,27 +295,37 @@ async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipi
     return 1 if failed else 0
 
 
-async def _allow(config: Config, q: DatabaseQuarantine, chain: Chain, before: tuple[Held, bytes],
-                 recipients: list[str]) -> bool:
-    """Add the message's From: address to each recipient's allow list (in its policy group's
-    allow table); whether it could. *before*: the message as it was held."""
+async def _allow_plan(config: Config, q: DatabaseQuarantine, chain: Chain, qid: str,
+                      recipients: list[str]) -> tuple[str, list[tuple[AllowTable, list[str]]]] | None:
+    """Before a release: the From: address to allow and each recipient's allow table (its
+    policy group's), read while the message is still kept; None (said why) when it cannot be."""
     from smtpproxy.recipientgroups import GroupUnknown
 
-    held, content = before
-    qid, sender = held.id, author(content)
+    held, content = await q.show(qid)
+    sender = author(content)
     if sender is None:
-        print(f"{qid}: FAILED to allow the sender: the message has no single From: address", flush=True)
-        return False
+        print(f"{qid}: FAILED to allow the sender: the message has no single From: address; "
+              "nothing was released", flush=True)
+        return None
     try:
-        tables = await allow_tables(config, chain, recipients, client_ip=client_of(held.record))
+        tables = await allow_tables(config, chain, recipients or held.held, client_ip=client_of(held.record))
     except GroupUnknown as exc:
-        print(f"{qid}: FAILED to allow {sender}: {exc}", flush=True)
-        return False
+        print(f"{qid}: FAILED to allow {sender}: {exc}; nothing was released", flush=True)
+        return None
     for table, for_whom in tables:
         if not table.writable:
-            print(f"{qid}: FAILED to allow {sender} for {', '.join(for_whom)}: {table.problem}", flush=True)
-            return False
-        for recipient in for_whom:
+            print(f"{qid}: FAILED to allow {sender} for {', '.join(for_whom)}: {table.problem}; "
+                  "nothing was released", flush=True)
+            return None
+    return sender, tables
+
+
+async def _allow(config: Config, q: DatabaseQuarantine, qid: str,
+                 plan: tuple[str, list[tuple[AllowTable, list[str]]]], released: list[str]) -> bool:
+    """Add the From: address to each released recipient's allow list; whether it could."""
+    sender, tables = plan
+    for table, for_whom in tables:
+        for recipient in (r for r in for_whom if r in released):
             try:
                 said = await table.add(config, recipient, sender)
             except Exception as exc:  # the table's own errors (redis down, file not writable)

@@ -96,24 +96,26 @@ async def allow_sender(context: WebContext, viewer: Viewer, held: Held, *, wante
     if held.admin_only and not viewer.is_admin:
         await audit(context, viewer, "release_refused", held.id, recipients=wanted, detail="admin only")
         return Done(403, [f"{held.id}: held by {held.decided_by}; only an administrator can release it"])
+    chain = _chain(context)
+    if isinstance(chain, Done):
+        return chain
+    try:  # each recipient's group's table, known before anything is released
+        tables = await allow_tables(context.config, chain, wanted, client_ip=client_of(held.record))
+    except GroupUnknown as exc:
+        return Done(503, [f"The sender cannot be allowed now, nothing was released: {exc}."])
+    for table, for_whom in tables:
+        if not table.writable:
+            whom = ", ".join(for_whom)
+            return Done(409, [f"The sender cannot be allowed for {whom}: {table.problem}."])
     result = await release(wanted)
     after = await context.quarantine.db.get(held.id)
     released = [r for r in wanted if after is not None and after.recipients.get(r) == "released"]
     if not released:
         return Done(502, [result, "Nothing was released, so the sender was not allowed."])
-    chain = _chain(context)
-    if isinstance(chain, Done):
-        return Done(chain.status, [result, *chain.lines])
-    try:
-        tables = await allow_tables(context.config, chain, released, client_ip=client_of(held.record))
-    except GroupUnknown as exc:
-        return Done(502, [result, f"The sender could not be allowed: {exc}"])
     lines = [result]
     for table, for_whom in tables:
-        if not table.writable:
-            whom = ", ".join(for_whom)
-            return Done(409, [*lines, f"The sender cannot be allowed for {whom}: {table.problem}."])
-        keys = sorted({f"@{r.rpartition('@')[2].lower()}" if scope == "domain" else r for r in for_whom})
+        keys = sorted({f"@{r.rpartition('@')[2].lower()}" if scope == "domain" else r
+                       for r in for_whom if r in released})
         for key in keys:
             try:
                 said = await table.add(context.config, key, sender)

@@ -116,7 +116,9 @@ def test_allow_sender_with_a_down_selector_table_allows_nothing(tmp_path: Path, 
     result = run(cfg, "quarantine", "release", held[0], "--allow-sender")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "FAILED to allow a@sender.test: the policy group of bob@dest.test is unknown" in result.stdout
+    assert "nothing was released" in result.stdout
     assert (tmp_path / "allow").read_text() == ""
+    assert maildir(tmp_path) == []  # refused before the release
 
 
 @pytest.mark.parametrize(("group", "expected"), [(None, "allow"), ("bobs", "bobs_allow"), ("off", None)])

@@ -192,6 +192,23 @@ async def test_reports_and_allow_entries_follow_each_recipients_policy_group(sta
         await admin.aclose()
 
 
+async def test_a_selector_table_that_is_down_teaches_and_allows_nothing(start: Start, tmp_path: Path) -> None:
+    down = free_port()  # nothing listens there: the Redis is down
+    more = "policies:\n  - {name: staff, recipients: ['table:staff'], plugins: {notebook: {enabled: false}}}\n"
+    admin, csrf = await _signed_in(await start(
+        f"{{type: file, file: allow}}\n  staff: {{type: redis, url: 'redis://127.0.0.1:{down}/0', timeout: 0.5}}",
+        more), "root")
+    try:
+        reply = await admin.post("/console/quarantine/q-a/report", data={"csrf": csrf, "verdict": "spam"})
+        assert reply.status_code == 502 and "the policy group of bob@a.test is unknown" in reply.text
+        reply = await admin.post("/console/quarantine/q-a/allow", data={"csrf": csrf})
+        assert reply.status_code == 503 and "nothing was released" in reply.text, reply.text
+        assert notebook(tmp_path) == [] and maildir(tmp_path) == []  # never the default group's
+        assert (tmp_path / "allow").read_text() == ALLOW_LIST
+    finally:
+        await admin.aclose()
+
+
 async def test_no_allow_button_where_the_table_cannot_be_written(start: Start, tmp_path: Path) -> None:
     admin, csrf = await _signed_in(await start("{type: inline, entries: {x: y}}"), "root")
     try:
