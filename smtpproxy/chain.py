@@ -265,11 +265,15 @@ class Chain:
                     extra.append(call)
         return (*calls, *extra)
 
-    async def request(self, hook_name: str, **kwargs: Any) -> list[RequestReply]:
-        """Call a request hook (``learn``) on every implementer, in order: what each said or
-        why it failed. Never raises for a plugin's error."""
+    async def request(self, hook_name: str, *, only: object | None = None,
+                      **kwargs: Any) -> list[RequestReply]:
+        """Call a request hook (``learn``) on every implementer (*only*: on that plugin
+        instance alone), in order: what each said or why it failed. Never raises for a
+        plugin's error."""
         replies = []
         for call in self._calls[hook_name]:
+            if only is not None and call.step.plugin is not only:
+                continue
             result, error, _ = await self._call(call, kwargs)
             if error is None and result is not None and not isinstance(result, str):
                 error = f"returned {type(result).__name__}, not a text"

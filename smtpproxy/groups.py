@@ -22,13 +22,13 @@ The rules (docs/multi-domain.md):
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from smtpproxy.chain import Chain
 from smtpproxy.config.policies import DEFAULT_GROUP, PolicyGroup
 from smtpproxy.networks import IPNetwork, ip_in_networks
-from smtpproxy.tables import address_keys, get_table, strip_extension
+from smtpproxy.tables import Table, address_keys, get_table, strip_extension
 
 __all__ = ["DEFAULT_GROUP", "Choice", "Group", "Policies", "transaction_key"]
 
@@ -116,11 +116,12 @@ class Group:
                 return f"domain *{suffix}"
         return None
 
-    async def table_match(self, address: str) -> str | None:
+    async def table_match(self, address: str, tables: Mapping[str, Table] | None = None) -> str | None:
         """Why a selector table has *address* (its keys in docs/tables.md's order), or None;
-        :class:`~smtpproxy.tables.TableUnavailable` when a table cannot answer."""
+        :class:`~smtpproxy.tables.TableUnavailable` when a table cannot answer. *tables*: where
+        to find them (default: the process's installed tables)."""
         for name in self.tables:
-            table = get_table(name)
+            table = get_table(name) if tables is None else tables[name]
             for key in address_keys(address):
                 if await table.lookup(key) is not None:
                     return f"table {name} has {key}"
@@ -150,12 +151,18 @@ class Policies:
         """Every group's name (the bounded set of metric labels)."""
         return tuple(self.by_name)
 
+    @property
+    def selector_tables(self) -> tuple[str, ...]:
+        """The tables the groups' ``table:`` selectors look into, each once."""
+        return tuple(dict.fromkeys(name for g in self.groups for name in g.tables))
+
     async def choose(self, address: str, *, auth_user: str | None = None, client_ip: str = "",
-                     local_port: int = 0) -> Choice:
+                     local_port: int = 0, tables: Mapping[str, Table] | None = None) -> Choice:
         """The first group whose selectors all match *address* and the session; else default.
 
         A selector table that cannot answer raises TableUnavailable (the caller tempfails):
         whether this group matches is then unknown, and so is every later one's turn.
+        *tables*: the selector tables (default: the process's installed ones).
         """
         address = address.lower()
         for group in self.groups:
@@ -166,7 +173,7 @@ class Policies:
                 return Choice(group, session_why or "takes every recipient")
             why = group.static_match(address)
             if why is None and group.tables:
-                why = await group.table_match(address)
+                why = await group.table_match(address, tables)
             if why is not None:
                 return Choice(group, ", ".join(w for w in (why, session_why) if w))
         return Choice(self.default, "no group selects it")

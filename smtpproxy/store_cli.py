@@ -14,17 +14,18 @@ import json
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from smtpproxy.allowsender import AllowTable, allow_table, author
+from smtpproxy.allowsender import AllowTable, allow_tables, any_allow_table, author
 from smtpproxy.chain import Chain
 from smtpproxy.config import Config
 from smtpproxy.history import node_name
 from smtpproxy.learning import Verdict
 from smtpproxy.quarantine import QuarantineError
+from smtpproxy.recipientgroups import client_of
 from smtpproxy.store import AuditEntry, Held, Search, Store, StoreError, store_from_config
 from smtpproxy.store.quarantine import DatabaseQuarantine
 
@@ -132,18 +133,20 @@ def quarantine_command(config: Config, args: argparse.Namespace) -> int:
         return _fail("quarantine report --release goes with --ham (not spam): spam stays held", 2)
     allow = None
     if getattr(args, "allow_sender", False):
-        allow = allow_table(config)
-        if not allow.writable:
-            return _fail(f"cannot allow the sender: {allow.problem}", 2)
+        table = any_allow_table(config)
+        if not table.writable:
+            return _fail(f"cannot allow the sender: {table.problem}", 2)
     chain = None
-    if action == "report":
+    if action == "report" or getattr(args, "allow_sender", False):
         from smtpproxy.config import ConfigError
         from smtpproxy.learning import learners
 
         try:
-            chain = learners(config)
+            built = learners(config)  # with the policy groups: whose learners, whose allow table
         except ConfigError as exc:
             return _fail(f"the plugins cannot be built, so none can learn:\n{exc}", 2)
+        chain = built if action == "report" else None
+        allow = built if getattr(args, "allow_sender", False) else None
 
     async def work(store: Store) -> int:
         q = quarantine_of(store)
@@ -171,7 +174,7 @@ def quarantine_command(config: Config, args: argparse.Namespace) -> int:
                   f"{skipped} already in the store")
             return 0
         if chain is not None:
-            failed = await _report(q, chain, ids, args.verdict, args.recipient or [])
+            failed = await _report(q, chain, ids, args.verdict, args.recipient or [], tables=config.tables)
             if args.release and not failed:
                 return await _release(config, q, ids, args.recipient or [], allow)
             return 1 if failed else 0
@@ -181,8 +184,9 @@ def quarantine_command(config: Config, args: argparse.Namespace) -> int:
 
 
 async def _report(q: DatabaseQuarantine, chain: Chain, ids: list[str], verdict: Verdict,
-                  recipients: list[str]) -> int:
-    """Teach the learning plugins each message; every report goes to the audit log. Failures."""
+                  recipients: list[str], *, tables: Mapping[str, Any]) -> int:
+    """Teach the learning plugins of each recipient's policy group each message; every report
+    goes to the audit log. Failures."""
     from smtpproxy.learning import report
 
     failed = 0
@@ -198,7 +202,8 @@ async def _report(q: DatabaseQuarantine, chain: Chain, ids: list[str], verdict: 
             failed += 1
             print(f"{qid}: FAILED: no recipient {', '.join(unknown)}")
             continue
-        learned = await report(chain, content, verdict, "cli", recipients or list(held.recipients))
+        learned = await report(chain, content, verdict, "cli", recipients or list(held.recipients),
+                               table_specs=tables, client_ip=client_of(held.record))
         lines = learned.lines()
         await q.db.audit(AuditEntry(time.time(), "cli", f"report_{verdict}", qid,
                                     recipients or list(held.recipients), "; ".join(lines)[:1000]))
@@ -243,7 +248,8 @@ async def _show(q: DatabaseQuarantine, qid: str) -> int:
 
 
 async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipients: list[str],
-                   allow: AllowTable | None = None) -> int:
+                   allow: Chain | None = None) -> int:
+    """Release; with *allow* (the configured chain, for its policy groups) allow the sender too."""
     from smtpproxy.delivery import DeliveryError
     from smtpproxy.delivery.factory import make_delivery
 
@@ -257,6 +263,12 @@ async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipi
         for n, qid in enumerate(ids, 1):
             progress = f"[{n}/{len(ids)}] " if len(ids) > 1 else ""
             try:
+                plan = None
+                if allow is not None:  # read while kept: once all are released, the content is gone
+                    plan = await _allow_plan(config, q, allow, qid, recipients)
+                    if plan is None:
+                        failed += 1
+                        continue
                 done = await q.release(qid, delivery, recipients or None, actor="admin", admin=True)
             except QuarantineError as exc:
                 failed += 1
@@ -274,8 +286,8 @@ async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipi
             else:
                 print(f"{progress}{qid}: released for {', '.join(done.recipients)} to "
                       f"{done.delivered.destination}: {done.delivered.reply}", flush=True)
-                if allow is not None:
-                    failed += not await _allow(config, q, allow, qid, done.recipients)
+                if plan is not None:
+                    failed += not await _allow(config, q, qid, plan, done.recipients)
     finally:
         await delivery.close()
     if len(ids) > 1:
@@ -283,21 +295,45 @@ async def _release(config: Config, q: DatabaseQuarantine, ids: list[str], recipi
     return 1 if failed else 0
 
 
-async def _allow(config: Config, q: DatabaseQuarantine, allow: AllowTable, qid: str,
-                 recipients: list[str]) -> bool:
-    """Add the message's From: address to each recipient's allow list; whether it could."""
-    sender = author(await q.db.content(qid))
+async def _allow_plan(config: Config, q: DatabaseQuarantine, chain: Chain, qid: str,
+                      recipients: list[str]) -> tuple[str, list[tuple[AllowTable, list[str]]]] | None:
+    """Before a release: the From: address to allow and each recipient's allow table (its
+    policy group's), read while the message is still kept; None (said why) when it cannot be."""
+    from smtpproxy.recipientgroups import GroupUnknown
+
+    held, content = await q.show(qid)
+    sender = author(content)
     if sender is None:
-        print(f"{qid}: FAILED to allow the sender: the message has no single From: address", flush=True)
-        return False
-    for recipient in recipients:
-        try:
-            said = await allow.add(config, recipient, sender)
-        except Exception as exc:  # the table's own errors (redis down, file not writable)
-            print(f"{qid}: FAILED to allow {sender} for {recipient}: {type(exc).__name__}: {exc}", flush=True)
-            return False
-        await q.db.audit(AuditEntry(time.time(), "cli", "allow_sender", qid, [recipient], said[:1000]))
-        print(f"{qid}: {said}", flush=True)
+        print(f"{qid}: FAILED to allow the sender: the message has no single From: address; "
+              "nothing was released", flush=True)
+        return None
+    try:
+        tables = await allow_tables(config, chain, recipients or held.held, client_ip=client_of(held.record))
+    except GroupUnknown as exc:
+        print(f"{qid}: FAILED to allow {sender}: {exc}; nothing was released", flush=True)
+        return None
+    for table, for_whom in tables:
+        if not table.writable:
+            print(f"{qid}: FAILED to allow {sender} for {', '.join(for_whom)}: {table.problem}; "
+                  "nothing was released", flush=True)
+            return None
+    return sender, tables
+
+
+async def _allow(config: Config, q: DatabaseQuarantine, qid: str,
+                 plan: tuple[str, list[tuple[AllowTable, list[str]]]], released: list[str]) -> bool:
+    """Add the From: address to each released recipient's allow list; whether it could."""
+    sender, tables = plan
+    for table, for_whom in tables:
+        for recipient in (r for r in for_whom if r in released):
+            try:
+                said = await table.add(config, recipient, sender)
+            except Exception as exc:  # the table's own errors (redis down, file not writable)
+                print(f"{qid}: FAILED to allow {sender} for {recipient}: {type(exc).__name__}: {exc}",
+                      flush=True)
+                return False
+            await q.db.audit(AuditEntry(time.time(), "cli", "allow_sender", qid, [recipient], said[:1000]))
+            print(f"{qid}: {said}", flush=True)
     return True
 
 

@@ -8,6 +8,8 @@ may do it; :mod:`smtpproxy.web.console` renders the buttons and the answer.
   ``From:`` address to each one's allow list in the lists plugin's allow table, only where
   that table is writable (file or redis). A recipient's entry is for themselves; a domain
   admin (or an admin) may add it for the whole domain (``@domain``) instead.
+- With ``policies:``, both follow each recipient's policy group (as at RCPT): its learners,
+  its allow table (:mod:`smtpproxy.learning`, :mod:`smtpproxy.allowsender`).
 
 Every report, refusal and allow entry is written to the audit log through the console's own
 audit function.
@@ -19,9 +21,11 @@ import html
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from smtpproxy.allowsender import AllowTable, allow_table, author
+from smtpproxy.allowsender import AllowTable, allow_tables, any_allow_table, author
+from smtpproxy.chain import Chain
 from smtpproxy.config import ConfigError
 from smtpproxy.learning import Verdict, learners, report
+from smtpproxy.recipientgroups import GroupUnknown, client_of
 from smtpproxy.store import Held
 from smtpproxy.web.accounts import Viewer
 from smtpproxy.web.context import WebContext
@@ -41,7 +45,18 @@ class Done:
 
 
 def writable_allow_table(context: WebContext) -> AllowTable:
-    return allow_table(context.config)
+    """A writable allow table (the global one or a policy group's), or why there is none."""
+    return any_allow_table(context.config)
+
+
+def _chain(context: WebContext) -> Chain | Done:
+    """The configured chain with its groups (built on first use), or why it cannot be built."""
+    if context.learners is None:
+        try:
+            context.learners = learners(context.config)
+        except ConfigError as exc:
+            return Done(503, [f"The plugins cannot be built, so none can learn: {exc}"])
+    return context.learners
 
 
 async def report_message(context: WebContext, viewer: Viewer, held: Held, *, recipients: list[str],
@@ -50,13 +65,12 @@ async def report_message(context: WebContext, viewer: Viewer, held: Held, *, rec
     if verdict == "ham" and held.admin_only and not viewer.is_admin:
         await audit(context, viewer, "report_refused", held.id, recipients=recipients, detail="admin only")
         return Done(403, [f"Held by {held.decided_by}: only an administrator can report it as not spam."])
-    if context.learners is None:
-        try:
-            context.learners = learners(context.config)
-        except ConfigError as exc:
-            return Done(503, [f"The plugins cannot be built, so none can learn: {exc}"])
+    chain = _chain(context)
+    if isinstance(chain, Done):
+        return chain
     content = await context.store.content(held.id)
-    learned = await report(context.learners, content, verdict, f"{viewer.role}:{viewer.name}", recipients)
+    learned = await report(chain, content, verdict, f"{viewer.role}:{viewer.name}", recipients,
+                           table_specs=context.config.tables, client_ip=client_of(held.record))
     lines = learned.lines()
     await audit(context, viewer, f"report_{verdict}", held.id, recipients=recipients,
                 detail="; ".join(lines)[:1000])
@@ -82,22 +96,35 @@ async def allow_sender(context: WebContext, viewer: Viewer, held: Held, *, wante
     if held.admin_only and not viewer.is_admin:
         await audit(context, viewer, "release_refused", held.id, recipients=wanted, detail="admin only")
         return Done(403, [f"{held.id}: held by {held.decided_by}; only an administrator can release it"])
+    chain = _chain(context)
+    if isinstance(chain, Done):
+        return chain
+    try:  # each recipient's group's table, known before anything is released
+        tables = await allow_tables(context.config, chain, wanted, client_ip=client_of(held.record))
+    except GroupUnknown as exc:
+        return Done(503, [f"The sender cannot be allowed now, nothing was released: {exc}."])
+    for table, for_whom in tables:
+        if not table.writable:
+            whom = ", ".join(for_whom)
+            return Done(409, [f"The sender cannot be allowed for {whom}: {table.problem}."])
     result = await release(wanted)
     after = await context.quarantine.db.get(held.id)
     released = [r for r in wanted if after is not None and after.recipients.get(r) == "released"]
     if not released:
         return Done(502, [result, "Nothing was released, so the sender was not allowed."])
-    keys = sorted({f"@{r.rpartition('@')[2].lower()}" if scope == "domain" else r for r in released})
     lines = [result]
-    for key in keys:
-        try:
-            said = await table.add(context.config, key, sender)
-        except Exception as exc:  # the table's own errors (redis down, file not writable)
-            await audit(context, viewer, "allow_sender_failed", held.id, recipients=released,
-                        detail=f"{key}: {exc!r}"[:500])
-            return Done(502, [*lines, f"The sender could not be allowed for {key}: {exc}"])
-        await audit(context, viewer, "allow_sender", held.id, recipients=released, detail=said[:1000])
-        lines.append(f"{sender} is now on the allow list of {key}.")
+    for table, for_whom in tables:
+        keys = sorted({f"@{r.rpartition('@')[2].lower()}" if scope == "domain" else r
+                       for r in for_whom if r in released})
+        for key in keys:
+            try:
+                said = await table.add(context.config, key, sender)
+            except Exception as exc:  # the table's own errors (redis down, file not writable)
+                await audit(context, viewer, "allow_sender_failed", held.id, recipients=released,
+                            detail=f"{key}: {exc!r}"[:500])
+                return Done(502, [*lines, f"The sender could not be allowed for {key}: {exc}"])
+            await audit(context, viewer, "allow_sender", held.id, recipients=released, detail=said[:1000])
+            lines.append(f"{sender} is now on the allow list of {key}.")
     return Done(200, lines)
 
 

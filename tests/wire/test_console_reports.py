@@ -45,7 +45,7 @@ async def _fill(path: Path) -> None:
 @pytest.fixture
 async def start(tmp_path: Path) -> AsyncIterator[Start]:
     """Start the console with a learning plugin and the lists plugin on the allow table given."""
-    async def start(allow_table: str = "{type: file, file: allow}") -> str:
+    async def start(allow_table: str = "{type: file, file: allow}", more: str = "") -> str:
         port = free_port()
         (tmp_path / "learners.py").write_text(LEARNERS)
         sys.modules.pop("learners", None)  # this test's module (it writes next to itself), not an earlier one
@@ -59,7 +59,8 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
             f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
             f"login_throttle:\n  initial_delay: 0\nplugin_paths: [{tmp_path}]\n"
             f"tables:\n  allow: {allow_table}\n"
-            "plugins:\n  - {name: notebook, use: 'learners:Notebook'}\n  - {name: lists, settings: {allow: allow}}\n")
+            "plugins:\n  - {name: notebook, use: 'learners:Notebook'}\n  - {name: lists, settings: {allow: allow}}\n"
+            + more)
         if not (tmp_path / "store.db").exists():
             await _fill(tmp_path / "store.db")
         return await servers.enter_async_context(console_at(tmp_path / "cfg.yaml", port))
@@ -170,6 +171,42 @@ async def test_a_domain_admin_allows_for_their_domain_only(start: Start, tmp_pat
         assert reply.status_code == 404
     finally:
         await host.aclose()
+
+
+async def test_reports_and_allow_entries_follow_each_recipients_policy_group(start: Start, tmp_path: Path) -> None:
+    # b.test's group has no learner and its own allow table (b_allow, next to allow in tables:).
+    (tmp_path / "b_allow").write_text("")
+    more = ("policies:\n  - {name: b, recipients: [b.test], plugins: {notebook: {enabled: false}, "
+            "lists: {settings: {allow: b_allow}}}}\n")
+    admin, csrf = await _signed_in(await start("{type: file, file: allow}\n  b_allow: {type: file, file: b_allow}",
+                                               more), "root")
+    try:
+        reply = await admin.post("/console/quarantine/q-ab/report", data={"csrf": csrf, "verdict": "spam"})
+        assert reply.status_code == 200, reply.text
+        assert [sorted(n["recipients"]) for n in notebook(tmp_path)] == [["ann@a.test", "bob@a.test"]]  # not eve's
+        reply = await admin.post("/console/quarantine/q-ab/allow", data={"csrf": csrf})
+        assert reply.status_code == 200, reply.text
+        assert (tmp_path / "allow").read_text() == ALLOW_LIST + "ann@a.test  s@x.test\nbob@a.test  s@x.test\n"
+        assert (tmp_path / "b_allow").read_text() == "eve@b.test  s@x.test\n"
+    finally:
+        await admin.aclose()
+
+
+async def test_a_selector_table_that_is_down_teaches_and_allows_nothing(start: Start, tmp_path: Path) -> None:
+    down = free_port()  # nothing listens there: the Redis is down
+    more = "policies:\n  - {name: staff, recipients: ['table:staff'], plugins: {notebook: {enabled: false}}}\n"
+    admin, csrf = await _signed_in(await start(
+        f"{{type: file, file: allow}}\n  staff: {{type: redis, url: 'redis://127.0.0.1:{down}/0', timeout: 0.5}}",
+        more), "root")
+    try:
+        reply = await admin.post("/console/quarantine/q-a/report", data={"csrf": csrf, "verdict": "spam"})
+        assert reply.status_code == 502 and "the policy group of bob@a.test is unknown" in reply.text
+        reply = await admin.post("/console/quarantine/q-a/allow", data={"csrf": csrf})
+        assert reply.status_code == 503 and "nothing was released" in reply.text, reply.text
+        assert notebook(tmp_path) == [] and maildir(tmp_path) == []  # never the default group's
+        assert (tmp_path / "allow").read_text() == ALLOW_LIST
+    finally:
+        await admin.aclose()
 
 
 async def test_no_allow_button_where_the_table_cannot_be_written(start: Start, tmp_path: Path) -> None:
