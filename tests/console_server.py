@@ -1,12 +1,19 @@
-"""The web console (``smtpproxy web``) served in the test's loop on a free loopback port:
-the tests of tests/wire/test_console*.py start it from a configuration file they write."""
+"""The web console (``smtpproxy web``) on a free loopback port, from a configuration file the
+test writes: served in the test's loop (:func:`console_at`, tests/wire/test_console*.py), or as
+the ``smtpproxy web`` process a person runs (:func:`web_process`, the Chromium tests)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+
+import httpx
 
 from smtpproxy.config import load_config
 from smtpproxy.web.serve import make_server
@@ -27,3 +34,27 @@ async def console_at(config_path: Path, port: int) -> AsyncIterator[str]:
     finally:
         server.should_exit = True
         await task
+
+
+@contextlib.contextmanager
+def web_process(config_path: Path, port: int, log: Path) -> Iterator[str]:
+    """Run ``smtpproxy web -c config_path`` (its stderr into *log*) until its /healthz answers;
+    yields the base URL and stops the process with SIGTERM on the way out."""
+    with log.open("wb") as stderr:
+        process = subprocess.Popen([sys.executable, "-m", "smtpproxy", "web", "-c", str(config_path)],
+                                   stdout=subprocess.DEVNULL, stderr=stderr)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(30)

@@ -11,9 +11,6 @@ import http.server
 import json
 import os
 import shutil
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -23,11 +20,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import bcrypt
-import httpx
 import pytest
 
 from smtpproxy.links import Link, LinkSigner
 from smtpproxy.store import Held, HistoryEntry, open_store
+from tests.console_server import web_process
 from tests.daemons import free_port
 from tests.postfix_instance import PostfixInstance, _make_root, require_postfix
 
@@ -42,7 +39,6 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
-EXE = [sys.executable, "-m", "smtpproxy"]
 KEY = b"c" * 64
 SHOTS = Path(__file__).parents[2] / "docs" / "img"
 HOSTILE = (
@@ -232,29 +228,15 @@ def console() -> Iterator[Console]:
     (root / "allow").write_text("# allow lists, written by the console\n")
     asyncio.run(_fill(root, trap))
     log = root / "web.log"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen([*EXE, "web", "-c", str(root / "cfg.yaml")], stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
-    Trap.target = f"{base}/console/quarantine/q-forged/delete"
-    driver = None
+    Trap.target = f"http://127.0.0.1:{port}/console/quarantine/q-forged/delete"
     try:
-        deadline = time.monotonic() + 30
-        while True:
+        with web_process(root / "cfg.yaml", port, log) as base:
+            driver = _chromium(str(root / "profile"))
             try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
-        driver = _chromium(str(root / "profile"))
-        yield Console(base, root, postfix, driver, trap, log)
+                yield Console(base, root, postfix, driver, trap, log)
+            finally:
+                driver.quit()
     finally:
-        if driver is not None:
-            driver.quit()
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
         trap_server.shutdown()
         postfix.stop()
         shutil.rmtree(postfix.root, ignore_errors=True)

@@ -6,18 +6,14 @@ With SMTPPROXY_SCREENSHOTS=1 the page goes to docs/img/console-lists.png (docs/c
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import bcrypt
-import httpx
 import pytest
 
+from tests.console_server import web_process
 from tests.daemons import free_port
 from tests.postfix.test_console_browser import CHROMEDRIVER, CHROMIUM, _chromium
 
@@ -31,7 +27,6 @@ from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.expected_conditions import staleness_of  # noqa: E402
 from selenium.webdriver.support.wait import WebDriverWait  # noqa: E402
 
-EXE = [sys.executable, "-m", "smtpproxy"]
 SHOTS = Path(__file__).parents[2] / "docs" / "img"
 BLOCK = ("# recipient            blocked senders\n"
          "example.com            @spam-house.example, *.bulk-mailer.example\n"
@@ -55,29 +50,12 @@ def web(tmp_path: Path) -> Iterator[tuple[str, Any, Path]]:
         f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
         "tables:\n  block: {type: file, file: block}\n  allow: {type: file, file: allow}\n"
         "plugins:\n  - name: lists\n    settings: {allow: allow, block: block}\n")
-    log = tmp_path / "web.log"
-    with log.open("wb") as stderr:
-        process = subprocess.Popen([*EXE, "web", "-c", str(tmp_path / "cfg.yaml")], stdout=subprocess.DEVNULL,
-                                   stderr=stderr)
-    base = f"http://127.0.0.1:{port}"
-    driver = None
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None and time.monotonic() < deadline, log.read_text()
-            time.sleep(0.05)
+    with web_process(tmp_path / "cfg.yaml", port, tmp_path / "web.log") as base:
         driver = _chromium(str(tmp_path / "profile"))
-        yield base, driver, tmp_path
-    finally:
-        if driver is not None:
+        try:
+            yield base, driver, tmp_path
+        finally:
             driver.quit()
-        process.send_signal(signal.SIGTERM)
-        process.wait(30)
 
 
 def _navigate(driver: Any, action: Any) -> None:
