@@ -9,10 +9,10 @@ the console's list pages both edit through here, so they agree on what an edit i
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import tempfile
-import threading
 from enum import Enum
 from pathlib import Path
 
@@ -24,8 +24,6 @@ __all__ = ["WRITABLE", "Edit", "changed", "edit_file", "edit_redis", "file_rows"
 
 WRITABLE = ("redis", "file")
 _SPLIT = re.compile(r"[,\s]+")
-_FILE_LOCKS: dict[Path, threading.Lock] = {}
-_FILE_LOCKS_LOCK = threading.Lock()
 
 
 class Edit(Enum):
@@ -92,13 +90,17 @@ async def edit_redis(backend: RedisBackend, key: str, value: str | None, *, add:
 def edit_file(path: Path, key: str, value: str | None, *, add: bool) -> Edit:
     """Blocking: rewrite the entry of *key* in a Postfix-style file; every other line stays.
     A file the proxy could not read either is refused (TableError); ValueError when *value*
-    is not :func:`one_entry`. Edits of one file in this process take turns (each reads the
-    file and replaces it: two at once would lose one)."""
+    is not :func:`one_entry`. Edits of files in one directory take turns, in this process and
+    across processes (the console, ``smtpproxy tables``, the CLI's allow sender): each
+    reads the file and replaces it, so two at once would lose one. The lock is ``flock`` on
+    the directory, since the file itself is replaced by each edit."""
     _check(value)
-    with _FILE_LOCKS_LOCK:
-        lock = _FILE_LOCKS.setdefault(path.resolve(), threading.Lock())
-    with lock:
+    directory = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(directory, fcntl.LOCK_EX)
         return _edit_file(path, key, value, add=add)
+    finally:
+        os.close(directory)  # and with it the lock
 
 
 def _edit_file(path: Path, key: str, value: str | None, *, add: bool) -> Edit:

@@ -176,3 +176,31 @@ async def test_concurrent_edits_of_a_redis_string_entry_lose_nothing(redis_serve
     finally:
         for b in backends:
             await b.close()
+
+
+def _add_many(path: str, worker: int) -> None:
+    from smtpproxy.tables.edit import edit_file
+
+    for i in range(25):
+        edit_file(Path(path), "bob@example.com", f"w{worker}n{i}@src.test", add=True)
+
+
+def test_edits_of_one_file_from_several_processes_all_land(tmp_path: Path) -> None:
+    """The console (`smtpproxy web`), `smtpproxy tables add` and `quarantine release
+    --allow-sender` are separate processes editing the same file: each edit reads the file and
+    replaces it, so the lock must hold across processes, not only threads (six processes of 25
+    adds each kept 26 of 150 entries with a per-process lock)."""
+    import multiprocessing
+
+    from smtpproxy.tables.edit import file_rows
+
+    config(tmp_path)
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_add_many, args=(str(tmp_path / "allow"), n)) for n in range(6)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(120)
+        assert w.exitcode == 0
+    [entries] = [e for key, e in file_rows(tmp_path / "allow") if key == "bob@example.com"]
+    assert {f"w{w}n{i}@src.test" for w in range(6) for i in range(25)} <= set(entries)
