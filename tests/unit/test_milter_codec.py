@@ -205,3 +205,36 @@ def test_the_fast_paths_decode_as_the_strict_reader(payload: bytes, code: bytes,
             codec.decode_command(code, payload)
     else:
         assert codec.decode_command(code, payload) == expected
+
+
+@given(st.sampled_from("CHMRTLNEBU"), st.lists(st.tuples(octet_strings, octet_strings), max_size=4).map(tuple))
+def test_a_decoded_macro_is_the_macro_it_was(for_command: str, pairs: tuple[tuple[str, str], ...]) -> None:
+    """A macro packet's strings are decoded only when read: until then, and after, it equals,
+    hashes, prints and matches as the macro that was encoded."""
+    made = codec.Macro(for_command, pairs)
+    decoded = codec.decode_command(b"D", milter_mta.encode_command(made)[5:])
+    assert decoded == made and made == decoded and hash(decoded) == hash(made)
+    assert repr(decoded) == repr(made)
+    match decoded:
+        case codec.Macro(code, got):
+            assert (code, got) == (for_command, pairs)
+    assert isinstance(decoded, codec.Macro)
+    macros = codec.Macros()
+    macros.update(decoded)
+    for name, _ in pairs:
+        values = [value for other, value in pairs if codec.macro_key(other) == codec.macro_key(name)]
+        assert macros.get(name) == (values[-1] or None)
+
+
+def test_macros_nobody_reads_stay_undecoded() -> None:
+    macros = codec.Macros()
+    packets = [b"Cj\0mx.test\0", b"Mi\x004ABC\0{mail_addr}\0a@b.test\0", b"Li\x004ABC\0", b"Ei\x004ABC\0"]
+    decoded = [codec.decode_command(b"D", p) for p in packets]
+    for macro in decoded:
+        assert isinstance(macro, codec.Macro)
+        macros.update(macro)
+    assert macros.get("i") == "4ABC"  # end of message's, the latest stage
+    assert [m._pairs is not None for m in decoded] == [False, False, False, True]  # type: ignore[union-attr]
+    assert macros.get("{mail_addr}") == "a@b.test"
+    assert [m._pairs is not None for m in decoded] == [False, True, True, True]  # type: ignore[union-attr]
+    assert macros.get("j") == "mx.test"
