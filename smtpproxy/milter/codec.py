@@ -313,20 +313,20 @@ class Macro:
         self._values = None
 
     @classmethod
-    def _undecoded(cls, for_command: str, raw: bytes) -> Macro:
-        """From a packet's names and values: NUL-terminated strings, an even number of them
-        (the decoder checked)."""
-        macro = cls.__new__(cls)
-        macro.for_command = for_command
+    def _undecoded(cls, payload: bytes) -> Macro:
+        """From a packet's payload: the command code, then NUL-terminated strings, an even
+        number of them (the decoder checked)."""
+        macro = _new_macro(cls)
+        macro.for_command = _LATIN1[payload[0]]
         macro._pairs = None
-        macro._raw = raw
+        macro._raw = payload
         macro._values = None
         return macro
 
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
         if self._pairs is None:
-            fields = [v.decode("utf-8", "surrogateescape") for v in self._raw.split(b"\0")[:-1]]
+            fields = [v.decode("utf-8", "surrogateescape") for v in self._raw[1:].split(b"\0")[:-1]]
             self._pairs = tuple(zip(fields[::2], fields[1::2], strict=True))
         return self._pairs
 
@@ -346,6 +346,11 @@ class Macro:
 
     def __repr__(self) -> str:
         return f"Macro(for_command={self.for_command!r}, pairs={self.pairs!r})"
+
+
+_new_macro = object.__new__
+_LATIN1 = tuple(map(chr, range(256)))
+"""A command code byte as its character (``bytes.decode("latin-1")`` of one byte)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -460,9 +465,9 @@ def decode_command(code: bytes, payload: bytes) -> Command:
     # of field by field; anything else takes the strict reader below, which says what is wrong.
     # Macros first: sixteen of a message's thirty-odd packets, their strings left undecoded.
     if code == b"D":
-        names = payload[1:]
-        if payload and (not names or (names[-1] == 0 and not names.count(b"\0") % 2)):
-            return Macro._undecoded(chr(payload[0]), names)
+        size = len(payload)
+        if size == 1 or (size > 1 and payload[-1] == 0 and not payload.count(b"\0", 1) % 2):
+            return Macro._undecoded(payload)
     elif code == b"L":
         parts = payload.split(b"\0")
         if len(parts) == 3 and not parts[2]:

@@ -182,6 +182,10 @@ class MilterSession:
         """Writes SMFIR_PROGRESS at once (from a timer while plugins work); None: it is sent
         through :attr:`send` from a task that waits beside the step."""
         self.negotiated: codec.OptNeg | None = None
+        self._leading_space = False
+        """Header values come with their leading whitespace (SMFIP_HDR_LEADSPC agreed)."""
+        self._headers_without_reply = False
+        """No reply per header field (SMFIP_NR_HDR agreed): :meth:`take` adds them."""
         self.no_reply, self._slow, rules = _connection_plan(chain, policy)
         """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers), and
         the steps whose work can keep the MTA waiting (they get SMFIR_PROGRESS)."""
@@ -206,10 +210,6 @@ class MilterSession:
         self._started = time.perf_counter()
         self._mta_sender: Address | None = None
         self._mta_recipients: list[Address] = []
-
-    @property
-    def _leading_space(self) -> bool:
-        return self.negotiated is not None and bool(self.negotiated.protocol & codec.SMFIP_HDR_LEADSPC)
 
     def _replies(self, step: int) -> bool:
         """Whether the MTA waits for our answer to this step (it does unless SMFIP_NR_* was agreed)."""
@@ -324,8 +324,9 @@ class MilterSession:
         if kind is codec.Macro:
             self.macros.update(command)  # type: ignore[arg-type]
             return True
-        if kind is codec.Header and not self._replies(codec.SMFIP_NR_HDR):
-            if self.session is None or self.session.transaction is None:
+        if kind is codec.Header and self._headers_without_reply:
+            session = self.session
+            if session is None or session.transaction is None:
                 self._open_transaction("header")
             self._add_header(command.name, command.value)  # type: ignore[union-attr]
             return True
@@ -386,6 +387,8 @@ class MilterSession:
         if offer.version < 2:
             raise MilterProtocolError(f"milter protocol version {offer.version} is too old")
         self.negotiated, fields = _negotiation(offer, self.no_reply)
+        self._leading_space = bool(self.negotiated.protocol & codec.SMFIP_HDR_LEADSPC)
+        self._headers_without_reply = not self._replies(codec.SMFIP_NR_HDR)
         event("milter_negotiated", peer=self.peer, **fields)
         await self.send(self.negotiated)
 
@@ -402,10 +405,10 @@ class MilterSession:
         hostname = info.hostname if info.hostname and not info.hostname.startswith("[") else None
         if hostname == "unknown" or (hostname is not None and not _HOSTNAME.fullmatch(hostname)):
             hostname = None  # not a name (control characters, spaces): never the client's hostname
+        daemon_port = self.macros.get("daemon_port") or ""
         session = Session(Client(ip, port, hostname), transport="milter",
                           local_ip=self.macros.get("daemon_addr") or "",
-                          local_port=int(self.macros.get("daemon_port") or 0)
-                          if (self.macros.get("daemon_port") or "").isdigit() else 0)
+                          local_port=int(daemon_port) if daemon_port.isdecimal() else 0)
         self.session = session
         current_session.set(session.id)
         event("connect", client=ip, port=port, transport="milter", mta=self.macros.get("j"))
