@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import functools
 import json
+import json.encoder
 import logging
 import re
 import sys
@@ -201,6 +202,11 @@ def _key(key: Any) -> str:
     return name + "_" if name in _RESERVED else name
 
 
+_json_string = json.encoder.encode_basestring_ascii
+"""``json.dumps(text, ensure_ascii=True)`` of a str: the function it ends in, without its
+encoder's set-up (``reply="250 2.0.0"``, ``reason=""``: three a message)."""
+
+
 def _kv_value(value: Any) -> str:
     # Strings and integers first: nearly every value of a line (issue 31's profile).
     if type(value) is str:
@@ -219,7 +225,7 @@ def _kv_value(value: Any) -> str:
     if (text and text.isprintable() and " " not in text and '"' not in text and "=" not in text
             and "\\" not in text):
         return text
-    return json.dumps(text, ensure_ascii=True)
+    return _json_string(text)
 
 
 class KeyValueFormatter(logging.Formatter):
