@@ -710,6 +710,15 @@ def macro_key(name: str) -> str:
     return name
 
 
+@functools.lru_cache(maxsize=512)
+def _octets_of(key: str) -> bytes | None:
+    """A macro name as the packet's octets hold it (None: no such octets, never passed over)."""
+    try:
+        return key.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return None
+
+
 @dataclass(slots=True)
 class Macros:
     """The macro values the MTA has sent on this connection, kept per stage as libmilter
@@ -727,9 +736,15 @@ class Macros:
         stages[macro.for_command] = macro
 
     def get(self, name: str) -> str | None:
-        """A macro's value by name, with or without braces; None when not sent or empty."""
+        """A macro's value by name, with or without braces; None when not sent or empty.
+        A stage not decoded yet whose octets do not contain the name's is passed over
+        undecoded (``{auth_authen}`` and ``{tls_version}`` are looked for at HELO and at
+        every MAIL, and are rarely there)."""
         key = macro_key(name)
+        needle = _octets_of(key)
         for macro in reversed(self.stages.values()):
+            if macro._pairs is None and needle is not None and needle not in macro._raw:
+                continue  # the name's octets are a part of the packet's wherever it is in it
             values = macro.values()
             if key in values:
                 return values[key] or None

@@ -186,6 +186,8 @@ class MilterSession:
         """Header values come with their leading whitespace (SMFIP_HDR_LEADSPC agreed)."""
         self._headers_without_reply = False
         """No reply per header field (SMFIP_NR_HDR agreed): :meth:`take` adds them."""
+        self._content_without_reply = False
+        """No reply to the end of the headers or a body chunk (SMFIP_NR_EOH and _BODY agreed)."""
         self.no_reply, self._slow, rules = _connection_plan(chain, policy)
         """The SMFIP_NR_* steps we ask for (negotiation keeps the part the MTA offers), and
         the steps whose work can keep the MTA waiting (they get SMFIR_PROGRESS)."""
@@ -317,9 +319,9 @@ class MilterSession:
     # -- dispatch -----------------------------------------------------------------------
 
     def take(self, command: codec.Command) -> bool:
-        """Act on a command that needs no answer and nothing awaited (macros; a header field
-        when no reply per field was agreed): twelve of a message's twenty-odd packets, without
-        a coroutine each. False: :meth:`handle` it."""
+        """Act on a command that needs no answer and nothing awaited (macros; a header field,
+        the end of the headers and a body chunk when no reply to them was agreed): 27 of the
+        33 packets of a message from Postfix, without a coroutine each. False: :meth:`handle` it."""
         kind = type(command)
         if kind is codec.Macro:
             self.macros.update(command)  # type: ignore[arg-type]
@@ -329,6 +331,13 @@ class MilterSession:
             if session is None or session.transaction is None:
                 self._open_transaction("header")
             self._add_header(command.name, command.value)  # type: ignore[union-attr]
+            return True
+        if kind is codec.Body and self._content_without_reply:
+            self._open_transaction("body")
+            self._add_body(command.chunk)  # type: ignore[union-attr]
+            return True
+        if kind is codec.EndOfHeaders and self._content_without_reply:
+            self._open_transaction("end of headers")
             return True
         return False
 
@@ -389,6 +398,8 @@ class MilterSession:
         self.negotiated, fields = _negotiation(offer, self.no_reply)
         self._leading_space = bool(self.negotiated.protocol & codec.SMFIP_HDR_LEADSPC)
         self._headers_without_reply = not self._replies(codec.SMFIP_NR_HDR)
+        content = codec.SMFIP_NR_EOH | codec.SMFIP_NR_BODY
+        self._content_without_reply = self.negotiated.protocol & content == content
         event("milter_negotiated", peer=self.peer, **fields)
         await self.send(self.negotiated)
 

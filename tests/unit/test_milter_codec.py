@@ -235,6 +235,38 @@ def test_macros_nobody_reads_stay_undecoded() -> None:
         macros.update(macro)
     assert macros.get("i") == "4ABC"  # end of message's, the latest stage
     assert [m._pairs is not None for m in decoded] == [False, False, False, True]  # type: ignore[union-attr]
-    assert macros.get("{mail_addr}") == "a@b.test"
-    assert [m._pairs is not None for m in decoded] == [False, True, True, True]  # type: ignore[union-attr]
+    assert macros.get("{mail_addr}") == "a@b.test"  # the headers' stage has no such octets: not decoded
+    assert [m._pairs is not None for m in decoded] == [False, True, False, True]  # type: ignore[union-attr]
     assert macros.get("j") == "mx.test"
+
+
+names = st.sampled_from(["i", "j", "{i}", "auth_authen", "{auth_authen}", "{x", "{}", "é", "\udcff", "\ud800"])
+
+
+@given(st.lists(st.tuples(st.sampled_from("CHMRLE"), st.lists(st.tuples(names | octet_strings, octet_strings),
+                                                                 max_size=3).map(tuple)), max_size=6),
+       st.lists(names | octet_strings, max_size=4), st.booleans())
+def test_macro_lookups_as_a_dict_per_stage_gives_them(updates: list[tuple[str, tuple[tuple[str, str], ...]]],
+                                                       asked: list[str], ended: bool) -> None:
+    """Lookups through undecoded stages (passed over when the name's octets are not in them)
+    answer as the plain definition: the latest stage that has the name, its value or None."""
+    macros = codec.Macros()
+    reference: dict[str, dict[str, str]] = {}
+    for stage, pairs in updates:
+        try:
+            payload = milter_mta.encode_command(codec.Macro(stage, pairs))[5:]
+        except (ValueError, UnicodeError):
+            continue  # not encodable (a lone surrogate of no octet): the MTA cannot send it
+        decoded = codec.decode_command(b"D", payload)
+        assert isinstance(decoded, codec.Macro)
+        macros.update(decoded)
+        reference.pop(stage, None)
+        reference[stage] = {codec.macro_key(n): v for n, v in pairs}
+    if ended:
+        macros.end_transaction()
+        for stage in "MRTLNBE":
+            reference.pop(stage, None)
+    for name in asked:
+        key = codec.macro_key(name)
+        expected = next((values[key] or None for values in reversed(reference.values()) if key in values), None)
+        assert macros.get(name) == expected
