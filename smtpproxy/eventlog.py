@@ -251,7 +251,12 @@ class KeyValueFormatter(logging.Formatter):
 
     def event_line(self, level: int, name: str, fields: dict[str, Any]) -> str:
         """The line of an event logged now, without a record (:meth:`BatchingHandler.write_event`)."""
-        return _kv_event_line(time.time(), logging.getLevelName(level), name, fields)
+        return _kv_event_line(time.time(), _level_name(level), name, fields)
+
+
+def _level_name(level: int) -> str:
+    """``logging.getLevelName`` of a number, as a record's ``levelname`` is."""
+    return logging._levelToName.get(level) or logging.getLevelName(level)
 
 
 def _kv_event_line(created: float, levelname: str, name: str, fields: dict[str, Any]) -> str:
@@ -300,7 +305,7 @@ class JsonFormatter(logging.Formatter):
 
     def event_line(self, level: int, name: str, fields: dict[str, Any]) -> str:
         """The line of an event logged now, without a record (:meth:`BatchingHandler.write_event`)."""
-        out: dict[str, Any] = {"ts": _timestamp(time.time()), "level": logging.getLevelName(level).lower(),
+        out: dict[str, Any] = {"ts": _timestamp(time.time()), "level": _level_name(level).lower(),
                                "event": name}
         sid = current_session.get()
         if sid:

@@ -467,7 +467,12 @@ def decode_command(code: bytes, payload: bytes) -> Command:
     if code == b"D":
         size = len(payload)
         if size == 1 or (size > 1 and payload[-1] == 0 and not payload.count(b"\0", 1) % 2):
-            return Macro._undecoded(payload)
+            macro = _new_macro(Macro)  # Macro._undecoded(payload), inline: sixteen a message
+            macro.for_command = _LATIN1[payload[0]]
+            macro._pairs = None
+            macro._raw = payload
+            macro._values = None
+            return macro
     elif code == b"L":
         parts = payload.split(b"\0")
         if len(parts) == 3 and not parts[2]:

@@ -324,7 +324,9 @@ class MilterSession:
         33 packets of a message from Postfix, without a coroutine each. False: :meth:`handle` it."""
         kind = type(command)
         if kind is codec.Macro:
-            self.macros.update(command)  # type: ignore[arg-type]
+            stages = self.macros.stages  # Macros.update, inline: sixteen a message
+            stages.pop(command.for_command, None)  # type: ignore[union-attr]
+            stages[command.for_command] = command  # type: ignore[union-attr, assignment]
             return True
         if kind is codec.Header and self._headers_without_reply:
             session = self.session
