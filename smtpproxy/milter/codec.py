@@ -326,7 +326,7 @@ class Macro:
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
         if self._pairs is None:
-            fields = [v.decode("utf-8", "surrogateescape") for v in self._raw[1:].split(b"\0")[:-1]]
+            fields = self._raw[1:].decode("utf-8", "surrogateescape").split("\0")[:-1]
             self._pairs = tuple(zip(fields[::2], fields[1::2], strict=True))
         return self._pairs
 
@@ -474,10 +474,11 @@ def decode_command(code: bytes, payload: bytes) -> Command:
             macro._values = None
             return macro
     elif code == b"L":
-        parts = payload.split(b"\0")
+        # Decoded whole, then split: a NUL is never inside a UTF-8 sequence, so the parts are
+        # those of a split before decoding (and one decode instead of two).
+        parts = payload.decode("utf-8", "surrogateescape").split("\0")
         if len(parts) == 3 and not parts[2]:
-            return Header(parts[0].decode("utf-8", "surrogateescape"),
-                          parts[1].decode("utf-8", "surrogateescape"))
+            return Header(parts[0], parts[1])
     else:
         empty = _EMPTY_COMMANDS.get(code)
         if empty is not None:
@@ -489,10 +490,18 @@ def decode_command(code: bytes, payload: bytes) -> Command:
         if code == b"E":
             return EndOfBody(payload)
         if code in (b"M", b"R") and payload.endswith(b"\0"):
-            args = tuple(v.decode("utf-8", "surrogateescape") for v in payload[:-1].split(b"\0"))
+            args = tuple(payload[:-1].decode("utf-8", "surrogateescape").split("\0"))
             return Mail(args) if code == b"M" else Rcpt(args)
         if code == b"H" and payload.endswith(b"\0") and payload.count(b"\0") == 1:
             return Helo(payload[:-1].decode("utf-8", "surrogateescape"))
+        if code == b"C":  # hostname NUL, family, then (not for U) port and address NUL
+            name_end = payload.find(b"\0")
+            family_code = payload[name_end + 1 : name_end + 2]
+            if (name_end >= 0 and family_code in (b"4", b"6", b"L") and len(payload) >= name_end + 5
+                    and payload.find(b"\0", name_end + 4) == len(payload) - 1):
+                return Connect(payload[:name_end].decode("utf-8", "surrogateescape"), _LATIN1[family_code[0]],
+                               _U16.unpack_from(payload, name_end + 2)[0],
+                               payload[name_end + 4 : -1].decode("utf-8", "surrogateescape"))
     what = f"command {code!r}"
     r = _Reader(what, payload)
     command: Command

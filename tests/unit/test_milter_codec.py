@@ -166,7 +166,8 @@ def test_strings_with_nul_cannot_be_encoded() -> None:
 
 
 def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
-    """Macros and headers decoded field by field, as the codec did before its split fast path."""
+    """Macros, headers, MAIL, RCPT, HELO and CONNECT decoded field by field, as the codec
+    did before its split fast paths."""
     r = codec._Reader("ref", payload)
     if code == b"D":
         for_command = r.byte()
@@ -183,6 +184,17 @@ def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
         helo = codec.Helo(r.string())
         r.end()
         return helo
+    if code == b"C":
+        hostname, family = r.string(), r.byte()
+        if family == "U":
+            connect = codec.Connect(hostname, family)
+        elif family in "46L" and family:
+            port = r.u16()
+            connect = codec.Connect(hostname, family, port, r.string())
+        else:
+            raise codec.MilterProtocolError("family")
+        r.end()
+        return connect
     name = r.string()
     command = codec.Header(name, r.string())
     r.end()
@@ -191,10 +203,11 @@ def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
 
 @given(st.one_of(st.binary(max_size=40), st.lists(st.binary(max_size=6).filter(lambda b: b"\0" not in b), max_size=6)
                  .map(lambda parts: b"".join(p + b"\0" for p in parts))),
-       st.sampled_from([b"D", b"L", b"M", b"R", b"H"]), st.sampled_from([b"", b"C", b"\0"]))
+       st.sampled_from([b"D", b"L", b"M", b"R", b"H", b"C"]),
+       st.sampled_from([b"", b"C", b"\0", b"host\x004", b"h\x006\0\0", b"\x00L\x00\x19", b"[h]\0U"]))
 def test_the_fast_paths_decode_as_the_strict_reader(payload: bytes, code: bytes, prefix: bytes) -> None:
-    """Well-formed or not, a macro, header, MAIL, RCPT or HELO packet decodes to the same
-    command (or is refused)."""
+    """Well-formed or not, a macro, header, MAIL, RCPT, HELO or CONNECT packet decodes to the
+    same command (or is refused)."""
     payload = prefix + payload
     try:
         expected: codec.Command | None = _strict_reference(code, payload)
