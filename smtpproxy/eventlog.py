@@ -301,7 +301,7 @@ class JsonFormatter(logging.Formatter):
             out.update(_own_fields(structured))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _json_line(out)
 
     def event_line(self, level: int, name: str, fields: dict[str, Any]) -> str:
         """The line of an event logged now, without a record (:meth:`BatchingHandler.write_event`)."""
@@ -311,8 +311,12 @@ class JsonFormatter(logging.Formatter):
         if sid:
             out["sid"] = sid
         out.update(_own_fields(fields))
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _json_line(out)
 
+
+_json_line = json.JSONEncoder(ensure_ascii=False, default=str).encode
+"""``json.dumps(out, default=str, ensure_ascii=False)`` with one encoder for every line
+(``json.dumps`` makes a new one per call when given any option)."""
 
 _OUR_FORMATTERS = (KeyValueFormatter, JsonFormatter)
 
