@@ -335,18 +335,39 @@ class MilterSession:
             self._add_header(command.name, command.value)  # type: ignore[union-attr]
             return True
         if kind is codec.Body and self._content_without_reply:
-            self._open_transaction("body")
+            session = self.session
+            if session is None or session.transaction is None:
+                self._open_transaction("body")
             self._add_body(command.chunk)  # type: ignore[union-attr]
             return True
         if kind is codec.EndOfHeaders and self._content_without_reply:
-            self._open_transaction("end of headers")
+            session = self.session
+            if session is None or session.transaction is None:
+                self._open_transaction("end of headers")
             return True
         return False
 
     async def handle(self, command: codec.Command) -> bool:
         """Act on one command and answer it; False when the connection is to be closed."""
-        # The commands of every message first: macros, then one per header field.
+        # The commands that come here with every message first (take() has the macros, the
+        # header fields and the body where no reply is agreed): the cases are tried in order.
         match command:
+            case codec.Mail(args):
+                await self._mail(args)
+            case codec.Rcpt(args):
+                await self._rcpt(args)
+            case codec.EndOfBody(chunk):
+                self._open_transaction("end of message")
+                self._add_body(chunk)
+                await self._end_of_message()
+            case codec.Connect():
+                await self._connect(command)
+            case codec.Helo(hostname):
+                await self._helo(hostname)
+            case codec.OptNeg():
+                await self._negotiate(command)
+            case codec.Quit():
+                return False
             case codec.Macro():
                 self.macros.update(command)
             case codec.Header(name, value):
@@ -355,16 +376,6 @@ class MilterSession:
                 self._add_header(name, value)
                 if self._replies(codec.SMFIP_NR_HDR):
                     await self.send(self._content_reply())
-            case codec.OptNeg():
-                await self._negotiate(command)
-            case codec.Connect():
-                await self._connect(command)
-            case codec.Helo(hostname):
-                await self._helo(hostname)
-            case codec.Mail(args):
-                await self._mail(args)
-            case codec.Rcpt(args):
-                await self._rcpt(args)
             case codec.EndOfHeaders():
                 self._open_transaction("end of headers")
                 if self._replies(codec.SMFIP_NR_EOH):
@@ -374,17 +385,11 @@ class MilterSession:
                 self._add_body(chunk)
                 if self._replies(codec.SMFIP_NR_BODY):
                     await self.send(self._content_reply())
-            case codec.EndOfBody(chunk):
-                self._open_transaction("end of message")
-                self._add_body(chunk)
-                await self._end_of_message()
             case codec.Abort():
                 if self.session is not None and self.session.transaction is not None:
                     event("abort", tx=self.session.transaction.id)
                     self.conversation.end_transaction(self.session)
                 self._end_message()
-            case codec.Quit():
-                return False
             case codec.QuitNewConnection():
                 await self.finish()
                 self.macros.clear()
