@@ -3,8 +3,9 @@
 `postfix_rows.py` measures what users run, and there the kernel's share (the replies'
 `send`s on loopback TCP do the receiving side's work too) and the machine's neighbours weigh
 as much as our code. This drives :class:`smtpproxy.milter.session.MilterSession` with the
-packets Postfix sends for one 1 KB message (negotiation, CONNECT to RCPT with their macros,
-the DATA macros, eight header fields, the body, end of message, QUIT), decoded from bytes
+packets Postfix sends for one 1 KB message (negotiation, CONNECT to RCPT with the macros of
+Postfix's default ``milter_*_macros``, the DATA macros, eight header fields each after its
+macro packet as milter8.c sends them, the body, end of message, QUIT), decoded from bytes
 as the server decodes them, with the log at info going to /dev/null: the CPU of the
 session logic, the codec and the log lines per message, steady enough to compare two
 commits on a shared machine. It is a micro-benchmark, not a test (issue 31)::
@@ -12,6 +13,7 @@ commits on a shared machine. It is a micro-benchmark, not a test (issue 31)::
     python bench/milter_session_cpu.py                  # no plugins, 5,000 messages
     python bench/milter_session_cpu.py --edit           # a data plugin adding a header field
     python bench/milter_session_cpu.py --root /tmp/before   # another checkout's smtpproxy
+    python bench/milter_session_cpu.py --profile        # and the cProfile of one run (CPU time)
 
 Prints the median of three runs in microseconds of CPU per message.
 """
@@ -20,8 +22,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import inspect
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -47,18 +51,28 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--level", default="info", help="log level (the lines go to /dev/null)")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="the checkout whose smtpproxy is measured (default: this one)")
+    parser.add_argument("--profile", type=int, nargs="?", const=40, default=0, metavar="ROWS",
+                        help="print the cProfile (process time) of the runs, this many rows by own time")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.root.resolve()))
     sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - the log's stream, for the run
     from smtpproxy.eventlog import configure_logging
 
     configure_logging(args.level)
-    print(f"{asyncio.run(_measure(args.messages, args.edit)):.1f} us CPU per message "
+    profiler = cProfile.Profile(time.process_time) if args.profile else None
+    result = asyncio.run(_measure(args.messages, args.edit, profiler))
+    if profiler is not None:
+        stats = pstats.Stats(profiler, stream=sys.__stdout__)
+        stats.sort_stats("tottime").print_stats(args.profile)
+        # Steadier than CPU time on a shared machine: Python calls per message (the profiled rounds).
+        calls = stats.total_calls / (3 * args.messages)  # type: ignore[attr-defined]
+        print(f"{calls:.0f} function calls per message", file=sys.__stdout__)
+    print(f"{result:.1f} us CPU per message "
           f"({'a data plugin adding a field' if args.edit else 'no plugins'}, log at {args.level}, "
           f"median of 3 x {args.messages})", file=sys.__stdout__)
 
 
-async def _measure(messages: int, edit: bool) -> float:
+async def _measure(messages: int, edit: bool, profiler: cProfile.Profile | None = None) -> float:
     from smtpproxy import Message, hookimpl
     from smtpproxy.milter import codec
     from smtpproxy.milter.session import MilterPolicy, MilterSession
@@ -100,27 +114,37 @@ async def _measure(messages: int, edit: bool) -> float:
         await one()
     results = []
     for _ in range(3):
+        if profiler is not None:
+            profiler.enable()
         started = time.process_time()
         for _ in range(messages):
             await one()
         results.append((time.process_time() - started) / messages * 1e6)
+        if profiler is not None:
+            profiler.disable()
     return statistics.median(results)
 
 
 def _commands() -> list[Any]:
     from smtpproxy.milter import codec
 
+    queue_id = (("i", "4ABC"),)  # milter_end_of_header_macros, milter_end_of_data_macros
     return [
-        codec.Macro("C", (("j", "mx.test"), ("{daemon_addr}", "127.0.0.1"), ("{daemon_port}", "25"),
-                          ("v", "Postfix 3.7.11"))),
+        codec.Macro("C", (("j", "mx.test"), ("{daemon_name}", "smtpd"), ("{daemon_addr}", "127.0.0.1"),
+                          ("v", "Postfix 3.7.11"), ("_", "localhost [127.0.0.1]"))),
         codec.Connect("localhost", "4", 40000, "127.0.0.1"),
         codec.Macro("H", ()), codec.Helo("client.test"),
-        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "alice@sender.test"))),
+        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "alice@sender.test"),
+                          ("{mail_host}", "sender.test"), ("{mail_mailer}", "smtp"))),
         codec.Mail(("<alice@sender.test>", "SIZE=1000")),
-        codec.Macro("R", (("{rcpt_addr}", "bob@dest.test"),)), codec.Rcpt(("<bob@dest.test>",)),
-        codec.Macro("T", ()),
-        *(codec.Header(name, value) for name, value in HEADERS),
-        codec.EndOfHeaders(), codec.Body(BODY), codec.EndOfBody(b""), codec.Quit(),
+        codec.Macro("R", (("i", "4ABC"), ("{rcpt_addr}", "bob@dest.test"), ("{rcpt_host}", "dest.test"),
+                          ("{rcpt_mailer}", "smtp"))),
+        codec.Rcpt(("<bob@dest.test>",)),
+        codec.Macro("T", queue_id),
+        *(packet for name, value in HEADERS
+          for packet in (codec.Macro("L", queue_id), codec.Header(name, value))),
+        codec.Macro("N", queue_id), codec.EndOfHeaders(), codec.Macro("B", queue_id), codec.Body(BODY),
+        codec.Macro("E", queue_id), codec.EndOfBody(b""), codec.Quit(),
     ]
 
 
