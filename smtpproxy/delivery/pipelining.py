@@ -19,10 +19,10 @@ import asyncio
 from collections.abc import Sequence
 
 import aiosmtplib
-from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-__all__ = ["OutOfStep", "PipeliningProtocol", "adopt", "pipeline"]
+__all__ = ["OutOfStep", "PipeliningProtocol", "adopt", "pipeline", "send_command"]
 
 
 class OutOfStep(aiosmtplib.SMTPResponseException):
@@ -65,6 +65,18 @@ class PipeliningProtocol(SMTPProtocol):
         if response is not None:
             waiter.set_result(response)
 
+    def _read_response_from_buffer(self) -> SMTPResponse | None:
+        """aiosmtplib's reply parser, with a shortcut for the usual reply: one line, whole, with
+        a three-digit code and a space (every reply to MAIL, RCPT, the message, XCLIENT, QUIT).
+        It gives what the parser gives for that line; any other reply goes to the parser."""
+        buffer = self._buffer
+        end = buffer.find(b"\n")
+        if 4 <= end < MAX_LINE_LENGTH and buffer[3] == 0x20 and buffer[:3].isdigit():
+            line = bytes(buffer[:end + 1])
+            del buffer[:end + 1]
+            return SMTPResponse(int(line[:3]), line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+        return super()._read_response_from_buffer()
+
     def unsolicited_code(self) -> int:
         """The code of the reply in the buffer that nothing asked for (-1: not a whole reply)."""
         try:
@@ -97,6 +109,14 @@ def adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
         assert isinstance(protocol, PipeliningProtocol)
         protocol._due = 0
     return protocol
+
+
+async def send_command(client: aiosmtplib.SMTP, *args: bytes, reply_timeout: float) -> SMTPResponse:
+    """One command (its words joined by spaces) and its reply, as ``SMTP.execute_command``
+    gives it, but timed with the command's own deadline instead of a ``wait_for`` (a task)
+    per reply. Raises what :func:`pipeline` raises."""
+    [response] = await pipeline(client, [b" ".join(args)], reply_timeout)
+    return response
 
 
 async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],

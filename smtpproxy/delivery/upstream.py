@@ -28,6 +28,7 @@ import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
 from smtpproxy.delivery import DeliveryError
+from smtpproxy.delivery.pipelining import send_command
 from smtpproxy.eventlog import event
 from smtpproxy.session import Session
 from smtpproxy.verdicts import Reply
@@ -347,7 +348,9 @@ class Connector:
     async def discard(self, conn: Connection) -> None:
         if conn.client.is_connected:
             try:
-                await conn.client.quit(timeout=5)
+                # As SMTP.quit(), without its wait_for (a task) for the reply: 221 or not, closed.
+                await send_command(conn.client, b"QUIT", reply_timeout=5)
+                conn.client.close()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 conn.client.close()
             except asyncio.CancelledError:
@@ -494,9 +497,10 @@ class Connector:
         if helo:
             octets = _SURROGATES.sub("?", helo).encode("utf-8")
             if len(octets) <= _MAX_HELO:
-                response = await client.execute_command(b"EHLO", octets)
+                response = await send_command(client, b"EHLO", octets,
+                                              reply_timeout=self.settings.command_timeout)
                 if response.code == 250:
-                    client.last_ehlo_response = response  # learn the extensions, as ehlo() does
+                    _learn_extensions(client, response)  # as ehlo() does
                     return
                 event("upstream_helo_refused", upstream=conn.destination, reply=response.code)
         await self._ehlo(client, conn.server)
@@ -515,7 +519,8 @@ class Connector:
         the server refused it (the connection is still at its greeting: the caller greets)."""
         identity = self._xclient_identity(conn, session)
         assert identity is not None
-        response = await conn.client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
+        response = await send_command(conn.client, b"XCLIENT", *[a.encode() for a in identity],
+                                      reply_timeout=self.settings.command_timeout)
         if response.code not in (220, 250):
             conn.xclient_offered = conn.server.xclient_offered = None
             return False
@@ -581,7 +586,8 @@ class Connector:
         if identity is not None:
             if conn.identity == identity:
                 return None  # a reused connection already speaking for this client
-            response = await client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
+            response = await send_command(client, b"XCLIENT", *[a.encode() for a in identity],
+                                          reply_timeout=self.settings.command_timeout)
             if response.code not in (220, 250):  # 220 greeting (Postfix >= 2.3); 250 before that
                 raise self._identity_refused(
                     conn, upstream_reply(_as_temp(response.code), response.message),
@@ -619,6 +625,25 @@ class Connector:
             return None
         offered = set(conn.client.esmtp_extensions.get("xforward", "").upper().split())
         return b" ".join([b"XFORWARD", *[a.encode() for a in _xforward_attributes(session, offered)]])
+
+
+_EXTENSIONS: dict[str, tuple[dict[str, str], list[str]]] = {}
+"""aiosmtplib's reading of an EHLO reply, by its text: a server answers every EHLO alike."""
+
+
+def _learn_extensions(client: aiosmtplib.SMTP, response: SMTPResponse) -> None:
+    """``client.last_ehlo_response = response`` (which parses the extensions each time), with
+    the parse of an EHLO text seen before reused (the client gets its own copies)."""
+    known = _EXTENSIONS.get(response.message)
+    if known is None:
+        client.last_ehlo_response = response
+        if len(_EXTENSIONS) >= _MAX_IDENTITIES:
+            _EXTENSIONS.clear()
+        _EXTENSIONS[response.message] = (dict(client.esmtp_extensions), list(client.server_auth_methods))
+        return
+    client._last_ehlo_response = response  # what the setter stores, and the parse it makes
+    client.esmtp_extensions, client.server_auth_methods = dict(known[0]), list(known[1])
+    client.supports_esmtp = True
 
 
 def _addr(ip: str) -> str:
