@@ -28,7 +28,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
@@ -265,7 +265,7 @@ class InboundSMTP(SMTP):
         if b"\n" in getattr(self._reader, "_buffer", b""):
             return
         self._flush_replies()
-        transport = self.transport
+        transport = cast(asyncio.WriteTransport | None, self.transport)
         if transport is not None and not transport.get_write_buffer_size():
             return  # the kernel took it all: drain() would find nothing to wait for
         if self._timer_paused:
