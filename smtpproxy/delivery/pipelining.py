@@ -16,6 +16,7 @@ major version.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 
 import aiosmtplib
@@ -36,6 +37,39 @@ class PipeliningProtocol(SMTPProtocol):
 
     _due: int
     """Replies the current group still waits for; bytes for them are never dropped."""
+    _deadline: float
+    """Loop time by which the awaited reply must have come (inf: no limit kept here)."""
+    _watch: asyncio.TimerHandle | None
+    """The connection's one timer for ``_deadline``: it is moved only when the deadline comes
+    earlier, and re-arms itself when it finds the deadline moved later (an ``asyncio.timeout``
+    per command made and cancelled a timer each time)."""
+
+    def expect_by(self, deadline: float) -> None:
+        """The reply awaited next must come by *deadline* (loop time; inf: no limit), or its
+        read raises TimeoutError."""
+        self._deadline = deadline
+        watch = self._watch
+        if deadline != math.inf and (watch is None or watch.when() > deadline):
+            if watch is not None:
+                watch.cancel()
+            self._watch = self._loop.call_at(deadline, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        self._watch = None
+        if self._deadline == math.inf:
+            return
+        if self._loop.time() < self._deadline:
+            self._watch = self._loop.call_at(self._deadline, self._deadline_reached)
+            return
+        waiter = self._response_waiter
+        if waiter is not None and not waiter.done():
+            self._set_response_exception(waiter, TimeoutError())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()  # the protocol is not kept alive by its timer
+            self._watch = None
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         waiter = self._response_waiter
@@ -108,6 +142,8 @@ def adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
         protocol.__class__ = PipeliningProtocol
         assert isinstance(protocol, PipeliningProtocol)
         protocol._due = 0
+        protocol._deadline = math.inf
+        protocol._watch = None
     return protocol
 
 
@@ -148,16 +184,17 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
             protocol._due = len(commands)
             try:
                 protocol.write(b"".join(command + b"\r\n" for command in commands))
-                async with asyncio.timeout(reply_timeout) as deadline:
-                    for _ in commands:
-                        replies.append(await protocol.read_response())
-                        protocol._due -= 1
-                        if reply_timeout is not None and protocol._due:
-                            deadline.reschedule(asyncio.get_running_loop().time() + reply_timeout)
+                loop = protocol._loop
+                for _ in commands:
+                    if reply_timeout is not None:
+                        protocol.expect_by(loop.time() + reply_timeout)
+                    replies.append(await protocol.read_response())
+                    protocol._due -= 1
                 if protocol._buffer:  # more than was asked: whose answer is it?
                     raise OutOfStep(protocol.unsolicited_code(), "Server answered more than was asked")
             finally:
                 protocol._due = 0
+                protocol._deadline = math.inf
     except TimeoutError as exc:
         client.close()
         raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc

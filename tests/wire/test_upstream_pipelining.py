@@ -533,3 +533,49 @@ async def test_a_command_with_a_line_break_is_refused_before_anything_is_sent() 
     client.close()
     server.close()
     assert await asyncio.wait_for(received, 5) == b""  # the connection closed with nothing sent
+
+
+# -- the reply deadline: one timer per connection, moved lazily ------------------------------
+
+
+async def test_each_reply_gets_its_own_deadline_from_one_lazy_timer() -> None:
+    """A later deadline does not fire early (the timer armed for an earlier command re-arms
+    itself), an earlier one is kept, and a missed one times the command out and closes."""
+    delays = [0.0, 0.3, 0.0, None]  # per command: answer after that long; None: never
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test\r\n")
+        for delay in delays:
+            await reader.readline()
+            if delay is None:
+                await reader.read()
+                break
+            await asyncio.sleep(delay)
+            writer.write(b"250 2.0.0 Ok\r\n")
+        writer.close()
+
+    server, client = await scripted(serve)
+    loop = asyncio.get_running_loop()
+    assert (await pipeline(client, [b"NOOP"], 0.2))[0].code == 250  # arms the timer for 0.2 s
+    started = loop.time()
+    assert (await pipeline(client, [b"NOOP"], 5))[0].code == 250  # 0.3 s: past the first deadline
+    assert loop.time() - started >= 0.25
+    assert (await pipeline(client, [b"NOOP"], 30))[0].code == 250
+    protocol = client.protocol
+    assert protocol is not None and protocol._watch is not None  # type: ignore[attr-defined]
+    started = loop.time()
+    with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
+        await pipeline(client, [b"NOOP"], 0.2)  # earlier than the armed timer: re-armed for it
+    assert 0.15 <= loop.time() - started < 2
+    assert not client.is_connected
+    server.close()
+
+    delays = [0.0]
+    server, client = await scripted(serve)
+    assert (await pipeline(client, [b"NOOP"], 30))[0].code == 250
+    protocol = client.protocol
+    assert protocol is not None and protocol._watch is not None  # type: ignore[attr-defined]
+    client.close()
+    await asyncio.sleep(0.05)  # connection_lost runs
+    assert protocol._watch is None  # type: ignore[attr-defined]  # not kept alive by its timer
+    server.close()
