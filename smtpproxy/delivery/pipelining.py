@@ -23,7 +23,7 @@ import aiosmtplib
 from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-__all__ = ["OutOfStep", "PipeliningProtocol", "adopt", "pipeline", "send_command"]
+__all__ = ["OutOfStep", "PipeliningProtocol", "adopt", "open_connection", "pipeline", "send_command"]
 
 
 class OutOfStep(aiosmtplib.SMTPResponseException):
@@ -145,6 +145,42 @@ def adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
         protocol._deadline = math.inf
         protocol._watch = None
     return protocol
+
+
+async def open_connection(client: aiosmtplib.SMTP, connect_timeout: float) -> SMTPResponse:
+    """``client.connect(timeout=connect_timeout)`` for plain TCP to ``client.hostname:client.port``,
+    on a PipeliningProtocol from the start: the same exceptions and the greeting (220), but
+    no wait_for (a task) for the connect and again for the greeting, no check of every
+    setting again, and no connect lock (a Connection is used by one task at a time)."""
+    loop = asyncio.get_running_loop()
+    host, port = client.hostname or "localhost", client.port or 25
+    protocol = adopt(SMTPProtocol(loop=loop, connection_lost_callback=client._on_connection_lost))
+    try:
+        async with asyncio.timeout(connect_timeout):
+            transport, _ = await loop.create_connection(lambda: protocol, host, port)
+    except TimeoutError as exc:
+        raise aiosmtplib.SMTPConnectTimeoutError(f"Timed out connecting to {host} on port {port}") from exc
+    except OSError as exc:
+        raise aiosmtplib.SMTPConnectError(f"Error connecting to {host} on port {port}: {exc}") from exc
+    client.loop, client.protocol, client.transport = loop, protocol, transport
+    try:
+        protocol.expect_by(loop.time() + connect_timeout)
+        response = await protocol.read_response()
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        client.close()
+        raise aiosmtplib.SMTPConnectError(f"Error connecting to {host} on port {port}: {exc}") from exc
+    except TimeoutError as exc:
+        client.close()
+        raise aiosmtplib.SMTPConnectTimeoutError("Timed out waiting for server ready message") from exc
+    except BaseException:
+        client.close()
+        raise
+    finally:
+        protocol._deadline = math.inf
+    if response.code != aiosmtplib.SMTPStatus.ready:
+        client.close()
+        raise aiosmtplib.SMTPConnectResponseError(response.code, response.message)
+    return response
 
 
 async def send_command(client: aiosmtplib.SMTP, *args: bytes, reply_timeout: float) -> SMTPResponse:

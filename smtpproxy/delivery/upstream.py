@@ -28,7 +28,7 @@ import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
 from smtpproxy.delivery import DeliveryError
-from smtpproxy.delivery.pipelining import send_command
+from smtpproxy.delivery.pipelining import open_connection, send_command
 from smtpproxy.eventlog import event
 from smtpproxy.session import Session
 from smtpproxy.verdicts import Reply
@@ -210,6 +210,8 @@ class Connector:
         """Connections saying QUIT after their last message (see release)."""
         self._identities: dict[tuple[object, ...], tuple[str, ...]] = {}
         """Encoded XCLIENT attributes by what they encode (see _xclient_identity)."""
+        self._helo_name = aiosmtplib.SMTP(local_hostname=settings.helo_name).local_hostname
+        """helo_name as aiosmtplib checks and keeps it (stripped; ValueError if unusable)."""
         self._verify_context = self._context(verify=settings.tls_verify)
         self._opportunistic_context = self._context(verify=False)
 
@@ -387,10 +389,11 @@ class Connector:
         s = self.settings
         early = self._early_xclient(server, session)
         client = aiosmtplib.SMTP(
-            hostname=server.host, port=server.port, local_hostname=s.helo_name,
-            timeout=s.command_timeout, use_tls=s.tls == "implicit", start_tls=False,
+            hostname=server.host, port=server.port, timeout=s.command_timeout,
+            use_tls=s.tls == "implicit", start_tls=False,
             tls_context=self._verify_context if s.tls == "implicit" else None,
         )
+        client.local_hostname = self._helo_name  # checked once (the constructor checks each time)
         try:
             tls = await self._handshake(client, server, last_ehlo=early is None)
             conn = Connection(client, server, tls, xclient_offered=early)
@@ -441,7 +444,10 @@ class Connector:
         s = self.settings
         # Implicit TLS verifies the certificate against ``host`` (aiosmtplib has no separate
         # server name for it); tls_hostname applies to STARTTLS.
-        greeting = await client.connect(timeout=s.connect_timeout)
+        if s.tls == "implicit":
+            greeting = await client.connect(timeout=s.connect_timeout)
+        else:
+            greeting = await open_connection(client, s.connect_timeout)
         if greeting.code != 220:
             raise DeliveryError(upstream_reply(_as_temp(greeting.code), greeting.message),
                                 f"{server.name}: greeting {greeting.code}")

@@ -138,6 +138,11 @@ def test_aiosmtplib_still_has_what_streaming_and_pipelining_rely_on() -> None:
     setter = inspect.getsource(aiosmtplib.smtp.SMTP.last_ehlo_response.fset)  # type: ignore[arg-type]
     missing += [a for a in ("_last_ehlo_response", "esmtp_extensions", "server_auth_methods",
                             "supports_esmtp") if f"self.{a} =" not in setter]
+    # pipelining.py open_connection: what SMTP.connect() hands its protocol and keeps
+    missing += [m for m in ("_on_connection_lost", "close") if not callable(getattr(aiosmtplib.smtp.SMTP, m, None))]
+    connect = inspect.getsource(aiosmtplib.smtp.SMTP._create_connection)
+    missing += [a for a in ("connection_lost_callback=self._on_connection_lost", "self.protocol = protocol",
+                            "self.transport = transport") if a not in connect]
     assert "__slots__" not in vars(protocol), "a protocol with __slots__ cannot be adopted by a subclass"
     assert missing == [], f"aiosmtplib {aiosmtplib.__version__} no longer has {missing}"
     # The protocol object is made per connection and kept through STARTTLS (so adopting it

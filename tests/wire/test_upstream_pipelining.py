@@ -579,3 +579,58 @@ async def test_each_reply_gets_its_own_deadline_from_one_lazy_timer() -> None:
     await asyncio.sleep(0.05)  # connection_lost runs
     assert protocol._watch is None  # type: ignore[attr-defined]  # not kept alive by its timer
     server.close()
+
+
+@pytest.mark.parametrize("greeting", [b"220 ok.test ESMTP\r\n", b"220-ok.test\r\n220 ESMTP\r\n",
+                                      b"554 5.3.2 go away\r\n", b"", None])
+async def test_opening_a_connection_gives_what_aiosmtplib_connect_gives(greeting: bytes | None) -> None:
+    """open_connection() against aiosmtplib's own connect(): the same greeting, or the same
+    exception with the same text (a refusal, a close before the greeting, silence); either
+    way a failed client is left closed."""
+    from smtpproxy.delivery.pipelining import PipeliningProtocol, open_connection
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if greeting is None:  # silent
+            await reader.read()
+        else:
+            writer.write(greeting)
+            await writer.drain()
+            if not greeting:
+                writer.close()
+                return
+            while await reader.readline():
+                writer.write(b"250 2.0.0 Ok\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def outcome(ours: bool) -> tuple[object, ...]:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False,
+                                 local_hostname="proxy.test")
+        try:
+            response = (await open_connection(client, 0.3) if ours else await client.connect(timeout=0.3))
+        except aiosmtplib.SMTPException as exc:
+            return (type(exc), str(exc), client.is_connected)
+        connected = client.is_connected
+        [reply] = await pipeline(client, [b"NOOP"], 0.2)  # the connection works on
+        assert isinstance(client.protocol, PipeliningProtocol)
+        client.close()
+        return (response.code, response.message, connected, reply.code)
+
+    try:
+        assert await outcome(True) == await outcome(False)
+    finally:
+        server.close()
+
+    async def refused(ours: bool) -> tuple[object, ...]:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False,
+                                 local_hostname="proxy.test")
+        try:
+            await (open_connection(client, 0.3) if ours else client.connect(timeout=0.3))
+        except aiosmtplib.SMTPException as exc:
+            return (type(exc), str(exc).split(":")[0], client.is_connected)
+        raise AssertionError("connected to a closed port")
+
+    await server.wait_closed()
+    assert await refused(True) == await refused(False)
