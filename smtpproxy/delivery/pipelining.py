@@ -100,16 +100,34 @@ class PipeliningProtocol(SMTPProtocol):
             waiter.set_result(response)
 
     def _read_response_from_buffer(self) -> SMTPResponse | None:
-        """aiosmtplib's reply parser, with a shortcut for the usual reply: one line, whole, with
-        a three-digit code and a space (every reply to MAIL, RCPT, the message, XCLIENT, QUIT).
-        It gives what the parser gives for that line; any other reply goes to the parser."""
+        """aiosmtplib's reply parser, with a shortcut for the usual replies: lines each with a
+        three-digit code and a space or hyphen, none longer than aiosmtplib allows (every reply
+        to MAIL, RCPT, the message, XCLIENT, EHLO, QUIT). It gives what the parser gives for
+        them (None for an unfinished reply); any other reply goes to the parser."""
         buffer = self._buffer
         end = buffer.find(b"\n")
+        if end == -1:
+            return None
         if 4 <= end < MAX_LINE_LENGTH and buffer[3] == 0x20 and buffer[:3].isdigit():
-            line = bytes(buffer[:end + 1])
+            line = bytes(buffer[:end + 1])  # one line: the usual reply
             del buffer[:end + 1]
             return SMTPResponse(int(line[:3]), line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
-        return super()._read_response_from_buffer()
+        message = bytearray()
+        start = 0
+        while end != -1:
+            if not (4 <= end - start < MAX_LINE_LENGTH and buffer[start + 3] in b" -"
+                    and buffer[start:start + 3].isdigit()):
+                return super()._read_response_from_buffer()
+            if message:  # as aiosmtplib: no line break before the first non-empty text
+                message += b"\n"
+            message += buffer[start + 4:end + 1].strip(b" \t\r\n")
+            if buffer[start + 3] == 0x20:
+                code = int(buffer[start:start + 3])
+                del buffer[:end + 1]
+                return SMTPResponse(code, message.decode("utf-8", "surrogateescape"))
+            start = end + 1
+            end = buffer.find(b"\n", start)
+        return None
 
     def unsolicited_code(self) -> int:
         """The code of the reply in the buffer that nothing asked for (-1: not a whole reply)."""
