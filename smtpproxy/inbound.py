@@ -261,11 +261,15 @@ class InboundSMTP(SMTP):
         data = WIRE.get(reply)
         if data is None:
             data = wire(reply, "utf-8" if self.enable_SMTPUTF8 else "ascii")
-        self._held_replies.append(data)
         if b"\n" in getattr(self._reader, "_buffer", b""):
+            self._held_replies.append(data)
             return
-        self._flush_replies()
-        transport = cast(asyncio.WriteTransport | None, self.transport)
+        transport = cast("asyncio.WriteTransport | None", self.transport)
+        if self._held_replies:
+            self._held_replies.append(data)
+            self._flush_replies()
+        elif transport is not None and not transport.is_closing():
+            self._writer.write(data)  # the usual case: one reply, nothing held
         if transport is not None and not transport.get_write_buffer_size():
             return  # the kernel took it all: drain() would find nothing to wait for
         if self._timer_paused:
