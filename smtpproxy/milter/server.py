@@ -137,6 +137,7 @@ class MilterServer:
         session = MilterSession(self.chain, self.policy, replies.send, peer_text, replies.progress)
         deadlines = self._deadlines
         pending = replies.pending
+        decode, take, macro = codec.decode_command, session.take, codec.Macro  # per packet: ~33 a message
         try:
             while True:
                 deadlines.wait(task)
@@ -148,10 +149,11 @@ class MilterServer:
                     break
                 go_on = True
                 for code, payload in packets:
-                    command = codec.decode_command(code, payload)
-                    if type(command) is codec.Macro and _nothing_follows(command, session.negotiated):
+                    command = decode(code, payload)
+                    if (type(command) is macro and command.for_command in _NOT_SENT
+                            and _nothing_follows(command, session.negotiated)):
                         acks.now()
-                    if session.take(command):
+                    if take(command):
                         continue
                     go_on = await session.handle(command)
                     if pending:
