@@ -12,6 +12,7 @@ commits on a shared machine. It is a micro-benchmark, not a test (issue 31)::
     python bench/milter_session_cpu.py                  # no plugins, 5,000 messages
     python bench/milter_session_cpu.py --edit           # a data plugin adding a header field
     python bench/milter_session_cpu.py --root /tmp/before   # another checkout's smtpproxy
+    python bench/milter_session_cpu.py --chain          # spf + dkim_verify + dmarc + auth_results
 
 Prints the median of three runs in microseconds of CPU per message.
 """
@@ -37,6 +38,8 @@ HEADERS = [
     ("Date", " Mon, 7 Dec 2026 04:00:00 +0000"), ("Message-ID", " <abc@sender.test>"),
     ("MIME-Version", " 1.0"),
 ]
+LAST_WRITTEN: list[bytes] = []
+"""What the session wrote for the last message (``--chain`` checks its Authentication-Results)."""
 BODY = b"Line of text that is about sixty characters long, more or le\r\n" * 10
 
 
@@ -44,6 +47,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--messages", type=int, default=5000)
     parser.add_argument("--edit", action="store_true", help="a data plugin that adds a header field")
+    parser.add_argument("--chain", action="store_true",
+                        help="spf + dkim_verify + dmarc + auth_results on a DKIM-signed message, real DNS")
+    parser.add_argument("--profile", type=Path, default=None,
+                        help="with --chain: write cProfile's stats of one run to this file")
     parser.add_argument("--level", default="info", help="log level (the lines go to /dev/null)")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="the checkout whose smtpproxy is measured (default: this one)")
@@ -53,12 +60,16 @@ def main(argv: list[str] | None = None) -> None:
     from smtpproxy.eventlog import configure_logging
 
     configure_logging(args.level)
+    if args.chain:
+        _run_chain(args)
+        return
     print(f"{asyncio.run(_measure(args.messages, args.edit)):.1f} us CPU per message "
           f"({'a data plugin adding a field' if args.edit else 'no plugins'}, log at {args.level}, "
           f"median of 3 x {args.messages})", file=sys.__stdout__)
 
 
-async def _measure(messages: int, edit: bool) -> float:
+async def _measure(messages: int, edit: bool, chain: Any = None, commands: list[Any] | None = None,
+                   profile: Path | None = None) -> float:
     from smtpproxy import Message, hookimpl
     from smtpproxy.milter import codec
     from smtpproxy.milter.session import MilterPolicy, MilterSession
@@ -71,9 +82,10 @@ async def _measure(messages: int, edit: bool) -> float:
         async def data(self, message: Message) -> None:
             message.add_header("X-Checked", "yes")
 
-    chain = chain_of([AddsField()] if edit else [])
+    if chain is None:
+        chain = chain_of([AddsField()] if edit else [])
     policy = MilterPolicy()
-    stream = b"".join(_packet(c) for c in _commands())
+    stream = b"".join(_packet(c) for c in (commands or _commands()))
     offer = _packet(codec.OptNeg(6, 0x1FF, 0x1FFFFF))
     written: list[bytes] = []
 
@@ -93,11 +105,21 @@ async def _measure(messages: int, edit: bool) -> float:
                     continue
                 await session.handle(command)
         await session.finish()
+        LAST_WRITTEN[:] = written
         written.clear()
         await asyncio.sleep(0)  # the loop's turn: the log lines are written, as in the server
 
     for _ in range(200):
         await one()
+    if profile is not None:
+        import cProfile
+
+        profiler = cProfile.Profile(time.process_time)
+        profiler.enable()
+        for _ in range(messages):
+            await one()
+        profiler.disable()
+        profiler.dump_stats(str(profile))
     results = []
     for _ in range(3):
         started = time.process_time()
@@ -105,6 +127,75 @@ async def _measure(messages: int, edit: bool) -> float:
             await one()
         results.append((time.process_time() - started) / messages * 1e6)
     return statistics.median(results)
+
+
+CHAIN = [{"name": "spf"}, {"name": "dkim_verify"}, {"name": "dmarc"},
+         {"name": "auth_results", "settings": {"authserv_id": "filter.bench"}}]
+"""postfix_rows.py's milter-chain row: the plugins as the configuration names them."""
+
+
+def _run_chain(args: argparse.Namespace) -> None:
+    """``--chain``: postfix_rows.py's milter-chain row in one process. The chain is built from
+    the configuration as ``smtpproxy milter`` builds it, its DNS answered by the tests'
+    loopback zone (bench/run.py's: SPF, DKIM and DMARC pass for 127.0.0.1) through the
+    shared resolver and its caches, the message bench/run.py's DKIM-signed 1 KB one. Checks
+    that every message got its Authentication-Results field with three passes."""
+    root = args.root.resolve()
+    plugins = root / "smtpproxy_plugins"
+    if root != Path(__file__).resolve().parent.parent and not plugins.exists():
+        plugins.symlink_to("plugins")  # its plugins win over the installed (editable) ones
+    from bench.run import Signed
+    from tests.dns_server import running_zone_server
+
+    signed = Signed.create()
+    raw = signed.message(1024)
+    with running_zone_server() as zone:
+        for line in signed.zone:
+            zone.add(line)
+        micros, written = asyncio.run(_measure_chain(args.messages, zone.port, raw, args.profile))
+    print(f"{micros:.1f} us CPU per message (spf + dkim_verify + dmarc + auth_results, {len(raw)}-byte "
+          f"DKIM-signed message, DNS cached, log at {args.level}, median of 3 x {args.messages})",
+          file=sys.__stdout__)
+    print(f"  its Authentication-Results: {written}", file=sys.__stdout__)
+
+
+async def _measure_chain(messages: int, zone_port: int, raw: bytes,
+                         profile: Path | None) -> tuple[float, str]:
+    from smtpproxy.config import Config
+    from smtpproxy.milter import codec
+    from smtpproxy.registry import build_chain
+    from smtpproxy.startup import start_chain
+
+    config = Config.model_validate({"plugins": CHAIN, "milter": {"listen": "inet:127.0.0.1:1"},
+                                    "dns": {"nameservers": ["127.0.0.1"], "port": zone_port,
+                                            "timeout": 5}})
+    chain = build_chain(config.plugins, None)
+    await start_chain(chain, config.dns)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    fields: list[Any] = []
+    for line in head.split(b"\r\n"):
+        if line[:1] in (b" ", b"\t"):
+            fields[-1][1] += "\n" + line.decode()
+        else:
+            name, _, value = line.decode().partition(":")
+            fields.append([name, value])
+    commands = [
+        codec.Macro("C", (("j", "mx.bench"), ("{daemon_addr}", "127.0.0.1"), ("{daemon_port}", "25"),
+                          ("v", "Postfix 3.7.11"))),
+        codec.Connect("localhost", "4", 40000, "127.0.0.1"),
+        codec.Macro("H", ()), codec.Helo("client.bench"),
+        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "bench@sender.test"))),
+        codec.Mail(("<bench@sender.test>",)),
+        codec.Macro("R", (("{rcpt_addr}", "rcpt@bench.test"),)), codec.Rcpt(("<rcpt@bench.test>",)),
+        codec.Macro("T", ()),
+        *(codec.Header(name, value) for name, value in fields),
+        codec.EndOfHeaders(), codec.Body(body), codec.EndOfBody(b""), codec.Quit(),
+    ]
+    micros = await _measure(messages, False, chain, commands, profile)
+    found = [w for w in LAST_WRITTEN if b"Authentication-Results" in w]
+    if len(found) != 1 or found[0].count(b"=pass") != 3:
+        raise SystemExit(f"the chain did not pass SPF, DKIM and DMARC: {LAST_WRITTEN!r}")
+    return micros, found[0][found[0].index(b"Authentication-Results"):].decode(errors="replace")
 
 
 def _commands() -> list[Any]:
