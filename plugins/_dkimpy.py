@@ -78,14 +78,35 @@ def _rsa_verify(hash: Any, signature: bytes, public_key: Mapping[str, int]) -> b
     key = _openssl_key(modulus, exponent) if modulus > 0 else None
     if key is None or len(signature) != modlen or int.from_bytes(signature, "big") >= modulus:
         return bool(_dkimpy_rsa_verify(hash, signature, public_key))
-    expected = dkim.crypto.EMSA_PKCS1_v1_5_encode(hash, modlen)  # raises as dkimpy's does
+    name = hash.name.lower()
+    if name not in dkim.crypto.HASH_ID_MAP:
+        dkim.crypto.EMSA_PKCS1_v1_5_encode(hash, modlen)  # raises as dkimpy's does
+    digest = hash.digest()
+    expected = _digest_info_prefix(name, len(digest)) + digest
+    if len(expected) + 11 > modlen:
+        raise dkim.crypto.DigestTooLargeError()  # as dkimpy's EMSA_PKCS1_v1_5_encode
     try:
         recovered = key.recover_data_from_signature(signature, _padding.PKCS1v15(), None)
     except InvalidSignature:
         return False
     except Exception:  # anything else OpenSSL says: dkimpy's arithmetic decides
         return bool(_dkimpy_rsa_verify(hash, signature, public_key))
-    return bool(expected == b"\x00\x01" + b"\xff" * (modlen - len(recovered) - 3) + b"\x00" + recovered)
+    # dkimpy compares 00 01 FF.. 00 DigestInfo with the whole block; OpenSSL checked the
+    # padding and returns what follows it, so the blocks are equal exactly when that is the
+    # DigestInfo (the separator is the first 00 after the FFs in both).
+    return bool(recovered == expected)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_info_prefix(name: str, size: int) -> bytes:
+    """The DER DigestInfo of dkimpy's EMSA_PKCS1_v1_5_encode up to the digest itself: the same
+    for every digest of one algorithm (and length), so built once, with dkimpy's own encoder."""
+    crypto = dkim.crypto
+    info = crypto.asn1_build((crypto.SEQUENCE, [
+        (crypto.SEQUENCE, [(crypto.OBJECT_IDENTIFIER, crypto.HASH_ID_MAP[name]), (crypto.NULL, None)]),
+        (crypto.OCTET_STRING, b"\0" * size),
+    ]))
+    return bytes(info[:len(info) - size])
 
 
 # dkimpy blanks the b= tag of the signature it hashes with RE_BTAG, whose folding-whitespace
