@@ -494,6 +494,13 @@ class Message:
         """
         return [(f.name, f.value) for f in self._parse()]
 
+    @property
+    def raw_fields(self) -> list[bytes]:
+        """Each header field's exact bytes, in order: name, colon, value, folds and final
+        CRLF, as received or as a plugin wrote it (an mbox first line without the
+        ``X-Mailbox-Line:`` prefix), for a plugin that hashes or re-parses header bytes."""
+        return [f.raw for f in self._parse()]
+
     def get(self, name: str, default: str | None = None) -> str | None:
         """The value of the first field called ``name`` (case-insensitive)."""
         key = _key(name)

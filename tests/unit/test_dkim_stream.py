@@ -382,3 +382,34 @@ def test_rfc822_parse_equals_dkimpys(value: bytes) -> None:
     original = _unpatched("dkim").rfc822_parse
     assert _outcome(dkimpy_internals._rfc822_parse, value) == _outcome(original, value)
     assert dkim.rfc822_parse is dkimpy_internals._rfc822_parse
+
+
+@settings(max_examples=500, deadline=None)
+@given(head_lines=st.lists(st.sampled_from([b"A: 1", b"B:2", b" folded", b"\t", b"From x", b">From : y",
+                                            b"C : 3", b"D\t:4", b"", b"no colon", b"E:", b"F::x", b"\xc3\xa9: x",
+                                            b"G\x01: z", b"Date: a:b"]), max_size=7),
+       edit=st.booleans())
+def test_headers_from_the_message_fields_are_dkimpys_parse(head_lines: list[bytes], edit: bool) -> None:
+    """Where the dkim plugin hands dkimpy the header list built from Message.raw_fields, it is the
+    one dkimpy's own (unpatched) rfc822_parse makes of the header block; elsewhere dkimpy parses."""
+    message = Message(b"".join(line + b"\r\n" for line in head_lines) + b"body\r\n")
+    if edit:
+        message.add_header("X-Added", "by a plugin  before dkim")
+    head, _ = split_at_blank_line(message.parts())
+    headers = plugin_dkim._dkimpy_headers(head, message.raw_fields)
+    if headers is None:
+        return
+    assert (headers, b"") == _unpatched("dkim").rfc822_parse(head) == dkim.rfc822_parse(head)
+    verifier = plugin_dkim._Verifier(head, [], message.raw_fields)
+    assert verifier.headers == dkim.DKIM(head).headers
+
+
+def test_dkimpy_parses_when_the_fields_are_not_its_field_lines() -> None:
+    for raw in (b"X-Obs : y\r\nA: 1\r\n\r\nbody\r\n", b"From x\r\nA: 1\r\n\r\nbody\r\n",
+                b"A: 1\r\nnot a field\r\n\r\nbody\r\n", b"A: 1\r\n"):
+        message = Message(raw)
+        head, _ = split_at_blank_line(message.parts())
+        assert plugin_dkim._dkimpy_headers(head, message.raw_fields) is None
+    message = Message(b"A: 1\r\n folded\r\nB:2\r\n\r\nbody\r\n")
+    head, _ = split_at_blank_line(message.parts())
+    assert plugin_dkim._dkimpy_headers(head, message.raw_fields) == [[b"A", b" 1\r\n folded\r\n"], [b"B", b"2\r\n"]]
