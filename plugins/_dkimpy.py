@@ -207,7 +207,8 @@ def _validate_signature_fields(sig: dict[bytes, bytes],
                                arc: bool = False) -> None:
     r"""dkimpy's ``validate_signature_fields`` (every signature it verifies), check for check
     and message for message in its order, with its patterns compiled once and its ``len(re.sub(
-    \s+, ...))`` as a ``translate``; anything but bytes values goes to dkimpy's own."""
+    \s+, ...))`` as a ``translate``; anything but bytes values goes to dkimpy's own. (Its
+    ``%s`` of a bytes value is the value's repr: ``%r`` here, the same text.)"""
     if not all(type(value) is bytes for value in sig.values()):
         return _dkimpy_validate_signature_fields(sig, list(mandatory_fields), arc)  # type: ignore[no-any-return]
     hashes = dkim.ARC_HASH_ALGORITHMS if arc else dkim.HASH_ALGORITHMS
@@ -215,48 +216,48 @@ def _validate_signature_fields(sig: dict[bytes, bytes],
         if name not in sig:
             raise dkim.ValidationError("missing %s=" % name)  # noqa: UP031 - dkimpy's message, as it formats it
     if b"a" in sig and sig[b"a"] not in hashes:
-        raise dkim.ValidationError("unknown signature algorithm: %s" % sig[b"a"])  # noqa: UP031
+        raise dkim.ValidationError("unknown signature algorithm: %r" % sig[b"a"])  # noqa: UP031
     if b"b" in sig:
         if _BASE64.match(sig[b"b"]) is None:
-            raise dkim.ValidationError("b= value is not valid base64 (%s)" % sig[b"b"])  # noqa: UP031
+            raise dkim.ValidationError("b= value is not valid base64 (%r)" % sig[b"b"])  # noqa: UP031
         if len(sig[b"b"].translate(None, _WHITESPACE)) % 4 != 0:
-            raise dkim.ValidationError("b= value is not valid base64 (%s)" % sig[b"b"])  # noqa: UP031
+            raise dkim.ValidationError("b= value is not valid base64 (%r)" % sig[b"b"])  # noqa: UP031
     if b"bh" in sig:
         if _BASE64.match(sig[b"b"]) is None:  # sic: dkimpy checks b= here
-            raise dkim.ValidationError("bh= value is not valid base64 (%s)" % sig[b"bh"])  # noqa: UP031
+            raise dkim.ValidationError("bh= value is not valid base64 (%r)" % sig[b"bh"])  # noqa: UP031
         if len(sig[b"bh"].translate(None, _WHITESPACE)) % 4 != 0:
-            raise dkim.ValidationError("bh= value is not valid base64 (%s)" % sig[b"bh"])  # noqa: UP031
+            raise dkim.ValidationError("bh= value is not valid base64 (%r)" % sig[b"bh"])  # noqa: UP031
     if b"cv" in sig and sig[b"cv"] not in (dkim.CV_Pass, dkim.CV_Fail, dkim.CV_None):
-        raise dkim.ValidationError("cv= value is not valid (%s)" % sig[b"cv"])  # noqa: UP031
+        raise dkim.ValidationError("cv= value is not valid (%r)" % sig[b"cv"])  # noqa: UP031
     if sig[b"d"].isascii() and _DOMAIN_SPECIALS.search(sig[b"d"]) is not None:
-        raise dkim.ValidationError("d= value is not valid (%s)" % sig[b"d"])  # noqa: UP031
+        raise dkim.ValidationError("d= value is not valid (%r)" % sig[b"d"])  # noqa: UP031
     if not arc and b"i" in sig and (
             not sig[b"i"].lower().endswith(sig[b"d"].lower())
             or sig[b"i"][-len(sig[b"d"]) - 1] not in ("@", ".", 64, 46)):
         raise dkim.ValidationError(
-            "i= domain is not a subdomain of d= (i=%s d=%s)" % (sig[b"i"], sig[b"d"]))  # noqa: UP031
+            "i= domain is not a subdomain of d= (i=%r d=%r)" % (sig[b"i"], sig[b"d"]))  # noqa: UP031
     if b"l" in sig and _LENGTH.match(sig[b"l"]) is None:
-        raise dkim.ValidationError("l= value is not a decimal integer (%s)" % sig[b"l"])  # noqa: UP031
+        raise dkim.ValidationError("l= value is not a decimal integer (%r)" % sig[b"l"])  # noqa: UP031
     if b"q" in sig and sig[b"q"] != b"dns/txt":
-        raise dkim.ValidationError("q= value is not dns/txt (%s)" % sig[b"q"])  # noqa: UP031
+        raise dkim.ValidationError("q= value is not dns/txt (%r)" % sig[b"q"])  # noqa: UP031
     t_sign = None
     if b"t" in sig:
         if _DECIMAL.match(sig[b"t"]) is None:
-            raise dkim.ValidationError("t= value is not a decimal integer (%s)" % sig[b"t"])  # noqa: UP031
+            raise dkim.ValidationError("t= value is not a decimal integer (%r)" % sig[b"t"])  # noqa: UP031
         t_sign = int(sig[b"t"])
         if t_sign > int(time.time()) + 36000:  # dkimpy's 10 hours of leeway
-            raise dkim.ValidationError("t= value is in the future (%s)" % sig[b"t"])  # noqa: UP031
+            raise dkim.ValidationError("t= value is in the future (%r)" % sig[b"t"])  # noqa: UP031
     if b"v" in sig and sig[b"v"] != b"1":
-        raise dkim.ValidationError("v= value is not 1 (%s)" % sig[b"v"])  # noqa: UP031
+        raise dkim.ValidationError("v= value is not 1 (%r)" % sig[b"v"])  # noqa: UP031
     if b"x" in sig:
         if _DECIMAL.match(sig[b"x"]) is None:
-            raise dkim.ValidationError("x= value is not a decimal integer (%s)" % sig[b"x"])  # noqa: UP031
+            raise dkim.ValidationError("x= value is not a decimal integer (%r)" % sig[b"x"])  # noqa: UP031
         x_sign = int(sig[b"x"])
         if x_sign < int(time.time()) - 36000:
-            raise dkim.ValidationError("x= value is past (%s)" % sig[b"x"])  # noqa: UP031
+            raise dkim.ValidationError("x= value is past (%r)" % sig[b"x"])  # noqa: UP031
         if t_sign and x_sign < t_sign:
             raise dkim.ValidationError(
-                "x= value is less than t= value (x=%s t=%s)" % (sig[b"x"], sig[b"t"]))  # noqa: UP031
+                "x= value is less than t= value (x=%r t=%r)" % (sig[b"x"], sig[b"t"]))  # noqa: UP031
     return None
 
 
