@@ -3,8 +3,9 @@
 `postfix_rows.py` measures what users run, and there the kernel's share (the replies'
 `send`s on loopback TCP do the receiving side's work too) and the machine's neighbours weigh
 as much as our code. This drives :class:`smtpproxy.milter.session.MilterSession` with the
-packets Postfix sends for one 1 KB message (negotiation, CONNECT to RCPT with their macros,
-the DATA macros, eight header fields, the body, end of message, QUIT), decoded from bytes
+packets Postfix sends for one 1 KB message (negotiation, CONNECT to RCPT with the macros of
+Postfix's default ``milter_*_macros``, the DATA macros, eight header fields each after its
+macro packet as milter8.c sends them, the body, end of message, QUIT), decoded from bytes
 as the server decodes them, with the log at info going to /dev/null: the CPU of the
 session logic, the codec and the log lines per message, steady enough to compare two
 commits on a shared machine. It is a micro-benchmark, not a test (issue 31)::
@@ -12,6 +13,7 @@ commits on a shared machine. It is a micro-benchmark, not a test (issue 31)::
     python bench/milter_session_cpu.py                  # no plugins, 5,000 messages
     python bench/milter_session_cpu.py --edit           # a data plugin adding a header field
     python bench/milter_session_cpu.py --root /tmp/before   # another checkout's smtpproxy
+    python bench/milter_session_cpu.py --profile        # and the cProfile of one run (CPU time)
     python bench/milter_session_cpu.py --chain          # spf + dkim_verify + dmarc + auth_results
 
 Prints the median of three runs in microseconds of CPU per message.
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import inspect
 import os
+import pstats
 import statistics
 import sys
 import time
@@ -49,27 +53,30 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--edit", action="store_true", help="a data plugin that adds a header field")
     parser.add_argument("--chain", action="store_true",
                         help="spf + dkim_verify + dmarc + auth_results on a DKIM-signed message, real DNS")
-    parser.add_argument("--profile", type=Path, default=None,
-                        help="with --chain: write cProfile's stats of one run to this file")
     parser.add_argument("--level", default="info", help="log level (the lines go to /dev/null)")
     parser.add_argument("--root", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="the checkout whose smtpproxy is measured (default: this one)")
+    parser.add_argument("--profile", type=int, nargs="?", const=40, default=0, metavar="ROWS",
+                        help="print the cProfile (process time) of the runs, this many rows by own time")
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.root.resolve()))
     sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - the log's stream, for the run
     from smtpproxy.eventlog import configure_logging
 
     configure_logging(args.level)
+    profiler = cProfile.Profile(time.process_time) if args.profile else None
     if args.chain:
-        _run_chain(args)
+        _run_chain(args, profiler)
         return
-    print(f"{asyncio.run(_measure(args.messages, args.edit)):.1f} us CPU per message "
+    result = asyncio.run(_measure(args.messages, args.edit, profiler))
+    _print_profile(profiler, args)
+    print(f"{result:.1f} us CPU per message "
           f"({'a data plugin adding a field' if args.edit else 'no plugins'}, log at {args.level}, "
           f"median of 3 x {args.messages})", file=sys.__stdout__)
 
 
-async def _measure(messages: int, edit: bool, chain: Any = None, commands: list[Any] | None = None,
-                   profile: Path | None = None) -> float:
+async def _measure(messages: int, edit: bool, profiler: cProfile.Profile | None = None,
+                   chain: Any = None, commands: list[Any] | None = None) -> float:
     from smtpproxy import Message, hookimpl
     from smtpproxy.milter import codec
     from smtpproxy.milter.session import MilterPolicy, MilterSession
@@ -111,21 +118,16 @@ async def _measure(messages: int, edit: bool, chain: Any = None, commands: list[
 
     for _ in range(200):
         await one()
-    if profile is not None:
-        import cProfile
-
-        profiler = cProfile.Profile(time.process_time)
-        profiler.enable()
-        for _ in range(messages):
-            await one()
-        profiler.disable()
-        profiler.dump_stats(str(profile))
     results = []
     for _ in range(3):
+        if profiler is not None:
+            profiler.enable()
         started = time.process_time()
         for _ in range(messages):
             await one()
         results.append((time.process_time() - started) / messages * 1e6)
+        if profiler is not None:
+            profiler.disable()
     return statistics.median(results)
 
 
@@ -134,7 +136,18 @@ CHAIN = [{"name": "spf"}, {"name": "dkim_verify"}, {"name": "dmarc"},
 """postfix_rows.py's milter-chain row: the plugins as the configuration names them."""
 
 
-def _run_chain(args: argparse.Namespace) -> None:
+def _print_profile(profiler: cProfile.Profile | None, args: argparse.Namespace) -> None:
+    """``--profile``: the profiled rounds' top functions by own time, and calls per message."""
+    if profiler is None:
+        return
+    stats = pstats.Stats(profiler, stream=sys.__stdout__)
+    stats.sort_stats("tottime").print_stats(args.profile)
+    # Steadier than CPU time on a shared machine: Python calls per message (the profiled rounds).
+    calls = stats.total_calls / (3 * args.messages)  # type: ignore[attr-defined]
+    print(f"{calls:.0f} function calls per message", file=sys.__stdout__)
+
+
+def _run_chain(args: argparse.Namespace, profiler: cProfile.Profile | None) -> None:
     """``--chain``: postfix_rows.py's milter-chain row in one process. The chain is built from
     the configuration as ``smtpproxy milter`` builds it, its DNS answered by the tests'
     loopback zone (bench/run.py's: SPF, DKIM and DMARC pass for 127.0.0.1) through the
@@ -152,7 +165,8 @@ def _run_chain(args: argparse.Namespace) -> None:
     with running_zone_server() as zone:
         for line in signed.zone:
             zone.add(line)
-        micros, written = asyncio.run(_measure_chain(args.messages, zone.port, raw, args.profile))
+        micros, written = asyncio.run(_measure_chain(args.messages, zone.port, raw, profiler))
+    _print_profile(profiler, args)
     print(f"{micros:.1f} us CPU per message (spf + dkim_verify + dmarc + auth_results, {len(raw)}-byte "
           f"DKIM-signed message, DNS cached, log at {args.level}, median of 3 x {args.messages})",
           file=sys.__stdout__)
@@ -160,7 +174,7 @@ def _run_chain(args: argparse.Namespace) -> None:
 
 
 async def _measure_chain(messages: int, zone_port: int, raw: bytes,
-                         profile: Path | None) -> tuple[float, str]:
+                         profiler: cProfile.Profile | None) -> tuple[float, str]:
     from smtpproxy.config import Config
     from smtpproxy.milter import codec
     from smtpproxy.registry import build_chain
@@ -179,19 +193,25 @@ async def _measure_chain(messages: int, zone_port: int, raw: bytes,
         else:
             name, _, value = line.decode().partition(":")
             fields.append([name, value])
+    queue_id = (("i", "4ABC"),)  # as _commands(): Postfix's default milter_*_macros
     commands = [
-        codec.Macro("C", (("j", "mx.bench"), ("{daemon_addr}", "127.0.0.1"), ("{daemon_port}", "25"),
-                          ("v", "Postfix 3.7.11"))),
+        codec.Macro("C", (("j", "mx.bench"), ("{daemon_name}", "smtpd"), ("{daemon_addr}", "127.0.0.1"),
+                          ("v", "Postfix 3.7.11"), ("_", "localhost [127.0.0.1]"))),
         codec.Connect("localhost", "4", 40000, "127.0.0.1"),
         codec.Macro("H", ()), codec.Helo("client.bench"),
-        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "bench@sender.test"))),
+        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "bench@sender.test"),
+                          ("{mail_host}", "sender.test"), ("{mail_mailer}", "smtp"))),
         codec.Mail(("<bench@sender.test>",)),
-        codec.Macro("R", (("{rcpt_addr}", "rcpt@bench.test"),)), codec.Rcpt(("<rcpt@bench.test>",)),
-        codec.Macro("T", ()),
-        *(codec.Header(name, value) for name, value in fields),
-        codec.EndOfHeaders(), codec.Body(body), codec.EndOfBody(b""), codec.Quit(),
+        codec.Macro("R", (("i", "4ABC"), ("{rcpt_addr}", "rcpt@bench.test"), ("{rcpt_host}", "bench.test"),
+                          ("{rcpt_mailer}", "smtp"))),
+        codec.Rcpt(("<rcpt@bench.test>",)),
+        codec.Macro("T", queue_id),
+        *(packet for name, value in fields
+          for packet in (codec.Macro("L", queue_id), codec.Header(name, value))),
+        codec.Macro("N", queue_id), codec.EndOfHeaders(), codec.Macro("B", queue_id), codec.Body(body),
+        codec.Macro("E", queue_id), codec.EndOfBody(b""), codec.Quit(),
     ]
-    micros = await _measure(messages, False, chain, commands, profile)
+    micros = await _measure(messages, False, profiler, chain, commands)
     found = [w for w in LAST_WRITTEN if b"Authentication-Results" in w]
     if len(found) != 1 or found[0].count(b"=pass") != 3:
         raise SystemExit(f"the chain did not pass SPF, DKIM and DMARC: {LAST_WRITTEN!r}")
@@ -201,17 +221,23 @@ async def _measure_chain(messages: int, zone_port: int, raw: bytes,
 def _commands() -> list[Any]:
     from smtpproxy.milter import codec
 
+    queue_id = (("i", "4ABC"),)  # milter_end_of_header_macros, milter_end_of_data_macros
     return [
-        codec.Macro("C", (("j", "mx.test"), ("{daemon_addr}", "127.0.0.1"), ("{daemon_port}", "25"),
-                          ("v", "Postfix 3.7.11"))),
+        codec.Macro("C", (("j", "mx.test"), ("{daemon_name}", "smtpd"), ("{daemon_addr}", "127.0.0.1"),
+                          ("v", "Postfix 3.7.11"), ("_", "localhost [127.0.0.1]"))),
         codec.Connect("localhost", "4", 40000, "127.0.0.1"),
         codec.Macro("H", ()), codec.Helo("client.test"),
-        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "alice@sender.test"))),
+        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "alice@sender.test"),
+                          ("{mail_host}", "sender.test"), ("{mail_mailer}", "smtp"))),
         codec.Mail(("<alice@sender.test>", "SIZE=1000")),
-        codec.Macro("R", (("{rcpt_addr}", "bob@dest.test"),)), codec.Rcpt(("<bob@dest.test>",)),
-        codec.Macro("T", ()),
-        *(codec.Header(name, value) for name, value in HEADERS),
-        codec.EndOfHeaders(), codec.Body(BODY), codec.EndOfBody(b""), codec.Quit(),
+        codec.Macro("R", (("i", "4ABC"), ("{rcpt_addr}", "bob@dest.test"), ("{rcpt_host}", "dest.test"),
+                          ("{rcpt_mailer}", "smtp"))),
+        codec.Rcpt(("<bob@dest.test>",)),
+        codec.Macro("T", queue_id),
+        *(packet for name, value in HEADERS
+          for packet in (codec.Macro("L", queue_id), codec.Header(name, value))),
+        codec.Macro("N", queue_id), codec.EndOfHeaders(), codec.Macro("B", queue_id), codec.Body(BODY),
+        codec.Macro("E", queue_id), codec.EndOfBody(b""), codec.Quit(),
     ]
 
 

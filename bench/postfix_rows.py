@@ -9,6 +9,7 @@ Rows (each its own private Postfix, tests/postfix_instance.py, queueing to ``dis
 * ``postfix``: Postfix alone;
 * ``milter`` / ``milter-chain``: ``smtpproxy milter`` over ``inet:`` (docs/deploy-milter.md),
   no plugins / spf + dkim_verify + dmarc + auth_results;
+* ``milter-unix``: ``milter`` over a Unix socket (``unix:``), for an MTA on the same host;
 * ``rspamd-auth`` / ``rspamd``: Debian's rspamd, its proxy worker in milter mode in front of
   its normal worker (Debian's layout), with a settings rule enabling only the spf, dkim and
   dmarc groups / with its default modules (minus fuzzy_check, which needs the internet);
@@ -54,8 +55,8 @@ from bench.run import Signed, smtp_source
 from bench.systems import HOST, DnsZone, free_port, spawn, stop_process
 
 RESULTS = systems.BENCH / "results"
-SYSTEMS = ["postfix", "milter", "milter-chain", "rspamd-auth", "rspamd", "proxy", "proxy-chain",
-           "proxy-history"]
+SYSTEMS = ["postfix", "milter", "milter-chain", "milter-unix", "rspamd-auth", "rspamd", "proxy",
+           "proxy-chain", "proxy-history"]
 SIZES = {"1k": 1024, "100k": 100 * 1024}
 CHAIN = [{"name": "spf"}, {"name": "dkim_verify"}, {"name": "dmarc"},
          {"name": "auth_results", "settings": {"authserv_id": "filter.bench"}}]
@@ -78,14 +79,20 @@ def tree_cpu(pid: int | None) -> float:
     return total
 
 
-def wait_listening(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
-    """Poll until *port* accepts a connection (a milter sends no banner)."""
+def wait_listening(port: int | Path, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
+    """Poll until *port* (or the Unix socket at that path) accepts a connection (a milter
+    sends no banner)."""
     deadline = time.monotonic() + systems.READY_TIMEOUT
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise systems.SystemError_(f"{what} exited ({proc.returncode}):\n"
                                        + log.read_text(errors="replace")[-2000:])
-        with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=1):
+        with contextlib.suppress(OSError):
+            if isinstance(port, Path):
+                with socket.socket(socket.AF_UNIX) as sock:
+                    sock.connect(str(port))
+            else:
+                socket.create_connection((HOST, port), timeout=1).close()
             return
         time.sleep(0.05)  # poll interval, not a wait for readiness
     raise systems.SystemError_(f"{what} did not listen on {port}")
@@ -104,6 +111,8 @@ class Filter:
     port: int = 0
     proc: subprocess.Popen[bytes] | None = None
     kind: str = "milter"  # milter | proxy | none
+    socket: Path | None = None
+    """A Unix socket the milter listens on instead of :attr:`port`."""
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -127,11 +136,14 @@ def smtpproxy_argv(root: Path | None) -> list[str]:
 
 def smtpproxy_milter(name: str, workdir: Path, dns_port: int, root: Path | None = None) -> Filter:
     chain = name.partition("@")[0].endswith("-chain")
+    unix = name.partition("@")[0].endswith("-unix")
     f = Filter(name, workdir, dns_port, free_port(), kind="milter",
-               description="smtpproxy milter (inet:), " + ("spf + dkim_verify + dmarc + auth_results"
-                                                          if chain else "no plugins"))
+               socket=workdir / "milter.sock" if unix else None,
+               description=f"smtpproxy milter ({'unix:' if unix else 'inet:'}), "
+                           + ("spf + dkim_verify + dmarc + auth_results" if chain else "no plugins"))
     config: dict[str, Any] = {
-        "milter": {"listen": f"inet:{HOST}:{f.port}"},
+        "milter": {"listen": f"unix:{f.socket}", "socket_mode": "0666"} if f.socket else
+                  {"listen": f"inet:{HOST}:{f.port}"},
         "limits": {"max_sessions": systems.SESSIONS, "max_message_size": systems.HUGE_LIMIT},
         "dns": {"nameservers": [HOST], "port": dns_port, "timeout": 5},
         "quarantine": {"path": str(workdir / "quarantine")},
@@ -142,7 +154,7 @@ def smtpproxy_milter(name: str, workdir: Path, dns_port: int, root: Path | None 
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log = workdir / "log"
     f.proc = spawn([*smtpproxy_argv(root), "milter", "-c", str(path)], log)
-    wait_listening(f.port, f.proc, name, log)
+    wait_listening(f.socket or f.port, f.proc, name, log)
     return f
 
 
@@ -245,7 +257,8 @@ def postfix(milter: Filter | None) -> Iterator[Any]:
         "message_size_limit": str(systems.HUGE_LIMIT),
     }
     if milter is not None:
-        extra |= {"smtpd_milters": f"inet:{HOST}:{milter.port}", "milter_protocol": "6",
+        where = f"unix:{milter.socket}" if milter.socket else f"inet:{HOST}:{milter.port}"
+        extra |= {"smtpd_milters": where, "milter_protocol": "6",
                   "milter_default_action": "tempfail", "milter_command_timeout": "30s"}
     instance = PostfixInstance(root=_make_root(), port=free_port(), domain="bench.test",
                                users=("rcpt",), extra_main_cf=extra)

@@ -110,6 +110,17 @@ class Address:
                              "(build addresses from text with Address.parse)")
 
     @classmethod
+    def _checked(cls, text: str, local: str, domain: str) -> Address:
+        """An address whose parts a parser here has just put through the very checks of
+        :func:`_address_problem` (characters, local part, domain): not made twice, as the
+        constructor would (a sender and a recipient of every message, issue 31's profile)."""
+        address = object.__new__(cls)
+        object.__setattr__(address, "text", text)
+        object.__setattr__(address, "local", local)
+        object.__setattr__(address, "domain", domain)
+        return address
+
+    @classmethod
     def parse(cls, text: str, *, allow_utf8: bool = True) -> Address:
         """Parse ``local@domain`` (without angle brackets) with the strict wire parser.
 
@@ -443,13 +454,14 @@ def _check_route(route: str, role: _Role) -> None:
 
 
 def _mailbox(local: str, domain: str | None, role: _Role, *, allow_postmaster: bool) -> Address:
+    """The address of parts whose characters the caller checked (:func:`_check_characters`)."""
     if domain is None:
         if allow_postmaster and local.isascii() and local.lower() == "postmaster":
-            return Address(local, local, "")
+            return Address._checked(local, local, "")
         raise _syntax(role, "missing domain (expected local-part@domain)")
     _check_local(local, role)
     _check_domain(domain, role)
-    return Address(f"{local}@{domain}", local, domain)
+    return Address._checked(f"{local}@{domain}", local, domain)
 
 
 _NULL: Final = Address("", "", "")

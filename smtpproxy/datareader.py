@@ -156,6 +156,18 @@ class DataReader:
             self._fail(DataProblem.LINE_TOO_LONG)
         return False
 
+    def end_within(self, buffer: bytes | bytearray) -> int:
+        """How many octets of *buffer*, the next ones of the DATA section, reach to the end
+        of data and no further; 0 when *buffer* does not hold it. Taken as one block, they
+        hold no end of data but at their very end, as :meth:`feed_block` wants."""
+        last2 = self._last2  # the end's CRLF may have come with the block before
+        if last2 == b"\r\n" and buffer[:3] == END_OF_DATA:
+            return 3
+        if last2[1:] == b"\r" and buffer[:4] == b"\n" + END_OF_DATA:
+            return 4
+        end = buffer.find(b"\r\n" + END_OF_DATA)
+        return end + 5 if end >= 0 else 0
+
     def feed_section(self, section: bytes) -> None:
         """Take a whole DATA section ending with the end of data, cut into blocks exactly
         as the SMTP front end reads them from its stream (the offline tracer uses this)."""
@@ -216,10 +228,11 @@ async def read_data(stream: asyncio.StreamReader, reader: DataReader,
                     before_block: Callable[[], None]) -> bool:
     """Read a DATA section from *stream* into *reader*; False when the client went away.
 
-    Blocks, not lines: up to each ".CRLF" (where the end of data can be) or a slice of the
-    stream's buffer, raised for the message from one line's worth (the command reader's
-    bound on what a silent client can make us hold) to :data:`DATA_BUFFER`, and put back
-    after. *before_block* runs before each read (the front end's DATA timer).
+    Blocks, not lines: everything up to the end of data when the stream's buffer holds it,
+    else up to each ".CRLF" (where the end of data can be) or a slice of the stream's buffer,
+    raised for the message from one line's worth (the command reader's bound on what a
+    silent client can make us hold) to :data:`DATA_BUFFER`, and put back after.
+    *before_block* runs before each read (the front end's DATA timer).
     """
     line_limit: int = stream._limit  # type: ignore[attr-defined]
     stream._limit = max(line_limit, DATA_BUFFER)  # type: ignore[attr-defined]
@@ -227,7 +240,10 @@ async def read_data(stream: asyncio.StreamReader, reader: DataReader,
         while True:
             before_block()
             try:
-                chunk = await stream.readuntil(BLOCK_SEPARATOR)
+                # The end of data already in the buffer (a small message, as a rule): all of it
+                # in one block, instead of a block per ".CRLF" (every line ending in a full stop).
+                end = reader.end_within(stream._buffer)  # type: ignore[attr-defined]
+                chunk = await (stream.readexactly(end) if end else stream.readuntil(BLOCK_SEPARATOR))
             except asyncio.LimitOverrunError as exc:
                 chunk = await stream.readexactly(exc.consumed)
             except asyncio.IncompleteReadError:

@@ -16,6 +16,7 @@ import contextlib
 import contextvars
 import functools
 import json
+import json.encoder
 import logging
 import re
 import sys
@@ -37,13 +38,46 @@ def event(name: str, /, level: int = logging.INFO, *, exc_info: bool = False, **
     The record goes to the logger's handlers as ``Logger.log`` would send it (level, the
     loggers' filters and handlers, propagation), built as an :class:`_EventRecord` where
     :func:`configure_logging`'s switches are in force: seven of these a milter message, and
-    ``Logger.log`` with ``LogRecord`` cost about half of each (issue 31's profile).
+    ``Logger.log`` with ``LogRecord`` cost about half of each (issue 31's profile). Where the
+    line would reach only :func:`configure_logging`'s handler, unfiltered, it is written
+    without a record at all (:func:`_sole_handler`).
     """
     if _log.isEnabledFor(level):
+        if not exc_info:
+            handler = _sole_handler(_log, level)
+            if handler is not None and handler.write_event(level, name, fields):
+                return
         if _plain_records():
             _log.handle(_EventRecord(_log.name, level, name, sys.exc_info() if exc_info else None, fields))
         else:
             _log.log(level, name, exc_info=exc_info, extra={"smtpproxy_fields": fields})
+
+
+def _sole_handler(logger: logging.Logger, level: int) -> BatchingHandler | None:
+    """The handler a record of *logger* at *level* reaches when nothing else sees it: the
+    only handler on the way up (per ``propagate``, past those whose level is higher), one
+    of ours with one of our formatters, and no filter on the logger or the handler. Then
+    the line is the same without a ``LogRecord`` and ``Logger.handle``/``callHandlers``/
+    ``Handler.handle``; anything else (pytest's caplog, an application's handler, a filter)
+    gets the record as ``logging`` makes it. Walked for every line: handlers and filters
+    may change at any time, and nothing tells."""
+    if logger.filters or logger.disabled:
+        return None
+    found = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if level >= handler.level:
+                if found is not None:
+                    return None
+                found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if (type(found) is BatchingHandler and not found.filters
+            and type(found.formatter) in _OUR_FORMATTERS):
+        return found
+    return None
 
 
 def _plain_records() -> bool:
@@ -112,6 +146,9 @@ class EventLog:
     def _emit(self, name: str, level: int, fields: dict[str, Any]) -> None:
         logger = self.logger
         if logger.isEnabledFor(level):
+            handler = _sole_handler(logger, level)
+            if handler is not None and handler.write_event(level, name, fields):
+                return
             if _plain_records():  # no source file to name: the record as event() makes it
                 logger.handle(_EventRecord(logger.name, level, _EventName(name, fields), None, fields))
                 return
@@ -165,6 +202,11 @@ def _key(key: Any) -> str:
     return name + "_" if name in _RESERVED else name
 
 
+_json_string = json.encoder.encode_basestring_ascii
+"""``json.dumps(text, ensure_ascii=True)`` of a str: the function it ends in, without its
+encoder's set-up (``reply="250 2.0.0"``, ``reason=""``: three a message)."""
+
+
 def _kv_value(value: Any) -> str:
     # Strings and integers first: nearly every value of a line (issue 31's profile).
     if type(value) is str:
@@ -176,14 +218,14 @@ def _kv_value(value: Any) -> str:
     elif isinstance(value, float):
         text = f"{value:.4g}"
     elif isinstance(value, list | tuple | set | frozenset):
-        text = ",".join(str(v) for v in value)
+        text = ",".join(map(str, value))
     else:
         text = str(value)
     # Plain when every character is printable and none is a space, quote, = or backslash.
     if (text and text.isprintable() and " " not in text and '"' not in text and "=" not in text
             and "\\" not in text):
         return text
-    return json.dumps(text, ensure_ascii=True)
+    return _json_string(text)
 
 
 class KeyValueFormatter(logging.Formatter):
@@ -192,26 +234,48 @@ class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         # Parts joined once, no intermediate dict: a line is formatted for every event
         # (tests/unit/test_eventlog_fastpath.py holds it to the plain definition).
-        head = f"ts={_timestamp(record.created)} level={_level(record.levelname)}"
         structured = getattr(record, "smtpproxy_fields", None)
-        sid = current_session.get()
         if structured is not None:
-            parts = [head, "event=" + _kv_value(_name(record))]
-            if sid:
-                parts.append("sid=" + _kv_value(sid))
-            if _PLAIN_KEYS.issuperset(structured):  # written as they are: no two can collide
-                parts += [f"{k}={_kv_value(v)}" for k, v in structured.items()]
-            else:
-                parts += [f"{k}={_kv_value(v)}" for k, v in _own_fields(structured).items()]
-                _learn_plain(structured)
+            line = _kv_event_line(record.created, record.levelname, _name(record), structured)
         else:
+            head = f"ts={_timestamp(record.created)} level={_level(record.levelname)}"
             parts = [head, "logger=" + _kv_value(record.name)]
+            sid = current_session.get()
             if sid:
                 parts.append("sid=" + _kv_value(sid))
             parts.append("msg=" + _kv_value(record.getMessage()))
+            line = " ".join(parts)
         if record.exc_info:
-            parts.append("exc=" + _kv_value(self.formatException(record.exc_info)))
-        return " ".join(parts)
+            line += " exc=" + _kv_value(self.formatException(record.exc_info))
+        return line
+
+    def event_line(self, level: int, name: str, fields: dict[str, Any]) -> str:
+        """The line of an event logged now, without a record (:meth:`BatchingHandler.write_event`)."""
+        return _kv_event_line(time.time(), _level_name(level), name, fields)
+
+
+def _level_name(level: int) -> str:
+    """``logging.getLevelName`` of a number, as a record's ``levelname`` is."""
+    return logging._levelToName.get(level) or logging.getLevelName(level)
+
+
+def _kv_event_line(created: float, levelname: str, name: str, fields: dict[str, Any]) -> str:
+    parts = ["ts=" + _timestamp(created) + _head(levelname, name)]
+    sid = current_session.get()
+    if sid:
+        parts.append("sid=" + _kv_value(sid))
+    if _PLAIN_KEYS.issuperset(fields):  # written as they are: no two can collide
+        parts += [f"{k}={_kv_value(v)}" for k, v in fields.items()]
+    else:
+        parts += [f"{k}={_kv_value(v)}" for k, v in _own_fields(fields).items()]
+        _learn_plain(fields)
+    return " ".join(parts)
+
+
+@functools.lru_cache(maxsize=256)
+def _head(levelname: str, name: str) -> str:
+    """`` level=info event=connect`` (after the time): the same few dozen pairs every line."""
+    return f" level={_level(levelname)} event={_kv_value(name)}"
 
 
 @functools.lru_cache(maxsize=64)
@@ -237,7 +301,24 @@ class JsonFormatter(logging.Formatter):
             out.update(_own_fields(structured))
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, default=str, ensure_ascii=False)
+        return _json_line(out)
+
+    def event_line(self, level: int, name: str, fields: dict[str, Any]) -> str:
+        """The line of an event logged now, without a record (:meth:`BatchingHandler.write_event`)."""
+        out: dict[str, Any] = {"ts": _timestamp(time.time()), "level": _level_name(level).lower(),
+                               "event": name}
+        sid = current_session.get()
+        if sid:
+            out["sid"] = sid
+        out.update(_own_fields(fields))
+        return _json_line(out)
+
+
+_json_line = json.JSONEncoder(ensure_ascii=False, default=str).encode
+"""``json.dumps(out, default=str, ensure_ascii=False)`` with one encoder for every line
+(``json.dumps`` makes a new one per call when given any option)."""
+
+_OUR_FORMATTERS = (KeyValueFormatter, JsonFormatter)
 
 
 def _name(record: logging.LogRecord) -> str:
@@ -287,8 +368,24 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         except Exception:
             self.handleError(record)
             return
+        self._queue(line, record.levelno)
+
+    def write_event(self, level: int, name: str, fields: dict[str, Any]) -> bool:
+        """Write an event's line as :meth:`emit` would write its record's, with no record
+        (:func:`_sole_handler` found this handler, with one of our formatters, to be all
+        that sees it). False when the line cannot be made (a value's ``str`` raised): the
+        caller logs it the ordinary way, which reports the error as ``logging`` does."""
+        try:
+            line = self.formatter.event_line(level, name, fields)  # type: ignore[union-attr]
+        except Exception:
+            return False
+        with self.lock:  # type: ignore[union-attr]
+            self._queue(line, level)
+        return True
+
+    def _queue(self, line: str, levelno: int) -> None:
         self._pending.append(line)
-        if record.levelno >= logging.WARNING:
+        if levelno >= logging.WARNING:
             self.flush()
             return
         try:

@@ -28,7 +28,7 @@ import re
 import ssl
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 from aiosmtpd.smtp import SMTP, TLSSetupException
 
@@ -38,11 +38,12 @@ from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.datareader import DataReader, read_data
 from smtpproxy.delivery import Delivered
 from smtpproxy.delivery.handover import Handover
-from smtpproxy.disposal import LOCAL_ERROR, carry_out
+from smtpproxy.disposal import carry_out
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.message import Message
 from smtpproxy.proxyprotocol import read_proxy_header
+from smtpproxy.replywire import BYE, OK, RECIPIENT_OK, SENDER_OK, START_DATA, WIRE, ehlo_reply, greeting, wire
 from smtpproxy.sasl import authenticate
 from smtpproxy.session import Client, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.verdicts import Reply
@@ -257,14 +258,20 @@ class InboundSMTP(SMTP):
         per command (each write is a system call). A reply is only held while a complete
         command line is already buffered, so the next one is processed at once.
         """
-        data = _WIRE.get(reply)
+        data = WIRE.get(reply)
         if data is None:
-            encoding = "utf-8" if self.enable_SMTPUTF8 else "ascii"
-            data = _wire(reply, encoding)
-        self._held_replies.append(data)
+            data = wire(reply, "utf-8" if self.enable_SMTPUTF8 else "ascii")
         if b"\n" in getattr(self._reader, "_buffer", b""):
+            self._held_replies.append(data)
             return
-        self._flush_replies()
+        transport = cast("asyncio.WriteTransport | None", self.transport)
+        if self._held_replies:
+            self._held_replies.append(data)
+            self._flush_replies()
+        elif transport is not None and not transport.is_closing():
+            self._writer.write(data)  # the usual case: one reply, nothing held
+        if transport is not None and not transport.get_write_buffer_size():
+            return  # the kernel took it all: drain() would find nothing to wait for
         if self._timer_paused:
             # A client that does not read its replies is a client we wait for.
             self._reset_timeout()
@@ -430,7 +437,7 @@ class InboundSMTP(SMTP):
             )
             self._close()
             return
-        await self.reply(Reply(220, None, f"{self.hostname} {self.__ident__}"))
+        await self.reply(greeting(self.hostname, self.__ident__))
 
         while self.transport is not None and not self.transport.is_closing():
             self._reset_timeout()  # waiting for the client from here
@@ -583,7 +590,7 @@ class InboundSMTP(SMTP):
             lines.append("STARTTLS")
         if self.policy.auth is not None and self.plugin_session.tls is not None:
             lines.append("AUTH PLAIN LOGIN")
-        await self.reply(Reply(250, None, "\n".join(lines)))
+        await self.reply(ehlo_reply(tuple(lines)))
 
     async def smtp_MAIL(self, arg: str | None) -> None:
         assert self.plugin_session is not None
@@ -625,7 +632,7 @@ class InboundSMTP(SMTP):
             self._end_transaction()
             await self.reply(refusal.reply)
             return
-        await self.reply(_SENDER_OK)
+        await self.reply(SENDER_OK)
 
     async def smtp_RCPT(self, arg: str | None) -> None:
         assert self.plugin_session is not None
@@ -669,7 +676,7 @@ class InboundSMTP(SMTP):
             await self.reply(reply)
             return
         self.conversation.accept(transaction, recipient)
-        await self.reply(reply or _RECIPIENT_OK)
+        await self.reply(reply or RECIPIENT_OK)
 
     async def smtp_DATA(self, arg: str | None) -> None:
         assert self.plugin_session is not None
@@ -692,7 +699,7 @@ class InboundSMTP(SMTP):
             await self.reply(Reply(554, "5.5.0", "Improper pipelining: message data sent before 354"))
             self._close()
             return
-        await self.reply(_START_DATA)
+        await self.reply(START_DATA)
         reader = DataReader(
             self.policy.max_message_size, self.policy.max_line_length,
             normalize_bare_newlines=self.policy.normalize_bare_newlines,
@@ -779,16 +786,16 @@ class InboundSMTP(SMTP):
             return
         if self.plugin_session is not None:
             self._end_transaction()
-        await self.reply(_OK)
+        await self.reply(OK)
 
     async def smtp_NOOP(self, arg: str | None) -> None:
-        await self.reply(_OK)
+        await self.reply(OK)
 
     async def smtp_QUIT(self, arg: str | None) -> None:
         if arg:
             await self._error(Reply(501, "5.5.4", "Syntax: QUIT"))
             return
-        await self.reply(_BYE)
+        await self.reply(BYE)
         self._close()
 
     async def smtp_VRFY(self, arg: str | None) -> None:
@@ -874,19 +881,3 @@ def _tls_info(transport: asyncio.BaseTransport | None) -> TLSInfo | None:
         return None
     name, _, bits = ssl_object.cipher() or ("", "", None)
     return TLSInfo(ssl_object.version() or "", name, bits)
-
-
-# The replies of every message, built (and checked) once, with their wire form.
-_SENDER_OK = Reply(250, "2.1.0", "Sender OK")
-_RECIPIENT_OK = Reply(250, "2.1.5", "Recipient OK")
-_START_DATA = Reply(354, None, "End data with <CR><LF>.<CR><LF>")
-_OK = Reply(250, "2.0.0", "OK")
-_BYE = Reply(221, "2.0.0", "Bye")
-
-
-def _wire(reply: Reply, encoding: str) -> bytes:
-    return "".join(f"{line}\r\n" for line in reply.lines()).encode(encoding, "replace")
-
-
-_WIRE = {r: _wire(r, "ascii") for r in (_SENDER_OK, _RECIPIENT_OK, _START_DATA, _OK, _BYE, LOCAL_ERROR)}
-"""Their bytes, the same in ASCII and UTF-8."""

@@ -16,13 +16,14 @@ major version.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Sequence
 
 import aiosmtplib
-from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_RESPONSE_LENGTH, SMTPProtocol
+from aiosmtplib.protocol import COMMAND_INJECTION_REGEX, MAX_LINE_LENGTH, MAX_RESPONSE_LENGTH, SMTPProtocol
 from aiosmtplib.response import SMTPResponse
 
-__all__ = ["OutOfStep", "PipeliningProtocol", "adopt", "pipeline"]
+__all__ = ["OutOfStep", "PipeliningProtocol", "adopt", "open_connection", "pipeline", "send_command"]
 
 
 class OutOfStep(aiosmtplib.SMTPResponseException):
@@ -36,6 +37,39 @@ class PipeliningProtocol(SMTPProtocol):
 
     _due: int
     """Replies the current group still waits for; bytes for them are never dropped."""
+    _deadline: float
+    """Loop time by which the awaited reply must have come (inf: no limit kept here)."""
+    _watch: asyncio.TimerHandle | None
+    """The connection's one timer for ``_deadline``: it is moved only when the deadline comes
+    earlier, and re-arms itself when it finds the deadline moved later (an ``asyncio.timeout``
+    per command made and cancelled a timer each time)."""
+
+    def expect_by(self, deadline: float) -> None:
+        """The reply awaited next must come by *deadline* (loop time; inf: no limit), or its
+        read raises TimeoutError."""
+        self._deadline = deadline
+        watch = self._watch
+        if deadline != math.inf and (watch is None or watch.when() > deadline):
+            if watch is not None:
+                watch.cancel()
+            self._watch = self._loop.call_at(deadline, self._deadline_reached)
+
+    def _deadline_reached(self) -> None:
+        self._watch = None
+        if self._deadline == math.inf:
+            return
+        if self._loop.time() < self._deadline:
+            self._watch = self._loop.call_at(self._deadline, self._deadline_reached)
+            return
+        waiter = self._response_waiter
+        if waiter is not None and not waiter.done():
+            self._set_response_exception(waiter, TimeoutError())
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._watch is not None:
+            self._watch.cancel()  # the protocol is not kept alive by its timer
+            self._watch = None
+        super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
         waiter = self._response_waiter
@@ -64,6 +98,36 @@ class PipeliningProtocol(SMTPProtocol):
             return
         if response is not None:
             waiter.set_result(response)
+
+    def _read_response_from_buffer(self) -> SMTPResponse | None:
+        """aiosmtplib's reply parser, with a shortcut for the usual replies: lines each with a
+        three-digit code and a space or hyphen, none longer than aiosmtplib allows (every reply
+        to MAIL, RCPT, the message, XCLIENT, EHLO, QUIT). It gives what the parser gives for
+        them (None for an unfinished reply); any other reply goes to the parser."""
+        buffer = self._buffer
+        end = buffer.find(b"\n")
+        if end == -1:
+            return None
+        if 4 <= end < MAX_LINE_LENGTH and buffer[3] == 0x20 and buffer[:3].isdigit():
+            line = bytes(buffer[:end + 1])  # one line: the usual reply
+            del buffer[:end + 1]
+            return SMTPResponse(int(line[:3]), line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+        message = bytearray()
+        start = 0
+        while end != -1:
+            if not (4 <= end - start < MAX_LINE_LENGTH and buffer[start + 3] in b" -"
+                    and buffer[start:start + 3].isdigit()):
+                return super()._read_response_from_buffer()
+            if message:  # as aiosmtplib: no line break before the first non-empty text
+                message += b"\n"
+            message += buffer[start + 4:end + 1].strip(b" \t\r\n")
+            if buffer[start + 3] == 0x20:
+                code = int(buffer[start:start + 3])
+                del buffer[:end + 1]
+                return SMTPResponse(code, message.decode("utf-8", "surrogateescape"))
+            start = end + 1
+            end = buffer.find(b"\n", start)
+        return None
 
     def unsolicited_code(self) -> int:
         """The code of the reply in the buffer that nothing asked for (-1: not a whole reply)."""
@@ -96,7 +160,53 @@ def adopt(protocol: SMTPProtocol) -> PipeliningProtocol:
         protocol.__class__ = PipeliningProtocol
         assert isinstance(protocol, PipeliningProtocol)
         protocol._due = 0
+        protocol._deadline = math.inf
+        protocol._watch = None
     return protocol
+
+
+async def open_connection(client: aiosmtplib.SMTP, connect_timeout: float) -> SMTPResponse:
+    """``client.connect(timeout=connect_timeout)`` for plain TCP to ``client.hostname:client.port``,
+    on a PipeliningProtocol from the start: the same exceptions and the greeting (220), but
+    no wait_for (a task) for the connect and again for the greeting, no check of every
+    setting again, and no connect lock (a Connection is used by one task at a time)."""
+    loop = asyncio.get_running_loop()
+    host, port = client.hostname or "localhost", client.port or 25
+    protocol = adopt(SMTPProtocol(loop=loop, connection_lost_callback=client._on_connection_lost))
+    try:
+        async with asyncio.timeout(connect_timeout):
+            transport, _ = await loop.create_connection(lambda: protocol, host, port)
+    except TimeoutError as exc:
+        raise aiosmtplib.SMTPConnectTimeoutError(f"Timed out connecting to {host} on port {port}") from exc
+    except OSError as exc:
+        raise aiosmtplib.SMTPConnectError(f"Error connecting to {host} on port {port}: {exc}") from exc
+    client.loop, client.protocol, client.transport = loop, protocol, transport
+    try:
+        protocol.expect_by(loop.time() + connect_timeout)
+        response = await protocol.read_response()
+    except aiosmtplib.SMTPServerDisconnected as exc:
+        client.close()
+        raise aiosmtplib.SMTPConnectError(f"Error connecting to {host} on port {port}: {exc}") from exc
+    except TimeoutError as exc:
+        client.close()
+        raise aiosmtplib.SMTPConnectTimeoutError("Timed out waiting for server ready message") from exc
+    except BaseException:
+        client.close()
+        raise
+    finally:
+        protocol._deadline = math.inf
+    if response.code != aiosmtplib.SMTPStatus.ready:
+        client.close()
+        raise aiosmtplib.SMTPConnectResponseError(response.code, response.message)
+    return response
+
+
+async def send_command(client: aiosmtplib.SMTP, *args: bytes, reply_timeout: float) -> SMTPResponse:
+    """One command (its words joined by spaces) and its reply, as ``SMTP.execute_command``
+    gives it, but timed with the command's own deadline instead of a ``wait_for`` (a task)
+    per reply. Raises what :func:`pipeline` raises."""
+    [response] = await pipeline(client, [b" ".join(args)], reply_timeout)
+    return response
 
 
 async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
@@ -128,16 +238,17 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
             protocol._due = len(commands)
             try:
                 protocol.write(b"".join(command + b"\r\n" for command in commands))
-                async with asyncio.timeout(reply_timeout) as deadline:
-                    for _ in commands:
-                        replies.append(await protocol.read_response())
-                        protocol._due -= 1
-                        if reply_timeout is not None and protocol._due:
-                            deadline.reschedule(asyncio.get_running_loop().time() + reply_timeout)
+                loop = protocol._loop
+                for _ in commands:
+                    if reply_timeout is not None:
+                        protocol.expect_by(loop.time() + reply_timeout)
+                    replies.append(await protocol.read_response())
+                    protocol._due -= 1
                 if protocol._buffer:  # more than was asked: whose answer is it?
                     raise OutOfStep(protocol.unsolicited_code(), "Server answered more than was asked")
             finally:
                 protocol._due = 0
+                protocol._deadline = math.inf
     except TimeoutError as exc:
         client.close()
         raise aiosmtplib.SMTPReadTimeoutError("Timed out waiting for server response") from exc

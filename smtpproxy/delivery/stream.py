@@ -20,6 +20,7 @@ and ``_response_pending``); they are exercised by every delivery test, and
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 import aiosmtplib
@@ -103,32 +104,36 @@ async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: flo
     (before the end of the message, or a second one after it). The connection is closed
     whenever the message was not answered exactly once, at its end.
     """
-    protocol = client.protocol
-    if protocol is None:
+    if client.protocol is None:
         raise aiosmtplib.SMTPServerDisconnected("Connection lost")
+    protocol = adopt(client.protocol)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + limit
     try:
-        async with asyncio.timeout(limit):
-            bdat = chunking and not started
-            if not started and not bdat:
-                [start] = await pipeline(client, [b"DATA"], None)  # a group of one; our time limit
-                if start.code != 354:
-                    raise aiosmtplib.SMTPDataError(start.code, start.message)
-            protocol = adopt(protocol)
-            blocks = bdat_chunk(tuple(parts)) if bdat else dot_stuffed(parts)
-            # A reply before the terminator was written answers nothing we sent: the upstream
-            # is out of step (a "250 queued" there is for a message it has not seen).
-            protocol._response_pending = True
-            waiter = protocol._response_waiter
-            for block in blocks:
-                if protocol._buffer or waiter is None or waiter.done():
-                    raise _early(client, await protocol.read_response(timeout=None))
-                protocol.write(block)
-                if protocol._paused and not await _drained_unless_answered(protocol, waiter):
-                    raise _early(client, await protocol.read_response(timeout=None))
-            response = await protocol.read_response(timeout=None)
-            if protocol._buffer:  # a second answer to one message: which one was it?
-                raise OutOfStep(protocol.unsolicited_code(), "Server answered the message twice")
-    except TimeoutError as exc:
+        bdat = chunking and not started
+        if not started and not bdat:
+            # A group of one, within what is left of our time limit
+            [start] = await pipeline(client, [b"DATA"], max(deadline - loop.time(), 0))
+            if start.code != 354:
+                raise aiosmtplib.SMTPDataError(start.code, start.message)
+        blocks = bdat_chunk(tuple(parts)) if bdat else dot_stuffed(parts)
+        # The limit as the connection's reply deadline: every wait below is for the reply
+        # (alone, or with the drain), which then ends in TimeoutError; no timer of its own.
+        protocol.expect_by(deadline)
+        # A reply before the terminator was written answers nothing we sent: the upstream
+        # is out of step (a "250 queued" there is for a message it has not seen).
+        protocol._response_pending = True
+        waiter = protocol._response_waiter
+        for block in blocks:
+            if protocol._buffer or waiter is None or waiter.done():
+                raise _early(client, await protocol.read_response(timeout=None))
+            protocol.write(block)
+            if protocol._paused and not await _drained_unless_answered(protocol, waiter):
+                raise _early(client, await protocol.read_response(timeout=None))
+        response = await protocol.read_response(timeout=None)
+        if protocol._buffer:  # a second answer to one message: which one was it?
+            raise OutOfStep(protocol.unsolicited_code(), "Server answered the message twice")
+    except (TimeoutError, aiosmtplib.SMTPReadTimeoutError) as exc:
         client.close()
         raise aiosmtplib.SMTPTimeoutError(f"Timed out sending the message after {limit:g}s") from exc
     except ConnectionError as exc:
@@ -137,6 +142,8 @@ async def send_data(client: aiosmtplib.SMTP, parts: Iterable[Buffer], limit: flo
     except OutOfStep:
         client.close()
         raise
+    finally:
+        protocol._deadline = math.inf
     if response.code != 250:
         raise aiosmtplib.SMTPDataError(response.code, response.message)
     return response

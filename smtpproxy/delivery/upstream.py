@@ -28,6 +28,7 @@ import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
 from smtpproxy.delivery import DeliveryError
+from smtpproxy.delivery.pipelining import open_connection, send_command
 from smtpproxy.eventlog import event
 from smtpproxy.session import Session
 from smtpproxy.verdicts import Reply
@@ -209,6 +210,8 @@ class Connector:
         """Connections saying QUIT after their last message (see release)."""
         self._identities: dict[tuple[object, ...], tuple[str, ...]] = {}
         """Encoded XCLIENT attributes by what they encode (see _xclient_identity)."""
+        self._helo_name = aiosmtplib.SMTP(local_hostname=settings.helo_name).local_hostname
+        """helo_name as aiosmtplib checks and keeps it (stripped; ValueError if unusable)."""
         self._verify_context = self._context(verify=settings.tls_verify)
         self._opportunistic_context = self._context(verify=False)
 
@@ -347,7 +350,9 @@ class Connector:
     async def discard(self, conn: Connection) -> None:
         if conn.client.is_connected:
             try:
-                await conn.client.quit(timeout=5)
+                # As SMTP.quit(), without its wait_for (a task) for the reply: 221 or not, closed.
+                await send_command(conn.client, b"QUIT", reply_timeout=5)
+                conn.client.close()
             except (aiosmtplib.SMTPException, OSError, TimeoutError):
                 conn.client.close()
             except asyncio.CancelledError:
@@ -384,10 +389,11 @@ class Connector:
         s = self.settings
         early = self._early_xclient(server, session)
         client = aiosmtplib.SMTP(
-            hostname=server.host, port=server.port, local_hostname=s.helo_name,
-            timeout=s.command_timeout, use_tls=s.tls == "implicit", start_tls=False,
+            hostname=server.host, port=server.port, timeout=s.command_timeout,
+            use_tls=s.tls == "implicit", start_tls=False,
             tls_context=self._verify_context if s.tls == "implicit" else None,
         )
+        client.local_hostname = self._helo_name  # checked once (the constructor checks each time)
         try:
             tls = await self._handshake(client, server, last_ehlo=early is None)
             conn = Connection(client, server, tls, xclient_offered=early)
@@ -438,7 +444,10 @@ class Connector:
         s = self.settings
         # Implicit TLS verifies the certificate against ``host`` (aiosmtplib has no separate
         # server name for it); tls_hostname applies to STARTTLS.
-        greeting = await client.connect(timeout=s.connect_timeout)
+        if s.tls == "implicit":
+            greeting = await client.connect(timeout=s.connect_timeout)
+        else:
+            greeting = await open_connection(client, s.connect_timeout)
         if greeting.code != 220:
             raise DeliveryError(upstream_reply(_as_temp(greeting.code), greeting.message),
                                 f"{server.name}: greeting {greeting.code}")
@@ -494,9 +503,10 @@ class Connector:
         if helo:
             octets = _SURROGATES.sub("?", helo).encode("utf-8")
             if len(octets) <= _MAX_HELO:
-                response = await client.execute_command(b"EHLO", octets)
+                response = await send_command(client, b"EHLO", octets,
+                                              reply_timeout=self.settings.command_timeout)
                 if response.code == 250:
-                    client.last_ehlo_response = response  # learn the extensions, as ehlo() does
+                    _learn_extensions(client, response)  # as ehlo() does
                     return
                 event("upstream_helo_refused", upstream=conn.destination, reply=response.code)
         await self._ehlo(client, conn.server)
@@ -515,7 +525,8 @@ class Connector:
         the server refused it (the connection is still at its greeting: the caller greets)."""
         identity = self._xclient_identity(conn, session)
         assert identity is not None
-        response = await conn.client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
+        response = await send_command(conn.client, b"XCLIENT", *[a.encode() for a in identity],
+                                      reply_timeout=self.settings.command_timeout)
         if response.code not in (220, 250):
             conn.xclient_offered = conn.server.xclient_offered = None
             return False
@@ -581,7 +592,8 @@ class Connector:
         if identity is not None:
             if conn.identity == identity:
                 return None  # a reused connection already speaking for this client
-            response = await client.execute_command(b"XCLIENT", *[a.encode() for a in identity])
+            response = await send_command(client, b"XCLIENT", *[a.encode() for a in identity],
+                                          reply_timeout=self.settings.command_timeout)
             if response.code not in (220, 250):  # 220 greeting (Postfix >= 2.3); 250 before that
                 raise self._identity_refused(
                     conn, upstream_reply(_as_temp(response.code), response.message),
@@ -619,6 +631,25 @@ class Connector:
             return None
         offered = set(conn.client.esmtp_extensions.get("xforward", "").upper().split())
         return b" ".join([b"XFORWARD", *[a.encode() for a in _xforward_attributes(session, offered)]])
+
+
+_EXTENSIONS: dict[str, tuple[dict[str, str], list[str]]] = {}
+"""aiosmtplib's reading of an EHLO reply, by its text: a server answers every EHLO alike."""
+
+
+def _learn_extensions(client: aiosmtplib.SMTP, response: SMTPResponse) -> None:
+    """``client.last_ehlo_response = response`` (which parses the extensions each time), with
+    the parse of an EHLO text seen before reused (the client gets its own copies)."""
+    known = _EXTENSIONS.get(response.message)
+    if known is None:
+        client.last_ehlo_response = response
+        if len(_EXTENSIONS) >= _MAX_IDENTITIES:
+            _EXTENSIONS.clear()
+        _EXTENSIONS[response.message] = (dict(client.esmtp_extensions), list(client.server_auth_methods))
+        return
+    client._last_ehlo_response = response  # what the setter stores, and the parse it makes
+    client.esmtp_extensions, client.server_auth_methods = dict(known[0]), list(known[1])
+    client.supports_esmtp = True
 
 
 def _addr(ip: str) -> str:

@@ -13,6 +13,7 @@ any octets (8-bit headers) survive a decode/encode round trip unchanged.
 
 from __future__ import annotations
 
+import functools
 import struct
 from dataclasses import dataclass, field
 
@@ -167,8 +168,12 @@ class FrameDecoder:
             block = data if type(data) is bytes else bytes(data)
         packets = []
         pos, size = 0, len(block)
+        unpack, max_packet = _U32.unpack_from, self.max_packet
         while size - pos >= 4:
-            end = pos + 4 + check_length(block[pos : pos + 4], self.max_packet)
+            (length,) = unpack(block, pos)
+            if not 0 < length <= max_packet:
+                check_length(block[pos : pos + 4], max_packet)  # raises, saying which
+            end = pos + 4 + length
             if end > size:
                 break
             packets.append((block[pos + 4 : pos + 5], block[pos + 5 : end]))
@@ -283,12 +288,69 @@ class OptNeg:
     macro_lists: tuple[tuple[int, str], ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
 class Macro:
-    """SMFIC_MACRO: name/value pairs for the command (``for_command``) that follows."""
+    """SMFIC_MACRO: name/value pairs for the command (``for_command``) that follows.
+
+    Decoded from a packet, the names and values stay octets until something reads them
+    (:attr:`pairs`, or a lookup through :class:`Macros`): Postfix sends sixteen macro
+    packets a message (its ``milter_*_macros`` before each event, the queue id before each
+    header field) and the session reads a few values of three or four of them (issue 31's
+    profile). Equal, hashed and matched (``case Macro(for_command, pairs)``) like the
+    frozen dataclass it was; treat it as immutable.
+    """
+
+    __slots__ = ("_pairs", "_raw", "_values", "for_command")
+    __match_args__ = ("for_command", "pairs")
 
     for_command: str
-    pairs: tuple[tuple[str, str], ...] = ()
+    _pairs: tuple[tuple[str, str], ...] | None
+    _raw: bytes
+    _values: dict[str, str] | None
+
+    def __init__(self, for_command: str, pairs: tuple[tuple[str, str], ...] = ()) -> None:
+        self.for_command = for_command
+        self._pairs = pairs
+        self._values = None
+
+    @classmethod
+    def _undecoded(cls, payload: bytes) -> Macro:
+        """From a packet's payload: the command code, then NUL-terminated strings, an even
+        number of them (the decoder checked)."""
+        macro = _new_macro(cls)
+        macro.for_command = _LATIN1[payload[0]]
+        macro._pairs = None
+        macro._raw = payload
+        macro._values = None
+        return macro
+
+    @property
+    def pairs(self) -> tuple[tuple[str, str], ...]:
+        if self._pairs is None:
+            fields = self._raw[1:].decode("utf-8", "surrogateescape").split("\0")[:-1]
+            self._pairs = tuple(zip(fields[::2], fields[1::2], strict=True))
+        return self._pairs
+
+    def values(self) -> dict[str, str]:
+        """The values by canonical name (:func:`macro_key`), the last of a name winning."""
+        if self._values is None:
+            self._values = {macro_key(name): value for name, value in self.pairs}
+        return self._values
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not Macro:
+            return NotImplemented
+        return self.for_command == other.for_command and self.pairs == other.pairs
+
+    def __hash__(self) -> int:
+        return hash((self.for_command, self.pairs))
+
+    def __repr__(self) -> str:
+        return f"Macro(for_command={self.for_command!r}, pairs={self.pairs!r})"
+
+
+_new_macro = object.__new__
+_LATIN1 = tuple(map(chr, range(256)))
+"""A command code byte as its character (``bytes.decode("latin-1")`` of one byte)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,34 +461,47 @@ def _encode_optneg(o: OptNeg) -> bytes:
 
 def decode_command(code: bytes, payload: bytes) -> Command:
     """Turn one packet from the MTA into a typed command; MilterProtocolError if malformed."""
-    empty = _EMPTY_COMMANDS.get(code)
-    if empty is not None:
-        if payload:
-            raise MilterProtocolError(f"command {code!r} takes no payload, got {len(payload)} bytes")
-        return empty
     # The packets of every message (macros, headers, body), well formed, by a split instead
     # of field by field; anything else takes the strict reader below, which says what is wrong.
-    if code == b"B":
-        return Body(payload)
-    if code == b"E":
-        return EndOfBody(payload)
-    if code == b"L":
-        parts = payload.split(b"\0")
+    # Macros first: sixteen of a message's thirty-odd packets, their strings left undecoded.
+    if code == b"D":
+        size = len(payload)
+        if size == 1 or (size > 1 and payload[-1] == 0 and not payload.count(b"\0", 1) % 2):
+            macro = _new_macro(Macro)  # Macro._undecoded(payload), inline: sixteen a message
+            macro.for_command = _LATIN1[payload[0]]
+            macro._pairs = None
+            macro._raw = payload
+            macro._values = None
+            return macro
+    elif code == b"L":
+        # Decoded whole, then split: a NUL is never inside a UTF-8 sequence, so the parts are
+        # those of a split before decoding (and one decode instead of two).
+        parts = payload.decode("utf-8", "surrogateescape").split("\0")
         if len(parts) == 3 and not parts[2]:
-            return Header(parts[0].decode("utf-8", "surrogateescape"),
-                          parts[1].decode("utf-8", "surrogateescape"))
-    elif code == b"D" and payload:
-        names = payload[1:]
-        if not names or names[-1] == 0:
-            fields = [v.decode("utf-8", "surrogateescape") for v in names.split(b"\0")[:-1]] if names else []
-            if not len(fields) % 2:
-                return Macro(payload[:1].decode("latin-1"),
-                             tuple(zip(fields[::2], fields[1::2], strict=True)))
-    elif code in (b"M", b"R") and payload.endswith(b"\0"):
-        args = tuple(v.decode("utf-8", "surrogateescape") for v in payload[:-1].split(b"\0"))
-        return Mail(args) if code == b"M" else Rcpt(args)
-    elif code == b"H" and payload.endswith(b"\0") and payload.count(b"\0") == 1:
-        return Helo(payload[:-1].decode("utf-8", "surrogateescape"))
+            return Header(parts[0], parts[1])
+    else:
+        empty = _EMPTY_COMMANDS.get(code)
+        if empty is not None:
+            if payload:
+                raise MilterProtocolError(f"command {code!r} takes no payload, got {len(payload)} bytes")
+            return empty
+        if code == b"B":
+            return Body(payload)
+        if code == b"E":
+            return EndOfBody(payload)
+        if code in (b"M", b"R") and payload.endswith(b"\0"):
+            args = tuple(payload[:-1].decode("utf-8", "surrogateescape").split("\0"))
+            return Mail(args) if code == b"M" else Rcpt(args)
+        if code == b"H" and payload.endswith(b"\0") and payload.count(b"\0") == 1:
+            return Helo(payload[:-1].decode("utf-8", "surrogateescape"))
+        if code == b"C":  # hostname NUL, family, then (not for U) port and address NUL
+            name_end = payload.find(b"\0")
+            family_code = payload[name_end + 1 : name_end + 2]
+            if (name_end >= 0 and family_code in (b"4", b"6", b"L") and len(payload) >= name_end + 5
+                    and payload.find(b"\0", name_end + 4) == len(payload) - 1):
+                return Connect(payload[:name_end].decode("utf-8", "surrogateescape"), _LATIN1[family_code[0]],
+                               _U16.unpack_from(payload, name_end + 2)[0],
+                               payload[name_end + 4 : -1].decode("utf-8", "surrogateescape"))
     what = f"command {code!r}"
     r = _Reader(what, payload)
     command: Command
@@ -640,11 +715,22 @@ _TRANSACTION_STAGES = ("M", "R", "T", "L", "N", "B", "E")
 """Command codes of the stages inside a transaction (SMFIC_MAIL ... SMFIC_BODYEOB)."""
 
 
+@functools.lru_cache(maxsize=512)
 def macro_key(name: str) -> str:
-    """Canonical macro name: ``{auth_authen}`` and ``auth_authen`` are the same macro."""
+    """Canonical macro name: ``{auth_authen}`` and ``auth_authen`` are the same macro.
+    (Cached: the same few dozen names, a lookup and every stage decoded.)"""
     if len(name) > 2 and name.startswith("{") and name.endswith("}"):
         return name[1:-1]
     return name
+
+
+@functools.lru_cache(maxsize=512)
+def _octets_of(key: str) -> bytes | None:
+    """A macro name as the packet's octets hold it (None: no such octets, never passed over)."""
+    try:
+        return key.encode("utf-8", "surrogateescape")
+    except UnicodeError:
+        return None
 
 
 @dataclass(slots=True)
@@ -652,18 +738,28 @@ class Macros:
     """The macro values the MTA has sent on this connection, kept per stage as libmilter
     does: a stage's packet replaces that stage's values, and the values of a transaction's
     stages (MAIL onwards) end with it (:meth:`end_transaction`), so ``{auth_authen}`` from
-    one transaction is never read in the next. A lookup takes the latest stage that has it."""
+    one transaction is never read in the next. A lookup takes the latest stage that has it.
+    Each stage keeps its :class:`Macro` as it came; a stage's values are decoded when a
+    lookup first reaches it."""
 
-    stages: dict[str, dict[str, str]] = field(default_factory=dict)
+    stages: dict[str, Macro] = field(default_factory=dict)
 
     def update(self, macro: Macro) -> None:
-        self.stages.pop(macro.for_command, None)  # re-inserted last: the latest stage
-        self.stages[macro.for_command] = {macro_key(name): value for name, value in macro.pairs}
+        stages = self.stages
+        stages.pop(macro.for_command, None)  # re-inserted last: the latest stage
+        stages[macro.for_command] = macro
 
     def get(self, name: str) -> str | None:
-        """A macro's value by name, with or without braces; None when not sent or empty."""
+        """A macro's value by name, with or without braces; None when not sent or empty.
+        A stage not decoded yet whose octets do not contain the name's is passed over
+        undecoded (``{auth_authen}`` and ``{tls_version}`` are looked for at HELO and at
+        every MAIL, and are rarely there)."""
         key = macro_key(name)
-        for values in reversed(self.stages.values()):
+        needle = _octets_of(key)
+        for macro in reversed(self.stages.values()):
+            if macro._pairs is None and needle is not None and needle not in macro._raw:
+                continue  # the name's octets are a part of the packet's wherever it is in it
+            values = macro.values()
             if key in values:
                 return values[key] or None
         return None

@@ -472,6 +472,9 @@ def _reserialised(keyword: str, address: Address) -> str:
 def _check_accepted(result: PathArgument, arg: str) -> None:
     address = result.address
     assert isinstance(address, Address)
+    # The parsers build it without the constructor's checks (they just made the same ones):
+    # the constructor accepts it all the same.
+    assert Address(address.text, address.local, address.domain) == address
     assert address.text in arg  # a verbatim slice of what the client sent
     assert address.local in arg
     assert address.domain in arg
@@ -551,6 +554,7 @@ def test_fuzz_parse_mailbox(text: str, utf8: bool) -> None:
         _assert_good_error(err)
         return
     assert address.text == text
+    assert Address(address.text, address.local, address.domain) == address  # built unchecked, valid
     assert address.domain
     assert parse_mail_from(_reserialised("FROM:", address), smtputf8_enabled=True).address == (
         address

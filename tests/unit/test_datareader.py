@@ -220,3 +220,84 @@ def test_an_empty_message_and_a_first_line_dot() -> None:
     assert not reader.feed_block(b"..\r\n")
     assert reader.feed_block(b".\r\n")
     assert reader.content() == b".\r\n"
+
+
+# -- read_data on a real StreamReader: the end of data taken whole when it is there ----------
+
+
+def _read_from_packets(packets: list[bytes], max_line: int, normalize: bool, max_size: int,
+                       limit: int, *, first_waiting: bool = True) -> tuple[DataReader, bool, bytes, int]:
+    """read_data() on an asyncio StreamReader fed *packets* one loop turn apart (the first
+    one before it starts unless *first_waiting*); the reader, whether it saw the end, what is
+    left in the stream after it, and the blocks it took."""
+    import asyncio
+
+    from smtpproxy.datareader import read_data
+
+    async def main() -> tuple[DataReader, bool, bytes, int]:
+        stream = asyncio.StreamReader(limit=limit)
+        reader = DataReader(max_size, max_line, normalize_bare_newlines=normalize)
+        blocks = 0
+
+        def before_block() -> None:
+            nonlocal blocks
+            blocks += 1
+
+        if not first_waiting and packets:
+            stream.feed_data(packets[0])
+
+        async def feed() -> None:
+            for packet in packets[0 if first_waiting else 1:]:
+                stream.feed_data(packet)
+                await asyncio.sleep(0)
+            stream.feed_eof()
+
+        feeder = asyncio.ensure_future(feed())
+        done = await read_data(stream, reader, before_block)
+        await feeder
+        return reader, done, await stream.read(), blocks
+
+    return asyncio.run(main())
+
+
+@given(parts=pieces, cuts=st.lists(st.integers(min_value=1, max_value=80), max_size=8),
+       max_line=st.integers(min_value=8, max_value=120), normalize=st.booleans(),
+       max_size=st.integers(min_value=50, max_value=2000), limit=st.integers(min_value=3, max_value=200),
+       first_waiting=st.booleans())
+def test_read_data_gives_what_lines_give_however_the_packets_come(
+        *, parts: list[bytes], cuts: list[int], max_line: int, normalize: bool, max_size: int, limit: int,
+        first_waiting: bool) -> None:
+    stream = b"".join(parts) + b"\r\n.\r\nQUIT\r\n"
+    points = sorted({c for c in cuts if c < len(stream)})
+    packets = [stream[a:b] for a, b in zip([0, *points], [*points, len(stream)], strict=True)]
+    lines, lines_done = by_lines(stream, max_line, normalize, max_size)
+    reader, done, rest, _ = _read_from_packets(packets, max_line, normalize, max_size, limit,
+                                               first_waiting=first_waiting)
+    assert done == lines_done
+    assert reader.problem == lines.problem
+    if lines.problem is None:
+        assert reader.content() == lines.content()
+        assert reader.bare_newlines_seen == lines.bare_newlines_seen
+    if done:  # nothing after the end of data was taken
+        _, rest_by_lines = feed_stream(DataReader(max_size, max_line, normalize_bare_newlines=normalize),
+                                       stream)
+        assert rest == rest_by_lines
+
+
+def test_a_message_already_in_the_buffer_is_one_block() -> None:
+    """Lines ending in a full stop no longer cut the message into blocks when its end is there."""
+    message = b"Subject: x\r\n\r\nOne.\r\nTwo.\r\n..Three.\r\n.\r\nQUIT\r\n"
+    reader, done, rest, blocks = _read_from_packets([message], 100, False, 10_000, 1000, first_waiting=False)
+    assert done and rest == b"QUIT\r\n" and blocks == 1
+    # arriving while read_data waits: the first ".CRLF" ends a block, the rest is one more
+    assert _read_from_packets([message], 100, False, 10_000, 1000)[3] == 2
+    assert reader.content() == b"Subject: x\r\n\r\nOne.\r\nTwo.\r\n.Three.\r\n"
+    # the end's CRLF in one packet, its dot in the next: still found
+    reader, done, rest, _ = _read_from_packets([b"a\r\n", b".\r\nQUIT\r\n"], 100, False, 10_000, 1000)
+    assert done and rest == b"QUIT\r\n" and reader.content() == b"a\r\n"
+    reader, done, rest, _ = _read_from_packets([b"a\r", b"\n.\r\nQUIT\r\n"], 100, False, 10_000, 1000)
+    assert done and rest == b"QUIT\r\n" and reader.content() == b"a\r\n"
+    # the end right after a block that ended with a CRLF, a look-alike further on: the first wins
+    for packets in ([b"x.\r\n.\r\nmore\r\n.\r\nQUIT\r\n"], [b"x.\r\n", b".\r\nmore\r\n.\r\nQUIT\r\n"]):
+        reader, done, rest, _ = _read_from_packets(packets, 100, False, 10_000, 1000)
+        assert done and reader.content() == b"x.\r\n" and rest == b"more\r\n.\r\nQUIT\r\n"

@@ -132,8 +132,17 @@ def test_aiosmtplib_still_has_what_streaming_and_pipelining_rely_on() -> None:
                 if f"self.{a}" not in source]
     missing += [a for a in ("_paused",)  # stream.py: a paused write also watches for a reply
                 if f"self.{a}" not in inspect.getsource(aiosmtplib.protocol.FlowControlMixin)]
-    missing += [c for c in ("COMMAND_INJECTION_REGEX", "MAX_RESPONSE_LENGTH")
+    missing += [c for c in ("COMMAND_INJECTION_REGEX", "MAX_RESPONSE_LENGTH", "MAX_LINE_LENGTH")
                 if not hasattr(aiosmtplib.protocol, c)]
+    # upstream.py _learn_extensions: what the last_ehlo_response setter stores
+    setter = inspect.getsource(aiosmtplib.smtp.SMTP.last_ehlo_response.fset)  # type: ignore[arg-type]
+    missing += [a for a in ("_last_ehlo_response", "esmtp_extensions", "server_auth_methods",
+                            "supports_esmtp") if f"self.{a} =" not in setter]
+    # pipelining.py open_connection: what SMTP.connect() hands its protocol and keeps
+    missing += [m for m in ("_on_connection_lost", "close") if not callable(getattr(aiosmtplib.smtp.SMTP, m, None))]
+    connect = inspect.getsource(aiosmtplib.smtp.SMTP._create_connection)
+    missing += [a for a in ("connection_lost_callback=self._on_connection_lost", "self.protocol = protocol",
+                            "self.transport = transport") if a not in connect]
     assert "__slots__" not in vars(protocol), "a protocol with __slots__ cannot be adopted by a subclass"
     assert missing == [], f"aiosmtplib {aiosmtplib.__version__} no longer has {missing}"
     # The protocol object is made per connection and kept through STARTTLS (so adopting it

@@ -166,7 +166,8 @@ def test_strings_with_nul_cannot_be_encoded() -> None:
 
 
 def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
-    """Macros and headers decoded field by field, as the codec did before its split fast path."""
+    """Macros, headers, MAIL, RCPT, HELO and CONNECT decoded field by field, as the codec
+    did before its split fast paths."""
     r = codec._Reader("ref", payload)
     if code == b"D":
         for_command = r.byte()
@@ -183,6 +184,17 @@ def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
         helo = codec.Helo(r.string())
         r.end()
         return helo
+    if code == b"C":
+        hostname, family = r.string(), r.byte()
+        if family == "U":
+            connect = codec.Connect(hostname, family)
+        elif family in "46L" and family:
+            port = r.u16()
+            connect = codec.Connect(hostname, family, port, r.string())
+        else:
+            raise codec.MilterProtocolError("family")
+        r.end()
+        return connect
     name = r.string()
     command = codec.Header(name, r.string())
     r.end()
@@ -191,10 +203,11 @@ def _strict_reference(code: bytes, payload: bytes) -> codec.Command:
 
 @given(st.one_of(st.binary(max_size=40), st.lists(st.binary(max_size=6).filter(lambda b: b"\0" not in b), max_size=6)
                  .map(lambda parts: b"".join(p + b"\0" for p in parts))),
-       st.sampled_from([b"D", b"L", b"M", b"R", b"H"]), st.sampled_from([b"", b"C", b"\0"]))
+       st.sampled_from([b"D", b"L", b"M", b"R", b"H", b"C"]),
+       st.sampled_from([b"", b"C", b"\0", b"host\x004", b"h\x006\0\0", b"\x00L\x00\x19", b"[h]\0U"]))
 def test_the_fast_paths_decode_as_the_strict_reader(payload: bytes, code: bytes, prefix: bytes) -> None:
-    """Well-formed or not, a macro, header, MAIL, RCPT or HELO packet decodes to the same
-    command (or is refused)."""
+    """Well-formed or not, a macro, header, MAIL, RCPT, HELO or CONNECT packet decodes to the
+    same command (or is refused)."""
     payload = prefix + payload
     try:
         expected: codec.Command | None = _strict_reference(code, payload)
@@ -205,3 +218,68 @@ def test_the_fast_paths_decode_as_the_strict_reader(payload: bytes, code: bytes,
             codec.decode_command(code, payload)
     else:
         assert codec.decode_command(code, payload) == expected
+
+
+@given(st.sampled_from("CHMRTLNEBU"), st.lists(st.tuples(octet_strings, octet_strings), max_size=4).map(tuple))
+def test_a_decoded_macro_is_the_macro_it_was(for_command: str, pairs: tuple[tuple[str, str], ...]) -> None:
+    """A macro packet's strings are decoded only when read: until then, and after, it equals,
+    hashes, prints and matches as the macro that was encoded."""
+    made = codec.Macro(for_command, pairs)
+    decoded = codec.decode_command(b"D", milter_mta.encode_command(made)[5:])
+    assert decoded == made and made == decoded and hash(decoded) == hash(made)
+    assert repr(decoded) == repr(made)
+    match decoded:
+        case codec.Macro(code, got):
+            assert (code, got) == (for_command, pairs)
+    assert isinstance(decoded, codec.Macro)
+    macros = codec.Macros()
+    macros.update(decoded)
+    for name, _ in pairs:
+        values = [value for other, value in pairs if codec.macro_key(other) == codec.macro_key(name)]
+        assert macros.get(name) == (values[-1] or None)
+
+
+def test_macros_nobody_reads_stay_undecoded() -> None:
+    macros = codec.Macros()
+    packets = [b"Cj\0mx.test\0", b"Mi\x004ABC\0{mail_addr}\0a@b.test\0", b"Li\x004ABC\0", b"Ei\x004ABC\0"]
+    decoded = [codec.decode_command(b"D", p) for p in packets]
+    for macro in decoded:
+        assert isinstance(macro, codec.Macro)
+        macros.update(macro)
+    assert macros.get("i") == "4ABC"  # end of message's, the latest stage
+    assert [m._pairs is not None for m in decoded] == [False, False, False, True]  # type: ignore[union-attr]
+    assert macros.get("{mail_addr}") == "a@b.test"  # the headers' stage has no such octets: not decoded
+    assert [m._pairs is not None for m in decoded] == [False, True, False, True]  # type: ignore[union-attr]
+    assert macros.get("j") == "mx.test"
+
+
+names = st.sampled_from(["i", "j", "{i}", "auth_authen", "{auth_authen}", "{x", "{}", "é", "\udcff", "\ud800"])
+
+
+@given(st.lists(st.tuples(st.sampled_from("CHMRLE"), st.lists(st.tuples(names | octet_strings, octet_strings),
+                                                                 max_size=3).map(tuple)), max_size=6),
+       st.lists(names | octet_strings, max_size=4), st.booleans())
+def test_macro_lookups_as_a_dict_per_stage_gives_them(updates: list[tuple[str, tuple[tuple[str, str], ...]]],
+                                                       asked: list[str], ended: bool) -> None:
+    """Lookups through undecoded stages (passed over when the name's octets are not in them)
+    answer as the plain definition: the latest stage that has the name, its value or None."""
+    macros = codec.Macros()
+    reference: dict[str, dict[str, str]] = {}
+    for stage, pairs in updates:
+        try:
+            payload = milter_mta.encode_command(codec.Macro(stage, pairs))[5:]
+        except (ValueError, UnicodeError):
+            continue  # not encodable (a lone surrogate of no octet): the MTA cannot send it
+        decoded = codec.decode_command(b"D", payload)
+        assert isinstance(decoded, codec.Macro)
+        macros.update(decoded)
+        reference.pop(stage, None)
+        reference[stage] = {codec.macro_key(n): v for n, v in pairs}
+    if ended:
+        macros.end_transaction()
+        for stage in "MRTLNBE":
+            reference.pop(stage, None)
+    for name in asked:
+        key = codec.macro_key(name)
+        expected = next((values[key] or None for values in reversed(reference.values()) if key in values), None)
+        assert macros.get(name) == expected

@@ -101,3 +101,19 @@ async def test_a_listeners_group_without_the_daemon_port_macro_is_warned_about(
     warned = [r for r in caplog.records if r.getMessage() == "milter_daemon_port_missing"]
     assert len(warned) == 1 and warned[0].levelno == logging.WARNING
     assert "{daemon_port}" in warned[0].smtpproxy_fields["note"]  # type: ignore[attr-defined]
+
+
+async def test_a_daemon_port_that_is_no_number_is_no_port(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # "²" passes str.isdigit() but int() refuses it: the connection goes on, with no port.
+    caplog.set_level(logging.INFO)
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0"}, plugins=PLUGINS)
+    milter = MilterServer(config)
+    await milter.start()
+    try:
+        mta = await FakeMTA.open(milter)
+        await mta.start(daemon_port="\u00b2")
+        await mta.passes(codec.Helo("client.test"))
+        await mta.close()
+    finally:
+        await milter.stop(grace=1)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -19,7 +19,7 @@ import pytest
 
 from smtpproxy import Message, hookimpl
 from smtpproxy.milter import codec
-from smtpproxy.milter.server import MilterServer, _AckNow, _Replies
+from smtpproxy.milter.server import MilterServer, _AckNow, _Connection, _Replies
 from tests.conftest import chain_of, make_config
 from tests.wire.test_milter import BODY, HEADERS, Factory, FakeMTA, milter  # noqa: F401 (fixture)
 
@@ -125,7 +125,7 @@ async def test_quickack_is_really_switched_on() -> None:
     sock = writer.get_extra_info("socket")
     sock.setsockopt(socket.IPPROTO_TCP, QUICKACK, 0)
     assert sock.getsockopt(socket.IPPROTO_TCP, QUICKACK) == 0
-    _AckNow(writer).now()
+    _AckNow(writer.transport).now()
     assert sock.getsockopt(socket.IPPROTO_TCP, QUICKACK) == 1
     client.close()
     writer.close()
@@ -139,14 +139,14 @@ async def test_the_end_of_message_responses_leave_in_one_write(
     server = await milter(Tagger())
     port = _server_port(server)
     writes: list[bytes] = []
-    original = asyncio.StreamWriter.write
+    original = _Connection.write
 
-    def spy(self: asyncio.StreamWriter, data: Any) -> None:
-        if self.get_extra_info("sockname")[1] == port:
+    def spy(self: _Connection, data: Any) -> None:
+        if self.transport.get_extra_info("sockname")[1] == port:
             writes.append(bytes(data))
         original(self, data)
 
-    monkeypatch.setattr(asyncio.StreamWriter, "write", spy)
+    monkeypatch.setattr(_Connection, "write", spy)
     mta = await FakeMTA.open(server)
     await mta.start()
     await mta.envelope()
@@ -187,3 +187,91 @@ async def test_progress_goes_out_at_once_with_what_came_before() -> None:
     await replies.flush()
     await replies.flush()  # nothing pending: no empty write
     assert writer.writes[1:] == [codec.encode_response(codec.Accept())]
+
+
+@pytest.mark.parametrize("choice", ["asyncio", "uvloop"])
+async def test_the_milter_process_answers_a_message_on_either_event_loop(tmp_path: Path, choice: str) -> None:
+    """``smtpproxy milter`` as users start it (uvloop by default, whose transports are not
+    asyncio's classes) takes a whole message in and answers it, on TCP and on a Unix socket."""
+    import signal
+    import subprocess
+    import sys
+
+    from tests.daemons import LogLines, free_port
+
+    pytest.importorskip(choice)
+    port, path = free_port(), tmp_path / "milter.sock"
+    for listen in (f"inet:127.0.0.1:{port}", f"unix:{path}"):
+        config = tmp_path / "smtpproxy.yaml"
+        config.write_text(f"milter: {{listen: '{listen}'}}\nevent_loop: {choice}\n")
+        proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "milter", "-c", str(config)],  # noqa: ASYNC220 - returns at once
+                                stderr=subprocess.PIPE, cwd=tmp_path)
+        assert proc.stderr is not None
+        log = LogLines(proc.stderr)
+        try:
+            await asyncio.to_thread(log.wait_line, rf"event=listening .*loop={choice} ")
+            if listen.startswith("inet:"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            else:
+                reader, writer = await asyncio.open_unix_connection(str(path))
+            mta = FakeMTA(reader, writer)
+            await mta.start()
+            await mta.envelope()
+            responses = await mta.content(HEADERS, BODY)
+            assert responses == [codec.Accept()]
+            mta.send(codec.Quit())
+            assert await mta.closed()
+            await asyncio.to_thread(log.wait_line, r"event=message .*decision=delivered")
+            proc.send_signal(signal.SIGTERM)
+            assert await asyncio.to_thread(proc.wait, 20) == 0
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert "Traceback" not in "".join(log.lines) + proc.stderr.read().decode("utf-8", "replace")
+
+
+async def test_an_mta_that_writes_faster_than_the_plugins_work_waits_in_its_socket(tmp_path: Path) -> None:
+    """While a plugin works, the milter reads at most ~256 KiB ahead of its session: a hostile
+    or hurried MTA's packets stay in its own socket buffers, not in our memory, and are all
+    taken once the plugin is done."""
+    release = asyncio.Event()
+
+    class Slow:
+        name = "slow"
+
+        @hookimpl
+        async def connect(self, session: Any) -> None:
+            await release.wait()
+
+    config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0"})
+    server = MilterServer(config, chain=chain_of(Slow(), timeout=30.0))
+    await server.start()
+    try:
+        mta = await FakeMTA.open(server)
+        await mta.negotiate()
+        mta.send(codec.Connect("[192.0.2.7]", "4", 40000, "192.0.2.7"))
+        chunk = codec.Header("X-Filler", " " + "x" * 60_000)
+        sent = 0
+        while sent < 32 << 20:
+            mta.send(chunk)
+            sent += 60_000
+        transport = mta.writer.transport
+        left = -1
+        for _ in range(50):  # until the kernel's buffers are full and nothing moves
+            await asyncio.sleep(0.05)
+            if transport.get_write_buffer_size() == left:
+                break
+            left = transport.get_write_buffer_size()
+        # Loopback holds a few MB in kernel buffers; the rest waits on the MTA's side.
+        assert left > 16 << 20
+        release.set()
+        assert await mta.recv() == codec.Continue()  # the connect's answer, once the plugin is done
+        for _ in range(200):
+            await asyncio.sleep(0.05)
+            if transport.get_write_buffer_size() == 0:
+                break
+        assert transport.get_write_buffer_size() == 0  # then everything was read
+        await mta.close()
+    finally:
+        await server.stop(grace=1)

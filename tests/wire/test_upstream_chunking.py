@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -204,3 +205,47 @@ def test_a_chunk_carries_what_data_carries(parts: list[bytes], block_size: int) 
     assert chunk == (b"\r\n" + stuffed).replace(b"\r\n..", b"\r\n.")[2:]
     assert b"".join(parts) == chunk or chunk == b"".join(parts) + b"\r\n"
     assert all(len(block) <= max(block_size, 2) for block in blocks[1:])  # 2: a CRLF added
+
+
+# -- the data timeout: the connection's reply deadline bounds every wait ----------------------
+
+
+@pytest.mark.parametrize("chunking", [True, False])
+@pytest.mark.parametrize("stops", ["answering", "reading"])
+async def test_an_upstream_that_stops_is_timed_out_within_the_data_timeout(chunking: bool, stops: str) -> None:
+    """send_data() against a server that takes the message but never answers it, or stops
+    reading in the middle (the writes pause, and no reply comes either): SMTPTimeoutError
+    after the limit, not a wait for ever, and the connection closed."""
+    import aiosmtplib
+
+    from smtpproxy.delivery.stream import send_data
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 stuck.test ESMTP\r\n")
+        if stops == "reading":
+            await asyncio.sleep(30)  # reads nothing more: the proxy's writes fill the socket
+        else:
+            line = await reader.readline()
+            if line.startswith(b"DATA"):
+                writer.write(b"354 go ahead\r\n")
+            while await reader.read(1 << 20):
+                pass  # takes everything, answers nothing
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    client = aiosmtplib.SMTP(hostname="127.0.0.1", port=server.sockets[0].getsockname()[1], timeout=5,
+                             start_tls=False)
+    await client.connect()
+    size = 64 << 20 if stops == "reading" else 1024
+    parts = [b"Subject: x\r\n\r\n" + b"y" * 78 + b"\r\n"] * (size // 94)
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        with pytest.raises(aiosmtplib.SMTPTimeoutError, match=r"Timed out sending the message after 0\.5s"):
+            async with asyncio.timeout(10):  # a missing deadline fails here instead of hanging
+                await send_data(client, parts, 0.5, chunking=chunking)
+        assert 0.4 <= loop.time() - started < 3
+        assert not client.is_connected
+    finally:
+        client.close()
+        server.close()

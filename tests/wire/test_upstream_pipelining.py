@@ -533,3 +533,104 @@ async def test_a_command_with_a_line_break_is_refused_before_anything_is_sent() 
     client.close()
     server.close()
     assert await asyncio.wait_for(received, 5) == b""  # the connection closed with nothing sent
+
+
+# -- the reply deadline: one timer per connection, moved lazily ------------------------------
+
+
+async def test_each_reply_gets_its_own_deadline_from_one_lazy_timer() -> None:
+    """A later deadline does not fire early (the timer armed for an earlier command re-arms
+    itself), an earlier one is kept, and a missed one times the command out and closes."""
+    delays = [0.0, 0.3, 0.0, None]  # per command: answer after that long; None: never
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"220 slow.test\r\n")
+        for delay in delays:
+            await reader.readline()
+            if delay is None:
+                await reader.read()
+                break
+            await asyncio.sleep(delay)
+            writer.write(b"250 2.0.0 Ok\r\n")
+        writer.close()
+
+    server, client = await scripted(serve)
+    loop = asyncio.get_running_loop()
+    assert (await pipeline(client, [b"NOOP"], 0.2))[0].code == 250  # arms the timer for 0.2 s
+    started = loop.time()
+    assert (await pipeline(client, [b"NOOP"], 5))[0].code == 250  # 0.3 s: past the first deadline
+    assert loop.time() - started >= 0.25
+    assert (await pipeline(client, [b"NOOP"], 30))[0].code == 250
+    protocol = client.protocol
+    assert protocol is not None and protocol._watch is not None  # type: ignore[attr-defined]
+    started = loop.time()
+    with pytest.raises(aiosmtplib.SMTPReadTimeoutError):
+        await pipeline(client, [b"NOOP"], 0.2)  # earlier than the armed timer: re-armed for it
+    assert 0.15 <= loop.time() - started < 2
+    assert not client.is_connected
+    server.close()
+
+    delays = [0.0]
+    server, client = await scripted(serve)
+    assert (await pipeline(client, [b"NOOP"], 30))[0].code == 250
+    protocol = client.protocol
+    assert protocol is not None and protocol._watch is not None  # type: ignore[attr-defined]
+    client.close()
+    await asyncio.sleep(0.05)  # connection_lost runs
+    assert protocol._watch is None  # type: ignore[attr-defined]  # not kept alive by its timer
+    server.close()
+
+
+@pytest.mark.parametrize("greeting", [b"220 ok.test ESMTP\r\n", b"220-ok.test\r\n220 ESMTP\r\n",
+                                      b"554 5.3.2 go away\r\n", b"", None])
+async def test_opening_a_connection_gives_what_aiosmtplib_connect_gives(greeting: bytes | None) -> None:
+    """open_connection() against aiosmtplib's own connect(): the same greeting, or the same
+    exception with the same text (a refusal, a close before the greeting, silence); either
+    way a failed client is left closed."""
+    from smtpproxy.delivery.pipelining import PipeliningProtocol, open_connection
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if greeting is None:  # silent
+            await reader.read()
+        else:
+            writer.write(greeting)
+            await writer.drain()
+            if not greeting:
+                writer.close()
+                return
+            while await reader.readline():
+                writer.write(b"250 2.0.0 Ok\r\n")
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+
+    async def outcome(ours: bool) -> tuple[object, ...]:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False,
+                                 local_hostname="proxy.test")
+        try:
+            response = (await open_connection(client, 0.3) if ours else await client.connect(timeout=0.3))
+        except aiosmtplib.SMTPException as exc:
+            return (type(exc), str(exc), client.is_connected)
+        connected = client.is_connected
+        [reply] = await pipeline(client, [b"NOOP"], 0.2)  # the connection works on
+        assert isinstance(client.protocol, PipeliningProtocol)
+        client.close()
+        return (response.code, response.message, connected, reply.code)
+
+    try:
+        assert await outcome(True) == await outcome(False)
+    finally:
+        server.close()
+
+    async def refused(ours: bool) -> tuple[object, ...]:
+        client = aiosmtplib.SMTP(hostname="127.0.0.1", port=port, timeout=5, start_tls=False,
+                                 local_hostname="proxy.test")
+        try:
+            await (open_connection(client, 0.3) if ours else client.connect(timeout=0.3))
+        except aiosmtplib.SMTPException as exc:
+            return (type(exc), str(exc).split(":")[0], client.is_connected)
+        raise AssertionError("connected to a closed port")
+
+    await server.wait_closed()
+    assert await refused(True) == await refused(False)
