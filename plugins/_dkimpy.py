@@ -1,7 +1,7 @@
 """Faster dkimpy internals with exactly dkimpy's results, installed by one explicit call.
 
 dkimpy spends most of a verification in a few Python helpers; :func:`install` replaces these
-ten names (each replacement is compared with dkimpy's own on hypothesis' input in
+eleven names (each replacement is compared with dkimpy's own on hypothesis' input in
 tests/unit/test_dkim_stream.py, and tests/unit/test_dependency_internals.py checks they still exist):
 
 - ``dkim.crypto.str2int``, ``dkim.crypto.int2str``: int's own conversions;
@@ -10,7 +10,8 @@ tests/unit/test_dkim_stream.py, and tests/unit/test_dependency_internals.py chec
 - ``dkim.RE_BTAG``: the b= blanking pattern without nested repetition;
 - ``dkim.rfc822_parse``, ``dkim.util.parse_tag_value`` and ``dkim.parse_tag_value``,
   ``dkim.canonicalization.compress_whitespace``, ``dkim.canonicalization.unfold_header_value``:
-  bytes methods instead of module-level ``re`` calls.
+  bytes methods instead of module-level ``re`` calls;
+- ``dkim.validate_signature_fields``: dkimpy's checks with its patterns compiled once.
 
 The DKIM plugin calls :func:`install` when it is imported, so the replacements serve every
 user of dkimpy in the process from then on; calling it again changes nothing.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import re
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -78,14 +80,35 @@ def _rsa_verify(hash: Any, signature: bytes, public_key: Mapping[str, int]) -> b
     key = _openssl_key(modulus, exponent) if modulus > 0 else None
     if key is None or len(signature) != modlen or int.from_bytes(signature, "big") >= modulus:
         return bool(_dkimpy_rsa_verify(hash, signature, public_key))
-    expected = dkim.crypto.EMSA_PKCS1_v1_5_encode(hash, modlen)  # raises as dkimpy's does
+    name = hash.name.lower()
+    if name not in dkim.crypto.HASH_ID_MAP:
+        dkim.crypto.EMSA_PKCS1_v1_5_encode(hash, modlen)  # raises as dkimpy's does
+    digest = hash.digest()
+    expected = _digest_info_prefix(name, len(digest)) + digest
+    if len(expected) + 11 > modlen:
+        raise dkim.crypto.DigestTooLargeError()  # as dkimpy's EMSA_PKCS1_v1_5_encode
     try:
         recovered = key.recover_data_from_signature(signature, _padding.PKCS1v15(), None)
     except InvalidSignature:
         return False
     except Exception:  # anything else OpenSSL says: dkimpy's arithmetic decides
         return bool(_dkimpy_rsa_verify(hash, signature, public_key))
-    return bool(expected == b"\x00\x01" + b"\xff" * (modlen - len(recovered) - 3) + b"\x00" + recovered)
+    # dkimpy compares 00 01 FF.. 00 DigestInfo with the whole block; OpenSSL checked the
+    # padding and returns what follows it, so the blocks are equal exactly when that is the
+    # DigestInfo (the separator is the first 00 after the FFs in both).
+    return bool(recovered == expected)
+
+
+@functools.lru_cache(maxsize=16)
+def _digest_info_prefix(name: str, size: int) -> bytes:
+    """The DER DigestInfo of dkimpy's EMSA_PKCS1_v1_5_encode up to the digest itself: the same
+    for every digest of one algorithm (and length), so built once, with dkimpy's own encoder."""
+    crypto = dkim.crypto
+    info = crypto.asn1_build((crypto.SEQUENCE, [
+        (crypto.SEQUENCE, [(crypto.OBJECT_IDENTIFIER, crypto.HASH_ID_MAP[name]), (crypto.NULL, None)]),
+        (crypto.OCTET_STRING, b"\0" * size),
+    ]))
+    return bytes(info[:len(info) - size])
 
 
 # dkimpy blanks the b= tag of the signature it hashes with RE_BTAG, whose folding-whitespace
@@ -171,11 +194,78 @@ def _rfc822_parse(message: bytes) -> tuple[list[list[bytes]], bytes]:
     return headers, b"\r\n".join(lines[i:])
 
 
+_dkimpy_validate_signature_fields = dkim.validate_signature_fields
+_BASE64 = re.compile(rb"[\s0-9A-Za-z+/]+[\s=]*$")
+_WHITESPACE = b" \t\n\r\x0b\x0c"  # what \s matches in a bytes pattern
+_DOMAIN_SPECIALS = re.compile(rb"[\(\)<>\[\]:;@\\,]")
+_LENGTH = re.compile(rb"\d{,76}$")
+_DECIMAL = re.compile(rb"\d+$")
+
+
+def _validate_signature_fields(sig: dict[bytes, bytes],
+                               mandatory_fields: Any = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s"),
+                               arc: bool = False) -> None:
+    r"""dkimpy's ``validate_signature_fields`` (every signature it verifies), check for check
+    and message for message in its order, with its patterns compiled once and its ``len(re.sub(
+    \s+, ...))`` as a ``translate``; anything but bytes values goes to dkimpy's own. (Its
+    ``%s`` of a bytes value is the value's repr: ``%r`` here, the same text.)"""
+    if not all(type(value) is bytes for value in sig.values()):
+        return _dkimpy_validate_signature_fields(sig, list(mandatory_fields), arc)  # type: ignore[no-any-return]
+    hashes = dkim.ARC_HASH_ALGORITHMS if arc else dkim.HASH_ALGORITHMS
+    for name in mandatory_fields:
+        if name not in sig:
+            raise dkim.ValidationError("missing %s=" % name)  # noqa: UP031 - dkimpy's message, as it formats it
+    if b"a" in sig and sig[b"a"] not in hashes:
+        raise dkim.ValidationError("unknown signature algorithm: %r" % sig[b"a"])  # noqa: UP031
+    if b"b" in sig:
+        if _BASE64.match(sig[b"b"]) is None:
+            raise dkim.ValidationError("b= value is not valid base64 (%r)" % sig[b"b"])  # noqa: UP031
+        if len(sig[b"b"].translate(None, _WHITESPACE)) % 4 != 0:
+            raise dkim.ValidationError("b= value is not valid base64 (%r)" % sig[b"b"])  # noqa: UP031
+    if b"bh" in sig:
+        if _BASE64.match(sig[b"b"]) is None:  # sic: dkimpy checks b= here
+            raise dkim.ValidationError("bh= value is not valid base64 (%r)" % sig[b"bh"])  # noqa: UP031
+        if len(sig[b"bh"].translate(None, _WHITESPACE)) % 4 != 0:
+            raise dkim.ValidationError("bh= value is not valid base64 (%r)" % sig[b"bh"])  # noqa: UP031
+    if b"cv" in sig and sig[b"cv"] not in (dkim.CV_Pass, dkim.CV_Fail, dkim.CV_None):
+        raise dkim.ValidationError("cv= value is not valid (%r)" % sig[b"cv"])  # noqa: UP031
+    if sig[b"d"].isascii() and _DOMAIN_SPECIALS.search(sig[b"d"]) is not None:
+        raise dkim.ValidationError("d= value is not valid (%r)" % sig[b"d"])  # noqa: UP031
+    if not arc and b"i" in sig and (
+            not sig[b"i"].lower().endswith(sig[b"d"].lower())
+            or sig[b"i"][-len(sig[b"d"]) - 1] not in ("@", ".", 64, 46)):
+        raise dkim.ValidationError(
+            "i= domain is not a subdomain of d= (i=%r d=%r)" % (sig[b"i"], sig[b"d"]))  # noqa: UP031
+    if b"l" in sig and _LENGTH.match(sig[b"l"]) is None:
+        raise dkim.ValidationError("l= value is not a decimal integer (%r)" % sig[b"l"])  # noqa: UP031
+    if b"q" in sig and sig[b"q"] != b"dns/txt":
+        raise dkim.ValidationError("q= value is not dns/txt (%r)" % sig[b"q"])  # noqa: UP031
+    t_sign = None
+    if b"t" in sig:
+        if _DECIMAL.match(sig[b"t"]) is None:
+            raise dkim.ValidationError("t= value is not a decimal integer (%r)" % sig[b"t"])  # noqa: UP031
+        t_sign = int(sig[b"t"])
+        if t_sign > int(time.time()) + 36000:  # dkimpy's 10 hours of leeway
+            raise dkim.ValidationError("t= value is in the future (%r)" % sig[b"t"])  # noqa: UP031
+    if b"v" in sig and sig[b"v"] != b"1":
+        raise dkim.ValidationError("v= value is not 1 (%r)" % sig[b"v"])  # noqa: UP031
+    if b"x" in sig:
+        if _DECIMAL.match(sig[b"x"]) is None:
+            raise dkim.ValidationError("x= value is not a decimal integer (%r)" % sig[b"x"])  # noqa: UP031
+        x_sign = int(sig[b"x"])
+        if x_sign < int(time.time()) - 36000:
+            raise dkim.ValidationError("x= value is past (%r)" % sig[b"x"])  # noqa: UP031
+        if t_sign and x_sign < t_sign:
+            raise dkim.ValidationError(
+                "x= value is less than t= value (x=%r t=%r)" % (sig[b"x"], sig[b"t"]))  # noqa: UP031
+    return None
+
+
 REPLACED = (
     "dkim.crypto.str2int", "dkim.crypto.int2str", "dkim.crypto.RSASSA_PKCS1_v1_5_verify",
     "dkim.RSASSA_PKCS1_v1_5_verify", "dkim.RE_BTAG", "dkim.rfc822_parse",
     "dkim.util.parse_tag_value", "dkim.parse_tag_value", "dkim.canonicalization.compress_whitespace",
-    "dkim.canonicalization.unfold_header_value",
+    "dkim.canonicalization.unfold_header_value", "dkim.validate_signature_fields",
 )
 """What :func:`install` replaces, by dotted name."""
 
@@ -192,3 +282,4 @@ def install() -> None:
     dkim.parse_tag_value = _parse_tag_value  # dkim/__init__.py imported the name
     dkim.canonicalization.compress_whitespace = _compress_whitespace
     dkim.canonicalization.unfold_header_value = _unfold_header_value
+    dkim.validate_signature_fields = _validate_signature_fields

@@ -13,7 +13,7 @@ At ``data`` the plugin first removes every ``Authentication-Results:`` field tha
 come from this host (its authserv-id equals ``authserv_id``, compared case-insensitively):
 a sender could have forged one, or the message passed here before (RFC 8601 section 5).
 Fields from other hosts are kept, in their order. Then it prepends exactly one field built
-with the ``authres`` package from the checks the earlier plugins recorded
+as the ``authres`` package writes it from the checks the earlier plugins recorded
 (``smtpproxy.authresults``): SPF, DKIM (one clause per signature), DMARC and ARC, in that
 order, then any other method in the order recorded. With nothing recorded the field says
 ``<authserv_id>; none`` (RFC 8601 section 2.2)::
@@ -33,8 +33,6 @@ from __future__ import annotations
 import functools
 import re
 
-from authres import AuthenticationResultsHeader
-from authres.core import AuthenticationResult, AuthenticationResultProperty
 from pydantic import Field, field_validator
 
 from smtpproxy import AuthCheck, EventLog, Message, PluginSettings, Transaction, auth_checks, hookimpl
@@ -102,34 +100,40 @@ def _property_key(key: str) -> tuple[str, str] | None:
     return ptype, name
 
 
-def _clause(check: AuthCheck) -> AuthenticationResult | None:
-    """One resinfo clause, or None for a check that cannot be written (logged)."""
+def _clause(check: AuthCheck) -> str | None:
+    """One resinfo clause as ``authres`` writes it (its AuthenticationResult with these
+    properties, and the reason set afterwards), or None for a check that cannot be written
+    (logged). Written here: building authres' objects for every message cost more than the
+    rest of this plugin; tests/plugins/test_auth_results.py compares the two."""
     if not _is_keyword(check.method) or not _is_keyword(check.result):
         log.warning("auth_results_skipped", method=check.method, result=check.result,
                     reason="not a valid RFC 8601 method or result")
         return None
-    properties = []
-    for key, text in check.properties.items():
-        parts = _property_key(key)
-        if parts is None or not text:
-            continue
-        ptype, name = parts
-        prop = AuthenticationResultProperty(ptype, name)
-        prop.value = _Value(text[:_SIGNATURE_PREFIX] if key == "header.b" else text)
-        properties.append(prop)
-    clause = AuthenticationResult(check.method, result=check.result, properties=properties)
+    parts = [check.method.lower(), "=", check.result.lower()]
     if check.reason:
-        clause.reason = _Reason(check.reason)
-    return clause
+        parts += [" reason=", _written(check.reason, _Reason)]
+    for key, text in check.properties.items():
+        names = _property_key(key)
+        if names is None or not text:
+            continue
+        value = _written(text[:_SIGNATURE_PREFIX] if key == "header.b" else text, _Value)
+        parts += [" ", names[0].lower(), ".", names[1].lower(), "=", value]
+    return "".join(parts)
+
+
+@functools.lru_cache(maxsize=2048)
+def _written(text: str, kind: type[_Value]) -> str:
+    """A pvalue or reason as written (made safe, quoted when needed): the same domains,
+    selectors and reasons come back on every message, and the patterns are not cheap."""
+    return kind(text).quote_if_needed()
 
 
 def header_value(authserv_id: str, recorded: list[AuthCheck]) -> str:
-    """The field value: ``authserv-id; method=result ...; ...`` or ``authserv-id; none``."""
+    """The field value: ``authserv-id; method=result ...; ...`` or ``authserv-id; none``,
+    exactly as ``authres``' AuthenticationResultsHeader writes it."""
     ordered = sorted(recorded, key=lambda c: _ORDER.get(c.method, len(_ORDER)))
     clauses = [c for c in map(_clause, ordered) if c is not None]
-    header = AuthenticationResultsHeader(authserv_id=authserv_id, results=clauses)
-    value: str = header.header_value()  # one line: every part is free of controls
-    return value
+    return "; ".join([authserv_id.lower(), *(clauses or ["none"])])
 
 
 def _skip_cfws(text: str, pos: int) -> int:

@@ -565,8 +565,11 @@ class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
     ``bh=`` against :func:`canonical_body` and lets dkimpy do the rest with the tag removed.
     """
 
-    def __init__(self, head: bytes, body: Sequence[Buffer]):
-        super().__init__(head, logger=DKIMPY_LOG, minkey=0)
+    def __init__(self, head: bytes, body: Sequence[Buffer], fields: Sequence[bytes] = ()):
+        headers = _dkimpy_headers(head, fields)
+        super().__init__(head if headers is None else None, logger=DKIMPY_LOG, minkey=0)
+        if headers is not None:  # what dkimpy's rfc822_parse(head) gives, without parsing again
+            self.headers, self.body = headers, b""
         self._body_parts = body
         self._digests: dict[tuple[bool, bytes, int | None], bytes] = {}
         self._lengths: dict[bool, int] = {}
@@ -622,17 +625,39 @@ class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
         return bool(super().verify_sig_process(sig, include_headers, sig_header, dnsfunc))
 
 
+_DKIMPY_NAME = re.compile(rb"([\x21-\x7e]+?):")
+"""dkimpy's rfc822_parse: a field line is a name of these octets up to the first colon."""
+
+
+def _dkimpy_headers(head: bytes, fields: Sequence[bytes]) -> list[list[bytes]] | None:
+    """dkimpy's ``rfc822_parse(head)[0]`` built from the message's own fields (``raw_fields``),
+    or None when they may differ (dkimpy parses then): when the fields joined with the empty
+    line are exactly ``head`` and each first line is a dkimpy field line, dkimpy would find the
+    same fields, each as [name, the rest of its first line and its continuation lines]."""
+    if not fields or len(head) != sum(map(len, fields)) + 2 or b"".join(fields) + b"\r\n" != head:
+        return None
+    headers = []
+    for raw in fields:
+        match = _DKIMPY_NAME.match(raw)
+        if match is None:
+            return None
+        headers.append([match.group(1), raw[match.end():]])
+    return headers
+
+
 def _verify_blocking(parts: Sequence[Buffer], signatures: Sequence[_Signature],
                      lookups: MutableMapping[str, KeyLookup], options: _Options,
-                     inline: bool = False) -> list[tuple[DKIMResult, str, bool]]:
+                     *, inline: bool = False, fields: Sequence[bytes] = (),
+                     ) -> list[tuple[DKIMResult, str, bool]]:
     """Verify signature 0..n-1 with dkimpy: (result, reason, partial body).
 
     In a worker thread, or with ``inline`` on the event loop (then a key that was not
     prefetched raises :class:`_NotPrefetched` instead of being looked up blocking).
+    *fields*: the message's ``raw_fields``, which spare dkimpy parsing the header block again.
     """
     head, body = split_at_blank_line(parts)
     try:
-        verifier = _Verifier(head, body)
+        verifier = _Verifier(head, body, fields)
     except dkim.DKIMException as exc:
         return [("permerror", f"message cannot be parsed for DKIM: {exc}", False)] * len(signatures)
     results: list[tuple[DKIMResult, str, bool]] = []
@@ -840,7 +865,8 @@ class DKIMVerify:
         outcomes = None
         if message.size <= INLINE_LIMIT:
             try:
-                outcomes = _verify_blocking(parts, signatures, lookups, options, inline=True)
+                outcomes = _verify_blocking(parts, signatures, lookups, options, inline=True,
+                                            fields=message.raw_fields)
             except _NotPrefetched:
                 outcomes = None  # dkimpy wants a key we do not have: look it up from a thread
         if outcomes is None:

@@ -19,6 +19,13 @@ asks for a name not looked up yet, after that name has been awaited (all names a
 for concurrently). A lookup that times out or fails (SERVFAIL) makes the result
 ``temperror``, as does the whole check running past ``timeout`` seconds. No thread, no
 blocking DNS: one SPF record the cache holds costs one pyspf evaluation.
+
+A result is a function of the client IP, the sender, the HELO name and the DNS answers the
+evaluation read, so it is kept for that (IP, sender, HELO) until the first of those answers
+expires: the same sender from the same host costs no evaluation at all while its records are
+cached. Only results whose every answer the cache held are kept (not one that read a name that
+does not exist, whose TTL the resolver keeps to itself, nor a temperror), and never a ``fail``,
+whose explanation (``exp=``) may expand ``%{t}``, the time.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ import asyncio
 import contextvars
 import functools
 import ipaddress
+import math
 import re
+import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal, cast, get_args
 
@@ -166,9 +175,14 @@ class SPF:
         """
         limit = self.settings.timeout
         resolver = get_resolver()
+        identity = _spf_identity(sender)
+        results: TTLCache[tuple[str, str, str], tuple[str, str]] = resolver.derived_cache(_RESULTS)
+        kept = results.get((ip, identity, helo))
+        if kept is not None:  # no evaluation, no timer (see the module's docstring)
+            return SPFOutcome(cast(SPFResult, kept[0]), kept[1])
         try:
             async with asyncio.timeout(limit):
-                result, explanation = await _check_async(resolver, ip, _spf_identity(sender), helo, limit)
+                result, explanation = await _check_async(resolver, ip, identity, helo, limit)
         except TimeoutError:
             return SPFOutcome("temperror", f"SPF Temporary Error: no result within {limit:g} seconds")
         if result not in RESULTS:  # pyspf's check2 returns only RFC 7208 results; be sure
@@ -330,6 +344,15 @@ answer expires. Only real answers (records, or none of that type) are kept; a na
 not exist is left to the resolver's own cache, and a failure (timeout, SERVFAIL) never is."""
 
 
+_RESULTS = "spf-results"
+"""The resolver's derived cache of check_host() results by (IP, sender, HELO), each until the
+first DNS answer it read expires (see the module's docstring)."""
+
+_KEPT_RESULTS = frozenset({"pass", "softfail", "neutral", "none", "permerror"})
+"""The results that may be kept: not ``temperror`` (DNS may answer next time) nor ``fail``
+(RFC 7208 6.2: its explanation may expand ``%{t}``, the time of the check)."""
+
+
 @dataclass(slots=True)
 class _Replay:
     """The answers of one check_host(), and the names the current round still needs."""
@@ -337,16 +360,20 @@ class _Replay:
     cache: TTLCache[tuple[str, str], list[Any]]
     known: dict[tuple[str, str], Answer] = field(default_factory=dict)
     missing: list[tuple[str, str]] = field(default_factory=list)
+    deadline: float = math.inf
+    """When the first answer read expires (``time.monotonic()``); -inf once an answer was read
+    whose expiry is not known (a name that does not exist, a failure): nothing to keep."""
 
     def lookup(self, name: str, qtype: str) -> list[Any]:
         key = (name.lower().rstrip("."), qtype)
         answer = self.known.get(key)
         if answer is None:
-            answer = self.cache.get(key)
-            if answer is None:
+            entry = self.cache.entry(key)
+            if entry is None:
                 self.missing.append(key)
                 raise _Miss(key)
-            self.known[key] = answer
+            answer = self.known[key] = entry[0]
+            self.deadline = min(self.deadline, entry[1])
         if isinstance(answer, str):
             raise pyspf.TempError(answer)
         # pyspf keys its own per-check cache by the name it asked for.
@@ -358,6 +385,7 @@ _replay: contextvars.ContextVar[_Replay | None] = contextvars.ContextVar("spf_re
 
 async def _check_async(resolver: Resolver, ip: str, sender: str, helo: str, limit: float) -> tuple[str, str]:
     """pyspf's RFC 7208 check on the loop, its DNS answered by the shared async resolver."""
+    results: TTLCache[tuple[str, str, str], tuple[str, str]] = resolver.derived_cache(_RESULTS)
     replay = _Replay(resolver.derived_cache(_CACHE))
     for _ in range(MAX_ROUNDS):
         token = _replay.set(replay)
@@ -368,24 +396,31 @@ async def _check_async(resolver: Resolver, ip: str, sender: str, helo: str, limi
         finally:
             _replay.reset(token)
         if not replay.missing:
-            return str(result), str(explanation)
+            outcome = str(result), str(explanation)
+            if outcome[0] in _KEPT_RESULTS:
+                results.put_until((ip, sender, helo), outcome, replay.deadline)
+            return outcome
         wanted = list(dict.fromkeys(replay.missing))
         replay.missing.clear()
-        answers = await asyncio.gather(*(_fetch(resolver, name, qtype) for name, qtype in wanted))
-        replay.known.update(zip(wanted, answers, strict=True))
+        fetched = await asyncio.gather(*(_fetch(resolver, name, qtype) for name, qtype in wanted))
+        for key, (answer, deadline) in zip(wanted, fetched, strict=True):
+            replay.known[key] = answer
+            replay.deadline = min(replay.deadline, deadline)
     return "temperror", f"SPF Temporary Error: more than {MAX_ROUNDS} rounds of DNS lookups"
 
 
-async def _fetch(resolver: Resolver, name: str, qtype: str) -> Answer:
-    """One lookup for pyspf through the async resolver; cached until the answer expires."""
+async def _fetch(resolver: Resolver, name: str, qtype: str) -> tuple[Answer, float]:
+    """One lookup for pyspf through the async resolver; cached until the answer expires.
+    With when that is (``time.monotonic()``; -inf when not known: nothing derived is kept)."""
     try:
         answer = await resolver.answer(name, qtype)
     except dns.exception.DNSException as exc:
         failure = _failure(name, qtype, exc)
-        return [] if failure is None else failure
+        return ([] if failure is None else failure), -math.inf
     records = _records(name, qtype, answer)
-    resolver.derived_cache(_CACHE).put((name, qtype), records, float(answer.expiration))
-    return records
+    deadline = time.monotonic() + (float(answer.expiration) - time.time())
+    resolver.derived_cache(_CACHE).put_until((name, qtype), records, deadline)
+    return records, deadline
 
 
 def _failure(name: str, qtype: str, exc: dns.exception.DNSException) -> str | None:

@@ -51,6 +51,12 @@ class TTLCache(Generic[K, V]):
         self._lock = threading.Lock()
 
     def get(self, key: K) -> V | None:
+        entry = self.entry(key)
+        return None if entry is None else entry[0]
+
+    def entry(self, key: K) -> tuple[V, float] | None:
+        """The value and the ``time.monotonic()`` instant it expires, or None: for a value
+        derived from several cached ones, which may be kept no longer than the first of them."""
         with self._lock:
             entry = self._entries.get(key)
             if entry is None:
@@ -59,15 +65,18 @@ class TTLCache(Generic[K, V]):
                 del self._entries[key]
                 return None
             self._entries.move_to_end(key)
-            return entry[1]
+            return entry[1], entry[0]
 
     def put(self, key: K, value: V, expiration: float) -> None:
         """Keep ``value`` until ``expiration``; one already expired (TTL 0) is not kept."""
-        left = expiration - time.time()
-        if self.size <= 0 or left <= 0:
+        self.put_until(key, value, time.monotonic() + (expiration - time.time()))
+
+    def put_until(self, key: K, value: V, deadline: float) -> None:
+        """Keep ``value`` until ``deadline``, a ``time.monotonic()`` instant (see :meth:`entry`)."""
+        if self.size <= 0 or deadline <= time.monotonic():
             return
         with self._lock:
-            self._entries[key] = (time.monotonic() + left, value)
+            self._entries[key] = (deadline, value)
             self._entries.move_to_end(key)
             while len(self._entries) > self.size:
                 self._entries.popitem(last=False)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from email.message import EmailMessage
 from email.parser import BytesParser
 from email.policy import default as _default_policy
-from typing import Literal
+from typing import Literal, NamedTuple
 
 __all__ = ["MAILBOX_LINE", "POSTFIX_LINE_LIMIT", "Change", "HeaderError", "Message", "validate_header"]
 
@@ -53,6 +53,10 @@ POSTFIX_LINE_LIMIT = 2048
 #: any ``>``), turning an mbox separator line into a header field (smtpd.c receive_data_message()).
 MAILBOX_LINE = "X-Mailbox-Line"
 _MBOX_FROM = re.compile(rb">*From ")
+# A whole field: a field line (group 1 the name, group 2 up to the colon), then its continuation
+# lines; every line CRLF-terminated (a message has no bare CR or LF, so [^\r\n]* runs to CRLF).
+_WHOLE_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)([ \t]*:)[^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
+_MBOX_FIRST_LINE = re.compile(rb">*From [^\r\n]*\r\n(?:[ \t][^\r\n]*\r\n)*")
 _VALID_NAME = re.compile(r"[\x21-\x39\x3b-\x7e]+")
 # C0 controls except HTAB, DEL and C1 controls (Unicode category Cc minus HTAB).
 _BAD_VALUE_CHAR = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
@@ -89,9 +93,11 @@ class _Savepoint:
     email: EmailMessage | None
 
 
-@dataclass(frozen=True, slots=True)
-class _Field:
-    """One header field: its exact wire bytes plus the decoded view plugins read."""
+class _Field(NamedTuple):
+    """One header field: its exact wire bytes plus the decoded view plugins read.
+
+    A named tuple, not a frozen dataclass: every field of every message is built as one, and
+    a frozen dataclass's ``__init__`` (``object.__setattr__`` per attribute) cost twice as much."""
 
     name: str  # as written
     key: str  # lower-cased name, for case-insensitive lookups
@@ -304,9 +310,38 @@ class Message:
     # -- parsing ---------------------------------------------------------
 
     def _parse(self) -> list[_Field]:
-        """Split the original header block into fields, once, on first use."""
+        """Split the original header block into fields, once, on first use.
+
+        One match of :data:`_WHOLE_FIELD` per field (its first line and its continuation
+        lines), rather than a search and a match per line: the rules of :class:`Message`,
+        line by line, as ``_parse_by_line`` (kept for the tests) applies them."""
         if self._fields is not None:
             return self._fields
+        raw = self._orig
+        fields: list[_Field] = []
+        pos = 0
+        first = _MBOX_FIRST_LINE.match(raw)
+        if first is not None:  # an mbox "From " first line, with its continuation lines
+            pos = first.end()
+            fields.append(_mailbox_line(raw[:pos]))
+        match = _WHOLE_FIELD.match
+        while True:
+            found = match(raw, pos)
+            if found is None or found.end(2) - pos > POSTFIX_LINE_LIMIT:
+                break  # not a field line (or its colon lies past what Postfix looks at)
+            end = found.end()
+            fields.append(_field_from_raw(raw[pos:end], found.end(1) - pos, found.end(2) - 1 - pos))
+            pos = end
+        sep = CRLF if raw[pos : pos + 2] == CRLF else b""
+        self._header_end = pos
+        self._sep = sep
+        self._body_start = pos + len(sep)
+        self._fields = fields
+        return fields
+
+    def _parse_by_line(self) -> tuple[list[_Field], int, bytes]:
+        """The header block line by line, as Postfix reads it: (fields, end, separator).
+        What :meth:`_parse` computes faster; the tests compare the two."""
         raw = self._orig
         fields: list[_Field] = []
         field_start = -1  # start of the field being collected, -1 if none
@@ -345,11 +380,7 @@ class Message:
             pos = eol + 2
         if field_start != -1:
             fields.append(collected(pos))
-        self._header_end = pos
-        self._sep = sep
-        self._body_start = pos + len(sep)
-        self._fields = fields
-        return fields
+        return fields, pos, sep
 
     # -- serialisation ---------------------------------------------------
 
@@ -462,6 +493,13 @@ class Message:
         only; the wire bytes are never altered by reading.
         """
         return [(f.name, f.value) for f in self._parse()]
+
+    @property
+    def raw_fields(self) -> list[bytes]:
+        """Each header field's exact bytes, in order: name, colon, value, folds and final
+        CRLF, as received or as a plugin wrote it (an mbox first line without the
+        ``X-Mailbox-Line:`` prefix), for a plugin that hashes or re-parses header bytes."""
+        return [f.raw for f in self._parse()]
 
     def get(self, name: str, default: str | None = None) -> str | None:
         """The value of the first field called ``name`` (case-insensitive)."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import authres
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from smtpproxy_plugins.auth_results import AuthResults, authserv_id_of, header_value
 from smtpproxy_plugins.dmarc import DMARC
 
@@ -183,3 +185,43 @@ async def test_end_to_end_pass_is_delivered_with_one_header_of_ours(
         "upstream.example.net; spf=pass smtp.mailfrom=example.org",
     ]
     assert received.content.endswith(b"From: Alice <alice@example.org>\r\nTo: bob@dest.test\r\nSubject: hello\r\n\r\nhi\r\n")
+
+
+def _written_by_authres(authserv_id: str, recorded: list[AuthCheck]) -> str:
+    """The field value as the plugin built it with authres' objects before it wrote it itself."""
+    from authres.core import AuthenticationResult, AuthenticationResultProperty
+    from smtpproxy_plugins import auth_results as module
+
+    clauses = []
+    for check in sorted(recorded, key=lambda c: module._ORDER.get(c.method, len(module._ORDER))):
+        if not module._is_keyword(check.method) or not module._is_keyword(check.result):
+            continue
+        properties = []
+        for key, text in check.properties.items():
+            parts = module._property_key(key)
+            if parts is None or not text:
+                continue
+            prop = AuthenticationResultProperty(*parts)
+            prop.value = module._Value(text[:8] if key == "header.b" else text)
+            properties.append(prop)
+        clause = AuthenticationResult(check.method, result=check.result, properties=properties)
+        if check.reason:
+            clause.reason = module._Reason(check.reason)
+        clauses.append(clause)
+    return str(authres.AuthenticationResultsHeader(authserv_id=authserv_id, results=clauses).header_value())
+
+
+_WORDS = st.one_of(st.sampled_from(["spf", "dkim", "dmarc", "arc", "iprev", "Pass", "FAIL", "none", "x-y",
+                                    "bad method", "", "-x"]), st.text(max_size=6))
+_PROPERTY_KEYS = st.one_of(st.sampled_from(["smtp.mailfrom", "header.b", "header.D", "Policy.iprev", "x",
+                                            "a.b.c", ".x", "smtp."]), st.text(max_size=8))
+_CHECKS = st.builds(
+    AuthCheck, _WORDS, _WORDS, st.one_of(st.just(""), st.text(max_size=20)),
+    st.dictionaries(_PROPERTY_KEYS, st.one_of(st.sampled_from(["a@example.org", '"q"@x.test', "AbCdEf1234",
+                                                               ""]), st.text(max_size=12)), max_size=4))
+
+
+@given(st.sampled_from(["mx.example.com", "MX.Example.COM", ""]), st.lists(_CHECKS, max_size=5))
+@settings(max_examples=300, deadline=None)
+def test_header_value_is_what_authres_writes(authserv_id: str, recorded: list[AuthCheck]) -> None:
+    assert header_value(authserv_id, recorded) == _written_by_authres(authserv_id, recorded)

@@ -553,8 +553,77 @@ async def test_pyspf_runs_on_the_event_loop_thread(shared_resolver: Resolver, mo
     # pass-include.test TXT, then pass-ip4.test TXT: three evaluations, the last one complete
     assert threads == [threading.get_ident()] * 3
     threads.clear()
-    assert (await check(plugin(), "a@pass-include.test")).result == "pass"
+    assert (await check(plugin(), "b@pass-include.test")).result == "pass"
     assert len(threads) == 1  # both answers at hand: one evaluation, no DNS round
+
+
+def count_evaluations(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The sender of every pyspf evaluation from now on."""
+    senders: list[str] = []
+    real_check2 = pyspf.check2
+
+    def spy(*args: Any, **kwargs: Any) -> Any:
+        senders.append(kwargs["s"])
+        return real_check2(*args, **kwargs)
+
+    monkeypatch.setattr(pyspf, "check2", spy)
+    return senders
+
+
+async def test_a_result_is_kept_for_the_same_ip_sender_and_helo(
+    shared_resolver: Resolver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same (IP, sender, HELO) again: the same outcome, no evaluation; any of the three
+    different: evaluated (its result may differ: %{l}, %{i}, %{h} macros, the IP's mechanisms)."""
+    evaluations = count_evaluations(monkeypatch)
+    first = await check(plugin(), "a@pass-include.test")
+    assert first.result == "pass" and len(evaluations) == 3
+    for _ in range(2):
+        assert await check(plugin(), "a@pass-include.test") == first
+    assert len(evaluations) == 3
+    assert (await check(plugin(), "a@pass-include.test", ip="203.0.113.9")).result == "fail"
+    assert (await check(plugin(), "a@pass-include.test", helo="other.client.test")) == first
+    assert (await check(plugin(), "A@pass-include.test")) == first
+    assert len(evaluations) == 6
+
+
+@pytest.mark.parametrize(("sender", "result"), [
+    ("a@fail.test", "fail"),  # exp= may expand %{t}: a fail is evaluated each time
+    ("a@nxdomain.test", "none"),  # the name does not exist: its TTL is the resolver's secret
+    ("a@ttl0.test", "pass"),  # an answer with TTL 0 is not kept, nor anything derived from it
+])
+async def test_results_that_are_not_kept(
+    shared_resolver: Resolver, zone: ZoneServer, monkeypatch: pytest.MonkeyPatch, sender: str, result: str
+) -> None:
+    zone.txt("ttl0.test", f"v=spf1 ip4:{CLIENT} -all", ttl=0)
+    evaluations = count_evaluations(monkeypatch)
+    outcomes = [await check(plugin(), sender) for _ in range(2)]
+    assert outcomes[0] == outcomes[1] and outcomes[0].result == result
+    assert evaluations.count(sender) >= 2 and evaluations[-1] == sender
+
+
+async def test_a_kept_result_expires_with_the_first_answer_it_read(
+    shared_resolver: Resolver, zone: ZoneServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An include's record with a shorter TTL than the domain's own bounds the result."""
+    import smtpproxy_plugins.spf as spf_module
+
+    import smtpproxy.dns as dns_module
+
+    zone.txt("short.test", f"v=spf1 ip4:{CLIENT} -all", ttl=30)
+    zone.txt("outer.test", "v=spf1 include:short.test -all", ttl=3000)
+    evaluations = count_evaluations(monkeypatch)
+    clock = [1000.0]
+    monkeypatch.setattr(dns_module.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(spf_module.time, "monotonic", lambda: clock[0])
+    assert (await check(plugin(), "a@outer.test")).result == "pass"
+    rounds = len(evaluations)
+    clock[0] += 29
+    assert (await check(plugin(), "a@outer.test")).result == "pass"
+    assert len(evaluations) == rounds  # kept
+    clock[0] += 2  # short.test's answer is gone, and the result with it
+    assert (await check(plugin(), "a@outer.test")).result == "pass"
+    assert len(evaluations) > rounds
 
 
 async def test_answers_are_cached_for_their_ttl_only(shared_resolver: Resolver, zone: ZoneServer) -> None:

@@ -382,3 +382,92 @@ def test_rfc822_parse_equals_dkimpys(value: bytes) -> None:
     original = _unpatched("dkim").rfc822_parse
     assert _outcome(dkimpy_internals._rfc822_parse, value) == _outcome(original, value)
     assert dkim.rfc822_parse is dkimpy_internals._rfc822_parse
+
+
+@settings(max_examples=500, deadline=None)
+@given(head_lines=st.lists(st.sampled_from([b"A: 1", b"B:2", b" folded", b"\t", b"From x", b">From : y",
+                                            b"C : 3", b"D\t:4", b"", b"no colon", b"E:", b"F::x", b"\xc3\xa9: x",
+                                            b"G\x01: z", b"Date: a:b"]), max_size=7),
+       edit=st.booleans())
+def test_headers_from_the_message_fields_are_dkimpys_parse(head_lines: list[bytes], edit: bool) -> None:
+    """Where the dkim plugin hands dkimpy the header list built from Message.raw_fields, it is the
+    one dkimpy's own (unpatched) rfc822_parse makes of the header block; elsewhere dkimpy parses."""
+    message = Message(b"".join(line + b"\r\n" for line in head_lines) + b"body\r\n")
+    if edit:
+        message.add_header("X-Added", "by a plugin  before dkim")
+    head, _ = split_at_blank_line(message.parts())
+    headers = plugin_dkim._dkimpy_headers(head, message.raw_fields)
+    if headers is None:
+        return
+    assert (headers, b"") == _unpatched("dkim").rfc822_parse(head) == dkim.rfc822_parse(head)
+    verifier = plugin_dkim._Verifier(head, [], message.raw_fields)
+    assert verifier.headers == dkim.DKIM(head).headers
+
+
+def test_dkimpy_parses_when_the_fields_are_not_its_field_lines() -> None:
+    for raw in (b"X-Obs : y\r\nA: 1\r\n\r\nbody\r\n", b"From x\r\nA: 1\r\n\r\nbody\r\n",
+                b"A: 1\r\nnot a field\r\n\r\nbody\r\n", b"A: 1\r\n"):
+        message = Message(raw)
+        head, _ = split_at_blank_line(message.parts())
+        assert plugin_dkim._dkimpy_headers(head, message.raw_fields) is None
+    message = Message(b"A: 1\r\n folded\r\nB:2\r\n\r\nbody\r\n")
+    head, _ = split_at_blank_line(message.parts())
+    assert plugin_dkim._dkimpy_headers(head, message.raw_fields) == [[b"A", b" 1\r\n folded\r\n"], [b"B", b"2\r\n"]]
+
+
+_NOW = int(__import__("time").time())
+_MANDATORY = (b"v", b"a", b"b", b"bh", b"d", b"h", b"s")
+_SIG_VALUES = {
+    b"v": [b"1", b"2", b""], b"a": [b"rsa-sha256", b"rsa-sha1", b"ed25519-sha256", b"rsa-md5"],
+    b"b": [b"AbCd", b"AbC", b"Ab Cd\r\n ef==", b"A=B", b"!!", b"", b"AAAA\t=="],
+    b"bh": [b"AbCd", b"AbCde", b"Ab\r\n Cd", b"", b"===="],
+    b"d": [b"example.org", b"ex(ample).org", b"\xc3\xa9.test", b"a@b", b"ORG"],
+    b"i": [b"@example.org", b"a@sub.example.org", b"@other.test", b"x", b"@EXAMPLE.ORG", b"example.org"],
+    b"h": [b"from:to"], b"s": [b"sel"], b"cv": [b"pass", b"none", b"bad"],
+    b"l": [b"12", b"x", b"1" * 80, b""], b"q": [b"dns/txt", b"dns"],
+    b"t": [b"0", b"12a", str(_NOW - 10**6).encode(), str(_NOW + 10**6).encode(), str(_NOW + 1000).encode()],
+    b"x": [str(_NOW + 10**6).encode(), b"1", b"z", str(_NOW - 10**6).encode(), str(_NOW + 500).encode()],
+}
+
+
+def _sig_value(key: bytes) -> st.SearchStrategy[bytes]:
+    """Mostly the first (valid) value, so that the later checks are reached too."""
+    return st.one_of(st.just(_SIG_VALUES[key][0]), st.just(_SIG_VALUES[key][0]), st.sampled_from(_SIG_VALUES[key]))
+
+
+@settings(max_examples=1000, deadline=None)
+@given(sig=st.fixed_dictionaries({k: _sig_value(k) for k in _SIG_VALUES if k in _MANDATORY},
+                                 optional={k: _sig_value(k) for k in _SIG_VALUES if k not in _MANDATORY}),
+       drop=st.one_of(st.none(), st.sampled_from([b"v", b"b", b"d"])),
+       mandatory=st.sampled_from([None, [b"i", b"a", b"b", b"bh", b"d", b"h", b"s"],
+                                  [b"i", b"a", b"b", b"cv", b"d", b"s"]]))
+def test_signature_field_checks_equal_dkimpys(sig: dict[bytes, bytes], drop: bytes | None,
+                                             mandatory: list[bytes] | None) -> None:
+    """The validate_signature_fields installed in dkimpy accepts or refuses (with the same
+    error and message) exactly as dkimpy's own, for DKIM and for ARC's two calls."""
+    sig.pop(drop, None)
+    original = _unpatched("dkim").validate_signature_fields
+    args = (sig,) if mandatory is None else (sig, mandatory, True)
+    ours = _outcome(lambda s: dkimpy_internals._validate_signature_fields(*args), b"")
+    theirs = _outcome(lambda s: original(*args), b"")
+    assert ours[0] == theirs[0] and str(ours[1]) == str(theirs[1])
+    assert dkim.validate_signature_fields is dkimpy_internals._validate_signature_fields
+
+
+_VALID_SIG = {k: v[0] for k, v in _SIG_VALUES.items() if k in _MANDATORY}
+
+
+@pytest.mark.parametrize("tweak", [
+    {}, {b"i": b"a@sub.example.org"}, {b"i": b"@other.test"}, {b"i": b"x"}, {b"l": b"1" * 80}, {b"q": b"dns"},
+    {b"cv": b"bad"}, {b"t": str(_NOW + 10**6).encode()}, {b"t": b"12a"}, {b"x": str(_NOW - 10**6).encode()},
+    {b"t": str(_NOW + 1000).encode(), b"x": str(_NOW + 500).encode()}, {b"x": b"z"}, {b"v": b"2"},
+    {b"d": b"ex(ample).org"}, {b"d": b"\xc3\xa9.test"}, {b"a": b"rsa-md5"}, {b"b": b"AbC"}, {b"bh": b"AbCde"},
+], ids=str)
+def test_each_signature_field_check_equals_dkimpys(tweak: dict[bytes, bytes]) -> None:
+    """Each of dkimpy's checks, reached from a valid signature: the same answer and message."""
+    sig = {**_VALID_SIG, **tweak}
+    original = _unpatched("dkim").validate_signature_fields
+    for args in ((sig,), (sig, [b"i", b"a", b"b", b"bh", b"d", b"h", b"s"], True)):
+        ours = _outcome(lambda _: dkimpy_internals._validate_signature_fields(*args), b"")  # noqa: B023
+        theirs = _outcome(lambda _: original(*args), b"")  # noqa: B023
+        assert ours[0] == theirs[0] and str(ours[1]) == str(theirs[1])

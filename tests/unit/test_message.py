@@ -707,3 +707,16 @@ def test_a_name_and_colon_past_postfix_line_limit_end_the_header_block() -> None
     assert [n for n, _ in Message(inside).headers][-1] == "X-After"
     outside = b"X" * 2048 + b": v\r\nX-After: 1\r\n\r\n"
     assert Message(outside).headers == []
+
+
+@given(st.lists(ODD_LINE, max_size=8), st.sampled_from([b"\r\nbody\r\n", b"", b"tail", b" cont", b"\r\n"]),
+       st.sampled_from([b"", b"X" * 2040, b"X" * 2045]))
+@settings(max_examples=500, deadline=None)
+def test_whole_field_parse_equals_the_line_by_line_rules(lines: list[bytes], end: bytes, long: bytes) -> None:
+    """_parse (one regex match per field) splits exactly as the line-by-line rules it replaced:
+    the same fields, header end and separator, also around Postfix's 2048-octet line limit."""
+    raw = b"".join(line + b"\r\n" for line in [long + line if long and i == 1 else line
+                                               for i, line in enumerate(lines)]) + end
+    message = Message(raw)
+    fields = message._parse()
+    assert (fields, message._header_end, message._sep) == message._parse_by_line()
