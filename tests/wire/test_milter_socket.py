@@ -194,20 +194,14 @@ async def test_the_milter_process_answers_a_message_on_either_event_loop(tmp_pat
     """``smtpproxy milter`` as users start it (uvloop by default, whose transports are not
     asyncio's classes) takes a whole message in and answers it, on TCP and on a Unix socket."""
     import signal
-    import subprocess
-    import sys
 
-    from tests.daemons import LogLines, free_port
+    from tests.daemons import free_port, milter_process
 
     pytest.importorskip(choice)
     port, path = free_port(), tmp_path / "milter.sock"
     for listen in (f"inet:127.0.0.1:{port}", f"unix:{path}"):
-        config = tmp_path / "smtpproxy.yaml"
-        config.write_text(f"milter: {{listen: '{listen}'}}\nevent_loop: {choice}\n")
-        proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "milter", "-c", str(config)],  # noqa: ASYNC220 - returns at once
-                                stderr=subprocess.PIPE, cwd=tmp_path)
-        assert proc.stderr is not None
-        log = LogLines(proc.stderr)
+        proc, log = milter_process(tmp_path / "smtpproxy.yaml",
+                                   f"milter: {{listen: '{listen}'}}\nevent_loop: {choice}\n")
         try:
             await asyncio.to_thread(log.wait_line, rf"event=listening .*loop={choice} ")
             if listen.startswith("inet:"):
