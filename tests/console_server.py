@@ -55,6 +55,9 @@ def web_process(config_path: Path, port: int, log: Path) -> Iterator[str]:
             assert process.poll() is None and time.monotonic() < deadline, log.read_text()
             time.sleep(0.05)
         yield base
-    finally:
         process.send_signal(signal.SIGTERM)
-        process.wait(30)
+        assert process.wait(30) == 0, log.read_text()  # a clean stop after the test
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            process.wait(30)

@@ -4,8 +4,6 @@ The end-to-end release through Postfix and PostgreSQL is in tests/postfix/test_d
 from __future__ import annotations
 
 import asyncio
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from itsdangerous import URLSafeSerializer
 from smtpproxy.config import Config
 from smtpproxy.links import Link, LinkError, LinkSigner
 from smtpproxy.store import Held, open_store
+from tests.console_server import web_process
 from tests.daemons import free_port
 
 EXE = [sys.executable, "-m", "smtpproxy"]
@@ -44,21 +43,10 @@ def web(tmp_path: Path) -> Iterator[str]:
         await store.close()
 
     asyncio.run(fill())
-    process = subprocess.Popen([*EXE, "web", "-c", str(cfg)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(f"{base}/healthz").status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert process.poll() is None and time.monotonic() < deadline, "smtpproxy web did not start"
-        time.sleep(0.05)
-    yield base
-    process.send_signal(signal.SIGTERM)
-    assert process.wait(30) == 0
-    assert process.stderr is not None and b"event=web_listening address=127.0.0.1" in process.stderr.read()
+    log = tmp_path / "web.log"
+    with web_process(cfg, port, log) as base:
+        yield base
+    assert "event=web_listening address=127.0.0.1" in log.read_text()
 
 
 def token(action: str = "release", recipient: str = "bob@dest.test", expires: float | None = None) -> str:
