@@ -13,10 +13,31 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import bcrypt
 import httpx
 
 from smtpproxy.config import load_config
 from smtpproxy.web.serve import make_server
+
+HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
+"""The tests' console password ("pw"), hashed once for every test file."""
+
+ACCOUNTS = f"root:{HASH}:admin\nhost-a:{HASH}:domain:a.test\nbob@a.test:{HASH}:recipient\n"
+"""One account of each role: an admin, a domain admin of a.test, a recipient."""
+
+
+def console_files(directory: Path, port: int, more: str = "", *, accounts: str = ACCOUNTS) -> Path:
+    """Write what ``smtpproxy web`` with the console needs into *directory*: the link key, the
+    accounts file and ``cfg.yaml`` (Maildir, an SQLite store, the console on *port* over
+    plain HTTP), with *more* YAML appended; returns the configuration's path."""
+    (directory / "link.key").write_text("k" * 64)
+    (directory / "accounts").write_text(accounts)
+    config = directory / "cfg.yaml"
+    config.write_text(
+        "delivery:\n  type: maildir\n  path: mail\nstore:\n  sqlite: store.db\n"
+        f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
+        + more)
+    return config
 
 
 @contextlib.asynccontextmanager

@@ -9,7 +9,6 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-import bcrypt
 import httpx
 import pytest
 from hypothesis import given, settings
@@ -19,10 +18,8 @@ from smtpproxy.auth import PasswordFileError
 from smtpproxy.store import Held, HistoryEntry, Search, open_store
 from smtpproxy.web.accounts import Accounts, Viewer
 from smtpproxy.web.preview import preview, sanitise
-from tests.console_server import console_at
+from tests.console_server import HASH, console_at, console_files
 from tests.daemons import free_port
-
-HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
 
 
 async def _fill(path: Path) -> None:
@@ -42,13 +39,7 @@ async def _fill(path: Path) -> None:
 @pytest.fixture
 async def console(tmp_path: Path) -> AsyncIterator[str]:
     port = free_port()
-    (tmp_path / "link.key").write_text("k" * 64)
-    (tmp_path / "accounts").write_text(
-        f"root:{HASH}:admin\nhost-a:{HASH}:domain:a.test\nbob@a.test:{HASH}:recipient\n")
-    (tmp_path / "cfg.yaml").write_text(
-        "delivery:\n  type: maildir\n  path: mail\nstore:\n  sqlite: store.db\n"
-        f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
-        "login_throttle:\n  initial_delay: 0\n")
+    console_files(tmp_path, port, "login_throttle:\n  initial_delay: 0\n")
     await _fill(tmp_path / "store.db")
     async with console_at(tmp_path / "cfg.yaml", port) as base:
         yield base

@@ -10,7 +10,6 @@ import re
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-import bcrypt
 import httpx
 import pytest
 from hypothesis import given
@@ -19,11 +18,10 @@ from hypothesis import strategies as st
 from smtpproxy.store import open_store
 from smtpproxy.web.accounts import Viewer
 from smtpproxy.web.listtables import check_entry, check_key, may_manage
-from tests.console_server import console_at
+from tests.console_server import console_at, console_files
 from tests.daemons import free_port
 from tests.redis_server import RedisServer
 
-HASH = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
 BLOCKLIST = (
     "# recipient          blocked senders\n"
     "bob@a.test           spammer@bad.test, *.evil.test\n"
@@ -37,14 +35,8 @@ Start = Callable[..., "asyncio.Future[str]"]
 
 async def _serve(tmp_path: Path, tables: str) -> AsyncIterator[str]:
     port = free_port()
-    (tmp_path / "link.key").write_text("k" * 64)
-    (tmp_path / "accounts").write_text(
-        f"root:{HASH}:admin\nhost-a:{HASH}:domain:a.test\nbob@a.test:{HASH}:recipient\n")
-    (tmp_path / "cfg.yaml").write_text(
-        "delivery:\n  type: maildir\n  path: mail\nstore:\n  sqlite: store.db\n"
-        f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
-        f"login_throttle:\n  initial_delay: 0\ntables:\n{tables}"
-        "plugins:\n  - name: lists\n    settings: {allow: allow, block: block}\n")
+    console_files(tmp_path, port, f"login_throttle:\n  initial_delay: 0\ntables:\n{tables}"
+                  "plugins:\n  - name: lists\n    settings: {allow: allow, block: block}\n")
     async with console_at(tmp_path / "cfg.yaml", port) as base:
         yield base
 

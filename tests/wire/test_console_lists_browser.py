@@ -10,10 +10,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import bcrypt
 import pytest
 
-from tests.console_server import web_process
+from tests.console_server import HASH, console_files, web_process
 from tests.daemons import free_port
 from tests.postfix.test_console_browser import CHROMEDRIVER, CHROMIUM, _chromium
 
@@ -40,15 +39,11 @@ ALLOW = ("example.com            partner.example, *.bank.example\n"
 @pytest.fixture
 def web(tmp_path: Path) -> Iterator[tuple[str, Any, Path]]:
     port = free_port()
-    hashed = bcrypt.hashpw(b"pw", bcrypt.gensalt(4)).decode()
-    (tmp_path / "link.key").write_text("k" * 64)
-    (tmp_path / "accounts").write_text(f"hostmaster:{hashed}:domain:example.com\n")
     (tmp_path / "block").write_text(BLOCK)
     (tmp_path / "allow").write_text(ALLOW)
-    (tmp_path / "cfg.yaml").write_text(
-        "delivery:\n  type: maildir\n  path: mail\nstore:\n  sqlite: store.db\n"
-        f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
-        "tables:\n  block: {type: file, file: block}\n  allow: {type: file, file: allow}\n"
+    console_files(
+        tmp_path, port, accounts=f"hostmaster:{HASH}:domain:example.com\n",
+        more="tables:\n  block: {type: file, file: block}\n  allow: {type: file, file: allow}\n"
         "plugins:\n  - name: lists\n    settings: {allow: allow, block: block}\n")
     with web_process(tmp_path / "cfg.yaml", port, tmp_path / "web.log") as base:
         driver = _chromium(str(tmp_path / "profile"))

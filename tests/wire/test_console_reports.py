@@ -16,11 +16,11 @@ import httpx
 import pytest
 
 from smtpproxy.store import Held, open_store
-from tests.console_server import console_at
+from tests.console_server import console_at, console_files
 from tests.daemons import free_port
 from tests.store.test_report_cli import LEARNERS, notebook
 from tests.store.test_store_cli import maildir
-from tests.wire.test_console import HASH, _signed_in
+from tests.wire.test_console import _signed_in
 
 CONTENT = b"From: Sam <s@x.test>\r\nTo: bob@a.test\r\nSubject: %s\r\n\r\nHello.\r\n"
 ALLOW_LIST = "# allow lists\n"
@@ -51,13 +51,9 @@ async def start(tmp_path: Path) -> AsyncIterator[Start]:
         sys.modules.pop("learners", None)  # this test's module (it writes next to itself), not an earlier one
         if not (tmp_path / "allow").exists():
             (tmp_path / "allow").write_text(ALLOW_LIST)
-        (tmp_path / "link.key").write_text("k" * 64)
-        (tmp_path / "accounts").write_text(
-            f"root:{HASH}:admin\nhost-a:{HASH}:domain:a.test\nbob@a.test:{HASH}:recipient\n")
-        (tmp_path / "cfg.yaml").write_text(
-            "delivery:\n  type: maildir\n  path: mail\nstore:\n  sqlite: store.db\nquarantine:\n  path: q\n"
-            f"digest:\n  keys: [link.key]\n  port: {port}\nconsole:\n  users: accounts\n  secure_cookie: false\n"
-            f"login_throttle:\n  initial_delay: 0\nplugin_paths: [{tmp_path}]\n"
+        console_files(
+            tmp_path, port,
+            f"quarantine:\n  path: q\nlogin_throttle:\n  initial_delay: 0\nplugin_paths: [{tmp_path}]\n"
             f"tables:\n  allow: {allow_table}\n"
             "plugins:\n  - {name: notebook, use: 'learners:Notebook'}\n  - {name: lists, settings: {allow: allow}}\n"
             + more)
