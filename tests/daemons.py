@@ -65,13 +65,13 @@ class LogLines:
         raise AssertionError(f"no log line matching {pattern!r}:\n" + "".join(self.lines))
 
 
-def milter_process(config: Any, yaml_text: str) -> tuple[subprocess.Popen[bytes], LogLines]:
-    """``smtpproxy milter`` as users start it, with *yaml_text* written to *config* (a Path;
-    its folder is the working directory): the process and its log, read as it comes."""
+def smtpproxy_process(command: str, config: Any, yaml_text: str) -> tuple[subprocess.Popen[bytes], LogLines]:
+    """``smtpproxy COMMAND -c CONFIG`` as users start it, with *yaml_text* written to *config*
+    (a Path; its folder is the working directory): the process and its log, read as it comes."""
     import sys
 
     config.write_text(yaml_text)
-    proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "milter", "-c", str(config)],
+    proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", command, "-c", str(config)],
                             stderr=subprocess.PIPE, cwd=config.parent)
     assert proc.stderr is not None
     return proc, LogLines(proc.stderr)

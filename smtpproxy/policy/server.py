@@ -105,7 +105,8 @@ class PolicyServer:
                 f"policy.listen: cannot listen on {self.settings.listen}: {exc.strerror or exc}"
             ) from exc
         event("listening", policy=self.settings.listen, address=str(self.address),
-              plugins=[s.name for s in self.chain.steps], version=__version__,
+              plugins=[s.name for s in self.chain.steps],
+              loop=type(asyncio.get_running_loop()).__module__.split(".")[0], version=__version__,
               log_format=LOG_FORMAT_VERSION)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -195,13 +195,13 @@ async def test_the_milter_process_answers_a_message_on_either_event_loop(tmp_pat
     asyncio's classes) takes a whole message in and answers it, on TCP and on a Unix socket."""
     import signal
 
-    from tests.daemons import free_port, milter_process
+    from tests.daemons import free_port, smtpproxy_process
 
     pytest.importorskip(choice)
     port, path = free_port(), tmp_path / "milter.sock"
     for listen in (f"inet:127.0.0.1:{port}", f"unix:{path}"):
-        proc, log = milter_process(tmp_path / "smtpproxy.yaml",
-                                   f"milter: {{listen: '{listen}'}}\nevent_loop: {choice}\n")
+        proc, log = smtpproxy_process("milter", tmp_path / "smtpproxy.yaml",
+                                      f"milter: {{listen: '{listen}'}}\nevent_loop: {choice}\n")
         try:
             await asyncio.to_thread(log.wait_line, rf"event=listening .*loop={choice} ")
             if listen.startswith("inet:"):

@@ -18,7 +18,7 @@ import pytest
 
 from tests import milter_mta
 from tests.conftest import SinkHandler, Talk, start_sink
-from tests.daemons import LogLines, free_port, milter_process
+from tests.daemons import LogLines, free_port, smtpproxy_process
 
 HEAD = b"From: a@sender.test\r\nTo: b@dest.test\r\nSubject: drain\r\n\r\n"
 
@@ -101,8 +101,8 @@ async def test_milter_survives_sighup_and_a_second_sigterm_ends_its_drain(tmp_pa
     from tests.wire.test_milter import POSTFIX_ACTIONS, POSTFIX_PROTOCOL
 
     port = free_port()
-    proc, log = milter_process(tmp_path / "smtpproxy.yaml",
-                               f"milter: {{listen: 'inet:127.0.0.1:{port}'}}\nlimits: {{shutdown_grace: 60}}\n")
+    proc, log = smtpproxy_process("milter", tmp_path / "smtpproxy.yaml",
+                                  f"milter: {{listen: 'inet:127.0.0.1:{port}'}}\nlimits: {{shutdown_grace: 60}}\n")
     try:
         await asyncio.to_thread(log.wait_line, r"event=listening ")
         proc.send_signal(signal.SIGHUP)  # systemctl reload, logrotate: not a reason to die
