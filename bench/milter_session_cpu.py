@@ -30,6 +30,7 @@ import pstats
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(args.root.resolve()))
     sys.stderr = open(os.devnull, "w", encoding="utf-8")  # noqa: SIM115 - the log's stream, for the run
+    sys.excepthook = lambda *exc: traceback.print_exception(*exc, file=sys.__stderr__)  # failures show
     from smtpproxy.eventlog import configure_logging
 
     configure_logging(args.level)
