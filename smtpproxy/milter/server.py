@@ -473,16 +473,21 @@ class _AckNow:
     """
 
     def __init__(self, transport: asyncio.BaseTransport) -> None:
-        sock = transport.get_extra_info("socket")
-        quickack = getattr(socket, "TCP_QUICKACK", None)
-        tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
-        self._sock = sock if tcp and quickack is not None else None
-        self._option = quickack or 0
+        self._transport: asyncio.BaseTransport | None = transport
+        self._sock: socket.socket | None = None
 
     def now(self) -> None:
-        if self._sock is not None:
+        if self._transport is not None:  # the socket looked up at the first use, not per connection
+            sock = self._transport.get_extra_info("socket")
+            self._transport = None
+            tcp = sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6)
+            self._sock = sock if tcp else None
+        if self._sock is not None and _QUICKACK is not None:
             with contextlib.suppress(OSError):
-                self._sock.setsockopt(socket.IPPROTO_TCP, self._option, 1)
+                self._sock.setsockopt(socket.IPPROTO_TCP, _QUICKACK, 1)
+
+
+_QUICKACK: int | None = getattr(socket, "TCP_QUICKACK", None)
 
 
 def _sender_login(config: Config, tables: Tables) -> SenderLoginPolicy | None:
