@@ -280,6 +280,10 @@ class MilterSession:
                 return await step
             finally:
                 timer[0].cancel()
+                # tick's closure holds tick and the timer: a reference cycle per step, left
+                # for the garbage collector (the most of its gen-0 runs with the chain on).
+                timer.clear()
+                del tick
         task = asyncio.ensure_future(step)
         try:
             while True:
