@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ssl
 import types
 from collections.abc import Iterator
 from typing import Any
@@ -21,6 +22,17 @@ from typing import Any
 from smtpproxy import hookimpl
 from smtpproxy.milter import codec
 from tests.conftest import ProxyFactory, Sink, Talk, port_of
+from tests.wire.test_listeners import (  # noqa: F401 (fixtures)
+    ALICE_PASSWORD,
+    client_tls,
+    plain,
+    starttls,
+    submission,
+    tls_ca,
+    tls_files,
+    users_file,
+    users_text,
+)
 from tests.wire.test_milter import BODY, HEADERS, Factory, FakeMTA, milter  # noqa: F401 (fixture)
 from tests.wire.test_policy import Start, policy, request  # noqa: F401 (fixture)
 
@@ -94,7 +106,7 @@ async def _settled() -> None:
 async def test_proxy_sessions_leave_no_cycles(proxy_factory: ProxyFactory, sink: Sink) -> None:
     proxy = await proxy_factory(SlowEverywhere(), upstream=sink.port, relay=RELAY)
     with cyclic_garbage() as garbage:
-        for n in range(3):
+        for _ in range(3):
             client = await Talk.open(port_of(proxy))
             await client.hello()
             code, text = await client.send_message("a@sender.test", ["b@dest.test"], MESSAGE)
@@ -103,6 +115,26 @@ async def test_proxy_sessions_leave_no_cycles(proxy_factory: ProxyFactory, sink:
             await client.close()
         await _settled()
         assert len(sink.messages) == 3
+    assert _names(garbage) == []
+
+
+async def test_submission_sessions_with_starttls_and_auth_leave_no_cycles(
+    proxy_factory: ProxyFactory, sink: Sink, submission: dict[str, Any],  # noqa: F811
+    client_tls: ssl.SSLContext,  # noqa: F811
+) -> None:
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, listeners=[submission])
+    with cyclic_garbage() as garbage:
+        for _ in range(2):
+            client = await Talk.open(port_of(proxy))
+            await client.hello()
+            await starttls(client, client_tls)
+            assert (await client.cmd(f"AUTH PLAIN {plain('alice', ALICE_PASSWORD)}"))[0] == 235
+            code, text = await client.send_message("alice@sender.test", ["b@dest.test"], MESSAGE)
+            assert code == 250, text
+            assert await client.cmd("QUIT") == (221, "2.0.0 Bye")
+            await client.close()
+        await _settled()
+        assert len(sink.messages) == 2
     assert _names(garbage) == []
 
 
