@@ -10,6 +10,8 @@ Rows (each its own private Postfix, tests/postfix_instance.py, queueing to ``dis
 * ``milter`` / ``milter-chain``: ``smtpproxy milter`` over ``inet:`` (docs/deploy-milter.md),
   no plugins / spf + dkim_verify + dmarc + auth_results;
 * ``milter-unix``: ``milter`` over a Unix socket (``unix:``), for an MTA on the same host;
+* ``floor``: bench/milter_floor.py over ``inet:``, the least a Python milter on uvloop does
+  per message (the protocol's frames and three answers, nothing else): what is not ours to cut;
 * ``rspamd-auth`` / ``rspamd``: Debian's rspamd, its proxy worker in milter mode in front of
   its normal worker (Debian's layout), with a settings rule enabling only the spf, dkim and
   dmarc groups / with its default modules (minus fuzzy_check, which needs the internet);
@@ -55,7 +57,7 @@ from bench.run import Signed, smtp_source
 from bench.systems import HOST, DnsZone, free_port, spawn, stop_process
 
 RESULTS = systems.BENCH / "results"
-SYSTEMS = ["postfix", "milter", "milter-chain", "milter-unix", "rspamd-auth", "rspamd", "proxy",
+SYSTEMS = ["postfix", "milter", "milter-chain", "milter-unix", "floor", "rspamd-auth", "rspamd", "proxy",
            "proxy-chain", "proxy-history"]
 SIZES = {"1k": 1024, "100k": 100 * 1024}
 CHAIN = [{"name": "spf"}, {"name": "dkim_verify"}, {"name": "dmarc"},
@@ -155,6 +157,17 @@ def smtpproxy_milter(name: str, workdir: Path, dns_port: int, root: Path | None 
     log = workdir / "log"
     f.proc = spawn([*smtpproxy_argv(root), "milter", "-c", str(path)], log)
     wait_listening(f.socket or f.port, f.proc, name, log)
+    return f
+
+
+def floor_milter(name: str, workdir: Path, dns_port: int) -> Filter:
+    """bench/milter_floor.py: the protocol and nothing else (the ``floor`` row)."""
+    f = Filter(name, workdir, dns_port, free_port(), kind="milter",
+               description="bench/milter_floor.py (inet:): the milter protocol's frames and answers only")
+    log = workdir / "log"
+    script = Path(__file__).resolve().parent / "milter_floor.py"
+    f.proc = spawn([sys.executable, str(script), str(f.port)], log)
+    wait_listening(f.port, f.proc, name, log)
     return f
 
 
@@ -282,7 +295,9 @@ def measure(name: str, base: Path, dns_port: int, *, msgfiles: dict[str, Path], 
     filt: Filter | None = None
     out: dict[str, Any] = {}
     try:
-        if name.startswith("milter"):
+        if name == "floor":
+            filt = floor_milter(name, workdir, dns_port)
+        elif name.startswith("milter"):
             filt = smtpproxy_milter(name, workdir, dns_port, root)
         elif name.startswith("rspamd"):
             filt = rspamd_milter(name, workdir, dns_port)
