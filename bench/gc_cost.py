@@ -34,8 +34,8 @@ _STATS_ENV = "SMTPPROXY_BENCH_GC_STATS"
 def _serve(argv: list[str]) -> int:
     """``--serve ARGS``: smtpproxy's CLI with the collector timed; SIGUSR2 writes the figures
     since the last SIGUSR2 to $SMTPPROXY_BENCH_GC_STATS and starts counting anew."""
-    sys.path.insert(0, str(ROOT / "bench"))
-    import _smtpproxy
+    sys.path.insert(0, str(ROOT))
+    from bench import _smtpproxy
 
     _smtpproxy._use_this_checkout()
     stats = {generation: [0, 0.0, 0] for generation in range(3)}  # runs, seconds, collected

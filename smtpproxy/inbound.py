@@ -186,11 +186,9 @@ class InboundSMTP(SMTP):
             handler.add_done_callback(self._let_go)
 
     def _let_go(self, _handler: object = None) -> None:
-        """Drop the references back to this session that aiosmtpd and asyncio's streams
-        keep (the stream writer's protocol, the connected callback, the command table):
-        with them, every finished session was a reference cycle of ~35 objects, freed only
-        by the cyclic garbage collector, which then ran every ~20 sessions and walked
-        every open one (issue 31; tests/wire/test_reference_cycles.py)."""
+        """Drop the references back to this session that aiosmtpd and asyncio's streams keep
+        (stream writer, connected callback, command table): each finished session was a
+        cycle of ~35 objects for the garbage collector (tests/wire/test_reference_cycles.py)."""
         self._writer = None  # type: ignore[assignment]
         self._client_connected_cb = None
         self._smtp_methods = None  # type: ignore[assignment]
