@@ -221,13 +221,14 @@ def _select_headers(headers: Any, include_headers: Any) -> list[Any]:
 _dkimpy_hash_headers = dkim.hash_headers
 
 
-def _hash_headers(hasher: Any, canonicalize_headers: Any, headers: Any, include_headers: Any,
-                  sigheader: Any, sig: Any) -> list[Any]:
+def _hash_headers(hasher: Any, canonicalize_headers: Any, headers: Any,  # noqa: PLR0917 - dkimpy's signature
+                  include_headers: Any, sigheader: Any, sig: Any) -> list[Any]:
     """dkimpy's ``hash_headers`` (the signed fields and the signature field without b=, into
     the header hash) with one ``update`` of the pieces joined instead of three per field:
     the same digest (and the same bytes for dkimpy's debug ``HashThrough``)."""
     sign_headers = dkim.select_headers(headers, include_headers)
-    cheaders = canonicalize_headers.canonicalize_headers([(sigheader[0], dkim.RE_BTAG.sub(b"\\1", sigheader[1]))])
+    unsigned = dkim.RE_BTAG.sub(b"\\1", sigheader[1])
+    cheaders = canonicalize_headers.canonicalize_headers([(sigheader[0], unsigned)])
     hasher.update(b"".join([piece for x, y in sign_headers + [(x, y.rstrip()) for x, y in cheaders]
                             for piece in (x, b":", y)]))
     return sign_headers  # type: ignore[no-any-return]
