@@ -121,6 +121,10 @@ def _field_from_raw(raw: bytes, name_end: int, colon: int) -> _Field:
     return _Field(name, name.lower(), value.decode("utf-8", errors="replace"), raw)
 
 
+_new_field = tuple.__new__
+"""``_Field(...)`` without the named tuple's Python-level ``__new__`` (all five values given)."""
+
+
 def _mailbox_line(raw: bytes) -> _Field:
     """An mbox ``From `` first line, as the field Postfix makes of it (see :class:`Message`)."""
     value = raw.replace(CRLF, b"").strip(_WSP)
@@ -332,7 +336,10 @@ class Message:
             if found is None or found.end(2) - pos > POSTFIX_LINE_LIMIT:
                 break  # not a field line (or its colon lies past what Postfix looks at)
             end = found.end()
-            fields.append(_field_from_raw(raw[pos:end], found.end(1) - pos, found.end(2) - 1 - pos))
+            # _field_from_raw(raw[pos:end], ...), inline: once per field of every message
+            name = found.group(1).decode("ascii")
+            value = raw[found.end(2) : end].replace(CRLF, b"").strip(_WSP).decode("utf-8", "replace")
+            fields.append(_new_field(_Field, (name, name.lower(), value, raw[pos:end], b"")))
             pos = end
         sep = CRLF if raw[pos : pos + 2] == CRLF else b""
         self._header_end = pos
