@@ -341,6 +341,9 @@ def _plain(name: bytes) -> str:
 
 # --------------------------------------------------------------------------- verifying
 
+_WHITESPACE = b" \t\n\r\x0b\x0c"
+"""What ``\\s`` matches in a bytes pattern."""
+
 
 @dataclass(frozen=True, slots=True)
 class SignatureResult:
@@ -361,6 +364,9 @@ class _Signature:
 
     tags: dict[bytes, bytes] | None
     key_name: str | None
+    without_from: str = ""
+    """:func:`ignored_for_from` of the tags, worked out once (asked before the key lookups and
+    again before dkimpy runs)."""
 
     @property
     def properties(self) -> dict[str, str]:
@@ -369,7 +375,7 @@ class _Signature:
         for tag, prop in ((b"d", "header.d"), (b"s", "header.s"), (b"i", "header.i"), (b"a", "header.a")):
             if tags.get(tag):
                 props[prop] = tags[tag].decode("ascii", "replace")
-        b = re.sub(rb"\s+", b"", tags.get(b"b", b""))
+        b = tags.get(b"b", b"").translate(None, _WHITESPACE)  # re.sub(rb"\s+", b"", ...), without re
         if b:
             props["header.b"] = b[:8].decode("ascii", "replace")
         return props
@@ -380,9 +386,10 @@ def _parse_signature(value: str) -> _Signature:
         tags = dkim.util.parse_tag_value(value.encode("utf-8", "replace"))
     except dkim.util.InvalidTagValueList:
         return _Signature(None, None)
+    without_from = ignored_for_from(tags)
     if not tags.get(b"s") or not tags.get(b"d"):
-        return _Signature(tags, None)
-    return _Signature(tags, _key_name(tags[b"s"], tags[b"d"]))
+        return _Signature(tags, None, without_from)
+    return _Signature(tags, _key_name(tags[b"s"], tags[b"d"]), without_from)
 
 
 def signature_key_name(value: str) -> str | None:
@@ -562,7 +569,8 @@ class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
 
     Overrides two dkimpy 1.1 methods (tests/unit/test_dependency_internals.py names them):
     ``verify_sig`` takes the parsed public key from a cache, ``verify_sig_process`` checks
-    ``bh=`` against :func:`canonical_body` and lets dkimpy do the rest with the tag removed.
+    ``bh=`` against :func:`canonical_body` and lets dkimpy do the rest with the tag removed
+    and only the header fields it can sign.
     """
 
     def __init__(self, head: bytes, body: Sequence[Buffer], fields: Sequence[bytes] = ()):
@@ -622,7 +630,22 @@ class _Verifier(dkim.DKIM):  # type: ignore[misc]  # dkimpy has no type hints
                 raise dkim.ValidationError(
                     f"body hash mismatch (got {base64.b64encode(digest)!r}, expected {sig[b'bh']!r})")
             sig = {tag: value for tag, value in sig.items() if tag != b"bh"}
-        return bool(super().verify_sig_process(sig, include_headers, sig_header, dnsfunc))
+        every_field = self.headers
+        self.headers = signable_fields(every_field, include_headers)
+        try:
+            return bool(super().verify_sig_process(sig, include_headers, sig_header, dnsfunc))
+        finally:
+            self.headers = every_field
+
+
+def signable_fields(headers: list[list[bytes]], include_headers: Sequence[bytes]) -> list[list[bytes]]:
+    """The header fields (dkimpy's [name, value] pairs) whose names are in ``h=``, in order.
+
+    dkimpy canonicalizes every field of the message, then hashes those its select_headers
+    picks by name (From too, which it adds only when h= has it); from these it picks the same
+    ones, so it is handed only these (tests/unit/test_dkim_stream.py compares the two ways)."""
+    wanted = set(include_headers)
+    return [field for field in headers if (name := field[0].lower()) in wanted or name.rstrip() in wanted]
 
 
 _DKIMPY_NAME = re.compile(rb"([\x21-\x7e]+?):")
@@ -716,9 +739,8 @@ def _verify_one(verifier: _Verifier, idx: int, sig: _Signature, lookups: Mutable
                 min_key_bits: int, *, inline: bool = False) -> tuple[DKIMResult, str]:
     if sig.tags is None:
         return "permerror", "signature has a syntax error (not a tag=value list)"
-    without_from = ignored_for_from(sig.tags)
-    if without_from:
-        return "policy", without_from
+    if sig.without_from:
+        return "policy", sig.without_from
     source = KeySource(lookups, blocking=not inline)
     verifier.signature_fields = {}
     error: tuple[DKIMResult, str] | None = None
@@ -859,7 +881,7 @@ class DKIMVerify:
         signatures = [_parse_signature(v) for v in values[:limit]]
         lookups = await fetch_keys(s.key_name for s in signatures
                                    if s.key_name is not None and s.tags is not None
-                                   and not ignored_for_from(s.tags))
+                                   and not s.without_from)
         options = _Options(self.settings.min_key_bits, self.settings.partial_body)
         parts = message.parts()  # no copy, also of a spooled message
         outcomes = None

@@ -573,11 +573,12 @@ class DMARC:
             action, reject_text = s.permerror, s.permerror_text
         else:
             action = getattr(s.policy_actions, ev.disposition)
+        refuses = action in ("reject", "tempfail")  # the reply texts only where a reply is sent
         verdict = verdict_for(
             action,
-            reject_text=reject_text.format_map(texts),
-            tempfail_text=tempfail_text.format_map(texts),
+            reject_text=reject_text.format_map(texts) if refuses else "",
+            tempfail_text=tempfail_text.format_map(texts) if refuses else "",
             reason=log_reason,
             tags=tags,
         )
-        return replace(verdict, tags=tags) if verdict is not None else None
+        return verdict  # verdict_for put the tags on it, whatever the action

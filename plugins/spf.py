@@ -235,7 +235,6 @@ class SPF:
             "explanation": _printable(outcome.explanation) or f"SPF {result}",
             "result": result,
             "identity": _printable(identity) or "<>",
-            "domain": _printable(identity.rpartition("@")[2]),
             "ip": ip,
         }
         detail = _ENHANCED_DETAIL.get(result, _DEFAULT_DETAIL)
@@ -243,10 +242,15 @@ class SPF:
         reason = f"SPF {result} for {values['identity']} from {ip}"
         if outcome.explanation:
             reason += f": {values['explanation']}"
+        reject_text = tempfail_text = ""  # the reply texts only where a reply is sent
+        if action in ("reject", "tempfail"):
+            values["domain"] = _printable(identity.rpartition("@")[2])
+            reject_text = self.settings.reject_text.format_map(values)
+            tempfail_text = self.settings.tempfail_text.format_map(values)
         verdict = verdict_for(
             action,
-            reject_text=self.settings.reject_text.format_map(values),
-            tempfail_text=self.settings.tempfail_text.format_map(values),
+            reject_text=reject_text,
+            tempfail_text=tempfail_text,
             reason=reason,
             tags=(tag,),
             reject_enhanced=f"5.{detail}",

@@ -121,6 +121,10 @@ def _field_from_raw(raw: bytes, name_end: int, colon: int) -> _Field:
     return _Field(name, name.lower(), value.decode("utf-8", errors="replace"), raw)
 
 
+_new_field = tuple.__new__
+"""``_Field(...)`` without the named tuple's Python-level ``__new__`` (all five values given)."""
+
+
 def _mailbox_line(raw: bytes) -> _Field:
     """An mbox ``From `` first line, as the field Postfix makes of it (see :class:`Message`)."""
     value = raw.replace(CRLF, b"").strip(_WSP)
@@ -278,6 +282,7 @@ class Message:
         "_headers_dirty",
         "_orig",
         "_raw_cache",
+        "_received",
         "_sep",
     )
 
@@ -296,6 +301,7 @@ class Message:
         self._orig: bytes | mmap.mmap = raw
         self._raw_cache: bytes | None = None
         self._fields: list[_Field] | None = None
+        self._received: tuple[_Field, ...] = ()  # the fields as parsed, whatever edits follow
         self._header_end = 0  # end of the original header fields
         self._sep = b""  # the original blank separator line, if any
         self._body_start = 0  # start of the original body
@@ -330,13 +336,17 @@ class Message:
             if found is None or found.end(2) - pos > POSTFIX_LINE_LIMIT:
                 break  # not a field line (or its colon lies past what Postfix looks at)
             end = found.end()
-            fields.append(_field_from_raw(raw[pos:end], found.end(1) - pos, found.end(2) - 1 - pos))
+            # _field_from_raw(raw[pos:end], ...), inline: once per field of every message
+            name = found.group(1).decode("ascii")
+            value = raw[found.end(2) : end].replace(CRLF, b"").strip(_WSP).decode("utf-8", "replace")
+            fields.append(_new_field(_Field, (name, name.lower(), value, raw[pos:end], b"")))
             pos = end
         sep = CRLF if raw[pos : pos + 2] == CRLF else b""
         self._header_end = pos
         self._sep = sep
         self._body_start = pos + len(sep)
         self._fields = fields
+        self._received = tuple(fields)
         return fields
 
     def _parse_by_line(self) -> tuple[list[_Field], int, bytes]:
@@ -469,6 +479,23 @@ class Message:
     def header_bytes(self) -> bytes:
         """The header block as it will be serialised, without the blank separator line."""
         return bytes(self._head(self._parse()))
+
+    @property
+    def received_field_bytes(self) -> list[bytes]:
+        """:attr:`received_header_bytes` field by field (each with its folds and final CRLF),
+        whatever plugins changed since: a milter compares them with :attr:`header_field_bytes`
+        without cutting either block up again."""
+        self._parse()
+        return [f.raw for f in self._received]
+
+    @property
+    def header_field_bytes(self) -> list[bytes]:
+        """:attr:`header_bytes` field by field: each field as it will be serialised (an mbox
+        first line with its ``X-Mailbox-Line:`` prefix once the header block was edited)."""
+        fields = self._parse()
+        if self._headers_dirty:
+            return [f.wire for f in fields]
+        return [f.raw for f in fields]
 
     @property
     def body(self) -> bytes:

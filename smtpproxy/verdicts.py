@@ -136,6 +136,22 @@ class Verdict:
     """Short machine-readable labels for other plugins and logs, e.g. ``("spf:fail",)``."""
 
     def __post_init__(self) -> None:
+        # Nearly every verdict (each is built twice: by its plugin and by checked()) has no
+        # reply, an exact str reason, a float score and a tuple of str tags: these pass every
+        # rule below, checked here by exact type. Anything else takes all the rules.
+        action = self.action
+        if (self.reply is None and type(action) is Action and action is not Action.REJECT
+                and action is not Action.TEMPFAIL and type(self.reason) is str
+                and type(self.score) is float and math.isfinite(self.score) and type(self.tags) is tuple):
+            for tag in self.tags:
+                if type(tag) is not str:
+                    break
+            else:
+                return
+        self._check()
+
+    def _check(self) -> None:
+        """Every rule of a verdict (see the module's docstring), whatever the types."""
         if not isinstance(self.action, Action):
             raise TypeError(f"action must be an Action, got {self.action!r}")
         if self.reply is not None and not isinstance(self.reply, Reply):

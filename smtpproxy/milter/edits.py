@@ -105,7 +105,7 @@ def header_edits(
     if hidden_top:
         first_kept = min(kept_final, default=len(final))
         target.insert(first_kept, None)
-    current = sum(1 for j in target if j is None or j in kept_final)
+    current = len(kept_final) + hidden_top  # the entries of target the MTA's list already has
     for position, entry in enumerate(target):
         if entry is None or entry in kept_final:
             continue

@@ -45,7 +45,7 @@ from smtpproxy.history import HistoryRecorder
 from smtpproxy.message import Message
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError, Response
-from smtpproxy.milter.edits import body_edits, envelope_edits, header_edits, split_fields
+from smtpproxy.milter.edits import body_edits, envelope_edits, header_edits
 from smtpproxy.outcome import (
     ERROR_REJECT,
     PROXY,
@@ -633,14 +633,16 @@ class MilterSession:
         responses: list[Response] = []
         changes = message.changes
         if any(c.op != "replace_body" for c in changes):
-            original = split_fields(message.received_header_bytes)
+            # The message's own field split (edits.split_fields of its header blocks, without
+            # cutting them up again: tests/unit/test_message.py compares the two).
+            original = message.received_field_bytes
             if len(original) != self._header_count:
                 # The edits' header indexes count the fields the MTA sent.
                 event("milter_header_mismatch", level=logging.WARNING, received=self._header_count,
                       parsed=len(original))
             v = self.macros.get("v") or ""
             responses += header_edits(
-                original, split_fields(message.header_bytes), leading_space=self._leading_space,
+                original, message.header_field_bytes, leading_space=self._leading_space,
                 hidden_top=not v or v.startswith("Postfix"),
             )
         if any(c.op == "replace_body" for c in changes):

@@ -471,3 +471,54 @@ def test_each_signature_field_check_equals_dkimpys(tweak: dict[bytes, bytes]) ->
         ours = _outcome(lambda _: dkimpy_internals._validate_signature_fields(*args), b"")  # noqa: B023
         theirs = _outcome(lambda _: original(*args), b"")  # noqa: B023
         assert ours[0] == theirs[0] and str(ours[1]) == str(theirs[1])
+
+
+_NAMES = st.sampled_from([b"From", b"from", b"FROM", b"To", b"Subject", b"X-A", b"X-A ", b"x-a", b"Date",
+                          b"DKIM-Signature", b"\xc3\x89", b"Received"])
+_FIELD_VALUES = st.sampled_from([b" a\r\n", b"b\r\n", b" c\r\n\t d  e \r\n", b"\r\n", b" \xff\r\n"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(headers=st.lists(st.tuples(_NAMES, _FIELD_VALUES).map(list), max_size=10),
+       include=st.lists(st.sampled_from([b"from", b"to", b"subject", b"x-a", b"x-a ", b"date", b"cc",
+                                         b"received", b"\xc3\x89", b"From"]), max_size=8),
+       relaxed=st.booleans())
+def test_signed_fields_are_dkimpys_selection(headers: list[list[bytes]], include: list[bytes],
+                                             relaxed: bool) -> None:
+    """The select_headers installed in dkimpy picks (or refuses, for a name not in lower case)
+    exactly as dkimpy's own; and from the fields signable_fields keeps it picks the same fields
+    as from all of them, canonicalized either way: what _Verifier hands dkimpy to hash."""
+    original = _unpatched("dkim").select_headers
+    algorithm = dkim.canonicalization.Relaxed if relaxed else dkim.canonicalization.Simple
+    canonical = algorithm.canonicalize_headers(headers)
+    theirs = _outcome(lambda names: original(canonical, names), include)
+    assert _outcome(lambda names: dkimpy_internals._select_headers(canonical, names), include) == theirs
+    kept = algorithm.canonicalize_headers(plugin_dkim.signable_fields(headers, include))
+    assert _outcome(lambda names: original(kept, names), include) == theirs
+    assert dkim.select_headers is dkimpy_internals._select_headers
+
+
+_SIG_FIELD_VALUES = st.sampled_from([b" v=1; b=abc\r\n", b" v=1; b=\r\n\tab c=; h=from\r\n", b" b=x\r\n y;\r\n",
+                                     b"no b tag\r\n", b" a=1;b=2\r\n", b"\r\n"])
+
+
+@settings(max_examples=1000, deadline=None)
+@given(headers=st.lists(st.tuples(_NAMES, _FIELD_VALUES).map(list), max_size=10),
+       include=st.lists(st.sampled_from([b"from", b"to", b"subject", b"x-a", b"date", b"cc"]), max_size=8),
+       sig_value=_SIG_FIELD_VALUES, relaxed=st.booleans())
+def test_header_hash_equals_dkimpys(headers: list[list[bytes]], include: list[bytes], sig_value: bytes,
+                                    relaxed: bool) -> None:
+    """The hash_headers installed in dkimpy hashes exactly the bytes dkimpy's own does (the same
+    digest and, for dkimpy's debug HashThrough, the same bytes) and returns the same fields."""
+    import hashlib
+
+    original = _unpatched("dkim").hash_headers
+    policy = dkim.canonicalization.CanonicalizationPolicy.from_c_value(
+        b"relaxed/simple" if relaxed else b"simple/simple")
+    canonical = policy.canonicalize_headers(headers)
+    sig_header = (b"DKIM-Signature", sig_value)
+    ours, theirs = dkim.HashThrough(hashlib.sha256(), True), dkim.HashThrough(hashlib.sha256(), True)
+    picked = dkimpy_internals._hash_headers(ours, policy, canonical, list(include), sig_header, {})
+    assert picked == original(theirs, policy, canonical, list(include), sig_header, {})
+    assert ours.digest() == theirs.digest() and ours.hashed() == theirs.hashed()
+    assert dkim.hash_headers is dkimpy_internals._hash_headers

@@ -720,3 +720,45 @@ def test_whole_field_parse_equals_the_line_by_line_rules(lines: list[bytes], end
     message = Message(raw)
     fields = message._parse()
     assert (fields, message._header_end, message._sep) == message._parse_by_line()
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(start_messages, st.lists(ODD_LINE, max_size=8).map(
+    lambda lines: b"".join(line + b"\r\n" for line in lines) + b"\r\nbody\r\n")), operations, st.booleans())
+def test_field_bytes_are_the_split_header_blocks(
+    raw: bytes, ops: list[tuple[str, str, str | None, bool | None]], undo: bool,
+) -> None:
+    """received_field_bytes and header_field_bytes (what the milter diffs for its header
+    actions) are exactly split_fields() of received_header_bytes and header_bytes, before and
+    after any edits and a rollback, mbox first lines and odd fields included."""
+    from smtpproxy.milter.edits import split_fields
+
+    msg = Message(raw)
+    assert msg.received_field_bytes == split_fields(msg.received_header_bytes)
+    assert msg.header_field_bytes == split_fields(msg.header_bytes)
+    savepoint = msg._savepoint()
+    for op, name, value, prepend in ops:
+        if op == "add":
+            assert value is not None and prepend is not None
+            msg.add_header(name, value, prepend=prepend)
+        elif op == "remove":
+            msg.remove_header(name)
+        else:
+            assert value is not None
+            msg.replace_header(name, value)
+        assert msg.received_field_bytes == split_fields(msg.received_header_bytes)
+        assert msg.header_field_bytes == split_fields(msg.header_bytes)
+    if undo:
+        msg._rollback(savepoint)
+    assert msg.received_field_bytes == split_fields(msg.received_header_bytes)
+    assert msg.header_field_bytes == split_fields(msg.header_bytes)
+    assert b"".join(msg.header_field_bytes) == msg.header_bytes
+
+
+def test_field_bytes_of_an_edited_mbox_first_line_carry_its_prefix() -> None:
+    msg = Message(b"From x@y Mon\r\nSubject: s\r\n\r\nbody\r\n")
+    assert msg.received_field_bytes == [b"From x@y Mon\r\n", b"Subject: s\r\n"]
+    assert msg.header_field_bytes == [b"From x@y Mon\r\n", b"Subject: s\r\n"]
+    msg.add_header("X-A", "1")
+    assert msg.received_field_bytes == [b"From x@y Mon\r\n", b"Subject: s\r\n"]
+    assert msg.header_field_bytes == [b"X-A: 1\r\n", b"X-Mailbox-Line: From x@y Mon\r\n", b"Subject: s\r\n"]
