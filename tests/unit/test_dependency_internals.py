@@ -21,7 +21,7 @@ AIOSMTPD_METHODS = ("_handle_client", "_reset_timeout", "_timeout_cb", "push", "
                     "connection_lost")
 AIOSMTPD_ATTRIBUTES = ("_timeout_handle", "_original_transport", "_tls_handshake_okay",
                        "_tls_protocol", "_smtp_methods", "_reader", "_writer", "_timeout_duration",
-                       "__ident__")
+                       "__ident__", "_handler_coroutine")
 
 
 def test_aiosmtpd_still_has_what_inbound_relies_on() -> None:
