@@ -25,12 +25,13 @@ import asyncio
 import contextlib
 import logging
 import re
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from typing import Any, cast
 
-from aiosmtpd.smtp import SMTP, TLSSetupException
+from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
 
 from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
@@ -43,7 +44,7 @@ from smtpproxy.eventlog import current_session, event
 from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.message import Message
 from smtpproxy.proxyprotocol import read_proxy_header
-from smtpproxy.replywire import BYE, OK, RECIPIENT_OK, SENDER_OK, START_DATA, WIRE, ehlo_reply, greeting, wire
+from smtpproxy.replywire import BYE, OK, RECIPIENT_OK, SENDER_OK, START_DATA, ehlo_reply, greeting, wire
 from smtpproxy.sasl import authenticate
 from smtpproxy.session import Client, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.verdicts import Reply
@@ -98,6 +99,9 @@ class _NoHandler:
         return []  # no handle_* or auth_* hooks; spares aiosmtpd a scan per connection
 
 
+_NO_HANDLER = _NoHandler()
+
+
 class InboundSMTP(SMTP):
     """One client connection."""
 
@@ -114,18 +118,7 @@ class InboundSMTP(SMTP):
         self.line_length_limit = max(
             policy.max_line_length + 3, policy.max_command_line + _PARAM_ALLOWANCE + 2
         )
-        super().__init__(
-            _NoHandler(),
-            data_size_limit=policy.max_message_size,
-            enable_SMTPUTF8=policy.smtputf8,
-            hostname=policy.hostname,
-            ident=policy.banner,
-            tls_context=tls_context,
-            require_starttls=policy.require_starttls,
-            timeout=policy.idle_timeout,
-            loop=asyncio.get_running_loop(),  # aiosmtpd would look it up through the policy
-        )
-        self._smtp_methods: _Commands = _Commands(self)  # type: ignore[assignment]
+        self._aiosmtpd_state(tls_context, asyncio.get_running_loop())
         self.plugin_session: Session | None = None
         """The session plugins see (smtpproxy's model), beside aiosmtpd's own ``self.session``."""
         self._errors = 0
@@ -147,6 +140,48 @@ class InboundSMTP(SMTP):
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
         self.counted = False
         """The session caps already counted this connection (implicit TLS: before the handshake)."""
+
+    def _aiosmtpd_state(self, tls_context: ssl.SSLContext | None, loop: asyncio.AbstractEventLoop) -> None:
+        """What ``aiosmtpd.smtp.SMTP.__init__`` sets up for this connection, as it would for
+        this listener's arguments (tests/unit/test_dependency_internals.py compares the two).
+
+        Its own ``__init__`` costs twice as much per connection: ``inspect.getmembers`` of the
+        protocol and of the handler for ``auth_*`` methods, ``dir()`` of the handler for
+        ``handle_*`` hooks, the check of every argument and an info line listing the AUTH
+        mechanisms, all for what is the same on every connection here (no handler hooks, no
+        aiosmtpd AUTH, no call limits, no PROXY protocol in aiosmtpd)."""
+        policy = self.policy
+        self.__ident__ = policy.banner
+        self.loop = loop
+        asyncio.StreamReaderProtocol.__init__(
+            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
+            client_connected_cb=self._cb_client_connected, loop=loop)
+        self.event_handler = _NO_HANDLER
+        self.data_size_limit = policy.max_message_size
+        self.enable_SMTPUTF8 = policy.smtputf8
+        self._decode_data = False
+        self.hostname = policy.hostname or socket.getfqdn()
+        self.tls_context = tls_context
+        self.require_starttls = tls_context and policy.require_starttls
+        self._timeout_duration = policy.idle_timeout
+        self._timeout_handle = None
+        self._tls_handshake_okay = True
+        self._tls_protocol = None
+        self._original_transport = None
+        self.session = None
+        self.envelope = None
+        self.transport = None
+        self._handler_coroutine = None
+        self._auth_require_tls = True
+        self._proxy_timeout = None
+        self._authenticator = None
+        self._auth_callback = login_always_fail
+        self._auth_required = False
+        self._auth_methods = {}
+        self._handle_hooks = {}
+        self._ehlo_hook_ver = None
+        self._smtp_methods: _Commands = _Commands(self)  # type: ignore[assignment]
+        self._enforce_call_limit = False
 
     def _conversation(self) -> Conversation:
         """The conversation on this session's chain, with the rules in force now."""
@@ -258,9 +293,7 @@ class InboundSMTP(SMTP):
         per command (each write is a system call). A reply is only held while a complete
         command line is already buffered, so the next one is processed at once.
         """
-        data = WIRE.get(reply)
-        if data is None:
-            data = wire(reply, "utf-8" if self.enable_SMTPUTF8 else "ascii")
+        data = wire(reply, "utf-8" if self.enable_SMTPUTF8 else "ascii")
         if b"\n" in getattr(self._reader, "_buffer", b""):
             self._held_replies.append(data)
             return
