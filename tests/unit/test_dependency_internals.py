@@ -108,7 +108,7 @@ async def test_inbound_sets_up_what_aiosmtpds_init_would(starttls: bool) -> None
             assert mine.__func__ is value.__func__ and mine.__self__ is ours, name
         else:
             assert mine == value, name
-    assert ours._strong_reader is not None and ours._stream_reader_wr() is ours._strong_reader
+    assert ours._strong_reader is not None and ours._stream_reader_wr() is ours._strong_reader  # type: ignore[attr-defined]
     assert ours._strong_reader._limit == ours.line_length_limit  # type: ignore[attr-defined]
 
 
