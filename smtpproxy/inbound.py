@@ -1,8 +1,9 @@
 """The inbound SMTP server: aiosmtpd's protocol, hardened, driving the plugin chain.
 
-We subclass :class:`aiosmtpd.smtp.SMTP` and keep what it does well (transport and
-STARTTLS plumbing, including discarding plaintext pipelined behind STARTTLS, and the
-idle timer). We replace the parts a filtering proxy cannot live with:
+We subclass :class:`aiosmtpd.smtp.SMTP` (set up per connection by
+:mod:`smtpproxy.smtpbase`) and keep what it does well (transport and STARTTLS plumbing,
+including discarding plaintext pipelined behind STARTTLS, and the idle timer). We replace
+the parts a filtering proxy cannot live with:
 
 - the command loop, so a bare LF never ends a command line, the ``connect`` hook runs
   before the greeting, a client that talks before the greeting is refused, and every
@@ -25,13 +26,11 @@ import asyncio
 import contextlib
 import logging
 import re
-import socket
 import ssl
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-from aiosmtpd.smtp import SMTP, TLSSetupException, login_always_fail
+from aiosmtpd.smtp import TLSSetupException
 
 from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
@@ -47,6 +46,7 @@ from smtpproxy.proxyprotocol import read_proxy_header
 from smtpproxy.replywire import BYE, OK, RECIPIENT_OK, SENDER_OK, START_DATA, ehlo_reply, greeting, wire
 from smtpproxy.sasl import authenticate
 from smtpproxy.session import Client, Recipient, Session, TLSInfo, Transaction
+from smtpproxy.smtpbase import CommandServer
 from smtpproxy.verdicts import Reply
 
 __all__ = ["InboundSMTP", "ListenerPolicy", "Services"]  # the last two from smtpproxy.listener
@@ -67,42 +67,7 @@ _PARAM_ALLOWANCE = 512
 _CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
 
 
-_COMMAND_NAMES: dict[type, dict[str, str]] = {}
-"""Per class, each SMTP verb and the name of the ``smtp_*`` method that handles it."""
-
-
-class _Commands:
-    """The session's command table, as aiosmtpd's ``_smtp_methods`` dict is used here
-    (``get(verb)``), without binding every ``smtp_*`` method of every new connection."""
-
-    __slots__ = ("_names", "_owner")
-
-    def __init__(self, owner: SMTP) -> None:
-        cls = type(owner)
-        names = _COMMAND_NAMES.get(cls)
-        if names is None:
-            names = _COMMAND_NAMES[cls] = {
-                n.removeprefix("smtp_"): n for n in object.__dir__(owner) if n.startswith("smtp_")
-            }
-        self._owner = owner
-        self._names = names
-
-    def get(self, verb: str) -> Callable[[str | None], Any] | None:
-        name = self._names.get(verb)
-        return None if name is None else getattr(self._owner, name)
-
-
-class _NoHandler:
-    """aiosmtpd wants an event handler; every decision here goes through the chain instead."""
-
-    def __dir__(self) -> list[str]:
-        return []  # no handle_* or auth_* hooks; spares aiosmtpd a scan per connection
-
-
-_NO_HANDLER = _NoHandler()
-
-
-class InboundSMTP(SMTP):
+class InboundSMTP(CommandServer):
     """One client connection."""
 
     def __init__(
@@ -118,7 +83,11 @@ class InboundSMTP(SMTP):
         self.line_length_limit = max(
             policy.max_line_length + 3, policy.max_command_line + _PARAM_ALLOWANCE + 2
         )
-        self._aiosmtpd_state(tls_context, asyncio.get_running_loop())
+        self._set_up_smtp(
+            banner=policy.banner, hostname=policy.hostname, data_size_limit=policy.max_message_size,
+            smtputf8=policy.smtputf8, tls_context=tls_context, require_starttls=policy.require_starttls,
+            idle_timeout=policy.idle_timeout, loop=asyncio.get_running_loop(),
+        )
         self.plugin_session: Session | None = None
         """The session plugins see (smtpproxy's model), beside aiosmtpd's own ``self.session``."""
         self._errors = 0
@@ -141,48 +110,6 @@ class InboundSMTP(SMTP):
         self.counted = False
         """The session caps already counted this connection (implicit TLS: before the handshake)."""
 
-    def _aiosmtpd_state(self, tls_context: ssl.SSLContext | None, loop: asyncio.AbstractEventLoop) -> None:
-        """What ``aiosmtpd.smtp.SMTP.__init__`` sets up for this connection, as it would for
-        this listener's arguments (tests/unit/test_dependency_internals.py compares the two).
-
-        Its own ``__init__`` costs twice as much per connection: ``inspect.getmembers`` of the
-        protocol and of the handler for ``auth_*`` methods, ``dir()`` of the handler for
-        ``handle_*`` hooks, the check of every argument and an info line listing the AUTH
-        mechanisms, all for what is the same on every connection here (no handler hooks, no
-        aiosmtpd AUTH, no call limits, no PROXY protocol in aiosmtpd)."""
-        policy = self.policy
-        self.__ident__ = policy.banner
-        self.loop = loop
-        asyncio.StreamReaderProtocol.__init__(
-            self, asyncio.StreamReader(loop=loop, limit=self.line_length_limit),
-            client_connected_cb=self._cb_client_connected, loop=loop)
-        self.event_handler = _NO_HANDLER
-        self.data_size_limit = policy.max_message_size
-        self.enable_SMTPUTF8 = policy.smtputf8
-        self._decode_data = False
-        self.hostname = policy.hostname or socket.getfqdn()
-        self.tls_context = tls_context
-        self.require_starttls = tls_context and policy.require_starttls
-        self._timeout_duration = policy.idle_timeout
-        self._timeout_handle = None
-        self._tls_handshake_okay = True
-        self._tls_protocol = None
-        self._original_transport = None
-        self.session = None
-        self.envelope = None
-        self.transport = None
-        self._handler_coroutine = None
-        self._auth_require_tls = True
-        self._proxy_timeout = None
-        self._authenticator = None
-        self._auth_callback = login_always_fail
-        self._auth_required = False
-        self._auth_methods = {}
-        self._handle_hooks = {}
-        self._ehlo_hook_ver = None
-        self._smtp_methods: _Commands = _Commands(self)  # type: ignore[assignment]
-        self._enforce_call_limit = False
-
     def _conversation(self) -> Conversation:
         """The conversation on this session's chain, with the rules in force now."""
         services, policy = self.services, self.policy
@@ -190,13 +117,6 @@ class InboundSMTP(SMTP):
                       route_key=services.delivery.route_key, sender_login=policy.sender_login)
         return Conversation(self.chain, rules, metrics=services.metrics, history=services.history,
                             node=services.node)
-
-    def __dir__(self) -> list[str]:
-        """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
-        on every new connection to bind each ``smtp_*`` and ``auth_*`` method. This class
-        answers every command itself, from :class:`_Commands` (``_smtp_methods``), and its
-        own AUTH (``smtp_AUTH``) uses none of aiosmtpd's ``auth_*`` mechanisms."""
-        return []
 
     # -- connection lifecycle -------------------------------------------------
 
@@ -472,13 +392,24 @@ class InboundSMTP(SMTP):
             return
         await self.reply(greeting(self.hostname, self.__ident__))
 
-        while self.transport is not None and not self.transport.is_closing():
+        policy = self.policy
+        session = self.plugin_session
+        functions = self._smtp_methods.functions
+        while (transport := self.transport) is not None and not transport.is_closing():
             self._reset_timeout()  # waiting for the client from here
-            line = await self._read_command_line()
-            if line is None:
+            # _read_command_line() inline (one coroutine less per command): a line that is
+            # not a clean command goes to it to be answered.
+            try:
+                line: bytes = await self._reader.readuntil(b"\n")
+            except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+                await self._refuse_line(exc)
                 continue
+            if len(line) < 3 or line[-2] != 0x0D or _CONTROL_OCTET.search(line, 0, len(line) - 2):
+                await self._refuse_line(line)
+                continue
+            line = line[:-2]
             self._commands += 1
-            if self._commands > self.policy.max_commands:
+            if self._commands > policy.max_commands:
                 await self.reply(Reply(421, "4.7.0", "Too many commands, closing connection"))
                 self._close()
                 return
@@ -492,8 +423,8 @@ class InboundSMTP(SMTP):
             if arg is None:
                 await self._error(Reply(500, "5.5.2", "Non-ASCII characters in command; use SMTPUTF8"))
                 continue
-            limit = self.policy.max_command_line
-            if command in ("MAIL", "RCPT") and self.plugin_session.esmtp:
+            limit = policy.max_command_line
+            if command in ("MAIL", "RCPT") and session.esmtp:
                 limit += _PARAM_ALLOWANCE
             if len(line) + 2 > limit:
                 await self._error(Reply(500, "5.5.2", f"Command line too long (limit {limit} octets)"))
@@ -505,14 +436,14 @@ class InboundSMTP(SMTP):
                     and command not in _ALLOWED_BEFORE_STARTTLS):
                 await self.push("530 Must issue a STARTTLS command first")
                 continue
-            method: Callable[[str | None], Any] | None = self._smtp_methods.get(command)
-            if method is None:
+            function = functions.get(command)
+            if function is None:
                 await self._error(Reply(500, "5.5.1", f"Command unrecognized: {command[:20]}"))
                 continue
-            self._pause_timeout()  # the proxy's own waits are bounded by their own timeouts
+            self._timer_paused = True  # _pause_timeout(): the proxy's own waits have their own bounds
             self._busy = True
             try:
-                await method(arg or None)
+                await function(self, arg or None)
             except TLSSetupException:
                 event("tls_failed")
                 self._close()
@@ -522,7 +453,7 @@ class InboundSMTP(SMTP):
             except Exception:
                 event("internal_error", level=logging.ERROR, exc_info=True, command=command)
                 await self.reply(Reply(451, "4.3.0", "Internal error, try again later"))
-                if self.plugin_session.transaction is not None:
+                if session.transaction is not None:
                     self._end_transaction()
             finally:
                 self._busy = False
@@ -535,24 +466,30 @@ class InboundSMTP(SMTP):
         """One command line without its CRLF, or None after answering a bad line."""
         try:
             line: bytes = await self._reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            await self._discard_long_line(exc.consumed)
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+            await self._refuse_line(exc)
+            return None
+        if len(line) < 3 or line[-2] != 0x0D or _CONTROL_OCTET.search(line, 0, len(line) - 2):
+            await self._refuse_line(line)
+            return None
+        return line[:-2]
+
+    async def _refuse_line(
+        self, line: bytes | asyncio.LimitOverrunError | asyncio.IncompleteReadError
+    ) -> None:
+        """Answer (or end the session on) what came instead of a clean command line: a line
+        over the limit, the end of the stream, a bare LF, a control character, nothing."""
+        if isinstance(line, asyncio.LimitOverrunError):
+            await self._discard_long_line(line.consumed)
             await self._error(Reply(500, "5.5.2", "Command line too long"))
-            return None
-        except asyncio.IncompleteReadError:
+        elif isinstance(line, asyncio.IncompleteReadError):
             self._close()
-            return None
-        if not line.endswith(b"\r\n"):
+        elif not line.endswith(b"\r\n"):
             await self._error(Reply(500, "5.5.2", "Bare LF in command; SMTP lines end with CRLF"))
-            return None
-        line = line[:-2]
-        if _CONTROL_OCTET.search(line):
+        elif _CONTROL_OCTET.search(line[:-2]):
             await self._error(Reply(500, "5.5.2", "Control character in command"))
-            return None
-        if not line:
+        else:
             await self._error(Reply(500, "5.5.2", "Empty command"))
-            return None
-        return line
 
     async def _discard_long_line(self, consumed: int) -> None:
         await self._reader.read(consumed)
