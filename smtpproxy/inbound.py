@@ -109,6 +109,7 @@ class InboundSMTP(CommandServer):
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
         self.counted = False
         """The session caps already counted this connection (implicit TLS: before the handshake)."""
+        self._expired = False  # the session's time limit passed (see _handle_client)
 
     def _conversation(self) -> Conversation:
         """The conversation on this session's chain, with the rules in force now."""
@@ -317,15 +318,24 @@ class InboundSMTP(CommandServer):
         services.metrics.session_started()
         event("connect", client=self.plugin_session.client.ip, port=self.plugin_session.client.port,
               listener=f"{self.plugin_session.local_ip}:{self.plugin_session.local_port}")
+        # The session's time limit, as asyncio.timeout() keeps it (cancel the task, then tell
+        # that cancellation from any other by uncancel()), with one timer and no Timeout.
+        expiry = self.loop.call_later(self.policy.session_timeout, self._session_expired)
         try:
-            async with asyncio.timeout(self.policy.session_timeout):
+            try:
                 await self._converse()
+            except asyncio.CancelledError:
+                task = self._handler_coroutine
+                if not self._expired or task is None or task.uncancel() > 0:
+                    raise
+                raise TimeoutError from None
         except TimeoutError:
             event("session_timeout", seconds=self.policy.session_timeout)
             with contextlib.suppress(Exception):
                 await self.reply(Reply(421, "4.4.2", "Session time limit exceeded"))
             self._close()
         finally:
+            expiry.cancel()
             self._end_transaction()
             services.limiter.release(self.plugin_session.client.ip)
             services.sessions.discard(self)
@@ -338,6 +348,11 @@ class InboundSMTP(CommandServer):
                 task.add_done_callback(services.background.discard)
             else:  # nothing to wait for and no disconnect hook: no task needed
                 self._session_finished()
+
+    def _session_expired(self) -> None:
+        self._expired = True
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     def _transport_peer(self) -> tuple[str, int]:
         peer = self.transport.get_extra_info("peername") if self.transport else None

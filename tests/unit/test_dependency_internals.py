@@ -24,7 +24,7 @@ AIOSMTPD_METHODS = ("_handle_client", "_cb_client_connected", "_reset_timeout", 
                     "connection_lost")
 AIOSMTPD_ATTRIBUTES = ("_timeout_handle", "_original_transport", "_tls_handshake_okay",
                        "_tls_protocol", "_smtp_methods", "_reader", "_writer", "_timeout_duration",
-                       "__ident__")
+                       "__ident__", "_handler_coroutine")
 
 
 def test_aiosmtpd_still_has_what_inbound_relies_on() -> None:
@@ -38,14 +38,16 @@ def test_aiosmtpd_still_has_what_inbound_relies_on() -> None:
 
 
 def test_inbound_uses_no_other_private_aiosmtpd_member() -> None:
-    """A new private member used in inbound.py (or smtpbase.py, its base's set-up) must be
-    added to the lists above (and the pin)."""
+    """A new private member used in inbound.py must be added to the lists above (and the
+    pin). (smtpbase.py, which sets aiosmtpd's attributes up, is held to aiosmtpd's own
+    ``__init__`` by the test after this one.)"""
     import re
 
     from smtpproxy import inbound, smtpbase
 
-    source = inspect.getsource(inbound) + inspect.getsource(smtpbase)
+    source = inspect.getsource(inbound)
     own = set(re.findall(r"self\.(_\w+)\s*(?::[^=\n]*)?=", source)) | set(re.findall(r"def (_\w+)", source))
+    own |= set(re.findall(r"def (_\w+)", inspect.getsource(smtpbase)))  # its base's own methods
     used = set(re.findall(r"self\.(_\w+)", source)) - own
     known = set(AIOSMTPD_ATTRIBUTES) | set(AIOSMTPD_METHODS)
     assert used - known == set(), f"inbound.py uses aiosmtpd members not listed here: {used - known}"
