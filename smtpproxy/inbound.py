@@ -154,7 +154,7 @@ class InboundSMTP(CommandServer):
             # The DATA timer runs from the last octets received, as Postfix's smtpd_timeout
             # does, not from the last block smtp_DATA took: a slow link is not a silent client.
             self._reset_timeout(self.policy.data_timeout)
-        super().data_received(data)
+        self._reader.feed_data(data)  # what StreamReaderProtocol.data_received does, a call less
 
     def _pause_timeout(self) -> None:
         """Stop the client's clock: the proxy itself is busy (plugins, upstream).
@@ -223,7 +223,7 @@ class InboundSMTP(CommandServer):
             self._held_replies.append(data)
             self._flush_replies()
         elif transport is not None and not transport.is_closing():
-            self._writer.write(data)  # the usual case: one reply, nothing held
+            transport.write(data)  # the usual case: one reply, nothing held (as StreamWriter.write)
         if transport is not None and not transport.get_write_buffer_size():
             return  # the kernel took it all: drain() would find nothing to wait for
         if self._timer_paused:

@@ -88,6 +88,8 @@ class SmtpDelivery:
         self._routes: dict[str, list[UpstreamServer]] = {DEFAULT_ROUTE: list(default)}
         for key, (_, servers) in zip(self._table.keys, routes, strict=True):
             self._routes[key] = list(servers)
+        self._servers = tuple(s for servers in self._routes.values() for s in servers)
+        """Every route's servers, for what EHLO offers (asked per client session)."""
 
     @classmethod
     def from_config(
@@ -112,7 +114,7 @@ class SmtpDelivery:
 
     @property
     def servers(self) -> list[UpstreamServer]:
-        return [s for servers in self._routes.values() for s in servers]
+        return list(self._servers)
 
     @property
     def route_servers(self) -> dict[str, list[UpstreamServer]]:
@@ -197,17 +199,17 @@ class SmtpDelivery:
     # data (_Transfer) cover a message sent before a server was seen without one.
 
     def offers_dsn(self) -> bool:
-        return all(s.offers_dsn is not False for s in self.servers)
+        return all(s.offers_dsn is not False for s in self._servers)
 
     def offers_8bitmime(self) -> bool:
-        return all(s.offers_8bitmime is not False for s in self.servers)
+        return all(s.offers_8bitmime is not False for s in self._servers)
 
     def offers_smtputf8(self) -> bool:
-        return all(s.offers_smtputf8 is not False for s in self.servers)
+        return all(s.offers_smtputf8 is not False for s in self._servers)
 
     def size_limit(self) -> int | None:
         """The smallest SIZE any upstream announced, less SIZE_MARGIN (what the proxy adds)."""
-        sizes = [s.size for s in self.servers if s.size]
+        sizes = [s.size for s in self._servers if s.size]
         return max(min(sizes) - SIZE_MARGIN, 1) if sizes else None
 
     def reply_bound(self) -> float:
