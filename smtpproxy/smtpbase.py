@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import ssl
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -50,13 +51,13 @@ class Commands:
                 n.removeprefix("smtp_"): getattr(cls, n)
                 for n in object.__dir__(owner) if n.startswith("smtp_")
             }
-        self._owner = owner
+        self._owner = weakref.ref(owner)  # the connection holds this table: no cycle
         self.functions = functions
         """Verb to function, to be called with the connection and the argument."""
 
     def get(self, verb: str) -> Callable[[str | None], Any] | None:
         function = self.functions.get(verb)
-        return None if function is None else function.__get__(self._owner)
+        return None if function is None else function.__get__(self._owner())
 
 
 class CommandServer(SMTP):
