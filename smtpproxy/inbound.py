@@ -328,8 +328,10 @@ class InboundSMTP(CommandServer):
             try:
                 await self._converse()
             except asyncio.CancelledError:
-                task = self._handler_coroutine
-                if not self._expired or task is None or task.uncancel() > 0:
+                # (No local for the task: the frame, kept by the cancellation's traceback,
+                # would keep the task that keeps the cancellation, a cycle.)
+                if not (self._expired and self._handler_coroutine is not None
+                        and self._handler_coroutine.uncancel() == 0):
                     raise
                 raise TimeoutError from None
         except TimeoutError:

@@ -5,9 +5,8 @@ asyncio keeps for the connection callback, its command table): every session's o
 about 35 of them, stayed until a collection found them, and under load the collector's
 passes over the live sessions cost more CPU than the sessions' own work of several
 commands. This checks the protocol object is gone once its session ended, with the
-collector off. (A session whose client drops the connection is ended by cancelling its
-task, and the cancellation's traceback still holds its frames until a collection: not
-covered here.)
+collector off, whether the session ends with QUIT or the client drops the connection (then
+aiosmtpd cancels the session's task, whose cancellation keeps the frames in its traceback).
 """
 
 from __future__ import annotations
@@ -46,6 +45,25 @@ async def test_a_finished_session_is_freed_without_the_garbage_collector(
         assert code == 250
         assert (await client.cmd("QUIT"))[0] == 221
         assert await client.closed()
+        await client.close()
+        assert await _ended(ref), "the session's protocol is still alive: a reference cycle"
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+async def test_a_session_the_client_drops_is_freed_too(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    """No QUIT: the connection is lost while the proxy waits for a command."""
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY)
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        client = await Talk.open(port_of(proxy))
+        assert (await client.hello())[0] == 250
+        [session] = proxy.services.sessions
+        ref = weakref.ref(session)
+        del session
         await client.close()
         assert await _ended(ref), "the session's protocol is still alive: a reference cycle"
     finally:
