@@ -291,6 +291,7 @@ class InboundSMTP(CommandServer):
             )
             if real is None:
                 self._close()
+                self._unlink()  # the session ends here (see _unlink)
                 return
             self.plugin_session.client = real
         services = self.services
@@ -304,6 +305,7 @@ class InboundSMTP(CommandServer):
                   reason=refusal.text)
             await self.reply(refusal)
             self._close()
+            self._unlink()
             return
         if services.stopping:
             # Still in PROXY/TLS set-up when shutdown began: not counted by the drain, so no banner.
@@ -311,6 +313,7 @@ class InboundSMTP(CommandServer):
             await self.reply(Reply(421, "4.3.2", "Service shutting down, try again later"))
             services.limiter.release(self.plugin_session.client.ip)
             self._close()
+            self._unlink()
             return
         services.sessions.add(self)
         services.drained.clear()

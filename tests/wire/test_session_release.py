@@ -69,3 +69,31 @@ async def test_a_session_the_client_drops_is_freed_too(proxy_factory: ProxyFacto
     finally:
         if was_enabled:
             gc.enable()
+
+
+async def test_a_refused_connection_is_freed_too(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    """Over the per-IP cap the proxy answers 421 and closes before any session starts."""
+    from smtpproxy.inbound import InboundSMTP
+
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, limits={"max_sessions_per_ip": 1})
+    was_enabled = gc.isenabled()
+    gc.collect()
+    gc.disable()
+    try:
+        first = await Talk.open(port_of(proxy))
+        assert (await first.greeting())[0] == 220
+        alive = sum(isinstance(o, InboundSMTP) for o in gc.get_objects())
+        second = await Talk.open(port_of(proxy))
+        assert (await second.greeting())[0] == 421
+        assert await second.closed()
+        await second.close()
+        for _ in range(200):
+            if sum(isinstance(o, InboundSMTP) for o in gc.get_objects()) == alive:
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("the refused connection's protocol is still alive: a reference cycle")
+        await first.close()
+    finally:
+        if was_enabled:
+            gc.enable()
