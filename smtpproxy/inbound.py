@@ -1,8 +1,9 @@
 """The inbound SMTP server: aiosmtpd's protocol, hardened, driving the plugin chain.
 
-We subclass :class:`aiosmtpd.smtp.SMTP` and keep what it does well (transport and
-STARTTLS plumbing, including discarding plaintext pipelined behind STARTTLS, and the
-idle timer). We replace the parts a filtering proxy cannot live with:
+We subclass :class:`aiosmtpd.smtp.SMTP` (set up per connection by
+:mod:`smtpproxy.smtpbase`) and keep what it does well (transport and STARTTLS plumbing,
+including discarding plaintext pipelined behind STARTTLS, and the idle timer). We replace
+the parts a filtering proxy cannot live with:
 
 - the command loop, so a bare LF never ends a command line, the ``connect`` hook runs
   before the greeting, a client that talks before the greeting is refused, and every
@@ -27,10 +28,9 @@ import logging
 import re
 import ssl
 import time
-from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
-from aiosmtpd.smtp import SMTP, TLSSetupException
+from aiosmtpd.smtp import TLSSetupException
 
 from smtpproxy import dsn
 from smtpproxy.addresses import AddressError, parse_mail_from, parse_rcpt_to
@@ -43,9 +43,10 @@ from smtpproxy.eventlog import current_session, event
 from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.message import Message
 from smtpproxy.proxyprotocol import read_proxy_header
-from smtpproxy.replywire import BYE, OK, RECIPIENT_OK, SENDER_OK, START_DATA, WIRE, ehlo_reply, greeting, wire
+from smtpproxy.replywire import BYE, OK, RECIPIENT_OK, SENDER_OK, START_DATA, ehlo_reply, greeting, wire
 from smtpproxy.sasl import authenticate
 from smtpproxy.session import Client, Recipient, Session, TLSInfo, Transaction
+from smtpproxy.smtpbase import CommandServer
 from smtpproxy.verdicts import Reply
 
 __all__ = ["InboundSMTP", "ListenerPolicy", "Services"]  # the last two from smtpproxy.listener
@@ -66,39 +67,7 @@ _PARAM_ALLOWANCE = 512
 _CONTROL_OCTET = re.compile(rb"[\x00-\x1f\x7f]")
 
 
-_COMMAND_NAMES: dict[type, dict[str, str]] = {}
-"""Per class, each SMTP verb and the name of the ``smtp_*`` method that handles it."""
-
-
-class _Commands:
-    """The session's command table, as aiosmtpd's ``_smtp_methods`` dict is used here
-    (``get(verb)``), without binding every ``smtp_*`` method of every new connection."""
-
-    __slots__ = ("_names", "_owner")
-
-    def __init__(self, owner: SMTP) -> None:
-        cls = type(owner)
-        names = _COMMAND_NAMES.get(cls)
-        if names is None:
-            names = _COMMAND_NAMES[cls] = {
-                n.removeprefix("smtp_"): n for n in object.__dir__(owner) if n.startswith("smtp_")
-            }
-        self._owner = owner
-        self._names = names
-
-    def get(self, verb: str) -> Callable[[str | None], Any] | None:
-        name = self._names.get(verb)
-        return None if name is None else getattr(self._owner, name)
-
-
-class _NoHandler:
-    """aiosmtpd wants an event handler; every decision here goes through the chain instead."""
-
-    def __dir__(self) -> list[str]:
-        return []  # no handle_* or auth_* hooks; spares aiosmtpd a scan per connection
-
-
-class InboundSMTP(SMTP):
+class InboundSMTP(CommandServer):
     """One client connection."""
 
     def __init__(
@@ -114,18 +83,11 @@ class InboundSMTP(SMTP):
         self.line_length_limit = max(
             policy.max_line_length + 3, policy.max_command_line + _PARAM_ALLOWANCE + 2
         )
-        super().__init__(
-            _NoHandler(),
-            data_size_limit=policy.max_message_size,
-            enable_SMTPUTF8=policy.smtputf8,
-            hostname=policy.hostname,
-            ident=policy.banner,
-            tls_context=tls_context,
-            require_starttls=policy.require_starttls,
-            timeout=policy.idle_timeout,
-            loop=asyncio.get_running_loop(),  # aiosmtpd would look it up through the policy
+        self._set_up_smtp(
+            banner=policy.banner, hostname=policy.hostname, data_size_limit=policy.max_message_size,
+            smtputf8=policy.smtputf8, tls_context=tls_context, require_starttls=policy.require_starttls,
+            idle_timeout=policy.idle_timeout, loop=asyncio.get_running_loop(),
         )
-        self._smtp_methods: _Commands = _Commands(self)  # type: ignore[assignment]
         self.plugin_session: Session | None = None
         """The session plugins see (smtpproxy's model), beside aiosmtpd's own ``self.session``."""
         self._errors = 0
@@ -147,6 +109,8 @@ class InboundSMTP(SMTP):
         """Set while a message is with the delivery backend; shutdown waits for its reply."""
         self.counted = False
         """The session caps already counted this connection (implicit TLS: before the handshake)."""
+        self._expired = False  # the session's time limit passed (see _handle_client)
+        self._ends = 0  # see _unlink
 
     def _conversation(self) -> Conversation:
         """The conversation on this session's chain, with the rules in force now."""
@@ -156,18 +120,13 @@ class InboundSMTP(SMTP):
         return Conversation(self.chain, rules, metrics=services.metrics, history=services.history,
                             node=services.node)
 
-    def __dir__(self) -> list[str]:
-        """Nothing: aiosmtpd's ``__init__`` scans ``dir(self)`` (and ``inspect.getmembers``)
-        on every new connection to bind each ``smtp_*`` and ``auth_*`` method. This class
-        answers every command itself, from :class:`_Commands` (``_smtp_methods``), and its
-        own AUTH (``smtp_AUTH``) uses none of aiosmtpd's ``auth_*`` mechanisms."""
-        return []
-
     # -- connection lifecycle -------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         starttls_done = self._original_transport is not None
         super().connection_made(transport)
+        # Used once, by the call above (it is a bound method: a reference cycle, see _unlink).
+        self._client_connected_cb = None
         if starttls_done and self.plugin_session is not None:
             # RFC 3207 4.2: forget everything learned before TLS.
             self.plugin_session.helo = None
@@ -214,7 +173,7 @@ class InboundSMTP(SMTP):
             # The DATA timer runs from the last octets received, as Postfix's smtpd_timeout
             # does, not from the last block smtp_DATA took: a slow link is not a silent client.
             self._reset_timeout(self.policy.data_timeout)
-        super().data_received(data)
+        self._reader.feed_data(data)  # what StreamReaderProtocol.data_received does, a call less
 
     def _pause_timeout(self) -> None:
         """Stop the client's clock: the proxy itself is busy (plugins, upstream).
@@ -274,9 +233,7 @@ class InboundSMTP(SMTP):
         per command (each write is a system call). A reply is only held while a complete
         command line is already buffered, so the next one is processed at once.
         """
-        data = WIRE.get(reply)
-        if data is None:
-            data = wire(reply, "utf-8" if self.enable_SMTPUTF8 else "ascii")
+        data = wire(reply, "utf-8" if self.enable_SMTPUTF8 else "ascii")
         if b"\n" in getattr(self._reader, "_buffer", b""):
             self._held_replies.append(data)
             return
@@ -285,7 +242,7 @@ class InboundSMTP(SMTP):
             self._held_replies.append(data)
             self._flush_replies()
         elif transport is not None and not transport.is_closing():
-            self._writer.write(data)  # the usual case: one reply, nothing held
+            transport.write(data)  # the usual case: one reply, nothing held (as StreamWriter.write)
         if transport is not None and not transport.get_write_buffer_size():
             return  # the kernel took it all: drain() would find nothing to wait for
         if self._timer_paused:
@@ -350,6 +307,7 @@ class InboundSMTP(SMTP):
             )
             if real is None:
                 self._close()
+                self._unlink()  # the session ends here (see _unlink)
                 return
             self.plugin_session.client = real
         services = self.services
@@ -363,6 +321,7 @@ class InboundSMTP(SMTP):
                   reason=refusal.text)
             await self.reply(refusal)
             self._close()
+            self._unlink()
             return
         if services.stopping:
             # Still in PROXY/TLS set-up when shutdown began: not counted by the drain, so no banner.
@@ -370,6 +329,7 @@ class InboundSMTP(SMTP):
             await self.reply(Reply(421, "4.3.2", "Service shutting down, try again later"))
             services.limiter.release(self.plugin_session.client.ip)
             self._close()
+            self._unlink()
             return
         services.sessions.add(self)
         services.drained.clear()
@@ -380,15 +340,26 @@ class InboundSMTP(SMTP):
         services.metrics.session_started()
         event("connect", client=self.plugin_session.client.ip, port=self.plugin_session.client.port,
               listener=f"{self.plugin_session.local_ip}:{self.plugin_session.local_port}")
+        # The session's time limit, as asyncio.timeout() keeps it (cancel the task, then tell
+        # that cancellation from any other by uncancel()), with one timer and no Timeout.
+        expiry = self.loop.call_later(self.policy.session_timeout, self._session_expired)
         try:
-            async with asyncio.timeout(self.policy.session_timeout):
+            try:
                 await self._converse()
+            except asyncio.CancelledError:
+                # (No local for the task: the frame, kept by the cancellation's traceback,
+                # would keep the task that keeps the cancellation, a cycle.)
+                if not (self._expired and self._handler_coroutine is not None
+                        and self._handler_coroutine.uncancel() == 0):
+                    raise
+                raise TimeoutError from None
         except TimeoutError:
             event("session_timeout", seconds=self.policy.session_timeout)
             with contextlib.suppress(Exception):
                 await self.reply(Reply(421, "4.4.2", "Session time limit exceeded"))
             self._close()
         finally:
+            expiry.cancel()
             self._end_transaction()
             services.limiter.release(self.plugin_session.client.ip)
             services.sessions.discard(self)
@@ -401,6 +372,11 @@ class InboundSMTP(SMTP):
                 task.add_done_callback(services.background.discard)
             else:  # nothing to wait for and no disconnect hook: no task needed
                 self._session_finished()
+
+    def _session_expired(self) -> None:
+        self._expired = True
+        if self._handler_coroutine is not None:
+            self._handler_coroutine.cancel()
 
     def _transport_peer(self) -> tuple[str, int]:
         peer = self.transport.get_extra_info("peername") if self.transport else None
@@ -434,6 +410,23 @@ class InboundSMTP(SMTP):
         assert self.plugin_session is not None
         event("disconnect", transactions=self.plugin_session.transaction_count,
               seconds=round(time.time() - self.plugin_session.started, 3), errors=self._errors)
+        self._unlink()
+
+    def connection_lost(self, error: Exception | None) -> None:
+        super().connection_lost(error)
+        self._unlink()
+
+    def _unlink(self) -> None:
+        """At the second of the session's two ends (its work done, its connection lost), drop
+        what refers back to this protocol: the StreamWriter, and the session's task (which
+        keeps the exception that ended it, a client's drop or a cancellation, with its frames).
+        Without these cycles the session's objects (about 35) are freed as their last
+        reference goes, not left for the cyclic garbage collector, whose passes over a
+        hundred live sessions cost more than the sessions' own work."""
+        self._ends += 1
+        if self._ends == 2:
+            self._writer = None  # type: ignore[assignment]
+            self._handler_coroutine = None
 
     def _buffered(self) -> int:
         """Bytes the client sent that we have not read yet (to catch improper pipelining)."""
@@ -455,13 +448,24 @@ class InboundSMTP(SMTP):
             return
         await self.reply(greeting(self.hostname, self.__ident__))
 
-        while self.transport is not None and not self.transport.is_closing():
+        policy = self.policy
+        session = self.plugin_session
+        functions = self._smtp_methods.functions
+        while (transport := self.transport) is not None and not transport.is_closing():
             self._reset_timeout()  # waiting for the client from here
-            line = await self._read_command_line()
-            if line is None:
+            # _read_command_line() inline (one coroutine less per command): a line that is
+            # not a clean command goes to it to be answered.
+            try:
+                line: bytes = await self._reader.readuntil(b"\n")
+            except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+                await self._refuse_line(exc)
                 continue
+            if len(line) < 3 or line[-2] != 0x0D or _CONTROL_OCTET.search(line, 0, len(line) - 2):
+                await self._refuse_line(line)
+                continue
+            line = line[:-2]
             self._commands += 1
-            if self._commands > self.policy.max_commands:
+            if self._commands > policy.max_commands:
                 await self.reply(Reply(421, "4.7.0", "Too many commands, closing connection"))
                 self._close()
                 return
@@ -475,8 +479,8 @@ class InboundSMTP(SMTP):
             if arg is None:
                 await self._error(Reply(500, "5.5.2", "Non-ASCII characters in command; use SMTPUTF8"))
                 continue
-            limit = self.policy.max_command_line
-            if command in ("MAIL", "RCPT") and self.plugin_session.esmtp:
+            limit = policy.max_command_line
+            if command in ("MAIL", "RCPT") and session.esmtp:
                 limit += _PARAM_ALLOWANCE
             if len(line) + 2 > limit:
                 await self._error(Reply(500, "5.5.2", f"Command line too long (limit {limit} octets)"))
@@ -488,14 +492,14 @@ class InboundSMTP(SMTP):
                     and command not in _ALLOWED_BEFORE_STARTTLS):
                 await self.push("530 Must issue a STARTTLS command first")
                 continue
-            method: Callable[[str | None], Any] | None = self._smtp_methods.get(command)
-            if method is None:
+            function = functions.get(command)
+            if function is None:
                 await self._error(Reply(500, "5.5.1", f"Command unrecognized: {command[:20]}"))
                 continue
-            self._pause_timeout()  # the proxy's own waits are bounded by their own timeouts
+            self._timer_paused = True  # _pause_timeout(): the proxy's own waits have their own bounds
             self._busy = True
             try:
-                await method(arg or None)
+                await function(self, arg or None)
             except TLSSetupException:
                 event("tls_failed")
                 self._close()
@@ -505,7 +509,7 @@ class InboundSMTP(SMTP):
             except Exception:
                 event("internal_error", level=logging.ERROR, exc_info=True, command=command)
                 await self.reply(Reply(451, "4.3.0", "Internal error, try again later"))
-                if self.plugin_session.transaction is not None:
+                if session.transaction is not None:
                     self._end_transaction()
             finally:
                 self._busy = False
@@ -518,24 +522,30 @@ class InboundSMTP(SMTP):
         """One command line without its CRLF, or None after answering a bad line."""
         try:
             line: bytes = await self._reader.readuntil(b"\n")
-        except asyncio.LimitOverrunError as exc:
-            await self._discard_long_line(exc.consumed)
+        except (asyncio.LimitOverrunError, asyncio.IncompleteReadError) as exc:
+            await self._refuse_line(exc)
+            return None
+        if len(line) < 3 or line[-2] != 0x0D or _CONTROL_OCTET.search(line, 0, len(line) - 2):
+            await self._refuse_line(line)
+            return None
+        return line[:-2]
+
+    async def _refuse_line(
+        self, line: bytes | asyncio.LimitOverrunError | asyncio.IncompleteReadError
+    ) -> None:
+        """Answer (or end the session on) what came instead of a clean command line: a line
+        over the limit, the end of the stream, a bare LF, a control character, nothing."""
+        if isinstance(line, asyncio.LimitOverrunError):
+            await self._discard_long_line(line.consumed)
             await self._error(Reply(500, "5.5.2", "Command line too long"))
-            return None
-        except asyncio.IncompleteReadError:
+        elif isinstance(line, asyncio.IncompleteReadError):
             self._close()
-            return None
-        if not line.endswith(b"\r\n"):
+        elif not line.endswith(b"\r\n"):
             await self._error(Reply(500, "5.5.2", "Bare LF in command; SMTP lines end with CRLF"))
-            return None
-        line = line[:-2]
-        if _CONTROL_OCTET.search(line):
+        elif _CONTROL_OCTET.search(line[:-2]):
             await self._error(Reply(500, "5.5.2", "Control character in command"))
-            return None
-        if not line:
+        else:
             await self._error(Reply(500, "5.5.2", "Empty command"))
-            return None
-        return line
 
     async def _discard_long_line(self, consumed: int) -> None:
         await self._reader.read(consumed)

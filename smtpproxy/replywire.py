@@ -33,17 +33,25 @@ def _encode(reply: Reply, encoding: str) -> bytes:
 WIRE = {r: _encode(r, "ascii") for r in (SENDER_OK, RECIPIENT_OK, START_DATA, OK, BYE, LOCAL_ERROR)}
 """The fixed replies' bytes, the same in ASCII and UTF-8."""
 
-_seen: dict[tuple[Reply, str], bytes] = {}
+_seen: dict[str, dict[int, tuple[Reply, bytes]]] = {"ascii": {}, "utf-8": {}}
+"""Per encoding, by the reply object's id: the reply and its bytes. A Reply hashes all its
+fields in Python each time (a dataclass), and every reply sent was two such lookups; the
+reply objects sent are mostly the same few (the constants above, the lru-cached greeting,
+EHLO list and upstream replies). The entry holds the reply, so its id is not reused while
+the entry lives, and a lookup checks that the object is the one kept."""
 
 
 def wire(reply: Reply, encoding: str) -> bytes:
-    """*reply* as CRLF-ended lines in *encoding* (unencodable characters replaced)."""
-    key = (reply, encoding)
-    data = _seen.get(key)
-    if data is None:
-        if len(_seen) >= _MAX_SEEN:
-            _seen.clear()
-        data = _seen[key] = _encode(reply, encoding)
+    """*reply* as CRLF-ended lines in *encoding* ("ascii" or "utf-8"; unencodable characters
+    replaced)."""
+    seen = _seen[encoding]
+    entry = seen.get(id(reply))
+    if entry is not None and entry[0] is reply:
+        return entry[1]
+    data = WIRE.get(reply) or _encode(reply, encoding)
+    if len(seen) >= _MAX_SEEN:
+        seen.clear()
+    seen[id(reply)] = (reply, data)
     return data
 
 

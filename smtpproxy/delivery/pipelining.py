@@ -32,6 +32,11 @@ class OutOfStep(aiosmtplib.SMTPResponseException):
     answer what we sent. The connection is closed; the client gets 451."""
 
 
+_MULTILINE: dict[bytes, SMTPResponse] = {}
+"""Multi-line replies parsed before, by their octets (SMTPResponse is immutable)."""
+_MAX_MULTILINE = 256
+
+
 class PipeliningProtocol(SMTPProtocol):
     """aiosmtplib's protocol, keeping the replies still due to a pipelined group."""
 
@@ -112,6 +117,19 @@ class PipeliningProtocol(SMTPProtocol):
             line = bytes(buffer[:end + 1])  # one line: the usual reply
             del buffer[:end + 1]
             return SMTPResponse(int(line[:3]), line[4:].strip(b" \t\r\n").decode("utf-8", "surrogateescape"))
+        # A reply of several lines (EHLO's) is the same text on every connection to a server:
+        # its parse is kept by its octets. The end of the reply is found first (the first
+        # line with a space after its code); only octets that parsed before are looked up.
+        last = 0
+        while end != -1 and not (end - last >= 4 and buffer[last + 3] == 0x20):
+            last = end + 1
+            end = buffer.find(b"\n", last)
+        if end != -1:
+            known = _MULTILINE.get(bytes(buffer[:end + 1]))
+            if known is not None:
+                del buffer[:end + 1]
+                return known
+        end = buffer.find(b"\n")
         message = bytearray()
         start = 0
         while end != -1:
@@ -123,8 +141,13 @@ class PipeliningProtocol(SMTPProtocol):
             message += buffer[start + 4:end + 1].strip(b" \t\r\n")
             if buffer[start + 3] == 0x20:
                 code = int(buffer[start:start + 3])
+                raw = bytes(buffer[:end + 1])
                 del buffer[:end + 1]
-                return SMTPResponse(code, message.decode("utf-8", "surrogateescape"))
+                response = SMTPResponse(code, message.decode("utf-8", "surrogateescape"))
+                if len(_MULTILINE) >= _MAX_MULTILINE:
+                    _MULTILINE.clear()
+                _MULTILINE[raw] = response
+                return response
             start = end + 1
             end = buffer.find(b"\n", start)
         return None
@@ -237,7 +260,7 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
             protocol._response_pending = True
             protocol._due = len(commands)
             try:
-                protocol.write(b"".join(command + b"\r\n" for command in commands))
+                protocol.write(b"\r\n".join(commands) + b"\r\n" if commands else b"")
                 loop = protocol._loop
                 for _ in commands:
                     if reply_timeout is not None:
@@ -255,6 +278,8 @@ async def pipeline(client: aiosmtplib.SMTP, commands: Sequence[bytes],
     except (aiosmtplib.SMTPServerDisconnected, OutOfStep):
         client.close()
         raise
-    if any(reply.code == 421 for reply in replies):
-        client.close()  # the server is closing: as aiosmtplib does for one command
+    for reply in replies:
+        if reply.code == 421:
+            client.close()  # the server is closing: as aiosmtplib does for one command
+            break
     return replies

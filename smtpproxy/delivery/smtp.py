@@ -31,7 +31,7 @@ import logging
 import re
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import NoReturn
 
@@ -88,6 +88,8 @@ class SmtpDelivery:
         self._routes: dict[str, list[UpstreamServer]] = {DEFAULT_ROUTE: list(default)}
         for key, (_, servers) in zip(self._table.keys, routes, strict=True):
             self._routes[key] = list(servers)
+        self._servers = tuple(s for servers in self._routes.values() for s in servers)
+        """Every route's servers, for what EHLO offers (asked per client session)."""
 
     @classmethod
     def from_config(
@@ -112,7 +114,7 @@ class SmtpDelivery:
 
     @property
     def servers(self) -> list[UpstreamServer]:
-        return [s for servers in self._routes.values() for s in servers]
+        return list(self._servers)
 
     @property
     def route_servers(self) -> dict[str, list[UpstreamServer]]:
@@ -197,17 +199,17 @@ class SmtpDelivery:
     # data (_Transfer) cover a message sent before a server was seen without one.
 
     def offers_dsn(self) -> bool:
-        return all(s.offers_dsn is not False for s in self.servers)
+        return all(s.offers_dsn is not False for s in self._servers)
 
     def offers_8bitmime(self) -> bool:
-        return all(s.offers_8bitmime is not False for s in self.servers)
+        return all(s.offers_8bitmime is not False for s in self._servers)
 
     def offers_smtputf8(self) -> bool:
-        return all(s.offers_smtputf8 is not False for s in self.servers)
+        return all(s.offers_smtputf8 is not False for s in self._servers)
 
     def size_limit(self) -> int | None:
         """The smallest SIZE any upstream announced, less SIZE_MARGIN (what the proxy adds)."""
-        sizes = [s.size for s in self.servers if s.size]
+        sizes = [s.size for s in self._servers if s.size]
         return max(min(sizes) - SIZE_MARGIN, 1) if sizes else None
 
     def reply_bound(self) -> float:
@@ -354,23 +356,23 @@ class _Transfer:
             self.conn.client.close()
         await self.connector.discard(self.conn)
 
-    @contextlib.contextmanager
-    def _lost_upstream_is_temporary(self) -> Iterator[None]:
-        """A timeout or lost connection mid-transaction: 451, the client retries."""
-        try:
-            yield
-        except OutOfStep as exc:
+    def _lost_upstream_is_temporary(self, exc: aiosmtplib.SMTPException | OSError) -> NoReturn:
+        """A timeout or lost connection mid-transaction: 451, the client retries. Called in
+        the ``except (aiosmtplib.SMTPException, OSError)`` of every exchange (a with-block
+        of a generator context manager cost more than the rest of a command's bookkeeping)."""
+        if isinstance(exc, OutOfStep):
             self._out_of_step(exc.code, exc.message)
-        except aiosmtplib.SMTPTimeoutError as exc:
+        if isinstance(exc, aiosmtplib.SMTPTimeoutError):
             raise DeliveryError(Reply(451, "4.4.2", "Upstream mail server timed out, try again later"),
                                 f"{self.conn.destination}: {exc}") from exc
-        except (aiosmtplib.SMTPException, OSError) as exc:
-            raise DeliveryError(Reply(451, "4.4.2", "Upstream connection lost, try again later"),
-                                f"{self.conn.destination}: {type(exc).__name__}: {exc}") from exc
+        raise DeliveryError(Reply(451, "4.4.2", "Upstream connection lost, try again later"),
+                            f"{self.conn.destination}: {type(exc).__name__}: {exc}") from exc
 
     async def _command(self, command: bytes) -> Reply:
-        with self._lost_upstream_is_temporary():
+        try:
             [response] = await pipeline(self.conn.client, [command], self.connector.settings.command_timeout)
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self._lost_upstream_is_temporary(exc)
         return upstream_reply(response.code, response.message)
 
     async def _begin(self, envelope: Envelope, size: int | None,
@@ -383,8 +385,10 @@ class _Transfer:
             return [self._in_step(await self._command(rcpt), _RCPT_OK) for rcpt in rcpts]
         group = [*([prelude] if prelude else []), mail, *rcpts, *([b"DATA"] if data else [])]
         try:
-            with self._lost_upstream_is_temporary():
+            try:
                 responses = await pipeline(self.conn.client, group, self.connector.settings.command_timeout)
+            except (aiosmtplib.SMTPException, OSError) as exc:
+                self._lost_upstream_is_temporary(exc)
         except DeliveryError as exc:
             if self.conn.reused:  # it may have died while idle: start() tries another
                 timed_out = isinstance(exc.__cause__, aiosmtplib.SMTPTimeoutError)
@@ -465,18 +469,19 @@ class _Transfer:
         if self.seven_bit_only and any(_EIGHT_BIT.search(part) for part in content.parts()):
             await self.reset()
             raise DeliveryError(NOT_8BIT_CLEAN, f"{self.conn.destination}: 8-bit data, no 8BITMIME")
-        with self._lost_upstream_is_temporary():
-            try:
-                response = await send_data(
-                    self.conn.client, parts, self.connector.settings.data_timeout, started=self.in_data,
-                    chunking=self.conn.client.supports_extension("chunking"),
-                )
-            except aiosmtplib.SMTPDataError as exc:
-                refusal = self._in_step(upstream_reply(exc.code, exc.message), frozenset())
-                self.clean = True  # a refusal of the message leaves the session usable
-                raise DeliveryError(refusal, f"{self.conn.destination}: DATA refused: {exc.code}") from exc
-            finally:
-                self.in_data = False
+        try:
+            response = await send_data(
+                self.conn.client, parts, self.connector.settings.data_timeout, started=self.in_data,
+                chunking=self.conn.client.supports_extension("chunking"),
+            )
+        except aiosmtplib.SMTPDataError as exc:
+            refusal = self._in_step(upstream_reply(exc.code, exc.message), frozenset())
+            self.clean = True  # a refusal of the message leaves the session usable
+            raise DeliveryError(refusal, f"{self.conn.destination}: DATA refused: {exc.code}") from exc
+        except (aiosmtplib.SMTPException, OSError) as exc:
+            self._lost_upstream_is_temporary(exc)
+        finally:
+            self.in_data = False
         reply = self._in_step(upstream_reply(response.code, response.message), _END_OK)
         self.clean = True
         if reply.code != 250:

@@ -210,6 +210,8 @@ class Connector:
         """Connections saying QUIT after their last message (see release)."""
         self._identities: dict[tuple[object, ...], tuple[str, ...]] = {}
         """Encoded XCLIENT attributes by what they encode (see _xclient_identity)."""
+        self._xforward: dict[tuple[object, ...], bytes] = {}
+        """XFORWARD commands by what they encode (see _xforward_command)."""
         self._helo_name = aiosmtplib.SMTP(local_hostname=settings.helo_name).local_hostname
         """helo_name as aiosmtplib checks and keeps it (stripped; ValueError if unusable)."""
         self._verify_context = self._context(verify=settings.tls_verify)
@@ -544,9 +546,7 @@ class Connector:
         offered = conn.xclient_offered
         if self.settings.identity not in ("auto", "xclient") or offered is None:
             return None
-        client = session.client
-        key = (offered, client.ip, client.port, client.hostname, session.helo, session.esmtp,
-               session.auth_user, session.local_ip, session.local_port)
+        key = _identity_key(b"XCLIENT", session, offered)
         identity = self._identities.get(key)
         if identity is None:
             if len(self._identities) >= _MAX_IDENTITIES:
@@ -629,8 +629,20 @@ class Connector:
             return None
         if not conn.client.supports_extension("xforward"):
             return None
-        offered = set(conn.client.esmtp_extensions.get("xforward", "").upper().split())
-        return b" ".join([b"XFORWARD", *[a.encode() for a in _xforward_attributes(session, offered)]])
+        keywords = conn.client.esmtp_extensions.get("xforward", "")
+        offered = _XFORWARD_OFFERED.get(keywords)
+        if offered is None:
+            if len(_XFORWARD_OFFERED) >= _MAX_IDENTITIES:
+                _XFORWARD_OFFERED.clear()
+            offered = _XFORWARD_OFFERED[keywords] = frozenset(keywords.upper().split())
+        key = _identity_key(b"XFORWARD", session, offered)
+        command = self._xforward.get(key)
+        if command is None:
+            if len(self._xforward) >= _MAX_IDENTITIES:
+                self._xforward.clear()
+            command = self._xforward[key] = b" ".join(
+                [b"XFORWARD", *[a.encode() for a in _xforward_attributes(session, offered)]])
+        return command
 
 
 _EXTENSIONS: dict[str, tuple[dict[str, str], list[str]]] = {}
@@ -652,45 +664,73 @@ def _learn_extensions(client: aiosmtplib.SMTP, response: SMTPResponse) -> None:
     client.supports_esmtp = True
 
 
+_XFORWARD_OFFERED: dict[str, frozenset[str]] = {}
+"""The attributes an XFORWARD EHLO keyword's parameters name, by its text."""
+
+
+def _identity_key(command: bytes, session: Session, offered: frozenset[str]) -> tuple[object, ...]:
+    """What the *command* (XCLIENT or XFORWARD) attributes *offered* encode for *session*: the
+    values of only those attributes. A server that is not offered the client's port (smtp-sink,
+    an older Postfix) gets the same identity for every connection from one client, so the
+    encoded attributes are made once, not per message."""
+    client = session.client
+    return (command, offered,
+            client.ip if "ADDR" in offered else None,
+            client.port if "PORT" in offered else None,
+            client.hostname if "NAME" in offered else None,
+            session.helo if "HELO" in offered else None,
+            session.esmtp if "PROTO" in offered else None,
+            session.auth_user if "LOGIN" in offered else None,
+            session.local_ip if "DESTADDR" in offered else None,
+            session.local_port if "DESTPORT" in offered else None)
+
+
 def _addr(ip: str) -> str:
     return f"IPV6:{ip}" if ":" in ip else ip
 
 
-def _client_values(session: Session) -> dict[str, str]:
-    """What XCLIENT and XFORWARD both say about the original client."""
-    return {
-        "ADDR": _addr(session.client.ip),
-        "PORT": str(session.client.port),
-        "NAME": session.client.hostname or "[UNAVAILABLE]",
-        "HELO": _helo_value(session.helo),
-        "PROTO": "ESMTP" if session.esmtp else "SMTP",
-    }
+def _client_attributes(session: Session, offered: Collection[str]) -> list[str]:
+    """``NAME=xtext`` for what XCLIENT and XFORWARD both say about the original client, in
+    this order, for the attributes the server offers."""
+    client = session.client
+    attributes = []
+    if "ADDR" in offered and client.ip:
+        attributes.append("ADDR=" + xtext(_addr(client.ip)))
+    if "PORT" in offered:
+        attributes.append(f"PORT={client.port}")
+    if "NAME" in offered:
+        attributes.append("NAME=" + xtext(client.hostname or "[UNAVAILABLE]"))
+    if "HELO" in offered:
+        attributes.append("HELO=" + xtext(_helo_value(session.helo)))
+    if "PROTO" in offered:
+        attributes.append("PROTO=ESMTP" if session.esmtp else "PROTO=SMTP")
+    return attributes
 
 
 def _helo_value(helo: str | None) -> str:
-    """HELO= for XCLIENT/XFORWARD: the client's argument (xtext-encoded by _encode), or
+    """HELO= for XCLIENT/XFORWARD: the client's argument (xtext-encoded), or
     ``[UNAVAILABLE]`` when there is none or it is longer than the upstream accepts."""
     if not helo or len(helo_octets(helo)) > _MAX_HELO:
         return "[UNAVAILABLE]"
     return helo
 
 
-def _encode(values: dict[str, str], offered: Collection[str]) -> list[str]:
-    """``NAME=xtext`` for the attributes the server offers and we know."""
-    return [f"{k}={xtext(v)}" for k, v in values.items() if k in offered and v]
-
-
 def _xclient_attributes(session: Session, offered: frozenset[str]) -> list[str]:
-    return _encode({
-        **_client_values(session),
-        "LOGIN": session.auth_user or "[UNAVAILABLE]",
-        "DESTADDR": _addr(session.local_ip) if session.local_ip else "",
-        "DESTPORT": str(session.local_port) if session.local_port else "",
-    }, offered)
+    attributes = _client_attributes(session, offered)
+    if "LOGIN" in offered:
+        attributes.append("LOGIN=" + xtext(session.auth_user or "[UNAVAILABLE]"))
+    if "DESTADDR" in offered and session.local_ip:
+        attributes.append("DESTADDR=" + xtext(_addr(session.local_ip)))
+    if "DESTPORT" in offered and session.local_port:
+        attributes.append(f"DESTPORT={session.local_port}")
+    return attributes
 
 
-def _xforward_attributes(session: Session, offered: set[str]) -> list[str]:
-    return _encode({**_client_values(session), "SOURCE": "REMOTE"}, offered)
+def _xforward_attributes(session: Session, offered: frozenset[str]) -> list[str]:
+    attributes = _client_attributes(session, offered)
+    if "SOURCE" in offered:
+        attributes.append("SOURCE=REMOTE")
+    return attributes
 
 
 def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:

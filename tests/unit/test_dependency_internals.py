@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import weakref
+from types import SimpleNamespace
 
 import aiosmtpd
 import aiosmtpd.smtp
+import pytest
 
 # Members smtpproxy.inbound.InboundSMTP reads, assigns or overrides.
-AIOSMTPD_METHODS = ("_handle_client", "_reset_timeout", "_timeout_cb", "push", "connection_made",
+AIOSMTPD_METHODS = ("_handle_client", "_cb_client_connected", "_reset_timeout", "_timeout_cb", "push", "connection_made",
                     "connection_lost")
 AIOSMTPD_ATTRIBUTES = ("_timeout_handle", "_original_transport", "_tls_handshake_okay",
                        "_tls_protocol", "_smtp_methods", "_reader", "_writer", "_timeout_duration",
@@ -35,13 +38,16 @@ def test_aiosmtpd_still_has_what_inbound_relies_on() -> None:
 
 
 def test_inbound_uses_no_other_private_aiosmtpd_member() -> None:
-    """A new private member used in inbound.py must be added to the lists above (and the pin)."""
+    """A new private member used in inbound.py must be added to the lists above (and the
+    pin). (smtpbase.py, which sets aiosmtpd's attributes up, is held to aiosmtpd's own
+    ``__init__`` by the test after this one.)"""
     import re
 
-    from smtpproxy import inbound
+    from smtpproxy import inbound, smtpbase
 
     source = inspect.getsource(inbound)
     own = set(re.findall(r"self\.(_\w+)\s*(?::[^=\n]*)?=", source)) | set(re.findall(r"def (_\w+)", source))
+    own |= set(re.findall(r"def (_\w+)", inspect.getsource(smtpbase)))  # its base's own methods
     used = set(re.findall(r"self\.(_\w+)", source)) - own
     known = set(AIOSMTPD_ATTRIBUTES) | set(AIOSMTPD_METHODS)
     assert used - known == set(), f"inbound.py uses aiosmtpd members not listed here: {used - known}"
@@ -67,6 +73,57 @@ async def test_streamreader_buffer_is_still_readable() -> None:
     assert bytes(reader._buffer) == b"RCPT TO:<a@b>\r\n", (
         "asyncio.StreamReader._buffer changed: smtpproxy/inbound.py _buffered() must be adapted"
     )
+
+
+@pytest.mark.parametrize("starttls", [False, True])
+async def test_inbound_sets_up_what_aiosmtpds_init_would(starttls: bool) -> None:
+    """InboundSMTP does the work of ``aiosmtpd.smtp.SMTP.__init__`` itself (its scans cost
+    half of a connection's set-up): the protocol must end up with the same attributes, of
+    the same values, as aiosmtpd's own ``__init__`` gives for the listener's arguments. A new
+    aiosmtpd that sets anything else fails here."""
+    import ssl
+
+    from smtpproxy.inbound import InboundSMTP
+    from smtpproxy.listener import ListenerPolicy
+    from smtpproxy.smtpbase import NoHandler
+
+    policy = ListenerPolicy(hostname="mx.example.test", banner="ESMTP test", max_message_size=1234,
+                            idle_timeout=17.0, smtputf8=False, require_starttls=starttls)
+    services = SimpleNamespace(chain=None)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER) if starttls else None
+    ours = InboundSMTP(services, policy, context)  # type: ignore[arg-type]
+    theirs = object.__new__(InboundSMTP)
+    theirs.line_length_limit = ours.line_length_limit
+    aiosmtpd.smtp.SMTP.__init__(
+        theirs, NoHandler(), data_size_limit=policy.max_message_size, enable_SMTPUTF8=policy.smtputf8,
+        hostname=policy.hostname, ident=policy.banner, tls_context=context,
+        require_starttls=policy.require_starttls, timeout=policy.idle_timeout, loop=ours.loop,
+    )
+    theirs_state = vars(theirs)
+    ours_state = {k: v for k, v in vars(ours).items() if k in theirs_state or k in aiosmtpd_attributes()}
+    assert set(ours_state) == set(theirs_state)
+    for name, value in theirs_state.items():
+        mine = ours_state[name]
+        if name == "_smtp_methods":  # ours answers get(verb) from the class, for every verb
+            assert {v: mine.get(v).__func__ for v in value} == {v: m.__func__ for v, m in value.items()}
+        elif isinstance(value, (asyncio.Future, asyncio.StreamReader, weakref.ref, NoHandler)):
+            assert type(mine) is type(value), name  # one of its own per connection, as aiosmtpd's
+        elif inspect.ismethod(value):
+            assert mine.__func__ is value.__func__ and mine.__self__ is ours, name
+        else:
+            assert mine == value, name
+    assert ours._strong_reader is not None and ours._stream_reader_wr() is ours._strong_reader  # type: ignore[attr-defined]
+    assert ours._strong_reader._limit == ours.line_length_limit  # type: ignore[attr-defined]
+
+
+def aiosmtpd_attributes() -> set[str]:
+    """The instance attributes aiosmtpd's SMTP.__init__ (and asyncio's protocol) assign."""
+    import re
+
+    source = inspect.getsource(aiosmtpd.smtp.SMTP.__init__)
+    source += inspect.getsource(asyncio.StreamReaderProtocol.__init__)
+    source += inspect.getsource(asyncio.streams.FlowControlMixin.__init__)
+    return set(re.findall(r"self\.(\w+)\s*(?::[^=\n]*)?=", source))
 
 
 def test_dkimpy_still_has_what_the_streamed_verifier_relies_on() -> None:

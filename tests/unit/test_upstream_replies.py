@@ -67,6 +67,26 @@ def test_the_one_line_shortcut_reads_what_aiosmtplib_reads(lines: list[bytes]) -
     assert _parse(PipeliningProtocol, data) == _parse(SMTPProtocol, data)
 
 
+@given(st.lists(_LINE, max_size=5))
+@example([b"250-a\r\n", b"250 b\r\n", b"250-a\r\n", b"250 b\r\n"])
+@example([b"250-a\r\n", b"2", b"50 b\r\n"])
+@example([b"250-a\r\n", b"250\r\n", b"250 b\r\n"])
+def test_a_reply_read_again_is_read_as_aiosmtplib_reads_it(lines: list[bytes]) -> None:
+    """Multi-line replies are kept by their octets once parsed: the second reading of the
+    same octets (from what was kept) gives what the first, and aiosmtplib, gave."""
+    data = b"".join(lines)
+    first = _parse(PipeliningProtocol, data)
+    assert _parse(PipeliningProtocol, data) == first == _parse(SMTPProtocol, data)
+
+
+def test_an_ehlo_reply_seen_before_is_not_parsed_again() -> None:
+    ehlo = b"".join(b"250-%s\r\n" % line.encode() for line in _EHLO.split("\n")[:-1]) + b"250 CHUNKING\r\n"
+    first = _parse(PipeliningProtocol, ehlo + b"250 2.0.0 Ok\r\n")[:2]
+    again = _parse(PipeliningProtocol, ehlo + b"250 2.0.0 Ok\r\n")
+    assert first == again[:2] and first[0] == SMTPResponse(250, _EHLO)
+    assert again[0] is first[0]  # the same object: kept, not parsed again
+
+
 def test_the_shortcut_is_taken_for_the_usual_reply() -> None:
     """Not only equal: a one-line reply does not reach aiosmtplib's parser."""
     class Counting(PipeliningProtocol):
