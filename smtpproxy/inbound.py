@@ -136,22 +136,6 @@ class InboundSMTP(CommandServer):
             if tls is not None:
                 event("starttls", version=tls.version, cipher=tls.cipher)
 
-    def connection_lost(self, error: Exception | None) -> None:
-        super().connection_lost(error)
-        handler = self._handler_coroutine
-        if handler is None or handler.done():
-            self._let_go()
-        else:  # the command loop still ends (it was just cancelled); let go after it
-            handler.add_done_callback(self._let_go)
-
-    def _let_go(self, _handler: object = None) -> None:
-        """Drop the references back to this session that aiosmtpd and asyncio's streams keep
-        (stream writer, connected callback, command table): each finished session was a
-        cycle of ~35 objects for the garbage collector (tests/wire/test_reference_cycles.py)."""
-        self._writer = None  # type: ignore[assignment]
-        self._client_connected_cb = None
-        self._smtp_methods = None  # type: ignore[assignment]
-
     def _reset_timeout(self, duration: float | None = None) -> None:
         """Push the idle (or DATA) deadline back.
 
