@@ -10,6 +10,7 @@ error, so what the neighbours do to a round falls on both sides of the pair.
     git archive <commit> | (mkdir -p /tmp/before && tar -x -C /tmp/before)
     python bench/postfix_pairs.py --before /tmp/before                 # proxy, c100, 8 rounds
     python bench/postfix_pairs.py --before /tmp/before --system proxy-chain --concurrency 10 --rounds 12
+    python bench/postfix_pairs.py --before /tmp/before --system milter-chain     # Postfix calling each milter
 
 A is the --before checkout, B this one (or --after DIR). Run as root (private Postfix masters).
 The CPU figures are psutil's, in clock ticks: 1,000 messages a round resolve 0.01 ms.
@@ -29,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench import systems
-from bench.postfix_rows import postfix, smtpproxy_proxy, tree_cpu
+from bench.postfix_rows import postfix, smtpproxy_milter, smtpproxy_proxy, tree_cpu
 from bench.run import Signed, smtp_source
 from bench.systems import DnsZone
 
@@ -46,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, required=True, metavar="DIR", help="checkout A")
     parser.add_argument("--after", type=Path, default=systems.ROOT, metavar="DIR",
                         help="checkout B (default: this one)")
-    parser.add_argument("--system", choices=["proxy", "proxy-chain"], default="proxy")
+    parser.add_argument("--system", choices=["proxy", "proxy-chain", "milter", "milter-chain", "milter-unix"],
+                        default="proxy")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--messages", type=int, default=1000, help="per checkout and round")
     parser.add_argument("--rounds", type=int, default=8)
@@ -72,11 +74,18 @@ def main(argv: list[str] | None = None) -> int:
         for side, tree in trees.items():
             workdir = base / side
             workdir.mkdir()
-            mta = stack.enter_context(postfix(None))
-            filt = smtpproxy_proxy(args.system, workdir, dns.port, mta.port,
-                                   None if tree == systems.ROOT else tree)
-            stack.callback(filt.stop)
-            ports[side], pids[side] = filt.port, (filt.pid, mta._process.pid)
+            root = None if tree == systems.ROOT else tree
+            if args.system.startswith("milter"):  # the milter first: Postfix is configured with it
+                filt = smtpproxy_milter(args.system, workdir, dns.port, root)
+                stack.callback(filt.stop)
+                mta = stack.enter_context(postfix(filt))
+                port = mta.port
+            else:
+                mta = stack.enter_context(postfix(None))
+                filt = smtpproxy_proxy(args.system, workdir, dns.port, mta.port, root)
+                stack.callback(filt.stop)
+                port = filt.port
+            ports[side], pids[side] = port, (filt.pid, mta._process.pid)
         for side in trees:  # warm-up: processes spawned, DNS cached; not measured
             smtp_source(ports[side], args.concurrency, max(300, 2 * args.concurrency), message, reuse=False)
         for n in range(args.rounds):
