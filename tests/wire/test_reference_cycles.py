@@ -6,7 +6,9 @@ at concurrency 100 the proxy spent ~35 µs a message in the collector, for the ~
 each session left in a cycle; the milter's progress timer left ~22 a message with the chain
 on). Each test runs whole sessions with the collector off and looks at what one collection
 then finds: nothing from smtpproxy's modules (the test's own clients and the sink upstream,
-aiosmtpd's, are not ours to judge).
+aiosmtpd's, are not ours to judge); for the proxy, also that the session's protocol object
+is gone as the session ends (sessions that end with QUIT, that the client drops, and
+connections refused with 421 before a session starts).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import contextlib
 import gc
 import ssl
 import types
+import weakref
 from collections.abc import Iterator
 from typing import Any
 
@@ -103,18 +106,63 @@ async def _settled() -> None:
         await asyncio.sleep(0.01)
 
 
+async def _gone(ref: weakref.ref[object]) -> bool:
+    """Whether the object is freed (by reference counting: the collector is off) within ~2 s."""
+    for _ in range(200):
+        if ref() is None:
+            return True
+        await asyncio.sleep(0.01)
+    return False
+
+
 async def test_proxy_sessions_leave_no_cycles(proxy_factory: ProxyFactory, sink: Sink) -> None:
     proxy = await proxy_factory(SlowEverywhere(), upstream=sink.port, relay=RELAY)
     with cyclic_garbage() as garbage:
         for _ in range(3):
             client = await Talk.open(port_of(proxy))
             await client.hello()
+            [session] = proxy.services.sessions
+            ended = weakref.ref(session)
+            del session
             code, text = await client.send_message("a@sender.test", ["b@dest.test"], MESSAGE)
             assert code == 250, text
             assert await client.cmd("QUIT") == (221, "2.0.0 Bye")
+            assert await client.closed()
             await client.close()
+            assert await _gone(ended), "the session's protocol is still alive"
         await _settled()
         assert len(sink.messages) == 3
+    assert _names(garbage) == []
+
+
+async def test_a_session_the_client_drops_leaves_no_cycles(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    """No QUIT: the connection is lost while the proxy waits for a command (aiosmtpd then
+    cancels the session's task, whose cancellation keeps the frames in its traceback)."""
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY)
+    with cyclic_garbage() as garbage:
+        client = await Talk.open(port_of(proxy))
+        assert (await client.hello())[0] == 250
+        [session] = proxy.services.sessions
+        ended = weakref.ref(session)
+        del session
+        await client.close()
+        assert await _gone(ended), "the session's protocol is still alive"
+        await _settled()
+    assert _names(garbage) == []
+
+
+async def test_a_refused_connection_leaves_no_cycles(proxy_factory: ProxyFactory, sink: Sink) -> None:
+    """Over the per-IP cap the proxy answers 421 and closes before any session starts."""
+    proxy = await proxy_factory(upstream=sink.port, relay=RELAY, limits={"max_sessions_per_ip": 1})
+    first = await Talk.open(port_of(proxy))
+    assert (await first.greeting())[0] == 220
+    with cyclic_garbage() as garbage:
+        second = await Talk.open(port_of(proxy))
+        assert (await second.greeting())[0] == 421
+        assert await second.closed()
+        await second.close()
+        await _settled()
+    await first.close()
     assert _names(garbage) == []
 
 
