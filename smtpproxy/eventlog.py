@@ -287,31 +287,31 @@ class JsonFormatter(logging.Formatter):
     """One JSON object per line, same fields as the key=value format."""
 
     def format(self, record: logging.LogRecord) -> str:
-        out: dict[str, Any] = {"ts": _timestamp(record.created), "level": record.levelname.lower()}
         structured = getattr(record, "smtpproxy_fields", None)
-        sid = current_session.get()
         if structured is not None:
-            out["event"] = _name(record)
+            out = _json_event(record.created, record.levelname, _name(record), structured)
         else:
-            out["logger"] = record.name
-            out["msg"] = record.getMessage()
-        if sid:
-            out["sid"] = sid
-        if structured is not None:
-            out.update(_own_fields(structured))
+            out = {"ts": _timestamp(record.created), "level": record.levelname.lower(),
+                   "logger": record.name, "msg": record.getMessage()}
+            sid = current_session.get()
+            if sid:
+                out["sid"] = sid
         if record.exc_info:
             out["exc"] = self.formatException(record.exc_info)
         return _json_line(out)
 
     def event_line(self, level: int, name: str, fields: dict[str, Any]) -> str:
         """The line of an event logged now, without a record (:meth:`BatchingHandler.write_event`)."""
-        out: dict[str, Any] = {"ts": _timestamp(time.time()), "level": _level_name(level).lower(),
-                               "event": name}
-        sid = current_session.get()
-        if sid:
-            out["sid"] = sid
-        out.update(_own_fields(fields))
-        return _json_line(out)
+        return _json_line(_json_event(time.time(), _level_name(level), name, fields))
+
+
+def _json_event(created: float, levelname: str, name: str, fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {"ts": _timestamp(created), "level": levelname.lower(), "event": name}
+    sid = current_session.get()
+    if sid:
+        out["sid"] = sid
+    out.update(_own_fields(fields))
+    return out
 
 
 _json_line = json.JSONEncoder(ensure_ascii=False, default=str).encode
