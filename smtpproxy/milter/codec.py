@@ -312,17 +312,6 @@ class Macro:
         self._pairs = pairs
         self._values = None
 
-    @classmethod
-    def _undecoded(cls, payload: bytes) -> Macro:
-        """From a packet's payload: the command code, then NUL-terminated strings, an even
-        number of them (the decoder checked)."""
-        macro = _new_macro(cls)
-        macro.for_command = _LATIN1[payload[0]]
-        macro._pairs = None
-        macro._raw = payload
-        macro._values = None
-        return macro
-
     @property
     def pairs(self) -> tuple[tuple[str, str], ...]:
         if self._pairs is None:
@@ -467,7 +456,7 @@ def decode_command(code: bytes, payload: bytes) -> Command:
     if code == b"D":
         size = len(payload)
         if size == 1 or (size > 1 and payload[-1] == 0 and not payload.count(b"\0", 1) % 2):
-            macro = _new_macro(Macro)  # Macro._undecoded(payload), inline: sixteen a message
+            macro = _new_macro(Macro)  # undecoded (see Macro): sixteen a message
             macro.for_command = _LATIN1[payload[0]]
             macro._pairs = None
             macro._raw = payload
