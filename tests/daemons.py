@@ -64,6 +64,15 @@ class LogLines:
             self._pending += chunk
         raise AssertionError(f"no log line matching {pattern!r}:\n" + "".join(self.lines))
 
+    def everything(self) -> str:
+        """All the child wrote: the lines read so far, then the rest up to the end of the pipe
+        (call it once the child exited; a partial line already read is not lost)."""
+        rest = [self._pending]
+        while chunk := os.read(self._fd, 65536):
+            rest.append(chunk)
+        self._pending = b""
+        return "".join(self.lines) + b"".join(rest).decode("utf-8", "replace")
+
 
 def smtpproxy_process(command: str, config: Any, yaml_text: str) -> tuple[subprocess.Popen[bytes], LogLines]:
     """``smtpproxy COMMAND -c CONFIG`` as users start it, with *yaml_text* written to *config*
