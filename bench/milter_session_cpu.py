@@ -31,6 +31,7 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -178,7 +179,6 @@ def _run_chain(args: argparse.Namespace, profiler: cProfile.Profile | None) -> N
 async def _measure_chain(messages: int, zone_port: int, raw: bytes,
                          profiler: cProfile.Profile | None) -> tuple[float, str]:
     from smtpproxy.config import Config
-    from smtpproxy.milter import codec
     from smtpproxy.registry import build_chain
     from smtpproxy.startup import start_chain
 
@@ -195,24 +195,8 @@ async def _measure_chain(messages: int, zone_port: int, raw: bytes,
         else:
             name, _, value = line.decode().partition(":")
             fields.append([name, value])
-    queue_id = (("i", "4ABC"),)  # as _commands(): Postfix's default milter_*_macros
-    commands = [
-        codec.Macro("C", (("j", "mx.bench"), ("{daemon_name}", "smtpd"), ("{daemon_addr}", "127.0.0.1"),
-                          ("v", "Postfix 3.7.11"), ("_", "localhost [127.0.0.1]"))),
-        codec.Connect("localhost", "4", 40000, "127.0.0.1"),
-        codec.Macro("H", ()), codec.Helo("client.bench"),
-        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "bench@sender.test"),
-                          ("{mail_host}", "sender.test"), ("{mail_mailer}", "smtp"))),
-        codec.Mail(("<bench@sender.test>",)),
-        codec.Macro("R", (("i", "4ABC"), ("{rcpt_addr}", "rcpt@bench.test"), ("{rcpt_host}", "bench.test"),
-                          ("{rcpt_mailer}", "smtp"))),
-        codec.Rcpt(("<rcpt@bench.test>",)),
-        codec.Macro("T", queue_id),
-        *(packet for name, value in fields
-          for packet in (codec.Macro("L", queue_id), codec.Header(name, value))),
-        codec.Macro("N", queue_id), codec.EndOfHeaders(), codec.Macro("B", queue_id), codec.Body(body),
-        codec.Macro("E", queue_id), codec.EndOfBody(b""), codec.Quit(),
-    ]
+    commands = _commands([(name, value) for name, value in fields], body, domain="bench",
+                         sender="bench@sender.test", recipient="rcpt@bench.test", mail_params=())
     micros = await _measure(messages, False, profiler, chain, commands)
     found = [w for w in LAST_WRITTEN if b"Authentication-Results" in w]
     if len(found) != 1 or found[0].count(b"=pass") != 3:
@@ -220,25 +204,30 @@ async def _measure_chain(messages: int, zone_port: int, raw: bytes,
     return micros, found[0][found[0].index(b"Authentication-Results"):].decode(errors="replace")
 
 
-def _commands() -> list[Any]:
+def _commands(headers: Sequence[tuple[str, str]] = HEADERS, body: bytes = BODY, *, domain: str = "test",
+              sender: str = "alice@sender.test", recipient: str = "bob@dest.test",
+              mail_params: tuple[str, ...] = ("SIZE=1000",)) -> list[Any]:
+    """One message's packets as Postfix writes them, with its default milter_*_macros (a
+    macro packet before each event and header field); the MTA is mx.DOMAIN, the client
+    client.DOMAIN."""
     from smtpproxy.milter import codec
 
     queue_id = (("i", "4ABC"),)  # milter_end_of_header_macros, milter_end_of_data_macros
     return [
-        codec.Macro("C", (("j", "mx.test"), ("{daemon_name}", "smtpd"), ("{daemon_addr}", "127.0.0.1"),
+        codec.Macro("C", (("j", f"mx.{domain}"), ("{daemon_name}", "smtpd"), ("{daemon_addr}", "127.0.0.1"),
                           ("v", "Postfix 3.7.11"), ("_", "localhost [127.0.0.1]"))),
         codec.Connect("localhost", "4", 40000, "127.0.0.1"),
-        codec.Macro("H", ()), codec.Helo("client.test"),
-        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", "alice@sender.test"),
-                          ("{mail_host}", "sender.test"), ("{mail_mailer}", "smtp"))),
-        codec.Mail(("<alice@sender.test>", "SIZE=1000")),
-        codec.Macro("R", (("i", "4ABC"), ("{rcpt_addr}", "bob@dest.test"), ("{rcpt_host}", "dest.test"),
-                          ("{rcpt_mailer}", "smtp"))),
-        codec.Rcpt(("<bob@dest.test>",)),
+        codec.Macro("H", ()), codec.Helo(f"client.{domain}"),
+        codec.Macro("M", (("i", "4ABC"), ("{mail_addr}", sender),
+                          ("{mail_host}", sender.partition("@")[2]), ("{mail_mailer}", "smtp"))),
+        codec.Mail((f"<{sender}>", *mail_params)),
+        codec.Macro("R", (("i", "4ABC"), ("{rcpt_addr}", recipient),
+                          ("{rcpt_host}", recipient.partition("@")[2]), ("{rcpt_mailer}", "smtp"))),
+        codec.Rcpt((f"<{recipient}>",)),
         codec.Macro("T", queue_id),
-        *(packet for name, value in HEADERS
+        *(packet for name, value in headers
           for packet in (codec.Macro("L", queue_id), codec.Header(name, value))),
-        codec.Macro("N", queue_id), codec.EndOfHeaders(), codec.Macro("B", queue_id), codec.Body(BODY),
+        codec.Macro("N", queue_id), codec.EndOfHeaders(), codec.Macro("B", queue_id), codec.Body(body),
         codec.Macro("E", queue_id), codec.EndOfBody(b""), codec.Quit(),
     ]
 
