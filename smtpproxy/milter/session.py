@@ -78,6 +78,10 @@ _ENVELOPE_NO_REPLY = {"connect": codec.SMFIP_NR_CONN, "helo": codec.SMFIP_NR_HEL
 _BARE_NEWLINE = re.compile(rb"\r(?!\n)|(?<!\r)\n")
 _WARNED_NO_PORT: weakref.WeakSet[Chain] = weakref.WeakSet()
 """Chains whose ``listeners`` groups were found without {daemon_port}: said once each."""
+_ANNOUNCED: weakref.WeakKeyDictionary[Chain, set[tuple[codec.OptNeg, int]]] = weakref.WeakKeyDictionary()
+"""The (offer, steps asked) each chain's milter has logged ``milter_negotiated`` for at info:
+an MTA makes the same offer on every connection (Postfix opens one per SMTP session), so the
+agreement is said at info when it is new and at debug on the other connections."""
 _HOSTNAME = re.compile(r"[A-Za-z0-9_.-]{1,253}", re.ASCII)
 """What a verified client name may contain (Postfix's valid_hostname() characters)."""
 
@@ -411,7 +415,14 @@ class MilterSession:
         self._headers_without_reply = not self._replies(codec.SMFIP_NR_HDR)
         content = codec.SMFIP_NR_EOH | codec.SMFIP_NR_BODY
         self._content_without_reply = self.negotiated.protocol & content == content
-        event("milter_negotiated", peer=self.peer, **fields)
+        announced = _ANNOUNCED.setdefault(self.chain, set())
+        if (offer, self.no_reply) in announced:
+            event("milter_negotiated", logging.DEBUG, peer=self.peer, **fields)
+        else:
+            if len(announced) >= 64:  # bounded, whatever the MTAs offer
+                announced.clear()
+            announced.add((offer, self.no_reply))
+            event("milter_negotiated", peer=self.peer, **fields)
         await self.send(self.negotiated)
 
     async def _connect(self, info: codec.Connect) -> None:

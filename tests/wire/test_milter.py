@@ -227,6 +227,32 @@ async def test_negotiation_asks_only_for_what_it_uses(milter: Factory) -> None:
     await mta.close()
 
 
+async def test_the_agreement_is_logged_at_info_when_new(milter: Factory, caplog: pytest.LogCaptureFixture) -> None:
+    """Postfix opens a connection per SMTP session and offers the same each time: the
+    agreement is an info line the first time, debug after, and info again when the offer
+    changes (an MTA reconfigured to grant fewer actions)."""
+    server = await milter()
+    offers = [POSTFIX_ACTIONS, POSTFIX_ACTIONS, codec.SMFIF_ADDHDRS, POSTFIX_ACTIONS, codec.SMFIF_ADDHDRS]
+    with caplog.at_level(logging.DEBUG, logger="smtpproxy"):
+        for actions in offers:
+            mta = await FakeMTA.open(server)
+            await mta.negotiate(actions=actions)
+            await mta.close()
+        await asyncio.sleep(0)
+    lines = [(r.levelno, r.smtpproxy_fields["granted"]) for r in caplog.records  # type: ignore[attr-defined]
+             if r.msg == "milter_negotiated"]
+    every = codec.action_names(codec.ACTIONS)
+    assert lines == [(logging.INFO, every), (logging.DEBUG, every), (logging.INFO, ["ADDHDRS"]),
+                     (logging.DEBUG, every), (logging.DEBUG, ["ADDHDRS"])]
+    # Another milter (another chain) says its agreement again.
+    caplog.clear()
+    with caplog.at_level(logging.DEBUG, logger="smtpproxy"):
+        mta = await FakeMTA.open(await milter())
+        await mta.negotiate()
+        await mta.close()
+    assert [r.levelno for r in caplog.records if r.msg == "milter_negotiated"] == [logging.INFO]
+
+
 class RcptJudge:
     """Refuses one recipient at RCPT (a rcpt_to hook: the MTA must wait for that answer)."""
 
