@@ -16,7 +16,7 @@ from collections.abc import Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
-from smtpproxy import __version__, eventloop
+from smtpproxy import __version__, collector, eventloop
 from smtpproxy.config import Config, ConfigError, ConfigSource, load_config
 from smtpproxy.eventlog import configure_logging, event
 from smtpproxy.registry import build_chain, installed_plugins
@@ -329,6 +329,7 @@ def _run_policy(config: Config, source: ConfigSource | None) -> int:
 
 def _serve(main: Coroutine[Any, Any, None], config: Config) -> int:
     """Run a front end until it stops; a startup failure is exit code 1 with the reason."""
+    collector.set_for_serving()
     try:
         eventloop.run(main, config.event_loop)
     except (StartupError, eventloop.EventLoopError) as exc:
