@@ -2,20 +2,18 @@
 
     python bench/proxy_floor.py PORT UPSTREAM_PORT [--identity xclient|xforward]
 
-For postfix_rows.py's ``proxy-floor`` rows: on the wire it does what ``smtpproxy run`` without
-plugins does with Postfix, and nothing else. To the client: a greeting, ours' default EHLO
-reply, 250 to MAIL, the upstream's reply to each RCPT (``rcpt_mode: relay``: MAIL and the first
-RCPT go in one write), 354 at once, the message read to the dot, the upstream's reply to it.
-Upstream with ``xclient`` (``client_identity: auto`` against Postfix): a new connection per
-message, greeting, XCLIENT with ours' attributes (an EHLO before it only on the first
-connection, to learn which Postfix offers), EHLO with the client's HELO, MAIL+RCPT, ``BDAT
-<size> LAST`` and the message where CHUNKING is offered (else DATA), QUIT. With ``xforward``:
-pooled connections (ours' defaults: 32 idle, 100 messages each), XFORWARD in the write of MAIL
-and RCPT, no RSET. No Received: field (ours adds none when the upstream is told the client),
-no parsing beyond line ends, the dot and reply codes, no log line, no plugin, no timeout; each
-session is a generator the two connections' callbacks resume (no task, no future). What is
-left is the event loop, two connections and the kernel; what ``smtpproxy run`` costs above it
-is its own Python. Not a proxy to deploy: it checks nothing it relays.
+For postfix_rows.py's ``proxy-floor`` rows: what ``smtpproxy run`` without plugins does on
+the wire with Postfix (bench/README.md compares the two), nothing else. The client gets ours'
+EHLO reply, 250 to MAIL, the upstream's reply to each RCPT (MAIL goes with the first, as in
+``rcpt_mode: relay``), 354 at once, the upstream's reply to the message. Upstream, ``xclient``:
+a new connection per message, greeting, XCLIENT (an EHLO first only on the first connection,
+to learn the attributes), EHLO as the client, MAIL+RCPT in one write, ``BDAT <size> LAST``
+with the message (DATA without CHUNKING), QUIT. ``xforward``: pooled connections (ours'
+defaults), XFORWARD in MAIL's write, no RSET. No Received: field (ours writes none when the
+upstream is told the client), no parsing beyond line ends, the dot and reply codes, no log,
+no plugin, no timeout, no task: each session is a generator its connections' callbacks
+resume. What is left is the event loop, the connections and the kernel. Not a proxy to
+deploy: it checks nothing it relays.
 """
 
 from __future__ import annotations
@@ -38,11 +36,13 @@ LOST = b"451 4.4.2 Upstream connection lost, try again later\r\n"
 XCLIENT_ORDER = (b"ADDR", b"PORT", b"NAME", b"HELO", b"PROTO", b"LOGIN", b"DESTADDR", b"DESTPORT")
 XFORWARD_ORDER = (b"ADDR", b"PORT", b"NAME", b"HELO", b"PROTO", b"SOURCE")
 MAX_IDLE, MAX_MESSAGES = 32, 100
-LINE, BODY, CONNECT = "line", "body", "connect"
-"""What a session waits for besides ``(octets for the upstream, replies due)``: a client's
-command line, its message (dot-stuffed, without the final dot), a new upstream connection."""
+LINE, BODY, CONNECT = "line", "body", "connect"  # what a session waits for, or (octets, replies)
 
 Script = Generator[Any, Any, bytes]
+
+
+class Refused(Exception):
+    """The upstream failed before the message; ``args[0]``: the reply for the client's RCPT."""
 
 
 def offered(ehlo: bytes, keyword: bytes) -> frozenset[bytes] | None:
@@ -232,9 +232,10 @@ class Session(asyncio.Protocol):
         """The upstream's reply to RCPT; for the first, MAIL goes with it (and XFORWARD before)."""
         if self.up is not None:
             return cast(bytes, (yield rcpt, 1)[0])
-        refused = yield from self.connect()
-        if refused:
-            return refused
+        try:
+            yield from self.connect()
+        except Refused as exc:
+            return cast(bytes, exc.args[0])
         assert self.up is not None and self.mail is not None
         prelude = b""
         if self.relay.identity == "xforward" and self.up.xforward:
@@ -246,7 +247,7 @@ class Session(asyncio.Protocol):
 
     def connect(self) -> Script:
         """A connection ready for MAIL as :attr:`up`: an idle one (xforward), or a new one
-        (greeting, EHLO as the proxy where needed, XCLIENT and EHLO as the client); else a reply."""
+        (greeting, EHLO as the proxy where needed, XCLIENT and EHLO as the client); else Refused."""
         relay, xclient = self.relay, self.relay.identity == "xclient"
         while not xclient and relay.idle:
             up = relay.idle.popleft()
@@ -255,27 +256,23 @@ class Session(asyncio.Protocol):
                 return b""
         self.up = yield CONNECT
         if self.up is None:
-            return b"451 4.4.1 Upstream mail server not reachable, try again later\r\n"
-        [reply] = yield b"", 1
-        if reply[:3] != b"220":
-            return self.drop(reply)
+            raise Refused(b"451 4.4.1 Upstream mail server not reachable, try again later\r\n")
+        reply = yield from self.ask(b"", b"220")
         if not xclient or relay.xclient is None:
-            [reply] = yield b"EHLO " + NAME + b"\r\n", 1
-            if reply[:3] != b"250":
-                return self.drop(reply)
-            if xclient:
-                relay.xclient = offered(reply, b"XCLIENT") or frozenset()
-        if xclient:
-            assert relay.xclient is not None
-            [reply] = yield b"XCLIENT " + self.attributes(relay.xclient, XCLIENT_ORDER) + b"\r\n", 1
-            if reply[:3] != b"220":
-                return self.drop(reply)
-            [reply] = yield b"EHLO " + (self.helo or NAME) + b"\r\n", 1
-            if reply[:3] != b"250":
-                return self.drop(reply)
+            reply = yield from self.ask(b"EHLO " + NAME + b"\r\n", b"250")
+            relay.xclient = offered(reply, b"XCLIENT") or frozenset() if xclient else None
+        if relay.xclient is not None:
+            yield from self.ask(b"XCLIENT " + self.attributes(relay.xclient, XCLIENT_ORDER) + b"\r\n", b"220")
+            reply = yield from self.ask(b"EHLO " + (self.helo or NAME) + b"\r\n", b"250")
         self.up.chunking = offered(reply, b"CHUNKING") is not None
         self.up.xforward = offered(reply, b"XFORWARD") or frozenset()
         return b""
+
+    def ask(self, command: bytes, code: bytes) -> Script:
+        [reply] = yield command, 1
+        if reply[:3] != code:
+            raise Refused(self.drop(reply))
+        return cast(bytes, reply)
 
     def attributes(self, names: frozenset[bytes], order: tuple[bytes, ...]) -> bytes:
         helo = self.helo if all(33 <= b <= 126 and b not in b"+=" for b in self.helo) else b""  # no xtext
