@@ -18,7 +18,12 @@ Rows (each its own private Postfix, tests/postfix_instance.py, queueing to ``dis
 * ``proxy`` / ``proxy-chain``: ``smtpproxy run`` in front of the same kind of Postfix, XCLIENT
   on (client_identity: auto), no plugins / the same four plugins;
 * ``proxy-history``: ``proxy`` with an SQLite ``store:``, so history records every decision
-  (in batches, its defaults): what history costs.
+  (in batches, its defaults): what history costs;
+* ``proxy-xforward``: ``proxy`` with ``client_identity: xforward`` (pooled upstream connections,
+  XFORWARD with MAIL) instead of XCLIENT (a new upstream connection per message);
+* ``proxy-floor`` / ``proxy-floor-xforward``: bench/proxy_floor.py, the least a Python relay
+  on uvloop does per message on the same wire as ``proxy`` / ``proxy-xforward``: what is not
+  ours to cut.
 
 Every filter logs at its default (info) level to a file, answers DNS from the same loopback
 server (bench/dnszone.py), and sees the same DKIM-signed message whose SPF and DMARC pass.
@@ -58,7 +63,7 @@ from bench.systems import HOST, DnsZone, free_port, spawn, stop_process
 
 RESULTS = systems.BENCH / "results"
 SYSTEMS = ["postfix", "milter", "milter-chain", "milter-unix", "floor", "rspamd-auth", "rspamd", "proxy",
-           "proxy-chain", "proxy-history"]
+           "proxy-chain", "proxy-history", "proxy-xforward", "proxy-floor", "proxy-floor-xforward"]
 SIZES = {"1k": 1024, "100k": 100 * 1024}
 CHAIN = [{"name": "spf"}, {"name": "dkim_verify"}, {"name": "dmarc"},
          {"name": "auth_results", "settings": {"authserv_id": "filter.bench"}}]
@@ -171,12 +176,25 @@ def floor_milter(name: str, workdir: Path, dns_port: int) -> Filter:
     return f
 
 
+def floor_proxy(name: str, workdir: Path, dns_port: int, upstream: int) -> Filter:
+    """bench/proxy_floor.py: the proxy's wire and nothing else (the ``proxy-floor*`` rows)."""
+    identity = "xforward" if name.endswith("-xforward") else "xclient"
+    f = Filter(name, workdir, dns_port, free_port(), kind="proxy",
+               description=f"bench/proxy_floor.py -> Postfix ({identity.upper()}): the proxy's wire only")
+    log = workdir / "log"
+    script = Path(__file__).resolve().parent / "proxy_floor.py"
+    f.proc = spawn([sys.executable, str(script), str(f.port), str(upstream), "--identity", identity], log)
+    systems.wait_banner(f.port, f.proc, name, log)
+    return f
+
+
 def smtpproxy_proxy(name: str, workdir: Path, dns_port: int, upstream: int,
                     root: Path | None = None) -> Filter:
     chain = name.partition("@")[0].endswith("-chain")
     history = name.partition("@")[0].endswith("-history")
+    xforward = name.partition("@")[0].endswith("-xforward")
     f = Filter(name, workdir, dns_port, free_port(), kind="proxy",
-               description="smtpproxy run -> Postfix (XCLIENT), " + (
+               description=f"smtpproxy run -> Postfix ({'XFORWARD' if xforward else 'XCLIENT'}), " + (
                    "spf + dkim_verify + dmarc + auth_results" if chain else "no plugins") + (
                    ", history in an SQLite store" if history else ""))
     config: dict[str, Any] = {
@@ -193,6 +211,8 @@ def smtpproxy_proxy(name: str, workdir: Path, dns_port: int, upstream: int,
         config["plugins"] = CHAIN
     if history:  # every decision recorded, in batches (history's defaults)
         config["store"] = {"sqlite": str(workdir / "store.sqlite")}
+    if xforward:  # pooled upstream connections; Postfix learns the client for its logs only
+        config["delivery"]["client_identity"] = "xforward"
     path = workdir / "smtpproxy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     log = workdir / "log"
@@ -302,7 +322,9 @@ def measure(name: str, base: Path, dns_port: int, *, msgfiles: dict[str, Path], 
         elif name.startswith("rspamd"):
             filt = rspamd_milter(name, workdir, dns_port)
         with postfix(filt if filt is not None and filt.kind == "milter" else None) as mta:
-            if name.startswith("proxy"):
+            if name.startswith("proxy-floor"):
+                filt = floor_proxy(name, workdir, dns_port, mta.port)
+            elif name.startswith("proxy"):
                 filt = smtpproxy_proxy(name, workdir, dns_port, mta.port, root)
             target = filt.port if filt is not None and filt.kind == "proxy" else mta.port
             mta_pid = mta._process.pid
@@ -421,7 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.systems:
         base_name, at, tag = name.partition("@")
         if base_name not in SYSTEMS or (at and (tag != "before" or args.before is None
-                                                or not base_name.startswith(("milter", "proxy")))):
+                                                or not base_name.startswith(("milter", "proxy"))
+                                                or base_name.startswith("proxy-floor"))):
             parser.error(f"unknown row {name!r}: choose from {', '.join(SYSTEMS)} "
                          "(milter*/proxy* also NAME@before, with --before DIR)")
     if args.before is not None:
