@@ -292,9 +292,12 @@ class SmtpProxy(System):
         self.workers = workers
         self.root = root
         self.before = root != ROOT
+        # uvloop became a dependency, and the default loop, with smtpproxy/eventloop.py (issue
+        # 15): a checkout from before ran on asyncio's loop by default, one since on uvloop.
+        self.asyncio_by_default = self.before and not (root / "smtpproxy" / "eventloop.py").exists()
         loop_text = {"default": ", default event loop", "asyncio": ", asyncio",
                      "uvloop": ", uvloop"}[loop]
-        if self.before and loop == "default":
+        if self.asyncio_by_default and loop == "default":
             loop_text = ", asyncio (the default install had no uvloop)"
         self.description = ("smtpproxy, default chain (spf, dkim_verify, dmarc, auth_results, "
                             "ratelimit/redis, score)"
@@ -315,8 +318,8 @@ class SmtpProxy(System):
         }
         if self.loop != "default":
             config["event_loop"] = self.loop
-        elif self.before:  # uvloop was not a dependency before issue 15: the default install
-            config["event_loop"] = "asyncio"  # ran on asyncio's loop
+        elif self.asyncio_by_default:  # what that checkout's default install ran on
+            config["event_loop"] = "asyncio"
         workers = self.workers
         if workers == "auto" and self.before:  # not a valid setting there yet
             workers = os.cpu_count() or 1
