@@ -5,8 +5,8 @@ as it ends (tests/wire/test_reference_cycles.py holds each front end to that), s
 collector's runs find is nothing: they only walk the objects of the sessions still open. With
 CPython's first threshold, a run every 700 container objects allocated and not yet freed,
 that came to 6-40 µs of CPU a message at 100 concurrent sessions behind Postfix, 1-3 % of
-the process (bench/gc_cost.py). At 10,000 a run comes about forty times less often and the
-collector costs 0.5-4 µs a message; a cycle a plugin makes is still freed, by a later run.
+the process (bench/gc_cost.py). At 10,000 runs come tens of times less often and the
+collector costs 0.2-4 µs a message; a cycle a plugin makes is still freed, by a later run.
 """
 
 from __future__ import annotations
