@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import selectors
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from typing import IO, Any
 
-__all__ = ["LogLines", "free_port", "stop_process"]
+__all__ = ["LogLines", "checked_process", "free_port", "smtpproxy_process", "stop_process"]
 
 
 def free_port() -> int:
@@ -84,3 +86,17 @@ def smtpproxy_process(command: str, config: Any, yaml_text: str) -> tuple[subpro
                             stderr=subprocess.PIPE, cwd=config.parent)
     assert proc.stderr is not None
     return proc, LogLines(proc.stderr)
+
+
+@contextlib.contextmanager
+def checked_process(proc: subprocess.Popen[bytes], log: LogLines) -> Iterator[None]:
+    """The block drives a child process: it is killed if still running when the block ends,
+    and when the block succeeded, nothing the child wrote may hold a traceback (an exit
+    code 0 after an exception logged and survived would pass otherwise)."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.everything()

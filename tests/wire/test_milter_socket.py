@@ -195,14 +195,14 @@ async def test_the_milter_process_answers_a_message_on_either_event_loop(tmp_pat
     asyncio's classes) takes a whole message in and answers it, on TCP and on a Unix socket."""
     import signal
 
-    from tests.daemons import free_port, smtpproxy_process
+    from tests.daemons import checked_process, free_port, smtpproxy_process
 
     pytest.importorskip(choice)
     port, path = free_port(), tmp_path / "milter.sock"
     for listen in (f"inet:127.0.0.1:{port}", f"unix:{path}"):
         proc, log = smtpproxy_process("milter", tmp_path / "smtpproxy.yaml",
                                       f"milter: {{listen: '{listen}'}}\nevent_loop: {choice}\n")
-        try:
+        with checked_process(proc, log):
             await asyncio.to_thread(log.wait_line, rf"event=listening .*loop={choice} ")
             if listen.startswith("inet:"):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
@@ -218,11 +218,6 @@ async def test_the_milter_process_answers_a_message_on_either_event_loop(tmp_pat
             await asyncio.to_thread(log.wait_line, r"event=message .*decision=delivered")
             proc.send_signal(signal.SIGTERM)
             assert await asyncio.to_thread(proc.wait, 20) == 0
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert "Traceback" not in log.everything()
 
 
 async def test_an_mta_that_writes_faster_than_the_plugins_work_waits_in_its_socket(tmp_path: Path) -> None:

@@ -447,13 +447,13 @@ async def test_the_policy_process_answers_on_either_event_loop(tmp_path: Path, c
     and stops cleanly: the in-process tests here run on asyncio's loop only."""
     import signal
 
-    from tests.daemons import free_port, smtpproxy_process
+    from tests.daemons import checked_process, free_port, smtpproxy_process
 
     pytest.importorskip(choice)
     port = free_port()
     proc, log = smtpproxy_process("policy", tmp_path / "smtpproxy.yaml",
                                   f"policy: {{listen: 'inet:127.0.0.1:{port}'}}\nevent_loop: {choice}\n")
-    try:
+    with checked_process(proc, log):
         await asyncio.to_thread(log.wait_line, rf"event=listening .*loop={choice} ")
         client = Client(*await asyncio.open_connection("127.0.0.1", port))
         assert await client.ask(request("CONNECT")) == "DUNNO"
@@ -461,8 +461,3 @@ async def test_the_policy_process_answers_on_either_event_loop(tmp_path: Path, c
         client.close()
         proc.send_signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 20) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert "Traceback" not in log.everything()
