@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--messages", type=int, default=1000, help="per checkout and round")
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--reuse", action="store_true",
+                        help="many messages per connection (smtp-source -d), as from an MTA's "
+                             "connection cache")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("error: a private Postfix master must be started as root", file=sys.stderr)
@@ -87,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
                 port = filt.port
             ports[side], pids[side] = port, (filt.pid, mta._process.pid)
         for side in trees:  # warm-up: processes spawned, DNS cached; not measured
-            smtp_source(ports[side], args.concurrency, max(300, 2 * args.concurrency), message, reuse=False)
+            smtp_source(ports[side], args.concurrency, max(300, 2 * args.concurrency), message,
+                        reuse=args.reuse)
         for n in range(args.rounds):
             order = "AB" if n % 2 == 0 else "BA"
             for side in order:
                 f0, p0 = tree_cpu(pids[side][0]), tree_cpu(pids[side][1])
-                smtp_source(ports[side], args.concurrency, args.messages, message, reuse=False)
+                smtp_source(ports[side], args.concurrency, args.messages, message, reuse=args.reuse)
                 f1, p1 = tree_cpu(pids[side][0]), tree_cpu(pids[side][1])
                 filter_ms[side].append((f1 - f0) / args.messages * 1000)
                 postfix_ms[side].append((p1 - p0) / args.messages * 1000)
@@ -100,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{filter_ms['A'][-1]:.3f} B {filter_ms['B'][-1]:.3f} ms/msg, Postfix A "
                   f"{postfix_ms['A'][-1]:.3f} B {postfix_ms['B'][-1]:.3f}, load {os.getloadavg()[0]:.1f}",
                   flush=True)
-    print(f"\n{args.system}, 1 KB, c{args.concurrency}, {args.rounds} rounds of {args.messages} messages; "
+    print(f"\n{args.system}, 1 KB, c{args.concurrency}, {args.rounds} rounds of {args.messages} messages"
+          + (", many per connection" if args.reuse else ", a connection each") + "; "
           f"{started} UTC, load {load_before:.1f} before, {os.getloadavg()[0]:.1f} after; "
           f"A = {trees['A']}, B = {trees['B']}\n")
     print("| CPU ms/msg | A median | B median | B - A (mean ± s.e.) | rounds B lower |")

@@ -308,7 +308,7 @@ def postfix(milter: Filter | None) -> Iterator[Any]:
 
 def measure(name: str, base: Path, dns_port: int, *, msgfiles: dict[str, Path], sizes: list[str],
             concurrency: list[int], messages: dict[str, int], repeat: int,
-            before: Path | None = None, profile: bool = False) -> dict[str, Any]:
+            before: Path | None = None, profile: bool = False, reuse: bool = False) -> dict[str, Any]:
     workdir = base / name
     root = before if name.endswith("@before") else None
     workdir.mkdir()
@@ -334,12 +334,12 @@ def measure(name: str, base: Path, dns_port: int, *, msgfiles: dict[str, Path], 
                 for conc in concurrency:
                     count = max(messages[size], conc)
                     # Warm-up: processes spawned, DNS cached, plugins' first use; not measured.
-                    smtp_source(target, conc, max(2 * conc, 40), msgfiles[size], reuse=False)
+                    smtp_source(target, conc, max(2 * conc, 40), msgfiles[size], reuse=reuse)
                     rates, pcpu, fcpu = [], [], []
                     spy = start_profile(filt, f"{name}-{size}-c{conc}") if profile else None
                     for _ in range(repeat):
                         p0, f0 = tree_cpu(mta_pid), tree_cpu(filt.pid if filt else None)
-                        seconds = smtp_source(target, conc, count, msgfiles[size], reuse=False)
+                        seconds = smtp_source(target, conc, count, msgfiles[size], reuse=reuse)
                         p1, f1 = tree_cpu(mta_pid), tree_cpu(filt.pid if filt else None)
                         rates.append(count / seconds)
                         pcpu.append((p1 - p0) / count * 1000)
@@ -396,8 +396,10 @@ def stop_profile(spy: subprocess.Popen[str], out: Path) -> None:
 
 def markdown(report: dict[str, Any]) -> str:
     lines = [f"Measured {report['timestamp']} UTC, {report['cpus']} CPUs, load average "
-             f"{report['load_before']:.1f} before the run (a shared machine); smtp-source, a new "
-             f"connection per message; medians of {report['repeat']}.", ""]
+             f"{report['load_before']:.1f} before the run (a shared machine); smtp-source, "
+             + ("each connection sending many messages (-d)" if report.get("reuse")
+                else "a new connection per message")
+             + f"; medians of {report['repeat']}.", ""]
     for scenario in report["scenarios"]:
         size, conc = scenario.split("-c")
         lines += [f"#### {SIZES[size] // 1024} KB messages, concurrency {conc}", "",
@@ -431,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true",
                         help="py-spy on the smtpproxy rows during the measured runs (their CPU "
                              "figures then include py-spy's sampling); bench/results/profile-postfix-*")
+    parser.add_argument("--reuse", action="store_true",
+                        help="smtp-source sends many messages per connection (-d), as an MTA with a "
+                             "connection cache does, instead of one")
     parser.add_argument("--quick", action="store_true", help="200 messages per figure, one run")
     parser.add_argument("--repeat", type=int, default=None,
                         help="runs per figure (default 3, 1 with --quick)")
@@ -458,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     signed = Signed.create()
     report: dict[str, Any] = {
         "timestamp": time.strftime("%Y-%m-%d %H:%M", time.gmtime()), "cpus": os.cpu_count(),
-        "load_before": os.getloadavg()[0], "repeat": repeat,
+        "load_before": os.getloadavg()[0], "repeat": repeat, "reuse": args.reuse,
         "scenarios": [f"{s}-c{c}" for s in args.sizes for c in args.concurrency], "results": {},
     }
     with contextlib.ExitStack() as stack:
@@ -480,7 +485,7 @@ def main(argv: list[str] | None = None) -> int:
                 report["results"][name] = measure(name, base, dns.port, msgfiles=msgfiles, sizes=args.sizes,
                                                   concurrency=args.concurrency, messages=messages,
                                                   repeat=repeat, before=args.before,
-                                                  profile=args.profile)
+                                                  profile=args.profile, reuse=args.reuse)
         finally:
             dns.stop()
     text = markdown(report)

@@ -115,7 +115,7 @@ def digest_command(config: Config, *, dry_run: bool = False) -> int:
 
 
 async def _send_all(config: Config, signer: LinkSigner, dry_run: bool) -> int:
-    from smtpproxy.delivery import DeliveryError
+    from smtpproxy.delivery import DeliveryError, deliver_alone
     from smtpproxy.delivery.factory import make_delivery
 
     store = store_from_config(config)
@@ -151,7 +151,7 @@ async def _send_all(config: Config, signer: LinkSigner, dry_run: bool) -> int:
             sender = d.sender or f"postmaster@{config_hostname(config)}"
             session, transaction = rebuild({"sender": sender, "recipients": [recipient], "session": "digest"})
             try:
-                delivered = await delivery.deliver(session, transaction, Message(content))
+                delivered = await deliver_alone(delivery, session, transaction, Message(content))
             except DeliveryError as exc:
                 failed += 1
                 print(f"{recipient}: FAILED: {exc.reply}", flush=True)

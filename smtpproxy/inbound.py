@@ -345,6 +345,7 @@ class InboundSMTP(CommandServer):
         finally:
             expiry.cancel()
             self._end_transaction()
+            services.delivery.end_session(self.plugin_session)
             services.limiter.release(self.plugin_session.client.ip)
             services.sessions.discard(self)
             if not services.sessions:

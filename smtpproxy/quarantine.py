@@ -155,6 +155,8 @@ class QuarantineStore:
         Raises QuarantineError (unknown id, already released, busy) or the backend's
         DeliveryError (the message then stays in quarantine).
         """
+        from smtpproxy.delivery import deliver_alone
+
         meta, eml = self._file(qid, ".json"), self._file(qid, ".eml")
         if not meta.exists():
             raise QuarantineError(self._missing(qid))
@@ -164,7 +166,7 @@ class QuarantineStore:
             record = json.loads(meta.read_text())
             content = eml.read_bytes()
             session, transaction = rebuild(record)
-            delivered = await delivery.deliver(session, transaction, Message(content))
+            delivered = await deliver_alone(delivery, session, transaction, Message(content))
             record["released"] = {
                 "time": time.time(),
                 "destination": delivered.destination,

@@ -87,10 +87,13 @@ class UpstreamPool(_Model):
     max_idle: int = Field(
         default=32, strict=True, ge=0,
         description=(
-            "Idle connections kept per server; 0 turns reuse off. Fewer than the deliveries in "
-            "flight close and reopen connections (bench/README.md: at concurrency 100, 4 cost 25 % "
-            "more CPU per message; with clients that send many messages per session, 128 cost 14 % "
-            "less than 32). Each idle connection to Postfix holds one smtpd process."
+            "Idle connections kept per server for any client's next message; 0 turns reuse off. "
+            "Fewer than the deliveries in flight close and reopen connections (bench/README.md: "
+            "at concurrency 100, 4 cost 25 % more CPU per message; with clients that send many "
+            "messages per session, 128 cost 14 % less than 32). Each idle connection to Postfix "
+            "holds one smtpd process. A connection whose XCLIENT named the client's port serves "
+            "that client session alone: it waits for the session's next message, uncounted here, "
+            "and is closed when the session ends."
         ),
     )
     idle_timeout: float = Field(

@@ -17,7 +17,8 @@ from smtpproxy.message import Message
 from smtpproxy.session import Session, Transaction
 from smtpproxy.verdicts import Reply
 
-__all__ = ["Delivered", "Delivery", "DeliveryError", "DeliveryState", "UpstreamTransaction"]
+__all__ = ["Delivered", "Delivery", "DeliveryError", "DeliveryState", "UpstreamTransaction",
+           "deliver_alone"]
 
 
 class DeliveryError(Exception):
@@ -142,5 +143,19 @@ class Delivery(Protocol):
         """
         ...
 
+    def end_session(self, session: Session) -> None:
+        """The client's session is over: let go of what the backend kept for it alone (the
+        upstream connections whose XCLIENT named this client); nothing for a local backend."""
+
     async def close(self) -> None:
         """Release connections and threads."""
+
+
+async def deliver_alone(delivery: Delivery, session: Session, transaction: Transaction,
+                        content: Message) -> Delivered:
+    """Deliver one message outside any client's connection (a release from quarantine, a
+    digest): its rebuilt session ends with it, so the backend keeps nothing for it."""
+    try:
+        return await delivery.deliver(session, transaction, content)
+    finally:
+        delivery.end_session(session)

@@ -76,6 +76,9 @@ class MaildirDelivery:
                   on_identity: Callable[[str, str], None]) -> None:
         return None  # no upstream to be down, no identity to pass on
 
+    def end_session(self, session: Session) -> None:
+        return None  # nothing is kept per client
+
     async def start(self) -> None:
         await run_blocking(self._make_dirs)
 

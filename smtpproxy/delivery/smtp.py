@@ -136,6 +136,9 @@ class SmtpDelivery:
                 await self._sweeper
         await self.connector.close_idle(self.servers)
 
+    def end_session(self, session: Session) -> None:
+        self.connector.end_session(session, self._servers)
+
     async def deliver(self, session: Session, transaction: Transaction, content: Message) -> Delivered:
         """Send the message to every route its recipients belong to; 250 only if all took it."""
         groups: dict[str, list[Recipient]] = {}

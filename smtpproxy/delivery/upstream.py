@@ -6,7 +6,8 @@ required), authenticated if a smarthost wants it, and with the original client's
 passed on (XCLIENT for Postfix, else XFORWARD). Servers are tried in priority order,
 weighted at equal priority; one that fails to connect or greet is skipped for a back-off
 period. Idle connections are kept per server (bounded), and a reused one is checked with
-RSET first.
+RSET first. A connection that told Postfix the client's port with XCLIENT can serve no other
+client: it is held for its client session instead, and closed when that session ends.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import random
 import re
 import ssl
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -93,6 +94,9 @@ class UpstreamServer:
     weight: int = 1
     down_until: float = 0.0
     idle: deque[Connection] = field(default_factory=deque)
+    """Idle connections any client's message may take (bounded by ``max_idle``)."""
+    held: dict[str, list[Connection]] = field(default_factory=dict)
+    """Idle connections that speak for one client session, by its id (see Connection.owner)."""
     identity: str | None = None
     """How the last connection told this server the original client: ``xclient``,
     ``xforward`` or ``none``; None until a connection was made."""
@@ -140,6 +144,11 @@ class Connection:
     smtpd.c matches smtpd_authorized_xclient_hosts again against the new NAME and ADDR), so
     a connection cannot be re-identified: it is reused only for the same identity, port
     included (Postfix hands the port to policy servers, milters and the queue file)."""
+    owner: str | None = None
+    """The id of the client session this connection alone can serve: its XCLIENT told the
+    client's port, which no other connection of the proxy's has. Between that session's
+    messages it waits in ``server.held``, not in the shared pool (where every other client
+    would have to pass it by), and it is closed when the session ends."""
     reused: bool = False
     """Taken from the idle pool for this message (it may have died while idle)."""
 
@@ -186,6 +195,8 @@ _SURROGATES = re.compile("[\udc80-\udcff]")
 _MAX_IDENTITIES = 1024
 """Encoded XCLIENT identities kept (about one per open client session); all are dropped
 when full, so memory stays bounded under any load."""
+_MAX_ENDED = 1024
+"""Ended sessions remembered (see Connector._ended): more than a background abort can lag."""
 
 _MAX_HELO = 255
 """Postfix refuses a longer XCLIENT/XFORWARD HELO= (501, VALID_HOSTNAME_LEN)."""
@@ -212,6 +223,9 @@ class Connector:
         """Encoded XCLIENT attributes by what they encode (see _xclient_identity)."""
         self._xforward: dict[tuple[object, ...], bytes] = {}
         """XFORWARD commands by what they encode (see _xforward_command)."""
+        self._ended: OrderedDict[str, None] = OrderedDict()
+        """Sessions ended lately, for a held connection given back after its session ended
+        (an upstream transaction aborted in the background): it is closed, not held."""
         self._helo_name = aiosmtplib.SMTP(local_hostname=settings.helo_name).local_hostname
         """helo_name as aiosmtplib checks and keeps it (stripped; ValueError if unusable)."""
         self._verify_context = self._context(verify=settings.tls_verify)
@@ -274,16 +288,18 @@ class Connector:
         self, server: UpstreamServer, session: Session
     ) -> tuple[Connection, bytes | None] | None:
         """An idle connection to this server that still answers, with the new identity (and
-        the command :meth:`acquire` returns with it)."""
-        while server.idle:
-            conn = server.idle.popleft()
+        the command :meth:`acquire` returns with it): the one held for *session*, else one
+        from the shared pool that can speak for its client. Those speaking for another
+        client are left for theirs."""
+        while (conn := self._take_idle(server, session)) is not None:
             if time.monotonic() - conn.idle_since > self.settings.idle_timeout:
                 self._retire(conn)
                 continue
             identity = self._xclient_identity(conn, session)
             if conn.identity is not None and conn.identity != identity:
-                # It speaks for another client. Its QUIT is awaited: in the background it
-                # cost Postfix more per message (bench/README.md, 2026-12-07 03:40).
+                # Held for this session, which has since said another HELO: no longer its own.
+                # Its QUIT is awaited: in the background it cost Postfix more per message
+                # (bench/README.md, 2026-12-07 03:40).
                 await self.discard(conn)
                 continue
             conn.reused = True
@@ -304,6 +320,29 @@ class Connector:
                     return None  # wedged or slow: a new connection, not one timeout per idle one
                 continue
             return conn, prelude
+        return None
+
+    def _take_idle(self, server: UpstreamServer, session: Session) -> Connection | None:
+        """Out of the idle ones: the latest held for *session*, else the oldest in the shared
+        pool with no identity yet or this session's (an identity without the client's port
+        is shared by all its connections), else None."""
+        held = server.held.get(session.id)
+        if held:
+            conn = held.pop()
+            if not held:
+                del server.held[session.id]
+            return conn
+        identity: tuple[str, ...] | None = None
+        offered: frozenset[str] | None = None
+        for conn in server.idle:
+            if conn.identity is not None:
+                if identity is None or conn.xclient_offered is not offered:
+                    offered = conn.xclient_offered
+                    identity = self._xclient_identity(conn, session)
+                if conn.identity != identity:
+                    continue
+            server.idle.remove(conn)
+            return conn
         return None
 
     def _retire(self, conn: Connection) -> None:
@@ -334,15 +373,35 @@ class Connector:
                                      f"XFORWARD refused: {reply.code} {reply.message}")
 
     def release(self, conn: Connection) -> None:
-        """Give back a connection after a completed (or cleanly aborted) transaction."""
+        """Give back a connection after a completed (or cleanly aborted) transaction: held
+        for its client session when it has one (unless that ended), else into the shared
+        pool, where the oldest idle connection makes room once ``max_idle`` are there."""
         conn.messages += 1
         s = self.settings
-        if (not conn.client.is_connected or conn.messages >= s.max_messages
-                or len(conn.server.idle) >= s.max_idle):
+        if not conn.client.is_connected or conn.messages >= s.max_messages or s.max_idle <= 0:
             self._retire(conn)
             return
         conn.idle_since = time.monotonic()
-        conn.server.idle.append(conn)
+        if conn.owner is not None:
+            if conn.owner in self._ended:
+                self._retire(conn)
+            else:
+                conn.server.held.setdefault(conn.owner, []).append(conn)
+            return
+        idle = conn.server.idle
+        if len(idle) >= s.max_idle:
+            self._retire(idle.popleft())
+        idle.append(conn)
+
+    def end_session(self, session: Session, servers: Sequence[UpstreamServer]) -> None:
+        """The client session is over: close (in the background) the connections held for
+        it, and any it gives back later."""
+        self._ended[session.id] = None
+        if len(self._ended) > _MAX_ENDED:
+            self._ended.popitem(last=False)
+        for server in servers:
+            for conn in server.held.pop(session.id, ()):
+                self._retire(conn)
 
     def _retired(self, task: asyncio.Task[None]) -> None:
         self._retiring.discard(task)
@@ -366,6 +425,9 @@ class Connector:
         for server in servers:
             while server.idle:
                 await self.discard(server.idle.popleft())
+            while server.held:
+                for conn in server.held.popitem()[1]:
+                    await self.discard(conn)
         for task in list(self._retiring):
             task.cancel()
         if self._retiring:
@@ -377,9 +439,19 @@ class Connector:
             await asyncio.sleep(self.settings.idle_timeout / 2)
             limit = time.monotonic() - self.settings.idle_timeout
             for server in servers:
+                # All taken out before the first QUIT is awaited: meanwhile a message may
+                # take (and retire) an idle connection, which must no longer be listed here.
                 stale = [c for c in server.idle if c.idle_since < limit]
                 for conn in stale:
                     server.idle.remove(conn)
+                for owner, held in list(server.held.items()):  # clients idle that long
+                    gone = [c for c in held if c.idle_since < limit]
+                    for conn in gone:
+                        held.remove(conn)
+                    if not held:
+                        del server.held[owner]
+                    stale += gone
+                for conn in stale:
                     await self.discard(conn)
 
     async def _open(self, server: UpstreamServer, session: Session | None = None) -> Connection:
@@ -533,9 +605,15 @@ class Connector:
             conn.xclient_offered = conn.server.xclient_offered = None
             return False
         await self._greet_as_client(conn, session.helo)
-        conn.identity = identity
-        self._note_identity(conn.server, "xclient")
+        self._speaks_for(conn, session, identity)
         return True
+
+    def _speaks_for(self, conn: Connection, session: Session, identity: tuple[str, ...]) -> None:
+        """*conn* took XCLIENT *identity*: with the client's port in it, no other client
+        can use it (see Connection.owner)."""
+        conn.identity = identity
+        conn.owner = session.id if conn.xclient_offered and "PORT" in conn.xclient_offered else None
+        self._note_identity(conn.server, "xclient")
 
     def _xclient_identity(self, conn: Connection, session: Session) -> tuple[str, ...] | None:
         """The XCLIENT attributes for this session, or None when XCLIENT is not used here.
@@ -602,8 +680,7 @@ class Connector:
             # XCLIENT resets the session like a new greeting; greet with the client's own name,
             # or that EHLO would replace the HELO= just sent (Postfix logs and Received show it).
             await self._greet_as_client(conn, session.helo)
-            conn.identity = identity
-            self._note_identity(conn.server, "xclient")
+            self._speaks_for(conn, session, identity)
         elif (command := self._xforward_command(conn, session)) is not None:
             if self.pipelines(conn):
                 return command  # sent with MAIL, its reply to accept_prelude

@@ -125,6 +125,8 @@ class DatabaseQuarantine:
                       actor: str = "admin", admin: bool = True) -> Released:
         """Deliver to *recipients* (default: every one still held). Raises QuarantineError
         (unknown, none of them held, not allowed) or the backend's DeliveryError (they stay)."""
+        from smtpproxy.delivery import deliver_alone
+
         held = await self._get(qid)
         if held.admin_only and not admin:
             raise QuarantineError(f"{qid} was held by {held.decided_by}: only an admin may release it")
@@ -138,7 +140,7 @@ class DatabaseQuarantine:
         try:
             content = await self.db.content(qid)
             session, transaction = rebuild({**held.record, "recipients": claimed})
-            delivered = await delivery.deliver(session, transaction, Message(content))
+            delivered = await deliver_alone(delivery, session, transaction, Message(content))
         except BaseException:
             await self.db.settle(qid, claimed, "held", actor=actor)
             raise

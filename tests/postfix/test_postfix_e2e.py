@@ -215,9 +215,11 @@ async def test_pooled_connection_carries_each_clients_own_identity(
     # Postfix takes XCLIENT once per connection, so another client means another connection
     # (the fixture's readiness probe is the first "connect from")...
     assert len(re.findall(r"smtpd\[\d+\]: connect from", log)) == 3
-    # ...and no doomed second XCLIENT is ever attempted on a connection
-    assert re.findall(r"xclient=\d+/(\d+)", log) == ["1"]  # the first, closed; the second is pooled
-    # the same client (same address, port and HELO) reuses the connection that speaks for it
+    # ...which speaks for that client alone: no doomed second XCLIENT is ever attempted on
+    # one, and each is closed when its client's session ends
+    await asyncio.to_thread(postfix.wait_for_log, r"(?s)(disconnect from unknown\[[\d.]+\].*){3}")
+    assert re.findall(r"xclient=\d+/(\d+)", postfix.log()) == ["1", "1"]
+    # a client's second message goes on the connection that speaks for it
     header = b"PROXY TCP4 198.51.100.20 192.0.2.25 40001 25\r\n"
     client = await Talk.open(port_of(proxy))
     client.send(header)
@@ -226,7 +228,10 @@ async def test_pooled_connection_carries_each_clients_own_identity(
         assert (await client.send_message("alice@sender.test", ["carol@dest.test"], BODY))[0] == 250
     await client.close()
     assert len(await asyncio.to_thread(postfix.wait_for_messages, "carol", 2)) == 2
-    assert len(re.findall(r"smtpd\[\d+\]: connect from", postfix.log())) == 3
+    last = await asyncio.to_thread(
+        postfix.wait_for_log, r"disconnect from unknown\[198\.51\.100\.20\][^\n]* mail=2 [^\n]*")
+    assert "xclient=0/1" in last[0], last[0]  # one XCLIENT, on the one connection for both
+    assert len(re.findall(r"smtpd\[\d+\]: connect from", postfix.log())) == 4
 
 
 async def test_each_new_client_is_told_to_postfix_before_any_ehlo_with_its_own_port(
@@ -255,17 +260,18 @@ async def test_each_new_client_is_told_to_postfix_before_any_ehlo_with_its_own_p
     # servers and milters get the same)
     assert re.findall(r": client=[^\s,]*\[([\d.]+)\]:(\d+)", log) == [
         (ip, str(port)) for ip, port, _user in clients]
-    # a connection per client (after the readiness probe); the first two were retired when
-    # the next client came, the third is pooled. Postfix counts its XCLIENT as 0/1 (it
-    # restarts the session), and greeted the second only after it: one EHLO, as the client.
-    # Postfix offers CHUNKING: each message went as one BDAT (no DATA and its 354).
+    # a connection per client (after the readiness probe), each closed when its client left.
+    # Postfix counts its XCLIENT as 0/1 (it restarts the session), and greeted the second and
+    # third only after it: one EHLO, as the client. Postfix offers CHUNKING: each message went
+    # as one BDAT (no DATA and its 354).
     assert len(re.findall(r"smtpd\[\d+\]: connect from", log)) == 4
-    for _ in range(100):  # the second one's QUIT went in the background
+    for _ in range(100):  # the QUITs go in the background
         disconnects = re.findall(r"disconnect from \S+ (.*)", postfix.log())[1:]
-        if len(disconnects) >= 2:
+        if len(disconnects) >= 3:
             break
         await asyncio.sleep(0.05)
     assert disconnects == ["ehlo=2 xclient=0/1 mail=1 rcpt=1 bdat=1 quit=1 commands=6/7",
+                           "ehlo=1 xclient=0/1 mail=1 rcpt=1 bdat=1 quit=1 commands=5/6",
                            "ehlo=1 xclient=0/1 mail=1 rcpt=1 bdat=1 quit=1 commands=5/6"], disconnects
     assert "lost connection" not in postfix.log()
 

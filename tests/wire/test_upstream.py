@@ -369,3 +369,82 @@ async def test_the_default_pool_keeps_the_connections_of_a_busy_moment(proxy_fac
         assert (await send(port, ["b@dest.test"]))[0] == 250
     assert len(handler.helo_names) == 20  # all reused: no new upstream connection
     sink.server.close()
+
+
+async def _until(done: Any, what: str) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 5
+    while not done():
+        assert loop.time() < deadline, what
+        await asyncio.sleep(0.02)
+
+
+async def test_a_connection_that_speaks_for_one_client_waits_for_its_next_message(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """XCLIENT with the client's port makes a connection that client's alone. Three clients
+    with messages in turn keep one connection each, even with one idle connection allowed
+    (before: each message took the oldest idle connection, found it spoke for another client,
+    closed it and opened one of its own); each is closed when its client leaves."""
+    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"))
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=server.sockets[0].getsockname()[1], pool={"max_idle": 1}))
+    clients = [await Talk.open(port_of(proxy)) for _ in range(3)]
+    for client in clients:
+        await client.hello()
+    for _ in range(2):
+        for client in clients:
+            assert (await client.send_message("a@sender.test", ["b@dest.test"], BODY))[0] == 250
+    assert len(upstream.commands(b"MAIL")) == 6
+    ports = [re.search(rb"PORT=(\d+)", line)[1] for line in upstream.commands(b"XCLIENT")]  # type: ignore[index]
+    assert len(ports) == 3 and len(set(ports)) == 3, ports  # one connection per client, kept
+    assert upstream.commands(b"QUIT") == []
+    pool = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    assert len(pool.held) == 3 and not pool.idle
+    for client in clients:
+        await client.close()
+    await _until(lambda: len(upstream.commands(b"QUIT")) == 3, "the clients' connections were not closed")
+    assert pool.held == {} and not pool.idle
+    server.close()
+
+
+async def test_a_held_connection_is_closed_after_its_idle_time_and_its_client_gets_another(
+    proxy_factory: ProxyFactory,
+) -> None:
+    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"))
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=server.sockets[0].getsockname()[1], pool={"idle_timeout": 0.1}))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], BODY))[0] == 250
+    pool = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    assert len(pool.held) == 1
+    await _until(lambda: upstream.commands(b"QUIT"), "the sweeper never closed the held connection")
+    assert pool.held == {}
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], BODY))[0] == 250
+    assert len(upstream.commands(b"XCLIENT")) == 2  # a new connection, told the client again
+    await client.close()
+    server.close()
+
+
+async def test_a_held_connection_given_back_after_its_client_left_is_closed(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """QUIT in the middle of a transaction: the upstream one is aborted in the background
+    (RSET) after the session ended, and its connection is then closed, not held for nobody."""
+    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"))
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+    client = await Talk.open(port_of(proxy))
+    await client.hello()
+    assert (await client.cmd("MAIL FROM:<a@sender.test>"))[0] == 250
+    assert (await client.cmd("RCPT TO:<b@dest.test>"))[0] == 250  # asked of the upstream
+    await client.close()
+    await _until(lambda: upstream.commands(b"QUIT"), "the aborted transaction's connection stayed open")
+    assert [line.split(b" ")[0] for line in upstream.lines][-2:] == [b"RSET", b"QUIT"]
+    pool = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    assert pool.held == {} and not pool.idle
+    server.close()
