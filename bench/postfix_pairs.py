@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--before", type=Path, required=True, metavar="DIR", help="checkout A")
     parser.add_argument("--after", type=Path, default=systems.ROOT, metavar="DIR",
                         help="checkout B (default: this one)")
-    parser.add_argument("--system", choices=["proxy", "proxy-chain", "milter", "milter-chain", "milter-unix"],
+    parser.add_argument("--system", choices=["proxy", "proxy-chain", "proxy-xforward", "milter",
+                                             "milter-chain", "milter-unix"],
                         default="proxy")
     parser.add_argument("--concurrency", type=int, default=100)
     parser.add_argument("--messages", type=int, default=1000, help="per checkout and round")

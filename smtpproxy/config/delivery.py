@@ -89,11 +89,10 @@ class UpstreamPool(_Model):
         description=(
             "Idle connections kept per server for any client's next message; 0 turns reuse off. "
             "Fewer than the deliveries in flight close and reopen connections (bench/README.md: "
-            "at concurrency 100, 4 cost 25 % more CPU per message; with clients that send many "
-            "messages per session, 128 cost 14 % less than 32). Each idle connection to Postfix "
-            "holds one smtpd process. A connection whose XCLIENT named the client's port serves "
-            "that client session alone: it waits for the session's next message, uncounted here, "
-            "and is closed when the session ends."
+            "at concurrency 100, 4 cost 25 % more CPU per message). Each idle connection to "
+            "Postfix holds one smtpd process. Not counted here: a connection waiting for its "
+            "own client session's next message (until the session ends, then it joins these, or "
+            "is closed when its XCLIENT named the client's port)."
         ),
     )
     idle_timeout: float = Field(

@@ -5,9 +5,10 @@ greeted, TLS applied as configured (never a silent fall back to plaintext when T
 required), authenticated if a smarthost wants it, and with the original client's identity
 passed on (XCLIENT for Postfix, else XFORWARD). Servers are tried in priority order,
 weighted at equal priority; one that fails to connect or greet is skipped for a back-off
-period. Idle connections are kept per server (bounded), and a reused one is checked with
-RSET first. A connection that told Postfix the client's port with XCLIENT can serve no other
-client: it is held for its client session instead, and closed when that session ends.
+period. A connection waits for its client session's next message, as if that client were
+connected to the server itself; when the session ends it joins the idle connections kept per
+server (bounded) for any client's message, unless its XCLIENT told the client's port, which
+makes it that client's alone: then it is closed. A reused one is checked with RSET first.
 """
 
 from __future__ import annotations
@@ -94,9 +95,13 @@ class UpstreamServer:
     weight: int = 1
     down_until: float = 0.0
     idle: deque[Connection] = field(default_factory=deque)
-    """Idle connections any client's message may take (bounded by ``max_idle``)."""
+    """Idle connections any client's message may take (bounded by ``max_idle``), oldest first."""
     held: dict[str, list[Connection]] = field(default_factory=dict)
-    """Idle connections that speak for one client session, by its id (see Connection.owner)."""
+    """Idle connections waiting for their client session's next message, by its id (see
+    Connection.holder); bounded by the open sessions, and each by ``idle_timeout``."""
+    lendable: dict[Connection, None] = field(default_factory=dict)
+    """The held connections that are not pinned, oldest first: one is lent to another
+    session's message when nothing else is idle, rather than a connection opened."""
     identity: str | None = None
     """How the last connection told this server the original client: ``xclient``,
     ``xforward`` or ``none``; None until a connection was made."""
@@ -122,6 +127,38 @@ class UpstreamServer:
     def name(self) -> str:
         return f"{self.host}:{self.port}"
 
+    def hold(self, conn: Connection, holder: str) -> None:
+        self.held.setdefault(holder, []).append(conn)
+        if not conn.pinned:
+            self.lendable[conn] = None
+
+    def unhold(self, conn: Connection) -> None:
+        """Take *conn* out of ``held`` (for another session, or to be closed)."""
+        assert conn.holder is not None
+        held = self.held[conn.holder]
+        held.remove(conn)
+        if not held:
+            del self.held[conn.holder]
+        self.lendable.pop(conn, None)
+
+    def take_held(self, holder: str) -> Connection | None:
+        """The connection held last for *holder*, out of ``held``; None when there is none."""
+        held = self.held.get(holder)
+        if not held:
+            return None
+        conn = held.pop()
+        if not held:
+            del self.held[holder]
+        self.lendable.pop(conn, None)
+        return conn
+
+    def end_hold(self, holder: str) -> list[Connection]:
+        """Every connection held for *holder*, out of ``held``."""
+        held = self.held.pop(holder, [])
+        for conn in held:
+            self.lendable.pop(conn, None)
+        return held
+
     def is_down(self, now: float) -> bool:
         return now < self.down_until
 
@@ -144,11 +181,13 @@ class Connection:
     smtpd.c matches smtpd_authorized_xclient_hosts again against the new NAME and ADDR), so
     a connection cannot be re-identified: it is reused only for the same identity, port
     included (Postfix hands the port to policy servers, milters and the queue file)."""
-    owner: str | None = None
-    """The id of the client session this connection alone can serve: its XCLIENT told the
-    client's port, which no other connection of the proxy's has. Between that session's
-    messages it waits in ``server.held``, not in the shared pool (where every other client
-    would have to pass it by), and it is closed when the session ends."""
+    holder: str | None = None
+    """The id of the client session whose message it carried last. Until that session ends
+    it waits for the session's next message in ``server.held``, not in the shared pool: a
+    sender's connection cache keeps one upstream connection, whatever else is in flight."""
+    pinned: bool = False
+    """Its XCLIENT told the client's port, which no other client has: it can serve no other
+    session, so it is closed when its own ends instead of joining the shared pool."""
     reused: bool = False
     """Taken from the idle pool for this message (it may have died while idle)."""
 
@@ -195,7 +234,7 @@ _SURROGATES = re.compile("[\udc80-\udcff]")
 _MAX_IDENTITIES = 1024
 """Encoded XCLIENT identities kept (about one per open client session); all are dropped
 when full, so memory stays bounded under any load."""
-_MAX_ENDED = 1024
+_MAX_ENDED = 4096
 """Ended sessions remembered (see Connector._ended): more than a background abort can lag."""
 
 _MAX_HELO = 255
@@ -224,8 +263,8 @@ class Connector:
         self._xforward: dict[tuple[object, ...], bytes] = {}
         """XFORWARD commands by what they encode (see _xforward_command)."""
         self._ended: OrderedDict[str, None] = OrderedDict()
-        """Sessions ended lately, for a held connection given back after its session ended
-        (an upstream transaction aborted in the background): it is closed, not held."""
+        """Sessions ended lately, for a connection given back after its session ended (an
+        upstream transaction aborted in the background): it is not held for that session."""
         self._helo_name = aiosmtplib.SMTP(local_hostname=settings.helo_name).local_hostname
         """helo_name as aiosmtplib checks and keeps it (stripped; ValueError if unusable)."""
         self._verify_context = self._context(verify=settings.tls_verify)
@@ -256,6 +295,7 @@ class Connector:
         for server in order_servers(servers, now):
             reused = await self._reuse(server, session) if reuse else None
             if reused is not None:
+                reused[0].holder = session.id
                 return reused
             try:
                 conn = await self._open(server, session)
@@ -280,6 +320,7 @@ class Connector:
             except DeliveryError:
                 await self.discard(conn)
                 raise
+            conn.holder = session.id
             return conn, prelude
         assert last_error is not None, "no upstream servers configured"
         raise last_error
@@ -323,27 +364,26 @@ class Connector:
         return None
 
     def _take_idle(self, server: UpstreamServer, session: Session) -> Connection | None:
-        """Out of the idle ones: the latest held for *session*, else the oldest in the shared
-        pool with no identity yet or this session's (an identity without the client's port
-        is shared by all its connections), else None."""
-        held = server.held.get(session.id)
-        if held:
-            conn = held.pop()
-            if not held:
-                del server.held[session.id]
-            return conn
-        identity: tuple[str, ...] | None = None
-        offered: frozenset[str] | None = None
+        """Out of the idle ones: the latest held for *session*; else the oldest in the shared
+        pool that can speak for its client; else one lent by another session's hold; else
+        None. Those speaking for another client are left for theirs."""
+        own = server.take_held(session.id)
+        if own is not None:
+            return own
         for conn in server.idle:
-            if conn.identity is not None:
-                if identity is None or conn.xclient_offered is not offered:
-                    offered = conn.xclient_offered
-                    identity = self._xclient_identity(conn, session)
-                if conn.identity != identity:
-                    continue
-            server.idle.remove(conn)
-            return conn
+            if self._can_speak_for(conn, session):
+                server.idle.remove(conn)
+                return conn
+        for conn in server.lendable:
+            if self._can_speak_for(conn, session):
+                server.unhold(conn)
+                return conn
         return None
+
+    def _can_speak_for(self, conn: Connection, session: Session) -> bool:
+        """No XCLIENT identity yet, or this session's (one without the client's port is the
+        same for all of that client's connections)."""
+        return conn.identity is None or conn.identity == self._xclient_identity(conn, session)
 
     def _retire(self, conn: Connection) -> None:
         """Close *conn* (QUIT) in a task of its own; close_idle waits for it at shutdown."""
@@ -374,34 +414,39 @@ class Connector:
 
     def release(self, conn: Connection) -> None:
         """Give back a connection after a completed (or cleanly aborted) transaction: held
-        for its client session when it has one (unless that ended), else into the shared
-        pool, where the oldest idle connection makes room once ``max_idle`` are there."""
+        for its client session's next message, or shared once that session has ended."""
         conn.messages += 1
         s = self.settings
         if not conn.client.is_connected or conn.messages >= s.max_messages or s.max_idle <= 0:
             self._retire(conn)
             return
         conn.idle_since = time.monotonic()
-        if conn.owner is not None:
-            if conn.owner in self._ended:
-                self._retire(conn)
-            else:
-                conn.server.held.setdefault(conn.owner, []).append(conn)
+        holder = conn.holder
+        if holder is not None and holder not in self._ended:
+            conn.server.hold(conn, holder)
+        else:
+            self._share(conn)
+
+    def _share(self, conn: Connection) -> None:
+        """Into the shared pool, where the oldest idle connection makes room once ``max_idle``
+        are there; closed instead when it can serve no other client."""
+        if conn.pinned:
+            self._retire(conn)
             return
         idle = conn.server.idle
-        if len(idle) >= s.max_idle:
+        if len(idle) >= self.settings.max_idle:
             self._retire(idle.popleft())
         idle.append(conn)
 
     def end_session(self, session: Session, servers: Sequence[UpstreamServer]) -> None:
-        """The client session is over: close (in the background) the connections held for
-        it, and any it gives back later."""
+        """The client session is over: the connections held for it (and any it gives back
+        later) join the shared pool, or are closed (in the background) when pinned to it."""
         self._ended[session.id] = None
         if len(self._ended) > _MAX_ENDED:
             self._ended.popitem(last=False)
         for server in servers:
-            for conn in server.held.pop(session.id, ()):
-                self._retire(conn)
+            for conn in server.end_hold(session.id):
+                self._share(conn)
 
     def _retired(self, task: asyncio.Task[None]) -> None:
         self._retiring.discard(task)
@@ -425,8 +470,8 @@ class Connector:
         for server in servers:
             while server.idle:
                 await self.discard(server.idle.popleft())
-            while server.held:
-                for conn in server.held.popitem()[1]:
+            for holder in list(server.held):
+                for conn in server.end_hold(holder):
                     await self.discard(conn)
         for task in list(self._retiring):
             task.cancel()
@@ -444,13 +489,10 @@ class Connector:
                 stale = [c for c in server.idle if c.idle_since < limit]
                 for conn in stale:
                     server.idle.remove(conn)
-                for owner, held in list(server.held.items()):  # clients idle that long
-                    gone = [c for c in held if c.idle_since < limit]
-                    for conn in gone:
-                        held.remove(conn)
-                    if not held:
-                        del server.held[owner]
-                    stale += gone
+                gone = [c for held in server.held.values() for c in held if c.idle_since < limit]
+                for conn in gone:  # clients silent that long
+                    server.unhold(conn)
+                stale += gone
                 for conn in stale:
                     await self.discard(conn)
 
@@ -605,14 +647,14 @@ class Connector:
             conn.xclient_offered = conn.server.xclient_offered = None
             return False
         await self._greet_as_client(conn, session.helo)
-        self._speaks_for(conn, session, identity)
+        self._speaks_for(conn, identity)
         return True
 
-    def _speaks_for(self, conn: Connection, session: Session, identity: tuple[str, ...]) -> None:
+    def _speaks_for(self, conn: Connection, identity: tuple[str, ...]) -> None:
         """*conn* took XCLIENT *identity*: with the client's port in it, no other client
-        can use it (see Connection.owner)."""
+        can use it (see Connection.pinned)."""
         conn.identity = identity
-        conn.owner = session.id if conn.xclient_offered and "PORT" in conn.xclient_offered else None
+        conn.pinned = bool(conn.xclient_offered and "PORT" in conn.xclient_offered)
         self._note_identity(conn.server, "xclient")
 
     def _xclient_identity(self, conn: Connection, session: Session) -> tuple[str, ...] | None:
@@ -680,7 +722,7 @@ class Connector:
             # XCLIENT resets the session like a new greeting; greet with the client's own name,
             # or that EHLO would replace the HELO= just sent (Postfix logs and Received show it).
             await self._greet_as_client(conn, session.helo)
-            self._speaks_for(conn, session, identity)
+            self._speaks_for(conn, identity)
         elif (command := self._xforward_command(conn, session)) is not None:
             if self.pipelines(conn):
                 return command  # sent with MAIL, its reply to accept_prelude

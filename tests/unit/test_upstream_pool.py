@@ -43,7 +43,8 @@ def _connection(connector: Connector, server: UpstreamServer, offered: str | Non
     if session is not None:
         identity = connector._xclient_identity(conn, session)
         assert identity is not None
-        connector._speaks_for(conn, session, identity)
+        connector._speaks_for(conn, identity)
+        conn.holder = session.id  # as acquire() leaves it
     return conn
 
 
@@ -54,9 +55,10 @@ def test_a_shared_connection_that_speaks_for_another_client_is_left_for_it() -> 
     here, there = _session("192.0.2.1", 40001), _session("198.51.100.2", 40002)
     theirs = _connection(connector, server, "NAME ADDR HELO", there)
     ours = _connection(connector, server, "NAME ADDR HELO", here)
-    assert theirs.owner is None and ours.owner is None  # no port: shared
+    assert not theirs.pinned and not ours.pinned  # no port: shareable
     for conn in (theirs, ours):
         connector.release(conn)
+        connector.end_session(there if conn is theirs else here, [server])
     assert list(server.idle) == [theirs, ours]
     assert connector._take_idle(server, _session("192.0.2.1", 40003)) is ours  # same address, new port
     assert connector._take_idle(server, here) is None
@@ -74,6 +76,7 @@ def test_a_connection_that_named_the_port_is_held_for_its_session_alone() -> Non
     assert list(server.idle) == [spare]
     assert connector._take_idle(server, two) is second
     assert connector._take_idle(server, two) is spare  # its own taken: any shared one
+    assert connector._take_idle(server, two) is None  # first is pinned to one: never lent
     connector.release(second)
     connector.end_session(two, [server])
     assert retired == [second] and server.held == {one.id: [first]}
@@ -82,6 +85,32 @@ def test_a_connection_that_named_the_port_is_held_for_its_session_alone() -> Non
     connector.release(late)
     assert retired == [second, late]
     assert server.held == {one.id: [first]} and list(server.idle) == [spare]
+
+
+def test_a_shareable_connection_is_lent_while_held_and_shared_when_its_session_ends() -> None:
+    """XFORWARD (or XCLIENT without PORT): held for its session's next message, lent to
+    another session's message when nothing else is idle (rather than one opened), and any
+    client's once its session ended; a full shared pool closes its oldest to make room."""
+    connector, server, retired = _pool(max_idle=1)
+    one, two, three = (_session(f"192.0.2.{n}", 40000 + n) for n in (1, 2, 3))
+    first, second = (_connection(connector, server, None) for _ in range(2))
+    first.holder, second.holder = one.id, two.id
+    connector.release(first)
+    connector.release(second)
+    assert server.held == {one.id: [first], two.id: [second]} and not server.idle
+    assert list(server.lendable) == [first, second]
+    assert connector._take_idle(server, three) is first  # lent: the oldest held
+    assert server.held == {two.id: [second]} and list(server.lendable) == [second]
+    first.holder = three.id  # as acquire() leaves it
+    connector.release(first)
+    assert connector._take_idle(server, one) is second  # its own went to three: lent another
+    second.holder = one.id
+    connector.release(second)
+    connector.end_session(one, [server])
+    assert list(server.idle) == [second] and retired == [] and list(server.lendable) == [first]
+    connector.end_session(three, [server])
+    assert list(server.idle) == [first] and retired == [second]
+    assert server.held == {} and server.lendable == {}
 
 
 def test_a_full_shared_pool_makes_room_by_closing_its_oldest() -> None:

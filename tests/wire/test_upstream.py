@@ -108,9 +108,8 @@ async def test_a_dead_pooled_connection_is_replaced(proxy_factory: ProxyFactory)
     sink = await start_sink()
     proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=sink.port))
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
-    for server in proxy.services.delivery.servers:  # type: ignore[attr-defined]
-        for conn in server.idle:
-            conn.client.close()  # the upstream went away while the connection sat idle
+    for conn in (await _shared(proxy)).idle:
+        conn.client.close()  # the upstream went away while the connection sat idle
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
     assert len(sink.messages) == 2
     sink.server.close()
@@ -252,7 +251,7 @@ async def test_pool_limits_messages_per_connection_and_idle_time(proxy_factory: 
     proxy = await proxy_factory(relay=RELAY, delivery=smtp(
         host="127.0.0.1", port=stale.port, pool={"idle_timeout": 0.05}))
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
-    server = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    server = await _shared(proxy)
     server.idle[0].idle_since -= 1.0  # as if it had sat idle for a second
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
     assert len(stale.handler.helo_names) == 2  # the stale connection was not reused
@@ -265,7 +264,7 @@ async def test_idle_connections_are_closed_after_their_idle_time(proxy_factory: 
     proxy = await proxy_factory(relay=RELAY, delivery=smtp(
         host="127.0.0.1", port=sink.port, pool={"idle_timeout": 0.1}))
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
-    server = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    server = await _shared(proxy)
     assert len(server.idle) == 1
     loop = asyncio.get_running_loop()
     deadline = loop.time() + 5
@@ -296,9 +295,8 @@ async def test_a_dead_pooled_connection_is_replaced_when_xforward_is_the_probe(p
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
-    for pool in proxy.services.delivery.servers:  # type: ignore[attr-defined]
-        for conn in pool.idle:
-            conn.client.close()  # the upstream went away while the connection sat idle
+    for conn in (await _shared(proxy)).idle:
+        conn.client.close()  # the upstream went away while the connection sat idle
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
     assert upstream.commands(b"EHLO") and len(upstream.commands(b"EHLO")) == 2  # a new connection
     server.close()
@@ -362,13 +360,21 @@ async def test_the_default_pool_keeps_the_connections_of_a_busy_moment(proxy_fac
     first = await asyncio.gather(*(send(port, ["b@dest.test"]) for _ in range(20)))
     assert [code for code, _ in first] == [250] * 20
     assert len(handler.helo_names) == 20  # the gate made all 20 deliveries overlap
-    server = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    server = await _shared(proxy)
     assert len(server.idle) == 20
     handler.waiting, handler.count = 0, 1  # the second wave passes the gate at once
     for _ in range(20):
         assert (await send(port, ["b@dest.test"]))[0] == 250
     assert len(handler.helo_names) == 20  # all reused: no new upstream connection
     sink.server.close()
+
+
+async def _shared(proxy: Any) -> Any:
+    """The upstream server, once the last client's session has ended: its connection is
+    then in the shared pool (``idle``), no longer held for that client."""
+    server = proxy.services.delivery.servers[0]
+    await _until(lambda: not server.held, "the client's session never ended")
+    return server
 
 
 async def _until(done: Any, what: str) -> None:
@@ -448,3 +454,36 @@ async def test_a_held_connection_given_back_after_its_client_left_is_closed(
     pool = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
     assert pool.held == {} and not pool.idle
     server.close()
+
+
+async def test_clients_in_flight_together_keep_their_connections_beyond_max_idle(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """Three clients whose messages are in flight at once, then again: the three upstream
+    connections wait for their clients' next messages, max_idle 1 notwithstanding (before,
+    two of them were closed after each message and opened again for the next). When the
+    clients leave, one stays idle for anyone and the others say QUIT."""
+    handler = GatedSink(3)
+    sink = await start_sink(handler)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=sink.port,
+                                                            pool={"max_idle": 1}))
+    clients = [await Talk.open(port_of(proxy)) for _ in range(3)]
+    for client in clients:
+        await client.hello()
+    for _ in range(2):
+        handler.waiting = 0
+        handler.all_in.clear()
+        replies = await asyncio.gather(*(
+            client.send_message("a@sender.test", ["b@dest.test"], BODY) for client in clients))
+        assert [code for code, _ in replies] == [250] * 3
+    assert len(sink.messages) == 6
+    assert len(handler.helo_names) == 3  # three connections, opened once
+    pool = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+    assert sum(map(len, pool.held.values())) == 3 and not pool.idle
+    for client in clients:
+        await client.close()
+    await _until(lambda: not pool.held, "the clients' sessions never ended")
+    assert len(pool.idle) == 1
+    assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250  # a new client takes it
+    assert len(handler.helo_names) == 3
+    sink.server.close()
