@@ -487,3 +487,27 @@ async def test_clients_in_flight_together_keep_their_connections_beyond_max_idle
     assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250  # a new client takes it
     assert len(handler.helo_names) == 3
     sink.server.close()
+
+
+async def test_stopping_closes_the_connections_held_for_clients_still_connected(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """A client still connected at shutdown (its session ended by the proxy) leaves no
+    upstream connection open: the one held for it (pinned, XCLIENT with PORT) and the one held
+    for another (shareable, XFORWARD) both say QUIT."""
+    pinned = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"))
+    shared = RawUpstream((b"XFORWARD NAME ADDR PROTO HELO SOURCE", b"8BITMIME"))
+    for upstream in (pinned, shared):
+        server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+        proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+            host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+        client = await Talk.open(port_of(proxy))
+        await client.hello()
+        assert (await client.send_message("a@sender.test", ["b@dest.test"], BODY))[0] == 250
+        pool = proxy.services.delivery.servers[0]  # type: ignore[attr-defined]
+        assert len(pool.held) == 1 and upstream.commands(b"QUIT") == []
+        await proxy.stop(grace=1)
+        await _until(lambda u=upstream: u.commands(b"QUIT"), "a held connection was left open")
+        assert pool.held == {} and not pool.idle
+        await client.close()
+        server.close()
