@@ -21,7 +21,7 @@ import re
 import ssl
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -30,6 +30,12 @@ import aiosmtplib
 from aiosmtplib.response import SMTPResponse
 
 from smtpproxy.delivery import DeliveryError
+from smtpproxy.delivery.identity import (
+    MAX_HELO,
+    identity_key,
+    xclient_attributes,
+    xforward_attributes,
+)
 from smtpproxy.delivery.pipelining import open_connection, send_command
 from smtpproxy.eventlog import event
 from smtpproxy.session import Session
@@ -210,24 +216,6 @@ def order_servers(servers: Sequence[UpstreamServer], now: float) -> list[Upstrea
     return [s for s in ordered if not s.is_down(now)] + [s for s in ordered if s.is_down(now)]
 
 
-def xtext(value: str) -> str:
-    """RFC 3461 xtext, the encoding XCLIENT and XFORWARD attribute values use.
-
-    Encodes the value's octets: UTF-8, and octets that were not valid UTF-8 (kept as
-    surrogate escapes by the inbound side) exactly as the client sent them.
-    """
-    if _XTEXT_PLAIN.fullmatch(value):
-        return value  # nothing to encode: the usual address, port or host name
-    return "".join(
-        chr(b) if 33 <= b <= 126 and b not in (0x2B, 0x3D) else f"+{b:02X}"
-        for b in value.encode("utf-8", "surrogateescape")
-    )
-
-
-_XTEXT_PLAIN = re.compile(r"[!-*,-<>-~]*")
-"""Printable ASCII without '+' and '=': xtext as it is."""
-
-
 _SURROGATES = re.compile("[\udc80-\udcff]")
 """Octets of a HELO that were not valid UTF-8, as the inbound side keeps them."""
 
@@ -236,16 +224,6 @@ _MAX_IDENTITIES = 1024
 when full, so memory stays bounded under any load."""
 _MAX_ENDED = 4096
 """Ended sessions remembered (see Connector._ended): more than a background abort can lag."""
-
-_MAX_HELO = 255
-"""Postfix refuses a longer XCLIENT/XFORWARD HELO= (501, VALID_HOSTNAME_LEN)."""
-
-
-def helo_octets(helo: str) -> bytes:
-    """The client's HELO argument as it came over the wire (no CR, LF or controls: the
-    inbound command reader refused those)."""
-    return helo.encode("utf-8", "surrogateescape")
-
 
 class Connector:
     """Opens, prepares, lends and takes back upstream connections."""
@@ -618,7 +596,7 @@ class Connector:
         client = conn.client
         if helo:
             octets = _SURROGATES.sub("?", helo).encode("utf-8")
-            if len(octets) <= _MAX_HELO:
+            if len(octets) <= MAX_HELO:
                 response = await send_command(client, b"EHLO", octets,
                                               reply_timeout=self.settings.command_timeout)
                 if response.code == 250:
@@ -666,12 +644,12 @@ class Connector:
         offered = conn.xclient_offered
         if self.settings.identity not in ("auto", "xclient") or offered is None:
             return None
-        key = _identity_key(b"XCLIENT", session, offered)
+        key = identity_key(b"XCLIENT", session, offered)
         identity = self._identities.get(key)
         if identity is None:
             if len(self._identities) >= _MAX_IDENTITIES:
                 self._identities.clear()
-            identity = self._identities[key] = tuple(_xclient_attributes(session, offered))
+            identity = self._identities[key] = tuple(xclient_attributes(session, offered))
         return identity
 
     def _identifies_with_a_command(self, conn: Connection, session: Session) -> bool:
@@ -754,13 +732,13 @@ class Connector:
             if len(_XFORWARD_OFFERED) >= _MAX_IDENTITIES:
                 _XFORWARD_OFFERED.clear()
             offered = _XFORWARD_OFFERED[keywords] = frozenset(keywords.upper().split())
-        key = _identity_key(b"XFORWARD", session, offered)
+        key = identity_key(b"XFORWARD", session, offered)
         command = self._xforward.get(key)
         if command is None:
             if len(self._xforward) >= _MAX_IDENTITIES:
                 self._xforward.clear()
             command = self._xforward[key] = b" ".join(
-                [b"XFORWARD", *[a.encode() for a in _xforward_attributes(session, offered)]])
+                [b"XFORWARD", *[a.encode() for a in xforward_attributes(session, offered)]])
         return command
 
 
@@ -785,71 +763,6 @@ def _learn_extensions(client: aiosmtplib.SMTP, response: SMTPResponse) -> None:
 
 _XFORWARD_OFFERED: dict[str, frozenset[str]] = {}
 """The attributes an XFORWARD EHLO keyword's parameters name, by its text."""
-
-
-def _identity_key(command: bytes, session: Session, offered: frozenset[str]) -> tuple[object, ...]:
-    """What the *command* (XCLIENT or XFORWARD) attributes *offered* encode for *session*: the
-    values of only those attributes. A server that is not offered the client's port (smtp-sink,
-    an older Postfix) gets the same identity for every connection from one client, so the
-    encoded attributes are made once, not per message."""
-    client = session.client
-    return (command, offered,
-            client.ip if "ADDR" in offered else None,
-            client.port if "PORT" in offered else None,
-            client.hostname if "NAME" in offered else None,
-            session.helo if "HELO" in offered else None,
-            session.esmtp if "PROTO" in offered else None,
-            session.auth_user if "LOGIN" in offered else None,
-            session.local_ip if "DESTADDR" in offered else None,
-            session.local_port if "DESTPORT" in offered else None)
-
-
-def _addr(ip: str) -> str:
-    return f"IPV6:{ip}" if ":" in ip else ip
-
-
-def _client_attributes(session: Session, offered: Collection[str]) -> list[str]:
-    """``NAME=xtext`` for what XCLIENT and XFORWARD both say about the original client, in
-    this order, for the attributes the server offers."""
-    client = session.client
-    attributes = []
-    if "ADDR" in offered and client.ip:
-        attributes.append("ADDR=" + xtext(_addr(client.ip)))
-    if "PORT" in offered:
-        attributes.append(f"PORT={client.port}")
-    if "NAME" in offered:
-        attributes.append("NAME=" + xtext(client.hostname or "[UNAVAILABLE]"))
-    if "HELO" in offered:
-        attributes.append("HELO=" + xtext(_helo_value(session.helo)))
-    if "PROTO" in offered:
-        attributes.append("PROTO=ESMTP" if session.esmtp else "PROTO=SMTP")
-    return attributes
-
-
-def _helo_value(helo: str | None) -> str:
-    """HELO= for XCLIENT/XFORWARD: the client's argument (xtext-encoded), or
-    ``[UNAVAILABLE]`` when there is none or it is longer than the upstream accepts."""
-    if not helo or len(helo_octets(helo)) > _MAX_HELO:
-        return "[UNAVAILABLE]"
-    return helo
-
-
-def _xclient_attributes(session: Session, offered: frozenset[str]) -> list[str]:
-    attributes = _client_attributes(session, offered)
-    if "LOGIN" in offered:
-        attributes.append("LOGIN=" + xtext(session.auth_user or "[UNAVAILABLE]"))
-    if "DESTADDR" in offered and session.local_ip:
-        attributes.append("DESTADDR=" + xtext(_addr(session.local_ip)))
-    if "DESTPORT" in offered and session.local_port:
-        attributes.append(f"DESTPORT={session.local_port}")
-    return attributes
-
-
-def _xforward_attributes(session: Session, offered: frozenset[str]) -> list[str]:
-    attributes = _client_attributes(session, offered)
-    if "SOURCE" in offered:
-        attributes.append("SOURCE=REMOTE")
-    return attributes
 
 
 def _cert_error(exc: BaseException) -> ssl.SSLCertVerificationError | None:

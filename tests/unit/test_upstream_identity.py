@@ -13,16 +13,8 @@ import aiosmtplib
 from hypothesis import given
 from hypothesis import strategies as st
 
-from smtpproxy.delivery.upstream import (
-    Connection,
-    Connector,
-    ConnectorSettings,
-    UpstreamServer,
-    _helo_value,
-    _xclient_attributes,
-    _xforward_attributes,
-    xtext,
-)
+from smtpproxy.delivery.identity import helo_value, xclient_attributes, xforward_attributes, xtext
+from smtpproxy.delivery.upstream import Connection, Connector, ConnectorSettings, UpstreamServer
 from smtpproxy.session import Client, Session
 
 XCLIENT = ("NAME", "ADDR", "PORT", "PROTO", "HELO", "LOGIN", "DESTADDR", "DESTPORT")
@@ -38,7 +30,7 @@ def _reference_values(session: Session) -> dict[str, str]:
         "ADDR": _addr(session.client.ip),
         "PORT": str(session.client.port),
         "NAME": session.client.hostname or "[UNAVAILABLE]",
-        "HELO": _helo_value(session.helo),
+        "HELO": helo_value(session.helo),
         "PROTO": "ESMTP" if session.esmtp else "SMTP",
     }
 
@@ -79,12 +71,12 @@ _sessions = st.builds(
 
 @given(_sessions, st.frozensets(st.sampled_from(XCLIENT)))
 def test_xclient_attributes_are_what_the_dictionary_version_gave(session: Session, offered: frozenset[str]) -> None:
-    assert _xclient_attributes(session, offered) == _reference_xclient(session, offered)
+    assert xclient_attributes(session, offered) == _reference_xclient(session, offered)
 
 
 @given(_sessions, st.frozensets(st.sampled_from(XFORWARD)))
 def test_xforward_attributes_are_what_the_dictionary_version_gave(session: Session, offered: frozenset[str]) -> None:
-    assert _xforward_attributes(session, offered) == _reference_xforward(session, offered)
+    assert xforward_attributes(session, offered) == _reference_xforward(session, offered)
 
 
 def _connection(xclient: str | None, xforward: str | None) -> tuple[Connector, Connection]:

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from smtpproxy.addresses import AddressError, parse_mail_from
-from smtpproxy.delivery.upstream import xtext
+from smtpproxy.delivery.identity import xtext
 from smtpproxy.dsn import check_mail_params, check_rcpt_params
 from smtpproxy.server import ProxyServer
 from tests.conftest import RawUpstream, chain_of, make_config
