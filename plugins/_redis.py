@@ -79,6 +79,8 @@ class RedisScript:
             async with asyncio.timeout(self.timeout):
                 return await call.future
         except TimeoutError as exc:
+            if call.future.done() and not call.future.cancelled():  # answered as time ran out
+                return call.future.result()
             if self._sender is not None:  # what it awaits is ours or older: stuck or too slow
                 self._sender.cancel(f"TimeoutError: a call had no answer within {self.timeout}s")
             raise RedisUnavailable(f"TimeoutError: no answer within {self.timeout}s") from exc
@@ -128,12 +130,14 @@ class RedisScript:
                         if not call.future.done():  # else its caller went away: dropped
                             call.future.set_result(answer)
         except BaseException as exc:  # the connection's state is unknown: drop it
+            if isinstance(exc, TimeoutError):
+                exc = TimeoutError(f"no answer within {self.timeout}s")
+            for call in batch:  # first: a second cancel may interrupt the disconnect
+                if call not in again:
+                    call.fail(exc)
             connection, self._connection = self._connection, None
             if connection is not None:
                 await _disconnect(connection)
-            for call in batch:
-                if call not in again:
-                    call.fail(exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
