@@ -35,7 +35,9 @@ class RedisScript:
     write, one read wake-up and one task step serve dozens of calls, not one each. One
     connection is enough: Redis runs commands one at a time, so a second connection would not
     overtake a slow script, and with one batch out at a time a batch is either unsent (safe
-    to send on a new connection) or sent (its scripts may have run).
+    to send on a new connection) or sent (its scripts may have run). Waiting for the batch out
+    costs a call less than the write and wake-ups it saves (bench/README.md: 100 sessions,
+    median 5.5 ms a call before, 2.7 now).
 
     - An idle connection found closed or dirty before a batch (Redis restarted, ``CLIENT
       KILL``) is replaced before anything is sent on it: those calls are not failures.
@@ -86,6 +88,7 @@ class RedisScript:
             raise RedisUnavailable(f"TimeoutError: no answer within {self.timeout}s") from exc
 
     async def _send_batches(self) -> None:
+        """One batch after another while calls are queued; then the task ends."""
         try:
             while self._queue:
                 batch = [call for call in self._queue if not call.future.done()]
