@@ -7,7 +7,8 @@ Starts a private ``redis-server`` (tests/redis_server.py), then runs ratelimit's
 through ``plugins/_redis.py``'s ``RedisScript`` 3,000 times one after the other and 3,000
 times 50 at once, and, for reference, the same EVALSHA on one bare ``redis.asyncio.Connection``.
 Process time of this process only (Redis's own CPU is not counted); best of 3. A
-micro-benchmark, not a test.
+micro-benchmark, not a test. redis-py packs and parses with hiredis when it is installed (the
+``redis`` extra installs it); the first line says which.
 """
 
 from __future__ import annotations
@@ -90,7 +91,10 @@ def main() -> None:
             results = uvloop.run(_measure(args.root.resolve(), server.url, server.port, args.calls))
         finally:
             server.stop()
-    print(f"µs of CPU per call, best of 3 x {args.calls} ({args.root.resolve()}):")
+    from redis.utils import HIREDIS_AVAILABLE
+
+    parser = "hiredis" if HIREDIS_AVAILABLE else "redis-py's Python parser"
+    print(f"µs of CPU per call, best of 3 x {args.calls} ({args.root.resolve()}, {parser}):")
     for name, micros in results.items():
         print(f"  {name}: {micros:.1f}")
 

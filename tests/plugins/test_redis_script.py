@@ -5,11 +5,18 @@ ratelimit and greylist, kept now that the script goes over bare connections (iss
   failure: the call goes again on a new connection, as the pool's health check did;
 - a Redis that lost the script (``SCRIPT FLUSH``, a new server) gets it loaded again;
 - a Lua error, and Redis gone, are RedisUnavailable (the plugins' ``redis_failure`` policy).
+
+Calls made together are pipelined on one connection, replies matched in order; the tests below
+hold them in flight with ``CLIENT PAUSE ... WRITE`` (Redis postpones the scripts, not the admin's
+CLIENT KILL or SCRIPT FLUSH): each caller still gets its own answer, a connection killed or
+stuck fails what was sent on it and the next calls go on a new one, a cancelled caller's reply
+is read and dropped.
 """
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 import redis.asyncio
@@ -18,6 +25,7 @@ from smtpproxy_plugins._redis import RedisScript, RedisUnavailable
 from tests.redis_server import RedisServer
 
 COUNTER = "return redis.call('INCRBY', KEYS[1], ARGV[1])"
+ECHO = "return {KEYS[1], redis.call('INCRBY', KEYS[1], ARGV[1])}"  # whose answer it is
 
 
 async def _clients(server: RedisServer) -> list[dict[str, str]]:
@@ -69,3 +77,140 @@ async def test_a_script_error_and_a_redis_that_is_gone_are_unavailable(redis_ser
     finally:
         await broken.close()
         await script.close()
+
+
+async def _pause(server: RedisServer) -> redis.asyncio.Redis:
+    """An admin client, having made Redis postpone scripts (not CLIENT KILL, SCRIPT FLUSH)."""
+    admin = redis.asyncio.Redis(port=server.port)
+    await admin.client_pause(10_000, all=False)  # WRITE: scripts wait
+    return admin
+
+
+async def _until(server: RedisServer, seen: Callable[[list[dict[str, str]]], bool]) -> None:
+    """Polls CLIENT LIST (Redis tells no one) until ``seen``; 5 s at most."""
+    async with asyncio.timeout(5):
+        while True:
+            if seen(await _clients(server)):
+                return
+            await asyncio.sleep(0.01)
+
+
+async def _held(server: RedisServer) -> None:
+    """Once Redis holds a script (flag b: blocked): the calls started before are in flight."""
+    await _until(server, lambda clients: any("b" in c.get("flags", "") for c in clients))
+
+
+async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_answer(
+    redis_server: RedisServer,
+) -> None:
+    script = RedisScript(redis_server.url, 2.0, "t:", ECHO)
+    try:
+        answers = await asyncio.gather(*(script.run(f"k{n}", [n]) for n in range(200)))
+        assert answers == [[f"t:k{n}".encode(), n] for n in range(200)]
+        assert len(await _clients(redis_server)) == 1  # pipelined, not 200 connections
+        answers = await asyncio.gather(*(script.run(f"k{n}", [1]) for n in range(200)))
+        assert answers == [[f"t:k{n}".encode(), n + 1] for n in range(200)]
+    finally:
+        await script.close()
+
+
+async def test_a_connection_killed_with_calls_in_flight_fails_them_and_the_next_calls_work(
+    redis_server: RedisServer,
+) -> None:
+    script = RedisScript(redis_server.url, 5.0, "t:", ECHO)
+    try:
+        assert await script.run("warm", [1]) == [b"t:warm", 1]
+        admin = await _pause(redis_server)
+        calls = [asyncio.create_task(script.run(f"d{n}", [1])) for n in range(20)]
+        await _held(redis_server)
+        await admin.client_kill_filter(_type="normal", skipme=True)
+        await admin.client_unpause()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        assert all(isinstance(r, RedisUnavailable) for r in results), results
+        assert await admin.exists(*(f"t:d{n}" for n in range(20))) == 0  # not run again
+        await admin.aclose()
+        answers = await asyncio.gather(*(script.run(f"d{n}", [n]) for n in range(20)))
+        assert answers == [[f"t:d{n}".encode(), n] for n in range(20)]
+    finally:
+        await script.close()
+
+
+async def test_a_script_flushed_under_many_calls_is_loaded_once_and_all_succeed(
+    redis_server: RedisServer,
+) -> None:
+    script = RedisScript(redis_server.url, 5.0, "t:", ECHO)
+    try:
+        assert await script.run("warm", [1]) == [b"t:warm", 1]
+        admin = await _pause(redis_server)
+        calls = [asyncio.create_task(script.run(f"f{n}", [n])) for n in range(50)]
+        await _held(redis_server)
+        await admin.script_flush()  # the held EVALSHAs will find no script
+        await admin.client_unpause()
+        assert await asyncio.gather(*calls) == [[f"t:f{n}".encode(), n] for n in range(50)]
+        await admin.script_flush()
+        await admin.aclose()
+        answers = await asyncio.gather(*(script.run(f"f{n}", [1]) for n in range(50)))
+        assert answers == [[f"t:f{n}".encode(), n + 1] for n in range(50)]  # each ran once
+    finally:
+        await script.close()
+
+
+async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others(redis_server: RedisServer) -> None:
+    script = RedisScript(redis_server.url, 5.0, "t:", ECHO)
+    try:
+        assert await script.run("warm", [1]) == [b"t:warm", 1]
+        admin = await _pause(redis_server)
+        calls = [asyncio.create_task(script.run(f"c{n}", [n])) for n in range(30)]
+        await _held(redis_server)
+        for call in calls[::3]:
+            call.cancel()  # its session ended: the script was sent, its reply will come
+        await admin.client_unpause()
+        await admin.aclose()
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        for n, result in enumerate(results):
+            if n % 3 == 0:
+                assert isinstance(result, asyncio.CancelledError)
+            else:
+                assert result == [f"t:c{n}".encode(), n]
+        assert await script.run("c1", [1]) == [b"t:c1", 2]
+        assert len(await _clients(redis_server)) == 1
+    finally:
+        await script.close()
+
+
+async def test_a_timeout_fails_the_calls_on_the_stuck_connection_and_the_next_calls_work(
+    redis_server: RedisServer,
+) -> None:
+    script = RedisScript(redis_server.url, 0.3, "t:", ECHO)
+    try:
+        assert await script.run("warm", [1]) == [b"t:warm", 1]
+        admin = redis.asyncio.Redis(port=redis_server.port)
+        await admin.client_pause(10_000, all=False)  # WRITE: scripts wait
+        results = await asyncio.gather(*(script.run(f"s{n}", [1]) for n in range(10)), return_exceptions=True)
+        assert all(isinstance(r, RedisUnavailable) and "TimeoutError" in str(r) for r in results), results
+        await admin.client_unpause()
+        await admin.aclose()
+        answers = await asyncio.gather(*(script.run(f"t{n}", [n]) for n in range(10)))
+        assert answers == [[f"t:t{n}".encode(), n] for n in range(10)]  # no late reply taken for theirs
+        assert len(await _clients(redis_server)) == 1  # the stuck one was closed
+    finally:
+        await script.close()
+
+
+async def test_close_fails_the_calls_in_flight_and_leaves_nothing_behind(redis_server: RedisServer) -> None:
+    script = RedisScript(redis_server.url, 5.0, "t:", ECHO)
+    assert await script.run("warm", [1]) == [b"t:warm", 1]
+    admin = await _pause(redis_server)
+    calls = [asyncio.create_task(script.run(f"x{n}", [1])) for n in range(10)]
+    await _held(redis_server)
+    queued = asyncio.create_task(script.run("queued", [1]))  # behind the held batch
+    await asyncio.sleep(0)
+    await script.close()
+    results = await asyncio.gather(*calls, queued, return_exceptions=True)
+    assert all(isinstance(r, RedisUnavailable) for r in results), results
+    with pytest.raises(RedisUnavailable, match="closed"):
+        await script.run("after", [1])
+    await admin.client_unpause()
+    me = str(await admin.client_id())
+    await _until(redis_server, lambda clients: all(c["id"] == me for c in clients))  # ours closed
+    await admin.aclose()
