@@ -41,7 +41,7 @@ from smtpproxy.delivery.handover import Handover
 from smtpproxy.disposal import carry_out
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.listener import ListenerPolicy, Services
-from smtpproxy.message import Message
+from smtpproxy.message import Message, received_message
 from smtpproxy.proxyprotocol import read_proxy_header
 from smtpproxy.replywire import BYE, OK, RECIPIENT_OK, SENDER_OK, START_DATA, ehlo_reply, greeting, wire
 from smtpproxy.sasl import authenticate
@@ -736,7 +736,7 @@ class InboundSMTP(CommandServer):
             return
         if reader.bare_newlines_seen:
             event("bare_newlines_normalized", tx=transaction.id, lines=reader.bare_newlines_seen)
-        transaction.message = Message(reader.content())
+        transaction.message = received_message(reader.content())
         refusal = await self.conversation.headers_refusal(self.plugin_session, transaction)
         if refusal is not None:
             self._end_transaction()

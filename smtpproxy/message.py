@@ -32,7 +32,8 @@ from email.parser import BytesParser
 from email.policy import default as _default_policy
 from typing import Literal, NamedTuple
 
-__all__ = ["MAILBOX_LINE", "POSTFIX_LINE_LIMIT", "Change", "HeaderError", "Message", "validate_header"]
+__all__ = ["MAILBOX_LINE", "POSTFIX_LINE_LIMIT", "Change", "HeaderError", "Message", "received_message",
+           "validate_header"]
 
 CRLF = b"\r\n"
 _WSP = b" \t"
@@ -135,6 +136,16 @@ def _mailbox_line(raw: bytes) -> _Field:
 def _key(name: str) -> str | None:
     """Case-fold a lookup name; non-ASCII never matches (avoids e.g. KELVIN SIGN == 'k')."""
     return name.lower() if name.isascii() else None
+
+
+def received_message(raw: bytes | mmap.mmap) -> Message:
+    """A :class:`Message` of what :class:`~smtpproxy.datareader.DataReader` took in, without
+    :class:`Message`'s check for bare CR or LF: the reader checked every line as it came
+    (tests/unit/test_datareader.py), and the check is three more passes over the message (a
+    regular expression over a spooled one), ~9 % of the proxy's CPU at 100 KB."""
+    message = Message.__new__(Message)
+    message._wrap(raw)
+    return message
 
 
 def _check_crlf_only(data: bytes, what: str) -> None:
@@ -298,6 +309,9 @@ class Message:
         else:
             raw = bytes(raw)  # no copy for bytes; freezes bytearray/memoryview input
             _check_crlf_only(raw, "message")
+        self._wrap(raw)
+
+    def _wrap(self, raw: bytes | mmap.mmap) -> None:
         self._orig: bytes | mmap.mmap = raw
         self._raw_cache: bytes | None = None
         self._fields: list[_Field] | None = None

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from smtpproxy.datareader import DataProblem, DataReader
+from smtpproxy.message import Message
 
 
 def feed_stream(reader: DataReader, stream: bytes) -> tuple[bool, bytes]:
@@ -202,6 +203,8 @@ def test_blocks_give_what_lines_give(parts: list[bytes], limit: int, max_line: i
     if lines.problem is None:
         assert blocks.content() == lines.content()
         assert blocks.bare_newlines_seen == lines.bare_newlines_seen
+        # What the proxy wraps with received_message(), which trusts this and checks nothing.
+        Message(blocks.content())  # raises on a bare CR or LF
 
 
 @given(crlf_lines, st.integers(min_value=3, max_value=5000))
