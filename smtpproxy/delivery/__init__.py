@@ -144,8 +144,9 @@ class Delivery(Protocol):
         ...
 
     def end_session(self, session: Session) -> None:
-        """The client's session is over: let go of what the backend kept for it alone (the
-        upstream connections whose XCLIENT named this client); nothing for a local backend."""
+        """The client's session is over: let go of what the backend kept for it (upstream
+        connections held for its next message: shared, or closed when they spoke for this
+        client alone); nothing for a local backend."""
 
     async def close(self) -> None:
         """Release connections and threads."""
