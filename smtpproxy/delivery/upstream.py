@@ -191,15 +191,18 @@ class Connection:
     """The id of the client session whose message it carried last. Until that session ends
     it waits for the session's next message in ``server.held``, not in the shared pool: a
     sender's connection cache keeps one upstream connection, whatever else is in flight."""
-    pinned: bool = False
-    """Its XCLIENT told the client's port, which no other client has: it can serve no other
-    session, so it is closed when its own ends instead of joining the shared pool."""
     reused: bool = False
     """Taken from the idle pool for this message (it may have died while idle)."""
 
     @property
     def destination(self) -> str:
         return self.server.name
+
+    @property
+    def pinned(self) -> bool:
+        """Its XCLIENT told the client's port, which no other client has: it can serve no other
+        session, so it is closed when its own ends instead of joining the shared pool."""
+        return self.identity is not None and "PORT" in (self.xclient_offered or ())
 
 
 def order_servers(servers: Sequence[UpstreamServer], now: float) -> list[UpstreamServer]:
@@ -629,10 +632,8 @@ class Connector:
         return True
 
     def _speaks_for(self, conn: Connection, identity: tuple[str, ...]) -> None:
-        """*conn* took XCLIENT *identity*: with the client's port in it, no other client
-        can use it (see Connection.pinned)."""
+        """*conn* took XCLIENT *identity* (with the client's port in it, it is pinned)."""
         conn.identity = identity
-        conn.pinned = bool(conn.xclient_offered and "PORT" in conn.xclient_offered)
         self._note_identity(conn.server, "xclient")
 
     def _xclient_identity(self, conn: Connection, session: Session) -> tuple[str, ...] | None:
