@@ -100,6 +100,17 @@ async def _held(server: RedisServer) -> None:
     await _until(server, lambda clients: any("b" in c.get("flags", "") for c in clients))
 
 
+async def _in_flight(script: RedisScript, server: RedisServer, prefix: str, count: int,
+                     arg: Callable[[int], int]) -> tuple[redis.asyncio.Redis, list[asyncio.Task[object]]]:
+    """*count* calls (keys ``prefix0``..., ``arg(n)`` each) sent on the script's warm
+    connection and held there by Redis; with the admin client that paused it."""
+    assert await script.run("warm", [1]) == [b"t:warm", 1]
+    admin = await _pause(server)
+    calls = [asyncio.create_task(script.run(f"{prefix}{n}", [arg(n)])) for n in range(count)]
+    await _held(server)
+    return admin, calls
+
+
 async def test_concurrent_calls_share_one_connection_and_each_gets_its_own_answer(
     redis_server: RedisServer,
 ) -> None:
@@ -119,10 +130,7 @@ async def test_a_connection_killed_with_calls_in_flight_fails_them_and_the_next_
 ) -> None:
     script = RedisScript(redis_server.url, 5.0, "t:", ECHO)
     try:
-        assert await script.run("warm", [1]) == [b"t:warm", 1]
-        admin = await _pause(redis_server)
-        calls = [asyncio.create_task(script.run(f"d{n}", [1])) for n in range(20)]
-        await _held(redis_server)
+        admin, calls = await _in_flight(script, redis_server, "d", 20, lambda n: 1)
         await admin.client_kill_filter(_type="normal", skipme=True)
         await admin.client_unpause()
         results = await asyncio.gather(*calls, return_exceptions=True)
@@ -140,10 +148,7 @@ async def test_a_script_flushed_under_many_calls_is_loaded_once_and_all_succeed(
 ) -> None:
     script = RedisScript(redis_server.url, 5.0, "t:", ECHO)
     try:
-        assert await script.run("warm", [1]) == [b"t:warm", 1]
-        admin = await _pause(redis_server)
-        calls = [asyncio.create_task(script.run(f"f{n}", [n])) for n in range(50)]
-        await _held(redis_server)
+        admin, calls = await _in_flight(script, redis_server, "f", 50, lambda n: n)
         await admin.script_flush()  # the held EVALSHAs will find no script
         await admin.client_unpause()
         assert await asyncio.gather(*calls) == [[f"t:f{n}".encode(), n] for n in range(50)]
@@ -158,10 +163,7 @@ async def test_a_script_flushed_under_many_calls_is_loaded_once_and_all_succeed(
 async def test_a_cancelled_caller_does_not_shift_the_replies_of_the_others(redis_server: RedisServer) -> None:
     script = RedisScript(redis_server.url, 5.0, "t:", ECHO)
     try:
-        assert await script.run("warm", [1]) == [b"t:warm", 1]
-        admin = await _pause(redis_server)
-        calls = [asyncio.create_task(script.run(f"c{n}", [n])) for n in range(30)]
-        await _held(redis_server)
+        admin, calls = await _in_flight(script, redis_server, "c", 30, lambda n: n)
         for call in calls[::3]:
             call.cancel()  # its session ended: the script was sent, its reply will come
         await admin.client_unpause()
@@ -199,10 +201,7 @@ async def test_a_timeout_fails_the_calls_on_the_stuck_connection_and_the_next_ca
 
 async def test_close_fails_the_calls_in_flight_and_leaves_nothing_behind(redis_server: RedisServer) -> None:
     script = RedisScript(redis_server.url, 5.0, "t:", ECHO)
-    assert await script.run("warm", [1]) == [b"t:warm", 1]
-    admin = await _pause(redis_server)
-    calls = [asyncio.create_task(script.run(f"x{n}", [1])) for n in range(10)]
-    await _held(redis_server)
+    admin, calls = await _in_flight(script, redis_server, "x", 10, lambda n: 1)
     queued = asyncio.create_task(script.run("queued", [1]))  # behind the held batch
     await asyncio.sleep(0)
     await script.close()
