@@ -511,3 +511,25 @@ async def test_stopping_closes_the_connections_held_for_clients_still_connected(
         assert pool.held == {} and not pool.idle
         await client.close()
         server.close()
+
+
+async def test_a_client_that_greets_again_with_another_name_gets_a_connection_that_says_so(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The connection held for a client carries its XCLIENT HELO=; after a second EHLO with
+    another name Postfix must hear that name: the held connection is closed, not reused with
+    the old identity, and a new one says XCLIENT HELO=<new name>."""
+    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"))
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(
+        host="127.0.0.1", port=server.sockets[0].getsockname()[1]))
+    client = await Talk.open(port_of(proxy))
+    await client.hello("first.example")
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], BODY))[0] == 250
+    assert (await client.cmd("EHLO second.example"))[0] == 250
+    assert (await client.send_message("a@sender.test", ["b@dest.test"], BODY))[0] == 250
+    helos = [re.search(rb"HELO=(\S+)", line)[1] for line in upstream.commands(b"XCLIENT")]  # type: ignore[index]
+    assert helos == [b"first.example", b"second.example"]
+    assert len(upstream.commands(b"QUIT")) == 1  # the first client identity's connection
+    await client.close()
+    server.close()
