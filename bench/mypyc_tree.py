@@ -1,7 +1,7 @@
 """A copy of a commit with its hot modules compiled by mypyc: what a compiled core would gain.
 
 Issue 31's remaining targets left "a compiled core" as an open question. mypyc (part of mypy,
-already a dev dependency) compiles type-annotated modules to C extensions without a rewrite;
+which the test extra installs) compiles type-annotated modules to C extensions without a rewrite;
 this builds such a tree, for the pair scripts to measure against the same commit uncompiled:
 
     python bench/mypyc_tree.py /tmp/compiled                 # HEAD; --commit REV for another
