@@ -64,8 +64,9 @@ PATCHES: dict[str, list[tuple[str, str]]] = {
     ],
 }
 
-# [tool.mypy]'s overrides, for the build step (which must not read pyproject.toml: the
-# setuptools mypyc drives refuses its license table).
+# What the build needs of [tool.mypy] (its overrides: libraries without type information),
+# in a file of its own: the build must not read pyproject.toml, whose license table the
+# setuptools mypyc drives refuses.
 MYPY_INI = """[mypy]
 python_version = 3.11
 ignore_missing_imports = True
