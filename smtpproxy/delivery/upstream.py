@@ -133,8 +133,10 @@ class UpstreamServer:
     def name(self) -> str:
         return f"{self.host}:{self.port}"
 
-    def hold(self, conn: Connection, holder: str) -> None:
-        self.held.setdefault(holder, []).append(conn)
+    def hold(self, conn: Connection) -> None:
+        """Keep *conn* idle for its holder session's next message."""
+        assert conn.holder is not None
+        self.held.setdefault(conn.holder, []).append(conn)
         if not conn.pinned:
             self.lendable[conn] = None
 
@@ -152,10 +154,8 @@ class UpstreamServer:
         held = self.held.get(holder)
         if not held:
             return None
-        conn = held.pop()
-        if not held:
-            del self.held[holder]
-        self.lendable.pop(conn, None)
+        conn = held[-1]
+        self.unhold(conn)
         return conn
 
     def end_hold(self, holder: str) -> list[Connection]:
@@ -404,7 +404,7 @@ class Connector:
         conn.idle_since = time.monotonic()
         holder = conn.holder
         if holder is not None and holder not in self._ended:
-            conn.server.hold(conn, holder)
+            conn.server.hold(conn)
         else:
             self._share(conn)
 
