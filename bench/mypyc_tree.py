@@ -92,10 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     out = args.output.resolve()
     if out.exists():
         raise SystemExit(f"mypyc_tree: {out} exists")
+    git = subprocess.run(["git", "-C", str(ROOT), "archive", args.commit], capture_output=True)
+    if git.returncode != 0:
+        raise SystemExit(f"mypyc_tree: git archive {args.commit}: {git.stderr.decode().strip()}")
     out.mkdir(parents=True)
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", args.commit],
-                             check=True, capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    subprocess.run(["tar", "-x", "-C", str(out)], input=git.stdout, check=True)
     patch(out)
     pyproject = out / "pyproject.toml"
     hidden = out / "pyproject.toml.hidden"
