@@ -8,10 +8,10 @@ hooks at the same moments, and answers each event:
   with the plugin's reply (at connect 554/421, as the proxy answers). Continue and accept
   become SMFIR_CONTINUE: our ACCEPT ends a *phase*, while SMFIR_ACCEPT would take the
   rest of the message (or connection) away from the filter. Discard and quarantine are
-  remembered and applied at the end of the message, as in the proxy. Connect, helo and
-  mail events no plugin answers get no reply at all (SMFIP_NR_*, :func:`no_reply_steps`;
-  RCPT always does); a refusal of ours in such a step reaches the MTA with the next answer
-  it waits for (every RCPT of that message, then its end).
+  remembered and applied at the end of the message, as in the proxy. Connect and helo
+  events no plugin answers, and mail, get no reply at all (SMFIP_NR_*, :func:`no_reply_steps`;
+  RCPT always does); a refusal in such a step reaches the MTA with the next answer it waits
+  for (every RCPT of that message, then its end), as Postfix's ``smtpd_delay_reject``.
 * headers, body: collected (CRLF line ends) into the raw message, without replies; over
   ``limits.max_message_size`` the message is refused with 552.
 * end of message: the ``data`` chain on a :class:`~smtpproxy.message.Message`, then the
@@ -113,19 +113,28 @@ def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
 
     Postfix then writes those events without waiting (milter8.c: ``skip_reply``) and sends
     them with the next one that waits: connect to RCPT and the DATA macros arrive in one
-    write instead of four round trips. MAIL keeps its reply when the sender/login map is on
-    (``milter.check_sender_login``). RCPT is always answered: smtpproxy's own rules there (the
-    recipient limit, the policy groups' split, the address check) refuse one recipient, and
-    a refusal kept for the end of the message would refuse all of them, again at every
-    retry. A refusal that comes up in a step without reply (an address our parser refuses
-    at MAIL) is the answer to every RCPT of that message and to its end. (CONNECT and HELO
-    go without reply only when no plugin answers them: nothing there can refuse.)
+    write instead of four round trips. RCPT is always answered: smtpproxy's own rules there
+    (the recipient limit, the policy groups' split, the address check) refuse one recipient,
+    and a refusal kept for the end of the message would refuse all of them, again at every
+    retry. MAIL goes without reply even when plugins answer it: a refusal there (a plugin's,
+    or an address our parser refuses) is the answer to every RCPT of that message, which is
+    where Postfix itself gives its MAIL restrictions' refusals (``smtpd_delay_reject = yes``,
+    its default), and the message costs one round trip less. MAIL keeps its reply where an
+    answer there can be other than a refusal or where one of ours must not wait: with
+    ``milter.default_action: accept`` (a failing plugin passes the message, SMFIR_ACCEPT)
+    and with the sender/login map (``milter.check_sender_login``). CONNECT and HELO go
+    without reply only when no plugin answers them (Postfix treats a refusal at HELO as the
+    whole connection's).
     """
     steps = _CONTENT_NO_REPLY
     for hook, step in _ENVELOPE_NO_REPLY.items():
-        if hook == "rcpt_to" or chain.implements(hook):
+        if hook == "rcpt_to":
             continue
-        if hook == "mail_from" and policy.sender_login is not None:
+        if hook == "mail_from":
+            if policy.sender_login is not None or (
+                    policy.default_action == "accept" and chain.implements(hook)):
+                continue
+        elif chain.implements(hook):
             continue
         steps |= step
     return steps
@@ -229,8 +238,11 @@ class MilterSession:
         elif refusal is not None:
             self._defer(phase, refusal.reply)
 
-    def _defer(self, phase: str, reply: Reply) -> None:
-        event("milter_refusal_deferred", level=logging.WARNING, phase=phase, reply=reply.code,
+    def _defer(self, phase: str, reply: Reply, level: int = logging.WARNING) -> None:
+        """Keep a refusal for the next answer the MTA waits for (every RCPT, then the end of
+        the message). *level*: warning where it shows a disagreement with the MTA (it took
+        an address our parser refuses), info for a plugin's refusal at MAIL (by design)."""
+        event("milter_refusal_deferred", level=level, phase=phase, reply=reply.code,
               note="no reply was agreed for this step: the next answer the MTA waits for refuses the message")
         if self._refused is None:
             self._refused = reply
@@ -489,7 +501,12 @@ class MilterSession:
                     self.conversation.end_transaction(session)
                 await self.send(response)
                 return
-            self._defer("mail_from", refusal.reply)
+            # No reply: milter.default_action is not accept here (no_reply_steps), so a
+            # failed plugin's outcome is a refusal too, as _refuse would send it.
+            final = self._failure_policy("mail_from", refusal)
+            self.conversation.end_transaction(session)
+            self._defer("mail_from", final.reply if isinstance(final, Refusal) else refusal.reply,
+                        level=logging.INFO)
         self._mta_sender = path.address
         await self._answer(codec.SMFIP_NR_MAIL, "mail_from", None)
 

@@ -234,7 +234,9 @@ async def through_milter(phase: str, behaviour: str, milter: MilterFactory,
         for command, macros, names in steps:
             if not passed:
                 break
-            events = names
+            # A refusal at MAIL comes with RCPT's answer (MAIL has no reply, as Postfix's own
+            # smtpd_delay_reject gives it): the line that decided is any step's so far.
+            events += names
             answer = await mta.event(command, **macros)
             passed = answer == mta.passed(command)
         if passed:

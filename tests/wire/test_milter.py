@@ -280,12 +280,22 @@ class HeloJudge:
         return None
 
 
+class MailJudge:
+    name = "mail_judge"
+
+    @hookimpl
+    def mail_from(self) -> None:
+        return None
+
+
 @pytest.mark.parametrize(
     ("plugins", "replies"),
     [
         ((), 0),
         ((RcptJudge(),), 0),
         ((HeloJudge(),), codec.SMFIP_NR_HELO),
+        # MAIL goes without reply with a plugin too: its refusal comes with RCPT's answer
+        ((MailJudge(),), 0),
         ((Recorder(),), codec.SMFIP_NR_CONN),  # implements connect (and data, after_message, disconnect)
         ((RcptJudge(), HeloJudge(), Recorder()), codec.SMFIP_NR_CONN | codec.SMFIP_NR_HELO),
     ],
@@ -293,8 +303,9 @@ class HeloJudge:
 async def test_no_reply_is_asked_for_events_no_plugin_answers(
     milter: Factory, plugins: tuple[object, ...], replies: int
 ) -> None:
-    """SMFIP_NR_* for each envelope event before RCPT without a hook in the chain; the content
-    never gets a reply before the end of the message; RCPT always does."""
+    """SMFIP_NR_* for CONNECT and HELO without a hook in the chain, and for MAIL (a refusal
+    there comes with RCPT's answer); the content never gets a reply before the end of the
+    message; RCPT always does."""
     mta = await FakeMTA.open(await milter(*plugins))
     reply = await mta.negotiate()
     assert reply.protocol & (ENVELOPE_NO_REPLY | CONTENT_NO_REPLY | codec.SMFIP_NR_RCPT) == (
@@ -724,6 +735,7 @@ async def test_the_authenticated_user_does_not_carry_into_the_next_transaction(m
     await mta.passes(codec.Mail(("<a@sender.test>",)), **{"{auth_authen}": "carol"})
     mta.send(codec.Abort())  # an aborted one too
     await mta.passes(codec.Mail(("<a@sender.test>",)))
+    await mta.passes(codec.Rcpt(("<bob@dest.test>",)))  # MAIL has no reply: RCPT's says all was read
     await mta.close()
     assert users == ["alice", None, "bob", "carol", None]
 
@@ -805,6 +817,70 @@ async def test_plugin_error_becomes_the_default_action(
     await mta.passes(codec.Mail(("<a@b.test>",)))
     assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [expected]
     assert any(r.getMessage() == "milter_default_action" for r in caplog.records)
+    await mta.close()
+
+
+class BrokenAtMail:
+    name = "broken_at_mail"
+
+    @hookimpl
+    def mail_from(self) -> None:
+        raise RuntimeError("database down")
+
+
+async def test_a_plugins_refusal_at_mail_comes_with_every_rcpt_answer(
+    milter: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """MAIL has no reply even with a mail_from plugin (one round trip less a message): its
+    refusal is the answer to each RCPT, as Postfix gives its own MAIL restrictions'
+    (smtpd_delay_reject), logged at info; the next transaction starts clean."""
+    caplog.set_level(logging.INFO)
+    judge = Refuse("mail_from", Verdict.reject("SPF fail", code=550, enhanced="5.7.23"))
+    mta = await FakeMTA.open(await milter(judge))
+    reply = await mta.negotiate()
+    assert reply.protocol & codec.SMFIP_NR_MAIL
+    await mta.event(codec.Connect("[192.0.2.7]", "4", 40000, "192.0.2.7"))
+    await mta.passes(codec.Helo("client.test"))
+    assert await mta.event(codec.Mail(("<a@sender.test>",))) == []
+    for rcpt in ("<bob@dest.test>", "<carol@dest.test>"):
+        assert await mta.event(codec.Rcpt((rcpt,))) == [codec.ReplyCode("550 5.7.23 SPF fail")]
+    [deferred] = [r for r in caplog.records if r.getMessage() == "milter_refusal_deferred"]
+    assert deferred.levelno == logging.INFO
+    assert deferred.smtpproxy_fields["reply"] == 550  # type: ignore[attr-defined]
+    mta.send(codec.Abort())  # the client gives up: RSET
+    await mta.close()
+
+
+@pytest.mark.parametrize(
+    ("action", "expected"),
+    [
+        ("tempfail", codec.ReplyCode("451 4.3.0 Temporary local problem, please try again later")),
+        ("reject", codec.ReplyCode("550 5.3.0 Message refused because of a local problem")),
+    ],
+)
+async def test_a_plugin_error_at_mail_is_the_default_action_at_rcpt(
+    milter: Factory, caplog: pytest.LogCaptureFixture, action: str, expected: codec.Response
+) -> None:
+    """A mail_from plugin that fails: milter.default_action, with the RCPT answer."""
+    caplog.set_level(logging.INFO)
+    mta = await FakeMTA.open(await milter(BrokenAtMail(), default_action=action))
+    await mta.start()
+    await mta.passes(codec.Helo("client.test"))
+    assert await mta.event(codec.Mail(("<a@b.test>",))) == []
+    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [expected]
+    assert any(r.getMessage() == "milter_default_action" for r in caplog.records)
+    await mta.close()
+
+
+async def test_mail_keeps_its_reply_when_a_failing_plugin_passes_the_message(milter: Factory) -> None:
+    """With milter.default_action accept a mail_from plugin's failure answers SMFIR_ACCEPT,
+    which only MAIL's own reply can say: MAIL keeps it."""
+    mta = await FakeMTA.open(await milter(BrokenAtMail(), default_action="accept"))
+    reply = await mta.negotiate()
+    assert not reply.protocol & codec.SMFIP_NR_MAIL
+    await mta.event(codec.Connect("[192.0.2.7]", "4", 40000, "192.0.2.7"))
+    await mta.passes(codec.Helo("client.test"))
+    assert await mta.event(codec.Mail(("<a@b.test>",))) == [codec.Accept()]
     await mta.close()
 
 
