@@ -305,9 +305,10 @@ async def test_a_dead_pooled_connection_is_replaced_when_xforward_is_the_probe(p
 async def test_stopping_while_a_retired_connection_waits_for_quit_logs_no_error(
     proxy_factory: ProxyFactory,
 ) -> None:
-    """A connection retired after its last message says QUIT in a background task. Stopping the
-    proxy (and asyncio.run cancelling what is left, as at process exit) must not make that task's
-    done-callback raise: the soak run found 'Exception in callback Connector.release' tracebacks."""
+    """A connection retired after its last message (once in a background task awaiting the
+    QUIT's reply, now QUIT and closed at once). Stopping the proxy (and asyncio.run cancelling
+    what is left, as at process exit) must log no error: the soak run found 'Exception in
+    callback Connector.release' tracebacks."""
     upstream = RawUpstream(answers_quit=False)  # a hung upstream: QUIT never answered
     server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -330,6 +331,31 @@ async def test_stopping_while_a_retired_connection_waits_for_quit_logs_no_error(
         loop.set_exception_handler(previous)
         server.close()
     assert [c.get("message") for c in errors] == []
+
+
+async def test_a_retired_connection_says_quit_and_hangs_up_without_waiting_for_221(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """After its last message (pool.max_messages) a connection is closed as Postfix's own client
+    closes one (smtp_skip_quit_response): QUIT, then the connection ends at once, not after
+    the reply (or its 5 s wait on an upstream that never answers QUIT)."""
+    upstream = RawUpstream(answers_quit=False)
+    ended = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upstream.serve(reader, writer)  # returns at the proxy's end of the connection
+        ended.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=port,
+                                                           pool={"max_messages": 1}))
+    try:
+        assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+        await asyncio.wait_for(ended.wait(), 2)
+        assert upstream.lines[-1] == b"QUIT"
+    finally:
+        server.close()
 
 
 class GatedSink(SinkHandler):
