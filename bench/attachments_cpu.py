@@ -11,6 +11,7 @@ chain pays; bench/plugin_cpu.py has the rest of the chain for comparison.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import sys
@@ -65,4 +66,7 @@ async def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 30))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("messages", nargs="?", type=int, default=30, help="messages of each kind")
+    asyncio.run(main(parser.parse_args().messages))

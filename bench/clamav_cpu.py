@@ -15,6 +15,7 @@ change.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import shutil
@@ -60,8 +61,12 @@ async def measure(address: str, clamd_pid: int, raw: bytes, count: int) -> tuple
 
 
 def main(argv: list[str]) -> int:
-    size = int(argv[0]) if argv else 1024
-    count = int(argv[1]) if len(argv) > 1 else 300
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("size", nargs="?", type=int, default=1024, help="message size in bytes")
+    parser.add_argument("messages", nargs="?", type=int, default=300, help="messages measured")
+    args = parser.parse_args(argv)
+    size, count = args.size, args.messages
     if clamd_binary() is None:
         print("clamd is not installed: apt-get install clamav-daemon", file=sys.stderr)
         return 1

@@ -11,6 +11,7 @@ is a Redis round trip). What issue 15's "what each change gained" table was meas
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import sys
 import time
@@ -79,8 +80,12 @@ async def measure(zone_port: int, raw: bytes, count: int) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
-    size = int(argv[0]) if argv else 1024
-    count = int(argv[1]) if len(argv) > 1 else 300
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("size", nargs="?", type=int, default=1024, help="message size in bytes")
+    parser.add_argument("messages", nargs="?", type=int, default=300, help="messages measured")
+    args = parser.parse_args(argv)
+    size, count = args.size, args.messages
     signed = Signed.create()
     raw = signed.message(size)
     with running_zone_server() as zone:

@@ -119,10 +119,10 @@ def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
     retry. MAIL goes without reply even when plugins answer it: a refusal there (a plugin's,
     or an address our parser refuses) is the answer to every RCPT of that message, which is
     where Postfix itself gives its MAIL restrictions' refusals (``smtpd_delay_reject = yes``,
-    its default), and the message costs one round trip less. MAIL keeps its reply where an
-    answer there can be other than a refusal or where one of ours must not wait: with
-    ``milter.default_action: accept`` (a failing plugin passes the message, SMFIR_ACCEPT)
-    and with the sender/login map (``milter.check_sender_login``). CONNECT and HELO go
+    its default), and the message costs one round trip less. MAIL keeps its reply where
+    its answer may be other than a refusal, with ``milter.default_action: accept`` and a
+    ``mail_from`` plugin (a failing plugin passes the message: SMFIR_ACCEPT), and with the
+    sender/login map (``milter.check_sender_login``), as before. CONNECT and HELO go
     without reply only when no plugin answers them (Postfix treats a refusal at HELO as the
     whole connection's).
     """
