@@ -15,7 +15,6 @@ change.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import os
 import shutil
@@ -27,6 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.plugin_cpu import measure as measure_chain
+from bench.plugin_cpu import size_and_count
 from bench.run import Signed
 from smtpproxy import Message
 from smtpproxy.pytest_plugin import make_session
@@ -61,12 +61,7 @@ async def measure(address: str, clamd_pid: int, raw: bytes, count: int) -> tuple
 
 
 def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("size", nargs="?", type=int, default=1024, help="message size in bytes")
-    parser.add_argument("messages", nargs="?", type=int, default=300, help="messages measured")
-    args = parser.parse_args(argv)
-    size, count = args.size, args.messages
+    size, count = size_and_count(argv, __doc__)
     if clamd_binary() is None:
         print("clamd is not installed: apt-get install clamav-daemon", file=sys.stderr)
         return 1

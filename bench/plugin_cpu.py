@@ -79,13 +79,17 @@ async def measure(zone_port: int, raw: bytes, count: int) -> dict[str, float]:
     return {name: 1000 * seconds / count for name, seconds in spent.items()}
 
 
-def main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def size_and_count(argv: list[str], doc: str | None) -> tuple[int, int]:
+    """``[SIZE] [MESSAGES]`` from the command line (this script's and clamav_cpu.py's)."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("size", nargs="?", type=int, default=1024, help="message size in bytes")
     parser.add_argument("messages", nargs="?", type=int, default=300, help="messages measured")
     args = parser.parse_args(argv)
-    size, count = args.size, args.messages
+    return args.size, args.messages
+
+
+def main(argv: list[str]) -> int:
+    size, count = size_and_count(argv, __doc__)
     signed = Signed.create()
     raw = signed.message(size)
     with running_zone_server() as zone:

@@ -799,27 +799,6 @@ class Broken:
         raise RuntimeError("database down")
 
 
-@pytest.mark.parametrize(
-    ("action", "expected"),
-    [
-        ("tempfail", codec.ReplyCode("451 4.3.0 Temporary local problem, please try again later")),
-        ("reject", codec.ReplyCode("550 5.3.0 Message refused because of a local problem")),
-        ("accept", codec.Accept()),
-    ],
-)
-async def test_plugin_error_becomes_the_default_action(
-    milter: Factory, caplog: pytest.LogCaptureFixture, action: str, expected: codec.Response
-) -> None:
-    caplog.set_level(logging.INFO)
-    mta = await FakeMTA.open(await milter(Broken(), default_action=action))
-    await mta.start()
-    await mta.passes(codec.Helo("client.test"))
-    await mta.passes(codec.Mail(("<a@b.test>",)))
-    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [expected]
-    assert any(r.getMessage() == "milter_default_action" for r in caplog.records)
-    await mta.close()
-
-
 class BrokenAtMail:
     name = "broken_at_mail"
 
@@ -851,19 +830,26 @@ async def test_a_plugins_refusal_at_mail_comes_with_every_rcpt_answer(
     await mta.close()
 
 
+TEMPFAIL_REPLY = codec.ReplyCode("451 4.3.0 Temporary local problem, please try again later")
+REJECT_REPLY = codec.ReplyCode("550 5.3.0 Message refused because of a local problem")
+
+
 @pytest.mark.parametrize(
-    ("action", "expected"),
+    ("plugin", "action", "expected"),
     [
-        ("tempfail", codec.ReplyCode("451 4.3.0 Temporary local problem, please try again later")),
-        ("reject", codec.ReplyCode("550 5.3.0 Message refused because of a local problem")),
+        (Broken, "tempfail", TEMPFAIL_REPLY),
+        (Broken, "reject", REJECT_REPLY),
+        (Broken, "accept", codec.Accept()),
+        # failing at MAIL, which has no reply: the default action comes with RCPT's answer
+        (BrokenAtMail, "tempfail", TEMPFAIL_REPLY),
+        (BrokenAtMail, "reject", REJECT_REPLY),
     ],
 )
-async def test_a_plugin_error_at_mail_is_the_default_action_at_rcpt(
-    milter: Factory, caplog: pytest.LogCaptureFixture, action: str, expected: codec.Response
+async def test_plugin_error_becomes_the_default_action(
+    milter: Factory, caplog: pytest.LogCaptureFixture, plugin: type, action: str, expected: codec.Response
 ) -> None:
-    """A mail_from plugin that fails: milter.default_action, with the RCPT answer."""
     caplog.set_level(logging.INFO)
-    mta = await FakeMTA.open(await milter(BrokenAtMail(), default_action=action))
+    mta = await FakeMTA.open(await milter(plugin(), default_action=action))
     await mta.start()
     await mta.passes(codec.Helo("client.test"))
     assert await mta.event(codec.Mail(("<a@b.test>",))) == []
