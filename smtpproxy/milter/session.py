@@ -238,12 +238,15 @@ class MilterSession:
         elif refusal is not None:
             self._defer(phase, refusal.reply)
 
-    def _defer(self, phase: str, reply: Reply, level: int = logging.WARNING) -> None:
+    def _defer(self, phase: str, reply: Reply, *, warn: bool = True) -> None:
         """Keep a refusal for the next answer the MTA waits for (every RCPT, then the end of
-        the message). *level*: warning where it shows a disagreement with the MTA (it took
-        an address our parser refuses), info for a plugin's refusal at MAIL (by design)."""
-        event("milter_refusal_deferred", level=level, phase=phase, reply=reply.code,
-              note="no reply was agreed for this step: the next answer the MTA waits for refuses the message")
+        the message). *warn*: a warning line where it shows a disagreement with the MTA (it
+        took an address our parser refuses); none for a plugin's refusal at MAIL, given at
+        RCPT by design, whose ``mail_from`` line has the verdict and reply already."""
+        if warn:
+            event("milter_refusal_deferred", level=logging.WARNING, phase=phase, reply=reply.code,
+                  note="no reply was agreed for this step: "
+                       "the next answer the MTA waits for refuses the message")
         if self._refused is None:
             self._refused = reply
             self._body.clear()
@@ -506,7 +509,7 @@ class MilterSession:
             final = self._failure_policy("mail_from", refusal)
             self.conversation.end_transaction(session)
             self._defer("mail_from", final.reply if isinstance(final, Refusal) else refusal.reply,
-                        level=logging.INFO)
+                        warn=False)
         self._mta_sender = path.address
         await self._answer(codec.SMFIP_NR_MAIL, "mail_from", None)
 

@@ -812,7 +812,8 @@ async def test_a_plugins_refusal_at_mail_comes_with_every_rcpt_answer(
 ) -> None:
     """MAIL has no reply even with a mail_from plugin (one round trip less a message): its
     refusal is the answer to each RCPT, as Postfix gives its own MAIL restrictions'
-    (smtpd_delay_reject), logged at info; the next transaction starts clean."""
+    (smtpd_delay_reject). One line for the event, the mail_from line with the verdict: no
+    milter_refusal_deferred warning, which is for disagreements with the MTA."""
     caplog.set_level(logging.INFO)
     judge = Refuse("mail_from", Verdict.reject("SPF fail", code=550, enhanced="5.7.23"))
     mta = await FakeMTA.open(await milter(judge))
@@ -823,10 +824,29 @@ async def test_a_plugins_refusal_at_mail_comes_with_every_rcpt_answer(
     assert await mta.event(codec.Mail(("<a@sender.test>",))) == []
     for rcpt in ("<bob@dest.test>", "<carol@dest.test>"):
         assert await mta.event(codec.Rcpt((rcpt,))) == [codec.ReplyCode("550 5.7.23 SPF fail")]
-    [deferred] = [r for r in caplog.records if r.getMessage() == "milter_refusal_deferred"]
-    assert deferred.levelno == logging.INFO
-    assert deferred.smtpproxy_fields["reply"] == 550  # type: ignore[attr-defined]
+    [line] = [r.smtpproxy_fields for r in caplog.records if r.getMessage() == "mail_from"]  # type: ignore[attr-defined]
+    assert (line["verdict"], line["reply"]) == ("reject", 550)
+    assert not [r for r in caplog.records if r.getMessage() == "milter_refusal_deferred"]
     mta.send(codec.Abort())  # the client gives up: RSET
+    await mta.close()
+
+
+async def test_an_address_our_parser_refuses_at_mail_is_a_warning_and_every_rcpts_answer(
+    milter: Factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The MTA took a sender our parser refuses (a disagreement worth a warning): MAIL has no
+    reply, so the 501 is the answer to each RCPT, and milter_refusal_deferred says so."""
+    caplog.set_level(logging.INFO)
+    mta = await FakeMTA.open(await milter())
+    await mta.start()
+    await mta.passes(codec.Helo("client.test"))
+    assert await mta.event(codec.Mail(("<a@-b.test>",))) == []
+    answer = codec.ReplyCode("501 5.1.7 Bad sender address syntax: domain label starts with a hyphen")
+    assert await mta.event(codec.Rcpt(("<bob@dest.test>",))) == [answer]
+    assert await mta.event(codec.Rcpt(("<carol@dest.test>",))) == [answer]
+    [line] = [r for r in caplog.records if r.getMessage() == "milter_refusal_deferred"]
+    assert line.levelno == logging.WARNING
+    assert line.smtpproxy_fields["reply"] == 501  # type: ignore[attr-defined]
     await mta.close()
 
 
