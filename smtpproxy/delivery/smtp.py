@@ -134,7 +134,7 @@ class SmtpDelivery:
             self._sweeper.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sweeper
-        await self.connector.close_idle(self.servers)
+        self.connector.close_idle(self.servers)
 
     def end_session(self, session: Session) -> None:
         self.connector.end_session(session, self._servers)

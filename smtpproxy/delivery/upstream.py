@@ -444,14 +444,16 @@ class Connector:
                 conn.client.close()
                 raise
 
-    async def close_idle(self, servers: Sequence[UpstreamServer]) -> None:
-        """Say QUIT to every idle connection (at shutdown)."""
+    def close_idle(self, servers: Sequence[UpstreamServer]) -> None:
+        """Close every idle connection at shutdown, as after its last message (QUIT, then
+        hang up): an upstream that stopped answering cannot hold the stop for a QUIT timeout
+        per connection."""
         for server in servers:
             while server.idle:
-                await self.discard(server.idle.popleft())
+                self._retire(server.idle.popleft())
             for holder in list(server.held):
                 for conn in server.end_hold(holder):
-                    await self.discard(conn)
+                    self._retire(conn)
 
     async def sweep(self, servers: Sequence[UpstreamServer]) -> None:
         """Close idle connections past their idle time, forever (run as a task)."""
@@ -459,17 +461,16 @@ class Connector:
             await asyncio.sleep(self.settings.idle_timeout / 2)
             limit = time.monotonic() - self.settings.idle_timeout
             for server in servers:
-                # All taken out before the first QUIT is awaited: meanwhile a message may
-                # take (and retire) an idle connection, which must no longer be listed here.
+                # All taken out before the first is closed (as when each QUIT was awaited, and
+                # a message could take and retire a listed connection meanwhile).
                 stale = [c for c in server.idle if c.idle_since < limit]
                 for conn in stale:
                     server.idle.remove(conn)
                 gone = [c for held in server.held.values() for c in held if c.idle_since < limit]
                 for conn in gone:  # clients silent that long
                     server.unhold(conn)
-                stale += gone
-                for conn in stale:
-                    await self.discard(conn)
+                for conn in stale + gone:
+                    self._retire(conn)
 
     async def _open(self, server: UpstreamServer, session: Session | None = None) -> Connection:
         """Connect, greet, apply TLS and AUTH. Raises DeliveryError (temporary) on any failure.

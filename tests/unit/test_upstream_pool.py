@@ -122,22 +122,22 @@ def test_a_full_shared_pool_makes_room_by_closing_its_oldest() -> None:
 
 
 async def test_the_sweeper_outlives_a_message_taking_a_stale_connection_meanwhile() -> None:
-    """While the sweeper waits for one stale connection's QUIT, a message may take another
-    stale one (and retire it itself). Before, the sweeper then removed a connection that
-    was no longer listed: ValueError, and no idle connection was ever swept again."""
+    """While the sweeper closes one stale connection, a message may take another stale one
+    (and retire it itself): so it was when each QUIT was awaited. Before, the sweeper then
+    removed a connection that was no longer listed: ValueError, and no idle connection was
+    ever swept again. (Closing no longer awaits anything; the order still holds.)"""
     connector, server, _ = _pool(idle_timeout=0.05)
     a, b, c = (_connection(connector, server, None) for _ in range(3))
     for conn in (a, b):
         server.idle.append(conn)  # idle since 0: long stale
     closed: list[Connection] = []
 
-    async def discard(conn: Connection) -> None:
+    def retire(conn: Connection) -> None:
         closed.append(conn)
         if conn is a and b in server.idle:
             server.idle.remove(b)  # what a message's _take_idle does meanwhile
-        await asyncio.sleep(0)
 
-    connector.discard = discard  # type: ignore[method-assign]
+    connector._retire = retire  # type: ignore[method-assign]
     sweeper = asyncio.get_running_loop().create_task(connector.sweep([server]))
     try:
         for _ in range(100):

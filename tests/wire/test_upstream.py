@@ -358,6 +358,30 @@ async def test_a_retired_connection_says_quit_and_hangs_up_without_waiting_for_2
         server.close()
 
 
+async def test_shutdown_does_not_wait_for_an_upstream_that_never_answers_quit(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """Idle connections are closed at shutdown as after their last message: QUIT, then hang
+    up. An upstream that stopped answering cannot hold the stop for a QUIT timeout (5 s)
+    per idle connection."""
+    upstream = RawUpstream(answers_quit=False)
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=port))
+    try:
+        replies = await asyncio.gather(*(send(port_of(proxy), ["b@dest.test"]) for _ in range(3)))
+        assert [code for code, _ in replies] == [250, 250, 250]
+        pooled = await _shared(proxy)
+        assert len(pooled.idle) == 3  # each message on its own connection, now idle
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await proxy.stop(grace=1)
+        assert loop.time() - started < 2
+        await _until(lambda: len(upstream.commands(b"QUIT")) == 3, "a QUIT was not sent")
+    finally:
+        server.close()
+
+
 class GatedSink(SinkHandler):
     """Holds every DATA reply until ``count`` deliveries are in flight at once."""
 
