@@ -363,12 +363,13 @@ class Connector:
         return conn.identity is None or conn.identity == self._xclient_identity(conn, session)
 
     def _retire(self, conn: Connection) -> None:
-        """Close an idle *conn* after its last message: QUIT written and the connection
-        closed at once, without waiting for the 221, as Postfix's own client does
-        (``smtp_skip_quit_response = yes``, its default). No task, timer or reply to read per
-        retired connection: where each client session has its own (XCLIENT with PORT, a
-        connection per client) that was ~4 % of the proxy's CPU a message (bench/README.md,
-        2026-12-07 16:24). Postfix logs the session as ended by QUIT either way."""
+        """Close an idle *conn* (after its last message, stale in the sweep, at shutdown):
+        QUIT written and the connection closed at once, without waiting for the 221, as
+        Postfix's own client does (``smtp_skip_quit_response = yes``, its default). No task,
+        timer or reply to read per retired connection: where each client session has its own
+        (XCLIENT with PORT, a connection per client) that was ~4 % of the proxy's CPU a
+        message (bench/README.md, 2026-12-07 16:00); and an upstream that stopped answering
+        cannot hold a shutdown. Postfix logs the session as ended by QUIT either way."""
         client = conn.client
         protocol, transport = client.protocol, client.transport
         if protocol is not None and transport is not None and not transport.is_closing():
