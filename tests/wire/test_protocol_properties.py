@@ -55,10 +55,17 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
         await proxy.start()
         return raw, proxy
 
+    async def stop() -> None:
+        await proxy.stop(grace=1)
+        # On the servers' own loop: asyncio.Server is not thread-safe. Closed from this thread,
+        # it raced its last connection's end on the loop (the proxy no longer waits for the
+        # upstream's 221 at shutdown, so that connection may still be ending): both ran
+        # Server._wakeup, the second on None.
+        raw.close()
+
     raw, proxy = asyncio.run_coroutine_threadsafe(start(), loop).result(30)
     yield Live(proxy.addresses[0][1], upstream, loop)
-    asyncio.run_coroutine_threadsafe(proxy.stop(grace=1), loop).result(30)
-    raw.close()
+    asyncio.run_coroutine_threadsafe(stop(), loop).result(30)
     loop.call_soon_threadsafe(loop.stop)
     thread.join(10)
 
