@@ -236,13 +236,18 @@ class MilterSession:
         if self._replies(step):
             await self.send(codec.Continue() if refusal is None else self._refuse(phase, refusal))
         elif refusal is not None:
-            self._defer(phase, refusal.reply)
+            self._defer(phase, refusal)
 
-    def _defer(self, phase: str, reply: Reply, *, warn: bool = True) -> None:
+    def _defer(self, phase: str, refusal: Refusal, *, warn: bool = True) -> None:
         """Keep a refusal for the next answer the MTA waits for (every RCPT, then the end of
-        the message). *warn*: a warning line where it shows a disagreement with the MTA (it
-        took an address our parser refuses); none for a plugin's refusal at MAIL, given at
-        RCPT by design, whose ``mail_from`` line has the verdict and reply already."""
+        the message), under ``milter.default_action`` as :meth:`_refuse` sends one. That
+        action is never accept where this runs for a plugin (:func:`no_reply_steps` keeps
+        such a step answered), so a failure stays refused. *warn*: a warning line where it
+        shows a disagreement with the MTA (it took an address our parser refuses); none for a
+        plugin's refusal at MAIL, given at RCPT by design, whose ``mail_from`` line has the
+        verdict and reply already."""
+        final = self._failure_policy(phase, refusal)
+        reply = final.reply if isinstance(final, Refusal) else refusal.reply
         if warn:
             event("milter_refusal_deferred", level=logging.WARNING, phase=phase, reply=reply.code,
                   note="no reply was agreed for this step: "
@@ -504,12 +509,8 @@ class MilterSession:
                     self.conversation.end_transaction(session)
                 await self.send(response)
                 return
-            # No reply: milter.default_action is not accept here (no_reply_steps), so a
-            # failed plugin's outcome is a refusal too, as _refuse would send it.
-            final = self._failure_policy("mail_from", refusal)
             self.conversation.end_transaction(session)
-            self._defer("mail_from", final.reply if isinstance(final, Refusal) else refusal.reply,
-                        warn=False)
+            self._defer("mail_from", refusal, warn=False)
         self._mta_sender = path.address
         await self._answer(codec.SMFIP_NR_MAIL, "mail_from", None)
 
@@ -532,7 +533,7 @@ class MilterSession:
                                   self.conversation.rcpt(session, transaction, recipient))
         if refusal is not None:
             if not self._replies(codec.SMFIP_NR_RCPT):
-                self._defer("rcpt_to", refusal.reply)
+                self._defer("rcpt_to", refusal)
                 return
             response = self._refuse("rcpt_to", refusal)
             if isinstance(response, codec.Accept):

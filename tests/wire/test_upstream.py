@@ -302,7 +302,7 @@ async def test_a_dead_pooled_connection_is_replaced_when_xforward_is_the_probe(p
     server.close()
 
 
-async def test_stopping_while_a_retired_connection_waits_for_quit_logs_no_error(
+async def test_stopping_after_a_connection_was_retired_logs_no_error(
     proxy_factory: ProxyFactory,
 ) -> None:
     """A connection retired after its last message (once in a background task awaiting the
