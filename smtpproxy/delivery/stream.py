@@ -44,11 +44,15 @@ def _stuff(block: bytes) -> bytes:
 def dot_stuffed(parts: Iterable[Buffer], block_size: int = BLOCK_SIZE) -> Iterator[bytes]:
     """The DATA payload of a CRLF-only message, terminator included, in blocks of whole lines.
 
-    A final line without CRLF gets one, as the terminator must start a line. The terminator
-    rides on the last block, so a small message goes out in one write.
+    A final line without CRLF gets one, as the terminator must start a line. Parts are
+    gathered up to *block_size* before a block is yielded, and the terminator rides on the
+    last: a small message goes out in one write, also when a plugin's header edit split it
+    into parts (head, separator, body). Each write is a system call and, on loopback, a
+    wake-up of the upstream.
     """
     carry = b""
-    ready: bytes | None = None  # held back one round, to attach the terminator to the last
+    pending: list[bytes] = []  # stuffed lines not yet yielded, fewer than block_size octets
+    size = 0
     for part in parts:
         view = memoryview(part)
         for start in range(0, len(view), block_size):
@@ -58,11 +62,14 @@ def dot_stuffed(parts: Iterable[Buffer], block_size: int = BLOCK_SIZE) -> Iterat
                 carry = block
                 continue
             carry = block[cut:]
-            if ready is not None:
-                yield ready
-            ready = _stuff(block[:cut])
-    tail = _stuff(carry) + b"\r\n" + TERMINATOR if carry else TERMINATOR
-    yield ready + tail if ready is not None else tail
+            if size >= block_size:
+                yield b"".join(pending)
+                pending, size = [], 0
+            stuffed = _stuff(block[:cut])
+            pending.append(stuffed)
+            size += len(stuffed)
+    pending.append(_stuff(carry) + b"\r\n" + TERMINATOR if carry else TERMINATOR)
+    yield b"".join(pending)
 
 
 def bdat_chunk(parts: Sequence[Buffer], block_size: int = BLOCK_SIZE) -> Iterator[bytes]:

@@ -109,7 +109,10 @@ def test_dot_stuffing_round_trips_through_the_data_reader(
     message = b"\r\n".join(lines) + (b"\r\n" if final_crlf and lines else b"")
     edges = sorted({0, len(message), *(c % (len(message) + 1) for c in cuts)})
     parts = [message[a:b] for a, b in itertools.pairwise(edges)]
-    wire = b"".join(dot_stuffed(parts, block))
+    blocks = list(dot_stuffed(parts, block))
+    # One write per block: only the last may be short, however the message was cut in parts.
+    assert all(len(b) >= block for b in blocks[:-1])
+    wire = b"".join(blocks)
     assert wire.endswith(b".\r\n")
     reader = DataReader(10**7, 10**6)
     chunks = wire.split(b"\r\n")[:-1]
@@ -117,6 +120,13 @@ def test_dot_stuffing_round_trips_through_the_data_reader(
     assert ended[-1] and not any(ended[:-1]), "the terminator must be the only end of data"
     expected = message if not message or message.endswith(b"\r\n") else message + b"\r\n"
     assert reader.content() == expected
+
+
+def test_a_small_message_in_parts_goes_out_in_one_write() -> None:
+    """A plugin's header edit makes three parts (head, separator, body): still one block,
+    one system call, one segment for the upstream to wake up for."""
+    head, body = b"Authentication-Results: x; none\r\nSubject: hi\r\n", b".dot\r\nbody\r\n"
+    assert list(dot_stuffed([head, b"\r\n", body])) == [head + b"\r\n..dot\r\nbody\r\n.\r\n"]
 
 
 # -- end to end ------------------------------------------------------------------------------
