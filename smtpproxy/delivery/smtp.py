@@ -335,7 +335,7 @@ class _Transfer:
             try:
                 return transfer, await transfer._begin(envelope, size, recipients, prelude, data=data)
             except _DeadConnection as dead:
-                await transfer.close()
+                transfer.close()
                 # A timeout: the upstream may be slow rather than the connection dead, so one
                 # more try, on a new connection, instead of one timeout per idle connection.
                 reuse = reuse and not dead.timed_out
@@ -350,14 +350,14 @@ class _Transfer:
         if self.clean:
             self.connector.release(self.conn)
         else:
-            await self.close()
+            self.close()
 
-    async def close(self) -> None:
-        """Close the connection: QUIT, or at once while the upstream expects message data
-        (a QUIT there would be a line of the message)."""
+    def close(self) -> None:
+        """Close the connection: QUIT without waiting for its reply, or no QUIT while the
+        upstream expects message data (a QUIT there would be a line of the message)."""
         if self.in_data or self.out_of_step:
             self.conn.client.close()
-        await self.connector.discard(self.conn)
+        self.connector.retire(self.conn)
 
     def _lost_upstream_is_temporary(self, exc: aiosmtplib.SMTPException | OSError) -> NoReturn:
         """A timeout or lost connection mid-transaction: 451, the client retries. Called in

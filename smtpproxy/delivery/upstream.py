@@ -297,7 +297,7 @@ class Connector:
             try:
                 prelude = await self._identify(conn, session)
             except DeliveryError:
-                await self.discard(conn)
+                self.retire(conn)
                 raise
             conn.holder = session.id
             return conn, prelude
@@ -313,12 +313,12 @@ class Connector:
         client are left for theirs."""
         while (conn := self._take_idle(server, session)) is not None:
             if time.monotonic() - conn.idle_since > self.settings.idle_timeout:
-                self._retire(conn)
+                self.retire(conn)
                 continue
             identity = self._xclient_identity(conn, session)
             if conn.identity is not None and conn.identity != identity:
                 # Held for this session, which has since said another HELO: no longer its own.
-                self._retire(conn)
+                self.retire(conn)
                 continue
             conn.reused = True
             if self.pipelines(conn) and identity == conn.identity:  # no XCLIENT to send
@@ -333,7 +333,7 @@ class Connector:
                         raise aiosmtplib.SMTPResponseException(response.code, response.message)
                 prelude = await self._identify(conn, session)
             except (aiosmtplib.SMTPException, OSError, DeliveryError) as exc:
-                await self.discard(conn)
+                self.retire(conn)
                 if isinstance(exc, aiosmtplib.SMTPTimeoutError):
                     return None  # wedged or slow: a new connection, not one timeout per idle one
                 continue
@@ -362,14 +362,17 @@ class Connector:
         same for all of that client's connections)."""
         return conn.identity is None or conn.identity == self._xclient_identity(conn, session)
 
-    def _retire(self, conn: Connection) -> None:
-        """Close an idle *conn* (after its last message, stale in the sweep, at shutdown):
-        QUIT written and the connection closed at once, without waiting for the 221, as
-        Postfix's own client does (``smtp_skip_quit_response = yes``, its default). No task,
-        timer or reply to read per retired connection: where each client session has its own
-        (XCLIENT with PORT, a connection per client) that was ~4 % of the proxy's CPU a
-        message (bench/README.md, 2026-12-07 16:00); and an upstream that stopped answering
-        cannot hold a shutdown. Postfix logs the session as ended by QUIT either way."""
+    def retire(self, conn: Connection) -> None:
+        """Close *conn*, the one way connections are closed: after its last message, stale in
+        the sweep, at shutdown, and on the error paths (a refused identity, a failed probe, a
+        transfer that did not end cleanly). QUIT written and the connection closed at once,
+        without waiting for the 221, as Postfix's own client does (``smtp_skip_quit_response
+        = yes``, its default). No task, timer or reply to read per retired connection: where
+        each client session has its own (XCLIENT with PORT, a connection per client) that was
+        ~4 % of the proxy's CPU a message (bench/README.md, 2026-12-07 16:00); an upstream
+        that stopped answering cannot hold a shutdown, nor a client's answer for a QUIT
+        timeout. Postfix logs the session as ended by QUIT either way. A connection already
+        closed (timed out, lost, or cut in the middle of message data) is left as it is."""
         client = conn.client
         protocol, transport = client.protocol, client.transport
         if protocol is not None and transport is not None and not transport.is_closing():
@@ -403,7 +406,7 @@ class Connector:
         conn.messages += 1
         s = self.settings
         if not conn.client.is_connected or conn.messages >= s.max_messages or s.max_idle <= 0:
-            self._retire(conn)
+            self.retire(conn)
             return
         conn.idle_since = time.monotonic()
         holder = conn.holder
@@ -416,11 +419,11 @@ class Connector:
         """Into the shared pool, where the oldest idle connection makes room once ``max_idle``
         are there; closed instead when it can serve no other client."""
         if conn.pinned:
-            self._retire(conn)
+            self.retire(conn)
             return
         idle = conn.server.idle
         if len(idle) >= self.settings.max_idle:
-            self._retire(idle.popleft())
+            self.retire(idle.popleft())
         idle.append(conn)
 
     def end_session(self, session: Session, servers: Sequence[UpstreamServer]) -> None:
@@ -433,28 +436,16 @@ class Connector:
             for conn in server.end_hold(session.id):
                 self._share(conn)
 
-    async def discard(self, conn: Connection) -> None:
-        if conn.client.is_connected:
-            try:
-                # As SMTP.quit(), without its wait_for (a task) for the reply: 221 or not, closed.
-                await send_command(conn.client, b"QUIT", reply_timeout=5)
-                conn.client.close()
-            except (aiosmtplib.SMTPException, OSError, TimeoutError):
-                conn.client.close()
-            except asyncio.CancelledError:
-                conn.client.close()
-                raise
-
     def close_idle(self, servers: Sequence[UpstreamServer]) -> None:
         """Close every idle connection at shutdown, as after its last message (QUIT, then
         hang up): an upstream that stopped answering cannot hold the stop for a QUIT timeout
         per connection."""
         for server in servers:
             while server.idle:
-                self._retire(server.idle.popleft())
+                self.retire(server.idle.popleft())
             for holder in list(server.held):
                 for conn in server.end_hold(holder):
-                    self._retire(conn)
+                    self.retire(conn)
 
     async def sweep(self, servers: Sequence[UpstreamServer]) -> None:
         """Close idle connections past their idle time, forever (run as a task)."""
@@ -462,8 +453,8 @@ class Connector:
             await asyncio.sleep(self.settings.idle_timeout / 2)
             limit = time.monotonic() - self.settings.idle_timeout
             for server in servers:
-                # All taken out before the first is closed (as when each QUIT was awaited, and
-                # a message could take and retire a listed connection meanwhile).
+                # All taken out of the pool before the first is closed: the lists are not
+                # walked while they change.
                 stale = [c for c in server.idle if c.idle_since < limit]
                 for conn in stale:
                     server.idle.remove(conn)
@@ -471,7 +462,7 @@ class Connector:
                 for conn in gone:  # clients silent that long
                     server.unhold(conn)
                 for conn in stale + gone:
-                    self._retire(conn)
+                    self.retire(conn)
 
     async def _open(self, server: UpstreamServer, session: Session | None = None) -> Connection:
         """Connect, greet, apply TLS and AUTH. Raises DeliveryError (temporary) on any failure.

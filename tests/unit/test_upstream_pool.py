@@ -30,7 +30,7 @@ def _pool(**settings: object) -> tuple[Connector, UpstreamServer, list[Connectio
     """A connector whose retirements are recorded instead of said QUIT to."""
     connector = Connector(ConnectorSettings(tls="none", **settings))  # type: ignore[arg-type]
     retired: list[Connection] = []
-    connector._retire = retired.append  # type: ignore[method-assign]
+    connector.retire = retired.append  # type: ignore[method-assign]
     return connector, UpstreamServer("upstream.test", 25), retired
 
 
@@ -137,7 +137,7 @@ async def test_the_sweeper_outlives_a_message_taking_a_stale_connection_meanwhil
         if conn is a and b in server.idle:
             server.idle.remove(b)  # what a message's _take_idle does meanwhile
 
-    connector._retire = retire  # type: ignore[method-assign]
+    connector.retire = retire  # type: ignore[method-assign]
     sweeper = asyncio.get_running_loop().create_task(connector.sweep([server]))
     try:
         for _ in range(100):

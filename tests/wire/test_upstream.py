@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import time
 from typing import Any
 
 from smtpproxy import Session, hookimpl
@@ -352,6 +353,34 @@ async def test_a_retired_connection_says_quit_and_hangs_up_without_waiting_for_2
                                                            pool={"max_messages": 1}))
     try:
         assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
+        await asyncio.wait_for(ended.wait(), 2)
+        assert upstream.lines[-1] == b"QUIT"
+    finally:
+        server.close()
+
+
+async def test_a_refused_identity_is_answered_without_waiting_for_the_upstreams_221(
+    proxy_factory: ProxyFactory,
+) -> None:
+    """The error paths close a connection the same way: a refused XCLIENT gives the client
+    its 4xx after QUIT and the hang-up, not after QUIT's reply (5 s from an upstream that
+    never answers it)."""
+    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"),
+                           xclient_reply=b"550 5.7.0 XCLIENT denied", answers_quit=False)
+    ended = asyncio.Event()
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await upstream.serve(reader, writer)
+        ended.set()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=port, client_identity="xclient"))
+    try:
+        started = time.monotonic()
+        code, _ = await send(port_of(proxy), ["b@dest.test"])
+        assert code == 451
+        assert time.monotonic() - started < 2, "the client's answer waited for QUIT's reply"
         await asyncio.wait_for(ended.wait(), 2)
         assert upstream.lines[-1] == b"QUIT"
     finally:
