@@ -11,7 +11,9 @@ message come from bench/loadgen.py, and so do the two scenarios not run by defau
 ``overload`` (open-loop bursts of new connections past capacity against a given
 ``--max-sessions``: where 421s start, and the recovery) and ``slow`` (``--slow-clients``
 sessions trickling DATA while normal traffic is measured). CPU seconds and peak RSS are
-those of the system's whole process tree (psutil). Tables are printed as Markdown and
+those of the system's whole process tree (psutil). In a throughput scenario every system is
+started first and their repeats are taken in turns (round 1 in the order given, round 2 in
+reverse, ...), so the ratios under a table compare the same minutes. Tables are printed as Markdown and
 written to bench/results/latest.json and latest.png. See bench/README.md.
 """
 
@@ -245,40 +247,89 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def throughput(system: System, sc: Scenario, msgfile: Path, message: bytes, repeat: int) -> dict[str, Any]:
-    meter = Meter(system.pid)
-    # Warm-up (also fills the DNS caches): not measured.
-    smtp_source(system.port, sc.concurrency, max(2 * sc.concurrency, 20), msgfile, reuse=True)
-    new_rates: list[float] = []
-    reuse_rates: list[float] = []
-    cpu_new: list[float] = []
-    cpu_reuse: list[float] = []
-    p50s: list[float] = []
-    p99s: list[float] = []
-    lat_rates: list[float] = []
-    with meter:
-        for _ in range(repeat):
-            for reuse, rates, cpus in ((False, new_rates, cpu_new), (True, reuse_rates, cpu_reuse)):
+class ThroughputRuns:
+    """One system's runs of a throughput scenario. Each round is an ``smtp-source`` run with
+    a new connection per message, one with reused sessions (``-d``) and a latency run;
+    :func:`throughput` takes the rounds of all the systems in turns."""
+
+    def __init__(self, system: System, sc: Scenario, msgfile: Path, message: bytes) -> None:
+        self.system, self.sc, self.msgfile, self.message = system, sc, msgfile, message
+        self.new_rates: list[float] = []
+        self.reuse_rates: list[float] = []
+        self.cpu_new: list[float] = []
+        self.cpu_reuse: list[float] = []
+        self.p50s: list[float] = []
+        self.p99s: list[float] = []
+        self.lat_rates: list[float] = []
+        self.peak = 0
+
+    def warm_up(self) -> None:
+        """A round's load, not measured: it fills the DNS caches and warms up a JIT (Haraka's
+        first rounds after 200 messages went at 75-90 % of its later rate, 2026-12-07)."""
+        sc = self.sc
+        for reuse in (False, True):
+            smtp_source(self.system.port, sc.concurrency, max(sc.messages, 20), self.msgfile, reuse=reuse)
+
+    def round(self) -> None:
+        sc, port = self.sc, self.system.port
+        with Meter(self.system.pid) as meter:  # sampling only while this system is loaded
+            for reuse, rates, cpus in ((False, self.new_rates, self.cpu_new),
+                                       (True, self.reuse_rates, self.cpu_reuse)):
                 cpu0 = meter.cpu()
-                seconds = smtp_source(system.port, sc.concurrency, sc.messages, msgfile, reuse)
+                seconds = smtp_source(port, sc.concurrency, sc.messages, self.msgfile, reuse)
                 rates.append(sc.messages / seconds)
                 cpus.append((meter.cpu() - cpu0) / sc.messages * 1000)
-            lat = run_async(loadgen.latency(system.port, message, sc.latency_messages, sc.concurrency))
-            p50s.append(lat.p50_ms)
-            p99s.append(lat.p99_ms)
-            lat_rates.append(lat.msgs_per_s)
-    measured = system.pid is not None
-    return {
-        "msgs_per_s_new_conn": median(new_rates),
-        "msgs_per_s_reused": median(reuse_rates),
-        "p50_ms": median(p50s),
-        "p99_ms": median(p99s),
-        "loadgen_msgs_per_s": median(lat_rates),
-        "cpu_s_per_1k_new_conn": median(cpu_new) if measured else None,
-        "cpu_s_per_1k_reused": median(cpu_reuse) if measured else None,
-        "peak_rss_mib": meter.peak / MiB if measured else None,
-        "runs": {"new_conn": new_rates, "reused": reuse_rates, "p50": p50s, "p99": p99s},
-    }
+            lat = run_async(loadgen.latency(port, self.message, sc.latency_messages, sc.concurrency))
+        self.peak = max(self.peak, meter.peak)
+        self.p50s.append(lat.p50_ms)
+        self.p99s.append(lat.p99_ms)
+        self.lat_rates.append(lat.msgs_per_s)
+
+    def figures(self) -> dict[str, Any]:
+        measured = self.system.pid is not None
+        return {
+            "msgs_per_s_new_conn": median(self.new_rates),
+            "msgs_per_s_reused": median(self.reuse_rates),
+            "p50_ms": median(self.p50s),
+            "p99_ms": median(self.p99s),
+            "loadgen_msgs_per_s": median(self.lat_rates),
+            "cpu_s_per_1k_new_conn": median(self.cpu_new) if measured else None,
+            "cpu_s_per_1k_reused": median(self.cpu_reuse) if measured else None,
+            "peak_rss_mib": self.peak / MiB if measured else None,
+            "runs": {"new_conn": self.new_rates, "reused": self.reuse_rates, "p50": self.p50s,
+                     "p99": self.p99s},
+        }
+
+
+def throughput(runs: list[ThroughputRuns], repeat: int) -> dict[str, dict[str, Any]]:
+    """The systems' figures, their rounds taken in turns: every system's round 1, then every
+    system's round 2 in the reverse order, and so on. All of them are started first and
+    wait idle while another is loaded, so a change in the machine's speed during the run
+    (seen here: a fifth within two hours) falls on every system alike instead of on the
+    ones measured later; the ratios under the table are then same-minutes ratios. A system
+    that fails is reported with its error and the others go on."""
+    failed: dict[str, dict[str, Any]] = {}
+
+    def attempt(run: ThroughputRuns, step: Any) -> None:
+        name = run.system.name
+        if name in failed:
+            return
+        try:
+            step()
+        except Exception as exc:  # one failing system must not lose the others' figures
+            tail = run.system.log_tail().strip()
+            failed[name] = {"error": f"{type(exc).__name__}: {exc}"}
+            print(f"    {name} FAILED: {failed[name]['error']}\n    log tail: {tail[-800:]}", flush=True)
+
+    for run in runs:
+        attempt(run, run.warm_up)
+    for number in range(repeat):
+        order = runs if number % 2 == 0 else runs[::-1]
+        print(f"[{time.strftime('%H:%M:%S')}] round {number + 1}/{repeat}: "
+              + " ".join(r.system.name for r in order), flush=True)
+        for run in order:
+            attempt(run, run.round)
+    return {run.system.name: failed.get(run.system.name) or run.figures() for run in runs}
 
 
 def idle(system: System, sc: Scenario) -> dict[str, Any]:
@@ -403,6 +454,34 @@ def raise_fd_limit(wanted: int) -> int:
     return target
 
 
+def throughput_scenario(args: argparse.Namespace, svc: Services, sc: Scenario, msgfile: Path,
+                        message: bytes, *, descriptions: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Every system of the run started at once, their rounds in turns (:func:`throughput`)."""
+    started: list[System] = []
+    runs: list[ThroughputRuns] = []
+    figures: dict[str, dict[str, Any]] = {}
+    try:
+        for name in args.systems:
+            system = systems.make_system(name, svc, haraka_nodes=args.haraka_nodes, before=args.before)
+            descriptions[name] = system.description
+            print(f"[{time.strftime('%H:%M:%S')}] {sc.name:<9} {name} starting", flush=True)
+            try:
+                system.start()
+            except Exception as exc:
+                tail = system.log_tail().strip()
+                figures[name] = {"error": f"{type(exc).__name__}: {exc}"}
+                print(f"    FAILED: {figures[name]['error']}\n    log tail: {tail[-800:]}", flush=True)
+                system.stop()
+                continue
+            started.append(system)
+            runs.append(ThroughputRuns(system, sc, msgfile, message))
+        figures.update(throughput(runs, args.repeat))
+    finally:
+        for system in started:
+            system.stop()
+    return {name: figures[name] for name in args.systems if name in figures}
+
+
 def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
     all_scenarios = scenarios(args.quick)
     if args.huge_mib is not None:
@@ -438,6 +517,11 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                     path.write_bytes(message.replace(b"\r\n", b"\n"))
                     files[sc.size] = (path, message)
             for sc in chosen:
+                if sc.kind == "throughput":
+                    path, message = files[sc.size]
+                    results[sc.name] = throughput_scenario(args, svc, sc, path, message,
+                                                           descriptions=descriptions)
+                    continue
                 for name in args.systems:
                     if sc.kind != "throughput" and name == "direct":
                         continue
@@ -449,10 +533,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                     print(f"[{time.strftime('%H:%M:%S')}] {sc.name:<9} {name} ...", flush=True)
                     try:
                         system.start()
-                        if sc.kind == "throughput":
-                            path, message = files[sc.size]
-                            figures = throughput(system, sc, path, message, args.repeat)
-                        elif sc.kind == "idle":
+                        if sc.kind == "idle":
                             figures = idle(system, sc)
                         elif sc.kind == "overload":
                             path, message = files[sc.size]
