@@ -46,7 +46,7 @@ import re
 import socket
 import struct
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
@@ -65,7 +65,8 @@ from smtpproxy import (
 
 from ._policy import ActionSpec, check_reply_template, verdict_for
 
-__all__ = ["ClamAV", "ClamdError", "ClamdResult", "Server", "classify", "instream", "parse_reply"]
+__all__ = ["ClamAV", "ClamdError", "ClamdResult", "Server", "classify", "instream", "instream_writes",
+           "parse_reply"]
 
 log = EventLog(__name__)
 
@@ -259,13 +260,32 @@ async def instream(server: Server, parts: Sequence[Buffer], *, connect_timeout: 
 
 
 async def _send(loop: asyncio.AbstractEventLoop, sock: socket.socket, parts: Sequence[Buffer]) -> None:
-    await loop.sock_sendall(sock, b"zINSTREAM\0" + struct.pack("!I", len(MAIL_MARKER)) + MAIL_MARKER)
+    writes = instream_writes(parts)
+    try:
+        for block in writes:
+            await loop.sock_sendall(sock, block)
+    finally:
+        writes.close()  # its view of the message released now, also when the send failed
+
+
+def instream_writes(parts: Sequence[Buffer]) -> Generator[bytes, None, None]:
+    """The zINSTREAM command, the marker and the message as length-prefixed chunks of at most
+    :data:`CHUNK` octets, and the zero-length end, gathered into writes of about CHUNK octets:
+    a small message goes to clamd in one write (one system call, one wake-up of clamd), also
+    when a header edit cut it into parts. Each chunk is copied once, the message never whole."""
+    pending = [b"zINSTREAM\0", struct.pack("!I", len(MAIL_MARKER)), MAIL_MARKER]
+    size = sum(map(len, pending))
     for part in parts:
         with memoryview(part) as view:  # released before the spool may close its map
             for start in range(0, len(view), CHUNK):
+                if size >= CHUNK:
+                    yield b"".join(pending)
+                    pending, size = [], 0
                 chunk = bytes(view[start : start + CHUNK])
-                await loop.sock_sendall(sock, struct.pack("!I", len(chunk)) + chunk)
-    await loop.sock_sendall(sock, b"\0\0\0\0")
+                pending += (struct.pack("!I", len(chunk)), chunk)
+                size += 4 + len(chunk)
+    pending.append(b"\0\0\0\0")
+    yield b"".join(pending)
 
 
 async def _read_reply(loop: asyncio.AbstractEventLoop, sock: socket.socket, server: Server) -> bytes:

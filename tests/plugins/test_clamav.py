@@ -34,7 +34,18 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
-from smtpproxy_plugins.clamav import ClamAV, ClamdError, ClamdResult, Server, classify, instream, parse_reply
+from smtpproxy_plugins.clamav import (
+    CHUNK,
+    MAIL_MARKER,
+    ClamAV,
+    ClamdError,
+    ClamdResult,
+    Server,
+    classify,
+    instream,
+    instream_writes,
+    parse_reply,
+)
 
 from smtpproxy import Message
 from smtpproxy.milter import codec
@@ -210,6 +221,34 @@ def test_any_reply_is_a_result_or_a_clamd_error(reply: bytes) -> None:
         return
     if result.signature is not None:
         assert re.fullmatch(r"[\x21-\x7e][\x20-\x7e]*", result.signature) and len(result.signature) <= 200
+
+
+def _unframe(stream: bytes) -> list[bytes]:
+    """zINSTREAM's chunks, as clamd reads them, up to the zero-length end (which must end it)."""
+    assert stream.startswith(b"zINSTREAM\0")
+    chunks, at = [], len(b"zINSTREAM\0")
+    while (length := int.from_bytes(stream[at : at + 4], "big")) != 0:
+        assert 0 < length <= CHUNK
+        chunks.append(stream[at + 4 : at + 4 + length])
+        at += 4 + length
+    assert at + 4 == len(stream), "octets after the end of the stream"
+    return chunks
+
+
+@given(st.lists(st.binary(max_size=3 * CHUNK // 2), max_size=4))
+def test_the_stream_carries_the_marker_and_every_part_in_writes_of_about_a_chunk(parts: list[bytes]) -> None:
+    writes = list(instream_writes(parts))
+    chunks = _unframe(b"".join(writes))
+    assert chunks[0] == MAIL_MARKER and b"".join(chunks[1:]) == b"".join(parts)
+    # One system call per write: only the last may be short, however the message was cut.
+    assert all(len(w) >= CHUNK for w in writes[:-1])
+
+
+def test_a_small_message_in_parts_goes_to_clamd_in_one_write() -> None:
+    """A header edit makes three parts (head, separator, body); still one write."""
+    writes = list(instream_writes([b"Subject: hi\r\n", b"\r\n", b"body\r\n"]))
+    assert len(writes) == 1
+    assert _unframe(writes[0]) == [MAIL_MARKER, b"Subject: hi\r\n", b"\r\n", b"body\r\n"]
 
 
 @given(st.text(max_size=60))
