@@ -8,6 +8,8 @@ import re
 import time
 from typing import Any
 
+import pytest
+
 from smtpproxy import Session, hookimpl
 from tests.conftest import ProxyFactory, RawUpstream, SinkHandler, Talk, closed_port, port_of, start_sink
 
@@ -334,13 +336,20 @@ async def test_stopping_after_a_connection_was_retired_logs_no_error(
     assert [c.get("message") for c in errors] == []
 
 
-async def test_a_retired_connection_says_quit_and_hangs_up_without_waiting_for_221(
-    proxy_factory: ProxyFactory,
+@pytest.mark.parametrize(("upstream_settings", "delivery", "code"), [
+    pytest.param({}, {"pool": {"max_messages": 1}}, 250, id="after-its-last-message"),
+    pytest.param({"extensions": (b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"),
+                  "xclient_reply": b"550 5.7.0 XCLIENT denied"},
+                 {"client_identity": "xclient"}, 451, id="its-identity-refused"),
+])
+async def test_a_closed_connection_says_quit_and_hangs_up_without_waiting_for_221(
+    proxy_factory: ProxyFactory, upstream_settings: dict[str, Any], delivery: dict[str, Any], code: int,
 ) -> None:
-    """After its last message (pool.max_messages) a connection is closed as Postfix's own client
-    closes one (smtp_skip_quit_response): QUIT, then the connection ends at once, not after
-    the reply (or its 5 s wait on an upstream that never answers QUIT)."""
-    upstream = RawUpstream(answers_quit=False)
+    """A connection is closed as Postfix's own client closes one (smtp_skip_quit_response):
+    QUIT, then the connection ends at once, not after the reply (5 s from an upstream that
+    never answers QUIT). So after its last message (pool.max_messages), and on the error
+    paths, where the client's 4xx (a refused XCLIENT) no longer waits for it either."""
+    upstream = RawUpstream(answers_quit=False, **upstream_settings)
     ended = asyncio.Event()
 
     async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -349,37 +358,10 @@ async def test_a_retired_connection_says_quit_and_hangs_up_without_waiting_for_2
 
     server = await asyncio.start_server(serve, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=port,
-                                                           pool={"max_messages": 1}))
-    try:
-        assert (await send(port_of(proxy), ["b@dest.test"]))[0] == 250
-        await asyncio.wait_for(ended.wait(), 2)
-        assert upstream.lines[-1] == b"QUIT"
-    finally:
-        server.close()
-
-
-async def test_a_refused_identity_is_answered_without_waiting_for_the_upstreams_221(
-    proxy_factory: ProxyFactory,
-) -> None:
-    """The error paths close a connection the same way: a refused XCLIENT gives the client
-    its 4xx after QUIT and the hang-up, not after QUIT's reply (5 s from an upstream that
-    never answers it)."""
-    upstream = RawUpstream((b"XCLIENT NAME ADDR PORT PROTO HELO LOGIN", b"8BITMIME"),
-                           xclient_reply=b"550 5.7.0 XCLIENT denied", answers_quit=False)
-    ended = asyncio.Event()
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await upstream.serve(reader, writer)
-        ended.set()
-
-    server = await asyncio.start_server(serve, "127.0.0.1", 0)
-    port = server.sockets[0].getsockname()[1]
-    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=port, client_identity="xclient"))
+    proxy = await proxy_factory(relay=RELAY, delivery=smtp(host="127.0.0.1", port=port, **delivery))
     try:
         started = time.monotonic()
-        code, _ = await send(port_of(proxy), ["b@dest.test"])
-        assert code == 451
+        assert (await send(port_of(proxy), ["b@dest.test"]))[0] == code
         assert time.monotonic() - started < 2, "the client's answer waited for QUIT's reply"
         await asyncio.wait_for(ended.wait(), 2)
         assert upstream.lines[-1] == b"QUIT"
