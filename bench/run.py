@@ -247,6 +247,15 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
+def failed(system: System, exc: Exception) -> dict[str, Any]:
+    """A system's figures when it failed: the error, printed with the tail of its log, so that
+    one failing system does not lose the others' figures."""
+    figures = {"error": f"{type(exc).__name__}: {exc}"}
+    tail = system.log_tail().strip()
+    print(f"    {system.name} FAILED: {figures['error']}\n    log tail: {tail[-800:]}", flush=True)
+    return figures
+
+
 class ThroughputRuns:
     """One system's runs of a throughput scenario. Each round is an ``smtp-source`` run with
     a new connection per message, one with reused sessions (``-d``) and a latency run;
@@ -308,18 +317,16 @@ def throughput(runs: list[ThroughputRuns], repeat: int) -> dict[str, dict[str, A
     (seen here: a fifth within two hours) falls on every system alike instead of on the
     ones measured later; the ratios under the table are then same-minutes ratios. A system
     that fails is reported with its error and the others go on."""
-    failed: dict[str, dict[str, Any]] = {}
+    errors: dict[str, dict[str, Any]] = {}
 
     def attempt(run: ThroughputRuns, step: Any) -> None:
         name = run.system.name
-        if name in failed:
+        if name in errors:
             return
         try:
             step()
-        except Exception as exc:  # one failing system must not lose the others' figures
-            tail = run.system.log_tail().strip()
-            failed[name] = {"error": f"{type(exc).__name__}: {exc}"}
-            print(f"    {name} FAILED: {failed[name]['error']}\n    log tail: {tail[-800:]}", flush=True)
+        except Exception as exc:
+            errors[name] = failed(run.system, exc)
 
     for run in runs:
         attempt(run, run.warm_up)
@@ -329,7 +336,7 @@ def throughput(runs: list[ThroughputRuns], repeat: int) -> dict[str, dict[str, A
               + " ".join(r.system.name for r in order), flush=True)
         for run in order:
             attempt(run, run.round)
-    return {run.system.name: failed.get(run.system.name) or run.figures() for run in runs}
+    return {run.system.name: errors.get(run.system.name) or run.figures() for run in runs}
 
 
 def idle(system: System, sc: Scenario) -> dict[str, Any]:
@@ -468,9 +475,7 @@ def throughput_scenario(args: argparse.Namespace, svc: Services, sc: Scenario, m
             try:
                 system.start()
             except Exception as exc:
-                tail = system.log_tail().strip()
-                figures[name] = {"error": f"{type(exc).__name__}: {exc}"}
-                print(f"    FAILED: {figures[name]['error']}\n    log tail: {tail[-800:]}", flush=True)
+                figures[name] = failed(system, exc)
                 system.stop()
                 continue
             started.append(system)
@@ -523,7 +528,7 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                                                            descriptions=descriptions)
                     continue
                 for name in args.systems:
-                    if sc.kind != "throughput" and name == "direct":
+                    if name == "direct":  # no process of its own: throughput only
                         continue
                     if sc.kind == "overload" and not name.startswith("smtpproxy"):
                         continue  # --max-sessions is smtpproxy's setting
@@ -545,10 +550,8 @@ def run_matrix(args: argparse.Namespace) -> dict[str, Any]:
                             if sc.size not in huge_messages:  # signed once, outside any measurement
                                 huge_messages[sc.size] = signed.huge(sc.size)
                             figures = huge(system, sc, huge_messages[sc.size])
-                    except Exception as exc:  # one failing system must not lose the others' figures
-                        tail = system.log_tail().strip()
-                        figures = {"error": f"{type(exc).__name__}: {exc}"}
-                        print(f"    FAILED: {figures['error']}\n    log tail: {tail[-800:]}", flush=True)
+                    except Exception as exc:
+                        figures = failed(system, exc)
                     finally:
                         system.stop()
                     results[sc.name][name] = figures
