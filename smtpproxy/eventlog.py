@@ -18,6 +18,7 @@ import functools
 import json
 import json.encoder
 import logging
+import os
 import re
 import sys
 import time
@@ -354,10 +355,15 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
     with the lines before it, and so is every line logged outside a running event loop
     (start-up, a worker thread) and whatever is pending when the handler is flushed or
     closed (``logging.shutdown`` at exit, a new :func:`configure_logging`).
+
+    With *level_prefix* each line starts with its syslog priority, ``<6>`` for info, ``<4>``
+    for a warning (sd-daemon(3)): journald takes it off the line and files the line under
+    that priority (:func:`writes_to_journal`).
     """
 
-    def __init__(self, stream: Any = None) -> None:
+    def __init__(self, stream: Any = None, *, level_prefix: bool = False) -> None:
         super().__init__(stream)
+        self.level_prefix = level_prefix
         self._pending: list[str] = []
         self._scheduled: asyncio.AbstractEventLoop | None = None
         """The loop whose next turn writes the pending lines."""
@@ -384,7 +390,7 @@ class BatchingHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return True
 
     def _queue(self, line: str, levelno: int) -> None:
-        self._pending.append(line)
+        self._pending.append(syslog_prefix(levelno) + line if self.level_prefix else line)
         if levelno >= logging.WARNING:
             self.flush()
             return
@@ -419,10 +425,40 @@ def flush_logs() -> None:
         handler.flush()
 
 
+def syslog_prefix(levelno: int) -> str:
+    """The ``<N>`` that gives a line of *levelno* its syslog priority in the journal: 2
+    (critical), 3 (error), 4 (warning), 6 (info), 7 (debug); a level between two takes the
+    lower one's."""
+    if levelno >= logging.WARNING:
+        return "<2>" if levelno >= logging.CRITICAL else "<3>" if levelno >= logging.ERROR else "<4>"
+    return "<6>" if levelno >= logging.INFO else "<7>"
+
+
+def writes_to_journal(stream: Any) -> bool:
+    """Whether *stream* is systemd's journal: ``$JOURNAL_STREAM`` names the device and inode
+    of a service's stderr (systemd.exec(5)). Compared, not only present: a process a service
+    starts inherits the variable with another stderr.
+
+    Without the prefix journald files every line of the service at priority info, its
+    warnings and errors too (``journalctl -p warning`` shows none of them), and counts them
+    against the same rate limit as the info lines: at a few hundred messages a second that
+    limit drops lines, an ``upstream_down`` as readily as a ``connect`` (docs/operations.md).
+    """
+    expected = os.environ.get("JOURNAL_STREAM")
+    if not expected:
+        return False
+    try:
+        status = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):  # no file descriptor (pytest's capture, a StringIO)
+        return False
+    return expected == f"{status.st_dev}:{status.st_ino}"
+
+
 def configure_logging(level: str = "info", fmt: str = "kv") -> None:
     """Send smtpproxy's (and its plugins') logs to stderr in the chosen format, one write
-    per event-loop iteration (:class:`BatchingHandler`)."""
-    handler = BatchingHandler(sys.stderr)
+    per event-loop iteration (:class:`BatchingHandler`), each line with its priority when
+    stderr is the journal."""
+    handler = BatchingHandler(sys.stderr, level_prefix=writes_to_journal(sys.stderr))
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()
     for old in list(root.handlers):

@@ -25,6 +25,7 @@ from smtpproxy.config import Config
 from smtpproxy.server import ProxyServer
 from tests.dns_server import dns_server as dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.dns_server import module_dns_server as module_dns_server  # noqa: PLC0414 - re-exported fixture
+from tests.journald import journal as journal  # noqa: PLC0414 - re-exported fixture
 from tests.postfix_instance import postfix_factory as postfix_factory  # noqa: PLC0414 - re-exported fixture
 from tests.postgres_server import postgres_server as postgres_server  # noqa: PLC0414 - re-exported fixture
 from tests.postgres_server import postgres_url as postgres_url  # noqa: PLC0414 - re-exported fixture
@@ -283,6 +284,7 @@ DAEMON_FIXTURES = {
     "spamd_server": "spamd",
     "rspamd_server": "rspamd",
     "cluster_factory": "haproxy",
+    "journal": "journald",
 }
 """Fixtures that start a Debian daemon privately, and the marker each test using one gets
 (registered in pyproject.toml): ``pytest -m postfix`` runs what starts Postfix,

@@ -5,13 +5,16 @@ pending at a flush leave at once (docs/operations.md, Logs)."""
 from __future__ import annotations
 
 import asyncio
+import io
 import logging
+import os
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from smtpproxy.eventlog import BatchingHandler, KeyValueFormatter, event, flush_logs
+from smtpproxy.eventlog import BatchingHandler, KeyValueFormatter, event, flush_logs, writes_to_journal
 
 
 class Stream:
@@ -122,3 +125,38 @@ async def test_flush_logs_writes_what_the_handlers_hold(stream: Stream) -> None:
         assert [_events(w) for w in stream.writes] == [["listening"]]
     finally:
         root.removeHandler(handler)
+
+
+# -- the journal's priorities (level_prefix) --------------------------------------------------
+
+
+async def test_with_level_prefix_each_line_starts_with_its_syslog_priority(stream: Stream) -> None:
+    assert stream.handler is not None
+    stream.handler.level_prefix = True  # type: ignore[attr-defined]
+    logger = logging.getLogger("smtpproxy.session")
+    logger.setLevel(logging.DEBUG)
+    event("connect", client="192.0.2.7")
+    event("proxy_header", level=logging.DEBUG)
+    event("between", level=25)  # a level of someone's own: the lower neighbour's priority
+    event("upstream_down", level=logging.WARNING)
+    event("internal_error", level=logging.ERROR)
+    event("crashed", level=logging.CRITICAL)
+    logging.getLogger("smtpproxy.session.plugin").warning("a plugin's own line")  # a record, not an event
+    lines = "".join(stream.writes).splitlines()
+    assert [line[:3] for line in lines] == ["<6>", "<7>", "<6>", "<4>", "<3>", "<2>", "<4>"]
+    assert all(line[3:].startswith("ts=") for line in lines)
+
+
+def test_writes_to_journal_compares_the_stream_with_journal_stream(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """systemd.exec(5): a process a service starts inherits $JOURNAL_STREAM with another stderr,
+    so the variable alone does not say where the lines go."""
+    with (tmp_path / "journal").open("w") as journal, (tmp_path / "elsewhere").open("w") as elsewhere:
+        status = os.fstat(journal.fileno())
+        monkeypatch.setenv("JOURNAL_STREAM", f"{status.st_dev}:{status.st_ino}")
+        assert writes_to_journal(journal)
+        assert not writes_to_journal(elsewhere)
+        assert not writes_to_journal(io.StringIO())  # no file descriptor at all
+        monkeypatch.delenv("JOURNAL_STREAM")
+        assert not writes_to_journal(journal)
