@@ -12,6 +12,8 @@ import asyncio
 from collections.abc import Callable, Coroutine
 from typing import Any, Literal, TypeVar
 
+from smtpproxy import watchdog
+
 __all__ = ["EventLoopError", "loop_factory", "run"]
 
 T = TypeVar("T")
@@ -39,11 +41,17 @@ def loop_factory(choice: Choice) -> tuple[str, Callable[[], asyncio.AbstractEven
 
 
 def run(main: Coroutine[Any, Any, T], choice: Choice = "auto") -> T:
-    """``asyncio.run`` on the chosen loop."""
+    """``asyncio.run`` on the chosen loop, feeding systemd's watchdog from it while *main* runs
+    (:func:`smtpproxy.watchdog.fed`)."""
     try:
         _, factory = loop_factory(choice)
     except EventLoopError:
         main.close()
         raise
     with asyncio.Runner(loop_factory=factory) as runner:
-        return runner.run(main)
+        return runner.run(_fed(main))
+
+
+async def _fed(main: Coroutine[Any, Any, T]) -> T:
+    async with watchdog.fed():
+        return await main

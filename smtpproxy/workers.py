@@ -33,6 +33,7 @@ from smtpproxy.config import Config
 from smtpproxy.eventlog import event, flush_logs
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.sdnotify import notify
+from smtpproxy.watchdog import WorkerWatch, fed
 
 __all__ = ["LISTEN_FDS_VARIABLE", "READY_FD_VARIABLE", "inherited_listener", "supervise",
            "tell_supervisor_ready"]
@@ -117,11 +118,17 @@ def _parent_death_signal() -> Callable[[], None] | None:
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
+_SYSTEMD_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+"""systemd talks to the supervisor; a worker gets them from :class:`WorkerWatch`, if at all."""
+
+
 class _Worker:
-    def __init__(self, index: int, argv: list[str], listeners: list[socket.socket]):
+    def __init__(self, index: int, argv: list[str], listeners: list[socket.socket],
+                 watch: WorkerWatch | None = None):
         self.index = index
         self.argv = argv
         self.listeners = listeners
+        self.watch = watch
         self.process: asyncio.subprocess.Process | None = None
         self.ready = False
         """It listens (and has its SIGHUP handler): before that, SIGHUP would end it."""
@@ -130,7 +137,9 @@ class _Worker:
     async def start(self) -> None:
         """Start the process and wait until it listens; RuntimeError when it cannot start."""
         read_fd, write_fd = os.pipe()
-        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}  # systemd is ours
+        env = {k: v for k, v in os.environ.items() if k not in _SYSTEMD_VARIABLES}  # systemd is ours
+        if self.watch is not None:
+            env.update(self.watch.environment(self.index))
         env[READY_FD_VARIABLE] = str(write_fd)
         listen_fds = [sock.fileno() for sock in self.listeners]
         env[LISTEN_FDS_VARIABLE] = ",".join(map(str, listen_fds))
@@ -156,6 +165,8 @@ class _Worker:
             raise RuntimeError(f"worker {self.index} did not start (exit code {code})")
         os.close(read_fd)
         self.ready = True
+        if self.watch is not None:
+            self.watch.watch(self.index, self.running_pid)
         event("worker_started", worker=self.index, pid=self.process.pid)
         if self.reload_pending:  # a SIGHUP came while it started: it may have read the old file
             self.reload_pending = False
@@ -172,6 +183,12 @@ class _Worker:
         if self.process is not None and self.process.returncode is None:
             self.process.send_signal(signum)
 
+    def running_pid(self) -> int | None:
+        """Its process id while it runs, else None."""
+        if self.process is None or self.process.returncode is not None:
+            return None
+        return self.process.pid
+
     async def stop(self) -> int | None:
         if self.process is None:
             return None
@@ -181,7 +198,18 @@ class _Worker:
 
 
 async def _supervise(config: Config, argv: list[str], listeners: list[socket.socket]) -> int:
-    workers = [_Worker(i, argv, listeners) for i in range(config.worker_count)]
+    async with fed() as period:  # systemd watches the supervisor; it watches each worker
+        watch = WorkerWatch(period, config.worker_count) if period is not None else None
+        try:
+            return await _run_workers(config, argv, listeners, watch)
+        finally:
+            if watch is not None:
+                watch.close()
+
+
+async def _run_workers(config: Config, argv: list[str], listeners: list[socket.socket],
+                       watch: WorkerWatch | None) -> int:
+    workers = [_Worker(i, argv, listeners, watch) for i in range(config.worker_count)]
     loop = asyncio.get_running_loop()
     stopping = asyncio.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):

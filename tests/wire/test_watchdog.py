@@ -1,0 +1,143 @@
+"""systemd's watchdog (``WatchdogSec=``, docs/operations.md): a proxy whose event loop is held
+stops saying ``WATCHDOG=1``, so systemd restarts it; with ``workers:`` the supervisor does the
+same for each worker.
+
+A socket of the test stands in for systemd's notify socket, as in tests/wire/test_reload.py, and
+``WATCHDOG_USEC`` is one second. The hostile plugin (tests/blocking_plugin.py) holds the loop in
+an async RCPT hook, which no timeout of the chain can interrupt.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import smtplib
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.daemons import LogLines, free_port
+
+ROOT = Path(__file__).resolve().parents[2]
+PERIOD = 1.0
+MESSAGE = b"From: a@sender.test\r\nSubject: watchdog\r\n\r\nHello.\r\n"
+
+
+class Systemd:
+    """The notify socket: every datagram, with the moment it came."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.received: list[tuple[float, bytes]] = []
+        self._open = True
+        self._thread = threading.Thread(target=self._read, daemon=True)
+        self._thread.start()
+
+    def _read(self) -> None:
+        while self._open:
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.received.append((time.monotonic(), data))
+
+    def pings(self, since: float = 0.0) -> list[float]:
+        return [t for t, data in list(self.received) if b"WATCHDOG=1" in data.split(b"\n") and t >= since]
+
+    def longest_silence(self, since: float) -> float:
+        """The longest time between two WATCHDOG=1 since *since*."""
+        return max(b - a for a, b in itertools.pairwise(self.pings(since)))
+
+    def close(self) -> None:
+        self._open = False
+        self._thread.join()
+        self.sock.close()
+
+
+@pytest.fixture
+def systemd(tmp_path: Path) -> Iterator[Systemd]:
+    stand_in = Systemd(tmp_path / "notify")
+    yield stand_in
+    stand_in.close()
+
+
+def start(tmp_path: Path, systemd: Systemd, *, workers: int, seconds: float) -> tuple[subprocess.Popen[str], LogLines, int]:
+    port = free_port()
+    config = tmp_path / "smtpproxy.yaml"
+    config.write_text(f"listeners:\n  - address: 127.0.0.1\n    port: {port}\nworkers: {workers}\n"
+                      "relay:\n  domains: [example.com]\ndelivery:\n  type: maildir\n  path: mail\n"
+                      "plugins:\n  - name: blocking\n    use: tests.blocking_plugin:Blocking\n"
+                      f"    settings: {{seconds: {seconds}}}\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "NOTIFY_SOCKET")}
+    env.update(NOTIFY_SOCKET=str(systemd.path), WATCHDOG_USEC=str(int(PERIOD * 1_000_000)),
+               PYTHONPATH=str(ROOT))  # tests.blocking_plugin
+    proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "run", "-c", str(config)],
+                            stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)
+    assert proc.stderr is not None
+    log = LogLines(proc.stderr)
+    log.wait_line(r"event=workers_ready" if workers > 1 else r"event=listening ")
+    return proc, log, port
+
+
+def blocked_recipient(port: int) -> threading.Thread:
+    """A client whose RCPT TO holds the loop; it ends when the session does (or the block)."""
+    def run() -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=60) as client:
+                client.ehlo("client.test")
+                client.mail("a@sender.test")
+                client.rcpt("block@example.com")
+        except (smtplib.SMTPException, OSError):
+            pass  # a worker killed under it closes the session
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_held_event_loop_stops_feeding_systemds_watchdog(tmp_path: Path, systemd: Systemd) -> None:
+    proc, _, port = start(tmp_path, systemd, workers=1, seconds=3)
+    try:
+        started = time.monotonic()
+        time.sleep(1.6)
+        assert len(systemd.pings(started)) >= 3  # twice a period while the loop turns
+        blocked = time.monotonic()
+        blocked_recipient(port).join(30)  # held for 3 s, then the session goes on
+        time.sleep(1.2)
+        assert systemd.longest_silence(started) > 2.5 * PERIOD  # systemd would have killed it after one period
+        assert len(systemd.pings(blocked + 3.0)) >= 1  # and it says it again once the loop turns
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=30)
+
+
+def test_the_supervisor_restarts_a_worker_whose_loop_is_held(tmp_path: Path, systemd: Systemd) -> None:
+    proc, log, port = start(tmp_path, systemd, workers=2, seconds=600)
+    try:
+        started = time.monotonic()
+        client = blocked_recipient(port)
+        line = log.wait_line(r"event=worker_watchdog ", timeout=15)
+        assert "level=error" in line and "action=SIGABRT" in line
+        worker = line.split(" worker=")[1].split(" ")[0]
+        log.wait_line(rf"event=worker_died worker={worker} ", timeout=15)
+        log.wait_line(rf"event=worker_started worker={worker} ", timeout=30)
+        client.join(30)
+        assert not client.is_alive()  # its session ended with the worker instead of hanging
+        assert any("blocking_plugin.py" in text for text in log.lines)  # faulthandler: where it was held
+        assert systemd.longest_silence(started) < PERIOD  # the supervisor's own loop turned all along
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as again:  # and mail flows again
+            again.sendmail("a@sender.test", ["b@example.com"], MESSAGE)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
