@@ -11,7 +11,7 @@ import os
 import socket
 import time
 
-__all__ = ["notify"]
+__all__ = ["notify", "ready"]
 
 
 def notify(*fields: str) -> bool:
@@ -28,6 +28,12 @@ def notify(*fields: str) -> bool:
     except OSError:
         return False
     return True
+
+
+def ready() -> bool:
+    """``READY=1`` with this process as the service's main one: every listener is open
+    (``Type=notify`` then lets units ordered after this one start)."""
+    return notify("READY=1", f"MAINPID={os.getpid()}")
 
 
 def monotonic_usec() -> str:

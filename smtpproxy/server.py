@@ -42,7 +42,7 @@ from smtpproxy.quarantine import QuarantineStore
 from smtpproxy.registry import build_chain
 from smtpproxy.relay import RelayPolicy
 from smtpproxy.reload import restart_only_changes, without_restart_only_changes
-from smtpproxy.sdnotify import monotonic_usec, notify
+from smtpproxy.sdnotify import monotonic_usec, notify, ready
 from smtpproxy.senderlogin import SenderLoginMapError, SenderLoginPolicy
 from smtpproxy.startup import StartupError, configure_dns, start_chain
 from smtpproxy.store import Store, StoreError, store_from_config
@@ -557,7 +557,7 @@ class ProxyServer:
             if pid_file is not None:
                 remove_pid_file(Path(pid_file))
             raise
-        notify("READY=1", f"MAINPID={os.getpid()}")
+        ready()
         tell_supervisor_ready()
         try:
             await stop_requested.wait()

@@ -32,7 +32,7 @@ from pathlib import Path
 from smtpproxy.config import Config
 from smtpproxy.eventlog import event, flush_logs
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
-from smtpproxy.sdnotify import notify
+from smtpproxy.sdnotify import notify, ready
 from smtpproxy.watchdog import WorkerWatch, fed
 
 __all__ = ["LISTEN_FDS_VARIABLE", "READY_FD_VARIABLE", "inherited_listener", "supervise",
@@ -228,7 +228,7 @@ async def _run_workers(config: Config, argv: list[str], listeners: list[socket.s
             print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
             await asyncio.gather(*(w.stop() for w in workers))
             return 1
-        notify("READY=1", f"MAINPID={os.getpid()}")
+        ready()
         event("workers_ready", workers=len(workers))
         watchers = {asyncio.ensure_future(_wait(w)): w for w in workers}
         stop_task = asyncio.ensure_future(stopping.wait())

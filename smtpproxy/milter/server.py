@@ -31,6 +31,7 @@ from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError
 from smtpproxy.milter.session import MilterPolicy, MilterSession
 from smtpproxy.registry import build_chain
+from smtpproxy.sdnotify import notify, ready
 from smtpproxy.senderlogin import SenderLoginPolicy
 from smtpproxy.startup import StartupError, start_chain
 from smtpproxy.store import store_from_config
@@ -232,7 +233,9 @@ class MilterServer:
         loop.add_signal_handler(signal.SIGHUP, _ignore_reload)
         try:
             await self.start()
+            ready()  # systemd (Type=notify): the MTA's milter socket is open
             await stop_requested.wait()
+            notify("STOPPING=1")
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.hurry, sig)
             await self.stop()

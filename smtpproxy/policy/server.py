@@ -25,6 +25,7 @@ from smtpproxy.policy.applicability import message_plugins
 from smtpproxy.policy.protocol import Limits, PolicyProtocolError, format_action, read_request
 from smtpproxy.policy.service import PolicyService, PolicySettings
 from smtpproxy.registry import build_chain
+from smtpproxy.sdnotify import notify, ready
 from smtpproxy.startup import StartupError, start_chain
 from smtpproxy.store import store_from_config
 from smtpproxy.tables import build_tables, install
@@ -181,7 +182,9 @@ class PolicyServer:
             note="the policy service does not reload; restart it to apply a new configuration"))
         try:
             await self.start()
+            ready()  # systemd (Type=notify): Postfix's policy socket is open
             await stop_requested.wait()
+            notify("STOPPING=1")
             await self.stop()
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):

@@ -53,6 +53,14 @@ class Systemd:
                 return
             self.received.append((time.monotonic(), data))
 
+    def wait_for(self, datagram: bytes, timeout: float = 10) -> list[bytes]:
+        """What was said, once *datagram* was (the reader is a thread: it may be a moment behind)."""
+        deadline = time.monotonic() + timeout
+        while datagram not in (said := [data for _, data in list(self.received)]):
+            assert time.monotonic() < deadline, f"never said {datagram!r}: {said}"
+            time.sleep(0.05)
+        return said
+
     def pings(self, since: float = 0.0) -> list[float]:
         return [t for t, data in list(self.received) if b"WATCHDOG=1" in data.split(b"\n") and t >= since]
 
