@@ -8,7 +8,6 @@ Exit codes: 0 success, 1 runtime failure (cannot listen, a plugin failed to star
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import signal
 import sys
@@ -18,10 +17,10 @@ from typing import Any
 
 from smtpproxy import __version__, collector, eventloop
 from smtpproxy.config import Config, ConfigError, ConfigSource, load_config
-from smtpproxy.eventlog import configure_logging, event
+from smtpproxy.eventlog import configure_logging
 from smtpproxy.registry import build_chain, installed_plugins
 from smtpproxy.server import ProxyServer
-from smtpproxy.startup import StartupError
+from smtpproxy.startup import StartupError, cannot_start
 from smtpproxy.store_cli import add_search_options
 from smtpproxy.versions import LOG_FORMAT_VERSION, PLUGIN_API_VERSION
 
@@ -263,7 +262,7 @@ def _command(argv: Sequence[str] | None) -> int:
     if args.command == "policy":
         return _run_policy(config, source)
     if args.config is None and (unwritable := embedded_default_problem(config)):
-        print(f"smtpproxy: cannot start: {unwritable}", file=sys.stderr)
+        cannot_start(unwritable)
         return EXIT_RUNTIME
     if config.worker_count > 1 and args.worker is None:
         from smtpproxy.workers import supervise
@@ -333,8 +332,7 @@ def _serve(main: Coroutine[Any, Any, None], config: Config) -> int:
     try:
         eventloop.run(main, config.event_loop)
     except (StartupError, eventloop.EventLoopError) as exc:
-        event("startup_failed", logging.ERROR, error=str(exc))
-        print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
+        cannot_start(exc)
         return EXIT_RUNTIME
     except KeyboardInterrupt:
         pass

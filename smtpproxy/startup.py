@@ -7,16 +7,27 @@ raise one :class:`StartupError` that names each failing plugin.
 
 from __future__ import annotations
 
+import logging
+import sys
+
 from smtpproxy import dns
 from smtpproxy.chain import Chain
 from smtpproxy.config import DNS as DnsSettings
+from smtpproxy.eventlog import event
 
-__all__ = ["StartupError", "configure_dns", "start_chain"]
+__all__ = ["StartupError", "cannot_start", "configure_dns", "start_chain"]
 
 
 class StartupError(Exception):
     """smtpproxy could not start: a port in use, a plugin's ``startup`` hook failed, a
     certificate that does not load, ... The message says which and what to fix."""
+
+
+def cannot_start(reason: object) -> None:
+    """Say why the process does not start: a ``startup_failed`` line at level error (under
+    systemd the journal files it as an error), then the sentence for whoever ran the command."""
+    event("startup_failed", logging.ERROR, error=str(reason))
+    print(f"smtpproxy: cannot start: {reason}", file=sys.stderr)
 
 
 def configure_dns(settings: DnsSettings) -> None:

@@ -33,6 +33,7 @@ from smtpproxy.config import Config
 from smtpproxy.eventlog import event, flush_logs
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.sdnotify import notify, ready
+from smtpproxy.startup import cannot_start
 from smtpproxy.watchdog import WorkerWatch, fed
 
 __all__ = ["LISTEN_FDS_VARIABLE", "READY_FD_VARIABLE", "inherited_listener", "supervise",
@@ -225,7 +226,7 @@ async def _run_workers(config: Config, argv: list[str], listeners: list[socket.s
             for worker in workers:
                 await worker.start()
         except RuntimeError as exc:
-            print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
+            cannot_start(exc)
             await asyncio.gather(*(w.stop() for w in workers))
             return 1
         ready()
@@ -289,7 +290,7 @@ def supervise(config: Config, config_path: str | None) -> int:
     try:
         listeners = open_listeners(config)
     except OSError as exc:
-        print(f"smtpproxy: cannot start: {exc}", file=sys.stderr)
+        cannot_start(exc)
         return 1
     pid_file = Path(config.pid_file) if config.pid_file is not None else None
     if pid_file is not None:

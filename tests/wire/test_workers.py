@@ -199,6 +199,8 @@ def test_a_busy_port_is_a_clear_startup_error(tmp_path: Path) -> None:
                               capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert done.returncode == 1
     assert f"cannot start: listeners[0]: cannot listen on 127.0.0.1:{port}" in done.stderr
+    # and the line a log pipeline (and the journal, as an error) sees, as without workers
+    assert f"level=error event=startup_failed error=\"listeners[0]: cannot listen on 127.0.0.1:{port}" in done.stderr
 
 
 def test_workers_auto_is_one_per_usable_core(tmp_path: Path) -> None:
