@@ -441,8 +441,8 @@ def writes_to_journal(stream: Any) -> bool:
 
     Without the prefix journald files every line of the service at priority info, its
     warnings and errors too (``journalctl -p warning`` shows none of them), and counts them
-    against the same rate limit as the info lines: at a few hundred messages a second that
-    limit drops lines, an ``upstream_down`` as readily as a ``connect`` (docs/operations.md).
+    against the same rate limit as the info lines: past roughly 100-170 messages a second
+    that limit drops lines, an ``upstream_down`` as readily as a ``connect`` (docs/operations.md).
     """
     expected = os.environ.get("JOURNAL_STREAM")
     if not expected:
