@@ -26,6 +26,7 @@ from smtpproxy.server import ProxyServer
 from tests.dns_server import dns_server as dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.dns_server import module_dns_server as module_dns_server  # noqa: PLC0414 - re-exported fixture
 from tests.journald import journal as journal  # noqa: PLC0414 - re-exported fixture
+from tests.notify_socket import systemd as systemd  # noqa: PLC0414 - re-exported fixture
 from tests.postfix_instance import postfix_factory as postfix_factory  # noqa: PLC0414 - re-exported fixture
 from tests.postgres_server import postgres_server as postgres_server  # noqa: PLC0414 - re-exported fixture
 from tests.postgres_server import postgres_url as postgres_url  # noqa: PLC0414 - re-exported fixture

@@ -2,7 +2,7 @@
 with its pid once its socket is open, ``WATCHDOG=1`` twice a period while its loop turns,
 ``STOPPING=1`` when told to stop. The units in config/ rely on it: without READY=1 systemd
 would fail the start after ``TimeoutStartSec=`` and start the MTA ordered after the milter
-before the milter listens. A socket of the test stands in for systemd's (tests/wire/test_watchdog.py).
+before the milter listens. A socket of the test stands in for systemd's (tests/notify_socket.py).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from tests.daemons import LogLines, free_port
-from tests.wire.test_watchdog import Systemd, systemd  # noqa: F401 - the fixture
+from tests.notify_socket import Systemd
 
 FRONT_ENDS = {
     "run": "listeners:\n  - address: 127.0.0.1\n    port: {port}\ndelivery:\n  type: maildir\n  path: mail\n",
@@ -28,7 +28,7 @@ FRONT_ENDS = {
 
 @pytest.mark.parametrize("command", list(FRONT_ENDS))
 def test_each_front_end_says_ready_feeds_the_watchdog_and_says_stopping(
-    tmp_path: Path, systemd: Systemd, command: str  # noqa: F811 - the fixture
+    tmp_path: Path, systemd: Systemd, command: str
 ) -> None:
     config = tmp_path / "smtpproxy.yaml"
     config.write_text(FRONT_ENDS[command].format(port=free_port()))
