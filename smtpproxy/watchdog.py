@@ -1,8 +1,8 @@
 """systemd's watchdog (``WatchdogSec=``): a process whose event loop stops turning is restarted.
 
-Nothing inside the process can interrupt code that holds the event loop: a plugin's endless
-loop, a catastrophic regular expression, a blocking call in an async hook (or in a plain hook's
-thread, for a C call that keeps the GIL). Every session then hangs, and no timeout of the chain
+Nothing inside the process can interrupt code that holds the event loop: an endless loop, a
+catastrophic regular expression or a blocking call in a plugin's async hook (a plain hook runs
+in a thread, under the chain's timeout). Every session then hangs, and no timeout of the chain
 ever fires. With ``WatchdogSec=`` systemd expects ``WATCHDOG=1`` at least once a period
 (sd_watchdog_enabled(3)); :func:`fed` sends it from the event loop itself, twice a period, so
 a loop held for a whole period misses it. systemd then sends SIGABRT (on which
