@@ -117,7 +117,7 @@ class PrometheusRecorder(NullRecorder):
 
     def __init__(self, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int]):
         try:
-            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
         except ImportError as exc:
             raise MetricsUnavailable(
                 "metrics.enabled is true but prometheus_client is not installed: "
@@ -125,6 +125,8 @@ class PrometheusRecorder(NullRecorder):
             ) from exc
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # process_start_time_seconds (a restart: SmtpproxyRestarting), CPU, memory, open files
+        ProcessCollector(registry=r)
         Gauge("smtpproxy_info", "Version of the running proxy (always 1).", ["version"],
               registry=r).labels(__version__).set(1)
         self.sessions = Counter("smtpproxy_sessions", "SMTP sessions accepted (past the session caps).",

@@ -37,7 +37,7 @@ def test_promtool_accepts_the_rules() -> None:
         pytest.skip("promtool is not installed: apt-get install prometheus")
     result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 7 rules found" in result.stdout
+    assert "SUCCESS: 8 rules found" in result.stdout
 
 
 def test_every_rule_queries_served_metrics_only() -> None:
@@ -50,8 +50,37 @@ def test_every_rule_queries_served_metrics_only() -> None:
     served |= {f.name + "_total" for f in recorder.registry.collect() if f.type == "counter"}
     rules = yaml.safe_load(RULES.read_text())["groups"][0]["rules"]
     for rule in rules:
-        names = set(re.findall(r"\bsmtpproxy_\w+", rule["expr"]))
+        names = set(re.findall(r"\b(?:smtpproxy|process)_\w+", rule["expr"]))
         assert names <= served, (rule["alert"], names - served)
+
+
+def test_the_restart_alert_counts_starts_not_scrapes(tmp_path: Path) -> None:
+    """``promtool test rules`` on the shipped rule: three restarts of one proxy in 30 minutes
+    fire it, a steady proxy and one that restarted twice do not; a restart between two scrapes
+    (a new start time, no failed scrape) counts like any other."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: apt-get install prometheus")
+    series = {"a:9125": "100 100 400 400 700 1000 1000 1000", "b:9125": "100x7",
+              "c:9125": "100 100 400 400 700 700 700 700"}
+    tests = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": f'process_start_time_seconds{{job="smtpproxy",instance="{instance}"}}',
+                              "values": values} for instance, values in series.items()],
+            "alert_rule_test": [{
+                "eval_time": "7m", "alertname": "SmtpproxyRestarting",
+                "exp_alerts": [{"exp_labels": {"severity": "warning", "job": "smtpproxy", "instance": "a:9125"},
+                                "exp_annotations": {"summary": "a:9125: restarted 3 times in 30 minutes"}}],
+            }],
+        }],
+    }
+    (tmp_path / "restart-test.yml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", str(tmp_path / "restart-test.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
 
 
 async def test_the_outage_alerts_fire_in_prometheus_after_a_real_upstream_outage(
