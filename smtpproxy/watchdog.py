@@ -58,7 +58,8 @@ async def fed() -> AsyncIterator[float | None]:
         yield None
         return
     if not faulthandler.is_enabled():
-        faulthandler.enable(sys.stderr, all_threads=True)  # where the loop was held, on SIGABRT
+        with contextlib.suppress(Exception):  # no stderr to write to: the watchdog works without
+            faulthandler.enable(sys.stderr, all_threads=True)  # where the loop was held, on SIGABRT
     loop = asyncio.get_running_loop()
     handle: asyncio.TimerHandle | None = None
 
@@ -89,12 +90,16 @@ class WorkerWatch:
         self._watched: list[Callable[[], int | None] | None] = [None] * count
         self._timer: asyncio.TimerHandle | None = None
         loop = asyncio.get_running_loop()
-        for index in range(count):
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-            sock.bind(str(self._directory / f"worker-{index}"))
-            sock.setblocking(False)
-            loop.add_reader(sock.fileno(), self._receive, index, sock)
-            self._sockets.append(sock)
+        try:
+            for index in range(count):
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+                self._sockets.append(sock)
+                sock.bind(str(self._directory / f"worker-{index}"))  # OSError: a path too long
+                sock.setblocking(False)
+                loop.add_reader(sock.fileno(), self._receive, index, sock)
+        except BaseException:
+            self.close()
+            raise
         self._timer = loop.call_later(period / 2, self._check)
 
     def environment(self, index: int) -> dict[str, str]:
@@ -131,6 +136,7 @@ class WorkerWatch:
             self._timer.cancel()
         loop = asyncio.get_running_loop()
         for sock in self._sockets:
-            loop.remove_reader(sock.fileno())
+            if sock.fileno() >= 0:
+                loop.remove_reader(sock.fileno())
             sock.close()
         shutil.rmtree(self._directory, ignore_errors=True)

@@ -200,12 +200,23 @@ class _Worker:
 
 async def _supervise(config: Config, argv: list[str], listeners: list[socket.socket]) -> int:
     async with fed() as period:  # systemd watches the supervisor; it watches each worker
-        watch = WorkerWatch(period, config.worker_count) if period is not None else None
+        watch = _watch_workers(period, config.worker_count) if period is not None else None
         try:
             return await _run_workers(config, argv, listeners, watch)
         finally:
             if watch is not None:
                 watch.close()
+
+
+def _watch_workers(period: float, count: int) -> WorkerWatch | None:
+    """The supervisor's watch over its workers, or None (logged) when its sockets cannot be
+    made: the workers then run unwatched, as without WatchdogSec=, rather than not at all."""
+    try:
+        return WorkerWatch(period, count)
+    except OSError as exc:
+        event("worker_watchdog_unavailable", level=logging.WARNING, error=str(exc),
+              note="the workers run without the supervisor's watchdog")
+        return None
 
 
 async def _run_workers(config: Config, argv: list[str], listeners: list[socket.socket],

@@ -26,15 +26,15 @@ PERIOD = 1.0
 MESSAGE = b"From: a@sender.test\r\nSubject: watchdog\r\n\r\nHello.\r\n"
 
 
-def start(tmp_path: Path, systemd: Systemd, *, workers: int, seconds: float,
-          period: float = PERIOD) -> tuple[subprocess.Popen[str], LogLines, int]:
+def start(tmp_path: Path, systemd: Systemd, *, workers: int, seconds: float, period: float = PERIOD,
+          env: dict[str, str] | None = None) -> tuple[subprocess.Popen[str], LogLines, int]:
     port = free_port()
     config = tmp_path / "smtpproxy.yaml"
     config.write_text(f"listeners:\n  - address: 127.0.0.1\n    port: {port}\nworkers: {workers}\n"
                       "relay:\n  domains: [example.com]\ndelivery:\n  type: maildir\n  path: mail\n"
                       "plugins:\n  - name: blocking\n    use: tests.blocking_plugin:Blocking\n"
                       f"    settings: {{seconds: {seconds}}}\n")
-    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "NOTIFY_SOCKET")}
+    env = {k: v for k, v in os.environ.items() if k not in ("WATCHDOG_PID", "NOTIFY_SOCKET")} | (env or {})
     env.update(NOTIFY_SOCKET=str(systemd.path), WATCHDOG_USEC=str(int(period * 1_000_000)),
                PYTHONPATH=str(ROOT))  # tests.blocking_plugin
     proc = subprocess.Popen([sys.executable, "-m", "smtpproxy", "run", "-c", str(config)],
@@ -96,3 +96,22 @@ def test_the_supervisor_restarts_a_worker_whose_loop_is_held(tmp_path: Path, sys
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
+
+
+def test_workers_run_unwatched_when_the_supervisor_cannot_make_their_sockets(
+    tmp_path: Path, systemd: Systemd
+) -> None:
+    """A temporary directory whose path is too long for a Unix socket (108 octets): a warning,
+    and the workers serve as without WatchdogSec=, rather than a supervisor that does not start."""
+    deep = tmp_path / ("t" * 100)
+    deep.mkdir()
+    proc, log, port = start(tmp_path, systemd, workers=2, seconds=0, env={"TMPDIR": str(deep)})
+    try:
+        assert any("level=warning event=worker_watchdog_unavailable" in line for line in log.lines)
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail("a@sender.test", ["b@example.com"], MESSAGE)
+        assert systemd.wait_for(b"WATCHDOG=1")  # systemd still watches the supervisor
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
