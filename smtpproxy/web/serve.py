@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 import signal
+import socket
 import sys
 
 import uvicorn
 
+from smtpproxy import eventloop
 from smtpproxy.auth import PasswordFileError
 from smtpproxy.config import Config
 from smtpproxy.eventlog import event
 from smtpproxy.history import node_name
 from smtpproxy.links import LinkSigner, read_keys
 from smtpproxy.loginthrottle import LoginThrottle, RedisStore
+from smtpproxy.sdnotify import notify, ready
 from smtpproxy.store import store_from_config
 from smtpproxy.store.quarantine import DatabaseQuarantine
 from smtpproxy.tables import build_tables
@@ -88,6 +90,20 @@ def _throttle(config: Config) -> LoginThrottle | None:
     return LoginThrottle(throttle_settings(section), store)
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, telling systemd (``Type=notify``) when it listens and when it stops,
+    as the proxy, the milter and the policy service do."""
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started:
+            ready()
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        notify("STOPPING=1")
+        await super().shutdown(sockets=sockets)
+
+
 def make_server(config: Config, *, port: int | None = None) -> uvicorn.Server:
     """A uvicorn Server for the app (``await server.serve()`` runs it)."""
     app = create_app(make_context(config))
@@ -98,7 +114,7 @@ def make_server(config: Config, *, port: int | None = None) -> uvicorn.Server:
         proxy_headers=bool(config.console.proxies),
         forwarded_allow_ips=[str(p) for p in config.console.proxies] or None,
     )
-    return uvicorn.Server(settings)
+    return _Server(settings)
 
 
 def web_command(config: Config) -> int:
@@ -113,6 +129,6 @@ def web_command(config: Config) -> int:
     # found: a no-op one makes the stop an exit 0, as for the proxy itself.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    asyncio.run(server.serve())
+    eventloop.run(server.serve(), "asyncio")  # with systemd's watchdog fed, as every front end
     event("shutdown", web=True)
     return 0
