@@ -97,8 +97,8 @@ class Journal:
     def stop(self) -> None:
         stop_process(self.process)
         shutil.rmtree(self.runtime, ignore_errors=True)
-        machine_id = Path("/etc/machine-id").read_text().strip()
-        shutil.rmtree(f"/var/log/journal/{machine_id}.{self.namespace}", ignore_errors=True)
+        for storage in Path("/var/log/journal").glob(f"*.{self.namespace}"):
+            shutil.rmtree(storage, ignore_errors=True)
 
 
 @pytest.fixture
@@ -107,6 +107,10 @@ def journal(tmp_path: Path) -> Iterator[Journal]:
         pytest.skip("systemd-journald is not installed: apt-get install systemd")
     if os.geteuid() != 0:
         pytest.skip("a private systemd-journald needs root")
+    machine_id = Path("/etc/machine-id")
+    if not machine_id.exists() or not machine_id.read_text().strip():
+        pytest.skip("journald stores nothing without /etc/machine-id: run systemd-machine-id-setup "
+                    "(.ci/run does)")
     namespace = f"smtpproxytest{secrets.token_hex(4)}"
     log = tmp_path / "journald.log"
     with log.open("wb") as out:
