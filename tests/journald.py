@@ -97,7 +97,8 @@ class Journal:
     def stop(self) -> None:
         stop_process(self.process)
         shutil.rmtree(self.runtime, ignore_errors=True)
-        for storage in Path("/var/log/journal").glob(f"*.{self.namespace}"):
+        for storage in (*Path("/var/log/journal").glob(f"*.{self.namespace}"),  # persistent
+                        *Path("/run/log/journal").glob(f"*.{self.namespace}")):  # no /var/log/journal
             shutil.rmtree(storage, ignore_errors=True)
 
 
