@@ -50,12 +50,12 @@ def watchdog_period() -> float | None:
 
 
 @contextlib.asynccontextmanager
-async def fed() -> AsyncIterator[float | None]:
-    """While the block runs, tell systemd twice a period that this event loop turns; the
-    period, or None when nothing watches the process (then nothing is sent)."""
+async def fed() -> AsyncIterator[None]:
+    """While the block runs, tell systemd twice a period that this event loop turns (nothing
+    is sent when nothing watches the process)."""
     period = watchdog_period()
     if period is None:
-        yield None
+        yield
         return
     if not faulthandler.is_enabled():
         with contextlib.suppress(Exception):  # no stderr to write to: the watchdog works without
@@ -70,7 +70,7 @@ async def fed() -> AsyncIterator[float | None]:
 
     feed()
     try:
-        yield period
+        yield
     finally:
         if handle is not None:
             handle.cancel()

@@ -29,12 +29,13 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from smtpproxy import eventloop
 from smtpproxy.config import Config
 from smtpproxy.eventlog import event, flush_logs
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.sdnotify import notify, ready
 from smtpproxy.startup import cannot_start
-from smtpproxy.watchdog import WorkerWatch, fed
+from smtpproxy.watchdog import WorkerWatch, watchdog_period
 
 __all__ = ["LISTEN_FDS_VARIABLE", "READY_FD_VARIABLE", "inherited_listener", "supervise",
            "tell_supervisor_ready"]
@@ -199,13 +200,15 @@ class _Worker:
 
 
 async def _supervise(config: Config, argv: list[str], listeners: list[socket.socket]) -> int:
-    async with fed() as period:  # systemd watches the supervisor; it watches each worker
-        watch = _watch_workers(period, config.worker_count) if period is not None else None
-        try:
-            return await _run_workers(config, argv, listeners, watch)
-        finally:
-            if watch is not None:
-                watch.close()
+    """Run the workers; systemd watches the supervisor (eventloop.run feeds it), and the
+    supervisor watches each worker with the same period."""
+    period = watchdog_period()
+    watch = _watch_workers(period, config.worker_count) if period is not None else None
+    try:
+        return await _run_workers(config, argv, listeners, watch)
+    finally:
+        if watch is not None:
+            watch.close()
 
 
 def _watch_workers(period: float, count: int) -> WorkerWatch | None:
@@ -307,7 +310,7 @@ def supervise(config: Config, config_path: str | None) -> int:
     if pid_file is not None:
         write_pid_file(pid_file)
     try:
-        return asyncio.run(_supervise(config, argv, listeners))
+        return eventloop.run(_supervise(config, argv, listeners), "asyncio")
     finally:
         for sock in listeners:
             sock.close()
