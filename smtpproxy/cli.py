@@ -233,7 +233,7 @@ def _command(argv: Sequence[str] | None) -> int:
     if args.command == "web":
         from smtpproxy.web.serve import web_command
 
-        configure_logging(config.logging.level, config.logging.format)
+        configure_logging(config.logging.level, config.logging.format, config.logging.accepted_commands)
         return web_command(config)
     if args.command == "tables":
         from smtpproxy.tables_cli import tables_command
@@ -256,7 +256,7 @@ def _command(argv: Sequence[str] | None) -> int:
         print(f"{args.config}: OK ({len(config.listeners)} listener(s), "
               f"delivery {config.delivery.type}, plugins: {plugins}{groups})")
         return 0
-    configure_logging(config.logging.level, config.logging.format)
+    configure_logging(config.logging.level, config.logging.format, config.logging.accepted_commands)
     if args.command == "milter":
         return _run_milter(config, source)
     if args.command == "policy":

@@ -32,6 +32,33 @@ current_session: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 
 _log = logging.getLogger("smtpproxy.session")
 
+ACCEPTED_COMMANDS = frozenset({
+    "connect", "helo", "starttls", "mail_from", "rcpt_to", "upstream_rcpt", "delivered", "disconnect",
+})
+"""The session events ``logging.accepted_commands`` moves: each one's line for a step that
+passed (no verdict, ``continue`` or ``accept``; no reply, or a 2xx one). The ``message`` line
+repeats what a message's lines say, so an admin may keep it alone at info."""
+
+
+class _Accepted:
+    """Where :func:`configure_logging` puts ``logging.accepted_commands``."""
+
+    level = logging.INFO
+
+
+def accepted_level(name: str, level: int, fields: dict[str, Any]) -> int:
+    """The level *name*'s line is logged at: ``logging.accepted_commands`` for a step that
+    passed, else *level*. Refusals, deferrals and problems keep theirs, so what fail2ban and
+    alerts read never moves."""
+    if level != logging.INFO or name not in ACCEPTED_COMMANDS:
+        return level
+    if fields.get("verdict", "continue") not in ("continue", "accept"):
+        return level
+    reply = fields.get("reply")
+    if reply is not None and not str(reply).startswith("2"):
+        return level
+    return _Accepted.level
+
 
 def event(name: str, /, level: int = logging.INFO, *, exc_info: bool = False, **fields: Any) -> None:
     """Log one structured session event (*exc_info*: with the exception being handled).
@@ -43,6 +70,8 @@ def event(name: str, /, level: int = logging.INFO, *, exc_info: bool = False, **
     line would reach only :func:`configure_logging`'s handler, unfiltered, it is written
     without a record at all (:func:`_sole_handler`).
     """
+    if _Accepted.level != logging.INFO:
+        level = accepted_level(name, level, fields)
     if _log.isEnabledFor(level):
         if not exc_info:
             handler = _sole_handler(_log, level)
@@ -454,10 +483,12 @@ def writes_to_journal(stream: Any) -> bool:
     return expected == f"{status.st_dev}:{status.st_ino}"
 
 
-def configure_logging(level: str = "info", fmt: str = "kv") -> None:
+def configure_logging(level: str = "info", fmt: str = "kv", accepted_commands: str = "info") -> None:
     """Send smtpproxy's (and its plugins') logs to stderr in the chosen format, one write
     per event-loop iteration (:class:`BatchingHandler`), each line with its priority when
-    stderr is the journal."""
+    stderr is the journal; the lines of steps that passed at *accepted_commands*
+    (:data:`ACCEPTED_COMMANDS`)."""
+    _Accepted.level = logging.getLevelNamesMapping()[accepted_commands.upper()]
     handler = BatchingHandler(sys.stderr, level_prefix=writes_to_journal(sys.stderr))
     handler.setFormatter(JsonFormatter() if fmt == "json" else KeyValueFormatter())
     root = logging.getLogger()

@@ -68,12 +68,15 @@ class LogLines:
 
     def everything(self) -> str:
         """All the child wrote: the lines read so far, then the rest up to the end of the pipe
-        (call it once the child exited; a partial line already read is not lost)."""
+        (call it once the child exited; a partial line already read is not lost). What it
+        reads is kept, so a second call returns the same."""
         rest = [self._pending]
         while chunk := os.read(self._fd, 65536):
             rest.append(chunk)
         self._pending = b""
-        return "".join(self.lines) + b"".join(rest).decode("utf-8", "replace")
+        if len(rest) > 1 or rest[0]:
+            self.lines.append(b"".join(rest).decode("utf-8", "replace"))
+        return "".join(self.lines)
 
 
 def smtpproxy_process(command: str, config: Any, yaml_text: str) -> tuple[subprocess.Popen[bytes], LogLines]:

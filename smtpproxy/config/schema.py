@@ -492,6 +492,15 @@ class Logging(_Model):
     format: Literal["kv", "json"] = Field(
         default="kv", description="Line format: 'kv' (key=value pairs) or 'json' (one object per line)."
     )
+    accepted_commands: Literal["info", "debug"] = Field(
+        default="info",
+        description=(
+            "Level of the lines of a session's steps that passed (connect, helo, starttls, "
+            "mail_from, rcpt_to, upstream_rcpt, delivered, disconnect). 'debug' leaves a "
+            "delivered message one line at info, its 'message' summary, with the plugins' own "
+            "lines; refusals, deferrals and problems keep their level (docs/operations.md#logs)."
+        ),
+    )
 
 
 class Metrics(_Model):
