@@ -85,6 +85,30 @@ async def test_the_milter_logs_the_same_way(tmp_path: Path) -> None:
     assert re.search(r"event=rcpt_to .*verdict=syntax", text), text
 
 
+async def test_the_policy_service_logs_the_same_way(tmp_path: Path) -> None:
+    """Postfix asks at RCPT for a good and an unparsable recipient: only the second is at info."""
+    from tests.wire.test_policy import Client, request
+
+    port = free_port()
+    proc, log = smtpproxy_process(
+        "policy", tmp_path / "smtpproxy.yaml",
+        f"policy: {{listen: 'inet:127.0.0.1:{port}'}}\nlogging: {{accepted_commands: debug}}\n")
+    with checked_process(proc, log):
+        await asyncio.to_thread(log.wait_line, r"event=listening ")
+        client = Client(*await asyncio.open_connection("127.0.0.1", port))
+        assert await client.ask(request("CONNECT")) == "DUNNO"
+        assert await client.ask(request("RCPT")) == "DUNNO"
+        # an address smtpproxy cannot parse: logged, and left to Postfix's own checks
+        assert await client.ask(request("RCPT", recipient="not an address")) == "DUNNO"
+        client.close()
+        await asyncio.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0
+    text = log.everything()
+    assert [line for line in _session_lines(text) if line[0] == "info"] == [("info", "rcpt_to")], text
+    assert re.search(r"level=info event=rcpt_to .*verdict=syntax", text), text
+
+
 @pytest.mark.parametrize("text", ["accepted_commands: warning", "accepted_commands: true"])
 def test_only_info_or_debug_are_taken(tmp_path: Path, text: str) -> None:
     from tests.wire.test_cli import run_cli
