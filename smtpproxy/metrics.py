@@ -16,8 +16,9 @@ metrics-agnostic.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from smtpproxy import __version__
 from smtpproxy.session import Outcome
@@ -117,7 +118,7 @@ class PrometheusRecorder(NullRecorder):
 
     def __init__(self, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int]):
         try:
-            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
+            from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         except ImportError as exc:
             raise MetricsUnavailable(
                 "metrics.enabled is true but prometheus_client is not installed: "
@@ -126,7 +127,7 @@ class PrometheusRecorder(NullRecorder):
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
         r = self.registry
         # process_start_time_seconds (a restart: SmtpproxyRestarting), CPU, memory, open files
-        ProcessCollector(registry=r)
+        register_process_metrics(r)
         Gauge("smtpproxy_info", "Version of the running proxy (always 1).", ["version"],
               registry=r).labels(__version__).set(1)
         self.sessions = Counter("smtpproxy_sessions", "SMTP sessions accepted (past the session caps).",
@@ -337,6 +338,27 @@ class PrometheusRecorder(NullRecorder):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def register_process_metrics(registry: Any, proc: str = "/proc") -> None:
+    """prometheus_client's process metrics in *registry*, also where ``/proc/stat`` is hidden.
+
+    Its ProcessCollector reads the boot time from ``/proc/stat`` and, without it, reports
+    nothing at all. The shipped units set ``ProcSubset=pid``, which hides every file of /proc
+    outside the processes' own directories: no ``process_start_time_seconds`` (so no
+    ``SmtpproxyRestarting``), CPU, memory or open files. The boot time is also the clock's
+    now less ``CLOCK_BOOTTIME``, the clock /proc's start times count from.
+    """
+    from prometheus_client import ProcessCollector
+
+    class SandboxedProcessCollector(ProcessCollector):
+        def _boot_time(self) -> float | None:
+            try:
+                return cast("float | None", super()._boot_time())  # type: ignore[no-untyped-call]
+            except OSError:
+                return time.time() - time.clock_gettime(time.CLOCK_BOOTTIME)
+
+    SandboxedProcessCollector(proc=proc, registry=registry)
 
 
 def make_recorder(

@@ -31,6 +31,8 @@ from tests.postfix_instance import postfix_factory as postfix_factory  # noqa: P
 from tests.postgres_server import postgres_server as postgres_server  # noqa: PLC0414 - re-exported fixture
 from tests.postgres_server import postgres_url as postgres_url  # noqa: PLC0414 - re-exported fixture
 from tests.redis_server import redis_server as redis_server  # noqa: PLC0414 - re-exported fixture
+from tests.systemd_pid1 import pid1 as pid1  # noqa: PLC0414 - re-exported fixture
+from tests.systemd_pid1 import smtpproxy_wheel as smtpproxy_wheel  # noqa: PLC0414 - re-exported fixture
 
 TIMEOUT = 10.0
 
@@ -286,6 +288,7 @@ DAEMON_FIXTURES = {
     "rspamd_server": "rspamd",
     "cluster_factory": "haproxy",
     "journal": "journald",
+    "pid1": "systemd",
 }
 """Fixtures that start a Debian daemon privately, and the marker each test using one gets
 (registered in pyproject.toml): ``pytest -m postfix`` runs what starts Postfix,

@@ -1,0 +1,203 @@
+"""The shipped units (config/*.service) under a real systemd as process 1 (tests/systemd_pid1.py),
+installed as docs/operations.md installs them: the proxy starts as the user ``smtpproxy`` with
+port 25 through its one capability, is active only once it said READY=1, delivers, logs each
+line at its priority, reloads and refuses a bad reload, serves its process metrics through
+the sandbox, and stops; a held event loop is killed by systemd's watchdog and restarted; with
+``workers:`` the same; the milter, the policy service and the web pages start, answer through
+their sandbox and stop."""
+
+from __future__ import annotations
+
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from tests.systemd_pid1 import Pid1
+
+PROXY_CONFIG = """\
+listeners:
+  - address: 127.0.0.1
+    port: 25
+hostname: units.test
+delivery:
+  type: maildir
+  path: /var/spool/smtpproxy/mail
+metrics:
+  enabled: true
+  port: 9125
+{plugins}"""
+
+SEND = """
+import smtplib
+with smtplib.SMTP("127.0.0.1", 25, timeout=20) as client:
+    print(client.ehlo("client.test")[0])
+    print(client.sendmail("a@sender.test", [{rcpt!r}], b"Subject: units\\r\\n\\r\\nHello.\\r\\n") or "sent")
+"""
+
+
+def _lines(pid1: Pid1, unit: str, pattern: str) -> list[dict[str, object]]:
+    return [e for e in pid1.journal(unit) if re.search(pattern, str(e.get("MESSAGE", "")))]
+
+
+def test_the_proxy_unit_starts_delivers_reloads_and_stops(pid1: Pid1) -> None:
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=""))
+    pid1.install_unit("smtpproxy.service")
+    pid1.systemctl("start", "smtpproxy.service")  # Type=notify: returns once READY=1 came
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+    main = pid1.show("smtpproxy.service", "MainPID")["MainPID"]
+    status = pid1.run("cat", f"/proc/{main}/status").stdout
+    assert re.search(r"^Uid:\s+990\s", status, re.M), status  # the user smtpproxy, not root
+    assert re.search(r"^CapEff:\s+0000000000000400$", status, re.M), status  # CAP_NET_BIND_SERVICE only
+
+    assert pid1.python(SEND.format(rcpt="bob@units.test")).split() == ["250", "sent"]
+    assert pid1.run("ls", "/var/spool/smtpproxy/mail/new").stdout.strip()
+
+    # each line at its own priority, the prefix taken off by journald
+    [listening] = _lines(pid1, "smtpproxy.service", r"event=listening ")
+    assert listening["PRIORITY"] == "6" and str(listening["MESSAGE"]).startswith("ts="), listening
+    [message] = _lines(pid1, "smtpproxy.service", r"event=message .*decision=delivered")
+    assert message["PRIORITY"] == "6"
+
+    # the process metrics, read through ProtectProc=invisible and ProcSubset=pid
+    metrics = pid1.python("import urllib.request; print(urllib.request.urlopen("
+                          "'http://127.0.0.1:9125/metrics', timeout=10).read().decode())")
+    assert re.search(r"^process_start_time_seconds \d", metrics, re.M), metrics[:2000]
+    assert re.search(r"^process_open_fds \d", metrics, re.M)
+
+    pid1.systemctl("reload", "smtpproxy.service")
+    assert _lines(pid1, "smtpproxy.service", r"event=reload result=ok")
+    # a bad file: ExecReload's check refuses it, nothing is signalled, the proxy runs on
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins="plugins: 3\n"))
+    refused = pid1.systemctl("reload", "smtpproxy.service", check=False)
+    assert refused.returncode != 0
+    assert pid1.show("smtpproxy.service", "MainPID", "ActiveState") == {"MainPID": main, "ActiveState": "active"}
+    assert "smtpproxy.yaml:" in pid1.journal_text("smtpproxy.service")  # where the file is wrong
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=""))
+
+    pid1.systemctl("stop", "smtpproxy.service")
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "inactive"})
+    assert _lines(pid1, "smtpproxy.service", r"event=shutdown")
+    assert pid1.show("smtpproxy.service", "NRestarts", "Result") == {"NRestarts": "0", "Result": "success"}
+
+
+def test_a_held_event_loop_is_killed_by_the_watchdog_and_restarted(pid1: Pid1) -> None:
+    source = Path(__file__).resolve().parents[1] / "blocking_plugin.py"
+    pid1.write("/opt/smtpproxy/packages/blocking_plugin.py", source.read_text())
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=textwrap.dedent("""\
+        plugins:
+          - name: blocking
+            use: blocking_plugin:Blocking
+            timeout: 1
+            settings: {seconds: 60}
+        """)))
+    pid1.install_unit("smtpproxy.service", extra="WatchdogSec=2s\nRestartSec=1")
+    pid1.systemctl("restart", "smtpproxy.service")
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+    before = pid1.show("smtpproxy.service", "MainPID", "NRestarts")
+
+    # the client's RCPT holds the loop for 60 s; the watchdog (2 s) ends it long before
+    pid1.python("""
+import smtplib, socket
+client = smtplib.SMTP("127.0.0.1", 25, timeout=30)
+client.ehlo("client.test")
+client.mail("a@sender.test")
+try:
+    client.rcpt("block@units.test")
+except (smtplib.SMTPServerDisconnected, ConnectionError, socket.timeout):
+    pass
+""", timeout=60)
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running",
+                                        "NRestarts": str(int(before["NRestarts"]) + 1)})
+    assert pid1.show("smtpproxy.service", "MainPID")["MainPID"] != before["MainPID"]
+    text = pid1.journal_text("smtpproxy.service")  # systemd's own lines on the unit too
+    assert re.search(r"smtpproxy.service: Watchdog timeout", text), text[-3000:]
+    # faulthandler's stack names the plugin's line that held the loop
+    assert re.search(r'File ".*blocking_plugin.py", line \d+ in rcpt_to', text), text[-3000:]
+    pid1.systemctl("stop", "smtpproxy.service")
+
+
+@pytest.mark.parametrize(("unit", "listen", "ask"), [
+    ("smtpproxy-milter.service", "milter: {listen: 'inet:127.0.0.1:8891'}",
+     # SMFIC_OPTNEG (version 6, all actions, no protocol steps skipped): the milter's answer is one too
+     "import socket, struct\n"
+     "s = socket.create_connection(('127.0.0.1', 8891), timeout=10)\n"
+     "s.sendall(struct.pack('!IcIII', 13, b'O', 6, 0x1ff, 0))\n"
+     "print(s.recv(5)[4:5].decode())"),
+    ("smtpproxy-policy.service", "policy: {listen: 'inet:127.0.0.1:10040'}",
+     "import socket\n"
+     "s = socket.create_connection(('127.0.0.1', 10040), timeout=10)\n"
+     "s.sendall(b'request=smtpd_access_policy\\nprotocol_state=RCPT\\nclient_address=192.0.2.7\\n"
+     "sender=a@sender.test\\nrecipient=b@units.test\\ninstance=1\\n\\n')\n"
+     "print(s.recv(100).decode().strip())"),
+])
+def test_the_milter_and_policy_units_start_answer_and_stop(pid1: Pid1, unit: str, listen: str, ask: str) -> None:
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", listen + "\n")
+    pid1.install_unit(unit)
+    pid1.systemctl("start", unit)
+    pid1.wait_for(unit, {"ActiveState": "active", "SubState": "running"})
+    answer = pid1.python(ask).strip()
+    assert answer == ("O" if "milter" in unit else "action=DUNNO"), answer
+    pid1.systemctl("stop", unit)
+    assert pid1.show(unit, "ActiveState", "Result", "NRestarts") == {
+        "ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
+    assert _lines(pid1, unit, r"event=listening ")[0]["PRIORITY"] == "6"
+
+
+def test_the_proxy_unit_with_workers(pid1: Pid1) -> None:
+    """``workers: 2``: the supervisor says READY=1 once both workers listen, watches them
+    through sockets in its private /tmp, and each worker serves its own process metrics."""
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins="workers: 2\n"))
+    pid1.install_unit("smtpproxy.service")
+    pid1.systemctl("restart", "smtpproxy.service")
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+    invocation = pid1.show("smtpproxy.service", "InvocationID")["InvocationID"]
+    assert _lines(pid1, "smtpproxy.service", r"event=workers_ready")
+    assert not _lines(pid1, "smtpproxy.service", r"event=worker_watchdog_unavailable")
+    for rcpt in ("one@units.test", "two@units.test", "three@units.test"):
+        assert pid1.python(SEND.format(rcpt=rcpt)).split() == ["250", "sent"]
+    for port in (9125, 9126):
+        metrics = pid1.python(f"import urllib.request; print(urllib.request.urlopen("
+                              f"'http://127.0.0.1:{port}/metrics', timeout=10).read().decode())")
+        assert re.search(r"^process_start_time_seconds \d", metrics, re.M), port
+    pid1.systemctl("reload", "smtpproxy.service")
+    pid1.systemctl("stop", "smtpproxy.service")
+    assert pid1.show("smtpproxy.service", "ActiveState", "Result", "NRestarts") == {
+        "ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
+    ours = [e for e in pid1.journal("smtpproxy.service") if e.get("_SYSTEMD_INVOCATION_ID") == invocation]
+    assert _lines(pid1, "smtpproxy.service", r"event=workers_stopping")
+    assert ours and not [e for e in ours if int(str(e["PRIORITY"])) <= 4], ours  # no warning, no error
+
+
+def test_the_web_unit_serves_through_its_sandbox(pid1: Pid1) -> None:
+    from tests.console_server import ACCOUNTS
+
+    pid1.write("/etc/smtpproxy/link.key", "k" * 64, mode="640")
+    pid1.write("/etc/smtpproxy/accounts", ACCOUNTS, mode="640")
+    pid1.run("chgrp", "smtpproxy", "/etc/smtpproxy/link.key", "/etc/smtpproxy/accounts")
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", textwrap.dedent("""\
+        delivery: {type: maildir, path: /var/spool/smtpproxy/mail}
+        store: {sqlite: /var/spool/smtpproxy/store.db}
+        digest: {keys: [/etc/smtpproxy/link.key], port: 8025}
+        console: {users: /etc/smtpproxy/accounts, secure_cookie: false}
+        """))
+    pid1.install_unit("smtpproxy-web.service")
+    pid1.systemctl("start", "smtpproxy-web.service")
+    pid1.wait_for("smtpproxy-web.service", {"ActiveState": "active", "SubState": "running"})
+    page = pid1.python("import urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8025/console/login',"
+                       " timeout=10); print(r.status, 'password' in r.read().decode())")
+    assert page.split() == ["200", "True"], page
+    pid1.systemctl("stop", "smtpproxy-web.service")
+    assert pid1.show("smtpproxy-web.service", "ActiveState", "Result", "NRestarts") == {
+        "ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
+
+
+def test_nothing_that_acts_on_the_machine_can_start(pid1: Pid1) -> None:
+    """After the other tests: what sysinit.target would run against this machine's /tmp, /etc
+    and kernel is masked in the namespaces, and never started."""
+    from tests.systemd_pid1 import MASKED
+
+    for unit in MASKED:
+        assert pid1.show(unit, "LoadState", "ActiveState") == {"LoadState": "masked", "ActiveState": "inactive"}
+    assert pid1.systemctl("start", "systemd-tmpfiles-setup.service", check=False).returncode != 0
