@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,18 @@ with smtplib.SMTP("127.0.0.1", 25, timeout=20) as client:
     print(client.sendmail("a@sender.test", [{rcpt!r}], b"Subject: units\\r\\n\\r\\nHello.\\r\\n") or "sent")
 """
 
+BLOCK = """
+import smtplib, socket
+client = smtplib.SMTP("127.0.0.1", 25, timeout=30)
+client.ehlo("client.test")
+client.mail("a@sender.test")
+try:
+    client.rcpt("block@units.test")
+except (smtplib.SMTPServerDisconnected, ConnectionError, socket.timeout):
+    pass
+"""
+"""A client whose RCPT makes tests/blocking_plugin.py hold the event loop for 60 s."""
+
 
 def _lines(pid1: Pid1, unit: str, pattern: str) -> list[dict[str, object]]:
     return [e for e in pid1.journal(unit) if re.search(pattern, str(e.get("MESSAGE", "")))]
@@ -59,6 +72,9 @@ def test_the_proxy_unit_starts_delivers_reloads_and_stops(pid1: Pid1) -> None:
     assert listening["PRIORITY"] == "6" and str(listening["MESSAGE"]).startswith("ts="), listening
     [message] = _lines(pid1, "smtpproxy.service", r"event=message .*decision=delivered")
     assert message["PRIORITY"] == "6"
+    # LogRateLimitBurst=, as process 1 hands it to journald
+    burst = pid1.run("readlink", "/run/systemd/units/log-rate-limit-burst:smtpproxy.service").stdout
+    assert burst.strip() == "1000000"
 
     # the process metrics, read through ProtectProc=invisible and ProcSubset=pid
     metrics = pid1.python("import urllib.request; print(urllib.request.urlopen("
@@ -98,16 +114,7 @@ def test_a_held_event_loop_is_killed_by_the_watchdog_and_restarted(pid1: Pid1) -
     before = pid1.show("smtpproxy.service", "MainPID", "NRestarts")
 
     # the client's RCPT holds the loop for 60 s; the watchdog (2 s) ends it long before
-    pid1.python("""
-import smtplib, socket
-client = smtplib.SMTP("127.0.0.1", 25, timeout=30)
-client.ehlo("client.test")
-client.mail("a@sender.test")
-try:
-    client.rcpt("block@units.test")
-except (smtplib.SMTPServerDisconnected, ConnectionError, socket.timeout):
-    pass
-""", timeout=60)
+    pid1.python(BLOCK, timeout=60)
     pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running",
                                         "NRestarts": str(int(before["NRestarts"]) + 1)})
     assert pid1.show("smtpproxy.service", "MainPID")["MainPID"] != before["MainPID"]
@@ -168,6 +175,43 @@ def test_the_proxy_unit_with_workers(pid1: Pid1) -> None:
     ours = [e for e in pid1.journal("smtpproxy.service") if e.get("_SYSTEMD_INVOCATION_ID") == invocation]
     assert _lines(pid1, "smtpproxy.service", r"event=workers_stopping")
     assert ours and not [e for e in ours if int(str(e["PRIORITY"])) <= 4], ours  # no warning, no error
+
+
+def test_a_held_worker_is_killed_by_the_supervisors_watchdog(pid1: Pid1) -> None:
+    """With ``workers:`` systemd watches the supervisor, and the supervisor each worker, through
+    sockets in the unit's private /tmp: a worker whose loop a plugin holds gets SIGABRT and is
+    started again; the service itself never misses systemd's watchdog, nor restarts."""
+    source = Path(__file__).resolve().parents[1] / "blocking_plugin.py"
+    pid1.write("/opt/smtpproxy/packages/blocking_plugin.py", source.read_text())
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=textwrap.dedent("""\
+        workers: 2
+        plugins:
+          - name: blocking
+            use: blocking_plugin:Blocking
+            timeout: 1
+            settings: {seconds: 60}
+        """)))
+    pid1.install_unit("smtpproxy.service", extra="WatchdogSec=2s")
+    pid1.systemctl("restart", "smtpproxy.service")
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+    before = pid1.show("smtpproxy.service", "MainPID", "NRestarts", "InvocationID")
+    pid1.python(BLOCK, timeout=60)
+
+    def started() -> int:  # worker_started lines of this run of the service: 2, then the restart
+        return len([e for e in _lines(pid1, "smtpproxy.service", r"event=worker_started ")
+                    if e.get("_SYSTEMD_INVOCATION_ID") == before["InvocationID"]])
+
+    deadline = time.monotonic() + 30
+    while started() < 3:
+        assert time.monotonic() < deadline, pid1.journal_text("smtpproxy.service")[-3000:]
+        time.sleep(0.2)
+    [watchdog] = _lines(pid1, "smtpproxy.service", r"event=worker_watchdog .*action=SIGABRT")
+    assert watchdog["PRIORITY"] == "3"
+    assert pid1.show("smtpproxy.service", "MainPID", "NRestarts", "InvocationID", "ActiveState") == {
+        **before, "ActiveState": "active"}
+    assert re.search(r'File ".*blocking_plugin.py", line \d+ in rcpt_to', pid1.journal_text("smtpproxy.service"))
+    assert pid1.python(SEND.format(rcpt="after@units.test")).split() == ["250", "sent"]
+    pid1.systemctl("stop", "smtpproxy.service")
 
 
 def test_the_web_unit_serves_through_its_sandbox(pid1: Pid1) -> None:
