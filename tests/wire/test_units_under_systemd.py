@@ -214,6 +214,48 @@ def test_a_held_worker_is_killed_by_the_supervisors_watchdog(pid1: Pid1) -> None
     pid1.systemctl("stop", "smtpproxy.service")
 
 
+def test_a_quarantined_big_message_and_its_digest_through_the_sandbox(pid1: Pid1) -> None:
+    """The proxy spools a 2 MB message in its private /tmp, the score plugin quarantines it
+    into the SQLite store under /var/spool/smtpproxy, and the digest unit (a oneshot, as its
+    timer starts it) mails the recipient a digest with its release link."""
+    pid1.write("/etc/smtpproxy/link.key", "k" * 64, mode="640")
+    pid1.run("chgrp", "smtpproxy", "/etc/smtpproxy/link.key")
+    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=textwrap.dedent("""\
+        store: {sqlite: /var/spool/smtpproxy/store.db}
+        limits: {spool_threshold: 65536}
+        digest:
+          keys: [/etc/smtpproxy/link.key]
+          base_url: https://quarantine.units.test
+          domains: [units.test]
+        plugins:
+          - name: score
+            settings:
+              quarantine: 5.0
+              rules:
+                - {name: HOLD_ME, score: 10.0, match: {header: {name: Subject, regex: "hold me"}}}
+        """)))
+    pid1.install_unit("smtpproxy.service")
+    pid1.install_unit("smtpproxy-digest.service")
+    pid1.systemctl("restart", "smtpproxy.service")
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+    sent = pid1.python("""
+import smtplib
+body = b"".join(b"line %07d of a message big enough to be spooled\\r\\n" % i for i in range(40000))
+with smtplib.SMTP("127.0.0.1", 25, timeout=30) as client:
+    print(client.sendmail("a@sender.test", ["carol@units.test"], b"Subject: hold me\\r\\n\\r\\n" + body) or "sent")
+""", timeout=60)
+    assert sent.strip() == "sent"
+    [line] = _lines(pid1, "smtpproxy.service", r"event=message .*recipients=carol@units.test")
+    assert re.search(r"decision=quarantined .*size=\d{7}|size=\d{7} .*decision=quarantined", str(line["MESSAGE"]))
+
+    pid1.systemctl("start", "smtpproxy-digest.service")  # Type=oneshot: returns when it ended
+    assert pid1.show("smtpproxy-digest.service", "Result", "ExecMainStatus") == {
+        "Result": "success", "ExecMainStatus": "0"}, pid1.journal_text("smtpproxy-digest.service")
+    digests = pid1.run("sh", "-c", "grep -l 'quarantine.units.test' /var/spool/smtpproxy/mail/new/*").stdout
+    assert digests.strip(), pid1.journal_text("smtpproxy-digest.service")
+    pid1.systemctl("stop", "smtpproxy.service")
+
+
 def test_the_web_unit_serves_through_its_sandbox(pid1: Pid1) -> None:
     from tests.console_server import ACCOUNTS
 
