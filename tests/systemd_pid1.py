@@ -96,10 +96,12 @@ class Pid1:
     def systemctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.run("systemctl", "--no-pager", *args, check=check, timeout=timeout)
 
-    def install_unit(self, name: str, *, extra: str = "") -> None:
+    def install_unit(self, name: str, *, extra: str = "", copy: bool = True) -> None:
         """config/NAME as /run/systemd/system/NAME (a unit directory systemd reads, in the
-        namespace's own /run), with the drop-in described above."""
-        self.write(f"/run/systemd/system/{name}", (ROOT / "config" / name).read_text())
+        namespace's own /run), with the drop-in described above (*copy* False: the unit
+        file is there already)."""
+        if copy:
+            self.write(f"/run/systemd/system/{name}", (ROOT / "config" / name).read_text())
         self.write(f"/run/systemd/system/{name}.d/test.conf", _DROP_IN.format(py=PY, extra=extra))
         self.systemctl("daemon-reload")
 

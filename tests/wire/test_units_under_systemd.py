@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.systemd_pid1 import Pid1
+from tests.systemd_pid1 import PY, ROOT, Pid1
 
 PROXY_CONFIG = """\
 listeners:
@@ -150,6 +150,51 @@ def test_the_milter_and_policy_units_start_answer_and_stop(pid1: Pid1, unit: str
     assert pid1.show(unit, "ActiveState", "Result", "NRestarts") == {
         "ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
     assert _lines(pid1, unit, r"event=listening ")[0]["PRIORITY"] == "6"
+
+
+POSTFIX_SIDE = """
+import socket, struct, sys
+milter = socket.socket(socket.AF_UNIX)
+milter.connect("/var/spool/postfix/smtpproxy/milter.sock")
+milter.sendall(struct.pack("!IcIII", 13, b"O", 6, 0x1ff, 0))
+print(milter.recv(5)[4:5].decode())
+policy = socket.socket(socket.AF_UNIX)
+policy.connect("/var/spool/postfix/smtpproxy/policy.sock")
+policy.sendall(b"request=smtpd_access_policy\\nprotocol_state=RCPT\\nclient_address=192.0.2.7\\n"
+               b"sender=a@sender.test\\nrecipient=b@units.test\\ninstance=1\\n\\n")
+print(policy.recv(100).decode().strip())
+"""
+"""What Postfix's smtpd (the user ``postfix``) does with the two Unix sockets: connect and ask."""
+
+
+def test_unix_sockets_in_postfixs_spool_as_the_deploy_pages_make_them(pid1: Pid1) -> None:
+    """docs/deploy-milter.md and deploy-policy.md: a directory for the sockets under Postfix's
+    queue directory, ``install -d -o smtpproxy -g postfix -m 2750``, and the units' drop-in
+    ``ReadWritePaths=`` for it. Postfix's user reaches both sockets (its group is the
+    directory's; socket_mode 0660), and a unit killed by the watchdog takes its socket back."""
+    pid1.run("sh", "-c", "mount -t tmpfs tmpfs /var/spool/postfix && "  # the namespaces' own
+             "install -d -o smtpproxy -g postfix -m 2750 /var/spool/postfix/smtpproxy")
+    for unit, section in (("smtpproxy-milter.service", "milter: {listen: 'unix:/var/spool/postfix/smtpproxy/milter.sock'}"),
+                          ("smtpproxy-policy.service", "policy: {listen: 'unix:/var/spool/postfix/smtpproxy/policy.sock'}")):
+        name = unit.removesuffix(".service").removeprefix("smtpproxy-")
+        pid1.write(f"/etc/smtpproxy/{name}.yaml", section + "\n")
+        pid1.write(f"/run/systemd/system/{unit}", (ROOT / "config" / unit).read_text().replace(
+            "/etc/smtpproxy/smtpproxy.yaml", f"/etc/smtpproxy/{name}.yaml"))
+        pid1.install_unit(unit, extra="ReadWritePaths=/var/spool/postfix/smtpproxy", copy=False)
+        pid1.systemctl("restart", unit)
+        pid1.wait_for(unit, {"ActiveState": "active", "SubState": "running"})
+    postfix = ("setpriv", "--reuid=postfix", "--regid=postfix", "--init-groups",
+               "env", f"LD_LIBRARY_PATH={PY}/lib", f"{PY}/bin/python3", "-c", POSTFIX_SIDE)
+    assert pid1.run(*postfix).stdout.split() == ["O", "action=DUNNO"]
+
+    # SIGABRT, as the watchdog sends it: restarted, the stale socket file replaced
+    main = pid1.show("smtpproxy-milter.service", "MainPID")["MainPID"]
+    pid1.run("kill", "-ABRT", main)
+    pid1.wait_for("smtpproxy-milter.service", {"ActiveState": "active", "SubState": "running", "NRestarts": "1"})
+    assert pid1.run(*postfix).stdout.split() == ["O", "action=DUNNO"]
+    for unit in ("smtpproxy-milter.service", "smtpproxy-policy.service"):
+        pid1.systemctl("stop", unit)
+    assert pid1.run("ls", "-A", "/var/spool/postfix/smtpproxy").stdout.strip() == ""  # sockets removed
 
 
 def test_the_proxy_unit_with_workers(pid1: Pid1) -> None:
