@@ -93,6 +93,12 @@ class Pid1:
         self.run("sh", "-c", f"mkdir -p \"$(dirname {path})\" && cat > {path} && chmod {mode} {path}",
                  input=text)
 
+    def configure(self, text: str, path: str = "/etc/smtpproxy/smtpproxy.yaml") -> None:
+        """A configuration file as docs/operations.md installs it: root's, the service's group
+        may read it (0640)."""
+        self.write(path, text, mode="640")
+        self.run("chgrp", "smtpproxy", path)
+
     def systemctl(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
         return self.run("systemctl", "--no-pager", *args, check=check, timeout=timeout)
 
@@ -197,6 +203,10 @@ def _prepare(pid1: Pid1, wheel: Path, work: Path) -> None:
         "mount -t tmpfs tmpfs /var/spool/smtpproxy",
         f"mount --bind {passwd} /etc/passwd",
         f"mount --bind {group} /etc/group",
+        # docs/operations.md, "Installing as a service", step 3
+        "chown root:smtpproxy /etc/smtpproxy && chmod 0750 /etc/smtpproxy",
+        "chown smtpproxy:smtpproxy /var/spool/smtpproxy && chmod 0750 /var/spool/smtpproxy",
+        "install -d -m 0700 -o smtpproxy -g smtpproxy /var/spool/smtpproxy/quarantine",
         f"mkdir -p {PY} && mount --bind {base} {PY}",
     ]
     site_dirs = []
@@ -207,7 +217,6 @@ def _prepare(pid1: Pid1, wheel: Path, work: Path) -> None:
     mounts += [
         f"LD_LIBRARY_PATH={PY}/lib {PY}/bin/{version} -m venv --without-pip {VENV}",
         f"mkdir -p {VENV}/packages && mount --bind {packages} {VENV}/packages",
-        "chown smtpproxy:smtpproxy /var/spool/smtpproxy",
         # The journal, which sysinit.target would have started (socket first, as at boot)
         "systemctl start systemd-journald.socket systemd-journald.service",
     ]

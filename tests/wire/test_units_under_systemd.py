@@ -54,8 +54,23 @@ def _lines(pid1: Pid1, unit: str, pattern: str) -> list[dict[str, object]]:
     return [e for e in pid1.journal(unit) if re.search(pattern, str(e.get("MESSAGE", "")))]
 
 
+def test_the_shipped_configuration_starts_under_the_shipped_unit(pid1: Pid1) -> None:
+    """config/smtpproxy.yaml installed as docs/operations.md says (0640, the spool and the
+    quarantine directory made for the user): it checks, starts, greets as its hostname."""
+    pid1.configure((ROOT / "config" / "smtpproxy.yaml").read_text())
+    pid1.install_unit("smtpproxy.service")
+    pid1.systemctl("restart", "smtpproxy.service")
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+    greeting = pid1.python("import smtplib; c = smtplib.SMTP('127.0.0.1', 25, timeout=10); "
+                           "print(c.ehlo('client.test')[1].decode().splitlines()[0]); c.quit()")
+    assert greeting.strip() == "mx1.example.com"
+    assert pid1.run("test", "-f", "/var/spool/smtpproxy/store.db", check=False).returncode == 0
+    pid1.systemctl("stop", "smtpproxy.service")
+    assert pid1.show("smtpproxy.service", "Result")["Result"] == "success"
+
+
 def test_the_proxy_unit_starts_delivers_reloads_and_stops(pid1: Pid1) -> None:
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=""))
+    pid1.configure(PROXY_CONFIG.format(plugins=""))
     pid1.install_unit("smtpproxy.service")
     pid1.systemctl("start", "smtpproxy.service")  # Type=notify: returns once READY=1 came
     pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
@@ -68,7 +83,7 @@ def test_the_proxy_unit_starts_delivers_reloads_and_stops(pid1: Pid1) -> None:
     assert pid1.run("ls", "/var/spool/smtpproxy/mail/new").stdout.strip()
 
     # each line at its own priority, the prefix taken off by journald
-    [listening] = _lines(pid1, "smtpproxy.service", r"event=listening ")
+    listening = _lines(pid1, "smtpproxy.service", r"event=listening ")[-1]
     assert listening["PRIORITY"] == "6" and str(listening["MESSAGE"]).startswith("ts="), listening
     [message] = _lines(pid1, "smtpproxy.service", r"event=message .*decision=delivered")
     assert message["PRIORITY"] == "6"
@@ -85,12 +100,12 @@ def test_the_proxy_unit_starts_delivers_reloads_and_stops(pid1: Pid1) -> None:
     pid1.systemctl("reload", "smtpproxy.service")
     assert _lines(pid1, "smtpproxy.service", r"event=reload result=ok")
     # a bad file: ExecReload's check refuses it, nothing is signalled, the proxy runs on
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins="plugins: 3\n"))
+    pid1.configure(PROXY_CONFIG.format(plugins="plugins: 3\n"))
     refused = pid1.systemctl("reload", "smtpproxy.service", check=False)
     assert refused.returncode != 0
     assert pid1.show("smtpproxy.service", "MainPID", "ActiveState") == {"MainPID": main, "ActiveState": "active"}
     assert "smtpproxy.yaml:" in pid1.journal_text("smtpproxy.service")  # where the file is wrong
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=""))
+    pid1.configure(PROXY_CONFIG.format(plugins=""))
 
     pid1.systemctl("stop", "smtpproxy.service")
     pid1.wait_for("smtpproxy.service", {"ActiveState": "inactive"})
@@ -101,7 +116,7 @@ def test_the_proxy_unit_starts_delivers_reloads_and_stops(pid1: Pid1) -> None:
 def test_a_held_event_loop_is_killed_by_the_watchdog_and_restarted(pid1: Pid1) -> None:
     source = Path(__file__).resolve().parents[1] / "blocking_plugin.py"
     pid1.write("/opt/smtpproxy/packages/blocking_plugin.py", source.read_text())
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=textwrap.dedent("""\
+    pid1.configure(PROXY_CONFIG.format(plugins=textwrap.dedent("""\
         plugins:
           - name: blocking
             use: blocking_plugin:Blocking
@@ -140,7 +155,7 @@ def test_a_held_event_loop_is_killed_by_the_watchdog_and_restarted(pid1: Pid1) -
      "print(s.recv(100).decode().strip())"),
 ])
 def test_the_milter_and_policy_units_start_answer_and_stop(pid1: Pid1, unit: str, listen: str, ask: str) -> None:
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", listen + "\n")
+    pid1.configure(listen + "\n")
     pid1.install_unit(unit)
     pid1.systemctl("start", unit)
     pid1.wait_for(unit, {"ActiveState": "active", "SubState": "running"})
@@ -177,7 +192,7 @@ def test_unix_sockets_in_postfixs_spool_as_the_deploy_pages_make_them(pid1: Pid1
     for unit, section in (("smtpproxy-milter.service", "milter: {listen: 'unix:/var/spool/postfix/smtpproxy/milter.sock'}"),
                           ("smtpproxy-policy.service", "policy: {listen: 'unix:/var/spool/postfix/smtpproxy/policy.sock'}")):
         name = unit.removesuffix(".service").removeprefix("smtpproxy-")
-        pid1.write(f"/etc/smtpproxy/{name}.yaml", section + "\n")
+        pid1.configure(section + "\n", f"/etc/smtpproxy/{name}.yaml")
         pid1.write(f"/run/systemd/system/{unit}", (ROOT / "config" / unit).read_text().replace(
             "/etc/smtpproxy/smtpproxy.yaml", f"/etc/smtpproxy/{name}.yaml"))
         pid1.install_unit(unit, extra="ReadWritePaths=/var/spool/postfix/smtpproxy", copy=False)
@@ -200,7 +215,7 @@ def test_unix_sockets_in_postfixs_spool_as_the_deploy_pages_make_them(pid1: Pid1
 def test_the_proxy_unit_with_workers(pid1: Pid1) -> None:
     """``workers: 2``: the supervisor says READY=1 once both workers listen, watches them
     through sockets in its private /tmp, and each worker serves its own process metrics."""
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins="workers: 2\n"))
+    pid1.configure(PROXY_CONFIG.format(plugins="workers: 2\n"))
     pid1.install_unit("smtpproxy.service")
     pid1.systemctl("restart", "smtpproxy.service")
     pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
@@ -228,7 +243,7 @@ def test_a_held_worker_is_killed_by_the_supervisors_watchdog(pid1: Pid1) -> None
     started again; the service itself never misses systemd's watchdog, nor restarts."""
     source = Path(__file__).resolve().parents[1] / "blocking_plugin.py"
     pid1.write("/opt/smtpproxy/packages/blocking_plugin.py", source.read_text())
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=textwrap.dedent("""\
+    pid1.configure(PROXY_CONFIG.format(plugins=textwrap.dedent("""\
         workers: 2
         plugins:
           - name: blocking
@@ -263,9 +278,8 @@ def test_a_quarantined_big_message_and_its_digest_through_the_sandbox(pid1: Pid1
     """The proxy spools a 2 MB message in its private /tmp, the score plugin quarantines it
     into the SQLite store under /var/spool/smtpproxy, and the digest unit (a oneshot, as its
     timer starts it) mails the recipient a digest with its release link."""
-    pid1.write("/etc/smtpproxy/link.key", "k" * 64, mode="640")
-    pid1.run("chgrp", "smtpproxy", "/etc/smtpproxy/link.key")
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", PROXY_CONFIG.format(plugins=textwrap.dedent("""\
+    pid1.configure("k" * 64, "/etc/smtpproxy/link.key")
+    pid1.configure(PROXY_CONFIG.format(plugins=textwrap.dedent("""\
         store: {sqlite: /var/spool/smtpproxy/store.db}
         limits: {spool_threshold: 65536}
         digest:
@@ -304,10 +318,9 @@ with smtplib.SMTP("127.0.0.1", 25, timeout=30) as client:
 def test_the_web_unit_serves_through_its_sandbox(pid1: Pid1) -> None:
     from tests.console_server import ACCOUNTS
 
-    pid1.write("/etc/smtpproxy/link.key", "k" * 64, mode="640")
-    pid1.write("/etc/smtpproxy/accounts", ACCOUNTS, mode="640")
-    pid1.run("chgrp", "smtpproxy", "/etc/smtpproxy/link.key", "/etc/smtpproxy/accounts")
-    pid1.write("/etc/smtpproxy/smtpproxy.yaml", textwrap.dedent("""\
+    pid1.configure("k" * 64, "/etc/smtpproxy/link.key")
+    pid1.configure(ACCOUNTS, "/etc/smtpproxy/accounts")
+    pid1.configure(textwrap.dedent("""\
         delivery: {type: maildir, path: /var/spool/smtpproxy/mail}
         store: {sqlite: /var/spool/smtpproxy/store.db}
         digest: {keys: [/etc/smtpproxy/link.key], port: 8025}
