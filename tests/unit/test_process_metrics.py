@@ -37,3 +37,14 @@ def test_ours_reports_the_start_time_cpu_memory_and_files(pid_only_proc: Path) -
     assert abs(started - expected) < 1.0
     for name in ("process_cpu_seconds_total", "process_resident_memory_bytes", "process_open_fds"):
         assert (registry.get_sample_value(name) or 0) > 0, name
+
+
+def test_without_a_boot_clock_or_a_proc_nothing_breaks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """macOS: no /proc and no CLOCK_BOOTTIME; the metrics endpoint still works, without them."""
+    import time
+
+    monkeypatch.delattr(time, "CLOCK_BOOTTIME")
+    registry = prometheus_client.CollectorRegistry()
+    register_process_metrics(registry, proc=str(tmp_path))
+    assert registry.get_sample_value("process_start_time_seconds") is None
+    assert prometheus_client.generate_latest(registry) == b""

@@ -50,6 +50,23 @@ except (smtplib.SMTPServerDisconnected, ConnectionError, socket.timeout):
 """A client whose RCPT makes tests/blocking_plugin.py hold the event loop for 60 s."""
 
 
+def _start_with_a_blocking_plugin(pid1: Pid1, more: str, *, extra: str) -> None:
+    """The proxy unit (drop-in *extra*) with tests/blocking_plugin.py, which holds the loop for
+    60 s at the RCPT of ``block@`` (BLOCK), and *more* configuration; started and active."""
+    source = Path(__file__).resolve().parents[1] / "blocking_plugin.py"
+    pid1.write("/opt/smtpproxy/packages/blocking_plugin.py", source.read_text())
+    pid1.configure(PROXY_CONFIG.format(plugins=more + textwrap.dedent("""\
+        plugins:
+          - name: blocking
+            use: blocking_plugin:Blocking
+            timeout: 1
+            settings: {seconds: 60}
+        """)))
+    pid1.install_unit("smtpproxy.service", extra=extra)
+    pid1.systemctl("restart", "smtpproxy.service")
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+
+
 def _lines(pid1: Pid1, unit: str, pattern: str) -> list[dict[str, object]]:
     return [e for e in pid1.journal(unit) if re.search(pattern, str(e.get("MESSAGE", "")))]
 
@@ -114,18 +131,7 @@ def test_the_proxy_unit_starts_delivers_reloads_and_stops(pid1: Pid1) -> None:
 
 
 def test_a_held_event_loop_is_killed_by_the_watchdog_and_restarted(pid1: Pid1) -> None:
-    source = Path(__file__).resolve().parents[1] / "blocking_plugin.py"
-    pid1.write("/opt/smtpproxy/packages/blocking_plugin.py", source.read_text())
-    pid1.configure(PROXY_CONFIG.format(plugins=textwrap.dedent("""\
-        plugins:
-          - name: blocking
-            use: blocking_plugin:Blocking
-            timeout: 1
-            settings: {seconds: 60}
-        """)))
-    pid1.install_unit("smtpproxy.service", extra="WatchdogSec=2s\nRestartSec=1")
-    pid1.systemctl("restart", "smtpproxy.service")
-    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+    _start_with_a_blocking_plugin(pid1, "", extra="WatchdogSec=2s\nRestartSec=1")
     before = pid1.show("smtpproxy.service", "MainPID", "NRestarts")
 
     # the client's RCPT holds the loop for 60 s; the watchdog (2 s) ends it long before
@@ -241,19 +247,7 @@ def test_a_held_worker_is_killed_by_the_supervisors_watchdog(pid1: Pid1) -> None
     """With ``workers:`` systemd watches the supervisor, and the supervisor each worker, through
     sockets in the unit's private /tmp: a worker whose loop a plugin holds gets SIGABRT and is
     started again; the service itself never misses systemd's watchdog, nor restarts."""
-    source = Path(__file__).resolve().parents[1] / "blocking_plugin.py"
-    pid1.write("/opt/smtpproxy/packages/blocking_plugin.py", source.read_text())
-    pid1.configure(PROXY_CONFIG.format(plugins=textwrap.dedent("""\
-        workers: 2
-        plugins:
-          - name: blocking
-            use: blocking_plugin:Blocking
-            timeout: 1
-            settings: {seconds: 60}
-        """)))
-    pid1.install_unit("smtpproxy.service", extra="WatchdogSec=2s")
-    pid1.systemctl("restart", "smtpproxy.service")
-    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"})
+    _start_with_a_blocking_plugin(pid1, "workers: 2\n", extra="WatchdogSec=2s")
     before = pid1.show("smtpproxy.service", "MainPID", "NRestarts", "InvocationID")
     pid1.python(BLOCK, timeout=60)
 
