@@ -74,12 +74,9 @@ Environment=LD_LIBRARY_PATH={py}/lib
 class Pid1:
     """systemd as process 1 of private namespaces; every call enters them."""
 
-    def __init__(self, process: subprocess.Popen[bytes], pid: int, console: Path):
+    def __init__(self, process: subprocess.Popen[bytes], pid: int):
         self.process = process
         self.pid = pid
-        self.console = console
-        """Where systemd writes what it cannot log to the journal (it logs to the journal,
-        once the fixture started journald)."""
 
     def run(self, *command: str, check: bool = True, timeout: float = 60,
             namespaces: tuple[str, ...] = ("-a",), input: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -143,7 +140,9 @@ def _boot(console_file: Path) -> Pid1 | str:
         return "systemd as process 1 needs root (CI runs as root)"
     if not SYSTEMD.exists() or shutil.which("unshare") is None or shutil.which("nsenter") is None:
         return f"no {SYSTEMD}, unshare or nsenter"
-    console = console_file.open("wb")  # systemd's console: a pipe nobody reads would fill and stop it
+    # systemd's console (what it says before the journal runs): a file, since a pipe nobody
+    # reads would fill and stop it
+    console = console_file.open("wb")
     process = subprocess.Popen(["unshare", "--fork", "--pid", "--mount", "--uts", "--net", "--mount-proc",
                                 "sh", "-c", _BOOT.format(systemd=SYSTEMD, masked=" ".join(MASKED))],
                                stdout=console, stderr=subprocess.STDOUT)
@@ -152,7 +151,7 @@ def _boot(console_file: Path) -> Pid1 | str:
     while time.monotonic() < deadline:
         child = subprocess.run(["pgrep", "-P", str(process.pid)], capture_output=True, text=True).stdout.split()
         if child:
-            pid1 = Pid1(process, int(child[0]), console_file)
+            pid1 = Pid1(process, int(child[0]))
             state = pid1.run("systemctl", "is-system-running", check=False, timeout=10).stdout.strip()
             if state in ("running", "degraded"):
                 return pid1

@@ -9,6 +9,8 @@ their sandbox and stop."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -339,3 +341,26 @@ def test_nothing_that_acts_on_the_machine_can_start(pid1: Pid1) -> None:
     for unit in MASKED:
         assert pid1.show(unit, "LoadState", "ActiveState") == {"LoadState": "masked", "ActiveState": "inactive"}
     assert pid1.systemctl("start", "systemd-tmpfiles-setup.service", check=False).returncode != 0
+
+
+def test_a_proxy_that_cannot_start_says_why_and_starts_once_it_can(pid1: Pid1) -> None:
+    """Port 25 taken: the start fails (Type=notify: no READY=1) with the reason at PRIORITY 3,
+    and Restart=on-failure tries again every RestartSec= (2 s: under systemd's default start
+    limit of 5 in 10 s, so it never gives up), so the proxy comes up by itself once it can."""
+    pid1.configure(PROXY_CONFIG.format(plugins=""))
+    pid1.install_unit("smtpproxy.service")
+    holder = subprocess.Popen(["nsenter", "-t", str(pid1.pid), "-n", sys.executable, "-c",
+                               "import socket, time; s = socket.create_server(('127.0.0.1', 25)); "
+                               "print('held', flush=True); time.sleep(120)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        assert pid1.systemctl("restart", "smtpproxy.service", check=False).returncode != 0
+        pid1.wait_for("smtpproxy.service", {"NRestarts": "2"}, timeout=30)
+    finally:
+        holder.kill()
+        holder.wait()
+    pid1.wait_for("smtpproxy.service", {"ActiveState": "active", "SubState": "running"}, timeout=30)
+    failed = _lines(pid1, "smtpproxy.service", r"event=startup_failed .*127.0.0.1:25")
+    assert failed and {e["PRIORITY"] for e in failed} == {"3"}, pid1.journal_text("smtpproxy.service")[-2000:]
+    assert pid1.python(SEND.format(rcpt="late@units.test")).split() == ["250", "sent"]
+    pid1.systemctl("stop", "smtpproxy.service")
