@@ -1,10 +1,13 @@
 """The shipped units (config/*.service) under a real systemd as process 1 (tests/systemd_pid1.py),
-installed as docs/operations.md installs them: the proxy starts as the user ``smtpproxy`` with
-port 25 through its one capability, is active only once it said READY=1, delivers, logs each
-line at its priority, reloads and refuses a bad reload, serves its process metrics through
-the sandbox, and stops; a held event loop is killed by systemd's watchdog and restarted; with
-``workers:`` the same; the milter, the policy service and the web pages start, answer through
-their sandbox and stop."""
+installed as docs/operations.md installs them. The shipped configuration starts. The proxy runs
+as the user ``smtpproxy`` with port 25 through its one capability, is active only once it said
+READY=1, delivers, logs each line at its priority, reloads and refuses a bad reload, serves its
+process metrics through the sandbox, and stops. A held event loop is killed by systemd's
+watchdog and restarted, with ``workers:`` a held worker by the supervisor's. A big message is
+spooled and quarantined, and the digest unit mails its digest. A proxy that cannot start says
+why and comes up once it can. The milter, the policy service (also on Unix sockets Postfix's
+user reaches, as the deploy pages make them) and the web pages start, answer through their
+sandbox and stop."""
 
 from __future__ import annotations
 
