@@ -203,3 +203,34 @@ async def test_plugin_error_with_default_action_accept_delivers(postfix_with_mil
     replies = await send(postfix, ["bob@dest.test"])
     assert [code for code, _ in replies] == [250, 250, 250]
     assert len(postfix.wait_for_messages("bob", 1)) == 1
+
+
+async def test_a_unix_socket_as_deploy_milter_md_makes_it(tmp_path: Path, postfix_factory: PostfixFactory) -> None:
+    """docs/deploy-milter.md: the socket in a directory of Postfix's queue directory that
+    Postfix's group may enter (``install -d -o smtpproxy -g postfix -m 2750``; root here), and
+    ``smtpd_milters = unix:smtpproxy/milter.sock``, which Postfix's smtpd (its own user)
+    resolves against its queue directory, chrooted or not."""
+    import grp
+    import os
+
+    postfix = await asyncio.to_thread(postfix_factory, start=False, main_cf={
+        "smtpd_milters": "unix:smtpproxy/milter.sock", "milter_protocol": "6",
+        "milter_default_action": "tempfail", "milter_command_timeout": "10s"})
+    directory = postfix.queue_dir / "smtpproxy"
+    directory.mkdir(parents=True)
+    os.chown(directory, 0, grp.getgrnam("postfix").gr_gid)
+    directory.chmod(0o2750)
+    config = make_config(tmp_path, milter={"listen": f"unix:{directory}/milter.sock"})
+    server = MilterServer(config, chain=chain_of(Edit(lambda m, _: m.add_header("X-Via", "unix socket")),
+                                                 timeout=5.0))
+    await server.start()
+    try:
+        status = (directory / "milter.sock").stat()
+        assert status.st_gid == grp.getgrnam("postfix").gr_gid and status.st_mode & 0o777 == 0o660
+        await asyncio.to_thread(postfix.start)
+        replies = await send(postfix, ["bob@dest.test"])
+        assert replies[-1][0] == 250, replies
+        (stored,) = postfix.wait_for_messages("bob", 1)
+        assert parsed(stored)["X-Via"] == "unix socket"
+    finally:
+        await server.stop(grace=1)

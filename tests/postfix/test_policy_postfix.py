@@ -238,3 +238,41 @@ async def test_quarantine_as_postfix_hold_only_where_asked(postfix_with_policy: 
     assert [code for code, _ in replies] == [250, 250]
     await asyncio.to_thread(held.wait_for_log, r"hold: RCPT from .*<bob@dest.test>")
     assert any((held.queue_dir / "hold").rglob("*"))  # Postfix's hold queue: postsuper -H releases it
+
+
+async def test_a_unix_socket_as_deploy_policy_md_makes_it(
+    tmp_path: Path, postfix_factory: PostfixFactory, dns_server: ZoneServer,
+) -> None:
+    """docs/deploy-policy.md: the socket in a directory of Postfix's queue directory that
+    Postfix's group may enter (``install -d -o smtpproxy -g postfix -m 2750``; root here), and
+    ``check_policy_service unix:smtpproxy/policy.sock``, which Postfix's smtpd (its own user)
+    resolves against its queue directory."""
+    import grp
+    import os
+
+    service = "check_policy_service unix:smtpproxy/policy.sock"
+    postfix = await asyncio.to_thread(postfix_factory, main_cf={
+        "smtpd_recipient_restrictions": service, "smtpd_end_of_data_restrictions": service})
+    directory = postfix.queue_dir / "smtpproxy"
+    directory.mkdir()
+    os.chown(directory, 0, grp.getgrnam("postfix").gr_gid)
+    directory.chmod(0o2750)
+    path = tmp_path / "policy.yaml"
+    path.write_text(
+        "delivery: {type: maildir, path: mail}\n"
+        f"dns: {{nameservers: [127.0.0.1], port: {dns_server.port}, timeout: 1}}\n"
+        f"policy: {{listen: 'unix:{directory}/policy.sock'}}\n"
+        "plugins:\n  - name: access\n    settings:\n"
+        "      sender: {deny: {rules: ['*@spammer.test']}, reply: 'Sender blocked here'}\n")
+    config, source = load_config(path)
+    server = PolicyServer(config, source)
+    await server.start()
+    try:
+        status = (directory / "policy.sock").stat()
+        assert status.st_gid == grp.getgrnam("postfix").gr_gid and status.st_mode & 0o777 == 0o660
+        assert await transaction(postfix, ["bob@dest.test"], sender="x@spammer.test") == [
+            (550, "5.7.1 <bob@dest.test>: Recipient address rejected: Sender blocked here")]
+        replies = await transaction(postfix, ["bob@dest.test"])
+        assert replies[0] == (250, "2.1.5 Ok") and replies[-1][0] == 250
+    finally:
+        await server.stop(grace=1)
