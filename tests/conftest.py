@@ -31,8 +31,8 @@ from tests.postfix_instance import postfix_factory as postfix_factory  # noqa: P
 from tests.postgres_server import postgres_server as postgres_server  # noqa: PLC0414 - re-exported fixture
 from tests.postgres_server import postgres_url as postgres_url  # noqa: PLC0414 - re-exported fixture
 from tests.redis_server import redis_server as redis_server  # noqa: PLC0414 - re-exported fixture
+from tests.release_build import release_dist as release_dist  # noqa: PLC0414 - re-exported fixture
 from tests.systemd_pid1 import pid1 as pid1  # noqa: PLC0414 - re-exported fixture
-from tests.systemd_pid1 import smtpproxy_wheel as smtpproxy_wheel  # noqa: PLC0414 - re-exported fixture
 
 TIMEOUT = 10.0
 

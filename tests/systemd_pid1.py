@@ -38,10 +38,11 @@ from typing import Any
 
 import pytest
 
-__all__ = ["Pid1", "pid1", "smtpproxy_wheel"]
+from tests.release_build import ROOT
+
+__all__ = ["Pid1", "pid1"]
 
 SYSTEMD = Path("/lib/systemd/systemd")
-ROOT = Path(__file__).resolve().parents[1]
 PY = "/opt/py"
 VENV = "/opt/smtpproxy"
 
@@ -229,36 +230,15 @@ def _prepare(pid1: Pid1, wheel: Path, work: Path) -> None:
                mode="755")
 
 
-SOURCES = ["pyproject.toml", "README.md", "CHANGELOG.md", "MANIFEST.in", "smtpproxy", "plugins", "config"]
-"""What ``python -m build`` reads from a checkout (as tests/project/test_install.py copies it)."""
-
-
-@pytest.fixture(scope="session")
-def smtpproxy_wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """This tree's wheel, built as docs/releasing.md builds it, from a copy (setuptools writes
-    build/ and *.egg-info next to its sources)."""
-    source = tmp_path_factory.mktemp("wheel-source")
-    for name in SOURCES:
-        if (ROOT / name).is_dir():
-            shutil.copytree(ROOT / name, source / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(ROOT / name, source / name)
-    out = tmp_path_factory.mktemp("wheel")
-    build = subprocess.run([sys.executable, "-m", "build", "--wheel", "--outdir", str(out), str(source)],
-                           capture_output=True, text=True, timeout=600)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    [wheel] = out.glob("*.whl")
-    return wheel
-
-
 @pytest.fixture(scope="module")
-def pid1(tmp_path_factory: pytest.TempPathFactory, smtpproxy_wheel: Path) -> Iterator[Pid1]:
+def pid1(tmp_path_factory: pytest.TempPathFactory, release_dist: Path) -> Iterator[Pid1]:
     work = tmp_path_factory.mktemp("pid1")
     booted = _boot(work / "console.log")
     if isinstance(booted, str):
         pytest.skip(booted)
     try:
-        _prepare(booted, smtpproxy_wheel, work)
+        [wheel] = release_dist.glob("*.whl")  # the release procedure's (tests/release_build.py)
+        _prepare(booted, wheel, work)
         yield booted
     finally:
         # stopped by systemd first: it removes their PrivateTmp= directories in the machine's /tmp

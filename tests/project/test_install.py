@@ -4,14 +4,13 @@ and the extras; installed in a fresh virtual environment (its dependencies resol
 a user's would be), it checks the shipped configuration, delivers a first mail, and loads a
 plugin package built and installed next to it.
 
-The build reads a copy of the tree (setuptools writes build/ and *.egg-info into its source).
+The build is tests/release_build.py's, once per session (the units' tests install the same wheel).
 pip may take packages from the machine's cache and configured index; nothing else is fetched.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import smtplib
 import subprocess
 import sys
@@ -25,51 +24,23 @@ import pytest
 import smtpproxy
 from smtpproxy.versions import PLUGIN_API_VERSION
 from tests.daemons import LogLines
+from tests.release_build import ROOT, build, copy_tree
 
-ROOT = Path(__file__).resolve().parents[2]
 VERSION = smtpproxy.__version__
-# What `python -m build` reads from a checkout (MANIFEST.in names the rest of the sdist).
-SOURCES = ["pyproject.toml", "README.md", "CHANGELOG.md", "MANIFEST.in", "smtpproxy", "plugins", "config"]
-
-
-def _copy_tree(names: list[str], source: Path, target: Path) -> None:
-    for name in names:
-        if (source / name).is_dir():
-            shutil.copytree(source / name, target / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(source / name, target / name)
-
-
-def _build(source: Path, out: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "build", *args, "--outdir", str(out), str(source)],
-                          capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def wheel(release_dist: Path) -> Path:
+    return release_dist / f"smtpproxy-{VERSION}-py3-none-any.whl"
 
 
 @pytest.fixture(scope="module")
-def dist(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The release procedure's build: sdist, then the wheel built from that sdist."""
-    source = tmp_path_factory.mktemp("source")
-    _copy_tree(SOURCES, ROOT, source)
-    out = tmp_path_factory.mktemp("dist")
-    build = _build(source, out)
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
-    return out
+def sdist(release_dist: Path) -> Path:
+    return release_dist / f"smtpproxy-{VERSION}.tar.gz"
 
 
-@pytest.fixture(scope="module")
-def wheel(dist: Path) -> Path:
-    return dist / f"smtpproxy-{VERSION}-py3-none-any.whl"
-
-
-@pytest.fixture(scope="module")
-def sdist(dist: Path) -> Path:
-    return dist / f"smtpproxy-{VERSION}.tar.gz"
-
-
-def test_the_build_makes_exactly_an_sdist_and_a_wheel_that_pass_twine_check(dist: Path) -> None:
-    assert sorted(p.name for p in dist.iterdir()) == [f"smtpproxy-{VERSION}-py3-none-any.whl",
+def test_the_build_makes_exactly_an_sdist_and_a_wheel_that_pass_twine_check(release_dist: Path) -> None:
+    assert sorted(p.name for p in release_dist.iterdir()) == [f"smtpproxy-{VERSION}-py3-none-any.whl",
                                                       f"smtpproxy-{VERSION}.tar.gz"]
-    check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, dist.iterdir())],
+    check = subprocess.run([sys.executable, "-m", "twine", "check", "--strict", *map(str, release_dist.iterdir())],
                            capture_output=True, text=True, timeout=120)
     assert check.returncode == 0, check.stdout + check.stderr
     assert check.stdout.count("PASSED") == 2
@@ -123,10 +94,10 @@ def venv(tmp_path_factory: pytest.TempPathFactory, wheel: Path) -> Iterator[Path
                              capture_output=True, text=True, timeout=900, env=env)
     assert install.returncode == 0, install.stdout[-3000:] + install.stderr[-3000:]
     plugin_source = tmp_path_factory.mktemp("plugin-source")
-    _copy_tree(["pyproject.toml", "src"], ROOT / "examples" / "role-addresses", plugin_source)
+    copy_tree(["pyproject.toml", "src"], ROOT / "examples" / "role-addresses", plugin_source)
     plugin_dist = tmp_path_factory.mktemp("plugin-dist")
-    build = _build(plugin_source, plugin_dist, "--wheel")
-    assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
+    built = build(plugin_source, plugin_dist, "--wheel")
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
     [plugin_wheel] = plugin_dist.glob("*.whl")
     install = subprocess.run([str(home / "bin" / "python"), "-m", "pip", "install", "--quiet", str(plugin_wheel)],
                              capture_output=True, text=True, timeout=300, env=env)
