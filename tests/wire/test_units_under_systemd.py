@@ -151,19 +151,35 @@ def test_a_held_event_loop_is_killed_by_the_watchdog_and_restarted(pid1: Pid1) -
     pid1.systemctl("stop", "smtpproxy.service")
 
 
+def _ask(milter: str | None = None, policy: str | None = None) -> str:
+    """A client of the milter and the policy service at these addresses (``host:port``, or a
+    Unix socket's path), as an MTA opens: SMFIC_OPTNEG (version 6, every action, no step
+    skipped), whose answer is one too; a policy request at RCPT. Prints each answer."""
+    return textwrap.dedent(f"""
+        import socket, struct
+        def connect(where):
+            if where.startswith("/"):
+                s = socket.socket(socket.AF_UNIX)
+                s.settimeout(10)
+                s.connect(where)
+                return s
+            host, port = where.rsplit(":", 1)
+            return socket.create_connection((host, int(port)), timeout=10)
+        if {milter!r}:
+            s = connect({milter!r})
+            s.sendall(struct.pack("!IcIII", 13, b"O", 6, 0x1ff, 0))
+            print(s.recv(5)[4:5].decode())
+        if {policy!r}:
+            s = connect({policy!r})
+            s.sendall(b"request=smtpd_access_policy\\nprotocol_state=RCPT\\nclient_address=192.0.2.7\\n"
+                      b"sender=a@sender.test\\nrecipient=b@units.test\\ninstance=1\\n\\n")
+            print(s.recv(100).decode().strip())
+        """)
+
+
 @pytest.mark.parametrize(("unit", "listen", "ask"), [
-    ("smtpproxy-milter.service", "milter: {listen: 'inet:127.0.0.1:8891'}",
-     # SMFIC_OPTNEG (version 6, all actions, no protocol steps skipped): the milter's answer is one too
-     "import socket, struct\n"
-     "s = socket.create_connection(('127.0.0.1', 8891), timeout=10)\n"
-     "s.sendall(struct.pack('!IcIII', 13, b'O', 6, 0x1ff, 0))\n"
-     "print(s.recv(5)[4:5].decode())"),
-    ("smtpproxy-policy.service", "policy: {listen: 'inet:127.0.0.1:10040'}",
-     "import socket\n"
-     "s = socket.create_connection(('127.0.0.1', 10040), timeout=10)\n"
-     "s.sendall(b'request=smtpd_access_policy\\nprotocol_state=RCPT\\nclient_address=192.0.2.7\\n"
-     "sender=a@sender.test\\nrecipient=b@units.test\\ninstance=1\\n\\n')\n"
-     "print(s.recv(100).decode().strip())"),
+    ("smtpproxy-milter.service", "milter: {listen: 'inet:127.0.0.1:8891'}", _ask(milter="127.0.0.1:8891")),
+    ("smtpproxy-policy.service", "policy: {listen: 'inet:127.0.0.1:10040'}", _ask(policy="127.0.0.1:10040")),
 ])
 def test_the_milter_and_policy_units_start_answer_and_stop(pid1: Pid1, unit: str, listen: str, ask: str) -> None:
     pid1.configure(listen + "\n")
@@ -178,18 +194,7 @@ def test_the_milter_and_policy_units_start_answer_and_stop(pid1: Pid1, unit: str
     assert _lines(pid1, unit, r"event=listening ")[0]["PRIORITY"] == "6"
 
 
-POSTFIX_SIDE = """
-import socket, struct, sys
-milter = socket.socket(socket.AF_UNIX)
-milter.connect("/var/spool/postfix/smtpproxy/milter.sock")
-milter.sendall(struct.pack("!IcIII", 13, b"O", 6, 0x1ff, 0))
-print(milter.recv(5)[4:5].decode())
-policy = socket.socket(socket.AF_UNIX)
-policy.connect("/var/spool/postfix/smtpproxy/policy.sock")
-policy.sendall(b"request=smtpd_access_policy\\nprotocol_state=RCPT\\nclient_address=192.0.2.7\\n"
-               b"sender=a@sender.test\\nrecipient=b@units.test\\ninstance=1\\n\\n")
-print(policy.recv(100).decode().strip())
-"""
+POSTFIX_SIDE = _ask(milter="/var/spool/postfix/smtpproxy/milter.sock", policy="/var/spool/postfix/smtpproxy/policy.sock")
 """What Postfix's smtpd (the user ``postfix``) does with the two Unix sockets: connect and ask."""
 
 
