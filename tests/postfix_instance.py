@@ -52,12 +52,19 @@ _PR_SET_CHILD_SUBREAPER = 36  # <linux/prctl.h>
 
 _SKIP_REASON = "Postfix is not installed: apt-get install postfix"
 
+#: What Debian's /usr/lib/postfix/configure-instance.sh copies into the queue directory for
+#: chrooted daemons (those that exist here), relative to / and to the queue directory.
+_CHROOT_FILES = ("etc/localtime", "etc/services", "etc/resolv.conf", "etc/hosts", "etc/host.conf",
+                 "etc/nsswitch.conf")
+
 #: Queue directories that hold messages not yet delivered (maildrop: not yet picked up).
 _QUEUES = ("maildrop", "incoming", "active", "deferred", "hold")
 
 #: Services the instance needs besides its one smtpd listener. Same columns as Debian's stock
 #: master.cf, except that nothing is chrooted: a chroot would need copies of /etc files inside
-#: the temporary queue directory, and buys nothing in a test.
+#: the temporary queue directory, and buys nothing in a test. Only smtpd can be chrooted
+#: (``chroot_smtpd``), for what depends on it: paths that smtpd opens, such as a milter's or a
+#: policy service's Unix socket.
 _INTERNAL_SERVICES = """\
 # service  type       private unpriv chroot wakeup maxproc command
 pickup     unix       n       -      n      60     1       pickup
@@ -223,6 +230,9 @@ class PostfixInstance:
     xclient_hosts: str = "127.0.0.0/8"
     extra_main_cf: dict[str, str] = field(default_factory=dict)
     """More main.cf settings (e.g. ``smtpd_milters``); they override the defaults above."""
+    chroot_smtpd: bool = False
+    """Run smtpd chrooted to the queue directory, as Debian's stock master.cf does, with the
+    files Debian copies there (``_CHROOT_FILES``)."""
     _process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _master_pid: int | None = field(default=None, init=False, repr=False)
 
@@ -334,7 +344,8 @@ class PostfixInstance:
 
     def _master_cf(self) -> str:
         """master.cf: one loopback smtpd on our port, plus the internal services."""
-        smtpd = f"127.0.0.1:{self.port} inet n - n - - smtpd\n"
+        chroot = "y" if self.chroot_smtpd else "n"
+        smtpd = f"127.0.0.1:{self.port} inet n - {chroot} - - smtpd\n"
         return _INTERNAL_SERVICES + smtpd
 
     def _write_config(self) -> None:
@@ -348,6 +359,13 @@ class PostfixInstance:
         # Maildirs are owned by the mail owner: virtual(8) delivers as virtual_uid_maps.
         self.mail_dir.mkdir(mode=0o755, exist_ok=True)
         os.chown(self.mail_dir, uid, gid)
+        if self.chroot_smtpd:
+            for name in _CHROOT_FILES:
+                if Path("/", name).is_file():
+                    copy = self.queue_dir / name
+                    copy.parent.mkdir(mode=0o755, exist_ok=True)
+                    shutil.copyfile(Path("/", name), copy)
+                    copy.chmod(0o644)
         (self.config_dir / "main.cf").write_text(self._main_cf(uid, gid))
         (self.config_dir / "master.cf").write_text(self._master_cf())
         (self.config_dir / "vmailbox").write_text(
@@ -536,6 +554,17 @@ class PostfixInstance:
         compiled = re.compile(pattern, re.MULTILINE)
         return _poll(f"log line /{pattern}/", lambda: compiled.search(self.log()), timeout, self._diagnostics)
 
+    def roots(self, daemon: str) -> set[Path]:
+        """The root directories (``/proc/PID/root``) of this instance's live ``daemon`` processes:
+        the queue directory for a chrooted one, ``/`` otherwise."""
+        master = self._master_pid if self._master_pid is not None else self._running_master()
+        found = set()
+        for pid in _session_pids(master) if master is not None else []:
+            with contextlib.suppress(OSError):
+                if Path(f"/proc/{pid}/comm").read_text().strip() == daemon:
+                    found.add(Path(os.readlink(f"/proc/{pid}/root")))
+        return found
+
     def queue_is_empty(self) -> bool:
         """Whether no message waits in any queue (all delivered or bounced)."""
         return not any(
@@ -568,6 +597,7 @@ class PostfixFactory(Protocol):
         port: int | None = ...,
         start: bool = ...,
         main_cf: dict[str, str] | None = ...,
+        chroot_smtpd: bool = ...,
     ) -> PostfixInstance: ...
 
 
@@ -592,6 +622,7 @@ def postfix_factory() -> Iterator[PostfixFactory]:
         port: int | None = None,
         start: bool = True,
         main_cf: dict[str, str] | None = None,
+        chroot_smtpd: bool = False,
     ) -> PostfixInstance:
         if port is None:
             port = free_port()
@@ -605,6 +636,7 @@ def postfix_factory() -> Iterator[PostfixFactory]:
             tls_cert=tls_cert,
             xclient_hosts=xclient_hosts,
             extra_main_cf=dict(main_cf or {}),
+            chroot_smtpd=chroot_smtpd,
         )
         instances.append(instance)
         if start:

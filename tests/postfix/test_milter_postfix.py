@@ -205,15 +205,18 @@ async def test_plugin_error_with_default_action_accept_delivers(postfix_with_mil
     assert len(postfix.wait_for_messages("bob", 1)) == 1
 
 
-async def test_a_unix_socket_as_deploy_milter_md_makes_it(tmp_path: Path, postfix_factory: PostfixFactory) -> None:
+@pytest.mark.parametrize("chrooted", [False, True], ids=["smtpd", "chrooted-smtpd"])
+async def test_a_unix_socket_as_deploy_milter_md_makes_it(
+    tmp_path: Path, postfix_factory: PostfixFactory, chrooted: bool,
+) -> None:
     """docs/deploy-milter.md: the socket in a directory of Postfix's queue directory that
     Postfix's group may enter (``install -d -o smtpproxy -g postfix -m 2750``; root here), and
     ``smtpd_milters = unix:smtpproxy/milter.sock``, which Postfix's smtpd (its own user)
-    resolves against its queue directory, chrooted or not."""
+    resolves against its queue directory, chrooted there (Debian's stock master.cf) or not."""
     import grp
     import os
 
-    postfix = await asyncio.to_thread(postfix_factory, start=False, main_cf={
+    postfix = await asyncio.to_thread(postfix_factory, start=False, chroot_smtpd=chrooted, main_cf={
         "smtpd_milters": "unix:smtpproxy/milter.sock", "milter_protocol": "6",
         "milter_default_action": "tempfail", "milter_command_timeout": "10s"})
     directory = postfix.queue_dir / "smtpproxy"
@@ -232,5 +235,6 @@ async def test_a_unix_socket_as_deploy_milter_md_makes_it(tmp_path: Path, postfi
         assert replies[-1][0] == 250, replies
         (stored,) = postfix.wait_for_messages("bob", 1)
         assert parsed(stored)["X-Via"] == "unix socket"
+        assert postfix.roots("smtpd") == {postfix.queue_dir if chrooted else Path("/")}
     finally:
         await server.stop(grace=1)

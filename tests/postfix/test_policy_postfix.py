@@ -240,18 +240,19 @@ async def test_quarantine_as_postfix_hold_only_where_asked(postfix_with_policy: 
     assert any((held.queue_dir / "hold").rglob("*"))  # Postfix's hold queue: postsuper -H releases it
 
 
+@pytest.mark.parametrize("chrooted", [False, True], ids=["smtpd", "chrooted-smtpd"])
 async def test_a_unix_socket_as_deploy_policy_md_makes_it(
-    tmp_path: Path, postfix_factory: PostfixFactory, dns_server: ZoneServer,
+    tmp_path: Path, postfix_factory: PostfixFactory, dns_server: ZoneServer, chrooted: bool,
 ) -> None:
     """docs/deploy-policy.md: the socket in a directory of Postfix's queue directory that
     Postfix's group may enter (``install -d -o smtpproxy -g postfix -m 2750``; root here), and
     ``check_policy_service unix:smtpproxy/policy.sock``, which Postfix's smtpd (its own user)
-    resolves against its queue directory."""
+    resolves against its queue directory, chrooted there (Debian's stock master.cf) or not."""
     import grp
     import os
 
     service = "check_policy_service unix:smtpproxy/policy.sock"
-    postfix = await asyncio.to_thread(postfix_factory, main_cf={
+    postfix = await asyncio.to_thread(postfix_factory, chroot_smtpd=chrooted, main_cf={
         "smtpd_recipient_restrictions": service, "smtpd_end_of_data_restrictions": service})
     directory = postfix.queue_dir / "smtpproxy"
     directory.mkdir()
@@ -274,5 +275,6 @@ async def test_a_unix_socket_as_deploy_policy_md_makes_it(
             (550, "5.7.1 <bob@dest.test>: Recipient address rejected: Sender blocked here")]
         replies = await transaction(postfix, ["bob@dest.test"])
         assert replies[0] == (250, "2.1.5 Ok") and replies[-1][0] == 250
+        assert postfix.roots("smtpd") == {postfix.queue_dir if chrooted else Path("/")}
     finally:
         await server.stop(grace=1)
