@@ -9,10 +9,10 @@ import selectors
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import IO, Any
 
-__all__ = ["LogLines", "checked_process", "free_port", "smtpproxy_process", "stop_process"]
+__all__ = ["LogLines", "checked_process", "free_port", "smtpproxy_process", "smtpproxy_serving", "stop_process"]
 
 
 def free_port() -> int:
@@ -103,3 +103,21 @@ def checked_process(proc: subprocess.Popen[bytes], log: LogLines) -> Iterator[No
             proc.kill()
             proc.wait()
     assert "Traceback" not in log.everything()
+
+
+@contextlib.asynccontextmanager
+async def smtpproxy_serving(command: str, config: Any, yaml_text: str, listening: str = r"event=listening ",
+                            ) -> AsyncIterator[tuple[subprocess.Popen[bytes], LogLines]]:
+    """``smtpproxy COMMAND`` (run, milter, policy) from start to a clean stop: the block runs
+    once it logged a line matching *listening*, then SIGTERM must end it with status 0, with
+    no traceback (:func:`checked_process`). It waits in threads: a connection the test closed
+    on its own loop must really close while the child drains, or the child waits for it."""
+    import asyncio
+    import signal
+
+    proc, log = smtpproxy_process(command, config, yaml_text)
+    with checked_process(proc, log):
+        await asyncio.to_thread(log.wait_line, listening)
+        yield proc, log
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 20) == 0, log.everything()

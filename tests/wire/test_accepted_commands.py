@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import re
-import signal
 import smtplib
 from pathlib import Path
 
 import pytest
 
 from smtpproxy.milter import codec
-from tests.daemons import checked_process, free_port, smtpproxy_process
+from tests.daemons import free_port, smtpproxy_serving
 from tests.wire.test_milter import BODY, HEADERS, FakeMTA
 
 MESSAGE = b"From: a@sender.test\r\nTo: bob@localhost\r\nSubject: quiet\r\n\r\nHello.\r\n"
@@ -31,30 +30,30 @@ def _session_lines(text: str) -> list[tuple[str, str]]:
     return re.findall(r"level=(\w+) " + SESSION_EVENTS, text)
 
 
-def _proxy_session(tmp_path: Path, level: str) -> str:
+def _send(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
+        client.ehlo("client.test")
+        refused = client.sendmail("a@sender.test", ["bob@localhost", "carol@elsewhere.org"], MESSAGE)
+        assert set(refused) == {"carol@elsewhere.org"}
+
+
+async def _proxy_session(tmp_path: Path, level: str) -> str:
     port = free_port()
-    proc, log = smtpproxy_process("run", tmp_path / "smtpproxy.yaml", PROXY.format(port=port, level=level))
-    with checked_process(proc, log):
-        log.wait_line(r"event=listening ")
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as client:
-            client.ehlo("client.test")
-            refused = client.sendmail("a@sender.test", ["bob@localhost", "carol@elsewhere.org"], MESSAGE)
-            assert set(refused) == {"carol@elsewhere.org"}
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(20) == 0
+    async with smtpproxy_serving("run", tmp_path / "smtpproxy.yaml", PROXY.format(port=port, level=level)) as (_, log):
+        await asyncio.to_thread(_send, port)
     return log.everything()
 
 
-def test_a_delivered_message_keeps_its_summary_and_the_refusal_at_info(tmp_path: Path) -> None:
-    text = _proxy_session(tmp_path, "info")
+async def test_a_delivered_message_keeps_its_summary_and_the_refusal_at_info(tmp_path: Path) -> None:
+    text = await _proxy_session(tmp_path, "info")
     lines = _session_lines(text)
     assert lines == [("info", "rcpt_to"), ("info", "message")], text
     assert re.search(r"event=rcpt_to .*recipient=carol@elsewhere.org verdict=relay_denied", text), text
     assert re.search(r"event=message .*recipients=bob@localhost .*decision=delivered", text), text
 
 
-def test_at_debug_the_accepted_steps_are_there_at_debug(tmp_path: Path) -> None:
-    lines = _session_lines(_proxy_session(tmp_path, "debug"))
+async def test_at_debug_the_accepted_steps_are_there_at_debug(tmp_path: Path) -> None:
+    lines = _session_lines(await _proxy_session(tmp_path, "debug"))
     assert ("info", "rcpt_to") in lines and ("info", "message") in lines
     assert {event for level, event in lines if level == "debug"} == {
         "connect", "helo", "mail_from", "rcpt_to", "delivered", "disconnect"}
@@ -63,11 +62,10 @@ def test_at_debug_the_accepted_steps_are_there_at_debug(tmp_path: Path) -> None:
 
 async def test_the_milter_logs_the_same_way(tmp_path: Path) -> None:
     port = free_port()
-    proc, log = smtpproxy_process(
+    async with smtpproxy_serving(
         "milter", tmp_path / "smtpproxy.yaml",
-        f"milter: {{listen: 'inet:127.0.0.1:{port}'}}\nlogging: {{accepted_commands: debug}}\n")
-    with checked_process(proc, log):
-        await asyncio.to_thread(log.wait_line, r"event=listening ")
+        f"milter: {{listen: 'inet:127.0.0.1:{port}'}}\nlogging: {{accepted_commands: debug}}\n",
+    ) as (_, log):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         mta = FakeMTA(reader, writer)
         await mta.start()
@@ -78,8 +76,6 @@ async def test_the_milter_logs_the_same_way(tmp_path: Path) -> None:
         mta.send(codec.Quit())
         assert await mta.closed()
         await asyncio.to_thread(log.wait_line, r"event=message .*decision=delivered")
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 20) == 0
     text = log.everything()
     assert _session_lines(text) == [("info", "rcpt_to"), ("info", "message")], text
     assert re.search(r"event=rcpt_to .*verdict=syntax", text), text
@@ -90,11 +86,10 @@ async def test_the_policy_service_logs_the_same_way(tmp_path: Path) -> None:
     from tests.wire.test_policy import Client, request
 
     port = free_port()
-    proc, log = smtpproxy_process(
+    async with smtpproxy_serving(
         "policy", tmp_path / "smtpproxy.yaml",
-        f"policy: {{listen: 'inet:127.0.0.1:{port}'}}\nlogging: {{accepted_commands: debug}}\n")
-    with checked_process(proc, log):
-        await asyncio.to_thread(log.wait_line, r"event=listening ")
+        f"policy: {{listen: 'inet:127.0.0.1:{port}'}}\nlogging: {{accepted_commands: debug}}\n",
+    ) as (_, log):
         client = Client(*await asyncio.open_connection("127.0.0.1", port))
         assert await client.ask(request("CONNECT")) == "DUNNO"
         assert await client.ask(request("RCPT")) == "DUNNO"
@@ -102,8 +97,6 @@ async def test_the_policy_service_logs_the_same_way(tmp_path: Path) -> None:
         assert await client.ask(request("RCPT", recipient="not an address")) == "DUNNO"
         client.close()
         await asyncio.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 20) == 0
     text = log.everything()
     assert [line for line in _session_lines(text) if line[0] == "info"] == [("info", "rcpt_to")], text
     assert re.search(r"level=info event=rcpt_to .*verdict=syntax", text), text

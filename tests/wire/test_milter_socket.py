@@ -193,17 +193,14 @@ async def test_progress_goes_out_at_once_with_what_came_before() -> None:
 async def test_the_milter_process_answers_a_message_on_either_event_loop(tmp_path: Path, choice: str) -> None:
     """``smtpproxy milter`` as users start it (uvloop by default, whose transports are not
     asyncio's classes) takes a whole message in and answers it, on TCP and on a Unix socket."""
-    import signal
-
-    from tests.daemons import checked_process, free_port, smtpproxy_process
+    from tests.daemons import free_port, smtpproxy_serving
 
     pytest.importorskip(choice)
     port, path = free_port(), tmp_path / "milter.sock"
     for listen in (f"inet:127.0.0.1:{port}", f"unix:{path}"):
-        proc, log = smtpproxy_process("milter", tmp_path / "smtpproxy.yaml",
-                                      f"milter: {{listen: '{listen}'}}\nevent_loop: {choice}\n")
-        with checked_process(proc, log):
-            await asyncio.to_thread(log.wait_line, rf"event=listening .*loop={choice} ")
+        async with smtpproxy_serving("milter", tmp_path / "smtpproxy.yaml",
+                               f"milter: {{listen: '{listen}'}}\nevent_loop: {choice}\n",
+                               listening=rf"event=listening .*loop={choice} ") as (_, log):
             if listen.startswith("inet:"):
                 reader, writer = await asyncio.open_connection("127.0.0.1", port)
             else:
@@ -216,8 +213,6 @@ async def test_the_milter_process_answers_a_message_on_either_event_loop(tmp_pat
             mta.send(codec.Quit())
             assert await mta.closed()
             await asyncio.to_thread(log.wait_line, r"event=message .*decision=delivered")
-            proc.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(proc.wait, 20) == 0
 
 
 async def test_an_mta_that_writes_faster_than_the_plugins_work_waits_in_its_socket(tmp_path: Path) -> None:

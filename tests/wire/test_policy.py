@@ -445,19 +445,14 @@ async def test_a_failure_at_connect_under_reject_is_554_as_the_proxy_answers(pol
 async def test_the_policy_process_answers_on_either_event_loop(tmp_path: Path, choice: str) -> None:
     """``smtpproxy policy`` as users start it (uvloop by default) answers Postfix's requests
     and stops cleanly: the in-process tests here run on asyncio's loop only."""
-    import signal
-
-    from tests.daemons import checked_process, free_port, smtpproxy_process
+    from tests.daemons import free_port, smtpproxy_serving
 
     pytest.importorskip(choice)
     port = free_port()
-    proc, log = smtpproxy_process("policy", tmp_path / "smtpproxy.yaml",
-                                  f"policy: {{listen: 'inet:127.0.0.1:{port}'}}\nevent_loop: {choice}\n")
-    with checked_process(proc, log):
-        await asyncio.to_thread(log.wait_line, rf"event=listening .*loop={choice} ")
+    async with smtpproxy_serving("policy", tmp_path / "smtpproxy.yaml",
+                           f"policy: {{listen: 'inet:127.0.0.1:{port}'}}\nevent_loop: {choice}\n",
+                           listening=rf"event=listening .*loop={choice} "):
         client = Client(*await asyncio.open_connection("127.0.0.1", port))
         assert await client.ask(request("CONNECT")) == "DUNNO"
         assert await client.ask(request("RCPT")) == "DUNNO"
         client.close()
-        proc.send_signal(signal.SIGTERM)
-        assert await asyncio.to_thread(proc.wait, 20) == 0
