@@ -6,6 +6,7 @@ committed page and the models disagree, so the reference cannot drift from the c
 
 from __future__ import annotations
 
+import ipaddress
 import types
 import typing
 from pathlib import Path
@@ -98,6 +99,8 @@ def default_text(field: Any) -> str:
         return f"`{value}`"
     if value is None:
         return "none"
+    if isinstance(value, list) and value and all(isinstance(v, ipaddress._BaseNetwork) for v in value):
+        return f"`{[str(v) for v in value]}`"  # as written in YAML, not as Python's repr
     return f"`{value!r}`" if isinstance(value, str) else f"`{value}`"
 
 

@@ -252,6 +252,8 @@ def _command(argv: Sequence[str] | None) -> int:
         plugins = ", ".join(p.name for p in config.plugins if p.enabled) or "none"
         if "policy" in config.model_fields_set and (problem := _policy_problem(config, source)):
             return problem
+        for warning in _shut_out_warnings(config):
+            print(f"smtpproxy: warning: {warning}", file=sys.stderr)
         groups = f", policy groups: {', '.join(g.name for g in config.policies)}" if config.policies else ""
         print(f"{args.config}: OK ({len(config.listeners)} listener(s), "
               f"delivery {config.delivery.type}, plugins: {plugins}{groups})")
@@ -269,6 +271,21 @@ def _command(argv: Sequence[str] | None) -> int:
 
         return supervise(config, args.config)
     return _serve(ProxyServer(config, source, worker=args.worker).serve_forever(), config)
+
+
+def _shut_out_warnings(config: Config) -> list[str]:
+    """check-config's word on a milter, policy service or metrics endpoint that listens
+    beyond this host while its ``clients`` let only this host in (each also logs it at start)."""
+    from smtpproxy.config.listen import parse_listen
+    from smtpproxy.networks import shut_out_warning
+
+    milter, policy = parse_listen(config.milter.listen), parse_listen(config.policy.listen)
+    found = [shut_out_warning("milter", config.milter.listen, milter.host, config.milter.clients),
+             shut_out_warning("policy", config.policy.listen, policy.host, config.policy.clients)]
+    if config.metrics.enabled:
+        m = config.metrics
+        found.append(shut_out_warning("metrics", f"{m.address}:{m.port}", m.address, m.clients))
+    return [warning for warning in found if warning]
 
 
 def _embedded_store_missing(args: argparse.Namespace, config: Config) -> str | None:

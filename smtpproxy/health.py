@@ -25,24 +25,31 @@ size and time), answers, and closes the connection.
   last connection found.
 - ``/metrics``: the Prometheus text exposition of this proxy's registry (404 when
   metrics are disabled).
+
+There is no authentication: a host outside ``metrics.clients`` (this host by default) gets
+403 for every path, so that a wider ``metrics.address`` does not open the upstream's state
+and the counters to whoever reaches the port.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from smtpproxy.delivery import Delivery, DeliveryState
+from smtpproxy.eventlog import event
 from smtpproxy.metrics import PrometheusRecorder
+from smtpproxy.networks import LOOPBACK, IPNetwork, peer_in_networks
 
 __all__ = ["DeliveryState", "HealthServer", "Readiness"]
 
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+_REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             503: "Service Unavailable"}
 
 
@@ -116,9 +123,11 @@ class HealthServer:
     """Serves /healthz, /readyz and /metrics on one address."""
 
     def __init__(self, address: str, port: int, readiness: Readiness,
-                 metrics: PrometheusRecorder | None):
+                 metrics: PrometheusRecorder | None, clients: Sequence[IPNetwork] = LOOPBACK):
         self.address = address
         self.port = port
+        self.clients = tuple(clients)
+        """Who may ask (``metrics.clients``): anyone else gets 403 whatever the request."""
         self.readiness = readiness
         self.metrics = metrics
         self._server: asyncio.Server | None = None
@@ -146,6 +155,14 @@ class HealthServer:
         try:
             async with asyncio.timeout(_REQUEST_TIMEOUT):
                 request = await _read_request(reader)
+                peer = writer.get_extra_info("peername")
+                if not peer_in_networks(peer, self.clients):
+                    # The request is read first (bounded), or closing with it unread would
+                    # reset the connection and lose the answer.
+                    event("metrics_refused", level=logging.WARNING, reason="client",
+                          peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and peer else "unknown")
+                    await _respond(writer, 403, b"not in metrics.clients\n")
+                    return
                 if request is None:
                     await _respond(writer, 400, b"bad request\n")
                     return

@@ -36,6 +36,7 @@ from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.loginthrottle import LoginThrottle, RedisStore, ThrottleSettings
 from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
+from smtpproxy.networks import shut_out_warning
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.proxyprotocol import ProxyProtocolSettings
 from smtpproxy.quarantine import QuarantineStore
@@ -329,7 +330,9 @@ class ProxyServer:
                               require_delivery=m.ready_requires_delivery,
                               on_probe=metrics.delivery_probed)
         port = m.port + self.worker if self.worker is not None and m.port else m.port
-        self.health = HealthServer(m.address, port, readiness, metrics)
+        if warning := shut_out_warning("metrics", f"{m.address}:{port}", m.address, m.clients):
+            event("clients_only_this_host", level=logging.WARNING, section="metrics", warning=warning)
+        self.health = HealthServer(m.address, port, readiness, metrics, m.clients)
         try:
             await self.health.start()
         except OSError as exc:

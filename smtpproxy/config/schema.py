@@ -44,6 +44,7 @@ from smtpproxy.config.policies import PolicyGroup, check_policies
 from smtpproxy.config.problems import describe_value
 from smtpproxy.config.section import Section as _Model
 from smtpproxy.config.tables import TABLE_NAME, TableConfig
+from smtpproxy.networks import LOOPBACK
 
 EMBEDDED_STORE = Path("smtpproxy.db")
 """The embedded default's store (no configuration file): an SQLite file in the current directory."""
@@ -503,6 +504,19 @@ class Logging(_Model):
     )
 
 
+def _clients(what: str, refused: str,
+             unix: str = " Not used for a unix: socket (its permissions decide).") -> Any:
+    """``clients:`` of a listener with no authentication of its own: only these hosts talk to it."""
+    return Field(
+        default_factory=lambda: list(LOOPBACK), min_length=1,
+        description=(
+            f"Networks whose hosts may connect to {what} over TCP (CIDR, no host bits); any other "
+            f"host's connection is {refused} and logged. This host only by default, wherever it "
+            f"listens: list the other hosts that should reach it.{unix}"
+        ),
+    )
+
+
 class Metrics(_Model):
     """The HTTP endpoint for Prometheus metrics, /healthz and /readyz (see docs/operations.md)."""
 
@@ -514,6 +528,7 @@ class Metrics(_Model):
         default="127.0.0.1", description="Address to serve on; keep it private (no authentication)."
     )
     port: int = Field(default=9125, strict=True, ge=0, le=65535, description="TCP port (0: any free port).")
+    clients: list[Network] = _clients("/metrics, /healthz and /readyz", "answered 403", unix="")
     ready_cache: float = Field(
         default=5, strict=True, gt=0, allow_inf_nan=False,
         description="Seconds a /readyz upstream probe is reused (so scrapers cannot hammer the upstream).",
@@ -544,6 +559,7 @@ class Milter(_Model):
         default="inet:127.0.0.1:8890",
         description="Where the MTA connects: `inet:HOST:PORT` (`inet:[::1]:PORT`) or `unix:/PATH`.",
     )
+    clients: list[Network] = _clients("the milter", "closed before its first packet")
     socket_mode: str = Field(
         default="0660", pattern=r"^0?[0-7]{3}$",
         description="Permissions of the Unix socket (octal); the MTA's user must be able to write it.",
@@ -591,6 +607,7 @@ class Policy(_Model):
         default="inet:127.0.0.1:10040",
         description="Where Postfix's check_policy_service connects: `inet:HOST:PORT` or `unix:/PATH`.",
     )
+    clients: list[Network] = _clients("the policy service", "closed before its first request")
     socket_mode: str = Field(
         default="0660", pattern=r"^0?[0-7]{3}$",
         description="Permissions of the Unix socket (octal); Postfix's user must be able to write it.",

@@ -30,6 +30,7 @@ from smtpproxy.history import HistoryRecorder, node_name
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError
 from smtpproxy.milter.session import MilterPolicy, MilterSession
+from smtpproxy.networks import peer_in_networks, shut_out_warning
 from smtpproxy.registry import build_chain
 from smtpproxy.sdnotify import notify, ready
 from smtpproxy.senderlogin import SenderLoginPolicy
@@ -103,6 +104,9 @@ class MilterServer:
             raise StartupError(
                 f"milter.listen: cannot listen on {self.settings.listen}: {exc.strerror or exc}"
             ) from exc
+        settings = self.settings
+        if warning := shut_out_warning("milter", settings.listen, self.listen.host, settings.clients):
+            event("clients_only_this_host", level=logging.WARNING, section="milter", warning=warning)
         event("listening", milter=self.settings.listen, address=str(self.address),
               plugins=[s.name for s in self.chain.steps],
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0], version=__version__,
@@ -125,6 +129,12 @@ class MilterServer:
         peer = connection.transport.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else "unix"
         current_session.set(None)
+        if not self.listen.path and not peer_in_networks(peer, self.settings.clients):
+            # Nobody else's business: a stranger could poison greylisting and rate limits with
+            # made-up sessions, or probe the access lists.
+            event("milter_refused", level=logging.WARNING, peer=peer_text, reason="client")
+            connection.transport.close()
+            return
         if len(self._connections) >= self.config.limits.max_sessions:
             # Closed before a packet: the MTA applies its milter_default_action. (No per-IP
             # cap: every connection comes from the MTA, one per SMTP session it holds.)

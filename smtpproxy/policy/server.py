@@ -21,6 +21,7 @@ from smtpproxy.config import Config, ConfigSource
 from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.history import HistoryRecorder, node_name
+from smtpproxy.networks import peer_in_networks, shut_out_warning
 from smtpproxy.policy.applicability import message_plugins
 from smtpproxy.policy.protocol import Limits, PolicyProtocolError, format_action, read_request
 from smtpproxy.policy.service import PolicyService, PolicySettings
@@ -105,6 +106,9 @@ class PolicyServer:
             raise StartupError(
                 f"policy.listen: cannot listen on {self.settings.listen}: {exc.strerror or exc}"
             ) from exc
+        settings = self.settings
+        if warning := shut_out_warning("policy", settings.listen, self.listen.host, settings.clients):
+            event("clients_only_this_host", level=logging.WARNING, section="policy", warning=warning)
         event("listening", policy=self.settings.listen, address=str(self.address),
               plugins=[s.name for s in self.chain.steps],
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0], version=__version__,
@@ -116,6 +120,11 @@ class PolicyServer:
         peer = writer.get_extra_info("peername")
         peer_text = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and peer else "unix"
         current_session.set(None)
+        if not self.listen.path and not peer_in_networks(peer, self.settings.clients):
+            # A stranger could poison greylisting and rate limits, or probe the access lists.
+            event("policy_refused", level=logging.WARNING, peer=peer_text, reason="client")
+            writer.close()
+            return
         if len(self._connections) >= self.config.limits.max_sessions:
             event("policy_refused", level=logging.WARNING, peer=peer_text, reason="max_sessions",
                   max_sessions=self.config.limits.max_sessions)
