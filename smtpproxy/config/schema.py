@@ -504,11 +504,21 @@ class Logging(_Model):
     )
 
 
+def _check_clients(value: list[Any]) -> list[Any]:
+    if not value:
+        raise field_error("clients_empty", "must list at least one network: with none, no host could "
+                          "connect (127.0.0.1/32 for this host alone)")
+    return value
+
+
+Clients = Annotated[list[Network], AfterValidator(_check_clients)]
+
+
 def _clients(what: str, refused: str,
              unix: str = " Not used for a unix: socket (its permissions decide).") -> Any:
     """``clients:`` of a listener with no authentication of its own: only these hosts talk to it."""
     return Field(
-        default_factory=lambda: list(LOOPBACK), min_length=1,
+        default_factory=lambda: list(LOOPBACK),
         description=(
             f"Networks whose hosts may connect to {what} over TCP (CIDR, no host bits); any other "
             f"host's connection is {refused} and logged. This host only by default, wherever it "
@@ -528,7 +538,7 @@ class Metrics(_Model):
         default="127.0.0.1", description="Address to serve on; keep it private (no authentication)."
     )
     port: int = Field(default=9125, strict=True, ge=0, le=65535, description="TCP port (0: any free port).")
-    clients: list[Network] = _clients("/metrics, /healthz and /readyz", "answered 403", unix="")
+    clients: Clients = _clients("/metrics, /healthz and /readyz", "answered 403", unix="")
     ready_cache: float = Field(
         default=5, strict=True, gt=0, allow_inf_nan=False,
         description="Seconds a /readyz upstream probe is reused (so scrapers cannot hammer the upstream).",
@@ -559,7 +569,7 @@ class Milter(_Model):
         default="inet:127.0.0.1:8890",
         description="Where the MTA connects: `inet:HOST:PORT` (`inet:[::1]:PORT`) or `unix:/PATH`.",
     )
-    clients: list[Network] = _clients("the milter", "closed before its first packet")
+    clients: Clients = _clients("the milter", "closed before its first packet")
     socket_mode: str = Field(
         default="0660", pattern=r"^0?[0-7]{3}$",
         description="Permissions of the Unix socket (octal); the MTA's user must be able to write it.",
@@ -607,7 +617,7 @@ class Policy(_Model):
         default="inet:127.0.0.1:10040",
         description="Where Postfix's check_policy_service connects: `inet:HOST:PORT` or `unix:/PATH`.",
     )
-    clients: list[Network] = _clients("the policy service", "closed before its first request")
+    clients: Clients = _clients("the policy service", "closed before its first request")
     socket_mode: str = Field(
         default="0660", pattern=r"^0?[0-7]{3}$",
         description="Permissions of the Unix socket (octal); Postfix's user must be able to write it.",

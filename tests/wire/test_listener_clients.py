@@ -85,7 +85,7 @@ def test_an_empty_list_is_refused_with_file_line_and_key(tmp_path: Path, section
     path.write_text(f"{section}:\n  clients: []\n")
     with pytest.raises(ConfigError) as refused:
         load_config(path)
-    assert f"smtpproxy.yaml:2:3: {section}.clients:" in str(refused.value)
+    assert f"smtpproxy.yaml:2:3: {section}.clients: must list at least one network" in str(refused.value)
 
 
 async def test_the_milter_closes_a_stranger_before_its_first_packet(
