@@ -39,13 +39,19 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
 
 from smtpproxy.delivery import Delivery, DeliveryState
 from smtpproxy.eventlog import event
 from smtpproxy.metrics import PrometheusRecorder
-from smtpproxy.networks import LOOPBACK, IPNetwork, peer_in_networks
+from smtpproxy.networks import LOOPBACK, IPNetwork, peer_in_networks, shut_out_warning
+from smtpproxy.startup import StartupError
 
-__all__ = ["DeliveryState", "HealthServer", "Readiness"]
+if TYPE_CHECKING:
+    from smtpproxy.config.schema import Metrics as MetricsSettings
+
+__all__ = ["DeliveryState", "HealthServer", "NoDeliveryReadiness", "Readiness", "ReadinessCheck",
+           "open_health"]
 
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
@@ -112,6 +118,10 @@ class Readiness:
         finally:
             self._probing = None
 
+    async def before_scrape(self) -> None:
+        """Refresh the delivery gauges if stale, without waiting for the probe."""
+        await self.delivery_state(wait=False)
+
     async def close(self) -> None:
         """Cancel a probe still running in the background."""
         if self._probing is not None:
@@ -119,10 +129,41 @@ class Readiness:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probing
 
+class ReadinessCheck(Protocol):
+    """What /readyz and a /metrics scrape ask of a front end."""
+
+    async def check(self) -> ReadyState: ...
+
+    async def before_scrape(self) -> None:
+        """Bring the gauges a scrape reports up to date (at most a cached probe)."""
+
+    async def close(self) -> None: ...
+
+
+class NoDeliveryReadiness:
+    """The milter's and the policy service's: the MTA delivers, so they are ready whenever
+    they are not shutting down."""
+
+    def __init__(self, what: str, stopping: Callable[[], bool]):
+        self.what = what
+        self.stopping = stopping
+
+    async def check(self) -> ReadyState:
+        if self.stopping():
+            return ReadyState(False, "shutting down")
+        return ReadyState(True, f"{self.what}: no delivery of its own (the MTA delivers)")
+
+    async def before_scrape(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
 class HealthServer:
     """Serves /healthz, /readyz and /metrics on one address."""
 
-    def __init__(self, address: str, port: int, readiness: Readiness,
+    def __init__(self, address: str, port: int, readiness: ReadinessCheck,
                  metrics: PrometheusRecorder | None, clients: Sequence[IPNetwork] = LOOPBACK):
         self.address = address
         self.port = port
@@ -191,7 +232,7 @@ class HealthServer:
         if path == "/metrics":
             if self.metrics is None:
                 return 404, b"metrics are disabled (metrics.enabled: false)\n", text
-            await self.readiness.delivery_state(wait=False)  # refresh the delivery gauges if stale
+            await self.readiness.before_scrape()
             exposition, ctype = self.metrics.exposition()
             return 200, exposition, ctype
         return 404, b"not found; try /metrics, /healthz or /readyz\n", text
@@ -222,3 +263,21 @@ async def _respond(writer: asyncio.StreamWriter, status: int, body: bytes,
     ]
     writer.write(("\r\n".join(headers) + "\r\n\r\n").encode("latin-1") + body)
     await writer.drain()
+
+
+async def open_health(settings: MetricsSettings, port: int, readiness: ReadinessCheck,
+                      metrics: PrometheusRecorder | None) -> HealthServer:
+    """The endpoint of ``metrics:`` for any front end, listening: said at start when its
+    ``clients`` shut out the hosts its address lets in; StartupError when the port is taken."""
+    if warning := shut_out_warning("metrics", f"{settings.address}:{port}", settings.address,
+                                   settings.clients):
+        event("clients_only_this_host", level=logging.WARNING, section="metrics", warning=warning)
+    server = HealthServer(settings.address, port, readiness, metrics, settings.clients)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise StartupError(
+            f"metrics: cannot listen on {settings.address}:{port}: {exc.strerror or exc}") from exc
+    host, bound = server.bound
+    event("metrics_listening", address=host, port=bound, paths="/metrics,/healthz,/readyz")
+    return server

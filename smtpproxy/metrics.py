@@ -21,17 +21,22 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from smtpproxy import __version__
+from smtpproxy.hookspecs import PHASES
 from smtpproxy.session import Outcome
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
+
+    from smtpproxy.chain import Chain
 
 __all__ = [
     "MetricsUnavailable",
     "NullRecorder",
     "PrometheusRecorder",
     "Recorder",
+    "front_end_recorder",
     "make_recorder",
+    "plugin_phases",
 ]
 
 PLUGIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -58,7 +63,8 @@ class NullRecorder:
 
     enabled = False
 
-    def prepare(self, backend: str, upstreams: Iterable[str], plugins: Iterable[tuple[str, str]]) -> None:
+    def prepare(self, backend: str | None, upstreams: Iterable[str], plugins: Iterable[tuple[str, str]],
+                refusals: Iterable[str] = REFUSAL_REASONS) -> None:
         pass
 
     def session_started(self) -> None:
@@ -116,7 +122,10 @@ class PrometheusRecorder(NullRecorder):
 
     enabled = True
 
-    def __init__(self, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int]):
+    def __init__(self, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int], *,
+                 delivers: bool = True):
+        """*delivers* False: the milter's or the policy service's, whose delivery, upstream,
+        reload and login series stay out of the exposition (the MTA does those)."""
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         except ImportError as exc:
@@ -126,6 +135,9 @@ class PrometheusRecorder(NullRecorder):
             ) from exc
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The proxy's own series: on a registry nobody scrapes for the other front ends, so
+        # that the methods stay the same for all.
+        proxy_only = r if delivers else CollectorRegistry(auto_describe=True)
         # process_start_time_seconds (a restart: SmtpproxyRestarting), CPU, memory, open files
         register_process_metrics(r)
         Gauge("smtpproxy_info", "Version of the running proxy (always 1).", ["version"],
@@ -135,14 +147,15 @@ class PrometheusRecorder(NullRecorder):
         self.refused = Counter(
             "smtpproxy_connections_refused",
             "Connections turned away before the greeting, by reason "
-            "(max_sessions, max_sessions_per_ip, shutting_down).",
+            "(max_sessions, max_sessions_per_ip, shutting_down; the milter and the policy "
+            "service: max_sessions, client).",
             ["reason"], registry=r,
         )
         active = Gauge("smtpproxy_active_sessions", "SMTP sessions open now.", registry=r)
         active.set_function(active_sessions)
         old = Gauge(
             "smtpproxy_sessions_on_previous_chain",
-            "Sessions still running on a plugin chain replaced by a reload.", registry=r,
+            "Sessions still running on a plugin chain replaced by a reload.", registry=proxy_only,
         )
         old.set_function(old_chain_sessions)
         self.messages = Counter(
@@ -179,60 +192,60 @@ class PrometheusRecorder(NullRecorder):
         self.delivering = Gauge(
             "smtpproxy_deliveries_in_progress",
             "Sessions waiting on the delivery backend (upstream) for a message right now.",
-            registry=r,
+            registry=proxy_only,
         )
         self.delivery_seconds = Histogram(
             "smtpproxy_upstream_duration_seconds",
             "Time to hand one message to the delivery backend (connect or reuse, "
             "MAIL, RCPT, DATA), by backend and result (ok, tempfail, reject, error).",
-            ["backend", "result"], buckets=UPSTREAM_BUCKETS, registry=r,
+            ["backend", "result"], buckets=UPSTREAM_BUCKETS, registry=proxy_only,
         )
         self.delivery_failures = Counter(
             "smtpproxy_upstream_errors", "Messages the delivery backend did not take, "
-            "by backend and result (tempfail, reject, error).", ["backend", "result"], registry=r,
+            "by backend and result (tempfail, reject, error).", ["backend", "result"], registry=proxy_only,
         )
         self.rcpt_answers = Counter(
             "smtpproxy_upstream_rcpt",
             "Upstream answers to RCPT (rcpt_mode relay), by result (ok, tempfail, reject); "
             "tempfail includes the proxy's own 451 when no upstream could be reached.",
-            ["result"], registry=r,
+            ["result"], registry=proxy_only,
         )
         self.delivery_ready = Gauge(
             "smtpproxy_delivery_ready",
             "1 if the last delivery probe (/readyz, /metrics; at most once per "
             "metrics.ready_cache) found every route reachable (Maildir: writable), else 0.",
-            registry=r,
+            registry=proxy_only,
         )
         self.delivery_ready.set(1)
         self.upstream_up = Gauge(
             "smtpproxy_upstream_up",
             "1 if the upstream greeted the last probe with 220 (and its certificate verified on "
-            "the last delivery), else 0.", ["upstream"], registry=r,
+            "the last delivery), else 0.", ["upstream"], registry=proxy_only,
         )
         self.down = Counter(
             "smtpproxy_upstream_connect_failures",
             "Upstream servers that failed to connect or greet (each starts a back-off), by "
             "reason (connect, timeout, tls, tls_verify, auth).",
-            ["upstream", "reason"], registry=r,
+            ["upstream", "reason"], registry=proxy_only,
         )
         self.identity = Gauge(
             "smtpproxy_upstream_client_identity",
             "1 for how each upstream was last told the original client (xclient, xforward, "
             "none); none means the upstream sees the proxy as the client.",
-            ["upstream", "mechanism"], registry=r,
+            ["upstream", "mechanism"], registry=proxy_only,
         )
         self.reloads = Counter("smtpproxy_config_reloads", "Configuration reloads by result (ok, failed).",
-                               ["result"], registry=r)
+                               ["result"], registry=proxy_only)
         self.last_reload_ok = Gauge(
             "smtpproxy_config_last_reload_successful", "1 if the last reload succeeded (or none yet).",
-            registry=r,
+            registry=proxy_only,
         )
         self.last_reload_ok.set(1)
         self.auth = Counter(
             "smtpproxy_auth_throttle_events",
             "Login throttle events (docs/submission.md): auth_failed, auth_delayed, auth_locked "
             "(an address locked out), auth_locked_refused (a login refused during a lockout), "
-            "auth_spraying (one address trying many logins).", ["event"], registry=r,
+            "auth_spraying (one address trying many logins).", ["event"], registry=proxy_only,
         )
         self.history_entries = Counter(
             "smtpproxy_history_entries",
@@ -250,13 +263,19 @@ class PrometheusRecorder(NullRecorder):
             child = self._children[key] = metric.labels(*labels)
         return child
 
-    def prepare(self, backend: str, upstreams: Iterable[str], plugins: Iterable[tuple[str, str]]) -> None:
+    def prepare(self, backend: str | None, upstreams: Iterable[str], plugins: Iterable[tuple[str, str]],
+                refusals: Iterable[str] = REFUSAL_REASONS) -> None:
         """Create every series whose labels are known now, at 0, so that the first event
-        is an increase rate() and increase() see (a series born at 1 shows none)."""
+        is an increase rate() and increase() see (a series born at 1 shows none). *backend*
+        None: a front end that neither delivers nor reloads (the milter, the policy service)."""
         for decision in DECISIONS:
             self._child(self.messages, decision)
-        for reason in REFUSAL_REASONS:
+        for reason in refusals:
             self._child(self.refused, reason)
+        for plugin, phase in plugins:
+            self._child(self.plugin_errors, plugin, phase)
+        if backend is None:
+            return
         for result in FAILURE_RESULTS:
             self._child(self.delivery_failures, backend, result)
         for result in RCPT_RESULTS:
@@ -264,8 +283,6 @@ class PrometheusRecorder(NullRecorder):
         for upstream in upstreams:
             for reason in DOWN_REASONS:
                 self._child(self.down, upstream, reason)
-        for plugin, phase in plugins:
-            self._child(self.plugin_errors, plugin, phase)
         for result in ("ok", "failed"):
             self._child(self.reloads, result)
 
@@ -365,9 +382,33 @@ def register_process_metrics(registry: Any, proc: str = "/proc") -> None:
 
 
 def make_recorder(
-    enabled: bool, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int]
+    enabled: bool, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int], *,
+    delivers: bool = True,
 ) -> NullRecorder:
     """The recorder for a proxy; MetricsUnavailable when enabled without prometheus_client."""
     if not enabled:
         return NullRecorder()
-    return PrometheusRecorder(active_sessions, old_chain_sessions)
+    return PrometheusRecorder(active_sessions, old_chain_sessions, delivers=delivers)
+
+
+def plugin_phases(chain: Chain) -> list[tuple[str, str]]:
+    """(plugin, phase) for every phase hook of the chain and its policy groups' chains: the
+    plugin error series to create."""
+    return list(dict.fromkeys((name, phase) for c in chain.family for phase in PHASES
+                              for name in c.implementers(phase)))
+
+
+FRONT_END_REFUSALS = ("max_sessions", "client")
+"""Why the milter or the policy service closes a connection before its first packet or
+request: ``limits.max_sessions``, or a host not in its ``clients``."""
+
+
+def front_end_recorder(enabled: bool, chain: Chain, active_sessions: Callable[[], int]) -> NullRecorder:
+    """The recorder of the milter or the policy service, its series created: the same
+    metrics as the proxy's for what they share (sessions, refusals, plugin verdicts and
+    timings, messages by decision), none for delivery or reloads, which they do not do.
+    MetricsUnavailable when enabled without prometheus_client."""
+    recorder = make_recorder(enabled, active_sessions, lambda: 0, delivers=False)
+    recorder.prepare(None, (), plugin_phases(chain), refusals=FRONT_END_REFUSALS)
+    recorder.shadowed(chain.shadowed_anywhere)
+    return recorder

@@ -27,16 +27,14 @@ from smtpproxy.config import LoginThrottle as LoginThrottleConfig
 from smtpproxy.delivery import Delivery
 from smtpproxy.delivery.factory import config_hostname, make_delivery
 from smtpproxy.eventlog import event
-from smtpproxy.health import HealthServer, Readiness
+from smtpproxy.health import HealthServer, Readiness, open_health
 from smtpproxy.history import HistoryRecorder, node_name
-from smtpproxy.hookspecs import PHASES
 from smtpproxy.implicit_tls import ImplicitTLSGate
 from smtpproxy.inbound import InboundSMTP
 from smtpproxy.limits import ConnectionLimiter
 from smtpproxy.listener import ListenerPolicy, Services
 from smtpproxy.loginthrottle import LoginThrottle, RedisStore, ThrottleSettings
-from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder
-from smtpproxy.networks import shut_out_warning
+from smtpproxy.metrics import MetricsUnavailable, PrometheusRecorder, make_recorder, plugin_phases
 from smtpproxy.pidfile import remove_pid_file, write_pid_file
 from smtpproxy.proxyprotocol import ProxyProtocolSettings
 from smtpproxy.quarantine import QuarantineStore
@@ -324,25 +322,17 @@ class ProxyServer:
     async def _start_health(self, metrics: PrometheusRecorder) -> None:
         delivery, m = self.services.delivery, self.config.metrics
         delivery.report_to(metrics.upstream_down, metrics.upstream_identity)
-        metrics.prepare(delivery.name, delivery.upstream_names(), _plugin_phases(self.services.chain))
+        metrics.prepare(delivery.name, delivery.upstream_names(), plugin_phases(self.services.chain))
         metrics.shadowed(self.services.chain.shadowed_anywhere)
         readiness = Readiness(delivery, lambda: self._stopping, cache_seconds=m.ready_cache,
                               require_delivery=m.ready_requires_delivery,
                               on_probe=metrics.delivery_probed)
         port = m.port + self.worker if self.worker is not None and m.port else m.port
-        if warning := shut_out_warning("metrics", f"{m.address}:{port}", m.address, m.clients):
-            event("clients_only_this_host", level=logging.WARNING, section="metrics", warning=warning)
-        self.health = HealthServer(m.address, port, readiness, metrics, m.clients)
         try:
-            await self.health.start()
-        except OSError as exc:
-            self.health = None
+            self.health = await open_health(m, port, readiness, metrics)
+        except StartupError:
             await self._close_servers()
-            raise StartupError(
-                f"metrics: cannot listen on {m.address}:{m.port}: {exc.strerror or exc}"
-            ) from exc
-        host, port = self.health.bound
-        event("metrics_listening", address=host, port=port, paths="/metrics,/healthz,/readyz")
+            raise
 
     async def reload(self) -> bool:
         """Re-read the configuration file and apply it to new sessions; True if it was applied.
@@ -419,7 +409,7 @@ class ProxyServer:
         self._listener_state = state
         self.config, self.source = applied, source
         services.leases.retire(old_chain)
-        services.metrics.prepare(services.delivery.name, (), _plugin_phases(chain))
+        services.metrics.prepare(services.delivery.name, (), plugin_phases(chain))
         services.metrics.shadowed(chain.shadowed_anywhere)
         services.metrics.reloaded(True)
         event("reload", level=logging.WARNING if restart else logging.INFO, result="ok", file=file,
@@ -587,8 +577,3 @@ def _group_names(chain: Chain) -> list[str] | None:
     return [g.name for g in chain.policies.groups] if chain.policies is not None else None
 
 
-def _plugin_phases(chain: Chain) -> list[tuple[str, str]]:
-    """(plugin, phase) for every phase hook of the chain and its policy groups' chains: the
-    plugin error series to create."""
-    return list(dict.fromkeys((name, phase) for c in chain.family for phase in PHASES
-                              for name in c.implementers(phase)))

@@ -528,7 +528,8 @@ def _clients(what: str, refused: str,
 
 
 class Metrics(_Model):
-    """The HTTP endpoint for Prometheus metrics, /healthz and /readyz (see docs/operations.md)."""
+    """The HTTP endpoint for Prometheus metrics, /healthz and /readyz (see docs/operations.md),
+    of the proxy, the milter or the policy service, whichever runs with this file."""
 
     enabled: bool = Field(
         default=False, strict=True,

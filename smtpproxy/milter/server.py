@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -26,7 +27,9 @@ from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
+from smtpproxy.health import HealthServer, NoDeliveryReadiness, open_health
 from smtpproxy.history import HistoryRecorder, node_name
+from smtpproxy.metrics import MetricsUnavailable, NullRecorder, PrometheusRecorder, front_end_recorder
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError
 from smtpproxy.milter.session import MilterPolicy, MilterSession
@@ -74,6 +77,10 @@ class MilterServer:
         )
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self.metrics = NullRecorder()
+        """Counts sessions, refusals, plugin verdicts and messages (``metrics.enabled``)."""
+        self.health: HealthServer | None = None
+        """/metrics, /healthz and /readyz, with ``metrics.enabled``."""
         self._stopped = asyncio.Event()
         self._stopping = False
         self._hurry = asyncio.Event()
@@ -89,8 +96,15 @@ class MilterServer:
         return host, port
 
     async def start(self) -> None:
+        try:
+            self.metrics = front_end_recorder(self.config.metrics.enabled, self.chain,
+                                              lambda: len(self._connections))
+        except MetricsUnavailable as exc:
+            raise StartupError(str(exc)) from exc
+        self.policy = dataclasses.replace(self.policy, metrics=self.metrics)
         await start_chain(self.chain, self.config.dns)
         if self.policy.history is not None:
+            self.policy.history.metrics = self.metrics
             self.policy.history.start()
         try:
             if self.listen.path:
@@ -107,6 +121,14 @@ class MilterServer:
         settings = self.settings
         if warning := shut_out_warning("milter", settings.listen, self.listen.host, settings.clients):
             event("clients_only_this_host", level=logging.WARNING, section="milter", warning=warning)
+        if isinstance(self.metrics, PrometheusRecorder):
+            try:
+                self.health = await open_health(self.config.metrics, self.config.metrics.port,
+                                                NoDeliveryReadiness("milter", lambda: self._stopping),
+                                                self.metrics)
+            except StartupError:
+                self._server.close()
+                raise
         event("listening", milter=self.settings.listen, address=str(self.address),
               plugins=[s.name for s in self.chain.steps],
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0], version=__version__,
@@ -133,6 +155,7 @@ class MilterServer:
             # Nobody else's business: a stranger could poison greylisting and rate limits with
             # made-up sessions, or probe the access lists.
             event("milter_refused", level=logging.WARNING, peer=peer_text, reason="client")
+            self.metrics.connection_refused("client")
             connection.transport.close()
             return
         if len(self._connections) >= self.config.limits.max_sessions:
@@ -140,9 +163,11 @@ class MilterServer:
             # cap: every connection comes from the MTA, one per SMTP session it holds.)
             event("milter_refused", level=logging.WARNING, peer=peer_text, reason="max_sessions",
                   max_sessions=self.config.limits.max_sessions)
+            self.metrics.connection_refused("max_sessions")
             connection.transport.close()
             return
         self._connections.add(task)
+        self.metrics.session_started()
         replies = _Replies(connection)
         acks = _AckNow(connection.transport)
         session = MilterSession(self.chain, self.policy, replies.send, peer_text, replies.progress)
@@ -219,6 +244,8 @@ class MilterServer:
                 await asyncio.wait_for(self._server.wait_closed(), timeout=5)
         if self.listen.path:
             remove_socket(self.listen.path)
+        if self.health is not None:
+            await self.health.close()
         await self.chain.notify("shutdown")
         if self.policy.history is not None:
             await self.policy.history.close()

@@ -43,6 +43,7 @@ from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.history import HistoryRecorder
 from smtpproxy.message import Message
+from smtpproxy.metrics import NullRecorder
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError, Response
 from smtpproxy.milter.edits import body_edits, envelope_edits, header_edits
@@ -105,6 +106,8 @@ class MilterPolicy:
     """Where each decision is queued for the store's history (None: no store, or history off)."""
     node: str = ""
     """This milter's name in the store's history."""
+    metrics: NullRecorder | None = None
+    """Where plugin verdicts and messages are counted (``metrics.enabled``; None: nowhere)."""
 
 
 def no_reply_steps(chain: Chain, policy: MilterPolicy) -> int:
@@ -206,7 +209,8 @@ class MilterSession:
         the steps whose work can keep the MTA waiting (they get SMFIR_PROGRESS)."""
         self.macros = codec.Macros()
         self.session: Session | None = None
-        self.conversation = Conversation(chain, rules, history=policy.history, node=policy.node)
+        self.conversation = Conversation(chain, rules, metrics=policy.metrics, history=policy.history,
+                                         node=policy.node)
         self._reset_message()
 
     # -- helpers ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -20,7 +21,9 @@ from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
+from smtpproxy.health import HealthServer, NoDeliveryReadiness, open_health
 from smtpproxy.history import HistoryRecorder, node_name
+from smtpproxy.metrics import MetricsUnavailable, NullRecorder, PrometheusRecorder, front_end_recorder
 from smtpproxy.networks import peer_in_networks, shut_out_warning
 from smtpproxy.policy.applicability import message_plugins
 from smtpproxy.policy.protocol import Limits, PolicyProtocolError, format_action, read_request
@@ -69,6 +72,11 @@ class PolicyServer:
         self._history = history
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._stopping = False
+        self.metrics = NullRecorder()
+        """Counts sessions, refusals, plugin verdicts and messages (``metrics.enabled``)."""
+        self.health: HealthServer | None = None
+        """/metrics, /healthz and /readyz, with ``metrics.enabled``."""
 
     @property
     def address(self) -> tuple[str, int] | str:
@@ -88,8 +96,15 @@ class PolicyServer:
                   only_message=list(self.message_plugins.only_message),
                   partly=list(self.message_plugins.partly),
                   note="Postfix's policy protocol carries no message: their data hook does not run")
+        try:
+            self.metrics = front_end_recorder(self.config.metrics.enabled, self.chain,
+                                              lambda: len(self._connections))
+        except MetricsUnavailable as exc:
+            raise StartupError(str(exc)) from exc
+        self.service.settings = dataclasses.replace(self.service.settings, metrics=self.metrics)
         await start_chain(self.chain, self.config.dns)
         if self._history is not None:
+            self._history.metrics = self.metrics
             self._history.start()
         limit = self.limits.max_line + 2  # the LF (and a CR) beyond the longest line
         try:
@@ -109,6 +124,14 @@ class PolicyServer:
         settings = self.settings
         if warning := shut_out_warning("policy", settings.listen, self.listen.host, settings.clients):
             event("clients_only_this_host", level=logging.WARNING, section="policy", warning=warning)
+        if isinstance(self.metrics, PrometheusRecorder):
+            try:
+                self.health = await open_health(self.config.metrics, self.config.metrics.port,
+                                                NoDeliveryReadiness("policy", lambda: self._stopping),
+                                                self.metrics)
+            except StartupError:
+                self._server.close()
+                raise
         event("listening", policy=self.settings.listen, address=str(self.address),
               plugins=[s.name for s in self.chain.steps],
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0], version=__version__,
@@ -123,14 +146,17 @@ class PolicyServer:
         if not self.listen.path and not peer_in_networks(peer, self.settings.clients):
             # A stranger could poison greylisting and rate limits, or probe the access lists.
             event("policy_refused", level=logging.WARNING, peer=peer_text, reason="client")
+            self.metrics.connection_refused("client")
             writer.close()
             return
         if len(self._connections) >= self.config.limits.max_sessions:
             event("policy_refused", level=logging.WARNING, peer=peer_text, reason="max_sessions",
                   max_sessions=self.config.limits.max_sessions)
+            self.metrics.connection_refused("max_sessions")
             writer.close()
             return
         self._connections.add(task)
+        self.metrics.session_started()
         try:
             while True:
                 async with asyncio.timeout(self.settings.timeout):
@@ -157,6 +183,7 @@ class PolicyServer:
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop listening, give open connections *grace* seconds, then close them."""
+        self._stopping = True
         grace = self.config.limits.shutdown_grace if grace is None else grace
         event("shutdown", connections=len(self._connections), grace=grace)
         if self._server is not None:
@@ -173,6 +200,8 @@ class PolicyServer:
         if self.listen.path:
             remove_socket(self.listen.path)
         await self.service.close()
+        if self.health is not None:
+            await self.health.close()
         await self.chain.notify("shutdown")
         if self._history is not None:
             await self._history.close()

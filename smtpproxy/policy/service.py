@@ -35,6 +35,7 @@ from smtpproxy.chain import Chain
 from smtpproxy.conversation import Conversation, Rules
 from smtpproxy.eventlog import current_session, event
 from smtpproxy.history import HistoryRecorder
+from smtpproxy.metrics import NullRecorder
 from smtpproxy.outcome import Deliver, FailureAction, Refusal, end_of_message, on_plugin_failure
 from smtpproxy.session import Client, Recipient, Session, TLSInfo, Transaction
 from smtpproxy.verdicts import Reply
@@ -63,6 +64,8 @@ class PolicySettings:
     max_recipients: int = 1000
     history: HistoryRecorder | None = None
     node: str = ""
+    metrics: NullRecorder | None = None
+    """Where plugin verdicts and messages are counted (``metrics.enabled``; None: nowhere)."""
 
 
 def action_for(outcome: Refusal | Deliver | None, quarantine_action: QuarantineAction = "tempfail") -> str:
@@ -283,8 +286,8 @@ class PolicyService:
                                     "sasl_method", "sasl_sender", "stress", "instance")
             if request.get(k)
         }
-        conversation = Conversation(self.chain, self.rules, history=self.settings.history,
-                                    node=self.settings.node)
+        conversation = Conversation(self.chain, self.rules, metrics=self.settings.metrics,
+                                    history=self.settings.history, node=self.settings.node)
         return _Instance(session, conversation, time.perf_counter())
 
     def _expire(self) -> None:

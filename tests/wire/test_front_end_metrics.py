@@ -1,0 +1,188 @@
+"""``metrics:`` for the milter and the policy service: the proxy's endpoint (/metrics, /healthz,
+/readyz, ``metrics.clients``) and the series they share with it, scraped over real HTTP after
+real milter and policy conversations. Before, these front ends had no metrics at all, so the
+alerts and the dashboard had nothing to read where smtpproxy runs inside Postfix."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from smtpproxy import Session, Verdict, hookimpl
+from smtpproxy.milter import codec
+from smtpproxy.milter.server import MilterServer
+from smtpproxy.policy.server import PolicyServer
+from smtpproxy.session import Recipient, Transaction
+from smtpproxy.startup import StartupError
+from tests.conftest import chain_of, make_config
+from tests.wire.test_metrics import http, value
+from tests.wire.test_milter import BODY, HEADERS, FakeMTA
+from tests.wire.test_policy import Client, request
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+class Gate:
+    """Refuses bad@ at RCPT; everyone else passes with a score."""
+
+    name = "gate"
+
+    @hookimpl
+    def rcpt_to(self, session: Session, transaction: Transaction, recipient: Recipient) -> Verdict | None:
+        if recipient.address.local == "bad":
+            return Verdict.reject("No such user", code=550, enhanced="5.1.1", reason="unknown user")
+        return Verdict.cont(score=1.0)
+
+
+Start = Callable[..., Awaitable[Any]]
+
+
+@pytest.fixture
+async def front_end(tmp_path: Path) -> AsyncIterator[Start]:
+    """Start a milter or a policy service on a free port, with metrics on a free port."""
+    started: list[MilterServer | PolicyServer] = []
+
+    async def start(kind: str, *plugins: object, metrics: dict[str, Any] | None = None,
+                    **settings: Any) -> MilterServer | PolicyServer:
+        config = make_config(tmp_path, metrics={"enabled": True, "port": 0, **(metrics or {})},
+                             **{kind: {"listen": "inet:127.0.0.1:0", **settings}})
+        server: MilterServer | PolicyServer = (MilterServer if kind == "milter" else PolicyServer)(
+            config, chain=chain_of(*plugins, timeout=2.0))
+        await server.start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        await server.stop(grace=1)
+
+
+def _port(server: MilterServer | PolicyServer) -> int:
+    assert server.health is not None
+    return server.health.bound[1]
+
+
+async def scrape(server: MilterServer | PolicyServer) -> Samples:
+    status, ctype, body = await http(_port(server), "/metrics")
+    assert status == 200 and ctype.startswith("text/plain; version=")
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
+
+
+async def eventually(server: MilterServer | PolicyServer, check: Callable[[Samples], bool]) -> Samples:
+    samples: Samples = {}
+    for _ in range(200):
+        samples = await scrape(server)
+        if check(samples):
+            return samples
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"metrics never matched; last scrape: {samples}")
+
+
+async def test_the_milter_counts_its_sessions_verdicts_and_messages(front_end: Start) -> None:
+    server = await front_end("milter", Gate())
+    before = await scrape(server)
+    assert value(before, "smtpproxy_sessions_total") == 0
+    assert ("smtpproxy_messages_total", frozenset({("decision", "delivered")})) in before  # at 0
+    assert ("smtpproxy_plugin_errors_total", frozenset({("plugin", "gate"), ("phase", "rcpt_to")})) in before
+    assert not [name for name, _ in before if name.startswith(("smtpproxy_upstream", "smtpproxy_config_"))]
+    assert value(before, "process_start_time_seconds") > 0
+
+    mta = await FakeMTA.open(server)
+    await mta.start()
+    await mta.passes(codec.Helo("client.test"))
+    await mta.passes(codec.Mail(("<alice@sender.test>",)), i="4ABC")
+    refused = await mta.event(codec.Rcpt(("<bad@dest.test>",)))
+    assert refused and isinstance(refused[-1], codec.ReplyCode)
+    await mta.passes(codec.Rcpt(("<bob@dest.test>",)))
+    assert await mta.content(HEADERS, BODY) == [codec.Accept()]
+    await mta.close()
+
+    samples = await eventually(server, lambda s: value(s, "smtpproxy_messages_total", decision="delivered") == 1)
+    assert value(samples, "smtpproxy_sessions_total") == 1
+    assert value(samples, "smtpproxy_plugin_verdicts_total", plugin="gate", phase="rcpt_to", action="reject") == 1
+    assert value(samples, "smtpproxy_plugin_verdicts_total", plugin="gate", phase="rcpt_to", action="continue") == 1
+    assert value(samples, "smtpproxy_message_processing_seconds_count") == 1
+
+
+async def test_the_milter_counts_whom_it_turns_away(front_end: Start) -> None:
+    server = await front_end("milter", clients=["127.0.0.1/32"])
+    assert isinstance(server.address, tuple)
+    reader, writer = await asyncio.open_connection(*server.address, local_addr=("127.0.0.2", 0))
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    samples = await eventually(server, lambda s: value(s, "smtpproxy_connections_refused_total",
+                                                       reason="client") == 1)
+    assert value(samples, "smtpproxy_connections_refused_total", reason="max_sessions") == 0
+    assert value(samples, "smtpproxy_sessions_total") == 0
+
+
+async def test_the_policy_service_counts_its_requests_verdicts(front_end: Start) -> None:
+    server = await front_end("policy", Gate(), message_plugins="warn")
+    assert isinstance(server.address, tuple)
+    client = Client(*await asyncio.open_connection(*server.address))
+    assert (await client.ask(request("RCPT", recipient="bad@dest.test"))).startswith("550 5.1.1 ")
+    assert await client.ask(request("RCPT", recipient="bob@dest.test")) == "DUNNO"
+    assert await client.ask(request("END-OF-MESSAGE", recipient="")) == "DUNNO"
+    client.close()
+    samples = await eventually(server, lambda s: value(s, "smtpproxy_messages_total", decision="delivered") == 1)
+    assert value(samples, "smtpproxy_sessions_total") == 1
+    assert value(samples, "smtpproxy_plugin_verdicts_total", plugin="gate", phase="rcpt_to", action="continue") == 1
+    assert value(samples, "smtpproxy_plugin_verdicts_total", plugin="gate", phase="rcpt_to", action="reject") == 1
+    assert ("smtpproxy_connections_refused_total", frozenset({("reason", "client")})) in samples  # at 0
+
+
+@pytest.mark.parametrize("kind", ["milter", "policy"])
+async def test_healthz_readyz_and_clients_as_for_the_proxy(front_end: Start, kind: str) -> None:
+    server = await front_end(kind, metrics={"clients": ["127.0.0.1/32"]})
+    port = _port(server)
+    assert await http(port, "/healthz") == (200, "text/plain; charset=utf-8", b"ok\n")
+    status, _, body = await http(port, "/readyz")
+    assert status == 200 and body == f"ready\n{kind}: no delivery of its own (the MTA delivers)\n".encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=("127.0.0.2", 0))
+    writer.write(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert (await asyncio.wait_for(reader.read(), 10)).startswith(b"HTTP/1.1 403 Forbidden\r\n")
+    writer.close()
+
+
+@pytest.mark.parametrize("kind", ["milter", "policy"])
+async def test_readyz_says_shutting_down_while_sessions_drain(front_end: Start, kind: str) -> None:
+    server = await front_end(kind)
+    port = _port(server)
+    assert isinstance(server.address, tuple)
+    _, held = await asyncio.open_connection(*server.address)  # a session that keeps the drain going
+    await asyncio.sleep(0.1)
+    stopping = asyncio.create_task(server.stop(grace=5))
+    for _ in range(100):
+        status, _, body = await http(port, "/readyz")
+        if status == 503:
+            break
+        await asyncio.sleep(0.02)
+    assert (status, body) == (503, b"not ready\nshutting down\n")
+    held.close()
+    await stopping
+
+
+@pytest.mark.parametrize("kind", ["milter", "policy"])
+async def test_a_metrics_port_in_use_is_a_startup_error(tmp_path: Path, kind: str) -> None:
+    from tests.daemons import free_port
+
+    listen = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = make_config(tmp_path, metrics={"enabled": True, "port": port},
+                             **{kind: {"listen": f"inet:127.0.0.1:{listen}"}})
+        server = (MilterServer if kind == "milter" else PolicyServer)(config, chain=chain_of(timeout=1.0))
+        with pytest.raises(StartupError, match=f"metrics: cannot listen on 127.0.0.1:{port}"):
+            await server.start()
+        await asyncio.sleep(0.1)
+        with pytest.raises(OSError):  # its own listener was closed again
+            socket.create_connection(("127.0.0.1", listen), timeout=2).close()
