@@ -182,12 +182,17 @@ def _ask(milter: str | None = None, policy: str | None = None) -> str:
     ("smtpproxy-policy.service", "policy: {listen: 'inet:127.0.0.1:10040'}", _ask(policy="127.0.0.1:10040")),
 ])
 def test_the_milter_and_policy_units_start_answer_and_stop(pid1: Pid1, unit: str, listen: str, ask: str) -> None:
-    pid1.configure(listen + "\n")
+    """... and serve their metrics, the process metrics included, through the sandbox."""
+    pid1.configure(listen + "\nmetrics: {enabled: true, port: 9127}\n")
     pid1.install_unit(unit)
     pid1.systemctl("start", unit)
     pid1.wait_for(unit, {"ActiveState": "active", "SubState": "running"})
     answer = pid1.python(ask).strip()
     assert answer == ("O" if "milter" in unit else "action=DUNNO"), answer
+    metrics = pid1.python("import urllib.request; print(urllib.request.urlopen("
+                          "'http://127.0.0.1:9127/metrics', timeout=10).read().decode())")
+    assert re.search(r"^smtpproxy_sessions_total 1\.0$", metrics, re.M), metrics[:2000]
+    assert re.search(r"^process_start_time_seconds \d", metrics, re.M), metrics[:2000]
     pid1.systemctl("stop", unit)
     assert pid1.show(unit, "ActiveState", "Result", "NRestarts") == {
         "ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
