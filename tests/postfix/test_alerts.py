@@ -37,7 +37,7 @@ def test_promtool_accepts_the_rules() -> None:
         pytest.skip("promtool is not installed: apt-get install prometheus")
     result = subprocess.run([promtool, "check", "rules", str(RULES)], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "SUCCESS: 8 rules found" in result.stdout
+    assert "SUCCESS: 10 rules found" in result.stdout
 
 
 def test_every_rule_queries_served_metrics_only() -> None:
@@ -79,6 +79,40 @@ def test_the_restart_alert_counts_starts_not_scrapes(tmp_path: Path) -> None:
     }
     (tmp_path / "restart-test.yml").write_text(yaml.safe_dump(tests))
     result = subprocess.run([promtool, "test", "rules", str(tmp_path / "restart-test.yml")],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(("alert", "series", "summary"), [
+    ("SmtpproxyHistoryDropped", 'smtpproxy_history_entries_total{{job="smtpproxy",instance="{instance}",result="dropped"}}',
+     "a:9125: 300 history entries dropped in 10 minutes: the store is slow or down"),
+    ("SmtpproxyPasswordSpraying",
+     'smtpproxy_auth_throttle_events_total{{job="smtpproxy",instance="{instance}",event="auth_spraying"}}',
+     "a:9125: password spraying seen in the last 15 minutes (see event=auth_spraying)"),
+])
+def test_a_counter_alert_fires_on_an_increase_only(tmp_path: Path, alert: str, series: str, summary: str) -> None:
+    """``promtool test rules``: the counter rising on one proxy fires for it alone; one that
+    stays where it was (however high) and one that restarted from 0 do not."""
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed: apt-get install prometheus")
+    values = {"a:9125": "0 0 100 200 300 300", "b:9125": "500x5", "c:9125": "40 40 0 0 0 0"}
+    tests = {
+        "rule_files": [str(RULES)],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": [{"series": series.format(instance=instance), "values": v}
+                             for instance, v in values.items()],
+            "alert_rule_test": [{
+                "eval_time": "5m", "alertname": alert,
+                "exp_alerts": [{"exp_labels": {"severity": "warning", "instance": "a:9125"},
+                                "exp_annotations": {"summary": summary}}],
+            }],
+        }],
+    }
+    (tmp_path / "counter-test.yml").write_text(yaml.safe_dump(tests))
+    result = subprocess.run([promtool, "test", "rules", str(tmp_path / "counter-test.yml")],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
 
