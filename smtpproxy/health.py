@@ -129,6 +129,7 @@ class Readiness:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._probing
 
+
 class ReadinessCheck(Protocol):
     """What /readyz and a /metrics scrape ask of a front end."""
 
