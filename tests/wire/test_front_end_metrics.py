@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from smtpproxy import Session, Verdict, hookimpl
 from smtpproxy.milter import codec
@@ -21,11 +20,9 @@ from smtpproxy.policy.server import PolicyServer
 from smtpproxy.session import Recipient, Transaction
 from smtpproxy.startup import StartupError
 from tests.conftest import chain_of, make_config
-from tests.wire.test_metrics import http, value
+from tests.wire.test_metrics import eventually, health_port, http, scrape, value
 from tests.wire.test_milter import BODY, HEADERS, FakeMTA
 from tests.wire.test_policy import Client, request
-
-Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
 class Gate:
@@ -61,28 +58,6 @@ async def front_end(tmp_path: Path) -> AsyncIterator[Start]:
     yield start
     for server in started:
         await server.stop(grace=1)
-
-
-def _port(server: MilterServer | PolicyServer) -> int:
-    assert server.health is not None
-    return server.health.bound[1]
-
-
-async def scrape(server: MilterServer | PolicyServer) -> Samples:
-    status, ctype, body = await http(_port(server), "/metrics")
-    assert status == 200 and ctype.startswith("text/plain; version=")
-    return {(s.name, frozenset(s.labels.items())): s.value
-            for family in text_string_to_metric_families(body.decode()) for s in family.samples}
-
-
-async def eventually(server: MilterServer | PolicyServer, check: Callable[[Samples], bool]) -> Samples:
-    samples: Samples = {}
-    for _ in range(200):
-        samples = await scrape(server)
-        if check(samples):
-            return samples
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"metrics never matched; last scrape: {samples}")
 
 
 async def test_the_milter_counts_its_sessions_verdicts_and_messages(front_end: Start) -> None:
@@ -141,7 +116,7 @@ async def test_the_policy_service_counts_its_requests_verdicts(front_end: Start)
 @pytest.mark.parametrize("kind", ["milter", "policy"])
 async def test_healthz_readyz_and_clients_as_for_the_proxy(front_end: Start, kind: str) -> None:
     server = await front_end(kind, metrics={"clients": ["127.0.0.1/32"]})
-    port = _port(server)
+    port = health_port(server)
     assert await http(port, "/healthz") == (200, "text/plain; charset=utf-8", b"ok\n")
     status, _, body = await http(port, "/readyz")
     assert status == 200 and body == f"ready\n{kind}: no delivery of its own (the MTA delivers)\n".encode()
@@ -154,7 +129,7 @@ async def test_healthz_readyz_and_clients_as_for_the_proxy(front_end: Start, kin
 @pytest.mark.parametrize("kind", ["milter", "policy"])
 async def test_readyz_says_shutting_down_while_sessions_drain(front_end: Start, kind: str) -> None:
     server = await front_end(kind)
-    port = _port(server)
+    port = health_port(server)
     assert isinstance(server.address, tuple)
     _, held = await asyncio.open_connection(*server.address)  # a session that keeps the drain going
     await asyncio.sleep(0.1)

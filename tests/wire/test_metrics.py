@@ -17,6 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import smtpproxy
 from smtpproxy import Message, Recipient, Session, Transaction, Verdict, hookimpl
 from smtpproxy.metrics import NullRecorder, PrometheusRecorder
+from smtpproxy.milter.server import MilterServer
+from smtpproxy.policy.server import PolicyServer
 from smtpproxy.server import ProxyServer, StartupError
 from tests.conftest import ProxyFactory, Sink, Talk, chain_of, closed_port, make_config, port_of
 
@@ -70,12 +72,16 @@ async def http(port: int, path: str, method: str = "GET") -> tuple[int, str, byt
     return await asyncio.to_thread(fetch)
 
 
-def health_port(server: ProxyServer) -> int:
+Serving = ProxyServer | MilterServer | PolicyServer
+"""Every front end that serves ``metrics:`` (test_front_end_metrics scrapes the other two)."""
+
+
+def health_port(server: Serving) -> int:
     assert server.health is not None
     return server.health.bound[1]
 
 
-async def scrape(server: ProxyServer) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+async def scrape(server: Serving) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
     """Every sample on /metrics, keyed by (name, labels)."""
     status, ctype, body = await http(health_port(server), "/metrics")
     assert status == 200
@@ -91,7 +97,7 @@ def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: st
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
-async def eventually(server: ProxyServer, check: Callable[[dict[Any, float]], bool]) -> dict[Any, float]:
+async def eventually(server: Serving, check: Callable[[dict[Any, float]], bool]) -> dict[Any, float]:
     """Scrape until *check* holds (session-end recording runs just after the client leaves)."""
     samples: dict[Any, float] = {}
     for _ in range(200):
