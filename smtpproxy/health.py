@@ -43,7 +43,7 @@ from typing import TYPE_CHECKING, Protocol
 
 from smtpproxy.delivery import Delivery, DeliveryState
 from smtpproxy.eventlog import event
-from smtpproxy.metrics import PrometheusRecorder
+from smtpproxy.metrics import NullRecorder, PrometheusRecorder
 from smtpproxy.networks import LOOPBACK, IPNetwork, peer_in_networks, shut_out_warning
 from smtpproxy.startup import StartupError
 
@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from smtpproxy.config.schema import Metrics as MetricsSettings
 
 __all__ = ["DeliveryState", "HealthServer", "NoDeliveryReadiness", "Readiness", "ReadinessCheck",
-           "open_health"]
+           "open_front_end_health", "open_health"]
 
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
@@ -282,3 +282,12 @@ async def open_health(settings: MetricsSettings, port: int, readiness: Readiness
     host, bound = server.bound
     event("metrics_listening", address=host, port=bound, paths="/metrics,/healthz,/readyz")
     return server
+
+
+async def open_front_end_health(settings: MetricsSettings, what: str, stopping: Callable[[], bool],
+                                metrics: NullRecorder) -> HealthServer | None:
+    """The milter's or the policy service's endpoint (*what* names it in /readyz), or None
+    with metrics off."""
+    if not isinstance(metrics, PrometheusRecorder):
+        return None
+    return await open_health(settings, settings.port, NoDeliveryReadiness(what, stopping), metrics)

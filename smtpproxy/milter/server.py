@@ -27,9 +27,9 @@ from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
-from smtpproxy.health import HealthServer, NoDeliveryReadiness, open_health
+from smtpproxy.health import HealthServer, open_front_end_health
 from smtpproxy.history import HistoryRecorder, node_name
-from smtpproxy.metrics import MetricsUnavailable, NullRecorder, PrometheusRecorder, front_end_recorder
+from smtpproxy.metrics import MetricsUnavailable, NullRecorder, front_end_recorder
 from smtpproxy.milter import codec
 from smtpproxy.milter.codec import MilterProtocolError
 from smtpproxy.milter.session import MilterPolicy, MilterSession
@@ -121,14 +121,12 @@ class MilterServer:
         settings = self.settings
         if warning := shut_out_warning("milter", settings.listen, self.listen.host, settings.clients):
             event("clients_only_this_host", level=logging.WARNING, section="milter", warning=warning)
-        if isinstance(self.metrics, PrometheusRecorder):
-            try:
-                self.health = await open_health(self.config.metrics, self.config.metrics.port,
-                                                NoDeliveryReadiness("milter", lambda: self._stopping),
-                                                self.metrics)
-            except StartupError:
-                self._server.close()
-                raise
+        try:
+            self.health = await open_front_end_health(self.config.metrics, "milter",
+                                                      lambda: self._stopping, self.metrics)
+        except StartupError:
+            self._server.close()
+            raise
         event("listening", milter=self.settings.listen, address=str(self.address),
               plugins=[s.name for s in self.chain.steps],
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0], version=__version__,

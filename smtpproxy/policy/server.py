@@ -21,9 +21,9 @@ from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
-from smtpproxy.health import HealthServer, NoDeliveryReadiness, open_health
+from smtpproxy.health import HealthServer, open_front_end_health
 from smtpproxy.history import HistoryRecorder, node_name
-from smtpproxy.metrics import MetricsUnavailable, NullRecorder, PrometheusRecorder, front_end_recorder
+from smtpproxy.metrics import MetricsUnavailable, NullRecorder, front_end_recorder
 from smtpproxy.networks import peer_in_networks, shut_out_warning
 from smtpproxy.policy.applicability import message_plugins
 from smtpproxy.policy.protocol import Limits, PolicyProtocolError, format_action, read_request
@@ -124,14 +124,12 @@ class PolicyServer:
         settings = self.settings
         if warning := shut_out_warning("policy", settings.listen, self.listen.host, settings.clients):
             event("clients_only_this_host", level=logging.WARNING, section="policy", warning=warning)
-        if isinstance(self.metrics, PrometheusRecorder):
-            try:
-                self.health = await open_health(self.config.metrics, self.config.metrics.port,
-                                                NoDeliveryReadiness("policy", lambda: self._stopping),
-                                                self.metrics)
-            except StartupError:
-                self._server.close()
-                raise
+        try:
+            self.health = await open_front_end_health(self.config.metrics, "policy",
+                                                      lambda: self._stopping, self.metrics)
+        except StartupError:
+            self._server.close()
+            raise
         event("listening", policy=self.settings.listen, address=str(self.address),
               plugins=[s.name for s in self.chain.steps],
               loop=type(asyncio.get_running_loop()).__module__.split(".")[0], version=__version__,
