@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from smtpproxy.config.schema import Metrics as MetricsSettings
 
 __all__ = ["DeliveryState", "HealthServer", "NoDeliveryReadiness", "Readiness", "ReadinessCheck",
-           "open_front_end_health", "open_health"]
+           "front_end_port", "open_front_end_health", "open_health"]
 
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
@@ -284,10 +284,17 @@ async def open_health(settings: MetricsSettings, port: int, readiness: Readiness
     return server
 
 
+def front_end_port(settings: MetricsSettings, what: str) -> int | None:
+    """The port of the milter's or the policy service's endpoint (``metrics.milter_port``,
+    ``metrics.policy_port``), or None: metrics off, or no port of its own given."""
+    return (settings.milter_port if what == "milter" else settings.policy_port) if settings.enabled else None
+
+
 async def open_front_end_health(settings: MetricsSettings, what: str, stopping: Callable[[], bool],
                                 metrics: NullRecorder) -> HealthServer | None:
-    """The milter's or the policy service's endpoint (*what* names it in /readyz), or None
-    with metrics off."""
-    if not isinstance(metrics, PrometheusRecorder):
+    """The milter's or the policy service's endpoint (*what* names it in /readyz and says
+    which port), or None when it has none."""
+    port = front_end_port(settings, what)
+    if port is None or not isinstance(metrics, PrometheusRecorder):
         return None
-    return await open_health(settings, settings.port, NoDeliveryReadiness(what, stopping), metrics)
+    return await open_health(settings, port, NoDeliveryReadiness(what, stopping), metrics)

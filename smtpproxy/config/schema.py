@@ -538,7 +538,23 @@ class Metrics(_Model):
     address: IPAddress = Field(
         default="127.0.0.1", description="Address to serve on; keep it private (no authentication)."
     )
-    port: int = Field(default=9125, strict=True, ge=0, le=65535, description="TCP port (0: any free port).")
+    port: int = Field(
+        default=9125, strict=True, ge=0, le=65535,
+        description="The proxy's TCP port (0: any free port); with `workers:`, each worker's is "
+                    "port + its index.",
+    )
+    milter_port: int | None = Field(
+        default=None, strict=True, ge=0, le=65535,
+        description=(
+            "Where `smtpproxy milter` serves the endpoint; none: it serves none. A port of its own, "
+            "because the proxy, the milter and the policy service may read one file (the shipped "
+            "units do), and two processes cannot listen on one port."
+        ),
+    )
+    policy_port: int | None = Field(
+        default=None, strict=True, ge=0, le=65535,
+        description="Where `smtpproxy policy` serves the endpoint; none: it serves none (see milter_port).",
+    )
     clients: Clients = _clients("/metrics, /healthz and /readyz", "answered 403", unix="")
     ready_cache: float = Field(
         default=5, strict=True, gt=0, allow_inf_nan=False,

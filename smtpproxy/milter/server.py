@@ -27,7 +27,7 @@ from smtpproxy.chain import Chain
 from smtpproxy.config import Config, ConfigSource
 from smtpproxy.config.listen import parse_listen
 from smtpproxy.eventlog import current_session, event
-from smtpproxy.health import HealthServer, open_front_end_health
+from smtpproxy.health import HealthServer, front_end_port, open_front_end_health
 from smtpproxy.history import HistoryRecorder, node_name
 from smtpproxy.metrics import MetricsUnavailable, NullRecorder, front_end_recorder
 from smtpproxy.milter import codec
@@ -97,8 +97,8 @@ class MilterServer:
 
     async def start(self) -> None:
         try:
-            self.metrics = front_end_recorder(self.config.metrics.enabled, self.chain,
-                                              lambda: len(self._connections))
+            self.metrics = front_end_recorder(front_end_port(self.config.metrics, "milter") is not None,
+                                              self.chain, lambda: len(self._connections))
         except MetricsUnavailable as exc:
             raise StartupError(str(exc)) from exc
         self.policy = dataclasses.replace(self.policy, metrics=self.metrics)

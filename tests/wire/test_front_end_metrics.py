@@ -47,7 +47,7 @@ async def front_end(tmp_path: Path) -> AsyncIterator[Start]:
 
     async def start(kind: str, *plugins: object, metrics: dict[str, Any] | None = None,
                     **settings: Any) -> MilterServer | PolicyServer:
-        config = make_config(tmp_path, metrics={"enabled": True, "port": 0, **(metrics or {})},
+        config = make_config(tmp_path, metrics={"enabled": True, f"{kind}_port": 0, **(metrics or {})},
                              **{kind: {"listen": "inet:127.0.0.1:0", **settings}})
         server: MilterServer | PolicyServer = (MilterServer if kind == "milter" else PolicyServer)(
             config, chain=chain_of(*plugins, timeout=2.0))
@@ -153,7 +153,7 @@ async def test_a_metrics_port_in_use_is_a_startup_error(tmp_path: Path, kind: st
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        config = make_config(tmp_path, metrics={"enabled": True, "port": port},
+        config = make_config(tmp_path, metrics={"enabled": True, f"{kind}_port": port},
                              **{kind: {"listen": f"inet:127.0.0.1:{listen}"}})
         server = (MilterServer if kind == "milter" else PolicyServer)(config, chain=chain_of(timeout=1.0))
         with pytest.raises(StartupError, match=f"metrics: cannot listen on 127.0.0.1:{port}"):
@@ -161,3 +161,25 @@ async def test_a_metrics_port_in_use_is_a_startup_error(tmp_path: Path, kind: st
         await asyncio.sleep(0.1)
         with pytest.raises(OSError):  # its own listener was closed again
             socket.create_connection(("127.0.0.1", listen), timeout=2).close()
+
+
+@pytest.mark.parametrize("kind", ["milter", "policy"])
+async def test_without_a_port_of_its_own_it_serves_none_and_takes_no_other(tmp_path: Path, kind: str) -> None:
+    """One file for the proxy, the milter and the policy service (the shipped units): with
+    metrics on for the proxy, a milter or policy service without ``metrics.milter_port`` /
+    ``policy_port`` runs as before, and does not take (or fail on) the proxy's port."""
+    with socket.socket() as proxys:
+        proxys.bind(("127.0.0.1", 0))
+        proxys.listen()
+        port = proxys.getsockname()[1]
+        config = make_config(tmp_path, metrics={"enabled": True, "port": port},
+                             **{kind: {"listen": "inet:127.0.0.1:0"}})
+        server = (MilterServer if kind == "milter" else PolicyServer)(config, chain=chain_of(timeout=1.0))
+        await server.start()
+        try:
+            assert server.health is None and not server.metrics.enabled
+            assert isinstance(server.address, tuple)
+            _, writer = await asyncio.open_connection(*server.address)  # it serves
+            writer.close()
+        finally:
+            await server.stop(grace=1)

@@ -183,7 +183,7 @@ def _ask(milter: str | None = None, policy: str | None = None) -> str:
 ])
 def test_the_milter_and_policy_units_start_answer_and_stop(pid1: Pid1, unit: str, listen: str, ask: str) -> None:
     """... and serve their metrics, the process metrics included, through the sandbox."""
-    pid1.configure(listen + "\nmetrics: {enabled: true, port: 9127}\n")
+    pid1.configure(listen + "\nmetrics: {enabled: true, milter_port: 9127, policy_port: 9127}\n")
     pid1.install_unit(unit)
     pid1.systemctl("start", unit)
     pid1.wait_for(unit, {"ActiveState": "active", "SubState": "running"})
