@@ -141,9 +141,17 @@ class ReadinessCheck(Protocol):
     async def close(self) -> None: ...
 
 
+_SERVING = {
+    "milter": "milter: no delivery of its own (the MTA delivers)",
+    "policy": "policy: no delivery of its own (the MTA delivers)",
+    "web": "web: serving the console and the digests' links",
+}
+"""What /readyz says of a front end without a delivery probe while it serves."""
+
+
 class NoDeliveryReadiness:
-    """The milter's and the policy service's: the MTA delivers, so they are ready whenever
-    they are not shutting down."""
+    """The milter's, the policy service's and web's: nothing of theirs to probe, so they are
+    ready whenever they are not shutting down."""
 
     def __init__(self, what: str, stopping: Callable[[], bool]):
         self.what = what
@@ -152,7 +160,7 @@ class NoDeliveryReadiness:
     async def check(self) -> ReadyState:
         if self.stopping():
             return ReadyState(False, "shutting down")
-        return ReadyState(True, f"{self.what}: no delivery of its own (the MTA delivers)")
+        return ReadyState(True, _SERVING[self.what])
 
     async def before_scrape(self) -> None:
         pass
@@ -285,15 +293,17 @@ async def open_health(settings: MetricsSettings, port: int, readiness: Readiness
 
 
 def front_end_port(settings: MetricsSettings, what: str) -> int | None:
-    """The port of the milter's or the policy service's endpoint (``metrics.milter_port``,
-    ``metrics.policy_port``), or None: metrics off, or no port of its own given."""
-    return (settings.milter_port if what == "milter" else settings.policy_port) if settings.enabled else None
+    """The port of the milter's, the policy service's or web's endpoint
+    (``metrics.milter_port``, ``policy_port``, ``web_port``), or None: metrics off, or no port
+    of its own given."""
+    ports = {"milter": settings.milter_port, "policy": settings.policy_port, "web": settings.web_port}
+    return ports[what] if settings.enabled else None
 
 
 async def open_front_end_health(settings: MetricsSettings, what: str, stopping: Callable[[], bool],
                                 metrics: NullRecorder) -> HealthServer | None:
-    """The milter's or the policy service's endpoint (*what* names it in /readyz and says
-    which port), or None when it has none."""
+    """The endpoint of the milter, the policy service or web (*what*: which port, and what
+    /readyz says), or None when it has none."""
     port = front_end_port(settings, what)
     if port is None or not isinstance(metrics, PrometheusRecorder):
         return None

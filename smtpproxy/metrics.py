@@ -17,7 +17,7 @@ metrics-agnostic.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from typing import TYPE_CHECKING, Any, cast
 
 from smtpproxy import __version__
@@ -37,7 +37,13 @@ __all__ = [
     "front_end_recorder",
     "make_recorder",
     "plugin_phases",
+    "web_recorder",
 ]
+
+PARTS = ("mail", "delivery", "reloads", "logins")
+"""The groups of series a front end may serve: ``mail`` (sessions, refusals, messages, plugin
+verdicts and timings, history), ``delivery`` (the upstreams), ``reloads``, ``logins`` (the login
+throttle). The proxy serves all; the milter and the policy service ``mail``; web ``logins``."""
 
 PLUGIN_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 """Seconds; most hooks take well under a millisecond, DNS-bound ones tens of milliseconds."""
@@ -123,9 +129,8 @@ class PrometheusRecorder(NullRecorder):
     enabled = True
 
     def __init__(self, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int], *,
-                 delivers: bool = True):
-        """*delivers* False: the milter's or the policy service's, whose delivery, upstream,
-        reload and login series stay out of the exposition (the MTA does those)."""
+                 parts: Collection[str] = PARTS):
+        """*parts*: which of :data:`PARTS` this front end serves (the process metrics always)."""
         try:
             from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
         except ImportError as exc:
@@ -135,123 +140,124 @@ class PrometheusRecorder(NullRecorder):
             ) from exc
         self.registry: CollectorRegistry = CollectorRegistry(auto_describe=True)
         r = self.registry
-        # The proxy's own series: on a registry nobody scrapes for the other front ends, so
-        # that the methods stay the same for all.
-        proxy_only = r if delivers else CollectorRegistry(auto_describe=True)
+        # A part this front end does not serve goes to a registry nobody scrapes, so that the
+        # methods stay the same for all.
+        unserved = CollectorRegistry(auto_describe=True)
+        mail, delivery, reloads, logins = (r if part in parts else unserved for part in PARTS)
         # process_start_time_seconds (a restart: SmtpproxyRestarting), CPU, memory, open files
         register_process_metrics(r)
         Gauge("smtpproxy_info", "Version of the running proxy (always 1).", ["version"],
               registry=r).labels(__version__).set(1)
         self.sessions = Counter("smtpproxy_sessions", "SMTP sessions accepted (past the session caps).",
-                                registry=r)
+                                registry=mail)
         self.refused = Counter(
             "smtpproxy_connections_refused",
             "Connections turned away before the greeting, by reason "
             "(max_sessions, max_sessions_per_ip, shutting_down; the milter and the policy "
             "service: max_sessions, client).",
-            ["reason"], registry=r,
+            ["reason"], registry=mail,
         )
-        active = Gauge("smtpproxy_active_sessions", "SMTP sessions open now.", registry=r)
+        active = Gauge("smtpproxy_active_sessions", "SMTP sessions open now.", registry=mail)
         active.set_function(active_sessions)
         old = Gauge(
             "smtpproxy_sessions_on_previous_chain",
-            "Sessions still running on a plugin chain replaced by a reload.", registry=proxy_only,
+            "Sessions still running on a plugin chain replaced by a reload.", registry=reloads,
         )
         old.set_function(old_chain_sessions)
         self.messages = Counter(
             "smtpproxy_messages", "Messages (end of DATA) by final decision "
-            "(delivered, quarantined, discarded, rejected, tempfailed).", ["decision"], registry=r,
+            "(delivered, quarantined, discarded, rejected, tempfailed).", ["decision"], registry=mail,
         )
         self.group_messages = Counter(
             "smtpproxy_group_messages", "Messages by policy group (docs/multi-domain.md; a message "
             "for recipients of two groups counts in each) and final decision.",
-            ["group", "decision"], registry=r,
+            ["group", "decision"], registry=mail,
         )
         self.message_seconds = Histogram(
             "smtpproxy_message_processing_seconds",
             "From the end of DATA to the reply: data-phase plugins plus delivery.",
-            buckets=MESSAGE_BUCKETS, registry=r,
+            buckets=MESSAGE_BUCKETS, registry=mail,
         )
         self.verdicts = Counter(
             "smtpproxy_plugin_verdicts", "Plugin hook results by plugin, phase and action.",
-            ["plugin", "phase", "action"], registry=r,
+            ["plugin", "phase", "action"], registry=mail,
         )
         self.shadow_verdicts = Counter(
             "smtpproxy_shadow_verdicts",
             "What plugins in shadow mode (enforce: false) would have done and did not, by plugin "
-            "and action (reject, tempfail, quarantine, discard).", ["plugin", "action"], registry=r,
+            "and action (reject, tempfail, quarantine, discard).", ["plugin", "action"], registry=mail,
         )
         self.plugin_errors = Counter(
             "smtpproxy_plugin_errors", "Plugin hooks that raised or timed out.",
-            ["plugin", "phase"], registry=r,
+            ["plugin", "phase"], registry=mail,
         )
         self.plugin_seconds = Histogram(
             "smtpproxy_plugin_duration_seconds", "Time one plugin hook took.",
-            ["plugin", "phase"], buckets=PLUGIN_BUCKETS, registry=r,
+            ["plugin", "phase"], buckets=PLUGIN_BUCKETS, registry=mail,
         )
         self.delivering = Gauge(
             "smtpproxy_deliveries_in_progress",
             "Sessions waiting on the delivery backend (upstream) for a message right now.",
-            registry=proxy_only,
+            registry=delivery,
         )
         self.delivery_seconds = Histogram(
             "smtpproxy_upstream_duration_seconds",
             "Time to hand one message to the delivery backend (connect or reuse, "
             "MAIL, RCPT, DATA), by backend and result (ok, tempfail, reject, error).",
-            ["backend", "result"], buckets=UPSTREAM_BUCKETS, registry=proxy_only,
+            ["backend", "result"], buckets=UPSTREAM_BUCKETS, registry=delivery,
         )
         self.delivery_failures = Counter(
             "smtpproxy_upstream_errors", "Messages the delivery backend did not take, "
-            "by backend and result (tempfail, reject, error).", ["backend", "result"], registry=proxy_only,
+            "by backend and result (tempfail, reject, error).", ["backend", "result"], registry=delivery,
         )
         self.rcpt_answers = Counter(
             "smtpproxy_upstream_rcpt",
             "Upstream answers to RCPT (rcpt_mode relay), by result (ok, tempfail, reject); "
             "tempfail includes the proxy's own 451 when no upstream could be reached.",
-            ["result"], registry=proxy_only,
+            ["result"], registry=delivery,
         )
         self.delivery_ready = Gauge(
             "smtpproxy_delivery_ready",
             "1 if the last delivery probe (/readyz, /metrics; at most once per "
             "metrics.ready_cache) found every route reachable (Maildir: writable), else 0.",
-            registry=proxy_only,
+            registry=delivery,
         )
         self.delivery_ready.set(1)
         self.upstream_up = Gauge(
             "smtpproxy_upstream_up",
             "1 if the upstream greeted the last probe with 220 (and its certificate verified on "
-            "the last delivery), else 0.", ["upstream"], registry=proxy_only,
+            "the last delivery), else 0.", ["upstream"], registry=delivery,
         )
         self.down = Counter(
             "smtpproxy_upstream_connect_failures",
             "Upstream servers that failed to connect or greet (each starts a back-off), by "
             "reason (connect, timeout, tls, tls_verify, auth).",
-            ["upstream", "reason"], registry=proxy_only,
+            ["upstream", "reason"], registry=delivery,
         )
         self.identity = Gauge(
             "smtpproxy_upstream_client_identity",
             "1 for how each upstream was last told the original client (xclient, xforward, "
             "none); none means the upstream sees the proxy as the client.",
-            ["upstream", "mechanism"], registry=proxy_only,
+            ["upstream", "mechanism"], registry=delivery,
         )
         self.reloads = Counter("smtpproxy_config_reloads", "Configuration reloads by result (ok, failed).",
-                               ["result"], registry=proxy_only)
+                               ["result"], registry=reloads)
         self.last_reload_ok = Gauge(
             "smtpproxy_config_last_reload_successful", "1 if the last reload succeeded (or none yet).",
-            registry=proxy_only,
+            registry=reloads,
         )
         self.last_reload_ok.set(1)
         self.auth = Counter(
             "smtpproxy_auth_throttle_events",
             "Login throttle events (docs/submission.md): auth_failed, auth_delayed, auth_locked "
             "(an address locked out), auth_locked_refused (a login refused during a lockout), "
-            "auth_spraying (one address trying many logins).", ["event"], registry=proxy_only,
+            "auth_spraying (one address trying many logins).", ["event"], registry=logins,
         )
         self.history_entries = Counter(
             "smtpproxy_history_entries",
             "Decisions for the store's message history, by result (written, dropped: the store "
             "was slow or down and the bounded queue full; the mail itself is never held).",
-            ["result"], registry=r,
+            ["result"], registry=mail,
         )
         # labels() takes a lock and hashes the label tuple; cache the children we use per message.
         self._children: dict[tuple[Any, ...], Any] = {}
@@ -383,12 +389,12 @@ def register_process_metrics(registry: Any, proc: str = "/proc") -> None:
 
 def make_recorder(
     enabled: bool, active_sessions: Callable[[], int], old_chain_sessions: Callable[[], int], *,
-    delivers: bool = True,
+    parts: Collection[str] = PARTS,
 ) -> NullRecorder:
     """The recorder for a proxy; MetricsUnavailable when enabled without prometheus_client."""
     if not enabled:
         return NullRecorder()
-    return PrometheusRecorder(active_sessions, old_chain_sessions, delivers=delivers)
+    return PrometheusRecorder(active_sessions, old_chain_sessions, parts=parts)
 
 
 def plugin_phases(chain: Chain) -> list[tuple[str, str]]:
@@ -408,7 +414,13 @@ def front_end_recorder(enabled: bool, chain: Chain, active_sessions: Callable[[]
     metrics as the proxy's for what they share (sessions, refusals, plugin verdicts and
     timings, messages by decision), none for delivery or reloads, which they do not do.
     MetricsUnavailable when enabled without prometheus_client."""
-    recorder = make_recorder(enabled, active_sessions, lambda: 0, delivers=False)
+    recorder = make_recorder(enabled, active_sessions, lambda: 0, parts=("mail",))
     recorder.prepare(None, (), plugin_phases(chain), refusals=FRONT_END_REFUSALS)
     recorder.shadowed(chain.shadowed_anywhere)
     return recorder
+
+
+def web_recorder(enabled: bool) -> NullRecorder:
+    """The recorder of ``smtpproxy web``: the console's login throttle (``logins``) and the
+    process. MetricsUnavailable when enabled without prometheus_client."""
+    return make_recorder(enabled, lambda: 0, lambda: 0, parts=("logins",))

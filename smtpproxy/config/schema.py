@@ -555,6 +555,13 @@ class Metrics(_Model):
         default=None, strict=True, ge=0, le=65535,
         description="Where `smtpproxy policy` serves the endpoint; none: it serves none (see milter_port).",
     )
+    web_port: int | None = Field(
+        default=None, strict=True, ge=0, le=65535,
+        description=(
+            "Where `smtpproxy web` serves the endpoint (its login throttle's events and the "
+            "process); none: it serves none (see milter_port)."
+        ),
+    )
     clients: Clients = _clients("/metrics, /healthz and /readyz", "answered 403", unix="")
     ready_cache: float = Field(
         default=5, strict=True, gt=0, allow_inf_nan=False,

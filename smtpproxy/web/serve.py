@@ -14,10 +14,13 @@ from smtpproxy import eventloop
 from smtpproxy.auth import PasswordFileError
 from smtpproxy.config import Config
 from smtpproxy.eventlog import event
+from smtpproxy.health import front_end_port, open_front_end_health
 from smtpproxy.history import node_name
 from smtpproxy.links import LinkSigner, read_keys
 from smtpproxy.loginthrottle import LoginThrottle, RedisStore
+from smtpproxy.metrics import MetricsUnavailable, web_recorder
 from smtpproxy.sdnotify import notify, ready
+from smtpproxy.startup import StartupError, cannot_start
 from smtpproxy.store import store_from_config
 from smtpproxy.store.quarantine import DatabaseQuarantine
 from smtpproxy.tables import build_tables
@@ -94,6 +97,8 @@ class _Server(uvicorn.Server):
     """uvicorn's server, telling systemd (``Type=notify``) when it listens and when it stops,
     as the proxy, the milter and the policy service do."""
 
+    context: WebContext
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets=sockets)
         if self.started:
@@ -106,7 +111,8 @@ class _Server(uvicorn.Server):
 
 def make_server(config: Config, *, port: int | None = None) -> uvicorn.Server:
     """A uvicorn Server for the app (``await server.serve()`` runs it)."""
-    app = create_app(make_context(config))
+    context = make_context(config)
+    app = create_app(context)
     settings = uvicorn.Config(
         app, host=config.digest.address, port=config.digest.port if port is None else port,
         log_config=None, access_log=False, server_header=False, lifespan="on",
@@ -114,7 +120,27 @@ def make_server(config: Config, *, port: int | None = None) -> uvicorn.Server:
         proxy_headers=bool(config.console.proxies),
         forwarded_allow_ips=[str(p) for p in config.console.proxies] or None,
     )
-    return _Server(settings)
+    server = _Server(settings)
+    server.context = context
+    return server
+
+
+async def _serve(server: uvicorn.Server, config: Config) -> None:
+    """uvicorn, and with ``metrics.web_port`` the metrics endpoint beside it: the console's
+    login throttle (password spraying at the console's sign-in) and the process."""
+    try:
+        recorder = web_recorder(front_end_port(config.metrics, "web") is not None)
+    except MetricsUnavailable as exc:
+        raise StartupError(str(exc)) from exc
+    throttle = server.context.throttle if isinstance(server, _Server) else None
+    if throttle is not None:
+        throttle.metrics = recorder
+    health = await open_front_end_health(config.metrics, "web", lambda: server.should_exit, recorder)
+    try:
+        await server.serve()
+    finally:
+        if health is not None:
+            await health.close()
 
 
 def web_command(config: Config) -> int:
@@ -129,6 +155,10 @@ def web_command(config: Config) -> int:
     # found: a no-op one makes the stop an exit 0, as for the proxy itself.
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
-    eventloop.run(server.serve(), "asyncio")  # with systemd's watchdog fed, as every front end
+    try:
+        eventloop.run(_serve(server, config), "asyncio")  # with systemd's watchdog fed, as every front end
+    except StartupError as exc:
+        cannot_start(exc)
+        return 1
     event("shutdown", web=True)
     return 0

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from smtpproxy import Session, Verdict, hookimpl
 from smtpproxy.milter import codec
@@ -183,3 +184,31 @@ async def test_without_a_port_of_its_own_it_serves_none_and_takes_no_other(tmp_p
             writer.close()
         finally:
             await server.stop(grace=1)
+
+
+def test_web_counts_its_console_sign_ins_and_sees_password_spraying(tmp_path: Path) -> None:
+    """``smtpproxy web`` with ``metrics.web_port``: the console's login throttle counts into
+    the endpoint (so SmtpproxyPasswordSpraying covers the console), with the process metrics
+    and none of the mail series; /readyz says what it serves."""
+    import httpx
+
+    from tests.console_server import console_files, web_process
+    from tests.daemons import free_port
+
+    port, metrics = free_port(), free_port()
+    config = console_files(tmp_path, port, "login_throttle:\n  initial_delay: 0\n"
+                           f"metrics:\n  enabled: true\n  web_port: {metrics}\n")
+    with web_process(config, port, tmp_path / "web.log") as base:
+        for name in ("ann", "ben", "cat", "dan", "eve"):  # one address, five names: spraying
+            reply = httpx.post(f"{base}/console/login", data={"name": name, "password": "guess"})
+            assert reply.status_code == 401, reply.text[:300]
+        ready = httpx.get(f"http://127.0.0.1:{metrics}/readyz")
+        assert (ready.status_code, ready.text) == (200, "ready\nweb: serving the console and the digests' links\n")
+        exposition = httpx.get(f"http://127.0.0.1:{metrics}/metrics").text
+    samples = {(s.name, frozenset(s.labels.items())): s.value
+               for family in text_string_to_metric_families(exposition) for s in family.samples}
+    assert value(samples, "smtpproxy_auth_throttle_events_total", event="auth_failed") == 5
+    assert value(samples, "smtpproxy_auth_throttle_events_total", event="auth_spraying") == 1
+    assert value(samples, "process_start_time_seconds") > 0
+    assert not [name for name, _ in samples if name.startswith(("smtpproxy_sessions", "smtpproxy_upstream",
+                                                                "smtpproxy_messages"))]
