@@ -528,8 +528,8 @@ def _clients(what: str, refused: str,
 
 
 class Metrics(_Model):
-    """The HTTP endpoint for Prometheus metrics, /healthz and /readyz (see docs/operations.md),
-    of the proxy, the milter or the policy service, whichever runs with this file."""
+    """The HTTP endpoint for Prometheus metrics, /healthz and /readyz (see docs/operations.md)
+    of each front end that runs with this file, each on a port of its own."""
 
     enabled: bool = Field(
         default=False, strict=True,
