@@ -334,6 +334,7 @@ def test_the_web_unit_serves_through_its_sandbox(pid1: Pid1) -> None:
         store: {sqlite: /var/spool/smtpproxy/store.db}
         digest: {keys: [/etc/smtpproxy/link.key], port: 8025}
         console: {users: /etc/smtpproxy/accounts, secure_cookie: false}
+        metrics: {enabled: true, web_port: 9155}
         """))
     pid1.install_unit("smtpproxy-web.service")
     pid1.systemctl("start", "smtpproxy-web.service")
@@ -341,6 +342,9 @@ def test_the_web_unit_serves_through_its_sandbox(pid1: Pid1) -> None:
     page = pid1.python("import urllib.request; r = urllib.request.urlopen('http://127.0.0.1:8025/console/login',"
                        " timeout=10); print(r.status, 'password' in r.read().decode())")
     assert page.split() == ["200", "True"], page
+    metrics = pid1.python("import urllib.request; print(urllib.request.urlopen("
+                          "'http://127.0.0.1:9155/metrics', timeout=10).read().decode())")
+    assert re.search(r"^process_start_time_seconds \d", metrics, re.M), metrics[:2000]
     pid1.systemctl("stop", "smtpproxy-web.service")
     assert pid1.show("smtpproxy-web.service", "ActiveState", "Result", "NRestarts") == {
         "ActiveState": "inactive", "Result": "success", "NRestarts": "0"}
