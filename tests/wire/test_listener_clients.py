@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from smtpproxy import Session, Verdict, hookimpl
 from smtpproxy.config import load_config
@@ -230,3 +232,18 @@ async def test_a_milter_on_every_address_with_the_default_clients_says_so_at_sta
     mta = FakeMTA(*await _open(("127.0.0.1", port), "127.0.0.1"))  # this host still is served
     await mta.negotiate()
     await mta.close()
+
+
+@given(st.ip_addresses(), st.lists(st.ip_addresses().map(ipaddress.ip_network), max_size=3),
+       st.booleans())
+def test_a_peer_is_let_in_exactly_when_its_address_is_in_a_listed_network(
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    hosts: list[ipaddress.IPv4Network | ipaddress.IPv6Network], mapped: bool,
+) -> None:
+    """Against the plain definition, for IPv4 and IPv6, an IPv4 client also as a dual-stack
+    listener reports it (``::ffff:a.b.c.d``), and widened networks (every prefix length)."""
+    networks = [net.supernet(new_prefix=net.prefixlen // 2) for net in hosts] + hosts
+    peer = f"::ffff:{address}" if mapped and address.version == 4 else str(address)
+    expected = any(address in net for net in networks if net.version == address.version)
+    assert peer_in_networks((peer, 25), networks) is expected
+    assert peer_in_networks((peer, 25, 0, 0), LOOPBACK) is address.is_loopback
