@@ -109,7 +109,7 @@ class _Server(uvicorn.Server):
         await super().shutdown(sockets=sockets)
 
 
-def make_server(config: Config, *, port: int | None = None) -> uvicorn.Server:
+def make_server(config: Config, *, port: int | None = None) -> _Server:
     """A uvicorn Server for the app (``await server.serve()`` runs it)."""
     context = make_context(config)
     app = create_app(context)
@@ -125,16 +125,15 @@ def make_server(config: Config, *, port: int | None = None) -> uvicorn.Server:
     return server
 
 
-async def _serve(server: uvicorn.Server, config: Config) -> None:
+async def _serve(server: _Server, config: Config) -> None:
     """uvicorn, and with ``metrics.web_port`` the metrics endpoint beside it: the console's
     login throttle (password spraying at the console's sign-in) and the process."""
     try:
         recorder = web_recorder(front_end_port(config.metrics, "web") is not None)
     except MetricsUnavailable as exc:
         raise StartupError(str(exc)) from exc
-    throttle = server.context.throttle if isinstance(server, _Server) else None
-    if throttle is not None:
-        throttle.metrics = recorder
+    if server.context.throttle is not None:
+        server.context.throttle.metrics = recorder
     health = await open_front_end_health(config.metrics, "web", lambda: server.should_exit, recorder)
     try:
         await server.serve()

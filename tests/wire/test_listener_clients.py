@@ -24,10 +24,14 @@ from smtpproxy import Session, Verdict, hookimpl
 from smtpproxy.config import load_config
 from smtpproxy.config.problems import ConfigError
 from smtpproxy.networks import LOOPBACK, peer_in_networks
-from smtpproxy.policy.server import PolicyServer
 from tests.conftest import ProxyFactory, chain_of, make_config
 from tests.wire.test_milter import Factory, FakeMTA, milter  # noqa: F401 (fixture)
-from tests.wire.test_policy import Client, request
+from tests.wire.test_policy import (
+    Client,
+    policy,  # noqa: F401 (fixture)
+    request,
+)
+from tests.wire.test_policy import Start as PolicyStart
 
 ONLY_THIS_ADDRESS = ["127.0.0.1/32"]
 STRANGER = "127.0.0.2"
@@ -129,42 +133,29 @@ async def test_a_milter_unix_socket_leaves_it_to_the_socket_permissions(tmp_path
         await server.stop(grace=1)
 
 
-async def _policy(tmp_path: Path, *plugins: object, **settings: Any) -> PolicyServer:
-    config = make_config(tmp_path, policy={"listen": "inet:127.0.0.1:0", "message_plugins": "warn"} | settings)
-    server = PolicyServer(config, chain=chain_of(*plugins, timeout=2.0))
-    await server.start()
-    return server
-
-
 async def test_the_policy_service_closes_a_stranger_before_its_first_request(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+    policy: PolicyStart, caplog: pytest.LogCaptureFixture,  # noqa: F811
 ) -> None:
     seen = Seen()
-    server = await _policy(tmp_path, seen, clients=ONLY_THIS_ADDRESS)
-    try:
-        with caplog.at_level(logging.INFO, logger="smtpproxy"):
-            stranger = Client(*await _open(server.address, STRANGER))
-            stranger.writer.write(b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
-                                  b"client_address=192.0.2.9\n\n")
-            assert await stranger.closed()
-        assert [fields["reason"] for fields in _logged(caplog, "policy_refused")] == ["client"]
-        assert seen.clients == []
-        postfix = Client(*await _open(server.address, "127.0.0.1"))
-        assert await postfix.ask(request("RCPT")) == "DUNNO"
-        postfix.close()
-        assert seen.clients == ["192.0.2.7"]
-    finally:
-        await server.stop(grace=1)
+    server, _ = await policy(seen, clients=ONLY_THIS_ADDRESS)
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        stranger = Client(*await _open(server.address, STRANGER))
+        stranger.writer.write(b"request=smtpd_access_policy\nprotocol_state=RCPT\n"
+                              b"client_address=192.0.2.9\n\n")
+        assert await stranger.closed()
+    assert [fields["reason"] for fields in _logged(caplog, "policy_refused")] == ["client"]
+    assert seen.clients == []
+    postfix = Client(*await _open(server.address, "127.0.0.1"))
+    assert await postfix.ask(request("RCPT")) == "DUNNO"
+    postfix.close()
+    assert seen.clients == ["192.0.2.7"]
 
 
-async def test_the_policy_service_listens_to_the_hosts_it_is_told(tmp_path: Path) -> None:
-    server = await _policy(tmp_path, clients=["127.0.0.0/30"])
-    try:
-        client = Client(*await _open(server.address, STRANGER))
-        assert await client.ask(request("RCPT")) == "DUNNO"
-        client.close()
-    finally:
-        await server.stop(grace=1)
+async def test_the_policy_service_listens_to_the_hosts_it_is_told(policy: PolicyStart) -> None:  # noqa: F811
+    server, _ = await policy(clients=["127.0.0.0/30"])
+    client = Client(*await _open(server.address, STRANGER))
+    assert await client.ask(request("RCPT")) == "DUNNO"
+    client.close()
 
 
 async def _get(port: int, source: str, path: str) -> bytes:
