@@ -17,6 +17,7 @@ from smtpproxy.web.console import routes as console_routes
 from smtpproxy.web.context import WebContext
 from smtpproxy.web.links import routes as link_routes
 from smtpproxy.web.lists import routes as list_routes
+from smtpproxy.web.sessionpage import routes as session_routes
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -77,7 +78,7 @@ def create_app(context: WebContext) -> Starlette:
     routes = [Route("/healthz", _healthz), *link_routes()]
     middleware = [Middleware(SecurityHeaders)]
     if context.accounts is not None:
-        routes += console_routes() + list_routes()
+        routes += console_routes() + list_routes() + session_routes()
         console = context.config.console
         # A signed cookie (itsdangerous), HttpOnly always; Secure unless turned off for plain
         # HTTP; SameSite=Strict, so no other site's page sends it along at all.

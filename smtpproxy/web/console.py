@@ -1,13 +1,15 @@
 """The web console: sign-in, the overview, history search, the quarantine and the audit log.
 
-Server-rendered pages without scripts. Security, as for any admin interface on the
-internet: the session is a signed cookie (HttpOnly, Secure, SameSite=Strict, see
-:func:`smtpproxy.web.app.create_app`); every POST carries the session's CSRF token and a
-browser's ``Origin`` must be this site's; no GET changes anything; sign-ins go through the
-login throttle SMTP AUTH uses (:mod:`smtpproxy.loginthrottle`); a message the viewer may
-not see is "not found" (404), exactly like one that does not exist; the only redirects
-go to fixed paths of this app. Every action, and an admin opening someone else's mail,
-is written to the audit log in the store.
+Server-rendered pages without scripts. Security, as for any admin interface on the internet:
+the session is a signed cookie (HttpOnly, Secure, SameSite=Strict, see
+:func:`smtpproxy.web.app.create_app`) naming a session kept on the server
+(:mod:`smtpproxy.web.sessions`), so that signing out ends it for good; every POST carries
+the session's CSRF token and a browser's ``Origin`` must be this site's; no GET changes
+anything; sign-ins go through the login throttle SMTP AUTH uses
+(:mod:`smtpproxy.loginthrottle`); a message the viewer may not see is "not found" (404),
+exactly like one that does not exist; the only redirects go to fixed paths of this app.
+Every action, and an admin opening someone else's mail, is written to the audit log in the
+store.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import calendar
 import hmac
 import html
 import logging
-import secrets
 import time
 from collections.abc import Awaitable, Callable
+from typing import cast
 from urllib.parse import urlsplit
 
 from starlette.datastructures import FormData
@@ -35,6 +37,7 @@ from smtpproxy.web.accounts import AccountsUnavailable, Viewer
 from smtpproxy.web.context import WebContext
 from smtpproxy.web.preview import preview, render
 from smtpproxy.web.reports import Done, allow_button, allow_sender, report_form, report_message
+from smtpproxy.web.sessions import LiveSession
 
 __all__ = ["routes"]
 
@@ -64,6 +67,7 @@ _HISTORY_FIELDS = (
 )
 
 Handler = Callable[[Request, WebContext, Viewer], Awaitable[Response]]
+_UNSEEN = object()
 
 
 def routes() -> list[Route]:
@@ -99,7 +103,7 @@ def _page(
         if _context(request).lists is not None:
             links.append(("/console/lists", "Lists"))
         if viewer.is_admin:
-            links.append(("/console/audit", "Audit log"))
+            links += [("/console/audit", "Audit log"), ("/console/sessions", "Sessions")]
         nav = (
             "<nav>"
             + "".join(f'<a href="{href}">{label}</a>' for href, label in links)
@@ -121,22 +125,32 @@ def _context(request: Request) -> WebContext:
     return context
 
 
+def _live(request: Request) -> LiveSession | None:
+    """The request's live session (see :mod:`smtpproxy.web.sessions`), or None: no cookie, a
+    session that ended or expired, or an account removed from (or changed in) its source."""
+    cached = getattr(request.state, "live", _UNSEEN)
+    if cached is not _UNSEEN:
+        return cast("LiveSession | None", cached)
+    context = _context(request)
+    live = context.sessions.find(request.session.get("sid"))
+    if live is not None and not (live.via == "link" and live.viewer.role == "recipient"):
+        accounts = context.accounts
+        if accounts is None or accounts.viewers.get(live.viewer.name) != live.viewer:
+            context.sessions.end(live.id)
+            live = None
+    request.state.live = live
+    return live
+
+
 def _viewer(request: Request) -> Viewer | None:
-    data = request.session.get("viewer")
-    viewer = Viewer.from_session(data)
-    if viewer is None:
-        return None
-    accounts = _context(request).accounts
-    # An account removed from (or changed in) the accounts file is signed out.
-    from_file = viewer.role != "recipient" or request.session.get("via") != "link"
-    if from_file and (accounts is None or accounts.viewers.get(viewer.name) != viewer):
-        return None
-    return viewer
+    live = _live(request)
+    return live.viewer if live is not None else None
 
 
 def _csrf_field(request: Request) -> str:
-    token = request.session.get("csrf", "")
-    return f'<input type="hidden" name="csrf" value="{html.escape(str(token), quote=True)}">'
+    live = _live(request)
+    token = live.csrf if live is not None else ""
+    return f'<input type="hidden" name="csrf" value="{html.escape(token, quote=True)}">'
 
 
 def _same_origin(request: Request) -> bool:
@@ -154,8 +168,9 @@ async def _checked_form(request: Request) -> FormData | None:
     if not _same_origin(request):
         return None
     form = await request.form()
-    sent, expected = form.get("csrf"), request.session.get("csrf")
-    if not isinstance(sent, str) or not isinstance(expected, str) or not hmac.compare_digest(sent, expected):
+    live = _live(request)
+    sent = form.get("csrf")
+    if live is None or not isinstance(sent, str) or not hmac.compare_digest(sent, live.csrf):
         return None
     return form
 
@@ -194,10 +209,16 @@ def _signed_in(handler: Handler, *, post: bool = False) -> Callable[[Request], A
 
 
 def _start_session(request: Request, viewer: Viewer, via: str) -> None:
-    request.session.clear()  # a fresh session (and CSRF token) at each sign-in: no fixation
-    request.session.update(
-        viewer=viewer.as_session(), via=via, csrf=secrets.token_urlsafe(32), since=time.time()
-    )
+    """A new server-side session (and CSRF token) at each sign-in, the browser's old one
+    ended: no fixation."""
+    sessions = _context(request).sessions
+    old = _live(request)
+    if old is not None:
+        sessions.end(old.id)
+    live = sessions.start(viewer, via, _client(request))
+    request.session.clear()
+    request.session["sid"] = live.id
+    request.state.live = live
 
 
 async def _audit(
@@ -306,9 +327,12 @@ async def link_signin(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    viewer = _viewer(request)
-    if viewer is not None and await _checked_form(request) is None:
-        return _refused(request)
+    """Ends the session on the server too: the cookie, if someone kept a copy, opens nothing."""
+    live = _live(request)
+    if live is not None:
+        if await _checked_form(request) is None:
+            return _refused(request)
+        _context(request).sessions.end(live.id)
     request.session.clear()
     return RedirectResponse("/console/login", status_code=303)
 

@@ -9,6 +9,7 @@ from smtpproxy.links import LinkSigner
 from smtpproxy.store import Store
 from smtpproxy.store.quarantine import DatabaseQuarantine
 from smtpproxy.tables import Tables
+from smtpproxy.web.sessions import SessionTable
 
 if TYPE_CHECKING:
     from smtpproxy.chain import Chain
@@ -25,7 +26,7 @@ __all__ = ["WebContext"]
 class WebContext:
     """What the routes share: the configuration, the store, the quarantine, the link signer
     and the delivery a release goes through (started and closed with the app); with the
-    console on, its accounts, login throttle and session-signing secret; the lookup tables it
+    console on, its accounts, login throttle, session-signing secret and live sessions; the lookup tables it
     uses (closed with the app) and the lists plugin's allow and block tables."""
 
     config: Config
@@ -36,6 +37,8 @@ class WebContext:
     accounts: AccountSource | None = None
     throttle: LoginThrottle | None = None
     session_secret: str = field(default="", repr=False)
+    sessions: SessionTable = field(default_factory=lambda: SessionTable(lifetime=0))
+    """The console's live sessions (none can live until the console is configured)."""
     tables: Tables = field(default_factory=Tables)
     lists: ListTables | None = None
     learners: Chain | None = None

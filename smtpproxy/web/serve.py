@@ -29,6 +29,7 @@ from smtpproxy.web.app import create_app
 from smtpproxy.web.context import WebContext
 from smtpproxy.web.directory import DirectoryAccounts
 from smtpproxy.web.listtables import list_tables, lists_plugin_tables
+from smtpproxy.web.sessions import SessionTable
 
 __all__ = ["make_context", "make_server", "web_command"]
 
@@ -71,6 +72,7 @@ def make_context(config: Config) -> WebContext:
         # The session cookie's key, derived from the link key so there is one secret to keep.
         context.session_secret = hmac.new(keys[0], b"smtpproxy.console.session.v1",
                                           hashlib.sha256).hexdigest()
+        context.sessions = SessionTable(lifetime=console.session_hours * 3600)
     return context
 
 

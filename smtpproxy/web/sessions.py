@@ -1,0 +1,98 @@
+"""The console's sessions, kept on the server.
+
+The session cookie is signed, and a signature cannot be taken back: a cookie copied before
+its owner signed out (from a shared computer, a proxy's log, a stolen laptop) would open the
+console until it expired. So the cookie carries only a random id, and a session is live
+while its id is in this table: signing out ends it, an admin can end anyone's (the
+Sessions page), and a restart of ``smtpproxy web`` ends them all.
+
+The table is bounded: each name keeps at most :data:`PER_NAME` live sessions (a new one ends
+that name's least recently used), and sessions past their lifetime are dropped.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from smtpproxy.web.accounts import Viewer
+
+__all__ = ["PER_NAME", "LiveSession", "SessionTable"]
+
+PER_NAME = 20
+"""Live sessions one name may have: a browser each, with room to spare. A digest link can be
+followed any number of times; this keeps someone who does so from growing the table."""
+
+
+@dataclass(slots=True)
+class LiveSession:
+    """One signed-in browser. ``id`` is the cookie's secret; ``handle`` names the session on
+    the Sessions page and in the audit log, where the id must not appear."""
+
+    viewer: Viewer
+    via: str
+    """How it signed in: ``password`` or ``link``."""
+    client: str
+    started: float
+    seen: float
+    id: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    handle: str = field(default_factory=lambda: secrets.token_hex(6))
+    csrf: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+
+
+class SessionTable:
+    """The live sessions of this process, by id. No I/O: the routes ask it."""
+
+    def __init__(self, lifetime: float, *, clock: Callable[[], float] = time.time) -> None:
+        self.lifetime = lifetime
+        self._clock = clock
+        self._sessions: dict[str, LiveSession] = {}
+
+    def start(self, viewer: Viewer, via: str, client: str) -> LiveSession:
+        now = self._clock()
+        self._drop_expired(now)
+        mine = sorted((s for s in self._sessions.values() if s.viewer.name == viewer.name),
+                      key=lambda s: s.seen)
+        for oldest in mine[: max(0, len(mine) - PER_NAME + 1)]:
+            del self._sessions[oldest.id]
+        session = LiveSession(viewer, via, client, started=now, seen=now)
+        self._sessions[session.id] = session
+        return session
+
+    def find(self, session_id: object) -> LiveSession | None:
+        """The live session with this id (marked as seen now), or None: unknown, ended, expired."""
+        if not isinstance(session_id, str):
+            return None
+        session = self._sessions.get(session_id)
+        if session is None:
+            return None
+        now = self._clock()
+        if now - session.started >= self.lifetime:
+            del self._sessions[session_id]
+            return None
+        session.seen = now
+        return session
+
+    def end(self, session_id: str) -> LiveSession | None:
+        return self._sessions.pop(session_id, None)
+
+    def by_handle(self, handle: str) -> LiveSession | None:
+        return next((s for s in self._sessions.values() if s.handle == handle), None)
+
+    def end_all(self, name: str) -> list[LiveSession]:
+        """End every session of *name* (an account removed at its source, a lost laptop)."""
+        ended = [s for s in self._sessions.values() if s.viewer.name == name]
+        for session in ended:
+            del self._sessions[session.id]
+        return ended
+
+    def live(self) -> list[LiveSession]:
+        """The live sessions, the most recently seen first."""
+        self._drop_expired(self._clock())
+        return sorted(self._sessions.values(), key=lambda s: s.seen, reverse=True)
+
+    def _drop_expired(self, now: float) -> None:
+        for session in [s for s in self._sessions.values() if now - s.started >= self.lifetime]:
+            del self._sessions[session.id]
