@@ -64,6 +64,7 @@ def _listing(request: Request, context: WebContext, viewer: Viewer, done: str = 
             e(_when(s.seen)), button,
         ])
     every = (
+        "<h2>Every session of one name</h2>"
         f'<form class="search" method="post" action="/console/sessions/end">{csrf}'
         '<label>name<input name="name" required></label><button>End all their sessions</button></form>'
     )

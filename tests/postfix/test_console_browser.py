@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import bcrypt
+import httpx
 import pytest
 
 from smtpproxy.links import Link, LinkSigner
@@ -400,3 +401,43 @@ def test_ten_wrong_passwords_slow_the_login_down(console: Console) -> None:
         time.sleep(0.2)
         console.sign_in("root", "admin-pw")
     assert console.title() == "Overview"
+
+
+def _other_browser_signs_in(base: str, name: str) -> str:
+    """Sign *name* in from another client; its session cookie (sent by hand below: the
+    cookie is Secure, which httpx keeps to HTTPS)."""
+    reply = httpx.post(f"{base}/console/login", data={"name": name, "password": "admin-pw"})
+    assert reply.status_code == 303, reply.text
+    return str(reply.cookies["smtpproxy_console"])
+
+
+def _opens(base: str, cookie: str) -> bool:
+    reply = httpx.get(f"{base}/console/quarantine", headers={"Cookie": f"smtpproxy_console={cookie}"})
+    return reply.status_code == 200
+
+
+def test_an_admin_ends_a_session_and_a_signed_out_cookie_opens_nothing(console: Console) -> None:
+    driver = console.driver
+    alice = _other_browser_signs_in(console.base, "alice@dest.test")
+    assert _opens(console.base, alice)
+    console.sign_in("root", "admin-pw")
+    console.click(By.LINK_TEXT, "Sessions")
+    assert console.title() == "Sessions"
+    rows = driver.find_elements(By.CSS_SELECTOR, "tbody tr")
+    assert rows[0].text.startswith("root (this session) admin password 127.0.0.1")
+    alices = [r for r in rows if r.text.startswith("alice@dest.test")]  # earlier tests' too
+    row = alices[0]  # the most recently seen: the one just used
+    assert "recipient password 127.0.0.1" in row.text
+    console.shot("console-sessions")
+    console.navigate(lambda: row.find_element(By.TAG_NAME, "button").click())
+    assert "Ended 1 session of alice@dest.test." in driver.page_source
+    left = [r for r in driver.find_elements(By.CSS_SELECTOR, "tbody tr") if r.text.startswith("alice")]
+    assert len(left) == len(alices) - 1
+    assert not _opens(console.base, alice)
+    assert "admin:root end_session None" in console.audit_text()
+    # Signing out ends the browser's session on the server: a copy of its cookie opens nothing.
+    [cookie] = driver.get_cookies()
+    assert _opens(console.base, cookie["value"])
+    console.click(By.XPATH, "//button[text()='Sign out']")
+    assert console.title() == "Sign in"
+    assert not _opens(console.base, cookie["value"])

@@ -45,7 +45,7 @@ async def _opens(base: str, cookie: str, path: str = "/console/quarantine") -> b
 
 def _session_id(cookie: str) -> str:
     """The id inside the signed cookie (itsdangerous: base64 JSON, timestamp, signature)."""
-    payload = cookie.split(".")[0]
+    payload = cookie.partition(".")[0]
     data = json.loads(base64.b64decode(payload + "=" * (-len(payload) % 4)))
     return str(data["sid"])
 
