@@ -347,7 +347,11 @@ class Console(_Model):
     )
     session_hours: float = Field(
         default=8, strict=False, gt=0, le=720, allow_inf_nan=False,
-        description="Hours a console sign-in lasts.",
+        description="Hours a console sign-in lasts at most.",
+    )
+    idle_minutes: float = Field(
+        default=60, strict=False, gt=0, le=43200, allow_inf_nan=False,
+        description="Minutes without a request after which a console session ends.",
     )
     proxies: list[IPAddress] = Field(
         default=[],

@@ -72,7 +72,8 @@ def make_context(config: Config) -> WebContext:
         # The session cookie's key, derived from the link key so there is one secret to keep.
         context.session_secret = hmac.new(keys[0], b"smtpproxy.console.session.v1",
                                           hashlib.sha256).hexdigest()
-        context.sessions = SessionTable(lifetime=console.session_hours * 3600)
+        context.sessions = SessionTable(lifetime=console.session_hours * 3600,
+                                        idle=console.idle_minutes * 60)
     return context
 
 

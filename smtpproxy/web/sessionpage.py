@@ -71,7 +71,8 @@ def _listing(request: Request, context: WebContext, viewer: Viewer, done: str = 
     note = (
         "<p>Signed in to this console now. Removing an account at its source takes effect at its "
         "next sign-in; ending its sessions here signs it out now. A restart of smtpproxy web "
-        f"ends every session; each lasts at most {context.sessions.lifetime / 3600:g} hours.</p>"
+        f"ends every session; each lasts at most {context.sessions.lifetime / 3600:g} hours, "
+        f"and ends after {context.sessions.idle / 60:g} minutes without a request.</p>"
     )
     result = f'<p class="done">{e(done)}</p>' if done else ""
     table = _table(["Who", "Role", "Signed in by", "From", "Since (UTC)", "Last seen (UTC)", ""], rows)

@@ -4,10 +4,11 @@ The session cookie is signed, and a signature cannot be taken back: a cookie cop
 its owner signed out (from a shared computer, a proxy's log, a stolen laptop) would open the
 console until it expired. So the cookie carries only a random id, and a session is live
 while its id is in this table: signing out ends it, an admin can end anyone's (the
-Sessions page), and a restart of ``smtpproxy web`` ends them all.
+Sessions page), it ends after its lifetime or an idle spell, and a restart of
+``smtpproxy web`` ends them all.
 
 The table is bounded: each name keeps at most :data:`PER_NAME` live sessions (a new one ends
-that name's least recently used), and sessions past their lifetime are dropped.
+that name's least recently used), and sessions past their lifetime or idle time are dropped.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ class LiveSession:
 class SessionTable:
     """The live sessions of this process, by id. No I/O: the routes ask it."""
 
-    def __init__(self, lifetime: float, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, lifetime: float, idle: float | None = None, *,
+                 clock: Callable[[], float] = time.time) -> None:
         self.lifetime = lifetime
+        self.idle = lifetime if idle is None else idle
         self._clock = clock
         self._sessions: dict[str, LiveSession] = {}
 
@@ -69,7 +72,7 @@ class SessionTable:
         if session is None:
             return None
         now = self._clock()
-        if now - session.started >= self.lifetime:
+        if self._over(session, now):
             del self._sessions[session_id]
             return None
         session.seen = now
@@ -93,6 +96,9 @@ class SessionTable:
         self._drop_expired(self._clock())
         return sorted(self._sessions.values(), key=lambda s: s.seen, reverse=True)
 
+    def _over(self, session: LiveSession, now: float) -> bool:
+        return now - session.started >= self.lifetime or now - session.seen >= self.idle
+
     def _drop_expired(self, now: float) -> None:
-        for session in [s for s in self._sessions.values() if now - s.started >= self.lifetime]:
+        for session in [s for s in self._sessions.values() if self._over(s, now)]:
             del self._sessions[session.id]

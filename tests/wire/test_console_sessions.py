@@ -1,7 +1,7 @@
 """The console's sessions kept on the server (smtpproxy/web/sessions.py), as an attacker
 meets them: a cookie copied before its owner signed out, or before a new sign-in in the same
 browser, opens nothing; an admin sees who is signed in and ends sessions (others get 404);
-a restart ends them all. The table's own bounds are tested without a server."""
+a restart ends them all. The table's own bounds: tests/unit/test_session_table.py."""
 
 from __future__ import annotations
 
@@ -14,8 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from smtpproxy.web.accounts import Viewer
-from smtpproxy.web.sessions import PER_NAME, SessionTable
 from tests.console_server import console_at, console_files
 from tests.daemons import free_port
 from tests.wire.test_console import _signed_in
@@ -155,41 +153,3 @@ async def test_a_restart_ends_every_session(config: tuple[Path, int]) -> None:
         assert await _opens(base, kept)
     async with console_at(*config) as base:
         assert not await _opens(base, kept)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1_000_000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-def test_a_session_ends_at_its_lifetime_however_busy() -> None:
-    clock = Clock()
-    table = SessionTable(lifetime=3600, clock=clock)
-    live = table.start(Viewer("root", "admin"), "password", "127.0.0.1")
-    for _ in range(5):
-        clock.now += 700
-        assert table.find(live.id) is live and live.seen == clock.now
-    clock.now = live.started + 3600
-    assert table.find(live.id) is None and table.live() == []
-    assert table.find(None) is None and table.find(["x"]) is None
-
-
-def test_a_name_keeps_its_most_recently_used_sessions_and_no_more() -> None:
-    clock = Clock()
-    table = SessionTable(lifetime=3600, clock=clock)
-    other = table.start(Viewer("root", "admin"), "password", "127.0.0.1")
-    bob = Viewer("bob@a.test", "recipient")
-    started = []
-    for _ in range(PER_NAME):
-        clock.now += 1
-        started.append(table.start(bob, "link", "192.0.2.1"))
-    clock.now += 1
-    assert table.find(started[0].id) is started[0]  # used: now the most recent of bob's
-    newest = table.start(bob, "link", "192.0.2.1")
-    mine = [s for s in table.live() if s.viewer == bob]
-    assert len(mine) == PER_NAME and newest in mine and started[0] in mine and started[1] not in mine
-    assert table.find(other.id) is other  # another name's session is not touched
-    assert len({s.handle for s in table.live()} | {s.id for s in table.live()}) == 2 * (PER_NAME + 1)
