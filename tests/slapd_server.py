@@ -45,6 +45,11 @@ class SlapdServer:
         subprocess.run(["ldapadd", "-x", "-H", self.url, "-D", ROOT_DN, "-w", ROOT_PASSWORD],
                        input=ldif.encode(), check=True, stdout=subprocess.DEVNULL)
 
+    def modify(self, ldif: str) -> None:
+        """Change or delete entries with ldapmodify (``changetype:`` in the LDIF), as the root DN."""
+        subprocess.run(["ldapmodify", "-x", "-H", self.url, "-D", ROOT_DN, "-w", ROOT_PASSWORD],
+                       input=ldif.encode(), check=True, stdout=subprocess.DEVNULL)
+
     def ready(self) -> bool:
         done = subprocess.run(["ldapsearch", "-x", "-H", self.url, "-b", "", "-s", "base",
                                "-o", "nettimeout=1"],

@@ -12,6 +12,10 @@ a sign-in name with ``hash:role[:domains]`` (:class:`TableAccounts`), or ``ldap`
 as the person (:mod:`smtpproxy.web.directory`). A source that cannot answer raises
 :class:`AccountsUnavailable`: the sign-in page then says "try again later", never signs in.
 
+A session's account is looked up again at its source every few minutes
+(:meth:`AccountSource.current`): removed, given another role or domains, or (file, table)
+given another password, its sessions end.
+
 An admin sees and does everything; a domain admin everything about messages with a
 recipient in their domains (and acts for those recipients only); a recipient only their own
 mail, for themselves. A recipient also signs in through any valid link of their digest.
@@ -19,6 +23,7 @@ mail, for themselves. A recipient also signs in through any valid link of their 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass, field
@@ -33,7 +38,7 @@ from smtpproxy.eventlog import event
 from smtpproxy.store import Held, Search
 from smtpproxy.tables import Table, TableUnavailable
 
-__all__ = ["AccountSource", "Accounts", "AccountsUnavailable", "TableAccounts", "Viewer"]
+__all__ = ["Account", "AccountSource", "Accounts", "AccountsUnavailable", "TableAccounts", "Viewer"]
 
 ROLES = ("admin", "domain", "recipient")
 
@@ -82,12 +87,28 @@ class Viewer:
         return cls(name, str(role), tuple(str(d) for d in domains))
 
 
+@dataclass(frozen=True, slots=True)
+class Account:
+    """An account as its source has it now: who it signs in as, and a stamp of its password
+    hash that changes with the password ("" where the source shows no hash: LDAP)."""
+
+    viewer: Viewer
+    stamp: str = ""
+
+
+def stamp(hashed: str) -> str:
+    """What a session keeps of its password hash: enough to see it changed, not the hash."""
+    return hashlib.sha256(hashed.encode()).hexdigest()[:16]
+
+
 class Accounts:
     """The accounts file, loaded once; :meth:`verify` runs off the event loop."""
 
-    def __init__(self, passwords: PasswordFile, viewers: dict[str, Viewer]) -> None:
+    def __init__(self, passwords: PasswordFile, viewers: dict[str, Viewer],
+                 stamps: dict[str, str] | None = None) -> None:
         self.passwords = passwords
         self.viewers = viewers
+        self.stamps = stamps or {}
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Accounts:
@@ -129,13 +150,17 @@ class Accounts:
                 raise PasswordFileError(file, number, f"account {name!r} is defined twice")
             hashes[name] = hashed
             viewers[name] = Viewer(name, role, domains)
-        return cls(PasswordFile(hashes, file), viewers)
+        return cls(PasswordFile(hashes, file), viewers, {n: stamp(h) for n, h in hashes.items()})
 
-    async def verify(self, name: str, password: str) -> Viewer | None:
+    async def verify(self, name: str, password: str) -> Account | None:
         """The account when *password* is right (an unknown name costs as much time)."""
         if await self.passwords.verify(name, password):
-            return self.viewers.get(name)
+            return await self.current(name)
         return None
+
+    async def current(self, name: str) -> Account | None:
+        viewer = self.viewers.get(name)
+        return Account(viewer, self.stamps.get(name, "")) if viewer is not None else None
 
 
 class AccountsUnavailable(Exception):
@@ -144,13 +169,17 @@ class AccountsUnavailable(Exception):
 
 class AccountSource(Protocol):
     """What the console signs in through: :class:`Accounts`, :class:`TableAccounts` or
-    :class:`smtpproxy.web.directory.DirectoryAccounts`. ``viewers`` holds the accounts a
-    session may still belong to (a session whose viewer is not there is signed out)."""
+    :class:`smtpproxy.web.directory.DirectoryAccounts`."""
 
-    @property
-    def viewers(self) -> dict[str, Viewer]: ...
+    async def verify(self, name: str, password: str) -> Account | None:
+        """The account *name* signs in as with *password*, or None."""
+        ...
 
-    async def verify(self, name: str, password: str) -> Viewer | None: ...
+    async def current(self, name: str) -> Account | None:
+        """The account *name* (as typed at sign-in) signs in as now, asked without a
+        password: None when it is gone or signs in no more. Either may raise
+        :class:`AccountsUnavailable`."""
+        ...
 
 
 def parse_account(name: str, value: str) -> tuple[str, Viewer]:
@@ -169,32 +198,36 @@ def parse_account(name: str, value: str) -> tuple[str, Viewer]:
 
 class TableAccounts:
     """Accounts in a lookup table (``console.accounts: table:NAME``): the sign-in name is the
-    key, the first value ``hash:role[:domains]``. ``viewers`` are the accounts signed in
-    through this process (an account changed in the table takes effect at its next sign-in)."""
+    key, the first value ``hash:role[:domains]``."""
 
     def __init__(self, table: Table) -> None:
         self.table = table
-        self.viewers: dict[str, Viewer] = {}
         # A real hash for names the table does not know, so a miss costs as much as a wrong password.
         self._dummy = bcrypt.hashpw(b"no such account", bcrypt.gensalt(12)).decode()
 
-    async def verify(self, name: str, password: str) -> Viewer | None:
+    async def verify(self, name: str, password: str) -> Account | None:
+        found = await self._lookup(name)
+        hashed = found[0] if found is not None else self._dummy
+        ok = await PasswordFile({name: hashed}, f"table {self.table.name}").verify(name, password)
+        return Account(found[1], stamp(hashed)) if ok and found is not None else None
+
+    async def current(self, name: str) -> Account | None:
+        found = await self._lookup(name)
+        return Account(found[1], stamp(found[0])) if found is not None else None
+
+    async def _lookup(self, name: str) -> tuple[str, Viewer] | None:
+        """The hash and viewer the table has for *name*; None if none, or none usable."""
         if self.table.fold_case:
             name = name.lower()
         try:
             found = await self.table.lookup(name)
         except TableUnavailable as exc:
             raise AccountsUnavailable(str(exc)) from None
-        hashed, viewer = self._dummy, None
-        if found:
-            try:
-                hashed, viewer = parse_account(name, found[0])
-            except ValueError as exc:
-                event("console_account_invalid", level=logging.WARNING, table=self.table.name,
-                      account=name, error=str(exc))
-                hashed, viewer = self._dummy, None
-        ok = await PasswordFile({name: hashed}, f"table {self.table.name}").verify(name, password)
-        if not ok or viewer is None:
+        if not found:
             return None
-        self.viewers[viewer.name] = viewer
-        return viewer
+        try:
+            return parse_account(name, found[0])
+        except ValueError as exc:
+            event("console_account_invalid", level=logging.WARNING, table=self.table.name,
+                  account=name, error=str(exc))
+            return None

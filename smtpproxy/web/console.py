@@ -126,20 +126,34 @@ def _context(request: Request) -> WebContext:
 
 
 def _live(request: Request) -> LiveSession | None:
-    """The request's live session (see :mod:`smtpproxy.web.sessions`), or None: no cookie, a
-    session that ended or expired, or an account removed from (or changed in) its source."""
+    """The request's live session (see :mod:`smtpproxy.web.sessions`), or None: no cookie, or
+    a session that ended or expired."""
     cached = getattr(request.state, "live", _UNSEEN)
     if cached is not _UNSEEN:
         return cast("LiveSession | None", cached)
-    context = _context(request)
-    live = context.sessions.find(request.session.get("sid"))
-    if live is not None and not (live.via == "link" and live.viewer.role == "recipient"):
-        accounts = context.accounts
-        if accounts is None or accounts.viewers.get(live.viewer.name) != live.viewer:
-            context.sessions.end(live.id)
-            live = None
+    live = _context(request).sessions.find(request.session.get("sid"))
     request.state.live = live
     return live
+
+
+async def _account_holds(context: WebContext, live: LiveSession) -> bool:
+    """Whether a password session's account still signs in as it did, looked up again at its
+    source every few minutes (:meth:`SessionTable.due`): removed there, given another role,
+    domains or password, the session ends. A source that cannot answer keeps it."""
+    if context.accounts is None or live.login is None or not context.sessions.due(live):
+        return True
+    try:
+        account = await context.accounts.current(live.login)
+    except AccountsUnavailable as exc:
+        event("console_accounts_unavailable", level=logging.WARNING, error=str(exc)[:300],
+              session=live.handle)
+        return True
+    if account is not None and account.viewer == live.viewer and account.stamp == live.stamp:
+        return True
+    context.sessions.end(live.id)
+    event("console_session_ended", level=logging.WARNING, session=live.handle, name=live.viewer.name,
+          reason="account_removed" if account is None else "account_changed")
+    return False
 
 
 def _viewer(request: Request) -> Viewer | None:
@@ -192,7 +206,8 @@ def _client(request: Request) -> str:
 
 def _signed_in(handler: Handler, *, post: bool = False) -> Callable[[Request], Awaitable[Response]]:
     async def endpoint(request: Request) -> Response:
-        viewer = _viewer(request)
+        live = _live(request)
+        viewer = live.viewer if live is not None and await _account_holds(_context(request), live) else None
         if viewer is None:
             if post:
                 return _refused(request)
@@ -208,14 +223,15 @@ def _signed_in(handler: Handler, *, post: bool = False) -> Callable[[Request], A
     return endpoint
 
 
-def _start_session(request: Request, viewer: Viewer, via: str) -> None:
+def _start_session(request: Request, viewer: Viewer, via: str, *, login: str | None = None,
+                   stamp: str = "") -> None:
     """A new server-side session (and CSRF token) at each sign-in, the browser's old one
     ended: no fixation."""
     sessions = _context(request).sessions
     old = _live(request)
     if old is not None:
         sessions.end(old.id)
-    live = sessions.start(viewer, via, _client(request))
+    live = sessions.start(viewer, via, _client(request), login=login, stamp=stamp)
     request.session.clear()
     request.session["sid"] = live.id
     request.state.live = live
@@ -289,12 +305,12 @@ async def login(request: Request) -> Response:
     if context.throttle is not None and (await context.throttle.admit(ip, name)).locked:
         return _login_page(request, "Too many failed sign-ins from your address; try again later.", 429)
     try:
-        viewer = await context.accounts.verify(name, password)
+        account = await context.accounts.verify(name, password)
     except AccountsUnavailable as exc:  # never a sign-in, and not a failure the throttle counts
         event("console_accounts_unavailable", level=logging.WARNING, error=str(exc)[:300])
         return _login_page(request, "Sign-in is not possible right now (the account directory "
                            "does not answer); try again later.", 503)
-    if viewer is None:
+    if account is None:
         if context.throttle is not None:
             await context.throttle.failed(
                 ip, name, password.encode("utf-8", "surrogateescape"), mechanism="console"
@@ -302,8 +318,8 @@ async def login(request: Request) -> Response:
         return _login_page(request, "Name or password is wrong.", 401)
     if context.throttle is not None:
         await context.throttle.succeeded(ip, name)
-    _start_session(request, viewer, "password")
-    await _audit(context, viewer, "sign_in", detail=f"password from {ip}")
+    _start_session(request, account.viewer, "password", login=name, stamp=account.stamp)
+    await _audit(context, account.viewer, "sign_in", detail=f"password from {ip}")
     return RedirectResponse("/console", status_code=303)
 
 

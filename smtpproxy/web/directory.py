@@ -23,7 +23,7 @@ from smtpproxy.blocking import run_blocking
 from smtpproxy.config.console import ConsoleLDAP, parse_role
 from smtpproxy.eventlog import event
 from smtpproxy.tables.ldap import escape_filter_value, expand_filter
-from smtpproxy.web.accounts import AccountsUnavailable, Viewer
+from smtpproxy.web.accounts import Account, AccountsUnavailable, Viewer
 
 __all__ = ["DirectoryAccounts"]
 
@@ -32,27 +32,28 @@ _SCOPES = {"sub": "SUBTREE", "one": "LEVEL", "base": "BASE"}
 
 
 class DirectoryAccounts:
-    """Accounts in LDAP. ``viewers`` are the people signed in through this process (removing
-    someone from the directory or a group takes effect at their next sign-in)."""
+    """Accounts in LDAP. A session's person is looked up again (:meth:`current`, the service
+    account's search and the groups, no bind as the person): removed from the directory or
+    from their group, their sessions end. A changed password is not visible here."""
 
     def __init__(self, section: ConsoleLDAP) -> None:
         self.section = section
-        self.viewers: dict[str, Viewer] = {}
 
-    async def verify(self, name: str, password: str) -> Viewer | None:
+    async def verify(self, name: str, password: str) -> Account | None:
         if not password or not name:
             return None
-        viewer = await run_blocking(self._sign_in, name, password)
-        if viewer is not None:
-            self.viewers[viewer.name] = viewer
-        return viewer
+        return await run_blocking(self._look_up, name, password)
+
+    async def current(self, name: str) -> Account | None:
+        return await run_blocking(self._look_up, name, None) if name else None
 
     def _connection(self, ldap3: Any, server: Any, user: str | None, password: str | None) -> Any:
         return ldap3.Connection(server, user=user, password=password, read_only=True,
                                 receive_timeout=math.ceil(self.section.timeout),  # an int: SO_RCVTIMEO
                                 raise_exceptions=False)
 
-    def _sign_in(self, name: str, password: str) -> Viewer | None:
+    def _look_up(self, name: str, password: str | None) -> Account | None:
+        """The one entry *name* finds, bound as with *password* (None: not bound, a re-check)."""
         import ldap3
         from ldap3.core.exceptions import LDAPException
 
@@ -77,15 +78,17 @@ class DirectoryAccounts:
                 return None
             dn = str(entries[0]["dn"])
             mail = _first(entries[0].get("attributes", {}).get(s.mail_attribute))
-            person = self._connection(ldap3, server, dn, password)
-            try:
-                if not person.bind():
-                    if person.result.get("result") == _INVALID_CREDENTIALS:
-                        return None
-                    raise AccountsUnavailable(f"the bind failed: {person.result.get('description')}")
-            finally:
-                person.unbind()
-            return self._viewer(ldap3, service, dn, name, mail)
+            if password is not None:
+                person = self._connection(ldap3, server, dn, password)
+                try:
+                    if not person.bind():
+                        if person.result.get("result") == _INVALID_CREDENTIALS:
+                            return None
+                        raise AccountsUnavailable(f"the bind failed: {person.result.get('description')}")
+                finally:
+                    person.unbind()
+            viewer = self._viewer(ldap3, service, dn, name, mail)
+            return Account(viewer) if viewer is not None else None
         except LDAPException as exc:
             raise AccountsUnavailable(f"{type(exc).__name__}: {exc}") from None
         finally:

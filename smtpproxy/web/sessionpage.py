@@ -1,8 +1,7 @@
 """The console's Sessions page: who is signed in, and ending their sessions (admins only).
 
-For an admin who has just removed someone from the accounts table or the directory, or
-hears of a lost laptop: the change at the source takes effect at the next sign-in, and
-here the sessions already open end now. Anyone else gets 404, as for the audit log. A
+For an admin who hears of a lost laptop, or has just changed a password in the directory
+(which the console's lookups of a session's account cannot see): the sessions end now. Anyone else gets 404, as for the audit log. A
 session is named by its handle, never by the id its cookie carries; every ending is in the
 audit log (``action=end_session``).
 """
@@ -69,8 +68,9 @@ def _listing(request: Request, context: WebContext, viewer: Viewer, done: str = 
         '<label>name<input name="name" required></label><button>End all their sessions</button></form>'
     )
     note = (
-        "<p>Signed in to this console now. Removing an account at its source takes effect at its "
-        "next sign-in; ending its sessions here signs it out now. A restart of smtpproxy web "
+        "<p>Signed in to this console now. An account removed or changed at its source is "
+        f"signed out within {context.sessions.recheck / 60:g} minutes; ending its sessions here "
+        "signs it out now. A restart of smtpproxy web "
         f"ends every session; each lasts at most {context.sessions.lifetime / 3600:g} hours, "
         f"and ends after {context.sessions.idle / 60:g} minutes without a request.</p>"
     )

@@ -55,3 +55,17 @@ def test_a_name_keeps_its_most_recently_used_sessions_and_no_more() -> None:
     assert len(mine) == PER_NAME and newest in mine and started[0] in mine and started[1] not in mine
     assert table.find(other.id) is other  # another name's session is not touched
     assert len({s.handle for s in table.live()} | {s.id for s in table.live()}) == 2 * (PER_NAME + 1)
+
+
+def test_a_password_sessions_account_is_due_for_a_lookup_every_recheck_seconds() -> None:
+    clock = Clock()
+    table = SessionTable(lifetime=8 * 3600, recheck=300, clock=clock)
+    typed = table.start(Viewer("ann@example.test", "admin"), "password", "127.0.0.1", login="ann", stamp="s")
+    link = table.start(Viewer("bob@a.test", "recipient"), "link", "192.0.2.1")
+    assert typed.login == "ann" and typed.checked == clock.now  # the sign-in was its lookup
+    clock.now += 299
+    assert not table.due(typed)
+    clock.now += 1
+    assert table.due(typed) and not table.due(typed)  # marked: the next one is 300 s on
+    clock.now += 3000
+    assert not table.due(link)  # a digest link's session has no account to look up

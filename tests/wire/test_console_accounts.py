@@ -1,10 +1,12 @@
 """Console accounts from a lookup table (``console.accounts: table:NAME``) and from LDAP
 (``accounts: ldap``, a bind as the person against the tests' private slapd): who signs in with
-which role, what is refused, the login throttle, and a source that is down ("try again later",
-never a sign-in)."""
+which role, what is refused, the login throttle, a source that is down ("try again later",
+never a sign-in), and the sessions of an account removed or changed there ending at its next
+lookup."""
 
 from __future__ import annotations
 
+import sqlite3
 import subprocess
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,6 +16,7 @@ import httpx
 import pytest
 
 from smtpproxy.config import ConfigError, load_config
+from smtpproxy.web import sessions
 from tests.console_server import console_at
 from tests.daemons import free_port
 from tests.slapd_server import BASE, SlapdServer
@@ -66,6 +69,50 @@ async def test_accounts_from_a_lookup_table(tmp_path: Path) -> None:
                 assert reply.status_code == 401 and "Name or password is wrong." in reply.text
         finally:
             for client in clients:
+                await client.aclose()
+
+
+async def _opens(client: httpx.AsyncClient) -> bool:
+    reply = await client.get("/console")
+    assert reply.status_code in (200, 303)
+    return reply.status_code == 200
+
+
+async def test_an_account_removed_or_changed_in_the_table_ends_its_sessions(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each session's account is looked up again (every request here; every RECHECK seconds
+    in use): removed, another role's domains, another password: signed out; unchanged, or the
+    table down: kept."""
+    monkeypatch.setattr(sessions, "RECHECK", 0.0)
+    db = tmp_path / "people.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE people (login TEXT PRIMARY KEY, value TEXT)")
+        conn.executemany("INSERT INTO people VALUES (?, ?)", [
+            ("root", f"{HASH}:admin"), ("host-a", f"{HASH}:domain:a.test"),
+            ("bob@a.test", f"{HASH}:recipient"), ("carol@a.test", f"{HASH}:recipient")])
+    conn.close()
+    tables = ("tables:\n  people:\n    type: sqlite\n    path: people.db\n"
+              "    query: \"SELECT value FROM people WHERE login = :key\"\n    cache_size: 0\n")
+    async for base in _serve(tmp_path, "  accounts: table:people\n", tables):
+        clients = {}
+        try:
+            for name in ("root", "host-a", "bob@a.test", "carol@a.test"):
+                clients[name], reply = await _sign_in(base, name, "pw")
+                assert reply.status_code == 303 and await _opens(clients[name])
+            new_hash = bcrypt.hashpw(b"new", bcrypt.gensalt(4)).decode()
+            with sqlite3.connect(db) as conn:
+                conn.execute("DELETE FROM people WHERE login = 'bob@a.test'")
+                conn.execute("UPDATE people SET value = ? WHERE login = 'host-a'", (f"{HASH}:domain:b.test",))
+                conn.execute("UPDATE people SET value = ? WHERE login = 'carol@a.test'", (f"{new_hash}:recipient",))
+            conn.close()
+            assert await _opens(clients["root"])
+            for name in ("host-a", "bob@a.test", "carol@a.test"):
+                assert not await _opens(clients[name]), name
+            # The table cannot answer: sessions are kept (and sign-ins wait for it).
+            db.rename(tmp_path / "gone.db")
+            assert await _opens(clients["root"])
+        finally:
+            for client in clients.values():
                 await client.aclose()
 
 
@@ -151,6 +198,32 @@ async def test_ldap_sign_in_is_throttled_like_the_others(slapd_server: SlapdServ
                 assert reply.status_code == 401
             reply = await client.post("/console/login", data={"name": "ann", "password": "ann-secret"})
             assert reply.status_code == 429 and "Too many failed sign-ins" in reply.text
+
+
+async def test_a_person_removed_from_the_directory_or_their_group_is_signed_out(
+        slapd_server: SlapdServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sessions, "RECHECK", 0.0)
+    _directory(slapd_server)
+    async for base in _serve(tmp_path, _ldap_console(slapd_server)):
+        clients = {}
+        try:
+            for name in ("ann", "hal", "bob"):
+                clients[name], reply = await _sign_in(base, name, f"{name}-secret")
+                assert reply.status_code == 303 and await _opens(clients[name])
+            slapd_server.modify(f"dn: cn=hostmasters-a,{GROUPS}\nchangetype: modify\nreplace: member\n"
+                                f"member: uid=someone-else,{PEOPLE}\n\n"
+                                f"dn: uid=bob,{PEOPLE}\nchangetype: delete\n")
+            assert await _opens(clients["ann"])
+            assert not await _opens(clients["hal"])  # a recipient now, no longer a domain admin
+            assert not await _opens(clients["bob"])
+            client, reply = await _sign_in(base, "hal", "hal-secret")  # as what the directory says now
+            clients["hal again"] = client
+            assert reply.status_code == 303 and await _role(client) == "hal@a.test (recipient)"
+            slapd_server.stop()  # the directory down: ann's session is kept
+            assert await _opens(clients["ann"])
+        finally:
+            for client in clients.values():
+                await client.aclose()
 
 
 def test_ldapsearch_sees_the_groups(slapd_server: SlapdServer) -> None:
