@@ -1,9 +1,9 @@
 """The console's Sessions page: who is signed in, and ending their sessions (admins only).
 
 For an admin who hears of a lost laptop, or has just changed a password in the directory
-(which the console's lookups of a session's account cannot see): the sessions end now. Anyone else gets 404, as for the audit log. A
-session is named by its handle, never by the id its cookie carries; every ending is in the
-audit log (``action=end_session``).
+(which the console's lookups of a session's account cannot see): the sessions end now.
+Anyone else gets 404, as for the audit log. A session is named by its handle, never by the
+id its cookie carries; every ending is in the audit log (``action=end_session``).
 """
 
 from __future__ import annotations

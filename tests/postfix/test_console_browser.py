@@ -172,6 +172,10 @@ async def _fill(root: Path, trap: int) -> None:
     newsletter = (b"From: Partner News <news@partner.example>\r\nTo: dave@dest.test\r\n"
                   b"Subject: Partner newsletter\r\n\r\nThis month at Partner.\r\n")
     await hold("q-allow", newsletter, ["dave@dest.test"], subject="Partner newsletter")
+    for qid, subject in (("q-bulk1", "bulk one"), ("q-bulk2", "bulk two")):
+        await hold(qid, plain(subject, "dave@dest.test"), ["dave@dest.test"], subject=subject)
+    await hold("q-bulkvirus", plain("bulk virus", "dave@dest.test"), ["dave@dest.test"], by="clamav",
+               subject="bulk virus", admin_only=True)
     entries = []
     # What the proxy records (Decision.disposition, its reply and reason), as a screenshot shows it.
     for i, (decision, sender, by, reply, reason) in enumerate([
@@ -401,6 +405,34 @@ def test_ten_wrong_passwords_slow_the_login_down(console: Console) -> None:
         time.sleep(0.2)
         console.sign_in("root", "admin-pw")
     assert console.title() == "Overview"
+
+
+def test_a_recipient_releases_and_deletes_ticked_messages_from_the_list(console: Console) -> None:
+    """The quarantine list's bulk form: each ticked message for the viewer's own copy, a virus
+    hold refused in its line while the others are done."""
+    driver = console.driver
+    before = len(console.postfix.messages("dave"))
+    console.sign_in("dave@dest.test", "admin-pw")
+    driver.get(f"{console.base}/console/quarantine")
+    for qid in ("q-bulk1", "q-bulkvirus"):
+        driver.find_element(By.CSS_SELECTOR, f"input[name=qid][value='{qid}']").click()
+    console.click(By.XPATH, "//button[text()='Release selected']")
+    assert console.title() == "Done"
+    lines = [li.text for li in driver.find_elements(By.CSS_SELECTOR, "main li")]
+    assert lines == ["q-bulk1: released for dave@dest.test",
+                     "q-bulkvirus: held by clamav; only an administrator can release it"]
+    delivered = console.postfix.wait_for_messages("dave", before + 1)
+    assert any(b"Subject: bulk one" in m for m in delivered)
+    driver.get(f"{console.base}/console/quarantine")
+    listed = driver.find_element(By.TAG_NAME, "tbody").text
+    assert "bulk one" not in listed and "bulk two" in listed and "bulk virus" in listed
+    driver.find_element(By.CSS_SELECTOR, "input[name=qid][value='q-bulk2']").click()
+    console.click(By.XPATH, "//button[text()='Delete selected']")
+    assert [li.text for li in driver.find_elements(By.CSS_SELECTOR, "main li")] == [
+        "q-bulk2: deleted for dave@dest.test"]
+    assert console.held("q-bulk2") == {"dave@dest.test": "deleted"}
+    assert console.held("q-bulkvirus") == {"dave@dest.test": "held"}
+    assert len(console.postfix.messages("dave")) == before + 1  # nothing else was delivered
 
 
 def _other_browser_signs_in(base: str, name: str) -> str:
