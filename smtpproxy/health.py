@@ -28,7 +28,10 @@ size and time), answers, and closes the connection.
 
 There is no authentication: a host outside ``metrics.clients`` (this host by default) gets
 403 for every path, so that a wider ``metrics.address`` does not open the upstream's state
-and the counters to whoever reaches the port.
+and the counters to whoever reaches the port. At most :data:`MAX_CONNECTIONS` connections
+are served at once (each held up to 5 s while its request comes): beyond that a connection is
+closed at once, so that connections to this port cannot use up the file descriptors the
+process's mail connections need.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ __all__ = ["DeliveryState", "HealthServer", "NoDeliveryReadiness", "Readiness", 
 
 _MAX_REQUEST = 8192
 _REQUEST_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
+"""Connections the endpoint serves at once; Prometheus opens one per scrape."""
 _REASONS = {200: "OK", 400: "Bad Request", 403: "Forbidden", 404: "Not Found", 405: "Method Not Allowed",
             503: "Service Unavailable"}
 
@@ -181,6 +186,7 @@ class HealthServer:
         self.readiness = readiness
         self.metrics = metrics
         self._server: asyncio.Server | None = None
+        self._open = 0
 
     @property
     def bound(self) -> tuple[str, int]:
@@ -202,15 +208,19 @@ class HealthServer:
         await self.readiness.close()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        if self._open >= MAX_CONNECTIONS:
+            event("metrics_refused", level=logging.WARNING, reason="busy", peer=_peer(peer))
+            writer.close()
+            return
+        self._open += 1
         try:
             async with asyncio.timeout(_REQUEST_TIMEOUT):
                 request = await _read_request(reader)
-                peer = writer.get_extra_info("peername")
                 if not peer_in_networks(peer, self.clients):
                     # The request is read first (bounded), or closing with it unread would
                     # reset the connection and lose the answer.
-                    event("metrics_refused", level=logging.WARNING, reason="client",
-                          peer=f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and peer else "unknown")
+                    event("metrics_refused", level=logging.WARNING, reason="client", peer=_peer(peer))
                     await _respond(writer, 403, b"not in metrics.clients\n")
                     return
                 if request is None:
@@ -226,6 +236,7 @@ class HealthServer:
         except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
             pass
         finally:
+            self._open -= 1
             writer.close()
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
@@ -245,6 +256,10 @@ class HealthServer:
             exposition, ctype = self.metrics.exposition()
             return 200, exposition, ctype
         return 404, b"not found; try /metrics, /healthz or /readyz\n", text
+
+
+def _peer(peer: object) -> str:
+    return f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) and peer else "unknown"
 
 
 async def _read_request(reader: asyncio.StreamReader) -> tuple[str, str] | None:

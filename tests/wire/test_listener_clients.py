@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from smtpproxy import Session, Verdict, hookimpl
 from smtpproxy.config import load_config
 from smtpproxy.config.problems import ConfigError
+from smtpproxy.health import MAX_CONNECTIONS
 from smtpproxy.networks import LOOPBACK, peer_in_networks
 from tests.conftest import ProxyFactory, chain_of, make_config
 from tests.wire.test_milter import Factory, FakeMTA, milter  # noqa: F401 (fixture)
@@ -179,6 +180,29 @@ async def test_the_metrics_endpoint_answers_a_stranger_403(
     assert b"smtpproxy_" not in refused
     assert [fields["reason"] for fields in _logged(caplog, "metrics_refused")] == ["client"]
     assert (await _get(port, "127.0.0.1", path)).startswith(b"HTTP/1.1 200 OK\r\n")
+
+
+async def test_idle_connections_to_the_metrics_port_cannot_pile_up(
+    proxy_factory: ProxyFactory, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Strangers that open connections and say nothing hold at most MAX_CONNECTIONS (each up
+    to 5 s); one more is closed at once, and the port serves again once they are gone."""
+    server = await proxy_factory(metrics={"enabled": True, "port": 0, "clients": ONLY_THIS_ADDRESS})
+    assert server.health is not None
+    address = ("127.0.0.1", server.health.bound[1])
+    idle = [await _open(address, STRANGER) for _ in range(MAX_CONNECTIONS)]
+    await asyncio.sleep(0.2)  # every one accepted and waiting for its request
+    with caplog.at_level(logging.INFO, logger="smtpproxy"):
+        reader, writer = await _open(address, "127.0.0.1")
+        started = asyncio.get_running_loop().time()
+        assert await _closed_at_once(reader)
+        assert asyncio.get_running_loop().time() - started < 2  # not after the 5 s request timeout
+        writer.close()
+    assert [fields["reason"] for fields in _logged(caplog, "metrics_refused")] == ["busy"]
+    for _, idle_writer in idle:
+        idle_writer.close()
+    await asyncio.sleep(0.2)
+    assert (await _get(address[1], "127.0.0.1", "/healthz")).startswith(b"HTTP/1.1 200 OK\r\n")
 
 
 async def test_the_metrics_endpoint_listens_to_the_hosts_it_is_told(proxy_factory: ProxyFactory) -> None:
