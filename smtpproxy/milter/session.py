@@ -471,6 +471,13 @@ class MilterSession:
         event("connect", client=ip, port=port, transport="milter", mta=self.macros.get("j"))
         if not session.local_port:
             self._warn_no_port()
+        if not (self.macros.get("v") or "").startswith("Postfix"):
+            # SMFIR_PROGRESS before the end of the message only where the MTA says it is
+            # Postfix (its ``v`` macro, in milter_connect_macros by default): Postfix reads it
+            # at any step (milter8.c), Sendmail only at the end of the message. To Sendmail a
+            # progress packet at CONNECT to RCPT is that step's reply, "bogus" (milter.c,
+            # milter_send_command): the recipient passes unanswered and the filter is failed.
+            self._slow = 0
         refusal = await self._run(codec.SMFIP_NR_CONN, self.conversation.connect(session))
         await self._answer(codec.SMFIP_NR_CONN, "connect", refusal)
 

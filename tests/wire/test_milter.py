@@ -109,11 +109,13 @@ class FakeMTA:
         self.protocol = reply.protocol
         return reply
 
-    async def start(self, client: str = "192.0.2.7", **macros: str) -> list[codec.Response]:
-        """Negotiate and connect, like Postfix at the start of an SMTP session."""
+    async def start(self, client: str = "192.0.2.7", **macros: str | None) -> list[codec.Response]:
+        """Negotiate and connect, like Postfix at the start of an SMTP session (a macro given
+        as None is not sent)."""
         await self.negotiate()
+        sent = {"j": "mx.test", "v": "Postfix 3.7.11", **macros}
         return await self.event(codec.Connect("[" + client + "]", "4", 40000, client),
-                                j="mx.test", v="Postfix 3.7.11", **macros)
+                                **{k: v for k, v in sent.items() if v is not None})
 
     async def envelope(self, sender: str = "<alice@sender.test>", *rcpts: str) -> None:
         await self.passes(codec.Helo("client.test"))
@@ -1042,6 +1044,23 @@ async def test_a_slow_rcpt_plugin_keeps_the_mta_waiting_with_progress(milter: Fa
         responses.append(await mta.recv())
     assert responses[-1] == codec.Continue()
     assert len(responses) >= 3 and set(responses[:-1]) == {codec.Progress()}
+    await mta.close()
+
+
+@pytest.mark.parametrize("version", ["8.17.1.9", None])
+async def test_sendmail_gets_progress_only_at_the_end_of_the_message(
+        milter: Factory, version: str | None) -> None:
+    """Sendmail reads SMFIR_PROGRESS at the end of the message only; at RCPT it would be
+    that step's (bogus) reply: the recipient passed unanswered and the filter failed
+    (tests/postfix/test_milter_sendmail.py shows it with the real Sendmail). An MTA that does
+    not say it is Postfix (its ``v`` macro: Sendmail's version, or none) waits without one."""
+    mta = await FakeMTA.open(await milter(SlowRcpt(), SlowData(), progress_interval=0.1))
+    await mta.start(v=version)
+    await mta.passes(codec.Helo("client.test"))
+    await mta.passes(codec.Mail(("<alice@sender.test>",)), i="4ABC")
+    mta.send(codec.Rcpt(("<bob@dest.test>",)))
+    assert await mta.recv() == codec.Continue()  # after the plugin's 0.5 s, with nothing before
+    await accepted_after_progress(mta)
     await mta.close()
 
 
