@@ -289,6 +289,7 @@ DAEMON_FIXTURES = {
     "cluster_factory": "haproxy",
     "journal": "journald",
     "pid1": "systemd",
+    "sendmail_factory": "sendmail",
 }
 """Fixtures that start a Debian daemon privately, and the marker each test using one gets
 (registered in pyproject.toml): ``pytest -m postfix`` runs what starts Postfix,

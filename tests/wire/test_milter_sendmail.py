@@ -1,0 +1,161 @@
+"""The milter behind a real Sendmail (Debian's 8.17, tests/sendmail_instance.py), as
+docs/deploy-milter.md configures it: ``INPUT_MAIL_FILTER`` with ``F=T``.
+
+The same checks as with Postfix (tests/postfix/test_milter_postfix.py) where the two MTAs
+differ: Sendmail hides its own fields (Received, and the Date and Message-Id it adds) from
+milters, sends no ``v`` macro by default, and reads SMFIR_PROGRESS only at the end of the
+message, where Postfix reads it at any step. Every assertion is about what Sendmail did: its
+SMTP replies and the queue file it wrote.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from smtpproxy import Message, Recipient, Verdict, hookimpl
+from smtpproxy.milter.server import MilterServer
+from tests.conftest import Talk, chain_of, make_config
+from tests.sendmail_instance import SendmailInstance
+from tests.sendmail_instance import sendmail_factory as sendmail_factory  # noqa: PLC0414 - the fixture
+
+MESSAGE = (b"From: Alice <alice@sender.test>\r\nTo: bob@dest.test\r\nSubject: via sendmail\r\n"
+           b"Received: from earlier.test by relay.test; Mon, 7 Dec 2026 00:00:00 +0000\r\n"
+           b"\r\nOriginal body.\r\n")
+
+Start = Callable[..., Any]
+
+
+@pytest.fixture
+async def sendmail_with_milter(
+    tmp_path: Path, sendmail_factory: Callable[..., SendmailInstance],
+) -> AsyncIterator[Start]:
+    servers: list[MilterServer] = []
+
+    async def start(*plugins: object, progress_interval: float = 10.0, **options: str) -> SendmailInstance:
+        config = make_config(tmp_path, milter={"listen": "inet:127.0.0.1:0",
+                                               "progress_interval": progress_interval})
+        server = MilterServer(config, chain=chain_of(*plugins, timeout=5.0))
+        await server.start()
+        servers.append(server)
+        address = server.address
+        assert isinstance(address, tuple)
+        return await asyncio.to_thread(sendmail_factory, address[1], **options)
+
+    yield start
+    for server in servers:
+        await server.stop(grace=1)
+
+
+async def transaction(sendmail: SendmailInstance, rcpts: list[str],
+                      body: bytes = MESSAGE) -> list[tuple[int, str]]:
+    """One SMTP transaction through Sendmail; every reply from MAIL to the end of DATA."""
+    talk = await Talk.open(sendmail.port)
+    code, text = await talk.hello()
+    assert code == 250, text
+    replies = [await talk.cmd("MAIL FROM:<alice@sender.test>")]
+    replies += [await talk.cmd(f"RCPT TO:<{rcpt}>") for rcpt in rcpts]
+    if any(code == 250 for code, _ in replies[1:]):
+        code, text = await talk.cmd("DATA")
+        assert code == 354, text
+        talk.send(body + b".\r\n")
+        replies.append(await talk.reply())
+    await talk.cmd("QUIT")
+    await talk.close()
+    return replies
+
+
+class Edit:
+    name = "edit"
+
+    @hookimpl
+    def data(self, message: Message) -> None:
+        message.add_header("X-Milter-Checked", "yes")
+        message.add_header("X-Appended", "last", prepend=False)
+        message.replace_header("Subject", "[checked] via sendmail")
+
+
+async def test_header_edits_land_in_sendmails_queue_file(sendmail_with_milter: Start) -> None:
+    sendmail = await sendmail_with_milter(Edit())
+    replies = await transaction(sendmail, ["bob@dest.test"])
+    assert [code for code, _ in replies] == [250, 250, 250], replies
+    [queued] = sendmail.queued()
+    fields = [(name, value) for name, value in queued.headers if name != "Return-Path"]  # delivery's
+    names = [name for name, _ in fields]
+    # The added field is the topmost, as the proxy would have it above its upstream's own
+    # Received; Sendmail's own fields, which we never saw, stay where Sendmail put them.
+    assert names == ["X-Milter-Checked", "Received", "Date", "Message-Id", "From", "To", "Subject",
+                     "Received", "X-Appended"]
+    assert dict(fields)["Subject"] == "[checked] via sendmail"
+    assert fields[1][1].startswith("from client.test (localhost [127.0.0.1]) by mx.sendmail.test")
+    assert queued.body == b"Original body.\n"
+
+
+class SlowJudge:
+    """Takes 1.5 s over a recipient called slow-*, then refuses it."""
+
+    name = "slow_judge"
+
+    @hookimpl
+    async def rcpt_to(self, recipient: Recipient) -> Verdict | None:
+        if str(recipient.address).startswith("slow-"):
+            await asyncio.sleep(1.5)
+            return Verdict.reject("slow-* is refused here")
+        return None
+
+
+async def test_a_slow_recipient_gets_the_plugins_answer_not_a_progress_packet(
+        sendmail_with_milter: Start) -> None:
+    """Before, the progress packet at 0.5 s was RCPT's reply to Sendmail: the recipient got
+    250 without the plugin's refusal, and the filter failed (451 for what followed)."""
+    sendmail = await sendmail_with_milter(SlowJudge(), progress_interval=0.5,
+                                          milter_options="F=T, T=S:10s;R:10s;E:5m")
+    started = time.monotonic()
+    replies = await transaction(sendmail, ["slow-bob@dest.test", "carol@dest.test"])
+    # Sendmail names the recipient in a 550 at RCPT, before the text.
+    assert replies[1] == (550, "5.7.1 <slow-bob@dest.test>... slow-* is refused here"), replies
+    assert time.monotonic() - started >= 1.5
+    assert replies[2][0] == 250 and replies[3][0] == 250, replies  # the filter still answers
+    [queued] = sendmail.queued()
+    assert queued.recipients == ["<carol@dest.test>"]
+
+
+class SlowData:
+    name = "slow_data"
+
+    @hookimpl
+    async def data(self, message: Message) -> None:
+        await asyncio.sleep(3.5)
+        message.add_header("X-Judged", "slowly")
+
+
+async def test_a_slow_message_keeps_sendmail_waiting_with_progress(sendmail_with_milter: Start) -> None:
+    """At the end of the message Sendmail reads SMFIR_PROGRESS: with its read timeout at 2 s
+    (whole seconds: 1 s can run out between two reads 0.5 s apart), a 3.5 s data plugin
+    still gets its edit in because a packet comes every 0.5 s."""
+    sendmail = await sendmail_with_milter(SlowData(), progress_interval=0.5,
+                                          milter_options="F=T, T=S:10s;R:2s;E:5m")
+    replies = await transaction(sendmail, ["bob@dest.test"])
+    assert replies[-1][0] == 250, replies
+    [queued] = sendmail.queued()
+    assert ("X-Judged", "slowly") in queued.headers
+
+
+class Refuse:
+    name = "refuse"
+
+    @hookimpl
+    def data(self) -> Verdict:
+        return Verdict.reject("not this one, thanks", code=554)
+
+
+async def test_a_refusal_at_the_end_of_the_message_reaches_the_client(sendmail_with_milter: Start) -> None:
+    sendmail = await sendmail_with_milter(Refuse())
+    replies = await transaction(sendmail, ["bob@dest.test"])
+    assert replies[-1] == (554, "5.7.1 not this one, thanks"), replies
+    assert sendmail.queued() == []
