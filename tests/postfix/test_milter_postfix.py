@@ -13,7 +13,7 @@ import email
 import email.policy
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import pytest
 
@@ -56,9 +56,15 @@ async def postfix_with_milter(tmp_path: Path, postfix_factory: PostfixFactory) -
         await server.stop(grace=1)
 
 
-async def send(postfix: PostfixInstance, rcpts: list[str], body: bytes = MESSAGE,
+class MTA(Protocol):
+    """An MTA listening on loopback: Postfix here, Sendmail in tests/wire/test_milter_sendmail.py."""
+
+    port: int
+
+
+async def send(postfix: MTA, rcpts: list[str], body: bytes = MESSAGE,
                sender: str = "alice@sender.test") -> list[tuple[int, str]]:
-    """One SMTP transaction through Postfix; every reply from MAIL to the end of DATA."""
+    """One SMTP transaction through the MTA; every reply from MAIL to the end of DATA."""
     talk = await Talk.open(postfix.port)
     code, text = await talk.hello()
     assert code == 250, text

@@ -20,7 +20,8 @@ import pytest
 
 from smtpproxy import Message, Recipient, Verdict, hookimpl
 from smtpproxy.milter.server import MilterServer
-from tests.conftest import Talk, chain_of, make_config
+from tests.conftest import chain_of, make_config
+from tests.postfix.test_milter_postfix import send
 from tests.sendmail_instance import SendmailInstance
 from tests.sendmail_instance import sendmail_factory as sendmail_factory  # noqa: PLC0414 - the fixture
 
@@ -52,24 +53,6 @@ async def sendmail_with_milter(
         await server.stop(grace=1)
 
 
-async def transaction(sendmail: SendmailInstance, rcpts: list[str],
-                      body: bytes = MESSAGE) -> list[tuple[int, str]]:
-    """One SMTP transaction through Sendmail; every reply from MAIL to the end of DATA."""
-    talk = await Talk.open(sendmail.port)
-    code, text = await talk.hello()
-    assert code == 250, text
-    replies = [await talk.cmd("MAIL FROM:<alice@sender.test>")]
-    replies += [await talk.cmd(f"RCPT TO:<{rcpt}>") for rcpt in rcpts]
-    if any(code == 250 for code, _ in replies[1:]):
-        code, text = await talk.cmd("DATA")
-        assert code == 354, text
-        talk.send(body + b".\r\n")
-        replies.append(await talk.reply())
-    await talk.cmd("QUIT")
-    await talk.close()
-    return replies
-
-
 class Edit:
     name = "edit"
 
@@ -82,7 +65,7 @@ class Edit:
 
 async def test_header_edits_land_in_sendmails_queue_file(sendmail_with_milter: Start) -> None:
     sendmail = await sendmail_with_milter(Edit())
-    replies = await transaction(sendmail, ["bob@dest.test"])
+    replies = await send(sendmail, ["bob@dest.test"], MESSAGE)
     assert [code for code, _ in replies] == [250, 250, 250], replies
     [queued] = sendmail.queued()
     fields = [(name, value) for name, value in queued.headers if name != "Return-Path"]  # delivery's
@@ -116,7 +99,7 @@ async def test_a_slow_recipient_gets_the_plugins_answer_not_a_progress_packet(
     sendmail = await sendmail_with_milter(SlowJudge(), progress_interval=0.5,
                                           milter_options="F=T, T=S:10s;R:10s;E:5m")
     started = time.monotonic()
-    replies = await transaction(sendmail, ["slow-bob@dest.test", "carol@dest.test"])
+    replies = await send(sendmail, ["slow-bob@dest.test", "carol@dest.test"], MESSAGE)
     # Sendmail names the recipient in a 550 at RCPT, before the text.
     assert replies[1] == (550, "5.7.1 <slow-bob@dest.test>... slow-* is refused here"), replies
     assert time.monotonic() - started >= 1.5
@@ -140,7 +123,7 @@ async def test_a_slow_message_keeps_sendmail_waiting_with_progress(sendmail_with
     still gets its edit in because a packet comes every 0.5 s."""
     sendmail = await sendmail_with_milter(SlowData(), progress_interval=0.5,
                                           milter_options="F=T, T=S:10s;R:2s;E:5m")
-    replies = await transaction(sendmail, ["bob@dest.test"])
+    replies = await send(sendmail, ["bob@dest.test"], MESSAGE)
     assert replies[-1][0] == 250, replies
     [queued] = sendmail.queued()
     assert ("X-Judged", "slowly") in queued.headers
@@ -156,6 +139,6 @@ class Refuse:
 
 async def test_a_refusal_at_the_end_of_the_message_reaches_the_client(sendmail_with_milter: Start) -> None:
     sendmail = await sendmail_with_milter(Refuse())
-    replies = await transaction(sendmail, ["bob@dest.test"])
+    replies = await send(sendmail, ["bob@dest.test"], MESSAGE)
     assert replies[-1] == (554, "5.7.1 not this one, thanks"), replies
     assert sendmail.queued() == []
