@@ -74,18 +74,6 @@ class Viewer:
         """The recipients of *held* this viewer sees and acts for (none: not theirs at all)."""
         return [address for address in held.recipients if self.may_act_for(address)]
 
-    def as_session(self) -> dict[str, object]:
-        return {"name": self.name, "role": self.role, "domains": list(self.domains)}
-
-    @classmethod
-    def from_session(cls, data: object) -> Viewer | None:
-        if not isinstance(data, dict):
-            return None
-        name, role, domains = data.get("name"), data.get("role"), data.get("domains")
-        if not isinstance(name, str) or role not in ROLES or not isinstance(domains, list):
-            return None
-        return cls(name, str(role), tuple(str(d) for d in domains))
-
 
 @dataclass(frozen=True, slots=True)
 class Account:
