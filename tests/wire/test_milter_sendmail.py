@@ -113,16 +113,16 @@ class SlowData:
 
     @hookimpl
     async def data(self, message: Message) -> None:
-        await asyncio.sleep(3.5)
+        await asyncio.sleep(4.5)
         message.add_header("X-Judged", "slowly")
 
 
 async def test_a_slow_message_keeps_sendmail_waiting_with_progress(sendmail_with_milter: Start) -> None:
-    """At the end of the message Sendmail reads SMFIR_PROGRESS: with its read timeout at 2 s
-    (whole seconds: 1 s can run out between two reads 0.5 s apart), a 3.5 s data plugin
-    still gets its edit in because a packet comes every 0.5 s."""
+    """At the end of the message Sendmail reads SMFIR_PROGRESS: with its read timeout at 3 s
+    (counted in whole seconds, so 2 s at least), a 4.5 s data plugin still gets its edit in
+    because a packet comes every 0.5 s."""
     sendmail = await sendmail_with_milter(SlowData(), progress_interval=0.5,
-                                          milter_options="F=T, T=S:10s;R:2s;E:5m")
+                                          milter_options="F=T, T=S:10s;R:3s;E:5m")
     replies = await send(sendmail, ["bob@dest.test"], MESSAGE)
     assert replies[-1][0] == 250, replies
     [queued] = sendmail.queued()
