@@ -57,6 +57,12 @@ def _skip_reason() -> str | None:
     return None
 
 
+def _named(command: list[str]) -> list[str]:
+    """*command* in a UTS namespace of its own whose host name has a dot: for an unqualified
+    one ("vm") that its service switch cannot qualify, Sendmail sleeps a minute at start."""
+    return ["unshare", "--uts", "sh", "-c", 'hostname mx.sendmail.test && exec "$@"', "sh", *command]
+
+
 @dataclass
 class Queued:
     """One message in Sendmail's queue: its envelope and header fields as the queue file
@@ -113,17 +119,13 @@ MAILER(`smtp')dnl
 """
         made = subprocess.run(["m4"], input=mc, capture_output=True, text=True, check=True)
         (self.root / "sendmail.cf").write_text(made.stdout)
-        # In a UTS namespace of its own whose host name has a dot: for an unqualified one
-        # ("vm") that its service switch cannot qualify, Sendmail sleeps a minute at start.
         # The daemon forks and keeps its standard files: they go to a file, not a pipe that
         # would never reach its end.
         daemon = [str(binary), "-C", str(self.root / "sendmail.cf"), "-bd",
                   f"-ODaemonPortOptions=Port={self.port},Addr=127.0.0.1,Name=MTA"]
         with (self.root / "sendmail.out").open("wb") as out:
-            subprocess.run(["unshare", "--uts", "sh", "-c", 'hostname mx.sendmail.test && exec "$@"',
-                            "sh", *daemon],
-                           check=True, stdin=subprocess.DEVNULL, stdout=out, stderr=out, cwd=self.root,
-                           timeout=30)
+            subprocess.run(_named(daemon), check=True, stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                           cwd=self.root, timeout=30)
         deadline = time.monotonic() + 30
         pid_file = self.root / "sendmail.pid"
         while not (pid_file.exists() and pid_file.read_text().strip()):
@@ -145,11 +147,27 @@ MAILER(`smtp')dnl
             time.sleep(0.05)
         self.process_id = None
 
+    def command(self, *args: str) -> str:
+        """Run this Sendmail's binary with its configuration and *args*; its output."""
+        commands = sendmail_commands()
+        assert commands is not None
+        done = subprocess.run(_named([str(commands[0]), "-C", str(self.root / "sendmail.cf"), *args]),
+                              capture_output=True, text=True, timeout=30, cwd=self.root, check=True)
+        return done.stdout + done.stderr
+
     def queued(self) -> list[Queued]:
         """The messages in the queue, oldest first."""
+        return [queued for _, queued in self._read("qf")]
+
+    def quarantined(self) -> list[tuple[str, Queued]]:
+        """The quarantined messages (``hf`` files), oldest first, with their reason."""
+        return self._read("hf")
+
+    def _read(self, kind: str) -> list[tuple[str, Queued]]:
         found = []
-        for qf in sorted((self.root / "queue").glob("qf*"), key=lambda p: p.stat().st_mtime_ns):
+        for qf in sorted((self.root / "queue").glob(kind + "*"), key=lambda p: p.stat().st_mtime_ns):
             lines = qf.read_bytes().decode("latin-1").split("\n")
+            reason = next((line[1:] for line in lines if line.startswith("q")), "")
             sender, recipients, headers = "", [], []
             for line in lines:
                 if line.startswith("S"):
@@ -166,7 +184,7 @@ MAILER(`smtp')dnl
                     name, value = headers[-1]
                     headers[-1] = (name, value + " " + line.strip())
             body = (qf.parent / ("df" + qf.name[2:])).read_bytes()
-            found.append(Queued(sender, recipients, headers, body))
+            found.append((reason, Queued(sender, recipients, headers, body)))
         return found
 
 

@@ -142,3 +142,27 @@ async def test_a_refusal_at_the_end_of_the_message_reaches_the_client(sendmail_w
     replies = await send(sendmail, ["bob@dest.test"], MESSAGE)
     assert replies[-1] == (554, "5.7.1 not this one, thanks"), replies
     assert sendmail.queued() == []
+
+
+class Hold:
+    name = "hold"
+
+    @hookimpl
+    def data(self) -> Verdict:
+        return Verdict.quarantine("score 12 >= 10")
+
+
+async def test_a_quarantine_is_held_in_sendmails_queue(sendmail_with_milter: Start) -> None:
+    """SMFIR_QUARANTINE: the client gets 250, and Sendmail keeps the message in its queue as
+    quarantined (an hf file with the reason, which its queue runs leave alone)."""
+    sendmail = await sendmail_with_milter(Hold())
+    replies = await send(sendmail, ["bob@dest.test"], MESSAGE)
+    assert replies[-1][0] == 250, replies
+    assert sendmail.queued() == []
+    [(reason, held)] = sendmail.quarantined()
+    assert "score 12 >= 10" in reason
+    assert held.recipients == ["<bob@dest.test>"]
+    # What docs/deploy-milter.md tells an admin: mailq -qQ lists it, sendmail -Q -qQ releases it.
+    assert "score 12 >= 10" in sendmail.command("-bp", "-qQ")
+    sendmail.command("-Q", "-qQ")
+    assert sendmail.quarantined() == [] and len(sendmail.queued()) == 1
