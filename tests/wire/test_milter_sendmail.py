@@ -162,7 +162,11 @@ async def test_a_quarantine_is_held_in_sendmails_queue(sendmail_with_milter: Sta
     [(reason, held)] = sendmail.quarantined()
     assert "score 12 >= 10" in reason
     assert held.recipients == ["<bob@dest.test>"]
-    # What docs/deploy-milter.md tells an admin: mailq -qQ lists it, sendmail -Q -qQ releases it.
+    # What docs/deploy-milter.md tells an admin: mailq -qQ lists it, sendmail -Q -qQ releases
+    # what is quarantined, -qI<queue id> one message.
+    [hf] = (sendmail.root / "queue").glob("hf*")
     assert "score 12 >= 10" in sendmail.command("-bp", "-qQ")
-    sendmail.command("-Q", "-qQ")
+    sendmail.command("-Q", "-qQ", "-qIno-such-id")
+    assert len(sendmail.quarantined()) == 1
+    sendmail.command("-Q", "-qQ", f"-qI{hf.name[2:]}")
     assert sendmail.quarantined() == [] and len(sendmail.queued()) == 1
