@@ -490,7 +490,8 @@ class MilterSession:
         event("milter_daemon_port_missing", level=logging.WARNING,
               groups=[g.name for g in policies.groups if g.ports],
               note="the MTA sends no {daemon_port}: no session matches these groups' listeners; "
-                   "Postfix: add {daemon_port} to milter_connect_macros (docs/multi-domain.md)")
+                   "Postfix: add {daemon_port} to milter_connect_macros (docs/multi-domain.md); "
+                   "Sendmail: to confMILTER_MACROS_CONNECT (docs/deploy-milter.md)")
 
     async def _helo(self, hostname: str) -> None:
         session = self._require_session("HELO")
