@@ -83,6 +83,8 @@ class SendmailInstance:
     milter_port: int
     milter_options: str = "F=T, T=S:10s;R:10s;E:5m"
     """INPUT_MAIL_FILTER's equates: F=T (tempfail when the filter fails) as docs/deploy-milter.md says."""
+    mc: str = ""
+    """More lines for the ``.mc`` file (``define(...)dnl``)."""
     process_id: int | None = field(default=None, init=False)
 
     def start(self) -> None:
@@ -112,7 +114,7 @@ define(`confDEF_USER_ID', `root:root')dnl
 define(`confRUN_AS_USER', `root:root')dnl
 define(`confDONT_BLAME_SENDMAIL', `GroupReadableKeyFile,GroupWritableDirPathSafe,InsufficientEntropy')dnl
 INPUT_MAIL_FILTER(`smtpproxy', `S=inet:{self.milter_port}@127.0.0.1, {self.milter_options}')dnl
-FEATURE(`promiscuous_relay')dnl
+{self.mc}FEATURE(`promiscuous_relay')dnl
 FEATURE(`accept_unresolvable_domains')dnl
 MAILER(`local')dnl
 MAILER(`smtp')dnl

@@ -14,11 +14,11 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 
-from smtpproxy import Message, Recipient, Verdict, hookimpl
+from smtpproxy import Message, Recipient, Session, Verdict, hookimpl
 from smtpproxy.milter.server import MilterServer
 from tests.conftest import chain_of, make_config
 from tests.postfix.test_milter_postfix import send
@@ -173,3 +173,26 @@ async def test_a_quarantine_is_held_in_sendmails_queue(sendmail_with_milter: Sta
     assert len(sendmail.quarantined()) == 1
     sendmail.command("-Q", "-qQ", f"-qI{hf.name[2:]}")
     assert sendmail.quarantined() == [] and len(sendmail.queued()) == 1
+
+
+class Where:
+    name = "where"
+    seen: ClassVar[list[tuple[str, int]]] = []
+
+    @hookimpl
+    def connect(self, session: Session) -> None:
+        Where.seen.append((session.local_ip, session.local_port))
+
+
+async def test_the_connect_macros_deploy_milter_gives_send_the_address_and_port(
+        sendmail_with_milter: Start) -> None:
+    """Sendmail's default connect macros have no {daemon_port}, which a policy group's
+    ``listeners`` needs; the line in docs/deploy-milter.md adds it."""
+    Where.seen.clear()
+    plain = await sendmail_with_milter(Where())
+    await send(plain, ["bob@dest.test"], MESSAGE)
+    macros = ("define(`confMILTER_MACROS_CONNECT', "
+              "`j, _, {daemon_name}, {daemon_addr}, {daemon_port}, {if_name}, {if_addr}')dnl\n")
+    told = await sendmail_with_milter(Where(), mc=macros)
+    await send(told, ["bob@dest.test"], MESSAGE)
+    assert Where.seen == [("", 0), ("127.0.0.1", told.port)]
