@@ -71,8 +71,9 @@ async def test_header_edits_land_in_sendmails_queue_file(sendmail_with_milter: S
     [queued] = sendmail.queued()
     fields = [(name, value) for name, value in queued.headers if name != "Return-Path"]  # delivery's
     names = [name for name, _ in fields]
-    # The added field is the topmost, as the proxy would have it above its upstream's own
-    # Received; Sendmail's own fields, which we never saw, stay where Sendmail put them.
+    # The added field is the topmost, above Sendmail's own Received as above Postfix's
+    # (tests/postfix/test_milter_postfix.py); Sendmail's own fields, which we never saw, stay
+    # where Sendmail put them.
     # The client's Received went; Sendmail's own, which it counts apart (a milter's index
     # counts the fields it was shown), stays.
     assert names == ["X-Milter-Checked", "Received", "Date", "Message-Id", "From", "To", "Subject",
