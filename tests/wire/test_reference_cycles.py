@@ -24,6 +24,8 @@ from typing import Any
 
 from smtpproxy import hookimpl
 from smtpproxy.milter import codec
+from smtpproxy.web.accounts import Viewer
+from smtpproxy.web.sessions import LiveSession
 from tests.conftest import ProxyFactory, Sink, Talk, port_of
 from tests.wire.test_listeners import (  # noqa: F401 (fixtures)
     ALICE_PASSWORD,
@@ -78,8 +80,13 @@ def _ours(obj: object) -> bool:
 
 @contextlib.contextmanager
 def cyclic_garbage() -> Iterator[list[Any]]:
-    """What the code in the block left in reference cycles (collector off meanwhile)."""
+    """What the code in the block left in reference cycles (collector off meanwhile).
+
+    The objects alive before the block are held until its end: one that a bounded cache drops
+    meanwhile (the milter's per-chain lru_caches evict a chain an earlier test made) is not
+    garbage the block made."""
     gc.collect()
+    earlier = gc.get_objects()
     enabled = gc.isenabled()
     gc.disable()
     gc.set_debug(gc.DEBUG_SAVEALL)
@@ -90,6 +97,7 @@ def cyclic_garbage() -> Iterator[list[Any]]:
         gc.collect()
         found += [obj for obj in gc.garbage if _ours(obj)]
         gc.garbage.clear()
+        del earlier
         gc.set_debug(0)
         if enabled:
             gc.enable()
@@ -113,6 +121,21 @@ async def _gone(ref: weakref.ref[object]) -> bool:
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+def test_the_check_counts_cycles_made_in_the_block_not_ones_dropped_there() -> None:
+    """A cycle made before the block and dropped in it (as a bounded cache drops an entry)
+    is not the block's; one made in the block is."""
+    before = LiveSession(Viewer("a@x.test", "recipient"), "link", "made before", 0.0, 0.0)
+    before.via = before  # type: ignore[assignment] - a cycle
+    kept = [before]
+    del before
+    with cyclic_garbage() as garbage:
+        kept.clear()
+        made = LiveSession(Viewer("b@x.test", "recipient"), "link", "made in the block", 0.0, 0.0)
+        made.via = made  # type: ignore[assignment]
+        del made
+    assert [g.client for g in garbage if isinstance(g, LiveSession)] == ["made in the block"]
 
 
 async def test_proxy_sessions_leave_no_cycles(proxy_factory: ProxyFactory, sink: Sink) -> None:
