@@ -565,6 +565,13 @@ class PostfixInstance:
                     found.add(Path(os.readlink(f"/proc/{pid}/root")))
         return found
 
+    def flush(self) -> None:
+        """``postfix flush``: try what is deferred now, as an admin would, not at its retry time."""
+        commands = postfix_commands()
+        assert commands is not None
+        subprocess.run([commands[0], "-c", str(self.config_dir), "flush"], check=True, capture_output=True,
+                       timeout=30)
+
     def queue_is_empty(self) -> bool:
         """Whether no message waits in any queue (all delivered or bounced)."""
         return not any(
