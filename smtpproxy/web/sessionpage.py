@@ -68,9 +68,10 @@ def _listing(request: Request, context: WebContext, viewer: Viewer, done: str = 
         '<label>name<input name="name" required></label><button>End all their sessions</button></form>'
     )
     note = (
-        "<p>Signed in to this console now. An account removed or changed at its source is "
-        f"signed out within {context.sessions.recheck / 60:g} minutes; ending its sessions here "
-        "signs it out now. A restart of smtpproxy web "
+        "<p>Signed in to this console now. An account removed or changed in an accounts table "
+        f"or the directory is signed out at its first request {context.sessions.recheck / 60:g} "
+        "minutes after its last lookup (a table may answer from its cache a little longer); "
+        "ending its sessions here signs it out now. A restart of smtpproxy web "
         f"ends every session; each lasts at most {context.sessions.lifetime / 3600:g} hours, "
         f"and ends after {context.sessions.idle / 60:g} minutes without a request.</p>"
     )
@@ -89,9 +90,8 @@ async def end(request: Request, context: WebContext, viewer: Viewer) -> Response
     handle, name = form.get("handle"), form.get("name")
     ended: list[LiveSession] = []
     if isinstance(handle, str) and handle:
-        found = context.sessions.by_handle(handle)
-        if found is not None and context.sessions.end(found.id) is not None:
-            ended = [found]
+        found = context.sessions.end_handle(handle)
+        ended = [found] if found is not None else []
     elif isinstance(name, str) and name.strip():
         ended = context.sessions.end_all(name.strip())
     for s in ended:

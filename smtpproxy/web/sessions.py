@@ -104,12 +104,18 @@ class SessionTable:
     def end(self, session_id: str) -> LiveSession | None:
         return self._sessions.pop(session_id, None)
 
-    def by_handle(self, handle: str) -> LiveSession | None:
-        return next((s for s in self._sessions.values() if s.handle == handle), None)
+    def end_handle(self, handle: str) -> LiveSession | None:
+        """End the live session the Sessions page names *handle*; the session, or None."""
+        return next(iter(self._end_where(lambda s: s.handle == handle)), None)
 
     def end_all(self, name: str) -> list[LiveSession]:
-        """End every session of *name* (an account removed at its source, a lost laptop)."""
-        ended = [s for s in self._sessions.values() if s.viewer.name == name]
+        """End every live session of *name* (a lost laptop, a password changed in LDAP)."""
+        return self._end_where(lambda s: s.viewer.name == name)
+
+    def _end_where(self, chosen: Callable[[LiveSession], bool]) -> list[LiveSession]:
+        """End the live sessions *chosen* picks (one past its time is not counted as ended now)."""
+        self._drop_expired(self._clock())
+        ended = [s for s in self._sessions.values() if chosen(s)]
         for session in ended:
             del self._sessions[session.id]
         return ended

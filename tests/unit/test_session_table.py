@@ -69,3 +69,16 @@ def test_a_password_sessions_account_is_due_for_a_lookup_every_recheck_seconds()
     assert table.due(typed) and not table.due(typed)  # marked: the next one is 300 s on
     clock.now += 3000
     assert not table.due(link)  # a digest link's session has no account to look up
+
+
+def test_ending_counts_only_live_sessions() -> None:
+    """The Sessions page says "Ended 1 session" only for one that was still live."""
+    clock = Clock()
+    table = SessionTable(lifetime=3600, idle=600, clock=clock)
+    old = table.start(Viewer("bob@a.test", "recipient"), "link", "192.0.2.1")
+    clock.now += 500
+    fresh = table.start(Viewer("bob@a.test", "recipient"), "link", "192.0.2.2")
+    clock.now += 200  # old has been idle 700 s: past its idle time
+    assert table.end_handle(old.handle) is None
+    assert table.end_all("bob@a.test") == [fresh]
+    assert table.end_handle(fresh.handle) is None and table.live() == []
